@@ -1,0 +1,223 @@
+"""Start and stop a local cluster: etcd, workers and a router as child processes.
+
+Used by `epdserve up` and by the cluster tests. Each child prints a ready line on stdout;
+the launcher waits for it (showing progress) and then for the router's /health.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.cli.commands import router_command, worker_command
+from services.common.etcd_server import EtcdServer
+from services.common.net import free_port
+from services.engine.config import EngineConfig
+from services.router.config import RouterConfig
+from services.worker.config import WorkerConfig
+from services.worker.main import READY_PREFIX as WORKER_READY
+
+ROUTER_READY = "EPDSERVE_ROUTER_READY"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class ManagedProcess:
+    """A child process whose output is kept (last lines) and scanned for a ready line."""
+
+    def __init__(self, name: str, argv: list[str], ready_prefix: str, echo: bool = False) -> None:
+        self.name = name
+        self.argv = argv
+        self.ready_prefix = ready_prefix
+        self.ready_line: str | None = None
+        self.ready = threading.Event()
+        self.tail: collections.deque[str] = collections.deque(maxlen=200)
+        env = dict(os.environ)
+        # Children import `services` from this checkout even when started elsewhere.
+        env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+            bufsize=1, start_new_session=True,  # Ctrl-C reaches the launcher only
+        )  # fmt: skip
+        self._echo = echo
+        self._reader = threading.Thread(target=self._read, daemon=True, name=f"read-{name}")
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.tail.append(line)
+            if self._echo:
+                print(f"[{self.name}] {line}", file=sys.stderr, flush=True)
+            if self.ready_line is None and line.startswith(self.ready_prefix):
+                self.ready_line = line
+                self.ready.set()
+
+    def ready_field(self, key: str) -> str:
+        assert self.ready_line is not None
+        for part in self.ready_line.split():
+            if part.startswith(key + "="):
+                return part[len(key) + 1 :]
+        raise KeyError(key)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``."""
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def describe_failure(self) -> str:
+        return f"{self.name} exited with {self.proc.returncode}; last output:\n" + "\n".join(
+            list(self.tail)[-40:]
+        )
+
+
+@dataclass
+class ClusterSpec:
+    """What a local cluster is made of."""
+
+    model: str | None = None  # HF folder or .gguf; None: embedded default
+    served_model_name: str | None = None
+    mixed: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000  # router HTTP port; 0 picks a free one
+    device: str = "cpu"
+    cluster: str = "local"
+    policy: str = "least_load"
+    lease_ttl: int = 5
+    engine_overrides: dict[str, object] = field(default_factory=dict)  # EngineConfig fields
+    echo: bool = False  # copy children's output to stderr
+
+    def __post_init__(self) -> None:
+        if self.mixed < 1:
+            raise ValueError("need at least one worker (--mixed N with N >= 1)")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
+
+class LocalCluster:
+    """etcd + workers + router on this machine. ``start()`` returns when the router is healthy."""
+
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.etcd = EtcdServer()
+        self.workers: list[ManagedProcess] = []
+        self.router: ManagedProcess | None = None
+        self.base_url = ""
+        self._worker_count = 0
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.spec.model, served_model_name=self.spec.served_model_name,
+            device=self.spec.device, **self.spec.engine_overrides,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    def worker_argv(self, index: int) -> list[str]:
+        wcfg = WorkerConfig(
+            role="mixed", host=self.spec.host, port=0, instance_id=f"worker-{index}",
+            cluster=self.spec.cluster, etcd=self.etcd.endpoint, lease_ttl=self.spec.lease_ttl,
+        )  # fmt: skip
+        return worker_command(wcfg, self.engine_config())
+
+    def router_argv(self) -> list[str]:
+        rcfg = RouterConfig(
+            host=self.spec.host, port=self.spec.port or free_port(self.spec.host),
+            cluster=self.spec.cluster, etcd=self.etcd.endpoint, model=self.spec.model,
+            policy=self.spec.policy,
+        )  # fmt: skip
+        return router_command(rcfg)
+
+    def start_worker(self) -> ManagedProcess:
+        i = self._worker_count
+        self._worker_count += 1
+        proc = ManagedProcess(f"worker-{i}", self.worker_argv(i), WORKER_READY, self.spec.echo)
+        self.workers.append(proc)
+        return proc
+
+    def start(
+        self, timeout: float = 900.0, progress: Callable[[str], None] | None = None
+    ) -> str:
+        """Start everything; returns the router's base URL. Raises if a child dies."""
+        say = progress or (lambda _msg: None)
+        self.prepare_model(say)
+        say(f"starting etcd on {self.etcd.endpoint}")
+        self.etcd.start()
+        for _ in range(self.spec.mixed):
+            self.start_worker()
+        self.router = ManagedProcess("router", self.router_argv(), ROUTER_READY, self.spec.echo)
+        started = time.monotonic()
+        last_note = 0.0
+        pending = [*self.workers, self.router]
+        while pending:
+            for p in list(pending):
+                if p.ready.is_set():
+                    pending.remove(p)
+                    say(f"{p.name} ready ({time.monotonic() - started:.0f}s): {p.ready_line}")
+                elif not p.alive():
+                    raise RuntimeError(p.describe_failure())
+            elapsed = time.monotonic() - started
+            if elapsed > timeout:
+                raise TimeoutError(f"not ready after {timeout:.0f}s: {[p.name for p in pending]}")
+            if pending and elapsed - last_note >= 5.0:
+                last_note = elapsed
+                say(f"loading model... {elapsed:.0f}s, waiting for {', '.join(p.name for p in pending)}")
+            time.sleep(0.1)
+        self.base_url = self.router.ready_field("url")
+        self.wait_healthy(timeout=max(30.0, timeout - (time.monotonic() - started)))
+        say(f"cluster ready in {time.monotonic() - started:.0f}s")
+        return self.base_url
+
+    def prepare_model(self, say: Callable[[str], None]) -> None:
+        """Convert a GGUF (or the default model) once here, before the children start, so
+        that they do not race to fill the same cache folder; they then load the folder."""
+        from services.engine.model_loader import resolve_model, served_name
+
+        model = self.spec.model
+        if model is not None and not model.endswith(".gguf"):
+            return
+        say(f"preparing model {model or '(embedded default)'} ...")
+        self.spec.served_model_name = self.spec.served_model_name or served_name(model)
+        self.spec.model = resolve_model(model)
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.router is not None and not self.router.alive():
+                raise RuntimeError(self.router.describe_failure())
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=2.0) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"router at {self.base_url} not healthy after {timeout:.0f}s")
+
+    def stop(self) -> None:
+        """Stop the router, then the workers (they drain), then etcd. Safe to call twice."""
+        if self.router is not None:
+            self.router.stop(timeout=15)
+        for w in self.workers:
+            w.signal(signal.SIGTERM)
+        for w in self.workers:
+            w.stop(timeout=30)
+        self.etcd.cleanup()

@@ -1,0 +1,44 @@
+"""The `epdserve` command: up | worker | router | generate."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="epdserve", description="epdserve LLM serving cluster")
+    sub = parser.add_subparsers(dest="command", required=True)
+    from services.cli import up
+
+    up.add_arguments(sub.add_parser("up", help="run a whole local cluster"))
+    # worker/router own their parsers (built from their config dataclasses): pass through.
+    sub.add_parser("worker", help="run one worker process", add_help=False)
+    sub.add_parser("router", help="run the router / HTTP gateway", add_help=False)
+    has_generate = importlib.util.find_spec("services.cli.generate") is not None
+    if has_generate:
+        sub.add_parser("generate", help="generate text offline with the engine", add_help=False)
+
+    if argv and argv[0] == "worker":
+        from services.worker.main import main as worker_main
+
+        return worker_main(argv[1:])
+    if argv and argv[0] == "router":
+        from services.router.main import main as router_main
+
+        return router_main(argv[1:])
+    if argv and argv[0] == "generate" and has_generate:
+        from services.cli import generate
+
+        return int(generate.main(argv[1:]) or 0)
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        return up.run(args)
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

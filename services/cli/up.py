@@ -1,0 +1,80 @@
+"""`epdserve up`: a whole local cluster (etcd, workers, router) in one command."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+
+from services.cli.launcher import ClusterSpec, LocalCluster
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", default=None, help="model name clients use")
+    p.add_argument("--mixed", type=int, default=None, help="co-located (mixed-role) workers (default 1)")
+    p.add_argument("--prefill", type=int, default=0, help="prefill workers (PD mode: not yet available)")
+    p.add_argument("--decode", type=int, default=0, help="decode workers (PD mode: not yet available)")
+    p.add_argument("--port", type=int, default=8000, help="router HTTP port (default 8000)")
+    p.add_argument("--host", default="127.0.0.1", help="router HTTP address (default 127.0.0.1)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (default cpu)")
+    p.add_argument("--cluster", default="local", help="cluster name in etcd (default local)")
+    p.add_argument("--policy", default="least_load", help="routing policy (default least_load)")
+    p.add_argument("--verbose", action="store_true", help="show the children's logs")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.prefill or args.decode:
+        print(
+            "error: prefill/decode disaggregation (--prefill/--decode) is not implemented yet; "
+            "use --mixed N for co-located workers",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        spec = ClusterSpec(
+            model=args.model, served_model_name=args.served_model_name,
+            mixed=1 if args.mixed is None else args.mixed, host=args.host, port=args.port,
+            device=args.device, cluster=args.cluster, policy=args.policy, echo=args.verbose,
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    cluster = LocalCluster(spec)
+
+    def say(msg: str) -> None:
+        print(f"epdserve: {msg}", file=sys.stderr, flush=True)
+
+    try:
+        url = cluster.start(progress=say)
+        print(f"epdserve is serving {spec.served_model_name or spec.model} at {url}/v1", flush=True)
+        print(f"  OpenAI:    OPENAI_BASE_URL={url}/v1", flush=True)
+        print(f"  Anthropic: ANTHROPIC_BASE_URL={url}", flush=True)
+        print("  Ctrl-C stops the cluster.", flush=True)
+        while not stop.is_set():
+            for p in [*cluster.workers, *([cluster.router] if cluster.router else [])]:
+                if not p.alive():
+                    say(p.describe_failure())
+                    return 1
+            time.sleep(0.5)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except (RuntimeError, TimeoutError, ValueError, FileNotFoundError) as exc:
+        say(f"failed: {exc}")
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip clean-up
+        say("stopping ...")
+        cluster.stop()
+        say("stopped")

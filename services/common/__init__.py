@@ -1,0 +1,1 @@
+"""Code shared by every epdserve process: config helpers, etcd membership, gRPC helpers."""

@@ -1,0 +1,98 @@
+"""Build argparse flags from a config dataclass, so flags and config fields never drift apart.
+
+Each field becomes ``--field-name``; its help text comes from ``field(metadata={"help": ...})``.
+Supported field types: str, int, float, bool, ``X | None`` of those, and ``list[str]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for ``X | None``; lists are returned as-is."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: frozenset[str] = frozenset()) -> None:
+    """Add one ``--flag`` per field of ``cls`` (defaults are left to the dataclass)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        tp, optional = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
+        if default is not None and default != [] and default != "":
+            help_text = f"{help_text} (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if typing.get_origin(tp) is list:
+            kwargs.update(nargs="*", type=str)
+        elif tp is bool:
+            # --flag / --no-flag
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = tp
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            kwargs["metavar"] = f.name.upper()
+        del optional  # None is reachable only through the default
+        parser.add_argument(flag, **kwargs)
+
+
+def from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
+    """Build ``cls`` from the parsed namespace; unspecified flags keep the dataclass defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = {k: v for k, v in vars(ns).items() if k in names}
+    values.update(overrides)
+    return cls(**values)
+
+
+def to_argv(obj: Any, skip: frozenset[str] = frozenset()) -> list[str]:
+    """The inverse of ``from_args``: flags that rebuild ``obj`` (non-default fields only)."""
+    argv: list[str] = []
+    for f in dataclasses.fields(obj):
+        if f.name in skip or not f.init:
+            continue
+        value = getattr(obj, f.name)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
+        if value == default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        elif value is None:
+            continue
+        else:
+            argv += [flag, str(value)]
+    return argv

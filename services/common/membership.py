@@ -1,0 +1,254 @@
+"""Cluster membership in etcd: each worker holds a leased key; routers watch the prefix.
+
+Key: ``/epdserve/<cluster>/instances/<id>``; value: ``InstanceInfo`` as JSON. The lease has a
+short TTL and is kept alive by the worker; when the worker dies the key disappears within the
+TTL. ``Registrar`` re-creates lease and key by itself after a lease loss or an etcd outage.
+``MembershipWatcher`` lists the prefix, then watches from the next revision; etcd3aio resumes
+the watch by revision after an outage, and while etcd is away the last view stays in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from etcd3aio import Etcd3Client, prefix_range_end
+
+log = logging.getLogger(__name__)
+
+ETCD_OP_TIMEOUT_S = 3.0  # every etcd call is bounded: an outage must not hang a worker
+
+
+def instances_prefix(cluster: str) -> str:
+    return f"/epdserve/{cluster}/instances/"
+
+
+def instance_key(cluster: str, instance_id: str) -> str:
+    return instances_prefix(cluster) + instance_id
+
+
+@dataclass
+class InstanceInfo:
+    """What a worker advertises about itself (the etcd value, JSON)."""
+
+    id: str  # stable instance name, unique in the cluster
+    address: str  # host:port of its gRPC server
+    role: str  # "mixed" | "prefill" | "decode"
+    role_epoch: int  # bumped on every role change; stale-epoch requests are refused
+    model: str  # served model name
+    incarnation: str  # new random id per process start: tells restarts apart
+    pid: int
+    host: str
+    capacity: dict[str, Any] = field(default_factory=dict)  # max_model_len, max_num_seqs, ...
+    draining: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> InstanceInfo:
+        raw = json.loads(data)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+class Registrar:
+    """Keeps one worker's key alive in etcd, re-registering after lease loss or outage."""
+
+    def __init__(self, endpoints: list[str], cluster: str, info: InstanceInfo, ttl: int = 5):
+        if ttl < 2:
+            raise ValueError("lease ttl must be >= 2 seconds")
+        self.endpoints = endpoints
+        self.key = instance_key(cluster, info.id)
+        self.info = info
+        self.ttl = ttl
+        self.registered = asyncio.Event()  # set while our key is believed to be in etcd
+        self.registrations = 0  # how many times the key was (re)created: tests read it
+        self._lease_id = 0
+        self._client: Etcd3Client | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._dirty = asyncio.Event()  # info changed: put again
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="etcd-registrar")
+
+    def update(self, **changes: Any) -> None:
+        """Change advertised fields (role, epoch, draining); the new value is put shortly."""
+        self.info = dataclasses.replace(self.info, **changes)
+        self._dirty.set()
+
+    async def stop(self, deregister: bool = True) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if deregister and self._client is not None and self._lease_id:
+            # Revoking the lease deletes the key at once: routers stop routing here now.
+            with contextlib.suppress(Exception):
+                await self._client.lease.revoke(self._lease_id, timeout=ETCD_OP_TIMEOUT_S)
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.close()
+            self._client = None
+        self.registered.clear()
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                await self._register_and_keep_alive()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any etcd failure: start over with a new lease
+                log.warning("etcd registration lost (%s); retrying in %.1fs", exc, backoff)
+            self.registered.clear()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _register_and_keep_alive(self) -> None:
+        if self._client is None:
+            self._client = Etcd3Client(self.endpoints, rpc_max_attempts=1)
+            await self._client.connect()
+        c = self._client
+        grant = await c.lease.grant(self.ttl, timeout=ETCD_OP_TIMEOUT_S)
+        self._lease_id = grant.ID
+        self._dirty.clear()
+        await c.kv.put(self.key, self.info.to_json(), lease=self._lease_id, timeout=ETCD_OP_TIMEOUT_S)
+        self.registrations += 1
+        self.registered.set()
+        log.info("registered %s (lease %x)", self.key, self._lease_id)
+        last_ok = time.monotonic()
+        interval = max(0.5, self.ttl / 3)
+        while True:
+            try:
+                await asyncio.wait_for(self._dirty.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+            if self._dirty.is_set():
+                self._dirty.clear()
+                await c.kv.put(
+                    self.key, self.info.to_json(), lease=self._lease_id, timeout=ETCD_OP_TIMEOUT_S
+                )
+            try:
+                ttl = await asyncio.wait_for(self._keep_alive_once(c), timeout=ETCD_OP_TIMEOUT_S)
+            except Exception as exc:
+                if time.monotonic() - last_ok > self.ttl:
+                    raise RuntimeError(f"lease keep-alive failing for > ttl: {exc}") from exc
+                continue
+            if ttl <= 0:
+                raise RuntimeError("lease expired")
+            if time.monotonic() - last_ok > interval * 2:
+                # We came back from an outage with the lease alive: make sure the key is there
+                # too (etcd may have been restored or wiped meanwhile).
+                await c.kv.put(
+                    self.key, self.info.to_json(), lease=self._lease_id, timeout=ETCD_OP_TIMEOUT_S
+                )
+            last_ok = time.monotonic()
+
+    async def _keep_alive_once(self, c: Etcd3Client) -> int:
+        call = c.lease.keep_alive(self._lease_id)
+        try:
+            async for resp in call:
+                return int(resp.TTL)
+            raise RuntimeError("keep-alive stream closed")
+        finally:
+            call.cancel()
+
+
+Listener = Callable[[dict[str, InstanceInfo]], None]
+
+
+class MembershipWatcher:
+    """Keeps ``self.instances`` equal to etcd's view of the cluster (or the last one seen)."""
+
+    def __init__(self, endpoints: list[str], cluster: str) -> None:
+        self.endpoints = endpoints
+        self.prefix = instances_prefix(cluster)
+        self.instances: dict[str, InstanceInfo] = {}
+        self.synced = asyncio.Event()  # first listing done
+        self._listeners: list[Listener] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def add_listener(self, fn: Listener) -> None:
+        self._listeners.append(fn)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="etcd-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _notify(self) -> None:
+        for fn in self._listeners:
+            try:
+                fn(dict(self.instances))
+            except Exception:
+                log.exception("membership listener failed")
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        while True:
+            client = Etcd3Client(self.endpoints, rpc_max_attempts=1)
+            try:
+                await client.connect()
+                await self._list_and_watch(client)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Keep serving from the last view; try again.
+                log.warning("etcd watch failed (%s); retrying in %.1fs", exc, backoff)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _list_and_watch(self, client: Etcd3Client) -> None:
+        prefix = self.prefix.encode()
+        resp = await client.kv.get(prefix, range_end=prefix_range_end(prefix), timeout=ETCD_OP_TIMEOUT_S)
+        fresh: dict[str, InstanceInfo] = {}
+        for kv in resp.kvs:
+            info = self._decode(kv.value)
+            if info is not None:
+                fresh[kv.key.decode()[len(self.prefix) :]] = info
+        self.instances = fresh
+        self.synced.set()
+        self._notify()
+        # etcd3aio reconnects this watch by itself on UNAVAILABLE, resuming from the last
+        # revision it saw, so an etcd restart loses no events.
+        async for wresp in client.watch.watch(
+            prefix, range_end=prefix_range_end(prefix), start_revision=resp.header.revision + 1
+        ):
+            if wresp.compact_revision:
+                raise RuntimeError("watch compacted; re-listing")
+            changed = False
+            for ev in wresp.events:
+                iid = ev.kv.key.decode()[len(self.prefix) :]
+                if ev.type == 0:  # PUT
+                    info = self._decode(ev.kv.value)
+                    if info is not None:
+                        self.instances[iid] = info
+                        changed = True
+                elif self.instances.pop(iid, None) is not None:  # DELETE
+                    changed = True
+            if changed:
+                self._notify()
+
+    @staticmethod
+    def _decode(value: bytes) -> InstanceInfo | None:
+        try:
+            return InstanceInfo.from_json(value)
+        except (ValueError, TypeError) as exc:
+            log.warning("ignoring malformed instance value %r: %s", value[:200], exc)
+            return None

@@ -1,0 +1,47 @@
+"""The epdserve inference engine: paged KV cache, continuous batching, vLLM-style API.
+
+Heavy modules (torch, transformers) load lazily, so that importing a light submodule such
+as ``services.engine.sampling_params`` from the router costs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from services.engine.async_engine import AsyncLLMEngine
+    from services.engine.config import EngineConfig
+    from services.engine.llm import LLM
+    from services.engine.llm_engine import EngineStats, LLMEngine
+    from services.engine.outputs import CompletionOutput, RequestOutput
+    from services.engine.sampling_params import SamplingParams
+
+_EXPORTS = {
+    "AsyncLLMEngine": "services.engine.async_engine",
+    "EngineConfig": "services.engine.config",
+    "LLM": "services.engine.llm",
+    "LLMEngine": "services.engine.llm_engine",
+    "EngineStats": "services.engine.llm_engine",
+    "CompletionOutput": "services.engine.outputs",
+    "RequestOutput": "services.engine.outputs",
+    "SamplingParams": "services.engine.sampling_params",
+}
+
+__all__ = [
+    "AsyncLLMEngine",
+    "CompletionOutput",
+    "EngineConfig",
+    "EngineStats",
+    "LLM",
+    "LLMEngine",
+    "RequestOutput",
+    "SamplingParams",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'services.engine' has no attribute {name!r}")

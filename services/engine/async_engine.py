@@ -1,0 +1,232 @@
+"""asyncio front of the engine: requests and commands go in through a queue, the engine steps
+on its own thread, outputs come back to per-request asyncio queues.
+
+The step thread never touches a socket (STYLE 8): gRPC servicers call the coroutines here,
+and everything that mutates engine state runs on the step thread between two steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from services.engine.config import EngineConfig
+from services.engine.llm_engine import EngineStats, LLMEngine
+from services.engine.outputs import RequestOutput
+from services.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The step thread died; every pending and future request fails with this."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.engine: LLMEngine | None = None
+        self._commands: queue.Queue[tuple[Callable[[LLMEngine], Any], asyncio.Future[Any]]] = (
+            queue.Queue()
+        )
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._dead: BaseException | None = None
+        self._wake = threading.Event()
+        # Called on the step thread with each step's outputs (e.g. for KV events); optional.
+        self.on_step: Callable[[LLMEngine, list[RequestOutput]], None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the model (off the event loop) and start the step thread."""
+        self._loop = asyncio.get_running_loop()
+        self.engine = await asyncio.to_thread(LLMEngine, self.config)
+        self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._require().tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self._require().model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self._require().max_model_len
+
+    def _require(self) -> LLMEngine:
+        if self.engine is None:
+            raise RuntimeError("engine not started")
+        return self.engine
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        hold_kv: bool = False,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream delta outputs of one request until it finishes. Raises ValueError for a bad
+        request. If the consumer stops early (client gone), the request is aborted."""
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self._streams[request_id] = stream
+        finished = False
+        try:
+            await self.call(lambda e: e.add_request(request_id, prompt_token_ids, params, hold_kv))
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and self._dead is None:
+                await self.call(lambda e: e.abort_request(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        out = await self.call(lambda e: e.abort_request(request_id))
+        if out is not None:
+            self._deliver([out])
+
+    async def start_reserved(
+        self, request_id: str, first_token: int, first_logprobs=None
+    ) -> AsyncIterator[RequestOutput]:
+        """Decode side of PD: continue a request whose KV was imported into reserved blocks."""
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        finished = False
+        try:
+            first = await self.call(
+                lambda e: e.start_reserved(request_id, first_token, first_logprobs)
+            )
+            yield first
+            finished = first.finished
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                finished = item.finished
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and self._dead is None:
+                await self.call(lambda e: e.abort_request(request_id))
+
+    def stats(self) -> EngineStats:
+        # Reads a few counters; a slightly stale view is fine for load reports.
+        return self._require().stats()
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the step thread between two steps and return its result."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine died: {self._dead!r}")
+        assert self._loop is not None, "engine not started"
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._commands.put((fn, fut))
+        self._wake.set()
+        return await fut
+
+    # ---- the step thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self._require()
+        try:
+            while not self._stopping.is_set():
+                self._drain_commands(engine)
+                if not engine.scheduler.has_work:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                outputs = engine.step()
+                if self.on_step is not None:
+                    self.on_step(engine, outputs)
+                if outputs:
+                    self._deliver(outputs)
+        except BaseException as e:  # noqa: BLE001 - a dead engine must say so, not hang
+            logger.exception("engine step thread died")
+            self._dead = e
+            err = EngineDeadError(f"engine died: {e!r}")
+            self._fail_all(err)
+
+    def _drain_commands(self, engine: LLMEngine) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = fn(engine)
+            except Exception as e:  # noqa: BLE001 - handed back to the caller
+                self._resolve(fut, exc=e)
+            else:
+                self._resolve(fut, result=result)
+
+    def _resolve(
+        self, fut: asyncio.Future[Any], result: Any = None, exc: BaseException | None = None
+    ):
+        def done() -> None:
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(done)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        assert self._loop is not None
+
+        def put() -> None:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put_nowait(out)
+
+        if threading.current_thread() is self._thread:
+            self._loop.call_soon_threadsafe(put)
+        else:
+            put()
+
+    def _fail_all(self, err: BaseException) -> None:
+        assert self._loop is not None
+
+        def fail() -> None:
+            for stream in self._streams.values():
+                stream.put_nowait(err)
+
+        self._loop.call_soon_threadsafe(fail)
+        while True:
+            try:
+                _, fut = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            self._resolve(fut, exc=err)

@@ -1,0 +1,242 @@
+"""Paged KV-cache block allocator with reference counts and prefix caching.
+
+A full block is identified by a chained hash: hash(parent block's hash, the block's tokens),
+so equal hashes mean equal prefixes up to and including the block. A lookup hit is still
+confirmed by comparing the stored tokens (a 64-bit hash can collide). Blocks nobody
+references but that hold a cached prefix stay resident and are evicted least-recently-used
+first when fresh blocks run out. Every registration and eviction is recorded as a KVEvent
+(the router's cache-aware routing and the global KV index consume them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from services.engine.sequence import Sequence
+
+# Seed of every hash chain; it changes when the hashing scheme changes.
+ROOT_HASH = 0x6570647365727665  # "epdserve"
+
+
+def hash_block(parent_hash: int, token_ids: list[int] | tuple[int, ...]) -> int:
+    """Chained 64-bit hash of one full block. Stable across processes and machines
+    (unlike Python's ``hash``), so the router can compute the same values."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(struct.pack("<Q", parent_hash))
+    h.update(struct.pack(f"<{len(token_ids)}i", *token_ids))
+    return int.from_bytes(h.digest(), "little")
+
+
+def hash_prompt_blocks(token_ids: list[int], block_size: int) -> list[int]:
+    """Chained hashes of every full block of ``token_ids``."""
+    hashes: list[int] = []
+    parent = ROOT_HASH
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start : start + block_size])
+        hashes.append(parent)
+    return hashes
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None  # set once the block is full and registered
+    token_ids: tuple[int, ...] = ()  # the block's tokens, kept to confirm hash hits
+
+
+@dataclass
+class KVEvent:
+    """Block hashes that became available in (``stored``) or left (``removed``) this cache."""
+
+    kind: str  # "stored" or "removed"
+    block_hashes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ComputedBlocks:
+    """Result of a prefix-cache lookup: cached blocks usable for a sequence's prefix."""
+
+    block_ids: list[int]
+    block_hashes: list[int]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_ids)
+
+
+class BlockManager:
+    """Hands out KV-cache blocks to sequences. Pure Python; no tensors."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_ids: deque[int] = deque(range(num_blocks))  # no content worth keeping
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; LRU first
+        self.hash_to_block: dict[int, int] = {}
+        self._events: list[KVEvent] = []
+        # Prefix-cache statistics: prompt tokens looked up and tokens found.
+        self.lookup_tokens = 0
+        self.hit_tokens = 0
+
+    # ---- queries -------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_ids) + len(self.evictable)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def take_events(self) -> list[KVEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def get_computed_blocks(self, seq: Sequence) -> ComputedBlocks:
+        """Longest cached prefix of ``seq`` in whole blocks. Leaves at least one token to
+        compute, since the step that computes the last token is the one that samples."""
+        if not self.enable_prefix_caching or seq.block_table:
+            return ComputedBlocks([], [])
+        bs = self.block_size
+        max_blocks = (seq.num_tokens - 1) // bs
+        ids: list[int] = []
+        hashes: list[int] = []
+        parent = ROOT_HASH
+        for i in range(max_blocks):
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            parent = hash_block(parent, tokens)
+            bid = self.hash_to_block.get(parent)
+            if bid is None or self.blocks[bid].token_ids != tokens:
+                break
+            ids.append(bid)
+            hashes.append(parent)
+        return ComputedBlocks(ids, hashes)
+
+    # ---- allocation ----------------------------------------------------------------------
+
+    def allocate_slots(
+        self, seq: Sequence, num_new_tokens: int, computed: ComputedBlocks | None = None
+    ) -> bool:
+        """Make room for ``num_new_tokens`` more tokens of ``seq`` (after ``computed``, the
+        prefix-cache hit of a first allocation). All or nothing: returns False, changing
+        nothing, when there are not enough free blocks."""
+        computed = computed or ComputedBlocks([], [])
+        num_cached = computed.num_blocks * self.block_size
+        total_tokens = max(seq.num_computed_tokens, num_cached) + num_new_tokens
+        have = len(seq.block_table) + computed.num_blocks
+        need = max(0, self.blocks_needed(total_tokens) - have)
+        # Cache hits that sit in the evictable pool stop being free once referenced.
+        reclaimed = sum(1 for b in computed.block_ids if self.blocks[b].ref_count == 0)
+        if need > self.num_free_blocks - reclaimed:
+            return False
+        if computed.num_blocks:
+            for bid in computed.block_ids:
+                block = self.blocks[bid]
+                if block.ref_count == 0:
+                    self.evictable.pop(bid, None)
+                block.ref_count += 1
+            seq.block_table.extend(computed.block_ids)
+            seq.block_hashes.extend(computed.block_hashes)
+            seq.num_computed_tokens = num_cached
+        for _ in range(need):
+            seq.block_table.append(self._take_free_block())
+        return True
+
+    def note_lookup(self, seq: Sequence, num_hit_tokens: int) -> None:
+        """Count one prompt's prefix-cache lookup in the hit-rate statistics."""
+        seq.num_cached_tokens = num_hit_tokens
+        self.lookup_tokens += seq.num_tokens
+        self.hit_tokens += num_hit_tokens
+
+    def _take_free_block(self) -> int:
+        if self.free_ids:
+            bid = self.free_ids.popleft()
+        else:
+            bid, _ = self.evictable.popitem(last=False)
+            self._forget(self.blocks[bid])
+        block = self.blocks[bid]
+        assert block.ref_count == 0, block
+        block.ref_count = 1
+        return bid
+
+    def _forget(self, block: Block) -> None:
+        if block.block_hash is not None:
+            if self.hash_to_block.get(block.block_hash) == block.block_id:
+                del self.hash_to_block[block.block_hash]
+                self._events.append(KVEvent("removed", [block.block_hash]))
+            block.block_hash = None
+            block.token_ids = ()
+
+    def free(self, seq: Sequence) -> None:
+        """Drop ``seq``'s references. Tail blocks are released first so that, among equally
+        old blocks, the end of a prefix is evicted before its (more shareable) beginning."""
+        for bid in reversed(seq.block_table):
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, block
+            if block.ref_count == 0:
+                if block.block_hash is not None and self.enable_prefix_caching:
+                    self.evictable[bid] = None
+                else:
+                    self._forget(block)
+                    self.free_ids.append(bid)
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the hashes of ``seq``'s blocks that became full of computed tokens."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        stored: list[int] = []
+        parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
+        for i in range(len(seq.block_hashes), num_full):
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            parent = hash_block(parent, tokens)
+            seq.block_hashes.append(parent)
+            block = self.blocks[seq.block_table[i]]
+            if block.block_hash is not None or parent in self.hash_to_block:
+                continue  # the same prefix is already cached in another block
+            block.block_hash = parent
+            block.token_ids = tokens
+            self.hash_to_block[parent] = block.block_id
+            stored.append(parent)
+        if stored:
+            self._events.append(KVEvent("stored", stored))
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every unreferenced cached block (used by tests and by a role switch)."""
+        while self.evictable:
+            bid, _ = self.evictable.popitem(last=False)
+            self._forget(self.blocks[bid])
+            self.free_ids.append(bid)
+
+    def check_invariants(self) -> None:
+        """Assert the allocator's bookkeeping is consistent (tests call this)."""
+        free = set(self.free_ids)
+        evict = set(self.evictable)
+        assert not free & evict
+        for block in self.blocks:
+            in_pool = block.block_id in free or block.block_id in evict
+            assert (block.ref_count == 0) == in_pool, block
+            if block.block_id in evict:
+                assert block.block_hash is not None
+        for h, bid in self.hash_to_block.items():
+            assert self.blocks[bid].block_hash == h

@@ -1,0 +1,78 @@
+"""Engine settings: one dataclass that checks itself; derived values are filled in by the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+DEVICES = ("cpu", "cuda", "npu")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to load a model and schedule requests."""
+
+    # Hugging Face folder, a .gguf file, or None for the embedded default model.
+    model: str | None = None
+    # Name the model is served under; defaults to the folder / file name.
+    served_model_name: str | None = None
+    # Weights and KV-cache dtype. "auto": float32 on CPU (bf16 matmul is slow there), else bf16.
+    dtype: str = "auto"
+    # cpu, cuda[:N] or npu[:N] (npu needs torch_npu, imported only then).
+    device: str = "cpu"
+    # Tokens per KV-cache block.
+    block_size: int = 16
+    # Most sequences in one running batch.
+    max_num_seqs: int = 64
+    # Token budget of one engine step (decode tokens + prefill chunk tokens).
+    max_num_batched_tokens: int = 1024
+    # Context length limit; None: the model's max_position_embeddings capped at 8192.
+    max_model_len: int | None = None
+    # Bytes for the KV cache; None: derived from the device (see ModelRunner).
+    kv_cache_bytes: int | None = None
+    # Fraction of free device memory given to the KV cache on accelerators.
+    gpu_memory_utilization: float = 0.85
+    # Reuse KV blocks of identical prompt prefixes across requests.
+    enable_prefix_caching: bool = True
+    # Global seed for requests without their own seed.
+    seed: int = 0
+    # Capture CUDA graphs for decode batches (cuda only).
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device.split(":")[0] not in DEVICES:
+            raise ValueError(
+                f"device must be one of {DEVICES} (optionally ':N'), got {self.device!r}"
+            )
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+    @property
+    def device_type(self) -> str:
+        return self.device.split(":")[0]
+
+    @property
+    def torch_dtype_name(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "float32" if self.device_type == "cpu" else "bfloat16"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

@@ -1,0 +1,85 @@
+"""Incremental detokenization for streaming, with stop strings.
+
+Text is produced the way vLLM does it: decode a short window of recent tokens twice (with
+and without the new ones) and take the difference, so each step costs O(1) and the text
+matches a one-shot decode. A window ending in U+FFFD (an unfinished UTF-8 sequence of a
+byte-level BPE) is held back until the next token completes it. Text that could be the
+beginning of a stop string is held back too, so a client never sees text past a stop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Prompt tokens decoded in front of the output, so that tokenizers which drop a leading
+# space at the start of a decode (SentencePiece) produce the right first characters.
+_PROMPT_CONTEXT = 6
+
+
+class IncrementalDetokenizer:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_token_ids: list[int],
+        stop: list[str],
+        skip_special_tokens: bool = True,
+        include_stop_str_in_output: bool = False,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.stop = stop
+        self.max_stop_len = max((len(s) for s in stop), default=0)
+        self.skip_special_tokens = skip_special_tokens
+        self.include_stop = include_stop_str_in_output
+        self.text = ""  # the output text so far (truncated at a stop string)
+        self.emitted = 0  # characters of self.text already handed out
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add_tokens(self, token_ids: list[int], check_stop: bool = True) -> str | None:
+        """Feed newly generated tokens; returns the stop string if one now appears (stop
+        strings are not looked for while ``check_stop`` is False: before min_tokens)."""
+        for tid in token_ids:
+            self.ids.append(tid)
+            prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+            full = self._decode(self.ids[self.prefix_offset :])
+            if len(full) > len(prefix) and not full.endswith("\ufffd"):
+                new = full[len(prefix) :]
+                self.prefix_offset = self.read_offset
+                self.read_offset = len(self.ids)
+                stop = self._append_text(new, check_stop)
+                if stop is not None:
+                    return stop
+        return None
+
+    def _append_text(self, new: str, check_stop: bool) -> str | None:
+        before = len(self.text)
+        self.text += new
+        if not self.stop or not check_stop:
+            return None
+        search_from = max(0, before - self.max_stop_len + 1)
+        best: tuple[int, str] | None = None
+        for s in self.stop:
+            idx = self.text.find(s, search_from)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, s)
+        if best is None:
+            return None
+        idx, s = best
+        self.text = self.text[: idx + len(s)] if self.include_stop else self.text[:idx]
+        return s
+
+    def take_delta(self, finished: bool) -> str:
+        """Text that is safe to show now: everything when finished, else all but a tail that
+        could still grow into a stop string."""
+        end = (
+            len(self.text)
+            if finished
+            else max(self.emitted, len(self.text) - max(0, self.max_stop_len - 1))
+        )
+        delta = self.text[self.emitted : end]
+        self.emitted = end
+        return delta

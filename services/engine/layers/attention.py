@@ -1,0 +1,108 @@
+"""Paged attention behind one small interface.
+
+The KV cache of a layer is two tensors ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+A step's tokens are flattened: decode tokens first (one per sequence), then each prefill
+chunk. ``slot_mapping`` says where each new token's K and V go (block * block_size + offset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSegment:
+    """One sequence's prefill chunk inside the flattened batch."""
+
+    start: int  # first token of the chunk in the flattened batch
+    num_tokens: int  # chunk length (queries)
+    context_len: int  # tokens attended to: cached prefix + this chunk
+    block_table: torch.Tensor  # [num_blocks] block ids of the sequence
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of every token computed this step
+    num_decodes: int = 0  # tokens [0, num_decodes) are decodes, one per sequence
+    decode_block_tables: torch.Tensor | None = None  # [B, max_blocks], padded with 0
+    decode_context_lens: torch.Tensor | None = None  # [B]
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size]
+    prefills: list[PrefillSegment] = field(default_factory=list)
+
+
+class AttentionBackend(Protocol):
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, H, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, H, D]
+        ...
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    hkv, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, hkv, d).index_copy_(0, slots, k)
+    v_cache.view(-1, hkv, d).index_copy_(0, slots, v)
+
+
+def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """[..., nb] block ids -> [..., nb * block_size, Hkv, D] contiguous keys or values."""
+    g = cache[block_table]
+    return g.reshape(*block_table.shape[:-1], -1, cache.shape[2], cache.shape[3])
+
+
+class TorchAttention:
+    """Reference backend: runs on any torch device with scaled_dot_product_attention.
+
+    Decodes are one batched call over gathered, padded blocks; each prefill chunk is one call
+    (causal, offset by its cached prefix).
+    """
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        b = meta.num_decodes
+        if b:
+            assert meta.decode_block_tables is not None
+            kk = gather_blocks(k_cache, meta.decode_block_tables).transpose(1, 2)
+            vv = gather_blocks(v_cache, meta.decode_block_tables).transpose(1, 2)
+            qq = q[:b].unsqueeze(2)  # [B, H, 1, D]
+            o = F.scaled_dot_product_attention(
+                qq, kk, vv, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+            )
+            out[:b] = o.squeeze(2)
+        for seg in meta.prefills:
+            s, n = seg.start, seg.num_tokens
+            qq = q[s : s + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            if seg.context_len == n:
+                kk = k[s : s + n].transpose(0, 1).unsqueeze(0)
+                vv = v[s : s + n].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(
+                    qq, kk, vv, is_causal=True, scale=scale, enable_gqa=True
+                )
+            else:
+                ctx = seg.context_len
+                kk = gather_blocks(k_cache, seg.block_table)[:ctx].transpose(0, 1).unsqueeze(0)
+                vv = gather_blocks(v_cache, seg.block_table)[:ctx].transpose(0, 1).unsqueeze(0)
+                qpos = torch.arange(ctx - n, ctx, device=q.device)
+                mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]
+                o = F.scaled_dot_product_attention(
+                    qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=True
+                )
+            out[s : s + n] = o.squeeze(0).transpose(0, 1)
+        return out

@@ -1,0 +1,93 @@
+"""The offline API in the style of vLLM: ``LLM(...).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from services.engine.config import EngineConfig
+from services.engine.llm_engine import LLMEngine
+from services.engine.outputs import CompletionOutput, RequestOutput
+from services.engine.sampling_params import SamplingParams
+
+
+class LLM:
+    """Runs a batch of prompts to completion.
+
+    ``LLM(model=None)`` loads the embedded default model; any ``EngineConfig`` field can be
+    passed as a keyword (``dtype``, ``device``, ``max_num_seqs``, ``kv_cache_bytes``...).
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[int] | list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Prompts are strings or token-id lists; outputs come back in the same order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        order: list[str] = []
+        for prompt, p in zip(prompts, plist, strict=True):
+            rid = f"llm-{next(self._ids)}"
+            self.engine.add_request(rid, prompt, p)  # type: ignore[arg-type]
+            order.append(rid)
+        final: dict[str, RequestOutput] = {}
+        texts: dict[str, str] = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                acc = final.setdefault(
+                    out.request_id, _empty_like(out, plist[order.index(out.request_id)])
+                )
+                _accumulate(acc, out)
+                if isinstance(prompts[order.index(out.request_id)], str):
+                    texts[out.request_id] = prompts[order.index(out.request_id)]  # type: ignore[assignment]
+        results = [final[rid] for rid in order]
+        for rid, r in zip(order, results, strict=True):
+            r.prompt = texts.get(rid)
+        return results
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        params: SamplingParams | None = None,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} dicts) or a list of them."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        ids = [self.engine.apply_chat_template(c) for c in convs]  # type: ignore[arg-type]
+        return self.generate(ids, params)
+
+
+def _empty_like(out: RequestOutput, params: SamplingParams) -> RequestOutput:
+    return RequestOutput(
+        request_id=out.request_id,
+        prompt_token_ids=out.prompt_token_ids,
+        outputs=[
+            CompletionOutput(i, "", [], [] if params.logprobs is not None else None)
+            for i in range(params.n)
+        ],
+        finished=False,
+    )
+
+
+def _accumulate(acc: RequestOutput, delta: RequestOutput) -> None:
+    for d in delta.outputs:
+        c = acc.outputs[d.index]
+        c.text += d.text
+        c.token_ids.extend(d.token_ids)
+        if d.logprobs is not None and c.logprobs is not None:
+            c.logprobs.extend(d.logprobs)
+        c.finish_reason = d.finish_reason
+        c.stop_reason = d.stop_reason
+    acc.finished = delta.finished
+    acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)

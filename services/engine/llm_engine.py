@@ -1,0 +1,382 @@
+"""The synchronous engine: requests in, one batched model step at a time, delta outputs out.
+
+It owns the scheduler, the block manager, the model runner and the sampler, and never does
+I/O: the asyncio wrapper (async_engine.py) runs ``step()`` on its own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.engine.block_manager import BlockManager, KVEvent
+from services.engine.config import EngineConfig
+from services.engine.detokenizer import IncrementalDetokenizer
+from services.engine.model_loader import load_hf_config, resolve_model, served_name
+from services.engine.model_runner import ModelRunner
+from services.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from services.engine.sampler import Sampler
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import Scheduler
+from services.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+MAX_DEFAULT_MODEL_LEN = 8192
+
+
+@dataclass
+class _Request:
+    """Engine-side state of one request: its n sequences and what was already reported."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    pending: list[Sequence] = field(default_factory=list)  # n > 1 children awaiting the prompt
+    reported_tokens: list[int] = field(default_factory=list)  # per completion
+    hold_kv: bool = False  # keep the blocks after finishing (prefill side of PD)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int  # sequences queued, not yet running
+    num_running: int  # sequences in the running batch
+    num_waiting_prompt_tokens: int  # prompt tokens still to compute for waiting sequences
+    kv_utilization: float  # fraction of KV blocks in use (0..1)
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_hit_rate: float  # prompt tokens served from the cache / prompt tokens looked up
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.model_path = resolve_model(config.model)
+        self.model_name = config.served_model_name or served_name(config.model)
+        self.hf_config = load_hf_config(self.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        model_max = int(getattr(self.hf_config, "max_position_embeddings", MAX_DEFAULT_MODEL_LEN))
+        if config.max_model_len is not None and config.max_model_len > model_max:
+            raise ValueError(
+                f"max_model_len {config.max_model_len} exceeds the model's "
+                f"max_position_embeddings {model_max}"
+            )
+        self.max_model_len = config.max_model_len or min(model_max, MAX_DEFAULT_MODEL_LEN)
+        self.runner = ModelRunner(config, self.hf_config, self.model_path)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self.max_model_len,
+        )
+        self.eos_token_ids = self._eos_token_ids()
+        self.sampler = Sampler(self.eos_token_ids, config.seed)
+        self.requests: dict[str, _Request] = {}
+        self.held: dict[str, Sequence] = {}  # finished prefills whose KV awaits export
+        self.reserved: dict[str, Sequence] = {}  # decode side: blocks awaiting imported KV
+        self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (a metric)
+
+    def _eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        eos = getattr(self.hf_config, "eos_token_id", None)
+        try:
+            from transformers import GenerationConfig
+
+            eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id or eos
+        except (OSError, ValueError):
+            pass
+        for value in (eos, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(int(v) for v in value)
+        return ids
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        if not prompt:
+            raise ValueError("prompt is empty")
+        vocab = self.runner.model.model.embed_tokens.num_embeddings
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        return list(prompt)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {n} tokens; the model's context length is {self.max_model_len}"
+            )
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"length {self.max_model_len}"
+            )
+        if self.block_manager.blocks_needed(n + 1) > self.block_manager.num_blocks:
+            raise ValueError(f"prompt of {n} tokens does not fit in the KV cache")
+        if params.logprobs and params.logprobs > self.runner.model.lm_head.out_features:
+            raise ValueError("logprobs exceeds the vocabulary size")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        hold_kv: bool = False,
+    ) -> None:
+        """Queue a request. With ``hold_kv`` its blocks are kept after it finishes, until
+        ``release_held`` (the prefill side of PD reads them out first)."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        ids = self.tokenize(prompt)
+        self.validate(ids, params)
+        seqs = [Sequence(request_id, ids, params, index=i) for i in range(params.n)]
+        detoks = [self._detokenizer(ids, params) for _ in seqs]
+        req = _Request(request_id, ids, params, seqs, detoks, hold_kv=hold_kv)
+        req.reported_tokens = [0] * params.n
+        # n > 1: run the first completion's prompt alone; the others start once its blocks
+        # are in the prefix cache, so the prompt is computed (and stored) once.
+        req.pending = seqs[1:] if self.config.enable_prefix_caching else []
+        for seq in seqs[: 1 if req.pending else params.n]:
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+
+    def _detokenizer(self, ids: list[int], params: SamplingParams) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(
+            self.tokenizer,
+            ids,
+            params.stop,
+            params.skip_special_tokens,
+            params.include_stop_str_in_output,
+        )
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks; returns its final output (finish "abort")."""
+        req = self.requests.get(request_id)
+        if req is None:
+            self.release_held(request_id)
+            self.free_reserved(request_id)
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                if seq in req.pending:
+                    seq.status = SequenceStatus.FINISHED
+                    seq.finish_reason = "abort"
+                else:
+                    self.scheduler.finish(seq, "abort")
+        req.pending = []
+        return self._make_output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or self.scheduler.has_work
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, check stops; returns a delta output for every
+        request that produced tokens or finished in this step."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.waiting and not self.scheduler.running:
+                # Nothing fits even with an empty batch: fail the head instead of spinning.
+                seq = self.scheduler.waiting[0]
+                self.scheduler.finish(seq, "abort", "kv cache too small")
+                req = self.requests.get(seq.request_id)
+                return [self._make_output(req)] if req else []
+            return []
+        logits = self.runner.execute(sched.scheduled)
+        self.num_prompt_tokens_computed += sum(
+            min(s.num_new_tokens, max(0, s.seq.num_prompt_tokens - s.seq.num_computed_tokens))
+            for s in sched.scheduled
+        )
+        self.scheduler.postprocess(sched)
+        sampling = [s.seq for s in sched.scheduled if s.samples]
+        touched: dict[str, _Request] = {}
+        if sampling:
+            result = self.sampler(logits, sampling)
+            now = time.monotonic()
+            for seq, token, lp in zip(sampling, result.token_ids, result.logprobs, strict=True):
+                req = self.requests[seq.request_id]
+                self._append(req, seq, token, lp, now)
+                touched[req.request_id] = req
+        return [self._make_output(req) for req in touched.values()]
+
+    def _append(
+        self, req: _Request, seq: Sequence, token: int, lp: TokenLogprobs | None, now: float
+    ) -> None:
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if req.pending and seq is req.seqs[0]:
+            for child in req.pending:
+                self.scheduler.add(child)
+            req.pending = []
+        seq.append_token(token)
+        if lp is not None:
+            seq.logprobs.append(lp)
+        p = seq.params
+        past_min = seq.num_output_tokens >= p.min_tokens
+        stop_str = req.detoks[seq.index].add_tokens([token], check_stop=past_min)
+        if past_min and token in p.stop_token_ids:
+            self._finish(req, seq, "stop", token)
+        elif past_min and not p.ignore_eos and token in self.eos_token_ids:
+            self._finish(req, seq, "stop", None)
+        elif stop_str is not None:
+            self._finish(req, seq, "stop", stop_str)
+        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            self._finish(req, seq, "length")
+        elif seq.num_tokens >= self.max_model_len:
+            self._finish(req, seq, "length")
+
+    def _finish(self, req: _Request, seq: Sequence, reason: str, stop: str | int | None = None):
+        if req.hold_kv:
+            # Keep the blocks: take the sequence out of the scheduler without freeing them.
+            self.scheduler.running.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason, seq.stop_reason = reason, stop
+            self.held[req.request_id] = seq
+        else:
+            self.scheduler.finish(seq, reason, stop)
+
+    def _make_output(self, req: _Request) -> RequestOutput:
+        outs: list[CompletionOutput] = []
+        for seq in req.seqs:
+            done = seq.is_finished
+            start = req.reported_tokens[seq.index]
+            new_ids = seq.output_token_ids[start:]
+            if not new_ids and not done:
+                continue
+            if done and seq.finish_reason == "abort" and start == seq.num_output_tokens:
+                new_ids = []
+            req.reported_tokens[seq.index] = seq.num_output_tokens
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=req.detoks[seq.index].take_delta(done),
+                    token_ids=new_ids,
+                    logprobs=seq.logprobs[start:] if seq.params.logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        finished = req.finished
+        if finished:
+            del self.requests[req.request_id]
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=outs,
+            finished=finished,
+            num_cached_tokens=req.seqs[0].num_cached_tokens,
+        )
+
+    # ---- KV export / import (PD disaggregation builds on these) ------------------------------
+
+    def held_blocks(self, request_id: str) -> tuple[list[int], int]:
+        """Blocks and number of computed tokens of a finished ``hold_kv`` request."""
+        seq = self.held[request_id]
+        return list(seq.block_table), seq.num_computed_tokens
+
+    def release_held(self, request_id: str) -> None:
+        seq = self.held.pop(request_id, None)
+        if seq is not None:
+            self.block_manager.free(seq)
+
+    def reserve(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> tuple[list[int], int]:
+        """Decode side: allocate blocks for a prompt whose KV will be written from elsewhere.
+        Returns (block ids, number of leading tokens already cached here, which need no
+        transfer). Raises MemoryError when the cache is full."""
+        if request_id in self.requests or request_id in self.reserved:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.validate(prompt_token_ids, params)
+        if params.n != 1:
+            raise ValueError("n > 1 is not supported for imported requests")
+        seq = Sequence(request_id, prompt_token_ids, params)
+        computed = self.block_manager.get_computed_blocks(seq)
+        cached = computed.num_blocks * self.config.block_size
+        if not self.block_manager.allocate_slots(seq, seq.num_tokens - cached, computed):
+            raise MemoryError("not enough free KV blocks")
+        self.block_manager.note_lookup(seq, seq.num_computed_tokens)
+        self.reserved[request_id] = seq
+        return list(seq.block_table), cached
+
+    def free_reserved(self, request_id: str) -> None:
+        seq = self.reserved.pop(request_id, None)
+        if seq is not None:
+            self.block_manager.free(seq)
+
+    def start_reserved(
+        self, request_id: str, first_token: int, first_logprobs: TokenLogprobs | None = None
+    ) -> RequestOutput:
+        """Decode side: the reserved blocks now hold the prompt's KV; continue generating
+        from ``first_token`` (sampled by the prefill side). Returns the first delta."""
+        seq = self.reserved.pop(request_id)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.block_manager.cache_full_blocks(seq)
+        req = _Request(
+            request_id,
+            seq.prompt_token_ids,
+            seq.params,
+            [seq],
+            [self._detokenizer(seq.prompt_token_ids, seq.params)],
+            reported_tokens=[0],
+        )
+        self.requests[request_id] = req
+        seq.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(seq)
+        self._append(req, seq, first_token, first_logprobs, time.monotonic())
+        return self._make_output(req)
+
+    def read_kv(self, block_ids: list[int]):
+        return self.runner.read_blocks(block_ids)
+
+    def write_kv(self, block_ids: list[int], data) -> None:
+        self.runner.write_blocks(block_ids, data)
+
+    # ---- introspection ----------------------------------------------------------------------
+
+    def take_kv_events(self) -> list[KVEvent]:
+        return self.block_manager.take_events()
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_waiting_prompt_tokens=self.scheduler.num_waiting_prompt_tokens,
+            kv_utilization=bm.usage,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            prefix_cache_hit_rate=bm.hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template")
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)

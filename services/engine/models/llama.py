@@ -1,0 +1,194 @@
+"""Llama family (Llama 2/3, SmolLM2) with Hugging Face parameter names.
+
+q/k/v and gate/up are fused into one matmul each; ``packed_modules_mapping`` tells the weight
+loader which checkpoint tensor goes into which slice. Qwen2 and Qwen3 reuse this decoder
+with their differences switched on (qkv bias; per-head q/k RMSNorm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.engine.layers.attention import AttentionBackend, AttentionMetadata
+from services.engine.layers.norm import RMSNorm
+from services.engine.layers.rotary import RotaryEmbedding, rope_parameters
+
+
+class PackedLinear(nn.Linear):
+    """A Linear whose output rows are the concatenation of several checkpoint tensors."""
+
+    def __init__(self, in_features: int, shards: dict[Any, int], bias: bool) -> None:
+        super().__init__(in_features, sum(shards.values()), bias=bias)
+        self.shard_offsets: dict[Any, tuple[int, int]] = {}
+        offset = 0
+        for shard_id, size in shards.items():
+            self.shard_offsets[shard_id] = (offset, size)
+            offset += size
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: Any, backend: AttentionBackend, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = PackedLinear(
+            cfg.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, qkv_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.backend = backend
+        # Set by the model runner once the KV cache exists.
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        rotary: RotaryEmbedding,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.gate_up_proj = PackedLinear(cfg.hidden_size, {0: inter, 1: inter}, bias=False)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
+        act = getattr(cfg, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r} (only silu)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: Any, backend: AttentionBackend, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, backend, qkv_bias, qk_norm)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions, x, rotary, meta):
+        x = x + self.self_attn(positions, self.input_layernorm(x), rotary, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: Any, backend: AttentionBackend, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, backend, qkv_bias, qk_norm) for _ in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        attn = self.layers[0].self_attn
+        self.rotary = RotaryEmbedding(
+            attn.head_dim, cfg.max_position_embeddings, rope_parameters(cfg)
+        )
+
+    def forward(self, input_ids, positions, meta):
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(positions, x, self.rotary, meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    qkv_bias = False
+    qk_norm = False
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: Any, backend: AttentionBackend) -> None:
+        super().__init__()
+        qkv_bias = self.qkv_bias or bool(getattr(cfg, "attention_bias", False))
+        if getattr(cfg, "mlp_bias", False):
+            raise ValueError("mlp_bias=True is not supported")
+        self.model = LlamaModel(cfg, backend, qkv_bias, self.qk_norm)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def attention_layers(self) -> list[LlamaAttention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (Hugging Face names) into the parameters."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        modules = dict(self.named_modules())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            target, shard = name, None
+            for src, (dst, shard_id) in self.packed_modules_mapping.items():
+                if f".{src}." in name:
+                    target, shard = name.replace(f".{src}.", f".{dst}."), shard_id
+                    break
+            if target not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
+            param = params[target]
+            dst_data = param.data
+            if shard is not None:
+                module = modules[target.rsplit(".", 1)[0]]
+                assert isinstance(module, PackedLinear)
+                offset, size = module.shard_offsets[shard]
+                dst_data = dst_data.narrow(0, offset, size)
+            if dst_data.shape != tensor.shape:
+                raise ValueError(
+                    f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
+                    f"model {tuple(dst_data.shape)}"
+                )
+            dst_data.copy_(tensor)
+            loaded.add(f"{target}:{shard}")
+        expected = sum(
+            len(m.shard_offsets) if isinstance(m, PackedLinear) else 0 for m in modules.values()
+        )
+        packed_loaded = sum(1 for k in loaded if not k.endswith(":None"))
+        if packed_loaded != expected:
+            raise ValueError(
+                f"checkpoint is missing fused-projection shards ({packed_loaded}/{expected} found)"
+            )

@@ -1,0 +1,26 @@
+"""Model classes keyed by the Hugging Face ``architectures`` string of config.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.engine.models.llama import LlamaForCausalLM
+from services.engine.models.qwen2 import Qwen2ForCausalLM
+from services.engine.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def resolve_model_class(hf_config: Any) -> type[LlamaForCausalLM]:
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    for arch in archs:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    raise ValueError(
+        f"unsupported model architecture {archs or '(none in config.json)'}; "
+        f"supported: {sorted(MODEL_REGISTRY)}"
+    )

@@ -1,0 +1,54 @@
+"""What the engine hands back: one RequestOutput per request per step (streaming) or at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Logprob:
+    """Log-probability of one candidate token (from the raw model logits, before penalties)."""
+
+    token_id: int
+    logprob: float
+
+
+@dataclass
+class TokenLogprobs:
+    """The sampled token's logprob and the top-k alternatives at one position."""
+
+    token_id: int  # the sampled token
+    logprob: float  # its log-probability
+    top: list[Logprob] = field(default_factory=list)  # top-k candidates, best first
+
+
+@dataclass
+class CompletionOutput:
+    """One of the ``n`` completions of a request.
+
+    In streaming (delta) outputs, ``token_ids``, ``text`` and ``logprobs`` hold only what is
+    new since the previous output for this completion; in final outputs they hold everything.
+    """
+
+    index: int  # which of the n completions
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None  # None unless SamplingParams.logprobs was set
+    finish_reason: str | None = None  # None while running; "stop", "length" or "abort"
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """All completions of one request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool  # True once every completion has finished
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    prompt: str | None = None

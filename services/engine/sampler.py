@@ -1,0 +1,109 @@
+"""Turns a step's logits into next tokens: penalties, temperature, top-k/p, min-p, seeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.engine.outputs import Logprob, TokenLogprobs
+from services.engine.sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: set[int], seed: int = 0) -> None:
+        self.eos_token_ids = eos_token_ids
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        """``logits``: float32 [len(seqs), vocab] on the CPU."""
+        want_lp = [s.params.logprobs is not None for s in seqs]
+        # Logprobs are reported from the model's distribution, before any penalty or
+        # temperature (what vLLM and the OpenAI API report by default).
+        raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+        logits = logits.clone()
+        for i, seq in enumerate(seqs):
+            self._apply_penalties(logits[i], seq)
+        tokens = self._choose(logits, seqs)
+        logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
+        if raw_lp is not None:
+            for i, seq in enumerate(seqs):
+                if not want_lp[i]:
+                    continue
+                k = seq.params.logprobs or 0
+                top: list[Logprob] = []
+                if k:
+                    vals, ids = raw_lp[i].topk(k)
+                    top = [Logprob(int(t), float(v)) for t, v in zip(ids, vals, strict=True)]
+                logprobs[i] = TokenLogprobs(tokens[i], float(raw_lp[i, tokens[i]]), top)
+        return SampleResult(tokens, logprobs)
+
+    def _apply_penalties(self, row: torch.Tensor, seq: Sequence) -> None:
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            vals = row[seen]
+            row[seen] = torch.where(
+                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+            )
+        out = seq.output_token_ids
+        if out and (p.presence_penalty or p.frequency_penalty):
+            ids, counts = torch.tensor(out, dtype=torch.long).unique(return_counts=True)
+            row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
+        if seq.num_output_tokens < p.min_tokens:
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+            if banned:
+                row[torch.tensor(sorted(banned), dtype=torch.long)] = float("-inf")
+
+    def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        tokens = logits.argmax(dim=-1).tolist()
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if not rows:
+            return tokens
+        sub = logits[rows]
+        temps = torch.tensor([seqs[i].params.temperature for i in rows], dtype=sub.dtype)
+        sub = sub / temps.unsqueeze(1)
+        sub = _filter(sub, [seqs[i] for i in rows])
+        probs = torch.softmax(sub, dim=-1)
+        unseeded = [j for j, i in enumerate(rows) if seqs[i].generator is None]
+        if unseeded:
+            picks = torch.multinomial(probs[unseeded], 1, generator=self.generator).squeeze(1)
+            for j, t in zip(unseeded, picks.tolist(), strict=True):
+                tokens[rows[j]] = t
+        for j, i in enumerate(rows):
+            gen = seqs[i].generator
+            if gen is not None:
+                tokens[i] = int(torch.multinomial(probs[j], 1, generator=gen))
+        return tokens
+
+
+def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Apply top-k, top-p and min-p per row (rows without them pass through unchanged)."""
+    vocab = logits.shape[-1]
+    top_k = torch.tensor(
+        [s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], dtype=torch.long
+    ).clamp(max=vocab)
+    top_p = torch.tensor([s.params.top_p for s in seqs], dtype=logits.dtype)
+    min_p = torch.tensor([s.params.min_p for s in seqs], dtype=logits.dtype)
+    if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab).unsqueeze(0)
+        drop = ranks >= top_k.unsqueeze(1)
+        probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop |= mass_before >= top_p.unsqueeze(1)
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    if bool((min_p > 0).any()):
+        probs = torch.softmax(logits, dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits

@@ -1,0 +1,150 @@
+"""Continuous-batching scheduler: which sequences run in the next step, and how many tokens each."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.engine.block_manager import BlockManager
+from services.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+    # The step reaches the sequence's last token, so it samples the next one. Fixed when
+    # scheduled (postprocess advances num_computed_tokens afterwards).
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ) -> None:
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if seq.num_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {seq.num_tokens} tokens; the model's context is {self.max_model_len}"
+            )
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting_prompt_tokens(self) -> int:
+        return sum(s.num_uncomputed_tokens for s in self.waiting)
+
+    def schedule(self) -> SchedulerOutput:
+        """One step's batch.
+
+        1. Running sequences first, oldest first (decode-first: a decode costs one token of
+           the budget). Each gets what it still needs, capped by the remaining budget. When
+           the KV cache cannot hold a sequence's next tokens, the newest running sequence is
+           preempted (its blocks freed; it is recomputed later, reusing cached blocks) until
+           it fits, or the sequence preempts itself.
+        2. Then waiting sequences in arrival order, while the budget, ``max_num_seqs`` and
+           the cache allow: look up the prefix cache, take the cached blocks, and schedule
+           the rest of the prompt, chunked to the remaining budget.
+        """
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        scheduled_ids: set[int] = set()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.bm.allocate_slots(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                out.scheduled.append(ScheduledSeq(seq, n))
+                scheduled_ids.add(seq.seq_id)
+                budget -= n
+                i += 1
+                continue
+            # seq preempted itself; the list shrank, so do not advance i.
+
+        if not out.preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[0]
+                first = not seq.block_table
+                computed = self.bm.get_computed_blocks(seq) if first else None
+                start = max(
+                    seq.num_computed_tokens,
+                    computed.num_blocks * self.bm.block_size if computed else 0,
+                )
+                n = min(seq.num_tokens - start, budget)
+                if not self.bm.allocate_slots(seq, n, computed):
+                    break
+                if first and seq.num_output_tokens == 0:
+                    self.bm.note_lookup(seq, seq.num_computed_tokens)
+                self.waiting.popleft()
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                out.scheduled.append(ScheduledSeq(seq, n))
+                budget -= n
+        return out
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        out.scheduled = [s for s in out.scheduled if s.seq is not seq]
+        self.num_preemptions += 1
+
+    def postprocess(self, out: SchedulerOutput) -> None:
+        """Advance computed-token counters after a step and register newly full blocks."""
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.bm.cache_full_blocks(item.seq)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        """Mark ``seq`` finished and release its blocks (from either queue)."""
+        if seq.status == SequenceStatus.FINISHED:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason

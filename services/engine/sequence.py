@@ -1,0 +1,102 @@
+"""One sequence being generated: its tokens, KV blocks and progress (one per completion)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from enum import Enum, auto
+
+import torch
+
+from services.engine.outputs import TokenLogprobs
+from services.engine.sampling_params import SamplingParams
+
+_seq_counter = itertools.count()
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """A prompt plus the tokens generated so far.
+
+    NOTE: ``num_computed_tokens`` counts tokens whose KV is in the cache. A step computes
+    tokens ``[num_computed_tokens, num_computed_tokens + n)``; when that reaches
+    ``num_tokens`` the step samples the next token. Decode is the case n == 1, a chunked
+    prefill is the case n < remaining, and a preempted sequence is recomputed from 0.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        index: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.seq_id = next(_seq_counter)
+        self.request_id = request_id
+        self.index = index  # which of the request's n completions
+        self.params = params
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache (first schedule)
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks registered so far
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.logprobs: list[TokenLogprobs] = []
+        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.first_token_time: float | None = None
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            # The child index is mixed in so that n > 1 seeded completions differ.
+            self.generator = torch.Generator().manual_seed(params.seed + index * 1_000_003)
+        # Blocks the caller already filled with KV (imported from elsewhere): treated as computed.
+        self.num_preloaded_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def in_prefill(self) -> bool:
+        """True until the prompt (or, after preemption, the whole history) is in the cache."""
+        return self.num_uncomputed_tokens > 1
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id}#{self.index}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={self.block_table}, {self.status.name})"
+        )

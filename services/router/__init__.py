@@ -1,0 +1,1 @@
+"""The router: HTTP gateway (OpenAI + Anthropic APIs), worker discovery and routing."""

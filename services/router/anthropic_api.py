@@ -1,0 +1,202 @@
+"""Anthropic Messages API: POST /v1/messages (streaming and not)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from services.common.proto import worker_pb2 as pb
+from services.engine.sampling_params import SamplingParams
+from services.router.accumulate import Choice, Usage, apply_step, until_disconnect
+from services.router.errors import APIError, bad_request
+from services.router.openai_api import check_context
+from services.router.orchestrator import merge_streams
+from services.router.validation import get, get_int, get_number, get_stop, read_json_object
+from services.worker.convert import params_to_proto
+
+if TYPE_CHECKING:
+    from services.router.app import Gateway
+
+
+def _text_of(content: Any, where: str) -> str:
+    """Text of a string or a list of text blocks; other block types are refused."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for b in content:
+            if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
+                raise bad_request(f"{where}: only text content blocks are supported")
+            parts.append(b["text"])
+        return "".join(parts)
+    raise bad_request(f"{where} must be a string or an array of content blocks")
+
+
+def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    msgs = get(body, "messages", list, required=True)
+    if not msgs:
+        raise bad_request("messages: at least one message is required")
+    out: list[dict[str, str]] = []
+    system = body.get("system")
+    if system is not None:
+        out.append({"role": "system", "content": _text_of(system, "system")})
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise bad_request(f"messages.{i}.role must be 'user' or 'assistant'")
+        out.append({"role": m["role"], "content": _text_of(m.get("content"), f"messages.{i}.content")})
+    return out
+
+
+def sampling_from_anthropic(body: dict[str, Any]) -> SamplingParams:
+    try:
+        return SamplingParams(
+            max_tokens=get_int(body, "max_tokens", None, 1),
+            temperature=get_number(body, "temperature", 1.0, 0.0, 1.0),  # type: ignore[arg-type]
+            top_p=get_number(body, "top_p", 1.0, 0.0, 1.0),  # type: ignore[arg-type]
+            top_k=get_int(body, "top_k", -1, -1) or -1,
+            stop=get_stop(body, "stop_sequences"),
+        )
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def stop_fields(ch: Choice) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence) in Anthropic's terms."""
+    if ch.finish_reason == "length":
+        return "max_tokens", None
+    if ch.stop_reason:
+        return "stop_sequence", ch.stop_reason
+    return "end_turn", None
+
+
+def _usage(u: Usage) -> dict[str, int]:
+    return {
+        "input_tokens": u.prompt,
+        "output_tokens": u.completion,
+        "cache_read_input_tokens": u.cached,
+        "cache_creation_input_tokens": 0,
+    }
+
+
+async def handle(gw: Gateway, request: Request) -> Response:
+    started = time.monotonic()
+    try:
+        body = await read_json_object(request)
+        get(body, "max_tokens", int, required=True)
+        model, max_len = gw.resolve_model(get(body, "model", str, required=True))
+        stream = get(body, "stream", bool, False)
+        params = sampling_from_anthropic(body)
+        prompt = gw.tokenizer.apply_chat_template(parse_messages(body))
+        check_context(len(prompt), params.max_tokens, max_len)
+    except APIError as err:
+        gw.metrics.requests.labels("messages", str(err.status)).inc()
+        return err.anthropic_response()
+    mid = "msg_" + uuid.uuid4().hex
+    gen = merge_streams([gw.orchestrator.generate(model, mid, prompt, params_to_proto(params))])
+    if stream:
+        try:
+            first = await until_disconnect(request, anext(gen))
+        except APIError as err:
+            gw.metrics.requests.labels("messages", str(err.status)).inc()
+            await gen.aclose()
+            return err.anthropic_response()
+        except BaseException:
+            await gen.aclose()
+            raise
+        return StreamingResponse(
+            _stream(gw, mid, model, first, gen, started), media_type="text/event-stream"
+        )
+    try:
+        result = await until_disconnect(request, _collect(gw, mid, model, gen, started))
+    except APIError as err:
+        gw.metrics.requests.labels("messages", str(err.status)).inc()
+        return err.anthropic_response()
+    gw.metrics.requests.labels("messages", "200").inc()
+    return JSONResponse(result)
+
+
+async def _collect(
+    gw: Gateway, mid: str, model: str, gen: AsyncIterator[tuple[int, pb.GenerateResponse]],
+    started: float,
+) -> dict[str, Any]:  # fmt: skip
+    choices: dict[int, Choice] = {}
+    usage = Usage()
+    first = True
+    async for _, msg in gen:
+        if first:
+            first = False
+            gw.metrics.ttft.labels("messages").observe(time.monotonic() - started)
+        apply_step(choices, usage, 0, 1, msg)
+    gw.metrics.e2e.labels("messages").observe(time.monotonic() - started)
+    ch = choices.get(0, Choice(index=0))
+    reason, seq = stop_fields(ch)
+    return {
+        "id": mid,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": ch.full_text}],
+        "stop_reason": reason,
+        "stop_sequence": seq,
+        "usage": _usage(usage),
+    }
+
+
+def _event(name: str, data: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(
+    gw: Gateway, mid: str, model: str, first: tuple[int, pb.GenerateResponse],
+    gen: AsyncIterator[tuple[int, pb.GenerateResponse]], started: float,
+) -> AsyncIterator[str]:  # fmt: skip
+    choices: dict[int, Choice] = {}
+    usage = Usage()
+    status = "200"
+    gw.metrics.ttft.labels("messages").observe(time.monotonic() - started)
+    try:
+        apply_step(choices, usage, 0, 1, first[1])
+        yield _event("message_start", {"type": "message_start", "message": {
+            "id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {**_usage(usage), "output_tokens": 0},
+        }})  # fmt: skip
+        yield _event("content_block_start", {
+            "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""},
+        })  # fmt: skip
+        pending = [first[1]]
+        while True:
+            for msg in pending:
+                for d in msg.outputs:
+                    if d.text:
+                        yield _event("content_block_delta", {
+                            "type": "content_block_delta", "index": 0,
+                            "delta": {"type": "text_delta", "text": d.text},
+                        })  # fmt: skip
+            try:
+                _, nxt = await anext(gen)
+            except StopAsyncIteration:
+                break
+            apply_step(choices, usage, 0, 1, nxt)
+            pending = [nxt]
+        ch = choices.get(0, Choice(index=0))
+        reason, seq = stop_fields(ch)
+        yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        yield _event("message_delta", {
+            "type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq},
+            "usage": {"output_tokens": usage.completion},
+        })  # fmt: skip
+        yield _event("message_stop", {"type": "message_stop"})
+        gw.metrics.e2e.labels("messages").observe(time.monotonic() - started)
+    except APIError as err:
+        status = str(err.status)
+        yield _event("error", err.anthropic_body())
+    finally:
+        await gen.aclose()  # type: ignore[attr-defined]
+        gw.metrics.requests.labels("messages", status).inc()

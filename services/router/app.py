@@ -1,0 +1,150 @@
+"""The HTTP gateway: a starlette app over the router's worker pool, policy and tokenizer."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from services.common.membership import MembershipWatcher
+from services.router import anthropic_api, openai_api
+from services.router.config import RouterConfig
+from services.router.errors import APIError, ClientDisconnected
+from services.router.metrics import RouterMetrics
+from services.router.orchestrator import Orchestrator
+from services.router.policies.factory import create_policy
+from services.router.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """Everything one router process holds; the HTTP handlers receive it."""
+
+    def __init__(self, cfg: RouterConfig, tokenizer: Any) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.metrics = RouterMetrics()
+        self.pool = WorkerPool(cfg.load_report_interval_ms, cfg.load_stale_s)
+        self.policy = create_policy(cfg.policy)
+        self.orchestrator = Orchestrator(
+            self.pool, self.policy, cfg.request_timeout_s, cfg.max_attempts
+        )
+        self.watcher = MembershipWatcher(cfg.etcd_endpoints, cfg.cluster)
+        self.watcher.add_listener(self.pool.on_membership)
+        self.started_at = int(time.time())
+
+    async def start(self) -> None:
+        await self.watcher.start()
+
+    async def stop(self) -> None:
+        await self.watcher.stop()
+        await self.pool.close()
+
+    def resolve_model(self, name: str) -> tuple[str, int]:
+        """(served name, context length) for a requested model, or 404 / 503."""
+        models = self.pool.models()
+        if not models:
+            raise APIError(503, "no workers available", code="no_workers")
+        if name not in models:
+            raise APIError(
+                404, f"The model '{name}' does not exist; available: {', '.join(sorted(models))}",
+                param="model", code="model_not_found",
+            )  # fmt: skip
+        if not self.pool.candidates("mixed", name):
+            raise APIError(503, f"no usable worker for model '{name}'", code="no_workers")
+        return name, models[name]
+
+    def healthy(self) -> bool:
+        return bool(self.pool.candidates("mixed"))
+
+
+def _guard(
+    fn: Callable[[Gateway, Request], Awaitable[Response]], anthropic: bool = False
+) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        gw: Gateway = request.app.state.gateway
+        try:
+            return await fn(gw, request)
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody reads it; the request was aborted
+        except APIError as err:
+            return err.anthropic_response() if anthropic else err.openai_response()
+        except Exception as exc:
+            log.exception("unhandled error in %s", request.url.path)
+            err = APIError(500, f"internal error: {type(exc).__name__}: {exc}")
+            return err.anthropic_response() if anthropic else err.openai_response()
+
+    return endpoint
+
+
+async def _chat(gw: Gateway, request: Request) -> Response:
+    return await openai_api.handle(gw, request, chat=True)
+
+
+async def _completions(gw: Gateway, request: Request) -> Response:
+    return await openai_api.handle(gw, request, chat=False)
+
+
+async def _models(gw: Gateway, request: Request) -> Response:
+    data = [
+        {"id": name, "object": "model", "created": gw.started_at, "owned_by": "epdserve",
+         "max_model_len": max_len}  # fmt: skip
+        for name, max_len in sorted(gw.pool.models().items())
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def _health(gw: Gateway, request: Request) -> Response:
+    workers = {
+        h.id: {"role": h.info.role, "address": h.info.address, "reachable": h.reachable()}
+        for h in gw.pool.handles.values()
+    }
+    ok = gw.healthy()
+    body = {"status": "ok" if ok else "unavailable", "workers": workers}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def _metrics(gw: Gateway, request: Request) -> Response:
+    m = gw.metrics
+    m.workers.clear()
+    counts: dict[tuple[str, str], int] = {}
+    for h in gw.pool.handles.values():
+        key = (h.info.role, "up" if h.reachable() else "down")
+        counts[key] = counts.get(key, 0) + 1
+        if h.load is not None:
+            m.worker_queue.labels(h.id).set(h.load.num_waiting)
+            m.worker_kv.labels(h.id).set(h.load.kv_utilization)
+    for (role, state), n in counts.items():
+        m.workers.labels(role, state).set(n)
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def build_app(gateway: Gateway) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    routes = [
+        Route("/v1/chat/completions", _guard(_chat), methods=["POST"]),
+        Route("/v1/completions", _guard(_completions), methods=["POST"]),
+        Route("/v1/messages", _guard(anthropic_api.handle, anthropic=True), methods=["POST"]),
+        Route("/v1/models", _guard(_models), methods=["GET"]),
+        Route("/health", _guard(_health), methods=["GET"]),
+        Route("/metrics", _guard(_metrics), methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,60 @@
+"""Start a router: load the tokenizer, watch etcd, serve the HTTP gateway on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import uvicorn
+
+from services.common.dataclass_cli import add_dataclass_args, from_args
+from services.router.app import Gateway, build_app
+from services.router.config import RouterConfig
+from services.router.tokenization import Tokenizer
+
+log = logging.getLogger("epdserve.router")
+
+READY_PREFIX = "EPDSERVE_ROUTER_READY"  # the launcher waits for this line on stdout
+
+
+def build_parser(prog: str = "epdserve router") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Run the epdserve router / gateway.")
+    add_dataclass_args(parser, RouterConfig)
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+async def serve(cfg: RouterConfig, log_level: str = "info") -> None:
+    tokenizer = await asyncio.to_thread(Tokenizer.load, cfg.model)
+    app = build_app(Gateway(cfg, tokenizer))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host=cfg.host, port=cfg.port, log_level=log_level.lower(), access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+    )  # fmt: skip
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        print(f"{READY_PREFIX} url=http://{cfg.host}:{port}", flush=True)
+    await task
+
+
+def main(argv: list[str] | None = None, prog: str = "epdserve router") -> int:
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s router %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        cfg = from_args(RouterConfig, args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(cfg, "warning" if args.log_level.upper() != "DEBUG" else "debug"))
+    return 0

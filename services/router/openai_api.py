@@ -1,0 +1,318 @@
+"""OpenAI-compatible endpoints: /v1/chat/completions and /v1/completions."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from services.common.proto import worker_pb2 as pb
+from services.engine.sampling_params import SamplingParams
+from services.router.accumulate import Choice, Usage, apply_step, until_disconnect
+from services.router.errors import APIError, bad_request
+from services.router.orchestrator import merge_streams
+from services.router.validation import get, get_int, get_number, get_stop, read_json_object
+from services.worker.convert import params_to_proto
+
+if TYPE_CHECKING:
+    from services.router.app import Gateway
+
+
+def sampling_from_openai(body: dict[str, Any], *, chat: bool) -> SamplingParams:
+    """SamplingParams from OpenAI fields (plus vLLM-style extensions); 400 on bad values."""
+    max_tokens = get_int(body, "max_completion_tokens", None, 1) if chat else None
+    if max_tokens is None:
+        max_tokens = get_int(body, "max_tokens", None if chat else 16, 1)
+    if chat:
+        want = get(body, "logprobs", bool, False)
+        top = get_int(body, "top_logprobs", None, 0, 20)
+        if top is not None and not want:
+            raise bad_request("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        logprobs = (top or 0) if want else None
+    else:
+        logprobs = get_int(body, "logprobs", None, 0, 20)
+    stop_ids = get(body, "stop_token_ids", list, [])
+    if not all(isinstance(t, int) for t in stop_ids):
+        raise bad_request("'stop_token_ids' must be an array of integers", param="stop_token_ids")
+    try:
+        return SamplingParams(
+            n=get_int(body, "n", 1, 1, 64) or 1,
+            temperature=get_number(body, "temperature", 1.0, 0.0, 2.0),  # type: ignore[arg-type]
+            top_p=get_number(body, "top_p", 1.0, 0.0, 1.0),  # type: ignore[arg-type]
+            top_k=get_int(body, "top_k", -1, -1) or -1,
+            min_p=get_number(body, "min_p", 0.0, 0.0, 1.0),  # type: ignore[arg-type]
+            seed=get_int(body, "seed", None, -(2**63), 2**63 - 1),
+            presence_penalty=get_number(body, "presence_penalty", 0.0, -2.0, 2.0),  # type: ignore[arg-type]
+            frequency_penalty=get_number(body, "frequency_penalty", 0.0, -2.0, 2.0),  # type: ignore[arg-type]
+            repetition_penalty=get_number(body, "repetition_penalty", 1.0, 0.0, 10.0),  # type: ignore[arg-type]
+            max_tokens=max_tokens,
+            min_tokens=get_int(body, "min_tokens", 0, 0) or 0,
+            stop=get_stop(body, "stop"),
+            stop_token_ids=stop_ids,
+            ignore_eos=get(body, "ignore_eos", bool, False),
+            logprobs=logprobs,
+            include_stop_str_in_output=get(body, "include_stop_str_in_output", bool, False),
+            skip_special_tokens=get(body, "skip_special_tokens", bool, True),
+        )
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int) -> None:
+    if max_model_len <= 0:
+        return
+    total = prompt_len + (max_tokens or 0)
+    if prompt_len >= max_model_len or total > max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {total} tokens ({prompt_len} in the prompt, {max_tokens or 0} for the "
+            "completion). Please reduce the prompt or the completion length.",
+            param="messages", code="context_length_exceeded",
+        )  # fmt: skip
+
+
+def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    msgs = get(body, "messages", list, required=True)
+    if not msgs:
+        raise bad_request("'messages' must not be empty", param="messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad_request(f"messages[{i}] must be an object with a 'role'", param="messages")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            parts = []
+            for p in content:
+                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                    raise bad_request(f"messages[{i}]: only text content parts are supported",
+                                      param="messages")  # fmt: skip
+                parts.append(p["text"])
+            content = "".join(parts)
+        elif not isinstance(content, str):
+            raise bad_request(f"messages[{i}].content must be a string or an array", param="messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def completion_prompts(gw: Gateway, body: dict[str, Any]) -> list[list[int]]:
+    prompt = get(body, "prompt", (str, list), required=True)
+    if isinstance(prompt, str):
+        return [gw.tokenizer.encode(prompt)]
+    if not prompt:
+        raise bad_request("'prompt' must not be empty", param="prompt")
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [gw.tokenizer.encode(p) for p in prompt]
+    if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+        return [list(p) for p in prompt]
+    raise bad_request("'prompt' must be a string, an array of strings or of token ids", param="prompt")
+
+
+def _chat_logprobs(gw: Gateway, items: list[pb.TokenLogprobs]) -> dict[str, Any]:
+    def entry(tid: int, lp: float) -> dict[str, Any]:
+        s = gw.tokenizer.token_str(tid)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    return {
+        "content": [
+            {**entry(t.token_id, t.logprob), "top_logprobs": [entry(c.token_id, c.logprob) for c in t.top]}
+            for t in items
+        ]
+    }
+
+
+def _completion_logprobs(gw: Gateway, items: list[pb.TokenLogprobs], offset: int) -> dict[str, Any]:
+    tokens = [gw.tokenizer.token_str(t.token_id) for t in items]
+    offsets, pos = [], offset
+    for s in tokens:
+        offsets.append(pos)
+        pos += len(s)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [t.logprob for t in items],
+        "top_logprobs": [{gw.tokenizer.token_str(c.token_id): c.logprob for c in t.top} for t in items],
+        "text_offset": offsets,
+    }
+
+
+async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
+    """Entry point of both endpoints; every error comes back in OpenAI's format."""
+    api = "chat" if chat else "completions"
+    started = time.monotonic()
+    try:
+        body = await read_json_object(request)
+        model, max_len = gw.resolve_model(get(body, "model", str, required=True))
+        stream = get(body, "stream", bool, False)
+        opts = get(body, "stream_options", dict, {}) or {}
+        include_usage = bool(opts.get("include_usage", False))
+        if not chat and get(body, "echo", bool, False):
+            raise bad_request("'echo' is not supported", param="echo")
+        params = sampling_from_openai(body, chat=chat)
+        prompts = (
+            [gw.tokenizer.apply_chat_template(chat_messages(body))] if chat
+            else completion_prompts(gw, body)
+        )  # fmt: skip
+        for p in prompts:
+            check_context(len(p), params.max_tokens, max_len)
+    except APIError as err:
+        gw.metrics.requests.labels(api, str(err.status)).inc()
+        return err.openai_response()
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    ctx = _Ctx(gw, api, chat, rid, model, params.n, params.logprobs is not None, started)
+    streams = [
+        gw.orchestrator.generate(model, f"{rid}-{i}" if len(prompts) > 1 else rid, p,
+                                 params_to_proto(params))  # fmt: skip
+        for i, p in enumerate(prompts)
+    ]
+    if stream:
+        merged = merge_streams(streams)
+        try:
+            # Wait for the first step before sending headers, so that errors up to then
+            # (no worker, rejected by the engine) still get their HTTP status.
+            first = await until_disconnect(request, anext(merged))
+        except APIError as err:
+            gw.metrics.requests.labels(api, str(err.status)).inc()
+            await merged.aclose()
+            return err.openai_response()
+        except BaseException:
+            await merged.aclose()
+            raise
+        return StreamingResponse(
+            _stream(ctx, merged, first, include_usage), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )  # fmt: skip
+    try:
+        result = await until_disconnect(request, _collect(ctx, streams))
+    except APIError as err:
+        gw.metrics.requests.labels(api, str(err.status)).inc()
+        return err.openai_response()
+    gw.metrics.requests.labels(api, "200").inc()
+    return JSONResponse(result)
+
+
+class _Ctx:
+    def __init__(self, gw: Gateway, api: str, chat: bool, rid: str, model: str, n: int,
+                 logprobs: bool, started: float) -> None:  # fmt: skip
+        self.gw, self.api, self.chat, self.rid, self.model, self.n = gw, api, chat, rid, model, n
+        self.logprobs = logprobs
+        self.started = started
+        self.created = int(time.time())
+        self.first_token_seen = False
+
+    def on_step(self) -> None:
+        if not self.first_token_seen:
+            self.first_token_seen = True
+            self.gw.metrics.ttft.labels(self.api).observe(time.monotonic() - self.started)
+
+    def done(self, usage: Usage) -> None:
+        m = self.gw.metrics
+        m.e2e.labels(self.api).observe(time.monotonic() - self.started)
+        m.prompt_tokens.inc(usage.prompt)
+        m.completion_tokens.inc(usage.completion)
+
+
+async def _collect(ctx: _Ctx, streams: list[AsyncIterator[pb.GenerateResponse]]) -> dict[str, Any]:
+    choices: dict[int, Choice] = {}
+    usage = Usage()
+    ctx.gw.metrics.inflight.inc()
+    try:
+        async for pi, msg in merge_streams(streams):
+            ctx.on_step()
+            apply_step(choices, usage, pi, ctx.n, msg)
+    finally:
+        ctx.gw.metrics.inflight.dec()
+    ctx.done(usage)
+    out = []
+    for idx in sorted(choices):
+        ch = choices[idx]
+        item: dict[str, Any] = {"index": idx, "finish_reason": ch.finish_reason}
+        if ctx.chat:
+            item["message"] = {"role": "assistant", "content": ch.full_text}
+            item["logprobs"] = _chat_logprobs(ctx.gw, ch.logprobs) if ctx.logprobs else None
+        else:
+            item["text"] = ch.full_text
+            item["logprobs"] = _completion_logprobs(ctx.gw, ch.logprobs, 0) if ctx.logprobs else None
+            item["stop_reason"] = ch.stop_reason
+        out.append(item)
+    return {
+        "id": ctx.rid,
+        "object": "chat.completion" if ctx.chat else "text_completion",
+        "created": ctx.created,
+        "model": ctx.model,
+        "choices": out,
+        "usage": usage.openai(),
+        "system_fingerprint": None,
+    }
+
+
+def _sse(obj: object) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _prepend(
+    first: tuple[int, pb.GenerateResponse], rest: AsyncIterator[tuple[int, pb.GenerateResponse]]
+) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+async def _stream(
+    ctx: _Ctx,
+    merged: AsyncIterator[tuple[int, pb.GenerateResponse]],
+    first: tuple[int, pb.GenerateResponse],
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    obj = "chat.completion.chunk" if ctx.chat else "text_completion"
+    base = {"id": ctx.rid, "object": obj, "created": ctx.created, "model": ctx.model}
+    extra = {"usage": None} if include_usage else {}
+    choices: dict[int, Choice] = {}
+    text_pos: dict[int, int] = {}
+    usage = Usage()
+    started_roles: set[int] = set()
+    status = "200"
+    ctx.gw.metrics.inflight.inc()
+    try:
+        async for pi, msg in _prepend(first, merged):
+            ctx.on_step()
+            for ch, d in apply_step(choices, usage, pi, ctx.n, msg):
+                item: dict[str, Any] = {"index": ch.index, "finish_reason": d.finish_reason or None}
+                if ctx.chat:
+                    if ch.index not in started_roles:
+                        started_roles.add(ch.index)
+                        first = {"index": ch.index, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None}  # fmt: skip
+                        yield _sse({**base, "choices": [first], **extra})
+                    item["delta"] = {"content": d.text} if d.text else {}
+                    item["logprobs"] = (
+                        _chat_logprobs(ctx.gw, list(d.logprobs)) if ctx.logprobs else None
+                    )
+                else:
+                    item["text"] = d.text
+                    pos = text_pos.get(ch.index, 0)
+                    item["logprobs"] = (
+                        _completion_logprobs(ctx.gw, list(d.logprobs), pos) if ctx.logprobs else None
+                    )
+                    text_pos[ch.index] = pos + len(d.text)
+                if d.text or d.finish_reason or d.logprobs:
+                    yield _sse({**base, "choices": [item], **extra})
+        ctx.done(usage)
+        if include_usage:
+            yield _sse({**base, "choices": [], "usage": usage.openai()})
+        yield "data: [DONE]\n\n"
+    except APIError as err:
+        status = str(err.status)
+        yield _sse(err.openai_body())
+    finally:
+        await merged.aclose()  # type: ignore[attr-defined]
+        ctx.gw.metrics.inflight.dec()
+        ctx.gw.metrics.requests.labels(ctx.api, status).inc()

@@ -1,0 +1,42 @@
+"""The routing policy interface: pick one worker among the usable candidates."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.common.proto import worker_pb2 as pb
+
+
+class WorkerView(Protocol):
+    """What a policy may read about a worker (implemented by the router's WorkerHandle)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def load(self) -> pb.LoadReport | None: ...  # latest report from the worker
+
+    @property
+    def inflight(self) -> int: ...  # requests this router has running there now
+
+
+@dataclass
+class RouteRequest:
+    """What a policy may read about the request being routed."""
+
+    request_id: str
+    num_prompt_tokens: int
+    prompt_token_ids: Sequence[int] = ()  # for cache-aware policies (later)
+
+
+class RoutingPolicy(ABC):
+    """Chooses a worker. Instances hold their own state; the router owns one instance."""
+
+    name: str = ""
+
+    @abstractmethod
+    def select(self, candidates: Sequence[WorkerView], request: RouteRequest) -> WorkerView:
+        """Return one of ``candidates`` (never empty; sorted by worker id)."""

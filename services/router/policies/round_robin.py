@@ -1,0 +1,19 @@
+"""Round robin: each request goes to the next worker in id order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.router.policies.base import RouteRequest, RoutingPolicy, WorkerView
+
+
+class RoundRobinPolicy(RoutingPolicy):
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def select(self, candidates: Sequence[WorkerView], request: RouteRequest) -> WorkerView:
+        choice = candidates[self._next % len(candidates)]
+        self._next += 1
+        return choice

@@ -1,0 +1,149 @@
+"""The router's view of the workers: etcd membership plus one load stream per worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+
+from services.common.grpc_utils import insecure_channel
+from services.common.membership import InstanceInfo
+from services.common.proto import worker_pb2 as pb
+from services.common.proto import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class WorkerHandle:
+    """One worker as the router sees it: advertisement, channel, latest load, local count."""
+
+    def __init__(self, info: InstanceInfo, load_interval_ms: int, stale_s: float) -> None:
+        self.info = info
+        self.channel = insecure_channel(info.address)
+        self.stub = pb_grpc.WorkerServiceStub(self.channel)
+        self.load: pb.LoadReport | None = None
+        self.load_at = 0.0  # monotonic time of the latest report
+        self.inflight = 0  # requests this router has running there
+        self.failed_at = 0.0  # last time a call to it failed with UNAVAILABLE
+        self._interval_ms = load_interval_ms
+        self._stale_s = stale_s
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.info.capacity.get("max_model_len", 0) or 0)
+
+    def reachable(self, now: float | None = None) -> bool:
+        """A load report arrived recently and no call failed since."""
+        now = time.monotonic() if now is None else now
+        return self.load_at > self.failed_at and now - self.load_at < self._stale_s
+
+    def usable_for(self, role: str, now: float | None = None) -> bool:
+        draining = self.info.draining or (self.load is not None and self.load.draining)
+        return self.info.role == role and not draining and self.reachable(now)
+
+    def mark_failed(self) -> None:
+        self.failed_at = time.monotonic()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._load_loop(), name=f"load-{self.id}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.channel.close(grace=None)
+
+    async def _load_loop(self) -> None:
+        backoff = 0.1
+        while True:
+            call = self.stub.StreamLoad(pb.LoadReportRequest(interval_ms=self._interval_ms))
+            try:
+                while True:
+                    # A silent stream counts as a dead worker: bound each read.
+                    report = await asyncio.wait_for(call.read(), timeout=self._stale_s)
+                    if report is grpc.aio.EOF:
+                        break
+                    self.load = report
+                    self.load_at = time.monotonic()
+                    backoff = 0.1
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            except (grpc.aio.AioRpcError, TimeoutError) as exc:
+                reason = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "silent"
+                log.info("load stream from %s broke: %s", self.id, reason)
+            finally:
+                call.cancel()
+            # Take it out of routing now rather than waiting for the stale timeout.
+            self.mark_failed()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+
+class WorkerPool:
+    """Follows membership changes; hands out usable workers of a role and model."""
+
+    def __init__(self, load_interval_ms: int = 200, stale_s: float = 5.0) -> None:
+        self.handles: dict[str, WorkerHandle] = {}
+        self._interval_ms = load_interval_ms
+        self._stale_s = stale_s
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def on_membership(self, instances: dict[str, InstanceInfo]) -> None:
+        """MembershipWatcher listener: create, update and drop handles."""
+        for iid in list(self.handles):
+            info = instances.get(iid)
+            old = self.handles[iid]
+            if info is None or (
+                info.incarnation != old.info.incarnation or info.address != old.info.address
+            ):
+                log.info("worker %s left (or restarted)", iid)
+                self._close_later(self.handles.pop(iid))
+        for iid, info in instances.items():
+            if iid in self.handles:
+                self.handles[iid].info = info  # role, epoch, draining updates
+                continue
+            log.info("worker %s joined at %s (role %s)", iid, info.address, info.role)
+            handle = WorkerHandle(info, self._interval_ms, self._stale_s)
+            handle.start()
+            self.handles[iid] = handle
+
+    def _close_later(self, handle: WorkerHandle) -> None:
+        task = asyncio.get_running_loop().create_task(handle.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def candidates(self, role: str = "mixed", model: str | None = None) -> list[WorkerHandle]:
+        now = time.monotonic()
+        return sorted(
+            (
+                h
+                for h in self.handles.values()
+                if h.usable_for(role, now) and (model is None or h.info.model == model)
+            ),
+            key=lambda h: h.id,
+        )
+
+    def models(self) -> dict[str, int]:
+        """Served model names of known workers -> the smallest context length among them."""
+        out: dict[str, int] = {}
+        for h in self.handles.values():
+            cur = out.get(h.info.model)
+            out[h.info.model] = h.max_model_len if cur is None else min(cur, h.max_model_len)
+        return out
+
+    async def close(self) -> None:
+        for h in list(self.handles.values()):
+            await h.close()
+        self.handles.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

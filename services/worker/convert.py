@@ -1,0 +1,77 @@
+"""Conversions between the wire messages (proto) and the engine's dataclasses."""
+
+from __future__ import annotations
+
+from services.common.proto import worker_pb2 as pb
+from services.engine.outputs import CompletionOutput, TokenLogprobs
+from services.engine.sampling_params import SamplingParams
+
+# Scalar fields copied when set; everything else is handled explicitly below.
+_OPTIONAL_SCALARS = (
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "max_tokens",
+    "min_tokens",
+    "ignore_eos",
+    "logprobs",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+)
+
+
+def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    """Engine SamplingParams from the wire; raises ValueError for bad values."""
+    kwargs: dict[str, object] = {}
+    for name in _OPTIONAL_SCALARS:
+        if msg.HasField(name):
+            kwargs[name] = getattr(msg, name)
+    if not msg.HasField("max_tokens"):
+        kwargs["max_tokens"] = None  # unset on the wire means "up to the context length"
+    kwargs["stop"] = list(msg.stop)
+    kwargs["stop_token_ids"] = list(msg.stop_token_ids)
+    return SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
+    """The wire form of ``params`` (used by routers, benchmarks and tests)."""
+    msg = pb.SamplingParams(stop=list(params.stop), stop_token_ids=list(params.stop_token_ids))
+    for name in _OPTIONAL_SCALARS:
+        value = getattr(params, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def logprobs_to_proto(items: list[TokenLogprobs] | None) -> list[pb.TokenLogprobs]:
+    if not items:
+        return []
+    return [
+        pb.TokenLogprobs(
+            token_id=t.token_id,
+            logprob=t.logprob,
+            top=[pb.Logprob(token_id=c.token_id, logprob=c.logprob) for c in t.top],
+        )
+        for t in items
+    ]
+
+
+def delta_to_proto(out: CompletionOutput, completion_tokens: int) -> pb.CompletionDelta:
+    stop_str = out.stop_reason if isinstance(out.stop_reason, str) else ""
+    stop_tok = out.stop_reason if isinstance(out.stop_reason, int) else -1
+    return pb.CompletionDelta(
+        index=out.index,
+        token_ids=out.token_ids,
+        text=out.text,
+        logprobs=logprobs_to_proto(out.logprobs),
+        finish_reason=out.finish_reason or "",
+        stop_reason=stop_str,
+        stop_token_id=stop_tok,
+        completion_tokens=completion_tokens,
+    )

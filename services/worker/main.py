@@ -1,0 +1,124 @@
+"""Start a worker: load the engine, serve gRPC, register in etcd, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+
+import grpc
+
+from services.common.dataclass_cli import add_dataclass_args, from_args
+from services.common.grpc_utils import SERVER_OPTIONS
+from services.common.membership import InstanceInfo, Registrar
+from services.common.proto import worker_pb2_grpc as pb_grpc
+from services.worker.config import WorkerConfig
+from services.worker.server import WorkerServicer, WorkerState
+
+log = logging.getLogger("epdserve.worker")
+
+READY_PREFIX = "EPDSERVE_WORKER_READY"  # the launcher waits for this line on stdout
+
+
+def build_parser(prog: str = "epdserve worker") -> argparse.ArgumentParser:
+    from services.engine.config import EngineConfig
+
+    parser = argparse.ArgumentParser(prog=prog, description="Run one epdserve worker process.")
+    add_dataclass_args(parser.add_argument_group("worker"), WorkerConfig)
+    add_dataclass_args(parser.add_argument_group("engine"), EngineConfig)
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+async def serve(wcfg: WorkerConfig, ecfg: object) -> None:
+    from services.engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine(ecfg)
+    log.info("loading model %s ...", getattr(ecfg, "model", None) or "(default)")
+    await engine.start()
+    assert wcfg.instance_id is not None
+    state = WorkerState(wcfg.instance_id, WorkerConfig.new_incarnation(), wcfg.role)
+    servicer = WorkerServicer(engine, state, wcfg.load_report_interval_ms)
+
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{wcfg.host}:{wcfg.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind {wcfg.host}:{wcfg.port}")
+    await server.start()
+    address = f"{wcfg.advertise_host or wcfg.host}:{port}"
+
+    registrar: Registrar | None = None
+    if wcfg.register:
+        info = InstanceInfo(
+            id=wcfg.instance_id,
+            address=address,
+            role=state.role,
+            role_epoch=state.role_epoch,
+            model=engine.model_name,
+            incarnation=state.incarnation,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            capacity={
+                "max_model_len": engine.max_model_len,
+                "max_num_seqs": getattr(ecfg, "max_num_seqs", 0),
+                "num_total_blocks": engine.stats().num_total_blocks,
+            },
+        )
+        registrar = Registrar(wcfg.etcd_endpoints, wcfg.cluster, info, ttl=wcfg.lease_ttl)
+        state.on_change = lambda: registrar.update(  # type: ignore[union-attr]
+            role=state.role, role_epoch=state.role_epoch, draining=state.draining
+        )
+        await registrar.start()
+        try:
+            await asyncio.wait_for(registrar.registered.wait(), timeout=30)
+        except TimeoutError:
+            log.warning("etcd not reachable yet; serving and retrying registration")
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(
+        f"{READY_PREFIX} id={wcfg.instance_id} address={address} role={state.role} "
+        f"model={engine.model_name}",
+        flush=True,
+    )
+    await stop.wait()
+
+    # Graceful shutdown: leave the cluster first so no new work arrives, refuse what still
+    # does, let in-flight requests finish, then stop.
+    log.info("shutting down: deregistering, draining %d in-flight", len(state.inflight))
+    state.draining = True
+    if registrar is not None:
+        await registrar.stop(deregister=True)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(state.idle.wait(), timeout=wcfg.drain_timeout_s)
+    servicer.closing.set()
+    await server.stop(grace=2.0)
+    await engine.shutdown()
+    log.info("worker %s stopped", wcfg.instance_id)
+
+
+def main(argv: list[str] | None = None, prog: str = "epdserve worker") -> int:
+    from services.engine.config import EngineConfig
+
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s worker %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        wcfg = from_args(WorkerConfig, args)
+        ecfg = from_args(EngineConfig, args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(wcfg, ecfg))
+    return 0

@@ -1,0 +1,203 @@
+"""The WorkerService servicer: runs requests on the engine, reports load, holds the role."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from services.common.grpc_utils import role_from_pb, role_to_pb
+from services.common.proto import worker_pb2 as pb
+from services.common.proto import worker_pb2_grpc as pb_grpc
+from services.worker.convert import delta_to_proto, params_from_proto
+from services.worker.stats import LatencyWindow
+
+log = logging.getLogger(__name__)
+
+
+class WorkerState:
+    """Role, epoch, drain flag and in-flight requests of one worker process."""
+
+    def __init__(self, instance_id: str, incarnation: str, role: str) -> None:
+        self.instance_id = instance_id
+        self.incarnation = incarnation
+        self.role = role
+        self.role_epoch = 1
+        self.draining = False
+        self.inflight: set[str] = set()
+        self.idle = asyncio.Event()  # set while nothing is in flight
+        self.idle.set()
+        # Called after role/drain changes so the etcd advertisement follows.
+        self.on_change: Callable[[], None] = lambda: None
+
+
+class WorkerServicer(pb_grpc.WorkerServiceServicer):
+    """gRPC face of one engine. ``engine`` is an AsyncLLMEngine (or a test double)."""
+
+    def __init__(self, engine: Any, state: WorkerState, load_interval_ms: int = 200) -> None:
+        self.engine = engine
+        self.state = state
+        self.load_interval_ms = load_interval_ms
+        self.ttft_ms = LatencyWindow()
+        self.tpot_ms = LatencyWindow()
+        self.closing = asyncio.Event()  # ends StreamLoad streams at shutdown
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        st = self.state
+        if st.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {st.instance_id} is draining")
+        if st.role != "mixed":
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker {st.instance_id} has role {st.role!r}; only role 'mixed' serves "
+                "Generate in this version (prefill/decode disaggregation comes later)",
+            )
+        if request.role_epoch and request.role_epoch != st.role_epoch:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"stale role epoch {request.role_epoch}; worker is at {st.role_epoch}",
+            )
+        try:
+            params = params_from_proto(request.params)
+        except (ValueError, TypeError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        rid = request.request_id or uuid.uuid4().hex
+        if rid in st.inflight:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {rid} already running")
+        st.inflight.add(rid)
+        st.idle.clear()
+        arrived = time.monotonic()
+        first_at: float | None = None
+        counts: dict[int, int] = {}
+        finished = False
+        try:
+            try:
+                gen = self.engine.generate(rid, list(request.prompt_token_ids), params)
+                async for out in gen:
+                    now = time.monotonic()
+                    if first_at is None:
+                        first_at = now
+                        self.ttft_ms.add((now - arrived) * 1000.0)
+                    deltas = []
+                    for c in out.outputs:
+                        counts[c.index] = counts.get(c.index, 0) + len(c.token_ids)
+                        deltas.append(delta_to_proto(c, counts[c.index]))
+                    finished = out.finished
+                    yield pb.GenerateResponse(
+                        outputs=deltas,
+                        prompt_tokens=len(out.prompt_token_ids),
+                        cached_prompt_tokens=out.num_cached_tokens,
+                        finished=out.finished,
+                    )
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if first_at is not None and counts:
+                n_out = max(counts.values())
+                if n_out > 1:
+                    self.tpot_ms.add((time.monotonic() - first_at) * 1000.0 / (n_out - 1))
+        finally:
+            if not finished:
+                # Client went away (or we failed): free the request's KV now.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.engine.abort(rid))
+            st.inflight.discard(rid)
+            if not st.inflight:
+                st.idle.set()
+
+    async def Abort(  # noqa: N802
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
+        found = request.request_id in self.state.inflight
+        if found:
+            await self.engine.abort(request.request_id)
+        return pb.AbortResponse(found=found)
+
+    async def Health(  # noqa: N802
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthResponse:
+        st = self.state
+        status = pb.HealthResponse.DRAINING if st.draining else pb.HealthResponse.SERVING
+        return pb.HealthResponse(
+            status=status,
+            instance_id=st.instance_id,
+            incarnation=st.incarnation,
+            role=role_to_pb(st.role),
+            role_epoch=st.role_epoch,
+            model=self.engine.model_name,
+            max_model_len=self.engine.max_model_len,
+            num_inflight=len(st.inflight),
+        )
+
+    def load_report(self) -> pb.LoadReport:
+        s = self.engine.stats()
+        st = self.state
+        return pb.LoadReport(
+            instance_id=st.instance_id,
+            role=role_to_pb(st.role),
+            role_epoch=st.role_epoch,
+            draining=st.draining,
+            num_waiting=s.num_waiting,
+            num_waiting_prompt_tokens=s.num_waiting_prompt_tokens,
+            num_running=s.num_running,
+            num_inflight=len(st.inflight),
+            kv_utilization=s.kv_utilization,
+            num_free_blocks=s.num_free_blocks,
+            num_total_blocks=s.num_total_blocks,
+            prefix_cache_hit_rate=s.prefix_cache_hit_rate,
+            recent_ttft_ms=self.ttft_ms.mean(),
+            recent_tpot_ms=self.tpot_ms.mean(),
+            timestamp_ms=int(time.time() * 1000),
+        )
+
+    async def StreamLoad(  # noqa: N802
+        self, request: pb.LoadReportRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.LoadReport]:
+        interval = (request.interval_ms or self.load_interval_ms) / 1000.0
+        interval = max(interval, 0.01)
+        while not self.closing.is_set():
+            yield self.load_report()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.closing.wait(), timeout=interval)
+
+    async def SetRole(  # noqa: N802
+        self, request: pb.SetRoleRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SetRoleResponse:
+        st = self.state
+        try:
+            role = role_from_pb(request.role)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.expected_epoch and request.expected_epoch != st.role_epoch:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"expected epoch {request.expected_epoch}, worker is at {st.role_epoch}",
+            )
+        if role != st.role:
+            if st.inflight:
+                # NOTE: a role switch never half-serves a request: drain first.
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{len(st.inflight)} requests in flight; drain the worker before a role change",
+                )
+            st.role = role
+            st.role_epoch += 1
+            log.info("role changed to %s (epoch %d)", role, st.role_epoch)
+            st.on_change()
+        return pb.SetRoleResponse(role=role_to_pb(st.role), role_epoch=st.role_epoch)
+
+    async def Drain(  # noqa: N802
+        self, request: pb.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DrainResponse:
+        st = self.state
+        if st.draining != request.drain:
+            st.draining = request.drain
+            st.on_change()
+        return pb.DrainResponse(draining=st.draining, num_inflight=len(st.inflight))

@@ -1,0 +1,36 @@
+"""Flags built from config dataclasses round-trip through argv."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from services.common.dataclass_cli import add_dataclass_args, from_args, to_argv
+from services.engine.config import EngineConfig
+from services.router.config import RouterConfig
+from services.worker.config import WorkerConfig
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        WorkerConfig(role="decode", port=1234, instance_id="w1", register=False, lease_ttl=3),
+        RouterConfig(port=9000, policy="round_robin", model="/m", request_timeout_s=5.5),
+        EngineConfig(model="/x", max_num_seqs=8, enable_prefix_caching=False, max_model_len=256),
+    ],
+)
+def test_round_trip(cfg: object) -> None:
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, type(cfg))
+    back = from_args(type(cfg), parser.parse_args(to_argv(cfg)))
+    assert back == cfg
+
+
+def test_configs_validate() -> None:
+    with pytest.raises(ValueError, match="role"):
+        WorkerConfig(role="boss")
+    with pytest.raises(ValueError, match="policy"):
+        RouterConfig(policy="nope")
+    with pytest.raises(ValueError, match="lease_ttl"):
+        WorkerConfig(lease_ttl=1)
