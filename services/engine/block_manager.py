@@ -232,11 +232,16 @@ class BlockManager:
         """Assert the allocator's bookkeeping is consistent (tests call this)."""
         free = set(self.free_ids)
         evict = set(self.evictable)
+        assert len(free) == len(self.free_ids), "a block is listed twice as free"
         assert not free & evict
         for block in self.blocks:
             in_pool = block.block_id in free or block.block_id in evict
             assert (block.ref_count == 0) == in_pool, block
             if block.block_id in evict:
                 assert block.block_hash is not None
+            if block.block_id in free:
+                assert block.block_hash is None, block
+            if block.block_hash is not None:
+                assert self.hash_to_block.get(block.block_hash) == block.block_id, block
         for h, bid in self.hash_to_block.items():
             assert self.blocks[bid].block_hash == h

@@ -16,6 +16,7 @@ from services.engine.config import EngineConfig
 from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.model_loader import load_hf_config, resolve_model, served_name
 from services.engine.model_runner import ModelRunner
+from services.engine.models.registry import resolve_model_class
 from services.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
@@ -65,6 +66,7 @@ class LLMEngine:
         self.model_path = resolve_model(config.model)
         self.model_name = config.served_model_name or served_name(config.model)
         self.hf_config = load_hf_config(self.model_path)
+        resolve_model_class(self.hf_config)  # fail fast, before loading anything heavy
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         model_max = int(getattr(self.hf_config, "max_position_embeddings", MAX_DEFAULT_MODEL_LEN))
         if config.max_model_len is not None and config.max_model_len > model_max:

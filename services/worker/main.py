@@ -35,7 +35,7 @@ def build_parser(prog: str = "epdserve worker") -> argparse.ArgumentParser:
     return parser
 
 
-async def serve(wcfg: WorkerConfig, ecfg: object) -> None:
+async def serve(wcfg: WorkerConfig, ecfg: object) -> int:
     from services.engine import AsyncLLMEngine
 
     engine = AsyncLLMEngine(ecfg)
@@ -89,7 +89,15 @@ async def serve(wcfg: WorkerConfig, ecfg: object) -> None:
         f"model={engine.model_name}",
         flush=True,
     )
-    await stop.wait()
+    exit_code = 0
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        if not getattr(engine, "is_running", True):
+            # A dead engine must say so: leave the cluster and exit non-zero.
+            log.error("engine is not running any more; shutting the worker down")
+            exit_code = 1
+            break
 
     # Graceful shutdown: leave the cluster first so no new work arrives, refuse what still
     # does, let in-flight requests finish, then stop.
@@ -103,6 +111,7 @@ async def serve(wcfg: WorkerConfig, ecfg: object) -> None:
     await server.stop(grace=2.0)
     await engine.shutdown()
     log.info("worker %s stopped", wcfg.instance_id)
+    return exit_code
 
 
 def main(argv: list[str] | None = None, prog: str = "epdserve worker") -> int:
@@ -120,5 +129,4 @@ def main(argv: list[str] | None = None, prog: str = "epdserve worker") -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(wcfg, ecfg))
-    return 0
+    return asyncio.run(serve(wcfg, ecfg))

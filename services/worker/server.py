@@ -99,6 +99,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                     )
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except RuntimeError as exc:  # EngineDeadError and the like: not the caller's fault
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine failed: {exc}")
             if first_at is not None and counts:
                 n_out = max(counts.values())
                 if n_out > 1:

@@ -184,11 +184,13 @@ class LlamaForCausalLM(nn.Module):
                 )
             dst_data.copy_(tensor)
             loaded.add(f"{target}:{shard}")
-        expected = sum(
-            len(m.shard_offsets) if isinstance(m, PackedLinear) else 0 for m in modules.values()
-        )
-        packed_loaded = sum(1 for k in loaded if not k.endswith(":None"))
-        if packed_loaded != expected:
-            raise ValueError(
-                f"checkpoint is missing fused-projection shards ({packed_loaded}/{expected} found)"
-            )
+        expected = {
+            f"{mod_name}.{pname}:{shard}"
+            for mod_name, m in modules.items()
+            if isinstance(m, PackedLinear)
+            for pname, _ in m.named_parameters()
+            for shard in m.shard_offsets
+        }
+        missing = expected - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing fused-projection shards: {sorted(missing)[:4]}")

@@ -1,0 +1,159 @@
+"""The official OpenAI and Anthropic SDKs against a real cluster (etcd, worker, router)."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx
+import openai
+import pytest
+from cluster_helpers import TINY_NAME, get_json, start_cluster
+
+from services.engine import LLM, SamplingParams
+
+pytestmark = pytest.mark.timeout(300)
+
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "Name three colours."}]
+# This anthropic SDK has no temperature argument any more: send it as an extra field.
+GREEDY = {"temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir):
+    c = start_cluster(tiny_model_dir("llama"), workers=1)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(cluster):
+    return openai.OpenAI(base_url=cluster.base_url + "/v1", api_key="x", timeout=60, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def claude(cluster):
+    return anthropic.Anthropic(base_url=cluster.base_url, api_key="x", timeout=60, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_model_dir):
+    from cluster_helpers import TINY_ENGINE
+
+    return LLM(str(tiny_model_dir("llama")), served_model_name=TINY_NAME, **TINY_ENGINE)
+
+
+def test_models_health_metrics(cluster) -> None:
+    status, models = get_json(cluster.base_url + "/v1/models")
+    assert status == 200 and [m["id"] for m in models["data"]] == [TINY_NAME]
+    status, health = get_json(cluster.base_url + "/health")
+    assert status == 200 and health["workers"]["worker-0"]["reachable"]
+    text = httpx.get(cluster.base_url + "/metrics", timeout=5).text
+    assert "epdserve_router_requests_total" in text or "epdserve_router_workers" in text
+
+
+def test_greedy_completion_equals_offline_engine(oai, offline) -> None:
+    ids = offline.tokenizer.encode(PROMPT)
+    ref = offline.generate(ids, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    got = oai.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=12, temperature=0,
+                                 extra_body={"ignore_eos": True})  # fmt: skip
+    assert got.choices[0].text == ref.outputs[0].text
+    assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == 12
+
+
+def test_greedy_chat_equals_offline_engine(oai, offline) -> None:
+    ref = offline.chat(CHAT, SamplingParams(temperature=0, max_tokens=10))[0]
+    got = oai.chat.completions.create(model=TINY_NAME, messages=CHAT, max_tokens=10, temperature=0)
+    assert got.choices[0].message.content == ref.outputs[0].text
+    assert got.usage.completion_tokens == len(ref.outputs[0].token_ids)
+    assert got.choices[0].finish_reason == ref.outputs[0].finish_reason
+
+
+def test_chat_stream_matches_non_stream_and_counts_usage(oai) -> None:
+    kw = dict(model=TINY_NAME, messages=CHAT, max_tokens=8, temperature=0,
+              extra_body={"ignore_eos": True})  # fmt: skip
+    full = oai.chat.completions.create(**kw)
+    chunks = list(oai.chat.completions.create(**kw, stream=True,
+                                              stream_options={"include_usage": True}))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 8 == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert {c.id for c in chunks} == {chunks[0].id}
+
+
+def test_completion_stream_logprobs_and_n(oai) -> None:
+    r = oai.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=4, n=2, temperature=1.0,
+                               seed=7, logprobs=2, extra_body={"ignore_eos": True})  # fmt: skip
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    for c in r.choices:
+        assert len(c.logprobs.tokens) == 4 and len(c.logprobs.top_logprobs[0]) == 2
+    assert r.usage.completion_tokens == 8
+    chunks = list(oai.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=4, stream=True,
+                                         temperature=0, extra_body={"ignore_eos": True}))  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks) == oai.completions.create(
+        model=TINY_NAME, prompt=PROMPT, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+    ).choices[0].text
+
+
+def test_stop_strings_are_honoured(oai, claude) -> None:
+    base = oai.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=16, temperature=0,
+                                  extra_body={"ignore_eos": True}).choices[0].text  # fmt: skip
+    stop = base[len(base) // 2 : len(base) // 2 + 3]
+    assert stop.strip(), f"need a visible stop string from {base!r}"
+    r = oai.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=16, temperature=0,
+                               stop=[stop], extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == base[: base.index(stop)]
+    # the same through Anthropic's stop_sequences on the chat path
+    chat_base = claude.messages.create(model=TINY_NAME, max_tokens=16, messages=CHAT,
+                                       extra_body=GREEDY).content[0].text  # fmt: skip
+    if len(chat_base) >= 6:
+        seq = chat_base[len(chat_base) // 2 : len(chat_base) // 2 + 2]
+        m = claude.messages.create(model=TINY_NAME, max_tokens=16, messages=CHAT,
+                                   extra_body=GREEDY, stop_sequences=[seq])  # fmt: skip
+        assert m.stop_reason == "stop_sequence" and m.stop_sequence == seq
+        assert m.content[0].text == chat_base[: chat_base.index(seq)]
+
+
+def test_anthropic_messages_and_stream(claude) -> None:
+    m = claude.messages.create(model=TINY_NAME, max_tokens=6, system="You are terse.",
+                               messages=CHAT, extra_body=GREEDY)  # fmt: skip
+    assert m.role == "assistant" and m.type == "message"
+    assert m.usage.input_tokens > 0 and 0 < m.usage.output_tokens <= 6
+    assert m.stop_reason in ("end_turn", "max_tokens")
+    with claude.messages.stream(model=TINY_NAME, max_tokens=6, system="You are terse.",
+                                messages=CHAT, extra_body=GREEDY) as s:  # fmt: skip
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == m.content[0].text == final.content[0].text
+    assert final.usage.output_tokens == m.usage.output_tokens
+    assert final.stop_reason == m.stop_reason
+
+
+def test_bad_inputs_get_status_and_server_keeps_serving(cluster, oai, claude) -> None:
+    url = cluster.base_url
+    r = httpx.post(url + "/v1/chat/completions", content=b"{oops", timeout=10,
+                   headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="no-such-model", messages=CHAT)
+    with pytest.raises(openai.BadRequestError) as ei:
+        oai.completions.create(model=TINY_NAME, prompt="word " * 600, max_tokens=10)
+    assert ei.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=TINY_NAME, messages=CHAT, max_tokens=500)
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=TINY_NAME, messages=CHAT, temperature="hot")  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(model=TINY_NAME, messages=[{"content": "no role"}])  # type: ignore[list-item]
+    r = httpx.post(url + "/v1/messages", json={"model": TINY_NAME, "messages": CHAT}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.create(model="nope", max_tokens=4, messages=CHAT)
+    with pytest.raises(anthropic.BadRequestError):
+        claude.messages.create(model=TINY_NAME, max_tokens=4, messages=CHAT,
+                               extra_body={"temperature": 3.0})
+    ok = oai.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=2)
+    assert ok.usage.completion_tokens >= 1

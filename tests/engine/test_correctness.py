@@ -1,0 +1,149 @@
+"""Greedy tokens and logprobs of the engine equal a transformers reference, token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.engine import LLM, SamplingParams
+from tests.conftest import FAMILIES
+
+MAX_TOKENS = 12
+
+
+def prompts_of_mixed_lengths(seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 5, 17, 33, 64, 3]
+    return [torch.randint(10, 49000, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model_dir, prompts: list[list[int]], max_tokens: int):
+    """Reference: transformers forward passes over the whole sequence, argmax each step."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = list(prompt)
+            logprobs = []
+            for _ in range(max_tokens):
+                logits = model(torch.tensor([ids])).logits[0, -1].float()
+                lp = torch.log_softmax(logits, dim=-1)
+                tok = int(lp.argmax())
+                logprobs.append(float(lp[tok]))
+                ids.append(tok)
+            results.append((ids[len(prompt) :], logprobs))
+    return results
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model_dir):
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = hf_greedy(tiny_model_dir(family), prompts_of_mixed_lengths(), MAX_TOKENS)
+        return cache[family]
+
+    return get
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=3)
+
+
+def check(outputs, refs) -> None:
+    for out, (ref_tokens, ref_lps) in zip(outputs, refs, strict=True):
+        got = out.outputs[0]
+        assert got.token_ids == ref_tokens
+        assert len(got.logprobs) == MAX_TOKENS
+        for lp, ref in zip(got.logprobs, ref_lps, strict=True):
+            assert abs(lp.logprob - ref) < 1e-4
+            assert lp.top[0].token_id == lp.token_id
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_transformers(tiny_model_dir, references, family):
+    llm = LLM(str(tiny_model_dir(family)), dtype="float32", kv_cache_bytes=8 << 20)
+    check(llm.generate(prompts_of_mixed_lengths(), GREEDY), references(family))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_chunked_prefill_matches(tiny_model_dir, references, family):
+    llm = LLM(str(tiny_model_dir(family)), dtype="float32", max_num_batched_tokens=7)
+    check(llm.generate(prompts_of_mixed_lengths(), GREEDY), references(family))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_prefix_cache_hits_match(tiny_model_dir, references, family):
+    llm = LLM(str(tiny_model_dir(family)), dtype="float32", block_size=4)
+    prompts = prompts_of_mixed_lengths()
+    first = llm.generate(prompts, GREEDY)
+    second = llm.generate(prompts, GREEDY)
+    check(first, references(family))
+    check(second, references(family))
+    assert sum(o.num_cached_tokens for o in second) > 0.8 * sum(len(p) for p in prompts[1:])
+    assert llm.engine.block_manager.hit_rate > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_preemption_matches(tiny_model_dir, references, family):
+    llm = LLM(str(tiny_model_dir(family)), dtype="float32", block_size=4)
+    per_block = llm.engine.runner.bytes_per_block
+    # Room for about two long sequences at a time: the batch must preempt to finish.
+    small = LLM(
+        str(tiny_model_dir(family)), dtype="float32", block_size=4, kv_cache_bytes=per_block * 24
+    )
+    check(small.generate(prompts_of_mixed_lengths(), GREEDY), references(family))
+    assert small.engine.scheduler.num_preemptions > 0
+    small.engine.block_manager.check_invariants()
+    assert small.engine.block_manager.num_free_blocks == small.engine.block_manager.num_blocks
+    del llm
+
+
+def test_n_completions_share_prompt_blocks(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=4)
+    prompt = prompts_of_mixed_lengths()[4]  # 64 tokens
+    out = llm.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert all(len(o.token_ids) == 8 for o in out.outputs)
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    # Same seed, same completions.
+    again = llm.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8))[0]
+    assert [o.token_ids for o in again.outputs] == [o.token_ids for o in out.outputs]
+    # The prompt was computed once: the children found its blocks in the cache.
+    bm = llm.engine.block_manager
+    assert bm.hit_tokens >= 2 * (len(prompt) // 4 - 1) * 4
+
+
+def test_kv_export_import_between_engines(tiny_model_dir, references):
+    """Prefill on engine A (KV held), copy the blocks into engine B, continue decoding on B:
+    tokens equal a single-engine run."""
+    model = str(tiny_model_dir("llama"))
+    a = LLM(model, dtype="float32", block_size=4)
+    b = LLM(model, dtype="float32", block_size=4)
+    prompts = prompts_of_mixed_lengths()
+    refs = references("llama")
+    for i, prompt in enumerate(prompts):
+        rid = f"req-{i}"
+        a.engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=1, logprobs=3), hold_kv=True)
+        first = None
+        while a.engine.has_unfinished_requests():
+            for out in a.engine.step():
+                first = out.outputs[0]
+        blocks, computed = a.engine.held_blocks(rid)
+        assert computed == len(prompt)
+        data = a.engine.read_kv(blocks)
+        a.engine.release_held(rid)
+
+        dst, cached = b.engine.reserve(rid, prompt, GREEDY)
+        skip = cached // 4
+        b.engine.write_kv(dst[skip:], data[:, :, skip : len(dst)])
+        tokens = list(b.engine.start_reserved(rid, first.token_ids[0], first.logprobs[0]).outputs[0].token_ids)
+        while b.engine.has_unfinished_requests():
+            for out in b.engine.step():
+                tokens.extend(out.outputs[0].token_ids)
+        assert tokens == refs[i][0]
+    for engine in (a.engine, b.engine):
+        engine.block_manager.check_invariants()
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

@@ -1,0 +1,164 @@
+"""Test doubles for router/worker unit tests: a scripted engine and a character tokenizer.
+
+Unit tests only: integration tests in tests/cluster use the real engine and processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import grpc
+import uvicorn
+
+from services.common.grpc_utils import SERVER_OPTIONS
+from services.common.membership import InstanceInfo, Registrar
+from services.common.net import free_port
+from services.common.proto import worker_pb2_grpc as pb_grpc
+from services.engine.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
+from services.engine.sampling_params import SamplingParams
+from services.router.app import Gateway, build_app
+from services.router.config import RouterConfig
+from services.worker.server import WorkerServicer, WorkerState
+
+
+class FakeEngine:
+    """Emits tokens 100, 101, ... with text "w0 ", "w1 ", ...; honours max_tokens and stop."""
+
+    def __init__(self, model_name: str = "fake-model", max_model_len: int = 128,
+                 step_s: float = 0.005) -> None:  # fmt: skip
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.step_s = step_s
+        self.aborted: list[str] = []
+        self.started: list[str] = []
+        self._abort_events: dict[str, asyncio.Event] = {}
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+        if len(prompt_token_ids) + (params.max_tokens or 0) > self.max_model_len:
+            raise ValueError("prompt + max_tokens exceeds max_model_len")
+        self.started.append(request_id)
+        ev = self._abort_events[request_id] = asyncio.Event()
+        limit = params.max_tokens or (self.max_model_len - len(prompt_token_ids))
+        texts = ["" for _ in range(params.n)]
+        try:
+            for step in range(limit):
+                await asyncio.sleep(self.step_s)
+                if ev.is_set():
+                    outs = [CompletionOutput(i, "", [], None, "abort") for i in range(params.n)]
+                    yield RequestOutput(request_id, prompt_token_ids, outs, True)
+                    return
+                outs = []
+                for i in range(params.n):
+                    delta, finish, stop = f"w{step} ", None, None
+                    texts[i] += delta
+                    for s in params.stop:
+                        if s in texts[i]:
+                            cut = texts[i].index(s)
+                            delta = delta[: max(0, len(delta) - (len(texts[i]) - cut))]
+                            finish, stop = "stop", s
+                    if finish is None and step + 1 == limit:
+                        finish = "length"
+                    lp = None
+                    if params.logprobs is not None:
+                        top = [Logprob(100 + step, -0.1), Logprob(7, -2.5)][: params.logprobs]
+                        lp = [TokenLogprobs(100 + step, -0.1, top)]
+                    outs.append(CompletionOutput(i, delta, [100 + step], lp, finish, stop))
+                done = all(o.finish_reason for o in outs)
+                yield RequestOutput(request_id, prompt_token_ids, outs, done, num_cached_tokens=0)
+                if done:
+                    return
+        finally:
+            self._abort_events.pop(request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+        ev = self._abort_events.get(request_id)
+        if ev is not None:
+            ev.set()
+
+    def stats(self):
+        return SimpleNamespace(
+            num_waiting=0, num_running=len(self._abort_events), num_waiting_prompt_tokens=0,
+            kv_utilization=0.0, num_free_blocks=100, num_total_blocks=100,
+            prefix_cache_hit_rate=0.0,
+        )  # fmt: skip
+
+
+class FakeTokenizer:
+    """One token per character; a plain-text chat template."""
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % 1000 for c in text]
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+
+    def token_str(self, token_id: int) -> str:
+        return f"w{token_id - 100} "
+
+
+@dataclass
+class FakeWorker:
+    engine: FakeEngine
+    server: grpc.aio.Server
+    registrar: Registrar
+    servicer: WorkerServicer
+    address: str
+
+    async def stop(self, deregister: bool = True) -> None:
+        await self.registrar.stop(deregister=deregister)
+        await self.server.stop(grace=None)
+
+
+async def start_fake_worker(etcd: str, cluster: str, iid: str, engine: FakeEngine | None = None) -> FakeWorker:
+    engine = engine or FakeEngine()
+    state = WorkerState(iid, "inc-" + iid, "mixed")
+    servicer = WorkerServicer(engine, state, load_interval_ms=50)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    address = f"127.0.0.1:{port}"
+    info = InstanceInfo(
+        id=iid, address=address, role="mixed", role_epoch=1, model=engine.model_name,
+        incarnation=state.incarnation, pid=os.getpid(), host="test",
+        capacity={"max_model_len": engine.max_model_len},
+    )  # fmt: skip
+    reg = Registrar([etcd], cluster, info, ttl=2)
+    state.on_change = lambda: reg.update(role=state.role, role_epoch=state.role_epoch,
+                                         draining=state.draining)  # fmt: skip
+    await reg.start()
+    await asyncio.wait_for(reg.registered.wait(), 10)
+    return FakeWorker(engine, server, reg, servicer, address)
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    url: str
+    server: uvicorn.Server
+    task: asyncio.Task[None] = field(repr=False)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.task, 10)
+
+
+async def start_gateway(etcd: str, cluster: str, policy: str = "round_robin") -> RunningGateway:
+    port = free_port()
+    cfg = RouterConfig(port=port, cluster=cluster, etcd=etcd, policy=policy,
+                       load_report_interval_ms=50, load_stale_s=1.0, request_timeout_s=30)  # fmt: skip
+    gw = Gateway(cfg, FakeTokenizer())
+    server = uvicorn.Server(uvicorn.Config(build_app(gw), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))  # fmt: skip
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    return RunningGateway(gw, f"http://127.0.0.1:{port}", server, task)

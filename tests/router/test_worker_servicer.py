@@ -1,0 +1,87 @@
+"""The worker servicer over a fake engine: roles, epochs, drain, health, load reports."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import pytest_asyncio
+from router_fakes import FakeEngine
+
+from services.common.grpc_utils import SERVER_OPTIONS, insecure_channel
+from services.common.proto import worker_pb2 as pb
+from services.common.proto import worker_pb2_grpc as pb_grpc
+from services.worker.server import WorkerServicer, WorkerState
+
+pytestmark = [pytest.mark.timeout(30), pytest.mark.asyncio]
+
+
+@pytest_asyncio.fixture
+async def stub():
+    engine = FakeEngine()
+    state = WorkerState("w", "inc", "mixed")
+    servicer = WorkerServicer(engine, state, load_interval_ms=20)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = insecure_channel(f"127.0.0.1:{port}")
+    yield pb_grpc.WorkerServiceStub(channel), state
+    servicer.closing.set()
+    await channel.close()
+    await server.stop(grace=None)
+
+
+def _req(rid: str = "r1", **params) -> pb.GenerateRequest:
+    return pb.GenerateRequest(request_id=rid, prompt_token_ids=[1, 2, 3],
+                              params=pb.SamplingParams(**params))  # fmt: skip
+
+
+async def test_generate_streams_steps_with_usage(stub) -> None:
+    s, _ = stub
+    msgs = [m async for m in s.Generate(_req(max_tokens=3), timeout=5)]
+    assert len(msgs) == 3 and msgs[-1].finished
+    assert [m.outputs[0].completion_tokens for m in msgs] == [1, 2, 3]
+    assert msgs[-1].outputs[0].finish_reason == "length" and msgs[0].prompt_tokens == 3
+
+
+async def test_bad_params_are_invalid_argument(stub) -> None:
+    s, _ = stub
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        [m async for m in s.Generate(_req(top_p=0.0), timeout=5)]
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in ei.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        [m async for m in s.Generate(_req(max_tokens=1000), timeout=5)]
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_role_change_epoch_and_refusal(stub) -> None:
+    s, state = stub
+    r = await s.SetRole(pb.SetRoleRequest(role=pb.ROLE_PREFILL, expected_epoch=1), timeout=5)
+    assert r.role == pb.ROLE_PREFILL and r.role_epoch == 2
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        [m async for m in s.Generate(_req(max_tokens=1), timeout=5)]
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "role" in ei.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        await s.SetRole(pb.SetRoleRequest(role=pb.ROLE_MIXED, expected_epoch=1), timeout=5)
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await s.SetRole(pb.SetRoleRequest(role=pb.ROLE_MIXED), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as ei:  # stale epoch stamp
+        [m async for m in s.Generate(pb.GenerateRequest(request_id="x", role_epoch=1,
+                                                         prompt_token_ids=[1]), timeout=5)]  # fmt: skip
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert len([m async for m in s.Generate(_req(max_tokens=1), timeout=5)]) == 1
+
+
+async def test_drain_health_and_load(stub) -> None:
+    s, state = stub
+    h = await s.Health(pb.HealthRequest(), timeout=5)
+    assert h.status == pb.HealthResponse.SERVING and h.model == "fake-model"
+    assert (await s.Drain(pb.DrainRequest(drain=True), timeout=5)).draining
+    assert (await s.Health(pb.HealthRequest(), timeout=5)).status == pb.HealthResponse.DRAINING
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        [m async for m in s.Generate(_req(max_tokens=1), timeout=5)]
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+    call = s.StreamLoad(pb.LoadReportRequest(interval_ms=20))
+    reports = [await call.read() for _ in range(3)]
+    call.cancel()
+    assert all(r.instance_id == "w" and r.draining for r in reports)
