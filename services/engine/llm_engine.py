@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,7 @@ from services.engine.models.registry import resolve_model_class
 from services.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import Scheduler
+from services.engine.scheduler import ScheduledSeq, Scheduler
 from services.engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class LLMEngine:
         self.held: dict[str, Sequence] = {}  # finished prefills whose KV awaits export
         self.reserved: dict[str, Sequence] = {}  # decode side: blocks awaiting imported KV
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (a metric)
+        # Called after each layer of each step with the step's batch (KV push in PD mode).
+        self.layer_hook: Callable[[int, list[ScheduledSeq]], None] | None = None
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -205,7 +208,7 @@ class LLMEngine:
                 req = self.requests.get(seq.request_id)
                 return [self._make_output(req)] if req else []
             return []
-        logits = self.runner.execute(sched.scheduled)
+        logits = self.runner.execute(sched.scheduled, self.layer_hook)
         self.num_prompt_tokens_computed += sum(
             min(s.num_new_tokens, max(0, s.seq.num_prompt_tokens - s.seq.num_computed_tokens))
             for s in sched.scheduled

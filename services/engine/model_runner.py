@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from services.engine.config import EngineConfig
+from services.engine.kv_layout import KVLayout
 from services.engine.layers.attention import AttentionMetadata, PrefillSegment, TorchAttention
 from services.engine.model_loader import iter_safetensors
 from services.engine.models.registry import resolve_model_class
@@ -80,7 +83,11 @@ class ModelRunner:
         return int(n)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq]) -> torch.Tensor:
+    def execute(
+        self,
+        scheduled: list[ScheduledSeq],
+        layer_hook: Callable[[int, list[ScheduledSeq]], None] | None = None,
+    ) -> torch.Tensor:
         """Run one step; returns float32 logits on the CPU, one row per sampling sequence,
         in the order of ``scheduled``."""
         bs = self.block_size
@@ -123,6 +130,8 @@ class ModelRunner:
             num_decodes=len(decodes),
             prefills=segments,
         )
+        if layer_hook is not None:
+            meta.on_layer_done = functools.partial(self._layer_done, layer_hook, scheduled)
         if decodes:
             max_blocks = max((s.seq.num_computed_tokens // bs) + 1 for s in decodes)
             tables = [
@@ -147,6 +156,27 @@ class ModelRunner:
         index = torch.tensor(rows, dtype=torch.long, device=dev)
         return self.model.compute_logits(hidden[index]).float().cpu()
 
+    def _layer_done(self, hook, scheduled: list[ScheduledSeq], layer: int) -> None:
+        if self.device.type != "cpu":
+            # Readers of the cache run on other threads: make this layer's writes visible.
+            torch.accelerator.synchronize(self.device)
+        hook(layer, scheduled)
+
+    @property
+    def layout(self) -> KVLayout:
+        """Addresses of the cache's blocks, for transfer engines that write it directly."""
+        elem = self.kv_cache.element_size()
+        return KVLayout(
+            base_addr=int(self.kv_cache.data_ptr()),
+            num_layers=self.num_layers,
+            num_blocks=self.num_blocks,
+            slab_bytes=self.block_size * self.num_kv_heads * self.head_dim * elem,
+            fingerprint=(
+                f"L{self.num_layers}-H{self.num_kv_heads}-D{self.head_dim}-B{self.block_size}-"
+                f"{self.dtype}".replace("torch.", "")
+            ),
+        )
+
     # ---- KV export / import by block (the basis of PD disaggregation) ----------------------
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
@@ -167,8 +197,3 @@ class ModelRunner:
         if tuple(data.shape) != expected:
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
         self.kv_cache.index_copy_(2, index, data.to(self.device, self.dtype))
-
-    def block_address(self, kind: int, layer: int, block_id: int) -> int:
-        """Address of one layer's K (kind 0) or V (kind 1) slab of a block, for RDMA/TCP
-        transfer engines that write registered memory directly."""
-        return int(self.kv_cache[kind, layer, block_id].data_ptr())

@@ -43,7 +43,9 @@ def references(tiny_model_dir):
 
     def get(family: str):
         if family not in cache:
-            cache[family] = hf_greedy(tiny_model_dir(family), prompts_of_mixed_lengths(), MAX_TOKENS)
+            cache[family] = hf_greedy(
+                tiny_model_dir(family), prompts_of_mixed_lengths(), MAX_TOKENS
+            )
         return cache[family]
 
     return get
@@ -126,7 +128,9 @@ def test_kv_export_import_between_engines(tiny_model_dir, references):
     refs = references("llama")
     for i, prompt in enumerate(prompts):
         rid = f"req-{i}"
-        a.engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=1, logprobs=3), hold_kv=True)
+        a.engine.add_request(
+            rid, prompt, SamplingParams(temperature=0, max_tokens=1, logprobs=3), hold_kv=True
+        )
         first = None
         while a.engine.has_unfinished_requests():
             for out in a.engine.step():
@@ -139,7 +143,9 @@ def test_kv_export_import_between_engines(tiny_model_dir, references):
         dst, cached = b.engine.reserve(rid, prompt, GREEDY)
         skip = cached // 4
         b.engine.write_kv(dst[skip:], data[:, :, skip : len(dst)])
-        tokens = list(b.engine.start_reserved(rid, first.token_ids[0], first.logprobs[0]).outputs[0].token_ids)
+        tokens = list(
+            b.engine.start_reserved(rid, first.token_ids[0], first.logprobs[0]).outputs[0].token_ids
+        )
         while b.engine.has_unfinished_requests():
             for out in b.engine.step():
                 tokens.extend(out.outputs[0].token_ids)

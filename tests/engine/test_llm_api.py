@@ -67,7 +67,9 @@ def test_stop_token_ids_and_min_tokens(default_llm):
 
 
 def test_seeded_sampling_reproducible(default_llm):
-    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=12, ignore_eos=True)
+    p = SamplingParams(
+        temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=12, ignore_eos=True
+    )
     a = default_llm.generate(["Tell me a story"], p)[0].outputs[0].token_ids
     b = default_llm.generate(["Tell me a story"], p)[0].outputs[0].token_ids
     assert a == b
@@ -129,7 +131,9 @@ def test_async_engine_streams_and_aborts(tiny_model_dir):
             tokens = [t for d in deltas for t in d.outputs[0].token_ids]
             assert len(tokens) == 8 and deltas[-1].finished
             assert len(deltas) > 1  # streamed step by step
-            offline = LLM(str(tiny_model_dir("llama")), block_size=4).generate([[5, 6, 7, 8, 9]], params)
+            offline = LLM(str(tiny_model_dir("llama")), block_size=4).generate(
+                [[5, 6, 7, 8, 9]], params
+            )
             assert tokens == offline[0].outputs[0].token_ids
 
             # A consumer that stops early aborts the request and frees its blocks.

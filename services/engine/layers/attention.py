@@ -7,6 +7,7 @@ chunk. ``slot_mapping`` says where each new token's K and V go (block * block_si
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -32,6 +33,9 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None = None  # [B]
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size]
     prefills: list[PrefillSegment] = field(default_factory=list)
+    # Called with the layer index once a layer's KV for this step is in the cache (KV push
+    # overlaps the remaining layers' compute).
+    on_layer_done: Callable[[int], None] | None = None
 
 
 class AttentionBackend(Protocol):

@@ -116,8 +116,10 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, meta):
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x = layer(positions, x, self.rotary, meta)
+            if meta.on_layer_done is not None:
+                meta.on_layer_done(i)
         return self.norm(x)
 
 
@@ -193,4 +195,6 @@ class LlamaForCausalLM(nn.Module):
         }
         missing = expected - loaded
         if missing:
-            raise ValueError(f"checkpoint is missing fused-projection shards: {sorted(missing)[:4]}")
+            raise ValueError(
+                f"checkpoint is missing fused-projection shards: {sorted(missing)[:4]}"
+            )

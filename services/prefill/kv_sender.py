@@ -1,0 +1,128 @@
+"""Prefill side of PD: push a request's KV blocks into the decode worker's cache, layer by
+layer while the remaining layers compute.
+
+The engine's step thread calls ``on_layer_done`` after every layer; it only appends write
+descriptors to a queue (no I/O on the step thread). A sender thread performs the Mooncake
+writes in order, so a partly filled block re-sent by a later chunk overwrites the earlier
+copy. ``wait`` returns once every write of a finished request has landed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from services.common.mooncake_agent import MooncakeAgent, TransferError
+from services.engine.kv_layout import KVLayout, transfer_ranges
+from services.engine.scheduler import ScheduledSeq
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PushTarget:
+    """Where one request's KV goes (from the decode worker's reservation)."""
+
+    session: str  # decode worker's Mooncake session ("host:port")
+    layout: KVLayout  # decode worker's cache layout
+    dst_blocks: list[int]  # decode block for each prompt block, in order
+    skip_blocks: int  # leading blocks the decode worker already has (its prefix cache)
+    sent_tokens: int = 0  # tokens whose KV was queued for every layer
+    pending: int = 0  # queued writes not yet done
+    error: str | None = None
+    bytes: int = 0
+    seconds: float = 0.0
+    done: threading.Condition = field(default_factory=threading.Condition)
+
+
+class KVSender:
+    def __init__(self, agent: MooncakeAgent, layout: KVLayout, block_size: int) -> None:
+        self.agent = agent
+        self.layout = layout
+        self.block_size = block_size
+        self.targets: dict[str, PushTarget] = {}
+        self._queue: queue.Queue[tuple[PushTarget, list[int], list[int], list[int]] | None] = (
+            queue.Queue()
+        )
+        self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
+        self._thread.start()
+
+    def add(self, request_id: str, target: PushTarget) -> None:
+        if target.layout.fingerprint != self.layout.fingerprint:
+            raise ValueError(
+                f"decode worker's KV cache ({target.layout.fingerprint}) does not match this "
+                f"worker's ({self.layout.fingerprint})"
+            )
+        self.targets[request_id] = target
+
+    def on_layer_done(self, layer: int, scheduled: list[ScheduledSeq]) -> None:
+        """Step thread: queue this layer's newly computed blocks of every PD request."""
+        bs = self.block_size
+        for item in scheduled:
+            t = self.targets.get(item.seq.request_id)
+            if t is None or t.error is not None:
+                continue
+            seq = item.seq
+            end = min(seq.num_computed_tokens + item.num_new_tokens, seq.num_prompt_tokens)
+            # From the first block not yet sent (cached prefill blocks are sent with the first
+            # chunk), skipping what the decode side already has.
+            first = max(min(t.sent_tokens, seq.num_computed_tokens) // bs, t.skip_blocks)
+            last = min((end + bs - 1) // bs, len(t.dst_blocks))
+            if layer == self.layout.num_layers - 1:
+                t.sent_tokens = end
+            if first >= last:
+                continue
+            srcs, dsts, lens = transfer_ranges(
+                self.layout,
+                t.layout,
+                seq.block_table[first:last],
+                t.dst_blocks[first:last],
+                range(layer, layer + 1),
+            )
+            with t.done:
+                t.pending += 1
+            self._queue.put((t, srcs, dsts, lens))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            t, srcs, dsts, lens = item
+            start = time.perf_counter()
+            try:
+                if t.error is None:
+                    self.agent.write(t.session, srcs, dsts, lens)
+                    t.bytes += sum(lens)
+            except TransferError as e:
+                t.error = str(e)
+            except Exception as e:  # noqa: BLE001 - any failure must reach the waiter
+                logger.exception("KV push failed")
+                t.error = f"KV push failed: {e!r}"
+            t.seconds += time.perf_counter() - start
+            with t.done:
+                t.pending -= 1
+                t.done.notify_all()
+
+    def wait(self, request_id: str, timeout: float) -> PushTarget:
+        """Block until every queued write of the request is done (call after the request
+        finished on the engine); raises TransferError on failure or timeout."""
+        t = self.targets.pop(request_id)
+        with t.done:
+            if not t.done.wait_for(lambda: t.pending == 0, timeout):
+                t.error = t.error or f"KV push timed out after {timeout:.1f}s"
+        if t.error is not None:
+            raise TransferError(t.error)
+        return t
+
+    def discard(self, request_id: str) -> None:
+        """Forget a request (aborted before it finished); queued writes still drain."""
+        t = self.targets.pop(request_id, None)
+        if t is not None:
+            t.error = t.error or "aborted"
+
+    def close(self) -> None:
+        self._queue.put(None)
