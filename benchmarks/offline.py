@@ -93,9 +93,9 @@ def run_engine(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, 
         step_s.append(time.perf_counter() - t)
         return out
 
-    def timed_execute(scheduled: Any) -> Any:
+    def timed_execute(scheduled: Any, *rest: Any, **kw: Any) -> Any:
         t = time.perf_counter()
-        out = inner_execute(scheduled)
+        out = inner_execute(scheduled, *rest, **kw)
         exec_s.append(time.perf_counter() - t)
         decode_only.append(all(s.num_new_tokens == 1 for s in scheduled))
         return out

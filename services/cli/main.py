@@ -1,4 +1,4 @@
-"""The `epdserve` command: up | worker | router | generate."""
+"""The `epdserve` command: up | worker | router | generate | bench."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     has_generate = importlib.util.find_spec("services.cli.generate") is not None
     if has_generate:
         sub.add_parser("generate", help="generate text offline with the engine", add_help=False)
+    sub.add_parser("bench", help="benchmark a running server (vLLM bench serve style)", add_help=False)
 
     if argv and argv[0] == "worker":
         from services.worker.main import main as worker_main
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         from services.cli import generate
 
         return int(generate.main(argv[1:]) or 0)
+    if argv and argv[0] == "bench":
+        from services.cli import bench
+
+        return bench.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "up":
         return up.run(args)

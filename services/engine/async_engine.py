@@ -40,6 +40,7 @@ class AsyncLLMEngine:
         self._stopping = threading.Event()
         self._dead: BaseException | None = None
         self._wake = threading.Event()
+        self._stats: EngineStats | None = None
         # Called on the step thread with each step's outputs (e.g. for KV events); optional.
         self.on_step: Callable[[LLMEngine, list[RequestOutput]], None] | None = None
 
@@ -140,8 +141,10 @@ class AsyncLLMEngine:
                 await self.call(lambda e: e.abort_request(request_id))
 
     def stats(self) -> EngineStats:
-        # Reads a few counters; a slightly stale view is fine for load reports.
-        return self._require().stats()
+        """Load snapshot taken by the step thread after its last step (never torn)."""
+        if self._stats is None:
+            self._stats = self._require().stats()
+        return self._stats
 
     async def call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run ``fn(engine)`` on the step thread between two steps and return its result."""
@@ -160,6 +163,7 @@ class AsyncLLMEngine:
         try:
             while not self._stopping.is_set():
                 self._drain_commands(engine)
+                self._stats = engine.stats()
                 if not engine.scheduler.has_work:
                     self._wake.wait(0.05)
                     self._wake.clear()

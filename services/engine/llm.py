@@ -37,25 +37,21 @@ class LLM:
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
-        order: list[str] = []
-        for prompt, p in zip(prompts, plist, strict=True):
+        index: dict[str, int] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
             rid = f"llm-{next(self._ids)}"
             self.engine.add_request(rid, prompt, p)  # type: ignore[arg-type]
-            order.append(rid)
-        final: dict[str, RequestOutput] = {}
-        texts: dict[str, str] = {}
+            index[rid] = i
+        results: list[RequestOutput | None] = [None] * len(prompts)
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
-                acc = final.setdefault(
-                    out.request_id, _empty_like(out, plist[order.index(out.request_id)])
-                )
-                _accumulate(acc, out)
-                if isinstance(prompts[order.index(out.request_id)], str):
-                    texts[out.request_id] = prompts[order.index(out.request_id)]  # type: ignore[assignment]
-        results = [final[rid] for rid in order]
-        for rid, r in zip(order, results, strict=True):
-            r.prompt = texts.get(rid)
-        return results
+                i = index[out.request_id]
+                if results[i] is None:
+                    results[i] = _empty_like(out, plist[i])
+                    prompt = prompts[i]
+                    results[i].prompt = prompt if isinstance(prompt, str) else None  # type: ignore[union-attr]
+                _accumulate(results[i], out)  # type: ignore[arg-type]
+        return results  # type: ignore[return-value]
 
     def chat(
         self,

@@ -97,8 +97,10 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         drop = ranks >= top_k.unsqueeze(1)
         probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (the token crossing it included).
+        # Only rows with top_p < 1: in float32 the cumulative sum can reach 1.0 before the
+        # last token, which would cut the tail off rows that asked for no top-p at all.
         mass_before = probs.cumsum(dim=-1) - probs
-        drop |= mass_before >= top_p.unsqueeze(1)
+        drop |= (mass_before >= top_p.unsqueeze(1)) & (top_p < 1.0).unsqueeze(1)
         drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
