@@ -25,9 +25,7 @@ class BenchConfig:
         metadata={"help": "completions: /v1/completions; chat: /v1/chat/completions",
                   "choices": ENDPOINTS},
     )  # fmt: skip
-    dataset: str = field(
-        default="random", metadata={"help": "prompt source", "choices": DATASETS}
-    )
+    dataset: str = field(default="random", metadata={"help": "prompt source", "choices": DATASETS})
     dataset_path: str | None = field(
         default=None, metadata={"help": "ShareGPT-format JSON file (--dataset sharegpt)"}
     )
@@ -141,7 +139,9 @@ def parse_goodput(items: list[str]) -> dict[str, float]:
         key, sep, value = item.partition(":")
         key = key.strip().lower()
         if not sep or key not in SLO_KEYS:
-            raise ValueError(f"--goodput {item!r}: expected KEY:MS with KEY in {', '.join(SLO_KEYS)}")
+            raise ValueError(
+                f"--goodput {item!r}: expected KEY:MS with KEY in {', '.join(SLO_KEYS)}"
+            )
         try:
             ms = float(value)
         except ValueError:

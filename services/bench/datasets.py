@@ -62,7 +62,9 @@ def random_text(tokenizer: Any, length: int, rng: np.random.Generator, pool: np.
     return text
 
 
-def random_dataset(cfg: BenchConfig, tokenizer: Any, rng: np.random.Generator) -> list[SampleRequest]:
+def random_dataset(
+    cfg: BenchConfig, tokenizer: Any, rng: np.random.Generator
+) -> list[SampleRequest]:
     """Prompts of random tokens; lengths uniform in the --range-ratio window."""
     pool = _ordinary_ids(tokenizer)
     in_lo, in_hi = length_range(cfg.input_len or DEFAULT_INPUT_LEN, cfg.range_ratio)
@@ -96,7 +98,9 @@ def load_sharegpt(path: str | Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def sharegpt_dataset(cfg: BenchConfig, tokenizer: Any, rng: np.random.Generator) -> list[SampleRequest]:
+def sharegpt_dataset(
+    cfg: BenchConfig, tokenizer: Any, rng: np.random.Generator
+) -> list[SampleRequest]:
     """Shuffled conversations; output length = the reply's tokens unless --output-len."""
     assert cfg.dataset_path is not None
     pairs = load_sharegpt(cfg.dataset_path)
@@ -121,7 +125,9 @@ def sharegpt_dataset(cfg: BenchConfig, tokenizer: Any, rng: np.random.Generator)
     return out
 
 
-def prefix_dataset(cfg: BenchConfig, tokenizer: Any, rng: np.random.Generator) -> list[SampleRequest]:
+def prefix_dataset(
+    cfg: BenchConfig, tokenizer: Any, rng: np.random.Generator
+) -> list[SampleRequest]:
     """--prefix-groups groups, each with one random system prefix of --prefix-len tokens
     and random questions of --input-len tokens; shuffled so that groups interleave."""
     pool = _ordinary_ids(tokenizer)

@@ -53,7 +53,10 @@ def format_table(cfg: BenchConfig, model: str, m: BenchMetrics) -> str:
     ]
     if m.request_goodput is not None:
         slos = " ".join(f"{k}:{v:g}" for k, v in cfg.slos.items())
-        lines += [_row(f"Request goodput (req/s) [{slos}]:", m.request_goodput)]
+        lines += [
+            _row("Goodput SLOs (ms):", slos),
+            _row("Request goodput (req/s):", m.request_goodput),
+        ]
     lines += [
         _row("Output token throughput (tok/s):", m.output_throughput),
         _row("Total token throughput (tok/s):", m.total_token_throughput),

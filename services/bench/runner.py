@@ -41,7 +41,9 @@ def load_tokenizer(path: str | None) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def make_client(cfg: BenchConfig) -> httpx.AsyncClient:
+def make_client(
+    cfg: BenchConfig, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
     """One connection per request that may be in flight, so that none waits in the pool.
     ``trust_env=False``: no proxy from the environment, only ``--base-url`` is contacted."""
     conns = (cfg.max_concurrency or cfg.num_prompts) + 1
@@ -49,6 +51,7 @@ def make_client(cfg: BenchConfig) -> httpx.AsyncClient:
         timeout=httpx.Timeout(cfg.timeout_s, connect=min(_CONNECT_TIMEOUT_S, cfg.timeout_s)),
         limits=httpx.Limits(max_connections=conns, max_keepalive_connections=conns),
         trust_env=False,
+        transport=transport,
     )
 
 
@@ -57,10 +60,12 @@ async def run_benchmark(
     tokenizer: Any = None,
     samples: list[SampleRequest] | None = None,
     progress_stream: TextIO | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> BenchRun:
-    """Run ``cfg``; ``tokenizer``/``samples`` may be given to skip loading/building them.
-    Raises ``RuntimeError`` if the warm-up request fails (nothing is timed then)."""
-    async with make_client(cfg) as client:
+    """Run ``cfg``; ``tokenizer``/``samples`` may be given to skip loading/building them,
+    ``transport`` replaces the network (tests). Raises ``RuntimeError`` if the warm-up
+    request fails (nothing is timed then)."""
+    async with make_client(cfg, transport) as client:
         model = cfg.model or await first_model(client, cfg.root_url)
         if samples is None:
             samples = build_dataset(cfg, tokenizer or load_tokenizer(cfg.tokenizer))

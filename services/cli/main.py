@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     has_generate = importlib.util.find_spec("services.cli.generate") is not None
     if has_generate:
         sub.add_parser("generate", help="generate text offline with the engine", add_help=False)
-    sub.add_parser("bench", help="benchmark a running server (vLLM bench serve style)", add_help=False)
+    sub.add_parser("bench", help="benchmark a running server", add_help=False)
 
     if argv and argv[0] == "worker":
         from services.worker.main import main as worker_main

@@ -60,10 +60,11 @@ class IncrementalDetokenizer:
         self.text += new
         if not self.stop or not check_stop:
             return None
-        search_from = max(0, before - self.max_stop_len + 1)
         best: tuple[int, str] | None = None
         for s in self.stop:
-            idx = self.text.find(s, search_from)
+            # Only occurrences that end in the new text: one that lies wholly in older text
+            # was either found already or came while stops were not checked (min_tokens).
+            idx = self.text.find(s, max(0, before - len(s) + 1))
             if idx != -1 and (best is None or idx < best[0]):
                 best = (idx, s)
         if best is None:

@@ -50,6 +50,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Preempted sequences waiting to be recomputed: their prefix-cache lookup on
+        # rescheduling finds their own blocks, which is not a hit of the prompt.
+        self._recomputing: set[int] = set()
 
     def add(self, seq: Sequence) -> None:
         if seq.num_tokens >= self.max_model_len:
@@ -112,7 +115,9 @@ class Scheduler:
                 n = min(seq.num_tokens - start, budget)
                 if not self.bm.allocate_slots(seq, n, computed):
                     break
-                if first and seq.num_output_tokens == 0:
+                if seq.seq_id in self._recomputing:
+                    self._recomputing.discard(seq.seq_id)
+                elif first and seq.num_output_tokens == 0:
                     self.bm.note_lookup(seq, seq.num_computed_tokens)
                 self.waiting.popleft()
                 seq.status = SequenceStatus.RUNNING
@@ -126,6 +131,7 @@ class Scheduler:
         self.bm.free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+        self._recomputing.add(seq.seq_id)
         out.preempted.append(seq)
         out.scheduled = [s for s in out.scheduled if s.seq is not seq]
         self.num_preemptions += 1
@@ -145,6 +151,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.bm.free(seq)
+        self._recomputing.discard(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason

@@ -21,7 +21,7 @@ from services.router.validation import get, get_int, get_number, get_stop, read_
 from services.worker.convert import params_to_proto
 
 if TYPE_CHECKING:
-    from services.router.app import Gateway
+    from services.router.server import Gateway
 
 
 def _text_of(content: Any, where: str) -> str:

@@ -10,8 +10,8 @@ import sys
 import uvicorn
 
 from services.common.dataclass_cli import add_dataclass_args, from_args
-from services.router.app import Gateway, build_app
 from services.router.config import RouterConfig
+from services.router.server import Gateway, build_app
 from services.router.tokenization import Tokenizer
 
 log = logging.getLogger("epdserve.router")
@@ -56,5 +56,10 @@ def main(argv: list[str] | None = None, prog: str = "epdserve router") -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(cfg, "warning" if args.log_level.upper() != "DEBUG" else "debug"))
+    try:
+        asyncio.run(serve(cfg, "warning" if args.log_level.upper() != "DEBUG" else "debug"))
+    except (ValueError, OSError) as exc:  # bad model path, port in use: say it in one line
+        log.debug("start-up failed", exc_info=True)
+        print(f"error: router failed to start: {exc}", file=sys.stderr)
+        return 1
     return 0

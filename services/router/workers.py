@@ -55,12 +55,19 @@ class WorkerHandle:
     def start(self) -> None:
         self._task = asyncio.create_task(self._load_loop(), name=f"load-{self.id}")
 
-    async def close(self) -> None:
+    async def close(self, wait_inflight_s: float = 0.0) -> None:
+        """Stop the load stream; close the channel once our requests there are done (a
+        draining worker that left etcd still finishes them), or after ``wait_inflight_s``."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.channel.close(grace=None)
+        deadline = time.monotonic() + wait_inflight_s
+        try:
+            while self.inflight > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        finally:
+            await self.channel.close(grace=None)
 
     async def _load_loop(self) -> None:
         backoff = 0.1
@@ -92,8 +99,11 @@ class WorkerHandle:
 class WorkerPool:
     """Follows membership changes; hands out usable workers of a role and model."""
 
-    def __init__(self, load_interval_ms: int = 200, stale_s: float = 5.0) -> None:
+    def __init__(
+        self, load_interval_ms: int = 200, stale_s: float = 5.0, drain_wait_s: float = 600.0
+    ) -> None:
         self.handles: dict[str, WorkerHandle] = {}
+        self._drain_wait_s = drain_wait_s
         self._interval_ms = load_interval_ms
         self._stale_s = stale_s
         self._closing: set[asyncio.Task[None]] = set()
@@ -118,7 +128,7 @@ class WorkerPool:
             self.handles[iid] = handle
 
     def _close_later(self, handle: WorkerHandle) -> None:
-        task = asyncio.get_running_loop().create_task(handle.close())
+        task = asyncio.get_running_loop().create_task(handle.close(self._drain_wait_s))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
@@ -145,5 +155,7 @@ class WorkerPool:
         for h in list(self.handles.values()):
             await h.close()
         self.handles.clear()
+        for task in self._closing:
+            task.cancel()  # router shutdown: do not wait for departed workers' requests
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)

@@ -129,4 +129,9 @@ def main(argv: list[str] | None = None, prog: str = "epdserve worker") -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(serve(wcfg, ecfg))
+    try:
+        return asyncio.run(serve(wcfg, ecfg))
+    except (ValueError, OSError) as exc:  # bad model path, port in use: say it in one line
+        log.debug("start-up failed", exc_info=True)
+        print(f"error: worker failed to start: {exc}", file=sys.stderr)
+        return 1

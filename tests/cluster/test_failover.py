@@ -13,7 +13,8 @@ from cluster_helpers import TINY_NAME, get_json, start_cluster
 
 from services.common.membership import instances_prefix
 
-pytestmark = pytest.mark.timeout(300)
+# Real processes: a few tens of seconds per module on 2 CPU cores.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 REQ = {"model": TINY_NAME, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
 

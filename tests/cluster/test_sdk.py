@@ -10,7 +10,8 @@ from cluster_helpers import TINY_NAME, get_json, start_cluster
 
 from services.engine import LLM, SamplingParams
 
-pytestmark = pytest.mark.timeout(300)
+# Real processes: a few tens of seconds per module on 2 CPU cores.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name three colours."}]

@@ -13,7 +13,8 @@ import pytest
 
 from services.common.net import free_port
 
-pytestmark = pytest.mark.timeout(300)
+# Real processes: a few tens of seconds per module on 2 CPU cores.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 def test_up_refuses_pd_flags_clearly() -> None:

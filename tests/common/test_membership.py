@@ -10,7 +10,7 @@ import pytest
 from services.common.etcd_server import EtcdServer
 from services.common.membership import InstanceInfo, MembershipWatcher, Registrar
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio]
+pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
@@ -42,6 +42,7 @@ def test_instance_info_json_round_trip() -> None:
     assert InstanceInfo.from_json(info.to_json()[:-1] + ', "extra": 1}') == info
 
 
+@pytest.mark.asyncio
 async def test_register_watch_update_deregister(etcd: EtcdServer) -> None:
     watcher = MembershipWatcher([etcd.endpoint], "t1")
     await watcher.start()
@@ -59,6 +60,7 @@ async def test_register_watch_update_deregister(etcd: EtcdServer) -> None:
         await watcher.stop()
 
 
+@pytest.mark.asyncio
 async def test_lease_expiry_removes_dead_worker(etcd: EtcdServer) -> None:
     watcher = MembershipWatcher([etcd.endpoint], "t2")
     await watcher.start()
@@ -72,6 +74,7 @@ async def test_lease_expiry_removes_dead_worker(etcd: EtcdServer) -> None:
         await watcher.stop()
 
 
+@pytest.mark.asyncio
 async def test_etcd_restart_keeps_view_and_reregisters(etcd: EtcdServer) -> None:
     watcher = MembershipWatcher([etcd.endpoint], "t3")
     await watcher.start()

@@ -38,9 +38,7 @@ def make_seq(prompt: list[int] | int, start: int = 1000) -> Sequence:
     return Sequence(f"req-{next(_req)}", prompt, SamplingParams())
 
 
-def step(
-    sched: Scheduler, goals: dict[int, int] | None = None, token: int = 7
-) -> SchedulerOutput:
+def step(sched: Scheduler, goals: dict[int, int] | None = None, token: int = 7) -> SchedulerOutput:
     """One engine step without a model: every sampling sequence gets ``token`` appended and
     finishes once it has ``goals[seq_id]`` output tokens."""
     out = sched.schedule()
@@ -48,7 +46,9 @@ def step(
     for item in out.scheduled:
         if item.samples:
             item.seq.append_token(token)
-            if goals is not None and item.seq.num_output_tokens >= goals.get(item.seq.seq_id, 1 << 30):
+            if goals is not None and item.seq.num_output_tokens >= goals.get(
+                item.seq.seq_id, 1 << 30
+            ):
                 sched.finish(item.seq, "length")
     return out
 
@@ -336,6 +336,25 @@ def test_prefix_cache_hit_while_the_owner_still_runs() -> None:
     sched.bm.check_invariants()
 
 
+def test_recompute_after_preemption_is_not_a_prefix_cache_hit() -> None:
+    sched = make_sched(num_blocks=4, max_num_batched_tokens=5)
+    a, b = make_seq(3, 100), make_seq(12, 200)
+    sched.add(a)
+    sched.add(b)
+    assert summary(step(sched)) == [(a, 3), (b, 2)]
+    assert summary(step(sched)) == [(a, 1), (b, 4)]  # b's first block is full and cached
+    out = step(sched)
+    assert out.preempted == [b]  # preempted in the middle of its prompt
+    out = step(sched)
+    # b is back; its lookup finds its own first block and skips recomputing it ...
+    assert summary(out) == [(a, 1), (b, 4)]
+    assert b.num_computed_tokens == 8
+    # ... but that is not a prefix-cache hit of its prompt, and the prompt was looked up once.
+    assert b.num_cached_tokens == 0
+    assert sched.bm.lookup_tokens == 3 + 12
+    assert sched.bm.hit_tokens == 0
+
+
 def test_identical_prompt_leaves_last_token_to_compute() -> None:
     sched = make_sched()
     prompt = list(range(100, 116))
@@ -407,7 +426,7 @@ def workloads(draw):
         specs.append((prompt, draw(st.integers(1, 8)), draw(st.integers(0, 6))))
     longest = max(len(p) + out for p, out, _ in specs)
     # Enough blocks for any one sequence alone, possibly far fewer than for all together.
-    num_blocks = -(-longest // block_size) + draw(st.integers(0, 12))
+    num_blocks = -(-longest // block_size) + draw(st.sampled_from([0, 0, 1, 2, 4, 8, 16]))
     return dict(
         block_size=block_size,
         num_blocks=num_blocks,
@@ -438,6 +457,7 @@ def test_scheduler_property(w) -> None:
     all_seqs = [s for _, s, _ in pending]
     goals = {s.seq_id: g for _, s, g in pending}
     kv: dict[tuple[int, int], tuple[int, ...]] = {}
+    ever_scheduled: set[int] = set()
     samples_per_seq = {s.seq_id: 0 for s in all_seqs}
 
     for t in range(2000):
@@ -465,6 +485,7 @@ def test_scheduler_property(w) -> None:
             assert out.preempted or not sched.has_work
         for item in out.scheduled:
             s = item.seq
+            ever_scheduled.add(s.seq_id)
             assert item.num_new_tokens >= 1
             assert s.num_computed_tokens + item.num_new_tokens <= s.num_tokens
             assert item.samples == (s.num_computed_tokens + item.num_new_tokens == s.num_tokens)
@@ -520,3 +541,9 @@ def test_scheduler_property(w) -> None:
     assert bm.num_free_blocks == bm.num_blocks
     assert all(b.ref_count == 0 for b in bm.blocks)
     bm.check_invariants()
+    # Each prompt was looked up in the prefix cache once, however often it was preempted.
+    started = [s for s in all_seqs if s.seq_id in ever_scheduled]
+    assert bm.lookup_tokens == sum(s.num_prompt_tokens for s in started)
+    assert bm.hit_tokens == sum(s.num_cached_tokens for s in started)
+    assert all(s.num_cached_tokens < s.num_prompt_tokens for s in started)
+    assert not sched._recomputing

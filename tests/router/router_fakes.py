@@ -20,8 +20,8 @@ from services.common.net import free_port
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.engine.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from services.engine.sampling_params import SamplingParams
-from services.router.app import Gateway, build_app
 from services.router.config import RouterConfig
+from services.router.server import Gateway, build_app
 from services.worker.server import WorkerServicer, WorkerState
 
 

@@ -46,8 +46,9 @@ async def env(etcd):
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
         await _wait_healthy(client)
         yield client, worker, gw
-    await gw.stop()
-    await worker.stop()
+    # Bounded, so that a hang in shutdown names itself instead of eating the test timeout.
+    await asyncio.wait_for(gw.stop(), 15)
+    await asyncio.wait_for(worker.stop(), 15)
 
 
 def _sse(text: str) -> list[dict]:

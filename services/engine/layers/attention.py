@@ -66,8 +66,11 @@ def store_kv(
 
 def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     """[..., nb] block ids -> [..., nb * block_size, Hkv, D] contiguous keys or values."""
-    g = cache[block_table]
-    return g.reshape(*block_table.shape[:-1], -1, cache.shape[2], cache.shape[3])
+    # NOTE: index_select on dim 0 copies whole blocks (memcpy per block); advanced indexing
+    # (``cache[block_table]``) goes through the generic element-wise index kernel, 3-5x
+    # slower on CPU, which made this gather a fifth of a decode step. Same bytes out.
+    g = cache.index_select(0, block_table.reshape(-1))
+    return g.view(*block_table.shape[:-1], -1, cache.shape[2], cache.shape[3])
 
 
 class TorchAttention:

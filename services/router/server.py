@@ -33,7 +33,7 @@ class Gateway:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.metrics = RouterMetrics()
-        self.pool = WorkerPool(cfg.load_report_interval_ms, cfg.load_stale_s)
+        self.pool = WorkerPool(cfg.load_report_interval_ms, cfg.load_stale_s, cfg.request_timeout_s)
         self.policy = create_policy(cfg.policy)
         self.orchestrator = Orchestrator(
             self.pool, self.policy, cfg.request_timeout_s, cfg.max_attempts

@@ -1,0 +1,302 @@
+{{/*
+Names, labels and the command lines of the epdserve chart.
+*/}}
+
+{{- define "epdserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Resource name prefix: <release>-epdserve, or the release name when it says epdserve. */}}
+{{- define "epdserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "epdserve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels that select one component's pods: call with (dict "ctx" $ "component" "router"). */}}
+{{- define "epdserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "epdserve.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Every label of one component's objects: call with (dict "ctx" $ "component" "router"). */}}
+{{- define "epdserve.labels" -}}
+helm.sh/chart: {{ include "epdserve.chart" .ctx }}
+{{ include "epdserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: epdserve
+{{- end }}
+
+{{/* Labels of the objects that belong to the whole release. */}}
+{{- define "epdserve.commonLabels" -}}
+helm.sh/chart: {{ include "epdserve.chart" . }}
+app.kubernetes.io/name: {{ include "epdserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: epdserve
+{{- end }}
+
+{{/* Image variant of the accelerator: cpu, cuda or npu. */}}
+{{- define "epdserve.variant" -}}
+{{- $variants := dict "cpu" "cpu" "nvidia" "cuda" "ascend" "npu" }}
+{{- get $variants .Values.workers.accelerator }}
+{{- end }}
+
+{{- define "epdserve.image" -}}
+{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion (include "epdserve.variant" .)) }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+
+{{/* The engine device of the accelerator (EngineConfig.device). */}}
+{{- define "epdserve.device" -}}
+{{- get (dict "cpu" "cpu" "nvidia" "cuda" "ascend" "npu") .Values.workers.accelerator }}
+{{- end }}
+
+{{/* The Kubernetes extended resource of the accelerator; empty for cpu. */}}
+{{- define "epdserve.acceleratorResource" -}}
+{{- get (dict "cpu" "" "nvidia" "nvidia.com/gpu" "ascend" "huawei.com/Ascend910") .Values.workers.accelerator }}
+{{- end }}
+
+{{/* `--etcd`: the bundled etcd's client Service, or the external endpoints. */}}
+{{- define "epdserve.etcdEndpoints" -}}
+{{- if .Values.etcd.bundled.enabled }}
+{{- printf "%s-etcd:%d" (include "epdserve.fullname" .) (int .Values.etcd.bundled.clientPort) }}
+{{- else }}
+{{- join "," .Values.etcd.external.endpoints }}
+{{- end }}
+{{- end }}
+
+{{/* Model flags: the embedded model is EngineConfig/RouterConfig's default (no --model). */}}
+{{- define "epdserve.modelPath" -}}
+{{- if ne .Values.model.path "embedded" }}{{ .Values.model.path }}{{ end }}
+{{- end }}
+
+{{/*
+One value as Python's str() writes it for a field of this type, so that the chart's argv is
+to_argv()'s: call with (dict "v" value "type" "int|float|str"). Values reach templates as
+float64; ints print without exponent and floats keep Python's ".0".
+*/}}
+{{- define "epdserve.pystr" -}}
+{{- if eq .type "int" }}
+{{- printf "%d" (int64 .v) }}
+{{- else if eq .type "float" }}
+{{- $s := toString (float64 .v) }}
+{{- if or (contains "." $s) (contains "e" $s) (contains "Inf" $s) (contains "NaN" $s) }}
+{{- $s }}
+{{- else }}
+{{- printf "%s.0" $s }}
+{{- end }}
+{{- else }}
+{{- toString .v }}
+{{- end }}
+{{- end }}
+
+{{/*
+The flags of one config dataclass, as a YAML list, the way services/common/dataclass_cli.py
+to_argv writes them: fields in order (files/flags.json, generated from the dataclasses),
+only values that differ from the default, null means unset, bools as --x / --no-x.
+Call with (dict "spec" (list of flags.json entries) "values" (dict key -> value)).
+*/}}
+{{- define "epdserve.argv" -}}
+{{- $values := .values }}
+{{- range $f := .spec }}
+{{- if hasKey $values $f.key }}
+{{- $v := index $values $f.key }}
+{{- if not (kindIs "invalid" $v) }}
+{{- if eq $f.type "bool" }}
+{{- if ne $v $f.default }}
+{{- if $v }}
+- {{ $f.flag | quote }}
+{{- else }}
+- {{ printf "--no-%s" (trimPrefix "--" $f.flag) | quote }}
+{{- end }}
+{{- end }}
+{{- else if eq $f.type "list" }}
+{{- if ne (toJson $v) (toJson $f.default) }}
+- {{ $f.flag | quote }}
+{{- range $item := $v }}
+- {{ toString $item | quote }}
+{{- end }}
+{{- end }}
+{{- else }}
+{{- $s := include "epdserve.pystr" (dict "v" $v "type" $f.type) }}
+{{- $d := "" }}
+{{- if not (kindIs "invalid" $f.default) }}
+{{- $d = include "epdserve.pystr" (dict "v" $f.default "type" $f.type) }}
+{{- end }}
+{{- if or (kindIs "invalid" $f.default) (ne $s $d) }}
+- {{ $f.flag | quote }}
+- {{ $s | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "epdserve.flags" -}}
+{{- .Files.Get "files/flags.json" | fromJson | toJson }}
+{{- end }}
+
+{{/* argv of the router: services.cli.commands.router_command(RouterConfig(...)). */}}
+{{- define "epdserve.routerCommand" -}}
+{{- $flags := include "epdserve.flags" . | fromJson }}
+{{- $values := deepCopy .Values.router.config }}
+{{- $_ := set $values "host" "0.0.0.0" }}
+{{- $_ = set $values "port" .Values.router.port }}
+{{- $_ = set $values "cluster" .Values.clusterName }}
+{{- $_ = set $values "etcd" (include "epdserve.etcdEndpoints" .) }}
+{{- with include "epdserve.modelPath" . }}{{ $_ = set $values "model" . }}{{ end }}
+- {{ .Values.python | quote }}
+- "-m"
+- "services.router"
+{{- include "epdserve.argv" (dict "spec" $flags.router "values" $values) }}
+{{- end }}
+
+{{/*
+argv of a worker of one role: services.cli.commands.worker_command(WorkerConfig(...),
+EngineConfig(...)). Call with (dict "ctx" $ "role" "prefill").
+*/}}
+{{- define "epdserve.workerCommand" -}}
+{{- $ctx := .ctx }}
+{{- $w := $ctx.Values.workers }}
+{{- $roleValues := get $w .role }}
+{{- $flags := include "epdserve.flags" $ctx | fromJson }}
+{{- $worker := mergeOverwrite (deepCopy $w.config) (deepCopy (default (dict) $roleValues.config)) }}
+{{- $_ := set $worker "role" .role }}
+{{- $_ = set $worker "host" "0.0.0.0" }}
+{{- $_ = set $worker "port" $w.port }}
+{{- $_ = set $worker "advertiseHost" "$(POD_IP)" }}
+{{- $_ = set $worker "instanceId" "$(POD_NAME)" }}
+{{- $_ = set $worker "cluster" $ctx.Values.clusterName }}
+{{- $_ = set $worker "etcd" (include "epdserve.etcdEndpoints" $ctx) }}
+{{- $engine := mergeOverwrite (deepCopy $w.engine) (deepCopy (default (dict) $roleValues.engine)) }}
+{{- with include "epdserve.modelPath" $ctx }}{{ $_ = set $engine "model" . }}{{ end }}
+{{- with $ctx.Values.model.servedName }}{{ $_ = set $engine "servedModelName" . }}{{ end }}
+{{- $_ = set $engine "device" (include "epdserve.device" $ctx) }}
+- {{ $ctx.Values.python | quote }}
+- "-m"
+- "services.worker"
+{{- include "epdserve.argv" (dict "spec" $flags.worker "values" $worker) }}
+{{- include "epdserve.argv" (dict "spec" $flags.engine "values" $engine) }}
+{{- end }}
+
+{{/* Seconds a worker pod may take to stop: the drain timeout plus the extra margin. */}}
+{{- define "epdserve.workerGracePeriod" -}}
+{{- $w := .ctx.Values.workers }}
+{{- $roleValues := get $w .role }}
+{{- $cfg := mergeOverwrite (deepCopy $w.config) (deepCopy (default (dict) $roleValues.config)) }}
+{{- $drain := $cfg.drainTimeoutS }}
+{{- if kindIs "invalid" $drain }}
+{{- range (include "epdserve.flags" .ctx | fromJson).worker }}
+{{- if eq .key "drainTimeoutS" }}{{ $drain = .default }}{{ end }}
+{{- end }}
+{{- end }}
+{{- add (int (ceil $drain)) (int $w.terminationGraceExtraSeconds) }}
+{{- end }}
+
+{{/* etcd client environment (external etcd TLS / auth) of the router and workers. */}}
+{{- define "epdserve.etcdEnv" -}}
+{{- $ext := .Values.etcd.external }}
+{{- if and (not .Values.etcd.bundled.enabled) $ext.tls.enabled }}
+- name: EPDSERVE_ETCD_CACERT
+  value: /etc/epdserve/etcd-tls/ca.crt
+- name: EPDSERVE_ETCD_CERT
+  value: /etc/epdserve/etcd-tls/tls.crt
+- name: EPDSERVE_ETCD_KEY
+  value: /etc/epdserve/etcd-tls/tls.key
+{{- end }}
+{{- if and (not .Values.etcd.bundled.enabled) $ext.auth.enabled }}
+- name: EPDSERVE_ETCD_USER
+  valueFrom:
+    secretKeyRef:
+      name: {{ $ext.auth.secretName }}
+      key: {{ $ext.auth.usernameKey }}
+- name: EPDSERVE_ETCD_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $ext.auth.secretName }}
+      key: {{ $ext.auth.passwordKey }}
+{{- end }}
+{{- end }}
+
+{{/* Volumes shared by the router and workers: model, conversion cache, etcd TLS. */}}
+{{- define "epdserve.commonVolumes" -}}
+- name: cache
+  emptyDir:
+    {{- with .Values.model.cacheSizeLimit }}
+    sizeLimit: {{ . }}
+    {{- else }} {}
+    {{- end }}
+{{- with .Values.model.volume }}
+- name: model
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- if and (not .Values.etcd.bundled.enabled) .Values.etcd.external.tls.enabled }}
+- name: etcd-tls
+  secret:
+    secretName: {{ .Values.etcd.external.tls.secretName }}
+{{- end }}
+{{- end }}
+
+{{- define "epdserve.commonVolumeMounts" -}}
+- name: cache
+  mountPath: /cache
+{{- if .Values.model.volume }}
+- name: model
+  mountPath: {{ .Values.model.mountPath }}
+  readOnly: true
+{{- end }}
+{{- if and (not .Values.etcd.bundled.enabled) .Values.etcd.external.tls.enabled }}
+- name: etcd-tls
+  mountPath: /etc/epdserve/etcd-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* Render-time checks the schema cannot state. */}}
+{{- define "epdserve.validate" -}}
+{{- $flags := include "epdserve.flags" . | fromJson }}
+{{- $w := .Values.workers }}
+{{- $enabled := list }}
+{{- range $role := list "mixed" "prefill" "decode" "encoder" }}
+{{- if (get $w $role).enabled }}
+{{- $enabled = append $enabled $role }}
+{{- if not (has $role $flags.roles) }}
+{{- fail (printf "workers.%s.enabled: this epdserve version's workers take the roles %s only" $role (join ", " $flags.roles)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if not $enabled }}
+{{- fail "workers: enable at least one role (workers.mixed, or workers.prefill with workers.decode)" }}
+{{- end }}
+{{- if ne (has "prefill" $enabled) (has "decode" $enabled) }}
+{{- fail "workers: PD mode needs both workers.prefill.enabled and workers.decode.enabled" }}
+{{- end }}
+{{- if and .Values.etcd.bundled.image.repository (not .Values.etcd.bundled.image.tag) }}
+{{- fail "etcd.bundled.image.tag: give the tag of etcd.bundled.image.repository" }}
+{{- end }}
+{{- if and (not .Values.etcd.bundled.enabled) (not .Values.etcd.external.endpoints) }}
+{{- fail "etcd: enable etcd.bundled or list etcd.external.endpoints" }}
+{{- end }}
+{{- if and (not .Values.etcd.bundled.enabled) .Values.etcd.external.tls.enabled (not .Values.etcd.external.tls.secretName) }}
+{{- fail "etcd.external.tls.secretName: name the Secret with ca.crt, tls.crt and tls.key" }}
+{{- end }}
+{{- if and (not .Values.etcd.bundled.enabled) .Values.etcd.external.auth.enabled (not .Values.etcd.external.auth.secretName) }}
+{{- fail "etcd.external.auth.secretName: name the Secret with the etcd user and password" }}
+{{- end }}
+{{- end }}
