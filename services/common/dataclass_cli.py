@@ -33,7 +33,9 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, skip: frozenset[str] = frozenset()) -> None:
+def add_dataclass_args(
+    parser: argparse._ActionsContainer, cls: type, skip: frozenset[str] = frozenset()
+) -> None:
     """Add one ``--flag`` per field of ``cls`` (defaults are left to the dataclass)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

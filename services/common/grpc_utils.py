@@ -30,11 +30,13 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 UNARY_TIMEOUT_S = 5.0  # Abort, Health, SetRole, Drain
 
 ROLES = ("mixed", "prefill", "decode")
-_ROLE_TO_PB = {"mixed": pb.ROLE_MIXED, "prefill": pb.ROLE_PREFILL, "decode": pb.ROLE_DECODE}
-_PB_TO_ROLE = {v: k for k, v in _ROLE_TO_PB.items()}
+_ROLE_TO_PB: dict[str, pb.Role] = {
+    "mixed": pb.ROLE_MIXED, "prefill": pb.ROLE_PREFILL, "decode": pb.ROLE_DECODE,
+}  # fmt: skip
+_PB_TO_ROLE: dict[int, str] = {int(v): k for k, v in _ROLE_TO_PB.items()}
 
 
-def role_to_pb(role: str) -> int:
+def role_to_pb(role: str) -> pb.Role:
     try:
         return _ROLE_TO_PB[role]
     except KeyError:

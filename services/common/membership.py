@@ -90,7 +90,7 @@ class Registrar:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if deregister and self._client is not None and self._lease_id:
+        if deregister and self._client is not None and self._client.lease and self._lease_id:
             # Revoking the lease deletes the key at once: routers stop routing here now.
             with contextlib.suppress(Exception):
                 await self._client.lease.revoke(self._lease_id, timeout=ETCD_OP_TIMEOUT_S)
@@ -118,6 +118,7 @@ class Registrar:
             self._client = Etcd3Client(self.endpoints, rpc_max_attempts=1)
             await self._client.connect()
         c = self._client
+        assert c.kv is not None and c.lease is not None
         grant = await c.lease.grant(self.ttl, timeout=ETCD_OP_TIMEOUT_S)
         self._lease_id = grant.ID
         self._dirty.clear()
@@ -154,6 +155,7 @@ class Registrar:
             last_ok = time.monotonic()
 
     async def _keep_alive_once(self, c: Etcd3Client) -> int:
+        assert c.lease is not None
         call = c.lease.keep_alive(self._lease_id)
         try:
             async for resp in call:
@@ -216,6 +218,7 @@ class MembershipWatcher:
 
     async def _list_and_watch(self, client: Etcd3Client) -> None:
         prefix = self.prefix.encode()
+        assert client.kv is not None and client.watch is not None
         resp = await client.kv.get(prefix, range_end=prefix_range_end(prefix), timeout=ETCD_OP_TIMEOUT_S)
         fresh: dict[str, InstanceInfo] = {}
         for kv in resp.kvs:

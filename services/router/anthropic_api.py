@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -154,7 +154,7 @@ def _event(name: str, data: dict[str, Any]) -> str:
 
 async def _stream(
     gw: Gateway, mid: str, model: str, first: tuple[int, pb.GenerateResponse],
-    gen: AsyncIterator[tuple[int, pb.GenerateResponse]], started: float,
+    gen: AsyncGenerator[tuple[int, pb.GenerateResponse], None], started: float,
 ) -> AsyncIterator[str]:  # fmt: skip
     choices: dict[int, Choice] = {}
     usage = Usage()
@@ -198,5 +198,5 @@ async def _stream(
         status = str(err.status)
         yield _event("error", err.anthropic_body())
     finally:
-        await gen.aclose()  # type: ignore[attr-defined]
+        await gen.aclose()
         gw.metrics.requests.labels("messages", status).inc()

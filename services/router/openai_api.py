@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -220,7 +220,9 @@ class _Ctx:
         m.completion_tokens.inc(usage.completion)
 
 
-async def _collect(ctx: _Ctx, streams: list[AsyncIterator[pb.GenerateResponse]]) -> dict[str, Any]:
+async def _collect(
+    ctx: _Ctx, streams: list[AsyncGenerator[pb.GenerateResponse, None]]
+) -> dict[str, Any]:
     choices: dict[int, Choice] = {}
     usage = Usage()
     ctx.gw.metrics.inflight.inc()
@@ -268,7 +270,7 @@ async def _prepend(
 
 async def _stream(
     ctx: _Ctx,
-    merged: AsyncIterator[tuple[int, pb.GenerateResponse]],
+    merged: AsyncGenerator[tuple[int, pb.GenerateResponse], None],
     first: tuple[int, pb.GenerateResponse],
     include_usage: bool,
 ) -> AsyncIterator[str]:
@@ -289,9 +291,9 @@ async def _stream(
                 if ctx.chat:
                     if ch.index not in started_roles:
                         started_roles.add(ch.index)
-                        first = {"index": ch.index, "delta": {"role": "assistant", "content": ""},
-                                 "logprobs": None, "finish_reason": None}  # fmt: skip
-                        yield _sse({**base, "choices": [first], **extra})
+                        opening = {"index": ch.index, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}  # fmt: skip
+                        yield _sse({**base, "choices": [opening], **extra})
                     item["delta"] = {"content": d.text} if d.text else {}
                     item["logprobs"] = (
                         _chat_logprobs(ctx.gw, list(d.logprobs)) if ctx.logprobs else None
@@ -313,6 +315,6 @@ async def _stream(
         status = str(err.status)
         yield _sse(err.openai_body())
     finally:
-        await merged.aclose()  # type: ignore[attr-defined]
+        await merged.aclose()
         ctx.gw.metrics.inflight.dec()
         ctx.gw.metrics.requests.labels(ctx.api, status).inc()

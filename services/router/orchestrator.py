@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 import grpc
 
@@ -47,7 +47,7 @@ class Orchestrator:
         request_id: str,
         prompt_token_ids: Sequence[int],
         params: pb.SamplingParams,
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """Stream the engine steps of one request. Closing the iterator aborts it on the worker."""
         tried: set[str] = set()
         last_error: APIError | None = None
@@ -94,8 +94,8 @@ class Orchestrator:
 
 
 async def merge_streams(
-    streams: Sequence[AsyncIterator[pb.GenerateResponse]],
-) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
+    streams: Sequence[AsyncGenerator[pb.GenerateResponse, None]],
+) -> AsyncGenerator[tuple[int, pb.GenerateResponse], None]:
     """Interleave several request streams as (stream index, message); cancels all on exit."""
     if len(streams) == 1:
         try:
@@ -103,7 +103,7 @@ async def merge_streams(
                 yield 0, msg
         finally:
             # Close the inner generator now (not at GC): that cancels its RPC on the worker.
-            await streams[0].aclose()  # type: ignore[attr-defined]
+            await streams[0].aclose()
         return
     queue: asyncio.Queue[tuple[int, pb.GenerateResponse | None | BaseException]] = asyncio.Queue()
 

@@ -80,8 +80,8 @@ def _guard(
             return err.anthropic_response() if anthropic else err.openai_response()
         except Exception as exc:
             log.exception("unhandled error in %s", request.url.path)
-            err = APIError(500, f"internal error: {type(exc).__name__}: {exc}")
-            return err.anthropic_response() if anthropic else err.openai_response()
+            internal = APIError(500, f"internal error: {type(exc).__name__}: {exc}")
+            return internal.anthropic_response() if anthropic else internal.openai_response()
 
     return endpoint
 

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -19,6 +20,9 @@ from services.common.membership import InstanceInfo, Registrar
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.worker.config import WorkerConfig
 from services.worker.server import WorkerServicer, WorkerState
+
+if TYPE_CHECKING:
+    from services.engine.config import EngineConfig
 
 log = logging.getLogger("epdserve.worker")
 
@@ -35,11 +39,11 @@ def build_parser(prog: str = "epdserve worker") -> argparse.ArgumentParser:
     return parser
 
 
-async def serve(wcfg: WorkerConfig, ecfg: object) -> int:
+async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     from services.engine import AsyncLLMEngine
 
     engine = AsyncLLMEngine(ecfg)
-    log.info("loading model %s ...", getattr(ecfg, "model", None) or "(default)")
+    log.info("loading model %s ...", ecfg.model or "(default)")
     await engine.start()
     assert wcfg.instance_id is not None
     state = WorkerState(wcfg.instance_id, WorkerConfig.new_incarnation(), wcfg.role)
@@ -66,7 +70,7 @@ async def serve(wcfg: WorkerConfig, ecfg: object) -> int:
             host=socket.gethostname(),
             capacity={
                 "max_model_len": engine.max_model_len,
-                "max_num_seqs": getattr(ecfg, "max_num_seqs", 0),
+                "max_num_seqs": ecfg.max_num_seqs,
                 "num_total_blocks": engine.stats().num_total_blocks,
             },
         )
