@@ -2,9 +2,11 @@
 
 N requests of random token ids (fixed seed) with the same input and output lengths go
 through ``services.engine.LLM`` and through ``AutoModelForCausalLM.generate`` (left padding,
-greedy, exactly ``--output-len`` new tokens) in the same process, one after the other.
-Prints output tokens/s of each, their ratio, the engine's mean step time, and how many of
-the first requests produce the same greedy tokens in both (a sanity check, never a failure).
+greedy, exactly ``--output-len`` new tokens) in the same process. Both models are loaded and
+warmed up first; then each round times our engine and then transformers, so that on a shared
+machine both see the same background load (``--repeat`` rounds; the fastest run of each
+counts). Prints output tokens/s of each, their ratio, the engine's mean step time, and how
+many of the first requests produce the same greedy tokens in both (a check, never a failure).
 
     .venv/bin/python benchmarks/offline.py --num-prompts 64 --input-len 128 --output-len 64
 """
@@ -36,8 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="engine default")
     p.add_argument("--hf-batch-size", type=int, default=None, help="default: --num-prompts")
     p.add_argument("--skip-hf", action="store_true", help="run only our engine")
+    p.add_argument("--repeat", type=int, default=1, help="timed rounds; the fastest run counts")
     p.add_argument("--num-check", type=int, default=8, help="requests compared token by token")
-    p.add_argument("--repeat", type=int, default=1, help="timed runs of each; the fastest counts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
     args = p.parse_args(argv)
@@ -52,140 +54,148 @@ def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
 
 
+def warmup_prompts(prompts: list[list[int]]) -> list[list[int]]:
+    """Short prompts the timed runs never see (no prefix-cache hits)."""
+    return [p[: max(2, len(p) // 4)][::-1] for p in prompts[:2]]
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def run_engine(args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
-    from services.engine import LLM, SamplingParams
+class EngineBench:
+    """Our engine, with per-step timings: the whole step (schedule + model + sample +
+    detokenize) and the model runner's share, decode-only steps kept apart."""
 
-    kwargs: dict[str, Any] = {
-        "dtype": args.dtype,
-        "device": args.device,
-        "max_num_seqs": args.max_num_seqs or args.num_prompts,
-        "seed": args.seed,
-    }
-    if args.max_num_batched_tokens is not None:
-        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
-    if args.kv_cache_bytes is not None:
-        kwargs["kv_cache_bytes"] = args.kv_cache_bytes
-    llm = LLM(model=args.model, **kwargs)
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    def __init__(self, args: argparse.Namespace, prompts: list[list[int]]) -> None:
+        from services.engine import LLM, SamplingParams
 
-    # Warm-up (allocator, kernels, lazy imports) on prompts the timed run never sees, with the
-    # prefix cache reset so that nothing carries over.
-    llm.generate([p[: max(2, len(p) // 4)][::-1] for p in prompts[:2]], params)
-    llm.engine.block_manager.reset_prefix_cache()
+        kwargs: dict[str, Any] = {
+            "dtype": args.dtype,
+            "device": args.device,
+            "max_num_seqs": args.max_num_seqs or args.num_prompts,
+            "seed": args.seed,
+        }
+        if args.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+        if args.kv_cache_bytes is not None:
+            kwargs["kv_cache_bytes"] = args.kv_cache_bytes
+        self.device = args.device
+        self.prompts = prompts
+        self.llm = LLM(model=args.model, **kwargs)
+        self.params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+        self.llm.generate(warmup_prompts(prompts), self.params)
+        self.step_s: list[float] = []
+        self.exec_s: list[float] = []
+        self.decode_only: list[bool] = []
+        engine, runner = self.llm.engine, self.llm.engine.runner
+        inner_step, inner_execute = engine.step, runner.execute
 
-    # Per-step timings: the whole step (schedule + model + sample + detokenize) and, inside
-    # it, the model runner's share; decode-only steps are kept apart from prefill steps.
-    engine, runner = llm.engine, llm.engine.runner
-    step_s: list[float] = []
-    exec_s: list[float] = []
-    decode_only: list[bool] = []
-    inner_step, inner_execute = engine.step, runner.execute
+        def timed_step() -> Any:
+            t = time.perf_counter()
+            out = inner_step()
+            _sync(self.device)
+            self.step_s.append(time.perf_counter() - t)
+            return out
 
-    def timed_step() -> Any:
-        t = time.perf_counter()
-        out = inner_step()
-        _sync(args.device)
-        step_s.append(time.perf_counter() - t)
-        return out
+        def timed_execute(scheduled: Any, *rest: Any, **kw: Any) -> Any:
+            t = time.perf_counter()
+            out = inner_execute(scheduled, *rest, **kw)
+            self.exec_s.append(time.perf_counter() - t)
+            self.decode_only.append(all(s.num_new_tokens == 1 for s in scheduled))
+            return out
 
-    def timed_execute(scheduled: Any, *rest: Any, **kw: Any) -> Any:
-        t = time.perf_counter()
-        out = inner_execute(scheduled, *rest, **kw)
-        exec_s.append(time.perf_counter() - t)
-        decode_only.append(all(s.num_new_tokens == 1 for s in scheduled))
-        return out
+        engine.step = timed_step  # type: ignore[method-assign]
+        runner.execute = timed_execute  # type: ignore[method-assign]
 
-    engine.step = timed_step  # type: ignore[method-assign]
-    runner.execute = timed_execute  # type: ignore[method-assign]
-    best: tuple[float, list[float], list[float], list[bool], Any] | None = None
-    for _ in range(args.repeat):
-        step_s.clear()
-        exec_s.clear()
-        decode_only.clear()
+    def run(self) -> dict[str, Any]:
+        self.step_s.clear()
+        self.exec_s.clear()
+        self.decode_only.clear()
         # Random prompts share no prefix, but a repeat would hit the previous run's blocks.
-        llm.engine.block_manager.reset_prefix_cache()
-        _sync(args.device)
+        self.llm.engine.block_manager.reset_prefix_cache()
+        _sync(self.device)
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        _sync(args.device)
+        outs = self.llm.generate(self.prompts, self.params)
+        _sync(self.device)
         elapsed = time.perf_counter() - t0
-        if best is None or elapsed < best[0]:
-            best = (elapsed, list(step_s), list(exec_s), list(decode_only), outs)
-    engine.step, runner.execute = inner_step, inner_execute  # type: ignore[method-assign]
-    assert best is not None
-    elapsed, step_s, exec_s, decode_only, outs = best
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+        n_out = sum(len(t) for t in tokens)
+        pairs = list(zip(self.step_s, self.exec_s, self.decode_only, strict=False))
+        dec_steps = [s for s, _, d in pairs if d]
+        dec_exec = [x for _, x, d in pairs if d]
+        return {
+            "elapsed_s": elapsed,
+            "output_tokens": n_out,
+            "output_tok_s": n_out / elapsed,
+            "num_steps": len(self.step_s),
+            "mean_step_ms": 1e3 * statistics.fmean(self.step_s),
+            "mean_decode_step_ms": 1e3 * statistics.fmean(dec_steps) if dec_steps else None,
+            "mean_decode_model_ms": 1e3 * statistics.fmean(dec_exec) if dec_exec else None,
+            "num_decode_steps": len(dec_steps),
+            "prefill_steps_total_s": sum(self.step_s) - sum(dec_steps),
+            "tokens": tokens,
+        }
 
-    tokens = [list(o.outputs[0].token_ids) for o in outs]
-    n_out = sum(len(t) for t in tokens)
-    dec_steps = [s for s, d in zip(step_s, decode_only, strict=False) if d]
-    dec_exec = [s for s, d in zip(exec_s, decode_only, strict=False) if d]
-    return {
-        "elapsed_s": elapsed,
-        "output_tokens": n_out,
-        "output_tok_s": n_out / elapsed,
-        "num_steps": len(step_s),
-        "mean_step_ms": 1e3 * statistics.fmean(step_s),
-        "mean_decode_step_ms": 1e3 * statistics.fmean(dec_steps) if dec_steps else None,
-        "mean_decode_model_ms": 1e3 * statistics.fmean(dec_exec) if dec_exec else None,
-        "num_prefill_steps": len(step_s) - len(dec_steps),
-        "prefill_steps_total_s": sum(step_s) - sum(dec_steps),
-        "eos_token_ids": sorted(engine.eos_token_ids),
-        "tokens": tokens,
-    }
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return sorted(self.llm.engine.eos_token_ids)
 
 
-def run_hf(args: argparse.Namespace, folder: str, prompts: list[list[int]]) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class HFBench:
+    """transformers' batched generate: left padding, greedy, exactly output-len new tokens."""
 
-    dtype = getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    bs = args.hf_batch_size or len(prompts)
-    out_len = args.output_len
+    def __init__(self, args: argparse.Namespace, folder: str, prompts: list[list[int]]) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def generate(batch: list[list[int]], new_tokens: int) -> list[list[int]]:
+        dtype = getattr(torch, args.dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        self.model = self.model.to(args.device).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.batch_size = args.hf_batch_size or len(prompts)
+        self.device = args.device
+        self.output_len = args.output_len
+        self.prompts = prompts
+        self.generate(warmup_prompts(prompts), 4)
+
+    def generate(self, batch: list[list[int]], new_tokens: int) -> list[list[int]]:
         width = max(len(p) for p in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, p in enumerate(batch):  # left padding
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
         with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids.to(args.device),
-                attention_mask=mask.to(args.device),
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
                 do_sample=False,
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
-                pad_token_id=pad_id,
+                pad_token_id=self.pad_id,
             )
         return out[:, width:].tolist()
 
-    generate([p[: max(2, len(p) // 4)][::-1] for p in prompts[:2]], 4)  # warm-up
-    elapsed = float("inf")
-    tokens: list[list[int]] = []
-    for _ in range(args.repeat):
-        _sync(args.device)
+    def run(self) -> dict[str, Any]:
+        _sync(self.device)
         t0 = time.perf_counter()
-        tokens = []
-        for start in range(0, len(prompts), bs):
-            tokens.extend(generate(prompts[start : start + bs], out_len))
-        _sync(args.device)
-        elapsed = min(elapsed, time.perf_counter() - t0)
-    n_out = sum(len(t) for t in tokens)
-    return {
-        "elapsed_s": elapsed,
-        "output_tokens": n_out,
-        "output_tok_s": n_out / elapsed,
-        "batch_size": bs,
-        "tokens": tokens,
-    }
+        tokens: list[list[int]] = []
+        for start in range(0, len(self.prompts), self.batch_size):
+            tokens.extend(
+                self.generate(self.prompts[start : start + self.batch_size], self.output_len)
+            )
+        _sync(self.device)
+        elapsed = time.perf_counter() - t0
+        n_out = sum(len(t) for t in tokens)
+        return {
+            "elapsed_s": elapsed,
+            "output_tokens": n_out,
+            "output_tok_s": n_out / elapsed,
+            "batch_size": self.batch_size,
+            "tokens": tokens,
+        }
 
 
 def compare(ours: list[list[int]], ref: list[list[int]], eos: list[int]) -> dict[str, Any]:
@@ -204,6 +214,10 @@ def compare(ours: list[list[int]], ref: list[list[int]], eos: list[int]) -> dict
     return {"checked": len(ours), "agree": agree, "mismatches": mismatches}
 
 
+def _strip(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k != "tokens"}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     from services.engine.model_loader import load_hf_config, resolve_model
@@ -217,49 +231,77 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"threads={torch.get_num_threads()}",
         flush=True,
     )
+    ours_bench = EngineBench(args, prompts)
+    hf_bench = None if args.skip_hf else HFBench(args, folder, prompts)
 
-    load = [os.getloadavg()[0]]
-    ours = run_engine(args, prompts)
-    load.append(os.getloadavg()[0])
-    print(
-        f"epdserve:     {ours['output_tok_s']:8.1f} output tok/s  "
-        f"({ours['output_tokens']} tokens in {ours['elapsed_s']:.2f} s, {ours['num_steps']} steps, "
-        f"mean step {ours['mean_step_ms']:.1f} ms, mean decode step "
-        f"{ours['mean_decode_step_ms'] or 0:.1f} ms of which model {ours['mean_decode_model_ms'] or 0:.1f} ms)",
-        flush=True,
-    )
+    rounds: list[dict[str, Any]] = []
+    best_ours: dict[str, Any] | None = None
+    best_hf: dict[str, Any] | None = None
+    for r in range(args.repeat):
+        # Other processes on the machine skew every number: record how busy it was.
+        entry: dict[str, Any] = {"loadavg_1min_before": os.getloadavg()[0]}
+        ours = ours_bench.run()
+        entry["epdserve_tok_s"] = ours["output_tok_s"]
+        print(
+            f"[round {r + 1}] epdserve:     {ours['output_tok_s']:8.1f} output tok/s  "
+            f"({ours['output_tokens']} tokens in {ours['elapsed_s']:.2f} s, "
+            f"{ours['num_steps']} steps, mean step {ours['mean_step_ms']:.1f} ms, mean decode "
+            f"step {ours['mean_decode_step_ms'] or 0:.1f} ms of which model "
+            f"{ours['mean_decode_model_ms'] or 0:.1f} ms)",
+            flush=True,
+        )
+        if best_ours is None or ours["elapsed_s"] < best_ours["elapsed_s"]:
+            best_ours = ours
+        if hf_bench is not None:
+            ref = hf_bench.run()
+            entry["transformers_tok_s"] = ref["output_tok_s"]
+            entry["ratio"] = ours["output_tok_s"] / ref["output_tok_s"]
+            print(
+                f"[round {r + 1}] transformers: {ref['output_tok_s']:8.1f} output tok/s  "
+                f"({ref['output_tokens']} tokens in {ref['elapsed_s']:.2f} s, "
+                f"batch {ref['batch_size']}); ratio {entry['ratio']:.2f}x",
+                flush=True,
+            )
+            if best_hf is None or ref["elapsed_s"] < best_hf["elapsed_s"]:
+                best_hf = ref
+        entry["loadavg_1min_after"] = os.getloadavg()[0]
+        rounds.append(entry)
+    assert best_ours is not None
+
     result: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "model_folder": folder,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
-        "epdserve": {k: v for k, v in ours.items() if k != "tokens"},
+        "rounds": rounds,
+        "epdserve": _strip(best_ours),
     }
-    if not args.skip_hf:
-        ref = run_hf(args, folder, prompts)
-        load.append(os.getloadavg()[0])
-        ratio = ours["output_tok_s"] / ref["output_tok_s"]
+    print(f"epdserve:     {best_ours['output_tok_s']:8.1f} output tok/s (best of {args.repeat})")
+    print(
+        f"              mean step {best_ours['mean_step_ms']:.1f} ms over "
+        f"{best_ours['num_steps']} steps; mean decode step "
+        f"{best_ours['mean_decode_step_ms'] or 0:.1f} ms "
+        f"(model {best_ours['mean_decode_model_ms'] or 0:.1f} ms)"
+    )
+    if best_hf is not None:
+        ratio = best_ours["output_tok_s"] / best_hf["output_tok_s"]
         k = min(args.num_check, len(prompts))
-        check = compare(ours["tokens"][:k], ref["tokens"][:k], ours["eos_token_ids"])
-        print(
-            f"transformers: {ref['output_tok_s']:8.1f} output tok/s  "
-            f"({ref['output_tokens']} tokens in {ref['elapsed_s']:.2f} s, batch {ref['batch_size']})",
-            flush=True,
-        )
-        print(f"ratio:        {ratio:8.2f}x", flush=True)
-        print(f"greedy check: {check['agree']}/{check['checked']} requests identical", flush=True)
+        check = compare(best_ours["tokens"][:k], best_hf["tokens"][:k], ours_bench.eos_token_ids)
+        print(f"transformers: {best_hf['output_tok_s']:8.1f} output tok/s (best of {args.repeat})")
+        print(f"ratio:        {ratio:8.2f}x")
+        print(f"greedy check: {check['agree']}/{check['checked']} requests identical")
         for m in check["mismatches"]:
             print(
                 f"  request {m['request']}: first difference at output token {m['first_diff']}"
                 f"{' (ours: EOS)' if m['ours_is_eos'] else ''}"
             )
-        result["transformers"] = {k: v for k, v in ref.items() if k != "tokens"}
+        result["transformers"] = _strip(best_hf)
         result["ratio"] = ratio
         result["greedy_check"] = check
-    # Other processes on the machine skew every number: say how busy it was.
-    print(f"load average (1 min) before/after each: {' '.join(f'{x:.2f}' for x in load)}")
-    result["loadavg_1min"] = load
+    loads = [x for e in rounds for x in (e["loadavg_1min_before"], e["loadavg_1min_after"])]
+    print(f"load average (1 min) around the rounds: {' '.join(f'{x:.2f}' for x in loads)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -84,6 +84,8 @@ async def _stream(
                         break
                     now = time.perf_counter()
                     obj = json.loads(data)
+                    if not isinstance(obj, dict):
+                        raise ValueError(f"SSE data is not a JSON object: {data[:100]}")
                     if obj.get("error"):
                         out.error = f"stream error: {json.dumps(obj['error'])[:_ERROR_BODY_CHARS]}"
                         return out
@@ -102,6 +104,9 @@ async def _stream(
                         out.output_tokens = int(usage["completion_tokens"])
                         if usage.get("prompt_tokens") is not None:
                             out.server_prompt_tokens = int(usage["prompt_tokens"])
+                        details = usage.get("prompt_tokens_details")
+                        if isinstance(details, dict) and details.get("cached_tokens") is not None:
+                            out.cached_tokens = int(details["cached_tokens"])
         out.latency = time.perf_counter() - out.start
     except TimeoutError:
         out.error = f"timeout after {cfg.timeout_s:g}s"

@@ -37,6 +37,7 @@ class RequestResult:
     output_tokens: int = 0  # usage.completion_tokens (chunk count when usage is missing)
     usage_reported: bool = False  # the server sent a usage block
     server_prompt_tokens: int | None = None  # usage.prompt_tokens as the server counted it
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens (prefix cache)
     chunks: int = 0  # non-empty content chunks received
     generated_text: str = ""  # concatenated streamed text
 

@@ -75,6 +75,7 @@ class BenchMetrics:
     total_token_throughput: float
     request_goodput: float | None  # None when no SLO was given
     max_concurrent: int  # peak requests in flight observed
+    total_cached_tokens: int | None  # prompt tokens the server found in its prefix cache
     ttft_ms: Summary
     tpot_ms: Summary
     itl_ms: Summary
@@ -114,6 +115,11 @@ def compute_metrics(
         total_token_throughput=(total_in + total_out) / dur,
         request_goodput=None if good is None else good / dur,
         max_concurrent=peak_concurrency(results),
+        total_cached_tokens=(
+            sum(r.cached_tokens or 0 for r in ok)
+            if any(r.cached_tokens is not None for r in ok)
+            else None
+        ),
         ttft_ms=summarize([r.ttft for r in ok]),
         tpot_ms=summarize(tpots),
         itl_ms=summarize([gap for r in ok for gap in r.itl]),

@@ -61,6 +61,11 @@ def format_table(cfg: BenchConfig, model: str, m: BenchMetrics) -> str:
         _row("Output token throughput (tok/s):", m.output_throughput),
         _row("Total token throughput (tok/s):", m.total_token_throughput),
         _row("Peak concurrent requests:", m.max_concurrent),
+        *(
+            [_row("Prefix-cached input tokens:", m.total_cached_tokens)]
+            if m.total_cached_tokens is not None
+            else []
+        ),
         _section("Time to First Token"),
         *_latency_rows("TTFT", m.ttft_ms),
         _section("Time per Output Token (excl. 1st token)"),
@@ -95,6 +100,7 @@ def result_dict(
                 "error": r.error,
                 "prompt_len": r.prompt_len,
                 "server_prompt_tokens": r.server_prompt_tokens,
+                "cached_tokens": r.cached_tokens,
                 "expected_output_len": r.expected_output_len,
                 "output_tokens": r.output_tokens,
                 "usage_reported": r.usage_reported,

@@ -102,6 +102,9 @@ async def handle(gw: Gateway, request: Request) -> Response:
     if stream:
         try:
             first = await until_disconnect(request, anext(gen))
+        except StopAsyncIteration:
+            gw.metrics.requests.labels("messages", "500").inc()
+            return APIError(500, "the worker ended the request without output").anthropic_response()
         except APIError as err:
             gw.metrics.requests.labels("messages", str(err.status)).inc()
             await gen.aclose()

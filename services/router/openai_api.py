@@ -179,6 +179,9 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
             # Wait for the first step before sending headers, so that errors up to then
             # (no worker, rejected by the engine) still get their HTTP status.
             first = await until_disconnect(request, anext(merged))
+        except StopAsyncIteration:
+            gw.metrics.requests.labels(api, "500").inc()
+            return APIError(500, "the worker ended the request without output").openai_response()
         except APIError as err:
             gw.metrics.requests.labels(api, str(err.status)).inc()
             await merged.aclose()

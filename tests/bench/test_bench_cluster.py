@@ -134,6 +134,8 @@ def test_chat_prefix_groups_under_a_concurrency_cap(cluster, tmp_path) -> None:
     # The chat template adds tokens around the system and user messages.
     assert all(r["server_prompt_tokens"] > r["prompt_len"] for r in data["requests"])
     assert data["request_goodput"] == 0.0 < data["request_throughput"]  # nobody meets 1 us TPOT
+    # Later prompts of a group find the shared system prefix in the engine's prefix cache.
+    assert data["total_cached_tokens"] is not None and data["total_cached_tokens"] >= 32
 
 
 def test_sharegpt_sample(cluster, tmp_path) -> None:

@@ -24,8 +24,11 @@ def completion_chunk(text: str) -> dict:
     return {"object": "text_completion", "choices": [{"index": 0, "text": text}]}
 
 
-def usage_chunk(prompt: int, completion: int) -> dict:
-    return {"choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}
+def usage_chunk(prompt: int, completion: int, cached: int | None = None) -> dict:
+    usage: dict = {"prompt_tokens": prompt, "completion_tokens": completion}
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return {"choices": [], "usage": usage}
 
 
 def run(cfg: BenchConfig, handler, req: SampleRequest | None = None):
@@ -74,7 +77,7 @@ def test_stream_timings_and_usage() -> None:
         seen["url"] = str(request.url)
         seen["body"] = json.loads(request.content)
         chunks = [completion_chunk(""), completion_chunk("a"), completion_chunk("b"),
-                  completion_chunk(""), completion_chunk("cd"), usage_chunk(2, 4)]  # fmt: skip
+                  completion_chunk(""), completion_chunk("cd"), usage_chunk(2, 4, cached=1)]  # fmt: skip
         return httpx.Response(200, content=sse(*chunks))
 
     r = run(BenchConfig(base_url=BASE), handler)
@@ -83,6 +86,7 @@ def test_stream_timings_and_usage() -> None:
     assert r.generated_text == "abcd"
     assert r.chunks == 3 and len(r.itl) == 2  # empty chunks count for neither TTFT nor ITL
     assert r.output_tokens == 4 and r.usage_reported and r.server_prompt_tokens == 2
+    assert r.cached_tokens == 1
     assert 0 < r.ttft <= r.latency and r.end >= r.start + r.latency
     assert r.tpot == pytest.approx((r.latency - r.ttft) / 3)
 

@@ -158,3 +158,41 @@ def test_bad_inputs_get_status_and_server_keeps_serving(cluster, oai, claude) ->
                                extra_body={"temperature": 3.0})
     ok = oai.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=2)
     assert ok.usage.completion_tokens >= 1
+
+
+def _worker_load(cluster) -> object:
+    import asyncio
+
+    from services.common.grpc_utils import insecure_channel
+    from services.common.proto import worker_pb2 as pb
+    from services.common.proto import worker_pb2_grpc as pb_grpc
+
+    async def read():
+        async with insecure_channel(cluster.workers[0].ready_field("address")) as ch:
+            call = pb_grpc.WorkerServiceStub(ch).StreamLoad(pb.LoadReportRequest(interval_ms=50))
+            report = await asyncio.wait_for(call.read(), 5)
+            call.cancel()
+            return report
+
+    return asyncio.run(read())
+
+
+def test_client_disconnect_aborts_and_frees_kv(cluster) -> None:
+    import time
+
+    body = {"model": TINY_NAME, "prompt": PROMPT, "max_tokens": 400, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", cluster.base_url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        while not next(lines).startswith("data: "):
+            pass
+        busy = _worker_load(cluster)
+        assert busy.num_inflight == 1 and busy.num_running == 1
+    deadline = time.monotonic() + 10
+    while True:
+        rep = _worker_load(cluster)
+        if rep.num_inflight == 0 and rep.num_running == 0:
+            break
+        assert time.monotonic() < deadline, f"request still running after disconnect: {rep}"
+        time.sleep(0.1)
+    assert busy.kv_utilization > 0 and rep.kv_utilization < busy.kv_utilization, (busy, rep)

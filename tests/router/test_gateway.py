@@ -245,3 +245,24 @@ async def test_two_workers_failover(etcd) -> None:
     finally:
         await gw.stop()
         await w2.stop()
+
+
+async def test_only_mixed_workers_serve_for_now(etcd) -> None:
+    cluster = _cluster()
+    w = await start_fake_worker(etcd.endpoint, cluster, "p1")
+    w.servicer.state.role = "prefill"
+    w.registrar.update(role="prefill", role_epoch=2)
+    gw = await start_gateway(etcd.endpoint, cluster)
+    try:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
+            for _ in range(100):
+                if "p1" in gw.gateway.pool.handles and gw.gateway.pool.handles["p1"].load:
+                    break
+                await asyncio.sleep(0.05)
+            assert gw.gateway.pool.handles["p1"].info.role == "prefill"
+            assert (await c.get("/health")).status_code == 503
+            r = await c.post("/v1/completions", json={"model": "fake-model", "prompt": "a"})
+            assert r.status_code == 503 and "no usable worker" in r.json()["error"]["message"]
+    finally:
+        await gw.stop()
+        await w.stop()
