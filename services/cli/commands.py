@@ -14,7 +14,9 @@ from services.router.config import RouterConfig
 from services.worker.config import WorkerConfig
 
 
-def worker_command(worker: WorkerConfig, engine: EngineConfig, python: str | None = None) -> list[str]:
+def worker_command(
+    worker: WorkerConfig, engine: EngineConfig, python: str | None = None
+) -> list[str]:
     """argv that starts one worker process with these settings."""
     return [python or sys.executable, "-m", "services.worker", *to_argv(worker), *to_argv(engine)]
 

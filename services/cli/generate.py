@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         params = SamplingParams(
-            temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_tokens=args.max_tokens,
             seed=args.seed,
         )
         llm = LLM(args.model, device=args.device, dtype=args.dtype)
@@ -45,5 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         c = out.outputs[0]
         tokens += len(c.token_ids)
         print(f"> {prompt}\n{c.text}\n[{len(c.token_ids)} tokens, finish: {c.finish_reason}]\n")
-    print(f"{tokens} tokens in {elapsed:.2f}s ({tokens / max(elapsed, 1e-9):.1f} tok/s)", file=sys.stderr)
+    print(
+        f"{tokens} tokens in {elapsed:.2f}s ({tokens / max(elapsed, 1e-9):.1f} tok/s)",
+        file=sys.stderr,
+    )
     return 0

@@ -97,7 +97,9 @@ class ClusterSpec:
 
     model: str | None = None  # HF folder or .gguf; None: embedded default
     served_model_name: str | None = None
-    mixed: int = 1
+    mixed: int = 1  # co-located workers
+    prefill: int = 0  # PD mode: prefill workers (needs decode workers too)
+    decode: int = 0  # PD mode: decode workers
     host: str = "127.0.0.1"
     port: int = 8000  # router HTTP port; 0 picks a free one
     device: str = "cpu"
@@ -108,8 +110,12 @@ class ClusterSpec:
     echo: bool = False  # copy children's output to stderr
 
     def __post_init__(self) -> None:
-        if self.mixed < 1:
-            raise ValueError("need at least one worker (--mixed N with N >= 1)")
+        if min(self.mixed, self.prefill, self.decode) < 0:
+            raise ValueError("worker counts must be >= 0")
+        if bool(self.prefill) != bool(self.decode):
+            raise ValueError("PD mode needs both --prefill N and --decode N (N >= 1)")
+        if self.mixed + self.prefill == 0:
+            raise ValueError("need at least one worker (--mixed N, or --prefill N --decode N)")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
 
@@ -131,9 +137,13 @@ class LocalCluster:
             device=self.spec.device, **self.spec.engine_overrides,  # type: ignore[arg-type]
         )  # fmt: skip
 
-    def worker_argv(self, index: int) -> list[str]:
+    def worker_roles(self) -> list[str]:
+        s = self.spec
+        return ["mixed"] * s.mixed + ["prefill"] * s.prefill + ["decode"] * s.decode
+
+    def worker_argv(self, index: int, role: str = "mixed") -> list[str]:
         wcfg = WorkerConfig(
-            role="mixed", host=self.spec.host, port=0, instance_id=f"worker-{index}",
+            role=role, host=self.spec.host, port=0, instance_id=f"worker-{index}",
             cluster=self.spec.cluster, etcd=self.etcd.endpoint, lease_ttl=self.spec.lease_ttl,
         )  # fmt: skip
         return worker_command(wcfg, self.engine_config())
@@ -146,23 +156,23 @@ class LocalCluster:
         )  # fmt: skip
         return router_command(rcfg)
 
-    def start_worker(self) -> ManagedProcess:
+    def start_worker(self, role: str = "mixed") -> ManagedProcess:
         i = self._worker_count
         self._worker_count += 1
-        proc = ManagedProcess(f"worker-{i}", self.worker_argv(i), WORKER_READY, self.spec.echo)
+        proc = ManagedProcess(
+            f"worker-{i}", self.worker_argv(i, role), WORKER_READY, self.spec.echo
+        )
         self.workers.append(proc)
         return proc
 
-    def start(
-        self, timeout: float = 900.0, progress: Callable[[str], None] | None = None
-    ) -> str:
+    def start(self, timeout: float = 900.0, progress: Callable[[str], None] | None = None) -> str:
         """Start everything; returns the router's base URL. Raises if a child dies."""
         say = progress or (lambda _msg: None)
         self.prepare_model(say)
         say(f"starting etcd on {self.etcd.endpoint}")
         self.etcd.start()
-        for _ in range(self.spec.mixed):
-            self.start_worker()
+        for role in self.worker_roles():
+            self.start_worker(role)
         self.router = ManagedProcess("router", self.router_argv(), ROUTER_READY, self.spec.echo)
         started = time.monotonic()
         last_note = 0.0
@@ -179,7 +189,9 @@ class LocalCluster:
                 raise TimeoutError(f"not ready after {timeout:.0f}s: {[p.name for p in pending]}")
             if pending and elapsed - last_note >= 5.0:
                 last_note = elapsed
-                say(f"loading model... {elapsed:.0f}s, waiting for {', '.join(p.name for p in pending)}")
+                say(
+                    f"loading model... {elapsed:.0f}s, waiting for {', '.join(p.name for p in pending)}"
+                )
             time.sleep(0.1)
         self.base_url = self.router.ready_field("url")
         self.wait_healthy(timeout=max(30.0, timeout - (time.monotonic() - started)))

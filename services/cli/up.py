@@ -12,11 +12,22 @@ from services.cli.launcher import ClusterSpec, LocalCluster
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--served-model-name", default=None, help="model name clients use")
-    p.add_argument("--mixed", type=int, default=None, help="co-located (mixed-role) workers (default 1)")
-    p.add_argument("--prefill", type=int, default=0, help="prefill workers (PD mode: not yet available)")
-    p.add_argument("--decode", type=int, default=0, help="decode workers (PD mode: not yet available)")
+    p.add_argument(
+        "--mixed",
+        type=int,
+        default=None,
+        help="co-located (mixed-role) workers (default 1, or 0 with --prefill/--decode)",
+    )
+    p.add_argument(
+        "--prefill", type=int, default=0, help="prefill workers (PD mode, with --decode)"
+    )
+    p.add_argument("--decode", type=int, default=0, help="decode workers (PD mode, with --prefill)")
     p.add_argument("--port", type=int, default=8000, help="router HTTP port (default 8000)")
     p.add_argument("--host", default="127.0.0.1", help="router HTTP address (default 127.0.0.1)")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (default cpu)")
@@ -26,17 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.prefill or args.decode:
-        print(
-            "error: prefill/decode disaggregation (--prefill/--decode) is not implemented yet; "
-            "use --mixed N for co-located workers",
-            file=sys.stderr,
-        )
-        return 2
+    pd = bool(args.prefill or args.decode)
     try:
         spec = ClusterSpec(
             model=args.model, served_model_name=args.served_model_name,
-            mixed=1 if args.mixed is None else args.mixed, host=args.host, port=args.port,
+            mixed=(0 if pd else 1) if args.mixed is None else args.mixed,
+            prefill=args.prefill, decode=args.decode, host=args.host, port=args.port,
             device=args.device, cluster=args.cluster, policy=args.policy, echo=args.verbose,
         )  # fmt: skip
     except ValueError as exc:

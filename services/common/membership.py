@@ -122,7 +122,9 @@ class Registrar:
         grant = await c.lease.grant(self.ttl, timeout=ETCD_OP_TIMEOUT_S)
         self._lease_id = grant.ID
         self._dirty.clear()
-        await c.kv.put(self.key, self.info.to_json(), lease=self._lease_id, timeout=ETCD_OP_TIMEOUT_S)
+        await c.kv.put(
+            self.key, self.info.to_json(), lease=self._lease_id, timeout=ETCD_OP_TIMEOUT_S
+        )
         self.registrations += 1
         self.registered.set()
         log.info("registered %s (lease %x)", self.key, self._lease_id)
@@ -219,7 +221,9 @@ class MembershipWatcher:
     async def _list_and_watch(self, client: Etcd3Client) -> None:
         prefix = self.prefix.encode()
         assert client.kv is not None and client.watch is not None
-        resp = await client.kv.get(prefix, range_end=prefix_range_end(prefix), timeout=ETCD_OP_TIMEOUT_S)
+        resp = await client.kv.get(
+            prefix, range_end=prefix_range_end(prefix), timeout=ETCD_OP_TIMEOUT_S
+        )
         fresh: dict[str, InstanceInfo] = {}
         for kv in resp.kvs:
             info = self._decode(kv.value)

@@ -57,6 +57,8 @@ class EngineStats:
     num_total_blocks: int
     prefix_cache_hit_rate: float  # prompt tokens served from the cache / prompt tokens looked up
     num_preemptions: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
+    prefix_cache_hits: int = 0  # of which found in the cache (cumulative)
 
 
 class LLMEngine:
@@ -374,6 +376,8 @@ class LLMEngine:
             num_total_blocks=bm.num_blocks,
             prefix_cache_hit_rate=bm.hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=bm.lookup_tokens,
+            prefix_cache_hits=bm.hit_tokens,
         )
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:

@@ -60,6 +60,8 @@ class KVSender:
 
     def on_layer_done(self, layer: int, scheduled: list[ScheduledSeq]) -> None:
         """Step thread: queue this layer's newly computed blocks of every PD request."""
+        if not self.targets:
+            return
         bs = self.block_size
         for item in scheduled:
             t = self.targets.get(item.seq.request_id)

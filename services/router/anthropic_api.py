@@ -31,7 +31,11 @@ def _text_of(content: Any, where: str) -> str:
     if isinstance(content, list):
         parts = []
         for b in content:
-            if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
+            if (
+                not isinstance(b, dict)
+                or b.get("type") != "text"
+                or not isinstance(b.get("text"), str)
+            ):
                 raise bad_request(f"{where}: only text content blocks are supported")
             parts.append(b["text"])
         return "".join(parts)
@@ -49,7 +53,9 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise bad_request(f"messages.{i}.role must be 'user' or 'assistant'")
-        out.append({"role": m["role"], "content": _text_of(m.get("content"), f"messages.{i}.content")})
+        out.append(
+            {"role": m["role"], "content": _text_of(m.get("content"), f"messages.{i}.content")}
+        )
     return out
 
 
@@ -95,7 +101,7 @@ async def handle(gw: Gateway, request: Request) -> Response:
         prompt = gw.tokenizer.apply_chat_template(parse_messages(body))
         check_context(len(prompt), params.max_tokens, max_len)
     except APIError as err:
-        gw.metrics.requests.labels("messages", str(err.status)).inc()
+        gw.metrics.count_request("messages", err.status)
         return err.anthropic_response()
     mid = "msg_" + uuid.uuid4().hex
     gen = merge_streams([gw.orchestrator.generate(model, mid, prompt, params_to_proto(params))])
@@ -103,10 +109,10 @@ async def handle(gw: Gateway, request: Request) -> Response:
         try:
             first = await until_disconnect(request, anext(gen))
         except StopAsyncIteration:
-            gw.metrics.requests.labels("messages", "500").inc()
+            gw.metrics.count_request("messages", 500)
             return APIError(500, "the worker ended the request without output").anthropic_response()
         except APIError as err:
-            gw.metrics.requests.labels("messages", str(err.status)).inc()
+            gw.metrics.count_request("messages", err.status)
             await gen.aclose()
             return err.anthropic_response()
         except BaseException:
@@ -118,9 +124,9 @@ async def handle(gw: Gateway, request: Request) -> Response:
     try:
         result = await until_disconnect(request, _collect(gw, mid, model, gen, started))
     except APIError as err:
-        gw.metrics.requests.labels("messages", str(err.status)).inc()
+        gw.metrics.count_request("messages", err.status)
         return err.anthropic_response()
-    gw.metrics.requests.labels("messages", "200").inc()
+    gw.metrics.count_request("messages", 200)
     return JSONResponse(result)
 
 
@@ -134,9 +140,9 @@ async def _collect(
     async for _, msg in gen:
         if first:
             first = False
-            gw.metrics.ttft.labels("messages").observe(time.monotonic() - started)
+            gw.metrics.first_token("messages", model, started)
         apply_step(choices, usage, 0, 1, msg)
-    gw.metrics.e2e.labels("messages").observe(time.monotonic() - started)
+    gw.metrics.done("messages", model, started, usage.prompt, usage.completion)
     ch = choices.get(0, Choice(index=0))
     reason, seq = stop_fields(ch)
     return {
@@ -162,7 +168,7 @@ async def _stream(
     choices: dict[int, Choice] = {}
     usage = Usage()
     status = "200"
-    gw.metrics.ttft.labels("messages").observe(time.monotonic() - started)
+    gw.metrics.first_token("messages", model, started)
     try:
         apply_step(choices, usage, 0, 1, first[1])
         yield _event("message_start", {"type": "message_start", "message": {
@@ -196,10 +202,10 @@ async def _stream(
             "usage": {"output_tokens": usage.completion},
         })  # fmt: skip
         yield _event("message_stop", {"type": "message_stop"})
-        gw.metrics.e2e.labels("messages").observe(time.monotonic() - started)
+        gw.metrics.done("messages", model, started, usage.prompt, usage.completion)
     except APIError as err:
         status = str(err.status)
         yield _event("error", err.anthropic_body())
     finally:
         await gen.aclose()
-        gw.metrics.requests.labels("messages", status).inc()
+        gw.metrics.count_request("messages", status)

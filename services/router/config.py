@@ -22,7 +22,8 @@ class RouterConfig:
         metadata={"help": "model folder or .gguf the tokenizer comes from; default: embedded"},
     )
     policy: str = field(
-        default="least_load", metadata={"help": f"routing policy: {', '.join(available_policies())}"}
+        default="least_load",
+        metadata={"help": f"routing policy: {', '.join(available_policies())}"},
     )
     request_timeout_s: float = field(
         default=600.0, metadata={"help": "deadline of one generation on a worker"}

@@ -52,7 +52,10 @@ class APIError(Exception):
     def anthropic_body(self) -> dict[str, Any]:
         return {
             "type": "error",
-            "error": {"type": _ANTHROPIC_TYPES.get(self.status, "api_error"), "message": self.message},
+            "error": {
+                "type": _ANTHROPIC_TYPES.get(self.status, "api_error"),
+                "message": self.message,
+            },
         }
 
     def openai_response(self) -> JSONResponse:

@@ -1,10 +1,46 @@
-"""Prometheus metrics of one router (own registry: no process-global state)."""
+"""Prometheus metrics of one router (own registry: no process-global state).
+
+The router sees requests as clients do (``epdserve:router_*``: outcomes, client-side TTFT
+and latency, tokens) and the cluster as its worker pool does (``epdserve:workers``, each
+worker's last load report). Engine-side metrics come from the workers' own endpoints
+(``services/worker/metrics.py``); rebalancer decisions from ``services/common/pd_metrics.py``.
+"""
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+from services.common.grpc_utils import ROLES
+from services.common.metric_buckets import E2E_BUCKETS, TTFT_BUCKETS
+from services.common.pd_metrics import RebalanceMetrics
+
+APIS = ("chat", "completions", "messages")
+# Path of each API endpoint, for requests counted before their handler ran.
+API_OF_PATH = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
+               "/v1/messages": "messages"}  # fmt: skip
+# Values of router_requests_total's outcome label.
+OUTCOMES = ("success", "invalid", "unavailable", "timeout", "cancelled", "error")
+# Values of epdserve:workers' state label.
+WORKER_STATES = ("serving", "draining", "unreachable")
+
+
+def outcome_of(status: int | str) -> str:
+    """The outcome label of an HTTP status: success (2xx), cancelled (499: the client went
+    away), unavailable (503: no usable worker), timeout (504), invalid (other 4xx: the
+    request's fault) or error (other 5xx)."""
+    code = int(status)
+    if code < 400:
+        return "success"
+    if code == 499:
+        return "cancelled"
+    if code == 503:
+        return "unavailable"
+    if code == 504:
+        return "timeout"
+    return "invalid" if code < 500 else "error"
 
 
 class RouterMetrics:
@@ -12,32 +48,85 @@ class RouterMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "epdserve_router_requests", "HTTP API requests", ["api", "status"], registry=r
-        )
+            "epdserve:router_requests", "API requests by api and outcome "
+            "(success, invalid, unavailable, timeout, cancelled, error).",
+            ["api", "outcome"], registry=r,
+        )  # fmt: skip
+        for api in APIS:
+            for outcome in OUTCOMES:
+                self.requests.labels(api, outcome)
         self.inflight = Gauge(
-            "epdserve_router_inflight_requests", "requests being generated", registry=r
-        )
-        self.ttft = Histogram(
-            "epdserve_router_time_to_first_token_seconds", "time to first token", ["api"],
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.e2e = Histogram(
-            "epdserve_router_request_latency_seconds", "end-to-end request latency", ["api"],
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.prompt_tokens = Counter(
-            "epdserve_router_prompt_tokens", "prompt tokens processed", registry=r
-        )
-        self.completion_tokens = Counter(
-            "epdserve_router_completion_tokens", "tokens generated", registry=r
-        )
-        self.workers = Gauge(
-            "epdserve_router_workers", "known workers", ["role", "state"], registry=r
-        )
-        self.worker_queue = Gauge(
-            "epdserve_worker_waiting_requests", "queued requests per worker", ["worker"], registry=r
-        )
-        self.worker_kv = Gauge(
-            "epdserve_worker_kv_utilization", "KV cache utilisation per worker", ["worker"],
+            "epdserve:router_num_requests_running", "Requests the router is generating now.",
             registry=r,
         )  # fmt: skip
+        self.ttft = Histogram(
+            "epdserve:router_time_to_first_token_seconds",
+            "Seconds from a request's arrival at the router to its first output (client view).",
+            ["api", "model_name"], buckets=TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            "epdserve:router_e2e_request_latency_seconds",
+            "Seconds from a request's arrival at the router to its last output (client view).",
+            ["api", "model_name"], buckets=E2E_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "epdserve:router_prompt_tokens", "Prompt tokens of completed requests.",
+            ["model_name"], registry=r,
+        )  # fmt: skip
+        self.completion_tokens = Counter(
+            "epdserve:router_generation_tokens", "Tokens generated for completed requests.",
+            ["model_name"], registry=r,
+        )  # fmt: skip
+        self.workers = Gauge(
+            "epdserve:workers", "Workers the router knows, by role and state "
+            "(serving, draining, unreachable).",
+            ["role", "state"], registry=r,
+        )  # fmt: skip
+        self.worker_waiting = Gauge(
+            "epdserve:router_worker_num_requests_waiting",
+            "Queued requests of each worker, from its latest load report.",
+            ["instance", "role"], registry=r,
+        )  # fmt: skip
+        self.worker_waiting_tokens = Gauge(
+            "epdserve:router_worker_num_waiting_prompt_tokens",
+            "Prompt tokens queued for prefill on each worker, from its latest load report.",
+            ["instance", "role"], registry=r,
+        )  # fmt: skip
+        self.worker_kv = Gauge(
+            "epdserve:router_worker_kv_cache_usage_perc",
+            "KV-cache use (0-1) of each worker, from its latest load report.",
+            ["instance", "role"], registry=r,
+        )  # fmt: skip
+        self.rebalance = RebalanceMetrics(r)
+        self.update_pool(None)
+
+    def count_request(self, api: str, status: int | str) -> None:
+        self.requests.labels(api, outcome_of(status)).inc()
+
+    def first_token(self, api: str, model: str, started: float) -> None:
+        """A request's first output arrived; ``started``: its time.monotonic() on arrival."""
+        self.ttft.labels(api, model).observe(time.monotonic() - started)
+
+    def done(self, api: str, model: str, started: float, prompt: int, completion: int) -> None:
+        """A request's last output arrived, with its usage counts."""
+        self.e2e.labels(api, model).observe(time.monotonic() - started)
+        self.prompt_tokens.labels(model).inc(prompt)
+        self.completion_tokens.labels(model).inc(completion)
+
+    def update_pool(self, pool: Any) -> None:
+        """Refresh the membership and per-worker gauges from a WorkerPool (before a scrape)."""
+        counts = {(role, state): 0 for role in ROLES for state in WORKER_STATES}
+        for gauge in (self.worker_waiting, self.worker_waiting_tokens, self.worker_kv):
+            gauge.clear()
+        for h in pool.handles.values() if pool is not None else ():
+            draining = h.info.draining or (h.load is not None and h.load.draining)
+            state = "unreachable" if not h.reachable() else "draining" if draining else "serving"
+            counts[(h.info.role, state)] = counts.get((h.info.role, state), 0) + 1
+            if h.load is not None:
+                self.worker_waiting.labels(h.id, h.info.role).set(h.load.num_waiting)
+                self.worker_waiting_tokens.labels(h.id, h.info.role).set(
+                    h.load.num_waiting_prompt_tokens
+                )
+                self.worker_kv.labels(h.id, h.info.role).set(h.load.kv_utilization)
+        for (role, state), n in counts.items():
+            self.workers.labels(role, state).set(n)

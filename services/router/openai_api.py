@@ -91,13 +91,19 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
         elif isinstance(content, list):
             parts = []
             for p in content:
-                if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                if (
+                    not isinstance(p, dict)
+                    or p.get("type") != "text"
+                    or not isinstance(p.get("text"), str)
+                ):
                     raise bad_request(f"messages[{i}]: only text content parts are supported",
                                       param="messages")  # fmt: skip
                 parts.append(p["text"])
             content = "".join(parts)
         elif not isinstance(content, str):
-            raise bad_request(f"messages[{i}].content must be a string or an array", param="messages")
+            raise bad_request(
+                f"messages[{i}].content must be a string or an array", param="messages"
+            )
         out.append({"role": m["role"], "content": content})
     return out
 
@@ -114,7 +120,9 @@ def completion_prompts(gw: Gateway, body: dict[str, Any]) -> list[list[int]]:
         return [gw.tokenizer.encode(p) for p in prompt]
     if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
         return [list(p) for p in prompt]
-    raise bad_request("'prompt' must be a string, an array of strings or of token ids", param="prompt")
+    raise bad_request(
+        "'prompt' must be a string, an array of strings or of token ids", param="prompt"
+    )
 
 
 def _chat_logprobs(gw: Gateway, items: list[pb.TokenLogprobs]) -> dict[str, Any]:
@@ -124,7 +132,10 @@ def _chat_logprobs(gw: Gateway, items: list[pb.TokenLogprobs]) -> dict[str, Any]
 
     return {
         "content": [
-            {**entry(t.token_id, t.logprob), "top_logprobs": [entry(c.token_id, c.logprob) for c in t.top]}
+            {
+                **entry(t.token_id, t.logprob),
+                "top_logprobs": [entry(c.token_id, c.logprob) for c in t.top],
+            }
             for t in items
         ]
     }
@@ -139,7 +150,9 @@ def _completion_logprobs(gw: Gateway, items: list[pb.TokenLogprobs], offset: int
     return {
         "tokens": tokens,
         "token_logprobs": [t.logprob for t in items],
-        "top_logprobs": [{gw.tokenizer.token_str(c.token_id): c.logprob for c in t.top} for t in items],
+        "top_logprobs": [
+            {gw.tokenizer.token_str(c.token_id): c.logprob for c in t.top} for t in items
+        ],
         "text_offset": offsets,
     }
 
@@ -164,13 +177,14 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
         for p in prompts:
             check_context(len(p), params.max_tokens, max_len)
     except APIError as err:
-        gw.metrics.requests.labels(api, str(err.status)).inc()
+        gw.metrics.count_request(api, err.status)
         return err.openai_response()
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     ctx = _Ctx(gw, api, chat, rid, model, params.n, params.logprobs is not None, started)
     streams = [
-        gw.orchestrator.generate(model, f"{rid}-{i}" if len(prompts) > 1 else rid, p,
-                                 params_to_proto(params))  # fmt: skip
+        gw.orchestrator.generate(
+            model, f"{rid}-{i}" if len(prompts) > 1 else rid, p, params_to_proto(params)
+        )  # fmt: skip
         for i, p in enumerate(prompts)
     ]
     if stream:
@@ -180,10 +194,10 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
             # (no worker, rejected by the engine) still get their HTTP status.
             first = await until_disconnect(request, anext(merged))
         except StopAsyncIteration:
-            gw.metrics.requests.labels(api, "500").inc()
+            gw.metrics.count_request(api, 500)
             return APIError(500, "the worker ended the request without output").openai_response()
         except APIError as err:
-            gw.metrics.requests.labels(api, str(err.status)).inc()
+            gw.metrics.count_request(api, err.status)
             await merged.aclose()
             return err.openai_response()
         except BaseException:
@@ -196,9 +210,9 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
     try:
         result = await until_disconnect(request, _collect(ctx, streams))
     except APIError as err:
-        gw.metrics.requests.labels(api, str(err.status)).inc()
+        gw.metrics.count_request(api, err.status)
         return err.openai_response()
-    gw.metrics.requests.labels(api, "200").inc()
+    gw.metrics.count_request(api, 200)
     return JSONResponse(result)
 
 
@@ -214,13 +228,10 @@ class _Ctx:
     def on_step(self) -> None:
         if not self.first_token_seen:
             self.first_token_seen = True
-            self.gw.metrics.ttft.labels(self.api).observe(time.monotonic() - self.started)
+            self.gw.metrics.first_token(self.api, self.model, self.started)
 
     def done(self, usage: Usage) -> None:
-        m = self.gw.metrics
-        m.e2e.labels(self.api).observe(time.monotonic() - self.started)
-        m.prompt_tokens.inc(usage.prompt)
-        m.completion_tokens.inc(usage.completion)
+        self.gw.metrics.done(self.api, self.model, self.started, usage.prompt, usage.completion)
 
 
 async def _collect(
@@ -245,7 +256,9 @@ async def _collect(
             item["logprobs"] = _chat_logprobs(ctx.gw, ch.logprobs) if ctx.logprobs else None
         else:
             item["text"] = ch.full_text
-            item["logprobs"] = _completion_logprobs(ctx.gw, ch.logprobs, 0) if ctx.logprobs else None
+            item["logprobs"] = (
+                _completion_logprobs(ctx.gw, ch.logprobs, 0) if ctx.logprobs else None
+            )
             item["stop_reason"] = ch.stop_reason
         out.append(item)
     return {
@@ -305,7 +318,9 @@ async def _stream(
                     item["text"] = d.text
                     pos = text_pos.get(ch.index, 0)
                     item["logprobs"] = (
-                        _completion_logprobs(ctx.gw, list(d.logprobs), pos) if ctx.logprobs else None
+                        _completion_logprobs(ctx.gw, list(d.logprobs), pos)
+                        if ctx.logprobs
+                        else None
                     )
                     text_pos[ch.index] = pos + len(d.text)
                 if d.text or d.finish_reason or d.logprobs:
@@ -320,4 +335,4 @@ async def _stream(
     finally:
         await merged.aclose()
         ctx.gw.metrics.inflight.dec()
-        ctx.gw.metrics.requests.labels(ctx.api, status).inc()
+        ctx.gw.metrics.count_request(ctx.api, status)

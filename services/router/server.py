@@ -18,7 +18,7 @@ from services.common.membership import MembershipWatcher
 from services.router import anthropic_api, openai_api
 from services.router.config import RouterConfig
 from services.router.errors import APIError, ClientDisconnected
-from services.router.metrics import RouterMetrics
+from services.router.metrics import API_OF_PATH, RouterMetrics
 from services.router.orchestrator import Orchestrator
 from services.router.policies.factory import create_policy
 from services.router.workers import WorkerPool
@@ -59,12 +59,19 @@ class Gateway:
                 404, f"The model '{name}' does not exist; available: {', '.join(sorted(models))}",
                 param="model", code="model_not_found",
             )  # fmt: skip
-        if not self.pool.candidates("mixed", name):
+        if not self.can_serve(name):
             raise APIError(503, f"no usable worker for model '{name}'", code="no_workers")
         return name, models[name]
 
+    def can_serve(self, model: str | None = None) -> bool:
+        """A mixed worker, or a prefill + decode pair, is usable for ``model``."""
+        pool = self.pool
+        return bool(pool.candidates("mixed", model)) or (
+            bool(pool.candidates("prefill", model)) and bool(pool.candidates("decode", model))
+        )
+
     def healthy(self) -> bool:
-        return bool(self.pool.candidates("mixed"))
+        return self.can_serve()
 
 
 def _guard(
@@ -75,6 +82,8 @@ def _guard(
         try:
             return await fn(gw, request)
         except ClientDisconnected:
+            if request.url.path in API_OF_PATH:
+                gw.metrics.count_request(API_OF_PATH[request.url.path], 499)
             return Response(status_code=499)  # nobody reads it; the request was aborted
         except APIError as err:
             return err.anthropic_response() if anthropic else err.openai_response()
@@ -96,8 +105,13 @@ async def _completions(gw: Gateway, request: Request) -> Response:
 
 async def _models(gw: Gateway, request: Request) -> Response:
     data = [
-        {"id": name, "object": "model", "created": gw.started_at, "owned_by": "epdserve",
-         "max_model_len": max_len}  # fmt: skip
+        {
+            "id": name,
+            "object": "model",
+            "created": gw.started_at,
+            "owned_by": "epdserve",
+            "max_model_len": max_len,
+        }  # fmt: skip
         for name, max_len in sorted(gw.pool.models().items())
     ]
     return JSONResponse({"object": "list", "data": data})
@@ -114,18 +128,8 @@ async def _health(gw: Gateway, request: Request) -> Response:
 
 
 async def _metrics(gw: Gateway, request: Request) -> Response:
-    m = gw.metrics
-    m.workers.clear()
-    counts: dict[tuple[str, str], int] = {}
-    for h in gw.pool.handles.values():
-        key = (h.info.role, "up" if h.reachable() else "down")
-        counts[key] = counts.get(key, 0) + 1
-        if h.load is not None:
-            m.worker_queue.labels(h.id).set(h.load.num_waiting)
-            m.worker_kv.labels(h.id).set(h.load.kv_utilization)
-    for (role, state), n in counts.items():
-        m.workers.labels(role, state).set(n)
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    gw.metrics.update_pool(gw.pool)
+    return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def build_app(gateway: Gateway) -> Starlette:

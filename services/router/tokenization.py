@@ -43,7 +43,9 @@ class Tokenizer:
         try:
             text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # jinja errors: e.g. roles the template does not allow
-            raise bad_request(f"could not apply the chat template: {exc}", param="messages") from None
+            raise bad_request(
+                f"could not apply the chat template: {exc}", param="messages"
+            ) from None
         # The template already holds BOS/role markers: do not add special tokens again.
         return list(self.hf.encode(text, add_special_tokens=False))
 

@@ -14,9 +14,14 @@ from services.common.grpc_utils import ROLES
 class WorkerConfig:
     """How a worker process listens, names itself and joins the cluster."""
 
-    role: str = field(default="mixed", metadata={"help": "mixed | prefill | decode", "choices": ROLES})
+    role: str = field(
+        default="mixed", metadata={"help": "mixed | prefill | decode", "choices": ROLES}
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "gRPC listen address"})
     port: int = field(default=0, metadata={"help": "gRPC port; 0 picks a free one"})
+    metrics_port: int = field(
+        default=0, metadata={"help": "Prometheus /metrics HTTP port on --host; 0 picks a free one"}
+    )
     advertise_host: str | None = field(
         default=None, metadata={"help": "address other processes dial; default: --host"}
     )
@@ -37,18 +42,51 @@ class WorkerConfig:
     drain_timeout_s: float = field(
         default=60.0, metadata={"help": "on SIGTERM, wait this long for in-flight requests"}
     )
+    kv_transfer: str = field(
+        default="mooncake",
+        metadata={
+            "help": "KV transfer for PD roles: mooncake | none (none: mixed role only)",
+            "choices": ("mooncake", "none"),
+        },
+    )
+    mooncake_protocol: str = field(
+        default="tcp",
+        metadata={"help": "Mooncake transport: tcp | rdma", "choices": ("tcp", "rdma")},
+    )
+    mooncake_device: str = field(
+        default="", metadata={"help": "RDMA device filter for Mooncake (empty: auto)"}
+    )
+    kv_transfer_timeout_s: float = field(
+        default=30.0, metadata={"help": "prefill side: deadline for a request's KV push"}
+    )
+    reserve_timeout_s: float = field(
+        default=30.0,
+        metadata={"help": "decode side: reserved KV blocks are freed after this long unused"},
+    )
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
         if self.lease_ttl < 2:
             raise ValueError(f"lease_ttl must be >= 2 seconds, got {self.lease_ttl}")
         if self.load_report_interval_ms < 10:
             raise ValueError("load_report_interval_ms must be >= 10")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
+        if self.kv_transfer not in ("mooncake", "none"):
+            raise ValueError(f"kv_transfer must be mooncake or none, got {self.kv_transfer!r}")
+        if self.mooncake_protocol not in ("tcp", "rdma"):
+            raise ValueError(
+                f"mooncake_protocol must be tcp or rdma, got {self.mooncake_protocol!r}"
+            )
+        if self.kv_transfer_timeout_s <= 0 or self.reserve_timeout_s <= 0:
+            raise ValueError("kv_transfer_timeout_s and reserve_timeout_s must be > 0")
+        if self.kv_transfer == "none" and self.role in ("prefill", "decode"):
+            raise ValueError(f"role {self.role!r} needs KV transfer (--kv-transfer mooncake)")
         if self.register and not self.etcd_endpoints:
             raise ValueError("--etcd needs at least one host:port (or pass --no-register)")
         if self.instance_id is None:

@@ -22,6 +22,7 @@ from services.worker.config import WorkerConfig
 from services.worker.server import WorkerServicer, WorkerState
 
 if TYPE_CHECKING:
+    from services.engine.async_engine import AsyncLLMEngine
     from services.engine.config import EngineConfig
 
 log = logging.getLogger("epdserve.worker")
@@ -47,7 +48,10 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     await engine.start()
     assert wcfg.instance_id is not None
     state = WorkerState(wcfg.instance_id, WorkerConfig.new_incarnation(), wcfg.role)
-    servicer = WorkerServicer(engine, state, wcfg.load_report_interval_ms)
+    prefill_role, decode_role = setup_kv_transfer(wcfg, ecfg, engine)
+    servicer = WorkerServicer(
+        engine, state, wcfg.load_report_interval_ms, prefill=prefill_role, decode=decode_role
+    )
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
@@ -88,9 +92,10 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    metrics_port = servicer.metrics.serve(wcfg.host, wcfg.metrics_port)
     print(
         f"{READY_PREFIX} id={wcfg.instance_id} address={address} role={state.role} "
-        f"model={engine.model_name}",
+        f"model={engine.model_name} metrics_port={metrics_port}",
         flush=True,
     )
     exit_code = 0
@@ -113,9 +118,46 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
         await asyncio.wait_for(state.idle.wait(), timeout=wcfg.drain_timeout_s)
     servicer.closing.set()
     await server.stop(grace=2.0)
+    if decode_role is not None:
+        await decode_role.receiver.stop()
+    if prefill_role is not None:
+        prefill_role.sender.close()
+    servicer.metrics.close()
     await engine.shutdown()
     log.info("worker %s stopped", wcfg.instance_id)
     return exit_code
+
+
+def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEngine):
+    """Both PD roles' machinery, set up once so that a role flip needs no restart: the KV
+    cache is registered with Mooncake at start-up (CPU memory directly; on CUDA the CUDA
+    Mooncake wheel registers device memory)."""
+    if wcfg.kv_transfer == "none":
+        return None, None
+    from services.common.mooncake_agent import MooncakeAgent, MooncakeConfig
+    from services.decode.kv_receiver import KVReceiver
+    from services.decode.role import DecodeRole
+    from services.prefill.kv_sender import KVSender
+    from services.prefill.role import PrefillRole
+
+    llm_engine = engine.engine
+    assert llm_engine is not None
+    agent = MooncakeAgent(
+        MooncakeConfig(
+            host=wcfg.advertise_host or wcfg.host,
+            protocol=wcfg.mooncake_protocol,
+            device_name=wcfg.mooncake_device,
+        )
+    )
+    layout = llm_engine.runner.layout
+    agent.register(layout.base_addr, layout.total_bytes)
+    sender = KVSender(agent, layout, ecfg.block_size)
+    llm_engine.layer_hook = sender.on_layer_done
+    receiver = KVReceiver(engine, layout, wcfg.reserve_timeout_s)
+    receiver.start()
+    log.info("KV transfer: Mooncake %s session %s", wcfg.mooncake_protocol, agent.session_id)
+    prefill = PrefillRole(engine, sender, ecfg.block_size, wcfg.kv_transfer_timeout_s)
+    return prefill, DecodeRole(engine, receiver, agent.session_id)
 
 
 def main(argv: list[str] | None = None, prog: str = "epdserve worker") -> int:

@@ -8,15 +8,21 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from services.common.grpc_utils import role_from_pb, role_to_pb
+from services.common.mooncake_agent import TransferError
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.worker.convert import delta_to_proto, params_from_proto
+from services.worker.metrics import WorkerMetrics
 from services.worker.stats import LatencyWindow
+
+if TYPE_CHECKING:
+    from services.decode.role import DecodeRole
+    from services.prefill.role import PrefillRole
 
 log = logging.getLogger(__name__)
 
@@ -40,36 +46,83 @@ class WorkerState:
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
     """gRPC face of one engine. ``engine`` is an AsyncLLMEngine (or a test double)."""
 
-    def __init__(self, engine: Any, state: WorkerState, load_interval_ms: int = 200) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        state: WorkerState,
+        load_interval_ms: int = 200,
+        prefill: PrefillRole | None = None,
+        decode: DecodeRole | None = None,
+    ) -> None:
         self.engine = engine
+        # Role logic of PD disaggregation; None when KV transfer is disabled.
+        self.prefill = prefill
+        self.decode = decode
         self.state = state
+        self.metrics = WorkerMetrics(engine, state)  # its registry; main.py serves it
         self.load_interval_ms = load_interval_ms
         self.ttft_ms = LatencyWindow()
         self.tpot_ms = LatencyWindow()
         self.closing = asyncio.Event()  # ends StreamLoad streams at shutdown
 
-    async def Generate(  # noqa: N802 - gRPC method name
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    async def _admit(
+        self, context: grpc.aio.ServicerContext, roles: tuple[str, ...], epoch: int
+    ) -> None:
+        """Refuse work this worker must not take now: draining, wrong role, stale epoch."""
         st = self.state
         if st.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {st.instance_id} is draining")
-        if st.role != "mixed":
+        if st.role not in roles:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"worker {st.instance_id} has role {st.role!r}; only role 'mixed' serves "
-                "Generate in this version (prefill/decode disaggregation comes later)",
+                f"worker {st.instance_id} has role {st.role!r}; this call needs {' or '.join(roles)}",
             )
-        if request.role_epoch and request.role_epoch != st.role_epoch:
+        if epoch and epoch != st.role_epoch:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"stale role epoch {request.role_epoch}; worker is at {st.role_epoch}",
+                f"stale role epoch {epoch}; worker is at {st.role_epoch}",
             )
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        await self._admit(context, ("mixed",), request.role_epoch)
         try:
             params = params_from_proto(request.params)
         except (ValueError, TypeError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         rid = request.request_id or uuid.uuid4().hex
+        outputs = self.engine.generate(rid, list(request.prompt_token_ids), params)
+        async for msg in self._stream(rid, outputs, context):
+            yield msg
+
+    async def Decode(  # noqa: N802
+        self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        await self._admit(context, ("decode",), request.role_epoch)
+        if self.decode is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "KV transfer is disabled")
+        try:
+            outputs = self.decode.start(request)
+        except KeyError:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no reservation for {request.request_id} (expired or never made)",
+            )
+        async for msg in self._stream(
+            request.request_id, outputs, context, request.cached_prompt_tokens
+        ):
+            yield msg
+
+    async def _stream(
+        self,
+        rid: str,
+        outputs: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
+        cached_prompt_tokens: int | None = None,
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Relay an engine output stream as one GenerateResponse per engine step."""
+        st = self.state
         if rid in st.inflight:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {rid} already running")
         st.inflight.add(rid)
@@ -80,8 +133,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         finished = False
         try:
             try:
-                gen = self.engine.generate(rid, list(request.prompt_token_ids), params)
-                async for out in gen:
+                async for out in self.metrics.track(
+                    outputs, count_prompt=cached_prompt_tokens is None
+                ):
                     now = time.monotonic()
                     if first_at is None:
                         first_at = now
@@ -91,10 +145,15 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                         counts[c.index] = counts.get(c.index, 0) + len(c.token_ids)
                         deltas.append(delta_to_proto(c, counts[c.index]))
                     finished = out.finished
+                    cached = (
+                        out.num_cached_tokens
+                        if cached_prompt_tokens is None
+                        else cached_prompt_tokens
+                    )
                     yield pb.GenerateResponse(
                         outputs=deltas,
                         prompt_tokens=len(out.prompt_token_ids),
-                        cached_prompt_tokens=out.num_cached_tokens,
+                        cached_prompt_tokens=cached,
                         finished=out.finished,
                     )
             except ValueError as exc:
@@ -113,6 +172,60 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             st.inflight.discard(rid)
             if not st.inflight:
                 st.idle.set()
+
+    async def Reserve(  # noqa: N802
+        self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReserveResponse:
+        await self._admit(context, ("decode",), request.role_epoch)
+        if self.decode is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "KV transfer is disabled")
+        try:
+            resp = await self.decode.reserve(request)
+        except (ValueError, TypeError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except MemoryError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"decode worker full: {exc}")
+        resp.role_epoch = self.state.role_epoch
+        return resp
+
+    async def Release(  # noqa: N802
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReleaseResponse:
+        found = self.decode is not None and await self.decode.release(request.request_id)
+        return pb.ReleaseResponse(found=found)
+
+    async def Prefill(  # noqa: N802
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefillResponse:
+        await self._admit(context, ("prefill",), request.role_epoch)
+        if self.prefill is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "KV transfer is disabled")
+        st = self.state
+        rid = request.request_id
+        if rid in st.inflight:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {rid} already running")
+        st.inflight.add(rid)
+        st.idle.clear()
+        arrived = time.monotonic()
+        try:
+            resp = await self.prefill.run(request)
+            elapsed = time.monotonic() - arrived
+            self.ttft_ms.add(elapsed * 1000.0)
+            self.metrics.observe_prefill(elapsed, len(request.prompt_token_ids))
+            self.metrics.kv_transfer.record(resp.kv_bytes, resp.kv_seconds)
+            return resp
+        except (ValueError, TypeError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except TransferError as exc:
+            self.metrics.kv_transfer.record_failure()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
+        except RuntimeError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine failed: {exc}")
+        finally:
+            st.inflight.discard(rid)
+            if not st.inflight:
+                st.idle.set()
+        raise AssertionError("unreachable")  # context.abort raises
 
     async def Abort(  # noqa: N802
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext

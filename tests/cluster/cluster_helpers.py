@@ -16,12 +16,13 @@ TINY_ENGINE = {"max_model_len": 512, "kv_cache_bytes": 32 * 1024 * 1024, "max_nu
 
 def start_cluster(model_dir: Path | None, workers: int = 1, **spec: object) -> LocalCluster:
     """A running cluster (raises with the children's output if it does not come up)."""
+    overrides = {**(TINY_ENGINE if model_dir else {}), **spec.pop("engine_overrides", {})}  # type: ignore[dict-item]
     cluster = LocalCluster(
         ClusterSpec(
             model=str(model_dir) if model_dir else None,
             served_model_name=TINY_NAME if model_dir else None,
             mixed=workers, port=0, cluster="test", lease_ttl=3,
-            engine_overrides=dict(TINY_ENGINE) if model_dir else {},
+            engine_overrides=overrides,
             **spec,  # type: ignore[arg-type]
         )  # fmt: skip
     )

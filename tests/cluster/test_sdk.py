@@ -49,7 +49,7 @@ def test_models_health_metrics(cluster) -> None:
     status, health = get_json(cluster.base_url + "/health")
     assert status == 200 and health["workers"]["worker-0"]["reachable"]
     text = httpx.get(cluster.base_url + "/metrics", timeout=5).text
-    assert "epdserve_router_requests_total" in text or "epdserve_router_workers" in text
+    assert "epdserve:router_requests_total" in text and "epdserve:workers" in text
 
 
 def test_greedy_completion_equals_offline_engine(oai, offline) -> None:

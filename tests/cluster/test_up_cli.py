@@ -17,10 +17,10 @@ from services.common.net import free_port
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
-def test_up_refuses_pd_flags_clearly() -> None:
-    r = subprocess.run([sys.executable, "-m", "services.cli.main", "up", "--prefill", "1",
-                        "--decode", "1"], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert r.returncode == 2 and "not implemented yet" in r.stderr
+def test_up_refuses_half_a_pd_cluster_clearly() -> None:
+    r = subprocess.run([sys.executable, "-m", "services.cli.main", "up", "--prefill", "1"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "needs both --prefill N and --decode N" in r.stderr
 
 
 def test_up_serves_and_stops_on_ctrl_c(tiny_model_dir) -> None:

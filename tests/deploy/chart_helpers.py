@@ -158,6 +158,7 @@ def expected_worker_config(values: dict[str, Any], role: str) -> Any:
         role=role,
         host="0.0.0.0",
         port=int(w["port"]),
+        metrics_port=int(w["metricsPort"]),
         advertise_host="$(POD_IP)",
         instance_id="$(POD_NAME)",
         cluster=values["clusterName"],

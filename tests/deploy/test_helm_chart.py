@@ -259,6 +259,15 @@ def test_everything_on_wires_secrets_and_monitors() -> None:
         decode["env"]
     )
     assert "--no-enable-prefix-caching" in decode["command"]
+    # Workers serve /metrics on metricsPort; one PodMonitor scrapes every role's pods.
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in decode["ports"]
+    assert decode["command"][decode["command"].index("--metrics-port") + 1] == "9090"
+    monitor = _by(objects, "PodMonitor")[f"{ch.FULLNAME}-worker"]
+    assert monitor["spec"]["selector"]["matchExpressions"] == [
+        {"key": "epdserve.io/role", "operator": "Exists"}
+    ]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["honorLabels"] is True
     assert decode["command"][decode["command"].index("--drain-timeout-s") + 1] == "300.0"
 
 
@@ -357,6 +366,7 @@ CHART_SET = {
         "role",
         "host",
         "port",
+        "metricsPort",
         "advertiseHost",
         "instanceId",
         "cluster",

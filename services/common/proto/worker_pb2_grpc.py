@@ -64,6 +64,26 @@ class WorkerServiceStub:
                 request_serializer=epdserve_dot_worker__pb2.DrainRequest.SerializeToString,
                 response_deserializer=epdserve_dot_worker__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.Reserve = channel.unary_unary(
+                '/epdserve.v1.WorkerService/Reserve',
+                request_serializer=epdserve_dot_worker__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=epdserve_dot_worker__pb2.ReserveResponse.FromString,
+                _registered_method=True)
+        self.Prefill = channel.unary_unary(
+                '/epdserve.v1.WorkerService/Prefill',
+                request_serializer=epdserve_dot_worker__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=epdserve_dot_worker__pb2.PrefillResponse.FromString,
+                _registered_method=True)
+        self.Decode = channel.unary_stream(
+                '/epdserve.v1.WorkerService/Decode',
+                request_serializer=epdserve_dot_worker__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=epdserve_dot_worker__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/epdserve.v1.WorkerService/Release',
+                request_serializer=epdserve_dot_worker__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=epdserve_dot_worker__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -107,6 +127,31 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reserve(self, request, context):
+        """PD disaggregation (decode role: Reserve, Decode, Release; prefill role: Prefill).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prefill(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Decode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +184,26 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=epdserve_dot_worker__pb2.DrainRequest.FromString,
                     response_serializer=epdserve_dot_worker__pb2.DrainResponse.SerializeToString,
+            ),
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=epdserve_dot_worker__pb2.ReserveRequest.FromString,
+                    response_serializer=epdserve_dot_worker__pb2.ReserveResponse.SerializeToString,
+            ),
+            'Prefill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefill,
+                    request_deserializer=epdserve_dot_worker__pb2.PrefillRequest.FromString,
+                    response_serializer=epdserve_dot_worker__pb2.PrefillResponse.SerializeToString,
+            ),
+            'Decode': grpc.unary_stream_rpc_method_handler(
+                    servicer.Decode,
+                    request_deserializer=epdserve_dot_worker__pb2.DecodeRequest.FromString,
+                    response_serializer=epdserve_dot_worker__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=epdserve_dot_worker__pb2.ReleaseRequest.FromString,
+                    response_serializer=epdserve_dot_worker__pb2.ReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +368,114 @@ class WorkerService:
             '/epdserve.v1.WorkerService/Drain',
             epdserve_dot_worker__pb2.DrainRequest.SerializeToString,
             epdserve_dot_worker__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epdserve.v1.WorkerService/Reserve',
+            epdserve_dot_worker__pb2.ReserveRequest.SerializeToString,
+            epdserve_dot_worker__pb2.ReserveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epdserve.v1.WorkerService/Prefill',
+            epdserve_dot_worker__pb2.PrefillRequest.SerializeToString,
+            epdserve_dot_worker__pb2.PrefillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Decode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/epdserve.v1.WorkerService/Decode',
+            epdserve_dot_worker__pb2.DecodeRequest.SerializeToString,
+            epdserve_dot_worker__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epdserve.v1.WorkerService/Release',
+            epdserve_dot_worker__pb2.ReleaseRequest.SerializeToString,
+            epdserve_dot_worker__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

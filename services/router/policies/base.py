@@ -40,3 +40,13 @@ class RoutingPolicy(ABC):
     @abstractmethod
     def select(self, candidates: Sequence[WorkerView], request: RouteRequest) -> WorkerView:
         """Return one of ``candidates`` (never empty; sorted by worker id)."""
+
+    def select_pair(
+        self,
+        prefills: Sequence[WorkerView],
+        decodes: Sequence[WorkerView],
+        request: RouteRequest,
+    ) -> tuple[WorkerView, WorkerView]:
+        """A (prefill, decode) pair for a PD request (neither list empty). By default each
+        side is chosen on its own; cache- or SLO-aware policies may score pairs jointly."""
+        return self.select(prefills, request), self.select(decodes, request)

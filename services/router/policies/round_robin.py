@@ -17,3 +17,11 @@ class RoundRobinPolicy(RoutingPolicy):
         choice = candidates[self._next % len(candidates)]
         self._next += 1
         return choice
+
+    def select_pair(
+        self, prefills: Sequence[WorkerView], decodes: Sequence[WorkerView], request: RouteRequest
+    ) -> tuple[WorkerView, WorkerView]:
+        # One counter step per request, so that both sides rotate (not one side per step).
+        i = self._next
+        self._next += 1
+        return prefills[i % len(prefills)], decodes[i % len(decodes)]

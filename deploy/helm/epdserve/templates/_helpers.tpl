@@ -180,6 +180,7 @@ EngineConfig(...)). Call with (dict "ctx" $ "role" "prefill").
 {{- $_ := set $worker "role" .role }}
 {{- $_ = set $worker "host" "0.0.0.0" }}
 {{- $_ = set $worker "port" $w.port }}
+{{- $_ = set $worker "metricsPort" $w.metricsPort }}
 {{- $_ = set $worker "advertiseHost" "$(POD_IP)" }}
 {{- $_ = set $worker "instanceId" "$(POD_NAME)" }}
 {{- $_ = set $worker "cluster" $ctx.Values.clusterName }}

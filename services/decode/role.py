@@ -1,0 +1,61 @@
+"""Decode role of a worker: reserve KV blocks, expose them to the prefill worker's writes,
+then decode from the first token the prefill worker sampled."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from services.common.proto import worker_pb2 as pb
+from services.decode.kv_receiver import KVReceiver
+from services.engine.async_engine import AsyncLLMEngine
+from services.engine.outputs import Logprob, RequestOutput, TokenLogprobs
+from services.worker.convert import params_from_proto
+
+
+def layout_to_proto(layout) -> pb.KVLayout:
+    return pb.KVLayout(
+        base_addr=layout.base_addr, num_layers=layout.num_layers, num_blocks=layout.num_blocks,
+        slab_bytes=layout.slab_bytes, fingerprint=layout.fingerprint,
+    )  # fmt: skip
+
+
+def logprobs_from_proto(msg: pb.TokenLogprobs | None) -> TokenLogprobs | None:
+    if msg is None:
+        return None
+    return TokenLogprobs(
+        msg.token_id, msg.logprob, [Logprob(c.token_id, c.logprob) for c in msg.top]
+    )
+
+
+class DecodeRole:
+    def __init__(self, engine: AsyncLLMEngine, receiver: KVReceiver, session_id: str) -> None:
+        self.engine = engine
+        self.receiver = receiver
+        self.session_id = session_id
+
+    async def reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
+        params = params_from_proto(request.params)
+        r = await self.receiver.reserve(request.request_id, list(request.prompt_token_ids), params)
+        return pb.ReserveResponse(
+            session_id=self.session_id,
+            layout=layout_to_proto(self.receiver.layout),
+            block_ids=r.block_ids,
+            cached_tokens=r.cached_tokens,
+            deadline_ms=int(self.receiver.reserve_timeout_s * 1000),
+        )
+
+    def start(self, request: pb.DecodeRequest) -> AsyncIterator[RequestOutput]:
+        """Claim the reservation (KeyError if gone) and stream the request's outputs."""
+        self.receiver.claim(request.request_id)
+        first_lp = (
+            logprobs_from_proto(request.first_logprobs)
+            if request.HasField("first_logprobs")
+            else None
+        )
+        return self.engine.start_reserved(request.request_id, request.first_token_id, first_lp)
+
+    async def release(self, request_id: str) -> bool:
+        if request_id not in self.receiver.reservations:
+            return False
+        await self.receiver.release(request_id)
+        return True

@@ -1,0 +1,204 @@
+"""Prometheus metrics of one worker (vLLM's names with the ``epdserve:`` prefix) and the HTTP
+endpoint that serves them.
+
+Three sources: the request path (``WorkerMetrics.track`` wraps a request's engine output
+stream: TTFT, TPOT, inter-token latency, E2E, tokens, finish reasons), the engine's load
+snapshot read at scrape time (``AsyncLLMEngine.stats()``: queue, batch, KV use, prefix cache,
+preemptions) and the worker's role epoch (role flips). KV-transfer metrics live in
+``services/common/pd_metrics.py`` and are fed by the PD code.
+
+Every worker has its own CollectorRegistry, so several workers in one process (tests) never
+share a series; every series carries ``model_name`` and ``instance`` (the worker id).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from services.common.grpc_utils import ROLES
+from services.common.metric_buckets import E2E_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS
+from services.common.pd_metrics import KVTransferMetrics
+
+log = logging.getLogger(__name__)
+
+LABELS = ["model_name", "instance"]
+# Values of request_success_total's finished_reason: the engine's finish reasons, "abort"
+# for a request whose caller went away, "error" for one the engine failed.
+FINISHED_REASONS = ("stop", "length", "abort", "error")
+
+
+class WorkerMetrics:
+    """The metrics of one worker. ``engine``: an AsyncLLMEngine (``model_name``, ``stats()``);
+    ``state``: the worker's WorkerState (``instance_id``, ``role_epoch``)."""
+
+    def __init__(self, engine: Any, state: Any) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.model_name = str(engine.model_name)
+        self.instance = str(state.instance_id)
+        ids = (self.model_name, self.instance)
+        self.ttft = Histogram(
+            "epdserve:time_to_first_token_seconds",
+            "Seconds from a request's arrival at the worker to its first output token.",
+            LABELS, buckets=TTFT_BUCKETS, registry=r,
+        ).labels(*ids)  # fmt: skip
+        self.tpot = Histogram(
+            "epdserve:time_per_output_token_seconds",
+            "Per finished request: seconds after the first token divided by the tokens after it.",
+            LABELS, buckets=TOKEN_BUCKETS, registry=r,
+        ).labels(*ids)  # fmt: skip
+        self.itl = Histogram(
+            "epdserve:inter_token_latency_seconds",
+            "Seconds between two consecutive engine outputs of one request.",
+            LABELS, buckets=TOKEN_BUCKETS, registry=r,
+        ).labels(*ids)  # fmt: skip
+        self.e2e = Histogram(
+            "epdserve:e2e_request_latency_seconds",
+            "Seconds from a request's arrival at the worker to its last output.",
+            LABELS, buckets=E2E_BUCKETS, registry=r,
+        ).labels(*ids)  # fmt: skip
+        self.prompt_tokens = Counter(
+            "epdserve:prompt_tokens", "Prompt tokens of the requests this worker served.",
+            LABELS, registry=r,
+        ).labels(*ids)  # fmt: skip
+        self.generation_tokens = Counter(
+            "epdserve:generation_tokens", "Tokens this worker generated.", LABELS, registry=r
+        ).labels(*ids)
+        self.success = Counter(
+            "epdserve:request_success",
+            "Requests that ended, by finished_reason (stop, length, abort, error).",
+            [*LABELS, "finished_reason"], registry=r,
+        )  # fmt: skip
+        for reason in FINISHED_REASONS:
+            self.success.labels(*ids, reason)
+        self.kv_transfer = KVTransferMetrics(r, *ids)
+        r.register(_EngineCollector(engine, state, ids))
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    async def track(
+        self, outputs: AsyncIterator[Any], count_prompt: bool = True
+    ) -> AsyncIterator[Any]:
+        """Relay one request's engine outputs (RequestOutput), timing and counting them.
+        ``count_prompt`` is False on a PD decode worker: the prefill worker counted it."""
+        arrived = last_at = time.monotonic()
+        first_at: float | None = None
+        per_completion: dict[int, int] = {}
+        reason = "abort"  # if the stream stops before the engine says it finished
+        try:
+            async for out in outputs:
+                now = time.monotonic()
+                new = sum(len(c.token_ids) for c in out.outputs)
+                if new:
+                    if first_at is None:
+                        first_at = now
+                        self.ttft.observe(now - arrived)
+                        if count_prompt:
+                            self.prompt_tokens.inc(len(out.prompt_token_ids))
+                    else:
+                        self.itl.observe(now - last_at)
+                    last_at = now
+                    self.generation_tokens.inc(new)
+                    for c in out.outputs:
+                        per_completion[c.index] = per_completion.get(c.index, 0) + len(c.token_ids)
+                if out.finished:
+                    reason = next((c.finish_reason for c in out.outputs if c.finish_reason), "stop")
+                    self.e2e.observe(now - arrived)
+                    n_out = max(per_completion.values(), default=0)
+                    if first_at is not None and n_out > 1:
+                        self.tpot.observe((now - first_at) / (n_out - 1))
+                yield out
+        except Exception:
+            reason = "error"
+            raise
+        finally:
+            self.success.labels(self.model_name, self.instance, reason).inc()
+
+    def observe_prefill(self, seconds: float, prompt_tokens: int) -> None:
+        """A PD prefill that ran here (``Prefill`` RPC: no output stream to track): its time
+        to first token and its prompt tokens."""
+        self.ttft.observe(seconds)
+        self.prompt_tokens.inc(prompt_tokens)
+
+    # ---- the HTTP endpoint ---------------------------------------------------------------
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` on ``host:port`` (0: a free port) from a thread; returns the port."""
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class _EngineCollector:
+    """Engine load and role epoch, read at scrape time (the engine's step thread keeps the
+    snapshot, so a scrape never waits for a step)."""
+
+    def __init__(self, engine: Any, state: Any, ids: tuple[str, str]) -> None:
+        self.engine = engine
+        self.state = state
+        self.ids = list(ids)
+
+    def collect(self) -> Iterable[Metric]:
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=LABELS)
+            g.add_metric(self.ids, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=LABELS)
+            c.add_metric(self.ids, value)
+            return c
+
+        yield counter(
+            "epdserve:role_flips", "Role changes of this worker (its role epoch minus one).",
+            max(0, int(self.state.role_epoch) - 1),
+        )  # fmt: skip
+        role = GaugeMetricFamily(
+            "epdserve:worker_role", "1 for this worker's current role, 0 for the others.",
+            labels=[*LABELS, "role"],
+        )  # fmt: skip
+        for r in ROLES:
+            role.add_metric([*self.ids, r], 1.0 if self.state.role == r else 0.0)
+        yield role
+        try:
+            s = self.engine.stats()
+        except Exception:  # engine not started or dead: the worker says so elsewhere
+            log.debug("no engine stats for a scrape", exc_info=True)
+            return
+        yield gauge("epdserve:num_requests_running", "Sequences in the running batch.",
+                    s.num_running)  # fmt: skip
+        yield gauge("epdserve:num_requests_waiting", "Sequences queued, not yet running.",
+                    s.num_waiting)  # fmt: skip
+        yield gauge(
+            "epdserve:num_waiting_prompt_tokens",
+            "Prompt tokens still to compute for the waiting sequences.",
+            s.num_waiting_prompt_tokens,
+        )
+        yield gauge("epdserve:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
+                    s.kv_utilization)  # fmt: skip
+        yield counter(
+            "epdserve:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            getattr(s, "prefix_cache_queries", 0),
+        )
+        yield counter(
+            "epdserve:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache.",
+            getattr(s, "prefix_cache_hits", 0),
+        )
+        yield counter(
+            "epdserve:num_preemptions", "Sequences preempted (KV freed, to be recomputed).",
+            getattr(s, "num_preemptions", 0),
+        )  # fmt: skip

@@ -1,0 +1,202 @@
+"""PD disaggregation with real processes: prefill and decode workers moving KV with the real
+Mooncake transfer engine, against a co-located cluster on the same model."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import pytest
+from cluster_helpers import TINY_NAME, start_cluster
+
+from services.common.proto import worker_pb2 as pb
+from services.common.proto import worker_pb2_grpc as pb_grpc
+
+pytest.importorskip("mooncake.engine")
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
+
+# Prompts of mixed lengths; the last ones share a long prefix with the first (cache hits).
+BASE = "The history of the printing press begins in the fifteenth century when " * 6
+PROMPTS = [
+    BASE,
+    "Hello",
+    "Write a haiku about autumn leaves",
+    BASE + "and then the book trade grew",
+    BASE + "so the scribes had to find new work",
+    "1 2 3 4 5 6 7 8 9 10 11 12",
+]
+
+
+def load_report(address: str) -> pb.LoadReport:
+    async def read() -> pb.LoadReport:
+        async with grpc.aio.insecure_channel(address) as ch:
+            call = pb_grpc.WorkerServiceStub(ch).StreamLoad(
+                pb.LoadReportRequest(interval_ms=50), timeout=5
+            )
+            report = await call.read()
+            call.cancel()
+            return report
+
+    return asyncio.run(read())
+
+
+def wait_all_blocks_free(addresses: list[str], timeout: float = 45.0) -> dict[str, tuple[int, int]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = {a: load_report(a) for a in addresses}
+        counts = {a: (r.num_free_blocks, r.num_total_blocks) for a, r in seen.items()}
+        if all(f == t for f, t in counts.values()) or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.5)
+
+
+def complete(url: str, prompt: str, max_tokens: int = 12) -> dict:
+    r = httpx.post(
+        url + "/v1/completions",
+        json={"model": TINY_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+              "ignore_eos": True, "logprobs": 2},
+        timeout=120,
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def concurrently(fn, args_list):
+    with ThreadPoolExecutor(max_workers=len(args_list)) as pool:
+        return list(pool.map(lambda a: fn(*a), args_list))
+
+
+@pytest.fixture(scope="module")
+def pd_cluster(tiny_model_dir):
+    c = start_cluster(tiny_model_dir("llama"), workers=0, prefill=1, decode=1)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def colocated_cluster(tiny_model_dir):
+    c = start_cluster(tiny_model_dir("llama"), workers=1)
+    yield c
+    c.stop()
+
+
+def worker_addresses(cluster) -> list[str]:
+    return [w.ready_field("address") for w in cluster.workers]
+
+
+def test_pd_equals_colocated(pd_cluster, colocated_cluster):
+    expected = concurrently(complete, [(colocated_cluster.base_url, p) for p in PROMPTS])
+    for round_ in range(2):  # the second round hits the decode worker's prefix cache
+        got = concurrently(complete, [(pd_cluster.base_url, p) for p in PROMPTS])
+        for e, g, p in zip(expected, got, PROMPTS, strict=True):
+            ge, gg = e["choices"][0], g["choices"][0]
+            assert gg["text"] == ge["text"], (round_, p)
+            assert gg["logprobs"]["tokens"] == ge["logprobs"]["tokens"]
+            for a, b in zip(
+                gg["logprobs"]["token_logprobs"], ge["logprobs"]["token_logprobs"], strict=True
+            ):
+                assert abs(a - b) < 1e-4
+            assert g["usage"]["prompt_tokens"] == e["usage"]["prompt_tokens"]
+            assert g["usage"]["completion_tokens"] == 12
+    decode = load_report(pd_cluster.workers[1].ready_field("address"))
+    assert decode.role == pb.ROLE_DECODE
+    assert decode.prefix_cache_hit_rate > 0  # repeated prompts: their blocks did not move again
+
+
+def test_stream_and_chat_in_pd(pd_cluster, colocated_cluster):
+    body = {"model": TINY_NAME, "messages": [{"role": "user", "content": "Tell me a story"}],
+            "max_tokens": 10, "temperature": 0, "stream": True, "stop": ["zzz"]}  # fmt: skip
+
+    def stream_text(url: str) -> str:
+        parts = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    import json
+
+                    for ch in json.loads(line[6:])["choices"]:
+                        parts.append(ch["delta"].get("content") or "")
+        return "".join(parts)
+
+    assert stream_text(pd_cluster.base_url) == stream_text(colocated_cluster.base_url)
+
+
+def test_no_block_leaks_after_aborts(pd_cluster):
+    """100 requests, every third one abandoned by its client mid-stream."""
+    url = pd_cluster.base_url
+    addresses = worker_addresses(pd_cluster)
+    before = wait_all_blocks_free(addresses)
+    assert all(f == t for f, t in before.values()), before
+
+    def one(i: int) -> str:
+        body = {"model": TINY_NAME, "prompt": PROMPTS[i % len(PROMPTS)] + f" {i}",
+                "max_tokens": 40 if i % 3 == 0 else 6, "temperature": 0, "ignore_eos": True,
+                "stream": True}  # fmt: skip
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            if r.status_code != 200:
+                return f"status {r.status_code}"
+            for n, _ in enumerate(r.iter_lines()):
+                if i % 3 == 0 and n >= 2:
+                    return "abandoned"  # leaving the block closes the connection
+        return "done"
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(one, range(100)))
+    assert results.count("done") == 66 and results.count("abandoned") == 34, results
+    after = wait_all_blocks_free(addresses)
+    assert after == before, (before, after)
+
+
+def test_kill_prefill_worker_in_flight(tiny_model_dir):
+    """2 prefill + 1 decode; kill -9 one prefill worker with requests in flight."""
+    c = start_cluster(
+        tiny_model_dir("llama"), workers=0, prefill=2, decode=1, policy="round_robin",
+        engine_overrides={"max_model_len": 512, "kv_cache_bytes": 32 << 20,
+                          "max_num_seqs": 16, "max_num_batched_tokens": 16},
+    )  # fmt: skip
+    try:
+        victim = c.workers[0]
+        decode_addr = c.workers[2].ready_field("address")
+        long_prompt = "word " * 450
+        victim_addr = victim.ready_field("address")
+
+        def one(i: int) -> tuple[int, dict]:
+            r = httpx.post(
+                c.base_url + "/v1/completions",
+                json={"model": TINY_NAME, "prompt": long_prompt + str(i), "max_tokens": 8,
+                      "temperature": 0, "ignore_eos": True},
+                timeout=120,
+            )  # fmt: skip
+            return r.status_code, r.json()
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            futures = [pool.submit(one, i) for i in range(12)]
+            # Kill it while it holds requests (prefill of a long prompt in small chunks).
+            deadline = time.monotonic() + 30
+            while load_report(victim_addr).num_inflight == 0 and time.monotonic() < deadline:
+                pass
+            victim.signal(signal.SIGKILL)
+            results = [f.result() for f in futures]
+        ok = [body for status, body in results if status == 200]
+        failed = [(status, body) for status, body in results if status != 200]
+        for body in ok:
+            assert body["choices"][0]["finish_reason"] == "length"
+            assert body["usage"]["completion_tokens"] == 8
+        for status, body in failed:
+            assert status in (500, 503, 504) and body["error"]["message"], body
+        assert len(ok) >= 6, results  # the survivors' pair takes the retried requests
+        router_log = "\n".join(c.router.tail)
+        # The kill did hit requests in flight, and the router moved them.
+        assert "PD call to worker-0 failed" in router_log, router_log[-3000:]
+        counts = wait_all_blocks_free([decode_addr])
+        free, total = counts[decode_addr]
+        assert free == total, counts
+        # The cluster keeps serving on the remaining pair.
+        assert one(99)[0] == 200
+    finally:
+        c.stop()
