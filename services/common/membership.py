@@ -34,6 +34,26 @@ def instance_key(cluster: str, instance_id: str) -> str:
     return instances_prefix(cluster) + instance_id
 
 
+def roles_prefix(cluster: str) -> str:
+    """Desired roles, written by the rebalancer and the admin API; workers converge to them."""
+    return f"/epdserve/{cluster}/roles/"
+
+
+def role_key(cluster: str, instance_id: str) -> str:
+    """The desired-role key of one worker; its value is the role name (plain text)."""
+    return roles_prefix(cluster) + instance_id
+
+
+def election_name(cluster: str) -> str:
+    """The etcd election among router replicas; its winner runs the rebalancer."""
+    return f"epdserve-{cluster}-rebalancer"
+
+
+# Advertised worker states: taking work | refusing new work (operator drain) | converging
+# to a new role (refusing new work, finishing what it holds).
+WORKER_STATES = ("serving", "draining", "flipping")
+
+
 @dataclass
 class InstanceInfo:
     """What a worker advertises about itself (the etcd value, JSON)."""
@@ -48,6 +68,7 @@ class InstanceInfo:
     host: str
     capacity: dict[str, Any] = field(default_factory=dict)  # max_model_len, max_num_seqs, ...
     draining: bool = False
+    state: str = "serving"  # one of WORKER_STATES; routers use only "serving" workers
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

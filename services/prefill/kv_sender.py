@@ -90,24 +90,49 @@ class KVSender:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            batch = self._next_batch()
+            if batch is None:
                 return
-            t, srcs, dsts, lens = item
-            start = time.perf_counter()
+            # One write call per request: the writes queued while the previous call ran
+            # (several layers, usually) go together, which amortises the per-call cost.
+            by_target: dict[int, list[tuple[PushTarget, list[int], list[int], list[int]]]] = {}
+            for item in batch:
+                by_target.setdefault(id(item[0]), []).append(item)
+            for items in by_target.values():
+                t = items[0][0]
+                srcs = [a for it in items for a in it[1]]
+                dsts = [a for it in items for a in it[2]]
+                lens = [n for it in items for n in it[3]]
+                start = time.perf_counter()
+                try:
+                    if t.error is None:
+                        self.agent.write(t.session, srcs, dsts, lens)
+                        t.bytes += sum(lens)
+                except TransferError as e:
+                    t.error = str(e)
+                except Exception as e:  # noqa: BLE001 - any failure must reach the waiter
+                    logger.exception("KV push failed")
+                    t.error = f"KV push failed: {e!r}"
+                t.seconds += time.perf_counter() - start
+                with t.done:
+                    t.pending -= len(items)
+                    t.done.notify_all()
+
+    def _next_batch(self) -> list[tuple[PushTarget, list[int], list[int], list[int]]] | None:
+        """Block for one queued write, then take whatever else is queued (in order)."""
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        while True:
             try:
-                if t.error is None:
-                    self.agent.write(t.session, srcs, dsts, lens)
-                    t.bytes += sum(lens)
-            except TransferError as e:
-                t.error = str(e)
-            except Exception as e:  # noqa: BLE001 - any failure must reach the waiter
-                logger.exception("KV push failed")
-                t.error = f"KV push failed: {e!r}"
-            t.seconds += time.perf_counter() - start
-            with t.done:
-                t.pending -= 1
-                t.done.notify_all()
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch
+            if item is None:
+                self._queue.put(None)  # stop after this batch
+                return batch
+            batch.append(item)
 
     def wait(self, request_id: str, timeout: float) -> PushTarget:
         """Block until every queued write of the request is done (call after the request

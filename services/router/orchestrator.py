@@ -18,6 +18,18 @@ log = logging.getLogger(__name__)
 
 # Failures after which another worker may take the request: nothing was generated yet.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
+# Prefix of a worker's refusal of a request stamped with an old role epoch (it changed role).
+STALE_EPOCH_PREFIX = "stale role epoch"
+
+
+def note_refusal(exc: grpc.aio.AioRpcError, handle: WorkerHandle, epoch: int) -> None:
+    """Take a worker out of routing after a refusal that says our view of it is stale."""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        handle.mark_failed()
+    elif exc.code() == grpc.StatusCode.FAILED_PRECONDITION and (exc.details() or "").startswith(
+        STALE_EPOCH_PREFIX
+    ):
+        handle.mark_stale_epoch(epoch)
 
 
 def api_error_from_grpc(exc: grpc.aio.AioRpcError) -> APIError:
@@ -127,7 +139,7 @@ class Orchestrator:
                     timeout=self.CONTROL_TIMEOUT_S,
                 )  # fmt: skip
             except grpc.aio.AioRpcError as exc:
-                last_error = self._pd_failure(exc, d, tried)
+                last_error = self._pd_failure(exc, d, tried, d.info.role_epoch)
                 continue
             d.inflight += 1
             reserved = True
@@ -142,7 +154,7 @@ class Orchestrator:
                         timeout=self.timeout_s,
                     )  # fmt: skip
                 except grpc.aio.AioRpcError as exc:
-                    last_error = self._pd_failure(exc, p, tried)
+                    last_error = self._pd_failure(exc, p, tried, p.info.role_epoch)
                     if "KV transfer" in (exc.details() or ""):
                         tried.add(d.id)  # either side may be at fault: use a new pair
                     continue
@@ -167,7 +179,7 @@ class Orchestrator:
                 except grpc.aio.AioRpcError as exc:
                     if got_any:
                         raise api_error_from_grpc(exc) from None
-                    last_error = self._pd_failure(exc, d, tried)
+                    last_error = self._pd_failure(exc, d, tried, reservation.role_epoch)
                     continue
                 finally:
                     call.cancel()
@@ -187,16 +199,18 @@ class Orchestrator:
         )
 
     def _pd_failure(
-        self, exc: grpc.aio.AioRpcError, handle: WorkerHandle, tried: set[str]
+        self, exc: grpc.aio.AioRpcError, handle: WorkerHandle, tried: set[str], epoch: int
     ) -> APIError:
         """Classify a failed PD call: the caller's fault is raised at once; otherwise the
-        worker is excluded for this request (and taken out of routing if unreachable)."""
+        worker is excluded for this request (and taken out of routing if unreachable, mid-flip
+        or past the role epoch we stamped)."""
         if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
             raise api_error_from_grpc(exc) from None
         log.warning("PD call to %s failed: %s %s", handle.id, exc.code().name, exc.details())
         tried.add(handle.id)
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             handle.mark_failed()
+        note_refusal(exc, handle, epoch)
         return api_error_from_grpc(exc)
 
     async def _generate_mixed(
@@ -236,8 +250,7 @@ class Orchestrator:
                 if exc.code() in _RETRYABLE and not got_any:
                     log.warning("worker %s refused %s (%s); trying another",
                                 handle.id, request_id, exc.code().name)  # fmt: skip
-                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                        handle.mark_failed()
+                    note_refusal(exc, handle, req.role_epoch)
                     last_error = api_error_from_grpc(exc)
                     continue
                 raise api_error_from_grpc(exc) from None

@@ -28,6 +28,7 @@ class WorkerHandle:
         self.load_at = 0.0  # monotonic time of the latest report
         self.inflight = 0  # requests this router has running there
         self.failed_at = 0.0  # last time a call to it failed with UNAVAILABLE
+        self.stale_epoch = 0  # it refused this epoch of ours: wait for a newer advertisement
         self._interval_ms = load_interval_ms
         self._stale_s = stale_s
         self._task: asyncio.Task[None] | None = None
@@ -45,12 +46,33 @@ class WorkerHandle:
         now = time.monotonic() if now is None else now
         return self.load_at > self.failed_at and now - self.load_at < self._stale_s
 
+    @property
+    def state(self) -> str:
+        """serving | draining | flipping, as advertised (a load report may know first)."""
+        if self.info.state != "serving" or self.info.draining:
+            return "draining" if self.info.state == "serving" else self.info.state
+        if self.load is not None and self.load.draining:
+            return "draining"
+        return "serving"
+
     def usable_for(self, role: str, now: float | None = None) -> bool:
-        draining = self.info.draining or (self.load is not None and self.load.draining)
-        return self.info.role == role and not draining and self.reachable(now)
+        # NOTE: never route on a view the worker has moved past: mid-flip, a refused epoch,
+        # or a load report already showing a newer epoch than the advertisement we hold.
+        newer = self.load is not None and self.load.role_epoch > self.info.role_epoch
+        return (
+            self.info.role == role
+            and self.state == "serving"
+            and self.info.role_epoch > self.stale_epoch
+            and not newer
+            and self.reachable(now)
+        )
 
     def mark_failed(self) -> None:
         self.failed_at = time.monotonic()
+
+    def mark_stale_epoch(self, epoch: int) -> None:
+        """The worker refused ``epoch`` as stale: skip it until etcd shows a newer one."""
+        self.stale_epoch = max(self.stale_epoch, epoch)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._load_loop(), name=f"load-{self.id}")

@@ -42,6 +42,12 @@ class WorkerConfig:
     drain_timeout_s: float = field(
         default=60.0, metadata={"help": "on SIGTERM, wait this long for in-flight requests"}
     )
+    role_drain_timeout_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "on a role change, wait this long for held requests, then abort them"
+        },
+    )
     kv_transfer: str = field(
         default="mooncake",
         metadata={
@@ -77,6 +83,8 @@ class WorkerConfig:
             raise ValueError("load_report_interval_ms must be >= 10")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
+        if self.role_drain_timeout_s < 0:
+            raise ValueError("role_drain_timeout_s must be >= 0")
         if self.kv_transfer not in ("mooncake", "none"):
             raise ValueError(f"kv_transfer must be mooncake or none, got {self.kv_transfer!r}")
         if self.mooncake_protocol not in ("tcp", "rdma"):

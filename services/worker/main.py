@@ -19,6 +19,7 @@ from services.common.grpc_utils import SERVER_OPTIONS
 from services.common.membership import InstanceInfo, Registrar
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.worker.config import WorkerConfig
+from services.worker.role_controller import DesiredRoleWatcher
 from services.worker.server import WorkerServicer, WorkerState
 
 if TYPE_CHECKING:
@@ -50,8 +51,9 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     state = WorkerState(wcfg.instance_id, WorkerConfig.new_incarnation(), wcfg.role)
     prefill_role, decode_role = setup_kv_transfer(wcfg, ecfg, engine)
     servicer = WorkerServicer(
-        engine, state, wcfg.load_report_interval_ms, prefill=prefill_role, decode=decode_role
-    )
+        engine, state, wcfg.load_report_interval_ms, prefill=prefill_role, decode=decode_role,
+        drain_timeout_s=wcfg.role_drain_timeout_s, supports_pd=wcfg.kv_transfer != "none",
+    )  # fmt: skip
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
@@ -62,6 +64,7 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     address = f"{wcfg.advertise_host or wcfg.host}:{port}"
 
     registrar: Registrar | None = None
+    desired: DesiredRoleWatcher | None = None
     if wcfg.register:
         info = InstanceInfo(
             id=wcfg.instance_id,
@@ -76,13 +79,19 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
                 "max_model_len": engine.max_model_len,
                 "max_num_seqs": ecfg.max_num_seqs,
                 "num_total_blocks": engine.stats().num_total_blocks,
+                "kv_transfer": wcfg.kv_transfer,
             },
         )
         registrar = Registrar(wcfg.etcd_endpoints, wcfg.cluster, info, ttl=wcfg.lease_ttl)
         state.on_change = lambda: registrar.update(  # type: ignore[union-attr]
-            role=state.role, role_epoch=state.role_epoch, draining=state.draining
+            role=state.role, role_epoch=state.role_epoch, draining=state.draining,
+            state=state.phase,
         )
         await registrar.start()
+        desired = DesiredRoleWatcher(
+            wcfg.etcd_endpoints, wcfg.cluster, wcfg.instance_id, servicer.roles
+        )
+        await desired.start()
         try:
             await asyncio.wait_for(registrar.registered.wait(), timeout=30)
         except TimeoutError:
@@ -112,6 +121,8 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     # does, let in-flight requests finish, then stop.
     log.info("shutting down: deregistering, draining %d in-flight", len(state.inflight))
     state.draining = True
+    if desired is not None:
+        await desired.stop()
     if registrar is not None:
         await registrar.stop(deregister=True)
     with contextlib.suppress(TimeoutError):
@@ -142,6 +153,13 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
 
     llm_engine = engine.engine
     assert llm_engine is not None
+    if ecfg.device_type != "cpu" and _mooncake_flavour() == "non-cuda":
+        # NOTE: the non-CUDA wheel cannot register device memory; staging the KV through
+        # pinned host buffers is not implemented, so refuse clearly instead of crashing.
+        raise ValueError(
+            "KV transfer from device memory needs the accelerator build of Mooncake "
+            "(pip install 'epdserve[cuda]' or '[npu]'); or run with --kv-transfer none"
+        )
     agent = MooncakeAgent(
         MooncakeConfig(
             host=wcfg.advertise_host or wcfg.host,
@@ -158,6 +176,24 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
     log.info("KV transfer: Mooncake %s session %s", wcfg.mooncake_protocol, agent.session_id)
     prefill = PrefillRole(engine, sender, ecfg.block_size, wcfg.kv_transfer_timeout_s)
     return prefill, DecodeRole(engine, receiver, agent.session_id)
+
+
+def _mooncake_flavour() -> str:
+    """Which Mooncake wheel is installed: non-cuda, npu, cuda (or none)."""
+    from importlib import metadata
+
+    for dist, flavour in (
+        ("mooncake-transfer-engine-non-cuda", "non-cuda"),
+        ("mooncake-transfer-engine-npu", "npu"),
+        ("mooncake-transfer-engine", "cuda"),
+        ("mooncake-transfer-engine-cuda13", "cuda"),
+    ):
+        try:
+            metadata.version(dist)
+            return flavour
+        except metadata.PackageNotFoundError:
+            continue
+    return "none"
 
 
 def main(argv: list[str] | None = None, prog: str = "epdserve worker") -> int:

@@ -18,6 +18,7 @@ from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.worker.convert import delta_to_proto, params_from_proto
 from services.worker.metrics import WorkerMetrics
+from services.worker.role_controller import RoleController, StaleEpochError
 from services.worker.stats import LatencyWindow
 
 if TYPE_CHECKING:
@@ -35,12 +36,20 @@ class WorkerState:
         self.incarnation = incarnation
         self.role = role
         self.role_epoch = 1
-        self.draining = False
+        self.draining = False  # operator drain: refuse new work, stay in the cluster
+        self.flipping = False  # a role change is under way (see role_controller.py)
         self.inflight: set[str] = set()
+        # Requests aborted by a role change after the drain timeout -> the error to report.
+        self.evicted: dict[str, str] = {}
         self.idle = asyncio.Event()  # set while nothing is in flight
         self.idle.set()
         # Called after role/drain changes so the etcd advertisement follows.
         self.on_change: Callable[[], None] = lambda: None
+
+    @property
+    def phase(self) -> str:
+        """Advertised state: serving | draining | flipping (membership.WORKER_STATES)."""
+        return "flipping" if self.flipping else "draining" if self.draining else "serving"
 
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
@@ -53,6 +62,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         load_interval_ms: int = 200,
         prefill: PrefillRole | None = None,
         decode: DecodeRole | None = None,
+        drain_timeout_s: float = 60.0,
+        supports_pd: bool = True,
     ) -> None:
         self.engine = engine
         # Role logic of PD disaggregation; None when KV transfer is disabled.
@@ -64,23 +75,55 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self.ttft_ms = LatencyWindow()
         self.tpot_ms = LatencyWindow()
         self.closing = asyncio.Event()  # ends StreamLoad streams at shutdown
+        self.roles = RoleController(
+            state, drain_timeout_s, held=self.held, evict=self.evict,
+            supports=lambda role: role == "mixed" or supports_pd,
+        )  # fmt: skip
+
+    def held(self) -> int:
+        """Work this worker holds: running requests plus decode reservations."""
+        reserved = len(self.decode.receiver.reservations) if self.decode is not None else 0
+        return len(self.state.inflight) + reserved
+
+    async def evict(self, message: str) -> None:
+        """Abort everything held (role change past its drain timeout), reporting ``message``."""
+        for rid in list(self.state.inflight):
+            self.state.evicted[rid] = message
+            with contextlib.suppress(Exception):
+                await self.engine.abort(rid)
+        if self.decode is not None:
+            for rid in list(self.decode.receiver.reservations):
+                with contextlib.suppress(Exception):
+                    await self.decode.release(rid)
 
     async def _admit(
-        self, context: grpc.aio.ServicerContext, roles: tuple[str, ...], epoch: int
+        self,
+        context: grpc.aio.ServicerContext,
+        roles: tuple[str, ...],
+        epoch: int,
+        held: bool = False,
     ) -> None:
-        """Refuse work this worker must not take now: draining, wrong role, stale epoch."""
+        """Refuse work this worker must not take now: stale epoch, draining or mid-flip, wrong
+        role. ``held``: the request continues work already taken (a decode reservation),
+        which a flip lets finish."""
         st = self.state
+        if epoch and epoch != st.role_epoch:
+            # NOTE: routers match this prefix; the request never ran here, so re-route it.
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"stale role epoch {epoch}; worker {st.instance_id} is at {st.role_epoch} "
+                f"(role {st.role})",
+            )
         if st.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {st.instance_id} is draining")
+        if st.flipping and not held:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"worker {st.instance_id} is changing role"
+            )
         if st.role not in roles:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"worker {st.instance_id} has role {st.role!r}; this call needs {' or '.join(roles)}",
-            )
-        if epoch and epoch != st.role_epoch:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"stale role epoch {epoch}; worker is at {st.role_epoch}",
             )
 
     async def Generate(  # noqa: N802 - gRPC method name
@@ -99,7 +142,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def Decode(  # noqa: N802
         self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        await self._admit(context, ("decode",), request.role_epoch)
+        held = self.decode is not None and request.request_id in self.decode.receiver.reservations
+        await self._admit(context, ("decode",), request.role_epoch, held=held)
         if self.decode is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "KV transfer is disabled")
         try:
@@ -136,6 +180,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 async for out in self.metrics.track(
                     outputs, count_prompt=cached_prompt_tokens is None
                 ):
+                    if rid in st.evicted:
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, st.evicted[rid])
                     now = time.monotonic()
                     if first_at is None:
                         first_at = now
@@ -170,6 +216,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.engine.abort(rid))
             st.inflight.discard(rid)
+            st.evicted.pop(rid, None)
             if not st.inflight:
                 st.idle.set()
 
@@ -209,6 +256,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         arrived = time.monotonic()
         try:
             resp = await self.prefill.run(request)
+            if rid in st.evicted:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, st.evicted[rid])
             elapsed = time.monotonic() - arrived
             self.ttft_ms.add(elapsed * 1000.0)
             self.metrics.observe_prefill(elapsed, len(request.prompt_token_ids))
@@ -223,6 +272,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine failed: {exc}")
         finally:
             st.inflight.discard(rid)
+            st.evicted.pop(rid, None)
             if not st.inflight:
                 st.idle.set()
         raise AssertionError("unreachable")  # context.abort raises
@@ -239,7 +289,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
     ) -> pb.HealthResponse:
         st = self.state
-        status = pb.HealthResponse.DRAINING if st.draining else pb.HealthResponse.SERVING
+        busy = st.draining or st.flipping
+        status = pb.HealthResponse.DRAINING if busy else pb.HealthResponse.SERVING
         return pb.HealthResponse(
             status=status,
             instance_id=st.instance_id,
@@ -258,7 +309,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             instance_id=st.instance_id,
             role=role_to_pb(st.role),
             role_epoch=st.role_epoch,
-            draining=st.draining,
+            draining=st.draining or st.flipping,  # routers skip a worker mid-flip too
             num_waiting=s.num_waiting,
             num_waiting_prompt_tokens=s.num_waiting_prompt_tokens,
             num_running=s.num_running,
@@ -285,28 +336,17 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def SetRole(  # noqa: N802
         self, request: pb.SetRoleRequest, context: grpc.aio.ServicerContext
     ) -> pb.SetRoleResponse:
-        st = self.state
+        """Change role now, the same way a desired-role change in etcd does: drain the old
+        role (bounded by the drain timeout), switch, bump the epoch. Under etcd membership
+        the desired-role key wins at the next change of it or restart of the worker."""
         try:
             role = role_from_pb(request.role)
+            role, epoch = await self.roles.change(role, request.expected_epoch)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if request.expected_epoch and request.expected_epoch != st.role_epoch:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"expected epoch {request.expected_epoch}, worker is at {st.role_epoch}",
-            )
-        if role != st.role:
-            if st.inflight:
-                # NOTE: a role switch never half-serves a request: drain first.
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"{len(st.inflight)} requests in flight; drain the worker before a role change",
-                )
-            st.role = role
-            st.role_epoch += 1
-            log.info("role changed to %s (epoch %d)", role, st.role_epoch)
-            st.on_change()
-        return pb.SetRoleResponse(role=role_to_pb(st.role), role_epoch=st.role_epoch)
+        except StaleEpochError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return pb.SetRoleResponse(role=role_to_pb(role), role_epoch=epoch)
 
     async def Drain(  # noqa: N802
         self, request: pb.DrainRequest, context: grpc.aio.ServicerContext

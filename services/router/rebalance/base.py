@@ -1,0 +1,101 @@
+"""The rebalancing policy interface and the plain data it works on.
+
+A policy looks at one snapshot of the workers' load (``WorkerLoad``, built from their StreamLoad
+reports) and says which way it would move one worker (``Proposal``). It does not enforce the
+cooldown, the cap on flips or the minimum per role: ``governor.Governor`` does that for every
+policy alike, and turns proposals into decisions.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+# What a policy may propose (the metrics' REBALANCE_ACTIONS add "suppressed").
+FLIP_TO_PREFILL = "flip_to_prefill"
+FLIP_TO_DECODE = "flip_to_decode"
+HOLD = "hold"
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """One worker as the rebalancer sees it (router's latest advertisement + load report)."""
+
+    id: str  # instance id
+    role: str  # mixed | prefill | decode
+    state: str  # serving | draining | flipping
+    queued_prefill_tokens: int = 0  # prompt tokens waiting in its engine
+    num_waiting: int = 0  # requests waiting in its engine
+    num_running: int = 0  # running batch
+    kv_utilization: float = 0.0  # fraction of KV blocks in use
+    max_num_seqs: int = 0  # batch capacity (0: unknown)
+    recent_ttft_ms: float = 0.0  # mean of recent TTFTs (prefill workers: the Prefill RPC)
+    recent_tpot_ms: float = 0.0  # mean of recent TPOTs
+
+    @property
+    def batch_utilization(self) -> float:
+        """Requests held (running + waiting) over batch capacity; 0 when unknown."""
+        if self.max_num_seqs <= 0:
+            return 0.0
+        return (self.num_running + self.num_waiting) / self.max_num_seqs
+
+
+@dataclass
+class Proposal:
+    """What a policy would do this round, and why."""
+
+    action: str  # FLIP_TO_PREFILL | FLIP_TO_DECODE | HOLD
+    reason: str  # one line for logs and `epdserve status`
+    inputs: dict[str, float] = field(default_factory=dict)  # the numbers it decided on
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RebalancePolicy(ABC):
+    """Decides the direction of role flips from load. Parameters are given by name to the
+    constructor (validated there, ValueError on a bad one) and listed by ``params()``."""
+
+    name: ClassVar[str]
+    # name -> default; the constructor accepts exactly these (as numbers or numeric strings).
+    DEFAULTS: ClassVar[dict[str, float]] = {}
+
+    def __init__(self, **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.DEFAULTS))
+        if unknown:
+            raise ValueError(
+                f"unknown parameter(s) {', '.join(unknown)} for policy {self.name!r}; "
+                f"known: {', '.join(sorted(self.DEFAULTS)) or 'none'}"
+            )
+        self._params: dict[str, float] = dict(self.DEFAULTS)
+        for key, value in params.items():
+            try:
+                self._params[key] = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"parameter {key} must be a number, got {value!r}") from None
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError on inconsistent parameters."""
+        for key, value in self._params.items():
+            if value < 0:
+                raise ValueError(f"parameter {key} must be >= 0, got {value}")
+
+    def params(self) -> dict[str, float]:
+        return dict(self._params)
+
+    def p(self, key: str) -> float:
+        return self._params[key]
+
+    @abstractmethod
+    def propose(self, workers: list[WorkerLoad]) -> Proposal:
+        """Look at the serving prefill and decode workers; propose at most one flip."""
+
+
+def by_role(workers: list[WorkerLoad], role: str) -> list[WorkerLoad]:
+    return [w for w in workers if w.role == role and w.state == "serving"]
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

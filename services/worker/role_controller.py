@@ -1,0 +1,179 @@
+"""Role changes of one worker: stop taking work of the old role, finish what it holds, switch,
+bump the role epoch and re-advertise.
+
+Both ways in go through ``RoleController.change``: the desired-role key in etcd (watched by
+``DesiredRoleWatcher``, written by the router's rebalancer and admin API) and the SetRole RPC.
+While a change is under way the worker advertises ``state="flipping"``: routers stop sending
+it work and ``WorkerServicer._admit`` refuses new requests of the old role. Requests it already
+holds (running streams, prefills, decode reservations) finish, bounded by ``drain_timeout_s``;
+what remains after that is aborted with a clear error (request migration is a later step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from etcd3aio import Etcd3Client
+
+from services.common.grpc_utils import ROLES
+from services.common.membership import ETCD_OP_TIMEOUT_S, role_key
+
+log = logging.getLogger(__name__)
+
+EVICTED_MESSAGE = "request aborted: worker {id} changed role to {role} (drain timeout {t:.0f}s)"
+
+
+class StaleEpochError(Exception):
+    """SetRole named an expected epoch the worker is no longer at."""
+
+
+class RoleController:
+    """Serialises role changes of one worker (``state`` is its ``WorkerState``).
+
+    ``held`` counts the work the worker holds (in-flight requests plus decode reservations);
+    ``evict`` aborts it all with a message; ``supports`` says whether a role can run here
+    (prefill/decode need KV transfer).
+    """
+
+    POLL_S = 0.05
+
+    def __init__(
+        self,
+        state,
+        drain_timeout_s: float,
+        held: Callable[[], int],
+        evict: Callable[[str], Awaitable[None]],
+        supports: Callable[[str], bool] = lambda role: True,
+    ) -> None:
+        self.state = state
+        self.drain_timeout_s = drain_timeout_s
+        self._held = held
+        self._evict = evict
+        self._supports = supports
+        self._lock = asyncio.Lock()
+
+    async def change(self, role: str, expected_epoch: int = 0) -> tuple[str, int]:
+        """Converge to ``role``; returns (role, epoch). ValueError: a role that cannot run
+        here; StaleEpochError: ``expected_epoch`` given and not current."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        if not self._supports(role):
+            raise ValueError(f"role {role!r} needs KV transfer, which this worker has disabled")
+        async with self._lock:
+            st = self.state
+            if expected_epoch and expected_epoch != st.role_epoch:
+                raise StaleEpochError(
+                    f"expected epoch {expected_epoch}, worker is at {st.role_epoch}"
+                )
+            if role == st.role:
+                return st.role, st.role_epoch
+            old = st.role
+            log.info("role change %s -> %s: draining %d held requests", old, role, self._held())
+            st.flipping = True
+            st.on_change()
+            try:
+                deadline = time.monotonic() + self.drain_timeout_s
+                while self._held() and time.monotonic() < deadline:
+                    await asyncio.sleep(self.POLL_S)
+                if self._held():
+                    msg = EVICTED_MESSAGE.format(id=st.instance_id, role=role, t=self.drain_timeout_s)
+                    log.warning("drain timeout: aborting %d requests", self._held())
+                    await self._evict(msg)
+                st.role = role
+                st.role_epoch += 1
+            finally:
+                st.flipping = False
+                st.on_change()
+            log.info("role changed %s -> %s (epoch %d)", old, role, st.role_epoch)
+            return st.role, st.role_epoch
+
+
+class DesiredRoleWatcher:
+    """Watches ``/epdserve/<cluster>/roles/<id>`` and converges the worker to its value.
+
+    Lists the key, then watches from the next revision; on any failure (etcd restart) it lists
+    again, so a change made during an outage is still seen. Only the latest desired role
+    counts: a change that arrives during a flip is applied after it.
+    """
+
+    def __init__(
+        self, endpoints: list[str], cluster: str, instance_id: str, controller: RoleController
+    ) -> None:
+        self.endpoints = endpoints
+        self.key = role_key(cluster, instance_id)
+        self.controller = controller
+        self.desired: str | None = None
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._watch_loop(), name="desired-role-watch"),
+            asyncio.create_task(self._converge_loop(), name="desired-role-converge"),
+        ]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+
+    def _set(self, value: bytes | None) -> None:
+        role = value.decode().strip() if value else None
+        if role is not None and role not in ROLES:
+            log.warning("ignoring desired role %r at %s", role, self.key)
+            return
+        if role is not None and role != self.desired:
+            log.info("desired role is now %s", role)
+        self.desired = role
+        self._wake.set()
+
+    async def _watch_loop(self) -> None:
+        backoff = 0.2
+        while True:
+            client = Etcd3Client(self.endpoints, rpc_max_attempts=1)
+            try:
+                await client.connect()
+                assert client.kv is not None and client.watch is not None
+                resp = await client.kv.get(self.key, timeout=ETCD_OP_TIMEOUT_S)
+                self._set(resp.kvs[0].value if resp.kvs else None)
+                backoff = 0.2
+                # etcd3aio resumes this watch by revision after an etcd restart.
+                async for wresp in client.watch.watch(
+                    self.key, start_revision=resp.header.revision + 1
+                ):
+                    if wresp.compact_revision:
+                        raise RuntimeError("watch compacted; re-reading")
+                    for ev in wresp.events:
+                        self._set(ev.kv.value if ev.type == 0 else None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("desired-role watch failed (%s); retrying in %.1fs", exc, backoff)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _converge_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            role = self.desired
+            if role is None or role == self.controller.state.role:
+                continue
+            try:
+                await self.controller.change(role)
+            except ValueError as exc:
+                log.error("cannot take desired role %s: %s", role, exc)
+            except Exception:
+                log.exception("role change to %s failed", role)
+                await asyncio.sleep(1.0)
+                self._wake.set()
