@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import collections
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from services.cli.admin_config import ROUTER_FILE, TOKEN_FILE, read_first_line, write_private
 from services.cli.commands import router_command, worker_command
 from services.common.etcd_server import EtcdServer
 from services.common.net import free_port
@@ -107,7 +112,12 @@ class ClusterSpec:
     policy: str = "least_load"
     lease_ttl: int = 5
     engine_overrides: dict[str, object] = field(default_factory=dict)  # EngineConfig fields
+    router_overrides: dict[str, object] = field(default_factory=dict)  # RouterConfig fields
+    worker_overrides: dict[str, object] = field(default_factory=dict)  # WorkerConfig fields
     echo: bool = False  # copy children's output to stderr
+    # Where the operator CLI finds this cluster (router URL + admin token, mode 0600);
+    # None: a private temporary folder (tests), the CLI then needs --router/--admin-token.
+    admin_dir: str | None = None
 
     def __post_init__(self) -> None:
         if min(self.mixed, self.prefill, self.decode) < 0:
@@ -130,6 +140,10 @@ class LocalCluster:
         self.router: ManagedProcess | None = None
         self.base_url = ""
         self._worker_count = 0
+        # The router's admin token: generated here, handed over in a 0600 file (never argv).
+        self.admin_token = secrets.token_urlsafe(32)
+        self._own_admin_dir = spec.admin_dir is None
+        self.admin_dir = Path(spec.admin_dir or tempfile.mkdtemp(prefix="epdserve-admin-"))
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -145,6 +159,7 @@ class LocalCluster:
         wcfg = WorkerConfig(
             role=role, host=self.spec.host, port=0, instance_id=f"worker-{index}",
             cluster=self.spec.cluster, etcd=self.etcd.endpoint, lease_ttl=self.spec.lease_ttl,
+            **self.spec.worker_overrides,  # type: ignore[arg-type]
         )  # fmt: skip
         return worker_command(wcfg, self.engine_config())
 
@@ -152,7 +167,8 @@ class LocalCluster:
         rcfg = RouterConfig(
             host=self.spec.host, port=self.spec.port or free_port(self.spec.host),
             cluster=self.spec.cluster, etcd=self.etcd.endpoint, model=self.spec.model,
-            policy=self.spec.policy,
+            policy=self.spec.policy, admin_token_file=str(self.admin_dir / TOKEN_FILE),
+            **self.spec.router_overrides,  # type: ignore[arg-type]
         )  # fmt: skip
         return router_command(rcfg)
 
@@ -173,6 +189,7 @@ class LocalCluster:
         self.etcd.start()
         for role in self.worker_roles():
             self.start_worker(role)
+        write_private(self.admin_dir / TOKEN_FILE, self.admin_token)
         self.router = ManagedProcess("router", self.router_argv(), ROUTER_READY, self.spec.echo)
         started = time.monotonic()
         last_note = 0.0
@@ -194,6 +211,7 @@ class LocalCluster:
                 )
             time.sleep(0.1)
         self.base_url = self.router.ready_field("url")
+        write_private(self.admin_dir / ROUTER_FILE, self.base_url)
         self.wait_healthy(timeout=max(30.0, timeout - (time.monotonic() - started)))
         say(f"cluster ready in {time.monotonic() - started:.0f}s")
         return self.base_url
@@ -233,3 +251,13 @@ class LocalCluster:
         for w in self.workers:
             w.stop(timeout=30)
         self.etcd.cleanup()
+        self._forget_admin_files()
+
+    def _forget_admin_files(self) -> None:
+        """Remove the CLI's pointer to this cluster (only if it is still ours)."""
+        if self._own_admin_dir:
+            shutil.rmtree(self.admin_dir, ignore_errors=True)
+            return
+        if read_first_line(self.admin_dir / TOKEN_FILE) == self.admin_token:
+            for name in (TOKEN_FILE, ROUTER_FILE):
+                (self.admin_dir / name).unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""The `epdserve` command: up | worker | router | generate | bench."""
+"""The `epdserve` command: up | worker | router | generate | bench | status | roles | drain |
+rebalance | policy."""
 
 from __future__ import annotations
 
@@ -21,6 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     if has_generate:
         sub.add_parser("generate", help="generate text offline with the engine", add_help=False)
     sub.add_parser("bench", help="benchmark a running server", add_help=False)
+    from services.cli import admin
+
+    admin_help = {
+        "status": "show workers, roles, load and the rebalancer",
+        "roles": "set a worker's role (roles set ID ROLE)",
+        "drain": "stop sending a worker new requests",
+        "rebalance": "run one rebalancing round now",
+        "policy": "choose the rebalancing policy (policy set NAME)",
+    }
+    for name in admin.COMMANDS:
+        sub.add_parser(name, help=admin_help[name], add_help=False)
 
     if argv and argv[0] == "worker":
         from services.worker.main import main as worker_main
@@ -38,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         from services.cli import bench
 
         return bench.main(argv[1:])
+    if argv and argv[0] in admin.COMMANDS:
+        return admin.main(argv)
     args = parser.parse_args(argv)
     if args.command == "up":
         return up.run(args)

@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 
+from services.cli.admin_config import config_dir
 from services.cli.launcher import ClusterSpec, LocalCluster
 
 
@@ -33,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (default cpu)")
     p.add_argument("--cluster", default="local", help="cluster name in etcd (default local)")
     p.add_argument("--policy", default="least_load", help="routing policy (default least_load)")
+    p.add_argument(
+        "--rebalance-policy",
+        default="static",
+        help="role rebalancing policy: static | queue | slo (default static)",
+    )
     p.add_argument("--verbose", action="store_true", help="show the children's logs")
 
 
@@ -44,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
             mixed=(0 if pd else 1) if args.mixed is None else args.mixed,
             prefill=args.prefill, decode=args.decode, host=args.host, port=args.port,
             device=args.device, cluster=args.cluster, policy=args.policy, echo=args.verbose,
+            router_overrides={"rebalance_policy": args.rebalance_policy},
+            admin_dir=str(config_dir()),
         )  # fmt: skip
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -66,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"epdserve is serving {spec.served_model_name or spec.model} at {url}/v1", flush=True)
         print(f"  OpenAI:    OPENAI_BASE_URL={url}/v1", flush=True)
         print(f"  Anthropic: ANTHROPIC_BASE_URL={url}", flush=True)
+        print("  Operate:   epdserve status | roles set ID ROLE | drain ID | rebalance", flush=True)
         print("  Ctrl-C stops the cluster.", flush=True)
         while not stop.is_set():
             for p in [*cluster.workers, *([cluster.router] if cluster.router else [])]:

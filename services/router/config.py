@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.router.policies.factory import available_policies
+from services.router.rebalance.factory import available_rebalance_policies, create_rebalance_policy
+from services.router.rebalance.governor import GovernorConfig
 
 
 @dataclass
@@ -37,6 +39,39 @@ class RouterConfig:
     max_attempts: int = field(
         default=3, metadata={"help": "workers tried for a request that fails before any token"}
     )
+    rebalance_policy: str = field(
+        default="static",
+        metadata={
+            "help": "role rebalancing policy: " + ", ".join(available_rebalance_policies()),
+            "choices": tuple(available_rebalance_policies()),
+        },
+    )
+    rebalance_params: str = field(
+        default="",
+        metadata={"help": "parameters of the rebalancing policy, as k=v,k=v"},
+    )
+    rebalance_interval_s: float = field(
+        default=2.0, metadata={"help": "seconds between two rebalancing rounds"}
+    )
+    rebalance_hysteresis_rounds: int = field(
+        default=3, metadata={"help": "a flip must be proposed this many rounds in a row"}
+    )
+    rebalance_cooldown_s: float = field(
+        default=30.0, metadata={"help": "no role flip sooner than this after the previous one"}
+    )
+    rebalance_max_flips: int = field(
+        default=2, metadata={"help": "at most this many flips per --rebalance-flip-window-s"}
+    )
+    rebalance_flip_window_s: float = field(
+        default=300.0, metadata={"help": "the window of --rebalance-max-flips, in seconds"}
+    )
+    admin_token_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "file holding the bearer token of /admin (else env EPDSERVE_ADMIN_TOKEN; "
+            "neither: the admin API is off)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -55,7 +90,35 @@ class RouterConfig:
             raise ValueError("max_attempts must be >= 1")
         if not self.etcd_endpoints:
             raise ValueError("--etcd needs at least one host:port")
+        if self.rebalance_interval_s <= 0:
+            raise ValueError("rebalance_interval_s must be > 0")
+        _ = self.governor_config  # validates hysteresis, cooldown and cap
+        create_rebalance_policy(self.rebalance_policy, **self.rebalance_param_dict)
+
+    @property
+    def rebalance_param_dict(self) -> dict[str, str]:
+        return parse_params(self.rebalance_params)
+
+    @property
+    def governor_config(self) -> GovernorConfig:
+        return GovernorConfig(
+            hysteresis_rounds=self.rebalance_hysteresis_rounds,
+            cooldown_s=self.rebalance_cooldown_s,
+            max_flips=self.rebalance_max_flips,
+            flip_window_s=self.rebalance_flip_window_s,
+        )
 
     @property
     def etcd_endpoints(self) -> list[str]:
         return [e.strip() for e in self.etcd.split(",") if e.strip()]
+
+
+def parse_params(text: str) -> dict[str, str]:
+    """``"a=1,b=2"`` -> ``{"a": "1", "b": "2"}`` (ValueError on an item without ``=``)."""
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"policy parameter {item!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out

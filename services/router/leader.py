@@ -90,8 +90,10 @@ class LeaderElection:
                 if resp.succeeded:
                     self.is_leader = True
                     log.info("this router (%s) now runs the rebalancer", self.identity)
-                got = await c.kv.get(self.key, timeout=ETCD_OP_TIMEOUT_S)
-                self.leader = got.kvs[0].value.decode() if got.kvs else None
+            got = await c.kv.get(self.key, timeout=ETCD_OP_TIMEOUT_S)
+            self.leader = got.kvs[0].value.decode() if got.kvs else None
+            if self.is_leader and self.leader != self.identity:
+                raise RuntimeError("leader key lost (etcd restored or wiped?)")
             await asyncio.sleep(interval)
             try:
                 ttl = await asyncio.wait_for(self._keep_alive_once(c, lease_id), ETCD_OP_TIMEOUT_S)

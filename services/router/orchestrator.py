@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 import grpc
@@ -145,6 +146,7 @@ class Orchestrator:
             reserved = True
             try:
                 p.inflight += 1
+                sent_at = time.monotonic()
                 try:
                     first = await p.stub.Prefill(
                         pb.PrefillRequest(
@@ -153,6 +155,8 @@ class Orchestrator:
                         ),
                         timeout=self.timeout_s,
                     )  # fmt: skip
+                    computed = len(prompt) - first.cached_prompt_tokens
+                    p.prefill_rate.add(computed / max(time.monotonic() - sent_at, 1e-6))
                 except grpc.aio.AioRpcError as exc:
                     last_error = self._pd_failure(exc, p, tried, p.info.role_epoch)
                     if "KV transfer" in (exc.details() or ""):

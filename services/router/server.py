@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,11 +19,15 @@ from starlette.routing import Route
 
 from services.common.membership import MembershipWatcher
 from services.router import anthropic_api, openai_api
+from services.router.admin import admin_routes, load_admin_token
 from services.router.config import RouterConfig
 from services.router.errors import APIError, ClientDisconnected
+from services.router.leader import LeaderElection
 from services.router.metrics import API_OF_PATH, RouterMetrics
 from services.router.orchestrator import Orchestrator
 from services.router.policies.factory import create_policy
+from services.router.rebalancer import Rebalancer
+from services.router.role_store import RoleStore
 from services.router.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -41,11 +48,21 @@ class Gateway:
         self.watcher = MembershipWatcher(cfg.etcd_endpoints, cfg.cluster)
         self.watcher.add_listener(self.pool.on_membership)
         self.started_at = int(time.time())
+        self.admin_token = load_admin_token(cfg.admin_token_file)
+        identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.rebalancer = Rebalancer(
+            self.pool, RoleStore(cfg.etcd_endpoints, cfg.cluster), self.metrics.rebalance,
+            LeaderElection(cfg.etcd_endpoints, cfg.cluster, identity),
+            cfg.rebalance_policy, cfg.rebalance_param_dict, cfg.governor_config,
+            cfg.rebalance_interval_s,
+        )  # fmt: skip
 
     async def start(self) -> None:
         await self.watcher.start()
+        await self.rebalancer.start()
 
     async def stop(self) -> None:
+        await self.rebalancer.stop()
         await self.watcher.stop()
         await self.pool.close()
 
@@ -148,6 +165,7 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/v1/models", _guard(_models), methods=["GET"]),
         Route("/health", _guard(_health), methods=["GET"]),
         Route("/metrics", _guard(_metrics), methods=["GET"]),
+        *admin_routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.gateway = gateway

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -17,6 +18,21 @@ from services.common.proto import worker_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 
+class RateWindow:
+    """The best rate among the last ``maxlen`` samples: a Prefill call's tokens per second
+    includes its queueing, so the fastest recent one is the closest to the worker's speed."""
+
+    def __init__(self, maxlen: int = 64) -> None:
+        self._samples: collections.deque[float] = collections.deque(maxlen=maxlen)
+
+    def add(self, rate: float) -> None:
+        self._samples.append(rate)
+
+    def best(self) -> float:
+        """0 when nothing was measured yet."""
+        return max(self._samples, default=0.0)
+
+
 class WorkerHandle:
     """One worker as the router sees it: advertisement, channel, latest load, local count."""
 
@@ -29,6 +45,7 @@ class WorkerHandle:
         self.inflight = 0  # requests this router has running there
         self.failed_at = 0.0  # last time a call to it failed with UNAVAILABLE
         self.stale_epoch = 0  # it refused this epoch of ours: wait for a newer advertisement
+        self.prefill_rate = RateWindow()  # prompt tokens/s of its Prefill calls from here
         self._interval_ms = load_interval_ms
         self._stale_s = stale_s
         self._task: asyncio.Task[None] | None = None

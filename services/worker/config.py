@@ -44,9 +44,7 @@ class WorkerConfig:
     )
     role_drain_timeout_s: float = field(
         default=30.0,
-        metadata={
-            "help": "on a role change, wait this long for held requests, then abort them"
-        },
+        metadata={"help": "on a role change, wait this long for held requests, then abort them"},
     )
     kv_transfer: str = field(
         default="mooncake",

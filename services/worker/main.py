@@ -86,7 +86,7 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
         state.on_change = lambda: registrar.update(  # type: ignore[union-attr]
             role=state.role, role_epoch=state.role_epoch, draining=state.draining,
             state=state.phase,
-        )
+        )  # fmt: skip
         await registrar.start()
         desired = DesiredRoleWatcher(
             wcfg.etcd_endpoints, wcfg.cluster, wcfg.instance_id, servicer.roles

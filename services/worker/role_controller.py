@@ -80,7 +80,9 @@ class RoleController:
                 while self._held() and time.monotonic() < deadline:
                     await asyncio.sleep(self.POLL_S)
                 if self._held():
-                    msg = EVICTED_MESSAGE.format(id=st.instance_id, role=role, t=self.drain_timeout_s)
+                    msg = EVICTED_MESSAGE.format(
+                        id=st.instance_id, role=role, t=self.drain_timeout_s
+                    )
                     log.warning("drain timeout: aborting %d requests", self._held())
                     await self._evict(msg)
                 st.role = role

@@ -50,17 +50,20 @@ def cluster(tiny_model_dir):
     c.stop()
 
 
+PROMPT_COUNTER = "epdserve:router_prompt_tokens_total"  # docs/metrics.md
+GENERATION_COUNTER = "epdserve:router_generation_tokens_total"
+
+
 def counters(base_url: str) -> dict[str, float]:
-    """The router's token counters from /metrics."""
+    """The router's token counters from /metrics, summed over their labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = httpx.get(base_url + "/metrics", timeout=10).text
-    out = {}
-    for line in text.splitlines():
-        for name in (
-            "epdserve_router_prompt_tokens_total",
-            "epdserve_router_completion_tokens_total",
-        ):
-            if line.startswith(name + " "):
-                out[name] = float(line.split()[1])
+    out = {PROMPT_COUNTER: 0.0, GENERATION_COUNTER: 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in out:
+                out[sample.name] += sample.value
     return out
 
 
@@ -110,13 +113,8 @@ def test_random_completions_agree_with_the_server(cluster, tmp_path) -> None:
     assert len({r["expected_output_len"] for r in reqs}) > 1  # --range-ratio was applied
     # The router's counters moved by the timed requests plus the warm-up (request 0 again).
     warm_out, warm_in = reqs[0]["expected_output_len"], reqs[0]["prompt_len"]
-    done_out = (
-        after["epdserve_router_completion_tokens_total"]
-        - before["epdserve_router_completion_tokens_total"]
-    )
-    done_in = (
-        after["epdserve_router_prompt_tokens_total"] - before["epdserve_router_prompt_tokens_total"]
-    )
+    done_out = after[GENERATION_COUNTER] - before[GENERATION_COUNTER]
+    done_in = after[PROMPT_COUNTER] - before[PROMPT_COUNTER]
     assert done_out == data["total_output_tokens"] + warm_out
     assert done_in == data["total_input_tokens"] + warm_in
     # Generous SLOs: every request is good.

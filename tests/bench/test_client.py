@@ -105,6 +105,7 @@ def test_without_usage_falls_back_to_chunks() -> None:
         (httpx.Response(200, content=sse(completion_chunk("a"), done=False)), "without [DONE]"),
         (httpx.Response(200, content=sse(usage_chunk(1, 0))), "no tokens"),
         (httpx.Response(200, content=b"data: {not json\n\n"), "JSONDecodeError"),
+        (httpx.Response(200, content=b"data: [1, 2]\n\n"), "not a JSON object"),
     ],
 )
 def test_failures_are_reported_not_raised(response: httpx.Response, error: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,12 +24,16 @@ def test_up_refuses_half_a_pd_cluster_clearly() -> None:
     assert r.returncode == 2 and "needs both --prefill N and --decode N" in r.stderr
 
 
-def test_up_serves_and_stops_on_ctrl_c(tiny_model_dir) -> None:
+def test_up_serves_and_stops_on_ctrl_c(tiny_model_dir, tmp_path) -> None:
     port = free_port()
+    # Where `epdserve up` leaves the router URL and admin token for the operator CLI.
+    env = {**os.environ, "EPDSERVE_CONFIG_DIR": str(tmp_path / "cfg")}
+    env.pop("EPDSERVE_ROUTER", None)
+    env.pop("EPDSERVE_ADMIN_TOKEN", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "up", "--model", str(tiny_model_dir("llama")),
          "--port", str(port), "--cluster", "uptest"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -38,12 +43,19 @@ def test_up_serves_and_stops_on_ctrl_c(tiny_model_dir) -> None:
                        json={"model": os.path.basename(str(tiny_model_dir("llama"))),
                              "prompt": "hi", "max_tokens": 3})  # fmt: skip
         assert r.status_code == 200, r.text
+        token_file = tmp_path / "cfg" / "admin-token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        st = subprocess.run([sys.executable, "-m", "services.cli.main", "status", "--json"],
+                            capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+        assert st.returncode == 0, st.stderr
+        assert [w["role"] for w in json.loads(st.stdout)["workers"]] == ["mixed"]
         children = _children(proc.pid)
         assert len(children) >= 3  # etcd, worker, router
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         time.sleep(0.5)
         assert not [pid for pid in children if _alive(pid)], "children left running"
+        assert not token_file.exists()  # the CLI no longer points at a stopped cluster
     finally:
         if proc.poll() is None:
             proc.kill()

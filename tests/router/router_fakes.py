@@ -22,6 +22,7 @@ from services.engine.outputs import CompletionOutput, Logprob, RequestOutput, To
 from services.engine.sampling_params import SamplingParams
 from services.router.config import RouterConfig
 from services.router.server import Gateway, build_app
+from services.worker.role_controller import DesiredRoleWatcher
 from services.worker.server import WorkerServicer, WorkerState
 
 
@@ -108,16 +109,28 @@ class FakeWorker:
     registrar: Registrar
     servicer: WorkerServicer
     address: str
+    roles: DesiredRoleWatcher | None = None
 
     async def stop(self, deregister: bool = True) -> None:
+        if self.roles is not None:
+            await self.roles.stop()
         await self.registrar.stop(deregister=deregister)
         await self.server.stop(grace=None)
 
 
-async def start_fake_worker(etcd: str, cluster: str, iid: str, engine: FakeEngine | None = None) -> FakeWorker:
+async def start_fake_worker(
+    etcd: str,
+    cluster: str,
+    iid: str,
+    engine: FakeEngine | None = None,
+    watch_roles: bool = False,
+    role_drain_timeout_s: float = 10.0,
+) -> FakeWorker:
+    """A worker on a FakeEngine; ``watch_roles``: it follows its desired-role key in etcd."""
     engine = engine or FakeEngine()
     state = WorkerState(iid, "inc-" + iid, "mixed")
-    servicer = WorkerServicer(engine, state, load_interval_ms=50)
+    servicer = WorkerServicer(engine, state, load_interval_ms=50,
+                              drain_timeout_s=role_drain_timeout_s)  # fmt: skip
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -130,10 +143,14 @@ async def start_fake_worker(etcd: str, cluster: str, iid: str, engine: FakeEngin
     )  # fmt: skip
     reg = Registrar([etcd], cluster, info, ttl=2)
     state.on_change = lambda: reg.update(role=state.role, role_epoch=state.role_epoch,
-                                         draining=state.draining)  # fmt: skip
+                                         draining=state.draining, state=state.phase)  # fmt: skip
     await reg.start()
     await asyncio.wait_for(reg.registered.wait(), 10)
-    return FakeWorker(engine, server, reg, servicer, address)
+    roles = None
+    if watch_roles:
+        roles = DesiredRoleWatcher([etcd], cluster, iid, servicer.roles)
+        await roles.start()
+    return FakeWorker(engine, server, reg, servicer, address, roles)
 
 
 @dataclass
@@ -149,10 +166,13 @@ class RunningGateway:
             await asyncio.wait_for(self.task, 10)
 
 
-async def start_gateway(etcd: str, cluster: str, policy: str = "round_robin") -> RunningGateway:
+async def start_gateway(
+    etcd: str, cluster: str, policy: str = "round_robin", **router: object
+) -> RunningGateway:
     port = free_port()
     cfg = RouterConfig(port=port, cluster=cluster, etcd=etcd, policy=policy,
-                       load_report_interval_ms=50, load_stale_s=1.0, request_timeout_s=30)  # fmt: skip
+                       load_report_interval_ms=50, load_stale_s=1.0, request_timeout_s=30,
+                       **router)  # type: ignore[arg-type]  # fmt: skip
     gw = Gateway(cfg, FakeTokenizer())
     server = uvicorn.Server(uvicorn.Config(build_app(gw), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))  # fmt: skip

@@ -32,6 +32,7 @@ class WorkerLoad:
     max_num_seqs: int = 0  # batch capacity (0: unknown)
     recent_ttft_ms: float = 0.0  # mean of recent TTFTs (prefill workers: the Prefill RPC)
     recent_tpot_ms: float = 0.0  # mean of recent TPOTs
+    prefill_tokens_per_s: float = 0.0  # measured prefill speed (router's view; 0: unknown)
 
     @property
     def batch_utilization(self) -> float:
@@ -99,3 +100,18 @@ def by_role(workers: list[WorkerLoad], role: str) -> list[WorkerLoad]:
 
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+class Smoother:
+    """Exponentially weighted means of named signals across rounds: a load report is one
+    instant, and an instantaneous queue length flickers between empty and full."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, float] = {}
+
+    def update(self, key: str, value: float, weight: float) -> float:
+        """Blend ``value`` in with ``weight`` (1: no smoothing); returns the new mean."""
+        old = self._values.get(key)
+        new = value if old is None else weight * value + (1 - weight) * old
+        self._values[key] = new
+        return new

@@ -2,7 +2,9 @@
 
 Prefill pressure: prompt tokens queued per serving prefill worker. Decode pressure: the larger
 of KV utilisation and batch utilisation ((running + waiting) / max_num_seqs) averaged over the
-serving decode workers. High and low thresholds form a band (hysteresis on the signal):
+serving decode workers. Both are smoothed across rounds (an exponentially weighted mean with
+``smoothing`` = weight of the newest round), since one load report is one instant. High and
+low thresholds form a band (hysteresis on the signal):
 
 - prefill queue above ``prefill_queue_high`` and decode pressure below ``decode_load_low``:
   move a decode worker to prefill;
@@ -19,6 +21,7 @@ from services.router.rebalance.base import (
     HOLD,
     Proposal,
     RebalancePolicy,
+    Smoother,
     WorkerLoad,
     by_role,
     mean,
@@ -36,7 +39,12 @@ class QueuePolicy(RebalancePolicy):
         "prefill_queue_low": 256.0,
         "decode_load_high": 0.8,  # max(KV utilisation, batch utilisation) of decode workers
         "decode_load_low": 0.4,
+        "smoothing": 0.3,  # weight of the newest round in the smoothed signals (1: none)
     }
+
+    def __init__(self, **params: object) -> None:
+        super().__init__(**params)
+        self._smooth = Smoother()
 
     def validate(self) -> None:
         super().validate()
@@ -44,15 +52,22 @@ class QueuePolicy(RebalancePolicy):
             raise ValueError("prefill_queue_low must be < prefill_queue_high")
         if self.p("decode_load_low") >= self.p("decode_load_high"):
             raise ValueError("decode_load_low must be < decode_load_high")
+        if not 0 < self.p("smoothing") <= 1:
+            raise ValueError("smoothing must be in (0, 1]")
 
     def propose(self, workers: list[WorkerLoad]) -> Proposal:
         prefills, decodes = by_role(workers, "prefill"), by_role(workers, "decode")
         if not prefills or not decodes:
             return Proposal(HOLD, "not a PD cluster (needs serving prefill and decode workers)")
-        queue = sum(w.queued_prefill_tokens for w in prefills) / len(prefills)
-        load = mean([decode_pressure(w) for w in decodes])
+        alpha = self.p("smoothing")
+        raw_queue = sum(w.queued_prefill_tokens for w in prefills) / len(prefills)
+        raw_load = mean([decode_pressure(w) for w in decodes])
+        queue = self._smooth.update("queue", raw_queue, alpha)
+        load = self._smooth.update("load", raw_load, alpha)
         inputs = {
-            "prefill_queue_tokens_per_worker": queue,
+            "prefill_queue_now": raw_queue,
+            "decode_load_now": round(raw_load, 4),
+            "prefill_queue_tokens_per_worker": round(queue, 1),
             "decode_load": round(load, 4),
             "prefill_workers": float(len(prefills)),
             "decode_workers": float(len(decodes)),

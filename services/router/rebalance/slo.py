@@ -2,7 +2,8 @@
 xLLM's SLO-aware policy.
 
 - TTFT prediction: the prefill workers' recent TTFT plus the time to clear the queued prompt
-  tokens per prefill worker at ``prefill_tokens_per_s``.
+  tokens per prefill worker at their measured prefill speed (the router times its Prefill
+  calls), or ``prefill_tokens_per_s`` until something was measured.
 - TPOT prediction: the decode workers' recent TPOT scaled by the batch they hold
   ((running + waiting) / running): waiting requests will join the batch and slow each step.
 
@@ -30,7 +31,7 @@ class SLOPolicy(RebalancePolicy):
     DEFAULTS = {
         "ttft_slo_ms": 2000.0,
         "tpot_slo_ms": 100.0,
-        "prefill_tokens_per_s": 4000.0,  # measured prefill throughput of one worker
+        "prefill_tokens_per_s": 4000.0,  # prefill speed of one worker until one is measured
         "margin": 0.8,  # the donor role must stay under margin * SLO after giving a worker
     }
 
@@ -42,13 +43,15 @@ class SLOPolicy(RebalancePolicy):
         if not 0 < self.p("margin") <= 1:
             raise ValueError("parameter margin must be in (0, 1]")
 
+    def speed(self, prefills: list[WorkerLoad]) -> float:
+        """Prompt tokens/s of one prefill worker: measured, else the parameter."""
+        measured = [w.prefill_tokens_per_s for w in prefills if w.prefill_tokens_per_s > 0]
+        return mean(measured) if measured else self.p("prefill_tokens_per_s")
+
     def predict(self, prefills: list[WorkerLoad], decodes: list[WorkerLoad]) -> tuple[float, float]:
         """(predicted TTFT ms, predicted TPOT ms) with the workers as they are."""
         queue = sum(w.queued_prefill_tokens for w in prefills) / len(prefills)
-        ttft = (
-            mean([w.recent_ttft_ms for w in prefills])
-            + queue / self.p("prefill_tokens_per_s") * 1000
-        )
+        ttft = mean([w.recent_ttft_ms for w in prefills]) + queue / self.speed(prefills) * 1000
         tpots = []
         for w in decodes:
             held = w.num_running + w.num_waiting
@@ -66,6 +69,7 @@ class SLOPolicy(RebalancePolicy):
         ttft_fewer = ttft * np / (np - 1) if np > 1 else float("inf")
         tpot_fewer = tpot * nd / (nd - 1) if nd > 1 else float("inf")
         inputs = {
+            "prefill_tokens_per_s": round(self.speed(prefills), 1),
             "ttft_pred_ms": round(ttft, 2), "tpot_pred_ms": round(tpot, 2),
             "ttft_slo_ms": ttft_slo, "tpot_slo_ms": tpot_slo,
             "prefill_workers": float(np), "decode_workers": float(nd),

@@ -1,0 +1,173 @@
+"""Operator commands over the router's admin API: status, roles set, drain, rebalance, policy.
+
+    epdserve status [--json]
+    epdserve roles set ID ROLE
+    epdserve drain ID [--undo]
+    epdserve rebalance [--dry-run]
+    epdserve policy set NAME [--param k=v ...]
+
+Common flags: ``--router URL`` (or EPDSERVE_ROUTER), ``--admin-token`` (or EPDSERVE_ADMIN_TOKEN);
+a cluster started by `epdserve up` needs neither (see admin_config.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from services.cli.admin_config import resolve_router, resolve_token
+
+COMMANDS = ("status", "roles", "drain", "rebalance", "policy")
+HTTP_TIMEOUT_S = 30.0  # a role change answers at once; the worker converges afterwards
+
+
+class AdminCallError(Exception):
+    """The admin API answered an error (or could not be reached)."""
+
+
+def call(router: str, token: str | None, method: str, path: str, body: Any = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(router + path, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+            return json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            msg = e.reason
+        raise AdminCallError(f"{e.code}: {msg}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise AdminCallError(f"cannot reach the router at {router}: {e}") from None
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def render_status(st: dict) -> str:
+    head = ["ID", "ROLE", "EPOCH", "STATE", "ADDRESS", "WAIT", "RUN", "QUEUED_TOK", "KV%",
+            "TTFT_MS", "TPOT_MS", "PID", "HOST"]  # fmt: skip
+    rows = [head]
+    for w in st["workers"]:
+        role = w["role"] if w["desired_role"] == w["role"] else f"{w['role']}->{w['desired_role']}"
+        kv = None if w["kv_utilization"] is None else w["kv_utilization"] * 100
+        rows.append([w["id"], role, str(w["epoch"]), w["state"], w["address"],
+                     _fmt(w["waiting"]), _fmt(w["running"]), _fmt(w["waiting_prompt_tokens"]),
+                     _fmt(kv), _fmt(w["ttft_ms"]), _fmt(w["tpot_ms"]), _fmt(w["pid"]),
+                     _fmt(w["host"])])  # fmt: skip
+    rb = st["rebalancer"]
+    params = ", ".join(f"{k}={v:g}" for k, v in sorted(rb["params"].items())) or "no parameters"
+    out = [f"cluster {st['cluster']}: {len(st['workers'])} workers", table(rows), ""]
+    out.append(
+        f"rebalancer: policy {rb['policy']} ({params}); every {rb['interval_s']:g}s, "
+        f"hysteresis {rb['hysteresis_rounds']} rounds, cooldown {rb['cooldown_s']:g}s, "
+        f"max {rb['max_flips']} flips / {rb['flip_window_s']:g}s; "
+        f"{'this router leads' if rb['leader'] else 'led by ' + str(rb['leader_id'])}"
+    )
+    last = rb.get("last_round")
+    if last:
+        when = time.strftime("%H:%M:%S", time.localtime(last["at"]))
+        out.append(f"last round {when}: {last['action']}: {last['reason']}")
+    if rb["decisions"]:
+        out.append("recent flips (and suppressed flips):")
+        for d in rb["decisions"][:10]:
+            when = time.strftime("%H:%M:%S", time.localtime(d["at"]))
+            who = f" {d['worker_id']}" if d["worker_id"] else ""
+            out.append(f"  {when} {d['policy']} {d['action']}{who}: {d['reason']}")
+    elif not last:
+        out.append("no decisions yet")
+    return "\n".join(out)
+
+
+def build_parser(prog: str = "epdserve") -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--router", default=None, help="router URL (default: EPDSERVE_ROUTER, "
+                        "the cluster `epdserve up` started, or http://127.0.0.1:8000)")  # fmt: skip
+    common.add_argument("--admin-token", default=None,
+                        help="admin token (default: EPDSERVE_ADMIN_TOKEN or `epdserve up`'s)")  # fmt: skip
+    common.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    p = argparse.ArgumentParser(prog=prog, description="Operate an epdserve cluster.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", parents=[common], help="workers, roles, load and the rebalancer")
+    roles = sub.add_parser("roles", help="set a worker's role")
+    roles_sub = roles.add_subparsers(dest="action", required=True)
+    rs = roles_sub.add_parser("set", parents=[common], help="move a worker to a role")
+    rs.add_argument("id", help="worker id, as `epdserve status` shows it")
+    rs.add_argument("role", choices=("mixed", "prefill", "decode"))
+    dr = sub.add_parser("drain", parents=[common], help="stop sending a worker new requests")
+    dr.add_argument("id", help="worker id")
+    dr.add_argument("--undo", action="store_true", help="put a drained worker back in service")
+    rb = sub.add_parser("rebalance", parents=[common], help="run one rebalancing round now")
+    rb.add_argument("--dry-run", action="store_true", help="decide, but change nothing")
+    pol = sub.add_parser("policy", help="choose the rebalancing policy")
+    pol_sub = pol.add_subparsers(dest="action", required=True)
+    ps = pol_sub.add_parser("set", parents=[common], help="set the policy and its parameters")
+    ps.add_argument("name", help="static | queue | slo")
+    ps.add_argument("--param", action="append", default=[], metavar="K=V",
+                    help="a policy parameter (repeatable)")  # fmt: skip
+    return p
+
+
+def run(args: argparse.Namespace) -> tuple[dict, str]:
+    """(JSON answer, human text) of one command."""
+    router, token = resolve_router(args.router), resolve_token(args.admin_token)
+    if args.command == "status":
+        st = call(router, token, "GET", "/admin/status")
+        return st, render_status(st)
+    if args.command == "roles":
+        r = call(router, token, "POST", f"/admin/workers/{args.id}/role", {"role": args.role})
+        return r, (f"{r['id']}: {r['previous_role']} -> {r['role']} requested; the worker "
+                   f"drains and switches (see `epdserve status`)")  # fmt: skip
+    if args.command == "drain":
+        r = call(router, token, "POST", f"/admin/workers/{args.id}/drain", {"drain": not args.undo})
+        state = "draining" if r["draining"] else "serving"
+        return r, f"{r['id']}: {state} ({r['inflight']} requests in flight)"
+    if args.command == "rebalance":
+        r = call(router, token, "POST", "/admin/rebalance", {"dry_run": args.dry_run})
+        d = r["decision"]
+        who = f" {d['worker_id']}" if d["worker_id"] else ""
+        tag = " (dry run: nothing changed)" if args.dry_run else ""
+        inputs = ", ".join(f"{k}={v:g}" for k, v in sorted(d["inputs"].items()))
+        return r, f"{d['policy']}: {d['action']}{who}: {d['reason']}{tag}\ninputs: {inputs or '-'}"
+    if args.command == "policy":
+        params = {}
+        for item in args.param:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise AdminCallError(f"--param {item!r} is not k=v")
+            params[key] = value
+        r = call(router, token, "POST", "/admin/policy", {"name": args.name, "params": params})
+        shown = ", ".join(f"{k}={v:g}" for k, v in sorted(r["params"].items()))
+        return r, f"rebalance policy: {r['policy']} ({shown or 'no parameters'})"
+    raise AdminCallError(f"unknown command {args.command}")
+
+
+def main(argv: list[str], prog: str = "epdserve") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        answer, text = run(args)
+    except AdminCallError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, indent=2, sort_keys=True) if args.json else text)
+    return 0

@@ -1,0 +1,223 @@
+"""The router's admin API (``/admin/...``), used by the operator CLI (``epdserve status`` ...).
+
+Every call needs ``Authorization: Bearer <admin token>``: a token separate from client API
+keys, read from ``--admin-token-file`` or ``EPDSERVE_ADMIN_TOKEN``; with neither, the admin
+API answers 403. Errors are JSON ``{"error": {"message", "code"}}``: 401 bad token, 404 unknown
+worker, 400 bad role or parameters, 409 a change that would leave a role with no worker,
+503 etcd unreachable.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from services.common.grpc_utils import ROLES, UNARY_TIMEOUT_S
+from services.common.proto import worker_pb2 as pb
+from services.router.rebalancer import leaves_role_empty
+from services.router.role_store import RoleStoreError
+
+if TYPE_CHECKING:
+    from services.router.server import Gateway
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "EPDSERVE_ADMIN_TOKEN"
+
+
+class AdminError(Exception):
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            {"error": {"message": self.message, "code": self.code}}, status_code=self.status
+        )
+
+
+def load_admin_token(token_file: str | None) -> str | None:
+    """The admin token: the file's first line if a file is given, else the environment."""
+    if token_file:
+        with open(token_file, encoding="utf-8") as f:
+            token = f.readline().strip()
+        if not token:
+            raise ValueError(f"admin token file {token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _check_token(gw: Gateway, request: Request) -> None:
+    expected = gw.admin_token
+    if expected is None:
+        raise AdminError(
+            403, "admin API disabled: start the router with --admin-token-file or "
+            f"{TOKEN_ENV}", "admin_disabled",
+        )  # fmt: skip
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    # NOTE: constant-time comparison; the header is never logged.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), expected.encode()
+    ):
+        raise AdminError(401, "missing or wrong admin token", "unauthorized")
+
+
+def _guard(
+    fn: Callable[[Gateway, Request], Awaitable[Any]],
+) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        gw: Gateway = request.app.state.gateway
+        try:
+            _check_token(gw, request)
+            return JSONResponse(await fn(gw, request))
+        except AdminError as err:
+            return err.response()
+        except RoleStoreError as exc:
+            return AdminError(503, str(exc), "etcd_unavailable").response()
+        except Exception as exc:
+            log.exception("admin call %s failed", request.url.path)
+            return AdminError(
+                500, f"internal error: {type(exc).__name__}: {exc}", "internal"
+            ).response()
+
+    return endpoint
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise AdminError(400, "request body is not JSON", "bad_request") from None
+    if not isinstance(body, dict):
+        raise AdminError(400, "request body must be a JSON object", "bad_request")
+    return body
+
+
+def _worker(gw: Gateway, worker_id: str):
+    handle = gw.pool.handles.get(worker_id)
+    if handle is None:
+        known = ", ".join(sorted(gw.pool.handles)) or "none"
+        raise AdminError(404, f"unknown worker {worker_id!r}; known: {known}", "unknown_worker")
+    return handle
+
+
+def worker_status(h, desired: str | None) -> dict[str, Any]:
+    r = h.load
+    return {
+        "id": h.id,
+        "address": h.info.address,
+        "role": h.info.role,
+        "desired_role": desired or h.info.role,
+        "epoch": h.info.role_epoch,
+        "state": h.state if h.reachable() else "unreachable",
+        "model": h.info.model,
+        "pid": h.info.pid,
+        "host": h.info.host,
+        "waiting": r.num_waiting if r else None,
+        "waiting_prompt_tokens": r.num_waiting_prompt_tokens if r else None,
+        "running": r.num_running if r else None,
+        "inflight": r.num_inflight if r else None,
+        "kv_utilization": round(r.kv_utilization, 4) if r else None,
+        "ttft_ms": round(r.recent_ttft_ms, 2) if r else None,
+        "tpot_ms": round(r.recent_tpot_ms, 2) if r else None,
+    }
+
+
+async def _status(gw: Gateway, request: Request) -> dict[str, Any]:
+    try:
+        desired = await gw.rebalancer.store.all()
+    except RoleStoreError:
+        desired = {}  # status still answers while etcd is away
+    workers = [
+        worker_status(h, desired.get(h.id))
+        for h in sorted(gw.pool.handles.values(), key=lambda h: h.id)
+    ]
+    return {"cluster": gw.cfg.cluster, "workers": workers, "rebalancer": gw.rebalancer.describe()}
+
+
+async def _set_role(gw: Gateway, request: Request) -> dict[str, Any]:
+    worker_id = request.path_params["worker_id"]
+    body = await _body(request)
+    role = body.get("role")
+    if role not in ROLES:
+        raise AdminError(400, f"role must be one of {', '.join(ROLES)}, got {role!r}", "bad_role")
+    h = _worker(gw, worker_id)
+    if role != "mixed" and h.info.capacity.get("kv_transfer") == "none":
+        raise AdminError(
+            400, f"worker {worker_id} runs without KV transfer: it can only be mixed", "bad_role"
+        )
+    roles = gw.rebalancer.serving_roles(await gw.rebalancer.store.all())
+    empty = leaves_role_empty(roles, {worker_id: role}) if worker_id in roles else None
+    if empty is not None:
+        raise AdminError(
+            409, f"moving {worker_id} to {role} would leave no {empty} worker", "role_empty"
+        )
+    await gw.rebalancer.store.set(worker_id, role)
+    log.info("admin: desired role of %s set to %s", worker_id, role)
+    return {"id": worker_id, "role": role, "previous_role": h.info.role, "epoch": h.info.role_epoch}
+
+
+async def _drain(gw: Gateway, request: Request) -> dict[str, Any]:
+    worker_id = request.path_params["worker_id"]
+    body = await _body(request)
+    drain = body.get("drain", True)
+    if not isinstance(drain, bool):
+        raise AdminError(400, "drain must be true or false", "bad_request")
+    h = _worker(gw, worker_id)
+    roles = gw.rebalancer.serving_roles(await gw.rebalancer.store.all())
+    if drain and worker_id in roles:
+        empty = leaves_role_empty(roles, {worker_id: None})
+        if empty is not None:
+            raise AdminError(
+                409, f"draining {worker_id} would leave no {empty} worker", "role_empty"
+            )
+    try:
+        resp = await h.stub.Drain(pb.DrainRequest(drain=drain), timeout=UNARY_TIMEOUT_S)
+    except Exception as exc:
+        raise AdminError(
+            503, f"worker {worker_id} did not answer: {exc}", "worker_unavailable"
+        ) from None
+    log.info("admin: worker %s draining=%s", worker_id, resp.draining)
+    return {"id": worker_id, "draining": resp.draining, "inflight": resp.num_inflight}
+
+
+async def _rebalance(gw: Gateway, request: Request) -> dict[str, Any]:
+    body = await _body(request)
+    dry_run = bool(body.get("dry_run", False))
+    decision = await gw.rebalancer.round(manual=True, dry_run=dry_run)
+    return {"decision": decision.to_dict()}
+
+
+async def _policy(gw: Gateway, request: Request) -> dict[str, Any]:
+    body = await _body(request)
+    name = body.get("name")
+    params = body.get("params") or {}
+    if not isinstance(name, str) or not isinstance(params, dict):
+        raise AdminError(400, 'body must be {"name": str, "params": {k: v}}', "bad_request")
+    try:
+        gw.rebalancer.set_policy(name, params)
+    except ValueError as exc:
+        raise AdminError(400, str(exc), "bad_policy") from None
+    return {"policy": name, "params": gw.rebalancer.policy.params()}
+
+
+def admin_routes() -> list[Route]:
+    return [
+        Route("/admin/status", _guard(_status), methods=["GET"]),
+        Route("/admin/workers/{worker_id}/role", _guard(_set_role), methods=["POST"]),
+        Route("/admin/workers/{worker_id}/drain", _guard(_drain), methods=["POST"]),
+        Route("/admin/rebalance", _guard(_rebalance), methods=["POST"]),
+        Route("/admin/policy", _guard(_policy), methods=["POST"]),
+    ]

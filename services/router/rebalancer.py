@@ -1,0 +1,160 @@
+"""The role rebalancer: every few seconds, on the router that leads the election, read the
+workers' load, ask the policy, let the governor damp it, and write the desired role to etcd.
+
+Every round is logged with its inputs, counted in ``epdserve:rebalance_decisions`` and kept in
+``decisions`` (shown by ``epdserve status``). The workers do the flip (drain, switch, epoch+1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from typing import Any
+
+from services.common.pd_metrics import RebalanceMetrics
+from services.router.leader import LeaderElection
+from services.router.rebalance.base import HOLD, RebalancePolicy, WorkerLoad
+from services.router.rebalance.factory import create_rebalance_policy
+from services.router.rebalance.governor import Decision, Governor, GovernorConfig
+from services.router.role_store import RoleStore
+from services.router.workers import WorkerHandle, WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+def worker_load(h: WorkerHandle) -> WorkerLoad:
+    """The rebalancer's view of one worker (zeros until its first load report)."""
+    r = h.load
+    return WorkerLoad(
+        id=h.id, role=h.info.role, state=h.state if h.reachable() else "unreachable",
+        queued_prefill_tokens=r.num_waiting_prompt_tokens if r else 0,
+        num_waiting=r.num_waiting if r else 0, num_running=r.num_running if r else 0,
+        kv_utilization=r.kv_utilization if r else 0.0,
+        max_num_seqs=int(h.info.capacity.get("max_num_seqs", 0) or 0),
+        recent_ttft_ms=r.recent_ttft_ms if r else 0.0,
+        recent_tpot_ms=r.recent_tpot_ms if r else 0.0,
+        prefill_tokens_per_s=h.prefill_rate.best(),
+    )  # fmt: skip
+
+
+def leaves_role_empty(roles: dict[str, str], changes: dict[str, str | None]) -> str | None:
+    """The role that ``changes`` (worker id -> new role, None: out of service) would leave
+    with no worker, among the roles that have one now; None when every role keeps one."""
+    after = {**roles, **changes}
+    for role in sorted(set(roles.values())):
+        if not any(r == role for r in after.values()):
+            return role
+    return None
+
+
+class Rebalancer:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        store: RoleStore,
+        metrics: RebalanceMetrics,
+        election: LeaderElection | None,
+        policy: str = "static",
+        params: dict[str, Any] | None = None,
+        governor: GovernorConfig | None = None,
+        interval_s: float = 2.0,
+    ) -> None:
+        self.pool = pool
+        self.store = store
+        self.metrics = metrics
+        self.election = election
+        self.policy: RebalancePolicy = create_rebalance_policy(policy, **(params or {}))
+        self.governor = Governor(governor)
+        self.interval_s = interval_s
+        # Flips and suppressed flips (holds would push them out), newest last; and the
+        # latest round whatever it decided.
+        self.decisions: collections.deque[Decision] = collections.deque(maxlen=50)
+        self.last: Decision | None = None
+        self._lock = asyncio.Lock()  # one round at a time (loop and admin API)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self.election is None or self.election.is_leader
+
+    def set_policy(self, name: str, params: dict[str, Any]) -> None:
+        """Swap the policy (ValueError on a bad name or parameter); damping state is kept."""
+        self.policy = create_rebalance_policy(name, **params)
+        log.info("rebalance policy is now %s %s", name, self.policy.params())
+
+    def serving_roles(self, desired: dict[str, str] | None = None) -> dict[str, str]:
+        """Worker id -> role of the workers in service (not drained, reachable), where a
+        worker being moved (``desired``: id -> desired role) counts with its new role."""
+        desired = desired or {}
+        return {
+            h.id: desired.get(h.id, h.info.role)
+            for h in self.pool.handles.values()
+            if h.reachable() and h.state != "draining"
+        }
+
+    async def start(self) -> None:
+        if self.election is not None:
+            await self.election.start()
+        self._task = asyncio.create_task(self._loop(), name="rebalancer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.election is not None:
+            await self.election.stop()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            if not self.is_leader:
+                continue
+            try:
+                await self.round()
+            except Exception:
+                log.exception("rebalancing round failed")
+
+    async def round(self, manual: bool = False, dry_run: bool = False) -> Decision:
+        """One decision; writes the desired role unless ``dry_run``."""
+        async with self._lock:
+            loads = [worker_load(h) for h in sorted(self.pool.handles.values(), key=lambda h: h.id)]
+            proposal = self.policy.propose(loads)
+            d = self.governor.decide(self.policy.name, proposal, loads, manual=manual,
+                                     dry_run=dry_run)  # fmt: skip
+            if d.worker_id is not None and d.target_role is not None and not dry_run:
+                try:
+                    await self.store.set(d.worker_id, d.target_role)
+                    d.applied = True
+                except Exception as exc:
+                    d.reason += f"; not applied: {exc}"
+            log.log(
+                logging.INFO if d.action != HOLD else logging.DEBUG,
+                "rebalance %s: %s%s (%s) inputs=%s%s", d.policy, d.action,
+                f" {d.worker_id}" if d.worker_id else "", d.reason, d.inputs,
+                " [dry run]" if dry_run else "",
+            )  # fmt: skip
+            if not dry_run:
+                self.metrics.decision(d.policy, d.action)
+                self.last = d
+                if d.action != HOLD:
+                    self.decisions.append(d)
+            return d
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.governor.cfg
+        return {
+            "policy": self.policy.name,
+            "params": self.policy.params(),
+            "interval_s": self.interval_s,
+            "hysteresis_rounds": cfg.hysteresis_rounds,
+            "cooldown_s": cfg.cooldown_s,
+            "max_flips": cfg.max_flips,
+            "flip_window_s": cfg.flip_window_s,
+            "leader": self.is_leader,
+            "leader_id": self.election.leader if self.election is not None else None,
+            "last_round": self.last.to_dict() if self.last is not None else None,
+            "decisions": [d.to_dict() for d in reversed(self.decisions)],
+        }

@@ -1,0 +1,59 @@
+"""Desired roles in etcd (``/epdserve/<cluster>/roles/<id>``): written by the rebalancer and
+the admin API, followed by the workers. Each call opens a short-lived client, bounded by a
+timeout: a router must keep serving while etcd is away (the write then fails, clearly)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from etcd3aio import Etcd3Client, prefix_range_end
+
+from services.common.membership import ETCD_OP_TIMEOUT_S, role_key, roles_prefix
+
+
+class RoleStoreError(RuntimeError):
+    """etcd could not be reached (or answered an error) while reading or writing roles."""
+
+
+class RoleStore:
+    def __init__(self, endpoints: list[str], cluster: str) -> None:
+        self.endpoints = endpoints
+        self.cluster = cluster
+
+    async def set(self, instance_id: str, role: str) -> None:
+        async def put(c: Etcd3Client) -> None:
+            assert c.kv is not None
+            await c.kv.put(role_key(self.cluster, instance_id), role, timeout=ETCD_OP_TIMEOUT_S)
+
+        await self._with_client(put)
+
+    async def all(self) -> dict[str, str]:
+        """Worker id -> desired role, for every worker that has one."""
+        prefix = roles_prefix(self.cluster)
+        out: dict[str, str] = {}
+
+        async def get(c: Etcd3Client) -> None:
+            assert c.kv is not None
+            resp = await c.kv.get(
+                prefix, range_end=prefix_range_end(prefix.encode()), timeout=ETCD_OP_TIMEOUT_S
+            )
+            for kv in resp.kvs:
+                out[kv.key.decode()[len(prefix) :]] = kv.value.decode()
+
+        await self._with_client(get)
+        return out
+
+    async def _with_client(self, fn) -> None:
+        client = Etcd3Client(self.endpoints, rpc_max_attempts=1)
+        try:
+            await asyncio.wait_for(client.connect(), ETCD_OP_TIMEOUT_S)
+            await asyncio.wait_for(fn(client), ETCD_OP_TIMEOUT_S + 1)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise RoleStoreError(f"etcd unavailable: {exc}") from exc
+        finally:
+            try:
+                await client.close()
+            except Exception:  # noqa: BLE001 - closing a broken client
+                pass

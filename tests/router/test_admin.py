@@ -1,0 +1,217 @@
+"""Admin API, desired roles in etcd and worker convergence, with fake engines and a real etcd."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import httpx
+import pytest
+import pytest_asyncio
+from router_fakes import FakeEngine, start_fake_worker, start_gateway
+
+from services.common.etcd_server import EtcdServer
+from services.common.grpc_utils import insecure_channel
+from services.common.proto import worker_pb2 as pb
+from services.common.proto import worker_pb2_grpc as pb_grpc
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.asyncio]
+
+TOKEN = "s3cret-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+_n = 0
+
+
+@pytest.fixture(scope="module")
+def etcd():
+    with EtcdServer() as server:
+        yield server
+
+
+def _cluster() -> str:
+    global _n
+    _n += 1
+    return f"adm{_n}"
+
+
+async def _until(pred, timeout: float = 10.0, what: str = "condition") -> None:
+    for _ in range(int(timeout / 0.05)):
+        if pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} not reached in {timeout}s")
+
+
+@pytest_asyncio.fixture
+async def two(etcd, tmp_path):
+    """Two mixed fake workers following their desired roles, and a router with a token."""
+    cluster = _cluster()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    engine = FakeEngine(step_s=0.02)
+    w1 = await start_fake_worker(etcd.endpoint, cluster, "w1", engine, watch_roles=True)
+    w2 = await start_fake_worker(etcd.endpoint, cluster, "w2", watch_roles=True)
+    gw = await start_gateway(etcd.endpoint, cluster, admin_token_file=str(token_file))
+    pool = gw.gateway.pool
+    await _until(lambda: len(pool.candidates()) == 2, what="two usable workers")
+    async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
+        yield client, w1, w2, gw
+    await asyncio.wait_for(gw.stop(), 15)
+    await asyncio.wait_for(w1.stop(), 15)
+    await asyncio.wait_for(w2.stop(), 15)
+
+
+async def test_admin_needs_the_token(two) -> None:
+    c, *_ = two
+    assert (await c.get("/admin/status")).status_code == 401
+    r = await c.get("/admin/status", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    r = await c.get("/admin/status", headers={"Authorization": f"Basic {TOKEN}"})
+    assert r.status_code == 401
+    assert (await c.get("/admin/status", headers=AUTH)).status_code == 200
+
+
+async def test_admin_disabled_without_a_token(etcd, monkeypatch) -> None:
+    monkeypatch.delenv("EPDSERVE_ADMIN_TOKEN", raising=False)
+    gw = await start_gateway(etcd.endpoint, _cluster())
+    try:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
+            r = await c.get("/admin/status", headers=AUTH)
+            assert r.status_code == 403 and "admin API disabled" in r.json()["error"]["message"]
+    finally:
+        await gw.stop()
+
+
+async def test_status_set_role_errors_and_convergence(two) -> None:
+    c, w1, w2, gw = two
+    st = (await c.get("/admin/status", headers=AUTH)).json()
+    rows = {w["id"]: w for w in st["workers"]}
+    assert set(rows) == {"w1", "w2"}
+    assert rows["w1"]["role"] == "mixed" and rows["w1"]["state"] == "serving"
+    assert rows["w1"]["epoch"] == 1 and rows["w1"]["address"] == w1.address
+    assert st["rebalancer"]["policy"] == "static" and st["rebalancer"]["leader"] in (True, False)
+
+    r = await c.post("/admin/workers/nope/role", json={"role": "decode"}, headers=AUTH)
+    assert r.status_code == 404 and "unknown worker" in r.json()["error"]["message"]
+    r = await c.post("/admin/workers/w1/role", json={"role": "chef"}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_role"
+
+    # A request in flight on w1 finishes during the flip; the flip waits for it.
+    long_req = asyncio.create_task(
+        c.post("/v1/completions", json={"model": "fake-model", "prompt": "a", "max_tokens": 40})
+    )
+    await _until(lambda: w1.servicer.state.inflight or w2.servicer.state.inflight)
+    busy, idle = (w1, w2) if w1.servicer.state.inflight else (w2, w1)
+    r = await c.post(f"/admin/workers/{busy.servicer.state.instance_id}/role",
+                     json={"role": "decode"}, headers=AUTH)  # fmt: skip
+    assert r.status_code == 200, r.text
+    await _until(lambda: busy.servicer.state.flipping, what="flip start")
+    handle = gw.gateway.pool.handles[busy.servicer.state.instance_id]
+    await _until(lambda: not handle.usable_for("mixed"), what="router sees the flip")
+    # New requests go to the other worker while the busy one drains.
+    started = len(idle.engine.started)
+    r2 = await c.post(
+        "/v1/completions", json={"model": "fake-model", "prompt": "b", "max_tokens": 2}
+    )
+    assert r2.status_code == 200 and len(idle.engine.started) == started + 1
+    done = await long_req
+    assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] == "length"
+    await _until(lambda: busy.servicer.state.role == "decode", what="role switch")
+    assert busy.servicer.state.role_epoch == 2
+
+    async def shown() -> dict:
+        st = (await c.get("/admin/status", headers=AUTH)).json()
+        return {w["id"]: w for w in st["workers"]}[busy.servicer.state.instance_id]
+
+    for _ in range(100):
+        row = await shown()
+        if row["role"] == "decode" and row["state"] == "serving":
+            break
+        await asyncio.sleep(0.05)
+    assert row["role"] == "decode" and row["epoch"] == 2 and row["desired_role"] == "decode"
+
+    # The other worker is the last mixed one: moving or draining it is refused.
+    iid = idle.servicer.state.instance_id
+    r = await c.post(f"/admin/workers/{iid}/role", json={"role": "prefill"}, headers=AUTH)
+    assert r.status_code == 409 and "no mixed worker" in r.json()["error"]["message"]
+    r = await c.post(f"/admin/workers/{iid}/drain", json={}, headers=AUTH)
+    assert r.status_code == 409
+    assert idle.servicer.state.role == "mixed" and not idle.servicer.state.draining
+
+
+async def test_drain_timeout_aborts_with_a_clear_error(etcd) -> None:
+    cluster = _cluster()
+    w = await start_fake_worker(etcd.endpoint, cluster, "w1", FakeEngine(step_s=0.05),
+                                role_drain_timeout_s=0.3)  # fmt: skip
+    try:
+        async with insecure_channel(w.address) as ch:
+            stub = pb_grpc.WorkerServiceStub(ch)
+            req = pb.GenerateRequest(request_id="r1", prompt_token_ids=[1],
+                                     params=pb.SamplingParams(max_tokens=100))  # fmt: skip
+            call = stub.Generate(req, timeout=20)
+            await call.read()
+            r = await stub.SetRole(pb.SetRoleRequest(role=pb.ROLE_DECODE), timeout=10)
+            assert r.role_epoch == 2
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                while await call.read() is not grpc.aio.EOF:
+                    pass
+            assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "changed role to decode" in ei.value.details()
+    finally:
+        await w.stop()
+
+
+async def test_stale_epoch_is_refused_and_rerouted(two) -> None:
+    c, w1, w2, gw = two
+    pool = gw.gateway.pool
+    # Freeze the router's view of w1 (no more load reports), then move w1 to epoch 2 without
+    # telling etcd: the router still stamps epoch 1.
+    task = pool.handles["w1"]._task
+    assert task is not None
+    task.cancel()
+    w1.servicer.state.on_change = lambda: None
+    w1.servicer.state.role_epoch = 2
+    async with insecure_channel(w1.address) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            call = pb_grpc.WorkerServiceStub(ch).Generate(
+                pb.GenerateRequest(request_id="x", prompt_token_ids=[1], role_epoch=1,
+                                   params=pb.SamplingParams(max_tokens=1)), timeout=5,
+            )  # fmt: skip
+            async for _ in call:
+                pass
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert ei.value.details().startswith("stale role epoch")
+    n1, n2 = len(w1.engine.started), len(w2.engine.started)
+    req = {"model": "fake-model", "prompt": "a", "max_tokens": 1}
+    for _ in range(4):  # round robin: w1 refuses (stale), the router re-routes to w2
+        assert (await c.post("/v1/completions", json=req)).status_code == 200
+    assert len(w1.engine.started) == n1 and len(w2.engine.started) == n2 + 4
+    assert pool.handles["w1"].stale_epoch == 1 and not pool.handles["w1"].usable_for("mixed")
+
+
+async def test_desired_role_followed_across_an_etcd_restart() -> None:
+    from services.router.role_store import RoleStore, RoleStoreError
+
+    with EtcdServer() as etcd:
+        cluster = _cluster()
+        w = await start_fake_worker(etcd.endpoint, cluster, "w1", watch_roles=True)
+        store = RoleStore([etcd.endpoint], cluster)
+        try:
+            await store.set("w1", "prefill")
+            await _until(lambda: w.servicer.state.role == "prefill", what="first change")
+            await asyncio.to_thread(etcd.restart, 1.0)
+            for _ in range(50):  # written after the outage: the worker's watch resumed
+                try:
+                    await store.set("w1", "decode")
+                    break
+                except RoleStoreError:  # etcd still coming up
+                    await asyncio.sleep(0.2)
+            await _until(lambda: w.servicer.state.role == "decode", 20, "change after restart")
+            assert w.servicer.state.role_epoch == 3
+            assert await store.all() == {"w1": "decode"}
+            # Garbage in the key is ignored, the role stays.
+            await store.set("w1", "chef")
+            await asyncio.sleep(0.5)
+            assert w.servicer.state.role == "decode"
+        finally:
+            await w.stop()
