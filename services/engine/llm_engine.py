@@ -340,6 +340,11 @@ class LLMEngine:
         seq = self.reserved.pop(request_id)
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.block_manager.cache_full_blocks(seq)
+        if seq.generator is not None and not seq.params.greedy:
+            # The prefill side drew the first token from a generator seeded like this one:
+            # consume the same draw, so that seeded sampling in PD mode gives the tokens
+            # of a co-located run.
+            self.sampler.skip_draw(seq.generator, self.runner.model.lm_head.out_features)
         req = _Request(
             request_id,
             seq.prompt_token_ids,

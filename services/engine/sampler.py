@@ -48,6 +48,12 @@ class Sampler:
                 logprobs[i] = TokenLogprobs(tokens[i], float(raw_lp[i, tokens[i]]), top)
         return SampleResult(tokens, logprobs)
 
+    @staticmethod
+    def skip_draw(generator: torch.Generator, vocab_size: int) -> None:
+        """Advance ``generator`` exactly as one seeded sampling step does (the draw's random
+        consumption does not depend on the probabilities)."""
+        torch.multinomial(torch.ones(vocab_size), 1, generator=generator)
+
     def _apply_penalties(self, row: torch.Tensor, seq: Sequence) -> None:
         p = seq.params
         if p.repetition_penalty != 1.0:

@@ -153,3 +153,31 @@ def test_kv_export_import_between_engines(tiny_model_dir, references):
     for engine in (a.engine, b.engine):
         engine.block_manager.check_invariants()
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_seeded_sampling_survives_kv_handoff(tiny_model_dir):
+    """PD with temperature sampling and a seed: the decode engine continues the generator
+    where the prefill engine's first draw left it, so tokens equal a one-engine run."""
+    model = str(tiny_model_dir("llama"))
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=11, max_tokens=10, ignore_eos=True)
+    prompt = prompts_of_mixed_lengths()[3]
+    expected = LLM(model, block_size=4).generate([prompt], params)[0].outputs[0].token_ids
+    a = LLM(model, block_size=4).engine
+    b = LLM(model, block_size=4).engine
+    first_params = SamplingParams(temperature=1.0, top_p=0.95, seed=11, max_tokens=1)
+    a.add_request("r", prompt, first_params, hold_kv=True)
+    first = None
+    while a.has_unfinished_requests():
+        for out in a.step():
+            first = out.outputs[0].token_ids[0]
+    blocks, _ = a.held_blocks("r")
+    data = a.read_kv(blocks)
+    a.release_held("r")
+    dst, cached = b.reserve("r", prompt, params)
+    assert cached == 0
+    b.write_kv(dst, data[:, :, : len(dst)])
+    tokens = list(b.start_reserved("r", first).outputs[0].token_ids)
+    while b.has_unfinished_requests():
+        for out in b.step():
+            tokens.extend(out.outputs[0].token_ids)
+    assert tokens == expected
