@@ -49,8 +49,9 @@ def _bare_receiver(nbytes: int, conn) -> None:
     conn.recv()  # until the sender is done
 
 
-def bare_transfer(nbytes: int, repeats: int = 3) -> float:
-    """Best bytes/s of one batch write of ``nbytes`` (after a warm-up write)."""
+def bare_transfer(nbytes: int, pieces: int, repeats: int = 3) -> tuple[float, float]:
+    """Best bytes/s of one write of ``nbytes`` and of ``pieces`` separate writes of the same
+    bytes (the per-layer pattern of a PD push), after a warm-up write."""
     import torch
     from mooncake.engine import TransferEngine
 
@@ -69,9 +70,19 @@ def bare_transfer(nbytes: int, repeats: int = 3) -> float:
         t = time.perf_counter()
         assert te.transfer_sync_write(session, src.data_ptr(), remote, nbytes) == 0
         best = max(best, nbytes / (time.perf_counter() - t))
+    piece = nbytes // pieces
+    best_pieces = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in range(pieces):
+            off = i * piece
+            assert te.batch_transfer_sync_write(
+                session, [src.data_ptr() + off], [remote + off], [piece]
+            ) == 0
+        best_pieces = max(best_pieces, piece * pieces / (time.perf_counter() - t))
     parent.send("done")
     proc.join(10)
-    return best
+    return best, best_pieces
 
 
 def main() -> int:
@@ -107,7 +118,10 @@ def main() -> int:
         return 1
     in_request = nbytes / seconds
     per_request = int(nbytes / args.num_prompts)
-    bare = bare_transfer(per_request)
+    from services.engine.model_loader import load_hf_config, resolve_model
+
+    layers = int(load_hf_config(resolve_model(args.model)).num_hidden_layers)
+    bare, bare_layered = bare_transfer(per_request, pieces=layers)
     result = {
         "input_len": args.input_len,
         "num_prompts": args.num_prompts,
@@ -115,6 +129,8 @@ def main() -> int:
         "in_request_GBps": in_request / 1e9,
         "bare_GBps": bare / 1e9,
         "ratio": in_request / bare,
+        "bare_per_layer_writes_GBps": bare_layered / 1e9,
+        "ratio_vs_per_layer_writes": in_request / bare_layered,
         "requests_wall_s": wall,
         "failures": m.get("epdserve:kv_transfer_failures_total", 0.0),
     }
