@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -59,10 +60,12 @@ def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-def sampling_from_anthropic(body: dict[str, Any]) -> SamplingParams:
+def sampling_from_anthropic(
+    body: dict[str, Any], max_tokens_limit: int | None = None
+) -> SamplingParams:
     try:
         return SamplingParams(
-            max_tokens=get_int(body, "max_tokens", None, 1),
+            max_tokens=get_int(body, "max_tokens", None, 1, max_tokens_limit),
             temperature=get_number(body, "temperature", 1.0, 0.0, 1.0),  # type: ignore[arg-type]
             top_p=get_number(body, "top_p", 1.0, 0.0, 1.0),  # type: ignore[arg-type]
             top_k=get_int(body, "top_k", -1, -1) or -1,
@@ -93,13 +96,14 @@ def _usage(u: Usage) -> dict[str, int]:
 async def handle(gw: Gateway, request: Request) -> Response:
     started = time.monotonic()
     try:
-        body = await read_json_object(request)
+        body = await read_json_object(request, gw.cfg.max_body_bytes)
         get(body, "max_tokens", int, required=True)
         model, max_len = gw.resolve_model(get(body, "model", str, required=True))
         stream = get(body, "stream", bool, False)
-        params = sampling_from_anthropic(body)
+        params = sampling_from_anthropic(body, gw.cfg.max_tokens_limit)
         prompt = gw.tokenizer.apply_chat_template(parse_messages(body))
         check_context(len(prompt), params.max_tokens, max_len)
+        ticket = gw.admission.admit(len(prompt))
     except APIError as err:
         gw.metrics.count_request("messages", err.status)
         return err.anthropic_response()
@@ -109,23 +113,29 @@ async def handle(gw: Gateway, request: Request) -> Response:
         try:
             first = await until_disconnect(request, anext(gen))
         except StopAsyncIteration:
+            ticket.release()
             gw.metrics.count_request("messages", 500)
             return APIError(500, "the worker ended the request without output").anthropic_response()
         except APIError as err:
+            ticket.release()
             gw.metrics.count_request("messages", err.status)
             await gen.aclose()
             return err.anthropic_response()
         except BaseException:
+            ticket.release()
             await gen.aclose()
             raise
         return StreamingResponse(
-            _stream(gw, mid, model, first, gen, started), media_type="text/event-stream"
-        )
+            _stream(gw, mid, model, first, gen, started), media_type="text/event-stream",
+            background=BackgroundTask(ticket.release),
+        )  # fmt: skip
     try:
         result = await until_disconnect(request, _collect(gw, mid, model, gen, started))
     except APIError as err:
         gw.metrics.count_request("messages", err.status)
         return err.anthropic_response()
+    finally:
+        ticket.release()
     gw.metrics.count_request("messages", 200)
     return JSONResponse(result)
 

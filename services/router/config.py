@@ -73,6 +73,32 @@ class RouterConfig:
         },
     )
 
+    api_keys_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "file of the gateway's API keys, one per line (else env EPDSERVE_API_KEYS, "
+            "comma-separated; neither: the API is open)"
+        },
+    )
+    max_body_bytes: int = field(
+        default=4 * 1024 * 1024, metadata={"help": "largest request body accepted (else 413)"}
+    )
+    max_n: int = field(default=16, metadata={"help": "largest 'n' (choices per prompt) accepted"})
+    max_tokens_limit: int | None = field(
+        default=None,
+        metadata={"help": "largest max_tokens accepted (always also capped by the context)"},
+    )
+    max_prompts: int = field(
+        default=64, metadata={"help": "most prompts in one /v1/completions request"}
+    )
+    max_queued_tokens: int = field(
+        default=262144,
+        metadata={
+            "help": "prompt tokens of admitted, unfinished requests the router holds at most; "
+            "more: 429 with Retry-After"
+        },
+    )
+
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
@@ -92,6 +118,11 @@ class RouterConfig:
             raise ValueError("--etcd needs at least one host:port")
         if self.rebalance_interval_s <= 0:
             raise ValueError("rebalance_interval_s must be > 0")
+        for name in ("max_body_bytes", "max_n", "max_prompts", "max_queued_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
+            raise ValueError("max_tokens_limit must be >= 1 when set")
         _ = self.governor_config  # validates hysteresis, cooldown and cap
         create_rebalance_policy(self.rebalance_policy, **self.rebalance_param_dict)
 

@@ -9,9 +9,11 @@ from starlette.responses import JSONResponse
 # HTTP status -> Anthropic error type (https://docs.anthropic.com/en/api/errors)
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
+    401: "authentication_error",
     404: "not_found_error",
     408: "timeout_error",
     413: "request_too_large",
+    429: "rate_limit_error",
     500: "api_error",
     503: "overloaded_error",
     504: "timeout_error",
@@ -19,8 +21,11 @@ _ANTHROPIC_TYPES = {
 # HTTP status -> OpenAI error type
 _OPENAI_TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
     404: "invalid_request_error",
     408: "timeout",
+    413: "invalid_request_error",
+    429: "rate_limit_exceeded",
     500: "internal_error",
     503: "service_unavailable",
     504: "timeout",
@@ -28,16 +33,19 @@ _OPENAI_TYPES = {
 
 
 class APIError(Exception):
-    """An error to report to the client with ``status``; ``param``/``code`` as OpenAI has them."""
+    """An error to report to the client with ``status``; ``param``/``code`` as OpenAI has them;
+    ``headers`` go on the response (e.g. ``Retry-After``)."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
-    ) -> None:
+        self, status: int, message: str, param: str | None = None, code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
     def openai_body(self) -> dict[str, Any]:
         return {
@@ -59,10 +67,10 @@ class APIError(Exception):
         }
 
     def openai_response(self) -> JSONResponse:
-        return JSONResponse(self.openai_body(), status_code=self.status)
+        return JSONResponse(self.openai_body(), status_code=self.status, headers=self.headers)
 
     def anthropic_response(self) -> JSONResponse:
-        return JSONResponse(self.anthropic_body(), status_code=self.status)
+        return JSONResponse(self.anthropic_body(), status_code=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

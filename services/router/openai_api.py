@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -23,11 +24,16 @@ if TYPE_CHECKING:
     from services.router.server import Gateway
 
 
-def sampling_from_openai(body: dict[str, Any], *, chat: bool) -> SamplingParams:
+def sampling_from_openai(
+    body: dict[str, Any], *, chat: bool, max_n: int = 64, max_tokens_limit: int | None = None
+) -> SamplingParams:
     """SamplingParams from OpenAI fields (plus vLLM-style extensions); 400 on bad values."""
-    max_tokens = get_int(body, "max_completion_tokens", None, 1) if chat else None
+    max_tokens = get_int(body, "max_completion_tokens", None, 1, max_tokens_limit) if chat else None
     if max_tokens is None:
-        max_tokens = get_int(body, "max_tokens", None if chat else 16, 1)
+        default = None if chat else min(16, max_tokens_limit or 16)
+        max_tokens = get_int(body, "max_tokens", default, 1, max_tokens_limit)
+    if max_tokens is None:
+        max_tokens = max_tokens_limit  # chat without a bound: the router's limit, if any
     if chat:
         want = get(body, "logprobs", bool, False)
         top = get_int(body, "top_logprobs", None, 0, 20)
@@ -41,7 +47,7 @@ def sampling_from_openai(body: dict[str, Any], *, chat: bool) -> SamplingParams:
         raise bad_request("'stop_token_ids' must be an array of integers", param="stop_token_ids")
     try:
         return SamplingParams(
-            n=get_int(body, "n", 1, 1, 64) or 1,
+            n=get_int(body, "n", 1, 1, max_n) or 1,
             temperature=get_number(body, "temperature", 1.0, 0.0, 2.0),  # type: ignore[arg-type]
             top_p=get_number(body, "top_p", 1.0, 0.0, 1.0),  # type: ignore[arg-type]
             top_k=get_int(body, "top_k", -1, -1) or -1,
@@ -114,6 +120,11 @@ def completion_prompts(gw: Gateway, body: dict[str, Any]) -> list[list[int]]:
         return [gw.tokenizer.encode(prompt)]
     if not prompt:
         raise bad_request("'prompt' must not be empty", param="prompt")
+    if isinstance(prompt[0], (str, list)) and len(prompt) > gw.cfg.max_prompts:
+        raise bad_request(
+            f"'prompt' holds {len(prompt)} prompts; at most {gw.cfg.max_prompts} are accepted",
+            param="prompt",
+        )
     if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return [list(prompt)]
     if all(isinstance(p, str) for p in prompt):
@@ -162,20 +173,23 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
     api = "chat" if chat else "completions"
     started = time.monotonic()
     try:
-        body = await read_json_object(request)
+        body = await read_json_object(request, gw.cfg.max_body_bytes)
         model, max_len = gw.resolve_model(get(body, "model", str, required=True))
         stream = get(body, "stream", bool, False)
         opts = get(body, "stream_options", dict, {}) or {}
         include_usage = bool(opts.get("include_usage", False))
         if not chat and get(body, "echo", bool, False):
             raise bad_request("'echo' is not supported", param="echo")
-        params = sampling_from_openai(body, chat=chat)
+        params = sampling_from_openai(
+            body, chat=chat, max_n=gw.cfg.max_n, max_tokens_limit=gw.cfg.max_tokens_limit
+        )
         prompts = (
             [gw.tokenizer.apply_chat_template(chat_messages(body))] if chat
             else completion_prompts(gw, body)
         )  # fmt: skip
         for p in prompts:
             check_context(len(p), params.max_tokens, max_len)
+        ticket = gw.admission.admit(sum(len(p) for p in prompts))
     except APIError as err:
         gw.metrics.count_request(api, err.status)
         return err.openai_response()
@@ -194,24 +208,30 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
             # (no worker, rejected by the engine) still get their HTTP status.
             first = await until_disconnect(request, anext(merged))
         except StopAsyncIteration:
+            ticket.release()
             gw.metrics.count_request(api, 500)
             return APIError(500, "the worker ended the request without output").openai_response()
         except APIError as err:
+            ticket.release()
             gw.metrics.count_request(api, err.status)
             await merged.aclose()
             return err.openai_response()
         except BaseException:
+            ticket.release()
             await merged.aclose()
             raise
+        # NOTE: the background task runs even when the client leaves before the body starts.
         return StreamingResponse(
             _stream(ctx, merged, first, include_usage), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
+            headers={"Cache-Control": "no-cache"}, background=BackgroundTask(ticket.release),
         )  # fmt: skip
     try:
         result = await until_disconnect(request, _collect(ctx, streams))
     except APIError as err:
         gw.metrics.count_request(api, err.status)
         return err.openai_response()
+    finally:
+        ticket.release()
     gw.metrics.count_request(api, 200)
     return JSONResponse(result)
 

@@ -20,10 +20,13 @@ from starlette.routing import Route
 from services.common.membership import MembershipWatcher
 from services.router import anthropic_api, openai_api
 from services.router.admin import admin_routes, load_admin_token
+from services.router.admission import AdmissionControl
+from services.router.auth import check_api_key, load_api_keys
 from services.router.config import RouterConfig
 from services.router.errors import APIError, ClientDisconnected
 from services.router.leader import LeaderElection
 from services.router.metrics import API_OF_PATH, RouterMetrics
+from services.router.openapi import openapi_document
 from services.router.orchestrator import Orchestrator
 from services.router.policies.factory import create_policy
 from services.router.rebalancer import Rebalancer
@@ -49,6 +52,8 @@ class Gateway:
         self.watcher.add_listener(self.pool.on_membership)
         self.started_at = int(time.time())
         self.admin_token = load_admin_token(cfg.admin_token_file)
+        self.api_keys = load_api_keys(cfg.api_keys_file)  # NOTE: never logged
+        self.admission = AdmissionControl(cfg.max_queued_tokens)
         identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.rebalancer = Rebalancer(
             self.pool, RoleStore(cfg.etcd_endpoints, cfg.cluster), self.metrics.rebalance,
@@ -92,11 +97,17 @@ class Gateway:
 
 
 def _guard(
-    fn: Callable[[Gateway, Request], Awaitable[Response]], anthropic: bool = False
+    fn: Callable[[Gateway, Request], Awaitable[Response]],
+    anthropic: bool = False,
+    auth: bool = True,
 ) -> Callable[[Request], Awaitable[Response]]:
+    """Errors in the API's own format; with ``auth``, the API key is checked first."""
+
     async def endpoint(request: Request) -> Response:
         gw: Gateway = request.app.state.gateway
         try:
+            if auth:
+                check_api_key(gw.api_keys, request)
             return await fn(gw, request)
         except ClientDisconnected:
             if request.url.path in API_OF_PATH:
@@ -144,6 +155,10 @@ async def _health(gw: Gateway, request: Request) -> Response:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
+async def _openapi(gw: Gateway, request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
 async def _metrics(gw: Gateway, request: Request) -> Response:
     gw.metrics.update_pool(gw.pool)
     return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -163,8 +178,10 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/v1/completions", _guard(_completions), methods=["POST"]),
         Route("/v1/messages", _guard(anthropic_api.handle, anthropic=True), methods=["POST"]),
         Route("/v1/models", _guard(_models), methods=["GET"]),
-        Route("/health", _guard(_health), methods=["GET"]),
-        Route("/metrics", _guard(_metrics), methods=["GET"]),
+        # NOTE: probes and scrapers carry no API key; /admin checks its own token.
+        Route("/health", _guard(_health, auth=False), methods=["GET"]),
+        Route("/metrics", _guard(_metrics, auth=False), methods=["GET"]),
+        Route("/openapi.json", _guard(_openapi, auth=False), methods=["GET"]),
         *admin_routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -7,14 +7,34 @@ from typing import Any
 
 from starlette.requests import Request
 
-from services.router.errors import bad_request
+from services.router.errors import APIError, bad_request
 
 _MISSING = object()
 
 
-async def read_json_object(request: Request) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 for malformed JSON / a non-object."""
-    raw = await request.body()
+async def read_body(request: Request, max_bytes: int | None) -> bytes:
+    """The raw body, or a 413 once it passes ``max_bytes`` (declared or actually sent)."""
+    if max_bytes is None:
+        return await request.body()
+    too_large = APIError(
+        413, f"request body exceeds the limit of {max_bytes} bytes", code="request_too_large"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large  # NOTE: stop reading: a huge body is never held in memory
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json_object(request: Request, max_bytes: int | None = None) -> dict[str, Any]:
+    """The body as a JSON object, or a 413 past ``max_bytes``, a 400 for malformed JSON /
+    a non-object."""
+    raw = await read_body(request, max_bytes)
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

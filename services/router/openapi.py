@@ -1,0 +1,221 @@
+"""The gateway's OpenAPI 3 document, served at /openapi.json (written by hand, kept small)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_STR_OR_STRS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+_TEXT_PARTS = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["type", "text"],
+        "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+    },
+}
+_SAMPLING: dict[str, Any] = {
+    "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+    "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "top_k": {"type": "integer", "minimum": -1},
+    "min_p": {"type": "number", "minimum": 0, "maximum": 1},
+    "n": {"type": "integer", "minimum": 1},
+    "seed": {"type": "integer"},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
+    "repetition_penalty": {"type": "number", "minimum": 0, "maximum": 10},
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "min_tokens": {"type": "integer", "minimum": 0},
+    "stop": _STR_OR_STRS,
+    "stop_token_ids": {"type": "array", "items": {"type": "integer"}},
+    "ignore_eos": {"type": "boolean"},
+    "stream": {"type": "boolean"},
+    "stream_options": {
+        "type": "object", "properties": {"include_usage": {"type": "boolean"}},
+    },
+}  # fmt: skip
+
+_CHAT_REQUEST = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string"},
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["role"],
+                "properties": {
+                    "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+                    "content": {"oneOf": [{"type": "string"}, _TEXT_PARTS]},
+                },
+            },
+        },
+        **_SAMPLING,
+        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "logprobs": {"type": "boolean"},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+    },
+}
+_COMPLETION_REQUEST = {
+    "type": "object",
+    "required": ["model", "prompt"],
+    "properties": {
+        "model": {"type": "string"},
+        "prompt": {
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+                {
+                    "type": "array", "minItems": 1,
+                    "items": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                },
+            ]
+        },
+        **_SAMPLING,
+        "logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+        "echo": {"type": "boolean", "enum": [False]},
+    },
+}  # fmt: skip
+_MESSAGES_REQUEST = {
+    "type": "object",
+    "required": ["model", "messages", "max_tokens"],
+    "properties": {
+        "model": {"type": "string"},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "system": {"oneOf": [{"type": "string"}, _TEXT_PARTS]},
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {
+                    "role": {"type": "string", "enum": ["user", "assistant"]},
+                    "content": {"oneOf": [{"type": "string"}, _TEXT_PARTS]},
+                },
+            },
+        },
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": -1},
+        "stop_sequences": {"type": "array", "items": {"type": "string"}},
+        "stream": {"type": "boolean"},
+    },
+}
+
+_OPENAI_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+_ANTHROPIC_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"type": "string", "enum": ["error"]},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "400": _json(schema, "invalid request"),
+        "401": _json(schema, "missing or wrong API key"),
+        "404": _json(schema, "unknown model"),
+        "413": _json(schema, "request body too large"),
+        "429": _json(schema, "too many queued prompt tokens; see Retry-After"),
+        "503": _json(schema, "no worker can serve the model"),
+        "504": _json(schema, "the generation timed out"),
+    }
+
+
+def _generate(summary: str, request: dict[str, Any], error: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "security": [{"bearer": []}, {"apiKey": []}],
+            "requestBody": {
+                "required": True, "content": {"application/json": {"schema": request}},
+            },
+            "responses": {
+                "200": {
+                    "description": "the result (JSON), or server-sent events with stream=true",
+                    "content": {"application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": {"type": "string"}}},
+                },
+                **_errors(error),
+            },
+        }
+    }  # fmt: skip
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the gateway's public API (not /admin, not /metrics)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "epdserve gateway", "version": "1"},
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            }
+        },
+        "paths": {
+            "/v1/chat/completions": _generate(
+                "OpenAI chat completion", _CHAT_REQUEST, _OPENAI_ERROR
+            ),
+            "/v1/completions": _generate("OpenAI completion", _COMPLETION_REQUEST, _OPENAI_ERROR),
+            "/v1/messages": _generate("Anthropic message", _MESSAGES_REQUEST, _ANTHROPIC_ERROR),
+            "/v1/models": {
+                "get": {
+                    "summary": "models the cluster serves",
+                    "security": [{"bearer": []}, {"apiKey": []}],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["object", "data"],
+                                "properties": {
+                                    "object": {"type": "string"},
+                                    "data": {"type": "array"},
+                                },
+                            },
+                            "the model list",
+                        ),
+                        "401": _json(_OPENAI_ERROR, "missing or wrong API key"),
+                    },
+                }  # fmt: skip
+            },
+            "/health": {
+                "get": {
+                    "summary": "whether some worker can serve (no API key needed)",
+                    "responses": {
+                        "200": _json({"type": "object"}, "healthy"),
+                        "503": _json({"type": "object"}, "no usable worker"),
+                    },
+                }
+            },
+        },
+    }
