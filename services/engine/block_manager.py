@@ -30,6 +30,12 @@ def hash_block(parent_hash: int, token_ids: list[int] | tuple[int, ...]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+def chain_root(seq: Sequence) -> int:
+    """Seed of ``seq``'s hash chain: ``ROOT_HASH`` for text; mixed with the image hashes for
+    a prompt with images, whose pad tokens alone do not say which image they stand for."""
+    return seq.mm.hash_root if seq.mm is not None else ROOT_HASH
+
+
 def hash_prompt_blocks(token_ids: list[int], block_size: int) -> list[int]:
     """Chained hashes of every full block of ``token_ids``."""
     hashes: list[int] = []
@@ -116,7 +122,7 @@ class BlockManager:
         max_blocks = (seq.num_tokens - 1) // bs
         ids: list[int] = []
         hashes: list[int] = []
-        parent = ROOT_HASH
+        parent = chain_root(seq)
         for i in range(max_blocks):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             parent = hash_block(parent, tokens)
@@ -206,7 +212,7 @@ class BlockManager:
         bs = self.block_size
         num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
         stored: list[int] = []
-        parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
+        parent = seq.block_hashes[-1] if seq.block_hashes else chain_root(seq)
         for i in range(len(seq.block_hashes), num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             parent = hash_block(parent, tokens)

@@ -28,11 +28,13 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[int] | list[str] | list[list[int]],
+        prompts: str | list[int] | dict[str, Any] | list[Any],
         params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Prompts are strings or token-id lists; outputs come back in the same order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Prompts are strings, token-id lists or vLLM-style dicts (``{"prompt_token_ids" or
+        "prompt": ..., "multi_modal_data": {"image": [PIL.Image, ...]}}``, see
+        ``multimodal.parse_prompt``); outputs come back in the same order."""
+        if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):

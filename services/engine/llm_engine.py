@@ -18,6 +18,7 @@ from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.model_loader import load_hf_config, resolve_model, served_name
 from services.engine.model_runner import ModelRunner
 from services.engine.models.registry import resolve_model_class
+from services.engine.multimodal import ImageInputs, MultiModalState, build_state, parse_prompt
 from services.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
@@ -71,7 +72,9 @@ class LLMEngine:
         self.hf_config = load_hf_config(self.model_path)
         resolve_model_class(self.hf_config)  # fail fast, before loading anything heavy
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        model_max = int(getattr(self.hf_config, "max_position_embeddings", MAX_DEFAULT_MODEL_LEN))
+        # Vision-language configs keep the language model's settings in text_config.
+        text_config = getattr(self.hf_config, "text_config", self.hf_config)
+        model_max = int(getattr(text_config, "max_position_embeddings", MAX_DEFAULT_MODEL_LEN))
         if config.max_model_len is not None and config.max_model_len > model_max:
             raise ValueError(
                 f"max_model_len {config.max_model_len} exceeds the model's "
@@ -146,7 +149,7 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt: str | list[int],
+        prompt: str | list[int] | dict[str, Any],
         params: SamplingParams,
         hold_kv: bool = False,
     ) -> None:
@@ -154,9 +157,15 @@ class LLMEngine:
         ``release_held`` (the prefill side of PD reads them out first)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        ids = self.tokenize(prompt)
+        text, images = parse_prompt(prompt)
+        ids = self.tokenize(text)
+        mm = None
+        if images is not None:
+            ids, mm = self._multimodal_state(ids, images)
         self.validate(ids, params)
         seqs = [Sequence(request_id, ids, params, index=i) for i in range(params.n)]
+        for seq in seqs:
+            seq.mm = mm
         detoks = [self._detokenizer(ids, params) for _ in seqs]
         req = _Request(request_id, ids, params, seqs, detoks, hold_kv=hold_kv)
         req.reported_tokens = [0] * params.n
@@ -166,6 +175,14 @@ class LLMEngine:
         for seq in seqs[: 1 if req.pending else params.n]:
             self.scheduler.add(seq)
         self.requests[request_id] = req
+
+    def _multimodal_state(
+        self, ids: list[int], images: ImageInputs
+    ) -> tuple[list[int], MultiModalState]:
+        model: Any = self.runner.model
+        if not getattr(model, "is_multimodal", False):
+            raise ValueError("this model does not take images")
+        return build_state(ids, images, int(model.image_token_id), int(model.spatial_merge_size))
 
     def _detokenizer(self, ids: list[int], params: SamplingParams) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(

@@ -14,6 +14,7 @@ from services.engine.kv_layout import KVLayout
 from services.engine.layers.attention import AttentionMetadata, PrefillSegment, TorchAttention
 from services.engine.model_loader import iter_safetensors
 from services.engine.models.registry import resolve_model_class
+from services.engine.multimodal import prepare_batch
 from services.engine.platforms import DTYPES, free_device_memory, get_device
 from services.engine.scheduler import ScheduledSeq
 
@@ -145,11 +146,13 @@ class ModelRunner:
             meta.decode_mask = (
                 torch.arange(max_blocks * bs, device=dev)[None, :] < ctx_lens[:, None]
             )[:, None, None, :]
-        hidden = self.model(
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(pos, dtype=torch.long, device=dev),
-            meta,
-        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        if getattr(self.model, "is_multimodal", False):
+            positions, embeds = prepare_batch(self.model, decodes, prefills, input_ids)
+            hidden = self.model(input_ids, positions, meta, inputs_embeds=embeds)
+        else:
+            positions = torch.tensor(pos, dtype=torch.long, device=dev)
+            hidden = self.model(input_ids, positions, meta)
         rows = [sample_rows[s.seq.seq_id] for s in scheduled if s.samples]
         if not rows:
             return torch.empty(0, 0)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import itertools
 import time
 from enum import Enum, auto
+from typing import TYPE_CHECKING
 
 import torch
 
 from services.engine.outputs import TokenLogprobs
 from services.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from services.engine.multimodal import MultiModalState
 
 _seq_counter = itertools.count()
 
@@ -59,6 +63,8 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(params.seed + index * 1_000_003)
         # Blocks the caller already filled with KV (imported from elsewhere): treated as computed.
         self.num_preloaded_tokens = 0
+        # Images of a vision-language prompt (M-RoPE positions, embeddings); None for text.
+        self.mm: MultiModalState | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

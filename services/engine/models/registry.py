@@ -6,12 +6,16 @@ from typing import Any
 
 from services.engine.models.llama import LlamaForCausalLM
 from services.engine.models.qwen2 import Qwen2ForCausalLM
+from services.engine.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from services.engine.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from services.engine.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
 }
 
 

@@ -1,0 +1,231 @@
+"""Image inputs of vision-language prompts: preprocessing, placeholder expansion, hashing.
+
+A prompt names each image with one ``<|image_pad|>`` token (as the chat template writes it);
+the engine expands it to ``t * h * w / merge**2`` pad tokens, one per vision embedding, and
+the language model takes the embeddings in place of the pad tokens' word embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ImageInputs:
+    """The processed images of one prompt."""
+
+    # [num_patches, C * T * P * P] float32, from the model's image processor.
+    pixel_values: torch.Tensor
+    # [num_images, 3] (t, h, w) patch grid of each image, before merging.
+    image_grid_thw: torch.Tensor
+
+    def tokens_per_image(self, merge: int) -> list[int]:
+        return [int(t * h * w) // merge**2 for t, h, w in self.image_grid_thw.tolist()]
+
+    def hashes(self) -> list[str]:
+        """A content hash per image (pixels and grid), for cache keys; equal placeholder
+        tokens of different images must never share cached KV blocks."""
+        out = []
+        offset = 0
+        for t, h, w in self.image_grid_thw.tolist():
+            n = int(t * h * w)
+            patch = self.pixel_values[offset : offset + n].contiguous().float()
+            offset += n
+            digest = hashlib.sha256(f"{t},{h},{w};".encode())
+            digest.update(patch.numpy().tobytes())
+            out.append(digest.hexdigest())
+        return out
+
+
+def preprocess_images(images: Sequence[Any], processor: Any | None = None) -> ImageInputs:
+    """Run the PIL Qwen2-VL image processor (torchvision is not needed)."""
+    if processor is None:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
+
+        processor = Qwen2VLImageProcessorPil()
+    out = processor(images=list(images), return_tensors="pt")
+    return ImageInputs(out["pixel_values"].float(), out["image_grid_thw"].long())
+
+
+def expand_image_placeholders(
+    token_ids: Sequence[int], image_token_id: int, tokens_per_image: Sequence[int]
+) -> list[int]:
+    """Replace the i-th single image-pad token with ``tokens_per_image[i]`` copies.
+
+    A prompt whose pad runs already have the expanded lengths (e.g. from the HF processor)
+    is returned unchanged.
+    """
+    runs = _runs(token_ids, image_token_id)
+    if [end - start for start, end in runs] == list(tokens_per_image):
+        return list(token_ids)
+    if len(runs) != len(tokens_per_image) or any(end - start != 1 for start, end in runs):
+        raise ValueError(
+            f"prompt has {len(runs)} image placeholders for {len(tokens_per_image)} images"
+        )
+    out: list[int] = []
+    prev = 0
+    for (start, _), n in zip(runs, tokens_per_image, strict=True):
+        out.extend(token_ids[prev:start])
+        out.extend([image_token_id] * n)
+        prev = start + 1
+    out.extend(token_ids[prev:])
+    return out
+
+
+def _runs(token_ids: Sequence[int], tok: int) -> list[tuple[int, int]]:
+    runs = []
+    i = 0
+    while i < len(token_ids):
+        if token_ids[i] == tok:
+            j = i
+            while j < len(token_ids) and token_ids[j] == tok:
+                j += 1
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    return runs
+
+
+def merge_embeddings(
+    inputs_embeds: torch.Tensor,
+    token_ids: torch.Tensor,
+    image_token_id: int,
+    image_embeds: torch.Tensor,
+    start: int,
+    prompt_token_ids: Sequence[int],
+) -> torch.Tensor:
+    """Put image embeddings in place of the pad tokens of one prefill chunk.
+
+    ``token_ids``/``inputs_embeds`` are the chunk ``[start, start + len)`` of a prompt whose
+    full token list is ``prompt_token_ids``; ``image_embeds`` holds the rows of all the
+    prompt's pad tokens in order, so the chunk takes the rows after the pads before ``start``.
+    """
+    mask = token_ids == image_token_id
+    n = int(mask.sum())
+    if n == 0:
+        return inputs_embeds
+    before = sum(1 for t in prompt_token_ids[:start] if t == image_token_id)
+    rows = image_embeds[before : before + n]
+    if rows.shape[0] != n:
+        raise ValueError(f"{n} image-pad tokens in the chunk but {rows.shape[0]} embeddings left")
+    out = inputs_embeds.clone()
+    out[mask] = rows.to(out.dtype)
+    return out
+
+
+# ---- engine integration ---------------------------------------------------------------------
+
+
+@dataclass
+class MultiModalState:
+    """What a sequence with images carries through the engine (shared by its n completions)."""
+
+    images: ImageInputs
+    # [3, num_prompt_tokens] M-RoPE positions of the (expanded) prompt.
+    positions: torch.Tensor
+    # Position of the token at index i >= num_prompt_tokens is i + delta on every axis.
+    delta: int
+    # Seed of the sequence's block-hash chain: mixes the image hashes in, so equal pad tokens
+    # of different images never share prefix-cache blocks.
+    hash_root: int
+    # [num_pad_tokens, hidden] vision embeddings, computed at the first prefill step.
+    embeds: torch.Tensor | None = None
+
+    def positions_of(self, start: int, end: int) -> torch.Tensor:
+        """[3, end - start] positions of tokens ``[start, end)`` (prompt or generated)."""
+        n = self.positions.shape[1]
+        head = self.positions[:, start : min(end, n)]
+        tail = torch.arange(max(start, n), max(end, n), dtype=torch.long) + self.delta
+        return torch.cat([head, tail.expand(3, -1)], dim=1)
+
+
+def parse_prompt(prompt: Any) -> tuple[str | list[int], ImageInputs | None]:
+    """A vLLM-style prompt: a string, token ids, or a dict with ``prompt`` or
+    ``prompt_token_ids`` and optional ``multi_modal_data``: ``{"image": [PIL.Image, ...]}``
+    or precomputed ``{"pixel_values": ..., "image_grid_thw": ...}``."""
+    if not isinstance(prompt, dict):
+        return prompt, None
+    if "prompt_token_ids" in prompt:
+        text: str | list[int] = list(prompt["prompt_token_ids"])
+    elif "prompt" in prompt:
+        text = prompt["prompt"]
+    else:
+        raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+    mm = prompt.get("multi_modal_data") or {}
+    unknown = set(mm) - {"image", "pixel_values", "image_grid_thw"}
+    if unknown:
+        raise ValueError(f"unsupported multi_modal_data keys {sorted(unknown)}")
+    if "pixel_values" in mm:
+        if "image_grid_thw" not in mm:
+            raise ValueError("pixel_values needs image_grid_thw")
+        images = ImageInputs(
+            torch.as_tensor(mm["pixel_values"]).float(),
+            torch.as_tensor(mm["image_grid_thw"]).long().reshape(-1, 3),
+        )
+        return text, images
+    if "image" in mm:
+        imgs = mm["image"]
+        imgs = imgs if isinstance(imgs, list | tuple) else [imgs]
+        return text, preprocess_images(imgs) if imgs else None
+    return text, None
+
+
+def build_state(
+    token_ids: list[int], images: ImageInputs, image_token_id: int, merge: int
+) -> tuple[list[int], MultiModalState]:
+    """Expand the prompt's placeholders; compute M-RoPE positions and the hash root."""
+    from services.engine.block_manager import ROOT_HASH, hash_block
+    from services.engine.layers.mrope import mrope_positions
+
+    ids = expand_image_placeholders(token_ids, image_token_id, images.tokens_per_image(merge))
+    positions, delta = mrope_positions(ids, image_token_id, images.image_grid_thw.tolist(), merge)
+    words = [int(h[i : i + 8], 16) & 0x7FFFFFFF for h in images.hashes() for i in range(0, 64, 8)]
+    return ids, MultiModalState(images, positions, delta, hash_block(ROOT_HASH, words))
+
+
+def prepare_batch(
+    model: Any,
+    decodes: list[Any],
+    prefills: list[Any],
+    input_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """M-RoPE positions ``[3, T]`` and input embeddings ``[T, H]`` of a flattened batch laid
+    out as ``ModelRunner.execute`` lays it out (decodes, then prefill chunks); ``decodes`` and
+    ``prefills`` are its ``ScheduledSeq`` lists."""
+    pos: list[torch.Tensor] = []
+    for s in decodes:
+        p = s.seq.num_computed_tokens
+        mm = s.seq.mm
+        pos.append(mm.positions_of(p, p + 1) if mm else torch.full((3, 1), p, dtype=torch.long))
+    embeds = model.model.embed_tokens(input_ids)
+    offset = len(decodes)
+    for s in prefills:
+        start, n = s.seq.num_computed_tokens, s.num_new_tokens
+        mm = s.seq.mm
+        if mm is None:
+            pos.append(torch.arange(start, start + n).expand(3, -1))
+        else:
+            pos.append(mm.positions_of(start, start + n))
+            if mm.embeds is None:
+                mm.embeds = model.encode_images(mm.images.pixel_values, mm.images.image_grid_thw)
+            # Only prompt tokens are image pads (a recomputed chunk may run past the prompt).
+            m = max(0, min(n, s.seq.num_prompt_tokens - start))
+            chunk = slice(offset, offset + m)
+            embeds[chunk] = merge_embeddings(
+                embeds[chunk],
+                input_ids[chunk],
+                model.image_token_id,
+                mm.embeds.to(embeds.device),
+                start,
+                s.seq.prompt_token_ids,
+            )
+        offset += n
+    return torch.cat(pos, dim=1).to(input_ids.device), embeds

@@ -1,0 +1,419 @@
+"""Qwen2-VL in the engine equals transformers on a tiny random model (float32): the vision
+tower + merger, M-RoPE positions and rotary tables, placeholder expansion, greedy tokens of
+text+image prompts (one and two images, chunked prefill) and of text-only prompts."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from services.engine.layers.attention import TorchAttention
+from services.engine.layers.mrope import MRotaryEmbedding, decode_positions, mrope_positions
+from services.engine.multimodal import ImageInputs, expand_image_placeholders, merge_embeddings
+
+# Special ids inside the default tokenizer's vocabulary, so outputs detokenize.
+IMAGE = 49000
+VISION_START = 49001
+VISION_END = 49002
+MERGE = 2
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def hf_model(request):
+    import transformers
+
+    torch.manual_seed(0)
+    if request.param == "qwen2_5_vl":
+        config_cls = transformers.Qwen2_5_VLConfig
+        model_cls = transformers.Qwen2_5_VLForConditionalGeneration
+        # Windows of 2x2 merged groups, so the tower mixes windowed and full attention.
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=64,
+            intermediate_size=64,
+            num_heads=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        )
+    else:
+        config_cls = transformers.Qwen2VLConfig
+        model_cls = transformers.Qwen2VLForConditionalGeneration
+        vision = dict(depth=2, embed_dim=32, num_heads=2, hidden_size=64, mlp_ratio=2)
+    cfg = config_cls(
+        text_config=dict(
+            vocab_size=49152,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+            },
+            initializer_range=0.2,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        vision_config=dict(
+            **vision,
+            patch_size=14,
+            temporal_patch_size=2,
+            spatial_merge_size=MERGE,
+        ),
+        image_token_id=IMAGE,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+    model = model_cls(cfg).float().eval()
+    with torch.no_grad():
+        # Random init leaves biases at zero: give them values so the bias path is tested.
+        for layer in model.model.language_model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.2)
+    return model
+
+
+def engine_class(hf_model):
+    from services.engine.models.registry import resolve_model_class
+
+    return resolve_model_class(SimpleNamespace(architectures=[type(hf_model).__name__]))
+
+
+def random_images(grids: list[tuple[int, int, int]], seed: int = 0) -> ImageInputs:
+    g = torch.Generator().manual_seed(seed)
+    n = sum(t * h * w for t, h, w in grids)
+    pixels = torch.randn(n, 3 * 2 * 14 * 14, generator=g)
+    return ImageInputs(pixels, torch.tensor(grids, dtype=torch.long))
+
+
+def prompt_with_images(images: ImageInputs, text_lens: list[int]) -> list[int]:
+    """text, <vision_start> pads <vision_end>, text, ... (already expanded)."""
+    ids: list[int] = []
+    for i, n in enumerate(images.tokens_per_image(MERGE)):
+        ids += list(range(100 + 10 * i, 100 + 10 * i + text_lens[i]))
+        ids += [VISION_START] + [IMAGE] * n + [VISION_END]
+    ids += list(range(500, 500 + text_lens[-1]))
+    return ids
+
+
+GRIDS = [[(1, 4, 6)], [(1, 4, 4), (1, 6, 2)], [(2, 2, 4)]]
+
+
+@pytest.mark.parametrize("grids", GRIDS)
+def test_vision_tower_matches_transformers(hf_model, grids):
+    images = random_images(grids)
+    visual = hf_model.model.visual
+    tower = engine_class(hf_model)(hf_model.config, TorchAttention()).visual
+    tower.load_weights(visual.state_dict().items())
+    with torch.no_grad():
+        ref = visual(images.pixel_values, grid_thw=images.image_grid_thw).pooler_output
+    got = tower(images.pixel_values, images.image_grid_thw)
+    assert got.shape == (sum(images.tokens_per_image(MERGE)), 64)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grids", GRIDS)
+def test_mrope_positions_match_get_rope_index(hf_model, grids):
+    images = random_images(grids)
+    ids = prompt_with_images(images, [3, 5, 4][: len(grids) + 1])
+    input_ids = torch.tensor([ids])
+    mm_types = (input_ids == IMAGE).int()
+    ref_pos, ref_delta = hf_model.model.get_rope_index(
+        input_ids, mm_token_type_ids=mm_types, image_grid_thw=images.image_grid_thw
+    )
+    pos, delta = mrope_positions(ids, IMAGE, images.image_grid_thw.tolist(), MERGE)
+    assert torch.equal(pos, ref_pos[:, 0])
+    assert delta == int(ref_delta)
+    # Decode: the token at index len(ids) sits at len(ids) + delta on every axis.
+    assert decode_positions(len(ids) + 1, delta).flatten().tolist() == [len(ids) + delta] * 3
+
+
+def test_mrope_text_only_is_plain_positions():
+    pos, delta = mrope_positions([5, 6, 7, 8], IMAGE, [], MERGE)
+    assert delta == 0
+    assert torch.equal(pos, torch.arange(4).expand(3, 4))
+
+
+def test_mrope_adjacent_images_stay_separate():
+    pos, _ = mrope_positions([1] + [IMAGE] * 8, IMAGE, [(1, 4, 4), (1, 4, 4)], MERGE)
+    # The second image starts after the first's max(h, w) / merge = 2 positions.
+    assert pos[:, 5].tolist() == [3, 3, 3]
+    with pytest.raises(ValueError):
+        mrope_positions([IMAGE] * 3, IMAGE, [(1, 4, 4)], MERGE)
+
+
+def test_mrope_rotary_matches_transformers(hf_model):
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+    images = random_images([(1, 4, 6)])
+    ids = prompt_with_images(images, [3, 4])
+    pos, _ = mrope_positions(ids, IMAGE, images.image_grid_thw.tolist(), MERGE)
+    text_cfg = hf_model.config.text_config
+    rotary = MRotaryEmbedding(16, 512, text_cfg)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(len(ids), 4, 16, generator=g)
+    k = torch.randn(len(ids), 2, 16, generator=g)
+    got_q, got_k = rotary(pos, q, k)
+    cos, sin = hf_model.model.language_model.rotary_emb(q, pos[:, None, :])
+    ref_q, ref_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    torch.testing.assert_close(got_q, ref_q[0].transpose(0, 1))
+    torch.testing.assert_close(got_k, ref_k[0].transpose(0, 1))
+    # 1-D positions (text-only batches) give plain RoPE.
+    flat = torch.arange(len(ids))
+    a, _ = rotary(flat, q, k)
+    b, _ = rotary(flat.expand(3, -1), q, k)
+    torch.testing.assert_close(a, b)
+
+
+def test_expand_placeholders_and_chunked_merge():
+    images = random_images([(1, 4, 4), (1, 2, 4)])
+    counts = images.tokens_per_image(MERGE)
+    assert counts == [4, 2]
+    raw = [1, VISION_START, IMAGE, VISION_END, 2, VISION_START, IMAGE, VISION_END, 3]
+    ids = expand_image_placeholders(raw, IMAGE, counts)
+    assert ids == [1, VISION_START] + [IMAGE] * 4 + [VISION_END, 2, VISION_START] + [IMAGE] * 2 + [
+        VISION_END,
+        3,
+    ]
+    assert expand_image_placeholders(ids, IMAGE, counts) == ids
+    with pytest.raises(ValueError):
+        expand_image_placeholders(raw, IMAGE, [4])
+    embeds = torch.arange(6, dtype=torch.float32)[:, None].expand(6, 8)
+    words = torch.full((len(ids), 8), -1.0)
+    full = merge_embeddings(words, torch.tensor(ids), IMAGE, embeds, 0, ids)
+    # Any chunking gives the same rows as the whole prompt at once.
+    for cut in range(1, len(ids)):
+        a = merge_embeddings(words[:cut], torch.tensor(ids[:cut]), IMAGE, embeds, 0, ids)
+        b = merge_embeddings(words[cut:], torch.tensor(ids[cut:]), IMAGE, embeds, cut, ids)
+        torch.testing.assert_close(torch.cat([a, b]), full)
+    assert full[[2, 3, 4, 5, 9, 10], 0].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_image_hashes_differ_by_content():
+    a = random_images([(1, 4, 4), (1, 4, 4)], seed=0)
+    b = random_images([(1, 4, 4), (1, 4, 4)], seed=1)
+    ha, hb = a.hashes(), b.hashes()
+    assert len(set(ha + hb)) == 4
+    assert a.hashes() == ha
+
+
+# ---- whole model: greedy tokens ------------------------------------------------------------
+
+MAX_TOKENS = 8
+
+
+def hf_greedy(model, ids: list[int], images: ImageInputs | None) -> list[int]:
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(MAX_TOKENS):
+            input_ids = torch.tensor([ids])
+            kwargs = {}
+            if images is not None:
+                kwargs = dict(
+                    pixel_values=images.pixel_values,
+                    image_grid_thw=images.image_grid_thw,
+                    mm_token_type_ids=(input_ids == IMAGE).int(),
+                )
+            logits = model(input_ids, use_cache=False, **kwargs).logits[0, -1]
+            tok = int(logits.argmax())
+            out.append(tok)
+            ids.append(tok)
+    return out
+
+
+def engine_greedy(model, ids: list[int], images: ImageInputs | None, chunk: int) -> list[int]:
+    """Prefill in chunks of ``chunk`` tokens, then decode, through the paged KV cache."""
+    from services.engine.layers.attention import AttentionMetadata, PrefillSegment
+
+    bs = 4
+    num_blocks = (len(ids) + MAX_TOKENS + bs - 1) // bs
+    for layer in model.attention_layers:
+        layer.k_cache = torch.zeros(num_blocks, bs, layer.num_kv_heads, layer.head_dim)
+        layer.v_cache = torch.zeros_like(layer.k_cache)
+    table = torch.arange(num_blocks)
+    grids = images.image_grid_thw.tolist() if images is not None else []
+    pos3, delta = mrope_positions(ids, IMAGE, grids, model.spatial_merge_size)
+    embeds = (
+        model.encode_images(images.pixel_values, images.image_grid_thw)
+        if images is not None
+        else None
+    )
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        start = 0
+        while start < len(ids):
+            end = min(start + chunk, len(ids))
+            tok = torch.tensor(ids[start:end])
+            x = model.model.embed_tokens(tok)
+            if embeds is not None:
+                x = merge_embeddings(x, tok, IMAGE, embeds, start, ids)
+            meta = AttentionMetadata(
+                slot_mapping=torch.arange(start, end),
+                prefills=[PrefillSegment(0, end - start, end, table[: (end + bs - 1) // bs])],
+            )
+            hidden = model(tok, pos3[:, start:end], meta, inputs_embeds=x)
+            start = end
+        for _ in range(MAX_TOKENS):
+            nxt = int(model.compute_logits(hidden[-1:]).argmax())
+            out.append(nxt)
+            ids.append(nxt)
+            p = len(ids) - 1
+            meta = AttentionMetadata(
+                slot_mapping=torch.tensor([p]),
+                num_decodes=1,
+                decode_block_tables=table[None],
+                decode_context_lens=torch.tensor([p + 1]),
+                decode_mask=(torch.arange(num_blocks * bs) < p + 1)[None, None, None, :],
+            )
+            hidden = model(torch.tensor([nxt]), decode_positions(len(ids), delta), meta)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine_model(hf_model):
+    model = engine_class(hf_model)(hf_model.config, TorchAttention()).eval()
+    # transformers v5 in-memory names (model.language_model.*, model.visual.*).
+    model.load_weights(hf_model.state_dict().items())
+    return model
+
+
+@pytest.mark.parametrize("grids", GRIDS)
+@pytest.mark.parametrize("chunk", [1000, 5])
+def test_greedy_with_images_matches_transformers(hf_model, engine_model, grids, chunk):
+    images = random_images(grids, seed=len(grids))
+    ids = prompt_with_images(images, [3, 5, 4][: len(grids) + 1])
+    assert engine_greedy(engine_model, ids, images, chunk) == hf_greedy(hf_model, ids, images)
+
+
+def test_greedy_text_only_matches_transformers(hf_model, engine_model):
+    ids = list(range(300, 317))
+    assert engine_greedy(engine_model, ids, None, 1000) == hf_greedy(hf_model, ids, None)
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_model, tmp_path_factory):
+    """The tiny model saved as a Hugging Face folder (original checkpoint names)."""
+    import shutil
+    from pathlib import Path
+
+    from services.engine.model_loader import resolve_model
+
+    out = tmp_path_factory.mktemp("tiny-qwen2-vl")
+    hf_model.save_pretrained(str(out))
+    src = Path(resolve_model(None))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    return out
+
+
+def greedy():
+    from services.engine import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def test_llm_generate_text_only_on_qwen2_vl_checkpoint(hf_model, model_dir):
+    from services.engine import LLM
+
+    prompts = [list(range(300, 317)), list(range(1000, 1005))]
+    llm = LLM(str(model_dir), dtype="float32", kv_cache_bytes=1 << 22)
+    assert llm.engine.max_model_len == 512  # from text_config
+    outs = llm.generate(prompts, greedy())
+    for out, prompt in zip(outs, prompts, strict=True):
+        assert out.outputs[0].token_ids == hf_greedy(hf_model, prompt, None)
+
+
+def unexpanded(images: ImageInputs, text_lens: list[int]) -> list[int]:
+    """The prompt as a chat template writes it: one pad token per image."""
+    ids = prompt_with_images(images, text_lens)
+    out = []
+    for i, t in enumerate(ids):
+        if t != IMAGE or ids[i - 1] != IMAGE:
+            out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_llm_generate_with_images(hf_model, model_dir, prefix_caching):
+    """Dict prompts with precomputed pixel values, one and two images, mixed with text in one
+    batch, chunked prefill (4-token budget); then the same tokens with other images must
+    not reuse the first images' cached blocks."""
+    from services.engine import LLM
+
+    llm = LLM(
+        str(model_dir),
+        dtype="float32",
+        kv_cache_bytes=1 << 22,
+        block_size=4,
+        max_num_batched_tokens=16,
+        enable_prefix_caching=prefix_caching,
+    )
+    for seed in (0, 1):
+        prompts, refs = [], []
+        for grids in GRIDS:
+            images = random_images(grids, seed=seed + 10 * len(grids))
+            text_lens = [3, 5, 4][: len(grids) + 1]
+            prompts.append(
+                {
+                    "prompt_token_ids": unexpanded(images, text_lens),
+                    "multi_modal_data": {
+                        "pixel_values": images.pixel_values,
+                        "image_grid_thw": images.image_grid_thw,
+                    },
+                }
+            )
+            refs.append(hf_greedy(hf_model, prompt_with_images(images, text_lens), images))
+        prompts.append(list(range(300, 317)))
+        refs.append(hf_greedy(hf_model, list(range(300, 317)), None))
+        outs = llm.generate(prompts, greedy())
+        assert [o.outputs[0].token_ids for o in outs] == refs
+
+
+def test_parse_prompt_forms_and_errors():
+    from services.engine.multimodal import parse_prompt
+
+    assert parse_prompt([1, 2]) == ([1, 2], None)
+    assert parse_prompt({"prompt": "hi"}) == ("hi", None)
+    images = random_images([(1, 4, 4)])
+    text, got = parse_prompt(
+        {
+            "prompt_token_ids": [1, IMAGE],
+            "multi_modal_data": {
+                "pixel_values": images.pixel_values,
+                "image_grid_thw": [1, 4, 4],
+            },
+        }
+    )
+    assert text == [1, IMAGE] and got is not None
+    assert got.image_grid_thw.tolist() == [[1, 4, 4]]
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        parse_prompt({"multi_modal_data": {}})
+    with pytest.raises(ValueError, match="image_grid_thw"):
+        parse_prompt({"prompt": "x", "multi_modal_data": {"pixel_values": images.pixel_values}})
+    with pytest.raises(ValueError, match="unsupported"):
+        parse_prompt({"prompt": "x", "multi_modal_data": {"video": []}})
+
+
+def test_text_model_refuses_images(tiny_model_dir):
+    from services.engine import LLM
+
+    images = random_images([(1, 4, 4)])
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", kv_cache_bytes=1 << 22)
+    prompt = {
+        "prompt_token_ids": [1, 2, 3],
+        "multi_modal_data": {
+            "pixel_values": images.pixel_values,
+            "image_grid_thw": images.image_grid_thw,
+        },
+    }
+    with pytest.raises(ValueError, match="does not take images"):
+        llm.generate(prompt, greedy())
