@@ -146,6 +146,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         await self._admit(context, ("decode",), request.role_epoch, held=held)
         if self.decode is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "KV transfer is disabled")
+        assert self.decode is not None  # context.abort raised otherwise
         try:
             outputs = self.decode.start(request)
         except KeyError:
@@ -226,6 +227,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         await self._admit(context, ("decode",), request.role_epoch)
         if self.decode is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "KV transfer is disabled")
+        assert self.decode is not None  # context.abort raised otherwise
         try:
             resp = await self.decode.reserve(request)
         except (ValueError, TypeError) as exc:
@@ -247,6 +249,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         await self._admit(context, ("prefill",), request.role_epoch)
         if self.prefill is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "KV transfer is disabled")
+        assert self.prefill is not None  # context.abort raised otherwise
         st = self.state
         rid = request.request_id
         if rid in st.inflight:

@@ -170,9 +170,10 @@ async def start_gateway(
     etcd: str, cluster: str, policy: str = "round_robin", **router: object
 ) -> RunningGateway:
     port = free_port()
+    settings: dict[str, object] = {"load_report_interval_ms": 50, "load_stale_s": 1.0,
+                                   "request_timeout_s": 30, **router}  # fmt: skip
     cfg = RouterConfig(port=port, cluster=cluster, etcd=etcd, policy=policy,
-                       load_report_interval_ms=50, load_stale_s=1.0, request_timeout_s=30,
-                       **router)  # type: ignore[arg-type]  # fmt: skip
+                       **settings)  # type: ignore[arg-type]  # fmt: skip
     gw = Gateway(cfg, FakeTokenizer())
     server = uvicorn.Server(uvicorn.Config(build_app(gw), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))  # fmt: skip

@@ -51,8 +51,11 @@ def gateway_url(monkeypatch_module):
         engine = FakeEngine(step_s=0.0005)
         worker = lt.run(start_fake_worker(etcd.endpoint, "fuzz", "w1", engine=engine))
         # Small limits, so that the fuzzer reaches them.
+        # A generous staleness bound: on a loaded machine a late load report must not make
+        # the only worker unusable (a 503 the fuzzer would rightly flag as a 5xx).
         gw = lt.run(start_gateway(etcd.endpoint, "fuzz", max_body_bytes=65536,
-                                  max_queued_tokens=4096, max_tokens_limit=64))  # fmt: skip
+                                  max_queued_tokens=4096, max_tokens_limit=64,
+                                  load_stale_s=30.0))  # fmt: skip
         try:
             for _ in range(200):
                 if httpx.get(gw.url + "/health").status_code == 200:

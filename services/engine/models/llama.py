@@ -109,7 +109,7 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(cfg, backend, qkv_bias, qk_norm) for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        attn = self.layers[0].self_attn
+        attn: LlamaAttention = self.layers[0].self_attn  # type: ignore[assignment]
         self.rotary = RotaryEmbedding(
             attn.head_dim, cfg.max_position_embeddings, rope_parameters(cfg)
         )
@@ -147,7 +147,7 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def attention_layers(self) -> list[LlamaAttention]:
-        return [layer.self_attn for layer in self.model.layers]
+        return [layer.self_attn for layer in self.model.layers]  # type: ignore[misc]
 
     def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
