@@ -164,6 +164,14 @@ def test_kill_prefill_worker_in_flight(tiny_model_dir):
         decode_addr = c.workers[2].ready_field("address")
         long_prompt = "word " * 450
         victim_addr = victim.ready_field("address")
+        # /health turns 200 with one usable pair; wait until the router can route to every
+        # worker, so that the victim does get its share of the requests.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            workers = httpx.get(c.base_url + "/health", timeout=5).json().get("workers", {})
+            if len(workers) == 3 and all(w["reachable"] for w in workers.values()):
+                break
+            time.sleep(0.1)
 
         def one(i: int) -> tuple[int, dict]:
             r = httpx.post(
