@@ -8,23 +8,8 @@ from collections.abc import AsyncIterator
 from services.common.proto import worker_pb2 as pb
 from services.decode.kv_receiver import KVReceiver
 from services.engine.async_engine import AsyncLLMEngine
-from services.engine.outputs import Logprob, RequestOutput, TokenLogprobs
-from services.worker.convert import params_from_proto
-
-
-def layout_to_proto(layout) -> pb.KVLayout:
-    return pb.KVLayout(
-        base_addr=layout.base_addr, num_layers=layout.num_layers, num_blocks=layout.num_blocks,
-        slab_bytes=layout.slab_bytes, fingerprint=layout.fingerprint,
-    )  # fmt: skip
-
-
-def logprobs_from_proto(msg: pb.TokenLogprobs | None) -> TokenLogprobs | None:
-    if msg is None:
-        return None
-    return TokenLogprobs(
-        msg.token_id, msg.logprob, [Logprob(c.token_id, c.logprob) for c in msg.top]
-    )
+from services.engine.outputs import RequestOutput
+from services.worker.convert import layout_to_proto, logprobs_from_proto, params_from_proto
 
 
 class DecodeRole:

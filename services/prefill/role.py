@@ -9,16 +9,8 @@ import dataclasses
 
 from services.common.proto import worker_pb2 as pb
 from services.engine.async_engine import AsyncLLMEngine
-from services.engine.kv_layout import KVLayout
 from services.prefill.kv_sender import KVSender, PushTarget
-from services.worker.convert import logprobs_to_proto, params_from_proto
-
-
-def layout_from_proto(msg: pb.KVLayout) -> KVLayout:
-    return KVLayout(
-        base_addr=msg.base_addr, num_layers=msg.num_layers, num_blocks=msg.num_blocks,
-        slab_bytes=msg.slab_bytes, fingerprint=msg.fingerprint,
-    )  # fmt: skip
+from services.worker.convert import layout_from_proto, logprobs_to_proto, params_from_proto
 
 
 class PrefillRole:

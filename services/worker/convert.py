@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from services.common.proto import worker_pb2 as pb
-from services.engine.outputs import CompletionOutput, TokenLogprobs
+from services.engine.kv_layout import KVLayout
+from services.engine.outputs import CompletionOutput, Logprob, TokenLogprobs
 from services.engine.sampling_params import SamplingParams
 
 # Scalar fields copied when set; everything else is handled explicitly below.
@@ -60,6 +61,26 @@ def logprobs_to_proto(items: list[TokenLogprobs] | None) -> list[pb.TokenLogprob
         )
         for t in items
     ]
+
+
+def logprobs_from_proto(msg: pb.TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(
+        msg.token_id, msg.logprob, [Logprob(c.token_id, c.logprob) for c in msg.top]
+    )
+
+
+def layout_to_proto(layout: KVLayout) -> pb.KVLayout:
+    return pb.KVLayout(
+        base_addr=layout.base_addr, num_layers=layout.num_layers, num_blocks=layout.num_blocks,
+        slab_bytes=layout.slab_bytes, fingerprint=layout.fingerprint,
+    )  # fmt: skip
+
+
+def layout_from_proto(msg: pb.KVLayout) -> KVLayout:
+    return KVLayout(
+        base_addr=msg.base_addr, num_layers=msg.num_layers, num_blocks=msg.num_blocks,
+        slab_bytes=msg.slab_bytes, fingerprint=msg.fingerprint,
+    )  # fmt: skip
 
 
 def delta_to_proto(out: CompletionOutput, completion_tokens: int) -> pb.CompletionDelta:
