@@ -256,7 +256,9 @@ async def test_only_mixed_workers_serve_for_now(etcd) -> None:
     try:
         async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
             for _ in range(100):
-                if "p1" in gw.gateway.pool.handles and gw.gateway.pool.handles["p1"].load:
+                h = gw.gateway.pool.handles.get("p1")
+                # The role update reaches etcd after registration: wait for both.
+                if h is not None and h.load and h.info.role == "prefill":
                     break
                 await asyncio.sleep(0.05)
             assert gw.gateway.pool.handles["p1"].info.role == "prefill"
