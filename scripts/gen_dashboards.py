@@ -318,6 +318,21 @@ def overview() -> Board:
         ],
         unit="percentunit",
     )
+    b.panel(
+        "KV blocks fetched from lower tiers",
+        "Prompt KV blocks per second copied into device caches from the host pool or "
+        "Mooncake Store instead of being recomputed (--kv-host-pool-bytes, --kv-store).",
+        [("{{tier}}", f"sum by (tier) (rate(epdserve:kv_tier_hit_blocks_total{W}{RI}))")],
+    )
+    b.panel(
+        "Prompt tokens computed",
+        "Prompt tokens per second run through the model, against all prompt tokens served: "
+        "the gap is what the prefix cache and the KV tiers saved.",
+        [
+            ("computed", f"sum(rate(epdserve:prompt_tokens_computed_total{W}{RI}))"),
+            ("all prompt tokens", f"sum(rate(epdserve:prompt_tokens_total{W}{RI}))"),
+        ],
+    )
     return b
 
 

@@ -72,6 +72,7 @@ def build() -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from services.common.grpc_utils import ROLES
     from services.engine.config import EngineConfig
+    from services.kvstore.config import KVStoreConfig
     from services.router.config import RouterConfig
     from services.worker.config import WorkerConfig
 
@@ -81,6 +82,7 @@ def build() -> dict[str, Any]:
         "router": field_table(RouterConfig),
         "worker": field_table(WorkerConfig),
         "engine": field_table(EngineConfig),
+        "kvstore": field_table(KVStoreConfig),
     }
 
 

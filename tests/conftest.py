@@ -97,3 +97,107 @@ def default_model_dir() -> Path:
     from services.engine.model_loader import resolve_model
 
     return Path(resolve_model(None))
+
+
+# Special tokens a tiny VL model adds to the default tokenizer (ids 49152, 49153, 49154).
+VL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+# Qwen2-VL's chat template, reduced to what the gateway sends: string content, or text and
+# image parts (one placeholder per image).
+VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_vl_model(
+    out_dir: Path,
+    seed: int = 0,
+    vision_depth: int = 2,
+    vision_dim: int = 32,
+    max_pixels: int = 112 * 112,
+) -> Path:
+    """A 2-layer random Qwen2-VL (``vision_depth`` blocks of width ``vision_dim`` in the
+    vision tower) with the default model's tokenizer plus the vision special tokens and a
+    Qwen2-VL chat template, and an image processor that caps images at ``max_pixels``
+    (112x112: 16 image tokens), saved as a Hugging Face folder."""
+    import torch
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    from services.engine.model_loader import resolve_model
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_model(None))
+    tok.add_special_tokens({"additional_special_tokens": list(VL_TOKENS)})
+    start, end, pad = tok.convert_tokens_to_ids(list(VL_TOKENS))
+    tok.chat_template = VL_CHAT_TEMPLATE
+    cfg = transformers.Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],
+            },  # fmt: skip
+            initializer_range=0.2,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        vision_config=dict(
+            depth=vision_depth,
+            embed_dim=vision_dim,
+            num_heads=2,
+            hidden_size=64,
+            mlp_ratio=2,
+            patch_size=14,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+        ),  # fmt: skip
+        image_token_id=pad,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Qwen2VLForConditionalGeneration(cfg).float().eval()
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.2)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=max_pixels).save_pretrained(
+        str(out_dir)
+    )
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_vl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of a tiny random Qwen2-VL (built once per session)."""
+    return build_tiny_vl_model(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+def image_bytes(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:
+    """An encoded image of random pixels (PNG, JPEG, ...)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((height, width, 3)) * 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()

@@ -25,7 +25,12 @@ def build_payload(cfg: BenchConfig, model: str, req: SampleRequest) -> dict[str,
         "stream_options": {"include_usage": True},
     }
     if cfg.endpoint == "chat":
-        messages = [{"role": "user", "content": req.prompt}]
+        content: str | list[dict[str, Any]] = req.prompt
+        if req.images:
+            content = [{"type": "text", "text": req.prompt}] + [
+                {"type": "image_url", "image_url": {"url": url}} for url in req.images
+            ]
+        messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
         if req.system is not None:
             messages.insert(0, {"role": "system", "content": req.system})
         body["messages"] = messages

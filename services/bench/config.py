@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-DATASETS = ("random", "sharegpt", "prefix")
+DATASETS = ("random", "sharegpt", "prefix", "random-mm")
 ENDPOINTS = ("completions", "chat")
 SLO_KEYS = ("ttft", "tpot", "e2el")
 # Lengths used when --input-len / --output-len are not given (vLLM's random defaults).
@@ -60,6 +60,16 @@ class BenchConfig:
     prefix_len: int = field(
         default=512, metadata={"help": "prefix dataset: tokens of each group's system prefix"}
     )
+    image_size: str = field(
+        default="448x448", metadata={"help": "random-mm: WIDTHxHEIGHT of each random image"}
+    )
+    images_per_request: int = field(
+        default=1, metadata={"help": "random-mm: images in each request that has images"}
+    )
+    image_fraction: float = field(
+        default=1.0,
+        metadata={"help": "random-mm: fraction of requests with images; the others are text only"},
+    )
     goodput: list[str] = field(
         default_factory=list,
         metadata={"help": "SLOs for goodput, e.g. ttft:500 tpot:50 e2el:5000 (milliseconds)"},
@@ -97,6 +107,13 @@ class BenchConfig:
             raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}")
         if self.dataset == "sharegpt" and not self.dataset_path:
             raise ValueError("--dataset sharegpt needs --dataset-path FILE")
+        if self.dataset == "random-mm" and self.endpoint != "chat":
+            raise ValueError("--dataset random-mm sends images: it needs --endpoint chat")
+        parse_image_size(self.image_size)  # a bad --image-size fails here
+        if self.images_per_request < 1:
+            raise ValueError("--images-per-request must be >= 1")
+        if not 0.0 <= self.image_fraction <= 1.0:
+            raise ValueError("--image-fraction must be in [0, 1]")
         if self.num_prompts < 1:
             raise ValueError("--num-prompts must be >= 1")
         if not self.request_rate > 0:
@@ -120,6 +137,11 @@ class BenchConfig:
         """The base URL without a trailing slash or ``/v1`` (both spellings are accepted)."""
         url = self.base_url.rstrip("/")
         return url[: -len("/v1")] if url.endswith("/v1") else url
+
+    @property
+    def image_wh(self) -> tuple[int, int]:
+        """--image-size as (width, height)."""
+        return parse_image_size(self.image_size)
 
     @property
     def url(self) -> str:
@@ -150,3 +172,11 @@ def parse_goodput(items: list[str]) -> dict[str, float]:
             raise ValueError(f"--goodput {item!r}: the limit must be > 0 ms")
         slos[key] = ms
     return slos
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"448x336"`` -> ``(448, 336)``."""
+    w, sep, h = text.lower().partition("x")
+    if not (sep and w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+        raise ValueError(f"--image-size must be WIDTHxHEIGHT, e.g. 448x448, got {text!r}")
+    return int(w), int(h)

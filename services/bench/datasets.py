@@ -146,11 +146,41 @@ def prefix_dataset(
     return [out[i] for i in rng.permutation(len(out)).tolist()]
 
 
+def random_image_url(width: int, height: int, rng: np.random.Generator) -> str:
+    """A PNG of random pixels as a data: URL (never the same twice: no encoder-cache hits)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def random_mm_dataset(
+    cfg: BenchConfig, tokenizer: Any, rng: np.random.Generator
+) -> list[SampleRequest]:
+    """The random dataset with --images-per-request random images of --image-size on a
+    --image-fraction of the requests (the others text only, a mixed workload). Prompt
+    lengths count the text; the server's usage counts the image tokens too."""
+    out = random_dataset(cfg, tokenizer, rng)
+    width, height = cfg.image_wh
+    for req in out:
+        if rng.random() < cfg.image_fraction:
+            req.images = [
+                random_image_url(width, height, rng) for _ in range(cfg.images_per_request)
+            ]
+    return out
+
+
 DatasetBuilder = Callable[[BenchConfig, Any, np.random.Generator], list[SampleRequest]]
 DATASET_BUILDERS: dict[str, DatasetBuilder] = {
     "random": random_dataset,
     "sharegpt": sharegpt_dataset,
     "prefix": prefix_dataset,
+    "random-mm": random_mm_dataset,
 }
 
 

@@ -14,6 +14,7 @@ class SampleRequest:
     output_len: int  # max_tokens asked for (and min_tokens when ignore_eos is on)
     system: str | None = None  # shared system prefix (`prefix` dataset only)
     group: int | None = None  # prefix group index (`prefix` dataset only)
+    images: list[str] = field(default_factory=list)  # data: URLs of its images (random-mm)
 
     @property
     def full_text(self) -> str:

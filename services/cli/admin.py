@@ -21,6 +21,7 @@ import urllib.request
 from typing import Any
 
 from services.cli.admin_config import resolve_router, resolve_token
+from services.common.grpc_utils import ROLES
 
 COMMANDS = ("status", "roles", "drain", "rebalance", "policy")
 HTTP_TIMEOUT_S = 30.0  # a role change answers at once; the worker converges afterwards
@@ -64,20 +65,50 @@ def table(rows: list[list[str]]) -> str:
     )
 
 
+def _count(ids: list[str] | None) -> str:
+    return "-" if ids is None else str(len(ids))
+
+
+def render_kvstore(kv: dict) -> str:
+    """One line on the global KV index: where, healthy, size, hit rate."""
+    head = f"kvstore {kv['id']} at {kv['address']}"
+    if not kv.get("healthy"):
+        return f"{head}: UNREACHABLE ({kv.get('error', 'no answer')})"
+    master = "up" if kv["master_alive"] else "DOWN"
+    return (
+        f"{head}: {kv['blocks']}/{kv['capacity_blocks']} blocks indexed "
+        f"({kv['store_blocks']} in Mooncake Store) from {kv['instances']} workers, "
+        f"hit rate {kv['hit_rate'] * 100:.1f}% over {kv['lookups']} lookups; "
+        f"master {kv['master'] or '-'} {master}, {kv['master_restarts']} restarts"
+    )
+
+
 def render_status(st: dict) -> str:
-    head = ["ID", "ROLE", "EPOCH", "STATE", "ADDRESS", "WAIT", "RUN", "QUEUED_TOK", "KV%",
-            "TTFT_MS", "TPOT_MS", "PID", "HOST"]  # fmt: skip
+    head = ["ID", "ROLE", "EPOCH", "STATE", "ADDRESS", "WAIT", "RUN", "REQS", "QUEUED_TOK",
+            "KV%", "TTFT_MS", "TPOT_MS", "PID", "HOST"]  # fmt: skip
     rows = [head]
+    held: list[str] = []
     for w in st["workers"]:
         role = w["role"] if w["desired_role"] == w["role"] else f"{w['role']}->{w['desired_role']}"
         kv = None if w["kv_utilization"] is None else w["kv_utilization"] * 100
         rows.append([w["id"], role, str(w["epoch"]), w["state"], w["address"],
-                     _fmt(w["waiting"]), _fmt(w["running"]), _fmt(w["waiting_prompt_tokens"]),
-                     _fmt(kv), _fmt(w["ttft_ms"]), _fmt(w["tpot_ms"]), _fmt(w["pid"]),
-                     _fmt(w["host"])])  # fmt: skip
+                     _fmt(w["waiting"]), _fmt(w["running"]), _count(w.get("requests")),
+                     _fmt(w["waiting_prompt_tokens"]), _fmt(kv), _fmt(w["ttft_ms"]),
+                     _fmt(w["tpot_ms"]), _fmt(w["pid"]), _fmt(w["host"])])  # fmt: skip
+        ids = [*(w.get("requests") or []), *(f"{r} (reserved)" for r in w.get("reserved") or [])]
+        if ids:
+            held.append(f"  {w['id']} (pid {w['pid']} on {w['host']}): {', '.join(ids)}")
     rb = st["rebalancer"]
     params = ", ".join(f"{k}={v:g}" for k, v in sorted(rb["params"].items())) or "no parameters"
     out = [f"cluster {st['cluster']}: {len(st['workers'])} workers", table(rows), ""]
+    if held:
+        out += ["requests held:", *held, ""]
+    kv = st.get("kvstore") or {}
+    if kv.get("present"):
+        out.append(render_kvstore(kv))
+    if "router" in st:
+        r = st["router"]
+        out.append(f"answered by router {r['id']} (pid {r['pid']} on {r['host']})")
     out.append(
         f"rebalancer: policy {rb['policy']} ({params}); every {rb['interval_s']:g}s, "
         f"hysteresis {rb['hysteresis_rounds']} rounds, cooldown {rb['cooldown_s']:g}s, "
@@ -113,7 +144,7 @@ def build_parser(prog: str = "epdserve") -> argparse.ArgumentParser:
     roles_sub = roles.add_subparsers(dest="action", required=True)
     rs = roles_sub.add_parser("set", parents=[common], help="move a worker to a role")
     rs.add_argument("id", help="worker id, as `epdserve status` shows it")
-    rs.add_argument("role", choices=("mixed", "prefill", "decode"))
+    rs.add_argument("role", choices=ROLES)
     dr = sub.add_parser("drain", parents=[common], help="stop sending a worker new requests")
     dr.add_argument("id", help="worker id")
     dr.add_argument("--undo", action="store_true", help="put a drained worker back in service")

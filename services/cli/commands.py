@@ -10,6 +10,7 @@ import sys
 
 from services.common.dataclass_cli import to_argv
 from services.engine.config import EngineConfig
+from services.kvstore.config import KVStoreConfig
 from services.router.config import RouterConfig
 from services.worker.config import WorkerConfig
 
@@ -24,3 +25,8 @@ def worker_command(
 def router_command(router: RouterConfig, python: str | None = None) -> list[str]:
     """argv that starts one router process with these settings."""
     return [python or sys.executable, "-m", "services.router", *to_argv(router)]
+
+
+def kvstore_command(kvstore: KVStoreConfig, python: str | None = None) -> list[str]:
+    """argv that starts the kvstore (global KV index + its mooncake_master)."""
+    return [python or sys.executable, "-m", "services.kvstore", *to_argv(kvstore)]

@@ -1,7 +1,9 @@
-"""Start and stop a local cluster: etcd, workers and a router as child processes.
+"""Start and stop a local cluster: etcd, workers and routers as child processes.
 
 Used by `epdserve up` and by the cluster tests. Each child prints a ready line on stdout;
-the launcher waits for it (showing progress) and then for the router's /health.
+the launcher waits for it (showing progress) and then for each router's /health. Several
+router replicas share etcd and serve at once on consecutive ports; one of them (the etcd
+election's winner) runs the rebalancer.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -22,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.cli.admin_config import ROUTER_FILE, TOKEN_FILE, read_first_line, write_private
-from services.cli.commands import router_command, worker_command
-from services.common.etcd_server import EtcdServer
+from services.cli.commands import kvstore_command, router_command, worker_command
+from services.common.etcd_server import EtcdSecurity, EtcdServer
 from services.common.net import free_port
 from services.engine.config import EngineConfig
+from services.kvstore.config import KVStoreConfig
+from services.kvstore.main import READY_PREFIX as KVSTORE_READY
 from services.router.config import RouterConfig
 from services.worker.config import WorkerConfig
 from services.worker.main import READY_PREFIX as WORKER_READY
@@ -37,7 +42,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 class ManagedProcess:
     """A child process whose output is kept (last lines) and scanned for a ready line."""
 
-    def __init__(self, name: str, argv: list[str], ready_prefix: str, echo: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        ready_prefix: str,
+        echo: bool = False,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.ready_prefix = ready_prefix
@@ -48,6 +60,7 @@ class ManagedProcess:
         # Children import `services` from this checkout even when started elsewhere.
         env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(extra_env or {})  # NOTE: secrets (etcd password) travel here, never in argv
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
             bufsize=1, start_new_session=True,  # Ctrl-C reaches the launcher only
@@ -105,8 +118,10 @@ class ClusterSpec:
     mixed: int = 1  # co-located workers
     prefill: int = 0  # PD mode: prefill workers (needs decode workers too)
     decode: int = 0  # PD mode: decode workers
+    encode: int = 0  # EPD: encoder workers (vision-language models; beside mixed or PD)
     host: str = "127.0.0.1"
-    port: int = 8000  # router HTTP port; 0 picks a free one
+    port: int = 8000  # first router's HTTP port, the others follow it; 0 picks free ones
+    routers: int = 1  # router replicas, all serving
     device: str = "cpu"
     cluster: str = "local"
     policy: str = "least_load"
@@ -118,32 +133,50 @@ class ClusterSpec:
     # Where the operator CLI finds this cluster (router URL + admin token, mode 0600);
     # None: a private temporary folder (tests), the CLI then needs --router/--admin-token.
     admin_dir: str | None = None
+    kvstore: bool = False  # run the kvstore (global KV index + its Mooncake master)
+    kvstore_overrides: dict[str, object] = field(default_factory=dict)  # KVStoreConfig fields
+    # TLS / auth of the local etcd; the children get the matching EPDSERVE_ETCD_* env.
+    etcd_security: EtcdSecurity | None = None
+    # CA of the gateway's certificate (router_overrides ssl_certfile): the launcher's health
+    # checks trust it; None: the system's CAs.
+    gateway_ca: str | None = None
 
     def __post_init__(self) -> None:
-        if min(self.mixed, self.prefill, self.decode) < 0:
+        if min(self.mixed, self.prefill, self.decode, self.encode) < 0:
             raise ValueError("worker counts must be >= 0")
         if bool(self.prefill) != bool(self.decode):
             raise ValueError("PD mode needs both --prefill N and --decode N (N >= 1)")
         if self.mixed + self.prefill == 0:
             raise ValueError("need at least one worker (--mixed N, or --prefill N --decode N)")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.routers < 1:
+            raise ValueError("need at least one router (--routers N, N >= 1)")
+        if not 0 <= self.port < 65536 or (self.port and self.port + self.routers > 65536):
+            raise ValueError(
+                f"router ports {self.port}..{self.port + self.routers - 1} must be in [0, 65535]"
+            )
 
 
 class LocalCluster:
-    """etcd + workers + router on this machine. ``start()`` returns when the router is healthy."""
+    """etcd + workers + routers on this machine. ``start()`` returns when they are healthy."""
 
     def __init__(self, spec: ClusterSpec) -> None:
         self.spec = spec
-        self.etcd = EtcdServer()
+        self.etcd = EtcdServer(security=spec.etcd_security)
         self.workers: list[ManagedProcess] = []
-        self.router: ManagedProcess | None = None
-        self.base_url = ""
+        self.routers: list[ManagedProcess] = []
+        self.kvstore: ManagedProcess | None = None
+        self.base_urls: list[str] = []  # one per router, in order
+        self.base_url = ""  # the first router's
         self._worker_count = 0
         # The router's admin token: generated here, handed over in a 0600 file (never argv).
         self.admin_token = secrets.token_urlsafe(32)
         self._own_admin_dir = spec.admin_dir is None
         self.admin_dir = Path(spec.admin_dir or tempfile.mkdtemp(prefix="epdserve-admin-"))
+
+    @property
+    def router(self) -> ManagedProcess | None:
+        """The first router (the one the CLI is pointed at)."""
+        return self.routers[0] if self.routers else None
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -153,32 +186,65 @@ class LocalCluster:
 
     def worker_roles(self) -> list[str]:
         s = self.spec
-        return ["mixed"] * s.mixed + ["prefill"] * s.prefill + ["decode"] * s.decode
+        return (
+            ["mixed"] * s.mixed + ["prefill"] * s.prefill + ["decode"] * s.decode
+            + ["encode"] * s.encode
+        )  # fmt: skip
 
     def worker_argv(self, index: int, role: str = "mixed") -> list[str]:
+        overrides = dict(self.spec.worker_overrides)
+        if self.spec.kvstore:
+            # With a kvstore, workers keep KV blocks in its Mooncake Store (found through etcd).
+            overrides.setdefault("kv_store", "auto")
         wcfg = WorkerConfig(
             role=role, host=self.spec.host, port=0, instance_id=f"worker-{index}",
             cluster=self.spec.cluster, etcd=self.etcd.endpoint, lease_ttl=self.spec.lease_ttl,
-            **self.spec.worker_overrides,  # type: ignore[arg-type]
+            **overrides,  # type: ignore[arg-type]
         )  # fmt: skip
         return worker_command(wcfg, self.engine_config())
 
-    def router_argv(self) -> list[str]:
+    def router_argv(self, index: int = 0) -> list[str]:
+        port = self.spec.port + index if self.spec.port else free_port(self.spec.host)
         rcfg = RouterConfig(
-            host=self.spec.host, port=self.spec.port or free_port(self.spec.host),
+            host=self.spec.host, port=port,
             cluster=self.spec.cluster, etcd=self.etcd.endpoint, model=self.spec.model,
             policy=self.spec.policy, admin_token_file=str(self.admin_dir / TOKEN_FILE),
             **self.spec.router_overrides,  # type: ignore[arg-type]
         )  # fmt: skip
         return router_command(rcfg)
 
+    def kvstore_argv(self) -> list[str]:
+        kcfg = KVStoreConfig(
+            host=self.spec.host, instance_id="kvstore-0", cluster=self.spec.cluster,
+            etcd=self.etcd.endpoint, lease_ttl=self.spec.lease_ttl, master_host=self.spec.host,
+            **self.spec.kvstore_overrides,  # type: ignore[arg-type]
+        )  # fmt: skip
+        return kvstore_command(kcfg)
+
+    def start_kvstore(self) -> ManagedProcess:
+        self.kvstore = ManagedProcess(
+            "kvstore", self.kvstore_argv(), KVSTORE_READY, self.spec.echo,
+            self.etcd.access.to_env(),
+        )  # fmt: skip
+        return self.kvstore
+
     def start_worker(self, role: str = "mixed") -> ManagedProcess:
         i = self._worker_count
         self._worker_count += 1
         proc = ManagedProcess(
-            f"worker-{i}", self.worker_argv(i, role), WORKER_READY, self.spec.echo
-        )
+            f"worker-{i}", self.worker_argv(i, role), WORKER_READY, self.spec.echo,
+            self.etcd.access.to_env(),
+        )  # fmt: skip
         self.workers.append(proc)
+        return proc
+
+    def start_router(self) -> ManagedProcess:
+        i = len(self.routers)
+        name = "router" if i == 0 else f"router-{i}"
+        proc = ManagedProcess(
+            name, self.router_argv(i), ROUTER_READY, self.spec.echo, self.etcd.access.to_env()
+        )
+        self.routers.append(proc)
         return proc
 
     def start(self, timeout: float = 900.0, progress: Callable[[str], None] | None = None) -> str:
@@ -187,13 +253,16 @@ class LocalCluster:
         self.prepare_model(say)
         say(f"starting etcd on {self.etcd.endpoint}")
         self.etcd.start()
+        if self.spec.kvstore:
+            self.start_kvstore()
         for role in self.worker_roles():
             self.start_worker(role)
         write_private(self.admin_dir / TOKEN_FILE, self.admin_token)
-        self.router = ManagedProcess("router", self.router_argv(), ROUTER_READY, self.spec.echo)
+        for _ in range(self.spec.routers):
+            self.start_router()
         started = time.monotonic()
         last_note = 0.0
-        pending = [*self.workers, self.router]
+        pending = [*self.workers, *self.routers, *([self.kvstore] if self.kvstore else [])]
         while pending:
             for p in list(pending):
                 if p.ready.is_set():
@@ -210,9 +279,13 @@ class LocalCluster:
                     f"loading model... {elapsed:.0f}s, waiting for {', '.join(p.name for p in pending)}"
                 )
             time.sleep(0.1)
-        self.base_url = self.router.ready_field("url")
+        self.base_urls = [r.ready_field("url") for r in self.routers]
+        self.base_url = self.base_urls[0]
         write_private(self.admin_dir / ROUTER_FILE, self.base_url)
-        self.wait_healthy(timeout=max(30.0, timeout - (time.monotonic() - started)))
+        for router, url in zip(self.routers, self.base_urls, strict=True):
+            self.wait_healthy(
+                timeout=max(30.0, timeout - (time.monotonic() - started)), router=router, url=url
+            )
         say(f"cluster ready in {time.monotonic() - started:.0f}s")
         return self.base_url
 
@@ -228,28 +301,47 @@ class LocalCluster:
         self.spec.served_model_name = self.spec.served_model_name or served_name(model)
         self.spec.model = resolve_model(model)
 
-    def wait_healthy(self, timeout: float = 60.0) -> None:
+    def wait_healthy(
+        self,
+        timeout: float = 60.0,
+        router: ManagedProcess | None = None,
+        url: str | None = None,
+    ) -> None:
+        """Wait for one router's /health (default: the first router)."""
+        router = router or self.router
+        url = url or self.base_url
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.router is not None and not self.router.alive():
-                raise RuntimeError(self.router.describe_failure())
+            if router is not None and not router.alive():
+                raise RuntimeError(router.describe_failure())
             try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=2.0) as resp:
+                with urllib.request.urlopen(
+                    url + "/health", timeout=2.0, context=self.http_ssl_context()
+                ) as resp:
                     if resp.status == 200:
                         return
             except OSError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"router at {self.base_url} not healthy after {timeout:.0f}s")
+        raise TimeoutError(f"router at {url} not healthy after {timeout:.0f}s")
+
+    def http_ssl_context(self) -> ssl.SSLContext | None:
+        """How to trust an HTTPS gateway (``spec.gateway_ca``, else the system's CAs)."""
+        if self.spec.gateway_ca is None:
+            return None
+        return ssl.create_default_context(cafile=self.spec.gateway_ca)
 
     def stop(self) -> None:
-        """Stop the router, then the workers (they drain), then etcd. Safe to call twice."""
-        if self.router is not None:
-            self.router.stop(timeout=15)
+        """Stop the routers, then the workers (they drain), then the kvstore and etcd. Safe
+        to call twice."""
+        for router in self.routers:
+            router.stop(timeout=15)
         for w in self.workers:
             w.signal(signal.SIGTERM)
         for w in self.workers:
             w.stop(timeout=30)
+        if self.kvstore is not None:
+            self.kvstore.stop(timeout=15)
         self.etcd.cleanup()
         self._forget_admin_files()
 

@@ -1,5 +1,5 @@
-"""The `epdserve` command: up | worker | router | generate | bench | status | roles | drain |
-rebalance | policy."""
+"""The `epdserve` command: up | worker | router | kvstore | generate | bench | status | roles |
+drain | rebalance | policy."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from services.cli import admin
+
+    if argv and argv[0] in admin.COMMANDS:
+        # NOTE: before importing `up` (which pulls in torch): operator commands answer in
+        # a fraction of a second, scripts and tests poll them.
+        return admin.main(argv)
     parser = argparse.ArgumentParser(prog="epdserve", description="epdserve LLM serving cluster")
     sub = parser.add_subparsers(dest="command", required=True)
     from services.cli import up
@@ -18,12 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     # worker/router own their parsers (built from their config dataclasses): pass through.
     sub.add_parser("worker", help="run one worker process", add_help=False)
     sub.add_parser("router", help="run the router / HTTP gateway", add_help=False)
+    sub.add_parser(
+        "kvstore", help="run the global KV index and its Mooncake master", add_help=False
+    )
     has_generate = importlib.util.find_spec("services.cli.generate") is not None
     if has_generate:
         sub.add_parser("generate", help="generate text offline with the engine", add_help=False)
     sub.add_parser("bench", help="benchmark a running server", add_help=False)
-    from services.cli import admin
-
     admin_help = {
         "status": "show workers, roles, load and the rebalancer",
         "roles": "set a worker's role (roles set ID ROLE)",
@@ -42,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         from services.router.main import main as router_main
 
         return router_main(argv[1:])
+    if argv and argv[0] == "kvstore":
+        from services.kvstore.main import main as kvstore_main
+
+        return kvstore_main(argv[1:])
     if argv and argv[0] == "generate" and has_generate:
         from services.cli import generate
 
@@ -50,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         from services.cli import bench
 
         return bench.main(argv[1:])
-    if argv and argv[0] in admin.COMMANDS:
-        return admin.main(argv)
     args = parser.parse_args(argv)
     if args.command == "up":
         return up.run(args)

@@ -29,27 +29,58 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--prefill", type=int, default=0, help="prefill workers (PD mode, with --decode)"
     )
     p.add_argument("--decode", type=int, default=0, help="decode workers (PD mode, with --prefill)")
+    p.add_argument(
+        "--encode", type=int, default=0,
+        help="encoder workers (EPD: a vision-language --model; images are encoded there)",
+    )  # fmt: skip
     p.add_argument("--port", type=int, default=8000, help="router HTTP port (default 8000)")
+    p.add_argument(
+        "--routers",
+        type=int,
+        default=1,
+        help="router replicas sharing etcd, on ports --port, --port+1, ... (default 1)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="router HTTP address (default 127.0.0.1)")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (default cpu)")
     p.add_argument("--cluster", default="local", help="cluster name in etcd (default local)")
-    p.add_argument("--policy", default="least_load", help="routing policy (default least_load)")
+    p.add_argument(
+        "--policy",
+        default=None,
+        help="routing policy (default cache_aware with the kvstore, else least_load)",
+    )
     p.add_argument(
         "--rebalance-policy",
         default="static",
         help="role rebalancing policy: static | queue | slo (default static)",
     )
+    p.add_argument(
+        "--kvstore",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the kvstore (global KV index + Mooncake Store master); default: on with "
+        "more than one worker (--no-kvstore leaves it out)",
+    )
     p.add_argument("--verbose", action="store_true", help="show the children's logs")
+
+
+def wants_kvstore(args: argparse.Namespace, num_workers: int) -> bool:
+    """--kvstore / --no-kvstore, else on when there is more than one worker to route between."""
+    return num_workers > 1 if args.kvstore is None else bool(args.kvstore)
 
 
 def run(args: argparse.Namespace) -> int:
     pd = bool(args.prefill or args.decode)
+    mixed = (0 if pd else 1) if args.mixed is None else args.mixed
+    kvstore = wants_kvstore(args, mixed + args.prefill + args.decode)
+    policy = args.policy or ("cache_aware" if kvstore else "least_load")
     try:
         spec = ClusterSpec(
             model=args.model, served_model_name=args.served_model_name,
-            mixed=(0 if pd else 1) if args.mixed is None else args.mixed,
-            prefill=args.prefill, decode=args.decode, host=args.host, port=args.port,
-            device=args.device, cluster=args.cluster, policy=args.policy, echo=args.verbose,
+            mixed=mixed,
+            prefill=args.prefill, decode=args.decode, encode=args.encode, host=args.host,
+            port=args.port,
+            routers=args.routers, kvstore=kvstore,
+            device=args.device, cluster=args.cluster, policy=policy, echo=args.verbose,
             router_overrides={"rebalance_policy": args.rebalance_policy},
             admin_dir=str(config_dir()),
         )  # fmt: skip
@@ -74,10 +105,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"epdserve is serving {spec.served_model_name or spec.model} at {url}/v1", flush=True)
         print(f"  OpenAI:    OPENAI_BASE_URL={url}/v1", flush=True)
         print(f"  Anthropic: ANTHROPIC_BASE_URL={url}", flush=True)
+        if len(cluster.base_urls) > 1:
+            print(f"  Routers:   {' '.join(cluster.base_urls)}", flush=True)
         print("  Operate:   epdserve status | roles set ID ROLE | drain ID | rebalance", flush=True)
         print("  Ctrl-C stops the cluster.", flush=True)
         while not stop.is_set():
-            for p in [*cluster.workers, *([cluster.router] if cluster.router else [])]:
+            for p in [*cluster.workers, *cluster.routers, *filter(None, [cluster.kvstore])]:
                 if not p.alive():
                     say(p.describe_failure())
                     return 1

@@ -1,17 +1,43 @@
-"""Start and stop a single-node etcd server on loopback (used by `epdserve up` and tests)."""
+"""Start and stop a single-node etcd server on loopback (used by `epdserve up` and tests).
+
+Optionally secured the way a production etcd is: TLS on the client port (a client
+certificate required too when ``client_cert`` is given) and password auth for one user
+allowed to read and write the ``/epdserve/`` keys (``root`` gets a random password).
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.etcd_client import EtcdAccess
 from services.common.net import free_port
+
+
+@dataclass(frozen=True)
+class EtcdSecurity:
+    """How a test etcd is secured; every field is optional."""
+
+    ca: str | None = None  # with cert/key: serve TLS; clients verify with this CA
+    cert: str | None = None  # server certificate (must name 127.0.0.1)
+    key: str | None = None
+    client_cert: tuple[str, str] | None = None  # (cert, key): require client certificates
+    user: tuple[str, str] | None = None  # (name, password): enable auth with this user
+
+    def access(self, with_user: bool = True) -> EtcdAccess:
+        """What a client of this etcd needs (the admin commands use it without the user)."""
+        cert, key = self.client_cert or (None, None)
+        name, password = self.user if with_user and self.user else (None, None)
+        return EtcdAccess(ca=self.ca, cert=cert, key=key, user=name, password=password)
 
 
 def find_etcd_binary() -> str:
@@ -31,7 +57,15 @@ def find_etcd_binary() -> str:
 class EtcdServer:
     """One etcd process with a temporary data dir; ``restart()`` keeps ports and data."""
 
-    def __init__(self, data_dir: str | None = None, client_port: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        client_port: int | None = None,
+        security: EtcdSecurity | None = None,
+    ) -> None:
+        self.security = security or EtcdSecurity()
+        self._scheme = "https" if self.security.cert else "http"
+        self._auth_enabled = False
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="epdserve-etcd-")
         self.client_port = client_port or free_port()
@@ -43,9 +77,20 @@ class EtcdServer:
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
+    @property
+    def access(self) -> EtcdAccess:
+        """How ``connect_etcd`` reaches this server (``EtcdAccess.to_env()`` for children)."""
+        return self.security.access()
+
     def command(self) -> list[str]:
         peer = f"http://127.0.0.1:{self.peer_port}"
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = f"{self._scheme}://127.0.0.1:{self.client_port}"
+        sec = self.security
+        tls: list[str] = []
+        if sec.cert and sec.key:
+            tls = ["--cert-file", sec.cert, "--key-file", sec.key]
+            if sec.client_cert and sec.ca:
+                tls += ["--client-cert-auth", "--trusted-ca-file", sec.ca]
         return [
             find_etcd_binary(),
             "--name", "n1",
@@ -56,6 +101,7 @@ class EtcdServer:
             "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"n1={peer}",
             "--log-level", "warn",
+            *tls,
         ]  # fmt: skip
 
     def start(self, timeout: float = 20.0) -> None:
@@ -67,18 +113,59 @@ class EtcdServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.log_path}")
             if self.healthy():
+                if self.security.user and not self._auth_enabled:
+                    self._enable_auth(*self.security.user)
                 return
             time.sleep(0.1)
         self.stop()
         raise TimeoutError(f"etcd not healthy after {timeout}s; see {self.log_path}")
 
     def healthy(self) -> bool:
+        # serializable: answers without a linearizable read, which auth would refuse.
+        url = f"{self._scheme}://127.0.0.1:{self.client_port}/health?serializable=true"
         try:
-            url = f"http://127.0.0.1:{self.client_port}/health"
-            with urllib.request.urlopen(url, timeout=1.0) as resp:
+            with urllib.request.urlopen(url, timeout=1.0, context=self._ssl_context()) as resp:
                 return b'"true"' in resp.read()
         except OSError:
             return False
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        sec = self.security
+        if self._scheme != "https":
+            return None
+        ctx = ssl.create_default_context(cafile=sec.ca)
+        if sec.client_cert:
+            ctx.load_cert_chain(*sec.client_cert)
+        return ctx
+
+    def etcdctl(self, *args: str, user: str | None = None) -> str:
+        """Run etcdctl against this server (as ``user`` = "name:password" if given)."""
+        binary = Path(find_etcd_binary()).with_name("etcdctl")
+        sec = self.security
+        argv = [str(binary), f"--endpoints={self._scheme}://127.0.0.1:{self.client_port}"]
+        if self._scheme == "https" and sec.ca:
+            argv.append(f"--cacert={sec.ca}")
+        if sec.client_cert:
+            argv += [f"--cert={sec.client_cert[0]}", f"--key={sec.client_cert[1]}"]
+        if user:
+            argv.append(f"--user={user}")
+        done = subprocess.run(
+            [*argv, *args], capture_output=True, text=True, timeout=20,
+            env={**os.environ, "ETCDCTL_API": "3"},
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"etcdctl {args[0]} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def _enable_auth(self, name: str, password: str) -> None:
+        """root (random password) + ``name`` with read/write on ``/epdserve/``; auth on."""
+        self.etcdctl("user", "add", f"root:{secrets.token_urlsafe(16)}")
+        self.etcdctl("user", "add", f"{name}:{password}")
+        self.etcdctl("role", "add", "epdserve")
+        self.etcdctl("role", "grant-permission", "epdserve", "readwrite", "--prefix", "/epdserve/")
+        self.etcdctl("user", "grant-role", name, "epdserve")
+        self.etcdctl("auth", "enable")
+        self._auth_enabled = True
 
     def stop(self, kill: bool = False) -> None:
         if self.proc is None:

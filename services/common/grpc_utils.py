@@ -1,6 +1,10 @@
-"""gRPC helpers shared by workers and routers: channel/server options, role names, timeouts."""
+"""gRPC helpers shared by workers and routers: channel/server options, role names, timeouts,
+and the one place where channels and server ports are built, plain or with mutual TLS."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -29,9 +33,10 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 
 UNARY_TIMEOUT_S = 5.0  # Abort, Health, SetRole, Drain
 
-ROLES = ("mixed", "prefill", "decode")
+ROLES = ("mixed", "prefill", "decode", "encode")
 _ROLE_TO_PB: dict[str, pb.Role] = {
     "mixed": pb.ROLE_MIXED, "prefill": pb.ROLE_PREFILL, "decode": pb.ROLE_DECODE,
+    "encode": pb.ROLE_ENCODE,
 }  # fmt: skip
 _PB_TO_ROLE: dict[int, str] = {int(v): k for k, v in _ROLE_TO_PB.items()}
 
@@ -52,3 +57,68 @@ def role_from_pb(value: int) -> str:
 
 def insecure_channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+@dataclass(frozen=True)
+class GrpcTLS:
+    """Mutual TLS between router and workers: both sides present a certificate signed by
+    ``ca`` and check the other's against it. The worker is the server (it requires a client
+    certificate), the router the client."""
+
+    ca: str  # PEM file of the CA both sides trust
+    cert: str  # PEM file of this process's certificate
+    key: str  # PEM file of its private key
+    # The name the workers' certificate carries, checked instead of the dialled host: in a
+    # cluster workers are dialled by pod IP, which a certificate cannot list in advance.
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(
+        cls, ca: str | None, cert: str | None, key: str | None, server_name: str | None = None
+    ) -> GrpcTLS | None:
+        """None when no file is given (plain gRPC); ValueError when only some are."""
+        given = {"ca": ca, "cert": cert, "key": key}
+        if not any(given.values()):
+            return None
+        missing = [name for name, path in given.items() if not path]
+        if missing:
+            raise ValueError(
+                "gRPC mutual TLS needs --grpc-tls-ca, --grpc-tls-cert and --grpc-tls-key "
+                f"together; missing: {', '.join('--grpc-tls-' + m for m in missing)}"
+            )
+        return cls(ca or "", cert or "", key or "", server_name)
+
+    def _read(self) -> tuple[bytes, bytes, bytes]:
+        try:
+            return tuple(Path(p).read_bytes() for p in (self.ca, self.cert, self.key))  # type: ignore[return-value]
+        except OSError as exc:
+            raise ValueError(f"cannot read a gRPC TLS file: {exc}") from exc
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        ca, cert, key = self._read()
+        return grpc.ssl_channel_credentials(ca, private_key=key, certificate_chain=cert)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        ca, cert, key = self._read()
+        # NOTE: require_client_auth: a peer without a certificate from our CA is refused in
+        # the TLS handshake, before any RPC reaches the servicer.
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True
+        )
+
+
+def channel(address: str, tls: GrpcTLS | None = None) -> grpc.aio.Channel:
+    """A channel to a worker: plain, or mutual TLS when ``tls`` is given."""
+    if tls is None:
+        return insecure_channel(address)
+    options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
+
+
+def add_port(server: grpc.aio.Server, address: str, tls: GrpcTLS | None = None) -> int:
+    """Bind ``address`` (plain, or mutual TLS); returns the port (0: could not bind)."""
+    if tls is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, tls.server_credentials())

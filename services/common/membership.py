@@ -21,9 +21,9 @@ from typing import Any
 
 from etcd3aio import Etcd3Client, prefix_range_end
 
-log = logging.getLogger(__name__)
+from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
 
-ETCD_OP_TIMEOUT_S = 3.0  # every etcd call is bounded: an outage must not hang a worker
+log = logging.getLogger(__name__)
 
 
 def instances_prefix(cluster: str) -> str:
@@ -32,6 +32,12 @@ def instances_prefix(cluster: str) -> str:
 
 def instance_key(cluster: str, instance_id: str) -> str:
     return instances_prefix(cluster) + instance_id
+
+
+def kvstore_prefix(cluster: str) -> str:
+    """Keys of the kvstore processes (InstanceInfo values, role "kvstore"). Kept apart from
+    the workers' prefix so that routing and role code never take a kvstore for a worker."""
+    return f"/epdserve/{cluster}/kvstore/"
 
 
 def roles_prefix(cluster: str) -> str:
@@ -83,11 +89,18 @@ class InstanceInfo:
 class Registrar:
     """Keeps one worker's key alive in etcd, re-registering after lease loss or outage."""
 
-    def __init__(self, endpoints: list[str], cluster: str, info: InstanceInfo, ttl: int = 5):
+    def __init__(
+        self,
+        endpoints: list[str],
+        cluster: str,
+        info: InstanceInfo,
+        ttl: int = 5,
+        prefix: str | None = None,  # default: the workers' instances prefix
+    ):
         if ttl < 2:
             raise ValueError("lease ttl must be >= 2 seconds")
         self.endpoints = endpoints
-        self.key = instance_key(cluster, info.id)
+        self.key = (prefix or instances_prefix(cluster)) + info.id
         self.info = info
         self.ttl = ttl
         self.registered = asyncio.Event()  # set while our key is believed to be in etcd
@@ -115,11 +128,14 @@ class Registrar:
             # Revoking the lease deletes the key at once: routers stop routing here now.
             with contextlib.suppress(Exception):
                 await self._client.lease.revoke(self._lease_id, timeout=ETCD_OP_TIMEOUT_S)
+        await self._drop_client()
+        self.registered.clear()
+
+    async def _drop_client(self) -> None:
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.close()
             self._client = None
-        self.registered.clear()
 
     async def _run(self) -> None:
         backoff = 0.2
@@ -130,14 +146,16 @@ class Registrar:
                 raise
             except Exception as exc:  # any etcd failure: start over with a new lease
                 log.warning("etcd registration lost (%s); retrying in %.1fs", exc, backoff)
+                # A fresh client re-resolves the endpoints and authenticates again (etcd
+                # forgets auth tokens when it restarts).
+                await self._drop_client()
             self.registered.clear()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
     async def _register_and_keep_alive(self) -> None:
         if self._client is None:
-            self._client = Etcd3Client(self.endpoints, rpc_max_attempts=1)
-            await self._client.connect()
+            self._client = await connect_etcd(self.endpoints)
         c = self._client
         assert c.kv is not None and c.lease is not None
         grant = await c.lease.grant(self.ttl, timeout=ETCD_OP_TIMEOUT_S)
@@ -194,9 +212,9 @@ Listener = Callable[[dict[str, InstanceInfo]], None]
 class MembershipWatcher:
     """Keeps ``self.instances`` equal to etcd's view of the cluster (or the last one seen)."""
 
-    def __init__(self, endpoints: list[str], cluster: str) -> None:
+    def __init__(self, endpoints: list[str], cluster: str, prefix: str | None = None) -> None:
         self.endpoints = endpoints
-        self.prefix = instances_prefix(cluster)
+        self.prefix = prefix or instances_prefix(cluster)  # default: the workers' prefix
         self.instances: dict[str, InstanceInfo] = {}
         self.synced = asyncio.Event()  # first listing done
         self._listeners: list[Listener] = []
@@ -224,9 +242,9 @@ class MembershipWatcher:
     async def _run(self) -> None:
         backoff = 0.2
         while True:
-            client = Etcd3Client(self.endpoints, rpc_max_attempts=1)
+            client: Etcd3Client | None = None
             try:
-                await client.connect()
+                client = await connect_etcd(self.endpoints)
                 await self._list_and_watch(client)
             except asyncio.CancelledError:
                 raise
@@ -234,8 +252,9 @@ class MembershipWatcher:
                 # Keep serving from the last view; try again.
                 log.warning("etcd watch failed (%s); retrying in %.1fs", exc, backoff)
             finally:
-                with contextlib.suppress(Exception):
-                    await client.close()
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.close()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
@@ -260,6 +279,9 @@ class MembershipWatcher:
         ):
             if wresp.compact_revision:
                 raise RuntimeError("watch compacted; re-listing")
+            if wresp.canceled:
+                # e.g. "invalid auth token" after an etcd restart: a new client logs in again.
+                raise RuntimeError(f"watch canceled by etcd ({wresp.cancel_reason}); re-listing")
             changed = False
             for ev in wresp.events:
                 iid = ev.kv.key.decode()[len(self.prefix) :]

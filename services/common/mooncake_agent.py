@@ -52,6 +52,19 @@ class MooncakeAgent:
         if rc != 0:
             raise RuntimeError(f"Mooncake register_memory({nbytes} bytes) failed with {rc}")
 
+    def unregister(self, addr: int) -> None:
+        rc = self._te.unregister_memory(addr)
+        if rc != 0:
+            logger.warning("Mooncake unregister_memory(%#x) failed with %d", addr, rc)
+
+    def read(self, session: str, dsts: list[int], srcs: list[int], lens: list[int]) -> None:
+        """Blocking batch read of a peer's registered ranges into local registered memory."""
+        if not dsts:
+            return
+        rc = self._te.batch_transfer_sync_read(session, dsts, srcs, lens)
+        if rc != 0:
+            raise TransferError(f"Mooncake read from {session} failed with status {rc}")
+
     def write(self, session: str, srcs: list[int], dsts: list[int], lens: list[int]) -> None:
         """Blocking batch write of local ranges into a peer's registered memory."""
         if not srcs:

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from services.engine.async_engine import AsyncLLMEngine
 from services.engine.kv_layout import KVLayout
+from services.engine.multimodal import ImageInputs
 from services.engine.sampling_params import SamplingParams
+from services.engine.sequence import Resume
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +46,17 @@ class KVReceiver:
                 await self._reaper
 
     async def reserve(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        resume: Resume | None = None,
+        images: ImageInputs | None = None,
     ) -> Reservation:
-        """Raises ValueError (bad request) or MemoryError (cache full)."""
+        """Raises ValueError (bad request) or MemoryError (cache full). ``images``: grids and
+        hashes of a vision-language prompt's images."""
         blocks, cached = await self.engine.call(
-            lambda e: e.reserve(request_id, prompt_token_ids, params)
+            lambda e: e.reserve(request_id, prompt_token_ids, params, resume, images)
         )
         r = Reservation(request_id, blocks, cached, time.monotonic() + self.reserve_timeout_s)
         self.reservations[request_id] = r

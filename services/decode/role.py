@@ -9,7 +9,13 @@ from services.common.proto import worker_pb2 as pb
 from services.decode.kv_receiver import KVReceiver
 from services.engine.async_engine import AsyncLLMEngine
 from services.engine.outputs import RequestOutput
-from services.worker.convert import layout_to_proto, logprobs_from_proto, params_from_proto
+from services.worker.convert import (
+    layout_to_proto,
+    logprobs_from_proto,
+    params_from_proto,
+    resume_from_proto,
+)
+from services.worker.image_inputs import image_keys_from_proto
 
 
 class DecodeRole:
@@ -20,7 +26,13 @@ class DecodeRole:
 
     async def reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
         params = params_from_proto(request.params)
-        r = await self.receiver.reserve(request.request_id, list(request.prompt_token_ids), params)
+        r = await self.receiver.reserve(
+            request.request_id,
+            list(request.prompt_token_ids),
+            params,
+            resume_from_proto(request),
+            image_keys_from_proto(request.images),
+        )
         return pb.ReserveResponse(
             session_id=self.session_id,
             layout=layout_to_proto(self.receiver.layout),

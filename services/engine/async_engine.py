@@ -18,6 +18,7 @@ from services.engine.config import EngineConfig
 from services.engine.llm_engine import EngineStats, LLMEngine
 from services.engine.outputs import RequestOutput
 from services.engine.sampling_params import SamplingParams
+from services.engine.sequence import Resume
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,6 +59,8 @@ class AsyncLLMEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.close)
 
     @property
     def is_running(self) -> bool:
@@ -85,9 +88,10 @@ class AsyncLLMEngine:
     async def generate(
         self,
         request_id: str,
-        prompt_token_ids: list[int],
+        prompt_token_ids: list[int] | dict[str, Any],  # a dict: with images (parse_prompt)
         params: SamplingParams,
         hold_kv: bool = False,
+        resume: Resume | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream delta outputs of one request until it finishes. Raises ValueError for a bad
         request. If the consumer stops early (client gone), the request is aborted."""
@@ -97,7 +101,9 @@ class AsyncLLMEngine:
         self._streams[request_id] = stream
         finished = False
         try:
-            await self.call(lambda e: e.add_request(request_id, prompt_token_ids, params, hold_kv))
+            await self.call(
+                lambda e: e.add_request(request_id, prompt_token_ids, params, hold_kv, resume)
+            )
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):

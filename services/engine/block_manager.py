@@ -56,10 +56,21 @@ class Block:
 
 @dataclass
 class KVEvent:
-    """Block hashes that became available in (``stored``) or left (``removed``) this cache."""
+    """Block hashes that became available in (``stored``) or left (``removed``) one tier
+    of this engine's cache."""
 
     kind: str  # "stored" or "removed"
     block_hashes: list[int] = field(default_factory=list)
+    tier: str = "device"  # "device", "host" (host pool) or "store" (Mooncake Store)
+
+
+@dataclass(frozen=True)
+class CachedBlock:
+    """A device block holding a cached prefix block, as handed to the tiers below."""
+
+    block_id: int
+    block_hash: int
+    token_ids: tuple[int, ...]
 
 
 @dataclass
@@ -88,6 +99,11 @@ class BlockManager:
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; LRU first
         self.hash_to_block: dict[int, int] = {}
         self._events: list[KVEvent] = []
+        # When tiers below want them: cached blocks evicted (take_evicted) and blocks newly
+        # registered (take_registered) since the last call.
+        self.feed_tiers = False
+        self._evicted: list[CachedBlock] = []
+        self._registered: list[CachedBlock] = []
         # Prefix-cache statistics: prompt tokens looked up and tokens found.
         self.lookup_tokens = 0
         self.hit_tokens = 0
@@ -112,6 +128,31 @@ class BlockManager:
     def take_events(self) -> list[KVEvent]:
         events, self._events = self._events, []
         return events
+
+    def take_evicted(self) -> list[CachedBlock]:
+        """Cached blocks handed out for new tokens since the last call. Their KV is intact
+        until the next model run or KV import, so the caller copies it out first."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
+    def take_registered(self) -> list[CachedBlock]:
+        """Blocks registered in the prefix cache since the last call."""
+        registered, self._registered = self._registered, []
+        return registered
+
+    def is_cached(self, block_hash: int) -> bool:
+        return block_hash in self.hash_to_block
+
+    def prompt_block_hashes(self, seq: Sequence) -> list[int]:
+        """Chained hashes of the blocks a prefix hit of ``seq`` can cover (all full blocks
+        but the one holding the last token, which is always computed)."""
+        bs = self.block_size
+        hashes: list[int] = []
+        parent = chain_root(seq)
+        for i in range((seq.num_tokens - 1) // bs):
+            parent = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            hashes.append(parent)
+        return hashes
 
     def get_computed_blocks(self, seq: Sequence) -> ComputedBlocks:
         """Longest cached prefix of ``seq`` in whole blocks. Leaves at least one token to
@@ -174,7 +215,10 @@ class BlockManager:
             bid = self.free_ids.popleft()
         else:
             bid, _ = self.evictable.popitem(last=False)
-            self._forget(self.blocks[bid])
+            block = self.blocks[bid]
+            if self.feed_tiers and block.block_hash is not None:
+                self._evicted.append(CachedBlock(bid, block.block_hash, block.token_ids))
+            self._forget(block)
         block = self.blocks[bid]
         assert block.ref_count == 0, block
         block.ref_count = 1
@@ -224,6 +268,8 @@ class BlockManager:
             block.token_ids = tokens
             self.hash_to_block[parent] = block.block_id
             stored.append(parent)
+            if self.feed_tiers:
+                self._registered.append(CachedBlock(block.block_id, parent, tokens))
         if stored:
             self._events.append(KVEvent("stored", stored))
 

@@ -30,6 +30,9 @@ class EngineConfig:
     max_model_len: int | None = None
     # Bytes for the KV cache; None: derived from the device (see ModelRunner).
     kv_cache_bytes: int | None = None
+    # Bytes of host memory (pinned on accelerators) keeping KV blocks evicted from the device
+    # cache, to be copied back instead of recomputed; 0 disables the host tier.
+    kv_host_pool_bytes: int = 0
     # Fraction of free device memory given to the KV cache on accelerators.
     gpu_memory_utilization: float = 0.85
     # Reuse KV blocks of identical prompt prefixes across requests.
@@ -58,6 +61,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
+        if self.kv_host_pool_bytes < 0:
+            raise ValueError(f"kv_host_pool_bytes must be >= 0, got {self.kv_host_pool_bytes}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

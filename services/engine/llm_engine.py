@@ -6,6 +6,7 @@ I/O: the asyncio wrapper (async_engine.py) runs ``step()`` on its own thread.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -15,15 +16,22 @@ from typing import Any
 from services.engine.block_manager import BlockManager, KVEvent
 from services.engine.config import EngineConfig
 from services.engine.detokenizer import IncrementalDetokenizer
+from services.engine.kv_tiers import KVTierManager, StoreTier
 from services.engine.model_loader import load_hf_config, resolve_model, served_name
 from services.engine.model_runner import ModelRunner
 from services.engine.models.registry import resolve_model_class
-from services.engine.multimodal import ImageInputs, MultiModalState, build_state, parse_prompt
-from services.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from services.engine.multimodal import (
+    ImageInputs,
+    MultiModalState,
+    build_state,
+    load_image_processor,
+    parse_prompt,
+)
+from services.engine.outputs import LOST_IMAGES, CompletionOutput, RequestOutput, TokenLogprobs
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import ScheduledSeq, Scheduler
-from services.engine.sequence import Sequence, SequenceStatus
+from services.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from services.engine.sequence import Resume, Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +68,12 @@ class EngineStats:
     num_preemptions: int
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits: int = 0  # of which found in the cache (cumulative)
+    prompt_tokens_computed: int = 0  # prompt tokens run through the model (cumulative)
+    kv_host_hit_blocks: int = 0  # prompt blocks copied back from the host pool (cumulative)
+    kv_store_hit_blocks: int = 0  # prompt blocks fetched from the KV store (cumulative)
+    kv_host_blocks_used: int = 0  # blocks held by the host pool
+    kv_host_blocks_total: int = 0  # capacity of the host pool (0: no host tier)
+    kv_store_put_blocks: int = 0  # blocks written to the KV store (cumulative)
 
 
 class LLMEngine:
@@ -85,20 +99,54 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
+        self.tiers: KVTierManager | None = None  # host pool and store below the device
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
             config.max_num_batched_tokens,
             self.max_model_len,
         )
+        if config.kv_host_pool_bytes:
+            host_blocks = config.kv_host_pool_bytes // self.runner.bytes_per_block
+            if host_blocks < 1:
+                raise ValueError(
+                    f"kv_host_pool_bytes {config.kv_host_pool_bytes} is smaller than one KV "
+                    f"block ({self.runner.bytes_per_block} bytes)"
+                )
+            self._enable_tiers(host_blocks)
         self.eos_token_ids = self._eos_token_ids()
         self.sampler = Sampler(self.eos_token_ids, config.seed)
         self.requests: dict[str, _Request] = {}
         self.held: dict[str, Sequence] = {}  # finished prefills whose KV awaits export
         self.reserved: dict[str, Sequence] = {}  # decode side: blocks awaiting imported KV
+        self.reserved_resume: dict[str, Resume] = {}  # ... of migrated requests
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (a metric)
         # Called after each layer of each step with the step's batch (KV push in PD mode).
         self.layer_hook: Callable[[int, list[ScheduledSeq]], None] | None = None
+
+    def _enable_tiers(self, host_blocks: int, store: StoreTier | None = None) -> None:
+        if not self.config.enable_prefix_caching:
+            raise ValueError("KV tiers below the device need prefix caching")
+        r = self.runner
+        self.tiers = KVTierManager(
+            self.config.block_size, r.block_shape, r.dtype, host_blocks,
+            pin_memory=r.device.type != "cpu", store=store,
+        )  # fmt: skip
+        self.scheduler.tiers = self.tiers
+        self.block_manager.feed_tiers = True
+
+    def attach_kv_store(self, store: StoreTier) -> None:
+        """Spill blocks the host pool (if any) pushes out to ``store`` and look prompts up
+        there too. Keys must already say which model and KV layout the blocks are of."""
+        if self.tiers is None:
+            self._enable_tiers(0, store)
+        else:
+            self.tiers.store = store
+
+    def close(self) -> None:
+        """Stop the tiers' background store reads and writes."""
+        if self.tiers is not None:
+            self.tiers.close()
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -128,8 +176,24 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         return list(prompt)
 
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def validate(
+        self, prompt_token_ids: list[int], params: SamplingParams, resume: Resume | None = None
+    ) -> None:
         n = len(prompt_token_ids)
+        if resume is not None:
+            done = len(resume.output_token_ids)
+            if params.n != 1:
+                raise ValueError("a resumed request must have n = 1")
+            if params.max_tokens is not None and done >= params.max_tokens:
+                raise ValueError(f"resume has {done} tokens; max_tokens is {params.max_tokens}")
+            if n + done >= self.max_model_len:
+                raise ValueError(
+                    f"prompt ({n}) + resumed output ({done}) tokens reach the context length "
+                    f"{self.max_model_len}"
+                )
+            vocab = self.runner.model.lm_head.out_features
+            if any(not 0 <= t < vocab for t in resume.output_token_ids):
+                raise ValueError(f"resumed token ids must be in [0, {vocab})")
         if n == 0:
             raise ValueError("prompt is empty")
         if n >= self.max_model_len:
@@ -152,29 +216,39 @@ class LLMEngine:
         prompt: str | list[int] | dict[str, Any],
         params: SamplingParams,
         hold_kv: bool = False,
+        resume: Resume | None = None,
     ) -> None:
         """Queue a request. With ``hold_kv`` its blocks are kept after it finishes, until
-        ``release_held`` (the prefill side of PD reads them out first)."""
+        ``release_held`` (the prefill side of PD reads them out first). With ``resume`` it
+        continues a request migrated from another worker (see ``Resume``)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        text, images = parse_prompt(prompt)
+        # NOTE: only dict prompts may carry images; text ones never load the processor.
+        text, images = parse_prompt(
+            prompt, self.image_processor if isinstance(prompt, dict) else None
+        )
         ids = self.tokenize(text)
         mm = None
         if images is not None:
             ids, mm = self._multimodal_state(ids, images)
-        self.validate(ids, params)
-        seqs = [Sequence(request_id, ids, params, index=i) for i in range(params.n)]
+        self.validate(ids, params, resume)
+        seqs = [self._new_sequence(request_id, ids, params, i, resume) for i in range(params.n)]
         for seq in seqs:
             seq.mm = mm
-        detoks = [self._detokenizer(ids, params) for _ in seqs]
+        detoks = [self._detokenizer(ids, params, resume) for _ in seqs]
         req = _Request(request_id, ids, params, seqs, detoks, hold_kv=hold_kv)
-        req.reported_tokens = [0] * params.n
+        req.reported_tokens = [len(resume.output_token_ids) if resume else 0] * params.n
         # n > 1: run the first completion's prompt alone; the others start once its blocks
         # are in the prefix cache, so the prompt is computed (and stored) once.
         req.pending = seqs[1:] if self.config.enable_prefix_caching else []
         for seq in seqs[: 1 if req.pending else params.n]:
             self.scheduler.add(seq)
         self.requests[request_id] = req
+
+    @functools.cached_property
+    def image_processor(self) -> Any:
+        """The model's image processor (for PIL images in prompts); loaded on first use."""
+        return load_image_processor(str(self.model_path))
 
     def _multimodal_state(
         self, ids: list[int], images: ImageInputs
@@ -184,14 +258,42 @@ class LLMEngine:
             raise ValueError("this model does not take images")
         return build_state(ids, images, int(model.image_token_id), int(model.spatial_merge_size))
 
-    def _detokenizer(self, ids: list[int], params: SamplingParams) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(
+    def _new_sequence(
+        self,
+        request_id: str,
+        ids: list[int],
+        params: SamplingParams,
+        index: int = 0,
+        resume: Resume | None = None,
+    ) -> Sequence:
+        seq = Sequence(request_id, ids, params, index=index)
+        if resume is not None:
+            # The migrated tokens are outputs (penalties, min/max_tokens count them) whose KV
+            # is computed here like a preempted sequence's; a seeded generator skips the
+            # draws that sampled them, so seeded sampling continues where it stopped.
+            seq.token_ids.extend(resume.output_token_ids)
+            seq.num_resumed_tokens = len(resume.output_token_ids)
+            if seq.generator is not None and not params.greedy:
+                for _ in resume.output_token_ids:
+                    self.sampler.skip_draw(seq.generator, self.runner.model.lm_head.out_features)
+        return seq
+
+    def _detokenizer(
+        self, ids: list[int], params: SamplingParams, resume: Resume | None = None
+    ) -> IncrementalDetokenizer:
+        detok = IncrementalDetokenizer(
             self.tokenizer,
             ids,
             params.stop,
             params.skip_special_tokens,
             params.include_stop_str_in_output,
         )
+        if resume is not None:
+            # Rebuild the text of the migrated tokens; what the client did not get yet (held
+            # back by the old worker) is sent with the next delta.
+            detok.add_tokens(list(resume.output_token_ids), check_stop=False)
+            detok.emitted = min(resume.emitted_chars, len(detok.text))
+        return detok
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks; returns its final output (finish "abort")."""
@@ -219,7 +321,15 @@ class LLMEngine:
         """Schedule, run the model once, sample, check stops; returns a delta output for every
         request that produced tokens or finished in this step."""
         sched = self.scheduler.schedule()
+        if self.tiers is not None:
+            self.tiers.before_step(sched.loads, self.block_manager, self.runner)
+        lost = self._fail_lost_images(sched)
+        if lost and sched.is_empty:
+            return lost
         if sched.is_empty:
+            if self.tiers is not None and sched.num_awaiting_store:
+                self.tiers.wait_for_fetch(0.05)  # queued prompts wait for the store
+                return []
             if self.scheduler.waiting and not self.scheduler.running:
                 # Nothing fits even with an empty batch: fail the head instead of spinning.
                 seq = self.scheduler.waiting[0]
@@ -233,6 +343,8 @@ class LLMEngine:
             for s in sched.scheduled
         )
         self.scheduler.postprocess(sched)
+        if self.tiers is not None:
+            self.tiers.after_step(self.block_manager, self.runner)
         sampling = [s.seq for s in sched.scheduled if s.samples]
         touched: dict[str, _Request] = {}
         if sampling:
@@ -242,7 +354,30 @@ class LLMEngine:
                 req = self.requests[seq.request_id]
                 self._append(req, seq, token, lp, now)
                 touched[req.request_id] = req
-        return [self._make_output(req) for req in touched.values()]
+        return lost + [self._make_output(req) for req in touched.values()]
+
+    def _fail_lost_images(self, sched: SchedulerOutput) -> list[RequestOutput]:
+        """End (finish "abort", stop_reason ``LOST_IMAGES``) the scheduled sequences that
+        would recompute image tokens without their images or embeddings: a PD decode worker
+        holds a prompt's KV, not its pixels, and a preemption can drop the image blocks. The
+        worker reports this as unavailable, and the router migrates the request to a
+        prefill worker that gets the images again."""
+        image_token = getattr(self.runner.model, "image_token_id", None)
+        out = []
+        for item in list(sched.scheduled):
+            seq, mm = item.seq, item.seq.mm
+            if mm is None or mm.embeds is not None or mm.images.pixel_values is not None:
+                continue
+            start = seq.num_computed_tokens
+            end = min(start + item.num_new_tokens, seq.num_prompt_tokens)
+            if image_token not in seq.token_ids[start:end]:
+                continue  # text tokens only: recomputed without the images
+            sched.scheduled.remove(item)
+            self.scheduler.finish(seq, "abort", LOST_IMAGES)
+            req = self.requests.get(seq.request_id)
+            if req is not None:
+                out.append(self._make_output(req))
+        return out
 
     def _append(
         self, req: _Request, seq: Sequence, token: int, lp: TokenLogprobs | None, now: float
@@ -296,7 +431,9 @@ class LLMEngine:
                     index=seq.index,
                     text=req.detoks[seq.index].take_delta(done),
                     token_ids=new_ids,
-                    logprobs=seq.logprobs[start:] if seq.params.logprobs is not None else None,
+                    logprobs=seq.logprobs[start - seq.num_resumed_tokens :]
+                    if seq.params.logprobs is not None
+                    else None,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                 )
@@ -325,26 +462,39 @@ class LLMEngine:
             self.block_manager.free(seq)
 
     def reserve(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        resume: Resume | None = None,
+        images: ImageInputs | None = None,
     ) -> tuple[list[int], int]:
         """Decode side: allocate blocks for a prompt whose KV will be written from elsewhere.
         Returns (block ids, number of leading tokens already cached here, which need no
-        transfer). Raises MemoryError when the cache is full."""
+        transfer). Raises MemoryError when the cache is full. ``images`` (grids and content
+        hashes of an expanded VL prompt) give the block hashes and M-RoPE decode positions."""
         if request_id in self.requests or request_id in self.reserved:
             raise ValueError(f"request id {request_id!r} is already running")
-        self.validate(prompt_token_ids, params)
+        self.validate(prompt_token_ids, params, resume)
         if params.n != 1:
             raise ValueError("n > 1 is not supported for imported requests")
-        seq = Sequence(request_id, prompt_token_ids, params)
+        seq = self._new_sequence(request_id, prompt_token_ids, params, resume=resume)
+        if images is not None:
+            seq.mm = self._multimodal_state(prompt_token_ids, images)[1]
         computed = self.block_manager.get_computed_blocks(seq)
         cached = computed.num_blocks * self.config.block_size
         if not self.block_manager.allocate_slots(seq, seq.num_tokens - cached, computed):
             raise MemoryError("not enough free KV blocks")
+        if self.tiers is not None:  # blocks it evicted go to the host pool before the import
+            self.tiers.before_step([], self.block_manager, self.runner)
         self.block_manager.note_lookup(seq, seq.num_computed_tokens)
         self.reserved[request_id] = seq
+        if resume is not None:
+            self.reserved_resume[request_id] = resume
         return list(seq.block_table), cached
 
     def free_reserved(self, request_id: str) -> None:
+        self.reserved_resume.pop(request_id, None)
         seq = self.reserved.pop(request_id, None)
         if seq is not None:
             self.block_manager.free(seq)
@@ -355,7 +505,8 @@ class LLMEngine:
         """Decode side: the reserved blocks now hold the prompt's KV; continue generating
         from ``first_token`` (sampled by the prefill side). Returns the first delta."""
         seq = self.reserved.pop(request_id)
-        seq.num_computed_tokens = seq.num_prompt_tokens
+        resume = self.reserved_resume.pop(request_id, None)
+        seq.num_computed_tokens = seq.num_tokens  # the prompt and any migrated outputs
         self.block_manager.cache_full_blocks(seq)
         if seq.generator is not None and not seq.params.greedy:
             # The prefill side drew the first token from a generator seeded like this one:
@@ -367,8 +518,8 @@ class LLMEngine:
             seq.prompt_token_ids,
             seq.params,
             [seq],
-            [self._detokenizer(seq.prompt_token_ids, seq.params)],
-            reported_tokens=[0],
+            [self._detokenizer(seq.prompt_token_ids, seq.params, resume)],
+            reported_tokens=[seq.num_output_tokens],
         )
         self.requests[request_id] = req
         seq.status = SequenceStatus.RUNNING
@@ -385,7 +536,10 @@ class LLMEngine:
     # ---- introspection ----------------------------------------------------------------------
 
     def take_kv_events(self) -> list[KVEvent]:
-        return self.block_manager.take_events()
+        events = self.block_manager.take_events()
+        if self.tiers is not None:
+            events += self.tiers.take_events()
+        return events
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -400,6 +554,8 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.lookup_tokens,
             prefix_cache_hits=bm.hit_tokens,
+            prompt_tokens_computed=self.num_prompt_tokens_computed,
+            **(self.tiers.stats_fields() if self.tiers is not None else {}),
         )
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:

@@ -64,6 +64,11 @@ class ModelRunner:
             layer.v_cache = self.kv_cache[1, i]
 
     @property
+    def block_shape(self) -> tuple[int, int, int, int, int]:
+        """Shape of one block's KV, all layers: [k/v, layer, slot, kv_head, head_dim]."""
+        return (2, self.num_layers, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
     def bytes_per_block(self) -> int:
         elem = torch.tensor([], dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem

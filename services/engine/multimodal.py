@@ -17,19 +17,34 @@ import torch
 
 @dataclass
 class ImageInputs:
-    """The processed images of one prompt."""
+    """The images of one prompt: processed pixels, or embeddings an encoder computed.
 
-    # [num_patches, C * T * P * P] float32, from the model's image processor.
-    pixel_values: torch.Tensor
+    A served request names each image by a content hash of its encoded bytes
+    (``content_hashes``), the same whichever worker encodes it, so prefix-cache hashes agree
+    between the pixel path (EP+D, mixed), the embedding path (E+P+D) and a PD decode worker,
+    which has neither pixels nor embeddings.
+    """
+
+    # [num_patches, C * T * P * P] float32, from the model's image processor; None when the
+    # embeddings were computed elsewhere.
+    pixel_values: torch.Tensor | None
     # [num_images, 3] (t, h, w) patch grid of each image, before merging.
     image_grid_thw: torch.Tensor
+    # [num_pad_tokens, hidden] vision embeddings of all images in order (an encoder's output).
+    embeds: torch.Tensor | None = None
+    # One sha256 hex digest per image given by the caller; None: hash the pixels.
+    content_hashes: list[str] | None = None
 
     def tokens_per_image(self, merge: int) -> list[int]:
         return [int(t * h * w) // merge**2 for t, h, w in self.image_grid_thw.tolist()]
 
     def hashes(self) -> list[str]:
-        """A content hash per image (pixels and grid), for cache keys; equal placeholder
-        tokens of different images must never share cached KV blocks."""
+        """A content hash per image (the caller's, else of pixels and grid), for cache keys;
+        equal placeholder tokens of different images must never share cached KV blocks."""
+        if self.content_hashes is not None:
+            return list(self.content_hashes)
+        if self.pixel_values is None:
+            raise ValueError("images without pixel values need content hashes")
         out = []
         offset = 0
         for t, h, w in self.image_grid_thw.tolist():
@@ -42,16 +57,61 @@ class ImageInputs:
         return out
 
 
-def preprocess_images(images: Sequence[Any], processor: Any | None = None) -> ImageInputs:
-    """Run the PIL Qwen2-VL image processor (torchvision is not needed)."""
-    if processor is None:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-            Qwen2VLImageProcessorPil,
-        )
+def load_image_processor(model_path: str | None = None) -> Any:
+    """The PIL Qwen2-VL image processor (torchvision is not needed), configured from the
+    model folder's ``preprocessor_config.json`` when it has one, else the defaults."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
-        processor = Qwen2VLImageProcessorPil()
+    if model_path is not None:
+        try:
+            return Qwen2VLImageProcessorPil.from_pretrained(model_path)
+        except OSError:  # no preprocessor_config.json
+            pass
+    return Qwen2VLImageProcessorPil()
+
+
+def preprocess_images(
+    images: Sequence[Any], processor: Any | None = None, hashes: list[str] | None = None
+) -> ImageInputs:
+    """Pixels and grids of PIL images; ``hashes`` names them (see ``ImageInputs``)."""
+    processor = processor or load_image_processor()
     out = processor(images=list(images), return_tensors="pt")
-    return ImageInputs(out["pixel_values"].float(), out["image_grid_thw"].long())
+    return ImageInputs(
+        out["pixel_values"].float(), out["image_grid_thw"].long(), content_hashes=hashes
+    )
+
+
+def open_images(data: Sequence[bytes]) -> list[Any]:
+    """Encoded images (PNG, JPEG, ...) as RGB PIL images; ValueError for bytes PIL cannot
+    read (the router checked them, but a worker does not trust its callers)."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for i, raw in enumerate(data):
+        try:
+            with Image.open(io.BytesIO(raw)) as img:
+                out.append(img.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise ValueError(f"image {i} could not be decoded: {exc}") from None
+    return out
+
+
+def image_grid(processor: Any, width: int, height: int) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid the processor gives an image of this size, from its size
+    alone (no pixels touched): what the router needs to expand placeholders."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    patch, merge = int(processor.patch_size), int(processor.merge_size)
+    h, w = smart_resize(
+        height, width, factor=patch * merge,
+        min_pixels=int(processor.size["shortest_edge"]),
+        max_pixels=int(processor.size["longest_edge"]),
+    )  # fmt: skip
+    return 1, h // patch, w // patch
 
 
 def expand_image_placeholders(
@@ -136,7 +196,8 @@ class MultiModalState:
     # Seed of the sequence's block-hash chain: mixes the image hashes in, so equal pad tokens
     # of different images never share prefix-cache blocks.
     hash_root: int
-    # [num_pad_tokens, hidden] vision embeddings, computed at the first prefill step.
+    # [num_pad_tokens, hidden] vision embeddings: given (an encoder's) or computed at the
+    # first prefill step.
     embeds: torch.Tensor | None = None
 
     def positions_of(self, start: int, end: int) -> torch.Tensor:
@@ -147,10 +208,15 @@ class MultiModalState:
         return torch.cat([head, tail.expand(3, -1)], dim=1)
 
 
-def parse_prompt(prompt: Any) -> tuple[str | list[int], ImageInputs | None]:
+def parse_prompt(
+    prompt: Any, processor: Any | None = None
+) -> tuple[str | list[int], ImageInputs | None]:
     """A vLLM-style prompt: a string, token ids, or a dict with ``prompt`` or
-    ``prompt_token_ids`` and optional ``multi_modal_data``: ``{"image": [PIL.Image, ...]}``
-    or precomputed ``{"pixel_values": ..., "image_grid_thw": ...}``."""
+    ``prompt_token_ids`` and optional ``multi_modal_data``: ``{"image": [PIL.Image, ...]}``,
+    precomputed ``{"pixel_values": ..., "image_grid_thw": ...}`` or vision embeddings
+    ``{"image_embeds": [num_pad_tokens, hidden], "image_grid_thw": ...}``; any of them with
+    ``"image_hashes"`` (one string per image) names the images for the prefix cache.
+    PIL images are processed by ``processor`` (the model's; default: the defaults')."""
     if not isinstance(prompt, dict):
         return prompt, None
     if "prompt_token_ids" in prompt:
@@ -160,21 +226,25 @@ def parse_prompt(prompt: Any) -> tuple[str | list[int], ImageInputs | None]:
     else:
         raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
     mm = prompt.get("multi_modal_data") or {}
-    unknown = set(mm) - {"image", "pixel_values", "image_grid_thw"}
+    unknown = set(mm) - {"image", "pixel_values", "image_embeds", "image_grid_thw", "image_hashes"}
     if unknown:
         raise ValueError(f"unsupported multi_modal_data keys {sorted(unknown)}")
-    if "pixel_values" in mm:
-        if "image_grid_thw" not in mm:
-            raise ValueError("pixel_values needs image_grid_thw")
-        images = ImageInputs(
-            torch.as_tensor(mm["pixel_values"]).float(),
-            torch.as_tensor(mm["image_grid_thw"]).long().reshape(-1, 3),
-        )
-        return text, images
+    hashes = mm.get("image_hashes")
+    for key in ("pixel_values", "image_embeds"):
+        if key in mm:
+            if "image_grid_thw" not in mm:
+                raise ValueError(f"{key} needs image_grid_thw")
+            grid = torch.as_tensor(mm["image_grid_thw"]).long().reshape(-1, 3)
+            if hashes is not None and len(hashes) != grid.shape[0]:
+                raise ValueError(f"{len(hashes)} image_hashes for {grid.shape[0]} images")
+            value = torch.as_tensor(mm[key]).float()
+            if key == "pixel_values":
+                return text, ImageInputs(value, grid, content_hashes=hashes)
+            return text, ImageInputs(None, grid, embeds=value, content_hashes=hashes)
     if "image" in mm:
         imgs = mm["image"]
         imgs = imgs if isinstance(imgs, list | tuple) else [imgs]
-        return text, preprocess_images(imgs) if imgs else None
+        return text, preprocess_images(imgs, processor, hashes) if imgs else None
     return text, None
 
 
@@ -187,8 +257,12 @@ def build_state(
 
     ids = expand_image_placeholders(token_ids, image_token_id, images.tokens_per_image(merge))
     positions, delta = mrope_positions(ids, image_token_id, images.image_grid_thw.tolist(), merge)
+    pads = sum(images.tokens_per_image(merge))
+    if images.embeds is not None and images.embeds.shape[0] != pads:
+        raise ValueError(f"{images.embeds.shape[0]} image embeddings for {pads} image-pad tokens")
     words = [int(h[i : i + 8], 16) & 0x7FFFFFFF for h in images.hashes() for i in range(0, 64, 8)]
-    return ids, MultiModalState(images, positions, delta, hash_block(ROOT_HASH, words))
+    root = hash_block(ROOT_HASH, words)
+    return ids, MultiModalState(images, positions, delta, root, embeds=images.embeds)
 
 
 def prepare_batch(
@@ -214,18 +288,28 @@ def prepare_batch(
             pos.append(torch.arange(start, start + n).expand(3, -1))
         else:
             pos.append(mm.positions_of(start, start + n))
-            if mm.embeds is None:
-                mm.embeds = model.encode_images(mm.images.pixel_values, mm.images.image_grid_thw)
             # Only prompt tokens are image pads (a recomputed chunk may run past the prompt).
             m = max(0, min(n, s.seq.num_prompt_tokens - start))
             chunk = slice(offset, offset + m)
-            embeds[chunk] = merge_embeddings(
-                embeds[chunk],
-                input_ids[chunk],
-                model.image_token_id,
-                mm.embeds.to(embeds.device),
-                start,
-                s.seq.prompt_token_ids,
-            )
+            if bool((input_ids[chunk] == model.image_token_id).any()):  # else: text only
+                embeds[chunk] = merge_embeddings(
+                    embeds[chunk],
+                    input_ids[chunk],
+                    model.image_token_id,
+                    _image_embeds(model, mm).to(embeds.device),
+                    start,
+                    s.seq.prompt_token_ids,
+                )
         offset += n
     return torch.cat(pos, dim=1).to(input_ids.device), embeds
+
+
+def _image_embeds(model: Any, mm: MultiModalState) -> torch.Tensor:
+    """The prompt's vision embeddings, computed by the tower at first need."""
+    if mm.embeds is None:
+        if mm.images.pixel_values is None:
+            # NOTE: a PD decode worker has neither; it recomputes prompt tokens only after a
+            # preemption, and then only where its cached blocks fall short.
+            raise RuntimeError("image embeddings of a recomputed prompt are unavailable")
+        mm.embeds = model.encode_images(mm.images.pixel_values, mm.images.image_grid_thw)
+    return mm.embeds

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# stop_reason of a request ended because it must recompute image tokens whose images this
+# engine does not have (a PD decode worker after a preemption): it can go on elsewhere.
+LOST_IMAGES = "images unavailable for recompute"
+
 
 @dataclass
 class Logprob:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from services.engine.block_manager import BlockManager
+from services.engine.block_manager import BlockManager, ComputedBlocks, chain_root
+from services.engine.kv_tiers import KVLoad, KVTierManager, TierHit
 from services.engine.sequence import Sequence, SequenceStatus
 
 
@@ -25,6 +26,10 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Device blocks to fill from the host pool or the store before the model runs.
+    loads: list[KVLoad] = field(default_factory=list)
+    # Waiting sequences passed over because their blocks are still coming from the store.
+    num_awaiting_store: int = 0
 
     @property
     def num_batched_tokens(self) -> int:
@@ -42,8 +47,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
+        tiers: KVTierManager | None = None,
     ) -> None:
         self.bm = block_manager
+        self.tiers = tiers  # host pool / store below the device cache, if any
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -61,6 +68,8 @@ class Scheduler:
             )
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+        if self.tiers is not None:
+            self.tiers.prefetch(seq, self.bm.prompt_block_hashes(seq), self.bm.is_cached)
 
     @property
     def has_work(self) -> bool:
@@ -79,8 +88,11 @@ class Scheduler:
            preempted (its blocks freed; it is recomputed later, reusing cached blocks) until
            it fits, or the sequence preempts itself.
         2. Then waiting sequences in arrival order, while the budget, ``max_num_seqs`` and
-           the cache allow: look up the prefix cache, take the cached blocks, and schedule
-           the rest of the prompt, chunked to the remaining budget.
+           the cache allow: look up the prefix cache, take the cached blocks, extend the hit
+           with blocks of the host pool or the store (copied into new device blocks before
+           the step runs: ``loads``), and schedule the rest of the prompt, chunked to the
+           remaining budget. A sequence whose blocks are still being read from the store
+           is passed over until they arrive.
         """
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
@@ -104,27 +116,55 @@ class Scheduler:
             # seq preempted itself; the list shrank, so do not advance i.
 
         if not out.preempted:
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-                seq = self.waiting[0]
+            bs = self.bm.block_size
+            i = 0
+            while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting[i]
                 first = not seq.block_table
+                if first and self.tiers is not None and not self.tiers.ready(seq):
+                    out.num_awaiting_store += 1
+                    i += 1
+                    continue
                 computed = self.bm.get_computed_blocks(seq) if first else None
-                start = max(
-                    seq.num_computed_tokens,
-                    computed.num_blocks * self.bm.block_size if computed else 0,
-                )
+                hits = self._tier_hits(seq, computed) if computed is not None else []
+                cached = (computed.num_blocks + len(hits)) * bs if computed else 0
+                start = max(seq.num_computed_tokens, cached)
                 n = min(seq.num_tokens - start, budget)
-                if not self.bm.allocate_slots(seq, n, computed):
+                if not self.bm.allocate_slots(seq, len(hits) * bs + n, computed):
                     break
+                if computed is not None and self.tiers is not None:
+                    self._load(seq, computed.num_blocks, hits, out)
                 if seq.seq_id in self._recomputing:
                     self._recomputing.discard(seq.seq_id)
                 elif first and seq.num_output_tokens == 0:
                     self.bm.note_lookup(seq, seq.num_computed_tokens)
-                self.waiting.popleft()
+                del self.waiting[i]
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
         return out
+
+    def _tier_hits(self, seq: Sequence, computed: ComputedBlocks) -> list[TierHit]:
+        """Blocks after the device hit found in the host pool or the store (the last
+        prompt token is always computed: its step samples)."""
+        if self.tiers is None or not self.bm.enable_prefix_caching:
+            return []
+        parent = computed.block_hashes[-1] if computed.block_hashes else chain_root(seq)
+        max_blocks = (seq.num_tokens - 1) // self.bm.block_size
+        return self.tiers.match(seq, computed.num_blocks, parent, max_blocks)
+
+    def _load(self, seq: Sequence, first: int, hits: list[TierHit], out: SchedulerOutput) -> None:
+        """Count the tier hits of a just-allocated ``seq`` as computed and ask for their
+        KV to be copied into its blocks ``first``, ``first + 1``, ..."""
+        assert self.tiers is not None
+        out.loads.extend(
+            KVLoad(seq.block_table[first + j], seq.seq_id, hit) for j, hit in enumerate(hits)
+        )
+        seq.num_computed_tokens += len(hits) * self.bm.block_size
+        self.bm.cache_full_blocks(seq)
+        if not any(hit.tier == "store" for hit in hits):
+            self.tiers.release(seq)  # no prefetched data needed (with it: after the copy)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
@@ -152,6 +192,8 @@ class Scheduler:
             self.waiting.remove(seq)
         self.bm.free(seq)
         self._recomputing.discard(seq.seq_id)
+        if self.tiers is not None:
+            self.tiers.release(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason

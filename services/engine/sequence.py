@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from enum import Enum, auto
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,17 @@ if TYPE_CHECKING:
     from services.engine.multimodal import MultiModalState
 
 _seq_counter = itertools.count()
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A request continued from where another worker left it (request migration): the
+    tokens it generated there, which become this sequence's first output tokens, and how
+    many characters of their text the client already received (the rest was held back,
+    e.g. as the possible start of a stop string, and is still to be sent)."""
+
+    output_token_ids: tuple[int, ...]
+    emitted_chars: int = 0
 
 
 class SequenceStatus(Enum):
@@ -54,7 +66,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
-        self.logprobs: list[TokenLogprobs] = []
+        self.logprobs: list[TokenLogprobs] = []  # of the outputs after the resumed ones
+        self.num_resumed_tokens = 0  # leading outputs generated on another worker (migration)
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.first_token_time: float | None = None
         self.generator: torch.Generator | None = None

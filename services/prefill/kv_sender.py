@@ -30,6 +30,7 @@ class PushTarget:
     layout: KVLayout  # decode worker's cache layout
     dst_blocks: list[int]  # decode block for each prompt block, in order
     skip_blocks: int  # leading blocks the decode worker already has (its prefix cache)
+    num_tokens: int  # tokens whose KV is pushed (the prompt, and a migrated request's outputs)
     sent_tokens: int = 0  # tokens whose KV was queued for every layer
     pending: int = 0  # queued writes not yet done
     error: str | None = None
@@ -68,7 +69,7 @@ class KVSender:
             if t is None or t.error is not None:
                 continue
             seq = item.seq
-            end = min(seq.num_computed_tokens + item.num_new_tokens, seq.num_prompt_tokens)
+            end = min(seq.num_computed_tokens + item.num_new_tokens, t.num_tokens)
             # From the first block not yet sent (cached prefill blocks are sent with the first
             # chunk), skipping what the decode side already has.
             first = max(min(t.sent_tokens, seq.num_computed_tokens) // bs, t.skip_blocks)

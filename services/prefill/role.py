@@ -6,11 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from typing import Any
 
 from services.common.proto import worker_pb2 as pb
 from services.engine.async_engine import AsyncLLMEngine
 from services.prefill.kv_sender import KVSender, PushTarget
-from services.worker.convert import layout_from_proto, logprobs_to_proto, params_from_proto
+from services.worker.convert import (
+    layout_from_proto,
+    logprobs_to_proto,
+    params_from_proto,
+    resume_from_proto,
+)
 
 
 class PrefillRole:
@@ -22,18 +28,25 @@ class PrefillRole:
         self.block_size = block_size
         self.transfer_timeout_s = transfer_timeout_s
 
-    async def run(self, request: pb.PrefillRequest) -> pb.PrefillResponse:
-        """Raises ValueError (bad request), TransferError (push failed) or RuntimeError."""
+    async def run(
+        self, request: pb.PrefillRequest, inputs: list[int] | dict[str, Any] | None = None
+    ) -> pb.PrefillResponse:
+        """Raises ValueError (bad request), TransferError (push failed) or RuntimeError.
+        ``inputs``: the engine prompt when it is more than the token ids (images)."""
         rid = request.request_id
         prompt = list(request.prompt_token_ids)
         params = params_from_proto(request.params)
-        # The prefill worker samples exactly the first token; stop strings and the rest of
-        # the stopping rules are the decode worker's job (it sees every token).
+        resume = resume_from_proto(request)
+        # The prefill worker samples exactly the next token (the first, or the one after a
+        # migrated request's outputs); stop strings and the rest of the stopping rules are
+        # the decode worker's job (it sees every token).
+        done = len(resume.output_token_ids) if resume else 0
         first_params = dataclasses.replace(
-            params, n=1, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=[]
+            params, n=1, max_tokens=done + 1, min_tokens=min(params.min_tokens, done + 1), stop=[]
         )
         target = request.target
-        needed = (len(prompt) + self.block_size - 1) // self.block_size
+        num_tokens = len(prompt) + done  # tokens whose KV goes to the decode worker
+        needed = (num_tokens + self.block_size - 1) // self.block_size
         if len(target.block_ids) < needed:
             raise ValueError(
                 f"reservation has {len(target.block_ids)} blocks; the prompt needs {needed}"
@@ -45,13 +58,17 @@ class PrefillRole:
                 layout=layout_from_proto(target.layout),
                 dst_blocks=list(target.block_ids),
                 skip_blocks=target.cached_tokens // self.block_size,
+                num_tokens=num_tokens,
             ),
         )
         held = False
         try:
             first = None
             cached = 0
-            async for out in self.engine.generate(rid, prompt, first_params, hold_kv=True):
+            outputs = self.engine.generate(
+                rid, inputs or prompt, first_params, hold_kv=True, resume=resume
+            )
+            async for out in outputs:
                 if out.outputs and out.outputs[0].token_ids:
                     first = out.outputs[0]
                     cached = out.num_cached_tokens

@@ -9,10 +9,12 @@ worker, 400 bad role or parameters, 409 a change that would leave a role with no
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "EPDSERVE_ADMIN_TOKEN"
+LIST_TIMEOUT_S = 2.0  # a worker that does not list its requests in time shows null
 
 
 class AdminError(Exception):
@@ -113,7 +116,20 @@ def _worker(gw: Gateway, worker_id: str):
     return handle
 
 
-def worker_status(h, desired: str | None) -> dict[str, Any]:
+async def _list_requests(h) -> pb.ListRequestsResponse | None:
+    """The requests a worker holds, or None when it cannot say (unreachable, too slow)."""
+    if not h.reachable():
+        return None
+    try:
+        return await h.stub.ListRequests(pb.ListRequestsRequest(), timeout=LIST_TIMEOUT_S)
+    except Exception as exc:  # an old worker without the RPC, a dead one: status still answers
+        log.debug("ListRequests on %s failed: %s", h.id, exc)
+        return None
+
+
+def worker_status(
+    h, desired: str | None, held: pb.ListRequestsResponse | None = None
+) -> dict[str, Any]:
     r = h.load
     return {
         "id": h.id,
@@ -132,6 +148,9 @@ def worker_status(h, desired: str | None) -> dict[str, Any]:
         "kv_utilization": round(r.kv_utilization, 4) if r else None,
         "ttft_ms": round(r.recent_ttft_ms, 2) if r else None,
         "tpot_ms": round(r.recent_tpot_ms, 2) if r else None,
+        # The requests it holds (ids as the gateway named them; "-n<i>" suffixes for n > 1).
+        "requests": list(held.request_ids) if held is not None else None,
+        "reserved": list(held.reserved_ids) if held is not None else None,
     }
 
 
@@ -140,11 +159,16 @@ async def _status(gw: Gateway, request: Request) -> dict[str, Any]:
         desired = await gw.rebalancer.store.all()
     except RoleStoreError:
         desired = {}  # status still answers while etcd is away
-    workers = [
-        worker_status(h, desired.get(h.id))
-        for h in sorted(gw.pool.handles.values(), key=lambda h: h.id)
-    ]
-    return {"cluster": gw.cfg.cluster, "workers": workers, "rebalancer": gw.rebalancer.describe()}
+    handles = sorted(gw.pool.handles.values(), key=lambda h: h.id)
+    held = await asyncio.gather(*(_list_requests(h) for h in handles))
+    workers = [worker_status(h, desired.get(h.id), x) for h, x in zip(handles, held, strict=True)]
+    return {
+        "cluster": gw.cfg.cluster,
+        "router": {"id": gw.identity, "pid": os.getpid(), "host": socket.gethostname()},
+        "workers": workers,
+        "rebalancer": gw.rebalancer.describe(),
+        "kvstore": await gw.kv_index.status(),
+    }
 
 
 async def _set_role(gw: Gateway, request: Request) -> dict[str, Any]:
@@ -157,6 +181,10 @@ async def _set_role(gw: Gateway, request: Request) -> dict[str, Any]:
     if role != "mixed" and h.info.capacity.get("kv_transfer") == "none":
         raise AdminError(
             400, f"worker {worker_id} runs without KV transfer: it can only be mixed", "bad_role"
+        )
+    if role == "encode" and not h.info.capacity.get("encode"):
+        raise AdminError(
+            400, f"worker {worker_id} cannot encode (a text model, or no Mooncake)", "bad_role"
         )
     roles = gw.rebalancer.serving_roles(await gw.rebalancer.store.all())
     empty = leaves_role_empty(roles, {worker_id: role}) if worker_id in roles else None

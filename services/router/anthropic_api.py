@@ -16,6 +16,7 @@ from services.common.proto import worker_pb2 as pb
 from services.engine.sampling_params import SamplingParams
 from services.router.accumulate import Choice, Usage, apply_step, until_disconnect
 from services.router.errors import APIError, bad_request
+from services.router.images import MEDIA_TYPES, chat_prompt, decode_base64
 from services.router.openai_api import check_context
 from services.router.orchestrator import merge_streams
 from services.router.validation import get, get_int, get_number, get_stop, read_json_object
@@ -25,39 +26,68 @@ if TYPE_CHECKING:
     from services.router.server import Gateway
 
 
-def _text_of(content: Any, where: str) -> str:
-    """Text of a string or a list of text blocks; other block types are refused."""
+def _content_of(
+    content: Any, where: str, images: list[str | bytes] | None
+) -> str | list[dict[str, Any]]:
+    """Text of a string or a list of text blocks; with ``images`` (user and assistant turns)
+    also ``image`` blocks, whose sources are appended to ``images`` and which make the
+    content a list of template parts. Other block types are refused."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        parts = []
-        for b in content:
-            if (
-                not isinstance(b, dict)
-                or b.get("type") != "text"
-                or not isinstance(b.get("text"), str)
-            ):
-                raise bad_request(f"{where}: only text content blocks are supported")
-            parts.append(b["text"])
-        return "".join(parts)
-    raise bad_request(f"{where} must be a string or an array of content blocks")
+    if not isinstance(content, list):
+        raise bad_request(f"{where} must be a string or an array of content blocks")
+    parts: list[dict[str, Any]] = []
+    for b in content:
+        if not isinstance(b, dict):
+            raise bad_request(f"{where}: content blocks must be objects")
+        if b.get("type") == "text" and isinstance(b.get("text"), str):
+            parts.append({"type": "text", "text": b["text"]})
+        elif b.get("type") == "image" and images is not None:
+            images.append(_image_source(b.get("source"), where))
+            parts.append({"type": "image"})
+        else:
+            allowed = "'text' or 'image'" if images is not None else "'text'"
+            raise bad_request(f"{where}: content blocks must be {allowed}")
+    if any(p["type"] == "image" for p in parts):
+        return parts
+    return "".join(p["text"] for p in parts)
 
 
-def parse_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def _image_source(source: Any, where: str) -> str | bytes:
+    """Bytes of a ``base64`` image source, or the URL of a ``url`` one."""
+    if not isinstance(source, dict):
+        raise bad_request(f"{where}: an image block needs a 'source' object")
+    if source.get("type") == "base64":
+        media, data = source.get("media_type"), source.get("data")
+        if not isinstance(data, str) or not isinstance(media, str):
+            raise bad_request(f"{where}: a base64 image source needs 'media_type' and 'data'")
+        if media.lower() not in MEDIA_TYPES:
+            raise bad_request(
+                f"{where}: unsupported image media_type {media!r}; supported: "
+                f"{', '.join(sorted(MEDIA_TYPES))}"
+            )
+        return decode_base64(data, where)
+    if source.get("type") == "url" and isinstance(source.get("url"), str):
+        return str(source["url"])
+    raise bad_request(f"{where}: image source type must be 'base64' or 'url'")
+
+
+def parse_messages(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str | bytes]]:
+    """Messages for the chat template and the sources of their images, in order."""
     msgs = get(body, "messages", list, required=True)
     if not msgs:
         raise bad_request("messages: at least one message is required")
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
+    images: list[str | bytes] = []
     system = body.get("system")
     if system is not None:
-        out.append({"role": "system", "content": _text_of(system, "system")})
+        out.append({"role": "system", "content": _content_of(system, "system", None)})
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise bad_request(f"messages.{i}.role must be 'user' or 'assistant'")
-        out.append(
-            {"role": m["role"], "content": _text_of(m.get("content"), f"messages.{i}.content")}
-        )
-    return out
+        content = _content_of(m.get("content"), f"messages.{i}.content", images)
+        out.append({"role": m["role"], "content": content})
+    return out, images
 
 
 def sampling_from_anthropic(
@@ -101,14 +131,17 @@ async def handle(gw: Gateway, request: Request) -> Response:
         model, max_len = gw.resolve_model(get(body, "model", str, required=True))
         stream = get(body, "stream", bool, False)
         params = sampling_from_anthropic(body, gw.cfg.max_tokens_limit)
-        prompt = gw.tokenizer.apply_chat_template(parse_messages(body))
+        messages, sources = parse_messages(body)
+        prompt, images = await chat_prompt(gw.tokenizer, messages, sources, gw.cfg.image_limits)
         check_context(len(prompt), params.max_tokens, max_len)
         ticket = gw.admission.admit(len(prompt))
     except APIError as err:
         gw.metrics.count_request("messages", err.status)
         return err.anthropic_response()
     mid = "msg_" + uuid.uuid4().hex
-    gen = merge_streams([gw.orchestrator.generate(model, mid, prompt, params_to_proto(params))])
+    gen = merge_streams(
+        [gw.orchestrator.generate(model, mid, prompt, params_to_proto(params), images=images)]
+    )
     if stream:
         try:
             first = await until_disconnect(request, anext(gen))

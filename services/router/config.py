@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.common.grpc_utils import GrpcTLS
+from services.router.images import ImageLimits
 from services.router.policies.factory import available_policies
 from services.router.rebalance.factory import available_rebalance_policies, create_rebalance_policy
 from services.router.rebalance.governor import GovernorConfig
@@ -38,6 +40,20 @@ class RouterConfig:
     )
     max_attempts: int = field(
         default=3, metadata={"help": "workers tried for a request that fails before any token"}
+    )
+    max_migrations: int = field(
+        default=3,
+        metadata={
+            "help": "times a request whose worker died or hung mid-stream is continued "
+            "on another worker (0: fail it)"
+        },
+    )
+    stall_timeout_s: float = field(
+        default=60.0,
+        metadata={
+            "help": "a stream with no message this long is treated as hung even while its "
+            "worker still sends load reports"
+        },
     )
     rebalance_policy: str = field(
         default="static",
@@ -91,11 +107,52 @@ class RouterConfig:
     max_prompts: int = field(
         default=64, metadata={"help": "most prompts in one /v1/completions request"}
     )
+    max_images: int = field(
+        default=8, metadata={"help": "most images in one chat request (else 400)"}
+    )
+    max_image_bytes: int = field(
+        default=8 * 1024 * 1024, metadata={"help": "largest encoded image accepted (else 400)"}
+    )
+    max_image_pixels: int = field(
+        default=4096 * 4096, metadata={"help": "largest image (width * height) accepted"}
+    )
+    image_fetch_timeout_s: float = field(
+        default=10.0, metadata={"help": "deadline of fetching one http(s) image URL"}
+    )
+    allow_private_image_urls: bool = field(
+        default=False,
+        metadata={
+            "help": "let http(s) image URLs resolve to private, loopback or link-local addresses"
+        },
+    )
     max_queued_tokens: int = field(
         default=262144,
         metadata={
             "help": "prompt tokens of admitted, unfinished requests the router holds at most; "
             "more: 429 with Retry-After"
+        },
+    )
+    ssl_certfile: str | None = field(
+        default=None, metadata={"help": "serve the gateway over HTTPS with this certificate file"}
+    )
+    ssl_keyfile: str | None = field(
+        default=None, metadata={"help": "private key file of --ssl-certfile"}
+    )
+    grpc_tls_ca: str | None = field(
+        default=None,
+        metadata={"help": "mutual TLS to the workers: CA file their certificates are checked with"},
+    )
+    grpc_tls_cert: str | None = field(
+        default=None, metadata={"help": "mutual TLS to the workers: this router's certificate"}
+    )
+    grpc_tls_key: str | None = field(
+        default=None, metadata={"help": "mutual TLS to the workers: this router's private key"}
+    )
+    grpc_tls_server_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "name the workers' certificate carries, checked instead of the dialled "
+            "address (default: the address)"
         },
     )
 
@@ -114,15 +171,27 @@ class RouterConfig:
             raise ValueError("load_stale_s must exceed the load report interval")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if self.max_migrations < 0:
+            raise ValueError("max_migrations must be >= 0")
+        if self.stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be > 0")
         if not self.etcd_endpoints:
             raise ValueError("--etcd needs at least one host:port")
         if self.rebalance_interval_s <= 0:
             raise ValueError("rebalance_interval_s must be > 0")
-        for name in ("max_body_bytes", "max_n", "max_prompts", "max_queued_tokens"):
+        if self.image_fetch_timeout_s <= 0:
+            raise ValueError("image_fetch_timeout_s must be > 0")
+        for name in (
+            "max_body_bytes", "max_n", "max_prompts", "max_queued_tokens", "max_images",
+            "max_image_bytes", "max_image_pixels",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
             raise ValueError("max_tokens_limit must be >= 1 when set")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
+        _ = self.grpc_tls  # all three TLS files or none
         _ = self.governor_config  # validates hysteresis, cooldown and cap
         create_rebalance_policy(self.rebalance_policy, **self.rebalance_param_dict)
 
@@ -140,8 +209,27 @@ class RouterConfig:
         )
 
     @property
+    def grpc_tls(self) -> GrpcTLS | None:
+        """Client-side mutual TLS towards the workers; None: plain gRPC."""
+        return GrpcTLS.from_files(
+            self.grpc_tls_ca, self.grpc_tls_cert, self.grpc_tls_key, self.grpc_tls_server_name
+        )
+
+    @property
+    def scheme(self) -> str:
+        """The gateway's URL scheme."""
+        return "https" if self.ssl_certfile else "http"
+
+    @property
     def etcd_endpoints(self) -> list[str]:
         return [e.strip() for e in self.etcd.split(",") if e.strip()]
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(
+            self.max_images, self.max_image_bytes, self.max_image_pixels,
+            self.image_fetch_timeout_s, self.allow_private_image_urls,
+        )  # fmt: skip
 
 
 def parse_params(text: str) -> dict[str, str]:

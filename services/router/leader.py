@@ -16,7 +16,7 @@ import time
 
 from etcd3aio import Etcd3Client
 
-from services.common.membership import ETCD_OP_TIMEOUT_S
+from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +50,16 @@ class LeaderElection:
 
     async def _run(self) -> None:
         while True:
-            client = Etcd3Client(self.endpoints, rpc_max_attempts=1)
+            client: Etcd3Client | None = None
             lease_id = 0
             try:
-                await client.connect()
+                client = await connect_etcd(self.endpoints)
                 assert client.kv is not None and client.lease is not None
                 grant = await client.lease.grant(self.ttl, timeout=ETCD_OP_TIMEOUT_S)
                 lease_id = grant.ID
                 await self._campaign(client, lease_id)
             except asyncio.CancelledError:
-                if self.is_leader and lease_id:
+                if self.is_leader and lease_id and client is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(
                             client.lease.revoke(lease_id, timeout=ETCD_OP_TIMEOUT_S)  # type: ignore[union-attr]
@@ -71,8 +71,9 @@ class LeaderElection:
                 if self.is_leader:
                     log.info("no longer the rebalancer leader")
                 self.is_leader = False
-                with contextlib.suppress(Exception):
-                    await client.close()
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.close()
             await asyncio.sleep(1.0)
 
     async def _campaign(self, c: Etcd3Client, lease_id: int) -> None:

@@ -33,6 +33,7 @@ async def serve(cfg: RouterConfig, log_level: str = "info") -> None:
         uvicorn.Config(
             app, host=cfg.host, port=cfg.port, log_level=log_level.lower(), access_log=False,
             timeout_graceful_shutdown=10,
+            ssl_certfile=cfg.ssl_certfile, ssl_keyfile=cfg.ssl_keyfile,
         )
     )  # fmt: skip
     task = asyncio.create_task(server.serve())
@@ -40,7 +41,7 @@ async def serve(cfg: RouterConfig, log_level: str = "info") -> None:
         await asyncio.sleep(0.05)
     if server.started:
         port = server.servers[0].sockets[0].getsockname()[1]
-        print(f"{READY_PREFIX} url=http://{cfg.host}:{port}", flush=True)
+        print(f"{READY_PREFIX} url={cfg.scheme}://{cfg.host}:{port}", flush=True)
     await task
 
 

@@ -97,6 +97,12 @@ class RouterMetrics:
             "KV-cache use (0-1) of each worker, from its latest load report.",
             ["instance", "role"], registry=r,
         )  # fmt: skip
+        self.migrations = Counter(
+            "epdserve:router_migrations", "Requests continued on another worker after theirs "
+            "died or hung mid-stream, by reason (died, hung).", ["reason"], registry=r,
+        )  # fmt: skip
+        for reason in ("died", "hung"):
+            self.migrations.labels(reason)
         self.rebalance = RebalanceMetrics(r)
         self.update_pool(None)
 

@@ -16,6 +16,7 @@ from services.common.proto import worker_pb2 as pb
 from services.engine.sampling_params import SamplingParams
 from services.router.accumulate import Choice, Usage, apply_step, until_disconnect
 from services.router.errors import APIError, bad_request
+from services.router.images import chat_prompt
 from services.router.orchestrator import merge_streams
 from services.router.validation import get, get_int, get_number, get_stop, read_json_object
 from services.worker.convert import params_to_proto
@@ -83,11 +84,14 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int) -
         )  # fmt: skip
 
 
-def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
+def chat_messages(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str | bytes]]:
+    """Messages for the chat template and the image URLs of their ``image_url`` parts, in
+    order. A message without images keeps string content (what text-only templates expect)."""
     msgs = get(body, "messages", list, required=True)
     if not msgs:
         raise bad_request("'messages' must not be empty", param="messages")
-    out = []
+    out: list[dict[str, Any]] = []
+    images: list[str | bytes] = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad_request(f"messages[{i}] must be an object with a 'role'", param="messages")
@@ -95,23 +99,37 @@ def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
         if content is None:
             content = ""
         elif isinstance(content, list):
-            parts = []
+            parts: list[dict[str, Any]] = []
             for p in content:
-                if (
-                    not isinstance(p, dict)
-                    or p.get("type") != "text"
-                    or not isinstance(p.get("text"), str)
-                ):
-                    raise bad_request(f"messages[{i}]: only text content parts are supported",
+                if not isinstance(p, dict):
+                    raise bad_request(f"messages[{i}]: content parts must be objects",
                                       param="messages")  # fmt: skip
-                parts.append(p["text"])
-            content = "".join(parts)
+                if p.get("type") == "text" and isinstance(p.get("text"), str):
+                    parts.append({"type": "text", "text": p["text"]})
+                elif p.get("type") == "image_url":
+                    images.append(_image_url(p.get("image_url"), i))
+                    parts.append({"type": "image"})
+                else:
+                    raise bad_request(
+                        f"messages[{i}]: content parts must be 'text' or 'image_url'",
+                        param="messages",
+                    )
+            has_image = any(p["type"] == "image" for p in parts)
+            content = parts if has_image else "".join(p["text"] for p in parts)
         elif not isinstance(content, str):
             raise bad_request(
                 f"messages[{i}].content must be a string or an array", param="messages"
             )
         out.append({"role": m["role"], "content": content})
-    return out
+    return out, images
+
+
+def _image_url(value: Any, i: int) -> str:
+    """The URL of an ``image_url`` part: ``{"url": ...}`` (or a bare string)."""
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise bad_request(f"messages[{i}]: image_url needs a 'url' string", param="messages")
+    return url
 
 
 def completion_prompts(gw: Gateway, body: dict[str, Any]) -> list[list[int]]:
@@ -183,10 +201,13 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
         params = sampling_from_openai(
             body, chat=chat, max_n=gw.cfg.max_n, max_tokens_limit=gw.cfg.max_tokens_limit
         )
-        prompts = (
-            [gw.tokenizer.apply_chat_template(chat_messages(body))] if chat
-            else completion_prompts(gw, body)
-        )  # fmt: skip
+        images: list[pb.ImageData] = []
+        if chat:
+            messages, sources = chat_messages(body)
+            prompt, images = await chat_prompt(gw.tokenizer, messages, sources, gw.cfg.image_limits)
+            prompts = [prompt]
+        else:
+            prompts = completion_prompts(gw, body)
         for p in prompts:
             check_context(len(p), params.max_tokens, max_len)
         ticket = gw.admission.admit(sum(len(p) for p in prompts))
@@ -197,8 +218,8 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
     ctx = _Ctx(gw, api, chat, rid, model, params.n, params.logprobs is not None, started)
     streams = [
         gw.orchestrator.generate(
-            model, f"{rid}-{i}" if len(prompts) > 1 else rid, p, params_to_proto(params)
-        )  # fmt: skip
+            model, f"{rid}-{i}" if len(prompts) > 1 else rid, p, params_to_proto(params), images
+        )
         for i, p in enumerate(prompts)
     ]
     if stream:

@@ -13,6 +13,46 @@ _TEXT_PARTS = {
         "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
     },
 }
+_TEXT_PART = _TEXT_PARTS["items"]
+# OpenAI image part: a data: URL (base64) or an http(s) URL the router fetches.
+_IMAGE_URL_PART = {
+    "type": "object",
+    "required": ["type", "image_url"],
+    "properties": {
+        "type": {"type": "string", "enum": ["image_url"]},
+        "image_url": {
+            "type": "object", "required": ["url"],
+            "properties": {"url": {"type": "string"}, "detail": {"type": "string"}},
+        },
+    },
+}  # fmt: skip
+# Anthropic image block: base64 data with its media type, or a URL.
+_IMAGE_BLOCK = {
+    "type": "object",
+    "required": ["type", "source"],
+    "properties": {
+        "type": {"type": "string", "enum": ["image"]},
+        "source": {
+            "oneOf": [
+                {
+                    "type": "object", "required": ["type", "media_type", "data"],
+                    "properties": {
+                        "type": {"type": "string", "enum": ["base64"]},
+                        "media_type": {"type": "string", "enum": [
+                            "image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp",
+                        ]},
+                        "data": {"type": "string", "contentEncoding": "base64"},
+                    },
+                },
+                {
+                    "type": "object", "required": ["type", "url"],
+                    "properties": {"type": {"type": "string", "enum": ["url"]},
+                                   "url": {"type": "string"}},
+                },
+            ]
+        },
+    },
+}  # fmt: skip
 _SAMPLING: dict[str, Any] = {
     "temperature": {"type": "number", "minimum": 0, "maximum": 2},
     "top_p": {"type": "number", "minimum": 0, "maximum": 1},
@@ -47,7 +87,12 @@ _CHAT_REQUEST = {
                 "required": ["role"],
                 "properties": {
                     "role": {"type": "string", "enum": ["system", "user", "assistant"]},
-                    "content": {"oneOf": [{"type": "string"}, _TEXT_PARTS]},
+                    "content": {
+                        "oneOf": [
+                            {"type": "string"},
+                            {"type": "array", "items": {"oneOf": [_TEXT_PART, _IMAGE_URL_PART]}},
+                        ]
+                    },
                 },
             },
         },
@@ -93,7 +138,12 @@ _MESSAGES_REQUEST = {
                 "required": ["role", "content"],
                 "properties": {
                     "role": {"type": "string", "enum": ["user", "assistant"]},
-                    "content": {"oneOf": [{"type": "string"}, _TEXT_PARTS]},
+                    "content": {
+                        "oneOf": [
+                            {"type": "string"},
+                            {"type": "array", "items": {"oneOf": [_TEXT_PART, _IMAGE_BLOCK]}},
+                        ]
+                    },
                 },
             },
         },

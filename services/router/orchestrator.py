@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
 from services.common.proto import worker_pb2 as pb
+from services.router.encode_stage import EncodeStage, image_keys
 from services.router.errors import APIError
+from services.router.kv_index import KVIndexClient
 from services.router.policies.base import RouteRequest, RoutingPolicy
 from services.router.workers import WorkerHandle, WorkerPool
 
@@ -44,22 +47,87 @@ def api_error_from_grpc(exc: grpc.aio.AioRpcError) -> APIError:
     return APIError(500, f"worker error ({code.name}): {detail}")
 
 
+class WorkerLost(Exception):
+    """A worker stopped answering mid-call (``kind`` "hung"): its load stream went silent (a
+    hung or stopped process, a partitioned host) or no message came within the stall
+    deadline; or ("died") its channel was closed under the call (it left the cluster)."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+@dataclass
+class Progress:
+    """What the client already has of a single-completion request: enough to continue it on
+    another worker (request migration) without a duplicated or missing token."""
+
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    chars: int = 0  # characters of text relayed
+    base: int = 0  # tokens generated before the current stream started
+    finished: bool = False
+    migrations: int = 0
+
+    def resume(self) -> pb.Resume | None:
+        if not self.tokens:
+            return None
+        return pb.Resume(output_token_ids=self.tokens, emitted_chars=self.chars)
+
+    def begin(self) -> None:
+        self.base = len(self.tokens)
+
+    def relay(self, msg: pb.GenerateResponse) -> pb.GenerateResponse:
+        """Record ``msg`` and make its counts those of the whole request."""
+        for d in msg.outputs:
+            self.tokens.extend(d.token_ids)
+            self.chars += len(d.text)
+            d.completion_tokens += self.base
+        self.finished = msg.finished
+        return msg
+
+
 class Orchestrator:
     """Runs requests: on a prefill/decode pair when the cluster has one (PD), else on a
-    mixed worker (co-located)."""
+    mixed worker (co-located). A request whose worker dies or hangs after tokens were
+    streamed is continued on another worker from where it stopped (migration)."""
 
     # A PD request is tried on one pair and retried once on another (or a mixed worker).
     PD_ATTEMPTS = 2
     # Deadline of the small control calls (Reserve, Release).
     CONTROL_TIMEOUT_S = 10.0
+    # How often a waiting call checks that its worker's load stream is still alive.
+    WATCH_INTERVAL_S = 0.25
 
     def __init__(
-        self, pool: WorkerPool, policy: RoutingPolicy, timeout_s: float, max_attempts: int
+        self,
+        pool: WorkerPool,
+        policy: RoutingPolicy,
+        timeout_s: float,
+        max_attempts: int,
+        max_migrations: int = 3,
+        stall_timeout_s: float = 60.0,
+        on_migration: Callable[[str], None] | None = None,
+        kv_index: KVIndexClient | None = None,
     ) -> None:
         self.pool = pool
         self.policy = policy
+        self.kv_index = kv_index  # the global KV index, for cache-aware policies
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
+        self.max_migrations = max_migrations
+        self.stall_timeout_s = stall_timeout_s
+        self.on_migration = on_migration or (lambda reason: None)
+        self.encode_stage = EncodeStage(pool, timeout_s)
+
+    async def _route(
+        self, model: str, request_id: str, prompt: Sequence[int], candidates: list[WorkerHandle]
+    ) -> RouteRequest:
+        """The policy's view of the request; a cache-aware policy also gets each candidate's
+        cached prefix of the prompt from the global KV index."""
+        route = RouteRequest(request_id, len(prompt), prompt)
+        if self.kv_index is not None and self.policy.uses_kv_index:
+            await self.kv_index.annotate(route, model, candidates)
+        return route
 
     def pd_available(self, model: str) -> bool:
         return bool(self.pool.candidates("prefill", model)) and bool(
@@ -72,14 +140,20 @@ class Orchestrator:
         request_id: str,
         prompt_token_ids: Sequence[int],
         params: pb.SamplingParams,
+        images: Sequence[pb.ImageData] = (),
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """Stream the engine steps of one request. Closing the iterator aborts it on the worker."""
-        if not self.pd_available(model):
-            gen = self._generate_mixed(model, request_id, prompt_token_ids, params)
-        elif params.HasField("n") and params.n > 1:
-            gen = self._generate_pd_n(model, request_id, prompt_token_ids, params)
+        """Stream the engine steps of one request. Closing the iterator aborts it on the worker.
+        ``images`` (of a vision-language prompt) go through the encode stage first."""
+        images = await self.encode_stage.run(model, request_id, images)
+        if params.HasField("n") and params.n > 1:
+            if self.pd_available(model):
+                gen = self._generate_pd_n(model, request_id, prompt_token_ids, params, images)
+            else:  # n completions on one worker share the prompt's blocks; not migrated
+                gen = self._generate_mixed(
+                    model, request_id, prompt_token_ids, params, None, images
+                )
         else:
-            gen = self._generate_pd(model, request_id, prompt_token_ids, params)
+            gen = self._generate_single(model, request_id, prompt_token_ids, params, images)
         try:
             async for msg in gen:
                 yield msg
@@ -87,7 +161,12 @@ class Orchestrator:
             await gen.aclose()
 
     async def _generate_pd_n(
-        self, model: str, request_id: str, prompt: Sequence[int], params: pb.SamplingParams
+        self,
+        model: str,
+        request_id: str,
+        prompt: Sequence[int],
+        params: pb.SamplingParams,
+        images: Sequence[pb.ImageData] = (),
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """n > 1 on PD: n single-completion requests (seeded like the engine seeds its n
         children), merged back with their completion index."""
@@ -98,47 +177,101 @@ class Orchestrator:
             sub.n = 1
             if params.HasField("seed"):
                 sub.seed = params.seed + i * 1_000_003
-            subs.append(self._generate_pd(model, f"{request_id}-n{i}", prompt, sub))
+            subs.append(self._generate_single(model, f"{request_id}-n{i}", prompt, sub, images))
         async for i, msg in merge_streams(subs):
             for d in msg.outputs:
                 d.index = i
             yield msg
 
+    async def _generate_single(
+        self,
+        model: str,
+        request_id: str,
+        prompt: Sequence[int],
+        params: pb.SamplingParams,
+        images: Sequence[pb.ImageData] = (),
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """One completion, on a PD pair when there is one, else on a mixed worker; when its
+        worker dies or hangs mid-stream, it goes on elsewhere from the tokens it has."""
+        progress = Progress()
+        while True:
+            progress.begin()
+            # A migrated request gets a new id: its old worker may still hold the old one.
+            rid = f"{request_id}-m{progress.migrations}" if progress.migrations else request_id
+            if self.pd_available(model):
+                gen = self._generate_pd(model, rid, prompt, params, progress, images)
+            else:
+                gen = self._generate_mixed(model, rid, prompt, params, progress, images)
+            try:
+                async for msg in gen:
+                    yield progress.relay(msg)
+                return
+            except _Migrate as m:
+                if progress.migrations >= self.max_migrations:
+                    raise APIError(
+                        503,
+                        f"worker failed mid-stream after {progress.migrations} migrations: "
+                        f"{m.reason}",
+                    ) from None
+                progress.migrations += 1
+                self.on_migration(m.kind)
+                log.warning("migrating %s after %d tokens (%s)", request_id,
+                            len(progress.tokens), m.reason)  # fmt: skip
+            finally:
+                await gen.aclose()
+
     async def _release(self, handle: WorkerHandle, request_id: str) -> None:
         """Best effort: free a reservation now (the decode worker's deadline frees it anyway)."""
-        with contextlib.suppress(Exception):
+        try:
             await asyncio.shield(
                 handle.stub.Release(
                     pb.ReleaseRequest(request_id=request_id), timeout=self.CONTROL_TIMEOUT_S
                 )
             )
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # we are being cancelled; else the worker's channel closed under the call
+        except Exception:  # noqa: BLE001, S110 - best effort
+            pass
 
     async def _generate_pd(
-        self, model: str, request_id: str, prompt: Sequence[int], params: pb.SamplingParams
+        self,
+        model: str,
+        request_id: str,
+        prompt: Sequence[int],
+        params: pb.SamplingParams,
+        progress: Progress,
+        images: Sequence[pb.ImageData] = (),
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """Reserve on a decode worker, prefill (KV pushed by Mooncake) on a prefill worker,
         then stream the decode. A failure before the first token is retried once on another
-        pair, or on a mixed worker; then it is a clear error."""
+        pair, or on a mixed worker; then it is a clear error. A failure after it raises
+        ``_Migrate``."""
         tried: set[str] = set()
         last_error: APIError | None = None
+        resume = progress.resume()
         for _ in range(self.PD_ATTEMPTS):
             prefills = [h for h in self.pool.candidates("prefill", model) if h.id not in tried]
             decodes = [h for h in self.pool.candidates("decode", model) if h.id not in tried]
             if not prefills or not decodes:
                 break
-            route = RouteRequest(request_id, len(prompt), prompt)
+            route = await self._route(model, request_id, prompt, [*prefills, *decodes])
             p_view, d_view = self.policy.select_pair(prefills, decodes, route)
             p, d = self.pool.handles.get(p_view.id), self.pool.handles.get(d_view.id)
             if p is None or d is None:
                 continue
             try:
-                reservation = await d.stub.Reserve(
+                reservation = await self._watched_unary(d, d.stub.Reserve(
                     pb.ReserveRequest(
                         request_id=request_id, prompt_token_ids=list(prompt), params=params,
-                        role_epoch=d.info.role_epoch,
+                        role_epoch=d.info.role_epoch, resume=resume, images=image_keys(images),
                     ),
                     timeout=self.CONTROL_TIMEOUT_S,
-                )  # fmt: skip
+                ), self.CONTROL_TIMEOUT_S)  # fmt: skip
+            except WorkerLost as exc:
+                last_error = self._lost(d, tried, exc)
+                continue
             except grpc.aio.AioRpcError as exc:
                 last_error = self._pd_failure(exc, d, tried, d.info.role_epoch)
                 continue
@@ -148,15 +281,23 @@ class Orchestrator:
                 p.inflight += 1
                 sent_at = time.monotonic()
                 try:
-                    first = await p.stub.Prefill(
-                        pb.PrefillRequest(
-                            request_id=request_id, prompt_token_ids=list(prompt), params=params,
-                            role_epoch=p.info.role_epoch, target=reservation,
+                    first = await self._watched_unary(
+                        p,
+                        p.stub.Prefill(
+                            pb.PrefillRequest(
+                                request_id=request_id, prompt_token_ids=list(prompt),
+                                params=params, role_epoch=p.info.role_epoch, target=reservation,
+                                resume=resume, images=images,
+                            ),
+                            timeout=self.timeout_s,
                         ),
-                        timeout=self.timeout_s,
                     )  # fmt: skip
                     computed = len(prompt) - first.cached_prompt_tokens
                     p.prefill_rate.add(computed / max(time.monotonic() - sent_at, 1e-6))
+                except WorkerLost as exc:
+                    last_error = self._lost(p, tried, exc)
+                    tried.add(d.id)  # its reservation may be half written
+                    continue
                 except grpc.aio.AioRpcError as exc:
                     last_error = self._pd_failure(exc, p, tried, p.info.role_epoch)
                     if "KV transfer" in (exc.details() or ""):
@@ -175,14 +316,20 @@ class Orchestrator:
                 )  # fmt: skip
                 got_any = False
                 try:
-                    async for resp in call:
+                    async for resp in self._watched_stream(d, call):
                         got_any = True
                         reserved = False
                         yield resp
                     return
+                except WorkerLost as exc:
+                    error = self._lost(d, tried, exc)
+                    if got_any:
+                        raise _Migrate(exc.kind, str(exc)) from None
+                    last_error = error
+                    continue
                 except grpc.aio.AioRpcError as exc:
                     if got_any:
-                        raise api_error_from_grpc(exc) from None
+                        raise self._mid_stream_failure(exc, d, reservation.role_epoch) from None
                     last_error = self._pd_failure(exc, d, tried, reservation.role_epoch)
                     continue
                 finally:
@@ -193,7 +340,9 @@ class Orchestrator:
                     await self._release(d, request_id)
         if self.pool.candidates("mixed", model):
             log.warning("PD path failed for %s; falling back to a mixed worker", request_id)
-            async for msg in self._generate_mixed(model, request_id, prompt, params):
+            async for msg in self._generate_mixed(
+                model, request_id, prompt, params, progress, images
+            ):
                 yield msg
             return
         if last_error is not None:
@@ -217,21 +366,89 @@ class Orchestrator:
         note_refusal(exc, handle, epoch)
         return api_error_from_grpc(exc)
 
+    def _lost(self, handle: WorkerHandle, tried: set[str], exc: WorkerLost) -> APIError:
+        log.warning("worker %s stopped answering: %s", handle.id, exc)
+        handle.mark_failed()
+        tried.add(handle.id)
+        return APIError(503, f"worker unavailable: {exc}")
+
+    def _mid_stream_failure(
+        self, exc: grpc.aio.AioRpcError, handle: WorkerHandle, epoch: int
+    ) -> Exception:
+        """After tokens were streamed: a dead worker (or one that gave the request up: engine
+        failure, role change) means migration; the request's own fault or its deadline is
+        the client's error."""
+        if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return api_error_from_grpc(exc)
+        note_refusal(exc, handle, epoch)
+        return _Migrate("died", f"{handle.id}: {exc.code().name} {exc.details()}")
+
+    async def _watched_unary(
+        self, handle: WorkerHandle, call: Any, limit_s: float | None = None
+    ) -> Any:
+        """Await a unary call, giving up when the worker's load stream goes silent."""
+        task = asyncio.ensure_future(call)
+        try:
+            return await self._watch(handle, task, limit_s or self.timeout_s)
+        finally:
+            if not task.done():
+                call.cancel()
+                task.cancel()
+
+    async def _watched_stream(
+        self, handle: WorkerHandle, call: Any
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """Relay a streaming call; raises WorkerLost when the worker's load stream goes
+        silent, or when no message arrives within the stall deadline."""
+        it = call.__aiter__()
+        while True:
+            task = asyncio.ensure_future(it.__anext__())
+            try:
+                msg = await self._watch(handle, task, self.stall_timeout_s)
+            except StopAsyncIteration:
+                return
+            finally:
+                if not task.done():
+                    task.cancel()
+            yield msg
+
+    async def _watch(self, handle: WorkerHandle, task: asyncio.Future, limit_s: float) -> Any:
+        started = time.monotonic()
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=self.WATCH_INTERVAL_S)
+            if done:
+                if task.cancelled():
+                    # We were not cancelled (asyncio.wait would have raised): the call was,
+                    # by its channel closing under it, when the worker left the cluster.
+                    raise WorkerLost("died", f"{handle.id} left the cluster during the call")
+                return task.result()
+            now = time.monotonic()
+            if handle.silent(now):
+                raise WorkerLost(
+                    "hung", f"{handle.id} sent no load report for {handle.silence(now):.1f} s"
+                )
+            if now - started > limit_s:
+                raise WorkerLost("hung", f"{handle.id} sent nothing for {limit_s:.0f} s")
+
     async def _generate_mixed(
         self,
         model: str,
         request_id: str,
         prompt_token_ids: Sequence[int],
         params: pb.SamplingParams,
+        progress: Progress | None,
+        images: Sequence[pb.ImageData] = (),
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """Co-located path: the whole request on one mixed worker."""
+        """Co-located path: the whole request on one mixed worker. With ``progress`` (one
+        completion), a death or hang after the first token raises ``_Migrate``."""
         tried: set[str] = set()
         last_error: APIError | None = None
+        resume = progress.resume() if progress is not None else None
         for _ in range(self.max_attempts):
             candidates = [h for h in self.pool.candidates("mixed", model) if h.id not in tried]
             if not candidates:
                 break
-            route = RouteRequest(request_id, len(prompt_token_ids), prompt_token_ids)
+            route = await self._route(model, request_id, prompt_token_ids, candidates)
             handle = self.pool.handles.get(self.policy.select(candidates, route).id)
             if handle is None:  # left the cluster between listing and selection
                 continue
@@ -241,16 +458,28 @@ class Orchestrator:
                 prompt_token_ids=list(prompt_token_ids),
                 params=params,
                 role_epoch=handle.info.role_epoch,
+                resume=resume,
+                images=images,
             )
             call = handle.stub.Generate(req, timeout=self.timeout_s)
             handle.inflight += 1
             got_any = False
             try:
-                async for resp in call:
+                async for resp in self._watched_stream(handle, call):
                     got_any = True
                     yield resp
                 return
+            except WorkerLost as exc:
+                error = self._lost(handle, tried, exc)
+                if got_any and progress is not None:
+                    raise _Migrate(exc.kind, str(exc)) from None
+                if got_any:
+                    raise error from None
+                last_error = error
+                continue
             except grpc.aio.AioRpcError as exc:
+                if got_any and progress is not None:
+                    raise self._mid_stream_failure(exc, handle, req.role_epoch) from None
                 if exc.code() in _RETRYABLE and not got_any:
                     log.warning("worker %s refused %s (%s); trying another",
                                 handle.id, request_id, exc.code().name)  # fmt: skip
@@ -266,6 +495,15 @@ class Orchestrator:
         if last_error is not None and last_error.status != 503:
             raise last_error
         raise APIError(503, f"no worker available for model {model!r}", code="no_workers")
+
+
+class _Migrate(Exception):
+    """The request's worker died (``kind`` "died") or hung ("hung") after streaming tokens."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
 
 
 async def merge_streams(

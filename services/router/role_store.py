@@ -8,7 +8,8 @@ import asyncio
 
 from etcd3aio import Etcd3Client, prefix_range_end
 
-from services.common.membership import ETCD_OP_TIMEOUT_S, role_key, roles_prefix
+from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
+from services.common.membership import role_key, roles_prefix
 
 
 class RoleStoreError(RuntimeError):
@@ -44,16 +45,17 @@ class RoleStore:
         return out
 
     async def _with_client(self, fn) -> None:
-        client = Etcd3Client(self.endpoints, rpc_max_attempts=1)
+        client: Etcd3Client | None = None
         try:
-            await asyncio.wait_for(client.connect(), ETCD_OP_TIMEOUT_S)
+            client = await asyncio.wait_for(connect_etcd(self.endpoints), ETCD_OP_TIMEOUT_S + 1)
             await asyncio.wait_for(fn(client), ETCD_OP_TIMEOUT_S + 1)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             raise RoleStoreError(f"etcd unavailable: {exc}") from exc
         finally:
-            try:
-                await client.close()
-            except Exception:  # noqa: BLE001 - closing a broken client
-                pass
+            if client is not None:
+                try:
+                    await client.close()
+                except Exception:  # noqa: BLE001 - closing a broken client
+                    pass

@@ -24,6 +24,7 @@ from services.router.admission import AdmissionControl
 from services.router.auth import check_api_key, load_api_keys
 from services.router.config import RouterConfig
 from services.router.errors import APIError, ClientDisconnected
+from services.router.kv_index import KVIndexClient
 from services.router.leader import LeaderElection
 from services.router.metrics import API_OF_PATH, RouterMetrics
 from services.router.openapi import openapi_document
@@ -43,10 +44,20 @@ class Gateway:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.metrics = RouterMetrics()
-        self.pool = WorkerPool(cfg.load_report_interval_ms, cfg.load_stale_s, cfg.request_timeout_s)
+        self.pool = WorkerPool(
+            cfg.load_report_interval_ms, cfg.load_stale_s, cfg.request_timeout_s, cfg.grpc_tls
+        )
         self.policy = create_policy(cfg.policy)
+        self.kv_index = KVIndexClient(cfg.etcd_endpoints, cfg.cluster)
         self.orchestrator = Orchestrator(
-            self.pool, self.policy, cfg.request_timeout_s, cfg.max_attempts
+            self.pool,
+            self.policy,
+            cfg.request_timeout_s,
+            cfg.max_attempts,
+            max_migrations=cfg.max_migrations,
+            stall_timeout_s=cfg.stall_timeout_s,
+            on_migration=lambda reason: self.metrics.migrations.labels(reason).inc(),
+            kv_index=self.kv_index,
         )
         self.watcher = MembershipWatcher(cfg.etcd_endpoints, cfg.cluster)
         self.watcher.add_listener(self.pool.on_membership)
@@ -54,21 +65,24 @@ class Gateway:
         self.admin_token = load_admin_token(cfg.admin_token_file)
         self.api_keys = load_api_keys(cfg.api_keys_file)  # NOTE: never logged
         self.admission = AdmissionControl(cfg.max_queued_tokens)
-        identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # This replica's name among several routers (the leader election's candidate name).
+        self.identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.rebalancer = Rebalancer(
             self.pool, RoleStore(cfg.etcd_endpoints, cfg.cluster), self.metrics.rebalance,
-            LeaderElection(cfg.etcd_endpoints, cfg.cluster, identity),
+            LeaderElection(cfg.etcd_endpoints, cfg.cluster, self.identity),
             cfg.rebalance_policy, cfg.rebalance_param_dict, cfg.governor_config,
             cfg.rebalance_interval_s,
         )  # fmt: skip
 
     async def start(self) -> None:
         await self.watcher.start()
+        await self.kv_index.start()
         await self.rebalancer.start()
 
     async def stop(self) -> None:
         await self.rebalancer.stop()
         await self.watcher.stop()
+        await self.kv_index.stop()
         await self.pool.close()
 
     def resolve_model(self, name: str) -> tuple[str, int]:
@@ -147,7 +161,12 @@ async def _models(gw: Gateway, request: Request) -> Response:
 
 async def _health(gw: Gateway, request: Request) -> Response:
     workers = {
-        h.id: {"role": h.info.role, "address": h.info.address, "reachable": h.reachable()}
+        h.id: {
+            "role": h.info.role,
+            "address": h.info.address,
+            "reachable": h.reachable(),
+            "inflight": h.inflight,  # requests this router is running there now
+        }
         for h in gw.pool.handles.values()
     }
     ok = gw.healthy()

@@ -7,6 +7,7 @@ from functools import lru_cache
 from typing import Any
 
 from services.router.errors import bad_request
+from services.router.images import VisionSpec
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +22,10 @@ def resolve_model_dir(model: str | None) -> str:
 class Tokenizer:
     """Wraps a transformers tokenizer with what the gateway needs."""
 
-    def __init__(self, hf_tokenizer: Any) -> None:
+    def __init__(self, hf_tokenizer: Any, vision: VisionSpec | None = None) -> None:
         self.hf = hf_tokenizer
+        # Image placeholders of a vision-language model; None: the model takes no images.
+        self.vision = vision
         self._token_str = lru_cache(maxsize=65536)(self._decode_one)
 
     @classmethod
@@ -31,13 +34,16 @@ class Tokenizer:
 
         path = resolve_model_dir(model)
         log.info("loading tokenizer from %s", path)
-        return cls(AutoTokenizer.from_pretrained(path))
+        return cls(AutoTokenizer.from_pretrained(path), VisionSpec.load(path))
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=True))
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of the chat prompt, ending with the assistant turn's opening."""
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of the chat prompt, ending with the assistant turn's opening. A message's
+        content is a string, or (with images) a list of ``{"type": "text", "text": ...}`` and
+        ``{"type": "image"}`` parts, which a vision-language template turns into one image
+        placeholder each (expanded later, see ``images.expand_placeholders``)."""
         if getattr(self.hf, "chat_template", None) is None:
             raise bad_request("this model has no chat template; use /v1/completions")
         try:

@@ -10,7 +10,7 @@ import time
 
 import grpc
 
-from services.common.grpc_utils import insecure_channel
+from services.common.grpc_utils import GrpcTLS, channel
 from services.common.membership import InstanceInfo
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
@@ -36,9 +36,11 @@ class RateWindow:
 class WorkerHandle:
     """One worker as the router sees it: advertisement, channel, latest load, local count."""
 
-    def __init__(self, info: InstanceInfo, load_interval_ms: int, stale_s: float) -> None:
+    def __init__(
+        self, info: InstanceInfo, load_interval_ms: int, stale_s: float, tls: GrpcTLS | None = None
+    ) -> None:
         self.info = info
-        self.channel = insecure_channel(info.address)
+        self.channel = channel(info.address, tls)
         self.stub = pb_grpc.WorkerServiceStub(self.channel)
         self.load: pb.LoadReport | None = None
         self.load_at = 0.0  # monotonic time of the latest report
@@ -62,6 +64,15 @@ class WorkerHandle:
         """A load report arrived recently and no call failed since."""
         now = time.monotonic() if now is None else now
         return self.load_at > self.failed_at and now - self.load_at < self._stale_s
+
+    def silence(self, now: float) -> float:
+        """Seconds since its latest load report."""
+        return now - self.load_at
+
+    def silent(self, now: float) -> bool:
+        """Its load stream went quiet: the process is stopped or hung, or its host is cut
+        off (a process that died closes its connections and fails the calls at once)."""
+        return self.load_at > 0 and self.silence(now) > self._stale_s
 
     @property
     def state(self) -> str:
@@ -139,9 +150,14 @@ class WorkerPool:
     """Follows membership changes; hands out usable workers of a role and model."""
 
     def __init__(
-        self, load_interval_ms: int = 200, stale_s: float = 5.0, drain_wait_s: float = 600.0
+        self,
+        load_interval_ms: int = 200,
+        stale_s: float = 5.0,
+        drain_wait_s: float = 600.0,
+        tls: GrpcTLS | None = None,
     ) -> None:
         self.handles: dict[str, WorkerHandle] = {}
+        self._tls = tls  # mutual TLS of every channel to a worker; None: plain gRPC
         self._drain_wait_s = drain_wait_s
         self._interval_ms = load_interval_ms
         self._stale_s = stale_s
@@ -162,7 +178,7 @@ class WorkerPool:
                 self.handles[iid].info = info  # role, epoch, draining updates
                 continue
             log.info("worker %s joined at %s (role %s)", iid, info.address, info.role)
-            handle = WorkerHandle(info, self._interval_ms, self._stale_s)
+            handle = WorkerHandle(info, self._interval_ms, self._stale_s, self._tls)
             handle.start()
             self.handles[iid] = handle
 

@@ -7,7 +7,8 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
-from services.common.grpc_utils import ROLES
+from services.common.grpc_utils import ROLES, GrpcTLS
+from services.kvstore.store_tier import StoreConfig
 
 
 @dataclass
@@ -15,7 +16,7 @@ class WorkerConfig:
     """How a worker process listens, names itself and joins the cluster."""
 
     role: str = field(
-        default="mixed", metadata={"help": "mixed | prefill | decode", "choices": ROLES}
+        default="mixed", metadata={"help": "mixed | prefill | decode | encode", "choices": ROLES}
     )
     host: str = field(default="127.0.0.1", metadata={"help": "gRPC listen address"})
     port: int = field(default=0, metadata={"help": "gRPC port; 0 picks a free one"})
@@ -49,7 +50,8 @@ class WorkerConfig:
     kv_transfer: str = field(
         default="mooncake",
         metadata={
-            "help": "KV transfer for PD roles: mooncake | none (none: mixed role only)",
+            "help": "KV (and image embedding) transfer for the PD and encode roles: "
+            "mooncake | none (none: mixed role only)",
             "choices": ("mooncake", "none"),
         },
     )
@@ -66,6 +68,35 @@ class WorkerConfig:
     reserve_timeout_s: float = field(
         default=30.0,
         metadata={"help": "decode side: reserved KV blocks are freed after this long unused"},
+    )
+    encoder_cache_bytes: int = field(
+        default=512 * 1024 * 1024,
+        metadata={"help": "encode role: bytes of image embeddings kept in the encoder cache"},
+    )
+    kv_store: str = field(
+        default="",
+        metadata={
+            "help": "KV store tier (Mooncake Store) below the device and host pools: '' off, "
+            "'auto' (the master the kvstore advertises in etcd) or the master's host:port"
+        },
+    )
+    kv_store_metadata: str = field(
+        default="",
+        metadata={"help": "Mooncake metadata URL of a --kv-store host:port master "
+                  "(http://host:port/metadata)"},
+    )  # fmt: skip
+    kv_store_segment_bytes: int = field(
+        default=256 << 20, metadata={"help": "memory this worker lends to the KV store's pool"}
+    )
+    grpc_tls_ca: str | None = field(
+        default=None,
+        metadata={"help": "mutual TLS on gRPC: CA file; clients need a certificate it signed"},
+    )
+    grpc_tls_cert: str | None = field(
+        default=None, metadata={"help": "mutual TLS on gRPC: this worker's certificate file"}
+    )
+    grpc_tls_key: str | None = field(
+        default=None, metadata={"help": "mutual TLS on gRPC: this worker's private key file"}
     )
 
     def __post_init__(self) -> None:
@@ -89,14 +120,28 @@ class WorkerConfig:
             raise ValueError(
                 f"mooncake_protocol must be tcp or rdma, got {self.mooncake_protocol!r}"
             )
+        if self.encoder_cache_bytes < 0:
+            raise ValueError("encoder_cache_bytes must be >= 0")
         if self.kv_transfer_timeout_s <= 0 or self.reserve_timeout_s <= 0:
             raise ValueError("kv_transfer_timeout_s and reserve_timeout_s must be > 0")
-        if self.kv_transfer == "none" and self.role in ("prefill", "decode"):
+        if self.kv_transfer == "none" and self.role in ("prefill", "decode", "encode"):
             raise ValueError(f"role {self.role!r} needs KV transfer (--kv-transfer mooncake)")
         if self.register and not self.etcd_endpoints:
             raise ValueError("--etcd needs at least one host:port (or pass --no-register)")
         if self.instance_id is None:
             self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
+        _ = self.grpc_tls  # all three TLS files or none
+        if self.kv_store == "auto" and not self.register:
+            raise ValueError("--kv-store auto finds the master in etcd: it needs --register")
+        if self.kv_store not in ("", "auto"):
+            StoreConfig(self.kv_store, self.kv_store_metadata)  # raises for a bad address
+        if self.kv_store_segment_bytes <= 0:
+            raise ValueError("kv_store_segment_bytes must be > 0")
+
+    @property
+    def grpc_tls(self) -> GrpcTLS | None:
+        """Server-side mutual TLS of the gRPC port; None: plain gRPC."""
+        return GrpcTLS.from_files(self.grpc_tls_ca, self.grpc_tls_cert, self.grpc_tls_key)
 
     @property
     def etcd_endpoints(self) -> list[str]:

@@ -6,6 +6,7 @@ from services.common.proto import worker_pb2 as pb
 from services.engine.kv_layout import KVLayout
 from services.engine.outputs import CompletionOutput, Logprob, TokenLogprobs
 from services.engine.sampling_params import SamplingParams
+from services.engine.sequence import Resume
 
 # Scalar fields copied when set; everything else is handled explicitly below.
 _OPTIONAL_SCALARS = (
@@ -38,6 +39,13 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     kwargs["stop"] = list(msg.stop)
     kwargs["stop_token_ids"] = list(msg.stop_token_ids)
     return SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def resume_from_proto(request: pb.GenerateRequest | pb.ReserveRequest | pb.PrefillRequest):
+    """The migrated-request state of ``request``, or None for a fresh request."""
+    if not request.HasField("resume"):
+        return None
+    return Resume(tuple(request.resume.output_token_ids), request.resume.emitted_chars)
 
 
 def params_to_proto(params: SamplingParams) -> pb.SamplingParams:

@@ -10,15 +10,17 @@ import os
 import signal
 import socket
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from services.common.dataclass_cli import add_dataclass_args, from_args
-from services.common.grpc_utils import SERVER_OPTIONS
+from services.common.grpc_utils import SERVER_OPTIONS, add_port
 from services.common.membership import InstanceInfo, Registrar
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.worker.config import WorkerConfig
+from services.worker.kv_events import KVEventPublisher, kv_layout_key
+from services.worker.kv_store import attach_kv_store
 from services.worker.role_controller import DesiredRoleWatcher
 from services.worker.server import WorkerServicer, WorkerState
 
@@ -55,9 +57,10 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
         drain_timeout_s=wcfg.role_drain_timeout_s, supports_pd=wcfg.kv_transfer != "none",
     )  # fmt: skip
 
+    setup_images(wcfg, engine, servicer)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port(f"{wcfg.host}:{wcfg.port}")
+    port = add_port(server, f"{wcfg.host}:{wcfg.port}", wcfg.grpc_tls)
     if port == 0:
         raise RuntimeError(f"could not bind {wcfg.host}:{wcfg.port}")
     await server.start()
@@ -65,6 +68,7 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
 
     registrar: Registrar | None = None
     desired: DesiredRoleWatcher | None = None
+    publisher: KVEventPublisher | None = None
     if wcfg.register:
         info = InstanceInfo(
             id=wcfg.instance_id,
@@ -80,6 +84,10 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
                 "max_num_seqs": ecfg.max_num_seqs,
                 "num_total_blocks": engine.stats().num_total_blocks,
                 "kv_transfer": wcfg.kv_transfer,
+                "encode": servicer.encoder is not None,  # can take the encode role
+                # Cache-aware routers hash prompts into blocks exactly like this engine.
+                "block_size": ecfg.block_size,
+                "kv_layout": kv_layout_key(engine.engine),
             },
         )
         registrar = Registrar(wcfg.etcd_endpoints, wcfg.cluster, info, ttl=wcfg.lease_ttl)
@@ -92,10 +100,20 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
             wcfg.etcd_endpoints, wcfg.cluster, wcfg.instance_id, servicer.roles
         )
         await desired.start()
+        publisher = KVEventPublisher(
+            engine, wcfg.instance_id, state.incarnation, engine.model_name, info.capacity["kv_layout"],
+            wcfg.etcd_endpoints, wcfg.cluster,
+        )  # fmt: skip
+        await publisher.start()
         try:
             await asyncio.wait_for(registrar.registered.wait(), timeout=30)
         except TimeoutError:
             log.warning("etcd not reachable yet; serving and retrying registration")
+    await attach_kv_store(
+        wcfg,
+        engine,
+        (lambda: publisher.locator.watcher.instances) if publisher is not None else None,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -123,6 +141,8 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     state.draining = True
     if desired is not None:
         await desired.stop()
+    if publisher is not None:
+        await publisher.stop()
     if registrar is not None:
         await registrar.stop(deregister=True)
     with contextlib.suppress(TimeoutError):
@@ -133,6 +153,8 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
         await decode_role.receiver.stop()
     if prefill_role is not None:
         prefill_role.sender.close()
+    if servicer.encoder is not None:
+        await servicer.encoder.stop()
     servicer.metrics.close()
     await engine.shutdown()
     log.info("worker %s stopped", wcfg.instance_id)
@@ -176,6 +198,39 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
     log.info("KV transfer: Mooncake %s session %s", wcfg.mooncake_protocol, agent.session_id)
     prefill = PrefillRole(engine, sender, ecfg.block_size, wcfg.kv_transfer_timeout_s)
     return prefill, DecodeRole(engine, receiver, agent.session_id)
+
+
+def setup_images(wcfg: WorkerConfig, engine: AsyncLLMEngine, servicer: WorkerServicer) -> None:
+    """Image inputs of a vision-language model (nothing for a text model): the loader that
+    turns a request's images into engine inputs (reading an encoder's embeddings through
+    the PD roles' Mooncake agent when there is one) and the encode role, whose cache lives
+    in memory registered with that agent."""
+    from services.encoder.cache import EncoderCache
+    from services.encoder.handoff import EmbeddingFetcher
+    from services.encoder.metrics import ImageMetrics
+    from services.encoder.role import EncodeRole
+    from services.engine.multimodal import load_image_processor
+    from services.worker.image_inputs import ImageLoader
+
+    llm_engine = engine.engine
+    assert llm_engine is not None
+    model: Any = llm_engine.runner.model
+    if not getattr(model, "is_multimodal", False):
+        if wcfg.role == "encode":
+            raise ValueError(f"role encode needs a vision-language model, not {engine.model_name}")
+        return
+    processor = load_image_processor(str(llm_engine.model_path))
+    metrics = ImageMetrics(servicer.metrics.registry, engine.model_name, servicer.state.instance_id)
+    agent = servicer.prefill.sender.agent if servicer.prefill is not None else None
+    fetcher = EmbeddingFetcher(agent) if agent is not None else None
+    servicer.images = ImageLoader(processor, fetcher, metrics, wcfg.kv_transfer_timeout_s)
+    if agent is not None:
+        cache = EncoderCache(wcfg.encoder_cache_bytes, agent.register, agent.unregister)
+        servicer.encoder = EncodeRole(
+            engine, cache, processor, agent.session_id, servicer.state.instance_id, metrics,
+            int(model.spatial_merge_size),
+        )  # fmt: skip
+        servicer.encoder.start()
 
 
 def _mooncake_flavour() -> str:

@@ -14,16 +14,16 @@ share a series; every series carries ``model_name`` and ``instance`` (the worker
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from services.common.grpc_utils import ROLES
 from services.common.metric_buckets import E2E_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS
+from services.common.metrics_http import MetricsEndpoint
 from services.common.pd_metrics import KVTransferMetrics
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ LABELS = ["model_name", "instance"]
 FINISHED_REASONS = ("stop", "length", "abort", "error")
 
 
-class WorkerMetrics:
+class WorkerMetrics(MetricsEndpoint):
     """The metrics of one worker. ``engine``: an AsyncLLMEngine (``model_name``, ``stats()``);
     ``state``: the worker's WorkerState (``instance_id``, ``role_epoch``)."""
 
@@ -80,8 +80,6 @@ class WorkerMetrics:
             self.success.labels(*ids, reason)
         self.kv_transfer = KVTransferMetrics(r, *ids)
         r.register(_EngineCollector(engine, state, ids))
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
 
     async def track(
         self, outputs: AsyncIterator[Any], count_prompt: bool = True
@@ -126,19 +124,6 @@ class WorkerMetrics:
         to first token and its prompt tokens."""
         self.ttft.observe(seconds)
         self.prompt_tokens.inc(prompt_tokens)
-
-    # ---- the HTTP endpoint ---------------------------------------------------------------
-
-    def serve(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` on ``host:port`` (0: a free port) from a thread; returns the port."""
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._server.server_address[1])
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
 
 class _EngineCollector:
@@ -201,4 +186,27 @@ class _EngineCollector:
         yield counter(
             "epdserve:num_preemptions", "Sequences preempted (KV freed, to be recomputed).",
             getattr(s, "num_preemptions", 0),
+        )  # fmt: skip
+        yield counter(
+            "epdserve:prompt_tokens_computed",
+            "Prompt tokens run through the model (the rest came from a KV cache tier).",
+            getattr(s, "prompt_tokens_computed", 0),
+        )
+        hits = CounterMetricFamily(
+            "epdserve:kv_tier_hit_blocks",
+            "Prompt KV blocks copied into the device cache from a lower tier (host, store).",
+            labels=[*LABELS, "tier"],
+        )
+        hits.add_metric([*self.ids, "host"], getattr(s, "kv_host_hit_blocks", 0))
+        hits.add_metric([*self.ids, "store"], getattr(s, "kv_store_hit_blocks", 0))
+        yield hits
+        total = getattr(s, "kv_host_blocks_total", 0)
+        yield gauge(
+            "epdserve:kv_host_pool_usage_perc",
+            "Fraction (0-1) of the host KV pool's blocks in use (0 without a host pool).",
+            getattr(s, "kv_host_blocks_used", 0) / total if total else 0.0,
+        )
+        yield counter(
+            "epdserve:kv_store_put_blocks", "KV blocks this worker wrote to the KV store.",
+            getattr(s, "kv_store_put_blocks", 0),
         )  # fmt: skip

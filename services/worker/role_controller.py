@@ -19,8 +19,9 @@ from collections.abc import Awaitable, Callable
 
 from etcd3aio import Etcd3Client
 
+from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
 from services.common.grpc_utils import ROLES
-from services.common.membership import ETCD_OP_TIMEOUT_S, role_key
+from services.common.membership import role_key
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +140,9 @@ class DesiredRoleWatcher:
     async def _watch_loop(self) -> None:
         backoff = 0.2
         while True:
-            client = Etcd3Client(self.endpoints, rpc_max_attempts=1)
+            client: Etcd3Client | None = None
             try:
-                await client.connect()
+                client = await connect_etcd(self.endpoints)
                 assert client.kv is not None and client.watch is not None
                 resp = await client.kv.get(self.key, timeout=ETCD_OP_TIMEOUT_S)
                 self._set(resp.kvs[0].value if resp.kvs else None)
@@ -152,6 +153,8 @@ class DesiredRoleWatcher:
                 ):
                     if wresp.compact_revision:
                         raise RuntimeError("watch compacted; re-reading")
+                    if wresp.canceled:  # e.g. an auth token etcd forgot when it restarted
+                        raise RuntimeError(f"watch canceled by etcd ({wresp.cancel_reason})")
                     for ev in wresp.events:
                         self._set(ev.kv.value if ev.type == 0 else None)
             except asyncio.CancelledError:
@@ -159,8 +162,9 @@ class DesiredRoleWatcher:
             except Exception as exc:
                 log.warning("desired-role watch failed (%s); retrying in %.1fs", exc, backoff)
             finally:
-                with contextlib.suppress(Exception):
-                    await client.close()
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.close()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -16,14 +16,17 @@ from services.common.grpc_utils import role_from_pb, role_to_pb
 from services.common.mooncake_agent import TransferError
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
-from services.worker.convert import delta_to_proto, params_from_proto
+from services.engine.outputs import LOST_IMAGES
+from services.worker.convert import delta_to_proto, params_from_proto, resume_from_proto
 from services.worker.metrics import WorkerMetrics
 from services.worker.role_controller import RoleController, StaleEpochError
 from services.worker.stats import LatencyWindow
 
 if TYPE_CHECKING:
     from services.decode.role import DecodeRole
+    from services.encoder.role import EncodeRole
     from services.prefill.role import PrefillRole
+    from services.worker.image_inputs import ImageLoader
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +78,14 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self.ttft_ms = LatencyWindow()
         self.tpot_ms = LatencyWindow()
         self.closing = asyncio.Event()  # ends StreamLoad streams at shutdown
+        # Vision-language models only (set by main.setup_images): a request's images as engine
+        # inputs, and the encode role (which needs Mooncake too).
+        self.images: ImageLoader | None = None
+        self.encoder: EncodeRole | None = None
         self.roles = RoleController(
             state, drain_timeout_s, held=self.held, evict=self.evict,
-            supports=lambda role: role == "mixed" or supports_pd,
+            supports=lambda role: (role == "mixed" or supports_pd)
+            and (role != "encode" or self.encoder is not None),
         )  # fmt: skip
 
     def held(self) -> int:
@@ -135,7 +143,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         except (ValueError, TypeError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         rid = request.request_id or uuid.uuid4().hex
-        outputs = self.engine.generate(rid, list(request.prompt_token_ids), params)
+        prompt = await self._prompt(request.prompt_token_ids, request.images, context)
+        outputs = self.engine.generate(rid, prompt, params, resume=resume_from_proto(request))
         async for msg in self._stream(rid, outputs, context):
             yield msg
 
@@ -189,6 +198,12 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                         self.ttft_ms.add((now - arrived) * 1000.0)
                     deltas = []
                     for c in out.outputs:
+                        if c.finish_reason == "abort" and c.stop_reason == LOST_IMAGES:
+                            # Not the request's fault: the router continues it elsewhere.
+                            await context.abort(
+                                grpc.StatusCode.UNAVAILABLE,
+                                f"request {rid} must recompute image tokens without its images",
+                            )
                         counts[c.index] = counts.get(c.index, 0) + len(c.token_ids)
                         deltas.append(delta_to_proto(c, counts[c.index]))
                     finished = out.finished
@@ -258,7 +273,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         st.idle.clear()
         arrived = time.monotonic()
         try:
-            resp = await self.prefill.run(request)
+            resp = await self.prefill.run(
+                request, await self._prompt(request.prompt_token_ids, request.images, context)
+            )
             if rid in st.evicted:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, st.evicted[rid])
             elapsed = time.monotonic() - arrived
@@ -276,6 +293,57 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         finally:
             st.inflight.discard(rid)
             st.evicted.pop(rid, None)
+            if not st.inflight:
+                st.idle.set()
+        raise AssertionError("unreachable")  # context.abort raises
+
+    async def _prompt(
+        self,
+        ids: Sequence[int],
+        images: Sequence[pb.ImageData],
+        context: grpc.aio.ServicerContext,
+    ) -> list[int] | dict[str, Any]:
+        """The engine prompt of a request: its token ids, with its images when it has some
+        (INVALID_ARGUMENT for images this worker cannot take, UNAVAILABLE when an encoder's
+        embeddings cannot be read)."""
+        if not images:
+            return list(ids)
+        if self.images is None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"model {self.engine.model_name} does not take images",
+            )
+        assert self.images is not None  # context.abort raised otherwise
+        try:
+            return await self.images.prompt(list(ids), images)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except TransferError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        raise AssertionError("unreachable")  # context.abort raises
+
+    async def Encode(  # noqa: N802
+        self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EncodeResponse:
+        await self._admit(context, ("encode",), request.role_epoch)
+        if self.encoder is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker {self.state.instance_id} cannot encode images",
+            )
+        assert self.encoder is not None  # context.abort raised otherwise
+        st = self.state
+        rid = f"encode:{request.request_id}"
+        st.inflight.add(rid)
+        st.idle.clear()
+        try:
+            return await self.encoder.encode(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except RuntimeError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"encoder failed: {exc}")
+        finally:
+            st.inflight.discard(rid)
             if not st.inflight:
                 st.idle.set()
         raise AssertionError("unreachable")  # context.abort raises
@@ -359,3 +427,11 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             st.draining = request.drain
             st.on_change()
         return pb.DrainResponse(draining=st.draining, num_inflight=len(st.inflight))
+
+    async def ListRequests(  # noqa: N802
+        self, request: pb.ListRequestsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListRequestsResponse:
+        reserved = self.decode.receiver.reservations if self.decode is not None else {}
+        return pb.ListRequestsResponse(
+            request_ids=sorted(self.state.inflight), reserved_ids=sorted(reserved)
+        )

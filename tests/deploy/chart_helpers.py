@@ -22,7 +22,7 @@ PROFILES_DIR = CHART_DIR / "profiles"
 RELEASE = "demo"
 NAMESPACE = "serving"
 FULLNAME = f"{RELEASE}-epdserve"  # the release name does not contain the chart name
-ROLES = ("mixed", "prefill", "decode", "encoder")
+ROLES = ("mixed", "prefill", "decode", "encode")
 DEVICES = {"cpu": "cpu", "nvidia": "cuda", "ascend": "npu"}
 # Prometheus Operator kinds: CRDs, so kubernetes-validate has no schema for them.
 CRD_KINDS = {"ServiceMonitor", "PodMonitor"}
@@ -187,6 +187,28 @@ def expected_worker_argv(values: dict[str, Any], role: str) -> list[str]:
         expected_engine_config(values, role),
         python=values["python"],
     )
+
+
+def expected_kvstore_argv(values: dict[str, Any]) -> list[str]:
+    from services.cli.commands import kvstore_command
+    from services.kvstore.config import KVStoreConfig
+
+    k = values["kvstore"]
+    cfg = KVStoreConfig(
+        host="0.0.0.0",
+        port=int(k["port"]),
+        metrics_port=int(k["metricsPort"]),
+        advertise_host="$(POD_IP)",
+        instance_id="$(POD_NAME)",
+        cluster=values["clusterName"],
+        etcd=etcd_endpoints(values),
+        master_host="$(POD_IP)",
+        master_rpc_port=int(k["master"]["rpcPort"]),
+        master_metadata_port=int(k["master"]["metadataPort"]),
+        master_metrics_port=int(k["master"]["metricsPort"]),
+        **_coerce(KVStoreConfig, k["config"]),
+    )
+    return kvstore_command(cfg, python=values["python"])
 
 
 # --- Kubernetes schemas ---------------------------------------------------------------------

@@ -81,7 +81,19 @@ CASES: dict[str, list[dict[str, Any]]] = {
     "pd": [ch.profile("pd")],
     "npu": [ch.profile("npu")],
     "pd+npu": [ch.profile("pd"), ch.profile("npu")],
+    "epd": [ch.profile("epd")],
     "everything": [EVERYTHING],
+    # The global KV cache: kvstore (with its own master) and cache-aware routing.
+    "kvstore": [
+        {
+            "router": {"config": {"policy": "cache_aware"}},
+            "kvstore": {
+                "enabled": True,
+                "port": 7000,
+                "config": {"capacityBlocks": 5000, "masterArgs": ["v=1"]},
+            },
+        }
+    ],
 }
 
 
@@ -145,12 +157,18 @@ def test_container_commands_are_the_launchers(case: Any) -> None:
         worker = _container(deployments[f"{ch.FULLNAME}-worker-{role}"])
         expected = ch.expected_worker_argv(values, role)
         assert worker["command"] + worker.get("args", []) == expected, f"{name}/{role}"
+    kvstore = deployments.get(f"{ch.FULLNAME}-kvstore")
+    assert (kvstore is not None) == values["kvstore"]["enabled"], name
+    if kvstore is not None:
+        assert _container(kvstore)["command"] == ch.expected_kvstore_argv(values)
 
 
 def test_container_commands_parse(case: Any) -> None:
     """The processes' own parsers accept the rendered argv (Kubernetes expands $(POD_IP))."""
     from services.common.dataclass_cli import from_args
     from services.engine.config import EngineConfig
+    from services.kvstore.config import KVStoreConfig
+    from services.kvstore.main import build_parser as kvstore_parser
     from services.router.config import RouterConfig
     from services.router.main import build_parser as router_parser
     from services.worker.config import WorkerConfig
@@ -165,6 +183,9 @@ def test_container_commands_parse(case: Any) -> None:
             assert from_args(EngineConfig, ns).device in ("cpu", "cuda", "npu")
         elif argv[:3] == ["python", "-m", "services.router"]:
             assert from_args(RouterConfig, router_parser().parse_args(argv[3:])).port > 0
+        elif argv[:3] == ["python", "-m", "services.kvstore"]:
+            kv = from_args(KVStoreConfig, kvstore_parser().parse_args(argv[3:]))
+            assert kv.master_host == "10.0.0.7" and kv.master_rpc_port > 0
         else:
             assert name.endswith("-mooncake-master"), name
 
@@ -300,10 +321,16 @@ BAD_VALUES = [
     ("bad accelerator", {"workers": {"accelerator": "tpu"}}, "/workers/accelerator"),
     ("block size", {"workers": {"engine": {"blockSize": 12}}}, "blockSize"),
     ("etcd exposed", {"etcd": {"bundled": {"service": {"type": "NodePort"}}}}, "service"),
-    ("encoder not yet", {"workers": {"encoder": {"enabled": True}}}, "workers.encoder.enabled"),
+    ("old encoder key", {"workers": {"encoder": {"enabled": True}}}, "encoder"),
     ("no role", {"workers": {"mixed": {"enabled": False}}}, "enable at least one role"),
     ("prefill alone", {"workers": {"prefill": {"enabled": True}}}, "needs both"),
     ("no etcd", {"etcd": {"bundled": {"enabled": False}}}, "etcd.external.endpoints"),
+    (
+        "two mooncake masters",
+        {"kvstore": {"enabled": True}, "mooncake": {"master": {"enabled": True}}},
+        "disable mooncake.master",
+    ),
+    ("kvstore flag the chart sets", {"kvstore": {"config": {"masterHost": "x"}}}, "masterHost"),
     (
         "etcd image without tag",
         {"etcd": {"bundled": {"image": {"repository": "quay.io/coreos/etcd"}}}},
@@ -374,11 +401,26 @@ CHART_SET = {
         "register",
     },
     "engine": {"model", "servedModelName", "device"},
+    "kvstore": {
+        "host",
+        "port",
+        "metricsPort",
+        "advertiseHost",
+        "instanceId",
+        "cluster",
+        "etcd",
+        "register",
+        "masterHost",
+        "masterRpcPort",
+        "masterMetadataPort",
+        "masterMetricsPort",
+    },
 }
 
 
 def test_values_cover_every_config_field() -> None:
     from services.engine.config import EngineConfig
+    from services.kvstore.config import KVStoreConfig
     from services.router.config import RouterConfig
     from services.worker.config import WorkerConfig
 
@@ -387,8 +429,10 @@ def test_values_cover_every_config_field() -> None:
         "router": props["router"]["properties"]["config"]["properties"],
         "worker": props["workers"]["properties"]["config"]["properties"],
         "engine": props["workers"]["properties"]["engine"]["properties"],
+        "kvstore": props["kvstore"]["properties"]["config"]["properties"],
     }
-    for name, cls in (("router", RouterConfig), ("worker", WorkerConfig), ("engine", EngineConfig)):
+    for name, cls in (("router", RouterConfig), ("worker", WorkerConfig), ("engine", EngineConfig),
+                      ("kvstore", KVStoreConfig)):  # fmt: skip
         fields = {ch.camel(f.name) for f in dataclasses.fields(cls)}
         assert set(documented[name]) | CHART_SET[name] == fields, (
             f"{cls.__name__} fields and the chart's {name} values differ: add the new field to "
@@ -399,6 +443,7 @@ def test_values_cover_every_config_field() -> None:
 def test_value_defaults_are_the_codes() -> None:
     """A default install runs the processes with the launcher's defaults (no stray flags)."""
     from services.engine.config import EngineConfig
+    from services.kvstore.config import KVStoreConfig
     from services.router.config import RouterConfig
     from services.worker.config import WorkerConfig
 
@@ -407,8 +452,14 @@ def test_value_defaults_are_the_codes() -> None:
         (RouterConfig, values["router"]["config"]),
         (WorkerConfig, values["workers"]["config"]),
         (EngineConfig, values["workers"]["engine"]),
+        (KVStoreConfig, values["kvstore"]["config"]),
     ):
-        defaults = {ch.camel(f.name): f.default for f in dataclasses.fields(cls)}
+        defaults = {
+            ch.camel(f.name): f.default_factory()  # type: ignore[misc]
+            if f.default is dataclasses.MISSING
+            else f.default
+            for f in dataclasses.fields(cls)
+        }
         for key, value in given.items():
             assert value == defaults[key], f"{cls.__name__}.{key}: values.yaml {value!r}"
 

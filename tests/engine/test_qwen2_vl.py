@@ -417,3 +417,39 @@ def test_text_model_refuses_images(tiny_model_dir):
     }
     with pytest.raises(ValueError, match="does not take images"):
         llm.generate(prompt, greedy())
+
+
+def test_recompute_without_images_ends_the_request_not_the_engine(model_dir):
+    """A PD decode worker holds a prompt's KV but not its images: when a preemption makes it
+    recompute image tokens, that request ends with LOST_IMAGES (the worker reports it as
+    unavailable and the router migrates it); the engine keeps serving the others."""
+    from services.engine import LLM
+    from services.engine.outputs import LOST_IMAGES
+    from services.engine.scheduler import SchedulerOutput
+
+    llm = LLM(str(model_dir), dtype="float32", kv_cache_bytes=1 << 22, block_size=4,
+              enable_prefix_caching=False)  # fmt: skip
+    engine = llm.engine
+    images = random_images(GRIDS[0])
+    prompt = {
+        "prompt_token_ids": unexpanded(images, [3, 5]),
+        "multi_modal_data": {
+            "pixel_values": images.pixel_values, "image_grid_thw": images.image_grid_thw,
+        },
+    }  # fmt: skip
+    engine.add_request("vl", prompt, greedy())
+    engine.add_request("text", list(range(300, 317)), greedy())
+    while not engine.requests["vl"].seqs[0].num_output_tokens:
+        engine.step()
+    seq = engine.requests["vl"].seqs[0]
+    seq.mm.embeds = None  # as on a decode worker: KV imported, no pixels, no embeddings
+    seq.mm.images.pixel_values = None
+    engine.scheduler._preempt(seq, SchedulerOutput())
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0]
+    assert (finished["vl"].finish_reason, finished["vl"].stop_reason) == ("abort", LOST_IMAGES)
+    assert finished["text"].finish_reason == "length"
+    engine.block_manager.check_invariants()

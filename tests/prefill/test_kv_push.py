@@ -90,7 +90,9 @@ def test_layerwise_push_matches_colocated(tiny_model_dir, decode_peer):
         dst_blocks, cached = conn.recv()
         if i == 3:
             assert cached >= 40  # the decode side's prefix cache: those blocks do not move
-        sender.add(rid, PushTarget(session, remote_layout, dst_blocks, cached // BLOCK))
+        sender.add(
+            rid, PushTarget(session, remote_layout, dst_blocks, cached // BLOCK, len(prompt))
+        )
         prefill.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=1), hold_kv=True)
         first = None
         while prefill.has_unfinished_requests():
@@ -121,7 +123,7 @@ def test_push_to_unknown_session_fails_cleanly(tiny_model_dir, decode_peer):
     sender = KVSender(agent, layout, BLOCK)
     prefill.layer_hook = sender.on_layer_done
     # Nothing listens on port 9 of loopback: every write fails.
-    sender.add("x", PushTarget("127.0.0.1:9", remote_layout, list(range(8)), 0))
+    sender.add("x", PushTarget("127.0.0.1:9", remote_layout, list(range(8)), 0, 20))
     prefill.add_request("x", list(range(10, 30)), SamplingParams(max_tokens=1), hold_kv=True)
     while prefill.has_unfinished_requests():
         prefill.step()

@@ -38,7 +38,9 @@ class FakeEngine:
         self.started: list[str] = []
         self._abort_events: dict[str, asyncio.Event] = {}
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, resume=None
+    ):
         if len(prompt_token_ids) + (params.max_tokens or 0) > self.max_model_len:
             raise ValueError("prompt + max_tokens exceeds max_model_len")
         self.started.append(request_id)
@@ -91,6 +93,8 @@ class FakeEngine:
 
 class FakeTokenizer:
     """One token per character; a plain-text chat template."""
+
+    vision = None  # a text model: requests with images are refused
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) % 1000 for c in text]

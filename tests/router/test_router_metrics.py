@@ -11,6 +11,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.pd_metrics import REBALANCE_ACTIONS, REBALANCE_POLICIES
+from services.encoder.metrics import ImageMetrics
+from services.kvstore.index import KVIndex
+from services.kvstore.metrics import KVStoreMetrics
 from services.router.metrics import OUTCOMES, RouterMetrics, outcome_of
 from services.worker.metrics import WorkerMetrics
 from services.worker.server import WorkerState
@@ -121,9 +124,11 @@ def test_every_metric_is_documented() -> None:
     engine = SimpleNamespace(model_name="m", stats=lambda: SimpleNamespace(
         num_waiting=0, num_running=0, num_waiting_prompt_tokens=0, kv_utilization=0.0))  # fmt: skip
     worker = WorkerMetrics(engine, WorkerState("w", "inc", "mixed"))
+    ImageMetrics(worker.registry, "m", "w")  # encode / prefill / mixed workers with images
+    kvstore = KVStoreMetrics("k", KVIndex(), SimpleNamespace(restarts=0, alive=True))  # type: ignore[arg-type]
     documented = set(re.findall(r"`(epdserve:[a-z0-9_:]+)`", DOC.read_text()))
     exported = set()
-    for registry in (RouterMetrics().registry, worker.registry):
+    for registry in (RouterMetrics().registry, worker.registry, kvstore.registry):
         for family in registry.collect():
             exported.add(family.name + ("_total" if family.type == "counter" else ""))
     assert exported, "no metric exported"

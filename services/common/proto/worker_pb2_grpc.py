@@ -64,6 +64,11 @@ class WorkerServiceStub:
                 request_serializer=epdserve_dot_worker__pb2.DrainRequest.SerializeToString,
                 response_deserializer=epdserve_dot_worker__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.ListRequests = channel.unary_unary(
+                '/epdserve.v1.WorkerService/ListRequests',
+                request_serializer=epdserve_dot_worker__pb2.ListRequestsRequest.SerializeToString,
+                response_deserializer=epdserve_dot_worker__pb2.ListRequestsResponse.FromString,
+                _registered_method=True)
         self.Reserve = channel.unary_unary(
                 '/epdserve.v1.WorkerService/Reserve',
                 request_serializer=epdserve_dot_worker__pb2.ReserveRequest.SerializeToString,
@@ -83,6 +88,11 @@ class WorkerServiceStub:
                 '/epdserve.v1.WorkerService/Release',
                 request_serializer=epdserve_dot_worker__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=epdserve_dot_worker__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
+        self.Encode = channel.unary_unary(
+                '/epdserve.v1.WorkerService/Encode',
+                request_serializer=epdserve_dot_worker__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=epdserve_dot_worker__pb2.EncodeResponse.FromString,
                 _registered_method=True)
 
 
@@ -127,6 +137,12 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRequests(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Reserve(self, request, context):
         """PD disaggregation (decode role: Reserve, Decode, Release; prefill role: Prefill).
         """
@@ -148,6 +164,13 @@ class WorkerServiceServicer:
 
     def Release(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Encode(self, request, context):
+        """EPD (encode role): vision embeddings of images, left in registered memory for prefill.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -185,6 +208,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     request_deserializer=epdserve_dot_worker__pb2.DrainRequest.FromString,
                     response_serializer=epdserve_dot_worker__pb2.DrainResponse.SerializeToString,
             ),
+            'ListRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRequests,
+                    request_deserializer=epdserve_dot_worker__pb2.ListRequestsRequest.FromString,
+                    response_serializer=epdserve_dot_worker__pb2.ListRequestsResponse.SerializeToString,
+            ),
             'Reserve': grpc.unary_unary_rpc_method_handler(
                     servicer.Reserve,
                     request_deserializer=epdserve_dot_worker__pb2.ReserveRequest.FromString,
@@ -204,6 +232,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=epdserve_dot_worker__pb2.ReleaseRequest.FromString,
                     response_serializer=epdserve_dot_worker__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Encode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Encode,
+                    request_deserializer=epdserve_dot_worker__pb2.EncodeRequest.FromString,
+                    response_serializer=epdserve_dot_worker__pb2.EncodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -379,6 +412,33 @@ class WorkerService:
             _registered_method=True)
 
     @staticmethod
+    def ListRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epdserve.v1.WorkerService/ListRequests',
+            epdserve_dot_worker__pb2.ListRequestsRequest.SerializeToString,
+            epdserve_dot_worker__pb2.ListRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Reserve(request,
             target,
             options=(),
@@ -476,6 +536,33 @@ class WorkerService:
             '/epdserve.v1.WorkerService/Release',
             epdserve_dot_worker__pb2.ReleaseRequest.SerializeToString,
             epdserve_dot_worker__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Encode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epdserve.v1.WorkerService/Encode',
+            epdserve_dot_worker__pb2.EncodeRequest.SerializeToString,
+            epdserve_dot_worker__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from services.common.proto import worker_pb2 as pb
@@ -24,18 +24,32 @@ class WorkerView(Protocol):
 
 
 @dataclass
+class CachedPrefix:
+    """Leading prompt tokens a worker can serve without computing them, by how far it must
+    reach for them (from the global KV index; each reach includes the previous ones)."""
+
+    device: int = 0  # in its accelerator cache
+    host: int = 0  # ... or in its host-memory pool
+    total: int = 0  # ... or in Mooncake Store
+
+
+@dataclass
 class RouteRequest:
     """What a policy may read about the request being routed."""
 
     request_id: str
     num_prompt_tokens: int
-    prompt_token_ids: Sequence[int] = ()  # for cache-aware policies (later)
+    prompt_token_ids: Sequence[int] = ()
+    # Worker id -> its cached prefix; filled before ``select`` for policies that set
+    # ``uses_kv_index``, and left empty when the kvstore cannot answer in time.
+    cached: dict[str, CachedPrefix] = field(default_factory=dict)
 
 
 class RoutingPolicy(ABC):
     """Chooses a worker. Instances hold their own state; the router owns one instance."""
 
     name: str = ""
+    uses_kv_index: bool = False  # the router looks the prompt up in the KV index first
 
     @abstractmethod
     def select(self, candidates: Sequence[WorkerView], request: RouteRequest) -> WorkerView:

@@ -10,6 +10,7 @@ from services.router.policies.base import RoutingPolicy
 _POLICIES = {
     "round_robin": "services.router.policies.round_robin:RoundRobinPolicy",
     "least_load": "services.router.policies.least_load:LeastLoadPolicy",
+    "cache_aware": "services.router.policies.cache_aware:CacheAwarePolicy",
 }
 
 

@@ -196,6 +196,31 @@ EngineConfig(...)). Call with (dict "ctx" $ "role" "prefill").
 {{- include "epdserve.argv" (dict "spec" $flags.engine "values" $engine) }}
 {{- end }}
 
+{{/*
+argv of the kvstore: services.cli.commands.kvstore_command(KVStoreConfig(...)). Its master
+binds and advertises the pod IP, on fixed ports, so workers reach it again after a restart.
+*/}}
+{{- define "epdserve.kvstoreCommand" -}}
+{{- $k := .Values.kvstore }}
+{{- $flags := include "epdserve.flags" . | fromJson }}
+{{- $values := deepCopy $k.config }}
+{{- $_ := set $values "host" "0.0.0.0" }}
+{{- $_ = set $values "port" $k.port }}
+{{- $_ = set $values "metricsPort" $k.metricsPort }}
+{{- $_ = set $values "advertiseHost" "$(POD_IP)" }}
+{{- $_ = set $values "instanceId" "$(POD_NAME)" }}
+{{- $_ = set $values "cluster" .Values.clusterName }}
+{{- $_ = set $values "etcd" (include "epdserve.etcdEndpoints" .) }}
+{{- $_ = set $values "masterHost" "$(POD_IP)" }}
+{{- $_ = set $values "masterRpcPort" $k.master.rpcPort }}
+{{- $_ = set $values "masterMetadataPort" $k.master.metadataPort }}
+{{- $_ = set $values "masterMetricsPort" $k.master.metricsPort }}
+- {{ .Values.python | quote }}
+- "-m"
+- "services.kvstore"
+{{- include "epdserve.argv" (dict "spec" $flags.kvstore "values" $values) }}
+{{- end }}
+
 {{/* Seconds a worker pod may take to stop: the drain timeout plus the extra margin. */}}
 {{- define "epdserve.workerGracePeriod" -}}
 {{- $w := .ctx.Values.workers }}
@@ -274,7 +299,7 @@ EngineConfig(...)). Call with (dict "ctx" $ "role" "prefill").
 {{- $flags := include "epdserve.flags" . | fromJson }}
 {{- $w := .Values.workers }}
 {{- $enabled := list }}
-{{- range $role := list "mixed" "prefill" "decode" "encoder" }}
+{{- range $role := list "mixed" "prefill" "decode" "encode" }}
 {{- if (get $w $role).enabled }}
 {{- $enabled = append $enabled $role }}
 {{- if not (has $role $flags.roles) }}
@@ -287,6 +312,9 @@ EngineConfig(...)). Call with (dict "ctx" $ "role" "prefill").
 {{- end }}
 {{- if ne (has "prefill" $enabled) (has "decode" $enabled) }}
 {{- fail "workers: PD mode needs both workers.prefill.enabled and workers.decode.enabled" }}
+{{- end }}
+{{- if and .Values.kvstore.enabled .Values.kvstore.config.master .Values.mooncake.master.enabled }}
+{{- fail "kvstore.enabled: the kvstore runs its own Mooncake master; disable mooncake.master (or set kvstore.config.master: false)" }}
 {{- end }}
 {{- if and .Values.etcd.bundled.image.repository (not .Values.etcd.bundled.image.tag) }}
 {{- fail "etcd.bundled.image.tag: give the tag of etcd.bundled.image.repository" }}

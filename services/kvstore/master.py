@@ -1,0 +1,202 @@
+"""Runs `mooncake_master` as a child process and restarts it when it dies.
+
+The master holds Mooncake Store's metadata; its restart loses every stored object (the
+store is a cache). The supervisor keeps the same ports across restarts so that workers'
+store clients reconnect to the same address, and tells its owner about each restart so the
+global index drops the STORE tier it can no longer vouch for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import shutil
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# How long a fresh master may take to accept connections before it counts as failed.
+START_TIMEOUT_S = 20.0
+
+
+def find_master_binary(name: str = "mooncake_master") -> str:
+    """The master from the Mooncake wheel: this venv's console script first, then PATH."""
+    if "/" in name:
+        return name
+    venv_bin = Path(sys.executable).parent / name
+    if venv_bin.exists():
+        return str(venv_bin)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise FileNotFoundError(
+        f"{name} not found: install the Mooncake wheel "
+        "(pip install mooncake-transfer-engine-non-cuda, or the CUDA build)"
+    )
+
+
+@dataclass(frozen=True)
+class MasterPorts:
+    host: str  # bind and advertised address of every listener
+    rpc_port: int
+    metadata_port: int  # HTTP metadata server (replaces etcd for Mooncake's segments)
+    metrics_port: int
+
+    @property
+    def rpc_address(self) -> str:
+        return f"{self.host}:{self.rpc_port}"
+
+    @property
+    def metadata_url(self) -> str:
+        return f"http://{self.host}:{self.metadata_port}/metadata"
+
+
+def master_argv(
+    binary: str, ports: MasterPorts, kv_lease_ttl_ms: int, extra: list[str]
+) -> list[str]:
+    """argv of the master; ``extra`` flags may come without their leading dashes. NOTE:
+    every host is passed explicitly; the master's defaults are 0.0.0.0."""
+    return [
+        binary,
+        f"--rpc_address={ports.host}",
+        f"--rpc_port={ports.rpc_port}",
+        "--enable_http_metadata_server=true",
+        f"--http_metadata_server_host={ports.host}",
+        f"--http_metadata_server_port={ports.metadata_port}",
+        f"--metrics_host={ports.host}",
+        f"--metrics_port={ports.metrics_port}",
+        f"--default_kv_lease_ttl={kv_lease_ttl_ms}",
+        *(f"--{flag.lstrip('-')}" for flag in extra),
+    ]
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: the kernel sends SIGTERM when the supervisor dies, even
+    by SIGKILL, so a master never outlives its kvstore (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+async def _port_open(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+class MasterSupervisor:
+    """Keeps one `mooncake_master` running. ``on_restart`` is called (on the event loop)
+    each time a new master process replaces one that died."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        ports: MasterPorts,
+        on_restart: Callable[[], None] | None = None,
+        max_backoff_s: float = 5.0,
+    ) -> None:
+        self.argv = argv
+        self.ports = ports
+        self.on_restart = on_restart
+        self.restarts = 0
+        self.ready = asyncio.Event()  # set while a started master accepts connections
+        self.proc: asyncio.subprocess.Process | None = None
+        self._max_backoff_s = max_backoff_s
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self.ready.is_set() and self.proc is not None and self.proc.returncode is None
+
+    async def start(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Start supervising; returns once the first master accepts connections."""
+        self._task = asyncio.create_task(self._run(), name="mooncake-master")
+        ready = asyncio.create_task(self.ready.wait())
+        done, _ = await asyncio.wait(
+            {ready, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if ready not in done:
+            ready.cancel()
+            await self.stop()
+            raise RuntimeError(f"mooncake_master did not start within {timeout:.0f}s")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._terminate()
+
+    async def _terminate(self) -> None:
+        proc, self.proc = self.proc, None
+        self.ready.clear()
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=5.0)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        started_once = False
+        try:
+            while True:
+                ok = await self._start_one()
+                if ok:
+                    if started_once:
+                        self.restarts += 1
+                        log.warning("mooncake_master restarted (pid %s): store is empty", self.pid)
+                        if self.on_restart is not None:
+                            self.on_restart()
+                    started_once = True
+                    backoff = 0.2
+                    assert self.proc is not None
+                    code = await self.proc.wait()
+                    self.ready.clear()
+                    log.error("mooncake_master exited with %s; restarting", code)
+                else:
+                    await self._terminate()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._max_backoff_s)
+        finally:
+            await asyncio.shield(self._terminate())
+
+    async def _start_one(self) -> bool:
+        """Start a master and wait until its RPC port answers; False if it did not."""
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr,
+            preexec_fn=_die_with_parent,
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT_S
+        while loop.time() < deadline:
+            if self.proc.returncode is not None:
+                log.error("mooncake_master exited at start with %s", self.proc.returncode)
+                return False
+            if await _port_open(self.ports.host, self.ports.rpc_port) and await _port_open(
+                self.ports.host, self.ports.metadata_port
+            ):
+                self.ready.set()
+                return True
+            await asyncio.sleep(0.1)
+        log.error("mooncake_master did not open its ports within %.0fs", START_TIMEOUT_S)
+        return False

@@ -1,0 +1,364 @@
+"""The chaos suite: a local PD cluster under steady streaming load while each process type
+is killed (-9) or stopped (SIGSTOP) in turn, then restarted or continued.
+
+Per fault it reports requests sent, failed, migrated and the longest stall a client saw
+(printed, and written as JSON to ``$EPDSERVE_CHAOS_REPORT`` when set). Every answer is
+checked against the undisturbed greedy output of its prompt, so a duplicated or missing
+token is a failure too. Targets: zero failed requests for worker faults and for etcd and
+mooncake_master faults; a killed router replica loses only the requests it was serving.
+
+Run alone: ``.venv/bin/python -m pytest tests/chaos -s``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.cluster.cluster_helpers import TINY_NAME, get_json, start_cluster
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow, pytest.mark.chaos]
+
+PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3,", "def main():"]
+MAX_TOKENS = 64  # long enough that most faults land on a request mid-stream
+CLIENTS = 3
+MAX_REQUESTS = 20_000  # a bound on the load loop whatever happens
+ROUTER = {"load_stale_s": 2.0, "max_migrations": 3}
+HUNG_FOR_S = 5.0  # how long a stopped process stays stopped
+
+
+def body(prompt: str) -> dict:
+    return {
+        "model": TINY_NAME, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+        "ignore_eos": True, "stream": True,
+    }  # fmt: skip
+
+
+@dataclass
+class Outcome:
+    router: str
+    ok: bool
+    error: str
+    started: float
+    stall_s: float  # longest wait for the next chunk (first one included)
+
+
+@dataclass
+class Load:
+    """CLIENTS threads streaming completions to the routers in turn until stopped."""
+
+    urls: list[str]
+    expected: dict[str, str]
+    outcomes: list[Outcome] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        for i in range(CLIENTS):
+            t = threading.Thread(target=self._run, args=(i,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+
+    def _run(self, client: int) -> None:
+        n = client
+        with httpx.Client(timeout=httpx.Timeout(60.0, connect=5.0)) as c:
+            while not self._stop.is_set() and len(self.outcomes) < MAX_REQUESTS:
+                url = self.urls[n % len(self.urls)]
+                prompt = PROMPTS[n % len(PROMPTS)]
+                n += 1
+                self._record(self._one(c, url, prompt))
+
+    def _one(self, c: httpx.Client, url: str, prompt: str) -> Outcome:
+        started = last = time.monotonic()
+        stall = 0.0
+        text = ""
+        try:
+            with c.stream("POST", url + "/v1/completions", json=body(prompt)) as r:
+                if r.status_code != 200:
+                    r.read()
+                    return Outcome(url, False, f"{r.status_code} {r.text[:200]}", started, stall)
+                for line in r.iter_lines():
+                    now = time.monotonic()
+                    stall, last = max(stall, now - last), now
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        return Outcome(url, False, str(event["error"]), started, stall)
+                    text += "".join(ch["text"] for ch in event["choices"])
+        except httpx.HTTPError as exc:
+            return Outcome(url, False, f"{type(exc).__name__}: {exc}", started, stall)
+        if text != self.expected[prompt]:
+            return Outcome(url, False, f"wrong output {text!r}", started, stall)
+        return Outcome(url, True, "", started, stall)
+
+    def _record(self, o: Outcome) -> None:
+        with self._lock:
+            self.outcomes.append(o)
+
+    def since(self, t: float) -> list[Outcome]:
+        with self._lock:
+            return [o for o in self.outcomes if o.started >= t]
+
+    def completed_after(self, t: float, count: int, timeout: float) -> None:
+        """Wait until ``count`` requests that started after ``t`` finished (the cluster serves)."""
+        deadline = time.monotonic() + timeout
+        while len(self.since(t)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fewer than {count} requests finished in {timeout:.0f} s")
+            time.sleep(0.1)
+
+
+def migrations(urls: list[str]) -> dict[str, float]:
+    """Requests each live router migrated so far."""
+    out: dict[str, float] = {}
+    for url in urls:
+        try:
+            text = httpx.get(url + "/metrics", timeout=5).text
+        except httpx.HTTPError:
+            continue  # a router just killed
+        out[url] = sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("epdserve:router_migrations_total{")
+        )
+    return out
+
+
+def migrated_since(before: dict[str, float], after: dict[str, float]) -> int:
+    """Migrations between two snapshots, by the routers alive at the second one."""
+    return int(sum(n - before.get(url, 0.0) for url, n in after.items()))
+
+
+def child_pids(pid: int, name: str) -> list[int]:
+    """Live children of ``pid`` whose command line contains ``name``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            if ppid == pid and name in cmdline:
+                out.append(int(entry.name))
+    return out
+
+
+def wait_for(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir):
+    c = start_cluster(
+        tiny_model_dir("llama"), workers=0, prefill=2, decode=2, routers=2, kvstore=True,
+        router_overrides=ROUTER,
+    )  # fmt: skip
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def load(cluster):
+    expected = {}
+    with httpx.Client(timeout=60) as c:
+        for p in PROMPTS:
+            r = c.post(cluster.base_url + "/v1/completions", json={**body(p), "stream": False})
+            assert r.status_code == 200, r.text
+            expected[p] = r.json()["choices"][0]["text"]
+    lo = Load(list(cluster.base_urls), expected)
+    lo.start()
+    lo.completed_after(0.0, 6, 60)
+    yield lo
+    lo.stop()
+
+
+REPORT: list[dict] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    yield
+    lines = [f"{'fault':<28}{'sent':>6}{'failed':>8}{'migrated':>10}{'max stall s':>13}"]
+    for r in REPORT:
+        lines.append(
+            f"{r['fault']:<28}{r['sent']:>6}{r['failed']:>8}{r['migrated']:>10}"
+            f"{r['max_stall_s']:>13.2f}"
+        )
+    print("\nchaos report\n" + "\n".join(lines))
+    if os.environ.get("EPDSERVE_CHAOS_REPORT"):
+        Path(os.environ["EPDSERVE_CHAOS_REPORT"]).write_text(json.dumps(REPORT, indent=2))
+
+
+def run_fault(cluster, load: Load, name: str, inject, recover, lost_router: str = "") -> dict:
+    """Inject a fault under load, recover, wait until the cluster serves again; record and
+    return the outcome of every request that started from just before the fault on."""
+    begin = time.monotonic() - 1.0  # requests already running when the fault lands count
+    before = migrations(load.urls)
+    inject()
+    recover()
+    load.completed_after(time.monotonic(), 2 * CLIENTS, 120)
+    outcomes = load.since(begin)
+    failed = [o for o in outcomes if not o.ok and o.router != lost_router]
+    lost = [o for o in outcomes if not o.ok and o.router == lost_router]
+    row = {
+        "fault": name, "sent": len(outcomes), "failed": len(failed), "lost_with_router": len(lost),
+        "migrated": migrated_since(before, migrations(load.urls)),
+        "max_stall_s": max((o.stall_s for o in outcomes), default=0.0),
+        "errors": sorted({o.error for o in failed})[:5],
+    }  # fmt: skip
+    REPORT.append(row)
+    return row
+
+
+def worker_of(cluster, role: str):
+    """A live worker of ``role``, preferably one a router is running requests on now."""
+    live = [w for w in cluster.workers if w.alive() and role_of(cluster, w.name) == role]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for url in cluster.base_urls:
+            workers = get_json(url + "/health")[1]["workers"]
+            busy = [w for w in live if workers.get(w.name, {}).get("inflight")]
+            if busy:
+                return busy[0]
+        time.sleep(0.02)
+    return live[0]
+
+
+def role_of(cluster, name: str) -> str | None:
+    workers = get_json(cluster.base_url + "/health")[1]["workers"]
+    return workers.get(name, {}).get("role")
+
+
+def wait_ready(proc) -> None:
+    def ready() -> bool:
+        if not proc.alive():
+            raise AssertionError(proc.describe_failure())
+        return proc.ready.is_set()
+
+    wait_for(ready, 300, f"{proc.name} ready")
+
+
+def replace_worker(cluster, victim, role: str) -> None:
+    victim.proc.wait(timeout=30)
+    fresh = cluster.start_worker(role)
+    wait_ready(fresh)
+    wait_for(lambda: role_of(cluster, fresh.name) == role, 30, f"{fresh.name} routed")
+
+
+def stop_then_continue(proc) -> None:
+    time.sleep(HUNG_FOR_S)
+    proc.signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_kill_worker(cluster, load, role):
+    victim = worker_of(cluster, role)
+    row = run_fault(
+        cluster, load, f"kill -9 {role}", lambda: victim.signal(signal.SIGKILL),
+        lambda: replace_worker(cluster, victim, role),
+    )  # fmt: skip
+    assert row["failed"] == 0, row["errors"]
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_stop_worker(cluster, load, role):
+    victim = worker_of(cluster, role)
+    row = run_fault(
+        cluster, load, f"SIGSTOP {role}", lambda: victim.signal(signal.SIGSTOP),
+        lambda: stop_then_continue(victim),
+    )  # fmt: skip
+    assert row["failed"] == 0, row["errors"]
+    wait_for(lambda: get_json(cluster.base_url + "/health")[1]["workers"][victim.name]["reachable"],
+             30, "the continued worker is routed again")  # fmt: skip
+
+
+def test_kill_etcd(cluster, load):
+    def recover() -> None:
+        time.sleep(2.0)
+        cluster.etcd.start()
+
+    row = run_fault(cluster, load, "kill -9 etcd", lambda: cluster.etcd.stop(kill=True), recover)
+    assert row["failed"] == 0, row["errors"]
+
+
+def test_stop_etcd(cluster, load):
+    proc = cluster.etcd.proc
+    row = run_fault(
+        cluster, load, "SIGSTOP etcd", lambda: os.kill(proc.pid, signal.SIGSTOP),
+        lambda: (time.sleep(HUNG_FOR_S), os.kill(proc.pid, signal.SIGCONT)),
+    )  # fmt: skip
+    assert row["failed"] == 0, row["errors"]
+
+
+def master_pid(cluster) -> int:
+    """The pid of the kvstore's mooncake_master (waits while it is being restarted)."""
+    found: list[int] = []
+
+    def one() -> bool:
+        found[:] = child_pids(cluster.kvstore.proc.pid, "mooncake_master")
+        return len(found) == 1
+
+    wait_for(one, 60, "one mooncake_master under the kvstore")
+    return found[0]
+
+
+def test_kill_mooncake_master(cluster, load):
+    old = master_pid(cluster)
+
+    def restarted() -> None:
+        wait_for(lambda: master_pid(cluster) != old, 60, "the kvstore restarts mooncake_master")
+
+    row = run_fault(
+        cluster, load, "kill -9 mooncake_master", lambda: os.kill(old, signal.SIGKILL), restarted
+    )
+    assert row["failed"] == 0, row["errors"]
+
+
+def test_stop_mooncake_master(cluster, load):
+    pid = master_pid(cluster)
+    row = run_fault(
+        cluster, load, "SIGSTOP mooncake_master", lambda: os.kill(pid, signal.SIGSTOP),
+        lambda: (time.sleep(HUNG_FOR_S), os.kill(pid, signal.SIGCONT)),
+    )  # fmt: skip
+    assert row["failed"] == 0, row["errors"]
+
+
+def test_kill_router_replica(cluster, load):
+    victim = cluster.routers[-1]
+    url = cluster.base_urls[-1]
+
+    def recover() -> None:
+        victim.proc.wait(timeout=30)
+        load.urls.remove(url)  # its clients reconnect elsewhere (a Service would do this)
+        fresh = cluster.start_router()
+        wait_ready(fresh)
+        cluster.base_urls.append(fresh.ready_field("url"))
+        load.urls.append(cluster.base_urls[-1])
+
+    row = run_fault(
+        cluster, load, "kill -9 router replica", lambda: victim.signal(signal.SIGKILL), recover,
+        lost_router=url,
+    )  # fmt: skip
+    # Only the requests the dead replica was serving are lost (at most one per client).
+    assert row["failed"] == 0, row["errors"]
+    assert row["lost_with_router"] <= CLIENTS, row

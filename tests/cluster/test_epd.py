@@ -1,0 +1,334 @@
+"""EPD with real processes on a tiny random Qwen2-VL: chats with images (OpenAI image_url
+parts, Anthropic image blocks) give the offline engine's greedy output in mixed, EP+D and
+E+P+D modes; a repeated image hits the encoder cache and skips the vision tower; the
+prefill worker reads an encoder's embeddings through Mooncake; bad images are a 400 in
+the API's format and the cluster keeps serving; an encoder killed under load costs no
+request."""
+
+from __future__ import annotations
+
+import base64
+import re
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from cluster_helpers import TINY_NAME, start_cluster
+
+from tests.conftest import image_bytes as png
+
+pytest.importorskip("mooncake.engine")
+pytest.importorskip("PIL")
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+
+MAX_TOKENS = 8
+ENGINE = {"max_model_len": 512, "kv_cache_bytes": 16 * 1024 * 1024, "max_num_seqs": 16}
+ROUTER = {"max_images": 3, "max_image_bytes": 300_000, "allow_private_image_urls": True}
+# A short embedding-read deadline: an encoder killed mid-test must not stall a prefill long.
+WORKER = {"kv_transfer_timeout_s": 10.0}
+
+
+IMAGES = [png(56, 84, 1), png(112, 112, 2), png(70, 40, 3, "JPEG")]
+
+
+def data_url(data: bytes, media: str = "image/png") -> str:
+    return f"data:{media};base64,{base64.b64encode(data).decode()}"
+
+
+def openai_messages(images: list[bytes], text: str = "Describe") -> list[dict]:
+    parts: list[dict] = [{"type": "text", "text": text}]
+    for img in images:
+        media = "image/jpeg" if img[:2] == b"\xff\xd8" else "image/png"
+        parts.append({"type": "image_url", "image_url": {"url": data_url(img, media)}})
+    return [{"role": "user", "content": parts}]
+
+
+def chat(url: str, images: list[bytes], text: str = "Describe", **extra) -> httpx.Response:
+    body = {"model": TINY_NAME, "messages": openai_messages(images, text),
+            "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, **extra}  # fmt: skip
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+
+
+def chat_text(url: str, images: list[bytes], text: str = "Describe") -> str:
+    r = chat(url, images, text)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def anthropic_text(url: str, images: list[bytes], text: str = "Describe") -> str:
+    blocks: list[dict] = [{"type": "text", "text": text}]
+    for img in images:
+        blocks.append({"type": "image", "source": {
+            "type": "base64", "media_type": "image/png", "data": base64.b64encode(img).decode(),
+        }})  # fmt: skip
+    r = httpx.post(
+        url + "/v1/messages",
+        json={"model": TINY_NAME, "max_tokens": MAX_TOKENS, "temperature": 0,
+              "messages": [{"role": "user", "content": blocks}]},
+        timeout=120,
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    return r.json()["content"][0]["text"]
+
+
+CASES = [([IMAGES[0]], "Describe"), ([IMAGES[1], IMAGES[2]], "Compare these"), ([], "Hello")]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_vl_model_dir) -> dict[int, str]:
+    """Greedy text of each case from the offline engine (PIL images, pixel path)."""
+    from services.engine import LLM, SamplingParams
+    from services.engine.multimodal import open_images
+    from services.router.images import VisionSpec
+    from services.router.tokenization import Tokenizer
+
+    tok = Tokenizer.load(str(tiny_vl_model_dir))
+    assert isinstance(tok.vision, VisionSpec)
+    llm = LLM(str(tiny_vl_model_dir), dtype="float32", kv_cache_bytes=1 << 24)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    out = {}
+    for i, (images, text) in enumerate(CASES):
+        parts = [{"type": "text", "text": text}] + [{"type": "image"} for _ in images]
+        ids = tok.apply_chat_template([{"role": "user", "content": parts if images else text}])
+        prompt: dict = {"prompt_token_ids": ids}
+        if images:
+            prompt["multi_modal_data"] = {"image": open_images(images)}
+        out[i] = llm.generate(prompt, params)[0].outputs[0].text
+    return out
+
+
+def cluster(model_dir, **spec):
+    return start_cluster(
+        model_dir, engine_overrides=ENGINE, router_overrides=ROUTER, worker_overrides=WORKER,
+        **spec,
+    )  # fmt: skip
+
+
+def check_outputs(url: str, reference: dict[int, str]) -> None:
+    for i, (images, text) in enumerate(CASES):
+        assert chat_text(url, images, text) == reference[i], f"case {i}"
+    assert anthropic_text(url, CASES[0][0], CASES[0][1]) == reference[0]
+
+
+def metric(port: str, name: str, labels: str = "") -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(_total)?\{{([^}}]*)\}} (\S+)$", line)
+        if m and labels in m.group(2):
+            total += float(m.group(3))
+    return total
+
+
+def workers_of(c, role: str):
+    return [w for w, r in zip(c.workers, c.worker_roles(), strict=True) if r == role]
+
+
+# ---- mixed: the worker encodes; API errors ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_cluster(tiny_vl_model_dir):
+    c = cluster(tiny_vl_model_dir, workers=1)
+    yield c
+    c.stop()
+
+
+def test_mixed_mode_equals_offline_engine(mixed_cluster, reference):
+    check_outputs(mixed_cluster.base_url, reference)
+
+
+def test_http_image_url(mixed_cluster, reference):
+    """An http URL on 127.0.0.1 (allowed by this router's --allow-private-image-urls)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(IMAGES[0])
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/cat.png"
+        body = {"model": TINY_NAME, "max_tokens": MAX_TOKENS, "temperature": 0,
+                "ignore_eos": True, "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": "Describe"},
+                    {"type": "image_url", "image_url": {"url": url}}]}]}  # fmt: skip
+        r = httpx.post(mixed_cluster.base_url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == reference[0]
+    finally:
+        server.shutdown()
+
+
+BAD = [
+    ("corrupt", [b"\x89PNG\r\n\x1a\n" + b"\x00" * 64], "could not be decoded"),
+    ("not an image", [b"hello world, not pixels"], "could not be decoded"),
+    ("too many", [IMAGES[0]] * 4, "at most 3"),
+    ("too large", [png(400, 400, 9)], "exceeds the limit"),
+]
+
+
+@pytest.mark.parametrize(("name", "images", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_images_are_400(mixed_cluster, name, images, message):
+    r = chat(mixed_cluster.base_url, images)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and message in err["message"]
+
+
+def test_bad_image_type_and_anthropic_format(mixed_cluster, reference):
+    url = mixed_cluster.base_url
+    body = {"model": TINY_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(IMAGES[0], "image/tiff")}}]}]}  # fmt: skip
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and "unsupported image type" in r.json()["error"]["message"]
+    r = httpx.post(
+        url + "/v1/messages",
+        json={"model": TINY_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": base64.b64encode(b"garbage").decode()}}]}]},
+        timeout=30,
+    )  # fmt: skip
+    assert r.status_code == 400
+    assert r.json()["type"] == "error"
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert "could not be decoded" in r.json()["error"]["message"]
+    # The cluster still serves images.
+    assert chat_text(url, CASES[0][0], CASES[0][1]) == reference[0]
+
+
+# ---- EP+D: the prefill worker encodes --------------------------------------------------------
+
+
+def test_ep_d_mode_equals_offline_engine(tiny_vl_model_dir, reference):
+    c = cluster(tiny_vl_model_dir, workers=0, prefill=1, decode=1)
+    try:
+        check_outputs(c.base_url, reference)
+        (prefill,) = workers_of(c, "prefill")
+        port = prefill.ready_field("metrics_port")
+        assert metric(port, "epdserve:image_embeddings", 'source="local"') >= 3
+        assert metric(port, "epdserve:image_embeddings", 'source="fetched"') == 0
+    finally:
+        c.stop()
+
+
+# ---- E+P+D: encoders, embeddings handed over through Mooncake --------------------------------
+
+
+@pytest.fixture(scope="module")
+def epd_cluster(tiny_vl_model_dir):
+    c = cluster(tiny_vl_model_dir, workers=0, prefill=1, decode=1, encode=2)
+    yield c
+    c.stop()
+
+
+def wait_encoders(c, n: int, timeout: float = 60.0) -> None:
+    """Until the router has load reports from ``n`` serving encoders (admin status)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = httpx.get(c.base_url + "/admin/status", timeout=10,
+                      headers={"Authorization": f"Bearer {c.admin_token}"})  # fmt: skip
+        workers = r.json().get("workers", []) if r.status_code == 200 else []
+        if sum(1 for w in workers if w["role"] == "encode" and w["state"] == "serving") >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"router did not see {n} usable encoders: {r.text}")
+
+
+def encoder_totals(c, name: str) -> float:
+    return sum(metric(w.ready_field("metrics_port"), name) for w in workers_of(c, "encode"))
+
+
+def test_epd_mode_equals_offline_engine(epd_cluster, reference):
+    wait_encoders(epd_cluster, 2)
+    check_outputs(epd_cluster.base_url, reference)
+    (prefill,) = workers_of(epd_cluster, "prefill")
+    port = prefill.ready_field("metrics_port")
+    assert metric(port, "epdserve:image_embeddings", 'source="fetched"') >= 3
+    assert metric(port, "epdserve:image_embeddings", 'source="local"') == 0
+
+
+def test_repeated_image_hits_encoder_cache(epd_cluster, reference):
+    wait_encoders(epd_cluster, 2)
+    img = png(64, 64, 42)
+    first = chat_text(epd_cluster.base_url, [img], "Once")
+    tower = encoder_totals(epd_cluster, "epdserve:encoder_tower_images")
+    hits = encoder_totals(epd_cluster, "epdserve:encoder_cache_hits")
+    # The image is cached on the encoder that computed it; the policy picks the least
+    # loaded, so ask until a repeat landed there (each repeat is a hit or a miss).
+    for _ in range(6):
+        assert chat_text(epd_cluster.base_url, [img], "Once") == first
+        if encoder_totals(epd_cluster, "epdserve:encoder_cache_hits") > hits:
+            break
+    assert encoder_totals(epd_cluster, "epdserve:encoder_cache_hits") > hits
+    # At most one more tower run: the other encoder's first sight of the image.
+    assert encoder_totals(epd_cluster, "epdserve:encoder_tower_images") <= tower + 1
+
+
+def test_bad_image_on_epd_then_still_serving(epd_cluster, reference):
+    r = chat(epd_cluster.base_url, [b"\xff\xd8\xff\xe0 truncated jpeg"])
+    assert r.status_code == 400, r.text
+    assert all(w.alive() for w in epd_cluster.workers)
+    assert chat_text(epd_cluster.base_url, CASES[0][0], CASES[0][1]) == reference[0]
+
+
+def set_role(c, worker_id: str, role: str) -> None:
+    """Through the admin API, then until the router sees the worker serving in ``role``."""
+    auth = {"Authorization": f"Bearer {c.admin_token}"}
+    r = httpx.post(f"{c.base_url}/admin/workers/{worker_id}/role", json={"role": role},
+                   headers=auth, timeout=30)  # fmt: skip
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        workers = httpx.get(c.base_url + "/admin/status", headers=auth, timeout=10).json()
+        w = next(w for w in workers["workers"] if w["id"] == worker_id)
+        if w["role"] == role and w["state"] == "serving":
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{worker_id} did not become {role}: {w}")
+
+
+def test_encoder_changes_role_like_the_others(epd_cluster, reference):
+    """An encoder moved to prefill and back (drain, flip, epoch + 1), serving all along."""
+    encoder = workers_of(epd_cluster, "encode")[1].ready_field("id")
+    set_role(epd_cluster, encoder, "prefill")
+    assert chat_text(epd_cluster.base_url, CASES[1][0], CASES[1][1]) == reference[1]
+    set_role(epd_cluster, encoder, "encode")
+    wait_encoders(epd_cluster, 2)
+    assert chat_text(epd_cluster.base_url, CASES[0][0], CASES[0][1]) == reference[0]
+
+
+def test_encoder_killed_under_load(epd_cluster, tiny_vl_model_dir):
+    """Requests with fresh images in flight while an encoder is killed: every one completes
+    (re-encoded by the other encoder or by the prefill worker) or fails with a clear error;
+    none hangs. Outputs equal a run with both encoders."""
+    wait_encoders(epd_cluster, 2)
+    url = epd_cluster.base_url
+    images = [png(56, 56, 100 + i) for i in range(8)]
+    # Expected outputs first (every image then also sits in an encoder cache; the loaded run
+    # below uses the same images, so half of them live on the encoder that dies).
+    expected = [chat_text(url, [img], "Look") for img in images]
+    victim = workers_of(epd_cluster, "encode")[0]
+    with ThreadPoolExecutor(max_workers=len(images)) as pool:
+        futures = [pool.submit(chat, url, [img], "Look") for img in images]
+        victim.signal(signal.SIGKILL)
+        results = [f.result(timeout=180) for f in futures]
+    for r, want in zip(results, expected, strict=True):
+        if r.status_code == 200:
+            assert r.json()["choices"][0]["message"]["content"] == want
+        else:
+            assert r.status_code in (503, 504), r.text
+            assert r.json()["error"]["message"]
+    assert sum(r.status_code == 200 for r in results) >= len(images) // 2
+    # Afterwards new images are encoded by the surviving encoder.
+    assert chat_text(url, [png(60, 60, 7)], "After") == chat_text(url, [png(60, 60, 7)], "After")

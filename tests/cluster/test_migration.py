@@ -1,0 +1,129 @@
+"""Request migration: a worker killed (-9) or stopped (SIGSTOP) while it streams a request;
+the router continues the same client stream on another worker, and the output equals an
+undisturbed run's (greedy), with no token duplicated or missing."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import httpx
+import pytest
+from cluster_helpers import TINY_NAME, get_json, start_cluster
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+
+MAX_TOKENS = 200
+# Long enough that the stream is still running when the fault lands; greedy, no EOS stop.
+REQ = {
+    "model": TINY_NAME, "prompt": "Once upon a time", "max_tokens": MAX_TOKENS,
+    "temperature": 0, "ignore_eos": True, "logprobs": 1,
+}  # fmt: skip
+# A worker whose load stream is silent this long is hung (the default is 5 s).
+ROUTER = {"load_stale_s": 2.0, "max_migrations": 2}
+
+
+def reference(base_url: str) -> tuple[list[str], str]:
+    with httpx.Client(base_url=base_url, timeout=120) as c:
+        r = c.post("/v1/completions", json=REQ)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return choice["logprobs"]["tokens"], choice["text"]
+
+
+def serving_worker(base_url: str, role: str) -> str:
+    """The worker of ``role`` that this router is running our (only) request on."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        workers = get_json(base_url + "/health")[1]["workers"]
+        busy = [w for w, v in workers.items() if v["role"] == role and v["inflight"] > 0]
+        if len(busy) == 1:
+            return busy[0]
+        time.sleep(0.01)
+    raise AssertionError(f"no {role} worker is running the request: {workers}")
+
+
+def stream_with_fault(cluster, role: str, sig: int) -> tuple[list[str], str, dict, str]:
+    """Stream REQ; after a few chunks, send ``sig`` to the worker of ``role`` running it.
+    Returns (tokens, text, usage, victim id)."""
+    tokens: list[str] = []
+    text = ""
+    usage: dict = {}
+    victim = ""
+    body = {**REQ, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.Client(base_url=cluster.base_url, timeout=120) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                if event.get("usage"):
+                    usage = event["usage"]
+                for choice in event["choices"]:
+                    text += choice["text"]
+                    tokens += (choice.get("logprobs") or {}).get("tokens", [])
+                if not victim and len(tokens) >= 8:
+                    victim = serving_worker(cluster.base_url, role)
+                    proc = next(w for w in cluster.workers if w.name == victim)
+                    assert len(tokens) < MAX_TOKENS // 2, "the stream ended too soon to test"
+                    proc.signal(sig)
+    return tokens, text, usage, victim
+
+
+def migrations(base_url: str, reason: str) -> float:
+    metrics = httpx.get(base_url + "/metrics", timeout=10).text
+    for line in metrics.splitlines():
+        if line.startswith(f'epdserve:router_migrations_total{{reason="{reason}"}}'):
+            return float(line.split()[-1])
+    raise AssertionError("no migrations metric")
+
+
+def check_continued(cluster, role: str, sig: int, reason: str) -> None:
+    ref_tokens, ref_text = reference(cluster.base_url)
+    assert len(ref_tokens) == MAX_TOKENS
+    before = migrations(cluster.base_url, reason)
+    tokens, text, usage, victim = stream_with_fault(cluster, role, sig)
+    try:
+        assert tokens == ref_tokens
+        assert text == ref_text
+        assert usage["completion_tokens"] == MAX_TOKENS
+        assert usage["prompt_tokens"] > 0
+        assert migrations(cluster.base_url, reason) == before + 1
+    finally:
+        if sig == signal.SIGSTOP:
+            next(w for w in cluster.workers if w.name == victim).signal(signal.SIGCONT)
+
+
+@pytest.fixture(scope="module")
+def mixed_cluster(tiny_model_dir):
+    c = start_cluster(tiny_model_dir("llama"), workers=3, router_overrides=ROUTER)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def pd_cluster(tiny_model_dir):
+    c = start_cluster(
+        tiny_model_dir("llama"), workers=0, prefill=1, decode=3, router_overrides=ROUTER
+    )
+    yield c
+    c.stop()
+
+
+def test_mixed_worker_killed_mid_stream(mixed_cluster) -> None:
+    check_continued(mixed_cluster, "mixed", signal.SIGKILL, "died")
+
+
+def test_mixed_worker_stopped_mid_stream(mixed_cluster) -> None:
+    check_continued(mixed_cluster, "mixed", signal.SIGSTOP, "hung")
+
+
+def test_decode_worker_killed_mid_stream(pd_cluster) -> None:
+    check_continued(pd_cluster, "decode", signal.SIGKILL, "died")
+
+
+def test_decode_worker_stopped_mid_stream(pd_cluster) -> None:
+    check_continued(pd_cluster, "decode", signal.SIGSTOP, "hung")

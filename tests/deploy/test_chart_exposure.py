@@ -1,0 +1,119 @@
+"""What the chart exposes: etcd and the Mooncake master stay inside the cluster whatever the
+router's exposure; several router replicas behind one Service; the gateway's own TLS."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chart_helpers as ch
+import pytest
+
+INTERNAL = ("etcd", "mooncake-master", "kvstore")
+COMPONENT = "app.kubernetes.io/component"
+
+# The router exposed every way the chart allows, with everything internal turned on.
+EXPOSED: dict[str, Any] = {
+    "router": {
+        "replicas": 3,
+        "service": {"type": "LoadBalancer"},
+        "ingress": {"enabled": True, "host": "llm.example.com"},
+    },
+    "etcd": {"bundled": {"enabled": True, "replicas": 3}},
+    "mooncake": {"master": {"enabled": True}},
+}
+
+
+# The same with the kvstore running the Mooncake master instead.
+KVSTORE: dict[str, Any] = {"mooncake": {"master": {"enabled": False}}, "kvstore": {"enabled": True}}
+
+
+@pytest.fixture(scope="module", params=["default", "exposed", "pd", "kvstore"])
+def objects(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    overlays = {
+        "default": [],
+        "exposed": [EXPOSED],
+        "pd": [ch.profile("pd"), EXPOSED],
+        "kvstore": [EXPOSED, KVSTORE],
+    }
+    return ch.render_objects(ch.merge_overlays(*overlays[request.param]))
+
+
+def _component(obj: dict[str, Any]) -> str | None:
+    return obj["metadata"].get("labels", {}).get(COMPONENT)
+
+
+def test_etcd_and_mooncake_services_are_cluster_internal(objects) -> None:
+    for svc in (o for o in objects if o["kind"] == "Service" and _component(o) in INTERNAL):
+        spec = svc["spec"]
+        name = svc["metadata"]["name"]
+        assert spec.get("type", "ClusterIP") == "ClusterIP", name
+        assert not spec.get("externalIPs") and not spec.get("loadBalancerIP"), name
+        assert all("nodePort" not in p for p in spec["ports"]), name
+
+
+def test_only_the_router_is_reachable_through_an_ingress(objects) -> None:
+    router_svc = f"{ch.FULLNAME}-router"
+    for ing in (o for o in objects if o["kind"] == "Ingress"):
+        backends = [
+            path["backend"]["service"]["name"]
+            for rule in ing["spec"]["rules"]
+            for path in rule["http"]["paths"]
+        ]
+        assert set(backends) == {router_svc}
+        assert "defaultBackend" not in ing["spec"]
+
+
+def test_internal_pods_bind_no_host_ports(objects) -> None:
+    for obj in objects:
+        if obj["kind"] not in ("Deployment", "StatefulSet") or _component(obj) not in INTERNAL:
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        assert not pod.get("hostNetwork"), obj["metadata"]["name"]
+        for c in pod["containers"]:
+            assert all("hostPort" not in p for p in c.get("ports", [])), obj["metadata"]["name"]
+
+
+def test_network_policies_admit_only_the_release(objects) -> None:
+    policies = {_component(o): o for o in objects if o["kind"] == "NetworkPolicy"}
+    for component in INTERNAL:
+        if not any(
+            _component(o) == component for o in objects if o["kind"] in ("Service", "Deployment")
+        ):
+            continue
+        for rule in policies[component]["spec"]["ingress"]:
+            if "from" not in rule:  # open to any pod in the cluster: Prometheus scrapes
+                assert [p["port"] for p in rule["ports"]] == ["metrics"], component
+                continue
+            assert all(set(src) == {"podSelector"} for src in rule["from"]), component
+
+
+def test_router_replicas_share_one_service() -> None:
+    objects = ch.render_objects(EXPOSED)
+    router = next(o for o in objects if o["kind"] == "Deployment" and _component(o) == "router")
+    assert router["spec"]["replicas"] == 3
+    services = [o for o in objects if o["kind"] == "Service" and _component(o) == "router"]
+    assert len(services) == 1
+    assert services[0]["spec"]["selector"] == router["spec"]["selector"]["matchLabels"]
+
+
+def test_gateway_tls_flags_mounts_and_https_probes() -> None:
+    config = {
+        "sslCertfile": "/tls/tls.crt", "sslKeyfile": "/tls/tls.key", "grpcTlsCa": "/tls/ca.crt",
+        "grpcTlsCert": "/tls/tls.crt", "grpcTlsKey": "/tls/tls.key",
+    }  # fmt: skip
+    router_values = {
+        "config": config,
+        "extraVolumes": [{"name": "tls", "secret": {"secretName": "router-tls"}}],
+        "extraVolumeMounts": [{"name": "tls", "mountPath": "/tls", "readOnly": True}],
+    }
+    objects = ch.render_objects({"router": router_values})
+    router = next(o for o in objects if o["kind"] == "Deployment" and _component(o) == "router")
+    pod = router["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    argv = c["command"] + c.get("args", [])
+    assert argv[argv.index("--ssl-certfile") + 1] == "/tls/tls.crt"
+    assert argv[argv.index("--grpc-tls-ca") + 1] == "/tls/ca.crt"
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert {"name": "tls", "secret": {"secretName": "router-tls"}} in pod["volumes"]
+    assert {"name": "tls", "mountPath": "/tls", "readOnly": True} in c["volumeMounts"]

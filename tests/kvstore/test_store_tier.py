@@ -1,0 +1,115 @@
+"""The worker's Mooncake Store client (services/kvstore/store_tier.py) against a real
+``mooncake_master``, and how a worker finds and configures it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from services.common.membership import InstanceInfo
+from services.common.net import free_port
+from services.kvstore.store_tier import MooncakeStoreTier, StoreConfig, block_key
+from services.worker.config import WorkerConfig
+from services.worker.kv_store import advertised_store
+from tests.engine.store_master import Master
+
+pytest.importorskip("mooncake.store")
+
+
+@pytest.fixture
+def master() -> Iterator[Master]:
+    m = Master()
+    m.start()
+    yield m
+    m.kill()
+
+
+def test_blocks_round_trip_and_a_lookup_stops_at_the_first_miss(master):
+    store = master.store("m", "L2-H2-D16-B16-float32")
+    try:
+        assert store.put_blocks([1, 2], [b"one", b"two"]) == [1, 2]
+        assert store.put_blocks([2, 3], [b"two", b"three"]) == [2, 3]  # 2: already there
+        assert store.get_blocks([1, 2, 3]) == [b"one", b"two", b"three"]
+        assert store.get_blocks([1, 9, 3]) == [b"one"]
+        assert store.get_blocks([9]) == []
+        # Another model or KV layout never sees these blocks.
+        other = master.store("m", "L2-H2-D16-B16-bfloat16")
+        assert other.get_blocks([1]) == []
+        other.close()
+    finally:
+        store.close()
+
+
+def test_without_a_master_reads_miss_and_writes_fail_at_once():
+    cfg = StoreConfig(f"127.0.0.1:{free_port()}", "http://127.0.0.1:1/metadata", retry_s=60)
+    store = MooncakeStoreTier(cfg, "m", "layout")
+    start = time.monotonic()
+    assert store.get_blocks([1]) == []
+    assert store.put_blocks([1], [b"x"]) == []
+    assert time.monotonic() - start < 5  # no client set-up against a closed port
+    assert store.num_setups == 0
+    store.close()
+
+
+def test_keys_name_model_and_layout():
+    assert block_key("tiny", "L2-H2-D16-B16-float32", 0xAB) == (
+        "epd/tiny/L2-H2-D16-B16-float32/00000000000000ab"
+    )
+
+
+def test_store_config_and_worker_flags_are_checked():
+    with pytest.raises(ValueError, match="host:port"):
+        StoreConfig("nohost", "http://127.0.0.1:1/metadata")
+    with pytest.raises(ValueError, match="metadata"):
+        WorkerConfig(kv_store="127.0.0.1:5000", register=False)
+    with pytest.raises(ValueError, match="etcd"):
+        WorkerConfig(kv_store="auto", register=False)
+    ok = WorkerConfig(
+        kv_store="127.0.0.1:5000", kv_store_metadata="http://127.0.0.1:5001/metadata",
+        register=False,
+    )  # fmt: skip
+    assert ok.kv_store == "127.0.0.1:5000"
+
+
+def test_auto_takes_the_master_the_kvstore_advertises():
+    wcfg = WorkerConfig(kv_store="auto", advertise_host="10.0.0.7", kv_store_segment_bytes=1 << 20)
+
+    def kvstore(iid: str, **capacity: str) -> InstanceInfo:
+        return InstanceInfo(iid, "h:1", "kvstore", 1, "", "inc", 1, "h", capacity=capacity)
+
+    assert advertised_store(wcfg, {}) is None
+    assert advertised_store(wcfg, {"k": kvstore("k")}) is None  # a kvstore without a master
+    cfg = advertised_store(
+        wcfg,
+        {
+            "kvstore-b": kvstore("kvstore-b", master_rpc_address="b:1", metadata_url="http://b"),
+            "kvstore-a": kvstore("kvstore-a", master_rpc_address="a:1", metadata_url="http://a"),
+        },
+    )
+    assert cfg is not None
+    assert (cfg.master, cfg.metadata_url, cfg.local_host, cfg.segment_bytes) == (
+        "a:1", "http://a", "10.0.0.7", 1 << 20,
+    )  # fmt: skip
+
+
+def test_the_client_follows_a_master_that_moved():
+    first, second = Master(), Master()
+    first.start()
+    second.start()
+    current = [first.config()]
+    store = MooncakeStoreTier(lambda: current[0], "m", "layout")
+    try:
+        assert store.put_blocks([1], [b"one"]) == [1]
+        current[0] = second.config()  # e.g. the kvstore came back on new ports
+        assert store.get_blocks([1]) == []  # a new, empty store
+        assert store.put_blocks([2], [b"two"]) == [2]
+        assert store.get_blocks([2]) == [b"two"]
+        assert store.config == second.config() and store.num_setups == 2
+        current[0] = None  # no kvstore advertised: misses, no errors
+        assert store.get_blocks([2]) == []
+    finally:
+        store.close()
+        first.kill()
+        second.kill()
