@@ -334,12 +334,13 @@ class LocalCluster:
     def stop(self) -> None:
         """Stop the routers, then the workers (they drain), then the kvstore and etcd. Safe
         to call twice."""
-        for router in self.routers:
-            router.stop(timeout=15)
-        for w in self.workers:
-            w.signal(signal.SIGTERM)
-        for w in self.workers:
-            w.stop(timeout=30)
+        # Each group is signalled at once, then waited for: stopping takes the slowest
+        # member's time, not the sum.
+        for group, timeout in ((self.routers, 15), (self.workers, 30)):
+            for p in group:
+                p.signal(signal.SIGTERM)
+            for p in group:
+                p.stop(timeout=timeout)
         if self.kvstore is not None:
             self.kvstore.stop(timeout=15)
         self.etcd.cleanup()

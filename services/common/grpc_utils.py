@@ -3,7 +3,7 @@ and the one place where channels and server ports are built, plain or with mutua
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -104,6 +104,35 @@ class GrpcTLS:
         # the TLS handshake, before any RPC reaches the servicer.
         return grpc.ssl_server_credentials(
             [(key, cert)], root_certificates=ca, require_client_auth=True
+        )
+
+
+@dataclass
+class GrpcTLSFiles:
+    """The mutual-TLS flags of a gRPC server process (a worker, the kvstore); a base class
+    of its config."""
+
+    grpc_tls_ca: str | None = field(
+        default=None,
+        metadata={"help": "mutual TLS on gRPC: CA file; clients need a certificate it signed"},
+    )
+    grpc_tls_cert: str | None = field(
+        default=None, metadata={"help": "mutual TLS on gRPC: this process's certificate file"}
+    )
+    grpc_tls_key: str | None = field(
+        default=None, metadata={"help": "mutual TLS on gRPC: this process's private key file"}
+    )
+    grpc_tls_server_name: str | None = field(
+        default=None,
+        metadata={"help": "mutual TLS on gRPC: name in the certificates of the servers this "
+                          "process calls (the kvstore), checked instead of the dialled address"},
+    )  # fmt: skip
+
+    @property
+    def grpc_tls(self) -> GrpcTLS | None:
+        """Mutual TLS of its gRPC port and of its own calls; None: plain gRPC."""
+        return GrpcTLS.from_files(
+            self.grpc_tls_ca, self.grpc_tls_cert, self.grpc_tls_key, self.grpc_tls_server_name
         )
 
 

@@ -7,7 +7,7 @@ import contextlib
 
 import grpc
 
-from services.common.grpc_utils import insecure_channel
+from services.common.grpc_utils import GrpcTLS, channel
 from services.common.membership import InstanceInfo, MembershipWatcher, kvstore_prefix
 from services.common.proto import kvstore_pb2_grpc as kpb_grpc
 
@@ -21,8 +21,9 @@ class KVStoreLocator:
     """The kvstore etcd names now (``pick_kvstore``), and a stub to it, so that all
     processes publish to and read from the same index."""
 
-    def __init__(self, etcd_endpoints: list[str], cluster: str) -> None:
+    def __init__(self, etcd_endpoints: list[str], cluster: str, tls: GrpcTLS | None = None) -> None:
         self.watcher = MembershipWatcher(etcd_endpoints, cluster, kvstore_prefix(cluster))
+        self.tls = tls
         self._target: InstanceInfo | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: kpb_grpc.KVIndexServiceStub | None = None
@@ -48,7 +49,7 @@ class KVStoreLocator:
         await self._close()
         self._target = info
         if info is not None:
-            self._channel = insecure_channel(info.address)
+            self._channel = channel(info.address, self.tls)
             self._stub = kpb_grpc.KVIndexServiceStub(self._channel)
         return self._stub, True
 

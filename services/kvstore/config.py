@@ -6,6 +6,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from services.common.grpc_utils import GrpcTLSFiles
+
 
 def _check_port(name: str, port: int) -> None:
     if not 0 <= port < 65536:
@@ -13,7 +15,7 @@ def _check_port(name: str, port: int) -> None:
 
 
 @dataclass
-class KVStoreConfig:
+class KVStoreConfig(GrpcTLSFiles):
     """How the kvstore process listens, joins the cluster and runs `mooncake_master`."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "gRPC listen address"})
@@ -76,6 +78,7 @@ class KVStoreConfig:
             _check_port(name, getattr(self, name))
         if self.lease_ttl < 2:
             raise ValueError(f"lease_ttl must be >= 2 seconds, got {self.lease_ttl}")
+        _ = self.grpc_tls  # all three TLS files or none
         if self.capacity_blocks < 1:
             raise ValueError(f"capacity_blocks must be >= 1, got {self.capacity_blocks}")
         if self.master_kv_lease_ttl_ms < 1:

@@ -14,7 +14,7 @@ import uuid
 import grpc
 
 from services.common.dataclass_cli import add_dataclass_args, from_args
-from services.common.grpc_utils import SERVER_OPTIONS
+from services.common.grpc_utils import SERVER_OPTIONS, add_port
 from services.common.membership import (
     InstanceInfo,
     MembershipWatcher,
@@ -89,7 +89,7 @@ async def serve(cfg: KVStoreConfig) -> int:
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
     kpb_grpc.add_KVIndexServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    port = add_port(server, f"{cfg.host}:{cfg.port}", cfg.grpc_tls)
     if port == 0:
         raise OSError(f"could not bind {cfg.host}:{cfg.port}")
     await server.start()

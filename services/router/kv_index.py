@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from services.common.grpc_utils import GrpcTLS
 from services.common.proto import kvstore_pb2 as kpb
 from services.engine.block_manager import hash_prompt_blocks
 from services.kvstore.client import KVStoreLocator
@@ -40,8 +41,8 @@ def layout_group(h: WorkerHandle) -> tuple[str, int] | None:
 class KVIndexClient:
     """Looks prompts up in the kvstore found in etcd."""
 
-    def __init__(self, etcd_endpoints: list[str], cluster: str) -> None:
-        self.locator = KVStoreLocator(etcd_endpoints, cluster)
+    def __init__(self, etcd_endpoints: list[str], cluster: str, tls: GrpcTLS | None = None) -> None:
+        self.locator = KVStoreLocator(etcd_endpoints, cluster, tls)
         self.lookups = 0  # lookups answered
         self.failures = 0  # lookups that failed or timed out
         self._paused_until = 0.0

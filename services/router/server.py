@@ -48,7 +48,7 @@ class Gateway:
             cfg.load_report_interval_ms, cfg.load_stale_s, cfg.request_timeout_s, cfg.grpc_tls
         )
         self.policy = create_policy(cfg.policy)
-        self.kv_index = KVIndexClient(cfg.etcd_endpoints, cfg.cluster)
+        self.kv_index = KVIndexClient(cfg.etcd_endpoints, cfg.cluster, cfg.grpc_tls)
         self.orchestrator = Orchestrator(
             self.pool,
             self.policy,

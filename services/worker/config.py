@@ -7,12 +7,12 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
-from services.common.grpc_utils import ROLES, GrpcTLS
+from services.common.grpc_utils import ROLES, GrpcTLSFiles
 from services.kvstore.store_tier import StoreConfig
 
 
 @dataclass
-class WorkerConfig:
+class WorkerConfig(GrpcTLSFiles):
     """How a worker process listens, names itself and joins the cluster."""
 
     role: str = field(
@@ -88,16 +88,6 @@ class WorkerConfig:
     kv_store_segment_bytes: int = field(
         default=256 << 20, metadata={"help": "memory this worker lends to the KV store's pool"}
     )
-    grpc_tls_ca: str | None = field(
-        default=None,
-        metadata={"help": "mutual TLS on gRPC: CA file; clients need a certificate it signed"},
-    )
-    grpc_tls_cert: str | None = field(
-        default=None, metadata={"help": "mutual TLS on gRPC: this worker's certificate file"}
-    )
-    grpc_tls_key: str | None = field(
-        default=None, metadata={"help": "mutual TLS on gRPC: this worker's private key file"}
-    )
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -137,11 +127,6 @@ class WorkerConfig:
             StoreConfig(self.kv_store, self.kv_store_metadata)  # raises for a bad address
         if self.kv_store_segment_bytes <= 0:
             raise ValueError("kv_store_segment_bytes must be > 0")
-
-    @property
-    def grpc_tls(self) -> GrpcTLS | None:
-        """Server-side mutual TLS of the gRPC port; None: plain gRPC."""
-        return GrpcTLS.from_files(self.grpc_tls_ca, self.grpc_tls_cert, self.grpc_tls_key)
 
     @property
     def etcd_endpoints(self) -> list[str]:

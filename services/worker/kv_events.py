@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from services.common.grpc_utils import GrpcTLS
 from services.common.proto import kvstore_pb2 as kpb
 from services.kvstore.client import KVStoreLocator
 
@@ -66,6 +67,7 @@ class KVEventPublisher:
         layout_key: str,
         etcd_endpoints: list[str],
         cluster: str,
+        tls: GrpcTLS | None = None,
         interval_s: float = 0.1,
         timeout_s: float = 2.0,
         heartbeat_s: float = 2.0,
@@ -79,7 +81,7 @@ class KVEventPublisher:
         self.timeout_s = timeout_s
         self.heartbeat_s = heartbeat_s
         self.mirror = TierMirror()
-        self.locator = KVStoreLocator(etcd_endpoints, cluster)
+        self.locator = KVStoreLocator(etcd_endpoints, cluster, tls)
         self.published_batches = 0  # tests and logs read these
         self.resyncs = 0
         self._pending: list[kpb.KVEvent] = []

@@ -102,7 +102,7 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
         await desired.start()
         publisher = KVEventPublisher(
             engine, wcfg.instance_id, state.incarnation, engine.model_name, info.capacity["kv_layout"],
-            wcfg.etcd_endpoints, wcfg.cluster,
+            wcfg.etcd_endpoints, wcfg.cluster, wcfg.grpc_tls,
         )  # fmt: skip
         await publisher.start()
         try:

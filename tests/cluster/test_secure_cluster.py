@@ -9,6 +9,7 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import grpc
@@ -29,9 +30,10 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 def secured(tiny_model_dir, tmp_path_factory):
     pki = TestCA(tmp_path_factory.mktemp("pki"))
     gateway = pki.issue("gateway", "127.0.0.1")
-    # Workers are dialled by address; their certificate carries a name instead (as with pod
-    # IPs in Kubernetes) and the router checks that name.
+    # Workers and the kvstore are dialled by address; their certificates carry a name instead
+    # (as with pod IPs in Kubernetes), which their callers check.
     worker = pki.issue("worker", "epdserve-worker")
+    kvstore = pki.issue("kvstore", "epdserve-worker")
     router = pki.issue("router", "epdserve-router")
     etcd_server = pki.issue("etcd", "127.0.0.1")
     etcd_client = pki.issue("etcd-client", "epdserve")
@@ -48,7 +50,10 @@ def secured(tiny_model_dir, tmp_path_factory):
             "grpc_tls_cert": router.cert, "grpc_tls_key": router.key,
             "grpc_tls_server_name": "epdserve-worker",
         },
-        worker_overrides={**grpc_tls, "grpc_tls_cert": worker.cert, "grpc_tls_key": worker.key},
+        worker_overrides={**grpc_tls, "grpc_tls_cert": worker.cert, "grpc_tls_key": worker.key,
+                          "grpc_tls_server_name": "epdserve-worker"},
+        kvstore=True,
+        kvstore_overrides={**grpc_tls, "grpc_tls_cert": kvstore.cert, "grpc_tls_key": kvstore.key},
     )  # fmt: skip
     yield c, pki, router
     c.stop()
@@ -105,3 +110,28 @@ def test_worker_grpc_refuses_callers_without_a_client_certificate(secured) -> No
         with pytest.raises(grpc.aio.AioRpcError) as ei:
             asyncio.run(health(make))
         assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_kvstore_serves_mtls_only(secured) -> None:
+    """The worker publishes its KV blocks to the kvstore over mTLS (the index knows it); a
+    caller without a client certificate is refused."""
+    from services.common.proto import kvstore_pb2 as kpb
+    from services.common.proto import kvstore_pb2_grpc as kpb_grpc
+
+    cluster, pki, router = secured
+    assert cluster.kvstore is not None
+    address = cluster.kvstore.ready_field("address")
+
+    async def instances(make: Callable[[], grpc.aio.Channel]) -> int:
+        async with make() as ch:
+            stub = kpb_grpc.KVIndexServiceStub(ch)
+            return (await stub.Stats(kpb.KVStoreStatsRequest(), timeout=10)).num_instances
+
+    tls = GrpcTLS(pki.ca_file, router.cert, router.key, server_name="epdserve-worker")
+    deadline = time.monotonic() + 60
+    while asyncio.run(instances(lambda: channel(address, tls))) < 1:
+        assert time.monotonic() < deadline, "the worker never published to the kvstore"
+        time.sleep(0.5)
+    with pytest.raises(grpc.aio.AioRpcError) as ei:
+        asyncio.run(instances(lambda: channel(address)))
+    assert ei.value.code() == grpc.StatusCode.UNAVAILABLE

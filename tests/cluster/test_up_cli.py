@@ -52,7 +52,7 @@ def test_up_serves_and_stops_on_ctrl_c(tiny_model_dir, tmp_path) -> None:
         children = _children(proc.pid)
         assert len(children) >= 3  # etcd, worker, router
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        assert proc.wait(timeout=150) == 0  # the children drain: up to 15 s + 30 s each, bounded
         time.sleep(0.5)
         assert not [pid for pid in children if _alive(pid)], "children left running"
         assert not token_file.exists()  # the CLI no longer points at a stopped cluster

@@ -109,7 +109,12 @@ def etcd_get(cluster: LocalCluster, key: str) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir) -> Iterator[LocalCluster]:
-    c = start_cluster(tiny_model_dir("llama"), workers=2, kvstore=True, policy="cache_aware")
+    # The workers keep no blocks in the store here (the tests publish the STORE tier
+    # themselves); tests/kvstore/test_store_cluster.py covers workers using it.
+    c = start_cluster(
+        tiny_model_dir("llama"), workers=2, kvstore=True, policy="cache_aware",
+        worker_overrides={"kv_store": ""},
+    )  # fmt: skip
     try:
         info = json.loads(etcd_get(c, "/epdserve/test/instances/worker-0"))
         assert info["capacity"]["block_size"] == 16
