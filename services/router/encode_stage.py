@@ -25,6 +25,7 @@ import grpc
 
 from services.common.proto import worker_pb2 as pb
 from services.router.errors import APIError
+from services.router.watch import WorkerLost, watched_unary
 from services.router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,20 @@ class EncodeStage:
         routing if unreachable); a bad image is the client's fault: 400."""
         handle.inflight += 1
         try:
-            resp = await handle.stub.Encode(
-                pb.EncodeRequest(request_id=rid, images=[image], role_epoch=handle.info.role_epoch),
-                timeout=self.timeout_s,
+            resp = await watched_unary(
+                handle,
+                handle.stub.Encode(
+                    pb.EncodeRequest(
+                        request_id=rid, images=[image], role_epoch=handle.info.role_epoch
+                    ),
+                    timeout=self.timeout_s,
+                ),
+                self.timeout_s,
             )
+        except WorkerLost as exc:
+            log.warning("encoder %s stopped answering for %s: %s", handle.id, rid, exc)
+            handle.mark_failed()
+            return None
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise APIError(400, exc.details() or "bad image", code="invalid_image") from None

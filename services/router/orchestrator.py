@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 
@@ -16,6 +15,7 @@ from services.router.encode_stage import EncodeStage, image_keys
 from services.router.errors import APIError
 from services.router.kv_index import KVIndexClient
 from services.router.policies.base import RouteRequest, RoutingPolicy
+from services.router.watch import WorkerLost, watched_stream, watched_unary
 from services.router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -45,16 +45,6 @@ def api_error_from_grpc(exc: grpc.aio.AioRpcError) -> APIError:
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
         return APIError(503, f"worker unavailable: {detail}")
     return APIError(500, f"worker error ({code.name}): {detail}")
-
-
-class WorkerLost(Exception):
-    """A worker stopped answering mid-call (``kind`` "hung"): its load stream went silent (a
-    hung or stopped process, a partitioned host) or no message came within the stall
-    deadline; or ("died") its channel was closed under the call (it left the cluster)."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
 
 
 @dataclass
@@ -95,8 +85,6 @@ class Orchestrator:
     PD_ATTEMPTS = 2
     # Deadline of the small control calls (Reserve, Release).
     CONTROL_TIMEOUT_S = 10.0
-    # How often a waiting call checks that its worker's load stream is still alive.
-    WATCH_INTERVAL_S = 0.25
 
     def __init__(
         self,
@@ -262,7 +250,7 @@ class Orchestrator:
             if p is None or d is None:
                 continue
             try:
-                reservation = await self._watched_unary(d, d.stub.Reserve(
+                reservation = await watched_unary(d, d.stub.Reserve(
                     pb.ReserveRequest(
                         request_id=request_id, prompt_token_ids=list(prompt), params=params,
                         role_epoch=d.info.role_epoch, resume=resume, images=image_keys(images),
@@ -281,7 +269,7 @@ class Orchestrator:
                 p.inflight += 1
                 sent_at = time.monotonic()
                 try:
-                    first = await self._watched_unary(
+                    first = await watched_unary(
                         p,
                         p.stub.Prefill(
                             pb.PrefillRequest(
@@ -291,6 +279,7 @@ class Orchestrator:
                             ),
                             timeout=self.timeout_s,
                         ),
+                        self.timeout_s,
                     )  # fmt: skip
                     computed = len(prompt) - first.cached_prompt_tokens
                     p.prefill_rate.add(computed / max(time.monotonic() - sent_at, 1e-6))
@@ -316,7 +305,7 @@ class Orchestrator:
                 )  # fmt: skip
                 got_any = False
                 try:
-                    async for resp in self._watched_stream(d, call):
+                    async for resp in watched_stream(d, call, self.stall_timeout_s):
                         got_any = True
                         reserved = False
                         yield resp
@@ -383,53 +372,6 @@ class Orchestrator:
         note_refusal(exc, handle, epoch)
         return _Migrate("died", f"{handle.id}: {exc.code().name} {exc.details()}")
 
-    async def _watched_unary(
-        self, handle: WorkerHandle, call: Any, limit_s: float | None = None
-    ) -> Any:
-        """Await a unary call, giving up when the worker's load stream goes silent."""
-        task = asyncio.ensure_future(call)
-        try:
-            return await self._watch(handle, task, limit_s or self.timeout_s)
-        finally:
-            if not task.done():
-                call.cancel()
-                task.cancel()
-
-    async def _watched_stream(
-        self, handle: WorkerHandle, call: Any
-    ) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """Relay a streaming call; raises WorkerLost when the worker's load stream goes
-        silent, or when no message arrives within the stall deadline."""
-        it = call.__aiter__()
-        while True:
-            task = asyncio.ensure_future(it.__anext__())
-            try:
-                msg = await self._watch(handle, task, self.stall_timeout_s)
-            except StopAsyncIteration:
-                return
-            finally:
-                if not task.done():
-                    task.cancel()
-            yield msg
-
-    async def _watch(self, handle: WorkerHandle, task: asyncio.Future, limit_s: float) -> Any:
-        started = time.monotonic()
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=self.WATCH_INTERVAL_S)
-            if done:
-                if task.cancelled():
-                    # We were not cancelled (asyncio.wait would have raised): the call was,
-                    # by its channel closing under it, when the worker left the cluster.
-                    raise WorkerLost("died", f"{handle.id} left the cluster during the call")
-                return task.result()
-            now = time.monotonic()
-            if handle.silent(now):
-                raise WorkerLost(
-                    "hung", f"{handle.id} sent no load report for {handle.silence(now):.1f} s"
-                )
-            if now - started > limit_s:
-                raise WorkerLost("hung", f"{handle.id} sent nothing for {limit_s:.0f} s")
-
     async def _generate_mixed(
         self,
         model: str,
@@ -465,7 +407,7 @@ class Orchestrator:
             handle.inflight += 1
             got_any = False
             try:
-                async for resp in self._watched_stream(handle, call):
+                async for resp in watched_stream(handle, call, self.stall_timeout_s):
                     got_any = True
                     yield resp
                 return

@@ -308,6 +308,31 @@ def test_encoder_changes_role_like_the_others(epd_cluster, reference):
     assert chat_text(epd_cluster.base_url, CASES[0][0], CASES[0][1]) == reference[0]
 
 
+def test_encoder_stopped_under_load(epd_cluster, reference):
+    """An encoder that stops answering (SIGSTOP) holds no request for long: its calls give up
+    when its load stream goes silent, and the images are encoded elsewhere. Every request
+    succeeds with the undisturbed output."""
+    wait_encoders(epd_cluster, 2)
+    url = epd_cluster.base_url
+    images = [png(60, 60, 200 + i) for i in range(6)]
+    expected = [chat_text(url, [img], "Stop") for img in images]
+    fresh = [png(60, 60, 300 + i) for i in range(6)]  # not in any encoder cache yet
+    victim = workers_of(epd_cluster, "encode")[0]
+    victim.signal(signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(max_workers=len(images)) as pool:
+            futures = [pool.submit(chat, url, [img], "Stop") for img in images + fresh]
+            results = [f.result(timeout=180) for f in futures]
+    finally:
+        victim.signal(signal.SIGCONT)
+    assert [r.status_code for r in results] == [200] * len(results), [r.text for r in results]
+    got = [r.json()["choices"][0]["message"]["content"] for r in results]
+    assert got[: len(images)] == expected
+    expected_fresh = [chat_text(url, [img], "Stop") for img in fresh]
+    assert got[len(images) :] == expected_fresh
+    wait_encoders(epd_cluster, 2)  # the continued encoder is routed to again
+
+
 def test_encoder_killed_under_load(epd_cluster, tiny_vl_model_dir):
     """Requests with fresh images in flight while an encoder is killed: every one completes
     (re-encoded by the other encoder or by the prefill worker) or fails with a clear error;
