@@ -335,8 +335,8 @@ def test_encoder_stopped_under_load(epd_cluster, reference):
 
 def test_encoder_killed_under_load(epd_cluster, tiny_vl_model_dir):
     """Requests with fresh images in flight while an encoder is killed: every one completes
-    (re-encoded by the other encoder or by the prefill worker) or fails with a clear error;
-    none hangs. Outputs equal a run with both encoders."""
+    (re-encoded by the other encoder or by the prefill worker), none hangs, and outputs equal
+    a run with both encoders."""
     wait_encoders(epd_cluster, 2)
     url = epd_cluster.base_url
     images = [png(56, 56, 100 + i) for i in range(8)]
@@ -348,12 +348,7 @@ def test_encoder_killed_under_load(epd_cluster, tiny_vl_model_dir):
         futures = [pool.submit(chat, url, [img], "Look") for img in images]
         victim.signal(signal.SIGKILL)
         results = [f.result(timeout=180) for f in futures]
-    for r, want in zip(results, expected, strict=True):
-        if r.status_code == 200:
-            assert r.json()["choices"][0]["message"]["content"] == want
-        else:
-            assert r.status_code in (503, 504), r.text
-            assert r.json()["error"]["message"]
-    assert sum(r.status_code == 200 for r in results) >= len(images) // 2
+    assert [r.status_code for r in results] == [200] * len(results), [r.text for r in results]
+    assert [r.json()["choices"][0]["message"]["content"] for r in results] == expected
     # Afterwards new images are encoded by the surviving encoder.
     assert chat_text(url, [png(60, 60, 7)], "After") == chat_text(url, [png(60, 60, 7)], "After")
