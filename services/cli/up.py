@@ -89,12 +89,18 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     stop = threading.Event()
+    serving = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.set()
-        raise KeyboardInterrupt
+        # While starting, interrupt at once; once serving, the main loop sees ``stop``
+        # within 0.5 s (an exception raised at an arbitrary point there could leave a
+        # subprocess lock held and hang the clean-up).
+        if not serving.is_set():
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     cluster = LocalCluster(spec)
 
     def say(msg: str) -> None:
@@ -109,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  Routers:   {' '.join(cluster.base_urls)}", flush=True)
         print("  Operate:   epdserve status | roles set ID ROLE | drain ID | rebalance", flush=True)
         print("  Ctrl-C stops the cluster.", flush=True)
+        serving.set()
         while not stop.is_set():
             for p in [*cluster.workers, *cluster.routers, *filter(None, [cluster.kvstore])]:
                 if not p.alive():

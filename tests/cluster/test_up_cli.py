@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,15 +31,17 @@ def test_up_serves_and_stops_on_ctrl_c(tiny_model_dir, tmp_path) -> None:
     env = {**os.environ, "EPDSERVE_CONFIG_DIR": str(tmp_path / "cfg")}
     env.pop("EPDSERVE_ROUTER", None)
     env.pop("EPDSERVE_ADMIN_TOKEN", None)
+    # stderr to a file: a pipe nobody reads could fill and block `up`.
+    err = open(tmp_path / "up.err", "w")  # noqa: SIM115 - closed in the finally
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "up", "--model", str(tiny_model_dir("llama")),
          "--port", str(port), "--cluster", "uptest"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=err, text=True, env=env,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # blocks until the cluster is ready (or up failed)
-        assert f"http://127.0.0.1:{port}/v1" in line, line + (proc.stderr.read() if proc.stderr else "")
+        assert f"http://127.0.0.1:{port}/v1" in line, line + (tmp_path / "up.err").read_text()
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                        json={"model": os.path.basename(str(tiny_model_dir("llama"))),
                              "prompt": "hi", "max_tokens": 3})  # fmt: skip
@@ -58,7 +61,11 @@ def test_up_serves_and_stops_on_ctrl_c(tiny_model_dir, tmp_path) -> None:
         assert not token_file.exists()  # the CLI no longer points at a stopped cluster
     finally:
         if proc.poll() is None:
+            for pid in _children(proc.pid):  # do not leave a cluster running for later tests
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.kill()
+        err.close()
 
 
 def _children(pid: int) -> list[int]:

@@ -4,6 +4,7 @@ cache-aware router; `epdserve status` shows the store; Ctrl-C stops all of it.""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -64,17 +65,17 @@ def test_up_with_two_workers_runs_the_kvstore(tiny_model_dir, tmp_path) -> None:
     env = {**os.environ, "EPDSERVE_CONFIG_DIR": str(tmp_path / "cfg")}
     env.pop("EPDSERVE_ROUTER", None)
     env.pop("EPDSERVE_ADMIN_TOKEN", None)
+    # stderr to a file: a pipe nobody reads could fill and block `up`.
+    err = open(tmp_path / "up.err", "w")  # noqa: SIM115 - closed in the finally
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "up", "--model", str(tiny_model_dir("llama")),
          "--mixed", "2", "--port", str(port), "--cluster", "upkv"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=err, text=True, env=env,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # blocks until the cluster is ready (or up failed)
-        assert f"http://127.0.0.1:{port}/v1" in line, line + (
-            proc.stderr.read() if proc.stderr else ""
-        )
+        assert f"http://127.0.0.1:{port}/v1" in line, line + (tmp_path / "up.err").read_text()
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                        json={"model": os.path.basename(str(tiny_model_dir("llama"))),
                              "prompt": "hi " * 40, "max_tokens": 2})  # fmt: skip
@@ -98,4 +99,8 @@ def test_up_with_two_workers_runs_the_kvstore(tiny_model_dir, tmp_path) -> None:
         assert not left, f"processes left running: {left}"
     finally:
         if proc.poll() is None:
+            for pid in descendants(proc.pid):  # do not leave a cluster running for later tests
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.kill()
+        err.close()
