@@ -21,6 +21,7 @@ from typing import Any
 
 from etcd3aio import Etcd3Client, prefix_range_end
 
+from services.common.aio import cancel_and_wait
 from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
 
 log = logging.getLogger(__name__)
@@ -119,11 +120,8 @@ class Registrar:
         self._dirty.set()
 
     async def stop(self, deregister: bool = True) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if deregister and self._client is not None and self._client.lease and self._lease_id:
             # Revoking the lease deletes the key at once: routers stop routing here now.
             with contextlib.suppress(Exception):
@@ -227,10 +225,7 @@ class MembershipWatcher:
         self._task = asyncio.create_task(self._run(), name="etcd-watcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def _notify(self) -> None:
         for fn in self._listeners:

@@ -5,11 +5,11 @@ so a vanished prefill worker cannot leak blocks."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
 
+from services.common.aio import cancel_and_wait
 from services.engine.async_engine import AsyncLLMEngine
 from services.engine.kv_layout import KVLayout
 from services.engine.multimodal import ImageInputs
@@ -40,10 +40,7 @@ class KVReceiver:
         self._reaper = asyncio.create_task(self._reap_loop())
 
     async def stop(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        await cancel_and_wait(self._reaper)
 
     async def reserve(
         self,

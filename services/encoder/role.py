@@ -9,13 +9,13 @@ thread (the model lives there). Two calls for the same image share one computati
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from services.common.aio import cancel_and_wait
 from services.common.proto import worker_pb2 as pb
 from services.encoder.cache import EncoderCache, Entry
 from services.encoder.metrics import ImageMetrics
@@ -62,10 +62,7 @@ class EncodeRole:
         self._task = asyncio.create_task(self._batch_loop(), name="encoder-batches")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         self.cache.clear()
 
     async def encode(self, request: pb.EncodeRequest) -> pb.EncodeResponse:

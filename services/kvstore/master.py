@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.aio import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 # How long a fresh master may take to accept connections before it counts as failed.
@@ -136,11 +138,8 @@ class MasterSupervisor:
             raise RuntimeError(f"mooncake_master did not start within {timeout:.0f}s")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self._terminate()
 
     async def _terminate(self) -> None:

@@ -16,6 +16,7 @@ import time
 
 from etcd3aio import Etcd3Client
 
+from services.common.aio import cancel_and_wait
 from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,8 @@ class LeaderElection:
         self._task = asyncio.create_task(self._run(), name="rebalancer-election")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self.is_leader = False
 
     async def _run(self) -> None:

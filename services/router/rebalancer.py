@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 from typing import Any
 
+from services.common.aio import cancel_and_wait
 from services.common.pd_metrics import RebalanceMetrics
 from services.router.leader import LeaderElection
 from services.router.rebalance.base import HOLD, RebalancePolicy, WorkerLoad
@@ -100,10 +100,7 @@ class Rebalancer:
         self._task = asyncio.create_task(self._loop(), name="rebalancer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self.election is not None:
             await self.election.stop()
 

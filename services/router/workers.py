@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 
 import grpc
 
+from services.common.aio import cancel_and_wait
 from services.common.grpc_utils import GrpcTLS, channel
 from services.common.membership import InstanceInfo
 from services.common.proto import worker_pb2 as pb
@@ -108,10 +108,7 @@ class WorkerHandle:
     async def close(self, wait_inflight_s: float = 0.0) -> None:
         """Stop the load stream; close the channel once our requests there are done (a
         draining worker that left etcd still finishes them), or after ``wait_inflight_s``."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         deadline = time.monotonic() + wait_inflight_s
         try:
             while self.inflight > 0 and time.monotonic() < deadline:

@@ -11,13 +11,13 @@ worker restarting. With no kvstore in etcd the events only update the mirror.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any
 
 import grpc
 
+from services.common.aio import cancel_and_wait
 from services.common.grpc_utils import GrpcTLS
 from services.common.proto import kvstore_pb2 as kpb
 from services.kvstore.client import KVStoreLocator
@@ -96,11 +96,8 @@ class KVEventPublisher:
         self._task = asyncio.create_task(self._run(), name="kv-event-publisher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.locator.stop()
 
     async def _run(self) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from etcd3aio import Etcd3Client
 
+from services.common.aio import cancel_and_wait
 from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
 from services.common.grpc_utils import ROLES
 from services.common.membership import role_key
@@ -120,11 +121,7 @@ class DesiredRoleWatcher:
         ]
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
 
     def _set(self, value: bytes | None) -> None:
