@@ -2,41 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass, field
 
-from services.common.grpc_utils import GrpcTLSFiles
-
-
-def _check_port(name: str, port: int) -> None:
-    if not 0 <= port < 65536:
-        raise ValueError(f"{name} must be in [0, 65535], got {port}")
+from services.common.member_config import MemberConfig, check_port
 
 
 @dataclass
-class KVStoreConfig(GrpcTLSFiles):
+class KVStoreConfig(MemberConfig):
     """How the kvstore process listens, joins the cluster and runs `mooncake_master`."""
 
-    host: str = field(default="127.0.0.1", metadata={"help": "gRPC listen address"})
-    port: int = field(default=0, metadata={"help": "gRPC port; 0 picks a free one"})
-    metrics_port: int = field(
-        default=0, metadata={"help": "Prometheus /metrics HTTP port on --host; 0 picks a free one"}
-    )
-    advertise_host: str | None = field(
-        default=None, metadata={"help": "address other processes dial; default: --host"}
-    )
-    instance_id: str | None = field(
-        default=None, metadata={"help": "name in the cluster; default: kvstore-<host>-<pid>"}
-    )
-    cluster: str = field(default="default", metadata={"help": "cluster name (etcd key prefix)"})
-    etcd: str = field(
-        default="127.0.0.1:2379", metadata={"help": "etcd endpoints, comma-separated host:port"}
-    )
-    register: bool = field(
-        default=True, metadata={"help": "join the cluster in etcd (--no-register: direct use)"}
-    )
-    lease_ttl: int = field(default=5, metadata={"help": "etcd lease TTL in seconds"})
+    INSTANCE_PREFIX = "kvstore-"
+
     capacity_blocks: int = field(
         default=1_000_000,
         metadata={"help": "index entries kept (least recently used dropped first)"},
@@ -73,21 +49,10 @@ class KVStoreConfig(GrpcTLSFiles):
     )
 
     def __post_init__(self) -> None:
-        for name in ("port", "metrics_port", "master_rpc_port", "master_metadata_port",
-                     "master_metrics_port"):  # fmt: skip
-            _check_port(name, getattr(self, name))
-        if self.lease_ttl < 2:
-            raise ValueError(f"lease_ttl must be >= 2 seconds, got {self.lease_ttl}")
-        _ = self.grpc_tls  # all three TLS files or none
+        self.check_member()
+        for name in ("master_rpc_port", "master_metadata_port", "master_metrics_port"):
+            check_port(name, getattr(self, name))
         if self.capacity_blocks < 1:
             raise ValueError(f"capacity_blocks must be >= 1, got {self.capacity_blocks}")
         if self.master_kv_lease_ttl_ms < 1:
             raise ValueError("master_kv_lease_ttl_ms must be >= 1")
-        if self.register and not self.etcd_endpoints:
-            raise ValueError("--etcd needs at least one host:port (or pass --no-register)")
-        if self.instance_id is None:
-            self.instance_id = f"kvstore-{socket.gethostname()}-{os.getpid()}"
-
-    @property
-    def etcd_endpoints(self) -> list[str]:
-        return [e.strip() for e in self.etcd.split(",") if e.strip()]

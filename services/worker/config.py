@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 from dataclasses import dataclass, field
 
-from services.common.grpc_utils import ROLES, GrpcTLSFiles
+from services.common.grpc_utils import ROLES
+from services.common.member_config import MemberConfig
 from services.kvstore.store_tier import StoreConfig
 
 
 @dataclass
-class WorkerConfig(GrpcTLSFiles):
+class WorkerConfig(MemberConfig):
     """How a worker process listens, names itself and joins the cluster."""
 
     role: str = field(
         default="mixed", metadata={"help": "mixed | prefill | decode | encode", "choices": ROLES}
     )
-    host: str = field(default="127.0.0.1", metadata={"help": "gRPC listen address"})
-    port: int = field(default=0, metadata={"help": "gRPC port; 0 picks a free one"})
-    metrics_port: int = field(
-        default=0, metadata={"help": "Prometheus /metrics HTTP port on --host; 0 picks a free one"}
-    )
-    advertise_host: str | None = field(
-        default=None, metadata={"help": "address other processes dial; default: --host"}
-    )
-    instance_id: str | None = field(
-        default=None, metadata={"help": "name in the cluster; default: <host>-<pid>"}
-    )
-    cluster: str = field(default="default", metadata={"help": "cluster name (etcd key prefix)"})
-    etcd: str = field(
-        default="127.0.0.1:2379", metadata={"help": "etcd endpoints, comma-separated host:port"}
-    )
-    register: bool = field(
-        default=True, metadata={"help": "join the cluster in etcd (--no-register: direct use)"}
-    )
-    lease_ttl: int = field(default=5, metadata={"help": "etcd lease TTL in seconds"})
     load_report_interval_ms: int = field(
         default=200, metadata={"help": "default period of the StreamLoad stream"}
     )
@@ -92,12 +72,7 @@ class WorkerConfig(GrpcTLSFiles):
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if not 0 <= self.metrics_port < 65536:
-            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
-        if self.lease_ttl < 2:
-            raise ValueError(f"lease_ttl must be >= 2 seconds, got {self.lease_ttl}")
+        self.check_member()
         if self.load_report_interval_ms < 10:
             raise ValueError("load_report_interval_ms must be >= 10")
         if self.drain_timeout_s < 0:
@@ -116,21 +91,12 @@ class WorkerConfig(GrpcTLSFiles):
             raise ValueError("kv_transfer_timeout_s and reserve_timeout_s must be > 0")
         if self.kv_transfer == "none" and self.role in ("prefill", "decode", "encode"):
             raise ValueError(f"role {self.role!r} needs KV transfer (--kv-transfer mooncake)")
-        if self.register and not self.etcd_endpoints:
-            raise ValueError("--etcd needs at least one host:port (or pass --no-register)")
-        if self.instance_id is None:
-            self.instance_id = f"{socket.gethostname()}-{os.getpid()}"
-        _ = self.grpc_tls  # all three TLS files or none
         if self.kv_store == "auto" and not self.register:
             raise ValueError("--kv-store auto finds the master in etcd: it needs --register")
         if self.kv_store not in ("", "auto"):
             StoreConfig(self.kv_store, self.kv_store_metadata)  # raises for a bad address
         if self.kv_store_segment_bytes <= 0:
             raise ValueError("kv_store_segment_bytes must be > 0")
-
-    @property
-    def etcd_endpoints(self) -> list[str]:
-        return [e.strip() for e in self.etcd.split(",") if e.strip()]
 
     @staticmethod
     def new_incarnation() -> str:

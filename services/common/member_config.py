@@ -1,0 +1,58 @@
+"""Settings every gRPC process that joins a cluster shares (a worker, the kvstore): where it
+listens, its name, and its etcd registration; mutual TLS from ``GrpcTLSFiles``."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from services.common.grpc_utils import GrpcTLSFiles
+
+
+@dataclass
+class MemberConfig(GrpcTLSFiles):
+    # Prefix of the default instance id ("<prefix><host>-<pid>").
+    INSTANCE_PREFIX: ClassVar[str] = ""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "gRPC listen address"})
+    port: int = field(default=0, metadata={"help": "gRPC port; 0 picks a free one"})
+    metrics_port: int = field(
+        default=0, metadata={"help": "Prometheus /metrics HTTP port on --host; 0 picks a free one"}
+    )
+    advertise_host: str | None = field(
+        default=None, metadata={"help": "address other processes dial; default: --host"}
+    )
+    instance_id: str | None = field(
+        default=None, metadata={"help": "name in the cluster; default: from host name and pid"}
+    )
+    cluster: str = field(default="default", metadata={"help": "cluster name (etcd key prefix)"})
+    etcd: str = field(
+        default="127.0.0.1:2379", metadata={"help": "etcd endpoints, comma-separated host:port"}
+    )
+    register: bool = field(
+        default=True, metadata={"help": "join the cluster in etcd (--no-register: direct use)"}
+    )
+    lease_ttl: int = field(default=5, metadata={"help": "etcd lease TTL in seconds"})
+
+    def check_member(self) -> None:
+        """Validate the shared settings and name the instance (call from __post_init__)."""
+        for name in ("port", "metrics_port"):
+            check_port(name, getattr(self, name))
+        if self.lease_ttl < 2:
+            raise ValueError(f"lease_ttl must be >= 2 seconds, got {self.lease_ttl}")
+        if self.register and not self.etcd_endpoints:
+            raise ValueError("--etcd needs at least one host:port (or pass --no-register)")
+        if self.instance_id is None:
+            self.instance_id = f"{self.INSTANCE_PREFIX}{socket.gethostname()}-{os.getpid()}"
+        _ = self.grpc_tls  # all three TLS files or none
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        return [e.strip() for e in self.etcd.split(",") if e.strip()]
+
+
+def check_port(name: str, port: int) -> None:
+    if not 0 <= port < 65536:
+        raise ValueError(f"{name} must be in [0, 65535], got {port}")
