@@ -113,6 +113,34 @@ VL_CHAT_TEMPLATE = (
 )
 
 
+def tiny_vl_text_config(vocab_size: int) -> dict:
+    """The language model of the tiny Qwen2-VL / Qwen2.5-VL test models (M-RoPE)."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def randomize_qkv_biases(model) -> None:
+    """Random init leaves the q/k/v biases at zero: give them values so the bias path is
+    tested."""
+    import torch
+
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.2)
+
+
 def build_tiny_vl_model(
     out_dir: Path,
     seed: int = 0,
@@ -137,23 +165,7 @@ def build_tiny_vl_model(
     start, end, pad = tok.convert_tokens_to_ids(list(VL_TOKENS))
     tok.chat_template = VL_CHAT_TEMPLATE
     cfg = transformers.Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [2, 3, 3],
-            },  # fmt: skip
-            initializer_range=0.2,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
+        text_config=tiny_vl_text_config(len(tok)),
         vision_config=dict(
             depth=vision_depth,
             embed_dim=vision_dim,
@@ -170,10 +182,7 @@ def build_tiny_vl_model(
     )
     torch.manual_seed(seed)
     model = transformers.Qwen2VLForConditionalGeneration(cfg).float().eval()
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.2)
+    randomize_qkv_biases(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))

@@ -12,6 +12,7 @@ import torch
 from services.engine.layers.attention import TorchAttention
 from services.engine.layers.mrope import MRotaryEmbedding, decode_positions, mrope_positions
 from services.engine.multimodal import ImageInputs, expand_image_placeholders, merge_embeddings
+from tests.conftest import randomize_qkv_biases, tiny_vl_text_config
 
 # Special ids inside the default tokenizer's vocabulary, so outputs detokenize.
 IMAGE = 49000
@@ -43,23 +44,7 @@ def hf_model(request):
         model_cls = transformers.Qwen2VLForConditionalGeneration
         vision = dict(depth=2, embed_dim=32, num_heads=2, hidden_size=64, mlp_ratio=2)
     cfg = config_cls(
-        text_config=dict(
-            vocab_size=49152,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [2, 3, 3],
-            },
-            initializer_range=0.2,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
+        text_config=tiny_vl_text_config(49152),
         vision_config=dict(
             **vision,
             patch_size=14,
@@ -71,11 +56,7 @@ def hf_model(request):
         vision_end_token_id=VISION_END,
     )
     model = model_cls(cfg).float().eval()
-    with torch.no_grad():
-        # Random init leaves biases at zero: give them values so the bias path is tested.
-        for layer in model.model.language_model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.2)
+    randomize_qkv_biases(model)
     return model
 
 
