@@ -51,6 +51,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "dtype": args.dtype,
+        "device": args.device,
+        "max_num_seqs": args.max_num_seqs or args.num_prompts,
+        "seed": args.seed,
+    }
+    if args.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.kv_cache_bytes is not None:
+        kwargs["kv_cache_bytes"] = args.kv_cache_bytes
+    return kwargs
+
+
 def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(vocab) for _ in range(length)] for _ in range(n)]
@@ -77,22 +91,12 @@ class EngineBench:
     """Our engine, with per-step timings: the whole step (schedule + model + sample +
     detokenize) and the model runner's share, decode-only steps kept apart."""
 
-    def __init__(self, args: argparse.Namespace, prompts: list[list[int]]) -> None:
+    def __init__(self, args: argparse.Namespace, prompts: list[list[int]], llm: Any = None) -> None:
         from services.engine import LLM, SamplingParams
 
-        kwargs: dict[str, Any] = {
-            "dtype": args.dtype,
-            "device": args.device,
-            "max_num_seqs": args.max_num_seqs or args.num_prompts,
-            "seed": args.seed,
-        }
-        if args.max_num_batched_tokens is not None:
-            kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
-        if args.kv_cache_bytes is not None:
-            kwargs["kv_cache_bytes"] = args.kv_cache_bytes
         self.device = args.device
         self.prompts = prompts
-        self.llm = LLM(model=args.model, **kwargs)
+        self.llm = llm or LLM(model=args.model, **engine_kwargs(args))
         self.params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
         self.llm.generate(warmup_prompts(prompts), self.params)
         self.step_s: list[float] = []
@@ -157,12 +161,15 @@ class EngineBench:
 class HFBench:
     """transformers' batched generate: left padding, greedy, exactly output-len new tokens."""
 
-    def __init__(self, args: argparse.Namespace, folder: str, prompts: list[list[int]]) -> None:
+    def __init__(
+        self, args: argparse.Namespace, folder: str, prompts: list[list[int]], model: Any = None
+    ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        dtype = getattr(torch, args.dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        self.model = self.model.to(args.device).eval()
+        if model is None:  # else a model already built (benchmarks/gpu_decode.py)
+            dtype = getattr(torch, args.dtype)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device)
+        self.model = model.eval()
         tok = AutoTokenizer.from_pretrained(folder)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.batch_size = args.hf_batch_size or len(prompts)

@@ -17,8 +17,6 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     import torch
     import transformers
 
-    from services.engine.model_loader import resolve_model
-
     common = dict(
         vocab_size=49152,
         hidden_size=64,
@@ -72,11 +70,22 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
                     proj.bias.normal_(0, 0.2)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
-    src = Path(resolve_model(None))
+    src = tokenizer_source()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (src / name).exists():
             shutil.copy(src / name, out_dir / name)
     return out_dir
+
+
+def tokenizer_source() -> Path:
+    """Where tiny models get their tokenizer: the default model's folder, or the folder named
+    by ``EPDSERVE_TEST_TOKENIZER`` (the GPU machine has no default model package)."""
+    import os
+
+    from services.engine.model_loader import resolve_model
+
+    folder = os.environ.get("EPDSERVE_TEST_TOKENIZER")
+    return Path(folder) if folder else Path(resolve_model(None))
 
 
 @pytest.fixture(scope="session")

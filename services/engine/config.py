@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEVICES = ("cpu", "cuda", "npu")
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass
@@ -41,6 +42,9 @@ class EngineConfig:
     seed: int = 0
     # Capture CUDA graphs for decode batches (cuda only).
     enforce_eager: bool = False
+    # "auto": the checkpoint's weights; "dummy": random weights, nothing read (benchmarks and
+    # tests of the serving path; the config and tokenizer still come from the folder).
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -49,6 +53,8 @@ class EngineConfig:
             raise ValueError(
                 f"device must be one of {DEVICES} (optionally ':N'), got {self.device!r}"
             )
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:

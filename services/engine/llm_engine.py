@@ -95,7 +95,7 @@ class LLMEngine:
                 f"max_position_embeddings {model_max}"
             )
         self.max_model_len = config.max_model_len or min(model_max, MAX_DEFAULT_MODEL_LEN)
-        self.runner = ModelRunner(config, self.hf_config, self.model_path)
+        self.runner = ModelRunner(config, self.hf_config, self.model_path, self.max_model_len)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )

@@ -24,23 +24,54 @@ logger = logging.getLogger(__name__)
 DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
+def attention_backend(device: torch.device) -> TorchAttention:
+    """Triton paged attention on CUDA (when triton is installed), the reference elsewhere."""
+    if device.type == "cuda":
+        try:
+            from services.engine.layers.triton_attention import TritonAttention
+        except ImportError:
+            logger.warning("triton is not installed: using the reference attention on CUDA")
+        else:
+            return TritonAttention()
+    return TorchAttention()
+
+
+def dummy_weights(model: torch.nn.Module, seed: int) -> None:
+    """Random weights in place of a checkpoint: N(0, 0.02) matrices, zero biases, unit norms."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, 0.02, generator=gen)
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config: Any, model_path: str) -> None:
+    def __init__(
+        self, config: EngineConfig, hf_config: Any, model_path: str, max_model_len: int
+    ) -> None:
         self.config = config
+        self.max_model_len = max_model_len
         self.device = get_device(config.device)
         self.dtype = DTYPES[config.torch_dtype_name]
         self.block_size = config.block_size
         cls = resolve_model_class(hf_config)
         torch.manual_seed(config.seed)
+        self.backend = attention_backend(self.device)
         with torch.device("meta"):
-            model = cls(hf_config, TorchAttention())
+            model = cls(hf_config, self.backend)
         model = model.to_empty(device=self.device).to(self.dtype)
         if model.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         # Buffers (rotary cos/sin) were created on meta: rebuild them on the device.
         model.model.rotary.build(self.device)
         with torch.no_grad():
-            model.load_weights(iter_safetensors(model_path))
+            if config.load_format == "dummy":
+                dummy_weights(model, config.seed)
+            else:
+                model.load_weights(iter_safetensors(model_path))
         self.model = model.eval()
         attn = model.attention_layers[0]
         self.num_layers = len(model.attention_layers)
@@ -62,6 +93,14 @@ class ModelRunner:
         for i, layer in enumerate(model.attention_layers):
             layer.k_cache = self.kv_cache[0, i]
             layer.v_cache = self.kv_cache[1, i]
+        self.graphs: DecodeGraphs | None = None
+        if (
+            self.device.type == "cuda"
+            and not config.enforce_eager
+            and self.backend.paged_decode
+            and not getattr(model, "is_multimodal", False)
+        ):
+            self.graphs = DecodeGraphs(self, config.max_num_seqs)
 
     @property
     def block_shape(self) -> tuple[int, int, int, int, int]:
@@ -94,8 +133,8 @@ class ModelRunner:
         scheduled: list[ScheduledSeq],
         layer_hook: Callable[[int, list[ScheduledSeq]], None] | None = None,
     ) -> torch.Tensor:
-        """Run one step; returns float32 logits on the CPU, one row per sampling sequence,
-        in the order of ``scheduled``."""
+        """Run one step; returns float32 logits on the model's device, one row per sampling
+        sequence, in the order of ``scheduled``."""
         bs = self.block_size
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
@@ -131,38 +170,73 @@ class ModelRunner:
             if s.samples:
                 sample_rows[s.seq.seq_id] = len(ids) - 1
         dev = self.device
+        tables, lens = self._decode_tables(decodes) if decodes else ([], [])
+        hidden = None
+        if self.graphs is not None and decodes and not prefills and layer_hook is None:
+            hidden = self.graphs.run(ids, pos, slots, tables, lens)
+        if hidden is None:
+            meta = self._metadata(slots, tables, lens, segments)
+            if layer_hook is not None:
+                meta.on_layer_done = functools.partial(self._layer_done, layer_hook, scheduled)
+            hidden = self._forward(ids, pos, meta, decodes, prefills)
+        rows = [sample_rows[s.seq.seq_id] for s in scheduled if s.samples]
+        if not rows:
+            return torch.empty(0, 0, device=dev)
+        if rows != list(range(hidden.shape[0])):
+            hidden = hidden[torch.tensor(rows, dtype=torch.long, device=dev)]
+        return self.model.compute_logits(hidden).float()
+
+    def _metadata(
+        self,
+        slots: list[int],
+        tables: list[list[int]],
+        lens: list[int],
+        segments: list[PrefillSegment],
+    ) -> AttentionMetadata:
+        dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decodes=len(decodes),
+            num_decodes=len(lens),
             prefills=segments,
         )
-        if layer_hook is not None:
-            meta.on_layer_done = functools.partial(self._layer_done, layer_hook, scheduled)
-        if decodes:
-            max_blocks = max((s.seq.num_computed_tokens // bs) + 1 for s in decodes)
-            tables = [
-                s.seq.block_table[:max_blocks]
-                + [0] * (max_blocks - len(s.seq.block_table[:max_blocks]))
-                for s in decodes
-            ]
-            ctx_lens = torch.tensor([s.seq.num_computed_tokens + 1 for s in decodes], device=dev)
-            meta.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=dev)
+        if lens:
+            paged = self.backend.paged_decode
+            index_dtype = torch.int32 if paged else torch.long
+            ctx_lens = torch.tensor(lens, dtype=index_dtype, device=dev)
+            meta.decode_block_tables = torch.tensor(tables, dtype=index_dtype, device=dev)
             meta.decode_context_lens = ctx_lens
-            meta.decode_mask = (
-                torch.arange(max_blocks * bs, device=dev)[None, :] < ctx_lens[:, None]
-            )[:, None, None, :]
+            if not paged:
+                width = len(tables[0]) * self.block_size
+                mask = torch.arange(width, device=dev)[None, :] < ctx_lens[:, None]
+                meta.decode_mask = mask[:, None, None, :]
+        return meta
+
+    def _forward(
+        self,
+        ids: list[int],
+        pos: list[int],
+        meta: AttentionMetadata,
+        decodes: list[ScheduledSeq],
+        prefills: list[ScheduledSeq],
+    ) -> torch.Tensor:
+        dev = self.device
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         if getattr(self.model, "is_multimodal", False):
             positions, embeds = prepare_batch(self.model, decodes, prefills, input_ids)
-            hidden = self.model(input_ids, positions, meta, inputs_embeds=embeds)
-        else:
-            positions = torch.tensor(pos, dtype=torch.long, device=dev)
-            hidden = self.model(input_ids, positions, meta)
-        rows = [sample_rows[s.seq.seq_id] for s in scheduled if s.samples]
-        if not rows:
-            return torch.empty(0, 0)
-        index = torch.tensor(rows, dtype=torch.long, device=dev)
-        return self.model.compute_logits(hidden[index]).float().cpu()
+            return self.model(input_ids, positions, meta, inputs_embeds=embeds)
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        return self.model(input_ids, positions, meta)
+
+    def _decode_tables(self, decodes: list[ScheduledSeq]) -> tuple[list[list[int]], list[int]]:
+        """Block tables (padded with 0 to the longest) and context lengths of the decodes."""
+        bs = self.block_size
+        max_blocks = max((s.seq.num_computed_tokens // bs) + 1 for s in decodes)
+        tables = [
+            s.seq.block_table[:max_blocks]
+            + [0] * (max_blocks - len(s.seq.block_table[:max_blocks]))
+            for s in decodes
+        ]
+        return tables, [s.seq.num_computed_tokens + 1 for s in decodes]
 
     def _layer_done(self, hook, scheduled: list[ScheduledSeq], layer: int) -> None:
         if self.device.type != "cpu":
@@ -205,3 +279,73 @@ class ModelRunner:
         if tuple(data.shape) != expected:
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
         self.kv_cache.index_copy_(2, index, data.to(self.device, self.dtype))
+
+
+class DecodeGraphs:
+    """CUDA graphs of the model's forward for decode-only batches.
+
+    One graph per batch size in ``sizes`` (1, 2, 4, 8, then every 16 up to ``max_num_seqs``),
+    captured largest first into one memory pool. A step of ``n`` decodes replays the smallest
+    graph of at least ``n`` rows; the padding rows have slot -1 (their KV is not written) and
+    context length 0 (their attention output is 0), and their logits are never computed.
+    Inputs go through static tensors; the kernels take every length from them.
+    """
+
+    def __init__(self, runner: ModelRunner, max_num_seqs: int) -> None:
+        self.runner = runner
+        dev = runner.device
+        self.sizes = sorted({n for n in (1, 2, 4, 8, *range(16, max_num_seqs + 16, 16))
+                             if n <= max_num_seqs} | {max_num_seqs})  # fmt: skip
+        n_max = self.sizes[-1]
+        self.max_blocks = -(-runner.max_model_len // runner.block_size)
+        self.ids = torch.zeros(n_max, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n_max, dtype=torch.long, device=dev)
+        self.slots = torch.full((n_max,), -1, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(n_max, self.max_blocks, dtype=torch.int32, device=dev)
+        self.lens = torch.zeros(n_max, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = torch.cuda.graph_pool_handle()
+        with torch.inference_mode():
+            for n in reversed(self.sizes):
+                meta = self._meta(n)
+                # The first call compiles the Triton kernels and warms cuBLAS: never in capture.
+                runner.model(self.ids[:n], self.positions[:n], meta)
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    hidden = runner.model(self.ids[:n], self.positions[:n], meta)
+                self.graphs[n] = (graph, hidden)
+        torch.cuda.synchronize(dev)
+        logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+
+    def _meta(self, n: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:n],
+            num_decodes=n,
+            decode_block_tables=self.tables[:n],
+            decode_context_lens=self.lens[:n],
+        )
+
+    def run(
+        self,
+        ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        tables: list[list[int]],
+        lens: list[int],
+    ) -> torch.Tensor | None:
+        """Hidden states of the decodes [len(ids), hidden], or None when no graph fits."""
+        b = len(ids)
+        width = len(tables[0])
+        if b > self.sizes[-1] or width > self.max_blocks:
+            return None
+        n = next(size for size in self.sizes if size >= b)
+        pad = n - b
+        self.ids[:b].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+        self.positions[:b].copy_(torch.tensor(positions, dtype=torch.long), non_blocking=True)
+        self.slots[:n].copy_(torch.tensor(slots + [-1] * pad, dtype=torch.long), non_blocking=True)
+        self.lens[:n].copy_(torch.tensor(lens + [0] * pad, dtype=torch.int32), non_blocking=True)
+        self.tables[:b, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        graph, hidden = self.graphs[n]
+        graph.replay()
+        return hidden[:b]

@@ -22,7 +22,9 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        """``logits``: float32 [len(seqs), vocab] on the CPU."""
+        """``logits``: float32 [len(seqs), vocab], on the CPU or on the model's device."""
+        if logits.device.type != "cpu":
+            return self._sample_on_device(logits, seqs)
         want_lp = [s.params.logprobs is not None for s in seqs]
         # Logprobs are reported from the model's distribution, before any penalty or
         # temperature (what vLLM and the OpenAI API report by default).
@@ -46,6 +48,25 @@ class Sampler:
                     vals, ids = raw_lp[i].topk(k)
                     top = [Logprob(int(t), float(v)) for t, v in zip(ids, vals, strict=True)]
                 logprobs[i] = TokenLogprobs(tokens[i], float(raw_lp[i, tokens[i]]), top)
+        return SampleResult(tokens, logprobs)
+
+    def _sample_on_device(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        """Plain greedy rows are decided on the device (one argmax, B integers copied back);
+        the rows that sample, penalize or want logprobs go to the CPU path, whose seeded
+        generators make the draws identical on every device."""
+        tokens = logits.argmax(dim=-1).tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
+        rows = [
+            i
+            for i, s in enumerate(seqs)
+            if not s.params.greedy or s.params.logprobs is not None or _has_penalties(s)
+        ]
+        if rows:
+            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+            sub = self(logits[index].cpu(), [seqs[i] for i in rows])
+            for j, i in enumerate(rows):
+                tokens[i] = sub.token_ids[j]
+                logprobs[i] = sub.logprobs[j]
         return SampleResult(tokens, logprobs)
 
     @staticmethod

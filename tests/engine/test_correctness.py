@@ -10,6 +10,26 @@ from tests.conftest import FAMILIES
 
 MAX_TOKENS = 12
 
+_NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# "cuda" replays CUDA graphs for decode batches; "cuda-eager" runs the Triton kernels eagerly.
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, _NO_CUDA]),
+    pytest.param("cuda-eager", marks=[pytest.mark.gpu, _NO_CUDA]),
+]
+
+
+def on(device: str, **kwargs) -> dict:
+    """LLM arguments for a test device (on CUDA a small KV budget: several engines share it)."""
+    if device == "cpu":
+        return {"device": "cpu", **kwargs}
+    return {
+        "device": "cuda",
+        "enforce_eager": device == "cuda-eager",
+        "kv_cache_bytes": 16 << 20,
+        **kwargs,
+    }
+
 
 def prompts_of_mixed_lengths(seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
@@ -64,21 +84,25 @@ def check(outputs, refs) -> None:
             assert lp.top[0].token_id == lp.token_id
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_matches_transformers(tiny_model_dir, references, family):
-    llm = LLM(str(tiny_model_dir(family)), dtype="float32", kv_cache_bytes=8 << 20)
+def test_greedy_matches_transformers(tiny_model_dir, references, family, device):
+    llm = LLM(str(tiny_model_dir(family)), **on(device, dtype="float32", kv_cache_bytes=8 << 20))
+    assert (llm.engine.runner.graphs is not None) == (device == "cuda")
     check(llm.generate(prompts_of_mixed_lengths(), GREEDY), references(family))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_chunked_prefill_matches(tiny_model_dir, references, family):
-    llm = LLM(str(tiny_model_dir(family)), dtype="float32", max_num_batched_tokens=7)
+def test_chunked_prefill_matches(tiny_model_dir, references, family, device):
+    llm = LLM(str(tiny_model_dir(family)), **on(device, dtype="float32", max_num_batched_tokens=7))
     check(llm.generate(prompts_of_mixed_lengths(), GREEDY), references(family))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_prefix_cache_hits_match(tiny_model_dir, references, family):
-    llm = LLM(str(tiny_model_dir(family)), dtype="float32", block_size=4)
+def test_prefix_cache_hits_match(tiny_model_dir, references, family, device):
+    llm = LLM(str(tiny_model_dir(family)), **on(device, dtype="float32", block_size=4))
     prompts = prompts_of_mixed_lengths()
     first = llm.generate(prompts, GREEDY)
     second = llm.generate(prompts, GREEDY)
@@ -88,13 +112,15 @@ def test_prefix_cache_hits_match(tiny_model_dir, references, family):
     assert llm.engine.block_manager.hit_rate > 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_preemption_matches(tiny_model_dir, references, family):
-    llm = LLM(str(tiny_model_dir(family)), dtype="float32", block_size=4)
+def test_preemption_matches(tiny_model_dir, references, family, device):
+    llm = LLM(str(tiny_model_dir(family)), **on(device, dtype="float32", block_size=4))
     per_block = llm.engine.runner.bytes_per_block
     # Room for about two long sequences at a time: the batch must preempt to finish.
     small = LLM(
-        str(tiny_model_dir(family)), dtype="float32", block_size=4, kv_cache_bytes=per_block * 24
+        str(tiny_model_dir(family)),
+        **on(device, dtype="float32", block_size=4, kv_cache_bytes=per_block * 24),
     )
     check(small.generate(prompts_of_mixed_lengths(), GREEDY), references(family))
     assert small.engine.scheduler.num_preemptions > 0
@@ -118,12 +144,13 @@ def test_n_completions_share_prompt_blocks(tiny_model_dir):
     assert bm.hit_tokens >= 2 * (len(prompt) // 4 - 1) * 4
 
 
-def test_kv_export_import_between_engines(tiny_model_dir, references):
+@pytest.mark.parametrize("device", DEVICES)
+def test_kv_export_import_between_engines(tiny_model_dir, references, device):
     """Prefill on engine A (KV held), copy the blocks into engine B, continue decoding on B:
     tokens equal a single-engine run."""
     model = str(tiny_model_dir("llama"))
-    a = LLM(model, dtype="float32", block_size=4)
-    b = LLM(model, dtype="float32", block_size=4)
+    a = LLM(model, **on(device, dtype="float32", block_size=4))
+    b = LLM(model, **on(device, dtype="float32", block_size=4))
     prompts = prompts_of_mixed_lengths()
     refs = references("llama")
     for i, prompt in enumerate(prompts):

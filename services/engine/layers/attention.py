@@ -80,19 +80,35 @@ class TorchAttention:
     (causal, offset by its cached prefix).
     """
 
+    # Whether decodes read the block tables in place (no gathered copy, no padding mask).
+    paged_decode = False
+
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        self.store(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
-        b = meta.num_decodes
-        if b:
-            assert meta.decode_block_tables is not None
-            kk = gather_blocks(k_cache, meta.decode_block_tables).transpose(1, 2)
-            vv = gather_blocks(v_cache, meta.decode_block_tables).transpose(1, 2)
-            qq = q[:b].unsqueeze(2)  # [B, H, 1, D]
-            o = F.scaled_dot_product_attention(
-                qq, kk, vv, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
-            )
-            out[:b] = o.squeeze(2)
+        if meta.num_decodes:
+            self.decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale, out)
+        self.prefill(q, k, v, k_cache, v_cache, meta, scale, out)
+        return out
+
+    @staticmethod
+    def store(k, v, k_cache, v_cache, slots: torch.Tensor) -> None:
+        store_kv(k, v, k_cache, v_cache, slots)
+
+    @staticmethod
+    def decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:
+        """The decodes (one query each): one batched call over gathered, padded blocks."""
+        assert meta.decode_block_tables is not None
+        kk = gather_blocks(k_cache, meta.decode_block_tables).transpose(1, 2)
+        vv = gather_blocks(v_cache, meta.decode_block_tables).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), kk, vv, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        )
+        out[: q.shape[0]] = o.squeeze(2)
+
+    @staticmethod
+    def prefill(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:
+        """Each prefill chunk: one causal call, offset by its cached prefix."""
         for seg in meta.prefills:
             s, n = seg.start, seg.num_tokens
             qq = q[s : s + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
@@ -112,4 +128,3 @@ class TorchAttention:
                     qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=True
                 )
             out[s : s + n] = o.squeeze(0).transpose(0, 1)
-        return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from services.engine.layers import fused
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
@@ -13,7 +15,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.on_cuda_rows(x):
+            return fused.ops.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
+
+    def add_forward(
+        self, x: torch.Tensor, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, norm(x + delta))``: a residual add and the next norm, one kernel on
+        CUDA."""
+        if fused.on_cuda_rows(x) and fused.on_cuda_rows(delta):
+            return fused.ops.add_rms_norm(x, delta, self.weight, self.eps)
+        total = x + delta
+        return total, self(total)

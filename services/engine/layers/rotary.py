@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from services.engine.layers import fused
+
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
     """The RoPE settings of a config, whether transformers stores them as ``rope_parameters``
@@ -69,6 +71,8 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, H, D], k: [T, Hkv, D]; the rotation runs in float32 like transformers.
+        if fused.ops is not None and q.is_cuda and q.stride(2) == 1 and k.stride(2) == 1:
+            return fused.ops.rotary_(positions, q, k, self.cos, self.sin)  # in place, one kernel
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.engine.layers import fused
 from services.engine.layers.attention import AttentionBackend, AttentionMetadata
 from services.engine.layers.norm import RMSNorm
 from services.engine.layers.rotary import RotaryEmbedding, rope_parameters
@@ -84,7 +85,10 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"unsupported hidden_act {act!r} (only silu)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if fused.on_cuda_rows(gate_up):
+            return self.down_proj(fused.ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -97,8 +101,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions, x, rotary, meta):
-        x = x + self.self_attn(positions, self.input_layernorm(x), rotary, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(positions, self.input_layernorm(x), rotary, meta)
+        x, h = self.post_attention_layernorm.add_forward(x, attn)
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

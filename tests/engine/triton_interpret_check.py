@@ -1,0 +1,103 @@
+"""Run as a script with ``TRITON_INTERPRET=1`` (``test_triton_interpret.py`` does): the Triton
+kernels of the CUDA path, interpreted on CPU tensors in float32, against torch references;
+then the whole engine with the Triton attention backend against transformers.
+
+The interpreter must be chosen before triton decorates the kernels, so this runs in its own
+process. Prints one line per check and exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from services.engine.layers import triton_ops  # noqa: E402
+from services.engine.layers.norm import RMSNorm  # noqa: E402
+from services.engine.layers.rotary import RotaryEmbedding  # noqa: E402
+from services.engine.layers.triton_attention import paged_decode, store_kv  # noqa: E402
+from tests.engine.test_cuda import reference_decode  # noqa: E402
+
+
+def check_paged_decode() -> None:
+    g = torch.Generator().manual_seed(0)
+    for heads, kv_heads, head_dim, block_size in [(4, 4, 16, 16), (14, 2, 64, 8), (6, 2, 80, 32)]:
+        shape = (40, block_size, kv_heads, head_dim)
+        k_cache, v_cache = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        q = torch.randn(4, heads, head_dim, generator=g)
+        lens = torch.tensor([1, 0, 70, block_size + 1], dtype=torch.int32)
+        width = -(-70 // block_size)
+        tables = torch.stack([torch.randperm(40, generator=g)[:width] for _ in range(4)])
+        tables = tables.to(torch.int32)
+        out = torch.empty_like(q)
+        paged_decode(out, q, k_cache, v_cache, tables, lens, head_dim**-0.5)
+        ref = reference_decode(q, k_cache, v_cache, tables, lens, head_dim**-0.5)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert torch.all(out[1] == 0)
+    print("paged_decode ok")
+
+
+def check_store_kv() -> None:
+    k_cache = torch.zeros(8, 4, 2, 16)
+    v_cache = torch.zeros_like(k_cache)
+    qkv = torch.randn(4, 3 * 32)
+    k, v = qkv[:, 32:64].view(4, 2, 16), qkv[:, 64:].view(4, 2, 16)
+    store_kv(k, v, k_cache, v_cache, torch.tensor([3, -1, 31, 0]))
+    flat_k, flat_v = k_cache.view(-1, 2, 16), v_cache.view(-1, 2, 16)
+    for row, slot in ((0, 3), (2, 31), (3, 0)):
+        assert torch.equal(flat_k[slot], k[row]) and torch.equal(flat_v[slot], v[row])
+    assert int((flat_k.abs().sum(dim=(1, 2)) > 0).sum()) == 3
+    print("store_kv ok")
+
+
+def check_fused_ops() -> None:
+    g = torch.Generator().manual_seed(1)
+    x, delta = torch.randn(5, 96, generator=g), torch.randn(5, 96, generator=g)
+    norm = RMSNorm(96, 1e-6)
+    norm.weight.data.normal_(1.0, 0.3, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(triton_ops.rms_norm(x, norm.weight, 1e-6), norm(x))
+        total, normed = triton_ops.add_rms_norm(x, delta, norm.weight, 1e-6)
+        torch.testing.assert_close(total, x + delta)
+        torch.testing.assert_close(normed, norm(x + delta))
+    gate_up = torch.randn(3, 2 * 40, generator=g)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(triton_ops.silu_and_mul(gate_up), F.silu(gate) * up)
+    rotary = RotaryEmbedding(16, 64, {"rope_type": "default", "rope_theta": 10000.0})
+    qkv = torch.randn(3, 10 * 16, generator=g)
+    q, k = qkv[:, :96].view(3, 6, 16), qkv[:, 96:128].view(3, 2, 16)
+    positions = torch.tensor([0, 5, 63])
+    want_q, want_k = rotary(positions, q, k)  # torch path: CPU tensors
+    got_q, got_k = triton_ops.rotary_(positions, q.clone(), k.clone(), rotary.cos, rotary.sin)
+    torch.testing.assert_close(got_q, want_q)
+    torch.testing.assert_close(got_k, want_k)
+    print("fused ops ok")
+
+
+def check_engine(model_dir: str) -> None:
+    """The engine with every attention layer on the Triton backend (paged decode metadata:
+    int32 tables, no mask) gives transformers' greedy tokens."""
+    from services.engine import LLM
+    from services.engine.layers.triton_attention import TritonAttention
+    from tests.engine.test_correctness import GREEDY, check, hf_greedy, prompts_of_mixed_lengths
+
+    llm = LLM(model_dir, dtype="float32", block_size=4)
+    runner = llm.engine.runner
+    runner.backend = TritonAttention()
+    for layer in runner.model.attention_layers:
+        layer.backend = runner.backend
+    prompts = prompts_of_mixed_lengths()
+    check(llm.generate(prompts, GREEDY), hf_greedy(model_dir, prompts, GREEDY.max_tokens))
+    print("engine ok")
+
+
+if __name__ == "__main__":
+    check_paged_decode()
+    check_store_kv()
+    check_fused_ops()
+    if len(sys.argv) > 1:
+        check_engine(sys.argv[1])
