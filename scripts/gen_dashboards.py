@@ -28,6 +28,7 @@ R_SERVING = '{namespace=~"$namespace", state="serving"}'
 R_FAILED = '{namespace=~"$namespace", outcome!="success"}'
 R_PREFILL = '{namespace=~"$namespace", role="prefill"}'
 R_DECODE = '{namespace=~"$namespace", role="decode"}'
+R_ENCODE = '{namespace=~"$namespace", role="encode"}'
 QUANTILES = (("P50", 0.5), ("P90", 0.9), ("P99", 0.99))
 
 
@@ -556,7 +557,8 @@ def rebalancer() -> Board:
     b.panel(
         "Rebalance decisions",
         "Decisions per interval by policy and action "
-        "(flip_to_prefill, flip_to_decode, hold, suppressed by cooldown or caps).",
+        "(flip_to_prefill, flip_to_decode, flip_to_encode, flip_from_encode, hold, "
+        "suppressed by cooldown, caps or the minimum per role).",
         [
             (
                 "{{policy}} {{action}}",
@@ -598,6 +600,19 @@ def rebalancer() -> Board:
             (
                 "decode KV use",
                 f"avg(max by (instance) (epdserve:router_worker_kv_cache_usage_perc{R_DECODE}))",
+            ),
+        ],
+    )
+    b.panel(
+        "Encoder backlog",
+        "The encode rule's signal (queue and slo policies): images held per encoder, "
+        "waiting or in the vision tower, from the encoders' load reports.",
+        [
+            (
+                "images per encoder",
+                "sum(max by (instance) (epdserve:router_worker_images_pending"
+                f"{R_ENCODE})) / count(max by (instance) ("
+                f"epdserve:router_worker_images_pending{R_ENCODE}))",
             ),
         ],
     )

@@ -1,6 +1,7 @@
 """Operator commands over the router's admin API: status, roles set, drain, rebalance, policy.
 
     epdserve status [--json]
+    epdserve roles [list]
     epdserve roles set ID ROLE
     epdserve drain ID [--undo]
     epdserve rebalance [--dry-run]
@@ -83,17 +84,45 @@ def render_kvstore(kv: dict) -> str:
     )
 
 
+def _images(w: dict) -> str:
+    """An encoder's backlog: images waiting + in the vision tower ("-" on other roles)."""
+    if w["role"] != "encode" or w.get("images_waiting") is None:
+        return "-"
+    return str(w["images_waiting"] + w["images_encoding"])
+
+
+def _role(w: dict) -> str:
+    """Its role, with the role it is moving to when a desired role differs."""
+    return w["role"] if w["desired_role"] == w["role"] else f"{w['role']}->{w['desired_role']}"
+
+
+def _flipped(d: dict) -> str:
+    """The worker a rebalancing decision names and the role it goes to, as " ID -> ROLE"."""
+    if not d["worker_id"]:
+        return ""
+    return f" {d['worker_id']}" + (f" -> {d['target_role']}" if d.get("target_role") else "")
+
+
+def render_roles(st: dict) -> str:
+    """One line per worker: its role (and the one it is moving to), and the roles it can take."""
+    rows = [["ID", "ROLE", "EPOCH", "STATE", "MODEL", "CAN_TAKE"]]
+    for w in st["workers"]:
+        rows.append([w["id"], _role(w), str(w["epoch"]), w["state"], w["model"],
+                     ",".join(w.get("can_take") or []) or "-"])  # fmt: skip
+    return table(rows)
+
+
 def render_status(st: dict) -> str:
     head = ["ID", "ROLE", "EPOCH", "STATE", "ADDRESS", "WAIT", "RUN", "REQS", "QUEUED_TOK",
-            "KV%", "TTFT_MS", "TPOT_MS", "PID", "HOST"]  # fmt: skip
+            "KV%", "IMAGES", "TTFT_MS", "TPOT_MS", "PID", "HOST"]  # fmt: skip
     rows = [head]
     held: list[str] = []
     for w in st["workers"]:
-        role = w["role"] if w["desired_role"] == w["role"] else f"{w['role']}->{w['desired_role']}"
+        role = _role(w)
         kv = None if w["kv_utilization"] is None else w["kv_utilization"] * 100
         rows.append([w["id"], role, str(w["epoch"]), w["state"], w["address"],
                      _fmt(w["waiting"]), _fmt(w["running"]), _count(w.get("requests")),
-                     _fmt(w["waiting_prompt_tokens"]), _fmt(kv), _fmt(w["ttft_ms"]),
+                     _fmt(w["waiting_prompt_tokens"]), _fmt(kv), _images(w), _fmt(w["ttft_ms"]),
                      _fmt(w["tpot_ms"]), _fmt(w["pid"]), _fmt(w["host"])])  # fmt: skip
         ids = [*(w.get("requests") or []), *(f"{r} (reserved)" for r in w.get("reserved") or [])]
         if ids:
@@ -123,7 +152,7 @@ def render_status(st: dict) -> str:
         out.append("recent flips (and suppressed flips):")
         for d in rb["decisions"][:10]:
             when = time.strftime("%H:%M:%S", time.localtime(d["at"]))
-            who = f" {d['worker_id']}" if d["worker_id"] else ""
+            who = _flipped(d)
             out.append(f"  {when} {d['policy']} {d['action']}{who}: {d['reason']}")
     elif not last:
         out.append("no decisions yet")
@@ -140,8 +169,15 @@ def build_parser(prog: str = "epdserve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Operate an epdserve cluster.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("status", parents=[common], help="workers, roles, load and the rebalancer")
-    roles = sub.add_parser("roles", help="set a worker's role")
-    roles_sub = roles.add_subparsers(dest="action", required=True)
+    roles = sub.add_parser("roles", help="show workers' roles and the roles each can take "
+                           "(roles [list]), or set one (roles set ID ROLE)")  # fmt: skip
+    # NOTE: not a parent of `roles` itself: argparse lets a subcommand's defaults overwrite
+    # the parent's flags. Plain `epdserve roles` lists, with the default router and token.
+    roles.set_defaults(router=None, admin_token=None, json=False)
+    roles_sub = roles.add_subparsers(dest="action")
+    roles_sub.add_parser(
+        "list", parents=[common], help="workers, their roles, the roles each can take"
+    )
     rs = roles_sub.add_parser("set", parents=[common], help="move a worker to a role")
     rs.add_argument("id", help="worker id, as `epdserve status` shows it")
     rs.add_argument("role", choices=ROLES)
@@ -165,6 +201,9 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     if args.command == "status":
         st = call(router, token, "GET", "/admin/status")
         return st, render_status(st)
+    if args.command == "roles" and args.action != "set":
+        st = call(router, token, "GET", "/admin/status")
+        return {"workers": st["workers"]}, render_roles(st)
     if args.command == "roles":
         r = call(router, token, "POST", f"/admin/workers/{args.id}/role", {"role": args.role})
         return r, (f"{r['id']}: {r['previous_role']} -> {r['role']} requested; the worker "
@@ -176,7 +215,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     if args.command == "rebalance":
         r = call(router, token, "POST", "/admin/rebalance", {"dry_run": args.dry_run})
         d = r["decision"]
-        who = f" {d['worker_id']}" if d["worker_id"] else ""
+        who = _flipped(d)
         tag = " (dry run: nothing changed)" if args.dry_run else ""
         inputs = ", ".join(f"{k}={v:g}" for k, v in sorted(d["inputs"].items()))
         return r, f"{d['policy']}: {d['action']}{who}: {d['reason']}{tag}\ninputs: {inputs or '-'}"

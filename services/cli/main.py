@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("bench", help="benchmark a running server", add_help=False)
     admin_help = {
         "status": "show workers, roles, load and the rebalancer",
-        "roles": "set a worker's role (roles set ID ROLE)",
+        "roles": "show workers' roles and the roles each can take, or set one (roles set ID ROLE)",
         "drain": "stop sending a worker new requests",
         "rebalance": "run one rebalancing round now",
         "policy": "choose the rebalancing policy (policy set NAME)",

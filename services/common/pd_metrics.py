@@ -28,10 +28,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.common.metric_buckets import KV_TRANSFER_BUCKETS
 
-# What the rebalancer decided in one round. flip_to_*: it asked a worker to change role;
-# hold: it looked and left the roles as they are; suppressed: it wanted a flip but the
-# cooldown, the cap on flips or the minimum workers per role held it back.
-REBALANCE_ACTIONS = ("flip_to_prefill", "flip_to_decode", "hold", "suppressed")
+# What the rebalancer decided in one round. flip_to_*: it asked a worker to change role
+# (flip_to_encode: a prefill/decode worker of a vision-language model to encode);
+# flip_from_encode: an encoder back to prefill or decode; hold: it looked and left the roles
+# as they are; suppressed: it wanted a flip but the cooldown, the cap on flips or the minimum
+# workers per role held it back.
+REBALANCE_ACTIONS = (
+    "flip_to_prefill", "flip_to_decode", "flip_to_encode", "flip_from_encode", "hold",
+    "suppressed",
+)  # fmt: skip
 # The rebalancer's policies (issue 6); their series exist from the start at zero.
 REBALANCE_POLICIES = ("static", "queue", "slo")
 
@@ -47,7 +52,7 @@ class KVTransferMetrics:
         ).labels(model_name, instance)  # fmt: skip
         self.seconds = Histogram(
             "epdserve:kv_transfer_seconds",
-            "Seconds from a request's first KV write to its last one (one request's transfer).",
+            "Seconds one request spent inside its KV write calls (writes overlap the prefill).",
             labels, buckets=KV_TRANSFER_BUCKETS, registry=registry,
         ).labels(model_name, instance)  # fmt: skip
         self.failures = Counter(
@@ -72,7 +77,7 @@ class RebalanceMetrics:
         self.decisions = Counter(
             "epdserve:rebalance_decisions",
             "Role rebalancing decisions, by policy and action (flip_to_prefill, flip_to_decode, "
-            "hold, suppressed).",
+            "flip_to_encode, flip_from_encode, hold, suppressed).",
             ["policy", "action"], registry=registry,
         )  # fmt: skip
         for policy in REBALANCE_POLICIES:

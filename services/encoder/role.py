@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from services.encoder.metrics import ImageMetrics
 from services.engine.async_engine import AsyncLLMEngine
 from services.engine.llm_engine import LLMEngine
 from services.engine.multimodal import ImageInputs, open_images, preprocess_images
+from services.worker.stats import LatencyWindow
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,13 @@ class EncodeRole:
         self._computing: dict[str, asyncio.Future[Entry]] = {}
         self._task: asyncio.Task[None] | None = None
         self._preparing: set[asyncio.Task[None]] = set()
+        self.encoding = 0  # images in the vision-tower batch running now
+        self.tower_ms = LatencyWindow()  # vision-tower milliseconds per image, per batch
+
+    @property
+    def waiting(self) -> int:
+        """Images accepted and not yet in the tower: being decoded, or queued for a batch."""
+        return max(len(self._computing) - self.encoding, 0)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._batch_loop(), name="encoder-batches")
@@ -109,6 +118,7 @@ class EncodeRole:
             jobs = [await self._queue.get()]
             while len(jobs) < self.max_batch_images and not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
+            self.encoding = len(jobs)
             try:
                 await self._run_batch(jobs)
             except Exception as exc:  # noqa: BLE001 - the loop serves the next batch anyway
@@ -117,13 +127,16 @@ class EncodeRole:
                     if not job.done.done():
                         job.done.set_exception(RuntimeError(f"vision tower failed: {exc}"))
             finally:
+                self.encoding = 0
                 for job in jobs:
                     self._computing.pop(job.key, None)
 
     async def _run_batch(self, jobs: list[_Job]) -> None:
         pixels = torch.cat([j.inputs.pixel_values for j in jobs])  # type: ignore[misc]
         grid = torch.cat([j.inputs.image_grid_thw for j in jobs])
+        started = time.monotonic()
         embeds = await self.engine.call(lambda e: _tower(e, pixels, grid))
+        self.tower_ms.add((time.monotonic() - started) * 1000 / len(jobs))
         self.metrics.tower_images.inc(len(jobs))
         self.metrics.batch_images.observe(len(jobs))
         rows = torch.split(embeds, [j.inputs.tokens_per_image(self.merge)[0] for j in jobs])

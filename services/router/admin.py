@@ -127,6 +127,17 @@ async def _list_requests(h) -> pb.ListRequestsResponse | None:
         return None
 
 
+def allowed_roles(h) -> list[str]:
+    """The roles a worker can take: PD roles need KV transfer; encode needs a vision-language
+    model with Mooncake (the worker advertises ``capacity["encode"]``)."""
+    pd = h.info.capacity.get("kv_transfer") != "none"
+    return [
+        r
+        for r in ROLES
+        if r == "mixed" or (pd and (r != "encode" or h.info.capacity.get("encode")))
+    ]
+
+
 def worker_status(
     h, desired: str | None, held: pb.ListRequestsResponse | None = None
 ) -> dict[str, Any]:
@@ -148,6 +159,11 @@ def worker_status(
         "kv_utilization": round(r.kv_utilization, 4) if r else None,
         "ttft_ms": round(r.recent_ttft_ms, 2) if r else None,
         "tpot_ms": round(r.recent_tpot_ms, 2) if r else None,
+        # Encoder backlog: images waiting for / in the vision tower (0 on other roles).
+        "images_waiting": r.images_waiting if r else None,
+        "images_encoding": r.images_encoding if r else None,
+        "encode_ms": round(r.recent_encode_ms, 2) if r else None,
+        "can_take": allowed_roles(h),
         # The requests it holds (ids as the gateway named them; "-n<i>" suffixes for n > 1).
         "requests": list(held.request_ids) if held is not None else None,
         "reserved": list(held.reserved_ids) if held is not None else None,

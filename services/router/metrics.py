@@ -97,6 +97,12 @@ class RouterMetrics:
             "KV-cache use (0-1) of each worker, from its latest load report.",
             ["instance", "role"], registry=r,
         )  # fmt: skip
+        self.worker_images = Gauge(
+            "epdserve:router_worker_images_pending",
+            "Images an encoder holds (waiting or in the vision tower), from its latest load "
+            "report.",
+            ["instance", "role"], registry=r,
+        )  # fmt: skip
         self.migrations = Counter(
             "epdserve:router_migrations", "Requests continued on another worker after theirs "
             "died or hung mid-stream, by reason (died, hung).", ["reason"], registry=r,
@@ -122,7 +128,9 @@ class RouterMetrics:
     def update_pool(self, pool: Any) -> None:
         """Refresh the membership and per-worker gauges from a WorkerPool (before a scrape)."""
         counts = {(role, state): 0 for role in ROLES for state in WORKER_STATES}
-        for gauge in (self.worker_waiting, self.worker_waiting_tokens, self.worker_kv):
+        gauges = (self.worker_waiting, self.worker_waiting_tokens, self.worker_kv,
+                  self.worker_images)  # fmt: skip
+        for gauge in gauges:
             gauge.clear()
         for h in pool.handles.values() if pool is not None else ():
             draining = h.info.draining or (h.load is not None and h.load.draining)
@@ -134,5 +142,8 @@ class RouterMetrics:
                     h.load.num_waiting_prompt_tokens
                 )
                 self.worker_kv.labels(h.id, h.info.role).set(h.load.kv_utilization)
+                self.worker_images.labels(h.id, h.info.role).set(
+                    h.load.images_waiting + h.load.images_encoding
+                )
         for (role, state), n in counts.items():
             self.workers.labels(role, state).set(n)

@@ -36,6 +36,10 @@ def worker_load(h: WorkerHandle) -> WorkerLoad:
         recent_ttft_ms=r.recent_ttft_ms if r else 0.0,
         recent_tpot_ms=r.recent_tpot_ms if r else 0.0,
         prefill_tokens_per_s=h.prefill_rate.best(),
+        can_encode=bool(h.info.capacity.get("encode")),
+        images_waiting=r.images_waiting if r else 0,
+        images_encoding=r.images_encoding if r else 0,
+        recent_encode_ms=r.recent_encode_ms if r else 0.0,
     )  # fmt: skip
 
 

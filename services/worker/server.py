@@ -376,6 +376,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def load_report(self) -> pb.LoadReport:
         s = self.engine.stats()
         st = self.state
+        enc = self.encoder
         return pb.LoadReport(
             instance_id=st.instance_id,
             role=role_to_pb(st.role),
@@ -392,6 +393,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             recent_ttft_ms=self.ttft_ms.mean(),
             recent_tpot_ms=self.tpot_ms.mean(),
             timestamp_ms=int(time.time() * 1000),
+            images_waiting=enc.waiting if enc is not None else 0,
+            images_encoding=enc.encoding if enc is not None else 0,
+            recent_encode_ms=enc.tower_ms.mean() if enc is not None else 0.0,
         )
 
     async def StreamLoad(  # noqa: N802

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -21,7 +24,10 @@ def start_cluster(model_dir: Path | None, workers: int = 1, **spec: object) -> L
         ClusterSpec(
             model=str(model_dir) if model_dir else None,
             served_model_name=TINY_NAME if model_dir else None,
-            mixed=workers, port=0, cluster="test", lease_ttl=3,
+            mixed=workers,
+            port=0,
+            cluster="test",
+            lease_ttl=3,
             engine_overrides=overrides,
             **spec,  # type: ignore[arg-type]
         )  # fmt: skip
@@ -40,3 +46,45 @@ def get_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def cli(c: LocalCluster, *args: str) -> subprocess.CompletedProcess:
+    """`epdserve ARGS` with no --router/--admin-token: found through the launcher's files."""
+    env = {**os.environ, "EPDSERVE_CONFIG_DIR": str(c.admin_dir)}
+    env.pop("EPDSERVE_ROUTER", None)
+    env.pop("EPDSERVE_ADMIN_TOKEN", None)
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli.main", *args],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+
+
+def status(c: LocalCluster) -> dict:
+    """`epdserve status --json`."""
+    r = cli(c, "status", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def workers(c: LocalCluster) -> dict[str, dict]:
+    """Worker id -> its row of `epdserve status --json`."""
+    return {w["id"]: w for w in status(c)["workers"]}
+
+
+def flips(c: LocalCluster, action: str) -> list[dict]:
+    """The rebalancer's applied decisions of ``action``, newest first."""
+    rb = status(c)["rebalancer"]
+    last = rb["last_round"] or {}
+    print("rebalancer:", last.get("action"), last.get("inputs"), flush=True)
+    return [d for d in rb["decisions"] if d["action"] == action and d["applied"]]
+
+
+def wait_for(pred, timeout: float, what: str, every: float = 0.5):
+    """``pred()``'s first truthy value, polled; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"{what} not seen within {timeout:.0f}s")

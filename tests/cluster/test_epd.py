@@ -3,7 +3,8 @@ parts, Anthropic image blocks) give the offline engine's greedy output in mixed,
 E+P+D modes; a repeated image hits the encoder cache and skips the vision tower; the
 prefill worker reads an encoder's embeddings through Mooncake; bad images are a 400 in
 the API's format and the cluster keeps serving; an encoder killed under load costs no
-request."""
+request; the rebalancer moves a worker to encode under image-heavy load and back when the
+encoders idle and decode needs it."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, start_cluster
+from cluster_helpers import TINY_NAME, cli, flips, start_cluster, wait_for, workers
 
 from tests.conftest import image_bytes as png
 
@@ -101,10 +102,10 @@ def reference(tiny_vl_model_dir) -> dict[int, str]:
     return out
 
 
-def cluster(model_dir, **spec):
+def cluster(model_dir, router: dict | None = None, **spec):
     return start_cluster(
-        model_dir, engine_overrides=ENGINE, router_overrides=ROUTER, worker_overrides=WORKER,
-        **spec,
+        model_dir, engine_overrides=ENGINE, router_overrides={**ROUTER, **(router or {})},
+        worker_overrides=WORKER, **spec,
     )  # fmt: skip
 
 
@@ -352,3 +353,130 @@ def test_encoder_killed_under_load(epd_cluster, tiny_vl_model_dir):
     assert [r.json()["choices"][0]["message"]["content"] for r in results] == expected
     # Afterwards new images are encoded by the surviving encoder.
     assert chat_text(url, [png(60, 60, 7)], "After") == chat_text(url, [png(60, 60, 7)], "After")
+
+
+# ---- the rebalancer moves a VL worker to encode and back -----------------------------------
+
+# Prefill/decode bands no load here reaches (only the encode rule acts in phase 1); an encoder
+# holding any image at a report counts as backlogged, one holding none as idle.
+ENCODE_PARAMS = {
+    "prefill_queue_high": 1e6, "prefill_queue_low": 1e5, "decode_load_high": 100,
+    "decode_load_low": 50, "encode_queue_high": 0.5, "encode_queue_low": 0.1, "smoothing": 1,
+}  # fmt: skip
+
+
+class ImageLoad:
+    """``n`` client threads sending chats with fresh images (no encoder-cache hits) until
+    stopped; records every status code."""
+
+    def __init__(self, url: str, n: int, images_per_request: int = 3) -> None:
+        self.codes: list[int] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(url, i, images_per_request), daemon=True)
+            for i in range(n)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, url: str, i: int, k: int) -> None:
+        seed = 10_000 * (i + 1)
+        while not self._stop.is_set():
+            imgs = [png(112, 112, seed + j) for j in range(k)]
+            seed += k
+            self.codes.append(chat(url, imgs, "Many").status_code)
+
+    def stop(self) -> list[int]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+        return self.codes
+
+
+def test_rebalancer_moves_a_vl_worker_to_encode_and_back(tiny_vl_model_dir, reference):
+    """E+P+D with one encoder, one prefill and two decode workers of a VL model, queue policy.
+    Image-heavy load backlogs the encoder: the rebalancer moves a decode worker (the larger,
+    unpressed side) to encode, the worker drains, flips and then serves Encode calls. Then,
+    with the encoders idle and decode pressed (text-only load, a low decode band), an encoder
+    goes back to decode. Every request succeeds with the undisturbed output."""
+    params = ",".join(f"{k}={v:g}" for k, v in ENCODE_PARAMS.items())
+    c = cluster(
+        tiny_vl_model_dir, workers=0, prefill=1, decode=2, encode=1,
+        router={"rebalance_policy": "queue", "rebalance_params": params,
+                "rebalance_interval_s": 0.5, "rebalance_hysteresis_rounds": 2,
+                "rebalance_cooldown_s": 3.0, "rebalance_max_flips": 10,
+                "rebalance_flip_window_s": 60.0},
+    )  # fmt: skip
+    try:
+        wait_encoders(c, 1)
+        url = c.base_url
+        before = {i: w["role"] for i, w in workers(c).items()}
+        assert sorted(before.values()) == ["decode", "decode", "encode", "prefill"]
+        r = cli(c, "roles")
+        assert r.returncode == 0, r.stderr
+        assert "mixed,prefill,decode,encode" in r.stdout  # every worker of a VL model can encode
+
+        # Phase 1: many images at once; the one encoder is the bottleneck.
+        load = ImageLoad(url, 8)
+        try:
+            to_encode = wait_for(lambda: flips(c, "flip_to_encode"), 90,
+                                 "a flip to encode under image-heavy load")  # fmt: skip
+        finally:
+            codes = load.stop()
+        moved = to_encode[0]["worker_id"]
+        print("phase 1:", to_encode[0]["reason"], to_encode[0]["inputs"])
+        assert before[moved] == "decode" and to_encode[0]["target_role"] == "encode"
+        assert to_encode[0]["inputs"]["encode_backlog_per_worker"] > 0.5
+        row = wait_for(lambda: (w := workers(c)[moved])["role"] == "encode"
+                       and w["state"] == "serving" and w, 60, f"{moved} as a serving encoder")  # fmt: skip
+        assert row["epoch"] == 2
+        wait_encoders(c, 2)
+        assert codes and set(codes) == {200}, codes[:20]
+
+        # The moved worker now serves Encode calls (the router picks the least-loaded
+        # encoder, ties by id), and outputs are the offline engine's.
+        port = next(w for w in c.workers if w.ready_field("id") == moved).ready_field(
+            "metrics_port"
+        )
+        tower = metric(port, "epdserve:encoder_tower_images")
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = [pool.submit(chat, url, [png(64, 64, 500 + i)], "New") for i in range(8)]
+            assert [f.result(timeout=120).status_code for f in futures] == [200] * 8
+        assert metric(port, "epdserve:encoder_tower_images") > tower
+        check_outputs(url, reference)
+        text = cli(c, "status").stdout
+        assert "IMAGES" in text and "flip_to_encode" in text
+
+        # Phase 2: encoders idle, decode pressed (a band that any decode batch exceeds).
+        r = cli(c, "policy", "set", "queue", *(f"--param={k}={v:g}" for k, v in
+                {**ENCODE_PARAMS, "decode_load_high": 0.02, "decode_load_low": 0.01}.items()))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            stop = threading.Event()
+
+            def text_load() -> list[int]:
+                out = []
+                while not stop.is_set():
+                    out.append(chat(url, [], "Hello", max_tokens=48).status_code)
+                return out
+
+            futures = [pool.submit(text_load) for _ in range(6)]
+            try:
+                back = wait_for(lambda: flips(c, "flip_from_encode"), 90,
+                                "a flip from encode with idle encoders and decode pressed")  # fmt: skip
+            finally:
+                stop.set()
+            text_codes = [code for f in futures for code in f.result(timeout=180)]
+        print("phase 2:", back[0]["reason"], back[0]["inputs"])
+        assert back[0]["target_role"] == "decode"
+        assert set(text_codes) == {200}, text_codes[:20]
+        went = back[0]["worker_id"]
+        wait_for(lambda: (w := workers(c)[went])["role"] == "decode" and w["state"] == "serving",
+                 60, f"{went} back in decode")  # fmt: skip
+        # One encoder is left, and the rebalancer never takes the last one.
+        roles = sorted(w["role"] for w in workers(c).values())
+        assert roles == ["decode", "decode", "encode", "prefill"], roles
+        cli(c, "policy", "set", "static")
+        check_outputs(url, reference)
+    finally:
+        c.stop()

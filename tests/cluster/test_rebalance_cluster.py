@@ -4,16 +4,12 @@ policy following a workload that shifts from long prompts to long answers."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, start_cluster
+from cluster_helpers import TINY_NAME, cli, flips, start_cluster, wait_for, workers
 
 pytest.importorskip("mooncake.engine")
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
@@ -40,27 +36,6 @@ def cluster(tiny_model_dir):
     )  # fmt: skip
     yield c
     c.stop()
-
-
-def cli(c, *args: str) -> subprocess.CompletedProcess:
-    """`epdserve ARGS` with no --router/--admin-token: found through the launcher's files."""
-    env = {**os.environ, "EPDSERVE_CONFIG_DIR": str(c.admin_dir)}
-    env.pop("EPDSERVE_ROUTER", None)
-    env.pop("EPDSERVE_ADMIN_TOKEN", None)
-    return subprocess.run(
-        [sys.executable, "-m", "services.cli.main", *args],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
-
-
-def status(c) -> dict:
-    r = cli(c, "status", "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
-
-
-def workers(c) -> dict[str, dict]:
-    return {w["id"]: w for w in status(c)["workers"]}
 
 
 def complete(url: str, prompt: str, max_tokens: int) -> tuple[int, str]:
@@ -99,16 +74,6 @@ class Stream:
         for t in self._threads:
             t.join(timeout=120)
         return self.results
-
-
-def wait_for(pred, timeout: float, what: str, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"{what} not seen within {timeout:.0f}s")
 
 
 def test_cli_flip_under_load_loses_nothing(cluster) -> None:
@@ -152,13 +117,6 @@ def test_cli_flip_under_load_loses_nothing(cluster) -> None:
     r = cli(cluster, "roles", "set", "worker-9", "decode")
     assert r.returncode == 1 and "404" in r.stderr
     assert workers(cluster)["worker-1"]["role"] == "prefill"
-
-
-def flips(c, action: str) -> list[dict]:
-    rb = status(c)["rebalancer"]
-    last = rb["last_round"] or {}
-    print("rebalancer:", last.get("action"), last.get("inputs"), flush=True)
-    return [d for d in rb["decisions"] if d["action"] == action and d["applied"]]
 
 
 def test_queue_policy_follows_a_shifting_workload(cluster) -> None:

@@ -78,6 +78,7 @@ def test_requests_latency_and_tokens() -> None:
 
 def _handle(iid: str, role: str, reachable: bool = True, draining: bool = False, load=True):
     report = SimpleNamespace(num_waiting=2, num_waiting_prompt_tokens=50, kv_utilization=0.5,
+                             images_waiting=3, images_encoding=1,
                              draining=False) if load else None  # fmt: skip
     info = SimpleNamespace(role=role, draining=draining)
     return SimpleNamespace(id=iid, info=info, load=report, reachable=lambda: reachable)
@@ -98,6 +99,7 @@ def test_update_pool_counts_workers_by_role_and_state() -> None:
     assert value(m, "epdserve:router_worker_num_waiting_prompt_tokens", instance="a",
                  role="prefill") == 50  # fmt: skip
     assert value(m, "epdserve:router_worker_kv_cache_usage_perc", instance="b") == 0.5
+    assert value(m, "epdserve:router_worker_images_pending", instance="b") == 4
     # A worker that left disappears from the per-worker gauges; the counts go back to zero.
     m.update_pool(SimpleNamespace(handles={"a": _handle("a", "prefill")}))
     assert value(m, "epdserve:router_worker_kv_cache_usage_perc", instance="b") == 0

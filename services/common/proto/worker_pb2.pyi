@@ -213,7 +213,7 @@ class LoadReportRequest(_message.Message):
     def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("instance_id", "role", "role_epoch", "draining", "num_waiting", "num_waiting_prompt_tokens", "num_running", "num_inflight", "kv_utilization", "num_free_blocks", "num_total_blocks", "prefix_cache_hit_rate", "recent_ttft_ms", "recent_tpot_ms", "timestamp_ms")
+    __slots__ = ("instance_id", "role", "role_epoch", "draining", "num_waiting", "num_waiting_prompt_tokens", "num_running", "num_inflight", "kv_utilization", "num_free_blocks", "num_total_blocks", "prefix_cache_hit_rate", "recent_ttft_ms", "recent_tpot_ms", "timestamp_ms", "images_waiting", "images_encoding", "recent_encode_ms")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ROLE_EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +229,9 @@ class LoadReport(_message.Message):
     RECENT_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     RECENT_TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_WAITING_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: Role
     role_epoch: int
@@ -244,7 +247,10 @@ class LoadReport(_message.Message):
     recent_ttft_ms: float
     recent_tpot_ms: float
     timestamp_ms: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., role_epoch: _Optional[int] = ..., draining: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_waiting_prompt_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_inflight: _Optional[int] = ..., kv_utilization: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., recent_ttft_ms: _Optional[float] = ..., recent_tpot_ms: _Optional[float] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
+    images_waiting: int
+    images_encoding: int
+    recent_encode_ms: float
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., role_epoch: _Optional[int] = ..., draining: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_waiting_prompt_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_inflight: _Optional[int] = ..., kv_utilization: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., recent_ttft_ms: _Optional[float] = ..., recent_tpot_ms: _Optional[float] = ..., timestamp_ms: _Optional[int] = ..., images_waiting: _Optional[int] = ..., images_encoding: _Optional[int] = ..., recent_encode_ms: _Optional[float] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
     __slots__ = ("role", "expected_epoch")

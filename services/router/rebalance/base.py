@@ -13,9 +13,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 # What a policy may propose (the metrics' REBALANCE_ACTIONS add "suppressed").
-FLIP_TO_PREFILL = "flip_to_prefill"
-FLIP_TO_DECODE = "flip_to_decode"
+FLIP_TO_PREFILL = "flip_to_prefill"  # a decode worker becomes a prefill worker
+FLIP_TO_DECODE = "flip_to_decode"  # a prefill worker becomes a decode worker
+FLIP_TO_ENCODE = "flip_to_encode"  # a prefill or decode worker of a VL model becomes an encoder
+FLIP_FROM_ENCODE = "flip_from_encode"  # an encoder goes back to prefill or decode
 HOLD = "hold"
+FLIPS = (FLIP_TO_PREFILL, FLIP_TO_DECODE, FLIP_TO_ENCODE, FLIP_FROM_ENCODE)
+PD_ROLES = ("prefill", "decode")
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,7 @@ class WorkerLoad:
     """One worker as the rebalancer sees it (router's latest advertisement + load report)."""
 
     id: str  # instance id
-    role: str  # mixed | prefill | decode
+    role: str  # mixed | prefill | decode | encode
     state: str  # serving | draining | flipping
     queued_prefill_tokens: int = 0  # prompt tokens waiting in its engine
     num_waiting: int = 0  # requests waiting in its engine
@@ -33,6 +37,15 @@ class WorkerLoad:
     recent_ttft_ms: float = 0.0  # mean of recent TTFTs (prefill workers: the Prefill RPC)
     recent_tpot_ms: float = 0.0  # mean of recent TPOTs
     prefill_tokens_per_s: float = 0.0  # measured prefill speed (router's view; 0: unknown)
+    can_encode: bool = False  # a VL model with Mooncake: may take the encode role
+    images_waiting: int = 0  # encode role: images accepted, not yet in the vision tower
+    images_encoding: int = 0  # encode role: images in the vision-tower batch running now
+    recent_encode_ms: float = 0.0  # encode role: recent vision-tower ms per image
+
+    @property
+    def image_backlog(self) -> int:
+        """Images this encoder holds (waiting + in the tower)."""
+        return self.images_waiting + self.images_encoding
 
     @property
     def batch_utilization(self) -> float:
@@ -46,9 +59,27 @@ class WorkerLoad:
 class Proposal:
     """What a policy would do this round, and why."""
 
-    action: str  # FLIP_TO_PREFILL | FLIP_TO_DECODE | HOLD
+    action: str  # HOLD or one of FLIPS
     reason: str  # one line for logs and `epdserve status`
     inputs: dict[str, float] = field(default_factory=dict)  # the numbers it decided on
+    # The role that gives a worker and the role it goes to. Implied for FLIP_TO_PREFILL
+    # (decode -> prefill) and FLIP_TO_DECODE (prefill -> decode); the policy names the
+    # prefill/decode side of FLIP_TO_ENCODE (donor) and FLIP_FROM_ENCODE (target).
+    donor_role: str | None = None
+    target_role: str | None = None
+
+    def __post_init__(self) -> None:
+        implied = {
+            FLIP_TO_PREFILL: ("decode", "prefill"), FLIP_TO_DECODE: ("prefill", "decode"),
+            FLIP_TO_ENCODE: (self.donor_role, "encode"),
+            FLIP_FROM_ENCODE: ("encode", self.target_role),
+        }  # fmt: skip
+        if self.action in implied:
+            self.donor_role, self.target_role = implied[self.action]
+            if self.donor_role not in PD_ROLES and self.target_role not in PD_ROLES:
+                raise ValueError(f"{self.action} needs a prefill or decode side")
+        elif self.action != HOLD:
+            raise ValueError(f"unknown action {self.action!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,7 +122,7 @@ class RebalancePolicy(ABC):
 
     @abstractmethod
     def propose(self, workers: list[WorkerLoad]) -> Proposal:
-        """Look at the serving prefill and decode workers; propose at most one flip."""
+        """Look at the serving prefill, decode and encode workers; propose at most one flip."""
 
 
 def by_role(workers: list[WorkerLoad], role: str) -> list[WorkerLoad]:

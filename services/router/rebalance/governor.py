@@ -1,5 +1,6 @@
 """Turns a policy's proposals into decisions: hysteresis, cooldown, a cap on flips per
-window, at least one serving worker per role, one flip at a time. Pure and clock-injected."""
+window, at least one serving worker per role (encode included), one flip at a time, and only a
+worker that can encode (a vision-language model) to encode. Pure and clock-injected."""
 
 from __future__ import annotations
 
@@ -8,14 +9,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from services.router.rebalance.base import (
-    FLIP_TO_DECODE,
-    FLIP_TO_PREFILL,
-    HOLD,
-    Proposal,
-    WorkerLoad,
-    by_role,
-)
+from services.router.rebalance.base import HOLD, Proposal, WorkerLoad, by_role
 
 SUPPRESSED = "suppressed"
 
@@ -43,18 +37,15 @@ class Decision:
     """One rebalancing round: what was decided, on whom, why, from which inputs."""
 
     policy: str
-    action: str  # flip_to_prefill | flip_to_decode | hold | suppressed
+    action: str  # one of base.FLIPS | hold | suppressed
     reason: str
-    worker_id: str | None = None  # the worker to flip (flip_to_* only)
+    worker_id: str | None = None  # the worker to flip (flips only)
     proposed: str = HOLD  # what the policy proposed
+    target_role: str | None = None  # the role ``worker_id`` goes to (flips only)
     inputs: dict[str, float] = field(default_factory=dict)
     at: float = 0.0  # wall-clock time (seconds since the epoch)
     dry_run: bool = False
     applied: bool = False  # the desired role was written to etcd
-
-    @property
-    def target_role(self) -> str | None:
-        return {FLIP_TO_PREFILL: "prefill", FLIP_TO_DECODE: "decode"}.get(self.action)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,8 +79,10 @@ class Governor:
             return d
         while self._flips and now - self._flips[0] > self.cfg.flip_window_s:
             self._flips.popleft()
-        donor_role = "decode" if action == FLIP_TO_PREFILL else "prefill"
-        donors = by_role(workers, donor_role)
+        donor_role, target_role = proposal.donor_role, proposal.target_role
+        donors = by_role(workers, donor_role or "")
+        # NOTE: a worker of a text-only model never becomes an encoder, whatever proposed it.
+        eligible = [w for w in donors if target_role != "encode" or w.can_encode]
         held_back = None
         if not manual and streak < self.cfg.hysteresis_rounds:
             d.reason = f"{proposal.reason}; seen {streak}/{self.cfg.hysteresis_rounds} rounds"
@@ -98,6 +91,8 @@ class Governor:
             held_back = "a role change is already under way"
         elif len(donors) <= 1:
             held_back = f"it would leave no serving {donor_role} worker"
+        elif not eligible:
+            held_back = f"no serving {donor_role} worker can encode (a text-only model)"
         elif self._flips and now - self._flips[-1] < self.cfg.cooldown_s:
             held_back = f"cooldown ({now - self._flips[-1]:.0f}s of {self.cfg.cooldown_s:.0f}s)"
         elif len(self._flips) >= self.cfg.max_flips:
@@ -107,9 +102,11 @@ class Governor:
             return d
         # The least busy donor gives the fewest requests to wait for.
         donor = min(
-            donors, key=lambda w: (w.num_running + w.num_waiting, w.queued_prefill_tokens, w.id)
-        )
-        d.action, d.worker_id = action, donor.id
+            eligible,
+            key=lambda w: (w.num_running + w.num_waiting + w.image_backlog,
+                           w.queued_prefill_tokens, w.id),
+        )  # fmt: skip
+        d.action, d.worker_id, d.target_role = action, donor.id, target_role
         if not dry_run:
             self._flips.append(now)
             self._streak = (HOLD, 0)

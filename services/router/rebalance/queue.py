@@ -11,11 +11,17 @@ low thresholds form a band (hysteresis on the signal):
 - decode pressure above ``decode_load_high`` and prefill queue below ``prefill_queue_low``:
   move a prefill worker to decode;
 - otherwise hold.
+
+With encoders in the cluster, ``encode.EncodeRule`` moves workers to and from encode, with
+prefill pressure = queue / ``prefill_queue_high`` and decode pressure = load /
+``decode_load_high``. An idle encoder is the first donor for a pressed side; a flip to encode
+comes after the prefill/decode rules.
 """
 
 from __future__ import annotations
 
 from services.router.rebalance.base import (
+    FLIP_FROM_ENCODE,
     FLIP_TO_DECODE,
     FLIP_TO_PREFILL,
     HOLD,
@@ -26,6 +32,7 @@ from services.router.rebalance.base import (
     by_role,
     mean,
 )
+from services.router.rebalance.encode import ENCODE_DEFAULTS, EncodeRule, validate_encode_params
 
 
 def decode_pressure(w: WorkerLoad) -> float:
@@ -40,11 +47,13 @@ class QueuePolicy(RebalancePolicy):
         "decode_load_high": 0.8,  # max(KV utilisation, batch utilisation) of decode workers
         "decode_load_low": 0.4,
         "smoothing": 0.3,  # weight of the newest round in the smoothed signals (1: none)
+        **ENCODE_DEFAULTS,
     }
 
     def __init__(self, **params: object) -> None:
         super().__init__(**params)
         self._smooth = Smoother()
+        self._encode = EncodeRule()
 
     def validate(self) -> None:
         super().validate()
@@ -54,6 +63,7 @@ class QueuePolicy(RebalancePolicy):
             raise ValueError("decode_load_low must be < decode_load_high")
         if not 0 < self.p("smoothing") <= 1:
             raise ValueError("smoothing must be in (0, 1]")
+        validate_encode_params(self._params)
 
     def propose(self, workers: list[WorkerLoad]) -> Proposal:
         prefills, decodes = by_role(workers, "prefill"), by_role(workers, "decode")
@@ -72,6 +82,14 @@ class QueuePolicy(RebalancePolicy):
             "prefill_workers": float(len(prefills)),
             "decode_workers": float(len(decodes)),
         }
+        pressure = {"prefill": queue / self.p("prefill_queue_high"),
+                    "decode": load / self.p("decode_load_high")}  # fmt: skip
+        encode, encode_inputs = self._encode.propose(workers, self._params, pressure, alpha)
+        inputs.update(encode_inputs)
+        if encode is not None:
+            encode.inputs = inputs
+            if encode.action == FLIP_FROM_ENCODE:
+                return encode
         if queue > self.p("prefill_queue_high") and load < self.p("decode_load_low"):
             return Proposal(
                 FLIP_TO_PREFILL,
@@ -86,4 +104,6 @@ class QueuePolicy(RebalancePolicy):
                 f"queue {queue:.0f} tok/worker < {self.p('prefill_queue_low'):.0f}",
                 inputs,
             )
+        if encode is not None:
+            return encode
         return Proposal(HOLD, f"within bands (queue {queue:.0f}, decode load {load:.2f})", inputs)

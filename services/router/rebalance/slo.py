@@ -10,11 +10,17 @@ xLLM's SLO-aware policy.
 A role "misses" when its prediction exceeds its SLO. The flip goes toward the role that misses
 only if the other role would still meet its SLO with one worker fewer (its prediction scaled
 by n / (n - 1), with ``margin`` of headroom): moving a worker must not just move the miss.
+
+With encoders in the cluster, ``encode.EncodeRule`` moves workers to and from encode, with
+prefill pressure = predicted TTFT / SLO and decode pressure = predicted TPOT / SLO (raw, not
+smoothed, like the predictions). An idle encoder is the first donor for a role that misses; a
+flip to encode comes after the prefill/decode rules.
 """
 
 from __future__ import annotations
 
 from services.router.rebalance.base import (
+    FLIP_FROM_ENCODE,
     FLIP_TO_DECODE,
     FLIP_TO_PREFILL,
     HOLD,
@@ -24,6 +30,7 @@ from services.router.rebalance.base import (
     by_role,
     mean,
 )
+from services.router.rebalance.encode import ENCODE_DEFAULTS, EncodeRule, validate_encode_params
 
 
 class SLOPolicy(RebalancePolicy):
@@ -33,7 +40,12 @@ class SLOPolicy(RebalancePolicy):
         "tpot_slo_ms": 100.0,
         "prefill_tokens_per_s": 4000.0,  # prefill speed of one worker until one is measured
         "margin": 0.8,  # the donor role must stay under margin * SLO after giving a worker
+        **ENCODE_DEFAULTS,
     }
+
+    def __init__(self, **params: object) -> None:
+        super().__init__(**params)
+        self._encode = EncodeRule()
 
     def validate(self) -> None:
         super().validate()
@@ -42,6 +54,7 @@ class SLOPolicy(RebalancePolicy):
                 raise ValueError(f"parameter {key} must be > 0")
         if not 0 < self.p("margin") <= 1:
             raise ValueError("parameter margin must be in (0, 1]")
+        validate_encode_params(self._params)
 
     def speed(self, prefills: list[WorkerLoad]) -> float:
         """Prompt tokens/s of one prefill worker: measured, else the parameter."""
@@ -75,6 +88,13 @@ class SLOPolicy(RebalancePolicy):
             "prefill_workers": float(np), "decode_workers": float(nd),
         }  # fmt: skip
         ttft_miss, tpot_miss = ttft / ttft_slo, tpot / tpot_slo
+        pressure = {"prefill": ttft_miss, "decode": tpot_miss}
+        encode, encode_inputs = self._encode.propose(workers, self._params, pressure)
+        inputs.update(encode_inputs)
+        if encode is not None:
+            encode.inputs = inputs
+            if encode.action == FLIP_FROM_ENCODE:
+                return encode
         if ttft_miss > 1 and ttft_miss >= tpot_miss and tpot_fewer < margin * tpot_slo:
             return Proposal(
                 FLIP_TO_PREFILL,
@@ -89,6 +109,8 @@ class SLOPolicy(RebalancePolicy):
                 f"fewer {ttft_fewer:.0f} ms < {margin:.2f} x {ttft_slo:.0f}",
                 inputs,
             )
+        if encode is not None:
+            return encode
         return Proposal(
             HOLD, f"TTFT {ttft:.0f}/{ttft_slo:.0f} ms, TPOT {tpot:.0f}/{tpot_slo:.0f} ms", inputs
         )
