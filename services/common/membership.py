@@ -46,6 +46,12 @@ def roles_prefix(cluster: str) -> str:
     return f"/epdserve/{cluster}/roles/"
 
 
+def rebalance_policy_key(cluster: str) -> str:
+    """The cluster's rebalancing policy, ``{"name": ..., "params": {...}}`` as JSON: written by
+    ``epdserve policy set`` through any router, followed by every router."""
+    return f"/epdserve/{cluster}/rebalance/policy"
+
+
 def role_key(cluster: str, instance_id: str) -> str:
     """The desired-role key of one worker; its value is the role name (plain text)."""
     return roles_prefix(cluster) + instance_id

@@ -251,9 +251,11 @@ async def _policy(gw: Gateway, request: Request) -> dict[str, Any]:
     if not isinstance(name, str) or not isinstance(params, dict):
         raise AdminError(400, 'body must be {"name": str, "params": {k: v}}', "bad_request")
     try:
-        gw.rebalancer.set_policy(name, params)
+        await gw.rebalancer.publish_policy(name, params)
     except ValueError as exc:
         raise AdminError(400, str(exc), "bad_policy") from None
+    except RoleStoreError as exc:
+        raise AdminError(503, f"policy not changed: {exc}", "etcd_unavailable") from None
     return {"policy": name, "params": gw.rebalancer.policy.params()}
 
 

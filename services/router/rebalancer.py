@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 from typing import Any
 
@@ -18,7 +19,7 @@ from services.router.leader import LeaderElection
 from services.router.rebalance.base import HOLD, RebalancePolicy, WorkerLoad
 from services.router.rebalance.factory import create_rebalance_policy
 from services.router.rebalance.governor import Decision, Governor, GovernorConfig
-from services.router.role_store import RoleStore
+from services.router.role_store import RoleStore, RoleStoreError
 from services.router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -78,15 +79,45 @@ class Rebalancer:
         self.last: Decision | None = None
         self._lock = asyncio.Lock()  # one round at a time (loop and admin API)
         self._task: asyncio.Task[None] | None = None
+        self._policy_document: str | None = None  # the etcd policy last adopted
 
     @property
     def is_leader(self) -> bool:
         return self.election is None or self.election.is_leader
 
     def set_policy(self, name: str, params: dict[str, Any]) -> None:
-        """Swap the policy (ValueError on a bad name or parameter); damping state is kept."""
+        """Swap this router's policy (ValueError on a bad name or parameter); damping state is
+        kept. ``publish_policy`` changes it for the whole cluster."""
         self.policy = create_rebalance_policy(name, **params)
         log.info("rebalance policy is now %s %s", name, self.policy.params())
+
+    async def publish_policy(self, name: str, params: dict[str, Any]) -> None:
+        """Check the policy, store it in etcd for every router (RoleStoreError when etcd is
+        away: nothing changes), then use it here at once."""
+        policy = create_rebalance_policy(name, **params)
+        document = json.dumps({"name": name, "params": policy.params()}, sort_keys=True)
+        await self.store.set_policy(document)
+        self.policy = policy
+        self._policy_document = document
+        log.info("rebalance policy is now %s %s (cluster-wide)", name, policy.params())
+
+    async def sync_policy(self) -> None:
+        """Adopt the policy stored in etcd when it differs from the one last adopted (another
+        router's ``publish_policy``, or the cluster's choice when this router starts). etcd
+        away or a bad document: keep the current policy."""
+        try:
+            document = await self.store.get_policy()
+        except RoleStoreError as exc:
+            log.debug("rebalance policy not synced: %s", exc)
+            return
+        if document is None or document == self._policy_document:
+            return
+        self._policy_document = document
+        try:
+            doc = json.loads(document)
+            self.set_policy(doc["name"], doc["params"])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring the stored rebalance policy %r: %s", document, exc)
 
     def serving_roles(self, desired: dict[str, str] | None = None) -> dict[str, str]:
         """Worker id -> role of the workers in service (not drained, reachable), where a
@@ -111,10 +142,12 @@ class Rebalancer:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            if not self.is_leader:
-                continue
             try:
-                await self.round()
+                # Every router follows the cluster's policy, so that `status` through any of
+                # them tells the truth and a new leader goes on with it.
+                await self.sync_policy()
+                if self.is_leader:
+                    await self.round()
             except Exception:
                 log.exception("rebalancing round failed")
 

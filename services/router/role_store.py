@@ -1,6 +1,8 @@
 """Desired roles in etcd (``/epdserve/<cluster>/roles/<id>``): written by the rebalancer and
-the admin API, followed by the workers. Each call opens a short-lived client, bounded by a
-timeout: a router must keep serving while etcd is away (the write then fails, clearly)."""
+the admin API, followed by the workers; and the cluster's rebalancing policy
+(``/epdserve/<cluster>/rebalance/policy``), followed by every router. Each call opens a
+short-lived client, bounded by a timeout: a router must keep serving while etcd is away (the
+write then fails, clearly)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import asyncio
 from etcd3aio import Etcd3Client, prefix_range_end
 
 from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
-from services.common.membership import role_key, roles_prefix
+from services.common.membership import rebalance_policy_key, role_key, roles_prefix
 
 
 class RoleStoreError(RuntimeError):
@@ -27,6 +29,27 @@ class RoleStore:
             await c.kv.put(role_key(self.cluster, instance_id), role, timeout=ETCD_OP_TIMEOUT_S)
 
         await self._with_client(put)
+
+    async def set_policy(self, document: str) -> None:
+        """Store the cluster's rebalancing policy (a JSON document)."""
+
+        async def put(c: Etcd3Client) -> None:
+            assert c.kv is not None
+            await c.kv.put(rebalance_policy_key(self.cluster), document, timeout=ETCD_OP_TIMEOUT_S)
+
+        await self._with_client(put)
+
+    async def get_policy(self) -> str | None:
+        """The stored policy document, or None when none was ever set."""
+        found: list[str] = []
+
+        async def get(c: Etcd3Client) -> None:
+            assert c.kv is not None
+            resp = await c.kv.get(rebalance_policy_key(self.cluster), timeout=ETCD_OP_TIMEOUT_S)
+            found.extend(kv.value.decode() for kv in resp.kvs)
+
+        await self._with_client(get)
+        return found[0] if found else None
 
     async def all(self) -> dict[str, str]:
         """Worker id -> desired role, for every worker that has one."""

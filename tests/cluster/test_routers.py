@@ -32,15 +32,20 @@ def cluster(tiny_model_dir):
     c.stop()
 
 
-def _status(cluster, url: str) -> dict:
-    """`epdserve status --json`, as an operator runs it."""
+def _cli(cluster, url: str, *args: str) -> str:
+    """`epdserve ARGS` against the router at ``url``, as an operator runs it; its stdout."""
     r = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", "status", "--json",
+        [sys.executable, "-m", "services.cli.main", *args,
          "--router", url, "--admin-token", cluster.admin_token],
         capture_output=True, text=True, timeout=60, env=dict(os.environ),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return r.stdout
+
+
+def _status(cluster, url: str) -> dict:
+    """`epdserve status --json`."""
+    return json.loads(_cli(cluster, url, "status", "--json"))
 
 
 def _wait(pred, timeout: float) -> None:
@@ -124,6 +129,23 @@ def test_status_shows_the_pid_serving_a_request(cluster) -> None:
         capture_output=True, text=True, timeout=60,
     ).stdout  # fmt: skip
     assert "REQS" in text and str(pids["worker-0"]) in text
+
+
+def test_policy_set_through_one_router_reaches_every_router(cluster) -> None:
+    """The rebalancing policy is the cluster's (kept in etcd), not one router's."""
+
+    def policies() -> list[tuple[str, float | None]]:
+        out = []
+        for url in cluster.base_urls:
+            rb = _status(cluster, url)["rebalancer"]
+            out.append((rb["policy"], rb["params"].get("prefill_queue_high")))
+        return out
+
+    _cli(cluster, cluster.base_urls[1], "policy", "set", "queue", "--param",
+         "prefill_queue_high=1234")  # fmt: skip
+    _wait(lambda: policies() == [("queue", 1234)] * 2, 30)
+    _cli(cluster, cluster.base_urls[0], "policy", "set", "static")
+    _wait(lambda: [p for p, _ in policies()] == ["static"] * 2, 30)
 
 
 def test_kill_9_of_the_leading_router(cluster) -> None:
