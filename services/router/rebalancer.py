@@ -11,6 +11,7 @@ import asyncio
 import collections
 import json
 import logging
+import time
 from typing import Any
 
 from services.common.aio import cancel_and_wait
@@ -23,6 +24,9 @@ from services.router.role_store import RoleStore, RoleStoreError
 from services.router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
+
+# How often every router reads the cluster's rebalancing policy from etcd.
+POLICY_SYNC_S = 5.0
 
 
 def worker_load(h: WorkerHandle) -> WorkerLoad:
@@ -80,6 +84,7 @@ class Rebalancer:
         self._lock = asyncio.Lock()  # one round at a time (loop and admin API)
         self._task: asyncio.Task[None] | None = None
         self._policy_document: str | None = None  # the etcd policy last adopted
+        self._policy_synced_at = -POLICY_SYNC_S
 
     @property
     def is_leader(self) -> bool:
@@ -144,8 +149,12 @@ class Rebalancer:
             await asyncio.sleep(self.interval_s)
             try:
                 # Every router follows the cluster's policy, so that `status` through any of
-                # them tells the truth and a new leader goes on with it.
-                await self.sync_policy()
+                # them tells the truth and a new leader goes on with it. (Each read is a new
+                # etcd client, authenticated where etcd has auth: not every round.)
+                now = time.monotonic()
+                if now - self._policy_synced_at >= POLICY_SYNC_S:
+                    self._policy_synced_at = now
+                    await self.sync_policy()
                 if self.is_leader:
                     await self.round()
             except Exception:
