@@ -83,6 +83,22 @@ CASES: dict[str, list[dict[str, Any]]] = {
     "pd+npu": [ch.profile("pd"), ch.profile("npu")],
     "epd": [ch.profile("epd")],
     "everything": [EVERYTHING],
+    # The bundled etcd over TLS, clients with their own certificate (test_etcd_tls.py).
+    "etcd-tls": [
+        {
+            "etcd": {
+                "bundled": {
+                    "replicas": 3,
+                    "tls": {
+                        "enabled": True,
+                        "secretName": "etcd-server",
+                        "clientSecretName": "etcd-client",
+                    },
+                }
+            },
+            "kvstore": {"enabled": True},
+        }
+    ],
     # The global KV cache: kvstore (with its own master) and cache-aware routing.
     "kvstore": [
         {

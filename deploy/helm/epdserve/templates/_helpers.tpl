@@ -235,10 +235,43 @@ binds and advertises the pod IP, on fixed ports, so workers reach it again after
 {{- add (int (ceil $drain)) (int $w.terminationGraceExtraSeconds) }}
 {{- end }}
 
-{{/* etcd client environment (external etcd TLS / auth) of the router and workers. */}}
+{{/*
+The Secret with the etcd client's TLS files (ca.crt, tls.crt, tls.key) that every etcd client
+(router, workers, kvstore) mounts at /etc/epdserve/etcd-tls: the bundled etcd's client
+certificate with etcd.bundled.tls, the external etcd's with etcd.external.tls; empty: plain
+etcd. Every TLS-dependent line of a client (env, volume, mount) follows from this one name.
+*/}}
+{{- define "epdserve.etcdClientTLSSecret" -}}
+{{- $b := .Values.etcd.bundled }}
+{{- if $b.enabled }}
+{{- if $b.tls.enabled }}{{ $b.tls.clientSecretName | default $b.tls.secretName }}{{ end }}
+{{- else if .Values.etcd.external.tls.enabled }}
+{{- .Values.etcd.external.tls.secretName }}
+{{- end }}
+{{- end }}
+
+{{/* The etcd client TLS volume (a list item); empty without etcd TLS. */}}
+{{- define "epdserve.etcdTLSVolume" -}}
+{{- with include "epdserve.etcdClientTLSSecret" . }}
+- name: etcd-tls
+  secret:
+    secretName: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/* Its mount (a list item); empty without etcd TLS. */}}
+{{- define "epdserve.etcdTLSVolumeMount" -}}
+{{- if include "epdserve.etcdClientTLSSecret" . }}
+- name: etcd-tls
+  mountPath: /etc/epdserve/etcd-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* etcd client environment of the router, workers and kvstore: TLS (bundled or external), external auth. */}}
 {{- define "epdserve.etcdEnv" -}}
 {{- $ext := .Values.etcd.external }}
-{{- if and (not .Values.etcd.bundled.enabled) $ext.tls.enabled }}
+{{- if include "epdserve.etcdClientTLSSecret" . }}
 - name: EPDSERVE_ETCD_CACERT
   value: /etc/epdserve/etcd-tls/ca.crt
 - name: EPDSERVE_ETCD_CERT
@@ -272,11 +305,7 @@ binds and advertises the pod IP, on fixed ports, so workers reach it again after
 - name: model
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- if and (not .Values.etcd.bundled.enabled) .Values.etcd.external.tls.enabled }}
-- name: etcd-tls
-  secret:
-    secretName: {{ .Values.etcd.external.tls.secretName }}
-{{- end }}
+{{- include "epdserve.etcdTLSVolume" . }}
 {{- end }}
 
 {{- define "epdserve.commonVolumeMounts" -}}
@@ -287,11 +316,7 @@ binds and advertises the pod IP, on fixed ports, so workers reach it again after
   mountPath: {{ .Values.model.mountPath }}
   readOnly: true
 {{- end }}
-{{- if and (not .Values.etcd.bundled.enabled) .Values.etcd.external.tls.enabled }}
-- name: etcd-tls
-  mountPath: /etc/epdserve/etcd-tls
-  readOnly: true
-{{- end }}
+{{- include "epdserve.etcdTLSVolumeMount" . }}
 {{- end }}
 
 {{/* Render-time checks the schema cannot state. */}}
@@ -321,6 +346,13 @@ binds and advertises the pod IP, on fixed ports, so workers reach it again after
 {{- end }}
 {{- if and (not .Values.etcd.bundled.enabled) (not .Values.etcd.external.endpoints) }}
 {{- fail "etcd: enable etcd.bundled or list etcd.external.endpoints" }}
+{{- end }}
+{{- if and .Values.etcd.bundled.enabled .Values.etcd.bundled.tls.enabled (not .Values.etcd.bundled.tls.secretName) }}
+{{- fail "etcd.bundled.tls.secretName: name the Secret with the members' ca.crt, tls.crt and tls.key" }}
+{{- end }}
+{{- $b := .Values.etcd.bundled }}
+{{- if and $b.enabled $b.tls.enabled (has (int $b.tls.healthPort) (list (int $b.clientPort) (int $b.peerPort))) }}
+{{- fail "etcd.bundled.tls.healthPort: give the plain health listener a port of its own (not clientPort or peerPort)" }}
 {{- end }}
 {{- if and (not .Values.etcd.bundled.enabled) .Values.etcd.external.tls.enabled (not .Values.etcd.external.tls.secretName) }}
 {{- fail "etcd.external.tls.secretName: name the Secret with ca.crt, tls.crt and tls.key" }}
