@@ -156,11 +156,13 @@ def build_tiny_vl_model(
     vision_depth: int = 2,
     vision_dim: int = 32,
     max_pixels: int = 112 * 112,
+    family: str = "qwen2_vl",
 ) -> Path:
-    """A 2-layer random Qwen2-VL (``vision_depth`` blocks of width ``vision_dim`` in the
-    vision tower) with the default model's tokenizer plus the vision special tokens and a
-    Qwen2-VL chat template, and an image processor that caps images at ``max_pixels``
-    (112x112: 16 image tokens), saved as a Hugging Face folder."""
+    """A 2-layer random Qwen2-VL, or Qwen2.5-VL with ``family="qwen2_5_vl"``
+    (``vision_depth`` blocks of width ``vision_dim`` in the vision tower) with the default
+    model's tokenizer plus the vision special tokens and a Qwen2-VL chat template, and an
+    image processor that caps images at ``max_pixels`` (112x112: 16 image tokens), saved as
+    a Hugging Face folder."""
     import torch
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
@@ -173,14 +175,27 @@ def build_tiny_vl_model(
     tok.add_special_tokens({"additional_special_tokens": list(VL_TOKENS)})
     start, end, pad = tok.convert_tokens_to_ids(list(VL_TOKENS))
     tok.chat_template = VL_CHAT_TEMPLATE
-    cfg = transformers.Qwen2VLConfig(
+    if family == "qwen2_vl":
+        config_cls = transformers.Qwen2VLConfig
+        model_cls = transformers.Qwen2VLForConditionalGeneration
+        vision = dict(embed_dim=vision_dim, hidden_size=64, mlp_ratio=2)
+    elif family == "qwen2_5_vl":
+        config_cls = transformers.Qwen2_5_VLConfig
+        model_cls = transformers.Qwen2_5_VLForConditionalGeneration
+        # Windows of 2x2 merged groups and the last block full attention: a 112x112 image
+        # (8x8 patches) has several windows, so both attention kinds are exercised.
+        vision = dict(
+            hidden_size=vision_dim, out_hidden_size=64, intermediate_size=2 * vision_dim,
+            window_size=56, fullatt_block_indexes=[vision_depth - 1],
+        )  # fmt: skip
+    else:
+        raise ValueError(family)
+    cfg = config_cls(
         text_config=tiny_vl_text_config(len(tok)),
         vision_config=dict(
+            **vision,
             depth=vision_depth,
-            embed_dim=vision_dim,
             num_heads=2,
-            hidden_size=64,
-            mlp_ratio=2,
             patch_size=14,
             temporal_patch_size=2,
             spatial_merge_size=2,
@@ -190,7 +205,7 @@ def build_tiny_vl_model(
         vision_end_token_id=end,
     )
     torch.manual_seed(seed)
-    model = transformers.Qwen2VLForConditionalGeneration(cfg).float().eval()
+    model = model_cls(cfg).float().eval()
     randomize_qkv_biases(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
@@ -205,6 +220,12 @@ def build_tiny_vl_model(
 def tiny_vl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder of a tiny random Qwen2-VL (built once per session)."""
     return build_tiny_vl_model(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vl25_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder of a tiny random Qwen2.5-VL (built once per session)."""
+    return build_tiny_vl_model(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), family="qwen2_5_vl")
 
 
 def image_bytes(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:

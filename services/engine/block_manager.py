@@ -36,10 +36,11 @@ def chain_root(seq: Sequence) -> int:
     return seq.mm.hash_root if seq.mm is not None else ROOT_HASH
 
 
-def hash_prompt_blocks(token_ids: list[int], block_size: int) -> list[int]:
-    """Chained hashes of every full block of ``token_ids``."""
+def hash_prompt_blocks(token_ids: list[int], block_size: int, root: int = ROOT_HASH) -> list[int]:
+    """Chained hashes of every full block of ``token_ids``, from ``root`` (see
+    ``chain_root``; a prompt with images: ``multimodal.image_hash_root``)."""
     hashes: list[int] = []
-    parent = ROOT_HASH
+    parent = root
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         parent = hash_block(parent, token_ids[start : start + block_size])
         hashes.append(parent)
@@ -200,8 +201,10 @@ class BlockManager:
             seq.block_table.extend(computed.block_ids)
             seq.block_hashes.extend(computed.block_hashes)
             seq.num_computed_tokens = num_cached
-        for _ in range(need):
-            seq.block_table.append(self._take_free_block())
+        # NOTE: ascending ids, whatever order the pools hand them out in (freed and evicted
+        # blocks come back tail first): runs of consecutive ids are contiguous memory per
+        # layer, so a PD push moves them as one range instead of one range per block.
+        seq.block_table.extend(sorted(self._take_free_block() for _ in range(need)))
         return True
 
     def note_lookup(self, seq: Sequence, num_hit_tokens: int) -> None:

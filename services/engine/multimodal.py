@@ -252,7 +252,6 @@ def build_state(
     token_ids: list[int], images: ImageInputs, image_token_id: int, merge: int
 ) -> tuple[list[int], MultiModalState]:
     """Expand the prompt's placeholders; compute M-RoPE positions and the hash root."""
-    from services.engine.block_manager import ROOT_HASH, hash_block
     from services.engine.layers.mrope import mrope_positions
 
     ids = expand_image_placeholders(token_ids, image_token_id, images.tokens_per_image(merge))
@@ -260,9 +259,18 @@ def build_state(
     pads = sum(images.tokens_per_image(merge))
     if images.embeds is not None and images.embeds.shape[0] != pads:
         raise ValueError(f"{images.embeds.shape[0]} image embeddings for {pads} image-pad tokens")
-    words = [int(h[i : i + 8], 16) & 0x7FFFFFFF for h in images.hashes() for i in range(0, 64, 8)]
-    root = hash_block(ROOT_HASH, words)
+    root = image_hash_root(images.hashes())
     return ids, MultiModalState(images, positions, delta, root, embeds=images.embeds)
+
+
+def image_hash_root(hashes: Sequence[str]) -> int:
+    """Seed of the block-hash chain of a prompt with images named by ``hashes`` (sha256
+    hex digests, in prompt order). NOTE: the router seeds its routing hashes with this too
+    (kv_index.py): both must stay one function."""
+    from services.engine.block_manager import ROOT_HASH, hash_block
+
+    words = [int(h[i : i + 8], 16) & 0x7FFFFFFF for h in hashes for i in range(0, 64, 8)]
+    return hash_block(ROOT_HASH, words)
 
 
 def prepare_batch(

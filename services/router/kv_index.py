@@ -1,10 +1,12 @@
 """The router's client of the global KV index: how much of a prompt each worker holds.
 
 The router hashes the prompt into blocks exactly as the engine does (``hash_prompt_blocks``,
-with each worker's advertised block size) and asks the kvstore, within a short deadline,
-for each candidate's matched prefix. Routing never waits on a sick kvstore: a failed or slow
-lookup leaves the request without cache information (the policy then weighs load alone)
-and skips lookups for a moment.
+with each worker's advertised block size and the chain root the engine gives the prompt: for
+a prompt with images, one mixed with the images' content hashes, over the prompt with its
+placeholders expanded from each image's grid, which the router sizes itself) and asks the
+kvstore, within a short deadline, for each candidate's matched prefix. Routing never waits
+on a sick kvstore: a failed or slow lookup leaves the request without cache information (the
+policy then weighs load alone) and skips lookups for a moment.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import grpc
 
 from services.common.grpc_utils import GrpcTLS
 from services.common.proto import kvstore_pb2 as kpb
-from services.engine.block_manager import hash_prompt_blocks
+from services.engine.block_manager import ROOT_HASH, hash_prompt_blocks
 from services.kvstore.client import KVStoreLocator
 from services.router.policies.base import CachedPrefix, RouteRequest
 from services.router.workers import WorkerHandle
@@ -36,6 +38,17 @@ def layout_group(h: WorkerHandle) -> tuple[str, int] | None:
     if not layout or not block_size:
         return None
     return str(layout), int(block_size)
+
+
+def prompt_hash_root(route: RouteRequest) -> int:
+    """Seed of the prompt's block-hash chain, as the engine seeds it (``chain_root``): the
+    plain root for text, one mixed with the images' content hashes for a prompt with images
+    (whose ``prompt_token_ids`` hold the expanded placeholders, as the engine's do)."""
+    if not route.image_hashes:
+        return ROOT_HASH
+    from services.engine.multimodal import image_hash_root
+
+    return image_hash_root(route.image_hashes)
 
 
 class KVIndexClient:
@@ -64,8 +77,9 @@ class KVIndexClient:
             key = layout_group(h)
             if key is not None:
                 groups.setdefault(key, []).append(h.id)
+        root = prompt_hash_root(route)
         for (layout, block_size), ids in groups.items():
-            hashes = hash_prompt_blocks(list(route.prompt_token_ids), block_size)
+            hashes = hash_prompt_blocks(list(route.prompt_token_ids), block_size, root)
             if not hashes:
                 continue
             resp = await self._lookup(

@@ -108,11 +108,16 @@ class Orchestrator:
         self.encode_stage = EncodeStage(pool, timeout_s)
 
     async def _route(
-        self, model: str, request_id: str, prompt: Sequence[int], candidates: list[WorkerHandle]
+        self,
+        model: str,
+        request_id: str,
+        prompt: Sequence[int],
+        candidates: list[WorkerHandle],
+        images: Sequence[pb.ImageData] = (),
     ) -> RouteRequest:
         """The policy's view of the request; a cache-aware policy also gets each candidate's
         cached prefix of the prompt from the global KV index."""
-        route = RouteRequest(request_id, len(prompt), prompt)
+        route = RouteRequest(request_id, len(prompt), prompt, [i.hash for i in images])
         if self.kv_index is not None and self.policy.uses_kv_index:
             await self.kv_index.annotate(route, model, candidates)
         return route
@@ -244,7 +249,7 @@ class Orchestrator:
             decodes = [h for h in self.pool.candidates("decode", model) if h.id not in tried]
             if not prefills or not decodes:
                 break
-            route = await self._route(model, request_id, prompt, [*prefills, *decodes])
+            route = await self._route(model, request_id, prompt, [*prefills, *decodes], images)
             p_view, d_view = self.policy.select_pair(prefills, decodes, route)
             p, d = self.pool.handles.get(p_view.id), self.pool.handles.get(d_view.id)
             if p is None or d is None:
@@ -390,7 +395,7 @@ class Orchestrator:
             candidates = [h for h in self.pool.candidates("mixed", model) if h.id not in tried]
             if not candidates:
                 break
-            route = await self._route(model, request_id, prompt_token_ids, candidates)
+            route = await self._route(model, request_id, prompt_token_ids, candidates, images)
             handle = self.pool.handles.get(self.policy.select(candidates, route).id)
             if handle is None:  # left the cluster between listing and selection
                 continue

@@ -10,7 +10,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
+
 from services.cli.launcher import ClusterSpec, LocalCluster
+from services.common.proto import kvstore_pb2 as kpb
+from services.common.proto import kvstore_pb2_grpc as kpb_grpc
 
 TINY_NAME = "tiny-llama"
 # A small KV cache keeps worker start-up quick; the tiny model needs ~512 B per token.
@@ -88,3 +92,34 @@ def wait_for(pred, timeout: float, what: str, every: float = 0.5):
             return got
         time.sleep(every)
     raise AssertionError(f"{what} not seen within {timeout:.0f}s")
+
+
+def kvstore_stub(c: LocalCluster) -> tuple[grpc.Channel, kpb_grpc.KVIndexServiceStub]:
+    """A channel to the cluster's kvstore (close it) and its index stub."""
+    assert c.kvstore is not None
+    channel = grpc.insecure_channel(c.kvstore.ready_field("address"))
+    return channel, kpb_grpc.KVIndexServiceStub(channel)
+
+
+def kv_holders(c: LocalCluster, block_hashes: list[int], layout: str) -> dict[str, int]:
+    """Instance -> leading device blocks of the chain ``block_hashes`` it holds, from the
+    cluster's kvstore (instances holding none left out)."""
+    channel, stub = kvstore_stub(c)
+    try:
+        resp = stub.Lookup(
+            kpb.LookupRequest(model=TINY_NAME, layout_key=layout, block_hashes=block_hashes),
+            timeout=5,
+        )
+    finally:
+        channel.close()
+    return {m.instance_id: m.device_blocks for m in resp.matches if m.device_blocks}
+
+
+def etcd_get(c: LocalCluster, key: str) -> str:
+    """The value of ``key`` in the cluster's etcd ('' when absent)."""
+    etcdctl = Path(sys.executable).parent / "etcdctl"
+    out = subprocess.run(
+        [str(etcdctl), f"--endpoints={c.etcd.endpoint}", "get", key, "--print-value-only"],
+        capture_output=True, text=True, timeout=10, check=True,
+    )  # fmt: skip
+    return out.stdout.strip()

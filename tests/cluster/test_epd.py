@@ -1,6 +1,7 @@
 """EPD with real processes on a tiny random Qwen2-VL: chats with images (OpenAI image_url
 parts, Anthropic image blocks) give the offline engine's greedy output in mixed, EP+D and
-E+P+D modes; a repeated image hits the encoder cache and skips the vision tower; the
+E+P+D modes (E+P+D on a tiny Qwen2.5-VL too, whose repeated image prompts a cache-aware
+router sends to the prefill worker holding them); a repeated image hits the encoder cache and skips the vision tower; the
 prefill worker reads an encoder's embeddings through Mooncake; bad images are a 400 in
 the API's format and the cluster keeps serving; an encoder killed under load costs no
 request; the rebalancer moves a worker to encode under image-heavy load and back when the
@@ -8,7 +9,9 @@ encoders idle and decode needs it."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import re
 import signal
 import threading
@@ -18,8 +21,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, cli, flips, start_cluster, wait_for, workers
+from cluster_helpers import (
+    TINY_NAME,
+    cli,
+    etcd_get,
+    flips,
+    kv_holders,
+    start_cluster,
+    wait_for,
+    workers,
+)
 
+from services.engine.block_manager import hash_prompt_blocks
+from services.router.images import ImageLimits, chat_prompt
+from services.router.kv_index import prompt_hash_root
+from services.router.policies.base import RouteRequest
+from services.router.tokenization import Tokenizer
 from tests.conftest import image_bytes as png
 
 pytest.importorskip("mooncake.engine")
@@ -79,17 +96,16 @@ def anthropic_text(url: str, images: list[bytes], text: str = "Describe") -> str
 CASES = [([IMAGES[0]], "Describe"), ([IMAGES[1], IMAGES[2]], "Compare these"), ([], "Hello")]
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_vl_model_dir) -> dict[int, str]:
+def offline_outputs(model_dir) -> dict[int, str]:
     """Greedy text of each case from the offline engine (PIL images, pixel path)."""
     from services.engine import LLM, SamplingParams
     from services.engine.multimodal import open_images
     from services.router.images import VisionSpec
     from services.router.tokenization import Tokenizer
 
-    tok = Tokenizer.load(str(tiny_vl_model_dir))
+    tok = Tokenizer.load(str(model_dir))
     assert isinstance(tok.vision, VisionSpec)
-    llm = LLM(str(tiny_vl_model_dir), dtype="float32", kv_cache_bytes=1 << 24)
+    llm = LLM(str(model_dir), dtype="float32", kv_cache_bytes=1 << 24)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     out = {}
     for i, (images, text) in enumerate(CASES):
@@ -102,10 +118,15 @@ def reference(tiny_vl_model_dir) -> dict[int, str]:
     return out
 
 
-def cluster(model_dir, router: dict | None = None, **spec):
+@pytest.fixture(scope="module")
+def reference(tiny_vl_model_dir) -> dict[int, str]:
+    return offline_outputs(tiny_vl_model_dir)
+
+
+def cluster(model_dir, router: dict | None = None, worker: dict | None = None, **spec):
     return start_cluster(
         model_dir, engine_overrides=ENGINE, router_overrides={**ROUTER, **(router or {})},
-        worker_overrides=WORKER, **spec,
+        worker_overrides={**WORKER, **(worker or {})}, **spec,
     )  # fmt: skip
 
 
@@ -250,13 +271,18 @@ def encoder_totals(c, name: str) -> float:
     return sum(metric(w.ready_field("metrics_port"), name) for w in workers_of(c, "encode"))
 
 
+def check_epd(c, reference: dict[int, str], encoders: int) -> None:
+    """Offline outputs from an E+P+D cluster, every image's embeddings read from an
+    encoder by a prefill worker."""
+    wait_encoders(c, encoders)
+    check_outputs(c.base_url, reference)
+    ports = [w.ready_field("metrics_port") for w in workers_of(c, "prefill")]
+    assert sum(metric(p, "epdserve:image_embeddings", 'source="fetched"') for p in ports) >= 3
+    assert sum(metric(p, "epdserve:image_embeddings", 'source="local"') for p in ports) == 0
+
+
 def test_epd_mode_equals_offline_engine(epd_cluster, reference):
-    wait_encoders(epd_cluster, 2)
-    check_outputs(epd_cluster.base_url, reference)
-    (prefill,) = workers_of(epd_cluster, "prefill")
-    port = prefill.ready_field("metrics_port")
-    assert metric(port, "epdserve:image_embeddings", 'source="fetched"') >= 3
-    assert metric(port, "epdserve:image_embeddings", 'source="local"') == 0
+    check_epd(epd_cluster, reference, 2)
 
 
 def test_repeated_image_hits_encoder_cache(epd_cluster, reference):
@@ -480,3 +506,63 @@ def test_rebalancer_moves_a_vl_worker_to_encode_and_back(tiny_vl_model_dir, refe
         check_outputs(url, reference)
     finally:
         c.stop()
+
+
+# ---- Qwen2.5-VL in E+P+D; cache-aware routing of image prompts -------------------------------
+# (last in the module: its cluster then never runs beside the load tests above)
+
+
+@pytest.fixture(scope="module")
+def vl25_cluster(tiny_vl25_model_dir):
+    """E+P+D on a tiny Qwen2.5-VL: one encoder, two prefill workers for a cache-aware policy
+    to choose between (workers publish their blocks to the kvstore's global KV index; no
+    store tier, so only a worker's own cache counts), one decode worker."""
+    c = cluster(tiny_vl25_model_dir, workers=0, prefill=2, decode=1, encode=1, kvstore=True,
+                policy="cache_aware", worker={"kv_store": ""})  # fmt: skip
+    yield c
+    c.stop()
+
+
+def test_epd_mode_equals_offline_engine_on_qwen2_5_vl(vl25_cluster, tiny_vl25_model_dir):
+    """Windowed vision attention in the encoder, embeddings through Mooncake, M-RoPE in
+    prefill and decode: the offline engine's output (single and two images, text)."""
+    check_epd(vl25_cluster, offline_outputs(tiny_vl25_model_dir), 1)
+
+
+def test_repeated_image_prompt_goes_to_the_prefill_worker_holding_it(
+    vl25_cluster, tiny_vl25_model_dir
+):
+    """The router hashes an image prompt as the engine does (expanded placeholders, a chain
+    root mixed with the image hashes), so the cache-aware policy finds the prefill worker
+    holding it and sends every repeat there."""
+    c = vl25_cluster
+    # ~300 tokens: recomputing them outweighs a request still counted on the holder (its
+    # load report can lag by one request).
+    text = " ".join(f"word{i}" for i in range(100))
+    img = png(112, 112, 77)
+    tok = Tokenizer.load(str(tiny_vl25_model_dir))
+    msgs = [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image"}]}]
+    ids, images = asyncio.run(chat_prompt(tok, msgs, [img], ImageLimits()))
+    assert len(ids) >= 256
+    prefills = {w.ready_field("id") for w in workers_of(c, "prefill")}
+    info = json.loads(etcd_get(c, f"/epdserve/test/instances/{min(prefills)}"))
+    layout, bs = info["capacity"]["kv_layout"], int(info["capacity"]["block_size"])
+    # The chain the router looks up for this chat (and the kvstore then holds).
+    route = RouteRequest("r", len(ids), ids, [i.hash for i in images])
+    chain = hash_prompt_blocks(ids, bs, prompt_hash_root(route))
+    blocks = len(chain)
+
+    def held() -> dict[str, int]:
+        return {i: n for i, n in kv_holders(c, chain, layout).items() if i in prefills}
+
+    first = chat_text(c.base_url, [img], text)
+    holding = wait_for(held, 30, "the image prompt's blocks in the KV index")
+    assert list(holding.values()) == [blocks], holding
+    (holder,) = holding
+    for _ in range(4):
+        r = chat(c.base_url, [img], text)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == first
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= (blocks - 1) * bs
+    # Only the holder ever computed the prompt (load alone would have alternated).
+    assert set(held()) == {holder}

@@ -64,6 +64,9 @@ def test_without_cache_information_it_is_least_load() -> None:
     assert p.select([busy, idle], req({})).id == "b"
     # Ties rotate so an idle cluster spreads requests.
     assert {p.select([W("x"), W("y")], req({})).id for _ in range(4)} == {"x", "y"}
+    # ... in pairs too: each side rotates on its own (a shared turn would step by two).
+    pairs = [p.select_pair([W("p1"), W("p2")], [W("d1")], req({})) for _ in range(4)]
+    assert {prefill.id for prefill, _ in pairs} == {"p1", "p2"}
 
 
 def test_pair_weighs_the_cache_on_the_prefill_side() -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,11 +14,10 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, start_cluster
+from cluster_helpers import TINY_NAME, etcd_get, kv_holders, kvstore_stub, start_cluster
 
 from services.cli.launcher import LocalCluster
 from services.common.proto import kvstore_pb2 as kpb
-from services.common.proto import kvstore_pb2_grpc as kpb_grpc
 from services.engine.block_manager import hash_prompt_blocks
 
 pytest.importorskip("mooncake.engine")
@@ -42,12 +39,6 @@ def wait_for(cond: Callable[[], Any], timeout: float = 60.0, what: str = "condit
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def kvstore_stub(cluster: LocalCluster) -> tuple[grpc.Channel, kpb_grpc.KVIndexServiceStub]:
-    assert cluster.kvstore is not None
-    channel = grpc.insecure_channel(cluster.kvstore.ready_field("address"))
-    return channel, kpb_grpc.KVIndexServiceStub(channel)
-
-
 def stats(cluster: LocalCluster) -> kpb.KVStoreStatsResponse | None:
     channel, stub = kvstore_stub(cluster)
     try:
@@ -60,16 +51,7 @@ def stats(cluster: LocalCluster) -> kpb.KVStoreStatsResponse | None:
 
 def holders(cluster: LocalCluster, tokens: list[int]) -> dict[str, int]:
     """Instance -> device blocks of ``tokens`` it holds, hashed as the router hashes."""
-    channel, stub = kvstore_stub(cluster)
-    try:
-        resp = stub.Lookup(
-            kpb.LookupRequest(model=TINY_NAME, layout_key=LAYOUT[0],
-                              block_hashes=hash_prompt_blocks(tokens, 16)),
-            timeout=5,
-        )  # fmt: skip
-    finally:
-        channel.close()
-    return {m.instance_id: m.device_blocks for m in resp.matches if m.device_blocks}
+    return kv_holders(cluster, hash_prompt_blocks(tokens, 16), LAYOUT[0])
 
 
 LAYOUT: list[str] = []  # the workers' advertised kv_layout (read once in the fixture)
@@ -96,15 +78,6 @@ def complete(cluster: LocalCluster, prompt: list[int]) -> dict:
     )
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def etcd_get(cluster: LocalCluster, key: str) -> str:
-    etcdctl = Path(sys.executable).parent / "etcdctl"
-    out = subprocess.run(
-        [str(etcdctl), f"--endpoints={cluster.etcd.endpoint}", "get", key, "--print-value-only"],
-        capture_output=True, text=True, timeout=10, check=True,
-    )  # fmt: skip
-    return out.stdout.strip()
 
 
 @pytest.fixture(scope="module")

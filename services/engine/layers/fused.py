@@ -10,15 +10,18 @@ Turn them on by default once that test and ``benchmarks/gpu_decode.py`` have.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
-ops = None
+ops: Any = None  # the triton_ops module when on
 if os.environ.get("EPDSERVE_FUSED_KERNELS") == "1":
     try:
-        from services.engine.layers import triton_ops as ops  # type: ignore[no-redef]
+        import services.engine.layers.triton_ops
+
+        ops = services.engine.layers.triton_ops
     except ImportError:  # no triton: the CPU install
-        ops = None
+        pass
 
 
 def on_cuda_rows(x: torch.Tensor) -> bool:

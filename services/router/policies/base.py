@@ -39,7 +39,10 @@ class RouteRequest:
 
     request_id: str
     num_prompt_tokens: int
-    prompt_token_ids: Sequence[int] = ()
+    prompt_token_ids: Sequence[int] = ()  # placeholders expanded, as the engine sees them
+    # Content hash (sha256 hex) of each image of the prompt, in order: with images the
+    # engine's block-hash chain starts from a root mixed with these.
+    image_hashes: Sequence[str] = ()
     # Worker id -> its cached prefix; filled before ``select`` for policies that set
     # ``uses_kv_index``, and left empty when the kvstore cannot answer in time.
     cached: dict[str, CachedPrefix] = field(default_factory=dict)

@@ -42,7 +42,9 @@ class CacheAwarePolicy(RoutingPolicy):
     def __init__(self, overlap_weight: float = 1.0, request_tokens: float = 128.0) -> None:
         self.overlap_weight = overlap_weight
         self.request_tokens = request_tokens
-        self._turn = 0
+        # Rotation among equal costs, per side: select_pair picks twice per request, and one
+        # shared counter would then always give the same parity to the prefill side.
+        self._turns = {"prefill": 0, "decode": 0}
 
     def load_tokens(self, w: WorkerView) -> float:
         """Work already on ``w``, in prompt tokens. The router's own in-flight count is
@@ -63,13 +65,17 @@ class CacheAwarePolicy(RoutingPolicy):
         return overlap_weight * uncached + self.load_tokens(w)
 
     def _cheapest(
-        self, candidates: Sequence[WorkerView], request: RouteRequest, overlap_weight: float
+        self,
+        candidates: Sequence[WorkerView],
+        request: RouteRequest,
+        overlap_weight: float,
+        side: str = "prefill",
     ) -> WorkerView:
         costs = [self.cost(w, request, overlap_weight) for w in candidates]
         best = min(costs)
         tied = [w for w, c in zip(candidates, costs, strict=True) if c - best < 1e-6]
-        self._turn += 1
-        return tied[self._turn % len(tied)]
+        self._turns[side] += 1
+        return tied[self._turns[side] % len(tied)]
 
     def select(self, candidates: Sequence[WorkerView], request: RouteRequest) -> WorkerView:
         return self._cheapest(candidates, request, self.overlap_weight)
@@ -85,5 +91,7 @@ class CacheAwarePolicy(RoutingPolicy):
         counts the overlap at DECODE_OVERLAP_FRACTION of its weight."""
         return (
             self._cheapest(prefills, request, self.overlap_weight),
-            self._cheapest(decodes, request, self.overlap_weight * DECODE_OVERLAP_FRACTION),
+            self._cheapest(
+                decodes, request, self.overlap_weight * DECODE_OVERLAP_FRACTION, "decode"
+            ),
         )
