@@ -40,7 +40,9 @@ async def time_engine(engine: AsyncLLMEngine, ids: list[int], n: int) -> list[fl
     out = []
     for i in range(n):
         t = time.perf_counter()
-        async for _ in engine.generate(f"direct-{i}", ids, SamplingParams(temperature=0, max_tokens=1)):
+        async for _ in engine.generate(
+            f"direct-{i}", ids, SamplingParams(temperature=0, max_tokens=1)
+        ):
             pass
         out.append(time.perf_counter() - t)
     return out

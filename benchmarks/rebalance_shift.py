@@ -22,10 +22,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = {
     # name: epdserve bench flags
-    "long-prompts": ["--input-len", "440", "--output-len", "4", "--num-prompts", "1200",
-                     "--max-concurrency", "16"],  # fmt: skip
-    "long-answers": ["--input-len", "16", "--output-len", "128", "--num-prompts", "480",
-                     "--max-concurrency", "24"],  # fmt: skip
+    "long-prompts": [
+        "--input-len",
+        "440",
+        "--output-len",
+        "4",
+        "--num-prompts",
+        "1200",
+        "--max-concurrency",
+        "16",
+    ],  # fmt: skip
+    "long-answers": [
+        "--input-len",
+        "16",
+        "--output-len",
+        "128",
+        "--num-prompts",
+        "480",
+        "--max-concurrency",
+        "24",
+    ],  # fmt: skip
 }
 
 

@@ -88,7 +88,9 @@ def test_etcd_restart_keeps_serving_and_workers_reregister(cluster) -> None:
         time.sleep(5.0)  # longer than the lease TTL (3 s): the workers lose their leases
         during = len(traffic.statuses)
         cluster.etcd.start()
-        _wait(lambda: _etcd_instances(cluster.etcd.endpoint, "test") == {"worker-0", "worker-1"}, 30)
+        _wait(
+            lambda: _etcd_instances(cluster.etcd.endpoint, "test") == {"worker-0", "worker-1"}, 30
+        )
         time.sleep(1.0)
     assert traffic.statuses and set(traffic.statuses) == {200}, traffic.statuses
     assert during > 3, "requests should have been answered while etcd was down"
@@ -102,6 +104,7 @@ def test_kill_9_one_worker(cluster) -> None:
         time.sleep(0.5)
         victim.signal(signal.SIGKILL)
         victim.proc.wait(timeout=10)
+
         # Within the lease TTL the router has stopped routing to it: its load stream breaks
         # at once, which makes it unreachable (unusable) in the router's view.
         def unusable() -> bool:

@@ -98,9 +98,7 @@ def traffic(cluster) -> dict[str, int]:
 
 def scrape_all(cluster) -> Scrape:
     urls = [cluster.base_url + "/metrics"]
-    urls += [
-        f"http://127.0.0.1:{w.ready_field('metrics_port')}/metrics" for w in cluster.workers
-    ]
+    urls += [f"http://127.0.0.1:{w.ready_field('metrics_port')}/metrics" for w in cluster.workers]
     return Scrape(urls)
 
 
@@ -149,8 +147,9 @@ def test_counters_follow_the_requests(cluster, traffic) -> None:
     assert s.value("epdserve:router_e2e_request_latency_seconds_count", api="chat") == (
         N_CHAT_STREAMS
     )
-    assert s.value("epdserve:router_generation_tokens_total", model_name=TINY_NAME) == (
-        traffic["completion_tokens"]
+    assert (
+        s.value("epdserve:router_generation_tokens_total", model_name=TINY_NAME)
+        == (traffic["completion_tokens"])
     )
     assert s.value("epdserve:workers", role="mixed", state="serving") == 2
     assert s.value("epdserve:router_num_requests_running") == 0

@@ -79,7 +79,9 @@ def test_chat_stream_matches_non_stream_and_counts_usage(oai) -> None:
     assert text == full.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == 8 == full.usage.completion_tokens
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finishes == ["length"]
     assert {c.id for c in chunks} == {chunks[0].id}
 
@@ -93,9 +95,18 @@ def test_completion_stream_logprobs_and_n(oai) -> None:
     assert r.usage.completion_tokens == 8
     chunks = list(oai.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=4, stream=True,
                                          temperature=0, extra_body={"ignore_eos": True}))  # fmt: skip
-    assert "".join(c.choices[0].text for c in chunks) == oai.completions.create(
-        model=TINY_NAME, prompt=PROMPT, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
-    ).choices[0].text
+    assert (
+        "".join(c.choices[0].text for c in chunks)
+        == oai.completions.create(
+            model=TINY_NAME,
+            prompt=PROMPT,
+            max_tokens=4,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        .choices[0]
+        .text
+    )
 
 
 def test_stop_strings_are_honoured(oai, claude) -> None:
@@ -154,8 +165,9 @@ def test_bad_inputs_get_status_and_server_keeps_serving(cluster, oai, claude) ->
     with pytest.raises(anthropic.NotFoundError):
         claude.messages.create(model="nope", max_tokens=4, messages=CHAT)
     with pytest.raises(anthropic.BadRequestError):
-        claude.messages.create(model=TINY_NAME, max_tokens=4, messages=CHAT,
-                               extra_body={"temperature": 3.0})
+        claude.messages.create(
+            model=TINY_NAME, max_tokens=4, messages=CHAT, extra_body={"temperature": 3.0}
+        )
     ok = oai.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=2)
     assert ok.usage.completion_tokens >= 1
 

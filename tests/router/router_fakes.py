@@ -100,7 +100,9 @@ class FakeTokenizer:
         return [ord(c) % 1000 for c in text]
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+        return self.encode(
+            "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+        )
 
     def token_str(self, token_id: int) -> str:
         return f"w{token_id - 100} "

@@ -64,11 +64,19 @@ async def test_no_workers_is_503_in_each_format(etcd) -> None:
     try:
         async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
             assert (await c.get("/health")).status_code == 503
-            r = await c.post("/v1/chat/completions",
-                             json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            r = await c.post(
+                "/v1/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            )
             assert r.status_code == 503 and r.json()["error"]["message"]
-            r = await c.post("/v1/messages", json={"model": "m", "max_tokens": 5,
-                                                   "messages": [{"role": "user", "content": "x"}]})
+            r = await c.post(
+                "/v1/messages",
+                json={
+                    "model": "m",
+                    "max_tokens": 5,
+                    "messages": [{"role": "user", "content": "x"}],
+                },
+            )
             assert r.status_code == 503 and r.json()["type"] == "error"
             assert (await c.get("/v1/models")).json()["data"] == []
     finally:
@@ -110,7 +118,9 @@ async def test_chat_stream_with_usage_n_and_logprobs(env) -> None:
             if ch["finish_reason"]:
                 finish[ch["index"]] = ch["finish_reason"]
             if ch["delta"].get("content"):
-                assert ch["logprobs"]["content"][0]["top_logprobs"][0]["logprob"] == pytest.approx(-0.1)
+                assert ch["logprobs"]["content"][0]["top_logprobs"][0]["logprob"] == pytest.approx(
+                    -0.1
+                )
     assert text == {0: "w0 w1 ", 1: "w0 w1 "} and finish == {0: "length", 1: "length"}
 
 
@@ -184,7 +194,9 @@ async def test_bad_inputs(env, path: str, body, status: int) -> None:
     if status == 400 and "max_tokens" in str(body) and "1000" in str(body):
         assert j["error"]["code"] == "context_length_exceeded"
     # and the server keeps serving
-    ok = await client.post("/v1/completions", json={"model": "fake-model", "prompt": "a", "max_tokens": 1})
+    ok = await client.post(
+        "/v1/completions", json={"model": "fake-model", "prompt": "a", "max_tokens": 1}
+    )
     assert ok.status_code == 200
 
 
