@@ -63,13 +63,16 @@ def decode_peer(tiny_model_dir):
         proc.kill()
 
 
-def test_layerwise_push_matches_colocated(tiny_model_dir, decode_peer):
+# 1 byte: every layer is written as soon as it is computed; the default holds this tiny
+# model's layers until the end of each engine step (one write per chunk).
+@pytest.mark.parametrize("min_write_bytes", [1, None])
+def test_layerwise_push_matches_colocated(tiny_model_dir, decode_peer, min_write_bytes):
     from services.common.mooncake_agent import MooncakeAgent, MooncakeConfig
-    from services.prefill.kv_sender import KVSender, PushTarget
+    from services.prefill.kv_sender import DEFAULT_MIN_WRITE_BYTES, KVSender, PushTarget
 
     conn, session, remote_layout = decode_peer
     model = str(tiny_model_dir("llama"))
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(3 if min_write_bytes else 4)  # new prompts per case
     prompts = [torch.randint(10, 49000, (n,), generator=g).tolist() for n in (7, 30, 45)]
     prompts.append(prompts[2][:40] + [11, 12, 13])  # shares 10 blocks with the previous one
     expected = [
@@ -81,11 +84,11 @@ def test_layerwise_push_matches_colocated(tiny_model_dir, decode_peer):
     agent = MooncakeAgent(MooncakeConfig())
     layout = prefill.runner.layout
     agent.register(layout.base_addr, layout.total_bytes)
-    sender = KVSender(agent, layout, BLOCK)
+    sender = KVSender(agent, layout, BLOCK, min_write_bytes or DEFAULT_MIN_WRITE_BYTES)
     prefill.layer_hook = sender.on_layer_done
     pushed = 0
     for i, prompt in enumerate(prompts):
-        rid = f"r{i}"
+        rid = f"r{min_write_bytes}-{i}"
         conn.send(("reserve", rid, prompt))
         dst_blocks, cached = conn.recv()
         if i == 3:
