@@ -1,17 +1,22 @@
 """Decode side of PD: reserve blocks for a request's prompt, let the prefill worker write its
 KV into them, then start decoding. A reservation nobody completes is freed after a deadline,
-so a vanished prefill worker cannot leak blocks."""
+so a vanished prefill worker cannot leak blocks.
+
+With staging (device KV the transfer engine cannot register), the prefill worker writes into
+host staging slots instead, and claiming the reservation copies them into the reserved
+device blocks."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.common.aio import cancel_and_wait
 from services.engine.async_engine import AsyncLLMEngine
 from services.engine.kv_layout import KVLayout
+from services.engine.kv_staging import KVStaging, StagingFull
 from services.engine.multimodal import ImageInputs
 from services.engine.sampling_params import SamplingParams
 from services.engine.sequence import Resume
@@ -25,12 +30,24 @@ class Reservation:
     block_ids: list[int]  # decode block for every prompt block
     cached_tokens: int  # leading tokens already in this worker's prefix cache
     deadline: float  # monotonic time after which the blocks are reclaimed
+    # Where the prefill worker writes, one id per prompt block in ``layout``: the blocks
+    # themselves, or with staging the slots (0 for the cached blocks nobody writes).
+    target_ids: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)  # staging slots, from the first uncached
 
 
 class KVReceiver:
-    def __init__(self, engine: AsyncLLMEngine, layout: KVLayout, reserve_timeout_s: float) -> None:
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        layout: KVLayout,
+        reserve_timeout_s: float,
+        staging: KVStaging | None = None,
+    ) -> None:
         self.engine = engine
-        self.layout = layout
+        self.staging = staging
+        # What prefill workers write into (advertised in every reservation).
+        self.layout = staging.layout if staging is not None else layout
         self.reserve_timeout_s = reserve_timeout_s
         self.reservations: dict[str, Reservation] = {}
         self.expired = 0  # reservations reclaimed by the deadline (a metric)
@@ -56,16 +73,38 @@ class KVReceiver:
             lambda e: e.reserve(request_id, prompt_token_ids, params, resume, images)
         )
         r = Reservation(request_id, blocks, cached, time.monotonic() + self.reserve_timeout_s)
+        r.target_ids = blocks
+        if self.staging is not None:
+            skip = cached // self.staging.block_size
+            try:
+                r.slots = self.staging.allocate(len(blocks) - skip)
+            except StagingFull as e:
+                await self.engine.call(lambda e: e.free_reserved(request_id))
+                raise MemoryError(f"KV staging: {e}") from None
+            r.target_ids = [0] * skip + r.slots
         self.reservations[request_id] = r
         return r
 
     def claim(self, request_id: str) -> Reservation:
-        """Take a reservation for decoding (KeyError when it expired or never existed)."""
-        return self.reservations.pop(request_id)
+        """Take a reservation for decoding (KeyError when it expired or never made); with
+        staging, its slots are copied into the reserved blocks first."""
+        r = self.reservations.pop(request_id)
+        if self.staging is not None and r.slots:
+            # NOTE: a blocking copy on the event loop (pinned host -> device, a request's KV:
+            # milliseconds); done here so that no path between claim and decode can leak.
+            try:
+                self.staging.stage_in(r.slots, r.block_ids[len(r.block_ids) - len(r.slots) :])
+            finally:
+                self.staging.free(r.slots)
+                r.slots = []
+        return r
 
     async def release(self, request_id: str) -> None:
         """Free a reservation (the transfer failed, or the router gave up)."""
-        if self.reservations.pop(request_id, None) is not None:
+        r = self.reservations.pop(request_id, None)
+        if r is not None:
+            if self.staging is not None and r.slots:
+                self.staging.free(r.slots)
             await self.engine.call(lambda e: e.free_reserved(request_id))
 
     async def _reap_loop(self) -> None:

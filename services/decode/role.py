@@ -36,7 +36,7 @@ class DecodeRole:
         return pb.ReserveResponse(
             session_id=self.session_id,
             layout=layout_to_proto(self.receiver.layout),
-            block_ids=r.block_ids,
+            block_ids=r.target_ids,
             cached_tokens=r.cached_tokens,
             deadline_ms=int(self.receiver.reserve_timeout_s * 1000),
         )

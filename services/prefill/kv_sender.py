@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from services.common.mooncake_agent import MooncakeAgent, TransferError
 from services.engine.kv_layout import KVLayout, transfer_ranges
+from services.engine.kv_staging import KVStaging, StagingFull
 from services.engine.scheduler import ScheduledSeq
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,10 @@ class PushTarget:
     bytes: int = 0
     seconds: float = 0.0
     done: threading.Condition = field(default_factory=threading.Condition)
+    # Staging slots of the blocks from skip_blocks on (device KV the transfer engine cannot
+    # read), given back once the request is over and its queued writes drained.
+    slots: list[int] = field(default_factory=list)
+    over: bool = False  # waited for or discarded
 
 
 # A queued write: the request's target and its source addresses, destination addresses and
@@ -62,9 +67,13 @@ class KVSender:
         layout: KVLayout,
         block_size: int,
         min_write_bytes: int = DEFAULT_MIN_WRITE_BYTES,
+        staging: KVStaging | None = None,
     ) -> None:
         self.agent = agent
         self.layout = layout
+        # With staging, each layer's blocks are copied into host slots and written from there.
+        self.staging = staging
+        self.source = staging.layout if staging is not None else layout
         self.block_size = block_size
         self.min_write_bytes = min_write_bytes  # hold queued layers until this many bytes
         self.targets: dict[str, PushTarget] = {}
@@ -78,6 +87,12 @@ class KVSender:
                 f"decode worker's KV cache ({target.layout.fingerprint}) does not match this "
                 f"worker's ({self.layout.fingerprint})"
             )
+        if self.staging is not None:
+            blocks = -(-target.num_tokens // self.block_size) - target.skip_blocks
+            try:
+                target.slots = self.staging.allocate(max(0, blocks))
+            except StagingFull as e:
+                raise TransferError(f"KV staging: {e}") from None
         self.targets[request_id] = target
 
     def on_layer_done(self, layer: int, scheduled: list[ScheduledSeq]) -> None:
@@ -100,12 +115,13 @@ class KVSender:
                 t.sent_tokens = end
             if first >= last:
                 continue
+            src_blocks = seq.block_table[first:last]
+            if self.staging is not None:
+                slots = t.slots[first - t.skip_blocks : last - t.skip_blocks]
+                self.staging.stage_out(range(layer, layer + 1), src_blocks, slots)
+                src_blocks = slots
             srcs, dsts, lens = transfer_ranges(
-                self.layout,
-                t.layout,
-                seq.block_table[first:last],
-                t.dst_blocks[first:last],
-                range(layer, layer + 1),
+                self.source, t.layout, src_blocks, t.dst_blocks[first:last], range(layer, layer + 1)
             )
             with t.done:
                 t.pending += 1
@@ -155,6 +171,14 @@ class KVSender:
             with t.done:
                 t.pending -= len(items)
                 t.done.notify_all()
+                self._give_back_slots(t)
+
+    def _give_back_slots(self, t: PushTarget) -> None:
+        """Free the request's staging slots once it is over and no write still reads them
+        (call with ``t.done`` held)."""
+        if t.over and t.pending == 0 and t.slots and self.staging is not None:
+            self.staging.free(t.slots)
+            t.slots = []
 
     def wait(self, request_id: str, timeout: float) -> PushTarget:
         """Block until every queued write of the request is done (call after the request
@@ -163,6 +187,8 @@ class KVSender:
         with t.done:
             if not t.done.wait_for(lambda: t.pending == 0, timeout):
                 t.error = t.error or f"KV push timed out after {timeout:.1f}s"
+            t.over = True
+            self._give_back_slots(t)
         if t.error is not None:
             raise TransferError(t.error)
         return t
@@ -172,6 +198,9 @@ class KVSender:
         t = self.targets.pop(request_id, None)
         if t is not None:
             t.error = t.error or "aborted"
+            with t.done:
+                t.over = True
+                self._give_back_slots(t)
 
     def close(self) -> None:
         self._queue.put(None)

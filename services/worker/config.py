@@ -35,6 +35,19 @@ class WorkerConfig(MemberConfig):
             "choices": ("mooncake", "none"),
         },
     )
+    kv_staging: str = field(
+        default="auto",
+        metadata={
+            "help": "KV transfer through pinned host staging slots: auto (when the KV cache is "
+            "in device memory the installed Mooncake build cannot register: the non-CUDA "
+            "wheel on a GPU) | on (always) | off (never: such a worker refuses to start)",
+            "choices": ("auto", "on", "off"),
+        },
+    )
+    kv_staging_bytes: int = field(
+        default=512 << 20,
+        metadata={"help": "host memory of the KV staging slots (requests in transfer at once)"},
+    )
     mooncake_protocol: str = field(
         default="tcp",
         metadata={"help": "Mooncake transport: tcp | rdma", "choices": ("tcp", "rdma")},
@@ -81,6 +94,10 @@ class WorkerConfig(MemberConfig):
             raise ValueError("role_drain_timeout_s must be >= 0")
         if self.kv_transfer not in ("mooncake", "none"):
             raise ValueError(f"kv_transfer must be mooncake or none, got {self.kv_transfer!r}")
+        if self.kv_staging not in ("auto", "on", "off"):
+            raise ValueError(f"kv_staging must be auto, on or off, got {self.kv_staging!r}")
+        if self.kv_staging_bytes <= 0:
+            raise ValueError("kv_staging_bytes must be > 0")
         if self.mooncake_protocol not in ("tcp", "rdma"):
             raise ValueError(
                 f"mooncake_protocol must be tcp or rdma, got {self.mooncake_protocol!r}"

@@ -57,6 +57,8 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
         drain_timeout_s=wcfg.role_drain_timeout_s, supports_pd=wcfg.kv_transfer != "none",
     )  # fmt: skip
 
+    if prefill_role is not None and prefill_role.sender.staging is not None:
+        servicer.metrics.watch_staging(prefill_role.sender.staging)
     setup_images(wcfg, engine, servicer)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
@@ -164,23 +166,25 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
 def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEngine):
     """Both PD roles' machinery, set up once so that a role flip needs no restart: the KV
     cache is registered with Mooncake at start-up (CPU memory directly; on CUDA the CUDA
-    Mooncake wheel registers device memory)."""
+    Mooncake wheel registers device memory; with the non-CUDA wheel on an accelerator the KV
+    goes through pinned host staging slots, see services/engine/kv_staging.py)."""
     if wcfg.kv_transfer == "none":
         return None, None
     from services.common.mooncake_agent import MooncakeAgent, MooncakeConfig
     from services.decode.kv_receiver import KVReceiver
     from services.decode.role import DecodeRole
+    from services.engine.kv_staging import KVStaging
     from services.prefill.kv_sender import KVSender
     from services.prefill.role import PrefillRole
 
     llm_engine = engine.engine
     assert llm_engine is not None
-    if ecfg.device_type != "cpu" and _mooncake_flavour() == "non-cuda":
-        # NOTE: the non-CUDA wheel cannot register device memory; staging the KV through
-        # pinned host buffers is not implemented, so refuse clearly instead of crashing.
+    unregistrable = ecfg.device_type != "cpu" and _mooncake_flavour() == "non-cuda"
+    if unregistrable and wcfg.kv_staging == "off":
         raise ValueError(
-            "KV transfer from device memory needs the accelerator build of Mooncake "
-            "(pip install 'epdserve[cuda]' or '[npu]'); or run with --kv-transfer none"
+            "the installed Mooncake (non-CUDA wheel) cannot register device memory: use "
+            "--kv-staging auto, the accelerator build (pip install 'epdserve[cuda]' or "
+            "'[npu]'), or --kv-transfer none"
         )
     agent = MooncakeAgent(
         MooncakeConfig(
@@ -189,13 +193,22 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
             device_name=wcfg.mooncake_device,
         )
     )
-    layout = llm_engine.runner.layout
-    agent.register(layout.base_addr, layout.total_bytes)
-    sender = KVSender(agent, layout, ecfg.block_size)
+    runner = llm_engine.runner
+    layout = runner.layout
+    staging = None
+    if wcfg.kv_staging == "on" or (wcfg.kv_staging == "auto" and unregistrable):
+        slots = max(1, wcfg.kv_staging_bytes // runner.bytes_per_block)
+        staging = KVStaging(runner.kv_cache, layout.fingerprint, slots, agent.register)
+    else:
+        agent.register(layout.base_addr, layout.total_bytes)
+    sender = KVSender(agent, layout, ecfg.block_size, staging=staging)
     llm_engine.layer_hook = sender.on_layer_done
-    receiver = KVReceiver(engine, layout, wcfg.reserve_timeout_s)
+    receiver = KVReceiver(engine, layout, wcfg.reserve_timeout_s, staging=staging)
     receiver.start()
-    log.info("KV transfer: Mooncake %s session %s", wcfg.mooncake_protocol, agent.session_id)
+    log.info(
+        "KV transfer: Mooncake %s session %s%s", wcfg.mooncake_protocol, agent.session_id,
+        f", through {staging.num_slots} host staging slots" if staging is not None else "",
+    )  # fmt: skip
     prefill = PrefillRole(engine, sender, ecfg.block_size, wcfg.kv_transfer_timeout_s)
     return prefill, DecodeRole(engine, receiver, agent.session_id)
 

@@ -119,11 +119,32 @@ class WorkerMetrics(MetricsEndpoint):
         finally:
             self.success.labels(self.model_name, self.instance, reason).inc()
 
+    def watch_staging(self, staging: Any) -> None:
+        """Export the KV staging slots' use (a worker that transfers KV through them)."""
+        self.registry.register(_StagingCollector(staging, (self.model_name, self.instance)))
+
     def observe_prefill(self, seconds: float, prompt_tokens: int) -> None:
         """A PD prefill that ran here (``Prefill`` RPC: no output stream to track): its time
         to first token and its prompt tokens."""
         self.ttft.observe(seconds)
         self.prompt_tokens.inc(prompt_tokens)
+
+
+class _StagingCollector:
+    def __init__(self, staging: Any, ids: tuple[str, str]) -> None:
+        self.staging = staging
+        self.ids = list(ids)
+
+    def collect(self) -> Iterable[Metric]:
+        for name, doc, value in (
+            ("epdserve:kv_staging_slots", "KV staging slots (host blocks) of this worker.",
+             self.staging.num_slots),
+            ("epdserve:kv_staging_slots_free", "KV staging slots not held by a transfer.",
+             self.staging.num_free),
+        ):  # fmt: skip
+            g = GaugeMetricFamily(name, doc, labels=LABELS)
+            g.add_metric(self.ids, value)
+            yield g
 
 
 class _EngineCollector:

@@ -78,6 +78,35 @@ def pd_cluster(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
+def staged_pd_cluster(tiny_model_dir):
+    """PD through pinned host staging slots on both sides (what a GPU worker with the
+    non-CUDA Mooncake wheel does), forced on the CPU."""
+    c = start_cluster(
+        tiny_model_dir("llama"), workers=0, prefill=1, decode=1,
+        worker_overrides={"kv_staging": "on", "kv_staging_bytes": 4 << 20},
+    )  # fmt: skip
+    yield c
+    c.stop()
+
+
+PD_CLUSTERS = ["pd_cluster", "staged_pd_cluster"]
+
+
+def staging_slots(cluster) -> list[tuple[float, float]]:
+    """(free, total) staging slots of every worker, from its /metrics."""
+    out = []
+    for w in cluster.workers:
+        text = httpx.get(f"http://127.0.0.1:{w.ready_field('metrics_port')}/metrics").text
+        values = {
+            line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("epdserve:kv_staging_slots")
+        }
+        out.append((values["epdserve:kv_staging_slots_free"], values["epdserve:kv_staging_slots"]))
+    return out
+
+
+@pytest.fixture(scope="module")
 def colocated_cluster(tiny_model_dir):
     c = start_cluster(tiny_model_dir("llama"), workers=1)
     yield c
@@ -88,7 +117,9 @@ def worker_addresses(cluster) -> list[str]:
     return [w.ready_field("address") for w in cluster.workers]
 
 
-def test_pd_equals_colocated(pd_cluster, colocated_cluster):
+@pytest.mark.parametrize("pd", PD_CLUSTERS)
+def test_pd_equals_colocated(pd, colocated_cluster, request):
+    pd_cluster = request.getfixturevalue(pd)
     expected = concurrently(complete, [(colocated_cluster.base_url, p) for p in PROMPTS])
     for round_ in range(2):  # the second round hits the decode worker's prefix cache
         got = concurrently(complete, [(pd_cluster.base_url, p) for p in PROMPTS])
@@ -126,8 +157,11 @@ def test_stream_and_chat_in_pd(pd_cluster, colocated_cluster):
     assert stream_text(pd_cluster.base_url) == stream_text(colocated_cluster.base_url)
 
 
-def test_no_block_leaks_after_aborts(pd_cluster):
-    """100 requests, every third one abandoned by its client mid-stream."""
+@pytest.mark.parametrize("pd", PD_CLUSTERS)
+def test_no_block_leaks_after_aborts(pd, request):
+    """100 requests, every third one abandoned by its client mid-stream (with staging: no
+    staging slot is left held either)."""
+    pd_cluster = request.getfixturevalue(pd)
     url = pd_cluster.base_url
     addresses = worker_addresses(pd_cluster)
     before = wait_all_blocks_free(addresses)
@@ -150,6 +184,9 @@ def test_no_block_leaks_after_aborts(pd_cluster):
     assert results.count("done") == 66 and results.count("abandoned") == 34, results
     after = wait_all_blocks_free(addresses)
     assert after == before, (before, after)
+    if pd == "staged_pd_cluster":
+        slots = staging_slots(pd_cluster)
+        assert all(free == total > 0 for free, total in slots), slots
 
 
 def test_kill_prefill_worker_in_flight(tiny_model_dir):
