@@ -470,9 +470,10 @@ class LLMEngine:
         images: ImageInputs | None = None,
     ) -> tuple[list[int], int]:
         """Decode side: allocate blocks for a prompt whose KV will be written from elsewhere.
-        Returns (block ids, number of leading tokens already cached here, which need no
-        transfer). Raises MemoryError when the cache is full. ``images`` (grids and content
-        hashes of an expanded VL prompt) give the block hashes and M-RoPE decode positions."""
+        Returns (block ids, number of leading tokens already cached here, on the device or
+        in the host pool, which need no transfer). Raises MemoryError when the cache is
+        full. ``images`` (grids and content hashes of an expanded VL prompt) give the block
+        hashes and M-RoPE decode positions."""
         if request_id in self.requests or request_id in self.reserved:
             raise ValueError(f"request id {request_id!r} is already running")
         self.validate(prompt_token_ids, params, resume)
@@ -481,13 +482,15 @@ class LLMEngine:
         seq = self._new_sequence(request_id, prompt_token_ids, params, resume=resume)
         if images is not None:
             seq.mm = self._multimodal_state(prompt_token_ids, images)[1]
-        computed = self.block_manager.get_computed_blocks(seq)
-        cached = computed.num_blocks * self.config.block_size
-        if not self.block_manager.allocate_slots(seq, seq.num_tokens - cached, computed):
+        loads = self.scheduler.allocate_imported(seq)
+        if loads is None:
             raise MemoryError("not enough free KV blocks")
-        if self.tiers is not None:  # blocks it evicted go to the host pool before the import
-            self.tiers.before_step([], self.block_manager, self.runner)
-        self.block_manager.note_lookup(seq, seq.num_computed_tokens)
+        if self.tiers is not None:
+            # Copy the host-pool hits into their blocks and the device blocks this evicted
+            # to the host pool, before the import overwrites them.
+            self.tiers.before_step(loads, self.block_manager, self.runner)
+        cached = seq.num_computed_tokens  # the device and host-pool hits: not transferred
+        self.block_manager.note_lookup(seq, cached)
         self.reserved[request_id] = seq
         if resume is not None:
             self.reserved_resume[request_id] = resume

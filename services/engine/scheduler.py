@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import takewhile
 
 from services.engine.block_manager import BlockManager, ComputedBlocks, chain_root
 from services.engine.kv_tiers import KVLoad, KVTierManager, TierHit
@@ -144,6 +145,23 @@ class Scheduler:
                 out.scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
         return out
+
+    def allocate_imported(self, seq: Sequence) -> list[KVLoad] | None:
+        """Blocks for every token of ``seq``, whose KV is written from elsewhere (the decode
+        side of PD): the device prefix-cache hit, extended with host-pool blocks counted as
+        computed (their KV is copied in by the returned loads, before the import), then
+        fresh blocks for the rest. Returns None, changing nothing, when the cache is full.
+        NOTE: host-pool hits only: store reads run in the background (``prefetch``), and a
+        reservation, answered at once, cannot wait for one."""
+        computed = self.bm.get_computed_blocks(seq)
+        hits = list(takewhile(lambda h: h.tier == "host", self._tier_hits(seq, computed)))
+        num_new = seq.num_tokens - computed.num_blocks * self.bm.block_size
+        if not self.bm.allocate_slots(seq, num_new, computed):
+            return None
+        out = SchedulerOutput()
+        if self.tiers is not None:
+            self._load(seq, computed.num_blocks, hits, out)
+        return out.loads
 
     def _tier_hits(self, seq: Sequence, computed: ComputedBlocks) -> list[TierHit]:
         """Blocks after the device hit found in the host pool or the store (the last

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from itertools import takewhile
 
 import pytest
 import torch
@@ -13,10 +14,12 @@ import torch
 from services.engine import LLM, SamplingParams, kv_tiers
 from services.engine.block_manager import CachedBlock, hash_prompt_blocks
 from services.engine.kv_tiers import BlockCodec, HostBlockPool, KVTierManager
+from services.engine.sequence import Sequence
 from tests.engine.store_master import Master
 
 BS = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+_NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture
@@ -307,3 +310,109 @@ def test_dead_master_means_recompute_and_a_restart_resumes_caching(tiny_model_di
 def test_a_host_pool_smaller_than_a_block_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="smaller than one KV block"):
         small_engine(tiny_model_dir, device_blocks=8, kv_host_pool_bytes=100)
+
+
+# ---- engine: a PD reservation reuses the host pool -----------------------------------------
+
+
+def decode_engine_with_prefix_in_host_pool(
+    model_dir: Callable[[str], object], ids: list[int], **kw
+):
+    """A decode engine whose device cache evicted (most of) ``ids``'s prompt blocks to its
+    host pool; returns it and how many of the 6 reusable blocks are on the device."""
+    llm = small_engine(model_dir, device_blocks=8, kv_host_pool_bytes=1 << 20, **kw)
+    eng = llm.engine
+    run(llm, ids)
+    run(llm, prompt(21, 100))  # needs the blocks ids left cached: they go to the host pool
+    hashes = hash_prompt_blocks(ids, BS)[:6]  # (100 - 1) // BS blocks can be hits
+    on_device = sum(1 for _ in takewhile(eng.block_manager.is_cached, hashes))
+    assert 0 < on_device < 6  # the hit starts on the device and goes on in the host pool
+    assert all(h in eng.tiers.host for h in hashes[on_device:])
+    eng.take_kv_events()
+    return eng, on_device
+
+
+def prefill_and_export(model_dir: Callable[[str], object], rid: str, ids: list[int], **kw):
+    """Prefill ``ids`` on a separate engine: its first token and the prompt's KV."""
+    a = small_engine(model_dir, device_blocks=64, **kw).engine
+    a.add_request(rid, ids, SamplingParams(temperature=0, max_tokens=1), hold_kv=True)
+    first = None
+    while a.has_unfinished_requests():
+        for out in a.step():
+            first = out.outputs[0].token_ids[0]
+    blocks, computed = a.held_blocks(rid)
+    assert computed == len(ids)
+    data = a.read_kv(blocks)
+    a.release_held(rid)
+    return first, data
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, _NO_CUDA])],
+)
+def test_reserve_loads_host_pool_blocks_and_imports_only_the_rest(tiny_model_dir, device):
+    kw = {"device": device, "dtype": "float32"}
+    ids = prompt(20, 100)
+    ref, _ = run(small_engine(tiny_model_dir, device_blocks=64, **kw), ids)
+    eng, on_device = decode_engine_with_prefix_in_host_pool(tiny_model_dir, ids, **kw)
+    hashes = hash_prompt_blocks(ids, BS)[:6]
+    host_hits = eng.stats().kv_host_hit_blocks
+    first, data = prefill_and_export(tiny_model_dir, "r", ids, **kw)
+
+    dst, cached = eng.reserve("r", ids, GREEDY)
+    assert cached == 6 * BS  # device hits and host-pool hits: neither is transferred
+    assert eng.stats().kv_host_hit_blocks - host_hits == 6 - on_device
+    assert eng.reserved["r"].num_cached_tokens == cached
+    stored = [h for e in eng.take_kv_events() if e.kind == "stored" and e.tier == "device"
+              for h in e.block_hashes]  # fmt: skip
+    assert stored == hashes[on_device:]  # the loaded blocks are in the device cache again
+    assert all(eng.block_manager.is_cached(h) for h in hashes)
+    # The loaded KV is the prefill engine's (the same model computed it).
+    assert torch.allclose(eng.read_kv(dst[:6]).cpu(), data[:, :, :6].cpu(), atol=1e-5)
+    eng.block_manager.check_invariants()
+
+    skip = cached // BS
+    eng.write_kv(dst[skip:], data[:, :, skip : len(dst)])
+    tokens = list(eng.start_reserved("r", first).outputs[0].token_ids)
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            tokens.extend(out.outputs[0].token_ids)
+    assert tokens == ref
+    eng.block_manager.check_invariants()
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    eng.close()
+
+
+def test_a_reservation_released_without_decoding_frees_its_loaded_blocks(tiny_model_dir):
+    ids = prompt(22, 100)
+    eng, on_device = decode_engine_with_prefix_in_host_pool(tiny_model_dir, ids)
+    _, cached = eng.reserve("r", ids, GREEDY)
+    assert cached == 6 * BS
+    eng.free_reserved("r")
+    bm = eng.block_manager
+    bm.check_invariants()
+    assert bm.num_free_blocks == bm.num_blocks
+    assert not eng.reserved
+    # The loaded blocks stay cached: a second reservation finds them all on the device.
+    host_hits = eng.stats().kv_host_hit_blocks
+    _, cached = eng.reserve("r2", ids, GREEDY)
+    assert cached == 6 * BS and eng.stats().kv_host_hit_blocks == host_hits
+    eng.free_reserved("r2")
+    assert bm.num_free_blocks == bm.num_blocks
+    eng.close()
+
+
+def test_a_reservation_that_does_not_fit_takes_nothing_from_the_host_pool(tiny_model_dir):
+    ids = prompt(23, 100)
+    eng, _ = decode_engine_with_prefix_in_host_pool(tiny_model_dir, ids)
+    hog = Sequence("hog", prompt(24, 5 * BS), GREEDY)
+    assert eng.block_manager.allocate_slots(hog, 5 * BS)  # leaves 3 of 8 device blocks
+    host_hits = eng.stats().kv_host_hit_blocks
+    with pytest.raises(MemoryError):
+        eng.reserve("r", ids, GREEDY)
+    assert not eng.reserved and eng.stats().kv_host_hit_blocks == host_hits
+    eng.block_manager.free(hog)
+    eng.block_manager.check_invariants()
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    eng.close()

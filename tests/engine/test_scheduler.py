@@ -6,10 +6,12 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.engine.block_manager import BlockManager
+from services.engine.block_manager import BlockManager, hash_prompt_blocks
+from services.engine.kv_tiers import KVTierManager
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from services.engine.sequence import Sequence, SequenceStatus
@@ -406,6 +408,54 @@ def test_finish_preempted_sequence_from_waiting() -> None:
     assert not sched.has_work
     assert sched.bm.num_free_blocks == 4
     assert all(blk.ref_count == 0 for blk in sched.bm.blocks)
+    sched.bm.check_invariants()
+
+
+# ---- imported prompts (decode side of PD) ----------------------------------------------------
+
+
+def test_imported_prompt_reuses_the_device_cache_then_the_host_pool() -> None:
+    sched = make_sched(num_blocks=8)
+    sched.tiers = KVTierManager(BS, (1,), torch.float32, host_blocks=4, pin_memory=False)
+    sched.bm.feed_tiers = True
+    prompt = list(range(100, 113))  # 3 blocks can be hits; the last token never is
+    hashes = hash_prompt_blocks(prompt, BS)
+    owner = make_seq(prompt[:4])
+    assert sched.bm.allocate_slots(owner, 4)
+    owner.num_computed_tokens = 4
+    sched.bm.cache_full_blocks(owner)  # block 0 on the device
+    sched.bm.free(owner)
+    blocks = [tuple(prompt[i * BS : (i + 1) * BS]) for i in (1, 2)]
+    sched.tiers.host.put(hashes[1:3], blocks, torch.zeros(2, 1))  # blocks 1, 2 in the host pool
+    sched.bm.take_events()
+
+    seq = make_seq(prompt)
+    loads = sched.allocate_imported(seq)
+    assert loads is not None
+    assert [(x.block_id, x.hit.block_hash, x.hit.tier) for x in loads] == [
+        (seq.block_table[1], hashes[1], "host"),
+        (seq.block_table[2], hashes[2], "host"),
+    ]
+    assert len(seq.block_table) == 4 and seq.num_computed_tokens == 12
+    assert seq.block_hashes == hashes[:3]
+    assert [(e.kind, e.block_hashes) for e in sched.bm.take_events()] == [("stored", hashes[1:3])]
+    assert not sched.waiting and not sched.running  # reserved, not scheduled
+    sched.bm.free(seq)
+    sched.bm.check_invariants()
+    assert sched.bm.num_free_blocks == 8 and all(sched.bm.is_cached(h) for h in hashes[:3])
+
+
+def test_imported_prompt_that_does_not_fit_changes_nothing() -> None:
+    sched = make_sched(num_blocks=3)
+    sched.tiers = KVTierManager(BS, (1,), torch.float32, host_blocks=4, pin_memory=False)
+    prompt = list(range(100, 113))
+    sched.tiers.host.put(
+        hash_prompt_blocks(prompt, BS)[:1], [tuple(prompt[:BS])], torch.zeros(1, 1)
+    )
+    seq = make_seq(prompt)
+    assert sched.allocate_imported(seq) is None
+    assert seq.block_table == [] and seq.num_computed_tokens == 0
+    assert sched.bm.num_free_blocks == 3
     sched.bm.check_invariants()
 
 
