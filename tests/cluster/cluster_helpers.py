@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -15,6 +16,8 @@ import grpc
 from services.cli.launcher import ClusterSpec, LocalCluster
 from services.common.proto import kvstore_pb2 as kpb
 from services.common.proto import kvstore_pb2_grpc as kpb_grpc
+from services.common.proto import worker_pb2 as pb
+from services.common.proto import worker_pb2_grpc as pb_grpc
 
 TINY_NAME = "tiny-llama"
 # A small KV cache keeps worker start-up quick; the tiny model needs ~512 B per token.
@@ -123,3 +126,18 @@ def etcd_get(c: LocalCluster, key: str) -> str:
         capture_output=True, text=True, timeout=10, check=True,
     )  # fmt: skip
     return out.stdout.strip()
+
+
+def load_report(address: str) -> pb.LoadReport:
+    """One load report of the worker at ``address`` (its StreamLoad RPC)."""
+
+    async def read() -> pb.LoadReport:
+        async with grpc.aio.insecure_channel(address) as ch:
+            call = pb_grpc.WorkerServiceStub(ch).StreamLoad(
+                pb.LoadReportRequest(interval_ms=50), timeout=5
+            )
+            report = await call.read()
+            call.cancel()
+            return report
+
+    return asyncio.run(read())

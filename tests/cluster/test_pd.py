@@ -3,18 +3,15 @@ Mooncake transfer engine, against a co-located cluster on the same model."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, start_cluster
+from cluster_helpers import TINY_NAME, load_report, start_cluster
 
 from services.common.proto import worker_pb2 as pb
-from services.common.proto import worker_pb2_grpc as pb_grpc
 
 pytest.importorskip("mooncake.engine")
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
@@ -29,19 +26,6 @@ PROMPTS = [
     BASE + "so the scribes had to find new work",
     "1 2 3 4 5 6 7 8 9 10 11 12",
 ]
-
-
-def load_report(address: str) -> pb.LoadReport:
-    async def read() -> pb.LoadReport:
-        async with grpc.aio.insecure_channel(address) as ch:
-            call = pb_grpc.WorkerServiceStub(ch).StreamLoad(
-                pb.LoadReportRequest(interval_ms=50), timeout=5
-            )
-            report = await call.read()
-            call.cancel()
-            return report
-
-    return asyncio.run(read())
 
 
 def wait_all_blocks_free(addresses: list[str], timeout: float = 45.0) -> dict[str, tuple[int, int]]:

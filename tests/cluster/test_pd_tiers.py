@@ -4,35 +4,19 @@ prefill worker pushes only the rest, and the tokens stay those of a full transfe
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-import grpc
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, start_cluster
+from cluster_helpers import TINY_NAME, load_report, start_cluster
 
 from services.common.proto import worker_pb2 as pb
-from services.common.proto import worker_pb2_grpc as pb_grpc
 
 pytest.importorskip("mooncake.engine")
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 BLOCK_BYTES = 16 * 512  # the tiny model on the CPU: ~512 B of KV per token, 16 per block
 TEXT = "the quick brown fox jumps over the lazy dog and runs into the forest " * 8
-
-
-def load_report(address: str) -> pb.LoadReport:
-    async def read() -> pb.LoadReport:
-        async with grpc.aio.insecure_channel(address) as ch:
-            call = pb_grpc.WorkerServiceStub(ch).StreamLoad(
-                pb.LoadReportRequest(interval_ms=50), timeout=5
-            )
-            report = await call.read()
-            call.cancel()
-            return report
-
-    return asyncio.run(read())
 
 
 def complete(url: str, prompt: str) -> dict:
