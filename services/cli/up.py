@@ -10,6 +10,8 @@ import time
 
 from services.cli.admin_config import config_dir
 from services.cli.launcher import ClusterSpec, LocalCluster
+from services.common.dataclass_cli import parse_assignments
+from services.engine.config import EngineConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="router HTTP address (default 127.0.0.1)")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (default cpu)")
+    p.add_argument(
+        "--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="an engine setting of every worker (an EngineConfig field: dtype=bfloat16, "
+        "kv_cache_bytes=4294967296, load_format=dummy, ...); repeatable",
+    )  # fmt: skip
     p.add_argument("--cluster", default="local", help="cluster name in etcd (default local)")
     p.add_argument(
         "--policy",
@@ -74,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     kvstore = wants_kvstore(args, mixed + args.prefill + args.decode)
     policy = args.policy or ("cache_aware" if kvstore else "least_load")
     try:
+        engine_overrides = parse_assignments(EngineConfig, args.engine_arg)
         spec = ClusterSpec(
             model=args.model, served_model_name=args.served_model_name,
             mixed=mixed,
@@ -82,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             routers=args.routers, kvstore=kvstore,
             device=args.device, cluster=args.cluster, policy=policy, echo=args.verbose,
             router_overrides={"rebalance_policy": args.rebalance_policy},
+            engine_overrides=engine_overrides,
             admin_dir=str(config_dir()),
         )  # fmt: skip
     except ValueError as exc:

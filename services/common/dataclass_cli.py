@@ -74,6 +74,35 @@ def from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
     return cls(**values)
 
 
+def parse_assignments(cls: type, items: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> field values of ``cls``, converted to the fields' types
+    (ValueError names a bad key or value)."""
+    hints = typing.get_type_hints(cls)
+    fields_ = {f.name for f in dataclasses.fields(cls) if f.init}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields_:
+            raise ValueError(f"expected KEY=VALUE with KEY a field of {cls.__name__}, got {item!r}")
+        tp, optional = _base_type(hints[key])
+        if optional and text.lower() in ("", "none"):
+            out[key] = None
+        elif tp is bool:
+            try:
+                out[key] = _parse_bool(text)
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"{key}: {e}") from None
+        elif tp in (int, float, str):
+            try:
+                out[key] = tp(text)
+            except ValueError:
+                raise ValueError(f"{key}: expected {tp.__name__}, got {text!r}") from None
+        else:
+            raise ValueError(f"{key} cannot be set as KEY=VALUE")
+    return out
+
+
 def to_argv(obj: Any, skip: frozenset[str] = frozenset()) -> list[str]:
     """The inverse of ``from_args``: flags that rebuild ``obj`` (non-default fields only)."""
     argv: list[str] = []

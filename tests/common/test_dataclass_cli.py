@@ -34,3 +34,24 @@ def test_configs_validate() -> None:
         RouterConfig(policy="nope")
     with pytest.raises(ValueError, match="lease_ttl"):
         WorkerConfig(lease_ttl=1)
+
+
+def test_parse_assignments_converts_to_the_field_types():
+    from services.common.dataclass_cli import parse_assignments
+    from services.engine.config import EngineConfig
+
+    got = parse_assignments(
+        EngineConfig,
+        ["dtype=bfloat16", "kv-cache-bytes=4096", "enforce_eager=true", "max_model_len=none",
+         "gpu_memory_utilization=0.5"],
+    )  # fmt: skip
+    assert got == {"dtype": "bfloat16", "kv_cache_bytes": 4096, "enforce_eager": True,
+                   "max_model_len": None, "gpu_memory_utilization": 0.5}  # fmt: skip
+    for bad, match in (
+        ("nosuch=1", "field of EngineConfig"),
+        ("dtype", "KEY=VALUE"),
+        ("block_size=x", "expected int"),
+        ("enforce_eager=maybe", "boolean"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            parse_assignments(EngineConfig, [bad])
