@@ -101,7 +101,15 @@ class MooncakeAgent:
 
     def _wait(self, ids: list[int], nbytes: int) -> int:
         """Poll submitted writes until each is done; returns how many failed. Gives up on a
-        write after Mooncake's own sync deadline (30 s + 1 s per GB), counting it failed."""
+        write after Mooncake's own sync deadline (30 s + 1 s per GB), counting it failed.
+
+        NOTE: a batch id given up on here (still running at the deadline, or reported
+        TIMEOUT, -2) is never freed: the Python binding (mooncake-transfer-engine 0.3.13)
+        has no free/release call. Its ``transfer_check_status`` frees a batch itself when
+        it reports it done (1) or failed (-1), so only those leak, and Mooncake's
+        ``freeBatchID`` refuses a batch whose tasks are unfinished anyway (the transport
+        still holds them). ``get_batch_transfer_status`` frees on its own timeout but
+        busy-waits for it, which is what this poll avoids."""
         if not ids:
             return 0
         start = time.monotonic()

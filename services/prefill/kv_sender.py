@@ -7,7 +7,8 @@ writes in order, so a partly filled block re-sent by a later chunk overwrites th
 copy. ``wait`` returns once every write of a finished request has landed.
 
 Writes are grouped: the sender holds queued layers until they add up to ``min_write_bytes``
-or the engine step ends (its last layer), then writes each request's group with one call.
+(the worker's ``--kv-push-min-write-bytes``) or the engine step ends (its last layer), then
+writes each request's group with one call.
 Over Mooncake's TCP transport a call has a fixed cost of about a millisecond on loopback,
 so ~1.5 MB per-layer writes (a 1024-token prompt of the 135M default model) reach about
 half the bandwidth of one large write; groups of a few layers keep most of the overlap

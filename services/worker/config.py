@@ -58,6 +58,16 @@ class WorkerConfig(MemberConfig):
     kv_transfer_timeout_s: float = field(
         default=30.0, metadata={"help": "prefill side: deadline for a request's KV push"}
     )
+    # NOTE: the default is kv_sender.DEFAULT_MIN_WRITE_BYTES (a test keeps them equal);
+    # this module does not import the sender, which pulls in the engine.
+    kv_push_min_write_bytes: int = field(
+        default=8 << 20,
+        metadata={
+            "help": "prefill side: queued layers are held until they add up to this many "
+            "bytes, then written with one call; smaller suits RDMA/GPU, where a write call "
+            "is cheap, larger suits TCP"
+        },
+    )
     reserve_timeout_s: float = field(
         default=30.0,
         metadata={"help": "decode side: reserved KV blocks are freed after this long unused"},
@@ -106,6 +116,8 @@ class WorkerConfig(MemberConfig):
             raise ValueError("encoder_cache_bytes must be >= 0")
         if self.kv_transfer_timeout_s <= 0 or self.reserve_timeout_s <= 0:
             raise ValueError("kv_transfer_timeout_s and reserve_timeout_s must be > 0")
+        if self.kv_push_min_write_bytes < 1:
+            raise ValueError("kv_push_min_write_bytes must be >= 1")
         if self.kv_transfer == "none" and self.role in ("prefill", "decode", "encode"):
             raise ValueError(f"role {self.role!r} needs KV transfer (--kv-transfer mooncake)")
         if self.kv_store == "auto" and not self.register:

@@ -201,7 +201,13 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
         staging = KVStaging(runner.kv_cache, layout.fingerprint, slots, agent.register)
     else:
         agent.register(layout.base_addr, layout.total_bytes)
-    sender = KVSender(agent, layout, ecfg.block_size, staging=staging)
+    sender = KVSender(
+        agent,
+        layout,
+        ecfg.block_size,
+        min_write_bytes=wcfg.kv_push_min_write_bytes,
+        staging=staging,
+    )
     llm_engine.layer_hook = sender.on_layer_done
     receiver = KVReceiver(engine, layout, wcfg.reserve_timeout_s, staging=staging)
     receiver.start()

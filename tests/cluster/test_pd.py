@@ -3,15 +3,19 @@ Mooncake transfer engine, against a co-located cluster on the same model."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import httpx
 import pytest
 from cluster_helpers import TINY_NAME, load_report, start_cluster
 
 from services.common.proto import worker_pb2 as pb
+from services.common.proto import worker_pb2_grpc as pb_grpc
 
 pytest.importorskip("mooncake.engine")
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
@@ -173,6 +177,28 @@ def test_no_block_leaks_after_aborts(pd, request):
         assert all(free == total > 0 for free, total in slots), slots
 
 
+def kill_when_busy(address: str, victim, watching: threading.Event, timeout: float) -> int:
+    """SIGKILL ``victim`` at the first load report (every 10 ms) that shows a request in
+    flight; returns that count (0: none seen before ``timeout``)."""
+
+    async def watch() -> int:
+        async with grpc.aio.insecure_channel(address) as ch:
+            call = pb_grpc.WorkerServiceStub(ch).StreamLoad(
+                pb.LoadReportRequest(interval_ms=10), timeout=timeout
+            )
+            try:
+                async for report in call:
+                    watching.set()
+                    if report.num_inflight > 0:
+                        victim.signal(signal.SIGKILL)
+                        return report.num_inflight
+            except grpc.aio.AioRpcError:
+                pass
+            return 0
+
+    return asyncio.run(watch())
+
+
 def test_kill_prefill_worker_in_flight(tiny_model_dir):
     """2 prefill + 1 decode; kill -9 one prefill worker with requests in flight."""
     c = start_cluster(
@@ -203,14 +229,14 @@ def test_kill_prefill_worker_in_flight(tiny_model_dir):
             )  # fmt: skip
             return r.status_code, r.json()
 
-        with ThreadPoolExecutor(max_workers=12) as pool:
+        with ThreadPoolExecutor(max_workers=13) as pool:
+            # Kill it while it holds requests (prefill of a long prompt in small chunks): the
+            # whole batch takes well under a second here, so watch its load stream.
+            watching = threading.Event()
+            watcher = pool.submit(kill_when_busy, victim_addr, victim, watching, 60.0)
+            assert watching.wait(30), "no load report from the victim"
             futures = [pool.submit(one, i) for i in range(12)]
-            # Kill it while it holds requests (prefill of a long prompt in small chunks).
-            deadline = time.monotonic() + 30
-            inflight_at_kill = 0
-            while inflight_at_kill == 0 and time.monotonic() < deadline:
-                inflight_at_kill = load_report(victim_addr).num_inflight
-            victim.signal(signal.SIGKILL)
+            inflight_at_kill = watcher.result()
             results = [f.result() for f in futures]
         ok = [body for status, body in results if status == 200]
         failed = [(status, body) for status, body in results if status != 200]

@@ -34,6 +34,15 @@ def test_configs_validate() -> None:
         RouterConfig(policy="nope")
     with pytest.raises(ValueError, match="lease_ttl"):
         WorkerConfig(lease_ttl=1)
+    with pytest.raises(ValueError, match="kv_push_min_write_bytes must be >= 1"):
+        WorkerConfig(kv_push_min_write_bytes=0)
+    assert WorkerConfig(kv_push_min_write_bytes=1).kv_push_min_write_bytes == 1
+
+
+def test_kv_push_min_write_bytes_default_is_the_senders() -> None:
+    from services.prefill.kv_sender import DEFAULT_MIN_WRITE_BYTES
+
+    assert WorkerConfig().kv_push_min_write_bytes == DEFAULT_MIN_WRITE_BYTES
 
 
 def test_parse_assignments_converts_to_the_field_types():

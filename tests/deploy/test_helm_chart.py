@@ -108,6 +108,7 @@ CASES: dict[str, list[dict[str, Any]]] = {
                 "port": 7000,
                 "config": {"capacityBlocks": 5000, "masterArgs": ["v=1"]},
             },
+            "metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}}},
         }
     ],
 }
@@ -306,6 +307,27 @@ def test_everything_on_wires_secrets_and_monitors() -> None:
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["port"] == "metrics" and endpoint["honorLabels"] is True
     assert decode["command"][decode["command"].index("--drain-timeout-s") + 1] == "300.0"
+
+
+def test_kvstore_pod_monitor_scrapes_its_metrics_port() -> None:
+    values = ch.merge_overlays(*CASES["kvstore"])
+    objects = ch.render_objects(values)
+    deployment = _by(objects, "Deployment")[f"{ch.FULLNAME}-kvstore"]
+    pod = deployment["spec"]["template"]
+    ports = {p["name"]: p["containerPort"] for p in _container(deployment)["ports"]}
+    assert ports["metrics"] == ch.merged_values(values)["kvstore"]["metricsPort"]
+    monitor = _by(objects, "PodMonitor")[f"{ch.FULLNAME}-kvstore"]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    assert "epdserve.io/role" not in pod["metadata"]["labels"]  # not the workers' monitor too
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    # No Service, so no ServiceMonitor; no kvstore, no monitor.
+    both = {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}}
+    on = ch.render_objects(ch.merge_overlays(values, both))
+    assert f"{ch.FULLNAME}-kvstore" not in _by(on, "ServiceMonitor")
+    assert f"{ch.FULLNAME}-kvstore" not in _by(ch.render_objects(EVERYTHING), "PodMonitor")
 
 
 @pytest.mark.parametrize("drain,grace", [(0, 15), (None, 75), (0.5, 16)])

@@ -127,6 +127,7 @@ def test_every_metric_is_documented() -> None:
         num_waiting=0, num_running=0, num_waiting_prompt_tokens=0, kv_utilization=0.0))  # fmt: skip
     worker = WorkerMetrics(engine, WorkerState("w", "inc", "mixed"))
     ImageMetrics(worker.registry, "m", "w")  # encode / prefill / mixed workers with images
+    worker.watch_staging(SimpleNamespace(num_slots=4, num_free=4))  # KV through staging slots
     kvstore = KVStoreMetrics("k", KVIndex(), SimpleNamespace(restarts=0, alive=True))  # type: ignore[arg-type]
     documented = set(re.findall(r"`(epdserve:[a-z0-9_:]+)`", DOC.read_text()))
     exported = set()
