@@ -14,7 +14,7 @@ from services.engine.kv_layout import KVLayout
 from services.engine.layers.attention import AttentionMetadata, PrefillSegment, TorchAttention
 from services.engine.model_loader import iter_safetensors
 from services.engine.models.registry import resolve_model_class
-from services.engine.multimodal import prepare_batch
+from services.engine.multimodal import decode_mrope_positions, prepare_batch
 from services.engine.platforms import DTYPES, free_device_memory, get_device
 from services.engine.scheduler import ScheduledSeq
 
@@ -94,12 +94,7 @@ class ModelRunner:
             layer.k_cache = self.kv_cache[0, i]
             layer.v_cache = self.kv_cache[1, i]
         self.graphs: DecodeGraphs | None = None
-        if (
-            self.device.type == "cuda"
-            and not config.enforce_eager
-            and self.backend.paged_decode
-            and not getattr(model, "is_multimodal", False)
-        ):
+        if self.device.type == "cuda" and not config.enforce_eager and self.backend.paged_decode:
             self.graphs = DecodeGraphs(self, config.max_num_seqs)
 
     @property
@@ -173,7 +168,12 @@ class ModelRunner:
         tables, lens = self._decode_tables(decodes) if decodes else ([], [])
         hidden = None
         if self.graphs is not None and decodes and not prefills and layer_hook is None:
-            hidden = self.graphs.run(ids, pos, slots, tables, lens)
+            positions = (
+                decode_mrope_positions(decodes)
+                if self.graphs.mrope
+                else torch.tensor(pos, dtype=torch.long)
+            )
+            hidden = self.graphs.run(ids, positions, slots, tables, lens)
         if hidden is None:
             meta = self._metadata(slots, tables, lens, segments)
             if layer_hook is not None:
@@ -294,12 +294,15 @@ class DecodeGraphs:
     def __init__(self, runner: ModelRunner, max_num_seqs: int) -> None:
         self.runner = runner
         dev = runner.device
+        # Vision-language models take M-RoPE positions [3, T] (a decode step has no images).
+        self.mrope = bool(getattr(runner.model, "is_multimodal", False))
         self.sizes = sorted({n for n in (1, 2, 4, 8, *range(16, max_num_seqs + 16, 16))
                              if n <= max_num_seqs} | {max_num_seqs})  # fmt: skip
         n_max = self.sizes[-1]
         self.max_blocks = -(-runner.max_model_len // runner.block_size)
         self.ids = torch.zeros(n_max, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n_max, dtype=torch.long, device=dev)
+        pos_shape = (3, n_max) if self.mrope else (n_max,)
+        self.positions = torch.zeros(pos_shape, dtype=torch.long, device=dev)
         self.slots = torch.full((n_max,), -1, dtype=torch.long, device=dev)
         self.tables = torch.zeros(n_max, self.max_blocks, dtype=torch.int32, device=dev)
         self.lens = torch.zeros(n_max, dtype=torch.int32, device=dev)
@@ -309,11 +312,11 @@ class DecodeGraphs:
             for n in reversed(self.sizes):
                 meta = self._meta(n)
                 # The first call compiles the Triton kernels and warms cuBLAS: never in capture.
-                runner.model(self.ids[:n], self.positions[:n], meta)
+                runner.model(self.ids[:n], self.positions[..., :n], meta)
                 torch.cuda.synchronize(dev)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    hidden = runner.model(self.ids[:n], self.positions[:n], meta)
+                    hidden = runner.model(self.ids[:n], self.positions[..., :n], meta)
                 self.graphs[n] = (graph, hidden)
         torch.cuda.synchronize(dev)
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
@@ -329,7 +332,7 @@ class DecodeGraphs:
     def run(
         self,
         ids: list[int],
-        positions: list[int],
+        positions: torch.Tensor,  # [B], or [3, B] for M-RoPE
         slots: list[int],
         tables: list[list[int]],
         lens: list[int],
@@ -342,7 +345,7 @@ class DecodeGraphs:
         n = next(size for size in self.sizes if size >= b)
         pad = n - b
         self.ids[:b].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
-        self.positions[:b].copy_(torch.tensor(positions, dtype=torch.long), non_blocking=True)
+        self.positions[..., :b].copy_(positions, non_blocking=True)
         self.slots[:n].copy_(torch.tensor(slots + [-1] * pad, dtype=torch.long), non_blocking=True)
         self.lens[:n].copy_(torch.tensor(lens + [0] * pad, dtype=torch.int32), non_blocking=True)
         self.tables[:b, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)

@@ -273,6 +273,16 @@ def image_hash_root(hashes: Sequence[str]) -> int:
     return hash_block(ROOT_HASH, words)
 
 
+def decode_mrope_positions(decodes: list[Any]) -> torch.Tensor:
+    """M-RoPE positions ``[3, len(decodes)]`` (CPU) of one decode token per sequence."""
+    pos = []
+    for s in decodes:
+        p = s.seq.num_computed_tokens
+        mm = s.seq.mm
+        pos.append(mm.positions_of(p, p + 1) if mm else torch.full((3, 1), p, dtype=torch.long))
+    return torch.cat(pos, dim=1)
+
+
 def prepare_batch(
     model: Any,
     decodes: list[Any],
@@ -282,11 +292,7 @@ def prepare_batch(
     """M-RoPE positions ``[3, T]`` and input embeddings ``[T, H]`` of a flattened batch laid
     out as ``ModelRunner.execute`` lays it out (decodes, then prefill chunks); ``decodes`` and
     ``prefills`` are its ``ScheduledSeq`` lists."""
-    pos: list[torch.Tensor] = []
-    for s in decodes:
-        p = s.seq.num_computed_tokens
-        mm = s.seq.mm
-        pos.append(mm.positions_of(p, p + 1) if mm else torch.full((3, 1), p, dtype=torch.long))
+    pos: list[torch.Tensor] = [decode_mrope_positions(decodes)] if decodes else []
     embeds = model.model.embed_tokens(input_ids)
     offset = len(decodes)
     for s in prefills:

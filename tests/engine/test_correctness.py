@@ -10,12 +10,15 @@ from tests.conftest import FAMILIES
 
 MAX_TOKENS = 12
 
-_NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU_MARKS = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 # "cuda" replays CUDA graphs for decode batches; "cuda-eager" runs the Triton kernels eagerly.
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=[pytest.mark.gpu, _NO_CUDA]),
-    pytest.param("cuda-eager", marks=[pytest.mark.gpu, _NO_CUDA]),
+    pytest.param("cuda", marks=GPU_MARKS),
+    pytest.param("cuda-eager", marks=GPU_MARKS),
 ]
 
 

@@ -13,6 +13,7 @@ from services.engine.layers.attention import TorchAttention
 from services.engine.layers.mrope import MRotaryEmbedding, decode_positions, mrope_positions
 from services.engine.multimodal import ImageInputs, expand_image_placeholders, merge_embeddings
 from tests.conftest import randomize_qkv_biases, tiny_vl_text_config
+from tests.engine.test_correctness import GPU_MARKS, on
 
 # Special ids inside the default tokenizer's vocabulary, so outputs detokenize.
 IMAGE = 49000
@@ -285,11 +286,11 @@ def model_dir(hf_model, tmp_path_factory):
     import shutil
     from pathlib import Path
 
-    from services.engine.model_loader import resolve_model
+    from tests.conftest import tokenizer_source
 
     out = tmp_path_factory.mktemp("tiny-qwen2-vl")
     hf_model.save_pretrained(str(out))
-    src = Path(resolve_model(None))
+    src = Path(tokenizer_source())
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (src / name).exists():
             shutil.copy(src / name, out / name)
@@ -323,21 +324,34 @@ def unexpanded(images: ImageInputs, text_lens: list[int]) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("prefix_caching", [True, False])
-def test_llm_generate_with_images(hf_model, model_dir, prefix_caching):
+@pytest.mark.parametrize(
+    "prefix_caching,device",
+    [
+        (True, "cpu"),
+        (False, "cpu"),
+        pytest.param(True, "cuda", marks=GPU_MARKS),
+        pytest.param(True, "cuda-eager", marks=GPU_MARKS),
+    ],
+)
+def test_llm_generate_with_images(hf_model, model_dir, prefix_caching, device):
     """Dict prompts with precomputed pixel values, one and two images, mixed with text in one
     batch, chunked prefill (4-token budget); then the same tokens with other images must
-    not reuse the first images' cached blocks."""
+    not reuse the first images' cached blocks. On CUDA also with the decode graphs (M-RoPE
+    positions)."""
     from services.engine import LLM
 
     llm = LLM(
         str(model_dir),
-        dtype="float32",
-        kv_cache_bytes=1 << 22,
-        block_size=4,
-        max_num_batched_tokens=16,
-        enable_prefix_caching=prefix_caching,
+        **on(
+            device,
+            dtype="float32",
+            kv_cache_bytes=1 << 22,
+            block_size=4,
+            max_num_batched_tokens=16,
+            enable_prefix_caching=prefix_caching,
+        ),
     )
+    assert (llm.engine.runner.graphs is not None) == (device == "cuda")
     for seed in (0, 1):
         prompts, refs = [], []
         for grids in GRIDS:
