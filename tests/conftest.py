@@ -101,6 +101,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
     return get
 
 
+@pytest.fixture
+def master():
+    """A real ``mooncake_master`` on free local ports (``tests/engine/store_master.py``),
+    killed after the test."""
+    from tests.engine.store_master import Master
+
+    m = Master()
+    m.start()
+    yield m
+    m.kill()
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     from services.engine.model_loader import resolve_model

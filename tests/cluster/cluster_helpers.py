@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -86,7 +89,7 @@ def flips(c: LocalCluster, action: str) -> list[dict]:
     return [d for d in rb["decisions"] if d["action"] == action and d["applied"]]
 
 
-def wait_for(pred, timeout: float, what: str, every: float = 0.5):
+def wait_for(pred, timeout: float = 60.0, what: str = "condition", every: float = 0.5):
     """``pred()``'s first truthy value, polled; AssertionError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -141,3 +144,61 @@ def load_report(address: str) -> pb.LoadReport:
             return report
 
     return asyncio.run(read())
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (children, and theirs: the master is the kvstore's child)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - out
+        out |= frontier
+    return out
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is alive (a zombie counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def epdserve_up(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen, str, dict]]:
+    """`epdserve up ARGS --port P` as a user runs it, once it printed its URL: (the process,
+    the base URL, the env the operator CLI needs to find it). Whatever is still running
+    afterwards is killed, so a failing test leaves no cluster behind."""
+    from services.common.net import free_port
+
+    port = free_port()
+    env = {**os.environ, "EPDSERVE_CONFIG_DIR": str(tmp_path / "cfg")}
+    env.pop("EPDSERVE_ROUTER", None)
+    env.pop("EPDSERVE_ADMIN_TOKEN", None)
+    # stderr to a file: a pipe nobody reads could fill and block `up`.
+    err = open(tmp_path / "up.err", "w")  # noqa: SIM115 - closed in the finally
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "up", *args, "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=err, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # blocks until the cluster is ready (or up failed)
+        base = f"http://127.0.0.1:{port}"
+        assert f"{base}/v1" in line, line + (tmp_path / "up.err").read_text()
+        yield proc, base, env
+    finally:
+        if proc.poll() is None:
+            for pid in descendants(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.kill()
+        err.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -12,8 +11,7 @@ import time
 
 import httpx
 import pytest
-
-from services.common.net import free_port
+from cluster_helpers import epdserve_up, running
 
 # Real processes: a few tens of seconds per module on 2 CPU cores.
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -26,25 +24,13 @@ def test_up_refuses_half_a_pd_cluster_clearly() -> None:
 
 
 def test_up_serves_and_stops_on_ctrl_c(tiny_model_dir, tmp_path) -> None:
-    port = free_port()
-    # Where `epdserve up` leaves the router URL and admin token for the operator CLI.
-    env = {**os.environ, "EPDSERVE_CONFIG_DIR": str(tmp_path / "cfg")}
-    env.pop("EPDSERVE_ROUTER", None)
-    env.pop("EPDSERVE_ADMIN_TOKEN", None)
-    # stderr to a file: a pipe nobody reads could fill and block `up`.
-    err = open(tmp_path / "up.err", "w")  # noqa: SIM115 - closed in the finally
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "up", "--model", str(tiny_model_dir("llama")),
-         "--port", str(port), "--cluster", "uptest"],
-        stdout=subprocess.PIPE, stderr=err, text=True, env=env,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # blocks until the cluster is ready (or up failed)
-        assert f"http://127.0.0.1:{port}/v1" in line, line + (tmp_path / "up.err").read_text()
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                       json={"model": os.path.basename(str(tiny_model_dir("llama"))),
-                             "prompt": "hi", "max_tokens": 3})  # fmt: skip
+    model = str(tiny_model_dir("llama"))
+    # EPDSERVE_CONFIG_DIR (tmp_path/cfg): where `epdserve up` leaves the router URL and admin
+    # token for the operator CLI.
+    with epdserve_up(tmp_path, "--model", model, "--cluster", "uptest") as (proc, base, env):
+        r = httpx.post(f"{base}/v1/completions", timeout=60,
+                       json={"model": os.path.basename(model), "prompt": "hi",
+                             "max_tokens": 3})  # fmt: skip
         assert r.status_code == 200, r.text
         token_file = tmp_path / "cfg" / "admin-token"
         assert token_file.stat().st_mode & 0o777 == 0o600
@@ -57,29 +43,10 @@ def test_up_serves_and_stops_on_ctrl_c(tiny_model_dir, tmp_path) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=150) == 0  # the children drain: up to 15 s + 30 s each, bounded
         time.sleep(0.5)
-        assert not [pid for pid in children if _alive(pid)], "children left running"
+        assert not [pid for pid in children if running(pid)], "children left running"
         assert not token_file.exists()  # the CLI no longer points at a stopped cluster
-    finally:
-        if proc.poll() is None:
-            for pid in _children(proc.pid):  # do not leave a cluster running for later tests
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.kill()
-        err.close()
 
 
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False

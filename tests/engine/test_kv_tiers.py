@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from itertools import takewhile
 
 import pytest
@@ -15,19 +15,10 @@ from services.engine import LLM, SamplingParams, kv_tiers
 from services.engine.block_manager import CachedBlock, hash_prompt_blocks
 from services.engine.kv_tiers import BlockCodec, HostBlockPool, KVTierManager
 from services.engine.sequence import Sequence
-from tests.engine.store_master import Master
+from tests.engine.test_correctness import GPU_MARKS
 
 BS = 16
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-_NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture
-def master() -> Iterator[Master]:
-    m = Master()
-    m.start()
-    yield m
-    m.kill()
 
 
 def prompt(seed: int, n: int) -> list[int]:
@@ -349,7 +340,7 @@ def prefill_and_export(model_dir: Callable[[str], object], rid: str, ids: list[i
 
 @pytest.mark.parametrize(
     "device",
-    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, _NO_CUDA])],
+    ["cpu", pytest.param("cuda", marks=GPU_MARKS)],
 )
 def test_reserve_loads_host_pool_blocks_and_imports_only_the_rest(tiny_model_dir, device):
     kw = {"device": device, "dtype": "float32"}

@@ -6,15 +6,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, etcd_get, kv_holders, kvstore_stub, start_cluster
+from cluster_helpers import (
+    TINY_NAME,
+    etcd_get,
+    kv_holders,
+    kvstore_stub,
+    start_cluster,
+)
+from cluster_helpers import (
+    wait_for as poll,
+)
 
 from services.cli.launcher import LocalCluster
 from services.common.proto import kvstore_pb2 as kpb
@@ -23,20 +30,15 @@ from services.engine.block_manager import hash_prompt_blocks
 pytest.importorskip("mooncake.engine")
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
+
+def wait_for(pred, timeout: float = 60.0, what: str = "condition"):
+    return poll(pred, timeout, what, every=0.1)
+
+
 # 16 blocks of 16 tokens shared by every prompt: long enough that recomputing it costs more
 # than a request still in flight on the holder (a load report can lag by one request).
 PREFIX = [(13 * i + 5) % 240 + 3 for i in range(256)]
 BLOCKS = len(PREFIX) // 16
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def stats(cluster: LocalCluster) -> kpb.KVStoreStatsResponse | None:

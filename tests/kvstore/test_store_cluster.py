@@ -4,14 +4,12 @@ computed on one worker is fetched from the store by the other instead of recompu
 
 from __future__ import annotations
 
-import time
 import urllib.request
-from collections.abc import Callable
-from typing import Any
 
 import grpc
 import pytest
 from cluster_helpers import start_cluster
+from cluster_helpers import wait_for as poll
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.cli.launcher import ManagedProcess
@@ -21,18 +19,13 @@ from services.common.proto import worker_pb2_grpc as pb_grpc
 pytest.importorskip("mooncake.store")
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
+
+def wait_for(pred, timeout: float = 60.0, what: str = "condition"):
+    return poll(pred, timeout, what, every=0.1)
+
+
 BS = 16
 SHARED = [(7 * i + 11) % 3000 + 100 for i in range(12 * BS)]  # 12 blocks
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def generate(worker: ManagedProcess, rid: str, ids: list[int]) -> tuple[list[int], int]:

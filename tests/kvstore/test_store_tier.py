@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,14 +15,6 @@ from services.worker.kv_store import advertised_store
 from tests.engine.store_master import Master
 
 pytest.importorskip("mooncake.store")
-
-
-@pytest.fixture
-def master() -> Iterator[Master]:
-    m = Master()
-    m.start()
-    yield m
-    m.kill()
 
 
 def test_blocks_round_trip_and_a_lookup_stops_at_the_first_miss(master):
