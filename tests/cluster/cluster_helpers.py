@@ -146,8 +146,8 @@ def load_report(address: str) -> pb.LoadReport:
     return asyncio.run(read())
 
 
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (children, and theirs: the master is the kvstore's child)."""
+def process_parents() -> dict[int, int]:
+    """pid -> parent pid of every process, from /proc."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -156,6 +156,17 @@ def descendants(pid: int) -> set[int]:
             except OSError:
                 continue
             parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid``."""
+    return [p for p, parent in process_parents().items() if parent == pid]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (children, and theirs: the master is the kvstore's child)."""
+    parents = process_parents()
     out: set[int] = set()
     frontier = {pid}
     while frontier:

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from cluster_helpers import epdserve_up, running
+from cluster_helpers import children, epdserve_up, running
 
 # Real processes: a few tens of seconds per module on 2 CPU cores.
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -38,15 +38,10 @@ def test_up_serves_and_stops_on_ctrl_c(tiny_model_dir, tmp_path) -> None:
                             capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
         assert st.returncode == 0, st.stderr
         assert [w["role"] for w in json.loads(st.stdout)["workers"]] == ["mixed"]
-        children = _children(proc.pid)
-        assert len(children) >= 3  # etcd, worker, router
+        kids = children(proc.pid)
+        assert len(kids) >= 3  # etcd, worker, router
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=150) == 0  # the children drain: up to 15 s + 30 s each, bounded
         time.sleep(0.5)
-        assert not [pid for pid in children if running(pid)], "children left running"
+        assert not [pid for pid in kids if running(pid)], "children left running"
         assert not token_file.exists()  # the CLI no longer points at a stopped cluster
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]

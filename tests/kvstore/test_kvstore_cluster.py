@@ -14,6 +14,7 @@ import httpx
 import pytest
 from cluster_helpers import (
     TINY_NAME,
+    children,
     etcd_get,
     kv_holders,
     kvstore_stub,
@@ -57,19 +58,6 @@ def holders(cluster: LocalCluster, tokens: list[int]) -> dict[str, int]:
 
 
 LAYOUT: list[str] = []  # the workers' advertised kv_layout (read once in the fixture)
-
-
-def child_pids(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
 
 
 def complete(cluster: LocalCluster, prompt: list[int]) -> dict:
@@ -141,7 +129,7 @@ def test_publishers_resync_after_a_kvstore_restart(cluster: LocalCluster) -> Non
     held = wait_for(lambda: holders(cluster, PREFIX), what="the prefix in the index")
     old = cluster.kvstore
     assert old is not None
-    master_pids = child_pids(old.proc.pid)
+    master_pids = children(old.proc.pid)
     old.signal(signal.SIGKILL)
     old.proc.wait(timeout=10)
     # The master dies with its supervisor (parent-death signal), it is never orphaned.
@@ -175,7 +163,7 @@ def test_killed_master_is_restarted_and_the_store_tier_dropped(cluster: LocalClu
         before = stub.Stats(kpb.KVStoreStatsRequest(), timeout=5)
         assert before.store_blocks == BLOCKS and before.master_restarts == 0
         assert cluster.kvstore is not None
-        (master,) = child_pids(cluster.kvstore.proc.pid)
+        (master,) = children(cluster.kvstore.proc.pid)
         os.kill(master, signal.SIGKILL)
         after = wait_for(
             lambda: (
@@ -187,7 +175,7 @@ def test_killed_master_is_restarted_and_the_store_tier_dropped(cluster: LocalClu
         )
         assert after.store_blocks == 0
         assert after.store_epoch != before.store_epoch
-        (new_master,) = child_pids(cluster.kvstore.proc.pid)
+        (new_master,) = children(cluster.kvstore.proc.pid)
         assert new_master != master
         health = stub.Health(kpb.KVStoreHealthRequest(), timeout=5)
         assert health.status == kpb.KVStoreHealthResponse.SERVING
