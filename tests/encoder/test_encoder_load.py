@@ -40,7 +40,7 @@ def fake_inputs(images, processor):
 
 
 async def until(pred, what: str) -> None:
-    for _ in range(200):
+    for _ in range(1000):  # 10 s: a loaded 2-core CI box may be slow to run the threads
         if pred():
             return
         await asyncio.sleep(0.01)
@@ -62,7 +62,6 @@ async def test_backlog_counts_waiting_and_encoding_images(monkeypatch) -> None:
         engine, cache, processor=None, session_id="s", instance_id="e0",  # type: ignore[arg-type]
         metrics=ImageMetrics(CollectorRegistry(), "m", "e0"), merge=2, max_batch_images=2,
     )  # fmt: skip
-    enc.start()
     try:
         assert (enc.waiting, enc.encoding) == (0, 0)
         calls = [
@@ -71,14 +70,21 @@ async def test_backlog_counts_waiting_and_encoding_images(monkeypatch) -> None:
             )
             for i in range(5)
         ]
+        # The batch loop starts once all five are queued, so the first batch is two images
+        # whatever order the preprocessing threads finish in (under load one image used to
+        # be queued, and batched, alone).
+        await until(lambda: enc._queue.qsize() == 5, "5 images preprocessed")
+        assert (enc.waiting, enc.encoding) == (5, 0)
+        enc.start()
         # First batch of two in the tower, three more accepted and waiting.
         await until(lambda: enc.encoding == 2 and enc.waiting == 3, "2 encoding, 3 waiting")
         engine.gate.set()
         await until(lambda: engine.batches == [2] and enc.encoding == 2, "second batch")
         assert enc.waiting == 1
-        for _ in range(2):
-            engine.gate.set()
-            await asyncio.sleep(0.05)
+        engine.gate.set()
+        await until(lambda: engine.batches == [2, 2] and enc.encoding == 1, "third batch")
+        assert enc.waiting == 0
+        engine.gate.set()
         await asyncio.wait_for(asyncio.gather(*calls), 5)
         assert engine.batches == [2, 2, 1]
         assert (enc.waiting, enc.encoding) == (0, 0)
