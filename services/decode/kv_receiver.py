@@ -86,18 +86,22 @@ class KVReceiver:
         return r
 
     def claim(self, request_id: str) -> Reservation:
-        """Take a reservation for decoding (KeyError when it expired or never made); with
-        staging, its slots are copied into the reserved blocks first."""
-        r = self.reservations.pop(request_id)
-        if self.staging is not None and r.slots:
-            # NOTE: a blocking copy on the event loop (pinned host -> device, a request's KV:
-            # milliseconds); done here so that no path between claim and decode can leak.
-            try:
-                self.staging.stage_in(r.slots, r.block_ids[len(r.block_ids) - len(r.slots) :])
-            finally:
-                self.staging.free(r.slots)
-                r.slots = []
-        return r
+        """Take a reservation for decoding (KeyError when it expired or never made). With
+        staging, ``copy_in`` must run before its blocks are read."""
+        return self.reservations.pop(request_id)
+
+    async def copy_in(self, r: Reservation) -> None:
+        """Copy a claimed reservation's staging slots into its reserved blocks, in a worker
+        thread (a request's KV, pinned host -> device: milliseconds the event loop keeps).
+        The slots go back when the copy ends, also when the caller is cancelled meanwhile:
+        they must not be handed out while the thread still reads them."""
+        if self.staging is None or not r.slots:
+            return
+        staging, slots, r.slots = self.staging, r.slots, []
+        blocks = r.block_ids[len(r.block_ids) - len(slots) :]
+        copy = asyncio.ensure_future(asyncio.to_thread(staging.stage_in, slots, blocks))
+        copy.add_done_callback(lambda _: staging.free(slots))
+        await asyncio.shield(copy)
 
     async def release(self, request_id: str) -> None:
         """Free a reservation (the transfer failed, or the router gave up)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from services.common.proto import worker_pb2 as pb
-from services.decode.kv_receiver import KVReceiver
+from services.decode.kv_receiver import KVReceiver, Reservation
 from services.engine.async_engine import AsyncLLMEngine
 from services.engine.outputs import RequestOutput
 from services.worker.convert import (
@@ -43,13 +43,26 @@ class DecodeRole:
 
     def start(self, request: pb.DecodeRequest) -> AsyncIterator[RequestOutput]:
         """Claim the reservation (KeyError if gone) and stream the request's outputs."""
-        self.receiver.claim(request.request_id)
+        return self._decode(self.receiver.claim(request.request_id), request)
+
+    async def _decode(
+        self, r: Reservation, request: pb.DecodeRequest
+    ) -> AsyncIterator[RequestOutput]:
+        try:
+            await self.receiver.copy_in(r)
+        except BaseException:
+            # Not started: nothing else frees the reserved blocks (cancelled included).
+            await self.engine.call(lambda e: e.free_reserved(r.request_id))
+            raise
         first_lp = (
             logprobs_from_proto(request.first_logprobs)
             if request.HasField("first_logprobs")
             else None
         )
-        return self.engine.start_reserved(request.request_id, request.first_token_id, first_lp)
+        async for out in self.engine.start_reserved(
+            request.request_id, request.first_token_id, first_lp
+        ):
+            yield out
 
     async def release(self, request_id: str) -> bool:
         if request_id not in self.receiver.reservations:

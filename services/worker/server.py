@@ -156,6 +156,11 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         if self.decode is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "KV transfer is disabled")
         assert self.decode is not None  # context.abort raised otherwise
+        if request.request_id in self.state.inflight:
+            # Before the claim: a claimed reservation is freed only by running its stream.
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"request {request.request_id} already running"
+            )
         try:
             outputs = self.decode.start(request)
         except KeyError:

@@ -1,0 +1,79 @@
+"""The decode side's claim of a staged reservation: the copy from the staging slots into the
+reserved blocks runs off the event loop, and its slots go back only once the copy is over,
+whatever happens to the request meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from services.decode.kv_receiver import KVReceiver, Reservation
+from services.engine.kv_staging import KVStaging
+
+pytestmark = pytest.mark.asyncio
+
+
+class SlowStaging(KVStaging):
+    """Staging whose copy-in waits for the test to let it go."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.zeros(2, 2, 8, 4, 1, 4), "fp", 4)
+        self.go = threading.Event()
+        self.copied: list[tuple[list[int], list[int]]] = []
+
+    def stage_in(self, slots: list[int], block_ids: list[int]) -> None:
+        assert self.go.wait(10), "the test never released the copy"
+        super().stage_in(slots, block_ids)
+        self.copied.append((slots, block_ids))
+
+
+def staged_reservation(staging: KVStaging) -> Reservation:
+    # Four prompt blocks, the first one cached on this worker: three slots carry the rest.
+    r = Reservation("r", [5, 6, 7, 2], cached_tokens=4, deadline=0.0)
+    r.slots = staging.allocate(3)
+    staging.buffer[:, :, r.slots] = torch.arange(1.0, 4.0).view(1, 1, 3, 1, 1, 1)
+    return r
+
+
+async def until(pred, what: str) -> None:
+    for _ in range(1000):
+        if pred():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(what)
+
+
+async def test_copy_in_leaves_the_loop_free_and_frees_the_slots_after_the_copy() -> None:
+    staging = SlowStaging()
+    receiver = KVReceiver(engine=None, layout=None, reserve_timeout_s=5, staging=staging)  # type: ignore[arg-type]
+    r = staged_reservation(staging)
+    copy = asyncio.create_task(receiver.copy_in(r))
+    ticks = 0
+    while ticks < 5:  # the loop keeps running while the copy waits in its thread
+        await asyncio.sleep(0.01)
+        ticks += 1
+    assert not copy.done() and staging.num_free == 1
+    staging.go.set()
+    await asyncio.wait_for(copy, 10)
+    assert staging.copied == [([0, 1, 2], [6, 7, 2])] and staging.num_free == 4
+    assert staging.kv_cache[:, :, [6, 7, 2], 0, 0, 0].flatten(0, 1).tolist() == [[1, 2, 3]] * 4
+    assert r.slots == []
+
+
+async def test_a_cancelled_claim_frees_the_slots_only_when_the_copy_ends() -> None:
+    staging = SlowStaging()
+    receiver = KVReceiver(engine=None, layout=None, reserve_timeout_s=5, staging=staging)  # type: ignore[arg-type]
+    copy = asyncio.create_task(receiver.copy_in(staged_reservation(staging)))
+    await asyncio.sleep(0.05)
+    copy.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await copy
+    # The thread still reads the slots: handing them out now would let a new transfer
+    # overwrite what is being copied.
+    assert staging.num_free == 1
+    staging.go.set()
+    await until(lambda: staging.num_free == 4, "slots back after the copy")
+    assert staging.copied == [([0, 1, 2], [6, 7, 2])]
