@@ -143,14 +143,15 @@ class Rebalancer:
         await cancel_and_wait(self._task)
         if self.election is not None:
             await self.election.stop()
+        await self.store.close()
 
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
                 # Every router follows the cluster's policy, so that `status` through any of
-                # them tells the truth and a new leader goes on with it. (Each read is a new
-                # etcd client, authenticated where etcd has auth: not every round.)
+                # them tells the truth and a new leader goes on with it (every few rounds:
+                # the policy rarely changes).
                 now = time.monotonic()
                 if now - self._policy_synced_at >= POLICY_SYNC_S:
                     self._policy_synced_at = now

@@ -1,8 +1,8 @@
 """Desired roles in etcd (``/epdserve/<cluster>/roles/<id>``): written by the rebalancer and
 the admin API, followed by the workers; and the cluster's rebalancing policy
-(``/epdserve/<cluster>/rebalance/policy``), followed by every router. Each call opens a
-short-lived client, bounded by a timeout: a router must keep serving while etcd is away (the
-write then fails, clearly)."""
+(``/epdserve/<cluster>/rebalance/policy``), followed by every router. One client is kept and
+reused; a call that fails drops it (the next call connects again), and every call is bounded
+by a timeout: a router must keep serving while etcd is away (the write then fails, clearly)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ class RoleStore:
     def __init__(self, endpoints: list[str], cluster: str) -> None:
         self.endpoints = endpoints
         self.cluster = cluster
+        self._client: Etcd3Client | None = None
+        self._lock = asyncio.Lock()  # one connect at a time
 
     async def set(self, instance_id: str, role: str) -> None:
         async def put(c: Etcd3Client) -> None:
@@ -67,18 +69,28 @@ class RoleStore:
         await self._with_client(get)
         return out
 
+    async def close(self) -> None:
+        await self._drop()
+
     async def _with_client(self, fn) -> None:
-        client: Etcd3Client | None = None
         try:
-            client = await asyncio.wait_for(connect_etcd(self.endpoints), ETCD_OP_TIMEOUT_S + 1)
+            async with self._lock:
+                if self._client is None:
+                    self._client = await asyncio.wait_for(
+                        connect_etcd(self.endpoints), ETCD_OP_TIMEOUT_S + 1
+                    )
+                client = self._client
             await asyncio.wait_for(fn(client), ETCD_OP_TIMEOUT_S + 1)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            await self._drop()
             raise RoleStoreError(f"etcd unavailable: {exc}") from exc
-        finally:
-            if client is not None:
-                try:
-                    await client.close()
-                except Exception:  # noqa: BLE001 - closing a broken client
-                    pass
+
+    async def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.close()
+            except Exception:  # noqa: BLE001 - closing a broken client
+                pass

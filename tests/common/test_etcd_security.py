@@ -124,6 +124,7 @@ async def test_leader_and_roles_over_tls_with_auth_and_a_host_name(etcd_env) -> 
         store = RoleStore([ep], "sec")
         await store.set("w1", "decode")
         assert await store.all() == {"w1": "decode"}
+        await store.close()
     finally:
         await leader.stop()
 

@@ -348,6 +348,7 @@ async def test_every_client_reaches_etcd_with_the_charts_environment(
         store = RoleStore(command[command.index("--etcd") + 1].split(","), "tls")
         await store.set(name, "decode")
         assert (await store.all())[name] == "decode"
+        await store.close()
 
     # Without the client certificate, or without TLS, etcd refuses the same client.
     ca = str(cluster.secrets[CLIENT_SECRET] / "ca.crt")
