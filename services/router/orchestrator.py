@@ -75,6 +75,37 @@ class Progress:
         self.finished = msg.finished
         return msg
 
+    def record(self, d: pb.CompletionDelta) -> None:
+        """Record one completion's delta from a stream of several completions."""
+        self.tokens.extend(d.token_ids)
+        self.chars += len(d.text)
+        self.finished = self.finished or bool(d.finish_reason)
+
+
+def child_params(params: pb.SamplingParams, i: int) -> pb.SamplingParams:
+    """Completion ``i`` of an n > 1 request as a request of its own, seeded like the
+    engine seeds its i-th child."""
+    sub = pb.SamplingParams()
+    sub.CopyFrom(params)
+    sub.n = 1
+    if params.HasField("seed"):
+        sub.seed = params.seed + i * 1_000_003
+    return sub
+
+
+async def merge_children(
+    streams: Sequence[AsyncGenerator[pb.GenerateResponse, None]], indexes: Sequence[int]
+) -> AsyncGenerator[pb.GenerateResponse, None]:
+    """Merge single-completion streams back into one, each delta with its completion's
+    index; ``finished`` once every stream has finished."""
+    running = len(streams)
+    async for i, msg in merge_streams(streams):
+        for d in msg.outputs:
+            d.index = indexes[i]
+        running -= msg.finished
+        msg.finished = running == 0
+        yield msg
+
 
 class Orchestrator:
     """Runs requests: on a prefill/decode pair when the cluster has one (PD), else on a
@@ -141,10 +172,8 @@ class Orchestrator:
         if params.HasField("n") and params.n > 1:
             if self.pd_available(model):
                 gen = self._generate_pd_n(model, request_id, prompt_token_ids, params, images)
-            else:  # n completions on one worker share the prompt's blocks; not migrated
-                gen = self._generate_mixed(
-                    model, request_id, prompt_token_ids, params, None, images
-                )
+            else:
+                gen = self._generate_mixed_n(model, request_id, prompt_token_ids, params, images)
         else:
             gen = self._generate_single(model, request_id, prompt_token_ids, params, images)
         try:
@@ -163,17 +192,52 @@ class Orchestrator:
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """n > 1 on PD: n single-completion requests (seeded like the engine seeds its n
         children), merged back with their completion index."""
+        subs = [
+            self._generate_single(
+                model, f"{request_id}-n{i}", prompt, child_params(params, i), images
+            )
+            for i in range(params.n)
+        ]
+        async for msg in merge_children(subs, list(range(params.n))):
+            yield msg
+
+    async def _generate_mixed_n(
+        self,
+        model: str,
+        request_id: str,
+        prompt: Sequence[int],
+        params: pb.SamplingParams,
+        images: Sequence[pb.ImageData] = (),
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """n > 1 co-located: the n completions on one worker, sharing the prompt's blocks.
+        When that worker dies or hangs after streaming tokens, every unfinished completion
+        goes on elsewhere as a single-completion request from its own tokens (seeded like
+        the engine seeds its n children, so a seeded request continues its draws) and keeps
+        its index."""
+        progress = [Progress() for _ in range(params.n)]
+        gen = self._generate_mixed(model, request_id, prompt, params, None, images)
+        try:
+            async for msg in gen:
+                for d in msg.outputs:
+                    progress[d.index].record(d)
+                yield msg
+            return
+        except _Migrate as m:
+            if self.max_migrations < 1:
+                raise APIError(503, f"worker failed mid-stream: {m.reason}") from None
+            self.on_migration(m.kind)
+            left = [i for i, p in enumerate(progress) if not p.finished]
+            log.warning("migrating %d completions of %s (%s)", len(left), request_id, m.reason)
+        finally:
+            await gen.aclose()
         subs = []
-        for i in range(params.n):
-            sub = pb.SamplingParams()
-            sub.CopyFrom(params)
-            sub.n = 1
-            if params.HasField("seed"):
-                sub.seed = params.seed + i * 1_000_003
-            subs.append(self._generate_single(model, f"{request_id}-n{i}", prompt, sub, images))
-        async for i, msg in merge_streams(subs):
-            for d in msg.outputs:
-                d.index = i
+        for i in left:
+            progress[i].migrations = 1
+            subs.append(self._generate_single(
+                model, f"{request_id}-n{i}", prompt, child_params(params, i), images,
+                progress[i],
+            ))  # fmt: skip
+        async for msg in merge_children(subs, left):
             yield msg
 
     async def _generate_single(
@@ -183,10 +247,12 @@ class Orchestrator:
         prompt: Sequence[int],
         params: pb.SamplingParams,
         images: Sequence[pb.ImageData] = (),
+        progress: Progress | None = None,
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """One completion, on a PD pair when there is one, else on a mixed worker; when its
-        worker dies or hangs mid-stream, it goes on elsewhere from the tokens it has."""
-        progress = Progress()
+        worker dies or hangs mid-stream, it goes on elsewhere from the tokens it has
+        (``progress``: those of a completion that already ran elsewhere)."""
+        progress = progress or Progress()
         while True:
             progress.begin()
             # A migrated request gets a new id: its old worker may still hold the old one.
@@ -194,7 +260,7 @@ class Orchestrator:
             if self.pd_available(model):
                 gen = self._generate_pd(model, rid, prompt, params, progress, images)
             else:
-                gen = self._generate_mixed(model, rid, prompt, params, progress, images)
+                gen = self._generate_mixed(model, rid, prompt, params, progress.resume(), images)
             try:
                 async for msg in gen:
                     yield progress.relay(msg)
@@ -335,7 +401,7 @@ class Orchestrator:
         if self.pool.candidates("mixed", model):
             log.warning("PD path failed for %s; falling back to a mixed worker", request_id)
             async for msg in self._generate_mixed(
-                model, request_id, prompt, params, progress, images
+                model, request_id, prompt, params, resume, images
             ):
                 yield msg
             return
@@ -383,14 +449,13 @@ class Orchestrator:
         request_id: str,
         prompt_token_ids: Sequence[int],
         params: pb.SamplingParams,
-        progress: Progress | None,
+        resume: pb.Resume | None,
         images: Sequence[pb.ImageData] = (),
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """Co-located path: the whole request on one mixed worker. With ``progress`` (one
-        completion), a death or hang after the first token raises ``_Migrate``."""
+        """Co-located path: the whole request on one mixed worker (continuing ``resume``'s
+        tokens); a death or hang after the first token raises ``_Migrate``."""
         tried: set[str] = set()
         last_error: APIError | None = None
-        resume = progress.resume() if progress is not None else None
         for _ in range(self.max_attempts):
             candidates = [h for h in self.pool.candidates("mixed", model) if h.id not in tried]
             if not candidates:
@@ -418,14 +483,12 @@ class Orchestrator:
                 return
             except WorkerLost as exc:
                 error = self._lost(handle, tried, exc)
-                if got_any and progress is not None:
-                    raise _Migrate(exc.kind, str(exc)) from None
                 if got_any:
-                    raise error from None
+                    raise _Migrate(exc.kind, str(exc)) from None
                 last_error = error
                 continue
             except grpc.aio.AioRpcError as exc:
-                if got_any and progress is not None:
+                if got_any:
                     raise self._mid_stream_failure(exc, handle, req.role_epoch) from None
                 if exc.code() in _RETRYABLE and not got_any:
                     log.warning("worker %s refused %s (%s); trying another",

@@ -24,12 +24,18 @@ REQ = {
 ROUTER = {"load_stale_s": 2.0, "max_migrations": 2}
 
 
-def reference(base_url: str) -> tuple[list[str], str]:
+def reference(base_url: str, req: dict = REQ) -> tuple[list[str], str]:
+    """(tokens, text) of an undisturbed run (the first completion's)."""
+    choices = reference_choices(base_url, req)
+    return choices[0]
+
+
+def reference_choices(base_url: str, req: dict) -> list[tuple[list[str], str]]:
     with httpx.Client(base_url=base_url, timeout=120) as c:
-        r = c.post("/v1/completions", json=REQ)
+        r = c.post("/v1/completions", json=req)
     assert r.status_code == 200, r.text
-    choice = r.json()["choices"][0]
-    return choice["logprobs"]["tokens"], choice["text"]
+    choices = sorted(r.json()["choices"], key=lambda ch: ch["index"])
+    return [(ch["logprobs"]["tokens"], ch["text"]) for ch in choices]
 
 
 def serving_worker(base_url: str, role: str) -> str:
@@ -44,14 +50,16 @@ def serving_worker(base_url: str, role: str) -> str:
     raise AssertionError(f"no {role} worker is running the request: {workers}")
 
 
-def stream_with_fault(cluster, role: str, sig: int) -> tuple[list[str], str, dict, str]:
-    """Stream REQ; after a few chunks, send ``sig`` to the worker of ``role`` running it.
-    Returns (tokens, text, usage, victim id)."""
-    tokens: list[str] = []
-    text = ""
+def stream_with_fault(
+    cluster, role: str, sig: int, req: dict = REQ
+) -> tuple[dict[int, list[str]], dict[int, str], dict, str]:
+    """Stream ``req``; after a few chunks, send ``sig`` to the worker of ``role`` running it.
+    Returns (tokens and text per completion index, usage, victim id)."""
+    tokens: dict[int, list[str]] = {}
+    text: dict[int, str] = {}
     usage: dict = {}
     victim = ""
-    body = {**REQ, "stream": True, "stream_options": {"include_usage": True}}
+    body = {**req, "stream": True, "stream_options": {"include_usage": True}}
     with httpx.Client(base_url=cluster.base_url, timeout=120) as c:
         with c.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -63,12 +71,14 @@ def stream_with_fault(cluster, role: str, sig: int) -> tuple[list[str], str, dic
                 if event.get("usage"):
                     usage = event["usage"]
                 for choice in event["choices"]:
-                    text += choice["text"]
-                    tokens += (choice.get("logprobs") or {}).get("tokens", [])
-                if not victim and len(tokens) >= 8:
+                    i = choice["index"]
+                    text[i] = text.get(i, "") + choice["text"]
+                    got = (choice.get("logprobs") or {}).get("tokens", [])
+                    tokens[i] = tokens.get(i, []) + got
+                if not victim and len(tokens.get(0, [])) >= 8:
                     victim = serving_worker(cluster.base_url, role)
                     proc = next(w for w in cluster.workers if w.name == victim)
-                    assert len(tokens) < MAX_TOKENS // 2, "the stream ended too soon to test"
+                    assert len(tokens[0]) < MAX_TOKENS // 2, "the stream ended too soon to test"
                     proc.signal(sig)
     return tokens, text, usage, victim
 
@@ -81,15 +91,17 @@ def migrations(base_url: str, reason: str) -> float:
     raise AssertionError("no migrations metric")
 
 
-def check_continued(cluster, role: str, sig: int, reason: str) -> None:
-    ref_tokens, ref_text = reference(cluster.base_url)
-    assert len(ref_tokens) == MAX_TOKENS
+def check_continued(cluster, role: str, sig: int, reason: str, req: dict = REQ) -> None:
+    refs = reference_choices(cluster.base_url, req)
+    n = req.get("n", 1)
+    assert len(refs) == n and all(len(t) == MAX_TOKENS for t, _ in refs)
     before = migrations(cluster.base_url, reason)
-    tokens, text, usage, victim = stream_with_fault(cluster, role, sig)
+    tokens, text, usage, victim = stream_with_fault(cluster, role, sig, req)
     try:
-        assert tokens == ref_tokens
-        assert text == ref_text
-        assert usage["completion_tokens"] == MAX_TOKENS
+        for i, (ref_tokens, ref_text) in enumerate(refs):
+            assert tokens[i] == ref_tokens, f"completion {i}"
+            assert text[i] == ref_text, f"completion {i}"
+        assert usage["completion_tokens"] == n * MAX_TOKENS
         assert usage["prompt_tokens"] > 0
         assert migrations(cluster.base_url, reason) == before + 1
     finally:
@@ -119,6 +131,15 @@ def test_mixed_worker_killed_mid_stream(mixed_cluster) -> None:
 
 def test_mixed_worker_stopped_mid_stream(mixed_cluster) -> None:
     check_continued(mixed_cluster, "mixed", signal.SIGSTOP, "hung")
+
+
+def test_mixed_worker_killed_mid_stream_with_n_seeded_completions(mixed_cluster) -> None:
+    # Two sampled completions on one worker: each goes on elsewhere from its own tokens,
+    # with its own seeded draws, and keeps its index.
+    req = {**REQ, "n": 2, "temperature": 1.0, "seed": 1234}
+    refs = reference_choices(mixed_cluster.base_url, req)
+    assert refs[0][0] != refs[1][0], "the two completions must differ to tell them apart"
+    check_continued(mixed_cluster, "mixed", signal.SIGKILL, "died", req)
 
 
 def test_decode_worker_killed_mid_stream(pd_cluster) -> None:
