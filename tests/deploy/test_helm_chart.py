@@ -321,8 +321,24 @@ def test_kvstore_pod_monitor_scrapes_its_metrics_port() -> None:
     selector = monitor["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod["metadata"]["labels"].items()
     assert "epdserve.io/role" not in pod["metadata"]["labels"]  # not the workers' monitor too
-    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
-    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    # Its own metrics, and those of the mooncake_master it runs, on the port it gives it.
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    assert [(e["port"], e["path"]) for e in endpoints] == [
+        ("metrics", "/metrics"), ("master-metrics", "/metrics"),
+    ]  # fmt: skip
+    command = _container(deployment)["command"]
+    master_port = command[command.index("--master-metrics-port") + 1]
+    assert ports["master-metrics"] == int(master_port)
+    assert int(master_port) == ch.merged_values(values)["kvstore"]["master"]["metricsPort"]
+    # An index-only kvstore runs no master: nothing to scrape there.
+    index_only = ch.merge_overlays(values, {"kvstore": {"config": {"master": False}}})
+    objects = ch.render_objects(index_only)
+    (endpoint,) = _by(objects, "PodMonitor")[f"{ch.FULLNAME}-kvstore"]["spec"][
+        "podMetricsEndpoints"
+    ]
+    assert endpoint["port"] == "metrics"
+    deployment = _by(objects, "Deployment")[f"{ch.FULLNAME}-kvstore"]
+    assert "master-metrics" not in {p["name"] for p in _container(deployment)["ports"]}
     # No Service, so no ServiceMonitor; no kvstore, no monitor.
     both = {"metrics": {"serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True}}}
     on = ch.render_objects(ch.merge_overlays(values, both))
