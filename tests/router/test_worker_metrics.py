@@ -184,7 +184,7 @@ async def test_servicer_generate_feeds_its_metrics() -> None:
             msgs = [msg async for msg in stub.Generate(req, timeout=5)]
         assert msgs[-1].finished
         m = servicer.metrics
-        for _ in range(100):  # the end is counted just after the last message is sent
+        for _ in range(500):  # the end is counted just after the last message is sent
             if value(m, "epdserve:request_success_total", finished_reason="length"):
                 break
             await asyncio.sleep(0.01)
