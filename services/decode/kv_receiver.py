@@ -69,6 +69,7 @@ class KVReceiver:
     ) -> Reservation:
         """Raises ValueError (bad request) or MemoryError (cache full). ``images``: grids and
         hashes of a vision-language prompt's images."""
+        await self.engine.prepare(params)
         blocks, cached = await self.engine.call(
             lambda e: e.reserve(request_id, prompt_token_ids, params, resume, images)
         )

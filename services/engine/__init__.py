@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from services.engine.llm import LLM
     from services.engine.llm_engine import EngineStats, LLMEngine
     from services.engine.outputs import CompletionOutput, RequestOutput
-    from services.engine.sampling_params import SamplingParams
+    from services.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 _EXPORTS = {
     "AsyncLLMEngine": "services.engine.async_engine",
@@ -25,6 +25,7 @@ _EXPORTS = {
     "CompletionOutput": "services.engine.outputs",
     "RequestOutput": "services.engine.outputs",
     "SamplingParams": "services.engine.sampling_params",
+    "StructuredOutputsParams": "services.engine.sampling_params",
 }
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "LLMEngine",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
 ]
 
 

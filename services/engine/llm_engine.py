@@ -32,6 +32,7 @@ from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from services.engine.sequence import Resume, Sequence, SequenceStatus
+from services.engine.structured_output import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,9 @@ class LLMEngine:
             self._enable_tiers(host_blocks)
         self.eos_token_ids = self._eos_token_ids()
         self.sampler = Sampler(self.eos_token_ids, config.seed)
+        self.structured = StructuredOutputs(
+            self.tokenizer, self.runner.model.lm_head.out_features, self.eos_token_ids
+        )
         self.requests: dict[str, _Request] = {}
         self.held: dict[str, Sequence] = {}  # finished prefills whose KV awaits export
         self.reserved: dict[str, Sequence] = {}  # decode side: blocks awaiting imported KV
@@ -267,6 +271,9 @@ class LLMEngine:
         resume: Resume | None = None,
     ) -> Sequence:
         seq = Sequence(request_id, ids, params, index=index)
+        if params.structured_outputs is not None:  # ValueError: a bad grammar or resume
+            done = resume.output_token_ids if resume is not None else ()
+            seq.structured = self.structured.new_matcher(params.structured_outputs, done)
         if resume is not None:
             # The migrated tokens are outputs (penalties, min/max_tokens count them) whose KV
             # is computed here like a preempted sequence's; a seeded generator skips the
@@ -394,12 +401,15 @@ class LLMEngine:
         p = seq.params
         past_min = seq.num_output_tokens >= p.min_tokens
         stop_str = req.detoks[seq.index].add_tokens([token], check_stop=past_min)
+        grammar_done = seq.structured is not None and seq.structured.advance(token)
         if past_min and token in p.stop_token_ids:
             self._finish(req, seq, "stop", token)
         elif past_min and not p.ignore_eos and token in self.eos_token_ids:
             self._finish(req, seq, "stop", None)
         elif stop_str is not None:
             self._finish(req, seq, "stop", stop_str)
+        elif grammar_done:
+            self._finish(req, seq, "stop")
         elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             self._finish(req, seq, "length")
         elif seq.num_tokens >= self.max_model_len:

@@ -8,6 +8,7 @@ import torch
 
 from services.engine.outputs import Logprob, TokenLogprobs
 from services.engine.sequence import Sequence
+from services.engine.structured_output import apply_masks
 
 
 @dataclass
@@ -22,9 +23,15 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        """``logits``: float32 [len(seqs), vocab], on the CPU or on the model's device."""
+        """``logits``: float32 [len(seqs), vocab], on the CPU or on the model's device. The
+        rows of constrained sequences are masked first (before penalties and temperature,
+        and before logprobs: as in vLLM, they are of the masked distribution)."""
+        logits = apply_masks(logits, seqs)
         if logits.device.type != "cpu":
             return self._sample_on_device(logits, seqs)
+        return self._sample_on_cpu(logits, seqs)
+
+    def _sample_on_cpu(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         want_lp = [s.params.logprobs is not None for s in seqs]
         # Logprobs are reported from the model's distribution, before any penalty or
         # temperature (what vLLM and the OpenAI API report by default).
@@ -63,7 +70,7 @@ class Sampler:
         ]
         if rows:
             index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-            sub = self(logits[index].cpu(), [seqs[i] for i in rows])
+            sub = self._sample_on_cpu(logits[index].cpu(), [seqs[i] for i in rows])
             for j, i in enumerate(rows):
                 tokens[i] = sub.token_ids[j]
                 logprobs[i] = sub.logprobs[j]

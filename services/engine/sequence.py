@@ -15,6 +15,7 @@ from services.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from services.engine.multimodal import MultiModalState
+    from services.engine.structured_output import GrammarMatcher
 
 _seq_counter = itertools.count()
 
@@ -78,6 +79,8 @@ class Sequence:
         self.num_preloaded_tokens = 0
         # Images of a vision-language prompt (M-RoPE positions, embeddings); None for text.
         self.mm: MultiModalState | None = None
+        # Where the output is in its structured output grammar; None: unconstrained.
+        self.structured: GrammarMatcher | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

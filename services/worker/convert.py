@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 from services.common.proto import worker_pb2 as pb
 from services.engine.kv_layout import KVLayout
 from services.engine.outputs import CompletionOutput, Logprob, TokenLogprobs
-from services.engine.sampling_params import SamplingParams
+from services.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from services.engine.sequence import Resume
 
 # Scalar fields copied when set; everything else is handled explicitly below.
@@ -38,7 +40,29 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         kwargs["max_tokens"] = None  # unset on the wire means "up to the context length"
     kwargs["stop"] = list(msg.stop)
     kwargs["stop_token_ids"] = list(msg.stop_token_ids)
+    if msg.HasField("structured_outputs"):
+        kwargs["structured_outputs"] = structured_from_proto(msg.structured_outputs)
     return SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+def structured_from_proto(msg: pb.StructuredOutput) -> StructuredOutputsParams:
+    """Engine StructuredOutputsParams from the wire; ValueError unless exactly one is set."""
+    return StructuredOutputsParams(
+        json=msg.json_schema or None,
+        json_object=msg.json_object,
+        regex=msg.regex or None,
+        choice=list(msg.choice) or None,
+        grammar=msg.grammar or None,
+    )
+
+
+def structured_to_proto(params: StructuredOutputsParams) -> pb.StructuredOutput:
+    msg = pb.StructuredOutput(json_object=params.json_object, choice=params.choice or [])
+    if params.json is not None:
+        msg.json_schema = json.dumps(params.json)
+    msg.regex = params.regex or ""
+    msg.grammar = params.grammar or ""
+    return msg
 
 
 def resume_from_proto(request: pb.GenerateRequest | pb.ReserveRequest | pb.PrefillRequest):
@@ -55,6 +79,8 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
         value = getattr(params, name)
         if value is not None:
             setattr(msg, name, value)
+    if params.structured_outputs is not None:
+        msg.structured_outputs.CopyFrom(structured_to_proto(params.structured_outputs))
     return msg
 
 

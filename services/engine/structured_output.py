@@ -1,0 +1,189 @@
+"""Structured outputs (guided decoding) with llguidance: a request's constraint is compiled
+once into a grammar, each sequence follows it with its own matcher, and every sampling step
+masks the logits of constrained rows to the tokens the grammar allows next.
+
+NOTE: the matcher's state is a function of the output tokens only, so a preempted sequence
+(whose KV is recomputed) keeps it, and a resumed or PD-imported sequence gets a fresh
+matcher advanced through the outputs generated elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from services.engine.sampling_params import StructuredOutputsParams
+
+if TYPE_CHECKING:
+    import llguidance
+    from llguidance._lib import JsonCompileOptions
+
+    from services.engine.sequence import Sequence as EngineSequence
+
+# JSON is generated compact (no optional whitespace): with flexible whitespace a weak model
+# can emit blanks forever. A schema's own "x-guidance" options still override this.
+_JSON_DEFAULTS: JsonCompileOptions = {
+    "whitespace_flexible": False,
+    "item_separator": ",",
+    "key_separator": ":",
+}
+_CACHE_SIZE = 64  # compiled grammars (and their initial matchers) kept per engine
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def compile_grammar(kind: str, text: str) -> str:
+    """The llguidance grammar for a (kind, text) key of StructuredOutputsParams; raises
+    ValueError with the compiler's message when the schema, regex or grammar is invalid.
+    Needs no tokenizer, so the router can check requests with it too."""
+    from llguidance import LLMatcher, grammar_from
+
+    try:
+        if kind == "json":
+            grammar = LLMatcher.grammar_from_json_schema(text, defaults=_JSON_DEFAULTS)
+        elif kind == "regex":
+            grammar = LLMatcher.grammar_from_regex(text)
+        elif kind == "choice":
+            grammar = grammar_from("choice", text)
+        elif kind == "grammar":
+            grammar = grammar_from("grammar", text)  # Lark, or GBNF converted to Lark
+        else:
+            raise ValueError(f"unknown structured output kind {kind!r}")
+    except ValueError as exc:
+        raise ValueError(f"invalid structured_outputs.{kind}: {exc}") from None
+    error = LLMatcher.validate_grammar(grammar)
+    if error:
+        raise ValueError(f"invalid structured_outputs.{kind}: {error.strip()}")
+    return grammar
+
+
+def check(params: StructuredOutputsParams) -> None:
+    """Raise ValueError when ``params`` does not compile."""
+    compile_grammar(*params.key)
+
+
+class GrammarMatcher:
+    """One sequence's position in its grammar."""
+
+    def __init__(
+        self, matcher: llguidance.LLMatcher, vocab_size: int, eos_token_ids: list[int]
+    ) -> None:
+        self.matcher = matcher
+        self.vocab_size = vocab_size  # bits in its mask
+        self.eos_token_ids = eos_token_ids
+
+    def advance(self, token: int) -> bool:
+        """Consume a generated token; True once the grammar is complete (nothing but the end
+        may follow) or the token was rejected (then the sequence cannot go on either)."""
+        self.matcher.consume_token(token)
+        return self.matcher.is_stopped()
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        from llguidance.torch import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self.matcher, bitmask, row)
+
+
+class StructuredOutputs:
+    """An engine's grammar compiler and matcher factory. The llguidance tokenizer is made on
+    first use (with the token trie of the first mask, ~1.5 s of CPU for a 49k vocabulary),
+    so engines that never see a constraint do not pay for it. ``prepare`` does that work
+    and compiles a request's grammar in the caller's thread, so that the step thread (every
+    other request) does not wait for it."""
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int]) -> None:
+        self.hf_tokenizer = hf_tokenizer
+        # The model's vocabulary (lm_head rows) may be larger than the tokenizer's: the mask
+        # covers all of it, and ids the tokenizer does not know are never allowed.
+        self.vocab_size = max(vocab_size, len(hf_tokenizer))
+        # Every end-of-sequence id of the engine ends a complete output (not only the
+        # tokenizer's own eos, e.g. a chat model's end-of-turn token).
+        self.eos_token_ids = sorted(eos_token_ids)
+        self._templates: dict[tuple[str, str], llguidance.LLMatcher] = {}
+        self._lock = threading.Lock()  # the step thread and ``prepare`` callers
+
+    def prepare(self, params: StructuredOutputsParams) -> None:
+        """Build the tokenizer (and its token trie) and the grammar's initial matcher now;
+        ValueError as ``new_matcher``. Thread-safe; meant for a worker thread."""
+        template = self._template(params.key)
+        if not getattr(self, "_warm", False):
+            # The first mask builds llguidance's token trie: most of the first-use cost.
+            from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+
+            fill_next_token_bitmask(
+                template.deep_copy(), allocate_token_bitmask(1, self.vocab_size)
+            )
+            self._warm = True
+
+    @functools.cached_property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        import llguidance.hf
+
+        eos = self.eos_token_ids or None
+        try:
+            return llguidance.hf.from_tokenizer(
+                self.hf_tokenizer, n_vocab=self.vocab_size, eos_token=eos
+            )
+        except ValueError as exc:  # e.g. not a fast (Rust) tokenizer
+            raise ValueError(
+                f"structured outputs are not available for this model: {exc}"
+            ) from None
+
+    def new_matcher(
+        self, params: StructuredOutputsParams, output_token_ids: Sequence[int] = ()
+    ) -> GrammarMatcher:
+        """A matcher at the start of the grammar, advanced through ``output_token_ids``
+        (outputs generated elsewhere); ValueError for a bad grammar or tokens it rejects."""
+        matcher = self._template(params.key).deep_copy()
+        if output_token_ids and not matcher.consume_tokens(list(output_token_ids)):
+            raise ValueError(
+                "the resumed output tokens do not follow the structured output constraint: "
+                f"{matcher.get_error()}"
+            )
+        return GrammarMatcher(matcher, self.vocab_size, self.eos_token_ids)
+
+    def _template(self, key: tuple[str, str]) -> llguidance.LLMatcher:
+        """The initial matcher of a grammar (a small LRU; copies are cheap, building the
+        parser is not)."""
+        with self._lock:
+            template = self._templates.pop(key, None)
+            if template is None:
+                import llguidance
+
+                template = llguidance.LLMatcher(self.tokenizer, compile_grammar(*key))
+                if template.is_error():
+                    raise ValueError(f"invalid structured_outputs.{key[0]}: {template.get_error()}")
+                if len(self._templates) >= _CACHE_SIZE:
+                    self._templates.pop(next(iter(self._templates)))
+            self._templates[key] = template  # most recently used last
+            return template
+
+
+def apply_masks(logits: torch.Tensor, seqs: list[EngineSequence]) -> torch.Tensor:
+    """``logits`` ([len(seqs), vocab], any device) with -inf for the tokens that the grammar
+    of each constrained row does not allow next: a new tensor, or ``logits`` itself when no
+    row is constrained."""
+    rows = [i for i, s in enumerate(seqs) if s.structured is not None]
+    if not rows:
+        return logits
+    matchers = [m for m in (s.structured for s in seqs) if m is not None]
+    vocab = logits.shape[-1]
+    words = (matchers[0].vocab_size + 31) // 32
+    bitmask = torch.zeros((len(rows), words), dtype=torch.int32)
+    for j, m in enumerate(matchers):
+        m.fill(bitmask, j)
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+    width = min(vocab, bits.shape[1])
+    allowed = torch.ones((len(seqs), vocab), dtype=torch.bool)  # unconstrained rows: all
+    allowed[rows] = False  # ids past the grammar's mask: never
+    allowed[rows, :width] = torch.from_numpy(bits[:, :width].astype(bool))
+    for j, m in zip(rows, matchers, strict=True):
+        if not allowed[j].any():
+            # NOTE: a matcher in an error state allows nothing; let the row end instead of
+            # sampling from all -inf (NaN probabilities).
+            allowed[j, [t for t in m.eos_token_ids if t < vocab]] = True
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))

@@ -1,0 +1,91 @@
+"""Structured outputs in the OpenAI API: ``response_format``, vLLM's ``structured_outputs``
+and the legacy ``guided_*`` fields, read into the engine's StructuredOutputsParams."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from services.common.proto import worker_pb2 as pb
+from services.engine.sampling_params import StructuredOutputsParams
+from services.engine.structured_output import check
+from services.router.errors import bad_request
+
+# vLLM's legacy request fields -> the StructuredOutputsParams field each one sets
+_LEGACY = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+def set_json_schema(params: pb.SamplingParams, schema: dict[str, Any]) -> None:
+    """Constrain the output of ``params`` to JSON matching ``schema`` (replacing any other
+    constraint). Used by tool calling for ``tool_choice`` "required" or a named function."""
+    params.structured_outputs.CopyFrom(pb.StructuredOutput(json_schema=json.dumps(schema)))
+
+
+def structured_from_openai(body: dict[str, Any]) -> StructuredOutputsParams | None:
+    """The output constraint a request asks for, or None; a 400 (with ``param``) for a bad
+    shape, for more than one constraint, or for a schema / regex / grammar that does not
+    compile."""
+    found: list[tuple[str, dict[str, Any]]] = []  # (param, StructuredOutputsParams kwargs)
+    fmt = _response_format(body.get("response_format"))
+    if fmt is not None:
+        found.append(("response_format", fmt))
+    so = body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise bad_request("'structured_outputs' must be an object", param="structured_outputs")
+        if so.get("structural_tag") is not None:
+            raise bad_request(
+                "structured_outputs.structural_tag is not supported", param="structured_outputs"
+            )
+        # Other keys are vLLM backend options (disable_fallback, ...), which do not apply.
+        found.append(("structured_outputs", {k: so[k] for k in _KINDS if so.get(k) is not None}))
+    for name, kind in _LEGACY.items():
+        if body.get(name) is not None:
+            found.append((name, {kind: body[name]}))
+    if not found:
+        return None
+    if len(found) > 1:
+        names = ", ".join(f"'{p}'" for p, _ in found)
+        raise bad_request(f"give one output constraint, not {names}", param=found[1][0])
+    param, kwargs = found[0]
+    try:
+        params = StructuredOutputsParams(**kwargs)
+        check(params)
+    except (TypeError, ValueError) as exc:
+        raise bad_request(str(exc), param=param) from None
+    return params
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    """StructuredOutputsParams kwargs for OpenAI's ``response_format`` (None: plain text)."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad_request(
+                "response_format.json_schema must be an object with a 'schema'",
+                param="response_format",
+            )
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise bad_request(
+                "response_format.json_schema.schema must be a JSON Schema object",
+                param="response_format",
+            )
+        return {"json": schema}
+    raise bad_request(
+        "response_format must be an object whose 'type' is 'text', 'json_object' or 'json_schema'",
+        param="response_format",
+    )

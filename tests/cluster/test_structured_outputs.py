@@ -1,0 +1,86 @@
+"""Structured outputs through real clusters: a chat request with a JSON schema gets valid
+JSON, and a 1P+1D PD cluster (the prefill worker samples the first token under the mask, the
+decode worker continues the grammar) gives the tokens of a mixed cluster."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from cluster_helpers import TINY_NAME, start_cluster
+
+pytest.importorskip("mooncake.engine")
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "size": {"enum": ["small", "large"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["name", "size", "count"],
+    "additionalProperties": False,
+}
+QUESTIONS = ["Describe a box as JSON.", "Give me one item, please"]
+
+
+def chat(url: str, question: str, **extra) -> httpx.Response:
+    return httpx.post(
+        url + "/v1/chat/completions",
+        json={"model": TINY_NAME, "messages": [{"role": "user", "content": question}],
+              "max_tokens": 48, "temperature": 0, "logprobs": True, **extra},
+        timeout=120,
+    )  # fmt: skip
+
+
+def schema_chat(url: str, question: str) -> dict:
+    fmt = {"type": "json_schema", "json_schema": {"name": "box", "schema": SCHEMA}}
+    r = chat(url, question, response_format=fmt)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def check_valid(text: str) -> None:
+    value = json.loads(text)
+    assert set(value) == {"name", "size", "count"}, text
+    assert isinstance(value["name"], str) and len(value["name"]) <= 8, text
+    assert value["size"] in ("small", "large"), text
+    assert isinstance(value["count"], int) and 0 <= value["count"] <= 99, text
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny_model_dir):
+    c = start_cluster(tiny_model_dir("llama"), workers=1)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def pd(tiny_model_dir):
+    c = start_cluster(tiny_model_dir("llama"), workers=0, prefill=1, decode=1)
+    yield c
+    c.stop()
+
+
+def test_pd_json_schema_equals_mixed(mixed, pd):
+    for q in QUESTIONS:
+        want = schema_chat(mixed.base_url, q)
+        got = schema_chat(pd.base_url, q)
+        assert want["finish_reason"] == "stop", want
+        check_valid(want["message"]["content"])
+        assert got["message"]["content"] == want["message"]["content"], q
+        assert [t["token"] for t in got["logprobs"]["content"]] == [
+            t["token"] for t in want["logprobs"]["content"]
+        ]
+        assert got["finish_reason"] == "stop"
+
+
+def test_choice_and_bad_schema_in_pd(pd):
+    r = chat(pd.base_url, QUESTIONS[0], structured_outputs={"choice": ["yes", "no"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] in ("yes", "no")
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
+    r = chat(pd.base_url, QUESTIONS[0], response_format=bad)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text

@@ -1,0 +1,217 @@
+"""Structured outputs: constrained output follows its JSON schema / regex / choice / grammar,
+greedy constrained tokens equal a transformers reference masked the same way, and n > 1,
+mixed batches and resumed requests keep their constraints."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from services.engine import LLM, SamplingParams
+from services.engine.sampling_params import StructuredOutputsParams
+from services.engine.sequence import Resume, Sequence
+from services.engine.structured_output import StructuredOutputs, apply_masks
+from tests.engine.test_correctness import DEVICES, on
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "color": {"enum": ["red", "green", "blue"]},
+    },
+    "required": ["age", "color"],
+    "additionalProperties": False,
+}
+REGEX = r"[a-z]{2,5}-[0-9]{3}"
+CHOICES = ["alpha", "beta", "gamma delta"]
+PROMPTS = [[1, 415, 3721, 314, 253, 2040], [1, 19556, 28, 10, 901, 7, 200, 3000, 12]]
+
+
+def constraint(kind: str) -> StructuredOutputsParams:
+    return {
+        "json": StructuredOutputsParams(json=SCHEMA),
+        "regex": StructuredOutputsParams(regex=REGEX),
+        "choice": StructuredOutputsParams(choice=CHOICES),
+        "grammar": StructuredOutputsParams(grammar='start: "yes" | "no" | "maybe"'),
+    }[kind]
+
+
+def check_output(kind: str, text: str) -> None:
+    if kind == "json":
+        value = json.loads(text)
+        assert set(value) == {"age", "color"}, text
+        assert isinstance(value["age"], int) and 0 <= value["age"] <= 150, text
+        assert value["color"] in ("red", "green", "blue"), text
+    elif kind == "regex":
+        assert re.fullmatch(REGEX, text), text
+    elif kind == "choice":
+        assert text in CHOICES
+    else:
+        assert text in ("yes", "no", "maybe")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir) -> LLM:
+    return LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=4)
+
+
+def params(kind: str, **kwargs) -> SamplingParams:
+    kwargs.setdefault("max_tokens", 40)
+    return SamplingParams(structured_outputs=constraint(kind), **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["json", "regex", "choice", "grammar"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_output_follows_the_constraint(llm, kind, temperature):
+    outs = llm.generate(PROMPTS, params(kind, temperature=temperature, seed=11))
+    for out in outs:
+        c = out.outputs[0]
+        assert c.finish_reason == "stop" and c.stop_reason is None
+        check_output(kind, c.text)
+
+
+def test_json_object(llm):
+    so = StructuredOutputsParams(json_object=True)
+    out = llm.generate("Hello there", SamplingParams(temperature=0, structured_outputs=so))[0]
+    assert out.outputs[0].finish_reason == "stop"
+    assert isinstance(json.loads(out.outputs[0].text), dict)
+
+
+def test_n2_and_a_mixed_batch(llm):
+    """Each of n completions has its own matcher; unconstrained rows of the same batch are
+    not touched by the masks (their greedy output is the one of a run alone)."""
+    free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    alone = llm.generate(PROMPTS[1], free)[0].outputs[0].token_ids
+    n2 = params("json", temperature=1.0, seed=3, n=2)
+    outs = llm.generate([PROMPTS[0], PROMPTS[1], PROMPTS[0]], [n2, free, params("regex")])
+    assert len(outs[0].outputs) == 2
+    for c in outs[0].outputs:
+        check_output("json", c.text)
+    assert outs[1].outputs[0].token_ids == alone
+    check_output("regex", outs[2].outputs[0].text)
+
+
+def hf_masked_greedy(model_dir, prompt: list[int], so: StructuredOutputsParams) -> list[int]:
+    """Reference: transformers forward passes over the whole sequence; each step's logits
+    masked by an llguidance matcher built here, then argmax, until the grammar ends."""
+    import llguidance
+    import llguidance.hf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    vocab = model.config.vocab_size
+    tok = llguidance.hf.from_tokenizer(AutoTokenizer.from_pretrained(str(model_dir)), vocab)
+    grammar = {
+        "json": lambda: llguidance.LLMatcher.grammar_from_json_schema(
+            so.json, defaults={"whitespace_flexible": False}
+        ),
+        "regex": lambda: llguidance.LLMatcher.grammar_from_regex(so.regex),
+    }[so.key[0]]()
+    matcher = llguidance.LLMatcher(tok, grammar)
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        while not matcher.is_stopped() and len(out) < 60:
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            mask = torch.zeros(1, (vocab + 31) // 32, dtype=torch.int32)
+            matcher.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * 4)
+            bits = (mask[0].unsqueeze(1) >> torch.arange(32, dtype=torch.int32)) & 1
+            allowed = bits.flatten()[:vocab].bool()
+            t = int(logits.masked_fill(~allowed, float("-inf")).argmax())
+            assert matcher.consume_token(t)
+            ids.append(t)
+            out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["json", "regex"])
+def test_greedy_equals_masked_transformers(tiny_model_dir, device, kind):
+    model_dir = tiny_model_dir("llama")
+    so = constraint(kind)
+    engine = LLM(str(model_dir), dtype="float32", **on(device))
+    got = engine.generate(
+        PROMPTS, SamplingParams(temperature=0, max_tokens=60, structured_outputs=so)
+    )
+    for prompt, out in zip(PROMPTS, got, strict=True):
+        ref = hf_masked_greedy(model_dir, prompt, so)
+        assert out.outputs[0].token_ids == ref
+        assert out.outputs[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "so",
+    [
+        {"json": {"type": "objectx"}},
+        {"json": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}},
+        {"regex": "a(b"},
+        {"grammar": "start: undefined_rule"},
+    ],
+)
+def test_a_bad_constraint_is_a_value_error(llm, so):
+    with pytest.raises(ValueError, match="invalid structured_outputs"):
+        llm.generate(PROMPTS[0], SamplingParams(structured_outputs=StructuredOutputsParams(**so)))
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"regex": "a", "choice": ["a"]}, {"choice": []}, {"json": "{not json"}]
+)
+def test_exactly_one_well_formed_kind(kwargs):
+    with pytest.raises(ValueError):
+        StructuredOutputsParams(**kwargs)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_resume_continues_the_undisturbed_output(llm, k):
+    engine = llm.engine
+    p = params("json", temperature=0, max_tokens=60)
+    ref = llm.generate(PROMPTS[1], p)[0].outputs[0]
+    assert len(ref.token_ids) > k
+    engine.add_request("resumed", PROMPTS[1], p, resume=Resume(tuple(ref.token_ids[:k])))
+    tokens, reason = list(ref.token_ids[:k]), None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens += out.outputs[0].token_ids
+            reason = out.outputs[0].finish_reason
+    assert tokens == ref.token_ids and reason == "stop"
+
+
+def test_resumed_tokens_must_follow_the_constraint(llm):
+    bad = tuple(llm.tokenizer.encode("hello", add_special_tokens=False))
+    with pytest.raises(ValueError, match="do not follow"):
+        llm.engine.add_request("bad-resume", PROMPTS[0], params("json"), resume=Resume(bad))
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_preempted_sequences_keep_their_matchers(llm, tiny_model_dir):
+    """A KV cache too small for the batch forces recomputation; outputs are unchanged."""
+    ps = [params("json", temperature=0, max_tokens=60)] * 4
+    prompts = [PROMPTS[i % 2] + [500 + i] * 20 for i in range(4)]
+    ref = [o.outputs[0].token_ids for o in llm.generate(prompts, ps)]
+    per_block = llm.engine.runner.bytes_per_block
+    small = LLM(
+        str(tiny_model_dir("llama")), dtype="float32", block_size=4, kv_cache_bytes=per_block * 24
+    )
+    got = small.generate(prompts, ps)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in got] == ref
+
+
+def test_ids_past_the_tokenizer_are_masked(tiny_model_dir):
+    """A model vocabulary larger than the tokenizer's: the extra ids are never allowed."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir("llama")))
+    vocab = len(tok) + 100
+    so = StructuredOutputsParams(regex="[0-9]+")
+    seq = Sequence("r", [1, 2, 3], SamplingParams(structured_outputs=so))
+    seq.structured = StructuredOutputs(tok, vocab, {2}).new_matcher(so)
+    logits = torch.zeros(2, vocab)
+    logits[:, len(tok) :] = 100.0  # the padding rows win unless masked
+    masked = apply_masks(logits, [seq, Sequence("free", [1], SamplingParams())])
+    assert int(masked[0].argmax()) < len(tok)
+    assert tok.decode([int(masked[0].argmax())]).isdigit()
+    assert int(masked[1].argmax()) >= len(tok)  # the unconstrained row is untouched

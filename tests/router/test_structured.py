@@ -1,0 +1,100 @@
+"""Structured outputs in the OpenAI API: response_format, structured_outputs and guided_*
+fields become the engine's StructuredOutputsParams, bad ones are 400s naming the field."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from services.common.proto import worker_pb2 as pb
+from services.engine.sampling_params import StructuredOutputsParams
+from services.router.errors import APIError
+from services.router.openai_api import sampling_from_openai
+from services.router.structured import set_json_schema
+from services.worker.convert import params_from_proto, params_to_proto
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+def parse(extra: dict[str, Any], chat: bool = True) -> StructuredOutputsParams | None:
+    body = {"model": "m", "messages": [], **extra}
+    return sampling_from_openai(body, chat=chat).structured_outputs
+
+
+@pytest.mark.parametrize("chat", [True, False])
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({}, None),
+        ({"response_format": {"type": "text"}}, None),
+        ({"response_format": {"type": "json_object"}}, StructuredOutputsParams(json_object=True)),
+        (
+            {"response_format": {"type": "json_schema",
+                                 "json_schema": {"name": "x", "schema": SCHEMA, "strict": True}}},
+            StructuredOutputsParams(json=SCHEMA),
+        ),
+        ({"structured_outputs": {"json": SCHEMA}}, StructuredOutputsParams(json=SCHEMA)),
+        ({"structured_outputs": {"json": json.dumps(SCHEMA), "disable_fallback": True}},
+         StructuredOutputsParams(json=SCHEMA)),
+        ({"structured_outputs": {"regex": "[0-9]+"}}, StructuredOutputsParams(regex="[0-9]+")),
+        ({"structured_outputs": {"choice": ["a", "b"]}}, StructuredOutputsParams(choice=["a", "b"])),
+        ({"structured_outputs": {"grammar": 'start: "x"'}},
+         StructuredOutputsParams(grammar='start: "x"')),
+        ({"guided_json": SCHEMA}, StructuredOutputsParams(json=SCHEMA)),
+        ({"guided_regex": "a+"}, StructuredOutputsParams(regex="a+")),
+        ({"guided_choice": ["y", "n"]}, StructuredOutputsParams(choice=["y", "n"])),
+        ({"guided_grammar": 'start: "x"'}, StructuredOutputsParams(grammar='start: "x"')),
+    ],
+)  # fmt: skip
+def test_accepted_forms(extra, expected, chat):
+    assert parse(extra, chat) == expected
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"response_format": "json"}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+         "response_format"),
+        ({"response_format": {"type": "json_schema",
+                              "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
+         "response_format"),
+        ({"structured_outputs": []}, "structured_outputs"),
+        ({"structured_outputs": {}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a(b"}}, "structured_outputs"),
+        ({"structured_outputs": {"grammar": "start: nothing_here"}}, "structured_outputs"),
+        ({"structured_outputs": {"choice": "a"}}, "structured_outputs"),
+        ({"structured_outputs": {"json": "{bad"}}, "structured_outputs"),
+        ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"guided_regex": 5}, "guided_regex"),
+        ({"guided_json": [1]}, "guided_json"),
+        ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
+    ],
+)  # fmt: skip
+def test_bad_forms_are_400_naming_the_field(extra, param):
+    with pytest.raises(APIError) as info:
+        parse(extra)
+    err = info.value.openai_body()["error"]
+    assert info.value.status == 400
+    assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_constraint_reaches_the_wire():
+    params = sampling_from_openai(
+        {"structured_outputs": {"choice": ["a", "b"]}, "temperature": 0}, chat=True
+    )
+    back = params_from_proto(params_to_proto(params))
+    assert back.structured_outputs == StructuredOutputsParams(choice=["a", "b"])
+
+
+def test_set_json_schema():
+    msg = pb.SamplingParams(max_tokens=5)
+    msg.structured_outputs.regex = "x"
+    set_json_schema(msg, SCHEMA)
+    assert params_from_proto(msg).structured_outputs == StructuredOutputsParams(json=SCHEMA)
