@@ -19,6 +19,15 @@ from services.router.errors import APIError, bad_request
 from services.router.images import MEDIA_TYPES, chat_prompt, decode_base64
 from services.router.openai_api import check_context
 from services.router.orchestrator import merge_streams
+from services.router.tool_parsers.base import ParsedCall, ToolStream
+from services.router.tool_parsers.factory import tool_parser_class
+from services.router.tools import (
+    anthropic_call_id,
+    anthropic_input,
+    anthropic_tools,
+    prepare,
+    split_tool_blocks,
+)
 from services.router.validation import get, get_int, get_number, get_stop, read_json_object
 from services.worker.convert import params_to_proto
 
@@ -85,8 +94,14 @@ def parse_messages(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise bad_request(f"messages.{i}.role must be 'user' or 'assistant'")
-        content = _content_of(m.get("content"), f"messages.{i}.content", images)
-        out.append({"role": m["role"], "content": content})
+        where = f"messages.{i}.content"
+        rest, calls, results = split_tool_blocks(m.get("content"), m["role"], where)
+        out += results  # NOTE: tool results come first in a user turn, as the API requires
+        content = _content_of(rest, where, images)
+        if calls:
+            out.append({"role": "assistant", "content": content, "tool_calls": calls})
+        elif content or not results:
+            out.append({"role": m["role"], "content": content})
     return out, images
 
 
@@ -105,8 +120,10 @@ def sampling_from_anthropic(
         raise bad_request(str(exc)) from None
 
 
-def stop_fields(ch: Choice) -> tuple[str, str | None]:
-    """(stop_reason, stop_sequence) in Anthropic's terms."""
+def stop_fields(ch: Choice, called: bool = False) -> tuple[str, str | None]:
+    """(stop_reason, stop_sequence) in Anthropic's terms; ``called``: tools were called."""
+    if called:
+        return "tool_use", None
     if ch.finish_reason == "length":
         return "max_tokens", None
     if ch.stop_reason:
@@ -131,17 +148,23 @@ async def handle(gw: Gateway, request: Request) -> Response:
         model, max_len = gw.resolve_model(get(body, "model", str, required=True))
         stream = get(body, "stream", bool, False)
         params = sampling_from_anthropic(body, gw.cfg.max_tokens_limit)
+        tool_setup = anthropic_tools(body)
         messages, sources = parse_messages(body)
-        prompt, images = await chat_prompt(gw.tokenizer, messages, sources, gw.cfg.image_limits)
+        parser = tool_parser_class(gw.cfg.tool_call_parser)
+        messages, tools = prepare(gw.tokenizer, messages, tool_setup, parser)
+        prompt, images = await chat_prompt(
+            gw.tokenizer, messages, sources, gw.cfg.image_limits, tools=tools
+        )
         check_context(len(prompt), params.max_tokens, max_len)
         ticket = gw.admission.admit(len(prompt))
     except APIError as err:
         gw.metrics.count_request("messages", err.status)
         return err.anthropic_response()
     mid = "msg_" + uuid.uuid4().hex
-    gen = merge_streams(
-        [gw.orchestrator.generate(model, mid, prompt, params_to_proto(params), images=images)]
-    )
+    proto = params_to_proto(params)
+    tool_setup.constrain(proto)  # tool_choice "any" / "tool"
+    gen = merge_streams([gw.orchestrator.generate(model, mid, prompt, proto, images=images)])
+    tool_stream = tool_setup.stream(parser)
     if stream:
         try:
             first = await until_disconnect(request, anext(gen))
@@ -159,11 +182,14 @@ async def handle(gw: Gateway, request: Request) -> Response:
             await gen.aclose()
             raise
         return StreamingResponse(
-            _stream(gw, mid, model, first, gen, started), media_type="text/event-stream",
+            _stream(gw, mid, model, first, gen, started, tool_stream),
+            media_type="text/event-stream",
             background=BackgroundTask(ticket.release),
         )  # fmt: skip
     try:
-        result = await until_disconnect(request, _collect(gw, mid, model, gen, started))
+        result = await until_disconnect(
+            request, _collect(gw, mid, model, gen, started, tool_stream)
+        )
     except APIError as err:
         gw.metrics.count_request("messages", err.status)
         return err.anthropic_response()
@@ -175,7 +201,7 @@ async def handle(gw: Gateway, request: Request) -> Response:
 
 async def _collect(
     gw: Gateway, mid: str, model: str, gen: AsyncIterator[tuple[int, pb.GenerateResponse]],
-    started: float,
+    started: float, tool_stream: ToolStream | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     choices: dict[int, Choice] = {}
     usage = Usage()
@@ -187,13 +213,19 @@ async def _collect(
         apply_step(choices, usage, 0, 1, msg)
     gw.metrics.done("messages", model, started, usage.prompt, usage.completion)
     ch = choices.get(0, Choice(index=0))
-    reason, seq = stop_fields(ch)
+    events = tool_stream.feed(ch.full_text, final=True) if tool_stream else [ch.full_text]
+    content = [
+        {"type": "text", "text": e} if isinstance(e, str) else
+        {"type": "tool_use", "id": anthropic_call_id(), "name": e.name, "input": anthropic_input(e)}
+        for e in events
+    ]  # fmt: skip
+    reason, seq = stop_fields(ch, called=any(c["type"] == "tool_use" for c in content))
     return {
         "id": mid,
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{"type": "text", "text": ch.full_text}],
+        "content": content or [{"type": "text", "text": ""}],
         "stop_reason": reason,
         "stop_sequence": seq,
         "usage": _usage(usage),
@@ -204,13 +236,68 @@ def _event(name: str, data: dict[str, Any]) -> str:
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+class _Blocks:
+    """The content blocks of a streamed message: text goes to an open text block (opened on
+    its first text), each tool call is a ``tool_use`` block of its own."""
+
+    def __init__(self) -> None:
+        self.index = -1  # of the latest block
+        self.text_open = False
+        self.called = False  # a tool_use block was sent
+
+    def _close(self) -> list[str]:
+        if not self.text_open:
+            return []
+        self.text_open = False
+        return [_event("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+
+    def text(self, text: str) -> list[str]:
+        out = []
+        if not self.text_open:
+            self.index += 1
+            self.text_open = True
+            out.append(_event("content_block_start", {"type": "content_block_start",
+                "index": self.index, "content_block": {"type": "text", "text": ""}}))  # fmt: skip
+        out.append(_event("content_block_delta", {"type": "content_block_delta",
+            "index": self.index, "delta": {"type": "text_delta", "text": text}}))  # fmt: skip
+        return out
+
+    def tool_use(self, call: ParsedCall) -> list[str]:
+        out = self._close()
+        self.index += 1
+        self.called = True
+        block = {"type": "tool_use", "id": anthropic_call_id(), "name": call.name, "input": {}}
+        return out + [
+            _event("content_block_start", {"type": "content_block_start", "index": self.index,
+                                           "content_block": block}),
+            _event("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                "delta": {"type": "input_json_delta", "partial_json": call.arguments}}),
+            _event("content_block_stop", {"type": "content_block_stop", "index": self.index}),
+        ]  # fmt: skip
+
+    def output(self, tool_stream: ToolStream | None, text: str, final: bool) -> list[str]:
+        """Events of the next piece of output."""
+        if tool_stream is None:
+            return self.text(text) if text else []
+        out = []
+        for ev in tool_stream.feed(text, final):
+            out += self.text(ev) if isinstance(ev, str) else self.tool_use(ev)
+        return out
+
+    def end(self) -> list[str]:
+        """Close the open block; a message with no block gets an empty text block."""
+        return (self.text("")[:1] if self.index < 0 else []) + self._close()
+
+
 async def _stream(
     gw: Gateway, mid: str, model: str, first: tuple[int, pb.GenerateResponse],
     gen: AsyncGenerator[tuple[int, pb.GenerateResponse], None], started: float,
+    tool_stream: ToolStream | None = None,
 ) -> AsyncIterator[str]:  # fmt: skip
     choices: dict[int, Choice] = {}
     usage = Usage()
     status = "200"
+    blocks = _Blocks()
     gw.metrics.first_token("messages", model, started)
     try:
         apply_step(choices, usage, 0, 1, first[1])
@@ -219,27 +306,22 @@ async def _stream(
             "stop_reason": None, "stop_sequence": None,
             "usage": {**_usage(usage), "output_tokens": 0},
         }})  # fmt: skip
-        yield _event("content_block_start", {
-            "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""},
-        })  # fmt: skip
         pending = [first[1]]
         while True:
             for msg in pending:
                 for d in msg.outputs:
-                    if d.text:
-                        yield _event("content_block_delta", {
-                            "type": "content_block_delta", "index": 0,
-                            "delta": {"type": "text_delta", "text": d.text},
-                        })  # fmt: skip
+                    for e in blocks.output(tool_stream, d.text, bool(d.finish_reason)):
+                        yield e
             try:
                 _, nxt = await anext(gen)
             except StopAsyncIteration:
                 break
             apply_step(choices, usage, 0, 1, nxt)
             pending = [nxt]
+        for e in blocks.output(tool_stream, "", True) + blocks.end():
+            yield e
         ch = choices.get(0, Choice(index=0))
-        reason, seq = stop_fields(ch)
-        yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        reason, seq = stop_fields(ch, called=blocks.called)
         yield _event("message_delta", {
             "type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq},
             "usage": {"output_tokens": usage.completion},

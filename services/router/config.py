@@ -9,6 +9,7 @@ from services.router.images import ImageLimits
 from services.router.policies.factory import available_policies
 from services.router.rebalance.factory import available_rebalance_policies, create_rebalance_policy
 from services.router.rebalance.governor import GovernorConfig
+from services.router.tool_parsers.factory import available_tool_parsers
 
 
 @dataclass
@@ -125,6 +126,14 @@ class RouterConfig:
             "help": "let http(s) image URLs resolve to private, loopback or link-local addresses"
         },
     )
+    tool_call_parser: str = field(
+        default="hermes",
+        metadata={
+            "help": "format of tool calls in the model's output (tool_choice 'auto'): "
+            + ", ".join(available_tool_parsers()),
+            "choices": tuple(available_tool_parsers()),
+        },
+    )
     max_queued_tokens: int = field(
         default=262144,
         metadata={
@@ -177,6 +186,11 @@ class RouterConfig:
             raise ValueError("stall_timeout_s must be > 0")
         if not self.etcd_endpoints:
             raise ValueError("--etcd needs at least one host:port")
+        if self.tool_call_parser not in available_tool_parsers():
+            raise ValueError(
+                f"unknown tool_call_parser {self.tool_call_parser!r}; choose from "
+                f"{', '.join(available_tool_parsers())}"
+            )
         if self.rebalance_interval_s <= 0:
             raise ValueError("rebalance_interval_s must be > 0")
         if self.image_fetch_timeout_s <= 0:

@@ -212,11 +212,13 @@ async def chat_prompt(
     sources: list[str | bytes],
     limits: ImageLimits,
     param: str = "messages",
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[int], list[pb.ImageData]]:
     """Token ids of a chat (placeholders expanded) and its images, fetched and checked in
-    parallel; ``sources`` are the images in the order their parts appear in ``messages``."""
+    parallel; ``sources`` are the images in the order their parts appear in ``messages``;
+    ``tools`` go to the chat template."""
     if not sources:
-        return tokenizer.apply_chat_template(messages), []
+        return tokenizer.apply_chat_template(messages, tools=tools), []
     spec: VisionSpec | None = tokenizer.vision
     if spec is None:
         raise _bad("this model does not accept images", param)
@@ -230,5 +232,5 @@ async def chat_prompt(
             *(load_image(s, spec, limits, f"{param} (image {i})") for i, s in enumerate(sources))
         )
     )
-    ids = tokenizer.apply_chat_template(messages)
+    ids = tokenizer.apply_chat_template(messages, tools=tools)
     return expand_placeholders(ids, spec, images), images

@@ -18,6 +18,17 @@ from services.router.accumulate import Choice, Usage, apply_step, until_disconne
 from services.router.errors import APIError, bad_request
 from services.router.images import chat_prompt
 from services.router.orchestrator import merge_streams
+from services.router.structured import structured_from_openai
+from services.router.tool_parsers.base import ToolStream, extract
+from services.router.tool_parsers.factory import tool_parser_class
+from services.router.tools import (
+    ToolSetup,
+    openai_deltas,
+    openai_tool_call,
+    openai_tool_calls,
+    openai_tools,
+    prepare,
+)
 from services.router.validation import get, get_int, get_number, get_stop, read_json_object
 from services.worker.convert import params_to_proto
 
@@ -46,6 +57,7 @@ def sampling_from_openai(
     stop_ids = get(body, "stop_token_ids", list, [])
     if not all(isinstance(t, int) for t in stop_ids):
         raise bad_request("'stop_token_ids' must be an array of integers", param="stop_token_ids")
+    structured = structured_from_openai(body)
     try:
         return SamplingParams(
             n=get_int(body, "n", 1, 1, max_n) or 1,
@@ -65,6 +77,7 @@ def sampling_from_openai(
             logprobs=logprobs,
             include_stop_str_in_output=get(body, "include_stop_str_in_output", bool, False),
             skip_special_tokens=get(body, "skip_special_tokens", bool, True),
+            structured_outputs=structured,
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from None
@@ -120,7 +133,12 @@ def chat_messages(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str 
             raise bad_request(
                 f"messages[{i}].content must be a string or an array", param="messages"
             )
-        out.append({"role": m["role"], "content": content})
+        msg: dict[str, Any] = {"role": m["role"], "content": content}
+        if m["role"] == "assistant" and (calls := openai_tool_calls(m, i)):
+            msg["tool_calls"] = calls
+        elif m["role"] == "tool" and isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
     return out, images
 
 
@@ -202,9 +220,19 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
             body, chat=chat, max_n=gw.cfg.max_n, max_tokens_limit=gw.cfg.max_tokens_limit
         )
         images: list[pb.ImageData] = []
+        tool_setup = openai_tools(body) if chat else None
+        if tool_setup is not None and tool_setup.schema is not None and params.structured_outputs:
+            raise bad_request(
+                "tool_choice 'required' or a named function cannot be combined with "
+                "structured outputs", param="tool_choice",
+            )  # fmt: skip
         if chat:
             messages, sources = chat_messages(body)
-            prompt, images = await chat_prompt(gw.tokenizer, messages, sources, gw.cfg.image_limits)
+            parser = tool_parser_class(gw.cfg.tool_call_parser)
+            messages, tools = prepare(gw.tokenizer, messages, tool_setup, parser)
+            prompt, images = await chat_prompt(
+                gw.tokenizer, messages, sources, gw.cfg.image_limits, tools=tools
+            )
             prompts = [prompt]
         else:
             prompts = completion_prompts(gw, body)
@@ -216,9 +244,14 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
         return err.openai_response()
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     ctx = _Ctx(gw, api, chat, rid, model, params.n, params.logprobs is not None, started)
+    ctx.tools = tool_setup
     streams = [
         gw.orchestrator.generate(
-            model, f"{rid}-{i}" if len(prompts) > 1 else rid, p, params_to_proto(params), images
+            model,
+            f"{rid}-{i}" if len(prompts) > 1 else rid,
+            p,
+            _to_proto(params, tool_setup),
+            images,
         )
         for i, p in enumerate(prompts)
     ]
@@ -257,6 +290,13 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
     return JSONResponse(result)
 
 
+def _to_proto(params: SamplingParams, tools: ToolSetup | None) -> pb.SamplingParams:
+    proto = params_to_proto(params)
+    if tools is not None:
+        tools.constrain(proto)  # tool_choice "required" / a named function
+    return proto
+
+
 class _Ctx:
     def __init__(self, gw: Gateway, api: str, chat: bool, rid: str, model: str, n: int,
                  logprobs: bool, started: float) -> None:  # fmt: skip
@@ -265,6 +305,13 @@ class _Ctx:
         self.started = started
         self.created = int(time.time())
         self.first_token_seen = False
+        self.tools: ToolSetup | None = None  # chat: the request's tools
+
+    def tool_stream(self) -> ToolStream | None:
+        """A tool-call parser for one choice; None: its output is plain content."""
+        if self.tools is None:
+            return None
+        return self.tools.stream(tool_parser_class(self.gw.cfg.tool_call_parser))
 
     def on_step(self) -> None:
         if not self.first_token_seen:
@@ -294,6 +341,13 @@ async def _collect(
         item: dict[str, Any] = {"index": idx, "finish_reason": ch.finish_reason}
         if ctx.chat:
             item["message"] = {"role": "assistant", "content": ch.full_text}
+            tool_stream = ctx.tool_stream()
+            if tool_stream is not None:
+                content, calls = extract(tool_stream, ch.full_text)
+                item["message"]["content"] = content or (None if calls else "")
+                if calls:
+                    item["message"]["tool_calls"] = [openai_tool_call(c) for c in calls]
+                    item["finish_reason"] = "tool_calls"
             item["logprobs"] = _chat_logprobs(ctx.gw, ch.logprobs) if ctx.logprobs else None
         else:
             item["text"] = ch.full_text
@@ -338,6 +392,7 @@ async def _stream(
     text_pos: dict[int, int] = {}
     usage = Usage()
     started_roles: set[int] = set()
+    tool_streams: dict[int, ToolStream | None] = {}
     status = "200"
     ctx.gw.metrics.inflight.inc()
     try:
@@ -355,6 +410,16 @@ async def _stream(
                     item["logprobs"] = (
                         _chat_logprobs(ctx.gw, list(d.logprobs)) if ctx.logprobs else None
                     )
+                    if ch.index not in tool_streams:
+                        tool_streams[ch.index] = ctx.tool_stream()
+                    if (ts := tool_streams[ch.index]) is not None:
+                        # Tool calling: what the parser decided goes out in chunks of its own.
+                        for delta in openai_deltas(ts, d.text, bool(d.finish_reason)):
+                            yield _sse({**base, "choices": [{"index": ch.index, "delta": delta,
+                                       "logprobs": None, "finish_reason": None}], **extra})  # fmt: skip
+                        item["delta"] = {}
+                        if d.finish_reason and ts.calls:
+                            item["finish_reason"] = "tool_calls"
                 else:
                     item["text"] = d.text
                     pos = text_pos.get(ch.index, 0)
@@ -364,7 +429,7 @@ async def _stream(
                         else None
                     )
                     text_pos[ch.index] = pos + len(d.text)
-                if d.text or d.finish_reason or d.logprobs:
+                if (d.text and item.get("delta") != {}) or d.finish_reason or d.logprobs:
                     yield _sse({**base, "choices": [item], **extra})
         ctx.done(usage)
         if include_usage:

@@ -53,6 +53,73 @@ _IMAGE_BLOCK = {
         },
     },
 }  # fmt: skip
+# Tool calling (services/router/tools.py).
+_TOOL_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"}
+_OPENAI_TOOL = {
+    "type": "object",
+    "required": ["type", "function"],
+    "properties": {
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {
+            "type": "object", "required": ["name"],
+            "properties": {"name": _TOOL_NAME, "description": {"type": "string"},
+                           "parameters": {"type": "object"}},
+        },
+    },
+}  # fmt: skip
+_OPENAI_TOOL_CALL = {
+    "type": "object",
+    "required": ["type", "function"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"type": "string", "enum": ["function"]},
+        "function": {
+            "type": "object", "required": ["name", "arguments"],
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+        },
+    },
+}  # fmt: skip
+_OPENAI_TOOL_FIELDS: dict[str, Any] = {
+    "tools": {"type": "array", "items": _OPENAI_TOOL},
+    "tool_choice": {"oneOf": [
+        {"type": "string", "enum": ["none", "auto", "required"]},
+        {"type": "object", "required": ["type", "function"], "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {"type": "object", "required": ["name"],
+                         "properties": {"name": {"type": "string"}}},
+        }},
+    ]},
+    "parallel_tool_calls": {"type": "boolean"},
+}  # fmt: skip
+_ANTHROPIC_TOOL_BLOCKS = [
+    {
+        "type": "object", "required": ["type", "id", "name", "input"],
+        "properties": {"type": {"type": "string", "enum": ["tool_use"]}, "id": {"type": "string"},
+                       "name": {"type": "string"}, "input": {"type": "object"}},
+    },
+    {
+        "type": "object", "required": ["type", "tool_use_id"],
+        "properties": {
+            "type": {"type": "string", "enum": ["tool_result"]},
+            "tool_use_id": {"type": "string"},
+            "content": {"oneOf": [{"type": "string"}, _TEXT_PARTS]},
+            "is_error": {"type": "boolean"},
+        },
+    },
+]  # fmt: skip
+_ANTHROPIC_TOOL_FIELDS: dict[str, Any] = {
+    "tools": {"type": "array", "items": {
+        "type": "object", "required": ["name", "input_schema"],
+        "properties": {"name": _TOOL_NAME, "description": {"type": "string"},
+                       "input_schema": {"type": "object"}},
+    }},
+    "tool_choice": {
+        "type": "object", "required": ["type"],
+        "properties": {"type": {"type": "string", "enum": ["auto", "any", "tool", "none"]},
+                       "name": {"type": "string"},
+                       "disable_parallel_tool_use": {"type": "boolean"}},
+    },
+}  # fmt: skip
 _SAMPLING: dict[str, Any] = {
     "temperature": {"type": "number", "minimum": 0, "maximum": 2},
     "top_p": {"type": "number", "minimum": 0, "maximum": 1},
@@ -86,13 +153,16 @@ _CHAT_REQUEST = {
                 "type": "object",
                 "required": ["role"],
                 "properties": {
-                    "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+                    "role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]},
                     "content": {
                         "oneOf": [
                             {"type": "string"},
+                            {"type": "null"},
                             {"type": "array", "items": {"oneOf": [_TEXT_PART, _IMAGE_URL_PART]}},
                         ]
                     },
+                    "tool_calls": {"type": "array", "items": _OPENAI_TOOL_CALL},
+                    "tool_call_id": {"type": "string"},
                 },
             },
         },
@@ -100,6 +170,7 @@ _CHAT_REQUEST = {
         "max_completion_tokens": {"type": "integer", "minimum": 1},
         "logprobs": {"type": "boolean"},
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
+        **_OPENAI_TOOL_FIELDS,
     },
 }
 _COMPLETION_REQUEST = {
@@ -141,7 +212,16 @@ _MESSAGES_REQUEST = {
                     "content": {
                         "oneOf": [
                             {"type": "string"},
-                            {"type": "array", "items": {"oneOf": [_TEXT_PART, _IMAGE_BLOCK]}},
+                            {
+                                "type": "array",
+                                "items": {
+                                    "oneOf": [
+                                        _TEXT_PART,
+                                        _IMAGE_BLOCK,
+                                        *_ANTHROPIC_TOOL_BLOCKS,
+                                    ]
+                                },
+                            },
                         ]
                     },
                 },
@@ -152,6 +232,7 @@ _MESSAGES_REQUEST = {
         "top_k": {"type": "integer", "minimum": -1},
         "stop_sequences": {"type": "array", "items": {"type": "string"}},
         "stream": {"type": "boolean"},
+        **_ANTHROPIC_TOOL_FIELDS,
     },
 }
 

@@ -39,15 +39,20 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=True))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         """Token ids of the chat prompt, ending with the assistant turn's opening. A message's
         content is a string, or (with images) a list of ``{"type": "text", "text": ...}`` and
         ``{"type": "image"}`` parts, which a vision-language template turns into one image
-        placeholder each (expanded later, see ``images.expand_placeholders``)."""
+        placeholder each (expanded later, see ``images.expand_placeholders``). ``tools``
+        (OpenAI format) go to the template as its ``tools`` variable (see router/tools.py)."""
         if getattr(self.hf, "chat_template", None) is None:
             raise bad_request("this model has no chat template; use /v1/completions")
         try:
-            text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.hf.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=True
+            )
         except Exception as exc:  # jinja errors: e.g. roles the template does not allow
             raise bad_request(
                 f"could not apply the chat template: {exc}", param="messages"

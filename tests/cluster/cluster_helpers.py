@@ -50,6 +50,21 @@ def start_cluster(model_dir: Path | None, workers: int = 1, **spec: object) -> L
     return cluster
 
 
+def openai_client(c: LocalCluster, timeout: float = 60.0):
+    """The official OpenAI SDK pointed at the cluster's router (no retries: a test sees
+    every failure)."""
+    import openai
+
+    return openai.OpenAI(base_url=c.base_url + "/v1", api_key="x", timeout=timeout, max_retries=0)
+
+
+def anthropic_client(c: LocalCluster, timeout: float = 60.0):
+    """The official Anthropic SDK pointed at the cluster's router (no retries)."""
+    import anthropic
+
+    return anthropic.Anthropic(base_url=c.base_url, api_key="x", timeout=timeout, max_retries=0)
+
+
 def get_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:

@@ -6,7 +6,7 @@ import anthropic
 import httpx
 import openai
 import pytest
-from cluster_helpers import TINY_NAME, get_json, start_cluster
+from cluster_helpers import TINY_NAME, anthropic_client, get_json, openai_client, start_cluster
 
 from services.engine import LLM, SamplingParams
 
@@ -28,12 +28,12 @@ def cluster(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def oai(cluster):
-    return openai.OpenAI(base_url=cluster.base_url + "/v1", api_key="x", timeout=60, max_retries=0)
+    return openai_client(cluster, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def claude(cluster):
-    return anthropic.Anthropic(base_url=cluster.base_url, api_key="x", timeout=60, max_retries=0)
+    return anthropic_client(cluster, timeout=60)
 
 
 @pytest.fixture(scope="module")

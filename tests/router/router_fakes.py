@@ -99,7 +99,7 @@ class FakeTokenizer:
     def encode(self, text: str) -> list[int]:
         return [ord(c) % 1000 for c in text]
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict[str, str]], tools=None) -> list[int]:
         return self.encode(
             "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
         )

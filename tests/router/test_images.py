@@ -92,7 +92,7 @@ def test_fetch_guards(http_server):
 class TextTokenizer:
     vision = None
 
-    def apply_chat_template(self, messages):
+    def apply_chat_template(self, messages, tools=None):
         return [1, 2, 3]
 
 

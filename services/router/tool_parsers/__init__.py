@@ -1,0 +1,1 @@
+"""Tool-call output parsers, one format per module, found by name (``factory.py``)."""
