@@ -14,7 +14,6 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from services.engine.sampling_params import StructuredOutputsParams
@@ -166,24 +165,30 @@ class StructuredOutputs:
 def apply_masks(logits: torch.Tensor, seqs: list[EngineSequence]) -> torch.Tensor:
     """``logits`` ([len(seqs), vocab], any device) with -inf for the tokens that the grammar
     of each constrained row does not allow next: a new tensor, or ``logits`` itself when no
-    row is constrained."""
+    row is constrained. The packed bitmask (32 tokens a word) is what crosses to the device;
+    it is unpacked there."""
     rows = [i for i, s in enumerate(seqs) if s.structured is not None]
     if not rows:
         return logits
     matchers = [m for m in (s.structured for s in seqs) if m is not None]
     vocab = logits.shape[-1]
-    words = (matchers[0].vocab_size + 31) // 32
-    bitmask = torch.zeros((len(rows), words), dtype=torch.int32)
+    bitmask = torch.zeros((len(rows), (matchers[0].vocab_size + 31) // 32), dtype=torch.int32)
     for j, m in enumerate(matchers):
         m.fill(bitmask, j)
-    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
-    width = min(vocab, bits.shape[1])
-    allowed = torch.ones((len(seqs), vocab), dtype=torch.bool)  # unconstrained rows: all
-    allowed[rows] = False  # ids past the grammar's mask: never
-    allowed[rows, :width] = torch.from_numpy(bits[:, :width].astype(bool))
-    for j, m in zip(rows, matchers, strict=True):
-        if not allowed[j].any():
+    dead = (bitmask == 0).all(dim=1).tolist()
+    bitmask = bitmask.to(logits.device)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    # Bit b of word w is token 32 w + b (">>" of a negative word fills with ones, "& 1" keeps
+    # bit b); the mask covers at least the model's vocabulary.
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]
+    for j, m in enumerate(matchers):
+        if dead[j]:
             # NOTE: a matcher in an error state allows nothing; let the row end instead of
             # sampling from all -inf (NaN probabilities).
             allowed[j, [t for t in m.eos_token_ids if t < vocab]] = True
-    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+    if len(rows) == len(seqs):
+        return logits.masked_fill(~allowed, float("-inf"))
+    index = torch.tensor(rows, device=logits.device)
+    out = logits.clone()
+    out[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    return out
