@@ -139,6 +139,32 @@ _SAMPLING: dict[str, Any] = {
     "stream_options": {
         "type": "object", "properties": {"include_usage": {"type": "boolean"}},
     },
+    # Structured outputs (services/router/structured.py): one constraint per request.
+    "response_format": {
+        "type": "object", "required": ["type"],
+        "properties": {
+            "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+            "json_schema": {
+                "type": "object", "required": ["schema"],
+                "properties": {"name": {"type": "string"}, "schema": {"type": "object"},
+                               "strict": {"type": "boolean"}},
+            },
+        },
+    },
+    "structured_outputs": {
+        "type": "object",
+        "properties": {
+            "json": {"oneOf": [{"type": "object"}, {"type": "string"}]},
+            "json_object": {"type": "boolean"},
+            "regex": {"type": "string"},
+            "choice": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "grammar": {"type": "string"},
+        },
+    },
+    "guided_json": {"oneOf": [{"type": "object"}, {"type": "string"}]},
+    "guided_regex": {"type": "string"},
+    "guided_choice": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    "guided_grammar": {"type": "string"},
 }  # fmt: skip
 
 _CHAT_REQUEST = {
