@@ -1,12 +1,13 @@
 """Cost of structured outputs: the same batch decoded with and without a JSON-schema
 constraint, in one process on one engine.
 
-N prompts of random token ids (fixed seed) are generated greedily twice per round: plain
-(``ignore_eos``, ``--output-len`` tokens) and constrained to a schema whose one string field
-is exactly ``--output-len`` characters long (so the constrained outputs are about as long).
-Rounds alternate plain / constrained so that both see the same background load; the fastest
-run of each counts. Reports output tokens/s of each and their ratio, the time spent building
-masks per engine step (``structured_output.apply_masks``), and the one-time cost of a
+N prompts of random token ids (fixed seed) are generated greedily, constrained to a schema
+whose string field is exactly ``--output-len`` characters long, and plain, where each request
+generates (``ignore_eos``) exactly as many tokens as its constrained run did: both runs then
+schedule the same batches, step for step, and differ only by the constraint. Rounds alternate
+plain / constrained so that both see the same background load; the fastest run of each
+counts. Reports output tokens/s of each and their ratio, the mean engine step time, the time
+spent building masks per step (``structured_output.apply_masks``), and the one-time cost of a
 grammar and of the engine's first constraint (llguidance's tokenizer and token trie).
 
     .venv/bin/python benchmarks/structured_outputs.py --num-prompts 32 --output-len 64
@@ -55,6 +56,28 @@ def schema(chars: int) -> dict[str, Any]:
     }
 
 
+class StepTimer:
+    """Wall time and count of ``LLMEngine.step`` calls."""
+
+    def __init__(self, engine: Any) -> None:
+        self.seconds = 0.0
+        self.steps = 0
+        inner = engine.step
+
+        def timed() -> Any:
+            t = time.perf_counter()
+            try:
+                return inner()
+            finally:
+                self.seconds += time.perf_counter() - t
+                self.steps += 1
+
+        engine.step = timed
+
+    def reset(self) -> None:
+        self.seconds, self.steps = 0.0, 0
+
+
 class MaskTimer:
     """Wall time spent in ``apply_masks`` (wrapped where the sampler calls it)."""
 
@@ -76,8 +99,15 @@ class MaskTimer:
         self.seconds, self.calls = 0.0, 0
 
 
-def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, timer: MaskTimer) -> dict:
+def run(
+    llm: LLM,
+    prompts: list[list[int]],
+    params: SamplingParams | list[SamplingParams],
+    timer: MaskTimer,
+    steps: StepTimer,
+) -> dict:
     timer.reset()
+    steps.reset()
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
     wall = time.perf_counter() - t
@@ -87,6 +117,8 @@ def run(llm: LLM, prompts: list[list[int]], params: SamplingParams, timer: MaskT
         "output_tokens": tokens,
         "tokens_per_s": tokens / wall,
         "mask_ms_per_step": 1000 * timer.seconds / max(timer.calls, 1),
+        "step_ms": 1000 * steps.seconds / max(steps.steps, 1),
+        "steps": steps.steps,
         "texts": [o.outputs[0].text for o in outs],
     }
 
@@ -99,24 +131,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(vocab) for _ in range(args.input_len)]
                for _ in range(args.num_prompts)]  # fmt: skip
-    plain = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     shape = StructuredOutputsParams(json=schema(args.output_len))
     constrained = SamplingParams(
         temperature=0, max_tokens=args.output_len * 4, structured_outputs=shape
     )
     timer = MaskTimer()
     engine = llm.engine
+    steps = StepTimer(engine)
     t = time.perf_counter()
     engine.structured.prepare(StructuredOutputsParams(json_object=True))  # tokenizer + trie
     first_use_s = time.perf_counter() - t
     t = time.perf_counter()
     engine.structured.prepare(shape)
     compile_s = time.perf_counter() - t
-    llm.generate(prompts[:2], plain)  # warm-up
+    # Each request's constrained output length, for the plain run to generate as many.
+    lengths = [len(o.outputs[0].token_ids) for o in llm.generate(prompts, constrained)]
+    plain = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
     best: dict[str, dict] = {}
     for _ in range(args.repeat):
         for name, params in (("plain", plain), ("constrained", constrained)):
-            r = run(llm, prompts, params, timer)
+            r = run(llm, prompts, params, timer, steps)
             if name not in best or r["tokens_per_s"] > best[name]["tokens_per_s"]:
                 best[name] = r
     valid = 0
@@ -134,6 +168,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "constrained_tokens_per_s": round(best["constrained"]["tokens_per_s"], 1),
         "ratio": round(best["constrained"]["tokens_per_s"] / best["plain"]["tokens_per_s"], 3),
         "constrained_output_tokens": best["constrained"]["output_tokens"],
+        "plain_step_ms": round(best["plain"]["step_ms"], 2),
+        "constrained_step_ms": round(best["constrained"]["step_ms"], 2),
+        "step_time_ratio": round(best["constrained"]["step_ms"] / best["plain"]["step_ms"], 3),
+        "steps": {k: best[k]["steps"] for k in best},
         "mask_ms_per_step": round(best["constrained"]["mask_ms_per_step"], 3),
         "valid_outputs": f"{valid}/{args.num_prompts}",
         "first_constraint_s": round(first_use_s, 3),
