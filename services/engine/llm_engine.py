@@ -184,6 +184,7 @@ class LLMEngine:
         self, prompt_token_ids: list[int], params: SamplingParams, resume: Resume | None = None
     ) -> None:
         n = len(prompt_token_ids)
+        vocab = self.runner.model.lm_head.out_features
         if resume is not None:
             done = len(resume.output_token_ids)
             if params.n != 1:
@@ -195,7 +196,6 @@ class LLMEngine:
                     f"prompt ({n}) + resumed output ({done}) tokens reach the context length "
                     f"{self.max_model_len}"
                 )
-            vocab = self.runner.model.lm_head.out_features
             if any(not 0 <= t < vocab for t in resume.output_token_ids):
                 raise ValueError(f"resumed token ids must be in [0, {vocab})")
         if n == 0:
@@ -211,8 +211,12 @@ class LLMEngine:
             )
         if self.block_manager.blocks_needed(n + 1) > self.block_manager.num_blocks:
             raise ValueError(f"prompt of {n} tokens does not fit in the KV cache")
-        if params.logprobs and params.logprobs > self.runner.model.lm_head.out_features:
+        if params.logprobs and params.logprobs > vocab:
             raise ValueError("logprobs exceeds the vocabulary size")
+        if params.logit_bias and (bad := [t for t in params.logit_bias if t >= vocab]):
+            raise ValueError(
+                f"logit_bias token id {min(bad)} is not in the vocabulary [0, {vocab})"
+            )
 
     def add_request(
         self,

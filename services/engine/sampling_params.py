@@ -85,6 +85,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None  # None: unconstrained
+    # Token id -> a number in [-100, 100] added to its logit before penalties, temperature,
+    # top-k/p and greedy (OpenAI's ``logit_bias``); ids past the vocabulary fail in
+    # LLMEngine.validate, which knows the vocabulary.
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -147,7 +151,30 @@ class SamplingParams:
             self.structured_outputs, StructuredOutputsParams
         ):
             raise ValueError("structured_outputs must be a StructuredOutputsParams")
+        if self.logit_bias is not None:
+            self.logit_bias = _checked_logit_bias(self.logit_bias)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _checked_logit_bias(bias: object) -> dict[int, float]:
+    """``bias`` as {token id: float}; ValueError unless every key is a token id >= 0 and
+    every value a number in [-100, 100] (OpenAI's bounds)."""
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> number, got {bias!r}")
+    out: dict[int, float] = {}
+    for token, value in bias.items():
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not -100.0 <= value <= 100.0  # NOTE: also false for NaN
+        ):
+            raise ValueError(
+                f"logit_bias values must be numbers in [-100, 100], got {value!r} for {token}"
+            )
+        out[token] = float(value)
+    return out

@@ -107,3 +107,26 @@ def get_stop(body: dict[str, Any], name: str) -> list[str]:
     if not all(isinstance(s, str) for s in value):
         raise bad_request(f"'{name}' must be a string or an array of strings", param=name)
     return list(value)
+
+
+def get_logit_bias(body: dict[str, Any], name: str = "logit_bias") -> dict[int, float] | None:
+    """OpenAI's ``logit_bias``: an object of token ids (as strings, JSON keys being strings)
+    to numbers in [-100, 100]; None when absent or empty. Ids past the vocabulary are left
+    to the worker, which knows it (also a 400)."""
+    value = get(body, name, dict, None)
+    if not value:
+        return None
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        # NOTE: ASCII digits only (int() would take " 5", "+5", "5_0" and other scripts'
+        # digits); below 2**31, what the wire's int32 holds.
+        if not (key.isascii() and key.isdigit()) or int(key) >= 2**31:
+            raise bad_request(f"'{name}' keys must be token ids, got {key!r}", param=name)
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise bad_request(
+                f"'{name}' values must be numbers in [-100, 100], got {json.dumps(bias)} for "
+                f"token {key}",
+                param=name,
+            )
+        out[int(key)] = float(bias)
+    return out

@@ -42,6 +42,8 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     kwargs["stop_token_ids"] = list(msg.stop_token_ids)
     if msg.HasField("structured_outputs"):
         kwargs["structured_outputs"] = structured_from_proto(msg.structured_outputs)
+    if msg.logit_bias:
+        kwargs["logit_bias"] = dict(msg.logit_bias)
     return SamplingParams(**kwargs)  # type: ignore[arg-type]
 
 
@@ -81,6 +83,8 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
             setattr(msg, name, value)
     if params.structured_outputs is not None:
         msg.structured_outputs.CopyFrom(structured_to_proto(params.structured_outputs))
+    if params.logit_bias:
+        msg.logit_bias.update(params.logit_bias)
     return msg
 
 
