@@ -1,4 +1,5 @@
-"""Anthropic Messages API: POST /v1/messages (streaming and not)."""
+"""Anthropic Messages API: POST /v1/messages (streaming and not) and
+/v1/messages/count_tokens."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from services.router.orchestrator import merge_streams
 from services.router.tool_parsers.base import ParsedCall, ToolStream
 from services.router.tool_parsers.factory import tool_parser_class
 from services.router.tools import (
+    ToolSetup,
     anthropic_call_id,
     anthropic_input,
     anthropic_tools,
@@ -140,6 +142,32 @@ def _usage(u: Usage) -> dict[str, int]:
     }
 
 
+async def prompt_of(
+    gw: Gateway, body: dict[str, Any], tool_setup: ToolSetup
+) -> tuple[list[int], list[pb.ImageData]]:
+    """Token ids of a Messages request's prompt (system, messages and tools through the chat
+    template, image placeholders expanded) and its images: what /v1/messages generates from
+    and /v1/messages/count_tokens counts."""
+    messages, sources = parse_messages(body)
+    parser = tool_parser_class(gw.cfg.tool_call_parser)
+    messages, tools = prepare(gw.tokenizer, messages, tool_setup, parser)
+    return await chat_prompt(gw.tokenizer, messages, sources, gw.cfg.image_limits, tools=tools)
+
+
+async def count_tokens(gw: Gateway, request: Request) -> Response:
+    """POST /v1/messages/count_tokens: ``{"input_tokens": N}``, the prompt length /v1/messages
+    would have for the same body (no ``max_tokens`` needed, no context-length check)."""
+    try:
+        body = await read_json_object(request, gw.cfg.max_body_bytes)
+        gw.resolve_model(get(body, "model", str, required=True), serving=False)
+        prompt, _ = await prompt_of(gw, body, anthropic_tools(body))
+    except APIError as err:
+        gw.metrics.count_request("count_tokens", err.status)
+        return err.anthropic_response()
+    gw.metrics.count_request("count_tokens", 200)
+    return JSONResponse({"input_tokens": len(prompt)})
+
+
 async def handle(gw: Gateway, request: Request) -> Response:
     started = time.monotonic()
     try:
@@ -149,12 +177,7 @@ async def handle(gw: Gateway, request: Request) -> Response:
         stream = get(body, "stream", bool, False)
         params = sampling_from_anthropic(body, gw.cfg.max_tokens_limit)
         tool_setup = anthropic_tools(body)
-        messages, sources = parse_messages(body)
-        parser = tool_parser_class(gw.cfg.tool_call_parser)
-        messages, tools = prepare(gw.tokenizer, messages, tool_setup, parser)
-        prompt, images = await chat_prompt(
-            gw.tokenizer, messages, sources, gw.cfg.image_limits, tools=tools
-        )
+        prompt, images = await prompt_of(gw, body, tool_setup)
         check_context(len(prompt), params.max_tokens, max_len)
         ticket = gw.admission.admit(len(prompt))
     except APIError as err:
@@ -164,7 +187,7 @@ async def handle(gw: Gateway, request: Request) -> Response:
     proto = params_to_proto(params)
     tool_setup.constrain(proto)  # tool_choice "any" / "tool"
     gen = merge_streams([gw.orchestrator.generate(model, mid, prompt, proto, images=images)])
-    tool_stream = tool_setup.stream(parser)
+    tool_stream = tool_setup.stream(tool_parser_class(gw.cfg.tool_call_parser))
     if stream:
         try:
             first = await until_disconnect(request, anext(gen))

@@ -213,12 +213,16 @@ async def chat_prompt(
     limits: ImageLimits,
     param: str = "messages",
     tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
 ) -> tuple[list[int], list[pb.ImageData]]:
     """Token ids of a chat (placeholders expanded) and its images, fetched and checked in
     parallel; ``sources`` are the images in the order their parts appear in ``messages``;
-    ``tools`` go to the chat template."""
+    ``tools`` and ``add_generation_prompt`` go to the chat template."""
     if not sources:
-        return tokenizer.apply_chat_template(messages, tools=tools), []
+        ids = tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt
+        )
+        return ids, []
     spec: VisionSpec | None = tokenizer.vision
     if spec is None:
         raise _bad("this model does not accept images", param)
@@ -232,5 +236,7 @@ async def chat_prompt(
             *(load_image(s, spec, limits, f"{param} (image {i})") for i, s in enumerate(sources))
         )
     )
-    ids = tokenizer.apply_chat_template(messages, tools=tools)
+    ids = tokenizer.apply_chat_template(
+        messages, tools=tools, add_generation_prompt=add_generation_prompt
+    )
     return expand_placeholders(ids, spec, images), images

@@ -19,6 +19,7 @@ from services.router.errors import APIError, bad_request
 from services.router.images import chat_prompt
 from services.router.orchestrator import merge_streams
 from services.router.structured import structured_from_openai
+from services.router.tokenization import check_token_ids
 from services.router.tool_parsers.base import ToolStream, extract
 from services.router.tool_parsers.factory import tool_parser_class
 from services.router.tools import (
@@ -29,7 +30,14 @@ from services.router.tools import (
     openai_tools,
     prepare,
 )
-from services.router.validation import get, get_int, get_number, get_stop, read_json_object
+from services.router.validation import (
+    get,
+    get_int,
+    get_logit_bias,
+    get_number,
+    get_stop,
+    read_json_object,
+)
 from services.worker.convert import params_to_proto
 
 if TYPE_CHECKING:
@@ -78,6 +86,7 @@ def sampling_from_openai(
             include_stop_str_in_output=get(body, "include_stop_str_in_output", bool, False),
             skip_special_tokens=get(body, "skip_special_tokens", bool, True),
             structured_outputs=structured,
+            logit_bias=get_logit_bias(body),
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from None
@@ -161,15 +170,32 @@ def completion_prompts(gw: Gateway, body: dict[str, Any]) -> list[list[int]]:
             f"'prompt' holds {len(prompt)} prompts; at most {gw.cfg.max_prompts} are accepted",
             param="prompt",
         )
+    vocab = gw.tokenizer.vocab_size
     if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return [list(prompt)]
+        return [check_token_ids(list(prompt), vocab, "prompt")]
     if all(isinstance(p, str) for p in prompt):
         return [gw.tokenizer.encode(p) for p in prompt]
     if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
-        return [list(p) for p in prompt]
+        return [check_token_ids(list(p), vocab, "prompt") for p in prompt]
     raise bad_request(
         "'prompt' must be a string, an array of strings or of token ids", param="prompt"
     )
+
+
+async def chat_prompt_of(
+    gw: Gateway, body: dict[str, Any], tool_setup: ToolSetup | None,
+    add_generation_prompt: bool = True,
+) -> tuple[list[int], list[pb.ImageData]]:  # fmt: skip
+    """Token ids of a chat request's prompt (messages and tools through the chat template,
+    image placeholders expanded) and its images: what /v1/chat/completions generates from and
+    /tokenize counts."""
+    messages, sources = chat_messages(body)
+    parser = tool_parser_class(gw.cfg.tool_call_parser)
+    messages, tools = prepare(gw.tokenizer, messages, tool_setup, parser)
+    return await chat_prompt(
+        gw.tokenizer, messages, sources, gw.cfg.image_limits, tools=tools,
+        add_generation_prompt=add_generation_prompt,
+    )  # fmt: skip
 
 
 def _chat_logprobs(gw: Gateway, items: list[pb.TokenLogprobs]) -> dict[str, Any]:
@@ -227,12 +253,7 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
                 "structured outputs", param="tool_choice",
             )  # fmt: skip
         if chat:
-            messages, sources = chat_messages(body)
-            parser = tool_parser_class(gw.cfg.tool_call_parser)
-            messages, tools = prepare(gw.tokenizer, messages, tool_setup, parser)
-            prompt, images = await chat_prompt(
-                gw.tokenizer, messages, sources, gw.cfg.image_limits, tools=tools
-            )
+            prompt, images = await chat_prompt_of(gw, body, tool_setup)
             prompts = [prompt]
         else:
             prompts = completion_prompts(gw, body)

@@ -135,6 +135,11 @@ _SAMPLING: dict[str, Any] = {
     "stop": _STR_OR_STRS,
     "stop_token_ids": {"type": "array", "items": {"type": "integer"}},
     "ignore_eos": {"type": "boolean"},
+    # Token id (a string of digits) -> a bias added to its logit before sampling.
+    "logit_bias": {
+        "type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+    },
     "stream": {"type": "boolean"},
     "stream_options": {
         "type": "object", "properties": {"include_usage": {"type": "boolean"}},
@@ -262,6 +267,56 @@ _MESSAGES_REQUEST = {
     },
 }
 
+# POST /v1/messages/count_tokens: the prompt fields of a Messages request.
+_COUNT_TOKENS_REQUEST = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        k: v for k, v in _MESSAGES_REQUEST["properties"].items()  # type: ignore[attr-defined]
+        if k in ("model", "system", "messages", "tools", "tool_choice")
+    },
+}  # fmt: skip
+# vLLM's POST /tokenize: a completion prompt or a chat.
+_TOKENIZE_REQUEST = {
+    "oneOf": [
+        {
+            "type": "object", "required": ["prompt"],
+            "properties": {"model": {"type": "string"}, "prompt": {"type": "string"},
+                           "add_special_tokens": {"type": "boolean"},
+                           "return_token_strs": {"type": "boolean"}},
+        },
+        {
+            "type": "object", "required": ["messages"],
+            "properties": {
+                "model": {"type": "string"},
+                "messages": _CHAT_REQUEST["properties"]["messages"],  # type: ignore[index]
+                "add_generation_prompt": {"type": "boolean"},
+                "continue_final_message": {"type": "boolean", "enum": [False]},
+                "return_token_strs": {"type": "boolean"},
+                **_OPENAI_TOOL_FIELDS,
+            },
+        },
+    ]
+}  # fmt: skip
+_TOKENIZE_RESPONSE = {
+    "type": "object",
+    "required": ["count", "max_model_len", "tokens"],
+    "properties": {
+        "count": {"type": "integer"},
+        "max_model_len": {"type": "integer"},
+        "tokens": {"type": "array", "items": {"type": "integer"}},
+        "token_strs": {"type": "array", "items": {"type": "string"}},
+    },
+}
+_DETOKENIZE_REQUEST = {
+    "type": "object",
+    "required": ["tokens"],
+    "properties": {
+        "model": {"type": "string"},
+        "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    },
+}
+
 _OPENAI_ERROR = {
     "type": "object",
     "required": ["error"],
@@ -328,6 +383,27 @@ def _generate(summary: str, request: dict[str, Any], error: dict[str, Any]) -> d
     }  # fmt: skip
 
 
+def _object(field: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": [field], "properties": {field: schema}}
+
+
+def _count(
+    summary: str, request: dict[str, Any], response: dict[str, Any], error: dict[str, Any]
+) -> dict[str, Any]:
+    """A tokenizer-only endpoint: nothing is generated, so no 429 / 504."""
+    errors = {k: v for k, v in _errors(error).items() if k not in ("429", "504")}
+    return {
+        "post": {
+            "summary": summary,
+            "security": [{"bearer": []}, {"apiKey": []}],
+            "requestBody": {
+                "required": True, "content": {"application/json": {"schema": request}},
+            },
+            "responses": {"200": _json(response, "the result"), **errors},
+        }
+    }  # fmt: skip
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the gateway's public API (not /admin, not /metrics)."""
     return {
@@ -345,6 +421,24 @@ def openapi_document() -> dict[str, Any]:
             ),
             "/v1/completions": _generate("OpenAI completion", _COMPLETION_REQUEST, _OPENAI_ERROR),
             "/v1/messages": _generate("Anthropic message", _MESSAGES_REQUEST, _ANTHROPIC_ERROR),
+            "/v1/messages/count_tokens": _count(
+                "Anthropic token count: the prompt length /v1/messages would have",
+                _COUNT_TOKENS_REQUEST,
+                _object("input_tokens", {"type": "integer"}),
+                _ANTHROPIC_ERROR,
+            ),
+            "/tokenize": _count(
+                "vLLM tokenize: the token ids of a prompt or a chat",
+                _TOKENIZE_REQUEST,
+                _TOKENIZE_RESPONSE,
+                _OPENAI_ERROR,
+            ),
+            "/detokenize": _count(
+                "vLLM detokenize: the text of token ids",
+                _DETOKENIZE_REQUEST,
+                _object("prompt", {"type": "string"}),
+                _OPENAI_ERROR,
+            ),
             "/v1/models": {
                 "get": {
                     "summary": "models the cluster serves",

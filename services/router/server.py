@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.common.membership import MembershipWatcher
-from services.router import anthropic_api, openai_api
+from services.router import anthropic_api, openai_api, tokenize_api
 from services.router.admin import admin_routes, load_admin_token
 from services.router.admission import AdmissionControl
 from services.router.auth import check_api_key, load_api_keys
@@ -85,8 +85,9 @@ class Gateway:
         await self.kv_index.stop()
         await self.pool.close()
 
-    def resolve_model(self, name: str) -> tuple[str, int]:
-        """(served name, context length) for a requested model, or 404 / 503."""
+    def resolve_model(self, name: str, serving: bool = True) -> tuple[str, int]:
+        """(served name, context length) for a requested model, or 404 / 503; ``serving``:
+        some worker must be usable for it too (not needed only to tokenize)."""
         models = self.pool.models()
         if not models:
             raise APIError(503, "no workers available", code="no_workers")
@@ -95,7 +96,7 @@ class Gateway:
                 404, f"The model '{name}' does not exist; available: {', '.join(sorted(models))}",
                 param="model", code="model_not_found",
             )  # fmt: skip
-        if not self.can_serve(name):
+        if serving and not self.can_serve(name):
             raise APIError(503, f"no usable worker for model '{name}'", code="no_workers")
         return name, models[name]
 
@@ -196,6 +197,13 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/v1/chat/completions", _guard(_chat), methods=["POST"]),
         Route("/v1/completions", _guard(_completions), methods=["POST"]),
         Route("/v1/messages", _guard(anthropic_api.handle, anthropic=True), methods=["POST"]),
+        Route(
+            "/v1/messages/count_tokens",
+            _guard(anthropic_api.count_tokens, anthropic=True),
+            methods=["POST"],
+        ),
+        Route("/tokenize", _guard(tokenize_api.tokenize), methods=["POST"]),
+        Route("/detokenize", _guard(tokenize_api.detokenize), methods=["POST"]),
         Route("/v1/models", _guard(_models), methods=["GET"]),
         # NOTE: probes and scrapers carry no API key; /admin checks its own token.
         Route("/health", _guard(_health, auth=False), methods=["GET"]),

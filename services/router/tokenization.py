@@ -1,4 +1,4 @@
-"""The router's tokenizer: chat templates, prompt encoding and token strings for logprobs."""
+"""The router's tokenizer: chat templates, prompt encoding, decoding and token strings."""
 
 from __future__ import annotations
 
@@ -19,6 +19,17 @@ def resolve_model_dir(model: str | None) -> str:
     return str(resolve_model(model))
 
 
+def check_token_ids(ids: list[Any], vocab_size: int, param: str) -> list[int]:
+    """``ids`` if each is an integer id of the vocabulary, else a 400 naming ``param``."""
+    for i, t in enumerate(ids):
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise bad_request(f"{param}[{i}] must be an integer", param=param)
+        if not 0 <= t < vocab_size:
+            raise bad_request(f"{param}[{i}] = {t} is not a token id: ids run from 0 to "
+                              f"{vocab_size - 1}", param=param)  # fmt: skip
+    return ids
+
+
 class Tokenizer:
     """Wraps a transformers tokenizer with what the gateway needs."""
 
@@ -36,23 +47,41 @@ class Tokenizer:
         log.info("loading tokenizer from %s", path)
         return cls(AutoTokenizer.from_pretrained(path), VisionSpec.load(path))
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=True))
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to this, added tokens included."""
+        return len(self.hf)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids`` (ids in range, see ``vocab_size``), special tokens kept."""
+        return str(self.hf.decode(ids))
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        """The vocabulary entry of each id (BPE markers such as 'Ġ' kept), as vLLM's /tokenize."""
+        return [str(t) for t in self.hf.convert_ids_to_tokens(ids)]
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
     ) -> list[int]:
-        """Token ids of the chat prompt, ending with the assistant turn's opening. A message's
-        content is a string, or (with images) a list of ``{"type": "text", "text": ...}`` and
-        ``{"type": "image"}`` parts, which a vision-language template turns into one image
-        placeholder each (expanded later, see ``images.expand_placeholders``). ``tools``
-        (OpenAI format) go to the template as its ``tools`` variable (see router/tools.py)."""
+        """Token ids of the chat prompt, ending with the assistant turn's opening when
+        ``add_generation_prompt``. A message's content is a string, or (with images) a list of
+        ``{"type": "text", "text": ...}`` and ``{"type": "image"}`` parts, which a
+        vision-language template turns into one image placeholder each (expanded later, see
+        ``images.expand_placeholders``). ``tools`` (OpenAI format) go to the template as its
+        ``tools`` variable (see router/tools.py)."""
         if getattr(self.hf, "chat_template", None) is None:
             raise bad_request("this model has no chat template; use /v1/completions")
         try:
             text = self.hf.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=True
-            )
+                messages, tools=tools, tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )  # fmt: skip
         except Exception as exc:  # jinja errors: e.g. roles the template does not allow
             raise bad_request(
                 f"could not apply the chat template: {exc}", param="messages"

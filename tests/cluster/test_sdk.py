@@ -109,6 +109,31 @@ def test_completion_stream_logprobs_and_n(oai) -> None:
     )
 
 
+def test_logit_bias_equals_offline_engine(oai, offline) -> None:
+    ids = offline.tokenizer.encode(PROMPT)
+    plain = offline.generate(ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    first = plain[0].outputs[0].token_ids[0]
+    bias = {first: -100.0, 1000: 2.5}  # ban the greedy choice, favour another token a little
+    ref = offline.generate(
+        ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logit_bias=bias)
+    )[0].outputs[0]
+    assert first not in ref.token_ids
+    got = oai.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=8, temperature=0,
+                                 logit_bias={str(t): b for t, b in bias.items()},
+                                 extra_body={"ignore_eos": True})  # fmt: skip
+    assert got.choices[0].text == ref.text != plain[0].outputs[0].text
+    chat = oai.chat.completions.create(model=TINY_NAME, messages=CHAT, max_tokens=4,
+                                       temperature=0, logit_bias={"1000": 100})  # fmt: skip
+    assert chat.choices[0].message.content == offline.tokenizer.decode([1000] * 4)
+    with pytest.raises(openai.BadRequestError) as ei:
+        oai.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=2,
+                               logit_bias={"5": 101})  # fmt: skip
+    assert ei.value.param == "logit_bias"
+    with pytest.raises(openai.BadRequestError, match="not in the vocabulary"):
+        oai.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=2,
+                               logit_bias={"1000000": 1})  # fmt: skip
+
+
 def test_stop_strings_are_honoured(oai, claude) -> None:
     base = oai.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=16, temperature=0,
                                   extra_body={"ignore_eos": True}).choices[0].text  # fmt: skip
@@ -142,6 +167,41 @@ def test_anthropic_messages_and_stream(claude) -> None:
     assert text == m.content[0].text == final.content[0].text
     assert final.usage.output_tokens == m.usage.output_tokens
     assert final.stop_reason == m.stop_reason
+
+
+WEATHER = {"name": "get_weather", "description": "Weather in a city",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}  # fmt: skip
+
+
+def test_anthropic_count_tokens_equals_message_usage(claude) -> None:
+    for extra in ({}, {"system": "You are terse."}, {"system": "Be brief.", "tools": [WEATHER]}):
+        counted = claude.messages.count_tokens(model=TINY_NAME, messages=CHAT, **extra)
+        m = claude.messages.create(model=TINY_NAME, max_tokens=2, messages=CHAT,
+                                   extra_body=GREEDY, **extra)  # fmt: skip
+        assert counted.input_tokens == m.usage.input_tokens > 0, extra
+    no_tools = claude.messages.count_tokens(model=TINY_NAME, messages=CHAT, system="Be brief.")
+    assert counted.input_tokens > no_tools.input_tokens  # the tools are counted
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.count_tokens(model="nope", messages=CHAT)
+    with pytest.raises(anthropic.BadRequestError):
+        claude.messages.count_tokens(model=TINY_NAME, messages=[])
+
+
+def test_vllm_tokenize_and_detokenize(cluster, oai, offline) -> None:
+    url = cluster.base_url
+    ids = offline.tokenizer.encode(PROMPT)
+    r = httpx.post(url + "/tokenize", json={"model": TINY_NAME, "prompt": PROMPT}, timeout=10)
+    assert r.json() == {"count": len(ids), "max_model_len": 512, "tokens": ids}
+    r = httpx.post(url + "/tokenize", json={"model": TINY_NAME, "prompt": PROMPT,
+                                            "add_special_tokens": False}, timeout=10)  # fmt: skip
+    r = httpx.post(url + "/detokenize", json={"model": TINY_NAME, "tokens": r.json()["tokens"]},
+                   timeout=10)  # fmt: skip
+    assert r.status_code == 200 and r.json() == {"prompt": PROMPT}
+    r = httpx.post(url + "/tokenize", json={"model": TINY_NAME, "messages": CHAT}, timeout=10)
+    got = oai.chat.completions.create(model=TINY_NAME, messages=CHAT, max_tokens=1)
+    assert r.json()["count"] == got.usage.prompt_tokens
+    r = httpx.post(url + "/detokenize", json={"model": TINY_NAME, "tokens": [10**9]}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
 
 
 def test_bad_inputs_get_status_and_server_keeps_serving(cluster, oai, claude) -> None:

@@ -92,17 +92,24 @@ class FakeEngine:
 
 
 class FakeTokenizer:
-    """One token per character; a plain-text chat template."""
+    """One token per character (ids below 1000); a plain-text chat template."""
 
     vision = None  # a text model: requests with images are refused
+    vocab_size = 1000
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [ord(c) % 1000 for c in text]
 
-    def apply_chat_template(self, messages: list[dict[str, str]], tools=None) -> list[int]:
-        return self.encode(
-            "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
-        )
+    def decode(self, ids: list[int]) -> str:
+        return "".join(map(chr, ids))
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        return [chr(t) for t in ids]
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tools=None,
+                            add_generation_prompt: bool = True) -> list[int]:  # fmt: skip
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        return self.encode(text + ("<assistant>" if add_generation_prompt else ""))
 
     def token_str(self, token_id: int) -> str:
         return f"w{token_id - 100} "
@@ -173,14 +180,16 @@ class RunningGateway:
 
 
 async def start_gateway(
-    etcd: str, cluster: str, policy: str = "round_robin", **router: object
-) -> RunningGateway:
+    etcd: str, cluster: str, policy: str = "round_robin", tokenizer: object = None,
+    **router: object,
+) -> RunningGateway:  # fmt: skip
+    """A gateway on ``tokenizer`` (default: a FakeTokenizer)."""
     port = free_port()
     settings: dict[str, object] = {"load_report_interval_ms": 50, "load_stale_s": 1.0,
                                    "request_timeout_s": 30, **router}  # fmt: skip
     cfg = RouterConfig(port=port, cluster=cluster, etcd=etcd, policy=policy,
                        **settings)  # type: ignore[arg-type]  # fmt: skip
-    gw = Gateway(cfg, FakeTokenizer())
+    gw = Gateway(cfg, tokenizer or FakeTokenizer())
     server = uvicorn.Server(uvicorn.Config(build_app(gw), host="127.0.0.1", port=port,
                                            log_level="warning", lifespan="on"))  # fmt: skip
     task = asyncio.create_task(server.serve())

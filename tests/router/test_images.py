@@ -92,7 +92,7 @@ def test_fetch_guards(http_server):
 class TextTokenizer:
     vision = None
 
-    def apply_chat_template(self, messages, tools=None):
+    def apply_chat_template(self, messages, tools=None, add_generation_prompt=True):
         return [1, 2, 3]
 
 
