@@ -20,6 +20,7 @@ from services.router.errors import APIError, bad_request
 from services.router.images import MEDIA_TYPES, chat_prompt, decode_base64
 from services.router.openai_api import check_context
 from services.router.orchestrator import merge_streams
+from services.router.structured import structured_from_anthropic
 from services.router.tool_parsers.base import ParsedCall, ToolStream
 from services.router.tool_parsers.factory import tool_parser_class
 from services.router.tools import (
@@ -117,6 +118,7 @@ def sampling_from_anthropic(
             top_p=get_number(body, "top_p", 1.0, 0.0, 1.0),  # type: ignore[arg-type]
             top_k=get_int(body, "top_k", -1, -1) or -1,
             stop=get_stop(body, "stop_sequences"),
+            structured_outputs=structured_from_anthropic(body),
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from None
@@ -177,6 +179,9 @@ async def handle(gw: Gateway, request: Request) -> Response:
         stream = get(body, "stream", bool, False)
         params = sampling_from_anthropic(body, gw.cfg.max_tokens_limit)
         tool_setup = anthropic_tools(body)
+        if tool_setup.schema is not None and params.structured_outputs is not None:
+            raise bad_request("tool_choice 'any' or 'tool' cannot be combined with an output "
+                              "format", param="tool_choice")  # fmt: skip
         prompt, images = await prompt_of(gw, body, tool_setup)
         check_context(len(prompt), params.max_tokens, max_len)
         ticket = gw.admission.admit(len(prompt))

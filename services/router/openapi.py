@@ -225,12 +225,20 @@ _COMPLETION_REQUEST = {
         "echo": {"type": "boolean", "enum": [False]},
     },
 }  # fmt: skip
+# Anthropic structured outputs: output_config.format (GA) or the beta's output_format.
+_ANTHROPIC_FORMAT = {
+    "type": "object", "required": ["type", "schema"],
+    "properties": {"type": {"type": "string", "enum": ["json_schema"]},
+                   "schema": {"type": "object"}},
+}  # fmt: skip
 _MESSAGES_REQUEST = {
     "type": "object",
     "required": ["model", "messages", "max_tokens"],
     "properties": {
         "model": {"type": "string"},
         "max_tokens": {"type": "integer", "minimum": 1},
+        "output_config": {"type": "object", "properties": {"format": _ANTHROPIC_FORMAT}},
+        "output_format": _ANTHROPIC_FORMAT,
         "system": {"oneOf": [{"type": "string"}, _TEXT_PARTS]},
         "messages": {
             "type": "array",

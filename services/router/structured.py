@@ -1,5 +1,6 @@
-"""Structured outputs in the OpenAI API: ``response_format``, vLLM's ``structured_outputs``
-and the legacy ``guided_*`` fields, read into the engine's StructuredOutputsParams."""
+"""Structured outputs in the OpenAI API (``response_format``, vLLM's ``structured_outputs``
+and the legacy ``guided_*`` fields) and in the Anthropic API (``output_config.format``, the
+beta's ``output_format``), read into the engine's StructuredOutputsParams."""
 
 from __future__ import annotations
 
@@ -59,6 +60,40 @@ def structured_from_openai(body: dict[str, Any]) -> StructuredOutputsParams | No
         check(params)
     except (TypeError, ValueError) as exc:
         raise bad_request(str(exc), param=param) from None
+    return params
+
+
+def structured_from_anthropic(body: dict[str, Any]) -> StructuredOutputsParams | None:
+    """The JSON schema a Messages request constrains its output to: ``output_config.format``
+    (Anthropic's structured outputs) or the beta's ``output_format``, each
+    ``{"type": "json_schema", "schema": {...}}``; None without one. A 400 (Anthropic
+    format, with ``param``) for a bad shape, both at once, or a schema that does not
+    compile."""
+    found: list[tuple[str, Any]] = []
+    config = body.get("output_config")
+    if config is not None:
+        if not isinstance(config, dict):
+            raise bad_request("output_config: must be an object", param="output_config")
+        if config.get("format") is not None:
+            found.append(("output_config.format", config["format"]))
+    if body.get("output_format") is not None:
+        found.append(("output_format", body["output_format"]))
+    if not found:
+        return None
+    if len(found) > 1:
+        raise bad_request("give output_config.format or output_format, not both",
+                          param="output_format")  # fmt: skip
+    where, fmt = found[0]
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise bad_request(f"{where}.type: must be 'json_schema'", param=where)
+    schema = fmt.get("schema")
+    if not isinstance(schema, dict):
+        raise bad_request(f"{where}.schema: must be a JSON Schema object", param=where)
+    params = StructuredOutputsParams(json=schema)
+    try:
+        check(params)
+    except ValueError as exc:
+        raise bad_request(f"{where}.schema: {exc}", param=where) from None
     return params
 
 

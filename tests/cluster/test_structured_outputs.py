@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 
+import anthropic
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, start_cluster
+from cluster_helpers import TINY_NAME, anthropic_client, start_cluster
 
 pytest.importorskip("mooncake.engine")
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
@@ -84,3 +85,22 @@ def test_choice_and_bad_schema_in_pd(pd):
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}
     r = chat(pd.base_url, QUESTIONS[0], response_format=bad)
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+
+
+def test_anthropic_output_config_equals_the_openai_schema_chat(mixed):
+    # Same messages, same template, greedy: the Messages API constrained by output_config
+    # gives the text the chat API gives with response_format.
+    claude = anthropic_client(mixed, timeout=120)
+    for q in QUESTIONS:
+        want = schema_chat(mixed.base_url, q)["message"]["content"]
+        msg = claude.messages.create(
+            model=TINY_NAME, max_tokens=48, messages=[{"role": "user", "content": q}],
+            extra_body={"temperature": 0,
+                        "output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}},
+        )  # fmt: skip
+        assert msg.content[0].text == want and msg.stop_reason == "end_turn"
+    with pytest.raises(anthropic.BadRequestError, match="output_format"):
+        claude.messages.create(
+            model=TINY_NAME, max_tokens=8, messages=[{"role": "user", "content": "x"}],
+            extra_body={"output_format": {"type": "json_object"}},
+        )  # fmt: skip

@@ -1,5 +1,6 @@
-"""Structured outputs in the OpenAI API: response_format, structured_outputs and guided_*
-fields become the engine's StructuredOutputsParams, bad ones are 400s naming the field."""
+"""Structured outputs in the OpenAI API (response_format, structured_outputs and guided_*
+fields) and the Anthropic API (output_config.format, output_format) become the engine's
+StructuredOutputsParams; bad ones are 400s naming the field."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from services.common.proto import worker_pb2 as pb
 from services.engine.sampling_params import StructuredOutputsParams
+from services.router.anthropic_api import sampling_from_anthropic
 from services.router.errors import APIError
 from services.router.openai_api import sampling_from_openai
 from services.router.structured import set_json_schema
@@ -98,3 +100,36 @@ def test_set_json_schema():
     msg.structured_outputs.regex = "x"
     set_json_schema(msg, SCHEMA)
     assert params_from_proto(msg).structured_outputs == StructuredOutputsParams(json=SCHEMA)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}},
+        {"output_format": {"type": "json_schema", "schema": SCHEMA}},  # the beta's name
+        {"output_config": {"effort": "low", "format": {"type": "json_schema", "schema": SCHEMA}}},
+    ],
+)
+def test_anthropic_output_format_is_a_json_schema(extra: dict[str, Any]) -> None:
+    body = {"model": "m", "max_tokens": 8, "messages": [], **extra}
+    assert sampling_from_anthropic(body).structured_outputs == StructuredOutputsParams(json=SCHEMA)
+    assert sampling_from_anthropic({"model": "m", "max_tokens": 8}).structured_outputs is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [
+        ({"output_config": 3}, "output_config", "must be an object"),
+        ({"output_format": {"type": "json_object"}}, "output_format", "'json_schema'"),
+        ({"output_format": {"type": "json_schema"}}, "output_format", "schema"),
+        ({"output_config": {"format": {"type": "json_schema", "schema": {"type": 5}}}},
+         "output_config.format", "type must be a string"),
+        ({"output_format": {"type": "json_schema", "schema": SCHEMA},
+          "output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}},
+         "output_format", "not both"),
+    ],
+)  # fmt: skip
+def test_anthropic_bad_output_formats_are_400s(extra: dict[str, Any], param: str, words: str):
+    with pytest.raises(APIError) as ei:
+        sampling_from_anthropic({"model": "m", "max_tokens": 8, **extra})
+    assert ei.value.status == 400 and ei.value.param == param and words in ei.value.message
