@@ -20,6 +20,8 @@ from services.router.errors import APIError, bad_request
 from services.router.images import MEDIA_TYPES, chat_prompt, decode_base64
 from services.router.openai_api import check_context
 from services.router.orchestrator import merge_streams
+from services.router.reasoning.base import ReasoningParser, extract_reasoning
+from services.router.reasoning.factory import reasoning_parser_class
 from services.router.structured import structured_from_anthropic
 from services.router.tool_parsers.base import ParsedCall, ToolStream
 from services.router.tool_parsers.factory import tool_parser_class
@@ -54,6 +56,8 @@ def _content_of(
             raise bad_request(f"{where}: content blocks must be objects")
         if b.get("type") == "text" and isinstance(b.get("text"), str):
             parts.append({"type": "text", "text": b["text"]})
+        elif b.get("type") in ("thinking", "redacted_thinking") and images is not None:
+            continue  # earlier reasoning, sent back by clients: templates drop it anyway
         elif b.get("type") == "image" and images is not None:
             images.append(_image_source(b.get("source"), where))
             parts.append({"type": "image"})
@@ -193,6 +197,11 @@ async def handle(gw: Gateway, request: Request) -> Response:
     tool_setup.constrain(proto)  # tool_choice "any" / "tool"
     gen = merge_streams([gw.orchestrator.generate(model, mid, prompt, proto, images=images)])
     tool_stream = tool_setup.stream(tool_parser_class(gw.cfg.tool_call_parser))
+    reasoning = None
+    if params.structured_outputs is None and tool_setup.schema is None:
+        # NOTE: a constrained output is the JSON alone, with no thinking to split off.
+        cls = reasoning_parser_class(gw.cfg.reasoning_parser)
+        reasoning = cls() if cls is not None else None
     if stream:
         try:
             first = await until_disconnect(request, anext(gen))
@@ -210,13 +219,13 @@ async def handle(gw: Gateway, request: Request) -> Response:
             await gen.aclose()
             raise
         return StreamingResponse(
-            _stream(gw, mid, model, first, gen, started, tool_stream),
+            _stream(gw, mid, model, first, gen, started, tool_stream, reasoning),
             media_type="text/event-stream",
             background=BackgroundTask(ticket.release),
         )  # fmt: skip
     try:
         result = await until_disconnect(
-            request, _collect(gw, mid, model, gen, started, tool_stream)
+            request, _collect(gw, mid, model, gen, started, tool_stream, reasoning)
         )
     except APIError as err:
         gw.metrics.count_request("messages", err.status)
@@ -230,6 +239,7 @@ async def handle(gw: Gateway, request: Request) -> Response:
 async def _collect(
     gw: Gateway, mid: str, model: str, gen: AsyncIterator[tuple[int, pb.GenerateResponse]],
     started: float, tool_stream: ToolStream | None = None,
+    reasoning: ReasoningParser | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     choices: dict[int, Choice] = {}
     usage = Usage()
@@ -241,8 +251,14 @@ async def _collect(
         apply_step(choices, usage, 0, 1, msg)
     gw.metrics.done("messages", model, started, usage.prompt, usage.completion)
     ch = choices.get(0, Choice(index=0))
-    events = tool_stream.feed(ch.full_text, final=True) if tool_stream else [ch.full_text]
-    content = [
+    thought, text = extract_reasoning(reasoning, ch.full_text) if reasoning else ("", ch.full_text)
+    events = tool_stream.feed(text, final=True) if tool_stream else [text]
+    if thought and events == [""]:
+        events = []  # all thinking: no empty text block after it
+    content: list[dict[str, Any]] = (
+        [{"type": "thinking", "thinking": thought, "signature": ""}] if thought else []
+    )
+    content += [
         {"type": "text", "text": e} if isinstance(e, str) else
         {"type": "tool_use", "id": anthropic_call_id(), "name": e.name, "input": anthropic_input(e)}
         for e in events
@@ -265,30 +281,41 @@ def _event(name: str, data: dict[str, Any]) -> str:
 
 
 class _Blocks:
-    """The content blocks of a streamed message: text goes to an open text block (opened on
-    its first text), each tool call is a ``tool_use`` block of its own."""
+    """The content blocks of a streamed message: the reasoning goes to a ``thinking`` block
+    (first), text to an open text block (opened on its first text), each tool call is a
+    ``tool_use`` block of its own."""
 
     def __init__(self) -> None:
         self.index = -1  # of the latest block
-        self.text_open = False
+        self.open: str | None = None  # type of the open block: "text" | "thinking"
         self.called = False  # a tool_use block was sent
 
     def _close(self) -> list[str]:
-        if not self.text_open:
+        if self.open is None:
             return []
-        self.text_open = False
+        self.open = None
         return [_event("content_block_stop", {"type": "content_block_stop", "index": self.index})]
 
-    def text(self, text: str) -> list[str]:
+    def _delta(self, kind: str, block: dict[str, Any], delta: dict[str, Any]) -> list[str]:
+        """A delta of a ``kind`` block, opening one (``block``) unless it is open."""
         out = []
-        if not self.text_open:
+        if self.open != kind:
+            out += self._close()
             self.index += 1
-            self.text_open = True
+            self.open = kind
             out.append(_event("content_block_start", {"type": "content_block_start",
-                "index": self.index, "content_block": {"type": "text", "text": ""}}))  # fmt: skip
+                "index": self.index, "content_block": block}))  # fmt: skip
         out.append(_event("content_block_delta", {"type": "content_block_delta",
-            "index": self.index, "delta": {"type": "text_delta", "text": text}}))  # fmt: skip
+            "index": self.index, "delta": delta}))  # fmt: skip
         return out
+
+    def text(self, text: str) -> list[str]:
+        return self._delta("text", {"type": "text", "text": ""},
+                           {"type": "text_delta", "text": text})  # fmt: skip
+
+    def thinking(self, text: str) -> list[str]:
+        return self._delta("thinking", {"type": "thinking", "thinking": "", "signature": ""},
+                           {"type": "thinking_delta", "thinking": text})  # fmt: skip
 
     def tool_use(self, call: ParsedCall) -> list[str]:
         out = self._close()
@@ -303,11 +330,17 @@ class _Blocks:
             _event("content_block_stop", {"type": "content_block_stop", "index": self.index}),
         ]  # fmt: skip
 
-    def output(self, tool_stream: ToolStream | None, text: str, final: bool) -> list[str]:
+    def output(
+        self, tool_stream: ToolStream | None, reasoning: ReasoningParser | None, text: str,
+        final: bool,
+    ) -> list[str]:  # fmt: skip
         """Events of the next piece of output."""
-        if tool_stream is None:
-            return self.text(text) if text else []
         out = []
+        if reasoning is not None:
+            thought, text = reasoning.feed(text, final)
+            out += self.thinking(thought) if thought else []
+        if tool_stream is None:
+            return out + (self.text(text) if text else [])
         for ev in tool_stream.feed(text, final):
             out += self.text(ev) if isinstance(ev, str) else self.tool_use(ev)
         return out
@@ -320,7 +353,7 @@ class _Blocks:
 async def _stream(
     gw: Gateway, mid: str, model: str, first: tuple[int, pb.GenerateResponse],
     gen: AsyncGenerator[tuple[int, pb.GenerateResponse], None], started: float,
-    tool_stream: ToolStream | None = None,
+    tool_stream: ToolStream | None = None, reasoning: ReasoningParser | None = None,
 ) -> AsyncIterator[str]:  # fmt: skip
     choices: dict[int, Choice] = {}
     usage = Usage()
@@ -338,7 +371,7 @@ async def _stream(
         while True:
             for msg in pending:
                 for d in msg.outputs:
-                    for e in blocks.output(tool_stream, d.text, bool(d.finish_reason)):
+                    for e in blocks.output(tool_stream, reasoning, d.text, bool(d.finish_reason)):
                         yield e
             try:
                 _, nxt = await anext(gen)
@@ -346,7 +379,7 @@ async def _stream(
                 break
             apply_step(choices, usage, 0, 1, nxt)
             pending = [nxt]
-        for e in blocks.output(tool_stream, "", True) + blocks.end():
+        for e in blocks.output(tool_stream, reasoning, "", True) + blocks.end():
             yield e
         ch = choices.get(0, Choice(index=0))
         reason, seq = stop_fields(ch, called=blocks.called)

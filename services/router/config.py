@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from services.common.grpc_utils import GrpcTLS
 from services.router.images import ImageLimits
 from services.router.policies.factory import available_policies
+from services.router.reasoning.factory import NONE as NO_REASONING
+from services.router.reasoning.factory import available_reasoning_parsers
 from services.router.rebalance.factory import available_rebalance_policies, create_rebalance_policy
 from services.router.rebalance.governor import GovernorConfig
 from services.router.tool_parsers.factory import available_tool_parsers
@@ -134,6 +136,14 @@ class RouterConfig:
             "choices": tuple(available_tool_parsers()),
         },
     )
+    reasoning_parser: str = field(
+        default=NO_REASONING,
+        metadata={
+            "help": "split the reasoning (<think>...</think>) from the content of chat "
+            "outputs: none, " + ", ".join(available_reasoning_parsers()),
+            "choices": (NO_REASONING, *available_reasoning_parsers()),
+        },
+    )
     max_queued_tokens: int = field(
         default=262144,
         metadata={
@@ -190,6 +200,11 @@ class RouterConfig:
             raise ValueError(
                 f"unknown tool_call_parser {self.tool_call_parser!r}; choose from "
                 f"{', '.join(available_tool_parsers())}"
+            )
+        if self.reasoning_parser not in (NO_REASONING, *available_reasoning_parsers()):
+            raise ValueError(
+                f"unknown reasoning_parser {self.reasoning_parser!r}; choose from "
+                f"{', '.join([NO_REASONING, *available_reasoning_parsers()])}"
             )
         if self.rebalance_interval_s <= 0:
             raise ValueError("rebalance_interval_s must be > 0")

@@ -18,6 +18,8 @@ from services.router.accumulate import Choice, Usage, apply_step, until_disconne
 from services.router.errors import APIError, bad_request
 from services.router.images import chat_prompt
 from services.router.orchestrator import merge_streams
+from services.router.reasoning.base import ReasoningParser, extract_reasoning
+from services.router.reasoning.factory import reasoning_parser_class
 from services.router.structured import structured_from_openai
 from services.router.tokenization import check_token_ids
 from services.router.tool_parsers.base import ToolStream, extract
@@ -266,6 +268,9 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     ctx = _Ctx(gw, api, chat, rid, model, params.n, params.logprobs is not None, started)
     ctx.tools = tool_setup
+    constrained = params.structured_outputs or (tool_setup and tool_setup.schema is not None)
+    if chat and not constrained:  # NOTE: a constrained output is the JSON alone, no thinking
+        ctx.reasoning = reasoning_parser_class(gw.cfg.reasoning_parser)
     streams = [
         gw.orchestrator.generate(
             model,
@@ -327,12 +332,17 @@ class _Ctx:
         self.created = int(time.time())
         self.first_token_seen = False
         self.tools: ToolSetup | None = None  # chat: the request's tools
+        self.reasoning: type[ReasoningParser] | None = None  # chat: splits off the reasoning
 
     def tool_stream(self) -> ToolStream | None:
         """A tool-call parser for one choice; None: its output is plain content."""
         if self.tools is None:
             return None
         return self.tools.stream(tool_parser_class(self.gw.cfg.tool_call_parser))
+
+    def reasoning_parser(self) -> ReasoningParser | None:
+        """A reasoning parser for one choice; None: its output is all content."""
+        return self.reasoning() if self.reasoning is not None else None
 
     def on_step(self) -> None:
         if not self.first_token_seen:
@@ -361,11 +371,16 @@ async def _collect(
         ch = choices[idx]
         item: dict[str, Any] = {"index": idx, "finish_reason": ch.finish_reason}
         if ctx.chat:
-            item["message"] = {"role": "assistant", "content": ch.full_text}
+            text, reasoning = ch.full_text, ""
+            if (rp := ctx.reasoning_parser()) is not None:
+                reasoning, text = extract_reasoning(rp, text)
+            item["message"] = {"role": "assistant", "content": text or (None if reasoning else "")}
+            if reasoning:
+                item["message"].update(reasoning_fields(reasoning))
             tool_stream = ctx.tool_stream()
             if tool_stream is not None:
-                content, calls = extract(tool_stream, ch.full_text)
-                item["message"]["content"] = content or (None if calls else "")
+                content, calls = extract(tool_stream, text)
+                item["message"]["content"] = content or (None if calls or reasoning else "")
                 if calls:
                     item["message"]["tool_calls"] = [openai_tool_call(c) for c in calls]
                     item["finish_reason"] = "tool_calls"
@@ -386,6 +401,12 @@ async def _collect(
         "usage": usage.openai(),
         "system_fingerprint": None,
     }
+
+
+def reasoning_fields(text: str) -> dict[str, str]:
+    """The reasoning of a message or delta: under vLLM's current name (``reasoning``) and
+    its earlier one (``reasoning_content``, which DeepSeek's API and many clients read)."""
+    return {"reasoning_content": text, "reasoning": text}
 
 
 def _sse(obj: object) -> str:
@@ -414,6 +435,7 @@ async def _stream(
     usage = Usage()
     started_roles: set[int] = set()
     tool_streams: dict[int, ToolStream | None] = {}
+    reasoning_parsers: dict[int, ReasoningParser | None] = {}
     status = "200"
     ctx.gw.metrics.inflight.inc()
     try:
@@ -427,15 +449,24 @@ async def _stream(
                         opening = {"index": ch.index, "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None}  # fmt: skip
                         yield _sse({**base, "choices": [opening], **extra})
-                    item["delta"] = {"content": d.text} if d.text else {}
                     item["logprobs"] = (
                         _chat_logprobs(ctx.gw, list(d.logprobs)) if ctx.logprobs else None
                     )
                     if ch.index not in tool_streams:
                         tool_streams[ch.index] = ctx.tool_stream()
-                    if (ts := tool_streams[ch.index]) is not None:
-                        # Tool calling: what the parser decided goes out in chunks of its own.
-                        for delta in openai_deltas(ts, d.text, bool(d.finish_reason)):
+                        reasoning_parsers[ch.index] = ctx.reasoning_parser()
+                    text, reasoning = d.text, ""
+                    if (rp := reasoning_parsers[ch.index]) is not None:
+                        reasoning, text = rp.feed(d.text, bool(d.finish_reason))
+                    item["delta"] = reasoning_fields(reasoning) if reasoning else {}
+                    if (ts := tool_streams[ch.index]) is None:
+                        if text:
+                            item["delta"]["content"] = text
+                    else:
+                        # Tool calling (on the content only): the reasoning, then what the
+                        # parser decided, go out in chunks of their own.
+                        deltas = openai_deltas(ts, text, bool(d.finish_reason))
+                        for delta in ([item["delta"]] if reasoning else []) + deltas:
                             yield _sse({**base, "choices": [{"index": ch.index, "delta": delta,
                                        "logprobs": None, "finish_reason": None}], **extra})  # fmt: skip
                         item["delta"] = {}
@@ -450,7 +481,7 @@ async def _stream(
                         else None
                     )
                     text_pos[ch.index] = pos + len(d.text)
-                if (d.text and item.get("delta") != {}) or d.finish_reason or d.logprobs:
+                if (d.text and (not ctx.chat or item["delta"])) or d.finish_reason or d.logprobs:
                     yield _sse({**base, "choices": [item], **extra})
         ctx.done(usage)
         if include_usage:

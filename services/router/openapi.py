@@ -107,6 +107,13 @@ _ANTHROPIC_TOOL_BLOCKS = [
         },
     },
 ]  # fmt: skip
+# Earlier reasoning a client sends back in an assistant turn: accepted, left out of the prompt.
+_THINKING_BLOCK = {
+    "type": "object", "required": ["type"],
+    "properties": {"type": {"type": "string", "enum": ["thinking", "redacted_thinking"]},
+                   "thinking": {"type": "string"}, "signature": {"type": "string"},
+                   "data": {"type": "string"}},
+}  # fmt: skip
 _ANTHROPIC_TOOL_FIELDS: dict[str, Any] = {
     "tools": {"type": "array", "items": {
         "type": "object", "required": ["name", "input_schema"],
@@ -258,6 +265,7 @@ _MESSAGES_REQUEST = {
                                         _TEXT_PART,
                                         _IMAGE_BLOCK,
                                         *_ANTHROPIC_TOOL_BLOCKS,
+                                        _THINKING_BLOCK,
                                     ]
                                 },
                             },

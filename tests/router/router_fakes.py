@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import uvicorn
@@ -89,6 +91,24 @@ class FakeEngine:
             kv_utilization=0.0, num_free_blocks=100, num_total_blocks=100,
             prefix_cache_hit_rate=0.0,
         )  # fmt: skip
+
+
+class ScriptedEngine(FakeEngine):
+    """Writes ``script`` (pieces of text, one per step) whatever the prompt; records the
+    sampling params it was given."""
+
+    def __init__(self) -> None:
+        super().__init__(max_model_len=8192)  # the fake tokenizer makes a token per character
+        self.script: list[str] = []
+        self.params: list[Any] = []
+
+    async def generate(self, request_id, prompt_token_ids, params, resume=None):
+        self.params.append(params)
+        for i, piece in enumerate(self.script):
+            await asyncio.sleep(0)
+            last = i == len(self.script) - 1
+            out = CompletionOutput(0, piece, [100 + i], None, "stop" if last else None)
+            yield RequestOutput(request_id, prompt_token_ids, [out], last, num_cached_tokens=0)
 
 
 class FakeTokenizer:
@@ -198,3 +218,15 @@ async def start_gateway(
             task.result()
         await asyncio.sleep(0.02)
     return RunningGateway(gw, f"http://127.0.0.1:{port}", server, task)
+
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    """(event name, data) of a server-sent event stream ("" for unnamed events; the OpenAI
+    stream's [DONE] left out)."""
+    out, name = [], ""
+    for line in text.splitlines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: ") and line != "data: [DONE]":
+            out.append((name, json.loads(line[6:])))
+    return out

@@ -12,11 +12,10 @@ import pytest
 import pytest_asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from router_fakes import FakeEngine, start_fake_worker, start_gateway
+from router_fakes import ScriptedEngine, sse_events, start_fake_worker, start_gateway
 
 from services.common.etcd_server import EtcdServer
 from services.common.proto import worker_pb2 as pb
-from services.engine.outputs import CompletionOutput, RequestOutput
 from services.router.errors import APIError
 from services.router.tool_parsers.base import ParsedCall, ToolStream, extract
 from services.router.tool_parsers.factory import available_tool_parsers, tool_parser_class
@@ -397,24 +396,6 @@ def test_template_uses_tools() -> None:
 # -- Through the gateway, over a worker whose engine writes a script ------------------------
 
 
-class ScriptedEngine(FakeEngine):
-    """Writes ``script`` (pieces of text, one per step) whatever the prompt; records the
-    sampling params it was given."""
-
-    def __init__(self) -> None:
-        super().__init__(max_model_len=8192)  # the fake tokenizer makes a token per character
-        self.script: list[str] = []
-        self.params: list[Any] = []
-
-    async def generate(self, request_id, prompt_token_ids, params, resume=None):
-        self.params.append(params)
-        for i, piece in enumerate(self.script):
-            await asyncio.sleep(0)
-            last = i == len(self.script) - 1
-            out = CompletionOutput(0, piece, [100 + i], None, "stop" if last else None)
-            yield RequestOutput(request_id, prompt_token_ids, [out], last, num_cached_tokens=0)
-
-
 @pytest.fixture(scope="module")
 def etcd():
     with EtcdServer() as server:
@@ -441,16 +422,6 @@ HERMES_SCRIPT = ["Sure", ".\n<tool", '_call>\n{"name": "get_weather", ',
 USER = [{"role": "user", "content": "Weather in Paris?"}]
 
 
-def _events(text: str) -> list[tuple[str, dict]]:
-    out, name = [], ""
-    for line in text.splitlines():
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: ") and line != "data: [DONE]":
-            out.append((name, json.loads(line[6:])))
-    return out
-
-
 @pytest.mark.asyncio
 @pytest.mark.timeout(60)
 async def test_openai_tool_calls_whole_and_streamed(env) -> None:
@@ -466,7 +437,7 @@ async def test_openai_tool_calls_whole_and_streamed(env) -> None:
     assert tc["id"].startswith("chatcmpl-tool-") and tc["type"] == "function"
     assert tc["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
     r = await client.post("/v1/chat/completions", json={**body, "stream": True})
-    chunks = [d for _, d in _events(r.text)]
+    chunks = [d for _, d in sse_events(r.text)]
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     assert "".join(d.get("content") or "" for d in deltas) == "Sure."
     calls = [t for d in deltas for t in d.get("tool_calls", [])]
@@ -517,7 +488,7 @@ async def test_anthropic_tool_use_whole_and_streamed(env) -> None:
     assert use["type"] == "tool_use" and use["id"].startswith("toolu_")
     assert (use["name"], use["input"]) == ("get_weather", {"city": "Paris"})
     r = await client.post("/v1/messages", json={**body, "stream": True})
-    events = _events(r.text)
+    events = sse_events(r.text)
     starts = [d["content_block"]["type"] for n, d in events if n == "content_block_start"]
     assert starts == ["text", "tool_use"]
     partial = "".join(d["delta"].get("partial_json", "") for n, d in events

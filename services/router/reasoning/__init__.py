@@ -1,0 +1,2 @@
+"""Reasoning output parsers (``--reasoning-parser``), one format per module, found by name
+(``factory.py``)."""
