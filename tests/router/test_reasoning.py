@@ -146,30 +146,33 @@ def etcd():
         yield server
 
 
-async def _ready(client: httpx.AsyncClient) -> None:
-    for _ in range(200):
-        if (await client.get("/health")).status_code == 200:
-            return
-        await asyncio.sleep(0.05)
+class Parsers:
+    """``parsers[name]``: the client of the one gateway, set to ``--reasoning-parser name``
+    (the gateway reads its config per request; one gateway instead of one per value keeps
+    the fixture as light as the other gateway tests')."""
+
+    def __init__(self, gw, client: httpx.AsyncClient) -> None:
+        self.gw = gw
+        self.client = client
+
+    def __getitem__(self, name: str) -> httpx.AsyncClient:
+        self.gw.gateway.cfg.reasoning_parser = name
+        return self.client
 
 
 @pytest_asyncio.fixture
 async def env(etcd):
-    """A worker, and a client of a gateway per --reasoning-parser value."""
+    """A worker, and a gateway whose --reasoning-parser the test picks per request."""
     engine = ScriptedEngine()
     worker = await start_fake_worker(etcd.endpoint, "reasoning", "w1", engine=engine)
-    gateways = {
-        name: await start_gateway(etcd.endpoint, "reasoning", reasoning_parser=name)
-        for name in ("none", "qwen3", "deepseek_r1")
-    }
-    clients = {n: httpx.AsyncClient(base_url=g.url, timeout=10) for n, g in gateways.items()}
-    for client in clients.values():
-        await _ready(client)
-    yield clients, engine
-    for client in clients.values():
-        await client.aclose()
-    for g in gateways.values():
-        await asyncio.wait_for(g.stop(), 15)
+    gw = await start_gateway(etcd.endpoint, "reasoning")
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+        for _ in range(200):
+            if (await client.get("/health")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        yield Parsers(gw, client), engine
+    await asyncio.wait_for(gw.stop(), 15)
     await asyncio.wait_for(worker.stop(), 15)
 
 
