@@ -2,7 +2,8 @@
 
 A full block is identified by a chained hash: hash(parent block's hash, the block's tokens),
 so equal hashes mean equal prefixes up to and including the block. A lookup hit is still
-confirmed by comparing the stored tokens (a 64-bit hash can collide). Blocks nobody
+confirmed by comparing the stored tokens and the parent block's hash (a 64-bit hash can
+collide: equal tokens after a different prefix, or at another position, are not a hit). Blocks nobody
 references but that hold a cached prefix stay resident and are evicted least-recently-used
 first when fresh blocks run out. Every registration and eviction is recorded as a KVEvent
 (the router's cache-aware routing and the global KV index consume them).
@@ -53,6 +54,7 @@ class Block:
     ref_count: int = 0
     block_hash: int | None = None  # set once the block is full and registered
     token_ids: tuple[int, ...] = ()  # the block's tokens, kept to confirm hash hits
+    parent_hash: int | None = None  # the previous block's hash (or the chain root), too
 
 
 @dataclass
@@ -167,13 +169,19 @@ class BlockManager:
         parent = chain_root(seq)
         for i in range(max_blocks):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            parent = hash_block(parent, tokens)
-            bid = self.hash_to_block.get(parent)
-            if bid is None or self.blocks[bid].token_ids != tokens:
+            block_hash = hash_block(parent, tokens)
+            bid = self.hash_to_block.get(block_hash)
+            if bid is None or not self._holds(self.blocks[bid], parent, tokens):
                 break
             ids.append(bid)
-            hashes.append(parent)
+            hashes.append(block_hash)
+            parent = block_hash
         return ComputedBlocks(ids, hashes)
+
+    @staticmethod
+    def _holds(block: Block, parent: int, tokens: tuple[int, ...]) -> bool:
+        """Whether ``block`` is the block ``tokens`` after the prefix hashed ``parent``."""
+        return block.parent_hash == parent and block.token_ids == tokens
 
     # ---- allocation ----------------------------------------------------------------------
 
@@ -234,6 +242,7 @@ class BlockManager:
                 self._events.append(KVEvent("removed", [block.block_hash]))
             block.block_hash = None
             block.token_ids = ()
+            block.parent_hash = None
 
     def free(self, seq: Sequence) -> None:
         """Drop ``seq``'s references. Tail blocks are released first so that, among equally
@@ -262,17 +271,19 @@ class BlockManager:
         parent = seq.block_hashes[-1] if seq.block_hashes else chain_root(seq)
         for i in range(len(seq.block_hashes), num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            parent = hash_block(parent, tokens)
-            seq.block_hashes.append(parent)
+            block_hash = hash_block(parent, tokens)
+            seq.block_hashes.append(block_hash)
             block = self.blocks[seq.block_table[i]]
-            if block.block_hash is not None or parent in self.hash_to_block:
-                continue  # the same prefix is already cached in another block
-            block.block_hash = parent
-            block.token_ids = tokens
-            self.hash_to_block[parent] = block.block_id
-            stored.append(parent)
-            if self.feed_tiers:
-                self._registered.append(CachedBlock(block.block_id, parent, tokens))
+            if block.block_hash is None and block_hash not in self.hash_to_block:
+                block.block_hash = block_hash
+                block.token_ids = tokens
+                block.parent_hash = parent
+                self.hash_to_block[block_hash] = block.block_id
+                stored.append(block_hash)
+                if self.feed_tiers:
+                    self._registered.append(CachedBlock(block.block_id, block_hash, tokens))
+            # else: the same prefix (or a colliding one) is already cached in another block
+            parent = block_hash
         if stored:
             self._events.append(KVEvent("stored", stored))
 
@@ -296,6 +307,7 @@ class BlockManager:
                 assert block.block_hash is not None
             if block.block_id in free:
                 assert block.block_hash is None, block
+            assert (block.block_hash is None) == (block.parent_hash is None), block
             if block.block_hash is not None:
                 assert self.hash_to_block.get(block.block_hash) == block.block_id, block
         for h, bid in self.hash_to_block.items():

@@ -282,6 +282,29 @@ def test_hash_collision_is_caught_by_token_comparison(monkeypatch: pytest.Monkey
     bm.check_invariants()
 
 
+def test_hash_collision_with_a_different_parent_is_no_hit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The hash ignores the parent: a block of the same tokens at another position (after
+    # another prefix) collides with it. Only comparing the parent hash tells them apart.
+    monkeypatch.setattr(bm_mod, "hash_block", lambda parent, tokens: hash(tuple(tokens)))
+    bm = BlockManager(16, BS)
+    a = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    prefill(bm, a)
+    # [5, 6, 7, 8] as the first block: same tokens and hash as a's second block, but its
+    # KV was computed after [1, 2, 3, 4] at positions 4..7.
+    b = make_seq([5, 6, 7, 8, 9])
+    assert bm.get_computed_blocks(b).num_blocks == 0
+    # The same tokens after a different first block: no hit either.
+    c = make_seq([0, 0, 0, 0, 5, 6, 7, 8, 9])
+    assert bm.get_computed_blocks(c).num_blocks == 0
+    # The true prefix still hits both blocks.
+    d = make_seq([1, 2, 3, 4, 5, 6, 7, 8, 0])
+    assert bm.get_computed_blocks(d).block_ids == a.block_table[:2]
+    prefill(bm, b)
+    assert bm.blocks[b.block_table[0]].ref_count == 1
+    assert bm.get_computed_blocks(make_seq([5, 6, 7, 8, 0])).num_blocks == 0
+    bm.check_invariants()
+
+
 def test_duplicate_content_registered_once() -> None:
     bm = BlockManager(16, BS)
     a = make_seq(list(range(9)))
