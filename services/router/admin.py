@@ -81,7 +81,8 @@ def _guard(
         gw: Gateway = request.app.state.gateway
         try:
             _check_token(gw, request)
-            return JSONResponse(await fn(gw, request))
+            result = await fn(gw, request)
+            return result if isinstance(result, Response) else JSONResponse(result)
         except AdminError as err:
             return err.response()
         except RoleStoreError as exc:
@@ -187,6 +188,23 @@ async def _status(gw: Gateway, request: Request) -> dict[str, Any]:
     }
 
 
+async def _health(gw: Gateway, request: Request) -> Response:
+    """``/health`` with each worker named: its role, address, reachability and the requests
+    this router runs there; 200 or 503 as ``/health``."""
+    workers = {
+        h.id: {
+            "role": h.info.role,
+            "address": h.info.address,
+            "reachable": h.reachable(),
+            "inflight": h.inflight,  # requests this router is running there now
+        }
+        for h in gw.pool.handles.values()
+    }
+    ok = gw.healthy()
+    body = {"status": "ok" if ok else "unavailable", "workers": workers}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
 async def _set_role(gw: Gateway, request: Request) -> dict[str, Any]:
     worker_id = request.path_params["worker_id"]
     body = await _body(request)
@@ -262,6 +280,7 @@ async def _policy(gw: Gateway, request: Request) -> dict[str, Any]:
 def admin_routes() -> list[Route]:
     return [
         Route("/admin/status", _guard(_status), methods=["GET"]),
+        Route("/admin/health", _guard(_health), methods=["GET"]),
         Route("/admin/workers/{worker_id}/role", _guard(_set_role), methods=["POST"]),
         Route("/admin/workers/{worker_id}/drain", _guard(_drain), methods=["POST"]),
         Route("/admin/rebalance", _guard(_rebalance), methods=["POST"]),

@@ -477,7 +477,8 @@ def openapi_document() -> dict[str, Any]:
             },
             "/health": {
                 "get": {
-                    "summary": "whether some worker can serve (no API key needed)",
+                    "summary": "whether some worker can serve, and workers per role (no "
+                    "API key needed; worker details: /admin/health)",
                     "responses": {
                         "200": _json({"type": "object"}, "healthy"),
                         "503": _json({"type": "object"}, "no usable worker"),

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from services.common.grpc_utils import ROLES
 from services.common.membership import MembershipWatcher
 from services.router import anthropic_api, openai_api, tokenize_api
 from services.router.admin import admin_routes, load_admin_token
@@ -161,18 +162,23 @@ async def _models(gw: Gateway, request: Request) -> Response:
 
 
 async def _health(gw: Gateway, request: Request) -> Response:
-    workers = {
-        h.id: {
-            "role": h.info.role,
-            "address": h.info.address,
-            "reachable": h.reachable(),
-            "inflight": h.inflight,  # requests this router is running there now
-        }
-        for h in gw.pool.handles.values()
+    """Ready or not, and how many workers of each role there are and can serve.
+
+    NOTE: no API key is needed (probes carry none), so nothing here names a worker or its
+    address: ``/admin/health`` (admin token) has the per-worker details."""
+    now = time.monotonic()
+    roles = {role: {"workers": 0, "ready": 0} for role in ROLES}
+    for h in gw.pool.handles.values():
+        count = roles.setdefault(h.info.role, {"workers": 0, "ready": 0})
+        count["workers"] += 1
+        count["ready"] += int(h.usable_for(h.info.role, now))
+    body = {
+        "status": "ok" if gw.healthy() else "unavailable",
+        "workers": sum(c["workers"] for c in roles.values()),
+        "ready": sum(c["ready"] for c in roles.values()),
+        "roles": roles,
     }
-    ok = gw.healthy()
-    body = {"status": "ok" if ok else "unavailable", "workers": workers}
-    return JSONResponse(body, status_code=200 if ok else 503)
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 
 async def _openapi(gw: Gateway, request: Request) -> Response:

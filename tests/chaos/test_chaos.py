@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster.cluster_helpers import TINY_NAME, get_json, start_cluster
+from tests.cluster.cluster_helpers import TINY_NAME, start_cluster, worker_health
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow, pytest.mark.chaos]
 
@@ -236,7 +236,7 @@ def worker_of(cluster, role: str):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         for url in cluster.base_urls:
-            workers = get_json(url + "/health")[1]["workers"]
+            workers = worker_health(url, cluster.admin_token)[1]["workers"]
             busy = [w for w in live if workers.get(w.name, {}).get("inflight")]
             if busy:
                 return busy[0]
@@ -245,7 +245,7 @@ def worker_of(cluster, role: str):
 
 
 def role_of(cluster, name: str) -> str | None:
-    workers = get_json(cluster.base_url + "/health")[1]["workers"]
+    workers = worker_health(cluster.base_url, cluster.admin_token)[1]["workers"]
     return workers.get(name, {}).get("role")
 
 
@@ -288,8 +288,13 @@ def test_stop_worker(cluster, load, role):
         lambda: stop_then_continue(victim),
     )  # fmt: skip
     assert row["failed"] == 0, row["errors"]
-    wait_for(lambda: get_json(cluster.base_url + "/health")[1]["workers"][victim.name]["reachable"],
-             30, "the continued worker is routed again")  # fmt: skip
+    wait_for(
+        lambda: worker_health(cluster.base_url, cluster.admin_token)[1]["workers"][victim.name][
+            "reachable"
+        ],
+        30,
+        "the continued worker is routed again",
+    )
 
 
 def test_kill_etcd(cluster, load):

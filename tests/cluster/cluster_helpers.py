@@ -65,12 +65,21 @@ def anthropic_client(c: LocalCluster, timeout: float = 60.0):
     return anthropic.Anthropic(base_url=c.base_url, api_key="x", timeout=timeout, max_retries=0)
 
 
-def get_json(url: str, timeout: float = 5.0) -> tuple[int, dict]:
+def get_json(
+    url: str, timeout: float = 5.0, headers: dict[str, str] | None = None
+) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def worker_health(url: str, admin_token: str) -> tuple[int, dict]:
+    """A router's health with each worker named (``/admin/health``: the public ``/health``
+    only counts them): ``{"status", "workers": {id: {role, address, reachable, inflight}}}``."""
+    return get_json(url + "/admin/health", headers={"Authorization": f"Bearer {admin_token}"})
 
 
 def cli(c: LocalCluster, *args: str) -> subprocess.CompletedProcess:

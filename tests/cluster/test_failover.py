@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, get_json, start_cluster
+from cluster_helpers import TINY_NAME, get_json, start_cluster, worker_health
 
 from services.common.membership import instances_prefix
 
@@ -65,6 +65,11 @@ def _etcd_instances(endpoint: str, cluster: str) -> set[str]:
     return asyncio.run(read())
 
 
+def _workers(cluster) -> dict[str, dict]:
+    """The workers the router knows, by id (its admin health: /health only counts them)."""
+    return worker_health(cluster.base_url, cluster.admin_token)[1]["workers"]
+
+
 def _wait(pred, timeout: float, step: float = 0.2) -> float:
     start = time.monotonic()
     while not pred():
@@ -75,7 +80,7 @@ def _wait(pred, timeout: float, step: float = 0.2) -> float:
 
 
 def test_both_workers_serve(cluster) -> None:
-    _wait(lambda: len(get_json(cluster.base_url + "/health")[1]["workers"]) == 2, 20)
+    _wait(lambda: get_json(cluster.base_url + "/health")[1]["workers"] == 2, 20)
     with httpx.Client(base_url=cluster.base_url, timeout=30) as c:
         for _ in range(4):
             assert c.post("/v1/completions", json=REQ).status_code == 200
@@ -94,7 +99,7 @@ def test_etcd_restart_keeps_serving_and_workers_reregister(cluster) -> None:
         time.sleep(1.0)
     assert traffic.statuses and set(traffic.statuses) == {200}, traffic.statuses
     assert during > 3, "requests should have been answered while etcd was down"
-    status, health = get_json(cluster.base_url + "/health")
+    status, health = worker_health(cluster.base_url, cluster.admin_token)
     assert status == 200 and set(health["workers"]) == {"worker-0", "worker-1"}
 
 
@@ -108,14 +113,14 @@ def test_kill_9_one_worker(cluster) -> None:
         # Within the lease TTL the router has stopped routing to it: its load stream breaks
         # at once, which makes it unreachable (unusable) in the router's view.
         def unusable() -> bool:
-            w = get_json(cluster.base_url + "/health")[1]["workers"].get("worker-0")
+            w = _workers(cluster).get("worker-0")
             return w is None or not w["reachable"]
 
         assert _wait(unusable, 10) <= 3
         # Then the key expires with its lease and the router forgets the worker (etcd's
         # expiry check adds its own delay under load: bounded, not timed).
-        _wait(lambda: "worker-0" not in get_json(cluster.base_url + "/health")[1]["workers"], 20)
-        assert "worker-0" not in get_json(cluster.base_url + "/health")[1]["workers"]
+        _wait(lambda: "worker-0" not in _workers(cluster), 20)
+        assert "worker-0" not in _workers(cluster)
         time.sleep(1.0)
     # A request not yet started on the dead worker is retried on the other one; one already
     # streaming from it at the moment of the kill is continued there (migration).

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, get_json, start_cluster
+from cluster_helpers import TINY_NAME, start_cluster, worker_health
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -38,11 +38,11 @@ def reference_choices(base_url: str, req: dict) -> list[tuple[list[str], str]]:
     return [(ch["logprobs"]["tokens"], ch["text"]) for ch in choices]
 
 
-def serving_worker(base_url: str, role: str) -> str:
+def serving_worker(cluster, role: str) -> str:
     """The worker of ``role`` that this router is running our (only) request on."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        workers = get_json(base_url + "/health")[1]["workers"]
+        workers = worker_health(cluster.base_url, cluster.admin_token)[1]["workers"]
         busy = [w for w, v in workers.items() if v["role"] == role and v["inflight"] > 0]
         if len(busy) == 1:
             return busy[0]
@@ -76,7 +76,7 @@ def stream_with_fault(
                     got = (choice.get("logprobs") or {}).get("tokens", [])
                     tokens[i] = tokens.get(i, []) + got
                 if not victim and len(tokens.get(0, [])) >= 8:
-                    victim = serving_worker(cluster.base_url, role)
+                    victim = serving_worker(cluster, role)
                     proc = next(w for w in cluster.workers if w.name == victim)
                     assert len(tokens[0]) < MAX_TOKENS // 2, "the stream ended too soon to test"
                     proc.signal(sig)

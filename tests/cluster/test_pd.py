@@ -215,8 +215,8 @@ def test_kill_prefill_worker_in_flight(tiny_model_dir):
         # worker, so that the victim does get its share of the requests.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            workers = httpx.get(c.base_url + "/health", timeout=5).json().get("workers", {})
-            if len(workers) == 3 and all(w["reachable"] for w in workers.values()):
+            health = httpx.get(c.base_url + "/health", timeout=5).json()
+            if health["workers"] == health["ready"] == 3:
                 break
             time.sleep(0.1)
 

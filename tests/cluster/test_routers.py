@@ -102,7 +102,7 @@ def test_router_replicas_take_consecutive_ports() -> None:
 def test_both_routers_serve_and_share_the_workers(cluster) -> None:
     assert len(cluster.base_urls) == 2 and cluster.base_urls[0] != cluster.base_urls[1]
     for url in cluster.base_urls:
-        _wait(lambda u=url: len(httpx.get(u + "/health").json()["workers"]) == 2, 30)
+        _wait(lambda u=url: httpx.get(u + "/health").json()["ready"] == 2, 30)
         with httpx.Client(base_url=url, timeout=60) as c:
             assert c.post("/v1/completions", json=REQ).status_code == 200
 

@@ -6,7 +6,14 @@ import anthropic
 import httpx
 import openai
 import pytest
-from cluster_helpers import TINY_NAME, anthropic_client, get_json, openai_client, start_cluster
+from cluster_helpers import (
+    TINY_NAME,
+    anthropic_client,
+    get_json,
+    openai_client,
+    start_cluster,
+    worker_health,
+)
 
 from services.engine import LLM, SamplingParams
 
@@ -47,6 +54,9 @@ def test_models_health_metrics(cluster) -> None:
     status, models = get_json(cluster.base_url + "/v1/models")
     assert status == 200 and [m["id"] for m in models["data"]] == [TINY_NAME]
     status, health = get_json(cluster.base_url + "/health")
+    assert status == 200 and health["roles"]["mixed"] == {"workers": 1, "ready": 1}
+    assert "worker-0" not in str(health)  # the public health names no worker
+    status, health = worker_health(cluster.base_url, cluster.admin_token)
     assert status == 200 and health["workers"]["worker-0"]["reachable"]
     text = httpx.get(cluster.base_url + "/metrics", timeout=5).text
     assert "epdserve:router_requests_total" in text and "epdserve:workers" in text

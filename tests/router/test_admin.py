@@ -71,13 +71,34 @@ async def test_admin_needs_the_token(two) -> None:
     assert (await c.get("/admin/status", headers=AUTH)).status_code == 200
 
 
+async def test_health_counts_workers_and_names_them_only_behind_the_token(two) -> None:
+    c, w1, w2, _ = two
+    r = await c.get("/health")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["workers"] == 2 and body["ready"] == 2
+    assert body["roles"]["mixed"] == {"workers": 2, "ready": 2}
+    assert body["roles"]["prefill"] == {"workers": 0, "ready": 0}
+    for secret in (w1.address, w2.address, "w1", "w2", w1.address.rsplit(":", 1)[1]):
+        assert secret not in r.text, secret
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        assert (await c.get("/admin/health", headers=headers)).status_code == 401
+    r = await c.get("/admin/health", headers=AUTH)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    workers = r.json()["workers"]
+    assert set(workers) == {"w1", "w2"}
+    assert workers["w1"]["address"] == w1.address and workers["w1"]["role"] == "mixed"
+    assert workers["w2"]["reachable"] is True and workers["w2"]["inflight"] == 0
+
+
 async def test_admin_disabled_without_a_token(etcd, monkeypatch) -> None:
     monkeypatch.delenv("EPDSERVE_ADMIN_TOKEN", raising=False)
     gw = await start_gateway(etcd.endpoint, _cluster())
     try:
         async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
-            r = await c.get("/admin/status", headers=AUTH)
-            assert r.status_code == 403 and "admin API disabled" in r.json()["error"]["message"]
+            for path in ("/admin/status", "/admin/health"):
+                r = await c.get(path, headers=AUTH)
+                assert r.status_code == 403 and "admin API disabled" in r.json()["error"]["message"]
     finally:
         await gw.stop()
 
