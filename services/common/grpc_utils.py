@@ -33,6 +33,38 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 
 UNARY_TIMEOUT_S = 5.0  # Abort, Health, SetRole, Drain
 
+# Trailing metadata of a failed worker call that says what failed, so that a router knows
+# whether another worker may take the request.
+FAILURE_KEY = "epdserve-failure"
+# The request failed on a healthy worker because of itself (an exception while processing
+# it alone): another worker would fail the same way, or die of it. Never retried.
+FAILURE_REQUEST = "request"
+# The worker's engine failed (it is dying or dead): the request may go elsewhere.
+FAILURE_ENGINE = "engine"
+# The worker refused the request without running it (draining, changing role, stale role
+# epoch): another worker may take it, and nothing failed.
+FAILURE_REFUSED = "refused"
+# Moving the request's KV cache failed (either side may be at fault): retried on a new pair.
+FAILURE_TRANSFER = "transfer"
+
+
+def failure_metadata(kind: str) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata for ``context.abort`` naming the failure ``kind``."""
+    return ((FAILURE_KEY, kind),)
+
+
+def failure_kind(exc: grpc.RpcError) -> str | None:
+    """The failure kind a worker attached to ``exc`` (None: not said, e.g. it died)."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    try:
+        items = trailing() if callable(trailing) else None
+    except Exception:  # noqa: BLE001 - a call that never got trailers
+        return None
+    for key, value in items or ():
+        if key == FAILURE_KEY:
+            return value if isinstance(value, str) else value.decode()
+    return None
+
 ROLES = ("mixed", "prefill", "decode", "encode")
 _ROLE_TO_PB: dict[str, pb.Role] = {
     "mixed": pb.ROLE_MIXED, "prefill": pb.ROLE_PREFILL, "decode": pb.ROLE_DECODE,

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from services.engine.config import EngineConfig
 from services.engine.llm_engine import EngineStats, LLMEngine
-from services.engine.outputs import RequestOutput
+from services.engine.outputs import RequestFailedError, RequestOutput
 from services.engine.sampling_params import SamplingParams
 from services.engine.sequence import Resume
 
@@ -109,6 +109,9 @@ class AsyncLLMEngine:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:
+                    finished = True  # the engine already ended it and freed its blocks
+                    raise RequestFailedError(item.error)
                 yield item
                 if item.finished:
                     finished = True
@@ -142,14 +145,18 @@ class AsyncLLMEngine:
             first = await self.call(
                 lambda e: e.start_reserved(request_id, first_token, first_logprobs)
             )
-            yield first
-            finished = first.finished
-            while not finished:
-                item = await stream.get()
+            item: RequestOutput | BaseException = first
+            while True:
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:
+                    finished = True  # the engine already ended it and freed its blocks
+                    raise RequestFailedError(item.error)
                 yield item
                 finished = item.finished
+                if finished:
+                    return
+                item = await stream.get()
         finally:
             self._streams.pop(request_id, None)
             if not finished and self._dead is None:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from services.engine.block_manager import BlockManager, KVEvent
 from services.engine.config import EngineConfig
 from services.engine.detokenizer import IncrementalDetokenizer
@@ -51,6 +53,7 @@ class _Request:
     pending: list[Sequence] = field(default_factory=list)  # n > 1 children awaiting the prompt
     reported_tokens: list[int] = field(default_factory=list)  # per completion
     hold_kv: bool = False  # keep the blocks after finishing (prefill side of PD)
+    error: str | None = None  # set when processing it raised: it ended alone (_fail_request)
 
     @property
     def finished(self) -> bool:
@@ -125,6 +128,7 @@ class LLMEngine:
         self.reserved: dict[str, Sequence] = {}  # decode side: blocks awaiting imported KV
         self.reserved_resume: dict[str, Resume] = {}  # ... of migrated requests
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (a metric)
+        self._failed_steps = 0  # steps in a row in which a request failed (see _failure)
         # Called after each layer of each step with the step's batch (KV push in PD mode).
         self.layer_hook: Callable[[int, list[ScheduledSeq]], None] | None = None
 
@@ -348,7 +352,7 @@ class LLMEngine:
                 req = self.requests.get(seq.request_id)
                 return [self._make_output(req)] if req else []
             return []
-        logits = self.runner.execute(sched.scheduled, self.layer_hook)
+        logits, failed = self._execute(sched)
         self.num_prompt_tokens_computed += sum(
             min(s.num_new_tokens, max(0, s.seq.num_prompt_tokens - s.seq.num_computed_tokens))
             for s in sched.scheduled
@@ -359,13 +363,111 @@ class LLMEngine:
         sampling = [s.seq for s in sched.scheduled if s.samples]
         touched: dict[str, _Request] = {}
         if sampling:
-            result = self.sampler(logits, sampling)
+            tokens = self._sample(logits, sampling, failed)
             now = time.monotonic()
-            for seq, token, lp in zip(sampling, result.token_ids, result.logprobs, strict=True):
-                req = self.requests[seq.request_id]
-                self._append(req, seq, token, lp, now)
+            for seq, (token, lp) in zip(sampling, tokens, strict=True):
+                req = self.requests.get(seq.request_id)
+                if req is None or seq.request_id in failed:
+                    continue  # its forward pass or sampling failed
+                try:
+                    self._append(req, seq, token, lp, now)
+                except Exception as exc:  # noqa: BLE001 - this request's fault alone
+                    failed[req.request_id] = self._failure("checking its new token", exc)
+                    continue
                 touched[req.request_id] = req
+        for rid, error in failed.items():
+            req = self.requests.get(rid)
+            if req is not None:
+                self._fail_request(req, error)
+                touched[rid] = req
+        if not failed:
+            self._failed_steps = 0
         return lost + [self._make_output(req) for req in touched.values()]
+
+    # ---- one request's failure ends that request alone ----------------------------------------
+    # NOTE: an exception while running, sampling or checking one request must never end the
+    # step thread (that took the whole worker down, and the router then sent the same request
+    # on to the next worker). The request fails with ``RequestOutput.error``; a forward pass
+    # that fails for a batch is re-run one sequence at a time to find the culprit. Only when
+    # requests keep failing step after step (every one of a batch failing alone counts once
+    # each) is it the engine's fault: then the error propagates and the engine reports itself
+    # dead, the worker exits and its supervisor restarts it.
+    MAX_CONSECUTIVE_FAILED_STEPS = 8
+
+    def _failure(self, what: str, exc: BaseException) -> str:
+        logger.exception("a request failed while %s; ending it alone", what)
+        self._failed_steps += 1
+        if self._failed_steps > self.MAX_CONSECUTIVE_FAILED_STEPS:
+            raise RuntimeError(
+                f"{self._failed_steps} request failures in a row: the engine, not the "
+                f"requests, is at fault; last: {exc!r}"
+            ) from exc
+        return f"the engine failed {what}: {type(exc).__name__}: {exc}"
+
+    def _execute(
+        self, sched: SchedulerOutput
+    ) -> tuple[torch.Tensor, dict[str, str]]:
+        """The step's logits, and {request id: error} of the sequences whose forward pass
+        failed (taken out of ``sched``)."""
+        try:
+            logits = self.runner.execute(sched.scheduled, self.layer_hook)
+        except Exception as exc:  # noqa: BLE001 - isolated below
+            if len(sched.scheduled) == 1:
+                rid = sched.scheduled[0].seq.request_id
+                error = self._failure("running its forward pass", exc)
+                sched.scheduled.clear()
+                return torch.empty(0, 0), {rid: error}
+            logger.warning("a batch of %d failed (%r); running it one by one",
+                           len(sched.scheduled), exc)  # fmt: skip
+        else:
+            return logits, {}
+        # NOTE: nothing was advanced (postprocess comes after), so running a sequence again
+        # computes and writes exactly the KV the batch would have.
+        rows: list[torch.Tensor] = []
+        failed: dict[str, str] = {}
+        for item in list(sched.scheduled):
+            try:
+                out = self.runner.execute([item], self.layer_hook)
+            except Exception as exc:  # noqa: BLE001
+                failed[item.seq.request_id] = self._failure("running its forward pass", exc)
+                sched.scheduled.remove(item)
+                continue
+            if item.samples:
+                rows.append(out)
+        return (torch.cat(rows) if rows else torch.empty(0, 0)), failed
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], failed: dict[str, str]
+    ) -> list[tuple[int, TokenLogprobs | None]]:
+        """(token, logprobs) per sequence; a sequence whose sampling raises gets (-1, None)
+        and its request an entry in ``failed``."""
+        try:
+            result = self.sampler(logits, seqs)
+            return list(zip(result.token_ids, result.logprobs, strict=True))
+        except Exception:  # noqa: BLE001 - find the row at fault
+            logger.warning("sampling a batch of %d failed; sampling it row by row", len(seqs))
+        out: list[tuple[int, TokenLogprobs | None]] = []
+        for i, seq in enumerate(seqs):
+            try:
+                one = self.sampler(logits[i : i + 1], [seq])
+                out.append((one.token_ids[0], one.logprobs[0]))
+            except Exception as exc:  # noqa: BLE001
+                failed[seq.request_id] = self._failure("sampling its next token", exc)
+                out.append((-1, None))
+        return out
+
+    def _fail_request(self, req: _Request, error: str) -> None:
+        """End every unfinished sequence of ``req`` (finish "abort") and free its blocks."""
+        req.error = error
+        for seq in req.seqs:
+            if seq.is_finished:
+                continue
+            if seq in req.pending:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+            else:
+                self.scheduler.finish(seq, "abort")
+        req.pending = []
+        self.release_held(req.request_id)
 
     def _fail_lost_images(self, sched: SchedulerOutput) -> list[RequestOutput]:
         """End (finish "abort", stop_reason ``LOST_IMAGES``) the scheduled sequences that
@@ -461,6 +563,7 @@ class LLMEngine:
             outputs=outs,
             finished=finished,
             num_cached_tokens=req.seqs[0].num_cached_tokens,
+            error=req.error,
         )
 
     # ---- KV export / import (PD disaggregation builds on these) ------------------------------

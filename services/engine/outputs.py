@@ -56,3 +56,13 @@ class RequestOutput:
     finished: bool  # True once every completion has finished
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt: str | None = None
+    # Set when the engine ended this request alone because processing it raised (a bug or
+    # numbers no model step should produce): the worker reports it as the request's own
+    # failure, which the router does not retry elsewhere. The other requests go on.
+    error: str | None = None
+
+
+class RequestFailedError(Exception):
+    """One request failed inside the engine (``RequestOutput.error``); the engine, the
+    worker and every other request are fine. NOTE: not a RuntimeError, which callers take
+    for a dead engine."""

@@ -57,8 +57,8 @@ class Sampler:
                 top: list[Logprob] = []
                 if k:
                     vals, ids = raw_lp[i].topk(k)
-                    top = [Logprob(int(t), float(v)) for t, v in zip(ids, vals, strict=True)]
-                logprobs[i] = TokenLogprobs(tokens[i], float(raw_lp[i, tokens[i]]), top)
+                    top = [Logprob(int(t), _lp(v)) for t, v in zip(ids, vals, strict=True)]
+                logprobs[i] = TokenLogprobs(tokens[i], _lp(raw_lp[i, tokens[i]]), top)
         return SampleResult(tokens, logprobs)
 
     def _sample_on_device(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
@@ -111,9 +111,9 @@ class Sampler:
             return tokens
         sub = logits[rows]
         temps = torch.tensor([seqs[i].params.temperature for i in rows], dtype=sub.dtype)
-        sub = sub / temps.unsqueeze(1)
+        sub = _finite(sub / temps.unsqueeze(1))
         sub = _filter(sub, [seqs[i] for i in rows])
-        probs = torch.softmax(sub, dim=-1)
+        probs = _safe_probs(sub, [tokens[i] for i in rows])
         unseeded = [j for j, i in enumerate(rows) if seqs[i].generator is None]
         if unseeded:
             picks = torch.multinomial(probs[unseeded], 1, generator=self.generator).squeeze(1)
@@ -124,6 +124,16 @@ class Sampler:
             if gen is not None:
                 tokens[i] = int(torch.multinomial(probs[j], 1, generator=gen))
         return tokens
+
+
+# A logprob of -inf or NaN (a masked token, a NaN row) is reported as this (vLLM's value):
+# JSON has neither, and a client's parser would fail on the whole response.
+MIN_LOGPROB = -9999.0
+
+
+def _lp(value: torch.Tensor) -> float:
+    v = float(value)
+    return v if v > MIN_LOGPROB else MIN_LOGPROB  # NOTE: also catches NaN
 
 
 def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -155,6 +165,26 @@ def _has_penalties(seq: Sequence) -> bool:
         or (bool(p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens > 0)
         or seq.num_output_tokens < p.min_tokens
     )
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf (never chosen) and +inf -> the largest float (a token the model or a bias
+    pushed to +inf stays the favourite, without the inf - inf = NaN of a softmax)."""
+    big = torch.finfo(logits.dtype).max
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=big, neginf=float("-inf"))
+
+
+def _safe_probs(logits: torch.Tensor, fallback: list[int]) -> torch.Tensor:
+    """Softmax of ``logits`` (rows already ``_finite``); a row with nothing left to draw from
+    (every logit -inf: masked, filtered or NaN) becomes a one-hot on its ``fallback`` token,
+    so ``torch.multinomial`` never sees a row without mass (it raises on those)."""
+    probs = torch.softmax(logits, dim=-1)
+    bad = ~(probs.sum(dim=-1) > 0) | ~torch.isfinite(probs).all(dim=-1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        probs[rows] = 0.0
+        probs[rows, torch.tensor([fallback[int(r)] for r in rows])] = 1.0
+    return probs
 
 
 def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

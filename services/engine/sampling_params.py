@@ -7,6 +7,23 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+# NOTE: the bounds below are the engine's contract: every value inside them is safe in the
+# sampler (no overflow, no NaN probabilities); the gateways check the same constants (400).
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS).
+GREEDY_TEMPERATURE = 1e-5
+# Temperatures in [GREEDY_TEMPERATURE, MIN_TEMPERATURE) are raised to it (as vLLM does):
+# logits / 1e-38 overflows float32 to inf and the softmax to NaN.
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 100.0
+REPETITION_PENALTY_RANGE = (0.01, 10.0)  # logits are divided / multiplied by it
+MAX_N = 256  # completions per request (each is a sequence in the batch)
+MAX_TOP_K = 2**31 - 1  # the wire's int32; larger values mean "no top-k" anyway
+MAX_STOP = 256  # stop strings, and stop token ids, per request (each is checked per token)
+MAX_TOKEN_ID = 2**31 - 1  # the wire's int32 (the vocabulary check comes in LLMEngine.validate)
+MAX_TOKEN_COUNT = 2**31 - 1  # max_tokens / min_tokens (the context length bounds them anyway)
+MAX_SEED = 2**63 - 1  # the wire's int64
+MIN_SEED = -(2**63)
+
 
 @dataclass
 class StructuredOutputsParams:
@@ -68,14 +85,14 @@ class SamplingParams:
     """How to sample one request. Every field is checked in ``__post_init__``."""
 
     n: int = 1  # completions per prompt; they share the prompt's KV blocks
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # [0, MAX_TEMPERATURE]; < GREEDY_TEMPERATURE means greedy
     top_p: float = 1.0  # nucleus mass in (0, 1]
     top_k: int = -1  # -1 (or 0) disables
     min_p: float = 0.0  # drop tokens with prob < min_p * max prob
     seed: int | None = None  # per-request generator: same seed, same tokens
     presence_penalty: float = 0.0  # OpenAI: subtract if the token appeared in the output
     frequency_penalty: float = 0.0  # OpenAI: subtract count * penalty
-    repetition_penalty: float = 1.0  # HF/CTRL: divide positive logits of seen tokens
+    repetition_penalty: float = 1.0  # HF/CTRL: divide positive logits of seen tokens (RANGE)
     max_tokens: int | None = 16  # None: up to max_model_len
     min_tokens: int = 0  # EOS / stop tokens are masked until this many were generated
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
@@ -116,16 +133,24 @@ class SamplingParams:
                 raise ValueError(f"{name} must be an integer or None, got {value!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            raise ValueError("stop must be a string or a list of strings")
         self.stop = [s for s in self.stop if s]
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
-        if self.temperature < 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if len(self.stop) > MAX_STOP or len(self.stop_token_ids) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings and {MAX_STOP} stop token ids")
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n!r}")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE}], got {self.temperature}")
+        if self.temperature < GREEDY_TEMPERATURE:
+            self.temperature = 0.0  # greedy: no draw, so nothing to overflow
+        elif self.temperature < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1 or not isinstance(self.top_k, int):
+        if not (self.top_k == -1 or 0 <= self.top_k <= MAX_TOP_K):
             raise ValueError(
-                f"top_k must be -1 (disabled) or a positive integer, got {self.top_k!r}"
+                f"top_k must be -1 or 0 (disabled) or in [1, {MAX_TOP_K}], got {self.top_k!r}"
             )
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
@@ -133,8 +158,11 @@ class SamplingParams:
             raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.repetition_penalty <= 0.0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        lo, hi = REPETITION_PENALTY_RANGE
+        if not lo <= self.repetition_penalty <= hi:
+            raise ValueError(
+                f"repetition_penalty must be in [{lo}, {hi}], got {self.repetition_penalty}"
+            )
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.min_tokens < 0:
@@ -145,8 +173,15 @@ class SamplingParams:
             )
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not MIN_SEED <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [{MIN_SEED}, {MAX_SEED}], got {self.seed}")
+        if not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID
+            for t in self.stop_token_ids
+        ):
+            raise ValueError(f"stop_token_ids must be token ids in [0, {MAX_TOKEN_ID}]")
+        if self.min_tokens > MAX_TOKEN_COUNT or (self.max_tokens or 0) > MAX_TOKEN_COUNT:
+            raise ValueError(f"max_tokens and min_tokens must be <= {MAX_TOKEN_COUNT}")
         if self.structured_outputs is not None and not isinstance(
             self.structured_outputs, StructuredOutputsParams
         ):
@@ -156,7 +191,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature == 0.0  # set for every temperature < GREEDY_TEMPERATURE
 
 
 def _checked_logit_bias(bias: object) -> dict[int, float]:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from services.common.proto import worker_pb2 as pb
-from services.engine.sampling_params import SamplingParams
+from services.engine.sampling_params import MAX_TOP_K, SamplingParams
 from services.router.accumulate import Choice, Usage, apply_step, until_disconnect
 from services.router.errors import APIError, bad_request
 from services.router.images import MEDIA_TYPES, chat_prompt, decode_base64
@@ -120,7 +120,7 @@ def sampling_from_anthropic(
             max_tokens=get_int(body, "max_tokens", None, 1, max_tokens_limit),
             temperature=get_number(body, "temperature", 1.0, 0.0, 1.0),  # type: ignore[arg-type]
             top_p=get_number(body, "top_p", 1.0, 0.0, 1.0),  # type: ignore[arg-type]
-            top_k=get_int(body, "top_k", -1, -1) or -1,
+            top_k=get_int(body, "top_k", -1, -1, MAX_TOP_K) or -1,
             stop=get_stop(body, "stop_sequences"),
             structured_outputs=structured_from_anthropic(body),
         )

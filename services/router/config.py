@@ -51,6 +51,14 @@ class RouterConfig:
             "on another worker (0: fail it)"
         },
     )
+    poison_max_deaths: int = field(
+        default=2,
+        metadata={
+            "help": "a request running on this many workers that died or hung is not sent to "
+            "another, and its identical retries are refused for 10 minutes (1: never resend "
+            "a request whose worker died)"
+        },
+    )
     stall_timeout_s: float = field(
         default=60.0,
         metadata={
@@ -192,6 +200,8 @@ class RouterConfig:
             raise ValueError("max_attempts must be >= 1")
         if self.max_migrations < 0:
             raise ValueError("max_migrations must be >= 0")
+        if self.poison_max_deaths < 1:
+            raise ValueError("poison_max_deaths must be >= 1")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be > 0")
         if not self.etcd_endpoints:

@@ -13,7 +13,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from services.common.proto import worker_pb2 as pb
-from services.engine.sampling_params import SamplingParams
+from services.engine.sampling_params import (
+    MAX_TOKEN_COUNT,
+    MAX_TOP_K,
+    REPETITION_PENALTY_RANGE,
+    SamplingParams,
+)
 from services.router.accumulate import Choice, Usage, apply_step, until_disconnect
 from services.router.errors import APIError, bad_request
 from services.router.images import chat_prompt
@@ -73,14 +78,14 @@ def sampling_from_openai(
             n=get_int(body, "n", 1, 1, max_n) or 1,
             temperature=get_number(body, "temperature", 1.0, 0.0, 2.0),  # type: ignore[arg-type]
             top_p=get_number(body, "top_p", 1.0, 0.0, 1.0),  # type: ignore[arg-type]
-            top_k=get_int(body, "top_k", -1, -1) or -1,
+            top_k=get_int(body, "top_k", -1, -1, MAX_TOP_K) or -1,
             min_p=get_number(body, "min_p", 0.0, 0.0, 1.0),  # type: ignore[arg-type]
             seed=get_int(body, "seed", None, -(2**63), 2**63 - 1),
             presence_penalty=get_number(body, "presence_penalty", 0.0, -2.0, 2.0),  # type: ignore[arg-type]
             frequency_penalty=get_number(body, "frequency_penalty", 0.0, -2.0, 2.0),  # type: ignore[arg-type]
-            repetition_penalty=get_number(body, "repetition_penalty", 1.0, 0.0, 10.0),  # type: ignore[arg-type]
+            repetition_penalty=get_number(body, "repetition_penalty", 1.0, *REPETITION_PENALTY_RANGE),  # type: ignore[arg-type]
             max_tokens=max_tokens,
-            min_tokens=get_int(body, "min_tokens", 0, 0) or 0,
+            min_tokens=get_int(body, "min_tokens", 0, 0, MAX_TOKEN_COUNT) or 0,
             stop=get_stop(body, "stop"),
             stop_token_ids=stop_ids,
             ignore_eos=get(body, "ignore_eos", bool, False),

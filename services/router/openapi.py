@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.engine.sampling_params import (
+    MAX_STOP,
+    MAX_TOKEN_COUNT,
+    MAX_TOKEN_ID,
+    MAX_TOP_K,
+    REPETITION_PENALTY_RANGE,
+)
+
 _STR_OR_STRS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
 _TEXT_PARTS = {
     "type": "array",
@@ -136,11 +144,19 @@ _SAMPLING: dict[str, Any] = {
     "seed": {"type": "integer"},
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "repetition_penalty": {"type": "number", "minimum": 0, "maximum": 10},
+    "repetition_penalty": {
+        "type": "number",
+        "minimum": REPETITION_PENALTY_RANGE[0],
+        "maximum": REPETITION_PENALTY_RANGE[1],
+    },
     "max_tokens": {"type": "integer", "minimum": 1},
-    "min_tokens": {"type": "integer", "minimum": 0},
+    "min_tokens": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_COUNT},
     "stop": _STR_OR_STRS,
-    "stop_token_ids": {"type": "array", "items": {"type": "integer"}},
+    "stop_token_ids": {
+        "type": "array",
+        "maxItems": MAX_STOP,
+        "items": {"type": "integer", "minimum": 0, "maximum": MAX_TOKEN_ID},
+    },
     "ignore_eos": {"type": "boolean"},
     # Token id (a string of digits) -> a bias added to its logit before sampling.
     "logit_bias": {
@@ -276,7 +292,7 @@ _MESSAGES_REQUEST = {
         },
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-        "top_k": {"type": "integer", "minimum": -1},
+        "top_k": {"type": "integer", "minimum": -1, "maximum": MAX_TOP_K},
         "stop_sequences": {"type": "array", "items": {"type": "string"}},
         "stream": {"type": "boolean"},
         **_ANTHROPIC_TOOL_FIELDS,

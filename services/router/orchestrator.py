@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
@@ -10,10 +11,17 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from services.common.grpc_utils import (
+    FAILURE_REFUSED,
+    FAILURE_REQUEST,
+    FAILURE_TRANSFER,
+    failure_kind,
+)
 from services.common.proto import worker_pb2 as pb
 from services.router.encode_stage import EncodeStage, image_keys
 from services.router.errors import APIError
 from services.router.kv_index import KVIndexClient
+from services.router.poison import PoisonTracker, RequestDeaths, fingerprint
 from services.router.policies.base import RouteRequest, RoutingPolicy
 from services.router.watch import WorkerLost, watched_stream, watched_unary
 from services.router.workers import WorkerHandle, WorkerPool
@@ -24,6 +32,20 @@ log = logging.getLogger(__name__)
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
 # Prefix of a worker's refusal of a request stamped with an old role epoch (it changed role).
 STALE_EPOCH_PREFIX = "stale role epoch"
+# The worker deaths of the request the current task runs (poison.py): set by
+# Orchestrator.generate, counted where a worker's death is noticed.
+_DEATHS: contextvars.ContextVar[RequestDeaths | None] = contextvars.ContextVar(
+    "deaths", default=None
+)
+
+
+def worker_died(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed call means its worker died, crashed its engine or hung while running
+    the request (as opposed to refusing it, the request's own failure or a KV transfer)."""
+    kind = failure_kind(exc)
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return kind not in (FAILURE_REFUSED, FAILURE_TRANSFER)
+    return exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def note_refusal(exc: grpc.aio.AioRpcError, handle: WorkerHandle, epoch: int) -> None:
@@ -38,6 +60,11 @@ def note_refusal(exc: grpc.aio.AioRpcError, handle: WorkerHandle, epoch: int) ->
 
 def api_error_from_grpc(exc: grpc.aio.AioRpcError) -> APIError:
     code, detail = exc.code(), exc.details() or ""
+    if failure_kind(exc) == FAILURE_REQUEST:
+        return APIError(
+            500, f"{detail}; the request was not retried on another worker",
+            code="request_failed",
+        )  # fmt: skip
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return APIError(400, detail)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -127,8 +154,10 @@ class Orchestrator:
         stall_timeout_s: float = 60.0,
         on_migration: Callable[[str], None] | None = None,
         kv_index: KVIndexClient | None = None,
+        poison: PoisonTracker | None = None,
     ) -> None:
         self.pool = pool
+        self.poison = poison or PoisonTracker()
         self.policy = policy
         self.kv_index = kv_index  # the global KV index, for cache-aware policies
         self.timeout_s = timeout_s
@@ -167,7 +196,9 @@ class Orchestrator:
         images: Sequence[pb.ImageData] = (),
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """Stream the engine steps of one request. Closing the iterator aborts it on the worker.
-        ``images`` (of a vision-language prompt) go through the encode stage first."""
+        ``images`` (of a vision-language prompt) go through the encode stage first. A request
+        that workers kept dying on is refused (poison.py)."""
+        _DEATHS.set(self.poison.admit(fingerprint(model, prompt_token_ids, params, images)))
         images = await self.encode_stage.run(model, request_id, images)
         if params.HasField("n") and params.n > 1:
             if self.pd_available(model):
@@ -417,18 +448,28 @@ class Orchestrator:
         """Classify a failed PD call: the caller's fault is raised at once; otherwise the
         worker is excluded for this request (and taken out of routing if unreachable, mid-flip
         or past the role epoch we stamped)."""
-        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT or failure_kind(exc) == FAILURE_REQUEST:
             raise api_error_from_grpc(exc) from None
         log.warning("PD call to %s failed: %s %s", handle.id, exc.code().name, exc.details())
+        if worker_died(exc):
+            self._note_death(handle)
         tried.add(handle.id)
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             handle.mark_failed()
         note_refusal(exc, handle, epoch)
         return api_error_from_grpc(exc)
 
+    def _note_death(self, handle: WorkerHandle) -> None:
+        """The current request was running on ``handle`` when it died or hung: raise the
+        poison error if that makes it poison (it is not sent to another worker)."""
+        deaths = _DEATHS.get()
+        if deaths is not None:
+            self.poison.note_death(deaths, handle.id)
+
     def _lost(self, handle: WorkerHandle, tried: set[str], exc: WorkerLost) -> APIError:
         log.warning("worker %s stopped answering: %s", handle.id, exc)
         handle.mark_failed()
+        self._note_death(handle)
         tried.add(handle.id)
         return APIError(503, f"worker unavailable: {exc}")
 
@@ -438,8 +479,12 @@ class Orchestrator:
         """After tokens were streamed: a dead worker (or one that gave the request up: engine
         failure, role change) means migration; the request's own fault or its deadline is
         the client's error."""
-        if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED):
+        if exc.code() in (
+            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED
+        ) or failure_kind(exc) == FAILURE_REQUEST:
             return api_error_from_grpc(exc)
+        if worker_died(exc):
+            self._note_death(handle)
         note_refusal(exc, handle, epoch)
         return _Migrate("died", f"{handle.id}: {exc.code().name} {exc.details()}")
 
@@ -494,6 +539,8 @@ class Orchestrator:
                     log.warning("worker %s refused %s (%s); trying another",
                                 handle.id, request_id, exc.code().name)  # fmt: skip
                     note_refusal(exc, handle, req.role_epoch)
+                    if worker_died(exc):
+                        self._note_death(handle)
                     last_error = api_error_from_grpc(exc)
                     continue
                 raise api_error_from_grpc(exc) from None

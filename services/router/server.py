@@ -30,6 +30,7 @@ from services.router.leader import LeaderElection
 from services.router.metrics import API_OF_PATH, RouterMetrics
 from services.router.openapi import openapi_document
 from services.router.orchestrator import Orchestrator
+from services.router.poison import PoisonTracker
 from services.router.policies.factory import create_policy
 from services.router.rebalancer import Rebalancer
 from services.router.role_store import RoleStore
@@ -59,6 +60,7 @@ class Gateway:
             stall_timeout_s=cfg.stall_timeout_s,
             on_migration=lambda reason: self.metrics.migrations.labels(reason).inc(),
             kv_index=self.kv_index,
+            poison=PoisonTracker(cfg.poison_max_deaths),
         )
         self.watcher = MembershipWatcher(cfg.etcd_endpoints, cfg.cluster)
         self.watcher.add_listener(self.pool.on_membership)

@@ -78,6 +78,12 @@ class WorkerMetrics(MetricsEndpoint):
         )  # fmt: skip
         for reason in FINISHED_REASONS:
             self.success.labels(*ids, reason)
+        self.request_failures = Counter(
+            "epdserve:request_failures",
+            "Requests that failed here because of themselves (an exception while processing "
+            "them): each ended alone, the worker went on, the router did not retry it.",
+            LABELS, registry=r,
+        ).labels(*ids)  # fmt: skip
         self.kv_transfer = KVTransferMetrics(r, *ids)
         r.register(_EngineCollector(engine, state, ids))
 

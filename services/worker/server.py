@@ -12,11 +12,19 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from services.common.grpc_utils import role_from_pb, role_to_pb
+from services.common.grpc_utils import (
+    FAILURE_ENGINE,
+    FAILURE_REFUSED,
+    FAILURE_REQUEST,
+    FAILURE_TRANSFER,
+    failure_metadata,
+    role_from_pb,
+    role_to_pb,
+)
 from services.common.mooncake_agent import TransferError
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
-from services.engine.outputs import LOST_IMAGES
+from services.engine.outputs import LOST_IMAGES, RequestFailedError
 from services.worker.convert import delta_to_proto, params_from_proto, resume_from_proto
 from services.worker.metrics import WorkerMetrics
 from services.worker.role_controller import RoleController, StaleEpochError
@@ -115,23 +123,28 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         role. ``held``: the request continues work already taken (a decode reservation),
         which a flip lets finish."""
         st = self.state
+        refused = failure_metadata(FAILURE_REFUSED)
         if epoch and epoch != st.role_epoch:
             # NOTE: routers match this prefix; the request never ran here, so re-route it.
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"stale role epoch {epoch}; worker {st.instance_id} is at {st.role_epoch} "
                 f"(role {st.role})",
+                refused,
             )
         if st.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {st.instance_id} is draining")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"worker {st.instance_id} is draining", refused
+            )
         if st.flipping and not held:
             await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"worker {st.instance_id} is changing role"
+                grpc.StatusCode.UNAVAILABLE, f"worker {st.instance_id} is changing role", refused
             )
         if st.role not in roles:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"worker {st.instance_id} has role {st.role!r}; this call needs {' or '.join(roles)}",
+                refused,
             )
 
     async def Generate(  # noqa: N802 - gRPC method name
@@ -196,7 +209,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                     outputs, count_prompt=cached_prompt_tokens is None
                 ):
                     if rid in st.evicted:
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, st.evicted[rid])
+                        await context.abort(
+                            grpc.StatusCode.UNAVAILABLE, st.evicted[rid],
+                            failure_metadata(FAILURE_REFUSED),
+                        )  # fmt: skip
                     now = time.monotonic()
                     if first_at is None:
                         first_at = now
@@ -208,6 +224,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                             await context.abort(
                                 grpc.StatusCode.UNAVAILABLE,
                                 f"request {rid} must recompute image tokens without its images",
+                                failure_metadata(FAILURE_REFUSED),
                             )
                         counts[c.index] = counts.get(c.index, 0) + len(c.token_ids)
                         deltas.append(delta_to_proto(c, counts[c.index]))
@@ -225,8 +242,10 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
                     )
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except RuntimeError as exc:  # EngineDeadError and the like: not the caller's fault
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine failed: {exc}")
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified for the router
+                await self._failed(context, rid, exc)
             if first_at is not None and counts:
                 n_out = max(counts.values())
                 if n_out > 1:
@@ -292,15 +311,40 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except TransferError as exc:
             self.metrics.kv_transfer.record_failure()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
-        except RuntimeError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine failed: {exc}")
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}",
+                failure_metadata(FAILURE_TRANSFER),
+            )  # fmt: skip
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified for the router
+            await self._failed(context, rid, exc)
         finally:
             st.inflight.discard(rid)
             st.evicted.pop(rid, None)
             if not st.inflight:
                 st.idle.set()
         raise AssertionError("unreachable")  # context.abort raises
+
+    async def _failed(self, context: grpc.aio.ServicerContext, rid: str, exc: Exception) -> None:
+        """End a call whose request raised ``exc``, saying which kind of failure it was. A
+        RuntimeError (EngineDeadError and the like) is the engine's: UNAVAILABLE, kind
+        "engine", the router may go elsewhere. Anything else failed here because of the
+        request itself: INTERNAL, kind "request"; the worker is fine, and the router must not
+        send the request elsewhere."""
+        if isinstance(exc, RuntimeError):
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"engine failed: {exc}",
+                failure_metadata(FAILURE_ENGINE),
+            )  # fmt: skip
+        if not isinstance(exc, RequestFailedError):
+            log.exception("request %s failed", rid)
+        self.metrics.request_failures.inc()
+        await context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"request {rid} failed on worker {self.state.instance_id}: {exc}",
+            failure_metadata(FAILURE_REQUEST),
+        )
 
     async def _prompt(
         self,

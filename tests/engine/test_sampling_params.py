@@ -10,17 +10,20 @@ from services.engine.sampling_params import SamplingParams
 
 INVALID = [
     # (kwargs, regex the message must match)
-    ({"n": 0}, r"n must be an integer >= 1, got 0"),
-    ({"n": -3}, r"n must be an integer >= 1, got -3"),
+    ({"n": 0}, r"n must be in \[1, 256\], got 0"),
+    ({"n": -3}, r"n must be in \[1, 256\], got -3"),
+    ({"n": 257}, r"n must be in \[1, 256\], got 257"),
     ({"n": 1.5}, r"n must be an integer, got 1\.5"),
     ({"n": "2"}, r"n must be an integer, got '2'"),
-    ({"temperature": -0.1}, r"temperature must be >= 0, got -0\.1"),
-    ({"temperature": -1e-9}, r"temperature must be >= 0"),
+    ({"temperature": -0.1}, r"temperature must be in \[0, 100.0\], got -0\.1"),
+    ({"temperature": -1e-9}, r"temperature must be in \[0, 100.0\]"),
+    ({"temperature": 1e300}, r"temperature must be in \[0, 100.0\]"),
     ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0\.0"),
     ({"top_p": -0.5}, r"top_p must be in \(0, 1\], got -0\.5"),
     ({"top_p": 1.0001}, r"top_p must be in \(0, 1\], got 1\.0001"),
     ({"top_p": math.nan}, r"top_p must be a finite number, got nan"),
-    ({"top_k": -2}, r"top_k must be -1 \(disabled\) or a positive integer, got -2"),
+    ({"top_k": -2}, r"top_k must be -1 or 0 \(disabled\) or in \[1, 2147483647\], got -2"),
+    ({"top_k": 2**31}, r"top_k must be -1 or 0 \(disabled\)"),
     ({"top_k": -100}, r"top_k must be -1"),
     ({"top_k": 2.5}, r"top_k must be an integer, got 2\.5"),
     ({"min_p": -0.01}, r"min_p must be in \[0, 1\], got -0\.01"),
@@ -31,8 +34,10 @@ INVALID = [
     ({"presence_penalty": math.nan}, r"presence_penalty must be a finite number"),
     ({"frequency_penalty": 3.0}, r"frequency_penalty must be in \[-2, 2\], got 3\.0"),
     ({"frequency_penalty": -2.5}, r"frequency_penalty must be in \[-2, 2\], got -2\.5"),
-    ({"repetition_penalty": 0.0}, r"repetition_penalty must be > 0, got 0\.0"),
-    ({"repetition_penalty": -1.0}, r"repetition_penalty must be > 0, got -1\.0"),
+    ({"repetition_penalty": 0.0}, r"repetition_penalty must be in \[0.01, 10.0\], got 0\.0"),
+    ({"repetition_penalty": 1e-38}, r"repetition_penalty must be in \[0.01, 10.0\]"),
+    ({"repetition_penalty": 11.0}, r"repetition_penalty must be in \[0.01, 10.0\]"),
+    ({"repetition_penalty": -1.0}, r"repetition_penalty must be in \[0.01, 10.0\], got -1\.0"),
     ({"max_tokens": 0}, r"max_tokens must be >= 1, got 0"),
     ({"max_tokens": -5}, r"max_tokens must be >= 1, got -5"),
     ({"min_tokens": -1}, r"min_tokens must be >= 0, got -1"),
@@ -42,6 +47,10 @@ INVALID = [
     ({"logprobs": 21}, r"logprobs must be in \[0, 20\], got 21"),
     ({"seed": 1.5}, r"seed must be an integer or None, got 1\.5"),
     ({"seed": "42"}, r"seed must be an integer or None, got '42'"),
+    ({"seed": 2**63}, r"seed must be in"),
+    ({"stop": ["x"] * 257}, r"at most 256 stop strings"),
+    ({"stop_token_ids": [-1]}, r"stop_token_ids must be token ids in \[0, 2147483647\]"),
+    ({"stop_token_ids": [2**31]}, r"stop_token_ids must be token ids in"),
 ]
 
 
@@ -72,6 +81,7 @@ VALID_EDGES = [
     {"n": 64},
     {"temperature": 0.0},
     {"temperature": 5.0},
+    {"temperature": 100.0},
     {"top_p": 1.0},
     {"top_p": 1e-9},
     {"top_k": -1},
@@ -83,7 +93,7 @@ VALID_EDGES = [
     {"presence_penalty": 2.0},
     {"frequency_penalty": -2.0},
     {"frequency_penalty": 2.0},
-    {"repetition_penalty": 1e-3},
+    {"repetition_penalty": 0.01},
     {"repetition_penalty": 10.0},
     {"max_tokens": 1},
     {"max_tokens": None},
@@ -119,7 +129,19 @@ def test_defaults() -> None:
 def test_greedy_is_temperature_zero() -> None:
     assert SamplingParams(temperature=0.0).greedy
     assert SamplingParams(temperature=0).greedy
-    assert not SamplingParams(temperature=1e-6).greedy
+    assert not SamplingParams(temperature=0.5).greedy
+
+
+def test_tiny_temperatures_are_greedy_or_raised_to_the_minimum() -> None:
+    """Below 1e-5 a temperature is greedy (vLLM); up to 1e-2 it is raised to 1e-2: dividing
+    logits by 1e-38 overflows float32 and turned a whole engine step's softmax into NaN."""
+    for t in (1e-38, 5e-324, 1e-6, 9.9e-6):
+        p = SamplingParams(temperature=t)
+        assert p.greedy and p.temperature == 0.0
+    for t in (1e-5, 1e-3, 0.0099):
+        p = SamplingParams(temperature=t)
+        assert not p.greedy and p.temperature == 0.01
+    assert SamplingParams(temperature=0.02).temperature == 0.02
 
 
 def test_stop_normalisation() -> None:

@@ -1,0 +1,118 @@
+"""Poison-request detection: a request that workers keep dying on is not sent to another.
+
+A request can fail on a worker in two ways the router sees. The worker says the request
+failed because of itself (failure kind "request", see common/grpc_utils.py): the engine ended
+that request alone and the worker is fine; such a request is never retried. Or the worker
+vanished (killed, crashed, hung) while running it: the router cannot tell whether this request
+or another one, or nothing at all (an OOM kill, a node lost), was the cause. Migration exists
+for exactly that case, so a first death is retried elsewhere; but
+
+- a request that was running on ``max_deaths`` workers that died is taken to be their cause
+  and fails with a clear error instead of crashing the next worker, and the next;
+- an identical request (same model, prompt, sampling parameters, images: a client's retry)
+  is refused up front while its fingerprint's deaths reach ``max_deaths`` and at least half
+  the requests with it seen within ``ttl_s``. NOTE: the share matters: a popular prompt
+  (a health probe, a shared system prompt with temperature 0) is in flight on every worker
+  that an operator restarts, and must not be blocked for that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from services.common.proto import worker_pb2 as pb
+from services.router.errors import APIError
+
+
+def fingerprint(
+    model: str, prompt: Sequence[int], params: pb.SamplingParams, images: Sequence = ()
+) -> str:
+    """What makes two requests the same work for an engine: model, prompt, sampling
+    parameters (seed included) and images (by content hash)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(model.encode())
+    h.update(b"\0" + ",".join(map(str, prompt)).encode())
+    h.update(b"\0" + params.SerializeToString(deterministic=True))
+    for image in images:
+        h.update(b"\0" + str(getattr(image, "hash", "")).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class RequestDeaths:
+    """One request's own count of the workers that died while running it."""
+
+    fp: str
+    workers: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Seen:
+    requests: int = 0  # requests with this fingerprint (within ttl_s of the last change)
+    deaths: int = 0  # worker deaths while one of them ran
+    last: float = 0.0
+
+
+class PoisonTracker:
+    """Counts worker deaths per request and per request fingerprint."""
+
+    def __init__(
+        self,
+        max_deaths: int = 2,
+        ttl_s: float = 600.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_deaths < 1:
+            raise ValueError(f"max_deaths must be >= 1, got {max_deaths}")
+        self.max_deaths = max_deaths
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.clock = clock
+        self._seen: OrderedDict[str, _Seen] = OrderedDict()
+        self.refused = 0  # requests failed or refused as poison (a metric)
+
+    def admit(self, fp: str) -> RequestDeaths:
+        """Start tracking a request; raises the poison APIError if ``fp`` is poison."""
+        seen = self._entry(fp)
+        if seen.deaths >= self.max_deaths and 2 * seen.deaths >= seen.requests:
+            self.refused += 1
+            raise self._error(seen.deaths, "requests identical to this one were")
+        seen.requests += 1
+        return RequestDeaths(fp)
+
+    def note_death(self, request: RequestDeaths, worker_id: str) -> None:
+        """The worker ``worker_id`` died or hung while running ``request``; raises the poison
+        APIError if that makes the request poison (do not send it elsewhere)."""
+        if worker_id in request.workers:
+            return
+        request.workers.add(worker_id)
+        self._entry(request.fp).deaths += 1
+        if len(request.workers) >= self.max_deaths:
+            self.refused += 1
+            raise self._error(len(request.workers), "this request was")
+
+    def _entry(self, fp: str) -> _Seen:
+        now = self.clock()
+        seen = self._seen.get(fp)
+        if seen is None or now - seen.last > self.ttl_s:
+            seen = self._seen[fp] = _Seen()
+        seen.last = now
+        self._seen.move_to_end(fp)
+        while len(self._seen) > self.max_entries:
+            self._seen.popitem(last=False)
+        return seen
+
+    @staticmethod
+    def _error(deaths: int, who: str) -> APIError:
+        return APIError(
+            500,
+            f"{who} running on {deaths} workers that died or stopped answering; it is not "
+            "sent to another one. Change the request (prompt or sampling parameters) or ask "
+            "the operator to look at the workers' logs.",
+            code="poison_request",
+        )

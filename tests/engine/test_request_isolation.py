@@ -1,0 +1,129 @@
+"""One request's failure inside a step ends that request alone: the step thread, the engine and
+the other requests of the batch go on, with the tokens they would have had anyway.
+
+Before the hardening, any exception in ``LLMEngine.step`` (a NaN draw in ``torch.multinomial``,
+a matcher or detokenizer error, a forward pass that raised for one sequence) killed the step
+thread, every request in flight failed with ``EngineDeadError`` and the worker exited."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.engine import AsyncLLMEngine, EngineConfig, SamplingParams
+from services.engine.llm_engine import LLMEngine
+from services.engine.outputs import RequestFailedError
+
+PROMPTS = {"a": [5, 6, 7, 8, 9], "bad": [10, 11, 12], "c": [20, 21, 22, 23]}
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4))
+
+
+def run(engine: LLMEngine, ids: list[str]) -> dict[str, object]:
+    """Run ``ids`` together; {id: token ids, or the error string of a failed request}."""
+    for rid in ids:
+        engine.add_request(rid, PROMPTS[rid], GREEDY)
+    tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+    errors: dict[str, str] = {}
+    for _ in range(100):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            tokens[out.request_id] += out.outputs[0].token_ids if out.outputs else []
+            if out.error:
+                errors[out.request_id] = out.error
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    return {rid: errors.get(rid, tokens[rid]) for rid in ids}
+
+
+def test_sampling_failure_ends_that_request_alone(engine, monkeypatch):
+    reference = run(engine, ["a", "c"])
+    sample = engine.sampler.__class__.__call__
+
+    def flaky(self, logits, seqs):
+        if any(s.request_id == "bad" and s.num_output_tokens == 2 for s in seqs):
+            raise RuntimeError("boom in the sampler")
+        return sample(self, logits, seqs)
+
+    monkeypatch.setattr(engine.sampler.__class__, "__call__", flaky)
+    got = run(engine, ["a", "bad", "c"])
+    assert got["a"] == reference["a"] and got["c"] == reference["c"]
+    assert "sampling its next token" in got["bad"] and "boom in the sampler" in got["bad"]
+
+
+def test_forward_failure_of_one_sequence_ends_that_request_alone(engine, monkeypatch):
+    reference = run(engine, ["a", "c"])
+    execute = engine.runner.execute
+
+    def flaky(scheduled, hook=None):
+        if any(s.seq.request_id == "bad" and s.seq.num_output_tokens >= 1 for s in scheduled):
+            raise RuntimeError("boom in the forward pass")
+        return execute(scheduled, hook)
+
+    monkeypatch.setattr(engine.runner, "execute", flaky)
+    got = run(engine, ["a", "bad", "c"])
+    assert got["a"] == reference["a"] and got["c"] == reference["c"]
+    assert "forward pass" in got["bad"]
+
+
+def test_append_failure_ends_that_request_alone(engine, monkeypatch):
+    reference = run(engine, ["a", "c"])
+    append = LLMEngine._append
+
+    def flaky(self, req, seq, token, lp, now):
+        if req.request_id == "bad":
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "boom in the detokenizer")
+        return append(self, req, seq, token, lp, now)
+
+    monkeypatch.setattr(LLMEngine, "_append", flaky)
+    got = run(engine, ["a", "bad", "c"])
+    assert got["a"] == reference["a"] and got["c"] == reference["c"]
+    assert "checking its new token" in got["bad"]
+
+
+def test_failures_in_every_step_mean_the_engine_is_broken(engine, monkeypatch):
+    """A fault of the engine itself (every forward fails) must not pass for a stream of bad
+    requests forever: past a bound it propagates, and the engine reports itself dead."""
+    monkeypatch.setattr(engine.runner, "execute", lambda *a, **k: 1 / 0)
+    with pytest.raises(RuntimeError, match="request failures in a row"):
+        for i in range(LLMEngine.MAX_CONSECUTIVE_FAILED_STEPS + 2):
+            engine.add_request(f"x{i}", PROMPTS["a"], GREEDY)
+            engine.step()
+    for rid in list(engine.requests):
+        engine.abort_request(rid)
+    engine._failed_steps = 0
+
+
+def test_async_engine_raises_request_failed_and_keeps_running(tiny_model_dir):
+    async def main() -> None:
+        eng = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4))
+        await eng.start()
+        try:
+            assert eng.engine is not None
+            sampler = eng.engine.sampler
+            sample = sampler.__class__.__call__
+
+            def flaky(self, logits, seqs):
+                if any(s.request_id == "bad" for s in seqs):
+                    raise ValueError("boom")
+                return sample(self, logits, seqs)
+
+            sampler.__class__.__call__ = flaky
+            try:
+                with pytest.raises(RequestFailedError, match="boom"):
+                    async for _ in eng.generate("bad", PROMPTS["bad"], GREEDY):
+                        pass
+            finally:
+                sampler.__class__.__call__ = sample
+            outs = [o async for o in eng.generate("a", PROMPTS["a"], GREEDY)]
+            assert eng.is_running and outs[-1].finished
+        finally:
+            await eng.shutdown()
+
+    asyncio.run(main())

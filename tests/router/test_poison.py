@@ -1,0 +1,154 @@
+"""Poison requests: a request that failed on a healthy worker because of itself is not sent to
+another worker, and one that workers keep dying on is stopped (and its identical retries
+refused) instead of taking down the next worker, and the next.
+
+Before: the router sent a request whose engine step raised on to the next worker (the step
+thread and the worker had died, the router saw UNAVAILABLE before any token), and the next;
+a request that failed on a worker with INTERNAL was retried on another PD pair."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import pytest_asyncio
+from router_fakes import FakeEngine, start_fake_worker, start_gateway
+
+from services.common.etcd_server import EtcdServer
+from services.engine.async_engine import EngineDeadError
+from services.engine.outputs import RequestFailedError
+from services.router.poison import PoisonTracker
+
+pytestmark = [pytest.mark.timeout(60)]
+
+FAILS, DIES = 1001, 1002  # seeds that make the fake engine fail the request / die of it
+
+
+class PoisonableEngine(FakeEngine):
+    """A FakeEngine on which seed 1001 fails the request alone (as the real engine does when
+    processing one request raises) and seed 1002 kills the engine (EngineDeadError)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int | None] = []
+
+    async def generate(self, request_id, prompt_token_ids, params, resume=None):
+        self.seen.append(params.seed)
+        if params.seed == FAILS:
+            raise RequestFailedError("the engine failed sampling its next token: boom")
+        if params.seed == DIES:
+            raise EngineDeadError("engine died: boom")
+        async for out in super().generate(request_id, prompt_token_ids, params, resume):
+            yield out
+
+
+# ---- the tracker alone ------------------------------------------------------------------------
+
+
+def test_a_request_is_stopped_at_its_second_dead_worker() -> None:
+    t = PoisonTracker(max_deaths=2)
+    r = t.admit("fp")
+    t.note_death(r, "w1")
+    t.note_death(r, "w1")  # the same worker again (hung, then died) counts once
+    with pytest.raises(Exception, match="running on 2 workers") as err:
+        t.note_death(r, "w2")
+    assert err.value.code == "poison_request" and err.value.status == 500
+    with pytest.raises(Exception, match="identical to this one"):
+        t.admit("fp")  # a client's retry of the same request
+    t.admit("other")  # other requests are not affected
+
+
+def test_a_popular_request_is_not_blocked_by_unrelated_deaths() -> None:
+    """Workers restarted one by one kill whatever runs on them, a popular prompt included:
+    deaths of a small share of its requests do not make it poison."""
+    t = PoisonTracker(max_deaths=2)
+    for i in range(20):
+        r = t.admit("popular")
+        if i in (3, 11):
+            t.note_death(r, f"w{i}")
+    t.admit("popular")
+
+
+def test_memory_of_deaths_expires() -> None:
+    now = [0.0]
+    t = PoisonTracker(max_deaths=1, ttl_s=10, clock=lambda: now[0])
+    with pytest.raises(Exception, match="poison|workers"):
+        t.note_death(t.admit("fp"), "w1")
+    with pytest.raises(Exception, match="identical"):
+        t.admit("fp")
+    now[0] = 11.0
+    t.admit("fp")
+
+
+def test_entries_are_bounded() -> None:
+    t = PoisonTracker(max_entries=100)
+    for i in range(1000):
+        t.admit(f"fp{i}")
+    assert len(t._seen) == 100
+
+
+# ---- through a gateway and two workers ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def etcd():
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest_asyncio.fixture
+async def env(etcd):
+    engines = [PoisonableEngine(), PoisonableEngine()]
+    workers = [await start_fake_worker(etcd.endpoint, "poison", f"w{i}", e)
+               for i, e in enumerate(engines)]  # fmt: skip
+    gw = await start_gateway(etcd.endpoint, "poison")
+    async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
+        for _ in range(200):
+            r = await client.get("/health")
+            if r.status_code == 200 and len(gw.gateway.pool.candidates("mixed", "fake-model")) == 2:
+                break
+            await asyncio.sleep(0.05)
+        yield client, engines
+    await gw.stop()
+    for w in workers:
+        await w.stop()
+
+
+def _body(seed: int | None = None) -> dict:
+    body = {"model": "fake-model", "prompt": "hi", "max_tokens": 3}
+    if seed is not None:
+        body["seed"] = seed
+    return body
+
+
+@pytest.mark.asyncio
+async def test_request_failure_is_not_retried_elsewhere(env) -> None:
+    client, engines = env
+    r = await client.post("/v1/completions", json=_body(FAILS))
+    assert r.status_code == 500, r.text
+    err = r.json()["error"]
+    assert err["code"] == "request_failed" and "boom" in err["message"]
+    assert sum(e.seen.count(FAILS) for e in engines) == 1  # one worker, no retry
+    r = await client.post("/v1/completions", json=_body())
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.asyncio
+async def test_request_that_workers_die_of_is_stopped_and_its_retries_refused(env) -> None:
+    client, engines = env
+    r = await client.post("/v1/completions", json=_body(DIES))
+    assert r.status_code == 500, r.text
+    assert r.json()["error"]["code"] == "poison_request"
+    # The first death was retried (it might not have been this request's fault), the
+    # second was not sent to a third worker.
+    assert sum(e.seen.count(DIES) for e in engines) == 2
+    for _ in range(100):  # the router took both "dead" workers out of routing for a while
+        r = await client.post("/v1/completions", json=_body(7))
+        if r.status_code == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert r.status_code == 200, r.text
+    r = await client.post("/v1/completions", json=_body(DIES))
+    assert r.status_code == 500 and r.json()["error"]["code"] == "poison_request"
+    assert sum(e.seen.count(DIES) for e in engines) == 2  # refused before any worker
