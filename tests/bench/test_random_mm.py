@@ -12,8 +12,9 @@ import pytest
 from services.bench.client import build_payload
 from services.bench.config import BenchConfig
 from services.bench.datasets import build_dataset
+from tests.deps import PIL, require
 
-pytest.importorskip("PIL")
+require("PIL", PIL)
 
 
 @pytest.fixture(scope="module")

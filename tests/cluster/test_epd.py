@@ -38,9 +38,10 @@ from services.router.kv_index import prompt_hash_root
 from services.router.policies.base import RouteRequest
 from services.router.tokenization import Tokenizer
 from tests.conftest import image_bytes as png
+from tests.deps import MOONCAKE, PIL, require
 
-pytest.importorskip("mooncake.engine")
-pytest.importorskip("PIL")
+require("mooncake.engine", MOONCAKE)
+require("PIL", PIL)
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 MAX_TOKENS = 8

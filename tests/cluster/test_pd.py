@@ -16,8 +16,9 @@ from cluster_helpers import TINY_NAME, load_report, start_cluster
 
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
+from tests.deps import MOONCAKE, require
 
-pytest.importorskip("mooncake.engine")
+require("mooncake.engine", MOONCAKE)
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 # Prompts of mixed lengths; the last ones share a long prefix with the first (cache hits).

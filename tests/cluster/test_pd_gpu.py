@@ -9,7 +9,9 @@ import torch
 from cluster_helpers import start_cluster
 from test_pd import PROMPTS, complete, concurrently, staging_slots
 
-pytest.importorskip("mooncake.engine")
+from tests.deps import MOONCAKE, require
+
+require("mooncake.engine", MOONCAKE)
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.slow,

@@ -11,8 +11,9 @@ import pytest
 from cluster_helpers import TINY_NAME, load_report, start_cluster
 
 from services.common.proto import worker_pb2 as pb
+from tests.deps import MOONCAKE, require
 
-pytest.importorskip("mooncake.engine")
+require("mooncake.engine", MOONCAKE)
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 BLOCK_BYTES = 16 * 512  # the tiny model on the CPU: ~512 B of KV per token, 16 per block

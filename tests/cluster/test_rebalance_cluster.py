@@ -11,7 +11,9 @@ import httpx
 import pytest
 from cluster_helpers import TINY_NAME, cli, flips, start_cluster, wait_for, workers
 
-pytest.importorskip("mooncake.engine")
+from tests.deps import MOONCAKE, require
+
+require("mooncake.engine", MOONCAKE)
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 PROMPTS = [

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import chart_helpers as ch
 import pytest
+
+from tests.deps import HELM, require
+
+require("helm_python", HELM)
+
+import chart_helpers as ch  # noqa: E402
 
 INTERNAL = ("etcd", "mooncake-master", "kvstore")
 COMPONENT = "app.kubernetes.io/component"

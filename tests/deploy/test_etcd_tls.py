@@ -18,10 +18,9 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip(
-    "helm_python",
-    reason="helm-python-sdk (Helm's engine) is not installed: pip install -e '.[dev]'",
-)
+from tests.deps import HELM, require
+
+require("helm_python", HELM)
 
 import chart_helpers as ch  # noqa: E402
 

@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip(
-    "helm_python",
-    reason="helm-python-sdk (Helm's engine) is not installed: pip install -e '.[dev]'",
-)
-pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is not installed")
+from tests.deps import HELM, KUBERNETES_VALIDATE, require
+
+require("helm_python", HELM)
+require("kubernetes_validate", KUBERNETES_VALIDATE)
 
 import chart_helpers as ch  # noqa: E402
 

@@ -11,6 +11,7 @@ import torch
 
 from services.common.proto import worker_pb2 as pb
 from tests.conftest import image_bytes as png
+from tests.deps import MOONCAKE, require
 
 
 def greedy():
@@ -63,7 +64,7 @@ def test_wrong_number_of_embeddings_is_refused(llm):
 
 
 def test_embedding_handoff_through_mooncake():
-    pytest.importorskip("mooncake.engine")
+    require("mooncake.engine", MOONCAKE)
     from services.common.mooncake_agent import MooncakeAgent, MooncakeConfig, TransferError
     from services.encoder.cache import EncoderCache
     from services.encoder.handoff import EmbeddingFetcher
@@ -86,7 +87,7 @@ def test_embedding_handoff_through_mooncake():
 def test_image_loader_falls_back_to_the_bytes(tiny_vl_model_dir):
     """An encoder that cannot be read (gone): the worker encodes the image bytes itself;
     without bytes that is a TransferError (the router retries elsewhere)."""
-    pytest.importorskip("mooncake.engine")
+    require("mooncake.engine", MOONCAKE)
     import asyncio
 
     from prometheus_client import CollectorRegistry

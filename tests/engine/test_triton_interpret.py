@@ -4,17 +4,14 @@ transformers. On a GPU, ``test_cuda.py`` runs the compiled kernels."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.deps import TRITON, require
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None, reason="triton is not installed"
-)
+require("triton", TRITON)
 
 
 def test_kernels_and_engine_in_the_interpreter(tiny_model_dir):

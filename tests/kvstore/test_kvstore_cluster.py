@@ -27,8 +27,9 @@ from cluster_helpers import (
 from services.cli.launcher import LocalCluster
 from services.common.proto import kvstore_pb2 as kpb
 from services.engine.block_manager import hash_prompt_blocks
+from tests.deps import MOONCAKE, require
 
-pytest.importorskip("mooncake.engine")
+require("mooncake.engine", MOONCAKE)
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 

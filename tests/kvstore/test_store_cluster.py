@@ -15,8 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.cli.launcher import ManagedProcess
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
+from tests.deps import MOONCAKE, require
 
-pytest.importorskip("mooncake.store")
+require("mooncake.store", MOONCAKE)
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 

@@ -12,9 +12,10 @@ from services.common.net import free_port
 from services.kvstore.store_tier import MooncakeStoreTier, StoreConfig, block_key
 from services.worker.config import WorkerConfig
 from services.worker.kv_store import advertised_store
+from tests.deps import MOONCAKE, require
 from tests.engine.store_master import Master
 
-pytest.importorskip("mooncake.store")
+require("mooncake.store", MOONCAKE)
 
 
 def test_blocks_round_trip_and_a_lookup_stops_at_the_first_miss(master):

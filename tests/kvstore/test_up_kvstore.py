@@ -15,8 +15,9 @@ import pytest
 from cluster_helpers import descendants, epdserve_up, running
 
 from services.cli.up import add_arguments, wants_kvstore
+from tests.deps import MOONCAKE, require
 
-pytest.importorskip("mooncake.engine")
+require("mooncake.engine", MOONCAKE)
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from services.engine import LLM, SamplingParams
+from tests.deps import MOONCAKE, require
 
-pytest.importorskip("mooncake.engine")
+require("mooncake.engine", MOONCAKE)
 
 BLOCK = 4
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)

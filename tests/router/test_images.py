@@ -20,8 +20,9 @@ from services.router.images import (
     fetch_url,
 )
 from tests.conftest import image_bytes
+from tests.deps import PIL, require
 
-pytest.importorskip("PIL")
+require("PIL", PIL)
 
 LIMITS = ImageLimits(max_images=2, max_bytes=50_000, max_pixels=200 * 200, allow_private=True)
 
