@@ -48,6 +48,11 @@ def dummy_weights(model: torch.nn.Module, seed: int) -> None:
             param.normal_(0.0, 0.02, generator=gen)
 
 
+def is_decode(s: ScheduledSeq) -> bool:
+    """One new token, after the whole prompt (a generated token, or a recomputed one)."""
+    return s.num_new_tokens == 1 and s.seq.num_computed_tokens >= s.seq.num_prompt_tokens
+
+
 class ModelRunner:
     def __init__(
         self, config: EngineConfig, hf_config: Any, model_path: str, max_model_len: int
@@ -131,8 +136,10 @@ class ModelRunner:
         """Run one step; returns float32 logits on the model's device, one row per sampling
         sequence, in the order of ``scheduled``."""
         bs = self.block_size
-        decodes = [s for s in scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        # NOTE: a one-token chunk of a prompt is still a prefill: on an image pad it takes the
+        # image's embedding, which only the prefill path merges in.
+        decodes = [s for s in scheduled if is_decode(s)]
+        prefills = [s for s in scheduled if not is_decode(s)]
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []

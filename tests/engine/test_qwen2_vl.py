@@ -316,12 +316,7 @@ def test_llm_generate_text_only_on_qwen2_vl_checkpoint(hf_model, model_dir):
 
 def unexpanded(images: ImageInputs, text_lens: list[int]) -> list[int]:
     """The prompt as a chat template writes it: one pad token per image."""
-    ids = prompt_with_images(images, text_lens)
-    out = []
-    for i, t in enumerate(ids):
-        if t != IMAGE or ids[i - 1] != IMAGE:
-            out.append(t)
-    return out
+    return unexpanded_ids(prompt_with_images(images, text_lens))
 
 
 @pytest.mark.parametrize(
@@ -371,6 +366,63 @@ def test_llm_generate_with_images(hf_model, model_dir, prefix_caching, device):
         refs.append(hf_greedy(hf_model, list(range(300, 317)), None))
         outs = llm.generate(prompts, greedy())
         assert [o.outputs[0].token_ids for o in outs] == refs
+
+
+def image_prompt(images: ImageInputs, text_lens: list[int]) -> dict:
+    return {
+        "prompt_token_ids": unexpanded(images, text_lens),
+        "multi_modal_data": {
+            "pixel_values": images.pixel_values,
+            "image_grid_thw": images.image_grid_thw,
+        },
+    }
+
+
+def test_one_token_chunks_on_image_pads_get_the_image(hf_model, model_dir):
+    """A step budget of 1 token: every prefill chunk is one token, image pads included. Such
+    a chunk is still a prefill (its pad takes the image's embedding), not a decode."""
+    from services.engine import LLM
+
+    llm = LLM(str(model_dir), dtype="float32", kv_cache_bytes=1 << 22, max_num_batched_tokens=1)
+    images = random_images([(1, 4, 6)], seed=3)
+    out = llm.generate(image_prompt(images, [3, 4]), greedy())
+    ref = hf_greedy(hf_model, prompt_with_images(images, [3, 4]), images)
+    assert out[0].outputs[0].token_ids == ref
+
+
+def test_leftover_one_token_budget_on_an_image_pad(hf_model, model_dir):
+    """A realistic schedule: a text prompt takes all of the step's budget but one token, and
+    a prompt whose prefix-cache hit ends inside its image gets that one token, an image pad
+    (block size 4: the hit covers tokens 0..7, token 8 is a pad)."""
+    from services.engine import LLM
+
+    budget = 8
+    llm = LLM(
+        str(model_dir),
+        dtype="float32",
+        kv_cache_bytes=1 << 22,
+        block_size=4,
+        max_num_batched_tokens=budget,
+    )
+    images = random_images([(1, 4, 6)], seed=4)
+    first = prompt_with_images(images, [3, 4])  # text 0..2, start 3, pads 4..9, end 10
+    assert first[8] == IMAGE and first[9] == IMAGE and first[10] == VISION_END
+    llm.generate(image_prompt(images, [3, 4]), greedy())  # caches its blocks
+    # Same prefix up to token 10, other text after it: the hit stops at block 2 (tokens 8..11).
+    second = first[:11] + [700, 701, 702, 703]
+    prompt = {**image_prompt(images, [3, 4]), "prompt_token_ids": unexpanded_ids(second)}
+    text = list(range(300, 300 + budget - 1))
+    outs = llm.generate([text, prompt], greedy())
+    assert outs[1].num_cached_tokens == 8
+    assert [o.outputs[0].token_ids for o in outs] == [
+        hf_greedy(hf_model, text, None),
+        hf_greedy(hf_model, second, images),
+    ]
+
+
+def unexpanded_ids(ids: list[int]) -> list[int]:
+    """Collapse each run of image pads of an expanded prompt to one pad."""
+    return [t for i, t in enumerate(ids) if t != IMAGE or i == 0 or ids[i - 1] != IMAGE]
 
 
 def test_parse_prompt_forms_and_errors():
