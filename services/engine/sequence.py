@@ -74,7 +74,8 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             # The child index is mixed in so that n > 1 seeded completions differ.
-            self.generator = torch.Generator().manual_seed(params.seed + index * 1_000_003)
+            seed = (params.seed + index * 1_000_003) % 2**64  # what torch keeps of it anyway
+            self.generator = torch.Generator().manual_seed(seed)
         # Blocks the caller already filled with KV (imported from elsewhere): treated as computed.
         self.num_preloaded_tokens = 0
         # Images of a vision-language prompt (M-RoPE positions, embeddings); None for text.

@@ -116,7 +116,9 @@ def child_params(params: pb.SamplingParams, i: int) -> pb.SamplingParams:
     sub.CopyFrom(params)
     sub.n = 1
     if params.HasField("seed"):
-        sub.seed = params.seed + i * 1_000_003
+        # NOTE: wrapped into the wire's int64; torch seeds modulo 2**64, so the child draws
+        # what the engine's own i-th child (sequence.py) draws from the unwrapped sum.
+        sub.seed = (params.seed + i * 1_000_003 + 2**63) % 2**64 - 2**63
     return sub
 
 

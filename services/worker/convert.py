@@ -35,7 +35,12 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     kwargs: dict[str, object] = {}
     for name in _OPTIONAL_SCALARS:
         if msg.HasField(name):
-            kwargs[name] = getattr(msg, name)
+            value = getattr(msg, name)
+            if isinstance(value, float):
+                # NOTE: float32 on the wire turns 0.01 into 0.009999999776, which fails a
+                # bound of 0.01; 7 significant digits give back the number that was sent.
+                value = float(f"{value:.7g}")
+            kwargs[name] = value
     if not msg.HasField("max_tokens"):
         kwargs["max_tokens"] = None  # unset on the wire means "up to the context length"
     kwargs["stop"] = list(msg.stop)

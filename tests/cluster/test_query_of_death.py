@@ -1,0 +1,103 @@
+"""Queries of death through the real gateway: every sampling-parameter extreme the APIs accept
+(and a few they refuse) on a PD pair and a mixed worker, then the same worker processes are
+alive with the same pids and a normal request gives the reference tokens.
+
+Before the hardening, one request with ``temperature: 1e-38`` overflowed the sampler's softmax
+to NaN, ``torch.multinomial`` raised in the engine step thread, the worker exited and the
+router sent the same request on to the next worker, which died too."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from cluster_helpers import TINY_NAME, start_cluster
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+pytest.importorskip("mooncake.engine")
+
+# Accepted by the API: each must be answered (200) and kill nothing.
+EXTREMES: list[dict] = [
+    {"temperature": 1e-38},
+    {"temperature": 5e-324},
+    {"temperature": 1e-6, "top_p": 1e-9},
+    {"temperature": 2.0, "top_k": 2**31 - 1, "min_p": 1.0},
+    {"temperature": 2.0, "top_p": 1e-38, "top_k": 1},
+    {"temperature": 0.5, "repetition_penalty": 0.01, "presence_penalty": -2,
+     "frequency_penalty": -2},
+    {"temperature": 1.0, "repetition_penalty": 10.0, "presence_penalty": 2,
+     "frequency_penalty": 2},
+    {"temperature": 1.0, "logit_bias": {"0": 100, "1": -100, "2": 100, "49151": 100}},
+    {"temperature": 1.0, "seed": -(2**63)},
+    {"temperature": 1.0, "seed": 2**63 - 1, "n": 3},
+    {"temperature": 1.0, "logprobs": 20, "min_tokens": 4},
+    {"temperature": 0.0, "logit_bias": {str(i): -100 for i in range(300)}},
+    {"temperature": 1.0, "stop": ["a", "b", "c", "d"], "stop_token_ids": [0, 1, 2]},
+]  # fmt: skip
+# Outside the documented bounds: a 400 in the API's format, before any work.
+REFUSED: list[dict] = [
+    {"temperature": 2.5},
+    {"temperature": -1e-38},
+    {"repetition_penalty": 0.0},
+    {"repetition_penalty": 1e-38},
+    {"top_k": 2**31},
+    {"top_p": 0},
+    {"min_tokens": 2**40},
+    {"stop_token_ids": [2**31]},
+    {"logit_bias": {"0": 101}},
+    {"n": 10_000},
+]
+PROMPT = "The capital of France is"
+
+
+def pids(c) -> dict[str, int]:
+    return {p.name: p.proc.pid for p in c.workers}
+
+
+@pytest.fixture(scope="module", params=["pd", "mixed"])
+def cluster(request, tiny_model_dir):
+    spec = {"prefill": 1, "decode": 1} if request.param == "pd" else {}
+    c = start_cluster(tiny_model_dir("llama"), workers=0 if spec else 2, **spec)
+    yield c
+    c.stop()
+
+
+def test_extreme_parameters_kill_no_worker(cluster) -> None:
+    before = pids(cluster)
+    with httpx.Client(base_url=cluster.base_url, timeout=120) as client:
+        reference = client.post("/v1/completions", json={
+            "model": TINY_NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True,
+        })  # fmt: skip
+        assert reference.status_code == 200, reference.text
+        for extra in EXTREMES:
+            body = {"model": TINY_NAME, "prompt": PROMPT, "max_tokens": 8, **extra}
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200, (extra, r.text)
+            for choice in r.json()["choices"]:
+                assert choice["finish_reason"] in ("stop", "length"), (extra, choice)
+            chat = dict(extra)
+            if "logprobs" in chat:  # chat: a boolean plus top_logprobs
+                chat.update(logprobs=True, top_logprobs=chat["logprobs"])
+            r = client.post("/v1/chat/completions", json={
+                "model": TINY_NAME, "messages": [{"role": "user", "content": PROMPT}],
+                "max_tokens": 4, "stream": True, **chat,
+            })  # fmt: skip
+            assert r.status_code == 200 and "data: [DONE]" in r.text, (extra, r.text)
+        for extra in REFUSED:
+            body = {"model": TINY_NAME, "prompt": PROMPT, "max_tokens": 8, **extra}
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 400, (extra, r.text)
+            assert r.json()["error"]["type"] == "invalid_request_error", r.text
+        r = client.post("/v1/messages", json={
+            "model": TINY_NAME, "max_tokens": 4, "temperature": 1e-38, "top_k": 2**31 - 1,
+            "messages": [{"role": "user", "content": PROMPT}],
+        })  # fmt: skip
+        assert r.status_code == 200, r.text
+        again = client.post("/v1/completions", json={
+            "model": TINY_NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+            "ignore_eos": True,
+        })  # fmt: skip
+        assert again.status_code == 200, again.text
+        assert again.json()["choices"][0]["text"] == reference.json()["choices"][0]["text"]
+    assert all(p.alive() for p in cluster.workers)
+    assert pids(cluster) == before
