@@ -49,27 +49,54 @@ class MooncakeAgent:
         self.session_id = f"{config.host}:{self._te.get_rpc_port()}"
         self._lock = threading.Lock()
         self.bytes_sent = 0
+        self._regions: dict[int, int] = {}  # registered local memory: address -> bytes
 
     def register(self, addr: int, nbytes: int) -> None:
         rc = self._te.register_memory(addr, nbytes)
         if rc != 0:
             raise RuntimeError(f"Mooncake register_memory({nbytes} bytes) failed with {rc}")
+        with self._lock:
+            self._regions[addr] = nbytes
 
     def unregister(self, addr: int) -> None:
+        with self._lock:
+            self._regions.pop(addr, None)
         rc = self._te.unregister_memory(addr)
         if rc != 0:
             logger.warning("Mooncake unregister_memory(%#x) failed with %d", addr, rc)
+
+    def check_local(self, addrs: list[int], lens: list[int]) -> None:
+        """TransferError unless every local range lies inside one registered region: a
+        transfer never reads or writes this process's memory outside what was registered
+        for it, whatever a peer's descriptor made the caller compute."""
+        with self._lock:
+            regions = sorted(self._regions.items())
+        for addr, n in zip(addrs, lens, strict=True):
+            if n < 0 or not any(a <= addr and addr + n <= a + size for a, size in regions):
+                raise TransferError(
+                    f"local range [{addr:#x}, +{n}) is outside the registered memory"
+                )
 
     def read(self, session: str, dsts: list[int], srcs: list[int], lens: list[int]) -> None:
         """Blocking batch read of a peer's registered ranges into local registered memory."""
         if not dsts:
             return
+        self.check_local(dsts, lens)
         rc = self._te.batch_transfer_sync_read(session, dsts, srcs, lens)
         if rc != 0:
             raise TransferError(f"Mooncake read from {session} failed with status {rc}")
 
-    def write(self, session: str, srcs: list[int], dsts: list[int], lens: list[int]) -> None:
+    def write(
+        self,
+        session: str,
+        srcs: list[int],
+        dsts: list[int],
+        lens: list[int],
+        deadline: float | None = None,
+    ) -> None:
         """Write local ranges into a peer's registered memory; returns once all have landed.
+        With ``deadline`` (a ``time.monotonic()`` value) no range is submitted at or after
+        it: the ranges already submitted are waited for, then TransferError.
 
         NOTE: each range is submitted on its own (Mooncake spreads them over its TCP lanes)
         and completion is polled with short sleeps. ``batch_transfer_sync_write`` busy-spins
@@ -79,9 +106,15 @@ class MooncakeAgent:
         """
         if not srcs:
             return
+        self.check_local(srcs, lens)
         total = sum(lens)
         ids: list[int] = []
         for i, (src, dst, n) in enumerate(zip(srcs, dsts, lens, strict=True)):
+            if deadline is not None and time.monotonic() >= deadline:
+                self._wait(ids, total)
+                raise TransferError(
+                    f"write to {session} stopped at its deadline after {i} of {len(srcs)} ranges"
+                )
             bid = self._te.transfer_submit_write(session, src, dst, n)
             if bid == 0:
                 # Submitting failed (unknown or stale session): let the synchronous call

@@ -3,6 +3,7 @@ then decode from the first token the prefill worker sampled."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 from services.common.proto import worker_pb2 as pb
@@ -38,7 +39,8 @@ class DecodeRole:
             layout=layout_to_proto(self.receiver.layout),
             block_ids=r.target_ids,
             cached_tokens=r.cached_tokens,
-            deadline_ms=int(self.receiver.reserve_timeout_s * 1000),
+            deadline_ms=max(1, int((r.deadline - time.monotonic()) * 1000)),
+            deadline_unix_ms=int(r.deadline_unix * 1000),
         )
 
     def start(self, request: pb.DecodeRequest) -> AsyncIterator[RequestOutput]:

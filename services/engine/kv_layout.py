@@ -4,11 +4,17 @@ request's blocks from one engine's cache into another's.
 The cache is one tensor ``[2 (k/v), layers, blocks, block_size, kv_heads, head_dim]``, so the
 (kind, layer, block) slab is contiguous and its address is an affine function of the three
 indices. Runs of consecutive source and destination block ids are coalesced into one range.
+
+A layout can come from a peer (a decode worker's reservation): every field and block id is
+checked before an address is computed from it, so a bad descriptor is a ``ValueError`` and
+never a read or write outside the cache.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+_ADDRESS_SPACE = 1 << 64
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,18 @@ class KVLayout:
     # Everything that must match for two caches to exchange blocks (model shape, dtype,
     # block size); compared before any transfer.
     fingerprint: str
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1 or self.num_blocks < 1 or self.slab_bytes < 1:
+            raise ValueError(
+                f"KV layout needs layers, blocks and slab bytes >= 1, got {self.num_layers}, "
+                f"{self.num_blocks}, {self.slab_bytes}"
+            )
+        if self.base_addr <= 0 or self.base_addr + self.total_bytes > _ADDRESS_SPACE:
+            raise ValueError(
+                f"KV layout of {self.total_bytes} bytes at {self.base_addr:#x} is not in the "
+                "address space"
+            )
 
     @property
     def layer_stride(self) -> int:
@@ -41,6 +59,35 @@ class KVLayout:
             + block * self.slab_bytes
         )
 
+    def check_blocks(self, block_ids: list[int], what: str = "block") -> None:
+        """ValueError unless every id is a block of this cache."""
+        bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
+        if bad:
+            raise ValueError(
+                f"{what} ids {bad[:4]} are outside the cache's {self.num_blocks} blocks"
+            )
+
+    def check_compatible(self, other: KVLayout) -> None:
+        """ValueError unless blocks of ``other`` can be copied into this cache slab by slab."""
+        if other.fingerprint != self.fingerprint:
+            raise ValueError(
+                f"incompatible KV caches: {other.fingerprint!r} vs {self.fingerprint!r}"
+            )
+        if (other.num_layers, other.slab_bytes) != (self.num_layers, self.slab_bytes):
+            raise ValueError(
+                f"KV layout of {other.num_layers} layers x {other.slab_bytes}-byte slabs does "
+                f"not match this cache's {self.num_layers} x {self.slab_bytes}"
+            )
+
+    def check_within(self, addr: int, nbytes: int) -> None:
+        """ValueError unless the whole cache lies inside the region [addr, addr + nbytes)
+        (the memory registered for it)."""
+        if self.base_addr < addr or self.base_addr + self.total_bytes > addr + nbytes:
+            raise ValueError(
+                f"KV layout [{self.base_addr:#x}, +{self.total_bytes}) is not inside the "
+                f"registered region [{addr:#x}, +{nbytes})"
+            )
+
 
 def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
     """(src_start, dst_start, length) runs where both block id lists go up by one."""
@@ -61,9 +108,13 @@ def transfer_ranges(
     src: KVLayout, dst: KVLayout, src_blocks: list[int], dst_blocks: list[int], layers: range
 ) -> tuple[list[int], list[int], list[int]]:
     """Source addresses, destination addresses and lengths that copy the given blocks of
-    the given layers (both K and V)."""
-    if src.fingerprint != dst.fingerprint:
-        raise ValueError(f"incompatible KV caches: {src.fingerprint!r} vs {dst.fingerprint!r}")
+    the given layers (both K and V). ValueError for incompatible layouts, or a block or
+    layer outside either cache."""
+    dst.check_compatible(src)
+    src.check_blocks(src_blocks, "source block")
+    dst.check_blocks(dst_blocks, "destination block")
+    if layers and not 0 <= min(layers) <= max(layers) < src.num_layers:
+        raise ValueError(f"layers {layers} are outside the cache's {src.num_layers} layers")
     srcs: list[int] = []
     dsts: list[int] = []
     lens: list[int] = []

@@ -613,10 +613,15 @@ class LLMEngine:
             self.reserved_resume[request_id] = resume
         return list(seq.block_table), cached
 
-    def free_reserved(self, request_id: str) -> None:
+    def free_reserved(self, request_id: str, quarantine_until: float | None = None) -> None:
+        """Drop a reservation. ``quarantine_until`` (``time.monotonic()``): a peer may write
+        into its blocks until then, so the ones it writes (all but the prefix-cache hits) are
+        handed out again only by a ``release_quarantined`` from that time on."""
         self.reserved_resume.pop(request_id, None)
         seq = self.reserved.pop(request_id, None)
-        if seq is not None:
+        if seq is None:
+            return
+        if quarantine_until is None:
             self.block_manager.free(seq)
 
     def start_reserved(
@@ -633,6 +638,13 @@ class LLMEngine:
             # consume the same draw, so that seeded sampling in PD mode gives the tokens
             # of a co-located run.
             self.sampler.skip_draw(seq.generator, self.runner.model.lm_head.out_features)
+        else:
+            first = seq.num_cached_tokens // self.block_manager.block_size
+            self.block_manager.free_quarantined(seq, first, quarantine_until)
+
+    def release_quarantined(self) -> int:
+        """Free the quarantined blocks whose time has come (see ``free_reserved``)."""
+        return self.block_manager.release_quarantined(time.monotonic())
         req = _Request(
             request_id,
             seq.prompt_token_ids,

@@ -14,11 +14,17 @@ so ~1.5 MB per-layer writes (a 1024-token prompt of the 135M default model) reac
 half the bandwidth of one large write; groups of a few layers keep most of the overlap
 with compute and most of the bandwidth. Groups never span two engine steps, so the ranges
 in one call are distinct and may land in any order.
+
+The decode worker hands its reserved blocks to other requests once the reservation's deadline
+is past, so a push checks its descriptor before any write (``add``) and submits nothing at or
+after the deadline (``PushTarget.deadline``; see the NOTE in services/decode/kv_receiver.py
+on what that guarantees together with the decode side's quarantine).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -41,6 +47,8 @@ class PushTarget:
     dst_blocks: list[int]  # decode block for each prompt block, in order
     skip_blocks: int  # leading blocks the decode worker already has (its prefix cache)
     num_tokens: int  # tokens whose KV is pushed (the prompt, and a migrated request's outputs)
+    # time.monotonic() at which the reservation may be reclaimed: nothing is written from then on
+    deadline: float = math.inf
     sent_tokens: int = 0  # tokens whose KV was queued for every layer
     pending: int = 0  # queued writes not yet done
     error: str | None = None
@@ -59,6 +67,8 @@ _Write = tuple[PushTarget, list[int], list[int], list[int]]
 _FLUSH = "flush"
 
 DEFAULT_MIN_WRITE_BYTES = 8 << 20
+
+_PAST_DEADLINE = "KV push stopped: the decode worker's reservation is past its deadline"
 
 
 class KVSender:
@@ -83,11 +93,9 @@ class KVSender:
         self._thread.start()
 
     def add(self, request_id: str, target: PushTarget) -> None:
-        if target.layout.fingerprint != self.layout.fingerprint:
-            raise ValueError(
-                f"decode worker's KV cache ({target.layout.fingerprint}) does not match this "
-                f"worker's ({self.layout.fingerprint})"
-            )
+        """Start pushing a request's KV into ``target``. TransferError for a descriptor that
+        does not fit this worker's cache or addresses blocks outside the decode worker's."""
+        self._check(target)
         if self.staging is not None:
             blocks = -(-target.num_tokens // self.block_size) - target.skip_blocks
             try:
@@ -95,6 +103,19 @@ class KVSender:
             except StagingFull as e:
                 raise TransferError(f"KV staging: {e}") from None
         self.targets[request_id] = target
+
+    def _check(self, t: PushTarget) -> None:
+        needed = -(-t.num_tokens // self.block_size)
+        try:
+            t.layout.check_compatible(self.source)
+            t.layout.check_blocks(t.dst_blocks, "reserved block")
+            if not 0 <= t.skip_blocks <= needed <= len(t.dst_blocks):
+                raise ValueError(
+                    f"{len(t.dst_blocks)} blocks ({t.skip_blocks} cached) reserved for a "
+                    f"prompt of {needed} blocks"
+                )
+        except ValueError as e:
+            raise TransferError(f"invalid reservation from the decode worker: {e}") from None
 
     def on_layer_done(self, layer: int, scheduled: list[ScheduledSeq]) -> None:
         """Step thread: queue this layer's newly computed blocks of every PD request."""
@@ -105,6 +126,9 @@ class KVSender:
         for item in scheduled:
             t = self.targets.get(item.seq.request_id)
             if t is None or t.error is not None:
+                continue
+            if time.monotonic() >= t.deadline:
+                t.error = _PAST_DEADLINE
                 continue
             seq = item.seq
             end = min(seq.num_computed_tokens + item.num_new_tokens, t.num_tokens)
@@ -160,8 +184,10 @@ class KVSender:
             lens = [n for it in items for n in it[3]]
             start = time.perf_counter()
             try:
+                if t.error is None and time.monotonic() >= t.deadline:
+                    t.error = _PAST_DEADLINE
                 if t.error is None:
-                    self.agent.write(t.session, srcs, dsts, lens)
+                    self.agent.write(t.session, srcs, dsts, lens, deadline=t.deadline)
                     t.bytes += sum(lens)
             except TransferError as e:
                 t.error = str(e)
@@ -183,11 +209,17 @@ class KVSender:
 
     def wait(self, request_id: str, timeout: float) -> PushTarget:
         """Block until every queued write of the request is done (call after the request
-        finished on the engine); raises TransferError on failure or timeout."""
+        finished on the engine); raises TransferError on failure, on timeout, or when the
+        reservation's deadline comes first."""
         t = self.targets.pop(request_id)
+        limit = min(timeout, t.deadline - time.monotonic())
         with t.done:
-            if not t.done.wait_for(lambda: t.pending == 0, timeout):
-                t.error = t.error or f"KV push timed out after {timeout:.1f}s"
+            if not t.done.wait_for(lambda: t.pending == 0, max(0.0, limit)):
+                t.error = t.error or (
+                    f"KV push timed out after {timeout:.1f}s"
+                    if limit == timeout
+                    else _PAST_DEADLINE
+                )
             t.over = True
             self._give_back_slots(t)
         if t.error is not None:

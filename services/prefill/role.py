@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
+import time
 from typing import Any
 
+from services.common.mooncake_agent import TransferError
 from services.common.proto import worker_pb2 as pb
 from services.engine.async_engine import AsyncLLMEngine
 from services.prefill.kv_sender import KVSender, PushTarget
@@ -45,20 +48,19 @@ class PrefillRole:
             params, n=1, max_tokens=done + 1, min_tokens=min(params.min_tokens, done + 1), stop=[]
         )
         target = request.target
-        num_tokens = len(prompt) + done  # tokens whose KV goes to the decode worker
-        needed = (num_tokens + self.block_size - 1) // self.block_size
-        if len(target.block_ids) < needed:
-            raise ValueError(
-                f"reservation has {len(target.block_ids)} blocks; the prompt needs {needed}"
-            )
-        self.sender.add(
+        try:
+            layout = layout_from_proto(target.layout)
+        except ValueError as e:
+            raise TransferError(f"invalid reservation from the decode worker: {e}") from None
+        self.sender.add(  # TransferError for a reservation that does not fit
             rid,
             PushTarget(
                 session=target.session_id,
-                layout=layout_from_proto(target.layout),
+                layout=layout,
                 dst_blocks=list(target.block_ids),
                 skip_blocks=target.cached_tokens // self.block_size,
-                num_tokens=num_tokens,
+                num_tokens=len(prompt) + done,  # tokens whose KV goes to the decode worker
+                deadline=write_deadline(target),
             ),
         )
         held = False
@@ -89,3 +91,16 @@ class PrefillRole:
                 # The KV is in the decode worker now (or the push failed): free our copy.
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.engine.call(lambda e: e.release_held(rid)))
+
+
+def write_deadline(target: pb.ReserveResponse) -> float:
+    """The ``time.monotonic()`` from which no KV may be written into ``target``: the earlier
+    of the decode worker's wall-clock deadline (which counts the time the request spent
+    reaching this worker, also while this process was stopped) and its relative one counted
+    from now (a clock skew between the hosts cannot stretch the push past it by more than
+    the request's transit)."""
+    now = time.monotonic()
+    deadline = now + target.deadline_ms / 1000 if target.deadline_ms else math.inf
+    if target.deadline_unix_ms:
+        deadline = min(deadline, now + target.deadline_unix_ms / 1000 - time.time())
+    return deadline

@@ -372,6 +372,11 @@ class Orchestrator:
             try:
                 p.inflight += 1
                 sent_at = time.monotonic()
+                # The reservation is reclaimed at its deadline and the prefill worker stops its
+                # push there (with a clear error, given 2 s to arrive): waiting longer is moot.
+                prefill_timeout = self.timeout_s
+                if reservation.deadline_ms:
+                    prefill_timeout = min(prefill_timeout, reservation.deadline_ms / 1000 + 2.0)
                 try:
                     first = await watched_unary(
                         p,
@@ -381,9 +386,9 @@ class Orchestrator:
                                 params=params, role_epoch=p.info.role_epoch, target=reservation,
                                 resume=resume, images=images,
                             ),
-                            timeout=self.timeout_s,
+                            timeout=prefill_timeout,
                         ),
-                        self.timeout_s,
+                        prefill_timeout,
                     )  # fmt: skip
                     computed = len(prompt) - first.cached_prompt_tokens
                     p.prefill_rate.add(computed / max(time.monotonic() - sent_at, 1e-6))

@@ -70,7 +70,19 @@ class WorkerConfig(MemberConfig):
     )
     reserve_timeout_s: float = field(
         default=30.0,
-        metadata={"help": "decode side: reserved KV blocks are freed after this long unused"},
+        metadata={
+            "help": "decode side: reserved KV blocks are freed after this long unclaimed; the "
+            "prefill side writes nothing into them from then on (and the router's Prefill "
+            "call ends by then)"
+        },
+    )
+    kv_write_grace_s: float = field(
+        default=10.0,
+        metadata={
+            "help": "decode side: blocks of a reservation freed before Decode claimed it are "
+            "not reused until this long past its deadline (a write submitted just before the "
+            "deadline may still be landing; clock skew between hosts)"
+        },
     )
     encoder_cache_bytes: int = field(
         default=512 * 1024 * 1024,
@@ -116,6 +128,8 @@ class WorkerConfig(MemberConfig):
             raise ValueError("encoder_cache_bytes must be >= 0")
         if self.kv_transfer_timeout_s <= 0 or self.reserve_timeout_s <= 0:
             raise ValueError("kv_transfer_timeout_s and reserve_timeout_s must be > 0")
+        if self.kv_write_grace_s < 0:
+            raise ValueError("kv_write_grace_s must be >= 0")
         if self.kv_push_min_write_bytes < 1:
             raise ValueError("kv_push_min_write_bytes must be >= 1")
         if self.kv_transfer == "none" and self.role in ("prefill", "decode", "encode"):

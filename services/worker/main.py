@@ -209,7 +209,10 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
         staging=staging,
     )
     llm_engine.layer_hook = sender.on_layer_done
-    receiver = KVReceiver(engine, layout, wcfg.reserve_timeout_s, staging=staging)
+    receiver = KVReceiver(
+        engine, layout, wcfg.reserve_timeout_s, staging=staging,
+        write_grace_s=wcfg.kv_write_grace_s,
+    )  # fmt: skip
     receiver.start()
     log.info(
         "KV transfer: Mooncake %s session %s%s", wcfg.mooncake_protocol, agent.session_id,
