@@ -49,8 +49,10 @@ class ManagedProcess:
         ready_prefix: str,
         echo: bool = False,
         extra_env: dict[str, str] | None = None,
+        role: str | None = None,
     ) -> None:
         self.name = name
+        self.label = f"{name} ({role})" if role else name  # how `up`'s messages name it
         self.argv = argv
         self.ready_prefix = ready_prefix
         self.ready_line: str | None = None
@@ -61,17 +63,34 @@ class ManagedProcess:
         env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
         env.setdefault("PYTHONUNBUFFERED", "1")
         env.update(extra_env or {})  # NOTE: secrets (etcd password) travel here, never in argv
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-            bufsize=1, start_new_session=True,  # Ctrl-C reaches the launcher only
-        )  # fmt: skip
+        self._env = env
         self._echo = echo
-        self._reader = threading.Thread(target=self._read, daemon=True, name=f"read-{name}")
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self.proc = subprocess.Popen(
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._env,
+            text=True, bufsize=1, start_new_session=True,  # Ctrl-C reaches the launcher only
+        )  # fmt: skip
+        self._reader = threading.Thread(
+            target=self._read, args=(self.proc,), daemon=True, name=f"read-{self.name}"
+        )
         self._reader.start()
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
+    def restart(self) -> None:
+        """Start the same command again (same argv: same instance id and ports; a worker
+        draws a new incarnation). Only after the process exited."""
+        assert not self.alive(), f"{self.name} is still running"
+        self._reader.join(timeout=2.0)  # its last lines stay first in the tail
+        self.ready_line = None
+        self.ready.clear()
+        self._spawn()
+        # Marks where the new run's output starts (a crash loop shows this tail).
+        self.tail.append(f"[epdserve: {self.name} restarted as pid {self.proc.pid}]")
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
             line = line.rstrip("\n")
             self.tail.append(line)
             if self._echo:
@@ -90,6 +109,12 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def is_ready(self) -> bool:
+        return self.ready.is_set()
+
     def signal(self, sig: int) -> None:
         if self.alive():
             os.kill(self.proc.pid, sig)
@@ -103,10 +128,41 @@ class ManagedProcess:
             self.signal(signal.SIGKILL)
             self.proc.wait(timeout=10)
 
+    def last_output(self, lines: int = 40) -> str:
+        return "\n".join(list(self.tail)[-lines:])
+
     def describe_failure(self) -> str:
-        return f"{self.name} exited with {self.proc.returncode}; last output:\n" + "\n".join(
-            list(self.tail)[-40:]
+        return f"{self.name} exited with {self.proc.returncode}; last output:\n" + (
+            self.last_output()
         )
+
+
+class EtcdChild:
+    """The cluster's etcd as a supervised child: restarted on the same ports and data."""
+
+    name = label = "etcd"
+
+    def __init__(self, etcd: EtcdServer) -> None:
+        self.etcd = etcd
+
+    def alive(self) -> bool:
+        return self.etcd.proc is not None and self.etcd.proc.poll() is None
+
+    def returncode(self) -> int | None:
+        return None if self.etcd.proc is None else self.etcd.proc.returncode
+
+    def is_ready(self) -> bool:
+        return self.alive()  # restart() returns once etcd is healthy
+
+    def restart(self) -> None:
+        self.etcd.start()  # waits until healthy; raises if it exits or times out
+
+    def last_output(self, lines: int = 40) -> str:
+        try:
+            text = Path(self.etcd.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
 
 
 @dataclass
@@ -233,7 +289,7 @@ class LocalCluster:
         self._worker_count += 1
         proc = ManagedProcess(
             f"worker-{i}", self.worker_argv(i, role), WORKER_READY, self.spec.echo,
-            self.etcd.access.to_env(),
+            self.etcd.access.to_env(), role=role,
         )  # fmt: skip
         self.workers.append(proc)
         return proc
@@ -246,6 +302,10 @@ class LocalCluster:
         )
         self.routers.append(proc)
         return proc
+
+    def children(self) -> list[EtcdChild | ManagedProcess]:
+        """Every process `up` keeps running: etcd, the kvstore, workers and routers."""
+        return [EtcdChild(self.etcd), *filter(None, [self.kvstore]), *self.workers, *self.routers]
 
     def start(self, timeout: float = 900.0, progress: Callable[[str], None] | None = None) -> str:
         """Start everything; returns the router's base URL. Raises if a child dies."""

@@ -10,7 +10,8 @@ import time
 
 from services.cli.admin_config import config_dir
 from services.cli.launcher import ClusterSpec, LocalCluster
-from services.common.dataclass_cli import parse_assignments
+from services.cli.supervisor import RestartPolicy, Supervisor
+from services.common.dataclass_cli import add_dataclass_args, from_args, parse_assignments
 from services.engine.config import EngineConfig
 
 
@@ -68,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "more than one worker (--no-kvstore leaves it out)",
     )
     p.add_argument("--verbose", action="store_true", help="show the children's logs")
+    # A dead child (worker, router, kvstore, etcd) is restarted with backoff; a crash loop
+    # stops the cluster.
+    add_dataclass_args(p.add_argument_group("restarts"), RestartPolicy)
 
 
 def wants_kvstore(args: argparse.Namespace, num_workers: int) -> bool:
@@ -82,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     policy = args.policy or ("cache_aware" if kvstore else "least_load")
     try:
         engine_overrides = parse_assignments(EngineConfig, args.engine_arg)
+        restarts = from_args(RestartPolicy, args)
         spec = ClusterSpec(
             model=args.model, served_model_name=args.served_model_name,
             mixed=mixed,
@@ -125,11 +130,14 @@ def run(args: argparse.Namespace) -> int:
         print("  Operate:   epdserve status | roles set ID ROLE | drain ID | rebalance", flush=True)
         print("  Ctrl-C stops the cluster.", flush=True)
         serving.set()
+        # NOTE: a child dying during start-up fails `up` at once (above); once serving, dead
+        # children are restarted and the others keep serving (the router migrates streams).
+        supervisor = Supervisor(cluster.children(), restarts, say)
         while not stop.is_set():
-            for p in [*cluster.workers, *cluster.routers, *filter(None, [cluster.kvstore])]:
-                if not p.alive():
-                    say(p.describe_failure())
-                    return 1
+            failure = supervisor.poll()
+            if failure is not None:
+                say(failure)
+                return 1
             time.sleep(0.5)
         return 0
     except KeyboardInterrupt:

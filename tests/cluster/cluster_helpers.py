@@ -237,3 +237,14 @@ def epdserve_up(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen, 
                     os.kill(pid, signal.SIGKILL)
             proc.kill()
         err.close()
+
+
+def sse_data(response) -> Iterator[dict]:
+    """The JSON events of a streaming OpenAI response (an httpx stream), up to ``[DONE]``;
+    an error event fails the test."""
+    for line in response.iter_lines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        assert "error" not in event, event
+        yield event

@@ -23,6 +23,12 @@ def test_up_refuses_half_a_pd_cluster_clearly() -> None:
     assert r.returncode == 2 and "needs both --prefill N and --decode N" in r.stderr
 
 
+def test_up_refuses_a_bad_restart_policy_clearly() -> None:
+    r = subprocess.run([sys.executable, "-m", "services.cli.main", "up", "--max-restarts", "-1"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "--max-restarts must be >= 0" in r.stderr
+
+
 def test_up_serves_and_stops_on_ctrl_c(tiny_model_dir, tmp_path) -> None:
     model = str(tiny_model_dir("llama"))
     # EPDSERVE_CONFIG_DIR (tmp_path/cfg): where `epdserve up` leaves the router URL and admin

@@ -1,0 +1,59 @@
+"""What `epdserve up`'s supervisor restarts: a ManagedProcess (same command, new process,
+ready again) and the etcd adapter (same ports and data). Real, small processes."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+from services.cli.launcher import EtcdChild, ManagedProcess
+from services.common.etcd_server import EtcdServer
+
+
+def wait(pred, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_managed_process_restarts_the_same_command() -> None:
+    script = "import os, time; print('READY pid=%d' % os.getpid(), flush=True); time.sleep(60)"
+    p = ManagedProcess("worker-7", [sys.executable, "-c", script], "READY", role="decode")
+    try:
+        assert p.label == "worker-7 (decode)"
+        assert p.ready.wait(20) and p.is_ready()
+        first = p.proc.pid
+        assert p.ready_field("pid") == str(first)
+        p.signal(signal.SIGKILL)
+        wait(lambda: not p.alive())
+        assert p.returncode() == -9
+        p.restart()
+        assert p.ready.wait(20) and p.alive()
+        assert p.proc.pid != first and p.ready_field("pid") == str(p.proc.pid)
+        assert p.last_output().splitlines() == [
+            f"READY pid={first}", f"[epdserve: worker-7 restarted as pid {p.proc.pid}]",
+            f"READY pid={p.proc.pid}",
+        ]  # fmt: skip
+    finally:
+        p.stop(timeout=5)
+
+
+def test_etcd_child_restarts_on_the_same_port_with_its_data(tmp_path) -> None:
+    etcd = EtcdServer(data_dir=str(tmp_path))
+    etcd.start()
+    child = EtcdChild(etcd)
+    try:
+        etcd.etcdctl("put", "/epdserve/t/k", "v")
+        endpoint = etcd.endpoint
+        assert child.alive() and child.is_ready()
+        assert etcd.proc is not None
+        etcd.proc.kill()
+        wait(lambda: not child.alive())
+        assert child.returncode() == -9
+        child.restart()
+        assert child.alive() and etcd.endpoint == endpoint
+        assert etcd.etcdctl("get", "/epdserve/t/k", "--print-value-only").strip() == "v"
+    finally:
+        etcd.cleanup()

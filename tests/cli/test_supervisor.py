@@ -1,0 +1,168 @@
+"""`epdserve up`'s restart policy (backoff, crash-loop detection) and the supervisor that
+applies it, on fake children and a fake clock: no processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.cli.supervisor import RestartHistory, RestartPolicy, Supervisor, describe_exit
+
+POLICY = RestartPolicy(
+    restart_backoff_s=1.0, restart_backoff_max_s=30.0, restart_reset_s=60.0,
+    max_restarts=5, restart_window_s=300.0,
+)  # fmt: skip
+
+
+def delays(history: RestartHistory, uptimes: list[float], start: float = 0.0) -> list:
+    """Feed exits after these uptimes (restarting at once); the delays granted."""
+    out, now = [], start
+    for up in uptimes:
+        now += up
+        out.append(history.on_exit(now - up, now))
+    return out
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    policy = RestartPolicy(max_restarts=100, restart_window_s=1.0)  # no loop: exits far apart
+    history = RestartHistory(policy)
+    assert delays(history, [2.0] * 7) == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert history.restarts == 7
+
+
+def test_backoff_starts_over_after_a_healthy_run() -> None:
+    history = RestartHistory(POLICY)
+    assert delays(history, [5.0, 5.0, 5.0]) == [1.0, 2.0, 4.0]
+    assert delays(history, [60.0], start=15.0) == [1.0]  # up 60 s: healthy again
+    assert delays(history, [5.0], start=75.0) == [2.0]
+
+
+def test_a_crash_loop_gives_up_after_max_restarts_within_the_window() -> None:
+    history = RestartHistory(POLICY)
+    assert delays(history, [3.0] * 6) == [1.0, 2.0, 4.0, 8.0, 16.0, None]
+    assert history.recent_exits == 6 and history.restarts == 5
+
+
+def test_exits_spread_beyond_the_window_never_give_up() -> None:
+    history = RestartHistory(POLICY)
+    got = delays(history, [100.0] * 20)  # one exit per 100 s: at most 3 in any 300 s
+    assert None not in got and set(got) == {1.0}
+
+
+def test_max_restarts_zero_gives_up_on_the_first_exit() -> None:
+    assert RestartHistory(RestartPolicy(max_restarts=0)).on_exit(0.0, 1000.0) is None
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"restart_backoff_s": 0}, {"restart_backoff_s": 5, "restart_backoff_max_s": 1},
+     {"max_restarts": -1}, {"restart_window_s": 0}, {"restart_reset_s": -1}],
+)  # fmt: skip
+def test_policy_refuses_nonsense(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        RestartPolicy(**bad)
+
+
+def test_describe_exit() -> None:
+    assert describe_exit(-9) == "signal 9"
+    assert describe_exit(3) == "exit code 3"
+    assert describe_exit(None) == "did not start"
+
+
+class FakeChild:
+    def __init__(self, name: str, fail_restarts: int = 0) -> None:
+        self.name = self.label = name
+        self.running = True
+        self.rc: int | None = None
+        self.starts = 0
+        self.fail_restarts = fail_restarts  # this many restarts raise
+        self.loaded = True  # said it is ready
+
+    def alive(self) -> bool:
+        return self.running
+
+    def is_ready(self) -> bool:
+        return self.running and self.loaded
+
+    def returncode(self) -> int | None:
+        return self.rc
+
+    def restart(self) -> None:
+        self.starts += 1
+        if self.starts <= self.fail_restarts:
+            raise RuntimeError("port taken")
+        self.running, self.rc, self.loaded = True, None, False
+
+    def last_output(self, lines: int = 40) -> str:
+        return f"{self.name}'s last words"
+
+    def kill(self, rc: int = -9) -> None:
+        self.running, self.rc = False, rc
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def supervised(*children: FakeChild, policy: RestartPolicy = POLICY):
+    clock, said = Clock(), []
+    return Supervisor(children, policy, said.append, clock), clock, said
+
+
+def test_a_dead_child_is_restarted_after_its_backoff_and_the_others_are_left_alone() -> None:
+    worker, router = FakeChild("worker-1 (decode)"), FakeChild("router")
+    sup, clock, said = supervised(worker, router)
+    assert sup.poll() is None and said == []
+    worker.kill()
+    assert sup.poll() is None
+    assert said == ["worker-1 (decode) exited (signal 9); restarting in 1.0 s (restart 1)"]
+    clock.now += 0.5
+    assert sup.poll() is None and worker.starts == 0  # still backing off
+    clock.now += 0.5
+    assert sup.poll() is None and worker.starts == 1 and worker.alive()
+    assert router.starts == 0 and len(said) == 1
+    clock.now += 10
+    sup.poll()
+    assert len(said) == 1  # still loading
+    worker.loaded = True
+    sup.poll()
+    assert said[-1] == "worker-1 (decode) is back (10 s after its restart)"
+    sup.poll()
+    assert len(said) == 2  # said once
+    worker.kill(rc=1)
+    sup.poll()
+    assert said[-1] == "worker-1 (decode) exited (exit code 1); restarting in 2.0 s (restart 2)"
+
+
+def test_a_crash_loop_stops_with_the_process_its_exit_and_its_output() -> None:
+    policy = RestartPolicy(max_restarts=2, restart_window_s=60.0)
+    worker = FakeChild("worker-0 (mixed)")
+    sup, clock, said = supervised(worker, policy=policy)
+    for _ in range(2):
+        worker.kill(rc=1)
+        assert sup.poll() is None
+        clock.now += 10
+        assert sup.poll() is None and worker.alive()
+    worker.kill(rc=1)
+    failure = sup.poll()
+    assert failure is not None
+    assert failure.startswith("worker-0 (mixed) exited (exit code 1) 3 times within 60 s")
+    assert "crash loop" in failure and "worker-0 (mixed)'s last words" in failure
+    assert len(said) == 2
+
+
+def test_a_restart_that_raises_counts_as_an_exit() -> None:
+    etcd = FakeChild("etcd", fail_restarts=1)
+    sup, clock, said = supervised(etcd)
+    etcd.kill()
+    sup.poll()
+    clock.now += 1.0
+    assert sup.poll() is None and said[-1] == "etcd did not restart: port taken"
+    sup.poll()  # the failed start is seen as an exit: backoff goes on
+    assert said[-1].endswith("restarting in 2.0 s (restart 2)")
+    clock.now += 2.0
+    sup.poll()
+    assert etcd.alive() and etcd.starts == 2

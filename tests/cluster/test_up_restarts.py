@@ -1,0 +1,199 @@
+"""`epdserve up` supervises its children: a decode worker or the router killed (-9) comes
+back (same id, new process) while the rest keeps serving, and a crash loop stops the
+cluster with a clear message. Tested through the `epdserve up` process itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from cluster_helpers import children, descendants, epdserve_up, running, sse_data, wait_for
+
+from tests.deps import MOONCAKE, require
+
+require("mooncake.engine", MOONCAKE)  # PD moves the KV with Mooncake
+# Real processes: one `up` (etcd, 3 workers, a router) for the module: ~2 min on 2 cores.
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+
+MAX_TOKENS = 300  # long enough that the stream is mid-way when the worker is killed
+MAX_RESTARTS = 3  # the crash-loop test kills one worker past this
+TINY_ENGINE = ["max_model_len=512", f"kv_cache_bytes={32 * 1024 * 1024}", "max_num_seqs=16"]
+# Greedy, no EOS stop: every run gives the same MAX_TOKENS tokens.
+REQ = {"prompt": "Once upon a time", "max_tokens": MAX_TOKENS, "temperature": 0,
+       "ignore_eos": True, "logprobs": 1}  # fmt: skip
+
+
+@dataclasses.dataclass
+class Up:
+    proc: subprocess.Popen
+    base: str
+    model: str
+    folder: Path  # EPDSERVE_CONFIG_DIR is folder/cfg; up's stderr is folder/up.err
+
+    def admin(self, method: str, path: str, body: dict | None = None) -> dict:
+        token = (self.folder / "cfg" / "admin-token").read_text().strip()
+        r = httpx.request(method, self.base + path, json=body, timeout=30,
+                          headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def workers(self) -> dict[str, dict]:
+        """Worker id -> its row of the router's status (what `epdserve status` shows)."""
+        return {w["id"]: w for w in self.admin("GET", "/admin/status")["workers"]}
+
+    def stderr(self) -> str:
+        return (self.folder / "up.err").read_text()
+
+    def request(self, **extra: object) -> dict:
+        return {"model": os.path.basename(self.model), **REQ, **extra}
+
+    def complete(self, **extra: object) -> httpx.Response:
+        return httpx.post(f"{self.base}/v1/completions", json=self.request(**extra), timeout=120)
+
+
+@pytest.fixture(scope="module")
+def up(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("up-restarts")
+    model = str(tiny_model_dir("llama"))
+    engine = [a for kv in TINY_ENGINE for a in ("--engine-arg", kv)]
+    args = ["--model", model, "--prefill", "1", "--decode", "2", "--no-kvstore",
+            "--cluster", "uprestart", *engine, "--max-restarts", str(MAX_RESTARTS),
+            "--restart-window-s", "600"]  # fmt: skip
+    with epdserve_up(folder, *args) as (proc, base, _env):
+        yield Up(proc, base, model, folder)
+
+
+def worker_pid(up: Up, instance_id: str) -> int | None:
+    """The pid of `up`'s child process running worker ``instance_id`` (None: none now)."""
+    for pid in children(up.proc.pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        flag = argv.index(b"--instance-id") if b"--instance-id" in argv else -2
+        if argv[flag + 1] == instance_id.encode():
+            return pid if running(pid) else None
+    return None
+
+
+def serving_decode_worker(up: Up) -> tuple[str, int]:
+    """(id, pid) of the decode worker running our (only) request, from the router's status
+    (a worker that does not answer ListRequests in time shows its load report's count)."""
+
+    def busy() -> list[dict]:
+        rows = [w for w in up.workers().values() if w["role"] == "decode"]
+        held = [w for w in rows if w["requests"] or w["inflight"]]
+        return held if len(held) == 1 else []
+
+    row = wait_for(busy, timeout=10, what="the decode worker running the request", every=0.05)[0]
+    return row["id"], row["pid"]
+
+
+def migrations(up: Up) -> float:
+    """The router's count of streams continued elsewhere after their worker died."""
+    for line in httpx.get(up.base + "/metrics", timeout=10).text.splitlines():
+        if line.startswith('epdserve:router_migrations_total{reason="died"}'):
+            return float(line.split()[-1])
+    raise AssertionError("no migrations metric")
+
+
+def stream_and_kill_decode(up: Up) -> tuple[list[str], dict, str, int]:
+    """Stream a completion; after a few tokens kill -9 the decode worker running it.
+    Returns (tokens, usage, victim id, victim pid)."""
+    tokens: list[str] = []
+    usage: dict = {}
+    victim, victim_pid = "", 0
+    req = up.request(stream=True, stream_options={"include_usage": True})
+    with httpx.stream("POST", f"{up.base}/v1/completions", json=req, timeout=120) as r:
+        assert r.status_code == 200
+        for event in sse_data(r):
+            usage = event.get("usage") or usage
+            for choice in event["choices"]:
+                tokens += (choice.get("logprobs") or {}).get("tokens", [])
+            if not victim and len(tokens) >= 8:
+                victim, victim_pid = serving_decode_worker(up)
+                assert worker_pid(up, victim) == victim_pid  # a child of `up`, not a stray
+                assert len(tokens) < MAX_TOKENS // 2, "the stream ended too soon to test"
+                os.kill(victim_pid, signal.SIGKILL)
+    return tokens, usage, victim, victim_pid
+
+
+def test_killed_decode_worker_restarts_while_its_stream_migrates(up: Up) -> None:
+    ref = up.complete()
+    assert ref.status_code == 200, ref.text
+    ref_tokens = ref.json()["choices"][0]["logprobs"]["tokens"]
+    assert len(ref_tokens) == MAX_TOKENS
+
+    before = migrations(up)
+    tokens, usage, victim, old_pid = stream_and_kill_decode(up)
+    assert tokens == ref_tokens  # the stream went on elsewhere: nothing lost or repeated
+    assert usage["completion_tokens"] == MAX_TOKENS
+    assert migrations(up) == before + 1  # it was killed mid-stream, not after the end
+    assert up.proc.poll() is None, up.stderr()
+
+    # Back under the same id, as a new process that registered again (new pid in etcd).
+    def restarted() -> dict | None:
+        row = up.workers().get(victim)
+        return row if row and row["pid"] != old_pid and row["state"] == "serving" else None
+
+    back = wait_for(restarted, timeout=180, what=f"{victim} back")
+    assert back["pid"] == worker_pid(up, victim) and not running(old_pid)
+    assert f"{victim} (decode) exited (signal 9); restarting in 1.0 s (restart 1)" in up.stderr()
+    wait_for(lambda: f"{victim} (decode) is back" in up.stderr(), timeout=10, what="back, said")
+
+    # The router routes to it again: with the other decode worker drained, it takes the work.
+    other = next(w for w, row in up.workers().items() if row["role"] == "decode" and w != victim)
+    up.admin("POST", f"/admin/workers/{other}/drain", {"drain": True})
+    try:
+        r = up.complete()
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["logprobs"]["tokens"] == ref_tokens
+    finally:
+        up.admin("POST", f"/admin/workers/{other}/drain", {"drain": False})
+
+
+def gateway_up(up: Up) -> bool:
+    try:
+        return httpx.get(up.base + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_killed_router_restarts_on_the_same_port(up: Up) -> None:
+    old_pid = up.admin("GET", "/admin/status")["router"]["pid"]
+    assert old_pid in children(up.proc.pid)
+    os.kill(old_pid, signal.SIGKILL)
+    wait_for(lambda: not running(old_pid), timeout=10, what="router gone")
+    wait_for(lambda: gateway_up(up), timeout=120, what="gateway answering again")
+    assert up.proc.poll() is None, up.stderr()
+    assert up.admin("GET", "/admin/status")["router"]["pid"] != old_pid
+    assert "router exited (signal 9); restarting in 1.0 s (restart 1)" in up.stderr()
+    r = wait_for(lambda: (r := up.complete(max_tokens=8)).status_code == 200 and r,
+                 timeout=60, what="a completion through the new router")  # fmt: skip
+    assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == 8
+
+
+def test_crash_loop_stops_the_cluster_and_names_the_process(up: Up) -> None:
+    """Runs last: it ends the module's `up`. One decode worker is killed each time it is
+    started again, until `up` gives up."""
+    victim = next(w for w, row in up.workers().items() if row["role"] == "decode")
+    kids = descendants(up.proc.pid)
+    for _ in range(MAX_RESTARTS + 2):  # bounded: `up` gives up within MAX_RESTARTS + 1 kills
+        pid = wait_for(lambda: up.proc.poll() is not None or worker_pid(up, victim),
+                       timeout=120, what=f"{victim} started again or up stopped")  # fmt: skip
+        if up.proc.poll() is not None:
+            break
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: worker_pid(up, victim) != pid, timeout=10, what=f"{pid} gone")  # noqa: B023
+    assert up.proc.wait(timeout=150) == 1
+    err = up.stderr()
+    assert f"{victim} (decode) exited (signal 9) {MAX_RESTARTS + 1} times within 600 s" in err
+    assert "crash loop, giving up" in err and "stopped" in err.splitlines()[-1]
+    time.sleep(0.5)
+    assert not [pid for pid in kids if running(pid)], "children left running"
