@@ -156,7 +156,7 @@ def expected_worker_config(values: dict[str, Any], role: str) -> Any:
     w = values["workers"]
     return WorkerConfig(
         role=role,
-        host="0.0.0.0",
+        host="$(POD_IP)",
         port=int(w["port"]),
         metrics_port=int(w["metricsPort"]),
         advertise_host="$(POD_IP)",

@@ -1,5 +1,6 @@
 """What the chart exposes: etcd and the Mooncake master stay inside the cluster whatever the
-router's exposure; several router replicas behind one Service; the gateway's own TLS."""
+router's exposure; workers admit only the release's routers and workers; several router
+replicas behind one Service; the gateway's own TLS."""
 
 from __future__ import annotations
 
@@ -90,6 +91,97 @@ def test_network_policies_admit_only_the_release(objects) -> None:
                 assert [p["port"] for p in rule["ports"]] == ["metrics"], component
                 continue
             assert all(set(src) == {"podSelector"} for src in rule["from"]), component
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions) picks ``labels``."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    tests = {
+        "In": lambda key, values: labels.get(key) in values,
+        "NotIn": lambda key, values: labels.get(key) not in values,
+        "Exists": lambda key, values: key in labels,
+        "DoesNotExist": lambda key, values: key not in labels,
+    }
+    return all(
+        tests[e["operator"]](e["key"], e.get("values", []))
+        for e in selector.get("matchExpressions", [])
+    )
+
+
+def _pods(objects: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Workload name -> the labels of its pods."""
+    return {
+        o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"]
+        for o in objects
+        if o["kind"] in ("Deployment", "StatefulSet")
+    }
+
+
+def _admitted(rule: dict[str, Any], pods: dict[str, dict[str, str]]) -> set[str]:
+    """The workloads of this release whose pods an ingress rule's ``from`` lets in."""
+    peers = rule["from"]
+    assert all(set(peer) == {"podSelector"} for peer in peers), peers  # this namespace only
+    return {
+        name
+        for name, labels in pods.items()
+        if any(_selects(p["podSelector"], labels) for p in peers)
+    }
+
+
+def test_worker_policy_admits_only_routers_and_workers(objects) -> None:
+    """gRPC from the routers and the workers; Mooncake's ports (picked at start-up, so every
+    port) from the workers only; metrics from anyone; nothing else reaches a worker."""
+    pods = _pods(objects)
+    workers = {n for n, labels in pods.items() if labels[COMPONENT].startswith("worker-")}
+    routers = {n for n, labels in pods.items() if labels[COMPONENT] == "router"}
+    assert workers and routers
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and _component(o) == "worker")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    assert {n for n, labels in pods.items() if _selects(spec["podSelector"], labels)} == workers
+    by_port: dict[str | None, set[str]] = {}  # None: every port
+    for rule in spec["ingress"]:
+        ports = [p["port"] for p in rule.get("ports", [])] or [None]
+        if "from" not in rule:  # open to any pod in the cluster: Prometheus scrapes
+            assert ports == ["metrics"]
+            continue
+        for port in ports:
+            by_port.setdefault(port, set()).update(_admitted(rule, pods))
+    assert by_port == {"grpc": routers, None: workers}
+    # Each worker container's ports are covered by the policy's port names.
+    for name in workers:
+        dep = next(o for o in objects if o["metadata"]["name"] == name)
+        names = {p["name"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
+        assert names == {"grpc", "metrics"}, name
+
+
+def test_worker_listeners_bind_the_pod_ip(objects) -> None:
+    for o in objects:
+        if o["kind"] == "Deployment" and (_component(o) or "").startswith("worker-"):
+            argv = o["spec"]["template"]["spec"]["containers"][0]["command"]
+            assert argv[argv.index("--host") + 1] == "$(POD_IP)", o["metadata"]["name"]
+
+
+def test_policy_values_add_peers() -> None:
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}}
+    gateway = {"podSelector": {"matchLabels": {"app": "other-gateway"}}}
+    peers = {"networkPolicy": {"metricsFrom": [monitoring], "workerGrpcFrom": [gateway]}}
+    policies = {
+        _component(o): o["spec"]["ingress"]
+        for overlay in (KVSTORE, EXPOSED)  # the kvstore's master, or the plain master
+        for o in ch.render_objects(ch.merge_overlays(overlay, peers))
+        if o["kind"] == "NetworkPolicy"
+    }
+    for component in ("worker", "kvstore", "mooncake-master"):
+        metrics = [
+            r for r in policies[component] if [p["port"] for p in r.get("ports", [])] == ["metrics"]
+        ]
+        assert [r["from"] for r in metrics] == [[monitoring]], component
+    grpc = next(
+        r for r in policies["worker"] if [p["port"] for p in r.get("ports", [])] == ["grpc"]
+    )
+    assert gateway in grpc["from"] and len(grpc["from"]) == 2
 
 
 def test_router_replicas_share_one_service() -> None:

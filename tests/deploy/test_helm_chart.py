@@ -195,7 +195,8 @@ def test_container_commands_parse(case: Any) -> None:
         argv = [a.replace("$(POD_IP)", "10.0.0.7") for a in _container(dep)["command"]]
         if argv[:3] == ["python", "-m", "services.worker"]:
             ns = worker_parser().parse_args(argv[3:])
-            assert from_args(WorkerConfig, ns).host == "0.0.0.0"
+            worker = from_args(WorkerConfig, ns)
+            assert worker.host == worker.advertise_host == "10.0.0.7"  # the pod IP only
             assert from_args(EngineConfig, ns).device in ("cpu", "cuda", "npu")
         elif argv[:3] == ["python", "-m", "services.router"]:
             assert from_args(RouterConfig, router_parser().parse_args(argv[3:])).port > 0

@@ -50,6 +50,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: epdserve
 {{- end }}
 
+{{/*
+The ingress rule of a pod's metrics port: any pod in the cluster (Prometheus wherever it
+runs), or only networkPolicy.metricsFrom when given.
+*/}}
+{{- define "epdserve.metricsIngress" -}}
+- ports:
+    - port: metrics
+      protocol: TCP
+  {{- with .Values.networkPolicy.metricsFrom }}
+  from:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
 {{/* Image variant of the accelerator: cpu, cuda or npu. */}}
 {{- define "epdserve.variant" -}}
 {{- $variants := dict "cpu" "cpu" "nvidia" "cuda" "ascend" "npu" }}
@@ -178,7 +192,9 @@ EngineConfig(...)). Call with (dict "ctx" $ "role" "prefill").
 {{- $flags := include "epdserve.flags" $ctx | fromJson }}
 {{- $worker := mergeOverwrite (deepCopy $w.config) (deepCopy (default (dict) $roleValues.config)) }}
 {{- $_ := set $worker "role" .role }}
-{{- $_ = set $worker "host" "0.0.0.0" }}
+{{- /* The pod IP only, not 0.0.0.0: gRPC and metrics (Mooncake binds all interfaces anyway,
+see networkpolicy-worker.yaml). The kubelet's probes and Prometheus dial the pod IP. */}}
+{{- $_ = set $worker "host" "$(POD_IP)" }}
 {{- $_ = set $worker "port" $w.port }}
 {{- $_ = set $worker "metricsPort" $w.metricsPort }}
 {{- $_ = set $worker "advertiseHost" "$(POD_IP)" }}
