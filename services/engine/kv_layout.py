@@ -79,15 +79,6 @@ class KVLayout:
                 f"not match this cache's {self.num_layers} x {self.slab_bytes}"
             )
 
-    def check_within(self, addr: int, nbytes: int) -> None:
-        """ValueError unless the whole cache lies inside the region [addr, addr + nbytes)
-        (the memory registered for it)."""
-        if self.base_addr < addr or self.base_addr + self.total_bytes > addr + nbytes:
-            raise ValueError(
-                f"KV layout [{self.base_addr:#x}, +{self.total_bytes}) is not inside the "
-                f"registered region [{addr:#x}, +{nbytes})"
-            )
-
 
 def block_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
     """(src_start, dst_start, length) runs where both block id lists go up by one."""

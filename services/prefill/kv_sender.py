@@ -85,6 +85,8 @@ class KVSender:
         # With staging, each layer's blocks are copied into host slots and written from there.
         self.staging = staging
         self.source = staging.layout if staging is not None else layout
+        # Every write reads the source cache: all of it must be registered memory.
+        agent.check_local([self.source.base_addr], [self.source.total_bytes])
         self.block_size = block_size
         self.min_write_bytes = min_write_bytes  # hold queued layers until this many bytes
         self.targets: dict[str, PushTarget] = {}

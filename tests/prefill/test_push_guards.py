@@ -1,0 +1,187 @@
+"""What a KV push refuses to do: write from memory that is not registered, follow a reservation
+that does not fit the caches, or write anything once the reservation's deadline is past (also
+when the process was stopped with writes queued)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import pytest
+import torch
+
+from services.common.mooncake_agent import TransferError
+from services.common.proto import worker_pb2 as pb
+from services.engine.kv_layout import KVLayout
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import ScheduledSeq
+from services.engine.sequence import Sequence
+from services.prefill.kv_sender import KVSender, PushTarget
+from services.prefill.role import write_deadline
+from tests.deps import MOONCAKE, require
+
+BLOCK = 4
+SLAB = 64
+
+
+def layout(base: int = 1 << 20, **kw) -> KVLayout:
+    fields = dict(num_layers=2, num_blocks=8, slab_bytes=SLAB, fingerprint="f")
+    return KVLayout(base_addr=base, **{**fields, **kw})  # type: ignore[arg-type]
+
+
+class FakeAgent:
+    """Records writes; ``hold`` makes the next write wait (a process stopped mid-push)."""
+
+    def __init__(self) -> None:
+        self.writes: list[list[int]] = []
+        self.hold: threading.Event | None = None
+        self.entered = threading.Event()
+
+    def check_local(self, addrs: list[int], lens: list[int]) -> None:
+        pass
+
+    def write(self, session, srcs, dsts, lens, deadline=None) -> None:
+        self.entered.set()
+        if self.hold is not None:
+            assert self.hold.wait(10)
+            self.hold = None
+        self.writes.append(dsts)
+
+
+@pytest.fixture
+def sender():
+    s = KVSender(FakeAgent(), layout(), BLOCK, min_write_bytes=1)  # type: ignore[arg-type]
+    yield s
+    s.close()
+
+
+def target(**kw) -> PushTarget:
+    fields = dict(
+        session="127.0.0.1:9", layout=layout(1 << 30), dst_blocks=[3, 4, 5], skip_blocks=0,
+        num_tokens=12,
+    )  # fmt: skip
+    return PushTarget(**{**fields, **kw})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({"dst_blocks": [3, -1, 5]}, "outside the cache"),
+        ({"dst_blocks": [3, 4, 8]}, "outside the cache"),
+        ({"dst_blocks": [3, 4, 1 << 33]}, "outside the cache"),
+        ({"dst_blocks": [3, 4]}, "reserved for a prompt of 3 blocks"),
+        ({"skip_blocks": 4}, "reserved for a prompt"),
+        ({"skip_blocks": -1}, "reserved for a prompt"),
+        ({"layout": layout(1 << 30, fingerprint="g")}, "incompatible"),
+        ({"layout": layout(1 << 30, num_layers=3)}, "does not match"),
+        ({"layout": layout(1 << 30, slab_bytes=SLAB // 2)}, "does not match"),
+    ],
+)
+def test_a_bad_reservation_is_refused_before_any_write(sender, bad, match) -> None:
+    with pytest.raises(TransferError, match=match):
+        sender.add("r", target(**bad))
+    assert "r" not in sender.targets and sender.agent.writes == []
+
+
+def scheduled(num_new: int, computed: int = 0) -> ScheduledSeq:
+    seq = Sequence("r", list(range(100, 112)), SamplingParams(max_tokens=1))
+    seq.block_table = [0, 1, 2]
+    seq.num_computed_tokens = computed
+    return ScheduledSeq(seq, num_new)
+
+
+def test_nothing_is_written_past_the_deadline_even_if_queued_before(sender) -> None:
+    agent: FakeAgent = sender.agent
+    agent.hold = threading.Event()
+    sender.add("r", target(deadline=time.monotonic() + 0.3))
+    sender.on_layer_done(0, [scheduled(8)])  # written: the sender then "stops" in the write
+    assert agent.entered.wait(5)
+    sender.on_layer_done(1, [scheduled(8)])  # queued behind it, before the deadline
+    time.sleep(0.4)
+    agent.hold.set()  # the process resumes past the deadline
+    for _ in range(100):
+        if agent.writes:
+            break
+        time.sleep(0.01)
+    time.sleep(0.2)  # time enough for the queued write, were it to be made
+    with pytest.raises(TransferError, match="deadline"):
+        sender.wait("r", timeout=5)
+    assert len(agent.writes) == 1
+    # Later chunks of the same request are not even queued.
+    sender.on_layer_done(0, [scheduled(4, computed=8)])
+    time.sleep(0.1)
+    assert len(agent.writes) == 1
+
+
+def test_a_push_before_its_deadline_writes_everything(sender) -> None:
+    sender.add("r", target(deadline=time.monotonic() + 30))
+    for layer in range(2):
+        sender.on_layer_done(layer, [scheduled(12)])
+    assert sender.wait("r", timeout=5).error is None
+    assert len(sender.agent.writes) == 2
+
+
+def test_the_wait_ends_at_the_deadline(sender) -> None:
+    agent: FakeAgent = sender.agent
+    agent.hold = threading.Event()
+    sender.add("r", target(deadline=time.monotonic() + 0.2))
+    sender.on_layer_done(0, [scheduled(12)])
+    start = time.monotonic()
+    with pytest.raises(TransferError, match="deadline"):
+        sender.wait("r", timeout=30)
+    assert time.monotonic() - start < 10
+    agent.hold.set()
+
+
+def test_the_prefill_deadline_is_the_earlier_of_wall_clock_and_relative() -> None:
+    now = time.monotonic()
+    rel = write_deadline(pb.ReserveResponse(deadline_ms=5000))
+    assert now + 4.9 < rel < time.monotonic() + 5.1
+    # The request waited 4 s on its way (a stopped process): 1 s is left, not 5.
+    late = pb.ReserveResponse(deadline_ms=5000, deadline_unix_ms=int((time.time() + 1) * 1000))
+    assert write_deadline(late) < time.monotonic() + 1.1
+    # A wall clock behind the decode worker's cannot stretch the relative deadline.
+    skewed = pb.ReserveResponse(deadline_ms=5000, deadline_unix_ms=int((time.time() + 60) * 1000))
+    assert write_deadline(skewed) < time.monotonic() + 5.1
+    assert write_deadline(pb.ReserveResponse()) == math.inf
+
+
+@pytest.fixture
+def agent():
+    require("mooncake.engine", MOONCAKE)
+    from services.common.mooncake_agent import MooncakeAgent, MooncakeConfig
+
+    return MooncakeAgent(MooncakeConfig())
+
+
+def test_the_agent_writes_only_from_registered_memory(agent) -> None:
+    buf = torch.zeros(1024, dtype=torch.uint8)
+    base = int(buf.data_ptr())
+    agent.register(base, 512)
+    with pytest.raises(TransferError, match="outside the registered memory"):
+        agent.write("127.0.0.1:9", [base + 256], [1 << 30], [512])  # runs past the region
+    with pytest.raises(TransferError, match="outside the registered memory"):
+        agent.read("127.0.0.1:9", [base + 600], [1 << 30], [8])
+    agent.unregister(base)
+    with pytest.raises(TransferError, match="outside the registered memory"):
+        agent.write("127.0.0.1:9", [base], [1 << 30], [8])
+
+
+def test_the_agent_submits_nothing_past_the_deadline(agent) -> None:
+    buf = torch.zeros(1024, dtype=torch.uint8)
+    agent.register(int(buf.data_ptr()), 1024)
+    with pytest.raises(TransferError, match="deadline after 0 of 2 ranges"):
+        agent.write(
+            "127.0.0.1:9", [int(buf.data_ptr())] * 2, [1 << 30] * 2, [8, 8],
+            deadline=time.monotonic() - 1,
+        )  # fmt: skip
+    assert agent.bytes_sent == 0
+
+
+def test_a_source_cache_larger_than_its_registered_region_is_refused(agent) -> None:
+    cache = torch.zeros(2, 2, 8, SLAB // 4, dtype=torch.float32)
+    lay = layout(int(cache.data_ptr()))
+    agent.register(lay.base_addr, lay.total_bytes - SLAB)
+    with pytest.raises(TransferError, match="outside the registered memory"):
+        KVSender(agent, lay, BLOCK)
