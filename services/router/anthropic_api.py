@@ -22,7 +22,7 @@ from services.router.openai_api import check_context
 from services.router.orchestrator import merge_streams
 from services.router.reasoning.base import ReasoningParser, extract_reasoning
 from services.router.reasoning.factory import reasoning_parser_class
-from services.router.structured import structured_from_anthropic
+from services.router.structured import may_compile, structured_from_anthropic
 from services.router.tool_parsers.base import ParsedCall, ToolStream
 from services.router.tool_parsers.factory import tool_parser_class
 from services.router.tools import (
@@ -157,7 +157,18 @@ async def prompt_of(
     messages, sources = parse_messages(body)
     parser = tool_parser_class(gw.cfg.tool_call_parser)
     messages, tools = prepare(gw.tokenizer, messages, tool_setup, parser)
-    return await chat_prompt(gw.tokenizer, messages, sources, gw.cfg.image_limits, tools=tools)
+    return await chat_prompt(gw.tokenizer, messages, sources, gw.cfg.image_limits, tools=tools,
+                             offload=gw.offload)  # fmt: skip
+
+
+def _params_and_tools(gw: Gateway, body: dict[str, Any]) -> tuple[SamplingParams, ToolSetup]:
+    """The request's sampling parameters and tools, their grammars compiled."""
+    params = sampling_from_anthropic(body, gw.cfg.max_tokens_limit)
+    tool_setup = anthropic_tools(body)
+    if tool_setup.schema is not None and params.structured_outputs is not None:
+        raise bad_request("tool_choice 'any' or 'tool' cannot be combined with an output "
+                          "format", param="tool_choice")  # fmt: skip
+    return params, tool_setup
 
 
 async def count_tokens(gw: Gateway, request: Request) -> Response:
@@ -166,7 +177,8 @@ async def count_tokens(gw: Gateway, request: Request) -> Response:
     try:
         body = await read_json_object(request, gw.cfg.max_body_bytes)
         gw.resolve_model(get(body, "model", str, required=True), serving=False)
-        prompt, _ = await prompt_of(gw, body, anthropic_tools(body))
+        tool_setup = await gw.offload.run(None if may_compile(body) else 0, anthropic_tools, body)
+        prompt, _ = await prompt_of(gw, body, tool_setup)
     except APIError as err:
         gw.metrics.count_request("count_tokens", err.status)
         return err.anthropic_response()
@@ -181,11 +193,10 @@ async def handle(gw: Gateway, request: Request) -> Response:
         get(body, "max_tokens", int, required=True)
         model, max_len = gw.resolve_model(get(body, "model", str, required=True))
         stream = get(body, "stream", bool, False)
-        params = sampling_from_anthropic(body, gw.cfg.max_tokens_limit)
-        tool_setup = anthropic_tools(body)
-        if tool_setup.schema is not None and params.structured_outputs is not None:
-            raise bad_request("tool_choice 'any' or 'tool' cannot be combined with an output "
-                              "format", param="tool_choice")  # fmt: skip
+        # NOTE: a constraint's grammar compiles while the parameters are read: off the loop.
+        params, tool_setup = await gw.offload.run(
+            None if may_compile(body) else 0, _params_and_tools, gw, body
+        )
         prompt, images = await prompt_of(gw, body, tool_setup)
         check_context(len(prompt), params.max_tokens, max_len)
         ticket = gw.admission.admit(len(prompt))

@@ -118,6 +118,13 @@ class RouterConfig:
     max_prompts: int = field(
         default=64, metadata={"help": "most prompts in one /v1/completions request"}
     )
+    preprocess_threads: int = field(
+        default=4,
+        metadata={
+            "help": "threads that tokenize prompts, render chat templates and compile output "
+            "grammars off the event loop (a large prompt then delays no other stream)"
+        },
+    )
     max_images: int = field(
         default=8, metadata={"help": "most images in one chat request (else 400)"}
     )
@@ -226,6 +233,8 @@ class RouterConfig:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.preprocess_threads < 1:
+            raise ValueError("preprocess_threads must be >= 1")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
             raise ValueError("max_tokens_limit must be >= 1 when set")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):

@@ -24,6 +24,7 @@ import httpx
 
 from services.common.proto import worker_pb2 as pb
 from services.router.errors import APIError, bad_request
+from services.router.offload import Offload, text_size
 
 log = logging.getLogger(__name__)
 
@@ -214,15 +215,22 @@ async def chat_prompt(
     param: str = "messages",
     tools: list[dict[str, Any]] | None = None,
     add_generation_prompt: bool = True,
+    offload: Offload | None = None,
 ) -> tuple[list[int], list[pb.ImageData]]:
     """Token ids of a chat (placeholders expanded) and its images, fetched and checked in
     parallel; ``sources`` are the images in the order their parts appear in ``messages``;
-    ``tools`` and ``add_generation_prompt`` go to the chat template."""
+    ``tools`` and ``add_generation_prompt`` go to the chat template, which runs on
+    ``offload``'s threads when given (else inline)."""
+
+    async def render() -> list[int]:
+        template = tokenizer.apply_chat_template
+        kwargs = {"tools": tools, "add_generation_prompt": add_generation_prompt}
+        if offload is None:
+            return template(messages, **kwargs)  # type: ignore[no-any-return]
+        return await offload.run(text_size(messages, tools), template, messages, **kwargs)
+
     if not sources:
-        ids = tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt
-        )
-        return ids, []
+        return await render(), []
     spec: VisionSpec | None = tokenizer.vision
     if spec is None:
         raise _bad("this model does not accept images", param)
@@ -236,7 +244,4 @@ async def chat_prompt(
             *(load_image(s, spec, limits, f"{param} (image {i})") for i, s in enumerate(sources))
         )
     )
-    ids = tokenizer.apply_chat_template(
-        messages, tools=tools, add_generation_prompt=add_generation_prompt
-    )
-    return expand_placeholders(ids, spec, images), images
+    return expand_placeholders(await render(), spec, images), images

@@ -25,7 +25,7 @@ from services.router.images import chat_prompt
 from services.router.orchestrator import merge_streams
 from services.router.reasoning.base import ReasoningParser, extract_reasoning
 from services.router.reasoning.factory import reasoning_parser_class
-from services.router.structured import structured_from_openai
+from services.router.structured import may_compile, structured_from_openai
 from services.router.tokenization import check_token_ids
 from services.router.tool_parsers.base import ToolStream, extract
 from services.router.tool_parsers.factory import tool_parser_class
@@ -166,7 +166,19 @@ def _image_url(value: Any, i: int) -> str:
     return url
 
 
+def prompt_size(gw: Gateway, body: dict[str, Any]) -> int:
+    """Characters or token ids of a completions ``prompt`` (what ``completion_prompts`` reads:
+    off the event loop when large); the items of a list of prompts are counted up to one past
+    ``--max-prompts``."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return sum(len(p) if isinstance(p, (str, list)) else 1
+                   for p in prompt[: gw.cfg.max_prompts + 1])  # fmt: skip
+    return len(prompt) if isinstance(prompt, (str, list)) else 0
+
+
 def completion_prompts(gw: Gateway, body: dict[str, Any]) -> list[list[int]]:
+    """Token ids of each prompt of a /v1/completions body (text encoded, ids checked)."""
     prompt = get(body, "prompt", (str, list), required=True)
     if isinstance(prompt, str):
         return [gw.tokenizer.encode(prompt)]
@@ -201,7 +213,7 @@ async def chat_prompt_of(
     messages, tools = prepare(gw.tokenizer, messages, tool_setup, parser)
     return await chat_prompt(
         gw.tokenizer, messages, sources, gw.cfg.image_limits, tools=tools,
-        add_generation_prompt=add_generation_prompt,
+        add_generation_prompt=add_generation_prompt, offload=gw.offload,
     )  # fmt: skip
 
 
@@ -249,21 +261,16 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
         include_usage = bool(opts.get("include_usage", False))
         if not chat and get(body, "echo", bool, False):
             raise bad_request("'echo' is not supported", param="echo")
-        params = sampling_from_openai(
-            body, chat=chat, max_n=gw.cfg.max_n, max_tokens_limit=gw.cfg.max_tokens_limit
+        # NOTE: a constraint's grammar compiles while the parameters are read: off the loop.
+        params, tool_setup = await gw.offload.run(
+            None if may_compile(body) else 0, _params_and_tools, gw, body, chat
         )
         images: list[pb.ImageData] = []
-        tool_setup = openai_tools(body) if chat else None
-        if tool_setup is not None and tool_setup.schema is not None and params.structured_outputs:
-            raise bad_request(
-                "tool_choice 'required' or a named function cannot be combined with "
-                "structured outputs", param="tool_choice",
-            )  # fmt: skip
         if chat:
             prompt, images = await chat_prompt_of(gw, body, tool_setup)
             prompts = [prompt]
         else:
-            prompts = completion_prompts(gw, body)
+            prompts = await gw.offload.run(prompt_size(gw, body), completion_prompts, gw, body)
         for p in prompts:
             check_context(len(p), params.max_tokens, max_len)
         ticket = gw.admission.admit(sum(len(p) for p in prompts))
@@ -319,6 +326,22 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
         ticket.release()
     gw.metrics.count_request(api, 200)
     return JSONResponse(result)
+
+
+def _params_and_tools(
+    gw: Gateway, body: dict[str, Any], chat: bool
+) -> tuple[SamplingParams, ToolSetup | None]:
+    """The request's sampling parameters and (chat) tools, their grammars compiled."""
+    params = sampling_from_openai(
+        body, chat=chat, max_n=gw.cfg.max_n, max_tokens_limit=gw.cfg.max_tokens_limit
+    )
+    tool_setup = openai_tools(body) if chat else None
+    if tool_setup is not None and tool_setup.schema is not None and params.structured_outputs:
+        raise bad_request(
+            "tool_choice 'required' or a named function cannot be combined with "
+            "structured outputs", param="tool_choice",
+        )  # fmt: skip
+    return params, tool_setup
 
 
 def _to_proto(params: SamplingParams, tools: ToolSetup | None) -> pb.SamplingParams:

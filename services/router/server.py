@@ -28,6 +28,7 @@ from services.router.errors import APIError, ClientDisconnected
 from services.router.kv_index import KVIndexClient
 from services.router.leader import LeaderElection
 from services.router.metrics import API_OF_PATH, RouterMetrics
+from services.router.offload import Offload
 from services.router.openapi import openapi_document
 from services.router.orchestrator import Orchestrator
 from services.router.poison import PoisonTracker
@@ -68,6 +69,8 @@ class Gateway:
         self.admin_token = load_admin_token(cfg.admin_token_file)
         self.api_keys = load_api_keys(cfg.api_keys_file)  # NOTE: never logged
         self.admission = AdmissionControl(cfg.max_queued_tokens)
+        # Tokenization, chat templates and grammar checks of requests, off the event loop.
+        self.offload = Offload(cfg.preprocess_threads)
         # This replica's name among several routers (the leader election's candidate name).
         self.identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.rebalancer = Rebalancer(
@@ -87,6 +90,7 @@ class Gateway:
         await self.watcher.stop()
         await self.kv_index.stop()
         await self.pool.close()
+        self.offload.close()
 
     def resolve_model(self, name: str, serving: bool = True) -> tuple[str, int]:
         """(served name, context length) for a requested model, or 404 / 503; ``serving``:

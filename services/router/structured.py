@@ -20,6 +20,17 @@ _LEGACY = {
     "guided_grammar": "grammar",
 }
 _KINDS = ("json", "json_object", "regex", "choice", "grammar")
+# Request fields whose reading may compile a grammar: output constraints of both APIs, and
+# tools (tool_choice "required" or a named function constrains the output to their schemas).
+_GRAMMAR_FIELDS = (
+    "response_format", "structured_outputs", *_LEGACY, "output_config", "output_format", "tools",
+)  # fmt: skip
+
+
+def may_compile(body: dict[str, Any]) -> bool:
+    """Whether reading ``body``'s parameters may compile a grammar (tens of milliseconds to
+    seconds of CPU, whatever the schema's size): such a body is read off the event loop."""
+    return any(body.get(name) is not None for name in _GRAMMAR_FIELDS)
 
 
 def set_json_schema(params: pb.SamplingParams, schema: dict[str, Any]) -> None:

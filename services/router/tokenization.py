@@ -45,7 +45,12 @@ class Tokenizer:
 
         path = resolve_model_dir(model)
         log.info("loading tokenizer from %s", path)
-        return cls(AutoTokenizer.from_pretrained(path), VisionSpec.load(path))
+        hf = AutoTokenizer.from_pretrained(path)
+        # NOTE: transformers resets the fast tokenizer's truncation/padding on its first
+        # encode, a mutation that must not race the encodes of the preparation threads
+        # (offload.py): do it now, while one thread holds the tokenizer.
+        hf.encode("")
+        return cls(hf, VisionSpec.load(path))
 
     @property
     def vocab_size(self) -> int:

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 
 from services.router.errors import APIError, bad_request
 from services.router.openai_api import chat_prompt_of
+from services.router.structured import may_compile
 from services.router.tokenization import check_token_ids
 from services.router.tools import openai_tools
 from services.router.validation import get, read_json_object
@@ -46,21 +47,26 @@ async def _tokenize_body(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
             raise bad_request("'continue_final_message' is not supported",
                               param="continue_final_message")  # fmt: skip
         add_generation_prompt = get(body, "add_generation_prompt", bool, True)
-        ids, _ = await chat_prompt_of(gw, body, openai_tools(body), add_generation_prompt)
+        tools = await gw.offload.run(None if may_compile(body) else 0, openai_tools, body)
+        ids, _ = await chat_prompt_of(gw, body, tools, add_generation_prompt)
     else:
         prompt = get(body, "prompt", str, required=True)
-        ids = gw.tokenizer.encode(prompt, get(body, "add_special_tokens", bool, True))
+        add_special = get(body, "add_special_tokens", bool, True)
+        ids = await gw.offload.run(len(prompt), gw.tokenizer.encode, prompt, add_special)
     out: dict[str, Any] = {"count": len(ids), "max_model_len": max_len, "tokens": ids}
     if want_strs:
-        out["token_strs"] = gw.tokenizer.token_strs(ids)
+        out["token_strs"] = await gw.offload.run(len(ids), gw.tokenizer.token_strs, ids)
     return out
 
 
-def _detokenize_body(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
+async def _detokenize_body(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
     _model_len(gw, body)
     tokens = get(body, "tokens", list, required=True)
-    check_token_ids(tokens, gw.tokenizer.vocab_size, "tokens")
-    return {"prompt": gw.tokenizer.decode(tokens)}
+    return {"prompt": await gw.offload.run(len(tokens), _decode, gw, tokens)}
+
+
+def _decode(gw: Gateway, tokens: list[Any]) -> str:
+    return str(gw.tokenizer.decode(check_token_ids(tokens, gw.tokenizer.vocab_size, "tokens")))
 
 
 async def tokenize(gw: Gateway, request: Request) -> Response:
@@ -77,7 +83,8 @@ async def tokenize(gw: Gateway, request: Request) -> Response:
 async def detokenize(gw: Gateway, request: Request) -> Response:
     """POST /detokenize: ``{"prompt": text}`` of ``tokens``."""
     try:
-        result = _detokenize_body(gw, await read_json_object(request, gw.cfg.max_body_bytes))
+        body = await read_json_object(request, gw.cfg.max_body_bytes)
+        result = await _detokenize_body(gw, body)
     except APIError as err:
         gw.metrics.count_request("detokenize", err.status)
         return err.openai_response()

@@ -35,6 +35,9 @@ async def read_json_object(request: Request, max_bytes: int | None = None) -> di
     """The body as a JSON object, or a 413 past ``max_bytes``, a 400 for malformed JSON /
     a non-object."""
     raw = await read_body(request, max_bytes)
+    # NOTE: parsed on the event loop: json.loads holds the GIL for the whole parse, so a
+    # thread would not let the loop run meanwhile (measured: a 4 MB body of small objects
+    # stops it for ~0.3 s, a 4 MB prompt string for ~1 ms); --max-body-bytes bounds it.
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
