@@ -46,6 +46,9 @@ FAILURE_ENGINE = "engine"
 FAILURE_REFUSED = "refused"
 # Moving the request's KV cache failed (either side may be at fault): retried on a new pair.
 FAILURE_TRANSFER = "transfer"
+# The worker has no room for the request now (its KV cache is full): backpressure, nothing
+# failed; retry later, on this worker or another. Sent with RESOURCE_EXHAUSTED.
+FAILURE_BUSY = "busy"
 
 
 def failure_metadata(kind: str) -> tuple[tuple[str, str], ...]:

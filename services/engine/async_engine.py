@@ -195,6 +195,9 @@ class AsyncLLMEngine:
                     self.on_step(engine, outputs)
                 if outputs:
                     self._deliver(outputs)
+                if engine.blocked_on_memory:  # nothing ran: sleep until a command (a release)
+                    self._wake.wait(0.05)
+                    self._wake.clear()
         except BaseException as e:  # noqa: BLE001 - a dead engine must say so, not hang
             logger.exception("engine step thread died")
             self._dead = e

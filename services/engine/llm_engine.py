@@ -126,6 +126,9 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self.held: dict[str, Sequence] = {}  # finished prefills whose KV awaits export
         self.reserved: dict[str, Sequence] = {}  # decode side: blocks awaiting imported KV
+        # The last step ran nothing: queued work waits for blocks held outside the batch
+        # (the step thread then sleeps until a command, e.g. a release, wakes it).
+        self.blocked_on_memory = False
         self.reserved_resume: dict[str, Resume] = {}  # ... of migrated requests
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (a metric)
         self._failed_steps = 0  # steps in a row in which a request failed (see _failure)
@@ -213,8 +216,10 @@ class LLMEngine:
                 f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
                 f"length {self.max_model_len}"
             )
-        if self.block_manager.blocks_needed(n + 1) > self.block_manager.num_blocks:
-            raise ValueError(f"prompt of {n} tokens does not fit in the KV cache")
+        # The prompt, any resumed outputs and the next token must fit in the whole cache.
+        total = n + (len(resume.output_token_ids) if resume is not None else 0)
+        if self.block_manager.blocks_needed(total + 1) > self.block_manager.num_blocks:
+            raise ValueError(f"{total} tokens (prompt and resumed output) do not fit in the KV cache")
         if params.logprobs and params.logprobs > vocab:
             raise ValueError("logprobs exceeds the vocabulary size")
         if params.logit_bias and (bad := [t for t in params.logit_bias if t >= vocab]):
@@ -341,13 +346,23 @@ class LLMEngine:
         lost = self._fail_lost_images(sched)
         if lost and sched.is_empty:
             return lost
+        self.blocked_on_memory = False
         if sched.is_empty:
             if self.tiers is not None and sched.num_awaiting_store:
                 self.tiers.wait_for_fetch(0.05)  # queued prompts wait for the store
                 return []
             if self.scheduler.waiting and not self.scheduler.running:
-                # Nothing fits even with an empty batch: fail the head instead of spinning.
+                # The head does not fit even with an empty batch. Blocks held elsewhere (a
+                # prefill's KV awaiting its push, decode reservations) come back: wait for
+                # them. Blocks of queued sequences would not: free the newest's.
                 seq = self.scheduler.waiting[0]
+                if self.scheduler.fits_empty_cache(seq):
+                    if self.scheduler.num_blocks_held_elsewhere:
+                        self.blocked_on_memory = True
+                        return []
+                    if self.scheduler.preempt_queued():
+                        return []
+                # Nothing else holds blocks: it can never fit (it grew past the cache).
                 self.scheduler.finish(seq, "abort", "kv cache too small")
                 req = self.requests.get(seq.request_id)
                 return [self._make_output(req)] if req else []
@@ -613,16 +628,23 @@ class LLMEngine:
             self.reserved_resume[request_id] = resume
         return list(seq.block_table), cached
 
-    def free_reserved(self, request_id: str, quarantine_until: float | None = None) -> None:
-        """Drop a reservation. ``quarantine_until`` (``time.monotonic()``): a peer may write
-        into its blocks until then, so the ones it writes (all but the prefix-cache hits) are
-        handed out again only by a ``release_quarantined`` from that time on."""
+    def free_reserved(self, request_id: str, quarantine: bool = False) -> list[int]:
+        """Drop a reservation. With ``quarantine`` a peer may still write into its blocks: the
+        ones it writes (all but the prefix-cache hits) are handed out again only after
+        ``release_quarantined``; returns them."""
         self.reserved_resume.pop(request_id, None)
         seq = self.reserved.pop(request_id, None)
         if seq is None:
-            return
-        if quarantine_until is None:
+            return []
+        if not quarantine:
             self.block_manager.free(seq)
+            return []
+        first = seq.num_cached_tokens // self.block_manager.block_size
+        return self.block_manager.free_quarantined(seq, first)
+
+    def release_quarantined(self, block_ids: list[int]) -> None:
+        """Free quarantined blocks (see ``free_reserved``)."""
+        self.block_manager.release_quarantined(block_ids)
 
     def start_reserved(
         self, request_id: str, first_token: int, first_logprobs: TokenLogprobs | None = None
@@ -638,13 +660,6 @@ class LLMEngine:
             # consume the same draw, so that seeded sampling in PD mode gives the tokens
             # of a co-located run.
             self.sampler.skip_draw(seq.generator, self.runner.model.lm_head.out_features)
-        else:
-            first = seq.num_cached_tokens // self.block_manager.block_size
-            self.block_manager.free_quarantined(seq, first, quarantine_until)
-
-    def release_quarantined(self) -> int:
-        """Free the quarantined blocks whose time has come (see ``free_reserved``)."""
-        return self.block_manager.release_quarantined(time.monotonic())
         req = _Request(
             request_id,
             seq.prompt_token_ids,
@@ -654,8 +669,13 @@ class LLMEngine:
             reported_tokens=[seq.num_output_tokens],
         )
         self.requests[request_id] = req
-        seq.status = SequenceStatus.RUNNING
-        self.scheduler.running.append(seq)
+        if len(self.scheduler.running) < self.scheduler.max_num_seqs:
+            seq.status = SequenceStatus.RUNNING
+            self.scheduler.running.append(seq)
+        else:
+            # No running slot: wait for one with its KV in place (vLLM and SGLang decode
+            # workers queue transferred requests the same way).
+            self.scheduler.add_computed(seq)
         self._append(req, seq, first_token, first_logprobs, time.monotonic())
         return self._make_output(req)
 

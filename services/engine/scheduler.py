@@ -72,6 +72,41 @@ class Scheduler:
         if self.tiers is not None:
             self.tiers.prefetch(seq, self.bm.prompt_block_hashes(seq), self.bm.is_cached)
 
+    def add_computed(self, seq: Sequence) -> None:
+        """Queue ``seq``, whose KV is already in its blocks (a PD decode request whose prompt
+        was imported), for a running slot: ahead of the queued sequences that hold no blocks,
+        behind the others like it. NOTE: the queue keeps the sequences holding blocks at its
+        front, so they run (and free their blocks) before any that would have to allocate."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.insert(self._num_queued_with_blocks(), seq)
+
+    def _num_queued_with_blocks(self) -> int:
+        return sum(1 for _ in takewhile(lambda s: s.block_table, self.waiting))
+
+    def fits_empty_cache(self, seq: Sequence) -> bool:
+        """Whether ``seq`` and the token it samples next fit in the whole KV cache."""
+        return self.bm.blocks_needed(seq.num_tokens + 1) <= self.bm.num_blocks
+
+    @property
+    def num_blocks_held_elsewhere(self) -> int:
+        """Blocks in use by no running or queued sequence: finished prefills awaiting their
+        KV push, decode reservations awaiting their KV, blocks kept from reuse. Their owners
+        give them back without a step of this scheduler."""
+        mine = {b for s in (*self.running, *self.waiting) for b in s.block_table}
+        return self.bm.num_blocks - self.bm.num_free_blocks - len(mine)
+
+    def preempt_queued(self) -> bool:
+        """Free the blocks of the newest queued sequence holding any (it is recomputed
+        when its turn comes); False when none does."""
+        n = self._num_queued_with_blocks()
+        if n == 0:
+            return False
+        seq = self.waiting[n - 1]  # stays where it is: first of those holding no blocks
+        self.bm.free(seq)
+        self._recomputing.add(seq.seq_id)
+        self.num_preemptions += 1
+        return True
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -188,7 +223,7 @@ class Scheduler:
         self.running.remove(seq)
         self.bm.free(seq)
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.waiting.insert(self._num_queued_with_blocks(), seq)
         self._recomputing.add(seq.seq_id)
         out.preempted.append(seq)
         out.scheduled = [s for s in out.scheduled if s.seq is not seq]

@@ -459,6 +459,65 @@ def test_imported_prompt_that_does_not_fit_changes_nothing() -> None:
     sched.bm.check_invariants()
 
 
+def imported(sched: Scheduler, n: int, start: int) -> Sequence:
+    """A PD decode sequence: its ``n``-token prompt's KV imported into reserved blocks, then
+    its first token (sampled by the prefill side) appended and queued for a running slot."""
+    seq = make_seq(n, start)
+    assert sched.allocate_imported(seq) is not None
+    seq.num_computed_tokens = seq.num_tokens
+    seq.append_token(7)
+    sched.add_computed(seq)
+    return seq
+
+
+def test_imported_sequences_queue_ahead_of_those_holding_no_blocks() -> None:
+    sched = make_sched(num_blocks=16, max_num_seqs=1)
+    a = make_seq(5, 100)
+    sched.add(a)
+    step(sched)
+    d = make_seq(3, 400)
+    sched.add(d)
+    b = imported(sched, 6, 200)
+    c = imported(sched, 6, 300)
+    assert list(sched.waiting) == [b, c, d]
+    assert sched.running == [a]  # max_num_seqs
+    # A preempted sequence (it holds no blocks) goes behind the imported ones.
+    sched._preempt(a, SchedulerOutput())
+    assert list(sched.waiting) == [b, c, a, d]
+    out = step(sched)
+    assert summary(out) == [(b, 1)]  # its last token only: the prompt's KV is in place
+    assert sched.running == [b]
+    sched.bm.check_invariants()
+
+
+def test_preempt_queued_frees_the_newest_sequence_holding_blocks() -> None:
+    sched = make_sched(num_blocks=4, max_num_seqs=1)
+    b = imported(sched, 8, 200)
+    c = imported(sched, 8, 300)
+    assert sched.bm.num_free_blocks == 0
+    # Nothing runs; b needs a third block for its 9th token and only c holds any.
+    assert sched.schedule().is_empty
+    assert sched.num_blocks_held_elsewhere == 0
+    assert sched.preempt_queued()
+    assert c.block_table == [] and c.num_computed_tokens == 0 and b.block_table
+    assert list(sched.waiting) == [b, c]
+    assert summary(step(sched)) == [(b, 1)]
+    assert not sched.preempt_queued()  # c holds none; b runs
+    sched.bm.check_invariants()
+
+
+def test_blocks_held_elsewhere_counts_blocks_of_no_queued_or_running_sequence() -> None:
+    sched = make_sched(num_blocks=8)
+    held = make_seq(8, 100)
+    assert sched.allocate_imported(held) is not None  # a reservation: in neither queue
+    b = imported(sched, 4, 200)
+    assert sched.num_blocks_held_elsewhere == 2
+    assert sched.fits_empty_cache(make_seq(31)) and not sched.fits_empty_cache(make_seq(32))
+    sched.bm.free(held)
+    assert sched.num_blocks_held_elsewhere == 0
+    assert b.block_table
+
+
 # ---- property-based ----------------------------------------------------------------------------
 
 
