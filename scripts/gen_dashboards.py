@@ -45,6 +45,32 @@ def quantiles(metric: str, filters: str, by: str = "") -> list[tuple[str, str]]:
     ]
 
 
+# Phases of a request before its first token: (legend, metric, extra label filter). Router
+# phases are the router's view, worker phases the workers' (docs/metrics.md).
+TTFT_PHASES = (
+    ("router queue", "epdserve:router_request_phase_seconds", 'phase="queue"'),
+    ("encode", "epdserve:router_request_phase_seconds", 'phase="encode"'),
+    ("reserve", "epdserve:router_request_phase_seconds", 'phase="reserve"'),
+    ("prefill compute", "epdserve:request_phase_seconds", 'phase="prefill"'),
+    ("KV transfer", "epdserve:request_phase_seconds", 'phase="kv_transfer"'),
+    ("decode queue", "epdserve:request_phase_seconds", 'phase="decode_queue"'),
+    ("first token (mixed)", "epdserve:time_to_first_token_seconds", 'role="mixed"'),
+)
+
+
+def ttft_breakdown() -> list[tuple[str, str]]:
+    """Each TTFT phase's mean seconds per request (the routers' requests with a first token)."""
+    requests = (
+        f"scalar(clamp_min(sum(rate(epdserve:router_time_to_first_token_seconds_count{RM}{RI})),"
+        " 1e-9))"
+    )
+    out = []
+    for legend, metric, extra in TTFT_PHASES:
+        filters = RM[:-1] + f", {extra}}}"
+        out.append((legend, f"sum(rate({metric}_sum{filters}{RI})) / {requests}"))
+    return out
+
+
 class Board:
     """A dashboard under construction: panels laid out two per row (or as wide as asked)."""
 
@@ -396,6 +422,20 @@ def latency() -> Board:
             )
         ],
         unit="s",
+    )
+    b.row("Where TTFT goes")
+    b.panel(
+        "Where TTFT goes",
+        "Mean seconds per request spent in each phase before its first token, stacked: the "
+        "router's queue (parsing, tokenization, routing), encode, reserve on the decode "
+        "worker, prefill compute, the KV transfer's tail, the decode queue (PD), or the "
+        "first token on a mixed worker. Each phase's time over the range divided by the "
+        "requests that got a first token; the stack is close to the mean TTFT, the rest is "
+        "gRPC and network.",
+        ttft_breakdown(),
+        unit="s",
+        w=24,
+        stack=True,
     )
     b.row("Routers (client side)")
     b.panel(

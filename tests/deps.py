@@ -24,6 +24,7 @@ HELM = "helm-python-sdk (Helm's engine) is not installed: pip install -e '.[dev]
 KUBERNETES_VALIDATE = "kubernetes-validate is not installed: pip install -e '.[dev]'"
 PIL = "pillow is not installed: pip install -e ."
 TRITON = "triton is not installed: pip install -e '.[dev]'"
+OTEL = "the OpenTelemetry SDK and OTLP exporter are not installed: pip install -e '.[dev]'"
 
 
 def in_ci() -> bool:

@@ -3,6 +3,7 @@ and the one place where channels and server ports are built, plain or with mutua
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,8 +91,10 @@ def role_from_pb(value: int) -> str:
         raise ValueError(f"unknown role enum {value}") from None
 
 
-def insecure_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def insecure_channel(
+    address: str, interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None
+) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
 @dataclass(frozen=True)
@@ -171,14 +174,20 @@ class GrpcTLSFiles:
         )
 
 
-def channel(address: str, tls: GrpcTLS | None = None) -> grpc.aio.Channel:
+def channel(
+    address: str,
+    tls: GrpcTLS | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+) -> grpc.aio.Channel:
     """A channel to a worker: plain, or mutual TLS when ``tls`` is given."""
     if tls is None:
-        return insecure_channel(address)
+        return insecure_channel(address, interceptors)
     options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
     if tls.server_name:
         options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
+    return grpc.aio.secure_channel(
+        address, tls.channel_credentials(), options=options, interceptors=interceptors
+    )
 
 
 def add_port(server: grpc.aio.Server, address: str, tls: GrpcTLS | None = None) -> int:

@@ -20,6 +20,7 @@ from services.worker.convert import (
     params_from_proto,
     resume_from_proto,
 )
+from services.worker.phases import prefill_computed
 
 
 class PrefillRole:
@@ -77,6 +78,7 @@ class PrefillRole:
                 held = out.finished
             if first is None:
                 raise RuntimeError("prefill produced no token")
+            prefill_computed()  # what follows is the push's tail (worker/phases.py)
             pushed = await asyncio.to_thread(self.sender.wait, rid, self.transfer_timeout_s)
             resp = pb.PrefillResponse(
                 first_token_id=first.token_ids[0], cached_prompt_tokens=cached,

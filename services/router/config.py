@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.common.grpc_utils import GrpcTLS
+from services.common.tracing import OTLP_TRACES_HELP
 from services.router.images import ImageLimits
 from services.router.policies.factory import available_policies
 from services.router.reasoning.factory import NONE as NO_REASONING
@@ -189,6 +190,7 @@ class RouterConfig:
             "address (default: the address)"
         },
     )
+    otlp_traces_endpoint: str = field(default="", metadata={"help": OTLP_TRACES_HELP})
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:

@@ -26,6 +26,9 @@ API_OF_PATH = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
 OUTCOMES = ("success", "invalid", "unavailable", "timeout", "cancelled", "error")
 # Values of epdserve:workers' state label.
 WORKER_STATES = ("serving", "draining", "unreachable")
+# Phases of a request the router times (router_request_phase_seconds), with the role of the
+# worker each one runs on ("router": the router itself). See services/router/phases.py.
+ROUTER_PHASES = {"queue": "router", "encode": "encode", "reserve": "decode", "prefill": "prefill"}
 
 
 def outcome_of(status: int | str) -> str:
@@ -69,6 +72,12 @@ class RouterMetrics:
             "epdserve:router_e2e_request_latency_seconds",
             "Seconds from a request's arrival at the router to its last output (client view).",
             ["api", "model_name"], buckets=E2E_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.phase = Histogram(
+            "epdserve:router_request_phase_seconds",
+            "Seconds one request spent in a phase, as the router times it (phase: queue, "
+            "encode, reserve, prefill; role: where it ran).",
+            ["model_name", "phase", "role"], buckets=TTFT_BUCKETS, registry=r,
         )  # fmt: skip
         self.prompt_tokens = Counter(
             "epdserve:router_prompt_tokens", "Prompt tokens of completed requests.",
@@ -119,6 +128,10 @@ class RouterMetrics:
     def first_token(self, api: str, model: str, started: float) -> None:
         """A request's first output arrived; ``started``: its time.monotonic() on arrival."""
         self.ttft.labels(api, model).observe(time.monotonic() - started)
+
+    def observe_phase(self, model: str, phase: str, seconds: float) -> None:
+        """One request's time in one of ``ROUTER_PHASES``."""
+        self.phase.labels(model, phase, ROUTER_PHASES[phase]).observe(seconds)
 
     def done(self, api: str, model: str, started: float, prompt: int, completion: int) -> None:
         """A request's last output arrived, with its usage counts."""

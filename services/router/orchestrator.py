@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from services.common.proto import worker_pb2 as pb
 from services.router.encode_stage import EncodeStage, image_keys
 from services.router.errors import APIError
 from services.router.kv_index import KVIndexClient
+from services.router.phases import RouterPhases
 from services.router.poison import PoisonTracker, RequestDeaths, fingerprint
 from services.router.policies.base import RouteRequest, RoutingPolicy
 from services.router.watch import WorkerLost, watched_stream, watched_unary
@@ -157,9 +159,11 @@ class Orchestrator:
         on_migration: Callable[[str], None] | None = None,
         kv_index: KVIndexClient | None = None,
         poison: PoisonTracker | None = None,
+        phases: RouterPhases | None = None,
     ) -> None:
         self.pool = pool
         self.poison = poison or PoisonTracker()
+        self.phases = phases or RouterPhases()  # phase histograms and traces (phases.py)
         self.policy = policy
         self.kv_index = kv_index  # the global KV index, for cache-aware policies
         self.timeout_s = timeout_s
@@ -201,7 +205,8 @@ class Orchestrator:
         ``images`` (of a vision-language prompt) go through the encode stage first. A request
         that workers kept dying on is refused (poison.py)."""
         _DEATHS.set(self.poison.admit(fingerprint(model, prompt_token_ids, params, images)))
-        images = await self.encode_stage.run(model, request_id, images)
+        trace = self.phases.begin(request_id, model)
+        images = await trace.end_if_raises(self.encode_stage.run(model, request_id, images))
         if params.HasField("n") and params.n > 1:
             if self.pd_available(model):
                 gen = self._generate_pd_n(model, request_id, prompt_token_ids, params, images)
@@ -214,6 +219,7 @@ class Orchestrator:
                 yield msg
         finally:
             await gen.aclose()
+            trace.end(sys.exc_info()[1])
 
     async def _generate_pd_n(
         self,

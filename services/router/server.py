@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -19,6 +20,7 @@ from starlette.routing import Route
 
 from services.common.grpc_utils import ROLES
 from services.common.membership import MembershipWatcher
+from services.common.tracing import Tracing
 from services.router import anthropic_api, openai_api, tokenize_api
 from services.router.admin import admin_routes, load_admin_token
 from services.router.admission import AdmissionControl
@@ -31,6 +33,7 @@ from services.router.metrics import API_OF_PATH, RouterMetrics
 from services.router.offload import Offload
 from services.router.openapi import openapi_document
 from services.router.orchestrator import Orchestrator
+from services.router.phases import RouterPhases, mark_arrival
 from services.router.poison import PoisonTracker
 from services.router.policies.factory import create_policy
 from services.router.rebalancer import Rebalancer
@@ -47,6 +50,7 @@ class Gateway:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.metrics = RouterMetrics()
+        self.tracing = Tracing(cfg.otlp_traces_endpoint, "epdserve-router")
         self.pool = WorkerPool(
             cfg.load_report_interval_ms, cfg.load_stale_s, cfg.request_timeout_s, cfg.grpc_tls
         )
@@ -62,6 +66,7 @@ class Gateway:
             on_migration=lambda reason: self.metrics.migrations.labels(reason).inc(),
             kv_index=self.kv_index,
             poison=PoisonTracker(cfg.poison_max_deaths),
+            phases=RouterPhases(self.metrics, self.tracing),
         )
         self.watcher = MembershipWatcher(cfg.etcd_endpoints, cfg.cluster)
         self.watcher.add_listener(self.pool.on_membership)
@@ -90,6 +95,7 @@ class Gateway:
         await self.watcher.stop()
         await self.kv_index.stop()
         await self.pool.close()
+        await asyncio.to_thread(self.tracing.shutdown)
         self.offload.close()
 
     def resolve_model(self, name: str, serving: bool = True) -> tuple[str, int]:
@@ -127,6 +133,7 @@ def _guard(
 
     async def endpoint(request: Request) -> Response:
         gw: Gateway = request.app.state.gateway
+        mark_arrival()  # the request's queue phase starts (phases.py)
         try:
             if auth:
                 check_api_key(gw.api_keys, request)

@@ -14,6 +14,7 @@ from services.common.grpc_utils import GrpcTLS, channel
 from services.common.membership import InstanceInfo
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
+from services.router.phases import phase_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class WorkerHandle:
         self, info: InstanceInfo, load_interval_ms: int, stale_s: float, tls: GrpcTLS | None = None
     ) -> None:
         self.info = info
-        self.channel = channel(info.address, tls)
+        # Times the calls of requests and carries their trace context (phases.py).
+        self.channel = channel(info.address, tls, phase_interceptors(self))
         self.stub = pb_grpc.WorkerServiceStub(self.channel)
         self.load: pb.LoadReport | None = None
         self.load_at = 0.0  # monotonic time of the latest report

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from services.common.grpc_utils import ROLES
 from services.common.member_config import MemberConfig
+from services.common.tracing import OTLP_TRACES_HELP
 from services.kvstore.store_tier import StoreConfig
 
 
@@ -103,6 +104,7 @@ class WorkerConfig(MemberConfig):
     kv_store_segment_bytes: int = field(
         default=256 << 20, metadata={"help": "memory this worker lends to the KV store's pool"}
     )
+    otlp_traces_endpoint: str = field(default="", metadata={"help": OTLP_TRACES_HELP})
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -18,9 +18,11 @@ from services.common.dataclass_cli import add_dataclass_args, from_args
 from services.common.grpc_utils import SERVER_OPTIONS, add_port
 from services.common.membership import InstanceInfo, Registrar
 from services.common.proto import worker_pb2_grpc as pb_grpc
+from services.common.tracing import Tracing
 from services.worker.config import WorkerConfig
 from services.worker.kv_events import KVEventPublisher, kv_layout_key
 from services.worker.kv_store import attach_kv_store
+from services.worker.phases import PhaseInterceptor
 from services.worker.role_controller import DesiredRoleWatcher
 from services.worker.server import WorkerServicer, WorkerState
 
@@ -60,7 +62,10 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     if prefill_role is not None and prefill_role.sender.staging is not None:
         servicer.metrics.watch_staging(prefill_role.sender.staging)
     setup_images(wcfg, engine, servicer)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    tracing = Tracing(wcfg.otlp_traces_endpoint, "epdserve-worker", wcfg.instance_id)
+    # Phase histograms and spans of every request call (worker/phases.py).
+    phases = PhaseInterceptor(servicer.metrics, state, tracing)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[phases])
     pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     port = add_port(server, f"{wcfg.host}:{wcfg.port}", wcfg.grpc_tls)
     if port == 0:
@@ -158,6 +163,7 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     if servicer.encoder is not None:
         await servicer.encoder.stop()
     servicer.metrics.close()
+    await asyncio.to_thread(tracing.shutdown)
     await engine.shutdown()
     log.info("worker %s stopped", wcfg.instance_id)
     return exit_code

@@ -29,6 +29,15 @@ from services.common.pd_metrics import KVTransferMetrics
 log = logging.getLogger(__name__)
 
 LABELS = ["model_name", "instance"]
+# Request-path histograms also carry the role the worker had when it served the request: a
+# decode worker's time to first token is its decode queue, a prefill worker's the prefill.
+ROLE_LABELS = [*LABELS, "role"]
+# Phases a worker times (request_phase_seconds), with the role each one runs on; see
+# services/worker/phases.py.
+WORKER_PHASES = {
+    "reserve": "decode", "prefill": "prefill", "kv_transfer": "prefill",
+    "decode_queue": "decode", "encode": "encode",
+}  # fmt: skip
 # Values of request_success_total's finished_reason: the engine's finish reasons, "abort"
 # for a request whose caller went away, "error" for one the engine failed.
 FINISHED_REASONS = ("stop", "length", "abort", "error")
@@ -43,27 +52,28 @@ class WorkerMetrics(MetricsEndpoint):
         r = self.registry
         self.model_name = str(engine.model_name)
         self.instance = str(state.instance_id)
+        self.state = state
         ids = (self.model_name, self.instance)
         self.ttft = Histogram(
             "epdserve:time_to_first_token_seconds",
             "Seconds from a request's arrival at the worker to its first output token.",
-            LABELS, buckets=TTFT_BUCKETS, registry=r,
-        ).labels(*ids)  # fmt: skip
+            ROLE_LABELS, buckets=TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
         self.tpot = Histogram(
             "epdserve:time_per_output_token_seconds",
             "Per finished request: seconds after the first token divided by the tokens after it.",
-            LABELS, buckets=TOKEN_BUCKETS, registry=r,
-        ).labels(*ids)  # fmt: skip
+            ROLE_LABELS, buckets=TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
         self.itl = Histogram(
             "epdserve:inter_token_latency_seconds",
             "Seconds between two consecutive engine outputs of one request.",
-            LABELS, buckets=TOKEN_BUCKETS, registry=r,
-        ).labels(*ids)  # fmt: skip
+            ROLE_LABELS, buckets=TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
         self.e2e = Histogram(
             "epdserve:e2e_request_latency_seconds",
             "Seconds from a request's arrival at the worker to its last output.",
-            LABELS, buckets=E2E_BUCKETS, registry=r,
-        ).labels(*ids)  # fmt: skip
+            ROLE_LABELS, buckets=E2E_BUCKETS, registry=r,
+        )  # fmt: skip
         self.prompt_tokens = Counter(
             "epdserve:prompt_tokens", "Prompt tokens of the requests this worker served.",
             LABELS, registry=r,
@@ -84,14 +94,32 @@ class WorkerMetrics(MetricsEndpoint):
             "them): each ended alone, the worker went on, the router did not retry it.",
             LABELS, registry=r,
         ).labels(*ids)  # fmt: skip
+        self.phase = Histogram(
+            "epdserve:request_phase_seconds",
+            "Seconds one request spent in a phase on this worker (phase: reserve, prefill, "
+            "kv_transfer, decode_queue, encode; role: the one it runs on).",
+            [*LABELS, "phase", "role"], buckets=TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        for phase, role in WORKER_PHASES.items():
+            self.phase.labels(*ids, phase, role)
+        for h in (self.ttft, self.tpot, self.itl, self.e2e):
+            h.labels(*ids, state.role)
         self.kv_transfer = KVTransferMetrics(r, *ids)
         r.register(_EngineCollector(engine, state, ids))
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        """One request's time in one of ``WORKER_PHASES``."""
+        self.phase.labels(self.model_name, self.instance, phase, WORKER_PHASES[phase]).observe(
+            seconds
+        )
 
     async def track(
         self, outputs: AsyncIterator[Any], count_prompt: bool = True
     ) -> AsyncIterator[Any]:
         """Relay one request's engine outputs (RequestOutput), timing and counting them.
         ``count_prompt`` is False on a PD decode worker: the prefill worker counted it."""
+        ids = (self.model_name, self.instance, str(self.state.role))
+        ttft, itl, tpot, e2e = (h.labels(*ids) for h in (self.ttft, self.itl, self.tpot, self.e2e))
         arrived = last_at = time.monotonic()
         first_at: float | None = None
         per_completion: dict[int, int] = {}
@@ -103,21 +131,21 @@ class WorkerMetrics(MetricsEndpoint):
                 if new:
                     if first_at is None:
                         first_at = now
-                        self.ttft.observe(now - arrived)
+                        ttft.observe(now - arrived)
                         if count_prompt:
                             self.prompt_tokens.inc(len(out.prompt_token_ids))
                     else:
-                        self.itl.observe(now - last_at)
+                        itl.observe(now - last_at)
                     last_at = now
                     self.generation_tokens.inc(new)
                     for c in out.outputs:
                         per_completion[c.index] = per_completion.get(c.index, 0) + len(c.token_ids)
                 if out.finished:
                     reason = next((c.finish_reason for c in out.outputs if c.finish_reason), "stop")
-                    self.e2e.observe(now - arrived)
+                    e2e.observe(now - arrived)
                     n_out = max(per_completion.values(), default=0)
                     if first_at is not None and n_out > 1:
-                        self.tpot.observe((now - first_at) / (n_out - 1))
+                        tpot.observe((now - first_at) / (n_out - 1))
                 yield out
         except Exception:
             reason = "error"
@@ -132,7 +160,7 @@ class WorkerMetrics(MetricsEndpoint):
     def observe_prefill(self, seconds: float, prompt_tokens: int) -> None:
         """A PD prefill that ran here (``Prefill`` RPC: no output stream to track): its time
         to first token and its prompt tokens."""
-        self.ttft.observe(seconds)
+        self.ttft.labels(self.model_name, self.instance, str(self.state.role)).observe(seconds)
         self.prompt_tokens.inc(prompt_tokens)
 
 

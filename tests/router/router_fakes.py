@@ -20,10 +20,12 @@ from services.common.grpc_utils import SERVER_OPTIONS
 from services.common.membership import InstanceInfo, Registrar
 from services.common.net import free_port
 from services.common.proto import worker_pb2_grpc as pb_grpc
+from services.common.tracing import Tracing
 from services.engine.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from services.engine.sampling_params import SamplingParams
 from services.router.config import RouterConfig
 from services.router.server import Gateway, build_app
+from services.worker.phases import PhaseInterceptor
 from services.worker.role_controller import DesiredRoleWatcher
 from services.worker.server import WorkerServicer, WorkerState
 
@@ -158,13 +160,16 @@ async def start_fake_worker(
     engine: FakeEngine | None = None,
     watch_roles: bool = False,
     role_drain_timeout_s: float = 10.0,
+    tracing: Tracing | None = None,
 ) -> FakeWorker:
-    """A worker on a FakeEngine; ``watch_roles``: it follows its desired-role key in etcd."""
+    """A worker on a FakeEngine; ``watch_roles``: it follows its desired-role key in etcd;
+    ``tracing``: its calls are timed and traced like a real worker's (worker/phases.py)."""
     engine = engine or FakeEngine()
     state = WorkerState(iid, "inc-" + iid, "mixed")
     servicer = WorkerServicer(engine, state, load_interval_ms=50,
                               drain_timeout_s=role_drain_timeout_s)  # fmt: skip
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    interceptors = [PhaseInterceptor(servicer.metrics, state, tracing)] if tracing else []
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

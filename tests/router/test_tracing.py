@@ -1,0 +1,143 @@
+"""Request phases and traces through a real gateway and an in-process worker (FakeEngine):
+one OpenTelemetry trace per request, from the router's root span to the worker's span of
+the call, received by an in-process OTLP collector; the router's queue phase histogram; and
+the OpenTelemetry SDK stays unimported without --otlp-traces-endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+import pytest_asyncio
+from router_fakes import FakeEngine, start_fake_worker, start_gateway
+
+from services.common.etcd_server import EtcdServer
+from services.common.tracing import Tracing
+from tests.deps import OTEL, require
+
+pytestmark = [pytest.mark.timeout(60)]
+require("opentelemetry.sdk", OTEL)
+
+if TYPE_CHECKING:
+    from tests.otlp_collector import SpanRecord
+
+
+@pytest.fixture(scope="module")
+def etcd():
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture
+def collector(monkeypatch):
+    # Export every 100 ms instead of every 5 s.
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    from tests.otlp_collector import OTLPCollector
+
+    with OTLPCollector() as c:
+        yield c
+
+
+@pytest_asyncio.fixture
+async def traced(etcd, collector):
+    tracing = Tracing(collector.endpoint, "epdserve-worker", "w1")
+    worker = await start_fake_worker(etcd.endpoint, "traced", "w1", FakeEngine(), tracing=tracing)
+    gw = await start_gateway(etcd.endpoint, "traced", otlp_traces_endpoint=collector.endpoint)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+        for _ in range(200):
+            if (await client.get("/health")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        yield client, gw
+    await asyncio.wait_for(gw.stop(), 15)
+    await asyncio.wait_for(worker.stop(), 15)
+    await asyncio.to_thread(tracing.shutdown)
+
+
+def complete(traces: dict[str, list[SpanRecord]], n: int) -> bool:
+    """``n`` traces, each with its router root and a worker span."""
+    done = [t for t in traces.values()
+            if {"epdserve-router", "epdserve-worker"} <= {s.service for s in t}
+            and any(s.name == "request" for s in t)]  # fmt: skip
+    return len(done) >= n
+
+
+@pytest.mark.asyncio
+async def test_one_trace_per_request_spans_router_and_worker(traced, collector) -> None:
+    client, gw = traced
+    r = await client.post("/v1/completions", json={"model": "fake-model", "prompt": "hi there",
+                                                   "max_tokens": 3})  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 3, "stream": True}  # fmt: skip
+    async with client.stream("POST", "/v1/chat/completions", json=body) as s:
+        assert s.status_code == 200
+        await s.aread()
+
+    traces = await asyncio.to_thread(collector.wait_for, lambda t: complete(t, 2))
+    assert len(traces) == 2, {k: [s.name for s in v] for k, v in traces.items()}
+    request_ids = set()
+    for spans in traces.values():
+        by_name = {(s.service, s.name): s for s in spans}
+        root = by_name[("epdserve-router", "request")]
+        assert root.parent_id == ""
+        request_ids.add(root.attributes["epdserve.request.id"])
+        assert root.attributes["gen_ai.request.model"] == "fake-model"
+        queue = by_name[("epdserve-router", "queue")]
+        call = by_name[("epdserve-router", "Generate")]
+        assert queue.parent_id == call.parent_id == root.span_id
+        assert queue.end_ns <= call.start_ns
+        assert call.attributes["epdserve.worker.id"] == "w1"
+        assert call.attributes["epdserve.worker.role"] == "mixed"
+        assert call.attributes["rpc.grpc.status_code"] == 0
+        # The worker's span hangs under the router's call: the context crossed in gRPC metadata.
+        served = by_name[("epdserve-worker", "Generate")]
+        assert served.parent_id == call.span_id
+        assert served.attributes["epdserve.worker.id"] == "w1"
+        assert served.attributes["epdserve.request.id"] == root.attributes["epdserve.request.id"]
+        assert not any(s.error for s in spans)
+    assert len(request_ids) == 2
+    # The router's queue phase was timed once per request.
+    hist = gw.gateway.metrics.phase.labels("fake-model", "queue", "router")
+    assert hist._sum.get() > 0
+    assert sum(b.get() for b in hist._buckets) == 2
+
+
+@pytest.mark.asyncio
+async def test_an_abandoned_stream_ends_its_trace_as_cancelled(traced, collector) -> None:
+    client, _ = traced
+    body = {"model": "fake-model", "prompt": "hi", "max_tokens": 50, "stream": True}
+    async with client.stream("POST", "/v1/completions", json=body) as s:
+        async for line in s.aiter_lines():
+            if line.startswith("data: {"):
+                break  # leave after the first chunk
+    traces = await asyncio.to_thread(
+        collector.wait_for,
+        lambda t: any(s.name == "request" and s.error for v in t.values() for s in v),
+    )
+    (spans,) = traces.values()
+    root = next(s for s in spans if s.name == "request")
+    assert root.error
+    call = next(s for s in spans if s.service == "epdserve-router" and s.name == "Generate")
+    assert call.error  # cancelled by the router when its client left
+
+
+def test_tracing_is_off_and_unimported_by_default() -> None:
+    code = (
+        "import sys\n"
+        "from services.router.config import RouterConfig\n"
+        "from services.worker.config import WorkerConfig\n"
+        "import services.router.server, services.worker.main\n"
+        "from services.common.tracing import Tracing\n"
+        "assert RouterConfig().otlp_traces_endpoint == ''\n"
+        "assert WorkerConfig(register=False).otlp_traces_endpoint == ''\n"
+        "assert not Tracing('', 'x').enabled\n"
+        "loaded = [m for m in sys.modules if m.startswith('opentelemetry.sdk')]\n"
+        "assert not loaded, loaded\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
