@@ -534,8 +534,14 @@ class Orchestrator:
             call = handle.stub.Generate(req, timeout=self.timeout_s)
             handle.inflight += 1
             got_any = False
+            todo = len(prompt_token_ids) + (len(resume.output_token_ids) if resume else 0)
+            first_s = handle.first_message_s(todo, self.stall_timeout_s)
+            sent_at = time.monotonic()
             try:
-                async for resp in watched_stream(handle, call, self.stall_timeout_s):
+                async for resp in watched_stream(handle, call, self.stall_timeout_s, first_s):
+                    if not got_any:
+                        computed = resp.prompt_tokens - resp.cached_prompt_tokens
+                        handle.prefill_rate.add(computed / max(time.monotonic() - sent_at, 1e-6))
                     got_any = True
                     yield resp
                 return

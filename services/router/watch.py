@@ -57,17 +57,23 @@ async def watched_unary(handle: WorkerHandle, call: Any, limit_s: float) -> Any:
             task.cancel()
 
 
-async def watched_stream(handle: WorkerHandle, call: Any, stall_s: float) -> AsyncGenerator[Any]:
-    """Relay a streaming call to ``handle``; WorkerLost when it stops answering or sends
-    nothing for ``stall_s``."""
+async def watched_stream(
+    handle: WorkerHandle, call: Any, stall_s: float, first_s: float | None = None
+) -> AsyncGenerator[Any]:
+    """Relay a streaming call to ``handle``; WorkerLost when it stops answering, sends no
+    first message within ``first_s`` (default ``stall_s``: a request may rightly wait
+    longer in a busy worker's queue, see WorkerHandle.first_message_s), or then nothing
+    for ``stall_s``."""
     it = call.__aiter__()
+    limit_s = stall_s if first_s is None else first_s
     while True:
         task = asyncio.ensure_future(it.__anext__())
         try:
-            msg = await watch(handle, task, stall_s)
+            msg = await watch(handle, task, limit_s)
         except StopAsyncIteration:
             return
         finally:
             if not task.done():
                 task.cancel()
+        limit_s = stall_s
         yield msg

@@ -18,6 +18,10 @@ from services.router.phases import phase_interceptors
 
 log = logging.getLogger(__name__)
 
+# A request's first message may take this many times its expected queueing + prefill time
+# (first_message_s) before its worker counts as hung.
+FIRST_MESSAGE_SAFETY = 4.0
+
 
 class RateWindow:
     """The best rate among the last ``maxlen`` samples: a Prefill call's tokens per second
@@ -49,7 +53,8 @@ class WorkerHandle:
         self.inflight = 0  # requests this router has running there
         self.failed_at = 0.0  # last time a call to it failed with UNAVAILABLE
         self.stale_epoch = 0  # it refused this epoch of ours: wait for a newer advertisement
-        self.prefill_rate = RateWindow()  # prompt tokens/s of its Prefill calls from here
+        # prompt tokens/s of its Prefill calls (and Generate calls to their first message) from here
+        self.prefill_rate = RateWindow()
         self._interval_ms = load_interval_ms
         self._stale_s = stale_s
         self._task: asyncio.Task[None] | None = None
@@ -75,6 +80,23 @@ class WorkerHandle:
         """Its load stream went quiet: the process is stopped or hung, or its host is cut
         off (a process that died closes its connections and fails the calls at once)."""
         return self.load_at > 0 and self.silence(now) > self._stale_s
+
+    def first_message_s(self, prompt_tokens: int, stall_s: float) -> float:
+        """How long a new request may wait here for its first message: its own prefill
+        behind the prompt tokens this worker reports queued, at the best prefill rate seen
+        from it, times ``FIRST_MESSAGE_SAFETY``; never less than ``stall_s``. Without a
+        measured rate, a worker reporting work queued or running gets ``stall_s`` times the
+        safety factor. NOTE: a hung worker is still caught sooner by its load stream going
+        silent; this only bounds an engine that stays alive but never gets to the request."""
+        load = self.load
+        if load is None:
+            return stall_s
+        rate = self.prefill_rate.best()
+        if rate <= 0:
+            busy = load.num_waiting + load.num_running > 0
+            return stall_s * FIRST_MESSAGE_SAFETY if busy else stall_s
+        expected = (load.num_waiting_prompt_tokens + prompt_tokens) / rate
+        return max(stall_s, expected * FIRST_MESSAGE_SAFETY)
 
     @property
     def state(self) -> str:
