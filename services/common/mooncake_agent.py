@@ -50,6 +50,7 @@ class MooncakeAgent:
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self._regions: dict[int, int] = {}  # registered local memory: address -> bytes
+        self._abandoned: list[int] = []  # writes given up on while still running (see _wait)
 
     def register(self, addr: int, nbytes: int) -> None:
         rc = self._te.register_memory(addr, nbytes)
@@ -157,6 +158,15 @@ class MooncakeAgent:
                     break
                 if status < 0 or time.monotonic() > deadline:
                     failed += 1
+                    if status == 0:
+                        with self._lock:
+                            self._abandoned.append(bid)
                     break
                 time.sleep(_POLL_S)
         return failed
+
+    def quiesced(self) -> bool:
+        """Whether no write this agent gave up on can still be running (and land)."""
+        with self._lock:
+            self._abandoned = [b for b in self._abandoned if self._te.transfer_check_status(b) == 0]
+            return not self._abandoned

@@ -12,22 +12,23 @@ NOTE: only a reservation's owner writes its blocks. Who guarantees what:
   (services/prefill/kv_sender.py, services/common/mooncake_agent.py). It takes the earlier of
   the decode worker's wall-clock deadline and the relative one counted from the request's
   arrival, so a Prefill request that waited in a stopped process's socket stops too.
-- A reservation released or expired before Decode claimed it keeps the blocks the prefill
-  worker writes (or, with staging, its slots) out of every pool until its deadline plus
-  ``write_grace_s`` (or now plus the grace when that is later): the grace covers a range
-  submitted just before the deadline that is still landing (one write call carries at most
-  one engine step's layers or the sender's min_write_bytes), the request's transit and the
-  clock skew between the two hosts (NTP keeps it far below the grace).
-- A claimed reservation is freed at once: Prefill returned only after every write was
-  acknowledged, and Mooncake's TCP protocol v2 acknowledges a write once it has landed.
-- Not guaranteed: a prefill process stopped (SIGSTOP, a paused VM) after submitting a range
-  and before it landed, and resumed later than the grace, still lands the rest of that range:
-  Mooncake's TCP server checks a request's address when its header arrives, not its body,
-  and mooncake-transfer-engine 0.3.13 has no call to cancel a submitted transfer or drop a
-  peer's connection. That residue is at most the ranges of one write call; a process stopped
-  anywhere else (computing, holding queued writes, its Prefill still unread) writes nothing
-  after resuming. A fence closing it needs the transport: a memory registration per
-  reservation (an RDMA key invalidated on release) or a server-side generation check."""
+- That alone is not enough: a process stopped (SIGSTOP, a paused VM, a partition) after it
+  submitted a range lands the rest of it when it continues, at any time later. Mooncake's TCP
+  server checks a request's address when its header arrives, not its body, and
+  mooncake-transfer-engine 0.3.13 cannot cancel a submitted transfer or drop a peer's
+  connection. So a reservation released or expired before Decode claimed it keeps the blocks
+  the prefill worker writes (or, with staging, its slots) out of every pool until that worker
+  answers FenceKVPush: from then on it refuses the request's push and none of its writes is
+  still running (Mooncake's TCP protocol v2 acknowledges a write once it has landed). A
+  refused connection (the process is gone, its sockets with it) counts as an answer; a
+  timeout does not (a stopped or cut-off process looks the same), and the fence is asked
+  again until ``fence_timeout_s`` past the deadline.
+- Not guaranteed: a writer that stays stopped or cut off longer than ``fence_timeout_s``
+  past the deadline, then lands writes it had submitted; the blocks are reused then (a
+  bounded leak instead of an unbounded one; the log says which worker). Without a writer
+  address (an older router) the wait is ``write_grace_s`` past the deadline instead, which
+  covers a running writer's last range, not a stopped one.
+- A claimed reservation is freed at once: Prefill returned only after every write landed."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 
 from services.common.aio import cancel_and_wait
+from services.decode.fence import Fence, WriterGone
 from services.engine.async_engine import AsyncLLMEngine
 from services.engine.kv_layout import KVLayout
 from services.engine.kv_staging import KVStaging, StagingFull
@@ -59,6 +61,22 @@ class Reservation:
     target_ids: list[int] = field(default_factory=list)
     slots: list[int] = field(default_factory=list)  # staging slots, from the first uncached
     deadline_unix: float = 0.0  # ``deadline`` on the wall clock (time.time()), for the peer
+    writer: str = ""  # gRPC address of the prefill worker that writes it ("": unknown)
+
+
+@dataclass
+class _Quarantine:
+    """Blocks (or staging slots) of a reservation released unclaimed, kept from reuse."""
+
+    request_id: str
+    deadline_unix: float  # the reservation's (the writer refuses its push until then)
+    until: float  # time.monotonic() from which they are reused even without a fence
+    blocks: list[int]  # quarantined in the engine
+    slots: list[int]
+    fence: asyncio.Task[None] | None = None  # asking the writer to fence its push
+
+
+FENCE_RETRY_S = 1.0  # between two FenceKVPush calls to a writer that did not answer
 
 
 class KVReceiver:
@@ -69,18 +87,21 @@ class KVReceiver:
         reserve_timeout_s: float,
         staging: KVStaging | None = None,
         write_grace_s: float = 10.0,
+        fence: Fence | None = None,
+        fence_timeout_s: float = 300.0,
     ) -> None:
         self.engine = engine
         self.staging = staging
         # What prefill workers write into (advertised in every reservation).
         self.layout = staging.layout if staging is not None else layout
         self.reserve_timeout_s = reserve_timeout_s
-        self.write_grace_s = write_grace_s  # quarantine past the deadline (see the NOTE above)
+        # How long past the deadline blocks released unclaimed stay quarantined without a
+        # fence: writer unknown, or not answering (see the NOTE above).
+        self.write_grace_s = write_grace_s
+        self.fence = fence
+        self.fence_timeout_s = fence_timeout_s
         self.reservations: dict[str, Reservation] = {}
-        # Released before being claimed: when the engine's quarantined blocks come due, and
-        # the staging slots still kept from reuse (with the time they may be reused).
-        self._blocks_due: list[float] = []
-        self._slots_due: list[tuple[float, list[int]]] = []
+        self.quarantine: list[_Quarantine] = []
         self.expired = 0  # reservations reclaimed by the deadline (a metric)
         self._reaper: asyncio.Task[None] | None = None
 
@@ -89,6 +110,8 @@ class KVReceiver:
 
     async def stop(self) -> None:
         await cancel_and_wait(self._reaper)
+        for q in self.quarantine:
+            await cancel_and_wait(q.fence)
 
     async def reserve(
         self,
@@ -97,15 +120,18 @@ class KVReceiver:
         params: SamplingParams,
         resume: Resume | None = None,
         images: ImageInputs | None = None,
+        writer: str = "",
     ) -> Reservation:
         """Raises ValueError (bad request) or MemoryError (cache full). ``images``: grids and
-        hashes of a vision-language prompt's images."""
+        hashes of a vision-language prompt's images; ``writer``: the gRPC address of the
+        prefill worker that will write the blocks (fenced if the reservation is released)."""
         await self.engine.prepare(params)
         blocks, cached = await self.engine.call(
             lambda e: e.reserve(request_id, prompt_token_ids, params, resume, images)
         )
         r = Reservation(request_id, blocks, cached, time.monotonic() + self.reserve_timeout_s)
         r.deadline_unix = time.time() + self.reserve_timeout_s
+        r.writer = writer
         r.target_ids = blocks
         if self.staging is not None:
             skip = cached // self.staging.block_size
@@ -139,28 +165,61 @@ class KVReceiver:
     async def release(self, request_id: str) -> None:
         """Free a reservation (the transfer failed, the router gave up, or it expired). The
         prefill worker may still be writing into it: what it writes stays quarantined until
-        the deadline plus the grace (see the NOTE above)."""
+        it fenced its push (see the NOTE above)."""
         r = self.reservations.pop(request_id, None)
         if r is None:
             return
-        until = max(r.deadline, time.monotonic()) + self.write_grace_s
+        fenced = bool(r.writer) and self.fence is not None
+        wait = self.fence_timeout_s if fenced else self.write_grace_s
+        q = _Quarantine(
+            request_id, r.deadline_unix, max(r.deadline, time.monotonic()) + wait, [], []
+        )
         if self.staging is not None:
-            if r.slots:
-                self._slots_due.append((until, r.slots))
+            q.slots = r.slots
             await self.engine.call(lambda e: e.free_reserved(request_id))
         else:
-            self._blocks_due.append(until)
-            await self.engine.call(lambda e: e.free_reserved(request_id, until))
+            q.blocks = await self.engine.call(lambda e: e.free_reserved(request_id, True))
+        self.quarantine.append(q)
+        if fenced:
+            q.fence = asyncio.create_task(self._fence(r.writer, q))
+
+    async def _fence(self, writer: str, q: _Quarantine) -> None:
+        assert self.fence is not None
+        while True:
+            try:
+                await self.fence(writer, q.request_id, q.deadline_unix)
+                break
+            except WriterGone:
+                logger.info("reservation %s: its writer %s is gone", q.request_id, writer)
+                break
+            except Exception as e:  # noqa: BLE001 - not an answer: ask again
+                logger.warning(
+                    "reservation %s: prefill worker %s did not fence its KV push (%s); %d "
+                    "blocks stay quarantined", q.request_id, writer, e, len(q.blocks or q.slots),
+                )  # fmt: skip
+            await asyncio.sleep(FENCE_RETRY_S)
+        q.fence, q.until = None, 0.0
+        await self.release_quarantined(time.monotonic())
 
     async def release_quarantined(self, now: float) -> None:
-        """Hand out again the quarantined blocks and slots whose time has come."""
-        if self.staging is not None and any(t <= now for t, _ in self._slots_due):
-            for _, slots in [d for d in self._slots_due if d[0] <= now]:
-                self.staging.free(slots)
-            self._slots_due = [d for d in self._slots_due if d[0] > now]
-        if any(t <= now for t in self._blocks_due):
-            self._blocks_due = [t for t in self._blocks_due if t > now]
-            await self.engine.call(lambda e: e.release_quarantined())
+        """Hand out again the quarantined blocks and slots that were fenced or whose time
+        has come."""
+        due = [q for q in self.quarantine if q.until <= now]
+        if not due:
+            return
+        self.quarantine = [q for q in self.quarantine if q.until > now]
+        for q in due:
+            if q.fence is not None:
+                logger.error(
+                    "reservation %s: no fence from its writer %.0f s past the deadline; its "
+                    "blocks are reused", q.request_id, self.fence_timeout_s,
+                )  # fmt: skip
+                q.fence.cancel()
+            if q.slots and self.staging is not None:
+                self.staging.free(q.slots)
+        blocks = [b for q in due for b in q.blocks]
+        if blocks:
+            await self.engine.call(lambda e: e.release_quarantined(blocks))
 
     async def _reap_loop(self) -> None:
         tick = max(0.05, min(1.0, self.reserve_timeout_s / 4, self.write_grace_s / 4))

@@ -33,6 +33,7 @@ class DecodeRole:
             params,
             resume_from_proto(request),
             image_keys_from_proto(request.images),
+            request.writer_address,
         )
         return pb.ReserveResponse(
             session_id=self.session_id,

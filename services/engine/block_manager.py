@@ -101,9 +101,9 @@ class BlockManager:
         self.free_ids: deque[int] = deque(range(num_blocks))  # no content worth keeping
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; LRU first
         self.hash_to_block: dict[int, int] = {}
-        # Blocks a peer may still write into (freed PD reservations), in no pool: block id ->
-        # time.monotonic() from which release_quarantined hands them out again.
-        self.quarantined: dict[int, float] = {}
+        # Blocks a peer may still write into (freed PD reservations), in no pool until
+        # release_quarantined.
+        self.quarantined: set[int] = set()
         self._events: list[KVEvent] = []
         # When tiers below want them: cached blocks evicted (take_evicted) and blocks newly
         # registered (take_registered) since the last call.
@@ -264,27 +264,28 @@ class BlockManager:
         seq.block_hashes = []
         seq.num_computed_tokens = 0
 
-    def free_quarantined(self, seq: Sequence, first: int, until: float) -> None:
+    def free_quarantined(self, seq: Sequence, first: int) -> list[int]:
         """``free`` for a PD reservation that a peer may still write into from block index
         ``first`` on (the blocks before it are prefix-cache hits the peer never writes): those
-        blocks leave every pool until ``release_quarantined`` at or after ``until``."""
+        blocks leave every pool until ``release_quarantined``. Returns them."""
         written, seq.block_table = seq.block_table[first:], seq.block_table[:first]
+        out = []
         for bid in written:
             block = self.blocks[bid]
             block.ref_count -= 1
             assert block.ref_count >= 0, block
             if block.ref_count == 0:
                 self._forget(block)
-                self.quarantined[bid] = until
+                self.quarantined.add(bid)
+                out.append(bid)
         self.free(seq)
+        return out
 
-    def release_quarantined(self, now: float) -> int:
-        """Return the quarantined blocks whose time has come to the free pool; how many."""
-        due = sorted(bid for bid, until in self.quarantined.items() if until <= now)
-        for bid in due:
-            del self.quarantined[bid]
+    def release_quarantined(self, block_ids: list[int]) -> None:
+        """Return quarantined blocks to the free pool (others in ``block_ids`` are ignored)."""
+        for bid in sorted(set(block_ids) & self.quarantined):
+            self.quarantined.remove(bid)
             self.free_ids.append(bid)
-        return len(due)
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the hashes of ``seq``'s blocks that became full of computed tokens."""
@@ -325,7 +326,7 @@ class BlockManager:
         evict = set(self.evictable)
         assert len(free) == len(self.free_ids), "a block is listed twice as free"
         assert not free & evict
-        assert not (free | evict) & self.quarantined.keys()
+        assert not (free | evict) & self.quarantined
         for block in self.blocks:
             in_pool = block.block_id in free or block.block_id in evict
             if block.block_id in self.quarantined:

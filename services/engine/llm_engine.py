@@ -628,23 +628,23 @@ class LLMEngine:
             self.reserved_resume[request_id] = resume
         return list(seq.block_table), cached
 
-    def free_reserved(self, request_id: str, quarantine_until: float | None = None) -> None:
-        """Drop a reservation. ``quarantine_until`` (``time.monotonic()``): a peer may write
-        into its blocks until then, so the ones it writes (all but the prefix-cache hits) are
-        handed out again only by a ``release_quarantined`` from that time on."""
+    def free_reserved(self, request_id: str, quarantine: bool = False) -> list[int]:
+        """Drop a reservation. With ``quarantine`` a peer may still write into its blocks: the
+        ones it writes (all but the prefix-cache hits) are handed out again only after
+        ``release_quarantined``; returns them."""
         self.reserved_resume.pop(request_id, None)
         seq = self.reserved.pop(request_id, None)
         if seq is None:
-            return
-        if quarantine_until is None:
+            return []
+        if not quarantine:
             self.block_manager.free(seq)
-        else:
-            first = seq.num_cached_tokens // self.block_manager.block_size
-            self.block_manager.free_quarantined(seq, first, quarantine_until)
+            return []
+        first = seq.num_cached_tokens // self.block_manager.block_size
+        return self.block_manager.free_quarantined(seq, first)
 
-    def release_quarantined(self) -> int:
-        """Free the quarantined blocks whose time has come (see ``free_reserved``)."""
-        return self.block_manager.release_quarantined(time.monotonic())
+    def release_quarantined(self, block_ids: list[int]) -> None:
+        """Free quarantined blocks (see ``free_reserved``)."""
+        self.block_manager.release_quarantined(block_ids)
 
     def start_reserved(
         self, request_id: str, first_token: int, first_logprobs: TokenLogprobs | None = None

@@ -59,6 +59,7 @@ class PushTarget:
     # read), given back once the request is over and its queued writes drained.
     slots: list[int] = field(default_factory=list)
     over: bool = False  # waited for or discarded
+    request_id: str = ""  # set by KVSender.add
 
 
 # A queued write: the request's target and its source addresses, destination addresses and
@@ -69,6 +70,9 @@ _FLUSH = "flush"
 DEFAULT_MIN_WRITE_BYTES = 8 << 20
 
 _PAST_DEADLINE = "KV push stopped: the decode worker's reservation is past its deadline"
+_FENCED = "KV push stopped: the decode worker released the reservation (fenced)"
+# How long a fenced request id stays refused when the reservation's deadline is unknown.
+FENCE_MEMORY_S = 600.0
 
 
 class KVSender:
@@ -90,6 +94,11 @@ class KVSender:
         self.block_size = block_size
         self.min_write_bytes = min_write_bytes  # hold queued layers until this many bytes
         self.targets: dict[str, PushTarget] = {}
+        # Pushes with writes that may still land (running, or over with writes queued), and
+        # fenced request ids (refused until the time given); both under _lock.
+        self._pushes: dict[str, PushTarget] = {}
+        self._fenced: dict[str, float] = {}
+        self._lock = threading.Lock()
         self._queue: queue.Queue[_Write | str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
         self._thread.start()
@@ -98,13 +107,44 @@ class KVSender:
         """Start pushing a request's KV into ``target``. TransferError for a descriptor that
         does not fit this worker's cache or addresses blocks outside the decode worker's."""
         self._check(target)
-        if self.staging is not None:
-            blocks = -(-target.num_tokens // self.block_size) - target.skip_blocks
-            try:
-                target.slots = self.staging.allocate(max(0, blocks))
-            except StagingFull as e:
-                raise TransferError(f"KV staging: {e}") from None
-        self.targets[request_id] = target
+        target.request_id = request_id
+        with self._lock:
+            if self._fenced.get(request_id, 0.0) > time.monotonic():
+                raise TransferError(_FENCED)
+            if self.staging is not None:
+                blocks = -(-target.num_tokens // self.block_size) - target.skip_blocks
+                try:
+                    target.slots = self.staging.allocate(max(0, blocks))
+                except StagingFull as e:
+                    raise TransferError(f"KV staging: {e}") from None
+            self.targets[request_id] = target
+            self._pushes[request_id] = target
+
+    def fence(self, request_id: str, timeout: float, until_unix: float = 0.0) -> bool:
+        """Write nothing more for ``request_id``: its push stops, one added before
+        ``until_unix`` (the reservation's deadline, ``time.time()``; 0: unknown) is refused,
+        and this returns True once no write of it can still land (False at ``timeout``: ask
+        again). The decode worker calls it (FenceKVPush) before it reuses the blocks of a
+        reservation released unclaimed. A push added after ``until_unix`` is past its own
+        deadline (its clock is this host's too), so a retry under the same id may proceed."""
+        end = time.monotonic() + timeout
+        with self._lock:
+            now = time.monotonic()
+            self._fenced = {r: t for r, t in self._fenced.items() if t > now}
+            memory = until_unix - time.time() if until_unix else FENCE_MEMORY_S
+            self._fenced[request_id] = now + max(0.0, memory)
+            t = self._pushes.get(request_id)
+        if t is not None:
+            t.error = t.error or _FENCED
+            with t.done:
+                if not t.done.wait_for(lambda: t.pending == 0, timeout):
+                    return False
+        # A write the agent gave up on may still be running: it lands or fails first.
+        while not self.agent.quiesced():
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.01)
+        return True
 
     def _check(self, t: PushTarget) -> None:
         needed = -(-t.num_tokens // self.block_size)
@@ -203,11 +243,14 @@ class KVSender:
                 self._give_back_slots(t)
 
     def _give_back_slots(self, t: PushTarget) -> None:
-        """Free the request's staging slots once it is over and no write still reads them
-        (call with ``t.done`` held)."""
-        if t.over and t.pending == 0 and t.slots and self.staging is not None:
-            self.staging.free(t.slots)
-            t.slots = []
+        """Forget the push and free its staging slots once it is over and no write still
+        reads them (call with ``t.done`` held)."""
+        if t.over and t.pending == 0:
+            with self._lock:
+                self._pushes.pop(t.request_id, None)
+            if t.slots and self.staging is not None:
+                self.staging.free(t.slots)
+                t.slots = []
 
     def wait(self, request_id: str, timeout: float) -> PushTarget:
         """Block until every queued write of the request is done (call after the request

@@ -94,6 +94,11 @@ class PrefillRole:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.engine.call(lambda e: e.release_held(rid)))
 
+    async def fence(self, request: pb.FenceKVPushRequest, timeout: float) -> bool:
+        """See ``KVSender.fence``: True once no write of the request's push can land."""
+        until = request.deadline_unix_ms / 1000
+        return await asyncio.to_thread(self.sender.fence, request.request_id, timeout, until)
+
 
 def write_deadline(target: pb.ReserveResponse) -> float:
     """The ``time.monotonic()`` from which no KV may be written into ``target``: the earlier

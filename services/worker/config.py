@@ -77,12 +77,20 @@ class WorkerConfig(MemberConfig):
             "call ends by then)"
         },
     )
+    kv_fence_timeout_s: float = field(
+        default=300.0,
+        metadata={
+            "help": "decode side: blocks of a reservation freed before Decode claimed it are "
+            "reused once its prefill worker fenced the push (or is gone); at the latest this "
+            "long past the deadline (a writer stopped longer could still land a write)"
+        },
+    )
     kv_write_grace_s: float = field(
         default=10.0,
         metadata={
-            "help": "decode side: blocks of a reservation freed before Decode claimed it are "
-            "not reused until this long past its deadline (a write submitted just before the "
-            "deadline may still be landing; clock skew between hosts)"
+            "help": "decode side: as --kv-fence-timeout-s when the router did not say which "
+            "prefill worker writes (no fence): the blocks are reused this long past the "
+            "deadline (a write submitted just before it may still be landing; clock skew)"
         },
     )
     encoder_cache_bytes: int = field(
@@ -130,8 +138,8 @@ class WorkerConfig(MemberConfig):
             raise ValueError("encoder_cache_bytes must be >= 0")
         if self.kv_transfer_timeout_s <= 0 or self.reserve_timeout_s <= 0:
             raise ValueError("kv_transfer_timeout_s and reserve_timeout_s must be > 0")
-        if self.kv_write_grace_s < 0:
-            raise ValueError("kv_write_grace_s must be >= 0")
+        if self.kv_write_grace_s < 0 or self.kv_fence_timeout_s < 0:
+            raise ValueError("kv_write_grace_s and kv_fence_timeout_s must be >= 0")
         if self.kv_push_min_write_bytes < 1:
             raise ValueError("kv_push_min_write_bytes must be >= 1")
         if self.kv_transfer == "none" and self.role in ("prefill", "decode", "encode"):

@@ -177,6 +177,7 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
     if wcfg.kv_transfer == "none":
         return None, None
     from services.common.mooncake_agent import MooncakeAgent, MooncakeConfig
+    from services.decode.fence import grpc_fence
     from services.decode.kv_receiver import KVReceiver
     from services.decode.role import DecodeRole
     from services.engine.kv_staging import KVStaging
@@ -217,7 +218,8 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
     llm_engine.layer_hook = sender.on_layer_done
     receiver = KVReceiver(
         engine, layout, wcfg.reserve_timeout_s, staging=staging,
-        write_grace_s=wcfg.kv_write_grace_s,
+        write_grace_s=wcfg.kv_write_grace_s, fence=grpc_fence(wcfg.grpc_tls),
+        fence_timeout_s=wcfg.kv_fence_timeout_s,
     )  # fmt: skip
     receiver.start()
     log.info(

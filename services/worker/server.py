@@ -25,6 +25,7 @@ from services.common.grpc_utils import (
 from services.common.mooncake_agent import TransferError
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
+from services.decode.fence import FENCE_WAIT_S
 from services.engine.outputs import LOST_IMAGES, RequestFailedError
 from services.worker.convert import delta_to_proto, params_from_proto, resume_from_proto
 from services.worker.metrics import WorkerMetrics
@@ -287,6 +288,15 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     ) -> pb.ReleaseResponse:
         found = self.decode is not None and await self.decode.release(request.request_id)
         return pb.ReleaseResponse(found=found)
+
+    async def FenceKVPush(  # noqa: N802
+        self, request: pb.FenceKVPushRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FenceKVPushResponse:
+        """No write of the request's KV push lands after this returns (any role: a push
+        started before a role change still drains). UNAVAILABLE: not yet, ask again."""
+        if self.prefill is not None and not await self.prefill.fence(request, FENCE_WAIT_S):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "KV push still draining")
+        return pb.FenceKVPushResponse()
 
     async def Prefill(  # noqa: N802
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext

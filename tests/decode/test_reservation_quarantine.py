@@ -1,6 +1,6 @@
 """Blocks (or staging slots) of a reservation freed before Decode claimed it stay out of every
-pool until its deadline plus the write grace: a prefill worker may still be writing into them,
-and another request must not get them before then."""
+pool until its prefill worker fenced its push (or is gone), or, with no writer known, until
+the deadline plus the write grace: another request must not get them while a write may land."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from services.decode.fence import WriterGone
 from services.decode.kv_receiver import KVReceiver
 from services.engine import LLM, SamplingParams
 from services.engine.block_manager import BlockManager
@@ -28,7 +29,7 @@ def reserved_seq(bm: BlockManager, tokens: list[int]) -> Sequence:
     return seq
 
 
-def test_quarantined_blocks_are_handed_out_only_after_their_time() -> None:
+def test_quarantined_blocks_are_handed_out_only_once_released() -> None:
     bm = BlockManager(6, BS)
     cached = Sequence("c", list(range(9)), SamplingParams())  # two full blocks cached
     assert bm.allocate_slots(cached, 9)
@@ -38,9 +39,9 @@ def test_quarantined_blocks_are_handed_out_only_after_their_time() -> None:
     seq = reserved_seq(bm, [*range(8), 50, 51, 52, 53, 54])  # hits 2 blocks, writes 2
     hits, written = seq.block_table[:2], seq.block_table[2:]
     assert len(written) == 2 and bm.num_free_blocks == 2  # 1 never used + 1 evictable
-    bm.free_quarantined(seq, first=2, until=100.0)
+    assert bm.free_quarantined(seq, first=2) == written
     bm.check_invariants()
-    assert set(bm.quarantined) == set(written) and seq.block_table == []
+    assert bm.quarantined == set(written) and seq.block_table == []
     assert all(h in bm.evictable for h in hits)  # hits are never written: cached as before
     assert bm.num_free_blocks == 4
     # Everything that can be handed out is, and none of it is a quarantined block.
@@ -49,8 +50,9 @@ def test_quarantined_blocks_are_handed_out_only_after_their_time() -> None:
     assert not set(other.block_table) & set(written)
     assert not bm.allocate_slots(Sequence("p", [1], SamplingParams()), 1)
     bm.free(other)
-    assert bm.release_quarantined(99.9) == 0
-    assert bm.release_quarantined(100.0) == 2
+    bm.release_quarantined([*hits, 5])  # not quarantined: ignored
+    assert bm.quarantined == set(written)
+    bm.release_quarantined(written)
     bm.check_invariants()
     assert bm.num_free_blocks == 6 and not bm.quarantined
 
@@ -60,17 +62,15 @@ def test_the_engine_quarantines_a_released_reservation(tiny_model_dir) -> None:
     total = engine.block_manager.num_free_blocks
     blocks, cached = engine.reserve("a", list(range(10, 30)), SamplingParams(max_tokens=1))
     assert cached == 0 and len(blocks) == 5
-    engine.free_reserved("a", quarantine_until=time.monotonic() + 0.3)
-    assert set(engine.block_manager.quarantined) == set(blocks)
-    assert engine.release_quarantined() == 0
+    assert engine.free_reserved("a", quarantine=True) == blocks
+    assert engine.block_manager.quarantined == set(blocks)
     assert engine.block_manager.num_free_blocks == total - 5
-    time.sleep(0.35)
-    assert engine.release_quarantined() == 5
+    engine.release_quarantined(blocks)
     assert engine.block_manager.num_free_blocks == total
     engine.block_manager.check_invariants()
     # Without a quarantine (a claimed reservation: its writes are done) they go back at once.
     engine.reserve("b", list(range(10, 30)), SamplingParams(max_tokens=1))
-    engine.free_reserved("b")
+    assert engine.free_reserved("b") == []
     assert engine.block_manager.num_free_blocks == total
 
 
@@ -78,8 +78,8 @@ class FakeEngine:
     """The receiver's view of the engine: ``call`` runs on a stand-in for the step thread."""
 
     def __init__(self) -> None:
-        self.freed: list[tuple[str, float | None]] = []
-        self.released = 0
+        self.quarantined: set[int] = set()
+        self.freed: list[str] = []
 
     async def prepare(self, params) -> None:
         pass
@@ -90,65 +90,118 @@ class FakeEngine:
     def reserve(self, request_id, prompt, params, resume, images):
         return [7, 8, 9], 0
 
-    def free_reserved(self, request_id: str, quarantine_until: float | None = None) -> None:
-        self.freed.append((request_id, quarantine_until))
+    def free_reserved(self, request_id: str, quarantine: bool = False) -> list[int]:
+        self.freed.append(request_id)
+        if quarantine:
+            self.quarantined |= {7, 8, 9}
+            return [7, 8, 9]
+        return []
 
-    def release_quarantined(self) -> int:
-        self.released += 1
-        return 0
+    def release_quarantined(self, block_ids: list[int]) -> None:
+        self.quarantined -= set(block_ids)
+
+
+class FakeFence:
+    """A writer that answers FenceKVPush only when the test says so (``answer``: None for a
+    fence, or the exception to raise)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.answers: asyncio.Queue[BaseException | None] = asyncio.Queue()
+
+    async def __call__(self, address: str, request_id: str, deadline_unix: float) -> None:
+        assert address == "p1:50051" and request_id == "a"
+        assert deadline_unix == pytest.approx(time.time(), abs=60)  # the reservation's
+        self.calls += 1
+        answer = await self.answers.get()
+        if answer is not None:
+            raise answer
+
+
+async def until(pred, what: str, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, what
+        await asyncio.sleep(0.01)
 
 
 @pytest.mark.asyncio
-async def test_a_release_before_the_deadline_quarantines_until_deadline_plus_grace() -> None:
+async def test_released_blocks_wait_for_the_writers_fence_however_long() -> None:
+    engine, fence = FakeEngine(), FakeFence()
+    receiver = KVReceiver(
+        engine, None, reserve_timeout_s=0.2, write_grace_s=0.1, fence=fence, fence_timeout_s=60
+    )  # type: ignore[arg-type]
+    receiver.start()
+    try:
+        r = await receiver.reserve("a", [1, 2, 3], SamplingParams(), writer="p1:50051")
+        assert r.deadline_unix == pytest.approx(time.time() + 0.2, abs=0.5)
+        await until(lambda: engine.freed == ["a"], "expired")
+        assert receiver.expired == 1 and engine.quarantined == {7, 8, 9}
+        # The writer does not answer (stopped): well past deadline + grace, still held.
+        await fence.answers.put(TimeoutError("deadline exceeded"))
+        await until(lambda: fence.calls == 2, "asked again")
+        await asyncio.sleep(0.5)
+        assert engine.quarantined == {7, 8, 9}
+        await fence.answers.put(None)  # it continued, drained and fenced its push
+        await until(lambda: not engine.quarantined, "released after the fence")
+        assert receiver.quarantine == []
+    finally:
+        await receiver.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_writer_that_is_gone_releases_the_blocks() -> None:
+    engine, fence = FakeEngine(), FakeFence()
+    receiver = KVReceiver(engine, None, 30, fence=fence)  # type: ignore[arg-type]
+    await receiver.reserve("a", [1, 2, 3], SamplingParams(), writer="p1:50051")
+    await receiver.release("a")  # the router gave up at once, long before the deadline
+    assert engine.quarantined == {7, 8, 9}
+    await fence.answers.put(WriterGone("connection refused"))
+    await until(lambda: not engine.quarantined, "released")
+    await receiver.stop()
+
+
+@pytest.mark.asyncio
+async def test_no_fence_past_the_fence_timeout_releases_the_blocks() -> None:
+    engine, fence = FakeEngine(), FakeFence()
+    receiver = KVReceiver(engine, None, 0.1, fence=fence, fence_timeout_s=0.3)  # type: ignore[arg-type]
+    receiver.start()
+    try:
+        r = await receiver.reserve("a", [1, 2, 3], SamplingParams(), writer="p1:50051")
+        await until(lambda: engine.quarantined, "expired")
+        await until(lambda: not engine.quarantined, "released at the fence timeout")
+        assert time.monotonic() >= r.deadline + 0.3
+    finally:
+        await receiver.stop()
+
+
+@pytest.mark.asyncio
+async def test_without_a_writer_blocks_wait_for_the_deadline_plus_grace() -> None:
     engine = FakeEngine()
     receiver = KVReceiver(engine, None, reserve_timeout_s=5, write_grace_s=2)  # type: ignore[arg-type]
     r = await receiver.reserve("a", [1, 2, 3], SamplingParams())
-    assert r.deadline_unix == pytest.approx(time.time() + 5, abs=0.5)
-    await receiver.release("a")  # the router gave up at once: the push may go on until r.deadline
-    ((rid, until),) = engine.freed
-    assert rid == "a" and until == pytest.approx(r.deadline + 2)
-    await receiver.release_quarantined(until - 0.01)
-    assert engine.released == 0
-    await receiver.release_quarantined(until)
-    assert engine.released == 1
-
-
-@pytest.mark.asyncio
-async def test_an_expired_reservation_is_quarantined_and_then_released_by_the_reaper() -> None:
-    engine = FakeEngine()
-    receiver = KVReceiver(engine, None, reserve_timeout_s=0.2, write_grace_s=0.3)  # type: ignore[arg-type]
-    receiver.start()
-    try:
-        r = await receiver.reserve("a", [1, 2, 3], SamplingParams())
-        for _ in range(200):
-            if engine.freed:
-                break
-            await asyncio.sleep(0.01)
-        ((_, until),) = engine.freed
-        assert until >= r.deadline + 0.3 and receiver.expired == 1
-        assert engine.released == 0
-        for _ in range(200):
-            if engine.released:
-                break
-            await asyncio.sleep(0.01)
-        assert engine.released == 1 and time.monotonic() >= until
-    finally:
-        await receiver.stop()
+    await receiver.release("a")  # the push may go on until r.deadline
+    (q,) = receiver.quarantine
+    assert q.until == pytest.approx(r.deadline + 2) and q.fence is None
+    await receiver.release_quarantined(q.until - 0.01)
+    assert engine.quarantined == {7, 8, 9}
+    await receiver.release_quarantined(q.until)
+    assert not engine.quarantined
 
 
 @pytest.mark.asyncio
 async def test_staging_slots_are_quarantined_not_the_blocks() -> None:
     # With staging the prefill worker writes the slots; the blocks are only written by the
     # copy-in of a claimed reservation.
-    engine = FakeEngine()
+    engine, fence = FakeEngine(), FakeFence()
     staging = KVStaging(torch.zeros(2, 2, 8, 4, 1, 4), "fp", 4)
-    receiver = KVReceiver(engine, None, 5, staging=staging, write_grace_s=1)  # type: ignore[arg-type]
-    r = await receiver.reserve("a", [1, 2, 3], SamplingParams())
+    receiver = KVReceiver(engine, None, 5, staging=staging, fence=fence)  # type: ignore[arg-type]
+    r = await receiver.reserve("a", [1, 2, 3], SamplingParams(), writer="p1:50051")
     assert len(r.slots) == 3 and staging.num_free == 1
     await receiver.release("a")
-    assert engine.freed == [("a", None)]
-    assert staging.num_free == 1  # the slots wait
-    await receiver.release_quarantined(r.deadline + 0.5)
-    assert staging.num_free == 1
-    await receiver.release_quarantined(r.deadline + 1)
-    assert staging.num_free == 4
+    assert engine.freed == ["a"] and not engine.quarantined
+    await asyncio.sleep(0.05)
+    assert staging.num_free == 1  # the slots wait for the fence
+    await fence.answers.put(None)
+    await until(lambda: staging.num_free == 4, "slots back after the fence")
+    await receiver.stop()

@@ -33,6 +33,9 @@ def layout(base: int = 1 << 20, **kw) -> KVLayout:
 class FakeAgent:
     """Records writes; ``hold`` makes the next write wait (a process stopped mid-push)."""
 
+    def quiesced(self) -> bool:
+        return True
+
     def __init__(self) -> None:
         self.writes: list[list[int]] = []
         self.hold: threading.Event | None = None
@@ -132,6 +135,36 @@ def test_the_wait_ends_at_the_deadline(sender) -> None:
         sender.wait("r", timeout=30)
     assert time.monotonic() - start < 10
     agent.hold.set()
+
+
+def test_a_fence_stops_the_push_and_returns_once_its_writes_landed(sender) -> None:
+    agent: FakeAgent = sender.agent
+    agent.hold = threading.Event()
+    sender.add("r", target(deadline=time.monotonic() + 30))
+    sender.on_layer_done(0, [scheduled(8)])
+    assert agent.entered.wait(5)  # a write is under way (or the process stopped in it)
+    sender.on_layer_done(1, [scheduled(8)])  # queued behind it
+    assert not sender.fence("r", timeout=0.2)  # not yet: that write may still land
+    agent.hold.set()
+    assert sender.fence("r", timeout=5)
+    assert len(agent.writes) == 1  # the queued one was dropped
+    sender.on_layer_done(0, [scheduled(4, computed=8)])
+    with pytest.raises(TransferError, match="fenced"):
+        sender.wait("r", timeout=5)
+    assert len(agent.writes) == 1 and sender._pushes == {}
+
+
+def test_a_fenced_request_is_refused_when_its_push_comes_later(sender) -> None:
+    # The decode worker released the reservation while the Prefill was still on its way.
+    assert sender.fence("late", timeout=1, until_unix=time.time() + 30)
+    with pytest.raises(TransferError, match="fenced"):
+        sender.add("late", target())
+    assert sender.agent.writes == []
+    # Past the released reservation's deadline a push under the same id is a new one (its
+    # own deadline guards it): a retry or a migration may reuse the id.
+    assert sender.fence("again", timeout=1, until_unix=time.time() - 1)
+    sender.add("again", target())
+    sender.discard("again")
 
 
 def test_the_prefill_deadline_is_the_earlier_of_wall_clock_and_relative() -> None:

@@ -89,6 +89,11 @@ class WorkerServiceStub:
                 request_serializer=epdserve_dot_worker__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=epdserve_dot_worker__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.FenceKVPush = channel.unary_unary(
+                '/epdserve.v1.WorkerService/FenceKVPush',
+                request_serializer=epdserve_dot_worker__pb2.FenceKVPushRequest.SerializeToString,
+                response_deserializer=epdserve_dot_worker__pb2.FenceKVPushResponse.FromString,
+                _registered_method=True)
         self.Encode = channel.unary_unary(
                 '/epdserve.v1.WorkerService/Encode',
                 request_serializer=epdserve_dot_worker__pb2.EncodeRequest.SerializeToString,
@@ -168,6 +173,12 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FenceKVPush(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Encode(self, request, context):
         """EPD (encode role): vision embeddings of images, left in registered memory for prefill.
         """
@@ -232,6 +243,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=epdserve_dot_worker__pb2.ReleaseRequest.FromString,
                     response_serializer=epdserve_dot_worker__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'FenceKVPush': grpc.unary_unary_rpc_method_handler(
+                    servicer.FenceKVPush,
+                    request_deserializer=epdserve_dot_worker__pb2.FenceKVPushRequest.FromString,
+                    response_serializer=epdserve_dot_worker__pb2.FenceKVPushResponse.SerializeToString,
             ),
             'Encode': grpc.unary_unary_rpc_method_handler(
                     servicer.Encode,
@@ -536,6 +552,33 @@ class WorkerService:
             '/epdserve.v1.WorkerService/Release',
             epdserve_dot_worker__pb2.ReleaseRequest.SerializeToString,
             epdserve_dot_worker__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FenceKVPush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epdserve.v1.WorkerService/FenceKVPush',
+            epdserve_dot_worker__pb2.FenceKVPushRequest.SerializeToString,
+            epdserve_dot_worker__pb2.FenceKVPushResponse.FromString,
             options,
             channel_credentials,
             insecure,
