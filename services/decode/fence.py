@@ -27,8 +27,9 @@ class WriterGone(Exception):
     it, so none of its writes can land any more."""
 
 
-def grpc_fence(tls: GrpcTLS | None = None) -> Fence:
-    """A ``Fence`` over the prefill worker's gRPC server (mutual TLS when ``tls``)."""
+def grpc_fence(tls: GrpcTLS | None = None, call_s: float = FENCE_CALL_S) -> Fence:
+    """A ``Fence`` over the prefill worker's gRPC server (mutual TLS when ``tls``), each call
+    given ``call_s``."""
 
     async def fence(address: str, request_id: str, deadline_unix: float) -> None:
         request = pb.FenceKVPushRequest(
@@ -36,7 +37,7 @@ def grpc_fence(tls: GrpcTLS | None = None) -> Fence:
         )
         async with channel(address, tls) as ch:
             try:
-                await pb_grpc.WorkerServiceStub(ch).FenceKVPush(request, timeout=FENCE_CALL_S)
+                await pb_grpc.WorkerServiceStub(ch).FenceKVPush(request, timeout=call_s)
             except grpc.aio.AioRpcError as e:
                 # NOTE: only a refused connection proves the process gone; a timeout is also
                 # what a stopped process or a partition looks like, and both may still
