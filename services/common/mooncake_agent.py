@@ -7,6 +7,7 @@ mode (no metadata server needed); ``protocol`` is "tcp" here and "rdma" in a clu
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 from dataclasses import dataclass
@@ -72,6 +73,12 @@ class MooncakeAgent:
         for it, whatever a peer's descriptor made the caller compute."""
         with self._lock:
             regions = sorted(self._regions.items())
+        if not addrs:
+            return
+        # The usual case first: all of it inside one region (one cache, one staging buffer).
+        lo, hi = min(addrs), max(map(operator.add, addrs, lens))
+        if min(lens) >= 0 and any(a <= lo and hi <= a + size for a, size in regions):
+            return
         for addr, n in zip(addrs, lens, strict=True):
             if n < 0 or not any(a <= addr and addr + n <= a + size for a, size in regions):
                 raise TransferError(

@@ -61,6 +61,8 @@ class KVLayout:
 
     def check_blocks(self, block_ids: list[int], what: str = "block") -> None:
         """ValueError unless every id is a block of this cache."""
+        if not block_ids or (min(block_ids) >= 0 and max(block_ids) < self.num_blocks):
+            return
         bad = [b for b in block_ids if not 0 <= b < self.num_blocks]
         if bad:
             raise ValueError(

@@ -147,6 +147,9 @@ class Orchestrator:
     PD_ATTEMPTS = 2
     # Deadline of the small control calls (Reserve, Release).
     CONTROL_TIMEOUT_S = 10.0
+    # Waits between Reserve calls while every decode worker is full (backpressure).
+    FULL_BACKOFF_S = 0.05
+    FULL_BACKOFF_MAX_S = 1.0
 
     def __init__(
         self,
@@ -347,31 +350,30 @@ class Orchestrator:
         pair, or on a mixed worker; then it is a clear error. A failure after it raises
         ``_Migrate``."""
         tried: set[str] = set()
+        suspects: set[str] = set()  # decode side of a failed KV transfer: others first
         last_error: APIError | None = None
         resume = progress.resume()
-        for _ in range(self.PD_ATTEMPTS):
+        deadline = time.monotonic() + self.timeout_s
+        for attempt in range(self.PD_ATTEMPTS):
             prefills = [h for h in self.pool.candidates("prefill", model) if h.id not in tried]
             decodes = [h for h in self.pool.candidates("decode", model) if h.id not in tried]
+            decodes = [h for h in decodes if h.id not in suspects] or decodes
             if not prefills or not decodes:
                 break
+            # A retry reserves afresh under a new id: the failed attempt's reservation was
+            # released, and a late write or fence of the old push must not meet the new one.
+            rid = f"{request_id}-a{attempt}" if attempt else request_id
             route = await self._route(model, request_id, prompt, [*prefills, *decodes], images)
             p_view, d_view = self.policy.select_pair(prefills, decodes, route)
             p, d = self.pool.handles.get(p_view.id), self.pool.handles.get(d_view.id)
             if p is None or d is None:
                 continue
-            try:
-                reservation = await watched_unary(d, d.stub.Reserve(
-                    pb.ReserveRequest(
-                        request_id=request_id, prompt_token_ids=list(prompt), params=params,
-                        role_epoch=d.info.role_epoch, resume=resume, images=image_keys(images),
-                    ),
-                    timeout=self.CONTROL_TIMEOUT_S,
-                ), self.CONTROL_TIMEOUT_S)  # fmt: skip
-            except WorkerLost as exc:
-                last_error = self._lost(d, tried, exc)
-                continue
-            except grpc.aio.AioRpcError as exc:
-                last_error = self._pd_failure(exc, d, tried, d.info.role_epoch)
+            d, reservation, error = await self._reserve(model, d, tried, pb.ReserveRequest(
+                request_id=rid, prompt_token_ids=list(prompt), params=params,
+                resume=resume, images=image_keys(images),
+            ), deadline)  # fmt: skip
+            if reservation is None:
+                last_error = error
                 continue
             d.inflight += 1
             reserved = True
@@ -388,7 +390,7 @@ class Orchestrator:
                         p,
                         p.stub.Prefill(
                             pb.PrefillRequest(
-                                request_id=request_id, prompt_token_ids=list(prompt),
+                                request_id=rid, prompt_token_ids=list(prompt),
                                 params=params, role_epoch=p.info.role_epoch, target=reservation,
                                 resume=resume, images=images,
                             ),
@@ -399,19 +401,21 @@ class Orchestrator:
                     computed = len(prompt) - first.cached_prompt_tokens
                     p.prefill_rate.add(computed / max(time.monotonic() - sent_at, 1e-6))
                 except WorkerLost as exc:
+                    # NOTE: the decode worker stays usable: its half-written reservation is
+                    # released below (its blocks quarantined past the write deadline) and
+                    # the retry reserves new blocks under a new id.
                     last_error = self._lost(p, tried, exc)
-                    tried.add(d.id)  # its reservation may be half written
                     continue
                 except grpc.aio.AioRpcError as exc:
                     last_error = self._pd_failure(exc, p, tried, p.info.role_epoch)
                     if "KV transfer" in (exc.details() or ""):
-                        tried.add(d.id)  # either side may be at fault: use a new pair
+                        suspects.add(d.id)  # either side may be at fault: another if any
                     continue
                 finally:
                     p.inflight -= 1
                 call = d.stub.Decode(
                     pb.DecodeRequest(
-                        request_id=request_id, first_token_id=first.first_token_id,
+                        request_id=rid, first_token_id=first.first_token_id,
                         first_logprobs=first.first_logprobs if first.HasField("first_logprobs") else None,
                         role_epoch=reservation.role_epoch,
                         cached_prompt_tokens=first.cached_prompt_tokens,
@@ -441,7 +445,7 @@ class Orchestrator:
             finally:
                 d.inflight -= 1
                 if reserved:
-                    await self._release(d, request_id)
+                    await self._release(d, rid)
         if self.pool.candidates("mixed", model):
             log.warning("PD path failed for %s; falling back to a mixed worker", request_id)
             async for msg in self._generate_mixed(
@@ -454,6 +458,47 @@ class Orchestrator:
         raise APIError(
             503, f"no prefill/decode pair available for model {model!r}", code="no_workers"
         )
+
+    async def _reserve(
+        self,
+        model: str,
+        d: WorkerHandle,
+        tried: set[str],
+        request: pb.ReserveRequest,
+        deadline: float,
+    ) -> tuple[WorkerHandle, pb.ReserveResponse | None, APIError | None]:
+        """Reserve ``request`` on ``d``: (the decode worker, its reservation, None), or
+        (the worker, None, the error) after a failure. A worker refusing for lack of room
+        (RESOURCE_EXHAUSTED) is backpressure, not a failure: the other decode workers are
+        asked, and when all are full the request waits (backoff) until one has room, up to
+        ``deadline``."""
+        full: set[str] = set()
+        backoff = self.FULL_BACKOFF_S
+        while True:
+            request.role_epoch = d.info.role_epoch
+            try:
+                reservation = await watched_unary(
+                    d, d.stub.Reserve(request, timeout=self.CONTROL_TIMEOUT_S),
+                    self.CONTROL_TIMEOUT_S,
+                )  # fmt: skip
+                return d, reservation, None
+            except WorkerLost as exc:
+                return d, None, self._lost(d, tried, exc)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                    return d, None, self._pd_failure(exc, d, tried, request.role_epoch)
+                log.info("decode worker %s is full: %s", d.id, exc.details())
+            full.add(d.id)
+            decodes = [h for h in self.pool.candidates("decode", model) if h.id not in tried]
+            if not decodes:
+                return d, None, APIError(503, "no decode worker left", code="no_workers")
+            with_room = [h for h in decodes if h.id not in full]
+            if not with_room:  # all full: wait for blocks to free up, then ask again
+                await asyncio.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
+                backoff = min(2 * backoff, self.FULL_BACKOFF_MAX_S)
+                full.clear()
+                with_room = decodes
+            d = next((h for h in with_room if h.id == d.id), with_room[0])
 
     def _pd_failure(
         self, exc: grpc.aio.AioRpcError, handle: WorkerHandle, tried: set[str], epoch: int
