@@ -64,7 +64,8 @@ class RouterConfig:
         default=60.0,
         metadata={
             "help": "a stream with no message this long is treated as hung even while its "
-            "worker still sends load reports"
+            "worker still sends load reports (its first message may take longer: up to 4x "
+            "the worker's queue and the request's own prefill at the measured rate)"
         },
     )
     rebalance_policy: str = field(

@@ -8,82 +8,38 @@ import contextlib
 import time
 
 import pytest
+from fake_handles import Stream, fake_handle, fake_pool, finished, keep_reporting
 
-from services.common.membership import InstanceInfo
 from services.common.proto import worker_pb2 as pb
 from services.router.errors import APIError
 from services.router.orchestrator import Orchestrator
 from services.router.policies.factory import create_policy
-from services.router.workers import WorkerHandle, WorkerPool
+from services.router.workers import WorkerHandle
 
 STALL_S = 0.3  # the stall timeout of these tests
 STALE_S = 2.0  # a worker whose load stream is silent this long is lost
 
 
-class FakeCall:
-    """A Generate stream that sends one finished message after ``delay`` seconds."""
-
-    def __init__(self, delay: float, prompt_tokens: int) -> None:
-        self.delay = delay
-        self.prompt_tokens = prompt_tokens
-        self.cancelled = False
-        self._sent = False
-
-    def __aiter__(self) -> FakeCall:
-        return self
-
-    async def __anext__(self) -> pb.GenerateResponse:
-        if self._sent:
-            raise StopAsyncIteration
-        await asyncio.sleep(self.delay)
-        self._sent = True
-        delta = pb.CompletionDelta(token_ids=[7], text="x", finish_reason="length")
-        return pb.GenerateResponse(outputs=[delta], prompt_tokens=self.prompt_tokens, finished=True)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
 class FakeStub:
+    """Generate answers one finished message after ``delay`` seconds."""
+
     def __init__(self, delay: float) -> None:
         self.delay = delay
         self.calls: list[pb.GenerateRequest] = []
 
-    def Generate(self, req: pb.GenerateRequest, timeout: float) -> FakeCall:  # noqa: N802
+    def Generate(self, req: pb.GenerateRequest, timeout: float) -> Stream:  # noqa: N802
         self.calls.append(req)
-        return FakeCall(self.delay, len(req.prompt_token_ids))
+        return Stream([finished(prompt_tokens=len(req.prompt_token_ids))], self.delay)
 
 
 def handle(iid: str, delay: float, load: pb.LoadReport, rate: float) -> WorkerHandle:
-    """A mixed worker as the router sees it, answering its first message after ``delay``,
-    last reporting ``load``, with a measured prefill ``rate`` (tokens/s; 0: none yet)."""
-    info = InstanceInfo(
-        id=iid, address="127.0.0.1:9", role="mixed", role_epoch=1, model="m",
-        incarnation="i", pid=1, host="h", capacity={"max_model_len": 4096},
-    )  # fmt: skip
-    h = WorkerHandle(info, load_interval_ms=50, stale_s=STALE_S)
-    h.stub = FakeStub(delay)  # type: ignore[assignment]
-    h.load = load
-    h.load_at = time.monotonic()
-    if rate:
-        h.prefill_rate.add(rate)
-    return h
-
-
-async def keep_reporting(handles: list[WorkerHandle]) -> None:
-    """The load streams of ``handles`` stay alive (a report every 50 ms)."""
-    while True:
-        for h in handles:
-            h.load_at = time.monotonic()
-        await asyncio.sleep(0.05)
+    return fake_handle(iid, FakeStub(delay), load=load, rate=rate, stale_s=STALE_S)
 
 
 async def run(handles: list[WorkerHandle], alive: list[WorkerHandle]) -> list[pb.GenerateResponse]:
-    pool = WorkerPool(stale_s=STALE_S)
-    pool.handles = {h.id: h for h in handles}
     orch = Orchestrator(
-        pool, create_policy("round_robin"), timeout_s=30.0, max_attempts=3,
-        stall_timeout_s=STALL_S,
+        fake_pool(handles, STALE_S), create_policy("round_robin"), timeout_s=30.0,
+        max_attempts=3, stall_timeout_s=STALL_S,
     )  # fmt: skip
     reporter = asyncio.create_task(keep_reporting(alive))
     try:

@@ -1,0 +1,144 @@
+"""PD retries keep a healthy decode worker (a fresh reservation per attempt), and a decode
+worker refusing a reservation for lack of room is backpressure, not an error."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from fake_handles import Stream, Unary, fake_handle, fake_pool, finished, rpc_error
+
+from services.common.proto import worker_pb2 as pb
+from services.router.errors import APIError
+from services.router.orchestrator import Orchestrator
+from services.router.policies.factory import create_policy
+from services.router.workers import WorkerHandle
+
+FULL = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class PrefillStub:
+    """Prefill fails with the next of ``failures`` (shared by the prefill workers), then
+    answers first token 5."""
+
+    def __init__(self, failures: list[BaseException]) -> None:
+        self.failures = failures
+        self.calls: list[str] = []
+
+    def Prefill(self, req: pb.PrefillRequest, timeout: float) -> Unary:  # noqa: N802
+        self.calls.append(req.request_id)
+
+        async def answer() -> pb.PrefillResponse:
+            if self.failures:
+                raise self.failures.pop(0)
+            return pb.PrefillResponse(first_token_id=5)
+
+        return Unary(answer)
+
+
+class DecodeStub:
+    """Reserve refuses with ``full`` RESOURCE_EXHAUSTED answers first (None: always)."""
+
+    def __init__(self, full: int | None = 0) -> None:
+        self.full = full
+        self.reserved: list[str] = []
+        self.refused = 0
+        self.released: list[str] = []
+        self.decoded: list[str] = []
+
+    def Reserve(self, req: pb.ReserveRequest, timeout: float) -> Unary:  # noqa: N802
+        async def answer() -> pb.ReserveResponse:
+            if self.full is None or self.refused < self.full:
+                self.refused += 1
+                raise rpc_error(FULL, "decode worker full, retry later", "busy")
+            self.reserved.append(req.request_id)
+            return pb.ReserveResponse(block_ids=[0], role_epoch=1)
+
+        return Unary(answer)
+
+    def Release(self, req: pb.ReleaseRequest, timeout: float) -> Unary:  # noqa: N802
+        self.released.append(req.request_id)
+
+        async def answer() -> pb.ReleaseResponse:
+            return pb.ReleaseResponse(found=True)
+
+        return Unary(answer)
+
+    def Decode(self, req: pb.DecodeRequest, timeout: float) -> Stream:  # noqa: N802
+        self.decoded.append(req.request_id)
+        return Stream([finished(req.first_token_id)])
+
+
+def run(
+    prefill: PrefillStub, decodes: list[DecodeStub], prefills: int = 1, timeout_s: float = 30.0
+) -> list[pb.GenerateResponse]:
+    """One request through ``prefills`` prefill workers (sharing ``prefill``) and a decode
+    worker per stub in ``decodes``."""
+
+    async def main() -> list[pb.GenerateResponse]:
+        handles: list[WorkerHandle] = [
+            *(fake_handle(f"p{i}", prefill, role="prefill") for i in range(prefills)),
+            *(fake_handle(f"d{i}", d, role="decode") for i, d in enumerate(decodes)),
+        ]
+        orch = Orchestrator(
+            fake_pool(handles), create_policy("round_robin"), timeout_s=timeout_s,
+            max_attempts=3, stall_timeout_s=5.0,
+        )  # fmt: skip
+        try:
+            params = pb.SamplingParams(max_tokens=1)
+            return [m async for m in orch.generate("m", "r1", [1, 2, 3], params)]
+        finally:
+            for h in handles:
+                await h.channel.close()
+
+    return asyncio.run(main())
+
+
+FAILURES = {
+    "transfer": lambda: rpc_error(
+        grpc.StatusCode.UNAVAILABLE, "KV transfer failed: peer gone", "transfer"
+    ),
+    "prefill-died": lambda: rpc_error(grpc.StatusCode.UNAVAILABLE, "Socket closed"),
+    # Its channel closed under the call (it left the cluster): WorkerLost.
+    "prefill-left": asyncio.CancelledError,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FAILURES))
+def test_prefill_failure_is_retried_on_the_same_healthy_decode_worker(kind) -> None:
+    failure = FAILURES[kind]()
+    d, p = DecodeStub(), PrefillStub([failure])
+    out = run(p, [d], prefills=2)
+    assert [m.outputs[0].token_ids for m in out] == [[5]]
+    # Two attempts on the one decode worker, each with its own reservation; the failed
+    # attempt's reservation was released.
+    assert d.reserved == ["r1", "r1-a1"]
+    assert d.released == ["r1"]
+    assert d.decoded == ["r1-a1"]
+    assert p.calls == ["r1", "r1-a1"]
+
+
+def test_full_decode_worker_makes_the_request_wait() -> None:
+    d = DecodeStub(full=4)
+    out = run(PrefillStub([]), [d])
+    assert [m.outputs[0].token_ids for m in out] == [[5]]
+    assert d.refused == 4 and d.reserved == ["r1"]
+
+
+def test_full_decode_worker_sends_the_request_to_one_with_room() -> None:
+    full, roomy = DecodeStub(full=None), DecodeStub()
+    out = run(PrefillStub([]), [full, roomy])
+    assert len(out) == 1
+    assert roomy.reserved == ["r1"] and full.reserved == []
+
+
+def test_decode_worker_full_past_the_request_timeout_is_an_error() -> None:
+    d = DecodeStub(full=None)
+    started = time.monotonic()
+    with pytest.raises(APIError) as err:
+        run(PrefillStub([]), [d], timeout_s=1.0)
+    assert err.value.status == 503 and "full" in err.value.message
+    assert d.refused > 2  # it kept asking ...
+    assert time.monotonic() - started < 10.0  # ... within the request's timeout
