@@ -12,8 +12,10 @@ import httpx
 import pytest
 from cluster_helpers import TINY_NAME, start_cluster
 
+from tests.deps import MOONCAKE, require
+
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
-pytest.importorskip("mooncake.engine")
+require("mooncake.engine", MOONCAKE)
 
 # Accepted by the API: each must be answered (200) and kill nothing.
 EXTREMES: list[dict] = [
