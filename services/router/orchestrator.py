@@ -370,7 +370,7 @@ class Orchestrator:
                 continue
             d, reservation, error = await self._reserve(model, d, tried, pb.ReserveRequest(
                 request_id=rid, prompt_token_ids=list(prompt), params=params,
-                resume=resume, images=image_keys(images),
+                resume=resume, images=image_keys(images), writer_address=p.info.address,
             ), deadline)  # fmt: skip
             if reservation is None:
                 last_error = error
