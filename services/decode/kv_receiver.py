@@ -33,6 +33,7 @@ NOTE: only a reservation's owner writes its blocks. Who guarantees what:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -104,6 +105,7 @@ class KVReceiver:
         self.quarantine: list[_Quarantine] = []
         self.expired = 0  # reservations reclaimed by the deadline (a metric)
         self._reaper: asyncio.Task[None] | None = None
+        self._orphans: set[asyncio.Future[None]] = set()  # releases of cancelled Reserves
 
     def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap_loop())
@@ -124,8 +126,39 @@ class KVReceiver:
     ) -> Reservation:
         """Raises ValueError (bad request) or MemoryError (cache full). ``images``: grids and
         hashes of a vision-language prompt's images; ``writer``: the gRPC address of the
-        prefill worker that will write the blocks (fenced if the reservation is released)."""
+        prefill worker that will write the blocks (fenced if the reservation is released).
+
+        NOTE: the engine reserves on its step thread whether or not this call is cancelled
+        meanwhile (the router gave up on the request: its client left); a reservation the
+        receiver never recorded would hold its blocks forever (the cancellation storm test
+        found 2-5 such blocks per run). So the reservation is made and recorded in a
+        shielded task, and one whose caller was cancelled is released as soon as it exists.
+        """
         await self.engine.prepare(params)
+        task = asyncio.ensure_future(
+            self._reserve(request_id, prompt_token_ids, params, resume, images, writer)
+        )
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(functools.partial(self._release_orphan, request_id))
+            raise
+
+    def _release_orphan(self, request_id: str, task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is None:
+            orphan = asyncio.ensure_future(self.release(request_id))
+            self._orphans.add(orphan)
+            orphan.add_done_callback(self._orphans.discard)
+
+    async def _reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        resume: Resume | None,
+        images: ImageInputs | None,
+        writer: str,
+    ) -> Reservation:
         blocks, cached = await self.engine.call(
             lambda e: e.reserve(request_id, prompt_token_ids, params, resume, images)
         )
@@ -165,10 +198,15 @@ class KVReceiver:
     async def release(self, request_id: str) -> None:
         """Free a reservation (the transfer failed, the router gave up, or it expired). The
         prefill worker may still be writing into it: what it writes stays quarantined until
-        it fenced its push (see the NOTE above)."""
+        it fenced its push (see the NOTE above). Shielded: once the reservation is taken out
+        of ``reservations``, its blocks must reach the quarantine even if the caller (a
+        Release call) is cancelled, or they would be held by no one, forever."""
         r = self.reservations.pop(request_id, None)
         if r is None:
             return
+        await asyncio.shield(self._quarantine(request_id, r))
+
+    async def _quarantine(self, request_id: str, r: Reservation) -> None:
         fenced = bool(r.writer) and self.fence is not None
         wait = self.fence_timeout_s if fenced else self.write_grace_s
         q = _Quarantine(

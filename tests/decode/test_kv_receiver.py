@@ -77,3 +77,75 @@ async def test_a_cancelled_claim_frees_the_slots_only_when_the_copy_ends() -> No
     staging.go.set()
     await until(lambda: staging.num_free == 4, "slots back after the copy")
     assert staging.copied == [([0, 1, 2], [6, 7, 2])]
+
+
+class SlowReserveEngine:
+    """An engine double whose ``call`` runs the command only once the test lets it, as the
+    real step thread runs a queued command even when its caller was cancelled meanwhile."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.reserved: dict[str, list[int]] = {}
+        self.quarantined: list[int] = []
+        self.released: list[int] = []
+
+    async def prepare(self, params) -> None:
+        return None
+
+    def call(self, fn):
+        async def run():
+            await self.go.wait()
+            return fn(self)
+
+        return asyncio.shield(asyncio.ensure_future(run()))
+
+    def reserve(self, rid, prompt, params, resume, images):
+        self.reserved[rid] = [1, 2, 3]
+        return [1, 2, 3], 0
+
+    def free_reserved(self, rid, quarantine=False):
+        blocks = self.reserved.pop(rid)
+        if quarantine:
+            self.quarantined += blocks
+        return blocks
+
+    def release_quarantined(self, blocks):
+        self.released += blocks
+
+
+async def test_a_reserve_whose_caller_is_cancelled_is_released_not_leaked() -> None:
+    """The router gave up on the request while its Reserve was queued on the step thread:
+    the engine reserves anyway, and the receiver must free what it reserved. Before, the
+    reservation was never recorded, and its blocks were held forever (2-5 blocks per run of
+    the cancellation storm test)."""
+    engine = SlowReserveEngine()
+    receiver = KVReceiver(engine, layout=None, reserve_timeout_s=60, write_grace_s=0.01)  # type: ignore[arg-type]
+    call = asyncio.create_task(receiver.reserve("r", [1, 2, 3, 4], None))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    engine.go.set()
+    await until(lambda: engine.quarantined == [1, 2, 3], "the orphan reservation freed")
+    assert "r" not in receiver.reservations and not engine.reserved
+    await until(lambda: receiver.quarantine, "its blocks quarantined")
+    await asyncio.sleep(0.05)
+    await receiver.release_quarantined(float("inf"))
+    assert engine.released == [1, 2, 3]
+
+
+async def test_a_release_whose_caller_is_cancelled_still_quarantines_the_blocks() -> None:
+    engine = SlowReserveEngine()
+    engine.go.set()
+    receiver = KVReceiver(engine, layout=None, reserve_timeout_s=60, write_grace_s=0.01)  # type: ignore[arg-type]
+    await receiver.reserve("r", [1, 2, 3, 4], None)  # type: ignore[arg-type]
+    engine.go.clear()
+    release = asyncio.create_task(receiver.release("r"))
+    await asyncio.sleep(0.05)
+    release.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await release
+    engine.go.set()
+    await until(lambda: receiver.quarantine, "the blocks reach the quarantine")
+    await receiver.release_quarantined(float("inf"))
+    assert engine.released == [1, 2, 3]
