@@ -147,6 +147,10 @@ class Orchestrator:
     PD_ATTEMPTS = 2
     # Deadline of the small control calls (Reserve, Release).
     CONTROL_TIMEOUT_S = 10.0
+    # A request finding no usable worker while some serve (one out of routing only until its
+    # next load report after a failed call, or just registered) waits this long for one.
+    WORKER_WAIT_S = 5.0
+    WORKER_POLL_S = 0.05
     # Waits between Reserve calls while every decode worker is full (backpressure).
     FULL_BACKOFF_S = 0.05
     FULL_BACKOFF_MAX_S = 1.0
@@ -196,6 +200,34 @@ class Orchestrator:
             self.pool.candidates("decode", model)
         )
 
+    async def _use_pd(self, model: str) -> bool:
+        """Whether to run on a PD pair (else on a mixed worker). While neither is usable but
+        workers that serve are known, wait for one (``_usable``)."""
+        deadline = time.monotonic() + self.WORKER_WAIT_S
+        while not self.pd_available(model) and not self.pool.candidates("mixed", model):
+            if not self.pool.may_serve(model) or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(self.WORKER_POLL_S)
+        return self.pd_available(model)
+
+    async def _usable(self, role: str, model: str, exclude: set[str]) -> list[WorkerHandle]:
+        """The usable workers of ``role`` outside ``exclude``. NOTE: when there are none but
+        some of them serve, wait for one (up to WORKER_WAIT_S): a worker is out of routing
+        from a failed call until its next load report (a fraction of a second) and from
+        registering until its first, and a request arriving then, with the only other
+        worker just died, must not fail for that."""
+        deadline = time.monotonic() + self.WORKER_WAIT_S
+        waited = False
+        while True:
+            found = [h for h in self.pool.candidates(role, model) if h.id not in exclude]
+            serving = [h.id for h in self.pool.serving(role, model) if h.id not in exclude]
+            if found or not serving or time.monotonic() >= deadline:
+                return found
+            if not waited:
+                log.info("no %s worker usable now; waiting for one of %s", role, serving)
+                waited = True
+            await asyncio.sleep(self.WORKER_POLL_S)
+
     async def generate(
         self,
         model: str,
@@ -211,7 +243,7 @@ class Orchestrator:
         trace = self.phases.begin(request_id, model)
         images = await trace.end_if_raises(self.encode_stage.run(model, request_id, images))
         if params.HasField("n") and params.n > 1:
-            if self.pd_available(model):
+            if await self._use_pd(model):
                 gen = self._generate_pd_n(model, request_id, prompt_token_ids, params, images)
             else:
                 gen = self._generate_mixed_n(model, request_id, prompt_token_ids, params, images)
@@ -299,7 +331,7 @@ class Orchestrator:
             progress.begin()
             # A migrated request gets a new id: its old worker may still hold the old one.
             rid = f"{request_id}-m{progress.migrations}" if progress.migrations else request_id
-            if self.pd_available(model):
+            if await self._use_pd(model):
                 gen = self._generate_pd(model, rid, prompt, params, progress, images)
             else:
                 gen = self._generate_mixed(model, rid, prompt, params, progress.resume(), images)
@@ -355,8 +387,8 @@ class Orchestrator:
         resume = progress.resume()
         deadline = time.monotonic() + self.timeout_s
         for attempt in range(self.PD_ATTEMPTS):
-            prefills = [h for h in self.pool.candidates("prefill", model) if h.id not in tried]
-            decodes = [h for h in self.pool.candidates("decode", model) if h.id not in tried]
+            prefills = await self._usable("prefill", model, tried)
+            decodes = await self._usable("decode", model, tried)
             decodes = [h for h in decodes if h.id not in suspects] or decodes
             if not prefills or not decodes:
                 break
@@ -560,7 +592,7 @@ class Orchestrator:
         tried: set[str] = set()
         last_error: APIError | None = None
         for _ in range(self.max_attempts):
-            candidates = [h for h in self.pool.candidates("mixed", model) if h.id not in tried]
+            candidates = await self._usable("mixed", model, tried)
             if not candidates:
                 break
             route = await self._route(model, request_id, prompt_token_ids, candidates, images)

@@ -109,7 +109,9 @@ class Gateway:
                 404, f"The model '{name}' does not exist; available: {', '.join(sorted(models))}",
                 param="model", code="model_not_found",
             )  # fmt: skip
-        if serving and not self.can_serve(name):
+        # NOTE: a worker out of routing only for a moment still counts (the orchestrator
+        # waits a little for it): with the only other one just died, that is no 503.
+        if serving and not self.can_serve(name) and not self.pool.may_serve(name):
             raise APIError(503, f"no usable worker for model '{name}'", code="no_workers")
         return name, models[name]
 

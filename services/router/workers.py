@@ -219,6 +219,25 @@ class WorkerPool:
             key=lambda h: h.id,
         )
 
+    def serving(self, role: str, model: str | None = None) -> list[WorkerHandle]:
+        """Workers of ``role`` that serve (not draining nor mid-flip), usable or not: one
+        out of routing only until its next load report (after a failed call) or its first
+        one (just registered) is among them."""
+        return [
+            h
+            for h in self.handles.values()
+            if h.info.role == role
+            and h.state == "serving"
+            and (model is None or h.info.model == model)
+        ]
+
+    def may_serve(self, model: str) -> bool:
+        """Serving workers (usable now or not) make a path for ``model``: a mixed worker,
+        or a prefill worker and a decode worker."""
+        return bool(self.serving("mixed", model)) or (
+            bool(self.serving("prefill", model)) and bool(self.serving("decode", model))
+        )
+
     def models(self) -> dict[str, int]:
         """Served model names of known workers -> the smallest context length among them."""
         out: dict[str, int] = {}
