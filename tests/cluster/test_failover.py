@@ -32,6 +32,7 @@ class Traffic:
     def __init__(self, url: str) -> None:
         self.url = url
         self.statuses: list[int] = []
+        self.failures: list[str] = []  # body of each non-200 answer, for the assertion message
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -39,9 +40,13 @@ class Traffic:
         with httpx.Client(base_url=self.url, timeout=30) as c:
             while not self._stop.is_set():
                 try:
-                    self.statuses.append(c.post("/v1/completions", json=REQ).status_code)
-                except httpx.HTTPError:
+                    r = c.post("/v1/completions", json=REQ)
+                    self.statuses.append(r.status_code)
+                    if r.status_code != 200:
+                        self.failures.append(r.text)
+                except httpx.HTTPError as exc:
                     self.statuses.append(-1)
+                    self.failures.append(repr(exc))
                 time.sleep(0.05)
 
     def __enter__(self) -> Traffic:
@@ -97,7 +102,9 @@ def test_etcd_restart_keeps_serving_and_workers_reregister(cluster) -> None:
             lambda: _etcd_instances(cluster.etcd.endpoint, "test") == {"worker-0", "worker-1"}, 30
         )
         time.sleep(1.0)
-    assert traffic.statuses and set(traffic.statuses) == {200}, traffic.statuses
+    assert traffic.statuses and set(traffic.statuses) == {200}, (
+        traffic.statuses, traffic.failures, "\n".join(cluster.router.tail)
+    )
     assert during > 3, "requests should have been answered while etcd was down"
     status, health = worker_health(cluster.base_url, cluster.admin_token)
     assert status == 200 and set(health["workers"]) == {"worker-0", "worker-1"}
@@ -124,7 +131,9 @@ def test_kill_9_one_worker(cluster) -> None:
         time.sleep(1.0)
     # A request not yet started on the dead worker is retried on the other one; one already
     # streaming from it at the moment of the kill is continued there (migration).
-    assert traffic.statuses and set(traffic.statuses) == {200}, traffic.statuses
+    assert traffic.statuses and set(traffic.statuses) == {200}, (
+        traffic.statuses, traffic.failures, "\n".join(cluster.router.tail)
+    )
     assert traffic.statuses[-5:] == [200] * 5
     assert _etcd_instances(cluster.etcd.endpoint, "test") == {"worker-1"}
     with httpx.Client(base_url=cluster.base_url, timeout=30) as c:
