@@ -456,7 +456,9 @@ class Orchestrator:
                 )  # fmt: skip
                 got_any = False
                 try:
-                    async for resp in watched_stream(d, call, self.stall_timeout_s):
+                    # Its first message may wait for a slot in a busy decode worker's batch.
+                    first_s = d.first_message_s(0, self.stall_timeout_s)
+                    async for resp in watched_stream(d, call, self.stall_timeout_s, first_s):
                         got_any = True
                         reserved = False
                         yield resp

@@ -41,8 +41,9 @@ class PrefillStub:
 class DecodeStub:
     """Reserve refuses with ``full`` RESOURCE_EXHAUSTED answers first (None: always)."""
 
-    def __init__(self, full: int | None = 0) -> None:
+    def __init__(self, full: int | None = 0, delay: float = 0.0) -> None:
         self.full = full
+        self.delay = delay  # before Decode's first message
         self.reserved: list[str] = []
         self.refused = 0
         self.released: list[str] = []
@@ -68,11 +69,16 @@ class DecodeStub:
 
     def Decode(self, req: pb.DecodeRequest, timeout: float) -> Stream:  # noqa: N802
         self.decoded.append(req.request_id)
-        return Stream([finished(req.first_token_id)])
+        return Stream([finished(req.first_token_id)], self.delay)
 
 
 def run(
-    prefill: PrefillStub, decodes: list[DecodeStub], prefills: int = 1, timeout_s: float = 30.0
+    prefill: PrefillStub,
+    decodes: list[DecodeStub],
+    prefills: int = 1,
+    timeout_s: float = 30.0,
+    stall_s: float = 5.0,
+    decode_load: pb.LoadReport | None = None,
 ) -> list[pb.GenerateResponse]:
     """One request through ``prefills`` prefill workers (sharing ``prefill``) and a decode
     worker per stub in ``decodes``."""
@@ -80,11 +86,14 @@ def run(
     async def main() -> list[pb.GenerateResponse]:
         handles: list[WorkerHandle] = [
             *(fake_handle(f"p{i}", prefill, role="prefill") for i in range(prefills)),
-            *(fake_handle(f"d{i}", d, role="decode") for i, d in enumerate(decodes)),
+            *(
+                fake_handle(f"d{i}", d, role="decode", load=decode_load)
+                for i, d in enumerate(decodes)
+            ),
         ]
         orch = Orchestrator(
             fake_pool(handles), create_policy("round_robin"), timeout_s=timeout_s,
-            max_attempts=3, stall_timeout_s=5.0,
+            max_attempts=3, stall_timeout_s=stall_s,
         )  # fmt: skip
         try:
             params = pb.SamplingParams(max_tokens=1)
@@ -142,3 +151,11 @@ def test_decode_worker_full_past_the_request_timeout_is_an_error() -> None:
     assert err.value.status == 503 and "full" in err.value.message
     assert d.refused > 2  # it kept asking ...
     assert time.monotonic() - started < 10.0  # ... within the request's timeout
+
+
+def test_busy_decode_worker_keeps_the_request_past_the_stall_timeout() -> None:
+    # Its batch is full (requests waiting): the first message may come after the stall timeout.
+    d = DecodeStub(delay=1.0)
+    busy = pb.LoadReport(num_waiting=3, num_running=16)
+    out = run(PrefillStub([]), [d], stall_s=0.3, decode_load=busy)
+    assert len(out) == 1 and d.decoded == ["r1"] and d.released == []
