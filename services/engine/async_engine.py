@@ -59,6 +59,8 @@ class AsyncLLMEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
+        # Commands queued after the thread's last drain would never be answered.
+        self._fail_commands(EngineDeadError("engine shut down"))
         if self.engine is not None:
             await asyncio.to_thread(self.engine.close)
 
@@ -118,7 +120,7 @@ class AsyncLLMEngine:
                     return
         finally:
             self._streams.pop(request_id, None)
-            if not finished and self._dead is None:
+            if not finished and self._dead is None and not self._stopping.is_set():
                 await self.call(lambda e: e.abort_request(request_id))
 
     async def prepare(self, params: SamplingParams) -> None:
@@ -159,7 +161,7 @@ class AsyncLLMEngine:
                 item = await stream.get()
         finally:
             self._streams.pop(request_id, None)
-            if not finished and self._dead is None:
+            if not finished and self._dead is None and not self._stopping.is_set():
                 await self.call(lambda e: e.abort_request(request_id))
 
     def stats(self) -> EngineStats:
@@ -172,6 +174,8 @@ class AsyncLLMEngine:
         """Run ``fn(engine)`` on the step thread between two steps and return its result."""
         if self._dead is not None:
             raise EngineDeadError(f"engine died: {self._dead!r}")
+        if self._stopping.is_set():
+            raise EngineDeadError("engine shut down")  # NOTE: nothing would answer
         assert self._loop is not None, "engine not started"
         fut: asyncio.Future[T] = self._loop.create_future()
         self._commands.put((fn, fut))
@@ -253,6 +257,9 @@ class AsyncLLMEngine:
                 stream.put_nowait(err)
 
         self._loop.call_soon_threadsafe(fail)
+        self._fail_commands(err)
+
+    def _fail_commands(self, err: BaseException) -> None:
         while True:
             try:
                 _, fut = self._commands.get_nowait()
