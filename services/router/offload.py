@@ -68,5 +68,6 @@ def text_size(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
         if isinstance(content, str):
             size += len(content)
         elif isinstance(content, list):
-            size += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+            texts = (p.get("text") for p in content if isinstance(p, dict))
+            size += sum(len(t) for t in texts if isinstance(t, str))
     return size

@@ -21,7 +21,7 @@ from router_fakes import FakeEngine, FakeTokenizer, start_fake_worker, start_gat
 from services.common.etcd_server import EtcdServer
 from services.router import structured
 from services.router.config import RouterConfig
-from services.router.offload import INLINE_BELOW, Offload
+from services.router.offload import INLINE_BELOW, Offload, text_size
 
 pytestmark = [pytest.mark.timeout(90)]
 
@@ -233,3 +233,14 @@ def test_the_pool_size_is_checked() -> None:
         RouterConfig(preprocess_threads=0)
     with pytest.raises(ValueError, match="at least one thread"):
         Offload(0)
+
+
+def test_text_size_counts_the_text_the_template_renders() -> None:
+    messages = [
+        {"role": "system", "content": "abc"},
+        {"role": "user", "content": [{"type": "text", "text": "de"}, {"type": "image"}, "x"]},
+        {"role": "assistant", "content": None},
+    ]
+    assert text_size(messages) == 5
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert text_size(messages, tools) == 5 + len('[{"type": "function", "function": {"name": "f"}}]')
