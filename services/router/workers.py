@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -18,6 +19,9 @@ from services.router.phases import phase_interceptors
 
 log = logging.getLogger(__name__)
 
+# A worker whose etcd key vanished while its load stream lives (etcd was down or stalled for
+# longer than the lease) keeps serving this long, waiting for it to register again.
+DEPARTED_GRACE_S = 30.0
 # A request's first message may take this many times its expected queueing + prefill time
 # (first_message_s) before its worker counts as hung.
 FIRST_MESSAGE_SAFETY = 4.0
@@ -53,6 +57,9 @@ class WorkerHandle:
         self.inflight = 0  # requests this router has running there
         self.failed_at = 0.0  # last time a call to it failed with UNAVAILABLE
         self.stale_epoch = 0  # it refused this epoch of ours: wait for a newer advertisement
+        self.departed_at = 0.0  # monotonic time its etcd key vanished while it lived; 0: listed
+        # Called (by the load stream) when a departed worker is gone for good: drop it.
+        self.on_gone: Callable[[WorkerHandle], None] | None = None
         # prompt tokens/s of its Prefill calls (and Generate calls to their first message) from here
         self.prefill_rate = RateWindow()
         self._interval_ms = load_interval_ms
@@ -117,6 +124,14 @@ class WorkerHandle:
             and self.info.role_epoch > self.stale_epoch
             and not newer
             and self.reachable(now)
+            and not self.departed_for_good(now)
+        )
+
+    def departed_for_good(self, now: float) -> bool:
+        """Its etcd key vanished more than DEPARTED_GRACE_S ago, or it stopped answering
+        since: it is not coming back."""
+        return bool(self.departed_at) and (
+            now - self.departed_at > DEPARTED_GRACE_S or not self.reachable(now)
         )
 
     def mark_failed(self) -> None:
@@ -153,6 +168,8 @@ class WorkerHandle:
                     self.load = report
                     self.load_at = time.monotonic()
                     backoff = 0.1
+                    if self.departed_for_good(self.load_at) and self.on_gone is not None:
+                        self.on_gone(self)
             except asyncio.CancelledError:
                 call.cancel()
                 raise
@@ -163,6 +180,8 @@ class WorkerHandle:
                 call.cancel()
             # Take it out of routing now rather than waiting for the stale timeout.
             self.mark_failed()
+            if self.departed_at and self.on_gone is not None:
+                self.on_gone(self)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
@@ -186,9 +205,19 @@ class WorkerPool:
 
     def on_membership(self, instances: dict[str, InstanceInfo]) -> None:
         """MembershipWatcher listener: create, update and drop handles."""
+        now = time.monotonic()
         for iid in list(self.handles):
             info = instances.get(iid)
             old = self.handles[iid]
+            if info is None and old.reachable(now) and not old.departed_for_good(now):
+                # NOTE: its lease expired while it still answers (etcd was down or stalled):
+                # it registers again within seconds, keep routing to it meanwhile (dropping
+                # it left a cluster with no usable worker for that long). A worker leaving on
+                # purpose drains first, and its load reports say so.
+                if not old.departed_at:
+                    log.info("worker %s left etcd but still answers; kept for now", iid)
+                    old.departed_at = now
+                continue
             if info is None or (
                 info.incarnation != old.info.incarnation or info.address != old.info.address
             ):
@@ -197,11 +226,19 @@ class WorkerPool:
         for iid, info in instances.items():
             if iid in self.handles:
                 self.handles[iid].info = info  # role, epoch, draining updates
+                self.handles[iid].departed_at = 0.0
                 continue
             log.info("worker %s joined at %s (role %s)", iid, info.address, info.role)
             handle = WorkerHandle(info, self._interval_ms, self._stale_s, self._tls)
+            handle.on_gone = self._gone
             handle.start()
             self.handles[iid] = handle
+
+    def _gone(self, handle: WorkerHandle) -> None:
+        """A worker that left etcd stopped answering or stayed away too long: drop it."""
+        if self.handles.get(handle.id) is handle:
+            log.info("worker %s left", handle.id)
+            self._close_later(self.handles.pop(handle.id))
 
     def _close_later(self, handle: WorkerHandle) -> None:
         task = asyncio.get_running_loop().create_task(handle.close(self._drain_wait_s))
