@@ -153,6 +153,10 @@ def test_counters_follow_the_requests(cluster, traffic) -> None:
     )
     assert s.value("epdserve:workers", role="mixed", state="serving") == 2
     assert s.value("epdserve:router_num_requests_running") == 0
-    # Fed by the PD code and the rebalancer: exported at zero until then.
+    # Fed by the PD code and the rebalancer: exported at zero until then. A rebalancing
+    # round may have run meanwhile (a slow machine): the static policy only ever holds.
     assert s.value("epdserve:kv_transfer_bytes_total") == 0
-    assert s.value("epdserve:rebalance_decisions_total") == 0
+    assert "epdserve:rebalance_decisions_total" in s.names()
+    assert s.value("epdserve:rebalance_decisions_total") == s.value(
+        "epdserve:rebalance_decisions_total", action="hold"
+    )
