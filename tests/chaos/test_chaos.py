@@ -357,8 +357,12 @@ def test_kill_router_replica(cluster, load):
         load.urls.remove(url)  # its clients reconnect elsewhere (a Service would do this)
         fresh = cluster.start_router()
         wait_ready(fresh)
-        cluster.base_urls.append(fresh.ready_field("url"))
-        load.urls.append(cluster.base_urls[-1])
+        fresh_url = fresh.ready_field("url")
+        # Like a Service behind a readiness probe: clients come once /health says ready (the
+        # ready line only says it listens; it may not have listed the workers yet).
+        cluster.wait_healthy(timeout=60, router=fresh, url=fresh_url)
+        cluster.base_urls.append(fresh_url)
+        load.urls.append(fresh_url)
 
     row = run_fault(
         cluster, load, "kill -9 router replica", lambda: victim.signal(signal.SIGKILL), recover,
