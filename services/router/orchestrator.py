@@ -440,7 +440,7 @@ class Orchestrator:
                     continue
                 except grpc.aio.AioRpcError as exc:
                     last_error = self._pd_failure(exc, p, tried, p.info.role_epoch)
-                    if "KV transfer" in (exc.details() or ""):
+                    if failure_kind(exc) == FAILURE_TRANSFER:
                         suspects.add(d.id)  # either side may be at fault: another if any
                     continue
                 finally:
