@@ -19,9 +19,9 @@ from services.router.accumulate import Choice, Usage, apply_step, until_disconne
 from services.router.errors import APIError, bad_request
 from services.router.images import MEDIA_TYPES, chat_prompt, decode_base64
 from services.router.openai_api import check_context
-from services.router.orchestrator import merge_streams
 from services.router.reasoning.base import ReasoningParser, extract_reasoning
 from services.router.reasoning.factory import reasoning_parser_class
+from services.router.streams import merge_streams
 from services.router.structured import may_compile, structured_from_anthropic
 from services.router.tool_parsers.base import ParsedCall, ToolStream
 from services.router.tool_parsers.factory import tool_parser_class

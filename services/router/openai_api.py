@@ -22,9 +22,9 @@ from services.engine.sampling_params import (
 from services.router.accumulate import Choice, Usage, apply_step, until_disconnect
 from services.router.errors import APIError, bad_request
 from services.router.images import chat_prompt
-from services.router.orchestrator import merge_streams
 from services.router.reasoning.base import ReasoningParser, extract_reasoning
 from services.router.reasoning.factory import reasoning_parser_class
+from services.router.streams import merge_streams
 from services.router.structured import may_compile, structured_from_openai
 from services.router.tokenization import check_token_ids
 from services.router.tool_parsers.base import ToolStream, extract

@@ -7,7 +7,7 @@ import contextvars
 import logging
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -25,6 +25,7 @@ from services.router.kv_index import KVIndexClient
 from services.router.phases import RouterPhases
 from services.router.poison import PoisonTracker, RequestDeaths, fingerprint
 from services.router.policies.base import RouteRequest, RoutingPolicy
+from services.router.streams import child_params, merge_children
 from services.router.watch import WorkerLost, watched_stream, watched_unary
 from services.router.workers import WorkerHandle, WorkerPool
 
@@ -109,33 +110,6 @@ class Progress:
         self.tokens.extend(d.token_ids)
         self.chars += len(d.text)
         self.finished = self.finished or bool(d.finish_reason)
-
-
-def child_params(params: pb.SamplingParams, i: int) -> pb.SamplingParams:
-    """Completion ``i`` of an n > 1 request as a request of its own, seeded like the
-    engine seeds its i-th child."""
-    sub = pb.SamplingParams()
-    sub.CopyFrom(params)
-    sub.n = 1
-    if params.HasField("seed"):
-        # NOTE: wrapped into the wire's int64; torch seeds modulo 2**64, so the child draws
-        # what the engine's own i-th child (sequence.py) draws from the unwrapped sum.
-        sub.seed = (params.seed + i * 1_000_003 + 2**63) % 2**64 - 2**63
-    return sub
-
-
-async def merge_children(
-    streams: Sequence[AsyncGenerator[pb.GenerateResponse, None]], indexes: Sequence[int]
-) -> AsyncGenerator[pb.GenerateResponse, None]:
-    """Merge single-completion streams back into one, each delta with its completion's
-    index; ``finished`` once every stream has finished."""
-    running = len(streams)
-    async for i, msg in merge_streams(streams):
-        for d in msg.outputs:
-            d.index = indexes[i]
-        running -= msg.finished
-        msg.finished = running == 0
-        yield msg
 
 
 class Orchestrator:
@@ -571,9 +545,10 @@ class Orchestrator:
         """After tokens were streamed: a dead worker (or one that gave the request up: engine
         failure, role change) means migration; the request's own fault or its deadline is
         the client's error."""
-        if exc.code() in (
-            grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED
-        ) or failure_kind(exc) == FAILURE_REQUEST:
+        if (
+            exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED)
+            or failure_kind(exc) == FAILURE_REQUEST
+        ):
             return api_error_from_grpc(exc)
         if worker_died(exc):
             self._note_death(handle)
@@ -659,42 +634,3 @@ class _Migrate(Exception):
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
-
-
-async def merge_streams(
-    streams: Sequence[AsyncGenerator[pb.GenerateResponse, None]],
-) -> AsyncGenerator[tuple[int, pb.GenerateResponse], None]:
-    """Interleave several request streams as (stream index, message); cancels all on exit."""
-    if len(streams) == 1:
-        try:
-            async for msg in streams[0]:
-                yield 0, msg
-        finally:
-            # Close the inner generator now (not at GC): that cancels its RPC on the worker.
-            await streams[0].aclose()
-        return
-    queue: asyncio.Queue[tuple[int, pb.GenerateResponse | None | BaseException]] = asyncio.Queue()
-
-    async def pump(i: int, it: AsyncIterator[pb.GenerateResponse]) -> None:
-        try:
-            async for msg in it:
-                await queue.put((i, msg))
-            await queue.put((i, None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            await queue.put((i, exc))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
