@@ -11,8 +11,8 @@ import pytest
 from services.common.etcd_client import EtcdAccess, connect_etcd, resolve_endpoints
 from services.common.etcd_server import EtcdSecurity, EtcdServer
 from services.common.membership import InstanceInfo, MembershipWatcher, Registrar
-from services.router.leader import LeaderElection
-from services.router.role_store import RoleStore, RoleStoreError
+from services.router.rebalance.leader import LeaderElection
+from services.router.rebalance.role_store import RoleStore, RoleStoreError
 from tests.tls_certs import TestCA
 
 pytestmark = pytest.mark.timeout(120)

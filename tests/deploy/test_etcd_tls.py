@@ -28,7 +28,7 @@ from services.common import etcd_client  # noqa: E402
 from services.common.etcd_client import EtcdAccess, connect_etcd  # noqa: E402
 from services.common.etcd_server import find_etcd_binary  # noqa: E402
 from services.common.net import free_port  # noqa: E402
-from services.router.role_store import RoleStore, RoleStoreError  # noqa: E402
+from services.router.rebalance.role_store import RoleStore, RoleStoreError  # noqa: E402
 from tests.tls_certs import TestCA  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)

@@ -211,7 +211,7 @@ async def test_stale_epoch_is_refused_and_rerouted(two) -> None:
 
 
 async def test_desired_role_followed_across_an_etcd_restart() -> None:
-    from services.router.role_store import RoleStore, RoleStoreError
+    from services.router.rebalance.role_store import RoleStore, RoleStoreError
 
     with EtcdServer() as etcd:
         cluster = _cluster()

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from services.common.etcd_server import EtcdServer
-from services.router.leader import LeaderElection
+from services.router.rebalance.leader import LeaderElection
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 

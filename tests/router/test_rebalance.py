@@ -13,7 +13,7 @@ from services.router.rebalance.base import (
 )
 from services.router.rebalance.factory import available_rebalance_policies, create_rebalance_policy
 from services.router.rebalance.governor import SUPPRESSED, Governor, GovernorConfig
-from services.router.rebalancer import leaves_role_empty
+from services.router.rebalance.rebalancer import leaves_role_empty
 
 
 def w(iid: str, role: str, **kw) -> WorkerLoad:

@@ -175,7 +175,7 @@ def test_bad_encode_params() -> None:
 def test_worker_load_reads_the_encoder_report() -> None:
     from types import SimpleNamespace
 
-    from services.router.rebalancer import worker_load
+    from services.router.rebalance.rebalancer import worker_load
     from services.router.workers import RateWindow
 
     def handle(role: str, encode: bool, report: pb.LoadReport) -> SimpleNamespace:

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from services.common.etcd_server import EtcdServer
-from services.router.role_store import RoleStore, RoleStoreError
+from services.router.rebalance.role_store import RoleStore, RoleStoreError
 
 pytestmark = pytest.mark.asyncio
 

@@ -16,11 +16,11 @@ from typing import Any
 
 from services.common.aio import cancel_and_wait
 from services.common.pd_metrics import RebalanceMetrics
-from services.router.leader import LeaderElection
 from services.router.rebalance.base import HOLD, RebalancePolicy, WorkerLoad
 from services.router.rebalance.factory import create_rebalance_policy
 from services.router.rebalance.governor import Decision, Governor, GovernorConfig
-from services.router.role_store import RoleStore, RoleStoreError
+from services.router.rebalance.leader import LeaderElection
+from services.router.rebalance.role_store import RoleStore, RoleStoreError
 from services.router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
