@@ -24,15 +24,15 @@ from starlette.routing import Route
 
 from services.common.grpc_utils import ROLES, UNARY_TIMEOUT_S
 from services.common.proto import worker_pb2 as pb
-from services.router.rebalancer import leaves_role_empty
-from services.router.role_store import RoleStoreError
+from services.router.auth import TOKEN_ENV
+from services.router.rebalance.rebalancer import leaves_role_empty
+from services.router.rebalance.role_store import RoleStoreError
 
 if TYPE_CHECKING:
-    from services.router.server import Gateway
+    from services.router.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "EPDSERVE_ADMIN_TOKEN"
 LIST_TIMEOUT_S = 2.0  # a worker that does not list its requests in time shows null
 
 
@@ -45,17 +45,6 @@ class AdminError(Exception):
         return JSONResponse(
             {"error": {"message": self.message, "code": self.code}}, status_code=self.status
         )
-
-
-def load_admin_token(token_file: str | None) -> str | None:
-    """The admin token: the file's first line if a file is given, else the environment."""
-    if token_file:
-        with open(token_file, encoding="utf-8") as f:
-            token = f.readline().strip()
-        if not token:
-            raise ValueError(f"admin token file {token_file} is empty")
-        return token
-    return os.environ.get(TOKEN_ENV) or None
 
 
 def _check_token(gw: Gateway, request: Request) -> None:

@@ -37,7 +37,7 @@ from services.router.validation import get, get_int, get_number, get_stop, read_
 from services.worker.convert import params_to_proto
 
 if TYPE_CHECKING:
-    from services.router.server import Gateway
+    from services.router.gateway import Gateway
 
 
 def _content_of(

@@ -1,4 +1,5 @@
-"""API keys of the gateway: loading them, and checking a request's key in constant time."""
+"""Credentials of the gateway: loading the API keys and the admin token, and checking a
+request's key in constant time."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from starlette.requests import Request
 from services.router.errors import APIError
 
 KEYS_ENV = "EPDSERVE_API_KEYS"
+TOKEN_ENV = "EPDSERVE_ADMIN_TOKEN"  # the admin token, without --admin-token-file
 
 
 def load_api_keys(keys_file: str | None) -> list[bytes]:
@@ -23,6 +25,17 @@ def load_api_keys(keys_file: str | None) -> list[bytes]:
     else:
         keys = [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
     return [k.encode() for k in keys]
+
+
+def load_admin_token(token_file: str | None) -> str | None:
+    """The admin token: the file's first line if a file is given, else the environment."""
+    if token_file:
+        with open(token_file, encoding="utf-8") as f:
+            token = f.readline().strip()
+        if not token:
+            raise ValueError(f"admin token file {token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
 
 
 def presented_key(request: Request) -> str | None:

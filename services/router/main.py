@@ -11,7 +11,8 @@ import uvicorn
 
 from services.common.dataclass_cli import add_dataclass_args, from_args
 from services.router.config import RouterConfig
-from services.router.server import Gateway, build_app
+from services.router.gateway import Gateway
+from services.router.server import build_app
 from services.router.tokenization import Tokenizer
 
 log = logging.getLogger("epdserve.router")

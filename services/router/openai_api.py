@@ -48,7 +48,7 @@ from services.router.validation import (
 from services.worker.convert import params_to_proto
 
 if TYPE_CHECKING:
-    from services.router.server import Gateway
+    from services.router.gateway import Gateway
 
 
 def sampling_from_openai(

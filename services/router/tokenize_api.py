@@ -20,7 +20,7 @@ from services.router.tools import openai_tools
 from services.router.validation import get, read_json_object
 
 if TYPE_CHECKING:
-    from services.router.server import Gateway
+    from services.router.gateway import Gateway
 
 
 def _model_len(gw: Gateway, body: dict[str, Any]) -> int:

@@ -24,7 +24,8 @@ from services.common.tracing import Tracing
 from services.engine.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
 from services.engine.sampling_params import SamplingParams
 from services.router.config import RouterConfig
-from services.router.server import Gateway, build_app
+from services.router.gateway import Gateway
+from services.router.server import build_app
 from services.worker.phases import PhaseInterceptor
 from services.worker.role_controller import DesiredRoleWatcher
 from services.worker.server import WorkerServicer, WorkerState

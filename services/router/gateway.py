@@ -1,0 +1,112 @@
+"""Gateway: everything one router process holds (pool, orchestrator, tokenizer, metrics...),
+built from its config, started and stopped as one; the HTTP handlers receive it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+import uuid
+from typing import Any
+
+from services.common.membership import MembershipWatcher
+from services.common.tracing import Tracing
+from services.router.admission import AdmissionControl
+from services.router.auth import load_admin_token, load_api_keys
+from services.router.config import RouterConfig
+from services.router.errors import APIError
+from services.router.kv_index import KVIndexClient
+from services.router.metrics import RouterMetrics
+from services.router.offload import Offload
+from services.router.orchestrator import Orchestrator
+from services.router.phases import RouterPhases
+from services.router.poison import PoisonTracker
+from services.router.policies.factory import create_policy
+from services.router.rebalance.leader import LeaderElection
+from services.router.rebalance.rebalancer import Rebalancer
+from services.router.rebalance.role_store import RoleStore
+from services.router.workers import WorkerPool
+
+
+class Gateway:
+    """Everything one router process holds; the HTTP handlers receive it."""
+
+    def __init__(self, cfg: RouterConfig, tokenizer: Any) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.metrics = RouterMetrics()
+        self.tracing = Tracing(cfg.otlp_traces_endpoint, "epdserve-router")
+        self.pool = WorkerPool(
+            cfg.load_report_interval_ms, cfg.load_stale_s, cfg.request_timeout_s, cfg.grpc_tls
+        )
+        self.policy = create_policy(cfg.policy)
+        self.kv_index = KVIndexClient(cfg.etcd_endpoints, cfg.cluster, cfg.grpc_tls)
+        self.orchestrator = Orchestrator(
+            self.pool,
+            self.policy,
+            cfg.request_timeout_s,
+            cfg.max_attempts,
+            max_migrations=cfg.max_migrations,
+            stall_timeout_s=cfg.stall_timeout_s,
+            on_migration=lambda reason: self.metrics.migrations.labels(reason).inc(),
+            kv_index=self.kv_index,
+            poison=PoisonTracker(cfg.poison_max_deaths),
+            phases=RouterPhases(self.metrics, self.tracing),
+        )
+        self.watcher = MembershipWatcher(cfg.etcd_endpoints, cfg.cluster)
+        self.watcher.add_listener(self.pool.on_membership)
+        self.started_at = int(time.time())
+        self.admin_token = load_admin_token(cfg.admin_token_file)
+        self.api_keys = load_api_keys(cfg.api_keys_file)  # NOTE: never logged
+        self.admission = AdmissionControl(cfg.max_queued_tokens)
+        # Tokenization, chat templates and grammar checks of requests, off the event loop.
+        self.offload = Offload(cfg.preprocess_threads)
+        # This replica's name among several routers (the leader election's candidate name).
+        self.identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.rebalancer = Rebalancer(
+            self.pool, RoleStore(cfg.etcd_endpoints, cfg.cluster), self.metrics.rebalance,
+            LeaderElection(cfg.etcd_endpoints, cfg.cluster, self.identity),
+            cfg.rebalance_policy, cfg.rebalance_param_dict, cfg.governor_config,
+            cfg.rebalance_interval_s,
+        )  # fmt: skip
+
+    async def start(self) -> None:
+        await self.watcher.start()
+        await self.kv_index.start()
+        await self.rebalancer.start()
+
+    async def stop(self) -> None:
+        await self.rebalancer.stop()
+        await self.watcher.stop()
+        await self.kv_index.stop()
+        await self.pool.close()
+        await asyncio.to_thread(self.tracing.shutdown)
+        self.offload.close()
+
+    def resolve_model(self, name: str, serving: bool = True) -> tuple[str, int]:
+        """(served name, context length) for a requested model, or 404 / 503; ``serving``:
+        some worker must be usable for it too (not needed only to tokenize)."""
+        models = self.pool.models()
+        if not models:
+            raise APIError(503, "no workers available", code="no_workers")
+        if name not in models:
+            raise APIError(
+                404, f"The model '{name}' does not exist; available: {', '.join(sorted(models))}",
+                param="model", code="model_not_found",
+            )  # fmt: skip
+        # NOTE: a worker out of routing only for a moment still counts (the orchestrator
+        # waits a little for it): with the only other one just died, that is no 503.
+        if serving and not self.can_serve(name) and not self.pool.may_serve(name):
+            raise APIError(503, f"no usable worker for model '{name}'", code="no_workers")
+        return name, models[name]
+
+    def can_serve(self, model: str | None = None) -> bool:
+        """A mixed worker, or a prefill + decode pair, is usable for ``model``."""
+        pool = self.pool
+        return bool(pool.candidates("mixed", model)) or (
+            bool(pool.candidates("prefill", model)) and bool(pool.candidates("decode", model))
+        )
+
+    def healthy(self) -> bool:
+        return self.can_serve()
