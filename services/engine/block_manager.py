@@ -1,7 +1,7 @@
 """Paged KV-cache block allocator with reference counts and prefix caching.
 
-A full block is identified by a chained hash: hash(parent block's hash, the block's tokens),
-so equal hashes mean equal prefixes up to and including the block. A lookup hit is still
+A full block is identified by a chained hash (block_hash.py): hash(parent block's hash, the
+block's tokens), so equal hashes mean equal prefixes up to and including the block. A hit is still
 confirmed by comparing the stored tokens and the parent block's hash (a 64-bit hash can
 collide: equal tokens after a different prefix, or at another position, are not a hit). Blocks nobody
 references but that hold a cached prefix stay resident and are evicted least-recently-used
@@ -11,41 +11,20 @@ first when fresh blocks run out. Every registration and eviction is recorded as 
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from services.engine.sequence import Sequence
+from services.engine.block_hash import ROOT_HASH, hash_block
 
-# Seed of every hash chain; it changes when the hashing scheme changes.
-ROOT_HASH = 0x6570647365727665  # "epdserve"
-
-
-def hash_block(parent_hash: int, token_ids: list[int] | tuple[int, ...]) -> int:
-    """Chained 64-bit hash of one full block. Stable across processes and machines
-    (unlike Python's ``hash``), so the router can compute the same values."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(struct.pack("<Q", parent_hash))
-    h.update(struct.pack(f"<{len(token_ids)}i", *token_ids))
-    return int.from_bytes(h.digest(), "little")
+if TYPE_CHECKING:
+    from services.engine.sequence import Sequence
 
 
 def chain_root(seq: Sequence) -> int:
     """Seed of ``seq``'s hash chain: ``ROOT_HASH`` for text; mixed with the image hashes for
     a prompt with images, whose pad tokens alone do not say which image they stand for."""
     return seq.mm.hash_root if seq.mm is not None else ROOT_HASH
-
-
-def hash_prompt_blocks(token_ids: list[int], block_size: int, root: int = ROOT_HASH) -> list[int]:
-    """Chained hashes of every full block of ``token_ids``, from ``root`` (see
-    ``chain_root``; a prompt with images: ``multimodal.image_hash_root``)."""
-    hashes: list[int] = []
-    parent = root
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size])
-        hashes.append(parent)
-    return hashes
 
 
 @dataclass

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from services.engine.block_manager import BlockManager, CachedBlock, KVEvent, hash_block
+from services.engine.block_hash import hash_block
+from services.engine.block_manager import BlockManager, CachedBlock, KVEvent
 from services.engine.sequence import Sequence
 
 if TYPE_CHECKING:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from services.engine.block_hash import image_hash_root
+
 
 @dataclass
 class ImageInputs:
@@ -261,16 +263,6 @@ def build_state(
         raise ValueError(f"{images.embeds.shape[0]} image embeddings for {pads} image-pad tokens")
     root = image_hash_root(images.hashes())
     return ids, MultiModalState(images, positions, delta, root, embeds=images.embeds)
-
-
-def image_hash_root(hashes: Sequence[str]) -> int:
-    """Seed of the block-hash chain of a prompt with images named by ``hashes`` (sha256
-    hex digests, in prompt order). NOTE: the router seeds its routing hashes with this too
-    (kv_index.py): both must stay one function."""
-    from services.engine.block_manager import ROOT_HASH, hash_block
-
-    words = [int(h[i : i + 8], 16) & 0x7FFFFFFF for h in hashes for i in range(0, 64, 8)]
-    return hash_block(ROOT_HASH, words)
 
 
 def decode_mrope_positions(decodes: list[Any]) -> torch.Tensor:

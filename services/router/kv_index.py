@@ -20,7 +20,7 @@ import grpc
 
 from services.common.grpc_utils import GrpcTLS
 from services.common.proto import kvstore_pb2 as kpb
-from services.engine.block_manager import ROOT_HASH, hash_prompt_blocks
+from services.engine.block_hash import ROOT_HASH, hash_prompt_blocks, image_hash_root
 from services.kvstore.client import KVStoreLocator
 from services.router.policies.base import CachedPrefix, RouteRequest
 from services.router.workers import WorkerHandle
@@ -46,8 +46,6 @@ def prompt_hash_root(route: RouteRequest) -> int:
     (whose ``prompt_token_ids`` hold the expanded placeholders, as the engine's do)."""
     if not route.image_hashes:
         return ROOT_HASH
-    from services.engine.multimodal import image_hash_root
-
     return image_hash_root(route.image_hashes)
 
 

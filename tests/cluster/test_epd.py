@@ -32,7 +32,7 @@ from cluster_helpers import (
     workers,
 )
 
-from services.engine.block_manager import hash_prompt_blocks
+from services.engine.block_hash import hash_prompt_blocks
 from services.router.images import ImageLimits, chat_prompt
 from services.router.kv_index import prompt_hash_root
 from services.router.policies.base import RouteRequest

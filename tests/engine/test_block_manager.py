@@ -18,13 +18,8 @@ from hypothesis.stateful import (
 )
 
 from services.engine import block_manager as bm_mod
-from services.engine.block_manager import (
-    ROOT_HASH,
-    BlockManager,
-    ComputedBlocks,
-    hash_block,
-    hash_prompt_blocks,
-)
+from services.engine.block_hash import ROOT_HASH, hash_block, hash_prompt_blocks
+from services.engine.block_manager import BlockManager, ComputedBlocks
 from services.engine.sampling_params import SamplingParams
 from services.engine.sequence import Sequence
 

@@ -10,7 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.engine.block_manager import BlockManager, hash_prompt_blocks
+from services.engine.block_hash import hash_prompt_blocks
+from services.engine.block_manager import BlockManager
 from services.engine.kv_tiers import KVTierManager
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput

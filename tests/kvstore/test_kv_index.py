@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.engine.block_manager import hash_prompt_blocks
+from services.engine.block_hash import hash_prompt_blocks
 from services.kvstore.index import DEVICE, HOST, STORE, KVEventIn, KVIndex
 
 M, L = "m", "layout-a"

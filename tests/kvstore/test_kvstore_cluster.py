@@ -26,7 +26,7 @@ from cluster_helpers import (
 
 from services.cli.launcher import LocalCluster
 from services.common.proto import kvstore_pb2 as kpb
-from services.engine.block_manager import hash_prompt_blocks
+from services.engine.block_hash import hash_prompt_blocks
 from tests.deps import MOONCAKE, require
 
 require("mooncake.engine", MOONCAKE)

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from services.common.proto import kvstore_pb2_grpc as kpb_grpc
-from services.engine.block_manager import hash_prompt_blocks
+from services.engine.block_hash import hash_prompt_blocks
 from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
 from services.kvstore.index import KVEventIn, KVIndex
