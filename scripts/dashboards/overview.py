@@ -1,0 +1,155 @@
+"""The cluster overview dashboard: traffic, outcomes, workers, batch and KV cache."""
+
+from __future__ import annotations
+
+from .spec import R_FAILED, R_SERVING, RI, Board, Panel, R, Row, W
+
+BOARD = Board(
+    "epdserve-overview",
+    "epdserve / cluster overview",
+    "Traffic, outcomes, workers, batch and KV cache of an epdserve cluster.",
+    [
+        Row("Traffic"),
+        Panel(
+            "Serving workers",
+            "Workers the routers can use now (reachable, not draining), "
+            "all roles; the routers' view of etcd membership and load streams.",
+            [("serving", f"sum(max by (role) (epdserve:workers{R_SERVING}))")],
+            kind="stat",
+            w=6,
+        ),
+        Panel(
+            "Requests running (routers)",
+            "Requests the routers are generating now.",
+            [("running", f"sum(epdserve:router_num_requests_running{R})")],
+            kind="stat",
+            w=6,
+        ),
+        Panel(
+            "Error ratio",
+            "Share of API requests over the range that did not succeed "
+            "(any outcome but success: invalid, unavailable, timeout, cancelled, error).",
+            [
+                (
+                    "errors",
+                    f"sum(rate(epdserve:router_requests_total{R_FAILED}{RI})) / "
+                    f"clamp_min(sum(rate(epdserve:router_requests_total{R}{RI})), 1e-9)",
+                )
+            ],
+            unit="percentunit",
+            kind="stat",
+            w=6,
+        ),
+        Panel(
+            "Prefix-cache hit rate",
+            "Prompt tokens found in the workers' prefix caches / "
+            "prompt tokens looked up, over the range.",
+            [
+                (
+                    "hit rate",
+                    f"sum(rate(epdserve:prefix_cache_hits_total{W}{RI})) / "
+                    f"clamp_min(sum(rate(epdserve:prefix_cache_queries_total{W}{RI})), 1e-9)",
+                )
+            ],
+            unit="percentunit",
+            kind="stat",
+            w=6,
+        ),
+        Panel(
+            "API requests by outcome",
+            "Requests per second the routers answered, by API and "
+            "outcome (success, invalid, unavailable, timeout, cancelled, error).",
+            [
+                (
+                    "{{api}} {{outcome}}",
+                    f"sum by (api, outcome) (rate(epdserve:router_requests_total{R}{RI}))",
+                )
+            ],
+            unit="reqps",
+        ),
+        Panel(
+            "Finished requests by reason",
+            "Requests per second the workers finished, by "
+            "finish reason (stop, length, abort: the caller went away, error).",
+            [
+                (
+                    "{{finished_reason}}",
+                    f"sum by (finished_reason) (rate(epdserve:request_success_total{W}{RI}))",
+                )
+            ],
+            unit="reqps",
+        ),
+        Panel(
+            "Token throughput",
+            "Prompt and generated tokens per second over all workers.",
+            [
+                ("prompt", f"sum(rate(epdserve:prompt_tokens_total{W}{RI}))"),
+                ("generation", f"sum(rate(epdserve:generation_tokens_total{W}{RI}))"),
+            ],
+            unit="short",
+        ),
+        Panel(
+            "Workers by role and state",
+            "Workers the routers know, by role and state (serving, draining, unreachable).",
+            [("{{role}} {{state}}", f"max by (role, state) (epdserve:workers{R})")],
+            stack=True,
+        ),
+        Row("Batch and KV cache"),
+        Panel(
+            "Running sequences per worker",
+            "Sequences in each worker's running batch.",
+            [("{{instance}}", f"sum by (instance) (epdserve:num_requests_running{W})")],
+        ),
+        Panel(
+            "Waiting sequences per worker",
+            "Sequences queued in each worker's scheduler, not yet running.",
+            [("{{instance}}", f"sum by (instance) (epdserve:num_requests_waiting{W})")],
+        ),
+        Panel(
+            "Queued prompt tokens per worker",
+            "Prompt tokens still to compute for the "
+            "waiting sequences of each worker (its prefill backlog).",
+            [("{{instance}}", f"sum by (instance) (epdserve:num_waiting_prompt_tokens{W})")],
+        ),
+        Panel(
+            "KV-cache usage per worker",
+            "Fraction of each worker's KV-cache blocks in use.",
+            [("{{instance}}", f"max by (instance) (epdserve:kv_cache_usage_perc{W})")],
+            unit="percentunit",
+        ),
+        Panel(
+            "Preemptions",
+            "Sequences preempted per second (KV blocks taken back, the "
+            "sequence recomputed later): a sign of a KV cache too small for the load.",
+            [("{{instance}}", f"sum by (instance) (rate(epdserve:num_preemptions_total{W}{RI}))")],
+        ),
+        Panel(
+            "Prefix-cache hit rate per worker",
+            "Prompt tokens found in each worker's prefix cache / prompt tokens it looked up.",
+            [
+                (
+                    "{{instance}}",
+                    f"sum by (instance) (rate(epdserve:prefix_cache_hits_total{W}{RI}))"
+                    f" / clamp_min(sum by (instance) (rate(epdserve:prefix_cache_queries_total{W}{RI}"
+                    ")), 1e-9)",
+                )
+            ],
+            unit="percentunit",
+        ),
+        Panel(
+            "KV blocks fetched from lower tiers",
+            "Prompt KV blocks per second copied into device caches from the host pool or "
+            "Mooncake Store instead of being recomputed (--kv-host-pool-bytes, --kv-store).",
+            [("{{tier}}", f"sum by (tier) (rate(epdserve:kv_tier_hit_blocks_total{W}{RI}))")],
+        ),
+        Panel(
+            "Prompt tokens computed",
+            "Prompt tokens per second run through the model, against all prompt tokens served: "
+            "the gap is what the prefix cache and the KV tiers saved.",
+            [
+                ("computed", f"sum(rate(epdserve:prompt_tokens_computed_total{W}{RI}))"),
+                ("all prompt tokens", f"sum(rate(epdserve:prompt_tokens_total{W}{RI}))"),
+            ],
+        ),
+    ],
+)
