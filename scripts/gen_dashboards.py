@@ -152,6 +152,8 @@ def to_json(board: Board) -> dict[str, Any]:
     model = builder.build()
     # The panels use Grafana 10.3's schema; the SDK's default (36) would migrate them on load.
     model.schema_version = 39
+    # The SDK sets "browser"; an empty timezone keeps each user's or org's preference.
+    model.timezone = ""
     return {"__inputs": INPUTS, **model.to_json()}
 
 
