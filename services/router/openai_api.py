@@ -1,16 +1,15 @@
-"""OpenAI-compatible endpoints: /v1/chat/completions and /v1/completions."""
+"""OpenAI-compatible endpoints: /v1/chat/completions and /v1/completions. A request is read
+here (400s in OpenAI's format) into the serving pipeline's request; openai_output.py writes
+the response."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response
 
 from services.common.proto import worker_pb2 as pb
 from services.engine.sampling_params import (
@@ -19,24 +18,13 @@ from services.engine.sampling_params import (
     REPETITION_PENALTY_RANGE,
     SamplingParams,
 )
-from services.router.accumulate import Choice, Usage, apply_step, until_disconnect
 from services.router.errors import APIError, bad_request
-from services.router.images import chat_prompt
-from services.router.reasoning.base import ReasoningParser, extract_reasoning
-from services.router.reasoning.factory import reasoning_parser_class
-from services.router.streams import merge_streams
+from services.router.openai_output import OpenAIOutput
+from services.router.prompt import chat_prompt, check_context, completion_prompts, prompt_size
+from services.router.serving import ServeRequest, serve
 from services.router.structured import may_compile, structured_from_openai
-from services.router.tokenization import check_token_ids
-from services.router.tool_parsers.base import ToolStream, extract
-from services.router.tool_parsers.factory import tool_parser_class
-from services.router.tools import (
-    ToolSetup,
-    openai_deltas,
-    openai_tool_call,
-    openai_tool_calls,
-    openai_tools,
-    prepare,
-)
+from services.router.tool_prompt import openai_tool_calls
+from services.router.tools import ToolSetup, openai_tools
 from services.router.validation import (
     get,
     get_int,
@@ -45,7 +33,6 @@ from services.router.validation import (
     get_stop,
     read_json_object,
 )
-from services.worker.convert import params_to_proto
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
@@ -97,20 +84,6 @@ def sampling_from_openai(
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from None
-
-
-def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int) -> None:
-    if max_model_len <= 0:
-        return
-    total = prompt_len + (max_tokens or 0)
-    if prompt_len >= max_model_len or total > max_model_len:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {total} tokens ({prompt_len} in the prompt, {max_tokens or 0} for the "
-            "completion). Please reduce the prompt or the completion length.",
-            param="messages", code="context_length_exceeded",
-        )  # fmt: skip
 
 
 def chat_messages(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str | bytes]]:
@@ -166,89 +139,6 @@ def _image_url(value: Any, i: int) -> str:
     return url
 
 
-def prompt_size(gw: Gateway, body: dict[str, Any]) -> int:
-    """Characters or token ids of a completions ``prompt`` (what ``completion_prompts`` reads:
-    off the event loop when large); the items of a list of prompts are counted up to one past
-    ``--max-prompts``."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        return sum(len(p) if isinstance(p, (str, list)) else 1
-                   for p in prompt[: gw.cfg.max_prompts + 1])  # fmt: skip
-    return len(prompt) if isinstance(prompt, (str, list)) else 0
-
-
-def completion_prompts(gw: Gateway, body: dict[str, Any]) -> list[list[int]]:
-    """Token ids of each prompt of a /v1/completions body (text encoded, ids checked)."""
-    prompt = get(body, "prompt", (str, list), required=True)
-    if isinstance(prompt, str):
-        return [gw.tokenizer.encode(prompt)]
-    if not prompt:
-        raise bad_request("'prompt' must not be empty", param="prompt")
-    if isinstance(prompt[0], (str, list)) and len(prompt) > gw.cfg.max_prompts:
-        raise bad_request(
-            f"'prompt' holds {len(prompt)} prompts; at most {gw.cfg.max_prompts} are accepted",
-            param="prompt",
-        )
-    vocab = gw.tokenizer.vocab_size
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return [check_token_ids(list(prompt), vocab, "prompt")]
-    if all(isinstance(p, str) for p in prompt):
-        return [gw.tokenizer.encode(p) for p in prompt]
-    if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
-        return [check_token_ids(list(p), vocab, "prompt") for p in prompt]
-    raise bad_request(
-        "'prompt' must be a string, an array of strings or of token ids", param="prompt"
-    )
-
-
-async def chat_prompt_of(
-    gw: Gateway, body: dict[str, Any], tool_setup: ToolSetup | None,
-    add_generation_prompt: bool = True,
-) -> tuple[list[int], list[pb.ImageData]]:  # fmt: skip
-    """Token ids of a chat request's prompt (messages and tools through the chat template,
-    image placeholders expanded) and its images: what /v1/chat/completions generates from and
-    /tokenize counts."""
-    messages, sources = chat_messages(body)
-    parser = tool_parser_class(gw.cfg.tool_call_parser)
-    messages, tools = prepare(gw.tokenizer, messages, tool_setup, parser)
-    return await chat_prompt(
-        gw.tokenizer, messages, sources, gw.cfg.image_limits, tools=tools,
-        add_generation_prompt=add_generation_prompt, offload=gw.offload,
-    )  # fmt: skip
-
-
-def _chat_logprobs(gw: Gateway, items: list[pb.TokenLogprobs]) -> dict[str, Any]:
-    def entry(tid: int, lp: float) -> dict[str, Any]:
-        s = gw.tokenizer.token_str(tid)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-
-    return {
-        "content": [
-            {
-                **entry(t.token_id, t.logprob),
-                "top_logprobs": [entry(c.token_id, c.logprob) for c in t.top],
-            }
-            for t in items
-        ]
-    }
-
-
-def _completion_logprobs(gw: Gateway, items: list[pb.TokenLogprobs], offset: int) -> dict[str, Any]:
-    tokens = [gw.tokenizer.token_str(t.token_id) for t in items]
-    offsets, pos = [], offset
-    for s in tokens:
-        offsets.append(pos)
-        pos += len(s)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [t.logprob for t in items],
-        "top_logprobs": [
-            {gw.tokenizer.token_str(c.token_id): c.logprob for c in t.top} for t in items
-        ],
-        "text_offset": offsets,
-    }
-
-
 async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
     """Entry point of both endpoints; every error comes back in OpenAI's format."""
     api = "chat" if chat else "completions"
@@ -267,65 +157,18 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
         )
         images: list[pb.ImageData] = []
         if chat:
-            prompt, images = await chat_prompt_of(gw, body, tool_setup)
+            prompt, images = await chat_prompt(gw, *chat_messages(body), tool_setup)
             prompts = [prompt]
         else:
             prompts = await gw.offload.run(prompt_size(gw, body), completion_prompts, gw, body)
         for p in prompts:
             check_context(len(p), params.max_tokens, max_len)
-        ticket = gw.admission.admit(sum(len(p) for p in prompts))
     except APIError as err:
         gw.metrics.count_request(api, err.status)
         return err.openai_response()
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    ctx = _Ctx(gw, api, chat, rid, model, params.n, params.logprobs is not None, started)
-    ctx.tools = tool_setup
-    constrained = params.structured_outputs or (tool_setup and tool_setup.schema is not None)
-    if chat and not constrained:  # NOTE: a constrained output is the JSON alone, no thinking
-        ctx.reasoning = reasoning_parser_class(gw.cfg.reasoning_parser)
-    streams = [
-        gw.orchestrator.generate(
-            model,
-            f"{rid}-{i}" if len(prompts) > 1 else rid,
-            p,
-            _to_proto(params, tool_setup),
-            images,
-        )
-        for i, p in enumerate(prompts)
-    ]
-    if stream:
-        merged = merge_streams(streams)
-        try:
-            # Wait for the first step before sending headers, so that errors up to then
-            # (no worker, rejected by the engine) still get their HTTP status.
-            first = await until_disconnect(request, anext(merged))
-        except StopAsyncIteration:
-            ticket.release()
-            gw.metrics.count_request(api, 500)
-            return APIError(500, "the worker ended the request without output").openai_response()
-        except APIError as err:
-            ticket.release()
-            gw.metrics.count_request(api, err.status)
-            await merged.aclose()
-            return err.openai_response()
-        except BaseException:
-            ticket.release()
-            await merged.aclose()
-            raise
-        # NOTE: the background task runs even when the client leaves before the body starts.
-        return StreamingResponse(
-            _stream(ctx, merged, first, include_usage), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"}, background=BackgroundTask(ticket.release),
-        )  # fmt: skip
-    try:
-        result = await until_disconnect(request, _collect(ctx, streams))
-    except APIError as err:
-        gw.metrics.count_request(api, err.status)
-        return err.openai_response()
-    finally:
-        ticket.release()
-    gw.metrics.count_request(api, 200)
-    return JSONResponse(result)
+    req = ServeRequest.create(gw, api, rid, model, prompts, images, params, tool_setup, started)
+    return await serve(gw, request, req, OpenAIOutput(gw, req, chat, include_usage), stream)
 
 
 def _params_and_tools(
@@ -342,183 +185,3 @@ def _params_and_tools(
             "structured outputs", param="tool_choice",
         )  # fmt: skip
     return params, tool_setup
-
-
-def _to_proto(params: SamplingParams, tools: ToolSetup | None) -> pb.SamplingParams:
-    proto = params_to_proto(params)
-    if tools is not None:
-        tools.constrain(proto)  # tool_choice "required" / a named function
-    return proto
-
-
-class _Ctx:
-    def __init__(self, gw: Gateway, api: str, chat: bool, rid: str, model: str, n: int,
-                 logprobs: bool, started: float) -> None:  # fmt: skip
-        self.gw, self.api, self.chat, self.rid, self.model, self.n = gw, api, chat, rid, model, n
-        self.logprobs = logprobs
-        self.started = started
-        self.created = int(time.time())
-        self.first_token_seen = False
-        self.tools: ToolSetup | None = None  # chat: the request's tools
-        self.reasoning: type[ReasoningParser] | None = None  # chat: splits off the reasoning
-
-    def tool_stream(self) -> ToolStream | None:
-        """A tool-call parser for one choice; None: its output is plain content."""
-        if self.tools is None:
-            return None
-        return self.tools.stream(tool_parser_class(self.gw.cfg.tool_call_parser))
-
-    def reasoning_parser(self) -> ReasoningParser | None:
-        """A reasoning parser for one choice; None: its output is all content."""
-        return self.reasoning() if self.reasoning is not None else None
-
-    def on_step(self) -> None:
-        if not self.first_token_seen:
-            self.first_token_seen = True
-            self.gw.metrics.first_token(self.api, self.model, self.started)
-
-    def done(self, usage: Usage) -> None:
-        self.gw.metrics.done(self.api, self.model, self.started, usage.prompt, usage.completion)
-
-
-async def _collect(
-    ctx: _Ctx, streams: list[AsyncGenerator[pb.GenerateResponse, None]]
-) -> dict[str, Any]:
-    choices: dict[int, Choice] = {}
-    usage = Usage()
-    ctx.gw.metrics.inflight.inc()
-    try:
-        async for pi, msg in merge_streams(streams):
-            ctx.on_step()
-            apply_step(choices, usage, pi, ctx.n, msg)
-    finally:
-        ctx.gw.metrics.inflight.dec()
-    ctx.done(usage)
-    out = []
-    for idx in sorted(choices):
-        ch = choices[idx]
-        item: dict[str, Any] = {"index": idx, "finish_reason": ch.finish_reason}
-        if ctx.chat:
-            text, reasoning = ch.full_text, ""
-            if (rp := ctx.reasoning_parser()) is not None:
-                reasoning, text = extract_reasoning(rp, text)
-            item["message"] = {"role": "assistant", "content": text or (None if reasoning else "")}
-            if reasoning:
-                item["message"].update(reasoning_fields(reasoning))
-            tool_stream = ctx.tool_stream()
-            if tool_stream is not None:
-                content, calls = extract(tool_stream, text)
-                item["message"]["content"] = content or (None if calls or reasoning else "")
-                if calls:
-                    item["message"]["tool_calls"] = [openai_tool_call(c) for c in calls]
-                    item["finish_reason"] = "tool_calls"
-            item["logprobs"] = _chat_logprobs(ctx.gw, ch.logprobs) if ctx.logprobs else None
-        else:
-            item["text"] = ch.full_text
-            item["logprobs"] = (
-                _completion_logprobs(ctx.gw, ch.logprobs, 0) if ctx.logprobs else None
-            )
-            item["stop_reason"] = ch.stop_reason
-        out.append(item)
-    return {
-        "id": ctx.rid,
-        "object": "chat.completion" if ctx.chat else "text_completion",
-        "created": ctx.created,
-        "model": ctx.model,
-        "choices": out,
-        "usage": usage.openai(),
-        "system_fingerprint": None,
-    }
-
-
-def reasoning_fields(text: str) -> dict[str, str]:
-    """The reasoning of a message or delta: under vLLM's current name (``reasoning``) and
-    its earlier one (``reasoning_content``, which DeepSeek's API and many clients read)."""
-    return {"reasoning_content": text, "reasoning": text}
-
-
-def _sse(obj: object) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def _prepend(
-    first: tuple[int, pb.GenerateResponse], rest: AsyncIterator[tuple[int, pb.GenerateResponse]]
-) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
-    yield first
-    async for item in rest:
-        yield item
-
-
-async def _stream(
-    ctx: _Ctx,
-    merged: AsyncGenerator[tuple[int, pb.GenerateResponse], None],
-    first: tuple[int, pb.GenerateResponse],
-    include_usage: bool,
-) -> AsyncIterator[str]:
-    obj = "chat.completion.chunk" if ctx.chat else "text_completion"
-    base = {"id": ctx.rid, "object": obj, "created": ctx.created, "model": ctx.model}
-    extra = {"usage": None} if include_usage else {}
-    choices: dict[int, Choice] = {}
-    text_pos: dict[int, int] = {}
-    usage = Usage()
-    started_roles: set[int] = set()
-    tool_streams: dict[int, ToolStream | None] = {}
-    reasoning_parsers: dict[int, ReasoningParser | None] = {}
-    status = "200"
-    ctx.gw.metrics.inflight.inc()
-    try:
-        async for pi, msg in _prepend(first, merged):
-            ctx.on_step()
-            for ch, d in apply_step(choices, usage, pi, ctx.n, msg):
-                item: dict[str, Any] = {"index": ch.index, "finish_reason": d.finish_reason or None}
-                if ctx.chat:
-                    if ch.index not in started_roles:
-                        started_roles.add(ch.index)
-                        opening = {"index": ch.index, "delta": {"role": "assistant", "content": ""},
-                                   "logprobs": None, "finish_reason": None}  # fmt: skip
-                        yield _sse({**base, "choices": [opening], **extra})
-                    item["logprobs"] = (
-                        _chat_logprobs(ctx.gw, list(d.logprobs)) if ctx.logprobs else None
-                    )
-                    if ch.index not in tool_streams:
-                        tool_streams[ch.index] = ctx.tool_stream()
-                        reasoning_parsers[ch.index] = ctx.reasoning_parser()
-                    text, reasoning = d.text, ""
-                    if (rp := reasoning_parsers[ch.index]) is not None:
-                        reasoning, text = rp.feed(d.text, bool(d.finish_reason))
-                    item["delta"] = reasoning_fields(reasoning) if reasoning else {}
-                    if (ts := tool_streams[ch.index]) is None:
-                        if text:
-                            item["delta"]["content"] = text
-                    else:
-                        # Tool calling (on the content only): the reasoning, then what the
-                        # parser decided, go out in chunks of their own.
-                        deltas = openai_deltas(ts, text, bool(d.finish_reason))
-                        for delta in ([item["delta"]] if reasoning else []) + deltas:
-                            yield _sse({**base, "choices": [{"index": ch.index, "delta": delta,
-                                       "logprobs": None, "finish_reason": None}], **extra})  # fmt: skip
-                        item["delta"] = {}
-                        if d.finish_reason and ts.calls:
-                            item["finish_reason"] = "tool_calls"
-                else:
-                    item["text"] = d.text
-                    pos = text_pos.get(ch.index, 0)
-                    item["logprobs"] = (
-                        _completion_logprobs(ctx.gw, list(d.logprobs), pos)
-                        if ctx.logprobs
-                        else None
-                    )
-                    text_pos[ch.index] = pos + len(d.text)
-                if (d.text and (not ctx.chat or item["delta"])) or d.finish_reason or d.logprobs:
-                    yield _sse({**base, "choices": [item], **extra})
-        ctx.done(usage)
-        if include_usage:
-            yield _sse({**base, "choices": [], "usage": usage.openai()})
-        yield "data: [DONE]\n\n"
-    except APIError as err:
-        status = str(err.status)
-        yield _sse(err.openai_body())
-    finally:
-        await merged.aclose()
-        ctx.gw.metrics.inflight.dec()
-        ctx.gw.metrics.count_request(ctx.api, status)

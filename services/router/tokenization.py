@@ -79,7 +79,7 @@ class Tokenizer:
         ``{"type": "text", "text": ...}`` and ``{"type": "image"}`` parts, which a
         vision-language template turns into one image placeholder each (expanded later, see
         ``images.expand_placeholders``). ``tools`` (OpenAI format) go to the template as its
-        ``tools`` variable (see router/tools.py)."""
+        ``tools`` variable (see router/tool_prompt.py)."""
         if getattr(self.hf, "chat_template", None) is None:
             raise bad_request("this model has no chat template; use /v1/completions")
         try:

@@ -13,7 +13,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from services.router.errors import APIError, bad_request
-from services.router.openai_api import chat_prompt_of
+from services.router.openai_api import chat_messages
+from services.router.prompt import chat_prompt
 from services.router.structured import may_compile
 from services.router.tokenization import check_token_ids
 from services.router.tools import openai_tools
@@ -48,7 +49,7 @@ async def _tokenize_body(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
                               param="continue_final_message")  # fmt: skip
         add_generation_prompt = get(body, "add_generation_prompt", bool, True)
         tools = await gw.offload.run(None if may_compile(body) else 0, openai_tools, body)
-        ids, _ = await chat_prompt_of(gw, body, tools, add_generation_prompt)
+        ids, _ = await chat_prompt(gw, *chat_messages(body), tools, add_generation_prompt)
     else:
         prompt = get(body, "prompt", str, required=True)
         add_special = get(body, "add_special_tokens", bool, True)

@@ -1,32 +1,25 @@
-"""Tool calling in the OpenAI and Anthropic APIs: the request's tools and tool_choice
-(checked, 400 on bad input), their place in the prompt, and the parser of the output.
+"""The tools of a request in the OpenAI and Anthropic APIs: ``tools`` and ``tool_choice``
+read and checked (400 on bad input) into one ToolSetup, which says how the output is parsed.
 
-The prompt: tools, assistant tool calls and tool results reach the chat template in the
-Hugging Face format (``tools=[...]``, ``{"role": "assistant", "tool_calls": [...]}``,
-``{"role": "tool", ...}``). A template that does not use ``tools`` gets them as text
-instead: a system prompt from the output parser (Hermes-style for ``hermes``) and the earlier
-calls and results written as that parser's format expects.
-
-The output: with tool_choice "auto" the configured parser (``--tool-call-parser``) finds the
-calls in the text. With "required" or a named function the output is constrained by a JSON
-schema (structured outputs), as vLLM does: a JSON array of ``{"name", "parameters"}``, or
-the named function's arguments object.
+With tool_choice "auto" the configured parser (``--tool-call-parser``) finds the calls in the
+text. With "required" or a named function the output is constrained by a JSON schema
+(structured outputs), as vLLM does: a JSON array of ``{"name", "parameters"}``, or the named
+function's arguments object. Their place in the prompt: tool_prompt.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from services.common.proto import worker_pb2 as pb
 from services.engine.sampling_params import StructuredOutputsParams
 from services.engine.structured_output import check
-from services.router.errors import APIError, bad_request
+from services.router.errors import bad_request
 from services.router.structured import set_json_schema
-from services.router.tool_parsers.base import ParsedCall, ToolParser, ToolStream
+from services.router.tool_parsers.base import ToolParser, ToolStream
 from services.router.tool_parsers.forced import JsonArrayParser, NamedFunctionParser
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -243,191 +236,3 @@ def anthropic_tools(body: dict[str, Any]) -> ToolSetup:
         raise bad_request(f"tool_choice.type '{choice['type']}' needs tools", param="tool_choice")
     fn_name = _named(tools, choice.get("name"), "tool_choice") if kind == "function" else None
     return ToolSetup(tools, kind, fn_name, not disable).checked()
-
-
-# -- Messages -------------------------------------------------------------------------------
-
-
-def _arguments(raw: Any, where: str) -> dict[str, Any]:
-    """Arguments of an earlier call as a dict (what chat templates expect)."""
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw) if raw.strip() else {}
-        except json.JSONDecodeError:
-            raise bad_request(f"{where} is not valid JSON", param="messages") from None
-    if not isinstance(raw, dict):
-        raise bad_request(f"{where} must be a JSON object", param="messages")
-    return raw
-
-
-def openai_tool_calls(m: dict[str, Any], i: int) -> list[dict[str, Any]]:
-    """The ``tool_calls`` of an OpenAI assistant message, in the template's format."""
-    raw = m.get("tool_calls")
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise bad_request(f"messages[{i}].tool_calls must be an array", param="messages")
-    out = []
-    for j, c in enumerate(raw):
-        where = f"messages[{i}].tool_calls[{j}]"
-        fn = c.get("function") if isinstance(c, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise bad_request(f"{where} needs a 'function' with a 'name'", param="messages")
-        call: dict[str, Any] = {"type": "function", "function": {
-            "name": fn["name"], "arguments": _arguments(fn.get("arguments"), f"{where}.function.arguments"),
-        }}  # fmt: skip
-        if isinstance(c.get("id"), str):
-            call["id"] = c["id"]
-        out.append(call)
-    return out
-
-
-def anthropic_tool_use(block: dict[str, Any], where: str) -> dict[str, Any]:
-    """A ``tool_use`` block of an assistant turn, as a template tool call."""
-    if not isinstance(block.get("name"), str) or not isinstance(block.get("id"), str):
-        raise bad_request(f"{where}: a tool_use block needs 'id' and 'name'", param="messages")
-    return {"id": block["id"], "type": "function", "function": {
-        "name": block["name"], "arguments": _arguments(block.get("input", {}), f"{where}.input"),
-    }}  # fmt: skip
-
-
-def anthropic_tool_result(block: dict[str, Any], where: str) -> dict[str, Any]:
-    """A ``tool_result`` block of a user turn, as a template ``tool`` message."""
-    if not isinstance(block.get("tool_use_id"), str):
-        raise bad_request(f"{where}: a tool_result block needs 'tool_use_id'", param="messages")
-    content = block.get("content", "")
-    if isinstance(content, list):
-        if not all(isinstance(b, dict) and b.get("type") == "text" for b in content):
-            raise bad_request(f"{where}: tool_result content blocks must be 'text'",
-                              param="messages")  # fmt: skip
-        content = "".join(str(b.get("text", "")) for b in content)
-    elif not isinstance(content, str):
-        raise bad_request(f"{where}: tool_result content must be a string or text blocks",
-                          param="messages")  # fmt: skip
-    if block.get("is_error"):
-        content = f"Error: {content}"
-    return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": content}
-
-
-def template_uses_tools(tokenizer: Any) -> bool:
-    """Whether the tokenizer's chat template renders ``tools`` itself."""
-    template = getattr(getattr(tokenizer, "hf", None), "chat_template", None)
-    if isinstance(template, dict):
-        return "tool_use" in template or any("tools" in str(t) for t in template.values())
-    return isinstance(template, str) and "tools" in template
-
-
-def prepare(
-    tokenizer: Any,
-    messages: list[dict[str, Any]],
-    setup: ToolSetup | None,
-    parser: type[ToolParser],
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """(messages, tools) for the chat template: as they are when the template renders
-    tools, else with tools, calls and results written as text in ``parser``'s format."""
-    tools = setup.tools if setup is not None and setup.render else None
-    has_history = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
-    if template_uses_tools(tokenizer) or not (tools or has_history):
-        return messages, tools
-    out: list[dict[str, Any]] = []
-    for m in messages:
-        if m["role"] == "assistant" and m.get("tool_calls"):
-            text = [m["content"]] if isinstance(m["content"], str) and m["content"] else []
-            text += [parser.render_call(c["function"]["name"], c["function"]["arguments"])
-                     for c in m["tool_calls"]]  # fmt: skip
-            out.append({"role": "assistant", "content": "\n".join(text)})
-        elif m["role"] == "tool":
-            result = parser.render_result(_text(m["content"]))
-            if out and out[-1].get("tool_results"):
-                out[-1]["content"] += "\n" + result
-            else:
-                out.append({"role": "user", "content": result, "tool_results": True})
-        else:
-            out.append(m)
-    out = [{k: v for k, v in m.items() if k != "tool_results"} for m in out]
-    if tools:
-        prompt = parser.system_prompt(tools)
-        if out and out[0]["role"] == "system" and isinstance(out[0]["content"], str):
-            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{prompt}".lstrip()}
-        else:
-            out.insert(0, {"role": "system", "content": prompt})
-    return out, None
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return str(content)
-
-
-# -- Responses ------------------------------------------------------------------------------
-
-
-def openai_call_id() -> str:
-    return "chatcmpl-tool-" + uuid.uuid4().hex
-
-
-def anthropic_call_id() -> str:
-    return "toolu_" + uuid.uuid4().hex
-
-
-def openai_tool_call(call: ParsedCall) -> dict[str, Any]:
-    """A call in a non-streaming chat.completion message."""
-    return {"id": openai_call_id(), "type": "function",
-            "function": {"name": call.name, "arguments": call.arguments}}  # fmt: skip
-
-
-def openai_call_deltas(index: int, call: ParsedCall) -> list[dict[str, Any]]:
-    """The ``delta`` objects of one call in a chat.completion.chunk stream: the call's id and
-    name, then its arguments (``index`` is the call's position in the message)."""
-    return [
-        {"tool_calls": [{"index": index, "id": openai_call_id(), "type": "function",
-                         "function": {"name": call.name, "arguments": ""}}]},
-        {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]},
-    ]  # fmt: skip
-
-
-def anthropic_input(call: ParsedCall) -> dict[str, Any]:
-    """A call's arguments as the ``input`` object of a tool_use block."""
-    value = json.loads(call.arguments)
-    if not isinstance(value, dict):  # parsers only make objects; a bug if not
-        raise APIError(500, "a parsed tool call has arguments that are not an object")
-    return value
-
-
-def openai_deltas(stream: ToolStream, text: str, final: bool) -> list[dict[str, Any]]:
-    """The chunk ``delta`` objects of the next piece of one choice's output."""
-    index = len(stream.calls)
-    out: list[dict[str, Any]] = []
-    for ev in stream.feed(text, final):
-        if isinstance(ev, str):
-            out.append({"content": ev})
-        else:
-            out += openai_call_deltas(index, ev)
-            index += 1
-    return out
-
-
-def split_tool_blocks(
-    content: Any, role: str, where: str
-) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
-    """An Anthropic turn's content without its tool blocks; the template tool calls of its
-    ``tool_use`` blocks (assistant); the ``tool`` messages of its ``tool_result`` blocks
-    (user)."""
-    if not isinstance(content, list):
-        return content, [], []
-    rest: list[Any] = []
-    calls: list[dict[str, Any]] = []
-    results: list[dict[str, Any]] = []
-    for j, b in enumerate(content):
-        kind = b.get("type") if isinstance(b, dict) else None
-        if kind == "tool_use" and role == "assistant":
-            calls.append(anthropic_tool_use(b, f"{where}.{j}"))
-        elif kind == "tool_result" and role == "user":
-            results.append(anthropic_tool_result(b, f"{where}.{j}"))
-        elif kind in ("tool_use", "tool_result"):
-            raise bad_request(f"{where}.{j}: a {kind} block cannot be in a {role} turn",
-                              param="messages")  # fmt: skip
-        else:
-            rest.append(b)
-    return rest if rest or not (calls or results) else "", calls, results

@@ -1,0 +1,84 @@
+"""Prompt building for both APIs: a chat (messages, tools, images) through the chat template
+into token ids, a completions ``prompt`` into token ids, and the context-length check."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from services.common.proto import worker_pb2 as pb
+from services.router.errors import APIError, bad_request
+from services.router.images import chat_prompt as render_chat
+from services.router.tokenization import check_token_ids
+from services.router.tool_parsers.factory import tool_parser_class
+from services.router.tool_prompt import prepare
+from services.router.tools import ToolSetup
+from services.router.validation import get
+
+if TYPE_CHECKING:
+    from services.router.gateway import Gateway
+
+
+async def chat_prompt(
+    gw: Gateway, messages: list[dict[str, Any]], sources: list[str | bytes],
+    tool_setup: ToolSetup | None, add_generation_prompt: bool = True,
+) -> tuple[list[int], list[pb.ImageData]]:  # fmt: skip
+    """Token ids of a chat's prompt (``messages`` in the template's format and the tools
+    through the chat template, image placeholders expanded) and its images (``sources``, in
+    the order of their parts): what both APIs generate from and /tokenize and
+    /v1/messages/count_tokens count."""
+    parser = tool_parser_class(gw.cfg.tool_call_parser)
+    messages, tools = prepare(gw.tokenizer, messages, tool_setup, parser)
+    return await render_chat(
+        gw.tokenizer, messages, sources, gw.cfg.image_limits, tools=tools,
+        add_generation_prompt=add_generation_prompt, offload=gw.offload,
+    )  # fmt: skip
+
+
+def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int) -> None:
+    """A 400 when the prompt and the completion do not fit the model's context."""
+    if max_model_len <= 0:
+        return
+    total = prompt_len + (max_tokens or 0)
+    if prompt_len >= max_model_len or total > max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {total} tokens ({prompt_len} in the prompt, {max_tokens or 0} for the "
+            "completion). Please reduce the prompt or the completion length.",
+            param="messages", code="context_length_exceeded",
+        )  # fmt: skip
+
+
+def prompt_size(gw: Gateway, body: dict[str, Any]) -> int:
+    """Characters or token ids of a completions ``prompt`` (what ``completion_prompts`` reads:
+    off the event loop when large); the items of a list of prompts are counted up to one past
+    ``--max-prompts``."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return sum(len(p) if isinstance(p, (str, list)) else 1
+                   for p in prompt[: gw.cfg.max_prompts + 1])  # fmt: skip
+    return len(prompt) if isinstance(prompt, (str, list)) else 0
+
+
+def completion_prompts(gw: Gateway, body: dict[str, Any]) -> list[list[int]]:
+    """Token ids of each prompt of a /v1/completions body (text encoded, ids checked)."""
+    prompt = get(body, "prompt", (str, list), required=True)
+    if isinstance(prompt, str):
+        return [gw.tokenizer.encode(prompt)]
+    if not prompt:
+        raise bad_request("'prompt' must not be empty", param="prompt")
+    if isinstance(prompt[0], (str, list)) and len(prompt) > gw.cfg.max_prompts:
+        raise bad_request(
+            f"'prompt' holds {len(prompt)} prompts; at most {gw.cfg.max_prompts} are accepted",
+            param="prompt",
+        )
+    vocab = gw.tokenizer.vocab_size
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return [check_token_ids(list(prompt), vocab, "prompt")]
+    if all(isinstance(p, str) for p in prompt):
+        return [gw.tokenizer.encode(p) for p in prompt]
+    if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+        return [check_token_ids(list(p), vocab, "prompt") for p in prompt]
+    raise bad_request(
+        "'prompt' must be a string, an array of strings or of token ids", param="prompt"
+    )

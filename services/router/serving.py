@@ -1,0 +1,225 @@
+"""The serving pipeline both APIs share: admit -> orchestrate -> wait for the first step ->
+stream or collect -> metrics.
+
+An API module reads its request into a ServeRequest (prompts built, sampling parameters in
+their final wire form) and hands ``serve`` an Output: the one thing that differs between the
+APIs, how the steps are written (chunks and events, the whole body, errors). A Messages
+request becomes the same request as a chat completion, as vLLM's Anthropic server turns it
+into a ChatCompletionRequest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from services.common.convert import params_to_proto
+from services.common.proto import worker_pb2 as pb
+from services.engine.sampling_params import SamplingParams, StructuredOutputsParams
+from services.router.accumulate import Choice, Usage, apply_step, until_disconnect
+from services.router.errors import APIError
+from services.router.reasoning.base import ReasoningParser
+from services.router.reasoning.factory import reasoning_parser_class
+from services.router.streams import merge_streams
+from services.router.tool_parsers.base import ToolParser, ToolStream
+from services.router.tool_parsers.factory import tool_parser_class
+from services.router.tools import ToolSetup
+
+if TYPE_CHECKING:
+    from services.router.gateway import Gateway
+
+Step = list[tuple[Choice, pb.CompletionDelta]]  # the choices one worker message touched
+
+
+@dataclass
+class ServeRequest:
+    """One API request as the pipeline runs it."""
+
+    api: str  # the metrics label: "chat" | "completions" | "messages"
+    rid: str  # the response id; prompt i of several runs as "<rid>-<i>"
+    model: str
+    prompts: list[list[int]]  # token ids, one list per prompt
+    images: list[pb.ImageData]
+    params: pb.SamplingParams  # final: the tools' constraint included
+    n: int  # completions per prompt
+    logprobs: bool  # the response carries logprobs
+    tools: ToolSetup | None  # None: no tools (completions)
+    tool_parser: type[ToolParser]  # finds the calls of tool_choice "auto"
+    reasoning: type[ReasoningParser] | None  # splits off the reasoning; None: all content
+    started: float  # time.monotonic() on arrival
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @classmethod
+    def create(
+        cls, gw: Gateway, api: str, rid: str, model: str, prompts: list[list[int]],
+        images: list[pb.ImageData], params: SamplingParams, tools: ToolSetup | None,
+        started: float,
+    ) -> ServeRequest:  # fmt: skip
+        """The request with ``params`` built into their final form once: tool_choice
+        "required" or a named function constrains the output to the tools' schema."""
+        schema = tools.schema if tools is not None else None
+        if schema is not None:
+            params = replace(params, structured_outputs=StructuredOutputsParams(json=schema))
+        # NOTE: a constrained output is the JSON alone, with no thinking to split off.
+        chat = api != "completions"
+        unconstrained = chat and params.structured_outputs is None
+        return cls(
+            api, rid, model, prompts, images, params_to_proto(params), params.n,
+            params.logprobs is not None, tools, tool_parser_class(gw.cfg.tool_call_parser),
+            reasoning_parser_class(gw.cfg.reasoning_parser) if unconstrained else None, started,
+        )  # fmt: skip
+
+    def tool_stream(self) -> ToolStream | None:
+        """A tool-call parser for one choice; None: its output is plain content."""
+        return self.tools.stream(self.tool_parser) if self.tools is not None else None
+
+    def reasoning_parser(self) -> ReasoningParser | None:
+        """A reasoning parser for one choice; None: its output is all content."""
+        return self.reasoning() if self.reasoning is not None else None
+
+
+class Output(Protocol):
+    """How one API writes one request's response; a new one per request (a stream keeps
+    its state here)."""
+
+    @property
+    def stream_headers(self) -> dict[str, str] | None:
+        """Headers of the event stream's response."""
+
+    def error(self, err: APIError) -> Response:
+        """The error response (before any output)."""
+
+    def error_event(self, err: APIError) -> str:
+        """The error in the event stream (after its start)."""
+
+    def step(self, step: Step, usage: Usage) -> Iterator[str]:
+        """The events of one worker message."""
+
+    def end(self, choices: dict[int, Choice], usage: Usage) -> Iterator[str]:
+        """The events after the last message."""
+
+    def body(self, choices: dict[int, Choice], usage: Usage) -> dict[str, Any]:
+        """The whole (not streamed) response."""
+
+
+async def serve(
+    gw: Gateway, request: Request, req: ServeRequest, out: Output, stream: bool
+) -> Response:
+    """Run ``req``: admitted, generated and written by ``out``; counted in the metrics."""
+    try:
+        ticket = gw.admission.admit(sum(len(p) for p in req.prompts))
+    except APIError as err:
+        gw.metrics.count_request(req.api, err.status)
+        return out.error(err)
+    many = len(req.prompts) > 1
+    merged = merge_streams([
+        gw.orchestrator.generate(
+            req.model, f"{req.rid}-{i}" if many else req.rid, p, req.params, req.images
+        )
+        for i, p in enumerate(req.prompts)
+    ])  # fmt: skip
+    if stream:
+        try:
+            # Wait for the first step before sending headers, so that errors up to then
+            # (no worker, rejected by the engine) still get their HTTP status.
+            first = await until_disconnect(request, anext(merged))
+        except StopAsyncIteration:
+            ticket.release()
+            gw.metrics.count_request(req.api, 500)
+            return out.error(APIError(500, "the worker ended the request without output"))
+        except APIError as err:
+            ticket.release()
+            gw.metrics.count_request(req.api, err.status)
+            await merged.aclose()
+            return out.error(err)
+        except BaseException:
+            ticket.release()
+            await merged.aclose()
+            raise
+        # NOTE: the background task runs even when the client leaves before the body starts.
+        return StreamingResponse(
+            _stream(gw, req, out, merged, first), media_type="text/event-stream",
+            headers=out.stream_headers, background=BackgroundTask(ticket.release),
+        )  # fmt: skip
+    try:
+        result = await until_disconnect(request, _collect(gw, req, out, merged))
+    except APIError as err:
+        gw.metrics.count_request(req.api, err.status)
+        return out.error(err)
+    finally:
+        ticket.release()
+    gw.metrics.count_request(req.api, 200)
+    return JSONResponse(result)
+
+
+class _Progress:
+    """The choices and usage of one request so far, and its time-to-first-token metric."""
+
+    def __init__(self, gw: Gateway, req: ServeRequest) -> None:
+        self.gw, self.req = gw, req
+        self.choices: dict[int, Choice] = {}
+        self.usage = Usage()
+        self.first_seen = False
+
+    def apply(self, prompt_index: int, msg: pb.GenerateResponse) -> Step:
+        if not self.first_seen:
+            self.first_seen = True
+            self.gw.metrics.first_token(self.req.api, self.req.model, self.req.started)
+        return apply_step(self.choices, self.usage, prompt_index, self.req.n, msg)
+
+    def done(self) -> None:
+        req, usage = self.req, self.usage
+        self.gw.metrics.done(req.api, req.model, req.started, usage.prompt, usage.completion)
+
+
+async def _collect(
+    gw: Gateway, req: ServeRequest, out: Output,
+    merged: AsyncGenerator[tuple[int, pb.GenerateResponse], None],
+) -> dict[str, Any]:  # fmt: skip
+    progress = _Progress(gw, req)
+    gw.metrics.inflight.inc()
+    try:
+        async for pi, msg in merged:
+            progress.apply(pi, msg)
+    finally:
+        gw.metrics.inflight.dec()
+    progress.done()
+    return out.body(progress.choices, progress.usage)
+
+
+async def _prepend(
+    first: tuple[int, pb.GenerateResponse], rest: AsyncIterator[tuple[int, pb.GenerateResponse]]
+) -> AsyncIterator[tuple[int, pb.GenerateResponse]]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+async def _stream(
+    gw: Gateway, req: ServeRequest, out: Output,
+    merged: AsyncGenerator[tuple[int, pb.GenerateResponse], None],
+    first: tuple[int, pb.GenerateResponse],
+) -> AsyncIterator[str]:  # fmt: skip
+    progress = _Progress(gw, req)
+    status = "200"
+    gw.metrics.inflight.inc()
+    try:
+        async for pi, msg in _prepend(first, merged):
+            for event in out.step(progress.apply(pi, msg), progress.usage):
+                yield event
+        progress.done()
+        for event in out.end(progress.choices, progress.usage):
+            yield event
+    except APIError as err:
+        status = str(err.status)
+        yield out.error_event(err)
+    finally:
+        await merged.aclose()
+        gw.metrics.inflight.dec()
+        gw.metrics.count_request(req.api, status)
