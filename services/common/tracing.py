@@ -2,7 +2,7 @@
 
 One trace per request: the router opens it (``services/router/phases.py``) and carries its
 context to the workers in gRPC metadata (W3C ``traceparent``); each worker adds its spans
-under the router's call (``services/worker/phases.py``). Spans go to an OTLP collector
+under the router's call (``services/common/phases.py``). Spans go to an OTLP collector
 through a batch processor, over gRPC by default or HTTP/protobuf when
 ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf`` (vLLM's convention; the other
 ``OTEL_*`` variables of the exporter apply too).

@@ -1,9 +1,12 @@
-"""`python -m services.decode ...`: a worker started in role ``decode``."""
+"""`python -m services.decode ...`: a worker process started in role ``decode``."""
 
 from __future__ import annotations
 
 import sys
 
+# NOTE: the one import of services.worker in this package, and the only one allowed: this
+# module is the top of a process, and that process is a worker, which drives the role
+# through services.common.role.Role. The role's own modules never import the worker.
 from services.worker.main import main
 
 sys.exit(main(["--role", "decode", *sys.argv[1:]], prog="python -m services.decode"))

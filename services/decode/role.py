@@ -3,27 +3,48 @@ then decode from the first token the prefill worker sampled."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Sequence
 
-from services.common.proto import worker_pb2 as pb
-from services.decode.kv_receiver import KVReceiver, Reservation
-from services.engine.async_engine import AsyncLLMEngine
-from services.engine.outputs import RequestOutput
-from services.worker.convert import (
+import torch
+
+from services.common.convert import (
     layout_to_proto,
     logprobs_from_proto,
     params_from_proto,
     resume_from_proto,
 )
-from services.worker.image_inputs import image_keys_from_proto
+from services.common.proto import worker_pb2 as pb
+from services.common.role import Role
+from services.decode.kv_receiver import KVReceiver, Reservation
+from services.engine.async_engine import AsyncLLMEngine
+from services.engine.multimodal import ImageInputs
+from services.engine.outputs import RequestOutput
 
 
-class DecodeRole:
+class DecodeRole(Role):
+    name = "decode"
+
     def __init__(self, engine: AsyncLLMEngine, receiver: KVReceiver, session_id: str) -> None:
         self.engine = engine
         self.receiver = receiver
         self.session_id = session_id
+
+    def start(self) -> None:
+        self.receiver.start()
+
+    async def stop(self) -> None:
+        await self.receiver.stop()
+
+    def held(self) -> Collection[str]:
+        """The requests whose KV blocks are reserved here (made, not yet claimed or freed)."""
+        return self.receiver.reservations.keys()
+
+    async def release_held(self) -> None:
+        for rid in list(self.receiver.reservations):
+            with contextlib.suppress(Exception):
+                await self.release(rid)
 
     async def reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
         params = params_from_proto(request.params)
@@ -32,7 +53,7 @@ class DecodeRole:
             list(request.prompt_token_ids),
             params,
             resume_from_proto(request),
-            image_keys_from_proto(request.images),
+            image_keys(request.images),
             request.writer_address,
         )
         return pb.ReserveResponse(
@@ -44,7 +65,7 @@ class DecodeRole:
             deadline_unix_ms=int(r.deadline_unix * 1000),
         )
 
-    def start(self, request: pb.DecodeRequest) -> AsyncIterator[RequestOutput]:
+    def decode(self, request: pb.DecodeRequest) -> AsyncIterator[RequestOutput]:
         """Claim the reservation (KeyError if gone) and stream the request's outputs."""
         return self._decode(self.receiver.claim(request.request_id), request)
 
@@ -72,3 +93,13 @@ class DecodeRole:
             return False
         await self.receiver.release(request_id)
         return True
+
+
+def image_keys(images: Sequence[pb.ImageData]) -> ImageInputs | None:
+    """Grids and hashes of a request's images, no pixels (a PD decode worker's view of them:
+    enough to hash the prompt's blocks); None for text. NOTE: here, not in
+    services/common/convert.py, because it builds a tensor and the router must not load torch."""
+    if not images:
+        return None
+    grid = torch.tensor([list(i.grid_thw) for i in images], dtype=torch.long).reshape(-1, 3)
+    return ImageInputs(None, grid, content_hashes=[i.hash for i in images])

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from services.common.aio import cancel_and_wait
+from services.common.latency import LatencyWindow
 from services.common.proto import worker_pb2 as pb
+from services.common.role import Role
 from services.encoder.cache import EncoderCache, Entry
 from services.encoder.metrics import ImageMetrics
 from services.engine.async_engine import AsyncLLMEngine
 from services.engine.llm_engine import LLMEngine
 from services.engine.multimodal import ImageInputs, open_images, preprocess_images
-from services.worker.stats import LatencyWindow
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,9 @@ class _Job:
     done: asyncio.Future[Entry]
 
 
-class EncodeRole:
+class EncodeRole(Role):
+    name = "encode"
+
     def __init__(
         self,
         engine: AsyncLLMEngine,

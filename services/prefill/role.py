@@ -10,20 +10,23 @@ import math
 import time
 from typing import Any
 
-from services.common.mooncake_agent import TransferError
-from services.common.proto import worker_pb2 as pb
-from services.engine.async_engine import AsyncLLMEngine
-from services.prefill.kv_sender import KVSender, PushTarget
-from services.worker.convert import (
+from services.common.convert import (
     layout_from_proto,
     logprobs_to_proto,
     params_from_proto,
     resume_from_proto,
 )
-from services.worker.phases import prefill_computed
+from services.common.mooncake_agent import TransferError
+from services.common.phases import prefill_computed
+from services.common.proto import worker_pb2 as pb
+from services.common.role import Role
+from services.engine.async_engine import AsyncLLMEngine
+from services.prefill.kv_sender import KVSender, PushTarget
 
 
-class PrefillRole:
+class PrefillRole(Role):
+    name = "prefill"
+
     def __init__(
         self, engine: AsyncLLMEngine, sender: KVSender, block_size: int, transfer_timeout_s: float
     ) -> None:
@@ -31,6 +34,12 @@ class PrefillRole:
         self.sender = sender
         self.block_size = block_size
         self.transfer_timeout_s = transfer_timeout_s
+
+    def start(self) -> None:
+        """Nothing to start: the sender's thread runs from its construction."""
+
+    async def stop(self) -> None:
+        self.sender.close()
 
     async def run(
         self, request: pb.PrefillRequest, inputs: list[int] | dict[str, Any] | None = None
@@ -78,7 +87,7 @@ class PrefillRole:
                 held = out.finished
             if first is None:
                 raise RuntimeError("prefill produced no token")
-            prefill_computed()  # what follows is the push's tail (worker/phases.py)
+            prefill_computed()  # what follows is the push's tail (common/phases.py)
             pushed = await asyncio.to_thread(self.sender.wait, rid, self.transfer_timeout_s)
             resp = pb.PrefillResponse(
                 first_token_id=first.token_ids[0], cached_prompt_tokens=cached,

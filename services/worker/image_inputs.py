@@ -20,17 +20,9 @@ from services.common.mooncake_agent import TransferError
 from services.common.proto import worker_pb2 as pb
 from services.encoder.handoff import EmbeddingFetcher
 from services.encoder.metrics import ImageMetrics
-from services.engine.multimodal import ImageInputs, open_images, preprocess_images
+from services.engine.multimodal import open_images, preprocess_images
 
 log = logging.getLogger(__name__)
-
-
-def image_keys_from_proto(images: Sequence[pb.ImageData]) -> ImageInputs | None:
-    """Grids and hashes only (a PD decode worker's view of the images); None for text."""
-    if not images:
-        return None
-    grid = torch.tensor([list(i.grid_thw) for i in images], dtype=torch.long).reshape(-1, 3)
-    return ImageInputs(None, grid, content_hashes=[i.hash for i in images])
 
 
 class ImageLoader:

@@ -10,25 +10,38 @@ import os
 import signal
 import socket
 import sys
-from typing import TYPE_CHECKING, Any
+from importlib import metadata
+from typing import Any
 
 import grpc
 
 from services.common.dataclass_cli import add_dataclass_args, from_args
 from services.common.grpc_utils import SERVER_OPTIONS, add_port
 from services.common.membership import InstanceInfo, Registrar
+from services.common.mooncake_agent import MooncakeAgent, MooncakeConfig
+from services.common.phases import PhaseInterceptor
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.common.tracing import Tracing
+from services.decode.fence import grpc_fence
+from services.decode.kv_receiver import KVReceiver
+from services.decode.role import DecodeRole
+from services.encoder.cache import EncoderCache
+from services.encoder.handoff import EmbeddingFetcher
+from services.encoder.metrics import ImageMetrics
+from services.encoder.role import EncodeRole
+from services.engine.async_engine import AsyncLLMEngine
+from services.engine.config import EngineConfig
+from services.engine.kv_staging import KVStaging
+from services.engine.multimodal import load_image_processor
+from services.prefill.kv_sender import KVSender
+from services.prefill.role import PrefillRole
 from services.worker.config import WorkerConfig
+from services.worker.image_inputs import ImageLoader
 from services.worker.kv_events import KVEventPublisher, kv_layout_key
 from services.worker.kv_store import attach_kv_store
-from services.worker.phases import PhaseInterceptor
 from services.worker.role_controller import DesiredRoleWatcher
-from services.worker.server import WorkerServicer, WorkerState
-
-if TYPE_CHECKING:
-    from services.engine.async_engine import AsyncLLMEngine
-    from services.engine.config import EngineConfig
+from services.worker.server import WorkerServicer
+from services.worker.state import WorkerState
 
 log = logging.getLogger("epdserve.worker")
 
@@ -36,8 +49,6 @@ READY_PREFIX = "EPDSERVE_WORKER_READY"  # the launcher waits for this line on st
 
 
 def build_parser(prog: str = "epdserve worker") -> argparse.ArgumentParser:
-    from services.engine.config import EngineConfig
-
     parser = argparse.ArgumentParser(prog=prog, description="Run one epdserve worker process.")
     add_dataclass_args(parser.add_argument_group("worker"), WorkerConfig)
     add_dataclass_args(parser.add_argument_group("engine"), EngineConfig)
@@ -46,8 +57,6 @@ def build_parser(prog: str = "epdserve worker") -> argparse.ArgumentParser:
 
 
 async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
-    from services.engine import AsyncLLMEngine
-
     engine = AsyncLLMEngine(ecfg)
     log.info("loading model %s ...", ecfg.model or "(default)")
     await engine.start()
@@ -62,8 +71,10 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     if prefill_role is not None and prefill_role.sender.staging is not None:
         servicer.metrics.watch_staging(prefill_role.sender.staging)
     setup_images(wcfg, engine, servicer)
+    for role in servicer.parts():
+        role.start()
     tracing = Tracing(wcfg.otlp_traces_endpoint, "epdserve-worker", wcfg.instance_id)
-    # Phase histograms and spans of every request call (worker/phases.py).
+    # Phase histograms and spans of every request call (common/phases.py).
     phases = PhaseInterceptor(servicer.metrics, state, tracing)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[phases])
     pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
@@ -156,12 +167,8 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
         await asyncio.wait_for(state.idle.wait(), timeout=wcfg.drain_timeout_s)
     servicer.closing.set()
     await server.stop(grace=2.0)
-    if decode_role is not None:
-        await decode_role.receiver.stop()
-    if prefill_role is not None:
-        prefill_role.sender.close()
-    if servicer.encoder is not None:
-        await servicer.encoder.stop()
+    for role in servicer.parts():
+        await role.stop()
     servicer.metrics.close()
     await asyncio.to_thread(tracing.shutdown)
     await engine.shutdown()
@@ -176,14 +183,6 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
     goes through pinned host staging slots, see services/engine/kv_staging.py)."""
     if wcfg.kv_transfer == "none":
         return None, None
-    from services.common.mooncake_agent import MooncakeAgent, MooncakeConfig
-    from services.decode.fence import grpc_fence
-    from services.decode.kv_receiver import KVReceiver
-    from services.decode.role import DecodeRole
-    from services.engine.kv_staging import KVStaging
-    from services.prefill.kv_sender import KVSender
-    from services.prefill.role import PrefillRole
-
     llm_engine = engine.engine
     assert llm_engine is not None
     unregistrable = ecfg.device_type != "cpu" and _mooncake_flavour() == "non-cuda"
@@ -221,7 +220,6 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
         write_grace_s=wcfg.kv_write_grace_s, fence=grpc_fence(wcfg.grpc_tls),
         fence_timeout_s=wcfg.kv_fence_timeout_s,
     )  # fmt: skip
-    receiver.start()
     log.info(
         "KV transfer: Mooncake %s session %s%s", wcfg.mooncake_protocol, agent.session_id,
         f", through {staging.num_slots} host staging slots" if staging is not None else "",
@@ -235,13 +233,6 @@ def setup_images(wcfg: WorkerConfig, engine: AsyncLLMEngine, servicer: WorkerSer
     turns a request's images into engine inputs (reading an encoder's embeddings through
     the PD roles' Mooncake agent when there is one) and the encode role, whose cache lives
     in memory registered with that agent."""
-    from services.encoder.cache import EncoderCache
-    from services.encoder.handoff import EmbeddingFetcher
-    from services.encoder.metrics import ImageMetrics
-    from services.encoder.role import EncodeRole
-    from services.engine.multimodal import load_image_processor
-    from services.worker.image_inputs import ImageLoader
-
     llm_engine = engine.engine
     assert llm_engine is not None
     model: Any = llm_engine.runner.model
@@ -260,13 +251,10 @@ def setup_images(wcfg: WorkerConfig, engine: AsyncLLMEngine, servicer: WorkerSer
             engine, cache, processor, agent.session_id, servicer.state.instance_id, metrics,
             int(model.spatial_merge_size),
         )  # fmt: skip
-        servicer.encoder.start()
 
 
 def _mooncake_flavour() -> str:
     """Which Mooncake wheel is installed: non-cuda, npu, cuda (or none)."""
-    from importlib import metadata
-
     for dist, flavour in (
         ("mooncake-transfer-engine-non-cuda", "non-cuda"),
         ("mooncake-transfer-engine-npu", "npu"),
@@ -282,8 +270,6 @@ def _mooncake_flavour() -> str:
 
 
 def main(argv: list[str] | None = None, prog: str = "epdserve worker") -> int:
-    from services.engine.config import EngineConfig
-
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),

@@ -33,7 +33,7 @@ LABELS = ["model_name", "instance"]
 # decode worker's time to first token is its decode queue, a prefill worker's the prefill.
 ROLE_LABELS = [*LABELS, "role"]
 # Phases a worker times (request_phase_seconds), with the role each one runs on; see
-# services/worker/phases.py.
+# services/common/phases.py.
 WORKER_PHASES = {
     "reserve": "decode", "prefill": "prefill", "kv_transfer": "prefill",
     "decode_queue": "decode", "encode": "encode",

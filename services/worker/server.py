@@ -4,33 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from services.common.grpc_utils import (
-    FAILURE_BUSY,
-    FAILURE_ENGINE,
-    FAILURE_REFUSED,
-    FAILURE_REQUEST,
-    FAILURE_TRANSFER,
-    failure_metadata,
-    role_from_pb,
-    role_to_pb,
-)
+from services.common.convert import delta_to_proto, params_from_proto, resume_from_proto
+from services.common.grpc_utils import FAILURE_REFUSED, failure_metadata, role_from_pb, role_to_pb
+from services.common.latency import LatencyWindow
 from services.common.mooncake_agent import TransferError
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
+from services.common.role import Role
 from services.decode.fence import FENCE_WAIT_S
-from services.engine.outputs import LOST_IMAGES, RequestFailedError
-from services.worker.convert import delta_to_proto, params_from_proto, resume_from_proto
+from services.engine.outputs import LOST_IMAGES
+from services.worker.errors import (
+    ENCODE,
+    IMAGES,
+    PARAMS,
+    PREFILL,
+    RESERVE,
+    SET_ROLE,
+    STREAM,
+    Classify,
+    Code,
+    call_status,
+)
 from services.worker.metrics import WorkerMetrics
-from services.worker.role_controller import RoleController, StaleEpochError
-from services.worker.stats import LatencyWindow
+from services.worker.role_controller import RoleController
+from services.worker.state import WorkerState
 
 if TYPE_CHECKING:
     from services.decode.role import DecodeRole
@@ -38,31 +42,7 @@ if TYPE_CHECKING:
     from services.prefill.role import PrefillRole
     from services.worker.image_inputs import ImageLoader
 
-log = logging.getLogger(__name__)
-
-
-class WorkerState:
-    """Role, epoch, drain flag and in-flight requests of one worker process."""
-
-    def __init__(self, instance_id: str, incarnation: str, role: str) -> None:
-        self.instance_id = instance_id
-        self.incarnation = incarnation
-        self.role = role
-        self.role_epoch = 1
-        self.draining = False  # operator drain: refuse new work, stay in the cluster
-        self.flipping = False  # a role change is under way (see role_controller.py)
-        self.inflight: set[str] = set()
-        # Requests aborted by a role change after the drain timeout -> the error to report.
-        self.evicted: dict[str, str] = {}
-        self.idle = asyncio.Event()  # set while nothing is in flight
-        self.idle.set()
-        # Called after role/drain changes so the etcd advertisement follows.
-        self.on_change: Callable[[], None] = lambda: None
-
-    @property
-    def phase(self) -> str:
-        """Advertised state: serving | draining | flipping (membership.WORKER_STATES)."""
-        return "flipping" if self.flipping else "draining" if self.draining else "serving"
+R = TypeVar("R", bound=Role)
 
 
 class WorkerServicer(pb_grpc.WorkerServiceServicer):
@@ -98,10 +78,13 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             and (role != "encode" or self.encoder is not None),
         )  # fmt: skip
 
+    def parts(self) -> list[Role]:
+        """The roles' machinery this worker has, in the order the worker stops it."""
+        return [r for r in (self.decode, self.prefill, self.encoder) if r is not None]
+
     def held(self) -> int:
-        """Work this worker holds: running requests plus decode reservations."""
-        reserved = len(self.decode.receiver.reservations) if self.decode is not None else 0
-        return len(self.state.inflight) + reserved
+        """Work this worker holds: running requests plus what its roles hold (reservations)."""
+        return len(self.state.inflight) + sum(len(r.held()) for r in self.parts())
 
     async def evict(self, message: str) -> None:
         """Abort everything held (role change past its drain timeout), reporting ``message``."""
@@ -109,10 +92,31 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             self.state.evicted[rid] = message
             with contextlib.suppress(Exception):
                 await self.engine.abort(rid)
-        if self.decode is not None:
-            for rid in list(self.decode.receiver.reservations):
-                with contextlib.suppress(Exception):
-                    await self.decode.release(rid)
+        for role in self.parts():
+            await role.release_held()
+
+    @contextlib.asynccontextmanager
+    async def _inflight(
+        self, rid: str, context: grpc.aio.ServicerContext, unique: bool = True
+    ) -> AsyncIterator[None]:
+        """Count ``rid`` in flight while the block runs (the drain and role changes wait for
+        it); ``unique``: refuse it (ALREADY_EXISTS) when it is in flight already."""
+        st = self.state
+        if unique and rid in st.inflight:
+            await context.abort(Code.ALREADY_EXISTS, f"request {rid} already running")
+        st.inflight.add(rid)
+        st.idle.clear()
+        try:
+            yield
+        finally:
+            st.inflight.discard(rid)
+            st.evicted.pop(rid, None)
+            if not st.inflight:
+                st.idle.set()
+
+    def _classify(self, rid: str) -> Classify:
+        """How a call running ``rid`` classifies the failures its rules do not name."""
+        return Classify(rid, self.state.instance_id, self.metrics.request_failures)
 
     async def _admit(
         self,
@@ -121,42 +125,25 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         epoch: int,
         held: bool = False,
     ) -> None:
-        """Refuse work this worker must not take now: stale epoch, draining or mid-flip, wrong
-        role. ``held``: the request continues work already taken (a decode reservation),
-        which a flip lets finish."""
-        st = self.state
-        refused = failure_metadata(FAILURE_REFUSED)
-        if epoch and epoch != st.role_epoch:
-            # NOTE: routers match this prefix; the request never ran here, so re-route it.
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"stale role epoch {epoch}; worker {st.instance_id} is at {st.role_epoch} "
-                f"(role {st.role})",
-                refused,
-            )
-        if st.draining:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"worker {st.instance_id} is draining", refused
-            )
-        if st.flipping and not held:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"worker {st.instance_id} is changing role", refused
-            )
-        if st.role not in roles:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"worker {st.instance_id} has role {st.role!r}; this call needs {' or '.join(roles)}",
-                refused,
-            )
+        """Refuse (kind "refused") a call this worker must not take now (``WorkerState.refusal``)."""
+        refusal = self.state.refusal(roles, epoch, held)
+        if refusal is not None:
+            await context.abort(*refusal, failure_metadata(FAILURE_REFUSED))
+
+    @staticmethod
+    async def _pd(role: R | None, context: grpc.aio.ServicerContext) -> R:
+        """A PD role's machinery, or FAILED_PRECONDITION when KV transfer is disabled."""
+        if role is None:
+            await context.abort(Code.FAILED_PRECONDITION, "KV transfer is disabled")
+        assert role is not None  # context.abort raised otherwise
+        return role
 
     async def Generate(  # noqa: N802 - gRPC method name
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         await self._admit(context, ("mixed",), request.role_epoch)
-        try:
+        async with call_status(context, PARAMS):
             params = params_from_proto(request.params)
-        except (ValueError, TypeError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         rid = request.request_id or uuid.uuid4().hex
         prompt = await self._prompt(request.prompt_token_ids, request.images, context)
         outputs = self.engine.generate(rid, prompt, params, resume=resume_from_proto(request))
@@ -166,26 +153,18 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def Decode(  # noqa: N802
         self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        held = self.decode is not None and request.request_id in self.decode.receiver.reservations
+        rid = request.request_id
+        held = self.decode is not None and rid in self.decode.held()
         await self._admit(context, ("decode",), request.role_epoch, held=held)
-        if self.decode is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "KV transfer is disabled")
-        assert self.decode is not None  # context.abort raised otherwise
-        if request.request_id in self.state.inflight:
+        decode = await self._pd(self.decode, context)
+        if rid in self.state.inflight:
             # Before the claim: a claimed reservation is freed only by running its stream.
-            await context.abort(
-                grpc.StatusCode.ALREADY_EXISTS, f"request {request.request_id} already running"
-            )
+            await context.abort(Code.ALREADY_EXISTS, f"request {rid} already running")
         try:
-            outputs = self.decode.start(request)
+            outputs = decode.decode(request)
         except KeyError:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"no reservation for {request.request_id} (expired or never made)",
-            )
-        async for msg in self._stream(
-            request.request_id, outputs, context, request.cached_prompt_tokens
-        ):
+            await context.abort(Code.NOT_FOUND, f"no reservation for {rid} (expired or never made)")
+        async for msg in self._stream(rid, outputs, context, request.cached_prompt_tokens):
             yield msg
 
     async def _stream(
@@ -197,89 +176,58 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         """Relay an engine output stream as one GenerateResponse per engine step."""
         st = self.state
-        if rid in st.inflight:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {rid} already running")
-        st.inflight.add(rid)
-        st.idle.clear()
-        arrived = time.monotonic()
         first_at: float | None = None
         counts: dict[int, int] = {}
         finished = False
-        try:
+        async with self._inflight(rid, context):
+            arrived = time.monotonic()
             try:
-                async for out in self.metrics.track(
-                    outputs, count_prompt=cached_prompt_tokens is None
-                ):
-                    if rid in st.evicted:
-                        await context.abort(
-                            grpc.StatusCode.UNAVAILABLE, st.evicted[rid],
-                            failure_metadata(FAILURE_REFUSED),
-                        )  # fmt: skip
-                    now = time.monotonic()
-                    if first_at is None:
-                        first_at = now
-                        self.ttft_ms.add((now - arrived) * 1000.0)
-                    deltas = []
-                    for c in out.outputs:
-                        if c.finish_reason == "abort" and c.stop_reason == LOST_IMAGES:
-                            # Not the request's fault: the router continues it elsewhere.
+                async with call_status(context, STREAM, self._classify(rid)):
+                    track = self.metrics.track(outputs, count_prompt=cached_prompt_tokens is None)
+                    async for out in track:
+                        if rid in st.evicted:
                             await context.abort(
-                                grpc.StatusCode.UNAVAILABLE,
-                                f"request {rid} must recompute image tokens without its images",
-                                failure_metadata(FAILURE_REFUSED),
+                                Code.UNAVAILABLE, st.evicted[rid], failure_metadata(FAILURE_REFUSED)
                             )
-                        counts[c.index] = counts.get(c.index, 0) + len(c.token_ids)
-                        deltas.append(delta_to_proto(c, counts[c.index]))
-                    finished = out.finished
-                    cached = (
-                        out.num_cached_tokens
-                        if cached_prompt_tokens is None
-                        else cached_prompt_tokens
-                    )
-                    yield pb.GenerateResponse(
-                        outputs=deltas,
-                        prompt_tokens=len(out.prompt_token_ids),
-                        cached_prompt_tokens=cached,
-                        finished=out.finished,
-                    )
-            except ValueError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - classified for the router
-                await self._failed(context, rid, exc)
-            if first_at is not None and counts:
-                n_out = max(counts.values())
-                if n_out > 1:
+                        now = time.monotonic()
+                        if first_at is None:
+                            first_at = now
+                            self.ttft_ms.add((now - arrived) * 1000.0)
+                        deltas = []
+                        for c in out.outputs:
+                            if c.finish_reason == "abort" and c.stop_reason == LOST_IMAGES:
+                                # Not the request's fault: the router continues it elsewhere.
+                                await context.abort(
+                                    Code.UNAVAILABLE,
+                                    f"request {rid} must recompute image tokens without its images",
+                                    failure_metadata(FAILURE_REFUSED),
+                                )
+                            counts[c.index] = counts.get(c.index, 0) + len(c.token_ids)
+                            deltas.append(delta_to_proto(c, counts[c.index]))
+                        finished = out.finished
+                        yield pb.GenerateResponse(
+                            outputs=deltas,
+                            prompt_tokens=len(out.prompt_token_ids),
+                            cached_prompt_tokens=out.num_cached_tokens
+                            if cached_prompt_tokens is None
+                            else cached_prompt_tokens,
+                            finished=out.finished,
+                        )
+                if first_at is not None and counts and (n_out := max(counts.values())) > 1:
                     self.tpot_ms.add((time.monotonic() - first_at) * 1000.0 / (n_out - 1))
-        finally:
-            if not finished:
-                # Client went away (or we failed): free the request's KV now.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.engine.abort(rid))
-            st.inflight.discard(rid)
-            st.evicted.pop(rid, None)
-            if not st.inflight:
-                st.idle.set()
+            finally:
+                if not finished:
+                    # Client went away (or we failed): free the request's KV now.
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self.engine.abort(rid))
 
     async def Reserve(  # noqa: N802
         self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReserveResponse:
         await self._admit(context, ("decode",), request.role_epoch)
-        if self.decode is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "KV transfer is disabled")
-        assert self.decode is not None  # context.abort raised otherwise
-        try:
-            resp = await self.decode.reserve(request)
-        except (ValueError, TypeError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except MemoryError as exc:
-            # Backpressure, not a failure: the blocks free up as requests finish.
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"decode worker full, retry later: {exc}",
-                failure_metadata(FAILURE_BUSY),
-            )
+        decode = await self._pd(self.decode, context)
+        async with call_status(context, RESERVE):
+            resp = await decode.reserve(request)
         resp.role_epoch = self.state.role_epoch
         return resp
 
@@ -295,72 +243,32 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         """No write of the request's KV push lands after this returns (any role: a push
         started before a role change still drains). UNAVAILABLE: not yet, ask again."""
         if self.prefill is not None and not await self.prefill.fence(request, FENCE_WAIT_S):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "KV push still draining")
+            await context.abort(Code.UNAVAILABLE, "KV push still draining")
         return pb.FenceKVPushResponse()
 
     async def Prefill(  # noqa: N802
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> pb.PrefillResponse:
         await self._admit(context, ("prefill",), request.role_epoch)
-        if self.prefill is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "KV transfer is disabled")
-        assert self.prefill is not None  # context.abort raised otherwise
+        prefill = await self._pd(self.prefill, context)
         st = self.state
         rid = request.request_id
-        if rid in st.inflight:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request {rid} already running")
-        st.inflight.add(rid)
-        st.idle.clear()
-        arrived = time.monotonic()
-        try:
-            resp = await self.prefill.run(
-                request, await self._prompt(request.prompt_token_ids, request.images, context)
-            )
+        async with self._inflight(rid, context), call_status(context, PREFILL, self._classify(rid)):
+            arrived = time.monotonic()
+            prompt = await self._prompt(request.prompt_token_ids, request.images, context)
+            try:
+                resp = await prefill.run(request, prompt)
+            except TransferError:
+                self.metrics.kv_transfer.record_failure()
+                raise
             if rid in st.evicted:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, st.evicted[rid])
+                await context.abort(Code.UNAVAILABLE, st.evicted[rid])
             elapsed = time.monotonic() - arrived
             self.ttft_ms.add(elapsed * 1000.0)
             self.metrics.observe_prefill(elapsed, len(request.prompt_token_ids))
             self.metrics.kv_transfer.record(resp.kv_bytes, resp.kv_seconds)
             return resp
-        except (ValueError, TypeError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except TransferError as exc:
-            self.metrics.kv_transfer.record_failure()
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}",
-                failure_metadata(FAILURE_TRANSFER),
-            )  # fmt: skip
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - classified for the router
-            await self._failed(context, rid, exc)
-        finally:
-            st.inflight.discard(rid)
-            st.evicted.pop(rid, None)
-            if not st.inflight:
-                st.idle.set()
         raise AssertionError("unreachable")  # context.abort raises
-
-    async def _failed(self, context: grpc.aio.ServicerContext, rid: str, exc: Exception) -> None:
-        """End a call whose request raised ``exc``, saying which kind of failure it was. A
-        RuntimeError (EngineDeadError and the like) is the engine's: UNAVAILABLE, kind
-        "engine", the router may go elsewhere. Anything else failed here because of the
-        request itself: INTERNAL, kind "request"; the worker is fine, and the router must not
-        send the request elsewhere."""
-        if isinstance(exc, RuntimeError):
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"engine failed: {exc}",
-                failure_metadata(FAILURE_ENGINE),
-            )  # fmt: skip
-        if not isinstance(exc, RequestFailedError):
-            log.exception("request %s failed", rid)
-        self.metrics.request_failures.inc()
-        await context.abort(
-            grpc.StatusCode.INTERNAL,
-            f"request {rid} failed on worker {self.state.instance_id}: {exc}",
-            failure_metadata(FAILURE_REQUEST),
-        )
 
     async def _prompt(
         self,
@@ -375,16 +283,11 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             return list(ids)
         if self.images is None:
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"model {self.engine.model_name} does not take images",
+                Code.INVALID_ARGUMENT, f"model {self.engine.model_name} does not take images"
             )
         assert self.images is not None  # context.abort raised otherwise
-        try:
+        async with call_status(context, IMAGES):
             return await self.images.prompt(list(ids), images)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except TransferError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         raise AssertionError("unreachable")  # context.abort raises
 
     async def Encode(  # noqa: N802
@@ -393,24 +296,13 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         await self._admit(context, ("encode",), request.role_epoch)
         if self.encoder is None:
             await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"worker {self.state.instance_id} cannot encode images",
+                Code.FAILED_PRECONDITION, f"worker {self.state.instance_id} cannot encode images"
             )
         assert self.encoder is not None  # context.abort raised otherwise
-        st = self.state
+        # NOTE: not unique: the router encodes a request's images in parallel calls.
         rid = f"encode:{request.request_id}"
-        st.inflight.add(rid)
-        st.idle.clear()
-        try:
+        async with self._inflight(rid, context, unique=False), call_status(context, ENCODE):
             return await self.encoder.encode(request)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except RuntimeError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"encoder failed: {exc}")
-        finally:
-            st.inflight.discard(rid)
-            if not st.inflight:
-                st.idle.set()
         raise AssertionError("unreachable")  # context.abort raises
 
     async def Abort(  # noqa: N802
@@ -479,13 +371,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         """Change role now, the same way a desired-role change in etcd does: drain the old
         role (bounded by the drain timeout), switch, bump the epoch. Under etcd membership
         the desired-role key wins at the next change of it or restart of the worker."""
-        try:
+        async with call_status(context, SET_ROLE):
             role = role_from_pb(request.role)
             role, epoch = await self.roles.change(role, request.expected_epoch)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except StaleEpochError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return pb.SetRoleResponse(role=role_to_pb(role), role_epoch=epoch)
 
     async def Drain(  # noqa: N802
@@ -500,7 +388,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def ListRequests(  # noqa: N802
         self, request: pb.ListRequestsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRequestsResponse:
-        reserved = self.decode.receiver.reservations if self.decode is not None else {}
+        reserved = sorted(rid for role in self.parts() for rid in role.held())
         return pb.ListRequestsResponse(
-            request_ids=sorted(self.state.inflight), reserved_ids=sorted(reserved)
+            request_ids=sorted(self.state.inflight), reserved_ids=reserved
         )

@@ -14,10 +14,10 @@ import pytest
 import torch
 from cluster_helpers import start_cluster, wait_for
 
+from services.common.convert import params_to_proto
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.engine import LLM, SamplingParams
-from services.worker.convert import params_to_proto
 from tests.deps import MOONCAKE, require
 
 require("mooncake.engine", MOONCAKE)

@@ -22,7 +22,8 @@ from services.decode.kv_receiver import KVReceiver
 from services.decode.role import DecodeRole
 from services.engine.async_engine import AsyncLLMEngine
 from services.engine.config import EngineConfig
-from services.worker.server import WorkerServicer, WorkerState
+from services.worker.server import WorkerServicer
+from services.worker.state import WorkerState
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio]
 

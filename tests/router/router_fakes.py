@@ -19,6 +19,7 @@ import uvicorn
 from services.common.grpc_utils import SERVER_OPTIONS
 from services.common.membership import InstanceInfo, Registrar
 from services.common.net import free_port
+from services.common.phases import PhaseInterceptor
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.common.tracing import Tracing
 from services.engine.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
@@ -26,9 +27,9 @@ from services.engine.sampling_params import SamplingParams
 from services.router.config import RouterConfig
 from services.router.gateway import Gateway
 from services.router.server import build_app
-from services.worker.phases import PhaseInterceptor
 from services.worker.role_controller import DesiredRoleWatcher
-from services.worker.server import WorkerServicer, WorkerState
+from services.worker.server import WorkerServicer
+from services.worker.state import WorkerState
 
 
 class FakeEngine:
@@ -164,7 +165,7 @@ async def start_fake_worker(
     tracing: Tracing | None = None,
 ) -> FakeWorker:
     """A worker on a FakeEngine; ``watch_roles``: it follows its desired-role key in etcd;
-    ``tracing``: its calls are timed and traced like a real worker's (worker/phases.py)."""
+    ``tracing``: its calls are timed and traced like a real worker's (common/phases.py)."""
     engine = engine or FakeEngine()
     state = WorkerState(iid, "inc-" + iid, "mixed")
     servicer = WorkerServicer(engine, state, load_interval_ms=50,

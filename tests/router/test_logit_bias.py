@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
+from services.common.convert import params_from_proto, params_to_proto
 from services.engine.sampling_params import SamplingParams
 from services.router.errors import APIError
 from services.router.openai_api import sampling_from_openai
 from services.router.openapi import openapi_document
-from services.worker.convert import params_from_proto, params_to_proto
 
 
 def parse(extra: dict[str, Any], chat: bool = True) -> SamplingParams:

@@ -16,7 +16,7 @@ from services.kvstore.index import KVIndex
 from services.kvstore.metrics import KVStoreMetrics
 from services.router.metrics import OUTCOMES, RouterMetrics, outcome_of
 from services.worker.metrics import WorkerMetrics
-from services.worker.server import WorkerState
+from services.worker.state import WorkerState
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 

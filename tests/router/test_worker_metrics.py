@@ -18,7 +18,8 @@ from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.engine.outputs import CompletionOutput, RequestOutput
 from services.worker.metrics import WorkerMetrics
-from services.worker.server import WorkerServicer, WorkerState
+from services.worker.server import WorkerServicer
+from services.worker.state import WorkerState
 
 pytestmark = [pytest.mark.timeout(30)]
 

@@ -10,7 +10,8 @@ from router_fakes import FakeEngine
 from services.common.grpc_utils import SERVER_OPTIONS, insecure_channel
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
-from services.worker.server import WorkerServicer, WorkerState
+from services.worker.server import WorkerServicer
+from services.worker.state import WorkerState
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.asyncio]
 

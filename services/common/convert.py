@@ -1,4 +1,8 @@
-"""Conversions between the wire messages (proto) and the engine's dataclasses."""
+"""Conversions between the wire messages (proto) and the engine's dataclasses, both ways.
+
+The one converter module: routers, workers and the roles all use it. NOTE: the router
+imports it too, so it must not import torch (directly or through the engine modules it
+names); the decode worker's tensor view of a request's images is in services/decode/role.py."""
 
 from __future__ import annotations
 
