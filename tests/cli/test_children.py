@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from services.cli.launcher import EtcdChild, ManagedProcess
+from services.cli.children import EtcdChild, ManagedProcess
 from services.common.etcd_server import EtcdServer
 
 

@@ -12,7 +12,7 @@ from cluster_helpers import start_cluster
 from cluster_helpers import wait_for as poll
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.cli.launcher import ManagedProcess
+from services.cli.children import ManagedProcess
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from tests.deps import MOONCAKE, require

@@ -1,0 +1,146 @@
+"""The children a local cluster is made of: a process that says when it is ready, and etcd.
+
+``ManagedProcess`` runs a command, keeps its last lines of output and scans them for the
+child's ready line; ``EtcdChild`` lets the supervisor of `epdserve up` restart the cluster's
+etcd like any other child (services/cli/supervisor.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from services.common.etcd_server import EtcdServer
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class ManagedProcess:
+    """A child process whose output is kept (last lines) and scanned for a ready line."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        ready_prefix: str,
+        echo: bool = False,
+        extra_env: dict[str, str] | None = None,
+        role: str | None = None,
+    ) -> None:
+        self.name = name
+        self.label = f"{name} ({role})" if role else name  # how `up`'s messages name it
+        self.argv = argv
+        self.ready_prefix = ready_prefix
+        self.ready_line: str | None = None
+        self.ready = threading.Event()
+        self.tail: collections.deque[str] = collections.deque(maxlen=200)
+        env = dict(os.environ)
+        # Children import `services` from this checkout even when started elsewhere.
+        env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(extra_env or {})  # NOTE: secrets (etcd password) travel here, never in argv
+        self._env = env
+        self._echo = echo
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self.proc = subprocess.Popen(
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._env,
+            text=True, bufsize=1, start_new_session=True,  # Ctrl-C reaches the launcher only
+        )  # fmt: skip
+        self._reader = threading.Thread(
+            target=self._read, args=(self.proc,), daemon=True, name=f"read-{self.name}"
+        )
+        self._reader.start()
+
+    def restart(self) -> None:
+        """Start the same command again (same argv: same instance id and ports; a worker
+        draws a new incarnation). Only after the process exited."""
+        assert not self.alive(), f"{self.name} is still running"
+        self._reader.join(timeout=2.0)  # its last lines stay first in the tail
+        self.ready_line = None
+        self.ready.clear()
+        self._spawn()
+        # Marks where the new run's output starts (a crash loop shows this tail).
+        self.tail.append(f"[epdserve: {self.name} restarted as pid {self.proc.pid}]")
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            self.tail.append(line)
+            if self._echo:
+                print(f"[{self.name}] {line}", file=sys.stderr, flush=True)
+            if self.ready_line is None and line.startswith(self.ready_prefix):
+                self.ready_line = line
+                self.ready.set()
+
+    def ready_field(self, key: str) -> str:
+        assert self.ready_line is not None
+        for part in self.ready_line.split():
+            if part.startswith(key + "="):
+                return part[len(key) + 1 :]
+        raise KeyError(key)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def is_ready(self) -> bool:
+        return self.ready.is_set()
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``."""
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def last_output(self, lines: int = 40) -> str:
+        return "\n".join(list(self.tail)[-lines:])
+
+    def describe_failure(self) -> str:
+        return f"{self.name} exited with {self.proc.returncode}; last output:\n" + (
+            self.last_output()
+        )
+
+
+class EtcdChild:
+    """The cluster's etcd as a supervised child: restarted on the same ports and data."""
+
+    name = label = "etcd"
+
+    def __init__(self, etcd: EtcdServer) -> None:
+        self.etcd = etcd
+
+    def alive(self) -> bool:
+        return self.etcd.proc is not None and self.etcd.proc.poll() is None
+
+    def returncode(self) -> int | None:
+        return None if self.etcd.proc is None else self.etcd.proc.returncode
+
+    def is_ready(self) -> bool:
+        return self.alive()  # restart() returns once etcd is healthy
+
+    def restart(self) -> None:
+        self.etcd.start()  # waits until healthy; raises if it exits or times out
+
+    def last_output(self, lines: int = 40) -> str:
+        try:
+            text = Path(self.etcd.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
