@@ -8,7 +8,7 @@ Generate (spans only: their first output is the workers' ``decode_queue`` and TT
 
 ``RouterPhases.begin`` starts a request's ``RequestTrace`` (the orchestrator, once per
 request) and makes it the current one of the task (a context variable, like the request's
-worker deaths in orchestrator.py); ``phase_interceptors``, on every channel to a worker, time
+worker deaths in poison.py); ``phase_interceptors``, on every channel to a worker, time
 each call of the current request and carry the trace's context to the worker in the
 call's metadata (W3C ``traceparent``).
 """

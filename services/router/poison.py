@@ -19,6 +19,7 @@ for exactly that case, so a first death is retried elsewhere; but
 from __future__ import annotations
 
 import array
+import contextvars
 import hashlib
 import time
 from collections import OrderedDict
@@ -51,6 +52,13 @@ class RequestDeaths:
 
     fp: str
     workers: set[str] = field(default_factory=set)
+
+
+# The worker deaths of the request the current task runs: set by PoisonTracker.track (once
+# per request, by Orchestrator.generate), counted where a worker's death is noticed.
+_DEATHS: contextvars.ContextVar[RequestDeaths | None] = contextvars.ContextVar(
+    "deaths", default=None
+)
 
 
 @dataclass
@@ -87,6 +95,17 @@ class PoisonTracker:
             raise self._error(seen.deaths, "requests identical to this one were")
         seen.requests += 1
         return RequestDeaths(fp)
+
+    def track(self, fp: str) -> None:
+        """``admit`` the current task's request, whose worker deaths ``note_current_death``
+        then counts; raises the poison APIError if ``fp`` is poison."""
+        _DEATHS.set(self.admit(fp))
+
+    def note_current_death(self, worker_id: str) -> None:
+        """``note_death`` for the current task's request (if ``track`` started one)."""
+        deaths = _DEATHS.get()
+        if deaths is not None:
+            self.note_death(deaths, worker_id)
 
     def note_death(self, request: RequestDeaths, worker_id: str) -> None:
         """The worker ``worker_id`` died or hung while running ``request``; raises the poison

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from services.common.proto import worker_pb2 as pb
 
@@ -21,6 +21,11 @@ class WorkerView(Protocol):
 
     @property
     def inflight(self) -> int: ...  # requests this router has running there now
+
+
+# The caller's own worker type (the router's WorkerHandle): a policy hands back the very
+# object it chose, so the caller never looks the worker up again.
+WorkerT = TypeVar("WorkerT", bound=WorkerView)
 
 
 @dataclass
@@ -55,15 +60,15 @@ class RoutingPolicy(ABC):
     uses_kv_index: bool = False  # the router looks the prompt up in the KV index first
 
     @abstractmethod
-    def select(self, candidates: Sequence[WorkerView], request: RouteRequest) -> WorkerView:
-        """Return one of ``candidates`` (never empty; sorted by worker id)."""
+    def select(self, candidates: Sequence[WorkerT], request: RouteRequest) -> WorkerT:
+        """Return one of ``candidates`` (never empty; sorted by worker id), itself."""
 
     def select_pair(
         self,
-        prefills: Sequence[WorkerView],
-        decodes: Sequence[WorkerView],
+        prefills: Sequence[WorkerT],
+        decodes: Sequence[WorkerT],
         request: RouteRequest,
-    ) -> tuple[WorkerView, WorkerView]:
+    ) -> tuple[WorkerT, WorkerT]:
         """A (prefill, decode) pair for a PD request (neither list empty). By default each
         side is chosen on its own; cache- or SLO-aware policies may score pairs jointly."""
         return self.select(prefills, request), self.select(decodes, request)

@@ -22,7 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.router.policies.base import CachedPrefix, RouteRequest, RoutingPolicy, WorkerView
+from services.router.policies.base import (
+    CachedPrefix,
+    RouteRequest,
+    RoutingPolicy,
+    WorkerT,
+    WorkerView,
+)
 
 HOST_WEIGHT = 0.7  # a block copied back from host memory saves most of its compute
 STORE_WEIGHT = 0.4  # a block fetched over the network from Mooncake Store saves less
@@ -66,26 +72,26 @@ class CacheAwarePolicy(RoutingPolicy):
 
     def _cheapest(
         self,
-        candidates: Sequence[WorkerView],
+        candidates: Sequence[WorkerT],
         request: RouteRequest,
         overlap_weight: float,
         side: str = "prefill",
-    ) -> WorkerView:
+    ) -> WorkerT:
         costs = [self.cost(w, request, overlap_weight) for w in candidates]
         best = min(costs)
         tied = [w for w, c in zip(candidates, costs, strict=True) if c - best < 1e-6]
         self._turns[side] += 1
         return tied[self._turns[side] % len(tied)]
 
-    def select(self, candidates: Sequence[WorkerView], request: RouteRequest) -> WorkerView:
+    def select(self, candidates: Sequence[WorkerT], request: RouteRequest) -> WorkerT:
         return self._cheapest(candidates, request, self.overlap_weight)
 
     def select_pair(
         self,
-        prefills: Sequence[WorkerView],
-        decodes: Sequence[WorkerView],
+        prefills: Sequence[WorkerT],
+        decodes: Sequence[WorkerT],
         request: RouteRequest,
-    ) -> tuple[WorkerView, WorkerView]:
+    ) -> tuple[WorkerT, WorkerT]:
         """The prefill side computes the prompt, so the cache matters most there; a decode
         worker's cached prefix only spares part of the KV transfer, so the decode side
         counts the overlap at DECODE_OVERLAP_FRACTION of its weight."""

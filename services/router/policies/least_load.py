@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.router.policies.base import RouteRequest, RoutingPolicy, WorkerView
+from services.router.policies.base import RouteRequest, RoutingPolicy, WorkerT, WorkerView
 
 TYPICAL_PROMPT_TOKENS = 512.0
 
@@ -29,7 +29,7 @@ class LeastLoadPolicy(RoutingPolicy):
     def __init__(self) -> None:
         self._turn = 0
 
-    def select(self, candidates: Sequence[WorkerView], request: RouteRequest) -> WorkerView:
+    def select(self, candidates: Sequence[WorkerT], request: RouteRequest) -> WorkerT:
         scores = [load_score(w) for w in candidates]
         best = min(scores)
         tied = [w for w, s in zip(candidates, scores, strict=True) if s - best < 1e-6]

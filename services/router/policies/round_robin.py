@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.router.policies.base import RouteRequest, RoutingPolicy, WorkerView
+from services.router.policies.base import RouteRequest, RoutingPolicy, WorkerT
 
 
 class RoundRobinPolicy(RoutingPolicy):
@@ -13,14 +13,14 @@ class RoundRobinPolicy(RoutingPolicy):
     def __init__(self) -> None:
         self._next = 0
 
-    def select(self, candidates: Sequence[WorkerView], request: RouteRequest) -> WorkerView:
+    def select(self, candidates: Sequence[WorkerT], request: RouteRequest) -> WorkerT:
         choice = candidates[self._next % len(candidates)]
         self._next += 1
         return choice
 
     def select_pair(
-        self, prefills: Sequence[WorkerView], decodes: Sequence[WorkerView], request: RouteRequest
-    ) -> tuple[WorkerView, WorkerView]:
+        self, prefills: Sequence[WorkerT], decodes: Sequence[WorkerT], request: RouteRequest
+    ) -> tuple[WorkerT, WorkerT]:
         # One counter step per request, so that both sides rotate (not one side per step).
         i = self._next
         self._next += 1
