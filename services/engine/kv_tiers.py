@@ -16,7 +16,10 @@ schedules others). Store writes are fire-and-forget and dropped when the writer 
 behind: every tier is a cache, so a failure of any kind only means recomputing.
 
 Blocks are keyed by the engine's chained block hashes (image-aware roots included), and
-a hit is confirmed by comparing the block's tokens, which travel with its KV.
+a hit is confirmed by comparing the block's tokens, which travel with its KV. The device
+cache is reached through the ``KVCache`` protocol (kv_cache.py; ``ModelRunner`` implements
+it), the host pool lives in kv_host_pool.py, and the scheduler hands over its decisions as
+``KVLoad`` items (scheduler_output.py).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -33,11 +35,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from services.engine.block_hash import hash_block
-from services.engine.block_manager import BlockManager, CachedBlock, KVEvent
-from services.engine.sequence import Sequence
+from services.engine.block_manager import KVEvent
+from services.engine.kv_host_pool import HostBlockPool
+from services.engine.scheduler_output import KVLoad, TierHit
 
 if TYPE_CHECKING:
-    from services.engine.model_runner import ModelRunner
+    from services.engine.block_manager import BlockManager, CachedBlock
+    from services.engine.kv_cache import KVCache
+    from services.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -71,24 +76,6 @@ class StoreTier(Protocol):
 StagedBlocks = dict[int, tuple[tuple[int, ...], torch.Tensor]]
 
 
-@dataclass(frozen=True)
-class TierHit:
-    """A prompt block found below the device."""
-
-    block_hash: int
-    token_ids: tuple[int, ...]
-    tier: str  # "host" or "store"
-
-
-@dataclass(frozen=True)
-class KVLoad:
-    """Fill device block ``block_id`` with the KV of ``hit`` before the step runs."""
-
-    block_id: int
-    seq_id: int  # the sequence the block was allocated to (owner of prefetched data)
-    hit: TierHit
-
-
 @dataclass
 class TierStats:
     host_hit_blocks: int = 0  # blocks loaded from the host pool into the device cache
@@ -119,61 +106,6 @@ class BlockCodec:
         kv = torch.frombuffer(buf, dtype=torch.uint8, count=self.kv_bytes)
         tokens = torch.frombuffer(buf, dtype=torch.int32, offset=self.kv_bytes)
         return tuple(tokens.tolist()), kv.view(self.dtype).view(self.block_shape)
-
-
-class HostBlockPool:
-    """A fixed number of block slots in host memory (pinned for accelerators), keyed by
-    block hash, least recently used first."""
-
-    def __init__(
-        self, num_blocks: int, block_shape: tuple[int, ...], dtype: torch.dtype, pin: bool
-    ):
-        self.num_blocks = num_blocks
-        self.data = torch.empty((num_blocks, *block_shape), dtype=dtype, pin_memory=pin)
-        self.entries: OrderedDict[int, tuple[int, tuple[int, ...]]] = OrderedDict()
-        self.free_slots = list(range(num_blocks - 1, -1, -1))
-
-    def __contains__(self, block_hash: int) -> bool:
-        return block_hash in self.entries
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def lookup(self, block_hash: int, token_ids: tuple[int, ...]) -> int | None:
-        """Slot of a confirmed hit (marked recently used), else None."""
-        entry = self.entries.get(block_hash)
-        if entry is None or entry[1] != token_ids:
-            return None
-        self.entries.move_to_end(block_hash)
-        return entry[0]
-
-    def put(
-        self, hashes: list[int], tokens: list[tuple[int, ...]], data: torch.Tensor
-    ) -> tuple[list[int], list[tuple[int, tuple[int, ...], torch.Tensor]]]:
-        """Insert blocks (``data``: [n, *block_shape], none already present). Returns the
-        hashes inserted and the blocks pushed out, least recently used first, with a copy
-        of their KV: older entries when the pool is full, and the oldest of the new blocks
-        themselves when there are more of them than slots."""
-        keep = max(0, len(hashes) - self.num_blocks)
-        spilled = [(hashes[i], tokens[i], data[i]) for i in range(keep)]
-        slots: list[int] = []
-        evicted: list[tuple[int, tuple[int, ...]]] = []
-        evicted_slots: list[int] = []
-        for h, t in zip(hashes[keep:], tokens[keep:], strict=True):
-            if self.free_slots:
-                slot = self.free_slots.pop()
-            else:
-                old_hash, (slot, old_tokens) = self.entries.popitem(last=False)
-                evicted.append((old_hash, old_tokens))
-                evicted_slots.append(slot)
-            self.entries[h] = (slot, t)
-            slots.append(slot)
-        if evicted_slots:
-            old = self.data[torch.tensor(evicted_slots)]  # copied before being overwritten
-            spilled = [(h, t, old[i]) for i, (h, t) in enumerate(evicted)] + spilled
-        if slots:
-            self.data.index_copy_(0, torch.tensor(slots), data[keep:].to(self.data.dtype))
-        return hashes[keep:], spilled
 
 
 class KVTierManager:
@@ -306,7 +238,7 @@ class KVTierManager:
 
     # ---- data movement (engine, around each step) ------------------------------------------
 
-    def before_step(self, loads: list[KVLoad], bm: BlockManager, runner: ModelRunner) -> None:
+    def before_step(self, loads: list[KVLoad], bm: BlockManager, cache: KVCache) -> None:
         """Copy what the scheduler decided before the model overwrites blocks: read the
         loads' KV from the host pool (or the store's prefetched data), save evicted device
         blocks to the host pool (which may push host blocks out), then fill the loads'
@@ -315,12 +247,12 @@ class KVTierManager:
         data = self.gather(loads) if loads else None
         evicted = self.filter_new(bm.take_evicted())
         if evicted:
-            kv = runner.read_blocks([e.block_id for e in evicted])  # [2, L, n, ...]
+            kv = cache.read_blocks([e.block_id for e in evicted])  # [2, L, n, ...]
             self.save(evicted, kv.permute(2, 0, 1, 3, 4, 5))
         if data is not None:
-            runner.write_blocks([x.block_id for x in loads], data.permute(1, 2, 0, 3, 4, 5))
+            cache.write_blocks([x.block_id for x in loads], data.permute(1, 2, 0, 3, 4, 5))
 
-    def after_step(self, bm: BlockManager, runner: ModelRunner) -> None:
+    def after_step(self, bm: BlockManager, cache: KVCache) -> None:
         """Write the blocks the step completed through to the store (read now: the
         logits' copy to the CPU waited for the model run)."""
         blocks = [
@@ -329,7 +261,7 @@ class KVTierManager:
             if bm.blocks[b.block_id].block_hash == b.block_hash  # still holds that block
         ]
         if blocks:
-            kv = runner.read_blocks([b.block_id for b in blocks])
+            kv = cache.read_blocks([b.block_id for b in blocks])
             self.write_through(blocks, kv.permute(2, 0, 1, 3, 4, 5))
 
     def gather(self, loads: list[KVLoad]) -> torch.Tensor:

@@ -1,4 +1,12 @@
-"""Builds the model and its paged KV cache, turns a scheduled batch into tensors, runs it."""
+"""Builds the model and its paged KV cache, turns a scheduled batch into tensors, runs it.
+
+The runner reads only ``ScheduledSeq`` items (scheduler_output.py), never the scheduler, and
+its cache is the ``KVCache`` (kv_cache.py) the KV tiers and PD transfers read and write.
+
+NOTE (tensor parallelism): a runner per rank, each with its shard of the weights and of the
+KV heads (``num_kv_heads`` here becomes the rank's share); the engine's one ``execute`` per
+step drives every rank with the same batch, and rank 0's logits are sampled.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ from services.engine.model_loader import iter_safetensors
 from services.engine.models.registry import resolve_model_class
 from services.engine.multimodal import decode_mrope_positions, prepare_batch
 from services.engine.platforms import DTYPES, free_device_memory, get_device
-from services.engine.scheduler import ScheduledSeq
+from services.engine.scheduler_output import ScheduledSeq
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,8 @@ def is_decode(s: ScheduledSeq) -> bool:
 
 
 class ModelRunner:
+    """The model and its KV cache on one device; a ``KVCache`` (read and write by block)."""
+
     def __init__(
         self, config: EngineConfig, hf_config: Any, model_path: str, max_model_len: int
     ) -> None:

@@ -1,44 +1,32 @@
-"""Continuous-batching scheduler: which sequences run in the next step, and how many tokens each."""
+"""Continuous-batching scheduler: which sequences run in the next step, and how many tokens each.
+
+Pure Python (no torch, no model): it owns the queues (``waiting``, ``running``) and is the
+only code that changes them, and it makes every change to its block manager's allocations;
+callers use its methods. It hands each step's decisions over as a ``SchedulerOutput``
+(scheduler_output.py) that the model runner and the KV tiers read.
+
+Where the coming features plug in:
+- priorities: the waiting queue's order. Today it is arrival order, with the sequences that
+  already hold blocks (imported or preempted) first; a priority policy orders ``waiting``
+  in ``add``/``add_computed`` and picks the preemption victim in ``_preempt``'s callers.
+- speculative decoding: ``schedule`` reserves lookahead slots (``allocate_slots`` for the
+  draft tokens too) and schedules ``1 + num_draft_tokens`` for a decode; ``postprocess``
+  then advances by the accepted tokens only.
+- tensor parallelism: nothing here; one schedule drives every rank (model_runner.py).
+"""
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 from itertools import takewhile
+from typing import TYPE_CHECKING
 
 from services.engine.block_manager import BlockManager, ComputedBlocks, chain_root
-from services.engine.kv_tiers import KVLoad, KVTierManager, TierHit
+from services.engine.scheduler_output import KVLoad, ScheduledSeq, SchedulerOutput, TierHit
 from services.engine.sequence import Sequence, SequenceStatus
 
-
-@dataclass
-class ScheduledSeq:
-    seq: Sequence
-    num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
-    # The step reaches the sequence's last token, so it samples the next one. Fixed when
-    # scheduled (postprocess advances num_computed_tokens afterwards).
-    samples: bool = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSeq] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
-    # Device blocks to fill from the host pool or the store before the model runs.
-    loads: list[KVLoad] = field(default_factory=list)
-    # Waiting sequences passed over because their blocks are still coming from the store.
-    num_awaiting_store: int = 0
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
+if TYPE_CHECKING:
+    from services.engine.kv_tiers import KVTierManager
 
 
 class Scheduler:
@@ -61,6 +49,12 @@ class Scheduler:
         # Preempted sequences waiting to be recomputed: their prefix-cache lookup on
         # rescheduling finds their own blocks, which is not a hit of the prompt.
         self._recomputing: set[int] = set()
+
+    def attach_tiers(self, tiers: KVTierManager) -> None:
+        """Look prompts up in ``tiers`` (host pool, store) below the device cache, and have
+        the block manager record the blocks it evicts and registers for them."""
+        self.tiers = tiers
+        self.bm.feed_tiers = True
 
     def add(self, seq: Sequence) -> None:
         if seq.num_tokens >= self.max_model_len:
@@ -181,6 +175,24 @@ class Scheduler:
                 budget -= n
         return out
 
+    def resolve_stall(self, out: SchedulerOutput) -> None:
+        """Call with ``schedule``'s output: when it runs nothing while sequences wait (and
+        none waits for the store), the queue's head does not fit even with an empty batch.
+        Blocks held elsewhere come back: wait for them (``out.blocked_on_memory``). Blocks
+        of queued sequences would not: free the newest's. Else nothing holds blocks and it
+        can never fit (it grew past the cache): end it (``out.aborted``)."""
+        if not out.is_empty or out.num_awaiting_store or not self.waiting or self.running:
+            return
+        seq = self.waiting[0]
+        if self.fits_empty_cache(seq):
+            if self.num_blocks_held_elsewhere:
+                out.blocked_on_memory = True
+                return
+            if self.preempt_queued():
+                return
+        self.finish(seq, "abort", "kv cache too small")
+        out.aborted.append(seq)
+
     def allocate_imported(self, seq: Sequence) -> list[KVLoad] | None:
         """Blocks for every token of ``seq``, whose KV is written from elsewhere (the decode
         side of PD): the device prefix-cache hit, extended with host-pool blocks counted as
@@ -228,6 +240,49 @@ class Scheduler:
         out.preempted.append(seq)
         out.scheduled = [s for s in out.scheduled if s.seq is not seq]
         self.num_preemptions += 1
+
+    def start_computed(self, seq: Sequence) -> None:
+        """Run ``seq``, whose KV is already in its blocks (a claimed PD reservation), in the
+        next step; without a free running slot, queue it with ``add_computed``."""
+        if len(self.running) < self.max_num_seqs:
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        else:
+            self.add_computed(seq)
+
+    def finish_keeping_blocks(
+        self, seq: Sequence, reason: str, stop_reason: str | int | None = None
+    ) -> None:
+        """Mark the running ``seq`` finished and take it out of the batch without freeing its
+        blocks: their KV awaits export (the prefill side of PD); the caller frees them."""
+        self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+
+    def free(self, seq: Sequence) -> None:
+        """Release the blocks of ``seq``, which is in neither queue (a finished prefill
+        whose KV was exported, a dropped decode reservation)."""
+        self.bm.free(seq)
+
+    def free_quarantined(self, seq: Sequence) -> list[int]:
+        """``free`` for a dropped reservation a peer may still write into: the blocks after
+        its prefix-cache hit leave every pool until ``release_quarantined``. Returns them."""
+        return self.bm.free_quarantined(seq, seq.num_cached_tokens // self.bm.block_size)
+
+    def release_quarantined(self, block_ids: list[int]) -> None:
+        """Return blocks of ``free_quarantined`` to the free pool."""
+        self.bm.release_quarantined(block_ids)
+
+    def note_imported_lookup(self, seq: Sequence) -> None:
+        """Count a reservation's prefix-cache hit (its tokens computed after
+        ``allocate_imported``) in the hit-rate statistics."""
+        self.bm.note_lookup(seq, seq.num_computed_tokens)
+
+    def mark_imported(self, seq: Sequence) -> None:
+        """The blocks of ``seq`` (in neither queue) now hold the KV of all its tokens,
+        written from elsewhere: count them computed and register its full blocks."""
+        seq.num_computed_tokens = seq.num_tokens
+        self.bm.cache_full_blocks(seq)
 
     def postprocess(self, out: SchedulerOutput) -> None:
         """Advance computed-token counters after a step and register newly full blocks."""

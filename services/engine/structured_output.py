@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -21,8 +21,6 @@ from services.engine.sampling_params import StructuredOutputsParams
 if TYPE_CHECKING:
     import llguidance
     from llguidance._lib import JsonCompileOptions
-
-    from services.engine.sequence import Sequence as EngineSequence
 
 # JSON is generated compact (no optional whitespace): with flexible whitespace a weak model
 # can emit blanks forever. A schema's own "x-guidance" options still override this.
@@ -162,7 +160,15 @@ class StructuredOutputs:
             return template
 
 
-def apply_masks(logits: torch.Tensor, seqs: list[EngineSequence]) -> torch.Tensor:
+class Constrained(Protocol):
+    """What ``apply_masks`` reads of a sequence (an engine ``Sequence``): this module sits
+    below sequence.py, which holds a ``GrammarMatcher``."""
+
+    @property
+    def structured(self) -> GrammarMatcher | None: ...
+
+
+def apply_masks(logits: torch.Tensor, seqs: Sequence[Constrained]) -> torch.Tensor:
     """``logits`` ([len(seqs), vocab], any device) with -inf for the tokens that the grammar
     of each constrained row does not allow next: a new tensor, or ``logits`` itself when no
     row is constrained. The packed bitmask (32 tokens a word) is what crosses to the device;

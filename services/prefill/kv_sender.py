@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from services.common.mooncake_agent import MooncakeAgent, TransferError
 from services.engine.kv_layout import KVLayout, transfer_ranges
 from services.engine.kv_staging import KVStaging, StagingFull
-from services.engine.scheduler import ScheduledSeq
+from services.engine.scheduler_output import ScheduledSeq
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ import torch
 from services.engine import LLM, SamplingParams, kv_tiers
 from services.engine.block_hash import hash_prompt_blocks
 from services.engine.block_manager import CachedBlock
-from services.engine.kv_tiers import BlockCodec, HostBlockPool, KVTierManager
+from services.engine.kv_host_pool import HostBlockPool
+from services.engine.kv_tiers import BlockCodec, KVTierManager
 from services.engine.sequence import Sequence
 from tests.engine.test_correctness import GPU_MARKS
 

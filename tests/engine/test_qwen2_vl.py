@@ -472,7 +472,7 @@ def test_recompute_without_images_ends_the_request_not_the_engine(model_dir):
     unavailable and the router migrates it); the engine keeps serving the others."""
     from services.engine import LLM
     from services.engine.outputs import LOST_IMAGES
-    from services.engine.scheduler import SchedulerOutput
+    from services.engine.scheduler_output import SchedulerOutput
 
     llm = LLM(str(model_dir), dtype="float32", kv_cache_bytes=1 << 22, block_size=4,
               enable_prefix_caching=False)  # fmt: skip

@@ -14,7 +14,8 @@ from services.engine.block_hash import hash_prompt_blocks
 from services.engine.block_manager import BlockManager
 from services.engine.kv_tiers import KVTierManager
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from services.engine.scheduler import Scheduler
+from services.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from services.engine.sequence import Sequence, SequenceStatus
 
 BS = 4

@@ -15,7 +15,7 @@ from services.common.mooncake_agent import TransferError
 from services.common.proto import worker_pb2 as pb
 from services.engine.kv_layout import KVLayout
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import ScheduledSeq
+from services.engine.scheduler_output import ScheduledSeq
 from services.engine.sequence import Sequence
 from services.prefill.kv_sender import KVSender, PushTarget
 from services.prefill.role import write_deadline

@@ -1,0 +1,73 @@
+"""One step's schedule as the model runner and the KV tiers read it (data only, no logic).
+
+The scheduler writes these; ``ModelRunner.execute`` turns ``ScheduledSeq`` items into
+tensors and ``KVTierManager.before_step`` copies the ``loads`` into device blocks. Nothing
+here imports the scheduler, the runner or torch, so each side depends on this module alone
+(as vLLM v1's ``core/sched/output.py``).
+
+NOTE (speculative decoding): the draft tokens of a sequence will travel on its
+``ScheduledSeq`` (``draft_token_ids``, proposed before the step and verified by it), with
+``num_new_tokens`` counting them too; the scheduler reserves their lookahead slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class TierHit:
+    """A prompt block found below the device."""
+
+    block_hash: int
+    token_ids: tuple[int, ...]
+    tier: str  # "host" or "store"
+
+
+@dataclass(frozen=True)
+class KVLoad:
+    """Fill device block ``block_id`` with the KV of ``hit`` before the step runs."""
+
+    block_id: int
+    seq_id: int  # the sequence the block was allocated to (owner of prefetched data)
+    hit: TierHit
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+    # The step reaches the sequence's last token, so it samples the next one. Fixed when
+    # scheduled (postprocess advances num_computed_tokens afterwards).
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    # Device blocks to fill from the host pool or the store before the model runs.
+    loads: list[KVLoad] = field(default_factory=list)
+    # Waiting sequences passed over because their blocks are still coming from the store.
+    num_awaiting_store: int = 0
+    # Set by ``Scheduler.resolve_stall`` when nothing runs: the queue's head waits for blocks
+    # held outside the batch (a prefill's KV awaiting its push, decode reservations), which
+    # come back without a step.
+    blocked_on_memory: bool = False
+    # ... and the sequences it ended ("abort"): they can never fit in the cache.
+    aborted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
