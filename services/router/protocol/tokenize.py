@@ -1,0 +1,61 @@
+"""vLLM's /tokenize and /detokenize bodies: a completion prompt or a chat, and token ids."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field
+
+from services.router.errors import bad_request
+from services.router.protocol.common import APIModel, Array, Bool, Str, Unsupported, parse
+from services.router.protocol.openai import ChatPrompt
+
+
+class _Common(APIModel):
+    # NOTE: may be left out when the cluster serves one model (as vLLM allows).
+    model: Str | None = None
+    return_token_strs: Bool = False
+
+
+class TokenizeCompletionRequest(_Common):
+    """POST /tokenize of a prompt, encoded as /v1/completions encodes it."""
+
+    prompt: Str
+    add_special_tokens: Bool = True
+
+
+class _ChatOptions(_Common):
+    continue_final_message: Unsupported = False
+    add_generation_prompt: Bool = True
+
+
+class TokenizeChatRequest(ChatPrompt, _ChatOptions):
+    """POST /tokenize of a chat, rendered as /v1/chat/completions renders it."""
+
+
+def tokenize_request(body: dict[str, Any]) -> TokenizeCompletionRequest | TokenizeChatRequest:
+    """A /tokenize body as the request it is: a chat when it has ``messages``."""
+    if "messages" not in body:
+        return parse(TokenizeCompletionRequest, body)
+    if "prompt" in body:
+        raise bad_request("give either 'prompt' or 'messages', not both")
+    return parse(TokenizeChatRequest, body)
+
+
+class DetokenizeRequest(APIModel):
+    """POST /detokenize; the ids are checked against the vocabulary by the handler."""
+
+    model: Str | None = None
+    tokens: Annotated[Array, Field(json_schema_extra={"items": {"type": "integer",
+                                                                 "minimum": 0}})]  # fmt: skip
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None  # with return_token_strs
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

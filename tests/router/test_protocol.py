@@ -1,0 +1,244 @@
+"""The API models (services/router/protocol/): each bad body is the 400 the gateway has always
+sent for it (same message, same param), good bodies give the engine parameters they always
+gave, and /openapi.json is generated from the same models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.engine.sampling_params import SamplingParams
+from services.router.errors import APIError
+from services.router.openapi import openapi_document
+from services.router.protocol.anthropic import CountTokensRequest, MessagesRequest
+from services.router.protocol.common import APIModel, parse
+from services.router.protocol.openai import ChatCompletionRequest, CompletionRequest
+from services.router.protocol.tokenize import DetokenizeRequest, tokenize_request
+
+MSGS = [{"role": "user", "content": "hi"}]
+CHAT = {"model": "m", "messages": MSGS}
+COMPLETION = {"model": "m", "prompt": "hi"}
+ANTHROPIC = {"model": "m", "max_tokens": 8, "messages": MSGS}
+MAX_I64 = 2**63 - 1
+
+# (request, base body, changes (None: remove the field), limits, message, param)
+BAD: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], str, str | None]] = [
+    ("chat", CHAT, {"model": None}, {}, "missing required field 'model'", "model"),
+    ("chat", CHAT, {"model": 5}, {}, "'model' must be string, got int", "model"),
+    ("chat", {**CHAT, "model": None}, {}, {}, "'model' must be string, got null", "model"),
+    ("chat", CHAT, {"stream": "yes"}, {}, "'stream' must be boolean, got str", "stream"),
+    ("chat", CHAT, {"stream_options": 1}, {}, "'stream_options' must be object, got int",
+     "stream_options"),
+    ("chat", CHAT, {"max_completion_tokens": "5"}, {},
+     "'max_completion_tokens' must be integer, got str", "max_completion_tokens"),
+    ("chat", CHAT, {"max_tokens": 0}, {}, "'max_tokens' must be >= 1, got 0", "max_tokens"),
+    ("chat", CHAT, {"max_tokens": 65}, {"max_tokens_limit": 64},
+     "'max_tokens' must be [1, 64], got 65", "max_tokens"),
+    ("chat", CHAT, {"logprobs": 1}, {}, "'logprobs' must be boolean, got int", "logprobs"),
+    ("chat", CHAT, {"top_logprobs": 3}, {}, "'top_logprobs' needs 'logprobs': true",
+     "top_logprobs"),
+    ("chat", CHAT, {"logprobs": True, "top_logprobs": 21}, {},
+     "'top_logprobs' must be [0, 20], got 21", "top_logprobs"),
+    ("chat", CHAT, {"stop_token_ids": "x"}, {}, "'stop_token_ids' must be array, got str",
+     "stop_token_ids"),
+    ("chat", CHAT, {"stop_token_ids": ["a"]}, {},
+     "'stop_token_ids' must be an array of integers", "stop_token_ids"),
+    ("chat", CHAT, {"n": 0}, {}, "'n' must be [1, 64], got 0", "n"),
+    ("chat", CHAT, {"n": 5}, {"max_n": 4}, "'n' must be [1, 4], got 5", "n"),
+    ("chat", CHAT, {"n": 1.5}, {}, "'n' must be integer, got float", "n"),
+    ("chat", CHAT, {"temperature": 3}, {}, "'temperature' must be in [0.0, 2.0], got 3.0",
+     "temperature"),
+    ("chat", CHAT, {"temperature": "hot"}, {}, "'temperature' must be number, got str",
+     "temperature"),
+    ("chat", CHAT, {"temperature": True}, {}, "'temperature' must be number, got bool",
+     "temperature"),
+    ("chat", CHAT, {"top_p": -0.1}, {}, "'top_p' must be in [0.0, 1.0], got -0.1", "top_p"),
+    ("chat", CHAT, {"top_k": -2}, {}, "'top_k' must be [-1, 2147483647], got -2", "top_k"),
+    ("chat", CHAT, {"min_p": 2}, {}, "'min_p' must be in [0.0, 1.0], got 2.0", "min_p"),
+    ("chat", CHAT, {"seed": MAX_I64 + 1}, {},
+     f"'seed' must be [{-MAX_I64 - 1}, {MAX_I64}], got {MAX_I64 + 1}", "seed"),
+    ("chat", CHAT, {"presence_penalty": 2.5}, {},
+     "'presence_penalty' must be in [-2.0, 2.0], got 2.5", "presence_penalty"),
+    ("chat", CHAT, {"frequency_penalty": -3}, {},
+     "'frequency_penalty' must be in [-2.0, 2.0], got -3.0", "frequency_penalty"),
+    ("chat", CHAT, {"repetition_penalty": 0}, {},
+     "'repetition_penalty' must be in [0.01, 10.0], got 0.0", "repetition_penalty"),
+    ("chat", CHAT, {"min_tokens": -1}, {}, "'min_tokens' must be [0, 2147483647], got -1",
+     "min_tokens"),
+    ("chat", CHAT, {"stop": 5}, {}, "'stop' must be string or array, got int", "stop"),
+    ("chat", CHAT, {"stop": ["a", 1]}, {}, "'stop' must be a string or an array of strings",
+     "stop"),
+    ("chat", CHAT, {"ignore_eos": "yes"}, {}, "'ignore_eos' must be boolean, got str",
+     "ignore_eos"),
+    ("chat", CHAT, {"skip_special_tokens": 0}, {},
+     "'skip_special_tokens' must be boolean, got int", "skip_special_tokens"),
+    ("chat", CHAT, {"logit_bias": []}, {}, "'logit_bias' must be object, got list",
+     "logit_bias"),
+    ("chat", CHAT, {"logit_bias": {"x": 1}}, {}, "'logit_bias' keys must be token ids, got 'x'",
+     "logit_bias"),
+    ("chat", CHAT, {"logit_bias": {"5": 101}}, {},
+     "'logit_bias' values must be numbers in [-100, 100], got 101 for token 5", "logit_bias"),
+    ("chat", CHAT, {"messages": None}, {}, "missing required field 'messages'", "messages"),
+    ("chat", CHAT, {"messages": "hi"}, {}, "'messages' must be array, got str", "messages"),
+    ("chat", CHAT, {"messages": []}, {}, "'messages' must not be empty", "messages"),
+    # The first failure in the order the gateway checks fields is the one reported.
+    ("chat", CHAT, {"temperature": 9, "top_logprobs": 2}, {},
+     "'top_logprobs' needs 'logprobs': true", "top_logprobs"),
+    ("chat", CHAT, {"stream": 1, "temperature": 9}, {}, "'stream' must be boolean, got int",
+     "stream"),
+    ("completion", COMPLETION, {"echo": True}, {}, "'echo' is not supported", "echo"),
+    ("completion", COMPLETION, {"echo": 1}, {}, "'echo' must be boolean, got int", "echo"),
+    ("completion", COMPLETION, {"logprobs": 21}, {}, "'logprobs' must be [0, 20], got 21",
+     "logprobs"),
+    ("completion", COMPLETION, {"logprobs": True}, {}, "'logprobs' must be integer, got bool",
+     "logprobs"),
+    ("completion", COMPLETION, {"max_tokens": 9}, {"max_tokens_limit": 8},
+     "'max_tokens' must be [1, 8], got 9", "max_tokens"),
+    ("completion", COMPLETION, {"prompt": None}, {}, "missing required field 'prompt'",
+     "prompt"),
+    ("completion", COMPLETION, {"prompt": 5}, {}, "'prompt' must be string or array, got int",
+     "prompt"),
+    ("completion", COMPLETION, {"prompt": []}, {}, "'prompt' must not be empty", "prompt"),
+    ("completion", COMPLETION, {"prompt": [1, "a"]}, {},
+     "'prompt' must be a string, an array of strings or of token ids", "prompt"),
+    ("completion", COMPLETION, {"prompt": ["a", "b", "c"]}, {"max_prompts": 2},
+     "'prompt' holds 3 prompts; at most 2 are accepted", "prompt"),
+    ("messages", ANTHROPIC, {"max_tokens": None}, {}, "missing required field 'max_tokens'",
+     "max_tokens"),
+    ("messages", ANTHROPIC, {"max_tokens": "8"}, {}, "'max_tokens' must be integer, got str",
+     "max_tokens"),
+    ("messages", ANTHROPIC, {"max_tokens": 0}, {}, "'max_tokens' must be >= 1, got 0",
+     "max_tokens"),
+    ("messages", ANTHROPIC, {"max_tokens": 9}, {"max_tokens_limit": 8},
+     "'max_tokens' must be [1, 8], got 9", "max_tokens"),
+    ("messages", ANTHROPIC, {"model": None}, {}, "missing required field 'model'", "model"),
+    ("messages", ANTHROPIC, {"stream": "no"}, {}, "'stream' must be boolean, got str", "stream"),
+    ("messages", ANTHROPIC, {"temperature": 1.5}, {},
+     "'temperature' must be in [0.0, 1.0], got 1.5", "temperature"),
+    ("messages", ANTHROPIC, {"top_k": -2}, {}, "'top_k' must be [-1, 2147483647], got -2",
+     "top_k"),
+    ("messages", ANTHROPIC, {"stop_sequences": [1]}, {},
+     "'stop_sequences' must be a string or an array of strings", "stop_sequences"),
+    ("messages", ANTHROPIC, {"messages": {}}, {}, "'messages' must be array, got dict",
+     "messages"),
+    ("messages", ANTHROPIC, {"messages": []}, {}, "messages: at least one message is required",
+     None),
+    ("count_tokens", ANTHROPIC, {"model": 1}, {}, "'model' must be string, got int", "model"),
+    ("count_tokens", ANTHROPIC, {"messages": []}, {},
+     "messages: at least one message is required", None),
+    ("tokenize", COMPLETION, {"model": 1}, {}, "'model' must be string, got int", "model"),
+    ("tokenize", COMPLETION, {"return_token_strs": 1}, {},
+     "'return_token_strs' must be boolean, got int", "return_token_strs"),
+    ("tokenize", COMPLETION, {"prompt": 5}, {}, "'prompt' must be string, got int", "prompt"),
+    ("tokenize", COMPLETION, {"prompt": None}, {}, "missing required field 'prompt'", "prompt"),
+    ("tokenize", COMPLETION, {"add_special_tokens": "y"}, {},
+     "'add_special_tokens' must be boolean, got str", "add_special_tokens"),
+    ("tokenize", CHAT, {"prompt": "hi"}, {}, "give either 'prompt' or 'messages', not both",
+     None),
+    ("tokenize", CHAT, {"continue_final_message": True}, {},
+     "'continue_final_message' is not supported", "continue_final_message"),
+    ("tokenize", CHAT, {"add_generation_prompt": "y"}, {},
+     "'add_generation_prompt' must be boolean, got str", "add_generation_prompt"),
+    ("tokenize", CHAT, {"messages": []}, {}, "'messages' must not be empty", "messages"),
+    ("detokenize", {"tokens": [1]}, {"tokens": None}, {}, "missing required field 'tokens'",
+     "tokens"),
+    ("detokenize", {"tokens": [1]}, {"tokens": "x"}, {}, "'tokens' must be array, got str",
+     "tokens"),
+]  # fmt: skip
+
+
+def body_of(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    body = {**base, **changes}
+    return {k: v for k, v in body.items() if k not in changes or changes[k] is not None}
+
+
+def parse_as(request: str, body: dict[str, Any], limits: dict[str, Any]) -> APIModel:
+    """``body`` as the endpoint's request model, and its engine parameters where it has them."""
+    if request == "tokenize":
+        return tokenize_request(body)
+    model = {"chat": ChatCompletionRequest, "completion": CompletionRequest,
+             "messages": MessagesRequest, "count_tokens": CountTokensRequest,
+             "detokenize": DetokenizeRequest}[request]  # fmt: skip
+    req = parse(model, body, **limits)
+    if isinstance(req, ChatCompletionRequest | CompletionRequest | MessagesRequest):
+        req.sampling_params(None)
+    return req
+
+
+@pytest.mark.parametrize(("request_", "base", "changes", "limits", "message", "param"), BAD)
+def test_bad_body_is_the_400_it_always_was(
+    request_: str, base: dict[str, Any], changes: dict[str, Any], limits: dict[str, Any],
+    message: str, param: str | None,
+) -> None:  # fmt: skip
+    with pytest.raises(APIError) as info:
+        parse_as(request_, body_of(base, changes), limits)
+    assert (info.value.status, info.value.message, info.value.param) == (400, message, param)
+
+
+@pytest.mark.parametrize("request_", ["chat", "completion", "messages", "count_tokens"])
+def test_each_base_body_is_valid(request_: str) -> None:
+    base = {"chat": CHAT, "completion": COMPLETION}.get(request_, ANTHROPIC)
+    parse_as(request_, base, {})
+
+
+def test_engine_check_is_a_400_without_param() -> None:
+    """SamplingParams' own bounds (here: stop token ids) stay the engine's, as 400s."""
+    req = parse(ChatCompletionRequest, {**CHAT, "stop_token_ids": [-1]})
+    with pytest.raises(APIError) as info:
+        req.sampling_params(None)
+    assert info.value.status == 400 and info.value.param is None
+    assert "stop_token_ids" in info.value.message
+
+
+def test_chat_sampling_params() -> None:
+    """Defaults, null as absent, OpenAI's top_k 0, max_completion_tokens over max_tokens."""
+    body = {**CHAT, "temperature": None, "top_k": 0, "max_completion_tokens": 7,
+            "max_tokens": "ignored", "stop": "x", "logprobs": True, "top_logprobs": 2,
+            "logit_bias": {"5": 1}, "seed": 3}  # fmt: skip
+    got = parse(ChatCompletionRequest, body).sampling_params(None)
+    assert got == SamplingParams(temperature=1.0, top_k=-1, max_tokens=7, stop=["x"],
+                                 logprobs=2, logit_bias={5: 1.0}, seed=3)  # fmt: skip
+    assert parse(ChatCompletionRequest, CHAT).sampling_params(None, 64).max_tokens == 64
+    assert parse(ChatCompletionRequest, {**CHAT, "logit_bias": {}}).logit_bias is None
+
+
+def test_completion_sampling_params() -> None:
+    req = parse(CompletionRequest, {**COMPLETION, "n": 3, "temperature": 0, "logprobs": 2})
+    got = req.sampling_params(None)
+    assert got == SamplingParams(n=3, temperature=0.0, max_tokens=16, logprobs=2)
+    assert parse(CompletionRequest, COMPLETION).sampling_params(None, 4).max_tokens == 4
+    assert req.model_extra == {} and req.prompt == "hi"
+
+
+def test_messages_sampling_params() -> None:
+    body = {**ANTHROPIC, "temperature": 0.5, "top_k": 5, "stop_sequences": ["x"], "extra": 1}
+    req = parse(MessagesRequest, body)
+    assert req.sampling_params(None) == SamplingParams(max_tokens=8, temperature=0.5, top_k=5,
+                                                       stop=["x"])  # fmt: skip
+    assert req.model_extra == {"extra": 1}
+
+
+def _resolve(doc: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    return schema
+
+
+def test_openapi_is_generated_from_the_models() -> None:
+    doc = openapi_document()
+    post = doc["paths"]["/v1/chat/completions"]["post"]
+    chat = _resolve(doc, post["requestBody"]["content"]["application/json"]["schema"])
+    assert chat["required"] == ["model", "messages"]
+    assert chat["properties"]["temperature"] == {"type": "number", "minimum": 0.0,
+                                                 "maximum": 2.0, "default": 1.0}  # fmt: skip
+    assert chat["properties"]["messages"]["minItems"] == 1
+    msg = _resolve(doc, chat["properties"]["messages"]["items"])
+    assert msg["properties"]["role"]["enum"] == ["system", "user", "assistant", "tool"]
+    anthropic = _resolve(doc, {"$ref": "#/components/schemas/MessagesRequest"})
+    assert anthropic["properties"]["temperature"]["maximum"] == 1.0
+    assert set(anthropic["required"]) == {"model", "messages", "max_tokens"}
+    error = post["responses"]["400"]["content"]["application/json"]["schema"]
+    assert _resolve(doc, error)["required"] == ["error"]
+    count = doc["paths"]["/v1/messages/count_tokens"]["post"]["responses"]
+    assert "429" not in count and "400" in count
