@@ -159,3 +159,52 @@ def test_busy_decode_worker_keeps_the_request_past_the_stall_timeout() -> None:
     busy = pb.LoadReport(num_waiting=3, num_running=16)
     out = run(PrefillStub([]), [d], stall_s=0.3, decode_load=busy)
     assert len(out) == 1 and d.decoded == ["r1"] and d.released == []
+
+
+class FailingDecodeStub(DecodeStub):
+    """Decode fails before its first message, as a worker that died then does."""
+
+    def Decode(self, req: pb.DecodeRequest, timeout: float) -> Stream:  # noqa: N802
+        self.decoded.append(req.request_id)
+        error = rpc_error(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+
+        class Failing(Stream):
+            async def __anext__(self) -> pb.GenerateResponse:
+                raise error
+
+        return Failing([])
+
+
+def test_decode_failing_before_its_first_message_releases_and_retries_elsewhere() -> None:
+    bad, good = FailingDecodeStub(), DecodeStub()
+    out = run(PrefillStub([]), [bad, good])
+    assert [m.outputs[0].token_ids for m in out] == [[5]]
+    assert bad.decoded == ["r1"] and bad.released == ["r1"]
+    assert good.reserved == ["r1-a1"] and good.released == []
+
+
+def test_reservation_is_released_when_the_client_leaves_during_prefill() -> None:
+    class StuckPrefill(PrefillStub):
+        def Prefill(self, req: pb.PrefillRequest, timeout: float) -> Unary:  # noqa: N802
+            self.calls.append(req.request_id)
+            return Unary(asyncio.Event().wait)
+
+    async def main() -> None:
+        d, p = DecodeStub(), StuckPrefill([])
+        handles = [fake_handle("p0", p, role="prefill"), fake_handle("d0", d, role="decode")]
+        orch = Orchestrator(
+            fake_pool(handles), create_policy("round_robin"), timeout_s=30.0, max_attempts=3
+        )
+        params = pb.SamplingParams(max_tokens=1)
+        task = asyncio.create_task(anext(orch.generate("m", "r1", [1, 2, 3], params)))
+        while not p.calls:
+            await asyncio.sleep(0.01)
+        task.cancel()  # the client went away while the prefill worker computes
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert d.reserved == ["r1"] and d.released == ["r1"]
+        assert [h.inflight for h in handles] == [0, 0]
+        for h in handles:
+            await h.channel.close()
+
+    asyncio.run(main())
