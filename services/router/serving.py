@@ -53,7 +53,7 @@ class ServeRequest:
     tool_parser: type[ToolParser]  # finds the calls of tool_choice "auto"
     reasoning: type[ReasoningParser] | None  # splits off the reasoning; None: all content
     started: float  # time.monotonic() on arrival
-    created: int = field(default_factory=lambda: int(time.time()))
+    created: int = field(default_factory=lambda: int(time.time()))  # unix time, in bodies
 
     @classmethod
     def create(
@@ -66,9 +66,9 @@ class ServeRequest:
         schema = tools.schema if tools is not None else None
         if schema is not None:
             params = replace(params, structured_outputs=StructuredOutputsParams(json=schema))
-        # NOTE: a constrained output is the JSON alone, with no thinking to split off.
-        chat = api != "completions"
-        unconstrained = chat and params.structured_outputs is None
+        # NOTE: reasoning is split off chat output (chat, messages) only, and not off a
+        # constrained output: that is the JSON alone, with no thinking.
+        unconstrained = api != "completions" and params.structured_outputs is None
         return cls(
             api, rid, model, prompts, images, params_to_proto(params), params.n,
             params.logprobs is not None, tools, tool_parser_class(gw.cfg.tool_call_parser),
