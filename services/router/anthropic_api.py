@@ -13,16 +13,23 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from services.engine.sampling_params import MAX_TOP_K, SamplingParams
+from services.engine.sampling_params import SamplingParams
 from services.router.anthropic_output import AnthropicOutput
 from services.router.errors import APIError, bad_request
 from services.router.images import MEDIA_TYPES, decode_base64
 from services.router.prompt import chat_prompt, check_context
+from services.router.protocol.anthropic import (
+    CountTokensRequest,
+    MessagesRequest,
+    MessagesSampling,
+    MessagesTarget,
+)
+from services.router.protocol.body import read_json_object
+from services.router.protocol.common import ModelTarget, parse
 from services.router.serving import ServeRequest, serve
 from services.router.structured import may_compile, structured_from_anthropic
 from services.router.tool_prompt import split_tool_blocks
 from services.router.tools import ToolSetup, anthropic_tools
-from services.router.validation import get, get_int, get_number, get_stop, read_json_object
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
@@ -76,14 +83,11 @@ def _image_source(source: Any, where: str) -> str | bytes:
     raise bad_request(f"{where}: image source type must be 'base64' or 'url'")
 
 
-def parse_messages(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str | bytes]]:
-    """Messages for the chat template and the sources of their images, in order."""
-    msgs = get(body, "messages", list, required=True)
-    if not msgs:
-        raise bad_request("messages: at least one message is required")
+def parse_messages(system: Any, msgs: list[Any]) -> tuple[list[dict[str, Any]], list[str | bytes]]:
+    """Messages for the chat template (the ``system`` prompt first, if any) and the sources
+    of their images, in order."""
     out: list[dict[str, Any]] = []
     images: list[str | bytes] = []
-    system = body.get("system")
     if system is not None:
         out.append({"role": "system", "content": _content_of(system, "system", None)})
     for i, m in enumerate(msgs):
@@ -103,27 +107,20 @@ def parse_messages(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str
 def sampling_from_anthropic(
     body: dict[str, Any], max_tokens_limit: int | None = None
 ) -> SamplingParams:
-    try:
-        return SamplingParams(
-            max_tokens=get_int(body, "max_tokens", None, 1, max_tokens_limit),
-            temperature=get_number(body, "temperature", 1.0, 0.0, 1.0),  # type: ignore[arg-type]
-            top_p=get_number(body, "top_p", 1.0, 0.0, 1.0),  # type: ignore[arg-type]
-            top_k=get_int(body, "top_k", -1, -1, MAX_TOP_K) or -1,
-            stop=get_stop(body, "stop_sequences"),
-            structured_outputs=structured_from_anthropic(body),
-        )
-    except ValueError as exc:
-        raise bad_request(str(exc)) from None
+    """SamplingParams from a Messages request's fields; 400 on bad values."""
+    fields = parse(MessagesSampling, body, max_tokens_limit=max_tokens_limit)
+    return fields.sampling_params(structured_from_anthropic(body))
 
 
-def _params_and_tools(gw: Gateway, body: dict[str, Any]) -> tuple[SamplingParams, ToolSetup]:
-    """The request's sampling parameters and tools, their grammars compiled."""
-    params = sampling_from_anthropic(body, gw.cfg.max_tokens_limit)
+def _read(gw: Gateway, body: dict[str, Any]) -> tuple[MessagesRequest, SamplingParams, ToolSetup]:
+    """The typed request, its sampling parameters and tools, their grammars compiled."""
+    typed = parse(MessagesRequest, body, max_tokens_limit=gw.cfg.max_tokens_limit)
+    params = typed.sampling_params(structured_from_anthropic(body))
     tool_setup = anthropic_tools(body)
     if tool_setup.schema is not None and params.structured_outputs is not None:
         raise bad_request("tool_choice 'any' or 'tool' cannot be combined with an output "
                           "format", param="tool_choice")  # fmt: skip
-    return params, tool_setup
+    return typed, params, tool_setup
 
 
 async def count_tokens(gw: Gateway, request: Request) -> Response:
@@ -131,9 +128,10 @@ async def count_tokens(gw: Gateway, request: Request) -> Response:
     would have for the same body (no ``max_tokens`` needed, no context-length check)."""
     try:
         body = await read_json_object(request, gw.cfg.max_body_bytes)
-        gw.resolve_model(get(body, "model", str, required=True), serving=False)
+        gw.resolve_model(parse(ModelTarget, body).model, serving=False)
+        typed = parse(CountTokensRequest, body)
         tool_setup = await gw.offload.run(None if may_compile(body) else 0, anthropic_tools, body)
-        prompt, _ = await chat_prompt(gw, *parse_messages(body), tool_setup)
+        prompt, _ = await chat_prompt(gw, *parse_messages(typed.system, typed.messages), tool_setup)
     except APIError as err:
         gw.metrics.count_request("count_tokens", err.status)
         return err.anthropic_response()
@@ -146,14 +144,13 @@ async def handle(gw: Gateway, request: Request) -> Response:
     started = time.monotonic()
     try:
         body = await read_json_object(request, gw.cfg.max_body_bytes)
-        get(body, "max_tokens", int, required=True)
-        model, max_len = gw.resolve_model(get(body, "model", str, required=True))
-        stream = get(body, "stream", bool, False)
-        # NOTE: a constraint's grammar compiles while the parameters are read: off the loop.
-        params, tool_setup = await gw.offload.run(
-            None if may_compile(body) else 0, _params_and_tools, gw, body
+        model, max_len = gw.resolve_model(parse(MessagesTarget, body).model)
+        # NOTE: a constraint's grammar compiles while the body is read: off the loop.
+        typed, params, tool_setup = await gw.offload.run(
+            None if may_compile(body) else 0, _read, gw, body
         )
-        prompt, images = await chat_prompt(gw, *parse_messages(body), tool_setup)
+        messages, sources = parse_messages(typed.system, typed.messages)
+        prompt, images = await chat_prompt(gw, messages, sources, tool_setup)
         check_context(len(prompt), params.max_tokens, max_len)
     except APIError as err:
         gw.metrics.count_request("messages", err.status)
@@ -161,4 +158,4 @@ async def handle(gw: Gateway, request: Request) -> Response:
     mid = "msg_" + uuid.uuid4().hex
     req = ServeRequest.create(gw, "messages", mid, model, [prompt], images, params, tool_setup,
                               started)  # fmt: skip
-    return await serve(gw, request, req, AnthropicOutput(req), stream)
+    return await serve(gw, request, req, AnthropicOutput(req), typed.stream)

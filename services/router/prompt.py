@@ -6,13 +6,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from services.common.proto import worker_pb2 as pb
-from services.router.errors import APIError, bad_request
+from services.router.errors import APIError
 from services.router.images import chat_prompt as render_chat
 from services.router.tokenization import check_token_ids
 from services.router.tool_parsers.factory import tool_parser_class
 from services.router.tool_prompt import prepare
 from services.router.tools import ToolSetup
-from services.router.validation import get
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
@@ -60,25 +59,14 @@ def prompt_size(gw: Gateway, body: dict[str, Any]) -> int:
     return len(prompt) if isinstance(prompt, (str, list)) else 0
 
 
-def completion_prompts(gw: Gateway, body: dict[str, Any]) -> list[list[int]]:
-    """Token ids of each prompt of a /v1/completions body (text encoded, ids checked)."""
-    prompt = get(body, "prompt", (str, list), required=True)
+def completion_prompts(gw: Gateway, prompt: str | list[Any]) -> list[list[int]]:
+    """Token ids of each prompt of a /v1/completions request, whose shape CompletionRequest
+    checked: text encoded, ids checked against the vocabulary."""
     if isinstance(prompt, str):
         return [gw.tokenizer.encode(prompt)]
-    if not prompt:
-        raise bad_request("'prompt' must not be empty", param="prompt")
-    if isinstance(prompt[0], (str, list)) and len(prompt) > gw.cfg.max_prompts:
-        raise bad_request(
-            f"'prompt' holds {len(prompt)} prompts; at most {gw.cfg.max_prompts} are accepted",
-            param="prompt",
-        )
     vocab = gw.tokenizer.vocab_size
     if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return [check_token_ids(list(prompt), vocab, "prompt")]
     if all(isinstance(p, str) for p in prompt):
         return [gw.tokenizer.encode(p) for p in prompt]
-    if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
-        return [check_token_ids(list(p), vocab, "prompt") for p in prompt]
-    raise bad_request(
-        "'prompt' must be a string, an array of strings or of token ids", param="prompt"
-    )
+    return [check_token_ids(list(p), vocab, "prompt") for p in prompt]

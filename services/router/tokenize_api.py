@@ -15,10 +15,19 @@ from starlette.responses import JSONResponse, Response
 from services.router.errors import APIError, bad_request
 from services.router.openai_api import chat_messages
 from services.router.prompt import chat_prompt
+from services.router.protocol.body import read_json_object
+from services.router.protocol.common import parse
+from services.router.protocol.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    OptionalModel,
+    TokenizeChatRequest,
+    TokenizeResponse,
+    tokenize_request,
+)
 from services.router.structured import may_compile
 from services.router.tokenization import check_token_ids
 from services.router.tools import openai_tools
-from services.router.validation import get, read_json_object
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
@@ -27,7 +36,7 @@ if TYPE_CHECKING:
 def _model_len(gw: Gateway, body: dict[str, Any]) -> int:
     """The context length of the request's model: ``model`` may be left out (as vLLM allows)
     when the cluster serves one model; 404 for an unknown one."""
-    name = get(body, "model", str)
+    name = parse(OptionalModel, body).model
     if name is None:
         models = gw.pool.models()
         if not models:
@@ -40,30 +49,25 @@ def _model_len(gw: Gateway, body: dict[str, Any]) -> int:
 
 async def _tokenize_body(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
     max_len = _model_len(gw, body)
-    want_strs = get(body, "return_token_strs", bool, False)
-    if "messages" in body:
-        if "prompt" in body:
-            raise bad_request("give either 'prompt' or 'messages', not both")
-        if get(body, "continue_final_message", bool, False):
-            raise bad_request("'continue_final_message' is not supported",
-                              param="continue_final_message")  # fmt: skip
-        add_generation_prompt = get(body, "add_generation_prompt", bool, True)
+    typed = tokenize_request(body)
+    if isinstance(typed, TokenizeChatRequest):
         tools = await gw.offload.run(None if may_compile(body) else 0, openai_tools, body)
-        ids, _ = await chat_prompt(gw, *chat_messages(body), tools, add_generation_prompt)
+        ids, _ = await chat_prompt(gw, *chat_messages(typed.messages), tools,
+                                   typed.add_generation_prompt)  # fmt: skip
     else:
-        prompt = get(body, "prompt", str, required=True)
-        add_special = get(body, "add_special_tokens", bool, True)
-        ids = await gw.offload.run(len(prompt), gw.tokenizer.encode, prompt, add_special)
-    out: dict[str, Any] = {"count": len(ids), "max_model_len": max_len, "tokens": ids}
-    if want_strs:
-        out["token_strs"] = await gw.offload.run(len(ids), gw.tokenizer.token_strs, ids)
-    return out
+        ids = await gw.offload.run(len(typed.prompt), gw.tokenizer.encode, typed.prompt,
+                                   typed.add_special_tokens)  # fmt: skip
+    out = TokenizeResponse(count=len(ids), max_model_len=max_len, tokens=ids)
+    if typed.return_token_strs:
+        out.token_strs = await gw.offload.run(len(ids), gw.tokenizer.token_strs, ids)
+    return out.model_dump(exclude_none=True)
 
 
 async def _detokenize_body(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
     _model_len(gw, body)
-    tokens = get(body, "tokens", list, required=True)
-    return {"prompt": await gw.offload.run(len(tokens), _decode, gw, tokens)}
+    tokens = parse(DetokenizeRequest, body).tokens
+    text = await gw.offload.run(len(tokens), _decode, gw, tokens)
+    return DetokenizeResponse(prompt=text).model_dump()
 
 
 def _decode(gw: Gateway, tokens: list[Any]) -> str:

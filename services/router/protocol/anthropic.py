@@ -14,6 +14,8 @@ from services.router.protocol.common import (
     DocModel,
     Documented,
     Int,
+    Integer,
+    ModelTarget,
     Number,
     Stop,
     Str,
@@ -115,10 +117,17 @@ class _Prompt(APIModel):
     ]
 
 
-class _Sampling(APIModel):
-    max_tokens: Annotated[int, Int(1, limit="max_tokens_limit")]
+class MessagesTarget(APIModel):
+    """What is checked before the model is looked up."""
+
+    max_tokens: Integer
     model: Str
-    stream: Bool = False
+
+
+class MessagesSampling(APIModel):
+    """The sampling fields of a Messages request."""
+
+    max_tokens: Annotated[int | None, Int(1, limit="max_tokens_limit")] = None
     temperature: Annotated[float, Number(0.0, 1.0)] = 1.0
     top_p: Annotated[float, Number(0.0, 1.0)] = 1.0
     top_k: Annotated[int, Int(-1, MAX_TOP_K)] = -1
@@ -126,10 +135,6 @@ class _Sampling(APIModel):
     # Structured outputs: output_config.format (GA) or the beta's output_format.
     output_config: Annotated[Any, Documented(OutputConfig)] = None
     output_format: Annotated[Any, Documented(OutputFormat)] = None
-
-
-class MessagesRequest(_Prompt, _Sampling):
-    """POST /v1/messages."""
 
     def sampling_params(self, structured: StructuredOutputsParams | None) -> SamplingParams:
         """The engine's parameters; its own checks are 400s too."""
@@ -142,11 +147,17 @@ class MessagesRequest(_Prompt, _Sampling):
             raise bad_request(str(exc)) from None
 
 
-class _Model(APIModel):
-    model: Str
+class _Head(MessagesTarget):
+    stream: Bool = False
 
 
-class CountTokensRequest(_Prompt, _Model):
+class MessagesRequest(_Prompt, MessagesSampling, _Head):
+    """POST /v1/messages."""
+
+    max_tokens: Annotated[int, Int(1, limit="max_tokens_limit")]  # required here
+
+
+class CountTokensRequest(_Prompt, ModelTarget):
     """POST /v1/messages/count_tokens: the prompt fields of a Messages request."""
 
 

@@ -124,6 +124,7 @@ def _of(*types: type) -> BeforeValidator:
 
 
 Str = Annotated[str, _of(str)]
+Integer = Annotated[int, _of(int)]
 Bool = Annotated[bool, _of(bool)]
 Object = Annotated[dict[str, Any], _of(dict)]
 Array = Annotated[list[Any], _of(list)]
@@ -252,6 +253,12 @@ def Turns(turn: type[BaseModel], empty: str, param: str | None) -> GroupedMetada
         return value
 
     return _Checks(BeforeValidator(check), Documented(Annotated[list[turn], Field(min_length=1)]))  # type: ignore[valid-type]
+
+
+class ModelTarget(APIModel):
+    """What a request names before the rest is checked: the model it is for."""
+
+    model: Str
 
 
 # -- Error bodies --------------------------------------------------------------------------

@@ -28,10 +28,10 @@ from services.router.protocol.common import (
     Int,
     IntList,
     LogitBias,
+    ModelTarget,
     Number,
     Object,
     Stop,
-    Str,
     Turns,
     Unsupported,
     invalid,
@@ -137,8 +137,7 @@ class StructuredOutputs(DocModel):
 # -- Requests ---------------------------------------------------------------------------------
 
 
-class _Stream(APIModel):
-    model: Str
+class _Stream(ModelTarget):
     stream: Bool = False
     stream_options: Annotated[Object | None, Documented(StreamOptions)] = None
 
@@ -217,8 +216,8 @@ class ChatPrompt(APIModel):
     messages: Annotated[list[Any], Turns(ChatMessage, "'messages' must not be empty", "messages")]
 
 
-class ChatCompletionRequest(ChatPrompt, _Sampling, _ChatLimits, _Stream):
-    """POST /v1/chat/completions."""
+class ChatSampling(_Sampling, _ChatLimits):
+    """A chat's sampling fields."""
 
     def sampling_params(self, structured: StructuredOutputsParams | None,
                         max_tokens_limit: int | None = None) -> SamplingParams:  # fmt: skip
@@ -228,8 +227,11 @@ class ChatCompletionRequest(ChatPrompt, _Sampling, _ChatLimits, _Stream):
         return self._params(max_tokens, logprobs, structured)
 
 
+class ChatCompletionRequest(ChatPrompt, ChatSampling, _Stream):
+    """POST /v1/chat/completions."""
+
+
 class _CompletionLimits(APIModel):
-    echo: Unsupported = False
     max_tokens: Annotated[int | None, Int(1, limit="max_tokens_limit")] = None
     logprobs: Annotated[int | None, Int(0, 20)] = None
 
@@ -243,7 +245,23 @@ Prompt = (
 )
 
 
-class CompletionRequest(_Sampling, _CompletionLimits, _Stream):
+class CompletionSampling(_Sampling, _CompletionLimits):
+    """A completion's sampling fields."""
+
+    def sampling_params(self, structured: StructuredOutputsParams | None,
+                        max_tokens_limit: int | None = None) -> SamplingParams:  # fmt: skip
+        """The engine's parameters; 16 tokens (or the router's limit) without ``max_tokens``."""
+        max_tokens = self.max_tokens
+        if max_tokens is None:
+            max_tokens = min(16, max_tokens_limit or 16)
+        return self._params(max_tokens, self.logprobs, structured)
+
+
+class _CompletionStream(_Stream):
+    echo: Unsupported = False
+
+
+class CompletionRequest(CompletionSampling, _CompletionStream):
     """POST /v1/completions."""
 
     prompt: Annotated[Any, Documented(Prompt)]
@@ -269,14 +287,6 @@ class CompletionRequest(_Sampling, _CompletionLimits, _Stream):
         ):
             return value  # fmt: skip
         raise invalid("'prompt' must be a string, an array of strings or of token ids", "prompt")
-
-    def sampling_params(self, structured: StructuredOutputsParams | None,
-                        max_tokens_limit: int | None = None) -> SamplingParams:  # fmt: skip
-        """The engine's parameters; 16 tokens (or the router's limit) without ``max_tokens``."""
-        max_tokens = self.max_tokens
-        if max_tokens is None:
-            max_tokens = min(16, max_tokens_limit or 16)
-        return self._params(max_tokens, self.logprobs, structured)
 
 
 # -- Responses --------------------------------------------------------------------------------

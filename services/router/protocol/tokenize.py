@@ -11,9 +11,14 @@ from services.router.protocol.common import APIModel, Array, Bool, Str, Unsuppor
 from services.router.protocol.openai import ChatPrompt
 
 
-class _Common(APIModel):
-    # NOTE: may be left out when the cluster serves one model (as vLLM allows).
+class OptionalModel(APIModel):
+    """The model, checked before the rest; it may be left out when the cluster serves one
+    (as vLLM allows)."""
+
     model: Str | None = None
+
+
+class _Common(OptionalModel):
     return_token_strs: Bool = False
 
 
@@ -42,10 +47,9 @@ def tokenize_request(body: dict[str, Any]) -> TokenizeCompletionRequest | Tokeni
     return parse(TokenizeChatRequest, body)
 
 
-class DetokenizeRequest(APIModel):
+class DetokenizeRequest(OptionalModel):
     """POST /detokenize; the ids are checked against the vocabulary by the handler."""
 
-    model: Str | None = None
     tokens: Annotated[Array, Field(json_schema_extra={"items": {"type": "integer",
                                                                  "minimum": 0}})]  # fmt: skip
 
