@@ -136,6 +136,8 @@ BAD: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], str, str | 
      "'add_special_tokens' must be boolean, got str", "add_special_tokens"),
     ("tokenize", CHAT, {"prompt": "hi"}, {}, "give either 'prompt' or 'messages', not both",
      None),
+    ("tokenize", CHAT, {"prompt": "hi", "return_token_strs": 1}, {},
+     "'return_token_strs' must be boolean, got int", "return_token_strs"),
     ("tokenize", CHAT, {"continue_final_message": True}, {},
      "'continue_final_message' is not supported", "continue_final_message"),
     ("tokenize", CHAT, {"add_generation_prompt": "y"}, {},

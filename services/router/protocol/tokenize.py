@@ -42,6 +42,7 @@ def tokenize_request(body: dict[str, Any]) -> TokenizeCompletionRequest | Tokeni
     """A /tokenize body as the request it is: a chat when it has ``messages``."""
     if "messages" not in body:
         return parse(TokenizeCompletionRequest, body)
+    parse(_Common, body)  # NOTE: checked before the clash below, as they always were
     if "prompt" in body:
         raise bad_request("give either 'prompt' or 'messages', not both")
     return parse(TokenizeChatRequest, body)
