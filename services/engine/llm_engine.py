@@ -1,63 +1,49 @@
 """The synchronous engine: requests in, one batched model step at a time, delta outputs out.
 
-It owns the scheduler, the block manager, the model runner and the sampler, and never does
-I/O: the asyncio wrapper (async_engine.py) runs ``step()`` on its own thread.
+``LLMEngine`` wires the parts and runs ``step``: schedule -> execute -> update. The input
+processor turns a prompt into sequences, the scheduler (which owns the block manager) picks
+the batch, the model runner computes it, the sampler draws the next tokens and the output
+processor checks stops and builds the deltas; the KV connector holds, reserves and moves KV
+for PD disaggregation. It never does I/O: the asyncio wrapper (async_engine.py) runs
+``step()`` on its own thread.
+
+Where the coming features plug in: tensor parallelism in the model runner (one ``execute``
+per step drives every rank) and the connector; speculative decoding between ``_execute`` and
+``_sample`` (a draft proposes, the target verifies) and in the output processor (several
+accepted tokens per step); priorities in the scheduler's queue order.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from services.engine.block_manager import BlockManager, KVEvent
 from services.engine.config import EngineConfig
-from services.engine.detokenizer import IncrementalDetokenizer
+from services.engine.input_processor import InputProcessor, eos_token_ids
+from services.engine.kv_connector import KVConnector
 from services.engine.kv_tiers import KVTierManager, StoreTier
 from services.engine.model_loader import load_hf_config, resolve_model, served_name
 from services.engine.model_runner import ModelRunner
 from services.engine.models.registry import resolve_model_class
-from services.engine.multimodal import (
-    ImageInputs,
-    MultiModalState,
-    build_state,
-    load_image_processor,
-    parse_prompt,
-)
-from services.engine.outputs import LOST_IMAGES, CompletionOutput, RequestOutput, TokenLogprobs
+from services.engine.multimodal import ImageInputs
+from services.engine.output_processor import OutputProcessor, RequestState
+from services.engine.outputs import RequestOutput, TokenLogprobs
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
-from services.engine.sequence import Resume, Sequence, SequenceStatus
+from services.engine.scheduler import Scheduler
+from services.engine.scheduler_output import ScheduledSeq, SchedulerOutput
+from services.engine.sequence import Resume, Sequence
 from services.engine.structured_output import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
 MAX_DEFAULT_MODEL_LEN = 8192
-
-
-@dataclass
-class _Request:
-    """Engine-side state of one request: its n sequences and what was already reported."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    detoks: list[IncrementalDetokenizer]
-    pending: list[Sequence] = field(default_factory=list)  # n > 1 children awaiting the prompt
-    reported_tokens: list[int] = field(default_factory=list)  # per completion
-    hold_kv: bool = False  # keep the blocks after finishing (prefill side of PD)
-    error: str | None = None  # set when processing it raised: it ended alone (_fail_request)
-
-    @property
-    def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
 
 
 @dataclass
@@ -81,6 +67,10 @@ class EngineStats:
 
 
 class LLMEngine:
+    """One model's engine. Requests: ``add_request``, ``abort_request``, ``step``,
+    ``has_unfinished_requests``; PD: ``reserve``, ``start_reserved`` and the KV connector's
+    methods it passes on; introspection: ``stats``, ``take_kv_events``."""
+
     def __init__(self, config: EngineConfig) -> None:
         from transformers import AutoTokenizer
 
@@ -118,22 +108,24 @@ class LLMEngine:
                     f"block ({self.runner.bytes_per_block} bytes)"
                 )
             self._enable_tiers(host_blocks)
-        self.eos_token_ids = self._eos_token_ids()
+        self.eos_token_ids = eos_token_ids(self.hf_config, self.model_path, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids, config.seed)
         self.structured = StructuredOutputs(
             self.tokenizer, self.runner.model.lm_head.out_features, self.eos_token_ids
         )
-        self.requests: dict[str, _Request] = {}
-        self.held: dict[str, Sequence] = {}  # finished prefills whose KV awaits export
-        self.reserved: dict[str, Sequence] = {}  # decode side: blocks awaiting imported KV
+        self.connector = KVConnector(self.scheduler, self.runner, self.sampler)
+        self.inputs = InputProcessor(
+            self.tokenizer, self.runner.model, self.model_path, self.max_model_len,
+            self.block_manager, self.sampler, self.structured, config.enable_prefix_caching,
+        )  # fmt: skip
+        self.outputs = OutputProcessor(
+            self.scheduler, self.connector, self.eos_token_ids, self.max_model_len
+        )
         # The last step ran nothing: queued work waits for blocks held outside the batch
         # (the step thread then sleeps until a command, e.g. a release, wakes it).
         self.blocked_on_memory = False
-        self.reserved_resume: dict[str, Resume] = {}  # ... of migrated requests
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (a metric)
         self._failed_steps = 0  # steps in a row in which a request failed (see _failure)
-        # Called after each layer of each step with the step's batch (KV push in PD mode).
-        self.layer_hook: Callable[[int, list[ScheduledSeq]], None] | None = None
 
     def _enable_tiers(self, host_blocks: int, store: StoreTier | None = None) -> None:
         if not self.config.enable_prefix_caching:
@@ -143,8 +135,7 @@ class LLMEngine:
             self.config.block_size, r.block_shape, r.dtype, host_blocks,
             pin_memory=r.device.type != "cpu", store=store,
         )  # fmt: skip
-        self.scheduler.tiers = self.tiers
-        self.block_manager.feed_tiers = True
+        self.scheduler.attach_tiers(self.tiers)
 
     def attach_kv_store(self, store: StoreTier) -> None:
         """Spill blocks the host pool (if any) pushes out to ``store`` and look prompts up
@@ -159,73 +150,27 @@ class LLMEngine:
         if self.tiers is not None:
             self.tiers.close()
 
-    def _eos_token_ids(self) -> set[int]:
-        ids: set[int] = set()
-        eos = getattr(self.hf_config, "eos_token_id", None)
-        try:
-            from transformers import GenerationConfig
-
-            eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id or eos
-        except (OSError, ValueError):
-            pass
-        for value in (eos, self.tokenizer.eos_token_id):
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, list):
-                ids.update(int(v) for v in value)
-        return ids
-
     # ---- requests --------------------------------------------------------------------------
 
+    @property
+    def requests(self) -> dict[str, RequestState]:
+        """The requests in flight, by id."""
+        return self.outputs.requests
+
+    @property
+    def image_processor(self) -> Any:
+        return self.inputs.image_processor
+
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
-        if not prompt:
-            raise ValueError("prompt is empty")
-        vocab = self.runner.model.model.embed_tokens.num_embeddings
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        return list(prompt)
+        return self.inputs.tokenize(prompt)
 
     def validate(
         self, prompt_token_ids: list[int], params: SamplingParams, resume: Resume | None = None
     ) -> None:
-        n = len(prompt_token_ids)
-        vocab = self.runner.model.lm_head.out_features
-        if resume is not None:
-            done = len(resume.output_token_ids)
-            if params.n != 1:
-                raise ValueError("a resumed request must have n = 1")
-            if params.max_tokens is not None and done >= params.max_tokens:
-                raise ValueError(f"resume has {done} tokens; max_tokens is {params.max_tokens}")
-            if n + done >= self.max_model_len:
-                raise ValueError(
-                    f"prompt ({n}) + resumed output ({done}) tokens reach the context length "
-                    f"{self.max_model_len}"
-                )
-            if any(not 0 <= t < vocab for t in resume.output_token_ids):
-                raise ValueError(f"resumed token ids must be in [0, {vocab})")
-        if n == 0:
-            raise ValueError("prompt is empty")
-        if n >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {n} tokens; the model's context length is {self.max_model_len}"
-            )
-        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                f"length {self.max_model_len}"
-            )
-        # The prompt, any resumed outputs and the next token must fit in the whole cache.
-        total = n + (len(resume.output_token_ids) if resume is not None else 0)
-        if self.block_manager.blocks_needed(total + 1) > self.block_manager.num_blocks:
-            raise ValueError(f"{total} tokens (prompt and resumed output) do not fit in the KV cache")
-        if params.logprobs and params.logprobs > vocab:
-            raise ValueError("logprobs exceeds the vocabulary size")
-        if params.logit_bias and (bad := [t for t in params.logit_bias if t >= vocab]):
-            raise ValueError(
-                f"logit_bias token id {min(bad)} is not in the vocabulary [0, {vocab})"
-            )
+        self.inputs.validate(prompt_token_ids, params, resume)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        return self.inputs.apply_chat_template(messages)
 
     def add_request(
         self,
@@ -240,80 +185,11 @@ class LLMEngine:
         continues a request migrated from another worker (see ``Resume``)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        # NOTE: only dict prompts may carry images; text ones never load the processor.
-        text, images = parse_prompt(
-            prompt, self.image_processor if isinstance(prompt, dict) else None
-        )
-        ids = self.tokenize(text)
-        mm = None
-        if images is not None:
-            ids, mm = self._multimodal_state(ids, images)
-        self.validate(ids, params, resume)
-        seqs = [self._new_sequence(request_id, ids, params, i, resume) for i in range(params.n)]
-        for seq in seqs:
-            seq.mm = mm
-        detoks = [self._detokenizer(ids, params, resume) for _ in seqs]
-        req = _Request(request_id, ids, params, seqs, detoks, hold_kv=hold_kv)
-        req.reported_tokens = [len(resume.output_token_ids) if resume else 0] * params.n
-        # n > 1: run the first completion's prompt alone; the others start once its blocks
-        # are in the prefix cache, so the prompt is computed (and stored) once.
-        req.pending = seqs[1:] if self.config.enable_prefix_caching else []
-        for seq in seqs[: 1 if req.pending else params.n]:
+        req = self.inputs.process(request_id, prompt, params, resume)
+        req.hold_kv = hold_kv
+        for seq in req.queued:
             self.scheduler.add(seq)
-        self.requests[request_id] = req
-
-    @functools.cached_property
-    def image_processor(self) -> Any:
-        """The model's image processor (for PIL images in prompts); loaded on first use."""
-        return load_image_processor(str(self.model_path))
-
-    def _multimodal_state(
-        self, ids: list[int], images: ImageInputs
-    ) -> tuple[list[int], MultiModalState]:
-        model: Any = self.runner.model
-        if not getattr(model, "is_multimodal", False):
-            raise ValueError("this model does not take images")
-        return build_state(ids, images, int(model.image_token_id), int(model.spatial_merge_size))
-
-    def _new_sequence(
-        self,
-        request_id: str,
-        ids: list[int],
-        params: SamplingParams,
-        index: int = 0,
-        resume: Resume | None = None,
-    ) -> Sequence:
-        seq = Sequence(request_id, ids, params, index=index)
-        if params.structured_outputs is not None:  # ValueError: a bad grammar or resume
-            done = resume.output_token_ids if resume is not None else ()
-            seq.structured = self.structured.new_matcher(params.structured_outputs, done)
-        if resume is not None:
-            # The migrated tokens are outputs (penalties, min/max_tokens count them) whose KV
-            # is computed here like a preempted sequence's; a seeded generator skips the
-            # draws that sampled them, so seeded sampling continues where it stopped.
-            seq.token_ids.extend(resume.output_token_ids)
-            seq.num_resumed_tokens = len(resume.output_token_ids)
-            if seq.generator is not None and not params.greedy:
-                for _ in resume.output_token_ids:
-                    self.sampler.skip_draw(seq.generator, self.runner.model.lm_head.out_features)
-        return seq
-
-    def _detokenizer(
-        self, ids: list[int], params: SamplingParams, resume: Resume | None = None
-    ) -> IncrementalDetokenizer:
-        detok = IncrementalDetokenizer(
-            self.tokenizer,
-            ids,
-            params.stop,
-            params.skip_special_tokens,
-            params.include_stop_str_in_output,
-        )
-        if resume is not None:
-            # Rebuild the text of the migrated tokens; what the client did not get yet (held
-            # back by the old worker) is sent with the next delta.
-            detok.add_tokens(list(resume.output_token_ids), check_stop=False)
-            detok.emitted = min(resume.emitted_chars, len(detok.text))
-        return detok
+        self.outputs.add(req)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks; returns its final output (finish "abort")."""
@@ -322,15 +198,8 @@ class LLMEngine:
             self.release_held(request_id)
             self.free_reserved(request_id)
             return None
-        for seq in req.seqs:
-            if not seq.is_finished:
-                if seq in req.pending:
-                    seq.status = SequenceStatus.FINISHED
-                    seq.finish_reason = "abort"
-                else:
-                    self.scheduler.finish(seq, "abort")
-        req.pending = []
-        return self._make_output(req)
+        self.outputs.end(req)
+        return self.outputs.make_output(req)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or self.scheduler.has_work
@@ -338,45 +207,46 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample, check stops; returns a delta output for every
-        request that produced tokens or finished in this step."""
+        """Schedule -> execute -> update: run the model once on the scheduler's batch, sample,
+        check stops; returns a delta output for every request that produced tokens or
+        finished in this step."""
         sched = self.scheduler.schedule()
+        self.scheduler.resolve_stall(sched)
         if self.tiers is not None:
             self.tiers.before_step(sched.loads, self.block_manager, self.runner)
-        lost = self._fail_lost_images(sched)
-        if lost and sched.is_empty:
-            return lost
-        self.blocked_on_memory = False
+        lost = self.connector.drop_lost_images(sched)
+        ended = self.outputs.outputs_of(sched.aborted + lost)
         if sched.is_empty:
-            if self.tiers is not None and sched.num_awaiting_store:
-                self.tiers.wait_for_fetch(0.05)  # queued prompts wait for the store
-                return []
-            if self.scheduler.waiting and not self.scheduler.running:
-                # The head does not fit even with an empty batch. Blocks held elsewhere (a
-                # prefill's KV awaiting its push, decode reservations) come back: wait for
-                # them. Blocks of queued sequences would not: free the newest's.
-                seq = self.scheduler.waiting[0]
-                if self.scheduler.fits_empty_cache(seq):
-                    if self.scheduler.num_blocks_held_elsewhere:
-                        self.blocked_on_memory = True
-                        return []
-                    if self.scheduler.preempt_queued():
-                        return []
-                # Nothing else holds blocks: it can never fit (it grew past the cache).
-                self.scheduler.finish(seq, "abort", "kv cache too small")
-                req = self.requests.get(seq.request_id)
-                return [self._make_output(req)] if req else []
-            return []
+            self._idle(sched, lost)
+            return ended
+        self.blocked_on_memory = False
         logits, failed = self._execute(sched)
-        self.num_prompt_tokens_computed += sum(
-            min(s.num_new_tokens, max(0, s.seq.num_prompt_tokens - s.seq.num_computed_tokens))
-            for s in sched.scheduled
-        )
+        self.num_prompt_tokens_computed += _num_prompt_tokens(sched)
         self.scheduler.postprocess(sched)
         if self.tiers is not None:
             self.tiers.after_step(self.block_manager, self.runner)
+        touched = self._update(sched, logits, failed)
+        if not failed:
+            self._failed_steps = 0
+        return ended + [self.outputs.make_output(req) for req in touched]
+
+    def _idle(self, sched: SchedulerOutput, lost: list[Sequence]) -> None:
+        """Nothing runs this step. When the scheduler found nothing to run (rather than a
+        batch whose every sequence lost its images), note whether queued work waits for
+        blocks held elsewhere, and give queued prompts' store reads a moment."""
+        if lost:
+            return
+        self.blocked_on_memory = sched.blocked_on_memory
+        if self.tiers is not None and sched.num_awaiting_store:
+            self.tiers.wait_for_fetch(0.05)  # queued prompts wait for the store
+
+    def _update(
+        self, sched: SchedulerOutput, logits: torch.Tensor, failed: dict[str, str]
+    ) -> Iterable[RequestState]:
+        """Sample the sequences that reached their last token, append and check each token;
+        end the requests in ``failed``. Returns the requests this changed."""
         sampling = [s.seq for s in sched.scheduled if s.samples]
-        touched: dict[str, _Request] = {}
+        touched: dict[str, RequestState] = {}
         if sampling:
             tokens = self._sample(logits, sampling, failed)
             now = time.monotonic()
@@ -395,9 +265,12 @@ class LLMEngine:
             if req is not None:
                 self._fail_request(req, error)
                 touched[rid] = req
-        if not failed:
-            self._failed_steps = 0
-        return lost + [self._make_output(req) for req in touched.values()]
+        return touched.values()
+
+    def _append(
+        self, req: RequestState, seq: Sequence, token: int, lp: TokenLogprobs | None, now: float
+    ) -> None:
+        self.outputs.append(req, seq, token, lp, now)
 
     # ---- one request's failure ends that request alone ----------------------------------------
     # NOTE: an exception while running, sampling or checking one request must never end the
@@ -419,9 +292,7 @@ class LLMEngine:
             ) from exc
         return f"the engine failed {what}: {type(exc).__name__}: {exc}"
 
-    def _execute(
-        self, sched: SchedulerOutput
-    ) -> tuple[torch.Tensor, dict[str, str]]:
+    def _execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, dict[str, str]]:
         """The step's logits, and {request id: error} of the sequences whose forward pass
         failed (taken out of ``sched``)."""
         try:
@@ -471,127 +342,44 @@ class LLMEngine:
                 out.append((-1, None))
         return out
 
-    def _fail_request(self, req: _Request, error: str) -> None:
+    def _fail_request(self, req: RequestState, error: str) -> None:
         """End every unfinished sequence of ``req`` (finish "abort") and free its blocks."""
         req.error = error
-        for seq in req.seqs:
-            if seq.is_finished:
-                continue
-            if seq in req.pending:
-                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
-            else:
-                self.scheduler.finish(seq, "abort")
-        req.pending = []
+        self.outputs.end(req)
         self.release_held(req.request_id)
 
-    def _fail_lost_images(self, sched: SchedulerOutput) -> list[RequestOutput]:
-        """End (finish "abort", stop_reason ``LOST_IMAGES``) the scheduled sequences that
-        would recompute image tokens without their images or embeddings: a PD decode worker
-        holds a prompt's KV, not its pixels, and a preemption can drop the image blocks. The
-        worker reports this as unavailable, and the router migrates the request to a
-        prefill worker that gets the images again."""
-        image_token = getattr(self.runner.model, "image_token_id", None)
-        out = []
-        for item in list(sched.scheduled):
-            seq, mm = item.seq, item.seq.mm
-            if mm is None or mm.embeds is not None or mm.images.pixel_values is not None:
-                continue
-            start = seq.num_computed_tokens
-            end = min(start + item.num_new_tokens, seq.num_prompt_tokens)
-            if image_token not in seq.token_ids[start:end]:
-                continue  # text tokens only: recomputed without the images
-            sched.scheduled.remove(item)
-            self.scheduler.finish(seq, "abort", LOST_IMAGES)
-            req = self.requests.get(seq.request_id)
-            if req is not None:
-                out.append(self._make_output(req))
-        return out
+    # ---- KV export / import (PD disaggregation: the KV connector) ----------------------------
 
-    def _append(
-        self, req: _Request, seq: Sequence, token: int, lp: TokenLogprobs | None, now: float
-    ) -> None:
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        if req.pending and seq is req.seqs[0]:
-            for child in req.pending:
-                self.scheduler.add(child)
-            req.pending = []
-        seq.append_token(token)
-        if lp is not None:
-            seq.logprobs.append(lp)
-        p = seq.params
-        past_min = seq.num_output_tokens >= p.min_tokens
-        stop_str = req.detoks[seq.index].add_tokens([token], check_stop=past_min)
-        grammar_done = seq.structured is not None and seq.structured.advance(token)
-        if past_min and token in p.stop_token_ids:
-            self._finish(req, seq, "stop", token)
-        elif past_min and not p.ignore_eos and token in self.eos_token_ids:
-            self._finish(req, seq, "stop", None)
-        elif stop_str is not None:
-            self._finish(req, seq, "stop", stop_str)
-        elif grammar_done:
-            self._finish(req, seq, "stop")
-        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            self._finish(req, seq, "length")
-        elif seq.num_tokens >= self.max_model_len:
-            self._finish(req, seq, "length")
+    @property
+    def held(self) -> dict[str, Sequence]:
+        """Finished ``hold_kv`` requests whose KV awaits export, by id."""
+        return self.connector.held
 
-    def _finish(self, req: _Request, seq: Sequence, reason: str, stop: str | int | None = None):
-        if req.hold_kv:
-            # Keep the blocks: take the sequence out of the scheduler without freeing them.
-            self.scheduler.running.remove(seq)
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason, seq.stop_reason = reason, stop
-            self.held[req.request_id] = seq
-        else:
-            self.scheduler.finish(seq, reason, stop)
+    @property
+    def reserved(self) -> dict[str, Sequence]:
+        """Decode-side reservations whose blocks await imported KV, by id."""
+        return self.connector.reserved
 
-    def _make_output(self, req: _Request) -> RequestOutput:
-        outs: list[CompletionOutput] = []
-        for seq in req.seqs:
-            done = seq.is_finished
-            start = req.reported_tokens[seq.index]
-            new_ids = seq.output_token_ids[start:]
-            if not new_ids and not done:
-                continue
-            if done and seq.finish_reason == "abort" and start == seq.num_output_tokens:
-                new_ids = []
-            req.reported_tokens[seq.index] = seq.num_output_tokens
-            outs.append(
-                CompletionOutput(
-                    index=seq.index,
-                    text=req.detoks[seq.index].take_delta(done),
-                    token_ids=new_ids,
-                    logprobs=seq.logprobs[start - seq.num_resumed_tokens :]
-                    if seq.params.logprobs is not None
-                    else None,
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                )
-            )
-        finished = req.finished
-        if finished:
-            del self.requests[req.request_id]
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt_token_ids=req.prompt_token_ids,
-            outputs=outs,
-            finished=finished,
-            num_cached_tokens=req.seqs[0].num_cached_tokens,
-            error=req.error,
-        )
+    @property
+    def layer_hook(self) -> Callable[[int, list[ScheduledSeq]], None] | None:
+        """Called after each layer of each step with the step's batch (KV push in PD mode)."""
+        return self.connector.layer_hook
 
-    # ---- KV export / import (PD disaggregation builds on these) ------------------------------
+    @layer_hook.setter
+    def layer_hook(self, hook: Callable[[int, list[ScheduledSeq]], None] | None) -> None:
+        self.connector.layer_hook = hook
 
     def held_blocks(self, request_id: str) -> tuple[list[int], int]:
-        """Blocks and number of computed tokens of a finished ``hold_kv`` request."""
-        seq = self.held[request_id]
-        return list(seq.block_table), seq.num_computed_tokens
+        return self.connector.held_blocks(request_id)
 
     def release_held(self, request_id: str) -> None:
-        seq = self.held.pop(request_id, None)
-        if seq is not None:
-            self.block_manager.free(seq)
+        self.connector.release_held(request_id)
+
+    def read_kv(self, block_ids: list[int]) -> Any:
+        return self.connector.read_kv(block_ids)
+
+    def write_kv(self, block_ids: list[int], data: Any) -> None:
+        self.connector.write_kv(block_ids, data)
 
     def reserve(
         self,
@@ -606,84 +394,39 @@ class LLMEngine:
         in the host pool, which need no transfer). Raises MemoryError when the cache is
         full. ``images`` (grids and content hashes of an expanded VL prompt) give the block
         hashes and M-RoPE decode positions."""
-        if request_id in self.requests or request_id in self.reserved:
+        if request_id in self.requests or request_id in self.connector.reserved:
             raise ValueError(f"request id {request_id!r} is already running")
         self.validate(prompt_token_ids, params, resume)
         if params.n != 1:
             raise ValueError("n > 1 is not supported for imported requests")
-        seq = self._new_sequence(request_id, prompt_token_ids, params, resume=resume)
+        seq = self.inputs.new_sequence(request_id, prompt_token_ids, params, resume=resume)
         if images is not None:
-            seq.mm = self._multimodal_state(prompt_token_ids, images)[1]
-        loads = self.scheduler.allocate_imported(seq)
-        if loads is None:
-            raise MemoryError("not enough free KV blocks")
-        if self.tiers is not None:
-            # Copy the host-pool hits into their blocks and the device blocks this evicted
-            # to the host pool, before the import overwrites them.
-            self.tiers.before_step(loads, self.block_manager, self.runner)
-        cached = seq.num_computed_tokens  # the device and host-pool hits: not transferred
-        self.block_manager.note_lookup(seq, cached)
-        self.reserved[request_id] = seq
-        if resume is not None:
-            self.reserved_resume[request_id] = resume
-        return list(seq.block_table), cached
+            seq.mm = self.inputs.multimodal_state(prompt_token_ids, images)[1]
+        return self.connector.reserve(seq, resume)
 
     def free_reserved(self, request_id: str, quarantine: bool = False) -> list[int]:
-        """Drop a reservation. With ``quarantine`` a peer may still write into its blocks: the
-        ones it writes (all but the prefix-cache hits) are handed out again only after
-        ``release_quarantined``; returns them."""
-        self.reserved_resume.pop(request_id, None)
-        seq = self.reserved.pop(request_id, None)
-        if seq is None:
-            return []
-        if not quarantine:
-            self.block_manager.free(seq)
-            return []
-        first = seq.num_cached_tokens // self.block_manager.block_size
-        return self.block_manager.free_quarantined(seq, first)
+        return self.connector.free_reserved(request_id, quarantine)
 
     def release_quarantined(self, block_ids: list[int]) -> None:
-        """Free quarantined blocks (see ``free_reserved``)."""
-        self.block_manager.release_quarantined(block_ids)
+        self.connector.release_quarantined(block_ids)
 
     def start_reserved(
         self, request_id: str, first_token: int, first_logprobs: TokenLogprobs | None = None
     ) -> RequestOutput:
         """Decode side: the reserved blocks now hold the prompt's KV; continue generating
         from ``first_token`` (sampled by the prefill side). Returns the first delta."""
-        seq = self.reserved.pop(request_id)
-        resume = self.reserved_resume.pop(request_id, None)
-        seq.num_computed_tokens = seq.num_tokens  # the prompt and any migrated outputs
-        self.block_manager.cache_full_blocks(seq)
-        if seq.generator is not None and not seq.params.greedy:
-            # The prefill side drew the first token from a generator seeded like this one:
-            # consume the same draw, so that seeded sampling in PD mode gives the tokens
-            # of a co-located run.
-            self.sampler.skip_draw(seq.generator, self.runner.model.lm_head.out_features)
-        req = _Request(
-            request_id,
-            seq.prompt_token_ids,
-            seq.params,
-            [seq],
-            [self._detokenizer(seq.prompt_token_ids, seq.params, resume)],
+        seq, resume = self.connector.claim(request_id)
+        detok = self.inputs.detokenizer(seq.prompt_token_ids, seq.params, resume)
+        req = RequestState(
+            request_id, seq.prompt_token_ids, seq.params, [seq], [detok],
             reported_tokens=[seq.num_output_tokens],
-        )
-        self.requests[request_id] = req
-        if len(self.scheduler.running) < self.scheduler.max_num_seqs:
-            seq.status = SequenceStatus.RUNNING
-            self.scheduler.running.append(seq)
-        else:
-            # No running slot: wait for one with its KV in place (vLLM and SGLang decode
-            # workers queue transferred requests the same way).
-            self.scheduler.add_computed(seq)
+        )  # fmt: skip
+        self.outputs.add(req)
+        # No running slot: it waits for one with its KV in place (vLLM and SGLang decode
+        # workers queue transferred requests the same way).
+        self.scheduler.start_computed(seq)
         self._append(req, seq, first_token, first_logprobs, time.monotonic())
-        return self._make_output(req)
-
-    def read_kv(self, block_ids: list[int]):
-        return self.runner.read_blocks(block_ids)
-
-    def write_kv(self, block_ids: list[int], data) -> None:
-        self.runner.write_blocks(block_ids, data)
+        return self.outputs.make_output(req)
 
     # ---- introspection ----------------------------------------------------------------------
 
@@ -710,12 +453,10 @@ class LLMEngine:
             **(self.tiers.stats_fields() if self.tiers is not None else {}),
         )
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template")
-        ids: Any = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]  # transformers 5 returns a BatchEncoding
-        return list(ids)
+
+def _num_prompt_tokens(sched: SchedulerOutput) -> int:
+    """Prompt tokens the batch computes (before ``postprocess`` advances the sequences)."""
+    return sum(
+        min(s.num_new_tokens, max(0, s.seq.num_prompt_tokens - s.seq.num_computed_tokens))
+        for s in sched.scheduled
+    )
