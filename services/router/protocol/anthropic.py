@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from services.engine.sampling_params import MAX_TOP_K, SamplingParams, StructuredOutputsParams
 from services.router.errors import bad_request
@@ -17,6 +17,7 @@ from services.router.protocol.common import (
     Integer,
     ModelTarget,
     Number,
+    ResponseModel,
     Stop,
     Str,
     Turns,
@@ -164,32 +165,32 @@ class CountTokensRequest(_Prompt, ModelTarget):
 # -- Responses --------------------------------------------------------------------------------
 
 
-class TextContent(BaseModel):
+class TextContent(ResponseModel):
     type: Literal["text"]
     text: str
 
 
-class ThinkingContent(BaseModel):
+class ThinkingContent(ResponseModel):
     type: Literal["thinking"]
     thinking: str
     signature: str
 
 
-class ToolUseContent(BaseModel):
+class ToolUseContent(ResponseModel):
     type: Literal["tool_use"]
     id: str
     name: str
     input: dict[str, Any]
 
 
-class MessageUsage(BaseModel):
+class MessageUsage(ResponseModel):
     input_tokens: int
     output_tokens: int
     cache_read_input_tokens: int
     cache_creation_input_tokens: int
 
 
-class MessageResponse(BaseModel):
+class MessageResponse(ResponseModel):
     """A whole message (stream=false)."""
 
     id: str
@@ -202,5 +203,5 @@ class MessageResponse(BaseModel):
     usage: MessageUsage
 
 
-class CountTokensResponse(BaseModel):
+class CountTokensResponse(ResponseModel):
     input_tokens: int

@@ -261,28 +261,37 @@ class ModelTarget(APIModel):
     model: Str
 
 
+# -- Responses ------------------------------------------------------------------------------
+
+
+class ResponseModel(BaseModel):
+    """A response body: exactly these fields (tests validate what the gateway sends)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 # -- Error bodies --------------------------------------------------------------------------
 
 
-class OpenAIErrorDetail(BaseModel):
+class OpenAIErrorDetail(ResponseModel):
     message: str
     type: str
     param: str | None
     code: str | None
 
 
-class OpenAIError(BaseModel):
+class OpenAIError(ResponseModel):
     """An error in OpenAI's format (every endpoint but /v1/messages*)."""
 
     error: OpenAIErrorDetail
 
 
-class AnthropicErrorDetail(BaseModel):
+class AnthropicErrorDetail(ResponseModel):
     type: str
     message: str
 
 
-class AnthropicError(BaseModel):
+class AnthropicError(ResponseModel):
     """An error in Anthropic's format (/v1/messages and /v1/messages/count_tokens)."""
 
     type: Literal["error"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from services.engine.sampling_params import (
     MAX_STOP,
@@ -31,6 +31,7 @@ from services.router.protocol.common import (
     ModelTarget,
     Number,
     Object,
+    ResponseModel,
     Stop,
     Turns,
     Unsupported,
@@ -292,18 +293,18 @@ class CompletionRequest(CompletionSampling, _CompletionStream):
 # -- Responses --------------------------------------------------------------------------------
 
 
-class PromptTokensDetails(BaseModel):
+class PromptTokensDetails(ResponseModel):
     cached_tokens: int
 
 
-class Usage(BaseModel):
+class Usage(ResponseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
 
 
-class ResponseMessage(BaseModel):
+class ResponseMessage(ResponseModel):
     role: Literal["assistant"]
     content: str | None
     reasoning_content: str | None = None  # with a reasoning parser (also as ``reasoning``)
@@ -311,14 +312,14 @@ class ResponseMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(ResponseModel):
     index: int
     message: ResponseMessage
     finish_reason: str | None
     logprobs: dict[str, Any] | None
 
 
-class ChatCompletion(BaseModel):
+class ChatCompletion(ResponseModel):
     """A whole chat completion (stream=false)."""
 
     id: str
@@ -330,7 +331,7 @@ class ChatCompletion(BaseModel):
     system_fingerprint: None
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(ResponseModel):
     index: int
     text: str
     finish_reason: str | None
@@ -338,7 +339,7 @@ class CompletionChoice(BaseModel):
     stop_reason: str | None  # the stop string that ended it
 
 
-class Completion(BaseModel):
+class Completion(ResponseModel):
     """A whole completion (stream=false)."""
 
     id: str
@@ -350,7 +351,7 @@ class Completion(BaseModel):
     system_fingerprint: None
 
 
-class ModelCard(BaseModel):
+class ModelCard(ResponseModel):
     id: str
     object: Literal["model"]
     created: int
@@ -358,7 +359,7 @@ class ModelCard(BaseModel):
     max_model_len: int
 
 
-class ModelList(BaseModel):
+class ModelList(ResponseModel):
     """GET /v1/models."""
 
     object: Literal["list"]

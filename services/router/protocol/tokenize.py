@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from services.router.errors import bad_request
-from services.router.protocol.common import APIModel, Array, Bool, Str, Unsupported, parse
+from services.router.protocol.common import (
+    APIModel,
+    Array,
+    Bool,
+    ResponseModel,
+    Str,
+    Unsupported,
+    parse,
+)
 from services.router.protocol.openai import ChatPrompt
 
 
@@ -55,12 +63,12 @@ class DetokenizeRequest(OptionalModel):
                                                                  "minimum": 0}})]  # fmt: skip
 
 
-class TokenizeResponse(BaseModel):
+class TokenizeResponse(ResponseModel):
     count: int
     max_model_len: int
     tokens: list[int]
     token_strs: list[str] | None = None  # with return_token_strs
 
 
-class DetokenizeResponse(BaseModel):
+class DetokenizeResponse(ResponseModel):
     prompt: str
