@@ -3,7 +3,9 @@ messages, schema-only documentation of raw JSON fields, and ValidationError -> A
 
 Every check raises a ``PydanticCustomError`` of type ``invalid_request`` carrying the exact
 message and ``param``; pydantic validates fields in their declared order and ``api_error``
-reports the first failure, so a model's field order is the order its checks run in.
+reports the first failure, so a model's field order is the order its checks run in. Fields
+of nested shapes (turns, tools, structured outputs) are raw JSON here, documented by a
+``DocModel`` and checked after the model by the request feature that reads them.
 """
 
 from __future__ import annotations
