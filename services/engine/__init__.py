@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     from services.engine.async_engine import AsyncLLMEngine
     from services.engine.config import EngineConfig
     from services.engine.llm import LLM
-    from services.engine.llm_engine import EngineStats, LLMEngine
-    from services.engine.outputs import CompletionOutput, RequestOutput
+    from services.engine.llm_engine import LLMEngine
+    from services.engine.outputs import CompletionOutput, EngineStats, RequestOutput
     from services.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 _EXPORTS = {
@@ -21,7 +21,7 @@ _EXPORTS = {
     "EngineConfig": "services.engine.config",
     "LLM": "services.engine.llm",
     "LLMEngine": "services.engine.llm_engine",
-    "EngineStats": "services.engine.llm_engine",
+    "EngineStats": "services.engine.outputs",
     "CompletionOutput": "services.engine.outputs",
     "RequestOutput": "services.engine.outputs",
     "SamplingParams": "services.engine.sampling_params",

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from services.engine.config import EngineConfig
-from services.engine.llm_engine import EngineStats, LLMEngine
-from services.engine.outputs import RequestFailedError, RequestOutput
+from services.engine.llm_engine import LLMEngine
+from services.engine.outputs import EngineStats, RequestFailedError, RequestOutput
 from services.engine.sampling_params import SamplingParams
 from services.engine.sequence import Resume
 

@@ -1,16 +1,14 @@
 """The synchronous engine: requests in, one batched model step at a time, delta outputs out.
 
 ``LLMEngine`` wires the parts and runs ``step``: schedule -> execute -> update. The input
-processor turns a prompt into sequences, the scheduler (which owns the block manager) picks
-the batch, the model runner computes it, the sampler draws the next tokens and the output
-processor checks stops and builds the deltas; the KV connector holds, reserves and moves KV
-for PD disaggregation. It never does I/O: the asyncio wrapper (async_engine.py) runs
-``step()`` on its own thread.
+processor turns a prompt into sequences; the scheduler (with its block manager) picks the
+batch; the executor runs the model and the sampler on it; the output processor checks stops
+and builds the deltas; the KV connector holds, reserves and moves KV for PD disaggregation.
+It never does I/O: the asyncio wrapper (async_engine.py) runs ``step()`` on its own thread.
 
-Where the coming features plug in: tensor parallelism in the model runner (one ``execute``
-per step drives every rank) and the connector; speculative decoding between ``_execute`` and
-``_sample`` (a draft proposes, the target verifies) and in the output processor (several
-accepted tokens per step); priorities in the scheduler's queue order.
+Where the coming features plug in: tensor parallelism in the executor and the connector;
+speculative decoding in the scheduler (lookahead slots), the executor (draft, verify) and
+the output processor (several accepted tokens per step); priorities in the scheduler.
 """
 
 from __future__ import annotations
@@ -18,13 +16,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from services.engine.block_manager import BlockManager, KVEvent
 from services.engine.config import EngineConfig
+from services.engine.executor import Executor
 from services.engine.input_processor import InputProcessor, eos_token_ids
 from services.engine.kv_connector import KVConnector
 from services.engine.kv_tiers import KVTierManager, StoreTier
@@ -33,7 +31,7 @@ from services.engine.model_runner import ModelRunner
 from services.engine.models.registry import resolve_model_class
 from services.engine.multimodal import ImageInputs
 from services.engine.output_processor import OutputProcessor, RequestState
-from services.engine.outputs import RequestOutput, TokenLogprobs
+from services.engine.outputs import EngineStats, RequestOutput, TokenLogprobs
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler
@@ -44,26 +42,6 @@ from services.engine.structured_output import StructuredOutputs
 logger = logging.getLogger(__name__)
 
 MAX_DEFAULT_MODEL_LEN = 8192
-
-
-@dataclass
-class EngineStats:
-    num_waiting: int  # sequences queued, not yet running
-    num_running: int  # sequences in the running batch
-    num_waiting_prompt_tokens: int  # prompt tokens still to compute for waiting sequences
-    kv_utilization: float  # fraction of KV blocks in use (0..1)
-    num_free_blocks: int
-    num_total_blocks: int
-    prefix_cache_hit_rate: float  # prompt tokens served from the cache / prompt tokens looked up
-    num_preemptions: int
-    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
-    prefix_cache_hits: int = 0  # of which found in the cache (cumulative)
-    prompt_tokens_computed: int = 0  # prompt tokens run through the model (cumulative)
-    kv_host_hit_blocks: int = 0  # prompt blocks copied back from the host pool (cumulative)
-    kv_store_hit_blocks: int = 0  # prompt blocks fetched from the KV store (cumulative)
-    kv_host_blocks_used: int = 0  # blocks held by the host pool
-    kv_host_blocks_total: int = 0  # capacity of the host pool (0: no host tier)
-    kv_store_put_blocks: int = 0  # blocks written to the KV store (cumulative)
 
 
 class LLMEngine:
@@ -114,6 +92,7 @@ class LLMEngine:
             self.tokenizer, self.runner.model.lm_head.out_features, self.eos_token_ids
         )
         self.connector = KVConnector(self.scheduler, self.runner, self.sampler)
+        self.executor = Executor(self.runner, self.sampler, self._failure)
         self.inputs = InputProcessor(
             self.tokenizer, self.runner.model, self.model_path, self.max_model_len,
             self.block_manager, self.sampler, self.structured, config.enable_prefix_caching,
@@ -220,7 +199,7 @@ class LLMEngine:
             self._idle(sched, lost)
             return ended
         self.blocked_on_memory = False
-        logits, failed = self._execute(sched)
+        logits, failed = self.executor.execute(sched, self.layer_hook)
         self.num_prompt_tokens_computed += _num_prompt_tokens(sched)
         self.scheduler.postprocess(sched)
         if self.tiers is not None:
@@ -248,7 +227,7 @@ class LLMEngine:
         sampling = [s.seq for s in sched.scheduled if s.samples]
         touched: dict[str, RequestState] = {}
         if sampling:
-            tokens = self._sample(logits, sampling, failed)
+            tokens = self.executor.sample(logits, sampling, failed)
             now = time.monotonic()
             for seq, (token, lp) in zip(sampling, tokens, strict=True):
                 req = self.requests.get(seq.request_id)
@@ -276,7 +255,8 @@ class LLMEngine:
     # NOTE: an exception while running, sampling or checking one request must never end the
     # step thread (that took the whole worker down, and the router then sent the same request
     # on to the next worker). The request fails with ``RequestOutput.error``; a forward pass
-    # that fails for a batch is re-run one sequence at a time to find the culprit. Only when
+    # that fails for a batch is re-run one sequence at a time to find the culprit
+    # (executor.py). Only when
     # requests keep failing step after step (every one of a batch failing alone counts once
     # each) is it the engine's fault: then the error propagates and the engine reports itself
     # dead, the worker exits and its supervisor restarts it.
@@ -291,56 +271,6 @@ class LLMEngine:
                 f"requests, is at fault; last: {exc!r}"
             ) from exc
         return f"the engine failed {what}: {type(exc).__name__}: {exc}"
-
-    def _execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, dict[str, str]]:
-        """The step's logits, and {request id: error} of the sequences whose forward pass
-        failed (taken out of ``sched``)."""
-        try:
-            logits = self.runner.execute(sched.scheduled, self.layer_hook)
-        except Exception as exc:  # noqa: BLE001 - isolated below
-            if len(sched.scheduled) == 1:
-                rid = sched.scheduled[0].seq.request_id
-                error = self._failure("running its forward pass", exc)
-                sched.scheduled.clear()
-                return torch.empty(0, 0), {rid: error}
-            logger.warning("a batch of %d failed (%r); running it one by one",
-                           len(sched.scheduled), exc)  # fmt: skip
-        else:
-            return logits, {}
-        # NOTE: nothing was advanced (postprocess comes after), so running a sequence again
-        # computes and writes exactly the KV the batch would have.
-        rows: list[torch.Tensor] = []
-        failed: dict[str, str] = {}
-        for item in list(sched.scheduled):
-            try:
-                out = self.runner.execute([item], self.layer_hook)
-            except Exception as exc:  # noqa: BLE001
-                failed[item.seq.request_id] = self._failure("running its forward pass", exc)
-                sched.scheduled.remove(item)
-                continue
-            if item.samples:
-                rows.append(out)
-        return (torch.cat(rows) if rows else torch.empty(0, 0)), failed
-
-    def _sample(
-        self, logits: torch.Tensor, seqs: list[Sequence], failed: dict[str, str]
-    ) -> list[tuple[int, TokenLogprobs | None]]:
-        """(token, logprobs) per sequence; a sequence whose sampling raises gets (-1, None)
-        and its request an entry in ``failed``."""
-        try:
-            result = self.sampler(logits, seqs)
-            return list(zip(result.token_ids, result.logprobs, strict=True))
-        except Exception:  # noqa: BLE001 - find the row at fault
-            logger.warning("sampling a batch of %d failed; sampling it row by row", len(seqs))
-        out: list[tuple[int, TokenLogprobs | None]] = []
-        for i, seq in enumerate(seqs):
-            try:
-                one = self.sampler(logits[i : i + 1], [seq])
-                out.append((one.token_ids[0], one.logprobs[0]))
-            except Exception as exc:  # noqa: BLE001
-                failed[seq.request_id] = self._failure("sampling its next token", exc)
-                out.append((-1, None))
-        return out
 
     def _fail_request(self, req: RequestState, error: str) -> None:
         """End every unfinished sequence of ``req`` (finish "abort") and free its blocks."""

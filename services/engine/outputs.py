@@ -66,3 +66,25 @@ class RequestFailedError(Exception):
     """One request failed inside the engine (``RequestOutput.error``); the engine, the
     worker and every other request are fine. NOTE: not a RuntimeError, which callers take
     for a dead engine."""
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's queues and KV cache (the worker's load report and metrics)."""
+
+    num_waiting: int  # sequences queued, not yet running
+    num_running: int  # sequences in the running batch
+    num_waiting_prompt_tokens: int  # prompt tokens still to compute for waiting sequences
+    kv_utilization: float  # fraction of KV blocks in use (0..1)
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_hit_rate: float  # prompt tokens served from the cache / prompt tokens looked up
+    num_preemptions: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
+    prefix_cache_hits: int = 0  # of which found in the cache (cumulative)
+    prompt_tokens_computed: int = 0  # prompt tokens run through the model (cumulative)
+    kv_host_hit_blocks: int = 0  # prompt blocks copied back from the host pool (cumulative)
+    kv_store_hit_blocks: int = 0  # prompt blocks fetched from the KV store (cumulative)
+    kv_host_blocks_used: int = 0  # blocks held by the host pool
+    kv_host_blocks_total: int = 0  # capacity of the host pool (0: no host tier)
+    kv_store_put_blocks: int = 0  # blocks written to the KV store (cumulative)

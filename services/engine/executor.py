@@ -1,0 +1,102 @@
+"""Running a step's batch: the model's forward pass and the sampler, one failing request
+ended alone.
+
+``Executor.execute`` runs the scheduled batch through the model runner; when the batch
+raises, it re-runs it one sequence at a time to find the culprit (nothing was advanced yet,
+so a re-run computes and writes exactly the KV the batch would have). ``Executor.sample``
+draws the next tokens, row by row when the batch's draw raises. A request whose forward pass
+or draw fails is reported in ``failed`` with its error (from the engine's ``failure``
+callback, which also decides when failures in a row mean the engine itself is broken).
+
+Where the coming features plug in:
+- tensor parallelism: ``execute`` is the one call that drives every rank (a broadcast of the
+  batch, the ranks' forward passes, the logits from rank 0), as vLLM's executor does.
+- speculative decoding: ``execute`` runs the draft and the target, ``sample`` verifies the
+  draft tokens and returns the accepted ones per sequence.
+- priorities: nothing here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from services.engine.model_runner import ModelRunner
+from services.engine.outputs import TokenLogprobs
+from services.engine.sampler import Sampler
+from services.engine.scheduler_output import ScheduledSeq, SchedulerOutput
+from services.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+LayerHook = Callable[[int, list[ScheduledSeq]], None]
+
+
+class Executor:
+    """The model runner and the sampler, with per-request failure isolation.
+
+    Public surface: ``execute`` (logits of a batch) and ``sample`` (its next tokens).
+    """
+
+    def __init__(
+        self, runner: ModelRunner, sampler: Sampler, failure: Callable[[str, BaseException], str]
+    ) -> None:
+        self.runner = runner
+        self.sampler = sampler
+        # Called with what failed (for the error text) and the exception; returns the
+        # request's error, or raises when the engine, not the request, is at fault.
+        self.failure = failure
+
+    def execute(
+        self, sched: SchedulerOutput, layer_hook: LayerHook | None
+    ) -> tuple[torch.Tensor, dict[str, str]]:
+        """The step's logits, and {request id: error} of the sequences whose forward pass
+        failed (taken out of ``sched``)."""
+        try:
+            logits = self.runner.execute(sched.scheduled, layer_hook)
+        except Exception as exc:  # noqa: BLE001 - isolated below
+            if len(sched.scheduled) == 1:
+                rid = sched.scheduled[0].seq.request_id
+                error = self.failure("running its forward pass", exc)
+                sched.scheduled.clear()
+                return torch.empty(0, 0), {rid: error}
+            logger.warning("a batch of %d failed (%r); running it one by one",
+                           len(sched.scheduled), exc)  # fmt: skip
+        else:
+            return logits, {}
+        # NOTE: nothing was advanced (postprocess comes after), so running a sequence again
+        # computes and writes exactly the KV the batch would have.
+        rows: list[torch.Tensor] = []
+        failed: dict[str, str] = {}
+        for item in list(sched.scheduled):
+            try:
+                out = self.runner.execute([item], layer_hook)
+            except Exception as exc:  # noqa: BLE001
+                failed[item.seq.request_id] = self.failure("running its forward pass", exc)
+                sched.scheduled.remove(item)
+                continue
+            if item.samples:
+                rows.append(out)
+        return (torch.cat(rows) if rows else torch.empty(0, 0)), failed
+
+    def sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], failed: dict[str, str]
+    ) -> list[tuple[int, TokenLogprobs | None]]:
+        """(token, logprobs) per sequence; a sequence whose sampling raises gets (-1, None)
+        and its request an entry in ``failed``."""
+        try:
+            result = self.sampler(logits, seqs)
+            return list(zip(result.token_ids, result.logprobs, strict=True))
+        except Exception:  # noqa: BLE001 - find the row at fault
+            logger.warning("sampling a batch of %d failed; sampling it row by row", len(seqs))
+        out: list[tuple[int, TokenLogprobs | None]] = []
+        for i, seq in enumerate(seqs):
+            try:
+                one = self.sampler(logits[i : i + 1], [seq])
+                out.append((one.token_ids[0], one.logprobs[0]))
+            except Exception as exc:  # noqa: BLE001
+                failed[seq.request_id] = self.failure("sampling its next token", exc)
+                out.append((-1, None))
+        return out
