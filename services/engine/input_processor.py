@@ -17,7 +17,6 @@ Where the coming features plug in:
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 from services.engine.block_manager import BlockManager
@@ -36,7 +35,7 @@ from services.engine.sequence import Resume, Sequence
 from services.engine.structured_output import StructuredOutputs
 
 
-def eos_token_ids(hf_config: Any, model_path: Path, tokenizer: Any) -> set[int]:
+def eos_token_ids(hf_config: Any, model_path: str, tokenizer: Any) -> set[int]:
     """The model's end-of-sequence ids: its generation config's, else its config's, plus the
     tokenizer's."""
     ids: set[int] = set()
@@ -67,7 +66,7 @@ class InputProcessor:
         self,
         tokenizer: Any,
         model: Any,
-        model_path: Path,
+        model_path: str,
         max_model_len: int,
         block_manager: BlockManager,
         sampler: Sampler,
@@ -172,7 +171,7 @@ class InputProcessor:
     @functools.cached_property
     def image_processor(self) -> Any:
         """The model's image processor (for PIL images in prompts); loaded on first use."""
-        return load_image_processor(str(self.model_path))
+        return load_image_processor(self.model_path)
 
     def multimodal_state(
         self, ids: list[int], images: ImageInputs
