@@ -11,8 +11,8 @@ import json
 from services.common.proto import worker_pb2 as pb
 from services.engine.kv_layout import KVLayout
 from services.engine.outputs import CompletionOutput, Logprob, TokenLogprobs
+from services.engine.resume import Resume
 from services.engine.sampling_params import SamplingParams, StructuredOutputsParams
-from services.engine.sequence import Resume
 
 # Scalar fields copied when set; everything else is handled explicitly below.
 _OPTIONAL_SCALARS = (

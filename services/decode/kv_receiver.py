@@ -44,8 +44,8 @@ from services.engine.async_engine import AsyncLLMEngine
 from services.engine.kv_layout import KVLayout
 from services.engine.kv_staging import KVStaging, StagingFull
 from services.engine.multimodal import ImageInputs
+from services.engine.resume import Resume
 from services.engine.sampling_params import SamplingParams
-from services.engine.sequence import Resume
 
 logger = logging.getLogger(__name__)
 

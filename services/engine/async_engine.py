@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 from services.engine.config import EngineConfig
 from services.engine.llm_engine import LLMEngine
 from services.engine.outputs import EngineStats, RequestFailedError, RequestOutput
+from services.engine.resume import Resume
 from services.engine.sampling_params import SamplingParams
-from services.engine.sequence import Resume
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -29,9 +29,10 @@ from services.engine.multimodal import (
     parse_prompt,
 )
 from services.engine.output_processor import RequestState
+from services.engine.resume import Resume
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
-from services.engine.sequence import Resume, Sequence
+from services.engine.sequence import Sequence
 from services.engine.structured_output import StructuredOutputs
 
 

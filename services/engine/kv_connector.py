@@ -31,10 +31,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from services.engine.outputs import LOST_IMAGES
+from services.engine.resume import Resume
 from services.engine.sampler import Sampler
 from services.engine.scheduler import Scheduler
 from services.engine.scheduler_output import ScheduledSeq, SchedulerOutput
-from services.engine.sequence import Resume, Sequence
+from services.engine.sequence import Sequence
 
 if TYPE_CHECKING:
     from services.engine.model_runner import ModelRunner

@@ -32,11 +32,12 @@ from services.engine.models.registry import resolve_model_class
 from services.engine.multimodal import ImageInputs
 from services.engine.output_processor import OutputProcessor, RequestState
 from services.engine.outputs import EngineStats, RequestOutput, TokenLogprobs
+from services.engine.resume import Resume
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler
 from services.engine.scheduler_output import ScheduledSeq, SchedulerOutput
-from services.engine.sequence import Resume, Sequence
+from services.engine.sequence import Sequence
 from services.engine.structured_output import StructuredOutputs
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
 from enum import Enum, auto
 from typing import TYPE_CHECKING
 
@@ -18,17 +17,6 @@ if TYPE_CHECKING:
     from services.engine.structured_output import GrammarMatcher
 
 _seq_counter = itertools.count()
-
-
-@dataclass(frozen=True)
-class Resume:
-    """A request continued from where another worker left it (request migration): the
-    tokens it generated there, which become this sequence's first output tokens, and how
-    many characters of their text the client already received (the rest was held back,
-    e.g. as the possible start of a stop string, and is still to be sent)."""
-
-    output_token_ids: tuple[int, ...]
-    emitted_chars: int = 0
 
 
 class SequenceStatus(Enum):

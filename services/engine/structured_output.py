@@ -1,6 +1,7 @@
 """Structured outputs (guided decoding) with llguidance: a request's constraint is compiled
 once into a grammar, each sequence follows it with its own matcher, and every sampling step
-masks the logits of constrained rows to the tokens the grammar allows next.
+masks the logits of constrained rows to the tokens the grammar allows next. Compiling and
+checking a constraint, which the router does too, is in the torch-free grammar.py.
 
 NOTE: the matcher's state is a function of the output tokens only, so a preempted sequence
 (whose KV is recomputed) keeps it, and a resumed or PD-imported sequence gets a fresh
@@ -16,51 +17,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from services.engine.grammar import GRAMMAR_CACHE_SIZE, compile_grammar
 from services.engine.sampling_params import StructuredOutputsParams
 
 if TYPE_CHECKING:
     import llguidance
-    from llguidance._lib import JsonCompileOptions
-
-# JSON is generated compact (no optional whitespace): with flexible whitespace a weak model
-# can emit blanks forever. A schema's own "x-guidance" options still override this.
-_JSON_DEFAULTS: JsonCompileOptions = {
-    "whitespace_flexible": False,
-    "item_separator": ",",
-    "key_separator": ":",
-}
-_CACHE_SIZE = 64  # compiled grammars (and their initial matchers) kept per engine
-
-
-@functools.lru_cache(maxsize=_CACHE_SIZE)
-def compile_grammar(kind: str, text: str) -> str:
-    """The llguidance grammar for a (kind, text) key of StructuredOutputsParams; raises
-    ValueError with the compiler's message when the schema, regex or grammar is invalid.
-    Needs no tokenizer, so the router can check requests with it too."""
-    from llguidance import LLMatcher, grammar_from
-
-    try:
-        if kind == "json":
-            grammar = LLMatcher.grammar_from_json_schema(text, defaults=_JSON_DEFAULTS)
-        elif kind == "regex":
-            grammar = LLMatcher.grammar_from_regex(text)
-        elif kind == "choice":
-            grammar = grammar_from("choice", text)
-        elif kind == "grammar":
-            grammar = grammar_from("grammar", text)  # Lark, or GBNF converted to Lark
-        else:
-            raise ValueError(f"unknown structured output kind {kind!r}")
-    except ValueError as exc:
-        raise ValueError(f"invalid structured_outputs.{kind}: {exc}") from None
-    error = LLMatcher.validate_grammar(grammar)
-    if error:
-        raise ValueError(f"invalid structured_outputs.{kind}: {error.strip()}")
-    return grammar
-
-
-def check(params: StructuredOutputsParams) -> None:
-    """Raise ValueError when ``params`` does not compile."""
-    compile_grammar(*params.key)
 
 
 class GrammarMatcher:
@@ -154,7 +115,7 @@ class StructuredOutputs:
                 template = llguidance.LLMatcher(self.tokenizer, compile_grammar(*key))
                 if template.is_error():
                     raise ValueError(f"invalid structured_outputs.{key[0]}: {template.get_error()}")
-                if len(self._templates) >= _CACHE_SIZE:
+                if len(self._templates) >= GRAMMAR_CACHE_SIZE:
                     self._templates.pop(next(iter(self._templates)))
             self._templates[key] = template  # most recently used last
             return template

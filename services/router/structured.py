@@ -8,8 +8,8 @@ import json
 from typing import Any
 
 from services.common.proto import worker_pb2 as pb
+from services.engine.grammar import check
 from services.engine.sampling_params import StructuredOutputsParams
-from services.engine.structured_output import check
 from services.router.errors import bad_request
 
 # vLLM's legacy request fields -> the StructuredOutputsParams field each one sets

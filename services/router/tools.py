@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.proto import worker_pb2 as pb
+from services.engine.grammar import check
 from services.engine.sampling_params import StructuredOutputsParams
-from services.engine.structured_output import check
 from services.router.errors import bad_request
 from services.router.structured import set_json_schema
 from services.router.tool_parsers.base import ToolParser, ToolStream

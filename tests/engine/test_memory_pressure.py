@@ -13,8 +13,8 @@ import torch
 from services.engine.async_engine import AsyncLLMEngine
 from services.engine.config import EngineConfig
 from services.engine.llm_engine import LLMEngine
+from services.engine.resume import Resume
 from services.engine.sampling_params import SamplingParams
-from services.engine.sequence import Resume
 from tests.engine.test_correctness import hf_greedy
 
 BS = 4

@@ -8,7 +8,7 @@ import torch
 
 from services.engine import LLM, SamplingParams
 from services.engine.llm_engine import LLMEngine
-from services.engine.sequence import Resume
+from services.engine.resume import Resume
 
 PROMPT = torch.randint(10, 49000, (21,), generator=torch.Generator().manual_seed(5)).tolist()
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from services.engine import LLM, SamplingParams
+from services.engine.resume import Resume
 from services.engine.sampling_params import StructuredOutputsParams
-from services.engine.sequence import Resume, Sequence
+from services.engine.sequence import Sequence
 from services.engine.structured_output import StructuredOutputs, apply_masks
 from tests.engine.test_correctness import DEVICES, on
 
