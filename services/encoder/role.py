@@ -23,8 +23,9 @@ from services.common.role import Role
 from services.encoder.cache import EncoderCache, Entry
 from services.encoder.metrics import ImageMetrics
 from services.engine.async_engine import AsyncLLMEngine
+from services.engine.image_processing import open_images
 from services.engine.llm_engine import LLMEngine
-from services.engine.multimodal import ImageInputs, open_images, preprocess_images
+from services.engine.multimodal import ImageInputs, preprocess_images
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,8 @@ from typing import Any
 
 from services.engine.block_manager import BlockManager
 from services.engine.detokenizer import IncrementalDetokenizer
-from services.engine.multimodal import (
-    ImageInputs,
-    MultiModalState,
-    build_state,
-    load_image_processor,
-    parse_prompt,
-)
+from services.engine.image_processing import load_image_processor
+from services.engine.multimodal import ImageInputs, MultiModalState, build_state, parse_prompt
 from services.engine.output_processor import RequestState
 from services.engine.resume import Resume
 from services.engine.sampler import Sampler

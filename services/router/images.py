@@ -49,7 +49,7 @@ class VisionSpec:
     """What the router needs of a vision-language model to expand image placeholders."""
 
     image_token_id: int
-    processor: Any  # the model's image processor (sizes only, see multimodal.image_grid)
+    processor: Any  # the model's image processor (sizes only, see image_processing.image_grid)
 
     @property
     def merge(self) -> int:
@@ -67,7 +67,7 @@ class VisionSpec:
         cfg = json.loads(path.read_text())
         if "image_token_id" not in cfg or "vision_config" not in cfg:
             return None
-        from services.engine.multimodal import load_image_processor
+        from services.engine.image_processing import load_image_processor
 
         return cls(int(cfg["image_token_id"]), load_image_processor(model_dir))
 
@@ -183,7 +183,7 @@ async def load_image(
     source: str | bytes, spec: VisionSpec, limits: ImageLimits, param: str
 ) -> pb.ImageData:
     """An image from a URL (data: or http(s)) or raw bytes, checked and sized."""
-    from services.engine.multimodal import image_grid
+    from services.engine.image_processing import image_grid
 
     if isinstance(source, bytes):
         data = source
@@ -198,7 +198,7 @@ async def load_image(
 
 def expand_placeholders(ids: list[int], spec: VisionSpec, images: list[pb.ImageData]) -> list[int]:
     """The templated prompt with each image's single pad token repeated once per embedding."""
-    from services.engine.multimodal import expand_image_placeholders
+    from services.engine.image_processing import expand_image_placeholders
 
     per_image = [int(t * h * w) // spec.merge**2 for t, h, w in (i.grid_thw for i in images)]
     try:

@@ -20,7 +20,8 @@ from services.common.mooncake_agent import TransferError
 from services.common.proto import worker_pb2 as pb
 from services.encoder.handoff import EmbeddingFetcher
 from services.encoder.metrics import ImageMetrics
-from services.engine.multimodal import open_images, preprocess_images
+from services.engine.image_processing import open_images
+from services.engine.multimodal import preprocess_images
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from services.encoder.metrics import ImageMetrics
 from services.encoder.role import EncodeRole
 from services.engine.async_engine import AsyncLLMEngine
 from services.engine.config import EngineConfig
+from services.engine.image_processing import load_image_processor
 from services.engine.kv_staging import KVStaging
-from services.engine.multimodal import load_image_processor
 from services.prefill.kv_sender import KVSender
 from services.prefill.role import PrefillRole
 from services.worker.config import WorkerConfig

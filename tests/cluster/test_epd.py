@@ -100,7 +100,7 @@ CASES = [([IMAGES[0]], "Describe"), ([IMAGES[1], IMAGES[2]], "Compare these"), (
 def offline_outputs(model_dir) -> dict[int, str]:
     """Greedy text of each case from the offline engine (PIL images, pixel path)."""
     from services.engine import LLM, SamplingParams
-    from services.engine.multimodal import open_images
+    from services.engine.image_processing import open_images
     from services.router.images import VisionSpec
     from services.router.tokenization import Tokenizer
 

@@ -28,7 +28,7 @@ def llm(tiny_vl_model_dir):
 
 
 def test_embeds_path_equals_pixel_path_and_shares_the_prefix_cache(llm):
-    from services.engine.multimodal import open_images
+    from services.engine.image_processing import open_images
 
     data = [png(56, 84, 1), png(40, 70, 2)]
     hashes = [hashlib.sha256(d).hexdigest() for d in data]
@@ -95,7 +95,7 @@ def test_image_loader_falls_back_to_the_bytes(tiny_vl_model_dir):
     from services.common.mooncake_agent import MooncakeAgent, MooncakeConfig, TransferError
     from services.encoder.handoff import EmbeddingFetcher
     from services.encoder.metrics import ImageMetrics
-    from services.engine.multimodal import load_image_processor
+    from services.engine.image_processing import load_image_processor
     from services.worker.image_inputs import ImageLoader
 
     metrics = ImageMetrics(CollectorRegistry(), "m", "w")

@@ -9,9 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from services.engine.image_processing import expand_image_placeholders
 from services.engine.layers.attention import TorchAttention
 from services.engine.layers.mrope import MRotaryEmbedding, decode_positions, mrope_positions
-from services.engine.multimodal import ImageInputs, expand_image_placeholders, merge_embeddings
+from services.engine.multimodal import ImageInputs, merge_embeddings
 from tests.conftest import randomize_qkv_biases, tiny_vl_text_config
 from tests.engine.test_correctness import GPU_MARKS, on
 

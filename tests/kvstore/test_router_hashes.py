@@ -111,7 +111,7 @@ def vl_served(tiny_vl_model_dir):
     from prometheus_client import CollectorRegistry
 
     from services.encoder.metrics import ImageMetrics
-    from services.engine.multimodal import load_image_processor
+    from services.engine.image_processing import load_image_processor
     from services.router.images import ImageLimits, chat_prompt
     from services.router.tokenization import Tokenizer
     from services.worker.image_inputs import ImageLoader
