@@ -123,6 +123,8 @@ class Scheduler:
            the step runs: ``loads``), and schedule the rest of the prompt, chunked to the
            remaining budget. A sequence whose blocks are still being read from the store
            is passed over until they arrive.
+        3. When this runs nothing, ``resolve_stall`` (the engine calls it next) decides
+           whether the queue's head waits for blocks, frees a queued sequence's or ends.
         """
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
