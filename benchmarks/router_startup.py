@@ -31,11 +31,28 @@ def _torch_loaded(pid: int) -> bool:
 
 
 def one_run(model: str) -> tuple[float, float, bool]:
-    cmd = [sys.executable, "-m", "services.router", "--model", model, "--host", "127.0.0.1",
-           "--port", "0", "--etcd", "127.0.0.1:1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "services.router",
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--etcd",
+        "127.0.0.1:1",
+    ]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -53,7 +70,9 @@ def one_run(model: str) -> tuple[float, float, bool]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=None, help="model folder (default: a tiny llama built here)")
+    parser.add_argument(
+        "--model", default=None, help="model folder (default: a tiny llama built here)"
+    )
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     model = args.model
@@ -66,8 +85,10 @@ def main() -> None:
     runs = [one_run(model) for _ in range(args.runs)]
     secs = [r[0] for r in runs]
     rss = [r[1] for r in runs]
-    print(f"router start-up: median {statistics.median(secs):.2f} s (runs {', '.join(f'{s:.2f}' for s in secs)}), "
-          f"RSS median {statistics.median(rss):.0f} MB, torch loaded: {runs[0][2]}")
+    print(
+        f"router start-up: median {statistics.median(secs):.2f} s (runs {', '.join(f'{s:.2f}' for s in secs)}), "
+        f"RSS median {statistics.median(rss):.0f} MB, torch loaded: {runs[0][2]}"
+    )
 
 
 if __name__ == "__main__":

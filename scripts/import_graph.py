@@ -62,7 +62,8 @@ def _imports(
                     pkg = module.split(".") if is_package else module.split(".")[:-1]
                     pkg = pkg[: len(pkg) - (child.level - 1)]
                     base = ".".join(pkg + ([base] if base else []))
-                yield base
+                # `from pkg import name`: the submodule `name` if it is one, else `pkg`
+                # (import_graph strips the name when no such module exists).
                 for alias in child.names:
                     yield f"{base}.{alias.name}"
             else:
@@ -139,7 +140,9 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(out)
 
 
-def backward_imports(graph: dict[str, set[str]], lower: tuple[str, ...], upper: str) -> list[tuple[str, str]]:
+def backward_imports(
+    graph: dict[str, set[str]], lower: tuple[str, ...], upper: str
+) -> list[tuple[str, str]]:
     """(importer, imported) pairs where a module of `lower` packages imports `upper`."""
     pairs = []
     for module, deps in sorted(graph.items()):

@@ -221,7 +221,8 @@ class LocalCluster:
     def prepare_model(self, say: Callable[[str], None]) -> None:
         """Convert a GGUF (or the default model) once here, before the children start, so
         that they do not race to fill the same cache folder; they then load the folder."""
-        from services.engine.model_loader import resolve_model, served_name
+        from services.engine.model_files import served_name
+        from services.engine.model_loader import resolve_model
 
         model = self.spec.model
         if model is not None and not model.endswith(".gguf"):

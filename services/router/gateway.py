@@ -16,17 +16,17 @@ from services.router.admission import AdmissionControl
 from services.router.auth import load_admin_token, load_api_keys
 from services.router.config import RouterConfig
 from services.router.errors import APIError
-from services.router.kv_index import KVIndexClient
 from services.router.metrics import RouterMetrics
 from services.router.offload import Offload
-from services.router.orchestrator import Orchestrator
 from services.router.phases import RouterPhases
-from services.router.poison import PoisonTracker
-from services.router.policies.factory import create_policy
 from services.router.rebalance.leader import LeaderElection
 from services.router.rebalance.rebalancer import Rebalancer
 from services.router.rebalance.role_store import RoleStore
-from services.router.workers import WorkerPool
+from services.router.routing.kv_index import KVIndexClient
+from services.router.routing.orchestrator import Orchestrator
+from services.router.routing.poison import PoisonTracker
+from services.router.routing.policies.factory import create_policy
+from services.router.routing.workers import WorkerPool
 
 
 class Gateway:

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 from services.common.proto import worker_pb2 as pb
 from services.router.errors import APIError
-from services.router.images import chat_prompt as render_chat
+from services.router.features.images import chat_prompt as render_chat
+from services.router.features.tool_parsers.factory import tool_parser_class
+from services.router.features.tool_prompt import prepare
+from services.router.features.tools import ToolSetup
 from services.router.tokenization import check_token_ids
-from services.router.tool_parsers.factory import tool_parser_class
-from services.router.tool_prompt import prepare
-from services.router.tools import ToolSetup
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway

@@ -15,13 +15,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.common.grpc_utils import ROLES
-from services.router import anthropic_api, openai_api, tokenize_api
-from services.router.admin import admin_routes
+from services.router.api import anthropic as anthropic_api
+from services.router.api import openai as openai_api
+from services.router.api import tokenize as tokenize_api
+from services.router.api.admin import admin_routes
+from services.router.api.openapi import openapi_document
 from services.router.auth import check_api_key
 from services.router.errors import APIError, ClientDisconnected
 from services.router.gateway import Gateway
 from services.router.metrics import API_OF_PATH
-from services.router.openapi import openapi_document
 from services.router.phases import mark_arrival
 
 log = logging.getLogger(__name__)

@@ -24,12 +24,12 @@ from services.common.proto import worker_pb2 as pb
 from services.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from services.router.accumulate import Choice, Usage, apply_step, until_disconnect
 from services.router.errors import APIError
-from services.router.reasoning.base import ReasoningParser
-from services.router.reasoning.factory import reasoning_parser_class
-from services.router.streams import merge_streams
-from services.router.tool_parsers.base import ToolParser, ToolStream
-from services.router.tool_parsers.factory import tool_parser_class
-from services.router.tools import ToolSetup
+from services.router.features.reasoning.base import ReasoningParser
+from services.router.features.reasoning.factory import reasoning_parser_class
+from services.router.features.tool_parsers.base import ToolParser, ToolStream
+from services.router.features.tool_parsers.factory import tool_parser_class
+from services.router.features.tools import ToolSetup
+from services.router.routing.streams import merge_streams
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway

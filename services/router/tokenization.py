@@ -7,14 +7,14 @@ from functools import lru_cache
 from typing import Any
 
 from services.router.errors import bad_request
-from services.router.images import VisionSpec
+from services.router.features.images import VisionSpec
 
 log = logging.getLogger(__name__)
 
 
 def resolve_model_dir(model: str | None) -> str:
     """A local HF folder with the tokenizer for ``model`` (folder, .gguf or None = default)."""
-    from services.engine.model_loader import resolve_model
+    from services.engine.model_files import resolve_model
 
     return str(resolve_model(model))
 
@@ -41,10 +41,14 @@ class Tokenizer:
 
     @classmethod
     def load(cls, model: str | None) -> Tokenizer:
-        from transformers import AutoTokenizer
-
         path = resolve_model_dir(model)
         log.info("loading tokenizer from %s", path)
+        # NOTE: AutoTokenizer (transformers 5) imports torch through its config utilities.
+        # Its choice of class also reads the model's config, so a tokenizer loaded by the
+        # class its tokenizer_config.json names can differ from the engine's (a qwen2 model
+        # gets Qwen2Tokenizer, not the TokenizersBackend it names): the engine's choice wins.
+        from transformers import AutoTokenizer
+
         hf = AutoTokenizer.from_pretrained(path)
         # NOTE: transformers resets the fast tokenizer's truncation/padding on its first
         # encode, a mutation that must not race the encodes of the preparation threads

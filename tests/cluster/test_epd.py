@@ -33,9 +33,9 @@ from cluster_helpers import (
 )
 
 from services.engine.block_hash import hash_prompt_blocks
-from services.router.images import ImageLimits, chat_prompt
-from services.router.kv_index import prompt_hash_root
-from services.router.policies.base import RouteRequest
+from services.router.features.images import ImageLimits, chat_prompt
+from services.router.routing.kv_index import prompt_hash_root
+from services.router.routing.policies.base import RouteRequest
 from services.router.tokenization import Tokenizer
 from tests.conftest import image_bytes as png
 from tests.deps import MOONCAKE, PIL, require
@@ -101,7 +101,7 @@ def offline_outputs(model_dir) -> dict[int, str]:
     """Greedy text of each case from the offline engine (PIL images, pixel path)."""
     from services.engine import LLM, SamplingParams
     from services.engine.image_processing import open_images
-    from services.router.images import VisionSpec
+    from services.router.features.images import VisionSpec
     from services.router.tokenization import Tokenizer
 
     tok = Tokenizer.load(str(model_dir))

@@ -521,7 +521,7 @@ def test_value_defaults_are_the_codes() -> None:
 def test_schema_choices_are_the_codes() -> None:
     from services.common.grpc_utils import ROLES
     from services.engine.config import DTYPES
-    from services.router.policies.factory import available_policies
+    from services.router.routing.policies.factory import available_policies
 
     props = ch.load_chart().schema["properties"]
     policy = props["router"]["properties"]["config"]["properties"]["policy"]["enum"]

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.proto import worker_pb2 as pb
-from services.router.policies.base import CachedPrefix, RouteRequest
-from services.router.policies.cache_aware import CacheAwarePolicy
-from services.router.policies.factory import create_policy
+from services.router.routing.policies.base import CachedPrefix, RouteRequest
+from services.router.routing.policies.cache_aware import CacheAwarePolicy
+from services.router.routing.policies.factory import create_policy
 
 
 @dataclass

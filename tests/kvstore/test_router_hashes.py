@@ -19,8 +19,8 @@ from services.engine.llm import LLM
 from services.engine.sampling_params import SamplingParams
 from services.kvstore.index import KVEventIn, KVIndex
 from services.kvstore.server import KVIndexServicer
-from services.router.kv_index import KVIndexClient, prompt_hash_root
-from services.router.policies.base import RouteRequest
+from services.router.routing.kv_index import KVIndexClient, prompt_hash_root
+from services.router.routing.policies.base import RouteRequest
 from services.worker.kv_events import kv_layout_key
 from tests.conftest import image_bytes
 
@@ -112,7 +112,7 @@ def vl_served(tiny_vl_model_dir):
 
     from services.encoder.metrics import ImageMetrics
     from services.engine.image_processing import load_image_processor
-    from services.router.images import ImageLimits, chat_prompt
+    from services.router.features.images import ImageLimits, chat_prompt
     from services.router.tokenization import Tokenizer
     from services.worker.image_inputs import ImageLoader
 

@@ -12,7 +12,7 @@ import grpc
 
 from services.common.membership import InstanceInfo
 from services.common.proto import worker_pb2 as pb
-from services.router.workers import WorkerHandle, WorkerPool
+from services.router.routing.workers import WorkerHandle, WorkerPool
 
 
 def fake_handle(

@@ -19,8 +19,8 @@ import pytest_asyncio
 from router_fakes import FakeEngine, FakeTokenizer, start_fake_worker, start_gateway
 
 from services.common.etcd_server import EtcdServer
-from services.router import structured
 from services.router.config import RouterConfig
+from services.router.features import structured
 from services.router.offload import INLINE_BELOW, Offload, text_size
 
 pytestmark = [pytest.mark.timeout(90)]

@@ -16,7 +16,7 @@ from router_fakes import FakeEngine, start_fake_worker, start_gateway
 from schemathesis.generation.modes import GenerationMode
 
 from services.common.etcd_server import EtcdServer
-from services.router.openapi import openapi_document
+from services.router.api.openapi import openapi_document
 
 pytestmark = [pytest.mark.timeout(120)]
 

@@ -12,10 +12,10 @@ from starlette.requests import Request
 
 from services.common.etcd_server import EtcdServer
 from services.router.admission import AdmissionControl
+from services.router.api.openapi import openapi_document
 from services.router.auth import check_api_key, load_api_keys
 from services.router.config import RouterConfig
 from services.router.errors import APIError
-from services.router.openapi import openapi_document
 from services.router.server import build_app
 
 pytestmark = [pytest.mark.timeout(60)]

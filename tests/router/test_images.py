@@ -1,4 +1,4 @@
-"""Router images (services/router/images.py): data URLs, decoding and limits, http(s) fetch
+"""Router images (services/router/features/images.py): data URLs, decoding and limits, http(s) fetch
 with the private-address guard and byte cap, placeholder expansion; every failure a 400."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from services.router.errors import APIError
-from services.router.images import (
+from services.router.features.images import (
     ImageLimits,
     VisionSpec,
     chat_prompt,

@@ -9,9 +9,9 @@ import pytest
 
 from services.common.convert import params_from_proto, params_to_proto
 from services.engine.sampling_params import SamplingParams
+from services.router.api.openai import sampling_from_openai
+from services.router.api.openapi import openapi_document
 from services.router.errors import APIError
-from services.router.openai_api import sampling_from_openai
-from services.router.openapi import openapi_document
 
 
 def parse(extra: dict[str, Any], chat: bool = True) -> SamplingParams:

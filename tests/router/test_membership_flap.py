@@ -10,8 +10,8 @@ import pytest
 
 from services.common.membership import InstanceInfo
 from services.common.proto import worker_pb2 as pb
-from services.router import workers
-from services.router.workers import WorkerHandle, WorkerPool
+from services.router.routing import workers
+from services.router.routing.workers import WorkerHandle, WorkerPool
 
 
 def info(iid: str, incarnation: str = "i1") -> InstanceInfo:

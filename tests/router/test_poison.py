@@ -18,7 +18,7 @@ from router_fakes import FakeEngine, start_fake_worker, start_gateway
 from services.common.etcd_server import EtcdServer
 from services.engine.async_engine import EngineDeadError
 from services.engine.outputs import RequestFailedError
-from services.router.poison import PoisonTracker
+from services.router.routing.poison import PoisonTracker
 
 pytestmark = [pytest.mark.timeout(60)]
 

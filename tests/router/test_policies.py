@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import pytest
 
 from services.common.proto import worker_pb2 as pb
-from services.router.policies.base import RouteRequest, RoutingPolicy
-from services.router.policies.factory import available_policies, create_policy
+from services.router.routing.policies.base import RouteRequest, RoutingPolicy
+from services.router.routing.policies.factory import available_policies, create_policy
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The API models (services/router/protocol/): each bad body is the 400 the gateway has always
+"""The API models (services/router/api/protocol/): each bad body is the 400 the gateway has always
 sent for it (same message, same param), good bodies give the engine parameters they always
 gave, and /openapi.json is generated from the same models."""
 
@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 
 from services.engine.sampling_params import SamplingParams
+from services.router.api.openapi import openapi_document
+from services.router.api.protocol.anthropic import CountTokensRequest, MessagesRequest
+from services.router.api.protocol.common import APIModel, parse
+from services.router.api.protocol.openai import ChatCompletionRequest, CompletionRequest
+from services.router.api.protocol.tokenize import DetokenizeRequest, tokenize_request
 from services.router.errors import APIError
-from services.router.openapi import openapi_document
-from services.router.protocol.anthropic import CountTokensRequest, MessagesRequest
-from services.router.protocol.common import APIModel, parse
-from services.router.protocol.openai import ChatCompletionRequest, CompletionRequest
-from services.router.protocol.tokenize import DetokenizeRequest, tokenize_request
 
 MSGS = [{"role": "user", "content": "hi"}]
 CHAT = {"model": "m", "messages": MSGS}

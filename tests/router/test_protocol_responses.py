@@ -14,10 +14,10 @@ from pydantic import BaseModel
 from router_fakes import start_fake_worker, start_gateway
 
 from services.common.etcd_server import EtcdServer
-from services.router.protocol.anthropic import CountTokensResponse, MessageResponse
-from services.router.protocol.common import AnthropicError, OpenAIError
-from services.router.protocol.openai import ChatCompletion, Completion, ModelList
-from services.router.protocol.tokenize import DetokenizeResponse, TokenizeResponse
+from services.router.api.protocol.anthropic import CountTokensResponse, MessageResponse
+from services.router.api.protocol.common import AnthropicError, OpenAIError
+from services.router.api.protocol.openai import ChatCompletion, Completion, ModelList
+from services.router.api.protocol.tokenize import DetokenizeResponse, TokenizeResponse
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 

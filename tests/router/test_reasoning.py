@@ -19,10 +19,13 @@ from router_fakes import ScriptedEngine, sse_events, start_fake_worker, start_ga
 
 from services.common.etcd_server import EtcdServer
 from services.router.config import RouterConfig
-from services.router.reasoning import base
-from services.router.reasoning.deepseek_r1 import DeepSeekR1ReasoningParser
-from services.router.reasoning.factory import available_reasoning_parsers, reasoning_parser_class
-from services.router.reasoning.qwen3 import Qwen3ReasoningParser
+from services.router.features.reasoning import base
+from services.router.features.reasoning.deepseek_r1 import DeepSeekR1ReasoningParser
+from services.router.features.reasoning.factory import (
+    available_reasoning_parsers,
+    reasoning_parser_class,
+)
+from services.router.features.reasoning.qwen3 import Qwen3ReasoningParser
 
 PARSERS = [Qwen3ReasoningParser, DeepSeekR1ReasoningParser]
 

@@ -176,7 +176,7 @@ def test_worker_load_reads_the_encoder_report() -> None:
     from types import SimpleNamespace
 
     from services.router.rebalance.rebalancer import worker_load
-    from services.router.workers import RateWindow
+    from services.router.routing.workers import RateWindow
 
     def handle(role: str, encode: bool, report: pb.LoadReport) -> SimpleNamespace:
         info = SimpleNamespace(role=role, capacity={"encode": encode, "max_num_seqs": 4})
@@ -193,7 +193,7 @@ def test_roles_a_worker_can_take_and_the_cli_table() -> None:
     from types import SimpleNamespace
 
     from services.cli.admin import build_parser, render_roles
-    from services.router.admin import allowed_roles
+    from services.router.api.admin import allowed_roles
 
     def handle(**capacity) -> SimpleNamespace:
         return SimpleNamespace(info=SimpleNamespace(capacity=capacity))

@@ -12,10 +12,10 @@ import pytest
 from services.common.convert import params_from_proto, params_to_proto
 from services.common.proto import worker_pb2 as pb
 from services.engine.sampling_params import StructuredOutputsParams
-from services.router.anthropic_api import sampling_from_anthropic
+from services.router.api.anthropic import sampling_from_anthropic
+from services.router.api.openai import sampling_from_openai
 from services.router.errors import APIError
-from services.router.openai_api import sampling_from_openai
-from services.router.structured import set_json_schema
+from services.router.features.structured import set_json_schema
 
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 

@@ -16,15 +16,15 @@ from router_fakes import ScriptedEngine, sse_events, start_fake_worker, start_ga
 
 from services.common.etcd_server import EtcdServer
 from services.common.proto import worker_pb2 as pb
+from services.router.api.openai_output import openai_deltas
 from services.router.errors import APIError
-from services.router.openai_output import openai_deltas
-from services.router.tool_parsers.base import ParsedCall, ToolStream, extract
-from services.router.tool_parsers.factory import available_tool_parsers, tool_parser_class
-from services.router.tool_parsers.forced import JsonArrayParser, NamedFunctionParser
-from services.router.tool_parsers.hermes import HermesToolParser
-from services.router.tool_parsers.llama3_json import Llama3JsonToolParser
-from services.router.tool_prompt import prepare, template_uses_tools
-from services.router.tools import ToolSetup, anthropic_tools, openai_tools
+from services.router.features.tool_parsers.base import ParsedCall, ToolStream, extract
+from services.router.features.tool_parsers.factory import available_tool_parsers, tool_parser_class
+from services.router.features.tool_parsers.forced import JsonArrayParser, NamedFunctionParser
+from services.router.features.tool_parsers.hermes import HermesToolParser
+from services.router.features.tool_parsers.llama3_json import Llama3JsonToolParser
+from services.router.features.tool_prompt import prepare, template_uses_tools
+from services.router.features.tools import ToolSetup, anthropic_tools, openai_tools
 
 WEATHER = {
     "type": "function",

@@ -12,9 +12,9 @@ from fake_handles import Stream, fake_handle, fake_pool, finished, keep_reportin
 
 from services.common.proto import worker_pb2 as pb
 from services.router.errors import APIError
-from services.router.orchestrator import Orchestrator
-from services.router.policies.factory import create_policy
-from services.router.workers import WorkerHandle
+from services.router.routing.orchestrator import Orchestrator
+from services.router.routing.policies.factory import create_policy
+from services.router.routing.workers import WorkerHandle
 
 STALL_S = 0.3  # the stall timeout of these tests
 STALE_S = 2.0  # a worker whose load stream is silent this long is lost

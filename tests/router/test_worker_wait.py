@@ -13,9 +13,9 @@ from fake_handles import Stream, fake_handle, fake_pool, finished, keep_reportin
 
 from services.common.proto import worker_pb2 as pb
 from services.router.errors import APIError
-from services.router.orchestrator import Orchestrator
-from services.router.policies.factory import create_policy
-from services.router.workers import WorkerHandle
+from services.router.routing.orchestrator import Orchestrator
+from services.router.routing.policies.factory import create_policy
+from services.router.routing.workers import WorkerHandle
 
 
 class Stub:

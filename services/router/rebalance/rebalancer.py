@@ -21,7 +21,7 @@ from services.router.rebalance.factory import create_rebalance_policy
 from services.router.rebalance.governor import Decision, Governor, GovernorConfig
 from services.router.rebalance.leader import LeaderElection
 from services.router.rebalance.role_store import RoleStore, RoleStoreError
-from services.router.workers import WorkerHandle, WorkerPool
+from services.router.routing.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
 

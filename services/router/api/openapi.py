@@ -1,0 +1,194 @@
+"""The gateway's OpenAPI 3.1 document, served at /openapi.json, generated from the API models
+(services/router/api/protocol/) that validate the requests, so the two cannot drift."""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
+from pydantic_core import core_schema
+
+from services.router.api.protocol.anthropic import (
+    CountTokensRequest,
+    CountTokensResponse,
+    MessageResponse,
+    MessagesRequest,
+)
+from services.router.api.protocol.common import AnthropicError, OpenAIError
+from services.router.api.protocol.openai import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelList,
+)
+from services.router.api.protocol.tokenize import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+)
+
+_REF = "#/components/schemas/{model}"
+
+
+class _Schema(GenerateJsonSchema):
+    """pydantic's JSON Schema, less noise: no per-field titles, and an optional field (None
+    by default) documented as its type alone, since ``null`` there means "absent"."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        out = super().default_schema(schema)
+        if "default" not in schema or schema["default"] is not None:
+            return out
+        out.pop("default", None)
+        branches = [b for b in out.get("anyOf", []) if b != {"type": "null"}]
+        if len(branches) == 1:
+            del out["anyOf"]
+            out.update(branches[0])
+        elif branches:
+            out["anyOf"] = branches
+        return out
+
+
+_MODELS: list[type[BaseModel]] = [
+    ChatCompletionRequest, CompletionRequest, MessagesRequest, CountTokensRequest,
+    TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest,
+    ChatCompletion, Completion, MessageResponse, CountTokensResponse, TokenizeResponse,
+    DetokenizeResponse, ModelList, OpenAIError, AnthropicError,
+]  # fmt: skip
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(error: type[BaseModel], *, generates: bool) -> dict[str, Any]:
+    """Error responses; a tokenizer-only endpoint generates nothing, so has no 429 / 504."""
+    schema = _ref(error)
+    out = {
+        "400": _json(schema, "invalid request"),
+        "401": _json(schema, "missing or wrong API key"),
+        "404": _json(schema, "unknown model"),
+        "413": _json(schema, "request body too large"),
+        "429": _json(schema, "too many queued prompt tokens; see Retry-After"),
+        "503": _json(schema, "no worker can serve the model"),
+        "504": _json(schema, "the generation timed out"),
+    }
+    return out if generates else {k: v for k, v in out.items() if k not in ("429", "504")}
+
+
+def _post(summary: str, request: dict[str, Any], ok: dict[str, Any],
+          error: type[BaseModel], *, generates: bool = False) -> dict[str, Any]:  # fmt: skip
+    return {
+        "post": {
+            "summary": summary,
+            "security": [{"bearer": []}, {"apiKey": []}],
+            "requestBody": {
+                "required": True, "content": {"application/json": {"schema": request}},
+            },
+            "responses": {"200": ok, **_errors(error, generates=generates)},
+        }
+    }  # fmt: skip
+
+
+def _generated(response: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "description": "the result (JSON), or server-sent events with stream=true",
+        "content": {"application/json": {"schema": _ref(response)},
+                    "text/event-stream": {"schema": {"type": "string"}}},
+    }  # fmt: skip
+
+
+@cache
+def _schemas() -> dict[str, Any]:
+    _, defs = models_json_schema(
+        [(m, "validation") for m in _MODELS], ref_template=_REF, schema_generator=_Schema
+    )
+    return defs["$defs"]
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the gateway's public API (not /admin, not /metrics)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "epdserve gateway", "version": "1"},
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            },
+            "schemas": copy.deepcopy(_schemas()),
+        },
+        "paths": {
+            "/v1/chat/completions": _post(
+                "OpenAI chat completion",
+                _ref(ChatCompletionRequest),
+                _generated(ChatCompletion),
+                OpenAIError,
+                generates=True,
+            ),
+            "/v1/completions": _post(
+                "OpenAI completion",
+                _ref(CompletionRequest),
+                _generated(Completion),
+                OpenAIError,
+                generates=True,
+            ),
+            "/v1/messages": _post(
+                "Anthropic message",
+                _ref(MessagesRequest),
+                _generated(MessageResponse),
+                AnthropicError,
+                generates=True,
+            ),
+            "/v1/messages/count_tokens": _post(
+                "Anthropic token count: the prompt length /v1/messages would have",
+                _ref(CountTokensRequest),
+                _json(_ref(CountTokensResponse), "the result"),
+                AnthropicError,
+            ),
+            "/tokenize": _post(
+                "vLLM tokenize: the token ids of a prompt or a chat",
+                {"oneOf": [_ref(TokenizeCompletionRequest), _ref(TokenizeChatRequest)]},
+                _json(_ref(TokenizeResponse), "the result"),
+                OpenAIError,
+            ),
+            "/detokenize": _post(
+                "vLLM detokenize: the text of token ids",
+                _ref(DetokenizeRequest),
+                _json(_ref(DetokenizeResponse), "the result"),
+                OpenAIError,
+            ),
+            "/v1/models": {
+                "get": {
+                    "summary": "models the cluster serves",
+                    "security": [{"bearer": []}, {"apiKey": []}],
+                    "responses": {
+                        "200": _json(_ref(ModelList), "the model list"),
+                        "401": _json(_ref(OpenAIError), "missing or wrong API key"),
+                    },
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "whether some worker can serve, and workers per role (no "
+                    "API key needed; worker details: /admin/health)",
+                    "responses": {
+                        "200": _json({"type": "object"}, "healthy"),
+                        "503": _json({"type": "object"}, "no usable worker"),
+                    },
+                }
+            },
+        },
+    }
