@@ -1,10 +1,18 @@
-"""The shape of the tree: no import cycles, roles look only down, the router's modules never
-import torch, no hand-written module over 400 lines (scripts/import_graph.py)."""
+"""The shape of the tree: no import cycles, roles look only down, the router never loads
+torch, no hand-written module over 400 lines (scripts/import_graph.py)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
 from scripts.import_graph import (
     ROLE_PACKAGES,
+    ROOT,
     backward_imports,
     cycles,
     external_imports,
@@ -51,9 +59,6 @@ def test_no_module_over_the_line_limit():
 
 
 def test_router_modules_never_import_torch():
-    # NOTE: the router's modules and every services module they reach stay torch-free (the
-    # block hashes, grammar checks, model files, image sizes). The process still maps torch
-    # through transformers' AutoTokenizer: see the NOTE in services/router/tokenization.py.
     graph = import_graph(lazy=True, typing=True)
     reach = set()
     todo = [m for m in graph if m.startswith("services.router")]
@@ -65,3 +70,26 @@ def test_router_modules_never_import_torch():
         todo.extend(graph[m])
     heavy = {m: sorted(external_imports(m) & {"torch", "triton", "safetensors"}) for m in reach}
     assert {m: v for m, v in heavy.items() if v} == {}
+
+
+@pytest.mark.timeout(120)
+def test_router_process_has_no_torch_loaded(tiny_model_dir):
+    """The running router (tokenizer loaded, app built) has no libtorch mapped."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.router", "--model", str(tiny_model_dir("llama")),
+         "--host", "127.0.0.1", "--port", "0", "--etcd", "127.0.0.1:1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("EPDSERVE_ROUTER_READY"):
+                break
+        else:
+            pytest.fail(f"router exited with {proc.wait()} before its ready line")
+        torch_mapped = "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text()
+        assert not torch_mapped
+    finally:
+        proc.terminate()
+        proc.wait(10)

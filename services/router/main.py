@@ -13,7 +13,7 @@ from services.common.dataclass_cli import add_dataclass_args, from_args
 from services.router.config import RouterConfig
 from services.router.gateway import Gateway
 from services.router.server import build_app
-from services.router.tokenization import Tokenizer
+from services.router.tokenization import Tokenizer, keep_torch_out
 
 log = logging.getLogger("epdserve.router")
 
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None, prog: str = "epdserve router") -> int:
         format="%(asctime)s %(levelname)s router %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    keep_torch_out()
     try:
         cfg = from_args(RouterConfig, args)
     except ValueError as exc:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from functools import lru_cache
 from typing import Any
 
@@ -10,6 +12,32 @@ from services.router.errors import bad_request
 from services.router.features.images import VisionSpec
 
 log = logging.getLogger(__name__)
+
+
+def keep_torch_out() -> None:
+    """Have transformers treat torch as absent in this process (the router's).
+
+    NOTE: transformers 5 imports torch wherever it is installed (about 1.5 s and 200 MB),
+    through the config utilities AutoTokenizer loads; the router only tokenizes and sizes
+    images. Loading the class that tokenizer_config.json names would avoid AutoTokenizer
+    but not give the engine's tokenizer (a qwen2 model gets Qwen2Tokenizer, not the
+    TokenizersBackend it names). So AutoTokenizer chooses as in the engine, with torch
+    reported absent: tests/router/test_tokenizer_load.py checks it picks the same class and
+    ids for each model family. Call it before anything imports transformers.
+    """
+    if "transformers" in sys.modules:
+        log.warning("transformers is already imported: it may load torch in the router")
+        return
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found"
+    import transformers
+    import transformers.utils
+    import transformers.utils.import_utils as import_utils
+
+    def absent() -> bool:
+        return False
+
+    for module in (transformers, transformers.utils, import_utils):
+        module.is_torch_available = absent  # type: ignore[attr-defined]
 
 
 def resolve_model_dir(model: str | None) -> str:
@@ -43,10 +71,6 @@ class Tokenizer:
     def load(cls, model: str | None) -> Tokenizer:
         path = resolve_model_dir(model)
         log.info("loading tokenizer from %s", path)
-        # NOTE: AutoTokenizer (transformers 5) imports torch through its config utilities.
-        # Its choice of class also reads the model's config, so a tokenizer loaded by the
-        # class its tokenizer_config.json names can differ from the engine's (a qwen2 model
-        # gets Qwen2Tokenizer, not the TokenizersBackend it names): the engine's choice wins.
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(path)
