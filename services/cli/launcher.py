@@ -94,7 +94,9 @@ class LocalCluster:
         self.base_url = ""  # the first router's
         self._worker_count = 0
         # The router's admin token: generated here, handed over in a 0600 file (never argv).
-        self.admin_token = secrets.token_urlsafe(32)
+        # NOTE: hex, not token_urlsafe: one of those in 64 starts with "-", and
+        # `epdserve status --admin-token <token>` then reads it as an option.
+        self.admin_token = secrets.token_hex(32)
         self._own_admin_dir = spec.admin_dir is None
         self.admin_dir = Path(spec.admin_dir or tempfile.mkdtemp(prefix="epdserve-admin-"))
 
