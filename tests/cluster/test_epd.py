@@ -34,7 +34,7 @@ from cluster_helpers import (
 
 from services.engine.block_hash import hash_prompt_blocks
 from services.router.features.images import ImageLimits, chat_prompt
-from services.router.routing.kv_index import prompt_hash_root
+from services.router.routing.kv_index import PAUSE_AFTER_FAILURE_S, prompt_hash_root
 from services.router.routing.policies.base import RouteRequest
 from services.router.tokenization import Tokenizer
 from tests.conftest import image_bytes as png
@@ -556,14 +556,29 @@ def test_repeated_image_prompt_goes_to_the_prefill_worker_holding_it(
     def held() -> dict[str, int]:
         return {i: n for i, n in kv_holders(c, chain, layout).items() if i in prefills}
 
+    def lookup_failures() -> int:
+        r = httpx.get(c.base_url + "/admin/status", timeout=10,
+                      headers={"Authorization": f"Bearer {c.admin_token}"})  # fmt: skip
+        return int(r.json()["kvstore"]["router_lookup_failures"])
+
     first = chat_text(c.base_url, [img], text)
     holding = wait_for(held, 30, "the image prompt's blocks in the KV index")
     assert list(holding.values()) == [blocks], holding
     (holder,) = holding
+    answered = 0
     for _ in range(4):
+        failures = lookup_failures()
         r = chat(c.base_url, [img], text)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == first
-        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= (blocks - 1) * bs
-    # Only the holder ever computed the prompt (load alone would have alternated).
-    assert set(held()) == {holder}
+        cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+        if lookup_failures() > failures:
+            # NOTE: a lookup past its deadline (250 ms: a loaded machine) routes on load
+            # alone for a while, by design; only repeats the index answered must hit.
+            time.sleep(PAUSE_AFTER_FAILURE_S)
+            continue
+        answered += 1
+        assert cached >= (blocks - 1) * bs, (cached, held(), holder)
+    assert answered >= 2, f"the KV index answered {answered} of 4 lookups"
+    if answered == 4:  # only the holder ever computed the prompt (load would alternate)
+        assert set(held()) == {holder}

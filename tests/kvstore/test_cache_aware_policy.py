@@ -15,6 +15,8 @@ from services.router.routing.policies.factory import create_policy
 class W:
     id: str
     inflight: int = 0
+    ended_since_report: int = 0
+    prompt_tokens_ended_since_report: int = 0
     load: pb.LoadReport | None = None
 
 
@@ -45,6 +47,22 @@ def test_device_beats_host_beats_store() -> None:
     assert p.select([store, host, dev], r).id == "dev"
     assert p.select([store, host], r).id == "host"
     assert p.select([store, W("none")], r).id == "store"
+
+
+def test_a_report_from_before_the_last_prefill_ended_does_not_push_a_repeat_away() -> None:
+    # The holder reported while this router's previous request (300 prompt tokens) was still
+    # queued there; that prefill has since ended. Counting it sent 1 in 5 repeats of an
+    # image prompt to the other prefill worker (tests/cluster/test_epd.py, loaded machine).
+    p = CacheAwarePolicy()
+    stale = pb.LoadReport(num_inflight=1, num_waiting_prompt_tokens=300)
+    holder, other = W("a", load=stale), W("b", load=pb.LoadReport())
+    r = req({"a": CachedPrefix(288, 288, 288)}, tokens=300)
+    assert p.select([holder, other], r).id == "b"  # the report alone
+    holder.ended_since_report, holder.prompt_tokens_ended_since_report = 1, 300
+    assert all(p.select([holder, other], r).id == "a" for _ in range(4))
+    # The router's own current count still holds when the report is behind it.
+    holder.inflight = 2
+    assert p.cost(holder, r, 1.0) >= 2 * p.request_tokens
 
 
 def test_an_overloaded_holder_loses_to_an_idle_worker() -> None:

@@ -15,6 +15,8 @@ from services.router.routing.policies.factory import available_policies, create_
 class W:
     id: str
     inflight: int = 0
+    ended_since_report: int = 0
+    prompt_tokens_ended_since_report: int = 0
     load: pb.LoadReport | None = None
 
 

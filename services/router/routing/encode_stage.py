@@ -107,5 +107,5 @@ class EncodeStage:
                 handle.mark_failed()
             return None
         finally:
-            handle.inflight -= 1
+            handle.end_request(0)  # an image, not a prompt
         return resp.embeddings[0]

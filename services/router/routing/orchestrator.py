@@ -343,7 +343,7 @@ class Orchestrator:
             except AttemptFailed:
                 continue
             finally:
-                handle.inflight -= 1
+                handle.end_request(todo)
                 # No-op when the call completed; otherwise (client gone, consumer closed us)
                 # it cancels the RPC, and the worker aborts the request and frees its KV.
                 call.cancel()

@@ -94,7 +94,7 @@ class PDSteps:
         try:
             yield held
         finally:
-            held.handle.inflight -= 1
+            held.handle.end_request(0)  # the prompt's KV arrives; the decode worker computes none
             if not held.claimed:
                 await self._release(held)
 
@@ -132,7 +132,7 @@ class PDSteps:
                 attempts.suspects.add(held.handle.id)
             raise
         finally:
-            p.inflight -= 1
+            p.end_request(len(request.prompt))
         computed = len(request.prompt) - first.cached_prompt_tokens
         p.prefill_rate.add(computed / max(time.monotonic() - sent_at, 1e-6))
         return first

@@ -55,6 +55,10 @@ class WorkerHandle:
         self.load: pb.LoadReport | None = None
         self.load_at = 0.0  # monotonic time of the latest report
         self.inflight = 0  # requests this router has running there
+        # Requests of this router that ended there since the latest report, and their prompt
+        # tokens: a report taken before they ended still counts them (policies/base.py).
+        self.ended_since_report = 0
+        self.prompt_tokens_ended_since_report = 0
         self.failed_at = 0.0  # last time a call to it failed with UNAVAILABLE
         self.stale_epoch = 0  # it refused this epoch of ours: wait for a newer advertisement
         self.departed_at = 0.0  # monotonic time its etcd key vanished while it lived; 0: listed
@@ -144,6 +148,13 @@ class WorkerHandle:
     def start(self) -> None:
         self._task = asyncio.create_task(self._load_loop(), name=f"load-{self.id}")
 
+    def end_request(self, prompt_tokens: int) -> None:
+        """One of this router's requests there ended (``prompt_tokens``: what it asked the
+        worker to compute, 0 where it computes no prompt)."""
+        self.inflight -= 1
+        self.ended_since_report += 1
+        self.prompt_tokens_ended_since_report += prompt_tokens
+
     async def close(self, wait_inflight_s: float = 0.0) -> None:
         """Stop the load stream; close the channel once our requests there are done (a
         draining worker that left etcd still finishes them), or after ``wait_inflight_s``."""
@@ -167,6 +178,7 @@ class WorkerHandle:
                         break
                     self.load = report
                     self.load_at = time.monotonic()
+                    self.ended_since_report = self.prompt_tokens_ended_since_report = 0
                     backoff = 0.1
                     if self.departed_for_good(self.load_at) and self.on_gone is not None:
                         self.on_gone(self)

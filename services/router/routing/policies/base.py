@@ -22,6 +22,22 @@ class WorkerView(Protocol):
     @property
     def inflight(self) -> int: ...  # requests this router has running there now
 
+    @property
+    def ended_since_report(self) -> int: ...  # this router's requests ended since the report
+
+    @property
+    def prompt_tokens_ended_since_report(self) -> int: ...  # ... and their prompt tokens
+
+
+def reported_load(w: WorkerView, rep: pb.LoadReport) -> tuple[int, int]:
+    """(requests in flight, queued prompt tokens) on ``w``: its latest report, less what of
+    this router's work ended there since (the report is up to one interval old: sent just
+    before a prefill ended, it still counts that prompt as queued), and never less than the
+    router's own current count."""
+    inflight = max(w.inflight, rep.num_inflight - w.ended_since_report)
+    waiting = max(0, rep.num_waiting_prompt_tokens - w.prompt_tokens_ended_since_report)
+    return inflight, waiting
+
 
 # The caller's own worker type (the router's WorkerHandle): a policy hands back the very
 # object it chose, so the caller never looks the worker up again.

@@ -28,6 +28,7 @@ from services.router.routing.policies.base import (
     RoutingPolicy,
     WorkerT,
     WorkerView,
+    reported_load,
 )
 
 HOST_WEIGHT = 0.7  # a block copied back from host memory saves most of its compute
@@ -58,9 +59,9 @@ class CacheAwarePolicy(RoutingPolicy):
         rep = w.load
         if rep is None:
             return self.request_tokens * w.inflight
-        inflight = max(w.inflight, rep.num_inflight)
+        inflight, waiting = reported_load(w, rep)
         return (
-            rep.num_waiting_prompt_tokens
+            waiting
             + self.request_tokens * inflight
             + KV_FULL_TOKENS * rep.kv_utilization
         )

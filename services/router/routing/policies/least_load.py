@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.router.routing.policies.base import RouteRequest, RoutingPolicy, WorkerT, WorkerView
+from services.router.routing.policies.base import (
+    RouteRequest,
+    RoutingPolicy,
+    WorkerT,
+    WorkerView,
+    reported_load,
+)
 
 TYPICAL_PROMPT_TOKENS = 512.0
 
@@ -19,8 +25,8 @@ def load_score(w: WorkerView) -> float:
     rep = w.load
     if rep is None:
         return float(w.inflight)
-    inflight = max(w.inflight, rep.num_inflight)
-    return inflight + rep.num_waiting_prompt_tokens / TYPICAL_PROMPT_TOKENS + rep.kv_utilization
+    inflight, waiting = reported_load(w, rep)
+    return inflight + waiting / TYPICAL_PROMPT_TOKENS + rep.kv_utilization
 
 
 class LeastLoadPolicy(RoutingPolicy):
