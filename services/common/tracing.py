@@ -42,9 +42,16 @@ ATTR_RPC_METHOD = "rpc.method"
 ATTR_RPC_STATUS = "rpc.grpc.status_code"
 
 
+# NOTE: wall clock minus monotonic clock, read once per process. Reading both clocks at each
+# conversion put two instants less than a microsecond apart in the wrong order now and then
+# (the router's "queue" span ended 20 ns after its "Reserve" call began); one offset keeps
+# every span of a process in the order of its monotonic clock.
+_WALL_OFFSET_NS = time.time_ns() - time.monotonic_ns()
+
+
 def wall_ns(mono: float) -> int:
     """Wall-clock nanoseconds of a ``time.monotonic()`` instant."""
-    return time.time_ns() + int((mono - time.monotonic()) * 1e9)
+    return round(mono * 1e9) + _WALL_OFFSET_NS
 
 
 class Span:
