@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEVICES = ("cpu", "cuda", "npu")
 LOAD_FORMATS = ("auto", "dummy")
+CPU_LINEAR = ("auto", "onednn", "torch")
 
 
 @dataclass
@@ -45,6 +46,10 @@ class EngineConfig:
     # "auto": the checkpoint's weights; "dummy": random weights, nothing read (benchmarks and
     # tests of the serving path; the config and tokenizer still come from the folder).
     load_format: str = "auto"
+    # CPU matmuls: "onednn" (weights packed once for oneDNN, as vLLM's CPU backend does),
+    # "torch" (F.linear: MKL), "auto" (oneDNN where it is faster on this CPU; see
+    # layers/cpu_linear.py).
+    cpu_linear: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -55,6 +60,8 @@ class EngineConfig:
             )
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.cpu_linear not in CPU_LINEAR:
+            raise ValueError(f"cpu_linear must be one of {CPU_LINEAR}, got {self.cpu_linear!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:

@@ -20,6 +20,7 @@ import torch
 from services.engine.config import EngineConfig
 from services.engine.kv_layout import KVLayout
 from services.engine.layers.attention import AttentionMetadata, PrefillSegment, TorchAttention
+from services.engine.layers.cpu_linear import pack_linears
 from services.engine.model_loader import iter_safetensors
 from services.engine.models.registry import resolve_model_class
 from services.engine.multimodal import decode_mrope_positions, prepare_batch
@@ -88,6 +89,8 @@ class ModelRunner:
             else:
                 model.load_weights(iter_safetensors(model_path))
         self.model = model.eval()
+        if self.device.type == "cpu":
+            pack_linears(model, config.cpu_linear)
         attn = model.attention_layers[0]
         self.num_layers = len(model.attention_layers)
         self.num_kv_heads = attn.num_kv_heads

@@ -141,7 +141,9 @@ class SamplingParams:
         if not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be in [1, {MAX_N}], got {self.n!r}")
         if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
-            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE}], got {self.temperature}")
+            raise ValueError(
+                f"temperature must be in [0, {MAX_TEMPERATURE}], got {self.temperature}"
+            )
         if self.temperature < GREEDY_TEMPERATURE:
             self.temperature = 0.0  # greedy: no draw, so nothing to overflow
         elif self.temperature < MIN_TEMPERATURE:
