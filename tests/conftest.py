@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 FAMILIES = ("llama", "llama3_rope", "qwen2", "qwen3")
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral")
 
 
 def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
@@ -54,11 +55,13 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     elif family == "qwen3":
         cfg = transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
         cls = transformers.Qwen3ForCausalLM
+    elif family in MOE_FAMILIES:
+        cfg, cls = tiny_moe_config(family, common)
     else:
         raise ValueError(family)
     torch.manual_seed(seed)
     model = cls(cfg).eval()
-    if family == "qwen2":
+    if family in ("qwen2", "qwen2_moe"):
         # Random init leaves biases at zero: give them values so the bias path is tested.
         with torch.no_grad():
             for layer in model.model.layers:
@@ -75,6 +78,24 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
         if (src / name).exists():
             shutil.copy(src / name, out_dir / name)
     return out_dir
+
+
+def tiny_moe_config(family: str, common: dict):
+    """8 experts (Mixtral: 4), 2 per token; Qwen2-MoE with a shared expert and a dense
+    second layer, Qwen3-MoE renormalising its top-k weights, Qwen2-MoE not."""
+    import transformers
+
+    if family == "mixtral":
+        moe = dict(common, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
+        return transformers.MixtralConfig(**moe), transformers.MixtralForCausalLM
+    moe = dict(common, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+    if family == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(
+            **moe, shared_expert_intermediate_size=48, norm_topk_prob=False, mlp_only_layers=[1]
+        )
+        return cfg, transformers.Qwen2MoeForCausalLM
+    cfg = transformers.Qwen3MoeConfig(**moe, head_dim=32, norm_topk_prob=True)
+    return cfg, transformers.Qwen3MoeForCausalLM
 
 
 def tokenizer_source() -> Path:

@@ -7,7 +7,7 @@ with their differences switched on (qkv bias; per-head q/k RMSNorm).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -75,9 +75,9 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, intermediate_size: int | None = None) -> None:
         super().__init__()
-        inter = cfg.intermediate_size
+        inter = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = PackedLinear(cfg.hidden_size, {0: inter, 1: inter}, bias=False)
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
         act = getattr(cfg, "hidden_act", "silu")
@@ -93,10 +93,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, backend: AttentionBackend, qkv_bias: bool, qk_norm: bool):
+    def __init__(
+        self, cfg: Any, backend: AttentionBackend, qkv_bias: bool, qk_norm: bool, mlp: nn.Module
+    ):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, backend, qkv_bias, qk_norm)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -107,11 +109,19 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: Any, backend: AttentionBackend, qkv_bias: bool, qk_norm: bool):
+    def __init__(
+        self,
+        cfg: Any,
+        backend: AttentionBackend,
+        qkv_bias: bool,
+        qk_norm: bool,
+        make_mlp: Callable[[Any, int], nn.Module] = lambda cfg, _: LlamaMLP(cfg),
+    ):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, backend, qkv_bias, qk_norm) for _ in range(cfg.num_hidden_layers)
+            LlamaDecoderLayer(cfg, backend, qkv_bias, qk_norm, make_mlp(cfg, i))
+            for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         attn: LlamaAttention = self.layers[0].self_attn  # type: ignore[assignment]
@@ -144,11 +154,16 @@ class LlamaForCausalLM(nn.Module):
         qkv_bias = self.qkv_bias or bool(getattr(cfg, "attention_bias", False))
         if getattr(cfg, "mlp_bias", False):
             raise ValueError("mlp_bias=True is not supported")
-        self.model = LlamaModel(cfg, backend, qkv_bias, self.qk_norm)
+        self.model = LlamaModel(cfg, backend, qkv_bias, self.qk_norm, self.make_mlp)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_mlp(self, cfg: Any, layer: int) -> nn.Module:
+        """The feed-forward block of decoder layer ``layer`` (mixture-of-experts models
+        override this)."""
+        return LlamaMLP(cfg)
 
     @property
     def attention_layers(self) -> list[LlamaAttention]:

@@ -5,15 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from services.engine.models.llama import LlamaForCausalLM
+from services.engine.models.mixtral import MixtralForCausalLM
 from services.engine.models.qwen2 import Qwen2ForCausalLM
 from services.engine.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from services.engine.models.qwen2_moe import Qwen2MoeForCausalLM
 from services.engine.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from services.engine.models.qwen3 import Qwen3ForCausalLM
+from services.engine.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
 }
