@@ -17,11 +17,14 @@ import asyncio
 import ipaddress
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from etcd3aio import Etcd3Client
+
+T = TypeVar("T")
 
 ETCD_OP_TIMEOUT_S = 3.0  # every etcd call is bounded: an outage must not hang a process
 
@@ -128,3 +131,38 @@ async def connect_etcd(endpoints: list[str], access: EtcdAccess | None = None) -
             raise
         client.set_token(resp.token)
     return client
+
+
+class EtcdSession:
+    """One etcd client kept and reused by a process's occasional calls (desired roles, stored
+    responses): a call that fails drops it, the next one connects again, and every call is
+    bounded by a timeout, so a process keeps serving while etcd is away."""
+
+    def __init__(self, endpoints: list[str]) -> None:
+        self.endpoints = endpoints
+        self._client: Etcd3Client | None = None
+        self._lock = asyncio.Lock()  # one connect at a time
+
+    async def call(self, fn: Callable[[Etcd3Client], Awaitable[T]]) -> T:
+        """``fn(client)``, or the exception that ended it (the client is then dropped)."""
+        try:
+            async with self._lock:
+                if self._client is None:
+                    self._client = await asyncio.wait_for(
+                        connect_etcd(self.endpoints), ETCD_OP_TIMEOUT_S + 1
+                    )
+                client = self._client
+            return await asyncio.wait_for(fn(client), ETCD_OP_TIMEOUT_S + 1)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.close()
+            except Exception:  # noqa: BLE001 - closing a broken client
+                pass

@@ -127,6 +127,22 @@ class RouterConfig:
             "grammars off the event loop (a large prompt then delays no other stream)"
         },
     )
+    response_ttl_s: float = field(
+        default=3600.0,
+        metadata={"help": "how long a stored Responses API response (store=true) is kept"},
+    )
+    response_max_record_bytes: int = field(
+        default=256 * 1024,
+        metadata={"help": "largest stored response kept in etcd, shared by every router (a "
+                  "larger one stays in the memory of the router that made it)"},
+    )  # fmt: skip
+    response_max_records: int = field(
+        default=10000, metadata={"help": "most stored responses in etcd (then: router memory)"}
+    )
+    response_local_bytes: int = field(
+        default=256 * 1024 * 1024,
+        metadata={"help": "memory of the router's own store of responses (LRU)"},
+    )
     max_images: int = field(
         default=8, metadata={"help": "most images in one chat request (else 400)"}
     )
@@ -230,9 +246,12 @@ class RouterConfig:
             raise ValueError("rebalance_interval_s must be > 0")
         if self.image_fetch_timeout_s <= 0:
             raise ValueError("image_fetch_timeout_s must be > 0")
+        if self.response_ttl_s < 1:
+            raise ValueError("response_ttl_s must be >= 1")
         for name in (
             "max_body_bytes", "max_n", "max_prompts", "max_queued_tokens", "max_images",
-            "max_image_bytes", "max_image_pixels",
+            "max_image_bytes", "max_image_pixels", "response_max_record_bytes",
+            "response_max_records", "response_local_bytes",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

@@ -22,6 +22,7 @@ from services.router.phases import RouterPhases
 from services.router.rebalance.leader import LeaderElection
 from services.router.rebalance.rebalancer import Rebalancer
 from services.router.rebalance.role_store import RoleStore
+from services.router.response_store import ResponseStore
 from services.router.routing.kv_index import KVIndexClient
 from services.router.routing.orchestrator import Orchestrator
 from services.router.routing.poison import PoisonTracker
@@ -64,6 +65,12 @@ class Gateway:
         self.offload = Offload(cfg.preprocess_threads)
         # This replica's name among several routers (the leader election's candidate name).
         self.identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # Stored Responses API responses (every router's), and this router's background runs.
+        self.responses = ResponseStore(
+            cfg.etcd_endpoints, cfg.cluster, cfg.response_ttl_s, cfg.response_max_record_bytes,
+            cfg.response_max_records, cfg.response_local_bytes,
+        )  # fmt: skip
+        self.background: dict[str, asyncio.Task[None]] = {}
         self.rebalancer = Rebalancer(
             self.pool, RoleStore(cfg.etcd_endpoints, cfg.cluster), self.metrics.rebalance,
             LeaderElection(cfg.etcd_endpoints, cfg.cluster, self.identity),
@@ -77,6 +84,11 @@ class Gateway:
         await self.rebalancer.start()
 
     async def stop(self) -> None:
+        tasks = list(self.background.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.responses.close()
         await self.rebalancer.stop()
         await self.watcher.stop()
         await self.kv_index.stop()

@@ -33,6 +33,16 @@ async def chat_prompt(
     )  # fmt: skip
 
 
+async def checked_chat_prompt(
+    gw: Gateway, chat: tuple[list[dict[str, Any]], list[str | bytes]],
+    tool_setup: ToolSetup | None, max_tokens: int | None, max_model_len: int,
+) -> tuple[list[int], list[pb.ImageData]]:  # fmt: skip
+    """``chat_prompt`` of ``chat`` (messages, image sources), checked to fit the context."""
+    prompt, images = await chat_prompt(gw, *chat, tool_setup)
+    check_context(len(prompt), max_tokens, max_model_len)
+    return prompt, images
+
+
 def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int) -> None:
     """A 400 when the prompt and the completion do not fit the model's context."""
     if max_model_len <= 0:

@@ -17,6 +17,7 @@ from starlette.routing import Route
 from services.common.grpc_utils import ROLES
 from services.router.api import anthropic as anthropic_api
 from services.router.api import openai as openai_api
+from services.router.api import responses as responses_api
 from services.router.api import tokenize as tokenize_api
 from services.router.api.admin import admin_routes
 from services.router.api.openapi import openapi_document
@@ -126,6 +127,12 @@ def build_app(gateway: Gateway) -> Starlette:
             _guard(anthropic_api.count_tokens, anthropic=True),
             methods=["POST"],
         ),
+        Route("/v1/responses", _guard(responses_api.create), methods=["POST"]),
+        Route("/v1/responses/{response_id}", _guard(responses_api.retrieve), methods=["GET"]),
+        Route("/v1/responses/{response_id}", _guard(responses_api.delete), methods=["DELETE"]),
+        Route(
+            "/v1/responses/{response_id}/cancel", _guard(responses_api.cancel), methods=["POST"]
+        ),  # fmt: skip
         Route("/tokenize", _guard(tokenize_api.tokenize), methods=["POST"]),
         Route("/detokenize", _guard(tokenize_api.detokenize), methods=["POST"]),
         Route("/v1/models", _guard(_models), methods=["GET"]),

@@ -11,7 +11,7 @@ into a ChatCompletionRequest.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -54,6 +54,9 @@ class ServeRequest:
     reasoning: type[ReasoningParser] | None  # splits off the reasoning; None: all content
     started: float  # time.monotonic() on arrival
     created: int = field(default_factory=lambda: int(time.time()))  # unix time, in bodies
+    # Awaited after the last worker message, before the body or the stream's end is written
+    # (the Responses API stores the response there); None: nothing to do.
+    finish: Callable[[dict[int, Choice], Usage], Awaitable[None]] | None = None
 
     @classmethod
     def create(
@@ -117,13 +120,7 @@ async def serve(
     except APIError as err:
         gw.metrics.count_request(req.api, err.status)
         return out.error(err)
-    many = len(req.prompts) > 1
-    merged = merge_streams([
-        gw.orchestrator.generate(
-            req.model, f"{req.rid}-{i}" if many else req.rid, p, req.params, req.images
-        )
-        for i, p in enumerate(req.prompts)
-    ])  # fmt: skip
+    merged = _generate(gw, req)
     if stream:
         try:
             # Wait for the first step before sending headers, so that errors up to then
@@ -158,6 +155,42 @@ async def serve(
     return JSONResponse(result)
 
 
+async def run_detached(gw: Gateway, req: ServeRequest, out: Output) -> dict[str, Any]:
+    """Run ``req`` with no client attached (a background response) to its body; an APIError
+    when it fails. Cancelling the caller aborts the generation."""
+    try:
+        ticket = gw.admission.admit(sum(len(p) for p in req.prompts))
+    except APIError as err:
+        gw.metrics.count_request(req.api, err.status)
+        raise
+    merged = _generate(gw, req)
+    status: int | str = 200
+    try:
+        return await _collect(gw, req, out, merged)
+    except APIError as err:
+        status = err.status
+        raise
+    except BaseException:
+        status = 499
+        raise
+    finally:
+        await merged.aclose()
+        ticket.release()
+        gw.metrics.count_request(req.api, status)
+
+
+def _generate(
+    gw: Gateway, req: ServeRequest
+) -> AsyncGenerator[tuple[int, pb.GenerateResponse], None]:
+    many = len(req.prompts) > 1
+    return merge_streams([
+        gw.orchestrator.generate(
+            req.model, f"{req.rid}-{i}" if many else req.rid, p, req.params, req.images
+        )
+        for i, p in enumerate(req.prompts)
+    ])  # fmt: skip
+
+
 class _Progress:
     """The choices and usage of one request so far, and its time-to-first-token metric."""
 
@@ -190,6 +223,8 @@ async def _collect(
     finally:
         gw.metrics.inflight.dec()
     progress.done()
+    if req.finish is not None:
+        await req.finish(progress.choices, progress.usage)
     return out.body(progress.choices, progress.usage)
 
 
@@ -214,6 +249,8 @@ async def _stream(
             for event in out.step(progress.apply(pi, msg), progress.usage):
                 yield event
         progress.done()
+        if req.finish is not None:
+            await req.finish(progress.choices, progress.usage)
         for event in out.end(progress.choices, progress.usage):
             yield event
     except APIError as err:

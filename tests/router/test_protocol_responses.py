@@ -17,6 +17,7 @@ from services.common.etcd_server import EtcdServer
 from services.router.api.protocol.anthropic import CountTokensResponse, MessageResponse
 from services.router.api.protocol.common import AnthropicError, OpenAIError
 from services.router.api.protocol.openai import ChatCompletion, Completion, ModelList
+from services.router.api.protocol.responses import ResponseObject
 from services.router.api.protocol.tokenize import DetokenizeResponse, TokenizeResponse
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
@@ -53,6 +54,9 @@ CASES: list[tuple[str, dict[str, Any], int, type[BaseModel]]] = [
     ("/tokenize", {"prompt": "hi", "return_token_strs": True}, 200, TokenizeResponse),
     ("/tokenize", {"messages": MSGS}, 200, TokenizeResponse),
     ("/detokenize", {"tokens": [104, 105]}, 200, DetokenizeResponse),
+    ("/v1/responses", {"model": MODEL, "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "hi"}]}], "max_output_tokens": 3}, 200, ResponseObject),
+    ("/v1/responses", {"model": MODEL, "input": []}, 400, OpenAIError),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, OpenAIError),
     ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, OpenAIError),
     ("/v1/messages", {"model": MODEL, "messages": MSGS}, 400, AnthropicError),

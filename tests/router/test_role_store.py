@@ -18,17 +18,17 @@ async def test_one_client_reused_and_replaced_after_etcd_restarts() -> None:
         store = RoleStore([etcd.endpoint], "rs")
         try:
             await store.set("w1", "decode")
-            client = store._client
+            client = store._session._client
             assert client is not None
             await store.set_policy('{"name": "queue"}')
             assert await store.all() == {"w1": "decode"}
             assert await store.get_policy() == '{"name": "queue"}'
-            assert store._client is client  # four calls, one client
+            assert store._session._client is client  # four calls, one client
 
             etcd.stop(kill=True)
             with pytest.raises(RoleStoreError, match="etcd unavailable"):
                 await store.all()
-            assert store._client is None  # the broken client was dropped
+            assert store._session._client is None  # the broken client was dropped
 
             etcd.start()
             # Healthy (a serializable check) may come before the restarted member is its
@@ -38,10 +38,10 @@ async def test_one_client_reused_and_replaced_after_etcd_restarts() -> None:
                     roles = await store.all()
                     break
                 except RoleStoreError:
-                    assert store._client is None
+                    assert store._session._client is None
                     await asyncio.sleep(0.1)
             assert roles == {"w1": "decode"}  # data kept over the restart
-            assert store._client is not None and store._client is not client
+            assert store._session._client is not None and store._session._client is not client
         finally:
             await store.close()
-        assert store._client is None
+        assert store._session._client is None

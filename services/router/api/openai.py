@@ -102,7 +102,7 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
         # NOTE: off the loop: a constraint's grammar compiles while the body is read, and a
         # long completions prompt is checked.
         size = None if may_compile(body) else (0 if chat else prompt_size(gw, body))
-        typed, params, tool_setup = await gw.offload.run(size, _read, gw, body, chat)
+        typed, params, tool_setup = await gw.offload.run(size, read_request, gw, body, chat)
         images: list[pb.ImageData] = []
         if isinstance(typed, ChatCompletionRequest):
             prompt, images = await chat_prompt(gw, *chat_messages(typed.messages), tool_setup)
@@ -122,7 +122,7 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
     return await serve(gw, request, req, OpenAIOutput(gw, req, chat, include_usage), typed.stream)
 
 
-def _read(
+def read_request(
     gw: Gateway, body: dict[str, Any], chat: bool
 ) -> tuple[ChatCompletionRequest | CompletionRequest, SamplingParams, ToolSetup | None]:
     """The typed request, its sampling parameters and (chat) tools, their grammars compiled."""

@@ -25,6 +25,11 @@ from services.router.api.protocol.openai import (
     CompletionRequest,
     ModelList,
 )
+from services.router.api.protocol.responses import (
+    ResponseDeleted,
+    ResponseObject,
+    ResponsesRequest,
+)
 from services.router.api.protocol.tokenize import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -61,7 +66,8 @@ _MODELS: list[type[BaseModel]] = [
     ChatCompletionRequest, CompletionRequest, MessagesRequest, CountTokensRequest,
     TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest,
     ChatCompletion, Completion, MessageResponse, CountTokensResponse, TokenizeResponse,
-    DetokenizeResponse, ModelList, OpenAIError, AnthropicError,
+    DetokenizeResponse, ModelList, OpenAIError, AnthropicError, ResponsesRequest,
+    ResponseObject, ResponseDeleted,
 ]  # fmt: skip
 
 
@@ -110,6 +116,24 @@ def _generated(response: type[BaseModel]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _stored(method: str, summary: str, ok: type[BaseModel]) -> dict[str, Any]:
+    """An operation on a stored response, named by the path's ``response_id``."""
+    errors = {k: _json(_ref(OpenAIError), d) for k, d in (
+        ("400", "not a background response (cancel)"), ("401", "missing or wrong API key"),
+        ("404", "no stored response with this id (never stored, expired or deleted)"),
+        ("503", "the response store (etcd) is unavailable"),
+    )}  # fmt: skip
+    return {
+        method: {
+            "summary": summary,
+            "security": [{"bearer": []}, {"apiKey": []}],
+            "parameters": [{"name": "response_id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": _json(_ref(ok), "the result"), **errors},
+        }
+    }  # fmt: skip
+
+
 @cache
 def _schemas() -> dict[str, Any]:
     _, defs = models_json_schema(
@@ -151,6 +175,20 @@ def openapi_document() -> dict[str, Any]:
                 _generated(MessageResponse),
                 AnthropicError,
                 generates=True,
+            ),
+            "/v1/responses": _post(
+                "OpenAI response (stored for previous_response_id unless store=false)",
+                _ref(ResponsesRequest),
+                _generated(ResponseObject),
+                OpenAIError,
+                generates=True,
+            ),
+            "/v1/responses/{response_id}": {
+                **_stored("get", "a stored response", ResponseObject),
+                **_stored("delete", "delete a stored response", ResponseDeleted),
+            },
+            "/v1/responses/{response_id}/cancel": _stored(
+                "post", "cancel a background response", ResponseObject
             ),
             "/v1/messages/count_tokens": _post(
                 "Anthropic token count: the prompt length /v1/messages would have",

@@ -7,10 +7,11 @@ by a timeout: a router must keep serving while etcd is away (the write then fail
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from etcd3aio import Etcd3Client, prefix_range_end
 
-from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
+from services.common.etcd_client import ETCD_OP_TIMEOUT_S, EtcdSession
 from services.common.membership import rebalance_policy_key, role_key, roles_prefix
 
 
@@ -22,8 +23,7 @@ class RoleStore:
     def __init__(self, endpoints: list[str], cluster: str) -> None:
         self.endpoints = endpoints
         self.cluster = cluster
-        self._client: Etcd3Client | None = None
-        self._lock = asyncio.Lock()  # one connect at a time
+        self._session = EtcdSession(endpoints)
 
     async def set(self, instance_id: str, role: str) -> None:
         async def put(c: Etcd3Client) -> None:
@@ -70,27 +70,12 @@ class RoleStore:
         return out
 
     async def close(self) -> None:
-        await self._drop()
+        await self._session.close()
 
-    async def _with_client(self, fn) -> None:
+    async def _with_client(self, fn: Callable[[Etcd3Client], Awaitable[None]]) -> None:
         try:
-            async with self._lock:
-                if self._client is None:
-                    self._client = await asyncio.wait_for(
-                        connect_etcd(self.endpoints), ETCD_OP_TIMEOUT_S + 1
-                    )
-                client = self._client
-            await asyncio.wait_for(fn(client), ETCD_OP_TIMEOUT_S + 1)
+            await self._session.call(fn)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await self._drop()
             raise RoleStoreError(f"etcd unavailable: {exc}") from exc
-
-    async def _drop(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            try:
-                await client.close()
-            except Exception:  # noqa: BLE001 - closing a broken client
-                pass

@@ -1,0 +1,165 @@
+"""OpenAI Responses API: POST /v1/responses (streaming, background), GET and DELETE
+/v1/responses/{id}, POST /v1/responses/{id}/cancel. A request is read into the chat
+completion it runs as (responses_input.py) on the same serving pipeline; responses_output.py
+writes the response; stored responses live in the cluster's ResponseStore (etcd), so any
+router answers for them. Errors are in OpenAI's format."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from services.router.api.openai import chat_messages, read_request
+from services.router.api.protocol.body import read_json_object
+from services.router.api.protocol.common import ModelTarget, parse
+from services.router.api.protocol.responses import ResponsesRequest
+from services.router.api.responses_input import chat_body, checked_metadata, echo_fields
+from services.router.api.responses_output import ResponsesOutput
+from services.router.errors import APIError, bad_request
+from services.router.features.structured import may_compile
+from services.router.prompt import checked_chat_prompt
+from services.router.serving import ServeRequest, run_detached, serve
+
+if TYPE_CHECKING:
+    from services.router.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+CANCEL_POLL_S = 1.0  # how often a background run looks for a cancel made on another router
+
+
+async def _record(gw: Gateway, rid: str, param: str = "response_id") -> dict[str, Any]:
+    """The stored record of ``rid``; 404 when there is none, 503 when etcd cannot answer."""
+    try:
+        record = await gw.responses.get(rid)
+    except Exception as exc:  # noqa: BLE001 - etcd away
+        raise APIError(503, f"the response store is unavailable: {exc}") from None
+    if record is None:
+        raise APIError(404, f"Response with id '{rid}' not found.", param=param,
+                       code="not_found")  # fmt: skip
+    return record
+
+
+async def create(gw: Gateway, request: Request) -> Response:
+    """POST /v1/responses."""
+    started, rid = time.monotonic(), "resp_" + uuid.uuid4().hex
+    try:
+        body = await read_json_object(request, gw.cfg.max_body_bytes)
+        model, max_len = gw.resolve_model(parse(ModelTarget, body).model)
+        typed = parse(ResponsesRequest, body, max_tokens_limit=gw.cfg.max_tokens_limit)
+        checked_metadata(typed.metadata)
+        if typed.background and not typed.store:
+            raise bad_request("'background' needs 'store': true", param="background")
+        if typed.background and typed.stream:
+            raise bad_request("'background' with 'stream' is not supported", param="stream")
+        history: list[dict[str, Any]] = []
+        if typed.previous_response_id:
+            previous = await _record(gw, typed.previous_response_id, "previous_response_id")
+            history = previous["messages"]
+        chat = chat_body(typed, history)
+        # NOTE: a constraint's grammar compiles while the body is read: off the loop.
+        size = None if may_compile(chat) else 0
+        _, params, tool_setup = await gw.offload.run(size, read_request, gw, chat, True)
+        prompt, images = await checked_chat_prompt(
+            gw, chat_messages(chat["messages"]), tool_setup, params.max_tokens, max_len
+        )
+    except APIError as err:
+        gw.metrics.count_request("responses", err.status)
+        return err.openai_response()
+    req = ServeRequest.create(gw, "responses", rid, model, [prompt], images, params, tool_setup,
+                              started)  # fmt: skip
+    conversation = chat["messages"][1:] if typed.instructions else chat["messages"]
+    out = ResponsesOutput(req, echo_fields(typed), conversation,
+                          gw.responses if typed.store else None)  # fmt: skip
+    req.finish = out.finish
+    if not typed.background:
+        return await serve(gw, request, req, out, typed.stream)
+    queued = out.skeleton("queued")
+    await gw.responses.put(rid, out.record(queued))
+    gw.background[rid] = asyncio.create_task(_background(gw, req, out))
+    return JSONResponse(queued)
+
+
+async def _background(gw: Gateway, req: ServeRequest, out: ResponsesOutput) -> None:
+    """Run a background response to its end, storing what became of it; cancelled from this
+    router (its task) or another one (the stored status, looked at every CANCEL_POLL_S)."""
+    work = asyncio.ensure_future(run_detached(gw, req, out))
+    watch = asyncio.ensure_future(_cancelled_elsewhere(gw, req.rid))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+        await work
+    except asyncio.CancelledError:
+        # NOTE: a deleted response (DELETE pops it from gw.background first) stays deleted.
+        gone = watch.done() and not watch.cancelled() and watch.result() == "deleted"
+        if req.rid in gw.background and not gone:
+            await gw.responses.put(req.rid, out.record(out.skeleton("cancelled")))
+    except APIError as err:
+        failed = out.skeleton("failed", {"code": "server_error", "message": err.message})
+        await gw.responses.put(req.rid, out.record(failed))
+    except Exception as exc:
+        log.exception("background response %s failed", req.rid)
+        failed = out.skeleton("failed", {"code": "server_error", "message": str(exc)})
+        await gw.responses.put(req.rid, out.record(failed))
+    finally:
+        watch.cancel()
+        work.cancel()
+        gw.background.pop(req.rid, None)
+
+
+async def _cancelled_elsewhere(gw: Gateway, rid: str) -> str:
+    """Returns ("cancelled" or "deleted") once the stored response is."""
+    while True:
+        await asyncio.sleep(CANCEL_POLL_S)
+        try:
+            record = await gw.responses.get(rid)
+        except Exception:  # noqa: BLE001 - etcd away: look again later
+            continue
+        if record is None:
+            return "deleted"
+        if record["response"]["status"] == "cancelled":
+            return "cancelled"
+
+
+async def retrieve(gw: Gateway, request: Request) -> Response:
+    """GET /v1/responses/{response_id}."""
+    record = await _record(gw, request.path_params["response_id"])
+    return JSONResponse(record["response"])
+
+
+async def delete(gw: Gateway, request: Request) -> Response:
+    """DELETE /v1/responses/{response_id}; a background run still going is cancelled."""
+    rid = request.path_params["response_id"]
+    try:
+        found = await gw.responses.delete(rid)
+    except Exception as exc:  # noqa: BLE001 - etcd away
+        raise APIError(503, f"the response store is unavailable: {exc}") from None
+    if not found:
+        raise APIError(404, f"Response with id '{rid}' not found.", param="response_id",
+                       code="not_found")  # fmt: skip
+    if (task := gw.background.pop(rid, None)) is not None:
+        task.cancel()
+    return JSONResponse({"id": rid, "object": "response", "deleted": True})
+
+
+async def cancel(gw: Gateway, request: Request) -> Response:
+    """POST /v1/responses/{response_id}/cancel: a background response stops (its record
+    says ``cancelled``); a finished one is returned as it is."""
+    rid = request.path_params["response_id"]
+    record = await _record(gw, rid)
+    response = record["response"]
+    if not response.get("background"):
+        raise bad_request("only background responses can be cancelled", param="response_id")
+    if response["status"] in ("queued", "in_progress"):
+        response["status"] = "cancelled"
+        await gw.responses.put(rid, record)
+        if (task := gw.background.get(rid)) is not None:
+            task.cancel()
+    return JSONResponse(response)

@@ -1,0 +1,161 @@
+"""The Responses API over fake workers, a real etcd and two routers: stored responses are
+shared by both routers (GET, DELETE, previous_response_id), expire with their TTL, large ones
+stay in the router that made them; background runs and their cancel from either router;
+the event stream's order; bad input as OpenAI's 400s."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+from router_fakes import FakeEngine, start_fake_worker, start_gateway
+
+from services.common.etcd_server import EtcdServer
+from services.router.api.protocol.common import OpenAIError
+from services.router.api.protocol.responses import ResponseDeleted, ResponseObject
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio]
+
+MODEL = "fake-model"
+
+
+@pytest_asyncio.fixture
+async def routers():
+    with EtcdServer() as etcd:
+        worker = await start_fake_worker(etcd.endpoint, "rs", "w1", engine=FakeEngine(step_s=0.02))
+        # Router b keeps records of at most 2000 bytes in etcd; both expire them after 3 s.
+        a = await start_gateway(etcd.endpoint, "rs", response_ttl_s=3.0)
+        b = await start_gateway(etcd.endpoint, "rs", response_ttl_s=3.0,
+                                response_max_record_bytes=2000)  # fmt: skip
+        try:
+            async with (
+                httpx.AsyncClient(base_url=a.url, timeout=10) as ca,
+                httpx.AsyncClient(base_url=b.url, timeout=10) as cb,
+            ):
+                for c in (ca, cb):
+                    for _ in range(200):
+                        if (await c.get("/health")).status_code == 200:
+                            break
+                        await asyncio.sleep(0.05)
+                yield ca, cb
+        finally:
+            await asyncio.wait_for(a.stop(), 15)
+            await asyncio.wait_for(b.stop(), 15)
+            await asyncio.wait_for(worker.stop(), 15)
+
+
+async def _create(c: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
+    r = await c.post("/v1/responses", json={"model": MODEL, "max_output_tokens": 3, **body})
+    assert r.status_code == 200, r.text
+    return ResponseObject.model_validate(r.json()).model_dump()
+
+
+async def test_stored_responses_are_shared_and_expire(routers) -> None:
+    a, b = routers
+    first = await _create(a, input="hi", instructions="be brief", metadata={"k": "v"})
+    assert first["status"] == "incomplete" and first["output"][0]["content"][0]["text"]
+    assert first["usage"]["output_tokens"] == 3 and first["metadata"] == {"k": "v"}
+    got = await b.get(f"/v1/responses/{first['id']}")
+    assert got.status_code == 200 and got.json() == first
+    # The next turn, on the other router, continues the stored conversation: its prompt
+    # holds the earlier input and output (the fake tokenizer counts characters).
+    second = await _create(b, input="more", previous_response_id=first["id"])
+    alone = await _create(b, input="more")
+    assert second["usage"]["input_tokens"] > alone["usage"]["input_tokens"] + 10
+    assert second["previous_response_id"] == first["id"]
+    deleted = await b.delete(f"/v1/responses/{first['id']}")
+    assert ResponseDeleted.model_validate(deleted.json()).deleted
+    for c in (a, b):
+        missing = await c.get(f"/v1/responses/{first['id']}")
+        assert missing.status_code == 404
+        assert OpenAIError.model_validate(missing.json()).error.param == "response_id"
+    assert (await a.delete(f"/v1/responses/{first['id']}")).status_code == 404
+    unstored = await _create(a, input="x", store=False)
+    assert (await a.get(f"/v1/responses/{unstored['id']}")).status_code == 404
+    # Large records stay in the router that made them (b: 2000 bytes at most in etcd).
+    assert (await a.get(f"/v1/responses/{alone['id']}")).status_code == 200
+    big = await _create(b, input="y", metadata={f"k{i}": "v" * 200 for i in range(16)})
+    assert (await b.get(f"/v1/responses/{big['id']}")).status_code == 200
+    assert (await a.get(f"/v1/responses/{big['id']}")).status_code == 404
+    # All of them expire with the TTL.
+    await asyncio.sleep(3.5)
+    for rid, c in ((alone["id"], a), (big["id"], b)):
+        assert (await c.get(f"/v1/responses/{rid}")).status_code == 404
+    r = await a.post("/v1/responses", json={"model": MODEL, "input": "x",
+                                            "previous_response_id": alone["id"]})  # fmt: skip
+    assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id"
+
+
+async def test_background_runs_and_cancels_from_either_router(routers) -> None:
+    a, b = routers
+    queued = await _create(a, input="go", background=True, max_output_tokens=4)
+    assert queued["status"] == "queued" and queued["background"]
+    for _ in range(100):
+        done = (await b.get(f"/v1/responses/{queued['id']}")).json()
+        if done["status"] == "incomplete":
+            break
+        await asyncio.sleep(0.1)
+    assert done["status"] == "incomplete" and done["usage"]["output_tokens"] == 4
+    # A long run cancelled through the router that does not run it.
+    long = await _create(a, input="go", background=True, max_output_tokens=100)
+    cancelled = await b.post(f"/v1/responses/{long['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    await asyncio.sleep(2.5)  # the runner looks every second; it stopped without output
+    after = (await a.get(f"/v1/responses/{long['id']}")).json()
+    assert after["status"] == "cancelled" and after["output"] == []
+    plain = await _create(a, input="x")
+    r = await a.post(f"/v1/responses/{plain['id']}/cancel")
+    assert r.status_code == 400
+    r = await a.post("/v1/responses/resp_nope/cancel")
+    assert r.status_code == 404
+
+
+async def test_stream_events_in_order(routers) -> None:
+    a, _ = routers
+    body = {"model": MODEL, "input": "hi", "max_output_tokens": 3, "stream": True}
+    events = []
+    async with a.stream("POST", "/v1/responses", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    kinds = [e["type"] for e in events]
+    assert kinds == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.content_part.added", *["response.output_text.delta"] * 3,
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.incomplete",
+    ]  # fmt: skip
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    final = ResponseObject.model_validate(events[-1]["response"])
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert final.output[0].content[0].text == text == events[7]["text"]  # type: ignore[union-attr]
+    stored = await a.get(f"/v1/responses/{final.id}")
+    assert stored.json() == events[-1]["response"]
+
+
+BAD = [
+    ({"input": []}, "input"),
+    ({"input": 5}, "input"),
+    ({"input": [{"role": "robot", "content": "x"}]}, "input"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),
+    ({"input": [{"role": "user", "content": [{"type": "input_file"}]}]}, "input"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "tool_choice": "required"}, "tool_choice"),
+    ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "text"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "temperature": 3}, "temperature"),
+    ({"input": "x", "background": True, "store": False}, "background"),
+    ({"input": "x", "metadata": {"k": 1}}, "metadata"),
+]
+
+
+async def test_bad_input_is_400(routers) -> None:
+    for body, param in BAD:
+        r = await routers[0].post("/v1/responses", json={"model": MODEL, **body})
+        assert r.status_code == 400, (body, r.text)
+        assert OpenAIError.model_validate(r.json()).error.param == param, (body, r.text)
