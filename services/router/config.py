@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 
 from services.common.grpc_utils import GrpcTLS
@@ -208,6 +210,23 @@ class RouterConfig:
         },
     )
     otlp_traces_endpoint: str = field(default="", metadata={"help": OTLP_TRACES_HELP})
+    batch_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder of the Batch APIs' files and results; every router of a cluster "
+            "must see the same one (default: <tmp>/epdserve-batches-<cluster>)"
+        },
+    )
+    batch_max_file_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata={"help": "largest batch input file (or message batch body) accepted (else 400)"},
+    )
+    batch_max_lines: int = field(
+        default=50000, metadata={"help": "most requests in one batch (else 400)"}
+    )
+    batch_concurrency: int = field(
+        default=8, metadata={"help": "lines of one batch the leader router runs at a time"}
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -251,7 +270,8 @@ class RouterConfig:
         for name in (
             "max_body_bytes", "max_n", "max_prompts", "max_queued_tokens", "max_images",
             "max_image_bytes", "max_image_pixels", "response_max_record_bytes",
-            "response_max_records", "response_local_bytes",
+            "response_max_records", "response_local_bytes", "batch_max_file_bytes",
+            "batch_max_lines", "batch_concurrency",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -293,6 +313,12 @@ class RouterConfig:
     @property
     def etcd_endpoints(self) -> list[str]:
         return [e.strip() for e in self.etcd.split(",") if e.strip()]
+
+    @property
+    def batch_root(self) -> str:
+        return self.batch_dir or os.path.join(
+            tempfile.gettempdir(), f"epdserve-batches-{self.cluster}"
+        )
 
     @property
     def image_limits(self) -> ImageLimits:

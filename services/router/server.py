@@ -16,12 +16,15 @@ from starlette.routing import Route
 
 from services.common.grpc_utils import ROLES
 from services.router.api import anthropic as anthropic_api
+from services.router.api import batches as batches_api
+from services.router.api import message_batches
 from services.router.api import openai as openai_api
 from services.router.api import responses as responses_api
 from services.router.api import tokenize as tokenize_api
 from services.router.api.admin import admin_routes
 from services.router.api.openapi import openapi_document
 from services.router.auth import check_api_key
+from services.router.batches.service import BatchService
 from services.router.errors import APIError, ClientDisconnected
 from services.router.gateway import Gateway
 from services.router.metrics import API_OF_PATH
@@ -109,13 +112,41 @@ async def _metrics(gw: Gateway, request: Request) -> Response:
     return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def _batch_routes() -> list[Route]:
+    """The OpenAI Files + Batch APIs and the Anthropic Message Batches API."""
+    b, m = batches_api, message_batches
+
+    def anthropic(fn: Callable[[Gateway, Request], Awaitable[Response]]) -> Callable:
+        return _guard(fn, anthropic=True)
+
+    return [
+        Route("/v1/files", _guard(b.create_file), methods=["POST"]),
+        Route("/v1/files", _guard(b.list_files), methods=["GET"]),
+        Route("/v1/files/{file_id}", _guard(b.get_file), methods=["GET"]),
+        Route("/v1/files/{file_id}", _guard(b.delete_file), methods=["DELETE"]),
+        Route("/v1/files/{file_id}/content", _guard(b.file_content), methods=["GET"]),
+        Route("/v1/batches", _guard(b.create_batch), methods=["POST"]),
+        Route("/v1/batches", _guard(b.list_batches), methods=["GET"]),
+        Route("/v1/batches/{batch_id}", _guard(b.get_batch), methods=["GET"]),
+        Route("/v1/batches/{batch_id}/cancel", _guard(b.cancel_batch), methods=["POST"]),
+        Route("/v1/messages/batches", anthropic(m.create), methods=["POST"]),
+        Route("/v1/messages/batches", anthropic(m.list_batches), methods=["GET"]),
+        Route("/v1/messages/batches/{batch_id}", anthropic(m.retrieve), methods=["GET"]),
+        Route("/v1/messages/batches/{batch_id}/cancel", anthropic(m.cancel), methods=["POST"]),
+        Route("/v1/messages/batches/{batch_id}/results", anthropic(m.results), methods=["GET"]),
+    ]
+
+
 def build_app(gateway: Gateway) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.start()
+        batches = app.state.batches = BatchService(gateway)
+        await batches.start()
         try:
             yield
         finally:
+            await batches.stop()
             await gateway.stop()
 
     routes = [
@@ -140,6 +171,7 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/health", _guard(_health, auth=False), methods=["GET"]),
         Route("/metrics", _guard(_metrics, auth=False), methods=["GET"]),
         Route("/openapi.json", _guard(_openapi, auth=False), methods=["GET"]),
+        *_batch_routes(),
         *admin_routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

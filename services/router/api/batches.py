@@ -1,0 +1,171 @@
+"""OpenAI Files and Batch APIs: /v1/files (upload a JSONL of requests, read, list, delete)
+and /v1/batches (create, retrieve, list, cancel). The lines are checked at upload and at
+creation (400s in OpenAI's format); the leader router runs them (batches/executor.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import email.policy
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from services.router.api.protocol.body import read_body, read_json_object
+from services.router.batches.records import BatchRecord
+from services.router.batches.service import BatchService, page_limit, paginate
+from services.router.batches.validate import check_endpoint, parse_openai_file, parse_stored
+from services.router.errors import APIError, bad_request
+
+if TYPE_CHECKING:
+    from services.router.gateway import Gateway
+
+MULTIPART_OVERHEAD = 64 * 1024  # form fields and part headers around the file's bytes
+
+
+def _service(request: Request) -> BatchService:
+    return request.app.state.batches
+
+
+def _form(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """The fields of a multipart/form-data body: name -> (file name, bytes)."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise bad_request("the body must be multipart/form-data with 'file' and 'purpose'")
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
+    if not msg.is_multipart():
+        raise bad_request("the multipart body could not be read")
+    out: dict[str, tuple[str | None, bytes]] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str):
+            payload = part.get_payload(decode=True)
+            out[name] = (part.get_filename(), payload if isinstance(payload, bytes) else b"")
+    return out
+
+
+async def create_file(gw: Gateway, request: Request) -> Response:
+    """POST /v1/files: a batch input file, checked line by line before it is kept."""
+    limit = gw.cfg.batch_max_file_bytes
+    try:
+        raw = await read_body(request, limit + MULTIPART_OVERHEAD)
+    except APIError as err:
+        if err.status != 413:
+            raise
+        raise bad_request(f"the file exceeds the limit of {limit} bytes", param="file",
+                          code="file_too_large") from None  # fmt: skip
+    form = await asyncio.to_thread(_form, request.headers.get("content-type", ""), raw)
+    purpose = form.get("purpose", (None, b""))[1].decode(errors="replace")
+    if purpose != "batch":
+        raise bad_request(f"purpose must be 'batch' (the only one served); got {purpose!r}",
+                          param="purpose")  # fmt: skip
+    if "file" not in form:
+        raise bad_request("a 'file' field is required", param="file")
+    filename, content = form["file"]
+    if len(content) > limit:
+        raise bad_request(f"the file exceeds the limit of {limit} bytes", param="file",
+                          code="file_too_large")  # fmt: skip
+    await asyncio.to_thread(parse_openai_file, content, gw.cfg.batch_max_lines)
+    svc = _service(request)
+    meta = await asyncio.to_thread(svc.files.create, content, filename or "batch.jsonl", "batch")
+    return JSONResponse(meta)
+
+
+def _file_or_404(svc: BatchService, file_id: str) -> dict[str, Any]:
+    meta = svc.files.get(file_id)
+    if meta is None:
+        raise APIError(404, f"No such File object: {file_id}", param="id", code="not_found")
+    return meta
+
+
+async def get_file(gw: Gateway, request: Request) -> Response:
+    return JSONResponse(_file_or_404(_service(request), request.path_params["file_id"]))
+
+
+async def file_content(gw: Gateway, request: Request) -> Response:
+    svc, file_id = _service(request), request.path_params["file_id"]
+    _file_or_404(svc, file_id)
+    content = await svc.read_file(file_id)
+    if content is None:
+        raise APIError(404, f"No such File object: {file_id}", param="id", code="not_found")
+    return Response(content, media_type="application/octet-stream")
+
+
+async def delete_file(gw: Gateway, request: Request) -> Response:
+    svc, file_id = _service(request), request.path_params["file_id"]
+    _file_or_404(svc, file_id)
+    await asyncio.to_thread(svc.files.delete, file_id)
+    return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
+
+async def list_files(gw: Gateway, request: Request) -> Response:
+    q = request.query_params
+    limit = page_limit(q.get("limit"), 10000, 10000)
+    files = await asyncio.to_thread(_service(request).files.list, q.get("purpose"))
+    if q.get("order", "desc") == "asc":
+        files.reverse()
+    page, more = paginate(files, lambda f: f["id"], limit, q.get("after"))
+    return JSONResponse(_list(page, more, lambda f: f["id"]))
+
+
+def _list(page: list[Any], more: bool, key: Any) -> dict[str, Any]:
+    return {
+        "object": "list", "data": [p if isinstance(p, dict) else p.openai() for p in page],
+        "first_id": key(page[0]) if page else None, "last_id": key(page[-1]) if page else None,
+        "has_more": more,
+    }  # fmt: skip
+
+
+async def create_batch(gw: Gateway, request: Request) -> Response:
+    """POST /v1/batches: checked now (file, endpoint, window, every line's url and model)."""
+    svc = _service(request)
+    body = await read_json_object(request, gw.cfg.max_body_bytes)
+    window, endpoint = body.get("completion_window"), body.get("endpoint")
+    if window != "24h":
+        raise bad_request(f"completion_window must be '24h'; got {window!r}",
+                          param="completion_window")  # fmt: skip
+    file_id = body.get("input_file_id")
+    if not isinstance(file_id, str):
+        raise bad_request("input_file_id must be a string", param="input_file_id")
+    meta = svc.files.get(file_id)
+    if meta is None:
+        raise APIError(404, f"No such File object: {file_id}", param="input_file_id",
+                       code="not_found")  # fmt: skip
+    if meta.get("purpose") != "batch":
+        raise bad_request(f"file {file_id} has purpose {meta.get('purpose')!r}, not 'batch'",
+                          param="input_file_id")  # fmt: skip
+    metadata = body.get("metadata")
+    if metadata is not None and not (
+        isinstance(metadata, dict) and len(metadata) <= 16
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):  # fmt: skip
+        raise bad_request("metadata must map at most 16 strings to strings", param="metadata")
+    content = await svc.read_file(file_id)
+    if content is None:
+        raise APIError(404, f"No such File object: {file_id}", param="input_file_id")
+    lines = await asyncio.to_thread(parse_stored, content)
+    check_endpoint(lines, endpoint if isinstance(endpoint, str) else repr(endpoint))
+    svc.check_models(lines, "input_file_id")
+    rec = BatchRecord(f"batch_{uuid.uuid4().hex}", "openai", str(endpoint), file_id,
+                      int(time.time()), total=len(lines), metadata=metadata)  # fmt: skip
+    return JSONResponse((await svc.create(rec)).openai())
+
+
+async def get_batch(gw: Gateway, request: Request) -> Response:
+    rec = await _service(request).get(request.path_params["batch_id"], "openai")
+    return JSONResponse(rec.openai())
+
+
+async def cancel_batch(gw: Gateway, request: Request) -> Response:
+    rec = await _service(request).cancel(request.path_params["batch_id"], "openai")
+    return JSONResponse(rec.openai())
+
+
+async def list_batches(gw: Gateway, request: Request) -> Response:
+    q = request.query_params
+    limit = page_limit(q.get("limit"), 20, 100)
+    page, more = await _service(request).page("openai", limit, q.get("after"))
+    return JSONResponse(_list(page, more, lambda r: r.id))

@@ -1,0 +1,1 @@
+"""The Batch APIs (OpenAI batches, Anthropic message batches): files, durable state, the executor."""

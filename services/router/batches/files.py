@@ -1,0 +1,101 @@
+"""Files of the Batch APIs under the batch directory (``--batch-dir``): the uploaded input
+JSONL and the output / error / results files the executor writes.
+
+``<dir>/files/<id>`` holds a file's bytes and ``<dir>/files/<id>.json`` its OpenAI file
+object; both are written to a temporary name, flushed to disk and renamed, so a router killed
+mid-write leaves either the whole file or none. Every router of a cluster must see the same
+directory (one volume, ReadWriteMany with several replicas): the leader writes outputs that
+another router may serve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+_ID = re.compile(r"^file-[A-Za-z0-9_-]{1,64}$")  # NOTE: ids name paths: nothing else passes
+
+
+def sync_write(path: Path, data: bytes) -> None:
+    """``data`` at ``path`` whole or not at all, on disk when this returns."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    """The files folder of one batch directory (blocking calls: run them off the loop)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.dir = self.root / "files"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def new_id() -> str:
+        return f"file-{uuid.uuid4().hex}"
+
+    def create(
+        self, content: bytes, filename: str, purpose: str, file_id: str | None = None
+    ) -> dict[str, Any]:
+        """Store ``content``; its file object. ``file_id``: a chosen id (an output file named
+        after its batch, so a second writer replaces it instead of adding another)."""
+        file_id = file_id or self.new_id()
+        meta = {
+            "id": file_id, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+            "filename": filename, "purpose": purpose, "status": "processed",
+            "status_details": None, "expires_at": None,
+        }  # fmt: skip
+        sync_write(self.dir / file_id, content)
+        sync_write(self.dir / f"{file_id}.json", json.dumps(meta).encode())
+        return meta
+
+    def get(self, file_id: str) -> dict[str, Any] | None:
+        """The file object, or None (no such file, or not a file id)."""
+        if not _ID.match(file_id):
+            return None
+        try:
+            return json.loads((self.dir / f"{file_id}.json").read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def read(self, file_id: str) -> bytes | None:
+        if self.get(file_id) is None:
+            return None
+        try:
+            return (self.dir / file_id).read_bytes()
+        except OSError:
+            return None
+
+    def list(self, purpose: str | None = None) -> list[dict[str, Any]]:
+        """Every file object (of ``purpose``), newest first."""
+        out = []
+        for meta_path in self.dir.glob("file-*.json"):
+            try:
+                meta = json.loads(meta_path.read_bytes())
+            except (OSError, ValueError):
+                continue
+            if purpose is None or meta.get("purpose") == purpose:
+                out.append(meta)
+        out.sort(key=lambda m: (m.get("created_at", 0), m["id"]), reverse=True)
+        return out
+
+    def delete(self, file_id: str) -> bool:
+        if self.get(file_id) is None:
+            return False
+        for path in (self.dir / f"{file_id}.json", self.dir / file_id):
+            path.unlink(missing_ok=True)
+        return True
