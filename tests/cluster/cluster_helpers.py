@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,30 @@ from services.common.proto import worker_pb2_grpc as pb_grpc
 TINY_NAME = "tiny-llama"
 # A small KV cache keeps worker start-up quick; the tiny model needs ~512 B per token.
 TINY_ENGINE = {"max_model_len": 512, "kv_cache_bytes": 32 * 1024 * 1024, "max_num_seqs": 16}
+
+
+# A Qwen2.5-style template: tools in the system turn, calls and results as Hermes text.
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n<tools>{% for t in tools %}\n{{ t | tojson }}"
+    "{% endfor %}\n</tools><|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n"
+    "{{ m.content }}\n</tool_response><|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n"
+    "{{ m.content or '' }}{% for tc in m.tool_calls or [] %}<tool_call>\n"
+    '{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}'
+    "\n</tool_call>{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tool_model(model_dir: Path, tmp_path_factory) -> Path:
+    """A copy of a tiny model whose chat template renders tools, calls and results."""
+    model = tmp_path_factory.mktemp("tool-model") / "tiny"
+    shutil.copytree(model_dir, model)
+    (model / "chat_template.jinja").write_text(TOOL_TEMPLATE)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)  # the .jinja file is the template
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    return model
 
 
 def start_cluster(model_dir: Path | None, workers: int = 1, **spec: object) -> LocalCluster:

@@ -5,10 +5,9 @@ earlier calls and results renders; tool_choice "none" is plain chat."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-from cluster_helpers import TINY_NAME, anthropic_client, openai_client, start_cluster
+from cluster_helpers import TINY_NAME, anthropic_client, openai_client, start_cluster, tool_model
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -29,17 +28,6 @@ CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
     "additionalProperties": False}}}  # fmt: skip
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 GREEDY = {"temperature": 0}
-# A Qwen2.5-style template: tools in the system turn, calls and results as Hermes text.
-TOOL_TEMPLATE = (
-    "{% if tools %}<|im_start|>system\n# Tools\n<tools>{% for t in tools %}\n{{ t | tojson }}"
-    "{% endfor %}\n</tools><|im_end|>\n{% endif %}"
-    "{% for m in messages %}{% if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n"
-    "{{ m.content }}\n</tool_response><|im_end|>\n{% else %}<|im_start|>{{ m.role }}\n"
-    "{{ m.content or '' }}{% for tc in m.tool_calls or [] %}<tool_call>\n"
-    '{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}'
-    "\n</tool_call>{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def check_args(name: str, arguments: str | dict) -> None:
@@ -55,13 +43,7 @@ def check_args(name: str, arguments: str | dict) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir, tmp_path_factory):
-    model = tmp_path_factory.mktemp("tool-model") / "tiny"
-    shutil.copytree(tiny_model_dir("llama"), model)
-    (model / "chat_template.jinja").write_text(TOOL_TEMPLATE)
-    config = json.loads((model / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)  # the .jinja file is the template
-    (model / "tokenizer_config.json").write_text(json.dumps(config))
-    c = start_cluster(model, workers=1)
+    c = start_cluster(tool_model(tiny_model_dir("llama"), tmp_path_factory), workers=1)
     yield c
     c.stop()
 

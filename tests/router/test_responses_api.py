@@ -23,6 +23,13 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio]
 MODEL = "fake-model"
 
 
+async def _healthy(c: httpx.AsyncClient) -> None:
+    for _ in range(200):
+        if (await c.get("/health")).status_code == 200:
+            return
+        await asyncio.sleep(0.05)
+
+
 @pytest_asyncio.fixture
 async def routers():
     with EtcdServer() as etcd:
@@ -37,10 +44,7 @@ async def routers():
                 httpx.AsyncClient(base_url=b.url, timeout=10) as cb,
             ):
                 for c in (ca, cb):
-                    for _ in range(200):
-                        if (await c.get("/health")).status_code == 200:
-                            break
-                        await asyncio.sleep(0.05)
+                    await _healthy(c)
                 yield ca, cb
         finally:
             await asyncio.wait_for(a.stop(), 15)
@@ -159,3 +163,30 @@ async def test_bad_input_is_400(routers) -> None:
         r = await routers[0].post("/v1/responses", json={"model": MODEL, **body})
         assert r.status_code == 400, (body, r.text)
         assert OpenAIError.model_validate(r.json()).error.param == param, (body, r.text)
+
+
+async def test_reasoning_item_with_a_reasoning_parser() -> None:
+    # DeepSeek-R1's output is reasoning until </think>: here, all of the fake engine's text.
+    with EtcdServer() as etcd:
+        worker = await start_fake_worker(etcd.endpoint, "rr", "w1")
+        gw = await start_gateway(etcd.endpoint, "rr", reasoning_parser="deepseek_r1")
+        try:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
+                await _healthy(c)
+                body = await _create(c, input="think", store=False)
+                assert [i["type"] for i in body["output"]] == ["reasoning"]
+                assert body["output"][0]["content"][0]["text"] == "w0 w1 w2 "
+                events = []
+                async with c.stream("POST", "/v1/responses", json={
+                    "model": MODEL, "input": "think", "max_output_tokens": 3, "stream": True,
+                }) as r:  # fmt: skip
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            events.append(json.loads(line[6:]))
+        finally:
+            await asyncio.wait_for(gw.stop(), 15)
+            await asyncio.wait_for(worker.stop(), 15)
+    deltas = [e["delta"] for e in events if e["type"] == "response.reasoning_text.delta"]
+    assert "".join(deltas) == "w0 w1 w2 "
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "w0 w1 w2 "
+    assert not any(e["type"].startswith("response.output_text") for e in events)

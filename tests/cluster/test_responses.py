@@ -1,0 +1,131 @@
+"""The OpenAI Responses API through the official SDK against a real cluster (etcd, worker,
+router; a tiny random model whose template renders tools): greedy output equal to the same
+conversation through chat completions, the typed event stream, a function tool round trip,
+previous_response_id, structured output, retrieve / delete and bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from cluster_helpers import TINY_NAME, openai_client, start_cluster, tool_model
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+ASK = "What is the weather in Paris?"
+PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+          "required": ["city"], "additionalProperties": False}  # fmt: skip
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
+           "parameters": PARAMS}  # fmt: skip
+CHAT_WEATHER = {"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}
+GREEDY = {"temperature": 0, "max_output_tokens": 10}
+
+
+@pytest.fixture(scope="module")
+def oai(tiny_model_dir, tmp_path_factory):
+    c = start_cluster(tool_model(tiny_model_dir("llama"), tmp_path_factory), workers=1)
+    yield openai_client(c, timeout=120)
+    c.stop()
+
+
+def chat_text(oai, messages: list[dict], **kw) -> str:
+    r = oai.chat.completions.create(model=TINY_NAME, messages=messages, max_tokens=10,
+                                    temperature=0, **kw)  # fmt: skip
+    return r.choices[0].message.content
+
+
+def test_plain_and_streamed_equal_chat(oai) -> None:
+    r = oai.responses.create(model=TINY_NAME, input=ASK, instructions="Be brief.", **GREEDY)
+    ref = chat_text(oai, [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": ASK}])  # fmt: skip
+    assert r.output_text == ref and r.status in ("completed", "incomplete")
+    assert r.usage.output_tokens > 0 and r.usage.input_tokens > 10
+    assert [i.type for i in r.output] == ["message"]
+    events = list(oai.responses.create(model=TINY_NAME, input=ASK, instructions="Be brief.",
+                                       stream=True, **GREEDY))  # fmt: skip
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]  # fmt: skip
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", f"response.{r.status}"]  # fmt: skip
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-1].response.output_text == ref
+    assert events[-1].response.usage.output_tokens == r.usage.output_tokens
+
+
+def test_function_call_round_trip(oai) -> None:
+    first = oai.responses.create(model=TINY_NAME, input=ASK, tools=[WEATHER],
+                                 tool_choice={"type": "function", "name": "get_weather"},
+                                 max_output_tokens=48, temperature=0)  # fmt: skip
+    calls = [i for i in first.output if i.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather", first.output
+    args = json.loads(calls[0].arguments)
+    assert set(args) == {"city"} and len(args["city"]) <= 8
+    # The streamed call: one item, its arguments in deltas, the same call.
+    events = list(oai.responses.create(model=TINY_NAME, input=ASK, tools=[WEATHER], stream=True,
+                                       tool_choice={"type": "function", "name": "get_weather"},
+                                       max_output_tokens=48, temperature=0))  # fmt: skip
+    kinds = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in kinds
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert done.arguments == calls[0].arguments
+    # The result goes back with previous_response_id: the same prompt as the chat turns.
+    second = oai.responses.create(
+        model=TINY_NAME, previous_response_id=first.id, tools=[WEATHER], **GREEDY,
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "22 C"}],
+    )  # fmt: skip
+    ref = chat_text(oai, [
+        {"role": "user", "content": ASK},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": calls[0].call_id,
+         "type": "function", "function": {"name": "get_weather", "arguments": calls[0].arguments}}]},
+        {"role": "tool", "tool_call_id": calls[0].call_id, "content": "22 C"},
+    ], tools=[CHAT_WEATHER])  # fmt: skip
+    texts = [i for i in second.output if i.type == "message"]
+    assert (texts[0].content[0].text if texts else "") == (ref or "")
+    assert second.previous_response_id == first.id
+
+
+def test_conversation_retrieve_delete(oai) -> None:
+    first = oai.responses.create(model=TINY_NAME, input="Hello there.", **GREEDY)
+    second = oai.responses.create(model=TINY_NAME, input="And then?",
+                                  previous_response_id=first.id, **GREEDY)  # fmt: skip
+    ref = chat_text(oai, [{"role": "user", "content": "Hello there."},
+                          {"role": "assistant", "content": first.output_text},
+                          {"role": "user", "content": "And then?"}])  # fmt: skip
+    assert second.output_text == ref
+    got = oai.responses.retrieve(second.id)
+    assert got.id == second.id and got.output_text == second.output_text
+    oai.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.retrieve(second.id)
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.create(model=TINY_NAME, input="x", previous_response_id=second.id)
+
+
+def test_structured_output(oai) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}  # fmt: skip
+    r = oai.responses.create(model=TINY_NAME, input="A number?", temperature=0,
+                             max_output_tokens=32,
+                             text={"format": {"type": "json_schema", "name": "num",
+                                              "schema": schema}})  # fmt: skip
+    value = json.loads(r.output_text)
+    assert set(value) == {"n"} and isinstance(value["n"], int)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"input": []},
+        {"input": "x", "tools": [{"type": "web_search"}]},
+        {"input": [{"type": "function_call_output", "output": "no call id"}]},
+        {"input": "x", "max_output_tokens": 100000},
+    ],
+    ids=["empty", "builtin-tool", "no-call-id", "context"],
+)
+def test_bad_input_is_400(oai, kw) -> None:
+    with pytest.raises(openai.BadRequestError):
+        oai.responses.create(model=TINY_NAME, **kw)
