@@ -10,6 +10,21 @@ import pytest
 
 FAMILIES = ("llama", "llama3_rope", "qwen2", "qwen3")
 MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral")
+# The tiny models' shape (a transformers config's keyword arguments).
+TINY_CONFIG = dict(
+    vocab_size=49152,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    # Larger than the usual 0.02 so that greedy choices are not near-ties.
+    initializer_range=0.2,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
@@ -18,20 +33,7 @@ def build_tiny_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     import torch
     import transformers
 
-    common = dict(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        # Larger than the usual 0.02 so that greedy choices are not near-ties.
-        initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    common = TINY_CONFIG
     if family == "llama":
         cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True)
         cls = transformers.LlamaForCausalLM

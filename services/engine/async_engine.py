@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 from services.engine.config import EngineConfig
 from services.engine.llm_engine import LLMEngine
 from services.engine.outputs import EngineStats, RequestFailedError, RequestOutput
+from services.engine.pooler import Pooler
+from services.engine.pooling_params import PoolingOutput, PoolingParams
 from services.engine.resume import Resume
 from services.engine.sampling_params import SamplingParams
 
@@ -35,7 +37,8 @@ class AsyncLLMEngine:
         self._commands: queue.Queue[tuple[Callable[[LLMEngine], Any], asyncio.Future[Any]]] = (
             queue.Queue()
         )
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        # Each request's outputs (a pooling request's one PoolingOutput), or the error.
+        self._streams: dict[str, asyncio.Queue[Any]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -123,6 +126,30 @@ class AsyncLLMEngine:
             if not finished and self._dead is None and not self._stopping.is_set():
                 await self.call(lambda e: e.abort_request(request_id))
 
+    async def pool(
+        self, request_id: str, token_ids: list[int], params: PoolingParams
+    ) -> PoolingOutput:
+        """A pooling model's result for one input (pooler.py). ValueError for a bad input,
+        RequestFailedError when the engine failed it alone; cancelled: dropped from the queue."""
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already running")
+        stream: asyncio.Queue[Any] = asyncio.Queue()
+        self._streams[request_id] = stream
+        done = False
+        try:
+            await self.call(lambda e: _pooler(e).add(request_id, token_ids, params))
+            item = await stream.get()
+            done = True
+            if isinstance(item, BaseException):
+                raise item
+            if item.error is not None:
+                raise RequestFailedError(item.error)
+            return item
+        finally:
+            self._streams.pop(request_id, None)
+            if not done and self._dead is None and not self._stopping.is_set():
+                await self.call(lambda e: _pooler(e).abort(request_id))
+
     async def prepare(self, params: SamplingParams) -> None:
         """Work a request needs before it can be scheduled, done in a worker thread instead
         of the step thread: compiling its structured-output grammar (the first one also
@@ -190,6 +217,9 @@ class AsyncLLMEngine:
             while not self._stopping.is_set():
                 self._drain_commands(engine)
                 self._stats = engine.stats()
+                if engine.pooler is not None and engine.pooler.has_work:
+                    self._deliver(engine.pooler.step())
+                    continue
                 if not engine.scheduler.has_work:
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -235,7 +265,7 @@ class AsyncLLMEngine:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(done)
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _deliver(self, outputs: list[RequestOutput] | list[PoolingOutput]) -> None:
         assert self._loop is not None
 
         def put() -> None:
@@ -266,3 +296,9 @@ class AsyncLLMEngine:
             except queue.Empty:
                 break
             self._resolve(fut, exc=err)
+
+
+def _pooler(engine: LLMEngine) -> Pooler:
+    if engine.pooler is None:
+        raise ValueError(f"{engine.model_name} is a generative model: it does not pool")
+    return engine.pooler

@@ -8,6 +8,7 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEVICES = ("cpu", "cuda", "npu")
 LOAD_FORMATS = ("auto", "dummy")
 CPU_LINEAR = ("auto", "onednn", "torch")
+POOLING = ("auto", "none", "embed", "classify")
 
 
 @dataclass
@@ -50,6 +51,14 @@ class EngineConfig:
     # "torch" (F.linear: MKL), "auto" (oneDNN where it is faster on this CPU; see
     # layers/cpu_linear.py).
     cpu_linear: str = "auto"
+    # Serve a pooling model (embeddings, rerank, score) instead of generation: "embed" (the
+    # last token's hidden state, normalised: Qwen3-Embedding), "classify" (a classification
+    # head on the last token), "none" (generation), "auto" (*ForSequenceClassification:
+    # classify; a bare *Model: embed; else generation). See pooler.py.
+    pooling: str = "auto"
+    # Make a causal LM a yes/no reranker from its lm_head rows of two tokens, "no,yes"
+    # (Qwen3-Reranker, as vLLM's classifier_from_token); implies pooling "classify".
+    classifier_from_tokens: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -62,6 +71,12 @@ class EngineConfig:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.cpu_linear not in CPU_LINEAR:
             raise ValueError(f"cpu_linear must be one of {CPU_LINEAR}, got {self.cpu_linear!r}")
+        if self.pooling not in POOLING:
+            raise ValueError(f"pooling must be one of {POOLING}, got {self.pooling!r}")
+        if self.classifier_from_tokens is not None:
+            if self.pooling not in ("auto", "classify"):
+                raise ValueError("classifier_from_tokens makes a classifier: pooling 'classify'")
+            self.pooling = "classify"
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_num_seqs < 1:

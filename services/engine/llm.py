@@ -8,6 +8,7 @@ from typing import Any
 from services.engine.config import EngineConfig
 from services.engine.llm_engine import LLMEngine
 from services.engine.outputs import CompletionOutput, RequestOutput
+from services.engine.pooling_params import PoolingOutput, PoolingParams
 from services.engine.sampling_params import SamplingParams
 
 
@@ -54,6 +55,25 @@ class LLM:
                     results[i].prompt = prompt if isinstance(prompt, str) else None  # type: ignore[union-attr]
                 _accumulate(results[i], out)  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
+
+    def encode(
+        self, prompts: list[str] | list[list[int]], params: PoolingParams | None = None
+    ) -> list[PoolingOutput]:
+        """Pooling models: one pooled vector (an embedding, or the head's scores) per prompt,
+        in order. Strings are tokenized with the tokenizer's special tokens."""
+        pooler = self.engine.pooler
+        if pooler is None:
+            raise ValueError(f"{self.engine.model_name} is not a pooling model")
+        params = params or PoolingParams(task=pooler.task)
+        rids = []
+        for prompt in prompts:
+            rids.append(f"llm-{next(self._ids)}")
+            ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
+            pooler.add(rids[-1], ids, params)
+        results: dict[str, PoolingOutput] = {}
+        while pooler.has_work:
+            results.update((out.request_id, out) for out in pooler.step())
+        return [results[rid] for rid in rids]
 
     def chat(
         self,

@@ -29,10 +29,11 @@ from services.engine.kv_tiers import KVTierManager, StoreTier
 from services.engine.model_files import served_name
 from services.engine.model_loader import load_hf_config, resolve_model
 from services.engine.model_runner import ModelRunner
-from services.engine.models.registry import resolve_model_class
+from services.engine.models.registry import architecture
 from services.engine.multimodal import ImageInputs
 from services.engine.output_processor import OutputProcessor, RequestState
 from services.engine.outputs import EngineStats, RequestOutput, TokenLogprobs
+from services.engine.pooler import Pooler, pooling_hook, pooling_task
 from services.engine.resume import Resume
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
@@ -58,8 +59,10 @@ class LLMEngine:
         self.model_path = resolve_model(config.model)
         self.model_name = config.served_model_name or served_name(config.model)
         self.hf_config = load_hf_config(self.model_path)
-        resolve_model_class(self.hf_config)  # fail fast, before loading anything heavy
+        arch = architecture(self.hf_config)  # fail fast, before loading anything heavy
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        # A pooling model (pooler.py): None, "embed" or "classify"; it does not generate.
+        self.pooling_task = pooling_task(config.pooling, arch, self.hf_config)
         # Vision-language configs keep the language model's settings in text_config.
         text_config = getattr(self.hf_config, "text_config", self.hf_config)
         model_max = int(getattr(text_config, "max_position_embeddings", MAX_DEFAULT_MODEL_LEN))
@@ -69,7 +72,12 @@ class LLMEngine:
                 f"max_position_embeddings {model_max}"
             )
         self.max_model_len = config.max_model_len or min(model_max, MAX_DEFAULT_MODEL_LEN)
-        self.runner = ModelRunner(config, self.hf_config, self.model_path, self.max_model_len)
+        hook = pooling_hook(self.pooling_task, self.tokenizer, config.classifier_from_tokens)
+        self.runner = ModelRunner(config, self.hf_config, self.model_path, self.max_model_len, hook)
+        self.pooler = None if self.pooling_task is None else Pooler(
+            self.runner.model, self.runner.device, self.pooling_task, self.max_model_len,
+            config.max_num_batched_tokens, self._failure,
+        )  # fmt: skip
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -166,6 +174,9 @@ class LLMEngine:
         continues a request migrated from another worker (see ``Resume``)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
+        if self.pooler is not None:
+            raise ValueError(f"{self.model_name} is a pooling model ({self.pooling_task}): "
+                             "it does not generate")  # fmt: skip
         req = self.inputs.process(request_id, prompt, params, resume)
         req.hold_kv = hold_kv
         for seq in req.queued:
@@ -202,7 +213,7 @@ class LLMEngine:
             return ended
         self.blocked_on_memory = False
         logits, failed = self.executor.execute(sched, self.layer_hook)
-        self.num_prompt_tokens_computed += _num_prompt_tokens(sched)
+        self.num_prompt_tokens_computed += sched.num_prompt_tokens
         self.scheduler.postprocess(sched)
         if self.tiers is not None:
             self.tiers.after_step(self.block_manager, self.runner)
@@ -369,11 +380,12 @@ class LLMEngine:
         return events
 
     def stats(self) -> EngineStats:
-        bm = self.block_manager
+        bm, pooled = self.block_manager, self.pooler
         return EngineStats(
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(pooled.waiting if pooled else ()),
             num_running=len(self.scheduler.running),
-            num_waiting_prompt_tokens=self.scheduler.num_waiting_prompt_tokens,
+            num_waiting_prompt_tokens=self.scheduler.num_waiting_prompt_tokens
+            + (pooled.num_waiting_tokens if pooled else 0),
             kv_utilization=bm.usage,
             num_free_blocks=bm.num_free_blocks,
             num_total_blocks=bm.num_blocks,
@@ -381,14 +393,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.lookup_tokens,
             prefix_cache_hits=bm.hit_tokens,
-            prompt_tokens_computed=self.num_prompt_tokens_computed,
+            prompt_tokens_computed=self.num_prompt_tokens_computed
+            + (pooled.num_tokens_computed if pooled else 0),
             **(self.tiers.stats_fields() if self.tiers is not None else {}),
         )
-
-
-def _num_prompt_tokens(sched: SchedulerOutput) -> int:
-    """Prompt tokens the batch computes (before ``postprocess`` advances the sequences)."""
-    return sum(
-        min(s.num_new_tokens, max(0, s.seq.num_prompt_tokens - s.seq.num_computed_tokens))
-        for s in sched.scheduled
-    )

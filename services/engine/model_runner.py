@@ -66,8 +66,15 @@ class ModelRunner:
     """The model and its KV cache on one device; a ``KVCache`` (read and write by block)."""
 
     def __init__(
-        self, config: EngineConfig, hf_config: Any, model_path: str, max_model_len: int
+        self,
+        config: EngineConfig,
+        hf_config: Any,
+        model_path: str,
+        max_model_len: int,
+        pooling_hook: Callable[[torch.nn.Module], None] | None = None,
     ) -> None:
+        """``pooling_hook``: given, this is a pooling model (pooler.py): the hook adapts the
+        loaded model (before its weights are packed) and the KV cache is one block."""
         self.config = config
         self.max_model_len = max_model_len
         self.device = get_device(config.device)
@@ -89,6 +96,9 @@ class ModelRunner:
             else:
                 model.load_weights(iter_safetensors(model_path))
         self.model = model.eval()
+        self.pooling = pooling_hook is not None
+        if pooling_hook is not None:
+            pooling_hook(model)
         if self.device.type == "cpu":
             pack_linears(model, config.cpu_linear)
         attn = model.attention_layers[0]
@@ -112,7 +122,8 @@ class ModelRunner:
             layer.k_cache = self.kv_cache[0, i]
             layer.v_cache = self.kv_cache[1, i]
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager and self.backend.paged_decode:
+        cuda = self.device.type == "cuda" and not self.pooling
+        if cuda and not config.enforce_eager and self.backend.paged_decode:
             self.graphs = DecodeGraphs(self, config.max_num_seqs)
 
     @property
@@ -126,6 +137,8 @@ class ModelRunner:
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
 
     def _num_kv_blocks(self) -> int:
+        if self.pooling:
+            return 1  # pooling batches keep no KV (pooler.py)
         budget = self.config.kv_cache_bytes
         if budget is None:
             if self.device.type == "cpu":

@@ -71,3 +71,11 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt tokens the batch computes (before ``postprocess`` advances the sequences)."""
+        return sum(
+            min(s.num_new_tokens, max(0, s.seq.num_prompt_tokens - s.seq.num_computed_tokens))
+            for s in self.scheduled
+        )

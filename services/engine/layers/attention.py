@@ -36,6 +36,8 @@ class AttentionMetadata:
     # Called with the layer index once a layer's KV for this step is in the cache (KV push
     # overlaps the remaining layers' compute).
     on_layer_done: Callable[[int], None] | None = None
+    # False for pooling batches: whole prompts, nothing kept (no slots, the cache untouched).
+    write_kv: bool = True
 
 
 class AttentionBackend(Protocol):
@@ -84,7 +86,8 @@ class TorchAttention:
     paged_decode = False
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        self.store(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.write_kv:
+            self.store(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         if meta.num_decodes:
             self.decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale, out)

@@ -190,6 +190,8 @@ class LlamaForCausalLM(nn.Module):
                 if f".{src}." in name:
                     target, shard = name.replace(f".{src}.", f".{dst}."), shard_id
                     break
+            if target not in params and f"model.{target}" in params:
+                target = f"model.{target}"  # a bare decoder's checkpoint (Qwen3Model)
             if target not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
             param = params[target]

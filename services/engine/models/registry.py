@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.engine.models.classification import (
+    LlamaForSequenceClassification,
+    Qwen2ForSequenceClassification,
+    Qwen3ForSequenceClassification,
+)
 from services.engine.models.llama import LlamaForCausalLM
 from services.engine.models.mixtral import MixtralForCausalLM
 from services.engine.models.qwen2 import Qwen2ForCausalLM
@@ -22,15 +27,28 @@ MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
+    # Pooling models: a bare decoder (its checkpoint names lack "model."; embeddings) and
+    # classification heads (scores).
+    "LlamaModel": LlamaForCausalLM,
+    "Qwen2Model": Qwen2ForCausalLM,
+    "Qwen3Model": Qwen3ForCausalLM,
+    "LlamaForSequenceClassification": LlamaForSequenceClassification,
+    "Qwen2ForSequenceClassification": Qwen2ForSequenceClassification,
+    "Qwen3ForSequenceClassification": Qwen3ForSequenceClassification,
 }
 
 
-def resolve_model_class(hf_config: Any) -> type[LlamaForCausalLM]:
+def architecture(hf_config: Any) -> str:
+    """The first of the config's ``architectures`` this engine knows."""
     archs = list(getattr(hf_config, "architectures", None) or [])
     for arch in archs:
         if arch in MODEL_REGISTRY:
-            return MODEL_REGISTRY[arch]
+            return arch
     raise ValueError(
         f"unsupported model architecture {archs or '(none in config.json)'}; "
         f"supported: {sorted(MODEL_REGISTRY)}"
     )
+
+
+def resolve_model_class(hf_config: Any) -> type[LlamaForCausalLM]:
+    return MODEL_REGISTRY[architecture(hf_config)]
