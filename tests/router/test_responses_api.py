@@ -15,10 +15,16 @@ import pytest_asyncio
 from router_fakes import FakeEngine, start_fake_worker, start_gateway
 
 from services.common.etcd_server import EtcdServer
+from services.common.proto import worker_pb2 as pb
+from services.router.accumulate import Choice, Usage
 from services.router.api.protocol.common import OpenAIError
 from services.router.api.protocol.responses import ResponseDeleted, ResponseObject
+from services.router.api.responses_output import ResponsesOutput
+from services.router.errors import APIError
+from services.router.features.tool_parsers.forced import JsonArrayParser
+from services.router.serving import ServeRequest
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio]
+pytestmark = [pytest.mark.timeout(120)]
 
 MODEL = "fake-model"
 
@@ -58,6 +64,7 @@ async def _create(c: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
     return ResponseObject.model_validate(r.json()).model_dump()
 
 
+@pytest.mark.asyncio
 async def test_stored_responses_are_shared_and_expire(routers) -> None:
     a, b = routers
     first = await _create(a, input="hi", instructions="be brief", metadata={"k": "v"})
@@ -94,6 +101,7 @@ async def test_stored_responses_are_shared_and_expire(routers) -> None:
     assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id"
 
 
+@pytest.mark.asyncio
 async def test_background_runs_and_cancels_from_either_router(routers) -> None:
     a, b = routers
     queued = await _create(a, input="go", background=True, max_output_tokens=4)
@@ -118,6 +126,7 @@ async def test_background_runs_and_cancels_from_either_router(routers) -> None:
     assert r.status_code == 404
 
 
+@pytest.mark.asyncio
 async def test_stream_events_in_order(routers) -> None:
     a, _ = routers
     body = {"model": MODEL, "input": "hi", "max_output_tokens": 3, "stream": True}
@@ -158,6 +167,7 @@ BAD = [
 ]
 
 
+@pytest.mark.asyncio
 async def test_bad_input_is_400(routers) -> None:
     for body, param in BAD:
         r = await routers[0].post("/v1/responses", json={"model": MODEL, **body})
@@ -165,6 +175,7 @@ async def test_bad_input_is_400(routers) -> None:
         assert OpenAIError.model_validate(r.json()).error.param == param, (body, r.text)
 
 
+@pytest.mark.asyncio
 async def test_reasoning_item_with_a_reasoning_parser() -> None:
     # DeepSeek-R1's output is reasoning until </think>: here, all of the fake engine's text.
     with EtcdServer() as etcd:
@@ -190,3 +201,21 @@ async def test_reasoning_item_with_a_reasoning_parser() -> None:
     assert "".join(deltas) == "w0 w1 w2 "
     assert events[-1]["response"]["output"][0]["content"][0]["text"] == "w0 w1 w2 "
     assert not any(e["type"].startswith("response.output_text") for e in events)
+
+
+def test_error_after_the_stream_started_is_error_then_response_failed() -> None:
+    req = ServeRequest("responses", "resp_1", MODEL, [[1]], [], pb.SamplingParams(), 1, False,
+                       None, JsonArrayParser, None, 0.0)  # fmt: skip
+    out = ResponsesOutput(req, {}, [], None)
+    step = [(Choice(0), pb.CompletionDelta(index=0, text="partial"))]
+    started = [ev for ev in out.step(step, Usage()) if ev]  # type: ignore[arg-type]
+    assert len(started) == 5  # created, in_progress, item added, part added, delta
+    events = [
+        json.loads(chunk.split("data: ", 1)[1])
+        for chunk in out.error_event(APIError(503, "worker lost")).split("\n\n") if chunk
+    ]  # fmt: skip
+    assert [e["type"] for e in events] == ["error", "response.failed"]
+    assert [e["sequence_number"] for e in events] == [5, 6]
+    assert events[0]["code"] == "server_error" and events[0]["message"] == "worker lost"
+    failed = events[1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["message"] == "worker lost"

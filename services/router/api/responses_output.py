@@ -84,9 +84,13 @@ class ResponsesOutput:
         return err.openai_response()
 
     def error_event(self, err: APIError) -> str:
+        """An ``error`` event, then ``response.failed`` carrying the response so far."""
         code = _ERROR_CODES.get(err.status, "server_error")
         failed = self.skeleton("failed", {"code": code, "message": err.message})
-        return self._event("response.failed", response=failed)
+        failed["output"] = self.items
+        return self._event("error", code=code, message=err.message, param=err.param) + (
+            self._event("response.failed", response=failed)
+        )
 
     def step(self, step: Step, usage: Usage) -> Iterator[str]:
         if not self.started:
