@@ -31,6 +31,8 @@ _OPTIONAL_SCALARS = (
     "logprobs",
     "include_stop_str_in_output",
     "skip_special_tokens",
+    "service_tier",
+    "priority",
 )
 
 

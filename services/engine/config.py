@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from services.engine.service_tiers import DEFAULT_OFFLINE_AGING_S
+
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEVICES = ("cpu", "cuda", "npu")
 LOAD_FORMATS = ("auto", "dummy")
@@ -59,6 +61,9 @@ class EngineConfig:
     # Make a causal LM a yes/no reranker from its lm_head rows of two tokens, "no,yes"
     # (Qwen3-Reranker, as vLLM's classifier_from_token); implies pooling "classify".
     classifier_from_tokens: str | None = None
+    # Seconds after which a waiting offline (flex) request is scheduled as an online one, so
+    # a stream of online work cannot starve it (services/engine/service_tiers.py).
+    offline_aging_s: float = DEFAULT_OFFLINE_AGING_S
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -91,6 +96,8 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         if self.kv_host_pool_bytes < 0:
             raise ValueError(f"kv_host_pool_bytes must be >= 0, got {self.kv_host_pool_bytes}")
+        if not self.offline_aging_s >= 0.0:  # NOTE: also false for NaN
+            raise ValueError(f"offline_aging_s must be >= 0, got {self.offline_aging_s}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

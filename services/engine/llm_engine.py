@@ -87,6 +87,7 @@ class LLMEngine:
             config.max_num_seqs,
             config.max_num_batched_tokens,
             self.max_model_len,
+            offline_aging_s=config.offline_aging_s,
         )
         if config.kv_host_pool_bytes:
             host_blocks = config.kv_host_pool_bytes // self.runner.bytes_per_block
@@ -391,6 +392,7 @@ class LLMEngine:
             num_total_blocks=bm.num_blocks,
             prefix_cache_hit_rate=bm.hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
+            preemptions_by_tier=dict(self.scheduler.preemptions_by_tier),
             prefix_cache_queries=bm.lookup_tokens,
             prefix_cache_hits=bm.hit_tokens,
             prompt_tokens_computed=self.num_prompt_tokens_computed

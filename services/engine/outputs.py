@@ -88,3 +88,5 @@ class EngineStats:
     kv_host_blocks_used: int = 0  # blocks held by the host pool
     kv_host_blocks_total: int = 0  # capacity of the host pool (0: no host tier)
     kv_store_put_blocks: int = 0  # blocks written to the KV store (cumulative)
+    # Of num_preemptions, those of each service tier's sequences (cumulative).
+    preemptions_by_tier: dict[str, int] = field(default_factory=dict)

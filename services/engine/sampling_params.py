@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.engine.service_tiers import DEFAULT, check_priority, check_service_tier
+
 # NOTE: the bounds below are the engine's contract: every value inside them is safe in the
 # sampler (no overflow, no NaN probabilities); the gateways check the same constants (400).
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS).
@@ -106,8 +108,14 @@ class SamplingParams:
     # top-k/p and greedy (OpenAI's ``logit_bias``); ids past the vocabulary fail in
     # LLMEngine.validate, which knows the vocabulary.
     logit_bias: dict[int, float] | None = None
+    # Scheduling class (service_tiers.py): "priority" > "default" (online) > "flex" (offline).
+    service_tier: str = DEFAULT
+    # Order inside the tier: lower runs first (vLLM's request priority).
+    priority: int = 0
 
     def __post_init__(self) -> None:
+        check_service_tier(self.service_tier)
+        check_priority(self.priority)
         for name in (
             "temperature",
             "top_p",

@@ -5,10 +5,11 @@ only code that changes them, and it makes every change to its block manager's al
 callers use its methods. It hands each step's decisions over as a ``SchedulerOutput``
 (scheduler_output.py) that the model runner and the KV tiers read.
 
+Service tiers (service_tiers.py) order both queues and pick preemption victims (see
+``schedule``). A preempted sequence is recomputed: its full blocks stay in the prefix cache
+and, with the host pool on, move there when evicted, so the recompute mostly copies them.
+
 Where the coming features plug in:
-- priorities: the waiting queue's order. Today it is arrival order, with the sequences that
-  already hold blocks (imported or preempted) first; a priority policy orders ``waiting``
-  in ``add``/``add_computed`` and picks the preemption victim in ``_preempt``'s callers.
 - speculative decoding: ``schedule`` reserves lookahead slots (``allocate_slots`` for the
   draft tokens too) and schedules ``1 + num_draft_tokens`` for a decode; ``postprocess``
   then advances by the accepted tokens only.
@@ -17,13 +18,17 @@ Where the coming features plug in:
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
+from collections.abc import Callable
 from itertools import takewhile
 from typing import TYPE_CHECKING
 
 from services.engine.block_manager import BlockManager, ComputedBlocks, chain_root
 from services.engine.scheduler_output import KVLoad, ScheduledSeq, SchedulerOutput, TierHit
 from services.engine.sequence import Sequence, SequenceStatus
+from services.engine.service_tiers import DEFAULT_OFFLINE_AGING_S, SERVICE_TIERS, tier_rank
 
 if TYPE_CHECKING:
     from services.engine.kv_tiers import KVTierManager
@@ -37,6 +42,8 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         tiers: KVTierManager | None = None,
+        offline_aging_s: float = DEFAULT_OFFLINE_AGING_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.bm = block_manager
         self.tiers = tiers  # host pool / store below the device cache, if any
@@ -46,6 +53,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.preemptions_by_tier = dict.fromkeys(SERVICE_TIERS, 0)
+        self.offline_aging_s = offline_aging_s
+        self.clock = clock  # the time sequences' arrival_time is on (aging)
         # Preempted sequences waiting to be recomputed: their prefix-cache lookup on
         # rescheduling finds their own blocks, which is not a hit of the prompt.
         self._recomputing: set[int] = set()
@@ -89,16 +99,17 @@ class Scheduler:
         mine = {b for s in (*self.running, *self.waiting) for b in s.block_table}
         return self.bm.num_blocks - self.bm.num_free_blocks - len(mine)
 
-    def preempt_queued(self) -> bool:
-        """Free the blocks of the newest queued sequence holding any (it is recomputed
-        when its turn comes); False when none does."""
-        n = self._num_queued_with_blocks()
-        if n == 0:
+    def preempt_queued(self, worse_than: int | None = None) -> bool:
+        """Free the blocks of the worst-ranked, newest queued sequence holding any (it is
+        recomputed when its turn comes), only of a rank worse than ``worse_than`` if given;
+        False when none qualifies."""
+        holders = [s for s in self.waiting if s.block_table]
+        seq = self._worst(holders, self._ranks(), worse_than)
+        if seq is None:
             return False
-        seq = self.waiting[n - 1]  # stays where it is: first of those holding no blocks
-        self.bm.free(seq)
+        self.bm.free(seq)  # it stays queued; the next sort puts it behind the holders
         self._recomputing.add(seq.seq_id)
-        self.num_preemptions += 1
+        self._count_preemption(seq)
         return True
 
     @property
@@ -112,70 +123,132 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """One step's batch.
 
-        1. Running sequences first, oldest first (decode-first: a decode costs one token of
-           the budget). Each gets what it still needs, capped by the remaining budget. When
-           the KV cache cannot hold a sequence's next tokens, the newest running sequence is
-           preempted (its blocks freed; it is recomputed later, reusing cached blocks) until
-           it fits, or the sequence preempts itself.
-        2. Then waiting sequences in arrival order, while the budget, ``max_num_seqs`` and
-           the cache allow: look up the prefix cache, take the cached blocks, extend the hit
-           with blocks of the host pool or the store (copied into new device blocks before
-           the step runs: ``loads``), and schedule the rest of the prompt, chunked to the
-           remaining budget. A sequence whose blocks are still being read from the store
-           is passed over until they arrive.
+        0. Rank every sequence (its tier, a flex one aged to default after
+           ``offline_aging_s``); sort the running ones by (rank, priority), stably, and the
+           queue by (rank, holding blocks first, priority, arrival). Then, per rank, best first:
+        1. Its running sequences (decode-first: a decode costs one token of the budget).
+           Each gets what it still needs, capped by the remaining budget. When the KV cache
+           cannot hold a sequence's next tokens, the worst-ranked, newest running sequence
+           is preempted (its blocks freed; it is recomputed later, reusing cached blocks)
+           until it fits, or the sequence preempts itself. After such a preemption no
+           waiting sequence is admitted in this step.
+        2. Its waiting sequences, while the budget allows: look up the prefix cache, take the
+           cached blocks, extend the hit with blocks of the host pool or the store (copied
+           into new device blocks before the step runs: ``loads``), and schedule the rest of
+           the prompt, chunked to the remaining budget. Short of a running slot or of blocks,
+           it preempts running sequences of a worse rank; when none is left, admission stops
+           for every rank (the head of the line waits). A sequence whose blocks are still
+           being read from the store is passed over until they arrive.
         3. When this runs nothing, ``resolve_stall`` (the engine calls it next) decides
            whether the queue's head waits for blocks, frees a queued sequence's or ends.
         """
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
-        scheduled_ids: set[int] = set()
+        ranks = self._ranks()
+        self.running.sort(key=lambda s: self._key(s, ranks))
+        self.waiting = deque(sorted(self.waiting, key=lambda s: self._queue_order(s, ranks)))
+        self._budget = self.max_num_batched_tokens
+        admit_below = math.inf  # ranks admitted from the queue in this step
+        for rank in sorted(set(ranks.values())):
+            if self._schedule_running(rank, ranks, out):
+                admit_below = -1  # memory pressure: admit nothing more this step
+            if rank < admit_below:
+                admit_below = min(admit_below, self._schedule_waiting(rank, ranks, out))
+        return out
 
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+    def _ranks(self) -> dict[int, int]:
+        now = self.clock()
+        return {
+            s.seq_id: tier_rank(s.params.service_tier, now - s.arrival_time, self.offline_aging_s)
+            for s in (*self.running, *self.waiting)
+        }
+
+    @staticmethod
+    def _queue_order(seq: Sequence, ranks: dict[int, int]) -> tuple[int, bool, int, float]:
+        return ranks[seq.seq_id], not seq.block_table, seq.params.priority, seq.arrival_time
+
+    @staticmethod
+    def _key(seq: Sequence, ranks: dict[int, int]) -> tuple[int, int]:
+        return ranks[seq.seq_id], seq.params.priority
+
+    def _worst(
+        self, seqs: list[Sequence], ranks: dict[int, int], worse_than: int | None = None
+    ) -> Sequence | None:
+        """The sequence of ``seqs`` to preempt first: the worst (rank, priority), the last
+        among equals; only of a rank worse than ``worse_than`` if given."""
+        candidates = [
+            (i, s) for i, s in enumerate(seqs) if worse_than is None or ranks[s.seq_id] > worse_than
+        ]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda item: (*self._key(item[1], ranks), item[0]))[1]
+
+    def _schedule_running(self, rank: int, ranks: dict[int, int], out: SchedulerOutput) -> bool:
+        """Step 1 of ``schedule`` for the running sequences of ``rank``; True if it preempted."""
+        preempted = False
+        for seq in [s for s in self.running if ranks[s.seq_id] == rank]:
+            if self._budget <= 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # preempted for an earlier one in this loop
+            n = min(seq.num_uncomputed_tokens, self._budget)
             while not self.bm.allocate_slots(seq, n):
-                victim = self.running[-1]
+                victim = self._worst(self.running, ranks)
+                assert victim is not None  # seq itself runs
                 self._preempt(victim, out)
+                preempted = True
                 if victim is seq:
                     break
             else:
                 out.scheduled.append(ScheduledSeq(seq, n))
-                scheduled_ids.add(seq.seq_id)
-                budget -= n
-                i += 1
-                continue
-            # seq preempted itself; the list shrank, so do not advance i.
+                self._budget -= n
+        return preempted
 
-        if not out.preempted:
-            bs = self.bm.block_size
-            i = 0
-            while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
-                seq = self.waiting[i]
-                first = not seq.block_table
-                if first and self.tiers is not None and not self.tiers.ready(seq):
-                    out.num_awaiting_store += 1
-                    i += 1
-                    continue
-                computed = self.bm.get_computed_blocks(seq) if first else None
-                hits = self._tier_hits(seq, computed) if computed is not None else []
-                cached = (computed.num_blocks + len(hits)) * bs if computed else 0
-                start = max(seq.num_computed_tokens, cached)
-                n = min(seq.num_tokens - start, budget)
-                if not self.bm.allocate_slots(seq, len(hits) * bs + n, computed):
-                    break
-                if computed is not None and self.tiers is not None:
-                    self._load(seq, computed.num_blocks, hits, out)
-                if seq.seq_id in self._recomputing:
-                    self._recomputing.discard(seq.seq_id)
-                elif first and seq.num_output_tokens == 0:
-                    self.bm.note_lookup(seq, seq.num_computed_tokens)
-                del self.waiting[i]
-                seq.status = SequenceStatus.RUNNING
-                self.running.append(seq)
-                out.scheduled.append(ScheduledSeq(seq, n))
-                budget -= n
-        return out
+    def _schedule_waiting(self, rank: int, ranks: dict[int, int], out: SchedulerOutput) -> float:
+        """Step 2 of ``schedule`` for the waiting sequences of ``rank``; the rank from which
+        nothing more is admitted: ``rank`` if the head waits, else the best it preempted."""
+        limit = math.inf
+        for seq in [s for s in self.waiting if ranks[s.seq_id] == rank]:
+            if self._budget <= 0:
+                return rank
+            if any(p is seq for p in out.preempted):
+                continue  # preempted in this step: it waits at least one step
+            first = not seq.block_table
+            if first and self.tiers is not None and not self.tiers.ready(seq):
+                out.num_awaiting_store += 1
+                continue
+            while not self._admit(seq, first, out):
+                victim = self._worst(self.running, ranks, worse_than=rank)
+                if victim is None:
+                    return rank
+                self._preempt(victim, out)
+                limit = min(limit, ranks[victim.seq_id])
+        return limit
+
+    def _admit(self, seq: Sequence, first: bool, out: SchedulerOutput) -> bool:
+        """Move the waiting ``seq`` into the batch with blocks for its next chunk; False,
+        changing nothing, without a running slot or blocks."""
+        if len(self.running) >= self.max_num_seqs:
+            return False
+        bs = self.bm.block_size
+        computed = self.bm.get_computed_blocks(seq) if first else None
+        hits = self._tier_hits(seq, computed) if computed is not None else []
+        cached = (computed.num_blocks + len(hits)) * bs if computed else 0
+        start = max(seq.num_computed_tokens, cached)
+        n = min(seq.num_tokens - start, self._budget)
+        if not self.bm.allocate_slots(seq, len(hits) * bs + n, computed):
+            return False
+        if computed is not None and self.tiers is not None:
+            self._load(seq, computed.num_blocks, hits, out)
+        if seq.seq_id in self._recomputing:
+            self._recomputing.discard(seq.seq_id)
+        elif first and seq.num_output_tokens == 0:
+            self.bm.note_lookup(seq, seq.num_computed_tokens)
+        self.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        out.scheduled.append(ScheduledSeq(seq, n))
+        self._budget -= n
+        return True
 
     def resolve_stall(self, out: SchedulerOutput) -> None:
         """Call with ``schedule``'s output: when it runs nothing while sequences wait (and
@@ -202,15 +275,29 @@ class Scheduler:
         fresh blocks for the rest. Returns None, changing nothing, when the cache is full.
         NOTE: host-pool hits only: store reads run in the background (``prefetch``), and a
         reservation, answered at once, cannot wait for one."""
-        computed = self.bm.get_computed_blocks(seq)
-        hits = list(takewhile(lambda h: h.tier == "host", self._tier_hits(seq, computed)))
-        num_new = seq.num_tokens - computed.num_blocks * self.bm.block_size
-        if not self.bm.allocate_slots(seq, num_new, computed):
-            return None
+        while True:
+            computed = self.bm.get_computed_blocks(seq)
+            hits = list(takewhile(lambda h: h.tier == "host", self._tier_hits(seq, computed)))
+            num_new = seq.num_tokens - computed.num_blocks * self.bm.block_size
+            if self.bm.allocate_slots(seq, num_new, computed):
+                break
+            if not self._preempt_for(seq):
+                return None
         out = SchedulerOutput()
         if self.tiers is not None:
             self._load(seq, computed.num_blocks, hits, out)
         return out.loads
+
+    def _preempt_for(self, seq: Sequence) -> bool:
+        """Free the blocks of one sequence of a worse rank than ``seq`` (in neither queue
+        yet): the worst running one, else the worst queued one holding blocks. False when
+        there is none."""
+        rank = tier_rank(seq.params.service_tier, 0.0, self.offline_aging_s)
+        victim = self._worst(self.running, self._ranks(), worse_than=rank)
+        if victim is not None:
+            self._preempt(victim, SchedulerOutput())
+            return True
+        return self.preempt_queued(worse_than=rank)
 
     def _tier_hits(self, seq: Sequence, computed: ComputedBlocks) -> list[TierHit]:
         """Blocks after the device hit found in the host pool or the store (the last
@@ -241,7 +328,11 @@ class Scheduler:
         self._recomputing.add(seq.seq_id)
         out.preempted.append(seq)
         out.scheduled = [s for s in out.scheduled if s.seq is not seq]
+        self._count_preemption(seq)
+
+    def _count_preemption(self, seq: Sequence) -> None:
         self.num_preemptions += 1
+        self.preemptions_by_tier[seq.params.service_tier] += 1
 
     def start_computed(self, seq: Sequence) -> None:
         """Run ``seq``, whose KV is already in its blocks (a claimed PD reservation), in the

@@ -242,6 +242,14 @@ class _EngineCollector:
             "epdserve:num_preemptions", "Sequences preempted (KV freed, to be recomputed).",
             getattr(s, "num_preemptions", 0),
         )  # fmt: skip
+        by_tier = CounterMetricFamily(
+            "epdserve:preemptions_by_service_tier",
+            "Sequences preempted, by the service tier of the preempted sequence.",
+            labels=[*LABELS, "service_tier"],
+        )
+        for tier, n in getattr(s, "preemptions_by_tier", {}).items():
+            by_tier.add_metric([*self.ids, tier], n)
+        yield by_tier
         yield counter(
             "epdserve:prompt_tokens_computed",
             "Prompt tokens run through the model (the rest came from a KV cache tier).",

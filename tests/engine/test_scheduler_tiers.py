@@ -1,0 +1,272 @@
+"""Service tiers in the scheduler, without a model: the queues' order (tier, priority,
+arrival), preemption of offline work for online work (never the reverse), the token budget
+online work leaves, offline aging (the starvation bound) and the block manager's
+invariants, on random workloads (hypothesis) and a few fixed ones."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.engine.block_manager import BlockManager
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import Scheduler
+from services.engine.sequence import Sequence, SequenceStatus
+from services.engine.service_tiers import tier_rank
+
+BS = 4
+
+
+class Clock:
+    """The scheduler's clock in tests: one step is one second."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_sched(clock: Clock, aging: float = math.inf, **kw) -> Scheduler:
+    bm = BlockManager(kw.pop("num_blocks", 64), kw.pop("block_size", BS), kw.pop("caching", True))
+    return Scheduler(
+        bm,
+        kw.pop("max_num_seqs", 8),
+        kw.pop("max_num_batched_tokens", 64),
+        kw.pop("max_model_len", 1024),
+        offline_aging_s=aging,
+        clock=clock,
+    )
+
+
+_ids = iter(range(10**9))
+
+
+def make_seq(prompt: list[int] | int, tier: str, priority: int = 0, at: float = 0.0) -> Sequence:
+    if isinstance(prompt, int):
+        prompt = [1000 + next(_ids) % 1000 + i for i in range(prompt)]
+    params = SamplingParams(service_tier=tier, priority=priority)
+    return Sequence(f"req-{next(_ids)}", prompt, params, arrival_time=at)
+
+
+def step(sched: Scheduler, goals: dict[int, int]):
+    """One engine step without a model; sequences finish at ``goals[seq_id]`` outputs."""
+    out = sched.schedule()
+    sched.postprocess(out)
+    for item in out.scheduled:
+        if item.samples:
+            item.seq.append_token(7)
+            if item.seq.num_output_tokens >= goals[item.seq.seq_id]:
+                sched.finish(item.seq, "length")
+    return out
+
+
+def rank(sched: Scheduler, seq: Sequence) -> tuple[int, int]:
+    waited = sched.clock() - seq.arrival_time
+    return tier_rank(seq.params.service_tier, waited, sched.offline_aging_s), seq.params.priority
+
+
+# ---- fixed cases -------------------------------------------------------------------------------
+
+
+def full_batch_then(tier: str, newcomer: str, goal: int):
+    """Two running ``tier`` sequences fill the batch (max_num_seqs 2); then a ``newcomer``
+    tier sequence (``goal`` outputs) arrives and one step runs."""
+    sched = make_sched(Clock(), max_num_seqs=2)
+    batch = [make_seq(5, tier) for _ in range(2)]
+    goals = {s.seq_id: 100 for s in batch}
+    for s in batch:
+        sched.add(s)
+    step(sched, goals)
+    assert sched.running == batch
+    new = make_seq(5, newcomer)
+    goals[new.seq_id] = goal
+    sched.add(new)
+    return sched, batch, new, goals, step(sched, goals)
+
+
+def test_online_arrival_preempts_offline_batch_for_its_slot() -> None:
+    sched, offline, online, goals, out = full_batch_then("flex", "default", 3)
+    # The newest offline sequence makes room; the other keeps running behind the online one.
+    assert out.preempted == [offline[1]]
+    assert [s.seq for s in out.scheduled] == [online, offline[0]]
+    assert offline[1].status == SequenceStatus.WAITING and offline[1].block_table == []
+    while not online.is_finished:
+        step(sched, goals)
+    step(sched, goals)
+    assert offline[1] in sched.running  # it comes back once the online request is done
+    sched.bm.check_invariants()
+
+
+def test_offline_never_preempts_online() -> None:
+    sched, _, offline, _, out = full_batch_then("default", "flex", 1)
+    assert out.preempted == [] and offline in sched.waiting
+
+
+def test_waiting_order_is_tier_then_priority_then_arrival() -> None:
+    clock = Clock()
+    sched = make_sched(clock, max_num_seqs=1)
+    seqs = [
+        make_seq(3, "flex", 0, at=0),
+        make_seq(3, "default", 5, at=1),
+        make_seq(3, "default", -1, at=2),
+        make_seq(3, "priority", 9, at=3),
+        make_seq(3, "default", 5, at=4),
+    ]
+    for s in seqs:
+        sched.add(s)
+    sched.schedule()
+    assert sched.running == [seqs[3]]
+    assert list(sched.waiting) == [seqs[2], seqs[1], seqs[4], seqs[0]]
+
+
+def test_offline_gets_the_budget_online_leaves() -> None:
+    clock = Clock()
+    sched = make_sched(clock, max_num_batched_tokens=10)
+    offline = make_seq(20, "flex")
+    sched.add(offline)
+    online = make_seq(8, "default")
+    sched.add(online)
+    out = sched.schedule()
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(online, 8), (offline, 2)]
+
+
+def test_an_offline_request_ages_past_a_stream_of_online_requests() -> None:
+    """The starvation bound: with one running slot and an online request arriving every
+    step, a flex request that arrived first runs once it has waited ``aging`` seconds and
+    the online request running then is done (no later online request goes first)."""
+    for aging, expect_run in ((math.inf, False), (10.0, True)):
+        clock = Clock()
+        sched = make_sched(clock, aging=aging, max_num_seqs=1)
+        offline = make_seq(4, "flex", at=0)
+        goals = {offline.seq_id: 2}
+        sched.add(offline)
+        first_run = None
+        for t in range(60):
+            clock.now = float(t)
+            s = make_seq(4, "default", at=clock.now)
+            goals[s.seq_id] = 3  # each online request holds the slot 3 steps
+            sched.add(s)
+            out = step(sched, goals)
+            if first_run is None and any(i.seq is offline for i in out.scheduled):
+                first_run = t
+        if expect_run:
+            assert first_run is not None and first_run <= aging + 3
+            assert offline.is_finished
+        else:
+            assert first_run is None
+
+
+def test_online_reservation_preempts_offline_work_for_blocks() -> None:
+    """The decode side of PD: an online reservation that finds the cache full frees an
+    offline sequence's blocks; an offline one fails (the caller says the cache is full)."""
+    clock = Clock()
+    sched = make_sched(clock, num_blocks=4)
+    offline = make_seq(15, "flex")
+    sched.add(offline)
+    step(sched, {offline.seq_id: 100})
+    assert sched.bm.num_free_blocks == 0
+    assert sched.allocate_imported(make_seq(8, "flex")) is None
+    online = make_seq(8, "default")
+    assert sched.allocate_imported(online) is not None
+    assert offline.block_table == [] and offline in sched.waiting
+    assert sched.preemptions_by_tier == {"priority": 0, "default": 0, "flex": 1}
+    sched.bm.check_invariants()
+
+
+# ---- property-based ------------------------------------------------------------------------------
+
+
+@st.composite
+def workloads(draw):
+    block_size = draw(st.sampled_from([1, 2, 4]))
+    specs = []
+    for _ in range(draw(st.integers(1, 10))):
+        tier = draw(st.sampled_from(["priority", "default", "default", "flex", "flex"]))
+        prompt = draw(st.lists(st.integers(0, 3), min_size=1, max_size=14))
+        specs.append((prompt, tier, draw(st.integers(-1, 1)), draw(st.integers(1, 6)),
+                      draw(st.integers(0, 8))))  # fmt: skip
+    longest = max(len(p) + out for p, _, _, out, _ in specs)
+    return dict(
+        block_size=block_size,
+        num_blocks=-(-longest // block_size) + draw(st.sampled_from([0, 1, 2, 4, 16])),
+        max_num_seqs=draw(st.integers(1, 5)),
+        max_num_batched_tokens=draw(st.integers(1, 24)),
+        caching=draw(st.booleans()),
+        aging=draw(st.sampled_from([2.0, 5.0, math.inf])),
+        specs=specs,
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(w=workloads())
+def test_tier_scheduling_property(w) -> None:
+    rng = random.Random(w["seed"])
+    clock = Clock()
+    sched = make_sched(clock, w["aging"], num_blocks=w["num_blocks"], block_size=w["block_size"],
+                       caching=w["caching"], max_num_seqs=w["max_num_seqs"],
+                       max_num_batched_tokens=w["max_num_batched_tokens"])  # fmt: skip
+    bm = sched.bm
+    pending = [(at, make_seq(p, tier, prio, at=at), out) for p, tier, prio, out, at in w["specs"]]
+    goals = {s.seq_id: g for _, s, g in pending}
+    last_arrival = max(at for at, _, _ in pending)
+    for t in range(3000):
+        clock.now = float(t)
+        for at, seq, _ in pending:
+            if at == t:
+                sched.add(seq)
+        if t > last_arrival and not sched.has_work:
+            break
+        running_before = list(sched.running)
+        waiting_before = list(sched.waiting)
+        keys = {s.seq_id: rank(sched, s) for s in running_before + waiting_before}
+        out = sched.schedule()
+        scheduled = [i.seq for i in out.scheduled]
+        admitted = [s for s in scheduled if s in waiting_before]
+        still_waiting = [s for s in sched.waiting if s in waiting_before]
+
+        # -- order: nothing admitted from the queue ahead of a better queued sequence --
+        for a in admitted:
+            for w_ in still_waiting:
+                assert keys[w_.seq_id] >= keys[a.seq_id], (a, w_)
+        # -- preemption: never a sequence better than one left running --
+        for p in out.preempted:
+            assert p in running_before and p.block_table == []
+            for r in sched.running:
+                assert keys.get(r.seq_id, keys[p.seq_id]) <= keys[p.seq_id], (p, r)
+        # -- budget: a worse rank gets tokens only once every better running one has --
+        worst = max((keys[s.seq_id][0] for s in scheduled), default=-1)
+        for r in sched.running:
+            if r not in scheduled:
+                assert keys[r.seq_id][0] >= worst, (r, worst)
+        assert out.num_batched_tokens <= sched.max_num_batched_tokens
+        assert len(sched.running) <= sched.max_num_seqs
+        if out.is_empty:
+            assert out.preempted or not sched.has_work
+
+        sched.postprocess(out)
+        for item in out.scheduled:
+            if item.samples:
+                item.seq.append_token(rng.randrange(4))
+                if item.seq.num_output_tokens >= goals[item.seq.seq_id]:
+                    sched.finish(item.seq, "length")
+
+        # -- blocks --
+        bm.check_invariants()
+        holders = [0] * bm.num_blocks
+        for s in sched.running:
+            assert s.status == SequenceStatus.RUNNING
+            assert len(s.block_table) == bm.blocks_needed(s.num_computed_tokens)
+            for bid in s.block_table:
+                holders[bid] += 1
+        for s in sched.waiting:
+            assert s.block_table == [] and s.num_computed_tokens == 0
+        assert holders == [b.ref_count for b in bm.blocks]
+    else:
+        raise AssertionError("the workload did not finish in 3000 steps")
+    assert all(s.is_finished for _, s, _ in pending)
+    assert bm.num_free_blocks == bm.num_blocks

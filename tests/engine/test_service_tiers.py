@@ -1,0 +1,65 @@
+"""Service tiers on a real tiny model: online requests arriving into a full batch of offline
+(flex) sequences preempt them, run first, and every request of both classes ends with the
+greedy tokens of transformers (its undisturbed output), with and without the host KV pool
+that takes the preempted blocks; chunked prefill and the prefix cache stay on."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.engine.config import EngineConfig
+from services.engine.llm_engine import LLMEngine
+from services.engine.sampling_params import SamplingParams
+from tests.engine.test_correctness import hf_greedy
+from tests.engine.test_memory_pressure import tokens
+
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir) -> str:
+    return str(tiny_model_dir("llama"))
+
+
+def greedy(tier: str, priority: int = 0) -> SamplingParams:
+    return SamplingParams(
+        temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, service_tier=tier, priority=priority
+    )
+
+
+@pytest.mark.parametrize("host_pool", [False, True])
+def test_online_requests_preempt_a_full_offline_batch(model, host_pool) -> None:
+    config = EngineConfig(
+        model=model, dtype="float32", block_size=4, max_num_seqs=3, max_num_batched_tokens=16,
+        kv_cache_bytes=1 << 20, kv_host_pool_bytes=(1 << 20) if host_pool else 0,
+    )  # fmt: skip
+    engine = LLMEngine(config)
+    offline = {f"off{i}": tokens(14 + i, 100 + i) for i in range(3)}
+    online = {"on0": tokens(11, 200), "on1": tokens(13, 201)}
+    for rid, prompt in offline.items():
+        engine.add_request(rid, prompt, greedy("flex"))
+    got: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for o in engine.step():
+            got.setdefault(o.request_id, []).extend(o.outputs[0].token_ids)
+
+    for _ in range(5):  # chunked prefills (16-token budget), then decodes
+        step()
+    assert len(engine.scheduler.running) == 3 and not engine.scheduler.waiting
+    assert all(got.get(rid) for rid in offline)  # every offline request is decoding
+    engine.add_request("on0", online["on0"], greedy("default"))
+    engine.add_request("on1", online["on1"], greedy("priority", priority=3))
+    step()
+    tiers = {s.request_id: s.params.service_tier for s in engine.scheduler.running}
+    assert sorted(tiers) == ["off0", "on0", "on1"]  # the two newest offline ones made room
+    assert engine.scheduler.preemptions_by_tier == {"priority": 0, "default": 0, "flex": 2}
+    while engine.has_unfinished_requests():
+        step()
+    prompts = {**offline, **online}
+    refs = hf_greedy(model, list(prompts.values()), MAX_TOKENS)
+    assert got == {rid: ref for rid, (ref, _) in zip(prompts, refs, strict=True)}
+    stats = engine.stats()
+    assert stats.preemptions_by_tier["default"] == stats.preemptions_by_tier["priority"] == 0
+    engine.block_manager.check_invariants()
+    engine.close()
