@@ -83,12 +83,9 @@ class LLMEngine:
         )
         self.tiers: KVTierManager | None = None  # host pool and store below the device
         self.scheduler = Scheduler(
-            self.block_manager,
-            config.max_num_seqs,
-            config.max_num_batched_tokens,
-            self.max_model_len,
-            offline_aging_s=config.offline_aging_s,
-        )
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+            self.max_model_len, offline_aging_s=config.offline_aging_s,
+        )  # fmt: skip
         if config.kv_host_pool_bytes:
             host_blocks = config.kv_host_pool_bytes // self.runner.bytes_per_block
             if host_blocks < 1:
