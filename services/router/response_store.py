@@ -94,6 +94,10 @@ class ResponseStore:
                     return
             except Exception as exc:  # noqa: BLE001 - etcd away: this router keeps it
                 log.warning("storing response %s in etcd failed (%s); kept locally", rid, exc)
+        try:
+            await self._delete_etcd(rid)  # an earlier, smaller state of it (a background run)
+        except Exception:  # noqa: BLE001 - etcd away: that copy expires with its lease
+            pass
         if not self.local.put(rid, value, self.ttl_s):
             log.warning("response %s (%d bytes) is larger than the local store", rid, len(value))
 
@@ -113,13 +117,15 @@ class ResponseStore:
     async def delete(self, rid: str) -> bool:
         """Whether a record of ``rid`` was there."""
         local = self.local.pop(rid)
+        return await self._delete_etcd(rid) or local
 
+    async def _delete_etcd(self, rid: str) -> bool:
         async def delete(c: Etcd3Client) -> int:
             assert c.kv is not None
             resp = await c.kv.delete(self.prefix + rid, timeout=ETCD_OP_TIMEOUT_S)
             return int(resp.deleted)
 
-        return bool(await self.session.call(delete)) or local
+        return bool(await self.session.call(delete))
 
     async def close(self) -> None:
         await self.session.close()

@@ -112,6 +112,16 @@ async def test_background_runs_and_cancels_from_either_router(routers) -> None:
             break
         await asyncio.sleep(0.1)
     assert done["status"] == "incomplete" and done["usage"]["output_tokens"] == 4
+    # Queued, it fits router b's etcd bound (2000 bytes); done, it does not: b keeps it, and
+    # the other router finds no stale "queued" copy.
+    grown = await _create(b, input="go", background=True, max_output_tokens=4,
+                          metadata={f"k{i}": "v" * 200 for i in range(6)})  # fmt: skip
+    assert (await a.get(f"/v1/responses/{grown['id']}")).json()["status"] == "queued"
+    for _ in range(100):
+        if (await b.get(f"/v1/responses/{grown['id']}")).json()["status"] == "incomplete":
+            break
+        await asyncio.sleep(0.1)
+    assert (await a.get(f"/v1/responses/{grown['id']}")).status_code == 404
     # A long run cancelled through the router that does not run it.
     long = await _create(a, input="go", background=True, max_output_tokens=100)
     cancelled = await b.post(f"/v1/responses/{long['id']}/cancel")

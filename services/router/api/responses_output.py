@@ -172,7 +172,7 @@ class ResponsesOutput:
         if delta:
             self.open_text.append(delta)
             kind_name = "reasoning_text" if kind == "reasoning" else "output_text"
-            logprobs = {} if kind == "reasoning" else {"logprobs": []}
+            logprobs: dict[str, Any] = {} if kind == "reasoning" else {"logprobs": []}
             out.append(self._event(f"response.{kind_name}.delta", **self._where(),
                                    content_index=0, delta=delta, **logprobs))  # fmt: skip
         return out
@@ -191,7 +191,7 @@ class ResponsesOutput:
         part = self._part(text)
         done = "response.reasoning_text.done" if part["type"] == "reasoning_text" else (
             "response.output_text.done")  # fmt: skip
-        logprobs = {"logprobs": []} if part["type"] == "output_text" else {}
+        logprobs: dict[str, Any] = {"logprobs": []} if part["type"] == "output_text" else {}
         out = [
             self._event(done, **self._where(), content_index=0, text=text, **logprobs),
             self._event("response.content_part.done", **self._where(), content_index=0,
