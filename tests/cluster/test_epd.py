@@ -165,6 +165,21 @@ def test_mixed_mode_equals_offline_engine(mixed_cluster, reference):
     check_outputs(mixed_cluster.base_url, reference)
 
 
+def test_responses_input_image_equals_offline_engine(mixed_cluster, reference):
+    """input_text and input_image parts of the Responses API: the chat case's output."""
+    (images, text), want = CASES[1], reference[1]
+    content = [{"type": "input_text", "text": text}] + [
+        {"type": "input_image",
+         "image_url": data_url(img, "image/jpeg" if img[:2] == b"\xff\xd8" else "image/png")}
+        for img in images
+    ]  # fmt: skip
+    body = {"model": TINY_NAME, "input": [{"role": "user", "content": content}], "store": False,
+            "max_output_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}  # fmt: skip
+    r = httpx.post(mixed_cluster.base_url + "/v1/responses", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["output"][0]["content"][0]["text"] == want
+
+
 def test_http_image_url(mixed_cluster, reference):
     """An http URL on 127.0.0.1 (allowed by this router's --allow-private-image-urls)."""
 

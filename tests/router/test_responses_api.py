@@ -85,7 +85,8 @@ async def test_stored_responses_are_shared_and_expire(routers) -> None:
         assert missing.status_code == 404
         assert OpenAIError.model_validate(missing.json()).error.param == "response_id"
     assert (await a.delete(f"/v1/responses/{first['id']}")).status_code == 404
-    unstored = await _create(a, input="x", store=False)
+    unstored = await _create(a, input="x", store=False, stop=["w1"])  # vLLM's extension
+    assert unstored["output"][0]["content"][0]["text"] == "w0 "
     assert (await a.get(f"/v1/responses/{unstored['id']}")).status_code == 404
     # Large records stay in the router that made them (b: 2000 bytes at most in etcd).
     assert (await a.get(f"/v1/responses/{alone['id']}")).status_code == 200
@@ -174,6 +175,7 @@ BAD = [
     ({"input": "x", "temperature": 3}, "temperature"),
     ({"input": "x", "background": True, "store": False}, "background"),
     ({"input": "x", "metadata": {"k": 1}}, "metadata"),
+    ({"input": "x", "top_k": -5}, "top_k"),
 ]
 
 

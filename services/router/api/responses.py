@@ -62,7 +62,7 @@ async def create(gw: Gateway, request: Request) -> Response:
         if typed.previous_response_id:
             previous = await _record(gw, typed.previous_response_id, "previous_response_id")
             history = previous["messages"]
-        chat = chat_body(typed, history)
+        chat = chat_body(typed, body, history)
         # NOTE: a constraint's grammar compiles while the body is read: off the loop.
         size = None if may_compile(chat) else 0
         _, params, tool_setup = await gw.offload.run(size, read_request, gw, chat, True)

@@ -11,6 +11,12 @@ from services.router.api.protocol.responses import ResponsesRequest
 from services.router.errors import bad_request
 
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+# vLLM's sampling extensions a Responses request may carry too (as vLLM's own does); they are
+# checked as the chat fields of the same names.
+EXTRA_SAMPLING = (
+    "top_k", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "min_tokens", "ignore_eos", "logit_bias", "skip_special_tokens",
+)  # fmt: skip
 
 
 def _parts(content: Any, where: str) -> str | list[dict[str, Any]]:
@@ -131,11 +137,14 @@ def _response_format(text: Any) -> dict[str, Any] | None:
                       param="text")  # fmt: skip
 
 
-def chat_body(typed: ResponsesRequest, history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The chat completion body ``typed`` runs as; ``history``: the turns of the
-    ``previous_response_id`` chain (its instructions are not carried over, as OpenAI's)."""
+def chat_body(
+    typed: ResponsesRequest, body: dict[str, Any], history: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The chat completion body ``typed`` (read from ``body``) runs as; ``history``: the turns
+    of the ``previous_response_id`` chain (its instructions are not carried over, as
+    OpenAI's)."""
     system = [{"role": "system", "content": typed.instructions}] if typed.instructions else []
-    body: dict[str, Any] = {
+    chat: dict[str, Any] = {
         "model": typed.model,
         "messages": system + history + input_messages(typed.input),
         "temperature": typed.temperature,
@@ -148,8 +157,9 @@ def chat_body(typed: ResponsesRequest, history: list[dict[str, Any]]) -> dict[st
         "tool_choice": _tool_choice(typed.tool_choice),
         "response_format": _response_format(typed.text),
     }
-    body.update({k: v for k, v in optional.items() if v is not None})
-    return body
+    optional.update({k: body.get(k) for k in EXTRA_SAMPLING})
+    chat.update({k: v for k, v in optional.items() if v is not None})
+    return chat
 
 
 def assistant_turn(text: str, calls: list[dict[str, Any]]) -> dict[str, Any]:

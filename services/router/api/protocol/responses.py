@@ -108,7 +108,9 @@ class ReasoningConfig(DocModel):
 
 
 class ResponsesRequest(ModelTarget):
-    """POST /v1/responses."""
+    """POST /v1/responses. vLLM's sampling extensions (``top_k``, ``seed``, ``stop``,
+    ``ignore_eos``, ...: responses_input.EXTRA_SAMPLING) are accepted and checked as in a
+    chat completion."""
 
     stream: Bool = False
     background: Bool = False
