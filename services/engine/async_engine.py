@@ -97,6 +97,7 @@ class AsyncLLMEngine:
         params: SamplingParams,
         hold_kv: bool = False,
         resume: Resume | None = None,
+        lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream delta outputs of one request until it finishes. Raises ValueError for a bad
         request. If the consumer stops early (client gone), the request is aborted."""
@@ -108,7 +109,9 @@ class AsyncLLMEngine:
         try:
             await self.prepare(params)
             await self.call(
-                lambda e: e.add_request(request_id, prompt_token_ids, params, hold_kv, resume)
+                lambda e: e.add_request(
+                    request_id, prompt_token_ids, params, hold_kv, resume, lora or None
+                )
             )
             while True:
                 item = await stream.get()

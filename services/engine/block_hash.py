@@ -43,3 +43,10 @@ def image_hash_root(hashes: Sequence[str]) -> int:
     both seed their chains with this one function."""
     words = [int(h[i : i + 8], 16) & 0x7FFFFFFF for h in hashes for i in range(0, 64, 8)]
     return hash_block(ROOT_HASH, words)
+
+
+def adapter_hash_root(root: int, adapter: str) -> int:
+    """Seed of the hash chain of a prompt run with LoRA adapter ``adapter`` (its id), from
+    the chain's seed without one: the same tokens under another adapter have other KV.
+    NOTE: -1 is no token id, so this never equals a block's hash."""
+    return hash_block(root, [-1, *adapter.encode()])

@@ -23,7 +23,10 @@ if TYPE_CHECKING:
 
 def chain_root(seq: Sequence) -> int:
     """Seed of ``seq``'s hash chain: ``ROOT_HASH`` for text; mixed with the image hashes for
-    a prompt with images, whose pad tokens alone do not say which image they stand for."""
+    a prompt with images, whose pad tokens alone do not say which image they stand for; with
+    a LoRA adapter, that seed mixed with the adapter's id (``Sequence.lora_root``)."""
+    if seq.lora_root is not None:
+        return seq.lora_root
     return seq.mm.hash_root if seq.mm is not None else ROOT_HASH
 
 

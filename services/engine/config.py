@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from services.engine.service_tiers import DEFAULT_OFFLINE_AGING_S
 
@@ -64,6 +64,16 @@ class EngineConfig:
     # Seconds after which a waiting offline (flex) request is scheduled as an online one, so
     # a stream of online work cannot starve it (services/engine/service_tiers.py).
     offline_aging_s: float = DEFAULT_OFFLINE_AGING_S
+    # LoRA adapters loaded at start-up, each "name=path" (a PEFT folder); a request names one
+    # as its model. Giving any turns LoRA on.
+    lora_modules: list[str] = field(default_factory=list)
+    # Serve LoRA adapters (loaded later through the API) even without --lora-modules.
+    enable_lora: bool = False
+    # Adapters in one batch: device slots holding their factors, refilled least recently
+    # used first (a batch naming more runs in several passes).
+    max_loras: int = 4
+    # Largest adapter rank accepted (the slots' width).
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -98,10 +108,27 @@ class EngineConfig:
             raise ValueError(f"kv_host_pool_bytes must be >= 0, got {self.kv_host_pool_bytes}")
         if not self.offline_aging_s >= 0.0:  # NOTE: also false for NaN
             raise ValueError(f"offline_aging_s must be >= 0, got {self.offline_aging_s}")
+        for item in self.lora_modules:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"lora_modules entries are name=path, got {item!r}")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.enable_lora or bool(self.lora_modules)
+
+    @property
+    def lora_paths(self) -> dict[str, str]:
+        """``lora_modules`` as {name: path}."""
+        return dict(item.split("=", 1) for item in self.lora_modules)
 
     @property
     def device_type(self) -> str:

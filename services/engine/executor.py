@@ -55,7 +55,7 @@ class Executor:
         """The step's logits, and {request id: error} of the sequences whose forward pass
         failed (taken out of ``sched``)."""
         try:
-            logits = self.runner.execute(sched.scheduled, layer_hook)
+            logits = self._run(sched.scheduled, layer_hook)
         except Exception as exc:  # noqa: BLE001 - isolated below
             if len(sched.scheduled) == 1:
                 rid = sched.scheduled[0].seq.request_id
@@ -81,6 +81,29 @@ class Executor:
                 rows.append(out)
         return (torch.cat(rows) if rows else torch.empty(0, 0)), failed
 
+    def _run(self, scheduled: list[ScheduledSeq], hook: LayerHook | None) -> torch.Tensor:
+        """The batch's logits; a batch naming more LoRA adapters than the engine has slots
+        runs in several passes (each sequence's attention reads only its own KV, so the
+        passes compute what one would), its sampling rows put back in the batch's order."""
+        lora = self.runner.lora
+        runs = lora.split(scheduled, _adapter_of) if lora is not None else [scheduled]
+        if len(runs) == 1:
+            return self.runner.execute(scheduled, hook)
+        row_of = {id(s): i for i, s in enumerate(s for s in scheduled if s.samples)}
+        parts: list[torch.Tensor] = []
+        index: list[int] = []
+        for run in runs:
+            out = self.runner.execute(run, hook)
+            if out.shape[0]:
+                parts.append(out)
+                index += [row_of[id(s)] for s in run if s.samples]
+        if not parts:
+            return torch.empty(0, 0)
+        logits = torch.cat(parts)
+        ordered = torch.empty_like(logits)
+        ordered[torch.tensor(index, device=logits.device)] = logits
+        return ordered
+
     def sample(
         self, logits: torch.Tensor, seqs: list[Sequence], failed: dict[str, str]
     ) -> list[tuple[int, TokenLogprobs | None]]:
@@ -100,3 +123,7 @@ class Executor:
                 failed[seq.request_id] = self.failure("sampling its next token", exc)
                 out.append((-1, None))
         return out
+
+
+def _adapter_of(item: ScheduledSeq) -> str | None:
+    return item.seq.lora

@@ -17,8 +17,9 @@ Where the coming features plug in:
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from services.engine.block_hash import ROOT_HASH
 from services.engine.block_manager import BlockManager
 from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.image_processing import load_image_processor
@@ -29,6 +30,9 @@ from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
 from services.engine.sequence import Sequence
 from services.engine.structured_output import StructuredOutputs
+
+if TYPE_CHECKING:
+    from services.engine.lora_manager import LoRAManager
 
 
 def eos_token_ids(hf_config: Any, model_path: str, tokenizer: Any) -> set[int]:
@@ -68,6 +72,7 @@ class InputProcessor:
         sampler: Sampler,
         structured: StructuredOutputs,
         enable_prefix_caching: bool,
+        loras: LoRAManager | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.model = model  # for its vocabulary and vision-language settings
@@ -77,6 +82,7 @@ class InputProcessor:
         self.sampler = sampler  # a resumed seeded sequence skips the draws already made
         self.structured = structured
         self.enable_prefix_caching = enable_prefix_caching
+        self.loras = loras  # None: the engine serves no LoRA adapters
 
     @property
     def vocab_size(self) -> int:
@@ -141,6 +147,7 @@ class InputProcessor:
         prompt: str | list[int] | dict[str, Any],
         params: SamplingParams,
         resume: Resume | None = None,
+        lora: str | None = None,
     ) -> RequestState:
         """A new request's state. Its ``pending`` sequences (n > 1 children) are to be
         queued once the first one's prompt is in the prefix cache; the others now."""
@@ -156,6 +163,7 @@ class InputProcessor:
         seqs = [self.new_sequence(request_id, ids, params, i, resume) for i in range(params.n)]
         for seq in seqs:
             seq.mm = mm
+            self.set_lora(seq, lora)
         detoks = [self.detokenizer(ids, params, resume) for _ in seqs]
         req = RequestState(request_id, ids, params, seqs, detoks)
         req.reported_tokens = [len(resume.output_token_ids) if resume else 0] * params.n
@@ -201,6 +209,19 @@ class InputProcessor:
                 for _ in resume.output_token_ids:
                     self.sampler.skip_draw(seq.generator, self.vocab_size)
         return seq
+
+    def set_lora(self, seq: Sequence, lora: str | None) -> None:
+        """Run ``seq`` with adapter ``lora`` (after its images are set: its hash chain's
+        seed mixes both). ValueError for an adapter the engine does not hold."""
+        if lora is None or lora == "":
+            return
+        if self.loras is None:
+            raise ValueError(f"LoRA adapter {lora!r} requested but LoRA is not enabled")
+        if lora not in self.loras.adapters:
+            raise ValueError(f"LoRA adapter {lora!r} is not loaded")
+        seq.lora = lora
+        root = seq.mm.hash_root if seq.mm is not None else ROOT_HASH
+        seq.lora_root = self.loras.hash_root(root, lora)
 
     def detokenizer(
         self, ids: list[int], params: SamplingParams, resume: Resume | None = None

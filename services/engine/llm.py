@@ -31,19 +31,24 @@ class LLM:
         self,
         prompts: str | list[int] | dict[str, Any] | list[Any],
         params: SamplingParams | list[SamplingParams] | None = None,
+        lora: str | None | list[str | None] = None,
     ) -> list[RequestOutput]:
         """Prompts are strings, token-id lists or vLLM-style dicts (``{"prompt_token_ids" or
         "prompt": ..., "multi_modal_data": {"image": [PIL.Image, ...]}}``, see
-        ``multimodal.parse_prompt``); outputs come back in the same order."""
+        ``multimodal.parse_prompt``); outputs come back in the same order. ``lora``: the
+        LoRA adapter of every prompt, or one per prompt (None: the base model)."""
         if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        loras = lora if isinstance(lora, list) else [lora] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError("give one LoRA adapter, or one per prompt")
         index: dict[str, int] = {}
         for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
             rid = f"llm-{next(self._ids)}"
-            self.engine.add_request(rid, prompt, p)  # type: ignore[arg-type]
+            self.engine.add_request(rid, prompt, p, lora=loras[i])  # type: ignore[arg-type]
             index[rid] = i
         results: list[RequestOutput | None] = [None] * len(prompts)
         while self.engine.has_unfinished_requests():

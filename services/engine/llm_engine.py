@@ -104,7 +104,9 @@ class LLMEngine:
         self.inputs = InputProcessor(
             self.tokenizer, self.runner.model, self.model_path, self.max_model_len,
             self.block_manager, self.sampler, self.structured, config.enable_prefix_caching,
+            self.runner.lora,
         )  # fmt: skip
+        self.loras = self.runner.lora  # LoRA adapters (add, remove, by name); None: LoRA off
         self.outputs = OutputProcessor(
             self.scheduler, self.connector, self.eos_token_ids, self.max_model_len
         )
@@ -166,16 +168,17 @@ class LLMEngine:
         params: SamplingParams,
         hold_kv: bool = False,
         resume: Resume | None = None,
+        lora: str | None = None,
     ) -> None:
         """Queue a request. With ``hold_kv`` its blocks are kept after it finishes, until
         ``release_held`` (the prefill side of PD reads them out first). With ``resume`` it
-        continues a request migrated from another worker (see ``Resume``)."""
+        continues a request migrated from another worker (see ``Resume``); ``lora``: its adapter."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         if self.pooler is not None:
             raise ValueError(f"{self.model_name} is a pooling model ({self.pooling_task}): "
                              "it does not generate")  # fmt: skip
-        req = self.inputs.process(request_id, prompt, params, resume)
+        req = self.inputs.process(request_id, prompt, params, resume, lora)
         req.hold_kv = hold_kv
         for seq in req.queued:
             self.scheduler.add(seq)
@@ -329,20 +332,22 @@ class LLMEngine:
         params: SamplingParams,
         resume: Resume | None = None,
         images: ImageInputs | None = None,
+        lora: str | None = None,
     ) -> tuple[list[int], int]:
         """Decode side: allocate blocks for a prompt whose KV will be written from elsewhere.
         Returns (block ids, number of leading tokens already cached here, on the device or
         in the host pool, which need no transfer). Raises MemoryError when the cache is
-        full. ``images`` (grids and content hashes of an expanded VL prompt) give the block
-        hashes and M-RoPE decode positions."""
+        full. ``images`` (grids and content hashes of an expanded VL prompt) and ``lora`` (its
+        adapter) give the block hashes; images also the M-RoPE decode positions."""
         if request_id in self.requests or request_id in self.connector.reserved:
             raise ValueError(f"request id {request_id!r} is already running")
-        self.validate(prompt_token_ids, params, resume)
         if params.n != 1:
             raise ValueError("n > 1 is not supported for imported requests")
+        self.validate(prompt_token_ids, params, resume)
         seq = self.inputs.new_sequence(request_id, prompt_token_ids, params, resume=resume)
         if images is not None:
             seq.mm = self.inputs.multimodal_state(prompt_token_ids, images)[1]
+        self.inputs.set_lora(seq, lora)
         return self.connector.reserve(seq, resume)
 
     def free_reserved(self, request_id: str, quarantine: bool = False) -> list[int]:

@@ -21,6 +21,7 @@ from services.engine.config import EngineConfig
 from services.engine.kv_layout import KVLayout
 from services.engine.layers.attention import AttentionMetadata, PrefillSegment, TorchAttention
 from services.engine.layers.cpu_linear import pack_linears
+from services.engine.lora_manager import LoRAManager
 from services.engine.model_loader import iter_safetensors
 from services.engine.models.registry import resolve_model_class
 from services.engine.multimodal import decode_mrope_positions, prepare_batch
@@ -101,6 +102,14 @@ class ModelRunner:
             pooling_hook(model)
         if self.device.type == "cpu":
             pack_linears(model, config.cpu_linear)
+        # After packing: LoRA wraps whatever forward each linear ends up with.
+        self.lora: LoRAManager | None = None
+        if config.lora_enabled:
+            self.lora = LoRAManager(
+                model, config.max_loras, config.max_lora_rank, self.dtype, self.device
+            )
+            for name, path in config.lora_paths.items():
+                self.lora.add(name, path)
         attn = model.attention_layers[0]
         self.num_layers = len(model.attention_layers)
         self.num_kv_heads = attn.num_kv_heads
@@ -200,7 +209,12 @@ class ModelRunner:
         dev = self.device
         tables, lens = self._decode_tables(decodes) if decodes else ([], [])
         hidden = None
-        if self.graphs is not None and decodes and not prefills and layer_hook is None:
+        lora = self.lora is not None and self.lora.prepare(
+            [(s.seq.lora, 1) for s in decodes] + [(s.seq.lora, s.num_new_tokens) for s in prefills],
+            dev,
+        )
+        # NOTE: the graphs hold the base model only (captured with no adapter rows).
+        if self.graphs is not None and decodes and not prefills and not lora and not layer_hook:
             positions = (
                 decode_mrope_positions(decodes)
                 if self.graphs.mrope

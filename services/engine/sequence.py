@@ -70,6 +70,10 @@ class Sequence:
         self.mm: MultiModalState | None = None
         # Where the output is in its structured output grammar; None: unconstrained.
         self.structured: GrammarMatcher | None = None
+        # LoRA adapter the sequence runs with (its name) and the seed of its block-hash chain
+        # under that adapter (block_manager.chain_root); None: the base model.
+        self.lora: str | None = None
+        self.lora_root: int | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

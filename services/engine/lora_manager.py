@@ -1,0 +1,160 @@
+"""The engine's LoRA adapters: the registry (name -> adapter read into host memory) and a
+fixed number of device slots, filled least-recently-used first.
+
+``prepare`` is called by the model runner for each forward pass with the adapter of every
+row group; it puts each named adapter into a slot (copying its factors when it is not in
+one yet) and tells the wrapped layers which rows use which slot. A batch may name at most
+``max_loras`` adapters; ``split`` cuts a larger one into batches that fit (the executor runs
+them one after the other).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence as Seq
+from typing import Any, TypeVar
+
+import torch
+
+from services.engine.block_hash import adapter_hash_root
+from services.engine.layers.lora import LoRABatch, LoRALinear
+from services.engine.lora_adapter import LoRAAdapter, load_adapter
+
+logger = logging.getLogger(__name__)
+
+# The engine modules an adapter can target, by the name they have in every decoder layer.
+TARGET_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+T = TypeVar("T")
+
+
+class LoRAManager:
+    """Adapters by name, ``max_loras`` device slots and the wrapped layers of one model."""
+
+    def __init__(self, model: Any, max_loras: int, max_lora_rank: int, dtype, device) -> None:
+        self.max_loras = max_loras
+        self.max_rank = max_lora_rank
+        self.mapping: dict[str, tuple[str, Any]] = dict(model.packed_modules_mapping)
+        self.batch = LoRABatch()
+        self.layers: dict[tuple[int, str], LoRALinear] = {}
+        decoder = model.model.layers
+        for i, layer in enumerate(decoder):
+            for name in TARGET_MODULES:
+                parent = layer.self_attn if name in ("qkv_proj", "o_proj") else layer.mlp
+                module = getattr(parent, name)
+                offsets = getattr(module, "shard_offsets", {None: (0, module.out_features)})
+                wrapped = LoRALinear(
+                    module.forward, offsets, module.in_features, max_loras,
+                    max_lora_rank, dtype, device, self.batch,
+                )  # fmt: skip
+                # NOTE: wraps whatever forward the layer has (oneDNN's packed one included).
+                module.forward = wrapped  # type: ignore[method-assign]
+                self.layers[(i, name)] = wrapped
+        self.num_layers = len(decoder)
+        self.adapters: dict[str, LoRAAdapter] = {}
+        # Hash-chain ids: an adapter re-registered with other weights gets a new one, so
+        # blocks cached under the old weights are never hit.
+        self._hash_ids: dict[str, str] = {}
+        self._generation: dict[str, int] = {}
+        self._retired: dict[str, LoRAAdapter] = {}  # removed, maybe still running
+        self.slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
+
+    # ---- the registry ------------------------------------------------------------------------
+
+    def add(self, name: str, path: str) -> LoRAAdapter:
+        """Read and register the adapter at ``path`` as ``name`` (ValueError if it cannot
+        be served). Re-adding a name with the same path is a no-op."""
+        if not name:
+            raise ValueError("a LoRA adapter needs a name")
+        old = self.adapters.get(name)
+        if old is not None and old.path == str(path):
+            return old
+        adapter = load_adapter(name, path, self.mapping, self.num_layers, self.max_rank)
+        self._drop(name)
+        self._retired.pop(name, None)
+        self.adapters[name] = adapter
+        gen = self._generation.get(name, -1) + 1
+        self._generation[name] = gen
+        self._hash_ids[name] = name if gen == 0 else f"{name}#{gen}"
+        logger.info("LoRA adapter %s loaded from %s (rank %d)", name, path, adapter.rank)
+        return adapter
+
+    def remove(self, name: str) -> None:
+        """Unregister ``name``: new requests can no longer name it; requests already
+        running with it finish with it."""
+        if name not in self.adapters:
+            raise KeyError(name)
+        self._retired[name] = self.adapters.pop(name)
+
+    def _drop(self, name: str) -> None:
+        self.slots.pop(name, None)
+
+    def hash_root(self, root: int, name: str) -> int:
+        """The block-hash chain seed of a prompt run with adapter ``name``."""
+        return adapter_hash_root(root, self._hash_ids[name])
+
+    # ---- slots -------------------------------------------------------------------------------
+
+    def split(self, items: Seq[T], name_of) -> list[list[T]]:
+        """``items`` cut into runs naming at most ``max_loras`` adapters each (order kept
+        within each run); one run when they fit."""
+        names = {name_of(it) for it in items} - {None}
+        if len(names) <= self.max_loras:
+            return [list(items)]
+        order = sorted(names, key=lambda n: n not in self.slots)  # resident ones first
+        chunks = [set(order[i : i + self.max_loras]) for i in range(0, len(order), self.max_loras)]
+        runs: list[list[T]] = [[] for _ in chunks]
+        for it in items:
+            name = name_of(it)
+            k = 0 if name is None else next(j for j, c in enumerate(chunks) if name in c)
+            runs[k].append(it)
+        return runs
+
+    def prepare(self, rows: list[tuple[str | None, int]], device: torch.device) -> bool:
+        """Set up the next forward pass: ``rows`` are (adapter or None, number of rows) in
+        the order of the batch. Returns whether any row uses an adapter."""
+        names = [n for n, _ in rows if n is not None]
+        if not names:
+            self.batch.groups = []
+            return False
+        slots = {name: self._slot_of(name, set(names)) for name in dict.fromkeys(names)}
+        if len(slots) == 1 and len(names) == len(rows):
+            self.batch.groups = [(slots[names[0]], None)]
+            return True
+        per_slot: dict[int, list[int]] = {}
+        start = 0
+        for name, n in rows:
+            if name is not None:
+                per_slot.setdefault(slots[name], []).extend(range(start, start + n))
+            start += n
+        self.batch.groups = [
+            (s, torch.tensor(r, dtype=torch.long, device=device)) for s, r in per_slot.items()
+        ]
+        return True
+
+    def _slot_of(self, name: str, in_batch: set[str]) -> int:
+        if name in self.slots:
+            self.slots.move_to_end(name)
+            return self.slots[name]
+        adapter = self.adapters.get(name) or self._retired.get(name)
+        if adapter is None:
+            raise ValueError(f"LoRA adapter {name!r} is not loaded")
+        used = set(self.slots.values())
+        free = [s for s in range(self.max_loras) if s not in used]
+        if free:
+            slot = free[0]
+        else:
+            victim = next(n for n in self.slots if n not in in_batch)
+            slot = self.slots.pop(victim)
+        self._fill(slot, adapter)
+        self.slots[name] = slot
+        return slot
+
+    def _fill(self, slot: int, adapter: LoRAAdapter) -> None:
+        for (layer, module), wrapped in self.layers.items():
+            factors = adapter.modules.get((layer, module))
+            ids = wrapped.shard_ids
+            a = [factors.a.get(s) if factors else None for s in ids]
+            b = [factors.b.get(s) if factors else None for s in ids]
+            wrapped.set_slot(slot, a, b)

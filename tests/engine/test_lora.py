@@ -1,0 +1,122 @@
+"""LoRA adapters in the engine: greedy tokens and logprobs equal transformers + peft for each
+adapter (fused q/k/v and gate/up included), a batch mixing adapters and the base model equals
+each run alone (in one pass and split over too few slots), and the prefix cache never shares
+blocks across adapters."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.engine import LLM, SamplingParams
+from tests.engine.lora_helpers import build_adapter, peft_greedy
+from tests.engine.test_correctness import prompts_of_mixed_lengths
+
+MAX_TOKENS = 8
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
+# name -> (seed, rank, targets, rslora): all targets, attention only (k, v shards absent
+# from q's), MLP only with rsLoRA scaling.
+ADAPTERS = {
+    "all": (1, 8, None, False),
+    "attn": (2, 4, ["q_proj", "v_proj", "o_proj"], False),
+    "mlp": (3, 16, ["gate_proj", "down_proj"], True),
+}
+
+
+def prompts() -> list[list[int]]:
+    return prompts_of_mixed_lengths()[1:5]  # 5, 17, 33 and 64 tokens
+
+
+@pytest.fixture(scope="module")
+def setups(tiny_model_dir, tmp_path_factory):
+    """``setups(family)`` -> (base folder, {adapter: folder}, {adapter or None: reference
+    outputs}), built once per family."""
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            base = tiny_model_dir(family)
+            folders = {
+                name: build_adapter(base, tmp_path_factory.mktemp(f"lora-{name}"), *spec)
+                for name, spec in ADAPTERS.items()
+            }
+            refs = peft_greedy(base, folders, prompts(), MAX_TOKENS)
+            cache[family] = base, folders, refs
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture
+def setup(setups):
+    return setups("llama")
+
+
+def engine(base, folders, **kwargs) -> LLM:
+    modules = [f"{name}={folder}" for name, folder in folders.items()]
+    kwargs = {"kv_cache_bytes": 8 << 20, "cpu_linear": "onednn", **kwargs}
+    return LLM(str(base), dtype="float32", lora_modules=modules, **kwargs)
+
+
+def check(outputs, refs) -> None:
+    for out, (ref_tokens, ref_lps) in zip(outputs, refs, strict=True):
+        got = out.outputs[0]
+        assert got.token_ids == ref_tokens
+        for lp, ref in zip(got.logprobs, ref_lps, strict=True):
+            assert abs(lp.logprob - ref) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_each_adapter_matches_peft(setups, family):
+    base, folders, refs = setups(family)
+    # Every adapter changes the output (else equality would prove nothing).
+    for name in ADAPTERS:
+        assert [t for t, _ in refs[name]] != [t for t, _ in refs[None]], name
+    # Two slots for three adapters: the third one evicts the least recently used.
+    llm = engine(base, folders, max_loras=2)
+    for name in [*ADAPTERS, "all", None]:
+        check(llm.generate(prompts(), GREEDY, lora=name), refs[name])
+    assert len(llm.engine.loras.slots) == 2
+
+
+@pytest.mark.parametrize("max_loras", [4, 2])
+def test_mixed_batch_equals_each_alone(setup, max_loras):
+    """Three adapters and the base model in one batch; with 2 slots the batch runs in
+    several passes."""
+    base, folders, refs = setup
+    llm = engine(base, folders, max_loras=max_loras, enable_prefix_caching=False)
+    names = [*ADAPTERS, None]
+    batch = [(p, name) for name in names for p in prompts()]
+    batch = batch[::2] + batch[1::2]  # interleave adapters within the batch
+    outs = llm.generate([p for p, _ in batch], GREEDY, lora=[n for _, n in batch])
+    for out, (prompt, name) in zip(outs, batch, strict=True):
+        check([out], [refs[name][prompts().index(prompt)]])
+
+
+def test_prefix_cache_is_per_adapter(setup):
+    base, folders, refs = setup
+    llm = engine(base, folders, block_size=4)
+    prompt = prompts()[3]
+    first = llm.generate([prompt], GREEDY, lora="all")[0]
+    again = llm.generate([prompt], GREEDY, lora="all")[0]
+    other = llm.generate([prompt], GREEDY, lora="attn")[0]
+    plain = llm.generate([prompt], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    assert again.num_cached_tokens >= len(prompt) - 4
+    assert other.num_cached_tokens == 0 and plain.num_cached_tokens == 0
+    check([again, other, plain], [refs["all"][3], refs["attn"][3], refs[None][3]])
+
+
+def test_bad_adapters_are_clear_errors(setup, tmp_path):
+    base, folders, _ = setup
+    llm = engine(base, {"all": folders["all"]}, max_lora_rank=8)
+    with pytest.raises(ValueError, match="not loaded"):
+        llm.generate([[5, 6, 7]], GREEDY, lora="nope")
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        llm.engine.loras.add("mlp", str(folders["mlp"]))  # rank 16
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        llm.engine.loras.add("empty", str(tmp_path))
+    plain = LLM(str(base), dtype="float32", kv_cache_bytes=8 << 20)
+    with pytest.raises(ValueError, match="LoRA is not enabled"):
+        plain.generate([[5, 6, 7]], GREEDY, lora="all")
+    # The engine still serves after the errors.
+    assert llm.generate([[5, 6, 7]], GREEDY, lora="all")[0].outputs[0].token_ids
