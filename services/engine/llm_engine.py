@@ -89,16 +89,13 @@ class LLMEngine:
         if config.kv_host_pool_bytes:
             host_blocks = config.kv_host_pool_bytes // self.runner.bytes_per_block
             if host_blocks < 1:
-                raise ValueError(
-                    f"kv_host_pool_bytes {config.kv_host_pool_bytes} is smaller than one KV "
-                    f"block ({self.runner.bytes_per_block} bytes)"
-                )
+                raise ValueError(f"kv_host_pool_bytes {config.kv_host_pool_bytes} is smaller than "
+                                 f"one KV block ({self.runner.bytes_per_block} bytes)")  # fmt: skip
             self._enable_tiers(host_blocks)
         self.eos_token_ids = eos_token_ids(self.hf_config, self.model_path, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids, config.seed)
-        self.structured = StructuredOutputs(
-            self.tokenizer, self.runner.model.lm_head.out_features, self.eos_token_ids
-        )
+        vocab = self.runner.model.lm_head.out_features
+        self.structured = StructuredOutputs(self.tokenizer, vocab, self.eos_token_ids)
         self.connector = KVConnector(self.scheduler, self.runner, self.sampler)
         self.executor = Executor(self.runner, self.sampler, self._failure)
         self.inputs = InputProcessor(

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 from services.engine.block_hash import adapter_hash_root
+from services.engine.config import EngineConfig
 from services.engine.layers.lora import LoRABatch, LoRALinear
 from services.engine.lora_adapter import LoRAAdapter, load_adapter
 
@@ -59,6 +60,16 @@ class LoRAManager:
         self._generation: dict[str, int] = {}
         self._retired: dict[str, LoRAAdapter] = {}  # removed, maybe still running
         self.slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
+
+    @classmethod
+    def from_config(cls, model: Any, config: EngineConfig, dtype, device) -> LoRAManager | None:
+        """The manager of ``model`` with the config's adapters loaded; None if LoRA is off."""
+        if not config.lora_enabled:
+            return None
+        manager = cls(model, config.max_loras, config.max_lora_rank, dtype, device)
+        for name, path in config.lora_paths.items():
+            manager.add(name, path)
+        return manager
 
     # ---- the registry ------------------------------------------------------------------------
 

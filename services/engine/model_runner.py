@@ -103,13 +103,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             pack_linears(model, config.cpu_linear)
         # After packing: LoRA wraps whatever forward each linear ends up with.
-        self.lora: LoRAManager | None = None
-        if config.lora_enabled:
-            self.lora = LoRAManager(
-                model, config.max_loras, config.max_lora_rank, self.dtype, self.device
-            )
-            for name, path in config.lora_paths.items():
-                self.lora.add(name, path)
+        self.lora = LoRAManager.from_config(model, config, self.dtype, self.device)
         attn = model.attention_layers[0]
         self.num_layers = len(model.attention_layers)
         self.num_kv_heads = attn.num_kv_heads
