@@ -83,9 +83,9 @@ class Sampler:
 
     @staticmethod
     def skip_draw(generator: torch.Generator, vocab_size: int) -> None:
-        """Advance ``generator`` exactly as one seeded sampling step does (the draw's random
-        consumption does not depend on the probabilities)."""
-        torch.multinomial(torch.ones(vocab_size), 1, generator=generator)
+        """Advance ``generator`` exactly as one seeded sampling step does (a draw takes one
+        uniform number, whatever the probabilities; see ``draw``)."""
+        torch.rand(1, dtype=torch.float64, generator=generator)
 
     def _apply_penalties(self, row: torch.Tensor, seq: Sequence) -> None:
         p = seq.params
@@ -114,16 +114,35 @@ class Sampler:
         sub = _finite(sub / temps.unsqueeze(1))
         sub = _filter(sub, [seqs[i] for i in rows])
         probs = _safe_probs(sub, [tokens[i] for i in rows])
+        # One uniform number per row: from the row's own generator when it is seeded.
+        u = torch.empty(len(rows), dtype=torch.float64)
         unseeded = [j for j, i in enumerate(rows) if seqs[i].generator is None]
         if unseeded:
-            picks = torch.multinomial(probs[unseeded], 1, generator=self.generator).squeeze(1)
-            for j, t in zip(unseeded, picks.tolist(), strict=True):
-                tokens[rows[j]] = t
+            u[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, generator=self.generator)
         for j, i in enumerate(rows):
             gen = seqs[i].generator
             if gen is not None:
-                tokens[i] = int(torch.multinomial(probs[j], 1, generator=gen))
+                u[j] = torch.rand(1, dtype=torch.float64, generator=gen)
+        for j, t in enumerate(draw(probs, u)):
+            tokens[rows[j]] = t
         return tokens
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> list[int]:
+    """One token per row of ``probs`` [B, V] (rows with mass), by inverting the row's CDF at
+    ``u`` [B] (uniform in [0, 1), float64).
+
+    NOTE: ``torch.multinomial`` (and the exponential race vLLM uses) draws a random number
+    per vocabulary entry: 14 ms of CPU for 16 rows of the default model's 49,152 tokens, a
+    third of a decode step; this takes one per row and a cumulative sum (~1 ms). The sum is in
+    float64 so that the CDF's rounding stays far below any probability that matters; a token
+    of probability 0 is never drawn (its CDF step is empty), nor past the last token with mass.
+    """
+    cdf = probs.to(torch.float64).cumsum_(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    picks = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    last = probs.shape[1] - 1 - (probs.flip(1) > 0).to(torch.int8).argmax(dim=1)
+    return torch.minimum(picks, last).tolist()
 
 
 # A logprob of -inf or NaN (a masked token, a NaN row) is reported as this (vLLM's value):
@@ -177,9 +196,10 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
 def _safe_probs(logits: torch.Tensor, fallback: list[int]) -> torch.Tensor:
     """Softmax of ``logits`` (rows already ``_finite``); a row with nothing left to draw from
     (every logit -inf: masked, filtered or NaN) becomes a one-hot on its ``fallback`` token,
-    so ``torch.multinomial`` never sees a row without mass (it raises on those)."""
+    so a draw never sees a row without mass (``torch.multinomial`` raised on those)."""
     probs = torch.softmax(logits, dim=-1)
-    bad = ~(probs.sum(dim=-1) > 0) | ~torch.isfinite(probs).all(dim=-1)
+    # Finite logits give finite probabilities; a row of -inf alone gives NaNs, and a NaN sum.
+    bad = ~(probs.sum(dim=-1) > 0)
     if bool(bad.any()):
         rows = bad.nonzero().flatten()
         probs[rows] = 0.0
