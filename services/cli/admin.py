@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from services.cli.admin_config import resolve_router, resolve_token
@@ -233,11 +234,17 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
 
 
 def main(argv: list[str], prog: str = "epdserve") -> int:
-    args = build_parser(prog).parse_args(argv)
+    return answer(build_parser(prog).parse_args(argv), run)
+
+
+def answer(
+    args: argparse.Namespace, command: Callable[[argparse.Namespace], tuple[Any, str]]
+) -> int:
+    """Run ``command``; print its text (its JSON with ``--json``) or its error; exit code."""
     try:
-        answer, text = run(args)
+        result, text = command(args)
     except AdminCallError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(answer, indent=2, sort_keys=True) if args.json else text)
+    print(json.dumps(result, indent=2, sort_keys=True) if args.json else text)
     return 0

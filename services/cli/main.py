@@ -1,5 +1,5 @@
 """The `epdserve` command: up | worker | router | kvstore | generate | bench | status | roles |
-drain | rebalance | policy."""
+drain | rebalance | policy | batches."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
         # NOTE: before importing `up` (which pulls in torch): operator commands answer in
         # a fraction of a second, scripts and tests poll them.
         return admin.main(argv)
+    if argv and argv[0] == "batches":
+        from services.cli import batches
+
+        return batches.main(argv[1:])
     parser = argparse.ArgumentParser(prog="epdserve", description="epdserve LLM serving cluster")
     sub = parser.add_subparsers(dest="command", required=True)
     from services.cli import up
@@ -40,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in admin.COMMANDS:
         sub.add_parser(name, help=admin_help[name], add_help=False)
+    sub.add_parser("batches", help="list, show or cancel batch jobs", add_help=False)
 
     if argv and argv[0] == "worker":
         from services.worker.main import main as worker_main

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -74,9 +76,8 @@ def test_openai_batch_equals_online(oai) -> None:
     batch = oai.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                                completion_window="24h", metadata={"job": "t"})  # fmt: skip
     assert batch.status == "validating" and batch.metadata == {"job": "t"}
-    done, seen = _wait_batch(oai.batches.retrieve, batch.id, ("completed", "failed"))
+    done, _ = _wait_batch(oai.batches.retrieve, batch.id, ("completed", "failed"))
     assert done.status == "completed", done
-    assert "in_progress" in [s for s, _ in seen]
     assert done.request_counts.total == 5
     assert (done.request_counts.completed, done.request_counts.failed) == (4, 1)
     assert done.completed_at and done.in_progress_at and done.finalizing_at
@@ -195,6 +196,49 @@ def test_bad_inputs_are_400s(cluster, oai) -> None:
         claude.messages.batches.retrieve("msgbatch_nope")
 
 
+def _cli(url: str, *args: str) -> subprocess.CompletedProcess:
+    """`epdserve batches ARGS` against the router at ``url``, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "batches", *args, "--router", url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_cli_lists_gets_and_cancels(cluster, oai) -> None:
+    # NOTE: long enough (40 x 480 tokens, 2 at a time) to still run when the CLI cancels it.
+    body = {"model": TINY_NAME, "max_tokens": 480, "ignore_eos": True, "prompt": "x"}
+    rows = [_line(f"q{i}", "/v1/completions", body) for i in range(MAX_LINES)]
+    f = oai.files.create(file=("q.jsonl", _jsonl(rows)), purpose="batch")
+    b = oai.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    mb = anthropic_client(cluster).messages.batches.create(
+        requests=[
+            {
+                "custom_id": "one",
+                "params": {
+                    "model": TINY_NAME,
+                    "max_tokens": 2,
+                    "messages": [{"role": "user", "content": "x"}],
+                },
+            }
+        ]
+    )
+    url = cluster.base_urls[0]
+    r = _cli(url, "cancel", b.id)
+    assert r.returncode == 0 and r.stdout.strip() == f"batch {b.id}: cancelling", r.stderr
+    listed = json.loads(_cli(url, "list", "--json").stdout)
+    by_id = {x["id"]: x for x in listed}
+    assert by_id[b.id]["api"] == "openai" and by_id[b.id]["total"] == MAX_LINES
+    assert by_id[mb.id]["api"] == "anthropic" and by_id[mb.id]["endpoint"] == "/v1/messages"
+    _wait_batch(oai.batches.retrieve, b.id, ("cancelled",))
+    got = json.loads(_cli(url, "get", b.id, "--json").stdout)
+    assert got["id"] == b.id and got["status"] == "cancelled"
+    assert b.id in _cli(url, "list").stdout  # the table
+    r = _cli(url, "cancel", b.id)
+    assert r.returncode == 1 and "400" in r.stderr and "cancelled" in r.stderr
+    r = _cli(url, "get", "batch_nope")
+    assert r.returncode == 1 and "404" in r.stderr
+
+
 def _leader(cluster) -> int | None:
     """Index of the router that leads (and so runs the batches), if exactly one does."""
     auth = {"Authorization": f"Bearer {cluster.admin_token}"}
@@ -204,15 +248,16 @@ def _leader(cluster) -> int | None:
 
 
 def test_cancel_then_kill_9_of_the_router_running_a_batch(cluster, oai) -> None:
-    body = {"model": TINY_NAME, "max_tokens": 24, "ignore_eos": True, **GREEDY}
+    # NOTE: 40 x 200 tokens, 2 at a time: several seconds of work on the tiny model.
+    body = {"model": TINY_NAME, "max_tokens": 200, "ignore_eos": True, **GREEDY}
     rows = [_line(f"k{i}", "/v1/completions", {**body, "prompt": f"Count {i}:"})
-            for i in range(24)]  # fmt: skip
+            for i in range(MAX_LINES)]  # fmt: skip
     # Cancel: the batch ends cancelled, with what finished before in its output.
     f = oai.files.create(file=("k.jsonl", _jsonl(rows)), purpose="batch")
     b = oai.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
     assert oai.batches.cancel(b.id).status == "cancelling"
     cancelled, _ = _wait_batch(oai.batches.retrieve, b.id, ("cancelled",))
-    assert cancelled.request_counts.completed < 24 and cancelled.cancelled_at
+    assert cancelled.request_counts.completed < MAX_LINES and cancelled.cancelled_at
     with pytest.raises(Exception, match="400"):
         oai.batches.cancel(b.id)
     # kill -9 of the leader mid-batch: the other router takes over and finishes it.
@@ -229,19 +274,21 @@ def test_cancel_then_kill_9_of_the_router_running_a_batch(cluster, oai) -> None:
     while oai2.batches.retrieve(b.id).request_counts.completed < 3:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    counts_at_kill = oai2.batches.retrieve(b.id).request_counts
+    running = oai2.batches.retrieve(b.id)
+    counts_at_kill = running.request_counts  # NOTE: counts move while the batch runs
+    assert running.status == "in_progress" and counts_at_kill.total == MAX_LINES
     cluster.routers[leader].signal(signal.SIGKILL)
     cluster.routers[leader].proc.wait(timeout=10)
-    assert counts_at_kill.completed < 24, "the batch ended before the kill; make it longer"
+    assert counts_at_kill.completed < MAX_LINES, "the batch ended before the kill"
     done, _ = _wait_batch(oai2.batches.retrieve, b.id, ("completed", "failed"), timeout=180)
     assert done.status == "completed"
-    assert (done.request_counts.completed, done.request_counts.failed) == (24, 0)
+    assert (done.request_counts.completed, done.request_counts.failed) == (MAX_LINES, 0)
     out = [json.loads(x) for x in oai2.files.content(done.output_file_id).text.splitlines()]
     assert sorted(o["custom_id"] for o in out) == sorted(r["custom_id"] for r in rows)
-    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 24 for o in out)
+    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 200 for o in out)
     # Lines counted before the kill were on disk then: the survivor never ran them again.
     ran = _completions_served(cluster.base_urls[survivor]) - ran_before
-    assert 0 < ran <= 24 - counts_at_kill.completed
+    assert 0 < ran <= MAX_LINES - counts_at_kill.completed
 
 
 def _completions_served(url: str) -> int:

@@ -139,13 +139,17 @@ def expected_router_argv(values: dict[str, Any]) -> list[str]:
     from services.cli.commands import router_command
     from services.router.config import RouterConfig
 
+    given = _coerce(RouterConfig, values["router"]["config"])
+    volume = values["router"]["batchVolume"]
+    if volume["enabled"]:  # the routers keep their batches on the chart's volume
+        given["batch_dir"] = volume["mountPath"]
     cfg = RouterConfig(
         host="0.0.0.0",
         port=int(values["router"]["port"]),
         cluster=values["clusterName"],
         etcd=etcd_endpoints(values),
         model=model_path(values),
-        **_coerce(RouterConfig, values["router"]["config"]),
+        **given,
     )
     return router_command(cfg, python=values["python"])
 

@@ -214,3 +214,33 @@ def test_gateway_tls_flags_mounts_and_https_probes() -> None:
     assert c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
     assert {"name": "tls", "secret": {"secretName": "router-tls"}} in pod["volumes"]
     assert {"name": "tls", "mountPath": "/tls", "readOnly": True} in c["volumeMounts"]
+
+
+@pytest.mark.parametrize(
+    ("router_values", "claim", "modes"),
+    [
+        ({}, f"{ch.FULLNAME}-batches", ["ReadWriteOnce"]),
+        ({"replicas": 3}, f"{ch.FULLNAME}-batches", ["ReadWriteMany"]),
+        ({"batchVolume": {"existingClaim": "shared-nfs"}}, "shared-nfs", None),
+        ({"batchVolume": {"enabled": False}}, None, None),
+    ],
+)
+def test_routers_keep_batches_on_one_claim(router_values, claim, modes) -> None:
+    objects = ch.render_objects({"router": router_values})
+    router = next(o for o in objects if o["kind"] == "Deployment" and _component(o) == "router")
+    pod = router["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    argv = c["command"] + c.get("args", [])
+    claims = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    if claim is None:
+        assert "--batch-dir" not in argv and not claims
+        assert all(v["name"] != "batches" for v in pod["volumes"])
+        return
+    assert argv[argv.index("--batch-dir") + 1] == "/var/lib/epdserve/batches"
+    assert {"name": "batches", "mountPath": "/var/lib/epdserve/batches"} in c["volumeMounts"]
+    assert {"name": "batches", "persistentVolumeClaim": {"claimName": claim}} in pod["volumes"]
+    if modes is None:
+        assert not claims  # an existing claim: the chart creates none
+    else:
+        assert claims[claim]["spec"]["accessModes"] == modes
+        assert claims[claim]["spec"]["resources"]["requests"]["storage"] == "10Gi"

@@ -175,6 +175,7 @@ Call with (dict "spec" (list of flags.json entries) "values" (dict key -> value)
 {{- $_ = set $values "cluster" .Values.clusterName }}
 {{- $_ = set $values "etcd" (include "epdserve.etcdEndpoints" .) }}
 {{- with include "epdserve.modelPath" . }}{{ $_ = set $values "model" . }}{{ end }}
+{{- if .Values.router.batchVolume.enabled }}{{ $_ = set $values "batchDir" .Values.router.batchVolume.mountPath }}{{ end }}
 - {{ .Values.python | quote }}
 - "-m"
 - "services.router"
@@ -333,6 +334,15 @@ etcd. Every TLS-dependent line of a client (env, volume, mount) follows from thi
   readOnly: true
 {{- end }}
 {{- include "epdserve.etcdTLSVolumeMount" . }}
+{{- end }}
+
+{{/* Access modes of the routers' batch volume: as set, else RWO for one replica, RWX for more. */}}
+{{- define "epdserve.batchAccessModes" -}}
+{{- $modes := .Values.router.batchVolume.accessModes }}
+{{- if not $modes }}
+{{- $modes = list (ternary "ReadWriteMany" "ReadWriteOnce" (gt (int .Values.router.replicas) 1)) }}
+{{- end }}
+{{- toYaml $modes }}
 {{- end }}
 
 {{/* Render-time checks the schema cannot state. */}}
