@@ -66,8 +66,8 @@ def score_from_tokens(tokenizer: Any, tokens: str) -> Callable[[nn.Module], None
     if any(i is None or i == unk for i in ids):
         raise ValueError(f"classifier_from_tokens: {names} are not single tokens of the model")
 
-    def hook(model: nn.Module) -> None:
-        w = model.lm_head.weight  # type: ignore[union-attr]
+    def hook(model: Any) -> None:
+        w = model.lm_head.weight
         model.score = nn.Linear(w.shape[1], 1, bias=False, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             model.score.weight.copy_((w[ids[1]] - w[ids[0]]).unsqueeze(0))
@@ -87,7 +87,7 @@ class Pooler:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Any,
         device: torch.device,
         task: str,
         max_model_len: int,
@@ -102,7 +102,7 @@ class Pooler:
         # The engine's judgement of a failed request: its error text, or it raises when the
         # engine itself is at fault (LLMEngine._failure).
         self.failure = failure
-        self.hidden_size = int(model.model.embed_tokens.embedding_dim)  # type: ignore[union-attr]
+        self.hidden_size = int(model.model.embed_tokens.embedding_dim)
         if task == "classify" and not hasattr(model, "score"):
             raise ValueError(
                 "this model has no classification head: use a *ForSequenceClassification "
@@ -130,7 +130,7 @@ class Pooler:
                 f"the input has {len(token_ids)} tokens, more than the model's context "
                 f"length of {self.max_model_len}"
             )
-        vocab = int(self.model.model.embed_tokens.num_embeddings)  # type: ignore[union-attr]
+        vocab = int(self.model.model.embed_tokens.num_embeddings)
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab})")
         if params.dimensions is not None and params.dimensions > self.hidden_size:
@@ -153,7 +153,8 @@ class Pooler:
     def step(self) -> list[PoolingOutput]:
         """Run the next batch; a batch that raises is re-run one request at a time, and a
         request that fails alone gets ``error``."""
-        batch, tokens = [], 0
+        batch: list[_Pending] = []
+        tokens = 0
         while self.waiting and (not batch or tokens + len(self.waiting[0].token_ids)
                                 <= self.max_batch_tokens):  # fmt: skip
             tokens += len(self.waiting[0].token_ids)
@@ -205,7 +206,7 @@ class Pooler:
         last = torch.tensor([s.start + s.num_tokens - 1 for s in segments], device=dev)
         states = hidden.index_select(0, last)
         if self.task == "classify":
-            logits = self.model.score(states).float()  # type: ignore[operator]
+            logits = self.model.score(states).float()
             scores = logits.sigmoid() if logits.shape[1] == 1 else logits.softmax(dim=-1)
             return list(scores.cpu())
         states = states.float()

@@ -18,12 +18,13 @@ from services.common.metric_buckets import E2E_BUCKETS, TTFT_BUCKETS
 from services.common.pd_metrics import RebalanceMetrics
 
 APIS = ("chat", "completions", "messages", "count_tokens", "tokenize", "detokenize",
-        "responses")  # fmt: skip
+        "responses", "embeddings", "rerank", "score")  # fmt: skip
 # Path of each API endpoint, for requests counted before their handler ran.
 API_OF_PATH = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
                "/v1/messages": "messages", "/v1/messages/count_tokens": "count_tokens",
                "/tokenize": "tokenize", "/detokenize": "detokenize",
-               "/v1/responses": "responses"}  # fmt: skip
+               "/v1/responses": "responses", "/v1/embeddings": "embeddings",
+               "/v1/rerank": "rerank", "/v2/rerank": "rerank", "/v1/score": "score"}  # fmt: skip
 # Values of router_requests_total's outcome label.
 OUTCOMES = ("success", "invalid", "unavailable", "timeout", "cancelled", "error")
 # Values of epdserve:workers' state label.

@@ -19,6 +19,7 @@ from services.router.api import anthropic as anthropic_api
 from services.router.api import batches as batches_api
 from services.router.api import message_batches
 from services.router.api import openai as openai_api
+from services.router.api import pooling as pooling_api
 from services.router.api import responses as responses_api
 from services.router.api import tokenize as tokenize_api
 from services.router.api.admin import admin_routes
@@ -164,6 +165,10 @@ def build_app(gateway: Gateway) -> Starlette:
         Route(
             "/v1/responses/{response_id}/cancel", _guard(responses_api.cancel), methods=["POST"]
         ),  # fmt: skip
+        Route("/v1/embeddings", _guard(pooling_api.embeddings), methods=["POST"]),
+        Route("/v1/rerank", _guard(pooling_api.rerank), methods=["POST"]),
+        Route("/v2/rerank", _guard(pooling_api.rerank), methods=["POST"]),
+        Route("/v1/score", _guard(pooling_api.score), methods=["POST"]),
         Route("/tokenize", _guard(tokenize_api.tokenize), methods=["POST"]),
         Route("/detokenize", _guard(tokenize_api.detokenize), methods=["POST"]),
         Route("/v1/models", _guard(_models), methods=["GET"]),

@@ -88,6 +88,10 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
+    def encode_pair(self, first: str, second: str) -> list[int]:
+        """A cross-encoder's input: the tokenizer's own encoding of a text pair."""
+        return list(self.hf(first, text_pair=second)["input_ids"])
+
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` (ids in range, see ``vocab_size``), special tokens kept."""
         return str(self.hf.decode(ids))

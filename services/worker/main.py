@@ -39,6 +39,7 @@ from services.worker.config import WorkerConfig
 from services.worker.image_inputs import ImageLoader
 from services.worker.kv_events import KVEventPublisher, kv_layout_key
 from services.worker.kv_store import attach_kv_store
+from services.worker.pooling import check_role, pooling_task
 from services.worker.role_controller import DesiredRoleWatcher
 from services.worker.server import WorkerServicer
 from services.worker.state import WorkerState
@@ -61,6 +62,7 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     log.info("loading model %s ...", ecfg.model or "(default)")
     await engine.start()
     assert wcfg.instance_id is not None
+    check_role(engine, wcfg.role)
     state = WorkerState(wcfg.instance_id, WorkerConfig.new_incarnation(), wcfg.role)
     prefill_role, decode_role = setup_kv_transfer(wcfg, ecfg, engine)
     servicer = WorkerServicer(
@@ -103,6 +105,10 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
                 "num_total_blocks": engine.stats().num_total_blocks,
                 "kv_transfer": wcfg.kv_transfer,
                 "encode": servicer.encoder is not None,  # can take the encode role
+                # A pooling model's task ("embed", "classify"), or None: it generates.
+                "pooling": pooling_task(engine),
+                # The prompt a causal LM made a yes/no reranker judges (router/api/pooling.py).
+                "score_template": "qwen3_reranker" if ecfg.classifier_from_tokens else None,
                 # Cache-aware routers hash prompts into blocks exactly like this engine.
                 "block_size": ecfg.block_size,
                 "kv_layout": kv_layout_key(engine.engine),

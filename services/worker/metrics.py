@@ -102,10 +102,34 @@ class WorkerMetrics(MetricsEndpoint):
         )  # fmt: skip
         for phase, role in WORKER_PHASES.items():
             self.phase.labels(*ids, phase, role)
+        self.pool_calls = Counter(
+            "epdserve:pooling_requests",
+            "Pool calls (embeddings, rerank, score requests) by endpoint and outcome "
+            "(success, invalid, error).",
+            [*LABELS, "endpoint", "outcome"], registry=r,
+        )  # fmt: skip
+        self.pool_inputs = Counter(
+            "epdserve:pooling_inputs", "Inputs pooled into one vector each, by endpoint.",
+            [*LABELS, "endpoint"], registry=r,
+        )  # fmt: skip
+        self.pool_latency = Histogram(
+            "epdserve:pooling_request_latency_seconds",
+            "Seconds from a Pool call's arrival to its answer, by endpoint.",
+            [*LABELS, "endpoint"], buckets=E2E_BUCKETS, registry=r,
+        )  # fmt: skip
         for h in (self.ttft, self.tpot, self.itl, self.e2e):
             h.labels(*ids, state.role)
         self.kv_transfer = KVTransferMetrics(r, *ids)
         r.register(_EngineCollector(engine, state, ids))
+
+    def observe_pool(self, endpoint: str, outcome: str, seconds: float) -> None:
+        """One Pool call ended (``outcome``: success, invalid, error) after ``seconds``."""
+        self.pool_calls.labels(self.model_name, self.instance, endpoint, outcome).inc()
+        self.pool_latency.labels(self.model_name, self.instance, endpoint).observe(seconds)
+
+    def pooled(self, endpoint: str, inputs: int, prompt_tokens: int) -> None:
+        self.pool_inputs.labels(self.model_name, self.instance, endpoint).inc(inputs)
+        self.prompt_tokens.inc(prompt_tokens)
 
     def observe_phase(self, phase: str, seconds: float) -> None:
         """One request's time in one of ``WORKER_PHASES``."""

@@ -33,6 +33,7 @@ from services.worker.errors import (
     call_status,
 )
 from services.worker.metrics import WorkerMetrics
+from services.worker.pooling import PoolingCalls, check_role
 from services.worker.role_controller import RoleController
 from services.worker.state import WorkerState
 
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 R = TypeVar("R", bound=Role)
 
 
-class WorkerServicer(pb_grpc.WorkerServiceServicer):
+class WorkerServicer(PoolingCalls, pb_grpc.WorkerServiceServicer):
     """gRPC face of one engine. ``engine`` is an AsyncLLMEngine (or a test double)."""
 
     def __init__(
@@ -74,7 +75,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self.encoder: EncodeRole | None = None
         self.roles = RoleController(
             state, drain_timeout_s, held=self.held, evict=self.evict,
-            supports=lambda role: (role == "mixed" or supports_pd)
+            supports=lambda role: check_role(engine, role, role == "mixed" or supports_pd)
             and (role != "encode" or self.encoder is not None),
         )  # fmt: skip
 

@@ -280,3 +280,16 @@ async def test_only_mixed_workers_serve_for_now(etcd) -> None:
     finally:
         await gw.stop()
         await w.stop()
+
+
+async def test_pooling_apis_refuse_a_generative_model(env) -> None:
+    client, _, _ = env
+    for path, body in [
+        ("/v1/embeddings", {"input": "hello"}),
+        ("/v1/rerank", {"query": "q", "documents": ["a"]}),
+        ("/v1/score", {"text_1": "a", "text_2": "b"}),
+    ]:
+        r = await client.post(path, json={"model": "fake-model", **body})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert "it is a generative model" in err["message"] and err["param"] == "model"

@@ -99,6 +99,11 @@ class WorkerServiceStub:
                 request_serializer=epdserve_dot_worker__pb2.EncodeRequest.SerializeToString,
                 response_deserializer=epdserve_dot_worker__pb2.EncodeResponse.FromString,
                 _registered_method=True)
+        self.Pool = channel.unary_unary(
+                '/epdserve.v1.WorkerService/Pool',
+                request_serializer=epdserve_dot_worker__pb2.PoolRequest.SerializeToString,
+                response_deserializer=epdserve_dot_worker__pb2.PoolResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -186,6 +191,13 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pool(self, request, context):
+        """Pooling models (mixed role): one vector per input (embeddings, classifier scores).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -253,6 +265,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Encode,
                     request_deserializer=epdserve_dot_worker__pb2.EncodeRequest.FromString,
                     response_serializer=epdserve_dot_worker__pb2.EncodeResponse.SerializeToString,
+            ),
+            'Pool': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pool,
+                    request_deserializer=epdserve_dot_worker__pb2.PoolRequest.FromString,
+                    response_serializer=epdserve_dot_worker__pb2.PoolResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -606,6 +623,33 @@ class WorkerService:
             '/epdserve.v1.WorkerService/Encode',
             epdserve_dot_worker__pb2.EncodeRequest.SerializeToString,
             epdserve_dot_worker__pb2.EncodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epdserve.v1.WorkerService/Pool',
+            epdserve_dot_worker__pb2.PoolRequest.SerializeToString,
+            epdserve_dot_worker__pb2.PoolResponse.FromString,
             options,
             channel_credentials,
             insecure,

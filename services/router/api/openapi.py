@@ -25,6 +25,14 @@ from services.router.api.protocol.openai import (
     CompletionRequest,
     ModelList,
 )
+from services.router.api.protocol.pooling import (
+    EmbeddingRequest,
+    EmbeddingResponse,
+    RerankRequest,
+    RerankResponse,
+    ScoreRequest,
+    ScoreResponse,
+)
 from services.router.api.protocol.responses import (
     ResponseDeleted,
     ResponseObject,
@@ -67,7 +75,8 @@ _MODELS: list[type[BaseModel]] = [
     TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest,
     ChatCompletion, Completion, MessageResponse, CountTokensResponse, TokenizeResponse,
     DetokenizeResponse, ModelList, OpenAIError, AnthropicError, ResponsesRequest,
-    ResponseObject, ResponseDeleted,
+    ResponseObject, ResponseDeleted, EmbeddingRequest, EmbeddingResponse, RerankRequest,
+    RerankResponse, ScoreRequest, ScoreResponse,
 ]  # fmt: skip
 
 
@@ -106,6 +115,12 @@ def _post(summary: str, request: dict[str, Any], ok: dict[str, Any],
             "responses": {"200": ok, **_errors(error, generates=generates)},
         }
     }  # fmt: skip
+
+
+def _pooled(summary: str, request: type[BaseModel], ok: type[BaseModel]) -> dict[str, Any]:
+    """A pooling endpoint: queued like generation (429), run by a worker (504)."""
+    return _post(summary, _ref(request), _json(_ref(ok), "the result"), OpenAIError,
+                 generates=True)  # fmt: skip
 
 
 def _generated(response: type[BaseModel]) -> dict[str, Any]:
@@ -190,6 +205,14 @@ def openapi_document() -> dict[str, Any]:
             "/v1/responses/{response_id}/cancel": _stored(
                 "post", "cancel a background response", ResponseObject
             ),
+            "/v1/embeddings": _pooled("OpenAI embeddings", EmbeddingRequest, EmbeddingResponse),
+            "/v1/rerank": _pooled(
+                "rerank documents (Jina / Cohere, as vLLM)", RerankRequest, RerankResponse
+            ),
+            "/v2/rerank": _pooled(
+                "rerank documents (Cohere v2, as vLLM)", RerankRequest, RerankResponse
+            ),
+            "/v1/score": _pooled("vLLM score of text pairs", ScoreRequest, ScoreResponse),
             "/v1/messages/count_tokens": _post(
                 "Anthropic token count: the prompt length /v1/messages would have",
                 _ref(CountTokensRequest),

@@ -301,6 +301,33 @@ class Orchestrator:
             503, f"no prefill/decode pair available for model {model!r}", code="no_workers"
         )
 
+    async def run_pooling(self, model: str, request: pb.PoolRequest) -> pb.PoolResponse:
+        """A pooling request (embeddings, rerank, score) on a mixed worker, retried on
+        another one (``max_attempts``) when a worker is unavailable before it answers."""
+        attempts = Attempts(self.poison, RETRYABLE)
+        tokens = sum(len(i.ids) for i in request.inputs)
+        first = request.inputs[0].ids
+        for _ in range(self.max_attempts):
+            try:
+                handle = await self._choose(model, request.request_id, first, (), attempts)
+            except AttemptFailed:
+                continue
+            if handle is None:
+                break
+            attempts.tried.add(handle.id)
+            request.role_epoch = handle.info.role_epoch
+            handle.inflight += 1
+            try:
+                call = handle.stub.Pool(request, timeout=self.timeout_s)
+                return await attempts.unary(handle, call, self.timeout_s, request.role_epoch)
+            except AttemptFailed:
+                continue
+            finally:
+                handle.end_request(tokens)
+        if attempts.last_error is not None and attempts.last_error.status != 503:
+            raise attempts.last_error
+        raise APIError(503, f"no worker available for model {model!r}", code="no_workers")
+
     async def _generate_mixed(
         self,
         model: str,

@@ -1,0 +1,206 @@
+"""The pooling APIs: POST /v1/embeddings (OpenAI), /v1/rerank and /v2/rerank (Jina / Cohere,
+as vLLM serves them) and /v1/score (vLLM). The router tokenizes; the model's mixed worker
+runs each input once and answers one vector per input (``Pool``).
+
+What a model serves follows its workers' advertised pooling task: "embed" models give
+embeddings, and rerank / score as the cosine of two embeddings (as vLLM does); "classify"
+models give rerank / score from their one-label head, on the text pair as the tokenizer
+encodes it, or on the Qwen3-Reranker prompt for a causal LM made a yes/no reranker
+(``--classifier-from-tokens``; the template vLLM's Qwen3-Reranker example uses).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from services.common.proto import worker_pb2 as pb
+from services.router.api.protocol import pooling as proto
+from services.router.api.protocol.body import read_json_object
+from services.router.api.protocol.common import parse
+from services.router.errors import APIError, bad_request
+from services.router.tokenization import check_token_ids
+
+if TYPE_CHECKING:
+    from services.router.gateway import Gateway
+
+QWEN3_RERANKER = "qwen3_reranker"
+RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+_PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
+    'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
+    "<|im_start|>user\n"
+)
+_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def qwen3_reranker_prompt(query: str, document: str, instruction: str = RERANK_INSTRUCTION) -> str:
+    """The prompt a Qwen3-Reranker judges (its "yes" / "no" logits are the score)."""
+    return f"{_PREFIX}<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}{_SUFFIX}"
+
+
+def _task(gw: Gateway, model: str) -> tuple[str | None, str | None]:
+    """(pooling task, score template) the model's workers advertise; task None: generative."""
+    caps = [h.info.capacity for h in gw.pool.handles.values() if h.info.model == model]
+    pooling = [c for c in caps if c.get("pooling")]
+    if not pooling:
+        return None, None
+    return str(pooling[0]["pooling"]), pooling[0].get("score_template")
+
+
+def _refuse(model: str, api: str, task: str | None) -> APIError:
+    what = "a generative model" if task is None else f"a pooling model for the {task!r} task"
+    return bad_request(f"model {model!r} does not support the {api} API: it is {what}",
+                       param="model", code="model_not_supported")  # fmt: skip
+
+
+async def _pool(
+    gw: Gateway, model: str, api: str, inputs: list[list[int]], task: str, dimensions: int = 0
+) -> tuple[list[list[float]], int]:
+    """The vector of each input (token ids) from a worker, and their prompt tokens."""
+    max_len = gw.resolve_model(model)[1]
+    for i, ids in enumerate(inputs):
+        if len(ids) > max_len:
+            raise bad_request(
+                f"input {i} has {len(ids)} tokens, more than the model's context length of "
+                f"{max_len}", param="input", code="context_length_exceeded",
+            )  # fmt: skip
+    tokens = sum(len(ids) for ids in inputs)
+    ticket = gw.admission.admit(tokens)
+    try:
+        request = pb.PoolRequest(
+            request_id=f"pool-{uuid.uuid4().hex}", task=task, dimensions=dimensions,
+            endpoint=api, inputs=[pb.TokenIds(ids=ids) for ids in inputs],
+        )  # fmt: skip
+        resp = await gw.orchestrator.run_pooling(model, request)
+    finally:
+        ticket.release()
+    return [list(o.data) for o in resp.outputs], tokens
+
+
+async def _encode(gw: Gateway, texts: list[str]) -> list[list[int]]:
+    chars = sum(len(t) for t in texts)
+    return await gw.offload.run(chars, lambda: [gw.tokenizer.encode(t) for t in texts])
+
+
+async def _embeddings(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
+    req = parse(proto.EmbeddingRequest, body, max_prompts=gw.cfg.max_prompts)
+    task, _ = _task(gw, gw.resolve_model(req.model)[0])
+    if task != "embed":
+        raise _refuse(req.model, "embeddings", task)
+    if isinstance(req.input[0], str):
+        inputs = await _encode(gw, req.input)
+    else:
+        vocab = gw.tokenizer.vocab_size
+        inputs = [check_token_ids(ids, vocab, "input") for ids in req.input]
+    vectors, tokens = await _pool(gw, req.model, "embeddings", inputs, task, req.dimensions or 0)
+    data = [
+        {"object": "embedding", "index": i,
+         "embedding": _base64(v) if req.encoding_format == "base64" else v}
+        for i, v in enumerate(vectors)
+    ]  # fmt: skip
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    out = proto.EmbeddingResponse(object="list", data=data, model=req.model, usage=usage)  # type: ignore[arg-type]
+    return out.model_dump(exclude_none=True)
+
+
+def _base64(vector: list[float]) -> str:
+    """OpenAI's base64 embeddings: little-endian float32."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+async def _scores(gw: Gateway, model: str, api: str, pairs: list[tuple[str, str]]):
+    """The relevance score of each (query, document) pair, and the prompt tokens used."""
+    task, template = _task(gw, gw.resolve_model(model)[0])
+    if task is None:
+        raise _refuse(model, api, task)
+    if task == "embed":
+        # Cosine similarity of the two embeddings (each text embedded once).
+        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+        vectors, tokens = await _pool(gw, model, api, await _encode(gw, texts), task)
+        of = dict(zip(texts, vectors, strict=True))
+        return [_cosine(of[a], of[b]) for a, b in pairs], tokens
+    if template == QWEN3_RERANKER:
+        inputs = await _encode(gw, [qwen3_reranker_prompt(q, d) for q, d in pairs])
+    else:
+        chars = sum(len(q) + len(d) for q, d in pairs)
+        inputs = await gw.offload.run(
+            chars, lambda: [gw.tokenizer.encode_pair(q, d) for q, d in pairs]
+        )
+    vectors, tokens = await _pool(gw, model, api, inputs, task)
+    if vectors and len(vectors[0]) != 1:
+        raise bad_request(f"model {model!r} has {len(vectors[0])} labels; scores need one",
+                          param="model", code="model_not_supported")  # fmt: skip
+    return [v[0] for v in vectors], tokens
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    # Embeddings come back L2-normalised.
+    return math.fsum(x * y for x, y in zip(a, b, strict=True))
+
+
+async def _rerank(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
+    req = parse(proto.RerankRequest, body, max_prompts=gw.cfg.max_prompts)
+    scores, tokens = await _scores(gw, req.model, "rerank",
+                                   [(req.query, d) for d in req.documents])  # fmt: skip
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n or None]
+    results = [
+        {"index": i, "relevance_score": scores[i],
+         **({"document": {"text": req.documents[i]}} if req.return_documents else {})}
+        for i in order
+    ]  # fmt: skip
+    out = proto.RerankResponse(
+        id=f"rerank-{uuid.uuid4().hex}", model=req.model, results=results,  # type: ignore[arg-type]
+        usage={"total_tokens": tokens},  # type: ignore[arg-type]
+    )  # fmt: skip
+    return out.model_dump(exclude_none=True)
+
+
+async def _score(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
+    req = parse(proto.ScoreRequest, body, max_prompts=gw.cfg.max_prompts)
+    first, second = req.text_1, req.text_2
+    if len(first) == 1:
+        first = first * len(second)
+    if len(first) != len(second):
+        raise bad_request(
+            f"'text_1' has {len(first)} items and 'text_2' {len(second)}: give one text_1, "
+            "or as many as text_2", param="text_1",
+        )  # fmt: skip
+    scores, tokens = await _scores(gw, req.model, "score", list(zip(first, second, strict=True)))
+    out = proto.ScoreResponse(
+        id=f"score-{uuid.uuid4().hex}", object="list", created=int(time.time()),
+        model=req.model, usage={"prompt_tokens": tokens, "total_tokens": tokens},  # type: ignore[arg-type]
+        data=[{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],  # type: ignore[misc]
+    )  # fmt: skip
+    return out.model_dump(exclude_none=True)
+
+
+def _endpoint(
+    api: str, fn: Callable[[Gateway, dict[str, Any]], Awaitable[dict[str, Any]]]
+) -> Callable[[Gateway, Request], Awaitable[Response]]:
+    async def handle(gw: Gateway, request: Request) -> Response:
+        started = time.monotonic()
+        try:
+            result = await fn(gw, await read_json_object(request, gw.cfg.max_body_bytes))
+        except APIError as err:
+            gw.metrics.count_request(api, err.status)
+            return err.openai_response()
+        gw.metrics.count_request(api, 200)
+        model, usage = result["model"], result["usage"]
+        gw.metrics.done(api, model, started, usage["total_tokens"], 0)
+        return JSONResponse(result)
+
+    return handle
+
+
+embeddings = _endpoint("embeddings", _embeddings)
+rerank = _endpoint("rerank", _rerank)
+score = _endpoint("score", _score)
