@@ -103,6 +103,22 @@ def test_openai_batch_equals_online(oai) -> None:
         oai.files.retrieve(f.id)
 
 
+def test_responses_batch_equals_online(oai) -> None:
+    bodies = [{"model": TINY_NAME, "input": p, "max_output_tokens": 8, "store": False, **GREEDY}
+              for p in PROMPTS[:2]]  # fmt: skip
+    f = oai.files.create(file=("r.jsonl", _jsonl(
+        [_line(f"r{i}", "/v1/responses", b) for i, b in enumerate(bodies)])), purpose="batch")  # fmt: skip
+    batch = oai.batches.create(input_file_id=f.id, endpoint="/v1/responses",
+                               completion_window="24h")  # fmt: skip
+    done, _ = _wait_batch(oai.batches.retrieve, batch.id, ("completed", "failed"))
+    assert done.status == "completed" and done.request_counts.completed == 2, done
+    out = [json.loads(x) for x in oai.files.content(done.output_file_id).text.splitlines()]
+    for o, body in zip(out, bodies, strict=True):
+        got = o["response"]["body"]
+        assert got["object"] == "response" and got["status"] in ("completed", "incomplete")
+        assert got["output"][0]["content"][0]["text"] == oai.responses.create(**body).output_text
+
+
 def test_completions_batch_and_anthropic_batch(cluster, oai) -> None:
     bodies = [{"model": TINY_NAME, "prompt": p, "max_tokens": 10, **GREEDY} for p in PROMPTS[:2]]
     rows = [_line(f"c{i}", "/v1/completions", b) for i, b in enumerate(bodies)]

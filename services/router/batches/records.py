@@ -25,7 +25,8 @@ class BatchRecord:
     id: str  # "batch_<hex>" (OpenAI) or "msgbatch_<hex>" (Anthropic)
     api: str  # "openai" | "anthropic": which API created it and shows it
     endpoint: (
-        str  # the URL every line is sent to: /v1/chat/completions, /v1/completions, /v1/messages
+        str  # the URL every line is sent to: /v1/chat/completions, /v1/completions,
+        # /v1/responses, /v1/messages
     )
     input_file_id: str  # the JSONL of lines (for Anthropic: written by the router itself)
     created_at: int  # unix seconds

@@ -1,6 +1,6 @@
 """One batch line through the router's serving pipeline, in process: the line's body goes to
-the same endpoint handler a client's request reaches (``api/openai.py``, ``api/anthropic.py``
-and from there ``serving.py``), as offline work, and its response is recorded as it was
+the same endpoint handler a client's request reaches (``api/openai.py``, ``api/anthropic.py``,
+``api/responses.py`` and from there ``serving.py``), as offline work, and its response is recorded as it was
 written."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from starlette.types import Message
 
 from services.router.api import anthropic as anthropic_api
 from services.router.api import openai as openai_api
+from services.router.api import responses as responses_api
 from services.router.batches.records import LineResult
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ async def run_line(gw: Gateway, endpoint: str, custom_id: str, body: dict[str, A
     request = _request(endpoint, json.dumps(offline(body)).encode())
     if endpoint == "/v1/messages":
         response = await anthropic_api.handle(gw, request)
+    elif endpoint == "/v1/responses":
+        response = await responses_api.create(gw, request)
     else:
         response = await openai_api.handle(gw, request, chat=endpoint == "/v1/chat/completions")
     rid = f"batch_req_{uuid.uuid4().hex}"

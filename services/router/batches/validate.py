@@ -11,7 +11,7 @@ from typing import Any
 
 from services.router.errors import APIError
 
-OPENAI_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+OPENAI_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 MESSAGES_ENDPOINT = "/v1/messages"
 _ANTHROPIC_CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # as the Anthropic API requires
 
@@ -116,6 +116,8 @@ def _body(body: Any, where: str) -> dict[str, Any]:
         raise _invalid(f"{where}: the body needs a 'model'", "missing_model")
     if body.get("stream"):
         raise _invalid(f"{where}: streaming is not supported in a batch", "invalid_body")
+    if body.get("background"):  # /v1/responses: a line answers when it is done
+        raise _invalid(f"{where}: 'background' is not supported in a batch", "invalid_body")
     return body
 
 
