@@ -160,8 +160,9 @@ def build_app(gateway: Gateway) -> Starlette:
             methods=["POST"],
         ),
         Route("/v1/responses", _guard(responses_api.create), methods=["POST"]),
-        Route("/v1/responses/{response_id}", _guard(responses_api.retrieve), methods=["GET"]),
-        Route("/v1/responses/{response_id}", _guard(responses_api.delete), methods=["DELETE"]),
+        Route(
+            "/v1/responses/{response_id}", _guard(responses_api.stored), methods=["GET", "DELETE"]
+        ),  # fmt: skip
         Route(
             "/v1/responses/{response_id}/cancel", _guard(responses_api.cancel), methods=["POST"]
         ),  # fmt: skip

@@ -128,6 +128,11 @@ async def _cancelled_elsewhere(gw: Gateway, rid: str) -> str:
             return "cancelled"
 
 
+async def stored(gw: Gateway, request: Request) -> Response:
+    """GET or DELETE /v1/responses/{response_id}."""
+    return await (delete if request.method == "DELETE" else retrieve)(gw, request)
+
+
 async def retrieve(gw: Gateway, request: Request) -> Response:
     """GET /v1/responses/{response_id}."""
     record = await _record(gw, request.path_params["response_id"])
