@@ -46,7 +46,7 @@ def _guard(
         mark_arrival()  # the request's queue phase starts (phases.py)
         try:
             if auth:
-                check_api_key(gw.api_keys, request)
+                request.state.api_key = check_api_key(gw.api_keys, request)
             return await fn(gw, request)
         except ClientDisconnected:
             if request.url.path in API_OF_PATH:

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from services.common.convert import params_to_proto
 from services.common.proto import worker_pb2 as pb
 from services.engine.sampling_params import SamplingParams, StructuredOutputsParams
+from services.engine.service_tiers import DEFAULT
 from services.router.accumulate import Choice, Usage, apply_step, until_disconnect
 from services.router.errors import APIError
 from services.router.features.reasoning.base import ReasoningParser
@@ -77,6 +78,11 @@ class ServeRequest:
             params.logprobs is not None, tools, tool_parser_class(gw.cfg.tool_call_parser),
             reasoning_parser_class(gw.cfg.reasoning_parser) if unconstrained else None, started,
         )  # fmt: skip
+
+    @property
+    def service_tier(self) -> str:
+        """The engine tier the request runs in (what the responses say served it)."""
+        return self.params.service_tier or DEFAULT
 
     def tool_stream(self) -> ToolStream | None:
         """A tool-call parser for one choice; None: its output is plain content."""

@@ -13,10 +13,11 @@ from starlette.requests import Request
 from services.common.etcd_server import EtcdServer
 from services.router.admission import AdmissionControl
 from services.router.api.openapi import openapi_document
-from services.router.auth import check_api_key, load_api_keys
+from services.router.auth import APIKey, check_api_key, load_api_keys
 from services.router.config import RouterConfig
 from services.router.errors import APIError
 from services.router.server import build_app
+from services.router.tiers import KeyTiers
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -35,10 +36,17 @@ def _request(headers: dict[str, str]) -> Request:
 
 def test_load_api_keys_from_file_and_env(tmp_path, monkeypatch) -> None:
     f = tmp_path / "keys"
-    f.write_text("# comment\nk1\n\n  k2  \n")
-    assert load_api_keys(str(f)) == [b"k1", b"k2"]
-    monkeypatch.setenv("EPDSERVE_API_KEYS", " a, b ,,")
-    assert load_api_keys(None) == [b"a", b"b"]
+    f.write_text("# comment\nk1\n\n  k2  max_tier=flex\n")
+    assert load_api_keys(str(f)) == [
+        APIKey(b"k1", KeyTiers()),
+        APIKey(b"k2", KeyTiers("flex", "flex")),
+    ]
+    monkeypatch.setenv("EPDSERVE_API_KEYS", " a, b default_tier=priority ,,")
+    assert load_api_keys(None) == [APIKey(b"a", KeyTiers()), APIKey(b"b", KeyTiers("priority"))]
+    for bad in ("k tier=flex", "k max_tier=gold", "k default_tier=priority max_tier=default"):
+        monkeypatch.setenv("EPDSERVE_API_KEYS", bad)
+        with pytest.raises(ValueError):
+            load_api_keys(None)
     monkeypatch.delenv("EPDSERVE_API_KEYS")
     assert load_api_keys(None) == []
     (tmp_path / "empty").write_text("\n")
@@ -47,10 +55,10 @@ def test_load_api_keys_from_file_and_env(tmp_path, monkeypatch) -> None:
 
 
 def test_check_api_key_headers() -> None:
-    keys = [b"k1", b"k2"]
-    check_api_key([], _request({}))  # no keys: open
-    check_api_key(keys, _request({"Authorization": "Bearer k2"}))
-    check_api_key(keys, _request({"x-api-key": "k1"}))
+    keys = [APIKey(b"k1", KeyTiers()), APIKey(b"k2", KeyTiers("flex", "flex"))]
+    assert check_api_key([], _request({})) is None  # no keys: open
+    assert check_api_key(keys, _request({"Authorization": "Bearer k2"})) is keys[1]
+    assert check_api_key(keys, _request({"x-api-key": "k1"})) is keys[0]
     for headers in ({}, {"Authorization": "Bearer k3"}, {"x-api-key": "k"},
                     {"Authorization": "Basic k1"}):  # fmt: skip
         with pytest.raises(APIError) as e:

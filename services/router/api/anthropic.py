@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -23,6 +24,7 @@ from services.router.api.protocol.anthropic import (
 )
 from services.router.api.protocol.body import read_json_object
 from services.router.api.protocol.common import ModelTarget, parse
+from services.router.auth import key_tiers
 from services.router.errors import APIError, bad_request
 from services.router.features.images import MEDIA_TYPES, decode_base64
 from services.router.features.structured import may_compile, structured_from_anthropic
@@ -30,6 +32,7 @@ from services.router.features.tool_prompt import split_tool_blocks
 from services.router.features.tools import ToolSetup, anthropic_tools
 from services.router.prompt import chat_prompt, check_context
 from services.router.serving import ServeRequest, serve
+from services.router.tiers import anthropic_tier
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
@@ -149,6 +152,8 @@ async def handle(gw: Gateway, request: Request) -> Response:
         typed, params, tool_setup = await gw.offload.run(
             None if may_compile(body) else 0, _read, gw, body
         )
+        tier = anthropic_tier(typed.service_tier, key_tiers(request))
+        params = replace(params, service_tier=tier)
         messages, sources = parse_messages(typed.system, typed.messages)
         prompt, images = await chat_prompt(gw, messages, sources, tool_setup)
         check_context(len(prompt), params.max_tokens, max_len)

@@ -15,6 +15,7 @@ from services.router.errors import APIError
 from services.router.features.reasoning.base import ReasoningParser, extract_reasoning
 from services.router.features.tool_parsers.base import ParsedCall, ToolStream
 from services.router.serving import ServeRequest, Step
+from services.router.tiers import ANTHROPIC_SERVED
 
 
 def stop_fields(ch: Choice, called: bool = False) -> tuple[str, str | None]:
@@ -28,12 +29,13 @@ def stop_fields(ch: Choice, called: bool = False) -> tuple[str, str | None]:
     return "end_turn", None
 
 
-def _usage(u: Usage) -> dict[str, int]:
+def _usage(u: Usage, tier: str) -> dict[str, Any]:
     return {
         "input_tokens": u.prompt,
         "output_tokens": u.completion,
         "cache_read_input_tokens": u.cached,
         "cache_creation_input_tokens": 0,
+        "service_tier": ANTHROPIC_SERVED[tier],
     }
 
 
@@ -167,7 +169,7 @@ class AnthropicOutput:
             "content": content or [{"type": "text", "text": ""}],
             "stop_reason": reason,
             "stop_sequence": seq,
-            "usage": _usage(usage),
+            "usage": _usage(usage, self.req.service_tier),
         }
 
     def step(self, step: Step, usage: Usage) -> Iterator[str]:
@@ -176,7 +178,7 @@ class AnthropicOutput:
             yield _event("message_start", {"type": "message_start", "message": {
                 "id": self.req.rid, "type": "message", "role": "assistant",
                 "model": self.req.model, "content": [], "stop_reason": None,
-                "stop_sequence": None, "usage": {**_usage(usage), "output_tokens": 0},
+                "stop_sequence": None, "usage": {**_usage(usage, self.req.service_tier), "output_tokens": 0},
             }})  # fmt: skip
         for _, d in step:
             yield from self.blocks.output(

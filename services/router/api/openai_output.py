@@ -72,7 +72,8 @@ class OpenAIOutput:
     def __init__(self, gw: Gateway, req: ServeRequest, chat: bool, include_usage: bool) -> None:
         self.gw, self.req, self.chat, self.include_usage = gw, req, chat, include_usage
         obj = "chat.completion.chunk" if chat else "text_completion"
-        self.base = {"id": req.rid, "object": obj, "created": req.created, "model": req.model}
+        self.base = {"id": req.rid, "object": obj, "created": req.created, "model": req.model,
+                     "service_tier": req.service_tier}  # fmt: skip
         self.extra = {"usage": None} if include_usage else {}
         self.text_pos: dict[int, int] = {}  # completions: characters sent, per choice
         self.started_roles: set[int] = set()  # chat: choices whose role was sent
@@ -137,6 +138,7 @@ class OpenAIOutput:
             "choices": out,
             "usage": usage.openai(),
             "system_fingerprint": None,
+            "service_tier": req.service_tier,
         }
 
     def _chat_choice(self, item: dict[str, Any], ch: Choice) -> None:

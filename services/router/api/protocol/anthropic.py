@@ -16,6 +16,7 @@ from services.router.api.protocol.common import (
     Integer,
     ModelTarget,
     Number,
+    OneOf,
     ResponseModel,
     Stop,
     Str,
@@ -23,6 +24,7 @@ from services.router.api.protocol.common import (
 )
 from services.router.api.protocol.openai import TextPart, ToolName
 from services.router.errors import bad_request
+from services.router.tiers import ANTHROPIC_REQUEST_TIERS
 
 # -- Shapes of nested fields (documentation; checked by the feature that reads them) --------
 
@@ -136,6 +138,9 @@ class MessagesSampling(APIModel):
     # Structured outputs: output_config.format (GA) or the beta's output_format.
     output_config: Annotated[Any, Documented(OutputConfig)] = None
     output_format: Annotated[Any, Documented(OutputFormat)] = None
+    # "auto" (the API key's default), "standard_only" (never priority), "flex" (offline: an
+    # epdserve extension).
+    service_tier: Annotated[str | None, OneOf(*ANTHROPIC_REQUEST_TIERS)] = None
 
     def sampling_params(self, structured: StructuredOutputsParams | None) -> SamplingParams:
         """The engine's parameters; its own checks are 400s too."""
@@ -188,6 +193,7 @@ class MessageUsage(ResponseModel):
     output_tokens: int
     cache_read_input_tokens: int
     cache_creation_input_tokens: int
+    service_tier: Literal["standard", "priority", "batch"]  # the tier that served it
 
 
 class MessageResponse(ResponseModel):

@@ -171,6 +171,18 @@ def Int(lo: int, hi: int | None = None, *, limit: str | None = None) -> GroupedM
     return _Checks(*([Ge(lo)] + ([Le(top)] if top is not None else [])), BeforeValidator(check))
 
 
+def OneOf(*values: str) -> GroupedMetadata:  # noqa: N802
+    """A string among ``values`` (documented as an enum)."""
+
+    def check(value: Any, info: ValidationInfo) -> str:
+        name = _name(info)
+        if json_type(value, name, (str,)) not in values:
+            raise invalid(f"'{name}' must be one of {', '.join(values)}, got {value!r}", name)
+        return value
+
+    return _Checks(BeforeValidator(check), Field(json_schema_extra={"enum": list(values)}))
+
+
 def Number(lo: float, hi: float) -> GroupedMetadata:  # noqa: N802
     """A number in [lo, hi] (an integer is taken as a number)."""
 

@@ -19,6 +19,7 @@ from services.engine.sampling_params import (
     SamplingParams,
     StructuredOutputsParams,
 )
+from services.engine.service_tiers import MAX_PRIORITY, MIN_PRIORITY
 from services.router.api.protocol.common import (
     APIModel,
     Bool,
@@ -30,6 +31,7 @@ from services.router.api.protocol.common import (
     ModelTarget,
     Number,
     Object,
+    OneOf,
     ResponseModel,
     Stop,
     Turns,
@@ -38,6 +40,7 @@ from services.router.api.protocol.common import (
     json_type,
 )
 from services.router.errors import bad_request
+from services.router.tiers import OPENAI_REQUEST_TIERS
 
 # -- Shapes of nested fields (documentation; checked by the feature that reads them) --------
 
@@ -168,6 +171,9 @@ class _Sampling(APIModel):
     include_stop_str_in_output: Bool = False
     skip_special_tokens: Bool = True
     logit_bias: LogitBias = None
+    # "auto" (the API key's default), "default" (online), "flex" (offline), "priority".
+    service_tier: Annotated[str | None, OneOf(*OPENAI_REQUEST_TIERS)] = None
+    priority: Annotated[int, Int(MIN_PRIORITY, MAX_PRIORITY)] = 0  # vLLM's: lower runs first
 
     def _params(self, max_tokens: int | None, logprobs: int | None,
                 structured: StructuredOutputsParams | None) -> SamplingParams:  # fmt: skip
@@ -182,7 +188,7 @@ class _Sampling(APIModel):
                 ignore_eos=self.ignore_eos, logprobs=logprobs,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 skip_special_tokens=self.skip_special_tokens, structured_outputs=structured,
-                logit_bias=self.logit_bias,
+                logit_bias=self.logit_bias, priority=self.priority,
             )  # fmt: skip
         except ValueError as exc:
             raise bad_request(str(exc)) from None
@@ -329,6 +335,7 @@ class ChatCompletion(ResponseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: None
+    service_tier: Literal["default", "flex", "priority"]  # the tier that served it
 
 
 class CompletionChoice(ResponseModel):
@@ -349,6 +356,7 @@ class Completion(ResponseModel):
     choices: list[CompletionChoice]
     usage: Usage
     system_fingerprint: None
+    service_tier: Literal["default", "flex", "priority"]  # the tier that served it
 
 
 class ModelCard(ResponseModel):

@@ -1,0 +1,107 @@
+"""Service tiers through the official OpenAI and Anthropic SDKs on a real cluster (etcd, a
+worker, a router with API keys): the tier asked for (or the key's default) is the one the
+response says served it, every tier gives the same greedy text, bad values are 400s in each
+API's format, and a key's highest tier is enforced (403)."""
+
+from __future__ import annotations
+
+import anthropic
+import openai
+import pytest
+from cluster_helpers import TINY_NAME, start_cluster
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+CHAT = [{"role": "user", "content": "Name three colours."}]
+KEYS = "k-open\nk-offline max_tier=flex\nk-premium default_tier=priority\n"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "api_keys"
+    keys.write_text(KEYS)
+    c = start_cluster(tiny_model_dir("llama"), router_overrides={"api_keys_file": str(keys)})
+    yield c
+    c.stop()
+
+
+def oai(cluster, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster.base_url + "/v1", api_key=key, timeout=60, max_retries=0)
+
+
+def claude(cluster, key: str) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=cluster.base_url, api_key=key, timeout=60, max_retries=0)
+
+
+def chat(client: openai.OpenAI, **kw):
+    return client.chat.completions.create(
+        model=TINY_NAME, messages=CHAT, max_tokens=8, temperature=0, **kw
+    )
+
+
+def test_openai_service_tier_and_priority(cluster) -> None:
+    c = oai(cluster, "k-open")
+    ref = chat(c)
+    assert ref.service_tier == "default"
+    for asked, served in (("auto", "default"), ("default", "default"), ("flex", "flex"),
+                          ("priority", "priority")):  # fmt: skip
+        got = chat(c, service_tier=asked, extra_body={"priority": -3})
+        assert got.service_tier == served
+        assert got.choices[0].message.content == ref.choices[0].message.content
+    chunks = list(chat(c, service_tier="flex", stream=True))
+    assert {ch.service_tier for ch in chunks} == {"flex"}
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == (
+        ref.choices[0].message.content
+    )
+    done = c.completions.create(model=TINY_NAME, prompt="Hello", max_tokens=4,
+                                extra_body={"service_tier": "flex", "priority": 2})  # fmt: skip
+    assert done.model_extra["service_tier"] == "flex"
+    assert chat(oai(cluster, "k-premium")).service_tier == "priority"  # the key's default
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"service_tier": "gold"}, {"service_tier": 1}, {"priority": "high"}, {"priority": 2**40},
+     {"priority": 1.5}],
+)  # fmt: skip
+def test_openai_bad_tier_values_are_400s(cluster, body) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(oai(cluster, "k-open"), extra_body=body)
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == next(iter(body))
+
+
+def test_offline_only_key_cannot_ask_for_online_tiers(cluster) -> None:
+    c = oai(cluster, "k-offline")
+    assert chat(c).service_tier == "flex"  # auto: the key's default
+    for asked in ("priority", "default"):
+        with pytest.raises(openai.PermissionDeniedError) as e:
+            chat(c, service_tier=asked)
+        assert "up to 'flex'" in e.value.message and e.value.body["param"] == "service_tier"
+
+
+def test_anthropic_service_tier_and_usage(cluster) -> None:
+    def ask(key: str, extra: dict | None = None, **kw):
+        return claude(cluster, key).messages.create(
+            model=TINY_NAME, max_tokens=8, messages=CHAT,
+            extra_body={"temperature": 0, **(extra or {})}, **kw,
+        )  # fmt: skip
+
+    ref = ask("k-open")
+    assert ref.usage.service_tier == "standard"
+    assert ask("k-open", service_tier="standard_only").usage.service_tier == "standard"
+    premium = ask("k-premium", service_tier="auto")
+    assert premium.usage.service_tier == "priority"
+    assert ask("k-premium", service_tier="standard_only").usage.service_tier == "standard"
+    offline = ask("k-offline", service_tier="standard_only")  # capped at the key's flex
+    assert offline.usage.service_tier == "batch"
+    assert offline.content[0].text == premium.content[0].text == ref.content[0].text
+    with claude(cluster, "k-premium").messages.stream(
+        model=TINY_NAME, max_tokens=4, messages=CHAT
+    ) as stream:
+        assert stream.get_final_message().usage.service_tier == "priority"
+    with pytest.raises(anthropic.BadRequestError) as e:
+        ask("k-open", {"service_tier": "gold"})
+    assert e.value.body["type"] == "error"
+    assert e.value.body["error"]["type"] == "invalid_request_error"
+    assert "service_tier" in e.value.body["error"]["message"]
