@@ -85,6 +85,7 @@ def test_openai_batch_equals_online(oai) -> None:
     assert [o["custom_id"] for o in out] == [f"chat-{i}" for i in range(4)]
     for o, body in zip(out, chats, strict=True):
         assert o["response"]["status_code"] == 200 and o["error"] is None
+        assert o["response"]["body"]["service_tier"] == "flex"  # run as offline work
         assert o["id"] == o["response"]["request_id"] and o["id"].startswith("batch_req_")
         online = oai.chat.completions.create(**body)
         got = o["response"]["body"]["choices"][0]["message"]["content"]
@@ -139,6 +140,7 @@ def test_completions_batch_and_anthropic_batch(cluster, oai) -> None:
     assert [r.custom_id for r in results] == ["m0", "m1", "m2"]
     for r, p in zip(results, params, strict=True):
         assert r.result.type == "succeeded"
+        assert r.result.message.usage.service_tier == "batch"  # run as offline work
         online = claude.messages.create(
             model=p["model"], max_tokens=p["max_tokens"], messages=p["messages"],
             extra_body={"temperature": 0},

@@ -29,9 +29,10 @@ RETRY_STATUSES = frozenset({429, 503})
 def offline(body: dict[str, Any]) -> dict[str, Any]:
     """The body of a batch line as offline work.
 
-    NOTE: the one place where a batch line gets its service tier. ``service_tier: "flex"``
-    is OpenAI's name for offline work (issue 18); the gateway reads it on both APIs once
-    service tiers land, and ignores it (an unknown field) until then."""
+    NOTE: the one place where a batch line gets its service tier: ``flex`` (offline), the
+    value both gateways read (router/tiers.py: OpenAI's own name; on the Anthropic API an
+    epdserve extension kept for this runner). The request carries no API key, so no key's
+    tier limit applies; the key was checked when the batch was created."""
     return {**body, "service_tier": "flex", "stream": False}
 
 
