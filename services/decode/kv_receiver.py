@@ -123,10 +123,12 @@ class KVReceiver:
         resume: Resume | None = None,
         images: ImageInputs | None = None,
         writer: str = "",
+        lora: str = "",
     ) -> Reservation:
         """Raises ValueError (bad request) or MemoryError (cache full). ``images``: grids and
         hashes of a vision-language prompt's images; ``writer``: the gRPC address of the
-        prefill worker that will write the blocks (fenced if the reservation is released).
+        prefill worker that will write the blocks (fenced if the reservation is released);
+        ``lora``: the request's LoRA adapter ("" none), part of its blocks' hashes.
 
         NOTE: the engine reserves on its step thread whether or not this call is cancelled
         meanwhile (the router gave up on the request: its client left); a reservation the
@@ -136,7 +138,7 @@ class KVReceiver:
         """
         await self.engine.prepare(params)
         task = asyncio.ensure_future(
-            self._reserve(request_id, prompt_token_ids, params, resume, images, writer)
+            self._reserve(request_id, prompt_token_ids, params, resume, images, writer, lora)
         )
         try:
             return await asyncio.shield(task)
@@ -158,9 +160,10 @@ class KVReceiver:
         resume: Resume | None,
         images: ImageInputs | None,
         writer: str,
+        lora: str,
     ) -> Reservation:
         blocks, cached = await self.engine.call(
-            lambda e: e.reserve(request_id, prompt_token_ids, params, resume, images)
+            lambda e: e.reserve(request_id, prompt_token_ids, params, resume, images, lora or None)
         )
         r = Reservation(request_id, blocks, cached, time.monotonic() + self.reserve_timeout_s)
         r.deadline_unix = time.time() + self.reserve_timeout_s

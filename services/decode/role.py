@@ -55,6 +55,7 @@ class DecodeRole(Role):
             resume_from_proto(request),
             image_keys(request.images),
             request.writer_address,
+            request.lora,
         )
         return pb.ReserveResponse(
             session_id=self.session_id,

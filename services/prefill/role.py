@@ -78,7 +78,12 @@ class PrefillRole(Role):
             first = None
             cached = 0
             outputs = self.engine.generate(
-                rid, inputs or prompt, first_params, hold_kv=True, resume=resume
+                rid,
+                inputs or prompt,
+                first_params,
+                hold_kv=True,
+                resume=resume,
+                lora=request.lora,
             )
             async for out in outputs:
                 if out.outputs and out.outputs[0].token_ids:

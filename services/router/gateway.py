@@ -102,6 +102,9 @@ class Gateway:
         models = self.pool.models()
         if not models:
             raise APIError(503, "no workers available", code="no_workers")
+        parent = self.pool.adapters().get(name) if name not in models else None
+        if parent is not None:  # a LoRA adapter: its base model's context length
+            models = {**models, name: models[parent]}
         if name not in models:
             raise APIError(
                 404, f"The model '{name}' does not exist; available: {', '.join(sorted(models))}",

@@ -23,6 +23,7 @@ from services.router.api import pooling as pooling_api
 from services.router.api import responses as responses_api
 from services.router.api import tokenize as tokenize_api
 from services.router.api.admin import admin_routes
+from services.router.api.lora import lora_routes
 from services.router.api.openapi import openapi_document
 from services.router.auth import check_api_key
 from services.router.batches.service import BatchService
@@ -80,6 +81,19 @@ async def _models(gw: Gateway, request: Request) -> Response:
             "max_model_len": max_len,
         }  # fmt: skip
         for name, max_len in sorted(gw.pool.models().items())
+    ]
+    models = gw.pool.models()
+    data += [
+        {
+            "id": name,
+            "object": "model",
+            "created": gw.started_at,
+            "owned_by": "epdserve",
+            "max_model_len": models.get(parent, 0),
+            "parent": parent,
+        }  # fmt: skip
+        for name, parent in sorted(gw.pool.adapters().items())
+        if name not in models
     ]
     return JSONResponse({"object": "list", "data": data})
 
@@ -179,6 +193,7 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/openapi.json", _guard(_openapi, auth=False), methods=["GET"]),
         *_batch_routes(),
         *admin_routes(),
+        *lora_routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.gateway = gateway

@@ -54,6 +54,7 @@ ENCODE: Rules = {
     ValueError: BAD_REQUEST,
     RuntimeError: Status(Code.UNAVAILABLE, "encoder failed: "),
 }
+LORA: Rules = {ValueError: BAD_REQUEST, KeyError: Status(Code.NOT_FOUND, "no LoRA adapter ")}
 SET_ROLE: Rules = {ValueError: BAD_REQUEST, StaleEpochError: Status(Code.FAILED_PRECONDITION)}
 
 

@@ -32,6 +32,7 @@ from services.worker.errors import (
     Code,
     call_status,
 )
+from services.worker.lora import LoRARPCs, adapter_names
 from services.worker.metrics import WorkerMetrics
 from services.worker.pooling import PoolingCalls, check_role
 from services.worker.role_controller import RoleController
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 R = TypeVar("R", bound=Role)
 
 
-class WorkerServicer(PoolingCalls, pb_grpc.WorkerServiceServicer):
+class WorkerServicer(PoolingCalls, LoRARPCs, pb_grpc.WorkerServiceServicer):
     """gRPC face of one engine. ``engine`` is an AsyncLLMEngine (or a test double)."""
 
     def __init__(
@@ -147,7 +148,8 @@ class WorkerServicer(PoolingCalls, pb_grpc.WorkerServiceServicer):
             params = params_from_proto(request.params)
         rid = request.request_id or uuid.uuid4().hex
         prompt = await self._prompt(request.prompt_token_ids, request.images, context)
-        outputs = self.engine.generate(rid, prompt, params, resume=resume_from_proto(request))
+        resume = resume_from_proto(request)
+        outputs = self.engine.generate(rid, prompt, params, resume=resume, lora=request.lora)
         async for msg in self._stream(rid, outputs, context):
             yield msg
 
@@ -354,6 +356,7 @@ class WorkerServicer(PoolingCalls, pb_grpc.WorkerServiceServicer):
             images_waiting=enc.waiting if enc is not None else 0,
             images_encoding=enc.encoding if enc is not None else 0,
             recent_encode_ms=enc.tower_ms.mean() if enc is not None else 0.0,
+            lora_adapters=adapter_names(self.engine),
         )
 
     async def StreamLoad(  # noqa: N802

@@ -99,7 +99,7 @@ class SlowReserveEngine:
 
         return asyncio.shield(asyncio.ensure_future(run()))
 
-    def reserve(self, rid, prompt, params, resume, images):
+    def reserve(self, rid, prompt, params, resume, images, lora=None):
         self.reserved[rid] = [1, 2, 3]
         return [1, 2, 3], 0
 

@@ -87,7 +87,7 @@ class FakeEngine:
     async def call(self, fn):
         return fn(self)
 
-    def reserve(self, request_id, prompt, params, resume, images):
+    def reserve(self, request_id, prompt, params, resume, images, lora=None):
         return [7, 8, 9], 0
 
     def free_reserved(self, request_id: str, quarantine: bool = False) -> list[int]:

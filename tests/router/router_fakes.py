@@ -45,7 +45,12 @@ class FakeEngine:
         self._abort_events: dict[str, asyncio.Event] = {}
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, resume=None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        resume=None,
+        lora=None,
     ):
         if len(prompt_token_ids) + (params.max_tokens or 0) > self.max_model_len:
             raise ValueError("prompt + max_tokens exceeds max_model_len")
@@ -106,7 +111,7 @@ class ScriptedEngine(FakeEngine):
         self.script: list[str] = []
         self.params: list[Any] = []
 
-    async def generate(self, request_id, prompt_token_ids, params, resume=None):
+    async def generate(self, request_id, prompt_token_ids, params, resume=None, lora=None):
         self.params.append(params)
         for i, piece in enumerate(self.script):
             await asyncio.sleep(0)

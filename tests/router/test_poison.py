@@ -33,7 +33,7 @@ class PoisonableEngine(FakeEngine):
         super().__init__()
         self.seen: list[int | None] = []
 
-    async def generate(self, request_id, prompt_token_ids, params, resume=None):
+    async def generate(self, request_id, prompt_token_ids, params, resume=None, lora=None):
         self.seen.append(params.seed)
         if params.seed == FAILS:
             raise RequestFailedError("the engine failed sampling its next token: boom")

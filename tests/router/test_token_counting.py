@@ -34,7 +34,7 @@ class RecordingEngine(FakeEngine):
         super().__init__(max_model_len=8192)  # the fake tokenizer makes a token per character
         self.prompts: list[list[int]] = []
 
-    async def generate(self, request_id, prompt_token_ids, params, resume=None):
+    async def generate(self, request_id, prompt_token_ids, params, resume=None, lora=None):
         self.prompts.append(list(prompt_token_ids))
         async for out in super().generate(request_id, prompt_token_ids, params, resume):
             yield out

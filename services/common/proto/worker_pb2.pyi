@@ -124,20 +124,22 @@ class Resume(_message.Message):
     def __init__(self, output_token_ids: _Optional[_Iterable[int]] = ..., emitted_chars: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "role_epoch", "images", "resume")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "role_epoch", "images", "resume", "lora")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     ROLE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: SamplingParams
     role_epoch: int
     images: _containers.RepeatedCompositeFieldContainer[ImageData]
     resume: Resume
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., role_epoch: _Optional[int] = ..., images: _Optional[_Iterable[_Union[ImageData, _Mapping]]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ...) -> None: ...
+    lora: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., role_epoch: _Optional[int] = ..., images: _Optional[_Iterable[_Union[ImageData, _Mapping]]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., lora: _Optional[str] = ...) -> None: ...
 
 class Logprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -242,7 +244,7 @@ class LoadReportRequest(_message.Message):
     def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("instance_id", "role", "role_epoch", "draining", "num_waiting", "num_waiting_prompt_tokens", "num_running", "num_inflight", "kv_utilization", "num_free_blocks", "num_total_blocks", "prefix_cache_hit_rate", "recent_ttft_ms", "recent_tpot_ms", "timestamp_ms", "images_waiting", "images_encoding", "recent_encode_ms")
+    __slots__ = ("instance_id", "role", "role_epoch", "draining", "num_waiting", "num_waiting_prompt_tokens", "num_running", "num_inflight", "kv_utilization", "num_free_blocks", "num_total_blocks", "prefix_cache_hit_rate", "recent_ttft_ms", "recent_tpot_ms", "timestamp_ms", "images_waiting", "images_encoding", "recent_encode_ms", "lora_adapters")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ROLE_EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +263,7 @@ class LoadReport(_message.Message):
     IMAGES_WAITING_FIELD_NUMBER: _ClassVar[int]
     IMAGES_ENCODING_FIELD_NUMBER: _ClassVar[int]
     RECENT_ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: Role
     role_epoch: int
@@ -279,7 +282,8 @@ class LoadReport(_message.Message):
     images_waiting: int
     images_encoding: int
     recent_encode_ms: float
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., role_epoch: _Optional[int] = ..., draining: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_waiting_prompt_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_inflight: _Optional[int] = ..., kv_utilization: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., recent_ttft_ms: _Optional[float] = ..., recent_tpot_ms: _Optional[float] = ..., timestamp_ms: _Optional[int] = ..., images_waiting: _Optional[int] = ..., images_encoding: _Optional[int] = ..., recent_encode_ms: _Optional[float] = ...) -> None: ...
+    lora_adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., role_epoch: _Optional[int] = ..., draining: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_waiting_prompt_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_inflight: _Optional[int] = ..., kv_utilization: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., recent_ttft_ms: _Optional[float] = ..., recent_tpot_ms: _Optional[float] = ..., timestamp_ms: _Optional[int] = ..., images_waiting: _Optional[int] = ..., images_encoding: _Optional[int] = ..., recent_encode_ms: _Optional[float] = ..., lora_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
     __slots__ = ("role", "expected_epoch")
@@ -326,7 +330,7 @@ class KVLayout(_message.Message):
     def __init__(self, base_addr: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., slab_bytes: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "role_epoch", "images", "resume", "writer_address")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "role_epoch", "images", "resume", "writer_address", "lora")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -334,6 +338,7 @@ class ReserveRequest(_message.Message):
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     WRITER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: SamplingParams
@@ -341,7 +346,8 @@ class ReserveRequest(_message.Message):
     images: _containers.RepeatedCompositeFieldContainer[ImageData]
     resume: Resume
     writer_address: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., role_epoch: _Optional[int] = ..., images: _Optional[_Iterable[_Union[ImageData, _Mapping]]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., writer_address: _Optional[str] = ...) -> None: ...
+    lora: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., role_epoch: _Optional[int] = ..., images: _Optional[_Iterable[_Union[ImageData, _Mapping]]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., writer_address: _Optional[str] = ..., lora: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("session_id", "layout", "block_ids", "cached_tokens", "deadline_ms", "role_epoch", "deadline_unix_ms")
@@ -362,7 +368,7 @@ class ReserveResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., cached_tokens: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., role_epoch: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "role_epoch", "target", "images", "resume")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "role_epoch", "target", "images", "resume", "lora")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -370,6 +376,7 @@ class PrefillRequest(_message.Message):
     TARGET_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: SamplingParams
@@ -377,7 +384,8 @@ class PrefillRequest(_message.Message):
     target: ReserveResponse
     images: _containers.RepeatedCompositeFieldContainer[ImageData]
     resume: Resume
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., role_epoch: _Optional[int] = ..., target: _Optional[_Union[ReserveResponse, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageData, _Mapping]]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ...) -> None: ...
+    lora: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., role_epoch: _Optional[int] = ..., target: _Optional[_Union[ReserveResponse, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageData, _Mapping]]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., lora: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first_token_id", "first_logprobs", "cached_prompt_tokens", "kv_bytes", "kv_seconds")
@@ -496,3 +504,23 @@ class PoolResponse(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[PooledVector]
     def __init__(self, outputs: _Optional[_Iterable[_Union[PooledVector, _Mapping]]] = ...) -> None: ...
+
+class LoadLoRARequest(_message.Message):
+    __slots__ = ("name", "path")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class UnloadLoRARequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class LoRAAdaptersResponse(_message.Message):
+    __slots__ = ("adapters",)
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adapters: _Optional[_Iterable[str]] = ...) -> None: ...

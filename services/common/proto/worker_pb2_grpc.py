@@ -104,6 +104,16 @@ class WorkerServiceStub:
                 request_serializer=epdserve_dot_worker__pb2.PoolRequest.SerializeToString,
                 response_deserializer=epdserve_dot_worker__pb2.PoolResponse.FromString,
                 _registered_method=True)
+        self.LoadLoRA = channel.unary_unary(
+                '/epdserve.v1.WorkerService/LoadLoRA',
+                request_serializer=epdserve_dot_worker__pb2.LoadLoRARequest.SerializeToString,
+                response_deserializer=epdserve_dot_worker__pb2.LoRAAdaptersResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoRA = channel.unary_unary(
+                '/epdserve.v1.WorkerService/UnloadLoRA',
+                request_serializer=epdserve_dot_worker__pb2.UnloadLoRARequest.SerializeToString,
+                response_deserializer=epdserve_dot_worker__pb2.LoRAAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -198,6 +208,20 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoRA(self, request, context):
+        """LoRA adapters: load a PEFT folder under a name (INVALID_ARGUMENT if it cannot be
+        served), unload one (NOT_FOUND if absent); both answer the adapters now loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoRA(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -270,6 +294,16 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Pool,
                     request_deserializer=epdserve_dot_worker__pb2.PoolRequest.FromString,
                     response_serializer=epdserve_dot_worker__pb2.PoolResponse.SerializeToString,
+            ),
+            'LoadLoRA': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoRA,
+                    request_deserializer=epdserve_dot_worker__pb2.LoadLoRARequest.FromString,
+                    response_serializer=epdserve_dot_worker__pb2.LoRAAdaptersResponse.SerializeToString,
+            ),
+            'UnloadLoRA': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoRA,
+                    request_deserializer=epdserve_dot_worker__pb2.UnloadLoRARequest.FromString,
+                    response_serializer=epdserve_dot_worker__pb2.LoRAAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -650,6 +684,60 @@ class WorkerService:
             '/epdserve.v1.WorkerService/Pool',
             epdserve_dot_worker__pb2.PoolRequest.SerializeToString,
             epdserve_dot_worker__pb2.PoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoRA(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epdserve.v1.WorkerService/LoadLoRA',
+            epdserve_dot_worker__pb2.LoadLoRARequest.SerializeToString,
+            epdserve_dot_worker__pb2.LoRAAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoRA(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epdserve.v1.WorkerService/UnloadLoRA',
+            epdserve_dot_worker__pb2.UnloadLoRARequest.SerializeToString,
+            epdserve_dot_worker__pb2.LoRAAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,7 +20,12 @@ import grpc
 
 from services.common.grpc_utils import GrpcTLS
 from services.common.proto import kvstore_pb2 as kpb
-from services.engine.block_hash import ROOT_HASH, hash_prompt_blocks, image_hash_root
+from services.engine.block_hash import (
+    ROOT_HASH,
+    adapter_hash_root,
+    hash_prompt_blocks,
+    image_hash_root,
+)
 from services.kvstore.client import KVStoreLocator
 from services.router.routing.policies.base import CachedPrefix, RouteRequest
 from services.router.routing.workers import WorkerHandle
@@ -44,9 +49,8 @@ def prompt_hash_root(route: RouteRequest) -> int:
     """Seed of the prompt's block-hash chain, as the engine seeds it (``chain_root``): the
     plain root for text, one mixed with the images' content hashes for a prompt with images
     (whose ``prompt_token_ids`` hold the expanded placeholders, as the engine's do)."""
-    if not route.image_hashes:
-        return ROOT_HASH
-    return image_hash_root(route.image_hashes)
+    root = image_hash_root(route.image_hashes) if route.image_hashes else ROOT_HASH
+    return adapter_hash_root(root, route.lora) if route.lora else root
 
 
 class KVIndexClient:

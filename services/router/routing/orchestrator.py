@@ -83,9 +83,11 @@ class Orchestrator:
     ) -> RouteRequest:
         """The policy's view of the request; a cache-aware policy also gets each candidate's
         cached prefix of the prompt from the global KV index."""
-        route = RouteRequest(request_id, len(prompt), prompt, [i.hash for i in images])
+        lora = self.pool.lora_of(model)
+        route = RouteRequest(request_id, len(prompt), prompt, [i.hash for i in images], lora)
         if self.kv_index is not None and self.policy.uses_kv_index:
-            await self.kv_index.annotate(route, model, candidates)
+            base = self.pool.adapters()[lora] if lora else model  # the index keys base models
+            await self.kv_index.annotate(route, base, candidates)
         return route
 
     def pd_available(self, model: str) -> bool:
@@ -355,6 +357,7 @@ class Orchestrator:
                 role_epoch=handle.info.role_epoch,
                 resume=resume,
                 images=images,
+                lora=self.pool.lora_of(model),
             )
             call = handle.stub.Generate(req, timeout=self.timeout_s)
             handle.inflight += 1

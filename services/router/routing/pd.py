@@ -87,7 +87,7 @@ class PDSteps:
         ask = pb.ReserveRequest(
             request_id=rid, prompt_token_ids=list(request.prompt), params=request.params,
             resume=request.resume, images=image_keys(request.images),
-            writer_address=p.info.address,
+            writer_address=p.info.address, lora=self.pool.lora_of(request.model),
         )  # fmt: skip
         held = await self._reserve(d, ask, request, attempts)
         held.handle.inflight += 1
@@ -121,6 +121,7 @@ class PDSteps:
                         request_id=held.request_id, prompt_token_ids=list(request.prompt),
                         params=request.params, role_epoch=p.info.role_epoch, target=held.reply,
                         resume=request.resume, images=request.images,
+                        lora=self.pool.lora_of(request.model),
                     ),
                     timeout=timeout,
                 ),

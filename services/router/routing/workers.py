@@ -53,6 +53,8 @@ class WorkerHandle:
         self.channel = channel(info.address, tls, phase_interceptors(self))
         self.stub = pb_grpc.WorkerServiceStub(self.channel)
         self.load: pb.LoadReport | None = None
+        # LoRA adapters it holds: from its load reports, and from load / unload answers.
+        self.lora_adapters: frozenset[str] = frozenset()
         self.load_at = 0.0  # monotonic time of the latest report
         self.inflight = 0  # requests this router has running there
         # Requests of this router that ended there since the latest report, and their prompt
@@ -73,6 +75,10 @@ class WorkerHandle:
     @property
     def id(self) -> str:
         return self.info.id
+
+    def serves(self, model: str | None) -> bool:
+        """It serves ``model``: its base model, or a LoRA adapter it holds (None: any)."""
+        return model is None or self.info.model == model or model in self.lora_adapters
 
     @property
     def max_model_len(self) -> int:
@@ -177,6 +183,7 @@ class WorkerHandle:
                     if report is grpc.aio.EOF:
                         break
                     self.load = report
+                    self.lora_adapters = frozenset(report.lora_adapters)
                     self.load_at = time.monotonic()
                     self.ended_since_report = self.prompt_tokens_ended_since_report = 0
                     backoff = 0.1
@@ -260,11 +267,7 @@ class WorkerPool:
     def candidates(self, role: str = "mixed", model: str | None = None) -> list[WorkerHandle]:
         now = time.monotonic()
         return sorted(
-            (
-                h
-                for h in self.handles.values()
-                if h.usable_for(role, now) and (model is None or h.info.model == model)
-            ),
+            (h for h in self.handles.values() if h.usable_for(role, now) and h.serves(model)),
             key=lambda h: h.id,
         )
 
@@ -275,9 +278,7 @@ class WorkerPool:
         return [
             h
             for h in self.handles.values()
-            if h.info.role == role
-            and h.state == "serving"
-            and (model is None or h.info.model == model)
+            if h.info.role == role and h.state == "serving" and h.serves(model)
         ]
 
     def may_serve(self, model: str) -> bool:
@@ -294,6 +295,16 @@ class WorkerPool:
             cur = out.get(h.info.model)
             out[h.info.model] = h.max_model_len if cur is None else min(cur, h.max_model_len)
         return out
+
+    def adapters(self) -> dict[str, str]:
+        """LoRA adapters some known worker holds -> the base model they adapt."""
+        return {a: h.info.model for h in self.handles.values() for a in h.lora_adapters}
+
+    def lora_of(self, model: str) -> str:
+        """The adapter a request for ``model`` runs with: ``model`` when it names an adapter
+        (not a base model), else ""."""
+        bases = {h.info.model for h in self.handles.values()}
+        return model if model not in bases and model in self.adapters() else ""
 
     async def close(self) -> None:
         for h in list(self.handles.values()):

@@ -365,6 +365,8 @@ class ModelCard(ResponseModel):
     created: int
     owned_by: str
     max_model_len: int
+    # A LoRA adapter: the base model it adapts (vLLM's field); None for a base model.
+    parent: str | None = None
 
 
 class ModelList(ResponseModel):

@@ -64,6 +64,7 @@ class RouteRequest:
     # Content hash (sha256 hex) of each image of the prompt, in order: with images the
     # engine's block-hash chain starts from a root mixed with these.
     image_hashes: Sequence[str] = ()
+    lora: str = ""  # LoRA adapter: the engine mixes it into the chain's root too
     # Worker id -> its cached prefix; filled before ``select`` for policies that set
     # ``uses_kv_index``, and left empty when the kvstore cannot answer in time.
     cached: dict[str, CachedPrefix] = field(default_factory=dict)
