@@ -178,6 +178,11 @@ def build_app(gateway: Gateway) -> Starlette:
             "/v1/responses/{response_id}", _guard(responses_api.stored), methods=["GET", "DELETE"]
         ),  # fmt: skip
         Route(
+            "/v1/responses/{response_id}/input_items",
+            _guard(responses_api.list_input_items),
+            methods=["GET"],
+        ),
+        Route(
             "/v1/responses/{response_id}/cancel", _guard(responses_api.cancel), methods=["POST"]
         ),  # fmt: skip
         Route("/v1/embeddings", _guard(pooling_api.embeddings), methods=["POST"]),

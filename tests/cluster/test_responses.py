@@ -96,6 +96,10 @@ def test_conversation_retrieve_delete(oai) -> None:
                           {"role": "assistant", "content": first.output_text},
                           {"role": "user", "content": "And then?"}])  # fmt: skip
     assert second.output_text == ref
+    items = list(oai.responses.input_items.list(second.id))
+    assert [(i.type, i.role, i.content[0].text) for i in items] == [
+        ("message", "user", "And then?")
+    ]  # fmt: skip
     got = oai.responses.retrieve(second.id)
     assert got.id == second.id and got.output_text == second.output_text
     oai.responses.delete(second.id)

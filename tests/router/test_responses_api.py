@@ -85,6 +85,20 @@ async def test_stored_responses_are_shared_and_expire(routers) -> None:
         assert missing.status_code == 404
         assert OpenAIError.model_validate(missing.json()).error.param == "response_id"
     assert (await a.delete(f"/v1/responses/{first['id']}")).status_code == 404
+    # Its input items, paged.
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "c"}]}]  # fmt: skip
+    third = await _create(a, input=turns)
+    url = f"/v1/responses/{third['id']}/input_items"
+    r = await b.get(url, params={"order": "asc", "limit": 2})
+    assert r.status_code == 200, (r.status_code, r.text)
+    page = r.json()
+    assert [i["content"][0]["text"] for i in page["data"]] == ["a", "b"] and page["has_more"]
+    rest = (await b.get(url, params={"order": "asc", "after": page["last_id"]})).json()
+    assert [i["content"][0]["text"] for i in rest["data"]] == ["c"] and not rest["has_more"]
+    newest = (await b.get(url)).json()  # desc by default, as OpenAI's
+    assert [i["content"][0]["text"] for i in newest["data"]] == ["c", "b", "a"]
+    assert (await b.get(url, params={"limit": 0})).status_code == 400
     unstored = await _create(a, input="x", store=False, stop=["w1"])  # vLLM's extension
     assert unstored["output"][0]["content"][0]["text"] == "w0 "
     assert (await a.get(f"/v1/responses/{unstored['id']}")).status_code == 404

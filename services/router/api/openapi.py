@@ -34,6 +34,7 @@ from services.router.api.protocol.pooling import (
     ScoreResponse,
 )
 from services.router.api.protocol.responses import (
+    InputItemList,
     ResponseDeleted,
     ResponseObject,
     ResponsesRequest,
@@ -131,7 +132,16 @@ def _generated(response: type[BaseModel]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _stored(method: str, summary: str, ok: type[BaseModel]) -> dict[str, Any]:
+_PAGE = [
+    {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}},
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+    {"name": "after", "in": "query", "schema": {"type": "string"}},
+]
+
+
+def _stored(
+    method: str, summary: str, ok: type[BaseModel], query: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """An operation on a stored response, named by the path's ``response_id``."""
     errors = {k: _json(_ref(OpenAIError), d) for k, d in (
         ("400", "not a background response (cancel)"), ("401", "missing or wrong API key"),
@@ -143,7 +153,7 @@ def _stored(method: str, summary: str, ok: type[BaseModel]) -> dict[str, Any]:
             "summary": summary,
             "security": [{"bearer": []}, {"apiKey": []}],
             "parameters": [{"name": "response_id", "in": "path", "required": True,
-                            "schema": {"type": "string"}}],
+                            "schema": {"type": "string"}}, *(query or [])],
             "responses": {"200": _json(_ref(ok), "the result"), **errors},
         }
     }  # fmt: skip
@@ -202,6 +212,9 @@ def openapi_document() -> dict[str, Any]:
                 **_stored("get", "a stored response", ResponseObject),
                 **_stored("delete", "delete a stored response", ResponseDeleted),
             },
+            "/v1/responses/{response_id}/input_items": _stored(
+                "get", "the input items of a stored response", InputItemList, _PAGE
+            ),
             "/v1/responses/{response_id}/cancel": _stored(
                 "post", "cancel a background response", ResponseObject
             ),

@@ -19,7 +19,12 @@ from services.router.api.openai import chat_messages, read_request
 from services.router.api.protocol.body import read_json_object
 from services.router.api.protocol.common import ModelTarget, parse
 from services.router.api.protocol.responses import ResponsesRequest
-from services.router.api.responses_input import chat_body, checked_metadata, echo_fields
+from services.router.api.responses_input import (
+    chat_body,
+    checked_metadata,
+    echo_fields,
+    input_items,
+)
 from services.router.api.responses_output import ResponsesOutput
 from services.router.errors import APIError, bad_request
 from services.router.features.structured import may_compile
@@ -76,7 +81,7 @@ async def create(gw: Gateway, request: Request) -> Response:
                               started)  # fmt: skip
     conversation = chat["messages"][1:] if typed.instructions else chat["messages"]
     out = ResponsesOutput(req, echo_fields(typed), conversation,
-                          gw.responses if typed.store else None)  # fmt: skip
+                          gw.responses if typed.store else None, input_items(typed.input))  # fmt: skip
     req.finish = out.finish
     if not typed.background:
         return await serve(gw, request, req, out, typed.stream)
@@ -152,6 +157,30 @@ async def delete(gw: Gateway, request: Request) -> Response:
     if (task := gw.background.pop(rid, None)) is not None:
         task.cancel()
     return JSONResponse({"id": rid, "object": "response", "deleted": True})
+
+
+async def list_input_items(gw: Gateway, request: Request) -> Response:
+    """GET /v1/responses/{response_id}/input_items: the request's input items, a page of
+    ``limit`` (1-100, 20) in ``order`` (``desc`` by default, as OpenAI's) after ``after``."""
+    items = (await _record(gw, request.path_params["response_id"])).get("input", [])
+    q = request.query_params
+    order, limit = q.get("order", "desc"), q.get("limit", "20")
+    if order not in ("asc", "desc"):
+        raise bad_request("'order' must be 'asc' or 'desc'", param="order")
+    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        raise bad_request("'limit' must be an integer in [1, 100]", param="limit")
+    items = items[::-1] if order == "desc" else items
+    if (after := q.get("after")) is not None:
+        ids = [i["id"] for i in items]
+        if after not in ids:
+            raise bad_request(f"'after' names no input item of this response: {after!r}",
+                              param="after")  # fmt: skip
+        items = items[ids.index(after) + 1 :]
+    page = items[: int(limit)]
+    return JSONResponse({
+        "object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page),
+    })  # fmt: skip
 
 
 async def cancel(gw: Gateway, request: Request) -> Response:

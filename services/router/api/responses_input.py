@@ -5,12 +5,15 @@ the Responses field at fault."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from services.router.api.protocol.responses import ResponsesRequest
 from services.router.errors import bad_request
 
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+_ITEM_IDS = {"message": "msg", "function_call": "fc", "function_call_output": "fco",
+             "reasoning": "rs"}  # fmt: skip
 # vLLM's sampling extensions a Responses request may carry too (as vLLM's own does); they are
 # checked as the chat fields of the same names.
 EXTRA_SAMPLING = (
@@ -160,6 +163,24 @@ def chat_body(
     optional.update({k: body.get(k) for k in EXTRA_SAMPLING})
     chat.update({k: v for k, v in optional.items() if v is not None})
     return chat
+
+
+def input_items(value: str | list[Any]) -> list[dict[str, Any]]:
+    """``input`` (already checked) as the items GET /v1/responses/{id}/input_items lists: each
+    with an id, a message's content as parts."""
+    items = [{"role": "user", "content": value}] if isinstance(value, str) else value
+    out = []
+    for item in items:
+        kind = item.get("type", "message")
+        new = {**item, "type": kind, "id": item.get("id") or f"{_ITEM_IDS.get(kind, 'item')}_"
+               + uuid.uuid4().hex}  # fmt: skip
+        if kind == "message":
+            content = item["content"]
+            if isinstance(content, str):
+                content = [{"type": "input_text", "text": content}]
+            new.update(content=content, status="completed")
+        out.append(new)
+    return out
 
 
 def assistant_turn(text: str, calls: list[dict[str, Any]]) -> dict[str, Any]:

@@ -49,8 +49,9 @@ class ResponsesOutput:
     stream_headers = {"Cache-Control": "no-cache"}
 
     def __init__(self, req: ServeRequest, echo: dict[str, Any], conversation: list[dict[str, Any]],
-                 store: ResponseStore | None) -> None:  # fmt: skip
+                 store: ResponseStore | None, inputs: list[dict[str, Any]] | None = None) -> None:  # fmt: skip
         self.req, self.echo, self.conversation, self.store = req, echo, conversation, store
+        self.inputs = inputs or []  # this request's input items, as stored
         self.created_at = int(time.time())
         self.tool_stream = req.tool_stream()
         self.reasoning = req.reasoning_parser()
@@ -71,12 +72,13 @@ class ResponsesOutput:
         }  # fmt: skip
 
     def record(self, response: dict[str, Any]) -> dict[str, Any]:
-        """What the store keeps: the response and its conversation's chat turns."""
+        """What the store keeps: the response, its conversation's chat turns and this
+        request's input items."""
         text = "".join(c["text"] for i in response["output"] if i["type"] == "message"
                        for c in i["content"])  # fmt: skip
         calls = [i for i in response["output"] if i["type"] == "function_call"]
         turns = self.conversation + ([assistant_turn(text, calls)] if response["output"] else [])
-        return {"response": response, "messages": turns}
+        return {"response": response, "messages": turns, "input": self.inputs}
 
     # -- serving.Output ---------------------------------------------------------------------
 

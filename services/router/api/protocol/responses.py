@@ -244,3 +244,13 @@ class ResponseDeleted(ResponseModel):
     id: str
     object: Literal["response"]
     deleted: Literal[True]
+
+
+class InputItemList(ResponseModel):
+    """GET /v1/responses/{id}/input_items."""
+
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
