@@ -51,7 +51,7 @@ async def routers():
             ):
                 for c in (ca, cb):
                     await _healthy(c)
-                yield ca, cb
+                yield ca, cb, etcd
         finally:
             await asyncio.wait_for(a.stop(), 15)
             await asyncio.wait_for(b.stop(), 15)
@@ -66,7 +66,7 @@ async def _create(c: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
 
 @pytest.mark.asyncio
 async def test_stored_responses_are_shared_and_expire(routers) -> None:
-    a, b = routers
+    a, b, _ = routers
     first = await _create(a, input="hi", instructions="be brief", metadata={"k": "v"})
     assert first["status"] == "incomplete" and first["output"][0]["content"][0]["text"]
     assert first["usage"]["output_tokens"] == 3 and first["metadata"] == {"k": "v"}
@@ -118,7 +118,7 @@ async def test_stored_responses_are_shared_and_expire(routers) -> None:
 
 @pytest.mark.asyncio
 async def test_background_runs_and_cancels_from_either_router(routers) -> None:
-    a, b = routers
+    a, b, _ = routers
     queued = await _create(a, input="go", background=True, max_output_tokens=4)
     assert queued["status"] == "queued" and queued["background"]
     for _ in range(100):
@@ -153,7 +153,7 @@ async def test_background_runs_and_cancels_from_either_router(routers) -> None:
 
 @pytest.mark.asyncio
 async def test_stream_events_in_order(routers) -> None:
-    a, _ = routers
+    a, _, _ = routers
     body = {"model": MODEL, "input": "hi", "max_output_tokens": 3, "stream": True}
     events = []
     async with a.stream("POST", "/v1/responses", json=body) as r:
@@ -174,6 +174,26 @@ async def test_stream_events_in_order(routers) -> None:
     assert final.output[0].content[0].text == text == events[7]["text"]  # type: ignore[union-attr]
     stored = await a.get(f"/v1/responses/{final.id}")
     assert stored.json() == events[-1]["response"]
+
+
+@pytest.mark.asyncio
+async def test_etcd_away_keeps_responses_local(routers) -> None:
+    a, b, etcd = routers
+    etcd.stop()
+    try:
+        made = await _create(a, input="x")  # stored in a's memory once etcd fails
+        assert (await a.get(f"/v1/responses/{made['id']}")).status_code == 200
+        r = await b.get(f"/v1/responses/{made['id']}")
+        assert r.status_code == 503 and OpenAIError.model_validate(r.json())
+    finally:
+        etcd.start()
+    for _ in range(50):  # etcd back: b reads it again (a 404: the record is a's alone)
+        r = await b.get(f"/v1/responses/{made['id']}")
+        if r.status_code != 503:
+            break
+        await asyncio.sleep(0.2)
+    assert r.status_code == 404
+    assert (await a.get(f"/v1/responses/{made['id']}")).status_code == 200
 
 
 BAD = [
