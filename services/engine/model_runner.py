@@ -207,8 +207,11 @@ class ModelRunner:
             [(s.seq.lora, 1) for s in decodes] + [(s.seq.lora, s.num_new_tokens) for s in prefills],
             dev,
         )
-        # NOTE: the graphs hold the base model only (captured with no adapter rows).
-        if self.graphs is not None and decodes and not prefills and not lora and not layer_hook:
+        # NOTE: the graphs hold the base model only (captured with no adapter rows). A layer
+        # hook (the prefill side's KV push, set on every worker that can prefill) is not called
+        # for decode-only batches: it sends prompt blocks only, and a decode step computes none.
+        # Requiring no hook kept every such worker's decodes off the graphs.
+        if self.graphs is not None and decodes and not prefills and not lora:
             positions = (
                 decode_mrope_positions(decodes)
                 if self.graphs.mrope

@@ -126,6 +126,39 @@ def test_graph_replays_match_transformers(tiny_model_dir):
             assert abs(lp.logprob - ref) < 1e-4
 
 
+def test_a_layer_hook_keeps_decode_steps_on_the_graphs(tiny_model_dir):
+    """Every worker that can prefill sets a layer hook (the KV push). It is called for the
+    steps that compute prompt tokens, and decode-only steps still replay the graphs (they
+    never did while a hook was set: every mixed and prefill worker decoded eagerly)."""
+    model = tiny_model_dir("qwen2")
+    prompts, params = staggered_requests(4)
+    llm = LLM(str(model), device="cuda", dtype="float32", kv_cache_bytes=16 << 20)
+    hooked_steps: list[bool] = []  # per hook call on layer 0: whether a prompt token ran
+    llm.engine.layer_hook = lambda layer, scheduled: (
+        layer == 0
+        and hooked_steps.append(
+            any(s.seq.num_computed_tokens < s.seq.num_prompt_tokens for s in scheduled)
+        )
+    )
+    replays = 0
+    inner = llm.engine.runner.graphs.run
+
+    def counting_run(*args):
+        nonlocal replays
+        hidden = inner(*args)
+        replays += hidden is not None
+        return hidden
+
+    llm.engine.runner.graphs.run = counting_run
+    got = llm.generate(prompts, params)
+    assert hooked_steps and all(hooked_steps)
+    assert replays >= max(p.max_tokens for p in params) - 1
+    eager = LLM(
+        str(model), device="cuda", dtype="float32", kv_cache_bytes=16 << 20, enforce_eager=True
+    ).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in eager]
+
+
 def test_bfloat16_graphs_agree_with_eager(tiny_model_dir):
     """In bfloat16 the graph and eager paths run the same kernels on different padded shapes:
     the first tokens agree and logprobs stay close."""
