@@ -1,8 +1,9 @@
-"""The cluster overview dashboard: traffic, outcomes, workers, batch and KV cache."""
+"""The cluster overview dashboard: traffic, outcomes, workers, batch, KV cache and online /
+offline co-location."""
 
 from __future__ import annotations
 
-from .spec import R_FAILED, R_SERVING, RI, Board, Panel, R, Row, W
+from .spec import R_FAILED, R_SERVING, RI, Board, Panel, R, Row, W, quantiles
 
 BOARD = Board(
     "epdserve-overview",
@@ -149,6 +150,55 @@ BOARD = Board(
             [
                 ("computed", f"sum(rate(epdserve:prompt_tokens_computed_total{W}{RI}))"),
                 ("all prompt tokens", f"sum(rate(epdserve:prompt_tokens_total{W}{RI}))"),
+            ],
+        ),
+        Row("Online / offline co-location"),
+        Panel(
+            "Requests by service tier",
+            "Completed requests per second by service tier: priority and default are online, "
+            "flex is offline (OpenAI service_tier flex, batches).",
+            [
+                (
+                    "{{service_tier}}",
+                    f"sum by (service_tier) (rate(epdserve:router_tier_requests_total{R}{RI}))",
+                )
+            ],
+            unit="reqps",
+        ),
+        Panel(
+            "Generated tokens by service tier",
+            "Output tokens per second of completed requests, by tier: what offline work gets "
+            "of the capacity online work leaves.",
+            [
+                (
+                    "{{service_tier}}",
+                    "sum by (service_tier) (rate(epdserve:router_tier_tokens_total"
+                    f'{{namespace=~"$namespace", kind="generation"}}{RI}))',
+                )
+            ],
+        ),
+        Panel(
+            "Offline queue",
+            "Offline requests waiting in the routers for headroom (queued prompt tokens, KV "
+            "use, online TTFT/TPOT against the SLOs) and running.",
+            [("{{state}}", f"sum by (state) (epdserve:router_offline_requests{R})")],
+        ),
+        Panel(
+            "Offline queue time",
+            "Seconds offline requests waited in the routers' offline queue.",
+            quantiles("epdserve:router_offline_queue_seconds", R),
+            unit="s",
+        ),
+        Panel(
+            "Preemptions by service tier",
+            "Sequences preempted per second in the engines, by the preempted sequence's tier: "
+            "offline work is preempted first when online work needs blocks or slots.",
+            [
+                (
+                    "{{service_tier}}",
+                    "sum by (service_tier) "
+                    f"(rate(epdserve:preemptions_by_service_tier_total{W}{RI}))",
+                )
             ],
         ),
     ],

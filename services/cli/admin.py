@@ -139,6 +139,14 @@ def render_status(st: dict) -> str:
     if "router" in st:
         r = st["router"]
         out.append(f"answered by router {r['id']} (pid {r['pid']} on {r['host']})")
+    if "tiers" in st:
+        on, off = st["tiers"]["online"], st["tiers"]["offline"]
+        out.append(
+            f"online: {on['queued_prompt_tokens']} of {on['max_queued_tokens']} prompt tokens "
+            f"admitted; offline (flex): {off['waiting']} waiting, {off['running']} running, "
+            f"{off['queued_prompt_tokens']} prompt tokens; online TTFT {off['online_ttft_ms']} ms, "
+            f"TPOT {off['online_tpot_ms']} ms: SLOs {'met' if off['slo_met'] else 'missed'}"
+        )
     out.append(
         f"rebalancer: policy {rb['policy']} ({params}); every {rb['interval_s']:g}s, "
         f"hysteresis {rb['hysteresis_rounds']} rounds, cooldown {rb['cooldown_s']:g}s, "

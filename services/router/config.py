@@ -186,6 +186,26 @@ class RouterConfig:
             "more: 429 with Retry-After"
         },
     )
+    # Offline (service tier flex) admission: services/router/offline.py.
+    offline_max_queued_tokens: int = field(default=1048576, metadata={
+        "help": "prompt tokens of offline requests the router holds, waiting or running; "
+        "more: 429"})  # fmt: skip
+    offline_max_waiting: int = field(default=4096, metadata={
+        "help": "offline requests waiting for headroom at most; more: 429"})  # fmt: skip
+    offline_max_running: int = field(default=32, metadata={
+        "help": "offline requests the router runs at once at most"})  # fmt: skip
+    offline_queue_timeout_s: float = field(default=600.0, metadata={
+        "help": "an offline request waiting this long for headroom gets 503"})  # fmt: skip
+    offline_headroom_tokens: int = field(default=2048, metadata={
+        "help": "a worker with more queued prompt tokens takes no offline work"})  # fmt: skip
+    offline_headroom_kv: float = field(default=0.9, metadata={
+        "help": "a worker with a higher KV use (0-1) takes no offline work"})  # fmt: skip
+    slo_ttft_ms: float = field(default=2000.0, metadata={
+        "help": "online time-to-first-token SLO: offline work waits while the recent mean is "
+        "above it (0: off)"})  # fmt: skip
+    slo_tpot_ms: float = field(default=200.0, metadata={
+        "help": "online time-per-output-token SLO: offline work waits while the recent mean "
+        "is above it (0: off)"})  # fmt: skip
     ssl_certfile: str | None = field(
         default=None, metadata={"help": "serve the gateway over HTTPS with this certificate file"}
     )
@@ -271,10 +291,18 @@ class RouterConfig:
             "max_body_bytes", "max_n", "max_prompts", "max_queued_tokens", "max_images",
             "max_image_bytes", "max_image_pixels", "response_max_record_bytes",
             "response_max_records", "response_local_bytes", "batch_max_file_bytes",
-            "batch_max_lines", "batch_concurrency",
+            "batch_max_lines", "batch_concurrency", "offline_max_queued_tokens",
+            "offline_max_waiting", "offline_max_running",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not (
+            self.offline_queue_timeout_s > 0
+            and 0 <= self.offline_headroom_kv <= 1
+            and min(self.offline_headroom_tokens, self.slo_ttft_ms, self.slo_tpot_ms) >= 0
+        ):
+            raise ValueError("offline_queue_timeout_s must be > 0, offline_headroom_kv in "
+                             "[0, 1], offline_headroom_tokens and the SLOs >= 0")  # fmt: skip
         if self.preprocess_threads < 1:
             raise ValueError("preprocess_threads must be >= 1")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:

@@ -17,6 +17,7 @@ from services.router.auth import load_admin_token, load_api_keys
 from services.router.config import RouterConfig
 from services.router.errors import APIError
 from services.router.metrics import RouterMetrics
+from services.router.offline import OfflineAdmission
 from services.router.offload import Offload
 from services.router.phases import RouterPhases
 from services.router.rebalance.leader import LeaderElection
@@ -60,7 +61,8 @@ class Gateway:
         self.started_at = int(time.time())
         self.admin_token = load_admin_token(cfg.admin_token_file)
         self.api_keys = load_api_keys(cfg.api_keys_file)  # NOTE: never logged
-        self.admission = AdmissionControl(cfg.max_queued_tokens)
+        self.admission = AdmissionControl(cfg.max_queued_tokens)  # online requests
+        self.offline = OfflineAdmission(cfg, self.pool, self.metrics)  # service tier flex
         # Tokenization, chat templates and grammar checks of requests, off the event loop.
         self.offload = Offload(cfg.preprocess_threads)
         # This replica's name among several routers (the leader election's candidate name).

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from services.common.grpc_utils import ROLES
 from services.common.metric_buckets import E2E_BUCKETS, TTFT_BUCKETS
 from services.common.pd_metrics import RebalanceMetrics
+from services.engine.service_tiers import SERVICE_TIERS
 
 APIS = ("chat", "completions", "messages", "count_tokens", "tokenize", "detokenize",
         "responses", "embeddings", "rerank", "score")  # fmt: skip
@@ -122,6 +123,26 @@ class RouterMetrics:
         )  # fmt: skip
         for reason in ("died", "hung"):
             self.migrations.labels(reason)
+        self.tier_requests = Counter(
+            "epdserve:router_tier_requests", "Requests that completed, by service tier "
+            "(priority, default, flex).", ["service_tier"], registry=r,
+        )  # fmt: skip
+        self.tier_tokens = Counter(
+            "epdserve:router_tier_tokens", "Tokens of completed requests by service tier and "
+            "kind (prompt, generation).", ["service_tier", "kind"], registry=r,
+        )  # fmt: skip
+        for tier in SERVICE_TIERS:
+            self.tier_requests.labels(tier)
+            for kind in ("prompt", "generation"):
+                self.tier_tokens.labels(tier, kind)
+        self.offline_queue = Histogram(
+            "epdserve:router_offline_queue_seconds", "Seconds an offline (flex) request waited "
+            "in the router's offline queue for headroom.", buckets=E2E_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.offline_requests = Gauge(
+            "epdserve:router_offline_requests", "Offline (flex) requests in the router, by "
+            "state (waiting, running).", ["state"], registry=r,
+        )  # fmt: skip
         self.rebalance = RebalanceMetrics(r)
         self.update_pool(None)
 
@@ -141,6 +162,17 @@ class RouterMetrics:
         self.e2e.labels(api, model).observe(time.monotonic() - started)
         self.prompt_tokens.labels(model).inc(prompt)
         self.completion_tokens.labels(model).inc(completion)
+
+    def tier_done(self, tier: str, prompt: int, completion: int) -> None:
+        """A request of service tier ``tier`` completed with these usage counts."""
+        self.tier_requests.labels(tier).inc()
+        self.tier_tokens.labels(tier, "prompt").inc(prompt)
+        self.tier_tokens.labels(tier, "generation").inc(completion)
+
+    def update_offline(self, offline: Any) -> None:
+        """Refresh the offline-queue gauges from an OfflineAdmission (before a scrape)."""
+        self.offline_requests.labels("waiting").set(offline.waiting)
+        self.offline_requests.labels("running").set(offline.running)
 
     def update_pool(self, pool: Any) -> None:
         """Refresh the membership and per-worker gauges from a WorkerPool (before a scrape)."""

@@ -124,6 +124,7 @@ async def _openapi(gw: Gateway, request: Request) -> Response:
 
 async def _metrics(gw: Gateway, request: Request) -> Response:
     gw.metrics.update_pool(gw.pool)
+    gw.metrics.update_offline(gw.offline)
     return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -22,14 +22,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from services.common.convert import params_to_proto
 from services.common.proto import worker_pb2 as pb
 from services.engine.sampling_params import SamplingParams, StructuredOutputsParams
-from services.engine.service_tiers import DEFAULT
+from services.engine.service_tiers import DEFAULT, FLEX
 from services.router.accumulate import Choice, Usage, apply_step, until_disconnect
+from services.router.admission import Ticket
 from services.router.errors import APIError
 from services.router.features.reasoning.base import ReasoningParser
 from services.router.features.reasoning.factory import reasoning_parser_class
 from services.router.features.tool_parsers.base import ToolParser, ToolStream
 from services.router.features.tool_parsers.factory import tool_parser_class
 from services.router.features.tools import ToolSetup
+from services.router.offline import OfflineTicket
 from services.router.routing.streams import merge_streams
 
 if TYPE_CHECKING:
@@ -122,7 +124,7 @@ async def serve(
 ) -> Response:
     """Run ``req``: admitted, generated and written by ``out``; counted in the metrics."""
     try:
-        ticket = gw.admission.admit(sum(len(p) for p in req.prompts))
+        ticket = await until_disconnect(request, _admit(gw, req))
     except APIError as err:
         gw.metrics.count_request(req.api, err.status)
         return out.error(err)
@@ -165,7 +167,7 @@ async def run_detached(gw: Gateway, req: ServeRequest, out: Output) -> dict[str,
     """Run ``req`` with no client attached (a background response) to its body; an APIError
     when it fails. Cancelling the caller aborts the generation."""
     try:
-        ticket = gw.admission.admit(sum(len(p) for p in req.prompts))
+        ticket = await _admit(gw, req)
     except APIError as err:
         gw.metrics.count_request(req.api, err.status)
         raise
@@ -183,6 +185,15 @@ async def run_detached(gw: Gateway, req: ServeRequest, out: Output) -> dict[str,
         await merged.aclose()
         ticket.release()
         gw.metrics.count_request(req.api, status)
+
+
+async def _admit(gw: Gateway, req: ServeRequest) -> Ticket | OfflineTicket:
+    """Online requests are charged at once (or refused: 429); offline (flex) ones wait in
+    their own queue for headroom (offline.py)."""
+    tokens = sum(len(p) for p in req.prompts)
+    if req.service_tier == FLEX:
+        return await gw.offline.admit(req.model, tokens)
+    return gw.admission.admit(tokens)
 
 
 def _generate(
@@ -205,16 +216,25 @@ class _Progress:
         self.choices: dict[int, Choice] = {}
         self.usage = Usage()
         self.first_seen = False
+        self.first_at = 0.0  # time.monotonic() of the first output
 
     def apply(self, prompt_index: int, msg: pb.GenerateResponse) -> Step:
         if not self.first_seen:
             self.first_seen = True
+            self.first_at = time.monotonic()
             self.gw.metrics.first_token(self.req.api, self.req.model, self.req.started)
         return apply_step(self.choices, self.usage, prompt_index, self.req.n, msg)
 
     def done(self) -> None:
-        req, usage = self.req, self.usage
-        self.gw.metrics.done(req.api, req.model, req.started, usage.prompt, usage.completion)
+        req, usage, gw = self.req, self.usage, self.gw
+        gw.metrics.done(req.api, req.model, req.started, usage.prompt, usage.completion)
+        gw.metrics.tier_done(req.service_tier, usage.prompt, usage.completion)
+        if self.first_seen and req.service_tier != FLEX:
+            per_token = req.n * len(req.prompts)  # outputs of one completion, about
+            tpot = None
+            if usage.completion > per_token:
+                tpot = (time.monotonic() - self.first_at) / (usage.completion / per_token - 1)
+            gw.offline.observe_online(self.first_at - req.started, tpot)
 
 
 async def _collect(

@@ -6,9 +6,10 @@ API's format, and a key's highest tier is enforced (403)."""
 from __future__ import annotations
 
 import anthropic
+import httpx
 import openai
 import pytest
-from cluster_helpers import TINY_NAME, start_cluster
+from cluster_helpers import TINY_NAME, cli, start_cluster
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -105,3 +106,20 @@ def test_anthropic_service_tier_and_usage(cluster) -> None:
     assert e.value.body["type"] == "error"
     assert e.value.body["error"]["type"] == "invalid_request_error"
     assert "service_tier" in e.value.body["error"]["message"]
+
+
+def test_status_and_metrics_show_both_classes(cluster) -> None:
+    """After the tests above (flex and online requests): ``epdserve status`` shows the online
+    and offline classes, and the router counts requests and tokens per tier."""
+    chat(oai(cluster, "k-open"), service_tier="flex")
+    out = cli(cluster, "status")
+    assert out.returncode == 0, out.stderr
+    assert "offline (flex): 0 waiting, 0 running" in out.stdout and "SLOs met" in out.stdout
+    text = httpx.get(cluster.base_url + "/metrics", timeout=5).text
+    counts = {
+        line.split('service_tier="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("epdserve:router_tier_requests_total{")
+    }
+    assert counts["flex"] >= 1 and counts["default"] >= 1 and counts["priority"] >= 1
+    assert "epdserve:router_offline_queue_seconds_count 0" not in text

@@ -172,6 +172,13 @@ async def _status(gw: Gateway, request: Request) -> dict[str, Any]:
         "cluster": gw.cfg.cluster,
         "router": {"id": gw.identity, "pid": os.getpid(), "host": socket.gethostname()},
         "workers": workers,
+        "tiers": {
+            "online": {
+                "queued_prompt_tokens": gw.admission.queued_tokens,
+                "max_queued_tokens": gw.admission.max_queued_tokens,
+            },
+            "offline": gw.offline.status(),
+        },  # fmt: skip
         "rebalancer": gw.rebalancer.describe(),
         "kvstore": await gw.kv_index.status(),
     }

@@ -60,11 +60,7 @@ class CacheAwarePolicy(RoutingPolicy):
         if rep is None:
             return self.request_tokens * w.inflight
         inflight, waiting = reported_load(w, rep)
-        return (
-            waiting
-            + self.request_tokens * inflight
-            + KV_FULL_TOKENS * rep.kv_utilization
-        )
+        return waiting + self.request_tokens * inflight + KV_FULL_TOKENS * rep.kv_utilization
 
     def cost(self, w: WorkerView, request: RouteRequest, overlap_weight: float) -> float:
         cached = request.cached.get(w.id, NO_CACHE)

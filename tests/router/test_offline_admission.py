@@ -1,0 +1,107 @@
+"""The router's offline (flex) queue over fake worker handles: offline requests wait for
+headroom (queued prompt tokens, KV use, online TTFT/TPOT against the SLOs), in arrival
+order, never take the online admission's tokens, and have their own limits (429, 503)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fake_handles import fake_handle, fake_pool, keep_reporting
+
+from services.common.latency import LatencyWindow
+from services.common.proto import worker_pb2 as pb
+from services.router.admission import AdmissionControl
+from services.router.config import RouterConfig
+from services.router.errors import APIError
+from services.router.metrics import RouterMetrics
+from services.router.offline import OfflineAdmission
+
+pytestmark = [pytest.mark.timeout(30), pytest.mark.asyncio]
+
+BUSY = pb.LoadReport(num_waiting_prompt_tokens=5000, kv_utilization=0.2)
+IDLE = pb.LoadReport(num_waiting_prompt_tokens=0, kv_utilization=0.2)
+
+
+def gate(load: pb.LoadReport, **cfg) -> tuple[OfflineAdmission, object]:
+    handle = fake_handle("w0", stub=None, load=load)
+    config = RouterConfig(offline_headroom_tokens=1000, offline_headroom_kv=0.8, **cfg)
+    return OfflineAdmission(config, fake_pool([handle]), RouterMetrics()), handle
+
+
+async def test_offline_requests_wait_for_headroom_in_arrival_order() -> None:
+    g, handle = gate(BUSY)
+    reporting = asyncio.create_task(keep_reporting([handle]))
+    order: list[int] = []
+
+    async def one(i: int) -> None:
+        ticket = await g.admit("m", 10)
+        order.append(i)
+        await asyncio.sleep(0.01)
+        ticket.release()
+
+    tasks = []
+    for i in range(3):
+        tasks.append(asyncio.create_task(one(i)))
+        await asyncio.sleep(0.01)  # they arrive in this order
+    await asyncio.sleep(0.3)
+    assert order == [] and g.waiting == 3 and g.queued_tokens == 30
+    handle.load = pb.LoadReport(num_waiting_prompt_tokens=0, kv_utilization=0.95)
+    await asyncio.sleep(0.2)
+    assert order == []  # the KV cache is too full still
+    handle.load = IDLE
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert order == [0, 1, 2]
+    assert g.waiting == g.running == g.queued_tokens == 0
+    reporting.cancel()
+
+
+async def test_online_slo_misses_hold_offline_work() -> None:
+    g, handle = gate(IDLE, slo_ttft_ms=500.0, slo_tpot_ms=50.0)
+    reporting = asyncio.create_task(keep_reporting([handle]))
+    for ttft, tpot, met in ((0.9, 0.01, False), (0.1, 0.08, False), (0.1, 0.01, True)):
+        g.online_ttft_ms, g.online_tpot_ms = LatencyWindow(), LatencyWindow()
+        g.observe_online(ttft, tpot)  # 900 ms to the first token, 80 ms per token: missed
+        assert g.slo_met() == g.has_headroom("m") == met
+    (await asyncio.wait_for(g.admit("m", 5), 2)).release()
+    reporting.cancel()
+
+
+async def test_offline_limits_are_their_own() -> None:
+    g, handle = gate(BUSY, offline_max_waiting=2, offline_max_queued_tokens=100,
+                     offline_queue_timeout_s=0.3)  # fmt: skip
+    online = AdmissionControl(max_queued_tokens=50)
+    reporting = asyncio.create_task(keep_reporting([handle]))
+    waiting = [asyncio.create_task(g.admit("m", 40)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    with pytest.raises(APIError) as e:  # a third waiter
+        await g.admit("m", 1)
+    assert e.value.status == 429 and "waiting offline requests" in e.value.message
+    online.admit(30).release()  # offline tokens do not count against online admission
+    for task in waiting:
+        with pytest.raises(APIError) as e:
+            await task
+        assert e.value.status == 503 and e.value.headers == {"Retry-After": "5"}
+    assert g.waiting == g.queued_tokens == 0
+    handle.load = IDLE
+    held = await g.admit("m", 90)
+    with pytest.raises(APIError) as e:
+        await g.admit("m", 20)  # 110 > 100 offline prompt tokens
+    assert e.value.status == 429 and "offline prompt tokens" in e.value.message
+    held.release()
+    reporting.cancel()
+
+
+async def test_at_most_offline_max_running_run_at_once() -> None:
+    g, handle = gate(IDLE, offline_max_running=2)
+    reporting = asyncio.create_task(keep_reporting([handle]))
+    a, b = await g.admit("m", 1), await g.admit("m", 1)
+    third = asyncio.create_task(g.admit("m", 1))
+    await asyncio.sleep(0.2)
+    assert not third.done() and g.running == 2
+    a.release()
+    c = await asyncio.wait_for(third, 2)
+    for t in (b, c):
+        t.release()
+    assert g.running == 0
+    reporting.cancel()
