@@ -8,7 +8,8 @@ between 0.9 and 1 TTL and then disappears from etcd by itself).
 
 Bounds: etcd holds records of at most ``max_record_bytes`` each and at most ``max_records`` of
 them (counted at most every few seconds). A record over either bound, or one written while
-etcd is away, is kept in this router's memory instead (an LRU of ``local_bytes``, same TTL):
+etcd is away (for ETCD_PAUSE_S after a failed write, etcd is not tried), is kept in this
+router's memory instead (an LRU of ``local_bytes``, same TTL):
 only this router then finds it, and it is gone when the router restarts or the LRU needs the
 room.
 """
@@ -28,6 +29,7 @@ from services.common.etcd_client import ETCD_OP_TIMEOUT_S, EtcdSession
 log = logging.getLogger(__name__)
 
 COUNT_EVERY_S = 5.0  # how stale the count of records in etcd may be
+ETCD_PAUSE_S = 5.0  # after a failed write, records go straight to memory this long
 
 
 def responses_prefix(cluster: str) -> str:
@@ -83,21 +85,23 @@ class ResponseStore:
         self.local = _Local(local_bytes)
         self._lease: tuple[int, float] | None = None  # (id, monotonic time granted)
         self._count: tuple[int, float] = (0, -COUNT_EVERY_S)  # (records in etcd, when counted)
+        self._etcd_paused_until = 0.0  # monotonic time
 
     async def put(self, rid: str, record: dict[str, Any]) -> None:
-        """Store ``record`` (replacing any under ``rid``); never raises for etcd's sake."""
+        """Store ``record`` (replacing any under ``rid``); never raises for etcd's sake, and
+        after an etcd failure skips etcd for ETCD_PAUSE_S (a response waits for no outage)."""
         value = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
         self.local.pop(rid)
-        if len(value) <= self.max_record_bytes:
+        if time.monotonic() >= self._etcd_paused_until:
             try:
-                if await self._put_etcd(rid, value):
+                if len(value) <= self.max_record_bytes and await self._put_etcd(rid, value):
                     return
+                # NOTE: kept locally: no earlier, smaller state of it (a background run's
+                # "queued") may stay in etcd for other routers to read.
+                await self._delete_etcd(rid)
             except Exception as exc:  # noqa: BLE001 - etcd away: this router keeps it
+                self._etcd_paused_until = time.monotonic() + ETCD_PAUSE_S
                 log.warning("storing response %s in etcd failed (%s); kept locally", rid, exc)
-        try:
-            await self._delete_etcd(rid)  # an earlier, smaller state of it (a background run)
-        except Exception:  # noqa: BLE001 - etcd away: that copy expires with its lease
-            pass
         if not self.local.put(rid, value, self.ttl_s):
             log.warning("response %s (%d bytes) is larger than the local store", rid, len(value))
 
