@@ -28,13 +28,14 @@ from services.router.batches.records import (
     CANCELLED,
     CANCELLING,
     COMPLETED,
+    EXPIRED,
     FAILED,
     FINALIZING,
     IN_PROGRESS,
     VALIDATING,
     BatchRecord,
     LineResult,
-    canceled_line,
+    unrun_line,
 )
 from services.router.batches.results import Results, jsonl
 from services.router.batches.runner import RETRY_STATUSES, run_line
@@ -130,13 +131,16 @@ class BatchRun:
                 pending = [ln for ln in lines if ln.custom_id not in self.done]
                 log.info("batch %s: %d of %d lines to run", self.id, len(pending), len(lines))
                 await asyncio.to_thread(self.results.open, uuid.uuid4().hex)
-                await self._run_lines(pending)
+                await self._run_lines(pending, rec.expires_at)
         finally:
             await asyncio.to_thread(self.results.close)
         await self._finalize(lines)
 
-    async def _run_lines(self, pending: list[BatchLine]) -> None:
-        """Run ``pending`` until all are recorded or the batch is being cancelled."""
+    async def _run_lines(self, pending: list[BatchLine], expires_at: float) -> None:
+        """Run ``pending`` until all are recorded, the batch is being cancelled, or its
+        completion window ends (``expires_at``, unix seconds)."""
+        if time.time() >= expires_at:
+            return
         queue = iter(pending)  # NOTE: shared by the workers: each line is taken once
 
         async def work() -> None:
@@ -153,6 +157,9 @@ class BatchRun:
                 status = await self._sync()
                 if status != IN_PROGRESS:
                     log.info("batch %s is %s: its lines stop", self.id, status)
+                    break
+                if time.time() >= expires_at:
+                    log.warning("batch %s: its completion window ended", self.id)
                     break
         finally:
             await cancel_and_wait(*workers)
@@ -207,33 +214,41 @@ class BatchRun:
             return
         # NOTE: every part, this run's and earlier ones': the first record of a line wins.
         self.done = await asyncio.to_thread(self.results.read)
-        ids = await asyncio.to_thread(self._write_outputs, rec, lines)
+        # NOTE: lines left unrun while the batch was not being cancelled: its window ended.
+        unrun = any(ln.custom_id not in self.done for ln in lines)
+        final = CANCELLED if rec.status == CANCELLING else EXPIRED if unrun else COMPLETED
+        ids = await asyncio.to_thread(self._write_outputs, rec, lines, final)
         completed, failed = self._counts()
 
         def end(r: BatchRecord) -> BatchRecord | None:
             if r.status not in (FINALIZING, CANCELLING):
                 return None
             t = int(time.time())
+            status = CANCELLED if r.status == CANCELLING else final
             return replace(
-                r, **ids, completed=completed, failed=failed,
-                status=CANCELLED if r.status == CANCELLING else COMPLETED,
-                cancelled_at=t if r.status == CANCELLING else None,
-                completed_at=None if r.status == CANCELLING else t,
+                r, **ids, completed=completed, failed=failed, status=status,
+                cancelled_at=t if status == CANCELLED else None,
+                expired_at=t if status == EXPIRED else None,
+                completed_at=t if status == COMPLETED else None,
             )  # fmt: skip
 
         rec = await store.update(self.id, end)
         log.info("batch %s %s: %d completed, %d failed", self.id,
                  rec and rec.status, completed, failed)  # fmt: skip
-        if rec is not None and rec.status in (COMPLETED, CANCELLED):
+        if rec is not None and rec.status in (COMPLETED, CANCELLED, EXPIRED):
             await asyncio.to_thread(self.results.remove)
 
-    def _write_outputs(self, rec: BatchRecord, lines: list[BatchLine]) -> dict[str, Any]:
-        """The batch's output files (blocking); their ids, as record fields."""
+    def _write_outputs(
+        self, rec: BatchRecord, lines: list[BatchLine], final: str
+    ) -> dict[str, Any]:
+        """The batch's output files (blocking) as it ends ``final``; their ids, as record
+        fields."""
         ordered = [self.done[ln.custom_id] for ln in lines if ln.custom_id in self.done]
+        unrun = [unrun_line(ln.custom_id, rec.api, final)
+                 for ln in lines if ln.custom_id not in self.done]  # fmt: skip
         files = self.ex.files
         if rec.api == "anthropic":
-            rows = [r.anthropic() for r in ordered]
-            rows += [canceled_line(ln.custom_id) for ln in lines if ln.custom_id not in self.done]
+            rows = [r.anthropic() for r in ordered] + unrun
             fid = f"file-{rec.id}-results"
             files.create(jsonl(rows), f"{rec.id}_results.jsonl", "batch_results", fid)
             return {"results_file_id": fid}
@@ -243,6 +258,8 @@ class BatchRun:
             ("error_file_id", False, "errors"),
         ):
             rows = [r.openai() for r in ordered if r.ok == ok]
+            if not ok and final == EXPIRED:
+                rows += unrun
             if rows:
                 fid = f"file-{rec.id}-{name}"
                 files.create(jsonl(rows), f"{rec.id}_{name}.jsonl", "batch_output", fid)

@@ -11,8 +11,9 @@ from typing import Any
 # Statuses (OpenAI's names; the Anthropic view maps them, see ``anthropic_status``).
 VALIDATING, IN_PROGRESS, FINALIZING = "validating", "in_progress", "finalizing"
 COMPLETED, FAILED, CANCELLING, CANCELLED = "completed", "failed", "cancelling", "cancelled"
+EXPIRED = "expired"  # the completion window passed with lines not run
 ACTIVE = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)  # the executor still owes work
-ENDED = (COMPLETED, FAILED, CANCELLED)
+ENDED = (COMPLETED, FAILED, CANCELLED, EXPIRED)
 
 COMPLETION_WINDOW_S = 24 * 3600  # "24h", the only window OpenAI offers
 ANTHROPIC_RESULTS_KEEP_S = 29 * 24 * 3600  # Anthropic: results stay 29 days
@@ -45,6 +46,7 @@ class BatchRecord:
     failed_at: int | None = None
     cancelling_at: int | None = None
     cancelled_at: int | None = None
+    expired_at: int | None = None
 
     @property
     def expires_at(self) -> int:
@@ -81,7 +83,7 @@ class BatchRecord:
             "finalizing_at": self.finalizing_at,
             "completed_at": self.completed_at,
             "failed_at": self.failed_at,
-            "expired_at": None,
+            "expired_at": self.expired_at,
             "cancelling_at": self.cancelling_at,
             "cancelled_at": self.cancelled_at,
             "request_counts": {
@@ -102,7 +104,7 @@ class BatchRecord:
         """The Anthropic message batch object (``base_url``: this router's, for results_url)."""
         ended = self.status in ENDED
         left = self.total - self.done
-        ended_at = self.completed_at or self.failed_at or self.cancelled_at
+        ended_at = self.completed_at or self.failed_at or self.cancelled_at or self.expired_at
         return {
             "id": self.id,
             "type": "message_batch",
@@ -112,7 +114,7 @@ class BatchRecord:
                 "succeeded": self.completed,
                 "errored": self.failed,
                 "canceled": left if self.status == CANCELLED else 0,
-                "expired": 0,
+                "expired": left if self.status == EXPIRED else 0,
             },
             "ended_at": _iso(ended_at),
             "created_at": _iso(self.created_at),
@@ -175,6 +177,15 @@ class LineResult:
         return {"custom_id": self.custom_id, "result": {"type": "errored", "error": body}}
 
 
-def canceled_line(custom_id: str) -> dict[str, Any]:
-    """An Anthropic results line of a request the cancel left unprocessed."""
-    return {"custom_id": custom_id, "result": {"type": "canceled"}}
+def unrun_line(custom_id: str, api: str, status: str) -> dict[str, Any]:
+    """The output line of a request left unrun when the batch was cancelled or expired:
+    Anthropic's ``canceled`` / ``expired`` result; for OpenAI (expired only: a cancelled
+    batch lists nothing more) an error-file line with code ``batch_expired``."""
+    if api == "anthropic":
+        return {"custom_id": custom_id,
+                "result": {"type": "canceled" if status == CANCELLED else "expired"}}  # fmt: skip
+    error = {"code": "batch_expired",
+             "message": "This request could not be executed before the completion window "
+             "expired."}  # fmt: skip
+    return {"id": f"batch_req_{custom_id}", "custom_id": custom_id, "response": None,
+            "error": error}  # fmt: skip
