@@ -237,6 +237,7 @@ def test_routers_keep_batches_on_one_claim(router_values, claim, modes) -> None:
         assert all(v["name"] != "batches" for v in pod["volumes"])
         return
     assert argv[argv.index("--batch-dir") + 1] == "/var/lib/epdserve/batches"
+    assert pod["securityContext"]["fsGroup"] == 10001  # writable by the image's user
     assert {"name": "batches", "mountPath": "/var/lib/epdserve/batches"} in c["volumeMounts"]
     assert {"name": "batches", "persistentVolumeClaim": {"claimName": claim}} in pod["volumes"]
     if modes is None:
