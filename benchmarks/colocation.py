@@ -1,0 +1,202 @@
+"""Online and offline work on one cluster (issue 18): online requests arrive as a Poisson
+stream at about half of the measured capacity, with TTFT / TPOT SLOs; an offline load
+(closed loop, enough clients to saturate the rest) runs beside them. Three runs in one go:
+
+1. online alone;
+2. online + offline as plain requests (service tier default: first come, first served);
+3. online + offline as service tier flex (the router's offline queue, the engine's tiers).
+
+Prints online TTFT / TPOT P50 / P99 and SLO attainment, and offline output tokens/s against
+the capacity online work leaves (capacity measured first, in the same run). Recorded, not
+asserted.
+
+    python benchmarks/colocation.py [--model PATH|GGUF] [--seconds 60] [--slo-ttft-ms 2000]
+        [--slo-tpot-ms 200] [--offline-clients 16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+
+from services.cli.launcher import ClusterSpec, LocalCluster  # noqa: E402
+
+ONLINE_TOKENS = 32  # output tokens of an online request
+OFFLINE_TOKENS = 64
+
+
+def prompt(i: int, words: int) -> str:
+    rng = random.Random(i)
+    return " ".join(rng.choice(["city", "river", "blue", "seven", "paper", "lamp", "north"])
+                    for _ in range(words))  # fmt: skip
+
+
+def online_request(c: httpx.Client, model: str, i: int) -> tuple[float, float] | None:
+    """Stream one online completion: (TTFT s, TPOT s), None if it failed."""
+    body = {"model": model, "prompt": prompt(i, 48), "max_tokens": ONLINE_TOKENS,
+            "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    with c.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return None
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"text": ""' not in line:
+                n += 1
+                first = first or time.perf_counter()
+    if first is None:
+        return None
+    end = time.perf_counter()
+    return first - t0, (end - first) / max(1, n - 1)
+
+
+def offline_loop(url: str, model: str, tier: str, stop: threading.Event, out: list[int]) -> None:
+    with httpx.Client(base_url=url, timeout=900) as c:
+        i = 10**6
+        while not stop.is_set():
+            i += 1
+            body = {"model": model, "prompt": prompt(i, 96), "max_tokens": OFFLINE_TOKENS,
+                    "temperature": 0, "ignore_eos": True, "service_tier": tier}  # fmt: skip
+            try:
+                r = c.post("/v1/completions", json=body)
+            except httpx.HTTPError:
+                continue
+            if r.status_code == 200 and not stop.is_set():
+                out.append(r.json()["usage"]["completion_tokens"])
+
+
+def capacity(url: str, model: str, seconds: float, clients: int) -> tuple[float, float]:
+    """Closed loop of ``clients`` online requests: (requests/s, output tokens/s)."""
+    done: list[int] = []
+    stop = threading.Event()
+
+    def loop(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=600) as c:
+            i = k * 10**5
+            while not stop.is_set():
+                i += 1
+                if online_request(c, model, i) is not None and not stop.is_set():
+                    done.append(ONLINE_TOKENS)
+
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    return len(done) / seconds, sum(done) / seconds
+
+
+def run(url: str, model: str, rate: float, seconds: float, offline: str | None,
+        clients: int, seed: int) -> dict:  # fmt: skip
+    """One run: Poisson online arrivals at ``rate``/s for ``seconds``; with ``offline`` (a
+    tier), ``clients`` offline closed loops beside them."""
+    stop = threading.Event()
+    offline_tokens: list[int] = []
+    loops = [threading.Thread(target=offline_loop, args=(url, model, offline, stop, offline_tokens))
+             for _ in range(clients if offline else 0)]  # fmt: skip
+    for t in loops:
+        t.start()
+    if loops:
+        time.sleep(5)  # the offline load builds up first
+    offline_tokens.clear()
+    rng = random.Random(seed)
+    results: list[tuple[float, float] | None] = []
+    with httpx.Client(base_url=url, timeout=600) as c, ThreadPoolExecutor(64) as pool:
+        t0 = time.perf_counter()
+        futures, i, at = [], 0, 0.0
+        while at < seconds:
+            at += rng.expovariate(rate)
+            time.sleep(max(0.0, t0 + at - time.perf_counter()))
+            futures.append(pool.submit(online_request, c, model, i))
+            i += 1
+        results = [f.result() for f in futures]
+        elapsed = time.perf_counter() - t0
+    offline_done = sum(offline_tokens)
+    stop.set()
+    for t in loops:
+        t.join()
+    ok = [r for r in results if r is not None]
+    return {"online": ok, "failed": len(results) - len(ok), "elapsed": elapsed,
+            "offline_tok_s": offline_done / elapsed}  # fmt: skip
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded model)")
+    p.add_argument("--seconds", type=float, default=60.0, help="length of each run")
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    p.add_argument("--capacity-clients", type=int, default=8)
+    p.add_argument("--offline-clients", type=int, default=16)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    spec = ClusterSpec(
+        model=a.model, port=0, cluster="colocation",
+        engine_overrides={"max_num_seqs": 32},
+        router_overrides={"slo_ttft_ms": a.slo_ttft_ms, "slo_tpot_ms": a.slo_tpot_ms},
+    )  # fmt: skip
+    cluster = LocalCluster(spec)
+    cluster.start(timeout=600, progress=lambda m: print(m, file=sys.stderr))
+    report: dict = {"slo_ttft_ms": a.slo_ttft_ms, "slo_tpot_ms": a.slo_tpot_ms}
+    try:
+        url = cluster.base_url
+        model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        online_request(httpx.Client(base_url=url, timeout=600), model, 0)  # warm-up
+        cap_rps, cap_tok = capacity(url, model, a.seconds / 2, a.capacity_clients)
+        rate = cap_rps / 2
+        report.update(capacity_rps=cap_rps, capacity_tok_s=cap_tok, online_rate=rate)
+        print(f"capacity {cap_rps:.2f} req/s, {cap_tok:.1f} tok/s; online at {rate:.2f} req/s")
+        runs = {}
+        for name, tier in (("online alone", None), ("FCFS", "default"), ("tiers", "flex")):
+            r = run(url, model, rate, a.seconds, tier, a.offline_clients, seed=1)
+            ttft = [t for t, _ in r["online"]]
+            tpot = [t for _, t in r["online"]]
+            met = sum(t * 1000 <= a.slo_ttft_ms and s * 1000 <= a.slo_tpot_ms
+                      for t, s in r["online"])  # fmt: skip
+            runs[name] = {
+                "online_requests": len(ttft), "failed": r["failed"],
+                "ttft_p50_ms": pct(ttft, 50) * 1000, "ttft_p99_ms": pct(ttft, 99) * 1000,
+                "tpot_p50_ms": pct(tpot, 50) * 1000, "tpot_p99_ms": pct(tpot, 99) * 1000,
+                "slo_attainment": met / max(1, len(ttft)), "offline_tok_s": r["offline_tok_s"],
+                "online_tok_s": len(ttft) * ONLINE_TOKENS / r["elapsed"],
+            }  # fmt: skip
+            print(name, json.dumps({k: round(v, 3) for k, v in runs[name].items()}), flush=True)
+        left = cap_tok - runs["online alone"]["online_tok_s"]
+        report.update(runs=runs, capacity_left_tok_s=left)
+        print(f"\ncapacity online leaves: {left:.1f} tok/s")
+        print("| run | TTFT P50 / P99 ms | TPOT P50 / P99 ms | SLO met | offline tok/s (of left) |")
+        print("|---|---:|---:|---:|---:|")
+        for name, x in runs.items():
+            share = (
+                f"{x['offline_tok_s']:.1f} ({x['offline_tok_s'] / left:.0%})" if left > 0 else "-"
+            )
+            print(f"| {name} | {x['ttft_p50_ms']:.0f} / {x['ttft_p99_ms']:.0f} | "
+                  f"{x['tpot_p50_ms']:.0f} / {x['tpot_p99_ms']:.0f} | "
+                  f"{x['slo_attainment']:.0%} | {share} |")  # fmt: skip
+    finally:
+        cluster.stop()
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
