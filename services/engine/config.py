@@ -53,6 +53,10 @@ class EngineConfig:
     # "torch" (F.linear: MKL), "auto" (oneDNN where it is faster on this CPU; see
     # layers/cpu_linear.py).
     cpu_linear: str = "auto"
+    # Threads of the model's CPU ops (torch.set_num_threads, for the whole process); 0: every
+    # core the process may run on (torch's default). Fewer leave cores to what shares the
+    # machine (the worker's own I/O, a router, etcd): see docs/performance.md.
+    cpu_threads: int = 0
     # Serve a pooling model (embeddings, rerank, score) instead of generation: "embed" (the
     # last token's hidden state, normalised: Qwen3-Embedding), "classify" (a classification
     # head on the last token), "none" (generation), "auto" (*ForSequenceClassification:
@@ -84,6 +88,8 @@ class EngineConfig:
             )
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads must be >= 0 (0: every core), got {self.cpu_threads}")
         if self.cpu_linear not in CPU_LINEAR:
             raise ValueError(f"cpu_linear must be one of {CPU_LINEAR}, got {self.cpu_linear!r}")
         if self.pooling not in POOLING:

@@ -80,6 +80,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.device = get_device(config.device)
         self.dtype = DTYPES[config.torch_dtype_name]
+        if self.device.type == "cpu" and config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
         self.block_size = config.block_size
         cls = resolve_model_class(hf_config)
         torch.manual_seed(config.seed)

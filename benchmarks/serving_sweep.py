@@ -1,0 +1,116 @@
+"""`epdserve up` under one serving load, across engine budgets and CPU placements.
+
+Each configuration starts its own `epdserve up` (the default model, one mixed worker), runs
+`epdserve bench` against it (random 128 in / 64 out, ignore_eos, 64 prompts at concurrency
+16, seed 0: the work of ``benchmarks/peer_vllm.py``), stops it, and prints one row: output
+tok/s, TTFT p50, TPOT p50, ITL p99. Configurations, one at a time:
+
+- the step's token budget (``max_num_batched_tokens``: decode tokens first, then prefill
+  chunks filling the rest; the default 1024), at 256, 1024 and 4096;
+- CPU placement of the worker's model threads: the default (every core), one thread
+  (``OMP_NUM_THREADS=1``: vLLM's CPU default on a 2-core machine, the other core left to
+  everything else), and OpenMP threads that sleep at once between parallel regions
+  (``OMP_WAIT_POLICY=PASSIVE``).
+
+Recorded, not asserted; not in CI. On a shared machine the rows compare only when the load
+average (printed before each) is alike.
+
+    .venv/bin/python benchmarks/serving_sweep.py [--num-prompts 64] [--only budget|placement]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# (label, engine args, extra environment)
+BUDGETS = [
+    ("budget 256", ["max_num_batched_tokens=256"], {}),
+    ("budget 1024 (default)", [], {}),
+    ("budget 4096", ["max_num_batched_tokens=4096"], {}),
+]
+PLACEMENTS = [
+    ("threads: all cores (default)", [], {}),
+    ("threads: 1 (OMP_NUM_THREADS=1)", [], {"OMP_NUM_THREADS": "1"}),
+    ("threads: all, OMP_WAIT_POLICY=PASSIVE", [], {"OMP_WAIT_POLICY": "PASSIVE"}),
+]
+KEYS = [("output tok/s", "output_throughput", ""), ("TTFT p50", "median_ttft_ms", " ms"),
+        ("TPOT p50", "median_tpot_ms", " ms"), ("ITL p99", "p99_itl_ms", " ms")]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ready(port: int, timeout: float = 300.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+                if json.load(r)["data"]:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"epdserve up on port {port} not ready after {timeout:.0f} s")
+
+
+def run_one(args: argparse.Namespace, engine_args: list[str], env: dict[str, str]) -> dict:
+    port = free_port()
+    up = [sys.executable, "-m", "services.cli.main", "up", "--port", str(port)]
+    for a in engine_args:
+        up += ["--engine-arg", a]
+    with tempfile.TemporaryDirectory() as tmp:
+        log = open(Path(tmp) / "up.log", "w")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(up, cwd=REPO, env={**os.environ, **env}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            ready(port)
+            out = Path(tmp) / "bench.json"
+            bench = [sys.executable, "-m", "services.cli.main", "bench", "--base-url",
+                     f"http://127.0.0.1:{port}", "--num-prompts", str(args.num_prompts),
+                     "--max-concurrency", "16", "--input-len", "128", "--output-len", "64",
+                     "--ignore-eos", "--seed", "0", "--no-progress", "--result-json", str(out)]  # fmt: skip
+            subprocess.run(bench, cwd=REPO, check=True, stdout=subprocess.DEVNULL, timeout=1800)
+            return json.loads(out.read_text())
+        finally:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            log.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--only", choices=["budget", "placement"], default=None)
+    args = p.parse_args()
+    configs = {"budget": BUDGETS, "placement": PLACEMENTS}
+    for name, rows in configs.items():
+        if args.only not in (None, name):
+            continue
+        print(f"\n| {name} | " + " | ".join(k for k, _, _ in KEYS) + " | load avg before |")
+        print("|---|" + "---:|" * (len(KEYS) + 1))
+        for label, engine_args, env in rows:
+            load = os.getloadavg()[0]
+            r = run_one(args, engine_args, env)
+            cells = " | ".join(f"{r[key]:.1f}{unit}" for _, key, unit in KEYS)
+            print(f"| {label} | {cells} | {load:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
