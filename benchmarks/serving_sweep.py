@@ -8,7 +8,7 @@ tok/s, TTFT p50, TPOT p50, ITL p99. Configurations, one at a time:
 - the step's token budget (``max_num_batched_tokens``: decode tokens first, then prefill
   chunks filling the rest; the default 1024), at 256, 1024 and 4096;
 - CPU placement of the worker's model threads: the default (every core), one thread
-  (``OMP_NUM_THREADS=1``: vLLM's CPU default on a 2-core machine, the other core left to
+  (``cpu_threads=1``: vLLM's CPU default on a 2-core machine, the other core left to
   everything else), and OpenMP threads that sleep at once between parallel regions
   (``OMP_WAIT_POLICY=PASSIVE``).
 
@@ -41,7 +41,7 @@ BUDGETS = [
 ]
 PLACEMENTS = [
     ("threads: all cores (default)", [], {}),
-    ("threads: 1 (OMP_NUM_THREADS=1)", [], {"OMP_NUM_THREADS": "1"}),
+    ("threads: 1 (cpu_threads=1)", ["cpu_threads=1"], {}),
     ("threads: all, OMP_WAIT_POLICY=PASSIVE", [], {"OMP_WAIT_POLICY": "PASSIVE"}),
 ]
 KEYS = [("output tok/s", "output_throughput", ""), ("TTFT p50", "median_ttft_ms", " ms"),
