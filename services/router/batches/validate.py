@@ -102,9 +102,12 @@ def parse_anthropic_requests(requests: Any, max_lines: int) -> list[BatchLine]:
                            "custom_id must be unique", "invalid_request", "requests")  # fmt: skip
         seen.add(cid)
         body = _body(item.get("params"), f"{where}.params")
-        if not isinstance(body.get("max_tokens"), int):
+        if "max_tokens" not in body:
             raise _invalid(f"{where}.params.max_tokens: Field required", "invalid_request",
                            "requests")  # fmt: skip
+        if isinstance(body["max_tokens"], bool) or not isinstance(body["max_tokens"], int):
+            raise _invalid(f"{where}.params.max_tokens: Input should be a valid integer",
+                           "invalid_request", "requests")  # fmt: skip
         lines.append(BatchLine(cid, MESSAGES_ENDPOINT, body))
     return lines
 

@@ -1,0 +1,73 @@
+"""Malformed input to the Batch APIs, against an in-process gateway (real etcd, no workers):
+each is a 4xx in its API's own error format, never a 5xx."""
+
+from __future__ import annotations
+
+import pytest
+from router_fakes import start_gateway
+
+from services.common.etcd_server import EtcdServer
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
+
+MP = {"content-type": "multipart/form-data; boundary=x"}
+LINE = b'{"custom_id":"a","method":"POST","url":"/v1/completions","body":{"model":"m"'
+# (method, path, request arguments, status, the error's code or message part)
+OPENAI = [
+    ("POST", "/v1/files", {"content": b"garbage", "headers": MP}, 400, "multipart"),
+    ("POST", "/v1/files", {"content": b"", "headers": {"content-type": "multipart/form-data"}},
+     400, "multipart"),
+    ("POST", "/v1/files", {"json": {"a": 1}}, 400, "multipart/form-data"),
+    ("POST", "/v1/files", {"content": b"--x\r\nContent-Disposition: form-data; name=purpose"
+                           b"\r\n\r\nbatch\r\n--x--", "headers": MP}, 400, "'file'"),
+    ("POST", "/v1/files", {"files": {"file": ("a", b"\xff\xfe")}, "data": {"purpose": "batch"}},
+     400, "invalid_file"),
+    ("POST", "/v1/files", {"files": {"file": ("a", LINE + b',"stream":true}}')},
+                           "data": {"purpose": "batch"}}, 400, "invalid_body"),
+    ("GET", "/v1/files?limit=abc", {}, 400, "limit"),
+    ("GET", "/v1/files/%00/content", {}, 404, "not_found"),
+    ("DELETE", "/v1/files/file-nope", {}, 404, "not_found"),
+    ("POST", "/v1/batches", {"content": b"not json"}, 400, "not valid JSON"),
+    ("POST", "/v1/batches", {"json": [1]}, 400, "JSON object"),
+    ("POST", "/v1/batches", {"json": {"input_file_id": 5, "completion_window": "24h"}}, 400,
+     "input_file_id"),
+    ("POST", "/v1/batches", {"json": {"input_file_id": "f", "completion_window": 24}}, 400,
+     "completion_window"),
+    ("GET", "/v1/batches?limit=1000", {}, 400, "limit"),
+    ("GET", "/v1/batches/batch_x", {}, 404, "not_found"),
+    ("POST", "/v1/batches/batch_x/cancel", {}, 404, "not_found"),
+]  # fmt: skip
+ANTHROPIC = [
+    ("POST", "/v1/messages/batches", {"content": b"{"}, 400, "not valid JSON"),
+    ("POST", "/v1/messages/batches", {"json": {"requests": "x"}}, 400, "non-empty array"),
+    ("POST", "/v1/messages/batches", {"json": {"requests": [{"custom_id": "a", "params": {
+        "model": "m", "max_tokens": "x"}}]}}, 400, "valid integer"),
+    ("GET", "/v1/messages/batches?limit=-1", {}, 400, "limit"),
+    ("GET", "/v1/messages/batches/msgbatch_x/results", {}, 404, "No batch"),
+    ("POST", "/v1/messages/batches/msgbatch_x/cancel", {}, 404, "No batch"),
+]  # fmt: skip
+
+
+async def test_bad_batch_requests_are_4xx_in_the_apis_format(tmp_path) -> None:
+    import httpx
+
+    with EtcdServer() as etcd:
+        g = await start_gateway(etcd.endpoint, "batch-api", batch_dir=str(tmp_path))
+        try:
+            async with httpx.AsyncClient(base_url=g.url, timeout=10) as c:
+                for method, path, kw, status, part in OPENAI + ANTHROPIC:
+                    r = await c.request(method, path, **kw)
+                    assert r.status_code == status, (path, r.text)
+                    body = r.json()
+                    if path.startswith("/v1/messages"):
+                        assert body["type"] == "error" and part in body["error"]["message"]
+                    else:
+                        err = body["error"]
+                        assert part in (err["code"] or "") + err["message"], (path, err)
+        finally:
+            await g.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_api_keys(monkeypatch):
+    monkeypatch.delenv("EPDSERVE_API_KEYS", raising=False)
