@@ -177,6 +177,27 @@ async def test_stream_events_in_order(routers) -> None:
 
 
 @pytest.mark.asyncio
+async def test_logprobs_streamed_and_not(routers) -> None:
+    a, _, _ = routers
+    body = await _create(a, input="x", store=False, top_logprobs=1,
+                         include=["message.output_text.logprobs"])  # fmt: skip
+    lps = body["output"][0]["content"][0]["logprobs"]
+    assert [round(lp["logprob"], 4) for lp in lps] == [-0.1] * 3
+    assert [len(lp["top_logprobs"]) for lp in lps] == [1] * 3
+    assert (await _create(a, input="x", store=False))["output"][0]["content"][0]["logprobs"] == []
+    events = []
+    req = {"model": MODEL, "input": "x", "max_output_tokens": 3, "stream": True,
+           "top_logprobs": 1, "store": False}  # fmt: skip
+    async with a.stream("POST", "/v1/responses", json=req) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    streamed = [lp for e in events if e["type"] == "response.output_text.delta"
+                for lp in e["logprobs"]]  # fmt: skip
+    assert streamed == lps == events[-1]["response"]["output"][0]["content"][0]["logprobs"]
+
+
+@pytest.mark.asyncio
 async def test_etcd_away_keeps_responses_local(routers) -> None:
     a, b, etcd = routers
     etcd.stop()
@@ -210,6 +231,7 @@ BAD = [
     ({"input": "x", "background": True, "store": False}, "background"),
     ({"input": "x", "metadata": {"k": 1}}, "metadata"),
     ({"input": "x", "top_k": -5}, "top_k"),
+    ({"input": "x", "top_logprobs": 21}, "top_logprobs"),
 ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
@@ -60,6 +60,20 @@ def reasoning_fields(text: str) -> dict[str, str]:
     return {"reasoning_content": text, "reasoning": text}
 
 
+def token_logprobs(
+    token_str: Callable[[int], str], items: Iterable[pb.TokenLogprobs]
+) -> list[dict[str, Any]]:
+    """Logprobs of tokens as chat completions (and the Responses API) give them: token,
+    logprob, bytes and the top alternatives."""
+
+    def entry(tid: int, lp: float) -> dict[str, Any]:
+        s = token_str(tid)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    return [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(c.token_id, c.logprob)
+             for c in t.top]} for t in items]  # fmt: skip
+
+
 def _sse(obj: object) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -87,19 +101,7 @@ class OpenAIOutput:
         return _sse(err.openai_body())
 
     def _chat_logprobs(self, items: list[pb.TokenLogprobs]) -> dict[str, Any]:
-        def entry(tid: int, lp: float) -> dict[str, Any]:
-            s = self.gw.tokenizer.token_str(tid)
-            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-
-        return {
-            "content": [
-                {
-                    **entry(t.token_id, t.logprob),
-                    "top_logprobs": [entry(c.token_id, c.logprob) for c in t.top],
-                }
-                for t in items
-            ]
-        }
+        return {"content": token_logprobs(self.gw.tokenizer.token_str, items)}
 
     def _completion_logprobs(self, items: list[pb.TokenLogprobs], offset: int) -> dict[str, Any]:
         token_str = self.gw.tokenizer.token_str

@@ -81,7 +81,8 @@ async def create(gw: Gateway, request: Request) -> Response:
                               started)  # fmt: skip
     conversation = chat["messages"][1:] if typed.instructions else chat["messages"]
     out = ResponsesOutput(req, echo_fields(typed), conversation,
-                          gw.responses if typed.store else None, input_items(typed.input))  # fmt: skip
+                          gw.responses if typed.store else None, input_items(typed.input),
+                          gw.tokenizer.token_str if typed.logprobs else None)  # fmt: skip
     req.finish = out.finish
     if not typed.background:
         return await serve(gw, request, req, out, typed.stream)

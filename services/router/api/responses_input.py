@@ -160,6 +160,8 @@ def chat_body(
         "tool_choice": _tool_choice(typed.tool_choice),
         "response_format": _response_format(typed.text),
     }
+    if typed.logprobs:
+        optional.update(logprobs=True, top_logprobs=typed.top_logprobs or 0)
     optional.update({k: body.get(k) for k in EXTRA_SAMPLING})
     chat.update({k: v for k, v in optional.items() if v is not None})
     return chat

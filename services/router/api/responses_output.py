@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
 
+from services.common.proto import worker_pb2 as pb
 from services.router.accumulate import Choice, Usage
+from services.router.api.openai_output import token_logprobs
 from services.router.api.responses_input import assistant_turn
 from services.router.errors import APIError
 from services.router.features.tool_parsers.base import ParsedCall
@@ -49,9 +51,15 @@ class ResponsesOutput:
     stream_headers = {"Cache-Control": "no-cache"}
 
     def __init__(self, req: ServeRequest, echo: dict[str, Any], conversation: list[dict[str, Any]],
-                 store: ResponseStore | None, inputs: list[dict[str, Any]] | None = None) -> None:  # fmt: skip
+                 store: ResponseStore | None, inputs: list[dict[str, Any]] | None = None,
+                 token_str: Callable[[int], str] | None = None) -> None:  # fmt: skip
         self.req, self.echo, self.conversation, self.store = req, echo, conversation, store
         self.inputs = inputs or []  # this request's input items, as stored
+        self.token_str = token_str  # None: no logprobs asked for
+        # NOTE: a step's logprobs go with the next message text; with a reasoning parser
+        # that includes the reasoning tokens' (the split is made on text, not tokens).
+        self.pending_lp: list[dict[str, Any]] = []
+        self.open_lp: list[dict[str, Any]] = []  # of the open message
         self.created_at = int(time.time())
         self.tool_stream = req.tool_stream()
         self.reasoning = req.reasoning_parser()
@@ -100,12 +108,15 @@ class ResponsesOutput:
             yield self._event("response.created", response=self.skeleton("in_progress"))
             yield self._event("response.in_progress", response=self.skeleton("in_progress"))
         for _, d in step:
+            self._logprobs(d.logprobs)
             yield from self._output(d.text, False)
 
     async def finish(self, choices: dict[int, Choice], usage: Usage) -> None:
         """The whole response (its last items closed), stored when ``store`` asks."""
         ch = choices.get(0, Choice(index=0))
         text = "" if self.started else ch.full_text  # streamed: the steps fed it already
+        if not self.started:
+            self._logprobs(ch.logprobs)
         self.pending = list(self._output(text, True))
         if not self.items and self.open is None:
             self.pending += self._text("message", "")  # no output at all: one empty message
@@ -152,6 +163,10 @@ class ResponsesOutput:
             elif ev:
                 yield from self._text("message", ev)
 
+    def _logprobs(self, items: Iterable[pb.TokenLogprobs]) -> None:
+        if self.token_str is not None:
+            self.pending_lp += token_logprobs(self.token_str, items)
+
     def _where(self) -> dict[str, Any]:
         assert self.open is not None
         return {"item_id": self.open["id"], "output_index": len(self.items)}
@@ -174,7 +189,10 @@ class ResponsesOutput:
         if delta:
             self.open_text.append(delta)
             kind_name = "reasoning_text" if kind == "reasoning" else "output_text"
-            logprobs: dict[str, Any] = {} if kind == "reasoning" else {"logprobs": []}
+            logprobs: dict[str, Any] = {}
+            if kind == "message":
+                logprobs["logprobs"], self.pending_lp = self.pending_lp, []
+                self.open_lp += logprobs["logprobs"]
             out.append(self._event(f"response.{kind_name}.delta", **self._where(),
                                    content_index=0, delta=delta, **logprobs))  # fmt: skip
         return out
@@ -183,7 +201,7 @@ class ResponsesOutput:
         assert self.open is not None
         if self.open["type"] == "reasoning":
             return {"type": "reasoning_text", "text": text}
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": self.open_lp}
 
     def _close(self) -> list[str]:
         """Close the open reasoning or message item."""
@@ -193,7 +211,9 @@ class ResponsesOutput:
         part = self._part(text)
         done = "response.reasoning_text.done" if part["type"] == "reasoning_text" else (
             "response.output_text.done")  # fmt: skip
-        logprobs: dict[str, Any] = {"logprobs": []} if part["type"] == "output_text" else {}
+        logprobs: dict[str, Any] = (
+            {"logprobs": self.open_lp} if part["type"] == "output_text" else {}
+        )
         out = [
             self._event(done, **self._where(), content_index=0, text=text, **logprobs),
             self._event("response.content_part.done", **self._where(), content_index=0,
@@ -203,12 +223,13 @@ class ResponsesOutput:
         out.append(self._event("response.output_item.done", output_index=len(self.items),
                                item=item))  # fmt: skip
         self.items.append(item)
-        self.open, self.open_text = None, []
+        self.open, self.open_text, self.open_lp = None, [], []
         return out
 
     def _call(self, call: ParsedCall) -> list[str]:
         """A function_call item: added, its arguments (one delta), done."""
         out = self._close()
+        self.pending_lp = []  # the call's tokens: a function_call item has no logprobs
         item = {"type": "function_call", "id": _id("fc_"), "call_id": _id("call_"),
                 "name": call.name, "arguments": "", "status": "in_progress"}  # fmt: skip
         where = {"item_id": item["id"], "output_index": len(self.items)}

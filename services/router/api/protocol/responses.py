@@ -129,6 +129,15 @@ class ResponsesRequest(ModelTarget):
     text: Annotated[Any, Documented(TextConfig)] = None
     reasoning: Annotated[Any, Documented(ReasoningConfig)] = None
     metadata: Annotated[Any, Documented(dict[str, str])] = None
+    # Logprobs of the output text: "message.output_text.logprobs" in ``include``, or
+    # ``top_logprobs`` (alternatives per token).
+    include: Annotated[Any, Documented(list[str])] = None
+    top_logprobs: Annotated[int | None, Int(0, 20)] = None
+
+    @property
+    def logprobs(self) -> bool:
+        include = self.include if isinstance(self.include, list) else []
+        return self.top_logprobs is not None or "message.output_text.logprobs" in include
 
     @field_validator("previous_response_id", "instructions", mode="before")
     @classmethod
@@ -152,7 +161,7 @@ class OutputText(ResponseModel):
     type: Literal["output_text"]
     text: str
     annotations: list[Any]
-    logprobs: list[Any]
+    logprobs: list[dict[str, Any]]  # with "message.output_text.logprobs" / top_logprobs
 
 
 class OutputMessage(ResponseModel):
