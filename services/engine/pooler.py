@@ -97,7 +97,8 @@ class Pooler:
         self.model = model
         self.device = device
         self.task = task
-        self.max_model_len = max_model_len
+        # An encoder's learned positions may end before the engine's context length.
+        self.max_model_len = min(max_model_len, getattr(model, "max_positions", max_model_len))
         self.max_batch_tokens = max_batch_tokens
         # The engine's judgement of a failed request: its error text, or it raises when the
         # engine itself is at fault (LLMEngine._failure).
@@ -203,7 +204,10 @@ class Pooler:
             torch.tensor(pos, dtype=torch.long, device=dev),
             meta,
         )
-        last = torch.tensor([s.start + s.num_tokens - 1 for s in segments], device=dev)
+        # The pooled token: the last (decoders), or the first, [CLS] (encoders).
+        cls = getattr(self.model, "pooling_type", "last") == "cls"
+        last = torch.tensor([s.start if cls else s.start + s.num_tokens - 1 for s in segments],
+                            device=dev)  # fmt: skip
         states = hidden.index_select(0, last)
         if self.task == "classify":
             logits = self.model.score(states).float()

@@ -128,3 +128,28 @@ def test_bad_pooling_inputs_are_value_errors(qwen3_model: Path) -> None:
         llm.generate([[5, 6]])
     with pytest.raises(ValueError, match="dimensions must be"):
         PoolingParams(dimensions=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "xlm-roberta"])
+def test_encoder_cls_embeddings_equal_transformers(tmp_path: Path, family: str) -> None:
+    """BERT / XLM-RoBERTa (bge-m3): bidirectional attention, the [CLS] state, normalised."""
+    import transformers
+
+    torch.manual_seed(2)
+    shape = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=80)  # fmt: skip
+    if family == "bert":
+        hf = transformers.BertModel(transformers.BertConfig(**shape), add_pooling_layer=True)
+    else:
+        cfg = transformers.XLMRobertaConfig(**shape, pad_token_id=1)
+        hf = transformers.XLMRobertaModel(cfg, add_pooling_layer=False)
+    hf.eval()
+    llm = LLM(str(save_tiny(hf, tmp_path / family)), max_num_batched_tokens=80)
+    assert llm.engine.pooling_task == "embed"
+    # XLM-RoBERTa's positions start at pad_token_id + 1: 78 of its 80 are usable.
+    assert llm.engine.pooler.max_model_len == (80 if family == "bert" else 78)
+    outs = llm.encode(prompts())
+    for ids, out in zip(prompts(), outs, strict=True):
+        with torch.no_grad():
+            ref = F.normalize(hf(torch.tensor([ids])).last_hidden_state[0, 0], dim=-1)
+        assert cosine(out.data, ref) >= 1 - 1e-4

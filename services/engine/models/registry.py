@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.engine.models.bert import BertModel, XLMRobertaModel
 from services.engine.models.classification import (
     LlamaForSequenceClassification,
     Qwen2ForSequenceClassification,
@@ -35,6 +36,9 @@ MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForSequenceClassification": LlamaForSequenceClassification,
     "Qwen2ForSequenceClassification": Qwen2ForSequenceClassification,
     "Qwen3ForSequenceClassification": Qwen3ForSequenceClassification,
+    # Encoders (embeddings with CLS pooling; bidirectional, no KV cache).
+    "BertModel": BertModel,  # type: ignore[dict-item]
+    "XLMRobertaModel": XLMRobertaModel,  # type: ignore[dict-item]
 }
 
 
