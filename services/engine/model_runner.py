@@ -92,8 +92,7 @@ class ModelRunner:
         if model.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         # Buffers (rotary cos/sin) were created on meta: rebuild them on the device.
-        if model.model.rotary is not None:  # an encoder has none
-            model.model.rotary.build(self.device)
+        model.model.rotary.build(self.device)
         with torch.no_grad():
             if config.load_format == "dummy":
                 dummy_weights(model, config.seed)

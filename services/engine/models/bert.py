@@ -140,8 +140,10 @@ class BertModel(nn.Module):
 
     @property
     def model(self) -> SimpleNamespace:
-        """What the engine reads of a decoder's ``model``: the token embedding, no rotary."""
-        return SimpleNamespace(embed_tokens=self.embeddings.word_embeddings, rotary=None)
+        """What the engine reads of a decoder's ``model``: the token embedding, and rotary
+        buffers to build (none: positions are learned)."""
+        rotary = SimpleNamespace(build=lambda device: None)
+        return SimpleNamespace(embed_tokens=self.embeddings.word_embeddings, rotary=rotary)
 
     @property
     def attention_layers(self) -> list[BertSelfAttention]:
