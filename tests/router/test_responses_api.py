@@ -139,6 +139,9 @@ async def test_background_runs_and_cancels_from_either_router(routers) -> None:
     assert (await a.get(f"/v1/responses/{grown['id']}")).status_code == 404
     # A long run cancelled through the router that does not run it.
     long = await _create(a, input="go", background=True, max_output_tokens=100)
+    r = await b.post("/v1/responses", json={"model": MODEL, "input": "x",
+                                            "previous_response_id": long["id"]})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
     cancelled = await b.post(f"/v1/responses/{long['id']}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     await asyncio.sleep(2.5)  # the runner looks every second; it stopped without output

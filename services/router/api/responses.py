@@ -66,6 +66,9 @@ async def create(gw: Gateway, request: Request) -> Response:
         history: list[dict[str, Any]] = []
         if typed.previous_response_id:
             previous = await _record(gw, typed.previous_response_id, "previous_response_id")
+            if previous["response"]["status"] in ("queued", "in_progress"):
+                raise bad_request(f"previous response '{typed.previous_response_id}' has not "
+                                  "finished", param="previous_response_id")  # fmt: skip
             history = previous["messages"]
         chat = chat_body(typed, body, history)
         # NOTE: a constraint's grammar compiles while the body is read: off the loop.
