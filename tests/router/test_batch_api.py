@@ -71,3 +71,25 @@ async def test_bad_batch_requests_are_4xx_in_the_apis_format(tmp_path) -> None:
 @pytest.fixture(autouse=True)
 def _no_api_keys(monkeypatch):
     monkeypatch.delenv("EPDSERVE_API_KEYS", raising=False)
+
+
+async def test_only_unended_batches_are_marked_for_the_executor() -> None:
+    from dataclasses import replace
+
+    from services.router.batches.records import BatchRecord
+    from services.router.batches.store import BatchStore
+
+    with EtcdServer() as etcd:
+        store = BatchStore([etcd.endpoint], "marks")
+        try:
+            for i in range(3):
+                await store.create(BatchRecord(f"batch_{i}", "openai", "/v1/completions", "f", i))
+            assert sorted(await store.active_ids()) == ["batch_0", "batch_1", "batch_2"]
+            await store.update("batch_1", lambda r: replace(r, status="in_progress"))
+            await store.update("batch_2", lambda r: replace(r, status="completed"))
+            assert sorted(await store.active_ids()) == ["batch_0", "batch_1"]
+            assert [r.id for r in await store.all()] == ["batch_2", "batch_1", "batch_0"]
+            await store.drop_active("batch_0")
+            assert await store.active_ids() == ["batch_1"]
+        finally:
+            await store.close()

@@ -16,7 +16,12 @@ import pytest
 from services.router.batches import executor as executor_mod
 from services.router.batches.executor import BatchExecutor, BatchRun
 from services.router.batches.files import FileStore
-from services.router.batches.records import COMPLETION_WINDOW_S, BatchRecord, LineResult
+from services.router.batches.records import (
+    ACTIVE,
+    COMPLETION_WINDOW_S,
+    BatchRecord,
+    LineResult,
+)
 from services.router.batches.results import Results
 from services.router.batches.validate import BatchLine, lines_to_jsonl
 
@@ -30,8 +35,11 @@ class MemoryStore:
     async def get(self, batch_id: str) -> BatchRecord | None:
         return self.recs.get(batch_id)
 
-    async def all(self) -> list[BatchRecord]:
-        return list(self.recs.values())
+    async def active_ids(self) -> list[str]:
+        return [r.id for r in self.recs.values() if r.status in ACTIVE]
+
+    async def drop_active(self, batch_id: str) -> None:
+        pass
 
     async def update(self, batch_id, change):  # type: ignore[no-untyped-def]
         old = self.recs.get(batch_id)

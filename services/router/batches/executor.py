@@ -92,11 +92,11 @@ class BatchExecutor:
                 await cancel_and_wait(*self.runs.values())
                 self.runs.clear()
             return
-        for rec in await self.store.all():
-            if rec.status in ACTIVE and rec.id not in self.runs:
-                log.info("batch %s (%s): run starts here", rec.id, rec.status)
-                run = BatchRun(self, rec.id)
-                self.runs[rec.id] = asyncio.create_task(run.go(), name=f"batch-{rec.id}")
+        for batch_id in await self.store.active_ids():
+            if batch_id not in self.runs:
+                log.info("batch %s: run starts here", batch_id)
+                run = BatchRun(self, batch_id)
+                self.runs[batch_id] = asyncio.create_task(run.go(), name=f"batch-{batch_id}")
 
 
 class BatchRun:
@@ -112,6 +112,7 @@ class BatchRun:
         store = self.ex.store
         rec = await store.get(self.id)
         if rec is None or rec.status not in ACTIVE:
+            await store.drop_active(self.id)  # NOTE: a mark left by a batch that ended
             return
         content = await asyncio.to_thread(self.ex.files.read, rec.input_file_id)
         if content is None:

@@ -1,5 +1,7 @@
 """Batch records in etcd: ``/epdserve/<cluster>/batches/<id>`` holds a ``BatchRecord`` as
-JSON. Every change is a compare-and-swap on the value read, so the executor's counts and an
+JSON, and ``/epdserve/<cluster>/batches-active/<id>`` (empty) marks one the executor still
+owes work, so the leader's look for work every second reads those only, however many ended
+batches are kept; the mark goes in the same transaction that ends the batch. Every change is a compare-and-swap on the value read, so the executor's counts and an
 API's cancel never overwrite each other. Calls go through one ``EtcdSession`` (reconnects,
 every call bounded by a timeout)."""
 
@@ -12,7 +14,7 @@ from typing import TypeVar
 from etcd3aio import Etcd3Client, prefix_range_end
 
 from services.common.etcd_client import ETCD_OP_TIMEOUT_S, EtcdSession
-from services.router.batches.records import BatchRecord
+from services.router.batches.records import ENDED, BatchRecord
 
 T = TypeVar("T")
 
@@ -27,10 +29,15 @@ def batches_prefix(cluster: str) -> str:
     return f"/epdserve/{cluster}/batches/"
 
 
+def active_prefix(cluster: str) -> str:
+    return f"/epdserve/{cluster}/batches-active/"
+
+
 class BatchStore:
     def __init__(self, endpoints: list[str], cluster: str) -> None:
         self.endpoints = endpoints
         self.prefix = batches_prefix(cluster)
+        self.active = active_prefix(cluster)
         self._session = EtcdSession(endpoints)
 
     async def create(self, rec: BatchRecord) -> None:
@@ -40,7 +47,9 @@ class BatchStore:
             assert c.kv is not None
             resp = await c.kv.txn(
                 compare=[c.kv.txn_compare_create_revision(key, 0)],
-                success=[c.kv.txn_op_put(key, rec.dumps())], timeout=ETCD_OP_TIMEOUT_S,
+                success=[c.kv.txn_op_put(key, rec.dumps()),
+                         c.kv.txn_op_put(self.active + rec.id, b"")],
+                timeout=ETCD_OP_TIMEOUT_S,
             )  # fmt: skip
             return bool(resp.succeeded)
 
@@ -50,6 +59,28 @@ class BatchStore:
     async def get(self, batch_id: str) -> BatchRecord | None:
         raw = await self._raw(batch_id)
         return BatchRecord.loads(raw) if raw is not None else None
+
+    async def active_ids(self) -> list[str]:
+        """The ids of the batches not ended yet."""
+
+        async def get(c: Etcd3Client) -> list[str]:
+            assert c.kv is not None
+            resp = await c.kv.get(
+                self.active, range_end=prefix_range_end(self.active.encode()), keys_only=True,
+                timeout=ETCD_OP_TIMEOUT_S,
+            )  # fmt: skip
+            return [kv.key.decode()[len(self.active) :] for kv in resp.kvs]
+
+        return await self._call(get)
+
+    async def drop_active(self, batch_id: str) -> None:
+        """Forget a mark whose batch ended or is gone."""
+
+        async def delete(c: Etcd3Client) -> None:
+            assert c.kv is not None
+            await c.kv.delete(self.active + batch_id, timeout=ETCD_OP_TIMEOUT_S)
+
+        await self._call(delete)
 
     async def all(self) -> list[BatchRecord]:
         """Every batch, newest first."""
@@ -83,9 +114,12 @@ class BatchStore:
 
             async def swap(c: Etcd3Client, old: bytes = old, new: BatchRecord = new) -> bool:
                 assert c.kv is not None
+                ops = [c.kv.txn_op_put(key, new.dumps())]
+                if new.status in ENDED:
+                    ops.append(c.kv.txn_op_delete(self.active + batch_id))
                 resp = await c.kv.txn(
-                    compare=[c.kv.txn_compare_value(key, old)],
-                    success=[c.kv.txn_op_put(key, new.dumps())], timeout=ETCD_OP_TIMEOUT_S,
+                    compare=[c.kv.txn_compare_value(key, old)], success=ops,
+                    timeout=ETCD_OP_TIMEOUT_S,
                 )  # fmt: skip
                 return bool(resp.succeeded)
 
