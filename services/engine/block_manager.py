@@ -12,6 +12,7 @@ first when fresh blocks run out. Every registration and eviction is recorded as 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -232,7 +233,13 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Drop ``seq``'s references. Tail blocks are released first so that, among equally
         old blocks, the end of a prefix is evicted before its (more shareable) beginning."""
-        for bid in reversed(seq.block_table):
+        self._release(reversed(seq.block_table))
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def _release(self, block_ids: Iterable[int]) -> None:
+        for bid in block_ids:
             block = self.blocks[bid]
             block.ref_count -= 1
             assert block.ref_count >= 0, block
@@ -242,9 +249,13 @@ class BlockManager:
                 else:
                     self._forget(block)
                     self.free_ids.append(bid)
-        seq.block_table = []
-        seq.block_hashes = []
-        seq.num_computed_tokens = 0
+
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Release ``seq``'s blocks past those ``num_tokens`` tokens fill (lookahead slots of
+        rejected draft tokens: never registered, since their KV was never computed)."""
+        keep = self.blocks_needed(num_tokens)
+        extra, seq.block_table = seq.block_table[keep:], seq.block_table[:keep]
+        self._release(reversed(extra))
 
     def free_quarantined(self, seq: Sequence, first: int) -> list[int]:
         """``free`` for a PD reservation that a peer may still write into from block index

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from services.engine.service_tiers import DEFAULT_OFFLINE_AGING_S
+from services.engine.speculative.config import SpeculativeConfig
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEVICES = ("cpu", "cuda", "npu")
@@ -78,8 +79,14 @@ class EngineConfig:
     max_loras: int = 4
     # Largest adapter rank accepted (the slots' width).
     max_lora_rank: int = 16
+    # Speculative decoding in vLLM's JSON form, e.g. '{"method": "ngram",
+    # "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}' or
+    # '{"method": "suffix"}' (every key: speculative/config.py); None: no speculation.
+    speculative_config: str | None = None
 
     def __post_init__(self) -> None:
+        if self.speculative_config is not None:
+            self.speculative  # noqa: B018 - a bad JSON or setting fails here, not later
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device.split(":")[0] not in DEVICES:
@@ -135,6 +142,15 @@ class EngineConfig:
     def lora_paths(self) -> dict[str, str]:
         """``lora_modules`` as {name: path}."""
         return dict(item.split("=", 1) for item in self.lora_modules)
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        if self.speculative_config is None:
+            return None
+        try:
+            return SpeculativeConfig.parse(self.speculative_config)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"speculative_config: {exc}") from None
 
     @property
     def device_type(self) -> str:

@@ -7,8 +7,9 @@ and builds the deltas; the KV connector holds, reserves and moves KV for PD disa
 It never does I/O: the asyncio wrapper (async_engine.py) runs ``step()`` on its own thread.
 
 Where the coming features plug in: tensor parallelism in the executor and the connector;
-speculative decoding in the scheduler (lookahead slots), the executor (draft, verify) and
-the output processor (several accepted tokens per step); priorities in the scheduler.
+priorities in the scheduler. Speculative decoding (``speculative_config``) lives in
+speculative/: the scheduler's speculator proposes drafts, the runner verifies them in the
+step's forward pass, ``append_sampled`` appends the accepted tokens.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler
 from services.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from services.engine.sequence import Sequence
+from services.engine.speculative.acceptance import append_sampled
+from services.engine.speculative.speculator import Speculator
 from services.engine.structured_output import StructuredOutputs
 
 logger = logging.getLogger(__name__)
@@ -82,9 +85,11 @@ class LLMEngine:
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.tiers: KVTierManager | None = None  # host pool and store below the device
+        spec = config.speculative
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
             self.max_model_len, offline_aging_s=config.offline_aging_s,
+            speculator=Speculator(spec, self.max_model_len) if spec is not None else None,
         )  # fmt: skip
         if config.kv_host_pool_bytes:
             host_blocks = config.kv_host_pool_bytes // self.runner.bytes_per_block
@@ -233,23 +238,12 @@ class LLMEngine:
     def _update(
         self, sched: SchedulerOutput, logits: torch.Tensor, failed: dict[str, str]
     ) -> Iterable[RequestState]:
-        """Sample the sequences that reached their last token, append and check each token;
-        end the requests in ``failed``. Returns the requests this changed."""
-        sampling = [s.seq for s in sched.scheduled if s.samples]
-        touched: dict[str, RequestState] = {}
-        if sampling:
-            tokens = self.executor.sample(logits, sampling, failed)
-            now = time.monotonic()
-            for seq, (token, lp) in zip(sampling, tokens, strict=True):
-                req = self.requests.get(seq.request_id)
-                if req is None or seq.request_id in failed:
-                    continue  # its forward pass or sampling failed
-                try:
-                    self._append(req, seq, token, lp, now)
-                except Exception as exc:  # noqa: BLE001 - this request's fault alone
-                    failed[req.request_id] = self._failure("checking its new token", exc)
-                    continue
-                touched[req.request_id] = req
+        """Sample the sequences that reached their last token (every verified position of
+        those with draft tokens), append and check the tokens; end the requests in
+        ``failed``. Returns the requests this changed."""
+        touched = append_sampled(
+            sched, logits, failed, self.executor, self.outputs, self.scheduler, self._failure
+        )
         for rid, error in failed.items():
             req = self.requests.get(rid)
             if req is not None:
@@ -396,5 +390,6 @@ class LLMEngine:
             prefix_cache_hits=bm.hit_tokens,
             prompt_tokens_computed=self.num_prompt_tokens_computed
             + (pooled.num_tokens_computed if pooled else 0),
+            spec=self.scheduler.speculator.stats if self.scheduler.speculator else None,
             **(self.tiers.stats_fields() if self.tiers is not None else {}),
         )

@@ -164,8 +164,9 @@ class ModelRunner:
         scheduled: list[ScheduledSeq],
         layer_hook: Callable[[int, list[ScheduledSeq]], None] | None = None,
     ) -> torch.Tensor:
-        """Run one step; returns float32 logits on the model's device, one row per sampling
-        sequence, in the order of ``scheduled``."""
+        """Run one step; returns float32 logits on the model's device, ``num_logit_rows``
+        rows per sampling sequence (one, or one per verified position), in the order of
+        ``scheduled``."""
         bs = self.block_size
         # NOTE: a one-token chunk of a prompt is still a prefill: on an image pad it takes the
         # image's embedding, which only the prefill path merges in.
@@ -174,19 +175,23 @@ class ModelRunner:
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
-        sample_rows: dict[int, int] = {}  # seq_id -> flattened token index
+        sample_rows: dict[int, range] = {}  # seq_id -> flattened indices of its logit rows
         for s in decodes:
             p = s.seq.num_computed_tokens
-            sample_rows[s.seq.seq_id] = len(ids)
+            sample_rows[s.seq.seq_id] = range(len(ids), len(ids) + 1)
             ids.append(s.seq.token_ids[p])
             pos.append(p)
             slots.append(s.seq.block_table[p // bs] * bs + p % bs)
+        # NOTE: a decode with draft tokens is a chunk of 1 + k query tokens over its cached
+        # context, run as a prefill chunk (causal within the chunk): every backend's chunked
+        # prefill path verifies drafts, and CUDA graphs (decode-only batches) are not used.
         segments: list[PrefillSegment] = []
         for s in prefills:
             start, n = s.seq.num_computed_tokens, s.num_new_tokens
             ctx = start + n
             seg_start = len(ids)
-            ids.extend(s.seq.token_ids[start:ctx])
+            ids.extend(s.seq.token_ids[start : start + s.num_known_tokens])
+            ids.extend(s.draft_token_ids)
             pos.extend(range(start, ctx))
             table = s.seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, ctx))
@@ -201,7 +206,7 @@ class ModelRunner:
                 )
             )
             if s.samples:
-                sample_rows[s.seq.seq_id] = len(ids) - 1
+                sample_rows[s.seq.seq_id] = range(len(ids) - s.num_logit_rows, len(ids))
         dev = self.device
         tables, lens = self._decode_tables(decodes) if decodes else ([], [])
         hidden = None
@@ -225,7 +230,7 @@ class ModelRunner:
             if layer_hook is not None:
                 meta.on_layer_done = functools.partial(self._layer_done, layer_hook, scheduled)
             hidden = self._forward(ids, pos, meta, decodes, prefills)
-        rows = [sample_rows[s.seq.seq_id] for s in scheduled if s.samples]
+        rows = [r for s in scheduled if s.samples for r in sample_rows[s.seq.seq_id]]
         if not rows:
             return torch.empty(0, 0, device=dev)
         if rows != list(range(hidden.shape[0])):

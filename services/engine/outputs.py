@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.engine.speculative.stats import SpecStats
 
 # stop_reason of a request ended because it must recompute image tokens whose images this
 # engine does not have (a PD decode worker after a preemption): it can go on elsewhere.
@@ -90,3 +94,5 @@ class EngineStats:
     kv_store_put_blocks: int = 0  # blocks written to the KV store (cumulative)
     # Of num_preemptions, those of each service tier's sequences (cumulative).
     preemptions_by_tier: dict[str, int] = field(default_factory=dict)
+    # Speculative decoding counters (cumulative); None when the engine does not speculate.
+    spec: SpecStats | None = None

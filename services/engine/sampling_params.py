@@ -112,10 +112,16 @@ class SamplingParams:
     service_tier: str = DEFAULT
     # Order inside the tier: lower runs first (vLLM's request priority).
     priority: int = 0
+    # False: never speculate for this request (a worker with --speculative-config verifies
+    # draft tokens for it otherwise). Speculation never changes the output; this opts out
+    # of its cost, e.g. for a latency test that must compare like with like.
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         check_service_tier(self.service_tier)
         check_priority(self.priority)
+        if not isinstance(self.speculative, bool):
+            raise ValueError(f"speculative must be a boolean, got {self.speculative!r}")
         for name in (
             "temperature",
             "top_p",

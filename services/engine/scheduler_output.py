@@ -5,9 +5,10 @@ tensors and ``KVTierManager.before_step`` copies the ``loads`` into device block
 here imports the scheduler, the runner or torch, so each side depends on this module alone
 (as vLLM v1's ``core/sched/output.py``).
 
-NOTE (speculative decoding): the draft tokens of a sequence will travel on its
-``ScheduledSeq`` (``draft_token_ids``, proposed before the step and verified by it), with
-``num_new_tokens`` counting them too; the scheduler reserves their lookahead slots.
+NOTE (speculative decoding): the draft tokens of a decode travel on its ``ScheduledSeq``
+(``draft_token_ids``, proposed before the step and verified by it), with ``num_new_tokens``
+counting them too; the scheduler reserved their lookahead slots. They are not in
+``seq.token_ids``: the runner computes ``seq``'s last token followed by them.
 """
 
 from __future__ import annotations
@@ -41,12 +42,26 @@ class KVLoad:
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+    # Speculative tokens after the sequence's last (counted in num_new_tokens): the step
+    # computes their KV and samples a token after each of them too.
+    draft_token_ids: list[int] = field(default_factory=list)
     # The step reaches the sequence's last token, so it samples the next one. Fixed when
     # scheduled (postprocess advances num_computed_tokens afterwards).
     samples: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        known = self.num_new_tokens - len(self.draft_token_ids)  # tokens of seq.token_ids
+        self.samples = self.seq.num_computed_tokens + known == self.seq.num_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens computed this step that are in ``seq.token_ids`` (all but the drafts)."""
+        return self.num_new_tokens - len(self.draft_token_ids)
+
+    @property
+    def num_logit_rows(self) -> int:
+        """Rows of logits the step returns for this sequence: one per verified position."""
+        return 1 + len(self.draft_token_ids) if self.samples else 0
 
 
 @dataclass

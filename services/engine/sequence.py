@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from enum import Enum, auto
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -74,6 +74,10 @@ class Sequence:
         # under that adapter (block_manager.chain_root); None: the base model.
         self.lora: str | None = None
         self.lora_root: int | None = None
+        # Speculative decoding: the proposer's index over this sequence's tokens, and the
+        # speculator's record of its acceptance (speculative/); None until it speculates.
+        self.draft_state: Any = None
+        self.draft_adapt: Any = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

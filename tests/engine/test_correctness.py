@@ -195,6 +195,13 @@ def test_seeded_sampling_survives_kv_handoff(tiny_model_dir):
     a = LLM(model, block_size=4).engine
     b = LLM(model, block_size=4).engine
     first_params = SamplingParams(temperature=1.0, top_p=0.95, seed=11, max_tokens=1)
+    assert kv_handoff(a, b, prompt, first_params, params) == expected
+
+
+def kv_handoff(a, b, prompt, first_params: SamplingParams, params: SamplingParams) -> list[int]:
+    """PD in one process: engine ``a`` computes the prompt and samples the first token with
+    ``first_params``, its KV is copied into a reservation on ``b`` (whose prefix cache must
+    not hold the prompt), which generates the rest; returns every token."""
     a.add_request("r", prompt, first_params, hold_kv=True)
     first = None
     while a.has_unfinished_requests():
@@ -210,4 +217,4 @@ def test_seeded_sampling_survives_kv_handoff(tiny_model_dir):
     while b.has_unfinished_requests():
         for out in b.step():
             tokens.extend(out.outputs[0].token_ids)
-    assert tokens == expected
+    return tokens

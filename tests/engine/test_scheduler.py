@@ -550,6 +550,28 @@ def workloads(draw):
     )
 
 
+def check_state(sched: Scheduler, kv: dict[tuple[int, int], tuple[int, ...]]) -> None:
+    """The state after a step: the allocator's bookkeeping, every running sequence's blocks
+    cover exactly its computed tokens, whose KV (``kv``: what the fake model wrote in each
+    slot) is theirs, queued sequences hold nothing, reference counts match the holders."""
+    bm, bs = sched.bm, sched.bm.block_size
+    bm.check_invariants()
+    holders = [0] * bm.num_blocks
+    for s in sched.running:
+        assert s.status == SequenceStatus.RUNNING
+        assert len(s.block_table) == bm.blocks_needed(s.num_computed_tokens)
+        assert s.num_uncomputed_tokens >= 1
+        for bid in s.block_table:
+            holders[bid] += 1
+        for pos in range(s.num_computed_tokens):
+            assert kv[(s.block_table[pos // bs], pos % bs)] == tuple(s.token_ids[: pos + 1])
+    for s in sched.waiting:
+        assert s.status == SequenceStatus.WAITING
+        assert s.block_table == [] and s.num_computed_tokens == 0
+    assert holders == [b.ref_count for b in bm.blocks]
+    assert bm.num_free_blocks == bm.num_blocks - sum(1 for h in holders if h)
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(w=workloads())
 def test_scheduler_property(w) -> None:
@@ -623,22 +645,7 @@ def test_scheduler_property(w) -> None:
                 sched.finish(victim, "abort")
                 assert victim.block_table == []
 
-        # -- the state after the step --
-        bm.check_invariants()
-        holders = [0] * bm.num_blocks
-        for s in sched.running:
-            assert s.status == SequenceStatus.RUNNING
-            assert len(s.block_table) == bm.blocks_needed(s.num_computed_tokens)
-            assert s.num_uncomputed_tokens >= 1
-            for bid in s.block_table:
-                holders[bid] += 1
-            for pos in range(s.num_computed_tokens):
-                assert kv[(s.block_table[pos // bs], pos % bs)] == tuple(s.token_ids[: pos + 1])
-        for s in sched.waiting:
-            assert s.status == SequenceStatus.WAITING
-            assert s.block_table == [] and s.num_computed_tokens == 0
-        assert holders == [b.ref_count for b in bm.blocks]
-        assert bm.num_free_blocks == bm.num_blocks - sum(1 for h in holders if h)
+        check_state(sched, kv)
     else:
         raise AssertionError("the workload did not finish in 2000 steps")
 

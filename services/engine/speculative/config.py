@@ -1,0 +1,68 @@
+"""``SpeculativeConfig``: vLLM's ``--speculative-config`` JSON, checked on construction."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+METHODS = ("ngram", "suffix")
+
+
+@dataclass
+class SpeculativeConfig:
+    """How a worker speculates (field names are vLLM's where vLLM has the setting)."""
+
+    # "ngram" (prompt lookup: continue an earlier match of the last tokens) or "suffix"
+    # (a suffix trie over this request's tokens and this worker's recent outputs).
+    method: str = "ngram"
+    # Most draft tokens verified per sequence and step (the adaptive length stays below it).
+    num_speculative_tokens: int = 4
+    # n-gram: longest and shortest tail of the context looked up in it.
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    # suffix: deepest context matched in the trie, and the recent outputs kept in it.
+    suffix_max_depth: int = 24
+    suffix_max_cached_requests: int = 256
+    # suffix: a draft token is proposed while its share of the matched node's continuations
+    # is at least this.
+    suffix_min_token_prob: float = 0.1
+    # No speculation in a step with more running sequences than this (verifying k tokens of
+    # a large batch costs more than it saves); 0: no limit.
+    disable_by_batch_size: int = 8
+    # Adapt each sequence's draft length to its measured acceptance.
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"speculative method must be one of {METHODS}, got {self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 32:
+            raise ValueError(
+                f"num_speculative_tokens must be in [1, 32], got {self.num_speculative_tokens}"
+            )
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(
+                "need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                f"{self.prompt_lookup_min} and {self.prompt_lookup_max}"
+            )
+        if self.suffix_max_depth < 2:
+            raise ValueError(f"suffix_max_depth must be >= 2, got {self.suffix_max_depth}")
+        if self.suffix_max_cached_requests < 0:
+            raise ValueError("suffix_max_cached_requests must be >= 0")
+        if not 0.0 <= self.suffix_min_token_prob <= 1.0:
+            raise ValueError("suffix_min_token_prob must be in [0, 1]")
+        if self.disable_by_batch_size < 0:
+            raise ValueError("disable_by_batch_size must be >= 0")
+
+    @classmethod
+    def parse(cls, text: str | dict[str, Any]) -> SpeculativeConfig:
+        """From vLLM's JSON form (``{"method": "ngram", "num_speculative_tokens": 4, ...}``);
+        an unknown key is an error rather than a silently ignored setting."""
+        data = json.loads(text) if isinstance(text, str) else dict(text)
+        if not isinstance(data, dict):
+            raise ValueError("speculative_config must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown speculative_config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)

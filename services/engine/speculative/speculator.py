@@ -1,0 +1,122 @@
+"""Which sequences speculate in a step, how many tokens each, and what came of it.
+
+Pure Python, owned by the scheduler (which asks ``drafts`` for every decode it schedules and
+reserves the lookahead slots) and told by the engine what each verification accepted
+(``observe``).
+
+Adaptive length (NOTE: a heuristic, stated here because it decides speed, never output):
+- a step with more running sequences than ``disable_by_batch_size`` speculates nowhere: there
+  the batch already keeps the matmuls busy and ``1 + k`` query tokens per sequence multiply
+  the step's cost while the accepted tokens do not;
+- each sequence keeps an exponential average of the tokens its verifications accepted; its
+  next draft is one token longer than that average (at most ``num_speculative_tokens``), and
+  when the average drops below ``MIN_MEAN_ACCEPTED`` it stops proposing, except for a
+  one-token probe every ``PROBE_EVERY`` steps that lets a sequence entering a copy-heavy
+  stretch start again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from services.engine.speculative.config import SpeculativeConfig
+from services.engine.speculative.ngram import NgramProposer
+from services.engine.speculative.stats import SpecStats
+from services.engine.speculative.suffix import SuffixProposer
+
+if TYPE_CHECKING:
+    from services.engine.sequence import Sequence
+
+EMA_WEIGHT = 0.5  # of the newest verification in a sequence's average
+MIN_MEAN_ACCEPTED = 0.3
+PROBE_EVERY = 8
+
+
+class Proposer(Protocol):
+    """Guesses the tokens after ``seq``'s last; nothing it returns can change the output."""
+
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        """Up to ``k`` tokens expected to follow ``seq.token_ids`` (none: no guess)."""
+        ...
+
+    def finished(self, seq: Sequence) -> None:
+        """``seq`` ended (its output may feed later proposals)."""
+        ...
+
+
+def make_proposer(config: SpeculativeConfig) -> Proposer:
+    if config.method == "ngram":
+        return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+    return SuffixProposer(
+        config.suffix_max_depth, config.suffix_max_cached_requests, config.suffix_min_token_prob
+    )
+
+
+@dataclass
+class _Adapt:
+    """One sequence's acceptance history (``Sequence.draft_adapt``)."""
+
+    mean_accepted: float
+    idle_steps: int = 0
+
+
+class Speculator:
+    """The proposer, the per-sequence draft length and the counters."""
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.proposer = make_proposer(config)
+        k = config.num_speculative_tokens
+        self.stats = SpecStats(proposed_per_position=[0] * k, accepted_per_position=[0] * k)
+
+    def enabled_for(self, num_running: int) -> bool:
+        limit = self.config.disable_by_batch_size
+        return not limit or num_running <= limit
+
+    def drafts(self, seq: Sequence, budget: int) -> list[int]:
+        """Draft tokens for ``seq``, about to decode one token with ``budget`` tokens of the
+        step left; [] when it does not speculate."""
+        if seq.params.speculative is False or seq.mm is not None:
+            return []  # opted out; images: M-RoPE positions of drafts are not done
+        k = self._length(seq)
+        # Room for the bonus token: within max_tokens and the context.
+        if seq.params.max_tokens is not None:
+            k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
+        k = min(k, self.max_model_len - seq.num_tokens - 1, budget - 1)
+        if k <= 0:
+            return []
+        return list(self.proposer.propose(seq, k)[:k])
+
+    def _length(self, seq: Sequence) -> int:
+        kmax = self.config.num_speculative_tokens
+        if not self.config.adaptive:
+            return kmax
+        state = seq.draft_adapt
+        if state is None:
+            state = seq.draft_adapt = _Adapt(float(kmax))
+        if state.mean_accepted >= MIN_MEAN_ACCEPTED:
+            return min(kmax, math.floor(state.mean_accepted) + 1)
+        state.idle_steps += 1
+        if state.idle_steps % PROBE_EVERY == 0:
+            return 1
+        return 0
+
+    def observe(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
+        """A verification of ``num_drafts`` tokens of ``seq`` accepted the first
+        ``num_accepted``."""
+        s = self.stats
+        s.num_drafts += 1
+        s.num_draft_tokens += num_drafts
+        s.num_accepted_tokens += num_accepted
+        for i in range(num_drafts):
+            s.proposed_per_position[i] += 1
+            s.accepted_per_position[i] += i < num_accepted
+        state = seq.draft_adapt
+        if state is not None:
+            state.mean_accepted += EMA_WEIGHT * (num_accepted - state.mean_accepted)
+
+    def finished(self, seq: Sequence) -> None:
+        self.proposer.finished(seq)
