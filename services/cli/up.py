@@ -50,6 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="an engine setting of every worker (an EngineConfig field: dtype=bfloat16, "
         "kv_cache_bytes=4294967296, load_format=dummy, ...); repeatable",
     )  # fmt: skip
+    p.add_argument(
+        "--speculative-config", default=None, metavar="JSON",
+        help="speculative decoding on every worker, in vLLM's JSON form: "
+        '\'{"method": "ngram", "num_speculative_tokens": 4}\' or \'{"method": "suffix"}\'',
+    )  # fmt: skip
     p.add_argument("--cluster", default="local", help="cluster name in etcd (default local)")
     p.add_argument(
         "--policy",
@@ -86,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     policy = args.policy or ("cache_aware" if kvstore else "least_load")
     try:
         engine_overrides = parse_assignments(EngineConfig, args.engine_arg)
+        if args.speculative_config is not None:
+            engine_overrides["speculative_config"] = args.speculative_config
+        EngineConfig(**engine_overrides)  # a bad setting fails here, before anything starts
         restarts = from_args(RestartPolicy, args)
         spec = ClusterSpec(
             model=args.model, served_model_name=args.served_model_name,

@@ -85,12 +85,12 @@ class LLMEngine:
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.tiers: KVTierManager | None = None  # host pool and store below the device
-        spec = config.speculative
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
             self.max_model_len, offline_aging_s=config.offline_aging_s,
-            speculator=Speculator(spec, self.max_model_len) if spec is not None else None,
         )  # fmt: skip
+        if (spec := config.speculative) is not None:
+            self.scheduler.speculator = Speculator(spec, self.max_model_len, self.block_manager)
         if config.kv_host_pool_bytes:
             host_blocks = config.kv_host_pool_bytes // self.runner.bytes_per_block
             if host_blocks < 1:

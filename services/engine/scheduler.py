@@ -10,11 +10,6 @@ Service tiers (service_tiers.py) order both queues and pick preemption victims (
 and, with the host pool on, move there when evicted, so the recompute mostly copies them.
 
 Where the coming features plug in:
-- speculative decoding (speculative/): ``schedule`` asks the speculator for a decode's draft
-  tokens, reserves their lookahead slots and schedules ``1 + len(drafts)`` tokens;
-  ``postprocess`` advances by the sequence's own token only, and ``accept_drafts`` (after the
-  engine appended what the verification accepted) by the accepted drafts, releasing the
-  lookahead blocks left over.
 - tensor parallelism: nothing here; one schedule drives every rank (model_runner.py).
 """
 
@@ -47,10 +42,9 @@ class Scheduler:
         tiers: KVTierManager | None = None,
         offline_aging_s: float = DEFAULT_OFFLINE_AGING_S,
         clock: Callable[[], float] = time.monotonic,
-        speculator: Speculator | None = None,
     ) -> None:
         self.bm = block_manager
-        self.speculator = speculator  # proposes draft tokens for decodes; None: no speculation
+        self.speculator: Speculator | None = None  # drafts for decodes (speculative/)
         self.tiers = tiers  # host pool / store below the device cache, if any
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -160,22 +154,43 @@ class Scheduler:
                 admit_below = min(admit_below, self._schedule_waiting(rank, ranks, out))
         return out
 
+    def _ranks(self) -> dict[int, int]:
+        now = self.clock()
+        return {
+            s.seq_id: tier_rank(s.params.service_tier, now - s.arrival_time, self.offline_aging_s)
+            for s in (*self.running, *self.waiting)
+        }
+
+    @staticmethod
+    def _queue_order(seq: Sequence, ranks: dict[int, int]) -> tuple[int, bool, int, float]:
+        return ranks[seq.seq_id], not seq.block_table, seq.params.priority, seq.arrival_time
+
+    @staticmethod
+    def _key(seq: Sequence, ranks: dict[int, int]) -> tuple[int, int]:
+        return ranks[seq.seq_id], seq.params.priority
+
+    def _worst(
+        self, seqs: list[Sequence], ranks: dict[int, int], worse_than: int | None = None
+    ) -> Sequence | None:
+        """The sequence of ``seqs`` to preempt first: the worst (rank, priority), the last
+        among equals; only of a rank worse than ``worse_than`` if given."""
+        candidates = [
+            (i, s) for i, s in enumerate(seqs) if worse_than is None or ranks[s.seq_id] > worse_than
+        ]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda item: (*self._key(item[1], ranks), item[0]))[1]
+
     def _schedule_running(self, rank: int, ranks: dict[int, int], out: SchedulerOutput) -> bool:
-        """Step 1 of ``schedule`` for the running sequences of ``rank``; True if it preempted.
-        A decode may come with draft tokens (their lookahead slots allocated, never by
-        preempting another sequence)."""
+        """Step 1 of ``schedule`` for the running sequences of ``rank``; True if it preempted."""
         preempted = False
-        spec = self.speculator
-        speculating = spec is not None and spec.enabled_for(len(self.running))
         for seq in [s for s in self.running if ranks[s.seq_id] == rank]:
             if self._budget <= 0:
                 break
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted for an earlier one in this loop
-            n = min(seq.num_uncomputed_tokens, self._budget)
-            drafts = spec.drafts(seq, self._budget) if speculating and n == 1 else []  # type: ignore[union-attr]
-            if drafts and not self.bm.allocate_slots(seq, 1 + len(drafts)):
-                drafts = []  # no room for the lookahead slots: decode without them
+            spec, n = self.speculator, min(seq.num_uncomputed_tokens, self._budget)
+            drafts = spec.lookahead(seq, n, self._budget, len(self.running)) if spec else []
             while not drafts and not self.bm.allocate_slots(seq, n):
                 victim = self._worst(self.running, ranks)
                 assert victim is not None  # seq itself runs
@@ -184,9 +199,8 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                n += len(drafts)
-                out.scheduled.append(ScheduledSeq(seq, n, drafts))
-                self._budget -= n
+                out.scheduled.append(ScheduledSeq(seq, n + len(drafts), drafts))
+                self._budget -= n + len(drafts)
         return preempted
 
     def _schedule_waiting(self, rank: int, ranks: dict[int, int], out: SchedulerOutput) -> float:
@@ -364,21 +378,10 @@ class Scheduler:
         self.bm.cache_full_blocks(seq)
 
     def postprocess(self, out: SchedulerOutput) -> None:
-        """Advance computed-token counters after a step and register newly full blocks. Draft
-        tokens are not counted: ``accept_drafts`` counts those accepted."""
+        """Advance computed-token counters after a step and register newly full blocks."""
         for item in out.scheduled:
-            item.seq.num_computed_tokens += item.num_known_tokens
+            item.seq.num_computed_tokens += item.num_known_tokens  # drafts: Speculator.accept
             self.bm.cache_full_blocks(item.seq)
-
-    def accept_drafts(self, seq: Sequence, num_accepted: int) -> None:
-        """The first ``num_accepted`` draft tokens of ``seq``'s last step were accepted (and
-        appended): their KV is valid. Count it, register newly full blocks and release the
-        lookahead blocks past the computed tokens. NOTE: the KV the rejected drafts left in
-        the slots after them is never read: those positions are recomputed before any
-        attention reads them, and a block is registered only once all its tokens are."""
-        seq.num_computed_tokens += num_accepted
-        self.bm.cache_full_blocks(seq)
-        self.bm.trim(seq, seq.num_computed_tokens)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         """Mark ``seq`` finished and release its blocks (from either queue)."""
@@ -392,8 +395,6 @@ class Scheduler:
         self._recomputing.discard(seq.seq_id)
         if self.tiers is not None:
             self.tiers.release(seq)
-        if self.speculator is not None and reason != "abort":
-            self.speculator.finished(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason

@@ -53,7 +53,7 @@ class Oracle:
 def speculating(engine: LLMEngine, proposer=None, **config) -> Speculator:
     """Give ``engine`` a speculator (fixed length, every batch size), with ``proposer``."""
     cfg = SpeculativeConfig(adaptive=False, disable_by_batch_size=0, **config)
-    spec = Speculator(cfg, engine.max_model_len)
+    spec = Speculator(cfg, engine.max_model_len, engine.block_manager)
     if proposer is not None:
         spec.proposer = proposer
     engine.scheduler.speculator = spec

@@ -44,10 +44,6 @@ class _Outputs:
 class _Scheduler:
     speculator = None
 
-    @staticmethod
-    def accept_drafts(seq: Sequence, num_accepted: int) -> None:
-        seq.num_computed_tokens += num_accepted
-
 
 def _fail(what: str, exc: BaseException) -> str:
     raise exc
@@ -137,7 +133,7 @@ def test_suffix_uses_the_request_and_recent_outputs():
 
 def test_adaptive_length_backs_off_and_probes():
     cfg = SpeculativeConfig(num_speculative_tokens=4, adaptive=True, disable_by_batch_size=2)
-    spec = Speculator(cfg, max_model_len=1000)
+    spec = Speculator(cfg, 1000, make_sched().bm)
     seq = make_seq([1, 2, 3, 1, 2, 3, 1, 2])
     assert spec.drafts(seq, 100) == [3, 1, 2]  # the match ends where the context does
     for _ in range(4):
@@ -174,7 +170,7 @@ def test_scheduler_property_with_speculation(w) -> None:
                        max_num_batched_tokens=w["max_num_batched_tokens"],
                        caching=w["caching"], block_size=w["block_size"])  # fmt: skip
     cfg = SpeculativeConfig(num_speculative_tokens=3, adaptive=False, disable_by_batch_size=0)
-    sched.speculator = Speculator(cfg, sched.max_model_len)
+    sched.speculator = Speculator(cfg, sched.max_model_len, sched.bm)
     sched.speculator.proposer = _RandomProposer(rng)
     bm, bs = sched.bm, w["block_size"]
     goals: dict[int, int] = {}
@@ -212,7 +208,7 @@ def test_scheduler_property_with_speculation(w) -> None:
                     break
                 accepted += 1
             if not s.is_finished:
-                sched.accept_drafts(s, accepted)
+                sched.speculator.accept(s, accepted)
         check_state(sched, kv)
     assert not sched.has_work
     assert bm.num_free_blocks == bm.num_blocks

@@ -79,12 +79,15 @@ def append_sampled(
         active = still
         j += 1
     spec = scheduler.speculator
+    if spec is None:
+        return touched
     for i, item in enumerate(items):
-        if not item.draft_token_ids:
-            continue
         seq = item.seq
-        if spec is not None:
+        if seq.is_finished:
+            if seq.finish_reason != "abort":
+                spec.finished(seq)  # its output may feed later proposals
+        elif item.draft_token_ids and seq.request_id not in failed:
+            spec.accept(seq, accepted[i])
+        if item.draft_token_ids:
             spec.observe(seq, len(item.draft_token_ids), accepted[i])
-        if not seq.is_finished and seq.request_id not in failed:
-            scheduler.accept_drafts(seq, accepted[i])
     return touched

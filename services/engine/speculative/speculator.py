@@ -1,8 +1,11 @@
 """Which sequences speculate in a step, how many tokens each, and what came of it.
 
-Pure Python, owned by the scheduler (which asks ``drafts`` for every decode it schedules and
-reserves the lookahead slots) and told by the engine what each verification accepted
-(``observe``).
+Pure Python, held by the scheduler, which asks ``lookahead`` for the drafts of every decode
+it schedules; after the step, ``accept`` counts the accepted drafts' KV and ``observe`` what
+the verification accepted. NOTE: ``lookahead`` and ``accept`` are the scheduler's block
+operations for draft tokens, kept here so that the scheduler stays one small module: they
+allocate the drafts' slots (never by preempting: without room a decode runs without
+drafts) and give back the slots of the rejected ones.
 
 Adaptive length (NOTE: a heuristic, stated here because it decides speed, never output):
 - a step with more running sequences than ``disable_by_batch_size`` speculates nowhere: there
@@ -27,6 +30,7 @@ from services.engine.speculative.stats import SpecStats
 from services.engine.speculative.suffix import SuffixProposer
 
 if TYPE_CHECKING:
+    from services.engine.block_manager import BlockManager
     from services.engine.sequence import Sequence
 
 EMA_WEIGHT = 0.5  # of the newest verification in a sequence's average
@@ -65,8 +69,9 @@ class _Adapt:
 class Speculator:
     """The proposer, the per-sequence draft length and the counters."""
 
-    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, bm: BlockManager) -> None:
         self.config = config
+        self.bm = bm  # the scheduler's: lookahead slots are allocated and trimmed in it
         self.max_model_len = max_model_len
         self.proposer = make_proposer(config)
         k = config.num_speculative_tokens
@@ -75,6 +80,27 @@ class Speculator:
     def enabled_for(self, num_running: int) -> bool:
         limit = self.config.disable_by_batch_size
         return not limit or num_running <= limit
+
+    def lookahead(self, seq: Sequence, n: int, budget: int, num_running: int) -> list[int]:
+        """Drafts for ``seq``, scheduled for ``n`` tokens with ``budget`` left, their
+        lookahead slots allocated after its own token's; [] (nothing allocated) when it
+        does not speculate this step. The caller allocates the sequence's own slot."""
+        if n != 1 or not self.enabled_for(num_running):
+            return []
+        drafts = self.drafts(seq, budget)
+        if drafts and not self.bm.allocate_slots(seq, 1 + len(drafts)):
+            return []
+        return drafts
+
+    def accept(self, seq: Sequence, num_accepted: int) -> None:
+        """The first ``num_accepted`` drafts of ``seq``'s last step were accepted (and
+        appended): their KV is valid. Count it, register newly full blocks and release the
+        lookahead blocks past the computed tokens. NOTE: the KV the rejected drafts left in
+        the slots after them is never read: those positions are recomputed before any
+        attention reads them, and a block is registered only once all its tokens are."""
+        seq.num_computed_tokens += num_accepted
+        self.bm.cache_full_blocks(seq)
+        self.bm.trim(seq, seq.num_computed_tokens)
 
     def drafts(self, seq: Sequence, budget: int) -> list[int]:
         """Draft tokens for ``seq``, about to decode one token with ``budget`` tokens of the
