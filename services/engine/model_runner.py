@@ -164,9 +164,8 @@ class ModelRunner:
         scheduled: list[ScheduledSeq],
         layer_hook: Callable[[int, list[ScheduledSeq]], None] | None = None,
     ) -> torch.Tensor:
-        """Run one step; returns float32 logits on the model's device, ``num_logit_rows``
-        rows per sampling sequence (one, or one per verified position), in the order of
-        ``scheduled``."""
+        """Run one step; returns float32 logits on the model's device, one row per verified
+        position (``num_logit_rows``) of each sampling sequence, in the order of ``scheduled``."""
         bs = self.block_size
         # NOTE: a one-token chunk of a prompt is still a prefill: on an image pad it takes the
         # image's embedding, which only the prefill path merges in.
@@ -182,16 +181,12 @@ class ModelRunner:
             ids.append(s.seq.token_ids[p])
             pos.append(p)
             slots.append(s.seq.block_table[p // bs] * bs + p % bs)
-        # NOTE: a decode with draft tokens is a chunk of 1 + k query tokens over its cached
-        # context, run as a prefill chunk (causal within the chunk): every backend's chunked
-        # prefill path verifies drafts, and CUDA graphs (decode-only batches) are not used.
         segments: list[PrefillSegment] = []
         for s in prefills:
             start, n = s.seq.num_computed_tokens, s.num_new_tokens
             ctx = start + n
             seg_start = len(ids)
-            ids.extend(s.seq.token_ids[start : start + s.num_known_tokens])
-            ids.extend(s.draft_token_ids)
+            ids.extend(s.seq.token_ids[start : start + s.num_known_tokens] + s.draft_token_ids)
             pos.extend(range(start, ctx))
             table = s.seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, ctx))
