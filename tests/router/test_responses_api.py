@@ -99,6 +99,8 @@ async def test_stored_responses_are_shared_and_expire(routers) -> None:
     newest = (await b.get(url)).json()  # desc by default, as OpenAI's
     assert [i["content"][0]["text"] for i in newest["data"]] == ["c", "b", "a"]
     assert (await b.get(url, params={"limit": 0})).status_code == 400
+    assert first["service_tier"] == "default"
+    assert (await _create(a, input="x", store=False, service_tier="flex"))["service_tier"] == "flex"
     unstored = await _create(a, input="x", store=False, stop=["w1"])  # vLLM's extension
     assert unstored["output"][0]["content"][0]["text"] == "w0 "
     assert (await a.get(f"/v1/responses/{unstored['id']}")).status_code == 404
@@ -235,6 +237,7 @@ BAD = [
     ({"input": "x", "metadata": {"k": 1}}, "metadata"),
     ({"input": "x", "top_k": -5}, "top_k"),
     ({"input": "x", "top_logprobs": 21}, "top_logprobs"),
+    ({"input": "x", "service_tier": "gold"}, "service_tier"),
 ]
 
 

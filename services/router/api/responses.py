@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -26,10 +27,12 @@ from services.router.api.responses_input import (
     input_items,
 )
 from services.router.api.responses_output import ResponsesOutput
+from services.router.auth import key_tiers
 from services.router.errors import APIError, bad_request
 from services.router.features.structured import may_compile
 from services.router.prompt import checked_chat_prompt
 from services.router.serving import ServeRequest, run_detached, serve
+from services.router.tiers import openai_tier
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
@@ -73,7 +76,9 @@ async def create(gw: Gateway, request: Request) -> Response:
         chat = chat_body(typed, body, history)
         # NOTE: a constraint's grammar compiles while the body is read: off the loop.
         size = None if may_compile(chat) else 0
-        _, params, tool_setup = await gw.offload.run(size, read_request, gw, chat, True)
+        as_chat, params, tool_setup = await gw.offload.run(size, read_request, gw, chat, True)
+        tier = openai_tier(as_chat.service_tier, key_tiers(request))
+        params = replace(params, service_tier=tier)
         prompt, images = await checked_chat_prompt(
             gw, chat_messages(chat["messages"]), tool_setup, params.max_tokens, max_len
         )

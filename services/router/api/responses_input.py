@@ -14,11 +14,13 @@ from services.router.errors import bad_request
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 _ITEM_IDS = {"message": "msg", "function_call": "fc", "function_call_output": "fco",
              "reasoning": "rs"}  # fmt: skip
-# vLLM's sampling extensions a Responses request may carry too (as vLLM's own does); they are
-# checked as the chat fields of the same names.
+# vLLM's sampling extensions a Responses request may carry too (as vLLM's own does), and the
+# service tier (OpenAI's field, as on chat); they are checked as the chat fields of the same
+# names.
 EXTRA_SAMPLING = (
     "top_k", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "min_tokens", "ignore_eos", "logit_bias", "skip_special_tokens",
+    "service_tier", "priority",
 )  # fmt: skip
 
 

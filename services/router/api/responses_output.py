@@ -76,7 +76,7 @@ class ResponsesOutput:
         return {
             "id": self.req.rid, "object": "response", "created_at": self.created_at,
             "status": status, "error": error, "incomplete_details": None, "model": self.req.model,
-            "output": [], "usage": None, **self.echo,
+            "output": [], "usage": None, "service_tier": self.req.service_tier, **self.echo,
         }  # fmt: skip
 
     def record(self, response: dict[str, Any]) -> dict[str, Any]:

@@ -245,6 +245,7 @@ class ResponseObject(ResponseModel):
     truncation: Literal["disabled"]
     usage: ResponseUsage | None
     metadata: dict[str, str]
+    service_tier: Literal["default", "flex", "priority"]  # the tier that served it
 
 
 class ResponseDeleted(ResponseModel):
