@@ -138,6 +138,26 @@ BOARD = Board(
             unit="percentunit",
         ),
         Panel(
+            "Speculative decoding acceptance per worker",
+            "Draft tokens accepted / draft tokens verified (workers with --speculative-config); "
+            "the mean accepted length of a verification is 1 + accepted / verifications.",
+            [
+                (
+                    "{{instance}}",
+                    f"sum by (instance) (rate(epdserve:spec_decode_num_accepted_tokens_total{W}{RI}))"
+                    f" / clamp_min(sum by (instance) (rate("
+                    f"epdserve:spec_decode_num_draft_tokens_total{W}{RI})), 1e-9)",
+                ),
+                (
+                    "position {{position}}",
+                    f"sum by (position) (rate(epdserve:spec_decode_num_accepted_tokens_per_pos_total"
+                    f"{W}{RI})) / clamp_min(sum by (position) (rate("
+                    f"epdserve:spec_decode_num_draft_tokens_per_pos_total{W}{RI})), 1e-9)",
+                ),
+            ],
+            unit="percentunit",
+        ),
+        Panel(
             "KV blocks fetched from lower tiers",
             "Prompt KV blocks per second copied into device caches from the host pool or "
             "Mooncake Store instead of being recomputed (--kv-host-pool-bytes, --kv-store).",

@@ -297,3 +297,29 @@ class _EngineCollector:
             "epdserve:kv_store_put_blocks", "KV blocks this worker wrote to the KV store.",
             getattr(s, "kv_store_put_blocks", 0),
         )  # fmt: skip
+        if getattr(s, "spec", None) is not None:
+            yield from _spec_metrics(self.ids, s.spec)
+
+
+def _spec_metrics(ids: list[str], spec: Any) -> Iterable[Metric]:
+    """Speculative decoding counters (vLLM's spec_decode names), on workers that speculate."""
+    for name, doc, value in (
+        ("epdserve:spec_decode_num_drafts", "Verifications: sequence-steps with draft tokens.",
+         spec.num_drafts),
+        ("epdserve:spec_decode_num_draft_tokens", "Draft tokens verified.", spec.num_draft_tokens),
+        ("epdserve:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+         spec.num_accepted_tokens),
+    ):  # fmt: skip
+        c = CounterMetricFamily(name, doc, labels=LABELS)
+        c.add_metric(ids, value)
+        yield c
+    for name, doc, values in (
+        ("epdserve:spec_decode_num_draft_tokens_per_pos", "Draft tokens verified at each draft "
+         "position (0: the first after the sequence's own token).", spec.proposed_per_position),
+        ("epdserve:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted at each "
+         "draft position.", spec.accepted_per_position),
+    ):  # fmt: skip
+        c = CounterMetricFamily(name, doc, labels=[*LABELS, "position"])
+        for pos, n in enumerate(values):
+            c.add_metric([*ids, str(pos)], n)
+        yield c

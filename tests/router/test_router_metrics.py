@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.pd_metrics import REBALANCE_ACTIONS, REBALANCE_POLICIES
 from services.encoder.metrics import ImageMetrics
+from services.engine.speculative.stats import SpecStats
 from services.kvstore.index import KVIndex
 from services.kvstore.metrics import KVStoreMetrics
 from services.router.metrics import OUTCOMES, RouterMetrics, outcome_of
@@ -124,7 +125,8 @@ def test_two_routers_do_not_share_series() -> None:
 
 def test_every_metric_is_documented() -> None:
     engine = SimpleNamespace(model_name="m", stats=lambda: SimpleNamespace(
-        num_waiting=0, num_running=0, num_waiting_prompt_tokens=0, kv_utilization=0.0))  # fmt: skip
+        num_waiting=0, num_running=0, num_waiting_prompt_tokens=0, kv_utilization=0.0,
+        spec=SpecStats(1, 2, 1, [1, 1], [1, 0])))  # fmt: skip
     worker = WorkerMetrics(engine, WorkerState("w", "inc", "mixed"))
     ImageMetrics(worker.registry, "m", "w")  # encode / prefill / mixed workers with images
     worker.watch_staging(SimpleNamespace(num_slots=4, num_free=4))  # KV through staging slots
