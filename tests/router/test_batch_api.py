@@ -93,3 +93,47 @@ async def test_only_unended_batches_are_marked_for_the_executor() -> None:
             assert await store.active_ids() == ["batch_1"]
         finally:
             await store.close()
+
+
+async def test_each_api_key_sees_only_its_own_files_and_batches(tmp_path, monkeypatch) -> None:
+    import httpx
+
+    monkeypatch.setenv("EPDSERVE_API_KEYS", "key-a,key-b")
+    a, b = ({"Authorization": f"Bearer key-{k}"} for k in "ab")
+    with EtcdServer() as etcd:
+        g = await start_gateway(etcd.endpoint, "batch-keys", batch_dir=str(tmp_path))
+        try:
+            async with httpx.AsyncClient(base_url=g.url, timeout=10) as c:
+                up = await c.post("/v1/files", headers=a, data={"purpose": "batch"},
+                                  files={"file": ("in.jsonl", LINE + b"}}\n")})  # fmt: skip
+                fid = up.json()["id"]
+                assert up.status_code == 200 and "owner" not in up.json()
+                made = await c.post("/v1/batches", headers=a, json={
+                    "input_file_id": fid, "endpoint": "/v1/completions",
+                    "completion_window": "24h"})  # fmt: skip
+                bid = made.json()["id"]
+                mb = await c.post("/v1/messages/batches", headers={"x-api-key": "key-a"}, json={
+                    "requests": [{"custom_id": "a", "params": {"model": "m", "max_tokens": 2,
+                                                               "messages": []}}]})  # fmt: skip
+                mid = mb.json()["id"]
+                for path in (f"/v1/files/{fid}", f"/v1/files/{fid}/content", f"/v1/batches/{bid}",
+                             f"/v1/messages/batches/{mid}"):  # fmt: skip
+                    assert (await c.get(path, headers=a)).status_code == 200, path
+                    assert (await c.get(path, headers=b)).status_code == 404, path
+                for path in (f"/v1/batches/{bid}/cancel", f"/v1/messages/batches/{mid}/cancel"):
+                    assert (await c.post(path, headers=b)).status_code == 404, path
+                assert (await c.delete(f"/v1/files/{fid}", headers=b)).status_code == 404
+                stolen = await c.post("/v1/batches", headers=b, json={
+                    "input_file_id": fid, "endpoint": "/v1/completions",
+                    "completion_window": "24h"})  # fmt: skip
+                assert stolen.status_code == 404
+                for path, field in (("/v1/files", "data"), ("/v1/batches", "data"),
+                                    ("/v1/messages/batches", "data")):  # fmt: skip
+                    mine = (await c.get(path, headers=a)).json()[field]
+                    theirs = (await c.get(path, headers=b)).json()[field]
+                    assert len(mine) == 1 and theirs == [], path
+                assert all(
+                    "owner" not in f for f in (await c.get("/v1/files", headers=a)).json()["data"]
+                )
+        finally:
+            await g.stop()

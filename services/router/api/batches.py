@@ -70,24 +70,23 @@ async def create_file(gw: Gateway, request: Request) -> Response:
                           code="file_too_large")  # fmt: skip
     await asyncio.to_thread(parse_openai_file, content, gw.cfg.batch_max_lines)
     svc = _service(request)
-    meta = await asyncio.to_thread(svc.files.create, content, filename or "batch.jsonl", "batch")
-    return JSONResponse(meta)
+    meta = await asyncio.to_thread(svc.files.create, content, filename or "batch.jsonl", "batch",
+                                   None, svc.owner(request))  # fmt: skip
+    return JSONResponse(svc.files.public(meta))
 
 
-def _file_or_404(svc: BatchService, file_id: str) -> dict[str, Any]:
-    meta = svc.files.get(file_id)
-    if meta is None:
-        raise APIError(404, f"No such File object: {file_id}", param="id", code="not_found")
-    return meta
+def _file_or_404(svc: BatchService, request: Request) -> dict[str, Any]:
+    return svc.file(request.path_params["file_id"], svc.owner(request))
 
 
 async def get_file(gw: Gateway, request: Request) -> Response:
-    return JSONResponse(_file_or_404(_service(request), request.path_params["file_id"]))
+    svc = _service(request)
+    return JSONResponse(svc.files.public(_file_or_404(svc, request)))
 
 
 async def file_content(gw: Gateway, request: Request) -> Response:
     svc, file_id = _service(request), request.path_params["file_id"]
-    _file_or_404(svc, file_id)
+    _file_or_404(svc, request)
     content = await svc.read_file(file_id)
     if content is None:
         raise APIError(404, f"No such File object: {file_id}", param="id", code="not_found")
@@ -96,7 +95,7 @@ async def file_content(gw: Gateway, request: Request) -> Response:
 
 async def delete_file(gw: Gateway, request: Request) -> Response:
     svc, file_id = _service(request), request.path_params["file_id"]
-    _file_or_404(svc, file_id)
+    _file_or_404(svc, request)
     await asyncio.to_thread(svc.files.delete, file_id)
     return JSONResponse({"id": file_id, "object": "file", "deleted": True})
 
@@ -104,7 +103,11 @@ async def delete_file(gw: Gateway, request: Request) -> Response:
 async def list_files(gw: Gateway, request: Request) -> Response:
     q = request.query_params
     limit = page_limit(q.get("limit"), 10000, 10000)
-    files = await asyncio.to_thread(_service(request).files.list, q.get("purpose"))
+    svc = _service(request)
+    files = await asyncio.to_thread(svc.files.list, svc.owner(request), q.get("purpose"))
+    # NOTE: a message batch's requests are stored as a file too; OpenAI's list leaves them out.
+    files = [svc.files.public(f) for f in files
+             if q.get("purpose") or f.get("purpose") != "message_batch"]  # fmt: skip
     if q.get("order", "desc") == "asc":
         files.reverse()
     page, more = paginate(files, lambda f: f["id"], limit, q.get("after"))
@@ -130,10 +133,8 @@ async def create_batch(gw: Gateway, request: Request) -> Response:
     file_id = body.get("input_file_id")
     if not isinstance(file_id, str):
         raise bad_request("input_file_id must be a string", param="input_file_id")
-    meta = svc.files.get(file_id)
-    if meta is None:
-        raise APIError(404, f"No such File object: {file_id}", param="input_file_id",
-                       code="not_found")  # fmt: skip
+    owner = svc.owner(request)
+    meta = svc.file(file_id, owner, param="input_file_id")
     if meta.get("purpose") != "batch":
         raise bad_request(f"file {file_id} has purpose {meta.get('purpose')!r}, not 'batch'",
                           param="input_file_id")  # fmt: skip
@@ -150,22 +151,26 @@ async def create_batch(gw: Gateway, request: Request) -> Response:
     check_endpoint(lines, endpoint if isinstance(endpoint, str) else repr(endpoint))
     svc.check_models(lines, "input_file_id")
     rec = BatchRecord(f"batch_{uuid.uuid4().hex}", "openai", str(endpoint), file_id,
-                      int(time.time()), total=len(lines), metadata=metadata)  # fmt: skip
+                      int(time.time()), total=len(lines), metadata=metadata,
+                      owner=owner)  # fmt: skip
     return JSONResponse((await svc.create(rec)).openai())
 
 
 async def get_batch(gw: Gateway, request: Request) -> Response:
-    rec = await _service(request).get(request.path_params["batch_id"], "openai")
+    svc = _service(request)
+    rec = await svc.get(request.path_params["batch_id"], "openai", svc.owner(request))
     return JSONResponse(rec.openai())
 
 
 async def cancel_batch(gw: Gateway, request: Request) -> Response:
-    rec = await _service(request).cancel(request.path_params["batch_id"], "openai")
+    svc = _service(request)
+    rec = await svc.cancel(request.path_params["batch_id"], "openai", svc.owner(request))
     return JSONResponse(rec.openai())
 
 
 async def list_batches(gw: Gateway, request: Request) -> Response:
     q = request.query_params
     limit = page_limit(q.get("limit"), 20, 100)
-    page, more = await _service(request).page("openai", limit, q.get("after"))
+    svc = _service(request)
+    page, more = await svc.page("openai", svc.owner(request), limit, q.get("after"))
     return JSONResponse(_list(page, more, lambda r: r.id))

@@ -43,28 +43,32 @@ async def create(gw: Gateway, request: Request) -> Response:
     svc.check_models(lines, "requests")
     batch_id = f"msgbatch_{uuid.uuid4().hex}"
     file_id = f"file-{batch_id}-input"
+    owner = svc.owner(request)
     await asyncio.to_thread(svc.files.create, lines_to_jsonl(lines), f"{batch_id}.jsonl",
-                            "message_batch", file_id)  # fmt: skip
+                            "message_batch", file_id, owner)  # fmt: skip
     rec = BatchRecord(batch_id, "anthropic", "/v1/messages", file_id, int(time.time()),
-                      total=len(lines))  # fmt: skip
+                      total=len(lines), owner=owner)  # fmt: skip
     return JSONResponse((await svc.create(rec)).anthropic(_base(request)))
 
 
 async def retrieve(gw: Gateway, request: Request) -> Response:
-    rec = await _service(request).get(request.path_params["batch_id"], "anthropic")
+    svc = _service(request)
+    rec = await svc.get(request.path_params["batch_id"], "anthropic", svc.owner(request))
     return JSONResponse(rec.anthropic(_base(request)))
 
 
 async def cancel(gw: Gateway, request: Request) -> Response:
-    rec = await _service(request).cancel(request.path_params["batch_id"], "anthropic")
+    svc = _service(request)
+    rec = await svc.cancel(request.path_params["batch_id"], "anthropic", svc.owner(request))
     return JSONResponse(rec.anthropic(_base(request)))
 
 
 async def list_batches(gw: Gateway, request: Request) -> Response:
     q = request.query_params
     limit = page_limit(q.get("limit"), 20, 1000)
-    page, more = await _service(request).page(
-        "anthropic", limit, q.get("after_id"), q.get("before_id")
+    svc = _service(request)
+    page, more = await svc.page(
+        "anthropic", svc.owner(request), limit, q.get("after_id"), q.get("before_id")
     )
     return JSONResponse({
         "data": [r.anthropic(_base(request)) for r in page], "has_more": more,
@@ -75,7 +79,7 @@ async def list_batches(gw: Gateway, request: Request) -> Response:
 async def results(gw: Gateway, request: Request) -> Response:
     """The results JSONL, once the batch ended (one line per request, in request order)."""
     svc = _service(request)
-    rec = await svc.get(request.path_params["batch_id"], "anthropic")
+    rec = await svc.get(request.path_params["batch_id"], "anthropic", svc.owner(request))
     if rec.status not in ENDED or rec.results_file_id is None:
         raise bad_request(f"batch {rec.id} is still {rec.anthropic_status}: its results are "
                           "available once it has ended")  # fmt: skip

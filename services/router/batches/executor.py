@@ -251,7 +251,7 @@ class BatchRun:
         if rec.api == "anthropic":
             rows = [r.anthropic() for r in ordered] + unrun
             fid = f"file-{rec.id}-results"
-            files.create(jsonl(rows), f"{rec.id}_results.jsonl", "batch_results", fid)
+            files.create(jsonl(rows), f"{rec.id}_results.jsonl", "batch_results", fid, rec.owner)
             return {"results_file_id": fid}
         out: dict[str, str | None] = {"output_file_id": None, "error_file_id": None}
         for key, ok, name in (
@@ -263,7 +263,8 @@ class BatchRun:
                 rows += unrun
             if rows:
                 fid = f"file-{rec.id}-{name}"
-                files.create(jsonl(rows), f"{rec.id}_{name}.jsonl", "batch_output", fid)
+                files.create(jsonl(rows), f"{rec.id}_{name}.jsonl", "batch_output", fid,
+                             rec.owner)  # fmt: skip
                 out[key] = fid
         return out
 

@@ -49,15 +49,17 @@ class FileStore:
         return f"file-{uuid.uuid4().hex}"
 
     def create(
-        self, content: bytes, filename: str, purpose: str, file_id: str | None = None
-    ) -> dict[str, Any]:
-        """Store ``content``; its file object. ``file_id``: a chosen id (an output file named
-        after its batch, so a second writer replaces it instead of adding another)."""
+        self, content: bytes, filename: str, purpose: str, file_id: str | None = None,
+        owner: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Store ``content``; its file object (with its ``owner``: see ``public``).
+        ``file_id``: a chosen id (an output file named after its batch, so a second writer
+        replaces it instead of adding another)."""
         file_id = file_id or self.new_id()
         meta = {
             "id": file_id, "object": "file", "bytes": len(content), "created_at": int(time.time()),
             "filename": filename, "purpose": purpose, "status": "processed",
-            "status_details": None, "expires_at": None,
+            "status_details": None, "expires_at": None, "owner": owner,
         }  # fmt: skip
         sync_write(self.dir / file_id, content)
         sync_write(self.dir / f"{file_id}.json", json.dumps(meta).encode())
@@ -80,15 +82,20 @@ class FileStore:
         except OSError:
             return None
 
-    def list(self, purpose: str | None = None) -> list[dict[str, Any]]:
-        """Every file object (of ``purpose``), newest first."""
+    @staticmethod
+    def public(meta: dict[str, Any]) -> dict[str, Any]:
+        """The OpenAI file object: without the owner (who may read it) kept beside it."""
+        return {k: v for k, v in meta.items() if k != "owner"}
+
+    def list(self, owner: str | None, purpose: str | None = None) -> list[dict[str, Any]]:
+        """Every file object of ``owner`` (of ``purpose``), newest first."""
         out = []
         for meta_path in self.dir.glob("file-*.json"):
             try:
                 meta = json.loads(meta_path.read_bytes())
             except (OSError, ValueError):
                 continue
-            if purpose is None or meta.get("purpose") == purpose:
+            if meta.get("owner") == owner and purpose in (None, meta.get("purpose")):
                 out.append(meta)
         out.sort(key=lambda m: (m.get("created_at", 0), m["id"]), reverse=True)
         return out

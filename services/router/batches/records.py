@@ -40,6 +40,7 @@ class BatchRecord:
     results_file_id: str | None = None  # Anthropic: every answer
     errors: list[dict[str, Any]] = field(default_factory=list)  # why validation failed
     metadata: dict[str, str] | None = None
+    owner: str | None = None  # who may see it: a digest of the creator's API key (None: open API)
     in_progress_at: int | None = None
     finalizing_at: int | None = None
     completed_at: int | None = None

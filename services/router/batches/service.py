@@ -4,11 +4,15 @@ and the steps both APIs share (create a batch, cancel it, list a page)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from starlette.requests import Request
+
+from services.router.auth import presented_key
 from services.router.batches.executor import BatchExecutor
 from services.router.batches.files import FileStore
 from services.router.batches.records import (
@@ -59,15 +63,30 @@ class BatchService:
         await self._etcd(self.store.create(rec))
         return rec
 
-    async def get(self, batch_id: str, api: str) -> BatchRecord:
+    def owner(self, request: Request) -> str | None:
+        """Whose files and batches a request sees: a digest of its API key (checked already);
+        None when the gateway has no keys. NOTE: the key itself is never stored."""
+        if not self.gw.api_keys:
+            return None
+        key = presented_key(request) or ""
+        return hashlib.sha256(b"epdserve-batch-owner:" + key.encode()).hexdigest()[:32]
+
+    def file(self, file_id: str, owner: str | None, param: str = "id") -> dict[str, Any]:
+        """The stored file object, or a 404 (no such file, or another key's)."""
+        meta = self.files.get(file_id)
+        if meta is None or meta.get("owner") != owner:
+            raise APIError(404, f"No such File object: {file_id}", param=param, code="not_found")
+        return meta
+
+    async def get(self, batch_id: str, api: str, owner: str | None) -> BatchRecord:
         rec = await self._etcd(self.store.get(batch_id))
-        if rec is None or rec.api != api:
+        if rec is None or rec.api != api or rec.owner != owner:
             raise APIError(404, f"No batch found with id '{batch_id}'", code="not_found")
         return rec
 
-    async def cancel(self, batch_id: str, api: str) -> BatchRecord:
+    async def cancel(self, batch_id: str, api: str, owner: str | None) -> BatchRecord:
         """Ask the executor to stop the batch (it ends as cancelled); 400 once it ended."""
-        await self.get(batch_id, api)
+        await self.get(batch_id, api, owner)
         now = int(time.time())
 
         def change(r: BatchRecord) -> BatchRecord | None:
@@ -85,11 +104,12 @@ class BatchService:
         return rec
 
     async def page(
-        self, api: str, limit: int, after: str | None = None, before: str | None = None
-    ) -> tuple[list[BatchRecord], bool]:
-        """One page of ``api``'s batches, newest first, after (or before) a batch id; and
-        whether more follow."""
-        recs = [r for r in await self._etcd(self.store.all()) if r.api == api]
+        self, api: str, owner: str | None, limit: int, after: str | None = None,
+        before: str | None = None,
+    ) -> tuple[list[BatchRecord], bool]:  # fmt: skip
+        """One page of ``owner``'s ``api`` batches, newest first, after (or before) a batch
+        id; and whether more follow."""
+        recs = [r for r in await self._etcd(self.store.all()) if (r.api, r.owner) == (api, owner)]
         return paginate(recs, lambda r: r.id, limit, after, before)
 
     async def read_file(self, file_id: str) -> bytes | None:
