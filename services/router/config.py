@@ -120,7 +120,11 @@ class RouterConfig:
         metadata={"help": "largest max_tokens accepted (always also capped by the context)"},
     )
     max_prompts: int = field(
-        default=64, metadata={"help": "most prompts in one /v1/completions request"}
+        default=64,
+        metadata={
+            "help": "most prompts in one /v1/completions request, and most inputs (texts, "
+            "documents, pairs) in one embeddings, rerank or score request"
+        },
     )
     preprocess_threads: int = field(
         default=4,

@@ -123,6 +123,7 @@ def test_rerank_and_score_of_an_embedding_model_are_cosines(embed_cluster, embed
         ("/v1/embeddings", {"input": "x", "dimensions": 65}, "exceeds"),
         ("/v1/embeddings", {"input": "x", "dimensions": 0}, "'dimensions' must be"),
         ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, "encoding_format"),
+        ("/v1/embeddings", {"input": ["a"] * 65}, "more than the limit of 64"),
         ("/v1/rerank", {"query": "q", "documents": []}, "must not be empty"),
         ("/v1/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, "as many as"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 2}, "pooling model"),
