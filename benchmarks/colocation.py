@@ -11,7 +11,8 @@ the capacity online work leaves (capacity measured first, in the same run). Reco
 asserted.
 
     python benchmarks/colocation.py [--model PATH|GGUF] [--seconds 60] [--slo-ttft-ms 2000]
-        [--slo-tpot-ms 200] [--offline-clients 16] [--json out.json]
+        [--slo-tpot-ms 200] [--offline-clients 16] [--max-offline-batched-tokens N]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -146,11 +147,18 @@ def main() -> int:
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
     p.add_argument("--capacity-clients", type=int, default=8)
     p.add_argument("--offline-clients", type=int, default=16)
+    p.add_argument(
+        "--max-offline-batched-tokens",
+        type=int,
+        default=None,
+        help="the engine's cap on offline tokens per step (default: none)",
+    )
     p.add_argument("--json", default=None)
     a = p.parse_args()
     spec = ClusterSpec(
         model=a.model, port=0, cluster="colocation",
-        engine_overrides={"max_num_seqs": 32},
+        engine_overrides={"max_num_seqs": 32,
+                          "max_offline_batched_tokens": a.max_offline_batched_tokens},
         router_overrides={"slo_ttft_ms": a.slo_ttft_ms, "slo_tpot_ms": a.slo_tpot_ms},
     )  # fmt: skip
     cluster = LocalCluster(spec)

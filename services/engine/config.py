@@ -69,6 +69,10 @@ class EngineConfig:
     # Seconds after which a waiting offline (flex) request is scheduled as an online one, so
     # a stream of online work cannot starve it (services/engine/service_tiers.py).
     offline_aging_s: float = DEFAULT_OFFLINE_AGING_S
+    # Token budget of one step that offline (flex) sequences may take at most (the rest of
+    # the step is online work's or idle): bounds what offline prefills add to online TPOT.
+    # None: all that online work leaves.
+    max_offline_batched_tokens: int | None = None
     # LoRA adapters loaded at start-up, each "name=path" (a PEFT folder); a request names one
     # as its model. Giving any turns LoRA on.
     lora_modules: list[str] = field(default_factory=list)
@@ -119,6 +123,10 @@ class EngineConfig:
             raise ValueError(f"kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         if self.kv_host_pool_bytes < 0:
             raise ValueError(f"kv_host_pool_bytes must be >= 0, got {self.kv_host_pool_bytes}")
+        if self.max_offline_batched_tokens is not None and self.max_offline_batched_tokens < 1:
+            raise ValueError(
+                f"max_offline_batched_tokens must be >= 1, got {self.max_offline_batched_tokens}"
+            )
         if not self.offline_aging_s >= 0.0:  # NOTE: also false for NaN
             raise ValueError(f"offline_aging_s must be >= 0, got {self.offline_aging_s}")
         for item in self.lora_modules:

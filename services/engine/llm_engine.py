@@ -88,6 +88,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
             self.max_model_len, offline_aging_s=config.offline_aging_s,
+            max_offline_batched_tokens=config.max_offline_batched_tokens,
         )  # fmt: skip
         if (spec := config.speculative) is not None:
             self.scheduler.speculator = Speculator(spec, self.max_model_len, self.block_manager)
@@ -257,14 +258,13 @@ class LLMEngine:
         self.outputs.append(req, seq, token, lp, now)
 
     # ---- one request's failure ends that request alone ----------------------------------------
-    # NOTE: an exception while running, sampling or checking one request must never end the
-    # step thread (that took the whole worker down, and the router then sent the same request
-    # on to the next worker). The request fails with ``RequestOutput.error``; a forward pass
-    # that fails for a batch is re-run one sequence at a time to find the culprit
-    # (executor.py). Only when
-    # requests keep failing step after step (every one of a batch failing alone counts once
-    # each) is it the engine's fault: then the error propagates and the engine reports itself
-    # dead, the worker exits and its supervisor restarts it.
+    # NOTE: an exception while running, sampling or checking one request must never end the step
+    # thread (that took the whole worker down, and the router then sent the same request on to the
+    # next worker). The request fails with ``RequestOutput.error``; a forward pass that fails for a
+    # batch is re-run one sequence at a time to find the culprit (executor.py). Only when requests
+    # keep failing step after step (every one of a batch failing alone counts once each) is it the
+    # engine's fault: then the error propagates and the engine reports itself dead, the worker
+    # exits and its supervisor restarts it.
     MAX_CONSECUTIVE_FAILED_STEPS = 8
 
     def _failure(self, what: str, exc: BaseException) -> str:

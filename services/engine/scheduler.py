@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from services.engine.block_manager import BlockManager, ComputedBlocks, chain_root
 from services.engine.scheduler_output import KVLoad, ScheduledSeq, SchedulerOutput, TierHit
 from services.engine.sequence import Sequence, SequenceStatus
-from services.engine.service_tiers import DEFAULT_OFFLINE_AGING_S, SERVICE_TIERS, tier_rank
+from services.engine.service_tiers import DEFAULT_OFFLINE_AGING_S, FLEX, SERVICE_TIERS, tier_rank
 
 if TYPE_CHECKING:
     from services.engine.kv_tiers import KVTierManager
@@ -41,6 +41,7 @@ class Scheduler:
         max_model_len: int,
         tiers: KVTierManager | None = None,
         offline_aging_s: float = DEFAULT_OFFLINE_AGING_S,
+        max_offline_batched_tokens: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.bm = block_manager
@@ -54,6 +55,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.preemptions_by_tier = dict.fromkeys(SERVICE_TIERS, 0)
         self.offline_aging_s = offline_aging_s
+        self.max_offline_batched_tokens = max_offline_batched_tokens  # of a step; None: all
         self.clock = clock  # the time sequences' arrival_time is on (aging)
         # Preempted sequences waiting to be recomputed: their prefix-cache lookup on
         # rescheduling finds their own blocks, which is not a hit of the prompt.
@@ -99,9 +101,8 @@ class Scheduler:
         return self.bm.num_blocks - self.bm.num_free_blocks - len(mine)
 
     def preempt_queued(self, worse_than: int | None = None) -> bool:
-        """Free the blocks of the worst-ranked, newest queued sequence holding any (it is
-        recomputed when its turn comes), only of a rank worse than ``worse_than`` if given;
-        False when none qualifies."""
+        """Free the blocks of the worst, newest queued sequence holding any (recomputed in its
+        turn), only of a rank worse than ``worse_than`` if given; False if none qualifies."""
         holders = [s for s in self.waiting if s.block_table]
         seq = self._worst(holders, self._ranks(), worse_than)
         if seq is None:
@@ -124,7 +125,8 @@ class Scheduler:
 
         0. Rank every sequence (its tier, a flex one aged to default after
            ``offline_aging_s``); sort the running ones by (rank, priority), stably, and the
-           queue by (rank, holding blocks first, priority, arrival). Then, per rank, best first:
+           queue by (rank, holding blocks first, priority, arrival). Then, per rank, best first
+           (flex, the last, gets at most ``max_offline_batched_tokens`` of the budget):
         1. Its running sequences (decode-first: a decode costs one token of the budget).
            Each gets what it still needs, capped by the remaining budget. When the KV cache
            cannot hold a sequence's next tokens, the worst-ranked, newest running sequence
@@ -144,10 +146,13 @@ class Scheduler:
         out = SchedulerOutput()
         ranks = self._ranks()
         self.running.sort(key=lambda s: self._key(s, ranks))
-        self.waiting = deque(sorted(self.waiting, key=lambda s: self._queue_order(s, ranks)))
+        self.waiting = deque(sorted(self.waiting, key=lambda s: (
+            ranks[s.seq_id], not s.block_table, s.params.priority, s.arrival_time)))  # fmt: skip
         self._budget = self.max_num_batched_tokens
         admit_below = math.inf  # ranks admitted from the queue in this step
         for rank in sorted(set(ranks.values())):
+            if rank == SERVICE_TIERS[FLEX] and self.max_offline_batched_tokens is not None:
+                self._budget = min(self._budget, self.max_offline_batched_tokens)  # the last
             if self._schedule_running(rank, ranks, out):
                 admit_below = -1  # memory pressure: admit nothing more this step
             if rank < admit_below:
@@ -160,10 +165,6 @@ class Scheduler:
             s.seq_id: tier_rank(s.params.service_tier, now - s.arrival_time, self.offline_aging_s)
             for s in (*self.running, *self.waiting)
         }
-
-    @staticmethod
-    def _queue_order(seq: Sequence, ranks: dict[int, int]) -> tuple[int, bool, int, float]:
-        return ranks[seq.seq_id], not seq.block_table, seq.params.priority, seq.arrival_time
 
     @staticmethod
     def _key(seq: Sequence, ranks: dict[int, int]) -> tuple[int, int]:
@@ -289,9 +290,8 @@ class Scheduler:
         return out.loads
 
     def _preempt_for(self, seq: Sequence) -> bool:
-        """Free the blocks of one sequence of a worse rank than ``seq`` (in neither queue
-        yet): the worst running one, else the worst queued one holding blocks. False when
-        there is none."""
+        """Free the blocks of one sequence of a worse rank than ``seq`` (in no queue yet): the
+        worst running one, else the worst queued one holding blocks; False if there is none."""
         rank = tier_rank(seq.params.service_tier, 0.0, self.offline_aging_s)
         victim = self._worst(self.running, self._ranks(), worse_than=rank)
         if victim is not None:

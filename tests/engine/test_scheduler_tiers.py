@@ -38,6 +38,7 @@ def make_sched(clock: Clock, aging: float = math.inf, **kw) -> Scheduler:
         kw.pop("max_num_batched_tokens", 64),
         kw.pop("max_model_len", 1024),
         offline_aging_s=aging,
+        max_offline_batched_tokens=kw.pop("offline_tokens", None),
         clock=clock,
     )
 
@@ -134,6 +135,22 @@ def test_offline_gets_the_budget_online_leaves() -> None:
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(online, 8), (offline, 2)]
 
 
+def test_offline_share_of_a_step_is_capped() -> None:
+    clock = Clock()
+    sched = make_sched(clock, aging=5.0, max_num_batched_tokens=10, offline_tokens=3)
+    offline = [make_seq(20, "flex"), make_seq(4, "flex")]
+    online = make_seq(4, "default")
+    goals = {s.seq_id: 100 for s in (*offline, online)}
+    for s in (*offline, online):
+        sched.add(s)
+    out = step(sched, goals)
+    # Online takes its 4; flex gets 3 of the 6 left (the second flex waits).
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(online, 4), (offline[0], 3)]
+    clock.now = 5.0  # aged: scheduled as online work, not capped any more
+    out = step(sched, goals)
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(online, 1), (offline[0], 9)]
+
+
 def test_an_offline_request_ages_past_a_stream_of_online_requests() -> None:
     """The starvation bound: with one running slot and an online request arriving every
     step, a flex request that arrived first runs once it has waited ``aging`` seconds and
@@ -197,6 +214,7 @@ def workloads(draw):
         max_num_batched_tokens=draw(st.integers(1, 24)),
         caching=draw(st.booleans()),
         aging=draw(st.sampled_from([2.0, 5.0, math.inf])),
+        offline_tokens=draw(st.sampled_from([None, None, 1, 3])),
         specs=specs,
         seed=draw(st.integers(0, 2**16)),
     )
@@ -209,6 +227,7 @@ def test_tier_scheduling_property(w) -> None:
     clock = Clock()
     sched = make_sched(clock, w["aging"], num_blocks=w["num_blocks"], block_size=w["block_size"],
                        caching=w["caching"], max_num_seqs=w["max_num_seqs"],
+                       offline_tokens=w["offline_tokens"],
                        max_num_batched_tokens=w["max_num_batched_tokens"])  # fmt: skip
     bm = sched.bm
     pending = [(at, make_seq(p, tier, prio, at=at), out) for p, tier, prio, out, at in w["specs"]]

@@ -1,7 +1,8 @@
 """Service tiers on a real tiny model: online requests arriving into a full batch of offline
 (flex) sequences preempt them, run first, and every request of both classes ends with the
 greedy tokens of transformers (its undisturbed output), with and without the host KV pool
-that takes the preempted blocks; chunked prefill and the prefix cache stay on."""
+that takes the preempted blocks (and a cap on the offline tokens of a step); chunked prefill
+and the prefix cache stay on."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def test_online_requests_preempt_a_full_offline_batch(model, host_pool) -> None:
     config = EngineConfig(
         model=model, dtype="float32", block_size=4, max_num_seqs=3, max_num_batched_tokens=16,
         kv_cache_bytes=1 << 20, kv_host_pool_bytes=(1 << 20) if host_pool else 0,
+        max_offline_batched_tokens=8 if host_pool else None,
     )  # fmt: skip
     engine = LLMEngine(config)
     offline = {f"off{i}": tokens(14 + i, 100 + i) for i in range(3)}
@@ -44,7 +46,9 @@ def test_online_requests_preempt_a_full_offline_batch(model, host_pool) -> None:
         for o in engine.step():
             got.setdefault(o.request_id, []).extend(o.outputs[0].token_ids)
 
-    for _ in range(5):  # chunked prefills (16-token budget), then decodes
+    for _ in range(20):  # chunked prefills (16 tokens a step, or 8 with the cap)
+        if all(got.get(rid) for rid in offline):
+            break
         step()
     assert len(engine.scheduler.running) == 3 and not engine.scheduler.waiting
     assert all(got.get(rid) for rid in offline)  # every offline request is decoding
