@@ -33,6 +33,7 @@ _OPTIONAL_SCALARS = (
     "skip_special_tokens",
     "service_tier",
     "priority",
+    "speculative",
 )
 
 

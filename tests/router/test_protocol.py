@@ -213,6 +213,19 @@ def test_completion_sampling_params() -> None:
     assert req.model_extra == {} and req.prompt == "hi"
 
 
+def test_speculative_opt_out_reaches_the_worker() -> None:
+    """``speculative: false`` (epdserve's extension) turns speculation off for the request,
+    through the wire form too; a non-boolean is a 400."""
+    from services.common.convert import params_from_proto, params_to_proto
+
+    off = parse(CompletionRequest, {**COMPLETION, "speculative": False}).sampling_params(None)
+    assert off.speculative is False
+    assert params_from_proto(params_to_proto(off)).speculative is False
+    assert parse(CompletionRequest, COMPLETION).sampling_params(None).speculative is True
+    with pytest.raises(APIError):
+        parse(ChatCompletionRequest, {**CHAT, "speculative": "maybe"})
+
+
 def test_messages_sampling_params() -> None:
     body = {**ANTHROPIC, "temperature": 0.5, "top_k": 5, "stop_sequences": ["x"], "extra": 1}
     req = parse(MessagesRequest, body)

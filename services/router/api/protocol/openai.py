@@ -174,6 +174,7 @@ class _Sampling(APIModel):
     # "auto" (the API key's default), "default" (online), "flex" (offline), "priority".
     service_tier: Annotated[str | None, OneOf(*OPENAI_REQUEST_TIERS)] = None
     priority: Annotated[int, Int(MIN_PRIORITY, MAX_PRIORITY)] = 0  # vLLM's: lower runs first
+    speculative: Bool = True  # false: no speculative decoding for it (same output, its cost)
 
     def _params(self, max_tokens: int | None, logprobs: int | None,
                 structured: StructuredOutputsParams | None) -> SamplingParams:  # fmt: skip
@@ -188,7 +189,7 @@ class _Sampling(APIModel):
                 ignore_eos=self.ignore_eos, logprobs=logprobs,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 skip_special_tokens=self.skip_special_tokens, structured_outputs=structured,
-                logit_bias=self.logit_bias, priority=self.priority,
+                logit_bias=self.logit_bias, priority=self.priority, speculative=self.speculative,
             )  # fmt: skip
         except ValueError as exc:
             raise bad_request(str(exc)) from None
