@@ -64,10 +64,15 @@ class PoolingCalls:
             classify: Classify = self._classify(rid)
             async with self._inflight(rid, context), call_status(context, STREAM, classify):
                 outcome = "error"
-                outs = await asyncio.gather(*(
-                    self.engine.pool(f"{rid}-{i}", list(inp.ids), params)
+                tasks = [
+                    asyncio.ensure_future(self.engine.pool(f"{rid}-{i}", list(inp.ids), params))
                     for i, inp in enumerate(request.inputs)
-                ))  # fmt: skip
+                ]
+                try:
+                    outs = await asyncio.gather(*tasks)
+                finally:
+                    for task in tasks:  # one input failed: the others leave the queue too
+                        task.cancel()
             outcome = "success"
         finally:
             self.metrics.observe_pool(endpoint, outcome, time.monotonic() - arrived)

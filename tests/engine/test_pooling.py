@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
@@ -153,3 +154,25 @@ def test_encoder_cls_embeddings_equal_transformers(tmp_path: Path, family: str) 
         with torch.no_grad():
             ref = F.normalize(hf(torch.tensor([ids])).last_hidden_state[0, 0], dim=-1)
         assert cosine(out.data, ref) >= 1 - 1e-4
+
+
+def test_async_engine_pools_concurrent_requests(qwen3_model: Path) -> None:
+    """The step thread batches concurrent pool() calls; a bad input fails alone."""
+    from services.engine import AsyncLLMEngine, EngineConfig
+
+    async def run() -> None:
+        engine = AsyncLLMEngine(EngineConfig(model=str(qwen3_model)))
+        await engine.start()
+        try:
+            calls = [engine.pool(f"r{i}", ids, PoolingParams()) for i, ids in enumerate(prompts())]
+            bad = engine.pool("bad", [5] * 600, PoolingParams())
+            *outs, err = await asyncio.gather(*calls, bad, return_exceptions=True)
+            assert isinstance(err, ValueError) and "context length" in str(err)
+            for ids, out in zip(prompts(), outs, strict=True):
+                ref = F.normalize(hf_last_token(qwen3_model, ids), dim=-1)
+                assert cosine(out.data, ref) >= 1 - 1e-4
+            assert not engine.engine.pooler.has_work
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(run())
