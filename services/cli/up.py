@@ -46,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="router HTTP address (default 127.0.0.1)")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (default cpu)")
     p.add_argument(
+        "--tensor-parallel-size", type=int, default=None, metavar="N",
+        help="devices (ranks) of every worker: each worker drives N ranks (default 1)",
+    )  # fmt: skip
+    p.add_argument(
         "--engine-arg", action="append", default=[], metavar="KEY=VALUE",
         help="an engine setting of every worker (an EngineConfig field: dtype=bfloat16, "
         "kv_cache_bytes=4294967296, load_format=dummy, ...); repeatable",
@@ -93,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         engine_overrides = parse_assignments(EngineConfig, args.engine_arg)
         if args.speculative_config is not None:
             engine_overrides["speculative_config"] = args.speculative_config
+        if args.tensor_parallel_size is not None:
+            engine_overrides["tensor_parallel_size"] = args.tensor_parallel_size
         EngineConfig(**engine_overrides)  # a bad setting fails here, before anything starts
         restarts = from_args(RestartPolicy, args)
         spec = ClusterSpec(

@@ -219,6 +219,7 @@ class AsyncLLMEngine:
         try:
             while not self._stopping.is_set():
                 self._drain_commands(engine)
+                engine.executor.check_health()
                 self._stats = engine.stats()
                 if engine.pooler is not None and engine.pooler.has_work:
                     self._deliver(engine.pooler.step())

@@ -87,6 +87,12 @@ class EngineConfig:
     # "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}' or
     # '{"method": "suffix"}' (every key: speculative/config.py); None: no speculation.
     speculative_config: str | None = None
+    # Devices (ranks) one worker runs the model on: the worker's process drives rank 0 and
+    # starts N-1 rank processes (gloo on cpu, nccl on cuda:base+rank, hccl on npu).
+    tensor_parallel_size: int = 1
+    # With tensor parallelism, give each rank whole experts of an MoE model instead of a
+    # slice of every expert (tokens are dispatched to the ranks holding their experts).
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:
@@ -137,6 +143,14 @@ class EngineConfig:
             raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
         if self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.kv_host_pool_bytes:
+            raise ValueError("the KV host pool is not supported with tensor_parallel_size > 1")
+        if self.tensor_parallel_size > 1 and (self.lora_modules or self.enable_lora):
+            raise ValueError("LoRA adapters are not supported with tensor_parallel_size > 1")
+        if self.tensor_parallel_size > 1 and self.speculative_config is not None:
+            raise ValueError("speculative decoding is not supported with tensor_parallel_size > 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

@@ -9,8 +9,9 @@ or draw fails is reported in ``failed`` with its error (from the engine's ``fail
 callback, which also decides when failures in a row mean the engine itself is broken).
 
 Where the coming features plug in:
-- tensor parallelism: ``execute`` is the one call that drives every rank (a broadcast of the
-  batch, the ranks' forward passes, the logits from rank 0), as vLLM's executor does.
+- tensor parallelism: ``execute`` is the one call that drives every rank (the batch sent
+  to the rank processes, every rank's forward pass, the logits gathered on rank 0), as
+  vLLM's executor does (tp_ranks.py).
 - speculative decoding: ``execute`` runs the draft and the target, ``sample`` verifies the
   draft tokens and returns the accepted ones per sequence.
 - priorities: nothing here.
@@ -23,11 +24,14 @@ from collections.abc import Callable
 
 import torch
 
+from services.engine.distributed import RankFailure
+from services.engine.expert_balance import BalanceReport, rebalance_experts
 from services.engine.model_runner import ModelRunner
 from services.engine.outputs import TokenLogprobs
 from services.engine.sampler import Sampler
 from services.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from services.engine.sequence import Sequence
+from services.engine.tp_ranks import RankProcesses
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +45,14 @@ class Executor:
     """
 
     def __init__(
-        self, runner: ModelRunner, sampler: Sampler, failure: Callable[[str, BaseException], str]
+        self,
+        runner: ModelRunner,
+        sampler: Sampler,
+        failure: Callable[[str, BaseException], str],
     ) -> None:
         self.runner = runner
+        # The other tensor-parallel ranks (tp_ranks.py): each step's batch goes to them first.
+        self.ranks: RankProcesses | None = runner.ranks
         self.sampler = sampler
         # Called with what failed (for the error text) and the exception; returns the
         # request's error, or raises when the engine, not the request, is at fault.
@@ -54,6 +63,8 @@ class Executor:
     ) -> tuple[torch.Tensor, dict[str, str]]:
         """The step's logits, and {request id: error} of the sequences whose forward pass
         failed (taken out of ``sched``)."""
+        if self.ranks is not None:
+            return self._execute_group(sched, layer_hook), {}
         try:
             logits = self._run(sched.scheduled, layer_hook)
         except Exception as exc:  # noqa: BLE001 - isolated below
@@ -103,6 +114,27 @@ class Executor:
         ordered = torch.empty_like(logits)
         ordered[torch.tensor(index, device=logits.device)] = logits
         return ordered
+
+    def rebalance_experts(self, num_slots: int | None = None) -> BalanceReport:
+        """Re-place the MoE experts on the ranks for the load recorded so far (EPLB); call
+        between steps."""
+        send = self.ranks.command if self.ranks is not None else None
+        return rebalance_experts(self.runner, send, num_slots)
+
+    def check_health(self) -> None:
+        """Raise when the engine cannot serve any more (a tensor-parallel rank died)."""
+        if self.ranks is not None:
+            self.ranks.check()
+
+    def _execute_group(self, sched: SchedulerOutput, layer_hook: LayerHook | None) -> torch.Tensor:
+        """Every rank runs the batch. NOTE: no one-by-one retry here: a rank that raised left
+        the others inside a collective, so any failure ends the whole group."""
+        assert self.ranks is not None
+        self.ranks.send(sched.scheduled)
+        try:
+            return self.runner.execute(sched.scheduled, layer_hook)
+        except Exception as exc:
+            raise RankFailure(f"the tensor-parallel group failed a step: {exc!r}") from exc
 
     def sample(
         self, logits: torch.Tensor, seqs: list[Sequence], failed: dict[str, str]

@@ -87,7 +87,7 @@ class InputProcessor:
     @property
     def vocab_size(self) -> int:
         """Size of the output vocabulary (the rows of the logits)."""
-        return int(self.model.lm_head.out_features)
+        return int(self.model.vocab_size)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

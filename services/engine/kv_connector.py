@@ -132,7 +132,7 @@ class KVConnector:
             # The prefill side drew the first token from a generator seeded like this one:
             # consume the same draw, so that seeded sampling in PD mode gives the tokens
             # of a co-located run.
-            self.sampler.skip_draw(seq.generator, self.runner.model.lm_head.out_features)
+            self.sampler.skip_draw(seq.generator, self.runner.model.vocab_size)
         return seq, resume
 
     def drop_lost_images(self, sched: SchedulerOutput) -> list[Sequence]:

@@ -29,7 +29,6 @@ from services.engine.kv_connector import KVConnector
 from services.engine.kv_tiers import KVTierManager, StoreTier
 from services.engine.model_files import served_name
 from services.engine.model_loader import load_hf_config, resolve_model
-from services.engine.model_runner import ModelRunner
 from services.engine.models.registry import architecture
 from services.engine.multimodal import ImageInputs
 from services.engine.output_processor import OutputProcessor, RequestState
@@ -44,6 +43,7 @@ from services.engine.sequence import Sequence
 from services.engine.speculative.acceptance import append_sampled
 from services.engine.speculative.speculator import Speculator
 from services.engine.structured_output import StructuredOutputs
+from services.engine.tp_ranks import make_runner
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class LLMEngine:
             )
         self.max_model_len = config.max_model_len or min(model_max, MAX_DEFAULT_MODEL_LEN)
         hook = pooling_hook(self.pooling_task, self.tokenizer, config.classifier_from_tokens)
-        self.runner = ModelRunner(config, self.hf_config, self.model_path, self.max_model_len, hook)
+        self.runner = make_runner(config, self.hf_config, self.model_path, self.max_model_len, hook)
         self.pooler = None if self.pooling_task is None else Pooler(
             self.runner.model, self.runner.device, self.pooling_task, self.max_model_len,
             config.max_num_batched_tokens, self._failure,
@@ -100,7 +100,7 @@ class LLMEngine:
             self._enable_tiers(host_blocks)
         self.eos_token_ids = eos_token_ids(self.hf_config, self.model_path, self.tokenizer)
         self.sampler = Sampler(self.eos_token_ids, config.seed)
-        vocab = self.runner.model.lm_head.out_features
+        vocab = self.runner.model.vocab_size
         self.structured = StructuredOutputs(self.tokenizer, vocab, self.eos_token_ids)
         self.connector = KVConnector(self.scheduler, self.runner, self.sampler)
         self.executor = Executor(self.runner, self.sampler, self._failure)
@@ -138,9 +138,9 @@ class LLMEngine:
             self.tiers.store = store
 
     def close(self) -> None:
-        """Stop the tiers' background store reads and writes."""
-        if self.tiers is not None:
-            self.tiers.close()
+        """Stop the tiers' background store reads and writes, and the other ranks' processes."""
+        for part in filter(None, (self.tiers, self.runner.ranks)):
+            part.close()
 
     # ---- requests --------------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from services.engine.config import EngineConfig
+from services.engine.decode_graphs import DecodeGraphs
+from services.engine.distributed import TPGroup
 from services.engine.kv_layout import KVLayout
 from services.engine.layers.attention import AttentionMetadata, PrefillSegment, TorchAttention
 from services.engine.layers.cpu_linear import pack_linears
@@ -27,6 +29,7 @@ from services.engine.models.registry import resolve_model_class
 from services.engine.multimodal import decode_mrope_positions, prepare_batch
 from services.engine.platforms import DTYPES, free_device_memory, get_device
 from services.engine.scheduler_output import ScheduledSeq
+from services.engine.tp_shard import shard_model
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +76,13 @@ class ModelRunner:
         model_path: str,
         max_model_len: int,
         pooling_hook: Callable[[torch.nn.Module], None] | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
         """``pooling_hook``: given, this is a pooling model (pooler.py): the hook adapts the
         loaded model (before its weights are packed) and the KV cache is one block."""
         self.config = config
         self.max_model_len = max_model_len
+        self.model_path = model_path  # read again when experts are re-placed (EPLB)
         self.device = get_device(config.device)
         self.dtype = DTYPES[config.torch_dtype_name]
         if self.device.type == "cpu" and config.cpu_threads:
@@ -86,8 +91,12 @@ class ModelRunner:
         cls = resolve_model_class(hf_config)
         torch.manual_seed(config.seed)
         self.backend = attention_backend(self.device)
+        self.tp = tp or TPGroup()
+        self.ranks: Any = None  # on the driver: the other ranks' processes (tp_ranks.py)
         with torch.device("meta"):
             model = cls(hf_config, self.backend)
+            if self.tp.size > 1:
+                shard_model(model, self.tp, config.enable_expert_parallel)
         model = model.to_empty(device=self.device).to(self.dtype)
         if model.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -110,7 +119,8 @@ class ModelRunner:
         self.num_layers = len(model.attention_layers)
         self.num_kv_heads = attn.num_kv_heads
         self.head_dim = attn.head_dim
-        self.num_blocks = self._num_kv_blocks()
+        # Every rank holds the same blocks (of its own heads).
+        self.num_blocks = self.tp.min_int(self._num_kv_blocks())
         # One tensor for all layers: [k/v, layer, block, slot, kv_head, head_dim]. A block of
         # one layer's K (or V) is one contiguous slab: the unit of KV export and transfer.
         self.kv_cache = torch.zeros(
@@ -127,7 +137,8 @@ class ModelRunner:
             layer.k_cache = self.kv_cache[0, i]
             layer.v_cache = self.kv_cache[1, i]
         self.graphs: DecodeGraphs | None = None
-        cuda = self.device.type == "cuda" and not self.pooling
+        # NOTE: no CUDA graphs with tensor parallelism yet (collectives inside the capture).
+        cuda = self.device.type == "cuda" and not self.pooling and self.tp.size == 1
         if cuda and not config.enforce_eager and self.backend.paged_decode:
             self.graphs = DecodeGraphs(self, config.max_num_seqs)
 
@@ -325,76 +336,3 @@ class ModelRunner:
         if tuple(data.shape) != expected:
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
         self.kv_cache.index_copy_(2, index, data.to(self.device, self.dtype))
-
-
-class DecodeGraphs:
-    """CUDA graphs of the model's forward for decode-only batches.
-
-    One graph per batch size in ``sizes`` (1, 2, 4, 8, then every 16 up to ``max_num_seqs``),
-    captured largest first into one memory pool. A step of ``n`` decodes replays the smallest
-    graph of at least ``n`` rows; the padding rows have slot -1 (their KV is not written) and
-    context length 0 (their attention output is 0), and their logits are never computed.
-    Inputs go through static tensors; the kernels take every length from them.
-    """
-
-    def __init__(self, runner: ModelRunner, max_num_seqs: int) -> None:
-        self.runner = runner
-        dev = runner.device
-        # Vision-language models take M-RoPE positions [3, T] (a decode step has no images).
-        self.mrope = bool(getattr(runner.model, "is_multimodal", False))
-        self.sizes = sorted({n for n in (1, 2, 4, 8, *range(16, max_num_seqs + 16, 16))
-                             if n <= max_num_seqs} | {max_num_seqs})  # fmt: skip
-        n_max = self.sizes[-1]
-        self.max_blocks = -(-runner.max_model_len // runner.block_size)
-        self.ids = torch.zeros(n_max, dtype=torch.long, device=dev)
-        pos_shape = (3, n_max) if self.mrope else (n_max,)
-        self.positions = torch.zeros(pos_shape, dtype=torch.long, device=dev)
-        self.slots = torch.full((n_max,), -1, dtype=torch.long, device=dev)
-        self.tables = torch.zeros(n_max, self.max_blocks, dtype=torch.int32, device=dev)
-        self.lens = torch.zeros(n_max, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode():
-            for n in reversed(self.sizes):
-                meta = self._meta(n)
-                # The first call compiles the Triton kernels and warms cuBLAS: never in capture.
-                runner.model(self.ids[:n], self.positions[..., :n], meta)
-                torch.cuda.synchronize(dev)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    hidden = runner.model(self.ids[:n], self.positions[..., :n], meta)
-                self.graphs[n] = (graph, hidden)
-        torch.cuda.synchronize(dev)
-        logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
-
-    def _meta(self, n: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slots[:n],
-            num_decodes=n,
-            decode_block_tables=self.tables[:n],
-            decode_context_lens=self.lens[:n],
-        )
-
-    def run(
-        self,
-        ids: list[int],
-        positions: torch.Tensor,  # [B], or [3, B] for M-RoPE
-        slots: list[int],
-        tables: list[list[int]],
-        lens: list[int],
-    ) -> torch.Tensor | None:
-        """Hidden states of the decodes [len(ids), hidden], or None when no graph fits."""
-        b = len(ids)
-        width = len(tables[0])
-        if b > self.sizes[-1] or width > self.max_blocks:
-            return None
-        n = next(size for size in self.sizes if size >= b)
-        pad = n - b
-        self.ids[:b].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
-        self.positions[..., :b].copy_(positions, non_blocking=True)
-        self.slots[:n].copy_(torch.tensor(slots + [-1] * pad, dtype=torch.long), non_blocking=True)
-        self.lens[:n].copy_(torch.tensor(lens + [0] * pad, dtype=torch.int32), non_blocking=True)
-        self.tables[:b, :width].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
-        graph, hidden = self.graphs[n]
-        graph.replay()
-        return hidden[:b]

@@ -67,7 +67,7 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     prefill_role, decode_role = setup_kv_transfer(wcfg, ecfg, engine)
     servicer = WorkerServicer(
         engine, state, wcfg.load_report_interval_ms, prefill=prefill_role, decode=decode_role,
-        drain_timeout_s=wcfg.role_drain_timeout_s, supports_pd=wcfg.kv_transfer != "none",
+        drain_timeout_s=wcfg.role_drain_timeout_s, supports_pd=prefill_role is not None,
     )  # fmt: skip
 
     if prefill_role is not None and prefill_role.sender.staging is not None:
@@ -188,6 +188,15 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
     Mooncake wheel registers device memory; with the non-CUDA wheel on an accelerator the KV
     goes through pinned host staging slots, see services/engine/kv_staging.py)."""
     if wcfg.kv_transfer == "none":
+        return None, None
+    if ecfg.tensor_parallel_size > 1:
+        # NOTE: PD with tensor parallelism needs one transfer per rank (each rank's KV heads);
+        # until then such a worker serves the mixed role only.
+        if wcfg.role in ("prefill", "decode"):
+            raise ValueError(
+                f"role {wcfg.role} with tensor_parallel_size {ecfg.tensor_parallel_size} is "
+                "not supported yet: run the mixed role (or --kv-transfer none)"
+            )
         return None, None
     llm_engine = engine.engine
     assert llm_engine is not None

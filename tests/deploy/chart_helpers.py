@@ -179,6 +179,7 @@ def expected_engine_config(values: dict[str, Any], role: str) -> Any:
         model=model_path(values),
         served_model_name=values["model"].get("servedName") or None,
         device=DEVICES[w["accelerator"]],
+        tensor_parallel_size=int(w.get("tensorParallelSize", 1)),
         **_coerce(EngineConfig, _overlay(w["engine"], w[role].get("engine"))),
     )
 

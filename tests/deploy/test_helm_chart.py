@@ -52,6 +52,7 @@ EVERYTHING: dict[str, Any] = {
     "workers": {
         "accelerator": "nvidia",
         "acceleratorsPerWorker": 2,
+        "tensorParallelSize": 4,
         "config": {"drainTimeoutS": 120.5, "leaseTtl": 10},
         "engine": {
             "enablePrefixCaching": False,
@@ -223,7 +224,8 @@ def test_worker_deployments_per_role(case: Any) -> None:
         assert dep["metadata"]["labels"]["epdserve.io/role"] == role
         limits = _container(dep).get("resources", {}).get("limits", {})
         if resource:
-            assert limits[resource] == w["acceleratorsPerWorker"]
+            devices = max(w["acceleratorsPerWorker"], w.get("tensorParallelSize", 1))
+            assert limits[resource] == devices
         else:
             assert not any("/" in k for k in limits), limits
         drain = ch.expected_worker_config(values, role).drain_timeout_s
@@ -454,7 +456,7 @@ CHART_SET = {
         "etcd",
         "register",
     },
-    "engine": {"model", "servedModelName", "device"},
+    "engine": {"model", "servedModelName", "device", "tensorParallelSize"},
     "kvstore": {
         "host",
         "port",

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.engine.eplb import ExpertPlacement
+
 
 def route(
     router_logits: torch.Tensor, top_k: int, renormalize: bool
@@ -69,26 +71,68 @@ def experts_reference(
 class Experts(nn.Module):
     """The routed experts of one layer, stored fused (see the module docstring).
 
-    ``slot_of`` maps a global expert id to its slot here (-1: not held here); None (every
-    expert held: one device, or tensor-parallel slices of every expert) is the identity.
+    Every expert is held here (one device; or tensor parallelism, where ``inter_start`` is
+    where this rank's slice of each expert's intermediate starts), or, under expert
+    parallelism, the experts an ``ExpertPlacement`` gives this rank (``place``).
     """
 
-    def __init__(self, num_experts: int, hidden: int, intermediate: int) -> None:
+    def __init__(
+        self, num_experts: int, hidden: int, intermediate: int, num_slots: int | None = None
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.intermediate = intermediate
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
-        self.slot_of: torch.Tensor | None = None
+        slots = num_slots or num_experts
+        self.w13 = nn.Parameter(torch.empty(slots, 2 * intermediate, hidden))
+        self.w2 = nn.Parameter(torch.empty(slots, hidden, intermediate))
+        self.inter_start = 0
+        # Expert parallelism (``place``): each expert's slots here, and the routing tables.
+        self.slots: dict[int, list[int]] | None = None
+        self.replica_ids: list[list[int]] = []  # per expert, its physical ids (all ranks)
+        self.first_physical = 0  # physical id of this rank's slot 0
+        self.placement: ExpertPlacement | None = None
+        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def place(self, placement: ExpertPlacement, rank: int) -> None:
+        """Hold ``placement.ranks[rank]`` (weights loaded afterwards, per ``slots``)."""
+        mine = placement.ranks[rank]
+        self.slots = {}
+        for slot, expert in enumerate(mine):
+            self.slots.setdefault(expert, []).append(slot)
+        self.replica_ids = placement.replicas()
+        self.first_physical = rank * placement.slots_per_rank
+        self.placement = placement
+        self._tables = None
+
+    def _routing_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(physical ids [experts, most replicas] padded with -1, replica counts)."""
+        if self._tables is None or self._tables[0].device != device:
+            width = max(len(p) for p in self.replica_ids)
+            table = [p + [-1] * (width - len(p)) for p in self.replica_ids]
+            self._tables = (
+                torch.tensor(table, dtype=torch.long, device=device),
+                torch.tensor([len(p) for p in self.replica_ids], dtype=torch.long, device=device),
+            )
+        return self._tables
+
+    def local_slots(self, ids: torch.Tensor) -> torch.Tensor:
+        """The slot here of each (token, k) expert, or -1 when another rank computes it. A
+        replicated expert's tokens alternate over its replicas by token index."""
+        if self.slots is None:
+            return ids
+        table, count = self._routing_tables(ids.device)
+        token = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1)
+        local = table[ids, token % count[ids]] - self.first_physical
+        return torch.where((local >= 0) & (local < self.w13.shape[0]), local, -1)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        slots = ids if self.slot_of is None else self.slot_of[ids]
-        return experts_reference(x, self.w13, self.w2, weights, slots)
+        return experts_reference(x, self.w13, self.w2, weights, self.local_slots(ids))
 
-    def expert_tensor(self, expert: int, part: str) -> torch.Tensor:
-        """The view of ``w13``/``w2`` a checkpoint tensor of ``expert`` is copied into
-        (``part``: gate, up or down)."""
+    def expert_tensors(self, expert: int, part: str) -> list[torch.Tensor]:
+        """The views of ``w13``/``w2`` a checkpoint tensor of ``expert`` is copied into
+        (``part``: gate, up or down); none when the expert is held by other ranks."""
+        slots = [expert] if self.slots is None else self.slots.get(expert, [])
         if part == "down":
-            return self.w2.data[expert]
+            return [self.w2.data[s] for s in slots]
         offset = 0 if part == "gate" else self.intermediate
-        return self.w13.data[expert].narrow(0, offset, self.intermediate)
+        return [self.w13.data[s].narrow(0, offset, self.intermediate) for s in slots]

@@ -133,6 +133,7 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(cfg)
         self.layers: list[BertLayer] = list(self.encoder.layer)  # type: ignore[arg-type]
         self.lm_head = _VocabOnly(cfg.vocab_size)
+        self.vocab_size = cfg.vocab_size  # what the engine reads (the logits' width)
 
     @staticmethod
     def _position_offset(cfg: Any) -> int:

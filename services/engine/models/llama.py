@@ -20,6 +20,21 @@ from services.engine.layers.norm import RMSNorm
 from services.engine.layers.rotary import RotaryEmbedding, rope_parameters
 
 
+def tp_load(dst: torch.Tensor, module: nn.Module, src: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(destination, checkpoint slice): ``module``'s ``tp_slice = (dim, start)`` (set by
+    tp_shard.py) selects this rank's part of ``src``; the last rank's part may be short."""
+    spec = getattr(module, "tp_slice", None)
+    if spec is None or dst.shape == src.shape:
+        return dst, src
+    dim, start = spec
+    n = min(dst.shape[dim], src.shape[dim] - start)
+    return dst.narrow(dim, 0, n), src.narrow(dim, start, n)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class PackedLinear(nn.Linear):
     """A Linear whose output rows are the concatenation of several checkpoint tensors."""
 
@@ -30,6 +45,8 @@ class PackedLinear(nn.Linear):
         for shard_id, size in shards.items():
             self.shard_offsets[shard_id] = (offset, size)
             offset += size
+        # Where each part starts in its checkpoint tensor (tensor-parallel slices; tp_shard.py).
+        self.sources: dict[Any, int] = dict.fromkeys(shards, 0)
 
 
 class LlamaAttention(nn.Module):
@@ -50,6 +67,8 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.backend = backend
+        # Sum of the ranks' partial outputs under tensor parallelism (tp_shard.py).
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
         # Set by the model runner once the KV cache exists.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -71,7 +90,7 @@ class LlamaAttention(nn.Module):
             k = self.k_norm(k)
         q, k = rotary(positions, q, k)
         o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
-        return self.o_proj(o.reshape(t, self.q_size))
+        return self.reduce(self.o_proj(o.reshape(t, self.q_size)))
 
 
 class LlamaMLP(nn.Module):
@@ -83,13 +102,14 @@ class LlamaMLP(nn.Module):
         act = getattr(cfg, "hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r} (only silu)")
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if fused.on_cuda_rows(gate_up):
-            return self.down_proj(fused.ops.silu_and_mul(gate_up))
+            return self.reduce(self.down_proj(fused.ops.silu_and_mul(gate_up)))
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.reduce(self.down_proj(F.silu(gate) * up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -155,7 +175,10 @@ class LlamaForCausalLM(nn.Module):
         if getattr(cfg, "mlp_bias", False):
             raise ValueError("mlp_bias=True is not supported")
         self.model = LlamaModel(cfg, backend, qkv_bias, self.qk_norm, self.make_mlp)
+        self.vocab_size = cfg.vocab_size
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # The ranks' vocabulary slices of the logits, joined (tensor parallelism).
+        self.gather_logits: Callable[[torch.Tensor], torch.Tensor] = _identity
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -173,7 +196,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.gather_logits(self.lm_head(hidden))
+        return logits[..., : self.vocab_size].float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (Hugging Face names) into the parameters."""
@@ -201,6 +225,10 @@ class LlamaForCausalLM(nn.Module):
                 assert isinstance(module, PackedLinear)
                 offset, size = module.shard_offsets[shard]
                 dst_data = dst_data.narrow(0, offset, size)
+                if tensor.shape[0] != size:  # this rank's slice (tensor parallelism)
+                    tensor = tensor.narrow(0, module.sources[shard], size)
+            else:
+                dst_data, tensor = tp_load(dst_data, modules[target.rsplit(".", 1)[0]], tensor)
             if dst_data.shape != tensor.shape:
                 raise ValueError(
                     f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "

@@ -9,13 +9,14 @@ tensors of ``layers/moe.Experts``. Everything else loads as in the dense model.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.engine.eplb import ExpertPlacement
 from services.engine.layers.moe import Experts, route
 from services.engine.models.llama import LlamaForCausalLM, LlamaMLP
 
@@ -43,13 +44,23 @@ class SparseMoeBlock(nn.Module):
         if shared_intermediate:
             self.shared_expert = LlamaMLP(cfg, shared_intermediate)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        # Tokens routed to each expert so far (made on the first forward, on its device;
+        # with CUDA graphs, padding rows count too).
+        self.expert_tokens: torch.Tensor | None = None
+        # Sum of the ranks' partial outputs under tensor/expert parallelism (tp_shard.py).
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        flat = ids.reshape(-1)
+        if self.expert_tokens is None or self.expert_tokens.device != flat.device:
+            self.expert_tokens = torch.zeros(self.gate.out_features, dtype=torch.long,
+                                             device=flat.device)  # fmt: skip
+        self.expert_tokens.index_add_(0, flat, torch.ones_like(flat))
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None:
             out = out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return self.reduce(out)
 
 
 def is_sparse_layer(cfg: Any, layer: int) -> bool:
@@ -74,26 +85,7 @@ class MoeForCausalLM(LlamaForCausalLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         modules = dict(self.named_modules())
         loaded: set[tuple[str, int, str]] = set()
-
-        def dense(items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-            for name, tensor in items:
-                for src, dst in self.renamed.items():
-                    name = name.replace(src, dst)
-                match = _EXPERT.match(name)
-                if match is None:
-                    yield name, tensor
-                    continue
-                path, expert, proj = match[1], int(match[2]), match[3]
-                experts = modules.get(path)
-                part = self.expert_parts.get(proj)
-                if not isinstance(experts, Experts) or part is None:
-                    raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
-                if expert >= experts.num_experts:
-                    raise ValueError(f"checkpoint tensor {name!r}: no expert {expert}")
-                self.load_expert(experts, expert, part, tensor, name)
-                loaded.add((path, expert, part))
-
-        super().load_weights(dense(weights))
+        super().load_weights(self._split_experts(weights, modules, loaded))
         expected = {
             (path, e, part)
             for path, m in modules.items()
@@ -105,10 +97,59 @@ class MoeForCausalLM(LlamaForCausalLM):
         if missing:
             raise ValueError(f"checkpoint is missing expert tensors: {sorted(missing)[:4]}")
 
+    def place_experts(
+        self, placements: list[ExpertPlacement], rank: int,
+        weights: Iterable[tuple[str, torch.Tensor]],
+    ) -> None:  # fmt: skip
+        """Hold, in each sparse layer, the experts ``placements[layer]`` gives ``rank``
+        (expert parallelism), their weights read again from ``weights``."""
+        blocks = self.moe_blocks
+        if len(placements) != len(blocks):
+            raise ValueError(f"{len(placements)} placements for {len(blocks)} sparse layers")
+        for block, placement in zip(blocks, placements, strict=True):
+            old = block.experts
+            new = Experts(old.num_experts, old.w13.shape[2], old.intermediate,
+                          placement.slots_per_rank)  # fmt: skip
+            block.experts = new.to(old.w13.device, old.w13.dtype)
+            block.experts.place(placement, rank)
+        for _ in self._split_experts(weights, dict(self.named_modules()), set()):
+            pass  # only the experts are read again
+
+    def _split_experts(
+        self,
+        items: Iterable[tuple[str, torch.Tensor]],
+        modules: dict[str, nn.Module],
+        loaded: set[tuple[str, int, str]],
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Load the expert tensors of ``items`` (recorded in ``loaded``), yield the others."""
+        for name, tensor in items:
+            for src, dst in self.renamed.items():
+                name = name.replace(src, dst)
+            match = _EXPERT.match(name)
+            if match is None:
+                yield name, tensor
+                continue
+            path, expert, proj = match[1], int(match[2]), match[3]
+            experts = modules.get(path)
+            part = self.expert_parts.get(proj)
+            if not isinstance(experts, Experts) or part is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter")
+            if expert >= experts.num_experts:
+                raise ValueError(f"checkpoint tensor {name!r}: no expert {expert}")
+            self.load_expert(experts, expert, part, tensor, name)
+            loaded.add((path, expert, part))
+
     def load_expert(
         self, experts: Experts, expert: int, part: str, tensor: torch.Tensor, name: str
     ) -> None:
-        dst = experts.expert_tensor(expert, part)
+        for dst in experts.expert_tensors(expert, part):
+            if dst.shape != tensor.shape:  # this rank's slice of the expert
+                dim = 1 if part == "down" else 0
+                tensor = tensor.narrow(dim, experts.inter_start, dst.shape[dim])
+            self._copy_expert(dst, tensor, name)
+
+    @staticmethod
+    def _copy_expert(dst: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
         if dst.shape != tensor.shape:
             raise ValueError(
                 f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "

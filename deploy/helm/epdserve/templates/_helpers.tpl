@@ -206,6 +206,7 @@ see networkpolicy-worker.yaml). The kubelet's probes and Prometheus dial the pod
 {{- with include "epdserve.modelPath" $ctx }}{{ $_ = set $engine "model" . }}{{ end }}
 {{- with $ctx.Values.model.servedName }}{{ $_ = set $engine "servedModelName" . }}{{ end }}
 {{- $_ = set $engine "device" (include "epdserve.device" $ctx) }}
+{{- $_ = set $engine "tensorParallelSize" (int (default 1 $ctx.Values.workers.tensorParallelSize)) }}
 - {{ $ctx.Values.python | quote }}
 - "-m"
 - "services.worker"

@@ -1,0 +1,231 @@
+"""The rank processes of a tensor-parallel engine: started and watched by the driver (rank 0,
+the engine's own process), fed each step's batch, stopped with it.
+
+Each rank process builds a ``ModelRunner`` of its shard (tp_shard.py) and runs every batch the
+driver runs, in the same order, so that their collectives meet. The batch travels as a plain
+snapshot over a pipe (the sequences' new tokens, positions and block tables), never as
+Sequences; sampling happens once, on the driver, from the gathered logits.
+
+A rank that dies takes the group down: the driver's next collective fails at once (gloo:
+"connection closed by peer"), and the watcher marks the group dead so that an idle engine
+dies too (``LLMEngine.check_health``); a rank whose driver is gone exits by itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from services.engine.config import EngineConfig
+from services.engine.distributed import RankFailure, TPGroup, create_store, join_group
+from services.engine.expert_balance import place_experts
+from services.engine.model_runner import ModelRunner
+from services.engine.platforms import get_device
+from services.engine.scheduler_output import ScheduledSeq
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 600.0  # loading a large checkpoint on every rank
+
+
+@dataclasses.dataclass
+class SeqView:
+    """What a rank's runner reads of a sequence; ``token_ids`` from ``start`` on only."""
+
+    seq_id: int
+    num_computed_tokens: int
+    num_prompt_tokens: int
+    num_tokens: int
+    block_table: list[int]
+    start: int
+    tail: list[int]
+
+    @property
+    def token_ids(self) -> _Tail:
+        return _Tail(self.start, self.tail)
+
+
+class _Tail:
+    """A list read with absolute indices from ``start`` on."""
+
+    def __init__(self, start: int, tokens: list[int]) -> None:
+        self.start, self.tokens = start, tokens
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return self.tokens[i.start - self.start : i.stop - self.start]
+        return self.tokens[i - self.start]
+
+
+def snapshot(scheduled: list[ScheduledSeq]) -> list[tuple[SeqView, int]]:
+    out = []
+    for s in scheduled:
+        seq, start = s.seq, s.seq.num_computed_tokens
+        tail = list(seq.token_ids[start : start + s.num_new_tokens])
+        view = SeqView(seq.seq_id, start, seq.num_prompt_tokens, seq.num_tokens,
+                       list(seq.block_table), start, tail)  # fmt: skip
+        out.append((view, s.num_new_tokens))
+    return out
+
+
+def device_of_rank(config: EngineConfig, rank: int) -> str:
+    """cuda:N / npu:N: rank r takes the device r after the configured one; cpu stays cpu."""
+    if config.device_type == "cpu":
+        return "cpu"
+    base = int(config.device.split(":")[1]) if ":" in config.device else 0
+    return f"{config.device_type}:{base + rank}"
+
+
+def threads_per_rank(size: int) -> int:
+    return max(1, (os.cpu_count() or 1) // size)
+
+
+class RankProcesses:
+    """Ranks 1..N-1 of the driver's group. ``group`` is the driver's own rank 0."""
+
+    def __init__(self, config: EngineConfig, hf_config: Any, model_path: str, max_len: int):
+        n = config.tensor_parallel_size
+        store = create_store(n)
+        ctx = mp.get_context("spawn")
+        self.conns: list[Any] = []
+        self.procs: list[Any] = []
+        self.dead: str | None = None
+        self._closing = False
+        for rank in range(1, n):
+            parent, child = ctx.Pipe()
+            args = (rank, n, store.port, config, hf_config, model_path, max_len, child)
+            proc = ctx.Process(target=rank_main, args=args, daemon=True,
+                               name=f"epdserve-tp-rank{rank}")  # fmt: skip
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        if config.device_type == "cpu":
+            torch.set_num_threads(threads_per_rank(n))
+        self.group: TPGroup = join_group(store, 0, n, get_device(device_of_rank(config, 0)))
+        self._store = store  # NOTE: kept alive: the ranks' stores talk to it
+
+    def wait_ready(self) -> None:
+        """Block until every rank built its runner (or raise when one failed)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for rank, (conn, proc) in enumerate(zip(self.conns, self.procs, strict=True), 1):
+            while not conn.poll(0.2):
+                if not proc.is_alive() or time.monotonic() > deadline:
+                    self.close()
+                    raise RankFailure(f"tensor-parallel rank {rank} failed to start "
+                                      f"(exit code {proc.exitcode})")  # fmt: skip
+            msg = conn.recv()
+            if msg != "ready":
+                self.close()
+                raise RankFailure(f"tensor-parallel rank {rank} failed to start: {msg}")
+        threading.Thread(target=self._watch, name="tp-rank-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._closing:
+            for rank, proc in enumerate(self.procs, 1):
+                if not proc.is_alive() and not self._closing:
+                    self.dead = f"tensor-parallel rank {rank} exited (code {proc.exitcode})"
+                    logger.error("%s: the worker's rank group is down", self.dead)
+                    self.close()
+                    return
+            time.sleep(0.2)
+
+    def check(self) -> None:
+        if self.dead is not None:
+            raise RankFailure(self.dead)
+
+    def send(self, scheduled: list[ScheduledSeq]) -> None:
+        """Hand this step's batch to every rank (the driver then runs it too)."""
+        self.command(snapshot(scheduled))
+
+    def command(self, msg: object) -> None:
+        """Send ``msg`` (a batch, or a ("place", placements) command) to every rank."""
+        self.check()
+        try:
+            for conn in self.conns:
+                conn.send(msg)
+        except (OSError, EOFError) as exc:
+            raise RankFailure(f"a tensor-parallel rank is gone: {exc}") from exc
+
+    def close(self) -> None:
+        """Stop the ranks (they exit on the None message, or are killed)."""
+        self._closing = True
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except (OSError, EOFError):
+                pass
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+
+
+def make_runner(
+    config: EngineConfig,
+    hf_config: Any,
+    model_path: str,
+    max_len: int,
+    pooling_hook: Callable[[torch.nn.Module], None] | None = None,
+) -> ModelRunner:
+    """The engine's runner (rank 0) and, with ``tensor_parallel_size`` > 1, its other ranks
+    (started, loaded and ready: ``runner.ranks``)."""
+    if config.tensor_parallel_size == 1:
+        return ModelRunner(config, hf_config, model_path, max_len, pooling_hook)
+    if pooling_hook is not None:
+        raise ValueError("pooling models are not supported with tensor_parallel_size > 1")
+    ranks = RankProcesses(config, hf_config, model_path, max_len)
+    try:
+        runner = ModelRunner(config, hf_config, model_path, max_len, tp=ranks.group)
+        ranks.wait_ready()
+    except BaseException:
+        ranks.close()
+        raise
+    runner.ranks = ranks
+    return runner
+
+
+def rank_main(rank: int, size: int, port: int, config: EngineConfig, hf_config: Any,
+              model_path: str, max_len: int, conn: Any) -> None:  # fmt: skip
+    """A rank process: build the shard's runner, then run each batch the driver sends."""
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank{rank} %(message)s")
+    driver = os.getppid()
+    config = dataclasses.replace(config, device=device_of_rank(config, rank))
+    if config.device_type == "cpu":
+        torch.set_num_threads(threads_per_rank(size))
+    try:
+        group = join_group(("127.0.0.1", port), rank, size, get_device(config.device))
+        runner = ModelRunner(config, hf_config, model_path, max_len, tp=group)
+        conn.send("ready")
+        while True:
+            if not conn.poll(1.0):
+                if os.getppid() != driver:
+                    return  # the driver is gone
+                continue
+            msg = conn.recv()
+            if msg is None:
+                return
+            if isinstance(msg, tuple) and msg[0] == "place":
+                place_experts(runner, msg[1])
+                continue
+            runner.execute([_scheduled(view, n) for view, n in msg])
+    except (EOFError, KeyboardInterrupt):
+        return
+    except BaseException:
+        logger.exception("tensor-parallel rank %d failed", rank)
+        os._exit(1)
+
+
+def _scheduled(view: SeqView, num_new: int) -> ScheduledSeq:
+    # NOTE: no draft tokens: speculative decoding is refused with tensor parallelism.
+    return ScheduledSeq(view, num_new)  # type: ignore[arg-type]
