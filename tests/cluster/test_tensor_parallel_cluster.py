@@ -1,0 +1,81 @@
+"""Two mixed workers, each driving two tensor-parallel ranks (gloo): greedy text equals a
+one-device engine, and a kill -9 of one rank process under load takes its worker down
+without failing a request (the router retries or migrates them to the other worker)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from cluster_helpers import TINY_NAME, children, start_cluster, wait_for
+from test_failover import Traffic
+
+from services.engine import LLM, SamplingParams
+
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
+
+PROMPTS = ["Hello", "The capital of France is", "1, 2, 3,"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir):
+    c = start_cluster(
+        tiny_model_dir("llama"), workers=2, policy="round_robin",
+        engine_overrides={"tensor_parallel_size": 2},
+    )  # fmt: skip
+    yield c
+    c.stop()
+
+
+def rank_processes(pid: int) -> list[int]:
+    """The worker's rank processes (multiprocessing's resource tracker is a child too)."""
+    out = []
+    for child in children(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            out.append(child)
+    return out
+
+
+def test_tp2_workers_equal_one_device(cluster, tiny_model_dir) -> None:
+    assert all(len(rank_processes(w.proc.pid)) == 1 for w in cluster.workers)
+    llm = LLM(str(tiny_model_dir("llama")), device="cpu", dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = [o.outputs[0].text for o in llm.generate(PROMPTS, params)]
+    with httpx.Client(base_url=cluster.base_url, timeout=60) as c:
+        for _ in range(2):  # round robin: both workers answer
+            for prompt, text in zip(PROMPTS, want, strict=True):
+                body = {"model": TINY_NAME, "prompt": prompt, "max_tokens": 8,
+                        "temperature": 0, "ignore_eos": True}  # fmt: skip
+                r = c.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["text"] == text
+
+
+def test_kill_9_of_a_rank_fails_no_request(cluster) -> None:
+    victim = cluster.workers[0]
+    pid = victim.proc.pid
+    (rank,) = rank_processes(pid)
+    with Traffic(cluster.base_url) as traffic:
+        time.sleep(1.0)
+        signal_sent = time.monotonic()
+        os.kill(rank, signal.SIGKILL)
+        # The whole worker goes down (never half a group serving) ...
+        wait_for(lambda: victim.proc.poll() is not None or victim.proc.pid != pid, 30,
+                 "the worker of the killed rank to exit")  # fmt: skip
+        assert time.monotonic() - signal_sent < 30
+        time.sleep(2.0)
+    # ... and no request failed: the router retried or migrated them to the other worker.
+    assert traffic.statuses and set(traffic.statuses) == {200}, (
+        traffic.statuses,
+        traffic.failures,
+        "\n".join(cluster.router.tail),
+    )
+    assert traffic.statuses[-5:] == [200] * 5
