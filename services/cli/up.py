@@ -14,6 +14,8 @@ from services.cli.supervisor import RestartPolicy, Supervisor
 from services.common.dataclass_cli import add_dataclass_args, from_args, parse_assignments
 from services.engine.config import EngineConfig
 
+LORA_FIELDS = ("lora_modules", "enable_lora", "max_loras", "max_lora_rank")
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -78,6 +80,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "more than one worker (--no-kvstore leaves it out)",
     )
     p.add_argument("--verbose", action="store_true", help="show the children's logs")
+    # LoRA: the engine's own flags, given to every worker (EngineConfig documents them).
+    add_dataclass_args(
+        p.add_argument_group("LoRA adapters"), EngineConfig,
+        skip=frozenset(EngineConfig.field_names()) - set(LORA_FIELDS),
+    )  # fmt: skip
     # A dead child (worker, router, kvstore, etcd) is restarted with backoff; a crash loop
     # stops the cluster.
     add_dataclass_args(p.add_argument_group("restarts"), RestartPolicy)
@@ -99,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             engine_overrides["speculative_config"] = args.speculative_config
         if args.tensor_parallel_size is not None:
             engine_overrides["tensor_parallel_size"] = args.tensor_parallel_size
+        engine_overrides |= {k: getattr(args, k) for k in LORA_FIELDS if hasattr(args, k)}
         EngineConfig(**engine_overrides)  # a bad setting fails here, before anything starts
         restarts = from_args(RestartPolicy, args)
         spec = ClusterSpec(

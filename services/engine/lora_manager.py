@@ -126,19 +126,30 @@ class LoRAManager:
         """Set up the next forward pass: ``rows`` are (adapter or None, number of rows) in
         the order of the batch. Returns whether any row uses an adapter."""
         names = [n for n, _ in rows if n is not None]
+        self.batch.groups, self.batch.padded = [], None
         if not names:
-            self.batch.groups = []
             return False
         slots = {name: self._slot_of(name, set(names)) for name in dict.fromkeys(names)}
         if len(slots) == 1 and len(names) == len(rows):
             self.batch.groups = [(slots[names[0]], None)]
             return True
         per_slot: dict[int, list[int]] = {}
-        start = 0
+        total = 0
         for name, n in rows:
             if name is not None:
-                per_slot.setdefault(slots[name], []).extend(range(start, start + n))
-            start += n
+                per_slot.setdefault(slots[name], []).extend(range(total, total + n))
+            total += n
+        m = max(len(r) for r in per_slot.values())
+        if self.max_loras * m <= 2 * total:  # padding at most the batch again: one bmm
+            src = [per_slot.get(s, []) for s in range(self.max_loras)]
+            dst = [r + [0] * (m - len(r)) for r in src]
+            src = [r + [total] * (m - len(r)) for r in src]  # row ``total``: the zero row
+            self.batch.padded = (
+                torch.tensor(src, dtype=torch.long, device=device).flatten(),
+                torch.tensor(dst, dtype=torch.long, device=device).flatten(),
+                m,
+            )
+            return True
         self.batch.groups = [
             (s, torch.tensor(r, dtype=torch.long, device=device)) for s, r in per_slot.items()
         ]

@@ -7,10 +7,14 @@ each adapter slot ``s`` in the batch. Every slot holds its factors in fixed tens
 shards occupy their own rank columns of ``a`` and rows of ``b`` (block diagonal), so one
 pair of matmuls serves q, k and v together.
 
-Two ways to apply the deltas of a mixed batch (``benchmarks/lora.py`` measures both):
-grouped (rows of one adapter gathered, two small matmuls per adapter, added back) and
-gathered (each row's factors gathered, two bmm over the batch). Grouped is used: on the CPU
-it was faster at every batch measured, and a prefill chunk's rows never copy factors.
+Three ways to apply the deltas of a mixed batch (``benchmarks/lora.py`` measures them):
+grouped (rows of one adapter gathered, two small matmuls per adapter, added back), padded
+(every slot's rows gathered into one [slots, rows, in] tensor, padded with a zero row, two
+bmm over all slots, one scatter-add) and gathered (each row's own factors copied out, two
+bmm). The manager picks padded when the padding is at most the batch again (decode batches:
+a fixed handful of kernels whatever the number of adapters), else grouped (a prefill chunk
+of one adapter beside a few decodes). Gathered copies [rows, rank, in] per layer and lost at
+every size measured; it is kept for the benchmark only.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 # (slot, rows of the batch that use it; None: every row)
 Group = tuple[int, torch.Tensor | None]
@@ -31,6 +36,9 @@ class LoRABatch:
     wrapped layer; set by the model runner around each forward pass)."""
 
     groups: list[Group] = field(default_factory=list)
+    # Or, the padded plan: (source row of each padded row, T for the zero row; its
+    # destination row; padded rows per slot). Its padding rows read zeros and add zeros.
+    padded: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
 
 class LoRALinear:
@@ -74,6 +82,12 @@ class LoRALinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.batch.padded is not None:
+            src, dst, m = self.batch.padded
+            slots = self.a.shape[0]
+            xp = F.pad(x, (0, 0, 0, 1)).index_select(0, src).view(slots, m, -1)
+            delta = torch.bmm(torch.bmm(xp, self.a.transpose(1, 2)), self.b.transpose(1, 2))
+            return y.index_add_(0, dst, delta.view(slots * m, -1))
         for slot, rows in self.batch.groups:
             a, b = self.a[slot], self.b[slot]
             if rows is None:
