@@ -100,14 +100,19 @@ class Executor:
         runs = lora.split(scheduled, _adapter_of) if lora is not None else [scheduled]
         if len(runs) == 1:
             return self.runner.execute(scheduled, hook)
-        row_of = {id(s): i for i, s in enumerate(s for s in scheduled if s.samples)}
+        # Each sampling sequence's logit rows (one per verified position) in the batch.
+        rows_of: dict[int, range] = {}
+        start = 0
+        for s in scheduled:
+            rows_of[id(s)] = range(start, start + s.num_logit_rows)
+            start += s.num_logit_rows
         parts: list[torch.Tensor] = []
         index: list[int] = []
         for run in runs:
             out = self.runner.execute(run, hook)
             if out.shape[0]:
                 parts.append(out)
-                index += [row_of[id(s)] for s in run if s.samples]
+                index += [r for s in run for r in rows_of[id(s)]]
         if not parts:
             return torch.empty(0, 0)
         logits = torch.cat(parts)
