@@ -11,6 +11,7 @@ and 3 (or be a multiple of 3): N = 3 is the smallest size it allows (2 is refuse
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -21,6 +22,7 @@ from services.engine import LLM, SamplingParams
 def run(tp: int, prompts: list[list[int]], output_len: int) -> dict:
     llm = LLM(None, device="cpu", dtype="float32", tensor_parallel_size=tp,
               max_num_seqs=len(prompts))  # fmt: skip
+    threads = torch.get_num_threads()  # per rank (the ranks split the cores)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     group = llm.engine.runner.tp
@@ -30,6 +32,8 @@ def run(tp: int, prompts: list[list[int]], output_len: int) -> dict:
     wall = time.perf_counter() - start
     result = {
         "tp": tp,
+        "threads": threads,
+        "load": os.getloadavg()[0],
         "tok_s": len(prompts) * output_len / wall,
         "wall_s": wall,
         "comm_share": group.comm_seconds / wall,
@@ -52,10 +56,11 @@ def main() -> None:
     results = [run(1, prompts, args.output_len), run(args.tp, prompts, args.output_len)]
     same = sum(a == b for a, b in zip(results[0]["tokens"], results[1]["tokens"], strict=True))
     print(f"{args.requests} x {args.input_len} in / {args.output_len} out, greedy, fp32, "
-          f"{torch.get_num_threads()} threads in the driver at TP=1")  # fmt: skip
+          f"{os.cpu_count()} cores")  # fmt: skip
     for r in results:
-        print(f"TP={r['tp']}: {r['tok_s']:.1f} output tok/s, wall {r['wall_s']:.1f} s, "
-              f"collectives {100 * r['comm_share']:.1f}% of the driver's wall time")  # fmt: skip
+        print(f"TP={r['tp']} ({r['threads']} threads per rank): {r['tok_s']:.1f} output tok/s, "
+              f"wall {r['wall_s']:.1f} s, collectives {100 * r['comm_share']:.1f}% of the "
+              f"driver's wall time, load average after {r['load']:.1f}")  # fmt: skip
     print(f"identical greedy outputs: {same}/{args.requests}")
 
 
