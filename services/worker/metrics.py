@@ -25,6 +25,7 @@ from services.common.grpc_utils import ROLES
 from services.common.metric_buckets import E2E_BUCKETS, TOKEN_BUCKETS, TTFT_BUCKETS
 from services.common.metrics_http import MetricsEndpoint
 from services.common.pd_metrics import KVTransferMetrics
+from services.engine.expert_balance import expert_tokens
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +300,25 @@ class _EngineCollector:
         )  # fmt: skip
         if getattr(s, "spec", None) is not None:
             yield from _spec_metrics(self.ids, s.spec)
+        yield from _expert_metrics(self.ids, self.engine)
+
+
+def _expert_metrics(ids: list[str], engine: Any) -> Iterable[Metric]:
+    """Tokens routed to each expert of each sparse layer, on MoE models (the input of expert
+    load balancing). Read from the model's counters at scrape time: a snapshot the step
+    thread may be adding to, never torn per counter. NOTE: layers x experts series per worker
+    (48 x 128 for Qwen3-30B-A3B)."""
+    model = getattr(getattr(getattr(engine, "engine", None), "runner", None), "model", None)
+    if not getattr(model, "moe_blocks", None):
+        return
+    c = CounterMetricFamily(
+        "epdserve:moe_expert_tokens", "Tokens routed to each expert of each sparse layer.",
+        labels=[*LABELS, "layer", "expert"],
+    )  # fmt: skip
+    for layer, row in enumerate(expert_tokens(model).tolist()):
+        for expert, n in enumerate(row):
+            c.add_metric([*ids, str(layer), str(expert)], n)
+    yield c
 
 
 def _spec_metrics(ids: list[str], spec: Any) -> Iterable[Metric]:
