@@ -73,7 +73,7 @@ def _min_op() -> Any:
     import torch.distributed as dist
 
     opts = dist.AllreduceOptions()
-    opts.reduceOp = dist.ReduceOp.MIN
+    opts.reduceOp = dist.ReduceOp.MIN  # type: ignore[assignment]
     return opts
 
 
@@ -94,10 +94,12 @@ def join_group(store: Any, rank: int, size: int, device: torch.device) -> TPGrou
     if isinstance(store, tuple):
         host, port = store
         store = dist.TCPStore(host, port, size, False, timeout=COLLECTIVE_TIMEOUT)
+    pg: Any
     if device.type == "cpu":
         pg = dist.ProcessGroupGloo(store, rank, size, COLLECTIVE_TIMEOUT)
     elif device.type == "cuda":
-        pg = dist.ProcessGroupNCCL(store, rank, size)
+        torch.cuda.set_device(device)
+        pg = dist.ProcessGroupNCCL(store, rank, size, dist.ProcessGroupNCCL.Options())
     elif device.type == "npu":
         import torch_npu  # noqa: F401  (untested: no NPU here)
 

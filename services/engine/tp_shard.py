@@ -53,7 +53,7 @@ class VocabParallelEmbedding(nn.Embedding):
 def _slice(module: nn.Module, dim: int, start: int) -> None:
     """Load ``module.weight`` from the checkpoint's ``[start, ...)`` along ``dim``. NOTE: on the
     module, not the parameter: moving the model to its device makes new parameters."""
-    module.tp_slice = (dim, start)
+    module.tp_slice = (dim, start)  # type: ignore[assignment]
 
 
 def _divide(what: str, total: int, n: int) -> int:
