@@ -72,7 +72,7 @@ def layer_methods(rows: int, adapters: int, d_in: int, d_out: int, rank: int) ->
     slots = torch.arange(rows) % adapters
     batch.groups = [(s, torch.nonzero(slots == s).flatten()) for s in range(adapters)]
 
-    def best(fn, reps: int = 20) -> float:
+    def best(fn, reps: int = 50) -> float:
         fn()
         t = float("inf")
         for _ in range(reps):
@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--output", type=int, default=64, help="output tokens")
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     path = resolve_model(args.model)
     cfg = getattr(load_hf_config(path), "text_config", None) or load_hf_config(path)
@@ -108,18 +109,26 @@ def main() -> None:
     common = {"max_num_seqs": args.requests, "enable_prefix_caching": False}
     print(f"{args.requests} requests x {args.prompt} prompt / {args.output} output tokens, "
           f"greedy, torch threads {torch.get_num_threads()}")  # fmt: skip
+    tmp = tempfile.TemporaryDirectory()
+    names = [f"a{i}" for i in range(args.adapters)]
+    for i, name in enumerate(names):
+        write_adapter(Path(tmp.name) / name, cfg, args.rank, seed=i)
     base = LLM(args.model, **common)
-    base_tps, base_s = throughput(base, prompts, params, [None] * len(prompts))
-    del base
-    with tempfile.TemporaryDirectory() as tmp:
-        names = [f"a{i}" for i in range(args.adapters)]
-        for i, name in enumerate(names):
-            write_adapter(Path(tmp) / name, cfg, args.rank, seed=i)
-        mixed = LLM(args.model, **common, max_loras=args.adapters, max_lora_rank=args.rank,
-                    lora_modules=[f"{n}={Path(tmp) / n}" for n in names])  # fmt: skip
-        loras = [names[i % len(names)] for i in range(len(prompts))]
-        lora_tps, lora_s = throughput(mixed, prompts, params, loras)
-        base_on_lora_tps, _ = throughput(mixed, prompts, params, [None] * len(prompts))
+    mixed = LLM(args.model, **common, max_loras=args.adapters, max_lora_rank=args.rank,
+                lora_modules=[f"{n}={Path(tmp.name) / n}" for n in names])  # fmt: skip
+    loras = [names[i % len(names)] for i in range(len(prompts))]
+    none = [None] * len(prompts)
+    # Alternated and best of --repeats: the machine's other load changes between runs.
+    runs: dict[str, list[tuple[float, float]]] = {"base": [], "mixed": [], "base_on_lora": []}
+    for _ in range(args.repeats):
+        runs["base"].append(throughput(base, prompts, params, none))
+        runs["mixed"].append(throughput(mixed, prompts, params, loras))
+        runs["base_on_lora"].append(throughput(mixed, prompts, params, none))
+    tmp.cleanup()
+    (base_tps, base_s), (lora_tps, lora_s), (base_on_lora_tps, _) = (
+        max(runs[k]) for k in ("base", "mixed", "base_on_lora")
+    )
+    print("all runs (tok/s):", {k: [round(t, 1) for t, _ in v] for k, v in runs.items()})
     print("| run | output tok/s | seconds |")
     print("|---|---:|---:|")
     print(f"| base model, LoRA off | {base_tps:.1f} | {base_s:.2f} |")
