@@ -80,7 +80,7 @@ def pack_linears(model: nn.Module, backend: str = "auto") -> int:
             if not _agrees(m, fwd):
                 logger.warning("cpu linear: oneDNN disagrees with F.linear on %s; left unpacked", m)
                 continue
-            m.forward = fwd  # type: ignore[method-assign]
+            m.forward = fwd  # type: ignore[method-assign,assignment]
             if m.weight.data_ptr() not in shared:
                 m.weight = nn.Parameter(torch.empty(0, dtype=m.weight.dtype), requires_grad=False)
             packed += 1
