@@ -148,6 +148,10 @@ class EngineConfig:
         if self.lora_enabled and self.tensor_parallel_size > 1:
             # NOTE: an adapter's factors would have to be sliced like the rank's weights.
             raise ValueError("LoRA adapters with tensor_parallel_size > 1 are not supported")
+        if self.tensor_parallel_size > 1 and self.speculative_config is not None:
+            # NOTE: ranks 1..N-1 rebuild each step from the sequences' tokens (tp_ranks.py
+            # snapshot), which carry no draft tokens yet.
+            raise ValueError("speculative_config is not supported with tensor_parallel_size > 1")
         if self.tensor_parallel_size > 1 and self.kv_host_pool_bytes:
             raise ValueError("the KV host pool is not supported with tensor_parallel_size > 1")
         if self.tensor_parallel_size > 1 and (self.lora_modules or self.enable_lora):

@@ -287,3 +287,10 @@ def test_bad_config_is_a_value_error(text, message):
 
     with pytest.raises(ValueError, match=message):
         EngineConfig(speculative_config=text)
+
+
+def test_no_speculation_with_tensor_parallelism():
+    from services.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        EngineConfig(speculative_config=NGRAM, tensor_parallel_size=2)
