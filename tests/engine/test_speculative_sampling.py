@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+from types import SimpleNamespace
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -61,7 +62,8 @@ def test_speculative_sampling_keeps_the_target_distribution():
     probs = torch.softmax(chain, dim=-1)
     rng = random.Random(1)
     seqs = [Sequence(f"r{i}", [0], SamplingParams(temperature=1.0)) for i in range(N)]
-    executor = Executor(None, Sampler(set(), seed=0), _fail)  # type: ignore[arg-type]
+    runner = SimpleNamespace(ranks=None)  # sampling only: no model
+    executor = Executor(runner, Sampler(set(), seed=0), _fail)  # type: ignore[arg-type]
     outputs = _Outputs(seqs)
     live = list(seqs)
     while live:
