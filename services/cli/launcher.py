@@ -8,6 +8,7 @@ election's winner) runs the rebalancer.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import signal
@@ -32,6 +33,12 @@ from services.worker.config import WorkerConfig
 from services.worker.main import READY_PREFIX as WORKER_READY
 
 ROUTER_READY = "EPDSERVE_ROUTER_READY"
+
+
+# The workers' OpenMP threads sleep between parallel regions instead of spinning: the local
+# cluster's processes share the machine's cores, and a spinning thread takes a core from the
+# router, etcd and the worker's own I/O (docs/performance.md). Kept as the user set it.
+WORKER_ENV_DEFAULTS = {} if "OMP_WAIT_POLICY" in os.environ else {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @dataclass
@@ -160,7 +167,7 @@ class LocalCluster:
         self._worker_count += 1
         proc = ManagedProcess(
             f"worker-{i}", self.worker_argv(i, role), WORKER_READY, self.spec.echo,
-            self.etcd.access.to_env(), role=role,
+            {**self.etcd.access.to_env(), **WORKER_ENV_DEFAULTS}, role=role,
         )  # fmt: skip
         self.workers.append(proc)
         return proc
