@@ -83,9 +83,9 @@ class Sampler:
 
     @staticmethod
     def skip_draw(generator: torch.Generator, vocab_size: int) -> None:
-        """Advance ``generator`` exactly as one seeded sampling step does (a draw takes one
-        uniform number, whatever the probabilities; see ``draw``)."""
-        torch.rand(1, dtype=torch.float64, generator=generator)
+        """Advance ``generator`` exactly as one seeded sampling step does (the draw's random
+        consumption does not depend on the probabilities)."""
+        torch.multinomial(torch.ones(vocab_size), 1, generator=generator)
 
     def _apply_penalties(self, row: torch.Tensor, seq: Sequence) -> None:
         p = seq.params
@@ -114,23 +114,26 @@ class Sampler:
         sub = _finite(sub / temps.unsqueeze(1))
         sub = _filter(sub, [seqs[i] for i in rows])
         probs = _safe_probs(sub, [tokens[i] for i in rows])
-        # One uniform number per row: from the row's own generator when it is seeded.
-        u = torch.empty(len(rows), dtype=torch.float64)
         unseeded = [j for j, i in enumerate(rows) if seqs[i].generator is None]
         if unseeded:
-            u[unseeded] = torch.rand(len(unseeded), dtype=torch.float64, generator=self.generator)
+            u = torch.rand(len(unseeded), dtype=torch.float64, generator=self.generator)
+            for j, t in zip(unseeded, draw(probs[unseeded], u), strict=True):
+                tokens[rows[j]] = t
+        # NOTE: a seeded row keeps torch.multinomial. A migrated request recomputes its context
+        # on another worker (logits differ in the last bits) and its seeded continuation must
+        # equal the unmigrated one: with multinomial it did (tests/cluster/test_migration.py,
+        # n = 2 seeded completions of 200 tokens, 3 of 3); with the inverse-CDF draw it
+        # diverged 2 times in 3. Why the CDF draw is the more sensitive is not established.
         for j, i in enumerate(rows):
             gen = seqs[i].generator
             if gen is not None:
-                u[j] = torch.rand(1, dtype=torch.float64, generator=gen)
-        for j, t in enumerate(draw(probs, u)):
-            tokens[rows[j]] = t
+                tokens[i] = int(torch.multinomial(probs[j], 1, generator=gen))
         return tokens
 
 
 def draw(probs: torch.Tensor, u: torch.Tensor) -> list[int]:
     """One token per row of ``probs`` [B, V] (rows with mass), by inverting the row's CDF at
-    ``u`` [B] (uniform in [0, 1), float64).
+    ``u`` [B] (uniform in [0, 1), float64). For requests without a seed.
 
     NOTE: ``torch.multinomial`` (and the exponential race vLLM uses) draws a random number
     per vocabulary entry: 14 ms of CPU for 16 rows of the default model's 49,152 tokens, a

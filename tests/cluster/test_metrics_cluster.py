@@ -61,7 +61,12 @@ class Scrape:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
-    c = start_cluster(tiny_model_dir("llama"), workers=2)
+    # Speculating workers, so that the speculative-decoding panels' metrics are exported too
+    # (a worker exports them only when it speculates, as vLLM does).
+    spec = '{"method": "ngram", "num_speculative_tokens": 3}'
+    c = start_cluster(
+        tiny_model_dir("llama"), workers=2, engine_overrides={"speculative_config": spec}
+    )
     yield c
     c.stop()
 

@@ -13,6 +13,7 @@ import pytest
 
 from services.engine import AsyncLLMEngine, EngineConfig, SamplingParams
 from services.engine.llm_engine import LLMEngine
+from services.engine.output_processor import OutputProcessor
 from services.engine.outputs import RequestFailedError
 
 PROMPTS = {"a": [5, 6, 7, 8, 9], "bad": [10, 11, 12], "c": [20, 21, 22, 23]}
@@ -74,14 +75,16 @@ def test_forward_failure_of_one_sequence_ends_that_request_alone(engine, monkeyp
 
 def test_append_failure_ends_that_request_alone(engine, monkeypatch):
     reference = run(engine, ["a", "c"])
-    append = LLMEngine._append
+    # Patched where every sampled token is appended and checked (the speculative-decoding
+    # change made the step call the output processor directly, not LLMEngine._append).
+    append = OutputProcessor.append
 
     def flaky(self, req, seq, token, lp, now):
         if req.request_id == "bad":
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "boom in the detokenizer")
         return append(self, req, seq, token, lp, now)
 
-    monkeypatch.setattr(LLMEngine, "_append", flaky)
+    monkeypatch.setattr(OutputProcessor, "append", flaky)
     got = run(engine, ["a", "bad", "c"])
     assert got["a"] == reference["a"] and got["c"] == reference["c"]
     assert "checking its new token" in got["bad"]
