@@ -3,6 +3,7 @@ adapter's hash chain (for the KV index) is the engine's."""
 
 from __future__ import annotations
 
+import pytest
 from fake_handles import fake_handle, fake_pool
 
 from services.engine.block_hash import ROOT_HASH, adapter_hash_root
@@ -10,7 +11,10 @@ from services.router.routing.kv_index import prompt_hash_root
 from services.router.routing.policies.base import RouteRequest
 
 
-def test_only_holders_serve_an_adapter() -> None:
+@pytest.mark.asyncio
+async def test_only_holders_serve_an_adapter() -> None:
+    # Async: a handle opens a grpc.aio channel, which needs the running loop (outside one it
+    # took the thread's default loop, gone once another test closed it).
     a, b = fake_handle("w-a", None), fake_handle("w-b", None)
     a.lora_adapters = frozenset({"sql"})
     pool = fake_pool([a, b])
