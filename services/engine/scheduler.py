@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 from services.engine.block_manager import BlockManager, ComputedBlocks, chain_root
 from services.engine.scheduler_output import KVLoad, ScheduledSeq, SchedulerOutput, TierHit
 from services.engine.sequence import Sequence, SequenceStatus
-from services.engine.service_tiers import DEFAULT_OFFLINE_AGING_S, FLEX, SERVICE_TIERS, tier_rank
+from services.engine.service_tiers import DEFAULT_OFFLINE_AGING_S, SERVICE_TIERS
+from services.engine.tier_policy import TierPolicy
 
 if TYPE_CHECKING:
     from services.engine.kv_tiers import KVTierManager
@@ -54,9 +55,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.preemptions_by_tier = dict.fromkeys(SERVICE_TIERS, 0)
-        self.offline_aging_s = offline_aging_s
-        self.max_offline_batched_tokens = max_offline_batched_tokens  # of a step; None: all
-        self.clock = clock  # the time sequences' arrival_time is on (aging)
+        self.policy = TierPolicy(offline_aging_s, max_offline_batched_tokens, clock)
         # Preempted sequences waiting to be recomputed: their prefix-cache lookup on
         # rescheduling finds their own blocks, which is not a hit of the prompt.
         self._recomputing: set[int] = set()
@@ -104,7 +103,7 @@ class Scheduler:
         """Free the blocks of the worst, newest queued sequence holding any (recomputed in its
         turn), only of a rank worse than ``worse_than`` if given; False if none qualifies."""
         holders = [s for s in self.waiting if s.block_table]
-        seq = self._worst(holders, self._ranks(), worse_than)
+        seq = self.policy.worst(holders, self._ranks(), worse_than)
         if seq is None:
             return False
         self.bm.free(seq)  # it stays queued; the next sort puts it behind the holders
@@ -145,14 +144,13 @@ class Scheduler:
         """
         out = SchedulerOutput()
         ranks = self._ranks()
-        self.running.sort(key=lambda s: self._key(s, ranks))
+        self.running.sort(key=lambda s: self.policy.key(s, ranks))
         self.waiting = deque(sorted(self.waiting, key=lambda s: (
             ranks[s.seq_id], not s.block_table, s.params.priority, s.arrival_time)))  # fmt: skip
         self._budget = self.max_num_batched_tokens
         admit_below = math.inf  # ranks admitted from the queue in this step
         for rank in sorted(set(ranks.values())):
-            if rank == SERVICE_TIERS[FLEX] and self.max_offline_batched_tokens is not None:
-                self._budget = min(self._budget, self.max_offline_batched_tokens)  # the last
+            self._budget = self.policy.budget(rank, self._budget)
             if self._schedule_running(rank, ranks, out):
                 admit_below = -1  # memory pressure: admit nothing more this step
             if rank < admit_below:
@@ -160,27 +158,7 @@ class Scheduler:
         return out
 
     def _ranks(self) -> dict[int, int]:
-        now = self.clock()
-        return {
-            s.seq_id: tier_rank(s.params.service_tier, now - s.arrival_time, self.offline_aging_s)
-            for s in (*self.running, *self.waiting)
-        }
-
-    @staticmethod
-    def _key(seq: Sequence, ranks: dict[int, int]) -> tuple[int, int]:
-        return ranks[seq.seq_id], seq.params.priority
-
-    def _worst(
-        self, seqs: list[Sequence], ranks: dict[int, int], worse_than: int | None = None
-    ) -> Sequence | None:
-        """The sequence of ``seqs`` to preempt first: the worst (rank, priority), the last
-        among equals; only of a rank worse than ``worse_than`` if given."""
-        candidates = [
-            (i, s) for i, s in enumerate(seqs) if worse_than is None or ranks[s.seq_id] > worse_than
-        ]
-        if not candidates:
-            return None
-        return max(candidates, key=lambda item: (*self._key(item[1], ranks), item[0]))[1]
+        return self.policy.ranks((*self.running, *self.waiting))
 
     def _schedule_running(self, rank: int, ranks: dict[int, int], out: SchedulerOutput) -> bool:
         """Step 1 of ``schedule`` for the running sequences of ``rank``; True if it preempted."""
@@ -193,7 +171,7 @@ class Scheduler:
             spec, n = self.speculator, min(seq.num_uncomputed_tokens, self._budget)
             drafts = spec.lookahead(seq, n, self._budget, len(self.running)) if spec else []
             while not drafts and not self.bm.allocate_slots(seq, n):
-                victim = self._worst(self.running, ranks)
+                victim = self.policy.worst(self.running, ranks)
                 assert victim is not None  # seq itself runs
                 self._preempt(victim, out)
                 preempted = True
@@ -218,7 +196,7 @@ class Scheduler:
                 out.num_awaiting_store += 1
                 continue
             while not self._admit(seq, first, out):
-                victim = self._worst(self.running, ranks, worse_than=rank)
+                victim = self.policy.worst(self.running, ranks, worse_than=rank)
                 if victim is None:
                     return rank
                 self._preempt(victim, out)
@@ -292,8 +270,8 @@ class Scheduler:
     def _preempt_for(self, seq: Sequence) -> bool:
         """Free the blocks of one sequence of a worse rank than ``seq`` (in no queue yet): the
         worst running one, else the worst queued one holding blocks; False if there is none."""
-        rank = tier_rank(seq.params.service_tier, 0.0, self.offline_aging_s)
-        victim = self._worst(self.running, self._ranks(), worse_than=rank)
+        rank = self.policy.rank_on_arrival(seq)
+        victim = self.policy.worst(self.running, self._ranks(), worse_than=rank)
         if victim is not None:
             self._preempt(victim, SchedulerOutput())
             return True

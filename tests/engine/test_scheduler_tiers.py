@@ -66,8 +66,9 @@ def step(sched: Scheduler, goals: dict[int, int]):
 
 
 def rank(sched: Scheduler, seq: Sequence) -> tuple[int, int]:
-    waited = sched.clock() - seq.arrival_time
-    return tier_rank(seq.params.service_tier, waited, sched.offline_aging_s), seq.params.priority
+    policy = sched.policy
+    waited = policy.clock() - seq.arrival_time
+    return tier_rank(seq.params.service_tier, waited, policy.offline_aging_s), seq.params.priority
 
 
 # ---- fixed cases -------------------------------------------------------------------------------
