@@ -139,8 +139,8 @@ class RouterConfig:
     )
     response_max_record_bytes: int = field(
         default=256 * 1024,
-        metadata={"help": "largest stored response kept in etcd, shared by every router (a "
-                  "larger one stays in the memory of the router that made it)"},
+        metadata={"help": "largest stored response kept in etcd; a larger one is a file of "
+                  "<batch-dir>/responses with a pointer in etcd (shared by every router too)"},
     )  # fmt: skip
     response_max_records: int = field(
         default=10000, metadata={"help": "most stored responses in etcd (then: router memory)"}
@@ -237,8 +237,9 @@ class RouterConfig:
     batch_dir: str | None = field(
         default=None,
         metadata={
-            "help": "folder of the Batch APIs' files and results; every router of a cluster "
-            "must see the same one (default: <tmp>/epdserve-batches-<cluster>)"
+            "help": "folder of the Batch APIs' files and results, and of large stored "
+            "Responses API responses; every router of a cluster must see the same one "
+            "(default: <tmp>/epdserve-batches-<cluster>)"
         },
     )
     batch_max_file_bytes: int = field(

@@ -71,6 +71,7 @@ class Gateway:
         self.responses = ResponseStore(
             cfg.etcd_endpoints, cfg.cluster, cfg.response_ttl_s, cfg.response_max_record_bytes,
             cfg.response_max_records, cfg.response_local_bytes,
+            os.path.join(cfg.batch_root, "responses"),
         )  # fmt: skip
         self.background: dict[str, asyncio.Task[None]] = {}
         self.rebalancer = Rebalancer(
@@ -84,6 +85,7 @@ class Gateway:
         await self.watcher.start()
         await self.kv_index.start()
         await self.rebalancer.start()
+        self.responses.start()
 
     async def stop(self) -> None:
         tasks = list(self.background.values())

@@ -1,6 +1,7 @@
 """The Responses API over fake workers, a real etcd and two routers: stored responses are
 shared by both routers (GET, DELETE, previous_response_id), expire with their TTL, large ones
-stay in the router that made them; background runs and their cancel from either router;
+as files of the shared batch directory (swept once expired); background runs and their cancel
+from either router;
 the event stream's order; bad input as OpenAI's 400s."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from services.router.api.protocol.responses import ResponseDeleted, ResponseObje
 from services.router.api.responses_output import ResponsesOutput
 from services.router.errors import APIError
 from services.router.features.tool_parsers.forced import JsonArrayParser
+from services.router.response_store import ResponseStore
 from services.router.serving import ServeRequest
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -37,13 +39,14 @@ async def _healthy(c: httpx.AsyncClient) -> None:
 
 
 @pytest_asyncio.fixture
-async def routers():
+async def routers(tmp_path):
     with EtcdServer() as etcd:
         worker = await start_fake_worker(etcd.endpoint, "rs", "w1", engine=FakeEngine(step_s=0.02))
-        # Router b keeps records of at most 2000 bytes in etcd; both expire them after 3 s.
-        a = await start_gateway(etcd.endpoint, "rs", response_ttl_s=3.0)
-        b = await start_gateway(etcd.endpoint, "rs", response_ttl_s=3.0,
-                                response_max_record_bytes=2000)  # fmt: skip
+        # Router b keeps records of at most 2000 bytes in etcd (larger ones: files of the
+        # shared batch directory); both expire them after 3 s.
+        shared = {"response_ttl_s": 3.0, "batch_dir": str(tmp_path)}
+        a = await start_gateway(etcd.endpoint, "rs", **shared)
+        b = await start_gateway(etcd.endpoint, "rs", response_max_record_bytes=2000, **shared)
         try:
             async with (
                 httpx.AsyncClient(base_url=a.url, timeout=10) as ca,
@@ -65,8 +68,8 @@ async def _create(c: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
 
 
 @pytest.mark.asyncio
-async def test_stored_responses_are_shared_and_expire(routers) -> None:
-    a, b, _ = routers
+async def test_stored_responses_are_shared_and_expire(routers, tmp_path) -> None:
+    a, b, etcd = routers
     first = await _create(a, input="hi", instructions="be brief", metadata={"k": "v"})
     assert first["status"] == "incomplete" and first["output"][0]["content"][0]["text"]
     assert first["usage"]["output_tokens"] == 3 and first["metadata"] == {"k": "v"}
@@ -104,15 +107,33 @@ async def test_stored_responses_are_shared_and_expire(routers) -> None:
     unstored = await _create(a, input="x", store=False, stop=["w1"])  # vLLM's extension
     assert unstored["output"][0]["content"][0]["text"] == "w0 "
     assert (await a.get(f"/v1/responses/{unstored['id']}")).status_code == 404
-    # Large records stay in the router that made them (b: 2000 bytes at most in etcd).
+    # Large records (b: over 2000 bytes) are files of the batch directory with a pointer in
+    # etcd: both routers read, continue and delete them.
     assert (await a.get(f"/v1/responses/{alone['id']}")).status_code == 200
-    big = await _create(b, input="y", metadata={f"k{i}": "v" * 200 for i in range(16)})
-    assert (await b.get(f"/v1/responses/{big['id']}")).status_code == 200
-    assert (await a.get(f"/v1/responses/{big['id']}")).status_code == 404
-    # All of them expire with the TTL.
-    await asyncio.sleep(3.5)
-    for rid, c in ((alone["id"], a), (big["id"], b)):
-        assert (await c.get(f"/v1/responses/{rid}")).status_code == 404
+    large = {f"k{i}": "v" * 200 for i in range(16)}
+    big = await _create(b, input="y", metadata=large)
+    files = tmp_path / "responses"
+    assert (files / f"{big['id']}.json").is_file()
+    for c in (a, b):
+        got = await c.get(f"/v1/responses/{big['id']}")
+        assert got.status_code == 200 and got.json() == big
+    on_a = await _create(a, input="more", previous_response_id=big["id"])
+    assert on_a["usage"]["input_tokens"] > alone["usage"]["input_tokens"] + 10
+    doomed = await _create(b, input="z", metadata=large)
+    assert (await a.delete(f"/v1/responses/{doomed['id']}")).status_code == 200
+    assert (await b.get(f"/v1/responses/{doomed['id']}")).status_code == 404
+    assert not (files / f"{doomed['id']}.json").exists()
+    # All of them expire with the TTL; a sweep then deletes the files of the expired ones.
+    store = ResponseStore([etcd.endpoint], "rs", 3.0, 2000, 100, 1000, files)
+    try:
+        assert await store.sweep(older_than_s=0) == 0
+        await asyncio.sleep(3.5)
+        for rid, c in ((alone["id"], a), (big["id"], b), (big["id"], a)):
+            assert (await c.get(f"/v1/responses/{rid}")).status_code == 404
+        assert await store.sweep(older_than_s=0) == 1
+        assert not any(files.iterdir())
+    finally:
+        await store.close()
     r = await a.post("/v1/responses", json={"model": MODEL, "input": "x",
                                             "previous_response_id": alone["id"]})  # fmt: skip
     assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id"
@@ -129,8 +150,8 @@ async def test_background_runs_and_cancels_from_either_router(routers) -> None:
             break
         await asyncio.sleep(0.1)
     assert done["status"] == "incomplete" and done["usage"]["output_tokens"] == 4
-    # Queued, it fits router b's etcd bound (2000 bytes); done, it does not: b keeps it, and
-    # the other router finds no stale "queued" copy.
+    # Queued, it fits router b's etcd bound (2000 bytes); done, it is a file: the other
+    # router finds that, not a stale "queued" copy.
     grown = await _create(b, input="go", background=True, max_output_tokens=4,
                           metadata={f"k{i}": "v" * 200 for i in range(6)})  # fmt: skip
     assert (await a.get(f"/v1/responses/{grown['id']}")).json()["status"] == "queued"
@@ -138,7 +159,7 @@ async def test_background_runs_and_cancels_from_either_router(routers) -> None:
         if (await b.get(f"/v1/responses/{grown['id']}")).json()["status"] == "incomplete":
             break
         await asyncio.sleep(0.1)
-    assert (await a.get(f"/v1/responses/{grown['id']}")).status_code == 404
+    assert (await a.get(f"/v1/responses/{grown['id']}")).json()["status"] == "incomplete"
     # A long run cancelled through the router that does not run it.
     long = await _create(a, input="go", background=True, max_output_tokens=100)
     r = await b.post("/v1/responses", json={"model": MODEL, "input": "x",
