@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# NOTE: the suite runs many processes (in-process engines, cluster workers, routers) on a few
+# cores. OpenMP threads that spin while they wait (libgomp's default) then burn the cores the
+# other processes need and stall each parallel region behind a pre-empted thread (RESULTS.md,
+# "Threads under contention"). Waiting threads sleep instead, here and in every process the
+# tests start; a caller's own setting wins. Set before torch is imported (libgomp reads it once).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 FAMILIES = ("llama", "llama3_rope", "qwen2", "qwen3")
 MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral")
