@@ -179,3 +179,43 @@ def test_qwen3_reranker_rerank_and_score_equal_transformers(tiny_model_dir) -> N
         assert r.status_code == 400 and "does not support the embeddings API" in r.text
     finally:
         c.stop()
+
+
+def test_cross_encoder_rerank_and_score_equal_transformers(tmp_path) -> None:
+    """A Qwen3ForSequenceClassification cross-encoder: the sigmoid of its one-label head on
+    the tokenizer's encoding of each (query, document) pair."""
+    import shutil
+
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(**TINY_CONFIG, head_dim=32, num_labels=1)
+    cfg.architectures = ["Qwen3ForSequenceClassification"]
+    hf = transformers.Qwen3ForSequenceClassification(cfg).eval()
+    hf.save_pretrained(str(tmp_path))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_source() / name, tmp_path / name)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    with torch.no_grad():
+        ref = [
+            float(hf(torch.tensor([tok(QUERY, text_pair=d)["input_ids"]])).logits[0, 0].sigmoid())
+            for d in TEXTS
+        ]
+    assert max(ref) - min(ref) > 1e-3  # distinct scores: the order below means something
+    c = start_cluster(tmp_path, workers=1, engine_overrides={"max_model_len": 64})
+    try:
+        body = post(c, "/v1/rerank", {"model": TINY_NAME, "query": QUERY, "documents": TEXTS,
+                                      "top_n": 2}).json()  # fmt: skip
+        assert [r["index"] for r in body["results"]] == sorted(range(3), key=lambda i: -ref[i])[:2]
+        for r in body["results"]:
+            assert abs(r["relevance_score"] - ref[r["index"]]) < 1e-5
+            assert r["document"]["text"] == TEXTS[r["index"]]
+        pairs = [tok(QUERY, text_pair=d)["input_ids"] for d in TEXTS]
+        assert body["usage"]["total_tokens"] == sum(len(p) for p in pairs)
+        score = post(c, "/v1/score", {"model": TINY_NAME, "text_1": QUERY,
+                                       "text_2": TEXTS}).json()  # fmt: skip
+        assert [round(d["score"], 5) for d in score["data"]] == [round(r, 5) for r in ref]
+        r = post(c, "/v1/embeddings", {"model": TINY_NAME, "input": "x"})
+        assert r.status_code == 400 and "does not support the embeddings API" in r.text
+    finally:
+        c.stop()
