@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -66,6 +68,10 @@ class Tokenizer:
         # Image placeholders of a vision-language model; None: the model takes no images.
         self.vision = vision
         self._token_str = lru_cache(maxsize=65536)(self._decode_one)
+        # NOTE: a truncating encode sets the fast tokenizer's truncation state, which the
+        # other preparation threads' encodes reset: it runs on a copy of its own, one at a time.
+        self._truncating: Any = None
+        self._truncating_lock = threading.Lock()
 
     @classmethod
     def load(cls, model: str | None) -> Tokenizer:
@@ -91,6 +97,17 @@ class Tokenizer:
     def encode_pair(self, first: str, second: str) -> list[int]:
         """A cross-encoder's input: the tokenizer's own encoding of a text pair."""
         return list(self.hf(first, text_pair=second)["input_ids"])
+
+    def encode_truncated(self, text: str, max_length: int, pair: str | None = None) -> list[int]:
+        """The tokenizer's encoding of ``text`` (and ``pair``) cut to ``max_length`` tokens from
+        the left, special tokens kept (vLLM's ``truncate_prompt_tokens``); a pair loses tokens
+        from the longer text first. ValueError when the special tokens alone do not fit."""
+        with self._truncating_lock:
+            if self._truncating is None:
+                self._truncating = copy.deepcopy(self.hf)
+                self._truncating.truncation_side = "left"
+            out = self._truncating(text, text_pair=pair, truncation=True, max_length=max_length)
+            return list(out["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` (ids in range, see ``vocab_size``), special tokens kept."""

@@ -72,6 +72,8 @@ def cosine(a, b: torch.Tensor) -> float:
 
 
 def test_openai_sdk_embeddings_equal_transformers(embed_cluster, embed_dir) -> None:
+    from transformers import AutoTokenizer
+
     oai = openai_client(embed_cluster)
     ref = hf_embeddings(embed_dir, TEXTS)
     # The SDK asks for base64 and decodes it; float is asked for explicitly below.
@@ -92,6 +94,13 @@ def test_openai_sdk_embeddings_equal_transformers(embed_cluster, embed_dir) -> N
                {"model": TINY_NAME, "input": [7, 8, 9], "encoding_format": "base64"}).json()  # fmt: skip
     vec = struct.unpack("<64f", base64.b64decode(raw["data"][0]["embedding"]))
     assert cosine(list(vec), hf_embeddings(embed_dir, [[7, 8, 9]])[0]) >= 1 - 1e-4
+    # truncate_prompt_tokens (vLLM's): the last k tokens of a text or of token ids.
+    tail = AutoTokenizer.from_pretrained(str(embed_dir))(TEXTS[0])["input_ids"][-3:]
+    for given, kept in ((TEXTS[0], tail), ([5, 17, 300, 42], [17, 300, 42])):
+        cut = oai.embeddings.create(model=TINY_NAME, input=given, encoding_format="float",
+                                    extra_body={"truncate_prompt_tokens": 3})  # fmt: skip
+        assert cosine(cut.data[0].embedding, hf_embeddings(embed_dir, [kept])[0]) >= 1 - 1e-4
+        assert cut.usage.prompt_tokens == 3
 
 
 def test_rerank_and_score_of_an_embedding_model_are_cosines(embed_cluster, embed_dir) -> None:
@@ -124,6 +133,9 @@ def test_rerank_and_score_of_an_embedding_model_are_cosines(embed_cluster, embed
         ("/v1/embeddings", {"input": "x", "dimensions": 0}, "'dimensions' must be"),
         ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, "encoding_format"),
         ("/v1/embeddings", {"input": ["a"] * 65}, "more than the limit of 64"),
+        ("/v1/embeddings", {"input": "x", "truncate_prompt_tokens": 65}, "in [1, 64]"),
+        ("/v1/embeddings", {"input": "x", "truncate_prompt_tokens": 0}, "in [1, 64]"),
+        ("/v1/score", {"text_1": "a", "text_2": "b", "truncate_prompt_tokens": -2}, ">= -1"),
         ("/v1/rerank", {"query": "q", "documents": []}, "must not be empty"),
         ("/v1/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, "as many as"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 2}, "pooling model"),
@@ -215,6 +227,17 @@ def test_cross_encoder_rerank_and_score_equal_transformers(tmp_path) -> None:
         score = post(c, "/v1/score", {"model": TINY_NAME, "text_1": QUERY,
                                        "text_2": TEXTS}).json()  # fmt: skip
         assert [round(d["score"], 5) for d in score["data"]] == [round(r, 5) for r in ref]
+        # truncate_prompt_tokens: 6 tokens of each pair, the longer text cut first, from
+        # the left (vLLM's left-truncating tokenizer).
+        tok.truncation_side = "left"
+        cut = [tok(QUERY, text_pair=d, truncation=True, max_length=6)["input_ids"] for d in TEXTS]
+        assert [len(ids) for ids in cut] == [6, 6, 6]
+        with torch.no_grad():
+            short = [float(hf(torch.tensor([ids])).logits[0, 0].sigmoid()) for ids in cut]
+        score = post(c, "/v1/score", {"model": TINY_NAME, "text_1": QUERY, "text_2": TEXTS,
+                                       "truncate_prompt_tokens": 6}).json()  # fmt: skip
+        assert [round(d["score"], 5) for d in score["data"]] == [round(r, 5) for r in short]
+        assert score["usage"]["prompt_tokens"] == 18
         r = post(c, "/v1/embeddings", {"model": TINY_NAME, "input": "x"})
         assert r.status_code == 400 and "does not support the embeddings API" in r.text
     finally:

@@ -7,6 +7,8 @@ embeddings, and rerank / score as the cosine of two embeddings (as vLLM does); "
 models give rerank / score from their one-label head, on the text pair as the tokenizer
 encodes it, or on the Qwen3-Reranker prompt for a causal LM made a yes/no reranker
 (``--classifier-from-tokens``; the template vLLM's Qwen3-Reranker example uses).
+``truncate_prompt_tokens`` (vLLM's) keeps the last k tokens of each input (a pair loses tokens
+from its longer text first), as vLLM's left-truncating tokenizer does.
 """
 
 from __future__ import annotations
@@ -86,9 +88,39 @@ async def _pool(
     return [list(o.data) for o in resp.outputs], tokens
 
 
-async def _encode(gw: Gateway, texts: list[str]) -> list[list[int]]:
-    chars = sum(len(t) for t in texts)
-    return await gw.offload.run(chars, lambda: [gw.tokenizer.encode(t) for t in texts])
+def _keep(gw: Gateway, model: str, truncate: int | None) -> int | None:
+    """The tokens each input keeps (``truncate_prompt_tokens``; -1: the context length), or
+    None: all of them."""
+    if truncate is None:
+        return None
+    max_len = gw.resolve_model(model)[1]
+    if truncate == 0 or truncate > max_len:
+        raise bad_request(
+            f"'truncate_prompt_tokens' must be -1 or in [1, {max_len}] (the model's context "
+            f"length), got {truncate}", param="truncate_prompt_tokens",
+        )  # fmt: skip
+    return max_len if truncate == -1 else truncate
+
+
+def _encode_one(gw: Gateway, text: str, keep: int | None, pair: str | None = None) -> list[int]:
+    if keep is None:
+        return gw.tokenizer.encode(text) if pair is None else gw.tokenizer.encode_pair(text, pair)
+    try:
+        return gw.tokenizer.encode_truncated(text, keep, pair)
+    except Exception as exc:  # noqa: BLE001 - the tokenizer's own refusal
+        raise bad_request(f"cannot truncate the input to {keep} tokens: {exc}",
+                          param="truncate_prompt_tokens") from None  # fmt: skip
+
+
+async def _encode(
+    gw: Gateway, texts: list[str], keep: int | None = None, pairs: list[str] | None = None
+) -> list[list[int]]:
+    """Token ids of each text (with its pair's text, a cross-encoder's input)."""
+    seconds: list[str | None] = list(pairs) if pairs else [None] * len(texts)
+    chars = sum(len(t) for t in texts) + sum(len(t) for t in pairs or [])
+    return await gw.offload.run(
+        chars, lambda: [_encode_one(gw, t, keep, p) for t, p in zip(texts, seconds, strict=True)]
+    )
 
 
 async def _embeddings(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
@@ -96,11 +128,12 @@ async def _embeddings(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
     task, _ = _task(gw, gw.resolve_model(req.model)[0])
     if task != "embed":
         raise _refuse(req.model, "embeddings", task)
+    keep = _keep(gw, req.model, req.truncate_prompt_tokens)
     if isinstance(req.input[0], str):
-        inputs = await _encode(gw, req.input)
+        inputs = await _encode(gw, req.input, keep)
     else:
         vocab = gw.tokenizer.vocab_size
-        inputs = [check_token_ids(ids, vocab, "input") for ids in req.input]
+        inputs = [check_token_ids(ids, vocab, "input")[-(keep or 0) :] for ids in req.input]
     vectors, tokens = await _pool(gw, req.model, "embeddings", inputs, task, req.dimensions or 0)
     data = [
         {"object": "embedding", "index": i,
@@ -117,24 +150,24 @@ def _base64(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
-async def _scores(gw: Gateway, model: str, api: str, pairs: list[tuple[str, str]]):
+async def _scores(
+    gw: Gateway, model: str, api: str, pairs: list[tuple[str, str]], truncate: int | None
+):
     """The relevance score of each (query, document) pair, and the prompt tokens used."""
     task, template = _task(gw, gw.resolve_model(model)[0])
     if task is None:
         raise _refuse(model, api, task)
+    keep = _keep(gw, model, truncate)
     if task == "embed":
         # Cosine similarity of the two embeddings (each text embedded once).
         texts = list(dict.fromkeys(t for pair in pairs for t in pair))
-        vectors, tokens = await _pool(gw, model, api, await _encode(gw, texts), task)
+        vectors, tokens = await _pool(gw, model, api, await _encode(gw, texts, keep), task)
         of = dict(zip(texts, vectors, strict=True))
         return [_cosine(of[a], of[b]) for a, b in pairs], tokens
     if template == QWEN3_RERANKER:
-        inputs = await _encode(gw, [qwen3_reranker_prompt(q, d) for q, d in pairs])
+        inputs = await _encode(gw, [qwen3_reranker_prompt(q, d) for q, d in pairs], keep)
     else:
-        chars = sum(len(q) + len(d) for q, d in pairs)
-        inputs = await gw.offload.run(
-            chars, lambda: [gw.tokenizer.encode_pair(q, d) for q, d in pairs]
-        )
+        inputs = await _encode(gw, [q for q, _ in pairs], keep, [d for _, d in pairs])
     vectors, tokens = await _pool(gw, model, api, inputs, task)
     if vectors and len(vectors[0]) != 1:
         raise bad_request(f"model {model!r} has {len(vectors[0])} labels; scores need one",
@@ -149,8 +182,8 @@ def _cosine(a: list[float], b: list[float]) -> float:
 
 async def _rerank(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
     req = parse(proto.RerankRequest, body, max_prompts=gw.cfg.max_prompts)
-    scores, tokens = await _scores(gw, req.model, "rerank",
-                                   [(req.query, d) for d in req.documents])  # fmt: skip
+    scores, tokens = await _scores(gw, req.model, "rerank", [(req.query, d) for d in req.documents],
+                                   req.truncate_prompt_tokens)  # fmt: skip
     order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n or None]
     results = [
         {"index": i, "relevance_score": scores[i],
@@ -174,7 +207,8 @@ async def _score(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
             f"'text_1' has {len(first)} items and 'text_2' {len(second)}: give one text_1, "
             "or as many as text_2", param="text_1",
         )  # fmt: skip
-    scores, tokens = await _scores(gw, req.model, "score", list(zip(first, second, strict=True)))
+    scores, tokens = await _scores(gw, req.model, "score", list(zip(first, second, strict=True)),
+                                   req.truncate_prompt_tokens)  # fmt: skip
     out = proto.ScoreResponse(
         id=f"score-{uuid.uuid4().hex}", object="list", created=int(time.time()),
         model=req.model, usage={"prompt_tokens": tokens, "total_tokens": tokens},  # type: ignore[arg-type]

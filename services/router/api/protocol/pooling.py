@@ -80,6 +80,9 @@ def _encoding(value: Any, info: ValidationInfo) -> str:
     return str(value)
 
 
+# vLLM's truncate_prompt_tokens: keep the last k tokens of each input (-1: the context length).
+Truncate = Annotated[int, Int(-1)] | None
+
 EmbeddingInput = Annotated[
     list[Any],
     BeforeValidator(_input),
@@ -99,6 +102,7 @@ class EmbeddingRequest(APIModel):
         str, BeforeValidator(_encoding), Field(json_schema_extra={"enum": ["float", "base64"]})
     ] = "float"
     user: Str | None = None
+    truncate_prompt_tokens: Truncate = None
 
 
 class RerankRequest(APIModel):
@@ -113,6 +117,7 @@ class RerankRequest(APIModel):
     ]
     top_n: Annotated[int, Int(0)] | None = None  # 0 or absent: every document
     return_documents: Bool = True
+    truncate_prompt_tokens: Truncate = None
 
 
 class ScoreRequest(APIModel):
@@ -122,6 +127,7 @@ class ScoreRequest(APIModel):
     model: Str
     text_1: Texts
     text_2: Texts
+    truncate_prompt_tokens: Truncate = None
 
 
 # -- responses ------------------------------------------------------------------------------
