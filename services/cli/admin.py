@@ -116,9 +116,10 @@ def render_roles(st: dict) -> str:
 def render_status(st: dict) -> str:
     head = ["ID", "ROLE", "EPOCH", "STATE", "ADDRESS", "WAIT", "RUN", "REQS", "QUEUED_TOK",
             "KV%", "IMAGES", "TTFT_MS", "TPOT_MS", "PID", "HOST"]  # fmt: skip
-    rows = [head]
     held: list[str] = []
+    tables: dict[str, list[list[str]]] = {}  # one table per base model
     for w in st["workers"]:
+        rows = tables.setdefault(w.get("model") or "?", [head])
         role = _role(w)
         kv = None if w["kv_utilization"] is None else w["kv_utilization"] * 100
         rows.append([w["id"], role, str(w["epoch"]), w["state"], w["address"],
@@ -130,7 +131,9 @@ def render_status(st: dict) -> str:
             held.append(f"  {w['id']} (pid {w['pid']} on {w['host']}): {', '.join(ids)}")
     rb = st["rebalancer"]
     params = ", ".join(f"{k}={v:g}" for k, v in sorted(rb["params"].items())) or "no parameters"
-    out = [f"cluster {st['cluster']}: {len(st['workers'])} workers", table(rows), ""]
+    out = [f"cluster {st['cluster']}: {len(st['workers'])} workers"]
+    for model, rows in sorted(tables.items()):
+        out += [f"model {model}: {len(rows) - 1} workers", table(rows), ""]
     if held:
         out += ["requests held:", *held, ""]
     kv = st.get("kvstore") or {}
@@ -162,7 +165,8 @@ def render_status(st: dict) -> str:
         for d in rb["decisions"][:10]:
             when = time.strftime("%H:%M:%S", time.localtime(d["at"]))
             who = _flipped(d)
-            out.append(f"  {when} {d['policy']} {d['action']}{who}: {d['reason']}")
+            model = f" [{d['model']}]" if d.get("model") else ""
+            out.append(f"  {when}{model} {d['policy']} {d['action']}{who}: {d['reason']}")
     elif not last:
         out.append("no decisions yet")
     return "\n".join(out)

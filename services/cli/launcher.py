@@ -26,6 +26,7 @@ from services.cli.commands import kvstore_command, router_command, worker_comman
 from services.common.etcd_server import EtcdSecurity, EtcdServer
 from services.common.net import free_port
 from services.engine.config import EngineConfig
+from services.engine.model_files import served_name
 from services.kvstore.config import KVStoreConfig
 from services.kvstore.main import READY_PREFIX as KVSTORE_READY
 from services.router.config import RouterConfig
@@ -39,6 +40,33 @@ ROUTER_READY = "EPDSERVE_ROUTER_READY"
 # cluster's processes share the machine's cores, and a spinning thread takes a core from the
 # router, etcd and the worker's own I/O (docs/performance.md). Kept as the user set it.
 WORKER_ENV_DEFAULTS = {} if "OMP_WAIT_POLICY" in os.environ else {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@dataclass
+class ModelGroup:
+    """One more base model of a cluster and its own workers (the spec's own fields describe
+    the first model's); the router routes each request to its model's workers."""
+
+    model: str | None  # HF folder or .gguf; None: embedded default
+    served_model_name: str | None = None
+    mixed: int = 1
+    prefill: int = 0
+    decode: int = 0
+    encode: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.mixed, self.prefill, self.decode, self.encode) < 0:
+            raise ValueError("worker counts must be >= 0")
+        if bool(self.prefill) != bool(self.decode):
+            raise ValueError("PD mode needs both --prefill N and --decode N (N >= 1)")
+        if self.mixed + self.prefill == 0:
+            raise ValueError("need at least one worker (--mixed N, or --prefill N --decode N)")
+
+    def roles(self) -> list[str]:
+        return (
+            ["mixed"] * self.mixed + ["prefill"] * self.prefill + ["decode"] * self.decode
+            + ["encode"] * self.encode
+        )  # fmt: skip
 
 
 @dataclass
@@ -72,20 +100,35 @@ class ClusterSpec:
     # CA of the gateway's certificate (router_overrides ssl_certfile): the launcher's health
     # checks trust it; None: the system's CAs.
     gateway_ca: str | None = None
+    # More base models, each with workers of its own (same engine, worker overrides).
+    more_models: list[ModelGroup] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if min(self.mixed, self.prefill, self.decode, self.encode) < 0:
-            raise ValueError("worker counts must be >= 0")
-        if bool(self.prefill) != bool(self.decode):
-            raise ValueError("PD mode needs both --prefill N and --decode N (N >= 1)")
-        if self.mixed + self.prefill == 0:
-            raise ValueError("need at least one worker (--mixed N, or --prefill N --decode N)")
+        self.first_model()  # checks the first model's worker counts
+        names = [served_name_of(g) for g in self.groups()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two models share a served name: {', '.join(names)}; give "
+                             "each its own --served-model-name")  # fmt: skip
         if self.routers < 1:
             raise ValueError("need at least one router (--routers N, N >= 1)")
         if not 0 <= self.port < 65536 or (self.port and self.port + self.routers > 65536):
             raise ValueError(
                 f"router ports {self.port}..{self.port + self.routers - 1} must be in [0, 65535]"
             )
+
+    def first_model(self) -> ModelGroup:
+        """The spec's own model and its workers, as a group."""
+        return ModelGroup(self.model, self.served_model_name, self.mixed, self.prefill,
+                          self.decode, self.encode)  # fmt: skip
+
+    def groups(self) -> list[ModelGroup]:
+        """Every base model of the cluster with its workers, the spec's own first."""
+        return [self.first_model(), *self.more_models]
+
+
+def served_name_of(g: ModelGroup | ClusterSpec) -> str:
+    """The name clients use for a group's model."""
+    return g.served_model_name or served_name(g.model)
 
 
 class LocalCluster:
@@ -112,20 +155,22 @@ class LocalCluster:
         """The first router (the one the CLI is pointed at)."""
         return self.routers[0] if self.routers else None
 
-    def engine_config(self) -> EngineConfig:
+    def engine_config(self, group: int = 0) -> EngineConfig:
+        """The engine of the workers of model ``group`` (0: the spec's own model)."""
+        g = self.spec.groups()[group]
         return EngineConfig(
-            model=self.spec.model, served_model_name=self.spec.served_model_name,
+            model=g.model, served_model_name=g.served_model_name,
             device=self.spec.device, **self.spec.engine_overrides,  # type: ignore[arg-type]
         )  # fmt: skip
 
-    def worker_roles(self) -> list[str]:
-        s = self.spec
-        return (
-            ["mixed"] * s.mixed + ["prefill"] * s.prefill + ["decode"] * s.decode
-            + ["encode"] * s.encode
-        )  # fmt: skip
+    def worker_plan(self) -> list[tuple[int, str]]:
+        """(model group, role) of each worker, in start order."""
+        return [(i, role) for i, g in enumerate(self.spec.groups()) for role in g.roles()]
 
-    def worker_argv(self, index: int, role: str = "mixed") -> list[str]:
+    def worker_roles(self) -> list[str]:
+        return [role for _, role in self.worker_plan()]
+
+    def worker_argv(self, index: int, role: str = "mixed", group: int = 0) -> list[str]:
         overrides = dict(self.spec.worker_overrides)
         if self.spec.kvstore:
             # With a kvstore, workers keep KV blocks in its Mooncake Store (found through etcd).
@@ -135,7 +180,7 @@ class LocalCluster:
             cluster=self.spec.cluster, etcd=self.etcd.endpoint, lease_ttl=self.spec.lease_ttl,
             **overrides,  # type: ignore[arg-type]
         )  # fmt: skip
-        return worker_command(wcfg, self.engine_config())
+        return worker_command(wcfg, self.engine_config(group))
 
     def router_argv(self, index: int = 0) -> list[str]:
         port = self.spec.port + index if self.spec.port else free_port(self.spec.host)
@@ -162,11 +207,11 @@ class LocalCluster:
         )  # fmt: skip
         return self.kvstore
 
-    def start_worker(self, role: str = "mixed") -> ManagedProcess:
+    def start_worker(self, role: str = "mixed", group: int = 0) -> ManagedProcess:
         i = self._worker_count
         self._worker_count += 1
         proc = ManagedProcess(
-            f"worker-{i}", self.worker_argv(i, role), WORKER_READY, self.spec.echo,
+            f"worker-{i}", self.worker_argv(i, role, group), WORKER_READY, self.spec.echo,
             {**self.etcd.access.to_env(), **WORKER_ENV_DEFAULTS}, role=role,
         )  # fmt: skip
         self.workers.append(proc)
@@ -193,8 +238,8 @@ class LocalCluster:
         self.etcd.start()
         if self.spec.kvstore:
             self.start_kvstore()
-        for role in self.worker_roles():
-            self.start_worker(role)
+        for group, role in self.worker_plan():
+            self.start_worker(role, group)
         write_private(self.admin_dir / TOKEN_FILE, self.admin_token)
         for _ in range(self.spec.routers):
             self.start_router()
@@ -230,15 +275,15 @@ class LocalCluster:
     def prepare_model(self, say: Callable[[str], None]) -> None:
         """Convert a GGUF (or the default model) once here, before the children start, so
         that they do not race to fill the same cache folder; they then load the folder."""
-        from services.engine.model_files import served_name
         from services.engine.model_loader import resolve_model
 
-        model = self.spec.model
-        if model is not None and not model.endswith(".gguf"):
-            return
-        say(f"preparing model {model or '(embedded default)'} ...")
-        self.spec.served_model_name = self.spec.served_model_name or served_name(model)
-        self.spec.model = resolve_model(model)
+        groups: list[ModelGroup | ClusterSpec] = [self.spec, *self.spec.more_models]
+        for g in groups:
+            if g.model is not None and not g.model.endswith(".gguf"):
+                continue
+            say(f"preparing model {g.model or '(embedded default)'} ...")
+            g.served_model_name = served_name_of(g)
+            g.model = resolve_model(g.model)
 
     def wait_healthy(
         self,

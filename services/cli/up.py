@@ -9,7 +9,7 @@ import threading
 import time
 
 from services.cli.admin_config import config_dir
-from services.cli.launcher import ClusterSpec, LocalCluster
+from services.cli.launcher import ClusterSpec, LocalCluster, ModelGroup, served_name_of
 from services.cli.supervisor import RestartPolicy, Supervisor
 from services.common.dataclass_cli import add_dataclass_args, from_args, parse_assignments
 from services.engine.config import EngineConfig
@@ -19,21 +19,27 @@ LORA_FIELDS = ("lora_modules", "enable_lora", "max_loras", "max_lora_rank")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model",
-        default=None,
-        help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)",
-    )
-    p.add_argument("--served-model-name", default=None, help="model name clients use")
+        "--model", action="append", default=None,
+        help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct); "
+        "repeat it to serve several base models on one cluster: each model gets its own "
+        "workers, as many of each role as --mixed/--prefill/--decode/--encode say",
+    )  # fmt: skip
+    p.add_argument(
+        "--served-model-name", action="append", default=None,
+        help="model name clients use; with several --model, one per model in their order",
+    )  # fmt: skip
     p.add_argument(
         "--mixed",
         type=int,
         default=None,
-        help="co-located (mixed-role) workers (default 1, or 0 with --prefill/--decode)",
+        help="co-located (mixed-role) workers per model (default 1, or 0 with --prefill/--decode)",
     )
     p.add_argument(
-        "--prefill", type=int, default=0, help="prefill workers (PD mode, with --decode)"
+        "--prefill", type=int, default=0, help="prefill workers per model (PD, with --decode)"
     )
-    p.add_argument("--decode", type=int, default=0, help="decode workers (PD mode, with --prefill)")
+    p.add_argument(
+        "--decode", type=int, default=0, help="decode workers per model (PD, with --prefill)"
+    )
     p.add_argument(
         "--encode", type=int, default=0,
         help="encoder workers (EPD: a vision-language --model; images are encoded there)",
@@ -95,10 +101,25 @@ def wants_kvstore(args: argparse.Namespace, num_workers: int) -> bool:
     return num_workers > 1 if args.kvstore is None else bool(args.kvstore)
 
 
+def model_groups(args: argparse.Namespace, mixed: int) -> list[ModelGroup]:
+    """One group per --model (at least the default model), each with the role counts."""
+    models: list[str | None] = list(args.model or [None])
+    names: list[str | None] = list(args.served_model_name or [])
+    if len(names) > len(models) or (names and len(names) != len(models)):
+        raise ValueError(f"{len(names)} --served-model-name for {len(models)} --model: give "
+                         "one per model, or none")  # fmt: skip
+    names += [None] * (len(models) - len(names))
+    return [
+        ModelGroup(model, name, mixed, args.prefill, args.decode, args.encode)
+        for model, name in zip(models, names, strict=True)
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     pd = bool(args.prefill or args.decode)
     mixed = (0 if pd else 1) if args.mixed is None else args.mixed
-    kvstore = wants_kvstore(args, mixed + args.prefill + args.decode)
+    models = len(args.model or [None])
+    kvstore = wants_kvstore(args, models * (mixed + args.prefill + args.decode))
     policy = args.policy or ("cache_aware" if kvstore else "least_load")
     try:
         engine_overrides = parse_assignments(EngineConfig, args.engine_arg)
@@ -109,9 +130,10 @@ def run(args: argparse.Namespace) -> int:
         engine_overrides |= {k: getattr(args, k) for k in LORA_FIELDS if hasattr(args, k)}
         EngineConfig(**engine_overrides)  # a bad setting fails here, before anything starts
         restarts = from_args(RestartPolicy, args)
+        first, *more = model_groups(args, mixed)
         spec = ClusterSpec(
-            model=args.model, served_model_name=args.served_model_name,
-            mixed=mixed,
+            model=first.model, served_model_name=first.served_model_name,
+            mixed=mixed, more_models=more,
             prefill=args.prefill, decode=args.decode, encode=args.encode, host=args.host,
             port=args.port,
             routers=args.routers, kvstore=kvstore,
@@ -144,7 +166,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         url = cluster.start(progress=say)
-        print(f"epdserve is serving {spec.served_model_name or spec.model} at {url}/v1", flush=True)
+        served = ", ".join(served_name_of(g) for g in spec.groups())
+        print(f"epdserve is serving {served} at {url}/v1", flush=True)
         print(f"  OpenAI:    OPENAI_BASE_URL={url}/v1", flush=True)
         print(f"  Anthropic: ANTHROPIC_BASE_URL={url}", flush=True)
         if len(cluster.base_urls) > 1:

@@ -79,6 +79,13 @@ def _converted(gguf_path: Path, convert: Callable[[Path], Path]) -> Path:
     return out if (out / "config.json").exists() else convert(gguf_path)
 
 
+def model_source(model: str | None) -> str:
+    """``model`` (a folder or .gguf) as an absolute path, "" for the embedded default: what a
+    worker advertises and a router loads that model's tokenizer from (equal strings, one
+    tokenizer)."""
+    return "" if model is None else str(Path(model).expanduser().resolve())
+
+
 def served_name(model: str | None) -> str:
     if model is None:
         return DEFAULT_MODEL_NAME

@@ -29,6 +29,8 @@ from services.router.routing.orchestrator import Orchestrator
 from services.router.routing.poison import PoisonTracker
 from services.router.routing.policies.factory import create_policy
 from services.router.routing.workers import WorkerPool
+from services.router.tokenization import Tokenizer
+from services.router.tokenizers import Tokenizers
 
 
 class Gateway:
@@ -36,12 +38,13 @@ class Gateway:
 
     def __init__(self, cfg: RouterConfig, tokenizer: Any) -> None:
         self.cfg = cfg
-        self.tokenizer = tokenizer
         self.metrics = RouterMetrics()
         self.tracing = Tracing(cfg.otlp_traces_endpoint, "epdserve-router")
         self.pool = WorkerPool(
             cfg.load_report_interval_ms, cfg.load_stale_s, cfg.request_timeout_s, cfg.grpc_tls
         )
+        # Each served model's tokenizer; ``tokenizer`` (the router's --model) is the default.
+        self.tokenizers = Tokenizers(tokenizer, cfg.model, self.pool, Tokenizer.load)
         self.policy = create_policy(cfg.policy)
         self.kv_index = KVIndexClient(cfg.etcd_endpoints, cfg.cluster, cfg.grpc_tls)
         self.orchestrator = Orchestrator(
@@ -119,6 +122,10 @@ class Gateway:
         if serving and not self.can_serve(name) and not self.pool.may_serve(name):
             raise APIError(503, f"no usable worker for model '{name}'", code="no_workers")
         return name, models[name]
+
+    async def tokenizer(self, model: str) -> Tokenizer:
+        """The tokenizer of ``model``, a name ``resolve_model`` accepted."""
+        return await self.tokenizers.get(model)  # type: ignore[no-any-return]
 
     def can_serve(self, model: str | None = None) -> bool:
         """A mixed worker, or a prefill + decode pair, is usable for ``model``."""

@@ -11,34 +11,34 @@ from services.router.features.images import chat_prompt as render_chat
 from services.router.features.tool_parsers.factory import tool_parser_class
 from services.router.features.tool_prompt import prepare
 from services.router.features.tools import ToolSetup
-from services.router.tokenization import check_token_ids
+from services.router.tokenization import Tokenizer, check_token_ids
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
 
 
 async def chat_prompt(
-    gw: Gateway, messages: list[dict[str, Any]], sources: list[str | bytes],
+    gw: Gateway, tok: Tokenizer, messages: list[dict[str, Any]], sources: list[str | bytes],
     tool_setup: ToolSetup | None, add_generation_prompt: bool = True,
 ) -> tuple[list[int], list[pb.ImageData]]:  # fmt: skip
-    """Token ids of a chat's prompt (``messages`` in the template's format and the tools
+    """Token ids of a chat's prompt with the model's tokenizer ``tok`` (``messages`` in the template's format and the tools
     through the chat template, image placeholders expanded) and its images (``sources``, in
     the order of their parts): what both APIs generate from and /tokenize and
     /v1/messages/count_tokens count."""
     parser = tool_parser_class(gw.cfg.tool_call_parser)
-    messages, tools = prepare(gw.tokenizer, messages, tool_setup, parser)
+    messages, tools = prepare(tok, messages, tool_setup, parser)
     return await render_chat(
-        gw.tokenizer, messages, sources, gw.cfg.image_limits, tools=tools,
+        tok, messages, sources, gw.cfg.image_limits, tools=tools,
         add_generation_prompt=add_generation_prompt, offload=gw.offload,
     )  # fmt: skip
 
 
 async def checked_chat_prompt(
-    gw: Gateway, chat: tuple[list[dict[str, Any]], list[str | bytes]],
+    gw: Gateway, tok: Tokenizer, chat: tuple[list[dict[str, Any]], list[str | bytes]],
     tool_setup: ToolSetup | None, max_tokens: int | None, max_model_len: int,
 ) -> tuple[list[int], list[pb.ImageData]]:  # fmt: skip
     """``chat_prompt`` of ``chat`` (messages, image sources), checked to fit the context."""
-    prompt, images = await chat_prompt(gw, *chat, tool_setup)
+    prompt, images = await chat_prompt(gw, tok, *chat, tool_setup)
     check_context(len(prompt), max_tokens, max_model_len)
     return prompt, images
 
@@ -69,14 +69,15 @@ def prompt_size(gw: Gateway, body: dict[str, Any]) -> int:
     return len(prompt) if isinstance(prompt, (str, list)) else 0
 
 
-def completion_prompts(gw: Gateway, prompt: str | list[Any]) -> list[list[int]]:
+def completion_prompts(tok: Tokenizer, prompt: str | list[Any]) -> list[list[int]]:
     """Token ids of each prompt of a /v1/completions request, whose shape CompletionRequest
-    checked: text encoded, ids checked against the vocabulary."""
+    checked: text encoded with the model's tokenizer ``tok``, ids checked against its
+    vocabulary."""
     if isinstance(prompt, str):
-        return [gw.tokenizer.encode(prompt)]
-    vocab = gw.tokenizer.vocab_size
+        return [tok.encode(prompt)]
+    vocab = tok.vocab_size
     if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return [check_token_ids(list(prompt), vocab, "prompt")]
     if all(isinstance(p, str) for p in prompt):
-        return [gw.tokenizer.encode(p) for p in prompt]
+        return [tok.encode(p) for p in prompt]
     return [check_token_ids(list(p), vocab, "prompt") for p in prompt]

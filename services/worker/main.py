@@ -33,6 +33,7 @@ from services.engine.async_engine import AsyncLLMEngine
 from services.engine.config import EngineConfig
 from services.engine.image_processing import load_image_processor
 from services.engine.kv_staging import KVStaging
+from services.engine.model_files import model_source
 from services.prefill.kv_sender import KVSender
 from services.prefill.role import PrefillRole
 from services.worker.config import WorkerConfig
@@ -101,6 +102,8 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
             host=socket.gethostname(),
             capacity={
                 "max_model_len": engine.max_model_len,
+                # Where routers load this model's tokenizer from (model_files.model_source).
+                "model_path": model_source(ecfg.model),
                 "max_num_seqs": ecfg.max_num_seqs,
                 "num_total_blocks": engine.stats().num_total_blocks,
                 "kv_transfer": wcfg.kv_transfer,

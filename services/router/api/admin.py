@@ -216,11 +216,13 @@ async def _set_role(gw: Gateway, request: Request) -> dict[str, Any]:
         raise AdminError(
             400, f"worker {worker_id} cannot encode (a text model, or no Mooncake)", "bad_role"
         )
-    roles = gw.rebalancer.serving_roles(await gw.rebalancer.store.all())
+    roles = gw.rebalancer.serving_roles(await gw.rebalancer.store.all(), h.info.model)
     empty = leaves_role_empty(roles, {worker_id: role}) if worker_id in roles else None
     if empty is not None:
         raise AdminError(
-            409, f"moving {worker_id} to {role} would leave no {empty} worker", "role_empty"
+            409,
+            f"moving {worker_id} to {role} would leave no {empty} worker of {h.info.model}",
+            "role_empty",
         )
     await gw.rebalancer.store.set(worker_id, role)
     log.info("admin: desired role of %s set to %s", worker_id, role)
@@ -234,12 +236,14 @@ async def _drain(gw: Gateway, request: Request) -> dict[str, Any]:
     if not isinstance(drain, bool):
         raise AdminError(400, "drain must be true or false", "bad_request")
     h = _worker(gw, worker_id)
-    roles = gw.rebalancer.serving_roles(await gw.rebalancer.store.all())
+    roles = gw.rebalancer.serving_roles(await gw.rebalancer.store.all(), h.info.model)
     if drain and worker_id in roles:
         empty = leaves_role_empty(roles, {worker_id: None})
         if empty is not None:
             raise AdminError(
-                409, f"draining {worker_id} would leave no {empty} worker", "role_empty"
+                409,
+                f"draining {worker_id} would leave no {empty} worker of {h.info.model}",
+                "role_empty",
             )
     try:
         resp = await h.stub.Drain(pb.DrainRequest(drain=drain), timeout=UNARY_TIMEOUT_S)

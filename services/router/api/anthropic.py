@@ -131,10 +131,12 @@ async def count_tokens(gw: Gateway, request: Request) -> Response:
     would have for the same body (no ``max_tokens`` needed, no context-length check)."""
     try:
         body = await read_json_object(request, gw.cfg.max_body_bytes)
-        gw.resolve_model(parse(ModelTarget, body).model, serving=False)
+        model = gw.resolve_model(parse(ModelTarget, body).model, serving=False)[0]
+        tok = await gw.tokenizer(model)
         typed = parse(CountTokensRequest, body)
         tool_setup = await gw.offload.run(None if may_compile(body) else 0, anthropic_tools, body)
-        prompt, _ = await chat_prompt(gw, *parse_messages(typed.system, typed.messages), tool_setup)
+        prompt, _ = await chat_prompt(gw, tok, *parse_messages(typed.system, typed.messages),
+                                   tool_setup)  # fmt: skip
     except APIError as err:
         gw.metrics.count_request("count_tokens", err.status)
         return err.anthropic_response()
@@ -148,6 +150,7 @@ async def handle(gw: Gateway, request: Request) -> Response:
     try:
         body = await read_json_object(request, gw.cfg.max_body_bytes)
         model, max_len = gw.resolve_model(parse(MessagesTarget, body).model)
+        tok = await gw.tokenizer(model)
         # NOTE: a constraint's grammar compiles while the body is read: off the loop.
         typed, params, tool_setup = await gw.offload.run(
             None if may_compile(body) else 0, _read, gw, body
@@ -155,7 +158,7 @@ async def handle(gw: Gateway, request: Request) -> Response:
         tier = anthropic_tier(typed.service_tier, key_tiers(request))
         params = replace(params, service_tier=tier)
         messages, sources = parse_messages(typed.system, typed.messages)
-        prompt, images = await chat_prompt(gw, messages, sources, tool_setup)
+        prompt, images = await chat_prompt(gw, tok, messages, sources, tool_setup)
         check_context(len(prompt), params.max_tokens, max_len)
     except APIError as err:
         gw.metrics.count_request("messages", err.status)

@@ -102,6 +102,7 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
     try:
         body = await read_json_object(request, gw.cfg.max_body_bytes)
         model, max_len = gw.resolve_model(parse(ModelTarget, body).model)
+        tok = await gw.tokenizer(model)
         # NOTE: off the loop: a constraint's grammar compiles while the body is read, and a
         # long completions prompt is checked.
         size = None if may_compile(body) else (0 if chat else prompt_size(gw, body))
@@ -109,11 +110,11 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
         params = replace(params, service_tier=openai_tier(typed.service_tier, key_tiers(request)))
         images: list[pb.ImageData] = []
         if isinstance(typed, ChatCompletionRequest):
-            prompt, images = await chat_prompt(gw, *chat_messages(typed.messages), tool_setup)
+            prompt, images = await chat_prompt(gw, tok, *chat_messages(typed.messages), tool_setup)
             prompts = [prompt]
         else:
             prompts = await gw.offload.run(
-                prompt_size(gw, body), completion_prompts, gw, typed.prompt
+                prompt_size(gw, body), completion_prompts, tok, typed.prompt
             )
         for p in prompts:
             check_context(len(p), params.max_tokens, max_len)
@@ -123,7 +124,7 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     req = ServeRequest.create(gw, api, rid, model, prompts, images, params, tool_setup, started)
     include_usage = bool((typed.stream_options or {}).get("include_usage", False))
-    return await serve(gw, request, req, OpenAIOutput(gw, req, chat, include_usage), typed.stream)
+    return await serve(gw, request, req, OpenAIOutput(req, tok, chat, include_usage), typed.stream)
 
 
 def read_request(

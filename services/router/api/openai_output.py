@@ -18,7 +18,7 @@ from services.router.features.tool_parsers.base import ParsedCall, ToolStream, e
 from services.router.serving import ServeRequest, Step
 
 if TYPE_CHECKING:
-    from services.router.gateway import Gateway
+    from services.router.tokenization import Tokenizer
 
 
 def openai_call_id() -> str:
@@ -83,8 +83,9 @@ class OpenAIOutput:
 
     stream_headers = {"Cache-Control": "no-cache"}
 
-    def __init__(self, gw: Gateway, req: ServeRequest, chat: bool, include_usage: bool) -> None:
-        self.gw, self.req, self.chat, self.include_usage = gw, req, chat, include_usage
+    def __init__(self, req: ServeRequest, tok: Tokenizer, chat: bool, include_usage: bool) -> None:
+        self.req, self.chat, self.include_usage = req, chat, include_usage
+        self.token_str = tok.token_str  # the logprobs' token strings, the model's own
         obj = "chat.completion.chunk" if chat else "text_completion"
         self.base = {"id": req.rid, "object": obj, "created": req.created, "model": req.model,
                      "service_tier": req.service_tier}  # fmt: skip
@@ -101,10 +102,10 @@ class OpenAIOutput:
         return _sse(err.openai_body())
 
     def _chat_logprobs(self, items: list[pb.TokenLogprobs]) -> dict[str, Any]:
-        return {"content": token_logprobs(self.gw.tokenizer.token_str, items)}
+        return {"content": token_logprobs(self.token_str, items)}
 
     def _completion_logprobs(self, items: list[pb.TokenLogprobs], offset: int) -> dict[str, Any]:
-        token_str = self.gw.tokenizer.token_str
+        token_str = self.token_str
         tokens = [token_str(t.token_id) for t in items]
         offsets, pos = [], offset
         for s in tokens:

@@ -29,7 +29,7 @@ from services.router.api.protocol import pooling as proto
 from services.router.api.protocol.body import read_json_object
 from services.router.api.protocol.common import parse
 from services.router.errors import APIError, bad_request
-from services.router.tokenization import check_token_ids
+from services.router.tokenization import Tokenizer, check_token_ids
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
@@ -102,24 +102,27 @@ def _keep(gw: Gateway, model: str, truncate: int | None) -> int | None:
     return max_len if truncate == -1 else truncate
 
 
-def _encode_one(gw: Gateway, text: str, keep: int | None, pair: str | None = None) -> list[int]:
+def _encode_one(tok: Tokenizer, text: str, keep: int | None, pair: str | None = None) -> list[int]:
     if keep is None:
-        return gw.tokenizer.encode(text) if pair is None else gw.tokenizer.encode_pair(text, pair)
+        return tok.encode(text) if pair is None else tok.encode_pair(text, pair)
     try:
-        return gw.tokenizer.encode_truncated(text, keep, pair)
+        return tok.encode_truncated(text, keep, pair)
     except Exception as exc:  # noqa: BLE001 - the tokenizer's own refusal
         raise bad_request(f"cannot truncate the input to {keep} tokens: {exc}",
                           param="truncate_prompt_tokens") from None  # fmt: skip
 
 
 async def _encode(
-    gw: Gateway, texts: list[str], keep: int | None = None, pairs: list[str] | None = None
-) -> list[list[int]]:
-    """Token ids of each text (with its pair's text, a cross-encoder's input)."""
+    gw: Gateway, model: str, texts: list[str], keep: int | None = None,
+    pairs: list[str] | None = None,
+) -> list[list[int]]:  # fmt: skip
+    """Token ids of each text (with its pair's text, a cross-encoder's input), with
+    ``model``'s tokenizer."""
+    tok = await gw.tokenizer(model)
     seconds: list[str | None] = list(pairs) if pairs else [None] * len(texts)
     chars = sum(len(t) for t in texts) + sum(len(t) for t in pairs or [])
     return await gw.offload.run(
-        chars, lambda: [_encode_one(gw, t, keep, p) for t, p in zip(texts, seconds, strict=True)]
+        chars, lambda: [_encode_one(tok, t, keep, p) for t, p in zip(texts, seconds, strict=True)]
     )
 
 
@@ -130,9 +133,9 @@ async def _embeddings(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
         raise _refuse(req.model, "embeddings", task)
     keep = _keep(gw, req.model, req.truncate_prompt_tokens)
     if isinstance(req.input[0], str):
-        inputs = await _encode(gw, req.input, keep)
+        inputs = await _encode(gw, req.model, req.input, keep)
     else:
-        vocab = gw.tokenizer.vocab_size
+        vocab = (await gw.tokenizer(req.model)).vocab_size
         inputs = [check_token_ids(ids, vocab, "input")[-(keep or 0) :] for ids in req.input]
     vectors, tokens = await _pool(gw, req.model, "embeddings", inputs, task, req.dimensions or 0)
     data = [
@@ -161,13 +164,13 @@ async def _scores(
     if task == "embed":
         # Cosine similarity of the two embeddings (each text embedded once).
         texts = list(dict.fromkeys(t for pair in pairs for t in pair))
-        vectors, tokens = await _pool(gw, model, api, await _encode(gw, texts, keep), task)
+        vectors, tokens = await _pool(gw, model, api, await _encode(gw, model, texts, keep), task)
         of = dict(zip(texts, vectors, strict=True))
         return [_cosine(of[a], of[b]) for a, b in pairs], tokens
     if template == QWEN3_RERANKER:
-        inputs = await _encode(gw, [qwen3_reranker_prompt(q, d) for q, d in pairs], keep)
+        inputs = await _encode(gw, model, [qwen3_reranker_prompt(q, d) for q, d in pairs], keep)
     else:
-        inputs = await _encode(gw, [q for q, _ in pairs], keep, [d for _, d in pairs])
+        inputs = await _encode(gw, model, [q for q, _ in pairs], keep, [d for _, d in pairs])
     vectors, tokens = await _pool(gw, model, api, inputs, task)
     if vectors and len(vectors[0]) != 1:
         raise bad_request(f"model {model!r} has {len(vectors[0])} labels; scores need one",

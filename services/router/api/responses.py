@@ -60,6 +60,7 @@ async def create(gw: Gateway, request: Request) -> Response:
     try:
         body = await read_json_object(request, gw.cfg.max_body_bytes)
         model, max_len = gw.resolve_model(parse(ModelTarget, body).model)
+        tok = await gw.tokenizer(model)
         typed = parse(ResponsesRequest, body, max_tokens_limit=gw.cfg.max_tokens_limit)
         checked_metadata(typed.metadata)
         if typed.background and not typed.store:
@@ -80,7 +81,7 @@ async def create(gw: Gateway, request: Request) -> Response:
         tier = openai_tier(as_chat.service_tier, key_tiers(request))
         params = replace(params, service_tier=tier)
         prompt, images = await checked_chat_prompt(
-            gw, chat_messages(chat["messages"]), tool_setup, params.max_tokens, max_len
+            gw, tok, chat_messages(chat["messages"]), tool_setup, params.max_tokens, max_len
         )
     except APIError as err:
         gw.metrics.count_request("responses", err.status)
@@ -90,7 +91,7 @@ async def create(gw: Gateway, request: Request) -> Response:
     conversation = chat["messages"][1:] if typed.instructions else chat["messages"]
     out = ResponsesOutput(req, echo_fields(typed), conversation,
                           gw.responses if typed.store else None, input_items(typed.input),
-                          gw.tokenizer.token_str if typed.logprobs else None)  # fmt: skip
+                          tok.token_str if typed.logprobs else None)  # fmt: skip
     req.finish = out.finish
     if not typed.background:
         return await serve(gw, request, req, out, typed.stream)

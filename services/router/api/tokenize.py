@@ -27,15 +27,15 @@ from services.router.errors import APIError, bad_request
 from services.router.features.structured import may_compile
 from services.router.features.tools import openai_tools
 from services.router.prompt import chat_prompt
-from services.router.tokenization import check_token_ids
+from services.router.tokenization import Tokenizer, check_token_ids
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
 
 
-def _model_len(gw: Gateway, body: dict[str, Any]) -> int:
-    """The context length of the request's model: ``model`` may be left out (as vLLM allows)
-    when the cluster serves one model; 404 for an unknown one."""
+async def _model(gw: Gateway, body: dict[str, Any]) -> tuple[int, Tokenizer]:
+    """The context length and the tokenizer of the request's model: ``model`` may be left
+    out (as vLLM allows) when the cluster serves one model; 404 for an unknown one."""
     name = parse(OptionalModel, body).model
     if name is None:
         models = gw.pool.models()
@@ -44,34 +44,35 @@ def _model_len(gw: Gateway, body: dict[str, Any]) -> int:
         if len(models) > 1:
             raise bad_request("'model' is required: the cluster serves several", param="model")
         name = next(iter(models))
-    return gw.resolve_model(name, serving=False)[1]
+    name, max_len = gw.resolve_model(name, serving=False)
+    return max_len, await gw.tokenizer(name)
 
 
 async def _tokenize_body(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
-    max_len = _model_len(gw, body)
+    max_len, tok = await _model(gw, body)
     typed = tokenize_request(body)
     if isinstance(typed, TokenizeChatRequest):
         tools = await gw.offload.run(None if may_compile(body) else 0, openai_tools, body)
-        ids, _ = await chat_prompt(gw, *chat_messages(typed.messages), tools,
+        ids, _ = await chat_prompt(gw, tok, *chat_messages(typed.messages), tools,
                                    typed.add_generation_prompt)  # fmt: skip
     else:
-        ids = await gw.offload.run(len(typed.prompt), gw.tokenizer.encode, typed.prompt,
+        ids = await gw.offload.run(len(typed.prompt), tok.encode, typed.prompt,
                                    typed.add_special_tokens)  # fmt: skip
     out = TokenizeResponse(count=len(ids), max_model_len=max_len, tokens=ids)
     if typed.return_token_strs:
-        out.token_strs = await gw.offload.run(len(ids), gw.tokenizer.token_strs, ids)
+        out.token_strs = await gw.offload.run(len(ids), tok.token_strs, ids)
     return out.model_dump(exclude_none=True)
 
 
 async def _detokenize_body(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
-    _model_len(gw, body)
+    tok = (await _model(gw, body))[1]
     tokens = parse(DetokenizeRequest, body).tokens
-    text = await gw.offload.run(len(tokens), _decode, gw, tokens)
+    text = await gw.offload.run(len(tokens), _decode, tok, tokens)
     return DetokenizeResponse(prompt=text).model_dump()
 
 
-def _decode(gw: Gateway, tokens: list[Any]) -> str:
-    return str(gw.tokenizer.decode(check_token_ids(tokens, gw.tokenizer.vocab_size, "tokens")))
+def _decode(tok: Tokenizer, tokens: list[Any]) -> str:
+    return str(tok.decode(check_token_ids(tokens, tok.vocab_size, "tokens")))
 
 
 async def tokenize(gw: Gateway, request: Request) -> Response:

@@ -46,6 +46,7 @@ class Decision:
     at: float = 0.0  # wall-clock time (seconds since the epoch)
     dry_run: bool = False
     applied: bool = False  # the desired role was written to etcd
+    model: str = ""  # the base model whose workers this round looked at
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

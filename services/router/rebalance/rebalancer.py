@@ -1,6 +1,10 @@
 """The role rebalancer: every few seconds, on the router that leads the election, read the
 workers' load, ask the policy, let the governor damp it, and write the desired role to etcd.
 
+Each base model's workers are a pool of their own: a round asks the policy about each model's
+workers apart (a policy and a governor per model, so smoothing, hysteresis and the minimum per
+role never mix two models' workers) and may flip one worker per model.
+
 Every round is logged with its inputs, counted in ``epdserve:rebalance_decisions`` and kept in
 ``decisions`` (shown by ``epdserve status``). The workers do the flip (drain, switch, epoch+1).
 """
@@ -74,8 +78,11 @@ class Rebalancer:
         self.store = store
         self.metrics = metrics
         self.election = election
+        # The configured policy (name, parameters); each model runs a copy of its own.
         self.policy: RebalancePolicy = create_rebalance_policy(policy, **(params or {}))
-        self.governor = Governor(governor)
+        self.governor = Governor(governor)  # its cfg is every model's damping
+        self._policies: dict[str, RebalancePolicy] = {}  # base model -> its copy of policy
+        self._governors: dict[str, Governor] = {}  # base model -> its damping state
         self.interval_s = interval_s
         # Flips and suppressed flips (holds would push them out), newest last; and the
         # latest round whatever it decided.
@@ -94,6 +101,7 @@ class Rebalancer:
         """Swap this router's policy (ValueError on a bad name or parameter); damping state is
         kept. ``publish_policy`` changes it for the whole cluster."""
         self.policy = create_rebalance_policy(name, **params)
+        self._policies.clear()
         log.info("rebalance policy is now %s %s", name, self.policy.params())
 
     async def publish_policy(self, name: str, params: dict[str, Any]) -> None:
@@ -103,6 +111,7 @@ class Rebalancer:
         document = json.dumps({"name": name, "params": policy.params()}, sort_keys=True)
         await self.store.set_policy(document)
         self.policy = policy
+        self._policies.clear()
         self._policy_document = document
         log.info("rebalance policy is now %s %s (cluster-wide)", name, policy.params())
 
@@ -124,15 +133,26 @@ class Rebalancer:
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring the stored rebalance policy %r: %s", document, exc)
 
-    def serving_roles(self, desired: dict[str, str] | None = None) -> dict[str, str]:
-        """Worker id -> role of the workers in service (not drained, reachable), where a
-        worker being moved (``desired``: id -> desired role) counts with its new role."""
+    def serving_roles(
+        self, desired: dict[str, str] | None = None, model: str | None = None
+    ) -> dict[str, str]:
+        """Worker id -> role of the workers in service (not drained, reachable) of ``model``
+        (None: every model), where a worker being moved (``desired``: id -> desired role)
+        counts with its new role."""
         desired = desired or {}
         return {
             h.id: desired.get(h.id, h.info.role)
             for h in self.pool.handles.values()
-            if h.reachable() and h.state != "draining"
+            if h.reachable() and h.state != "draining" and model in (None, h.info.model)
         }
+
+    def _for_model(self, model: str) -> tuple[RebalancePolicy, Governor]:
+        if model not in self._policies:
+            self._policies[model] = create_rebalance_policy(
+                self.policy.name, **self.policy.params()
+            )
+        governor = self._governors.setdefault(model, Governor(self.governor.cfg))
+        return self._policies[model], governor
 
     async def start(self) -> None:
         if self.election is not None:
@@ -162,30 +182,46 @@ class Rebalancer:
                 log.exception("rebalancing round failed")
 
     async def round(self, manual: bool = False, dry_run: bool = False) -> Decision:
-        """One decision; writes the desired role unless ``dry_run``."""
+        """One decision per base model; writes the desired roles unless ``dry_run``. Returns
+        the first model's flip (or suppressed flip), else its hold."""
         async with self._lock:
-            loads = [worker_load(h) for h in sorted(self.pool.handles.values(), key=lambda h: h.id)]
-            proposal = self.policy.propose(loads)
-            d = self.governor.decide(self.policy.name, proposal, loads, manual=manual,
-                                     dry_run=dry_run)  # fmt: skip
-            if d.worker_id is not None and d.target_role is not None and not dry_run:
-                try:
-                    await self.store.set(d.worker_id, d.target_role)
-                    d.applied = True
-                except Exception as exc:
-                    d.reason += f"; not applied: {exc}"
-            log.log(
-                logging.INFO if d.action != HOLD else logging.DEBUG,
-                "rebalance %s: %s%s (%s) inputs=%s%s", d.policy, d.action,
-                f" {d.worker_id}" if d.worker_id else "", d.reason, d.inputs,
-                " [dry run]" if dry_run else "",
-            )  # fmt: skip
+            loads: dict[str, list[WorkerLoad]] = {}
+            for h in sorted(self.pool.handles.values(), key=lambda h: h.id):
+                loads.setdefault(h.info.model, []).append(worker_load(h))
+            decisions = [
+                await self._decide(model, loads.get(model, []), manual, dry_run)
+                for model in sorted(loads) or [""]
+            ]
+            chosen = next((d for d in decisions if d.action != HOLD), decisions[0])
             if not dry_run:
-                self.metrics.decision(d.policy, d.action)
-                self.last = d
-                if d.action != HOLD:
-                    self.decisions.append(d)
-            return d
+                self.last = chosen
+            return chosen
+
+    async def _decide(
+        self, model: str, loads: list[WorkerLoad], manual: bool, dry_run: bool
+    ) -> Decision:
+        """One decision among ``model``'s workers (``loads``)."""
+        policy, governor = self._for_model(model)
+        proposal = policy.propose(loads)
+        d = governor.decide(policy.name, proposal, loads, manual=manual, dry_run=dry_run)
+        d.model = model
+        if d.worker_id is not None and d.target_role is not None and not dry_run:
+            try:
+                await self.store.set(d.worker_id, d.target_role)
+                d.applied = True
+            except Exception as exc:
+                d.reason += f"; not applied: {exc}"
+        log.log(
+            logging.INFO if d.action != HOLD else logging.DEBUG,
+            "rebalance %s %s: %s%s (%s) inputs=%s%s", model, d.policy, d.action,
+            f" {d.worker_id}" if d.worker_id else "", d.reason, d.inputs,
+            " [dry run]" if dry_run else "",
+        )  # fmt: skip
+        if not dry_run:
+            self.metrics.decision(d.policy, d.action)
+            if d.action != HOLD:
+                self.decisions.append(d)
+        return d
 
     def describe(self) -> dict[str, Any]:
         cfg = self.governor.cfg

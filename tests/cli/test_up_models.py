@@ -1,0 +1,46 @@
+"""`epdserve up --model A --model B`: one model group per --model, each with the role counts
+(no process is started)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from services.cli.launcher import ClusterSpec, LocalCluster, ModelGroup
+from services.cli.up import add_arguments, model_groups
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_each_model_gets_the_role_counts() -> None:
+    args = parse("--model", "/m/a", "--model", "/m/b", "--served-model-name", "a",
+                 "--served-model-name", "b", "--prefill", "1", "--decode", "2")  # fmt: skip
+    groups = model_groups(args, mixed=0)
+    assert groups == [ModelGroup("/m/a", "a", 0, 1, 2), ModelGroup("/m/b", "b", 0, 1, 2)]
+    first, *more = groups
+    spec = ClusterSpec(model=first.model, served_model_name="a", mixed=0, prefill=1, decode=2,
+                       more_models=more)  # fmt: skip
+    cluster = LocalCluster(spec)
+    try:
+        plan = cluster.worker_plan()
+        assert plan == [(0, "prefill"), (0, "decode"), (0, "decode"),
+                        (1, "prefill"), (1, "decode"), (1, "decode")]  # fmt: skip
+        argv = cluster.worker_argv(3, "prefill", group=1)
+        assert argv[argv.index("--model") + 1] == "/m/b"
+        assert argv[argv.index("--served-model-name") + 1] == "b"
+    finally:
+        cluster.stop()
+    # One model: the default, as before.
+    assert model_groups(parse(), mixed=1) == [ModelGroup(None, None, 1)]
+
+
+def test_bad_model_lists_are_refused() -> None:
+    with pytest.raises(ValueError, match="one per model"):
+        model_groups(parse("--model", "/m/a", "--model", "/m/b", "--served-model-name", "a"), 1)
+    with pytest.raises(ValueError, match="share a served name"):
+        ClusterSpec(model="/x/m", more_models=[ModelGroup("/y/m")])
