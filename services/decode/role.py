@@ -19,17 +19,32 @@ from services.common.proto import worker_pb2 as pb
 from services.common.role import Role
 from services.decode.kv_receiver import KVReceiver, Reservation
 from services.engine.async_engine import AsyncLLMEngine
+from services.engine.kv_layout import KVLayout
 from services.engine.multimodal import ImageInputs
 from services.engine.outputs import RequestOutput
+
+
+class TPSizeMismatch(Exception):
+    """A Reserve from a prefill worker of another tensor-parallel size: its rank i could not
+    write into this worker's rank i (FAILED_PRECONDITION: the router tries another pair)."""
 
 
 class DecodeRole(Role):
     name = "decode"
 
-    def __init__(self, engine: AsyncLLMEngine, receiver: KVReceiver, session_id: str) -> None:
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        receiver: KVReceiver,
+        session_id: str,
+        rank_caches: Sequence[tuple[str, KVLayout]] = (),
+    ) -> None:
         self.engine = engine
         self.receiver = receiver
-        self.session_id = session_id
+        self.session_id = session_id  # rank 0's Mooncake session
+        # (Mooncake session, KV layout) of tensor-parallel ranks 1..N-1, which the prefill
+        # worker's ranks write into (services/prefill/rank_push.py).
+        self.rank_caches = list(rank_caches)
 
     def start(self) -> None:
         self.receiver.start()
@@ -47,6 +62,13 @@ class DecodeRole(Role):
                 await self.release(rid)
 
     async def reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
+        size = len(self.rank_caches) + 1
+        writer = request.writer_tensor_parallel_size
+        if writer and writer != size:
+            raise TPSizeMismatch(
+                f"tensor-parallel size mismatch: the prefill worker has {writer} ranks and this "
+                f"decode worker {size}; PD needs the same size on both sides"
+            )
         params = params_from_proto(request.params)
         r = await self.receiver.reserve(
             request.request_id,
@@ -64,6 +86,10 @@ class DecodeRole(Role):
             cached_tokens=r.cached_tokens,
             deadline_ms=max(1, int((r.deadline - time.monotonic()) * 1000)),
             deadline_unix_ms=int(r.deadline_unix * 1000),
+            tp_ranks=[
+                pb.RankKV(session_id=session, layout=layout_to_proto(layout))
+                for session, layout in self.rank_caches
+            ],
         )
 
     def decode(self, request: pb.DecodeRequest) -> AsyncIterator[RequestOutput]:

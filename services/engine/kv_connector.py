@@ -17,9 +17,9 @@ Like vLLM's ``KVConnectorBase_V1``, this is the one seam where KV crosses a proc
 boundary; the scheduler sees only blocks that are allocated, held or free.
 
 Where the coming features plug in:
-- tensor parallelism: each rank holds its heads' share of every block; ``read_kv`` /
-  ``write_kv`` and the layer hook move the rank's shard, and a reservation's block ids are
-  the same on every rank.
+- tensor parallelism: each rank holds its heads' share of every block, and a reservation's
+  block ids are the same on every rank; each rank's own layer hook pushes its shard
+  (services/prefill/rank_push.py). ``read_kv`` / ``write_kv`` move rank 0's shard only.
 - speculative decoding: a claimed request's draft KV starts empty (the draft model
   recomputes the prompt, or the prefill side pushes its KV as one more layer group).
 - priorities: nothing here; a claimed request waits for a running slot in the scheduler.

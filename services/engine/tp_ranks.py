@@ -9,6 +9,11 @@ Sequences; sampling happens once, on the driver, from the gathered logits.
 A rank that dies takes the group down: the driver's next collective fails at once (gloo:
 "connection closed by peer"), and the watcher marks the group dead so that an idle engine
 dies too (``LLMEngine.check_health``); a rank whose driver is gone exits by itself.
+
+Code above the engine runs its own parts on every rank with ``RankProcesses.call`` / ``post``:
+a module-level function (sent by reference, so the engine imports none of it) called with the
+rank's ``RankContext``, in the pipe's order with the batches (PD's per-rank KV push sets the
+rank's layer hook this way: services/prefill/rank_push.py).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -38,8 +44,10 @@ START_TIMEOUT_S = 600.0  # loading a large checkpoint on every rank
 
 @dataclasses.dataclass
 class SeqView:
-    """What a rank's runner reads of a sequence; ``token_ids`` from ``start`` on only."""
+    """What a rank's runner (and its layer hook) reads of a sequence; ``token_ids`` from
+    ``start`` on only."""
 
+    request_id: str
     seq_id: int
     num_computed_tokens: int
     num_prompt_tokens: int
@@ -70,10 +78,33 @@ def snapshot(scheduled: list[ScheduledSeq]) -> list[tuple[SeqView, int]]:
     for s in scheduled:
         seq, start = s.seq, s.seq.num_computed_tokens
         tail = list(seq.token_ids[start : start + s.num_new_tokens])
-        view = SeqView(seq.seq_id, start, seq.num_prompt_tokens, seq.num_tokens,
-                       list(seq.block_table), start, tail)  # fmt: skip
+        view = SeqView(seq.request_id, seq.seq_id, start, seq.num_prompt_tokens,
+                       seq.num_tokens, list(seq.block_table), start, tail)  # fmt: skip
         out.append((view, s.num_new_tokens))
     return out
+
+
+@dataclasses.dataclass
+class RankContext:
+    """What a function run on a rank (``RankProcesses.call``) gets: the rank's runner, the
+    layer hook its batches run with, and state kept between calls."""
+
+    rank: int
+    runner: ModelRunner
+    layer_hook: Callable[[int, list[ScheduledSeq]], None] | None = None
+    state: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class RankCall:
+    """``fn(context, *args)`` on every rank; the rank answers ``(call_id, ok, value)`` unless
+    ``call_id`` is None. ``background``: run on a thread of its own (a call that waits), else
+    between two batches, in the pipe's order."""
+
+    call_id: int | None
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    background: bool = False
 
 
 def device_of_rank(config: EngineConfig, rank: int) -> str:
@@ -99,6 +130,12 @@ class RankProcesses:
         self.procs: list[Any] = []
         self.dead: str | None = None
         self._closing = False
+        self._send_lock = threading.Lock()  # the step thread and callers share the pipes
+        # Answers of calls in flight: call id -> {rank: (ok, value)}, under _answered.
+        self._answers: dict[int, dict[int, tuple[bool, Any]]] = {}
+        self._answered = threading.Condition()
+        self._next_call = 0
+        self._lost: str | None = None  # a rank's pipe closed (it exited or is exiting)
         for rank in range(1, n):
             parent, child = ctx.Pipe()
             args = (rank, n, store.port, config, hf_config, model_path, max_len, child)
@@ -127,6 +164,60 @@ class RankProcesses:
                 self.close()
                 raise RankFailure(f"tensor-parallel rank {rank} failed to start: {msg}")
         threading.Thread(target=self._watch, name="tp-rank-watch", daemon=True).start()
+        for rank, conn in enumerate(self.conns, 1):
+            threading.Thread(target=self._read, args=(rank, conn), daemon=True,
+                             name=f"tp-rank{rank}-answers").start()  # fmt: skip
+
+    def _read(self, rank: int, conn: Any) -> None:
+        """Collect one rank's answers to calls, until its pipe closes."""
+        while True:
+            try:
+                call_id, ok, value = conn.recv()
+            except (OSError, EOFError):
+                break
+            except Exception:  # noqa: BLE001 - an answer that does not unpickle: its caller times out
+                logger.exception("rank %d: unreadable answer", rank)
+                continue
+            with self._answered:
+                if call_id in self._answers:
+                    self._answers[call_id][rank] = (ok, value)
+                    self._answered.notify_all()
+        with self._answered:  # the watcher says why (exit code); calls stop waiting now
+            self._lost = self._lost or f"tensor-parallel rank {rank} is gone (its pipe closed)"
+            self._answered.notify_all()
+
+    def call(
+        self, fn: Callable[..., Any], *args: Any, timeout: float, background: bool = False
+    ) -> list[Any]:
+        """``fn(context, *args)`` on every rank (see ``RankCall``): their results in rank
+        order. Raises what a rank's call raised, or RankFailure when a rank is gone or does
+        not answer within ``timeout`` seconds."""
+        with self._answered:
+            self._next_call += 1
+            call_id = self._next_call
+            self._answers[call_id] = {}
+        try:
+            self.command(RankCall(call_id, fn, args, background))
+            with self._answered:
+                self._answered.wait_for(
+                    lambda: len(self._answers[call_id]) == len(self.conns) or self._lost, timeout
+                )
+                answers = self._answers[call_id]
+        finally:
+            with self._answered:
+                self._answers.pop(call_id, None)
+        if len(answers) < len(self.conns):
+            raise RankFailure(self.dead or self._lost or f"tensor-parallel ranks did not answer "
+                              f"{fn.__name__} within {timeout:.0f} s")  # fmt: skip
+        for ok, value in answers.values():
+            if not ok:
+                raise value
+        return [answers[rank][1] for rank in sorted(answers)]
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """``fn(context, *args)`` on every rank, between two batches; no answer (a failure is
+        logged by the rank)."""
+        self.command(RankCall(None, fn, args))
 
     def _watch(self) -> None:
         while not self._closing:
@@ -150,8 +241,9 @@ class RankProcesses:
         """Send ``msg`` (a batch, or a ("place", placements) command) to every rank."""
         self.check()
         try:
-            for conn in self.conns:
-                conn.send(msg)
+            with self._send_lock:
+                for conn in self.conns:
+                    conn.send(msg)
         except (OSError, EOFError) as exc:
             raise RankFailure(f"a tensor-parallel rank is gone: {exc}") from exc
 
@@ -160,7 +252,8 @@ class RankProcesses:
         self._closing = True
         for conn in self.conns:
             try:
-                conn.send(None)
+                with self._send_lock:
+                    conn.send(None)
             except (OSError, EOFError):
                 pass
         for proc in self.procs:
@@ -206,6 +299,8 @@ def rank_main(rank: int, size: int, port: int, config: EngineConfig, hf_config: 
     try:
         group = join_group(("127.0.0.1", port), rank, size, get_device(config.device))
         runner = ModelRunner(config, hf_config, model_path, max_len, tp=group)
+        context = RankContext(rank, runner)
+        answer = _Answerer(conn)
         conn.send("ready")
         while True:
             if not conn.poll(1.0):
@@ -218,12 +313,44 @@ def rank_main(rank: int, size: int, port: int, config: EngineConfig, hf_config: 
             if isinstance(msg, tuple) and msg[0] == "place":
                 place_experts(runner, msg[1])
                 continue
-            runner.execute([_scheduled(view, n) for view, n in msg])
+            if isinstance(msg, RankCall):
+                answer.run(context, msg)
+                continue
+            runner.execute([_scheduled(view, n) for view, n in msg], context.layer_hook)
     except (EOFError, KeyboardInterrupt):
         return
     except BaseException:
         logger.exception("tensor-parallel rank %d failed", rank)
         os._exit(1)
+
+
+class _Answerer:
+    """Runs a rank's calls and sends their answers (from the rank loop and call threads)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def run(self, context: RankContext, call: RankCall) -> None:
+        if call.background:
+            threading.Thread(target=self._run, args=(context, call), daemon=True).start()
+        else:
+            self._run(context, call)
+
+    def _run(self, context: RankContext, call: RankCall) -> None:
+        try:
+            ok, value = True, call.fn(context, *call.args)
+        except Exception as exc:  # noqa: BLE001 - the caller raises it
+            ok, value = False, exc
+            if call.call_id is None:
+                logger.exception("rank %d: %s failed", context.rank, call.fn.__name__)
+        if call.call_id is None:
+            return
+        with self.lock:
+            try:
+                self.conn.send((call.call_id, ok, value))
+            except (TypeError, AttributeError, pickle.PicklingError):
+                self.conn.send((call.call_id, False, RuntimeError(repr(value))))
 
 
 def _scheduled(view: SeqView, num_new: int) -> ScheduledSeq:

@@ -106,7 +106,7 @@ class KVSender:
     def add(self, request_id: str, target: PushTarget) -> None:
         """Start pushing a request's KV into ``target``. TransferError for a descriptor that
         does not fit this worker's cache or addresses blocks outside the decode worker's."""
-        self._check(target)
+        self.check(target)
         target.request_id = request_id
         with self._lock:
             if self._fenced.get(request_id, 0.0) > time.monotonic():
@@ -146,7 +146,8 @@ class KVSender:
             time.sleep(0.01)
         return True
 
-    def _check(self, t: PushTarget) -> None:
+    def check(self, t: PushTarget) -> None:
+        """TransferError unless ``t`` fits this cache and the decode worker's."""
         needed = -(-t.num_tokens // self.block_size)
         try:
             t.layout.check_compatible(self.source)

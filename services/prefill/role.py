@@ -22,18 +22,25 @@ from services.common.proto import worker_pb2 as pb
 from services.common.role import Role
 from services.engine.async_engine import AsyncLLMEngine
 from services.prefill.kv_sender import KVSender, PushTarget
+from services.prefill.rank_push import RankPushes
 
 
 class PrefillRole(Role):
     name = "prefill"
 
     def __init__(
-        self, engine: AsyncLLMEngine, sender: KVSender, block_size: int, transfer_timeout_s: float
+        self,
+        engine: AsyncLLMEngine,
+        sender: KVSender,
+        block_size: int,
+        transfer_timeout_s: float,
+        ranks: RankPushes | None = None,
     ) -> None:
         self.engine = engine
-        self.sender = sender
+        self.sender = sender  # rank 0's push (the whole KV with one rank)
         self.block_size = block_size
         self.transfer_timeout_s = transfer_timeout_s
+        self.ranks = ranks  # the other tensor-parallel ranks' pushes
 
     def start(self) -> None:
         """Nothing to start: the sender's thread runs from its construction."""
@@ -57,24 +64,13 @@ class PrefillRole(Role):
         first_params = dataclasses.replace(
             params, n=1, max_tokens=done + 1, min_tokens=min(params.min_tokens, done + 1), stop=[]
         )
-        target = request.target
-        try:
-            layout = layout_from_proto(target.layout)
-        except ValueError as e:
-            raise TransferError(f"invalid reservation from the decode worker: {e}") from None
-        self.sender.add(  # TransferError for a reservation that does not fit
-            rid,
-            PushTarget(
-                session=target.session_id,
-                layout=layout,
-                dst_blocks=list(target.block_ids),
-                skip_blocks=target.cached_tokens // self.block_size,
-                num_tokens=len(prompt) + done,  # tokens whose KV goes to the decode worker
-                deadline=write_deadline(target),
-            ),
-        )
+        # TransferError for a reservation that does not fit
+        targets = self.targets(request.target, len(prompt) + done)
+        self.sender.add(rid, targets[0])
         held = False
         try:
+            if self.ranks is not None:
+                self.ranks.add(rid, targets[1:])
             first = None
             cached = 0
             outputs = self.engine.generate(
@@ -94,15 +90,24 @@ class PrefillRole(Role):
                 raise RuntimeError("prefill produced no token")
             prefill_computed()  # what follows is the push's tail (common/phases.py)
             pushed = await asyncio.to_thread(self.sender.wait, rid, self.transfer_timeout_s)
+            kv_bytes, kv_seconds = pushed.bytes, pushed.seconds
+            if self.ranks is not None:
+                more, seconds = await asyncio.to_thread(
+                    self.ranks.wait, rid, self.transfer_timeout_s
+                )
+                kv_bytes, kv_seconds = kv_bytes + more, max(kv_seconds, seconds)
             resp = pb.PrefillResponse(
                 first_token_id=first.token_ids[0], cached_prompt_tokens=cached,
-                kv_bytes=pushed.bytes, kv_seconds=pushed.seconds,
+                kv_bytes=kv_bytes, kv_seconds=kv_seconds,
             )  # fmt: skip
             if first.logprobs:
                 resp.first_logprobs.CopyFrom(logprobs_to_proto(first.logprobs)[0])
             return resp
         finally:
             self.sender.discard(rid)
+            if self.ranks is not None:
+                with contextlib.suppress(Exception):  # a dead group ends the worker anyway
+                    self.ranks.discard(rid)
             if held:
                 # The KV is in the decode worker now (or the push failed): free our copy.
                 with contextlib.suppress(Exception):
@@ -111,7 +116,43 @@ class PrefillRole(Role):
     async def fence(self, request: pb.FenceKVPushRequest, timeout: float) -> bool:
         """See ``KVSender.fence``: True once no write of the request's push can land."""
         until = request.deadline_unix_ms / 1000
-        return await asyncio.to_thread(self.sender.fence, request.request_id, timeout, until)
+        rid = request.request_id
+        fenced = await asyncio.to_thread(self.sender.fence, rid, timeout, until)
+        if self.ranks is not None:
+            fenced = await asyncio.to_thread(self.ranks.fence, rid, timeout, until) and fenced
+        return fenced
+
+    def targets(self, target: pb.ReserveResponse, num_tokens: int) -> list[PushTarget]:
+        """One push target per tensor-parallel rank (rank i writes into the decode worker's
+        rank i) for the KV of ``num_tokens`` tokens; TransferError for a reservation that
+        does not fit this worker (another tensor-parallel size, a bad layout or block)."""
+        size = self.ranks.size if self.ranks is not None else 1
+        if len(target.tp_ranks) + 1 != size:
+            raise TransferError(
+                f"tensor-parallel size mismatch: the decode worker has "
+                f"{len(target.tp_ranks) + 1} ranks and this prefill worker {size}; PD needs "
+                "the same size on both sides"
+            )
+        deadline = write_deadline(target)
+        out = []
+        for session, layout in [(target.session_id, target.layout)] + [
+            (r.session_id, r.layout) for r in target.tp_ranks
+        ]:
+            try:
+                kv_layout = layout_from_proto(layout)
+            except ValueError as e:
+                raise TransferError(f"invalid reservation from the decode worker: {e}") from None
+            t = PushTarget(
+                session=session,
+                layout=kv_layout,
+                dst_blocks=list(target.block_ids),  # the same blocks on every rank
+                skip_blocks=target.cached_tokens // self.block_size,
+                num_tokens=num_tokens,  # tokens whose KV goes to the decode worker
+                deadline=deadline,
+            )
+            self.sender.check(t)
+            out.append(t)
+        return out
 
 
 def write_deadline(target: pb.ReserveResponse) -> float:

@@ -18,6 +18,7 @@ from services.common.grpc_utils import (
     failure_metadata,
 )
 from services.common.mooncake_agent import TransferError
+from services.decode.role import TPSizeMismatch
 from services.engine.outputs import RequestFailedError
 from services.worker.role_controller import StaleEpochError
 
@@ -43,6 +44,8 @@ STREAM: Rules = {ValueError: BAD_REQUEST}
 IMAGES: Rules = {ValueError: BAD_REQUEST, TransferError: Status(Code.UNAVAILABLE)}
 RESERVE: Rules = {
     (ValueError, TypeError): BAD_REQUEST,
+    # Not the request's fault: the pair cannot exchange KV; another pair may.
+    TPSizeMismatch: Status(Code.FAILED_PRECONDITION),
     # Backpressure, not a failure: the blocks free up as requests finish.
     MemoryError: Status(Code.RESOURCE_EXHAUSTED, "decode worker full, retry later: ", FAILURE_BUSY),
 }

@@ -35,6 +35,7 @@ from services.engine.image_processing import load_image_processor
 from services.engine.kv_staging import KVStaging
 from services.engine.model_files import model_source
 from services.prefill.kv_sender import KVSender
+from services.prefill.rank_push import RankPushes
 from services.prefill.role import PrefillRole
 from services.worker.config import WorkerConfig
 from services.worker.image_inputs import ImageLoader
@@ -115,6 +116,8 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
                 # Cache-aware routers hash prompts into blocks exactly like this engine.
                 "block_size": ecfg.block_size,
                 "kv_layout": kv_layout_key(engine.engine),
+                # PD pairs need the same size (rank i writes into rank i).
+                "tensor_parallel_size": ecfg.tensor_parallel_size,
             },
         )
         registrar = Registrar(wcfg.etcd_endpoints, wcfg.cluster, info, ttl=wcfg.lease_ttl)
@@ -192,15 +195,6 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
     goes through pinned host staging slots, see services/engine/kv_staging.py)."""
     if wcfg.kv_transfer == "none":
         return None, None
-    if ecfg.tensor_parallel_size > 1:
-        # NOTE: PD with tensor parallelism needs one transfer per rank (each rank's KV heads);
-        # until then such a worker serves the mixed role only.
-        if wcfg.role in ("prefill", "decode"):
-            raise ValueError(
-                f"role {wcfg.role} with tensor_parallel_size {ecfg.tensor_parallel_size} is "
-                "not supported yet: run the mixed role (or --kv-transfer none)"
-            )
-        return None, None
     llm_engine = engine.engine
     assert llm_engine is not None
     unregistrable = ecfg.device_type != "cpu" and _mooncake_flavour() == "non-cuda"
@@ -210,17 +204,21 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
             "--kv-staging auto, the accelerator build (pip install 'epdserve[cuda]' or "
             "'[npu]'), or --kv-transfer none"
         )
-    agent = MooncakeAgent(
-        MooncakeConfig(
-            host=wcfg.advertise_host or wcfg.host,
-            protocol=wcfg.mooncake_protocol,
-            device_name=wcfg.mooncake_device,
-        )
+    mooncake = MooncakeConfig(
+        host=wcfg.advertise_host or wcfg.host,
+        protocol=wcfg.mooncake_protocol,
+        device_name=wcfg.mooncake_device,
     )
+    agent = MooncakeAgent(mooncake)
     runner = llm_engine.runner
     layout = runner.layout
     staging = None
     if wcfg.kv_staging == "on" or (wcfg.kv_staging == "auto" and unregistrable):
+        if runner.ranks is not None:
+            raise ValueError(
+                "KV staging is not supported with tensor_parallel_size > 1: install the "
+                "accelerator build of Mooncake, or use --kv-transfer none"
+            )
         slots = max(1, wcfg.kv_staging_bytes // runner.bytes_per_block)
         staging = KVStaging(runner.kv_cache, layout.fingerprint, slots, agent.register)
     else:
@@ -242,8 +240,14 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
         "KV transfer: Mooncake %s session %s%s", wcfg.mooncake_protocol, agent.session_id,
         f", through {staging.num_slots} host staging slots" if staging is not None else "",
     )  # fmt: skip
-    prefill = PrefillRole(engine, sender, ecfg.block_size, wcfg.kv_transfer_timeout_s)
-    return prefill, DecodeRole(engine, receiver, agent.session_id)
+    # Tensor parallelism: every other rank registers its own cache with a transfer engine of
+    # its own and pushes its own heads (services/prefill/rank_push.py).
+    ranks = None
+    if runner.ranks is not None:
+        ranks = RankPushes(runner.ranks, mooncake, ecfg.block_size, wcfg.kv_push_min_write_bytes)
+    prefill = PrefillRole(engine, sender, ecfg.block_size, wcfg.kv_transfer_timeout_s, ranks)
+    rank_caches = [(e.session_id, e.layout) for e in ranks.endpoints] if ranks else []
+    return prefill, DecodeRole(engine, receiver, agent.session_id, rank_caches)
 
 
 def setup_images(wcfg: WorkerConfig, engine: AsyncLLMEngine, servicer: WorkerServicer) -> None:

@@ -1,6 +1,9 @@
 """Two mixed workers, each driving two tensor-parallel ranks (gloo): greedy text equals a
-one-device engine, and a kill -9 of one rank process under load takes its worker down
-without failing a request (the router retries or migrates them to the other worker)."""
+one-device engine; flipped to a prefill and a decode worker, each rank pushing its own KV
+heads into the decode worker's rank (Mooncake), the text equals the co-located workers' and a
+reservation for a prefill worker of another size is refused; a kill -9 of one rank process
+under load takes its worker down without failing a request (the router retries or migrates
+them to the other worker)."""
 
 from __future__ import annotations
 
@@ -9,11 +12,15 @@ import signal
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, children, start_cluster, wait_for
+from cluster_helpers import TINY_NAME, children, start_cluster, wait_for, workers
 from test_failover import Traffic
 
+from services.common.grpc_utils import role_to_pb
+from services.common.proto import worker_pb2 as pb
+from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.engine import LLM, SamplingParams
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
@@ -57,6 +64,50 @@ def test_tp2_workers_equal_one_device(cluster, tiny_model_dir) -> None:
                 r = c.post("/v1/completions", json=body)
                 assert r.status_code == 200, r.text
                 assert r.json()["choices"][0]["text"] == text
+
+
+def set_roles(cluster, roles: dict[str, str]) -> None:
+    """Flip workers by their SetRole call (the admin API refuses to leave no mixed worker)."""
+    for worker_id, role in roles.items():
+        with grpc.insecure_channel(workers(cluster)[worker_id]["address"]) as ch:
+            pb_grpc.WorkerServiceStub(ch).SetRole(pb.SetRoleRequest(role=role_to_pb(role)),
+                                                  timeout=30)  # fmt: skip
+    wait_for(lambda: all((w := workers(cluster)[i])["role"] == r and w["state"] == "serving"
+                         for i, r in roles.items()), 30, f"roles {roles}")  # fmt: skip
+
+
+def test_pd_with_tp2_equals_colocated_tp2(cluster) -> None:
+    # Several blocks per prompt (and a partly filled last one), so that every rank pushes
+    # runs of blocks; the decoded tokens read all of it on both ranks.
+    prompts = [*PROMPTS, "one two three four five six seven " * 6]
+    with httpx.Client(base_url=cluster.base_url, timeout=60) as c:
+
+        def texts() -> list[str]:
+            out = []
+            for prompt in prompts:
+                body = {"model": TINY_NAME, "prompt": prompt, "max_tokens": 12,
+                        "temperature": 0, "ignore_eos": True}  # fmt: skip
+                r = c.post("/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                out.append(r.json()["choices"][0]["text"])
+            return out
+
+        colocated = texts()
+        set_roles(cluster, {"worker-0": "prefill", "worker-1": "decode"})
+        try:
+            assert texts() == colocated  # no mixed worker left: every request went PD
+            decode = workers(cluster)["worker-1"]
+            with grpc.insecure_channel(decode["address"]) as ch, pytest.raises(grpc.RpcError) as e:
+                pb_grpc.WorkerServiceStub(ch).Reserve(
+                    pb.ReserveRequest(request_id="tp-mismatch", prompt_token_ids=[1, 2, 3],
+                                      params=pb.SamplingParams(max_tokens=2),
+                                      role_epoch=decode["epoch"], writer_tensor_parallel_size=1),
+                    timeout=10,
+                )  # fmt: skip
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "tensor-parallel size mismatch" in e.value.details(), e.value.details()
+        finally:
+            set_roles(cluster, {"worker-0": "mixed", "worker-1": "mixed"})
 
 
 def test_kill_9_of_a_rank_fails_no_request(cluster) -> None:

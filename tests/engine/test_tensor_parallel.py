@@ -52,6 +52,11 @@ def test_dead_rank_ends_the_group(tiny_model_dir):
     assert ranks is not None
     out = llm.generate(prompts_of_mixed_lengths()[:1], GREEDY)
     assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
+    # Calls run a function on every other rank (PD's per-rank KV push is set up this way):
+    # its answers come back in rank order, its exceptions are raised here.
+    assert ranks.call(getattr, "rank", timeout=30) == [1]
+    with pytest.raises(AttributeError, match="no_such_field"):
+        ranks.call(getattr, "no_such_field", timeout=30, background=True)
     os.kill(ranks.procs[0].pid, signal.SIGKILL)
     ranks.procs[0].join(timeout=10)
     # An idle engine learns it from the watcher (the step thread asks between steps) ...
@@ -60,6 +65,8 @@ def test_dead_rank_ends_the_group(tiny_model_dir):
         time.sleep(0.1)
     with pytest.raises(RankFailure, match="rank 1 exited"):
         llm.engine.executor.check_health()
+    with pytest.raises(RankFailure):
+        ranks.call(getattr, "rank", timeout=30)
     # ... and a step never runs on half a group.
     with pytest.raises(RankFailure):
         llm.generate(prompts_of_mixed_lengths()[:1], GREEDY)

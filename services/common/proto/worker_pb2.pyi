@@ -332,7 +332,7 @@ class KVLayout(_message.Message):
     def __init__(self, base_addr: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., slab_bytes: _Optional[int] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "role_epoch", "images", "resume", "writer_address", "lora")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "role_epoch", "images", "resume", "writer_address", "lora", "writer_tensor_parallel_size")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -341,6 +341,7 @@ class ReserveRequest(_message.Message):
     RESUME_FIELD_NUMBER: _ClassVar[int]
     WRITER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
+    WRITER_TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: SamplingParams
@@ -349,10 +350,19 @@ class ReserveRequest(_message.Message):
     resume: Resume
     writer_address: str
     lora: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., role_epoch: _Optional[int] = ..., images: _Optional[_Iterable[_Union[ImageData, _Mapping]]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., writer_address: _Optional[str] = ..., lora: _Optional[str] = ...) -> None: ...
+    writer_tensor_parallel_size: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., role_epoch: _Optional[int] = ..., images: _Optional[_Iterable[_Union[ImageData, _Mapping]]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., writer_address: _Optional[str] = ..., lora: _Optional[str] = ..., writer_tensor_parallel_size: _Optional[int] = ...) -> None: ...
+
+class RankKV(_message.Message):
+    __slots__ = ("session_id", "layout")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    layout: KVLayout
+    def __init__(self, session_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("session_id", "layout", "block_ids", "cached_tokens", "deadline_ms", "role_epoch", "deadline_unix_ms")
+    __slots__ = ("session_id", "layout", "block_ids", "cached_tokens", "deadline_ms", "role_epoch", "deadline_unix_ms", "tp_ranks")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +370,7 @@ class ReserveResponse(_message.Message):
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     ROLE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TP_RANKS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     layout: KVLayout
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -367,7 +378,8 @@ class ReserveResponse(_message.Message):
     deadline_ms: int
     role_epoch: int
     deadline_unix_ms: int
-    def __init__(self, session_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., cached_tokens: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., role_epoch: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+    tp_ranks: _containers.RepeatedCompositeFieldContainer[RankKV]
+    def __init__(self, session_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., cached_tokens: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., role_epoch: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., tp_ranks: _Optional[_Iterable[_Union[RankKV, _Mapping]]] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "params", "role_epoch", "target", "images", "resume", "lora")

@@ -19,6 +19,11 @@ from services.router.routing.workers import WorkerHandle, WorkerPool
 log = logging.getLogger(__name__)
 
 
+def tp_size(handle: WorkerHandle) -> int:
+    """A worker's tensor-parallel size (1 for workers that do not advertise it)."""
+    return int(handle.info.capacity.get("tensor_parallel_size", 1) or 1)
+
+
 @dataclass
 class PDRequest:
     """What every attempt of one PD request sends."""
@@ -88,6 +93,7 @@ class PDSteps:
             request_id=rid, prompt_token_ids=list(request.prompt), params=request.params,
             resume=request.resume, images=image_keys(request.images),
             writer_address=p.info.address, lora=self.pool.lora_of(request.model),
+            writer_tensor_parallel_size=tp_size(p),
         )  # fmt: skip
         held = await self._reserve(d, ask, request, attempts)
         held.handle.inflight += 1
