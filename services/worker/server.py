@@ -32,7 +32,8 @@ from services.worker.errors import (
     Code,
     call_status,
 )
-from services.worker.lora import LoRARPCs, adapter_names
+from services.worker.load import LoadRPCs
+from services.worker.lora import LoRARPCs
 from services.worker.metrics import WorkerMetrics
 from services.worker.pooling import PoolingCalls, check_role
 from services.worker.role_controller import RoleController
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 R = TypeVar("R", bound=Role)
 
 
-class WorkerServicer(PoolingCalls, LoRARPCs, pb_grpc.WorkerServiceServicer):
+class WorkerServicer(PoolingCalls, LoRARPCs, LoadRPCs, pb_grpc.WorkerServiceServicer):
     """gRPC face of one engine. ``engine`` is an AsyncLLMEngine (or a test double)."""
 
     def __init__(
@@ -315,59 +316,6 @@ class WorkerServicer(PoolingCalls, LoRARPCs, pb_grpc.WorkerServiceServicer):
         if found:
             await self.engine.abort(request.request_id)
         return pb.AbortResponse(found=found)
-
-    async def Health(  # noqa: N802
-        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
-    ) -> pb.HealthResponse:
-        st = self.state
-        busy = st.draining or st.flipping
-        status = pb.HealthResponse.DRAINING if busy else pb.HealthResponse.SERVING
-        return pb.HealthResponse(
-            status=status,
-            instance_id=st.instance_id,
-            incarnation=st.incarnation,
-            role=role_to_pb(st.role),
-            role_epoch=st.role_epoch,
-            model=self.engine.model_name,
-            max_model_len=self.engine.max_model_len,
-            num_inflight=len(st.inflight),
-        )
-
-    def load_report(self) -> pb.LoadReport:
-        s = self.engine.stats()
-        st = self.state
-        enc = self.encoder
-        return pb.LoadReport(
-            instance_id=st.instance_id,
-            role=role_to_pb(st.role),
-            role_epoch=st.role_epoch,
-            draining=st.draining or st.flipping,  # routers skip a worker mid-flip too
-            num_waiting=s.num_waiting,
-            num_waiting_prompt_tokens=s.num_waiting_prompt_tokens,
-            num_running=s.num_running,
-            num_inflight=len(st.inflight),
-            kv_utilization=s.kv_utilization,
-            num_free_blocks=s.num_free_blocks,
-            num_total_blocks=s.num_total_blocks,
-            prefix_cache_hit_rate=s.prefix_cache_hit_rate,
-            recent_ttft_ms=self.ttft_ms.mean(),
-            recent_tpot_ms=self.tpot_ms.mean(),
-            timestamp_ms=int(time.time() * 1000),
-            images_waiting=enc.waiting if enc is not None else 0,
-            images_encoding=enc.encoding if enc is not None else 0,
-            recent_encode_ms=enc.tower_ms.mean() if enc is not None else 0.0,
-            lora_adapters=adapter_names(self.engine),
-        )
-
-    async def StreamLoad(  # noqa: N802
-        self, request: pb.LoadReportRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.LoadReport]:
-        interval = (request.interval_ms or self.load_interval_ms) / 1000.0
-        interval = max(interval, 0.01)
-        while not self.closing.is_set():
-            yield self.load_report()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.closing.wait(), timeout=interval)
 
     async def SetRole(  # noqa: N802
         self, request: pb.SetRoleRequest, context: grpc.aio.ServicerContext
