@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -54,6 +55,8 @@ class Executor:
         # The other tensor-parallel ranks (tp_ranks.py): each step's batch goes to them first.
         self.ranks: RankProcesses | None = runner.ranks
         self.sampler = sampler
+        # A draft model's proposer (speculative/draft_model.py): fills the step's drafts first.
+        self.drafter: Any = None
         # Called with what failed (for the error text) and the exception; returns the
         # request's error, or raises when the engine, not the request, is at fault.
         self.failure = failure
@@ -63,6 +66,8 @@ class Executor:
     ) -> tuple[torch.Tensor, dict[str, str]]:
         """The step's logits, and {request id: error} of the sequences whose forward pass
         failed (taken out of ``sched``)."""
+        if self.drafter is not None:
+            self.drafter.fill(sched.scheduled)
         if self.ranks is not None:
             return self._execute_group(sched, layer_hook), {}
         try:
@@ -142,19 +147,30 @@ class Executor:
             raise RankFailure(f"the tensor-parallel group failed a step: {exc!r}") from exc
 
     def sample(
-        self, logits: torch.Tensor, seqs: list[Sequence], failed: dict[str, str]
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        failed: dict[str, str],
+        drafts: list[tuple[int, torch.Tensor]] | None = None,
     ) -> list[tuple[int, TokenLogprobs | None]]:
         """(token, logprobs) per sequence; a sequence whose sampling raises gets (-1, None)
-        and its request an entry in ``failed``."""
+        and its request an entry in ``failed``. With ``drafts`` (a sampled draft token and
+        its draft distribution per row): their verification (``Sampler.verify``)."""
+
+        def draw(rows: torch.Tensor, part: list[Sequence], first: int) -> Any:
+            if drafts is None:
+                return self.sampler(rows, part)
+            return self.sampler.verify(rows, part, drafts[first : first + len(part)])
+
         try:
-            result = self.sampler(logits, seqs)
+            result = draw(logits, seqs, 0)
             return list(zip(result.token_ids, result.logprobs, strict=True))
         except Exception:  # noqa: BLE001 - find the row at fault
             logger.warning("sampling a batch of %d failed; sampling it row by row", len(seqs))
         out: list[tuple[int, TokenLogprobs | None]] = []
         for i, seq in enumerate(seqs):
             try:
-                one = self.sampler(logits[i : i + 1], [seq])
+                one = draw(logits[i : i + 1], [seq], i)
                 out.append((one.token_ids[0], one.logprobs[0]))
             except Exception as exc:  # noqa: BLE001
                 failed[seq.request_id] = self.failure("sampling its next token", exc)

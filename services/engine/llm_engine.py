@@ -41,7 +41,7 @@ from services.engine.scheduler import Scheduler
 from services.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from services.engine.sequence import Sequence
 from services.engine.speculative.acceptance import append_sampled
-from services.engine.speculative.speculator import Speculator
+from services.engine.speculative.setup import start_speculation
 from services.engine.structured_output import StructuredOutputs
 from services.engine.tp_ranks import make_runner
 
@@ -90,8 +90,6 @@ class LLMEngine:
             self.max_model_len, offline_aging_s=config.offline_aging_s,
             max_offline_batched_tokens=config.max_offline_batched_tokens,
         )  # fmt: skip
-        if (spec := config.speculative) is not None:
-            self.scheduler.speculator = Speculator(spec, self.max_model_len, self.block_manager)
         if config.kv_host_pool_bytes:
             host_blocks = config.kv_host_pool_bytes // self.runner.bytes_per_block
             if host_blocks < 1:
@@ -104,6 +102,8 @@ class LLMEngine:
         self.structured = StructuredOutputs(self.tokenizer, vocab, self.eos_token_ids)
         self.connector = KVConnector(self.scheduler, self.runner, self.sampler)
         self.executor = Executor(self.runner, self.sampler, self._failure)
+        if config.speculative is not None:  # the speculator; a draft model's runner and proposer
+            start_speculation(config, self.max_model_len, self.executor, self.scheduler)
         self.inputs = InputProcessor(
             self.tokenizer, self.runner.model, self.model_path, self.max_model_len,
             self.block_manager, self.sampler, self.structured, config.enable_prefix_caching,

@@ -77,9 +77,12 @@ class ModelRunner:
         max_model_len: int,
         pooling_hook: Callable[[torch.nn.Module], None] | None = None,
         tp: TPGroup | None = None,
+        num_blocks: int | None = None,
     ) -> None:
         """``pooling_hook``: given, this is a pooling model (pooler.py): the hook adapts the
-        loaded model (before its weights are packed) and the KV cache is one block."""
+        loaded model (before its weights are packed) and the KV cache is one block.
+        ``num_blocks``: the cache's size in blocks instead of the memory budget's (a draft
+        model's cache, indexed by the target's block ids)."""
         self.config = config
         self.max_model_len = max_model_len
         self.model_path = model_path  # read again when experts are re-placed (EPLB)
@@ -120,7 +123,7 @@ class ModelRunner:
         self.num_kv_heads = attn.num_kv_heads
         self.head_dim = attn.head_dim
         # Every rank holds the same blocks (of its own heads).
-        self.num_blocks = self.tp.min_int(self._num_kv_blocks())
+        self.num_blocks = num_blocks or self.tp.min_int(self._num_kv_blocks())
         # One tensor for all layers: [k/v, layer, block, slot, kv_head, head_dim]. A block of
         # one layer's K (or V) is one contiguous slab: the unit of KV export and transfer.
         self.kv_cache = torch.zeros(

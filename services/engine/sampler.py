@@ -34,12 +34,13 @@ class Sampler:
         return self._sample_on_cpu(logits, seqs)
 
     def _sample_on_cpu(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        want_lp = [s.params.logprobs is not None for s in seqs]
-        # Logprobs are reported from the model's distribution, before any logit bias, penalty
-        # or temperature (what vLLM reports by default: its "raw_logprobs").
-        raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-        # Copy the logits only when a row is to be changed (at batch 64 the copy alone is a
-        # 12 MB memcpy per step, for nothing in the common greedy / plain-sampling case).
+        tokens = self._choose(self._processed(logits, seqs), seqs)
+        return SampleResult(tokens, self._logprobs(logits, seqs, tokens))
+
+    def _processed(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """``logits`` with each row's logit bias and penalties (a copy only when a row is
+        changed: at batch 64 the copy alone is a 12 MB memcpy per step, for nothing in the
+        common greedy / plain-sampling case)."""
         processed = apply_logit_bias(logits, seqs)  # a copy when a row has a bias
         penalized = [i for i, seq in enumerate(seqs) if _has_penalties(seq)]
         if penalized:
@@ -47,7 +48,16 @@ class Sampler:
                 processed = logits.clone()
             for i in penalized:
                 self._apply_penalties(processed[i], seqs[i])
-        tokens = self._choose(processed, seqs)
+        return processed
+
+    def _logprobs(
+        self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]
+    ) -> list[TokenLogprobs | None]:
+        """The chosen tokens' logprobs for the rows that want them, from the model's
+        distribution, before any logit bias, penalty or temperature (what vLLM reports by
+        default: its "raw_logprobs")."""
+        want_lp = [s.params.logprobs is not None for s in seqs]
+        raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
         logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
         if raw_lp is not None:
             for i, seq in enumerate(seqs):
@@ -59,7 +69,58 @@ class Sampler:
                     vals, ids = raw_lp[i].topk(k)
                     top = [Logprob(int(t), _lp(v)) for t, v in zip(ids, vals, strict=True)]
                 logprobs[i] = TokenLogprobs(tokens[i], _lp(raw_lp[i, tokens[i]]), top)
-        return SampleResult(tokens, logprobs)
+        return logprobs
+
+    def probs(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """[len(seqs), vocab] float32 on the CPU: the distribution a plain step draws each
+        row's token from (grammar mask, logit bias, penalties, temperature, top-k/p, min-p;
+        one-hot on the argmax for greedy rows). Speculative verification compares it with
+        the draft's."""
+        return self._probs(apply_masks(logits.cpu(), seqs), seqs)
+
+    def _probs(self, masked: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        processed = self._processed(masked, seqs)
+        tokens = processed.argmax(dim=-1).tolist()
+        out = torch.zeros_like(processed)
+        out[torch.arange(len(seqs)), torch.tensor(tokens, dtype=torch.long)] = 1.0
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if rows:
+            out[rows] = row_probs(
+                processed[rows], [seqs[i] for i in rows], [tokens[i] for i in rows]
+            )
+        return out
+
+    def verify(
+        self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[tuple[int, torch.Tensor]]
+    ) -> SampleResult:
+        """Speculative sampling of draft tokens drawn from a distribution of their own:
+        ``drafts[i]`` is row i's draft token ``d`` and the draft's distribution ``q`` it was
+        drawn from. Keeps ``d`` with probability min(1, p(d) / q(d)), else draws from
+        normalize(max(0, p - q)); the result is distributed as ``p`` exactly (Leviathan et
+        al. 2023; vLLM's rejection sampler). Logprobs as ``__call__``'s."""
+        logits = apply_masks(logits.cpu(), seqs)
+        p = self._probs(logits, seqs)
+        q = torch.stack([dist for _, dist in drafts]).to(p.dtype)
+        d = torch.tensor([token for token, _ in drafts], dtype=torch.long)
+        # Two uniforms per row: a seeded row's from its own generator, the others' from ours.
+        u = torch.empty(len(seqs), 2, dtype=torch.float64)
+        unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
+        if unseeded:
+            u[unseeded] = torch.rand(
+                len(unseeded), 2, dtype=torch.float64, generator=self.generator
+            )
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None:
+                u[i] = torch.rand(2, dtype=torch.float64, generator=seq.generator)
+        rows = torch.arange(len(seqs))
+        # NOTE: q(d) > 0 (d was drawn from q), so this is u < p(d) / q(d).
+        keep = u[:, 0] * q[rows, d].double() <= p[rows, d].double()
+        residual = (p - q).clamp_(min=0.0)
+        empty = ~(residual.sum(dim=-1) > 0)
+        residual[empty] = p[empty]  # p <= q everywhere: p == q, and d is kept above
+        drawn = torch.tensor(draw(residual, u[:, 1]), dtype=torch.long)
+        tokens = torch.where(keep, d, drawn).tolist()
+        return SampleResult(tokens, self._logprobs(logits, seqs, tokens))
 
     def _sample_on_device(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """Plain greedy rows are decided on the device (one argmax, B integers copied back,
@@ -109,11 +170,7 @@ class Sampler:
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if not rows:
             return tokens
-        sub = logits[rows]
-        temps = torch.tensor([seqs[i].params.temperature for i in rows], dtype=sub.dtype)
-        sub = _finite(sub / temps.unsqueeze(1))
-        sub = _filter(sub, [seqs[i] for i in rows])
-        probs = _safe_probs(sub, [tokens[i] for i in rows])
+        probs = row_probs(logits[rows], [seqs[i] for i in rows], [tokens[i] for i in rows])
         unseeded = [j for j, i in enumerate(rows) if seqs[i].generator is None]
         if unseeded:
             u = torch.rand(len(unseeded), dtype=torch.float64, generator=self.generator)
@@ -187,6 +244,13 @@ def _has_penalties(seq: Sequence) -> bool:
         or (bool(p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens > 0)
         or seq.num_output_tokens < p.min_tokens
     )
+
+
+def row_probs(logits: torch.Tensor, seqs: list[Sequence], fallback: list[int]) -> torch.Tensor:
+    """The sampling distribution of non-greedy rows (bias and penalties already applied):
+    temperature, top-k, top-p, min-p; ``fallback``: each row's token when nothing is left."""
+    temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype)
+    return _safe_probs(_filter(_finite(logits / temps.unsqueeze(1)), seqs), fallback)
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:

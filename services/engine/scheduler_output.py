@@ -14,7 +14,7 @@ counting them too; the scheduler reserved their lookahead slots. They are not in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from services.engine.sequence import Sequence
@@ -45,6 +45,10 @@ class ScheduledSeq:
     # Speculative tokens after the sequence's last (counted in num_new_tokens): the step
     # computes their KV and samples a token after each of them too.
     draft_token_ids: list[int] = field(default_factory=list)
+    # The distributions the drafts were drawn from ([len(drafts), vocab] tensor), when a draft
+    # model sampled them; None: the drafts are guesses (n-gram, suffix, a greedy draft) and a
+    # draft is kept when the target's own draw equals it (speculative/acceptance.py).
+    draft_probs: Any = None
     # The step reaches the sequence's last token, so it samples the next one. Fixed when
     # scheduled (postprocess advances num_computed_tokens afterwards).
     samples: bool = field(init=False)

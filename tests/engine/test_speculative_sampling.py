@@ -10,6 +10,7 @@ import math
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
@@ -56,10 +57,14 @@ def chi2_critical(df: int, z: float = 3.09) -> float:
     return df * (1.0 - a + z * math.sqrt(a)) ** 3
 
 
-def test_speculative_sampling_keeps_the_target_distribution():
+@pytest.mark.parametrize("draft_model", [False, True])
+def test_speculative_sampling_keeps_the_target_distribution(draft_model):
+    """Random guesses (n-gram, suffix: kept when the target's draw equals them), or drafts a
+    draft model samples from a chain of its own, kept with min(1, p/q)."""
     g = torch.Generator().manual_seed(0)
     chain = torch.randn(V, V, generator=g) * 1.5  # logits of the next token given the last
     probs = torch.softmax(chain, dim=-1)
+    draft_probs = torch.softmax(torch.randn(V, V, generator=g) * 1.5, dim=-1)
     rng = random.Random(1)
     seqs = [Sequence(f"r{i}", [0], SamplingParams(temperature=1.0)) for i in range(N)]
     runner = SimpleNamespace(ranks=None)  # sampling only: no model
@@ -69,10 +74,19 @@ def test_speculative_sampling_keeps_the_target_distribution():
     while live:
         sched = SchedulerOutput()
         rows: list[torch.Tensor] = []
-        for seq in live:
+        # The draft model's chains of 3 drafts (each drawn from q after the one before).
+        chains = [torch.tensor([s.token_ids[-1] for s in live])]
+        for _ in range(3):
+            chains.append(torch.multinomial(draft_probs[chains[-1]], 1, generator=g).squeeze(1))
+        drafted = torch.stack(chains, dim=1).tolist()
+        for seq, chain_of in zip(live, drafted, strict=True):
             seq.num_computed_tokens = seq.num_tokens - 1
             drafts = [rng.randrange(V) for _ in range(rng.randrange(4))]
+            if draft_model and drafts:
+                drafts = chain_of[1 : 1 + len(drafts)]
             item = ScheduledSeq(seq, 1 + len(drafts), drafts)
+            if draft_model and drafts:
+                item.draft_probs = draft_probs[chain_of[: len(drafts)]]
             sched.scheduled.append(item)
             # Row j: the model's logits after the sequence's tokens and drafts[:j].
             rows += [chain[t] for t in [seq.token_ids[-1], *drafts]]

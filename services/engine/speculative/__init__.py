@@ -1,8 +1,10 @@
-"""Speculative decoding: proposers guess a sequence's next tokens without the model (n-gram,
-suffix), one forward pass of the target verifies them all, and the accepted ones are appended.
+"""Speculative decoding: proposers guess a sequence's next tokens (n-gram, suffix: without a
+model; a draft model), one forward pass of the target verifies them all, and the accepted ones
+are appended.
 
 The pieces: ``config.py`` (``SpeculativeConfig``, vLLM's ``--speculative-config`` JSON),
-``ngram.py`` and ``suffix.py`` (the proposers), ``speculator.py`` (which sequences speculate and
+``ngram.py``, ``suffix.py`` and ``draft_model.py`` (the proposers), ``setup.py`` (an engine's
+speculator and draft model), ``speculator.py`` (which sequences speculate and
 how far: the adaptive length, the counters). The scheduler asks the speculator for drafts and
 reserves their lookahead slots; the model runner computes them as one chunk of ``1 + k``
 query tokens over the cached context; ``acceptance.py`` samples every verified position with

@@ -11,10 +11,13 @@ So every appended token is drawn from exactly the distribution a plain step woul
 from, with one draw of the sequence's generator per token: greedy and seeded outputs equal
 those without speculation.
 
-This is vLLM's rejection sampler for drafts without probabilities (n-gram, suffix), which
-accepts draft ``d`` with probability ``p(d)`` and otherwise draws from ``p`` with ``d``
-removed: drawing ``t ~ p`` and accepting when ``t == d`` does both with one draw. (A draft
-model with its own distribution ``q`` would accept more often with ``min(1, p/q)``.)
+This is vLLM's rejection sampler for drafts without probabilities (n-gram, suffix, greedy
+drafts), which accepts draft ``d`` with probability ``p(d)`` and otherwise draws from ``p``
+with ``d`` removed: drawing ``t ~ p`` and accepting when ``t == d`` does both with one draw.
+Drafts a draft model sampled from its own ``q`` (``ScheduledSeq.draft_probs``) are kept with
+probability ``min(1, p(d)/q(d))``, else the token is drawn from ``normalize(max(0, p - q))``
+(``Sampler.verify``): also exactly ``p``, and accepted more often. There a seeded request is
+reproducible run to run but its tokens differ from those of a run without speculation.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import torch
 if TYPE_CHECKING:
     from services.engine.executor import Executor
     from services.engine.output_processor import OutputProcessor, RequestState
+    from services.engine.outputs import TokenLogprobs
     from services.engine.scheduler import Scheduler
-    from services.engine.scheduler_output import SchedulerOutput
+    from services.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 
 
 def append_sampled(
@@ -60,7 +64,7 @@ def append_sampled(
         sub = logits
         if rows != list(range(logits.shape[0])):
             sub = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
-        drawn = executor.sample(sub, [items[i].seq for i in active], failed)
+        drawn = _draw(executor, sub, [items[i] for i in active], j, failed)
         still: list[int] = []
         for i, (token, lp) in zip(active, drawn, strict=True):
             seq, drafts = items[i].seq, items[i].draft_token_ids
@@ -91,3 +95,32 @@ def append_sampled(
         if item.draft_token_ids:
             spec.observe(seq, len(item.draft_token_ids), accepted[i])
     return touched
+
+
+def _draw(
+    executor: Executor,
+    logits: torch.Tensor,
+    items: list[ScheduledSeq],
+    j: int,
+    failed: dict[str, str],
+) -> list[tuple[int, TokenLogprobs | None]]:
+    """Round ``j``'s token per item (``logits``: one row each): a draw from the target, or
+    the verification of a sampled draft token against its draft distribution."""
+    seqs = [item.seq for item in items]
+    verify = [
+        n for n, item in enumerate(items)
+        if item.draft_probs is not None and j < len(item.draft_token_ids)
+    ]  # fmt: skip
+    if not verify:
+        return executor.sample(logits, seqs, failed)
+    out: list[tuple[int, TokenLogprobs | None]] = [(-1, None)] * len(items)
+    verified = set(verify)
+    plain = [n for n in range(len(items)) if n not in verified]
+    for rows, drafts in ((plain, None), (verify, [(items[n].draft_token_ids[j],
+                         items[n].draft_probs[j]) for n in verify])):  # fmt: skip
+        if rows:
+            index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+            got = executor.sample(logits[index], [seqs[n] for n in rows], failed, drafts)
+            for n, result in zip(rows, got, strict=True):
+                out[n] = result
+    return out

@@ -6,16 +6,19 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-METHODS = ("ngram", "suffix")
+METHODS = ("ngram", "suffix", "draft_model")
 
 
 @dataclass
 class SpeculativeConfig:
     """How a worker speculates (field names are vLLM's where vLLM has the setting)."""
 
-    # "ngram" (prompt lookup: continue an earlier match of the last tokens) or "suffix"
-    # (a suffix trie over this request's tokens and this worker's recent outputs).
+    # "ngram" (prompt lookup: continue an earlier match of the last tokens), "suffix" (a
+    # suffix trie over this request's tokens and this worker's recent outputs) or
+    # "draft_model" (a smaller model with the same vocabulary, ``model``).
     method: str = "ngram"
+    # draft_model: its Hugging Face folder (same tokenizer as the target).
+    model: str | None = None
     # Most draft tokens verified per sequence and step (the adaptive length stays below it).
     num_speculative_tokens: int = 4
     # n-gram: longest and shortest tail of the context looked up in it.
@@ -45,6 +48,9 @@ class SpeculativeConfig:
                 "need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                 f"{self.prompt_lookup_min} and {self.prompt_lookup_max}"
             )
+        if (self.method == "draft_model") != (self.model is not None):
+            raise ValueError("method 'draft_model' needs a 'model' (the draft's folder), "
+                             "and only it takes one")  # fmt: skip
         if self.suffix_max_depth < 2:
             raise ValueError(f"suffix_max_depth must be >= 2, got {self.suffix_max_depth}")
         if self.suffix_max_cached_requests < 0:

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from services.engine.block_manager import BlockManager
     from services.engine.sequence import Sequence
 
+# A deferred proposer's draft token before it is filled in (a valid id: never fed as is).
+PLACEHOLDER = 0
 EMA_WEIGHT = 0.5  # of the newest verification in a sequence's average
 MIN_MEAN_ACCEPTED = 0.3
 PROBE_EVERY = 8
@@ -69,11 +71,21 @@ class _Adapt:
 class Speculator:
     """The proposer, the per-sequence draft length and the counters."""
 
-    def __init__(self, config: SpeculativeConfig, max_model_len: int, bm: BlockManager) -> None:
+    def __init__(
+        self,
+        config: SpeculativeConfig,
+        max_model_len: int,
+        bm: BlockManager,
+        proposer: Proposer | None = None,
+    ) -> None:
         self.config = config
         self.bm = bm  # the scheduler's: lookahead slots are allocated and trimmed in it
         self.max_model_len = max_model_len
-        self.proposer = make_proposer(config)
+        # NOTE: a proposer with ``deferred`` set (a draft model) proposes for the whole batch
+        # in the executor, before the target runs: here its drafts are placeholders of the
+        # length it will fill, their slots allocated before it writes its KV into them.
+        self.proposer = proposer or make_proposer(config)
+        self.deferred = bool(getattr(self.proposer, "deferred", False))
         k = config.num_speculative_tokens
         self.stats = SpecStats(proposed_per_position=[0] * k, accepted_per_position=[0] * k)
 
@@ -87,7 +99,10 @@ class Speculator:
         does not speculate this step. The caller allocates the sequence's own slot."""
         if n != 1 or not self.enabled_for(num_running):
             return []
-        drafts = self.drafts(seq, budget)
+        if self.deferred:
+            drafts = [PLACEHOLDER] * self.length(seq, budget)
+        else:
+            drafts = self.drafts(seq, budget)
         if drafts and not self.bm.allocate_slots(seq, 1 + len(drafts)):
             return []
         return drafts
@@ -105,18 +120,22 @@ class Speculator:
     def drafts(self, seq: Sequence, budget: int) -> list[int]:
         """Draft tokens for ``seq``, about to decode one token with ``budget`` tokens of the
         step left; [] when it does not speculate."""
-        if seq.params.speculative is False or seq.mm is not None:
-            return []  # opted out; images: M-RoPE positions of drafts are not done
-        k = self._length(seq)
-        # Room for the bonus token: within max_tokens and the context.
-        if seq.params.max_tokens is not None:
-            k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
-        k = min(k, self.max_model_len - seq.num_tokens - 1, budget - 1)
+        k = self.length(seq, budget)
         if k <= 0:
             return []
         return list(self.proposer.propose(seq, k)[:k])
 
-    def _length(self, seq: Sequence) -> int:
+    def length(self, seq: Sequence, budget: int) -> int:
+        """How many draft tokens ``seq`` may verify this step (0: none)."""
+        if seq.params.speculative is False or seq.mm is not None:
+            return 0  # opted out; images: M-RoPE positions of drafts are not done
+        k = self._adaptive_length(seq)
+        # Room for the bonus token: within max_tokens and the context.
+        if seq.params.max_tokens is not None:
+            k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
+        return max(0, min(k, self.max_model_len - seq.num_tokens - 1, budget - 1))
+
+    def _adaptive_length(self, seq: Sequence) -> int:
         kmax = self.config.num_speculative_tokens
         if not self.config.adaptive:
             return kmax
