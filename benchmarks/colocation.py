@@ -12,6 +12,7 @@ asserted.
 
     python benchmarks/colocation.py [--model PATH|GGUF] [--seconds 60] [--slo-ttft-ms 2000]
         [--slo-tpot-ms 200] [--offline-clients 16] [--max-offline-batched-tokens N]
+        [--offline-step-share 0.05]
         [--json out.json]
 """
 
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx  # noqa: E402
 
 from services.cli.launcher import ClusterSpec, LocalCluster  # noqa: E402
+from services.engine.config import EngineConfig  # noqa: E402
 
 ONLINE_TOKENS = 32  # output tokens of an online request
 OFFLINE_TOKENS = 64
@@ -153,12 +155,15 @@ def main() -> int:
         default=None,
         help="the engine's cap on offline tokens per step (default: none)",
     )
+    p.add_argument("--offline-step-share", type=float, default=EngineConfig.offline_step_share,
+                   help="the engine's offline share of a step with online work; 0: off")  # fmt: skip
     p.add_argument("--json", default=None)
     a = p.parse_args()
     spec = ClusterSpec(
         model=a.model, port=0, cluster="colocation",
         engine_overrides={"max_num_seqs": 32,
-                          "max_offline_batched_tokens": a.max_offline_batched_tokens},
+                          "max_offline_batched_tokens": a.max_offline_batched_tokens,
+                          "offline_step_share": a.offline_step_share or None},
         router_overrides={"slo_ttft_ms": a.slo_ttft_ms, "slo_tpot_ms": a.slo_tpot_ms},
     )  # fmt: skip
     cluster = LocalCluster(spec)

@@ -73,6 +73,11 @@ class EngineConfig:
     # the step is online work's or idle): bounds what offline prefills add to online TPOT.
     # None: all that online work leaves.
     max_offline_batched_tokens: int | None = None
+    # What offline (flex) tokens may add to the cost of a step that runs online work: 0.05 keeps
+    # such a step within 5 % of its cost without them (so online TPOT too), from a model of the
+    # step's cost the engine fits as it runs (services/engine/tier_policy.py). None: offline
+    # work takes all that online work leaves.
+    offline_step_share: float | None = 0.05
     # LoRA adapters loaded at start-up, each "name=path" (a PEFT folder); a request names one
     # as its model. Giving any turns LoRA on.
     lora_modules: list[str] = field(default_factory=list)
@@ -133,6 +138,8 @@ class EngineConfig:
             raise ValueError(
                 f"max_offline_batched_tokens must be >= 1, got {self.max_offline_batched_tokens}"
             )
+        if self.offline_step_share is not None and not 0.0 < self.offline_step_share <= 10.0:
+            raise ValueError(f"offline_step_share must be in (0, 10], got {self.offline_step_share}")
         if not self.offline_aging_s >= 0.0:  # NOTE: also false for NaN
             raise ValueError(f"offline_aging_s must be >= 0, got {self.offline_aging_s}")
         for item in self.lora_modules:

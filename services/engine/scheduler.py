@@ -26,7 +26,7 @@ from services.engine.block_manager import BlockManager, ComputedBlocks, chain_ro
 from services.engine.scheduler_output import KVLoad, ScheduledSeq, SchedulerOutput, TierHit
 from services.engine.sequence import Sequence, SequenceStatus
 from services.engine.service_tiers import DEFAULT_OFFLINE_AGING_S, SERVICE_TIERS
-from services.engine.tier_policy import TierPolicy
+from services.engine.tier_policy import OFFLINE_RANK, TierPolicy
 
 if TYPE_CHECKING:
     from services.engine.kv_tiers import KVTierManager
@@ -44,6 +44,7 @@ class Scheduler:
         offline_aging_s: float = DEFAULT_OFFLINE_AGING_S,
         max_offline_batched_tokens: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        offline_step_share: float | None = None,
     ) -> None:
         self.bm = block_manager
         self.speculator: Speculator | None = None  # drafts for decodes (speculative/)
@@ -55,7 +56,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.preemptions_by_tier = dict.fromkeys(SERVICE_TIERS, 0)
-        self.policy = TierPolicy(offline_aging_s, max_offline_batched_tokens, clock)
+        self.policy = TierPolicy(
+            offline_aging_s, max_offline_batched_tokens, clock, offline_step_share
+        )
+        self._step_started = 0.0  # when the last schedule() returned (on policy.clock)
         # Preempted sequences waiting to be recomputed: their prefix-cache lookup on
         # rescheduling finds their own blocks, which is not a hit of the prompt.
         self._recomputing: set[int] = set()
@@ -125,7 +129,8 @@ class Scheduler:
         0. Rank every sequence (its tier, a flex one aged to default after
            ``offline_aging_s``); sort the running ones by (rank, priority), stably, and the
            queue by (rank, holding blocks first, priority, arrival). Then, per rank, best first
-           (flex, the last, gets at most ``max_offline_batched_tokens`` of the budget):
+           (flex, the last, gets at most ``max_offline_batched_tokens`` and, with online work
+           in the engine, its ``offline_step_share`` of the step's cost: tier_policy.py):
         1. Its running sequences (decode-first: a decode costs one token of the budget).
            Each gets what it still needs, capped by the remaining budget. When the KV cache
            cannot hold a sequence's next tokens, the worst-ranked, newest running sequence
@@ -149,12 +154,15 @@ class Scheduler:
             ranks[s.seq_id], not s.block_table, s.params.priority, s.arrival_time)))  # fmt: skip
         self._budget = self.max_num_batched_tokens
         admit_below = math.inf  # ranks admitted from the queue in this step
+        online = min(ranks.values(), default=OFFLINE_RANK) < OFFLINE_RANK
         for rank in sorted(set(ranks.values())):
-            self._budget = self.policy.budget(rank, self._budget)
+            used = self.max_num_batched_tokens - self._budget  # by the better ranks
+            self._budget = self.policy.budget(rank, self._budget, used, online)
             if self._schedule_running(rank, ranks, out):
                 admit_below = -1  # memory pressure: admit nothing more this step
             if rank < admit_below:
                 admit_below = min(admit_below, self._schedule_waiting(rank, ranks, out))
+        self._step_started = self.policy.clock()  # postprocess times the step
         return out
 
     def _ranks(self) -> dict[int, int]:
@@ -357,7 +365,10 @@ class Scheduler:
 
     def postprocess(self, out: SchedulerOutput) -> None:
         """Advance computed-token counters after a step and register newly full blocks."""
+        now = self.policy.clock()
+        self.policy.step_cost.observe(out.num_batched_tokens, now - self._step_started)
         for item in out.scheduled:
+            item.seq.last_run_time = now
             item.seq.num_computed_tokens += item.num_known_tokens  # drafts: Speculator.accept
             self.bm.cache_full_blocks(item.seq)
 

@@ -58,6 +58,11 @@ class Sequence:
         self.logprobs: list[TokenLogprobs] = []  # of the outputs after the resumed ones
         self.num_resumed_tokens = 0  # leading outputs generated on another worker (migration)
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        # When a step last computed any of its tokens (arrival until then): offline aging
+        # counts from here, so a flex sequence that keeps running never ages; one that aged
+        # is scheduled as a default one until it ends (tier_policy.py).
+        self.last_run_time = self.arrival_time
+        self.aged = False
         self.first_token_time: float | None = None
         self.generator: torch.Generator | None = None
         if params.seed is not None:

@@ -1,20 +1,78 @@
 """The scheduler's service-tier decisions (pure Python): each sequence's rank, the key the
 queues are ordered by, the victim a preemption takes and the token budget offline work may
 take in a step. The scheduler (scheduler.py) asks; it keeps the queues and the blocks.
+
+Why offline work gets a share of a step and not all that online work leaves: one step runs
+every scheduled token in one forward pass, so offline tokens in a step that carries online
+work make that step, and so the online requests' TPOT (and the TTFT of those in prefill),
+longer by what they cost. A step costs about ``fixed + per_token * tokens``; the share keeps
+offline tokens to ``offline_step_share`` of the step's cost without them, i.e. at most
+``share * (fixed / per_token + online tokens)`` tokens. ``StepCost`` learns the two numbers
+from the steps the engine runs. Where a step's cost hardly grows with its tokens (a GPU's
+memory-bound decode) that is most of the budget; where it grows in proportion (a CPU) it is a
+few tokens, and offline work runs mostly in the steps without online work. Those it may not
+fill either: an online request arriving during one waits for it, so they run offline tokens
+worth at most ``OFFLINE_STEP_FIXED_COSTS`` fixed costs.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
-from services.engine.service_tiers import DEFAULT_OFFLINE_AGING_S, FLEX, SERVICE_TIERS, tier_rank
+from services.engine.service_tiers import (
+    DEFAULT,
+    DEFAULT_OFFLINE_AGING_S,
+    FLEX,
+    SERVICE_TIERS,
+    tier_rank,
+)
 
 if TYPE_CHECKING:
     from services.engine.sequence import Sequence
 
 OFFLINE_RANK = SERVICE_TIERS[FLEX]
+DEFAULT_RANK = SERVICE_TIERS[DEFAULT]
+# A step without online work runs offline tokens worth at most this many times a step's fixed
+# cost: an online request arriving meanwhile waits for it to end (its TTFT).
+OFFLINE_STEP_FIXED_COSTS = 2.0
+# The fixed cost of a step, in tokens' worth, assumed until steps of different sizes were
+# timed (the embedded model on a 2-core CPU measured ~24).
+PRIOR_FIXED_TOKENS = 24.0
+
+
+class StepCost:
+    """``fixed / per_token`` of the linear model ``seconds = fixed + per_token * tokens`` of
+    the engine's steps, fitted by least squares with exponentially fading weights."""
+
+    DECAY = 0.99  # weight of the fit's past on each new step (a memory of ~100 steps)
+
+    def __init__(self, prior_fixed_tokens: float = PRIOR_FIXED_TOKENS) -> None:
+        self.fixed_tokens = prior_fixed_tokens
+        self._n = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A step of ``tokens`` tokens took ``seconds``."""
+        if seconds <= 0.0 or tokens <= 0:
+            return  # a clock that did not move (tests) tells nothing
+        d = self.DECAY
+        self._n = self._n * d + 1.0
+        self._x = self._x * d + tokens
+        self._y = self._y * d + seconds
+        self._xx = self._xx * d + tokens * tokens
+        self._xy = self._xy * d + tokens * seconds
+        mx, my = self._x / self._n, self._y / self._n
+        var = self._xx / self._n - mx * mx
+        if var < 1.0:
+            return  # steps of one size: no slope to fit yet
+        per_token = (self._xy / self._n - mx * my) / var
+        fixed = my - per_token * mx
+        if per_token <= 0.0:
+            self.fixed_tokens = math.inf  # tokens cost nothing measurable
+        else:
+            self.fixed_tokens = max(0.0, fixed / per_token)
 
 
 class TierPolicy:
@@ -23,18 +81,30 @@ class TierPolicy:
         offline_aging_s: float = DEFAULT_OFFLINE_AGING_S,
         max_offline_batched_tokens: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        offline_step_share: float | None = None,
     ) -> None:
         self.offline_aging_s = offline_aging_s
         self.max_offline_batched_tokens = max_offline_batched_tokens  # of a step; None: all
         self.clock = clock  # the time sequences' arrival_time is on (aging)
+        # What offline tokens may add to the cost of a step carrying online work (0.1: 10 %);
+        # None: all that online work leaves.
+        self.offline_step_share = offline_step_share
+        self.step_cost = StepCost()
 
-    def ranks(self, seqs: Iterable[Sequence]) -> dict[int, int]:
-        """The rank of each of ``seqs`` (by seq_id) now: its tier's, a flex one aged."""
-        now = self.clock()
-        return {
-            s.seq_id: tier_rank(s.params.service_tier, now - s.arrival_time, self.offline_aging_s)
-            for s in seqs
-        }
+    def ranks(self, seqs: Collection[Sequence]) -> dict[int, int]:
+        """The rank of each of ``seqs`` (by seq_id) now: its tier's, or default for a flex
+        one that aged: no step ran it for ``offline_aging_s`` (it stays aged until it ends).
+        NOTE: counted from its last step, not its arrival: a long offline request served in
+        the share online work leaves is not starving, and aged from arrival it would take an
+        online rank (and an online share of every step) for the rest of its life. Aged for
+        good, not until its next step: two flex sequences short of one slot would otherwise
+        preempt each other in turn, each recomputed from scratch, and neither would end."""
+        now, aging = self.clock(), self.offline_aging_s
+        for s in seqs:
+            if not s.aged and s.params.service_tier == FLEX and now - s.last_run_time >= aging:
+                s.aged = True
+        return {s.seq_id: DEFAULT_RANK if s.aged else SERVICE_TIERS[s.params.service_tier]
+                for s in seqs}  # fmt: skip
 
     def rank_on_arrival(self, seq: Sequence) -> int:
         """The rank of ``seq`` before it has waited at all."""
@@ -57,9 +127,20 @@ class TierPolicy:
             return None
         return max(candidates, key=lambda item: (*self.key(item[1], ranks), item[0]))[1]
 
-    def budget(self, rank: int, budget: int) -> int:
+    def budget(self, rank: int, budget: int, online_tokens: int, online: bool) -> int:
         """What is left of a step's token ``budget`` for the sequences of ``rank``, which
-        run after every better rank's (offline ones get at most their cap)."""
-        if rank == OFFLINE_RANK and self.max_offline_batched_tokens is not None:
-            return min(budget, self.max_offline_batched_tokens)
+        run after every better rank's. Offline ones get at most their cap and, when online
+        work is in the engine (``online``; ``online_tokens`` of it in this step), the share
+        of the step's cost (see the module's docstring)."""
+        if rank != OFFLINE_RANK:
+            return budget
+        if self.max_offline_batched_tokens is not None:
+            budget = min(budget, self.max_offline_batched_tokens)
+        if self.offline_step_share is not None:
+            fixed = self.step_cost.fixed_tokens
+            if online:
+                limit = self.offline_step_share * (fixed + online_tokens)
+            else:
+                limit = OFFLINE_STEP_FIXED_COSTS * fixed
+            budget = min(budget, max(1, int(limit + 1e-6))) if limit < budget else budget
         return budget

@@ -40,6 +40,7 @@ def make_sched(clock: Clock, aging: float = math.inf, **kw) -> Scheduler:
         offline_aging_s=aging,
         max_offline_batched_tokens=kw.pop("offline_tokens", None),
         clock=clock,
+        offline_step_share=kw.pop("share", None),
     )
 
 
@@ -67,7 +68,7 @@ def step(sched: Scheduler, goals: dict[int, int]):
 
 def rank(sched: Scheduler, seq: Sequence) -> tuple[int, int]:
     policy = sched.policy
-    waited = policy.clock() - seq.arrival_time
+    waited = math.inf if seq.aged else policy.clock() - seq.last_run_time
     return tier_rank(seq.params.service_tier, waited, policy.offline_aging_s), seq.params.priority
 
 
@@ -152,6 +153,51 @@ def test_offline_share_of_a_step_is_capped() -> None:
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(online, 1), (offline[0], 9)]
 
 
+def test_offline_work_takes_its_share_of_a_step_with_online_work() -> None:
+    """A step costs 20 ms + 1 ms per token (the clock moves while it runs, so the scheduler
+    fits the model: 20 tokens' worth of fixed cost). With online work in the engine, offline
+    tokens are held to 10 % of the step's cost without them; without, to 2 fixed costs."""
+    clock = Clock()
+    sched = make_sched(clock, max_num_batched_tokens=256, share=0.1)
+    offline = [make_seq(100, "flex") for _ in range(4)]
+    goals = {s.seq_id: 100 for s in offline}
+    for s in offline:
+        sched.add(s)
+    for tokens in (5, 9, 14):  # two steps of different sizes fit the line exactly
+        sched.policy.max_offline_batched_tokens = tokens
+        out = sched.schedule()
+        clock.now += 0.020 + 0.001 * out.num_batched_tokens
+        sched.postprocess(out)
+    sched.policy.max_offline_batched_tokens = None
+    assert abs(sched.policy.step_cost.fixed_tokens - 20.0) < 1e-6
+    assert step(sched, goals).num_batched_tokens == 40  # no online work: 2 fixed costs
+    online = make_seq(8, "default")
+    goals[online.seq_id] = 100
+    sched.add(online)
+    out = step(sched, goals)
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(online, 8), (offline[0], 2)]
+    out = step(sched, goals)  # the online decode: 10 % of 20 + 1 tokens
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(online, 1), (offline[0], 2)]
+
+
+def test_a_running_offline_request_does_not_age() -> None:
+    """Aging counts from a sequence's last step: a long offline prompt served a few tokens a
+    step beside online work for longer than ``aging`` keeps its offline share (aged from its
+    arrival, it would take the whole budget online work leaves after 5 s)."""
+    clock = Clock()
+    sched = make_sched(clock, aging=5.0, max_num_batched_tokens=64, share=0.1)
+    offline, online = make_seq(200, "flex"), make_seq(4, "default")
+    goals = {offline.seq_id: 1, online.seq_id: 1000}
+    sched.add(offline)
+    sched.add(online)
+    for t in range(20):
+        clock.now = float(t)
+        out = step(sched, goals)
+        # 10 % of (24 assumed fixed tokens + 1 online decode); 4 + 2 in the first step
+        assert [s.num_new_tokens for s in out.scheduled if s.seq is offline] == [2], t
+    assert not offline.aged
+
+
 def test_an_offline_request_ages_past_a_stream_of_online_requests() -> None:
     """The starvation bound: with one running slot and an online request arriving every
     step, a flex request that arrived first runs once it has waited ``aging`` seconds and
@@ -216,6 +262,7 @@ def workloads(draw):
         caching=draw(st.booleans()),
         aging=draw(st.sampled_from([2.0, 5.0, math.inf])),
         offline_tokens=draw(st.sampled_from([None, None, 1, 3])),
+        share=draw(st.sampled_from([None, 0.05, 0.5])),
         specs=specs,
         seed=draw(st.integers(0, 2**16)),
     )
@@ -228,7 +275,7 @@ def test_tier_scheduling_property(w) -> None:
     clock = Clock()
     sched = make_sched(clock, w["aging"], num_blocks=w["num_blocks"], block_size=w["block_size"],
                        caching=w["caching"], max_num_seqs=w["max_num_seqs"],
-                       offline_tokens=w["offline_tokens"],
+                       offline_tokens=w["offline_tokens"], share=w["share"],
                        max_num_batched_tokens=w["max_num_batched_tokens"])  # fmt: skip
     bm = sched.bm
     pending = [(at, make_seq(p, tier, prio, at=at), out) for p, tier, prio, out, at in w["specs"]]
@@ -264,6 +311,15 @@ def test_tier_scheduling_property(w) -> None:
             if r not in scheduled:
                 assert keys[r.seq_id][0] >= worst, (r, worst)
         assert out.num_batched_tokens <= sched.max_num_batched_tokens
+        # -- the offline share: the clock stands still in a step, so the fixed cost is the prior --
+        if w["share"] is not None and not out.preempted:
+            online_tokens = sum(
+                i.num_new_tokens for i in out.scheduled if keys[i.seq.seq_id][0] < 2
+            )
+            offline_tokens = out.num_batched_tokens - online_tokens
+            online = any(k[0] < 2 for k in keys.values())
+            limit = w["share"] * (24 + online_tokens) if online else 2 * 24
+            assert offline_tokens <= max(1, int(limit)), (offline_tokens, online_tokens)
         assert len(sched.running) <= sched.max_num_seqs
         if out.is_empty:
             assert out.preempted or not sched.has_work
