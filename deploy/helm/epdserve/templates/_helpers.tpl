@@ -29,6 +29,9 @@ Names, labels and the command lines of the epdserve chart.
 app.kubernetes.io/name: {{ include "epdserve.name" .ctx }}
 app.kubernetes.io/instance: {{ .ctx.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
+{{- with .modelGroup }}
+epdserve.io/model-group: {{ . }}
+{{- end }}
 {{- end }}
 
 {{/* Every label of one component's objects: call with (dict "ctx" $ "component" "router"). */}}
@@ -70,6 +73,13 @@ runs), or only networkPolicy.metricsFrom when given.
 {{- get $variants .Values.workers.accelerator }}
 {{- end }}
 
+{{/* The image of workers on one accelerator: call with (dict "ctx" $ "accelerator" "nvidia"). */}}
+{{- define "epdserve.workerImage" -}}
+{{- $variant := include "epdserve.device" . }}
+{{- $tag := .ctx.Values.image.tag | default (printf "%s-%s" .ctx.Chart.AppVersion $variant) }}
+{{- printf "%s:%s" .ctx.Values.image.repository $tag }}
+{{- end }}
+
 {{- define "epdserve.image" -}}
 {{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion (include "epdserve.variant" .)) }}
 {{- printf "%s:%s" .Values.image.repository $tag }}
@@ -77,12 +87,12 @@ runs), or only networkPolicy.metricsFrom when given.
 
 {{/* The engine device of the accelerator (EngineConfig.device). */}}
 {{- define "epdserve.device" -}}
-{{- get (dict "cpu" "cpu" "nvidia" "cuda" "ascend" "npu") .Values.workers.accelerator }}
+{{- get (dict "cpu" "cpu" "nvidia" "cuda" "ascend" "npu") .accelerator }}
 {{- end }}
 
 {{/* The Kubernetes extended resource of the accelerator; empty for cpu. */}}
 {{- define "epdserve.acceleratorResource" -}}
-{{- get (dict "cpu" "" "nvidia" "nvidia.com/gpu" "ascend" "huawei.com/Ascend910") .Values.workers.accelerator }}
+{{- get (dict "cpu" "" "nvidia" "nvidia.com/gpu" "ascend" "huawei.com/Ascend910") .accelerator }}
 {{- end }}
 
 {{/* `--etcd`: the bundled etcd's client Service, or the external endpoints. */}}
@@ -97,6 +107,32 @@ runs), or only networkPolicy.metricsFrom when given.
 {{/* Model flags: the embedded model is EngineConfig/RouterConfig's default (no --model). */}}
 {{- define "epdserve.modelPath" -}}
 {{- if ne .Values.model.path "embedded" }}{{ .Values.model.path }}{{ end }}
+{{- end }}
+
+{{/*
+The base models and their workers, as JSON: [{"name", "model", "workers"}]. Without
+modelGroups, one group named "" of model and workers; with them, one per entry: its model
+over model, its workers over its profile's workers over workers (maps merged, the group's
+values win).
+*/}}
+{{- define "epdserve.modelGroups" -}}
+{{- $groups := list }}
+{{- if not .Values.modelGroups }}
+{{- $groups = append $groups (dict "name" "" "model" .Values.model "workers" .Values.workers) }}
+{{- end }}
+{{- range $g := .Values.modelGroups }}
+{{- $workers := deepCopy $.Values.workers }}
+{{- with $g.profile }}
+{{- $file := printf "profiles/%s.yaml" . }}
+{{- $profile := $.Files.Get $file | fromYaml }}
+{{- if not $profile }}{{ fail (printf "modelGroups[%s].profile: no profile %s in the chart" $g.name $file) }}{{ end }}
+{{- $workers = mergeOverwrite $workers (deepCopy (default (dict) $profile.workers)) }}
+{{- end }}
+{{- $workers = mergeOverwrite $workers (deepCopy (default (dict) $g.workers)) }}
+{{- $model := mergeOverwrite (deepCopy $.Values.model) (deepCopy (default (dict) $g.model)) }}
+{{- $groups = append $groups (dict "name" $g.name "model" $model "workers" $workers) }}
+{{- end }}
+{{- toJson $groups }}
 {{- end }}
 
 {{/*
@@ -188,7 +224,8 @@ EngineConfig(...)). Call with (dict "ctx" $ "role" "prefill").
 */}}
 {{- define "epdserve.workerCommand" -}}
 {{- $ctx := .ctx }}
-{{- $w := $ctx.Values.workers }}
+{{- $w := default $ctx.Values.workers .workers }}
+{{- $model := default $ctx.Values.model .model }}
 {{- $roleValues := get $w .role }}
 {{- $flags := include "epdserve.flags" $ctx | fromJson }}
 {{- $worker := mergeOverwrite (deepCopy $w.config) (deepCopy (default (dict) $roleValues.config)) }}
@@ -203,10 +240,10 @@ see networkpolicy-worker.yaml). The kubelet's probes and Prometheus dial the pod
 {{- $_ = set $worker "cluster" $ctx.Values.clusterName }}
 {{- $_ = set $worker "etcd" (include "epdserve.etcdEndpoints" $ctx) }}
 {{- $engine := mergeOverwrite (deepCopy $w.engine) (deepCopy (default (dict) $roleValues.engine)) }}
-{{- with include "epdserve.modelPath" $ctx }}{{ $_ = set $engine "model" . }}{{ end }}
-{{- with $ctx.Values.model.servedName }}{{ $_ = set $engine "servedModelName" . }}{{ end }}
-{{- $_ = set $engine "device" (include "epdserve.device" $ctx) }}
-{{- $_ = set $engine "tensorParallelSize" (int (default 1 $ctx.Values.workers.tensorParallelSize)) }}
+{{- if ne $model.path "embedded" }}{{ $_ = set $engine "model" $model.path }}{{ end }}
+{{- with $model.servedName }}{{ $_ = set $engine "servedModelName" . }}{{ end }}
+{{- $_ = set $engine "device" (include "epdserve.device" $w) }}
+{{- $_ = set $engine "tensorParallelSize" (int (default 1 $w.tensorParallelSize)) }}
 - {{ $ctx.Values.python | quote }}
 - "-m"
 - "services.worker"
@@ -241,7 +278,7 @@ binds and advertises the pod IP, on fixed ports, so workers reach it again after
 
 {{/* Seconds a worker pod may take to stop: the drain timeout plus the extra margin. */}}
 {{- define "epdserve.workerGracePeriod" -}}
-{{- $w := .ctx.Values.workers }}
+{{- $w := default .ctx.Values.workers .workers }}
 {{- $roleValues := get $w .role }}
 {{- $cfg := mergeOverwrite (deepCopy $w.config) (deepCopy (default (dict) $roleValues.config)) }}
 {{- $drain := $cfg.drainTimeoutS }}
@@ -349,21 +386,29 @@ etcd. Every TLS-dependent line of a client (env, volume, mount) follows from thi
 {{/* Render-time checks the schema cannot state. */}}
 {{- define "epdserve.validate" -}}
 {{- $flags := include "epdserve.flags" . | fromJson }}
-{{- $w := .Values.workers }}
+{{- $names := list }}
+{{- range $g := .Values.modelGroups }}
+{{- if has $g.name $names }}{{ fail (printf "modelGroups: two groups are named %s" $g.name) }}{{ end }}
+{{- $names = append $names $g.name }}
+{{- end }}
+{{- range $group := include "epdserve.modelGroups" . | fromJsonArray }}
+{{- $w := $group.workers }}
+{{- $where := ternary (printf "modelGroups[%s].workers" $group.name) "workers" (ne $group.name "") }}
 {{- $enabled := list }}
 {{- range $role := list "mixed" "prefill" "decode" "encode" }}
 {{- if (get $w $role).enabled }}
 {{- $enabled = append $enabled $role }}
 {{- if not (has $role $flags.roles) }}
-{{- fail (printf "workers.%s.enabled: this epdserve version's workers take the roles %s only" $role (join ", " $flags.roles)) }}
+{{- fail (printf "%s.%s.enabled: this epdserve version's workers take the roles %s only" $where $role (join ", " $flags.roles)) }}
 {{- end }}
 {{- end }}
 {{- end }}
 {{- if not $enabled }}
-{{- fail "workers: enable at least one role (workers.mixed, or workers.prefill with workers.decode)" }}
+{{- fail (printf "%s: enable at least one role (%s.mixed, or %s.prefill with %s.decode)" $where $where $where $where) }}
 {{- end }}
 {{- if ne (has "prefill" $enabled) (has "decode" $enabled) }}
-{{- fail "workers: PD mode needs both workers.prefill.enabled and workers.decode.enabled" }}
+{{- fail (printf "%s: PD mode needs both %s.prefill.enabled and %s.decode.enabled" $where $where $where) }}
+{{- end }}
 {{- end }}
 {{- if and .Values.kvstore.enabled .Values.kvstore.config.master .Values.mooncake.master.enabled }}
 {{- fail "kvstore.enabled: the kvstore runs its own Mooncake master; disable mooncake.master (or set kvstore.config.master: false)" }}
