@@ -10,6 +10,7 @@ import time
 import uuid
 from typing import Any
 
+from services.common.lora_registry import LoRARegistry
 from services.common.membership import MembershipWatcher
 from services.common.tracing import Tracing
 from services.router.admission import AdmissionControl
@@ -77,6 +78,8 @@ class Gateway:
             os.path.join(cfg.batch_root, "responses"),
         )  # fmt: skip
         self.background: dict[str, asyncio.Task[None]] = {}
+        # The LoRA adapters loaded through the API, for workers that start later.
+        self.lora_registry = LoRARegistry(cfg.etcd_endpoints, cfg.cluster)
         self.rebalancer = Rebalancer(
             self.pool, RoleStore(cfg.etcd_endpoints, cfg.cluster), self.metrics.rebalance,
             LeaderElection(cfg.etcd_endpoints, cfg.cluster, self.identity),
@@ -96,6 +99,7 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.responses.close()
+        await self.lora_registry.close()
         await self.rebalancer.stop()
         await self.watcher.stop()
         await self.kv_index.stop()

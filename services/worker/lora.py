@@ -1,18 +1,27 @@
 """The worker's LoRA adapter RPCs: load a PEFT folder into the engine under a name, unload
 one. The loaded names travel in every load report (``LoadReport.lora_adapters``), which is
-how routers learn which worker holds which adapter."""
+how routers learn which worker holds which adapter. At start, ``restore_adapters`` loads
+those the cluster's API loaded before (``common/lora_registry.py``)."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 from typing import TYPE_CHECKING
 
 import grpc
 
+from services.common.lora_registry import LoRARegistry
 from services.common.proto import worker_pb2 as pb
 from services.worker.errors import LORA, call_status
 
 if TYPE_CHECKING:
     from services.engine.async_engine import AsyncLLMEngine
+
+log = logging.getLogger(__name__)
+
+RESTORE_RETRY_S = (1.0, 2.0, 4.0, 8.0)  # then every 8 s until etcd answers
 
 
 def adapter_names(engine: AsyncLLMEngine) -> list[str]:
@@ -43,7 +52,36 @@ class LoRARPCs:
         return pb.LoRAAdaptersResponse(adapters=adapter_names(self.engine))
 
 
+def _add(engine, name: str, path: str) -> None:
+    _loras(engine).add(name, path)
+
+
 def _loras(engine):
     if engine.loras is None:
         raise ValueError("LoRA is not enabled on this worker (start it with --enable-lora)")
     return engine.loras
+
+
+async def restore_adapters(engine: AsyncLLMEngine, registry: LoRARegistry, model: str) -> None:
+    """Load the adapters recorded for ``model`` (retrying until etcd answers once; an adapter
+    that fails to load is logged and left out). Closes ``registry``."""
+    attempt = 0
+    try:
+        while True:
+            try:
+                records = await registry.adapters(model)
+                break
+            except Exception as exc:  # noqa: BLE001 - etcd away: again later
+                wait = RESTORE_RETRY_S[min(attempt, len(RESTORE_RETRY_S) - 1)]
+                attempt += 1
+                log.warning("listing the recorded LoRA adapters failed (%s); again in %.0fs",
+                            exc, wait)  # fmt: skip
+                await asyncio.sleep(wait)
+    finally:
+        await registry.close()
+    for name, record in records.items():
+        try:
+            await engine.call(functools.partial(_add, name=name, path=record.path))
+            log.info("loaded the recorded LoRA adapter %s from %s", name, record.path)
+        except Exception as exc:  # noqa: BLE001 - one bad adapter leaves the others
+            log.error("cannot load the recorded LoRA adapter %s (%s): %s", name, record.path, exc)

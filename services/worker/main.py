@@ -15,8 +15,10 @@ from typing import Any
 
 import grpc
 
+from services.common.aio import cancel_and_wait
 from services.common.dataclass_cli import add_dataclass_args, from_args
 from services.common.grpc_utils import SERVER_OPTIONS, add_port
+from services.common.lora_registry import LoRARegistry
 from services.common.membership import InstanceInfo, Registrar
 from services.common.mooncake_agent import MooncakeAgent, MooncakeConfig
 from services.common.phases import PhaseInterceptor
@@ -41,6 +43,7 @@ from services.worker.config import WorkerConfig
 from services.worker.image_inputs import ImageLoader
 from services.worker.kv_events import KVEventPublisher, kv_layout_key
 from services.worker.kv_store import attach_kv_store
+from services.worker.lora import restore_adapters
 from services.worker.pooling import check_role, pooling_task
 from services.worker.role_controller import DesiredRoleWatcher
 from services.worker.server import WorkerServicer
@@ -90,6 +93,7 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
 
     registrar: Registrar | None = None
     desired: DesiredRoleWatcher | None = None
+    restoring: asyncio.Task[None] | None = None
     publisher: KVEventPublisher | None = None
     if wcfg.register:
         info = InstanceInfo(
@@ -139,6 +143,12 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
             await asyncio.wait_for(registrar.registered.wait(), timeout=30)
         except TimeoutError:
             log.warning("etcd not reachable yet; serving and retrying registration")
+        # NOTE: after registering: a load through the API records its adapter after loading
+        # it on the workers it knows, then loads it on those that joined meanwhile; only a
+        # worker that router has not seen yet by then can miss it (router/api/lora.py).
+        if ecfg.lora_enabled:
+            registry = LoRARegistry(wcfg.etcd_endpoints, wcfg.cluster)
+            restoring = asyncio.create_task(restore_adapters(engine, registry, engine.model_name))
     await attach_kv_store(
         wcfg,
         engine,
@@ -169,6 +179,8 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     # does, let in-flight requests finish, then stop.
     log.info("shutting down: deregistering, draining %d in-flight", len(state.inflight))
     state.draining = True
+    if restoring is not None:
+        await cancel_and_wait(restoring)
     if desired is not None:
         await desired.stop()
     if publisher is not None:

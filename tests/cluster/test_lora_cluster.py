@@ -10,7 +10,16 @@ import threading
 import httpx
 import openai
 import pytest
-from cluster_helpers import TINY_ENGINE, TINY_NAME, get_json, openai_client, start_cluster
+from cluster_helpers import (
+    TINY_ENGINE,
+    TINY_NAME,
+    get_json,
+    load_report,
+    openai_client,
+    start_cluster,
+    wait_for,
+    worker_health,
+)
 
 from services.engine import LLM, SamplingParams
 from tests.engine.lora_helpers import build_adapter
@@ -115,3 +124,21 @@ def test_load_and_unload_under_traffic(cluster, offline) -> None:
         for t in threads:
             t.join(timeout=120)
     assert results and all(r == want for r in results), [r for r in results if r != want][:3]
+
+
+def test_a_worker_started_later_loads_the_recorded_adapters(cluster, offline) -> None:
+    path = str(offline.engine.loras.adapters["chat"].path)
+    r = admin(cluster, "/v1/load_lora_adapter", {"lora_name": "chat", "lora_path": path})
+    assert r.status_code == 200, r.text
+    late = cluster.start_worker("mixed")  # its command line names "sql" only
+    wait_for(lambda: late.ready.is_set() or not late.alive(), timeout=120, what="worker ready")
+    assert late.ready.is_set(), late.describe_failure()
+    address = late.ready_field("address")
+    wait_for(lambda: set(load_report(address).lora_adapters) == {"chat", "sql"},
+             timeout=30, what="the late worker holds the recorded adapter")  # fmt: skip
+    url = cluster.base_url
+    wait_for(lambda: late.name in worker_health(url, cluster.admin_token)[1]["workers"],
+             timeout=30, what="the router knows the late worker")  # fmt: skip
+    r = admin(cluster, "/v1/unload_lora_adapter", {"lora_name": "chat"})
+    assert r.status_code == 200 and late.name in r.json()["workers"], r.text
+    assert set(load_report(address).lora_adapters) == {"sql"}

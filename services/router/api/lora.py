@@ -2,22 +2,33 @@
 (``{"lora_name", "lora_path", "base_model"?}``) loads a PEFT folder on every worker of the
 base model over gRPC (``LoadLoRA``), ``POST /v1/unload_lora_adapter`` (``{"lora_name"}``)
 unloads it from every worker holding it. A request then names the adapter as its model and
-is routed only to workers that hold it (``WorkerHandle.serves``)."""
+is routed only to workers that hold it (``WorkerHandle.serves``).
+
+A load is all or nothing: when a worker refuses or fails, the workers that took the adapter
+give it up again (or get back the folder they held under that name), and the error says
+which failed. A load that succeeded is recorded in etcd (``common/lora_registry.py``) and
+workers started later load it too; an unload deletes the record first.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from starlette.requests import Request
 from starlette.routing import Route
 
+from services.common.lora_registry import AdapterRecord
 from services.common.proto import worker_pb2 as pb
 from services.router.api.admin import AdminError, _body, _guard
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
+    from services.router.routing.workers import WorkerHandle
+
+log = logging.getLogger(__name__)
 
 LORA_TIMEOUT_S = 30.0  # reading an adapter's files on every worker
 
@@ -44,23 +55,55 @@ def _base_model(gw: Gateway, body: dict[str, Any], name: str) -> str:
     return str(base)
 
 
-async def _on_workers(handles, call) -> None:
-    """Run ``call(handle)`` (a LoRA RPC) on every handle at once, record each answer's
-    adapters on its handle; the first refusal becomes the endpoint's error."""
+async def _on_workers(handles: list[WorkerHandle], call) -> list[Any]:
+    """Run ``call(handle)`` (a LoRA RPC) on every handle at once and record each answer's
+    adapters on its handle; the answers (or exceptions), in order."""
     results = await asyncio.gather(*(call(h) for h in handles), return_exceptions=True)
-    failures = []
     for h, result in zip(handles, results, strict=True):
         if isinstance(result, pb.LoRAAdaptersResponse):
             h.lora_adapters = frozenset(result.adapters)
-        elif isinstance(result, grpc.aio.AioRpcError):
+    return results
+
+
+def _failure(handles: list[WorkerHandle], results: list[Any]) -> AdminError | None:
+    """The endpoint's error for the workers' answers (a refused adapter is a 400, a worker
+    that failed a 503), or None when every worker did it (or, unloading, held none)."""
+    refused, failed = [], []
+    for h, result in zip(handles, results, strict=True):
+        if isinstance(result, grpc.aio.AioRpcError):
             if result.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise AdminError(400, result.details() or "bad adapter", "bad_request")
-            if result.code() != grpc.StatusCode.NOT_FOUND:
-                failures.append(f"{h.id}: {result.code().name} {result.details()}")
+                refused.append(result.details() or "bad adapter")
+            elif result.code() != grpc.StatusCode.NOT_FOUND:
+                failed.append(f"{h.id}: {result.code().name} {result.details()}")
         elif isinstance(result, BaseException):
-            failures.append(f"{h.id}: {result!r}")
-    if failures:
-        raise AdminError(503, "workers failed: " + "; ".join(failures), "worker_failed")
+            failed.append(f"{h.id}: {result!r}")
+    if refused:
+        return AdminError(400, refused[0], "bad_request")
+    if failed:
+        return AdminError(503, "workers failed: " + "; ".join(failed), "worker_failed")
+    return None
+
+
+async def _roll_back(
+    handles: list[WorkerHandle], results: list[Any], name: str, held: set[str],
+    previous: AdapterRecord | None,
+) -> None:  # fmt: skip
+    """Undo a load on the workers that took it: unload it where it was new, load the
+    recorded folder again where it replaced one."""
+
+    def undo(h: WorkerHandle):
+        if h.id not in held:
+            return h.stub.UnloadLoRA(pb.UnloadLoRARequest(name=name), timeout=LORA_TIMEOUT_S)
+        assert previous is not None
+        ask = pb.LoadLoRARequest(name=name, path=previous.path)
+        return h.stub.LoadLoRA(ask, timeout=LORA_TIMEOUT_S)
+
+    took = [h for h, r in zip(handles, results, strict=True)
+            if isinstance(r, pb.LoRAAdaptersResponse) and (h.id not in held or previous)]  # fmt: skip
+    undone = await _on_workers(took, undo)
+    for h, result in zip(took, undone, strict=True):
+        if isinstance(result, BaseException):
+            log.error("rolling back LoRA adapter %s on %s failed: %r", name, h.id, result)
 
 
 async def _load(gw: Gateway, request: Request) -> dict[str, Any]:
@@ -70,19 +113,59 @@ async def _load(gw: Gateway, request: Request) -> dict[str, Any]:
     handles = [h for h in gw.pool.handles.values() if h.info.model == base]
     if not handles:
         raise AdminError(503, f"no worker serves {base!r}", "no_workers")
+    try:
+        previous = await gw.lora_registry.get(name)
+    except Exception as exc:  # noqa: BLE001 - etcd away: nothing done yet
+        raise AdminError(503, f"the adapter registry (etcd) is unavailable: {exc}",
+                         "etcd_unavailable") from None  # fmt: skip
+    held = {h.id for h in handles if name in h.lora_adapters}
     ask = pb.LoadLoRARequest(name=name, path=path)
-    await _on_workers(handles, lambda h: h.stub.LoadLoRA(ask, timeout=LORA_TIMEOUT_S))
-    return {"lora_name": name, "base_model": base, "workers": sorted(h.id for h in handles)}
+
+    def load(h: WorkerHandle):
+        return h.stub.LoadLoRA(ask, timeout=LORA_TIMEOUT_S)
+
+    results = await _on_workers(handles, load)
+    error = _failure(handles, results)
+    if error is None:
+        try:
+            await gw.lora_registry.put(name, AdapterRecord(path, base))
+        except Exception as exc:  # noqa: BLE001 - not recorded: not loaded
+            error = AdminError(503, f"recording the adapter in etcd failed: {exc}",
+                               "etcd_unavailable")  # fmt: skip
+    if error is not None:
+        await _roll_back(handles, results, name, held, previous)
+        raise error
+    # Workers that joined while it loaded (they may have listed the registry before the put).
+    asked = {h.id for h in handles}
+    late = [h for h in gw.pool.handles.values() if h.info.model == base and h.id not in asked]
+    for h, result in zip(late, await _on_workers(late, load), strict=True):
+        if isinstance(result, BaseException):
+            log.warning("LoRA adapter %s on the late worker %s: %r", name, h.id, result)
+    return {"lora_name": name, "base_model": base,
+            "workers": sorted(asked | {h.id for h in late})}  # fmt: skip
 
 
 async def _unload(gw: Gateway, request: Request) -> dict[str, Any]:
     name = _name(await _body(request), "lora_name")
-    handles = [h for h in gw.pool.handles.values() if name in h.lora_adapters]
-    if not handles:
+    try:
+        recorded = await gw.lora_registry.delete(name)  # first: no new worker loads it
+    except Exception as exc:  # noqa: BLE001 - etcd away: nothing done yet
+        raise AdminError(503, f"the adapter registry (etcd) is unavailable: {exc}",
+                         "etcd_unavailable") from None  # fmt: skip
+    # NOTE: a worker that loaded the record at start may not have reported it yet.
+    base = recorded.base_model if recorded is not None else None
+    handles = [h for h in gw.pool.handles.values()
+               if name in h.lora_adapters or h.info.model == base]  # fmt: skip
+    if not handles and recorded is None:
         raise AdminError(404, f"no worker holds LoRA adapter {name!r}", "lora_not_found")
     ask = pb.UnloadLoRARequest(name=name)
-    await _on_workers(handles, lambda h: h.stub.UnloadLoRA(ask, timeout=LORA_TIMEOUT_S))
-    return {"lora_name": name, "workers": sorted(h.id for h in handles)}
+    results = await _on_workers(handles, lambda h: h.stub.UnloadLoRA(ask, timeout=LORA_TIMEOUT_S))
+    if (error := _failure(handles, results)) is not None:
+        raise error
+    held = [h.id for h, r in zip(handles, results, strict=True) if not isinstance(r, Exception)]
+    if not held and recorded is None:
+        raise AdminError(404, f"no worker holds LoRA adapter {name!r}", "lora_not_found")
+    return {"lora_name": name, "workers": sorted(held)}
 
 
 def lora_routes() -> list[Route]:

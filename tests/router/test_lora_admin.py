@@ -1,0 +1,107 @@
+"""vLLM's LoRA load / unload endpoints over fake workers, a real etcd and a router: a load
+that one worker refuses is rolled back on the others; a load that succeeds is recorded in
+etcd, and a worker that starts later loads the recorded adapters (``restore_adapters``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from router_fakes import FakeEngine, start_fake_worker, start_gateway
+
+from services.common.etcd_server import EtcdServer
+from services.common.lora_registry import AdapterRecord, LoRARegistry
+from services.worker.lora import restore_adapters
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.asyncio]
+
+TOKEN = "lora-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class FakeLoRAs:
+    """The engine's adapter registry, refusing the paths in ``refuse`` as a bad folder."""
+
+    def __init__(self, refuse: set[str]) -> None:
+        self.adapters: dict[str, str] = {}
+        self.refuse = refuse
+
+    def add(self, name: str, path: str) -> None:
+        if path in self.refuse:
+            raise ValueError(f"cannot read {path}/adapter_config.json")
+        self.adapters[name] = path
+
+    def remove(self, name: str) -> None:
+        del self.adapters[name]
+
+
+class LoRAEngine(FakeEngine):
+    def __init__(self, refuse: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        super().__init__(step_s=0.01)
+        self.loras = FakeLoRAs(set(refuse))
+        self.engine = self  # where adapter_names looks for ``loras``
+
+    async def call(self, fn):
+        return fn(self)
+
+
+async def _until(pred, what: str, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if pred():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} not reached in {timeout}s")
+
+
+async def test_partial_load_rolls_back_and_loads_are_recorded(tmp_path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    with EtcdServer() as etcd:
+        good, picky = LoRAEngine(), LoRAEngine(refuse={"/b"})
+        workers = [await start_fake_worker(etcd.endpoint, "lr", "w1", good),
+                   await start_fake_worker(etcd.endpoint, "lr", "w2", picky)]  # fmt: skip
+        gw = await start_gateway(etcd.endpoint, "lr", admin_token_file=str(token_file))
+        registry = LoRARegistry([etcd.endpoint], "lr")
+        try:
+            pool = gw.gateway.pool
+            await _until(lambda: len(pool.candidates()) == 2, "two usable workers")
+            async with httpx.AsyncClient(base_url=gw.url, headers=AUTH, timeout=20) as c:
+                r = await c.post(
+                    "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/a"}
+                )
+                assert r.status_code == 200 and r.json()["workers"] == ["w1", "w2"], r.text
+                assert await registry.get("a") == AdapterRecord("/a", "fake-model")
+                # w2 refuses /b: w1, which took it, gives it up; nothing is recorded.
+                r = await c.post(
+                    "/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": "/b"}
+                )
+                assert r.status_code == 400 and "adapter_config.json" in r.text
+                assert good.loras.adapters == picky.loras.adapters == {"a": "/a"}
+                assert await registry.get("b") is None
+                # A new folder for "a" that w2 refuses: w1 gets the recorded one back.
+                r = await c.post(
+                    "/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/b"}
+                )
+                assert r.status_code == 400
+                assert good.loras.adapters == {"a": "/a"}
+                assert await registry.get("a") == AdapterRecord("/a", "fake-model")
+                # A worker started now loads what was recorded.
+                late = LoRAEngine()
+                await restore_adapters(late, LoRARegistry([etcd.endpoint], "lr"), "fake-model")
+                assert late.loras.adapters == {"a": "/a"}
+                other = LoRAEngine()
+                await restore_adapters(other, LoRARegistry([etcd.endpoint], "lr"), "other-model")
+                assert other.loras.adapters == {}
+                # Unloaded: the record goes, and a worker started then loads nothing.
+                r = await c.post("/v1/unload_lora_adapter", json={"lora_name": "a"})
+                assert r.status_code == 200 and r.json()["workers"] == ["w1", "w2"], r.text
+                assert good.loras.adapters == picky.loras.adapters == {}
+                assert await registry.get("a") is None
+                r = await c.post("/v1/unload_lora_adapter", json={"lora_name": "a"})
+                assert r.status_code == 404
+        finally:
+            await registry.close()
+            await asyncio.wait_for(gw.stop(), 15)
+            for w in workers:
+                await asyncio.wait_for(w.stop(), 15)
