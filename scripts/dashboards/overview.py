@@ -3,7 +3,7 @@ offline co-location."""
 
 from __future__ import annotations
 
-from .spec import R_FAILED, R_SERVING, RI, Board, Panel, R, Row, W, quantiles
+from .spec import R_FAILED, R_SERVING, RI, RM, Board, Panel, R, Row, W, quantiles
 
 BOARD = Board(
     "epdserve-overview",
@@ -15,7 +15,7 @@ BOARD = Board(
             "Serving workers",
             "Workers the routers can use now (reachable, not draining), "
             "all roles; the routers' view of etcd membership and load streams.",
-            [("serving", f"sum(max by (role) (epdserve:workers{R_SERVING}))")],
+            [("serving", f"sum(max by (model_name, role) (epdserve:workers{R_SERVING}))")],
             kind="stat",
             w=6,
         ),
@@ -92,7 +92,12 @@ BOARD = Board(
         Panel(
             "Workers by role and state",
             "Workers the routers know, by role and state (serving, draining, unreachable).",
-            [("{{role}} {{state}}", f"max by (role, state) (epdserve:workers{R})")],
+            [
+                (
+                    "{{role}} {{state}}",
+                    f"sum by (role, state) (max by (model_name, role, state) (epdserve:workers{RM}))",
+                )
+            ],
             stack=True,
         ),
         Row("Batch and KV cache"),

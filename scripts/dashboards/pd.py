@@ -3,7 +3,7 @@ prefill to decode workers."""
 
 from __future__ import annotations
 
-from .spec import R_SERVING, RI, TTFT_TPOT_P90, Board, Panel, R, Row, W, quantiles
+from .spec import R_SERVING, RI, RM, TTFT_TPOT_P90, Board, Panel, Row, W, quantiles
 
 BOARD = Board(
     "epdserve-pd",
@@ -15,7 +15,12 @@ BOARD = Board(
         Panel(
             "Serving workers by role",
             "Workers the routers can use now, per role.",
-            [("{{role}}", f"max by (role) (epdserve:workers{R_SERVING})")],
+            [
+                (
+                    "{{role}}",
+                    f"sum by (role) (max by (model_name, role) (epdserve:workers{R_SERVING}))",
+                )
+            ],
             stack=True,
         ),
         Panel(
@@ -26,7 +31,7 @@ BOARD = Board(
                 (
                     "{{role}}",
                     "sum by (role) (max by (role, instance) "
-                    f"(epdserve:router_worker_num_waiting_prompt_tokens{R}))",
+                    f"(epdserve:router_worker_num_waiting_prompt_tokens{RM}))",
                 )
             ],
         ),
@@ -38,7 +43,7 @@ BOARD = Board(
                 (
                     "{{role}}",
                     "avg by (role) (max by (role, instance) "
-                    f"(epdserve:router_worker_kv_cache_usage_perc{R}))",
+                    f"(epdserve:router_worker_kv_cache_usage_perc{RM}))",
                 )
             ],
             unit="percentunit",
@@ -50,7 +55,7 @@ BOARD = Board(
                 (
                     "{{role}}",
                     "sum by (role) (max by (role, instance) "
-                    f"(epdserve:router_worker_num_requests_waiting{R}))",
+                    f"(epdserve:router_worker_num_requests_waiting{RM}))",
                 )
             ],
         ),

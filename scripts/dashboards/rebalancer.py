@@ -3,7 +3,7 @@ its policies read."""
 
 from __future__ import annotations
 
-from .spec import R_DECODE, R_ENCODE, R_PREFILL, RI, TTFT_TPOT_P90, Board, Panel, R, Row, W
+from .spec import R_DECODE, R_ENCODE, R_PREFILL, RI, RM, TTFT_TPOT_P90, Board, Panel, R, Row, W
 
 BOARD = Board(
     "epdserve-rebalancer",
@@ -41,7 +41,12 @@ BOARD = Board(
             "Workers by role and state",
             "Workers per role and state (serving, draining, "
             "unreachable): a flip drains a worker first.",
-            [("{{role}} {{state}}", f"max by (role, state) (epdserve:workers{R})")],
+            [
+                (
+                    "{{role}} {{state}}",
+                    f"sum by (role, state) (max by (model_name, role, state) (epdserve:workers{RM}))",
+                )
+            ],
             stack=True,
         ),
         Panel(

@@ -6,16 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-# Label filters: worker series carry model_name; the router's cluster-wide series do not.
+# Label filters: worker series and the router's pool series (epdserve:workers,
+# router_worker_*) carry model_name; the router's cluster-wide series do not.
 W = '{namespace=~"$namespace", model_name=~"$model"}'
 R = '{namespace=~"$namespace"}'
 RM = '{namespace=~"$namespace", model_name=~"$model"}'
 RI = "[$__rate_interval]"
-R_SERVING = '{namespace=~"$namespace", state="serving"}'
+R_SERVING = '{namespace=~"$namespace", model_name=~"$model", state="serving"}'
 R_FAILED = '{namespace=~"$namespace", outcome!="success"}'
-R_PREFILL = '{namespace=~"$namespace", role="prefill"}'
-R_DECODE = '{namespace=~"$namespace", role="decode"}'
-R_ENCODE = '{namespace=~"$namespace", role="encode"}'
+R_PREFILL = '{namespace=~"$namespace", model_name=~"$model", role="prefill"}'
+R_DECODE = '{namespace=~"$namespace", model_name=~"$model", role="decode"}'
+R_ENCODE = '{namespace=~"$namespace", model_name=~"$model", role="encode"}'
 QUANTILES = (("P50", 0.5), ("P90", 0.9), ("P99", 0.99))
 
 

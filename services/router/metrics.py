@@ -92,30 +92,30 @@ class RouterMetrics:
             ["model_name"], registry=r,
         )  # fmt: skip
         self.workers = Gauge(
-            "epdserve:workers", "Workers the router knows, by role and state "
+            "epdserve:workers", "Workers the router knows, by base model, role and state "
             "(serving, draining, unreachable).",
-            ["role", "state"], registry=r,
+            ["model_name", "role", "state"], registry=r,
         )  # fmt: skip
         self.worker_waiting = Gauge(
             "epdserve:router_worker_num_requests_waiting",
             "Queued requests of each worker, from its latest load report.",
-            ["instance", "role"], registry=r,
+            ["instance", "role", "model_name"], registry=r,
         )  # fmt: skip
         self.worker_waiting_tokens = Gauge(
             "epdserve:router_worker_num_waiting_prompt_tokens",
             "Prompt tokens queued for prefill on each worker, from its latest load report.",
-            ["instance", "role"], registry=r,
+            ["instance", "role", "model_name"], registry=r,
         )  # fmt: skip
         self.worker_kv = Gauge(
             "epdserve:router_worker_kv_cache_usage_perc",
             "KV-cache use (0-1) of each worker, from its latest load report.",
-            ["instance", "role"], registry=r,
+            ["instance", "role", "model_name"], registry=r,
         )  # fmt: skip
         self.worker_images = Gauge(
             "epdserve:router_worker_images_pending",
             "Images an encoder holds (waiting or in the vision tower), from its latest load "
             "report.",
-            ["instance", "role"], registry=r,
+            ["instance", "role", "model_name"], registry=r,
         )  # fmt: skip
         self.migrations = Counter(
             "epdserve:router_migrations", "Requests continued on another worker after theirs "
@@ -176,23 +176,28 @@ class RouterMetrics:
 
     def update_pool(self, pool: Any) -> None:
         """Refresh the membership and per-worker gauges from a WorkerPool (before a scrape)."""
-        counts = {(role, state): 0 for role in ROLES for state in WORKER_STATES}
-        gauges = (self.worker_waiting, self.worker_waiting_tokens, self.worker_kv,
+        handles = list(pool.handles.values()) if pool is not None else []
+        # NOTE: every (role, state) of each model is exported, zeros included; with no
+        # worker known, of model "" (a dashboard shows zeros rather than no data).
+        models = {h.info.model for h in handles} or {""}
+        counts = {(model, role, state): 0 for model in models for role in ROLES
+                  for state in WORKER_STATES}  # fmt: skip
+        gauges = (self.workers, self.worker_waiting, self.worker_waiting_tokens, self.worker_kv,
                   self.worker_images)  # fmt: skip
         for gauge in gauges:
             gauge.clear()
-        for h in pool.handles.values() if pool is not None else ():
+        for h in handles:
             draining = h.info.draining or (h.load is not None and h.load.draining)
             state = "unreachable" if not h.reachable() else "draining" if draining else "serving"
-            counts[(h.info.role, state)] = counts.get((h.info.role, state), 0) + 1
+            key = (h.info.model, h.info.role, state)
+            counts[key] = counts.get(key, 0) + 1
             if h.load is not None:
-                self.worker_waiting.labels(h.id, h.info.role).set(h.load.num_waiting)
-                self.worker_waiting_tokens.labels(h.id, h.info.role).set(
-                    h.load.num_waiting_prompt_tokens
-                )
-                self.worker_kv.labels(h.id, h.info.role).set(h.load.kv_utilization)
-                self.worker_images.labels(h.id, h.info.role).set(
+                labels = (h.id, h.info.role, h.info.model)
+                self.worker_waiting.labels(*labels).set(h.load.num_waiting)
+                self.worker_waiting_tokens.labels(*labels).set(h.load.num_waiting_prompt_tokens)
+                self.worker_kv.labels(*labels).set(h.load.kv_utilization)
+                self.worker_images.labels(*labels).set(
                     h.load.images_waiting + h.load.images_encoding
                 )
-        for (role, state), n in counts.items():
-            self.workers.labels(role, state).set(n)
+        for (model, role, state), n in counts.items():
+            self.workers.labels(model, role, state).set(n)

@@ -193,7 +193,7 @@ async def _admit(gw: Gateway, req: ServeRequest) -> Ticket | OfflineTicket:
     tokens = sum(len(p) for p in req.prompts)
     if req.service_tier == FLEX:
         return await gw.offline.admit(req.model, tokens)
-    return gw.admission.admit(tokens)
+    return gw.admission.admit(tokens, gw.pool.base_model(req.model))
 
 
 def _generate(

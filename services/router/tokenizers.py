@@ -36,7 +36,7 @@ class Tokenizers:
     def source(self, model: str) -> str | None:
         """Where ``model``'s tokenizer comes from (its base model's, for a LoRA adapter), as
         its workers advertise it; None: no worker of it says (the default tokenizer)."""
-        base = self._pool.adapters().get(model, model)
+        base = self._pool.base_model(model)
         for h in sorted(self._pool.handles.values(), key=lambda h: h.id):
             if h.info.model == base and "model_path" in h.info.capacity:
                 return str(h.info.capacity["model_path"] or "")

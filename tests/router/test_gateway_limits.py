@@ -83,6 +83,19 @@ def test_admission_bounds_queued_tokens() -> None:
     assert ac.queued_tokens == 0
 
 
+def test_admission_bounds_each_model_apart() -> None:
+    ac = AdmissionControl(100)
+    a = ac.admit(90, "a")
+    with pytest.raises(APIError) as e:
+        ac.admit(20, "a")
+    assert "for model 'a'" in e.value.message
+    b = ac.admit(90, "b")  # another model's requests are not refused for a's load
+    assert (ac.by_model, ac.queued_tokens) == ({"a": 90, "b": 90}, 180)
+    a.release()
+    b.release()
+    assert ac.queued_tokens == 0
+
+
 def test_config_checks_limits() -> None:
     for bad in ({"max_body_bytes": 0}, {"max_n": 0}, {"max_prompts": 0},
                 {"max_queued_tokens": 0}, {"max_tokens_limit": 0}):  # fmt: skip

@@ -77,11 +77,12 @@ def test_requests_latency_and_tokens() -> None:
     assert value(m, "epdserve:router_generation_tokens_total", model_name="tiny") == 3
 
 
-def _handle(iid: str, role: str, reachable: bool = True, draining: bool = False, load=True):
+def _handle(iid: str, role: str, reachable: bool = True, draining: bool = False, load=True,
+            model: str = "m"):  # fmt: skip
     report = SimpleNamespace(num_waiting=2, num_waiting_prompt_tokens=50, kv_utilization=0.5,
                              images_waiting=3, images_encoding=1,
                              draining=False) if load else None  # fmt: skip
-    info = SimpleNamespace(role=role, draining=draining)
+    info = SimpleNamespace(role=role, draining=draining, model=model)
     return SimpleNamespace(id=iid, info=info, load=report, reachable=lambda: reachable)
 
 
@@ -106,6 +107,14 @@ def test_update_pool_counts_workers_by_role_and_state() -> None:
     assert value(m, "epdserve:router_worker_kv_cache_usage_perc", instance="b") == 0
     assert value(m, "epdserve:workers", role="decode", state="serving") == 0
     assert value(m, "epdserve:workers", role="prefill", state="serving") == 1
+    # Each base model's workers are counted apart; per-worker gauges name the model.
+    m.update_pool(SimpleNamespace(handles={
+        "a": _handle("a", "mixed", model="m"), "x": _handle("x", "mixed", model="other"),
+    }))  # fmt: skip
+    assert value(m, "epdserve:workers", model_name="other", role="mixed", state="serving") == 1
+    assert value(m, "epdserve:workers", model_name="other", role="decode", state="serving") == 0
+    assert value(m, "epdserve:workers", role="mixed", state="serving") == 2
+    assert value(m, "epdserve:router_worker_num_requests_waiting", model_name="other") == 2
 
 
 def test_rebalance_decisions() -> None:

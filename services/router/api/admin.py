@@ -175,7 +175,8 @@ async def _status(gw: Gateway, request: Request) -> dict[str, Any]:
         "tiers": {
             "online": {
                 "queued_prompt_tokens": gw.admission.queued_tokens,
-                "max_queued_tokens": gw.admission.max_queued_tokens,
+                "max_queued_tokens": gw.admission.max_queued_tokens,  # per model
+                "queued_prompt_tokens_by_model": dict(gw.admission.by_model),
             },
             "offline": gw.offline.status(),
         },  # fmt: skip

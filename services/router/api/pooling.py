@@ -76,7 +76,7 @@ async def _pool(
                 f"{max_len}", param="input", code="context_length_exceeded",
             )  # fmt: skip
     tokens = sum(len(ids) for ids in inputs)
-    ticket = gw.admission.admit(tokens)
+    ticket = gw.admission.admit(tokens, gw.pool.base_model(model))
     try:
         request = pb.PoolRequest(
             request_id=f"pool-{uuid.uuid4().hex}", task=task, dimensions=dimensions,

@@ -300,6 +300,12 @@ class WorkerPool:
         """LoRA adapters some known worker holds -> the base model they adapt."""
         return {a: h.info.model for h in self.handles.values() for a in h.lora_adapters}
 
+    def base_model(self, model: str) -> str:
+        """The base model a request for ``model`` runs on: its parent for a LoRA adapter."""
+        if any(h.info.model == model for h in self.handles.values()):
+            return model
+        return self.adapters().get(model, model)
+
     def lora_of(self, model: str) -> str:
         """The adapter a request for ``model`` runs with: ``model`` when it names an adapter
         (not a base model), else ""."""
