@@ -14,7 +14,7 @@ from cluster_helpers import TINY_NAME, cli, start_cluster
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
-KEYS = "k-open\nk-offline max_tier=flex\nk-premium default_tier=priority\n"
+KEYS = "k-open\nk-offline max_tier=flex\nk-premium default_tier=priority\nk-low min_priority=0\n"
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,25 @@ def test_anthropic_service_tier_and_usage(cluster) -> None:
     assert e.value.body["type"] == "error"
     assert e.value.body["error"]["type"] == "invalid_request_error"
     assert "service_tier" in e.value.body["error"]["message"]
+
+
+def test_key_bounds_the_integer_priority_and_anthropic_asks_for_priority(cluster) -> None:
+    low = oai(cluster, "k-low")
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        chat(low, extra_body={"priority": -1})
+    assert e.value.body["param"] == "priority" and "priority 0 or higher" in e.value.message
+    assert chat(low, extra_body={"priority": 0}).service_tier == "default"
+
+    def ask(key: str, tier: str):
+        return claude(cluster, key).messages.create(
+            model=TINY_NAME, max_tokens=4, messages=CHAT,
+            extra_body={"temperature": 0, "service_tier": tier},
+        )  # fmt: skip
+
+    assert ask("k-open", "priority").usage.service_tier == "priority"
+    with pytest.raises(anthropic.PermissionDeniedError) as e2:
+        ask("k-offline", "priority")
+    assert e2.value.body["error"]["type"] == "permission_error"
 
 
 def test_status_and_metrics_show_both_classes(cluster) -> None:

@@ -43,7 +43,10 @@ def test_load_api_keys_from_file_and_env(tmp_path, monkeypatch) -> None:
     ]
     monkeypatch.setenv("EPDSERVE_API_KEYS", " a, b default_tier=priority ,,")
     assert load_api_keys(None) == [APIKey(b"a", KeyTiers()), APIKey(b"b", KeyTiers("priority"))]
-    for bad in ("k tier=flex", "k max_tier=gold", "k default_tier=priority max_tier=default"):
+    monkeypatch.setenv("EPDSERVE_API_KEYS", "c max_tier=flex min_priority=-2")
+    assert load_api_keys(None) == [APIKey(b"c", KeyTiers("flex", "flex", -2))]
+    for bad in ("k tier=flex", "k max_tier=gold", "k default_tier=priority max_tier=default",
+                "k min_priority=high", f"k min_priority={2**31}"):  # fmt: skip
         monkeypatch.setenv("EPDSERVE_API_KEYS", bad)
         with pytest.raises(ValueError):
             load_api_keys(None)
@@ -64,6 +67,27 @@ def test_check_api_key_headers() -> None:
         with pytest.raises(APIError) as e:
             check_api_key(keys, _request(headers))
         assert e.value.status == 401 and e.value.code == "invalid_api_key"
+
+
+def test_key_tiers_bound_the_integer_priority_and_anthropic_tiers() -> None:
+    from services.engine.sampling_params import SamplingParams
+    from services.router.tiers import anthropic_tier, openai_params
+
+    batch = KeyTiers("flex", "flex", min_priority=0)
+    assert openai_params(SamplingParams(priority=3), None, batch).priority == 3
+    for key, priority, tier in ((batch, -1, None), (batch, 0, "priority"), (None, 0, "gold")):
+        with pytest.raises(APIError) as e:
+            openai_params(SamplingParams(priority=priority), tier, key)
+        assert e.value.status == (400 if key is None else 403)
+        assert e.value.param == ("service_tier" if tier else "priority")
+    assert openai_params(SamplingParams(priority=-9), None, None).priority == -9  # no keys
+    # Anthropic: "priority" (an extension) up to the key's highest tier; "auto" the default.
+    assert anthropic_tier("priority", None) == "priority"
+    assert anthropic_tier("auto", KeyTiers("priority")) == "priority"
+    assert anthropic_tier("standard_only", KeyTiers("priority")) == "default"
+    with pytest.raises(APIError) as e:
+        anthropic_tier("priority", batch)
+    assert e.value.status == 403
 
 
 def test_admission_bounds_queued_tokens() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -30,7 +29,7 @@ from services.router.features.tool_prompt import openai_tool_calls
 from services.router.features.tools import ToolSetup, openai_tools
 from services.router.prompt import chat_prompt, check_context, completion_prompts, prompt_size
 from services.router.serving import ServeRequest, serve
-from services.router.tiers import openai_tier
+from services.router.tiers import openai_params
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
@@ -107,7 +106,7 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
         # long completions prompt is checked.
         size = None if may_compile(body) else (0 if chat else prompt_size(gw, body))
         typed, params, tool_setup = await gw.offload.run(size, read_request, gw, body, chat)
-        params = replace(params, service_tier=openai_tier(typed.service_tier, key_tiers(request)))
+        params = openai_params(params, typed.service_tier, key_tiers(request))
         images: list[pb.ImageData] = []
         if isinstance(typed, ChatCompletionRequest):
             prompt, images = await chat_prompt(gw, tok, *chat_messages(typed.messages), tool_setup)

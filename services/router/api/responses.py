@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -32,7 +31,7 @@ from services.router.errors import APIError, bad_request
 from services.router.features.structured import may_compile
 from services.router.prompt import checked_chat_prompt
 from services.router.serving import ServeRequest, run_detached, serve
-from services.router.tiers import openai_tier
+from services.router.tiers import openai_params
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
@@ -78,8 +77,7 @@ async def create(gw: Gateway, request: Request) -> Response:
         # NOTE: a constraint's grammar compiles while the body is read: off the loop.
         size = None if may_compile(chat) else 0
         as_chat, params, tool_setup = await gw.offload.run(size, read_request, gw, chat, True)
-        tier = openai_tier(as_chat.service_tier, key_tiers(request))
-        params = replace(params, service_tier=tier)
+        params = openai_params(params, as_chat.service_tier, key_tiers(request))
         prompt, images = await checked_chat_prompt(
             gw, tok, chat_messages(chat["messages"]), tool_setup, params.max_tokens, max_len
         )

@@ -138,8 +138,8 @@ class MessagesSampling(APIModel):
     # Structured outputs: output_config.format (GA) or the beta's output_format.
     output_config: Annotated[Any, Documented(OutputConfig)] = None
     output_format: Annotated[Any, Documented(OutputFormat)] = None
-    # "auto" (the API key's default), "standard_only" (never priority), "flex" (offline: an
-    # epdserve extension).
+    # "auto" (the API key's default), "standard_only" (never priority); epdserve extensions:
+    # "priority" (up to the key's highest tier) and "flex" (offline). See router/tiers.py.
     service_tier: Annotated[str | None, OneOf(*ANTHROPIC_REQUEST_TIERS)] = None
 
     def sampling_params(self, structured: StructuredOutputsParams | None) -> SamplingParams:
