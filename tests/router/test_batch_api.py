@@ -7,6 +7,7 @@ import pytest
 from router_fakes import start_gateway
 
 from services.common.etcd_server import EtcdServer
+from services.router.api.protocol import batches as P
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
@@ -116,6 +117,13 @@ async def test_each_api_key_sees_only_its_own_files_and_batches(tmp_path, monkey
                     "requests": [{"custom_id": "a", "params": {"model": "m", "max_tokens": 2,
                                                                "messages": []}}]})  # fmt: skip
                 mid = mb.json()["id"]
+                # What /openapi.json documents (its models forbid fields they do not name).
+                P.FileObject.model_validate(up.json())
+                P.BatchObject.model_validate(made.json())
+                P.MessageBatch.model_validate(mb.json())
+                for path, model in (("/v1/files", P.FileList), ("/v1/batches", P.BatchList),
+                                    ("/v1/messages/batches", P.MessageBatchList)):  # fmt: skip
+                    model.model_validate((await c.get(path, headers=a)).json())
                 for path in (f"/v1/files/{fid}", f"/v1/files/{fid}/content", f"/v1/batches/{bid}",
                              f"/v1/messages/batches/{mid}"):  # fmt: skip
                     assert (await c.get(path, headers=a)).status_code == 200, path
@@ -123,6 +131,8 @@ async def test_each_api_key_sees_only_its_own_files_and_batches(tmp_path, monkey
                 for path in (f"/v1/batches/{bid}/cancel", f"/v1/messages/batches/{mid}/cancel"):
                     assert (await c.post(path, headers=b)).status_code == 404, path
                 assert (await c.delete(f"/v1/files/{fid}", headers=b)).status_code == 404
+                cancelled = await c.post(f"/v1/batches/{bid}/cancel", headers=a)
+                P.BatchObject.model_validate(cancelled.json())
                 stolen = await c.post("/v1/batches", headers=b, json={
                     "input_file_id": fid, "endpoint": "/v1/completions",
                     "completion_window": "24h"})  # fmt: skip

@@ -17,6 +17,17 @@ from services.router.api.protocol.anthropic import (
     MessageResponse,
     MessagesRequest,
 )
+from services.router.api.protocol.batches import (
+    BatchCreateRequest,
+    BatchList,
+    BatchObject,
+    FileDeleted,
+    FileList,
+    FileObject,
+    MessageBatch,
+    MessageBatchCreateRequest,
+    MessageBatchList,
+)
 from services.router.api.protocol.common import AnthropicError, OpenAIError
 from services.router.api.protocol.openai import (
     ChatCompletion,
@@ -77,7 +88,8 @@ _MODELS: list[type[BaseModel]] = [
     ChatCompletion, Completion, MessageResponse, CountTokensResponse, TokenizeResponse,
     DetokenizeResponse, ModelList, OpenAIError, AnthropicError, ResponsesRequest,
     ResponseObject, ResponseDeleted, EmbeddingRequest, EmbeddingResponse, RerankRequest,
-    RerankResponse, ScoreRequest, ScoreResponse,
+    RerankResponse, ScoreRequest, ScoreResponse, BatchCreateRequest, MessageBatchCreateRequest,
+    FileObject, FileList, FileDeleted, BatchObject, BatchList, MessageBatch, MessageBatchList,
 ]  # fmt: skip
 
 
@@ -156,6 +168,96 @@ def _stored(
                             "schema": {"type": "string"}}, *(query or [])],
             "responses": {"200": _json(_ref(ok), "the result"), **errors},
         }
+    }  # fmt: skip
+
+
+def _batch_op(method: str, summary: str, ok: dict[str, Any], error: type[BaseModel], *,
+              path_id: str | None = None, query: list[dict[str, Any]] | None = None,
+              body: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """An operation of the Files / Batch APIs: on a stored object named by the path's
+    ``path_id``, or on the collection."""
+    errors = {k: _json(_ref(error), d) for k, d in (
+        ("400", "invalid request (a bad line of the file: its number and the reason)"),
+        ("401", "missing or wrong API key"),
+        ("404", "no such file or batch (or another API key's)"),
+        ("413", "request body too large"), ("503", "the batch store (etcd) is unavailable"),
+    )}  # fmt: skip
+    op: dict[str, Any] = {
+        "summary": summary,
+        "security": [{"bearer": []}, {"apiKey": []}],
+        "parameters": [*([{"name": path_id, "in": "path", "required": True,
+                           "schema": {"type": "string"}}] if path_id else []), *(query or [])],
+        "responses": {"200": ok, **errors},
+    }  # fmt: skip
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": body}
+    return {method: op}
+
+
+def _batch_paths() -> dict[str, Any]:
+    """The OpenAI Files and Batch APIs and Anthropic's Message Batches (api/batches.py,
+    api/message_batches.py)."""
+    o, a = OpenAIError, AnthropicError
+    upload = {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file", "purpose"],
+        "properties": {"file": {"type": "string", "format": "binary"},
+                       "purpose": {"type": "string", "enum": ["batch"]}},
+    }}}  # fmt: skip
+    jsonl = {"description": "the file's bytes (JSONL)",
+             "content": {"application/octet-stream": {"schema": {"type": "string"}}}}  # fmt: skip
+    after = [{"name": "after", "in": "query", "schema": {"type": "string"}},
+             {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}}]  # fmt: skip
+    return {
+        "/v1/files": {
+            **_batch_op("post", "upload a batch input file (JSONL, purpose=batch)",
+                        _json(_ref(FileObject), "the file object"), o, body=upload),
+            **_batch_op("get", "the files of this API key", _json(_ref(FileList), "a page"), o,
+                        query=[*after, {"name": "order", "in": "query",
+                                        "schema": {"enum": ["asc", "desc"]}},
+                               {"name": "purpose", "in": "query",
+                                "schema": {"type": "string"}}]),
+        },
+        "/v1/files/{file_id}": {
+            **_batch_op("get", "a file object", _json(_ref(FileObject), "the file object"), o,
+                        path_id="file_id"),
+            **_batch_op("delete", "delete a file", _json(_ref(FileDeleted), "deleted"), o,
+                        path_id="file_id"),
+        },
+        "/v1/files/{file_id}/content": _batch_op("get", "a file's content", jsonl, o,
+                                                 path_id="file_id"),
+        "/v1/batches": {
+            **_batch_op("post", "run a batch (as service tier flex)",
+                        _json(_ref(BatchObject), "the batch"), o,
+                        body={"application/json": {"schema": _ref(BatchCreateRequest)}}),
+            **_batch_op("get", "the batches of this API key", _json(_ref(BatchList), "a page"),
+                        o, query=after),
+        },
+        "/v1/batches/{batch_id}": _batch_op("get", "a batch", _json(_ref(BatchObject), "the "
+                                            "batch"), o, path_id="batch_id"),
+        "/v1/batches/{batch_id}/cancel": _batch_op(
+            "post", "cancel a batch", _json(_ref(BatchObject), "the batch"), o, path_id="batch_id"
+        ),
+        "/v1/messages/batches": {
+            **_batch_op("post", "Anthropic message batch (run as service tier flex)",
+                        _json(_ref(MessageBatch), "the batch"), a,
+                        body={"application/json": {"schema": _ref(MessageBatchCreateRequest)}}),
+            **_batch_op("get", "the message batches of this API key",
+                        _json(_ref(MessageBatchList), "a page"), a,
+                        query=[{"name": n, "in": "query", "schema": {"type": "string"}}
+                               for n in ("after_id", "before_id")]
+                        + [{"name": "limit", "in": "query",
+                            "schema": {"type": "integer", "minimum": 1}}]),
+        },
+        "/v1/messages/batches/{batch_id}": _batch_op(
+            "get", "a message batch", _json(_ref(MessageBatch), "the batch"), a,
+            path_id="batch_id"),
+        "/v1/messages/batches/{batch_id}/cancel": _batch_op(
+            "post", "cancel a message batch", _json(_ref(MessageBatch), "the batch"), a,
+            path_id="batch_id"),
+        "/v1/messages/batches/{batch_id}/results": _batch_op(
+            "get", "the results (JSONL, one line per request) of an ended message batch",
+            {"description": "JSONL", "content": {"application/binary": {
+                "schema": {"type": "string"}}}}, a, path_id="batch_id"),
     }  # fmt: skip
 
 
@@ -244,6 +346,7 @@ def openapi_document() -> dict[str, Any]:
                 _json(_ref(DetokenizeResponse), "the result"),
                 OpenAIError,
             ),
+            **_batch_paths(),
             "/v1/models": {
                 "get": {
                     "summary": "models the cluster serves",
