@@ -66,8 +66,9 @@ class EngineConfig:
     # Make a causal LM a yes/no reranker from its lm_head rows of two tokens, "no,yes"
     # (Qwen3-Reranker, as vLLM's classifier_from_token); implies pooling "classify".
     classifier_from_tokens: str | None = None
-    # Seconds after which a waiting offline (flex) request is scheduled as an online one, so
-    # a stream of online work cannot starve it (services/engine/service_tiers.py).
+    # Seconds without a step after which an offline (flex) request goes before the other
+    # offline work (with offline_step_share), and after twice that (at once without a share)
+    # is scheduled as an online one: nothing starves it (services/engine/tier_policy.py).
     offline_aging_s: float = DEFAULT_OFFLINE_AGING_S
     # Token budget of one step that offline (flex) sequences may take at most (the rest of
     # the step is online work's or idle): bounds what offline prefills add to online TPOT.
@@ -139,7 +140,9 @@ class EngineConfig:
                 f"max_offline_batched_tokens must be >= 1, got {self.max_offline_batched_tokens}"
             )
         if self.offline_step_share is not None and not 0.0 < self.offline_step_share <= 10.0:
-            raise ValueError(f"offline_step_share must be in (0, 10], got {self.offline_step_share}")
+            raise ValueError(
+                f"offline_step_share must be in (0, 10], got {self.offline_step_share}"
+            )
         if not self.offline_aging_s >= 0.0:  # NOTE: also false for NaN
             raise ValueError(f"offline_aging_s must be >= 0, got {self.offline_aging_s}")
         for item in self.lora_modules:

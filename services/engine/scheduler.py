@@ -126,11 +126,12 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """One step's batch.
 
-        0. Rank every sequence (its tier, a flex one aged to default after
-           ``offline_aging_s``); sort the running ones by (rank, priority), stably, and the
+        0. Rank every sequence (its tier; a flex one aged after ``offline_aging_s``
+           without a step goes before the other flex ones: tier_policy.py); sort the running ones by (rank, priority), stably, and the
            queue by (rank, holding blocks first, priority, arrival). Then, per rank, best first
-           (flex, the last, gets at most ``max_offline_batched_tokens`` and, with online work
-           in the engine, its ``offline_step_share`` of the step's cost: tier_policy.py):
+           (offline work, the aged flex sequences then the others, gets at most
+           ``max_offline_batched_tokens`` and, with online work in the engine, its
+           ``offline_step_share`` of the step's cost: tier_policy.py):
         1. Its running sequences (decode-first: a decode costs one token of the budget).
            Each gets what it still needs, capped by the remaining budget. When the KV cache
            cannot hold a sequence's next tokens, the worst-ranked, newest running sequence
@@ -155,9 +156,12 @@ class Scheduler:
         self._budget = self.max_num_batched_tokens
         admit_below = math.inf  # ranks admitted from the queue in this step
         online = min(ranks.values(), default=OFFLINE_RANK) < OFFLINE_RANK
+        offline_budget_set = False
         for rank in sorted(set(ranks.values())):
-            used = self.max_num_batched_tokens - self._budget  # by the better ranks
-            self._budget = self.policy.budget(rank, self._budget, used, online)
+            if rank >= OFFLINE_RANK and not offline_budget_set:  # the offline ranks share it
+                used = self.max_num_batched_tokens - self._budget  # by online work
+                self._budget = self.policy.offline_budget(self._budget, used, online)
+                offline_budget_set = True
             if self._schedule_running(rank, ranks, out):
                 admit_below = -1  # memory pressure: admit nothing more this step
             if rank < admit_below:

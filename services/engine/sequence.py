@@ -59,10 +59,11 @@ class Sequence:
         self.num_resumed_tokens = 0  # leading outputs generated on another worker (migration)
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         # When a step last computed any of its tokens (arrival until then): offline aging
-        # counts from here, so a flex sequence that keeps running never ages; one that aged
-        # is scheduled as a default one until it ends (tier_policy.py).
+        # counts from here, so a flex sequence that keeps running never ages. How far it
+        # aged, for good: 1 after offline_aging_s without a step, 2 after twice that
+        # (tier_policy.py).
         self.last_run_time = self.arrival_time
-        self.aged = False
+        self.aged = 0
         self.first_token_time: float | None = None
         self.generator: torch.Generator | None = None
         if params.seed is not None:

@@ -17,9 +17,10 @@ SERVICE_TIERS: dict[str, int] = {PRIORITY: 0, DEFAULT: 1, FLEX: 2}
 ONLINE_TIERS = (PRIORITY, DEFAULT)
 # The integer priority travels as the wire's int32.
 MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1
-# A flex request waiting this long (seconds since it arrived) is scheduled as a default one:
-# from then on only priority-tier work and online work that arrived before it go first, so
-# a stream of later online requests cannot starve it (EngineConfig.offline_aging_s).
+# A flex request that no step ran for this long (seconds) goes before the other offline work,
+# and one left that long again takes the default (online) rank, so neither a stream of later
+# online requests nor other offline work can starve it (EngineConfig.offline_aging_s;
+# tier_policy.py).
 DEFAULT_OFFLINE_AGING_S = 60.0
 
 
@@ -37,11 +38,3 @@ def check_priority(priority: object) -> int:
     if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
         raise ValueError(f"priority must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {priority}")
     return priority
-
-
-def tier_rank(tier: str, waited_s: float, aging_s: float) -> int:
-    """The rank ``tier`` is scheduled at after ``waited_s`` seconds in the engine: a flex
-    request that has waited ``aging_s`` competes as a default one."""
-    if tier == FLEX and waited_s >= aging_s:
-        return SERVICE_TIERS[DEFAULT]
-    return SERVICE_TIERS[tier]

@@ -15,7 +15,6 @@ from services.engine.block_manager import BlockManager
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import Scheduler
 from services.engine.sequence import Sequence, SequenceStatus
-from services.engine.service_tiers import tier_rank
 
 BS = 4
 
@@ -67,9 +66,15 @@ def step(sched: Scheduler, goals: dict[int, int]):
 
 
 def rank(sched: Scheduler, seq: Sequence) -> tuple[int, int]:
-    policy = sched.policy
-    waited = math.inf if seq.aged else policy.clock() - seq.last_run_time
-    return tier_rank(seq.params.service_tier, waited, policy.offline_aging_s), seq.params.priority
+    """(rank, priority) as tier_policy.py states it: priority 0, default 2, flex 4; a flex
+    sequence without a step for ``aging`` 3 (2 without a share), for twice that 2."""
+    policy, tier = sched.policy, seq.params.service_tier
+    waited, aging = policy.clock() - seq.last_run_time, policy.offline_aging_s
+    aged = max(seq.aged, 2 if waited >= 2 * aging else 1 if waited >= aging else 0)
+    r = {"priority": 0, "default": 2, "flex": 4}[tier]
+    if tier == "flex" and aged:
+        r = 2 if aged == 2 or policy.offline_step_share is None else 3
+    return r, seq.params.priority
 
 
 # ---- fixed cases -------------------------------------------------------------------------------
@@ -200,11 +205,13 @@ def test_a_running_offline_request_does_not_age() -> None:
 
 def test_an_offline_request_ages_past_a_stream_of_online_requests() -> None:
     """The starvation bound: with one running slot and an online request arriving every
-    step, a flex request that arrived first runs once it has waited ``aging`` seconds and
-    the online request running then is done (no later online request goes first)."""
-    for aging, expect_run in ((math.inf, False), (10.0, True)):
+    step, a flex request that arrived first runs once it has waited ``aging`` seconds (twice
+    that with a step share, whose aged rank is still offline work) and the online request
+    running then is done (no later online request goes first)."""
+    for aging, share, expect_run in ((math.inf, None, False), (10.0, None, True),
+                                     (10.0, 0.05, True)):  # fmt: skip
         clock = Clock()
-        sched = make_sched(clock, aging=aging, max_num_seqs=1)
+        sched = make_sched(clock, aging=aging, max_num_seqs=1, share=share)
         offline = make_seq(4, "flex", at=0)
         goals = {offline.seq_id: 2}
         sched.add(offline)
@@ -217,11 +224,33 @@ def test_an_offline_request_ages_past_a_stream_of_online_requests() -> None:
             out = step(sched, goals)
             if first_run is None and any(i.seq is offline for i in out.scheduled):
                 first_run = t
-        if expect_run:
-            assert first_run is not None and first_run <= aging + 3
+        if expect_run:  # with a share, the slot is online work's: it takes twice as long
+            assert first_run is not None and first_run <= aging * (1 if share is None else 2) + 3
             assert offline.is_finished
         else:
             assert first_run is None
+
+
+def test_an_aged_offline_request_goes_first_among_offline_work_only() -> None:
+    """With a share, a flex request that no step ran for ``aging`` takes a running flex
+    one's slot (in an engine full of offline work it would wait for ever), not online
+    work's, and stays inside the offline share of the step (aged into the default rank, it
+    took the whole budget online work left)."""
+    clock = Clock()
+    sched = make_sched(clock, aging=5.0, max_num_seqs=2, max_num_batched_tokens=64, share=0.1)
+    online, running, waiting = make_seq(4, "default"), make_seq(40, "flex"), make_seq(8, "flex")
+    goals = {s.seq_id: 1000 for s in (online, running, waiting)}
+    for s in (online, running, waiting):
+        sched.add(s)
+    for t in range(5):
+        clock.now = float(t)
+        assert waiting not in [i.seq for i in step(sched, goals).scheduled]
+    clock.now = 5.0
+    out = step(sched, goals)
+    assert out.preempted == [running] and online in sched.running
+    # 10 % of (24 assumed fixed tokens + 1 online decode)
+    assert [(i.seq, i.num_new_tokens) for i in out.scheduled] == [(online, 1), (waiting, 2)]
+    assert waiting.aged == 1
 
 
 def test_online_reservation_preempts_offline_work_for_blocks() -> None:
@@ -314,10 +343,10 @@ def test_tier_scheduling_property(w) -> None:
         # -- the offline share: the clock stands still in a step, so the fixed cost is the prior --
         if w["share"] is not None and not out.preempted:
             online_tokens = sum(
-                i.num_new_tokens for i in out.scheduled if keys[i.seq.seq_id][0] < 2
+                i.num_new_tokens for i in out.scheduled if keys[i.seq.seq_id][0] < 3
             )
             offline_tokens = out.num_batched_tokens - online_tokens
-            online = any(k[0] < 2 for k in keys.values())
+            online = any(k[0] < 3 for k in keys.values())
             limit = w["share"] * (24 + online_tokens) if online else 2 * 24
             assert offline_tokens <= max(1, int(limit)), (offline_tokens, online_tokens)
         assert len(sched.running) <= sched.max_num_seqs
