@@ -267,8 +267,10 @@ class ModelRunner:
             meta.decode_context_lens = ctx_lens
             if not paged:
                 width = len(tables[0]) * self.block_size
-                mask = torch.arange(width, device=dev)[None, :] < ctx_lens[:, None]
-                meta.decode_mask = mask[:, None, None, :]
+                past = torch.arange(width, device=dev)[None, :] >= ctx_lens[:, None]
+                # Additive: SDPA adds a float mask to the scores, cheaper than a boolean one.
+                mask = torch.zeros(past.shape, dtype=self.dtype, device=dev)
+                meta.decode_mask = mask.masked_fill_(past, float("-inf"))[:, None, None, :]
         return meta
 
     def _forward(

@@ -31,7 +31,9 @@ class AttentionMetadata:
     num_decodes: int = 0  # tokens [0, num_decodes) are decodes, one per sequence
     decode_block_tables: torch.Tensor | None = None  # [B, max_blocks], padded with 0
     decode_context_lens: torch.Tensor | None = None  # [B]
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size]
+    # [B, 1, 1, max_blocks * block_size]: 0 where a decode attends, -inf past its context
+    # (a boolean mask, True where it attends, works the same)
+    decode_mask: torch.Tensor | None = None
     prefills: list[PrefillSegment] = field(default_factory=list)
     # Called with the layer index once a layer's KV for this step is in the cache (KV push
     # overlaps the remaining layers' compute).
@@ -100,14 +102,22 @@ class TorchAttention:
 
     @staticmethod
     def decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:
-        """The decodes (one query each): one batched call over gathered, padded blocks."""
+        """The decodes (one query each): one batched call over gathered, padded blocks.
+
+        The query heads that share a KV head are that head's queries: ``[B, Hkv, H/Hkv, D]``
+        against ``[B, Hkv, L, D]`` (query head ``i`` reads KV head ``i // (H/Hkv)``, as
+        transformers' ``repeat_kv``). SDPA's ``enable_gqa`` would copy K and V once per query
+        head of the group instead.
+        """
         assert meta.decode_block_tables is not None
+        b, h, d = q.shape
+        hkv = k_cache.shape[2]
         kk = gather_blocks(k_cache, meta.decode_block_tables).transpose(1, 2)
         vv = gather_blocks(v_cache, meta.decode_block_tables).transpose(1, 2)
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2), kk, vv, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+            q.view(b, hkv, h // hkv, d), kk, vv, attn_mask=meta.decode_mask, scale=scale
         )
-        out[: q.shape[0]] = o.squeeze(2)
+        out[:b] = o.view(b, h, d)
 
     @staticmethod
     def prefill(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:

@@ -109,6 +109,9 @@ class MRotaryEmbedding(nn.Module):
             half = torch.cat([p[i % 3] for i, p in enumerate(parts)], dim=-1)
         return torch.cat((half, half), dim=-1).unsqueeze(1)  # [T, 1, D]
 
+    def forget(self) -> None:
+        """End of a forward pass (``RotaryEmbedding.forget``): nothing is kept here."""
+
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,6 +57,8 @@ class RotaryEmbedding(nn.Module):
         self.params = params
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
+        # The half tables of the last ``positions`` seen on the CPU (see ``_halves``).
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.build()
 
     def build(self, device: torch.device | None = None) -> None:
@@ -66,6 +68,7 @@ class RotaryEmbedding(nn.Module):
         emb = torch.outer(t, inv_freq).repeat(1, 2)
         self.cos = emb.cos().to(device)
         self.sin = emb.sin().to(device)
+        self._last = None
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -73,9 +76,34 @@ class RotaryEmbedding(nn.Module):
         # q: [T, H, D], k: [T, Hkv, D]; the rotation runs in float32 like transformers.
         if fused.ops is not None and q.is_cuda and q.stride(2) == 1 and k.stride(2) == 1:
             return fused.ops.rotary_(positions, q, k, self.cos, self.sin)  # in place, one kernel
+        if q.dtype == torch.float32 and k.dtype == torch.float32 and not q.is_cuda:
+            cos, sin = self._halves(positions)
+            return _rotate_halves(q, cos, sin), _rotate_halves(k, cos, sin)
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def _halves(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``positions``, first half of the head only ([T, 1, D/2]).
+
+        NOTE: both halves of a row of the tables are equal (``build`` repeats the frequencies),
+        so half a table carries it all. Every layer of a forward pass rotates by the same
+        ``positions`` tensor: the lookup runs once per forward pass, not once per layer. The
+        model forgets it at the end of the pass (``forget``), so a positions buffer refilled in
+        place for the next pass is looked up again.
+        """
+        last = self._last
+        if last is not None and last[0] is positions:
+            return last[1], last[2]
+        half = self.head_dim // 2
+        cos = self.cos[positions, :half].unsqueeze(1)
+        sin = self.sin[positions, :half].unsqueeze(1)
+        self._last = (positions, cos, sin)
+        return cos, sin
+
+    def forget(self) -> None:
+        """End of a forward pass: drop the tables looked up for its positions."""
+        self._last = None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -83,3 +111,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def _rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``_rotate`` for float32 with half tables: ``[x1, x2] -> [x1 c - x2 s, x2 c + x1 s]``,
+    written straight into the two halves of the output (4 kernels instead of 7; the same
+    products and sums, so the same values up to the rounding of a fused multiply-add)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
+    return out

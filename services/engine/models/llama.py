@@ -109,7 +109,7 @@ class LlamaMLP(nn.Module):
         if fused.on_cuda_rows(gate_up):
             return self.reduce(self.down_proj(fused.ops.silu_and_mul(gate_up)))
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.reduce(self.down_proj(F.silu(gate) * up))
+        return self.reduce(self.down_proj(F.silu(gate).mul_(up)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -151,10 +151,13 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, meta):
         x = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            x = layer(positions, x, self.rotary, meta)
-            if meta.on_layer_done is not None:
-                meta.on_layer_done(i)
+        try:
+            for i, layer in enumerate(self.layers):
+                x = layer(positions, x, self.rotary, meta)
+                if meta.on_layer_done is not None:
+                    meta.on_layer_done(i)
+        finally:
+            self.rotary.forget()
         return self.norm(x)
 
 
