@@ -81,6 +81,8 @@ class Executor:
             logger.warning("a batch of %d failed (%r); running it one by one",
                            len(sched.scheduled), exc)  # fmt: skip
         else:
+            if self.drafter is not None:
+                self.drafter.after_target(sched.scheduled)
             return logits, {}
         # NOTE: nothing was advanced (postprocess comes after), so running a sequence again
         # computes and writes exactly the KV the batch would have.

@@ -77,6 +77,11 @@ def iter_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:
         files = sorted(p.name for p in root.glob("*.safetensors"))
+    if not files and (bins := sorted(root.glob("pytorch_model*.bin"))):
+        # NOTE: EAGLE heads are published as pytorch_model.bin; tensors only, no code runs.
+        for path in bins:
+            yield from torch.load(path, map_location="cpu", weights_only=True).items()
+        return
     if not files:
         raise ValueError(f"no .safetensors files in {folder}")
     for name in files:

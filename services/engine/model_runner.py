@@ -78,11 +78,13 @@ class ModelRunner:
         pooling_hook: Callable[[torch.nn.Module], None] | None = None,
         tp: TPGroup | None = None,
         num_blocks: int | None = None,
+        model_class: type[torch.nn.Module] | None = None,
     ) -> None:
         """``pooling_hook``: given, this is a pooling model (pooler.py): the hook adapts the
         loaded model (before its weights are packed) and the KV cache is one block.
         ``num_blocks``: the cache's size in blocks instead of the memory budget's (a draft
-        model's cache, indexed by the target's block ids)."""
+        model's cache, indexed by the target's block ids); ``model_class``: instead of the
+        registry's class for the config (EAGLE heads)."""
         self.config = config
         self.max_model_len = max_model_len
         self.model_path = model_path  # read again when experts are re-placed (EPLB)
@@ -91,7 +93,7 @@ class ModelRunner:
         if self.device.type == "cpu" and config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
         self.block_size = config.block_size
-        cls = resolve_model_class(hf_config)
+        cls: Any = model_class or resolve_model_class(hf_config)
         torch.manual_seed(config.seed)
         self.backend = attention_backend(self.device)
         self.tp = tp or TPGroup()

@@ -6,6 +6,7 @@ leaks. (The min(1, p/q) rule's distribution: test_speculative_sampling.py.)"""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -101,7 +102,152 @@ def test_preemption_and_chunked_prefill(model, plain):
 
 
 def test_draft_model_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="needs a 'model'"):
+    with pytest.raises(ValueError, match="need a 'model'"):
         EngineConfig(speculative_config='{"method": "draft_model"}')
-    with pytest.raises(ValueError, match="needs a 'model'"):
+    with pytest.raises(ValueError, match="need a 'model'"):
         EngineConfig(speculative_config='{"method": "ngram", "model": "x"}')
+
+
+def build_eagle3_head(target: str, out, draft_vocab: list[int], seed: int = 0) -> str:
+    """A random EAGLE-3 head for ``target`` in the public checkpoint format: config.json as
+    vLLM's ``LlamaForCausalLMEagle3`` reads it and ``pytorch_model.bin`` with the EAGLE-3
+    names (``midlayer.*``, ``fc``, ``norm``, ``lm_head`` over ``draft_vocab``, ``d2t``, ``t2d``;
+    no embedding: the target's is shared)."""
+    import torch
+
+    tcfg = json.loads((Path(target) / "config.json").read_text())
+    hidden, vocab, heads, kv, inter = tcfg["hidden_size"], tcfg["vocab_size"], 4, 2, 96
+    head_dim = hidden // heads
+    config = {
+        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": inter, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "num_hidden_layers": 1, "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
+        "vocab_size": vocab, "draft_vocab_size": len(draft_vocab), "tie_word_embeddings": False,
+        # The tiny target has 2 layers: vLLM's default (2, L/2, L-3) needs at least 4.
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 1, 1]},
+    }  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.2
+
+    ids = torch.tensor(sorted(draft_vocab))
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[ids] = True
+    weights = {
+        "fc.weight": w(hidden, 3 * hidden),
+        "midlayer.self_attn.q_proj.weight": w(heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.k_proj.weight": w(kv * head_dim, 2 * hidden),
+        "midlayer.self_attn.v_proj.weight": w(kv * head_dim, 2 * hidden),
+        "midlayer.self_attn.o_proj.weight": w(hidden, heads * head_dim),
+        "midlayer.mlp.gate_proj.weight": w(inter, hidden),
+        "midlayer.mlp.up_proj.weight": w(inter, hidden),
+        "midlayer.mlp.down_proj.weight": w(hidden, inter),
+        "midlayer.input_layernorm.weight": torch.ones(hidden),
+        "midlayer.hidden_norm.weight": torch.ones(hidden),
+        "midlayer.post_attention_layernorm.weight": torch.ones(hidden),
+        "norm.weight": torch.ones(hidden),
+        "lm_head.weight": w(len(draft_vocab), hidden),
+        "d2t": ids - torch.arange(len(draft_vocab)),
+        "t2d": t2d,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config))
+    torch.save(weights, out / "pytorch_model.bin")
+    return str(out)
+
+
+def test_eagle3_head_greedy_equals_no_speculation(model, plain, tmp_path):
+    """A random head over a 4,096-token draft vocabulary that holds the biased tokens: its
+    drafts are verified exactly whatever they are (some accepted, most not)."""
+    bias = copy_bias()
+    draft_vocab = sorted(set(range(100, 4100 - len(bias))) | set(bias))
+    head = build_eagle3_head(model, tmp_path / "eagle3", draft_vocab)
+    cfg = {"method": "eagle3", "model": head, "num_speculative_tokens": 3,
+           "disable_by_batch_size": 0, "adaptive": False}  # fmt: skip
+    engine = LLM(model, dtype="float32", block_size=4, kv_cache_bytes=KV_BYTES,
+                 speculative_config=json.dumps(cfg)).engine  # fmt: skip
+    prompts = repetitive_prompts()
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logit_bias=bias,
+                            logprobs=1)  # fmt: skip
+    same(run(engine, prompts, params), run(plain, prompts, params))
+    stats = engine.stats().spec
+    assert stats is not None
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens, stats
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def eagle3_reference_draft(target: str, head: str, tokens: list[int]) -> int:
+    """The head's first draft after ``tokens`` (the prompt and the target's first token),
+    computed from the checkpoint files alone: transformers' hidden states of the target
+    (inputs of layers 0, 1, 1), fc, the midlayer over [norm(embedding of the next token),
+    norm(state)] with causal attention and RoPE, norm, lm_head, d2t."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    w = torch.load(Path(head) / "pytorch_model.bin", weights_only=True)
+    cfg = json.loads((Path(head) / "config.json").read_text())
+    heads, kv, eps = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["rms_norm_eps"]
+
+    def norm(x, weight):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    def rope(x, pos):  # x [n, h, d], Llama's rotate-half
+        d = x.shape[-1]
+        inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        ang = torch.cat([pos[:, None] * inv] * 2, dim=-1)[:, None, :]
+        half = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], dim=-1)
+        return x * ang.cos() + half * ang.sin()
+
+    with torch.no_grad():
+        states = hf(torch.tensor([tokens[:-1]]), output_hidden_states=True).hidden_states
+        h = torch.cat([states[0], states[1], states[1]], dim=-1)[0] @ w["fc.weight"].T
+        emb = hf.model.embed_tokens(torch.tensor(tokens[1:]))
+        x = torch.cat([norm(emb, w["midlayer.input_layernorm.weight"]),
+                       norm(h, w["midlayer.hidden_norm.weight"])], dim=-1)  # fmt: skip
+        n, pos = x.shape[0], torch.arange(x.shape[0], dtype=torch.float32)
+        q = rope((x @ w["midlayer.self_attn.q_proj.weight"].T).view(n, heads, -1), pos)
+        k = rope((x @ w["midlayer.self_attn.k_proj.weight"].T).view(n, kv, -1), pos)
+        v = (x @ w["midlayer.self_attn.v_proj.weight"].T).view(n, kv, -1)
+        k, v = k.repeat_interleave(heads // kv, 1), v.repeat_interleave(heads // kv, 1)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                           v.transpose(0, 1), is_causal=True)  # fmt: skip
+        total = h + o.transpose(0, 1).reshape(n, -1) @ w["midlayer.self_attn.o_proj.weight"].T
+        m = norm(total, w["midlayer.post_attention_layernorm.weight"])
+        gate, up = m @ w["midlayer.mlp.gate_proj.weight"].T, m @ w["midlayer.mlp.up_proj.weight"].T
+        out = total + (F.silu(gate) * up) @ w["midlayer.mlp.down_proj.weight"].T
+        d = int((norm(out[-1], w["norm.weight"]) @ w["lm_head.weight"].T).argmax())
+    return d + int(w["d2t"][d])
+
+
+def test_eagle3_first_draft_equals_a_reference(model, tmp_path, monkeypatch):
+    """The hidden states of the right target layers reach the head, shifted by one token,
+    and its draft vocabulary maps to the target's: the engine's first draft equals one
+    computed from the checkpoint files with transformers."""
+    from services.engine.speculative import eagle3
+
+    draft_vocab = list(range(7, 49152, 3))
+    head = build_eagle3_head(model, tmp_path / "eagle3", draft_vocab, seed=1)
+    cfg = {"method": "eagle3", "model": head, "num_speculative_tokens": 2,
+           "disable_by_batch_size": 0, "adaptive": False}  # fmt: skip
+    engine = LLM(model, dtype="float32", block_size=4, kv_cache_bytes=KV_BYTES,
+                 speculative_config=json.dumps(cfg)).engine  # fmt: skip
+    seen: list[tuple[list[int], int]] = []
+    original = eagle3.Eagle3Proposer._draft
+
+    def spy(self, items, batch, first):
+        original(self, items, batch, first)
+        seen.extend((list(s.seq.token_ids), s.draft_token_ids[0]) for s in items)
+
+    monkeypatch.setattr(eagle3.Eagle3Proposer, "_draft", spy)
+    prompts = prompts_of_mixed_lengths()[1:4]
+    run(engine, prompts, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    firsts = {tuple(tokens[: len(p)]): (tokens, d) for p in prompts for tokens, d in seen
+              if tokens[: len(p)] == p and len(tokens) == len(p) + 1}  # fmt: skip
+    assert len(firsts) == len(prompts)
+    for tokens, draft in firsts.values():
+        assert draft in draft_vocab
+        assert draft == eagle3_reference_draft(model, head, tokens)

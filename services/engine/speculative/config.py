@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any
 
-METHODS = ("ngram", "suffix", "draft_model")
+METHODS = ("ngram", "suffix", "draft_model", "eagle3")
 
 
 @dataclass
@@ -15,9 +15,10 @@ class SpeculativeConfig:
 
     # "ngram" (prompt lookup: continue an earlier match of the last tokens), "suffix" (a
     # suffix trie over this request's tokens and this worker's recent outputs) or
-    # "draft_model" (a smaller model with the same vocabulary, ``model``).
+    # "draft_model" (a smaller model with the same vocabulary, ``model``) or "eagle3" (an
+    # EAGLE-3 head for this target, ``model``: its folder in the public checkpoint format).
     method: str = "ngram"
-    # draft_model: its Hugging Face folder (same tokenizer as the target).
+    # draft_model, eagle3: the draft's folder (same tokenizer as the target).
     model: str | None = None
     # Most draft tokens verified per sequence and step (the adaptive length stays below it).
     num_speculative_tokens: int = 4
@@ -48,9 +49,9 @@ class SpeculativeConfig:
                 "need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                 f"{self.prompt_lookup_min} and {self.prompt_lookup_max}"
             )
-        if (self.method == "draft_model") != (self.model is not None):
-            raise ValueError("method 'draft_model' needs a 'model' (the draft's folder), "
-                             "and only it takes one")  # fmt: skip
+        if (self.method in ("draft_model", "eagle3")) != (self.model is not None):
+            raise ValueError("methods 'draft_model' and 'eagle3' need a 'model' (the draft's "
+                             "folder), and only they take one")  # fmt: skip
         if self.suffix_max_depth < 2:
             raise ValueError(f"suffix_max_depth must be >= 2, got {self.suffix_max_depth}")
         if self.suffix_max_cached_requests < 0:

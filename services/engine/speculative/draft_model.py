@@ -62,10 +62,16 @@ class _View:
     sequence's tokens and the drafts so far, what of them the draft's cache holds, the
     target's blocks."""
 
-    def __init__(self, seq: Sequence, computed: int) -> None:
+    def __init__(self, seq: Sequence, computed: int, shifted_to: int | None = None) -> None:
+        """``shifted_to``: the tokens at positions ``[0, shifted_to)`` are those at ``[1,
+        shifted_to]`` (an EAGLE head's inputs), and a one-token pass is a decode."""
         self.seq_id = seq.seq_id
-        self.token_ids = list(seq.token_ids)
-        self.num_prompt_tokens = seq.num_prompt_tokens
+        if shifted_to is None:
+            self.token_ids = list(seq.token_ids)
+            self.num_prompt_tokens = seq.num_prompt_tokens
+        else:
+            self.token_ids = seq.token_ids[1 : shifted_to + 1]
+            self.num_prompt_tokens = 0
         self.num_computed_tokens = computed
         self.block_table = seq.block_table
         self.lora = None
@@ -92,23 +98,7 @@ class DraftModelProposer:
     ) -> DraftModelProposer:
         """The draft model of ``spec`` on the target's device, with a cache of the target's
         number of blocks."""
-        assert spec.model is not None
-        path = resolve_model(spec.model)
-        hf_config = load_hf_config(path)
-        max_pos = int(getattr(hf_config, "max_position_embeddings", max_model_len))
-        if max_pos < max_model_len:
-            raise ValueError(f"the draft model's max_position_embeddings {max_pos} is below the "
-                             f"target's max_model_len {max_model_len}")  # fmt: skip
-        draft_config = dataclasses.replace(
-            config, model=path, served_model_name=None, speculative_config=None,
-            kv_cache_bytes=None, kv_host_pool_bytes=0, lora_modules=[], enable_lora=False,
-            pooling="none", classifier_from_tokens=None,
-        )  # fmt: skip
-        runner = ModelRunner(
-            draft_config, hf_config, path, max_model_len, num_blocks=target.num_blocks
-        )
-        logger.info("draft model %s: %d layers, KV cache of %d blocks", path, runner.num_layers,
-                    runner.num_blocks)  # fmt: skip
+        runner = draft_runner(spec, config, max_model_len, target)
         return cls(runner, target.model.vocab_size, config.seed)
 
     def propose(self, seq: Sequence, k: int) -> list[int]:
@@ -117,24 +107,26 @@ class DraftModelProposer:
     def finished(self, seq: Sequence) -> None:
         """Nothing is kept beyond the sequence itself."""
 
+    def after_target(self, scheduled: list[ScheduledSeq]) -> None:
+        """The target ran ``scheduled`` (an EAGLE head keeps its hidden states)."""
+
     def fill(self, scheduled: list[ScheduledSeq]) -> None:
         """Replace the placeholder drafts of ``scheduled`` with the draft model's tokens (and
         distributions, for sampling requests). NOTE: if the draft model fails, the drafts
         become copies of the last token without distributions: still verified exactly."""
         items = [s for s in scheduled if s.draft_token_ids]
-        if not items:
-            return
         try:
-            self._propose(items)
+            self._propose(scheduled, items)
         except Exception:  # noqa: BLE001 - the target's step goes on without real drafts
             logger.exception("the draft model failed; verifying placeholder drafts")
-            for item in items:
+            for item in scheduled:
                 item.seq.draft_state = None
-                item.draft_token_ids = [item.seq.token_ids[-1]] * len(item.draft_token_ids)
-                item.draft_probs = None
+            no_drafts(items)
 
     @torch.inference_mode()
-    def _propose(self, items: list[ScheduledSeq]) -> None:
+    def _propose(self, scheduled: list[ScheduledSeq], items: list[ScheduledSeq]) -> None:
+        if not items:
+            return
         views = [_View(s.seq, self._valid(s.seq)) for s in items]
         drafts: list[list[int]] = [[] for _ in items]
         probs: list[list[torch.Tensor]] = [[] for _ in items]
@@ -208,3 +200,42 @@ class DraftModelProposer:
             tokens[i] = draw(q[j : j + 1], u)[0]
             dists[i] = q[j]
         return tokens, dists
+
+
+def no_drafts(items: list[ScheduledSeq]) -> None:
+    """Fill ``items``' placeholders with copies of their last token, without distributions:
+    verified like any guess (exact, and rarely accepted)."""
+    for item in items:
+        item.draft_token_ids = [item.seq.token_ids[-1]] * len(item.draft_token_ids)
+        item.draft_probs = None
+
+
+def draft_runner(
+    spec: SpeculativeConfig,
+    config: EngineConfig,
+    max_model_len: int,
+    target: ModelRunner,
+    model_class: type[torch.nn.Module] | None = None,
+) -> ModelRunner:
+    """A runner of ``spec.model`` on the target's device, with a KV cache of the target's
+    number of blocks, no LoRA, no pooling."""
+    assert spec.model is not None
+    path = resolve_model(spec.model)
+    hf_config = load_hf_config(path)
+    max_pos = int(getattr(hf_config, "max_position_embeddings", max_model_len))
+    if max_pos < max_model_len:
+        raise ValueError(f"the draft model's max_position_embeddings {max_pos} is below the "
+                         f"target's max_model_len {max_model_len}")  # fmt: skip
+    draft_config = dataclasses.replace(
+        config, model=path, served_model_name=None, speculative_config=None,
+        kv_cache_bytes=None, kv_host_pool_bytes=0, lora_modules=[], enable_lora=False,
+        pooling="none", classifier_from_tokens=None,
+        # NOTE: an EAGLE head reads hidden states set beside its input: no CUDA graphs.
+        load_format="auto" if model_class is not None else config.load_format,
+        enforce_eager=config.enforce_eager or model_class is not None,
+    )  # fmt: skip
+    runner = ModelRunner(draft_config, hf_config, path, max_model_len,
+                         num_blocks=target.num_blocks, model_class=model_class)  # fmt: skip
+    logger.info("draft model %s: %d layers, KV cache of %d blocks", path, runner.num_layers,
+                runner.num_blocks)  # fmt: skip
+    return runner

@@ -19,9 +19,11 @@ def start_speculation(
     spec = config.speculative
     assert spec is not None
     proposer: Proposer | None = None
-    if spec.method == "draft_model":
+    if spec.method in ("draft_model", "eagle3"):
         from services.engine.speculative.draft_model import DraftModelProposer
+        from services.engine.speculative.eagle3 import Eagle3Proposer
 
-        drafter = DraftModelProposer.load(spec, config, max_model_len, executor.runner)
+        cls = Eagle3Proposer if spec.method == "eagle3" else DraftModelProposer
+        drafter = cls.load(spec, config, max_model_len, executor.runner)
         executor.drafter = proposer = drafter
     scheduler.speculator = Speculator(spec, max_model_len, scheduler.bm, proposer)
