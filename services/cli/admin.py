@@ -85,6 +85,15 @@ def render_kvstore(kv: dict) -> str:
     )
 
 
+def _speculation(w: dict) -> str:
+    """Speculative decoding: drafts accepted and tokens per verification ("62%x2.1"), "-"
+    on a worker that has not speculated."""
+    spec = w.get("speculation")
+    if not spec:
+        return "-"
+    return f"{spec['acceptance_rate'] * 100:.0f}%x{spec['mean_accepted_length']:.1f}"
+
+
 def _images(w: dict) -> str:
     """An encoder's backlog: images waiting + in the vision tower ("-" on other roles)."""
     if w["role"] != "encode" or w.get("images_waiting") is None:
@@ -115,7 +124,7 @@ def render_roles(st: dict) -> str:
 
 def render_status(st: dict) -> str:
     head = ["ID", "ROLE", "EPOCH", "STATE", "ADDRESS", "WAIT", "RUN", "REQS", "QUEUED_TOK",
-            "KV%", "IMAGES", "TTFT_MS", "TPOT_MS", "PID", "HOST"]  # fmt: skip
+            "KV%", "IMAGES", "TTFT_MS", "TPOT_MS", "SPEC", "PID", "HOST"]  # fmt: skip
     held: list[str] = []
     tables: dict[str, list[list[str]]] = {}  # one table per base model
     for w in st["workers"]:
@@ -125,7 +134,8 @@ def render_status(st: dict) -> str:
         rows.append([w["id"], role, str(w["epoch"]), w["state"], w["address"],
                      _fmt(w["waiting"]), _fmt(w["running"]), _count(w.get("requests")),
                      _fmt(w["waiting_prompt_tokens"]), _fmt(kv), _images(w), _fmt(w["ttft_ms"]),
-                     _fmt(w["tpot_ms"]), _fmt(w["pid"]), _fmt(w["host"])])  # fmt: skip
+                     _fmt(w["tpot_ms"]), _speculation(w), _fmt(w["pid"]),
+                     _fmt(w["host"])])  # fmt: skip
         ids = [*(w.get("requests") or []), *(f"{r} (reserved)" for r in w.get("reserved") or [])]
         if ids:
             held.append(f"  {w['id']} (pid {w['pid']} on {w['host']}): {', '.join(ids)}")

@@ -73,6 +73,9 @@ class LoadRPCs:
             images_encoding=enc.encoding if enc is not None else 0,
             recent_encode_ms=enc.tower_ms.mean() if enc is not None else 0.0,
             lora_adapters=adapter_names(self.engine),
+            spec_num_drafts=s.spec.num_drafts if s.spec else 0,
+            spec_draft_tokens=s.spec.num_draft_tokens if s.spec else 0,
+            spec_accepted_tokens=s.spec.num_accepted_tokens if s.spec else 0,
         )
 
     async def StreamLoad(  # noqa: N802

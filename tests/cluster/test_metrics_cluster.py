@@ -165,3 +165,42 @@ def test_counters_follow_the_requests(cluster, traffic) -> None:
     assert s.value("epdserve:rebalance_decisions_total") == s.value(
         "epdserve:rebalance_decisions_total", action="hold"
     )
+
+
+def test_speculation_through_the_router(cluster, tiny_model_dir) -> None:
+    """Greedy completions from the speculating workers, through the router, equal the offline
+    engine's without speculation on a prompt the output copies from (a logit bias keeps the
+    random model's output within the prompt's tokens), with speculation on and opted out of;
+    the workers accepted drafts and ``epdserve status`` shows it per worker. NOTE: last in the
+    module: it sends requests that the counters above do not expect."""
+    from cluster_helpers import cli, status
+
+    from services.engine import LLM, SamplingParams
+
+    model = str(tiny_model_dir("llama"))
+    offline = LLM(model, dtype="float32", max_model_len=512, kv_cache_bytes=32 << 20)
+    prompt = "def add(a, b):\n    return a + b\n\n" * 4
+    ids = offline.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bias = {str(t): 100.0 for t in set(ids)}
+    want = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True,
+                            logit_bias={int(t): b for t, b in bias.items()}))[0].outputs[0].text  # fmt: skip
+
+    def accepted() -> int:
+        workers = status(cluster)["workers"]
+        return sum((w["speculation"] or {}).get("accepted_tokens", 0) for w in workers)
+
+    before = accepted()
+    body = {"model": TINY_NAME, "prompt": prompt, "temperature": 0, "max_tokens": 32,
+            "ignore_eos": True, "logit_bias": bias}  # fmt: skip
+    with httpx.Client(base_url=cluster.base_url, timeout=60) as http:
+        for extra in ({}, {"speculative": False}, {}):
+            r = http.post("/v1/completions", json={**body, **extra})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == want
+    deadline = time.monotonic() + 10  # load reports carry the counters, every second or so
+    while accepted() <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert accepted() > before
+    table = cli(cluster, "status")
+    assert table.returncode == 0, table.stderr
+    assert "SPEC" in table.stdout and re.search(r"\d+%x\d\.\d", table.stdout), table.stdout

@@ -98,7 +98,7 @@ class FakeEngine:
         return SimpleNamespace(
             num_waiting=0, num_running=len(self._abort_events), num_waiting_prompt_tokens=0,
             kv_utilization=0.0, num_free_blocks=100, num_total_blocks=100,
-            prefix_cache_hit_rate=0.0,
+            prefix_cache_hit_rate=0.0, spec=None,
         )  # fmt: skip
 
 

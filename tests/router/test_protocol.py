@@ -224,6 +224,11 @@ def test_speculative_opt_out_reaches_the_worker() -> None:
     assert parse(CompletionRequest, COMPLETION).sampling_params(None).speculative is True
     with pytest.raises(APIError):
         parse(ChatCompletionRequest, {**CHAT, "speculative": "maybe"})
+    off = parse(MessagesRequest, {**ANTHROPIC, "speculative": False}).sampling_params(None)
+    assert off.speculative is False
+    assert parse(MessagesRequest, ANTHROPIC).sampling_params(None).speculative is True
+    with pytest.raises(APIError):
+        parse(MessagesRequest, {**ANTHROPIC, "speculative": 1})
 
 
 def test_messages_sampling_params() -> None:

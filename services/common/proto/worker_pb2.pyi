@@ -246,7 +246,7 @@ class LoadReportRequest(_message.Message):
     def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("instance_id", "role", "role_epoch", "draining", "num_waiting", "num_waiting_prompt_tokens", "num_running", "num_inflight", "kv_utilization", "num_free_blocks", "num_total_blocks", "prefix_cache_hit_rate", "recent_ttft_ms", "recent_tpot_ms", "timestamp_ms", "images_waiting", "images_encoding", "recent_encode_ms", "lora_adapters")
+    __slots__ = ("instance_id", "role", "role_epoch", "draining", "num_waiting", "num_waiting_prompt_tokens", "num_running", "num_inflight", "kv_utilization", "num_free_blocks", "num_total_blocks", "prefix_cache_hit_rate", "recent_ttft_ms", "recent_tpot_ms", "timestamp_ms", "images_waiting", "images_encoding", "recent_encode_ms", "lora_adapters", "spec_num_drafts", "spec_draft_tokens", "spec_accepted_tokens")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ROLE_EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +266,9 @@ class LoadReport(_message.Message):
     IMAGES_ENCODING_FIELD_NUMBER: _ClassVar[int]
     RECENT_ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_NUM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: Role
     role_epoch: int
@@ -285,7 +288,10 @@ class LoadReport(_message.Message):
     images_encoding: int
     recent_encode_ms: float
     lora_adapters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., role_epoch: _Optional[int] = ..., draining: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_waiting_prompt_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_inflight: _Optional[int] = ..., kv_utilization: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., recent_ttft_ms: _Optional[float] = ..., recent_tpot_ms: _Optional[float] = ..., timestamp_ms: _Optional[int] = ..., images_waiting: _Optional[int] = ..., images_encoding: _Optional[int] = ..., recent_encode_ms: _Optional[float] = ..., lora_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+    spec_num_drafts: int
+    spec_draft_tokens: int
+    spec_accepted_tokens: int
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., role_epoch: _Optional[int] = ..., draining: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_waiting_prompt_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_inflight: _Optional[int] = ..., kv_utilization: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., recent_ttft_ms: _Optional[float] = ..., recent_tpot_ms: _Optional[float] = ..., timestamp_ms: _Optional[int] = ..., images_waiting: _Optional[int] = ..., images_encoding: _Optional[int] = ..., recent_encode_ms: _Optional[float] = ..., lora_adapters: _Optional[_Iterable[str]] = ..., spec_num_drafts: _Optional[int] = ..., spec_draft_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
     __slots__ = ("role", "expected_epoch")

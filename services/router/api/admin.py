@@ -153,10 +153,24 @@ def worker_status(
         "images_waiting": r.images_waiting if r else None,
         "images_encoding": r.images_encoding if r else None,
         "encode_ms": round(r.recent_encode_ms, 2) if r else None,
+        # Speculative decoding since the worker started (None: it does not speculate).
+        "speculation": speculation(r) if r and r.spec_num_drafts else None,
         "can_take": allowed_roles(h),
         # The requests it holds (ids as the gateway named them; "-n<i>" suffixes for n > 1).
         "requests": list(held.request_ids) if held is not None else None,
         "reserved": list(held.reserved_ids) if held is not None else None,
+    }
+
+
+def speculation(r: pb.LoadReport) -> dict[str, Any]:
+    """A worker's speculation counters, with its acceptance rate and the tokens one
+    verification appends on average (the accepted drafts and the target's own)."""
+    return {
+        "drafts": r.spec_num_drafts,
+        "draft_tokens": r.spec_draft_tokens,
+        "accepted_tokens": r.spec_accepted_tokens,
+        "acceptance_rate": round(r.spec_accepted_tokens / max(1, r.spec_draft_tokens), 4),
+        "mean_accepted_length": round(1 + r.spec_accepted_tokens / r.spec_num_drafts, 3),
     }
 
 

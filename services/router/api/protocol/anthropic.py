@@ -141,6 +141,9 @@ class MessagesSampling(APIModel):
     # "auto" (the API key's default), "standard_only" (never priority); epdserve extensions:
     # "priority" (up to the key's highest tier) and "flex" (offline). See router/tiers.py.
     service_tier: Annotated[str | None, OneOf(*ANTHROPIC_REQUEST_TIERS)] = None
+    # epdserve extension, as on the OpenAI APIs: false turns speculative decoding off for
+    # this request (same output, its cost).
+    speculative: Bool = True
 
     def sampling_params(self, structured: StructuredOutputsParams | None) -> SamplingParams:
         """The engine's parameters; its own checks are 400s too."""
@@ -148,6 +151,7 @@ class MessagesSampling(APIModel):
             return SamplingParams(
                 max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                 top_k=self.top_k or -1, stop=self.stop_sequences, structured_outputs=structured,
+                speculative=self.speculative,
             )  # fmt: skip
         except ValueError as exc:
             raise bad_request(str(exc)) from None
