@@ -19,7 +19,7 @@ import torch
 
 from services.engine.block_hash import adapter_hash_root
 from services.engine.config import EngineConfig
-from services.engine.layers.lora import LoRABatch, LoRALinear
+from services.engine.layers.lora import LoRABatch, LoRALinear, cuda_kernels
 from services.engine.lora_adapter import LoRAAdapter, load_adapter
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class LoRAManager:
                 module.forward = wrapped  # type: ignore[method-assign]
                 self.layers[(i, name)] = wrapped
         self.num_layers = len(decoder)
+        self.batch.kernels = cuda_kernels(torch.device(device))  # None: the torch paths
         self.adapters: dict[str, LoRAAdapter] = {}
         # Hash-chain ids: an adapter re-registered with other weights gets a new one, so
         # blocks cached under the old weights are never hit.
@@ -126,7 +127,7 @@ class LoRAManager:
         """Set up the next forward pass: ``rows`` are (adapter or None, number of rows) in
         the order of the batch. Returns whether any row uses an adapter."""
         names = [n for n, _ in rows if n is not None]
-        self.batch.groups, self.batch.padded = [], None
+        self.batch.groups, self.batch.padded, self.batch.segments = [], None, None
         if not names:
             return False
         slots = {name: self._slot_of(name, set(names)) for name in dict.fromkeys(names)}
@@ -139,6 +140,10 @@ class LoRAManager:
             if name is not None:
                 per_slot.setdefault(slots[name], []).extend(range(total, total + n))
             total += n
+        if self.batch.kernels is not None:  # CUDA: the slots' rows for the Triton kernels
+            rows_of = [per_slot.get(s, []) for s in range(self.max_loras)]
+            self.batch.segments = self.batch.kernels.segments(rows_of, device)
+            return True
         m = max(len(r) for r in per_slot.values())
         if self.max_loras * m <= 2 * total:  # padding at most the batch again: one bmm
             src = [per_slot.get(s, []) for s in range(self.max_loras)]

@@ -7,7 +7,9 @@ each adapter slot ``s`` in the batch. Every slot holds its factors in fixed tens
 shards occupy their own rank columns of ``a`` and rows of ``b`` (block diagonal), so one
 pair of matmuls serves q, k and v together.
 
-Three ways to apply the deltas of a mixed batch (``benchmarks/lora.py`` measures them):
+On CUDA (with triton) a mixed batch runs ``triton_lora``'s shrink / expand kernels over the
+rows grouped by slot (``LoRABatch.segments``). On CPU, three ways to apply the deltas of a
+mixed batch (``benchmarks/lora.py`` measures them):
 grouped (rows of one adapter gathered, two small matmuls per adapter, added back), padded
 (every slot's rows gathered into one [slots, rows, in] tensor, padded with a zero row, two
 bmm over all slots, one scatter-add) and gathered (each row's own factors copied out, two
@@ -39,6 +41,23 @@ class LoRABatch:
     # Or, the padded plan: (source row of each padded row, T for the zero row; its
     # destination row; padded rows per slot). Its padding rows read zeros and add zeros.
     padded: tuple[torch.Tensor, torch.Tensor, int] | None = None
+    # Or, on CUDA: the rows of each slot for the Triton kernels (a triton_lora.Segments).
+    segments: Any = None
+    kernels: Any = None  # the triton_lora module that runs ``segments`` (cuda_kernels)
+
+
+def cuda_kernels(device: torch.device) -> Any:
+    """The ``triton_lora`` module for a CUDA device when triton is installed and the fused
+    kernels are on (``layers/fused.py``), else None: the torch paths."""
+    if device.type != "cuda":
+        return None
+    from services.engine.layers import fused
+
+    if fused.ops is None:
+        return None
+    from services.engine.layers import triton_lora
+
+    return triton_lora
 
 
 class LoRALinear:
@@ -64,6 +83,9 @@ class LoRALinear:
         width = len(self.shards) * rank
         self.a = torch.zeros(slots, width, in_features, dtype=dtype, device=device)
         self.b = torch.zeros(slots, out, width, dtype=dtype, device=device)
+        # Output rows [lo, hi) of each shard, for the expand kernel to skip the zero blocks.
+        bounds = [[o for o, _ in self.shards], [o + n for o, n in self.shards]]
+        self.shard_bounds = torch.tensor(bounds, dtype=torch.int32, device=device)
 
     def set_slot(
         self, slot: int, a: list[torch.Tensor | None], b: list[torch.Tensor | None]
@@ -82,6 +104,10 @@ class LoRALinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if (seg := self.batch.segments) is not None:
+            ops = self.batch.kernels
+            xa = ops.lora_shrink(x if x.stride(-1) == 1 else x.contiguous(), self.a, seg)
+            return ops.lora_expand_(y, xa, self.b, seg, self.shard_bounds, self.rank)
         if self.batch.padded is not None:
             src, dst, m = self.batch.padded
             slots = self.a.shape[0]
