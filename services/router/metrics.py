@@ -143,6 +143,23 @@ class RouterMetrics:
             "epdserve:router_offline_requests", "Offline (flex) requests in the router, by "
             "state (waiting, running).", ["state"], registry=r,
         )  # fmt: skip
+        # Batch APIs (batches/executor.py), as run by this router (the leader).
+        self.batches_running = Gauge(
+            "epdserve:router_batches_running", "Batches this router's executor runs now (the "
+            "leader's; 0 on the others).", registry=r,
+        )  # fmt: skip
+        self.batches_ended = Counter(
+            "epdserve:router_batches_ended", "Batches this router ended, by final status "
+            "(completed, failed, cancelled, expired).", ["status"], registry=r,
+        )  # fmt: skip
+        self.batch_lines = Counter(
+            "epdserve:router_batch_lines", "Batch lines (requests) this router answered, by "
+            "outcome (completed, failed), of both Batch APIs.", ["outcome"], registry=r,
+        )  # fmt: skip
+        for status in ("completed", "failed", "cancelled", "expired"):
+            self.batches_ended.labels(status)
+        for outcome in ("completed", "failed"):
+            self.batch_lines.labels(outcome)
         self.rebalance = RebalanceMetrics(r)
         self.update_pool(None)
 

@@ -24,6 +24,7 @@ from services.router.batches.records import (
 )
 from services.router.batches.results import Results
 from services.router.batches.validate import BatchLine, lines_to_jsonl
+from services.router.metrics import RouterMetrics
 
 
 class MemoryStore:
@@ -58,7 +59,8 @@ def _setup(tmp_path, api: str = "openai", created_at: int | None = None, n: int 
     files.create(lines_to_jsonl(lines), "in.jsonl", "batch", "file-in")
     rec = BatchRecord("batch_t", api, url, "file-in", created_at or int(time.time()), total=n)
     store.recs[rec.id] = rec
-    ex = BatchExecutor(None, store, files, lambda: True, concurrency=2)  # type: ignore[arg-type]
+    ex = BatchExecutor(None, store, files, lambda: True, concurrency=2,  # type: ignore[arg-type]
+                       metrics=RouterMetrics())  # fmt: skip
     return ex, store, files
 
 
@@ -115,6 +117,10 @@ def test_not_now_answers_are_tried_again(tmp_path, monkeypatch) -> None:
     assert sorted(sent) == ["l0", "l0", "l0", "l1"]
     assert (rec.status, rec.completed, rec.failed, rec.total) == ("completed", 1, 1, 2)
     assert [e["custom_id"] for e in _jsonl(files, rec.error_file_id)] == ["l1"]
+    sample = ex.metrics.registry.get_sample_value
+    assert sample("epdserve:router_batch_lines_total", {"outcome": "completed"}) == 1
+    assert sample("epdserve:router_batch_lines_total", {"outcome": "failed"}) == 1
+    assert sample("epdserve:router_batches_ended_total", {"status": "completed"}) == 1
 
 
 @pytest.mark.parametrize("api", ["openai", "anthropic"])

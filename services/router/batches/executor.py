@@ -44,6 +44,7 @@ from services.router.batches.validate import BatchLine, parse_stored
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
+    from services.router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,10 @@ class BatchExecutor:
 
     def __init__(
         self, gw: Gateway, store: BatchStore, files: FileStore, is_leader: Callable[[], bool],
-        concurrency: int, poll_s: float = 1.0,
+        concurrency: int, poll_s: float = 1.0, metrics: RouterMetrics | None = None,
     ) -> None:  # fmt: skip
         self.gw, self.store, self.files = gw, store, files
+        self.metrics = metrics or gw.metrics  # the gateway's, unless given (tests)
         self.is_leader = is_leader
         self.concurrency = concurrency
         self.poll_s = poll_s
@@ -86,6 +88,7 @@ class BatchExecutor:
                 del self.runs[batch_id]
                 if not task.cancelled() and task.exception() is not None:
                     log.error("batch %s run failed", batch_id, exc_info=task.exception())
+        self.metrics.batches_running.set(len(self.runs))
         if not self.is_leader():
             if self.runs:
                 log.info("not the leader any more: %d batch runs stopped", len(self.runs))
@@ -149,6 +152,7 @@ class BatchRun:
                 result = await self._answer(line)
                 await asyncio.to_thread(self.results.append, result)
                 self.done[result.custom_id] = result  # counts only once on disk
+                self.ex.metrics.batch_lines.labels("completed" if result.ok else "failed").inc()
 
         workers = [asyncio.create_task(work()) for _ in range(self.ex.concurrency)]
         every = asyncio.gather(*workers)
@@ -221,11 +225,15 @@ class BatchRun:
         ids = await asyncio.to_thread(self._write_outputs, rec, lines, final)
         completed, failed = self._counts()
 
+        ended: list[str] = []  # the status this run wrote, if it wrote the last change
+
         def end(r: BatchRecord) -> BatchRecord | None:
+            ended.clear()
             if r.status not in (FINALIZING, CANCELLING):
                 return None
             t = int(time.time())
             status = CANCELLED if r.status == CANCELLING else final
+            ended.append(status)
             return replace(
                 r, **ids, completed=completed, failed=failed, status=status,
                 cancelled_at=t if status == CANCELLED else None,
@@ -237,6 +245,8 @@ class BatchRun:
         log.info("batch %s %s: %d completed, %d failed", self.id,
                  rec and rec.status, completed, failed)  # fmt: skip
         if rec is not None and rec.status in (COMPLETED, CANCELLED, EXPIRED):
+            if ended:
+                self.ex.metrics.batches_ended.labels(ended[0]).inc()
             await asyncio.to_thread(self.results.remove)
 
     def _write_outputs(
@@ -272,5 +282,12 @@ class BatchRun:
         now = int(time.time())
         error = {"code": "invalid_file", "message": message, "param": "input_file_id",
                  "line": None}  # fmt: skip
-        await self.ex.store.update(self.id, lambda r: replace(
-            r, status=FAILED, failed_at=now, errors=[error]) if r.status in ACTIVE else None)  # fmt: skip
+        failed: list[bool] = []  # whether this run wrote the last change
+
+        def fail(r: BatchRecord) -> BatchRecord | None:
+            failed[:] = [r.status in ACTIVE]
+            return replace(r, status=FAILED, failed_at=now, errors=[error]) if failed[0] else None
+
+        await self.ex.store.update(self.id, fail)
+        if failed and failed[0]:
+            self.ex.metrics.batches_ended.labels(FAILED).inc()
