@@ -51,6 +51,16 @@ def outcome_of(status: int | str) -> str:
     return "invalid" if code < 500 else "error"
 
 
+def _counter(
+    registry: CollectorRegistry, name: str, doc: str, label: str, values: tuple[str, ...]
+) -> Counter:
+    """A counter with one label, every value of it exported from the start (as 0)."""
+    counter = Counter(name, f"{doc} ({', '.join(values)}).", [label], registry=registry)
+    for value in values:
+        counter.labels(value)
+    return counter
+
+
 class RouterMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -148,18 +158,12 @@ class RouterMetrics:
             "epdserve:router_batches_running", "Batches this router's executor runs now (the "
             "leader's; 0 on the others).", registry=r,
         )  # fmt: skip
-        self.batches_ended = Counter(
-            "epdserve:router_batches_ended", "Batches this router ended, by final status "
-            "(completed, failed, cancelled, expired).", ["status"], registry=r,
-        )  # fmt: skip
-        self.batch_lines = Counter(
-            "epdserve:router_batch_lines", "Batch lines (requests) this router answered, by "
-            "outcome (completed, failed), of both Batch APIs.", ["outcome"], registry=r,
-        )  # fmt: skip
-        for status in ("completed", "failed", "cancelled", "expired"):
-            self.batches_ended.labels(status)
-        for outcome in ("completed", "failed"):
-            self.batch_lines.labels(outcome)
+        ended = ("completed", "failed", "cancelled", "expired")
+        self.batches_ended = _counter(r, "epdserve:router_batches_ended", "Batches this router "
+                                      "ended, by final status", "status", ended)  # fmt: skip
+        self.batch_lines = _counter(r, "epdserve:router_batch_lines", "Batch lines (requests) "
+                                    "this router answered (both Batch APIs), by outcome",
+                                    "outcome", ("completed", "failed"))  # fmt: skip
         self.rebalance = RebalanceMetrics(r)
         self.update_pool(None)
 
