@@ -1,4 +1,5 @@
-"""Operator commands over the router's admin API: status, roles set, drain, rebalance, policy.
+"""Operator commands over the router's admin API: status, roles set, drain, rebalance, policy,
+experts.
 
     epdserve status [--json]
     epdserve roles [list]
@@ -6,6 +7,7 @@
     epdserve drain ID [--undo]
     epdserve rebalance [--dry-run]
     epdserve policy set NAME [--param k=v ...]
+    epdserve experts rebalance ID [--slots N] [--placement FILE]
 
 Common flags: ``--router URL`` (or EPDSERVE_ROUTER), ``--admin-token`` (or EPDSERVE_ADMIN_TOKEN);
 a cluster started by `epdserve up` needs neither (see admin_config.py).
@@ -25,22 +27,30 @@ from typing import Any
 from services.cli.admin_config import resolve_router, resolve_token
 from services.common.grpc_utils import ROLES
 
-COMMANDS = ("status", "roles", "drain", "rebalance", "policy")
+COMMANDS = ("status", "roles", "drain", "rebalance", "policy", "experts")
 HTTP_TIMEOUT_S = 30.0  # a role change answers at once; the worker converges afterwards
+EXPERTS_TIMEOUT_S = 660.0  # a re-placement reads the experts again (the router waits 600 s)
 
 
 class AdminCallError(Exception):
     """The admin API answered an error (or could not be reached)."""
 
 
-def call(router: str, token: str | None, method: str, path: str, body: Any = None) -> dict:
+def call(
+    router: str,
+    token: str | None,
+    method: str,
+    path: str,
+    body: Any = None,
+    timeout: float = HTTP_TIMEOUT_S,
+) -> dict:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(router + path, data=data, method=method)
     req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT_S) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as e:
         try:
@@ -215,7 +225,34 @@ def build_parser(prog: str = "epdserve") -> argparse.ArgumentParser:
     ps.add_argument("name", help="static | queue | slo")
     ps.add_argument("--param", action="append", default=[], metavar="K=V",
                     help="a policy parameter (repeatable)")  # fmt: skip
+    ex = sub.add_parser("experts", help="expert load balancing of an MoE worker (EPLB)")
+    ex_sub = ex.add_subparsers(dest="action", required=True)
+    er = ex_sub.add_parser("rebalance", parents=[common], help="re-place a worker's experts "
+                           "between two steps, from its recorded load")  # fmt: skip
+    er.add_argument("id", help="worker id (expert parallelism: TP > 1, --enable-expert-parallel)")
+    er.add_argument("--slots", type=int, default=0,
+                    help="physical experts per layer (more than the experts replicates the "
+                    "hottest); default: as many as now")  # fmt: skip
+    er.add_argument("--placement", metavar="FILE", default=None,
+                    help="apply this placement (an --eplb-placement file) instead")  # fmt: skip
     return p
+
+
+def _experts(router: str, token: str | None, args: argparse.Namespace) -> tuple[dict, str]:
+    body: dict[str, Any] = {"num_slots": args.slots}
+    if args.placement:
+        try:
+            with open(args.placement) as f:
+                body["placement"] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise AdminCallError(f"cannot read the placement {args.placement}: {e}") from None
+    path = f"/admin/workers/{args.id}/experts"
+    r = call(router, token, "POST", path, body, timeout=EXPERTS_TIMEOUT_S)
+    layers = ", ".join(f"{b:.2f} -> {a:.2f}"
+                       for b, a in zip(r["imbalance_before"], r["imbalance_after"], strict=True))  # fmt: skip
+    saved = f"; saved to {r['saved_to']}" if r["saved_to"] else ""
+    return r, (f"{r['id']}: experts re-placed; max/mean tokens per rank by sparse layer: "
+               f"{layers}{saved}")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> tuple[dict, str]:
@@ -252,6 +289,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         r = call(router, token, "POST", "/admin/policy", {"name": args.name, "params": params})
         shown = ", ".join(f"{k}={v:g}" for k, v in sorted(r["params"].items()))
         return r, f"rebalance policy: {r['policy']} ({shown or 'no parameters'})"
+    if args.command == "experts":
+        return _experts(router, token, args)
     raise AdminCallError(f"unknown command {args.command}")
 
 

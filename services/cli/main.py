@@ -1,5 +1,5 @@
 """The `epdserve` command: up | worker | router | kvstore | generate | bench | status | roles |
-drain | rebalance | policy | batches."""
+drain | rebalance | policy | experts | batches."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         "drain": "stop sending a worker new requests",
         "rebalance": "run one rebalancing round now",
         "policy": "choose the rebalancing policy (policy set NAME)",
+        "experts": "re-place an MoE worker's experts from its load (experts rebalance ID)",
     }
     for name in admin.COMMANDS:
         sub.add_parser(name, help=admin_help[name], add_help=False)

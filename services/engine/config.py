@@ -99,6 +99,10 @@ class EngineConfig:
     # With tensor parallelism, give each rank whole experts of an MoE model instead of a
     # slice of every expert (tokens are dispatched to the ranks holding their experts).
     enable_expert_parallel: bool = False
+    # Expert parallelism: a JSON file of the experts each rank holds per sparse layer (EPLB),
+    # loaded at start-up when it exists and written after every re-placement (`epdserve
+    # experts rebalance`); None: contiguous experts at start-up, re-placements not kept.
+    eplb_placement: str | None = None
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:
@@ -168,6 +172,13 @@ class EngineConfig:
             raise ValueError("LoRA adapters are not supported with tensor_parallel_size > 1")
         if self.tensor_parallel_size > 1 and self.speculative_config is not None:
             raise ValueError("speculative decoding is not supported with tensor_parallel_size > 1")
+        if self.eplb_placement and not (
+            self.enable_expert_parallel and self.tensor_parallel_size > 1
+        ):
+            raise ValueError(
+                "eplb_placement needs expert parallelism (enable_expert_parallel and "
+                "tensor_parallel_size > 1)"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"

@@ -8,11 +8,20 @@ held by several ranks (a replica), and a token routed to it goes to replica
 xLLM and vLLM use when experts are not grouped by node): give the spare slots, one at a
 time, to the expert with the most tokens per replica, then pack the physical experts onto
 the ranks heaviest first, each to the least loaded rank with a free slot.
+
+A worker's placements (one per sparse layer) are kept in a JSON file
+(``EngineConfig.eplb_placement``): loaded at start-up when it exists, written after every
+re-placement, so that a restarted worker starts balanced (``save_placements`` /
+``load_placements``; ``{"layers": [{"num_experts": E, "ranks": [[expert, ...], ...]}, ...]}``).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -59,6 +68,58 @@ class ExpertPlacement:
         counts = torch.tensor([len(p) for p in self.replicas()], dtype=torch.float64)
         per_replica = expert_tokens.double() / counts
         return torch.stack([per_replica[list(rank)].sum() for rank in self.ranks])
+
+
+def placements_to_json(placements: list[ExpertPlacement]) -> dict[str, Any]:
+    return {
+        "layers": [
+            {"num_experts": p.num_experts, "ranks": [list(r) for r in p.ranks]} for p in placements
+        ]
+    }
+
+
+def placements_from_json(data: Any) -> list[ExpertPlacement]:
+    """The placements of ``placements_to_json``'s form; ValueError for anything else."""
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if not isinstance(layers, list) or not layers:
+        raise ValueError('an expert placement is {"layers": [{"num_experts": E, "ranks": ...}]}')
+    out = []
+    for i, layer in enumerate(layers):
+        try:
+            ranks = tuple(tuple(int(e) for e in rank) for rank in layer["ranks"])
+            out.append(ExpertPlacement(int(layer["num_experts"]), ranks))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"expert placement of sparse layer {i}: {exc}") from None
+    return out
+
+
+def load_placements(path: str) -> list[ExpertPlacement] | None:
+    """The placements saved in ``path``; None when there is no such file (yet)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"expert placement file {path}: {exc}") from None
+    try:
+        return placements_from_json(data)
+    except ValueError as exc:
+        raise ValueError(f"expert placement file {path}: {exc}") from None
+
+
+def save_placements(path: str, placements: list[ExpertPlacement]) -> None:
+    """Write ``placements`` to ``path`` atomically (a reader never sees half a file; workers
+    sharing the file each load the last one written)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".eplb-", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(placements_to_json(placements), f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def imbalance(rank_loads: torch.Tensor) -> float:

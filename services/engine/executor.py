@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from services.engine.distributed import RankFailure
+from services.engine.eplb import ExpertPlacement
 from services.engine.expert_balance import BalanceReport, rebalance_experts
 from services.engine.model_runner import ModelRunner
 from services.engine.outputs import TokenLogprobs
@@ -127,11 +128,13 @@ class Executor:
         ordered[torch.tensor(index, device=logits.device)] = logits
         return ordered
 
-    def rebalance_experts(self, num_slots: int | None = None) -> BalanceReport:
-        """Re-place the MoE experts on the ranks for the load recorded so far (EPLB); call
-        between steps."""
+    def rebalance_experts(
+        self, num_slots: int | None = None, placements: list[ExpertPlacement] | None = None
+    ) -> BalanceReport:
+        """Re-place the MoE experts on the ranks for the load recorded so far (EPLB), or as
+        ``placements`` say; call between steps."""
         send = self.ranks.command if self.ranks is not None else None
-        return rebalance_experts(self.runner, send, num_slots)
+        return rebalance_experts(self.runner, send, num_slots, placements)
 
     def check_health(self) -> None:
         """Raise when the engine cannot serve any more (a tensor-parallel rank died)."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from services.engine.eplb import ExpertPlacement, imbalance, rebalance
+from services.engine.eplb import ExpertPlacement, imbalance, rebalance, save_placements
 from services.engine.model_loader import iter_safetensors
 
 
@@ -27,6 +27,7 @@ class BalanceReport:
     before: list[float]
     after: list[float]
     placements: list[ExpertPlacement]
+    saved_to: str = ""  # the engine's eplb_placement file, written with them ("": none)
 
     @property
     def mean_before(self) -> float:
@@ -66,22 +67,47 @@ def place_experts(runner: Any, new: list[ExpertPlacement]) -> None:
 
 
 def rebalance_experts(
-    runner: Any, send: Callable[[object], None] | None, num_slots: int | None = None
+    runner: Any,
+    send: Callable[[object], None] | None,
+    num_slots: int | None = None,
+    given: list[ExpertPlacement] | None = None,
 ) -> BalanceReport:
     """Place each sparse layer's experts for the recorded load (``num_slots`` physical experts
-    in all, a multiple of the ranks; default: as many as now) on every rank: ``send`` hands
-    the command to the other ranks, in order with the batches."""
+    in all, a multiple of the ranks; default: as many as now), or as ``given``, on every rank:
+    ``send`` hands the command to the other ranks, in order with the batches. The engine's
+    ``eplb_placement`` file, if any, is written with the new placements."""
     old = placements(runner.model)
     loads = expert_tokens(runner.model)
     ranks = len(old[0].ranks)
-    slots = num_slots or old[0].slots_per_rank * ranks
-    new = [rebalance(layer, ranks, slots) for layer in loads]
+    if given is None:
+        slots = num_slots or old[0].slots_per_rank * ranks
+        new = [rebalance(layer, ranks, slots) for layer in loads]
+    else:
+        check_fits(given, old)
+        new = given
     report = BalanceReport(
         before=[imbalance(p.rank_loads(layer)) for p, layer in zip(old, loads, strict=True)],
         after=[imbalance(p.rank_loads(layer)) for p, layer in zip(new, loads, strict=True)],
         placements=new,
     )
+    if runner.config.load_format == "dummy":  # before any rank is told
+        raise ValueError("re-placing experts reads the checkpoint again: not with dummy weights")
     if send is not None:
         send(("place", new))
     place_experts(runner, new)
+    if runner.config.eplb_placement:
+        save_placements(runner.config.eplb_placement, new)
+        report.saved_to = runner.config.eplb_placement
     return report
+
+
+def check_fits(given: list[ExpertPlacement], now: list[ExpertPlacement]) -> None:
+    """ValueError unless ``given`` places this model's experts on this worker's ranks."""
+    if len(given) != len(now):
+        raise ValueError(f"the placement has {len(given)} sparse layers; the model has {len(now)}")
+    for i, (g, n) in enumerate(zip(given, now, strict=True)):
+        if g.num_experts != n.num_experts or len(g.ranks) != len(n.ranks):
+            raise ValueError(
+                f"sparse layer {i}: the placement holds {g.num_experts} experts on "
+                f"{len(g.ranks)} ranks; the model has {n.num_experts} on {len(n.ranks)}"
+            )

@@ -20,6 +20,7 @@ import torch
 from services.engine.config import EngineConfig
 from services.engine.decode_graphs import DecodeGraphs
 from services.engine.distributed import TPGroup
+from services.engine.eplb import ExpertPlacement
 from services.engine.kv_layout import KVLayout
 from services.engine.layers.attention import AttentionMetadata, PrefillSegment, TorchAttention
 from services.engine.layers.cpu_linear import pack_linears
@@ -79,12 +80,14 @@ class ModelRunner:
         tp: TPGroup | None = None,
         num_blocks: int | None = None,
         model_class: type[torch.nn.Module] | None = None,
+        placements: list[ExpertPlacement] | None = None,
     ) -> None:
         """``pooling_hook``: given, this is a pooling model (pooler.py): the hook adapts the
         loaded model (before its weights are packed) and the KV cache is one block.
         ``num_blocks``: the cache's size in blocks instead of the memory budget's (a draft
         model's cache, indexed by the target's block ids); ``model_class``: instead of the
-        registry's class for the config (EAGLE heads)."""
+        registry's class for the config (EAGLE heads); ``placements``: each sparse layer's
+        experts per rank (expert parallelism; default contiguous), the same on every rank."""
         self.config = config
         self.max_model_len = max_model_len
         self.model_path = model_path  # read again when experts are re-placed (EPLB)
@@ -101,7 +104,7 @@ class ModelRunner:
         with torch.device("meta"):
             model = cls(hf_config, self.backend)
             if self.tp.size > 1:
-                shard_model(model, self.tp, config.enable_expert_parallel)
+                shard_model(model, self.tp, config.enable_expert_parallel, placements)
         model = model.to_empty(device=self.device).to(self.dtype)
         if model.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight

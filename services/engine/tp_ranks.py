@@ -32,6 +32,7 @@ import torch
 
 from services.engine.config import EngineConfig
 from services.engine.distributed import RankFailure, TPGroup, create_store, join_group
+from services.engine.eplb import ExpertPlacement, load_placements
 from services.engine.expert_balance import place_experts
 from services.engine.model_runner import ModelRunner
 from services.engine.platforms import get_device
@@ -122,7 +123,14 @@ def threads_per_rank(size: int) -> int:
 class RankProcesses:
     """Ranks 1..N-1 of the driver's group. ``group`` is the driver's own rank 0."""
 
-    def __init__(self, config: EngineConfig, hf_config: Any, model_path: str, max_len: int):
+    def __init__(
+        self,
+        config: EngineConfig,
+        hf_config: Any,
+        model_path: str,
+        max_len: int,
+        placements: list[ExpertPlacement] | None = None,
+    ) -> None:
         n = config.tensor_parallel_size
         store = create_store(n)
         ctx = mp.get_context("spawn")
@@ -138,7 +146,7 @@ class RankProcesses:
         self._lost: str | None = None  # a rank's pipe closed (it exited or is exiting)
         for rank in range(1, n):
             parent, child = ctx.Pipe()
-            args = (rank, n, store.port, config, hf_config, model_path, max_len, child)
+            args = (rank, n, store.port, config, hf_config, model_path, max_len, placements, child)
             proc = ctx.Process(target=rank_main, args=args, daemon=True,
                                name=f"epdserve-tp-rank{rank}")  # fmt: skip
             proc.start()
@@ -276,9 +284,13 @@ def make_runner(
         return ModelRunner(config, hf_config, model_path, max_len, pooling_hook)
     if pooling_hook is not None:
         raise ValueError("pooling models are not supported with tensor_parallel_size > 1")
-    ranks = RankProcesses(config, hf_config, model_path, max_len)
+    # NOTE: read once, here: every rank must hold the same placement, even if the file
+    # changes while they start (workers may share it).
+    placements = load_placements(config.eplb_placement) if config.eplb_placement else None
+    ranks = RankProcesses(config, hf_config, model_path, max_len, placements)
     try:
-        runner = ModelRunner(config, hf_config, model_path, max_len, tp=ranks.group)
+        runner = ModelRunner(config, hf_config, model_path, max_len, tp=ranks.group,
+                             placements=placements)  # fmt: skip
         ranks.wait_ready()
     except BaseException:
         ranks.close()
@@ -288,7 +300,8 @@ def make_runner(
 
 
 def rank_main(rank: int, size: int, port: int, config: EngineConfig, hf_config: Any,
-              model_path: str, max_len: int, conn: Any) -> None:  # fmt: skip
+              model_path: str, max_len: int, placements: list[ExpertPlacement] | None,
+              conn: Any) -> None:  # fmt: skip
     """A rank process: build the shard's runner, then run each batch the driver sends."""
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s tp-rank{rank} %(message)s")
@@ -298,7 +311,8 @@ def rank_main(rank: int, size: int, port: int, config: EngineConfig, hf_config: 
         torch.set_num_threads(threads_per_rank(size))
     try:
         group = join_group(("127.0.0.1", port), rank, size, get_device(config.device))
-        runner = ModelRunner(config, hf_config, model_path, max_len, tp=group)
+        runner = ModelRunner(config, hf_config, model_path, max_len, tp=group,
+                             placements=placements)  # fmt: skip
         context = RankContext(rank, runner)
         answer = _Answerer(conn)
         conn.send("ready")

@@ -108,11 +108,20 @@ def shard_mlp(m: LlamaMLP, tp: TPGroup, reduce: bool) -> None:
         m.reduce = tp.all_reduce
 
 
-def shard_moe(b: SparseMoeBlock, tp: TPGroup, expert_parallel: bool) -> None:
+def shard_moe(
+    b: SparseMoeBlock, tp: TPGroup, expert_parallel: bool, placement: ExpertPlacement | None
+) -> None:
+    """Slice every expert, or with ``expert_parallel`` hold whole experts: ``placement``'s
+    (EPLB, saved), else a contiguous share."""
     e = b.experts
     hidden = e.w13.shape[2]
     if expert_parallel:
-        placement = ExpertPlacement.contiguous(e.num_experts, tp.size)
+        placement = placement or ExpertPlacement.contiguous(e.num_experts, tp.size)
+        if placement.num_experts != e.num_experts or len(placement.ranks) != tp.size:
+            raise ValueError(
+                f"the saved expert placement holds {placement.num_experts} experts on "
+                f"{len(placement.ranks)} ranks; the model has {e.num_experts} on {tp.size}"
+            )
         b.experts = Experts(e.num_experts, hidden, e.intermediate, placement.slots_per_rank)
         b.experts.place(placement, tp.rank)
     else:
@@ -124,15 +133,27 @@ def shard_moe(b: SparseMoeBlock, tp: TPGroup, expert_parallel: bool) -> None:
     b.reduce = tp.all_reduce
 
 
-def shard_model(model: LlamaForCausalLM, tp: TPGroup, expert_parallel: bool = False) -> None:
-    """Replace ``model``'s layers (on meta, weights not loaded yet) by this rank's shards."""
+def shard_model(
+    model: LlamaForCausalLM,
+    tp: TPGroup,
+    expert_parallel: bool = False,
+    placements: list[ExpertPlacement] | None = None,
+) -> None:
+    """Replace ``model``'s layers (on meta, weights not loaded yet) by this rank's shards;
+    ``placements``: the experts of each sparse layer's ranks (expert parallelism)."""
     if getattr(model, "is_multimodal", False):
         raise ValueError("tensor parallelism is not supported for vision-language models")
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    if placements is not None and len(placements) != len(blocks):
+        raise ValueError(
+            f"the saved expert placement has {len(placements)} sparse layers; the model "
+            f"has {len(blocks)}"
+        )
     for module in list(model.modules()):
         if isinstance(module, LlamaAttention):
             shard_attention(module, tp)
-        elif isinstance(module, SparseMoeBlock):
-            shard_moe(module, tp, expert_parallel)
+    for i, block in enumerate(blocks):
+        shard_moe(block, tp, expert_parallel, placements[i] if placements else None)
     shared = {id(b.shared_expert) for b in model.modules() if isinstance(b, SparseMoeBlock)}
     for module in list(model.modules()):
         if isinstance(module, LlamaMLP) and id(module) not in shared:

@@ -32,6 +32,7 @@ from services.worker.errors import (
     Code,
     call_status,
 )
+from services.worker.experts import ExpertRPCs
 from services.worker.load import LoadRPCs
 from services.worker.lora import LoRARPCs
 from services.worker.metrics import WorkerMetrics
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 R = TypeVar("R", bound=Role)
 
 
-class WorkerServicer(PoolingCalls, LoRARPCs, LoadRPCs, pb_grpc.WorkerServiceServicer):
+class WorkerServicer(PoolingCalls, LoRARPCs, LoadRPCs, ExpertRPCs, pb_grpc.WorkerServiceServicer):
     """gRPC face of one engine. ``engine`` is an AsyncLLMEngine (or a test double)."""
 
     def __init__(

@@ -1,27 +1,32 @@
-"""Two mixed workers, each driving two tensor-parallel ranks (gloo): greedy text equals a
-one-device engine; flipped to a prefill and a decode worker, each rank pushing its own KV
-heads into the decode worker's rank (Mooncake), the text equals the co-located workers' and a
-reservation for a prefill worker of another size is refused; a kill -9 of one rank process
-under load takes its worker down without failing a request (the router retries or migrates
-them to the other worker)."""
+"""Two mixed workers, each driving two tensor-parallel ranks (gloo) of a mixture-of-experts
+model with expert parallelism: greedy text equals a one-device engine; flipped to a prefill and
+a decode worker, each rank pushing its own KV heads into the decode worker's rank (Mooncake),
+the text equals the co-located workers' and a reservation for a prefill worker of another size
+is refused; `epdserve experts rebalance` re-places a worker's experts under load without
+failing or changing a request, and saves the placement; a kill -9 of one rank process under
+load takes its worker down without failing a request (the router retries or migrates them to
+the other worker)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, children, start_cluster, wait_for, workers
+from cluster_helpers import TINY_NAME, children, cli, start_cluster, wait_for, workers
 from test_failover import Traffic
 
 from services.common.grpc_utils import role_to_pb
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.engine import LLM, SamplingParams
+from services.engine.eplb import load_placements, placements_from_json
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
@@ -29,13 +34,27 @@ PROMPTS = ["Hello", "The capital of France is", "1, 2, 3,"]
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model_dir):
+def placement_file(tmp_path_factory) -> Path:
+    """The workers' --eplb-placement: absent at start-up (contiguous experts)."""
+    return tmp_path_factory.mktemp("eplb") / "placement.json"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, placement_file):
     c = start_cluster(
-        tiny_model_dir("llama"), workers=2, policy="round_robin",
-        engine_overrides={"tensor_parallel_size": 2},
+        tiny_model_dir("qwen2_moe"), workers=2, policy="round_robin",
+        engine_overrides={"tensor_parallel_size": 2, "enable_expert_parallel": True,
+                          "eplb_placement": str(placement_file)},
     )  # fmt: skip
     yield c
     c.stop()
+
+
+def completion(c: httpx.Client, prompt: str, max_tokens: int = 12) -> tuple[int, str]:
+    body = {"model": TINY_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    r = c.post("/v1/completions", json=body)
+    return r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
 
 
 def rank_processes(pid: int) -> list[int]:
@@ -53,7 +72,7 @@ def rank_processes(pid: int) -> list[int]:
 
 def test_tp2_workers_equal_one_device(cluster, tiny_model_dir) -> None:
     assert all(len(rank_processes(w.proc.pid)) == 1 for w in cluster.workers)
-    llm = LLM(str(tiny_model_dir("llama")), device="cpu", dtype="float32")
+    llm = LLM(str(tiny_model_dir("qwen2_moe")), device="cpu", dtype="float32")
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     want = [o.outputs[0].text for o in llm.generate(PROMPTS, params)]
     with httpx.Client(base_url=cluster.base_url, timeout=60) as c:
@@ -82,17 +101,11 @@ def test_pd_with_tp2_equals_colocated_tp2(cluster) -> None:
     prompts = [*PROMPTS, "one two three four five six seven " * 6]
     with httpx.Client(base_url=cluster.base_url, timeout=60) as c:
 
-        def texts() -> list[str]:
-            out = []
-            for prompt in prompts:
-                body = {"model": TINY_NAME, "prompt": prompt, "max_tokens": 12,
-                        "temperature": 0, "ignore_eos": True}  # fmt: skip
-                r = c.post("/v1/completions", json=body)
-                assert r.status_code == 200, r.text
-                out.append(r.json()["choices"][0]["text"])
-            return out
+        def texts() -> list[tuple[int, str]]:
+            return [completion(c, prompt) for prompt in prompts]
 
         colocated = texts()
+        assert all(code == 200 for code, _ in colocated), colocated
         set_roles(cluster, {"worker-0": "prefill", "worker-1": "decode"})
         try:
             assert texts() == colocated  # no mixed worker left: every request went PD
@@ -108,6 +121,47 @@ def test_pd_with_tp2_equals_colocated_tp2(cluster) -> None:
             assert "tensor-parallel size mismatch" in e.value.details(), e.value.details()
         finally:
             set_roles(cluster, {"worker-0": "mixed", "worker-1": "mixed"})
+
+
+def test_experts_rebalance_under_load_changes_no_output(cluster, placement_file) -> None:
+    prompt = "one two three four five six seven " * 3
+    with httpx.Client(base_url=cluster.base_url, timeout=60) as c:
+        want = completion(c, prompt, 24)
+        assert want[0] == 200, want
+        results: list[tuple[int, str]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(base_url=cluster.base_url, timeout=60) as lc:
+                while not stop.is_set():
+                    results.append(completion(lc, prompt, 24))
+
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            wait_for(lambda: len(results) >= 2, 60, "requests before the re-placement")
+            # Two spare slots: the hottest experts get a replica on the other rank.
+            r = cli(cluster, "experts", "rebalance", "worker-0", "--slots", "10", "--json")
+            n = len(results)
+            wait_for(lambda: len(results) >= n + 4, 60, "requests after the re-placement")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout)
+    # Every request answered, and with the same tokens, on the old and the new placement.
+    assert results and set(results) == {want}, [x for x in results if x != want][:3]
+    placed = placements_from_json(answer["placement"])
+    assert placed[0].slots_per_rank == 5 and answer["saved_to"] == str(placement_file)
+    assert load_placements(str(placement_file)) == placed
+    assert len(answer["imbalance_before"]) == len(answer["imbalance_after"]) == 1
+    # Bad input is the API's 400 with the reason, and the worker keeps serving.
+    bad = cli(cluster, "experts", "rebalance", "worker-0", "--slots", "3")
+    assert bad.returncode == 1 and "400" in bad.stderr and "cannot hold" in bad.stderr, bad.stderr
+    with httpx.Client(base_url=cluster.base_url, timeout=60) as c:
+        assert completion(c, prompt, 24) == want
 
 
 def test_kill_9_of_a_rank_fails_no_request(cluster) -> None:

@@ -1,5 +1,6 @@
 """Expert parallelism (whole experts per rank, two processes, gloo) equals one device, and
-expert load balancing (DeepSeek's EPLB) re-places experts mid-stream without changing a token."""
+expert load balancing (DeepSeek's EPLB) re-places experts mid-stream without changing a token;
+the placement is saved, and an engine started from the file holds it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from services.engine import LLM
-from services.engine.eplb import ExpertPlacement, imbalance, rebalance
+from services.engine.eplb import ExpertPlacement, imbalance, load_placements, rebalance
 from tests.engine.test_correctness import GREEDY, check, hf_greedy, prompts_of_mixed_lengths
 
 
@@ -30,14 +31,19 @@ def test_rebalance_replicates_the_hottest_expert() -> None:
         rebalance(load, num_ranks=3, num_slots=8)
 
 
+EP = {"device": "cpu", "dtype": "float32", "block_size": 4, "tensor_parallel_size": 2,
+      "enable_expert_parallel": True}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def ep(tiny_model_dir):
+def ep(tiny_model_dir, tmp_path_factory):
     """(references, a Qwen2-MoE engine on 2 ranks with 4 of the 8 experts each; its shared
-    expert and dense second layer stay tensor-parallel)."""
+    expert and dense second layer stay tensor-parallel). Its placement file does not exist
+    yet: it starts contiguous, and writes the file when it re-places."""
     model = tiny_model_dir("qwen2_moe")
     refs = hf_greedy(model, prompts_of_mixed_lengths(), GREEDY.max_tokens)
-    llm = LLM(str(model), device="cpu", dtype="float32", block_size=4,
-              tensor_parallel_size=2, enable_expert_parallel=True)  # fmt: skip
+    path = tmp_path_factory.mktemp("eplb") / "placement.json"
+    llm = LLM(str(model), eplb_placement=str(path), **EP)
     yield refs, llm
     llm.engine.close()
 
@@ -71,3 +77,20 @@ def test_eplb_mid_stream_leaves_outputs_unchanged(ep) -> None:
     while engine.has_unfinished_requests():
         step()
     assert [tokens[f"r{i}"] for i in range(len(prompts))] == [r[0] for r in refs]
+    assert load_placements(report.saved_to) == report.placements
+
+
+def test_engine_starts_from_the_saved_placement(ep, tiny_model_dir) -> None:
+    refs, llm = ep
+    path = llm.engine.config.eplb_placement
+    saved = load_placements(path)
+    assert saved is not None and saved[0].slots_per_rank == 5  # the test above wrote it
+    again = LLM(str(tiny_model_dir("qwen2_moe")), eplb_placement=path, **EP)
+    try:
+        assert [b.experts.placement for b in again.engine.runner.model.moe_blocks] == saved
+        check(again.generate(prompts_of_mixed_lengths(), GREEDY), refs)
+        # A placement for another model or rank count is refused, not half applied.
+        with pytest.raises(ValueError, match="sparse layers"):
+            again.engine.executor.rebalance_experts(placements=saved * 2)
+    finally:
+        again.engine.close()

@@ -544,3 +544,23 @@ class LoRAAdaptersResponse(_message.Message):
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RebalanceExpertsRequest(_message.Message):
+    __slots__ = ("num_slots", "placement_json")
+    NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    num_slots: int
+    placement_json: str
+    def __init__(self, num_slots: _Optional[int] = ..., placement_json: _Optional[str] = ...) -> None: ...
+
+class RebalanceExpertsResponse(_message.Message):
+    __slots__ = ("imbalance_before", "imbalance_after", "placement_json", "saved_to")
+    IMBALANCE_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    IMBALANCE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    SAVED_TO_FIELD_NUMBER: _ClassVar[int]
+    imbalance_before: _containers.RepeatedScalarFieldContainer[float]
+    imbalance_after: _containers.RepeatedScalarFieldContainer[float]
+    placement_json: str
+    saved_to: str
+    def __init__(self, imbalance_before: _Optional[_Iterable[float]] = ..., imbalance_after: _Optional[_Iterable[float]] = ..., placement_json: _Optional[str] = ..., saved_to: _Optional[str] = ...) -> None: ...

@@ -114,6 +114,11 @@ class WorkerServiceStub:
                 request_serializer=epdserve_dot_worker__pb2.UnloadLoRARequest.SerializeToString,
                 response_deserializer=epdserve_dot_worker__pb2.LoRAAdaptersResponse.FromString,
                 _registered_method=True)
+        self.RebalanceExperts = channel.unary_unary(
+                '/epdserve.v1.WorkerService/RebalanceExperts',
+                request_serializer=epdserve_dot_worker__pb2.RebalanceExpertsRequest.SerializeToString,
+                response_deserializer=epdserve_dot_worker__pb2.RebalanceExpertsResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -222,6 +227,15 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RebalanceExperts(self, request, context):
+        """Re-place the experts of an expert-parallel MoE worker between two engine steps (no
+        request is dropped); INVALID_ARGUMENT for another kind of worker or a placement that
+        does not fit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -304,6 +318,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.UnloadLoRA,
                     request_deserializer=epdserve_dot_worker__pb2.UnloadLoRARequest.FromString,
                     response_serializer=epdserve_dot_worker__pb2.LoRAAdaptersResponse.SerializeToString,
+            ),
+            'RebalanceExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.RebalanceExperts,
+                    request_deserializer=epdserve_dot_worker__pb2.RebalanceExpertsRequest.FromString,
+                    response_serializer=epdserve_dot_worker__pb2.RebalanceExpertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -738,6 +757,33 @@ class WorkerService:
             '/epdserve.v1.WorkerService/UnloadLoRA',
             epdserve_dot_worker__pb2.UnloadLoRARequest.SerializeToString,
             epdserve_dot_worker__pb2.LoRAAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RebalanceExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epdserve.v1.WorkerService/RebalanceExperts',
+            epdserve_dot_worker__pb2.RebalanceExpertsRequest.SerializeToString,
+            epdserve_dot_worker__pb2.RebalanceExpertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,7 +4,7 @@ Every call needs ``Authorization: Bearer <admin token>``: a token separate from 
 keys, read from ``--admin-token-file`` or ``EPDSERVE_ADMIN_TOKEN``; with neither, the admin
 API answers 403. Errors are JSON ``{"error": {"message", "code"}}``: 401 bad token, 404 unknown
 worker, 400 bad role or parameters, 409 a change that would leave a role with no worker,
-503 etcd unreachable.
+503 etcd (or, for a worker's own call, the worker) unreachable.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LIST_TIMEOUT_S = 2.0  # a worker that does not list its requests in time shows null
+# A re-placement of experts reads them again from the checkpoint on every rank.
+EXPERTS_TIMEOUT_S = 600.0
 
 
 class AdminError(Exception):
@@ -270,6 +273,39 @@ async def _drain(gw: Gateway, request: Request) -> dict[str, Any]:
     return {"id": worker_id, "draining": resp.draining, "inflight": resp.num_inflight}
 
 
+async def _experts(gw: Gateway, request: Request) -> dict[str, Any]:
+    """Re-place a worker's MoE experts (EPLB) between two of its steps: from the load it
+    recorded (``num_slots`` physical experts per layer, default as now) or as ``placement``."""
+    worker_id = request.path_params["worker_id"]
+    body = await _body(request)
+    slots, placement = body.get("num_slots", 0), body.get("placement")
+    if not isinstance(slots, int) or isinstance(slots, bool) or slots < 0:
+        raise AdminError(400, "num_slots must be an integer >= 0", "bad_request")
+    if placement is not None and not isinstance(placement, dict):
+        raise AdminError(400, 'placement must be {"layers": [...]}', "bad_request")
+    h = _worker(gw, worker_id)
+    ask = pb.RebalanceExpertsRequest(
+        num_slots=slots, placement_json=json.dumps(placement) if placement else ""
+    )
+    try:
+        resp = await h.stub.RebalanceExperts(ask, timeout=EXPERTS_TIMEOUT_S)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            raise AdminError(400, exc.details() or "refused", "bad_request") from None
+        raise AdminError(
+            503, f"worker {worker_id} did not re-place its experts: {exc.details()}",
+            "worker_unavailable",
+        ) from None  # fmt: skip
+    log.info("admin: worker %s re-placed its experts", worker_id)
+    return {
+        "id": worker_id,
+        "imbalance_before": list(resp.imbalance_before),
+        "imbalance_after": list(resp.imbalance_after),
+        "placement": json.loads(resp.placement_json),
+        "saved_to": resp.saved_to or None,
+    }
+
+
 async def _rebalance(gw: Gateway, request: Request) -> dict[str, Any]:
     body = await _body(request)
     dry_run = bool(body.get("dry_run", False))
@@ -298,6 +334,7 @@ def admin_routes() -> list[Route]:
         Route("/admin/health", _guard(_health), methods=["GET"]),
         Route("/admin/workers/{worker_id}/role", _guard(_set_role), methods=["POST"]),
         Route("/admin/workers/{worker_id}/drain", _guard(_drain), methods=["POST"]),
+        Route("/admin/workers/{worker_id}/experts", _guard(_experts), methods=["POST"]),
         Route("/admin/rebalance", _guard(_rebalance), methods=["POST"]),
         Route("/admin/policy", _guard(_policy), methods=["POST"]),
     ]
