@@ -1,4 +1,5 @@
-"""The fused Triton kernels of ``triton_ops`` when triton is installed, or None: every caller
+"""The fused Triton kernels of ``triton_ops`` (and ``triton_moe``, the routed experts of an MoE
+layer) when triton is installed, or None: every caller
 keeps its torch path, which CPU (and NPU) runs take. ``EPDSERVE_FUSED_KERNELS=0`` turns them
 off (the torch path on CUDA too, e.g. to compare).
 
@@ -15,11 +16,14 @@ from typing import Any
 import torch
 
 ops: Any = None  # the triton_ops module when on
+moe: Any = None  # the triton_moe module (fused mixture-of-experts) when on
 if os.environ.get("EPDSERVE_FUSED_KERNELS", "1") != "0":
     try:
+        import services.engine.layers.triton_moe
         import services.engine.layers.triton_ops
 
         ops = services.engine.layers.triton_ops
+        moe = services.engine.layers.triton_moe
     except ImportError:  # no triton: the CPU install
         pass
 

@@ -1,5 +1,6 @@
 """Mixture-of-experts: top-k routing as transformers does it, and the reference expert
-computation on any device (tokens grouped by expert, one pair of matmuls per expert hit).
+computation on any device (tokens grouped by expert, one pair of matmuls per expert hit); on
+CUDA the fused Triton kernels of ``triton_moe.py`` compute the same.
 
 Expert weights are raw 3-D tensors, not ``nn.Linear`` modules, so the CPU oneDNN packing
 (``cpu_linear.py``) leaves them alone: ``w13`` [experts, 2 * intermediate, hidden] holds each
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.engine.eplb import ExpertPlacement
+from services.engine.layers import fused
 
 
 def route(
@@ -126,7 +128,10 @@ class Experts(nn.Module):
         return torch.where((local >= 0) & (local < self.w13.shape[0]), local, -1)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return experts_reference(x, self.w13, self.w2, weights, self.local_slots(ids))
+        slots = self.local_slots(ids)
+        if fused.moe is not None and fused.moe.usable(x):
+            return fused.moe.fused_experts(x, self.w13, self.w2, weights, slots)
+        return experts_reference(x, self.w13, self.w2, weights, slots)
 
     def expert_tensors(self, expert: int, part: str) -> list[torch.Tensor]:
         """The views of ``w13``/``w2`` a checkpoint tensor of ``expert`` is copied into
