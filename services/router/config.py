@@ -242,6 +242,9 @@ class RouterConfig:
             "(default: <tmp>/epdserve-batches-<cluster>)"
         },
     )
+    batch_retention_s: float = field(default=30 * 86400.0, metadata={
+        "help": "ended batches (records, output files) and files no running batch reads are "
+        "deleted this long after they ended or were made (0: kept for ever)"})  # fmt: skip
     batch_max_file_bytes: int = field(
         default=64 * 1024 * 1024,
         metadata={"help": "largest batch input file (or message batch body) accepted (else 400)"},
@@ -301,6 +304,8 @@ class RouterConfig:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not self.batch_retention_s >= 0:  # NOTE: also false for NaN
+            raise ValueError(f"batch_retention_s must be >= 0, got {self.batch_retention_s}")
         if not (
             self.offline_queue_timeout_s > 0
             and 0 <= self.offline_headroom_kv <= 1

@@ -96,6 +96,46 @@ async def test_only_unended_batches_are_marked_for_the_executor() -> None:
             await store.close()
 
 
+async def test_retention_sweeps_old_ended_batches_and_unnamed_files(tmp_path) -> None:
+    import time
+
+    from services.router.batches.files import FileStore
+    from services.router.batches.records import BatchRecord
+    from services.router.batches.retention import sweep
+    from services.router.batches.store import BatchStore
+
+    files, t = FileStore(tmp_path, retention_s=50.0), int(time.time())
+    fid = {n: files.create(b"{}\n", n, "batch", f"file-{n}")["id"]
+           for n in ("old-in", "run-in", "kept-out", "gone-out", "msg-in", "stray")}  # fmt: skip
+    assert files.get(fid["stray"])["expires_at"] - t in (50, 51)  # made now: gone in 50 s
+    recs = [
+        BatchRecord("batch_gone", "openai", "/v1/completions", fid["old-in"], t - 90,
+                    status="completed", completed_at=t + 40, output_file_id=fid["gone-out"]),
+        BatchRecord("msgbatch_gone", "anthropic", "/v1/messages", fid["msg-in"], t - 90,
+                    status="cancelled", cancelled_at=t + 10),
+        BatchRecord("batch_kept", "openai", "/v1/completions", fid["old-in"], t,
+                    status="expired", expired_at=t + 80, error_file_id=fid["kept-out"]),
+        BatchRecord("batch_running", "openai", "/v1/completions", fid["run-in"], t - 90,
+                    status="in_progress"),
+    ]  # fmt: skip
+    with EtcdServer() as etcd:
+        store = BatchStore([etcd.endpoint], "retention")
+        try:
+            for rec in recs:
+                await store.create(rec)
+            # 100 s on, with 50 s of retention: ended at t + 40 and t + 10 go, t + 80 stays.
+            swept = await sweep(store, files, 50.0, t + 100)
+            assert sorted(r.id for r in await store.all()) == ["batch_kept", "batch_running"]
+            left = sorted(m["id"] for m in files.all())
+            # The kept batches' files stay (old-in is batch_kept's input); stray and the swept
+            # batches' outputs and stored requests go.
+            assert left == sorted([fid["old-in"], fid["run-in"], fid["kept-out"]])
+            assert (swept.batches, swept.files) == (2, 3)
+            assert (await sweep(store, files, 50.0, t + 100)).batches == 0
+        finally:
+            await store.close()
+
+
 async def test_each_api_key_sees_only_its_own_files_and_batches(tmp_path, monkeypatch) -> None:
     import httpx
 

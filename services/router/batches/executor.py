@@ -38,6 +38,7 @@ from services.router.batches.records import (
     unrun_line,
 )
 from services.router.batches.results import Results, jsonl
+from services.router.batches.retention import SWEEP_S, sweep
 from services.router.batches.runner import RETRY_STATUSES, run_line
 from services.router.batches.store import BatchStore, BatchStoreError
 from services.router.batches.validate import BatchLine, parse_stored
@@ -75,9 +76,14 @@ class BatchExecutor:
         self.runs.clear()
 
     async def _loop(self) -> None:
+        swept = 0.0  # when the last retention sweep ran (time.monotonic())
         while True:
             try:
                 await self._step()
+                retention = self.files.retention_s
+                if retention and self.is_leader() and time.monotonic() - swept >= SWEEP_S:
+                    swept = time.monotonic()
+                    await sweep(self.store, self.files, retention, time.time())
             except BatchStoreError as exc:
                 log.warning("batch executor: %s; retrying", exc)
             await asyncio.sleep(self.poll_s)

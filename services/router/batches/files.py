@@ -39,8 +39,9 @@ def sync_write(path: Path, data: bytes) -> None:
 class FileStore:
     """The files folder of one batch directory (blocking calls: run them off the loop)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, retention_s: float = 0.0) -> None:
         self.root = Path(root)
+        self.retention_s = retention_s  # files go this long after they were made; 0: kept
         self.dir = self.root / "files"
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -56,10 +57,12 @@ class FileStore:
         ``file_id``: a chosen id (an output file named after its batch, so a second writer
         replaces it instead of adding another)."""
         file_id = file_id or self.new_id()
+        now = int(time.time())
+        expires = now + int(self.retention_s) if self.retention_s else None  # retention.py
         meta = {
-            "id": file_id, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+            "id": file_id, "object": "file", "bytes": len(content), "created_at": now,
             "filename": filename, "purpose": purpose, "status": "processed",
-            "status_details": None, "expires_at": None, "owner": owner,
+            "status_details": None, "expires_at": expires, "owner": owner,
         }  # fmt: skip
         sync_write(self.dir / file_id, content)
         sync_write(self.dir / f"{file_id}.json", json.dumps(meta).encode())
@@ -89,15 +92,19 @@ class FileStore:
 
     def list(self, owner: str | None, purpose: str | None = None) -> list[dict[str, Any]]:
         """Every file object of ``owner`` (of ``purpose``), newest first."""
+        out = [m for m in self.all()
+               if m.get("owner") == owner and purpose in (None, m.get("purpose"))]  # fmt: skip
+        out.sort(key=lambda m: (m.get("created_at", 0), m["id"]), reverse=True)
+        return out
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every file object, whoever owns it, in no order."""
         out = []
         for meta_path in self.dir.glob("file-*.json"):
             try:
-                meta = json.loads(meta_path.read_bytes())
+                out.append(json.loads(meta_path.read_bytes()))
             except (OSError, ValueError):
                 continue
-            if meta.get("owner") == owner and purpose in (None, meta.get("purpose")):
-                out.append(meta)
-        out.sort(key=lambda m: (m.get("created_at", 0), m["id"]), reverse=True)
         return out
 
     def delete(self, file_id: str) -> bool:

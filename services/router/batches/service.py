@@ -35,7 +35,7 @@ class BatchService:
     def __init__(self, gw: Gateway) -> None:
         cfg = gw.cfg
         self.gw = gw
-        self.files = FileStore(cfg.batch_root)
+        self.files = FileStore(cfg.batch_root, cfg.batch_retention_s)
         self.store = BatchStore(cfg.etcd_endpoints, cfg.cluster)
         self.executor = BatchExecutor(
             gw, self.store, self.files, lambda: gw.rebalancer.is_leader, cfg.batch_concurrency

@@ -97,6 +97,24 @@ class BatchStore:
         recs.sort(key=lambda r: (r.created_at, r.id), reverse=True)
         return recs
 
+    async def delete_ended(self, batch_id: str) -> bool:
+        """Delete the record of ``batch_id`` if it is as read now, ended (retention.py);
+        whether it went."""
+        key = self.prefix + batch_id
+        old = await self._raw(batch_id)
+        if old is None or BatchRecord.loads(old).status not in ENDED:
+            return False
+
+        async def delete(c: Etcd3Client) -> bool:
+            assert c.kv is not None
+            resp = await c.kv.txn(
+                compare=[c.kv.txn_compare_value(key, old)], success=[c.kv.txn_op_delete(key)],
+                timeout=ETCD_OP_TIMEOUT_S,
+            )  # fmt: skip
+            return bool(resp.succeeded)
+
+        return await self._call(delete)
+
     async def update(
         self, batch_id: str, change: Callable[[BatchRecord], BatchRecord | None]
     ) -> BatchRecord | None:
