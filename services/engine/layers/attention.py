@@ -14,6 +14,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from services.engine.layers import short_chunks
+
 
 @dataclass
 class PrefillSegment:
@@ -40,6 +42,8 @@ class AttentionMetadata:
     on_layer_done: Callable[[int], None] | None = None
     # False for pooling batches: whole prompts, nothing kept (no slots, the cache untouched).
     write_kv: bool = True
+    # The prefills grouped for batched attention (short_chunks.plan), made by the first layer.
+    chunk_plan: tuple[list[short_chunks.ChunkGroup], list[PrefillSegment]] | None = None
 
 
 class AttentionBackend(Protocol):
@@ -121,8 +125,23 @@ class TorchAttention:
 
     @staticmethod
     def prefill(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:
-        """Each prefill chunk: one causal call, offset by its cached prefix."""
-        for seg in meta.prefills:
+        """Each prefill chunk: one causal call, offset by its cached prefix; short chunks of
+        equal length (speculative verifications) one call per length (``short_chunks``)."""
+        if not meta.prefills:
+            return
+        if meta.chunk_plan is None:
+            # Without a KV write (pooling) the chunks' keys are not in the cache to be gathered.
+            meta.chunk_plan = (
+                short_chunks.plan(meta.prefills, k_cache.shape[1], q.device)
+                if meta.write_kv
+                else ([], meta.prefills)
+            )
+        groups, rest = meta.chunk_plan
+        for group in groups:
+            kk = gather_blocks(k_cache, group.tables)
+            vv = gather_blocks(v_cache, group.tables)
+            short_chunks.attend(group, q, kk, vv, scale, out)
+        for seg in rest:
             s, n = seg.start, seg.num_tokens
             qq = q[s : s + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             if seg.context_len == n:
