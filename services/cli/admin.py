@@ -27,9 +27,12 @@ from typing import Any
 from services.cli.admin_config import resolve_router, resolve_token
 from services.common.grpc_utils import ROLES
 
-COMMANDS = ("status", "roles", "drain", "rebalance", "policy", "experts")
+COMMANDS = ("status", "roles", "drain", "rebalance", "policy", "experts", "models")
 HTTP_TIMEOUT_S = 30.0  # a role change answers at once; the worker converges afterwards
 EXPERTS_TIMEOUT_S = 660.0  # a re-placement reads the experts again (the router waits 600 s)
+# A sleep answers once the worker drained and gave its memory back (the router waits up to
+# admin.SLEEP_RPC_TIMEOUT_S for that).
+SLEEP_TIMEOUT_S = 660.0
 
 
 class AdminCallError(Exception):
@@ -235,6 +238,14 @@ def build_parser(prog: str = "epdserve") -> argparse.ArgumentParser:
                     "hottest); default: as many as now")  # fmt: skip
     er.add_argument("--placement", metavar="FILE", default=None,
                     help="apply this placement (an --eplb-placement file) instead")  # fmt: skip
+    models = sub.add_parser("models", help="put a worker's model to sleep or wake it")
+    models_sub = models.add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("sleep", "drain a worker, then free its weights and KV memory"),
+        ("wake", "load a sleeping worker's weights back; it serves again"),
+    ):
+        ms = models_sub.add_parser(action, parents=[common], help=text)
+        ms.add_argument("id", help="worker id, as `epdserve status` shows it")
     return p
 
 
@@ -291,6 +302,13 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         return r, f"rebalance policy: {r['policy']} ({shown or 'no parameters'})"
     if args.command == "experts":
         return _experts(router, token, args)
+    if args.command == "models":
+        sleep = args.action == "sleep"
+        r = call(router, token, "POST", f"/admin/workers/{args.id}/sleep", {"sleep": sleep},
+                 timeout=SLEEP_TIMEOUT_S)  # fmt: skip
+        mib = (r["weight_bytes"] + r["kv_bytes"]) / 2**20
+        done = f"asleep: {mib:.0f} MiB given back" if r["sleeping"] else "awake: serving again"
+        return r, f"{r['id']} ({r['model']}): {done} ({r['seconds']:.1f}s)"
     raise AdminCallError(f"unknown command {args.command}")
 
 

@@ -63,8 +63,9 @@ def election_name(cluster: str) -> str:
 
 
 # Advertised worker states: taking work | refusing new work (operator drain) | converging
-# to a new role (refusing new work, finishing what it holds).
-WORKER_STATES = ("serving", "draining", "flipping")
+# to a new role or going to sleep (refusing new work, finishing what it holds) | asleep (its
+# weights and KV memory given back: services/engine/sleep.py) or waking up.
+WORKER_STATES = ("serving", "draining", "flipping", "sleeping")
 
 
 @dataclass

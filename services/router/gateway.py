@@ -33,6 +33,11 @@ from services.router.routing.workers import WorkerPool
 from services.router.tokenization import Tokenizer
 from services.router.tokenizers import Tokenizers
 
+# A request for a model whose workers all sleep waits this long for one to wake up, then gets
+# a 503 with this Retry-After (seconds).
+ASLEEP_WAIT_S = 5.0
+ASLEEP_RETRY_AFTER_S = 10
+
 
 class Gateway:
     """Everything one router process holds; the HTTP handlers receive it."""
@@ -124,8 +129,26 @@ class Gateway:
         # NOTE: a worker out of routing only for a moment still counts (the orchestrator
         # waits a little for it): with the only other one just died, that is no 503.
         if serving and not self.can_serve(name) and not self.pool.may_serve(name):
+            if self.pool.asleep(name):
+                raise APIError(
+                    503, f"model '{name}' is asleep: every worker of it sleeps (`epdserve models "
+                    f"wake WORKER` wakes one); retry after {ASLEEP_RETRY_AFTER_S} s",
+                    code="model_asleep", headers={"Retry-After": str(ASLEEP_RETRY_AFTER_S)},
+                )  # fmt: skip
             raise APIError(503, f"no usable worker for model '{name}'", code="no_workers")
         return name, models[name]
+
+    async def resolve_awake(self, name: str) -> tuple[str, int]:
+        """``resolve_model`` for a request that generates: while the model is asleep, wait up
+        to ASLEEP_WAIT_S for a worker of it to wake up, then the 503 with Retry-After."""
+        deadline = time.monotonic() + ASLEEP_WAIT_S
+        while True:
+            try:
+                return self.resolve_model(name)
+            except APIError as err:
+                if err.code != "model_asleep" or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(0.2)
 
     async def tokenizer(self, model: str) -> Tokenizer:
         """The tokenizer of ``model``, a name ``resolve_model`` accepted."""

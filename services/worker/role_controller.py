@@ -26,7 +26,7 @@ from services.common.membership import role_key
 
 log = logging.getLogger(__name__)
 
-EVICTED_MESSAGE = "request aborted: worker {id} changed role to {role} (drain timeout {t:.0f}s)"
+EVICTED_MESSAGE = "request aborted: worker {id} {what} (drain timeout {t:.0f}s)"
 
 
 class StaleEpochError(Exception):
@@ -78,15 +78,7 @@ class RoleController:
             st.flipping = True
             st.on_change()
             try:
-                deadline = time.monotonic() + self.drain_timeout_s
-                while self._held() and time.monotonic() < deadline:
-                    await asyncio.sleep(self.POLL_S)
-                if self._held():
-                    msg = EVICTED_MESSAGE.format(
-                        id=st.instance_id, role=role, t=self.drain_timeout_s
-                    )
-                    log.warning("drain timeout: aborting %d requests", self._held())
-                    await self._evict(msg)
+                await self.drain(f"changed role to {role}")
                 st.role = role
                 st.role_epoch += 1
             finally:
@@ -94,6 +86,18 @@ class RoleController:
                 st.on_change()
             log.info("role changed %s -> %s (epoch %d)", old, role, st.role_epoch)
             return st.role, st.role_epoch
+
+    async def drain(self, what: str) -> None:
+        """Wait for the work held to finish, up to the drain timeout; then abort what is left,
+        telling its callers the worker ``what`` (e.g. "changed role to decode")."""
+        deadline = time.monotonic() + self.drain_timeout_s
+        while self._held() and time.monotonic() < deadline:
+            await asyncio.sleep(self.POLL_S)
+        if self._held():
+            msg = EVICTED_MESSAGE.format(id=self.state.instance_id, what=what,
+                                         t=self.drain_timeout_s)  # fmt: skip
+            log.warning("drain timeout: aborting %d requests", self._held())
+            await self._evict(msg)
 
 
 class DesiredRoleWatcher:

@@ -38,6 +38,7 @@ from services.worker.lora import LoRARPCs
 from services.worker.metrics import WorkerMetrics
 from services.worker.pooling import PoolingCalls, check_role
 from services.worker.role_controller import RoleController
+from services.worker.sleep import SleepRPCs, WorkerSleep
 from services.worker.state import WorkerState
 
 if TYPE_CHECKING:
@@ -49,7 +50,9 @@ if TYPE_CHECKING:
 R = TypeVar("R", bound=Role)
 
 
-class WorkerServicer(PoolingCalls, LoRARPCs, LoadRPCs, ExpertRPCs, pb_grpc.WorkerServiceServicer):
+class WorkerServicer(
+    PoolingCalls, LoRARPCs, LoadRPCs, ExpertRPCs, SleepRPCs, pb_grpc.WorkerServiceServicer
+):
     """gRPC face of one engine. ``engine`` is an AsyncLLMEngine (or a test double)."""
 
     def __init__(
@@ -81,6 +84,7 @@ class WorkerServicer(PoolingCalls, LoRARPCs, LoadRPCs, ExpertRPCs, pb_grpc.Worke
             supports=lambda role: check_role(engine, role, role == "mixed" or supports_pd)
             and (role != "encode" or self.encoder is not None),
         )  # fmt: skip
+        self.sleeper = WorkerSleep(state, engine, self.roles)
 
     def parts(self) -> list[Role]:
         """The roles' machinery this worker has, in the order the worker stops it."""

@@ -17,7 +17,8 @@ class WorkerState:
         self.role = role
         self.role_epoch = 1
         self.draining = False  # operator drain: refuse new work, stay in the cluster
-        self.flipping = False  # a role change is under way (see role_controller.py)
+        self.flipping = False  # a role change (or a sleep's drain) is under way
+        self.asleep = False  # its engine sleeps, or is waking up (worker/sleep.py)
         self.inflight: set[str] = set()
         # Requests aborted by a role change after the drain timeout -> the error to report.
         self.evicted: dict[str, str] = {}
@@ -28,7 +29,9 @@ class WorkerState:
 
     @property
     def phase(self) -> str:
-        """Advertised state: serving | draining | flipping (membership.WORKER_STATES)."""
+        """Advertised state: membership.WORKER_STATES."""
+        if self.asleep:
+            return "sleeping"
         return "flipping" if self.flipping else "draining" if self.draining else "serving"
 
     def refusal(
@@ -46,6 +49,8 @@ class WorkerState:
             )
         if self.draining:
             return grpc.StatusCode.UNAVAILABLE, f"worker {self.instance_id} is draining"
+        if self.asleep:
+            return grpc.StatusCode.UNAVAILABLE, f"worker {self.instance_id} is asleep"
         if self.flipping and not held:
             return grpc.StatusCode.UNAVAILABLE, f"worker {self.instance_id} is changing role"
         if self.role not in roles:

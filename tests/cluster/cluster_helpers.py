@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -73,6 +74,18 @@ def start_cluster(model_dir: Path | None, workers: int = 1, **spec: object) -> L
         cluster.stop()
         raise
     return cluster
+
+
+def keep_calling(fn, stop: threading.Event, results: list, limit: int = 200) -> None:
+    """Call ``fn`` until ``stop`` is set (at most ``limit`` times: bounded), appending each
+    answer, or the exception it raised, to ``results``: a stream of background traffic."""
+    for _ in range(limit):
+        if stop.is_set():
+            return
+        try:
+            results.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - the caller looks at them
+            results.append(exc)
 
 
 def openai_client(c: LocalCluster, timeout: float = 60.0):

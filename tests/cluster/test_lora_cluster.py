@@ -14,6 +14,7 @@ from cluster_helpers import (
     TINY_ENGINE,
     TINY_NAME,
     get_json,
+    keep_calling,
     load_report,
     openai_client,
     start_cluster,
@@ -92,13 +93,7 @@ def test_load_and_unload_under_traffic(cluster, offline) -> None:
     results: list[str | BaseException] = []
 
     def traffic() -> None:
-        for _ in range(200):  # bounded; stops when the test is done
-            if stop.is_set():
-                return
-            try:
-                results.append(complete(oai, TINY_NAME))
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                results.append(exc)
+        keep_calling(lambda: complete(oai, TINY_NAME), stop, results)
 
     threads = [threading.Thread(target=traffic) for _ in range(2)]
     for t in threads:

@@ -2,14 +2,27 @@
 vocabularies (the default tokenizer's 49,152 tokens; a 350-token BPE with another chat
 template), one mixed worker each, one router. Through the OpenAI SDK each model answers as its
 offline engine does (the router tokenizes with that model's tokenizer and template, and routes
-to its workers); /v1/models lists both; an unknown model is a 404."""
+to its workers); /v1/models lists both; an unknown model is a 404. One model sleeps under the
+other's traffic (its requests wait, then get a 503 with Retry-After) and wakes up."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import httpx
 import openai
 import pytest
-from cluster_helpers import TINY_ENGINE, TINY_NAME, cli, get_json, openai_client, start_cluster
+from cluster_helpers import (
+    TINY_ENGINE,
+    TINY_NAME,
+    cli,
+    get_json,
+    keep_calling,
+    openai_client,
+    start_cluster,
+    workers,
+)
 from model_groups import build_other_model
 
 from services.cli.launcher import ModelGroup
@@ -78,3 +91,50 @@ def test_each_model_answers_as_its_offline_engine(cluster, offline) -> None:
 def test_status_groups_workers_by_model(cluster) -> None:
     text = cli(cluster, "status").stdout
     assert f"model {TINY_NAME}: 1 workers" in text and f"model {OTHER_NAME}: 1 workers" in text
+
+
+def complete(oai, model: str) -> str:
+    got = oai.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0,
+                                 extra_body={"ignore_eos": True})  # fmt: skip
+    return got.choices[0].text
+
+
+def test_one_model_sleeps_and_wakes_under_the_others_traffic(cluster, offline) -> None:
+    from services.router.gateway import ASLEEP_RETRY_AFTER_S
+
+    want = {name: llm.generate(llm.tokenizer.encode(PROMPT), GREEDY)[0].outputs[0].text
+            for name, llm in offline.items()}  # fmt: skip
+    (sleeper,) = [w for w, row in workers(cluster).items() if row["model"] == OTHER_NAME]
+    oai = openai_client(cluster)
+    stop, answers = threading.Event(), []  # the other model's requests, all along
+    loop = threading.Thread(target=keep_calling, args=(lambda: complete(oai, TINY_NAME), stop,
+                                                       answers, 500))  # fmt: skip
+    loop.start()
+    try:
+        r = cli(cluster, "models", "sleep", sleeper)
+        assert r.returncode == 0 and "asleep" in r.stdout, r.stderr
+        assert workers(cluster)[sleeper]["state"] == "sleeping"
+        # Nothing wakes it: the request waits, then gets a 503 with Retry-After.
+        started = time.monotonic()
+        body = {"model": OTHER_NAME, "prompt": PROMPT, "max_tokens": 2}
+        resp = httpx.post(cluster.base_url + "/v1/completions", json=body, timeout=60)
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "model_asleep"
+        assert resp.headers["retry-after"] == str(ASLEEP_RETRY_AFTER_S)
+        assert time.monotonic() - started >= 4.0  # it waited for a worker to wake up
+        # A request that arrives asleep and sees a worker wake up within the bound is served.
+        waiting = []
+        late = threading.Thread(target=lambda: waiting.append(complete(oai, OTHER_NAME)))
+        late.start()
+        time.sleep(0.5)
+        woke = httpx.post(cluster.base_url + f"/admin/workers/{sleeper}/sleep",
+                          json={"sleep": False}, timeout=120,
+                          headers={"Authorization": f"Bearer {cluster.admin_token}"})  # fmt: skip
+        assert woke.status_code == 200 and woke.json()["sleeping"] is False, woke.text
+        late.join(60)
+        assert waiting == [want[OTHER_NAME]]
+        assert complete(oai, OTHER_NAME) == want[OTHER_NAME]
+        assert workers(cluster)[sleeper]["state"] == "serving"
+    finally:
+        stop.set()
+        loop.join(120)
+    assert answers and set(answers) == {want[TINY_NAME]}, answers[:3]

@@ -82,7 +82,7 @@ def _handle(iid: str, role: str, reachable: bool = True, draining: bool = False,
     report = SimpleNamespace(num_waiting=2, num_waiting_prompt_tokens=50, kv_utilization=0.5,
                              images_waiting=3, images_encoding=1,
                              draining=False) if load else None  # fmt: skip
-    info = SimpleNamespace(role=role, draining=draining, model=model)
+    info = SimpleNamespace(role=role, draining=draining, model=model, state="serving")
     return SimpleNamespace(id=iid, info=info, load=report, reachable=lambda: reachable)
 
 

@@ -323,6 +323,24 @@ class DrainResponse(_message.Message):
     num_inflight: int
     def __init__(self, draining: _Optional[bool] = ..., num_inflight: _Optional[int] = ...) -> None: ...
 
+class SleepRequest(_message.Message):
+    __slots__ = ("sleep",)
+    SLEEP_FIELD_NUMBER: _ClassVar[int]
+    sleep: bool
+    def __init__(self, sleep: _Optional[bool] = ...) -> None: ...
+
+class SleepResponse(_message.Message):
+    __slots__ = ("sleeping", "weight_bytes", "kv_bytes", "seconds")
+    SLEEPING_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    sleeping: bool
+    weight_bytes: int
+    kv_bytes: int
+    seconds: float
+    def __init__(self, sleeping: _Optional[bool] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class KVLayout(_message.Message):
     __slots__ = ("base_addr", "num_layers", "num_blocks", "slab_bytes", "fingerprint")
     BASE_ADDR_FIELD_NUMBER: _ClassVar[int]

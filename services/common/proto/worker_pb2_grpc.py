@@ -64,6 +64,11 @@ class WorkerServiceStub:
                 request_serializer=epdserve_dot_worker__pb2.DrainRequest.SerializeToString,
                 response_deserializer=epdserve_dot_worker__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.Sleep = channel.unary_unary(
+                '/epdserve.v1.WorkerService/Sleep',
+                request_serializer=epdserve_dot_worker__pb2.SleepRequest.SerializeToString,
+                response_deserializer=epdserve_dot_worker__pb2.SleepResponse.FromString,
+                _registered_method=True)
         self.ListRequests = channel.unary_unary(
                 '/epdserve.v1.WorkerService/ListRequests',
                 request_serializer=epdserve_dot_worker__pb2.ListRequestsRequest.SerializeToString,
@@ -157,6 +162,12 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Drain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Sleep(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -268,6 +279,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=epdserve_dot_worker__pb2.DrainRequest.FromString,
                     response_serializer=epdserve_dot_worker__pb2.DrainResponse.SerializeToString,
+            ),
+            'Sleep': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sleep,
+                    request_deserializer=epdserve_dot_worker__pb2.SleepRequest.FromString,
+                    response_serializer=epdserve_dot_worker__pb2.SleepResponse.SerializeToString,
             ),
             'ListRequests': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRequests,
@@ -487,6 +503,33 @@ class WorkerService:
             '/epdserve.v1.WorkerService/Drain',
             epdserve_dot_worker__pb2.DrainRequest.SerializeToString,
             epdserve_dot_worker__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sleep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epdserve.v1.WorkerService/Sleep',
+            epdserve_dot_worker__pb2.SleepRequest.SerializeToString,
+            epdserve_dot_worker__pb2.SleepResponse.FromString,
             options,
             channel_credentials,
             insecure,

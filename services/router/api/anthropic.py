@@ -149,7 +149,7 @@ async def handle(gw: Gateway, request: Request) -> Response:
     started = time.monotonic()
     try:
         body = await read_json_object(request, gw.cfg.max_body_bytes)
-        model, max_len = gw.resolve_model(parse(MessagesTarget, body).model)
+        model, max_len = await gw.resolve_awake(parse(MessagesTarget, body).model)
         tok = await gw.tokenizer(model)
         # NOTE: a constraint's grammar compiles while the body is read: off the loop.
         typed, params, tool_setup = await gw.offload.run(

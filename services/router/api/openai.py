@@ -100,7 +100,7 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
     started = time.monotonic()
     try:
         body = await read_json_object(request, gw.cfg.max_body_bytes)
-        model, max_len = gw.resolve_model(parse(ModelTarget, body).model)
+        model, max_len = await gw.resolve_awake(parse(ModelTarget, body).model)
         tok = await gw.tokenizer(model)
         # NOTE: off the loop: a constraint's grammar compiles while the body is read, and a
         # long completions prompt is checked.

@@ -58,7 +58,7 @@ async def create(gw: Gateway, request: Request) -> Response:
     started, rid = time.monotonic(), "resp_" + uuid.uuid4().hex
     try:
         body = await read_json_object(request, gw.cfg.max_body_bytes)
-        model, max_len = gw.resolve_model(parse(ModelTarget, body).model)
+        model, max_len = await gw.resolve_awake(parse(ModelTarget, body).model)
         tok = await gw.tokenizer(model)
         typed = parse(ResponsesRequest, body, max_tokens_limit=gw.cfg.max_tokens_limit)
         checked_metadata(typed.metadata)

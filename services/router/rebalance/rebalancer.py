@@ -143,7 +143,9 @@ class Rebalancer:
         return {
             h.id: desired.get(h.id, h.info.role)
             for h in self.pool.handles.values()
-            if h.reachable() and h.state != "draining" and model in (None, h.info.model)
+            if h.reachable()
+            and h.state not in ("draining", "sleeping")
+            and model in (None, h.info.model)
         }
 
     def _for_model(self, model: str) -> tuple[RebalancePolicy, Governor]:

@@ -300,6 +300,12 @@ class WorkerPool:
         """LoRA adapters some known worker holds -> the base model they adapt."""
         return {a: h.info.model for h in self.handles.values() for a in h.lora_adapters}
 
+    def asleep(self, model: str) -> bool:
+        """Every known worker of ``model``'s base model sleeps (or is waking up)."""
+        base = self.base_model(model)
+        workers = [h for h in self.handles.values() if h.info.model == base]
+        return bool(workers) and all(h.info.state == "sleeping" for h in workers)
+
     def base_model(self, model: str) -> str:
         """The base model a request for ``model`` runs on: its parent for a LoRA adapter."""
         if any(h.info.model == model for h in self.handles.values()):
