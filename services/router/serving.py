@@ -163,9 +163,12 @@ async def serve(
     return JSONResponse(result)
 
 
-async def run_detached(gw: Gateway, req: ServeRequest, out: Output) -> dict[str, Any]:
+async def run_detached(
+    gw: Gateway, req: ServeRequest, out: Output, sink: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Run ``req`` with no client attached (a background response) to its body; an APIError
-    when it fails. Cancelling the caller aborts the generation."""
+    when it fails. Cancelling the caller aborts the generation. ``sink``: takes its stream's
+    events as they come (a background response streamed while its client stays)."""
     try:
         ticket = await _admit(gw, req)
     except APIError as err:
@@ -174,7 +177,7 @@ async def run_detached(gw: Gateway, req: ServeRequest, out: Output) -> dict[str,
     merged = _generate(gw, req)
     status: int | str = 200
     try:
-        return await _collect(gw, req, out, merged)
+        return await _collect(gw, req, out, merged, sink)
     except APIError as err:
         status = err.status
         raise
@@ -240,17 +243,24 @@ class _Progress:
 async def _collect(
     gw: Gateway, req: ServeRequest, out: Output,
     merged: AsyncGenerator[tuple[int, pb.GenerateResponse], None],
+    sink: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     progress = _Progress(gw, req)
     gw.metrics.inflight.inc()
     try:
         async for pi, msg in merged:
-            progress.apply(pi, msg)
+            step = progress.apply(pi, msg)
+            if sink is not None:
+                for event in out.step(step, progress.usage):
+                    sink(event)
     finally:
         gw.metrics.inflight.dec()
     progress.done()
     if req.finish is not None:
         await req.finish(progress.choices, progress.usage)
+    if sink is not None:
+        for event in out.end(progress.choices, progress.usage):
+            sink(event)
     return out.body(progress.choices, progress.usage)
 
 

@@ -139,16 +139,22 @@ async def test_stored_responses_are_shared_and_expire(routers, tmp_path) -> None
     assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id"
 
 
+async def _finished(c: httpx.AsyncClient, rid: str) -> dict[str, Any]:
+    """The stored response ``rid`` once it is no longer queued (or after 10 s)."""
+    for _ in range(100):
+        done = (await c.get(f"/v1/responses/{rid}")).json()
+        if done["status"] != "queued":
+            break
+        await asyncio.sleep(0.1)
+    return done
+
+
 @pytest.mark.asyncio
 async def test_background_runs_and_cancels_from_either_router(routers) -> None:
     a, b, _ = routers
     queued = await _create(a, input="go", background=True, max_output_tokens=4)
     assert queued["status"] == "queued" and queued["background"]
-    for _ in range(100):
-        done = (await b.get(f"/v1/responses/{queued['id']}")).json()
-        if done["status"] == "incomplete":
-            break
-        await asyncio.sleep(0.1)
+    done = await _finished(b, queued["id"])
     assert done["status"] == "incomplete" and done["usage"]["output_tokens"] == 4
     # Queued, it fits router b's etcd bound (2000 bytes); done, it is a file: the other
     # router finds that, not a stale "queued" copy.
@@ -200,6 +206,35 @@ async def test_stream_events_in_order(routers) -> None:
     assert final.output[0].content[0].text == text == events[7]["text"]  # type: ignore[union-attr]
     stored = await a.get(f"/v1/responses/{final.id}")
     assert stored.json() == events[-1]["response"]
+
+
+async def _events(c: httpx.AsyncClient, body: dict[str, Any], keep: int = 1000) -> list[dict]:
+    """The first ``keep`` events of a streamed response (then the client leaves)."""
+    events = []
+    async with c.stream("POST", "/v1/responses", json={"model": MODEL, **body}) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                if len(events) == keep:
+                    break
+    return events
+
+
+@pytest.mark.asyncio
+async def test_background_streams_and_runs_on_without_its_client(routers) -> None:
+    a, b, _ = routers
+    body = {"input": "hi", "max_output_tokens": 3, "stream": True, "background": True}
+    events = await _events(a, body)
+    assert [e["type"] for e in events][:2] == ["response.created", "response.in_progress"]
+    assert events[-1]["type"] == "response.incomplete"
+    final = events[-1]["response"]
+    assert final["background"] and final["usage"]["output_tokens"] == 3
+    assert (await b.get(f"/v1/responses/{final['id']}")).json() == final
+    # The client leaves after the first event: the run goes on and is stored.
+    first = (await _events(a, {**body, "max_output_tokens": 20}, keep=1))[0]["response"]
+    done = await _finished(b, first["id"])
+    assert done["status"] == "incomplete" and done["usage"]["output_tokens"] == 20
 
 
 @pytest.mark.asyncio

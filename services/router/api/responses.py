@@ -10,10 +10,11 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from services.router.api.openai import chat_messages, read_request
 from services.router.api.protocol.body import read_json_object
@@ -64,8 +65,6 @@ async def create(gw: Gateway, request: Request) -> Response:
         checked_metadata(typed.metadata)
         if typed.background and not typed.store:
             raise bad_request("'background' needs 'store': true", param="background")
-        if typed.background and typed.stream:
-            raise bad_request("'background' with 'stream' is not supported", param="stream")
         history: list[dict[str, Any]] = []
         if typed.previous_response_id:
             previous = await _record(gw, typed.previous_response_id, "previous_response_id")
@@ -95,14 +94,29 @@ async def create(gw: Gateway, request: Request) -> Response:
         return await serve(gw, request, req, out, typed.stream)
     queued = out.skeleton("queued")
     await gw.responses.put(rid, out.record(queued))
-    gw.background[rid] = asyncio.create_task(_background(gw, req, out))
-    return JSONResponse(queued)
+    # Streamed: the client reads the run's events while it stays; the run goes on without it.
+    events: asyncio.Queue[str | None] | None = asyncio.Queue() if typed.stream else None
+    gw.background[rid] = asyncio.create_task(_background(gw, req, out, events))
+    if events is None:
+        return JSONResponse(queued)
+    return StreamingResponse(_relay(events), media_type="text/event-stream",
+                             headers=out.stream_headers)  # fmt: skip
 
 
-async def _background(gw: Gateway, req: ServeRequest, out: ResponsesOutput) -> None:
-    """Run a background response to its end, storing what became of it; cancelled from this
-    router (its task) or another one (the stored status, looked at every CANCEL_POLL_S)."""
-    work = asyncio.ensure_future(run_detached(gw, req, out))
+async def _relay(events: asyncio.Queue[str | None]) -> AsyncIterator[str]:
+    while (event := await events.get()) is not None:
+        yield event
+
+
+async def _background(
+    gw: Gateway, req: ServeRequest, out: ResponsesOutput,
+    events: asyncio.Queue[str | None] | None = None,
+) -> None:  # fmt: skip
+    """Run a background response to its end, storing what became of it (and putting its
+    stream's events in ``events``, then None); cancelled from this router (its task) or
+    another one (the stored status, looked at every CANCEL_POLL_S)."""
+    sink = events.put_nowait if events is not None else None
+    work = asyncio.ensure_future(run_detached(gw, req, out, sink))
     watch = asyncio.ensure_future(_cancelled_elsewhere(gw, req.rid))
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -117,14 +131,20 @@ async def _background(gw: Gateway, req: ServeRequest, out: ResponsesOutput) -> N
     except APIError as err:
         failed = out.skeleton("failed", {"code": "server_error", "message": err.message})
         await gw.responses.put(req.rid, out.record(failed))
+        if sink is not None:
+            sink(out.error_event(err))
     except Exception as exc:
         log.exception("background response %s failed", req.rid)
         failed = out.skeleton("failed", {"code": "server_error", "message": str(exc)})
         await gw.responses.put(req.rid, out.record(failed))
+        if sink is not None:
+            sink(out.error_event(APIError(500, str(exc))))
     finally:
         watch.cancel()
         work.cancel()
         gw.background.pop(req.rid, None)
+        if events is not None:
+            events.put_nowait(None)  # the stream's end
 
 
 async def _cancelled_elsewhere(gw: Gateway, rid: str) -> str:
