@@ -72,6 +72,7 @@ class Gateway:
         self.api_keys = load_api_keys(cfg.api_keys_file)  # NOTE: never logged
         self.admission = AdmissionControl(cfg.max_queued_tokens)  # online requests
         self.offline = OfflineAdmission(cfg, self.pool, self.metrics)  # service tier flex
+        self.orchestrator.has_room = self.offline.has_room
         # Tokenization, chat templates and grammar checks of requests, off the event loop.
         self.offload = Offload(cfg.preprocess_threads)
         # This replica's name among several routers (the leader election's candidate name).

@@ -15,8 +15,9 @@ answered 503 with Retry-After. The queue is FIFO; its head is admitted once
   token at most ``--slo-ttft-ms`` and mean time per output token at most ``--slo-tpot-ms``
   (0 switches a check off).
 
-The engine then runs offline work in what online work leaves and preempts it first
-(services/engine/scheduler.py); this queue keeps offline work from piling into workers
+The admitted request is routed among the workers that have headroom (when none has any
+left by then, among all: Orchestrator._for_tier). The engine then runs offline work in its
+share of what online work leaves and preempts it first (services/engine/scheduler.py); this queue keeps offline work from piling into workers
 that have no room, where it would only hold KV blocks and queue slots.
 """
 
@@ -30,10 +31,9 @@ from services.common.latency import LatencyWindow
 from services.router.errors import APIError
 
 if TYPE_CHECKING:
-    from services.common.proto import worker_pb2 as pb
     from services.router.config import RouterConfig
     from services.router.metrics import RouterMetrics
-    from services.router.routing.workers import WorkerPool
+    from services.router.routing.workers import WorkerHandle, WorkerPool
 
 POLL_S = 0.05  # how often the head of the queue looks for headroom
 
@@ -68,8 +68,10 @@ class OfflineAdmission:
         if tpot_s is not None:
             self.online_tpot_ms.add(tpot_s * 1000.0)
 
-    def _roomy(self, load: pb.LoadReport | None) -> bool:
-        cfg = self.cfg
+    def has_room(self, handle: WorkerHandle) -> bool:
+        """Whether a worker's latest load report leaves room for offline work (the routing
+        of an admitted offline request prefers such workers: Orchestrator._for_tier)."""
+        cfg, load = self.cfg, handle.load
         return (
             load is not None
             and load.num_waiting_prompt_tokens <= cfg.offline_headroom_tokens
@@ -90,7 +92,7 @@ class OfflineAdmission:
             return False
 
         def roomy(role: str) -> bool:
-            return any(self._roomy(h.load) for h in self.pool.candidates(role, model))
+            return any(self.has_room(h) for h in self.pool.candidates(role, model))
 
         return roomy("mixed") or (roomy("prefill") and roomy("decode"))
 

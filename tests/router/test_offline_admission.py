@@ -105,3 +105,30 @@ async def test_at_most_offline_max_running_run_at_once() -> None:
         t.release()
     assert g.running == 0
     reporting.cancel()
+
+
+async def test_admitted_offline_work_is_routed_to_a_worker_with_headroom() -> None:
+    """The gate admits while some worker has room; the routing policy (round robin here)
+    then picks among those that have it, while online work goes anywhere."""
+    from services.router.routing.orchestrator import Orchestrator
+    from services.router.routing.policies.factory import create_policy
+    from services.router.routing.retry import Attempts
+
+    busy, idle = (fake_handle(i, stub=None, load=load) for i, load in (("w0", BUSY), ("w1", IDLE)))
+    pool = fake_pool([busy, idle])
+    g = OfflineAdmission(RouterConfig(offline_headroom_tokens=1000), pool, RouterMetrics())
+    orch = Orchestrator(pool, create_policy("round_robin"), 10.0, 3)
+    orch.has_room = g.has_room
+
+    async def picks(tier: str) -> set[str]:
+        chosen = set()
+        for _ in range(4):
+            h = await orch._choose("m", "r", [1, 2], (), Attempts(orch.poison), tier)
+            assert h is not None
+            chosen.add(h.id)
+        return chosen
+
+    assert await picks("flex") == {"w1"}
+    assert await picks("default") == {"w0", "w1"}
+    idle.load = BUSY  # none has room (the gate let it in before): any worker
+    assert await picks("flex") == {"w0", "w1"}

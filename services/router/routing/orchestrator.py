@@ -11,6 +11,7 @@ from contextlib import aclosing
 from functools import partial
 
 from services.common.proto import worker_pb2 as pb
+from services.engine.service_tiers import DEFAULT, FLEX
 from services.router.errors import APIError
 from services.router.phases import RouterPhases
 from services.router.routing.encode_stage import EncodeStage
@@ -72,6 +73,15 @@ class Orchestrator:
         self.migration = Migration(max_migrations, on_migration or (lambda reason: None))
         self.encode_stage = EncodeStage(pool, timeout_s)
         self.pd = PDSteps(pool, timeout_s, stall_timeout_s)
+        # Whether a worker has headroom for offline (flex) work (offline.py); None: any has.
+        self.has_room: Callable[[WorkerHandle], bool] | None = None
+
+    def _for_tier(self, candidates: list[WorkerHandle], tier: str) -> list[WorkerHandle]:
+        """The candidates an offline request may go to: those with headroom, when any has
+        (the admission gate found one; it may have filled since), else all of them."""
+        if tier != FLEX or self.has_room is None:
+            return candidates
+        return [h for h in candidates if self.has_room(h)] or candidates
 
     async def _route(
         self,
@@ -130,9 +140,10 @@ class Orchestrator:
         prompt: Sequence[int],
         images: Sequence[pb.ImageData],
         attempts: Attempts,
+        tier: str = DEFAULT,
     ) -> WorkerHandle | None:
         """The policy's mixed worker for the request's next attempt (None: none is usable)."""
-        candidates = await self._usable("mixed", model, attempts.tried)
+        candidates = self._for_tier(await self._usable("mixed", model, attempts.tried), tier)
         if not candidates:
             return None
         route = await self._route(model, request_id, prompt, candidates, images)
@@ -143,8 +154,11 @@ class Orchestrator:
     ) -> tuple[WorkerHandle, WorkerHandle] | None:
         """The policy's (prefill, decode) pair for the request's next attempt, suspects on
         the decode side only if no other is usable (None: no pair is usable)."""
-        prefills = await self._usable("prefill", request.model, attempts.tried)
-        decodes = await self._usable("decode", request.model, attempts.tried)
+        tier = request.params.service_tier
+        prefills = self._for_tier(
+            await self._usable("prefill", request.model, attempts.tried), tier
+        )
+        decodes = self._for_tier(await self._usable("decode", request.model, attempts.tried), tier)
         decodes = [h for h in decodes if h.id not in attempts.suspects] or decodes
         if not prefills or not decodes:
             return None
@@ -344,7 +358,9 @@ class Orchestrator:
         attempts = Attempts(self.poison, RETRYABLE)
         for _ in range(self.max_attempts):
             try:
-                handle = await self._choose(model, request_id, prompt_token_ids, images, attempts)
+                handle = await self._choose(
+                    model, request_id, prompt_token_ids, images, attempts, params.service_tier
+                )
             except AttemptFailed:
                 continue
             if handle is None:
