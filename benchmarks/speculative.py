@@ -11,14 +11,22 @@ on (> 1: speculation is faster), acceptance rate, mean accepted length, and whet
 output equals the run without speculation (greedy: it must).
 
     .venv/bin/python benchmarks/speculative.py --max-tokens 128
+
+With ``--draft-model PATH`` (a model with the target's tokenizer) or ``--draft-layers N`` (the
+target's own first N decoder layers with its final norm and lm_head, written to a temporary
+folder: a self-draft, as LayerSkip's, when no smaller model of the family is at hand) a
+``draft`` method runs too; ``--methods`` picks which run (``off`` always does).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 SNIPPETS = [
     "def parse_line(line):\n    key, _, value = line.partition('=')\n    key = key.strip()\n"
@@ -80,20 +88,59 @@ def run(engine, convs, max_tokens: int) -> tuple[float, float, list[list[int]], 
     return total / elapsed, statistics.mean(tpots), list(outs.values()), total
 
 
+def truncated_copy(model: str | None, layers: int) -> str:
+    """A folder holding the first ``layers`` decoder layers of ``model`` (with its embedding,
+    final norm, lm_head, config and tokenizer): a draft model of the same vocabulary."""
+    from safetensors.torch import save_file
+
+    from services.engine.model_loader import iter_safetensors, resolve_model
+
+    src = Path(resolve_model(model))
+    out = Path(tempfile.mkdtemp(prefix="draft-"))
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (out / "config.json").write_text(json.dumps(config))
+    keep = {}
+    for name, tensor in iter_safetensors(str(src)):
+        parts = name.split(".")
+        if "layers" in parts and int(parts[parts.index("layers") + 1]) >= layers:
+            continue
+        keep[name] = tensor.contiguous()
+    save_file(keep, str(out / "model.safetensors"))
+    return str(out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded model)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    p.add_argument("--methods", default="ngram,suffix,draft", help="besides off")
+    p.add_argument("--draft-model", default=None, help="the draft method's model")
+    p.add_argument("--draft-layers", type=int, default=0,
+                   help="draft: the target's first N layers (when no --draft-model)")  # fmt: skip
     args = p.parse_args()
     from services.engine import LLM
 
-    methods = {"off": None, "ngram": "ngram", "suffix": "suffix"}
+    draft = args.draft_model
+    if draft is None and args.draft_layers:
+        draft = truncated_copy(args.model, args.draft_layers)
+    chosen = set(args.methods.split(","))
+    if draft is None:
+        chosen.discard("draft")
+    methods = {"off": None, **{m: m for m in ("ngram", "suffix", "draft") if m in chosen}}
     engines = {}
     for name, method in methods.items():
         cfg = None
-        if method is not None:
+        if method == "draft":
+            cfg = json.dumps(
+                {"method": "draft_model", "model": draft, "num_speculative_tokens": args.k}
+            )
+        elif method is not None:
             cfg = json.dumps({"method": method, "num_speculative_tokens": args.k})
         engines[name] = LLM(args.model, speculative_config=cfg, max_num_seqs=16).engine
         run(engines[name], prompts("chat", 1), 8)  # warm-up
