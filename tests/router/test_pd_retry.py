@@ -45,11 +45,14 @@ class DecodeStub:
         self.full = full
         self.delay = delay  # before Decode's first message
         self.reserved: list[str] = []
+        self.writer_sizes: list[int] = []  # the prefill worker's TP size of each Reserve
         self.refused = 0
         self.released: list[str] = []
         self.decoded: list[str] = []
 
     def Reserve(self, req: pb.ReserveRequest, timeout: float) -> Unary:  # noqa: N802
+        self.writer_sizes.append(req.writer_tensor_parallel_size)
+
         async def answer() -> pb.ReserveResponse:
             if self.full is None or self.refused < self.full:
                 self.refused += 1
@@ -79,9 +82,10 @@ def run(
     timeout_s: float = 30.0,
     stall_s: float = 5.0,
     decode_load: pb.LoadReport | None = None,
+    tp_sizes: dict[str, int] | None = None,
 ) -> list[pb.GenerateResponse]:
     """One request through ``prefills`` prefill workers (sharing ``prefill``) and a decode
-    worker per stub in ``decodes``."""
+    worker per stub in ``decodes``; ``tp_sizes``: the workers' advertised TP sizes by id."""
 
     async def main() -> list[pb.GenerateResponse]:
         handles: list[WorkerHandle] = [
@@ -91,6 +95,9 @@ def run(
                 for i, d in enumerate(decodes)
             ),
         ]
+        for h in handles:
+            if tp_sizes and h.id in tp_sizes:
+                h.info.capacity["tensor_parallel_size"] = tp_sizes[h.id]
         orch = Orchestrator(
             fake_pool(handles), create_policy("round_robin"), timeout_s=timeout_s,
             max_attempts=3, stall_timeout_s=stall_s,
@@ -127,6 +134,15 @@ def test_prefill_failure_is_retried_on_the_same_healthy_decode_worker(kind) -> N
     assert d.released == ["r1"]
     assert d.decoded == ["r1-a1"]
     assert p.calls == ["r1", "r1-a1"]
+
+
+def test_a_pair_has_one_tensor_parallel_size() -> None:
+    # Rank i of the prefill worker writes into rank i of the decode worker.
+    other_size, same_size = DecodeStub(), DecodeStub()
+    out = run(PrefillStub([]), [other_size, same_size], tp_sizes={"p0": 2, "d0": 1, "d1": 2})
+    assert len(out) == 1
+    assert other_size.reserved == [] and same_size.reserved == ["r1"]
+    assert same_size.writer_sizes == [2]
 
 
 def test_full_decode_worker_makes_the_request_wait() -> None:
