@@ -6,14 +6,15 @@ leaks. (The min(1, p/q) rule's distribution: test_speculative_sampling.py.)"""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from services.engine import LLM, SamplingParams
 from services.engine.config import EngineConfig
-from tests.engine.test_correctness import prompts_of_mixed_lengths
-from tests.engine.test_speculative import copy_bias, repetitive_prompts, run, same
+from tests.engine.test_correctness import kv_handoff, prompts_of_mixed_lengths
+from tests.engine.test_speculative import CASES, copy_bias, repetitive_prompts, run, same
 
 KV_BYTES = 4 << 20  # each engine's target cache (and its draft's, of as many blocks)
 
@@ -99,6 +100,35 @@ def test_preemption_and_chunked_prefill(model, plain):
     stats = small.stats().spec
     assert stats is not None and stats.acceptance_rate > 0.9, stats
     assert small.block_manager.num_free_blocks == small.block_manager.num_blocks
+
+
+def test_pd_decode_side_rebuilds_the_draft_kv(model, plain):
+    """Only the target's KV crosses in PD: the decode side's draft computes its own from the
+    prompt at the first decode (the target as its draft accepts all: the rebuilt KV is right)."""
+    prompt = prompts_of_mixed_lengths()[4]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    ref = run(plain, [prompt], params)[0][0][1]
+    engine = draft_engine(model, model, k=3)
+    first = SamplingParams(temperature=0, max_tokens=1)
+    assert tuple(kv_handoff(plain, engine, prompt, first, params)) == ref
+    stats = engine.stats().spec
+    assert stats is not None and stats.num_draft_tokens > 5 and stats.acceptance_rate > 0.9, stats
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_sampled_grammar_and_greedy_penalties(model, draft, plain):
+    """Sampled drafts against a grammar mask (a draft it forbids has p = 0: always rejected)
+    and greedy drafts against penalties: outputs the grammar accepts, and greedy output with
+    penalties equal to no speculation."""
+    engine = draft_engine(model, draft)
+    prompts = repetitive_prompts()[:3]
+    penalties = CASES["penalties"]
+    same(run(engine, prompts, penalties), run(plain, prompts, penalties))
+    structured = CASES["structured"]
+    for outs in run(engine, prompts, structured):
+        assert re.fullmatch(r"(ab|cd)[a-z ]{3,12}x", outs[0][2]), outs[0][2]
+    stats = engine.stats().spec
+    assert stats is not None and stats.num_draft_tokens > 0
 
 
 def test_draft_model_config_errors(tmp_path):
