@@ -37,9 +37,9 @@ class FakeLoRAs:
 
 
 class LoRAEngine(FakeEngine):
-    def __init__(self, refuse: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    def __init__(self, refuse: set[str] = frozenset(), enabled: bool = True) -> None:  # type: ignore[assignment]
         super().__init__(step_s=0.01)
-        self.loras = FakeLoRAs(set(refuse))
+        self.loras = FakeLoRAs(set(refuse)) if enabled else None
         self.engine = self  # where adapter_names looks for ``loras``
 
     async def call(self, fn):
@@ -93,7 +93,11 @@ async def test_partial_load_rolls_back_and_loads_are_recorded(tmp_path) -> None:
                 other = LoRAEngine()
                 await restore_adapters(other, LoRARegistry([etcd.endpoint], "lr"), "other-model")
                 assert other.loras.adapters == {}
-                # Unloaded: the record goes, and a worker started then loads nothing.
+                # Unloaded (a worker of the base model without LoRA, started since, does not
+                # fail it): the record goes.
+                workers.append(await start_fake_worker(etcd.endpoint, "lr", "w3",
+                                                       LoRAEngine(enabled=False)))  # fmt: skip
+                await _until(lambda: len(pool.candidates()) == 3, "three usable workers")
                 r = await c.post("/v1/unload_lora_adapter", json={"lora_name": "a"})
                 assert r.status_code == 200 and r.json()["workers"] == ["w1", "w2"], r.text
                 assert good.loras.adapters == picky.loras.adapters == {}

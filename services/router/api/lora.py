@@ -158,9 +158,13 @@ async def _unload(gw: Gateway, request: Request) -> dict[str, Any]:
                if name in h.lora_adapters or h.info.model == base]  # fmt: skip
     if not handles and recorded is None:
         raise AdminError(404, f"no worker holds LoRA adapter {name!r}", "lora_not_found")
+    holding = {h.id for h in handles if name in h.lora_adapters}
     ask = pb.UnloadLoRARequest(name=name)
     results = await _on_workers(handles, lambda h: h.stub.UnloadLoRA(ask, timeout=LORA_TIMEOUT_S))
-    if (error := _failure(handles, results)) is not None:
+    # Only the reported holders' failures count: another worker of the base model may not
+    # hold it (NOT_FOUND) or serve no adapters at all (LoRA off: INVALID_ARGUMENT).
+    reported = [(h, r) for h, r in zip(handles, results, strict=True) if h.id in holding]
+    if (error := _failure([h for h, _ in reported], [r for _, r in reported])) is not None:
         raise error
     held = [h.id for h, r in zip(handles, results, strict=True) if not isinstance(r, Exception)]
     if not held and recorded is None:
