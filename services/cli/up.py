@@ -65,7 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--speculative-config", default=None, metavar="JSON",
         help="speculative decoding on every worker, in vLLM's JSON form: "
-        '\'{"method": "ngram", "num_speculative_tokens": 4}\' or \'{"method": "suffix"}\'',
+        '\'{"method": "ngram", "num_speculative_tokens": 4}\', \'{"method": "suffix"}\', '
+        '\'{"method": "draft_model", "model": PATH}\' or \'{"method": "eagle3", "model": HEAD}\'',
     )  # fmt: skip
     p.add_argument("--cluster", default="local", help="cluster name in etcd (default local)")
     p.add_argument(

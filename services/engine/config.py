@@ -90,8 +90,9 @@ class EngineConfig:
     # Largest adapter rank accepted (the slots' width).
     max_lora_rank: int = 16
     # Speculative decoding in vLLM's JSON form, e.g. '{"method": "ngram",
-    # "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}' or
-    # '{"method": "suffix"}' (every key: speculative/config.py); None: no speculation.
+    # "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}',
+    # '{"method": "suffix"}', '{"method": "draft_model", "model": PATH}' or '{"method":
+    # "eagle3", "model": HEAD}' (every key: speculative/config.py); None: no speculation.
     speculative_config: str | None = None
     # Devices (ranks) one worker runs the model on: the worker's process drives rank 0 and
     # starts N-1 rank processes (gloo on cpu, nccl on cuda:base+rank, hccl on npu).
