@@ -60,6 +60,14 @@ def _release(ptr: int, nbytes: int) -> None:
         raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED) failed")
 
 
+def _trim() -> None:
+    """Hand the allocator's free memory back to the system (glibc keeps freed blocks, the
+    dropped packed weights among them, for later allocations)."""
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
     """A uint8 tensor over all of ``storage``."""
     return torch.empty(0, dtype=torch.uint8).set_(storage)
@@ -153,6 +161,7 @@ class EngineSleep:
         # hears of it through the block manager's events) before releasing the pages.
         engine.block_manager.reset_prefix_cache()
         _release(kv.data_ptr(), kv.nbytes())
+        _trim()
         self._file, self._storages, self.asleep = path, storages, True
         self._linears = list(zip(packed, shapes, strict=True))
         report = SleepReport(weight_bytes, kv.nbytes(), time.monotonic() - started)
@@ -181,6 +190,7 @@ class EngineSleep:
                 linear.packed = torch.ops.mkldnn._reorder_linear_weight(dense)
                 weight_bytes += dense.nbytes
         os.unlink(self._file)
+        _trim()  # the dense copies the packing read from
         self._file, self._storages, self._linears, self.asleep = None, [], [], False
         report = SleepReport(weight_bytes, 0, time.monotonic() - started)
         log.info("awake: %d weight bytes read back (%.2fs)", weight_bytes, report.seconds)
