@@ -17,7 +17,7 @@ from services.router.phases import RouterPhases
 from services.router.routing.encode_stage import EncodeStage
 from services.router.routing.kv_index import KVIndexClient
 from services.router.routing.migration import Migration, Progress
-from services.router.routing.pd import PDRequest, PDSteps, tp_size
+from services.router.routing.pd import PDRequest, PDSteps, pair_of_one_size
 from services.router.routing.poison import PoisonTracker, fingerprint
 from services.router.routing.policies.base import RouteRequest, RoutingPolicy
 from services.router.routing.retry import RETRYABLE, AttemptFailed, Attempts
@@ -162,18 +162,10 @@ class Orchestrator:
         decodes = [h for h in decodes if h.id not in attempts.suspects] or decodes
         if not prefills or not decodes:
             return None
-        sizes = {tp_size(h) for h in decodes}
-        prefills = [h for h in prefills if tp_size(h) in sizes] or prefills
         route = await self._route(
             request.model, request_id, request.prompt, [*prefills, *decodes], request.images
         )
-        p, d = self.policy.select_pair(prefills, decodes, route)
-        if tp_size(d) != tp_size(p):
-            # Rank i writes into rank i: a decode worker of another tensor-parallel size
-            # refuses the reservation. Take the policy's pick among those of p's size.
-            same = [h for h in decodes if tp_size(h) == tp_size(p)]
-            if same:
-                _, d = self.policy.select_pair([p], same, route)
+        p, d = pair_of_one_size(self.policy, prefills, decodes, route)
         self._listed(p)
         return p, self._listed(d)
 

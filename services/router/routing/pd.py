@@ -13,6 +13,7 @@ from services.common.grpc_utils import FAILURE_TRANSFER
 from services.common.proto import worker_pb2 as pb
 from services.router.errors import APIError
 from services.router.routing.encode_stage import image_keys
+from services.router.routing.policies.base import RouteRequest, RoutingPolicy
 from services.router.routing.retry import AttemptFailed, Attempts, WorkerBusy
 from services.router.routing.workers import WorkerHandle, WorkerPool
 
@@ -22,6 +23,25 @@ log = logging.getLogger(__name__)
 def tp_size(handle: WorkerHandle) -> int:
     """A worker's tensor-parallel size (1 for workers that do not advertise it)."""
     return int(handle.info.capacity.get("tensor_parallel_size", 1) or 1)
+
+
+def pair_of_one_size(
+    policy: RoutingPolicy,
+    prefills: Sequence[WorkerHandle],
+    decodes: Sequence[WorkerHandle],
+    route: RouteRequest,
+) -> tuple[WorkerHandle, WorkerHandle]:
+    """The policy's (prefill, decode) pair, both of one tensor-parallel size where it can:
+    rank i writes into rank i, and a decode worker of another size refuses the Reserve.
+    Prefill workers with no decode worker of their size are passed over while others have
+    one; a decode worker of another size is replaced by the policy's pick among p's size."""
+    sizes = {tp_size(h) for h in decodes}
+    prefills = [h for h in prefills if tp_size(h) in sizes] or prefills
+    p, d = policy.select_pair(prefills, decodes, route)
+    same = [h for h in decodes if tp_size(h) == tp_size(p)]
+    if tp_size(d) != tp_size(p) and same:
+        _, d = policy.select_pair([p], same, route)
+    return p, d
 
 
 @dataclass
