@@ -187,3 +187,53 @@ async def test_each_api_key_sees_only_its_own_files_and_batches(tmp_path, monkey
                 )
         finally:
             await g.stop()
+
+
+async def test_the_form_splits_at_every_chunk_boundary(tmp_path, monkeypatch) -> None:
+    """The streamed multipart split gives the file's bytes exactly (CRLF line ends, a line
+    that starts like the delimiter) and the fields, whatever the chunk size cuts through."""
+    import httpx
+
+    from services.router.batches import upload
+
+    content = LINE + b"}}\r\n--x not the end\r\n\r\n" + LINE + b"}}\n"
+    req = httpx.Request("POST", "http://h/v1/files", data={"purpose": "batch"},
+                        files={"file": ("in.jsonl", content)})  # fmt: skip
+    body = tmp_path / "body"
+    body.write_bytes(req.read())
+    boundary = upload.boundary_of(req.headers["content-type"])
+    for chunk in (1, 2, 3, 7, 64, 1 << 16):
+        monkeypatch.setattr(upload, "CHUNK", chunk)
+        fields, name, has_file = upload.split_form(body, boundary, tmp_path / "part")
+        assert (fields, name, has_file) == ({"purpose": b"batch"}, "in.jsonl", True), chunk
+        assert (tmp_path / "part").read_bytes() == content, chunk
+
+
+async def test_uploads_stream_to_disk_and_leave_nothing_behind(tmp_path) -> None:
+    import httpx
+
+    content = b"".join(LINE.replace(b'"a"', f'"c{i}"'.encode()) + b"}}\n" for i in range(3))
+    with EtcdServer() as etcd:
+        g = await start_gateway(etcd.endpoint, "batch-stream", batch_dir=str(tmp_path),
+                                batch_max_file_bytes=4096)  # fmt: skip
+        try:
+            async with httpx.AsyncClient(base_url=g.url, timeout=10) as c:
+                up = await c.post("/v1/files", data={"purpose": "batch"},
+                                  files={"file": ("in.jsonl", content)})  # fmt: skip
+                assert up.status_code == 200, up.text
+                assert up.json()["bytes"] == len(content)
+                got = await c.get(f"/v1/files/{up.json()['id']}/content")
+                assert got.content == content
+
+                async def chunked():  # no Content-Length: the limit is met while streaming
+                    yield b"--x\r\nContent-Disposition: form-data; name=file; filename=a\r\n\r\n"
+                    for _ in range(1000):  # past the limit and the form's allowance
+                        yield LINE + b"}}\n"
+
+                big = await c.post("/v1/files", content=chunked(),
+                                   headers={"content-type": "multipart/form-data; boundary=x"})  # fmt: skip
+                assert big.status_code == 400, big.text
+                assert big.json()["error"]["code"] == "file_too_large", big.text
+            assert not list((tmp_path / "files").glob(".upload-*"))
+        finally:
+            await g.stop()

@@ -5,8 +5,6 @@ creation (400s in OpenAI's format); the leader router runs them (batches/executo
 from __future__ import annotations
 
 import asyncio
-import email.parser
-import email.policy
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -14,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from services.router.api.protocol.body import read_body, read_json_object
+from services.router.api.protocol.body import read_json_object
+from services.router.batches import upload
 from services.router.batches.records import BatchRecord
 from services.router.batches.service import BatchService, page_limit, paginate
-from services.router.batches.validate import check_endpoint, parse_openai_file, parse_stored
+from services.router.batches.validate import check_endpoint, check_openai_file, parse_stored
 from services.router.errors import APIError, bad_request
 
 if TYPE_CHECKING:
@@ -30,48 +29,37 @@ def _service(request: Request) -> BatchService:
     return request.app.state.batches
 
 
-def _form(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
-    """The fields of a multipart/form-data body: name -> (file name, bytes)."""
-    if not content_type.lower().startswith("multipart/form-data"):
-        raise bad_request("the body must be multipart/form-data with 'file' and 'purpose'")
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
-    if not msg.is_multipart():
-        raise bad_request("the multipart body could not be read")
-    out: dict[str, tuple[str | None, bytes]] = {}
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if isinstance(name, str):
-            payload = part.get_payload(decode=True)
-            out[name] = (part.get_filename(), payload if isinstance(payload, bytes) else b"")
-    return out
+def _too_large(limit: int) -> APIError:
+    return bad_request(f"the file exceeds the limit of {limit} bytes", param="file",
+                       code="file_too_large")  # fmt: skip
 
 
 async def create_file(gw: Gateway, request: Request) -> Response:
-    """POST /v1/files: a batch input file, checked line by line before it is kept."""
-    limit = gw.cfg.batch_max_file_bytes
-    try:
-        raw = await read_body(request, limit + MULTIPART_OVERHEAD)
-    except APIError as err:
-        if err.status != 413:
-            raise
-        raise bad_request(f"the file exceeds the limit of {limit} bytes", param="file",
-                          code="file_too_large") from None  # fmt: skip
-    form = await asyncio.to_thread(_form, request.headers.get("content-type", ""), raw)
-    purpose = form.get("purpose", (None, b""))[1].decode(errors="replace")
-    if purpose != "batch":
-        raise bad_request(f"purpose must be 'batch' (the only one served); got {purpose!r}",
-                          param="purpose")  # fmt: skip
-    if "file" not in form:
-        raise bad_request("a 'file' field is required", param="file")
-    filename, content = form["file"]
-    if len(content) > limit:
-        raise bad_request(f"the file exceeds the limit of {limit} bytes", param="file",
-                          code="file_too_large")  # fmt: skip
-    await asyncio.to_thread(parse_openai_file, content, gw.cfg.batch_max_lines)
-    svc = _service(request)
-    meta = await asyncio.to_thread(svc.files.create, content, filename or "batch.jsonl", "batch",
-                                   None, svc.owner(request))  # fmt: skip
+    """POST /v1/files: a batch input file, streamed to disk and checked line by line before
+    it is kept (batches/upload.py)."""
+    limit, svc = gw.cfg.batch_max_file_bytes, _service(request)
+    boundary = upload.boundary_of(request.headers.get("content-type", ""))
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
+        raise _too_large(limit)
+    with upload.Upload(svc.files.dir) as up:
+        body, part = up.new_path(), up.new_path()
+        await upload.receive(request.stream(), body, limit + MULTIPART_OVERHEAD)
+        fields, filename, has_file = await asyncio.to_thread(
+            upload.split_form, body, boundary, part
+        )
+        purpose = fields.get("purpose", b"").decode(errors="replace")
+        if purpose != "batch":
+            raise bad_request(f"purpose must be 'batch' (the only one served); got {purpose!r}",
+                              param="purpose")  # fmt: skip
+        if not has_file:
+            raise bad_request("a 'file' field is required", param="file")
+        if part.stat().st_size > limit:
+            raise _too_large(limit)
+        await asyncio.to_thread(check_openai_file, upload.lines_of(part), gw.cfg.batch_max_lines)
+        meta = await asyncio.to_thread(
+            svc.files.adopt, part, filename or "batch.jsonl", "batch", svc.owner(request)
+        )
     return JSONResponse(svc.files.public(meta))
 
 

@@ -29,7 +29,20 @@ def sync_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+    _sync_dir(path.parent)
+
+
+def sync_move(src: Path, path: Path) -> None:
+    """``src`` (a file on the same file system) renamed to ``path``, on disk when this
+    returns."""
+    with open(src, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(src, path)
+    _sync_dir(path.parent)
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)  # the rename itself
     finally:
@@ -57,14 +70,28 @@ class FileStore:
         ``file_id``: a chosen id (an output file named after its batch, so a second writer
         replaces it instead of adding another)."""
         file_id = file_id or self.new_id()
+        sync_write(self.dir / file_id, content)
+        return self._describe(file_id, len(content), filename, purpose, owner)
+
+    def adopt(self, path: Path, filename: str, purpose: str, owner: str | None) -> dict[str, Any]:
+        """``create`` for content already in ``path`` (a file in this folder: moved, not
+        copied; an upload streamed to disk, upload.py)."""
+        file_id = self.new_id()
+        size = path.stat().st_size
+        sync_move(path, self.dir / file_id)
+        return self._describe(file_id, size, filename, purpose, owner)
+
+    def _describe(
+        self, file_id: str, size: int, filename: str, purpose: str, owner: str | None
+    ) -> dict[str, Any]:
+        """Write the file object of the stored ``file_id``; it."""
         now = int(time.time())
         expires = now + int(self.retention_s) if self.retention_s else None  # retention.py
         meta = {
-            "id": file_id, "object": "file", "bytes": len(content), "created_at": now,
+            "id": file_id, "object": "file", "bytes": size, "created_at": now,
             "filename": filename, "purpose": purpose, "status": "processed",
             "status_details": None, "expires_at": expires, "owner": owner,
         }  # fmt: skip
-        sync_write(self.dir / file_id, content)
         sync_write(self.dir / f"{file_id}.json", json.dumps(meta).encode())
         return meta
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,19 +30,20 @@ def _invalid(message: str, code: str, param: str = "file") -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
-def parse_openai_file(content: bytes, max_lines: int) -> list[BatchLine]:
-    """The lines of an OpenAI batch input file; 400 on the first line that is not a request
-    OpenAI would take (line numbers count from 1)."""
-    try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _invalid("the batch file is not UTF-8 text", "invalid_file") from None
-    lines: list[BatchLine] = []
+def check_openai_file(lines: Iterable[bytes], max_lines: int) -> int:
+    """Check the ``lines`` (without their ends) of an OpenAI batch input file, one at a time:
+    400 on the first one that is not a request OpenAI would take (line numbers count from
+    1). The number of requests."""
+    count = 0
     seen: set[str] = set()
-    for n, raw in enumerate(text.splitlines(), 1):
+    for n, data in enumerate(lines, 1):
+        try:
+            raw = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _invalid(f"the batch file is not UTF-8 text (line {n})", "invalid_file") from None
         if not raw.strip():
             continue
-        if len(lines) >= max_lines:
+        if count >= max_lines:
             raise _invalid(f"the batch file has more than {max_lines} requests", "too_many_lines")
         try:
             obj = json.loads(raw)
@@ -62,10 +64,11 @@ def parse_openai_file(content: bytes, max_lines: int) -> list[BatchLine]:
         if url not in OPENAI_ENDPOINTS:
             raise _invalid(f"line {n}: 'url' must be one of {', '.join(OPENAI_ENDPOINTS)}; "
                            f"got {url!r}", "invalid_url")  # fmt: skip
-        lines.append(BatchLine(cid, url, _body(obj.get("body"), f"line {n}")))
-    if not lines:
+        _body(obj.get("body"), f"line {n}")
+        count += 1
+    if not count:
         raise _invalid("the batch file has no requests", "empty_file")
-    return lines
+    return count
 
 
 def check_endpoint(lines: list[BatchLine], endpoint: str) -> None:
