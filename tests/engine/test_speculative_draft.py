@@ -131,6 +131,28 @@ def test_sampled_grammar_and_greedy_penalties(model, draft, plain):
     assert stats is not None and stats.num_draft_tokens > 0
 
 
+def test_draft_kv_is_trusted_only_on_the_same_blocks(model):
+    """What the draft's cache holds for a sequence: the tokens it was computed for, as far as
+    the sequence still has them (a rejected draft ends it) and on the blocks it was written
+    to (a preempted sequence comes back on others: only the blocks it kept count)."""
+    from services.engine.sequence import Sequence
+    from services.engine.speculative.draft_model import _DraftKV
+
+    proposer = draft_engine(model, model).executor.drafter
+    seq = Sequence("r", list(range(100, 110)), SamplingParams())
+    seq.append_token(7)
+    seq.block_table = [5, 6, 9]  # block size 4: positions 0-11
+    # Computed for positions 0-9 and a draft 8 at position 10 (the sequence has 7 there).
+    seq.draft_state = _DraftKV([*range(100, 110), 8], 10, [5, 6, 9], None)
+    assert proposer._valid(seq) == 10  # the last token is always fed again
+    seq.append_token(3)
+    assert proposer._valid(seq) == 10  # the draft was rejected
+    seq.draft_state.tokens[10] = 7
+    assert proposer._valid(seq) == 11  # ... accepted
+    seq.block_table = [5, 2, 9]  # the second block was given back and another one taken
+    assert proposer._valid(seq) == 4
+
+
 def test_draft_model_config_errors(tmp_path):
     with pytest.raises(ValueError, match="need a 'model'"):
         EngineConfig(speculative_config='{"method": "draft_model"}')
