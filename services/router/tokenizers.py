@@ -59,11 +59,22 @@ class Tokenizers:
         # NOTE: shielded: a client that goes away does not cancel the others' load.
         return await asyncio.shield(task)
 
+    def _one_model(self) -> bool:
+        """Every known worker serves the same base model."""
+        return len({h.info.model for h in self._pool.handles.values()}) <= 1
+
     async def _load_from(self, source: str, model: str) -> Any:
         log.info("loading the tokenizer of %s from %s", model, source or "(default)")
         try:
             tok = await asyncio.to_thread(self._load, source or None)
         except (OSError, ValueError) as exc:  # a failed load is tried again by the next request
+            if self._one_model():
+                # NOTE: one model: its folder may be elsewhere here than on its workers (the
+                # router had only its own --model before several models): keep that one.
+                log.warning("tokenizer of %s not loadable from %s (%s); using the router's "
+                            "--model tokenizer", model, source, exc)  # fmt: skip
+                self._by_source[source] = self.default
+                return self.default
             raise APIError(503, f"the tokenizer of model '{model}' could not be loaded: {exc}",
                            code="tokenizer_unavailable") from None  # fmt: skip
         self._by_source[source] = tok
