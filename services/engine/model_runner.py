@@ -30,6 +30,7 @@ from services.engine.models.registry import resolve_model_class
 from services.engine.multimodal import decode_mrope_positions, prepare_batch
 from services.engine.platforms import DTYPES, free_device_memory, get_device
 from services.engine.scheduler_output import ScheduledSeq
+from services.engine.speculative.memory import draft_bytes_per_block
 from services.engine.tp_shard import shard_model
 
 logger = logging.getLogger(__name__)
@@ -169,11 +170,13 @@ class ModelRunner:
                 budget = DEFAULT_CPU_KV_BYTES
             else:
                 budget = int(free_device_memory(self.device) * self.config.gpu_memory_utilization)
-        n = budget // self.bytes_per_block
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        per_block = self.bytes_per_block + draft_bytes_per_block(self.config, elem)
+        n = budget // per_block
         if n < 1:
             raise ValueError(
                 f"KV cache budget of {budget} bytes is smaller than one block "
-                f"({self.bytes_per_block} bytes)"
+                f"({per_block} bytes, a draft model's included)"
             )
         return int(n)
 

@@ -61,6 +61,8 @@ def test_target_as_its_own_draft_accepts_all(model, plain):
     prompts = prompts_of_mixed_lengths()
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     engine = draft_engine(model, model, k=4)
+    # One budget for both caches, of as many blocks each.
+    assert engine.runner.num_blocks == KV_BYTES // (2 * engine.runner.bytes_per_block)
     same(run(engine, prompts, params), run(plain, prompts, params))
     stats = engine.stats().spec
     assert stats is not None and stats.num_draft_tokens > 50
@@ -93,7 +95,11 @@ def test_preemption_and_chunked_prefill(model, plain):
     want = run(plain, prompts, params)
     per_block = plain.runner.bytes_per_block
     small = draft_engine(
-        model, model, k=4, kv_cache_bytes=per_block * 28, max_num_batched_tokens=24
+        model,
+        model,
+        k=4,
+        kv_cache_bytes=per_block * 56,  # 28 blocks each (target, draft)
+        max_num_batched_tokens=24,
     )
     same(run(small, prompts, params), want)
     assert small.scheduler.num_preemptions > 0

@@ -8,7 +8,8 @@ target's cache and the draft's at the same index of the draft's. So the draft ne
 manager of its own, its lookahead slots are the target's (allocated by ``Speculator.lookahead``
 before this runs), and rollback is the target's (``Speculator.accept`` trims both at once);
 nothing can leak or run out separately. The price: the draft's cache has as many blocks as the
-target's (its bytes per block are the draft's, a fraction of the target's).
+target's (its bytes per block are the draft's, a fraction of the target's); one budget pays for
+both (memory.py), so the target gets fewer blocks than without a draft.
 
 What the draft's KV holds is tracked per sequence (``_DraftKV``, on ``Sequence.draft_state``):
 the tokens it was computed for and the blocks it was written to. Each proposal first feeds what
