@@ -281,12 +281,14 @@ def eagle3_reference_draft(target: str, head: str, tokens: list[int]) -> int:
     return d + int(w["d2t"][d])
 
 
-def test_eagle3_first_draft_equals_a_reference(model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_eagle3_first_draft_equals_a_reference(tiny_model_dir, family, tmp_path, monkeypatch):
     """The hidden states of the right target layers reach the head, shifted by one token,
     and its draft vocabulary maps to the target's: the engine's first draft equals one
-    computed from the checkpoint files with transformers."""
+    computed from the checkpoint files with transformers (Llama and Qwen3 targets)."""
     from services.engine.speculative import eagle3
 
+    model = str(tiny_model_dir(family))
     draft_vocab = list(range(7, 49152, 3))
     head = build_eagle3_head(model, tmp_path / "eagle3", draft_vocab, seed=1)
     cfg = {"method": "eagle3", "model": head, "num_speculative_tokens": 2,
