@@ -13,6 +13,10 @@ tok/s, TTFT p50, TPOT p50, ITL p99. Configurations, one at a time:
   (``OMP_WAIT_POLICY=ACTIVE``; `epdserve up` gives its workers PASSIVE unless the variable is
   set).
 
+``--only c1``: the serving path's own cost. One request at a time (8 prompts, concurrency 1)
+through `epdserve up`, then the offline engine in this process on the same prompts one at a
+time; prints served TPOT p50 against the offline decode step (issue 17's target: within 1.1x).
+
 Recorded, not asserted; not in CI. On a shared machine the rows compare only when the load
 average (printed before each) is alike.
 
@@ -68,7 +72,9 @@ def ready(port: int, timeout: float = 300.0) -> None:
     raise TimeoutError(f"epdserve up on port {port} not ready after {timeout:.0f} s")
 
 
-def run_one(args: argparse.Namespace, engine_args: list[str], env: dict[str, str]) -> dict:
+def run_one(
+    args: argparse.Namespace, engine_args: list[str], env: dict[str, str], concurrency: int = 16
+) -> dict:
     port = free_port()
     up = [sys.executable, "-m", "services.cli.main", "up", "--port", str(port)]
     for a in engine_args:
@@ -82,7 +88,7 @@ def run_one(args: argparse.Namespace, engine_args: list[str], env: dict[str, str
             out = Path(tmp) / "bench.json"
             bench = [sys.executable, "-m", "services.cli.main", "bench", "--base-url",
                      f"http://127.0.0.1:{port}", "--num-prompts", str(args.num_prompts),
-                     "--max-concurrency", "16", "--input-len", "128", "--output-len", "64",
+                     "--max-concurrency", str(concurrency), "--input-len", "128", "--output-len", "64",
                      "--ignore-eos", "--seed", "0", "--no-progress", "--result-json", str(out)]  # fmt: skip
             subprocess.run(bench, cwd=REPO, check=True, stdout=subprocess.DEVNULL, timeout=1800)
             return json.loads(out.read_text())
@@ -95,11 +101,53 @@ def run_one(args: argparse.Namespace, engine_args: list[str], env: dict[str, str
             log.close()
 
 
+def offline_step_ms(num_prompts: int) -> float:
+    """The offline engine's decode step at batch 1 (median over the requests): (end-to-end
+    time - time to the first token) / (64 - 1) per request, 128-token random prompts."""
+    import random
+
+    # As `epdserve up` starts its workers (launcher.WORKER_ENV_DEFAULTS); before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.path.insert(0, str(REPO))
+    from services.engine.llm import LLM
+    from services.engine.sampling_params import SamplingParams
+
+    llm = LLM()
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=64, ignore_eos=True, temperature=0)
+    llm.generate([rng.randrange(100, 40000) for _ in range(128)], params)  # warm-up
+    steps = []
+    for i in range(num_prompts):
+        eng = llm.engine
+        eng.add_request(f"c1-{i}", [rng.randrange(100, 40000) for _ in range(128)], params)
+        first = None
+        while eng.has_unfinished_requests():
+            eng.step()
+            if first is None:
+                first = time.perf_counter()
+        steps.append((time.perf_counter() - first) / 63 * 1e3)
+    return sorted(steps)[len(steps) // 2]
+
+
+def concurrency_one(args: argparse.Namespace) -> None:
+    load = os.getloadavg()[0]
+    served = run_one(argparse.Namespace(num_prompts=8), [], {}, concurrency=1)
+    step = offline_step_ms(8)
+    tpot = served["median_tpot_ms"]
+    print("\n| concurrency 1 | served TPOT p50 | offline decode step | ratio | load avg before |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| `epdserve up` vs `LLM` | {tpot:.1f} ms | {step:.1f} ms | {tpot / step:.2f}x "
+          f"| {load:.2f} |")  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--only", choices=["budget", "placement"], default=None)
+    p.add_argument("--only", choices=["budget", "placement", "c1"], default=None)
     args = p.parse_args()
+    if args.only == "c1":
+        concurrency_one(args)
+        return
     configs = {"budget": BUDGETS, "placement": PLACEMENTS}
     for name, rows in configs.items():
         if args.only not in (None, name):
