@@ -187,13 +187,14 @@ class DraftModelProposer:
         elif logits.shape[1] < vocab:
             pad = logits.new_full((logits.shape[0], vocab - logits.shape[1]), float("-inf"))
             logits = torch.cat([logits, pad], dim=1)
-        logits = apply_logit_bias(logits, seqs).cpu()
-        tokens = logits.argmax(dim=-1).tolist()
+        logits = apply_logit_bias(logits, seqs)
+        tokens = logits.argmax(dim=-1).tolist()  # on the device: B integers cross
         dists: list[torch.Tensor | None] = [None] * len(seqs)
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if not rows:
             return tokens, dists
-        q = row_probs(logits[rows], [seqs[i] for i in rows], [tokens[i] for i in rows])
+        sub = logits[torch.tensor(rows, device=logits.device)].cpu()
+        q = row_probs(sub, [seqs[i] for i in rows], [tokens[i] for i in rows])
         for j, i in enumerate(rows):
             state = seqs[i].draft_state
             gen = state.generator if isinstance(state, _DraftKV) and state.generator else None

@@ -80,6 +80,9 @@ class Eagle3Proposer(DraftModelProposer):
                              f"the target's 3 layers give {3 * target_hidden}")  # fmt: skip
         if not head.has_embedding:
             head.model.embed_tokens = target.model.model.embed_tokens
+        # NOTE: a replayed CUDA graph runs no forward hooks: the target's decode-only steps
+        # would file no hidden states. Its decodes run eagerly instead (untested on a GPU).
+        target.graphs = None
         return cls(runner, target, ids, config.seed)
 
     def _capture(self, slot: int, module: Any, args: tuple[Any, ...]) -> None:
