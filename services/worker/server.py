@@ -14,18 +14,14 @@ import grpc
 from services.common.convert import delta_to_proto, params_from_proto, resume_from_proto
 from services.common.grpc_utils import FAILURE_REFUSED, failure_metadata, role_from_pb, role_to_pb
 from services.common.latency import LatencyWindow
-from services.common.mooncake_agent import TransferError
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.common.role import Role
-from services.decode.fence import FENCE_WAIT_S
 from services.engine.outputs import LOST_IMAGES
 from services.worker.errors import (
     ENCODE,
     IMAGES,
     PARAMS,
-    PREFILL,
-    RESERVE,
     SET_ROLE,
     STREAM,
     Classify,
@@ -36,6 +32,7 @@ from services.worker.experts import ExpertRPCs
 from services.worker.load import LoadRPCs
 from services.worker.lora import LoRARPCs
 from services.worker.metrics import WorkerMetrics
+from services.worker.pd import PDRPCs
 from services.worker.pooling import PoolingCalls, check_role
 from services.worker.role_controller import RoleController
 from services.worker.sleep import SleepRPCs, WorkerSleep
@@ -51,7 +48,13 @@ R = TypeVar("R", bound=Role)
 
 
 class WorkerServicer(
-    PoolingCalls, LoRARPCs, LoadRPCs, ExpertRPCs, SleepRPCs, pb_grpc.WorkerServiceServicer
+    PoolingCalls,
+    LoRARPCs,
+    LoadRPCs,
+    PDRPCs,
+    ExpertRPCs,
+    SleepRPCs,
+    pb_grpc.WorkerServiceServicer,
 ):
     """gRPC face of one engine. ``engine`` is an AsyncLLMEngine (or a test double)."""
 
@@ -229,55 +232,6 @@ class WorkerServicer(
                     # Client went away (or we failed): free the request's KV now.
                     with contextlib.suppress(Exception):
                         await asyncio.shield(self.engine.abort(rid))
-
-    async def Reserve(  # noqa: N802
-        self, request: pb.ReserveRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReserveResponse:
-        await self._admit(context, ("decode",), request.role_epoch)
-        decode = await self._pd(self.decode, context)
-        async with call_status(context, RESERVE):
-            resp = await decode.reserve(request)
-        resp.role_epoch = self.state.role_epoch
-        return resp
-
-    async def Release(  # noqa: N802
-        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ReleaseResponse:
-        found = self.decode is not None and await self.decode.release(request.request_id)
-        return pb.ReleaseResponse(found=found)
-
-    async def FenceKVPush(  # noqa: N802
-        self, request: pb.FenceKVPushRequest, context: grpc.aio.ServicerContext
-    ) -> pb.FenceKVPushResponse:
-        """No write of the request's KV push lands after this returns (any role: a push
-        started before a role change still drains). UNAVAILABLE: not yet, ask again."""
-        if self.prefill is not None and not await self.prefill.fence(request, FENCE_WAIT_S):
-            await context.abort(Code.UNAVAILABLE, "KV push still draining")
-        return pb.FenceKVPushResponse()
-
-    async def Prefill(  # noqa: N802
-        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
-    ) -> pb.PrefillResponse:
-        await self._admit(context, ("prefill",), request.role_epoch)
-        prefill = await self._pd(self.prefill, context)
-        st = self.state
-        rid = request.request_id
-        async with self._inflight(rid, context), call_status(context, PREFILL, self._classify(rid)):
-            arrived = time.monotonic()
-            prompt = await self._prompt(request.prompt_token_ids, request.images, context)
-            try:
-                resp = await prefill.run(request, prompt)
-            except TransferError:
-                self.metrics.kv_transfer.record_failure()
-                raise
-            if rid in st.evicted:
-                await context.abort(Code.UNAVAILABLE, st.evicted[rid])
-            elapsed = time.monotonic() - arrived
-            self.ttft_ms.add(elapsed * 1000.0)
-            self.metrics.observe_prefill(elapsed, len(request.prompt_token_ids))
-            self.metrics.kv_transfer.record(resp.kv_bytes, resp.kv_seconds)
-            return resp
-        raise AssertionError("unreachable")  # context.abort raises
 
     async def _prompt(
         self,
