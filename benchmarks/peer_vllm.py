@@ -8,7 +8,8 @@ Offline: ``LLM.generate`` of the same random prompts (greedy, ignore_eos, fp32) 
 epdserve's ``services.engine.LLM`` and through vLLM's ``LLM`` with its defaults (the model on
 one core, the other reserved for its frontend) and with both cores
 (``VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0``), each engine in a process
-of its own; the tokens are compared. Prints output tok/s, TTFT p50, TPOT p50, ITL p99 and the
+of its own; the tokens are compared, and each engine's GFLOP/s is given as a share of this
+machine's fp32 GEMM peak measured at the end of the same run. Prints output tok/s, TTFT p50, TPOT p50, ITL p99 and the
 ratios (epdserve / vLLM). Recorded, not asserted; not in CI.
 
 vLLM is not a project dependency: it lives in a virtualenv of its own (``--vllm-venv``, or
@@ -308,18 +309,67 @@ def run_offline(args: argparse.Namespace, python: Path, tmp: Path) -> dict[str, 
     return results
 
 
+def model_flops(folder: str, num_prompts: int, input_len: int, output_len: int) -> float:
+    """Floating-point operations of the offline work: 2 per weight per token through the
+    decoder's linear layers, the lm_head once per generated token (as both engines compute
+    logits only for the rows they sample), and the attention's two products over each
+    token's context."""
+    c = json.loads((Path(folder) / "config.json").read_text())
+    h, layers, heads = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]
+    kv_heads = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or h // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    linear = layers * (h * (q + 2 * kv) + q * h + 3 * h * c["intermediate_size"])
+    tokens = num_prompts * (input_len + output_len)
+    # Sum over every token of its context length (prompt tokens causal, then the outputs).
+    context = num_prompts * (input_len * (input_len + 1) // 2
+                             + sum(input_len + i for i in range(1, output_len + 1)))  # fmt: skip
+    return (2.0 * linear * tokens + 2.0 * h * c["vocab_size"] * num_prompts * output_len
+            + 4.0 * layers * q * context)  # fmt: skip
+
+
+def gemm_peak_gflops(threads: int = 0) -> float:
+    """This machine's fp32 GEMM peak, as oneDNN reaches it: a packed 2048 x 2048 weight times
+    2048 rows, best of 5 (the number of RESULTS.md's GEMM tables)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    n = 2048
+    x, w = torch.randn(n, n), torch.randn(n, n)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w)
+
+    def run() -> None:
+        torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
+
+    run()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best / 1e9
+
+
 def print_offline(results: dict[str, Any], args: argparse.Namespace) -> None:
     ours = results["epdserve LLM"]["output_tok_s"]
+    flops = model_flops(args.folder, args.num_prompts, args.input_len, args.output_len)
+    peak = gemm_peak_gflops()
     print(f"\n#### Offline: `LLM.generate`, {args.num_prompts} x {args.input_len} in / "
           f"{args.output_len} out, greedy, ignore_eos, fp32\n")  # fmt: skip
-    print("| engine | output tok/s | epdserve / it | tokens identical to epdserve | start s "
-          "| load avg before |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| engine | output tok/s | epdserve / it | tokens identical to epdserve | GFLOP/s "
+          "| share of GEMM peak | start s | load avg before |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         check = r.get("check")
         same = f"{check['agree']}/{check['checked']}" if check else "-"
+        gflops = flops / r["elapsed_s"] / 1e9
         print(f"| {name} | {r['output_tok_s']:.1f} | {ours / r['output_tok_s']:.2f}x | {same} | "
-              f"{r['load_s']:.0f} | {r['loadavg_before']:.2f} |")  # fmt: skip
+              f"{gflops:.1f} | {gflops / peak:.0%} | {r['load_s']:.0f} | "
+              f"{r['loadavg_before']:.2f} |")  # fmt: skip
+    print(f"\nThe work: {flops / 1e12:.3f} TFLOP (linear layers, lm_head on generated tokens, "
+          f"attention). fp32 GEMM peak of this machine, all cores, oneDNN 2048^3, measured now: "
+          f"{peak:.0f} GFLOP/s.")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
