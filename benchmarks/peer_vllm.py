@@ -9,8 +9,8 @@ epdserve's ``services.engine.LLM`` and through vLLM's ``LLM`` with its defaults 
 one core, the other reserved for its frontend) and with both cores
 (``VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_NUM_OF_RESERVED_CPU=0``), each engine in a process
 of its own; the tokens are compared, and each engine's GFLOP/s is given as a share of this
-machine's fp32 GEMM peak measured at the end of the same run. Prints output tok/s, TTFT p50, TPOT p50, ITL p99 and the
-ratios (epdserve / vLLM). Recorded, not asserted; not in CI.
+machine's fp32 GEMM peak measured at the end of the same run. Prints output tok/s, TTFT
+p50, TPOT p50, ITL p99 and the ratios (epdserve / vLLM). Recorded, not asserted; not in CI.
 
 vLLM is not a project dependency: it lives in a virtualenv of its own (``--vllm-venv``, or
 ``$VLLM_VENV``, default ``../vllm-venv`` beside this checkout). Without it the script says so
