@@ -186,8 +186,8 @@ class RouterConfig:
     max_queued_tokens: int = field(
         default=262144,
         metadata={
-            "help": "prompt tokens of admitted, unfinished requests the router holds at most; "
-            "more: 429 with Retry-After"
+            "help": "prompt tokens of admitted, unfinished requests the router holds at most, "
+            "per base model; more: 429 with Retry-After"
         },
     )
     # Offline (service tier flex) admission: services/router/offline.py.
