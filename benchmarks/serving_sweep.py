@@ -144,11 +144,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--only", choices=["budget", "placement", "c1"], default=None)
+    p.add_argument("--budgets", default=None, metavar="N,N,...",
+                   help="budgets to run instead of 256, the default and 4096")  # fmt: skip
     args = p.parse_args()
     if args.only == "c1":
         concurrency_one(args)
         return
-    configs = {"budget": BUDGETS, "placement": PLACEMENTS}
+    budgets = BUDGETS
+    if args.budgets:
+        budgets = [(f"budget {n}", [f"max_num_batched_tokens={n}"], {})
+                   for n in args.budgets.split(",")]  # fmt: skip
+    configs = {"budget": budgets, "placement": PLACEMENTS}
     for name, rows in configs.items():
         if args.only not in (None, name):
             continue
