@@ -7,8 +7,8 @@ sizes (a 128-expert layer at batch 64 hits ~100 experts with a few tokens each).
 
 1. ``align_by_expert`` sorts the pairs by the slot (expert) that computes them and pads each
    slot's run to a multiple of ``BLOCK_M`` rows, so that every block of rows belongs to one
-   expert (torch ops on the device, no host sync: the grid covers the worst case and blocks
-   past the used rows return at once).
+   expert (torch ops on the device, no host sync, so a CUDA graph can hold it: the grid covers
+   the worst case and blocks past the used rows return at once).
 2. ``_grouped_gemm`` computes, for each block, its rows of ``x @ w13[expert].T`` (rows read
    from token ``pair // top_k``), in float32, stored per pair: [pairs, 2 * intermediate].
 3. ``silu(gate) * up`` (``triton_ops.silu_and_mul``).
@@ -88,7 +88,10 @@ def align_by_expert(
     flat = slots.reshape(-1).long()
     pairs = flat.numel()
     key = torch.where(flat >= 0, flat, num_slots)  # pairs computed elsewhere sort last
-    counts = torch.bincount(key, minlength=num_slots + 1)[:num_slots]
+    # NOTE: not torch.bincount, whose CUDA version reads the largest id on the host (a sync,
+    # and an error inside a CUDA graph capture).
+    counts = torch.zeros(num_slots + 1, dtype=torch.long, device=flat.device)
+    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:num_slots]
     padded = (counts + block_m - 1) // block_m * block_m
     ends = padded.cumsum(0)
     starts = ends - padded  # each slot's first padded row
@@ -100,7 +103,7 @@ def align_by_expert(
     capacity = -(-(pairs + num_slots * (block_m - 1)) // block_m) * block_m
     dest = torch.where(sorted_key < num_slots, starts[slot] + within, capacity)
     sorted_ids = torch.full((capacity + 1,), pairs, dtype=torch.int32, device=flat.device)
-    sorted_ids[dest] = order.to(torch.int32)  # the pairs of no slot land on the spare row
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))  # pairs of no slot: the spare row
     block_rows = torch.arange(0, capacity, block_m, device=flat.device)
     block_slot = torch.searchsorted(ends, block_rows, right=True)
     block_slot = torch.where(block_slot < num_slots, block_slot, -1).to(torch.int32)
