@@ -56,7 +56,9 @@ class RoleController:
         self._held = held
         self._evict = evict
         self._supports = supports
-        self._lock = asyncio.Lock()
+        # Held by a role change and by a sleep or wake-up (worker/sleep.py): each drains and
+        # clears ``flipping`` when done, which must not end the other's refusal of new work.
+        self.lock = asyncio.Lock()
 
     async def change(self, role: str, expected_epoch: int = 0) -> tuple[str, int]:
         """Converge to ``role``; returns (role, epoch). ValueError: a role that cannot run
@@ -65,7 +67,7 @@ class RoleController:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         if not self._supports(role):
             raise ValueError(f"role {role!r} needs KV transfer, which this worker has disabled")
-        async with self._lock:
+        async with self.lock:
             st = self.state
             if expected_epoch and expected_epoch != st.role_epoch:
                 raise StaleEpochError(

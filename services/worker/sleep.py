@@ -10,7 +10,6 @@ reads the weights back and it serves again (same role, same epoch).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -31,19 +30,19 @@ SLEEP: Rules = {ValueError: BAD_REQUEST}
 
 
 class WorkerSleep:
-    """Serialises the sleeps and wake-ups of one worker."""
+    """Serialises the sleeps and wake-ups of one worker with its role changes (one lock: a
+    role change finishing while the engine goes to sleep would advertise it serving)."""
 
     def __init__(self, state: WorkerState, engine: AsyncLLMEngine, roles: RoleController) -> None:
         self.state = state
         self.engine = engine
         self.roles = roles
         self.engine_sleep = EngineSleep()
-        self._lock = asyncio.Lock()
 
     async def set(self, sleep: bool) -> SleepReport:
         """Sleep (``sleep``) or wake up; nothing to do when already so. ValueError: this
         engine cannot sleep."""
-        async with self._lock:
+        async with self.roles.lock:
             if sleep == self.state.asleep:
                 return SleepReport(0, 0, 0.0)
             return await (self._sleep() if sleep else self._wake())
