@@ -61,7 +61,12 @@ def concurrently(fn, args_list):
 
 @pytest.fixture(scope="module")
 def pd_cluster(tiny_model_dir):
-    c = start_cluster(tiny_model_dir("llama"), workers=0, prefill=1, decode=1)
+    # Its workers speculate (n-gram from a 1-token match, so that short outputs draft too):
+    # the decode side's output must still equal the co-located worker's, which does not.
+    spec = ('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, '
+            '"adaptive": false}')  # fmt: skip
+    c = start_cluster(tiny_model_dir("llama"), workers=0, prefill=1, decode=1,
+                      engine_overrides={"speculative_config": spec})  # fmt: skip
     yield c
     c.stop()
 
@@ -125,6 +130,8 @@ def test_pd_equals_colocated(pd, colocated_cluster, request):
     decode = load_report(pd_cluster.workers[1].ready_field("address"))
     assert decode.role == pb.ROLE_DECODE
     assert decode.prefix_cache_hit_rate > 0  # repeated prompts: their blocks did not move again
+    if pd == "pd_cluster":
+        assert decode.spec_num_drafts > 0, decode
 
 
 def test_stream_and_chat_in_pd(pd_cluster, colocated_cluster):
