@@ -136,6 +136,34 @@ async def test_retention_sweeps_old_ended_batches_and_unnamed_files(tmp_path) ->
             await store.close()
 
 
+async def test_a_file_that_cannot_be_deleted_does_not_end_the_sweep(tmp_path, monkeypatch) -> None:
+    import time
+
+    from services.router.batches.files import FileStore
+    from services.router.batches.retention import sweep
+
+    class NoBatches:  # the store's part the sweep reads
+        async def all(self) -> list:
+            return []
+
+    files = FileStore(tmp_path, retention_s=50.0)
+    for n in ("a-locked", "b-stray"):
+        files.create(b"{}\n", n, "batch", f"file-{n}")
+    delete = FileStore.delete
+
+    def refuse_one(self, file_id: str) -> bool:
+        if file_id == "file-a-locked":  # e.g. EACCES or ESTALE on the shared volume
+            raise PermissionError(13, "Permission denied", file_id)
+        return delete(self, file_id)
+
+    monkeypatch.setattr(FileStore, "delete", refuse_one)
+    # Before: the PermissionError left the sweep, and the executor's loop with it (no batch
+    # ran on that router again).
+    swept = await sweep(NoBatches(), files, 50.0, time.time() + 100)  # type: ignore[arg-type]
+    assert swept.files == 1
+    assert [m["id"] for m in files.all()] == ["file-a-locked"]
+
+
 async def test_each_api_key_sees_only_its_own_files_and_batches(tmp_path, monkeypatch) -> None:
     import httpx
 

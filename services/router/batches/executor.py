@@ -86,6 +86,8 @@ class BatchExecutor:
                     await sweep(self.store, self.files, retention, time.time())
             except BatchStoreError as exc:
                 log.warning("batch executor: %s; retrying", exc)
+            except Exception:  # noqa: BLE001 - a bad record or file must not stop every batch
+                log.exception("batch executor: step or retention sweep failed; retrying")
             await asyncio.sleep(self.poll_s)
 
     async def _step(self) -> None:

@@ -49,6 +49,16 @@ class Swept:
     files: int = 0
 
 
+async def _delete(files: FileStore, file_id: str) -> bool:
+    """Delete one file; a file that cannot be deleted (permissions, a shared volume's error)
+    is logged and left for the next sweep, not the end of this one."""
+    try:
+        return await asyncio.to_thread(files.delete, file_id)
+    except OSError as exc:
+        log.warning("batch retention: cannot delete %s: %s", file_id, exc)
+        return False
+
+
 async def sweep(store: BatchStore, files: FileStore, retention_s: float, now: float) -> Swept:
     """Delete what is older than ``retention_s`` at ``now`` (unix seconds); what went."""
     out = Swept()
@@ -59,12 +69,12 @@ async def sweep(store: BatchStore, files: FileStore, retention_s: float, now: fl
         if end is not None and end <= cutoff and await store.delete_ended(rec.id):
             out.batches += 1
             for file_id in files_of(rec):
-                out.files += await asyncio.to_thread(files.delete, file_id)
+                out.files += await _delete(files, file_id)
         else:
             named.update([rec.input_file_id, *files_of(rec)])
     for meta in await asyncio.to_thread(files.all):
         if meta.get("created_at", 0) <= cutoff and meta["id"] not in named:
-            out.files += await asyncio.to_thread(files.delete, meta["id"])
+            out.files += await _delete(files, meta["id"])
     if out.batches or out.files:
         log.info("batch retention: %d batches and %d files older than %g s deleted",
                  out.batches, out.files, retention_s)  # fmt: skip
