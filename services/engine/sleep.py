@@ -73,6 +73,12 @@ def _bytes_of(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
+def _buffer(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, for file reads and writes without a copy."""
+    array = t.view(torch.uint8).reshape(-1).numpy()
+    return memoryview(array)  # type: ignore[arg-type]  # numpy arrays are buffers
+
+
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
     """Tensors a module holds: parameters, buffers and tensor attributes, one level into
     plain objects it keeps (a packed linear's ``forward``)."""
@@ -144,10 +150,10 @@ class EngineSleep:
         try:
             with os.fdopen(fd, "wb") as f:
                 for storage in storages:
-                    f.write(memoryview(_bytes_of(storage).numpy()))
+                    f.write(_buffer(_bytes_of(storage)))
                 for linear in packed:
                     dense = linear.packed.to_dense().contiguous()
-                    f.write(memoryview(dense.view(torch.uint8).numpy().reshape(-1)))
+                    f.write(_buffer(dense))
                     weight_bytes += dense.nbytes
                     shapes.append((tuple(dense.shape), dense.dtype))
         except BaseException:
@@ -177,15 +183,12 @@ class EngineSleep:
         weight_bytes = sum(s.nbytes() for s in self._storages)
         with open(self._file, "rb") as f:
             for storage in self._storages:
-                view = memoryview(_bytes_of(storage).numpy())
+                view = _buffer(_bytes_of(storage))
                 if f.readinto(view) != storage.nbytes():
                     raise OSError(f"{self._file} is shorter than the weights it holds")
             for linear, (shape, dtype) in self._linears:
                 dense = torch.empty(shape, dtype=dtype)
-                if (
-                    f.readinto(memoryview(dense.view(torch.uint8).numpy().reshape(-1)))
-                    != dense.nbytes
-                ):
+                if f.readinto(_buffer(dense)) != dense.nbytes:
                     raise OSError(f"{self._file} is shorter than the weights it holds")
                 linear.packed = torch.ops.mkldnn._reorder_linear_weight(dense)
                 weight_bytes += dense.nbytes

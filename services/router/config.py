@@ -190,6 +190,9 @@ class RouterConfig:
             "per base model; more: 429 with Retry-After"
         },
     )
+    wake_asleep_models: bool = field(default=False, metadata={
+        "help": "a request for a model whose workers all sleep (epdserve models sleep) wakes "
+        "one of them, and waits for it as long as it waits anyway; off: it only waits"})  # fmt: skip
     # Offline (service tier flex) admission: services/router/offline.py.
     offline_max_queued_tokens: int = field(default=1048576, metadata={
         "help": "prompt tokens of offline requests the router holds, waiting or running; "

@@ -4,14 +4,18 @@ built from its config, started and stopped as one; the HTTP handlers receive it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
 import uuid
 from typing import Any
 
+import grpc
+
 from services.common.lora_registry import LoRARegistry
 from services.common.membership import MembershipWatcher
+from services.common.proto import worker_pb2 as pb
 from services.common.tracing import Tracing
 from services.router.admission import AdmissionControl
 from services.router.auth import load_admin_token, load_api_keys
@@ -29,14 +33,17 @@ from services.router.routing.kv_index import KVIndexClient
 from services.router.routing.orchestrator import Orchestrator
 from services.router.routing.poison import PoisonTracker
 from services.router.routing.policies.factory import create_policy
-from services.router.routing.workers import WorkerPool
+from services.router.routing.workers import WorkerHandle, WorkerPool
 from services.router.tokenization import Tokenizer
 from services.router.tokenizers import Tokenizers
+
+log = logging.getLogger(__name__)
 
 # A request for a model whose workers all sleep waits this long for one to wake up, then gets
 # a 503 with this Retry-After (seconds).
 ASLEEP_WAIT_S = 5.0
 ASLEEP_RETRY_AFTER_S = 10
+WAKE_TIMEOUT_S = 600.0  # a wake-up reads the weights back
 
 
 class Gateway:
@@ -84,6 +91,8 @@ class Gateway:
             os.path.join(cfg.batch_root, "responses"),
         )  # fmt: skip
         self.background: dict[str, asyncio.Task[None]] = {}
+        # base model -> the wake-up of one of its workers a request asked for (wake_one)
+        self._waking: dict[str, asyncio.Task[None]] = {}
         # The LoRA adapters loaded through the API, for workers that start later.
         self.lora_registry = LoRARegistry(cfg.etcd_endpoints, cfg.cluster)
         self.rebalancer = Rebalancer(
@@ -100,7 +109,7 @@ class Gateway:
         self.responses.start()
 
     async def stop(self) -> None:
-        tasks = list(self.background.values())
+        tasks = [*self.background.values(), *self._waking.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -149,7 +158,28 @@ class Gateway:
             except APIError as err:
                 if err.code != "model_asleep" or time.monotonic() >= deadline:
                     raise
+            if self.cfg.wake_asleep_models:
+                self._wake(self.pool.base_model(name))
             await asyncio.sleep(0.2)
+
+    def _wake(self, model: str) -> None:
+        """Wake one sleeping worker of ``model`` (one wake-up at a time per model)."""
+        sleeping = sorted((h for h in self.pool.handles.values()
+                           if h.info.model == model and h.info.state == "sleeping"),
+                          key=lambda h: h.id)  # fmt: skip
+        if model in self._waking or not sleeping:
+            return
+        task = asyncio.create_task(self._wake_one(sleeping[0]), name=f"wake-{model}")
+        self._waking[model] = task
+        task.add_done_callback(lambda _: self._waking.pop(model, None))
+
+    @staticmethod
+    async def _wake_one(h: WorkerHandle) -> None:
+        log.info("waking worker %s: a request for model %s arrived", h.id, h.info.model)
+        try:
+            await h.stub.Sleep(pb.SleepRequest(sleep=False), timeout=WAKE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("waking worker %s failed: %s", h.id, exc.details())
 
     async def tokenizer(self, model: str) -> Tokenizer:
         """The tokenizer of ``model``, a name ``resolve_model`` accepted."""

@@ -1,9 +1,11 @@
-"""The rebalancer keeps several base models' workers apart (fake handles, no processes)."""
+"""The rebalancer keeps several base models' workers apart, and a request wakes a sleeping
+model when the router is asked to (fake handles, no processes)."""
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from services.common.pd_metrics import RebalanceMetrics
@@ -56,3 +58,48 @@ async def _short_of_prefill() -> None:
     d = await rb.round(manual=True)
     assert (d.model, d.action, d.applied) == ("a", FLIP_TO_PREFILL, True), d
     assert store.roles in ({"a-d": "prefill"}, {"a-d2": "prefill"})
+
+
+def test_a_request_for_a_sleeping_model_wakes_one_worker_when_asked(monkeypatch) -> None:
+    monkeypatch.setattr("services.router.gateway.ASLEEP_WAIT_S", 1.0)  # the 503 sooner
+    asyncio.run(_wakes())
+
+
+class SleepStub:
+    """A sleeping worker's Sleep RPC: waking it up makes it advertise "serving"."""
+
+    def __init__(self, h) -> None:  # type: ignore[no-untyped-def]
+        self.h, self.calls = h, []
+
+    async def Sleep(self, request, timeout):  # type: ignore[no-untyped-def]  # noqa: N802
+        self.calls.append(request.sleep)
+        await asyncio.sleep(0.3)
+        self.h.info.state = "serving"
+        return pb.SleepResponse(sleeping=False)
+
+
+async def _wakes() -> None:
+    from services.router.config import RouterConfig
+    from services.router.errors import APIError
+    from services.router.gateway import Gateway
+    from tests.router.router_fakes import FakeTokenizer
+
+    for wake in (False, True):
+        gw = Gateway(RouterConfig(etcd="127.0.0.1:1", wake_asleep_models=wake), FakeTokenizer())
+        asleep = [handle("a-0", "a", "mixed"), handle("a-1", "a", "mixed")]
+        for h in asleep:
+            h.info.state = "sleeping"
+            h.stub = SleepStub(h)
+        gw.pool.handles = {h.id: h for h in [*asleep, handle("b-0", "b", "mixed")]}
+        try:
+            if not wake:  # nothing wakes it: 503 with Retry-After once the wait is over
+                with pytest.raises(APIError) as err:
+                    await gw.resolve_awake("a")
+                assert err.value.code == "model_asleep" and "Retry-After" in err.value.headers
+                assert [h.stub.calls for h in asleep] == [[], []]
+                continue
+            assert await gw.resolve_awake("a") == ("a", 4096)
+            # One wake-up, of one worker, however many rounds the request waited.
+            assert [h.stub.calls for h in asleep] == [[False], []]
+        finally:
+            await gw.pool.close()
