@@ -114,6 +114,13 @@ def _images(w: dict) -> str:
     return str(w["images_waiting"] + w["images_encoding"])
 
 
+def _offline(w: dict) -> str:
+    """A worker's offline (flex) sequences: waiting/running in its engine."""
+    if w.get("offline_waiting") is None:
+        return "-"
+    return f"{w['offline_waiting']}/{w['offline_running']}"
+
+
 def _role(w: dict) -> str:
     """Its role, with the role it is moving to when a desired role differs."""
     return w["role"] if w["desired_role"] == w["role"] else f"{w['role']}->{w['desired_role']}"
@@ -137,7 +144,8 @@ def render_roles(st: dict) -> str:
 
 def render_status(st: dict) -> str:
     head = ["ID", "ROLE", "EPOCH", "STATE", "ADDRESS", "WAIT", "RUN", "REQS", "QUEUED_TOK",
-            "KV%", "IMAGES", "TTFT_MS", "TPOT_MS", "SPEC", "PID", "HOST"]  # fmt: skip
+            "KV%", "IMAGES", "TTFT_MS", "TPOT_MS", "ONLINE_TTFT", "ONLINE_TPOT", "OFFLINE_W/R",
+            "SPEC", "PID", "HOST"]  # fmt: skip
     held: list[str] = []
     tables: dict[str, list[list[str]]] = {}  # one table per base model
     for w in st["workers"]:
@@ -147,7 +155,8 @@ def render_status(st: dict) -> str:
         rows.append([w["id"], role, str(w["epoch"]), w["state"], w["address"],
                      _fmt(w["waiting"]), _fmt(w["running"]), _count(w.get("requests")),
                      _fmt(w["waiting_prompt_tokens"]), _fmt(kv), _images(w), _fmt(w["ttft_ms"]),
-                     _fmt(w["tpot_ms"]), _speculation(w), _fmt(w["pid"]),
+                     _fmt(w["tpot_ms"]), _fmt(w.get("online_ttft_ms")),
+                     _fmt(w.get("online_tpot_ms")), _offline(w), _speculation(w), _fmt(w["pid"]),
                      _fmt(w["host"])])  # fmt: skip
         ids = [*(w.get("requests") or []), *(f"{r} (reserved)" for r in w.get("reserved") or [])]
         if ids:

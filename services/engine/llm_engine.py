@@ -43,6 +43,7 @@ from services.engine.sequence import Sequence
 from services.engine.speculative.acceptance import append_sampled
 from services.engine.speculative.setup import start_speculation
 from services.engine.structured_output import StructuredOutputs
+from services.engine.tier_policy import offline_stats
 from services.engine.tp_ranks import make_runner
 
 logger = logging.getLogger(__name__)
@@ -393,4 +394,5 @@ class LLMEngine:
             + (pooled.num_tokens_computed if pooled else 0),
             spec=self.scheduler.speculator.stats if self.scheduler.speculator else None,
             **(self.tiers.stats_fields() if self.tiers is not None else {}),
+            **offline_stats(self.scheduler.waiting, self.scheduler.running),
         )

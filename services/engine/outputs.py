@@ -94,5 +94,10 @@ class EngineStats:
     kv_store_put_blocks: int = 0  # blocks written to the KV store (cumulative)
     # Of num_preemptions, those of each service tier's sequences (cumulative).
     preemptions_by_tier: dict[str, int] = field(default_factory=dict)
+    # Of the counts above, those of offline (flex) sequences, and the KV blocks they hold.
+    num_offline_waiting: int = 0
+    num_offline_running: int = 0
+    num_offline_waiting_prompt_tokens: int = 0
+    num_offline_blocks: int = 0
     # Speculative decoding counters (cumulative); None when the engine does not speculate.
     spec: SpecStats | None = None

@@ -152,3 +152,17 @@ class TierPolicy:
                 limit = OFFLINE_STEP_FIXED_COSTS * fixed
             budget = min(budget, max(1, int(limit + 1e-6))) if limit < budget else budget
         return budget
+
+
+def offline_stats(waiting: Collection[Sequence], running: Collection[Sequence]) -> dict[str, int]:
+    """EngineStats' offline (flex) share of the queues and the KV cache, so that what reads
+    the load (the router's rebalancer and offline gate) can tell online load from the offline
+    work that only fills what online work leaves."""
+    off_waiting = [s for s in waiting if s.params.service_tier == FLEX]
+    off_running = [s for s in running if s.params.service_tier == FLEX]
+    return {
+        "num_offline_waiting": len(off_waiting),
+        "num_offline_running": len(off_running),
+        "num_offline_waiting_prompt_tokens": sum(s.num_uncomputed_tokens for s in off_waiting),
+        "num_offline_blocks": sum(len(s.block_table) for s in (*off_waiting, *off_running)),
+    }

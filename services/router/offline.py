@@ -11,9 +11,10 @@ answered 503 with Retry-After. The queue is FIFO; its head is admitted once
 - a worker that could run it (mixed, or a prefill and a decode worker) reports at most
   ``--offline-headroom-tokens`` queued prompt tokens and a KV use of at most
   ``--offline-headroom-kv``, and
-- the online requests this router served recently met the SLOs: their mean time to first
-  token at most ``--slo-ttft-ms`` and mean time per output token at most ``--slo-tpot-ms``
-  (0 switches a check off).
+- that worker's recent online requests (tiers priority and default, from its load report)
+  met the SLOs: their mean time to first token at most ``--slo-ttft-ms`` and mean time per
+  output token at most ``--slo-tpot-ms`` (0 switches a check off); a worker that misses them
+  gets no more offline work while the others may.
 
 The admitted request is routed among the workers that have headroom (when none has any
 left by then, among all: Orchestrator._for_tier). The engine then runs offline work in its
@@ -69,26 +70,30 @@ class OfflineAdmission:
             self.online_tpot_ms.add(tpot_s * 1000.0)
 
     def has_room(self, handle: WorkerHandle) -> bool:
-        """Whether a worker's latest load report leaves room for offline work (the routing
-        of an admitted offline request prefers such workers: Orchestrator._for_tier)."""
+        """Whether a worker's latest load report leaves room for offline work: few queued
+        prompt tokens, KV to spare, and its online requests meeting the SLOs (the routing of
+        an admitted offline request prefers such workers: Orchestrator._for_tier)."""
         cfg, load = self.cfg, handle.load
         return (
             load is not None
             and load.num_waiting_prompt_tokens <= cfg.offline_headroom_tokens
             and load.kv_utilization <= cfg.offline_headroom_kv
+            and self.slo_met(load.recent_online_ttft_ms, load.recent_online_tpot_ms)
         )
 
-    def slo_met(self) -> bool:
-        """Whether recent online requests met the operator's TTFT and TPOT SLOs."""
+    def slo_met(self, ttft_ms: float, tpot_ms: float) -> bool:
+        """Whether online requests with these mean TTFT and TPOT meet the operator's SLOs.
+        NOTE: checked per worker, on the worker's own online means (offline requests' slower
+        latencies are theirs to have): one worker missing holds offline work off it only."""
         cfg = self.cfg
         return not (
-            (cfg.slo_ttft_ms and self.online_ttft_ms.mean() > cfg.slo_ttft_ms)
-            or (cfg.slo_tpot_ms and self.online_tpot_ms.mean() > cfg.slo_tpot_ms)
+            (cfg.slo_ttft_ms and ttft_ms > cfg.slo_ttft_ms)
+            or (cfg.slo_tpot_ms and tpot_ms > cfg.slo_tpot_ms)
         )
 
     def has_headroom(self, model: str) -> bool:
         """Room for one more offline request of ``model`` now."""
-        if self.running >= self.cfg.offline_max_running or not self.slo_met():
+        if self.running >= self.cfg.offline_max_running:
             return False
 
         def roomy(role: str) -> bool:
@@ -136,7 +141,9 @@ class OfflineAdmission:
             "waiting": self.waiting,
             "running": self.running,
             "queued_prompt_tokens": self.queued_tokens,
-            "slo_met": self.slo_met(),
+            # The online requests this router served, end to end (the gate checks each
+            # worker's own online means: has_room).
+            "slo_met": self.slo_met(self.online_ttft_ms.mean(), self.online_tpot_ms.mean()),
             "online_ttft_ms": round(self.online_ttft_ms.mean(), 2),
             "online_tpot_ms": round(self.online_tpot_ms.mean(), 2),
         }

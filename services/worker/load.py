@@ -27,8 +27,10 @@ class LoadRPCs:
     engine: Any
     state: WorkerState
     encoder: EncodeRole | None
-    ttft_ms: LatencyWindow
+    ttft_ms: LatencyWindow  # every request's
     tpot_ms: LatencyWindow
+    online_ttft_ms: LatencyWindow  # online (priority and default tier) requests' only
+    online_tpot_ms: LatencyWindow
     closing: asyncio.Event  # ends StreamLoad streams at shutdown
     load_interval_ms: int
 
@@ -48,6 +50,18 @@ class LoadRPCs:
             max_model_len=self.engine.max_model_len,
             num_inflight=len(st.inflight),
         )
+
+    def observe_ttft(self, ms: float, online: bool) -> None:
+        """A request's time to its first token (a prefill worker: its Prefill call)."""
+        self.ttft_ms.add(ms)
+        if online:
+            self.online_ttft_ms.add(ms)
+
+    def observe_tpot(self, ms: float, online: bool) -> None:
+        """A request's mean time per output token after the first."""
+        self.tpot_ms.add(ms)
+        if online:
+            self.online_tpot_ms.add(ms)
 
     def load_report(self) -> pb.LoadReport:
         s = self.engine.stats()
@@ -76,6 +90,12 @@ class LoadRPCs:
             spec_num_drafts=s.spec.num_drafts if s.spec else 0,
             spec_draft_tokens=s.spec.num_draft_tokens if s.spec else 0,
             spec_accepted_tokens=s.spec.num_accepted_tokens if s.spec else 0,
+            recent_online_ttft_ms=self.online_ttft_ms.mean(),
+            recent_online_tpot_ms=self.online_tpot_ms.mean(),
+            num_offline_waiting=s.num_offline_waiting,
+            num_offline_waiting_prompt_tokens=s.num_offline_waiting_prompt_tokens,
+            num_offline_running=s.num_offline_running,
+            num_offline_blocks=s.num_offline_blocks,
         )
 
     async def StreamLoad(  # noqa: N802

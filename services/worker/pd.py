@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from services.common.latency import LatencyWindow
 from services.common.mooncake_agent import TransferError
 from services.common.proto import worker_pb2 as pb
 from services.decode.fence import FENCE_WAIT_S
+from services.engine.service_tiers import FLEX
 from services.worker.errors import PREFILL, RESERVE, Classify, Code, call_status
 from services.worker.metrics import WorkerMetrics
 from services.worker.state import WorkerState
@@ -22,6 +22,8 @@ from services.worker.state import WorkerState
 if TYPE_CHECKING:
     from services.decode.role import DecodeRole
     from services.prefill.role import PrefillRole
+
+MAX_OFFLINE_RESERVED = 1024  # past this many, the ids of reservations gone are dropped
 
 
 class PDRPCs:
@@ -32,7 +34,8 @@ class PDRPCs:
     metrics: WorkerMetrics
     prefill: PrefillRole | None
     decode: DecodeRole | None
-    ttft_ms: LatencyWindow
+    offline_reserved: set[str]  # flex requests reserved here: Decode's latencies are not online
+    observe_ttft: Callable[[float, bool], None]
     _admit: Callable[..., Awaitable[None]]
     _pd: Callable[..., Awaitable[Any]]
     _inflight: Callable[..., AbstractAsyncContextManager[None]]
@@ -49,12 +52,18 @@ class PDRPCs:
         decode = await self._pd(self.decode, context)
         async with call_status(context, RESERVE):
             resp = await decode.reserve(request)
+        if request.params.service_tier == FLEX:
+            # NOTE: a reservation that expires unclaimed leaves its id; drop those now and then.
+            if len(self.offline_reserved) > MAX_OFFLINE_RESERVED:
+                self.offline_reserved &= set(decode.held())
+            self.offline_reserved.add(request.request_id)
         resp.role_epoch = self.state.role_epoch
         return resp
 
     async def Release(  # noqa: N802
         self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseResponse:
+        self.offline_reserved.discard(request.request_id)
         found = self.decode is not None and await self.decode.release(request.request_id)
         return pb.ReleaseResponse(found=found)
 
@@ -85,7 +94,7 @@ class PDRPCs:
             if rid in st.evicted:
                 await context.abort(Code.UNAVAILABLE, st.evicted[rid])
             elapsed = time.monotonic() - arrived
-            self.ttft_ms.add(elapsed * 1000.0)
+            self.observe_ttft(elapsed * 1000.0, request.params.service_tier != FLEX)
             self.metrics.observe_prefill(elapsed, len(request.prompt_token_ids))
             self.metrics.kv_transfer.record(resp.kv_bytes, resp.kv_seconds)
             return resp

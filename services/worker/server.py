@@ -18,6 +18,7 @@ from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.common.role import Role
 from services.engine.outputs import LOST_IMAGES
+from services.engine.service_tiers import FLEX
 from services.worker.errors import (
     ENCODE,
     IMAGES,
@@ -77,6 +78,8 @@ class WorkerServicer(
         self.load_interval_ms = load_interval_ms
         self.ttft_ms = LatencyWindow()
         self.tpot_ms = LatencyWindow()
+        self.online_ttft_ms, self.online_tpot_ms = LatencyWindow(), LatencyWindow()
+        self.offline_reserved: set[str] = set()  # flex requests reserved here (pd.py)
         self.closing = asyncio.Event()  # ends StreamLoad streams at shutdown
         # Vision-language models only (set by main.setup_images): a request's images as engine
         # inputs, and the encode role (which needs Mooncake too).
@@ -159,7 +162,8 @@ class WorkerServicer(
         prompt = await self._prompt(request.prompt_token_ids, request.images, context)
         resume = resume_from_proto(request)
         outputs = self.engine.generate(rid, prompt, params, resume=resume, lora=request.lora)
-        async for msg in self._stream(rid, outputs, context):
+        online = request.params.service_tier != FLEX
+        async for msg in self._stream(rid, outputs, context, online=online):
             yield msg
 
     async def Decode(  # noqa: N802
@@ -176,7 +180,10 @@ class WorkerServicer(
             outputs = decode.decode(request)
         except KeyError:
             await context.abort(Code.NOT_FOUND, f"no reservation for {rid} (expired or never made)")
-        async for msg in self._stream(rid, outputs, context, request.cached_prompt_tokens):
+        online = rid not in self.offline_reserved
+        self.offline_reserved.discard(rid)
+        cached = request.cached_prompt_tokens
+        async for msg in self._stream(rid, outputs, context, cached, online=online):
             yield msg
 
     async def _stream(
@@ -185,8 +192,10 @@ class WorkerServicer(
         outputs: AsyncIterator[Any],
         context: grpc.aio.ServicerContext,
         cached_prompt_tokens: int | None = None,
+        online: bool = True,
     ) -> AsyncIterator[pb.GenerateResponse]:
-        """Relay an engine output stream as one GenerateResponse per engine step."""
+        """Relay an engine output stream as one GenerateResponse per engine step
+        (``online``: the request's latencies count in the online windows too)."""
         st = self.state
         first_at: float | None = None
         counts: dict[int, int] = {}
@@ -204,7 +213,7 @@ class WorkerServicer(
                         now = time.monotonic()
                         if first_at is None:
                             first_at = now
-                            self.ttft_ms.add((now - arrived) * 1000.0)
+                            self.observe_ttft((now - arrived) * 1000.0, online)
                         deltas = []
                         for c in out.outputs:
                             if c.finish_reason == "abort" and c.stop_reason == LOST_IMAGES:
@@ -226,7 +235,8 @@ class WorkerServicer(
                             finished=out.finished,
                         )
                 if first_at is not None and counts and (n_out := max(counts.values())) > 1:
-                    self.tpot_ms.add((time.monotonic() - first_at) * 1000.0 / (n_out - 1))
+                    tpot = (time.monotonic() - first_at) * 1000.0 / (n_out - 1)
+                    self.observe_tpot(tpot, online)
             finally:
                 if not finished:
                     # Client went away (or we failed): free the request's KV now.

@@ -9,7 +9,7 @@ import anthropic
 import httpx
 import openai
 import pytest
-from cluster_helpers import TINY_NAME, cli, start_cluster
+from cluster_helpers import TINY_NAME, cli, start_cluster, status
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -134,6 +134,10 @@ def test_status_and_metrics_show_both_classes(cluster) -> None:
     out = cli(cluster, "status")
     assert out.returncode == 0, out.stderr
     assert "offline (flex): 0 waiting, 0 running" in out.stdout and "SLOs met" in out.stdout
+    assert "ONLINE_TTFT" in out.stdout and "OFFLINE_W/R" in out.stdout
+    (worker,) = status(cluster)["workers"]  # per worker: its online means, its offline work
+    assert worker["online_ttft_ms"] > 0 and worker["online_tpot_ms"] > 0
+    assert (worker["offline_waiting"], worker["offline_running"]) == (0, 0)
     text = httpx.get(cluster.base_url + "/metrics", timeout=5).text
     counts = {
         line.split('service_tier="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])

@@ -375,3 +375,20 @@ def test_tier_scheduling_property(w) -> None:
         raise AssertionError("the workload did not finish in 3000 steps")
     assert all(s.is_finished for _, s, _ in pending)
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_offline_stats_count_flex_sequences_only() -> None:
+    """EngineStats' offline share (the load report's, which the router's rebalancer takes off
+    the load it decides roles on): flex sequences waiting, their prompt tokens, running, and
+    the blocks they hold."""
+    from services.engine.tier_policy import offline_stats
+
+    sched, offline, online, goals, _ = full_batch_then("flex", "default", 3)
+    late = make_seq(9, "flex")
+    sched.add(late)
+    assert offline_stats(sched.waiting, sched.running) == {
+        "num_offline_waiting": 2,  # the preempted one and the late one
+        "num_offline_running": 1,
+        "num_offline_waiting_prompt_tokens": 5 + 1 + 9,  # recomputes its prompt and output
+        "num_offline_blocks": 2,
+    }

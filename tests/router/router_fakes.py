@@ -43,6 +43,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.started: list[str] = []
         self._abort_events: dict[str, asyncio.Event] = {}
+        self.tiers: dict[str, str] = {}  # request id -> its service tier
 
     async def generate(
         self,
@@ -55,6 +56,7 @@ class FakeEngine:
         if len(prompt_token_ids) + (params.max_tokens or 0) > self.max_model_len:
             raise ValueError("prompt + max_tokens exceeds max_model_len")
         self.started.append(request_id)
+        self.tiers[request_id] = params.service_tier
         ev = self._abort_events[request_id] = asyncio.Event()
         limit = params.max_tokens or (self.max_model_len - len(prompt_token_ids))
         texts = ["" for _ in range(params.n)]
@@ -95,10 +97,13 @@ class FakeEngine:
             ev.set()
 
     def stats(self):
+        running = self._abort_events.keys()
         return SimpleNamespace(
-            num_waiting=0, num_running=len(self._abort_events), num_waiting_prompt_tokens=0,
+            num_waiting=0, num_running=len(running), num_waiting_prompt_tokens=0,
             kv_utilization=0.0, num_free_blocks=100, num_total_blocks=100,
-            prefix_cache_hit_rate=0.0, spec=None,
+            prefix_cache_hit_rate=0.0, spec=None, num_offline_waiting=0,
+            num_offline_running=sum(self.tiers.get(r) == "flex" for r in running),
+            num_offline_waiting_prompt_tokens=0, num_offline_blocks=0,
         )  # fmt: skip
 
 

@@ -9,7 +9,6 @@ import asyncio
 import pytest
 from fake_handles import fake_handle, fake_pool, keep_reporting
 
-from services.common.latency import LatencyWindow
 from services.common.proto import worker_pb2 as pb
 from services.router.admission import AdmissionControl
 from services.router.config import RouterConfig
@@ -56,13 +55,28 @@ async def test_offline_requests_wait_for_headroom_in_arrival_order() -> None:
     reporting.cancel()
 
 
-async def test_online_slo_misses_hold_offline_work() -> None:
-    g, handle = gate(IDLE, slo_ttft_ms=500.0, slo_tpot_ms=50.0)
-    reporting = asyncio.create_task(keep_reporting([handle]))
-    for ttft, tpot, met in ((0.9, 0.01, False), (0.1, 0.08, False), (0.1, 0.01, True)):
-        g.online_ttft_ms, g.online_tpot_ms = LatencyWindow(), LatencyWindow()
-        g.observe_online(ttft, tpot)  # 900 ms to the first token, 80 ms per token: missed
-        assert g.slo_met() == g.has_headroom("m") == met
+async def test_a_worker_missing_its_online_slo_gets_no_offline_work() -> None:
+    """Each worker's own online TTFT/TPOT (its load report) against the SLOs: one that misses
+    them has no room, while another still takes offline work; offline requests' slow
+    latencies and the router's own view of online requests do not hold it."""
+    cfg = RouterConfig(offline_headroom_tokens=1000, slo_ttft_ms=500.0, slo_tpot_ms=50.0)
+    reports = {  # (online TTFT, online TPOT) -> met
+        (900.0, 10.0): False,
+        (100.0, 80.0): False,
+        (100.0, 10.0): True,
+        (0.0, 0.0): True,
+    }
+    for (ttft, tpot), met in reports.items():
+        load = pb.LoadReport(recent_online_ttft_ms=ttft, recent_online_tpot_ms=tpot,
+                             recent_ttft_ms=5000.0, recent_tpot_ms=400.0)  # fmt: skip
+        g = OfflineAdmission(cfg, fake_pool([fake_handle("w0", None, load=load)]), RouterMetrics())
+        g.observe_online(0.9, 0.08)  # the router's view of online requests: slow
+        assert g.has_room(g.pool.handles["w0"]) == g.has_headroom("m") == met, (ttft, tpot)
+    missing = fake_handle("w0", None, load=pb.LoadReport(recent_online_ttft_ms=900.0))
+    meeting = fake_handle("w1", None, load=pb.LoadReport(recent_online_ttft_ms=100.0))
+    g = OfflineAdmission(cfg, fake_pool([missing, meeting]), RouterMetrics())
+    reporting = asyncio.create_task(keep_reporting([missing, meeting]))
+    assert (g.has_room(missing), g.has_room(meeting)) == (False, True)
     (await asyncio.wait_for(g.admit("m", 5), 2)).release()
     reporting.cancel()
 

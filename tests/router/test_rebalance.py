@@ -176,3 +176,38 @@ def test_slo_policy_prefers_the_measured_prefill_speed() -> None:
     d = p.propose(slow)  # 3000 tokens at 100k tok/s: 30 ms, no miss
     assert d.action == HOLD and d.inputs["ttft_pred_ms"] == pytest.approx(30)
     assert d.inputs["prefill_tokens_per_s"] == 100_000
+
+
+@pytest.mark.asyncio  # a WorkerHandle is made in an event loop
+@pytest.mark.parametrize("policy", ["queue", "slo"])
+async def test_offline_load_alone_flips_no_worker(policy: str) -> None:
+    """Roles follow online load: prefill workers whose queue (and slow TTFT) is offline
+    prompts, or decode workers whose KV is offline sequences', move nobody; the same load
+    from online requests does."""
+    from fake_handles import fake_handle
+
+    from services.common.proto import worker_pb2 as pb
+    from services.router.rebalance.rebalancer import worker_load
+
+    def run(prefill: dict, decode: dict, offline: bool) -> str:
+        def report(kw: dict) -> pb.LoadReport:
+            r = pb.LoadReport(num_total_blocks=100, recent_tpot_ms=10.0, **kw)
+            r.recent_online_ttft_ms, r.recent_online_tpot_ms = r.recent_ttft_ms, r.recent_tpot_ms
+            if offline:  # all of it is flex work: online requests are few and fast
+                r.num_offline_waiting_prompt_tokens = r.num_waiting_prompt_tokens
+                r.num_offline_waiting = r.num_waiting
+                r.num_offline_blocks = int(r.kv_utilization * 100)
+                r.recent_online_ttft_ms = 50.0 if r.recent_ttft_ms else 0.0
+            return r
+
+        handles = [fake_handle(f"p{i}", None, "prefill", report(prefill)) for i in range(2)]
+        handles += [fake_handle(f"d{i}", None, "decode", report(decode)) for i in range(2)]
+        p = create_rebalance_policy(policy, **({"smoothing": 1} if policy == "queue" else {}))
+        return p.propose([worker_load(h) for h in handles]).action
+
+    queued = {"num_waiting": 10, "num_waiting_prompt_tokens": 50_000, "recent_ttft_ms": 9000.0}
+    assert run(queued, {"kv_utilization": 0.1}, offline=False) == FLIP_TO_PREFILL
+    assert run(queued, {"kv_utilization": 0.1}, offline=True) == HOLD
+    if policy == "queue":  # the slo policy reads decode pressure from TPOT, not KV use
+        assert run({}, {"kv_utilization": 0.95}, offline=False) == FLIP_TO_DECODE
+        assert run({}, {"kv_utilization": 0.95}, offline=True) == HOLD

@@ -86,3 +86,28 @@ async def test_drain_health_and_load(stub) -> None:
     reports = [await call.read() for _ in range(3)]
     call.cancel()
     assert all(r.instance_id == "w" and r.draining for r in reports)
+
+
+async def test_load_reports_keep_online_latencies_and_count_offline_work(stub) -> None:
+    """Offline (flex) requests count in the all-tier TTFT/TPOT and the offline counts, not
+    in the online means the router's offline gate and rebalancer read."""
+    s, _ = stub
+
+    async def report() -> pb.LoadReport:
+        call = s.StreamLoad(pb.LoadReportRequest(interval_ms=20))
+        r = await call.read()
+        call.cancel()
+        return r
+
+    flex = s.Generate(_req("f", max_tokens=100, service_tier="flex"), timeout=10)
+    await flex.read()
+    r = await report()
+    assert (r.num_running, r.num_offline_running) == (1, 1)
+    assert r.recent_ttft_ms > 0 and r.recent_online_ttft_ms == 0
+    flex.cancel()
+    [m async for m in s.Generate(_req("f2", max_tokens=3, service_tier="flex"), timeout=5)]
+    r = await report()
+    assert r.recent_tpot_ms > 0 and r.recent_online_tpot_ms == 0
+    [m async for m in s.Generate(_req("d", max_tokens=3), timeout=5)]
+    r = await report()
+    assert r.recent_online_ttft_ms > 0 and r.recent_online_tpot_ms > 0

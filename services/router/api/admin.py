@@ -154,6 +154,13 @@ def worker_status(
         "kv_utilization": round(r.kv_utilization, 4) if r else None,
         "ttft_ms": round(r.recent_ttft_ms, 2) if r else None,
         "tpot_ms": round(r.recent_tpot_ms, 2) if r else None,
+        # Service tiers: the online requests' own means, and the offline (flex) share of the
+        # counts above (the rebalancer decides on online load alone).
+        "online_ttft_ms": round(r.recent_online_ttft_ms, 2) if r else None,
+        "online_tpot_ms": round(r.recent_online_tpot_ms, 2) if r else None,
+        "offline_waiting": r.num_offline_waiting if r else None,
+        "offline_running": r.num_offline_running if r else None,
+        "offline_waiting_prompt_tokens": r.num_offline_waiting_prompt_tokens if r else None,
         # Encoder backlog: images waiting for / in the vision tower (0 on other roles).
         "images_waiting": r.images_waiting if r else None,
         "images_encoding": r.images_encoding if r else None,

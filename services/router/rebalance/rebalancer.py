@@ -20,6 +20,7 @@ from typing import Any
 
 from services.common.aio import cancel_and_wait
 from services.common.pd_metrics import RebalanceMetrics
+from services.common.proto import worker_pb2 as pb
 from services.router.rebalance.base import HOLD, RebalancePolicy, WorkerLoad
 from services.router.rebalance.factory import create_rebalance_policy
 from services.router.rebalance.governor import Decision, Governor, GovernorConfig
@@ -34,21 +35,23 @@ POLICY_SYNC_S = 5.0
 
 
 def worker_load(h: WorkerHandle) -> WorkerLoad:
-    """The rebalancer's view of one worker (zeros until its first load report)."""
-    r = h.load
+    """The rebalancer's view of one worker (zeros until its first load report): its online
+    load only. NOTE: offline (flex) work fills what online work leaves and gives way to it
+    (the engine preempts it first), so it must not by itself move a worker to another role."""
+    r = h.load or pb.LoadReport()
+    offline_kv = r.num_offline_blocks / r.num_total_blocks if r.num_total_blocks else 0.0
     return WorkerLoad(
         id=h.id, role=h.info.role, state=h.state if h.reachable() else "unreachable",
-        queued_prefill_tokens=r.num_waiting_prompt_tokens if r else 0,
-        num_waiting=r.num_waiting if r else 0, num_running=r.num_running if r else 0,
-        kv_utilization=r.kv_utilization if r else 0.0,
+        queued_prefill_tokens=r.num_waiting_prompt_tokens - r.num_offline_waiting_prompt_tokens,
+        num_waiting=r.num_waiting - r.num_offline_waiting,
+        num_running=r.num_running - r.num_offline_running,
+        kv_utilization=max(0.0, r.kv_utilization - offline_kv),
         max_num_seqs=int(h.info.capacity.get("max_num_seqs", 0) or 0),
-        recent_ttft_ms=r.recent_ttft_ms if r else 0.0,
-        recent_tpot_ms=r.recent_tpot_ms if r else 0.0,
+        recent_ttft_ms=r.recent_online_ttft_ms, recent_tpot_ms=r.recent_online_tpot_ms,
         prefill_tokens_per_s=h.prefill_rate.best(),
         can_encode=bool(h.info.capacity.get("encode")),
-        images_waiting=r.images_waiting if r else 0,
-        images_encoding=r.images_encoding if r else 0,
-        recent_encode_ms=r.recent_encode_ms if r else 0.0,
+        images_waiting=r.images_waiting, images_encoding=r.images_encoding,
+        recent_encode_ms=r.recent_encode_ms,
     )  # fmt: skip
 
 
