@@ -208,11 +208,11 @@ class RouterConfig:
     offline_headroom_kv: float = field(default=0.9, metadata={
         "help": "a worker with a higher KV use (0-1) takes no offline work"})  # fmt: skip
     slo_ttft_ms: float = field(default=2000.0, metadata={
-        "help": "online time-to-first-token SLO: offline work waits while the recent mean is "
-        "above it (0: off)"})  # fmt: skip
+        "help": "online time-to-first-token SLO: a worker whose recent online mean is above "
+        "it takes no offline work (0: off)"})  # fmt: skip
     slo_tpot_ms: float = field(default=200.0, metadata={
-        "help": "online time-per-output-token SLO: offline work waits while the recent mean "
-        "is above it (0: off)"})  # fmt: skip
+        "help": "online time-per-output-token SLO: a worker whose recent online mean is "
+        "above it takes no offline work (0: off)"})  # fmt: skip
     ssl_certfile: str | None = field(
         default=None, metadata={"help": "serve the gateway over HTTPS with this certificate file"}
     )
