@@ -237,6 +237,30 @@ async def test_the_form_splits_at_every_chunk_boundary(tmp_path, monkeypatch) ->
         assert (tmp_path / "part").read_bytes() == content, chunk
 
 
+async def test_a_form_of_many_parts_is_refused(tmp_path) -> None:
+    """A body of many tiny parts is a 400, not minutes of header parsing (a 64 MiB body holds
+    a million parts; before, every one was parsed and kept)."""
+    from services.router.batches import upload
+    from services.router.errors import APIError
+
+    def form(n: int) -> bytes:
+        parts = [b'--B\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n' % i
+                 for i in range(n)]  # fmt: skip
+        return (
+            b"".join(parts) + b'--B\r\nContent-Disposition: form-data; name="purpose"'
+            b"\r\n\r\nbatch\r\n--B--\r\n"
+        )
+
+    body = tmp_path / "body"
+    body.write_bytes(form(upload.MAX_PARTS - 1))
+    fields, _, has_file = upload.split_form(body, b"B", tmp_path / "part")
+    assert (len(fields), fields["purpose"], has_file) == (upload.MAX_PARTS, b"batch", False)
+    body.write_bytes(form(upload.MAX_PARTS))
+    with pytest.raises(APIError) as err:
+        upload.split_form(body, b"B", tmp_path / "part")
+    assert err.value.status == 400 and "parts" in err.value.message
+
+
 async def test_uploads_stream_to_disk_and_leave_nothing_behind(tmp_path) -> None:
     import httpx
 
