@@ -10,6 +10,7 @@ another router may serve.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import re
@@ -124,7 +125,7 @@ class FileStore:
         out.sort(key=lambda m: (m.get("created_at", 0), m["id"]), reverse=True)
         return out
 
-    def all(self) -> list[dict[str, Any]]:
+    def all(self) -> builtins.list[dict[str, Any]]:
         """Every file object, whoever owns it, in no order."""
         out = []
         for meta_path in self.dir.glob("file-*.json"):

@@ -127,6 +127,7 @@ class WorkerHandle:
     def usable_for(self, role: str, now: float | None = None) -> bool:
         # NOTE: never route on a view the worker has moved past: mid-flip, a refused epoch,
         # or a load report already showing a newer epoch than the advertisement we hold.
+        now = time.monotonic() if now is None else now
         newer = self.load is not None and self.load.role_epoch > self.info.role_epoch
         return (
             self.info.role == role
