@@ -209,6 +209,17 @@ BOARD = Board(
             [("{{state}}", f"sum by (state) (epdserve:router_offline_requests{R})")],
         ),
         Panel(
+            "Engine sequences by class",
+            "Sequences waiting and running in the engines, online (priority and default tiers) "
+            "and offline (flex): the rebalancer decides roles on the online ones only.",
+            [
+                (
+                    "{{service_class}} {{state}}",
+                    f"sum by (service_class, state) (epdserve:num_requests_by_class{W})",
+                )
+            ],
+        ),
+        Panel(
             "Offline queue time",
             "Seconds offline requests waited in the routers' offline queue.",
             quantiles("epdserve:router_offline_queue_seconds", R),

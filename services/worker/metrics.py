@@ -215,6 +215,22 @@ class _EngineCollector:
         self.state = state
         self.ids = list(ids)
 
+    def _by_class(self, s: Any) -> GaugeMetricFamily:
+        """The engine's sequences by class: online (priority and default tiers) and offline
+        (flex), waiting and running (what the router's rebalancer and offline gate tell apart)."""
+        g = GaugeMetricFamily(
+            "epdserve:num_requests_by_class",
+            "Sequences waiting or running in the engine, online (priority and default tiers) "
+            "and offline (flex).",
+            labels=[*LABELS, "service_class", "state"],
+        )
+        off_w, off_r = getattr(s, "num_offline_waiting", 0), getattr(s, "num_offline_running", 0)
+        for cls, waiting, running in (("online", s.num_waiting - off_w, s.num_running - off_r),
+                                      ("offline", off_w, off_r)):  # fmt: skip
+            g.add_metric([*self.ids, cls, "waiting"], waiting)
+            g.add_metric([*self.ids, cls, "running"], running)
+        return g
+
     def collect(self) -> Iterable[Metric]:
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             g = GaugeMetricFamily(name, doc, labels=LABELS)
@@ -253,6 +269,7 @@ class _EngineCollector:
         )
         yield gauge("epdserve:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
                     s.kv_utilization)  # fmt: skip
+        yield self._by_class(s)
         yield counter(
             "epdserve:prefix_cache_queries",
             "Prompt tokens looked up in the prefix cache.",

@@ -136,6 +136,15 @@ def test_engine_snapshot_and_role_are_read_at_scrape_time() -> None:
     assert "epdserve:num_requests_running" not in text and "epdserve:role_flips_total" in text
 
 
+def test_requests_by_class_split_online_from_offline() -> None:
+    m, engine, _ = _metrics()
+    engine.snapshot = _stats(num_offline_waiting=2, num_offline_running=1)
+    by = {(c, st): value(m, "epdserve:num_requests_by_class", service_class=c, state=st)
+          for c in ("online", "offline") for st in ("waiting", "running")}  # fmt: skip
+    assert by == {("online", "waiting"): 0, ("online", "running"): 2,
+                  ("offline", "waiting"): 2, ("offline", "running"): 1}  # fmt: skip
+
+
 def test_pd_metrics_exist_at_zero_and_record() -> None:
     m, _, _ = _metrics()
     assert value(m, "epdserve:kv_transfer_bytes_total") == 0
