@@ -10,17 +10,31 @@ a worker lists it after registering and loads the adapters of its own model.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 
 from etcd3aio import Etcd3Client, prefix_range_end
 
 from services.common.etcd_client import ETCD_OP_TIMEOUT_S, EtcdSession
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class AdapterRecord:
     path: str  # the PEFT folder, as every worker of the base model sees it
     base_model: str  # the served name of the model it adapts
+
+
+def _record(name: str, value: bytes) -> AdapterRecord | None:
+    """The record of ``name``; None (logged) for a value this version cannot read (another
+    version's fields, a hand-written key): it must not hide the other adapters."""
+    try:
+        fields = json.loads(value)
+        return AdapterRecord(path=str(fields["path"]), base_model=str(fields["base_model"]))
+    except (ValueError, TypeError, KeyError) as exc:
+        log.warning("LoRA adapter record %r unreadable (%r): ignored", name, exc)
+        return None
 
 
 class LoRARegistry:
@@ -37,7 +51,7 @@ class LoRARegistry:
             return resp.kvs[0].value if resp.kvs else None
 
         value = await self.session.call(get)
-        return AdapterRecord(**json.loads(value)) if value is not None else None
+        return _record(name, value) if value is not None else None
 
     async def put(self, name: str, record: AdapterRecord) -> None:
         async def put(c: Etcd3Client) -> None:
@@ -56,7 +70,7 @@ class LoRARegistry:
             return resp.prev_kvs[0].value if resp.prev_kvs else None
 
         value = await self.session.call(delete)
-        return AdapterRecord(**json.loads(value)) if value is not None else None
+        return _record(name, value) if value is not None else None
 
     async def adapters(self, base_model: str) -> dict[str, AdapterRecord]:
         """The recorded adapters of ``base_model``."""
@@ -67,9 +81,10 @@ class LoRARegistry:
             resp = await c.kv.get(self.prefix, range_end=end, timeout=ETCD_OP_TIMEOUT_S)
             out = {}
             for kv in resp.kvs:
-                record = AdapterRecord(**json.loads(kv.value))
-                if record.base_model == base_model:
-                    out[kv.key.decode()[len(self.prefix) :]] = record
+                name = kv.key.decode()[len(self.prefix) :]
+                record = _record(name, kv.value)
+                if record is not None and record.base_model == base_model:
+                    out[name] = record
             return out
 
         return await self.session.call(scan)

@@ -109,3 +109,27 @@ async def test_partial_load_rolls_back_and_loads_are_recorded(tmp_path) -> None:
             await asyncio.wait_for(gw.stop(), 15)
             for w in workers:
                 await asyncio.wait_for(w.stop(), 15)
+
+
+async def test_an_unreadable_record_hides_no_other_adapter() -> None:
+    """A record this version cannot read (a newer router's fields, a hand-written key) is
+    skipped; before, it failed the whole listing and a starting worker retried forever,
+    loading none of its model's adapters."""
+    from etcd3aio import Etcd3Client
+
+    with EtcdServer() as etcd:
+        registry = LoRARegistry([etcd.endpoint], "lr")
+        try:
+            await registry.put("good", AdapterRecord("/good", "fake-model"))
+            async with Etcd3Client([etcd.endpoint]) as c:
+                assert c.kv is not None
+                await c.kv.put(registry.prefix + "newer", b'{"path": "/n", "rank": 8}')
+                await c.kv.put(registry.prefix + "junk", b"not json")
+            late = LoRAEngine()
+            await asyncio.wait_for(
+                restore_adapters(late, LoRARegistry([etcd.endpoint], "lr"), "fake-model"), 10
+            )
+            assert late.loras.adapters == {"good": "/good"}
+            assert await registry.get("junk") is None
+        finally:
+            await registry.close()
