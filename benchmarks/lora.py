@@ -68,6 +68,8 @@ def layer_methods(rows: int, adapters: int, d_in: int, d_out: int, rank: int) ->
                        adapters, rank, torch.float32, torch.device("cpu"), batch)  # fmt: skip
     layer.a.normal_()
     layer.b.normal_()
+    for b_t in layer.b_t:  # the CPU paths' copy of b (one shard here: b transposed)
+        b_t.copy_(layer.b.transpose(1, 2))
     x = torch.randn(rows, d_in)
     slots = torch.arange(rows) % adapters
     batch.groups = [(s, torch.nonzero(slots == s).flatten()) for s in range(adapters)]

@@ -83,6 +83,14 @@ class LoRALinear:
         width = len(self.shards) * rank
         self.a = torch.zeros(slots, width, in_features, dtype=dtype, device=device)
         self.b = torch.zeros(slots, out, width, dtype=dtype, device=device)
+        # The CPU paths' B: per shard, only its rank columns, transposed ([slots, rank, rows]):
+        # the block-diagonal ``b`` of a fused layer is mostly zeros (2/3 of q/k/v's), and a
+        # decode step reads every slot's factors from memory. Used when the shards tile the
+        # output in order (every packed layer); else ``b``.
+        self.b_t = [torch.zeros(slots, rank, size, dtype=dtype, device=device)
+                    for _, size in self.shards]  # fmt: skip
+        self.tiled = all(o == sum(n for _, n in self.shards[:i])
+                         for i, (o, _) in enumerate(self.shards))  # fmt: skip
         # Output rows [lo, hi) of each shard, for the expand kernel to skip the zero blocks.
         bounds = [[o for o, _ in self.shards], [o + n for o, n in self.shards]]
         self.shard_bounds = torch.tensor(bounds, dtype=torch.int32, device=device)
@@ -94,6 +102,8 @@ class LoRALinear:
         into ``slot``."""
         self.a[slot].zero_()
         self.b[slot].zero_()
+        for b_t in self.b_t:
+            b_t[slot].zero_()
         for i, ((offset, size), a_i, b_i) in enumerate(zip(self.shards, a, b, strict=True)):
             if a_i is None or b_i is None:
                 continue
@@ -101,6 +111,18 @@ class LoRALinear:
             col = i * self.rank
             self.a[slot, col : col + r].copy_(a_i)
             self.b[slot, offset : offset + size, col : col + r].copy_(b_i)
+            self.b_t[i][slot, :r].copy_(b_i.T)
+
+    def _expand(self, xa: torch.Tensor, slot: int | None = None) -> torch.Tensor:
+        """``xa`` [..., rows, width] times B^T of every slot (``slot``: one slot's), one
+        product per shard on its own rank columns."""
+        if not self.tiled:
+            b = self.b if slot is None else self.b[slot]
+            return xa @ b.transpose(-1, -2)
+        r = self.rank
+        parts = [xa[..., i * r : (i + 1) * r] @ (b_t if slot is None else b_t[slot])
+                 for i, b_t in enumerate(self.b_t)]  # fmt: skip
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -112,14 +134,14 @@ class LoRALinear:
             src, dst, m = self.batch.padded
             slots = self.a.shape[0]
             xp = F.pad(x, (0, 0, 0, 1)).index_select(0, src).view(slots, m, -1)
-            delta = torch.bmm(torch.bmm(xp, self.a.transpose(1, 2)), self.b.transpose(1, 2))
+            delta = self._expand(torch.bmm(xp, self.a.transpose(1, 2)))
             return y.index_add_(0, dst, delta.view(slots * m, -1))
         for slot, rows in self.batch.groups:
-            a, b = self.a[slot], self.b[slot]
+            a = self.a[slot]
             if rows is None:
-                y += (x @ a.T) @ b.T
+                y += self._expand(x @ a.T, slot)
             else:
-                y.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
+                y.index_add_(0, rows, self._expand(x.index_select(0, rows) @ a.T, slot))
         return y
 
 
