@@ -164,6 +164,31 @@ async def test_a_file_that_cannot_be_deleted_does_not_end_the_sweep(tmp_path, mo
     assert [m["id"] for m in files.all()] == ["file-a-locked"]
 
 
+async def test_the_sweep_deletes_temporary_files_that_a_killed_router_left(tmp_path) -> None:
+    import os
+    import time
+
+    from services.router.batches.files import FileStore
+    from services.router.batches.retention import TEMPORARY_S, sweep
+
+    class NoBatches:  # the store's part the sweep reads
+        async def all(self) -> list:
+            return []
+
+    files, now = FileStore(tmp_path), time.time()
+    kept = files.create(b"{}\n", "in.jsonl", "batch")["id"]
+    names = (".upload-old", ".file-x.json.1234abcd.tmp", ".upload-live", ".hidden")
+    for name in names:
+        (files.dir / name).write_bytes(b"x" * 10)
+    for name in (*names[:2], names[3]):  # the live upload was written to just now
+        os.utime(files.dir / name, (now - TEMPORARY_S - 1, now - TEMPORARY_S - 1))
+    swept = await sweep(NoBatches(), files, 1e9, now)  # type: ignore[arg-type]
+    assert swept.temporaries == 2
+    assert sorted(p.name for p in files.dir.iterdir()) == sorted(
+        [".hidden", ".upload-live", kept, f"{kept}.json"]
+    )
+
+
 async def test_each_api_key_sees_only_its_own_files_and_batches(tmp_path, monkeypatch) -> None:
     import httpx
 

@@ -135,6 +135,20 @@ class FileStore:
                 continue
         return out
 
+    def remove_temporaries(self, older_than: float) -> int:
+        """Delete the temporary files (an upload's ``.upload-*``, a write's ``.*.tmp``) last
+        written before ``older_than`` (unix seconds): a router killed mid-request leaves
+        them, and nothing else ever would; how many."""
+        removed = 0
+        for path in [*self.dir.glob(".upload-*"), *self.dir.glob(".*.tmp")]:
+            try:
+                if path.stat().st_mtime < older_than:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # its request ended since
+                continue
+        return removed
+
     def delete(self, file_id: str) -> bool:
         if self.get(file_id) is None:
             return False

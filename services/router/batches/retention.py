@@ -25,6 +25,9 @@ from services.router.batches.store import BatchStore
 log = logging.getLogger(__name__)
 
 SWEEP_S = 600.0  # the leader sweeps this often
+# A temporary file not written to for this long belongs to no request any more (an upload
+# writes its body as it arrives; checking the lines of 64 MiB takes seconds).
+TEMPORARY_S = 3600.0
 
 
 def ended_at(rec: BatchRecord) -> int | None:
@@ -47,6 +50,7 @@ def files_of(rec: BatchRecord) -> list[str]:
 class Swept:
     batches: int = 0
     files: int = 0
+    temporaries: int = 0  # left by requests that a killed router never ended
 
 
 async def _delete(files: FileStore, file_id: str) -> bool:
@@ -75,7 +79,11 @@ async def sweep(store: BatchStore, files: FileStore, retention_s: float, now: fl
     for meta in await asyncio.to_thread(files.all):
         if meta.get("created_at", 0) <= cutoff and meta["id"] not in named:
             out.files += await _delete(files, meta["id"])
-    if out.batches or out.files:
-        log.info("batch retention: %d batches and %d files older than %g s deleted",
-                 out.batches, out.files, retention_s)  # fmt: skip
+    try:
+        out.temporaries = await asyncio.to_thread(files.remove_temporaries, now - TEMPORARY_S)
+    except OSError as exc:
+        log.warning("batch retention: cannot delete temporary files: %s", exc)
+    if out.batches or out.files or out.temporaries:
+        log.info("batch retention: %d batches and %d files older than %g s deleted, and %d "
+                 "temporary files", out.batches, out.files, retention_s, out.temporaries)  # fmt: skip
     return out
