@@ -10,6 +10,7 @@ from router_fakes import FakeEngine
 from services.common.grpc_utils import SERVER_OPTIONS, insecure_channel
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
+from services.engine.sampling_params import SamplingParams
 from services.worker.server import WorkerServicer
 from services.worker.state import WorkerState
 
@@ -111,3 +112,41 @@ async def test_load_reports_keep_online_latencies_and_count_offline_work(stub) -
     [m async for m in s.Generate(_req("d", max_tokens=3), timeout=5)]
     r = await report()
     assert r.recent_online_ttft_ms > 0 and r.recent_online_tpot_ms > 0
+
+
+class _FakeDecode:
+    """A decode role's reserve / claim over the fake engine (no KV transfer)."""
+
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine, self.reserved = engine, set()
+
+    def held(self):
+        return self.reserved
+
+    async def reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
+        self.reserved.add(request.request_id)
+        return pb.ReserveResponse()
+
+    def decode(self, request: pb.DecodeRequest):
+        self.reserved.remove(request.request_id)
+        return self.engine.generate(request.request_id, [1], SamplingParams(max_tokens=3))
+
+
+async def test_a_pd_decode_worker_knows_a_flex_request_from_its_reservation() -> None:
+    """The Decode call carries no sampling params: the tier comes from the Reserve, so an
+    offline request decoded here stays out of the online means."""
+    engine = FakeEngine()
+    servicer = WorkerServicer(engine, WorkerState("w", "inc", "decode"), load_interval_ms=20,
+                              decode=_FakeDecode(engine))  # type: ignore[arg-type]  # fmt: skip
+
+    async def decode(rid: str, tier: str) -> pb.LoadReport:
+        await servicer.Reserve(pb.ReserveRequest(request_id=rid, params=pb.SamplingParams(
+            service_tier=tier)), None)  # type: ignore[arg-type]  # fmt: skip
+        [m async for m in servicer.Decode(pb.DecodeRequest(request_id=rid), None)]  # type: ignore[arg-type]
+        return servicer.load_report()
+
+    r = await decode("f", "flex")
+    assert r.recent_tpot_ms > 0 and r.recent_online_tpot_ms == r.recent_online_ttft_ms == 0
+    assert servicer.offline_reserved == set()
+    r = await decode("d", "default")
+    assert r.recent_online_tpot_ms > 0 and r.recent_online_ttft_ms > 0
