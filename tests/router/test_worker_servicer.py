@@ -118,7 +118,8 @@ class _FakeDecode:
     """A decode role's reserve / claim over the fake engine (no KV transfer)."""
 
     def __init__(self, engine: FakeEngine) -> None:
-        self.engine, self.reserved = engine, set()
+        self.engine = engine
+        self.reserved: set[str] = set()
 
     def held(self):
         return self.reserved
