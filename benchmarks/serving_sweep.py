@@ -102,31 +102,17 @@ def run_one(
 
 
 def offline_step_ms(num_prompts: int) -> float:
-    """The offline engine's decode step at batch 1 (median over the requests): (end-to-end
-    time - time to the first token) / (64 - 1) per request, 128-token random prompts."""
-    import random
-
+    """The offline engine's mean decode step at batch 1 (``benchmarks/offline.py``'s
+    ``EngineBench`` with one sequence at a time), 128-token random prompts, 64 tokens out."""
     # As `epdserve up` starts its workers (launcher.WORKER_ENV_DEFAULTS); before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.path.insert(0, str(REPO))
-    from services.engine.llm import LLM
-    from services.engine.sampling_params import SamplingParams
+    from benchmarks import offline
 
-    llm = LLM()
-    rng = random.Random(0)
-    params = SamplingParams(max_tokens=64, ignore_eos=True, temperature=0)
-    llm.generate([rng.randrange(100, 40000) for _ in range(128)], params)  # warm-up
-    steps = []
-    for i in range(num_prompts):
-        eng = llm.engine
-        eng.add_request(f"c1-{i}", [rng.randrange(100, 40000) for _ in range(128)], params)
-        first = None
-        while eng.has_unfinished_requests():
-            eng.step()
-            if first is None:
-                first = time.perf_counter()
-        steps.append((time.perf_counter() - first) / 63 * 1e3)
-    return sorted(steps)[len(steps) // 2]
+    args = offline.parse_args(["--num-prompts", str(num_prompts), "--max-num-seqs", "1",
+                               "--input-len", "128", "--output-len", "64", "--skip-hf"])  # fmt: skip
+    prompts = offline.make_prompts(num_prompts, 128, 40000, seed=0)
+    return offline.EngineBench(args, prompts).run()["mean_decode_step_ms"]
 
 
 def concurrency_one(args: argparse.Namespace) -> None:
