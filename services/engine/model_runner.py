@@ -24,6 +24,7 @@ from services.engine.eplb import ExpertPlacement
 from services.engine.kv_layout import KVLayout
 from services.engine.layers.attention import AttentionMetadata, PrefillSegment, TorchAttention
 from services.engine.layers.cpu_linear import pack_linears
+from services.engine.layers.masks import additive_mask
 from services.engine.lora_manager import LoRAManager
 from services.engine.model_loader import iter_safetensors
 from services.engine.models.registry import resolve_model_class
@@ -275,10 +276,8 @@ class ModelRunner:
             meta.decode_context_lens = ctx_lens
             if not paged:
                 width = len(tables[0]) * self.block_size
-                past = torch.arange(width, device=dev)[None, :] >= ctx_lens[:, None]
-                # Additive: SDPA adds a float mask to the scores, cheaper than a boolean one.
-                mask = torch.zeros(past.shape, dtype=self.dtype, device=dev)
-                meta.decode_mask = mask.masked_fill_(past, float("-inf"))[:, None, None, :]
+                mask = additive_mask(ctx_lens, width, self.dtype)
+                meta.decode_mask = mask[:, None, None, :]
         return meta
 
     def _forward(

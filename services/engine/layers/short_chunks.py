@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from services.engine.layers.masks import additive_mask
+
 # Chunks up to this many tokens are batched (a verification is 1 + k; prompts are longer).
 MAX_TOKENS = 16
 
@@ -81,9 +83,7 @@ def attend(
     g = h // hkv
     span = kk.shape[1]
     if group.mask is None:
-        seen = torch.arange(span, device=q.device)[None, None, :] < group.limits[:, :, None]
-        mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device)
-        mask.masked_fill_(~seen, float("-inf"))  # [S, n, L]
+        mask = additive_mask(group.limits, span, q.dtype)  # [S, n, L]
         group.mask = mask[:, None, None].expand(s, 1, g, n, span).reshape(s, 1, g * n, span)
     qq = q.index_select(0, group.rows).view(s, n, hkv, g, d).permute(0, 2, 3, 1, 4)
     o = F.scaled_dot_product_attention(
