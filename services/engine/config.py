@@ -163,16 +163,15 @@ class EngineConfig:
         if self.lora_enabled and self.tensor_parallel_size > 1:
             # NOTE: an adapter's factors would have to be sliced like the rank's weights.
             raise ValueError("LoRA adapters with tensor_parallel_size > 1 are not supported")
-        if self.tensor_parallel_size > 1 and self.speculative_config is not None:
-            # NOTE: ranks 1..N-1 rebuild each step from the sequences' tokens (tp_ranks.py
-            # snapshot), which carry no draft tokens yet.
-            raise ValueError("speculative_config is not supported with tensor_parallel_size > 1")
         if self.tensor_parallel_size > 1 and self.kv_host_pool_bytes:
             raise ValueError("the KV host pool is not supported with tensor_parallel_size > 1")
         if self.tensor_parallel_size > 1 and (self.lora_modules or self.enable_lora):
             raise ValueError("LoRA adapters are not supported with tensor_parallel_size > 1")
-        if self.tensor_parallel_size > 1 and self.speculative_config is not None:
-            raise ValueError("speculative decoding is not supported with tensor_parallel_size > 1")
+        spec = self.speculative
+        if self.tensor_parallel_size > 1 and spec is not None and spec.method == "eagle3":
+            # NOTE: the head reads the target's vocabulary-parallel embedding on the driver
+            # alone; draft models run whole (TP=1) on the driver, n-gram and suffix need none.
+            raise ValueError("eagle3 speculation is not supported with tensor_parallel_size > 1")
         if self.eplb_placement and not (
             self.enable_expert_parallel and self.tensor_parallel_size > 1
         ):

@@ -70,7 +70,10 @@ class Executor:
         if self.drafter is not None:
             self.drafter.fill(sched.scheduled)
         if self.ranks is not None:
-            return self._execute_group(sched, layer_hook), {}
+            logits = self._execute_group(sched, layer_hook)
+            if self.drafter is not None:
+                self.drafter.after_target(sched.scheduled)
+            return logits, {}
         try:
             logits = self._run(sched.scheduled, layer_hook)
         except Exception as exc:  # noqa: BLE001 - isolated below

@@ -74,14 +74,18 @@ class _Tail:
         return self.tokens[i - self.start]
 
 
-def snapshot(scheduled: list[ScheduledSeq]) -> list[tuple[SeqView, int]]:
+def snapshot(scheduled: list[ScheduledSeq]) -> list[tuple[SeqView, int, list[int]]]:
+    """The batch as a rank reads it: each sequence's view, its new tokens' count and its draft
+    tokens (speculative decoding: every rank verifies the same drafts, so that their
+    collectives meet; a rejected draft's KV needs no rollback on any rank, see
+    ``Speculator.accept``)."""
     out = []
     for s in scheduled:
         seq, start = s.seq, s.seq.num_computed_tokens
-        tail = list(seq.token_ids[start : start + s.num_new_tokens])
+        tail = list(seq.token_ids[start : start + s.num_known_tokens])
         view = SeqView(seq.request_id, seq.seq_id, start, seq.num_prompt_tokens,
                        seq.num_tokens, list(seq.block_table), start, tail)  # fmt: skip
-        out.append((view, s.num_new_tokens))
+        out.append((view, s.num_new_tokens, list(s.draft_token_ids)))
     return out
 
 
@@ -330,7 +334,7 @@ def rank_main(rank: int, size: int, port: int, config: EngineConfig, hf_config: 
             if isinstance(msg, RankCall):
                 answer.run(context, msg)
                 continue
-            runner.execute([_scheduled(view, n) for view, n in msg], context.layer_hook)
+            runner.execute([_scheduled(*item) for item in msg], context.layer_hook)
     except (EOFError, KeyboardInterrupt):
         return
     except BaseException:
@@ -367,6 +371,5 @@ class _Answerer:
                 self.conn.send((call.call_id, False, RuntimeError(repr(value))))
 
 
-def _scheduled(view: SeqView, num_new: int) -> ScheduledSeq:
-    # NOTE: no draft tokens: speculative decoding is refused with tensor parallelism.
-    return ScheduledSeq(view, num_new)  # type: ignore[arg-type]
+def _scheduled(view: SeqView, num_new: int, drafts: list[int]) -> ScheduledSeq:
+    return ScheduledSeq(view, num_new, drafts)  # type: ignore[arg-type]

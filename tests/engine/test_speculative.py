@@ -289,8 +289,12 @@ def test_bad_config_is_a_value_error(text, message):
         EngineConfig(speculative_config=text)
 
 
-def test_no_speculation_with_tensor_parallelism():
+def test_eagle3_only_is_refused_with_tensor_parallelism():
+    """n-gram, suffix and draft models verify on every rank (test_tensor_parallel.py,
+    test_speculative_draft.py); an EAGLE-3 head would read the target's sharded embedding."""
     from services.engine.config import EngineConfig
 
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
-        EngineConfig(speculative_config=NGRAM, tensor_parallel_size=2)
+    EngineConfig(speculative_config=NGRAM, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="eagle3 .* tensor_parallel_size"):
+        EngineConfig(speculative_config='{"method": "eagle3", "model": "x"}',
+                     tensor_parallel_size=2)  # fmt: skip

@@ -43,18 +43,24 @@ def plain(model):
     return LLM(model, dtype="float32", block_size=4, kv_cache_bytes=KV_BYTES).engine
 
 
-def test_greedy_equals_no_speculation(model, draft, plain):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_greedy_equals_no_speculation(model, draft, plain, tp):
     """A logit bias keeps both models' output within a few tokens, so that some drafts of
-    the unrelated draft model are accepted and some rejected."""
+    the unrelated draft model are accepted and some rejected. With a target of two
+    tensor-parallel ranks, the draft runs whole on the driver and both ranks verify."""
     prompts = repetitive_prompts()
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
                             logit_bias=copy_bias(), logprobs=2)  # fmt: skip
-    engine = draft_engine(model, draft)
-    same(run(engine, prompts, params), run(plain, prompts, params))
-    stats = engine.stats().spec
-    assert stats is not None
-    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine = draft_engine(model, draft, tensor_parallel_size=tp)
+    try:
+        assert engine.runner.tp.size == tp and engine.executor.drafter.runner.tp.size == 1
+        same(run(engine, prompts, params), run(plain, prompts, params))
+        stats = engine.stats().spec
+        assert stats is not None
+        assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    finally:
+        engine.close()
 
 
 def test_target_as_its_own_draft_accepts_all(model, plain):

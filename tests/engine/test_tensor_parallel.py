@@ -1,5 +1,6 @@
 """Tensor parallelism: two ranks (two processes, gloo) give the tokens and logprobs of one,
-through chunked prefill, prefix-cache hits and preemption; a dead rank ends the group."""
+through chunked prefill, prefix-cache hits, preemption and speculative decoding; a dead rank
+ends the group."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from services.engine import LLM
 from services.engine.distributed import RankFailure
 from tests.engine.test_correctness import GREEDY, check, hf_greedy, prompts_of_mixed_lengths
+from tests.engine.test_speculative import Oracle, speculating
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3_moe"])
@@ -42,6 +44,26 @@ def test_tp2_matches_single_device(tp_case):
         again = llm.generate([prompt], GREEDY)
         check(again, refs[3:4])
     assert again[0].num_cached_tokens >= 28
+    engine.block_manager.check_invariants()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_tp2_verifies_drafts(tp_case):
+    """Speculative decoding: the driver proposes (drafts from transformers' output, one token
+    wrong in most), every rank verifies them with several query tokens per sequence, and the
+    tokens and logprobs stay transformers' through preemption and chunked prefill."""
+    refs, llm = tp_case
+    engine = llm.engine
+    prompts = prompts_of_mixed_lengths()
+    oracle = Oracle()
+    for prompt, (tokens, _) in zip(prompts, refs, strict=True):
+        oracle.refs[(tuple(prompt), 0)] = tokens
+    s = speculating(engine, oracle, num_speculative_tokens=3)
+    try:
+        check(llm.generate(prompts, GREEDY), refs)
+    finally:
+        engine.scheduler.speculator = None
+    assert 0 < s.stats.num_accepted_tokens < s.stats.num_draft_tokens
     engine.block_manager.check_invariants()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 

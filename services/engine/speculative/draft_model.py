@@ -232,6 +232,9 @@ def draft_runner(
         config, model=path, served_model_name=None, speculative_config=None,
         kv_cache_bytes=None, kv_host_pool_bytes=0, lora_modules=[], enable_lora=False,
         pooling="none", classifier_from_tokens=None,
+        # NOTE: whole, on the driver (rank 0), under tensor parallelism too: a small model's
+        # passes gain nothing from splitting, and the ranks verify its drafts as any others.
+        tensor_parallel_size=1, enable_expert_parallel=False, eplb_placement=None,
         # NOTE: an EAGLE head reads hidden states set beside its input: no CUDA graphs.
         load_format="auto" if model_class is not None else config.load_format,
         enforce_eager=config.enforce_eager or model_class is not None,
