@@ -163,8 +163,6 @@ class EngineConfig:
         if self.lora_enabled and self.tensor_parallel_size > 1:
             # NOTE: an adapter's factors would have to be sliced like the rank's weights.
             raise ValueError("LoRA adapters with tensor_parallel_size > 1 are not supported")
-        if self.tensor_parallel_size > 1 and self.kv_host_pool_bytes:
-            raise ValueError("the KV host pool is not supported with tensor_parallel_size > 1")
         if self.tensor_parallel_size > 1 and (self.lora_modules or self.enable_lora):
             raise ValueError("LoRA adapters are not supported with tensor_parallel_size > 1")
         spec = self.speculative

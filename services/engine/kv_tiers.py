@@ -38,11 +38,13 @@ from services.engine.block_hash import hash_block
 from services.engine.block_manager import KVEvent
 from services.engine.kv_host_pool import HostBlockPool
 from services.engine.scheduler_output import KVLoad, TierHit
+from services.engine.tp_host_pool import MOVES_TIMEOUT_S, HostMoves, apply_host_moves
 
 if TYPE_CHECKING:
     from services.engine.block_manager import BlockManager, CachedBlock
     from services.engine.kv_cache import KVCache
     from services.engine.sequence import Sequence
+    from services.engine.tp_ranks import RankProcesses
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +122,17 @@ class KVTierManager:
         host_blocks: int,
         pin_memory: bool,
         store: StoreTier | None = None,
+        ranks: RankProcesses | None = None,
     ) -> None:
+        """``ranks``: the other tensor-parallel ranks, which follow the host pool's moves with
+        their own heads (tp_host_pool.py); no store then (its values would be one rank's)."""
         self.block_size = block_size
+        self.ranks = ranks
         self.codec = BlockCodec(block_shape, dtype, block_size)
         self.host = HostBlockPool(host_blocks, block_shape, dtype, pin_memory)
-        self.store = store
+        self.store: StoreTier | None = None
+        if store is not None:
+            self.attach_store(store)
         self.stats = TierStats()
         self._events: list[KVEvent] = []
         self._lock = threading.Lock()  # guards _events, stats, _pending_writes, _inflight
@@ -136,6 +144,11 @@ class KVTierManager:
         self._fetch_done = threading.Event()
         self._loaded_from_store: set[int] = set()  # this step's store hits: not written back
         self._inflight: set[Future] = set()  # store calls queued or running
+
+    def attach_store(self, store: StoreTier) -> None:
+        if self.ranks is not None:
+            raise ValueError("the KV store tier is not supported with tensor_parallel_size > 1")
+        self.store = store
 
     def close(self) -> None:
         """Stop the store threads (queued work is dropped) and close the store."""
@@ -243,7 +256,9 @@ class KVTierManager:
         loads' KV from the host pool (or the store's prefetched data), save evicted device
         blocks to the host pool (which may push host blocks out), then fill the loads'
         device blocks. NOTE: the previous step ended with its logits on the CPU, so these
-        blocking copies do not wait for model work."""
+        blocking copies do not wait for model work. With tensor parallelism the other ranks
+        then make the same moves with their own heads."""
+        slots = [self.host.lookup(x.hit.block_hash, x.hit.token_ids) for x in loads]
         data = self.gather(loads) if loads else None
         evicted = self.filter_new(bm.take_evicted())
         if evicted:
@@ -251,6 +266,16 @@ class KVTierManager:
             self.save(evicted, kv.permute(2, 0, 1, 3, 4, 5))
         if data is not None:
             cache.write_blocks([x.block_id for x in loads], data.permute(1, 2, 0, 3, 4, 5))
+        if self.ranks is not None and (loads or evicted):
+            entries = self.host.entries
+            saved = [e for e in evicted if e.block_hash in entries]  # not spilled at once
+            moves = HostMoves(
+                self.host.num_blocks, [s for s in slots if s is not None],
+                [x.block_id for x in loads], [e.block_id for e in saved],
+                [entries[e.block_hash][0] for e in saved],
+            )  # fmt: skip
+            assert len(moves.load_slots) == len(loads), "a load from the store under TP"
+            self.ranks.call(apply_host_moves, moves, timeout=MOVES_TIMEOUT_S)
 
     def after_step(self, bm: BlockManager, cache: KVCache) -> None:
         """Write the blocks the step completed through to the store (read now: the

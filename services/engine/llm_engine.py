@@ -127,7 +127,7 @@ class LLMEngine:
         r = self.runner
         self.tiers = KVTierManager(
             self.config.block_size, r.block_shape, r.dtype, host_blocks,
-            pin_memory=r.device.type != "cpu", store=store,
+            pin_memory=r.device.type != "cpu", store=store, ranks=r.ranks,
         )  # fmt: skip
         self.scheduler.attach_tiers(self.tiers)
 
@@ -137,7 +137,7 @@ class LLMEngine:
         if self.tiers is None:
             self._enable_tiers(0, store)
         else:
-            self.tiers.store = store
+            self.tiers.attach_store(store)
 
     def close(self) -> None:
         """Stop the tiers' background store reads and writes, and the other ranks' processes."""

@@ -51,6 +51,9 @@ async def attach_kv_store(
         return None
     llm_engine = engine.engine
     assert llm_engine is not None
+    if llm_engine.runner.ranks is not None:
+        # NOTE: a value would hold one rank's heads; keys per rank are not done.
+        raise ValueError("--kv-store is not supported with tensor_parallel_size > 1")
     source: StoreConfig | Callable[[], StoreConfig | None]
     if wcfg.kv_store == "auto":
         assert kvstores is not None, "--kv-store auto needs etcd"

@@ -35,11 +35,11 @@ def run(llm: LLM, ids: list[int]) -> tuple[list[int], int]:
     return out.outputs[0].token_ids, llm.engine.num_prompt_tokens_computed - before
 
 
-def small_engine(model_dir: Callable[[str], object], device_blocks: int, **kw) -> LLM:
+def small_engine(model_dir: Callable[[str], object], device_blocks: int, tp: int = 1, **kw) -> LLM:
     probe_bytes = 2 * 2 * BS * 2 * 16 * 4  # tiny llama: 2 layers, 2 kv heads, dim 16, fp32
     return LLM(
-        str(model_dir("llama")), block_size=BS, kv_cache_bytes=device_blocks * probe_bytes,
-        max_num_batched_tokens=256, **kw,
+        str(model_dir("llama")), block_size=BS, max_num_batched_tokens=256,
+        kv_cache_bytes=device_blocks * probe_bytes // tp, tensor_parallel_size=tp, **kw,
     )  # fmt: skip
 
 
@@ -215,8 +215,12 @@ def test_evicted_blocks_are_counted_once_in_the_host_pool():
 # ---- engine: device -> host -> store, and back --------------------------------------------
 
 
-def test_device_evictions_come_back_from_the_host_pool(tiny_model_dir):
-    llm = small_engine(tiny_model_dir, device_blocks=8, kv_host_pool_bytes=1 << 20)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_device_evictions_come_back_from_the_host_pool(tiny_model_dir, tp):
+    """With two tensor-parallel ranks each keeps its own heads' blocks in its own pool, and
+    the driver's decisions (which blocks, which slots) are followed by both."""
+    llm = small_engine(tiny_model_dir, device_blocks=8, tp=tp, kv_host_pool_bytes=1 << 20)
+    assert llm.engine.runner.num_blocks == 8
     a, b = prompt(1, 100), prompt(2, 100)
     ref_a, computed = run(llm, a)
     assert computed == 100
