@@ -7,9 +7,20 @@ from typing import Any
 
 import torch
 
+from services.engine.layers import fused
 from services.engine.layers.attention import AttentionMetadata
+from services.engine.layers.moe import Experts
 
 logger = logging.getLogger(__name__)
+
+
+def capture_blocker(model: torch.nn.Module) -> str | None:
+    """Why ``model``'s decode forward cannot be captured in a CUDA graph (None: it can)."""
+    if fused.moe is None and any(isinstance(m, Experts) for m in model.modules()):
+        # NOTE: the fused Triton experts keep every count on the device; the reference reads
+        # them on the host (``.tolist()``: a sync, which a capture refuses).
+        return "the reference MoE experts read their token counts on the host (no fused MoE)"
+    return None
 
 
 class DecodeGraphs:

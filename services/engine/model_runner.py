@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from services.engine.config import EngineConfig
-from services.engine.decode_graphs import DecodeGraphs
+from services.engine.decode_graphs import DecodeGraphs, capture_blocker
 from services.engine.distributed import TPGroup
 from services.engine.eplb import ExpertPlacement
 from services.engine.kv_layout import KVLayout
@@ -150,7 +150,11 @@ class ModelRunner:
         # NOTE: no CUDA graphs with tensor parallelism yet (collectives inside the capture).
         cuda = self.device.type == "cuda" and not self.pooling and self.tp.size == 1
         if cuda and not config.enforce_eager and self.backend.paged_decode:
-            self.graphs = DecodeGraphs(self, config.max_num_seqs)
+            blocker = capture_blocker(model)
+            if blocker is not None:
+                logger.warning("no CUDA graphs: %s", blocker)
+            else:
+                self.graphs = DecodeGraphs(self, config.max_num_seqs)
 
     @property
     def block_shape(self) -> tuple[int, int, int, int, int]:

@@ -7,17 +7,24 @@ import pytest
 import torch
 
 from services.engine import LLM
+from services.engine.decode_graphs import capture_blocker
+from services.engine.layers import fused
 from services.engine.layers.moe import experts_reference, route
 from tests.conftest import MOE_FAMILIES
 from tests.engine.test_correctness import GREEDY, check, hf_greedy, prompts_of_mixed_lengths
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_moe_greedy_matches_transformers(tiny_model_dir, family):
+def test_moe_greedy_matches_transformers(tiny_model_dir, family, monkeypatch):
     model = tiny_model_dir(family)
     refs = hf_greedy(model, prompts_of_mixed_lengths(), GREEDY.max_tokens)
     llm = LLM(str(model), device="cpu", dtype="float32", kv_cache_bytes=8 << 20)
     check(llm.generate(prompts_of_mixed_lengths(), GREEDY), refs)
+    # CUDA graphs: only on the fused experts (the reference's host reads break a capture).
+    monkeypatch.setattr(fused, "moe", None)
+    assert "reference MoE" in (capture_blocker(llm.engine.runner.model) or "")
+    monkeypatch.setattr(fused, "moe", object())
+    assert capture_blocker(llm.engine.runner.model) is None
 
 
 def test_experts_reference_equals_per_token_loop():
