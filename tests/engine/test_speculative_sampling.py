@@ -160,6 +160,29 @@ def test_adaptive_length_backs_off_and_probes():
     assert spec.stats.num_drafts == 4 and spec.stats.acceptance_rate == 0.0
 
 
+def test_adaptive_length_doubles_on_full_acceptance_and_halves_on_rejection():
+    """A fully accepted draft doubles the next (a copy runs on); after a rejection the next
+    is the accepted run plus one, but at least half the draft tried; never past the max."""
+    cfg = SpeculativeConfig(num_speculative_tokens=16, disable_by_batch_size=0)
+    spec = Speculator(cfg, 1000, make_sched().bm)
+    seq = Sequence("r", list(range(20)), SamplingParams(max_tokens=100))
+    lengths = [spec.length(seq, 100)]
+    for n, accepted in [(16, 3), (8, 8), (16, 16), (16, 0), (8, 1), (4, 4), (8, 7)]:
+        spec.observe(seq, n, accepted)
+        lengths.append(spec.length(seq, 100))
+    assert lengths == [16, 8, 16, 16, 8, 4, 8, 8]
+
+
+def test_draft_tokens_per_step_are_shared_by_the_batch():
+    cfg = SpeculativeConfig(num_speculative_tokens=16, disable_by_batch_size=0,
+                            max_draft_tokens_per_step=32, adaptive=False)  # fmt: skip
+    spec = Speculator(cfg, 1000, make_sched().bm)
+    seq = Sequence("r", list(range(20)), SamplingParams(max_tokens=100))
+    assert [spec.length(seq, 100, b) for b in (1, 2, 3, 8, 64)] == [16, 16, 10, 4, 1]
+    spec.config.max_draft_tokens_per_step = 0  # no limit
+    assert spec.length(seq, 100, 64) == 16
+
+
 # ---- the scheduler with lookahead slots (property-based) ---------------------------------
 
 

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from services.engine.layers.masks import additive_mask
 
-# Chunks up to this many tokens are batched (a verification is 1 + k; prompts are longer).
-MAX_TOKENS = 16
+# Chunks up to this many tokens are batched (a verification is 1 + k, k <= 32; prompts are
+# longer).
+MAX_TOKENS = 33
 
 
 @dataclass

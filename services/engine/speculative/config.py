@@ -34,6 +34,11 @@ class SpeculativeConfig:
     # No speculation in a step with more running sequences than this (verifying k tokens of
     # a large batch costs more than it saves); 0: no limit.
     disable_by_batch_size: int = 8
+    # Most draft tokens verified in one step, all sequences together (each of B running
+    # sequences drafts at most this over B); 0: no limit. Verifying costs about what the
+    # step's extra query tokens cost to compute: on 2 CPU cores 16 drafts at batch 1 made a
+    # step ~1.5x a decode step; a GPU takes hundreds before a step costs more.
+    max_draft_tokens_per_step: int = 32
     # Adapt each sequence's draft length to its measured acceptance.
     adaptive: bool = True
 
@@ -60,6 +65,8 @@ class SpeculativeConfig:
             raise ValueError("suffix_min_token_prob must be in [0, 1]")
         if self.disable_by_batch_size < 0:
             raise ValueError("disable_by_batch_size must be >= 0")
+        if self.max_draft_tokens_per_step < 0:
+            raise ValueError("max_draft_tokens_per_step must be >= 0")
 
     @classmethod
     def parse(cls, text: str | dict[str, Any]) -> SpeculativeConfig:
