@@ -1,16 +1,23 @@
 """Speculative decoding on the CPU: n-gram and suffix against no speculation, batch 1 and 8.
 
-Two workloads of chat prompts for the default model (greedy, up to ``--max-tokens``):
-``copy`` asks it to repeat a code snippet with one change (the output copies the prompt:
-code edits, extraction), ``chat`` asks open questions (little to copy). Each (workload,
-batch) runs with speculation off, ``ngram`` and ``suffix`` in one engine per method (loaded
-once, a warm-up request first), the runs of one row back to back so that they share the
-machine's background load. Prints per run: output tokens/s, mean TPOT (per request: time
-from its first to its last token over the tokens after the first), the ratio of TPOT off /
-on (> 1: speculation is faster), acceptance rate, mean accepted length, and whether every
-output equals the run without speculation (greedy: it must).
+Workloads of chat prompts for the default model (greedy, up to ``--max-tokens``): ``copy``
+asks it to rewrite a code snippet with one variable renamed, outputting only the code (the
+output copies the prompt: code edits, extraction; the 135M model copies the snippet and
+seldom renames), ``docstring`` asks it to repeat a snippet and add a docstring (the old copy
+workload: the model writes a new docstring and drops most of the body, so even an oracle
+proposer appends only 1.7 tokens per verification at batch 1), ``chat`` asks open questions
+(little to copy). Each (workload, batch) runs with speculation off, ``ngram`` and ``suffix``
+in one engine per method (loaded once, a warm-up request first); the runs of one row go back
+to back, off first, ``--repeats`` times, so that each on/off pair shares the machine's
+background load; each run starts with a fresh proposer (the suffix method's cache of recent
+outputs would otherwise hold the same request's output from the repeat before). Prints per method: output tokens/s and mean TPOT (per request: time from
+its first to its last token over the tokens after the first; medians over the repeats), the
+median of the repeats' TPOT off / on ratios (> 1: speculation is faster) with each repeat's,
+acceptance rate, mean accepted length (tokens a verification appends), and whether every
+output equals the run without speculation (greedy: it must). ``--show`` prints the first
+output of each workload.
 
-    .venv/bin/python benchmarks/speculative.py --max-tokens 128
+    .venv/bin/python benchmarks/speculative.py --max-tokens 64 --batches 1 --methods ngram,suffix
 
 With ``--draft-model PATH`` (a model with the target's tokenizer) or ``--draft-layers N`` (the
 target's own first N decoder layers with its final norm and lm_head, written to a temporary
@@ -54,13 +61,21 @@ QUESTIONS = [
 ]
 
 
+TEMPLATES = {
+    "copy": "Rewrite this Python code with the variable `line` renamed to `text`. Output only "
+    "the code.\n\n{}",
+    "docstring": "Repeat this Python code exactly, but add a docstring to the first "
+    "function:\n\n{}",
+}
+WORKLOADS = ("copy", "docstring", "chat")
+
+
 def prompts(workload: str, n: int) -> list[list[dict[str, str]]]:
-    if workload == "copy":
+    if workload in TEMPLATES:
         return [
-            [{"role": "user", "content": "Repeat this Python code exactly, but add a docstring "
-              f"to the first function:\n\n{SNIPPETS[i % len(SNIPPETS)]}"}]
+            [{"role": "user", "content": TEMPLATES[workload].format(SNIPPETS[i % len(SNIPPETS)])}]
             for i in range(n)
-        ]  # fmt: skip
+        ]
     return [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(n)]
 
 
@@ -113,12 +128,57 @@ def truncated_copy(model: str | None, layers: int) -> str:
     return str(out)
 
 
+def spec_counts(engine) -> tuple[int, int, int]:
+    """(verifications, draft tokens, accepted drafts) so far; zeros without speculation."""
+    spec = engine.scheduler.speculator
+    if spec is None:
+        return (0, 0, 0)
+    return (spec.stats.num_drafts, spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens)
+
+
+def fresh_proposer(engine) -> None:
+    """A new n-gram or suffix proposer: the suffix method keeps the worker's recent outputs,
+    and a repeat would find its own earlier output there (accepting nearly every draft)."""
+    from services.engine.speculative.speculator import make_proposer
+
+    spec = engine.scheduler.speculator
+    if spec is not None and not spec.deferred:
+        spec.proposer = make_proposer(spec.config)
+
+
+def row(engines, convs, max_tokens: int, repeats: int) -> dict[str, dict]:
+    """Each method on ``convs``, off first, ``repeats`` times: per method its tok/s and TPOT
+    per repeat, the TPOT ratios off/on per repeat, its speculation counters over all repeats,
+    and whether every repeat's outputs equaled the same repeat's without speculation."""
+    res = {name: {"tps": [], "tpot": [], "ratio": [], "equal": True} for name in engines}
+    for _ in range(repeats):
+        base = None
+        for name, engine in engines.items():
+            fresh_proposer(engine)
+            before = spec_counts(engine)
+            tps, tpot, outs, _ = run(engine, convs, max_tokens)
+            after = spec_counts(engine)
+            r = res[name]
+            r["tps"].append(tps)
+            r["tpot"].append(tpot)
+            base = base or (tpot, outs)
+            r["ratio"].append(base[0] / tpot)
+            r["equal"] = r["equal"] and outs == base[1]
+            r["counts"] = [
+                a - b + c for a, b, c in zip(after, before, r.get("counts", (0, 0, 0)), strict=True)
+            ]
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded model)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    p.add_argument("--workloads", default="copy,chat", help=f"of {','.join(WORKLOADS)}")
+    p.add_argument("--k", type=int, default=16, help="num_speculative_tokens (the adaptive max)")
+    p.add_argument("--repeats", type=int, default=3, help="off/on runs of each row")
+    p.add_argument("--show", action="store_true", help="print each workload's first output")
     p.add_argument("--methods", default="ngram,suffix,draft", help="besides off")
     p.add_argument("--draft-model", default=None, help="the draft method's model")
     p.add_argument("--draft-layers", type=int, default=0,
@@ -144,29 +204,27 @@ def main() -> None:
             cfg = json.dumps({"method": method, "num_speculative_tokens": args.k})
         engines[name] = LLM(args.model, speculative_config=cfg, max_num_seqs=16).engine
         run(engines[name], prompts("chat", 1), 8)  # warm-up
-    print("| workload | batch | method | output tok/s | TPOT ms | TPOT off/on | acceptance "
-          "| mean accepted len | equal to off |")  # fmt: skip
+    print("| workload | batch | method | output tok/s | TPOT ms | TPOT off/on (median; runs) "
+          "| acceptance | mean accepted len | equal to off |")  # fmt: skip
     print("|---|---:|---|---:|---:|---:|---:|---:|---|")
-    for workload in ("copy", "chat"):
+    for workload in args.workloads.split(","):
+        if args.show:
+            _, _, outs, _ = run(engines["off"], prompts(workload, 1), args.max_tokens)
+            text = engines["off"].inputs.tokenizer.decode(outs[0])
+            print(f"{workload}, first output:\n{text}\n", flush=True)
         for batch in (int(b) for b in args.batches.split(",")):
-            convs = prompts(workload, batch)
-            base = None
-            for name, engine in engines.items():
-                spec = engine.scheduler.speculator
-                before = (spec.stats.num_drafts, spec.stats.num_draft_tokens,
-                          spec.stats.num_accepted_tokens) if spec else (0, 0, 0)  # fmt: skip
-                tps, tpot, outs, _ = run(engine, convs, args.max_tokens)
-                if base is None:
-                    base = (tpot, outs)
-                acc = mal = "–"
-                if spec:
-                    drafts = spec.stats.num_drafts - before[0]
-                    proposed = spec.stats.num_draft_tokens - before[1]
-                    accepted = spec.stats.num_accepted_tokens - before[2]
-                    acc = f"{accepted / proposed:.0%}" if proposed else "0 drafts"
-                    mal = f"{1 + accepted / drafts:.2f}" if drafts else "–"
-                print(f"| {workload} | {batch} | {name} | {tps:.1f} | {tpot * 1000:.1f} | "
-                      f"{base[0] / tpot:.2f}x | {acc} | {mal} | {outs == base[1]} |", flush=True)  # fmt: skip
+            res = row(engines, prompts(workload, batch), args.max_tokens, args.repeats)
+            for name, r in res.items():
+                drafts, proposed, accepted = r["counts"]
+                acc = f"{accepted / proposed:.0%}" if proposed else "0 drafts"
+                mal = f"{1 + accepted / drafts:.2f}" if drafts else "–"
+                if name == "off":
+                    acc = "–"
+                runs = ", ".join(f"{x:.2f}" for x in r["ratio"])
+                print(f"| {workload} | {batch} | {name} | {statistics.median(r['tps']):.1f} | "
+                      f"{statistics.median(r['tpot']) * 1000:.1f} | "
+                      f"{statistics.median(r['ratio']):.2f}x ({runs}) | {acc} | "
+                      f"{mal} | {r['equal']} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
