@@ -12,7 +12,12 @@ from services.router.api.protocol import batches as P
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
 MP = {"content-type": "multipart/form-data; boundary=x"}
+ADMIN = {"Authorization": "Bearer admin-token"}  # EPDSERVE_ADMIN_TOKEN in the test
 LINE = b'{"custom_id":"a","method":"POST","url":"/v1/completions","body":{"model":"m"'
+# Nested past json.loads' recursion limit: a RecursionError, which was a 500 on every route.
+DEEP = b'{"a":' * 5000 + b"1" + b"}" * 5000
+DEEP_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings",
+              "/v1/rerank", "/tokenize", "/v1/batches")  # fmt: skip
 # (method, path, request arguments, status, the error's code or message part)
 OPENAI = [
     ("POST", "/v1/files", {"content": b"garbage", "headers": MP}, 400, "multipart"),
@@ -37,6 +42,10 @@ OPENAI = [
     ("GET", "/v1/batches?limit=1000", {}, 400, "limit"),
     ("GET", "/v1/batches/batch_x", {}, 404, "not_found"),
     ("POST", "/v1/batches/batch_x/cancel", {}, 404, "not_found"),
+    *[("POST", path, {"content": DEEP}, 400, "nested too deeply") for path in DEEP_PATHS],
+    ("POST", "/v1/files", {"files": {"file": ("a", LINE + b',"x":' + DEEP + b"}}")},
+                           "data": {"purpose": "batch"}}, 400, "nested too deeply"),
+    ("POST", "/v1/load_lora_adapter", {"content": DEEP, "headers": ADMIN}, 400, "not JSON"),
 ]  # fmt: skip
 ANTHROPIC = [
     ("POST", "/v1/messages/batches", {"content": b"{"}, 400, "not valid JSON"),
@@ -46,12 +55,15 @@ ANTHROPIC = [
     ("GET", "/v1/messages/batches?limit=-1", {}, 400, "limit"),
     ("GET", "/v1/messages/batches/msgbatch_x/results", {}, 404, "No batch"),
     ("POST", "/v1/messages/batches/msgbatch_x/cancel", {}, 404, "No batch"),
+    ("POST", "/v1/messages", {"content": DEEP}, 400, "nested too deeply"),
+    ("POST", "/v1/messages/batches", {"content": DEEP}, 400, "nested too deeply"),
 ]  # fmt: skip
 
 
-async def test_bad_batch_requests_are_4xx_in_the_apis_format(tmp_path) -> None:
+async def test_bad_batch_requests_are_4xx_in_the_apis_format(tmp_path, monkeypatch) -> None:
     import httpx
 
+    monkeypatch.setenv("EPDSERVE_ADMIN_TOKEN", "admin-token")
     with EtcdServer() as etcd:
         g = await start_gateway(etcd.endpoint, "batch-api", batch_dir=str(tmp_path))
         try:

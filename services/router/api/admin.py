@@ -96,7 +96,7 @@ async def _body(request: Request) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested past ~1,000 levels
         raise AdminError(400, "request body is not JSON", "bad_request") from None
     if not isinstance(body, dict):
         raise AdminError(400, "request body must be a JSON object", "bad_request")

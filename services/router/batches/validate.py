@@ -49,6 +49,9 @@ def check_openai_file(lines: Iterable[bytes], max_lines: int) -> int:
             obj = json.loads(raw)
         except ValueError as exc:
             raise _invalid(f"line {n} is not valid JSON: {exc}", "invalid_json_line") from None
+        except RecursionError:
+            raise _invalid(f"line {n} is not valid JSON: nested too deeply",
+                           "invalid_json_line") from None  # fmt: skip
         if not isinstance(obj, dict):
             raise _invalid(f"line {n} must be a JSON object", "invalid_json_line")
         cid = obj.get("custom_id")

@@ -10,6 +10,9 @@ from starlette.requests import Request
 
 from services.router.errors import APIError, bad_request
 
+# json.loads raises RecursionError (not a ValueError) past ~1,000 levels of arrays/objects.
+NESTED_TOO_DEEPLY = "request body is not valid JSON: nested too deeply"
+
 
 async def read_body(request: Request, max_bytes: int | None) -> bytes:
     """The raw body, or a 413 once it passes ``max_bytes`` (declared or actually sent)."""
@@ -41,6 +44,8 @@ async def read_json_object(request: Request, max_bytes: int | None = None) -> di
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request(NESTED_TOO_DEEPLY) from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
     return body
