@@ -33,6 +33,9 @@ EXPERTS_TIMEOUT_S = 660.0  # a re-placement reads the experts again (the router 
 # A sleep answers once the worker drained and gave its memory back (the router waits up to
 # admin.SLEEP_RPC_TIMEOUT_S for that).
 SLEEP_TIMEOUT_S = 660.0
+# A model load answers once the worker serves the new model (the router waits up to
+# admin_models.SLEEP_RPC_TIMEOUT_S for the drain, then LOAD_WAIT_S for the restart).
+LOAD_TIMEOUT_S = 1260.0
 
 
 class AdminCallError(Exception):
@@ -247,15 +250,45 @@ def build_parser(prog: str = "epdserve") -> argparse.ArgumentParser:
                     "hottest); default: as many as now")  # fmt: skip
     er.add_argument("--placement", metavar="FILE", default=None,
                     help="apply this placement (an --eplb-placement file) instead")  # fmt: skip
-    models = sub.add_parser("models", help="put a worker's model to sleep or wake it")
+    models = sub.add_parser("models", help="sleep or wake a worker's model, or load another")
     models_sub = models.add_subparsers(dest="action", required=True)
     for action, text in (
         ("sleep", "drain a worker, then free its weights and KV memory"),
         ("wake", "load a sleeping worker's weights back; it serves again"),
+        (
+            "load",
+            "drain a worker, then restart it with another model (its old model's "
+            "requests go to that model's other workers)",
+        ),
     ):
         ms = models_sub.add_parser(action, parents=[common], help=text)
         ms.add_argument("id", help="worker id, as `epdserve status` shows it")
+        if action == "load":
+            ms.add_argument(
+                "--model",
+                required=True,
+                help="a Hugging Face folder or .gguf file on the worker's disk",
+            )
+            ms.add_argument(
+                "--served-model-name",
+                default="",
+                help="the name clients ask for (default: the folder's name)",
+            )
     return p
+
+
+def _models(router: str, token: str | None, args: argparse.Namespace) -> tuple[dict, str]:
+    path = f"/admin/workers/{args.id}"
+    if args.action == "load":
+        body = {"model": args.model, "served_model_name": args.served_model_name}
+        r = call(router, token, "POST", path + "/model", body, timeout=LOAD_TIMEOUT_S)
+        return r, (f"{r['id']}: serves {r['model']} (was {r['previous_model']}; drained in "
+                   f"{r['drain_seconds']:.1f}s, serving after {r['seconds']:.1f}s)")  # fmt: skip
+    r = call(router, token, "POST", path + "/sleep", {"sleep": args.action == "sleep"},
+             timeout=SLEEP_TIMEOUT_S)  # fmt: skip
+    mib = (r["weight_bytes"] + r["kv_bytes"]) / 2**20
+    done = f"asleep: {mib:.0f} MiB given back" if r["sleeping"] else "awake: serving again"
+    return r, f"{r['id']} ({r['model']}): {done} ({r['seconds']:.1f}s)"
 
 
 def _experts(router: str, token: str | None, args: argparse.Namespace) -> tuple[dict, str]:
@@ -312,12 +345,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     if args.command == "experts":
         return _experts(router, token, args)
     if args.command == "models":
-        sleep = args.action == "sleep"
-        r = call(router, token, "POST", f"/admin/workers/{args.id}/sleep", {"sleep": sleep},
-                 timeout=SLEEP_TIMEOUT_S)  # fmt: skip
-        mib = (r["weight_bytes"] + r["kv_bytes"]) / 2**20
-        done = f"asleep: {mib:.0f} MiB given back" if r["sleeping"] else "awake: serving again"
-        return r, f"{r['id']} ({r['model']}): {done} ({r['seconds']:.1f}s)"
+        return _models(router, token, args)
     raise AdminCallError(f"unknown command {args.command}")
 
 

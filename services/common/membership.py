@@ -64,8 +64,9 @@ def election_name(cluster: str) -> str:
 
 # Advertised worker states: taking work | refusing new work (operator drain) | converging
 # to a new role or going to sleep (refusing new work, finishing what it holds) | asleep (its
-# weights and KV memory given back: services/engine/sleep.py) or waking up.
-WORKER_STATES = ("serving", "draining", "flipping", "sleeping")
+# weights and KV memory given back: services/engine/sleep.py) or waking up | draining for a
+# restart with another model (services/worker/model_load.py).
+WORKER_STATES = ("serving", "draining", "flipping", "sleeping", "loading")
 
 
 @dataclass

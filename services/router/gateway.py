@@ -145,6 +145,12 @@ class Gateway:
                     f"wake WORKER` wakes one); retry after {ASLEEP_RETRY_AFTER_S} s",
                     code="model_asleep", headers={"Retry-After": str(ASLEEP_RETRY_AFTER_S)},
                 )  # fmt: skip
+            if self.pool.all_in(name, "loading"):  # worker/model_load.py
+                raise APIError(
+                    503, f"model '{name}' is unavailable: its workers are loading another model; "
+                    f"retry after {ASLEEP_RETRY_AFTER_S} s", code="model_unavailable",
+                    headers={"Retry-After": str(ASLEEP_RETRY_AFTER_S)},
+                )  # fmt: skip
             raise APIError(503, f"no usable worker for model '{name}'", code="no_workers")
         return name, models[name]
 

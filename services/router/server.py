@@ -23,6 +23,7 @@ from services.router.api import pooling as pooling_api
 from services.router.api import responses as responses_api
 from services.router.api import tokenize as tokenize_api
 from services.router.api.admin import admin_routes
+from services.router.api.admin_models import model_routes
 from services.router.api.lora import lora_routes
 from services.router.api.openapi import openapi_document
 from services.router.auth import check_api_key
@@ -199,6 +200,7 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/openapi.json", _guard(_openapi, auth=False), methods=["GET"]),
         *_batch_routes(),
         *admin_routes(),
+        *model_routes(),
         *lora_routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -39,6 +39,7 @@ from services.engine.model_files import model_source
 from services.prefill.kv_sender import KVSender
 from services.prefill.rank_push import RankPushes
 from services.prefill.role import PrefillRole
+from services.worker import model_load
 from services.worker.config import WorkerConfig
 from services.worker.image_inputs import ImageLoader
 from services.worker.kv_events import KVEventPublisher, kv_layout_key
@@ -62,7 +63,10 @@ def build_parser(prog: str = "epdserve worker") -> argparse.ArgumentParser:
     return parser
 
 
-async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
+async def serve(
+    wcfg: WorkerConfig, ecfg: EngineConfig, reload: model_load.ModelReload | None = None
+) -> int:
+    """Run the worker until SIGTERM, or until a LoadModel call asks for ``reload``."""
     engine = AsyncLLMEngine(ecfg)
     log.info("loading model %s ...", ecfg.model or "(default)")
     await engine.start()
@@ -78,6 +82,9 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     if prefill_role is not None and prefill_role.sender.staging is not None:
         servicer.metrics.watch_staging(prefill_role.sender.staging)
     setup_images(wcfg, engine, servicer)
+    servicer.loader.configs = (wcfg, ecfg)
+    if reload is not None:
+        servicer.loader.reload = reload
     for role in servicer.parts():
         role.start()
     tracing = Tracing(wcfg.otlp_traces_endpoint, "epdserve-worker", wcfg.instance_id)
@@ -91,6 +98,7 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     await server.start()
     address = f"{wcfg.advertise_host or wcfg.host}:{port}"
 
+    load_error = os.environ.get(model_load.ERROR_ENV, "")
     registrar: Registrar | None = None
     desired: DesiredRoleWatcher | None = None
     restoring: asyncio.Task[None] | None = None
@@ -124,6 +132,8 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
                 "tensor_parallel_size": ecfg.tensor_parallel_size,
             },
         )
+        if load_error:  # this process brought the old model back (worker/model_load.py)
+            info.capacity["load_error"] = load_error
         registrar = Registrar(wcfg.etcd_endpoints, wcfg.cluster, info, ttl=wcfg.lease_ttl)
         state.on_change = lambda: registrar.update(  # type: ignore[union-attr]
             role=state.role, role_epoch=state.role_epoch, draining=state.draining,
@@ -159,7 +169,9 @@ async def serve(wcfg: WorkerConfig, ecfg: EngineConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    servicer.loader.stop = stop.set
     metrics_port = servicer.metrics.serve(wcfg.host, wcfg.metrics_port)
+    model_load.started()
     print(
         f"{READY_PREFIX} id={wcfg.instance_id} address={address} role={state.role} "
         f"model={engine.model_name} metrics_port={metrics_port}",
@@ -316,9 +328,17 @@ def main(argv: list[str] | None = None, prog: str = "epdserve worker") -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    reload = model_load.ModelReload()
     try:
-        return asyncio.run(serve(wcfg, ecfg))
-    except (ValueError, OSError) as exc:  # bad model path, port in use: say it in one line
+        code = asyncio.run(serve(wcfg, ecfg, reload))
+    except Exception as exc:
+        model_load.fall_back(exc)  # started by a model load: the old model again
+        if not isinstance(exc, ValueError | OSError):
+            raise
+        # A bad model path, a port in use: say it in one line.
         log.debug("start-up failed", exc_info=True)
         print(f"error: worker failed to start: {exc}", file=sys.stderr)
         return 1
+    if reload.argv is not None:
+        reload.exec()
+    return code

@@ -33,6 +33,7 @@ from services.worker.experts import ExpertRPCs
 from services.worker.load import LoadRPCs
 from services.worker.lora import LoRARPCs
 from services.worker.metrics import WorkerMetrics
+from services.worker.model_load import LoadModelRPCs, WorkerModelLoad
 from services.worker.pd import PDRPCs
 from services.worker.pooling import PoolingCalls, check_role
 from services.worker.role_controller import RoleController
@@ -55,6 +56,7 @@ class WorkerServicer(
     PDRPCs,
     ExpertRPCs,
     SleepRPCs,
+    LoadModelRPCs,
     pb_grpc.WorkerServiceServicer,
 ):
     """gRPC face of one engine. ``engine`` is an AsyncLLMEngine (or a test double)."""
@@ -91,6 +93,7 @@ class WorkerServicer(
             and (role != "encode" or self.encoder is not None),
         )  # fmt: skip
         self.sleeper = WorkerSleep(state, engine, self.roles)
+        self.loader = WorkerModelLoad(state, self.roles, getattr(engine, "model_name", ""))
 
     def parts(self) -> list[Role]:
         """The roles' machinery this worker has, in the order the worker stops it."""

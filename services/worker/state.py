@@ -19,6 +19,7 @@ class WorkerState:
         self.draining = False  # operator drain: refuse new work, stay in the cluster
         self.flipping = False  # a role change (or a sleep's drain) is under way
         self.asleep = False  # its engine sleeps, or is waking up (worker/sleep.py)
+        self.loading = False  # draining for a restart with another model (worker/model_load.py)
         self.inflight: set[str] = set()
         # Requests aborted by a role change after the drain timeout -> the error to report.
         self.evicted: dict[str, str] = {}
@@ -30,6 +31,8 @@ class WorkerState:
     @property
     def phase(self) -> str:
         """Advertised state: membership.WORKER_STATES."""
+        if self.loading:
+            return "loading"
         if self.asleep:
             return "sleeping"
         return "flipping" if self.flipping else "draining" if self.draining else "serving"

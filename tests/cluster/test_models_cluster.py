@@ -3,10 +3,14 @@ vocabularies (the default tokenizer's 49,152 tokens; a 350-token BPE with anothe
 template), one mixed worker each, one router. Through the OpenAI SDK each model answers as its
 offline engine does (the router tokenizes with that model's tokenizer and template, and routes
 to its workers); /v1/models lists both; an unknown model is a 404. One model sleeps under the
-other's traffic (its requests wait, then get a 503 with Retry-After) and wakes up."""
+other's traffic (its requests wait, then get a 503 with Retry-After) and wakes up. A worker
+loads the other model and back (a bad path or architecture is a 400, weights that fail to load
+bring its old model back with a 422) while the model it leaves keeps its other worker's
+answers."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -21,6 +25,7 @@ from cluster_helpers import (
     keep_calling,
     openai_client,
     start_cluster,
+    wait_for,
     workers,
 )
 from model_groups import build_other_model
@@ -138,3 +143,69 @@ def test_one_model_sleeps_and_wakes_under_the_others_traffic(cluster, offline) -
         stop.set()
         loop.join(120)
     assert answers and set(answers) == {want[TINY_NAME]}, answers[:3]
+
+
+def admin_post(cluster, path: str, body: dict) -> httpx.Response:
+    return httpx.post(cluster.base_url + path, json=body, timeout=600,
+                      headers={"Authorization": f"Bearer {cluster.admin_token}"})  # fmt: skip
+
+
+def test_a_worker_loads_the_other_model_and_back(cluster, offline, tiny_model_dir, other_model,
+                                                 tmp_path) -> None:  # fmt: skip
+    import transformers
+
+    want = {name: llm.generate(llm.tokenizer.encode(PROMPT), GREEDY)[0].outputs[0].text
+            for name, llm in offline.items()}  # fmt: skip
+    (mover,) = [w for w, row in workers(cluster).items() if row["model"] == OTHER_NAME]
+    (stayer,) = [w for w, row in workers(cluster).items() if row["model"] == TINY_NAME]
+    oai = openai_client(cluster)
+    # Refused before anything changes: a missing path, an architecture the engine lacks.
+    transformers.GPT2Config(n_layer=1).save_pretrained(str(tmp_path / "gpt2"))
+    for bad, says in ((tmp_path / "nope", "neither a folder"),
+                      (tmp_path / "gpt2", "unsupported model architecture")):  # fmt: skip
+        r = admin_post(cluster, f"/admin/workers/{mover}/model", {"model": str(bad)})
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+    # Weights that fail to load: the worker restarts, falls back to its model and says why.
+    broken = tmp_path / "broken"
+    shutil.copytree(other_model, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    r = admin_post(cluster, f"/admin/workers/{mover}/model", {"model": str(broken)})
+    assert r.status_code == 422 and f"serves {OTHER_NAME} again" in r.text, r.text
+    assert workers(cluster)[mover]["state"] == "serving"
+    assert complete(oai, OTHER_NAME) == want[OTHER_NAME]
+
+    # Onto the first model: two workers serve it, the other model is gone.
+    r = cli(cluster, "models", "load", mover, "--model", str(tiny_model_dir("llama")),
+            "--served-model-name", TINY_NAME)  # fmt: skip
+    assert r.returncode == 0 and f"serves {TINY_NAME} (was {OTHER_NAME}" in r.stdout, r.stderr
+    assert {w: row["model"] for w, row in workers(cluster).items()} == {
+        mover: TINY_NAME, stayer: TINY_NAME}  # fmt: skip
+    with pytest.raises(openai.NotFoundError):
+        complete(oai, OTHER_NAME)
+    # The moved worker answers as the first model's offline engine (the other one drained).
+    assert cli(cluster, "drain", stayer).returncode == 0
+    try:
+        assert complete(oai, TINY_NAME) == want[TINY_NAME]
+    finally:
+        assert cli(cluster, "drain", stayer, "--undo").returncode == 0
+    wait_for(lambda: workers(cluster)[stayer]["state"] == "serving", what="undrained")
+
+    # And back, under the first model's traffic, which its other worker serves throughout.
+    stop, answers = threading.Event(), []
+    loop = threading.Thread(target=keep_calling, args=(lambda: complete(oai, TINY_NAME), stop,
+                                                       answers, 500))  # fmt: skip
+    loop.start()
+    try:
+        r = admin_post(cluster, f"/admin/workers/{mover}/model",
+                       {"model": str(other_model), "served_model_name": OTHER_NAME})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == OTHER_NAME and r.json()["previous_model"] == TINY_NAME
+    finally:
+        stop.set()
+        loop.join(120)
+    assert answers and set(answers) == {want[TINY_NAME]}, answers[:3]
+    assert complete(oai, OTHER_NAME) == want[OTHER_NAME]
+    chat_want = offline[OTHER_NAME].chat(CHAT, GREEDY)[0].outputs[0].text
+    chat = oai.chat.completions.create(model=OTHER_NAME, messages=CHAT, max_tokens=8,  # type: ignore[arg-type]
+                                       temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    assert chat.choices[0].message.content == chat_want

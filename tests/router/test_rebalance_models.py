@@ -103,3 +103,29 @@ async def _wakes() -> None:
             assert [h.stub.calls for h in asleep] == [[False], []]
         finally:
             await gw.pool.close()
+
+
+def test_a_model_whose_workers_load_another_is_a_503_with_retry_after() -> None:
+    asyncio.run(_loading())
+
+
+async def _loading() -> None:
+    from services.router.config import RouterConfig
+    from services.router.errors import APIError
+    from services.router.gateway import Gateway
+    from tests.router.router_fakes import FakeTokenizer
+
+    gw = Gateway(RouterConfig(etcd="127.0.0.1:1"), FakeTokenizer())
+    moving = handle("a-0", "a", "mixed")
+    moving.info.state = "loading"  # draining before its restart with another model
+    gw.pool.handles = {h.id: h for h in [moving, handle("b-0", "b", "mixed")]}
+    try:
+        with pytest.raises(APIError) as err:
+            gw.resolve_model("a")
+        assert (err.value.status, err.value.code) == (503, "model_unavailable")
+        assert "Retry-After" in err.value.headers
+        # Not the rebalancer's to move either.
+        rb = Rebalancer(gw.pool, Store(), RebalanceMetrics(CollectorRegistry()), None, "queue")  # type: ignore[arg-type]
+        assert rb.serving_roles(model="a") == {} and rb.serving_roles(model="b") == {"b-0": "mixed"}
+    finally:
+        await gw.pool.close()

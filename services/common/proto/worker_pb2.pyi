@@ -353,6 +353,24 @@ class SleepResponse(_message.Message):
     seconds: float
     def __init__(self, sleeping: _Optional[bool] = ..., weight_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model", "served_model_name")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    served_model_name: str
+    def __init__(self, model: _Optional[str] = ..., served_model_name: _Optional[str] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("previous_model", "model", "drain_seconds")
+    PREVIOUS_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    previous_model: str
+    model: str
+    drain_seconds: float
+    def __init__(self, previous_model: _Optional[str] = ..., model: _Optional[str] = ..., drain_seconds: _Optional[float] = ...) -> None: ...
+
 class KVLayout(_message.Message):
     __slots__ = ("base_addr", "num_layers", "num_blocks", "slab_bytes", "fingerprint")
     BASE_ADDR_FIELD_NUMBER: _ClassVar[int]

@@ -69,6 +69,11 @@ class WorkerServiceStub:
                 request_serializer=epdserve_dot_worker__pb2.SleepRequest.SerializeToString,
                 response_deserializer=epdserve_dot_worker__pb2.SleepResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/epdserve.v1.WorkerService/LoadModel',
+                request_serializer=epdserve_dot_worker__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=epdserve_dot_worker__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
         self.ListRequests = channel.unary_unary(
                 '/epdserve.v1.WorkerService/ListRequests',
                 request_serializer=epdserve_dot_worker__pb2.ListRequestsRequest.SerializeToString,
@@ -168,6 +173,12 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Sleep(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -284,6 +295,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Sleep,
                     request_deserializer=epdserve_dot_worker__pb2.SleepRequest.FromString,
                     response_serializer=epdserve_dot_worker__pb2.SleepResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=epdserve_dot_worker__pb2.LoadModelRequest.FromString,
+                    response_serializer=epdserve_dot_worker__pb2.LoadModelResponse.SerializeToString,
             ),
             'ListRequests': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRequests,
@@ -530,6 +546,33 @@ class WorkerService:
             '/epdserve.v1.WorkerService/Sleep',
             epdserve_dot_worker__pb2.SleepRequest.SerializeToString,
             epdserve_dot_worker__pb2.SleepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/epdserve.v1.WorkerService/LoadModel',
+            epdserve_dot_worker__pb2.LoadModelRequest.SerializeToString,
+            epdserve_dot_worker__pb2.LoadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

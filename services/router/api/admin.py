@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 LIST_TIMEOUT_S = 2.0  # a worker that does not list its requests in time shows null
 # A re-placement of experts reads them again from the checkpoint on every rank.
 EXPERTS_TIMEOUT_S = 600.0
-# A sleep drains the worker first (its role drain timeout), then writes its weights out.
-SLEEP_RPC_TIMEOUT_S = 600.0
 
 
 class AdminError(Exception):
@@ -337,26 +335,6 @@ async def _policy(gw: Gateway, request: Request) -> dict[str, Any]:
     return {"policy": name, "params": gw.rebalancer.policy.params()}
 
 
-async def _sleep(gw: Gateway, request: Request) -> dict[str, Any]:
-    """Put a worker to sleep (drain, then free its weights and KV memory) or wake it up."""
-    worker_id = request.path_params["worker_id"]
-    sleep = (await _body(request)).get("sleep", True)
-    if not isinstance(sleep, bool):
-        raise AdminError(400, "sleep must be true or false", "bad_request")
-    h = _worker(gw, worker_id)
-    try:
-        resp = await h.stub.Sleep(pb.SleepRequest(sleep=sleep), timeout=SLEEP_RPC_TIMEOUT_S)
-    except grpc.aio.AioRpcError as exc:
-        status = 400 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else 503
-        raise AdminError(status, f"worker {worker_id}: {exc.details()}",
-                         "bad_request" if status == 400 else "worker_unavailable") from None  # fmt: skip
-    log.info("admin: worker %s (model %s) %s", worker_id, h.info.model,
-             "asleep" if resp.sleeping else "awake")  # fmt: skip
-    return {"id": worker_id, "model": h.info.model, "sleeping": resp.sleeping,
-            "weight_bytes": resp.weight_bytes, "kv_bytes": resp.kv_bytes,
-            "seconds": resp.seconds}  # fmt: skip
-
-
 def admin_routes() -> list[Route]:
     return [
         Route("/admin/status", _guard(_status), methods=["GET"]),
@@ -364,7 +342,6 @@ def admin_routes() -> list[Route]:
         Route("/admin/workers/{worker_id}/role", _guard(_set_role), methods=["POST"]),
         Route("/admin/workers/{worker_id}/drain", _guard(_drain), methods=["POST"]),
         Route("/admin/workers/{worker_id}/experts", _guard(_experts), methods=["POST"]),
-        Route("/admin/workers/{worker_id}/sleep", _guard(_sleep), methods=["POST"]),
         Route("/admin/rebalance", _guard(_rebalance), methods=["POST"]),
         Route("/admin/policy", _guard(_policy), methods=["POST"]),
     ]

@@ -147,7 +147,7 @@ class Rebalancer:
             h.id: desired.get(h.id, h.info.role)
             for h in self.pool.handles.values()
             if h.reachable()
-            and h.state not in ("draining", "sleeping")
+            and h.state not in ("draining", "sleeping", "loading")
             and model in (None, h.info.model)
         }
 

@@ -303,9 +303,13 @@ class WorkerPool:
 
     def asleep(self, model: str) -> bool:
         """Every known worker of ``model``'s base model sleeps (or is waking up)."""
+        return self.all_in(model, "sleeping")
+
+    def all_in(self, model: str, state: str) -> bool:
+        """Every known worker of ``model``'s base model advertises ``state``."""
         base = self.base_model(model)
         workers = [h for h in self.handles.values() if h.info.model == base]
-        return bool(workers) and all(h.info.state == "sleeping" for h in workers)
+        return bool(workers) and all(h.info.state == state for h in workers)
 
     def base_model(self, model: str) -> str:
         """The base model a request for ``model`` runs on: its parent for a LoRA adapter."""

@@ -1,0 +1,107 @@
+"""The admin API's model calls: sleep or wake a worker's model, load another model onto it
+(``epdserve models sleep|wake|load``). Errors as the rest of the admin API (api/admin.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from starlette.requests import Request
+from starlette.routing import Route
+
+from services.common.proto import worker_pb2 as pb
+from services.router.api.admin import AdminError, _body, _guard, _worker
+
+if TYPE_CHECKING:
+    from services.router.gateway import Gateway
+    from services.router.routing.workers import WorkerHandle
+
+log = logging.getLogger(__name__)
+
+# A sleep or a model load drains the worker first (its role drain timeout); a sleep then
+# writes its weights out.
+SLEEP_RPC_TIMEOUT_S = 600.0
+# After the drain, a loading worker restarts with the new model (imports, weights, KV cache)
+# and registers again: wait this long for it to serve.
+LOAD_WAIT_S = 600.0
+
+
+def _rpc_error(worker_id: str, exc: grpc.aio.AioRpcError) -> AdminError:
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return AdminError(400, f"worker {worker_id}: {exc.details()}", "bad_request")
+    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+        return AdminError(409, f"worker {worker_id}: {exc.details()}", "conflict")
+    return AdminError(503, f"worker {worker_id}: {exc.details()}", "worker_unavailable")
+
+
+async def _sleep(gw: Gateway, request: Request) -> dict[str, Any]:
+    """Put a worker to sleep (drain, then free its weights and KV memory) or wake it up."""
+    worker_id = request.path_params["worker_id"]
+    sleep = (await _body(request)).get("sleep", True)
+    if not isinstance(sleep, bool):
+        raise AdminError(400, "sleep must be true or false", "bad_request")
+    h = _worker(gw, worker_id)
+    try:
+        resp = await h.stub.Sleep(pb.SleepRequest(sleep=sleep), timeout=SLEEP_RPC_TIMEOUT_S)
+    except grpc.aio.AioRpcError as exc:
+        raise _rpc_error(worker_id, exc) from None
+    log.info("admin: worker %s (model %s) %s", worker_id, h.info.model,
+             "asleep" if resp.sleeping else "awake")  # fmt: skip
+    return {"id": worker_id, "model": h.info.model, "sleeping": resp.sleeping,
+            "weight_bytes": resp.weight_bytes, "kv_bytes": resp.kv_bytes,
+            "seconds": resp.seconds}  # fmt: skip
+
+
+async def _restarted(gw: Gateway, worker_id: str, incarnation: str) -> WorkerHandle | None:
+    """The worker's handle once a new incarnation of it serves (a load report arrived), or
+    None after LOAD_WAIT_S."""
+    deadline = time.monotonic() + LOAD_WAIT_S
+    while time.monotonic() < deadline:
+        h = gw.pool.handles.get(worker_id)
+        if h is not None and h.info.incarnation != incarnation and h.state == "serving":
+            if h.reachable():
+                return h
+        await asyncio.sleep(0.2)
+    return None
+
+
+async def _load_model(gw: Gateway, request: Request) -> dict[str, Any]:
+    """Load another model onto a worker: it drains, restarts with the model and joins that
+    model's pool; a model that fails to start leaves it serving the old one (an error)."""
+    worker_id = request.path_params["worker_id"]
+    body = await _body(request)
+    model, name = body.get("model"), body.get("served_model_name") or ""
+    if not isinstance(model, str) or not model or not isinstance(name, str):
+        raise AdminError(400, 'body must be {"model": PATH, "served_model_name"?: str}',
+                         "bad_request")  # fmt: skip
+    h = _worker(gw, worker_id)
+    previous, incarnation = h.info.model, h.info.incarnation
+    started = time.monotonic()
+    req = pb.LoadModelRequest(model=model, served_model_name=name)
+    try:
+        resp = await h.stub.LoadModel(req, timeout=SLEEP_RPC_TIMEOUT_S)
+    except grpc.aio.AioRpcError as exc:
+        raise _rpc_error(worker_id, exc) from None
+    log.info("admin: worker %s drained (%.1fs); restarting with model %s (was %s)",
+             worker_id, resp.drain_seconds, resp.model, previous)  # fmt: skip
+    new = await _restarted(gw, worker_id, incarnation)
+    if new is None:
+        raise AdminError(504, f"worker {worker_id} did not serve again within {LOAD_WAIT_S:.0f} "
+                         "s of draining; see its log", "load_timeout")  # fmt: skip
+    error = new.info.capacity.get("load_error")
+    if error or new.info.model != resp.model:
+        raise AdminError(422, f"worker {worker_id} could not start model {model}: {error}; "
+                         f"it serves {new.info.model} again", "model_load_failed")  # fmt: skip
+    return {"id": worker_id, "model": new.info.model, "previous_model": previous,
+            "drain_seconds": resp.drain_seconds,
+            "seconds": time.monotonic() - started}  # fmt: skip
+
+
+def model_routes() -> list[Route]:
+    return [
+        Route("/admin/workers/{worker_id}/sleep", _guard(_sleep), methods=["POST"]),
+        Route("/admin/workers/{worker_id}/model", _guard(_load_model), methods=["POST"]),
+    ]

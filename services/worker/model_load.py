@@ -1,0 +1,192 @@
+"""Loading another model onto a worker (xLLM's multi-model serving): ``epdserve models load
+WORKER --model PATH`` reaches the ``LoadModel`` RPC through the router's admin API.
+
+The RPC checks the new model before touching anything (a bad path, no config.json, an
+unsupported architecture or no weights is INVALID_ARGUMENT, and the worker keeps serving),
+drains the worker as a role change does (it advertises "loading"), answers, and has main.py
+restart the process in place (``os.execv``, same pid) with the same flags, the new
+``--model``, and the old model's own settings (served name, context length, LoRA modules,
+speculative config, expert placement, reranker prompt) dropped. The restart frees all of the
+old model (weights, KV cache, Mooncake registrations, graphs), and the new model starts
+through the path every worker starts through: its tokenizer folder, KV layout, adapters and
+role machinery are advertised as at start-up, with a new incarnation, so routers drop the old
+handle and put the new one in the new model's pool.
+
+If the new model fails to start (broken weights, out of memory), the process restarts once
+more with its old command line and advertises why (``capacity["load_error"]``): it serves its
+old model again, and the admin API reports the failure.
+
+NOTE: the move lasts as long as the process: a supervisor or Kubernetes restarting the worker
+starts the model of its own command line again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+import grpc
+
+from services.common.dataclass_cli import to_argv
+from services.common.proto import worker_pb2 as pb
+from services.engine.config import EngineConfig
+from services.engine.model_files import served_name
+from services.worker.config import WorkerConfig
+from services.worker.errors import BAD_REQUEST, Rules, Status, call_status
+
+if TYPE_CHECKING:
+    from services.worker.role_controller import RoleController
+    from services.worker.state import WorkerState
+
+log = logging.getLogger(__name__)
+
+# The command line that brings the old model back when the new one fails to start (JSON);
+# present only between the restart and the new model's ready line.
+FALLBACK_ENV = "EPDSERVE_WORKER_FALLBACK_ARGV"
+# Why the new model did not start: the process that fell back advertises it.
+ERROR_ENV = "EPDSERVE_WORKER_LOAD_ERROR"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
+
+
+class LoadInProgress(Exception):
+    """A second LoadModel while one is under way."""
+
+
+LOAD: Rules = {ValueError: BAD_REQUEST, LoadInProgress: Status(grpc.StatusCode.FAILED_PRECONDITION)}
+
+
+def check_model(model: str) -> None:
+    """ValueError unless ``model`` looks loadable here: a .gguf file, or a folder with a
+    config.json naming an architecture this engine has and weight files."""
+    from services.engine.model_loader import load_hf_config
+    from services.engine.models.registry import architecture
+
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return
+    if not path.is_dir():
+        raise ValueError(f"model {model!r} is neither a folder nor a .gguf file on this worker")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model folder {model} has no config.json")
+    try:
+        hf_config = load_hf_config(str(path))
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"model folder {model}: config.json cannot be read: {exc}") from None
+    architecture(hf_config)  # ValueError: unsupported
+    if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
+        raise ValueError(f"model folder {model} has no weight files (*.safetensors, *.bin)")
+
+
+def engine_for(ecfg: EngineConfig, model: str, name: str | None) -> EngineConfig:
+    """``ecfg`` serving ``model`` instead: settings tied to the old model are dropped.
+    ValueError: the result does not check out."""
+    return dataclasses.replace(
+        ecfg, model=model, served_model_name=name or None, max_model_len=None, lora_modules=[],
+        speculative_config=None, eplb_placement=None, classifier_from_tokens=None,
+    )  # fmt: skip
+
+
+def worker_argv(wcfg: WorkerConfig, ecfg: EngineConfig) -> list[str]:
+    """argv that starts this worker again with these settings (as cli/commands.py does)."""
+    level = logging.getLevelName(logging.getLogger().level)
+    return [sys.executable, "-m", "services.worker", *to_argv(wcfg), *to_argv(ecfg),
+            "--log-level", str(level)]  # fmt: skip
+
+
+class ModelReload:
+    """A restart main.py runs once the server stopped: the argv and the one to fall back to."""
+
+    def __init__(self) -> None:
+        self.argv: list[str] | None = None
+        self.fallback: list[str] | None = None
+
+    def exec(self) -> NoReturn:
+        assert self.argv is not None and self.fallback is not None
+        os.environ[FALLBACK_ENV] = json.dumps(self.fallback)
+        os.environ.pop(ERROR_ENV, None)
+        log.info("restarting with another model: %s", " ".join(self.argv))
+        _exec(self.argv)
+
+
+def fall_back(exc: BaseException) -> None:
+    """A start-up that failed after a model load: restart with the old command line, telling
+    it why (returns only when this process was not started by a model load)."""
+    raw = os.environ.pop(FALLBACK_ENV, None)
+    if raw is None:
+        return
+    reason = f"{type(exc).__name__}: {exc}"[:1000]
+    log.error("the new model failed to start (%s); starting the previous one again", reason)
+    os.environ[ERROR_ENV] = reason
+    _exec(json.loads(raw))
+
+
+def started() -> None:
+    """Call once serving: a model load that started this process succeeded (no fall-back any
+    more), or this fall-back advertised why one failed."""
+    os.environ.pop(FALLBACK_ENV, None)
+    os.environ.pop(ERROR_ENV, None)
+
+
+def _exec(argv: list[str]) -> NoReturn:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os.execv(argv[0], argv)
+
+
+class WorkerModelLoad:
+    """Checks a new model, drains the worker and schedules the restart."""
+
+    def __init__(self, state: WorkerState, roles: RoleController, model: str) -> None:
+        self.state = state
+        self.roles = roles
+        self.model = model  # the served name it holds
+        self.reload = ModelReload()
+        # Set by main.py: its settings, and how to end serving (then it runs ``reload``).
+        self.configs: tuple[WorkerConfig, EngineConfig] | None = None
+        self.stop = lambda: None
+
+    async def load(self, model: str, name: str) -> tuple[str, float]:
+        """Drain and schedule the restart; returns (new served name, drain seconds).
+        ValueError: a model this worker cannot load; LoadInProgress."""
+        if self.configs is None:
+            raise ValueError("this worker cannot load another model (started without flags)")
+        async with self.roles.lock:
+            if self.reload.argv is not None:
+                raise LoadInProgress(f"worker {self.state.instance_id} is loading a model")
+            await asyncio.to_thread(check_model, model)
+            wcfg, ecfg = self.configs
+            new = engine_for(ecfg, str(Path(model).expanduser().resolve()), name)
+            new_name = name or served_name(new.model)
+            st = self.state
+            wcfg = dataclasses.replace(wcfg, instance_id=st.instance_id, role=st.role)
+            log.info("loading model %s (%s): draining", new_name, new.model)
+            st.flipping = st.loading = True
+            st.on_change()
+            started = time.monotonic()
+            await self.roles.drain(f"loaded model {new_name}")
+            self.reload.argv = worker_argv(wcfg, new)
+            self.reload.fallback = worker_argv(wcfg, ecfg)
+        self.stop()
+        return new_name, time.monotonic() - started
+
+
+class LoadModelRPCs:
+    """``LoadModel`` of the WorkerService (mixed into its servicer)."""
+
+    loader: WorkerModelLoad
+
+    async def LoadModel(  # noqa: N802 - gRPC method name
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LoadModelResponse:
+        async with call_status(context, LOAD):
+            name, drained = await self.loader.load(request.model, request.served_model_name)
+        return pb.LoadModelResponse(previous_model=self.loader.model, model=name,
+                                    drain_seconds=drained)  # fmt: skip
