@@ -49,13 +49,14 @@ def _run(q, k_cache, v_cache, segments, grouped: bool) -> torch.Tensor:
 
 
 def test_grouped_chunks_equal_one_call_each():
-    # Three lengths: 5 (three sequences), 2 (two), 1 (alone); and a long chunk that is not
-    # grouped. Contexts cross block boundaries and differ within a group.
-    chunks = [(5, 9), (2, 2), (5, 17), (20, 23), (1, 6), (5, 5), (2, 11)]
+    # Four lengths: 5 (three sequences), 2 (two), 1 (alone over a cached context: a batch-1
+    # verification); a long chunk and a lone one without a cached context are not grouped.
+    # Contexts cross block boundaries and differ within a group.
+    chunks = [(5, 9), (2, 2), (5, 17), (40, 43), (1, 6), (5, 5), (2, 11), (3, 3)]
     q, kc, vc, segs = _step(chunks)
     groups, rest = short_chunks.plan(segs, BS, q.device)
-    assert sorted(g.n for g in groups) == [2, 5]
-    assert sorted(s.num_tokens for s in rest) == [1, 20]
+    assert sorted(g.n for g in groups) == [1, 2, 5]
+    assert sorted(s.num_tokens for s in rest) == [3, 40]
     grouped = _run(q, kc, vc, segs, grouped=True)
     single = _run(q, kc, vc, segs, grouped=False)
     assert not grouped.isnan().any()

@@ -38,8 +38,12 @@ class ChunkGroup:
 
 
 def plan(segments: list, block_size: int, device: torch.device) -> tuple[list[ChunkGroup], list]:
-    """Split prefill segments into groups of equal short length (two or more sequences) and
-    the rest, which run one by one."""
+    """Split prefill segments into groups of equal short length and the rest, which run one
+    by one. A lone short chunk over a cached context is a group too: a batch-1 verification
+    of 16 drafts took 52 ms there against 58 one by one (a 30 ms decode step; the one-by-one
+    call builds its mask in every layer and repeats each KV head for its query heads); a
+    lone chunk without a cached context keeps the one-by-one call, which reads its keys
+    without a gather."""
     by_len: dict[int, list] = {}
     rest = []
     for seg in segments:
@@ -49,7 +53,7 @@ def plan(segments: list, block_size: int, device: torch.device) -> tuple[list[Ch
             rest.append(seg)
     groups = []
     for n, segs in by_len.items():
-        if len(segs) < 2:
+        if len(segs) < 2 and segs[0].context_len == n:
             rest.extend(segs)
             continue
         width = max((s.context_len + block_size - 1) // block_size for s in segs)
