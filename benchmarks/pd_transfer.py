@@ -10,6 +10,13 @@ pieces the push writes (one range per K/V and layer, the layers grouped per call
 prefill's KV sender groups them), sent through the same ``MooncakeAgent.write``.
 
     .venv/bin/python benchmarks/pd_transfer.py --input-len 1024 --num-prompts 8
+
+With ``--tp-sizes 1 2`` it runs the cluster once per tensor-parallel size (both workers of
+each size: rank i of the prefill worker pushes its heads into rank i of the decode worker)
+and reports each size's seconds in KV writes per request (the slowest rank's, as the prefill
+worker counts them) and request wall time. The default model (9 query, 3 KV heads) allows
+TP=3 but not 2: ``--model random`` builds a random model of its size with 8 query and 4 KV
+heads (hidden 512, 30 layers, the default model's tokenizer) that allows both.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import argparse
 import json
 import multiprocessing as mp
 import re
+import shutil
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -102,70 +111,116 @@ def bare_transfer(nbytes: int, layers: int, repeats: int = 10) -> tuple[float, f
     return best, best_pieces
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded)")
-    ap.add_argument("--input-len", type=int, default=1024, help="prompt tokens")
-    ap.add_argument("--num-prompts", type=int, default=8)
-    ap.add_argument("--json", default=None, help="write the result here")
-    args = ap.parse_args()
+def random_model(out: Path) -> str:
+    """A random llama of the default model's size whose heads split over 2 ranks."""
+    import torch
+    import transformers
 
-    from services.engine.model_loader import load_hf_config, resolve_model
+    from services.engine.model_loader import resolve_model
 
-    layers = int(load_hf_config(resolve_model(args.model)).num_hidden_layers)
-    cluster = LocalCluster(ClusterSpec(model=args.model, mixed=0, prefill=1, decode=1, port=0,
-                                       cluster="bench-pd"))  # fmt: skip
+    cfg = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=512, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(str(out))
+    src = Path(resolve_model(None))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    return str(out)
+
+
+def measure(model: str | None, tp: int, input_len: int, num_prompts: int, layers: int) -> dict:
+    """One cluster of TP ``tp``: the KV pushes of ``num_prompts`` prompts, and bare transfers
+    of the same bytes."""
+    cluster = LocalCluster(ClusterSpec(model=model, mixed=0, prefill=1, decode=1, port=0,
+                                       cluster=f"bench-pd-tp{tp}",
+                                       engine_overrides={"tensor_parallel_size": tp}))  # fmt: skip
     bares: list[tuple[float, float]] = []
+    walls: list[float] = []
     try:
         url = cluster.start(progress=lambda m: print(m, file=sys.stderr))
         prefill = next(w for w in cluster.workers if "role=prefill" in (w.ready_line or ""))
         port = int(prefill.ready_field("metrics_port"))
-        model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        t0 = time.perf_counter()
-        for i in range(args.num_prompts):
+        served = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        for i in range(num_prompts):
             if i == 1:
                 # The machine's load drifts (other work shares its cores): measure the bare
                 # transfer here as well as at the end, and compare with the faster of the two.
                 first = scrape(port).get("epdserve:kv_transfer_bytes_total", 0.0)
-                pause = time.perf_counter()
                 if first:
                     bares.append(bare_transfer(int(first), layers))
-                t0 += time.perf_counter() - pause
             # Distinct token-id prompts (no prefix-cache hits): every block is transferred.
-            prompt = [(1000 + 7 * i + 13 * j) % 40000 + 100 for j in range(args.input_len)]
+            prompt = [(1000 + 7 * i + 13 * j) % 40000 + 100 for j in range(input_len)]
+            t = time.perf_counter()
             r = httpx.post(
                 url + "/v1/completions",
                 timeout=300,
-                json={"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0},
+                json={"model": served, "prompt": prompt, "max_tokens": 2, "temperature": 0},
             )
             r.raise_for_status()
-        wall = time.perf_counter() - t0
+            walls.append(time.perf_counter() - t)
         m = scrape(port)
     finally:
         cluster.stop()
     nbytes = m.get("epdserve:kv_transfer_bytes_total", 0.0)
     seconds = m.get("epdserve:kv_transfer_seconds_sum", 0.0)
     if not nbytes or not seconds:
-        print(f"no KV transfer recorded: {m}", file=sys.stderr)
-        return 1
+        raise RuntimeError(f"no KV transfer recorded: {m}")
     in_request = nbytes / seconds
-    per_request = int(nbytes / args.num_prompts)
+    per_request = int(nbytes / num_prompts)
     bares.append(bare_transfer(per_request, layers))
     bare = max(b[0] for b in bares)
     bare_pieces = max(b[1] for b in bares)
-    result = {
-        "input_len": args.input_len,
-        "num_prompts": args.num_prompts,
+    return {
+        "tensor_parallel_size": tp,
+        "input_len": input_len,
+        "num_prompts": num_prompts,
         "kv_bytes_per_request": per_request,
+        "kv_write_s_per_request": seconds / num_prompts,
+        "request_wall_s_mean": sum(walls) / len(walls),
         "in_request_GBps": in_request / 1e9,
         "bare_GBps": bare / 1e9,
         "ratio": in_request / bare,
         "bare_same_pieces_GBps": bare_pieces / 1e9,
         "ratio_vs_same_pieces": in_request / bare_pieces,
         "bare_runs_GBps": [[round(x / 1e9, 3) for x in b] for b in bares],
-        "requests_wall_s": wall,
+        "requests_wall_s": sum(walls),
         "failures": m.get("epdserve:kv_transfer_failures_total", 0.0),
     }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None,
+                    help="HF folder or .gguf (default: embedded); 'random': see the docstring")  # fmt: skip
+    ap.add_argument("--input-len", type=int, default=1024, help="prompt tokens")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--tp-sizes", type=int, nargs="+", default=[1],
+                    help="tensor-parallel sizes, one cluster each (both workers)")  # fmt: skip
+    ap.add_argument("--json", default=None, help="write the result here")
+    args = ap.parse_args()
+
+    from services.engine.model_loader import load_hf_config, resolve_model
+
+    tmp = None
+    model = args.model
+    if model == "random":
+        tmp = Path(tempfile.mkdtemp(prefix="pd-transfer-model-"))
+        model = random_model(tmp)
+    try:
+        layers = int(load_hf_config(resolve_model(model)).num_hidden_layers)
+        results = [measure(model, tp, args.input_len, args.num_prompts, layers)
+                   for tp in args.tp_sizes]  # fmt: skip
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        return 1
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result = results[0] if len(results) == 1 else results
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
