@@ -131,6 +131,8 @@ def test_rerank_and_score_of_an_embedding_model_are_cosines(embed_cluster, embed
         ("/v1/embeddings", {"input": [5] * 65}, "context length"),
         ("/v1/embeddings", {"input": "x", "dimensions": 65}, "exceeds"),
         ("/v1/embeddings", {"input": "x", "dimensions": 0}, "'dimensions' must be"),
+        # Past the wire's uint32: the protobuf ValueError was a 500 internal_error.
+        ("/v1/embeddings", {"input": "x", "dimensions": 2**32}, "'dimensions' must be"),
         ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, "encoding_format"),
         ("/v1/embeddings", {"input": ["a"] * 65}, "more than the limit of 64"),
         ("/v1/embeddings", {"input": "x", "truncate_prompt_tokens": 65}, "in [1, 64]"),

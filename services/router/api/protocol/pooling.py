@@ -20,6 +20,8 @@ from services.router.api.protocol.common import (
 )
 
 _TOKEN = Annotated[int, Field(ge=0)]
+# The wire's uint32 (PoolRequest.dimensions); the worker checks it against the model's size.
+MAX_DIMENSIONS = 2**32 - 1
 
 
 def _input(value: Any, info: ValidationInfo) -> list[str] | list[list[int]]:
@@ -97,7 +99,7 @@ class EmbeddingRequest(APIModel):
     model: Str
     input: EmbeddingInput
     # Matryoshka: the first ``dimensions`` values of each embedding, renormalised.
-    dimensions: Annotated[int, Int(1)] | None = None
+    dimensions: Annotated[int, Int(1, MAX_DIMENSIONS)] | None = None
     encoding_format: Annotated[
         str, BeforeValidator(_encoding), Field(json_schema_extra={"enum": ["float", "base64"]})
     ] = "float"
