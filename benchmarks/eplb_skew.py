@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from services.engine import LLM, SamplingParams
-from services.engine.eplb import imbalance
-from services.engine.expert_balance import expert_tokens, placements
-from services.engine.model_loader import resolve_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.random_model import save_random  # noqa: E402
+from services.engine import LLM, SamplingParams  # noqa: E402
+from services.engine.eplb import imbalance  # noqa: E402
+from services.engine.expert_balance import expert_tokens, placements  # noqa: E402
 
 
 def build_model(out: Path, experts: int, layers: int) -> None:
@@ -43,11 +45,7 @@ def build_model(out: Path, experts: int, layers: int) -> None:
         max_position_embeddings=1024, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
     torch.manual_seed(0)
-    transformers.Qwen3MoeForCausalLM(cfg).eval().save_pretrained(str(out))
-    src = Path(resolve_model(None))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, out / name)
+    save_random(transformers.Qwen3MoeForCausalLM(cfg), out)
 
 
 def per_layer_imbalance(llm: LLM) -> list[float]:

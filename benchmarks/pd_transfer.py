@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
 
+from benchmarks.random_model import save_random  # noqa: E402
 from services.cli.launcher import ClusterSpec, LocalCluster  # noqa: E402
 
 
@@ -116,20 +117,13 @@ def random_model(out: Path) -> str:
     import torch
     import transformers
 
-    from services.engine.model_loader import resolve_model
-
     cfg = transformers.LlamaConfig(
         vocab_size=49152, hidden_size=512, intermediate_size=1536, num_hidden_layers=30,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(str(out))
-    src = Path(resolve_model(None))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, out / name)
-    return str(out)
+    return save_random(transformers.LlamaForCausalLM(cfg), out)
 
 
 def measure(model: str | None, tp: int, input_len: int, num_prompts: int, layers: int) -> dict:
