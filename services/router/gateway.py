@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 ASLEEP_WAIT_S = 5.0
 ASLEEP_RETRY_AFTER_S = 10
 WAKE_TIMEOUT_S = 600.0  # a wake-up reads the weights back
+# A router (re)started beside serving workers opens its port once it has read them from etcd
+# (a request in the moment between was a 503 "no workers available"); with etcd away it
+# starts after this long anyway, and learns the workers when etcd answers.
+FIRST_LISTING_WAIT_S = 5.0
 
 
 class Gateway:
@@ -104,6 +108,11 @@ class Gateway:
 
     async def start(self) -> None:
         await self.watcher.start()
+        try:
+            await asyncio.wait_for(self.watcher.synced.wait(), FIRST_LISTING_WAIT_S)
+        except TimeoutError:
+            log.warning("no worker listing from etcd within %.0f s; starting without one",
+                        FIRST_LISTING_WAIT_S)  # fmt: skip
         await self.kv_index.start()
         await self.rebalancer.start()
         self.responses.start()

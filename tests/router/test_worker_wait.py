@@ -101,3 +101,28 @@ def test_draining_workers_are_not_waited_for() -> None:
         assert time.monotonic() - started < 5.0
 
     asyncio.run(main())
+
+
+def test_a_started_gateway_already_knows_the_registered_workers() -> None:
+    """A router restarted beside serving workers (`epdserve up` restarts a killed one) opens
+    its port only after its first etcd listing: a request at once got a 503 "no workers
+    available" before."""
+    from router_fakes import FakeTokenizer, start_fake_worker
+
+    from services.common.etcd_server import EtcdServer
+    from services.router.config import RouterConfig
+    from services.router.gateway import Gateway
+
+    async def main(etcd: str) -> None:
+        worker = await start_fake_worker(etcd, "first-listing", "w1")
+        gw = Gateway(RouterConfig(cluster="first-listing", etcd=etcd), FakeTokenizer())
+        try:
+            await gw.start()
+            assert gw.pool.models() == {worker.engine.model_name: worker.engine.max_model_len}
+            assert gw.resolve_model(worker.engine.model_name, serving=False)
+        finally:
+            await gw.stop()
+            await worker.stop()
+
+    with EtcdServer() as etcd:
+        asyncio.run(main(etcd.endpoint))
