@@ -160,11 +160,6 @@ class EngineConfig:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.lora_enabled and self.tensor_parallel_size > 1:
-            # NOTE: an adapter's factors would have to be sliced like the rank's weights.
-            raise ValueError("LoRA adapters with tensor_parallel_size > 1 are not supported")
-        if self.tensor_parallel_size > 1 and (self.lora_modules or self.enable_lora):
-            raise ValueError("LoRA adapters are not supported with tensor_parallel_size > 1")
         spec = self.speculative
         if self.tensor_parallel_size > 1 and spec is not None and spec.method == "eagle3":
             # NOTE: the head reads the target's vocabulary-parallel embedding on the driver

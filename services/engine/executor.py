@@ -110,7 +110,7 @@ class Executor:
         lora = self.runner.lora
         runs = lora.split(scheduled, _adapter_of) if lora is not None else [scheduled]
         if len(runs) == 1:
-            return self.runner.execute(scheduled, hook)
+            return self._forward(scheduled, hook)
         # Each sampling sequence's logit rows (one per verified position) in the batch.
         rows_of: dict[int, range] = {}
         start = 0
@@ -120,7 +120,7 @@ class Executor:
         parts: list[torch.Tensor] = []
         index: list[int] = []
         for run in runs:
-            out = self.runner.execute(run, hook)
+            out = self._forward(run, hook)
             if out.shape[0]:
                 parts.append(out)
                 index += [r for s in run for r in rows_of[id(s)]]
@@ -130,6 +130,12 @@ class Executor:
         ordered = torch.empty_like(logits)
         ordered[torch.tensor(index, device=logits.device)] = logits
         return ordered
+
+    def _forward(self, scheduled: list[ScheduledSeq], hook: LayerHook | None) -> torch.Tensor:
+        """One pass of the model over ``scheduled``, on every tensor-parallel rank."""
+        if self.ranks is not None:
+            self.ranks.send(scheduled)
+        return self.runner.execute(scheduled, hook)
 
     def rebalance_experts(
         self, num_slots: int | None = None, placements: list[ExpertPlacement] | None = None
@@ -147,10 +153,10 @@ class Executor:
     def _execute_group(self, sched: SchedulerOutput, layer_hook: LayerHook | None) -> torch.Tensor:
         """Every rank runs the batch. NOTE: no one-by-one retry here: a rank that raised left
         the others inside a collective, so any failure ends the whole group."""
-        assert self.ranks is not None
-        self.ranks.send(sched.scheduled)
         try:
-            return self.runner.execute(sched.scheduled, layer_hook)
+            return self._run(sched.scheduled, layer_hook)
+        except RankFailure:
+            raise
         except Exception as exc:
             raise RankFailure(f"the tensor-parallel group failed a step: {exc!r}") from exc
 

@@ -6,6 +6,12 @@ row group; it puts each named adapter into a slot (copying its factors when it i
 one yet) and tells the wrapped layers which rows use which slot. A batch may name at most
 ``max_loras`` adapters; ``split`` cuts a larger one into batches that fit (the executor runs
 them one after the other).
+
+NOTE (tensor parallelism): each rank's manager holds the factors of its shard, cut as the base
+linears are (tp_shard.py): a column-parallel layer (q/k/v, gate/up) keeps the rows of B that
+match its output rows, A whole; a row-parallel one (o, down) keeps the columns of A that match
+its input columns, B whole, so its delta is a partial sum the layer's all-reduce completes.
+The driver's manager repeats ``add`` and ``remove`` on the other ranks (``ranks``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from services.engine.lora_adapter import LoRAAdapter, load_adapter
 
 logger = logging.getLogger(__name__)
 
+RANK_CALL_TIMEOUT_S = 120.0  # reading an adapter on every rank
+
 # The engine modules an adapter can target, by the name they have in every decoder layer.
 TARGET_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -39,6 +47,9 @@ class LoRAManager:
         self.mapping: dict[str, tuple[str, Any]] = dict(model.packed_modules_mapping)
         self.batch = LoRABatch()
         self.layers: dict[tuple[int, str], LoRALinear] = {}
+        # Per wrapped layer, this rank's cut of the factors: where each shard's rows of B
+        # start, and where A's columns start (None: A whole).
+        self.cuts: dict[tuple[int, str], tuple[dict[Any, int], int | None]] = {}
         decoder = model.model.layers
         for i, layer in enumerate(decoder):
             for name in TARGET_MODULES:
@@ -52,6 +63,9 @@ class LoRAManager:
                 # NOTE: wraps whatever forward the layer has (oneDNN's packed one included).
                 module.forward = wrapped  # type: ignore[method-assign]
                 self.layers[(i, name)] = wrapped
+                dim, start = getattr(module, "tp_slice", (0, 0))
+                rows = getattr(module, "sources", dict.fromkeys(offsets, 0))
+                self.cuts[(i, name)] = (rows, start if dim == 1 else None)
         self.num_layers = len(decoder)
         self.batch.kernels = cuda_kernels(torch.device(device))  # None: the torch paths
         self.adapters: dict[str, LoRAAdapter] = {}
@@ -61,6 +75,7 @@ class LoRAManager:
         self._generation: dict[str, int] = {}
         self._retired: dict[str, LoRAAdapter] = {}  # removed, maybe still running
         self.slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
+        self.ranks: Any = None  # on a tensor-parallel driver: the other ranks (tp_ranks.py)
 
     @classmethod
     def from_config(cls, model: Any, config: EngineConfig, dtype, device) -> LoRAManager | None:
@@ -83,6 +98,8 @@ class LoRAManager:
         if old is not None and old.path == str(path):
             return old
         adapter = load_adapter(name, path, self.mapping, self.num_layers, self.max_rank)
+        if self.ranks is not None:
+            self.ranks.call(_add_on_rank, name, path, timeout=RANK_CALL_TIMEOUT_S)
         self._drop(name)
         self._retired.pop(name, None)
         self.adapters[name] = adapter
@@ -97,6 +114,8 @@ class LoRAManager:
         running with it finish with it."""
         if name not in self.adapters:
             raise KeyError(name)
+        if self.ranks is not None:
+            self.ranks.call(_remove_on_rank, name, timeout=RANK_CALL_TIMEOUT_S)
         self._retired[name] = self.adapters.pop(name)
 
     def _drop(self, name: str) -> None:
@@ -179,9 +198,30 @@ class LoRAManager:
         return slot
 
     def _fill(self, slot: int, adapter: LoRAAdapter) -> None:
-        for (layer, module), wrapped in self.layers.items():
-            factors = adapter.modules.get((layer, module))
-            ids = wrapped.shard_ids
-            a = [factors.a.get(s) if factors else None for s in ids]
-            b = [factors.b.get(s) if factors else None for s in ids]
+        for key, wrapped in self.layers.items():
+            factors = adapter.modules.get(key)
+            rows, col = self.cuts[key]
+            width = wrapped.a.shape[2]
+            a: list[torch.Tensor | None] = []
+            b: list[torch.Tensor | None] = []
+            for shard, (_, size) in zip(wrapped.shard_ids, wrapped.shards, strict=True):
+                a_s = factors.a.get(shard) if factors else None
+                b_s = factors.b.get(shard) if factors else None
+                a.append(a_s if a_s is None or col is None else a_s[:, col : col + width])
+                b.append(None if b_s is None else b_s[rows[shard] : rows[shard] + size])
             wrapped.set_slot(slot, a, b)
+
+
+# ---- run on ranks 1..N-1 of a tensor-parallel engine (RankProcesses.call) -------------------
+# NOTE: ``ctx`` is the rank's tp_ranks.RankContext (not imported: tp_ranks imports the runner,
+# which imports this module).
+
+
+def _add_on_rank(ctx: Any, name: str, path: str) -> None:
+    assert ctx.runner.lora is not None
+    ctx.runner.lora.add(name, path)
+
+
+def _remove_on_rank(ctx: Any, name: str) -> None:
+    assert ctx.runner.lora is not None
+    ctx.runner.lora.remove(name)

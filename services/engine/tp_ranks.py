@@ -56,6 +56,7 @@ class SeqView:
     block_table: list[int]
     start: int
     tail: list[int]
+    lora: str | None  # the sequence's LoRA adapter (every rank holds its own cut of it)
 
     @property
     def token_ids(self) -> _Tail:
@@ -84,7 +85,7 @@ def snapshot(scheduled: list[ScheduledSeq]) -> list[tuple[SeqView, int, list[int
         seq, start = s.seq, s.seq.num_computed_tokens
         tail = list(seq.token_ids[start : start + s.num_known_tokens])
         view = SeqView(seq.request_id, seq.seq_id, start, seq.num_prompt_tokens,
-                       seq.num_tokens, list(seq.block_table), start, tail)  # fmt: skip
+                       seq.num_tokens, list(seq.block_table), start, tail, seq.lora)  # fmt: skip
         out.append((view, s.num_new_tokens, list(s.draft_token_ids)))
     return out
 
@@ -300,6 +301,8 @@ def make_runner(
         ranks.close()
         raise
     runner.ranks = ranks
+    if runner.lora is not None:
+        runner.lora.ranks = ranks  # adapters added or removed later go to every rank
     return runner
 
 

@@ -78,12 +78,18 @@ def test_each_adapter_matches_peft(setups, family):
     assert len(llm.engine.loras.slots) == 2
 
 
-@pytest.mark.parametrize("max_loras", [4, 2])
-def test_mixed_batch_equals_each_alone(setup, max_loras):
+@pytest.mark.parametrize("max_loras, tp", [(4, 1), (2, 1), (2, 2)])
+def test_mixed_batch_equals_each_alone(setup, max_loras, tp):
     """Three adapters and the base model in one batch; with 2 slots the batch runs in
-    several passes."""
+    several passes. With two tensor-parallel ranks each holds its cut of the factors (B's
+    rows of its q/k/v and gate/up outputs, A's columns of its o and down inputs), and an
+    adapter added while the engine runs reaches both."""
     base, folders, refs = setup
-    llm = engine(base, folders, max_loras=max_loras, enable_prefix_caching=False)
+    at_start = {n: f for n, f in folders.items() if tp == 1 or n != "mlp"}
+    llm = engine(base, at_start, max_loras=max_loras, enable_prefix_caching=False,
+                 tensor_parallel_size=tp)  # fmt: skip
+    if tp > 1:
+        llm.engine.loras.add("mlp", str(folders["mlp"]))
     # Unequal shares (4, 2, 1 and 4 prompts): decode steps pad the smaller slots' rows.
     counts = {"all": 4, "attn": 2, "mlp": 1, None: 4}
     batch = [(p, name) for name, n in counts.items() for p in prompts()[:n]]
@@ -91,6 +97,7 @@ def test_mixed_batch_equals_each_alone(setup, max_loras):
     outs = llm.generate([p for p, _ in batch], GREEDY, lora=[n for _, n in batch])
     for out, (prompt, name) in zip(outs, batch, strict=True):
         check([out], [refs[name][prompts().index(prompt)]])
+    llm.engine.close()
 
 
 def test_prefix_cache_is_per_adapter(setup):
