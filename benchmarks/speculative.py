@@ -136,6 +136,14 @@ def spec_counts(engine) -> tuple[int, int, int]:
     return (spec.stats.num_drafts, spec.stats.num_draft_tokens, spec.stats.num_accepted_tokens)
 
 
+def onednn_packed(engine) -> bool:
+    """Whether the engine's linear layers run through oneDNN (layers/cpu_linear.py)."""
+    from services.engine.layers.cpu_linear import OneDNNLinear
+
+    modules = engine.runner.model.modules()
+    return any(isinstance(m.__dict__.get("forward"), OneDNNLinear) for m in modules)
+
+
 def fresh_proposer(engine) -> None:
     """A new n-gram or suffix proposer: the suffix method keeps the worker's recent outputs,
     and a repeat would find its own earlier output there (accepting nearly every draft)."""
@@ -194,6 +202,7 @@ def main() -> None:
         chosen.discard("draft")
     methods = {"off": None, **{m: m for m in ("ngram", "suffix", "draft") if m in chosen}}
     engines = {}
+    linear = "auto"  # the first engine's probe decides for all (each probing: a load-dependent mix)
     for name, method in methods.items():
         cfg = None
         if method == "draft":
@@ -202,8 +211,11 @@ def main() -> None:
             )
         elif method is not None:
             cfg = json.dumps({"method": method, "num_speculative_tokens": args.k})
-        engines[name] = LLM(args.model, speculative_config=cfg, max_num_seqs=16).engine
+        engine = LLM(args.model, speculative_config=cfg, max_num_seqs=16, cpu_linear=linear).engine
+        linear = "onednn" if onednn_packed(engine) else "torch"
+        engines[name] = engine
         run(engines[name], prompts("chat", 1), 8)  # warm-up
+    print(f"cpu linear layers: {linear} (all engines)")
     print("| workload | batch | method | output tok/s | TPOT ms | TPOT off/on (median; runs) "
           "| acceptance | mean accepted len | equal to off |")  # fmt: skip
     print("|---|---:|---|---:|---:|---:|---:|---:|---|")
