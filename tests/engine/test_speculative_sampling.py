@@ -183,6 +183,22 @@ def test_draft_tokens_per_step_are_shared_by_the_batch():
     assert spec.length(seq, 100, 64) == 16
 
 
+def test_drafts_pay_for_their_share_of_the_step():
+    """A sequence accepting 0.5 drafts per verification drafts 8 alone, 2 beside 7 others
+    (2 x 8 x 0.03 = 0.48 of a step for 0.5 tokens) and none beside 23 (a draft token of
+    each sequence would cost 0.72 of a step, more than it gains)."""
+    cfg = SpeculativeConfig(num_speculative_tokens=16, disable_by_batch_size=0,
+                            max_draft_tokens_per_step=0, draft_token_cost=0.03)  # fmt: skip
+    spec = Speculator(cfg, 1000, make_sched().bm)
+    seq = Sequence("r", list(range(20)), SamplingParams(max_tokens=100))
+    assert spec.length(seq, 100) == 16
+    for _ in range(5):
+        spec.observe(seq, 16, 0)  # the average halves to 0.5; the length is 8
+    assert [spec.length(seq, 100, b) for b in (1, 8, 24)] == [8, 2, 0]
+    spec.config.draft_token_cost = 0.0
+    assert spec.length(seq, 100, 24) == 8
+
+
 # ---- the scheduler with lookahead slots (property-based) ---------------------------------
 
 

@@ -18,13 +18,18 @@ Adaptive length (NOTE: a heuristic, stated here because it decides speed, never 
   decode step), and after a rejection it is one more than the accepted run but at least half
   the length tried (one bad token inside a copied stretch does not end the stretch); it
   starts at ``num_speculative_tokens``, never passes it;
-- each sequence also keeps an exponential average of the drafts it had accepted; when that
-  drops below ``MIN_MEAN_ACCEPTED`` it stops proposing, except for a one-token probe every
-  ``PROBE_EVERY`` steps that lets a sequence entering a copy-heavy stretch start again.
+- each sequence also keeps an exponential average of the drafts it had accepted, and drafts
+  no more than that average over ``draft_token_cost * B`` (a draft token of each of ``B``
+  sequences adds about ``draft_token_cost`` of a decode step to the step: verifying k
+  drafts pays only while it accepts more than that share of a token); when that allows
+  none, or the average drops below ``MIN_MEAN_ACCEPTED``, it stops proposing, except for a
+  one-token probe every ``PROBE_EVERY`` steps that lets a sequence entering a copy-heavy
+  stretch start again.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -134,7 +139,7 @@ class Speculator:
         """How many draft tokens ``seq`` may verify this step (0: none)."""
         if seq.params.speculative is False or seq.mm is not None:
             return 0  # opted out; images: M-RoPE positions of drafts are not done
-        k = self._adaptive_length(seq)
+        k = self._adaptive_length(seq, num_running)
         per_step = self.config.max_draft_tokens_per_step
         if per_step:
             k = min(k, max(1, per_step // max(1, num_running)))
@@ -143,15 +148,19 @@ class Speculator:
             k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
         return max(0, min(k, self.max_model_len - seq.num_tokens - 1, budget - 1))
 
-    def _adaptive_length(self, seq: Sequence) -> int:
+    def _adaptive_length(self, seq: Sequence, num_running: int) -> int:
         kmax = self.config.num_speculative_tokens
         if not self.config.adaptive:
             return kmax
         state = seq.draft_adapt
         if state is None:
             state = seq.draft_adapt = _Adapt(kmax, float(kmax))
-        if state.mean_accepted >= MIN_MEAN_ACCEPTED:
-            return min(kmax, state.length)
+        k = min(kmax, state.length)
+        cost = self.config.draft_token_cost * max(1, num_running)
+        if cost > 0:  # the drafts must pay for the share of the step they add
+            k = min(k, math.floor(state.mean_accepted / cost))
+        if state.mean_accepted >= MIN_MEAN_ACCEPTED and k >= 1:
+            return k
         state.idle_steps += 1
         if state.idle_steps % PROBE_EVERY == 0:
             return 1
