@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -45,6 +46,9 @@ class AsyncLLMEngine:
         self._dead: BaseException | None = None
         self._wake = threading.Event()
         self._stats: EngineStats | None = None
+        # When the step thread began its current pass (a step, a pooling batch, the commands
+        # between steps, or an idle wait of at most 50 ms); see ``stalled_s``.
+        self._pass_started = time.monotonic()
         # Called on the step thread with each step's outputs (e.g. for KV events); optional.
         self.on_step: Callable[[LLMEngine, list[RequestOutput]], None] | None = None
 
@@ -194,6 +198,15 @@ class AsyncLLMEngine:
             if not finished and self._dead is None and not self._stopping.is_set():
                 await self.call(lambda e: e.abort_request(request_id))
 
+    def stalled_s(self, now: float | None = None) -> float:
+        """Seconds the step thread has spent in its current pass while it had requests, else
+        0. Long for an engine stuck in a step: a tensor-parallel rank stopped or hung (rank 0
+        waits in a collective), a kernel that does not return."""
+        stats = self._stats
+        if stats is None or not (stats.num_running or stats.num_waiting):
+            return 0.0
+        return (time.monotonic() if now is None else now) - self._pass_started
+
     def stats(self) -> EngineStats:
         """Load snapshot taken by the step thread after its last step (never torn)."""
         if self._stats is None:
@@ -218,6 +231,7 @@ class AsyncLLMEngine:
         engine = self._require()
         try:
             while not self._stopping.is_set():
+                self._pass_started = time.monotonic()
                 self._drain_commands(engine)
                 engine.executor.check_health()
                 self._stats = engine.stats()

@@ -24,6 +24,15 @@ class WorkerConfig(MemberConfig):
     drain_timeout_s: float = field(
         default=60.0, metadata={"help": "on SIGTERM, wait this long for in-flight requests"}
     )
+    engine_stall_s: float = field(
+        default=30.0,
+        metadata={
+            "help": "an engine stuck this long in one step while it has requests (a stopped "
+            "or hung tensor-parallel rank, a kernel that does not return) stops the load "
+            "reports: routers route around the worker and move its streams until it steps "
+            "again; raise it for models whose one step takes longer"
+        },
+    )
     role_drain_timeout_s: float = field(
         default=30.0,
         metadata={"help": "on a role change, wait this long for held requests, then abort them"},
@@ -120,6 +129,8 @@ class WorkerConfig(MemberConfig):
         self.check_member()
         if self.load_report_interval_ms < 10:
             raise ValueError("load_report_interval_ms must be >= 10")
+        if self.engine_stall_s <= 0:
+            raise ValueError("engine_stall_s must be > 0")
         if self.drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must be >= 0")
         if self.role_drain_timeout_s < 0:

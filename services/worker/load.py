@@ -33,6 +33,9 @@ class LoadRPCs:
     online_tpot_ms: LatencyWindow
     closing: asyncio.Event  # ends StreamLoad streams at shutdown
     load_interval_ms: int
+    # An engine stuck in one step this long while it has requests sends no load reports, so
+    # routers take the worker out of routing and move its streams (WorkerConfig).
+    engine_stall_s: float = 30.0
 
     async def Health(  # noqa: N802
         self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
@@ -62,6 +65,11 @@ class LoadRPCs:
         self.tpot_ms.add(ms)
         if online:
             self.online_tpot_ms.add(ms)
+
+    def engine_stalled_s(self) -> float:
+        """How long the engine has been stuck in one step with requests waiting on it."""
+        stalled = getattr(self.engine, "stalled_s", None)  # test fakes have no step thread
+        return stalled() if stalled is not None else 0.0
 
     def load_report(self) -> pb.LoadReport:
         s = self.engine.stats()
@@ -104,6 +112,10 @@ class LoadRPCs:
         interval = (request.interval_ms or self.load_interval_ms) / 1000.0
         interval = max(interval, 0.01)
         while not self.closing.is_set():
-            yield self.load_report()
+            # NOTE: a stalled engine goes silent rather than reporting: silence is what the
+            # routers already treat as a hung worker (routing/watch.py), and the reports
+            # come back by themselves once the step ends.
+            if self.engine_stalled_s() <= self.engine_stall_s:
+                yield self.load_report()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.closing.wait(), timeout=interval)

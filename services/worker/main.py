@@ -83,6 +83,7 @@ async def serve(
         servicer.metrics.watch_staging(prefill_role.sender.staging)
     setup_images(wcfg, engine, servicer)
     servicer.loader.configs = (wcfg, ecfg)
+    servicer.engine_stall_s = wcfg.engine_stall_s
     if reload is not None:
         servicer.loader.reload = reload
     for role in servicer.parts():

@@ -8,6 +8,8 @@ thread, every request in flight failed with ``EngineDeadError`` and the worker e
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 
@@ -130,3 +132,45 @@ def test_async_engine_raises_request_failed_and_keeps_running(tiny_model_dir):
             await eng.shutdown()
 
     asyncio.run(main())
+
+
+def test_an_engine_stuck_in_a_step_says_for_how_long(tiny_model_dir):
+    """A step that does not return (a stopped tensor-parallel rank keeps rank 0 waiting in a
+    collective) shows in ``stalled_s``, which the worker's load reports go silent on; it is
+    0 again once the step ends and the engine has no work."""
+
+    async def main() -> None:
+        eng = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4))
+        await eng.start()
+        try:
+            assert eng.engine is not None
+            step, release = eng.engine.step, threading.Event()
+
+            def stuck_once():
+                release.wait(30)  # bounded: the test releases it
+                return step()
+
+            eng.engine.step = stuck_once  # type: ignore[method-assign]
+            run = asyncio.ensure_future(collect(eng.generate("a", PROMPTS["a"], GREEDY)))
+            await until(lambda: eng.stalled_s() > 0.5, "the stall to show")
+            assert not run.done()
+            eng.engine.step = step  # type: ignore[method-assign]
+            release.set()
+            assert (await asyncio.wait_for(run, 30))[-1].finished
+            await until(lambda: eng.stalled_s() == 0.0, "no stall once idle")
+        finally:
+            release.set()
+            await eng.shutdown()
+
+    asyncio.run(main())
+
+
+async def collect(stream) -> list:
+    return [o async for o in stream]
+
+
+async def until(pred, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)

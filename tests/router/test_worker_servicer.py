@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
 import pytest
 import pytest_asyncio
@@ -151,3 +154,50 @@ async def test_a_pd_decode_worker_knows_a_flex_request_from_its_reservation() ->
     assert servicer.offline_reserved == set()
     r = await decode("d", "default")
     assert r.recent_online_tpot_ms > 0 and r.recent_online_ttft_ms > 0
+
+
+async def test_load_reports_stop_while_the_engine_is_stuck_in_a_step() -> None:
+    """Routers judge a worker hung by its silent load stream (routing/watch.py): an engine
+    stuck in one step past ``engine_stall_s`` with requests (a stopped tensor-parallel rank)
+    sends no reports, and they come back once it steps again. The old servicer reported on,
+    so routers kept the worker in routing and its streams waited for the stall timeout."""
+    engine = FakeEngine()
+    engine.stalled_s = lambda: stalled  # type: ignore[attr-defined]
+    stalled = 0.0
+    servicer = WorkerServicer(engine, WorkerState("w", "inc", "mixed"), load_interval_ms=20)
+    servicer.engine_stall_s = 1.0
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = insecure_channel(f"127.0.0.1:{port}")
+    try:
+        call = pb_grpc.WorkerServiceStub(channel).StreamLoad(pb.LoadReportRequest(interval_ms=20))
+        reports: list[float] = []
+
+        async def read() -> None:
+            async for _ in call:
+                reports.append(time.monotonic())
+
+        reader = asyncio.ensure_future(read())
+        await until(lambda: len(reports) >= 2)
+        stalled = 5.0
+        quiet_from = time.monotonic() + 0.1  # a report already on its way may still land
+        await asyncio.sleep(0.6)  # 25 report intervals: the window that must stay silent
+        assert [t for t in reports if t > quiet_from] == []
+        stalled = 0.0
+        back = len(reports)
+        await until(lambda: len(reports) > back)
+        call.cancel()
+        reader.cancel()
+    finally:
+        servicer.closing.set()
+        await channel.close()
+        await server.stop(grace=None)
+
+
+async def until(pred, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
