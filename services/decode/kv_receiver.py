@@ -36,6 +36,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.common.aio import cancel_and_wait
@@ -90,9 +91,14 @@ class KVReceiver:
         write_grace_s: float = 10.0,
         fence: Fence | None = None,
         fence_timeout_s: float = 300.0,
+        rank_stage_in: Callable[[list[int], list[int]], None] | None = None,
     ) -> None:
+        """``rank_stage_in``: with staging and tensor parallelism, copies the same slots into
+        the same blocks on the other ranks (each holds staging slots of its own, which the
+        prefill worker's rank of the same index writes; services/prefill/rank_push.py)."""
         self.engine = engine
         self.staging = staging
+        self.rank_stage_in = rank_stage_in
         # What prefill workers write into (advertised in every reservation).
         self.layout = staging.layout if staging is not None else layout
         self.reserve_timeout_s = reserve_timeout_s
@@ -194,9 +200,14 @@ class KVReceiver:
             return
         staging, slots, r.slots = self.staging, r.slots, []
         blocks = r.block_ids[len(r.block_ids) - len(slots) :]
-        copy = asyncio.ensure_future(asyncio.to_thread(staging.stage_in, slots, blocks))
+        copy = asyncio.ensure_future(asyncio.to_thread(self._stage_in, staging, slots, blocks))
         copy.add_done_callback(lambda _: staging.free(slots))
         await asyncio.shield(copy)
+
+    def _stage_in(self, staging: KVStaging, slots: list[int], blocks: list[int]) -> None:
+        staging.stage_in(slots, blocks)
+        if self.rank_stage_in is not None:
+            self.rank_stage_in(slots, blocks)
 
     async def release(self, request_id: str) -> None:
         """Free a reservation (the transfer failed, the router gave up, or it expired). The

@@ -14,6 +14,11 @@ every layer of it, and a wait sent after its last batch finds every write queued
 
 A decode worker's ranks only register their caches (``setup``); the block ids it reserves are
 the same on every rank, and its reply carries each rank's session and layout (``RankKV``).
+
+With KV staging (a cache the transfer engine cannot register) each rank holds two sets of
+pinned host slots: one its own pushes allocate from (the prefill role), and one the prefill
+worker's rank writes into (the decode role), whose slots the driver's ``KVReceiver`` allocates
+and quarantines for every rank (the same slot ids) and copies in on every rank (``stage_in``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass
 
 from services.common.mooncake_agent import MooncakeAgent, MooncakeConfig, TransferError
 from services.engine.kv_layout import KVLayout
+from services.engine.kv_staging import KVStaging
 from services.engine.tp_ranks import RankContext, RankProcesses
 from services.prefill.kv_sender import KVSender, PushTarget
 
@@ -64,12 +70,19 @@ class RankPushes:
     ``fence``."""
 
     def __init__(
-        self, ranks: RankProcesses, mooncake: MooncakeConfig, block_size: int, min_write_bytes: int
+        self,
+        ranks: RankProcesses,
+        mooncake: MooncakeConfig,
+        block_size: int,
+        min_write_bytes: int,
+        staging_slots: int = 0,
     ) -> None:
+        """``staging_slots``: > 0, the ranks move their KV through that many host staging
+        slots each way (the driver's ``KVStaging`` has as many)."""
         self.ranks = ranks
-        # Ranks 1..N-1's caches, advertised in this worker's reservations (decode role).
+        # Ranks 1..N-1's caches (or receive slots), advertised in this worker's reservations.
         self.endpoints: list[RankEndpoint] = ranks.call(
-            _setup, mooncake, block_size, min_write_bytes, timeout=SETUP_TIMEOUT_S
+            _setup, mooncake, block_size, min_write_bytes, staging_slots, timeout=SETUP_TIMEOUT_S
         )
 
     @property
@@ -93,6 +106,11 @@ class RankPushes:
     def discard(self, request_id: str) -> None:
         self.ranks.post(_discard, request_id)
 
+    def stage_in(self, slots: list[int], blocks: list[int]) -> None:
+        """Decode role, with staging: every rank's receive slots -> its reserved blocks (in
+        the pipe's order: before any batch the request is in)."""
+        self.ranks.call(_stage_in, slots, blocks, timeout=SETUP_TIMEOUT_S)
+
     def fence(self, request_id: str, timeout: float, until_unix: float) -> bool:
         """``KVSender.fence`` on every rank: True once no rank's write can still land."""
         fenced = self.ranks.call(_fence, request_id, timeout, until_unix,
@@ -111,17 +129,33 @@ def _sender(ctx: RankContext) -> KVSender:
 
 
 def _setup(
-    ctx: RankContext, mooncake: MooncakeConfig, block_size: int, min_write_bytes: int
+    ctx: RankContext,
+    mooncake: MooncakeConfig,
+    block_size: int,
+    min_write_bytes: int,
+    staging_slots: int,
 ) -> RankEndpoint:
-    """Register this rank's cache with a transfer engine of its own; push from its layers."""
+    """Register this rank's cache (or its staging slots) with a transfer engine of its own;
+    push from its layers."""
     agent = MooncakeAgent(mooncake)
     layout = ctx.runner.layout
-    agent.register(layout.base_addr, layout.total_bytes)
-    sender = KVSender(agent, layout, block_size, min_write_bytes=min_write_bytes)
+    send = receive = None
+    if staging_slots:
+        cache = ctx.runner.kv_cache
+        send = KVStaging(cache, layout.fingerprint, staging_slots, agent.register)
+        receive = KVStaging(cache, layout.fingerprint, staging_slots, agent.register)
+        ctx.state["kv_staging_in"] = receive
+    else:
+        agent.register(layout.base_addr, layout.total_bytes)
+    sender = KVSender(agent, layout, block_size, min_write_bytes=min_write_bytes, staging=send)
     ctx.state["kv_sender"] = sender
     ctx.state["kv_refused"] = {}  # request id -> why its push was refused here
     ctx.layer_hook = sender.on_layer_done
-    return RankEndpoint(agent.session_id, layout)
+    return RankEndpoint(agent.session_id, receive.layout if receive is not None else layout)
+
+
+def _stage_in(ctx: RankContext, slots: list[int], blocks: list[int]) -> None:
+    ctx.state["kv_staging_in"].stage_in(slots, blocks)
 
 
 def _add(ctx: RankContext, request_id: str, specs: list[_Spec]) -> None:

@@ -239,11 +239,6 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
     layout = runner.layout
     staging = None
     if wcfg.kv_staging == "on" or (wcfg.kv_staging == "auto" and unregistrable):
-        if runner.ranks is not None:
-            raise ValueError(
-                "KV staging is not supported with tensor_parallel_size > 1: install the "
-                "accelerator build of Mooncake, or use --kv-transfer none"
-            )
         slots = max(1, wcfg.kv_staging_bytes // runner.bytes_per_block)
         staging = KVStaging(runner.kv_cache, layout.fingerprint, slots, agent.register)
     else:
@@ -256,20 +251,22 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
         staging=staging,
     )
     llm_engine.layer_hook = sender.on_layer_done
+    # Tensor parallelism: every other rank registers its own cache (or staging slots) with a
+    # transfer engine of its own and pushes its own heads (services/prefill/rank_push.py).
+    ranks = None
+    if runner.ranks is not None:
+        ranks = RankPushes(runner.ranks, mooncake, ecfg.block_size, wcfg.kv_push_min_write_bytes,
+                           staging.num_slots if staging is not None else 0)  # fmt: skip
     receiver = KVReceiver(
         engine, layout, wcfg.reserve_timeout_s, staging=staging,
         write_grace_s=wcfg.kv_write_grace_s, fence=grpc_fence(wcfg.grpc_tls),
         fence_timeout_s=wcfg.kv_fence_timeout_s,
+        rank_stage_in=ranks.stage_in if ranks is not None and staging is not None else None,
     )  # fmt: skip
     log.info(
         "KV transfer: Mooncake %s session %s%s", wcfg.mooncake_protocol, agent.session_id,
         f", through {staging.num_slots} host staging slots" if staging is not None else "",
     )  # fmt: skip
-    # Tensor parallelism: every other rank registers its own cache with a transfer engine of
-    # its own and pushes its own heads (services/prefill/rank_push.py).
-    ranks = None
-    if runner.ranks is not None:
-        ranks = RankPushes(runner.ranks, mooncake, ecfg.block_size, wcfg.kv_push_min_write_bytes)
     prefill = PrefillRole(engine, sender, ecfg.block_size, wcfg.kv_transfer_timeout_s, ranks)
     rank_caches = [(e.session_id, e.layout) for e in ranks.endpoints] if ranks else []
     return prefill, DecodeRole(engine, receiver, agent.session_id, rank_caches)

@@ -74,10 +74,12 @@ def pd_cluster(tiny_model_dir):
 @pytest.fixture(scope="module")
 def staged_pd_cluster(tiny_model_dir):
     """PD through pinned host staging slots on both sides (what a GPU worker with the
-    non-CUDA Mooncake wheel does), forced on the CPU."""
+    non-CUDA Mooncake wheel does), forced on the CPU, with two tensor-parallel ranks per
+    worker: each rank stages its own heads out and in (test_cancel_storm.py stages at TP=1)."""
     c = start_cluster(
         tiny_model_dir("llama"), workers=0, prefill=1, decode=1,
         worker_overrides={"kv_staging": "on", "kv_staging_bytes": 4 << 20},
+        engine_overrides={"tensor_parallel_size": 2},
     )  # fmt: skip
     yield c
     c.stop()
