@@ -93,12 +93,17 @@ def run_one(
             subprocess.run(bench, cwd=REPO, check=True, stdout=subprocess.DEVNULL, timeout=1800)
             return json.loads(out.read_text())
         finally:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_up(proc)
             log.close()
+
+
+def stop_up(proc: subprocess.Popen) -> None:
+    """Stop an `epdserve up` started in its own session: SIGINT, then SIGKILL after 30 s."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def offline_step_ms(num_prompts: int) -> float:

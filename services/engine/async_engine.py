@@ -22,6 +22,7 @@ from services.engine.pooler import Pooler
 from services.engine.pooling_params import PoolingOutput, PoolingParams
 from services.engine.resume import Resume
 from services.engine.sampling_params import SamplingParams
+from services.engine.threads import name_os_thread
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -228,6 +229,7 @@ class AsyncLLMEngine:
     # ---- the step thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        name_os_thread("engine-step")
         engine = self._require()
         try:
             while not self._stopping.is_set():
