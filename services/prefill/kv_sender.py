@@ -71,6 +71,10 @@ DEFAULT_MIN_WRITE_BYTES = 8 << 20
 
 _PAST_DEADLINE = "KV push stopped: the decode worker's reservation is past its deadline"
 _FENCED = "KV push stopped: the decode worker released the reservation (fenced)"
+_DELIVERED = (
+    "KV push refused: this reservation's KV was already delivered (a duplicate "
+    "Prefill); the decode worker may be writing into its blocks"
+)
 # How long a fenced request id stays refused when the reservation's deadline is unknown.
 FENCE_MEMORY_S = 600.0
 
@@ -98,6 +102,10 @@ class KVSender:
         # fenced request ids (refused until the time given); both under _lock.
         self._pushes: dict[str, PushTarget] = {}
         self._fenced: dict[str, float] = {}
+        # Request ids whose push was delivered, refused until their reservation's deadline
+        # (see ``wait``); pruned when it doubles in size. Under _lock.
+        self._delivered: dict[str, float] = {}
+        self._prune_at = 1024
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Write | str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="kv-sender", daemon=True)
@@ -111,6 +119,8 @@ class KVSender:
         with self._lock:
             if self._fenced.get(request_id, 0.0) > time.monotonic():
                 raise TransferError(_FENCED)
+            if self._delivered.get(request_id, 0.0) > time.monotonic():
+                raise TransferError(_DELIVERED)
             if self.staging is not None:
                 blocks = -(-target.num_tokens // self.block_size) - target.skip_blocks
                 try:
@@ -270,7 +280,21 @@ class KVSender:
             self._give_back_slots(t)
         if t.error is not None:
             raise TransferError(t.error)
+        self._remember_delivered(request_id, t.deadline)
         return t
+
+    def _remember_delivered(self, request_id: str, deadline: float) -> None:
+        """NOTE: once its push is delivered, the decode worker may claim the reservation and
+        write its own tokens' KV into the same blocks (the last one is shared with the
+        prompt): a second push for it (a Prefill sent twice) would overwrite them, and the
+        decode would go on from corrupted KV. So it is refused until the reservation's
+        deadline, after which that deadline refuses it anyway."""
+        now = time.monotonic()
+        with self._lock:
+            self._delivered[request_id] = min(deadline, now + FENCE_MEMORY_S)
+            if len(self._delivered) > self._prune_at:
+                self._delivered = {r: t for r, t in self._delivered.items() if t > now}
+                self._prune_at = max(1024, 2 * len(self._delivered))
 
     def discard(self, request_id: str) -> None:
         """Forget a request (aborted before it finished); queued writes still drain."""

@@ -167,6 +167,25 @@ def test_a_fenced_request_is_refused_when_its_push_comes_later(sender) -> None:
     sender.discard("again")
 
 
+def test_a_second_push_into_a_delivered_reservation_is_refused(sender) -> None:
+    """A Prefill sent twice for one reservation: after the first push, the decode worker
+    writes its own tokens into the last prompt block, and a second push overwrote them (a
+    real PD pair decoded differently from token 13 on; the old sender took the push)."""
+    sender.add("r", target(deadline=time.monotonic() + 30))
+    for layer in range(2):
+        sender.on_layer_done(layer, [scheduled(12)])
+    sender.wait("r", timeout=5)
+    with pytest.raises(TransferError, match="already delivered"):
+        sender.add("r", target(deadline=time.monotonic() + 30))
+    assert len(sender.agent.writes) == 2
+    # Past that reservation's deadline, the id is free again (a new reservation's push).
+    sender.add("old", target(deadline=time.monotonic() + 0.05))
+    sender.wait("old", timeout=5)
+    time.sleep(0.1)
+    sender.add("old", target(deadline=time.monotonic() + 30))
+    sender.discard("old")
+
+
 def test_the_prefill_deadline_is_the_earlier_of_wall_clock_and_relative() -> None:
     now = time.monotonic()
     rel = write_deadline(pb.ReserveResponse(deadline_ms=5000))
