@@ -394,5 +394,5 @@ class LLMEngine:
             + (pooled.num_tokens_computed if pooled else 0),
             spec=self.scheduler.speculator.stats if self.scheduler.speculator else None,
             **(self.tiers.stats_fields() if self.tiers is not None else {}),
-            **offline_stats(self.scheduler.waiting, self.scheduler.running),
+            **offline_stats(self.scheduler.waiting, self.scheduler.running, self.reserved.values()),
         )

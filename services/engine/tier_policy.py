@@ -154,15 +154,22 @@ class TierPolicy:
         return budget
 
 
-def offline_stats(waiting: Collection[Sequence], running: Collection[Sequence]) -> dict[str, int]:
+def offline_stats(
+    waiting: Collection[Sequence],
+    running: Collection[Sequence],
+    reserved: Collection[Sequence] = (),
+) -> dict[str, int]:
     """EngineStats' offline (flex) share of the queues and the KV cache, so that what reads
     the load (the router's rebalancer and offline gate) can tell online load from the offline
-    work that only fills what online work leaves."""
+    work that only fills what online work leaves. ``reserved``: a decode worker's PD
+    reservations, whose blocks wait for the prompt's KV (they hold blocks, not queue places)."""
     off_waiting = [s for s in waiting if s.params.service_tier == FLEX]
     off_running = [s for s in running if s.params.service_tier == FLEX]
+    off_reserved = [s for s in reserved if s.params.service_tier == FLEX]
+    holding = (*off_waiting, *off_running, *off_reserved)
     return {
         "num_offline_waiting": len(off_waiting),
         "num_offline_running": len(off_running),
         "num_offline_waiting_prompt_tokens": sum(s.num_uncomputed_tokens for s in off_waiting),
-        "num_offline_blocks": sum(len(s.block_table) for s in (*off_waiting, *off_running)),
+        "num_offline_blocks": sum(len(s.block_table) for s in holding),
     }

@@ -392,3 +392,10 @@ def test_offline_stats_count_flex_sequences_only() -> None:
         "num_offline_waiting_prompt_tokens": 5 + 1 + 9,  # recomputes its prompt and output
         "num_offline_blocks": 2,
     }
+    # A decode worker's PD reservations hold blocks too: a flex one counts, an online one not.
+    held_off, held_on = make_seq(10, "flex"), make_seq(11, "default")
+    held_off.block_table, held_on.block_table = [7, 8, 9], [10]
+    assert (
+        offline_stats(sched.waiting, sched.running, [held_off, held_on])["num_offline_blocks"]
+        == 2 + 3
+    )
