@@ -1,8 +1,9 @@
 """Two mixed workers, each driving two tensor-parallel ranks (gloo) of a mixture-of-experts
-model with expert parallelism: greedy text equals a one-device engine; flipped to a prefill and
-a decode worker, each rank pushing its own KV heads into the decode worker's rank (Mooncake),
-the text equals the co-located workers' and a reservation for a prefill worker of another size
-is refused; `epdserve experts rebalance` re-places a worker's experts under load without
+model with expert parallelism, speculating (n-gram: the driver proposes, both ranks verify):
+greedy text equals a one-device engine without speculation; flipped to a prefill and a decode
+worker, each rank pushing its own KV heads into the decode worker's rank (Mooncake), the text
+equals the co-located workers', the decode worker verified drafts, and a reservation for a
+prefill worker of another size is refused; `epdserve experts rebalance` re-places a worker's experts under load without
 failing or changing a request, and saves the placement; a kill -9 of one rank process under
 load takes its worker down without failing a request (the router retries or migrates them to
 the other worker)."""
@@ -19,7 +20,15 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, children, cli, start_cluster, wait_for, workers
+from cluster_helpers import (
+    TINY_NAME,
+    children,
+    cli,
+    load_report,
+    start_cluster,
+    wait_for,
+    workers,
+)
 from test_failover import Traffic
 
 from services.common.grpc_utils import role_to_pb
@@ -31,6 +40,10 @@ from services.engine.eplb import load_placements, placements_from_json
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 PROMPTS = ["Hello", "The capital of France is", "1, 2, 3,"]
+# Drafts from a 1-token match, fixed length: short outputs draft too.
+NGRAM = (
+    '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "adaptive": false}'
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +57,7 @@ def cluster(tiny_model_dir, placement_file):
     c = start_cluster(
         tiny_model_dir("qwen2_moe"), workers=2, policy="round_robin",
         engine_overrides={"tensor_parallel_size": 2, "enable_expert_parallel": True,
-                          "eplb_placement": str(placement_file)},
+                          "eplb_placement": str(placement_file), "speculative_config": NGRAM},
     )  # fmt: skip
     yield c
     c.stop()
@@ -110,6 +123,7 @@ def test_pd_with_tp2_equals_colocated_tp2(cluster) -> None:
         try:
             assert texts() == colocated  # no mixed worker left: every request went PD
             decode = workers(cluster)["worker-1"]
+            assert load_report(decode["address"]).spec_num_drafts > 0
             with grpc.insecure_channel(decode["address"]) as ch, pytest.raises(grpc.RpcError) as e:
                 pb_grpc.WorkerServiceStub(ch).Reserve(
                     pb.ReserveRequest(request_id="tp-mismatch", prompt_token_ids=[1, 2, 3],
