@@ -3,10 +3,10 @@ model with expert parallelism, speculating (n-gram: the driver proposes, both ra
 greedy text equals a one-device engine without speculation; flipped to a prefill and a decode
 worker, each rank pushing its own KV heads into the decode worker's rank (Mooncake), the text
 equals the co-located workers', the decode worker verified drafts, and a reservation for a
-prefill worker of another size is refused; `epdserve experts rebalance` re-places a worker's experts under load without
-failing or changing a request, and saves the placement; a kill -9 of one rank process under
-load takes its worker down without failing a request (the router retries or migrates them to
-the other worker)."""
+prefill worker of another size is refused; `epdserve experts rebalance` re-places a worker's
+experts under load without failing or changing a request, and saves the placement; a kill -9
+of one rank process under load takes its worker down without failing a request (the router
+retries or migrates them to the other worker)."""
 
 from __future__ import annotations
 
