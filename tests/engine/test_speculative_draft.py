@@ -242,6 +242,37 @@ def test_eagle3_head_greedy_equals_no_speculation(model, plain, tmp_path):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_eagle3_preempted_sequences_hold_no_hidden_states(model, plain, tmp_path):
+    """A cache too small for the batch: a preempted sequence drops the target states filed
+    for the head (it files new ones when recomputed); outputs stay equal, blocks come back."""
+    from services.engine.speculative.eagle3 import _EagleState
+
+    head = build_eagle3_head(model, tmp_path / "eagle3", list(range(100, 4100)))
+    cfg = {"method": "eagle3", "model": head, "num_speculative_tokens": 3,
+           "disable_by_batch_size": 0, "adaptive": False}  # fmt: skip
+    per_block = plain.runner.bytes_per_block
+    engine = LLM(model, dtype="float32", block_size=4, kv_cache_bytes=per_block * 56,
+                 max_num_batched_tokens=24, speculative_config=json.dumps(cfg)).engine  # fmt: skip
+    prompts = prompts_of_mixed_lengths()
+    params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+    want = run(plain, prompts, params)
+    held_while_waiting = []
+
+    def step():
+        outs = real_step()
+        for seq in engine.scheduler.waiting:
+            state = seq.draft_state
+            if isinstance(state, _EagleState) and state.hidden is not None:
+                held_while_waiting.append(seq.seq_id)
+        return outs
+
+    real_step, engine.step = engine.step, step
+    same(run(engine, prompts, params), want)
+    assert engine.scheduler.num_preemptions > 0
+    assert held_while_waiting == []
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
 def eagle3_reference_draft(target: str, head: str, tokens: list[int]) -> int:
     """The head's first draft after ``tokens`` (the prompt and the target's first token),
     computed from the checkpoint files alone: transformers' hidden states of the target

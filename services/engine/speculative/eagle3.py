@@ -11,6 +11,12 @@ draft just sampled with the head's own state from the pass before. The head's KV
 target's block ids as the draft model's does (draft_model.py); positions computed from the
 head's own states are recomputed from the target's once the verification has them.
 
+Filed states wait at most one step for the head (``fill`` runs it over every scheduled
+sequence's), except a sequence's that was not scheduled: a preempted sequence (waiting for
+its recompute, which files new states from its first recomputed position) or a finished one
+drops them at the next filing, so that a queue of preempted sequences holds no device memory
+of up to a prompt chunk each; a running sequence left out of one step keeps its few rows.
+
 NOTE: where no target state is filed (the decode side of PD, whose prompt KV came from the
 prefill worker; a prefix-cache hit computed by a sequence that did not run the head), the head
 has no KV or stale KV there: its drafts are worse, never the output, which the verification
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +36,7 @@ import torch
 from services.engine.model_runner import ModelRunner, is_decode
 from services.engine.models.llama_eagle3 import Eagle3LlamaForCausalLM, aux_layer_ids
 from services.engine.scheduler_output import ScheduledSeq
+from services.engine.sequence import SequenceStatus
 from services.engine.speculative.draft_model import (
     DRAFT_SEED_SALT,
     DraftModelProposer,
@@ -60,6 +68,8 @@ class Eagle3Proposer(DraftModelProposer):
         super().__init__(runner, target.model.vocab_size, seed)
         self.head: Eagle3LlamaForCausalLM = runner.model  # type: ignore[assignment]
         self._aux: dict[int, torch.Tensor] = {}
+        # The sequences holding filed states (weakly: a sequence dropped by the engine goes).
+        self._holding: weakref.WeakValueDictionary[int, Sequence] = weakref.WeakValueDictionary()
         layers: Any = target.model.model.layers
         for slot, i in enumerate(layer_ids):
             layers[i].register_forward_pre_hook(functools.partial(self._capture, slot))
@@ -106,9 +116,22 @@ class Eagle3Proposer(DraftModelProposer):
             fed = seq.token_ids[start : start + s.num_known_tokens] + s.draft_token_ids
             self._file(seq, start, fed, hidden[row : row + n].clone())
             row += n
+        self._drop_idle({s.seq.seq_id for s in order})
+
+    def _drop_idle(self, stepped: set[int]) -> None:
+        """Drop the filed states of sequences that are no longer running (see the module's
+        docstring); note the ones this step filed."""
+        for seq_id, seq in list(self._holding.items()):
+            if seq_id in stepped or seq.status == SequenceStatus.RUNNING:
+                continue
+            state = seq.draft_state
+            if isinstance(state, _EagleState):
+                state.fed = state.hidden = None
+            del self._holding[seq_id]
 
     def _file(self, seq: Sequence, start: int, fed: list[int], hidden: torch.Tensor) -> None:
         state = self._state(seq)
+        self._holding[seq.seq_id] = seq
         if state.hidden is not None and state.fed is not None:
             keep = start - state.start
             if 0 <= keep <= len(state.fed):  # contiguous: drop what the new states replace
