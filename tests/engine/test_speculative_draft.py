@@ -273,6 +273,32 @@ def test_eagle3_preempted_sequences_hold_no_hidden_states(model, plain, tmp_path
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_eagle3_pd_decode_side_drafts_only_from_filed_states(model, plain, tmp_path, monkeypatch):
+    """The decode side of PD has no target states for the imported prompt: its first decode
+    verifies no placeholder drafts (copies of the last token); the next ones draft from the
+    states their steps filed. Output equal to the engine without speculation."""
+    import services.engine.speculative.eagle3 as eagle3
+
+    placeholders = []
+    real = eagle3.no_drafts
+    monkeypatch.setattr(
+        eagle3, "no_drafts", lambda items: (placeholders.extend(items), real(items))
+    )
+    head = build_eagle3_head(model, tmp_path / "eagle3", list(range(100, 4100)))
+    cfg = {"method": "eagle3", "model": head, "num_speculative_tokens": 3,
+           "disable_by_batch_size": 0, "adaptive": False}  # fmt: skip
+    engine = LLM(model, dtype="float32", block_size=4, kv_cache_bytes=KV_BYTES,
+                 speculative_config=json.dumps(cfg)).engine  # fmt: skip
+    prompt = prompts_of_mixed_lengths()[4]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    ref = run(plain, [prompt], params)[0][0][1]
+    first = SamplingParams(temperature=0, max_tokens=1)
+    assert tuple(kv_handoff(plain, engine, prompt, first, params)) == ref
+    assert placeholders == []
+    stats = engine.stats().spec
+    assert stats is not None and stats.num_drafts > 0
+
+
 def eagle3_reference_draft(target: str, head: str, tokens: list[int]) -> int:
     """The head's first draft after ``tokens`` (the prompt and the target's first token),
     computed from the checkpoint files alone: transformers' hidden states of the target

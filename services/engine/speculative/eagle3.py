@@ -20,7 +20,8 @@ of up to a prompt chunk each; a running sequence left out of one step keeps its 
 NOTE: where no target state is filed (the decode side of PD, whose prompt KV came from the
 prefill worker; a prefix-cache hit computed by a sequence that did not run the head), the head
 has no KV or stale KV there: its drafts are worse, never the output, which the verification
-decides alone. A decode whose last position has no state verifies placeholder drafts.
+decides alone. A decode whose last position has no state drafts nothing (``can_draft``): the
+first decode after a PD import files the state the next one drafts from.
 """
 
 from __future__ import annotations
@@ -148,6 +149,16 @@ class Eagle3Proposer(DraftModelProposer):
                 gen = torch.Generator().manual_seed((seq.params.seed ^ DRAFT_SEED_SALT) + seq.index)
             state = seq.draft_state = _EagleState([], 0, [], gen)
         return state
+
+    def can_draft(self, seq: Sequence) -> bool:
+        """Whether the head's first pass for ``seq``, about to decode, reaches its last
+        computed position (filed target states whose tokens stand): else its drafts could
+        only be placeholders. Not yet on the decode side of PD (no states for the imported
+        prompt) until its first decode files one, nor after the head failed."""
+        state = seq.draft_state
+        return isinstance(state, _EagleState) and state.start + self._ready(seq) == (
+            seq.num_tokens - 1
+        )
 
     def _ready(self, seq: Sequence) -> int:
         """How many filed positions the head can run now: their tokens stand, the token after

@@ -110,6 +110,9 @@ class Speculator:
         if n != 1 or not self.enabled_for(num_running):
             return []
         if self.deferred:
+            can_draft = getattr(self.proposer, "can_draft", None)
+            if can_draft is not None and not can_draft(seq):
+                return []  # it would only fill copies of the last token
             drafts = [PLACEHOLDER] * self.length(seq, budget, num_running)
         else:
             drafts = self.drafts(seq, budget, num_running)
