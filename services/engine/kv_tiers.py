@@ -38,7 +38,7 @@ from services.engine.block_hash import hash_block
 from services.engine.block_manager import KVEvent
 from services.engine.kv_host_pool import HostBlockPool
 from services.engine.scheduler_output import KVLoad, TierHit
-from services.engine.tp_host_pool import MOVES_TIMEOUT_S, HostMoves, apply_host_moves
+from services.engine.tp_host_pool import RankTiers
 
 if TYPE_CHECKING:
     from services.engine.block_manager import BlockManager, CachedBlock
@@ -125,10 +125,11 @@ class KVTierManager:
         ranks: RankProcesses | None = None,
     ) -> None:
         """``ranks``: the other tensor-parallel ranks, which follow the host pool's moves with
-        their own heads (tp_host_pool.py); no store then (its values would be one rank's)."""
+        their own heads; store values are then whole blocks (tp_host_pool.py)."""
         self.block_size = block_size
-        self.ranks = ranks
-        self.codec = BlockCodec(block_shape, dtype, block_size)
+        self.group = RankTiers(ranks, block_shape) if ranks is not None else None
+        store_shape = self.group.full_shape if self.group is not None else block_shape
+        self.codec = BlockCodec(store_shape, dtype, block_size)
         self.host = HostBlockPool(host_blocks, block_shape, dtype, pin_memory)
         self.store: StoreTier | None = None
         if store is not None:
@@ -146,8 +147,6 @@ class KVTierManager:
         self._inflight: set[Future] = set()  # store calls queued or running
 
     def attach_store(self, store: StoreTier) -> None:
-        if self.ranks is not None:
-            raise ValueError("the KV store tier is not supported with tensor_parallel_size > 1")
         self.store = store
 
     def close(self) -> None:
@@ -266,16 +265,8 @@ class KVTierManager:
             self.save(evicted, kv.permute(2, 0, 1, 3, 4, 5))
         if data is not None:
             cache.write_blocks([x.block_id for x in loads], data.permute(1, 2, 0, 3, 4, 5))
-        if self.ranks is not None and (loads or evicted):
-            entries = self.host.entries
-            saved = [e for e in evicted if e.block_hash in entries]  # not spilled at once
-            moves = HostMoves(
-                self.host.num_blocks, [s for s in slots if s is not None],
-                [x.block_id for x in loads], [e.block_id for e in saved],
-                [entries[e.block_hash][0] for e in saved],
-            )  # fmt: skip
-            assert len(moves.load_slots) == len(loads), "a load from the store under TP"
-            self.ranks.call(apply_host_moves, moves, timeout=MOVES_TIMEOUT_S)
+        if self.group is not None and (loads or evicted):
+            self.group.follow(self.host, loads, slots, evicted)
 
     def after_step(self, bm: BlockManager, cache: KVCache) -> None:
         """Write the blocks the step completed through to the store (read now: the
@@ -287,6 +278,8 @@ class KVTierManager:
         ]
         if blocks:
             kv = cache.read_blocks([b.block_id for b in blocks])
+            if self.group is not None:
+                kv = self.group.whole([b.block_id for b in blocks], kv)
             self.write_through(blocks, kv.permute(2, 0, 1, 3, 4, 5))
 
     def gather(self, loads: list[KVLoad]) -> torch.Tensor:
@@ -301,7 +294,8 @@ class KVTierManager:
                 parts.append(self.host.data[slot])
                 self.stats.host_hit_blocks += 1
             else:
-                parts.append(self._staged(load.seq_id)[hit.block_hash][1])
+                kv = self._staged(load.seq_id)[hit.block_hash][1]
+                parts.append(kv if self.group is None else self.group.keep(load.block_id, kv))
                 self.stats.store_hit_blocks += 1
                 self._loaded_from_store.add(hit.block_hash)
         for seq_id in {load.seq_id for load in loads if load.hit.tier == "store"}:
@@ -330,7 +324,7 @@ class KVTierManager:
             removed = [h for h, _, _ in spilled if h not in new]
             if removed:
                 self._events.append(KVEvent("removed", removed, tier="host"))
-        if spilled and self.store is not None:
+        if spilled and self.store is not None and self.group is None:  # see tp_host_pool.py
             self._write_store(spilled)
 
     def to_write_through(self, registered: list[CachedBlock]) -> list[CachedBlock]:

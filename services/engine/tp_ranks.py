@@ -137,6 +137,9 @@ class RankProcesses:
         placements: list[ExpertPlacement] | None = None,
     ) -> None:
         n = config.tensor_parallel_size
+        # The model's KV heads (a rank holds its share: tp_shard.py), for whole-block KV.
+        self.num_kv_heads = int(getattr(hf_config, "num_key_value_heads", None)
+                                or hf_config.num_attention_heads)  # fmt: skip
         store = create_store(n)
         ctx = mp.get_context("spawn")
         self.conns: list[Any] = []

@@ -8,10 +8,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from services.common.membership import InstanceInfo
+from services.engine.tp_host_pool import whole_fingerprint
 from services.kvstore.client import pick_kvstore
 from services.kvstore.store_tier import MooncakeStoreTier, StoreConfig
 from services.worker.config import WorkerConfig
-from services.worker.kv_events import kv_layout_key
 
 if TYPE_CHECKING:
     from services.engine.async_engine import AsyncLLMEngine
@@ -51,16 +51,15 @@ async def attach_kv_store(
         return None
     llm_engine = engine.engine
     assert llm_engine is not None
-    if llm_engine.runner.ranks is not None:
-        # NOTE: a value would hold one rank's heads; keys per rank are not done.
-        raise ValueError("--kv-store is not supported with tensor_parallel_size > 1")
     source: StoreConfig | Callable[[], StoreConfig | None]
     if wcfg.kv_store == "auto":
         assert kvstores is not None, "--kv-store auto needs etcd"
         source = lambda: advertised_store(wcfg, kvstores())  # noqa: E731
     else:
         source = _config(wcfg, wcfg.kv_store, wcfg.kv_store_metadata)
-    store = MooncakeStoreTier(source, llm_engine.model_name, kv_layout_key(llm_engine))
+    # NOTE: the whole model's layout: a tensor-parallel worker stores whole blocks, the values
+    # a one-device worker of the model stores (services/engine/tp_host_pool.py).
+    store = MooncakeStoreTier(source, llm_engine.model_name, whole_fingerprint(llm_engine.runner))
     await engine.call(lambda e: e.attach_kv_store(store))
     log.info("KV store tier: %s", wcfg.kv_store)
     return store

@@ -17,6 +17,7 @@ from services.engine.block_manager import CachedBlock
 from services.engine.kv_host_pool import HostBlockPool
 from services.engine.kv_tiers import BlockCodec, KVTierManager
 from services.engine.sequence import Sequence
+from services.engine.tp_host_pool import whole_fingerprint
 from tests.engine.test_correctness import GPU_MARKS
 
 BS = 16
@@ -254,18 +255,25 @@ def test_host_pool_spills_to_the_store_and_blocks_come_back(tiny_model_dir, mast
     llm.engine.close()
 
 
-def test_second_engine_reuses_the_first_ones_prefix_from_the_store(tiny_model_dir, master):
+@pytest.mark.parametrize("tp_a, tp_b", [(1, 1), (2, 1), (1, 2)])
+def test_second_engine_reuses_the_first_ones_prefix_from_the_store(
+    tiny_model_dir, master, tp_a, tp_b
+):
+    """With tensor parallelism the store holds whole blocks (every rank's heads, gathered on
+    write, cut per rank on read) under the one-device key: engines of either size share them."""
     # A keeps the prefix on its device: its blocks reach the store by write-through.
-    a_llm = small_engine(tiny_model_dir, device_blocks=64)
+    a_llm = small_engine(tiny_model_dir, device_blocks=64, tp=tp_a)
     eng_a = a_llm.engine
-    layout = eng_a.runner.layout.fingerprint
+    layout = whole_fingerprint(eng_a.runner)
+    assert "-H2-" in layout  # the tiny model's 2 KV heads, whatever the size
     eng_a.attach_kv_store(master.store(eng_a.model_name, layout))
     shared = prompt(5, 160)
     ref, computed_a = run(a_llm, shared)
     assert computed_a == 160
     eng_a.tiers.flush()
-    b_llm = small_engine(tiny_model_dir, device_blocks=64)
+    b_llm = small_engine(tiny_model_dir, device_blocks=64, tp=tp_b)
     eng_b = b_llm.engine
+    assert whole_fingerprint(eng_b.runner) == layout
     eng_b.attach_kv_store(master.store(eng_b.model_name, layout))
     computed_b = store_hits_after(b_llm, shared, ref)
     assert computed_b <= 160 - 6 * BS  # far fewer prompt tokens than A computed
