@@ -4,9 +4,10 @@ greedy text equals a one-device engine without speculation; flipped to a prefill
 worker, each rank pushing its own KV heads into the decode worker's rank (Mooncake), the text
 equals the co-located workers', the decode worker verified drafts, and a reservation for a
 prefill worker of another size is refused; `epdserve experts rebalance` re-places a worker's
-experts under load without failing or changing a request, and saves the placement; a kill -9
-of one rank process under load takes its worker down without failing a request (the router
-retries or migrates them to the other worker)."""
+experts under load without failing or changing a request, and saves the placement; a SIGSTOP
+of one rank process under load takes its worker out of routing until SIGCONT, and a kill -9
+of one takes its worker down, neither failing a request (the router retries or migrates them
+to the other worker)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ PROMPTS = ["Hello", "The capital of France is", "1, 2, 3,"]
 NGRAM = (
     '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "adaptive": false}'
 )
+# A worker whose engine is stuck this long in one step (a stopped rank) stops its load reports.
+ENGINE_STALL_S = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +61,7 @@ def cluster(tiny_model_dir, placement_file):
         tiny_model_dir("qwen2_moe"), workers=2, policy="round_robin",
         engine_overrides={"tensor_parallel_size": 2, "enable_expert_parallel": True,
                           "eplb_placement": str(placement_file), "speculative_config": NGRAM},
+        worker_overrides={"engine_stall_s": ENGINE_STALL_S},
     )  # fmt: skip
     yield c
     c.stop()
@@ -176,6 +180,33 @@ def test_experts_rebalance_under_load_changes_no_output(cluster, placement_file)
     assert bad.returncode == 1 and "400" in bad.stderr and "cannot hold" in bad.stderr, bad.stderr
     with httpx.Client(base_url=cluster.base_url, timeout=60) as c:
         assert completion(c, prompt, 24) == want
+
+
+def ready_workers(c) -> int:
+    """Workers the router routes to now (/health's ready count)."""
+    return httpx.get(c.base_url + "/health", timeout=10).json()["ready"]
+
+
+def test_sigstop_of_a_rank_takes_its_worker_out_of_routing_until_sigcont(cluster) -> None:
+    """A stopped rank leaves its worker's driver waiting in a collective while the process
+    answers: past --engine-stall-s its load reports stop, the router routes around it and
+    moves what it held, and after SIGCONT it serves again. Before, it kept reporting (and
+    stayed in routing) until gloo's 300 s collective timeout ended the worker."""
+    victim = cluster.workers[1]
+    pid = victim.proc.pid
+    (rank,) = rank_processes(pid)
+    with Traffic(cluster.base_url) as traffic:
+        wait_for(lambda: len(traffic.statuses) >= 2, 60, "traffic flowing")
+        os.kill(rank, signal.SIGSTOP)
+        try:
+            wait_for(lambda: ready_workers(cluster) == 1, 90, "the stuck worker out of routing")
+        finally:
+            os.kill(rank, signal.SIGCONT)
+        wait_for(lambda: ready_workers(cluster) == 2, 60, "the worker back in routing")
+        done = len(traffic.statuses)
+        wait_for(lambda: len(traffic.statuses) >= done + 4, 60, "traffic after SIGCONT")
+    assert victim.alive() and victim.proc.pid == pid  # the same process serves again
+    assert set(traffic.statuses) == {200}, (traffic.statuses, traffic.failures)
 
 
 def test_kill_9_of_a_rank_fails_no_request(cluster) -> None:
