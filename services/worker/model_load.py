@@ -23,6 +23,7 @@ starts the model of its own command line again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -138,6 +139,14 @@ def _exec(argv: list[str]) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
+    # NOTE: Mooncake's C++ listeners (its RPC and TCP transport ports, on 0.0.0.0) are opened
+    # without O_CLOEXEC and nothing closes them: across execv they stayed open in the new
+    # incarnation, listening with nobody accepting, two more ports at every model load.
+    # Marked close-on-exec here rather than closed: threads still running may hold them.
+    for fd in map(int, os.listdir("/dev/fd")):  # Linux and macOS
+        with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+            if fd > 2:
+                os.set_inheritable(fd, False)
     os.execv(argv[0], argv)
 
 
@@ -158,6 +167,8 @@ class WorkerModelLoad:
         ValueError: a model this worker cannot load; LoadInProgress."""
         if self.configs is None:
             raise ValueError("this worker cannot load another model (started without flags)")
+        if name.startswith("-"):  # the restart's argv would read it as a flag and exit
+            raise ValueError(f"served_model_name {name!r} must not start with '-'")
         async with self.roles.lock:
             if self.reload.argv is not None:
                 raise LoadInProgress(f"worker {self.state.instance_id} is loading a model")
@@ -171,7 +182,12 @@ class WorkerModelLoad:
             st.flipping = st.loading = True
             st.on_change()
             started = time.monotonic()
-            await self.roles.drain(f"loaded model {new_name}")
+            try:
+                await self.roles.drain(f"loaded model {new_name}")
+            except BaseException:  # cancelled (the caller went away): serve the old model on
+                st.flipping = st.loading = False
+                st.on_change()
+                raise
             self.reload.argv = worker_argv(wcfg, new)
             self.reload.fallback = worker_argv(wcfg, ecfg)
         self.stop()

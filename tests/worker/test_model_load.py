@@ -4,6 +4,7 @@ model when the new one fails to start (a real worker process)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -15,7 +16,16 @@ from services.common.dataclass_cli import from_args
 from services.engine.config import EngineConfig
 from services.worker.config import WorkerConfig
 from services.worker.main import build_parser
-from services.worker.model_load import ERROR_ENV, FALLBACK_ENV, check_model, engine_for, worker_argv
+from services.worker.model_load import (
+    ERROR_ENV,
+    FALLBACK_ENV,
+    WorkerModelLoad,
+    check_model,
+    engine_for,
+    worker_argv,
+)
+from services.worker.role_controller import RoleController
+from services.worker.state import WorkerState
 
 
 def test_bad_models_are_refused_before_anything_changes(tmp_path, tiny_model_dir) -> None:
@@ -67,3 +77,53 @@ def test_a_new_model_that_fails_to_start_brings_the_old_command_back(tmp_path) -
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("FELL BACK: ValueError:") and str(missing) in done.stdout
+
+
+def test_a_load_whose_caller_goes_away_mid_drain_leaves_the_worker_serving(tiny_model_dir) -> None:
+    """The router killed (or its deadline past) while the worker drains: the RPC is cancelled,
+    and the worker serves its old model again instead of advertising "loading" for ever."""
+
+    async def run() -> None:
+        state = WorkerState("w1", "inc", "decode")
+        held = asyncio.Event()  # the drain has started: a request it waits for is held
+
+        def count() -> int:
+            held.set()
+            return 1
+
+        async def evict(msg: str) -> None:
+            pass
+
+        roles = RoleController(state, drain_timeout_s=60.0, held=count, evict=evict)
+        loader = WorkerModelLoad(state, roles, "old")
+        loader.configs = (WorkerConfig(instance_id="w1"), EngineConfig(model="/m/old"))
+        with pytest.raises(ValueError, match="must not start with '-'"):
+            await loader.load(str(tiny_model_dir("llama")), "--port")
+        load = asyncio.create_task(loader.load(str(tiny_model_dir("llama")), "new"))
+        await held.wait()
+        assert state.phase == "loading"
+        load.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await load
+        assert state.phase == "serving" and loader.reload.argv is None
+
+    asyncio.run(run())
+
+
+def test_the_restart_inherits_no_open_socket() -> None:
+    """Mooncake's listeners are opened without close-on-exec: the restart must not carry them
+    (they stayed bound, listening, in the new incarnation: two ports leaked per load)."""
+    report = (
+        "import os; d = '/proc/self/fd/'; "
+        "print([os.readlink(d + f) for f in os.listdir(d) if os.path.lexists(d + f)])"
+    )
+    code = (
+        "import socket, sys\n"
+        "from services.worker import model_load\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); s.set_inheritable(True)\n"
+        f"model_load._exec([sys.executable, '-c', {report!r}])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pipe:" in done.stdout and "socket:" not in done.stdout, done.stdout
