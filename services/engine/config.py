@@ -160,11 +160,6 @@ class EngineConfig:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        spec = self.speculative
-        if self.tensor_parallel_size > 1 and spec is not None and spec.method == "eagle3":
-            # NOTE: the head reads the target's vocabulary-parallel embedding on the driver
-            # alone; draft models run whole (TP=1) on the driver, n-gram and suffix need none.
-            raise ValueError("eagle3 speculation is not supported with tensor_parallel_size > 1")
         if self.eplb_placement and not (
             self.enable_expert_parallel and self.tensor_parallel_size > 1
         ):

@@ -24,9 +24,6 @@ from tests.engine.test_correctness import (
     prompts_of_mixed_lengths,
 )
 
-NGRAM = json.dumps({"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
-                    "prompt_lookup_min": 2, "disable_by_batch_size": 0})  # fmt: skip
-
 
 class Oracle:
     """Proposes the reference output (what the engine without speculation produced) with
@@ -287,14 +284,3 @@ def test_bad_config_is_a_value_error(text, message):
 
     with pytest.raises(ValueError, match=message):
         EngineConfig(speculative_config=text)
-
-
-def test_eagle3_only_is_refused_with_tensor_parallelism():
-    """n-gram, suffix and draft models verify on every rank (test_tensor_parallel.py,
-    test_speculative_draft.py); an EAGLE-3 head would read the target's sharded embedding."""
-    from services.engine.config import EngineConfig
-
-    EngineConfig(speculative_config=NGRAM, tensor_parallel_size=2)
-    with pytest.raises(ValueError, match="eagle3 .* tensor_parallel_size"):
-        EngineConfig(speculative_config='{"method": "eagle3", "model": "x"}',
-                     tensor_parallel_size=2)  # fmt: skip

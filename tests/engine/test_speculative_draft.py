@@ -344,11 +344,13 @@ def eagle3_reference_draft(target: str, head: str, tokens: list[int]) -> int:
     return d + int(w["d2t"][d])
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_eagle3_first_draft_equals_a_reference(tiny_model_dir, family, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, tp", [("llama", 1), ("qwen3", 1), ("llama", 2)])
+def test_eagle3_first_draft_equals_a_reference(tiny_model_dir, family, tp, tmp_path, monkeypatch):
     """The hidden states of the right target layers reach the head, shifted by one token,
     and its draft vocabulary maps to the target's: the engine's first draft equals one
-    computed from the checkpoint files with transformers (Llama and Qwen3 targets)."""
+    computed from the checkpoint files with transformers (Llama and Qwen3 targets; with a
+    target of two tensor-parallel ranks the head runs whole on the driver, with the target's
+    whole embedding)."""
     from services.engine.speculative import eagle3
 
     model = str(tiny_model_dir(family))
@@ -357,7 +359,7 @@ def test_eagle3_first_draft_equals_a_reference(tiny_model_dir, family, tmp_path,
     cfg = {"method": "eagle3", "model": head, "num_speculative_tokens": 2,
            "disable_by_batch_size": 0, "adaptive": False}  # fmt: skip
     engine = LLM(model, dtype="float32", block_size=4, kv_cache_bytes=KV_BYTES,
-                 speculative_config=json.dumps(cfg)).engine  # fmt: skip
+                 speculative_config=json.dumps(cfg), tensor_parallel_size=tp).engine  # fmt: skip
     seen: list[tuple[list[int], int]] = []
     original = eagle3.Eagle3Proposer._draft
 
@@ -368,6 +370,7 @@ def test_eagle3_first_draft_equals_a_reference(tiny_model_dir, family, tmp_path,
     monkeypatch.setattr(eagle3.Eagle3Proposer, "_draft", spy)
     prompts = prompts_of_mixed_lengths()[1:4]
     run(engine, prompts, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    engine.close()
     firsts = {tuple(tokens[: len(p)]): (tokens, d) for p in prompts for tokens, d in seen
               if tokens[: len(p)] == p and len(tokens) == len(p) + 1}  # fmt: skip
     assert len(firsts) == len(prompts)

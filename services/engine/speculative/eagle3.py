@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from services.engine.model_loader import iter_safetensors
 from services.engine.model_runner import ModelRunner, is_decode
 from services.engine.models.llama_eagle3 import Eagle3LlamaForCausalLM, aux_layer_ids
 from services.engine.scheduler_output import ScheduledSeq
@@ -90,13 +91,17 @@ class Eagle3Proposer(DraftModelProposer):
             raise ValueError(f"the EAGLE-3 head's fc takes {head.model.fc.in_features} features; "
                              f"the target's 3 layers give {3 * target_hidden}")  # fmt: skip
         if not head.has_embedding:
-            head.model.embed_tokens = target.model.model.embed_tokens
+            head.model.embed_tokens = (
+                target.model.model.embed_tokens if target.tp.size == 1 else whole_embedding(target)
+            )
         # NOTE: a replayed CUDA graph runs no forward hooks: the target's decode-only steps
         # would file no hidden states. Its decodes run eagerly instead (untested on a GPU).
         target.graphs = None
         return cls(runner, target, ids, config.seed)
 
     def _capture(self, slot: int, module: Any, args: tuple[Any, ...]) -> None:
+        # NOTE: under tensor parallelism too the layers' inputs are whole on the driver (the
+        # residual stream is all-reduced), so the head runs whole there (TP=1).
         self._aux[slot] = args[1]  # the layer's input: (positions, x, rotary, meta)
 
     @torch.inference_mode()
@@ -259,3 +264,17 @@ class Eagle3Proposer(DraftModelProposer):
         for item, toks, rows_q in zip(items, drafts, probs, strict=True):
             item.draft_token_ids = toks
             item.draft_probs = torch.stack(rows_q) if rows_q else None
+
+
+def whole_embedding(target: ModelRunner) -> torch.nn.Embedding:
+    """The target's whole input embedding, read from its checkpoint: a tensor-parallel rank
+    holds a slice of the vocabulary, whose lookup is a collective the head cannot join."""
+    if target.config.load_format == "dummy":
+        raise ValueError("an EAGLE-3 head without an embedding needs the target's checkpoint "
+                         "under tensor parallelism (load_format 'dummy' has none)")  # fmt: skip
+    for name, tensor in iter_safetensors(target.model_path):
+        if name.endswith("embed_tokens.weight"):
+            embedding = torch.nn.Embedding(*tensor.shape, device=target.device, dtype=target.dtype)
+            embedding.weight.requires_grad_(False).copy_(tensor)
+            return embedding
+    raise ValueError(f"no embed_tokens.weight in the target checkpoint {target.model_path}")
