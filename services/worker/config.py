@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from services.common.grpc_utils import ROLES
 from services.common.member_config import MemberConfig
@@ -127,6 +128,12 @@ class WorkerConfig(MemberConfig):
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         self.check_member()
+        # NaN passes every bound below: a NaN --engine-stall-s silenced the load reports for
+        # good, a NaN --kv-write-grace-s dropped released blocks from the quarantine unfreed.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and math.isnan(value):
+                raise ValueError(f"{f.name} must be a number, got nan")
         if self.load_report_interval_ms < 10:
             raise ValueError("load_report_interval_ms must be >= 10")
         if self.engine_stall_s <= 0:
