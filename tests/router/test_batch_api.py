@@ -46,6 +46,13 @@ OPENAI = [
     ("POST", "/v1/files", {"files": {"file": ("a", LINE + b',"x":' + DEEP + b"}}")},
                            "data": {"purpose": "batch"}}, 400, "nested too deeply"),
     ("POST", "/v1/load_lora_adapter", {"content": DEEP, "headers": ADMIN}, 400, "not JSON"),
+    # NaN is no JSON value: echoed back (the Responses API returns its reasoning), it was a 500.
+    ("POST", "/v1/responses", {"content": b'{"model":"m","input":"x","reasoning":{"effort":NaN}}'},
+     400, "NaN is not a JSON value"),
+    ("POST", "/v1/chat/completions", {"content": b'{"model":"m","temperature":-Infinity}'}, 400,
+     "-Infinity is not a JSON value"),
+    ("POST", "/v1/files", {"files": {"file": ("a", LINE + b',"temperature":NaN}}')},
+                           "data": {"purpose": "batch"}}, 400, "NaN is not a JSON value"),
 ]  # fmt: skip
 ANTHROPIC = [
     ("POST", "/v1/messages/batches", {"content": b"{"}, 400, "not valid JSON"),

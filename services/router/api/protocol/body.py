@@ -14,6 +14,13 @@ from services.router.errors import APIError, bad_request
 NESTED_TOO_DEEPLY = "request body is not valid JSON: nested too deeply"
 
 
+def refuse_constant(name: str) -> float:
+    """json.loads' hook for NaN, Infinity and -Infinity, which Python reads but JSON does not
+    have: refused (a 400), since a value echoed back (the Responses API returns its
+    request's reasoning, text, tools and metadata) cannot be written as JSON again (a 500)."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 async def read_body(request: Request, max_bytes: int | None) -> bytes:
     """The raw body, or a 413 once it passes ``max_bytes`` (declared or actually sent)."""
     if max_bytes is None:
@@ -41,8 +48,8 @@ async def read_json_object(request: Request, max_bytes: int | None = None) -> di
     # thread would not let the loop run meanwhile (measured: a 4 MB body of small objects
     # stops it for ~0.3 s, a 4 MB prompt string for ~1 ms); --max-body-bytes bounds it.
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = json.loads(raw, parse_constant=refuse_constant)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a NaN
         raise bad_request(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise bad_request(NESTED_TOO_DEEPLY) from None
