@@ -167,8 +167,10 @@ class WorkerModelLoad:
         ValueError: a model this worker cannot load; LoadInProgress."""
         if self.configs is None:
             raise ValueError("this worker cannot load another model (started without flags)")
-        if name.startswith("-"):  # the restart's argv would read it as a flag and exit
-            raise ValueError(f"served_model_name {name!r} must not start with '-'")
+        # The restart's argv would read a leading '-' as a flag (argparse exits), and execv
+        # refuses a NUL: either ended the drained worker with no fall-back.
+        if name.startswith("-") or "\x00" in name:
+            raise ValueError(f"served_model_name {name!r} must not start with '-' or hold NUL")
         async with self.roles.lock:
             if self.reload.argv is not None:
                 raise LoadInProgress(f"worker {self.state.instance_id} is loading a model")

@@ -97,8 +97,9 @@ def test_a_load_whose_caller_goes_away_mid_drain_leaves_the_worker_serving(tiny_
         roles = RoleController(state, drain_timeout_s=60.0, held=count, evict=evict)
         loader = WorkerModelLoad(state, roles, "old")
         loader.configs = (WorkerConfig(instance_id="w1"), EngineConfig(model="/m/old"))
-        with pytest.raises(ValueError, match="must not start with '-'"):
-            await loader.load(str(tiny_model_dir("llama")), "--port")
+        for bad in ("--port", "a\x00b"):
+            with pytest.raises(ValueError, match="must not start with '-' or hold NUL"):
+                await loader.load(str(tiny_model_dir("llama")), bad)
         load = asyncio.create_task(loader.load(str(tiny_model_dir("llama")), "new"))
         await held.wait()
         assert state.phase == "loading"
