@@ -39,6 +39,9 @@ def test_factory_names_and_bad_params() -> None:
         create_rebalance_policy("queue", bogus=1)
     with pytest.raises(ValueError, match="must be a number"):
         create_rebalance_policy("queue", prefill_queue_high="lots")
+    for nan in ("nan", float("nan")):  # passed every bound; then no comparison held
+        with pytest.raises(ValueError, match="must be a number"):
+            create_rebalance_policy("slo", ttft_slo_ms=nan)
     with pytest.raises(ValueError, match="prefill_queue_low must be <"):
         create_rebalance_policy("queue", prefill_queue_low=10, prefill_queue_high=5)
     with pytest.raises(ValueError, match="margin"):

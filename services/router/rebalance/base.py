@@ -8,6 +8,7 @@ policy alike, and turns proposals into decisions.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -106,6 +107,11 @@ class RebalancePolicy(ABC):
                 self._params[key] = float(value)
             except (TypeError, ValueError):
                 raise ValueError(f"parameter {key} must be a number, got {value!r}") from None
+            # NOTE: float() reads "nan", which passes every bound in validate(), and every
+            # comparison with it after is false (a NaN TTFT SLO is never missed); the admin
+            # API stored it in etcd for every router.
+            if math.isnan(self._params[key]):
+                raise ValueError(f"parameter {key} must be a number, got {value!r}")
         self.validate()
 
     def validate(self) -> None:
