@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -127,3 +128,13 @@ def to_argv(obj: Any, skip: frozenset[str] = frozenset()) -> list[str]:
         else:
             argv += [flag, str(value)]
     return argv
+
+
+def refuse_nan(obj: Any) -> None:
+    """ValueError when a float field of the config ``obj`` is NaN ("--x nan" parses): NaN
+    passes every bound check (each comparison with it is false), and so does everything it
+    bounds later, a timeout included. Call from ``__post_init__``."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError(f"{f.name} must be a number, got nan")

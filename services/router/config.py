@@ -6,6 +6,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
+from services.common.dataclass_cli import refuse_nan
 from services.common.grpc_utils import GrpcTLS
 from services.common.tracing import OTLP_TRACES_HELP
 from services.router.features.images import ImageLimits
@@ -260,6 +261,7 @@ class RouterConfig:
     )
 
     def __post_init__(self) -> None:
+        refuse_nan(self)  # a NaN timeout reaches asyncio.wait_for, which times out at once
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.policy not in available_policies():

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
+from services.common.dataclass_cli import refuse_nan
 from services.common.grpc_utils import ROLES
 from services.common.member_config import MemberConfig
 from services.common.tracing import OTLP_TRACES_HELP
@@ -130,10 +130,7 @@ class WorkerConfig(MemberConfig):
         self.check_member()
         # NaN passes every bound below: a NaN --engine-stall-s silenced the load reports for
         # good, a NaN --kv-write-grace-s dropped released blocks from the quarantine unfreed.
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and math.isnan(value):
-                raise ValueError(f"{f.name} must be a number, got nan")
+        refuse_nan(self)
         if self.load_report_interval_ms < 10:
             raise ValueError("load_report_interval_ms must be >= 10")
         if self.engine_stall_s <= 0:

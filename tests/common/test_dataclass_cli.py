@@ -64,3 +64,21 @@ def test_parse_assignments_converts_to_the_field_types():
     ):
         with pytest.raises(ValueError, match=match):
             parse_assignments(EngineConfig, [bad])
+
+
+@pytest.mark.parametrize(
+    "cls, name",
+    [
+        (WorkerConfig, "engine_stall_s"),  # 'stalled <= nan' never held: no load report again
+        (WorkerConfig, "kv_write_grace_s"),  # a quarantine that ends at NaN leaked its blocks
+        (WorkerConfig, "drain_timeout_s"),
+        (RouterConfig, "stall_timeout_s"),  # asyncio.wait_for(..., nan) times out at once
+        (RouterConfig, "request_timeout_s"),
+        (RouterConfig, "slo_ttft_ms"),
+    ],
+)
+def test_a_nan_setting_is_refused(cls, name: str) -> None:
+    """``--x nan`` parses, and NaN passes every bound check (each comparison is false)."""
+    with pytest.raises(ValueError, match=f"{name} must be a number, got nan"):
+        cls(**{name: float("nan")})
+    cls(**{name: 1.0})
