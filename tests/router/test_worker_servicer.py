@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -162,8 +163,18 @@ async def test_load_reports_stop_while_the_engine_is_stuck_in_a_step() -> None:
     sends no reports, and they come back once it steps again. The old servicer reported on,
     so routers kept the worker in routing and its streams waited for the stall timeout."""
     engine = FakeEngine()
-    engine.stalled_s = lambda: stalled  # type: ignore[attr-defined]
-    stalled = 0.0
+    stalled, marker, checks = 0.0, 0, 0
+
+    def stalled_s() -> float:
+        nonlocal checks
+        checks += 1
+        return stalled
+
+    # Each report carries the marker current when it was built (in num_free_blocks), so a
+    # report built during the stall is told apart from one still in transit from before it.
+    stats = engine.stats
+    engine.stats = lambda: SimpleNamespace(**{**vars(stats()), "num_free_blocks": marker})
+    engine.stalled_s = stalled_s  # type: ignore[attr-defined]
     servicer = WorkerServicer(engine, WorkerState("w", "inc", "mixed"), load_interval_ms=20)
     servicer.engine_stall_s = 1.0
     server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -173,21 +184,20 @@ async def test_load_reports_stop_while_the_engine_is_stuck_in_a_step() -> None:
     channel = insecure_channel(f"127.0.0.1:{port}")
     try:
         call = pb_grpc.WorkerServiceStub(channel).StreamLoad(pb.LoadReportRequest(interval_ms=20))
-        reports: list[float] = []
+        reports: list[int] = []
 
         async def read() -> None:
-            async for _ in call:
-                reports.append(time.monotonic())
+            async for r in call:
+                reports.append(r.num_free_blocks)
 
         reader = asyncio.ensure_future(read())
         await until(lambda: len(reports) >= 2)
-        stalled = 5.0
-        quiet_from = time.monotonic() + 0.1  # a report already on its way may still land
-        await asyncio.sleep(0.6)  # 25 report intervals: the window that must stay silent
-        assert [t for t in reports if t > quiet_from] == []
+        stalled, marker, start = 5.0, 1, checks
+        # 25 report intervals as the servicer counts them (the old one built reports on).
+        await until(lambda: checks >= start + 25 or marker in reports)
+        assert marker not in reports
         stalled = 0.0
-        back = len(reports)
-        await until(lambda: len(reports) > back)
+        await until(lambda: marker in reports)
         call.cancel()
         reader.cancel()
     finally:
