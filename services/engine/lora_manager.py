@@ -29,6 +29,8 @@ from services.engine.layers.lora import LoRABatch, LoRALinear, cuda_kernels
 from services.engine.lora_adapter import LoRAAdapter, load_adapter
 
 logger = logging.getLogger(__name__)
+# Names travel in every load report and in /v1/models (the router refuses longer ones first).
+MAX_NAME_CHARS = 256
 
 RANK_CALL_TIMEOUT_S = 120.0  # reading an adapter on every rank
 
@@ -92,8 +94,8 @@ class LoRAManager:
     def add(self, name: str, path: str) -> LoRAAdapter:
         """Read and register the adapter at ``path`` as ``name`` (ValueError if it cannot
         be served). Re-adding a name with the same path is a no-op."""
-        if not name:
-            raise ValueError("a LoRA adapter needs a name")
+        if not name or len(name) > MAX_NAME_CHARS:
+            raise ValueError(f"a LoRA adapter needs a name of 1 to {MAX_NAME_CHARS} characters")
         old = self.adapters.get(name)
         if old is not None and old.path == str(path):
             return old

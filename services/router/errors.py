@@ -32,6 +32,10 @@ _OPENAI_TYPES = {
     503: "service_unavailable",
     504: "timeout",
 }
+# A 503 that names no Retry-After of its own gets this one (seconds): every 503 here is a
+# state that passes (no worker yet, workers restarting or draining), and the SDKs' retries
+# and well-behaved clients wait for the header rather than retrying at once.
+DEFAULT_503_RETRY_AFTER_S = 1
 
 
 class APIError(Exception):
@@ -47,6 +51,8 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
+        if status == 503 and not any(k.lower() == "retry-after" for k in headers or {}):
+            headers = {**(headers or {}), "Retry-After": str(DEFAULT_503_RETRY_AFTER_S)}
         self.headers = headers
 
     def openai_body(self) -> dict[str, Any]:

@@ -123,6 +123,8 @@ def test_bad_adapters_are_clear_errors(setup, tmp_path):
         llm.engine.loras.add("mlp", str(folders["mlp"]))  # rank 16
     with pytest.raises(ValueError, match="adapter_config.json"):
         llm.engine.loras.add("empty", str(tmp_path))
+    with pytest.raises(ValueError, match="1 to 256 characters"):
+        llm.engine.loras.add("x" * 257, str(folders["all"]))
     plain = LLM(str(base), dtype="float32", kv_cache_bytes=8 << 20)
     with pytest.raises(ValueError, match="LoRA is not enabled"):
         plain.generate([[5, 6, 7]], GREEDY, lora="all")

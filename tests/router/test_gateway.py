@@ -69,6 +69,7 @@ async def test_no_workers_is_503_in_each_format(etcd) -> None:
                 json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
             )
             assert r.status_code == 503 and r.json()["error"]["message"]
+            assert r.headers["retry-after"] == "1"  # a 503 says when to come back
             r = await c.post(
                 "/v1/messages",
                 json={
@@ -78,6 +79,7 @@ async def test_no_workers_is_503_in_each_format(etcd) -> None:
                 },
             )
             assert r.status_code == 503 and r.json()["type"] == "error"
+            assert r.headers["retry-after"] == "1"
             assert (await c.get("/v1/models")).json()["data"] == []
     finally:
         await gw.stop()

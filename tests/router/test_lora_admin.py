@@ -86,6 +86,13 @@ async def test_partial_load_rolls_back_and_loads_are_recorded(tmp_path) -> None:
                 assert r.status_code == 400
                 assert good.loras.adapters == {"a": "/a"}
                 assert await registry.get("a") == AdapterRecord("/a", "fake-model")
+                # A name is a model name, not a document: a 100K-character one is refused
+                # before any worker is asked (it would travel in every load report).
+                r = await c.post(
+                    "/v1/load_lora_adapter", json={"lora_name": "x" * 100_000, "lora_path": "/a"}
+                )
+                assert r.status_code == 400 and "256" in r.text
+                assert good.loras.adapters == {"a": "/a"}
                 # A worker started now loads what was recorded.
                 late = LoRAEngine()
                 await restore_adapters(late, LoRARegistry([etcd.endpoint], "lr"), "fake-model")
