@@ -30,6 +30,7 @@ import logging
 import os
 import sys
 import time
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -143,6 +144,13 @@ def _exec(argv: list[str]) -> NoReturn:
     # without O_CLOEXEC and nothing closes them: across execv they stayed open in the new
     # incarnation, listening with nobody accepting, two more ports at every model load.
     # Marked close-on-exec here rather than closed: threads still running may hold them.
+    # The old incarnation's multiprocessing resource tracker (started with the tensor-parallel
+    # ranks) exits once its pipe closes at the exec, and nothing in the new image reaps it: a
+    # zombie child per model load. Stopped and reaped here (a private call, hence guarded).
+    stop = getattr(getattr(resource_tracker, "_resource_tracker", None), "_stop", None)
+    if stop is not None:
+        with contextlib.suppress(Exception):
+            stop()
     for fd in map(int, os.listdir("/dev/fd")):  # Linux and macOS
         with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
             if fd > 2:

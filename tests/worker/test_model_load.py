@@ -128,3 +128,23 @@ def test_the_restart_inherits_no_open_socket() -> None:
                           timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pipe:" in done.stdout and "socket:" not in done.stdout, done.stdout
+
+
+def test_the_restart_leaves_no_child_of_the_old_incarnation() -> None:
+    """The ranks' multiprocessing resource tracker outlived the exec as a zombie child (seen
+    after a real TP=2 worker's model load: ``[python] <defunct>``)."""
+    report = (
+        "import os; me = str(os.getpid()); print('children:', [p for p in os.listdir('/proc') "
+        "if p.isdigit() and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == me])"
+    )
+    code = (
+        "import sys\n"
+        "from multiprocessing import resource_tracker\n"
+        "from services.worker import model_load\n"
+        "resource_tracker.ensure_running()\n"
+        f"model_load._exec([sys.executable, '-c', {report!r}])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "children: []", done.stdout
