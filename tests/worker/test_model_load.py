@@ -111,40 +111,36 @@ def test_a_load_whose_caller_goes_away_mid_drain_leaves_the_worker_serving(tiny_
     asyncio.run(run())
 
 
-def test_the_restart_inherits_no_open_socket() -> None:
-    """Mooncake's listeners are opened without close-on-exec: the restart must not carry them
-    (they stayed bound, listening, in the new incarnation: two ports leaked per load)."""
-    report = (
-        "import os; d = '/proc/self/fd/'; "
-        "print([os.readlink(d + f) for f in os.listdir(d) if os.path.lexists(d + f)])"
-    )
-    code = (
-        "import socket, sys\n"
-        "from services.worker import model_load\n"
-        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); s.set_inheritable(True)\n"
+def after_exec(setup: str, report: str) -> str:
+    """What ``report`` prints once a process that ran ``setup`` restarted through
+    ``model_load._exec`` (as a model load restarts the worker)."""
+    code = f"import sys\nfrom services.worker import model_load\n{setup}\n" + (
         f"model_load._exec([sys.executable, '-c', {report!r}])\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "pipe:" in done.stdout and "socket:" not in done.stdout, done.stdout
+    return done.stdout.strip()
+
+
+def test_the_restart_inherits_no_open_socket() -> None:
+    """Mooncake's listeners are opened without close-on-exec: the restart must not carry them
+    (they stayed bound, listening, in the new incarnation: two ports leaked per load)."""
+    out = after_exec(
+        "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
+        "s.set_inheritable(True)",
+        "import os; d = '/proc/self/fd/'; "
+        "print([os.readlink(d + f) for f in os.listdir(d) if os.path.lexists(d + f)])",
+    )
+    assert "pipe:" in out and "socket:" not in out, out
 
 
 def test_the_restart_leaves_no_child_of_the_old_incarnation() -> None:
     """The ranks' multiprocessing resource tracker outlived the exec as a zombie child (seen
     after a real TP=2 worker's model load: ``[python] <defunct>``)."""
-    report = (
+    out = after_exec(
+        "from multiprocessing import resource_tracker; resource_tracker.ensure_running()",
         "import os; me = str(os.getpid()); print('children:', [p for p in os.listdir('/proc') "
-        "if p.isdigit() and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == me])"
+        "if p.isdigit() and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == me])",
     )
-    code = (
-        "import sys\n"
-        "from multiprocessing import resource_tracker\n"
-        "from services.worker import model_load\n"
-        "resource_tracker.ensure_running()\n"
-        f"model_load._exec([sys.executable, '-c', {report!r}])\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "children: []", done.stdout
+    assert out == "children: []", out
