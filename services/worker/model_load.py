@@ -55,6 +55,7 @@ FALLBACK_ENV = "EPDSERVE_WORKER_FALLBACK_ARGV"
 # Why the new model did not start: the process that fell back advertises it.
 ERROR_ENV = "EPDSERVE_WORKER_LOAD_ERROR"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
+MAX_NAME_CHARS = 256  # a served model name, as a LoRA adapter's (engine/lora_manager.py)
 
 
 class LoadInProgress(Exception):
@@ -176,7 +177,10 @@ class WorkerModelLoad:
         if self.configs is None:
             raise ValueError("this worker cannot load another model (started without flags)")
         # The restart's argv would read a leading '-' as a flag (argparse exits), and execv
-        # refuses a NUL: either ended the drained worker with no fall-back.
+        # refuses a NUL or an argument past 128 KiB (E2BIG): each ended the drained worker
+        # with no fall-back. The name also travels in every registration and /v1/models.
+        if len(name) > MAX_NAME_CHARS:
+            raise ValueError(f"served_model_name is longer than {MAX_NAME_CHARS} characters")
         if name.startswith("-") or "\x00" in name:
             raise ValueError(f"served_model_name {name!r} must not start with '-' or hold NUL")
         async with self.roles.lock:

@@ -100,6 +100,8 @@ def test_a_load_whose_caller_goes_away_mid_drain_leaves_the_worker_serving(tiny_
         for bad in ("--port", "a\x00b"):
             with pytest.raises(ValueError, match="must not start with '-' or hold NUL"):
                 await loader.load(str(tiny_model_dir("llama")), bad)
+        with pytest.raises(ValueError, match="longer than 256"):  # execv: E2BIG past 128 KiB
+            await loader.load(str(tiny_model_dir("llama")), "x" * 200_000)
         load = asyncio.create_task(loader.load(str(tiny_model_dir("llama")), "new"))
         await held.wait()
         assert state.phase == "loading"
