@@ -55,6 +55,7 @@ FALLBACK_ENV = "EPDSERVE_WORKER_FALLBACK_ARGV"
 # Why the new model did not start: the process that fell back advertises it.
 ERROR_ENV = "EPDSERVE_WORKER_LOAD_ERROR"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
+PATH_MAX = 4096  # Linux's, in bytes
 MAX_NAME_CHARS = 256  # a served model name, as a LoRA adapter's (engine/lora_manager.py)
 
 
@@ -71,13 +72,18 @@ def check_model(model: str) -> None:
     from services.engine.model_loader import load_hf_config
     from services.engine.models.registry import architecture
 
+    if len(model) > PATH_MAX:  # also keeps the error messages below to a trailer's size
+        raise ValueError(f"model path is longer than {PATH_MAX} characters")
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return
-    if not path.is_dir():
-        raise ValueError(f"model {model!r} is neither a folder nor a .gguf file on this worker")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"model folder {model} has no config.json")
+    try:  # NOTE: is_file/is_dir raise what is not ENOENT-like (a name too long, no permission)
+        if path.is_file() and path.suffix == ".gguf":
+            return
+        if not path.is_dir():
+            raise ValueError(f"model {model!r} is neither a folder nor a .gguf file on this worker")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model folder {model} has no config.json")
+    except OSError as exc:
+        raise ValueError(f"model {model!r} cannot be read on this worker: {exc.strerror}") from None
     try:
         hf_config = load_hf_config(str(path))
     except (OSError, KeyError, ValueError) as exc:

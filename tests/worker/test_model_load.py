@@ -33,6 +33,11 @@ def test_bad_models_are_refused_before_anything_changes(tmp_path, tiny_model_dir
         check_model(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="no config.json"):
         check_model(str(tmp_path))
+    # is_file raised OSError (ENAMETOOLONG): the RPC ended UNKNOWN, a 503, not a 400.
+    with pytest.raises(ValueError, match="File name too long"):
+        check_model(str(tmp_path / ("x" * 300)))
+    with pytest.raises(ValueError, match="longer than 4096"):
+        check_model("/" + "a/" * 3000)
     import transformers
 
     transformers.GPT2Config(n_layer=1).save_pretrained(str(tmp_path / "gpt2"))
