@@ -83,14 +83,20 @@ def load_adapter(
     """Read the PEFT adapter at ``path`` (a folder). Raises ValueError, naming the adapter,
     for anything the engine cannot serve: other PEFT types, DoRA, embedding or lm_head
     targets, ranks over ``max_rank``, layers the model lacks."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(path)
-    cfg = _read_config(folder)
-    weights_file = folder / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        raise ValueError(f"LoRA adapter {path!r} has no adapter_model.safetensors")
-    tensors = load_file(str(weights_file))
+    # NOTE: a name too long, a folder without permission (is_file raises those) or a broken
+    # weights file was not a ValueError: the LoadLoRA RPC ended UNKNOWN, not a 400.
+    try:
+        cfg = _read_config(folder)
+        weights_file = folder / "adapter_model.safetensors"
+        if not weights_file.is_file():
+            raise ValueError(f"LoRA adapter {path!r} has no adapter_model.safetensors")
+        tensors = load_file(str(weights_file))
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"LoRA adapter {path!r} cannot be read: {exc}") from None
     factors: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         m = _KEY.search(key)

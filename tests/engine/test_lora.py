@@ -123,6 +123,15 @@ def test_bad_adapters_are_clear_errors(setup, tmp_path):
         llm.engine.loras.add("mlp", str(folders["mlp"]))  # rank 16
     with pytest.raises(ValueError, match="adapter_config.json"):
         llm.engine.loras.add("empty", str(tmp_path))
+    broken = tmp_path / "broken"  # a good config beside weights that are not safetensors
+    broken.mkdir()
+    (broken / "adapter_config.json").write_bytes(
+        (folders["all"] / "adapter_config.json").read_bytes()
+    )
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    for bad in (broken, tmp_path / ("x" * 300)):  # SafetensorError, ENAMETOOLONG before
+        with pytest.raises(ValueError, match="cannot be read"):
+            llm.engine.loras.add("bad", str(bad))
     with pytest.raises(ValueError, match="1 to 256 characters"):
         llm.engine.loras.add("x" * 257, str(folders["all"]))
     plain = LLM(str(base), dtype="float32", kv_cache_bytes=8 << 20)
