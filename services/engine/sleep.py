@@ -18,12 +18,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
-import os
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
@@ -111,7 +110,10 @@ class EngineSleep:
     def __init__(self, spill_dir: str | None = None) -> None:
         self.spill_dir = spill_dir  # None: the system's temporary folder
         self.asleep = False
-        self._file: str | None = None
+        # The weights' file: anonymous (unlinked, or O_TMPFILE), so that its space comes back
+        # when the process ends however it ends. NOTE: a named file outlived a worker stopped
+        # or restarted with another model (os.execv) while asleep: a model's weights, fp32.
+        self._file: IO[bytes] | None = None
         self._storages: list[torch.UntypedStorage] = []
         # Packed weights to pack again on waking, with their dense shape and dtype.
         self._linears: list[tuple[OneDNNLinear, tuple[tuple[int, ...], torch.dtype]]] = []
@@ -143,21 +145,21 @@ class EngineSleep:
         kv = runner.kv_cache.untyped_storage()
         storages = weight_storages(runner.model, exclude={kv.data_ptr()})
         packed = self._packed(runner.model)
-        fd, path = tempfile.mkstemp(prefix="epdserve-sleep-", suffix=".weights",
-                                    dir=self.spill_dir)  # fmt: skip
+        f = tempfile.TemporaryFile(prefix="epdserve-sleep-", suffix=".weights",
+                                   dir=self.spill_dir)  # fmt: skip
         weight_bytes = sum(s.nbytes() for s in storages)
         shapes: list[tuple[tuple[int, ...], torch.dtype]] = []  # of the packed weights
         try:
-            with os.fdopen(fd, "wb") as f:
-                for storage in storages:
-                    f.write(_buffer(_bytes_of(storage)))
-                for linear in packed:
-                    dense = linear.packed.to_dense().contiguous()
-                    f.write(_buffer(dense))
-                    weight_bytes += dense.nbytes
-                    shapes.append((tuple(dense.shape), dense.dtype))
+            for storage in storages:
+                f.write(_buffer(_bytes_of(storage)))
+            for linear in packed:
+                dense = linear.packed.to_dense().contiguous()
+                f.write(_buffer(dense))
+                weight_bytes += dense.nbytes
+                shapes.append((tuple(dense.shape), dense.dtype))
+            f.flush()
         except BaseException:
-            os.unlink(path)
+            f.close()
             raise
         for linear in packed:
             linear.packed = None  # type: ignore[assignment]
@@ -168,11 +170,12 @@ class EngineSleep:
         engine.block_manager.reset_prefix_cache()
         _release(kv.data_ptr(), kv.nbytes())
         _trim()
-        self._file, self._storages, self.asleep = path, storages, True
+        self._file, self._storages, self.asleep = f, storages, True
         self._linears = list(zip(packed, shapes, strict=True))
         report = SleepReport(weight_bytes, kv.nbytes(), time.monotonic() - started)
-        log.info("asleep: %d weight bytes in %s, %d KV bytes released (%.2fs)",
-                 weight_bytes, path, kv.nbytes(), report.seconds)  # fmt: skip
+        log.info("asleep: %d weight bytes in a file in %s, %d KV bytes released (%.2fs)",
+                 weight_bytes, self.spill_dir or tempfile.gettempdir(), kv.nbytes(),
+                 report.seconds)  # fmt: skip
         return report
 
     def wake_up(self, engine: LLMEngine) -> SleepReport:
@@ -181,18 +184,19 @@ class EngineSleep:
         started = time.monotonic()
         assert self._file is not None
         weight_bytes = sum(s.nbytes() for s in self._storages)
-        with open(self._file, "rb") as f:
-            for storage in self._storages:
-                view = _buffer(_bytes_of(storage))
-                if f.readinto(view) != storage.nbytes():
-                    raise OSError(f"{self._file} is shorter than the weights it holds")
-            for linear, (shape, dtype) in self._linears:
-                dense = torch.empty(shape, dtype=dtype)
-                if f.readinto(_buffer(dense)) != dense.nbytes:
-                    raise OSError(f"{self._file} is shorter than the weights it holds")
-                linear.packed = torch.ops.mkldnn._reorder_linear_weight(dense)
-                weight_bytes += dense.nbytes
-        os.unlink(self._file)
+        f = self._file  # closed once read back: a failed read may be retried
+        f.seek(0)
+        for storage in self._storages:
+            view = _buffer(_bytes_of(storage))
+            if f.readinto(view) != storage.nbytes():
+                raise OSError("the sleep file is shorter than the weights it holds")
+        for linear, (shape, dtype) in self._linears:
+            dense = torch.empty(shape, dtype=dtype)
+            if f.readinto(_buffer(dense)) != dense.nbytes:
+                raise OSError("the sleep file is shorter than the weights it holds")
+            linear.packed = torch.ops.mkldnn._reorder_linear_weight(dense)
+            weight_bytes += dense.nbytes
+        f.close()
         _trim()  # the dense copies the packing read from
         self._file, self._storages, self._linears, self.asleep = None, [], [], False
         report = SleepReport(weight_bytes, 0, time.monotonic() - started)

@@ -42,3 +42,16 @@ def test_a_busy_engine_does_not_sleep(tiny_model_dir) -> None:
     llm.engine.add_request("r1", llm.tokenizer.encode(PROMPT), GREEDY)
     with pytest.raises(ValueError, match="still has requests"):
         EngineSleep().sleep(llm.engine)
+
+
+def test_the_sleeping_weights_leave_no_file_behind(tiny_model_dir, tmp_path) -> None:
+    """The weights wait in an anonymous file: a worker stopped, killed or restarted with
+    another model (os.execv) while asleep left a named one, a model's weights, for good."""
+    llm = LLM(str(tiny_model_dir("llama")), max_model_len=256, kv_cache_bytes=8 * 1024 * 1024)
+    ids = llm.tokenizer.encode(PROMPT)
+    before = llm.generate(ids, GREEDY)[0].outputs[0].token_ids
+    sleep = EngineSleep(spill_dir=str(tmp_path))
+    assert sleep.sleep(llm.engine).weight_bytes > 0
+    assert list(tmp_path.iterdir()) == []
+    sleep.wake_up(llm.engine)
+    assert llm.generate(ids, GREEDY)[0].outputs[0].token_ids == before
