@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass, field
 
@@ -122,6 +123,13 @@ class WorkerConfig(MemberConfig):
     kv_store_segment_bytes: int = field(
         default=256 << 20, metadata={"help": "memory this worker lends to the KV store's pool"}
     )
+    sleep_dir: str = field(
+        default="",
+        metadata={
+            "help": "folder a sleeping worker writes its weights to (`epdserve models sleep`; "
+            "room for the model's weights, fp32 on CPU); '': the system's temporary folder"
+        },
+    )
     otlp_traces_endpoint: str = field(default="", metadata={"help": OTLP_TRACES_HELP})
 
     def __post_init__(self) -> None:
@@ -165,6 +173,8 @@ class WorkerConfig(MemberConfig):
             StoreConfig(self.kv_store, self.kv_store_metadata)  # raises for a bad address
         if self.kv_store_segment_bytes <= 0:
             raise ValueError("kv_store_segment_bytes must be > 0")
+        if self.sleep_dir and not os.path.isdir(self.sleep_dir):
+            raise ValueError(f"--sleep-dir {self.sleep_dir!r} is not a folder")
 
     @staticmethod
     def new_incarnation() -> str:

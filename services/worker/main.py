@@ -84,6 +84,7 @@ async def serve(
     setup_images(wcfg, engine, servicer)
     servicer.loader.configs = (wcfg, ecfg)
     servicer.engine_stall_s = wcfg.engine_stall_s
+    servicer.sleeper.engine_sleep.spill_dir = wcfg.sleep_dir or None
     if reload is not None:
         servicer.loader.reload = reload
     for role in servicer.parts():

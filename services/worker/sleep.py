@@ -17,7 +17,7 @@ import grpc
 
 from services.common.proto import worker_pb2 as pb
 from services.engine.sleep import EngineSleep, SleepReport
-from services.worker.errors import BAD_REQUEST, Rules, call_status
+from services.worker.errors import BAD_REQUEST, Rules, Status, call_status
 
 if TYPE_CHECKING:
     from services.engine.async_engine import AsyncLLMEngine
@@ -26,7 +26,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SLEEP: Rules = {ValueError: BAD_REQUEST}
+# A spill file that cannot be written (a full or missing --sleep-dir): the worker serves on.
+SLEEP: Rules = {
+    ValueError: BAD_REQUEST,
+    OSError: Status(grpc.StatusCode.FAILED_PRECONDITION, "cannot write the weights out: "),
+}
 
 
 class WorkerSleep:
@@ -37,7 +41,7 @@ class WorkerSleep:
         self.state = state
         self.engine = engine
         self.roles = roles
-        self.engine_sleep = EngineSleep()
+        self.engine_sleep = EngineSleep()  # main.py sets its folder (--sleep-dir)
 
     async def set(self, sleep: bool) -> SleepReport:
         """Sleep (``sleep``) or wake up; nothing to do when already so. ValueError: this

@@ -24,11 +24,16 @@ def test_sleep_then_wake_answers_as_before(tiny_model_dir) -> None:
     ids = llm.tokenizer.encode(PROMPT)
     before = llm.generate(ids, GREEDY)[0].outputs[0].token_ids
     assert engine.block_manager.hash_to_block  # the prompt's blocks are cached
+    stored = {h for ev in engine.take_kv_events() if ev.kind == "stored" for h in ev.block_hashes}
+    assert stored
 
     sleep = EngineSleep()
     asleep = sleep.sleep(engine)
     assert sleep.asleep and asleep.kv_bytes == engine.runner.kv_cache.nbytes
     assert asleep.weight_bytes > 0 and not engine.block_manager.hash_to_block
+    # The kvstore index hears that every cached block is gone (the worker publishes these).
+    events = engine.take_kv_events()
+    assert {h for ev in events if ev.kind == "removed" for h in ev.block_hashes} == stored
     awake = sleep.wake_up(engine)
     assert not sleep.asleep and awake.weight_bytes == asleep.weight_bytes
     # The cache was forgotten with the KV it described: the same prompt computes again and

@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from services.engine.sleep import SleepReport
+from services.worker.config import WorkerConfig
 from services.worker.role_controller import RoleController
 from services.worker.sleep import WorkerSleep
 from services.worker.state import WorkerState
@@ -62,3 +63,9 @@ async def test_a_role_change_during_a_sleep_waits_for_it(monkeypatch) -> None:
 
 async def _noop(msg: str) -> None:
     return None
+
+
+def test_a_sleep_dir_that_is_not_a_folder_is_refused(tmp_path) -> None:
+    assert WorkerConfig(sleep_dir=str(tmp_path), register=False).sleep_dir == str(tmp_path)
+    with pytest.raises(ValueError, match="--sleep-dir"):
+        WorkerConfig(sleep_dir=str(tmp_path / "missing"), register=False)
