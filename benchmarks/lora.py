@@ -1,18 +1,18 @@
 """Batched LoRA on the CPU: the same requests run by the base model alone and as a batch mixing
-8 adapters, in output tokens/s; and the two ways of applying a mixed batch's deltas to one
-layer (``services/engine/layers/lora.py``: grouped per adapter, or each row's factors gathered
-for a bmm).
+8 adapters, in output tokens/s, interleaved --repeats times (the median round's ratio); with
+--layers, the CPU plans of ``services/engine/layers/lora.py`` on one layer.
 
 The adapters are random PEFT folders (all seven target modules) written here for the default
 model (SmolLM2-135M) or ``--model``; nothing is downloaded.
 
-    .venv/bin/python benchmarks/lora.py [--requests 32] [--prompt 128] [--output 64]
+    .venv/bin/python benchmarks/lora.py [--requests 32] [--prompt 128] [--output 64] [--layers]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from services.engine import LLM, SamplingParams
-from services.engine.layers.lora import LoRABatch, LoRALinear, gathered_delta
+from services.engine.layers.lora import LoRABatch, LoRALinear
 from services.engine.model_loader import load_hf_config, resolve_model
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -51,18 +51,23 @@ def write_adapter(folder: Path, cfg, rank: int, seed: int) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
-def throughput(llm: LLM, prompts, params, loras) -> tuple[float, float]:
-    """(output tokens/s, seconds) of one run of every prompt to completion."""
+def throughput(llm: LLM, prompts, params, loras) -> tuple[float, float, float]:
+    """(output tokens/s, seconds, output tokens per CPU second of this process) of one run
+    of every prompt to completion. On a machine others load, the CPU-time rate moves far
+    less than the wall-clock one (best with --threads 1: no thread waits for a descheduled
+    sibling)."""
     llm.generate(prompts[:2], params, lora=loras[:2])  # warm-up
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     outs = llm.generate(prompts, params, lora=loras)
-    dt = time.perf_counter() - t
-    return sum(len(o.outputs[0].token_ids) for o in outs) / dt, dt
+    dt, dcpu = time.perf_counter() - t, time.process_time() - cpu
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return tokens / dt, dt, tokens / dcpu
 
 
-def layer_methods(rows: int, adapters: int, d_in: int, d_out: int, rank: int) -> str:
-    """Time the grouped and the gathered delta on one layer's shape, ``rows`` rows spread
-    over ``adapters`` adapters."""
+def layer_plans(rows: int, adapters: int, d_in: int, d_out: int, rank: int) -> str:
+    """Time the CPU plans on one layer's shape (us, best of 20): ``rows`` rows over
+    ``adapters`` adapters, as decode rows (adapters interleaved: grouped, padded) and as
+    prefill chunks (each adapter's rows consecutive: padded, runs)."""
     batch = LoRABatch()
     layer = LoRALinear(lambda x: torch.zeros(x.shape[0], d_out), {None: (0, d_out)}, d_in,
                        adapters, rank, torch.float32, torch.device("cpu"), batch)  # fmt: skip
@@ -71,25 +76,35 @@ def layer_methods(rows: int, adapters: int, d_in: int, d_out: int, rank: int) ->
     for b_t in layer.b_t:  # the CPU paths' copy of b (one shard here: b transposed)
         b_t.copy_(layer.b.transpose(1, 2))
     x = torch.randn(rows, d_in)
-    slots = torch.arange(rows) % adapters
-    batch.groups = [(s, torch.nonzero(slots == s).flatten()) for s in range(adapters)]
 
-    def best(fn, reps: int = 50) -> float:
-        fn()
+    def best(reps: int = 20) -> float:
+        layer(x)
         t = float("inf")
         for _ in range(reps):
             t0 = time.perf_counter()
-            fn()
+            layer(x)
             t = min(t, time.perf_counter() - t0)
+        batch.groups, batch.runs, batch.padded = [], [], None
         return t * 1e6
 
-    g = best(lambda: layer(x))
-    m = -(-rows // adapters)
-    src = torch.nonzero(slots == torch.arange(adapters)[:, None])[:, 1]
-    batch.groups, batch.padded = [], (src, src, m)
-    p = best(lambda: layer(x))
-    b = best(lambda: gathered_delta(x, layer.a, layer.b, slots))
-    return f"| {rows} | {adapters} | {d_in} x {d_out} | {g:.0f} | {p:.0f} | {b:.0f} |"
+    def padded(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        m = -(-rows // adapters)
+        src = torch.nonzero(slots == torch.arange(adapters)[:, None])[:, 1]
+        return src, src, m
+
+    interleaved = torch.arange(rows) % adapters
+    batch.groups = [(s, torch.nonzero(interleaved == s).flatten()) for s in range(adapters)]
+    grouped = best()
+    batch.padded = padded(interleaved)
+    pad_decode = best()
+    chunked = torch.arange(rows) * adapters // rows
+    batch.padded = padded(chunked)
+    pad_chunks = best()
+    n = rows // adapters
+    batch.runs = [(s * n, (s + 1) * n, s) for s in range(adapters)]
+    runs = best()
+    return (f"| {rows} | {adapters} | {d_in} x {d_out} | {grouped:.0f} | {pad_decode:.0f} | "
+            f"{pad_chunks:.0f} | {runs:.0f} |")  # fmt: skip
 
 
 def main() -> None:
@@ -101,16 +116,30 @@ def main() -> None:
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cpu-linear", default="onednn",
+                   help="both engines' linear backend (auto probes each engine on its own: "
+                   "on a loaded machine the two may differ)")  # fmt: skip
+    p.add_argument(
+        "--base-on-lora",
+        action="store_true",
+        help="also run the base model's requests on the LoRA engine",
+    )
+    p.add_argument("--layers", action="store_true", help="also time the plans on one layer")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
     cfg = getattr(load_hf_config(path), "text_config", None) or load_hf_config(path)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, 40000, (args.prompt,), generator=gen).tolist()
                for _ in range(args.requests)]  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=args.output, ignore_eos=True)
-    common = {"max_num_seqs": args.requests, "enable_prefix_caching": False}
+    common = {"max_num_seqs": args.requests, "enable_prefix_caching": False,
+              "cpu_linear": args.cpu_linear}  # fmt: skip
     print(f"{args.requests} requests x {args.prompt} prompt / {args.output} output tokens, "
-          f"greedy, torch threads {torch.get_num_threads()}")  # fmt: skip
+          f"greedy, torch threads {torch.get_num_threads()}, load average "
+          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
     tmp = tempfile.TemporaryDirectory()
     names = [f"a{i}" for i in range(args.adapters)]
     for i, name in enumerate(names):
@@ -120,30 +149,48 @@ def main() -> None:
                 lora_modules=[f"{n}={Path(tmp.name) / n}" for n in names])  # fmt: skip
     loras = [names[i % len(names)] for i in range(len(prompts))]
     none = [None] * len(prompts)
-    # Alternated and best of --repeats: the machine's other load changes between runs.
-    runs: dict[str, list[tuple[float, float]]] = {"base": [], "mixed": [], "base_on_lora": []}
+    # Interleaved, each round's ratio from its own pair: the machine's other load changes
+    # between runs; the median round is the figure.
+    runs: dict[str, list[tuple[float, float, float]]] = {
+        "base": [], "mixed": [], "base_on_lora": []
+    }  # fmt: skip
     for _ in range(args.repeats):
         runs["base"].append(throughput(base, prompts, params, none))
         runs["mixed"].append(throughput(mixed, prompts, params, loras))
-        runs["base_on_lora"].append(throughput(mixed, prompts, params, none))
+        if args.base_on_lora:
+            runs["base_on_lora"].append(throughput(mixed, prompts, params, none))
     tmp.cleanup()
-    (base_tps, base_s), (lora_tps, lora_s), (base_on_lora_tps, _) = (
-        max(runs[k]) for k in ("base", "mixed", "base_on_lora")
-    )
-    print("all runs (tok/s):", {k: [round(t, 1) for t, _ in v] for k, v in runs.items()})
-    print("| run | output tok/s | seconds |")
-    print("|---|---:|---:|")
-    print(f"| base model, LoRA off | {base_tps:.1f} | {base_s:.2f} |")
+    pairs = list(zip(runs["base"], runs["mixed"], strict=True))
+    ratios = [m[0] / b[0] for b, m in pairs]
+    cpu_ratios = sorted(m[2] / b[2] for b, m in pairs)
+    mid = sorted(range(len(ratios)), key=ratios.__getitem__)[len(ratios) // 2]
+    print("all runs (tok/s):", {k: [round(t[0], 1) for t in v] for k, v in runs.items() if v})
+    print("all runs (tok per CPU s):",
+          {k: [round(t[2], 1) for t in v] for k, v in runs.items() if v})  # fmt: skip
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+    print("| run | output tok/s (median round) | seconds | tok per CPU s |")
+    print("|---|---:|---:|---:|")
+    (base_tps, base_s, base_cpu), (lora_tps, lora_s, lora_cpu) = pairs[mid]
+    print(f"| base model, LoRA off | {base_tps:.1f} | {base_s:.2f} | {base_cpu:.1f} |")
     print(f"| {args.adapters} adapters (rank {args.rank}) mixed in the batch | {lora_tps:.1f} "
-          f"| {lora_s:.2f} |")  # fmt: skip
-    print(f"| base model on the LoRA engine (no adapter rows) | {base_on_lora_tps:.1f} | |")
-    print(f"mixed / base: {lora_tps / base_tps:.2f}x")
+          f"| {lora_s:.2f} | {lora_cpu:.1f} |")  # fmt: skip
+    if runs["base_on_lora"]:
+        print(f"| base model on the LoRA engine (no adapter rows) | "
+              f"{runs['base_on_lora'][mid][0]:.1f} | | |")  # fmt: skip
+    print(f"mixed / base: {ratios[mid]:.2f}x wall-clock (median of "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}); {cpu_ratios[len(cpu_ratios) // 2]:.2f}x "
+          f"in CPU time (median of {', '.join(f'{r:.2f}' for r in cpu_ratios)})")  # fmt: skip
+    if not args.layers:
+        return
     h, inter = cfg.hidden_size, cfg.intermediate_size
-    print("\n| rows | adapters | in x out | grouped us | padded bmm us | gathered bmm us |")
-    print("|---:|---:|---|---:|---:|---:|")
-    for rows in (8, 32, 512):
+    print(
+        "\n| rows | adapters | in x out | grouped (interleaved) | padded (interleaved) | "
+        "padded (chunks) | runs (chunks) |"
+    )
+    print("|---:|---:|---|---:|---:|---:|---:|")
+    for rows in (16, 256, 1024):
         for d_in, d_out in ((h, 3 * h), (inter, h)):
-            print(layer_methods(rows, args.adapters, d_in, d_out, 3 * args.rank))
+            print(layer_plans(rows, args.adapters, d_in, d_out, 3 * args.rank))
 
 
 if __name__ == "__main__":

@@ -139,3 +139,48 @@ def test_bad_adapters_are_clear_errors(setup, tmp_path):
         plain.generate([[5, 6, 7]], GREEDY, lora="all")
     # The engine still serves after the errors.
     assert llm.generate([[5, 6, 7]], GREEDY, lora="all")[0].outputs[0].token_ids
+
+
+def test_every_cpu_plan_adds_each_rows_own_delta():
+    """The layer's three CPU plans (one matmul pair per run of consecutive rows, the padded
+    bmm, gathered groups) add each row's own adapter delta, on a fused layer whose middle
+    shard one adapter leaves alone, beside rows with no adapter."""
+    import torch
+
+    from services.engine.layers.lora import LoRABatch, LoRALinear
+
+    gen = torch.Generator().manual_seed(0)
+    shards, d_in, rank, slots = {0: (0, 6), 1: (6, 4), 2: (10, 4)}, 8, 2, 3
+    weight = torch.randn(14, d_in, generator=gen)
+    batch = LoRABatch()
+    layer = LoRALinear(lambda x: x @ weight.T, shards, d_in, slots, rank, torch.float32,
+                       torch.device("cpu"), batch)  # fmt: skip
+    factors = []
+    for s in range(slots):
+        a = [torch.randn(rank, d_in, generator=gen) for _ in shards]
+        b = [torch.randn(n, rank, generator=gen) for _, n in shards.values()]
+        if s == 1:
+            a[1] = b[1] = None
+        layer.set_slot(s, a, b)
+        factors.append((a, b))
+    # Rows: a run of slot 0, base rows, a run of slot 2, one row of slot 1, slot 0 again.
+    row_slots = [0] * 5 + [None] * 2 + [2] * 4 + [1] + [0] * 3
+    x = torch.randn(len(row_slots), d_in, generator=gen)
+    want = x @ weight.T
+    for i, s in enumerate(row_slots):
+        if s is not None:
+            a, b = factors[s]
+            want[i] += torch.cat([(bi @ (ai @ x[i])) if ai is not None else torch.zeros(n)
+                                  for ai, bi, (_, n) in zip(a, b, shards.values(), strict=True)])  # fmt: skip
+    rows_of = {s: [i for i, t in enumerate(row_slots) if t == s] for s in range(slots)}
+    batch.runs = [(0, 5, 0), (7, 11, 2), (11, 12, 1), (12, 15, 0)]
+    torch.testing.assert_close(layer(x), want)
+    batch.runs = []
+    m = max(len(r) for r in rows_of.values())
+    src = [r + [len(row_slots)] * (m - len(r)) for r in rows_of.values()]
+    dst = [r + [0] * (m - len(r)) for r in rows_of.values()]
+    batch.padded = (torch.tensor(src).flatten(), torch.tensor(dst).flatten(), m)
+    torch.testing.assert_close(layer(x), want)
+    batch.padded = None
+    batch.groups = [(s, torch.tensor(r)) for s, r in rows_of.items()]
+    torch.testing.assert_close(layer(x), want)

@@ -9,14 +9,15 @@ pair of matmuls serves q, k and v together.
 
 On CUDA (with triton) a mixed batch runs ``triton_lora``'s shrink / expand kernels over the
 rows grouped by slot (``LoRABatch.segments``). On CPU, three ways to apply the deltas of a
-mixed batch (``benchmarks/lora.py`` measures them):
-grouped (rows of one adapter gathered, two small matmuls per adapter, added back), padded
-(every slot's rows gathered into one [slots, rows, in] tensor, padded with a zero row, two
-bmm over all slots, one scatter-add) and gathered (each row's own factors copied out, two
-bmm). The manager picks padded when the padding is at most the batch again (decode batches:
-a fixed handful of kernels whatever the number of adapters), else grouped (a prefill chunk
-of one adapter beside a few decodes). Gathered copies [rows, rank, in] per layer and lost at
-every size measured; it is kept for the benchmark only.
+mixed batch (``benchmarks/lora.py --layers`` times them): runs (each run of consecutive rows
+of one adapter, a prefill chunk: one shrink matmul, and each shard's expand added into its
+columns of the output by ``addmm_``, no [rows, out] temporaries), padded (every slot's rows
+gathered into one [slots, rows, in] tensor, padded with a zero row, two bmm over all slots,
+one scatter-add) and grouped (rows of one adapter gathered, two small matmuls per adapter,
+added back). The manager picks runs when they average ``MIN_RUN_ROWS`` rows (prefill), else
+padded when the padding is at most the batch again (decode batches: a fixed handful of
+kernels whatever the number of adapters), else grouped. (Gathering each row's own factors
+for a bmm copied [rows, rank, in] per layer and lost at every size measured.)
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 
 # (slot, rows of the batch that use it; None: every row)
 Group = tuple[int, torch.Tensor | None]
+# (first row, end row, slot): a run of consecutive rows of one adapter (a prefill chunk)
+Run = tuple[int, int, int]
 
 
 @dataclass
@@ -38,6 +41,8 @@ class LoRABatch:
     wrapped layer; set by the model runner around each forward pass)."""
 
     groups: list[Group] = field(default_factory=list)
+    # Or, the runs plan: the rows of each adapter as runs of consecutive rows.
+    runs: list[Run] = field(default_factory=list)
     # Or, the padded plan: (source row of each padded row, T for the zero row; its
     # destination row; padded rows per slot). Its padding rows read zeros and add zeros.
     padded: tuple[torch.Tensor, torch.Tensor, int] | None = None
@@ -113,19 +118,37 @@ class LoRALinear:
             self.b[slot, offset : offset + size, col : col + r].copy_(b_i)
             self.b_t[i][slot, :r].copy_(b_i.T)
 
-    def _expand(self, xa: torch.Tensor, slot: int | None = None) -> torch.Tensor:
-        """``xa`` [..., rows, width] times B^T of every slot (``slot``: one slot's), one
-        product per shard on its own rank columns."""
+    def _index_add_delta(
+        self, y: torch.Tensor, rows: torch.Tensor, xa: torch.Tensor, slot: int | None = None
+    ) -> None:
+        """``y[rows] += xa B^T``: ``xa`` [slots, m, width] against every slot's B, or
+        [rows, width] against ``slot``'s; each shard's product on its own rank columns,
+        added into its own columns of ``y`` (no concatenated [rows, out] temporary)."""
         if not self.tiled:
             b = self.b if slot is None else self.b[slot]
-            return xa @ b.transpose(-1, -2)
+            delta = xa @ b.transpose(-1, -2)
+            y.index_add_(0, rows, delta.reshape(-1, delta.shape[-1]))
+            return
         r = self.rank
-        parts = [xa[..., i * r : (i + 1) * r] @ (b_t if slot is None else b_t[slot])
-                 for i, b_t in enumerate(self.b_t)]  # fmt: skip
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        for i, ((offset, size), b_t) in enumerate(zip(self.shards, self.b_t, strict=True)):
+            delta = xa[..., i * r : (i + 1) * r] @ (b_t if slot is None else b_t[slot])
+            y[:, offset : offset + size].index_add_(0, rows, delta.reshape(-1, size))
+
+    def _add_delta(self, y: torch.Tensor, x: torch.Tensor, slot: int) -> None:
+        """``y += B_slot A_slot x``, each shard's product added into its own columns of
+        ``y`` by the matmul itself (no [rows, out] temporary)."""
+        xa = x @ self.a[slot].T
+        if not self.tiled:
+            y.addmm_(xa, self.b[slot].T)
+            return
+        r = self.rank
+        for i, ((offset, size), b_t) in enumerate(zip(self.shards, self.b_t, strict=True)):
+            y[:, offset : offset + size].addmm_(xa[:, i * r : (i + 1) * r], b_t[slot])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        for lo, hi, slot in self.batch.runs:
+            self._add_delta(y[lo:hi], x[lo:hi], slot)
         if (seg := self.batch.segments) is not None:
             ops = self.batch.kernels
             xa = ops.lora_shrink(x if x.stride(-1) == 1 else x.contiguous(), self.a, seg)
@@ -134,19 +157,12 @@ class LoRALinear:
             src, dst, m = self.batch.padded
             slots = self.a.shape[0]
             xp = F.pad(x, (0, 0, 0, 1)).index_select(0, src).view(slots, m, -1)
-            delta = self._expand(torch.bmm(xp, self.a.transpose(1, 2)))
-            return y.index_add_(0, dst, delta.view(slots * m, -1))
+            self._index_add_delta(y, dst, torch.bmm(xp, self.a.transpose(1, 2)))
+            return y
         for slot, rows in self.batch.groups:
-            a = self.a[slot]
             if rows is None:
-                y += self._expand(x @ a.T, slot)
+                self._add_delta(y, x, slot)
             else:
-                y.index_add_(0, rows, self._expand(x.index_select(0, rows) @ a.T, slot))
+                xa = x.index_select(0, rows) @ self.a[slot].T
+                self._index_add_delta(y, rows, xa, slot)
         return y
-
-
-def gathered_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor):
-    """The other way to apply a mixed batch: each row's factors gathered (``slots`` [T],
-    one slot per row), two batched matmuls. Kept for the benchmark's comparison."""
-    xa = torch.bmm(x.unsqueeze(1), a.index_select(0, slots).transpose(1, 2))
-    return torch.bmm(xa, b.index_select(0, slots).transpose(1, 2)).squeeze(1)
