@@ -27,10 +27,9 @@ from services.engine.block_hash import adapter_hash_root
 from services.engine.config import EngineConfig
 from services.engine.layers.lora import LoRABatch, LoRALinear, cuda_kernels
 from services.engine.lora_adapter import LoRAAdapter, load_adapter
+from services.engine.model_files import MAX_NAME_CHARS
 
 logger = logging.getLogger(__name__)
-# Names travel in every load report and in /v1/models (the router refuses longer ones first).
-MAX_NAME_CHARS = 256
 
 RANK_CALL_TIMEOUT_S = 120.0  # reading an adapter on every rank
 

@@ -86,6 +86,11 @@ def model_source(model: str | None) -> str:
     return "" if model is None else str(Path(model).expanduser().resolve())
 
 
+# The longest name a model is served under or a LoRA adapter is loaded as: names travel in
+# every load report and in /v1/models, and a served name in the worker's command line.
+MAX_NAME_CHARS = 256
+
+
 def served_name(model: str | None) -> str:
     if model is None:
         return DEFAULT_MODEL_NAME

@@ -39,7 +39,7 @@ import grpc
 from services.common.dataclass_cli import to_argv
 from services.common.proto import worker_pb2 as pb
 from services.engine.config import EngineConfig
-from services.engine.model_files import served_name
+from services.engine.model_files import MAX_NAME_CHARS, served_name
 from services.worker.config import WorkerConfig
 from services.worker.errors import BAD_REQUEST, Rules, Status, call_status
 
@@ -56,7 +56,6 @@ FALLBACK_ENV = "EPDSERVE_WORKER_FALLBACK_ARGV"
 ERROR_ENV = "EPDSERVE_WORKER_LOAD_ERROR"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt")
 PATH_MAX = 4096  # Linux's, in bytes
-MAX_NAME_CHARS = 256  # a served model name, as a LoRA adapter's (engine/lora_manager.py)
 
 
 class LoadInProgress(Exception):

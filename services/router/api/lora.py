@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from services.common.lora_registry import AdapterRecord
 from services.common.proto import worker_pb2 as pb
+from services.engine.model_files import MAX_NAME_CHARS
 from services.router.api.admin import AdminError, _body, _guard
 
 if TYPE_CHECKING:
@@ -31,17 +32,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LORA_TIMEOUT_S = 30.0  # reading an adapter's files on every worker
-# An adapter's name travels in every load report of every worker holding it, and in
-# /v1/models: a request's model name, not a document (the engine refuses longer ones too).
-MAX_LORA_NAME_CHARS = 256
 
 
 def _name(body: dict[str, Any], key: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not value:
         raise AdminError(400, f"'{key}' must be a non-empty string", "bad_request")
-    if key == "lora_name" and len(value) > MAX_LORA_NAME_CHARS:
-        raise AdminError(400, f"'lora_name' is longer than {MAX_LORA_NAME_CHARS} characters",
+    if key == "lora_name" and len(value) > MAX_NAME_CHARS:
+        raise AdminError(400, f"'lora_name' is longer than {MAX_NAME_CHARS} characters",
                          "bad_request")  # fmt: skip
     return value
 
