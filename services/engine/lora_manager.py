@@ -11,11 +11,13 @@ NOTE (tensor parallelism): each rank's manager holds the factors of its shard, c
 linears are (tp_shard.py): a column-parallel layer (q/k/v, gate/up) keeps the rows of B that
 match its output rows, A whole; a row-parallel one (o, down) keeps the columns of A that match
 its input columns, B whole, so its delta is a partial sum the layer's all-reduce completes.
-The driver's manager repeats ``add`` and ``remove`` on the other ranks (``ranks``).
+The driver's manager repeats ``add`` and ``remove`` on the other ranks (``ranks``); an ``add``
+is read on every rank before any registers it, so a rank that fails leaves none holding it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence as Seq
@@ -25,6 +27,7 @@ import torch
 
 from services.engine.block_hash import adapter_hash_root
 from services.engine.config import EngineConfig
+from services.engine.distributed import RankFailure
 from services.engine.layers.lora import LoRABatch, LoRALinear, cuda_kernels
 from services.engine.lora_adapter import LoRAAdapter, load_adapter
 from services.engine.model_files import MAX_NAME_CHARS
@@ -97,23 +100,48 @@ class LoRAManager:
 
     def add(self, name: str, path: str) -> LoRAAdapter:
         """Read and register the adapter at ``path`` as ``name`` (ValueError if it cannot
-        be served). Re-adding a name with the same path is a no-op."""
+        be served). Re-adding a name with the same path is a no-op. With tensor parallelism
+        every rank registers it or none does."""
+        adapter = self.read(name, path)
+        if adapter is None:
+            return self.adapters[name]
+        if self.ranks is not None:
+            self._add_on_ranks(name, path)
+        self.register(name, adapter)
+        logger.info("LoRA adapter %s loaded from %s (rank %d)", name, path, adapter.rank)
+        return adapter
+
+    def read(self, name: str, path: str) -> LoRAAdapter | None:
+        """The adapter at ``path``, read but not registered; None if ``name`` already is
+        the adapter at ``path``."""
         if not name or len(name) > MAX_NAME_CHARS:
             raise ValueError(f"a LoRA adapter needs a name of 1 to {MAX_NAME_CHARS} characters")
         old = self.adapters.get(name)
         if old is not None and old.path == str(path):
-            return old
-        adapter = load_adapter(name, path, self.mapping, self.num_layers, self.max_rank)
-        if self.ranks is not None:
-            self.ranks.call(_add_on_rank, name, path, timeout=RANK_CALL_TIMEOUT_S)
+            return None
+        return load_adapter(name, path, self.mapping, self.num_layers, self.max_rank)
+
+    def register(self, name: str, adapter: LoRAAdapter) -> None:
+        """Make ``adapter`` the one requests naming ``name`` run with (it cannot fail)."""
         self._drop(name)
         self._retired.pop(name, None)
         self.adapters[name] = adapter
         gen = self._generation.get(name, -1) + 1
         self._generation[name] = gen
         self._hash_ids[name] = name if gen == 0 else f"{name}#{gen}"
-        logger.info("LoRA adapter %s loaded from %s (rank %d)", name, path, adapter.rank)
-        return adapter
+
+    def _add_on_ranks(self, name: str, path: str) -> None:
+        """Every other rank reads its cut of the adapter; only when all did, they register it
+        (posted: it runs before any later batch). A rank that fails or does not answer in
+        time leaves every rank's adapters as they were: the reads are discarded (in the
+        pipe's order, so also after a read that outlived the timeout)."""
+        try:
+            self.ranks.call(_read_on_rank, name, path, timeout=RANK_CALL_TIMEOUT_S)
+        except BaseException:
+            with contextlib.suppress(RankFailure):  # a group that is gone holds nothing
+                self.ranks.post(_discard_on_rank, name)
+            raise
+        self.ranks.post(_register_on_rank, name)
 
     def remove(self, name: str) -> None:
         """Unregister ``name``: new requests can no longer name it; requests already
@@ -233,9 +261,19 @@ class LoRAManager:
 # which imports this module).
 
 
-def _add_on_rank(ctx: Any, name: str, path: str) -> None:
+def _read_on_rank(ctx: Any, name: str, path: str) -> None:
     assert ctx.runner.lora is not None
-    ctx.runner.lora.add(name, path)
+    ctx.state.setdefault("lora_read", {})[name] = ctx.runner.lora.read(name, path)
+
+
+def _register_on_rank(ctx: Any, name: str) -> None:
+    adapter = ctx.state.setdefault("lora_read", {}).pop(name, None)
+    if adapter is not None:  # None: the rank had it from the same path already
+        ctx.runner.lora.register(name, adapter)
+
+
+def _discard_on_rank(ctx: Any, name: str) -> None:
+    ctx.state.setdefault("lora_read", {}).pop(name, None)
 
 
 def _remove_on_rank(ctx: Any, name: str) -> None:

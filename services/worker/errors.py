@@ -19,6 +19,7 @@ from services.common.grpc_utils import (
 )
 from services.common.mooncake_agent import TransferError
 from services.decode.role import TPSizeMismatch
+from services.engine.distributed import RankFailure
 from services.engine.outputs import RequestFailedError
 from services.worker.role_controller import StaleEpochError
 
@@ -57,7 +58,12 @@ ENCODE: Rules = {
     ValueError: BAD_REQUEST,
     RuntimeError: Status(Code.UNAVAILABLE, "encoder failed: "),
 }
-LORA: Rules = {ValueError: BAD_REQUEST, KeyError: Status(Code.NOT_FOUND, "no LoRA adapter ")}
+LORA: Rules = {
+    ValueError: BAD_REQUEST,
+    KeyError: Status(Code.NOT_FOUND, "no LoRA adapter "),
+    # A tensor-parallel rank failed or timed out reading it: no rank holds it (lora_manager).
+    RankFailure: Status(Code.UNAVAILABLE, "LoRA adapter not loaded: "),
+}
 SET_ROLE: Rules = {ValueError: BAD_REQUEST, StaleEpochError: Status(Code.FAILED_PRECONDITION)}
 
 

@@ -5,9 +5,12 @@ blocks across adapters."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from services.engine import LLM, SamplingParams
+from services.engine import LLM, SamplingParams, lora_manager
+from services.engine.distributed import RankFailure
 from tests.engine.lora_helpers import build_adapter, peft_greedy
 from tests.engine.test_correctness import prompts_of_mixed_lengths
 
@@ -20,6 +23,18 @@ ADAPTERS = {
     "attn": (2, 4, ["q_proj", "v_proj", "o_proj"], False),
     "mlp": (3, 16, ["gate_proj", "down_proj"], True),
 }
+
+
+def _nap(ctx, seconds: float) -> None:
+    """Run on a tensor-parallel rank: keep it busy."""
+    time.sleep(seconds)
+
+
+def _rank_adapters(ctx) -> tuple[dict[str, str], list[str]]:
+    """Run on a tensor-parallel rank: its adapters' paths and the names it read but holds
+    unregistered."""
+    loras = ctx.runner.lora
+    return {n: a.path for n, a in loras.adapters.items()}, list(ctx.state.get("lora_read", {}))
 
 
 def prompts() -> list[list[int]]:
@@ -79,17 +94,30 @@ def test_each_adapter_matches_peft(setups, family):
 
 
 @pytest.mark.parametrize("max_loras, tp", [(4, 1), (2, 1), (2, 2)])
-def test_mixed_batch_equals_each_alone(setup, max_loras, tp):
+def test_mixed_batch_equals_each_alone(setup, max_loras, tp, monkeypatch):
     """Three adapters and the base model in one batch; with 2 slots the batch runs in
     several passes. With two tensor-parallel ranks each holds its cut of the factors (B's
     rows of its q/k/v and gate/up outputs, A's columns of its o and down inputs), and an
-    adapter added while the engine runs reaches both."""
+    adapter added while the engine runs reaches both; one that a rank fails to read reaches
+    none."""
     base, folders, refs = setup
     at_start = {n: f for n, f in folders.items() if tp == 1 or n != "mlp"}
     llm = engine(base, at_start, max_loras=max_loras, enable_prefix_caching=False,
                  tensor_parallel_size=tp)  # fmt: skip
     if tp > 1:
-        llm.engine.loras.add("mlp", str(folders["mlp"]))
+        # A re-load of "all" from other files that rank 1 reads too late (busy): it fails
+        # on the driver, and rank 1 must not keep it either (it did: "all" ran with mlp's
+        # factors there and with its own on the driver).
+        loras = llm.engine.loras
+        monkeypatch.setattr(lora_manager, "RANK_CALL_TIMEOUT_S", 0.5)
+        loras.ranks.post(_nap, 2.0)
+        with pytest.raises(RankFailure, match="did not answer"):
+            loras.add("all", str(folders["mlp"]))
+        monkeypatch.undo()
+        loras.add("mlp", str(folders["mlp"]))
+        held = {"all": str(folders["all"]), "attn": str(folders["attn"]),
+                "mlp": str(folders["mlp"])}  # fmt: skip
+        assert loras.ranks.call(_rank_adapters, timeout=30) == [(held, [])]
     # Unequal shares (4, 2, 1 and 4 prompts): decode steps pad the smaller slots' rows.
     counts = {"all": 4, "attn": 2, "mlp": 1, None: 4}
     batch = [(p, name) for name, n in counts.items() for p in prompts()[:n]]
