@@ -18,6 +18,9 @@ class HostBlockPool:
         self.data = torch.empty((num_blocks, *block_shape), dtype=dtype, pin_memory=pin)
         self.entries: OrderedDict[int, tuple[int, tuple[int, ...]]] = OrderedDict()
         self.free_slots = list(range(num_blocks - 1, -1, -1))
+        # The slots the last ``put`` pushed its older entries out of, in the order it
+        # returned them (tensor parallelism: the other ranks read theirs, tp_host_pool.py).
+        self.spilled_slots: list[int] = []
 
     def __contains__(self, block_hash: int) -> bool:
         return block_hash in self.entries
@@ -57,6 +60,7 @@ class HostBlockPool:
         if evicted_slots:
             old = self.data[torch.tensor(evicted_slots)]  # copied before being overwritten
             spilled = [(h, t, old[i]) for i, (h, t) in enumerate(evicted)] + spilled
+        self.spilled_slots = evicted_slots
         if slots:
             self.data.index_copy_(0, torch.tensor(slots), data[keep:].to(self.data.dtype))
         return hashes[keep:], spilled

@@ -266,7 +266,9 @@ class KVTierManager:
         if data is not None:
             cache.write_blocks([x.block_id for x in loads], data.permute(1, 2, 0, 3, 4, 5))
         if self.group is not None and (loads or evicted):
-            self.group.follow(self.host, loads, slots, evicted)
+            spilled = self.group.follow(self.host, loads, slots, evicted)
+            if spilled:
+                self._write_store(spilled)
 
     def after_step(self, bm: BlockManager, cache: KVCache) -> None:
         """Write the blocks the step completed through to the store (read now: the
@@ -324,8 +326,11 @@ class KVTierManager:
             removed = [h for h, _, _ in spilled if h not in new]
             if removed:
                 self._events.append(KVEvent("removed", removed, tier="host"))
-        if spilled and self.store is not None and self.group is None:  # see tp_host_pool.py
-            self._write_store(spilled)
+        if spilled and self.store is not None:
+            if self.group is None:
+                self._write_store(spilled)
+            else:  # written whole once the other ranks sent their heads (follow)
+                self.group.spill(spilled, self.host.spilled_slots, evicted)
 
     def to_write_through(self, registered: list[CachedBlock]) -> list[CachedBlock]:
         """Of the blocks just registered in the device cache, those to copy to the store
