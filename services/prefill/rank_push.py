@@ -19,6 +19,8 @@ With KV staging (a cache the transfer engine cannot register) each rank holds tw
 pinned host slots: one its own pushes allocate from (the prefill role), and one the prefill
 worker's rank writes into (the decode role), whose slots the driver's ``KVReceiver`` allocates
 and quarantines for every rank (the same slot ids) and copies in on every rank (``stage_in``).
+The driver then holds the two sets too, each of half ``--kv-staging-bytes`` (worker/main.py), so
+that every rank holds the budget.
 """
 
 from __future__ import annotations

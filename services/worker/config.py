@@ -58,7 +58,10 @@ class WorkerConfig(MemberConfig):
     )
     kv_staging_bytes: int = field(
         default=512 << 20,
-        metadata={"help": "host memory of the KV staging slots (requests in transfer at once)"},
+        metadata={
+            "help": "host memory of the KV staging slots (requests in transfer at once); with "
+            "tensor parallelism each rank holds this much, half to send and half to receive"
+        },
     )
     mooncake_protocol: str = field(
         default="tcp",

@@ -238,10 +238,16 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
     agent = MooncakeAgent(mooncake)
     runner = llm_engine.runner
     layout = runner.layout
-    staging = None
+    staging = receive = None
     if wcfg.kv_staging == "on" or (wcfg.kv_staging == "auto" and unregistrable):
-        slots = max(1, wcfg.kv_staging_bytes // runner.bytes_per_block)
+        # NOTE: with tensor parallelism a rank's pushes take slots of their own while the
+        # driver picks every rank's receive slots, so each rank holds a send and a receive
+        # set (rank_push.py): --kv-staging-bytes is split between the two on every rank.
+        sets = 1 if runner.ranks is None else 2
+        slots = max(1, wcfg.kv_staging_bytes // sets // runner.bytes_per_block)
         staging = KVStaging(runner.kv_cache, layout.fingerprint, slots, agent.register)
+        receive = staging if sets == 1 else KVStaging(runner.kv_cache, layout.fingerprint,
+                                                      slots, agent.register)  # fmt: skip
     else:
         agent.register(layout.base_addr, layout.total_bytes)
     sender = KVSender(
@@ -259,14 +265,15 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
         ranks = RankPushes(runner.ranks, mooncake, ecfg.block_size, wcfg.kv_push_min_write_bytes,
                            staging.num_slots if staging is not None else 0)  # fmt: skip
     receiver = KVReceiver(
-        engine, layout, wcfg.reserve_timeout_s, staging=staging,
+        engine, layout, wcfg.reserve_timeout_s, staging=receive,
         write_grace_s=wcfg.kv_write_grace_s, fence=grpc_fence(wcfg.grpc_tls),
         fence_timeout_s=wcfg.kv_fence_timeout_s,
         rank_stage_in=ranks.stage_in if ranks is not None and staging is not None else None,
     )  # fmt: skip
     log.info(
-        "KV transfer: Mooncake %s session %s%s", wcfg.mooncake_protocol, agent.session_id,
+        "KV transfer: Mooncake %s session %s%s%s", wcfg.mooncake_protocol, agent.session_id,
         f", through {staging.num_slots} host staging slots" if staging is not None else "",
+        " each way" if receive is not staging else "",
     )  # fmt: skip
     prefill = PrefillRole(engine, sender, ecfg.block_size, wcfg.kv_transfer_timeout_s, ranks)
     rank_caches = [(e.session_id, e.layout) for e in ranks.endpoints] if ranks else []
