@@ -176,7 +176,10 @@ class ModelRunner:
             else:
                 budget = int(free_device_memory(self.device) * self.config.gpu_memory_utilization)
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        per_block = self.bytes_per_block + draft_bytes_per_block(self.config, elem)
+        # NOTE: a draft model runs whole on the driver (rank 0), the other ranks hold no KV of
+        # it; the group's count is the smallest rank's (every rank the same block ids).
+        draft = draft_bytes_per_block(self.config, elem) if self.tp.rank == 0 else 0
+        per_block = self.bytes_per_block + draft
         n = budget // per_block
         if n < 1:
             raise ValueError(

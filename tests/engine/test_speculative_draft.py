@@ -27,6 +27,11 @@ def draft_engine(target: str, draft: str, k: int = 3, **kwargs):
                **kwargs).engine  # fmt: skip
 
 
+def _budget_blocks(ctx) -> int:
+    """Run on a tensor-parallel rank: the blocks its own KV budget pays for."""
+    return ctx.runner._num_kv_blocks()
+
+
 @pytest.fixture(scope="module")
 def model(tiny_model_dir) -> str:
     return str(tiny_model_dir("llama"))
@@ -54,6 +59,10 @@ def test_greedy_equals_no_speculation(model, draft, plain, tp):
     engine = draft_engine(model, draft, tensor_parallel_size=tp)
     try:
         assert engine.runner.tp.size == tp and engine.executor.drafter.runner.tp.size == 1
+        if tp > 1:  # the draft's KV is the driver's alone: rank 1's budget is the target's
+            per_block = engine.runner.bytes_per_block
+            assert engine.runner.ranks.call(_budget_blocks, timeout=30) == [KV_BYTES // per_block]
+            assert engine.runner.num_blocks < KV_BYTES // per_block
         same(run(engine, prompts, params), run(plain, prompts, params))
         stats = engine.stats().spec
         assert stats is not None
