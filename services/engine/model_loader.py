@@ -90,6 +90,39 @@ def iter_safetensors(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
+def read_tensor(folder: str, names: tuple[str, ...]) -> torch.Tensor | None:
+    """The first of ``names`` that the checkpoint holds, reading that tensor only: a sharded
+    checkpoint's index names its file, other files are searched by their headers; a
+    ``.bin`` file is memory-mapped (its other tensors are never read). None if absent."""
+    from safetensors import safe_open
+
+    root = Path(folder)
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        found = [(weight_map[n], n) for n in names if n in weight_map]
+    else:
+        found = []
+        for path in sorted(root.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                keys = set(f.keys())
+            found += [(path.name, n) for n in names if n in keys]
+    if found:
+        file, name = min(found, key=lambda fn: names.index(fn[1]))
+        with safe_open(str(root / file), framework="pt") as f:
+            return f.get_tensor(name)
+    for path in sorted(root.glob("pytorch_model*.bin")):
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # the legacy (not zip) format cannot be mapped
+            raise ValueError(f"{path} cannot be memory-mapped ({exc}); convert the "
+                             f"checkpoint to safetensors") from None  # fmt: skip
+        for name in names:
+            if name in tensors:
+                return tensors[name].clone()  # NOTE: a copy: the mapping closes with the file
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m services.engine.model_loader FILE.gguf``: convert (once) and print the folder."""
     import argparse

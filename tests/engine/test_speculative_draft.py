@@ -386,3 +386,46 @@ def test_eagle3_first_draft_equals_a_reference(tiny_model_dir, family, tp, tmp_p
     for tokens, draft in firsts.values():
         assert draft in draft_vocab
         assert draft == eagle3_reference_draft(model, head, tokens)
+
+
+def test_eagle3_whole_embedding_reads_the_targets_tensor_only(tmp_path):
+    """Under tensor parallelism a head without an embedding gets the target's, read from its
+    checkpoint: that exact tensor (not another ending in embed_tokens.weight, in a file sorted
+    first), from the one file a sharded checkpoint's index names (the other is unreadable),
+    or from a memory-mapped .bin; a .bin that cannot be mapped is a clear error."""
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import save_file
+
+    from services.engine.speculative.eagle3 import whole_embedding
+
+    emb, decoy = torch.randn(8, 4), torch.zeros(8, 4)
+    target = SimpleNamespace(config=SimpleNamespace(load_format="auto"), model_path="",
+                             device=torch.device("cpu"), dtype=torch.float32)  # fmt: skip
+
+    def read(folder: Path) -> torch.Tensor:
+        target.model_path = str(folder)
+        return whole_embedding(target).weight  # type: ignore[arg-type]
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    save_file({"model.mtp.embed_tokens.weight": decoy}, shards / "a.safetensors")
+    save_file({"model.embed_tokens.weight": emb}, shards / "b.safetensors")
+    assert torch.equal(read(shards), emb)  # the old scan took a's decoy
+    weight_map = {"model.mtp.embed_tokens.weight": "a.safetensors",
+                  "model.embed_tokens.weight": "b.safetensors"}  # fmt: skip
+    (shards / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (shards / "a.safetensors").write_bytes(b"not safetensors")
+    assert torch.equal(read(shards), emb)
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    torch.save({"model.mtp.embed_tokens.weight": decoy, "embed_tokens.weight": emb},
+               bins / "pytorch_model.bin")  # fmt: skip
+    assert torch.equal(read(bins), emb)
+    torch.save({"embed_tokens.weight": emb}, bins / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    with pytest.raises(ValueError, match="memory-mapped"):
+        read(bins)
+    with pytest.raises(ValueError, match="no model.embed_tokens.weight"):
+        read(tmp_path)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from services.engine.model_loader import iter_safetensors
+from services.engine.model_loader import read_tensor
 from services.engine.model_runner import ModelRunner, is_decode
 from services.engine.models.llama_eagle3 import Eagle3LlamaForCausalLM, aux_layer_ids
 from services.engine.scheduler_output import ScheduledSeq
@@ -266,15 +266,21 @@ class Eagle3Proposer(DraftModelProposer):
             item.draft_probs = torch.stack(rows_q) if rows_q else None
 
 
+# The target's input embedding as a checkpoint names it (a bare decoder's checkpoint drops
+# "model.", as the models' load_weights accepts).
+EMBEDDING_NAMES = ("model.embed_tokens.weight", "embed_tokens.weight")
+
+
 def whole_embedding(target: ModelRunner) -> torch.nn.Embedding:
-    """The target's whole input embedding, read from its checkpoint: a tensor-parallel rank
-    holds a slice of the vocabulary, whose lookup is a collective the head cannot join."""
+    """The target's whole input embedding, read from its checkpoint (that tensor only): a
+    tensor-parallel rank holds a slice of the vocabulary, whose lookup is a collective the
+    head cannot join."""
     if target.config.load_format == "dummy":
         raise ValueError("an EAGLE-3 head without an embedding needs the target's checkpoint "
                          "under tensor parallelism (load_format 'dummy' has none)")  # fmt: skip
-    for name, tensor in iter_safetensors(target.model_path):
-        if name.endswith("embed_tokens.weight"):
-            embedding = torch.nn.Embedding(*tensor.shape, device=target.device, dtype=target.dtype)
-            embedding.weight.requires_grad_(False).copy_(tensor)
-            return embedding
-    raise ValueError(f"no embed_tokens.weight in the target checkpoint {target.model_path}")
+    tensor = read_tensor(str(target.model_path), EMBEDDING_NAMES)
+    if tensor is None:
+        raise ValueError(f"no {EMBEDDING_NAMES[0]} in the target checkpoint {target.model_path}")
+    embedding = torch.nn.Embedding(*tensor.shape, device=target.device, dtype=target.dtype)
+    embedding.weight.requires_grad_(False).copy_(tensor)
+    return embedding
