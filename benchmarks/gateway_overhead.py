@@ -4,7 +4,10 @@ Starts a local cluster (etcd, one mixed worker, router) and, in this process, an
 the same settings; then times the same requests three ways, one at a time:
   engine   AsyncLLMEngine.generate in this process
   grpc     WorkerService.Generate on the worker (no HTTP, no tokenization)
-  http     POST /v1/completions on the router (tokenize + route + gRPC + JSON)
+  http     POST /v1/completions on the router (tokenize + route + gRPC + JSON), httpx client
+  http_raw the same request from a bare keep-alive HTTP/1.1 client (asyncio streams), so the
+           client library's own CPU (httpx: ~0.5-1 ms a request here) is not counted as the
+           gateway's
 and prints p50/p99 of each and the overhead over ``engine``. Recorded, not asserted.
 
     python benchmarks/gateway_overhead.py [--model PATH|GGUF] [--requests 50] [--json out.json]
@@ -19,6 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -74,6 +78,36 @@ async def time_http(url: str, model: str, prompt: str, n: int) -> list[float]:
     return out
 
 
+async def time_http_raw(url: str, model: str, prompt: str, n: int) -> list[float]:
+    """POST /v1/completions over one keep-alive connection, written and read by hand."""
+    parts = urlsplit(url)
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0})
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    wire = head.encode() + body.encode()
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    out = []
+    try:
+        for _ in range(n):
+            t = time.perf_counter()
+            writer.write(wire)
+            status = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            out.append(time.perf_counter() - t)
+            if b" 200 " not in status:
+                raise RuntimeError(f"HTTP {status!r}")
+    finally:
+        writer.close()
+    return out
+
+
 async def run(args: argparse.Namespace, cluster: LocalCluster) -> dict[str, object]:
     cfg = cluster.engine_config()
     engine = AsyncLLMEngine(cfg)
@@ -84,10 +118,14 @@ async def run(args: argparse.Namespace, cluster: LocalCluster) -> dict[str, obje
     await time_engine(engine, ids, warm)
     await time_grpc(address, ids, warm)
     await time_http(cluster.base_url, engine.model_name, args.prompt, warm)
+    await time_http_raw(cluster.base_url, engine.model_name, args.prompt, warm)
     res = {
         "engine": await time_engine(engine, ids, args.requests),
         "grpc": await time_grpc(address, ids, args.requests),
         "http": await time_http(cluster.base_url, engine.model_name, args.prompt, args.requests),
+        "http_raw": await time_http_raw(
+            cluster.base_url, engine.model_name, args.prompt, args.requests
+        ),
     }
     await engine.shutdown()
     base50, base99 = pct(res["engine"], 0.5), pct(res["engine"], 0.99)

@@ -13,6 +13,7 @@ import uuid
 
 import grpc
 
+from services.common import event_loop
 from services.common.dataclass_cli import add_dataclass_args, from_args
 from services.common.grpc_utils import SERVER_OPTIONS, add_port
 from services.common.membership import (
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None, prog: str = "epdserve kvstore") -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(serve(cfg))
+        return event_loop.run(serve(cfg))
     except (OSError, RuntimeError) as exc:  # port in use, no master binary, master won't start
         log.debug("start-up failed", exc_info=True)
         print(f"error: kvstore failed to start: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ import sys
 
 import uvicorn
 
+from services.common import event_loop
 from services.common.dataclass_cli import add_dataclass_args, from_args
 from services.router.config import RouterConfig
 from services.router.gateway import Gateway
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None, prog: str = "epdserve router") -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(cfg, "warning" if args.log_level.upper() != "DEBUG" else "debug"))
+        event_loop.run(serve(cfg, "warning" if args.log_level.upper() != "DEBUG" else "debug"))
     except (ValueError, OSError) as exc:  # bad model path, port in use: say it in one line
         log.debug("start-up failed", exc_info=True)
         print(f"error: router failed to start: {exc}", file=sys.stderr)

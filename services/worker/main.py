@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from services.common import event_loop
 from services.common.aio import cancel_and_wait
 from services.common.dataclass_cli import add_dataclass_args, from_args
 from services.common.grpc_utils import SERVER_OPTIONS, add_port
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None, prog: str = "epdserve worker") -> int:
         return 2
     reload = model_load.ModelReload()
     try:
-        code = asyncio.run(serve(wcfg, ecfg, reload))
+        code = event_loop.run(serve(wcfg, ecfg, reload))
     except Exception as exc:
         model_load.fall_back(exc)  # started by a model load: the old model again
         if not isinstance(exc, ValueError | OSError):
