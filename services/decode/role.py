@@ -93,7 +93,11 @@ class DecodeRole(Role):
         )
 
     def decode(self, request: pb.DecodeRequest) -> AsyncIterator[RequestOutput]:
-        """Claim the reservation (KeyError if gone) and stream the request's outputs."""
+        """Claim the reservation (KeyError if gone) and stream the request's outputs. A first
+        token outside the vocabulary is a ValueError before the claim: the reservation stays
+        (released or expired as any other), and no forward pass fails on it (nine such
+        requests in a row ended the engine as one at fault)."""
+        self.engine.check_output_tokens([request.first_token_id], "first_token_id")
         return self._decode(self.receiver.claim(request.request_id), request)
 
     async def _decode(
@@ -128,5 +132,7 @@ def image_keys(images: Sequence[pb.ImageData]) -> ImageInputs | None:
     services/common/convert.py, because it builds a tensor and the router must not load torch."""
     if not images:
         return None
+    if any(len(i.grid_thw) != 3 for i in images):
+        raise ValueError("each image's grid_thw must have 3 values (t, h, w)")
     grid = torch.tensor([list(i.grid_thw) for i in images], dtype=torch.long).reshape(-1, 3)
     return ImageInputs(None, grid, content_hashes=[i.hash for i in images])

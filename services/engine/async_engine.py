@@ -88,6 +88,11 @@ class AsyncLLMEngine:
     def max_model_len(self) -> int:
         return self._require().max_model_len
 
+    def check_output_tokens(self, token_ids: list[int], what: str) -> None:
+        """ValueError unless every id of ``token_ids`` is in the model's vocabulary (a fixed
+        size: safe off the step thread)."""
+        self._require().inputs.check_output_tokens(token_ids, what)
+
     def _require(self) -> LLMEngine:
         if self.engine is None:
             raise RuntimeError("engine not started")

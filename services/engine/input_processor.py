@@ -89,6 +89,13 @@ class InputProcessor:
         """Size of the output vocabulary (the rows of the logits)."""
         return int(self.model.vocab_size)
 
+    def check_output_tokens(self, token_ids: list[int], what: str) -> None:
+        """ValueError unless every id of ``token_ids`` (generated elsewhere: a migrated
+        request's outputs, a PD decode's first token) is in the vocabulary."""
+        vocab = self.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"{what} must be in [0, {vocab})")
+
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt, add_special_tokens=True))
@@ -115,8 +122,7 @@ class InputProcessor:
                     f"prompt ({n}) + resumed output ({done}) tokens reach the context length "
                     f"{self.max_model_len}"
                 )
-            if any(not 0 <= t < vocab for t in resume.output_token_ids):
-                raise ValueError(f"resumed token ids must be in [0, {vocab})")
+            self.check_output_tokens(resume.output_token_ids, "resumed token ids")
         if n == 0:
             raise ValueError("prompt is empty")
         if n >= self.max_model_len:
@@ -183,9 +189,13 @@ class InputProcessor:
         """The prompt with its image placeholders expanded, and its images' state."""
         if not getattr(self.model, "is_multimodal", False):
             raise ValueError("this model does not take images")
-        return build_state(
-            ids, images, int(self.model.image_token_id), int(self.model.spatial_merge_size)
-        )
+        merge = int(self.model.spatial_merge_size)
+        # NOTE: before the expansion: a grid of 2**32 patches a side (Reserve carries grids
+        # alone) made a list of that many pad tokens.
+        if (pads := sum(images.tokens_per_image(merge))) >= self.max_model_len:
+            raise ValueError(f"the images take {pads} tokens; the model's context length is "
+                             f"{self.max_model_len}")  # fmt: skip
+        return build_state(ids, images, int(self.model.image_token_id), merge)
 
     def new_sequence(
         self,

@@ -336,6 +336,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already running")
         if params.n != 1:
             raise ValueError("n > 1 is not supported for imported requests")
+        self.inputs.tokenize(prompt_token_ids)  # NOTE: checks the ids against the vocabulary
         self.validate(prompt_token_ids, params, resume)
         seq = self.inputs.new_sequence(request_id, prompt_token_ids, params, resume=resume)
         if images is not None:
@@ -354,6 +355,7 @@ class LLMEngine:
     ) -> RequestOutput:
         """Decode side: the reserved blocks now hold the prompt's KV; continue generating
         from ``first_token`` (sampled by the prefill side). Returns the first delta."""
+        self.inputs.check_output_tokens([first_token], "the first token id")  # before the claim
         seq, resume = self.connector.claim(request_id)
         detok = self.inputs.detokenizer(seq.prompt_token_ids, seq.params, resume)
         req = RequestState(

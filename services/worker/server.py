@@ -183,6 +183,8 @@ class WorkerServicer(
             outputs = decode.decode(request)
         except KeyError:
             await context.abort(Code.NOT_FOUND, f"no reservation for {rid} (expired or never made)")
+        except ValueError as exc:
+            await context.abort(Code.INVALID_ARGUMENT, str(exc))
         online = rid not in self.offline_reserved
         self.offline_reserved.discard(rid)
         cached = request.cached_prompt_tokens

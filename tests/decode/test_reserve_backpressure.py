@@ -100,3 +100,26 @@ async def test_reserve_without_space_says_retry_later(stub) -> None:
     else:
         raise AssertionError("the Reserve never succeeded")
     assert len(res.block_ids) == 4
+
+
+async def test_bad_ids_in_reserve_and_decode_are_invalid_argument(stub) -> None:
+    """Ids outside the vocabulary and a malformed image grid are the caller's error
+    (INVALID_ARGUMENT), found before anything is claimed: a Decode whose first token is
+    outside the vocabulary leaves its reservation, which a correct Decode then runs. It was
+    INTERNAL after a failed forward pass (and the grid an UNKNOWN RuntimeError)."""
+    bad = [reserve("oov", 8), reserve("grid", 8)]
+    bad[0].prompt_token_ids[3] = 49152
+    bad[1].images.add(hash="0" * 64, grid_thw=[4])
+    for request in bad:
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await stub.Reserve(request, timeout=10)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value.details()
+    await stub.Reserve(reserve("d", 8), timeout=10)
+    for token in (49152, -1):
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            async for _ in stub.Decode(pb.DecodeRequest(request_id="d", first_token_id=token)):
+                pass
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value.details()
+        assert "first_token_id" in ei.value.details()
+    outputs = [r async for r in stub.Decode(pb.DecodeRequest(request_id="d", first_token_id=5))]
+    assert outputs[-1].finished and outputs[0].outputs[0].token_ids[0] == 5

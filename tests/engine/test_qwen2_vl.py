@@ -501,3 +501,25 @@ def test_recompute_without_images_ends_the_request_not_the_engine(model_dir):
     assert (finished["vl"].finish_reason, finished["vl"].stop_reason) == ("abort", LOST_IMAGES)
     assert finished["text"].finish_reason == "length"
     engine.block_manager.check_invariants()
+
+
+def test_a_grid_past_the_context_is_refused_before_expansion(model_dir):
+    """A PD Reserve carries each image's grid, no pixels: a grid of 2**32 patches a side made
+    a list of that many pad tokens (MemoryError, or the worker's memory gone) before any
+    length check. It is a ValueError, and a grid that fits still reserves."""
+    import torch
+
+    from services.engine import LLM, SamplingParams
+
+    engine = LLM(str(model_dir), dtype="float32", kv_cache_bytes=1 << 22).engine
+    params = SamplingParams(temperature=0, max_tokens=4)
+    prompt = [300, IMAGE, 301]
+
+    def images(grid: list[int]) -> ImageInputs:
+        return ImageInputs(None, torch.tensor([grid]), content_hashes=["0" * 64])
+
+    with pytest.raises(ValueError, match="the images take"):
+        engine.reserve("huge", prompt, params, images=images([2**32 - 1] * 3))
+    assert "huge" not in engine.reserved
+    engine.reserve("fits", prompt, params, images=images([1, 4, 6]))
+    engine.free_reserved("fits")

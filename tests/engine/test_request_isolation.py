@@ -174,3 +174,26 @@ async def until(pred, what: str, timeout: float = 20.0) -> None:
     while not pred():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("bad", [-1, 49152, 2**31 - 1])
+def test_imported_requests_with_ids_outside_the_vocabulary_are_refused(engine, bad):
+    """PD's decode side takes a prompt (Reserve) and a first token (Decode) sampled elsewhere:
+    ids outside the vocabulary are a ValueError before anything is claimed. A first token of
+    49152 used to start decoding and fail its forward pass; nine such requests in a row ended
+    the engine as one at fault (and the worker with it)."""
+    with pytest.raises(ValueError, match="prompt token ids"):
+        engine.reserve("r-prompt", [5, bad, 7], GREEDY)
+    assert "r-prompt" not in engine.reserved
+    for i in range(LLMEngine.MAX_CONSECUTIVE_FAILED_STEPS + 1):
+        rid = f"r-first-{i}"
+        engine.reserve(rid, PROMPTS["a"], GREEDY)
+        with pytest.raises(ValueError, match="first token id"):
+            engine.start_reserved(rid, bad)
+        assert rid in engine.reserved  # the reservation is as it was: released as usual
+        engine.free_reserved(rid)
+    engine.reserve("r-ok", PROMPTS["a"], GREEDY)
+    engine.start_reserved("r-ok", 5)
+    while engine.has_unfinished_requests():
+        assert all(out.error is None for out in engine.step())
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
