@@ -20,6 +20,7 @@ import grpc
 from services.common.aio import cancel_and_wait
 from services.common.grpc_utils import GrpcTLS
 from services.common.proto import kvstore_pb2 as kpb
+from services.engine.tp_host_pool import whole_fingerprint
 from services.kvstore.client import KVStoreLocator
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,11 @@ KIND_TO_PB = {"stored": kpb.KV_EVENT_STORED, "removed": kpb.KV_EVENT_REMOVED}
 
 def kv_layout_key(llm_engine: Any) -> str:
     """The KV layout fingerprint (model shape, dtype, block size): blocks are shared in the
-    index only between workers whose keys are equal."""
-    return str(llm_engine.runner.layout.fingerprint)
+    index only between workers whose keys are equal. With tensor parallelism it is the whole
+    model's (every rank's KV heads, as the store's keys: tp_host_pool.whole_fingerprint): a
+    worker's blocks are indexed once whatever its size, and a prefix a TP worker holds or
+    wrote to the store counts for workers of any size."""
+    return whole_fingerprint(llm_engine.runner)
 
 
 class TierMirror:

@@ -18,6 +18,7 @@ from services.engine.kv_host_pool import HostBlockPool
 from services.engine.kv_tiers import BlockCodec, KVTierManager
 from services.engine.sequence import Sequence
 from services.engine.tp_host_pool import whole_fingerprint
+from services.worker.kv_events import kv_layout_key
 from tests.engine.test_correctness import GPU_MARKS
 
 BS = 16
@@ -267,7 +268,8 @@ def test_second_engine_reuses_the_first_ones_prefix_from_the_store(
     tiny_model_dir, master, tp_a, tp_b
 ):
     """With tensor parallelism the store holds whole blocks (every rank's heads, gathered on
-    write, cut per rank on read) under the one-device key: engines of either size share them."""
+    write, cut per rank on read) under the one-device key: engines of either size share them,
+    and their workers index their blocks under that key too (one set per worker)."""
     # A keeps the prefix on its device: its blocks reach the store by write-through.
     a_llm = small_engine(tiny_model_dir, device_blocks=64, tp=tp_a)
     eng_a = a_llm.engine
@@ -281,6 +283,7 @@ def test_second_engine_reuses_the_first_ones_prefix_from_the_store(
     b_llm = small_engine(tiny_model_dir, device_blocks=64, tp=tp_b)
     eng_b = b_llm.engine
     assert whole_fingerprint(eng_b.runner) == layout
+    assert kv_layout_key(eng_a) == kv_layout_key(eng_b) == layout  # was the rank's at TP 2
     eng_b.attach_kv_store(master.store(eng_b.model_name, layout))
     computed_b = store_hits_after(b_llm, shared, ref)
     assert computed_b <= 160 - 6 * BS  # far fewer prompt tokens than A computed
