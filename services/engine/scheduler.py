@@ -154,6 +154,8 @@ class Scheduler:
         self.waiting = deque(sorted(self.waiting, key=lambda s: (
             ranks[s.seq_id], not s.block_table, s.params.priority, s.arrival_time)))  # fmt: skip
         self._budget = self.max_num_batched_tokens
+        if self.speculator is not None:
+            self.speculator.new_step()
         admit_below = math.inf  # ranks admitted from the queue in this step
         online = min(ranks.values(), default=OFFLINE_RANK) < OFFLINE_RANK
         offline_budget_set = False

@@ -24,7 +24,7 @@ from services.engine.speculative.config import SpeculativeConfig
 from services.engine.speculative.ngram import NgramProposer
 from services.engine.speculative.speculator import Speculator
 from services.engine.speculative.suffix import SuffixProposer
-from tests.engine.test_scheduler import check_state, make_sched, make_seq, workloads
+from tests.engine.test_scheduler import check_state, make_sched, make_seq, step, workloads
 
 V = 6  # tokens of the synthetic model
 OUT = 3  # tokens generated per sequence
@@ -147,6 +147,15 @@ def test_suffix_uses_the_request_and_recent_outputs():
     assert prop.propose(make_seq([9, 60, 61]), 3) == []
 
 
+def test_suffix_drafts_grow_with_the_matched_tail():
+    """Two drafts per matched token (``suffix_max_spec_factor``): a 1-token match (chat
+    repeating a common word) proposes 2, a 3-token one up to 6."""
+    prop = SuffixProposer(max_depth=12, max_cached_requests=0, min_token_prob=0.1)
+    assert prop.propose(make_seq([5, 1, 2, 3, 4, 6, 7, 8, 9, 1]), 8) == [2, 3]
+    seq = make_seq([5, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 1, 2, 3])
+    assert prop.propose(seq, 8) == [4, 6, 7, 8, 9, 10]
+
+
 def test_adaptive_length_backs_off_and_probes():
     cfg = SpeculativeConfig(num_speculative_tokens=4, adaptive=True, disable_by_batch_size=2)
     spec = Speculator(cfg, 1000, make_sched().bm)
@@ -192,11 +201,58 @@ def test_drafts_pay_for_their_share_of_the_step():
     spec = Speculator(cfg, 1000, make_sched().bm)
     seq = Sequence("r", list(range(20)), SamplingParams(max_tokens=100))
     assert spec.length(seq, 100) == 16
-    for _ in range(5):
-        spec.observe(seq, 16, 0)  # the average halves to 0.5; the length is 8
+    spec.observe(seq, 16, 0)  # the average halves from its prior 1 to 0.5; the length is 8
     assert [spec.length(seq, 100, b) for b in (1, 8, 24)] == [8, 2, 0]
     spec.config.draft_token_cost = 0.0
     assert spec.length(seq, 100, 24) == 8
+
+
+def test_drafts_that_never_pay_stop_and_probe_ever_less_often():
+    """Chat: a sequence whose drafts are rejected stops after two verifications; a probe
+    that hits restarts it, and each stop after that halves how often it probes (every 8,
+    16, 32, 64 steps, never rarer), so probes that hit before drafts that miss cost little."""
+    cfg = SpeculativeConfig(num_speculative_tokens=16, disable_by_batch_size=0)
+    spec = Speculator(cfg, 10_000, make_sched().bm)
+    seq = Sequence("r", list(range(20)), SamplingParams(max_tokens=5000))
+    lengths = []
+    for _ in range(2):
+        lengths.append(spec.length(seq, 100))
+        spec.observe(seq, lengths[-1], 0)
+    assert lengths == [16, 8] and spec.length(seq, 100) == 0
+    gaps, idle = [], 1
+    while len(gaps) < 6:
+        k = spec.length(seq, 100)
+        if k == 0:
+            idle += 1
+            continue
+        assert k == 1  # a probe
+        gaps.append(idle + 1)
+        spec.observe(seq, 1, 1)  # it hits; the drafts after it miss until it stops again
+        while (k := spec.length(seq, 100)) > 0:
+            spec.observe(seq, k, 0)
+        idle = 1
+    assert gaps == [8, 16, 32, 64, 64, 64]
+
+
+def test_drafts_per_step_are_a_hard_cap():
+    """With more running sequences than ``max_draft_tokens_per_step`` (and no batch-size
+    limit) the step's drafts stay at the cap: the first sequences draft one each."""
+    sched = make_sched(num_blocks=256, max_num_seqs=16, max_num_batched_tokens=256)
+    cfg = SpeculativeConfig(num_speculative_tokens=4, disable_by_batch_size=0,
+                            max_draft_tokens_per_step=8, adaptive=False)  # fmt: skip
+    sched.speculator = Speculator(cfg, sched.max_model_len, sched.bm)
+    sched.speculator.proposer = _RandomProposer(random.Random(0), full=True)
+    for i in range(12):
+        sched.add(make_seq(4, start=100 * i))
+    step(sched)  # the prompts
+    for _ in range(3):
+        out = sched.schedule()
+        drafts = [len(item.draft_token_ids) for item in out.scheduled]
+        assert len(drafts) == 12 and sum(drafts) == 8 and max(drafts) == 1
+        sched.postprocess(out)
+        for item in out.scheduled:
+            item.seq.append_token(7)
+            sched.speculator.accept(item.seq, 0)
 
 
 # ---- the scheduler with lookahead slots (property-based) ---------------------------------
@@ -205,11 +261,13 @@ def test_drafts_pay_for_their_share_of_the_step():
 class _RandomProposer:
     """Random drafts over the workload's 4-token alphabet: some accepted, some not."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, full: bool = False) -> None:
         self.rng = rng
+        self.full = full  # always ``k`` drafts
 
     def propose(self, seq: Sequence, k: int) -> list[int]:
-        return [self.rng.randrange(4) for _ in range(self.rng.randrange(k + 1))]
+        n = k if self.full else self.rng.randrange(k + 1)
+        return [self.rng.randrange(4) for _ in range(n)]
 
     def finished(self, seq: Sequence) -> None:
         pass

@@ -31,11 +31,15 @@ class SpeculativeConfig:
     # suffix: a draft token is proposed while its share of the matched node's continuations
     # is at least this.
     suffix_min_token_prob: float = 0.1
+    # suffix: at most this many drafts per token of the matched tail (vLLM's
+    # suffix_decoding_max_spec_factor): a 1-token match is weak evidence for a long draft.
+    suffix_max_spec_factor: float = 2.0
     # No speculation in a step with more running sequences than this (verifying k tokens of
     # a large batch costs more than it saves); 0: no limit.
     disable_by_batch_size: int = 8
     # Most draft tokens verified in one step, all sequences together (each of B running
-    # sequences drafts at most this over B); 0: no limit. Verifying costs about what the
+    # sequences drafts at most this over B, at least one while the step is under it: with
+    # more running sequences than this, only the first this many draft); 0: no limit. Verifying costs about what the
     # step's extra query tokens cost to compute: on 2 CPU cores 16 drafts at batch 1 made a
     # step ~1.5x a decode step; a GPU takes hundreds before a step costs more.
     max_draft_tokens_per_step: int = 32
@@ -67,6 +71,8 @@ class SpeculativeConfig:
             raise ValueError("suffix_max_cached_requests must be >= 0")
         if not 0.0 <= self.suffix_min_token_prob <= 1.0:
             raise ValueError("suffix_min_token_prob must be in [0, 1]")
+        if not 0.0 < self.suffix_max_spec_factor <= 32.0:
+            raise ValueError("suffix_max_spec_factor must be in (0, 32]")
         if self.disable_by_batch_size < 0:
             raise ValueError("disable_by_batch_size must be >= 0")
         if self.max_draft_tokens_per_step < 0:

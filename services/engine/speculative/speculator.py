@@ -12,19 +12,24 @@ Adaptive length (NOTE: a heuristic, stated here because it decides speed, never 
   the batch already keeps the matmuls busy and ``1 + k`` query tokens per sequence multiply
   the step's cost while the accepted tokens do not;
 - below that, a step verifies at most ``max_draft_tokens_per_step`` drafts in all: each of
-  ``B`` running sequences drafts at most that over ``B`` (at least one);
+  ``B`` running sequences drafts at most that over ``B`` (at least one while the step's
+  drafts are under the cap: with more sequences than the cap, the first ones scheduled
+  draft one each and the rest none);
 - each sequence's next length follows its last verification: it doubles when every draft
   was accepted (a copy runs on: a 135M model on 2 cores verifies 17 tokens for ~1.5x a
   decode step), and after a rejection it is one more than the accepted run but at least half
   the length tried (one bad token inside a copied stretch does not end the stretch); it
   starts at ``num_speculative_tokens``, never passes it;
-- each sequence also keeps an exponential average of the drafts it had accepted, and drafts
-  no more than that average over ``draft_token_cost * B`` (a draft token of each of ``B``
-  sequences adds about ``draft_token_cost`` of a decode step to the step: verifying k
-  drafts pays only while it accepts more than that share of a token); when that allows
-  none, or the average drops below ``MIN_MEAN_ACCEPTED``, it stops proposing, except for a
-  one-token probe every ``PROBE_EVERY`` steps that lets a sequence entering a copy-heavy
-  stretch start again.
+- each sequence also keeps an exponential average of the drafts it had accepted (from a
+  prior of ``PRIOR_MEAN_ACCEPTED``: two verifications accepting nothing stop a sequence that
+  never had a draft accepted), and drafts no more than that average over
+  ``draft_token_cost * B`` (a draft token of each of ``B`` sequences adds about
+  ``draft_token_cost`` of a decode step to the step: verifying k drafts pays only while it
+  accepts more than that share of a token); when that allows none, or the average drops
+  below ``MIN_MEAN_ACCEPTED``, it stops proposing, except for a one-token probe every
+  ``PROBE_EVERY`` steps that lets a sequence entering a copy-heavy stretch start again; each
+  time it stops again the probes come half as often (at most every ``MAX_PROBE_EVERY``
+  steps), so that text whose probes hit but whose drafts do not (chat) costs next to nothing.
 """
 
 from __future__ import annotations
@@ -45,8 +50,10 @@ if TYPE_CHECKING:
 # A deferred proposer's draft token before it is filled in (a valid id: never fed as is).
 PLACEHOLDER = 0
 EMA_WEIGHT = 0.5  # of the newest verification in a sequence's average
+PRIOR_MEAN_ACCEPTED = 1.0  # a new sequence's average, before any verification
 MIN_MEAN_ACCEPTED = 0.3
-PROBE_EVERY = 8
+PROBE_EVERY = 8  # steps between one-token probes after a sequence first stops drafting
+MAX_PROBE_EVERY = 64  # the interval doubles each time it stops again, up to this
 
 
 class Proposer(Protocol):
@@ -65,7 +72,10 @@ def make_proposer(config: SpeculativeConfig) -> Proposer:
     if config.method == "ngram":
         return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
     return SuffixProposer(
-        config.suffix_max_depth, config.suffix_max_cached_requests, config.suffix_min_token_prob
+        config.suffix_max_depth,
+        config.suffix_max_cached_requests,
+        config.suffix_min_token_prob,
+        config.suffix_max_spec_factor,
     )
 
 
@@ -75,7 +85,8 @@ class _Adapt:
 
     length: int  # drafts of the next verification, before the step's caps
     mean_accepted: float
-    idle_steps: int = 0
+    idle_steps: int = 0  # steps since it stopped drafting (0: drafting)
+    probe_every: int = PROBE_EVERY // 2  # doubled at each stop
 
 
 class Speculator:
@@ -98,6 +109,11 @@ class Speculator:
         self.deferred = bool(getattr(self.proposer, "deferred", False))
         k = config.num_speculative_tokens
         self.stats = SpecStats(proposed_per_position=[0] * k, accepted_per_position=[0] * k)
+        self._step_drafts = 0  # drafts given out in the step being scheduled
+
+    def new_step(self) -> None:
+        """The scheduler starts a step's batch (``max_draft_tokens_per_step`` counts anew)."""
+        self._step_drafts = 0
 
     def enabled_for(self, num_running: int) -> bool:
         limit = self.config.disable_by_batch_size
@@ -118,6 +134,7 @@ class Speculator:
             drafts = self.drafts(seq, budget, num_running)
         if drafts and not self.bm.allocate_slots(seq, 1 + len(drafts)):
             return []
+        self._step_drafts += len(drafts)
         return drafts
 
     def accept(self, seq: Sequence, num_accepted: int) -> None:
@@ -144,8 +161,8 @@ class Speculator:
             return 0  # opted out; images: M-RoPE positions of drafts are not done
         k = self._adaptive_length(seq, num_running)
         per_step = self.config.max_draft_tokens_per_step
-        if per_step:
-            k = min(k, max(1, per_step // max(1, num_running)))
+        if per_step:  # NOTE: a hard cap on the step's drafts, whatever the batch size
+            k = min(k, max(1, per_step // max(1, num_running)), per_step - self._step_drafts)
         # Room for the bonus token: within max_tokens and the context.
         if seq.params.max_tokens is not None:
             k = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)
@@ -157,15 +174,18 @@ class Speculator:
             return kmax
         state = seq.draft_adapt
         if state is None:
-            state = seq.draft_adapt = _Adapt(kmax, float(kmax))
+            state = seq.draft_adapt = _Adapt(kmax, PRIOR_MEAN_ACCEPTED)
         k = min(kmax, state.length)
         cost = self.config.draft_token_cost * max(1, num_running)
         if cost > 0:  # the drafts must pay for the share of the step they add
             k = min(k, math.floor(state.mean_accepted / cost))
         if state.mean_accepted >= MIN_MEAN_ACCEPTED and k >= 1:
+            state.idle_steps = 0
             return k
+        if state.idle_steps == 0:  # it stops: probe half as often as the last time
+            state.probe_every = min(MAX_PROBE_EVERY, 2 * state.probe_every)
         state.idle_steps += 1
-        if state.idle_steps % PROBE_EVERY == 0:
+        if state.idle_steps % state.probe_every == 0:
             return 1
         return 0
 

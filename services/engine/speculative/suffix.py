@@ -102,9 +102,16 @@ class _RequestTrie:
 class SuffixProposer:
     """Proposes from the request's trie or the worker's, whichever matches a longer tail."""
 
-    def __init__(self, max_depth: int, max_cached_requests: int, min_token_prob: float) -> None:
+    def __init__(
+        self,
+        max_depth: int,
+        max_cached_requests: int,
+        min_token_prob: float,
+        max_spec_factor: float = 2.0,
+    ) -> None:
         self.max_depth = max_depth
         self.min_token_prob = min_token_prob
+        self.max_spec_factor = max_spec_factor
         self.global_trie = SuffixTrie(max_depth)
         self.recent: deque[list[int]] = deque()
         self.max_cached_requests = max_cached_requests
@@ -121,9 +128,11 @@ class SuffixProposer:
         best, best_len = state.trie.match(tail, longest)
         node, m = self.global_trie.match(tail, longest)
         if node is not None and m > best_len:
-            best = node
+            best, best_len = node, m
         if best is None:
             return []
+        # A longer match is better evidence: a 1-token match proposes few drafts.
+        k = min(k, max(1, int(self.max_spec_factor * best_len)))
         return SuffixTrie.continuation(best, k, self.min_token_prob)
 
     def finished(self, seq: Sequence) -> None:
