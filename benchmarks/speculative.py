@@ -7,10 +7,14 @@ seldom renames), ``docstring`` asks it to repeat a snippet and add a docstring (
 workload: the model writes a new docstring and drops most of the body, so even an oracle
 proposer appends only 1.7 tokens per verification at batch 1), ``chat`` asks open questions
 (little to copy). Each (workload, batch) runs with speculation off, ``ngram`` and ``suffix``
-in one engine per method (loaded once, a warm-up request first); the runs of one row go back
-to back, off first, ``--repeats`` times, so that each on/off pair shares the machine's
-background load; each run starts with a fresh proposer (the suffix method's cache of recent
-outputs would otherwise hold the same request's output from the repeat before). Prints per method: output tokens/s and mean TPOT (per request: time from
+in ONE engine (loaded once, a warm-up request first) whose scheduler gets each method's
+speculator, or none, before its run: separate engines per method differed by a few per cent
+with identical work (their weights' placement in memory), which read as speculation's cost.
+The runs of one row go back to back, ``--repeats`` times, the order rotated each repeat
+(off first, then second, ...: a fixed order gave the first run of each repeat a systematic
+edge), so that each on/off pair shares the machine's background load; each run starts with
+a fresh proposer (the suffix method's cache of recent outputs would otherwise hold the same
+request's output from the repeat before). Prints per method: output tokens/s and mean TPOT (per request: time from
 its first to its last token over the tokens after the first; medians over the repeats), the
 median of the repeats' TPOT off / on ratios (> 1: speculation is faster) with each repeat's,
 acceptance rate, mean accepted length (tokens a verification appends), and whether every
@@ -154,14 +158,29 @@ def fresh_proposer(engine) -> None:
         spec.proposer = make_proposer(spec.config)
 
 
+def speculator(engine, method: str | None, k: int):
+    """``engine``'s scheduler's speculator for n-gram or suffix ``method`` (None: none)."""
+    from services.engine.speculative.config import SpeculativeConfig
+    from services.engine.speculative.speculator import Speculator
+
+    if method is None:
+        return None
+    cfg = SpeculativeConfig(method=method, num_speculative_tokens=k)
+    return Speculator(cfg, engine.max_model_len, engine.scheduler.bm)
+
+
 def row(engines, convs, max_tokens: int, repeats: int) -> dict[str, dict]:
-    """Each method on ``convs``, off first, ``repeats`` times: per method its tok/s and TPOT
-    per repeat, the TPOT ratios off/on per repeat, its speculation counters over all repeats,
-    and whether every repeat's outputs equaled the same repeat's without speculation."""
-    res = {name: {"tps": [], "tpot": [], "ratio": [], "equal": True} for name in engines}
-    for _ in range(repeats):
-        base = None
-        for name, engine in engines.items():
+    """Each method on ``convs`` (``engines``: name -> (engine, the speculator its scheduler
+    gets for the run, or "own")), ``repeats`` times in a rotated order: per method its tok/s
+    and TPOT per repeat, the TPOT ratios off/on per repeat, its speculation counters over all
+    repeats, and whether every repeat's outputs equaled the same repeat's without speculation."""
+    names = list(engines)
+    res = {name: {"tps": [], "tpot": [], "ratio": [], "outs": [], "equal": True} for name in names}
+    for i in range(repeats):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            engine, spec = engines[name]
+            if spec != "own":
+                engine.scheduler.speculator = spec
             fresh_proposer(engine)
             before = spec_counts(engine)
             tps, tpot, outs, _ = run(engine, convs, max_tokens)
@@ -169,12 +188,14 @@ def row(engines, convs, max_tokens: int, repeats: int) -> dict[str, dict]:
             r = res[name]
             r["tps"].append(tps)
             r["tpot"].append(tpot)
-            base = base or (tpot, outs)
-            r["ratio"].append(base[0] / tpot)
-            r["equal"] = r["equal"] and outs == base[1]
+            r["outs"].append(outs)
             r["counts"] = [
                 a - b + c for a, b, c in zip(after, before, r.get("counts", (0, 0, 0)), strict=True)
             ]
+    base_tpot, base_outs = res["off"]["tpot"], res["off"]["outs"]
+    for r in res.values():
+        r["ratio"] = [b / t for b, t in zip(base_tpot, r["tpot"], strict=True)]
+        r["equal"] = r.pop("outs") == base_outs
     return res
 
 
@@ -200,29 +221,30 @@ def main() -> None:
     chosen = set(args.methods.split(","))
     if draft is None:
         chosen.discard("draft")
-    methods = {"off": None, **{m: m for m in ("ngram", "suffix", "draft") if m in chosen}}
-    engines = {}
-    linear = "auto"  # the first engine's probe decides for all (each probing: a load-dependent mix)
-    for name, method in methods.items():
-        cfg = None
-        if method == "draft":
-            cfg = json.dumps(
-                {"method": "draft_model", "model": draft, "num_speculative_tokens": args.k}
-            )
-        elif method is not None:
-            cfg = json.dumps({"method": method, "num_speculative_tokens": args.k})
-        engine = LLM(args.model, speculative_config=cfg, max_num_seqs=16, cpu_linear=linear).engine
-        linear = "onednn" if onednn_packed(engine) else "torch"
-        engines[name] = engine
-        run(engines[name], prompts("chat", 1), 8)  # warm-up
+    # off, n-gram and suffix share one engine (each run sets its scheduler's speculator);
+    # a draft model needs an engine of its own. The first engine's linear-layer probe decides
+    # for both (each probing under load could pick differently).
+    base = LLM(args.model, max_num_seqs=16).engine
+    linear = "onednn" if onednn_packed(base) else "torch"
+    engines = {"off": (base, None)}
+    engines |= {m: (base, speculator(base, m, args.k)) for m in ("ngram", "suffix") if m in chosen}
+    if "draft" in chosen:
+        cfg = json.dumps(
+            {"method": "draft_model", "model": draft, "num_speculative_tokens": args.k}
+        )
+        own = LLM(args.model, speculative_config=cfg, max_num_seqs=16, cpu_linear=linear).engine
+        engines["draft"] = (own, "own")
+    for engine, _ in engines.values():
+        run(engine, prompts("chat", 1), 8)  # warm-up
     print(f"cpu linear layers: {linear} (all engines)")
     print("| workload | batch | method | output tok/s | TPOT ms | TPOT off/on (median; runs) "
           "| acceptance | mean accepted len | equal to off |")  # fmt: skip
     print("|---|---:|---|---:|---:|---:|---:|---:|---|")
     for workload in args.workloads.split(","):
         if args.show:
-            _, _, outs, _ = run(engines["off"], prompts(workload, 1), args.max_tokens)
-            text = engines["off"].inputs.tokenizer.decode(outs[0])
+            base.scheduler.speculator = None
+            _, _, outs, _ = run(base, prompts(workload, 1), args.max_tokens)
+            text = base.inputs.tokenizer.decode(outs[0])
             print(f"{workload}, first output:\n{text}\n", flush=True)
         for batch in (int(b) for b in args.batches.split(",")):
             res = row(engines, prompts(workload, batch), args.max_tokens, args.repeats)
