@@ -16,10 +16,12 @@ a cluster started by `epdserve up` needs neither (see admin_config.py).
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -50,22 +52,44 @@ def call(
     body: Any = None,
     timeout: float = HTTP_TIMEOUT_S,
 ) -> dict:
+    """``method`` ``path`` (already quoted: ``quoted``) on the router; its JSON answer, or
+    AdminCallError for anything that is not one (never a traceback: a bad --router URL, an
+    unreachable router, a server that does not speak HTTP or JSON)."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(router + path, data=data, method=method)
+    try:
+        req = urllib.request.Request(router + path, data=data, method=method)
+    except ValueError as e:  # no http:// scheme
+        raise AdminCallError(f"bad router URL {router!r}: {e}") from None
     req.add_header("Content-Type", "application/json")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read() or b"{}")
+            raw = resp.read()
     except urllib.error.HTTPError as e:
         try:
             msg = json.loads(e.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             msg = e.reason
         raise AdminCallError(f"{e.code}: {msg}") from None
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        # HTTPException: InvalidURL (a port that is not a number), BadStatusLine, ...
         raise AdminCallError(f"cannot reach the router at {router}: {e}") from None
+    try:
+        return json.loads(raw or b"{}")
+    except ValueError:
+        raise AdminCallError(f"the router at {router} answered {raw[:80]!r}, not JSON") from None
+
+
+def quoted(*segments: str) -> str:
+    """A URL path of ``segments``, each percent-quoted whole: a worker or batch id may hold a
+    space, '?', '#', '%' or '/' (http.client refused the unquoted path with InvalidURL)."""
+    return "".join("/" + urllib.parse.quote(s, safe="") for s in segments)
+
+
+def worker_path(worker_id: str, action: str) -> str:
+    """The admin API path of ``action`` on one worker."""
+    return quoted("admin", "workers", worker_id, action)
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -278,14 +302,14 @@ def build_parser(prog: str = "epdserve") -> argparse.ArgumentParser:
 
 
 def _models(router: str, token: str | None, args: argparse.Namespace) -> tuple[dict, str]:
-    path = f"/admin/workers/{args.id}"
     if args.action == "load":
         body = {"model": args.model, "served_model_name": args.served_model_name}
-        r = call(router, token, "POST", path + "/model", body, timeout=LOAD_TIMEOUT_S)
+        path = worker_path(args.id, "model")
+        r = call(router, token, "POST", path, body, timeout=LOAD_TIMEOUT_S)
         return r, (f"{r['id']}: serves {r['model']} (was {r['previous_model']}; drained in "
                    f"{r['drain_seconds']:.1f}s, serving after {r['seconds']:.1f}s)")  # fmt: skip
-    r = call(router, token, "POST", path + "/sleep", {"sleep": args.action == "sleep"},
-             timeout=SLEEP_TIMEOUT_S)  # fmt: skip
+    body = {"sleep": args.action == "sleep"}
+    r = call(router, token, "POST", worker_path(args.id, "sleep"), body, timeout=SLEEP_TIMEOUT_S)
     mib = (r["weight_bytes"] + r["kv_bytes"]) / 2**20
     done = f"asleep: {mib:.0f} MiB given back" if r["sleeping"] else "awake: serving again"
     return r, f"{r['id']} ({r['model']}): {done} ({r['seconds']:.1f}s)"
@@ -299,7 +323,7 @@ def _experts(router: str, token: str | None, args: argparse.Namespace) -> tuple[
                 body["placement"] = json.load(f)
         except (OSError, ValueError) as e:
             raise AdminCallError(f"cannot read the placement {args.placement}: {e}") from None
-    path = f"/admin/workers/{args.id}/experts"
+    path = worker_path(args.id, "experts")
     r = call(router, token, "POST", path, body, timeout=EXPERTS_TIMEOUT_S)
     layers = ", ".join(f"{b:.2f} -> {a:.2f}"
                        for b, a in zip(r["imbalance_before"], r["imbalance_after"], strict=True))  # fmt: skip
@@ -318,11 +342,12 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         st = call(router, token, "GET", "/admin/status")
         return {"workers": st["workers"]}, render_roles(st)
     if args.command == "roles":
-        r = call(router, token, "POST", f"/admin/workers/{args.id}/role", {"role": args.role})
+        r = call(router, token, "POST", worker_path(args.id, "role"), {"role": args.role})
         return r, (f"{r['id']}: {r['previous_role']} -> {r['role']} requested; the worker "
                    f"drains and switches (see `epdserve status`)")  # fmt: skip
     if args.command == "drain":
-        r = call(router, token, "POST", f"/admin/workers/{args.id}/drain", {"drain": not args.undo})
+        body = {"drain": not args.undo}
+        r = call(router, token, "POST", worker_path(args.id, "drain"), body)
         state = "draining" if r["draining"] else "serving"
         return r, f"{r['id']}: {state} ({r['inflight']} requests in flight)"
     if args.command == "rebalance":

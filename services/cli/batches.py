@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any
 
-from services.cli.admin import AdminCallError, answer, call, table
+from services.cli.admin import AdminCallError, answer, call, quoted, table
 from services.cli.admin_config import resolve_router
 
 ANTHROPIC_PREFIX = "msgbatch_"
@@ -25,8 +25,8 @@ ANTHROPIC_PREFIX = "msgbatch_"
 def _path(batch_id: str) -> str:
     """The API path of a batch: message batches have their own."""
     if batch_id.startswith(ANTHROPIC_PREFIX):
-        return f"/v1/messages/batches/{batch_id}"
-    return f"/v1/batches/{batch_id}"
+        return quoted("v1", "messages", "batches", batch_id)
+    return quoted("v1", "batches", batch_id)
 
 
 def summary(b: dict[str, Any]) -> dict[str, Any]:

@@ -46,11 +46,25 @@ class MemberConfig(GrpcTLSFiles):
             raise ValueError("--etcd needs at least one host:port (or pass --no-register)")
         if self.instance_id is None:
             self.instance_id = f"{self.INSTANCE_PREFIX}{socket.gethostname()}-{os.getpid()}"
+        check_instance_id(self.instance_id)
         _ = self.grpc_tls  # all three TLS files or none
 
     @property
     def etcd_endpoints(self) -> list[str]:
         return [e.strip() for e in self.etcd.split(",") if e.strip()]
+
+
+MAX_INSTANCE_ID_CHARS = 256
+
+
+def check_instance_id(instance_id: str) -> None:
+    """An instance id is one segment of etcd keys and of the admin API's paths
+    (``/admin/workers/ID/...``, percent-quoted by the CLI): no '/' (a router decodes %2F
+    before it matches a route, so no path could name the worker) and nothing unprintable."""
+    if not 0 < len(instance_id) <= MAX_INSTANCE_ID_CHARS:
+        raise ValueError(f"instance_id must have 1 to {MAX_INSTANCE_ID_CHARS} characters")
+    if "/" in instance_id or not instance_id.isprintable():
+        raise ValueError(f"instance_id must be printable and hold no '/', got {instance_id!r}")
 
 
 def check_port(name: str, port: int) -> None:
