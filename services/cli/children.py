@@ -76,7 +76,9 @@ class ManagedProcess:
             self.tail.append(line)
             if self._echo:
                 print(f"[{self.name}] {line}", file=sys.stderr, flush=True)
-            if self.ready_line is None and line.startswith(self.ready_prefix):
+            # NOTE: the latest, not the first: a worker that restarts in place (a model load's
+            # os.execv, same pid) says it again, with its new ports.
+            if line.startswith(self.ready_prefix):
                 self.ready_line = line
                 self.ready.set()
 
@@ -122,6 +124,7 @@ class EtcdChild:
     """The cluster's etcd as a supervised child: restarted on the same ports and data."""
 
     name = label = "etcd"
+    ready_line = None  # it prints none
 
     def __init__(self, etcd: EtcdServer) -> None:
         self.etcd = etcd

@@ -87,6 +87,7 @@ class Child(Protocol):
     """A supervised process (``ManagedProcess``, or the launcher's etcd adapter)."""
 
     name: str
+    ready_line: str | None  # the latest ready line it printed (None: none yet, or never)
 
     @property
     def label(self) -> str: ...  # how messages name it
@@ -118,6 +119,7 @@ class _Slot:
     started_at: float
     restart_at: float | None = None  # dead and waiting for its backoff
     restarted: bool = False  # restarted, not yet ready again
+    ready_line: str | None = None  # the child's ready line as last seen
 
 
 class Supervisor:
@@ -134,7 +136,8 @@ class Supervisor:
         self._say = say
         self._clock = clock
         now = clock()
-        self._slots = [_Slot(c, RestartHistory(policy), now) for c in children]
+        self._slots = [_Slot(c, RestartHistory(policy), now, ready_line=c.ready_line)
+                       for c in children]  # fmt: skip
 
     def poll(self) -> str | None:
         """Notice exits, start what is due; returns why the cluster must stop (a crash
@@ -144,6 +147,12 @@ class Supervisor:
             child = slot.child
             if slot.restart_at is None:
                 if child.alive():
+                    line = child.ready_line
+                    if line != slot.ready_line and line is not None:
+                        if slot.ready_line is not None and not slot.restarted:
+                            # Same process, new image: a worker loaded another model.
+                            self._say(f"{child.label} restarted in place: {line}")
+                        slot.ready_line = line
                     if slot.restarted and child.is_ready():
                         slot.restarted = False
                         self._say(

@@ -8,6 +8,7 @@ import sys
 import time
 
 from services.cli.children import EtcdChild, ManagedProcess
+from services.cli.supervisor import RestartPolicy, Supervisor
 from services.common.etcd_server import EtcdServer
 
 
@@ -57,3 +58,22 @@ def test_etcd_child_restarts_on_the_same_port_with_its_data(tmp_path) -> None:
         assert etcd.etcdctl("get", "/epdserve/t/k", "--print-value-only").strip() == "v"
     finally:
         etcd.cleanup()
+
+
+def test_a_process_that_restarts_in_place_is_known_by_its_latest_ready_line() -> None:
+    """A worker that loads another model execs itself (same pid) and says it is ready again
+    with new ports: the first line's metrics port was kept (stale)."""
+    # argv: N and the script itself; the first run execs the script again with N=2.
+    script = ("import os, sys, time; n, me = sys.argv[1:]; print(f'READY port={n}', flush=True)\n"
+              "if n == '1':\n    time.sleep(2); os.execv(sys.executable, "
+              "[sys.executable, '-c', me, '2', me])\n"
+              "time.sleep(60)")  # fmt: skip
+    p = ManagedProcess("worker-3", [sys.executable, "-c", script, "1", script], "READY")
+    said: list[str] = []
+    try:
+        assert p.ready.wait(20)
+        supervisor = Supervisor([p], RestartPolicy(), said.append)
+        wait(lambda: supervisor.poll() is None and p.ready_field("port") == "2")
+        assert p.alive() and said == ["worker-3 restarted in place: READY port=2"]
+    finally:
+        p.stop(timeout=5)

@@ -76,6 +76,7 @@ class FakeChild:
         self.starts = 0
         self.fail_restarts = fail_restarts  # this many restarts raise
         self.loaded = True  # said it is ready
+        self.ready_line: str | None = None
 
     def alive(self) -> bool:
         return self.running
