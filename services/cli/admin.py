@@ -174,6 +174,7 @@ def render_status(st: dict) -> str:
             "KV%", "IMAGES", "TTFT_MS", "TPOT_MS", "ONLINE_TTFT", "ONLINE_TPOT", "OFFLINE_W/R",
             "SPEC", "PID", "HOST"]  # fmt: skip
     held: list[str] = []
+    failed: list[str] = []  # workers whose last model load failed
     tables: dict[str, list[list[str]]] = {}  # one table per base model
     for w in st["workers"]:
         rows = tables.setdefault(w.get("model") or "?", [head])
@@ -188,6 +189,8 @@ def render_status(st: dict) -> str:
         ids = [*(w.get("requests") or []), *(f"{r} (reserved)" for r in w.get("reserved") or [])]
         if ids:
             held.append(f"  {w['id']} (pid {w['pid']} on {w['host']}): {', '.join(ids)}")
+        if w.get("load_error"):
+            failed.append(f"  {w['id']} serves {w['model']} again: {w['load_error']}")
     rb = st["rebalancer"]
     params = ", ".join(f"{k}={v:g}" for k, v in sorted(rb["params"].items())) or "no parameters"
     out = [f"cluster {st['cluster']}: {len(st['workers'])} workers"]
@@ -195,6 +198,8 @@ def render_status(st: dict) -> str:
         out += [f"model {model}: {len(rows) - 1} workers", table(rows), ""]
     if held:
         out += ["requests held:", *held, ""]
+    if failed:
+        out += ["model loads that failed (epdserve models load):", *failed, ""]
     kv = st.get("kvstore") or {}
     if kv.get("present"):
         out.append(render_kvstore(kv))

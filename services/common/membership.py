@@ -137,6 +137,34 @@ class Registrar:
         await self._drop_client()
         self.registered.clear()
 
+    async def hand_over(self, ttl: int) -> int | None:
+        """Stop keeping the key alive but leave it in etcd, as it is now, on a new lease of
+        ``ttl`` seconds for another process to keep alive (a worker restarting in place:
+        services/worker/lease_handover.py); returns that lease's id, or None (etcd away: the
+        key goes as the old lease runs out). The old lease is revoked: the key moved off it."""
+        await cancel_and_wait(self._task)
+        self._task = None
+        lease: int | None = None
+        for _ in range(2):  # the second time on a fresh client
+            try:
+                c = self._client or await connect_etcd(self.endpoints)
+                self._client = c
+                assert c.kv is not None and c.lease is not None
+                grant = await c.lease.grant(ttl, timeout=ETCD_OP_TIMEOUT_S)
+                await c.kv.put(self.key, self.info.to_json(), lease=grant.ID,
+                               timeout=ETCD_OP_TIMEOUT_S)  # fmt: skip
+                lease = grant.ID
+                break
+            except Exception as exc:
+                log.warning("could not hand the registration of %s over (%s)", self.key, exc)
+                await self._drop_client()
+        if lease is not None and self._lease_id and self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.lease.revoke(self._lease_id, timeout=ETCD_OP_TIMEOUT_S)  # type: ignore[union-attr]
+        await self._drop_client()
+        self.registered.clear()
+        return lease
+
     async def _drop_client(self) -> None:
         if self._client is not None:
             with contextlib.suppress(Exception):
@@ -202,14 +230,19 @@ class Registrar:
             last_ok = time.monotonic()
 
     async def _keep_alive_once(self, c: Etcd3Client) -> int:
-        assert c.lease is not None
-        call = c.lease.keep_alive(self._lease_id)
-        try:
-            async for resp in call:
-                return int(resp.TTL)
-            raise RuntimeError("keep-alive stream closed")
-        finally:
-            call.cancel()
+        return await keep_alive_once(c, self._lease_id)
+
+
+async def keep_alive_once(c: Etcd3Client, lease_id: int) -> int:
+    """Refresh a lease once; returns its TTL (0 or less: it expired)."""
+    assert c.lease is not None
+    call = c.lease.keep_alive(lease_id)
+    try:
+        async for resp in call:
+            return int(resp.TTL)
+        raise RuntimeError("keep-alive stream closed")
+    finally:
+        call.cancel()
 
 
 Listener = Callable[[dict[str, InstanceInfo]], None]

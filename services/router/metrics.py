@@ -29,7 +29,7 @@ API_OF_PATH = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
 # Values of router_requests_total's outcome label.
 OUTCOMES = ("success", "invalid", "unavailable", "timeout", "cancelled", "error")
 # Values of epdserve:workers' state label.
-WORKER_STATES = ("serving", "draining", "sleeping", "unreachable")
+WORKER_STATES = ("serving", "draining", "sleeping", "loading", "unreachable")
 # Phases of a request the router times (router_request_phase_seconds), with the role of the
 # worker each one runs on ("router": the router itself). See services/router/phases.py.
 ROUTER_PHASES = {"queue": "router", "encode": "encode", "reserve": "decode", "prefill": "prefill"}
@@ -212,6 +212,8 @@ class RouterMetrics:
             state = "unreachable" if not h.reachable() else "draining" if draining else "serving"
             if state == "serving" and h.info.state == "sleeping":
                 state = "sleeping"
+            elif h.info.state == "loading":  # unreachable while it restarts with the new model
+                state = "loading"
             key = (h.info.model, h.info.role, state)
             counts[key] = counts.get(key, 0) + 1
             if h.load is not None:

@@ -40,7 +40,7 @@ from services.engine.model_files import model_source
 from services.prefill.kv_sender import KVSender
 from services.prefill.rank_push import RankPushes
 from services.prefill.role import PrefillRole
-from services.worker import model_load
+from services.worker import lease_handover, model_load
 from services.worker.config import WorkerConfig
 from services.worker.image_inputs import ImageLoader
 from services.worker.kv_events import KVEventPublisher, kv_layout_key
@@ -65,9 +65,14 @@ def build_parser(prog: str = "epdserve worker") -> argparse.ArgumentParser:
 
 
 async def serve(
-    wcfg: WorkerConfig, ecfg: EngineConfig, reload: model_load.ModelReload | None = None
+    wcfg: WorkerConfig,
+    ecfg: EngineConfig,
+    reload: model_load.ModelReload | None = None,
+    handover: lease_handover.LeaseKeeper | None = None,
 ) -> int:
-    """Run the worker until SIGTERM, or until a LoadModel call asks for ``reload``."""
+    """Run the worker until SIGTERM, or until a LoadModel call asks for ``reload``;
+    ``handover``: the lease of the key a model load's restart left (worker/lease_handover.py),
+    given up once this process registered."""
     engine = AsyncLLMEngine(ecfg)
     log.info("loading model %s ...", ecfg.model or "(default)")
     await engine.start()
@@ -156,6 +161,8 @@ async def serve(
             await asyncio.wait_for(registrar.registered.wait(), timeout=30)
         except TimeoutError:
             log.warning("etcd not reachable yet; serving and retrying registration")
+        if handover is not None:  # revoked once our key replaced the handed-over one
+            await asyncio.to_thread(handover.release, registrar.registered.is_set())
         # NOTE: after registering: a load through the API records its adapter after loading
         # it on the workers it knows, then loads it on those that joined meanwhile; only a
         # worker that router has not seen yet by then can miss it (router/api/lora.py).
@@ -200,7 +207,8 @@ async def serve(
         await desired.stop()
     if publisher is not None:
         await publisher.stop()
-    if registrar is not None:
+    reloading = servicer.loader.reload.argv is not None
+    if registrar is not None and not reloading:
         await registrar.stop(deregister=True)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(state.idle.wait(), timeout=wcfg.drain_timeout_s)
@@ -211,6 +219,11 @@ async def serve(
     servicer.metrics.close()
     await asyncio.to_thread(tracing.shutdown)
     await engine.shutdown()
+    if registrar is not None and reloading:
+        # The key stays, "loading", for the restarted image to keep (worker/lease_handover.py).
+        lease = await registrar.hand_over(lease_handover.HANDOVER_TTL_S)
+        if lease is not None:
+            os.environ[lease_handover.ENV] = lease_handover.handover_env(lease, wcfg.etcd_endpoints)
     log.info("worker %s stopped", wcfg.instance_id)
     return exit_code
 
@@ -322,22 +335,33 @@ def _mooncake_flavour() -> str:
     return "none"
 
 
-def main(argv: list[str] | None = None, prog: str = "epdserve worker") -> int:
-    args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s worker %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def main(
+    argv: list[str] | None = None,
+    prog: str = "epdserve worker",
+    handover: lease_handover.LeaseKeeper | None = None,
+) -> int:
+    if handover is None:
+        handover = lease_handover.keep_from_env()
+    parser = build_parser(prog)
+    parser.exit_on_error = False  # argument errors raise: a model load's restart falls back
     try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
+        logging.basicConfig(
+            level=args.log_level.upper(),
+            format="%(asctime)s %(levelname)s worker %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
         wcfg = from_args(WorkerConfig, args)
         ecfg = from_args(EngineConfig, args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, argparse.ArgumentError) as exc:
+        model_load.fall_back(exc)  # started by a model load: the old command line again
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     reload = model_load.ModelReload()
     try:
-        code = event_loop.run(serve(wcfg, ecfg, reload))
+        code = event_loop.run(serve(wcfg, ecfg, reload, handover))
     except Exception as exc:
         model_load.fall_back(exc)  # started by a model load: the old model again
         if not isinstance(exc, ValueError | OSError):

@@ -12,9 +12,11 @@ through the path every worker starts through: its tokenizer folder, KV layout, a
 role machinery are advertised as at start-up, with a new incarnation, so routers drop the old
 handle and put the new one in the new model's pool.
 
-If the new model fails to start (broken weights, out of memory), the process restarts once
-more with its old command line and advertises why (``capacity["load_error"]``): it serves its
-old model again, and the admin API reports the failure.
+If the new model fails to start (broken weights, out of memory, a setting its command line
+refuses), the process restarts once more with its old command line and advertises why
+(``capacity["load_error"]``): it serves its old model again, and the admin API reports the
+failure. Its etcd key stays throughout, "loading" (worker/lease_handover.py): a process that
+dies outright is seen gone within seconds.
 
 NOTE: the move lasts as long as the process: a supervisor or Kubernetes restarting the worker
 starts the model of its own command line again.
@@ -40,6 +42,7 @@ from services.common.dataclass_cli import to_argv
 from services.common.proto import worker_pb2 as pb
 from services.engine.config import EngineConfig
 from services.engine.model_files import MAX_NAME_CHARS, served_name
+from services.worker import lease_handover
 from services.worker.config import WorkerConfig
 from services.worker.errors import BAD_REQUEST, Rules, Status, call_status
 
@@ -140,6 +143,7 @@ def started() -> None:
     more), or this fall-back advertised why one failed."""
     os.environ.pop(FALLBACK_ENV, None)
     os.environ.pop(ERROR_ENV, None)
+    os.environ.pop(lease_handover.ENV, None)
 
 
 def _exec(argv: list[str]) -> NoReturn:

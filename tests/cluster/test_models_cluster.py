@@ -10,9 +10,12 @@ answers."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -145,8 +148,8 @@ def test_one_model_sleeps_and_wakes_under_the_others_traffic(cluster, offline) -
     assert answers and set(answers) == {want[TINY_NAME]}, answers[:3]
 
 
-def admin_post(cluster, path: str, body: dict) -> httpx.Response:
-    return httpx.post(cluster.base_url + path, json=body, timeout=600,
+def admin_post(cluster, path: str, body: dict, timeout: float = 600) -> httpx.Response:
+    return httpx.post(cluster.base_url + path, json=body, timeout=timeout,
                       headers={"Authorization": f"Bearer {cluster.admin_token}"})  # fmt: skip
 
 
@@ -172,6 +175,9 @@ def test_a_worker_loads_the_other_model_and_back(cluster, offline, tiny_model_di
     r = admin_post(cluster, f"/admin/workers/{mover}/model", {"model": str(broken)})
     assert r.status_code == 422 and f"serves {OTHER_NAME} again" in r.text, r.text
     assert workers(cluster)[mover]["state"] == "serving"
+    # `epdserve status` says why (the header of a safetensors file that is not one).
+    said = cli(cluster, "status").stdout
+    assert f"{mover} serves {OTHER_NAME} again: SafetensorError" in said, said
     assert complete(oai, OTHER_NAME) == want[OTHER_NAME]
 
     # Onto the first model: two workers serve it, the other model is gone.
@@ -209,3 +215,33 @@ def test_a_worker_loads_the_other_model_and_back(cluster, offline, tiny_model_di
     chat = oai.chat.completions.create(model=OTHER_NAME, messages=CHAT, max_tokens=8,  # type: ignore[arg-type]
                                        temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
     assert chat.choices[0].message.content == chat_want
+
+
+def test_a_worker_that_dies_restarting_with_a_model_ends_the_load_at_once(
+    cluster, tiny_model_dir
+) -> None:
+    """Killed once it restarted with the new command line (os.execv: same pid) while it loads:
+    the admin call answers 503 worker_lost within seconds, where it waited its whole 600 s for
+    a 504 (the restarting process had left etcd, so nothing told the router it died)."""
+    (row,) = [row for row in workers(cluster).values() if row["model"] == OTHER_NAME]
+    target = str(tiny_model_dir("llama").resolve())
+    answers: list = []
+    path = f"/admin/workers/{row['id']}/model"
+    call = threading.Thread(target=keep_calling, args=(
+        lambda: admin_post(cluster, path, {"model": target}, timeout=120), threading.Event(),
+        answers, 1))  # fmt: skip
+    call.start()
+    wait_for(lambda: target in Path(f"/proc/{row['pid']}/cmdline").read_text(), every=0.05,
+             what="the restart with the new model")  # fmt: skip
+    assert workers(cluster)[row["id"]]["state"] == "loading"  # its key stays while it restarts
+    os.kill(row["pid"], signal.SIGKILL)
+    call.join(120)
+    (r,) = answers
+    assert isinstance(r, httpx.Response), r  # not a timeout
+    assert r.status_code == 503 and r.json()["error"]["code"] == "worker_lost", r.text
+    # Started again (as a supervisor would): its own command line, its own model.
+    (proc,) = [p for p in cluster.workers if p.ready_field("id") == row["id"]]
+    proc.restart()
+    wait_for(lambda: workers(cluster).get(row["id"], {}).get("state") == "serving",
+             timeout=120, what="the worker serving again")  # fmt: skip
+    assert workers(cluster)[row["id"]]["model"] == OTHER_NAME

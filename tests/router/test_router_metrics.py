@@ -78,11 +78,11 @@ def test_requests_latency_and_tokens() -> None:
 
 
 def _handle(iid: str, role: str, reachable: bool = True, draining: bool = False, load=True,
-            model: str = "m"):  # fmt: skip
+            model: str = "m", state: str = "serving"):  # fmt: skip
     report = SimpleNamespace(num_waiting=2, num_waiting_prompt_tokens=50, kv_utilization=0.5,
                              images_waiting=3, images_encoding=1,
                              draining=False) if load else None  # fmt: skip
-    info = SimpleNamespace(role=role, draining=draining, model=model, state="serving")
+    info = SimpleNamespace(role=role, draining=draining, model=model, state=state)
     return SimpleNamespace(id=iid, info=info, load=report, reachable=lambda: reachable)
 
 
@@ -115,6 +115,15 @@ def test_update_pool_counts_workers_by_role_and_state() -> None:
     assert value(m, "epdserve:workers", model_name="other", role="decode", state="serving") == 0
     assert value(m, "epdserve:workers", role="mixed", state="serving") == 2
     assert value(m, "epdserve:router_worker_num_requests_waiting", model_name="other") == 2
+    # Asleep; loading another model: draining (reachable) or restarting (unreachable).
+    m.update_pool(SimpleNamespace(handles={
+        "s": _handle("s", "mixed", state="sleeping"),
+        "l": _handle("l", "mixed", state="loading", draining=True),
+        "r": _handle("r", "mixed", state="loading", reachable=False),
+    }))  # fmt: skip
+    assert value(m, "epdserve:workers", role="mixed", state="sleeping") == 1
+    assert value(m, "epdserve:workers", role="mixed", state="loading") == 2
+    assert value(m, "epdserve:workers", role="mixed", state="unreachable") == 0
 
 
 def test_rebalance_decisions() -> None:

@@ -69,19 +69,24 @@ def test_the_restart_keeps_the_worker_and_drops_the_old_models_settings() -> Non
     assert "--served-model-name" not in worker_argv(wcfg, engine_for(ecfg, "/m/new", ""))
 
 
-def test_a_new_model_that_fails_to_start_brings_the_old_command_back(tmp_path) -> None:
+@pytest.mark.parametrize("bad", [
+    ["--model", "{missing}"],  # the model fails to load
+    ["--sleep-dir", "{missing}"],  # a setting refused (it exited 2 with no fall-back)
+    ["--no-such-flag"],  # a command line refused (likewise)
+])  # fmt: skip
+def test_a_new_model_that_fails_to_start_brings_the_old_command_back(tmp_path, bad) -> None:
     # The "old command" here only prints what it was told: the failure's reason.
     report = f"import os; print('FELL BACK:', os.environ['{ERROR_ENV}'])"
     env = {**os.environ, FALLBACK_ENV: json.dumps([sys.executable, "-c", report])}
     env.pop(ERROR_ENV, None)
-    missing = tmp_path / "missing"
+    bad = [arg.format(missing=tmp_path / "missing") for arg in bad]
     done = subprocess.run(
-        [sys.executable, "-m", "services.worker", "--model", str(missing), "--no-register",
-         "--kv-transfer", "none", "--port", "0"],
+        [sys.executable, "-m", "services.worker", "--no-register", "--kv-transfer", "none",
+         "--port", "0", *bad],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith("FELL BACK: ValueError:") and str(missing) in done.stdout
+    assert done.stdout.startswith("FELL BACK: ValueError:") and bad[-1] in done.stdout
 
 
 def test_a_load_whose_caller_goes_away_mid_drain_leaves_the_worker_serving(tiny_model_dir) -> None:

@@ -141,8 +141,11 @@ def worker_status(
         "role": h.info.role,
         "desired_role": desired or h.info.role,
         "epoch": h.info.role_epoch,
-        "state": h.state if h.reachable() else "unreachable",
+        # A worker loading another model is unreachable while it restarts: it says "loading".
+        "state": h.state if h.reachable() or h.info.state == "loading" else "unreachable",
         "model": h.info.model,
+        # Why its last model load failed (it serves its old model again: worker/model_load.py).
+        "load_error": h.info.capacity.get("load_error"),
         "pid": h.info.pid,
         "host": h.info.host,
         "waiting": r.num_waiting if r else None,

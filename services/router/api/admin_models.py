@@ -27,6 +27,9 @@ SLEEP_RPC_TIMEOUT_S = 600.0
 # After the drain, a loading worker restarts with the new model (imports, weights, KV cache)
 # and registers again: wait this long for it to serve.
 LOAD_WAIT_S = 600.0
+# A restarting worker's key stays in etcd until it serves (worker/lease_handover.py): gone
+# this long, the process died. (Not at once: a lease that ran out under load is put again.)
+GONE_FOR_S = 5.0
 
 
 def _rpc_error(worker_id: str, exc: grpc.aio.AioRpcError) -> AdminError:
@@ -57,12 +60,19 @@ async def _sleep(gw: Gateway, request: Request) -> dict[str, Any]:
 
 async def _restarted(gw: Gateway, worker_id: str, incarnation: str) -> WorkerHandle | None:
     """The worker's handle once a new incarnation of it serves (a load report arrived), or
-    None after LOAD_WAIT_S."""
-    deadline = time.monotonic() + LOAD_WAIT_S
-    while time.monotonic() < deadline:
+    None after LOAD_WAIT_S. AdminError: its key left etcd (the restarting process keeps it,
+    "loading", until it serves: worker/lease_handover.py), so the process died."""
+    deadline = seen = time.monotonic()
+    deadline += LOAD_WAIT_S
+    while (now := time.monotonic()) < deadline:
         h = gw.pool.handles.get(worker_id)
-        if h is not None and h.info.incarnation != incarnation and h.state == "serving":
-            if h.reachable():
+        if h is None and now - seen > GONE_FOR_S:
+            raise AdminError(503, f"worker {worker_id} left the cluster while restarting with "
+                             "the new model (its registration ran out: the process died); see "
+                             "its log", "worker_lost")  # fmt: skip
+        if h is not None:
+            seen = now
+            if h.info.incarnation != incarnation and h.state == "serving" and h.reachable():
                 return h
         await asyncio.sleep(0.2)
     return None

@@ -18,6 +18,7 @@ from etcd3aio import Etcd3Client
 
 from services.common.aio import cancel_and_wait
 from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
+from services.common.membership import keep_alive_once
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class LeaderElection:
                 raise RuntimeError("leader key lost (etcd restored or wiped?)")
             await asyncio.sleep(interval)
             try:
-                ttl = await asyncio.wait_for(self._keep_alive_once(c, lease_id), ETCD_OP_TIMEOUT_S)
+                ttl = await asyncio.wait_for(keep_alive_once(c, lease_id), ETCD_OP_TIMEOUT_S)
             except Exception as exc:
                 if time.monotonic() - last_ok > self.ttl:
                     raise RuntimeError(f"leader lease lost: {exc}") from exc
@@ -103,14 +104,3 @@ class LeaderElection:
             if ttl <= 0:
                 raise RuntimeError("leader lease expired")
             last_ok = time.monotonic()
-
-    @staticmethod
-    async def _keep_alive_once(c: Etcd3Client, lease_id: int) -> int:
-        assert c.lease is not None
-        call = c.lease.keep_alive(lease_id)
-        try:
-            async for resp in call:
-                return int(resp.TTL)
-            raise RuntimeError("keep-alive stream closed")
-        finally:
-            call.cancel()
