@@ -12,7 +12,7 @@ asserted.
 
     python benchmarks/colocation.py [--model PATH|GGUF] [--seconds 60] [--slo-ttft-ms 2000]
         [--slo-tpot-ms 200] [--offline-clients 16] [--max-offline-batched-tokens N]
-        [--offline-step-share 0.05]
+        [--offline-step-share 0.05] [--offline-tpot-quantile 0.8]
         [--json out.json]
 """
 
@@ -157,13 +157,17 @@ def main() -> int:
     )
     p.add_argument("--offline-step-share", type=float, default=EngineConfig.offline_step_share,
                    help="the engine's offline share of a step with online work; 0: off")  # fmt: skip
+    p.add_argument("--offline-tpot-quantile", type=float,
+                   default=EngineConfig.offline_tpot_quantile,
+                   help="the engine's pace of offline work (with a share); 0: off")  # fmt: skip
     p.add_argument("--json", default=None)
     a = p.parse_args()
     spec = ClusterSpec(
         model=a.model, port=0, cluster="colocation",
         engine_overrides={"max_num_seqs": 32,
                           "max_offline_batched_tokens": a.max_offline_batched_tokens,
-                          "offline_step_share": a.offline_step_share or None},
+                          "offline_step_share": a.offline_step_share or None,
+                          "offline_tpot_quantile": a.offline_tpot_quantile or None},
         router_overrides={"slo_ttft_ms": a.slo_ttft_ms, "slo_tpot_ms": a.slo_tpot_ms},
     )  # fmt: skip
     cluster = LocalCluster(spec)

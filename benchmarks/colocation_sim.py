@@ -9,7 +9,8 @@ costs are the embedded model's on this CPU (a 1-sequence decode step ~23 ms, a 1
 
     python benchmarks/colocation_sim.py [--seconds 120] [--fixed-ms 22] [--token-ms 0.9]
         [--offline-clients 16] [--max-num-batched-tokens 1024] [--offline-step-share 0.05]
-        [--max-offline-batched-tokens N] [--offline-aging-s 60] [--seed 1]
+        [--offline-tpot-quantile 0.8] [--max-offline-batched-tokens N] [--offline-aging-s 60]
+        [--seed 1]
 """
 
 from __future__ import annotations
@@ -67,14 +68,17 @@ class Sim:
             8192, offline_aging_s=a.offline_aging_s,
             max_offline_batched_tokens=a.max_offline_batched_tokens, clock=lambda: self.now,
             offline_step_share=a.offline_step_share or None,
+            offline_tpot_quantile=a.offline_tpot_quantile or None,
         )  # fmt: skip
         self.ids = 0
 
-    def add(self, tier: str, prompt: int, goal: int, online: bool) -> Sequence:
+    def add(self, tier: str, prompt: int, goal: int, online: bool, at: float) -> Sequence:
+        """Queue a request that arrived at ``at`` (the engine sees it at the next step, but its
+        TTFT counts from its arrival, as a client's does)."""
         self.ids += 1
         tokens = [(self.ids * 7919 + i) % 30000 + 100 for i in range(prompt)]
         seq = Sequence(f"r{self.ids}", tokens, SamplingParams(service_tier=tier, max_tokens=goal),
-                       arrival_time=self.now)  # fmt: skip
+                       arrival_time=at)  # fmt: skip
         seq.online, seq.goal = online, goal  # type: ignore[attr-defined]
         self.sched.add(seq)
         return seq
@@ -94,11 +98,11 @@ class Sim:
         sched, a = self.sched, self.a
         while self.now < load.seconds:
             while arrivals and arrivals[0][0] <= self.now:
-                _, _, kind = heapq.heappop(arrivals)
+                at, _, kind = heapq.heappop(arrivals)
                 if kind == "online":
-                    self.add("default", load.online_prompt, load.online_tokens, True)
+                    self.add("default", load.online_prompt, load.online_tokens, True, at)
                 else:
-                    self.add(load.offline_tier, load.offline_prompt, load.offline_tokens, False)
+                    self.add(load.offline_tier, load.offline_prompt, load.offline_tokens, False, at)
             out = sched.schedule()
             sched.resolve_stall(out)
             if out.is_empty:
@@ -150,6 +154,9 @@ def main() -> int:
     p.add_argument("--max-offline-batched-tokens", type=int, default=None)
     p.add_argument("--offline-step-share", type=float, default=EngineConfig.offline_step_share,
                    help="the engine's offline share of a step with online work; 0: off")  # fmt: skip
+    p.add_argument("--offline-tpot-quantile", type=float,
+                   default=EngineConfig.offline_tpot_quantile,
+                   help="the engine's pace (with a share); 0: the share alone")  # fmt: skip
     p.add_argument("--offline-aging-s", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args()

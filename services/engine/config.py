@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from services.engine.service_tiers import DEFAULT_OFFLINE_AGING_S
 from services.engine.speculative.config import SpeculativeConfig
@@ -79,6 +80,13 @@ class EngineConfig:
     # step's cost the engine fits as it runs (services/engine/tier_policy.py). None: offline
     # work takes all that online work leaves.
     offline_step_share: float | None = 0.05
+    # With offline_step_share: offline tokens may also raise each online request's time per
+    # output token, and a step's cost, up to this quantile of recent online requests' own
+    # (without offline work): the TPOT tail stays where it was, the requests below it carry
+    # the offline work (their TPOT rises towards it). Requests slower than it, and those in
+    # their prefill (TTFT), get only the share (services/engine/tier_policy.py). None: the
+    # share alone.
+    offline_tpot_quantile: float | None = 0.8
     # LoRA adapters loaded at start-up, each "name=path" (a PEFT folder); a request names one
     # as its model. Giving any turns LoRA on.
     lora_modules: list[str] = field(default_factory=list)
@@ -148,6 +156,10 @@ class EngineConfig:
             raise ValueError(
                 f"offline_step_share must be in (0, 10], got {self.offline_step_share}"
             )
+        if self.offline_tpot_quantile is not None and not 0.0 < self.offline_tpot_quantile <= 1:
+            raise ValueError(
+                f"offline_tpot_quantile must be in (0, 1], got {self.offline_tpot_quantile}"
+            )
         if not self.offline_aging_s >= 0.0:  # NOTE: also false for NaN
             raise ValueError(f"offline_aging_s must be >= 0, got {self.offline_aging_s}")
         for item in self.lora_modules:
@@ -171,6 +183,13 @@ class EngineConfig:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+
+    @property
+    def tier_settings(self) -> dict[str, Any]:
+        """The scheduler's service-tier settings, as its keyword arguments."""
+        names = ("offline_aging_s", "max_offline_batched_tokens", "offline_step_share",
+                 "offline_tpot_quantile")  # fmt: skip
+        return {name: getattr(self, name) for name in names}
 
     @property
     def lora_enabled(self) -> bool:

@@ -88,9 +88,7 @@ class LLMEngine:
         self.tiers: KVTierManager | None = None  # host pool and store below the device
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-            self.max_model_len, offline_aging_s=config.offline_aging_s,
-            max_offline_batched_tokens=config.max_offline_batched_tokens,
-            offline_step_share=config.offline_step_share,
+            self.max_model_len, **config.tier_settings,
         )  # fmt: skip
         if config.kv_host_pool_bytes:
             host_blocks = config.kv_host_pool_bytes // self.runner.bytes_per_block

@@ -45,6 +45,7 @@ class Scheduler:
         max_offline_batched_tokens: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         offline_step_share: float | None = None,
+        offline_tpot_quantile: float | None = None,
     ) -> None:
         self.bm = block_manager
         self.speculator: Speculator | None = None  # drafts for decodes (speculative/)
@@ -56,9 +57,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.preemptions_by_tier = dict.fromkeys(SERVICE_TIERS, 0)
-        self.policy = TierPolicy(
-            offline_aging_s, max_offline_batched_tokens, clock, offline_step_share
-        )
+        self.policy = TierPolicy(offline_aging_s, max_offline_batched_tokens, clock,
+                                 offline_step_share, offline_tpot_quantile)  # fmt: skip
         self._step_started = 0.0  # when the last schedule() returned (on policy.clock)
         # Preempted sequences waiting to be recomputed: their prefix-cache lookup on
         # rescheduling finds their own blocks, which is not a hit of the prompt.
@@ -131,7 +131,7 @@ class Scheduler:
            queue by (rank, holding blocks first, priority, arrival). Then, per rank, best first
            (offline work, the aged flex sequences then the others, gets at most
            ``max_offline_batched_tokens`` and, with online work in the engine, its
-           ``offline_step_share`` of the step's cost: tier_policy.py):
+           ``offline_step_share`` of the step's cost, or its pace: tier_policy.py):
         1. Its running sequences (decode-first: a decode costs one token of the budget).
            Each gets what it still needs, capped by the remaining budget. When the KV cache
            cannot hold a sequence's next tokens, the worst-ranked, newest running sequence
@@ -162,7 +162,7 @@ class Scheduler:
         for rank in sorted(set(ranks.values())):
             if rank >= OFFLINE_RANK and not offline_budget_set:  # the offline ranks share it
                 used = self.max_num_batched_tokens - self._budget  # by online work
-                self._budget = self.policy.offline_budget(self._budget, used, online)
+                self._budget = self.policy.offline_budget(self._budget, used, online, self.running)
                 offline_budget_set = True
             if self._schedule_running(rank, ranks, out):
                 admit_below = -1  # memory pressure: admit nothing more this step
@@ -341,6 +341,7 @@ class Scheduler:
         """Mark the running ``seq`` finished and take it out of the batch without freeing its
         blocks: their KV awaits export (the prefill side of PD); the caller frees them."""
         self.running.remove(seq)
+        self.policy.finished(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason, seq.stop_reason = reason, stop_reason
 
@@ -372,7 +373,7 @@ class Scheduler:
     def postprocess(self, out: SchedulerOutput) -> None:
         """Advance computed-token counters after a step and register newly full blocks."""
         now = self.policy.clock()
-        self.policy.step_cost.observe(out.num_batched_tokens, now - self._step_started)
+        self.policy.observe_step(out.scheduled, now - self._step_started)
         for item in out.scheduled:
             item.seq.last_run_time = now
             item.seq.num_computed_tokens += item.num_known_tokens  # drafts: Speculator.accept
@@ -388,6 +389,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.bm.free(seq)
         self._recomputing.discard(seq.seq_id)
+        self.policy.finished(seq)
         if self.tiers is not None:
             self.tiers.release(seq)
         seq.status = SequenceStatus.FINISHED

@@ -13,18 +13,32 @@ memory-bound decode) that is most of the budget; where it grows in proportion (a
 few tokens, and offline work runs mostly in the steps without online work. Those it may not
 fill either: an online request arriving during one waits for it, so they run offline tokens
 worth at most ``OFFLINE_STEP_FIXED_COSTS`` fixed costs.
+
+The pace (``offline_tpot_quantile``): on a CPU the share alone leaves offline work ~40 % of
+the capacity online work leaves (colocation_sim.py), because it charges every online request
+the same. But online requests' TPOTs differ without any offline work (those whose decodes
+shared steps with other requests' prefills are slower), and a latency goal is a tail's: the
+pace lets offline tokens raise each online request's mean step cost (its TPOT) to the
+``offline_tpot_quantile`` of recent online requests' mean step cost without offline work
+(``reference``), and never one step's cost past it, while a request already slower than that
+gets only the share. So the TPOT tail stays, and the requests below it (most) carry offline
+tokens. A request in its prefill (its TTFT) gets only the share. Costs are counted in tokens'
+worth (``StepCost``), so the machine's timing noise does not move the decisions.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 from services.engine.service_tiers import DEFAULT, DEFAULT_OFFLINE_AGING_S, FLEX, PRIORITY
 
 if TYPE_CHECKING:
+    from services.engine.scheduler_output import ScheduledSeq
     from services.engine.sequence import Sequence
 
 # Scheduling ranks (lower runs first; a rank is never preempted for a worse one): the tiers'
@@ -38,6 +52,10 @@ OFFLINE_STEP_FIXED_COSTS = 2.0
 # The fixed cost of a step, in tokens' worth, assumed until steps of different sizes were
 # timed (the embedded model on a 2-core CPU measured ~24).
 PRIOR_FIXED_TOKENS = 24.0
+# The pace's reference is taken over the online requests that ended last (at most this many),
+# once this many have.
+PACE_WINDOW = 200
+PACE_MIN_REQUESTS = 20
 
 
 class StepCost:
@@ -72,6 +90,63 @@ class StepCost:
             self.fixed_tokens = max(0.0, fixed / per_token)
 
 
+class OnlinePace:
+    """The pace's bookkeeping (see the module's docstring): each running online request's
+    decode steps, and the ``quantile`` of the mean step cost without offline work of the
+    online requests that ended last (``reference``)."""
+
+    def __init__(self, quantile: float) -> None:
+        self.quantile = quantile
+        self.recent: deque[float] = deque(maxlen=PACE_WINDOW)  # mean step costs, in order
+        self._sorted: list[float] = []  # the same, sorted
+
+    def observe(self, online: list[ScheduledSeq], offline_tokens: int, fixed: float) -> None:
+        """A step ran ``online`` (the online part of its batch) beside ``offline_tokens``."""
+        cost = fixed + sum(item.num_new_tokens for item in online)
+        for item in online:
+            seq = item.seq
+            if seq.num_output_tokens:  # a decode: its TPOT (a prefill is its TTFT)
+                seq.paced_steps += 1
+                seq.paced_cost += cost
+                seq.paced_offline += offline_tokens
+
+    def finished(self, seq: Sequence) -> None:
+        """The online ``seq`` ended: its mean step cost joins the reference's window."""
+        if seq.paced_steps:
+            if len(self.recent) == self.recent.maxlen:
+                self._sorted.pop(bisect.bisect_left(self._sorted, self.recent[0]))
+            mean = seq.paced_cost / seq.paced_steps
+            self.recent.append(mean)
+            bisect.insort(self._sorted, mean)
+
+    @property
+    def reference(self) -> float | None:
+        """The mean step cost the pace lets offline tokens raise online requests to; None
+        until ``PACE_MIN_REQUESTS`` online requests ended."""
+        if len(self._sorted) < PACE_MIN_REQUESTS:
+            return None
+        return self._sorted[min(len(self._sorted) - 1, int(self.quantile * len(self._sorted)))]
+
+    def limit(self, cost: float, share: float, online: list[Sequence]) -> float:
+        """Offline tokens a step whose online work (``online``, running) costs ``cost``
+        may carry: its ``share`` of it, or up to the reference, and no more than any request
+        in it has left: one in its prefill only the share, one decoding what keeps its mean
+        step cost within the reference (or its own share, if it is slower than that)."""
+        shared = max(1.0, share * cost)
+        ref = self.reference
+        if ref is None:
+            return shared
+        limit = max(shared, ref - cost)
+        for seq in online:
+            if not seq.num_output_tokens:
+                limit = min(limit, shared)
+                continue
+            own = seq.paced_cost + cost
+            allowed = max(share * own, ref * (seq.paced_steps + 1) - own)
+            limit = min(limit, allowed - seq.paced_offline)
+        return max(0.0, limit)
+
+
 class TierPolicy:
     def __init__(
         self,
@@ -79,6 +154,7 @@ class TierPolicy:
         max_offline_batched_tokens: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         offline_step_share: float | None = None,
+        offline_tpot_quantile: float | None = None,
     ) -> None:
         self.offline_aging_s = offline_aging_s
         self.max_offline_batched_tokens = max_offline_batched_tokens  # of a step; None: all
@@ -87,6 +163,8 @@ class TierPolicy:
         # None: all that online work leaves.
         self.offline_step_share = offline_step_share
         self.step_cost = StepCost()
+        # The pace (with a share only); None: the share alone.
+        self.pace = OnlinePace(offline_tpot_quantile) if offline_tpot_quantile else None
 
     def ranks(self, seqs: Collection[Sequence]) -> dict[int, int]:
         """The rank of each of ``seqs`` (by seq_id) now: its tier's, or for a flex one that
@@ -104,17 +182,19 @@ class TierPolicy:
         engine took online ranks, and online budget, for the rest of their lives
         (colocation_sim.py, 64 offline clients: online TTFT P99 4.2 s against 0.2 s)."""
         now, aging = self.clock(), self.offline_aging_s
-        shared = self.offline_step_share is not None
         out = {}
         for s in seqs:
             if s.params.service_tier == FLEX and s.aged < 2:
                 waited = now - s.last_run_time
                 s.aged = max(s.aged, 2 if waited >= 2 * aging else 1 if waited >= aging else 0)
-            if s.aged and (s.aged == 2 or not shared):
-                out[s.seq_id] = RANKS[DEFAULT]
-            else:
-                out[s.seq_id] = AGED_RANK if s.aged else RANKS[s.params.service_tier]
+            out[s.seq_id] = self.rank(s)
         return out
+
+    def rank(self, s: Sequence) -> int:
+        """The rank of ``s`` as far as it aged when ``ranks`` last looked."""
+        if s.aged and (s.aged == 2 or self.offline_step_share is None):
+            return RANKS[DEFAULT]
+        return AGED_RANK if s.aged else RANKS[s.params.service_tier]
 
     @staticmethod
     def rank_on_arrival(seq: Sequence) -> int:
@@ -138,20 +218,42 @@ class TierPolicy:
             return None
         return max(candidates, key=lambda item: (*self.key(item[1], ranks), item[0]))[1]
 
-    def offline_budget(self, budget: int, online_tokens: int, online: bool) -> int:
+    def offline_budget(
+        self, budget: int, online_tokens: int, online: bool, running: Collection[Sequence] = ()
+    ) -> int:
         """What offline work may take of what is left of a step's token ``budget``: at most
         its cap and, when online work is in the engine (``online``; ``online_tokens`` of it
-        in this step), its share of the step's cost (see the module's docstring)."""
+        in this step; ``running``: the running sequences), its share of the step's cost or
+        what the pace allows (see the module's docstring)."""
         if self.max_offline_batched_tokens is not None:
             budget = min(budget, self.max_offline_batched_tokens)
-        if self.offline_step_share is not None:
-            fixed = self.step_cost.fixed_tokens
-            if online:
-                limit = self.offline_step_share * (fixed + online_tokens)
-            else:
-                limit = OFFLINE_STEP_FIXED_COSTS * fixed
-            budget = min(budget, max(1, int(limit + 1e-6))) if limit < budget else budget
-        return budget
+        share, fixed = self.offline_step_share, self.step_cost.fixed_tokens
+        if share is None or math.isinf(fixed):
+            return budget
+        if not online:
+            limit = max(1.0, OFFLINE_STEP_FIXED_COSTS * fixed)
+        elif self.pace is None:
+            limit = max(1.0, share * (fixed + online_tokens))
+        else:
+            online_running = [s for s in running if self.rank(s) < OFFLINE_RANK]
+            limit = self.pace.limit(fixed + online_tokens, share, online_running)
+        return min(budget, int(limit + 1e-6))
+
+    def observe_step(self, scheduled: list[ScheduledSeq], seconds: float) -> None:
+        """A step ran ``scheduled`` in ``seconds``: fit the step cost, count the pace."""
+        self.step_cost.observe(sum(item.num_new_tokens for item in scheduled), seconds)
+        fixed = self.step_cost.fixed_tokens
+        if self.pace is not None and not math.isinf(fixed):
+            online = [item for item in scheduled if self.rank(item.seq) < OFFLINE_RANK]
+            offline = sum(item.num_new_tokens for item in scheduled) - sum(
+                item.num_new_tokens for item in online
+            )
+            self.pace.observe(online, offline, fixed)
+
+    def finished(self, seq: Sequence) -> None:
+        """``seq`` left the engine (done, aborted, handed on)."""
+        if self.pace is not None and self.rank(seq) < OFFLINE_RANK:
+            self.pace.finished(seq)
 
 
 def offline_stats(

@@ -65,6 +65,18 @@ def step(sched: Scheduler, goals: dict[int, int]):
     return out
 
 
+def fit_step_cost(sched: Scheduler, clock: Clock) -> None:
+    """Steps of 5, 9 and 14 tokens of the queued offline work, each costing 20 ms + 1 ms per
+    token on ``clock``: two steps of different sizes fit the line exactly (20 tokens' worth)."""
+    for tokens in (5, 9, 14):
+        sched.policy.max_offline_batched_tokens = tokens
+        out = sched.schedule()
+        clock.now += 0.020 + 0.001 * out.num_batched_tokens
+        sched.postprocess(out)
+    sched.policy.max_offline_batched_tokens = None
+    assert abs(sched.policy.step_cost.fixed_tokens - 20.0) < 1e-6
+
+
 def rank(sched: Scheduler, seq: Sequence) -> tuple[int, int]:
     """(rank, priority) as tier_policy.py states it: priority 0, default 2, flex 4; a flex
     sequence without a step for ``aging`` 3 (2 without a share), for twice that 2."""
@@ -168,13 +180,7 @@ def test_offline_work_takes_its_share_of_a_step_with_online_work() -> None:
     goals = {s.seq_id: 100 for s in offline}
     for s in offline:
         sched.add(s)
-    for tokens in (5, 9, 14):  # two steps of different sizes fit the line exactly
-        sched.policy.max_offline_batched_tokens = tokens
-        out = sched.schedule()
-        clock.now += 0.020 + 0.001 * out.num_batched_tokens
-        sched.postprocess(out)
-    sched.policy.max_offline_batched_tokens = None
-    assert abs(sched.policy.step_cost.fixed_tokens - 20.0) < 1e-6
+    fit_step_cost(sched, clock)
     assert step(sched, goals).num_batched_tokens == 40  # no online work: 2 fixed costs
     online = make_seq(8, "default")
     goals[online.seq_id] = 100

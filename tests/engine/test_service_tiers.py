@@ -1,8 +1,8 @@
 """Service tiers on a real tiny model: online requests arriving into a full batch of offline
 (flex) sequences preempt them, run first, and every request of both classes ends with the
 greedy tokens of transformers (its undisturbed output), with and without the host KV pool
-that takes the preempted blocks (and a cap on the offline tokens of a step); chunked prefill
-and the prefix cache stay on."""
+that takes the preempted blocks (and a cap on the offline tokens of a step), with the pace of
+offline work on; chunked prefill and the prefix cache stay on."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from services.engine.llm_engine import LLMEngine
 from services.engine.sampling_params import SamplingParams
 from tests.engine.test_correctness import hf_greedy
 from tests.engine.test_memory_pressure import tokens
+from tests.engine.test_tier_pace import prime
 
 MAX_TOKENS = 8
 
@@ -36,6 +37,10 @@ def test_online_requests_preempt_a_full_offline_batch(model, host_pool) -> None:
         max_offline_batched_tokens=8 if host_pool else None,
     )  # fmt: skip
     engine = LLMEngine(config)
+    assert engine.scheduler.policy.pace is not None  # on by default
+    # A reference far above any step: offline work takes all the pace lets it (its chunks
+    # beside online work change, the tokens must not).
+    prime(engine.scheduler.policy.pace, reference=1000.0)
     offline = {f"off{i}": tokens(14 + i, 100 + i) for i in range(3)}
     online = {"on0": tokens(11, 200), "on1": tokens(13, 201)}
     for rid, prompt in offline.items():
