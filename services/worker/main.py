@@ -86,7 +86,7 @@ async def serve(
     )  # fmt: skip
 
     if prefill_role is not None and prefill_role.sender.staging is not None:
-        servicer.metrics.watch_staging(prefill_role.sender.staging)
+        servicer.metrics.watch_staging(prefill_role.sender.staging, decode_role.receiver.staging)
     setup_images(wcfg, engine, servicer)
     servicer.loader.configs = (wcfg, ecfg)
     servicer.engine_stall_s = wcfg.engine_stall_s

@@ -178,9 +178,11 @@ class WorkerMetrics(MetricsEndpoint):
         finally:
             self.success.labels(self.model_name, self.instance, reason).inc()
 
-    def watch_staging(self, staging: Any) -> None:
-        """Export the KV staging slots' use (a worker that transfers KV through them)."""
-        self.registry.register(_StagingCollector(staging, (self.model_name, self.instance)))
+    def watch_staging(self, *stagings: Any) -> None:
+        """Export the KV staging slots' use (a worker that transfers KV through them): the
+        sum over its sets (with tensor parallelism, one to send and one to receive)."""
+        unique = list({id(s): s for s in stagings}.values())
+        self.registry.register(_StagingCollector(unique, (self.model_name, self.instance)))
 
     def observe_prefill(self, seconds: float, prompt_tokens: int) -> None:
         """A PD prefill that ran here (``Prefill`` RPC: no output stream to track): its time
@@ -190,16 +192,16 @@ class WorkerMetrics(MetricsEndpoint):
 
 
 class _StagingCollector:
-    def __init__(self, staging: Any, ids: tuple[str, str]) -> None:
-        self.staging = staging
+    def __init__(self, stagings: list[Any], ids: tuple[str, str]) -> None:
+        self.stagings = stagings
         self.ids = list(ids)
 
     def collect(self) -> Iterable[Metric]:
         for name, doc, value in (
             ("epdserve:kv_staging_slots", "KV staging slots (host blocks) of this worker.",
-             self.staging.num_slots),
+             sum(s.num_slots for s in self.stagings)),
             ("epdserve:kv_staging_slots_free", "KV staging slots not held by a transfer.",
-             self.staging.num_free),
+             sum(s.num_free for s in self.stagings)),
         ):  # fmt: skip
             g = GaugeMetricFamily(name, doc, labels=LABELS)
             g.add_metric(self.ids, value)

@@ -15,6 +15,7 @@ from services.common.grpc_utils import SERVER_OPTIONS, failure_kind, insecure_ch
 from services.common.mooncake_agent import TransferError
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
+from services.engine.distributed import RankFailure
 from services.engine.outputs import RequestFailedError
 from services.worker.server import WorkerServicer
 from services.worker.state import WorkerState
@@ -50,8 +51,15 @@ EXPECTED = {
         RuntimeError: (Code.UNAVAILABLE, "encoder failed: ", None),
         RequestFailedError: UNKNOWN, KeyError: UNKNOWN,
     },
+    "LoadLoRA": {
+        ValueError: INVALID, KeyError: (Code.NOT_FOUND, "no LoRA adapter ", None),
+        # A tensor-parallel rank failed to read it (no rank holds it: lora_manager.py).
+        RankFailure: (Code.UNAVAILABLE, "LoRA adapter not loaded: ", None),
+        RuntimeError: UNKNOWN,
+    },
 }  # fmt: skip
-ROLE_OF = {"Generate": "mixed", "Prefill": "prefill", "Reserve": "decode", "Encode": "encode"}
+ROLE_OF = {"Generate": "mixed", "Prefill": "prefill", "Reserve": "decode", "Encode": "encode",
+           "LoadLoRA": "mixed"}  # fmt: skip
 
 
 class Raising:
@@ -72,6 +80,9 @@ class Raising:
 
     async def abort(self, rid: str) -> None:
         pass
+
+    async def call(self, fn):  # LoadLoRA
+        raise self.exc
 
     async def run(self, request, prompt):  # PrefillRole
         raise self.exc
@@ -114,6 +125,8 @@ async def _call(stub: pb_grpc.WorkerServiceStub, call: str) -> None:
         await stub.Prefill(pb.PrefillRequest(request_id="r1"), timeout=10)
     elif call == "Reserve":
         await stub.Reserve(pb.ReserveRequest(request_id="r1"), timeout=10)
+    elif call == "LoadLoRA":
+        await stub.LoadLoRA(pb.LoadLoRARequest(name="a", path="/adapters/a"), timeout=10)
     else:
         await stub.Encode(pb.EncodeRequest(request_id="r1"), timeout=10)
 

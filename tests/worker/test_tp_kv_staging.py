@@ -9,6 +9,8 @@ from services.engine.async_engine import AsyncLLMEngine
 from services.engine.config import EngineConfig
 from services.worker.config import WorkerConfig
 from services.worker.main import setup_kv_transfer
+from services.worker.metrics import WorkerMetrics
+from services.worker.state import WorkerState
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio]
 
@@ -38,6 +40,11 @@ async def test_every_rank_holds_the_staging_budget(tiny_model_dir) -> None:
         # receive slots for every rank); the old ranks held the budget twice.
         assert [driver, *runner.ranks.call(_staging_bytes, timeout=30)] == [budget, budget]
         assert len(sets) == 2 and prefill.sender.staging.num_slots == 8
+        # The worker's staging gauges count both sets (with one device: its one set).
+        metrics = WorkerMetrics(engine, WorkerState("w", "inc", "mixed"))
+        metrics.watch_staging(prefill.sender.staging, decode.receiver.staging)
+        labels = {"model_name": engine.model_name, "instance": "w"}
+        assert metrics.registry.get_sample_value("epdserve:kv_staging_slots", labels) == 16
     finally:
         for role in roles:
             await role.stop()
