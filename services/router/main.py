@@ -8,11 +8,13 @@ import logging
 import sys
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from services.common import event_loop
 from services.common.dataclass_cli import add_dataclass_args, from_args
 from services.router.config import RouterConfig
 from services.router.gateway import Gateway
+from services.router.http_protocol import BoundedHttpToolsProtocol
 from services.router.server import build_app
 from services.router.tokenization import Tokenizer, keep_torch_out
 
@@ -28,16 +30,18 @@ def build_parser(prog: str = "epdserve router") -> argparse.ArgumentParser:
     return parser
 
 
+def server_config(app: ASGIApp, cfg: RouterConfig, log_level: str = "info") -> uvicorn.Config:
+    """uvicorn's settings for the gateway: httptools with a bound on a request's head."""
+    return uvicorn.Config(
+        app, host=cfg.host, port=cfg.port, log_level=log_level.lower(), access_log=False,
+        timeout_graceful_shutdown=10, http=BoundedHttpToolsProtocol,
+        ssl_certfile=cfg.ssl_certfile, ssl_keyfile=cfg.ssl_keyfile,
+    )  # fmt: skip
+
+
 async def serve(cfg: RouterConfig, log_level: str = "info") -> None:
     tokenizer = await asyncio.to_thread(Tokenizer.load, cfg.model)
-    app = build_app(Gateway(cfg, tokenizer))
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host=cfg.host, port=cfg.port, log_level=log_level.lower(), access_log=False,
-            timeout_graceful_shutdown=10,
-            ssl_certfile=cfg.ssl_certfile, ssl_keyfile=cfg.ssl_keyfile,
-        )
-    )  # fmt: skip
+    server = uvicorn.Server(server_config(build_app(Gateway(cfg, tokenizer)), cfg, log_level))
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
