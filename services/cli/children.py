@@ -10,9 +10,12 @@ from __future__ import annotations
 import collections
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from services.common.etcd_server import EtcdServer
@@ -31,7 +34,11 @@ class ManagedProcess:
         echo: bool = False,
         extra_env: dict[str, str] | None = None,
         role: str | None = None,
+        probe_path: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """``probe_path``: the liveness probe, an HTTP path under the ``url`` of the ready
+        line (a router's); ``ssl_context``: how to trust it over HTTPS."""
         self.name = name
         self.label = f"{name} ({role})" if role else name  # how `up`'s messages name it
         self.argv = argv
@@ -46,6 +53,8 @@ class ManagedProcess:
         env.update(extra_env or {})  # NOTE: secrets (etcd password) travel here, never in argv
         self._env = env
         self._echo = echo
+        self.probe_path = probe_path
+        self.ssl_context = ssl_context
         self._spawn()
 
     def _spawn(self) -> None:
@@ -102,6 +111,23 @@ class ManagedProcess:
         if self.alive():
             os.kill(self.proc.pid, sig)
 
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def probe(self, timeout: float) -> bool | None:
+        """GET ``probe_path``: any HTTP answer passes (a router with no worker answers 503:
+        it is alive); no answer within ``timeout`` fails. None before the ready line."""
+        if self.probe_path is None or not self.ready.is_set() or not self.alive():
+            return None
+        url = self.ready_field("url") + self.probe_path
+        try:
+            with urllib.request.urlopen(url, timeout=timeout, context=self.ssl_context):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:  # refused, reset, timed out
+            return False
+
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout``."""
         self.signal(signal.SIGTERM)
@@ -140,6 +166,15 @@ class EtcdChild:
 
     def restart(self) -> None:
         self.etcd.start()  # waits until healthy; raises if it exits or times out
+
+    def kill(self) -> None:
+        if self.alive():
+            assert self.etcd.proc is not None
+            self.etcd.proc.kill()
+
+    def probe(self, timeout: float) -> bool | None:
+        """Not probed: while etcd does not answer, the routers serve from their last view."""
+        return None
 
     def last_output(self, lines: int = 40) -> str:
         try:

@@ -221,8 +221,9 @@ class LocalCluster:
         i = len(self.routers)
         name = "router" if i == 0 else f"router-{i}"
         proc = ManagedProcess(
-            name, self.router_argv(i), ROUTER_READY, self.spec.echo, self.etcd.access.to_env()
-        )
+            name, self.router_argv(i), ROUTER_READY, self.spec.echo, self.etcd.access.to_env(),
+            probe_path="/health", ssl_context=self.http_ssl_context(),
+        )  # fmt: skip
         self.routers.append(proc)
         return proc
 

@@ -4,7 +4,9 @@ backoff, and give up (stop the cluster) only on a crash loop.
 Like a Kubernetes restartPolicy Always with CrashLoopBackOff, but a loop ends the cluster:
 on one machine a child that keeps dying usually means a broken setup (a port taken, a model
 that does not load), and the user should see its last output rather than a cluster that
-limps. ``RestartPolicy`` and ``RestartHistory`` are pure Python (no processes, no clock of
+limps. Like a liveness probe too: a child that is alive but does not answer (stopped with
+SIGSTOP, its event loop stuck) is killed after ``liveness_failures`` probes in a row and
+restarted as a dead one would be (only routers are probed: see ``Child.probe``). ``RestartPolicy`` and ``RestartHistory`` are pure Python (no processes, no clock of
 their own); ``Supervisor`` applies them to the children on each ``poll()`` of the caller's
 loop, with no threads.
 """
@@ -43,6 +45,18 @@ class RestartPolicy:
     restart_window_s: float = field(
         default=300.0, metadata={"help": "the window of --max-restarts, in seconds"}
     )
+    liveness_period_s: float = field(
+        default=5.0,
+        metadata={"help": "seconds between liveness probes of each router (an HTTP request "
+                          "any answer passes); 0: no probes"},
+    )  # fmt: skip
+    liveness_timeout_s: float = field(
+        default=2.0, metadata={"help": "a liveness probe not answered this fast fails"}
+    )
+    liveness_failures: int = field(
+        default=6,
+        metadata={"help": "kill and restart a router after this many failed probes in a row"},
+    )
 
     def __post_init__(self) -> None:
         if self.restart_backoff_s <= 0 or self.restart_backoff_max_s < self.restart_backoff_s:
@@ -51,6 +65,11 @@ class RestartPolicy:
             raise ValueError("--restart-reset-s and --restart-window-s must be > 0")
         if self.max_restarts < 0:
             raise ValueError("--max-restarts must be >= 0")
+        # NOTE: 'not >=' also refuses NaN.
+        if not (self.liveness_period_s >= 0 and self.liveness_timeout_s > 0):
+            raise ValueError("need --liveness-period-s >= 0 and --liveness-timeout-s > 0")
+        if self.liveness_failures < 1:
+            raise ValueError("--liveness-failures must be >= 1")
 
 
 class RestartHistory:
@@ -100,6 +119,13 @@ class Child(Protocol):
 
     def restart(self) -> None: ...  # same command, same instance id
 
+    def kill(self) -> None: ...  # SIGKILL (a stopped process dies too)
+
+    def probe(self, timeout: float) -> bool | None:
+        """Whether the child answered a liveness probe within ``timeout``; None: not probed
+        (it has no probe, or has not said it is ready: a start-up is never cut short)."""
+        ...
+
     def last_output(self, lines: int = 40) -> str: ...
 
 
@@ -120,6 +146,8 @@ class _Slot:
     restart_at: float | None = None  # dead and waiting for its backoff
     restarted: bool = False  # restarted, not yet ready again
     ready_line: str | None = None  # the child's ready line as last seen
+    probe_at: float = 0.0  # next liveness probe
+    probes_failed: int = 0  # in a row
 
 
 class Supervisor:
@@ -158,6 +186,7 @@ class Supervisor:
                         self._say(
                             f"{child.label} is back ({now - slot.started_at:.0f} s after its restart)"
                         )
+                    self._probe(slot, now)
                     continue
                 slot.restarted = False
                 delay = slot.history.on_exit(slot.started_at, now)
@@ -177,8 +206,29 @@ class Supervisor:
                 slot.restart_at = None
                 slot.started_at = now
                 slot.restarted = True
+                slot.probes_failed = 0
                 try:
                     child.restart()
                 except Exception as exc:  # counted as an exit on the next poll
                     self._say(f"{child.label} did not restart: {exc}")
         return None
+
+    def _probe(self, slot: _Slot, now: float) -> None:
+        """Probe a live child when its period is due; kill it after too many failures in a
+        row (the next poll restarts it: it counts as an exit, crash loops included)."""
+        p = self.policy
+        if not p.liveness_period_s or now < slot.probe_at:
+            return
+        slot.probe_at = now + p.liveness_period_s
+        answered = slot.child.probe(p.liveness_timeout_s)
+        if answered is not False:
+            slot.probes_failed = 0
+            return
+        slot.probes_failed += 1
+        if slot.probes_failed >= p.liveness_failures:
+            slot.probes_failed = 0
+            self._say(
+                f"{slot.child.label} did not answer {p.liveness_failures} liveness probes in a "
+                f"row ({p.liveness_period_s:g} s apart, {p.liveness_timeout_s:g} s each): killing it"
+            )
+            slot.child.kill()

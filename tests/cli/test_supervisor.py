@@ -55,7 +55,9 @@ def test_max_restarts_zero_gives_up_on_the_first_exit() -> None:
 @pytest.mark.parametrize(
     "bad",
     [{"restart_backoff_s": 0}, {"restart_backoff_s": 5, "restart_backoff_max_s": 1},
-     {"max_restarts": -1}, {"restart_window_s": 0}, {"restart_reset_s": -1}],
+     {"max_restarts": -1}, {"restart_window_s": 0}, {"restart_reset_s": -1},
+     {"liveness_period_s": -1}, {"liveness_period_s": float("nan")},
+     {"liveness_timeout_s": 0}, {"liveness_failures": 0}],
 )  # fmt: skip
 def test_policy_refuses_nonsense(bad: dict) -> None:
     with pytest.raises(ValueError):
@@ -77,6 +79,8 @@ class FakeChild:
         self.fail_restarts = fail_restarts  # this many restarts raise
         self.loaded = True  # said it is ready
         self.ready_line: str | None = None
+        self.answers: bool | None = None  # what its liveness probe says (None: not probed)
+        self.probes = 0
 
     def alive(self) -> bool:
         return self.running
@@ -98,6 +102,10 @@ class FakeChild:
 
     def kill(self, rc: int = -9) -> None:
         self.running, self.rc = False, rc
+
+    def probe(self, timeout: float) -> bool | None:
+        self.probes += 1
+        return self.answers if self.loaded else None
 
 
 class Clock:
@@ -167,3 +175,48 @@ def test_a_restart_that_raises_counts_as_an_exit() -> None:
     clock.now += 2.0
     sup.poll()
     assert etcd.alive() and etcd.starts == 2
+
+
+def test_a_child_that_stops_answering_its_probe_is_killed_and_restarted() -> None:
+    """A liveness probe every period; a child alive but not answering (SIGSTOP) is killed
+    after ``liveness_failures`` failures in a row and restarted like a dead one. A probe that
+    passes starts the count over, and a child is not probed while it starts."""
+    policy = RestartPolicy(liveness_period_s=5.0, liveness_failures=3)
+    router = FakeChild("router")
+    router.answers = True
+    sup, clock, said = supervised(router, policy=policy)
+    sup.poll()
+    clock.now += 1
+    sup.poll()
+    assert router.probes == 1  # once per period
+    router.answers = False
+    for answers in (False, False, True, False, False):  # never 3 failures in a row
+        clock.now += 5
+        router.answers = answers
+        assert sup.poll() is None
+    assert router.alive() and said == []
+    clock.now += 5
+    sup.poll()  # the third in a row
+    assert not router.alive()
+    assert said == ["router did not answer 3 liveness probes in a row (5 s apart, 2 s each): "
+                    "killing it"]  # fmt: skip
+    sup.poll()
+    assert said[-1] == "router exited (signal 9); restarting in 1.0 s (restart 1)"
+    clock.now += 1
+    sup.poll()
+    assert router.alive() and not router.loaded
+    probes = router.probes
+    for _ in range(5):  # starting again (no ready line yet): the probe says None, not False
+        clock.now += 5
+        sup.poll()
+    assert router.alive() and router.probes == probes + 5 and len(said) == 2
+
+
+def test_no_probes_with_a_period_of_zero() -> None:
+    router = FakeChild("router")
+    router.answers = False
+    sup, clock, _ = supervised(router, policy=RestartPolicy(liveness_period_s=0))
+    for _ in range(20):
+        clock.now += 10
+        sup.poll()
+    assert router.alive() and router.probes == 0

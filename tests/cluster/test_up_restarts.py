@@ -1,6 +1,7 @@
 """`epdserve up` supervises its children: a decode worker or the router killed (-9) comes
-back (same id, new process) while the rest keeps serving, and a crash loop stops the
-cluster with a clear message. Tested through the `epdserve up` process itself."""
+back (same id, new process) while the rest keeps serving, a router stopped (SIGSTOP) is
+killed by its liveness probe and comes back, and a crash loop stops the cluster with a clear
+message. Tested through the `epdserve up` process itself."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 MAX_TOKENS = 480  # long enough that the stream is mid-way when the worker is killed
 MAX_RESTARTS = 3  # the crash-loop test kills one worker past this
+# A stopped router is killed after LIVENESS_FAILURES probes (each waiting up to 3 s) 1 s apart.
+LIVENESS_FAILURES = 3
 TINY_ENGINE = ["max_model_len=512", f"kv_cache_bytes={32 * 1024 * 1024}", "max_num_seqs=16"]
 # Greedy, no EOS stop: every run gives the same MAX_TOKENS tokens.
 REQ = {"prompt": "Once upon a time", "max_tokens": MAX_TOKENS, "temperature": 0,
@@ -64,7 +67,8 @@ def up(tiny_model_dir, tmp_path_factory):
     engine = [a for kv in TINY_ENGINE for a in ("--engine-arg", kv)]
     args = ["--model", model, "--prefill", "1", "--decode", "2", "--no-kvstore",
             "--cluster", "uprestart", *engine, "--max-restarts", str(MAX_RESTARTS),
-            "--restart-window-s", "600"]  # fmt: skip
+            "--restart-window-s", "600", "--liveness-period-s", "1", "--liveness-timeout-s", "3",
+            "--liveness-failures", str(LIVENESS_FAILURES)]  # fmt: skip
     with epdserve_up(folder, *args) as (proc, base, _env):
         yield Up(proc, base, model, folder)
 
@@ -175,6 +179,25 @@ def test_killed_router_restarts_on_the_same_port(up: Up) -> None:
     assert up.proc.poll() is None, up.stderr()
     assert up.admin("GET", "/admin/status")["router"]["pid"] != old_pid
     assert "router exited (signal 9); restarting in 1.0 s (restart 1)" in up.stderr()
+    r = wait_for(lambda: (r := up.complete(max_tokens=8)).status_code == 200 and r,
+                 timeout=60, what="a completion through the new router")  # fmt: skip
+    assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == 8
+
+
+def test_stopped_router_is_killed_by_its_liveness_probe_and_restarts(up: Up) -> None:
+    """SIGSTOP: the process is alive, the kernel still accepts connections, nothing answers.
+    `up` saw only exits and kept the stopped router for good (every client hung)."""
+    old_pid = up.admin("GET", "/admin/status")["router"]["pid"]
+    os.kill(old_pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: not running(old_pid), timeout=90, what="the stopped router killed")
+    finally:
+        if running(old_pid):
+            os.kill(old_pid, signal.SIGCONT)
+    wait_for(lambda: gateway_up(up), timeout=120, what="gateway answering again")
+    assert up.proc.poll() is None, up.stderr()
+    assert up.admin("GET", "/admin/status")["router"]["pid"] != old_pid
+    assert f"router did not answer {LIVENESS_FAILURES} liveness probes in a row" in up.stderr()
     r = wait_for(lambda: (r := up.complete(max_tokens=8)).status_code == 200 and r,
                  timeout=60, what="a completion through the new router")  # fmt: skip
     assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == 8

@@ -239,6 +239,9 @@ def test_worker_deployments_per_role(case: Any) -> None:
             "tcpSocket": {"port": "grpc"},
             "periodSeconds": w["probes"]["periodSeconds"],
         }
+        # An answer, not a TCP connection (which a stopped process still accepts).
+        assert _container(dep)["livenessProbe"]["httpGet"] == {"path": "/metrics",
+                                                               "port": "metrics"}  # fmt: skip
 
 
 def test_internal_services_are_cluster_ip(case: Any) -> None:
