@@ -60,19 +60,23 @@ def test_etcd_child_restarts_on_the_same_port_with_its_data(tmp_path) -> None:
         etcd.cleanup()
 
 
-def test_a_process_that_restarts_in_place_is_known_by_its_latest_ready_line() -> None:
+def test_a_process_that_restarts_in_place_is_known_by_its_latest_ready_line(tmp_path) -> None:
     """A worker that loads another model execs itself (same pid) and says it is ready again
     with new ports: the first line's metrics port was kept (stale)."""
-    # argv: N and the script itself; the first run execs the script again with N=2.
-    script = ("import os, sys, time; n, me = sys.argv[1:]; print(f'READY port={n}', flush=True)\n"
-              "if n == '1':\n    time.sleep(2); os.execv(sys.executable, "
-              "[sys.executable, '-c', me, '2', me])\n"
+    # argv: N, the script itself and a file: the first run execs the script again with N=2
+    # once the file exists (the supervisor has seen its first line).
+    go = tmp_path / "go"
+    script = ("import os, sys, time; n, me, go = sys.argv[1:]; print(f'READY port={n}', flush=True)\n"
+              "while n == '1' and not os.path.exists(go):\n    time.sleep(0.02)\n"
+              "if n == '1':\n    os.execv(sys.executable, [sys.executable, '-c', me, '2', me, go])\n"
               "time.sleep(60)")  # fmt: skip
-    p = ManagedProcess("worker-3", [sys.executable, "-c", script, "1", script], "READY")
+    p = ManagedProcess("worker-3", [sys.executable, "-c", script, "1", script, str(go)], "READY")
     said: list[str] = []
     try:
         assert p.ready.wait(20)
         supervisor = Supervisor([p], RestartPolicy(), said.append)
+        assert supervisor.poll() is None and said == []
+        go.touch()
         wait(lambda: supervisor.poll() is None and p.ready_field("port") == "2")
         assert p.alive() and said == ["worker-3 restarted in place: READY port=2"]
     finally:
