@@ -15,10 +15,10 @@ import subprocess
 import sys
 import threading
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 from services.common.etcd_server import EtcdServer
+from services.common.net import open_direct
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -121,7 +121,7 @@ class ManagedProcess:
             return None
         url = self.ready_field("url") + self.probe_path
         try:
-            with urllib.request.urlopen(url, timeout=timeout, context=self.ssl_context):
+            with open_direct(url, timeout=timeout, context=self.ssl_context):
                 return True
         except urllib.error.HTTPError:
             return True

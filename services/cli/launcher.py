@@ -15,7 +15,6 @@ import signal
 import ssl
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from services.cli.admin_config import ROUTER_FILE, TOKEN_FILE, read_first_line, 
 from services.cli.children import EtcdChild, ManagedProcess
 from services.cli.commands import kvstore_command, router_command, worker_command
 from services.common.etcd_server import EtcdSecurity, EtcdServer
-from services.common.net import free_port
+from services.common.net import free_port, open_direct
 from services.engine.config import EngineConfig
 from services.engine.model_files import served_name
 from services.kvstore.config import KVStoreConfig
@@ -300,7 +299,7 @@ class LocalCluster:
             if router is not None and not router.alive():
                 raise RuntimeError(router.describe_failure())
             try:
-                with urllib.request.urlopen(
+                with open_direct(
                     url + "/health", timeout=2.0, context=self.http_ssl_context()
                 ) as resp:
                     if resp.status == 200:

@@ -15,12 +15,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.etcd_client import EtcdAccess
-from services.common.net import free_port
+from services.common.net import free_port, open_direct
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,7 @@ class EtcdServer:
         # serializable: answers without a linearizable read, which auth would refuse.
         url = f"{self._scheme}://127.0.0.1:{self.client_port}/health?serializable=true"
         try:
-            with urllib.request.urlopen(url, timeout=1.0, context=self._ssl_context()) as resp:
+            with open_direct(url, timeout=1.0, context=self._ssl_context()) as resp:
                 return b'"true"' in resp.read()
         except OSError:
             return False

@@ -10,6 +10,7 @@ import time
 from services.cli.children import EtcdChild, ManagedProcess
 from services.cli.supervisor import RestartPolicy, Supervisor
 from services.common.etcd_server import EtcdServer
+from services.common.net import free_port
 
 
 def wait(pred, timeout: float = 20.0) -> None:
@@ -79,5 +80,20 @@ def test_a_process_that_restarts_in_place_is_known_by_its_latest_ready_line(tmp_
         go.touch()
         wait(lambda: supervisor.poll() is None and p.ready_field("port") == "2")
         assert p.alive() and said == ["worker-3 restarted in place: READY port=2"]
+    finally:
+        p.stop(timeout=5)
+
+
+def test_a_routers_liveness_probe_never_goes_through_a_proxy(monkeypatch) -> None:
+    """`up` probes its routers on this machine: a proxy named in http_proxy (here one that
+    refuses connections) is not asked (urllib asked it even for 127.0.0.1, every probe failed
+    and the router was killed every 30 s). Any HTTP answer passes (a 404 too)."""
+    script = ("import http.server as h; s = h.HTTPServer(('127.0.0.1', 0), h.BaseHTTPRequestHandler)\n"
+              "print(f'READY url=http://127.0.0.1:{s.server_port}', flush=True); s.serve_forever()")  # fmt: skip
+    p = ManagedProcess("router", [sys.executable, "-c", script], "READY", probe_path="/health")
+    try:
+        assert p.ready.wait(20)
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{free_port()}")
+        assert p.probe(timeout=5) is True
     finally:
         p.stop(timeout=5)
