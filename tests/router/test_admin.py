@@ -236,3 +236,26 @@ async def test_desired_role_followed_across_an_etcd_restart() -> None:
             assert w.servicer.state.role == "decode"
         finally:
             await w.stop()
+
+
+async def test_a_worker_call_cancelled_under_the_handler_is_a_503() -> None:
+    """A gRPC call whose channel closes under it (the worker's handle went while a Sleep ran:
+    the worker was stopped past its lease and registered again) raises CancelledError, which
+    the admin API's guard let through as a 500 Internal Server Error."""
+    from types import SimpleNamespace
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from services.router.api.admin import _guard
+
+    async def call_cancelled_by_grpc(gw, request):
+        raise asyncio.CancelledError()  # what grpc.aio raises for a locally cancelled call
+
+    app = Starlette(routes=[Route("/admin/x", _guard(call_cancelled_by_grpc), methods=["POST"])])
+    app.state.gateway = SimpleNamespace(admin_token=TOKEN)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://r") as client:
+        r = await client.post("/admin/x", headers=AUTH)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "worker_unavailable"

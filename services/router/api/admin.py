@@ -79,6 +79,15 @@ def _guard(
             return err.response()
         except RoleStoreError as exc:
             return AdminError(503, str(exc), "etcd_unavailable").response()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this call was cancelled: the client left, or the router stops
+            # NOTE: a gRPC call whose channel closed under it (the worker's handle went: it
+            # left, or registered again after a stop) raises CancelledError, not AioRpcError:
+            # `epdserve models sleep` of a worker stopped mid-call answered 500.
+            message = "the worker's connection closed during the call (it left or registered again)"
+            return AdminError(503, message + "; retry", "worker_unavailable").response()
         except Exception as exc:
             log.exception("admin call %s failed", request.url.path)
             return AdminError(
