@@ -1,7 +1,8 @@
 """Build argparse flags from a config dataclass, so flags and config fields never drift apart.
 
 Each field becomes ``--field-name``; its help text comes from ``field(metadata={"help": ...})``.
-Supported field types: str, int, float, bool, ``X | None`` of those, and ``list[str]``.
+Supported field types: str, int, float, bool, ``X | None`` of those (``none`` sets None where
+the default is not None), and ``list[str]``.
 """
 
 from __future__ import annotations
@@ -59,12 +60,24 @@ def add_dataclass_args(
             # --flag / --no-flag
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = tp
+            # NOTE: "none" sets an optional field whose default is not None to None (its off
+            # switch, e.g. --offline-tpot-quantile none); one whose default is None is None
+            # while its flag is not given.
+            kwargs["type"] = _none_or(tp) if optional and default is not None else tp
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
             kwargs["metavar"] = f.name.upper()
-        del optional  # None is reachable only through the default
         parser.add_argument(flag, **kwargs)
+
+
+def _none_or(tp: Any) -> Any:
+    """An argparse ``type``: None for "none", else ``tp`` of the text."""
+
+    def convert(text: str) -> Any:
+        return None if text.strip().lower() == "none" else tp(text)
+
+    convert.__name__ = tp.__name__  # argparse names it in "invalid float value"
+    return convert
 
 
 def from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
@@ -123,8 +136,8 @@ def to_argv(obj: Any, skip: frozenset[str] = frozenset()) -> list[str]:
             argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
         elif isinstance(value, list):
             argv += [flag, *map(str, value)]
-        elif value is None:
-            continue
+        elif value is None:  # the default is not None (else value == default)
+            argv += [flag, "none"]
         else:
             argv += [flag, str(value)]
     return argv

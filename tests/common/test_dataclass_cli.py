@@ -18,6 +18,9 @@ from services.worker.config import WorkerConfig
         WorkerConfig(role="decode", port=1234, instance_id="w1", register=False, lease_ttl=3),
         RouterConfig(port=9000, policy="round_robin", model="/m", request_timeout_s=5.5),
         EngineConfig(model="/x", max_num_seqs=8, enable_prefix_caching=False, max_model_len=256),
+        # None where the default is not: the off switches (a model load's restart rebuilds
+        # its command line with to_argv; None was left out, so the pace came back on)
+        EngineConfig(offline_step_share=None, offline_tpot_quantile=None),
     ],
 )
 def test_round_trip(cfg: object) -> None:
@@ -25,6 +28,16 @@ def test_round_trip(cfg: object) -> None:
     add_dataclass_args(parser, type(cfg))
     back = from_args(type(cfg), parser.parse_args(to_argv(cfg)))
     assert back == cfg
+
+
+def test_none_turns_an_optional_setting_off() -> None:
+    """README: "--offline-tpot-quantile none turns the pace off" (argparse refused "none")."""
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, EngineConfig)
+    args = ["--offline-tpot-quantile", "none", "--offline-step-share", "None"]
+    cfg = from_args(EngineConfig, parser.parse_args(args))
+    assert cfg.offline_tpot_quantile is None and cfg.offline_step_share is None
+    assert from_args(EngineConfig, parser.parse_args([])).offline_tpot_quantile == 0.8
 
 
 def test_configs_validate() -> None:
