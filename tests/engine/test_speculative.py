@@ -284,3 +284,11 @@ def test_bad_config_is_a_value_error(text, message):
 
     with pytest.raises(ValueError, match=message):
         EngineConfig(speculative_config=text)
+
+
+def test_draft_length_defaults_by_method():
+    """16 for the model-free proposers, 4 where each draft token costs a draft pass."""
+    assert SpeculativeConfig(method="ngram").num_speculative_tokens == 16
+    assert SpeculativeConfig.parse('{"method": "suffix"}').num_speculative_tokens == 16
+    assert SpeculativeConfig(method="eagle3", model="h").num_speculative_tokens == 4
+    assert SpeculativeConfig(method="ngram", num_speculative_tokens=3).num_speculative_tokens == 3

@@ -7,6 +7,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 METHODS = ("ngram", "suffix", "draft_model", "eagle3")
+# num_speculative_tokens when not given. Measured at batch 1 on 2 CPU cores with the default
+# model (benchmarks/RESULTS.md): k 16 against 4 on copy-heavy output, n-gram about 6.5x
+# against 3.5x TPOT, chat the same; at batch 8 the step's cap (32 / 8) makes them equal.
+DEFAULT_TOKENS = {"ngram": 16, "suffix": 16, "draft_model": 4, "eagle3": 4}
 
 
 @dataclass
@@ -20,8 +24,11 @@ class SpeculativeConfig:
     method: str = "ngram"
     # draft_model, eagle3: the draft's folder (same tokenizer as the target).
     model: str | None = None
-    # Most draft tokens verified per sequence and step (the adaptive length stays below it).
-    num_speculative_tokens: int = 4
+    # Most draft tokens verified per sequence and step (the adaptive length stays below it);
+    # None: the method's default (DEFAULT_TOKENS): 16 for ngram and suffix (a proposal costs
+    # next to nothing; the adaptive length and the step's cap keep chat and batches short),
+    # 4 for draft_model and eagle3 (each draft token costs a pass of the draft).
+    num_speculative_tokens: int | None = None
     # n-gram: longest and shortest tail of the context looked up in it.
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
@@ -53,6 +60,8 @@ class SpeculativeConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"speculative method must be one of {METHODS}, got {self.method!r}")
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = DEFAULT_TOKENS[self.method]
         if not 1 <= self.num_speculative_tokens <= 32:
             raise ValueError(
                 f"num_speculative_tokens must be in [1, 32], got {self.num_speculative_tokens}"

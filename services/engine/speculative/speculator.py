@@ -107,7 +107,7 @@ class Speculator:
         # length it will fill, their slots allocated before it writes its KV into them.
         self.proposer = proposer or make_proposer(config)
         self.deferred = bool(getattr(self.proposer, "deferred", False))
-        k = config.num_speculative_tokens
+        k = self.kmax = config.num_speculative_tokens or 1  # set by the config's check
         self.stats = SpecStats(proposed_per_position=[0] * k, accepted_per_position=[0] * k)
         self._step_drafts = 0  # drafts given out in the step being scheduled
 
@@ -169,7 +169,7 @@ class Speculator:
         return max(0, min(k, self.max_model_len - seq.num_tokens - 1, budget - 1))
 
     def _adaptive_length(self, seq: Sequence, num_running: int) -> int:
-        kmax = self.config.num_speculative_tokens
+        kmax = self.kmax
         if not self.config.adaptive:
             return kmax
         state = seq.draft_adapt
@@ -206,7 +206,7 @@ class Speculator:
                 state.length = max(state.length, 2 * num_drafts)
             else:
                 state.length = max(1, num_accepted + 1, num_drafts // 2)
-            state.length = min(state.length, self.config.num_speculative_tokens)
+            state.length = min(state.length, self.kmax)
 
     def finished(self, seq: Sequence) -> None:
         self.proposer.finished(seq)
