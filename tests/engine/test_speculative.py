@@ -277,6 +277,16 @@ def test_per_request_opt_out(spec):
         ('{"prompt_lookup_min": 5, "prompt_lookup_max": 4}', "prompt_lookup_min"),
         ('{"speculative_model": "x"}', "unknown"),
         ("[1]", "object"),
+        # Values of the wrong JSON type passed the bounds: 4.5 failed at start-up ([0] * 4.5),
+        # a float depth in the first speculating step (a slice), "no" was true.
+        ('{"num_speculative_tokens": 4.5}', "num_speculative_tokens must be int"),
+        ('{"method": "suffix", "suffix_max_depth": 1e9}', "suffix_max_depth must be int"),
+        ('{"adaptive": "no"}', "adaptive must be bool"),
+        ('{"disable_by_batch_size": true}', "disable_by_batch_size must be int"),
+        ('{"draft_token_cost": NaN}', "draft_token_cost must be float"),
+        ('{"method": "eagle3", "model": 5}', "model must be str"),
+        # About depth trie nodes per token: 10**9 was an O(n**2) trie of a long prompt.
+        ('{"method": "suffix", "suffix_max_depth": 1000000000}', "suffix_max_depth must be in"),
     ],
 )
 def test_bad_config_is_a_value_error(text, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -11,6 +12,7 @@ METHODS = ("ngram", "suffix", "draft_model", "eagle3")
 # model (benchmarks/RESULTS.md): k 16 against 4 on copy-heavy output, n-gram about 6.5x
 # against 3.5x TPOT, chat the same; at batch 8 the step's cap (32 / 8) makes them equal.
 DEFAULT_TOKENS = {"ngram": 16, "suffix": 16, "draft_model": 4, "eagle3": 4}
+MAX_SUFFIX_DEPTH = 64
 
 
 @dataclass
@@ -58,6 +60,8 @@ class SpeculativeConfig:
     adaptive: bool = True
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_type(f.name, f.type, getattr(self, f.name))
         if self.method not in METHODS:
             raise ValueError(f"speculative method must be one of {METHODS}, got {self.method!r}")
         if self.num_speculative_tokens is None:
@@ -74,8 +78,10 @@ class SpeculativeConfig:
         if (self.method in ("draft_model", "eagle3")) != (self.model is not None):
             raise ValueError("methods 'draft_model' and 'eagle3' need a 'model' (the draft's "
                              "folder), and only they take one")  # fmt: skip
-        if self.suffix_max_depth < 2:
-            raise ValueError(f"suffix_max_depth must be >= 2, got {self.suffix_max_depth}")
+        if not 2 <= self.suffix_max_depth <= MAX_SUFFIX_DEPTH:
+            # NOTE: a request's trie has about depth nodes per token (~265 bytes each).
+            raise ValueError(f"suffix_max_depth must be in [2, {MAX_SUFFIX_DEPTH}], got "
+                             f"{self.suffix_max_depth}")  # fmt: skip
         if self.suffix_max_cached_requests < 0:
             raise ValueError("suffix_max_cached_requests must be >= 0")
         if not 0.0 <= self.suffix_min_token_prob <= 1.0:
@@ -101,3 +107,24 @@ class SpeculativeConfig:
         if unknown:
             raise ValueError(f"unknown speculative_config keys {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+
+def _check_type(name: str, annotation: object, value: object) -> None:
+    """ValueError unless ``value`` is of the field's type: JSON gives floats, strings and
+    booleans for any key, and 4.5 passed 'num_speculative_tokens in [1, 32]' (then
+    ``[0] * 4.5`` at start-up), a suffix_max_depth of 1e9 every check (then a TypeError
+    slicing tokens in the scheduler: the first speculating step ended the engine)."""
+    kind = str(annotation)  # NOTE: a string under ``from __future__ import annotations``
+    if value is None and kind.endswith("| None"):
+        return
+    if kind.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind.startswith("float"):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value)  # type: ignore[arg-type]
+    elif kind.startswith("bool"):
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValueError(f"{name} must be {kind.split(' ')[0]}, got {value!r}")
