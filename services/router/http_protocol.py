@@ -5,7 +5,9 @@ protocol, the one it picks when httptools is installed (a dependency since the g
 to it for its lower CPU per request), has no bound: httptools buffers a header until its end,
 so one connection sending an endless header held all of it in the router's memory (200 MiB
 in a test, growing as long as the client sent). This subclass answers 431 and closes the
-connection once a head passes ``MAX_HEAD_BYTES``.
+connection once a head passes ``MAX_HEAD_BYTES``, and 408 when a head takes longer than
+``HEAD_TIMEOUT_S`` to arrive (neither protocol of uvicorn bounds that time: a client sending a
+header a byte at a time, or nothing after connecting, held its connection for good).
 """
 
 from __future__ import annotations
@@ -20,33 +22,37 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 # nginx's 4 x 8 KiB; an API key, a trace context and cookies fit many times over.
 MAX_HEAD_BYTES = 64 * 1024
 LINGER_S = 2.0  # a refused connection's input is read and dropped this long at most
+HEAD_TIMEOUT_S = 30.0  # from a head's first byte (or the connection) to its end (nginx: 60)
 
-_BODY = json.dumps(
-    {
-        "error": {
-            "message": f"request headers larger than {MAX_HEAD_BYTES} bytes",
-            "type": "invalid_request_error",
-            "param": None,
-            "code": None,
-        }
-    }
-).encode()
+
+def _error(message: str) -> bytes:
+    """An OpenAI-format error body (the path, and so the API, is not known yet)."""
+    body = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    return json.dumps({"error": body}).encode()
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` that refuses a request head larger than ``MAX_HEAD_BYTES``."""
+    """``HttpToolsProtocol`` that refuses a request head larger than ``MAX_HEAD_BYTES`` or
+    slower than ``HEAD_TIMEOUT_S``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_head = True  # the parser is inside a request head (or before one)
         self._head_bytes = 0  # bytes received while it was
         self._head_began = False  # a new head began inside the last chunk
-        self._refused = False  # answered 431: input is dropped until the connection closes
+        self._refused = False  # answered 431 or 408: input is dropped until the connection closes
         self._linger: asyncio.TimerHandle | None = None
+        self._head_timer: asyncio.TimerHandle | None = None  # while a head is awaited
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # dropped: the connection is closing
+        if self._in_head and self._head_timer is None:
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
         self._head_began = False
         super().data_received(data)
         # NOTE: a chunk in which the previous request ended is not counted (it may be mostly
@@ -55,33 +61,50 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
-            self._refuse()
+            self._refuse(
+                b"431 Request Header Fields Too Large",
+                f"request headers larger than {MAX_HEAD_BYTES} bytes",
+            )
 
-    def _refuse(self) -> None:
-        """Answer 431 and end the connection. NOTE: closing a socket with unread input makes
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._refused or not self._in_head:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A response is still running (the next head came pipelined): not its wait.
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+            return
+        self._refuse(b"408 Request Timeout", f"request head not received in {HEAD_TIMEOUT_S:g} s")
+
+    def _refuse(self, status: bytes, message: str) -> None:
+        """Answer ``status`` and end the connection. NOTE: closing a socket with unread input makes
         the kernel reset it, and a client still sending would lose the answer: the rest of
         the input is read and dropped, the answer followed by an end of stream, and the
         socket closed after ``LINGER_S`` (or when the client closes it)."""
-        self.logger.warning("Request head over %d bytes: refused.", MAX_HEAD_BYTES)
+        self.logger.warning("Request refused: %s.", message)
         self._refused = True
-        transport = self.transport
+        transport, body = self.transport, _error(message)
         transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"HTTP/1.1 " + status + b"\r\n"
             b"content-type: application/json\r\n"
-            b"content-length: " + str(len(_BODY)).encode() + b"\r\n"
-            b"connection: close\r\n\r\n" + _BODY
+            b"content-length: " + str(len(body)).encode() + b"\r\n"
+            b"connection: close\r\n\r\n" + body
         )
         if transport.can_write_eof():
             transport.write_eof()
         self._linger = self.loop.call_later(LINGER_S, transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._linger is not None:
-            self._linger.cancel()
+        for timer in (self._linger, self._head_timer):
+            if timer is not None:
+                timer.cancel()
         super().connection_lost(exc)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

@@ -1,6 +1,7 @@
 """The gateway's uvicorn settings (router/main.py server_config): a request head past
 http_protocol.MAX_HEAD_BYTES is refused (431) before it fills the router's memory, and
-ordinary heads and large bodies on a kept-alive connection are not."""
+ordinary heads and large bodies on a kept-alive connection are not; a head slower than
+HEAD_TIMEOUT_S is refused (408)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import uvicorn
 
 from services.common import event_loop
+from services.router import http_protocol
 from services.router.config import RouterConfig
 from services.router.http_protocol import MAX_HEAD_BYTES
 from services.router.main import server_config
@@ -39,13 +41,18 @@ async def _response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, await asyncio.wait_for(reader.readexactly(length), 10)
 
 
-async def _scenario() -> dict[str, object]:
+async def _serve() -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+    """The gateway's uvicorn settings around ``_app``, started on a free port."""
     server = uvicorn.Server(server_config(_app, RouterConfig(host="127.0.0.1", port=0), "error"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         assert not task.done(), task
         await asyncio.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, task, server.servers[0].sockets[0].getsockname()[1]
+
+
+async def _scenario() -> dict[str, object]:
+    server, task, port = await _serve()
     out: dict[str, object] = {}
     try:
         # Two requests on one connection: a 32 KiB header, then a 1 MiB body.
@@ -82,3 +89,26 @@ def test_request_head_is_bounded() -> None:
     status, body = out["huge"]
     assert status == 431, (status, body)
     assert str(MAX_HEAD_BYTES).encode() in body and b'"error"' in body
+
+
+async def _slow_heads() -> list[tuple[int, bytes]]:
+    server, task, port = await _serve()
+    out = []
+    try:
+        # A head that stops halfway, and a connection that sends nothing: each held its
+        # connection for good (no answer within 10 s on the old protocol).
+        for start in (b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: a", b""):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(start)
+            out.append(await _response(reader))
+            writer.close()
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+    return out
+
+
+def test_a_slow_request_head_times_out(monkeypatch) -> None:
+    monkeypatch.setattr(http_protocol, "HEAD_TIMEOUT_S", 0.5)
+    for status, body in event_loop.run(_slow_heads()):
+        assert status == 408 and b"not received in 0.5 s" in body, (status, body)
