@@ -12,7 +12,8 @@ asserted.
 
     python benchmarks/colocation.py [--model PATH|GGUF] [--seconds 60] [--slo-ttft-ms 2000]
         [--slo-tpot-ms 200] [--offline-clients 16] [--max-offline-batched-tokens N]
-        [--offline-step-share 0.05] [--offline-tpot-quantile 0.8]
+        [--offline-step-share 0.05] [--offline-tpot-quantile 0.8] [--workers 1]
+        [--cpu-threads N] [--rebalance-policy P] [--watch]
         [--json out.json]
 """
 
@@ -34,6 +35,7 @@ import httpx  # noqa: E402
 
 from services.cli.launcher import ClusterSpec, LocalCluster  # noqa: E402
 from services.engine.config import EngineConfig  # noqa: E402
+from services.router.config import RouterConfig  # noqa: E402
 
 ONLINE_TOKENS = 32  # output tokens of an online request
 OFFLINE_TOKENS = 64
@@ -103,6 +105,74 @@ def capacity(url: str, model: str, seconds: float, clients: int) -> tuple[float,
     return len(done) / seconds, sum(done) / seconds
 
 
+class GateWatch:
+    """Samples the router's /admin/status once a second while a run lasts: per worker, its
+    own online TTFT/TPOT means (what the router's offline gate reads), its offline requests
+    running and waiting, and whether the gate was open for it then (offline.has_room's test,
+    from the same numbers); and the rebalancer's decisions."""
+
+    def __init__(self, url: str, token: str, router: dict, on: bool = True) -> None:
+        self.url, self.headers, self.router = url, {"Authorization": f"Bearer {token}"}, router
+        self.on = on
+        self.samples: list[dict] = []
+        self.rebalancer: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> GateWatch:
+        if self.on:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.on:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10, headers=self.headers) as c:
+            while not self._stop.wait(1.0):
+                try:
+                    status = c.get("/admin/status").json()
+                except (httpx.HTTPError, ValueError):
+                    continue
+                self.samples.extend(w for w in status["workers"] if w["running"] is not None)
+                self.rebalancer = status.get("rebalancer") or {}
+
+    def open(self, w: dict) -> bool:
+        r = self.router
+        slo = not ((r["slo_ttft_ms"] and w["online_ttft_ms"] > r["slo_ttft_ms"])
+                   or (r["slo_tpot_ms"] and w["online_tpot_ms"] > r["slo_tpot_ms"]))  # fmt: skip
+        return (slo and w["waiting_prompt_tokens"] <= r["offline_headroom_tokens"]
+                and w["kv_utilization"] <= r["offline_headroom_kv"])  # fmt: skip
+
+    def summary(self) -> dict:
+        """Per worker: samples, the gate's open share, mean online TPOT / TTFT (its own
+        window), mean offline running / waiting; the rebalancer's decisions."""
+        out: dict = {}
+        for wid in sorted({w["id"] for w in self.samples}):
+            mine = [w for w in self.samples if w["id"] == wid]
+            n = len(mine)
+            out[wid] = {
+                "samples": n, "gate_open": sum(map(self.open, mine)) / n,
+                "online_tpot_ms": statistics.fmean(w["online_tpot_ms"] for w in mine),
+                "online_ttft_ms": statistics.fmean(w["online_ttft_ms"] for w in mine),
+                "offline_running": statistics.fmean(w["offline_running"] for w in mine),
+                "offline_waiting": statistics.fmean(w["offline_waiting"] for w in mine),
+                "running": statistics.fmean(w["running"] for w in mine),
+            }  # fmt: skip
+        decisions = self.rebalancer.get("decisions") or []
+        return {"workers": out, "rebalance_policy": self.rebalancer.get("policy"),
+                "rebalance_decisions": len(decisions)}  # fmt: skip
+
+
+def rounded(x: object) -> object:
+    """``x`` with its floats to 3 decimals (for printing)."""
+    if isinstance(x, dict):
+        return {k: rounded(v) for k, v in x.items()}
+    return round(x, 3) if isinstance(x, float) else x
+
+
 def run(url: str, model: str, rate: float, seconds: float, offline: str | None,
         clients: int, seed: int) -> dict:  # fmt: skip
     """One run: Poisson online arrivals at ``rate``/s for ``seconds``; with ``offline`` (a
@@ -160,30 +230,60 @@ def main() -> int:
     p.add_argument("--offline-tpot-quantile", type=float,
                    default=EngineConfig.offline_tpot_quantile,
                    help="the engine's pace of offline work (with a share); 0: off")  # fmt: skip
+    p.add_argument("--workers", type=int, default=1, help="mixed workers (the router spreads "
+                   "both classes; --watch reports each one's offline gate)")  # fmt: skip
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="each worker's torch threads (default: the engine's; 1 with --workers > 1)",
+    )
+    p.add_argument("--rebalance-policy", default=None, help="the router's (default: its own)")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        default=None,
+        help="sample /admin/status each second (default: with --workers > 1)",
+    )
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    threads = a.cpu_threads if a.cpu_threads is not None else (1 if a.workers > 1 else None)
+    watch = a.watch if a.watch is not None else a.workers > 1
+    router = {"slo_ttft_ms": a.slo_ttft_ms, "slo_tpot_ms": a.slo_tpot_ms}
+    if a.rebalance_policy:
+        router["rebalance_policy"] = a.rebalance_policy
     spec = ClusterSpec(
-        model=a.model, port=0, cluster="colocation",
+        model=a.model, port=0, cluster="colocation", mixed=a.workers,
         engine_overrides={"max_num_seqs": 32,
                           "max_offline_batched_tokens": a.max_offline_batched_tokens,
                           "offline_step_share": a.offline_step_share or None,
-                          "offline_tpot_quantile": a.offline_tpot_quantile or None},
-        router_overrides={"slo_ttft_ms": a.slo_ttft_ms, "slo_tpot_ms": a.slo_tpot_ms},
+                          "offline_tpot_quantile": a.offline_tpot_quantile or None,
+                          **({"cpu_threads": threads} if threads else {})},
+        router_overrides=router,
     )  # fmt: skip
+    defaults = RouterConfig()
+    router = {"offline_headroom_tokens": defaults.offline_headroom_tokens,
+              "offline_headroom_kv": defaults.offline_headroom_kv, **router}  # fmt: skip
     cluster = LocalCluster(spec)
     cluster.start(timeout=600, progress=lambda m: print(m, file=sys.stderr))
     report: dict = {"slo_ttft_ms": a.slo_ttft_ms, "slo_tpot_ms": a.slo_tpot_ms}
     try:
         url = cluster.base_url
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        online_request(httpx.Client(base_url=url, timeout=600), model, 0)  # warm-up
+        with httpx.Client(base_url=url, timeout=600) as c, ThreadPoolExecutor(8) as pool:
+            # warm-up: every worker's first requests (weights packing) before the capacity
+            list(pool.map(lambda i: online_request(c, model, i), range(4 * a.workers)))
         cap_rps, cap_tok = capacity(url, model, a.seconds / 2, a.capacity_clients)
         rate = cap_rps / 2
         report.update(capacity_rps=cap_rps, capacity_tok_s=cap_tok, online_rate=rate)
         print(f"capacity {cap_rps:.2f} req/s, {cap_tok:.1f} tok/s; online at {rate:.2f} req/s")
         runs = {}
         for name, tier in (("online alone", None), ("FCFS", "default"), ("tiers", "flex")):
-            r = run(url, model, rate, a.seconds, tier, a.offline_clients, seed=1)
+            with GateWatch(url, cluster.admin_token, router, on=watch) as gates:
+                r = run(url, model, rate, a.seconds, tier, a.offline_clients, seed=1)
+            if watch:
+                report.setdefault("gates", {})[name] = g = gates.summary()
+                print(name, "gates", json.dumps(rounded(g)), flush=True)
             ttft = [t for t, _ in r["online"]]
             tpot = [t for _, t in r["online"]]
             met = sum(t * 1000 <= a.slo_ttft_ms and s * 1000 <= a.slo_tpot_ms
