@@ -4,7 +4,8 @@ stream at about half of the measured capacity, with TTFT / TPOT SLOs; an offline
 
 1. online alone;
 2. online + offline as plain requests (service tier default: first come, first served);
-3. online + offline as service tier flex (the router's offline queue, the engine's tiers).
+3. online + offline as service tier flex (the router's offline queue, the engine's tiers),
+   run before 2. (the engine's pace reads its recent online requests: FCFS's are all online).
 
 Prints online TTFT / TPOT P50 / P99 and SLO attainment, and offline output tokens/s against
 the capacity online work leaves (capacity measured first, in the same run). Recorded, not
@@ -278,7 +279,9 @@ def main() -> int:
         report.update(capacity_rps=cap_rps, capacity_tok_s=cap_tok, online_rate=rate)
         print(f"capacity {cap_rps:.2f} req/s, {cap_tok:.1f} tok/s; online at {rate:.2f} req/s")
         runs = {}
-        for name, tier in (("online alone", None), ("FCFS", "default"), ("tiers", "flex")):
+        # NOTE: tiers before FCFS: FCFS's bulk requests are online work, and the engine's pace
+        # of offline work reads the online requests of its last 30 s (tier_policy.py).
+        for name, tier in (("online alone", None), ("tiers", "flex"), ("FCFS", "default")):
             with GateWatch(url, cluster.admin_token, router, on=watch) as gates:
                 r = run(url, model, rate, a.seconds, tier, a.offline_clients, seed=1)
             if watch:

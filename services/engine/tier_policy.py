@@ -52,9 +52,11 @@ OFFLINE_STEP_FIXED_COSTS = 2.0
 # The fixed cost of a step, in tokens' worth, assumed until steps of different sizes were
 # timed (the embedded model on a 2-core CPU measured ~24).
 PRIOR_FIXED_TOKENS = 24.0
-# The pace's reference is taken over the online requests that ended last (at most this many),
-# once this many have.
+# The pace's reference is taken over the online requests that ended last (at most this many,
+# in the last PACE_WINDOW_S seconds), once this many have: a burst of heavy online load leaves
+# it soon (after one, offline work could take steps as long as the burst's for a while).
 PACE_WINDOW = 200
+PACE_WINDOW_S = 30.0
 PACE_MIN_REQUESTS = 20
 
 
@@ -95,10 +97,10 @@ class OnlinePace:
     decode steps, and the ``quantile`` of the mean step cost without offline work of the
     online requests that ended last (``reference``)."""
 
-    def __init__(self, quantile: float) -> None:
-        self.quantile = quantile
-        self.recent: deque[float] = deque(maxlen=PACE_WINDOW)  # mean step costs, in order
-        self._sorted: list[float] = []  # the same, sorted
+    def __init__(self, quantile: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.quantile, self.clock = quantile, clock
+        self.recent: deque[tuple[float, float]] = deque()  # (ended, mean step cost), in order
+        self._sorted: list[float] = []  # the means, sorted
 
     def observe(self, online: list[ScheduledSeq], offline_tokens: int, fixed: float) -> None:
         """A step ran ``online`` (the online part of its batch) beside ``offline_tokens``."""
@@ -113,16 +115,23 @@ class OnlinePace:
     def finished(self, seq: Sequence) -> None:
         """The online ``seq`` ended: its mean step cost joins the reference's window."""
         if seq.paced_steps:
-            if len(self.recent) == self.recent.maxlen:
-                self._sorted.pop(bisect.bisect_left(self._sorted, self.recent[0]))
+            if len(self.recent) == PACE_WINDOW:
+                self._drop_oldest()
             mean = seq.paced_cost / seq.paced_steps
-            self.recent.append(mean)
+            self.recent.append((self.clock(), mean))
             bisect.insort(self._sorted, mean)
+
+    def _drop_oldest(self) -> None:
+        _, mean = self.recent.popleft()
+        self._sorted.pop(bisect.bisect_left(self._sorted, mean))
 
     @property
     def reference(self) -> float | None:
         """The mean step cost the pace lets offline tokens raise online requests to; None
-        until ``PACE_MIN_REQUESTS`` online requests ended."""
+        while fewer than ``PACE_MIN_REQUESTS`` online requests ended in its window."""
+        horizon = self.clock() - PACE_WINDOW_S
+        while self.recent and self.recent[0][0] < horizon:
+            self._drop_oldest()
         if len(self._sorted) < PACE_MIN_REQUESTS:
             return None
         return self._sorted[min(len(self._sorted) - 1, int(self.quantile * len(self._sorted)))]
@@ -164,7 +173,7 @@ class TierPolicy:
         self.offline_step_share = offline_step_share
         self.step_cost = StepCost()
         # The pace (with a share only); None: the share alone.
-        self.pace = OnlinePace(offline_tpot_quantile) if offline_tpot_quantile else None
+        self.pace = OnlinePace(offline_tpot_quantile, clock) if offline_tpot_quantile else None
 
     def ranks(self, seqs: Collection[Sequence]) -> dict[int, int]:
         """The rank of each of ``seqs`` (by seq_id) now: its tier's, or for a flex one that
