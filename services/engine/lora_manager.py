@@ -45,10 +45,6 @@ T = TypeVar("T")
 # thread, runs beat the padded bmm from ~32 rows a run (64: 200 vs 290 ms for 30 layers;
 # 16: 106 vs 81 ms).
 MIN_RUN_ROWS = 32
-# CPU batches of at most this many rows (decode steps) apply their deltas on one torch thread
-# (LoRABatch.threads): measured on SmolLM2's shapes, 32 rows over 8 slots, 30 layers, two
-# threads on 2 shared cores (load 21), 2,074 -> 148 ms a step (median of 9 alternations).
-ONE_THREAD_ROWS = 64
 
 
 class LoRAManager:
@@ -185,11 +181,9 @@ class LoRAManager:
         the order of the batch. Returns whether any row uses an adapter."""
         names = [n for n, _ in rows if n is not None]
         b = self.batch
-        b.groups, b.runs, b.padded, b.segments, b.threads = [], [], None, None, 0
+        b.groups, b.runs, b.padded, b.segments = [], [], None, None
         if not names:
             return False
-        if b.kernels is None and sum(n for _, n in rows) <= ONE_THREAD_ROWS:
-            b.threads = torch.get_num_threads() if torch.get_num_threads() > 1 else 0
         slots = {name: self._slot_of(name, set(names)) for name in dict.fromkeys(names)}
         if len(slots) == 1 and len(names) == len(rows):
             b.groups = [(slots[names[0]], None)]

@@ -212,15 +212,3 @@ def test_every_cpu_plan_adds_each_rows_own_delta():
     batch.padded = None
     batch.groups = [(s, torch.tensor(r)) for s, r in rows_of.items()]
     torch.testing.assert_close(layer(x), want)
-    # A decode batch on two torch threads: its deltas run on one, then both are back.
-    seen = []
-    deltas = layer._deltas
-    layer._deltas = lambda *args: seen.append(torch.get_num_threads()) or deltas(*args)  # type: ignore[method-assign]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        batch.threads = 2
-        torch.testing.assert_close(layer(x), want)
-        assert seen == [1] and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)

@@ -49,10 +49,6 @@ class LoRABatch:
     # Or, on CUDA: the rows of each slot for the Triton kernels (a triton_lora.Segments).
     segments: Any = None
     kernels: Any = None  # the triton_lora module that runs ``segments`` (cuda_kernels)
-    # CPU, a few rows (decode): the torch threads to give back after each layer's deltas ran
-    # on one (0: as they are). Their ~11 small matmuls a layer (~20-50 us each) gain nothing
-    # from a second thread and pay its hand-offs each time, the more so on shared cores.
-    threads: int = 0
 
 
 def cuda_kernels(device: torch.device) -> Any:
@@ -151,16 +147,6 @@ class LoRALinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if not (threads := self.batch.threads):
-            return self._deltas(x, y)
-        torch.set_num_threads(1)
-        try:
-            return self._deltas(x, y)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _deltas(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y`` (the base layer's output) plus the deltas of the batch's plan."""
         for lo, hi, slot in self.batch.runs:
             self._add_delta(y[lo:hi], x[lo:hi], slot)
         if (seg := self.batch.segments) is not None:
