@@ -24,28 +24,7 @@ import torch
 from services.engine import LLM, SamplingParams
 from services.engine.llm_engine import LLMEngine
 from services.engine.tp_ranks import RankProcesses
-
-
-class MemoryStore:
-    """A StoreTier in a dict."""
-
-    def __init__(self) -> None:
-        self.data: dict[int, bytes] = {}
-
-    def put_blocks(self, hashes: list[int], values: list[bytes]) -> list[int]:
-        self.data.update(zip(hashes, values, strict=True))
-        return hashes
-
-    def get_blocks(self, hashes: list[int]) -> list[bytes]:
-        out = []
-        for h in hashes:
-            if h not in self.data:
-                break
-            out.append(self.data[h])
-        return out
-
-    def close(self) -> None:
-        pass
+from tests.conftest import DictStore
 
 
 def tensor_bytes(x: Any) -> int:
@@ -103,7 +82,7 @@ def run(args, prompts: list[list[int]], store: bool, meter: Meter) -> dict:
               max_num_seqs=len(prompts), kv_host_pool_bytes=args.host_pool_bytes)  # fmt: skip
     engine = llm.engine
     if store:
-        engine.attach_kv_store(MemoryStore())
+        engine.attach_kv_store(DictStore())
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     meter.reset()
     start = time.perf_counter()

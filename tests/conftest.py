@@ -283,3 +283,26 @@ def image_bytes(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format=fmt)
     return buf.getvalue()
+
+
+class DictStore:
+    """An in-memory StoreTier (engine.kv_tiers): the tier manager's tests and
+    benchmarks/tp_store_traffic.py."""
+
+    def __init__(self) -> None:
+        self.data: dict[int, bytes] = {}
+
+    def put_blocks(self, hashes: list[int], values: list[bytes]) -> list[int]:
+        self.data.update(zip(hashes, values, strict=True))
+        return hashes
+
+    def get_blocks(self, hashes: list[int]) -> list[bytes]:
+        out = []
+        for h in hashes:
+            if h not in self.data:
+                break
+            out.append(self.data[h])
+        return out
+
+    def close(self) -> None:
+        pass

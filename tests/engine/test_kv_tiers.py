@@ -19,6 +19,7 @@ from services.engine.kv_tiers import BlockCodec, KVTierManager
 from services.engine.sequence import Sequence
 from services.engine.tp_host_pool import whole_fingerprint
 from services.worker.kv_events import kv_layout_key
+from tests.conftest import DictStore
 from tests.engine.test_correctness import GPU_MARKS
 
 BS = 16
@@ -93,28 +94,6 @@ def test_block_codec_round_trip_and_size_check():
     tokens, back = codec.decode(codec.encode(kv, (5, 6, 7, 8)))
     assert tokens == (5, 6, 7, 8) and torch.equal(back, kv)
     assert codec.decode(b"short") is None
-
-
-class DictStore:
-    """An in-memory StoreTier (unit tests of the tier manager only)."""
-
-    def __init__(self) -> None:
-        self.data: dict[int, bytes] = {}
-
-    def put_blocks(self, hashes: list[int], values: list[bytes]) -> list[int]:
-        self.data.update(zip(hashes, values, strict=True))
-        return hashes
-
-    def get_blocks(self, hashes: list[int]) -> list[bytes]:
-        out = []
-        for h in hashes:
-            if h not in self.data:
-                break
-            out.append(self.data[h])
-        return out
-
-    def close(self) -> None:
-        pass
 
 
 class GatedStore(DictStore):
