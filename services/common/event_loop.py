@@ -21,7 +21,7 @@ ENV = "EPDSERVE_EVENT_LOOP"
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop factory, or None (asyncio's default) when it is absent or turned off."""
-    choice = os.environ.get(ENV, "auto").strip().lower()
+    choice = os.environ.get(ENV, "").strip().lower() or "auto"  # set but empty: the default
     if choice not in ("auto", "uvloop", "asyncio"):
         raise ValueError(f"{ENV} must be auto, uvloop or asyncio, got {choice!r}")
     if choice == "asyncio":

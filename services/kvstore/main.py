@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None, prog: str = "epdserve kvstore") -> int:
         return 2
     try:
         return event_loop.run(serve(cfg))
-    except (OSError, RuntimeError) as exc:  # port in use, no master binary, master won't start
+    # Port in use, no master binary, master won't start, a bad EPDSERVE_EVENT_LOOP.
+    except (OSError, RuntimeError, ValueError) as exc:
         log.debug("start-up failed", exc_info=True)
         print(f"error: kvstore failed to start: {exc}", file=sys.stderr)
         return 1

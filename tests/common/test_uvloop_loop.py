@@ -22,6 +22,11 @@ def test_uvloop_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     assert issubclass(event_loop.run(_loop_type()), uvloop.Loop)
 
 
+def test_empty_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(event_loop.ENV, " ")
+    assert issubclass(event_loop.run(_loop_type()), uvloop.Loop)
+
+
 def test_asyncio_when_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(event_loop.ENV, "asyncio")
     assert not issubclass(event_loop.run(_loop_type()), uvloop.Loop)
