@@ -102,6 +102,9 @@ def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
         name = by_key[key]
         tp = hints[name]
         args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        if value == "none" and str not in args:  # a number's off switch (dataclass_cli)
+            out[name] = None
+            continue
         if float in args and not isinstance(value, bool):
             value = float(value)
         elif int in args and not isinstance(value, bool):

@@ -61,9 +61,14 @@ EVERYTHING: dict[str, Any] = {
             "gpuMemoryUtilization": 0.9,
             "maxModelLen": 4096,
             "dtype": "bfloat16",
+            "offlineTpotQuantile": "none",
         },
         "mixed": {"enabled": True, "replicas": 0},
-        "prefill": {"enabled": True, "replicas": 3, "engine": {"maxNumBatchedTokens": 16384}},
+        "prefill": {
+            "enabled": True,
+            "replicas": 3,
+            "engine": {"maxNumBatchedTokens": 16384, "offlineStepShare": "none"},
+        },
         "decode": {
             "enabled": True,
             "replicas": 4,
@@ -206,6 +211,27 @@ def test_container_commands_parse(case: Any) -> None:
             assert kv.master_host == "10.0.0.7" and kv.master_rpc_port > 0
         else:
             assert name.endswith("-mooncake-master"), name
+
+
+@pytest.mark.parametrize("value,flag", [("none", ["none"]), (None, []), (0.5, ["0.5"])])
+def test_offline_off_switches(value: Any, flag: list[str]) -> None:
+    """The string "none" turns the pace and the share off (--offline-tpot-quantile none); a
+    null is dropped by Helm, so it leaves the code's default, and a number is written."""
+    from services.common.dataclass_cli import from_args
+    from services.engine.config import EngineConfig
+    from services.worker.main import build_parser
+
+    engine = {"offlineTpotQuantile": value, "offlineStepShare": value}
+    objects = ch.render_objects({"workers": {"engine": engine}})
+    argv = _container(_by(objects, "Deployment")[f"{ch.FULLNAME}-worker-mixed"])["command"]
+    for name in ("--offline-step-share", "--offline-tpot-quantile"):
+        got = argv[argv.index(name) + 1 : argv.index(name) + 2] if name in argv else []
+        assert got == flag, name
+    cfg = from_args(EngineConfig, build_parser().parse_args(argv[3:]))
+    default = EngineConfig()
+    want = {"none": (None, None), None: (default.offline_step_share,
+            default.offline_tpot_quantile), 0.5: (0.5, 0.5)}[value]  # fmt: skip
+    assert (cfg.offline_step_share, cfg.offline_tpot_quantile) == want
 
 
 def test_worker_deployments_per_role(case: Any) -> None:

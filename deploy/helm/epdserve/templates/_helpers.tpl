@@ -158,7 +158,8 @@ float64; ints print without exponent and floats keep Python's ".0".
 {{/*
 The flags of one config dataclass, as a YAML list, the way services/common/dataclass_cli.py
 to_argv writes them: fields in order (files/flags.json, generated from the dataclasses),
-only values that differ from the default, null means unset, bools as --x / --no-x.
+only values that differ from the default, null means unset (the code's default), "none" sets
+None where the default is not None (--offline-tpot-quantile none), bools as --x / --no-x.
 Call with (dict "spec" (list of flags.json entries) "values" (dict key -> value)).
 */}}
 {{- define "epdserve.argv" -}}
@@ -181,6 +182,13 @@ Call with (dict "spec" (list of flags.json entries) "values" (dict key -> value)
 {{- range $item := $v }}
 - {{ toString $item | quote }}
 {{- end }}
+{{- end }}
+{{- else if and (kindIs "string" $v) (eq $v "none") (ne $f.type "str") }}
+{{- /* "none": the off switch of a setting whose default is not None (Helm drops a null,
+       so null can only mean the default); to_argv writes None the same way. */}}
+{{- if not (kindIs "invalid" $f.default) }}
+- {{ $f.flag | quote }}
+- "none"
 {{- end }}
 {{- else }}
 {{- $s := include "epdserve.pystr" (dict "v" $v "type" $f.type) }}
