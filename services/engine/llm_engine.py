@@ -24,6 +24,7 @@ import torch
 from services.engine.block_manager import BlockManager, KVEvent
 from services.engine.config import EngineConfig
 from services.engine.executor import Executor
+from services.engine.fault_judge import FaultJudge
 from services.engine.input_processor import InputProcessor, eos_token_ids
 from services.engine.kv_connector import KVConnector
 from services.engine.kv_tiers import KVTierManager, StoreTier
@@ -78,10 +79,14 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or min(model_max, MAX_DEFAULT_MODEL_LEN)
         hook = pooling_hook(self.pooling_task, self.tokenizer, config.classifier_from_tokens)
         self.runner = make_runner(config, self.hf_config, self.model_path, self.max_model_len, hook)
+        # Whose fault a failed request is; the engine's only when its own self-check fails.
+        self.faults = FaultJudge(self._self_check)
         self.pooler = None if self.pooling_task is None else Pooler(
             self.runner.model, self.runner.device, self.pooling_task, self.max_model_len,
             config.max_num_batched_tokens, self._failure,
         )  # fmt: skip
+        if self.pooler is not None:
+            self.pooler.end_step = self.faults.end_step
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
         )
@@ -117,7 +122,6 @@ class LLMEngine:
         # (the step thread then sleeps until a command, e.g. a release, wakes it).
         self.blocked_on_memory = False
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (a metric)
-        self._failed_steps = 0  # steps in a row in which a request failed (see _failure)
 
     def _enable_tiers(self, host_blocks: int, store: StoreTier | None = None) -> None:
         if not self.config.enable_prefix_caching:
@@ -222,8 +226,8 @@ class LLMEngine:
         if self.tiers is not None:
             self.tiers.after_step(self.block_manager, self.runner)
         touched = self._update(sched, logits, failed)
-        if not failed:
-            self._failed_steps = 0
+        # One sequence that ran (and sampled) without failing proves the engine works.
+        self.faults.end_step(any(s.seq.request_id not in failed for s in sched.scheduled))
         return ended + [self.outputs.make_output(req) for req in touched]
 
     def _idle(self, sched: SchedulerOutput, lost: list[Sequence]) -> None:
@@ -261,21 +265,30 @@ class LLMEngine:
     # NOTE: an exception while running, sampling or checking one request must never end the step
     # thread (that took the whole worker down, and the router then sent the same request on to the
     # next worker). The request fails with ``RequestOutput.error``; a forward pass that fails for a
-    # batch is re-run one sequence at a time to find the culprit (executor.py). Only when requests
-    # keep failing step after step (every one of a batch failing alone counts once each) is it the
-    # engine's fault: then the error propagates and the engine reports itself dead, the worker
-    # exits and its supervisor restarts it.
-    MAX_CONSECUTIVE_FAILED_STEPS = 8
+    # batch is re-run one sequence at a time to find the culprit (executor.py). Whether the engine
+    # itself is at fault is FaultJudge's call (fault_judge.py): never from the requests' failures
+    # alone, only when the engine's own self-check fails after steps in which everything failed.
 
     def _failure(self, what: str, exc: BaseException) -> str:
-        logger.exception("a request failed while %s; ending it alone", what)
-        self._failed_steps += 1
-        if self._failed_steps > self.MAX_CONSECUTIVE_FAILED_STEPS:
-            raise RuntimeError(
-                f"{self._failed_steps} request failures in a row: the engine, not the "
-                f"requests, is at fault; last: {exc!r}"
-            ) from exc
-        return f"the engine failed {what}: {type(exc).__name__}: {exc}"
+        return self.faults.failure(what, exc)
+
+    def _self_check(self) -> bool:
+        """Run a one-token greedy request the engine makes itself through the forward pass and
+        the sampler, outside the scheduler; raises when that fails. False when no KV block is
+        free to run it (the next failed step tries again)."""
+        if self.pooler is not None:
+            return self.pooler.self_check()
+        seq = Sequence("__self_check__", [0], SamplingParams(temperature=0.0, max_tokens=1))
+        if not self.block_manager.allocate_slots(seq, 1):
+            return False
+        try:
+            logits = self.executor._forward([ScheduledSeq(seq, 1)], None)
+            if logits.shape[0] != 1 or not bool(torch.isfinite(logits).any()):
+                raise RuntimeError(f"the self-check's logits are unusable: {logits.shape}")
+            self.sampler(logits, [seq])
+        finally:
+            self.block_manager.free(seq)
+        return True
 
     def _fail_request(self, req: RequestState, error: str) -> None:
         """End every unfinished sequence of ``req`` (finish "abort") and free its blocks."""

@@ -103,6 +103,8 @@ class Pooler:
         # The engine's judgement of a failed request: its error text, or it raises when the
         # engine itself is at fault (LLMEngine._failure).
         self.failure = failure
+        # Told after each batch whether any request of it succeeded (FaultJudge.end_step).
+        self.end_step: Callable[[bool], None] | None = None
         self.hidden_size = int(model.model.embed_tokens.embedding_dim)
         if task == "classify" and not hasattr(model, "score"):
             raise ValueError(
@@ -153,7 +155,14 @@ class Pooler:
 
     def step(self) -> list[PoolingOutput]:
         """Run the next batch; a batch that raises is re-run one request at a time, and a
-        request that fails alone gets ``error``."""
+        request that fails alone gets ``error``. Raises (fault_judge.EngineFault) only when
+        the engine itself is at fault."""
+        out = self._step()
+        if out and self.end_step is not None:
+            self.end_step(any(o.error is None for o in out))
+        return out
+
+    def _step(self) -> list[PoolingOutput]:
         batch: list[_Pending] = []
         tokens = 0
         while self.waiting and (not batch or tokens + len(self.waiting[0].token_ids)
@@ -184,6 +193,12 @@ class Pooler:
     @staticmethod
     def _failed(p: _Pending, error: str) -> PoolingOutput:
         return PoolingOutput(p.request_id, [], len(p.token_ids), error=error)
+
+    def self_check(self) -> bool:
+        """Pool a one-token input the engine makes itself (fault_judge.py); raises when the
+        model cannot run at all."""
+        self.run([_Pending("__self_check__", [0], PoolingParams(task=self.task))])
+        return True
 
     @torch.inference_mode()
     def run(self, batch: list[_Pending]) -> list[torch.Tensor]:

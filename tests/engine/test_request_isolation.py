@@ -14,6 +14,7 @@ import time
 import pytest
 
 from services.engine import AsyncLLMEngine, EngineConfig, SamplingParams
+from services.engine.fault_judge import MAX_FAILED_STEPS, EngineFault
 from services.engine.llm_engine import LLMEngine
 from services.engine.output_processor import OutputProcessor
 from services.engine.outputs import RequestFailedError
@@ -94,15 +95,78 @@ def test_append_failure_ends_that_request_alone(engine, monkeypatch):
 
 def test_failures_in_every_step_mean_the_engine_is_broken(engine, monkeypatch):
     """A fault of the engine itself (every forward fails) must not pass for a stream of bad
-    requests forever: past a bound it propagates, and the engine reports itself dead."""
+    requests forever: past a bound the engine checks itself, the check fails too, and the
+    engine reports itself dead."""
     monkeypatch.setattr(engine.runner, "execute", lambda *a, **k: 1 / 0)
-    with pytest.raises(RuntimeError, match="request failures in a row"):
-        for i in range(LLMEngine.MAX_CONSECUTIVE_FAILED_STEPS + 2):
+    with pytest.raises(EngineFault, match="self-check failed"):
+        for i in range(MAX_FAILED_STEPS + 2):
             engine.add_request(f"x{i}", PROMPTS["a"], GREEDY)
             engine.step()
     for rid in list(engine.requests):
         engine.abort_request(rid)
-    engine._failed_steps = 0
+    engine.faults.failed_steps = 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def failing_sampler(engine, monkeypatch, prefix: str) -> None:
+    """Sampling fails for every request whose id starts with ``prefix`` (a request-level
+    fault: a client's input that breaks its own draw), and only for those."""
+    sample = engine.sampler.__class__.__call__
+
+    def flaky(self, logits, seqs):
+        if any(s.request_id.startswith(prefix) for s in seqs):
+            raise RuntimeError("boom: this request's own input")
+        return sample(self, logits, seqs)
+
+    monkeypatch.setattr(engine.sampler.__class__, "__call__", flaky)
+
+
+def drain(engine) -> dict[str, object]:
+    tokens: dict[str, list[int]] = {}
+    errors: dict[str, str] = {}
+    for _ in range(100):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            tokens.setdefault(out.request_id, [])
+            tokens[out.request_id] += out.outputs[0].token_ids if out.outputs else []
+            if out.error:
+                errors[out.request_id] = out.error
+    assert not engine.has_unfinished_requests()
+    return {rid: errors.get(rid, t) for rid, t in tokens.items()}
+
+
+def test_many_bad_requests_in_one_batch_do_not_end_the_engine(engine, monkeypatch):
+    """Twice the bound of bad requests in one batch with a good one: they fail alone, the good
+    one gets its tokens. Each failing alone counted once on the old code, so the ninth raised
+    out of the step and ended the engine (and the worker) in the middle of the good request."""
+    reference = run(engine, ["a"])
+    checks = engine.faults.self_checks
+    failing_sampler(engine, monkeypatch, "bad")
+    engine.add_request("a", PROMPTS["a"], GREEDY)
+    for i in range(2 * MAX_FAILED_STEPS + 2):
+        engine.add_request(f"bad{i}", PROMPTS["bad"], GREEDY)
+    got = drain(engine)
+    assert got["a"] == reference["a"]
+    assert sum("boom" in str(v) for v in got.values()) == 2 * MAX_FAILED_STEPS + 2
+    assert engine.faults.failed_steps == 0 and engine.faults.self_checks == checks
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_bad_requests_one_at_a_time_do_not_end_the_engine(engine, monkeypatch):
+    """A client sending only bad requests, one at a time, to an otherwise idle worker makes
+    every step fail: past the bound the engine runs its own self-check, which passes, so the
+    requests are at fault and the engine serves on (the old code ended it at the ninth)."""
+    reference = run(engine, ["c"])
+    checks = engine.faults.self_checks
+    failing_sampler(engine, monkeypatch, "bad")
+    for i in range(2 * MAX_FAILED_STEPS + 1):
+        engine.add_request(f"bad{i}", PROMPTS["bad"], GREEDY)
+        assert "boom" in str(drain(engine)[f"bad{i}"])
+    assert engine.faults.self_checks == checks + 2
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert run(engine, ["c"]) == reference
+    assert engine.faults.failed_steps == 0
 
 
 def test_async_engine_raises_request_failed_and_keeps_running(tiny_model_dir):
@@ -185,7 +249,7 @@ def test_imported_requests_with_ids_outside_the_vocabulary_are_refused(engine, b
     with pytest.raises(ValueError, match="prompt token ids"):
         engine.reserve("r-prompt", [5, bad, 7], GREEDY)
     assert "r-prompt" not in engine.reserved
-    for i in range(LLMEngine.MAX_CONSECUTIVE_FAILED_STEPS + 1):
+    for i in range(MAX_FAILED_STEPS + 1):
         rid = f"r-first-{i}"
         engine.reserve(rid, PROMPTS["a"], GREEDY)
         with pytest.raises(ValueError, match="first token id"):
