@@ -13,6 +13,7 @@ from services.router.features.images import ImageLimits
 from services.router.features.reasoning.factory import NONE as NO_REASONING
 from services.router.features.reasoning.factory import available_reasoning_parsers
 from services.router.features.tool_parsers.factory import available_tool_parsers
+from services.router.http_limits import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_CONNECTIONS, HttpLimits
 from services.router.rebalance.factory import available_rebalance_policies, create_rebalance_policy
 from services.router.rebalance.governor import GovernorConfig
 from services.router.routing.policies.factory import available_policies
@@ -115,6 +116,16 @@ class RouterConfig:
     max_body_bytes: int = field(
         default=4 * 1024 * 1024, metadata={"help": "largest request body accepted (else 413)"}
     )
+    # NOTE: only reading a request is timed; a response (a stream of minutes) never is.
+    http_head_timeout_s: float = field(default=HEAD_TIMEOUT_S, metadata={
+        "help": "a request's head (request line and headers) must arrive within this many "
+        "seconds of its first byte, or of the connection (else 408 and close)"})  # fmt: skip
+    http_body_timeout_s: float = field(default=BODY_TIMEOUT_S, metadata={
+        "help": "a request's body must arrive within this many seconds of its head (else 408 "
+        "and close; a total, so a byte every few seconds does not hold a connection)"})  # fmt: skip
+    http_max_connections: int = field(default=MAX_CONNECTIONS, metadata={
+        "help": "open HTTP connections at most; a connection past it gets 503 and is closed "
+        "(the router raises its open-files limit to fit, up to the hard limit)"})  # fmt: skip
     max_n: int = field(default=16, metadata={"help": "largest 'n' (choices per prompt) accepted"})
     max_tokens_limit: int | None = field(
         default=None,
@@ -298,6 +309,8 @@ class RouterConfig:
             raise ValueError("rebalance_interval_s must be > 0")
         if self.image_fetch_timeout_s <= 0:
             raise ValueError("image_fetch_timeout_s must be > 0")
+        if not (0 < self.http_head_timeout_s <= 86400 and 0 < self.http_body_timeout_s <= 86400):
+            raise ValueError("http_head_timeout_s and http_body_timeout_s must be in (0, 86400]")
         if self.response_ttl_s < 1:
             raise ValueError("response_ttl_s must be >= 1")
         for name in (
@@ -305,7 +318,7 @@ class RouterConfig:
             "max_image_bytes", "max_image_pixels", "response_max_record_bytes",
             "response_max_records", "response_local_bytes", "batch_max_file_bytes",
             "batch_max_lines", "batch_concurrency", "offline_max_queued_tokens",
-            "offline_max_waiting", "offline_max_running",
+            "offline_max_waiting", "offline_max_running", "http_max_connections",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
@@ -327,6 +340,11 @@ class RouterConfig:
         _ = self.grpc_tls  # all three TLS files or none
         _ = self.governor_config  # validates hysteresis, cooldown and cap
         create_rebalance_policy(self.rebalance_policy, **self.rebalance_param_dict)
+
+    @property
+    def http_limits(self) -> HttpLimits:
+        return HttpLimits(self.http_head_timeout_s, self.http_body_timeout_s,
+                          self.http_max_connections)  # fmt: skip
 
     @property
     def rebalance_param_dict(self) -> dict[str, str]:

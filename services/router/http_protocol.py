@@ -6,8 +6,14 @@ to it for its lower CPU per request), has no bound: httptools buffers a header u
 so one connection sending an endless header held all of it in the router's memory (200 MiB
 in a test, growing as long as the client sent). This subclass answers 431 and closes the
 connection once a head passes ``MAX_HEAD_BYTES``, and 408 when a head takes longer than
-``HEAD_TIMEOUT_S`` to arrive (neither protocol of uvicorn bounds that time: a client sending a
-header a byte at a time, or nothing after connecting, held its connection for good).
+``HttpLimits.head_timeout_s`` to arrive (neither protocol of uvicorn bounds that time: a client
+sending a header a byte at a time, or nothing after connecting, held its connection for good).
+
+The same holds for a request's body (``body_timeout_s``, from the end of its head: a client
+sending a body a byte every few seconds held its connection and buffer for good) and for the
+number of connections (``max_connections``: past it a new connection gets 503 and is closed; the
+router had no bound, so idle connections took file descriptors until accept() failed for all).
+Only *reading a request* is timed: a response (a stream of minutes) is never cut.
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-# Largest request head (request line + headers) accepted: h11's default bound is 16 KiB,
-# nginx's 4 x 8 KiB; an API key, a trace context and cookies fit many times over.
-MAX_HEAD_BYTES = 64 * 1024
+from services.router.http_limits import MAX_HEAD_BYTES, HttpLimits
+
 LINGER_S = 2.0  # a refused connection's input is read and dropped this long at most
-HEAD_TIMEOUT_S = 30.0  # from a head's first byte (or the connection) to its end (nginx: 60)
+
+
+def bounded_protocol(limits: HttpLimits) -> type[BoundedHttpToolsProtocol]:
+    """The protocol class uvicorn instantiates per connection, with ``limits``."""
+    return type("BoundedHttpToolsProtocol", (BoundedHttpToolsProtocol,), {"limits": limits})
 
 
 def _error(message: str) -> bytes:
@@ -32,8 +41,10 @@ def _error(message: str) -> bytes:
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` that refuses a request head larger than ``MAX_HEAD_BYTES`` or
-    slower than ``HEAD_TIMEOUT_S``."""
+    """``HttpToolsProtocol`` that refuses a request head larger than ``MAX_HEAD_BYTES``, a head or
+    body slower than its timeout, and connections past ``max_connections``."""
+
+    limits = HttpLimits()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -43,16 +54,22 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = False  # answered 431 or 408: input is dropped until the connection closes
         self._linger: asyncio.TimerHandle | None = None
         self._head_timer: asyncio.TimerHandle | None = None  # while a head is awaited
+        self._body_timer: asyncio.TimerHandle | None = None  # while a body is awaited
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+        if len(self.connections) > self.limits.max_connections:
+            self._refuse(b"503 Service Unavailable",
+                         f"more than {self.limits.max_connections} connections open")  # fmt: skip
+            return
+        self._head_timer = self.loop.call_later(self.limits.head_timeout_s, self._head_timed_out)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # dropped: the connection is closing
         if self._in_head and self._head_timer is None:
-            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+            self._head_timer = self.loop.call_later(self.limits.head_timeout_s,
+                                                    self._head_timed_out)  # fmt: skip
         self._head_began = False
         super().data_received(data)
         # NOTE: a chunk in which the previous request ended is not counted (it may be mostly
@@ -72,9 +89,31 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self.cycle is not None and not self.cycle.response_complete:
             # A response is still running (the next head came pipelined): not its wait.
-            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+            self._head_timer = self.loop.call_later(self.limits.head_timeout_s,
+                                                    self._head_timed_out)  # fmt: skip
             return
-        self._refuse(b"408 Request Timeout", f"request head not received in {HEAD_TIMEOUT_S:g} s")
+        self._refuse(b"408 Request Timeout",
+                     f"request head not received in {self.limits.head_timeout_s:g} s")  # fmt: skip
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if self._refused or self._in_head or self.transport.is_closing():
+            return
+        if self.pipeline or self.flow.read_paused:
+            # Not read because a response before it still runs (pipelined), or because the
+            # app has not taken what came: the wait is the server's, not the client's.
+            self._body_timer = self.loop.call_later(self.limits.body_timeout_s,
+                                                    self._body_timed_out)  # fmt: skip
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            self.transport.close()  # answered already: no second status line can follow
+            return
+        if cycle is not None:  # the app sees the client gone, and anything it sends is dropped
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self._refuse(b"408 Request Timeout",
+                     f"request body not received in {self.limits.body_timeout_s:g} s")  # fmt: skip
 
     def _refuse(self, status: bytes, message: str) -> None:
         """Answer ``status`` and end the connection. NOTE: closing a socket with unread input makes
@@ -95,7 +134,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._linger = self.loop.call_later(LINGER_S, transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._linger, self._head_timer):
+        for timer in (self._linger, self._head_timer, self._body_timer):
             if timer is not None:
                 timer.cancel()
         super().connection_lost(exc)
@@ -106,7 +145,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
         super().on_headers_complete()
+        self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_timed_out)
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes, self._head_began = True, 0, True
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
         super().on_message_complete()

@@ -14,7 +14,7 @@ from services.common import event_loop
 from services.common.dataclass_cli import add_dataclass_args, from_args
 from services.router.config import RouterConfig
 from services.router.gateway import Gateway
-from services.router.http_protocol import BoundedHttpToolsProtocol
+from services.router.http_protocol import bounded_protocol
 from services.router.server import build_app
 from services.router.tokenization import Tokenizer, keep_torch_out
 
@@ -31,15 +31,32 @@ def build_parser(prog: str = "epdserve router") -> argparse.ArgumentParser:
 
 
 def server_config(app: ASGIApp, cfg: RouterConfig, log_level: str = "info") -> uvicorn.Config:
-    """uvicorn's settings for the gateway: httptools with a bound on a request's head."""
+    """uvicorn's settings for the gateway: httptools with bounds on reading a request and on
+    the connections open (http_protocol.py)."""
     return uvicorn.Config(
         app, host=cfg.host, port=cfg.port, log_level=log_level.lower(), access_log=False,
-        timeout_graceful_shutdown=10, http=BoundedHttpToolsProtocol,
+        timeout_graceful_shutdown=10, http=bounded_protocol(cfg.http_limits),
         ssl_certfile=cfg.ssl_certfile, ssl_keyfile=cfg.ssl_keyfile,
     )  # fmt: skip
 
 
+def fit_open_files(max_connections: int) -> None:
+    """Raise the soft open-files limit (up to the hard one) to hold ``max_connections`` plus the
+    router's own files and gRPC channels: past the limit accept() fails for every client."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + 1024
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning("open-files limit %d is below --http-max-connections %d + 1024: past it "
+                        "new connections fail", new, max_connections)  # fmt: skip
+
+
 async def serve(cfg: RouterConfig, log_level: str = "info") -> None:
+    fit_open_files(cfg.http_max_connections)
     tokenizer = await asyncio.to_thread(Tokenizer.load, cfg.model)
     server = uvicorn.Server(server_config(build_app(Gateway(cfg, tokenizer)), cfg, log_level))
     task = asyncio.create_task(server.serve())

@@ -1,7 +1,8 @@
 """The gateway's uvicorn settings (router/main.py server_config): a request head past
 http_protocol.MAX_HEAD_BYTES is refused (431) before it fills the router's memory, and
-ordinary heads and large bodies on a kept-alive connection are not; a head slower than
-HEAD_TIMEOUT_S is refused (408)."""
+ordinary heads and large bodies on a kept-alive connection are not; a head or a body slower
+than --http-head-timeout-s / --http-body-timeout-s is refused (408) while a long response is
+never cut; connections past --http-max-connections get 503."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import asyncio
 import uvicorn
 
 from services.common import event_loop
-from services.router import http_protocol
 from services.router.config import RouterConfig
 from services.router.http_protocol import MAX_HEAD_BYTES
 from services.router.main import server_config
@@ -19,6 +19,13 @@ from services.router.main import server_config
 async def _app(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
     """Answers each request with the size of its headers and its body."""
     if scope["type"] != "http":
+        return
+    if scope["path"] == "/stream":  # a response of 1.5 s, longer than the tests' read timeouts
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(6):
+            await asyncio.sleep(0.25)
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
         return
     body = b""
     while True:
@@ -41,9 +48,10 @@ async def _response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, await asyncio.wait_for(reader.readexactly(length), 10)
 
 
-async def _serve() -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+async def _serve(**limits: object) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
     """The gateway's uvicorn settings around ``_app``, started on a free port."""
-    server = uvicorn.Server(server_config(_app, RouterConfig(host="127.0.0.1", port=0), "error"))
+    cfg = RouterConfig(host="127.0.0.1", port=0, **limits)  # type: ignore[arg-type]
+    server = uvicorn.Server(server_config(_app, cfg, "error"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         assert not task.done(), task
@@ -92,7 +100,7 @@ def test_request_head_is_bounded() -> None:
 
 
 async def _slow_heads() -> list[tuple[int, bytes]]:
-    server, task, port = await _serve()
+    server, task, port = await _serve(http_head_timeout_s=0.5)
     out = []
     try:
         # A head that stops halfway, and a connection that sends nothing: each held its
@@ -108,7 +116,79 @@ async def _slow_heads() -> list[tuple[int, bytes]]:
     return out
 
 
-def test_a_slow_request_head_times_out(monkeypatch) -> None:
-    monkeypatch.setattr(http_protocol, "HEAD_TIMEOUT_S", 0.5)
+def test_a_slow_request_head_times_out() -> None:
     for status, body in event_loop.run(_slow_heads()):
         assert status == 408 and b"not received in 0.5 s" in body, (status, body)
+
+
+async def _slow_body_and_long_stream() -> dict[str, object]:
+    server, task, port = await _serve(http_head_timeout_s=0.5, http_body_timeout_s=0.5)
+    out: dict[str, object] = {}
+    try:
+        # A body a byte every 0.1 s (slowloris): each read comes well within any idle timeout.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n")
+        answer = asyncio.ensure_future(_response(reader))
+        for _ in range(30):  # 3 s at most, then the client stops sending
+            if answer.done() or writer.is_closing():
+                break
+            writer.write(b"b")
+            await asyncio.sleep(0.1)
+        out["slow_body"] = await answer
+        writer.close()
+        # A response of 1.5 s (three body timeouts) with a POST pipelined behind it: neither is
+        # cut, the pipelined body waits for the stream and is then read.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n"
+                     b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc")  # fmt: skip
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        out["stream_status"] = int(head.split(b" ", 2)[1])
+        chunks = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 10)
+        out["stream_bytes"] = chunks.count(b"x")
+        out["pipelined"] = await _response(reader)
+        writer.close()
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+    return out
+
+
+def test_a_slow_request_body_times_out_and_a_long_response_does_not() -> None:
+    """The old protocol read a body a byte at a time for as long as the client sent it (no
+    answer within 10 s here); reading a request is bounded, a response never is."""
+    out = event_loop.run(_slow_body_and_long_stream())
+    status, body = out["slow_body"]
+    assert status == 408 and b"body not received in 0.5 s" in body, (status, body)
+    assert out["stream_status"] == 200 and out["stream_bytes"] == 6
+    assert out["pipelined"][0] == 200 and out["pipelined"][1].endswith(b" 3")
+
+
+async def _connection_limit() -> dict[str, object]:
+    server, task, port = await _serve(http_max_connections=3)
+    out: dict[str, object] = {}
+    try:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        out["fourth"] = await _response(reader)
+        writer.close()
+        _, w0 = held.pop()
+        w0.close()
+        await asyncio.sleep(0.2)  # the server sees it gone
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        out["after_one_closed"] = await _response(reader)
+        writer.close()
+        for _, w in held:
+            w.close()
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+    return out
+
+
+def test_connections_past_the_limit_get_503() -> None:
+    """Idle connections held file descriptors without bound (the router had no limit)."""
+    out = event_loop.run(_connection_limit())
+    status, body = out["fourth"]
+    assert status == 503 and b"more than 3 connections" in body, (status, body)
+    assert out["after_one_closed"][0] == 200
