@@ -53,6 +53,7 @@ def replay(config, prompt: list[int], out: list[int], base: float, per: float):
     seq.append_token(out[0])  # the prefill's token
     pos, cost = 1, 0.0
     while pos < len(out):
+        spec.new_step()  # as the scheduler does (the suffix trie indexes a budget a step)
         drafts = spec.drafts(seq, 1 << 20, 1)
         ok = 0
         while ok < len(drafts) and pos + ok < len(out) and drafts[ok] == out[pos + ok]:

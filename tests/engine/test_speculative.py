@@ -133,7 +133,13 @@ def copy_bias() -> dict[int, float]:
     return {t: 100.0 for t in set(repetitive_prompts()[0])}
 
 
-@pytest.mark.parametrize("method", ["ngram", "suffix"])
+# A suffix budget smaller than the three prompts' tries together: the running requests' tries
+# slide past their first tokens and evict each other, the outputs kept are cut.
+TINY_SUFFIX = {"suffix_max_depth": 4, "suffix_max_request_tokens": 12,
+               "suffix_max_worker_tokens": 24}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix", "suffix_tiny_budget"])
 def test_real_proposers_equal_no_speculation(model, plain, method):
     """The n-gram and suffix proposers through ``speculative_config``. A logit bias keeps
     the random model's output within a few tokens, so that it repeats and drafts from
@@ -144,13 +150,20 @@ def test_real_proposers_equal_no_speculation(model, plain, method):
         "ngram": SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logit_bias=bias),
         "suffix": SamplingParams(temperature=1.0, seed=2, max_tokens=24, ignore_eos=True,
                                  logit_bias=bias),
+        "suffix_tiny_budget": SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                             logit_bias=bias),
     }[method]  # fmt: skip
-    cfg = {"method": method, "num_speculative_tokens": 3, "disable_by_batch_size": 0}
+    cfg = {"method": method.split("_")[0], "num_speculative_tokens": 3, "disable_by_batch_size": 0}
+    if method == "suffix_tiny_budget":
+        cfg.update(TINY_SUFFIX)
     llm = LLM(model, dtype="float32", block_size=4, speculative_config=json.dumps(cfg))
     same(run(llm.engine, prompts, params), run(plain, prompts, params))
     stats = llm.engine.stats().spec
     assert stats is not None
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    if method == "suffix_tiny_budget":
+        proposer = llm.engine.scheduler.speculator.proposer
+        assert proposer.evictions > 0 and proposer.tokens <= 24
 
 
 STRUCTURED = StructuredOutputsParams(regex=r"(ab|cd)[a-z ]{3,12}x")

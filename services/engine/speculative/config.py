@@ -7,12 +7,17 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from services.engine.speculative.suffix import NODE_BYTES
+
 METHODS = ("ngram", "suffix", "draft_model", "eagle3")
 # num_speculative_tokens when not given. Measured at batch 1 on 2 CPU cores with the default
 # model (benchmarks/RESULTS.md): k 16 against 4 on copy-heavy output, n-gram about 6.5x
 # against 3.5x TPOT, chat the same; at batch 8 the step's cap (32 / 8) makes them equal.
 DEFAULT_TOKENS = {"ngram": 16, "suffix": 16, "draft_model": 4, "eagle3": 4}
 MAX_SUFFIX_DEPTH = 64
+# The most the suffix method's tries may take in the worst case (every substring new: depth
+# nodes of ~265 bytes a token, suffix.py): suffix_max_worker_tokens x suffix_max_depth x 265.
+MAX_SUFFIX_BYTES = 2 << 30
 
 
 @dataclass
@@ -37,6 +42,14 @@ class SpeculativeConfig:
     # suffix: deepest context matched in the trie, and the recent outputs kept in it.
     suffix_max_depth: int = 24
     suffix_max_cached_requests: int = 256
+    # suffix: a request's trie holds its last this many tokens (prompt and output), at
+    # most ~suffix_max_depth x 265 bytes each (4096 at depth 24: 26 MB in the worst case).
+    suffix_max_request_tokens: int = 4096
+    # suffix: every trie of the worker together (the requests' and the recent outputs') holds
+    # at most this many tokens: the oldest outputs go first, then the tries of the requests
+    # that proposed least recently (32768 at depth 24: 208 MB in the worst case, random text;
+    # disable_by_batch_size 8 requests at 4096 each). At most MAX_SUFFIX_BYTES worst case.
+    suffix_max_worker_tokens: int = 32768
     # suffix: a draft token is proposed while its share of the matched node's continuations
     # is at least this.
     suffix_min_token_prob: float = 0.1
@@ -84,6 +97,22 @@ class SpeculativeConfig:
                              f"{self.suffix_max_depth}")  # fmt: skip
         if self.suffix_max_cached_requests < 0:
             raise ValueError("suffix_max_cached_requests must be >= 0")
+        if (
+            not self.suffix_max_depth
+            <= self.suffix_max_request_tokens
+            <= self.suffix_max_worker_tokens
+        ):
+            raise ValueError("need suffix_max_depth <= suffix_max_request_tokens <= "
+                             f"suffix_max_worker_tokens, got {self.suffix_max_depth}, "
+                             f"{self.suffix_max_request_tokens} and "
+                             f"{self.suffix_max_worker_tokens}")  # fmt: skip
+        worst = self.suffix_max_worker_tokens * self.suffix_max_depth * NODE_BYTES
+        if worst > MAX_SUFFIX_BYTES:
+            raise ValueError(f"suffix_max_worker_tokens {self.suffix_max_worker_tokens} at "
+                             f"suffix_max_depth {self.suffix_max_depth} may take "
+                             f"{worst / 2**30:.1f} GiB of trie nodes (up to depth nodes of "
+                             f"~{NODE_BYTES} bytes a token); the limit is "
+                             f"{MAX_SUFFIX_BYTES / 2**30:.0f} GiB: lower either")  # fmt: skip
         if not 0.0 <= self.suffix_min_token_prob <= 1.0:
             raise ValueError("suffix_min_token_prob must be in [0, 1]")
         if not 0.0 < self.suffix_max_spec_factor <= 32.0:

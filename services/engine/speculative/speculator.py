@@ -76,6 +76,8 @@ def make_proposer(config: SpeculativeConfig) -> Proposer:
         config.suffix_max_cached_requests,
         config.suffix_min_token_prob,
         config.suffix_max_spec_factor,
+        config.suffix_max_request_tokens,
+        config.suffix_max_worker_tokens,
     )
 
 
@@ -114,6 +116,9 @@ class Speculator:
     def new_step(self) -> None:
         """The scheduler starts a step's batch (``max_draft_tokens_per_step`` counts anew)."""
         self._step_drafts = 0
+        new_step = getattr(self.proposer, "new_step", None)
+        if new_step is not None:  # the suffix proposer's indexing budget per step
+            new_step()
 
     def enabled_for(self, num_running: int) -> bool:
         limit = self.config.disable_by_batch_size

@@ -6,69 +6,157 @@ A trie node stands for a substring (the path to it) and counts its occurrences; 
 substring of at most ``max_depth`` tokens is in it. The request's trie grows by one token per
 appended token (each suffix ending there is extended: O(max_depth)); the worker's trie takes
 a finished request's output at once and drops it again when it leaves the recent window.
+
+Memory (NOTE: the budget is the unbreakable rule's: no input can grow it without bound). A
+token costs up to ``max_depth`` nodes of ~``NODE_BYTES`` each (random text: every substring
+is new). So:
+- a request's trie holds its last ``max_request_tokens`` tokens (a sliding window: the
+  substrings starting at the token leaving it are uncounted as the next one comes);
+- all the tries of the worker together (every request's and the recent outputs') hold at
+  most ``max_worker_tokens`` tokens: to make room the oldest outputs go first, then the
+  tries of the requests that proposed least recently (emptied: such a request's trie starts
+  again from its newest tokens); a finished output is kept only in the room the running
+  requests leave (its last tokens);
+- a step indexes at most ``INDEX_TOKENS_PER_STEP`` tokens in all (``new_step``), beyond each
+  sequence's ``FOLLOW_TOKENS``: a long prompt's trie is built over several steps (proposing
+  from what is indexed so far) instead of stalling every stream in one (an 8,000-token prompt
+  took 627 ms of CPU in one step at depth 24, 4.7 s of wall time on a loaded machine).
 """
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
+import weakref
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from services.engine.sequence import Sequence
 
-
-class _Node:
-    __slots__ = ("children", "count")
-
-    def __init__(self) -> None:
-        self.children: dict[int, _Node] = {}
-        self.count = 0
+# Bytes of one node (tracemalloc over a 4,000-token random text's trie at depth 24: 25.3 MB
+# for 95,576 nodes; mostly the dict of children of each inner node); config.py bounds the
+# worst case with it.
+NODE_BYTES = 265
+# Tokens the request tries index per step, all sequences together, beyond FOLLOW_TOKENS each:
+# ~10 us of CPU a token at depth 24, so a long prompt adds ~1.3 ms to each step it builds in.
+INDEX_TOKENS_PER_STEP = 128
+# What any sequence may always index in a step: one decode's growth (a token and at most 32
+# accepted drafts), so a sequence that is caught up never falls behind for want of budget.
+FOLLOW_TOKENS = 33
+ROOT = 0
 
 
 class SuffixTrie:
-    """Occurrence counts of every substring of at most ``max_depth`` tokens."""
+    """Occurrence counts of every substring of at most ``max_depth`` tokens.
+
+    A node is an int: ``kids[node]`` maps a token to its child (None: no children) and
+    ``counts[node]`` is its count. NOTE: no Python object per node that the cyclic garbage
+    collector tracks (a dict holding only ints is never tracked): with an object and a dict
+    per node, each of the collector's full passes walked every node, ~100 ms of a step for
+    the ~100,000 nodes of one 4,000-token window (benchmarks/suffix_budget.py)."""
 
     def __init__(self, max_depth: int) -> None:
         self.max_depth = max_depth
-        self.root = _Node()
+        self.kids: list[dict[int, int] | None] = [None]
+        self.counts: list[int] = [0]
+        self.free: list[int] = []  # ids of deleted nodes, reused first
+        self.nodes = 0  # below the root: what the trie's memory is counted in
+
+    def new_node(self) -> int:
+        self.nodes += 1
+        if self.free:
+            return self.free.pop()  # NOTE: freed with no children and a count of 0
+        self.kids.append(None)
+        self.counts.append(0)
+        return len(self.counts) - 1
 
     def add(self, tokens: list[int], sign: int = 1) -> None:
         """Count (``sign`` 1) or uncount (-1, an earlier ``add`` of the same tokens) every
         substring of ``tokens``."""
+        kids, counts = self.kids, self.counts
         for i in range(len(tokens)):
-            node = self.root
+            if sign < 0:
+                self.remove(tokens[i : i + self.max_depth])
+                continue
+            node = ROOT
             for t in tokens[i : i + self.max_depth]:
-                child = node.children.get(t)
+                k = kids[node]
+                if k is None:
+                    k = kids[node] = {}
+                child = k.get(t)
                 if child is None:
-                    child = node.children[t] = _Node()
-                child.count += sign
-                if child.count <= 0:
-                    del node.children[t]
-                    break
+                    child = k[t] = self.new_node()
+                counts[child] += 1
                 node = child
 
-    def match(self, context: list[int], longest: int) -> tuple[_Node | None, int]:
+    def remove(self, path: list[int]) -> None:
+        """Uncount one occurrence of each prefix of ``path`` (counted before); a node counted
+        no more goes with what is under it (NOTE: a substring occurs at most as often as its
+        prefix: what is under it is counted no more either)."""
+        kids, counts = self.kids, self.counts
+        node = ROOT
+        for t in path:
+            k = kids[node]
+            assert k is not None
+            child = k[t]
+            counts[child] -= 1
+            if counts[child] <= 0:
+                del k[t]
+                if not k:
+                    kids[node] = None
+                self._free(child)
+                return
+            node = child
+
+    def _free(self, top: int) -> None:
+        kids, counts, stack = self.kids, self.counts, [top]
+        while stack:
+            node = stack.pop()
+            k = kids[node]
+            if k is not None:
+                stack.extend(k.values())
+                kids[node] = None
+            counts[node] = 0
+            self.free.append(node)
+            self.nodes -= 1
+
+    def reachable(self) -> int:
+        """Nodes under the root, by walking them (``nodes`` counted independently)."""
+        total, stack = 0, [ROOT]
+        while stack:
+            k = self.kids[stack.pop()]
+            if k:
+                total += len(k)
+                stack.extend(k.values())
+        return total
+
+    def match(self, context: list[int], longest: int) -> tuple[int | None, int]:
         """The node of the longest tail of ``context`` (at most ``longest`` tokens) that occurs
         in the trie with a continuation, and that tail's length; (None, 0) when none does."""
+        kids = self.kids
         for m in range(min(longest, len(context)), 0, -1):
-            node: _Node | None = self.root
+            node: int | None = ROOT
             for t in context[len(context) - m :]:
-                node = node.children.get(t) if node is not None else None
+                k = kids[node]  # type: ignore[index]
+                node = k.get(t) if k else None
                 if node is None:
                     break
-            if node is not None and node.children:
+            if node is not None and kids[node]:
                 return node, m
         return None, 0
 
-    @staticmethod
-    def continuation(node: _Node, k: int, min_prob: float) -> list[int]:
+    def continuation(self, node: int, k: int, min_prob: float) -> list[int]:
         """Follow the most frequent child from ``node`` while the path's estimated
         probability (product of the children's shares) stays at least ``min_prob``."""
+        kids, counts = self.kids, self.counts
         out: list[int] = []
         prob = 1.0
-        while len(out) < k and node.children:
-            token, child = max(node.children.items(), key=lambda kv: kv[1].count)
-            prob *= child.count / max(node.count, sum(c.count for c in node.children.values()))
+        while len(out) < k:
+            children = kids[node]
+            if not children:
+                break
+            token, child = max(children.items(), key=lambda kv: counts[kv[1]])
+            prob *= counts[child] / max(counts[node], sum(counts[c] for c in children.values()))
             if prob < min_prob:
                 break
             out.append(token)
@@ -77,26 +165,51 @@ class SuffixTrie:
 
 
 class _RequestTrie:
-    """A sequence's own trie, extended token by token (``Sequence.draft_state``)."""
+    """A sequence's own trie over a window of its tokens, ``[start, indexed)``, extended token
+    by token (``Sequence.draft_state``)."""
 
-    def __init__(self, max_depth: int) -> None:
+    _serials = itertools.count()
+
+    def __init__(self, max_depth: int, start: int = 0) -> None:
         self.trie = SuffixTrie(max_depth)
-        self.indexed = 0  # tokens of the sequence counted so far
-        self.open: list[tuple[_Node, int]] = []  # nodes of the suffixes ending there, depths
+        self.serial = next(self._serials)  # its key in the proposer's registry
+        self.start = start  # first token of the window
+        self.indexed = start  # tokens of the sequence counted so far
+        self.open: list[tuple[int, int]] = []  # nodes of the suffixes ending there, depths
 
-    def extend(self, tokens: list[int]) -> None:
-        depth_cap = self.trie.max_depth
-        for t in tokens[self.indexed :]:
-            grown: list[tuple[_Node, int]] = []
-            for node, depth in [(self.trie.root, 0), *self.open]:
-                child = node.children.get(t)
+    @property
+    def tokens(self) -> int:
+        return self.indexed - self.start
+
+    def extend(self, tokens: list[int], upto: int, window: int) -> None:
+        """Count the tokens up to ``upto``, keeping the last ``window`` (>= max_depth)."""
+        trie, depth_cap = self.trie, self.trie.max_depth
+        kids, counts = trie.kids, trie.counts
+        for j in range(self.indexed, upto):
+            t = tokens[j]
+            grown: list[tuple[int, int]] = []
+            for node, depth in [(ROOT, 0), *self.open]:
+                k = kids[node]
+                if k is None:
+                    k = kids[node] = {}
+                child = k.get(t)
                 if child is None:
-                    child = node.children[t] = _Node()
-                child.count += 1
+                    child = k[t] = trie.new_node()
+                counts[child] += 1
                 if depth + 1 < depth_cap:
                     grown.append((child, depth + 1))
             self.open = grown
-        self.indexed = len(tokens)
+            self.indexed = j + 1
+            if self.indexed - self.start > window:
+                # NOTE: the window is at least max_depth, so the substrings starting at
+                # ``start`` are complete (none of them is an open suffix).
+                trie.remove(tokens[self.start : self.start + depth_cap])
+                self.start += 1
+
+    def clear(self) -> None:
+        """Forget everything; go on from the newest token indexed."""
+        self.trie = SuffixTrie(self.trie.max_depth)
+        self.start, self.open = self.indexed, []
 
 
 class SuffixProposer:
@@ -108,40 +221,139 @@ class SuffixProposer:
         max_cached_requests: int,
         min_token_prob: float,
         max_spec_factor: float = 2.0,
+        max_request_tokens: int = 4096,
+        max_worker_tokens: int = 32768,
     ) -> None:
+        if not max_depth <= max_request_tokens <= max_worker_tokens:
+            raise ValueError("need max_depth <= max_request_tokens <= max_worker_tokens")
         self.max_depth = max_depth
         self.min_token_prob = min_token_prob
         self.max_spec_factor = max_spec_factor
+        self.max_request_tokens = max_request_tokens
+        self.max_worker_tokens = max_worker_tokens
         self.global_trie = SuffixTrie(max_depth)
         self.recent: deque[list[int]] = deque()
         self.max_cached_requests = max_cached_requests
+        self.cached_tokens = 0  # in ``recent`` (and the global trie)
+        # The live request tries, least recently proposing first, and the tokens each held
+        # when last counted: a trie that dies with its sequence (finished, aborted) leaves
+        # through the weak reference's callback.
+        self._tries: OrderedDict[int, weakref.ref[_RequestTrie]] = OrderedDict()
+        self._held: dict[int, int] = {}
+        self.request_tokens = 0  # sum of ``_held``
+        self.evictions = 0  # running requests' tries emptied to make room
+        self._step_left = INDEX_TOKENS_PER_STEP
+
+    @property
+    def tokens(self) -> int:
+        """Tokens held by every trie of the worker (at most ``max_worker_tokens``)."""
+        return self.cached_tokens + self.request_tokens
+
+    def new_step(self) -> None:
+        """A scheduler step begins: the indexing budget counts anew."""
+        self._step_left = INDEX_TOKENS_PER_STEP
 
     def propose(self, seq: Sequence, k: int) -> list[int]:
-        state = seq.draft_state
-        if not isinstance(state, _RequestTrie) or state.indexed > seq.num_tokens:
-            state = seq.draft_state = _RequestTrie(self.max_depth)
-        state.extend(seq.token_ids)
-        tail = seq.token_ids[-(self.max_depth - 1) :]
+        state = self._request_trie(seq)
+        tokens, n = seq.token_ids, seq.num_tokens
+        if state.indexed < n - self.max_request_tokens:
+            state.clear()  # all it holds would leave the window: start at the window
+            state.start = state.indexed = n - self.max_request_tokens
+            self._count(state)
+        upto = min(n, state.indexed + max(self._step_left, FOLLOW_TOKENS))
+        grow = min(state.tokens + upto - state.indexed, self.max_request_tokens) - state.tokens
+        self._make_room(grow, state)
+        self._step_left -= upto - state.indexed
+        state.extend(tokens, upto, self.max_request_tokens)
+        self._count(state)
+        tail = tokens[-(self.max_depth - 1) :]
         longest = max(1, self.max_depth - k)
         # The request's own trie holds the tail itself, at its end with no continuation yet:
-        # a match there is an earlier occurrence.
-        best, best_len = state.trie.match(tail, longest)
+        # a match there is an earlier occurrence (while the trie is still being built it
+        # ends earlier: a match is an earlier occurrence all the more).
+        trie = state.trie
+        best, best_len = trie.match(tail, longest)
         node, m = self.global_trie.match(tail, longest)
         if node is not None and m > best_len:
-            best, best_len = node, m
+            trie, best, best_len = self.global_trie, node, m
         if best is None:
             return []
         # A longer match is better evidence: a 1-token match proposes few drafts.
         k = min(k, max(1, int(self.max_spec_factor * best_len)))
-        return SuffixTrie.continuation(best, k, self.min_token_prob)
+        return trie.continuation(best, k, self.min_token_prob)
 
     def finished(self, seq: Sequence) -> None:
         """Keep the output of a finished sequence for later requests (a window of the last
-        ``max_cached_requests``)."""
+        ``max_cached_requests``, within the worker's token budget)."""
+        state = seq.draft_state
+        if isinstance(state, _RequestTrie):  # its memory goes now, not with the sequence
+            seq.draft_state = None
+            self._forget(state.serial)
         if not self.max_cached_requests or seq.num_output_tokens == 0:
             return
-        out = seq.output_token_ids
+        out = seq.output_token_ids[-self.max_request_tokens :]
+        while self.recent and (
+            len(self.recent) >= self.max_cached_requests
+            or self.tokens + len(out) > self.max_worker_tokens
+        ):
+            self._drop_oldest_output()
+        room = self.max_worker_tokens - self.tokens  # what the running requests leave
+        out = out[len(out) - room :] if room < len(out) else out
+        if len(out) < 2:
+            return
         self.global_trie.add(out)
         self.recent.append(out)
-        while len(self.recent) > self.max_cached_requests:
-            self.global_trie.add(self.recent.popleft(), sign=-1)
+        self.cached_tokens += len(out)
+
+    def _request_trie(self, seq: Sequence) -> _RequestTrie:
+        state = seq.draft_state
+        if not isinstance(state, _RequestTrie) or state.indexed > seq.num_tokens:
+            if isinstance(state, _RequestTrie):
+                self._forget(state.serial)
+            state = seq.draft_state = _RequestTrie(self.max_depth)
+            self._tries[state.serial] = weakref.ref(state, self._died(state.serial))
+            self._held[state.serial] = 0
+        else:
+            self._tries.move_to_end(state.serial)
+        return state
+
+    def _died(self, serial: int):  # noqa: ANN202 - a weakref callback
+        proposer = weakref.ref(self)  # NOTE: the callback must not keep the proposer alive
+
+        def callback(_ref: object) -> None:
+            me = proposer()
+            if me is not None:
+                me._forget(serial)
+
+        return callback
+
+    def _forget(self, serial: int) -> None:
+        self._tries.pop(serial, None)
+        self.request_tokens -= self._held.pop(serial, 0)
+
+    def _count(self, state: _RequestTrie) -> None:
+        self.request_tokens += state.tokens - self._held[state.serial]
+        self._held[state.serial] = state.tokens
+
+    def _make_room(self, need: int, keep: _RequestTrie) -> None:
+        """Free tokens until ``need`` more fit in the worker's budget: the oldest outputs
+        first, then the least recently proposing requests' tries (never ``keep``'s)."""
+        while self.tokens + need > self.max_worker_tokens:
+            if self.recent:
+                self._drop_oldest_output()
+                continue
+            victim = next((s for s in self._tries if s != keep.serial and self._held[s]), None)
+            if victim is None:
+                return  # NOTE: cannot happen: keep alone holds at most max_request_tokens
+            trie = self._tries[victim]()
+            if trie is None:
+                self._forget(victim)
+                continue
+            trie.clear()
+            self._count(trie)
+            self.evictions += 1
+
+    def _drop_oldest_output(self) -> None:
+        old = self.recent.popleft()
+        self.global_trie.add(old, sign=-1)
+        self.cached_tokens -= len(old)
