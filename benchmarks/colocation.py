@@ -49,7 +49,15 @@ def prompt(i: int, words: int) -> str:
 
 
 def online_request(c: httpx.Client, model: str, i: int) -> tuple[float, float] | None:
-    """Stream one online completion: (TTFT s, TPOT s), None if it failed."""
+    """Stream one online completion: (TTFT s, TPOT s), None if it failed (counted)."""
+    try:
+        return _online_request(c, model, i)
+    except httpx.HTTPError as e:  # e.g. a kept-alive connection the server closed meanwhile
+        print(f"online request {i} failed: {e!r}", file=sys.stderr)
+        return None
+
+
+def _online_request(c: httpx.Client, model: str, i: int) -> tuple[float, float] | None:
     body = {"model": model, "prompt": prompt(i, 48), "max_tokens": ONLINE_TOKENS,
             "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
     t0 = time.perf_counter()

@@ -148,6 +148,13 @@ def _offline(w: dict) -> str:
     return f"{w['offline_waiting']}/{w['offline_running']}"
 
 
+def _step(w: dict) -> str:
+    """The engine's fitted step cost, "fixed+per_token" in wall ms ("-" before a fit)."""
+    if not w.get("step_token_ms"):
+        return "-"
+    return f"{w['step_fixed_ms']:.0f}+{w['step_token_ms']:.2f}"
+
+
 def _role(w: dict) -> str:
     """Its role, with the role it is moving to when a desired role differs."""
     return w["role"] if w["desired_role"] == w["role"] else f"{w['role']}->{w['desired_role']}"
@@ -172,7 +179,7 @@ def render_roles(st: dict) -> str:
 def render_status(st: dict) -> str:
     head = ["ID", "ROLE", "EPOCH", "STATE", "ADDRESS", "WAIT", "RUN", "REQS", "QUEUED_TOK",
             "KV%", "IMAGES", "TTFT_MS", "TPOT_MS", "ONLINE_TTFT", "ONLINE_TPOT", "OFFLINE_W/R",
-            "SPEC", "PID", "HOST"]  # fmt: skip
+            "STEP_MS", "SPEC", "PID", "HOST"]  # fmt: skip
     held: list[str] = []
     failed: list[str] = []  # workers whose last model load failed
     tables: dict[str, list[list[str]]] = {}  # one table per base model
@@ -184,7 +191,7 @@ def render_status(st: dict) -> str:
                      _fmt(w["waiting"]), _fmt(w["running"]), _count(w.get("requests")),
                      _fmt(w["waiting_prompt_tokens"]), _fmt(kv), _images(w), _fmt(w["ttft_ms"]),
                      _fmt(w["tpot_ms"]), _fmt(w.get("online_ttft_ms")),
-                     _fmt(w.get("online_tpot_ms")), _offline(w), _speculation(w), _fmt(w["pid"]),
+                     _fmt(w.get("online_tpot_ms")), _offline(w), _step(w), _speculation(w), _fmt(w["pid"]),
                      _fmt(w["host"])])  # fmt: skip
         ids = [*(w.get("requests") or []), *(f"{r} (reserved)" for r in w.get("reserved") or [])]
         if ids:

@@ -99,5 +99,9 @@ class EngineStats:
     num_offline_running: int = 0
     num_offline_waiting_prompt_tokens: int = 0
     num_offline_blocks: int = 0
+    # The step cost the service tiers fit (tier_policy.StepCost): a step of n tokens takes
+    # about step_fixed_ms + n * step_token_ms of wall time now; 0 and 0 before a fit.
+    step_fixed_ms: float = 0.0
+    step_token_ms: float = 0.0
     # Speculative decoding counters (cumulative); None when the engine does not speculate.
     spec: SpecStats | None = None

@@ -168,7 +168,7 @@ class Scheduler:
                 admit_below = -1  # memory pressure: admit nothing more this step
             if rank < admit_below:
                 admit_below = min(admit_below, self._schedule_waiting(rank, ranks, out))
-        self._step_started = self.policy.clock()  # postprocess times the step
+        self._step_started = self.policy.start_step()  # postprocess times the step
         return out
 
     def _ranks(self) -> dict[int, int]:

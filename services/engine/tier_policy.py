@@ -22,20 +22,25 @@ pace lets offline tokens raise each online request's mean step cost (its TPOT) t
 ``offline_tpot_quantile`` of recent online requests' mean step cost without offline work
 (``reference``), and never one step's cost past it, while a request already slower than that
 gets only the share. So the TPOT tail stays, and the requests below it (most) carry offline
-tokens. A request in its prefill (its TTFT) gets only the share. Costs are counted in tokens'
-worth (``StepCost``), so the machine's timing noise does not move the decisions.
+tokens. A request in its prefill (its TTFT) gets only the share. The pace counts online
+requests' measured step times (``OnlinePace``): on a shared machine their tail is made by the
+machine, which a count of tokens does not see; only what offline tokens add is the step cost
+model's (``StepCost``, a robust fit to the last steps' wall times). ``EPDSERVE_STEP_LOG``
+traces every step's decision (step_log.py).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 from services.engine.service_tiers import DEFAULT, DEFAULT_OFFLINE_AGING_S, FLEX, PRIORITY
+from services.engine.step_log import StepLog, split
 
 if TYPE_CHECKING:
     from services.engine.scheduler_output import ScheduledSeq
@@ -62,55 +67,109 @@ PACE_MIN_REQUESTS = 20
 
 class StepCost:
     """``fixed / per_token`` of the linear model ``seconds = fixed + per_token * tokens`` of
-    the engine's steps, fitted by least squares with exponentially fading weights."""
+    the engine's steps, fitted by least squares to the last ``WINDOW`` steps' wall times,
+    refitted every ``REFIT`` steps without the steps far off the first fit.
 
-    DECAY = 0.99  # weight of the fit's past on each new step (a memory of ~100 steps)
+    Why wall time, a short window and outlier rejection: the share and the pace exist to
+    bound what offline tokens add to online requests' wall-clock TPOT, so the cost that
+    counts is a token's wall time now. On a shared CPU that moves with the machine's load: at
+    a load of 18 on 2 cores a 100-token step took 4.6x its CPU time and a 5-row decode 1.7x
+    (a token's wall cost 3.9 ms against 0.83 ms of CPU), so the fixed cost in tokens' worth
+    fell from ~30 (CPU time) to ~14. The exponentially fading fit this replaces had no
+    outlier rejection: its slope came from the few large steps, each delayed by whatever
+    else ran, and its fixed cost wandered from 42 to 160 tokens' worth within 80 s at a load
+    of 14 (a 4x error that let 4x the offline tokens into steps), or to 7.
+    """
+
+    WINDOW = 256  # steps (~10 s of decode steps on a CPU)
+    REFIT = 16
+    OUTLIER_MADS = 3.0  # a step further than this many (scaled) MADs from the first fit
 
     def __init__(self, prior_fixed_tokens: float = PRIOR_FIXED_TOKENS) -> None:
         self.fixed_tokens = prior_fixed_tokens
-        self._n = self._x = self._y = self._xx = self._xy = 0.0
+        self.fixed_s = self.per_token_s = 0.0  # the fit in seconds (0 until there is one)
+        self._steps: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)
+        self._since = 0
 
     def observe(self, tokens: int, seconds: float) -> None:
         """A step of ``tokens`` tokens took ``seconds``."""
-        if seconds <= 0.0 or tokens <= 0:
+        if not seconds > 0.0 or tokens <= 0 or math.isinf(seconds):
             return  # a clock that did not move (tests) tells nothing
-        d = self.DECAY
-        self._n = self._n * d + 1.0
-        self._x = self._x * d + tokens
-        self._y = self._y * d + seconds
-        self._xx = self._xx * d + tokens * tokens
-        self._xy = self._xy * d + tokens * seconds
-        mx, my = self._x / self._n, self._y / self._n
-        var = self._xx / self._n - mx * mx
-        if var < 1.0:
+        self._steps.append((tokens, seconds))
+        self._since += 1
+        if self._since >= self.REFIT or len(self._steps) < self.REFIT:  # early: every step
+            self._since = 0
+            self._fit()
+
+    def _fit(self) -> None:
+        steps = list(self._steps)
+        first = _line(steps)
+        if first is None:
             return  # steps of one size: no slope to fit yet
-        per_token = (self._xy / self._n - mx * my) / var
-        fixed = my - per_token * mx
+        fixed, per_token = first
+        residuals = [abs(s - fixed - per_token * t) for t, s in steps]
+        cut = self.OUTLIER_MADS * 1.4826 * statistics.median(residuals)
+        kept = [step for step, r in zip(steps, residuals, strict=True) if r <= cut]
+        fixed, per_token = _line(kept) or first
+        self.fixed_s, self.per_token_s = fixed, per_token
         if per_token <= 0.0:
             self.fixed_tokens = math.inf  # tokens cost nothing measurable
         else:
             self.fixed_tokens = max(0.0, fixed / per_token)
 
+    def predict(self, tokens: int) -> float:
+        """Seconds a step of ``tokens`` tokens takes by the fit (0 before a fit)."""
+        return self.fixed_s + self.per_token_s * tokens
+
+    def stats_fields(self) -> dict[str, float]:
+        """EngineStats' step cost fields (milliseconds)."""
+        return {"step_fixed_ms": self.fixed_s * 1000.0, "step_token_ms": self.per_token_s * 1000.0}
+
+
+def _line(steps: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """Least-squares (intercept, slope) of seconds on tokens; None without a spread of
+    sizes (a variance of tokens under 1)."""
+    n = len(steps)
+    if n < 2:
+        return None
+    mx = sum(t for t, _ in steps) / n
+    my = sum(s for _, s in steps) / n
+    var = sum((t - mx) ** 2 for t, _ in steps) / n
+    if var < 1.0:
+        return None
+    slope = sum((t - mx) * (s - my) for t, s in steps) / n / var
+    return my - slope * mx, slope
+
 
 class OnlinePace:
     """The pace's bookkeeping (see the module's docstring): each running online request's
-    decode steps, and the ``quantile`` of the mean step cost without offline work of the
-    online requests that ended last (``reference``)."""
+    decode steps as measured (seconds), and the ``quantile`` of the mean step time without
+    offline work of the online requests that ended last (``reference``).
+
+    NOTE: it counts measured step times, not the step cost model's: on a shared CPU an
+    online request's TPOT tail is mostly made by the machine (steps other processes delayed),
+    which no count of tokens sees. Counted in tokens, the pace gave a request already in the
+    tail the same offline tokens as one at the median, and the tail rose with the median
+    (benchmarks/RESULTS.md, coloc4). Measured, a request whose steps the machine slowed is
+    past the reference and gets only the share. Only the offline tokens' part of a step is
+    the model's (``offline_seconds``), and only its marginal cost per token.
+    """
 
     def __init__(self, quantile: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.quantile, self.clock = quantile, clock
         self.recent: deque[tuple[float, float]] = deque()  # (ended, mean step cost), in order
         self._sorted: list[float] = []  # the means, sorted
 
-    def observe(self, online: list[ScheduledSeq], offline_tokens: int, fixed: float) -> None:
-        """A step ran ``online`` (the online part of its batch) beside ``offline_tokens``."""
-        cost = fixed + sum(item.num_new_tokens for item in online)
+    def observe(self, online: list[ScheduledSeq], offline_seconds: float, seconds: float) -> None:
+        """A step that ran ``online`` (the online part of its batch) took ``seconds``, of
+        which its offline tokens' are estimated at ``offline_seconds``."""
+        offline = min(offline_seconds, seconds)
         for item in online:
             seq = item.seq
             if seq.num_output_tokens:  # a decode: its TPOT (a prefill is its TTFT)
                 seq.paced_steps += 1
-                seq.paced_cost += cost
-                seq.paced_offline += offline_tokens
+                seq.paced_cost += seconds - offline
+                seq.paced_offline += offline
 
     def finished(self, seq: Sequence) -> None:
         """The online ``seq`` ended: its mean step cost joins the reference's window."""
@@ -127,8 +186,8 @@ class OnlinePace:
 
     @property
     def reference(self) -> float | None:
-        """The mean step cost the pace lets offline tokens raise online requests to; None
-        while fewer than ``PACE_MIN_REQUESTS`` online requests ended in its window."""
+        """The mean step time (seconds) the pace lets offline tokens raise online requests
+        to; None while fewer than ``PACE_MIN_REQUESTS`` online requests ended in its window."""
         horizon = self.clock() - PACE_WINDOW_S
         while self.recent and self.recent[0][0] < horizon:
             self._drop_oldest()
@@ -136,23 +195,24 @@ class OnlinePace:
             return None
         return self._sorted[min(len(self._sorted) - 1, int(self.quantile * len(self._sorted)))]
 
-    def limit(self, cost: float, share: float, online: list[Sequence]) -> float:
-        """Offline tokens a step whose online work (``online``, running) costs ``cost``
-        may carry: its ``share`` of it, or up to the reference, and no more than any request
-        in it has left: one in its prefill only the share, one decoding what keeps its mean
-        step cost within the reference (or its own share, if it is slower than that)."""
-        shared = max(1.0, share * cost)
+    def limit(self, cost: float, share: float, online: list[Sequence], token_s: float) -> float:
+        """Offline tokens a step whose online work (``online``, running) is predicted to take
+        ``cost`` seconds may carry, a token taking ``token_s``: its ``share`` of it, or up to
+        the reference, and no more than any request in it has left: one in its prefill only
+        the share, one decoding what keeps its mean step time (as measured, offline tokens
+        included) within the reference, or its own share if it is slower than that."""
+        shared = max(1.0, share * cost / token_s)
         ref = self.reference
         if ref is None:
             return shared
-        limit = max(shared, ref - cost)
+        limit = max(shared, (ref - cost) / token_s)
         for seq in online:
             if not seq.num_output_tokens:
                 limit = min(limit, shared)
                 continue
             own = seq.paced_cost + cost
             allowed = max(share * own, ref * (seq.paced_steps + 1) - own)
-            limit = min(limit, allowed - seq.paced_offline)
+            limit = min(limit, (allowed - seq.paced_offline) / token_s)
         return max(0.0, limit)
 
 
@@ -174,6 +234,9 @@ class TierPolicy:
         self.step_cost = StepCost()
         # The pace (with a share only); None: the share alone.
         self.pace = OnlinePace(offline_tpot_quantile, clock) if offline_tpot_quantile else None
+        self.step_log = StepLog.from_env()  # EPDSERVE_STEP_LOG: one line a step
+        self._decision: dict[str, float | None] = {}  # offline_budget's, for the step log
+        self._cpu_started = 0.0
 
     def ranks(self, seqs: Collection[Sequence]) -> dict[int, int]:
         """The rank of each of ``seqs`` (by seq_id) now: its tier's, or for a flex one that
@@ -236,28 +299,55 @@ class TierPolicy:
         what the pace allows (see the module's docstring)."""
         if self.max_offline_batched_tokens is not None:
             budget = min(budget, self.max_offline_batched_tokens)
-        share, fixed = self.offline_step_share, self.step_cost.fixed_tokens
+        share, cost = self.offline_step_share, self.step_cost
+        fixed = cost.fixed_tokens
         if share is None or math.isinf(fixed):
             return budget
         if not online:
             limit = max(1.0, OFFLINE_STEP_FIXED_COSTS * fixed)
-        elif self.pace is None:
+        elif self.pace is None or cost.per_token_s <= 0.0:  # no pace, or no fit yet
             limit = max(1.0, share * (fixed + online_tokens))
         else:
             online_running = [s for s in running if self.rank(s) < OFFLINE_RANK]
-            limit = self.pace.limit(fixed + online_tokens, share, online_running)
+            limit = self.pace.limit(
+                cost.predict(online_tokens), share, online_running, cost.per_token_s
+            )
+        if self.step_log is not None:
+            ref = self.pace.reference if self.pace is not None and online else None
+            self._decision = {"limit": limit, "ref": ref}
         return min(budget, int(limit + 1e-6))
+
+    def start_step(self) -> float:
+        """The step the scheduler just planned starts now: the clock's time."""
+        if self.step_log is not None:
+            self._cpu_started = time.thread_time()
+        return self.clock()
 
     def observe_step(self, scheduled: list[ScheduledSeq], seconds: float) -> None:
         """A step ran ``scheduled`` in ``seconds``: fit the step cost, count the pace."""
+        if self.step_log is not None:
+            self._log_step(scheduled, seconds)
         self.step_cost.observe(sum(item.num_new_tokens for item in scheduled), seconds)
-        fixed = self.step_cost.fixed_tokens
-        if self.pace is not None and not math.isinf(fixed):
+        token_s = self.step_cost.per_token_s
+        if self.pace is not None and token_s > 0.0 and seconds > 0.0:
             online = [item for item in scheduled if self.rank(item.seq) < OFFLINE_RANK]
             offline = sum(item.num_new_tokens for item in scheduled) - sum(
                 item.num_new_tokens for item in online
             )
-            self.pace.observe(online, offline, fixed)
+            self.pace.observe(online, offline * token_s, seconds)
+
+    def _log_step(self, scheduled: list[ScheduledSeq], seconds: float) -> None:
+        assert self.step_log is not None
+        cost = self.step_cost
+        offline = {it.seq.seq_id for it in scheduled if self.rank(it.seq) >= OFFLINE_RANK}
+        tokens = sum(item.num_new_tokens for item in scheduled)
+        self.step_log.write({
+            "t": round(self.clock(), 4), "s": round(seconds, 5),
+            "cpu": round(time.thread_time() - self._cpu_started, 5), **split(scheduled, offline),
+            "fixed": round(cost.fixed_tokens, 2), "pred": round(cost.predict(tokens), 5),
+            **{k: None if v is None else round(v, 5) for k, v in self._decision.items()},
+        })  # fmt: skip
+        self._decision = {}
 
     def finished(self, seq: Sequence) -> None:
         """``seq`` left the engine (done, aborted, handed on)."""

@@ -104,6 +104,8 @@ class LoadRPCs:
             num_offline_waiting_prompt_tokens=s.num_offline_waiting_prompt_tokens,
             num_offline_running=s.num_offline_running,
             num_offline_blocks=s.num_offline_blocks,
+            step_fixed_ms=s.step_fixed_ms,
+            step_token_ms=s.step_token_ms,
         )
 
     async def StreamLoad(  # noqa: N802

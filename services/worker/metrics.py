@@ -272,6 +272,17 @@ class _EngineCollector:
         yield gauge("epdserve:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
                     s.kv_utilization)  # fmt: skip
         yield self._by_class(s)
+        yield gauge(
+            "epdserve:step_fixed_seconds",
+            "The engine's step cost as its service tiers fit it: the fixed wall time of a step "
+            "(a step of n tokens takes fixed + n * per-token).",
+            getattr(s, "step_fixed_ms", 0.0) / 1000.0,
+        )
+        yield gauge(
+            "epdserve:step_token_seconds",
+            "The engine's step cost as its service tiers fit it: the wall time of a token.",
+            getattr(s, "step_token_ms", 0.0) / 1000.0,
+        )
         yield counter(
             "epdserve:prefix_cache_queries",
             "Prompt tokens looked up in the prefix cache.",

@@ -129,14 +129,18 @@ def test_key_bounds_the_integer_priority_and_anthropic_asks_for_priority(cluster
 
 def test_status_and_metrics_show_both_classes(cluster) -> None:
     """After the tests above (flex and online requests): ``epdserve status`` shows the online
-    and offline classes, and the router counts requests and tokens per tier."""
+    and offline classes and the engine's fitted step cost, and the router counts requests and
+    tokens per tier."""
     chat(oai(cluster, "k-open"), service_tier="flex")
     out = cli(cluster, "status")
     assert out.returncode == 0, out.stderr
     assert "offline (flex): 0 waiting, 0 running" in out.stdout and "SLOs met" in out.stdout
-    assert "ONLINE_TTFT" in out.stdout and "OFFLINE_W/R" in out.stdout
+    assert "ONLINE_TTFT" in out.stdout and "OFFLINE_W/R" in out.stdout and "STEP_MS" in out.stdout
     (worker,) = status(cluster)["workers"]  # per worker: its online means, its offline work
     assert worker["online_ttft_ms"] > 0 and worker["online_tpot_ms"] > 0
+    # The step cost the share and the pace count in, fitted on the steps it ran (a tiny
+    # model's slope may be any sign: its steps are mostly fixed cost).
+    assert worker["step_fixed_ms"] != 0 and isinstance(worker["step_token_ms"], float)
     assert (worker["offline_waiting"], worker["offline_running"]) == (0, 0)
     text = httpx.get(cluster.base_url + "/metrics", timeout=5).text
     counts = {

@@ -145,6 +145,13 @@ def test_requests_by_class_split_online_from_offline() -> None:
                   ("offline", "waiting"): 2, ("offline", "running"): 1}  # fmt: skip
 
 
+def test_step_cost_is_a_gauge_in_seconds() -> None:
+    m, engine, _ = _metrics()
+    engine.snapshot = _stats(step_fixed_ms=31.0, step_token_ms=2.5)
+    assert value(m, "epdserve:step_fixed_seconds") == 0.031
+    assert value(m, "epdserve:step_token_seconds") == 0.0025
+
+
 def test_pd_metrics_exist_at_zero_and_record() -> None:
     m, _, _ = _metrics()
     assert value(m, "epdserve:kv_transfer_bytes_total") == 0

@@ -171,6 +171,10 @@ def worker_status(
         "offline_waiting": r.num_offline_waiting if r else None,
         "offline_running": r.num_offline_running if r else None,
         "offline_waiting_prompt_tokens": r.num_offline_waiting_prompt_tokens if r else None,
+        # The engine's fitted step cost (wall ms: fixed + per token), what the offline share
+        # and pace count in; it moves with the machine's load.
+        "step_fixed_ms": round(r.step_fixed_ms, 2) if r else None,
+        "step_token_ms": round(r.step_token_ms, 3) if r else None,
         # Encoder backlog: images waiting for / in the vision tower (0 on other roles).
         "images_waiting": r.images_waiting if r else None,
         "images_encoding": r.images_encoding if r else None,
