@@ -32,7 +32,7 @@ class EngineConfig:
     # Most sequences in one running batch.
     max_num_seqs: int = 64
     # Token budget of one engine step (decode tokens + prefill chunk tokens).
-    max_num_batched_tokens: int = 1024
+    max_num_batched_tokens: int = 2048
     # Context length limit; None: the model's max_position_embeddings capped at 8192.
     max_model_len: int | None = None
     # Bytes for the KV cache; None: derived from the device (see ModelRunner).
