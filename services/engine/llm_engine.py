@@ -43,7 +43,6 @@ from services.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from services.engine.sequence import Sequence
 from services.engine.speculative.acceptance import append_sampled
 from services.engine.speculative.setup import start_speculation
-from services.engine.step_trace import StepTrace
 from services.engine.structured_output import StructuredOutputs
 from services.engine.tier_policy import offline_stats
 from services.engine.tp_ranks import make_runner
@@ -123,7 +122,6 @@ class LLMEngine:
         # (the step thread then sleeps until a command, e.g. a release, wakes it).
         self.blocked_on_memory = False
         self.num_prompt_tokens_computed = 0  # prompt tokens run through the model (a metric)
-        self.step_trace = StepTrace.from_env()  # EPDSERVE_STEP_TRACE: a line per step
 
     def _enable_tiers(self, host_blocks: int, store: StoreTier | None = None) -> None:
         if not self.config.enable_prefix_caching:
@@ -145,7 +143,7 @@ class LLMEngine:
 
     def close(self) -> None:
         """Stop the tiers' background store reads and writes, and the other ranks' processes."""
-        for part in filter(None, (self.tiers, self.runner.ranks, self.step_trace)):
+        for part in filter(None, (self.tiers, self.runner.ranks)):
             part.close()
 
     # ---- requests --------------------------------------------------------------------------
@@ -222,16 +220,12 @@ class LLMEngine:
             self._idle(sched, lost)
             return ended
         self.blocked_on_memory = False
-        if self.step_trace is not None:
-            self.step_trace.before(sched)
         logits, failed = self.executor.execute(sched, self.layer_hook)
         self.num_prompt_tokens_computed += sched.num_prompt_tokens
         self.scheduler.postprocess(sched)
         if self.tiers is not None:
             self.tiers.after_step(self.block_manager, self.runner)
         touched = self._update(sched, logits, failed)
-        if self.step_trace is not None:
-            self.step_trace.after(sched, len(self.scheduler.waiting))
         # One sequence that ran (and sampled) without failing proves the engine works.
         self.faults.end_step(any(s.seq.request_id not in failed for s in sched.scheduled))
         return ended + [self.outputs.make_output(req) for req in touched]
