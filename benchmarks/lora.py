@@ -124,6 +124,11 @@ def main() -> None:
         action="store_true",
         help="also run the base model's requests on the LoRA engine",
     )
+    p.add_argument(
+        "--torch-plans",
+        action="store_true",
+        help="also run the mixed batch with the C kernel off (the torch plans), interleaved",
+    )
     p.add_argument("--layers", action="store_true", help="also time the plans on one layer")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
@@ -147,16 +152,25 @@ def main() -> None:
     base = LLM(args.model, **common)
     mixed = LLM(args.model, **common, max_loras=args.adapters, max_lora_rank=args.rank,
                 lora_modules=[f"{n}={Path(tmp.name) / n}" for n in names])  # fmt: skip
+    mixed_torch = None
+    if args.torch_plans:
+        mixed_torch = LLM(args.model, **common, max_loras=args.adapters,
+                          max_lora_rank=args.rank,
+                          lora_modules=[f"{n}={Path(tmp.name) / n}" for n in names])  # fmt: skip
+        mixed_torch.engine.loras.batch.cpu_lib = None  # the torch plans (layers/lora.py)
+    print(f"C kernel for decode rows: {mixed.engine.loras.batch.cpu_lib is not None}")
     loras = [names[i % len(names)] for i in range(len(prompts))]
     none = [None] * len(prompts)
     # Interleaved, each round's ratio from its own pair: the machine's other load changes
     # between runs; the median round is the figure.
     runs: dict[str, list[tuple[float, float, float]]] = {
-        "base": [], "mixed": [], "base_on_lora": []
+        "base": [], "mixed": [], "mixed_torch": [], "base_on_lora": []
     }  # fmt: skip
     for _ in range(args.repeats):
         runs["base"].append(throughput(base, prompts, params, none))
         runs["mixed"].append(throughput(mixed, prompts, params, loras))
+        if mixed_torch is not None:
+            runs["mixed_torch"].append(throughput(mixed_torch, prompts, params, loras))
         if args.base_on_lora:
             runs["base_on_lora"].append(throughput(mixed, prompts, params, none))
     tmp.cleanup()
@@ -174,6 +188,20 @@ def main() -> None:
     print(f"| base model, LoRA off | {base_tps:.1f} | {base_s:.2f} | {base_cpu:.1f} |")
     print(f"| {args.adapters} adapters (rank {args.rank}) mixed in the batch | {lora_tps:.1f} "
           f"| {lora_s:.2f} | {lora_cpu:.1f} |")  # fmt: skip
+    if runs["mixed_torch"]:
+        torch_tps, torch_s, torch_cpu = runs["mixed_torch"][mid]
+        print(f"| same, torch plans (C kernel off) | {torch_tps:.1f} | {torch_s:.2f} | "
+              f"{torch_cpu:.1f} |")  # fmt: skip
+        kernel = sorted(
+            m[0] / t[0] for m, t in zip(runs["mixed"], runs["mixed_torch"], strict=True)
+        )
+        print("C kernel / torch plans per round (wall): "
+              + ", ".join(f"{r:.2f}" for r in kernel))  # fmt: skip
+        torch_ratios = sorted(
+            t[0] / b[0] for b, t in zip(runs["base"], runs["mixed_torch"], strict=True)
+        )
+        print("torch plans mixed / base per round (wall): "
+              + ", ".join(f"{r:.2f}" for r in torch_ratios))  # fmt: skip
     if runs["base_on_lora"]:
         print(f"| base model on the LoRA engine (no adapter rows) | "
               f"{runs['base_on_lora'][mid][0]:.1f} | | |")  # fmt: skip

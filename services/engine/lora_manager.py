@@ -28,6 +28,7 @@ import torch
 from services.engine.block_hash import adapter_hash_root
 from services.engine.config import EngineConfig
 from services.engine.distributed import RankFailure
+from services.engine.layers import cpu_lora
 from services.engine.layers.lora import LoRABatch, LoRALinear, cuda_kernels
 from services.engine.lora_adapter import LoRAAdapter, load_adapter
 from services.engine.model_files import MAX_NAME_CHARS
@@ -77,6 +78,10 @@ class LoRAManager:
                 self.cuts[(i, name)] = (rows, start if dim == 1 else None)
         self.num_layers = len(decoder)
         self.batch.kernels = cuda_kernels(torch.device(device))  # None: the torch paths
+        # On CPU: the C kernel for decode rows (None: no compiler, or not float32).
+        if torch.device(device).type == "cpu" and dtype == torch.float32:
+            self.batch.cpu_lib = cpu_lora.library()
+        self._max_width = max((w.a.shape[1] for w in self.layers.values()), default=1)
         self.adapters: dict[str, LoRAAdapter] = {}
         # Hash-chain ids: an adapter re-registered with other weights gets a new one, so
         # blocks cached under the old weights are never hit.
@@ -181,7 +186,7 @@ class LoRAManager:
         the order of the batch. Returns whether any row uses an adapter."""
         names = [n for n, _ in rows if n is not None]
         b = self.batch
-        b.groups, b.runs, b.padded, b.segments = [], [], None, None
+        b.groups, b.runs, b.padded, b.segments, b.cpu = [], [], None, None, None
         if not names:
             return False
         slots = {name: self._slot_of(name, set(names)) for name in dict.fromkeys(names)}
@@ -206,6 +211,10 @@ class LoRAManager:
             return True
         if len(runs) * MIN_RUN_ROWS <= sum(hi - lo for lo, hi, _ in runs):
             b.runs = runs  # prefill chunks: each run's delta straight into its rows
+            return True
+        if b.cpu_lib is not None:  # decode rows: the C kernel, one call a layer
+            rows_of = [per_slot.get(s, []) for s in range(self.max_loras)]
+            b.cpu = cpu_lora.CPUSegments(rows_of, self._max_width)
             return True
         m = max(len(r) for r in per_slot.values())
         if self.max_loras * m <= 2 * total:  # padding at most the batch again: one bmm

@@ -11,6 +11,7 @@ import pytest
 
 from services.engine import LLM, SamplingParams, lora_manager
 from services.engine.distributed import RankFailure
+from services.engine.layers import cpu_lora
 from tests.engine.lora_helpers import build_adapter, peft_greedy
 from tests.engine.test_correctness import prompts_of_mixed_lengths
 
@@ -101,6 +102,11 @@ def test_mixed_batch_equals_each_alone(setup, max_loras, tp, monkeypatch):
     adapter added while the engine runs reaches both; one that a rank fails to read reaches
     none."""
     base, folders, refs = setup
+    # On CPU the decode steps run the C kernel where it builds (counted: tokens equal to
+    # peft through it, not through the torch plans only).
+    kernel_calls = []
+    real_apply = cpu_lora.apply
+    monkeypatch.setattr(cpu_lora, "apply", lambda *a: kernel_calls.append(1) or real_apply(*a))
     at_start = {n: f for n, f in folders.items() if tp == 1 or n != "mlp"}
     llm = engine(base, at_start, max_loras=max_loras, enable_prefix_caching=False,
                  tensor_parallel_size=tp)  # fmt: skip
@@ -125,6 +131,8 @@ def test_mixed_batch_equals_each_alone(setup, max_loras, tp, monkeypatch):
     outs = llm.generate([p for p, _ in batch], GREEDY, lora=[n for _, n in batch])
     for out, (prompt, name) in zip(outs, batch, strict=True):
         check([out], [refs[name][prompts().index(prompt)]])
+    if tp == 1 and cpu_lora.library() is not None:
+        assert kernel_calls
     llm.engine.close()
 
 
@@ -169,17 +177,16 @@ def test_bad_adapters_are_clear_errors(setup, tmp_path):
     assert llm.generate([[5, 6, 7]], GREEDY, lora="all")[0].outputs[0].token_ids
 
 
-def test_every_cpu_plan_adds_each_rows_own_delta():
-    """The layer's three CPU plans (one matmul pair per run of consecutive rows, the padded
-    bmm, gathered groups) add each row's own adapter delta, on a fused layer whose middle
-    shard one adapter leaves alone, beside rows with no adapter."""
+def _layer_and_want(shards, d_in, rank, slots, row_slots, seed=0):
+    """A LoRALinear over a random base layer with random factors in every slot (slot 1
+    leaves shard 1 alone when there is one), the input rows and each row's own sum."""
     import torch
 
     from services.engine.layers.lora import LoRABatch, LoRALinear
 
-    gen = torch.Generator().manual_seed(0)
-    shards, d_in, rank, slots = {0: (0, 6), 1: (6, 4), 2: (10, 4)}, 8, 2, 3
-    weight = torch.randn(14, d_in, generator=gen)
+    gen = torch.Generator().manual_seed(seed)
+    out = sum(n for _, n in shards.values())
+    weight = torch.randn(out, d_in, generator=gen)
     batch = LoRABatch()
     layer = LoRALinear(lambda x: x @ weight.T, shards, d_in, slots, rank, torch.float32,
                        torch.device("cpu"), batch)  # fmt: skip
@@ -187,12 +194,10 @@ def test_every_cpu_plan_adds_each_rows_own_delta():
     for s in range(slots):
         a = [torch.randn(rank, d_in, generator=gen) for _ in shards]
         b = [torch.randn(n, rank, generator=gen) for _, n in shards.values()]
-        if s == 1:
+        if s == 1 and len(shards) > 1:
             a[1] = b[1] = None
         layer.set_slot(s, a, b)
         factors.append((a, b))
-    # Rows: a run of slot 0, base rows, a run of slot 2, one row of slot 1, slot 0 again.
-    row_slots = [0] * 5 + [None] * 2 + [2] * 4 + [1] + [0] * 3
     x = torch.randn(len(row_slots), d_in, generator=gen)
     want = x @ weight.T
     for i, s in enumerate(row_slots):
@@ -201,6 +206,19 @@ def test_every_cpu_plan_adds_each_rows_own_delta():
             want[i] += torch.cat([(bi @ (ai @ x[i])) if ai is not None else torch.zeros(n)
                                   for ai, bi, (_, n) in zip(a, b, shards.values(), strict=True)])  # fmt: skip
     rows_of = {s: [i for i, t in enumerate(row_slots) if t == s] for s in range(slots)}
+    return layer, batch, x, want, rows_of
+
+
+def test_every_cpu_plan_adds_each_rows_own_delta():
+    """The layer's three torch CPU plans (one matmul pair per run of consecutive rows, the
+    padded bmm, gathered groups) add each row's own adapter delta, on a fused layer whose
+    middle shard one adapter leaves alone, beside rows with no adapter."""
+    import torch
+
+    shards = {0: (0, 6), 1: (6, 4), 2: (10, 4)}
+    # Rows: a run of slot 0, base rows, a run of slot 2, one row of slot 1, slot 0 again.
+    row_slots = [0] * 5 + [None] * 2 + [2] * 4 + [1] + [0] * 3
+    layer, batch, x, want, rows_of = _layer_and_want(shards, 8, 2, 3, row_slots)
     batch.runs = [(0, 5, 0), (7, 11, 2), (11, 12, 1), (12, 15, 0)]
     torch.testing.assert_close(layer(x), want)
     batch.runs = []
@@ -212,3 +230,35 @@ def test_every_cpu_plan_adds_each_rows_own_delta():
     batch.padded = None
     batch.groups = [(s, torch.tensor(r)) for s, r in rows_of.items()]
     torch.testing.assert_close(layer(x), want)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "shards, d_in",
+    [
+        ({0: (0, 6), 1: (6, 4), 2: (10, 4)}, 8),  # under one 64-column block, odd widths
+        ({0: (0, 130), 1: (130, 64), 2: (194, 70)}, 77),  # full blocks and tails
+        ({None: (0, 200)}, 300),
+    ],  # fmt: skip
+)
+def test_cpu_kernel_adds_each_rows_own_delta(shards, d_in, threads):
+    """The C kernel (cpu_lora.py) adds each row's own delta: slots with 1 to 6 rows (4 rows
+    a step, and the rest), an unused slot, rows with no adapter, a shard that one adapter
+    leaves alone, on one and two threads."""
+    import torch
+
+    from services.engine.layers import cpu_lora
+
+    lib = cpu_lora.library()
+    if lib is None:
+        pytest.skip("no C compiler here: the torch plans run LoRA")
+    row_slots = [0, 2, None, 0, 2, 1, 0, 2, 0, 0, 2, None, 0, 2]  # slot 3 unused
+    layer, batch, x, want, rows_of = _layer_and_want(shards, d_in, 4, 4, row_slots)
+    batch.cpu_lib = lib
+    batch.cpu = cpu_lora.CPUSegments([rows_of[s] for s in range(4)], layer.a.shape[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
