@@ -150,7 +150,7 @@ class Gateway:
         if serving and not self.can_serve(name) and not self.pool.may_serve(name):
             if self.pool.asleep(name):
                 raise APIError(
-                    503, f"model '{name}' is asleep: every worker of it sleeps (`epdserve models "
+                    503, f"model '{name}' is asleep: the workers it needs sleep (`epdserve models "
                     f"wake WORKER` wakes one); retry after {ASLEEP_RETRY_AFTER_S} s",
                     code="model_asleep", headers={"Retry-After": str(ASLEEP_RETRY_AFTER_S)},
                 )  # fmt: skip
@@ -178,15 +178,18 @@ class Gateway:
             await asyncio.sleep(0.2)
 
     def _wake(self, model: str) -> None:
-        """Wake one sleeping worker of ``model`` (one wake-up at a time per model)."""
-        sleeping = sorted((h for h in self.pool.handles.values()
-                           if h.info.model == model and h.info.state == "sleeping"),
-                          key=lambda h: h.id)  # fmt: skip
-        if model in self._waking or not sleeping:
+        """Wake the sleeping workers that make a path for ``model`` (a mixed worker, or the
+        sleeping sides of a prefill + decode pair), one wake-up task per model at a time."""
+        picked = self.pool.to_wake(model)
+        if model in self._waking or not picked:
             return
-        task = asyncio.create_task(self._wake_one(sleeping[0]), name=f"wake-{model}")
+        task = asyncio.create_task(self._wake_all(picked), name=f"wake-{model}")
         self._waking[model] = task
         task.add_done_callback(lambda _: self._waking.pop(model, None))
+
+    @classmethod
+    async def _wake_all(cls, handles: list[WorkerHandle]) -> None:
+        await asyncio.gather(*(cls._wake_one(h) for h in handles))
 
     @staticmethod
     async def _wake_one(h: WorkerHandle) -> None:

@@ -105,6 +105,43 @@ async def _wakes() -> None:
             await gw.pool.close()
 
 
+def test_a_pd_model_with_a_side_asleep_waits_and_wakes_that_side(monkeypatch) -> None:
+    """A model served by a prefill + decode pair: with the decode worker asleep (prefill
+    awake) a request waits and gets the 503 model_asleep with Retry-After (it was a
+    no_workers 503 at once: not every worker slept); asked to wake, the router wakes the
+    decode worker only; with both asleep, both (it woke one, leaving no pair)."""
+    monkeypatch.setattr("services.router.gateway.ASLEEP_WAIT_S", 1.0)
+    asyncio.run(_pd_wakes())
+
+
+async def _pd_wakes() -> None:
+    from services.router.config import RouterConfig
+    from services.router.errors import APIError
+    from services.router.gateway import Gateway
+    from tests.router.router_fakes import FakeTokenizer
+
+    for wake, sleepers in ((False, ("d",)), (True, ("d",)), (True, ("p", "d"))):
+        gw = Gateway(RouterConfig(etcd="127.0.0.1:1", wake_asleep_models=wake), FakeTokenizer())
+        pair = {"p": handle("a-p", "a", "prefill"), "d": handle("a-d", "a", "decode")}
+        for side in sleepers:
+            pair[side].info.state = "sleeping"
+        for h in pair.values():
+            h.stub = SleepStub(h)
+        gw.pool.handles = {h.id: h for h in [*pair.values(), handle("b-0", "b", "mixed")]}
+        try:
+            if not wake:
+                with pytest.raises(APIError) as err:
+                    await gw.resolve_awake("a")
+                assert err.value.code == "model_asleep" and "Retry-After" in err.value.headers
+                continue
+            assert await gw.resolve_awake("a") == ("a", 4096)
+            assert {k: h.stub.calls for k, h in pair.items()} == {
+                k: [False] if k in sleepers else [] for k in pair
+            }
+        finally:
+            await gw.pool.close()
+
+
 def test_a_model_whose_workers_load_another_is_a_503_with_retry_after() -> None:
     asyncio.run(_loading())
 

@@ -302,8 +302,39 @@ class WorkerPool:
         return {a: h.info.model for h in self.handles.values() for a in h.lora_adapters}
 
     def asleep(self, model: str) -> bool:
-        """Every known worker of ``model``'s base model sleeps (or is waking up)."""
-        return self.all_in(model, "sleeping")
+        """Waking ``model``'s sleeping workers would make a path for it: some sleep (or are
+        waking up), and a mixed worker or a prefill and a decode worker are among them and
+        the serving ones. NOTE: a PD model with only one side asleep is asleep too (its
+        requests wait for that side, where "every worker sleeps" sent them a no_workers 503
+        at once)."""
+        workers = self._workers_of(model)
+        if not any(h.state == "sleeping" for h in workers):
+            return False
+        roles = {h.info.role for h in workers if h.state in ("serving", "sleeping")}
+        return "mixed" in roles or {"prefill", "decode"} <= roles
+
+    def to_wake(self, model: str) -> list[WorkerHandle]:
+        """The sleeping workers of ``model`` to wake for a path to it: one mixed worker, or
+        one of each PD side that has no serving worker (empty: waking makes no path)."""
+        workers = self._workers_of(model)
+        sleeping = sorted((h for h in workers if h.state == "sleeping"), key=lambda h: h.id)
+        mixed = [h for h in sleeping if h.info.role == "mixed"]
+        if mixed:
+            return mixed[:1]
+        serving = {h.info.role for h in workers if h.state == "serving"}
+        picked = []
+        for role in ("prefill", "decode"):
+            if role in serving:
+                continue
+            of_role = [h for h in sleeping if h.info.role == role]
+            if not of_role:
+                return []
+            picked.append(of_role[0])
+        return picked
+
+    def _workers_of(self, model: str) -> list[WorkerHandle]:
+        base = self.base_model(model)
+        return [h for h in self.handles.values() if h.info.model == base]
 
     def all_in(self, model: str, state: str) -> bool:
         """Every known worker of ``model``'s base model advertises ``state``."""
