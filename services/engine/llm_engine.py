@@ -408,5 +408,5 @@ class LLMEngine:
             spec=self.scheduler.speculator.stats if self.scheduler.speculator else None,
             **(self.tiers.stats_fields() if self.tiers is not None else {}),
             **offline_stats(self.scheduler.waiting, self.scheduler.running, self.reserved.values()),
-            **self.scheduler.policy.step_cost.stats_fields(),
+            **self.scheduler.policy.stats_fields(),
         )

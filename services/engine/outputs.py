@@ -103,5 +103,8 @@ class EngineStats:
     # about step_fixed_ms + n * step_token_ms of wall time now; 0 and 0 before a fit.
     step_fixed_ms: float = 0.0
     step_token_ms: float = 0.0
+    # Of the decode step time of the online requests that ended in the pace's window (30 s),
+    # the part the offline tokens run beside them took (0..1; tier_policy.OnlinePace).
+    online_tpot_offline_share: float = 0.0
     # Speculative decoding counters (cumulative); None when the engine does not speculate.
     spec: SpecStats | None = None

@@ -157,7 +157,9 @@ class OnlinePace:
 
     def __init__(self, quantile: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.quantile, self.clock = quantile, clock
-        self.recent: deque[tuple[float, float]] = deque()  # (ended, mean step cost), in order
+        self.recent: deque[tuple[float, float]] = deque()  # (ended, mean step time), in order
+        # Per request of ``recent``: (seconds its decode steps took, of which offline tokens').
+        self._times: deque[tuple[float, float]] = deque()
         self._sorted: list[float] = []  # the means, sorted
 
     def observe(self, online: list[ScheduledSeq], offline_seconds: float, seconds: float) -> None:
@@ -172,25 +174,38 @@ class OnlinePace:
                 seq.paced_offline += offline
 
     def finished(self, seq: Sequence) -> None:
-        """The online ``seq`` ended: its mean step cost joins the reference's window."""
+        """The online ``seq`` ended: its mean step time without offline work joins the
+        reference's window."""
         if seq.paced_steps:
             if len(self.recent) == PACE_WINDOW:
                 self._drop_oldest()
             mean = seq.paced_cost / seq.paced_steps
             self.recent.append((self.clock(), mean))
+            self._times.append((seq.paced_cost + seq.paced_offline, seq.paced_offline))
             bisect.insort(self._sorted, mean)
 
     def _drop_oldest(self) -> None:
         _, mean = self.recent.popleft()
+        self._times.popleft()
         self._sorted.pop(bisect.bisect_left(self._sorted, mean))
+
+    def _prune(self) -> None:
+        horizon = self.clock() - PACE_WINDOW_S
+        while self.recent and self.recent[0][0] < horizon:
+            self._drop_oldest()
+
+    def offline_share(self) -> float:
+        """Of the decode step time of the online requests in the window, the part their
+        offline tokens took (0..1; 0 when none ended in it)."""
+        self._prune()
+        total = sum(t for t, _ in self._times)
+        return sum(o for _, o in self._times) / total if total > 0 else 0.0
 
     @property
     def reference(self) -> float | None:
         """The mean step time (seconds) the pace lets offline tokens raise online requests
         to; None while fewer than ``PACE_MIN_REQUESTS`` online requests ended in its window."""
-        horizon = self.clock() - PACE_WINDOW_S
-        while self.recent and self.recent[0][0] < horizon:
-            self._drop_oldest()
+        self._prune()
         if len(self._sorted) < PACE_MIN_REQUESTS:
             return None
         return self._sorted[min(len(self._sorted) - 1, int(self.quantile * len(self._sorted)))]
@@ -316,6 +331,12 @@ class TierPolicy:
             ref = self.pace.reference if self.pace is not None and online else None
             self._decision = {"limit": limit, "ref": ref}
         return min(budget, int(limit + 1e-6))
+
+    def stats_fields(self) -> dict[str, float]:
+        """EngineStats' fields of the tiers: the step cost fit, and the part of recent
+        online requests' decode time their offline tokens took (0 without a pace)."""
+        share = self.pace.offline_share() if self.pace is not None else 0.0
+        return {**self.step_cost.stats_fields(), "online_tpot_offline_share": share}
 
     def start_step(self) -> float:
         """The step the scheduler just planned starts now: the clock's time."""

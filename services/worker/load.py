@@ -106,6 +106,7 @@ class LoadRPCs:
             num_offline_blocks=s.num_offline_blocks,
             step_fixed_ms=s.step_fixed_ms,
             step_token_ms=s.step_token_ms,
+            recent_online_tpot_offline_share=s.online_tpot_offline_share,
         )
 
     async def StreamLoad(  # noqa: N802

@@ -209,3 +209,18 @@ def test_step_log_writes_a_line_per_step(tmp_path, monkeypatch) -> None:
     alone = make_seq(8, "flex")
     sched.add(alone)
     assert offline_tokens(timed_step(sched, clock, {alone.seq_id: 2})) == 8
+
+
+def test_offline_share_of_online_decode_time() -> None:
+    """What the rebalancer takes out of online TPOT: of the window's online requests' decode
+    time, the part their offline tokens took; requests older than the window leave it."""
+    clock = Clock()
+    pace = OnlinePace(0.8, clock)
+    assert pace.offline_share() == 0.0
+    for cost, offline in ((0.300, 0.100), (0.500, 0.0)):
+        seq = make_seq(4, "default")
+        seq.paced_steps, seq.paced_cost, seq.paced_offline = 10, cost, offline
+        pace.finished(seq)
+    assert abs(pace.offline_share() - 0.100 / 0.900) < 1e-9
+    clock.now = PACE_WINDOW_S + 1.0
+    assert pace.offline_share() == 0.0 and not pace.recent

@@ -104,7 +104,7 @@ class FakeEngine:
             prefix_cache_hit_rate=0.0, spec=None, num_offline_waiting=0,
             num_offline_running=sum(self.tiers.get(r) == "flex" for r in running),
             num_offline_waiting_prompt_tokens=0, num_offline_blocks=0, step_fixed_ms=0.0,
-            step_token_ms=0.0,
+            step_token_ms=0.0, online_tpot_offline_share=0.0,
         )  # fmt: skip
 
 

@@ -214,3 +214,28 @@ async def test_offline_load_alone_flips_no_worker(policy: str) -> None:
     if policy == "queue":  # the slo policy reads decode pressure from TPOT, not KV use
         assert run({}, {"kv_utilization": 0.95}, offline=False) == FLIP_TO_DECODE
         assert run({}, {"kv_utilization": 0.95}, offline=True) == HOLD
+
+
+@pytest.mark.asyncio  # a WorkerHandle is made in an event loop
+async def test_offline_tokens_in_online_tpot_flip_no_worker() -> None:
+    """The slo policy reads decode pressure from online TPOT, which the engine's pace raises
+    with offline tokens by design: decode workers at 150 ms against a 100 ms SLO move a
+    prefill worker to decode when that is online load, not when the engine measured 40 % of
+    those requests' step time as their offline tokens' (90 ms without them)."""
+    from fake_handles import fake_handle
+
+    from services.common.proto import worker_pb2 as pb
+    from services.router.rebalance.rebalancer import worker_load
+
+    def run(offline_share: float) -> str:
+        prefill = pb.LoadReport(num_total_blocks=100, recent_online_ttft_ms=100.0)
+        decode = pb.LoadReport(num_total_blocks=100, num_running=8, recent_online_tpot_ms=150.0,
+                               recent_online_tpot_offline_share=offline_share)  # fmt: skip
+        handles = [fake_handle(f"p{i}", None, "prefill", prefill) for i in range(2)]
+        handles += [fake_handle(f"d{i}", None, "decode", decode) for i in range(2)]
+        loads = [worker_load(h) for h in handles]
+        return create_rebalance_policy("slo", tpot_slo_ms=100.0).propose(loads).action
+
+    assert run(0.0) == FLIP_TO_DECODE
+    assert run(0.4) == HOLD
+    assert run(float("nan")) == FLIP_TO_DECODE  # a broken report counts it all as online

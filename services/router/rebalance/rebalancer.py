@@ -37,9 +37,13 @@ POLICY_SYNC_S = 5.0
 def worker_load(h: WorkerHandle) -> WorkerLoad:
     """The rebalancer's view of one worker (zeros until its first load report): its online
     load only. NOTE: offline (flex) work fills what online work leaves and gives way to it
-    (the engine preempts it first), so it must not by itself move a worker to another role."""
+    (the engine preempts it first), so it must not by itself move a worker to another role.
+    That holds for TPOT too: the engine's pace lets offline tokens raise online requests' TPOT
+    by design (towards a quantile of their own), so the TPOT it reads leaves out the part of
+    the online requests' step time that the engine measured their offline tokens took."""
     r = h.load or pb.LoadReport()
     offline_kv = r.num_offline_blocks / r.num_total_blocks if r.num_total_blocks else 0.0
+    tpot = r.recent_online_tpot_ms * (1.0 - min(1.0, max(0.0, r.recent_online_tpot_offline_share)))
     return WorkerLoad(
         id=h.id, role=h.info.role, state=h.state if h.reachable() else "unreachable",
         queued_prefill_tokens=r.num_waiting_prompt_tokens - r.num_offline_waiting_prompt_tokens,
@@ -47,7 +51,7 @@ def worker_load(h: WorkerHandle) -> WorkerLoad:
         num_running=r.num_running - r.num_offline_running,
         kv_utilization=max(0.0, r.kv_utilization - offline_kv),
         max_num_seqs=int(h.info.capacity.get("max_num_seqs", 0) or 0),
-        recent_ttft_ms=r.recent_online_ttft_ms, recent_tpot_ms=r.recent_online_tpot_ms,
+        recent_ttft_ms=r.recent_online_ttft_ms, recent_tpot_ms=tpot,
         prefill_tokens_per_s=h.prefill_rate.best(),
         can_encode=bool(h.info.capacity.get("encode")),
         images_waiting=r.images_waiting, images_encoding=r.images_encoding,
