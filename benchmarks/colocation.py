@@ -14,7 +14,7 @@ asserted.
     python benchmarks/colocation.py [--model PATH|GGUF] [--seconds 60] [--slo-ttft-ms 2000]
         [--slo-tpot-ms 200] [--offline-clients 16] [--max-offline-batched-tokens N]
         [--offline-step-share 0.05] [--offline-tpot-quantile 0.8] [--workers 1]
-        [--cpu-threads N] [--rebalance-policy P] [--watch]
+        [--cpu-threads N] [--rebalance-policy P] [--watch] [--rounds 1] [--no-fcfs]
         [--json out.json]
 """
 
@@ -220,6 +220,29 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
 
+def pooled(report: dict, samples: dict, runs: dict, rounds: int) -> None:
+    """With several rounds: each round's tiers / alone ratios, the spread of online alone
+    across rounds, and the percentiles of all rounds' online requests pooled."""
+    keys = ("ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms")
+    ratios = [{k: runs[f"tiers #{i}"][k] / runs[f"online alone #{i}"][k] for k in keys}
+              for i in range(1, rounds + 1)]  # fmt: skip
+    spread = {k: [runs[f"online alone #{i}"][k] for i in range(1, rounds + 1)] for k in keys}
+    out: dict = {"ratios": ratios, "alone_spread": spread}
+    for name in ("online alone", "tiers"):
+        rs = [samples[f"{name} #{i}"] for i in range(1, rounds + 1)]
+        ttft = [t for r in rs for t, _ in r["online"]]
+        tpot = [t for r in rs for _, t in r["online"]]
+        out[name] = {"requests": len(ttft),
+                     "ttft_p50_ms": pct(ttft, 50) * 1000, "ttft_p99_ms": pct(ttft, 99) * 1000,
+                     "tpot_p50_ms": pct(tpot, 50) * 1000, "tpot_p99_ms": pct(tpot, 99) * 1000,
+                     "offline_tok_s": statistics.fmean(r["offline_tok_s"] for r in rs)}  # fmt: skip
+    report["pooled"] = out
+    for i, x in enumerate(ratios, 1):
+        print(f"round {i} tiers / alone:", json.dumps(rounded(x)))
+    print("online alone across rounds:", json.dumps(rounded(spread)))
+    print("pooled:", json.dumps(rounded({k: out[k] for k in ("online alone", "tiers")})))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded model)")
@@ -254,6 +277,13 @@ def main() -> int:
         default=None,
         help="sample /admin/status each second (default: with --workers > 1)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternate online alone and tiers this many times (then FCFS)",
+    )
+    p.add_argument("--no-fcfs", action="store_true", help="leave the FCFS run out")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     threads = a.cpu_threads if a.cpu_threads is not None else (1 if a.workers > 1 else None)
@@ -286,12 +316,20 @@ def main() -> int:
         rate = cap_rps / 2
         report.update(capacity_rps=cap_rps, capacity_tok_s=cap_tok, online_rate=rate)
         print(f"capacity {cap_rps:.2f} req/s, {cap_tok:.1f} tok/s; online at {rate:.2f} req/s")
-        runs = {}
+        runs, samples = {}, {}
         # NOTE: tiers before FCFS: FCFS's bulk requests are online work, and the engine's pace
         # of offline work reads the online requests of its last 30 s (tier_policy.py).
-        for name, tier in (("online alone", None), ("tiers", "flex"), ("FCFS", "default")):
+        # --rounds N alternates alone and tiers N times (the machine's load drifts: each pair
+        # is compared in its own time, and all rounds' requests are pooled).
+        plan = [(f"{name} #{k + 1}" if a.rounds > 1 else name, tier)
+                for k in range(a.rounds) for name, tier in (("online alone", None),
+                                                            ("tiers", "flex"))]  # fmt: skip
+        if not a.no_fcfs:
+            plan.append(("FCFS", "default"))
+        for name, tier in plan:
             with GateWatch(url, cluster.admin_token, router, on=watch) as gates:
                 r = run(url, model, rate, a.seconds, tier, a.offline_clients, seed=1)
+            samples[name] = r
             if watch:
                 report.setdefault("gates", {})[name] = g = gates.summary()
                 print(name, "gates", json.dumps(rounded(g)), flush=True)
@@ -307,7 +345,10 @@ def main() -> int:
                 "online_tok_s": len(ttft) * ONLINE_TOKENS / r["elapsed"],
             }  # fmt: skip
             print(name, json.dumps({k: round(v, 3) for k, v in runs[name].items()}), flush=True)
-        left = cap_tok - runs["online alone"]["online_tok_s"]
+        if a.rounds > 1:
+            pooled(report, samples, runs, a.rounds)
+        alone = [x["online_tok_s"] for n, x in runs.items() if n.startswith("online alone")]
+        left = cap_tok - statistics.fmean(alone)
         report.update(runs=runs, capacity_left_tok_s=left)
         print(f"\ncapacity online leaves: {left:.1f} tok/s")
         print("| run | TTFT P50 / P99 ms | TPOT P50 / P99 ms | SLO met | offline tok/s (of left) |")
