@@ -65,7 +65,7 @@ class Sequence:
         self.last_run_time = self.arrival_time
         self.aged = 0
         # Its decode steps as tier_policy.py's pace counts them, online requests only: how many,
-        # their measured seconds less their offline tokens' estimated part, and that part.
+        # what they cost without their offline tokens, and those offline tokens (tokens' worth).
         self.paced_steps = 0
         self.paced_cost = 0.0
         self.paced_offline = 0.0

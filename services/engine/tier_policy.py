@@ -22,11 +22,10 @@ pace lets offline tokens raise each online request's mean step cost (its TPOT) t
 ``offline_tpot_quantile`` of recent online requests' mean step cost without offline work
 (``reference``), and never one step's cost past it, while a request already slower than that
 gets only the share. So the TPOT tail stays, and the requests below it (most) carry offline
-tokens. A request in its prefill (its TTFT) gets only the share. The pace counts online
-requests' measured step times (``OnlinePace``): on a shared machine their tail is made by the
-machine, which a count of tokens does not see; only what offline tokens add is the step cost
-model's (``StepCost``, a robust fit to the last steps' wall times). ``EPDSERVE_STEP_LOG``
-traces every step's decision (step_log.py).
+tokens. A request in its prefill (its TTFT) gets only the share. Costs are counted in tokens'
+worth (``StepCost``, a robust fit to the last steps' wall times), so the machine's timing
+noise does not move the pace (``OnlinePace`` says why). ``EPDSERVE_STEP_LOG`` traces every
+step's decision (step_log.py).
 """
 
 from __future__ import annotations
@@ -143,38 +142,40 @@ def _line(steps: list[tuple[int, float]]) -> tuple[float, float] | None:
 
 class OnlinePace:
     """The pace's bookkeeping (see the module's docstring): each running online request's
-    decode steps as measured (seconds), and the ``quantile`` of the mean step time without
-    offline work of the online requests that ended last (``reference``).
+    decode steps, in tokens' worth (the step's fixed cost plus its online tokens), and the
+    ``quantile`` of the mean step cost without offline work of the online requests that
+    ended last (``reference``).
 
-    NOTE: it counts measured step times, not the step cost model's: on a shared CPU an
-    online request's TPOT tail is mostly made by the machine (steps other processes delayed),
-    which no count of tokens sees. Counted in tokens, the pace gave a request already in the
-    tail the same offline tokens as one at the median, and the tail rose with the median
-    (benchmarks/RESULTS.md, coloc4). Measured, a request whose steps the machine slowed is
-    past the reference and gets only the share. Only the offline tokens' part of a step is
-    the model's (``offline_seconds``), and only its marginal cost per token.
+    NOTE: costs in tokens' worth, not measured seconds. The pace raises the requests below
+    the quantile to it; that leaves the tail where it was only if what puts a request in the
+    tail stays with it (decodes that share steps with prefills: its tokens). On a shared CPU
+    most of the wall-time spread is the machine's (steps other processes delay, independent
+    of the request): counted in measured seconds (9160e41) the quantile was that noise, the
+    pace let offline work raise every request towards it (46 offline tokens a step beside 15
+    online at a load of 16-19), and then the noise came on top: online TPOT P50 / P99 doubled
+    against online alone in the same run (benchmarks/RESULTS.md, coloc4). In tokens' worth
+    the raise is what the requests' tokens differ by, a few tokens a step on any machine.
     """
 
     def __init__(self, quantile: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.quantile, self.clock = quantile, clock
-        self.recent: deque[tuple[float, float]] = deque()  # (ended, mean step time), in order
-        # Per request of ``recent``: (seconds its decode steps took, of which offline tokens').
+        self.recent: deque[tuple[float, float]] = deque()  # (ended, mean step cost), in order
+        # Per request of ``recent``: (what its decode steps cost, of which its offline tokens).
         self._times: deque[tuple[float, float]] = deque()
         self._sorted: list[float] = []  # the means, sorted
 
-    def observe(self, online: list[ScheduledSeq], offline_seconds: float, seconds: float) -> None:
-        """A step that ran ``online`` (the online part of its batch) took ``seconds``, of
-        which its offline tokens' are estimated at ``offline_seconds``."""
-        offline = min(offline_seconds, seconds)
+    def observe(self, online: list[ScheduledSeq], offline_tokens: int, fixed: float) -> None:
+        """A step ran ``online`` (the online part of its batch) beside ``offline_tokens``."""
+        cost = fixed + sum(item.num_new_tokens for item in online)
         for item in online:
             seq = item.seq
             if seq.num_output_tokens:  # a decode: its TPOT (a prefill is its TTFT)
                 seq.paced_steps += 1
-                seq.paced_cost += seconds - offline
-                seq.paced_offline += offline
+                seq.paced_cost += cost
+                seq.paced_offline += offline_tokens
 
     def finished(self, seq: Sequence) -> None:
-        """The online ``seq`` ended: its mean step time without offline work joins the
+        """The online ``seq`` ended: its mean step cost without offline work joins the
         reference's window."""
         if seq.paced_steps:
             if len(self.recent) == PACE_WINDOW:
@@ -195,7 +196,7 @@ class OnlinePace:
             self._drop_oldest()
 
     def offline_share(self) -> float:
-        """Of the decode step time of the online requests in the window, the part their
+        """Of the decode step cost of the online requests in the window, the part their
         offline tokens took (0..1; 0 when none ended in it)."""
         self._prune()
         total = sum(t for t, _ in self._times)
@@ -203,31 +204,30 @@ class OnlinePace:
 
     @property
     def reference(self) -> float | None:
-        """The mean step time (seconds) the pace lets offline tokens raise online requests
-        to; None while fewer than ``PACE_MIN_REQUESTS`` online requests ended in its window."""
+        """The mean step cost the pace lets offline tokens raise online requests to; None
+        while fewer than ``PACE_MIN_REQUESTS`` online requests ended in its window."""
         self._prune()
         if len(self._sorted) < PACE_MIN_REQUESTS:
             return None
         return self._sorted[min(len(self._sorted) - 1, int(self.quantile * len(self._sorted)))]
 
-    def limit(self, cost: float, share: float, online: list[Sequence], token_s: float) -> float:
-        """Offline tokens a step whose online work (``online``, running) is predicted to take
-        ``cost`` seconds may carry, a token taking ``token_s``: its ``share`` of it, or up to
-        the reference, and no more than any request in it has left: one in its prefill only
-        the share, one decoding what keeps its mean step time (as measured, offline tokens
-        included) within the reference, or its own share if it is slower than that."""
-        shared = max(1.0, share * cost / token_s)
+    def limit(self, cost: float, share: float, online: list[Sequence]) -> float:
+        """Offline tokens a step whose online work (``online``, running) costs ``cost``
+        may carry: its ``share`` of it, or up to the reference, and no more than any request
+        in it has left: one in its prefill only the share, one decoding what keeps its mean
+        step cost within the reference (or its own share, if it is slower than that)."""
+        shared = max(1.0, share * cost)
         ref = self.reference
         if ref is None:
             return shared
-        limit = max(shared, (ref - cost) / token_s)
+        limit = max(shared, ref - cost)
         for seq in online:
             if not seq.num_output_tokens:
                 limit = min(limit, shared)
                 continue
             own = seq.paced_cost + cost
             allowed = max(share * own, ref * (seq.paced_steps + 1) - own)
-            limit = min(limit, (allowed - seq.paced_offline) / token_s)
+            limit = min(limit, allowed - seq.paced_offline)
         return max(0.0, limit)
 
 
@@ -320,13 +320,11 @@ class TierPolicy:
             return budget
         if not online:
             limit = max(1.0, OFFLINE_STEP_FIXED_COSTS * fixed)
-        elif self.pace is None or cost.per_token_s <= 0.0:  # no pace, or no fit yet
+        elif self.pace is None:
             limit = max(1.0, share * (fixed + online_tokens))
         else:
             online_running = [s for s in running if self.rank(s) < OFFLINE_RANK]
-            limit = self.pace.limit(
-                cost.predict(online_tokens), share, online_running, cost.per_token_s
-            )
+            limit = self.pace.limit(fixed + online_tokens, share, online_running)
         if self.step_log is not None:
             ref = self.pace.reference if self.pace is not None and online else None
             self._decision = {"limit": limit, "ref": ref}
@@ -349,13 +347,13 @@ class TierPolicy:
         if self.step_log is not None:
             self._log_step(scheduled, seconds)
         self.step_cost.observe(sum(item.num_new_tokens for item in scheduled), seconds)
-        token_s = self.step_cost.per_token_s
-        if self.pace is not None and token_s > 0.0 and seconds > 0.0:
+        fixed = self.step_cost.fixed_tokens
+        if self.pace is not None and not math.isinf(fixed):
             online = [item for item in scheduled if self.rank(item.seq) < OFFLINE_RANK]
             offline = sum(item.num_new_tokens for item in scheduled) - sum(
                 item.num_new_tokens for item in online
             )
-            self.pace.observe(online, offline * token_s, seconds)
+            self.pace.observe(online, offline, fixed)
 
     def _log_step(self, scheduled: list[ScheduledSeq], seconds: float) -> None:
         assert self.step_log is not None
