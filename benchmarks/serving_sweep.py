@@ -6,7 +6,7 @@ Each configuration starts its own `epdserve up` (the default model, one mixed wo
 tok/s, TTFT p50, TPOT p50, ITL p99. Configurations, one at a time:
 
 - the step's token budget (``max_num_batched_tokens``: decode tokens first, then prefill
-  chunks filling the rest; the default 1024), at 256, 1024 and 4096;
+  chunks filling the rest; the default 2048), at 256, 1024, 2048 and 4096;
 - CPU placement of the worker's model threads: the default (every core), one thread
   (``cpu_threads=1``: vLLM's CPU default on a 2-core machine, the other core left to
   everything else), and OpenMP threads that spin between parallel regions
@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 # (label, engine args, extra environment)
 BUDGETS = [
     ("budget 256", ["max_num_batched_tokens=256"], {}),
-    ("budget 1024 (default)", [], {}),
+    ("budget 1024", ["max_num_batched_tokens=1024"], {}),
+    ("budget 2048 (default)", [], {}),
     ("budget 4096", ["max_num_batched_tokens=4096"], {}),
 ]
 PLACEMENTS = [
@@ -136,7 +137,7 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--only", choices=["budget", "placement", "c1"], default=None)
     p.add_argument("--budgets", default=None, metavar="N,N,...",
-                   help="budgets to run instead of 256, the default and 4096")  # fmt: skip
+                   help="budgets to run instead of 256, 1024, the default and 4096")  # fmt: skip
     args = p.parse_args()
     if args.only == "c1":
         concurrency_one(args)
