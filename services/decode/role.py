@@ -4,6 +4,7 @@ then decode from the first token the prefill worker sampled."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 
@@ -22,6 +23,9 @@ from services.engine.async_engine import AsyncLLMEngine
 from services.engine.kv_layout import KVLayout
 from services.engine.multimodal import ImageInputs
 from services.engine.outputs import RequestOutput
+from services.engine.speculative import handoff
+
+logger = logging.getLogger(__name__)
 
 
 class TPSizeMismatch(Exception):
@@ -114,8 +118,14 @@ class DecodeRole(Role):
             if request.HasField("first_logprobs")
             else None
         )
+        states = None
+        if request.HasField("draft_states"):
+            try:
+                states = handoff.from_proto(request.draft_states)
+            except ValueError as exc:  # only the drafts would suffer: the request goes on
+                logger.warning("request %s: %s", request.request_id, exc)
         async for out in self.engine.start_reserved(
-            request.request_id, request.first_token_id, first_lp
+            request.request_id, request.first_token_id, first_lp, states
         ):
             yield out
 

@@ -177,15 +177,16 @@ class AsyncLLMEngine:
             self._deliver([out])
 
     async def start_reserved(
-        self, request_id: str, first_token: int, first_logprobs=None
+        self, request_id: str, first_token: int, first_logprobs=None, draft_states=None
     ) -> AsyncIterator[RequestOutput]:
-        """Decode side of PD: continue a request whose KV was imported into reserved blocks."""
+        """Decode side of PD: continue a request whose KV was imported into reserved blocks
+        (``draft_states``: an EAGLE-3 head's inputs from the prefill side)."""
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
         finished = False
         try:
             first = await self.call(
-                lambda e: e.start_reserved(request_id, first_token, first_logprobs)
+                lambda e: e.start_reserved(request_id, first_token, first_logprobs, draft_states)
             )
             item: RequestOutput | BaseException = first
             while True:

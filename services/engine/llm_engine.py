@@ -42,6 +42,7 @@ from services.engine.scheduler import Scheduler
 from services.engine.scheduler_output import ScheduledSeq, SchedulerOutput
 from services.engine.sequence import Sequence
 from services.engine.speculative.acceptance import append_sampled
+from services.engine.speculative.handoff import DraftStates
 from services.engine.speculative.setup import start_speculation
 from services.engine.structured_output import StructuredOutputs
 from services.engine.tier_policy import offline_stats
@@ -326,6 +327,13 @@ class LLMEngine:
     def read_kv(self, block_ids: list[int]) -> Any:
         return self.connector.read_kv(block_ids)
 
+    def held_draft_states(self, request_id: str) -> DraftStates | None:
+        """Prefill side: an EAGLE-3 head's inputs at the held request's computed positions,
+        for the decode worker (speculative/handoff.py); None without a head."""
+        seq = self.connector.held.get(request_id)
+        export = getattr(self.executor.drafter, "export_states", None)
+        return export(seq) if seq is not None and export is not None else None
+
     def write_kv(self, block_ids: list[int], data: Any) -> None:
         self.connector.write_kv(block_ids, data)
 
@@ -362,12 +370,23 @@ class LLMEngine:
         self.connector.release_quarantined(block_ids)
 
     def start_reserved(
-        self, request_id: str, first_token: int, first_logprobs: TokenLogprobs | None = None
+        self,
+        request_id: str,
+        first_token: int,
+        first_logprobs: TokenLogprobs | None = None,
+        draft_states: DraftStates | None = None,
     ) -> RequestOutput:
         """Decode side: the reserved blocks now hold the prompt's KV; continue generating
-        from ``first_token`` (sampled by the prefill side). Returns the first delta."""
+        from ``first_token`` (sampled by the prefill side). Returns the first delta.
+        ``draft_states``: the prefill side's ``held_draft_states`` (an EAGLE-3 head's)."""
         self.inputs.check_output_tokens([first_token], "the first token id")  # before the claim
         seq, resume = self.connector.claim(request_id)
+        importer = getattr(self.executor.drafter, "import_states", None)
+        if draft_states is not None and importer is not None:
+            try:
+                importer(seq, draft_states)
+            except ValueError as exc:  # only the drafts would suffer: the request goes on
+                logger.warning("request %s: draft states ignored: %s", request_id, exc)
         detok = self.inputs.detokenizer(seq.prompt_token_ids, seq.params, resume)
         req = RequestState(
             request_id, seq.prompt_token_ids, seq.params, [seq], [detok],

@@ -21,6 +21,7 @@ from services.common.phases import prefill_computed
 from services.common.proto import worker_pb2 as pb
 from services.common.role import Role
 from services.engine.async_engine import AsyncLLMEngine
+from services.engine.speculative import handoff
 from services.prefill.kv_sender import KVSender, PushTarget
 from services.prefill.rank_push import RankPushes
 
@@ -89,6 +90,8 @@ class PrefillRole(Role):
             if first is None:
                 raise RuntimeError("prefill produced no token")
             prefill_computed()  # what follows is the push's tail (common/phases.py)
+            # Read before the finally below releases the held request (and its states).
+            states = await self.engine.call(lambda e: e.held_draft_states(rid))
             pushed = await asyncio.to_thread(self.sender.wait, rid, self.transfer_timeout_s)
             kv_bytes, kv_seconds = pushed.bytes, pushed.seconds
             if self.ranks is not None:
@@ -102,6 +105,8 @@ class PrefillRole(Role):
             )  # fmt: skip
             if first.logprobs:
                 resp.first_logprobs.CopyFrom(logprobs_to_proto(first.logprobs)[0])
+            if states is not None:
+                await asyncio.to_thread(handoff.to_proto, states.last(), resp.draft_states)
             return resp
         finally:
             self.sender.discard(rid)

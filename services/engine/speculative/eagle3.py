@@ -17,11 +17,14 @@ its recompute, which files new states from its first recomputed position) or a f
 drops them at the next filing, so that a queue of preempted sequences holds no device memory
 of up to a prompt chunk each; a running sequence left out of one step keeps its few rows.
 
-NOTE: where no target state is filed (the decode side of PD, whose prompt KV came from the
-prefill worker; a prefix-cache hit computed by a sequence that did not run the head), the head
-has no KV or stale KV there: its drafts are worse, never the output, which the verification
-decides alone. A decode whose last position has no state drafts nothing (``can_draft``): the
-first decode after a PD import files the state the next one drafts from.
+PD: the prefill worker's states of the prompt go to the decode worker with the KV
+(``export_states``, ``import_states``; handoff.py says why and how), so its first decode runs
+the head over the prompt as a co-located worker's does. NOTE: where no target state is filed
+(a decode worker given none, or only the last rows of a long prompt; a prefix-cache hit
+computed by a sequence that did not run the head), the head has no KV or stale KV there: its
+drafts are worse, never the output, which the verification decides alone. A decode whose
+last position has no state drafts nothing (``can_draft``): its first decode files the state
+the next one drafts from.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from services.engine.speculative.draft_model import (
     draft_runner,
     no_drafts,
 )
+from services.engine.speculative.handoff import DraftStates
 
 if TYPE_CHECKING:
     from services.engine.config import EngineConfig
@@ -125,10 +129,12 @@ class Eagle3Proposer(DraftModelProposer):
         self._drop_idle({s.seq.seq_id for s in order})
 
     def _drop_idle(self, stepped: set[int]) -> None:
-        """Drop the filed states of sequences that are no longer running (see the module's
-        docstring); note the ones this step filed."""
+        """Drop the filed states of sequences that are no longer running and hold no blocks
+        (see the module's docstring); note the ones this step filed. NOTE: a finished prefill
+        whose KV awaits export keeps its blocks, and its states go with the KV
+        (``export_states``); so does an imported request waiting for a running slot."""
         for seq_id, seq in list(self._holding.items()):
-            if seq_id in stepped or seq.status == SequenceStatus.RUNNING:
+            if seq_id in stepped or seq.status == SequenceStatus.RUNNING or seq.block_table:
                 continue
             state = seq.draft_state
             if isinstance(state, _EagleState):
@@ -154,6 +160,29 @@ class Eagle3Proposer(DraftModelProposer):
                 gen = torch.Generator().manual_seed((seq.params.seed ^ DRAFT_SEED_SALT) + seq.index)
             state = seq.draft_state = _EagleState([], 0, [], gen)
         return state
+
+    def export_states(self, seq: Sequence) -> DraftStates | None:
+        """The states filed for ``seq`` and not yet run through the head (PD's prefill side:
+        every computed prompt position, handed to the decode worker with the KV)."""
+        state = seq.draft_state
+        if not isinstance(state, _EagleState) or state.fed is None or state.hidden is None:
+            return None
+        return DraftStates(state.start, list(state.fed), state.hidden)
+
+    def import_states(self, seq: Sequence, states: DraftStates) -> None:
+        """File ``states`` for ``seq`` (PD's decode side, before its first decode), as the
+        prefill worker's step filed them. ValueError if they do not fit ``seq`` or the head."""
+        width = self.head.model.fc.out_features
+        rows = len(states.tokens)
+        if states.hidden.shape != (rows, width):
+            raise ValueError(f"draft states of shape {tuple(states.hidden.shape)}, the head "
+                             f"takes {rows} x {width}")  # fmt: skip
+        if states.start < 0 or states.start + rows > seq.num_computed_tokens:
+            raise ValueError(f"draft states for positions [{states.start}, "
+                             f"{states.start + rows}) past the {seq.num_computed_tokens} "
+                             "computed")  # fmt: skip
+        hidden = states.hidden.to(device=self.runner.device, dtype=self.runner.dtype)
+        self._file(seq, states.start, list(states.tokens), hidden)
 
     def can_draft(self, seq: Sequence) -> bool:
         """Whether the head's first pass for ``seq``, about to decode, reaches its last

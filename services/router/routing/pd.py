@@ -176,6 +176,7 @@ class PDSteps:
                 first_logprobs=first.first_logprobs if first.HasField("first_logprobs") else None,
                 role_epoch=held.reply.role_epoch,
                 cached_prompt_tokens=first.cached_prompt_tokens,
+                draft_states=first.draft_states if first.HasField("draft_states") else None,
             ),
             timeout=self.timeout_s,
         )  # fmt: skip

@@ -1,0 +1,69 @@
+"""An EAGLE-3 head's inputs handed from the prefill worker to the decode worker (PD) with the
+KV: ``DraftStates``, and its form in ``pb.DraftStates`` (the PrefillResponse carries it, the
+router passes it on in the DecodeRequest).
+
+Why send them rather than rebuild on the decode side: the head's KV at a position is computed
+from the target's hidden states of three layers there, and the decode worker has only the
+target's KV, from which no hidden state can be had short of running the target's prefill again.
+(A draft model's KV, by contrast, is rebuilt on the decode side from the tokens: draft_model.py.)
+What is sent is the three layers' states through the head's ``fc``: ``hidden_size`` values a
+position (a third of the raw states; for the default 135M model 2.3 KB a token in float32,
+against 46 KB of the target's KV). With them the decode worker's first step runs the head over
+the prompt exactly as a co-located worker's first decode step does: the same drafts, the same
+acceptance. A request's states are at most ``MAX_BYTES``: a longer prompt sends its last rows
+(the head has no KV before them: drafts are worse there, tokens the same).
+
+NOTE: they travel in gRPC messages through the router, not in the Mooncake push: a decode
+worker's reservation has no place for them in its registered memory yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from services.common.proto import worker_pb2 as pb
+
+MAX_BYTES = 16 << 20  # per request: under gRPC's 64 MiB message limit with room to spare
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DraftStates:
+    """The head's inputs at positions ``[start, start + len(tokens))``."""
+
+    start: int  # position of the first row
+    tokens: list[int]  # the token at each row's position
+    hidden: torch.Tensor  # [len(tokens), width], through the head's fc
+
+    def last(self, max_bytes: int = MAX_BYTES) -> DraftStates:
+        """Its last rows that fit in ``max_bytes``."""
+        row = max(1, self.hidden.shape[1] * self.hidden.element_size())
+        keep = min(len(self.tokens), max_bytes // row)
+        cut = len(self.tokens) - keep
+        return DraftStates(self.start + cut, self.tokens[cut:], self.hidden[cut:])
+
+
+def to_proto(states: DraftStates, msg: pb.DraftStates) -> None:
+    hidden = states.hidden.detach().to("cpu").contiguous()
+    name = next(n for n, d in DTYPES.items() if d == hidden.dtype)
+    msg.start, msg.width, msg.dtype = states.start, hidden.shape[1], name
+    msg.tokens[:] = states.tokens
+    msg.hidden = hidden.view(torch.uint8).numpy().tobytes()
+
+
+def from_proto(msg: Any) -> DraftStates:
+    """ValueError for a message that does not describe ``len(tokens)`` rows of ``width``."""
+    dtype = DTYPES.get(msg.dtype)
+    if dtype is None:
+        raise ValueError(f"draft_states dtype must be one of {sorted(DTYPES)}, got {msg.dtype!r}")
+    rows, width = len(msg.tokens), int(msg.width)
+    size = torch.empty((), dtype=dtype).element_size()
+    if rows == 0 or width == 0 or len(msg.hidden) != rows * width * size:
+        raise ValueError(f"draft_states: {len(msg.hidden)} bytes are not {rows} rows of {width} "
+                         f"{msg.dtype} values")  # fmt: skip
+    hidden = torch.frombuffer(bytearray(msg.hidden), dtype=torch.uint8).view(dtype)
+    return DraftStates(int(msg.start), list(msg.tokens), hidden.reshape(rows, width))

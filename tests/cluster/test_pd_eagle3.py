@@ -1,0 +1,83 @@
+"""EAGLE-3 under PD with real processes: a prefill and a decode worker (Mooncake KV push, the
+head's inputs in the PrefillResponse through the router) draft and accept exactly as a
+co-located worker with the same head, and give its tokens."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from cluster_helpers import TINY_NAME, start_cluster
+
+from tests.deps import MOONCAKE, require
+from tests.engine.test_speculative import copy_bias, repetitive_prompts
+from tests.engine.test_speculative_draft import build_eagle3_head
+
+require("mooncake.engine", MOONCAKE)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
+
+COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
+
+
+@pytest.fixture(scope="module")
+def clusters(tiny_model_dir, tmp_path_factory):
+    model = tiny_model_dir("llama")
+    bias = copy_bias()
+    draft_vocab = sorted(set(range(100, 4100 - len(bias))) | set(bias))
+    head = build_eagle3_head(str(model), tmp_path_factory.mktemp("eagle3"), draft_vocab)
+    spec = json.dumps({"method": "eagle3", "model": head, "num_speculative_tokens": 3,
+                       "disable_by_batch_size": 0, "adaptive": False})  # fmt: skip
+    # NOTE: no prefix caching: a prefill-side hit sends the states of its computed positions
+    # only (as a co-located hit runs the head from there); these prompts share prefixes.
+    engine = {"speculative_config": spec, "enable_prefix_caching": False}
+    pd = start_cluster(model, workers=0, prefill=1, decode=1, engine_overrides=engine)
+    try:
+        colocated = start_cluster(model, workers=1, engine_overrides=engine)
+    except BaseException:
+        pd.stop()
+        raise
+    yield pd, colocated
+    colocated.stop()
+    pd.stop()
+
+
+def spec_counters(cluster) -> dict[str, float]:
+    """The speculation counters summed over the cluster's workers (their /metrics)."""
+    out = dict.fromkeys(COUNTERS, 0.0)
+    for w in cluster.workers:
+        text = httpx.get(f"http://127.0.0.1:{w.ready_field('metrics_port')}/metrics").text
+        for line in text.splitlines():
+            for name in COUNTERS:
+                if line.startswith(f"epdserve:spec_decode_{name}_total"):
+                    out[name] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def complete(url: str, prompt: list[int]) -> list[int]:
+    r = httpx.post(
+        url + "/v1/completions",
+        json={"model": TINY_NAME, "prompt": prompt, "max_tokens": 16, "temperature": 0,
+              "ignore_eos": True, "logit_bias": {str(t): 100 for t in copy_bias()},
+              "return_token_ids": True},
+        timeout=120,
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return choice.get("token_ids") or choice["text"]
+
+
+def test_pd_drafts_and_accepts_as_colocated(clusters):
+    """One request at a time on each: the decode worker's counters grow exactly as the
+    co-located worker's (before the hand-off carried the head's inputs, the decode worker's
+    first decode drafted nothing and its head had no KV for the prompt), tokens equal."""
+    pd, colocated = clusters
+    for prompt in repetitive_prompts()[:3]:
+        before = spec_counters(colocated), spec_counters(pd)
+        want = complete(colocated.base_url, prompt)
+        got = complete(pd.base_url, prompt)
+        assert got == want
+        after = spec_counters(colocated), spec_counters(pd)
+        grew = [{k: a[k] - b[k] for k in COUNTERS} for a, b in zip(after, before, strict=True)]
+        assert grew[0]["num_drafts"] > 0
+        assert grew[1] == grew[0], (prompt[:4], grew)

@@ -1,0 +1,162 @@
+"""EAGLE-3 under PD: the prefill engine's target states go to the decode engine with the KV
+(speculative/handoff.py, through its proto form), so the decode side drafts exactly as a
+co-located engine does: the same drafts, the same acceptance, the same tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from services.common.proto import worker_pb2 as pb
+from services.engine import LLM, SamplingParams
+from services.engine.resume import Resume
+from services.engine.speculative import handoff
+from services.engine.speculative.handoff import DraftStates
+from tests.engine.test_speculative import copy_bias, repetitive_prompts, run
+from tests.engine.test_speculative_draft import KV_BYTES, build_eagle3_head
+
+
+@pytest.fixture(scope="module")
+def head(tiny_model_dir, tmp_path_factory) -> tuple[str, str]:
+    model = str(tiny_model_dir("llama"))
+    bias = copy_bias()
+    draft_vocab = sorted(set(range(100, 4100 - len(bias))) | set(bias))
+    return model, build_eagle3_head(model, tmp_path_factory.mktemp("eagle3"), draft_vocab)
+
+
+def eagle_engine(model: str, head: str):
+    cfg = {"method": "eagle3", "model": head, "num_speculative_tokens": 3,
+           "disable_by_batch_size": 0, "adaptive": False}  # fmt: skip
+    # NOTE: no prefix caching: each prompt runs several times, each time from its first token
+    # (a prefill-side hit sends the states of the computed positions only, as co-located).
+    return LLM(model, dtype="float32", block_size=4, kv_cache_bytes=KV_BYTES,
+               enable_prefix_caching=False, speculative_config=json.dumps(cfg)).engine  # fmt: skip
+
+
+def spec_counts(engine) -> tuple:
+    s = engine.stats().spec
+    return (s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens,
+            tuple(s.proposed_per_position), tuple(s.accepted_per_position))  # fmt: skip
+
+
+def handoff_run(a, b, prompt, params, send: bool, resume: Resume | None = None) -> list[int]:
+    """PD in one process, as tests/engine/test_correctness.kv_handoff, with the draft states
+    sent through their proto form when ``send``; ``resume``: a migrated request (its outputs
+    so far computed by the prefill engine too, as services/prefill/role.py asks)."""
+    done = list(resume.output_token_ids) if resume else []
+    first_params = dataclasses.replace(params, max_tokens=len(done) + 1)
+    a.add_request("r", prompt, first_params, hold_kv=True, resume=resume)
+    first = None
+    while a.has_unfinished_requests():
+        for out in a.step():
+            first = out.outputs[0].token_ids[0]
+    states = a.held_draft_states("r")
+    assert states is not None and states.start == 0 and states.tokens == prompt + done
+    msg = pb.PrefillResponse()
+    handoff.to_proto(states, msg.draft_states)
+    wire = pb.DecodeRequest.FromString(
+        pb.DecodeRequest(draft_states=msg.draft_states).SerializeToString()
+    )
+    blocks, _ = a.held_blocks("r")
+    data = a.read_kv(blocks)
+    a.release_held("r")
+    dst, cached = b.reserve("r", prompt, params, resume)
+    assert cached == 0
+    b.write_kv(dst, data[:, :, : len(dst)])
+    got = handoff.from_proto(wire.draft_states) if send else None
+    tokens = list(b.start_reserved("r", first, None, got).outputs[0].token_ids)
+    while b.has_unfinished_requests():
+        for out in b.step():
+            tokens.extend(out.outputs[0].token_ids)
+    return tokens
+
+
+def test_pd_decode_side_drafts_as_a_colocated_engine(head):
+    """Per prompt: the co-located engine's tokens and speculation counters (drafts,
+    accepted, per position) equal the decode engine's given the states; without them (the
+    old hand-off) its first decode drafts nothing and the counters differ."""
+    model, head_dir = head
+    colocated, prefill, decode = (eagle_engine(model, head_dir) for _ in range(3))
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logit_bias=copy_bias())
+    accepted = 0
+    for prompt in repetitive_prompts()[:3]:
+        before = spec_counts(colocated)
+        ref = run(colocated, [prompt], params)[0][0][1]
+        want = tuple(x - y if isinstance(x, int) else tuple(p - q for p, q in zip(x, y, strict=True))
+                     for x, y in zip(spec_counts(colocated), before, strict=True))  # fmt: skip
+        for send in (True, False):
+            before = spec_counts(decode)
+            assert tuple(handoff_run(prefill, decode, prompt, params, send)) == ref
+            got = tuple(x - y if isinstance(x, int) else tuple(p - q for p, q in zip(x, y, strict=True))
+                        for x, y in zip(spec_counts(decode), before, strict=True))  # fmt: skip
+            assert (got == want) == send, (prompt[:4], send, got, want)
+        accepted += want[2]
+    assert accepted > 0  # drafts were accepted (and rejected): the counters say something
+    for e in (colocated, prefill, decode):
+        assert e.block_manager.num_free_blocks == e.block_manager.num_blocks
+
+
+def test_migrated_request_drafts_as_on_a_colocated_engine(head):
+    """Migration: a request resumed on a new worker. Co-located, its prefill computes the
+    prompt and the migrated outputs and files their states as any prefill does; through a
+    PD pair the prefill worker sends them all. Both draft and accept as the other, and end
+    as the undisturbed request."""
+    model, head_dir = head
+    colocated, prefill, decode = (eagle_engine(model, head_dir) for _ in range(3))
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logit_bias=copy_bias())
+    prompt = repetitive_prompts()[1]
+    ref = run(colocated, [prompt], params)[0][0][1]
+    resume = Resume(tuple(ref[:5]))
+    before = spec_counts(colocated)
+    got = run(colocated, [prompt], params, resume=resume)[0][0][1]
+    assert tuple(ref[:5]) + got == ref
+    want = delta(spec_counts(colocated), before)
+    assert want[0] > 0
+    before = spec_counts(decode)
+    assert tuple(ref[:5]) + tuple(handoff_run(prefill, decode, prompt, params, True, resume)) == ref
+    assert delta(spec_counts(decode), before) == want
+
+
+def delta(after: tuple, before: tuple) -> tuple:
+    return tuple(x - y if isinstance(x, int) else tuple(p - q for p, q in zip(x, y, strict=True))
+                 for x, y in zip(after, before, strict=True))  # fmt: skip
+
+
+def test_malformed_states_are_refused_or_ignored(head):
+    """A message that does not describe its rows is a ValueError; states that do not fit
+    the request (wrong width, past its positions) are ignored: the request runs on."""
+    msg = pb.DraftStates(start=0, tokens=[1, 2], hidden=b"\0" * 12, width=2, dtype="float32")
+    with pytest.raises(ValueError, match="not 2 rows"):
+        handoff.from_proto(msg)
+    with pytest.raises(ValueError, match="dtype"):
+        handoff.from_proto(pb.DraftStates(tokens=[1], hidden=b"\0" * 4, width=1, dtype="int8"))
+    model, head_dir = head
+    prefill, decode = eagle_engine(model, head_dir), eagle_engine(model, head_dir)
+    prompt = repetitive_prompts()[0]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    ref = handoff_run(prefill, decode, prompt, params, send=False)
+    hidden = prefill.executor.drafter.head.model.fc.out_features
+    for bad in (DraftStates(0, [5] * 3, torch.zeros(3, hidden + 1)),
+                DraftStates(len(prompt) - 1, [5] * 3, torch.zeros(3, hidden))):  # fmt: skip
+        prefill.add_request("x", prompt, dataclasses.replace(params, max_tokens=1), hold_kv=True)
+        while prefill.has_unfinished_requests():
+            first = [o.outputs[0].token_ids[0] for o in prefill.step()][-1]
+        data = prefill.read_kv(prefill.held_blocks("x")[0])
+        prefill.release_held("x")
+        dst, _ = decode.reserve("x", prompt, params)
+        decode.write_kv(dst, data[:, :, : len(dst)])
+        tokens = list(decode.start_reserved("x", first, None, bad).outputs[0].token_ids)
+        while decode.has_unfinished_requests():
+            for out in decode.step():
+                tokens.extend(out.outputs[0].token_ids)
+        assert tokens == ref
+
+
+def test_states_over_the_cap_keep_their_last_rows():
+    states = DraftStates(3, list(range(10)), torch.arange(40, dtype=torch.float32).view(10, 4))
+    cut = states.last(max_bytes=3 * 16 + 5)
+    assert cut.start == 10 and cut.tokens == [7, 8, 9]
+    assert torch.equal(cut.hidden, states.hidden[7:])
