@@ -6,9 +6,12 @@ on one machine a child that keeps dying usually means a broken setup (a port tak
 that does not load), and the user should see its last output rather than a cluster that
 limps. Like a liveness probe too: a child that is alive but does not answer (stopped with
 SIGSTOP, its event loop stuck) is killed after ``liveness_failures`` probes in a row and
-restarted as a dead one would be (only routers are probed: see ``Child.probe``). ``RestartPolicy`` and ``RestartHistory`` are pure Python (no processes, no clock of
-their own); ``Supervisor`` applies them to the children on each ``poll()`` of the caller's
-loop, with no threads.
+restarted as a dead one would be (routers over HTTP, workers over the gRPC health service;
+see ``Child.probe``). ``RestartPolicy`` and ``RestartHistory`` are pure Python (no processes,
+no clock of their own); ``Supervisor`` applies them to the children on each ``poll()`` of the
+caller's loop. Probes run on a few threads of their own: a child that accepts a connection and
+never answers holds a probe for its whole timeout, and the loop must notice other children's
+exits (and Ctrl-C) meanwhile.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -48,14 +52,16 @@ class RestartPolicy:
     liveness_period_s: float = field(
         default=5.0,
         metadata={"help": "seconds between liveness probes of each router (an HTTP request "
-                          "any answer passes); 0: no probes"},
+                          "any answer passes) and worker (gRPC health Check); 0: no probes"},
     )  # fmt: skip
     liveness_timeout_s: float = field(
         default=2.0, metadata={"help": "a liveness probe not answered this fast fails"}
     )
     liveness_failures: int = field(
         default=6,
-        metadata={"help": "kill and restart a router after this many failed probes in a row"},
+        metadata={
+            "help": "kill and restart a router or worker after this many failed probes in a row"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -148,6 +154,7 @@ class _Slot:
     ready_line: str | None = None  # the child's ready line as last seen
     probe_at: float = 0.0  # next liveness probe
     probes_failed: int = 0  # in a row
+    probing: Future[bool | None] | None = None  # the probe in flight
 
 
 class Supervisor:
@@ -159,13 +166,21 @@ class Supervisor:
         policy: RestartPolicy,
         say: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        probes: Executor | None = None,
     ) -> None:
+        """``probes``: where liveness probes run (default: a thread per child at most)."""
         self.policy = policy
         self._say = say
         self._clock = clock
         now = clock()
         self._slots = [_Slot(c, RestartHistory(policy), now, ready_line=c.ready_line)
                        for c in children]  # fmt: skip
+        # NOTE: each probe ends within its timeout, so at most one thread per child is busy.
+        self._probes = probes or ThreadPoolExecutor(max(1, len(self._slots)), "liveness-probe")
+
+    def close(self) -> None:
+        """Stop probing (probes in flight end within their timeout)."""
+        self._probes.shutdown(wait=False, cancel_futures=True)
 
     def poll(self) -> str | None:
         """Notice exits, start what is due; returns why the cluster must stop (a crash
@@ -207,6 +222,7 @@ class Supervisor:
                 slot.started_at = now
                 slot.restarted = True
                 slot.probes_failed = 0
+                slot.probing = None  # a probe of the old process says nothing of the new one
                 try:
                     child.restart()
                 except Exception as exc:  # counted as an exit on the next poll
@@ -214,14 +230,38 @@ class Supervisor:
         return None
 
     def _probe(self, slot: _Slot, now: float) -> None:
-        """Probe a live child when its period is due; kill it after too many failures in a
-        row (the next poll restarts it: it counts as an exit, crash loops included)."""
+        """Start a probe of a live child when its period is due, and judge the one that
+        finished; kill the child after too many failures in a row (the next poll restarts
+        it: it counts as an exit, crash loops included)."""
         p = self.policy
+        if slot.probing is not None:
+            if not slot.probing.done():
+                return
+            answered = slot.probing.result() if not slot.probing.cancelled() else None
+            slot.probing = None
+            self._judge(slot, answered)
+            return
         if not p.liveness_period_s or now < slot.probe_at:
             return
         slot.probe_at = now + p.liveness_period_s
-        answered = slot.child.probe(p.liveness_timeout_s)
-        if answered is not False:
+        try:
+            slot.probing = self._probes.submit(self._run_probe, slot.child, p.liveness_timeout_s)
+        except RuntimeError:  # closed: the cluster is stopping
+            slot.probing = None
+            return
+        if slot.probing.done():  # answered at once: judged now rather than on the next poll
+            self._probe(slot, now)
+
+    @staticmethod
+    def _run_probe(child: Child, timeout: float) -> bool | None:
+        try:
+            return child.probe(timeout)
+        except Exception:  # noqa: BLE001 - a probe that breaks says nothing about the child
+            return None
+
+    def _judge(self, slot: _Slot, answered: bool | None) -> None:
+        p = self.policy
+        if answered is not False or not slot.child.alive():
             slot.probes_failed = 0
             return
         slot.probes_failed += 1

@@ -179,12 +179,15 @@ def run(args: argparse.Namespace) -> int:
         # NOTE: a child dying during start-up fails `up` at once (above); once serving, dead
         # children are restarted and the others keep serving (the router migrates streams).
         supervisor = Supervisor(cluster.children(), restarts, say)
-        while not stop.is_set():
-            failure = supervisor.poll()
-            if failure is not None:
-                say(failure)
-                return 1
-            time.sleep(0.5)
+        try:
+            while not stop.is_set():
+                failure = supervisor.poll()
+                if failure is not None:
+                    say(failure)
+                    return 1
+                time.sleep(0.5)
+        finally:
+            supervisor.close()
         return 0
     except KeyboardInterrupt:
         return 0

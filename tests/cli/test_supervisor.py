@@ -3,6 +3,10 @@ applies it, on fake children and a fake clock: no processes."""
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import Executor, Future
+
 import pytest
 
 from services.cli.supervisor import RestartHistory, RestartPolicy, Supervisor, describe_exit
@@ -116,9 +120,18 @@ class Clock:
         return self.now
 
 
+class Inline(Executor):
+    """Runs each probe in the caller, at once: the tests judge probes on the poll they run."""
+
+    def submit(self, fn, /, *args, **kwargs):  # noqa: ANN001, ANN202
+        fut: Future = Future()
+        fut.set_result(fn(*args, **kwargs))
+        return fut
+
+
 def supervised(*children: FakeChild, policy: RestartPolicy = POLICY):
     clock, said = Clock(), []
-    return Supervisor(children, policy, said.append, clock), clock, said
+    return Supervisor(children, policy, said.append, clock, Inline()), clock, said
 
 
 def test_a_dead_child_is_restarted_after_its_backoff_and_the_others_are_left_alone() -> None:
@@ -220,3 +233,44 @@ def test_no_probes_with_a_period_of_zero() -> None:
         clock.now += 10
         sup.poll()
     assert router.alive() and router.probes == 0
+
+
+class StuckChild(FakeChild):
+    """Accepts a probe and never answers it (a stopped router: its TCP backlog accepts)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.release = threading.Event()
+
+    def probe(self, timeout: float) -> bool | None:
+        self.probes += 1
+        self.release.wait(30)  # bounded: the test releases it
+        return False
+
+
+def test_a_probe_that_never_answers_does_not_stall_the_loop() -> None:
+    """The probe of a stopped child takes its whole timeout; poll() must still return at once
+    and see another child's exit meanwhile. On the old code poll() ran the probe itself and
+    returned only when it did (here: never, until the test released it)."""
+    stuck, worker = StuckChild("router"), FakeChild("worker-0 (mixed)")
+    clock, said = Clock(), []
+    policy = RestartPolicy(liveness_period_s=5.0, liveness_failures=1)
+    sup = Supervisor([stuck, worker], policy, said.append, clock)
+    try:
+        done = threading.Event()
+        threading.Thread(target=lambda: (sup.poll(), done.set()), daemon=True).start()
+        assert done.wait(10), "poll() blocked on a probe"
+        worker.kill()
+        clock.now += 1
+        assert sup.poll() is None
+        assert said == ["worker-0 (mixed) exited (signal 9); restarting in 1.0 s (restart 1)"]
+        assert stuck.probes == 1 and stuck.alive()  # still in flight: not judged yet
+        stuck.release.set()
+        deadline = time.monotonic() + 10
+        while stuck.alive() and time.monotonic() < deadline:
+            sup.poll()
+            time.sleep(0.01)
+        assert not stuck.alive() and "router did not answer 1 liveness probes" in said[-1]
+    finally:
+        stuck.release.set()
+        sup.close()
