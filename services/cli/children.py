@@ -36,9 +36,11 @@ class ManagedProcess:
         role: str | None = None,
         probe_path: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        probe_grpc: bool = False,
     ) -> None:
         """``probe_path``: the liveness probe, an HTTP path under the ``url`` of the ready
-        line (a router's); ``ssl_context``: how to trust it over HTTPS."""
+        line (a router's); ``ssl_context``: how to trust it over HTTPS. ``probe_grpc``: probe
+        the gRPC health service at the ready line's ``address`` (a worker's)."""
         self.name = name
         self.label = f"{name} ({role})" if role else name  # how `up`'s messages name it
         self.argv = argv
@@ -55,6 +57,7 @@ class ManagedProcess:
         self._echo = echo
         self.probe_path = probe_path
         self.ssl_context = ssl_context
+        self.probe_grpc = probe_grpc
         self._spawn()
 
     def _spawn(self) -> None:
@@ -116,8 +119,15 @@ class ManagedProcess:
 
     def probe(self, timeout: float) -> bool | None:
         """GET ``probe_path``: any HTTP answer passes (a router with no worker answers 503:
-        it is alive); no answer within ``timeout`` fails. None before the ready line."""
-        if self.probe_path is None or not self.ready.is_set() or not self.alive():
+        it is alive); no answer within ``timeout`` fails. None before the ready line. A gRPC
+        probe (``probe_grpc``): see services/worker/health.py ``check``."""
+        if not self.ready.is_set() or not self.alive():
+            return None
+        if self.probe_grpc:
+            from services.worker.health import check  # grpc: only `up` needs it here
+
+            return check(self.ready_field("address"), timeout)
+        if self.probe_path is None:
             return None
         url = self.ready_field("url") + self.probe_path
         try:

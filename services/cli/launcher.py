@@ -212,6 +212,8 @@ class LocalCluster:
         proc = ManagedProcess(
             f"worker-{i}", self.worker_argv(i, role, group), WORKER_READY, self.spec.echo,
             {**self.etcd.access.to_env(), **WORKER_ENV_DEFAULTS}, role=role,
+            # NOTE: the probe speaks plain gRPC; a worker on mutual TLS is not probed.
+            probe_grpc=not self.spec.worker_overrides.get("grpc_tls_ca"),
         )  # fmt: skip
         self.workers.append(proc)
         return proc

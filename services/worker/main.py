@@ -42,6 +42,7 @@ from services.prefill.rank_push import RankPushes
 from services.prefill.role import PrefillRole
 from services.worker import lease_handover, model_load
 from services.worker.config import WorkerConfig
+from services.worker.health import add_health
 from services.worker.image_inputs import ImageLoader
 from services.worker.kv_events import KVEventPublisher, kv_layout_key
 from services.worker.kv_store import attach_kv_store
@@ -100,6 +101,7 @@ async def serve(
     phases = PhaseInterceptor(servicer.metrics, state, tracing)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[phases])
     pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    add_health(server, engine)  # grpc.health.v1: `epdserve up` and Kubernetes probe it
     port = add_port(server, f"{wcfg.host}:{wcfg.port}", wcfg.grpc_tls)
     if port == 0:
         raise RuntimeError(f"could not bind {wcfg.host}:{wcfg.port}")

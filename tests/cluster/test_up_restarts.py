@@ -1,7 +1,7 @@
 """`epdserve up` supervises its children: a decode worker or the router killed (-9) comes
-back (same id, new process) while the rest keeps serving, a router stopped (SIGSTOP) is
-killed by its liveness probe and comes back, and a crash loop stops the cluster with a clear
-message. Tested through the `epdserve up` process itself."""
+back (same id, new process) while the rest keeps serving, a router or a worker stopped
+(SIGSTOP) is killed by its liveness probe (HTTP / gRPC health) and comes back, and a crash
+loop stops the cluster with a clear message. Tested through the `epdserve up` process itself."""
 
 from __future__ import annotations
 
@@ -221,3 +221,30 @@ def test_crash_loop_stops_the_cluster_and_names_the_process(up: Up) -> None:
     assert "crash loop, giving up" in err and "stopped" in err.splitlines()[-1]
     time.sleep(0.5)
     assert not [pid for pid in kids if running(pid)], "children left running"
+
+
+def test_stopped_worker_is_killed_by_its_grpc_liveness_probe_and_restarts(up: Up) -> None:
+    """A stopped worker keeps its etcd key until its lease ends and accepts TCP connections;
+    `up` probed only routers, so the worker stayed stopped for good (and a SIGCONT hours
+    later brought back a process with stale state). Now its gRPC health Check times out."""
+    rows = up.workers()
+    victim = next(w for w, row in rows.items() if row["role"] == "decode")
+    old_pid = rows[victim]["pid"]
+    assert worker_pid(up, victim) == old_pid
+    os.kill(old_pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: not running(old_pid), timeout=90, what="the stopped worker killed")
+    finally:
+        if running(old_pid):
+            os.kill(old_pid, signal.SIGCONT)
+    assert up.proc.poll() is None, up.stderr()
+    said = f"{victim} (decode) did not answer {LIVENESS_FAILURES} liveness probes in a row"
+    assert said in up.stderr()
+
+    def restarted() -> dict | None:
+        row = up.workers().get(victim)
+        return row if row and row["pid"] != old_pid and row["state"] == "serving" else None
+
+    wait_for(restarted, timeout=180, what=f"{victim} back")
+    r = up.complete(max_tokens=8)
+    assert r.status_code == 200, r.text

@@ -265,9 +265,14 @@ def test_worker_deployments_per_role(case: Any) -> None:
             "tcpSocket": {"port": "grpc"},
             "periodSeconds": w["probes"]["periodSeconds"],
         }
-        # An answer, not a TCP connection (which a stopped process still accepts).
-        assert _container(dep)["livenessProbe"]["httpGet"] == {"path": "/metrics",
-                                                               "port": "metrics"}  # fmt: skip
+        # An answer, not a TCP connection (which a stopped process still accepts): the gRPC
+        # health service, or /metrics when the gRPC port needs a client certificate.
+        live = _container(dep)["livenessProbe"]
+        wcfg = {**w["config"], **(w[role].get("config") or {})}
+        if wcfg.get("grpcTlsCa"):
+            assert live["httpGet"] == {"path": "/metrics", "port": "metrics"}
+        else:
+            assert live["grpc"] == {"port": w["port"]}
 
 
 def test_internal_services_are_cluster_ip(case: Any) -> None:
