@@ -203,26 +203,6 @@ def test_stopped_router_is_killed_by_its_liveness_probe_and_restarts(up: Up) -> 
     assert len(r.json()["choices"][0]["logprobs"]["tokens"]) == 8
 
 
-def test_crash_loop_stops_the_cluster_and_names_the_process(up: Up) -> None:
-    """Runs last: it ends the module's `up`. One decode worker is killed each time it is
-    started again, until `up` gives up."""
-    victim = next(w for w, row in up.workers().items() if row["role"] == "decode")
-    kids = descendants(up.proc.pid)
-    for _ in range(MAX_RESTARTS + 2):  # bounded: `up` gives up within MAX_RESTARTS + 1 kills
-        pid = wait_for(lambda: up.proc.poll() is not None or worker_pid(up, victim),
-                       timeout=120, what=f"{victim} started again or up stopped")  # fmt: skip
-        if up.proc.poll() is not None:
-            break
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: worker_pid(up, victim) != pid, timeout=10, what=f"{pid} gone")  # noqa: B023
-    assert up.proc.wait(timeout=150) == 1
-    err = up.stderr()
-    assert f"{victim} (decode) exited (signal 9) {MAX_RESTARTS + 1} times within 600 s" in err
-    assert "crash loop, giving up" in err and "stopped" in err.splitlines()[-1]
-    time.sleep(0.5)
-    assert not [pid for pid in kids if running(pid)], "children left running"
-
-
 def test_stopped_worker_is_killed_by_its_grpc_liveness_probe_and_restarts(up: Up) -> None:
     """A stopped worker keeps its etcd key until its lease ends and accepts TCP connections;
     `up` probed only routers, so the worker stayed stopped for good (and a SIGCONT hours
@@ -248,3 +228,23 @@ def test_stopped_worker_is_killed_by_its_grpc_liveness_probe_and_restarts(up: Up
     wait_for(restarted, timeout=180, what=f"{victim} back")
     r = up.complete(max_tokens=8)
     assert r.status_code == 200, r.text
+
+
+def test_crash_loop_stops_the_cluster_and_names_the_process(up: Up) -> None:
+    """Runs last: it ends the module's `up`. One decode worker is killed each time it is
+    started again, until `up` gives up."""
+    victim = next(w for w, row in up.workers().items() if row["role"] == "decode")
+    kids = descendants(up.proc.pid)
+    for _ in range(MAX_RESTARTS + 2):  # bounded: `up` gives up within MAX_RESTARTS + 1 kills
+        pid = wait_for(lambda: up.proc.poll() is not None or worker_pid(up, victim),
+                       timeout=120, what=f"{victim} started again or up stopped")  # fmt: skip
+        if up.proc.poll() is not None:
+            break
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: worker_pid(up, victim) != pid, timeout=10, what=f"{pid} gone")  # noqa: B023
+    assert up.proc.wait(timeout=150) == 1
+    err = up.stderr()
+    assert f"{victim} (decode) exited (signal 9) {MAX_RESTARTS + 1} times within 600 s" in err
+    assert "crash loop, giving up" in err and "stopped" in err.splitlines()[-1]
+    time.sleep(0.5)
+    assert not [pid for pid in kids if running(pid)], "children left running"
