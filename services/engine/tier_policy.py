@@ -72,9 +72,9 @@ class StepCost:
     Why wall time, a short window and outlier rejection: the share and the pace exist to
     bound what offline tokens add to online requests' wall-clock TPOT, so the cost that
     counts is a token's wall time now. On a shared CPU that moves with the machine's load: at
-    a load of 18 on 2 cores a 100-token step took 4.6x its CPU time and a 5-row decode 1.7x
-    (a token's wall cost 3.9 ms against 0.83 ms of CPU), so the fixed cost in tokens' worth
-    fell from ~30 (CPU time) to ~14. The exponentially fading fit this replaces had no
+    a load of 18 on 2 cores a token's wall cost was 4.6x its CPU cost (3.9 ms against 0.83)
+    and a 5-10-row decode step's wall time 1.7x its CPU time, so the fixed cost in tokens'
+    worth fell from ~30 (CPU time) to ~14. The exponentially fading fit this replaces had no
     outlier rejection: its slope came from the few large steps, each delayed by whatever
     else ran, and its fixed cost wandered from 42 to 160 tokens' worth within 80 s at a load
     of 14 (a 4x error that let 4x the offline tokens into steps), or to 7.
