@@ -206,6 +206,7 @@ def test_step_log_writes_a_line_per_step(tmp_path, monkeypatch) -> None:
     assert len(lines) == 6  # the fit's 3 steps, then 3
     last = lines[-1]
     assert (last["on_rows"], last["on_tokens"], last["on_decodes"]) == (1, 1, 1)
+    assert last["on_ids"] == [online.seq_id] and lines[3]["on_ids"] == []  # then its prefill
     assert (last["off_rows"], last["off_tokens"]) == (1, 9) and last["ref"] == 30.0
     assert abs(last["s"] - 0.030) < 1e-9 and abs(last["pred"] - 0.030) < 1e-9
     monkeypatch.setenv("EPDSERVE_STEP_LOG", str(tmp_path / "no" / "such" / "dir" / "f"))
