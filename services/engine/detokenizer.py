@@ -9,11 +9,37 @@ beginning of a stop string is held back too, so a client never sees text past a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 # Prompt tokens decoded in front of the output, so that tokenizers which drop a leading
 # space at the start of a decode (SentencePiece) produce the right first characters.
 _PROMPT_CONTEXT = 6
+
+
+def backend_decode(tokenizer: Any) -> Callable[[list[int], bool], str] | None:
+    """The Rust ``tokenizers.Tokenizer.decode`` behind a transformers fast tokenizer, when
+    calling it gives what ``tokenizer.decode`` gives: the tokenizer's ``_decode`` is the
+    fast backend's own and does no clean-up of spaces. Else None (call ``tokenizer.decode``).
+
+    NOTE: ``tokenizer.decode`` spends most of its time in transformers' Python (``to_py_obj``,
+    keyword handling): 3.2 us per call against 1.2 us for the Rust call (an 8-token window of
+    the default model's tokenizer, thread CPU time, 2,000 calls); the detokenizer makes two
+    calls per generated token, in the engine's step thread.
+    """
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    rust = getattr(tokenizer, "_tokenizer", None)
+    if (
+        not isinstance(tokenizer, TokenizersBackend)
+        or type(tokenizer)._decode is not TokenizersBackend._decode
+        or getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        or not callable(getattr(rust, "decode", None))
+    ):
+        return None
+    return rust.decode
 
 
 class IncrementalDetokenizer:
@@ -35,8 +61,11 @@ class IncrementalDetokenizer:
         self.include_stop = include_stop_str_in_output
         self.text = ""  # the output text so far (truncated at a stop string)
         self.emitted = 0  # characters of self.text already handed out
+        self._fast = backend_decode(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._fast is not None:
+            return self._fast(ids, self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add_tokens(self, token_ids: list[int], check_stop: bool = True) -> str | None:

@@ -265,3 +265,25 @@ def test_streaming_property(tok, prompt_ids, text, stop_pos, stop_kind, random_s
     shown += detok.take_delta(True)
     assert found == (stops[0] if idx != -1 else None)
     assert shown == expected
+
+
+def test_fast_path_decodes_as_the_tokenizer(tok, monkeypatch) -> None:
+    """The detokenizer calls the Rust tokenizer directly (not ``tok.decode``), and every
+    window of a text full of multi-byte characters and a special token decodes the same."""
+    from services.engine.detokenizer import backend_decode
+
+    fast = backend_decode(tok)
+    assert fast is not None
+    ids = encode(tok, TEXTS[0] + "<|im_end|>" + TEXTS[2])
+    for skip in (True, False):
+        for i in range(0, len(ids), 3):
+            for j in range(i, len(ids) + 1):
+                assert fast(ids[i:j], skip) == tok.decode(ids[i:j], skip_special_tokens=skip)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tokenizer.decode called")
+
+    monkeypatch.setattr(tok, "decode", refuse)
+    detok = IncrementalDetokenizer(tok, [], [])
+    deltas, _, _ = stream(detok, encode(tok, TEXTS[1]))
+    assert "".join(deltas) == TEXTS[1]
