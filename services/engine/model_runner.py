@@ -49,7 +49,7 @@ def attention_backend(device: torch.device) -> TorchAttention:
             logger.warning("triton is not installed: using the reference attention on CUDA")
         else:
             return TritonAttention()
-    return TorchAttention()
+    return TorchAttention(device)
 
 
 def dummy_weights(model: torch.nn.Module, seed: int) -> None:
@@ -281,7 +281,8 @@ class ModelRunner:
             ctx_lens = torch.tensor(lens, dtype=index_dtype, device=dev)
             meta.decode_block_tables = torch.tensor(tables, dtype=index_dtype, device=dev)
             meta.decode_context_lens = ctx_lens
-            if not paged:
+            meta.decode_max_len = max(lens)
+            if not paged and getattr(self.backend, "decode_mask_needed", True):
                 width = len(tables[0]) * self.block_size
                 mask = additive_mask(ctx_lens, width, self.dtype)
                 meta.decode_mask = mask[:, None, None, :]

@@ -14,7 +14,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from services.engine.layers import short_chunks
+from services.engine.layers import native, short_chunks
+from services.engine.layers.masks import additive_mask
 
 
 @dataclass
@@ -36,6 +37,7 @@ class AttentionMetadata:
     # [B, 1, 1, max_blocks * block_size]: 0 where a decode attends, -inf past its context
     # (a boolean mask, True where it attends, works the same)
     decode_mask: torch.Tensor | None = None
+    decode_max_len: int = 0  # the longest context among the decodes
     prefills: list[PrefillSegment] = field(default_factory=list)
     # Called with the layer index once a layer's KV for this step is in the cache (KV push
     # overlaps the remaining layers' compute).
@@ -91,6 +93,13 @@ class TorchAttention:
     # Whether decodes read the block tables in place (no gathered copy, no padding mask).
     paged_decode = False
 
+    def __init__(self, device: torch.device | None = None) -> None:
+        # On the CPU (a device given): the C kernel that reads the paged cache in place
+        # (native.py), when it builds here; the decodes then need no padding mask either.
+        cpu = device is not None and device.type == "cpu"
+        self.native_decode = native.paged_decode() if cpu else None
+        self.decode_mask_needed = self.native_decode is None
+
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         if meta.write_kv:
             self.store(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -104,9 +113,9 @@ class TorchAttention:
     def store(k, v, k_cache, v_cache, slots: torch.Tensor) -> None:
         store_kv(k, v, k_cache, v_cache, slots)
 
-    @staticmethod
-    def decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:
-        """The decodes (one query each): one batched call over gathered, padded blocks.
+    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:
+        """The decodes (one query each): the C kernel over the paged cache in place where it
+        is built (float32 on the CPU), else one batched SDPA call over gathered, padded blocks.
 
         The query heads that share a KV head are that head's queries: ``[B, Hkv, H/Hkv, D]``
         against ``[B, Hkv, L, D]`` (query head ``i`` reads KV head ``i // (H/Hkv)``, as
@@ -114,12 +123,27 @@ class TorchAttention:
         head of the group instead.
         """
         assert meta.decode_block_tables is not None
+        kernel = self.native_decode
+        if (
+            kernel is not None
+            and meta.decode_max_len
+            and kernel.usable(q, k_cache, v_cache, out[: q.shape[0]])
+        ):
+            assert meta.decode_context_lens is not None
+            b = q.shape[0]
+            kernel(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                   meta.decode_max_len, scale, out[:b])  # fmt: skip
+            return
         b, h, d = q.shape
         hkv = k_cache.shape[2]
         kk = gather_blocks(k_cache, meta.decode_block_tables).transpose(1, 2)
         vv = gather_blocks(v_cache, meta.decode_block_tables).transpose(1, 2)
+        mask = meta.decode_mask
+        if mask is None:  # metadata built for the kernel
+            assert meta.decode_context_lens is not None
+            mask = additive_mask(meta.decode_context_lens, kk.shape[2], q.dtype)[:, None, None]
         o = F.scaled_dot_product_attention(
-            q.view(b, hkv, h // hkv, d), kk, vv, attn_mask=meta.decode_mask, scale=scale
+            q.view(b, hkv, h // hkv, d), kk, vv, attn_mask=mask, scale=scale
         )
         out[:b] = o.view(b, h, d)
 

@@ -1,0 +1,165 @@
+/* Paged decode attention on the CPU: one query token per sequence, keys and values read in
+ * place from the paged KV cache (no gathered copy, no padding).
+ *
+ * Built at run time by services/engine/layers/native.py with the host's instruction set
+ * (-march=native: AVX-512 where the CPU has it, AVX2 elsewhere) and OpenMP; called through
+ * ctypes. Plain C and no torch headers, so it builds in about a second.
+ *
+ * Layouts (float32, contiguous):
+ *   q, out        [B, H, D]
+ *   k/v cache     [num_blocks, block_size, Hkv, D]
+ *   block_tables  [B, max_blocks] int64 (rows padded: only ceil(len / block_size) read;
+ *                 each id read is checked against num_blocks)
+ *   context_lens  [B] int64
+ * Query head h reads KV head h / (H / Hkv), as transformers' repeat_kv.
+ *
+ * Per (sequence, KV head) the query heads of its group are done together, two passes over
+ * the context: scores (q . k * scale) into a scratch row, then softmax and the weighted sum
+ * of values. Sums run in float32 like SDPA's CPU kernels; the order of additions differs, so
+ * results agree to fp32 rounding, not bit for bit.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_GROUP 64
+
+/* exp(x) for x <= 0 in plain arithmetic that vectorizes (libm's expf does not, without
+ * fast-math): exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by a
+ * degree-6 polynomial (Cephes' expf coefficients, about 1 ulp); below -87.3 it is 0. */
+static inline float exp_neg(float x) {
+    x = x < -87.3f ? -87.3f : x;
+    const float n = __builtin_roundevenf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { float f; int32_t i; } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
+
+/* exp(x - m) in place (every x <= m), returning the sum. */
+static float exp_shift_sum(float *x, int64_t n, float m) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) {
+        x[i] = exp_neg(x[i] - m);
+        s += x[i];
+    }
+    return s;
+}
+
+/* One (sequence, KV head): the ``group`` query heads at ``qb`` (consecutive rows of ``D``)
+ * against the sequence's ``len`` cached tokens; results to ``ob``. ``scores``: group * len
+ * floats, ``acc``: group * D floats of scratch. Inlined with D a constant (64, 128) so that
+ * the dot products and sums are unrolled vector code. */
+static inline void attend_one(const float *qb, const float *k_cache, const float *v_cache,
+                              const int64_t *table, int64_t len, float *ob, int64_t group,
+                              const int64_t D, int64_t block_size, int64_t tok_stride,
+                              int64_t blk_stride, int64_t head_off, float scale, float *scores,
+                              float *acc) {
+    const int64_t nblocks = (len + block_size - 1) / block_size;
+    /* Pass 1: scores of every query head of the group. */
+    for (int64_t j = 0; j < nblocks; j++) {
+        const float *kb = k_cache + table[j] * blk_stride + head_off;
+        const int64_t n = (j == nblocks - 1) ? len - j * block_size : block_size;
+        for (int64_t s = 0; s < n; s++) {
+            const float *kv = kb + s * tok_stride;
+            const int64_t t = j * block_size + s;
+            for (int64_t g = 0; g < group; g++) {
+                const float *qg = qb + g * D;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t d = 0; d < D; d++) dot += qg[d] * kv[d];
+                scores[g * len + t] = dot * scale;
+            }
+        }
+    }
+    /* Softmax per query head (normalised at the end). */
+    float inv[MAX_GROUP];
+    for (int64_t g = 0; g < group; g++) {
+        float *sc = scores + g * len;
+        float m = sc[0];
+        for (int64_t t = 1; t < len; t++) m = sc[t] > m ? sc[t] : m;
+        inv[g] = 1.0f / exp_shift_sum(sc, len, m);
+    }
+    /* Pass 2: weighted sum of the values. */
+    memset(acc, 0, sizeof(float) * (size_t)(group * D));
+    for (int64_t j = 0; j < nblocks; j++) {
+        const float *vb = v_cache + table[j] * blk_stride + head_off;
+        const int64_t n = (j == nblocks - 1) ? len - j * block_size : block_size;
+        for (int64_t s = 0; s < n; s++) {
+            const float *vv = vb + s * tok_stride;
+            const int64_t t = j * block_size + s;
+            for (int64_t g = 0; g < group; g++) {
+                const float p = scores[g * len + t];
+                float *a = acc + g * D;
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) a[d] += p * vv[d];
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float *o = ob + g * D;
+        const float *a = acc + g * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; d++) o[d] = a[d] * inv[g];
+    }
+}
+
+int epd_paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
+                         const int64_t *block_tables, const int64_t *context_lens, float *out,
+                         int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                         int64_t block_size, int64_t max_blocks, float scale, int64_t max_len,
+                         int64_t num_blocks, int threads) {
+    const int64_t group = heads / kv_heads;
+    if (group < 1 || group > MAX_GROUP || heads % kv_heads || max_len < 1) return -1;
+    const int64_t tok_stride = kv_heads * head_dim; /* one slot of a block */
+    const int64_t blk_stride = block_size * tok_stride;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(group * max_len));
+        float *acc = (float *)malloc(sizeof(float) * (size_t)(group * head_dim));
+        const int ok = scores != NULL && acc != NULL;
+        failed |= !ok;
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < batch; b++) {
+            for (int64_t kh = 0; kh < kv_heads; kh++) {
+                const int64_t len = context_lens[b];
+                if (!ok || len < 1 || len > max_len || len > max_blocks * block_size) {
+                    failed = 1;
+                    continue;
+                }
+                const int64_t *table = block_tables + b * max_blocks;
+                int bad = 0;
+                for (int64_t j = 0; j < (len + block_size - 1) / block_size; j++)
+                    bad |= table[j] < 0 || table[j] >= num_blocks;
+                if (bad) {
+                    failed = 1;
+                    continue;
+                }
+                const int64_t row = b * heads + kh * group;
+                const float *qb = q + row * head_dim;
+                float *ob = out + row * head_dim;
+                const int64_t off = kh * head_dim;
+                if (head_dim == 64)
+                    attend_one(qb, k_cache, v_cache, table, len, ob, group, 64, block_size,
+                               tok_stride, blk_stride, off, scale, scores, acc);
+                else if (head_dim == 128)
+                    attend_one(qb, k_cache, v_cache, table, len, ob, group, 128, block_size,
+                               tok_stride, blk_stride, off, scale, scores, acc);
+                else
+                    attend_one(qb, k_cache, v_cache, table, len, ob, group, head_dim,
+                               block_size, tok_stride, blk_stride, off, scale, scores, acc);
+            }
+        }
+        free(scores);
+        free(acc);
+    }
+    return failed ? -2 : 0;
+}

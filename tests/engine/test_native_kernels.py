@@ -1,0 +1,112 @@
+"""The C kernels of ``layers/native.py`` against the torch reference paths they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.engine.layers import native
+from services.engine.layers.attention import AttentionMetadata, TorchAttention
+from services.engine.layers.masks import additive_mask
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("EPDSERVE_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels")))
+    native._cache.clear()
+    native._paged = None
+    k = native.paged_decode()
+    if k is None:
+        pytest.skip("no C compiler here: the kernel is not built (the torch path runs)")
+    return k
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _paged_case(batch, heads, kv_heads, head_dim, block_size, lens, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum((n + block_size - 1) // block_size for n in lens) + 7
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    max_blocks = max((n + block_size - 1) // block_size for n in lens)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.zeros(batch, max_blocks, dtype=torch.long)  # padded with 0, as the runner
+    i = 0
+    for b, n in enumerate(lens):
+        nb = (n + block_size - 1) // block_size
+        tables[b, :nb] = torch.tensor(perm[i : i + nb])
+        i += nb
+    q = torch.randn(batch, heads, head_dim, generator=gen)
+    return q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.long)
+
+
+def _reference(q, k_cache, v_cache, tables, lens, scale):
+    """The SDPA path over gathered, padded blocks (TorchAttention without the kernel)."""
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long),
+        num_decodes=q.shape[0],
+        decode_block_tables=tables,
+        decode_context_lens=lens,
+        decode_mask=additive_mask(lens, tables.shape[1] * k_cache.shape[1], q.dtype)[:, None, None],
+    )
+    out = torch.empty_like(q)
+    TorchAttention().decode(q, k_cache, v_cache, meta, scale, out)
+    return out
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,block_size,lens",
+    [
+        (9, 3, 64, 16, [130, 1, 16, 17, 191, 64]),  # the default model's shapes
+        (4, 4, 128, 16, [5, 33]),  # no GQA, head_dim 128
+        (8, 2, 40, 8, [1, 7, 8, 9, 100]),  # a head_dim with no specialised loop
+    ],
+)
+def test_paged_decode_matches_sdpa(kernel, heads, kv_heads, head_dim, block_size, lens):
+    q, kc, vc, tables, ctx = _paged_case(len(lens), heads, kv_heads, head_dim, block_size, lens)
+    scale = head_dim**-0.5
+    ref = _reference(q, kc, vc, tables, ctx, scale)
+    out = torch.full_like(q, float("nan"))
+    kernel(q, kc, vc, tables, ctx, max(lens), scale, out)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+
+
+def test_paged_decode_runs_in_the_backend(kernel):
+    """A CPU backend uses the kernel for decodes, with no padding mask in the metadata."""
+    backend = TorchAttention(torch.device("cpu"))
+    assert backend.native_decode is kernel and not backend.decode_mask_needed
+    q, kc, vc, tables, ctx = _paged_case(3, 9, 3, 64, 16, [40, 3, 77])
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.long),
+        num_decodes=3,
+        decode_block_tables=tables,
+        decode_context_lens=ctx,
+        decode_max_len=77,
+    )
+    out = torch.empty_like(q)
+    backend.decode(q, kc, vc, meta, 0.125, out)
+    torch.testing.assert_close(out, _reference(q, kc, vc, tables, ctx, 0.125))
+
+
+def test_paged_decode_refuses_bad_input(kernel):
+    """A block id outside the cache or a length past the table is an error, not a read out
+    of bounds."""
+    q, kc, vc, tables, ctx = _paged_case(2, 9, 3, 64, 16, [20, 30])
+    out = torch.empty_like(q)
+    bad = tables.clone()
+    bad[1, 0] = kc.shape[0]
+    with pytest.raises(RuntimeError, match="paged decode kernel failed"):
+        kernel(q, kc, vc, bad, ctx, 30, 0.125, out)
+    with pytest.raises(RuntimeError, match="paged decode kernel failed"):
+        kernel(q, kc, vc, tables, torch.tensor([20, 33]), 33, 0.125, out)
+
+
+def test_kernel_off_switch(monkeypatch):
+    monkeypatch.setenv("EPDSERVE_CPU_KERNELS", "0")
+    assert native.library("paged_decode") is None
+    assert TorchAttention(torch.device("cpu")).native_decode is None
