@@ -115,6 +115,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(b"408 Request Timeout",
                      f"request body not received in {self.limits.body_timeout_s:g} s")  # fmt: skip
 
+    def send_400_response(self, msg: str) -> None:
+        """A request httptools cannot parse (a bad chunk size, two Content-Lengths, both
+        Content-Length and chunked): 400 in the API's error format, not uvicorn's text/plain
+        line, and the connection lingers so that a client still sending reads the answer."""
+        self._refuse(b"400 Bad Request", f"invalid HTTP request: {msg}")
+
     def _refuse(self, status: bytes, message: str) -> None:
         """Answer ``status`` and end the connection. NOTE: closing a socket with unread input makes
         the kernel reset it, and a client still sending would lose the answer: the rest of

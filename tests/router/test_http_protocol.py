@@ -192,3 +192,41 @@ def test_connections_past_the_limit_get_503() -> None:
     status, body = out["fourth"]
     assert status == 503 and b"more than 3 connections" in body, (status, body)
     assert out["after_one_closed"][0] == 200
+
+
+async def _malformed(requests: list[bytes]) -> list[tuple[int, bytes]]:
+    server, task, port = await _serve()
+    out = []
+    try:
+        for raw in requests:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw)
+            out.append(await _response(reader))
+            writer.close()
+        # The server still serves a good request after them.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        out.append(await _response(reader))
+        writer.close()
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+    return out
+
+
+def test_malformed_requests_get_400_in_the_apis_format() -> None:
+    """Requests httptools refuses: uvicorn answered a text/plain line ('Invalid HTTP request
+    received.'), not the API's JSON error; now the gateway's JSON error, then the close."""
+    head = b"POST / HTTP/1.1\r\nhost: x\r\n"
+    chunked = head + b"transfer-encoding: chunked\r\n\r\n"
+    bad = [
+        chunked + b"-5\r\nabcde\r\n0\r\n\r\n",  # negative chunk size
+        chunked + b"zz\r\nabcde\r\n0\r\n\r\n",  # not hexadecimal
+        chunked + b"ffffffffffffffffffff\r\nab\r\n0\r\n\r\n",  # past 64 bits
+        head + b"content-length: 5\r\ncontent-length: 7\r\n\r\nabcdefg",
+        head + b"content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    ]
+    *answers, good = event_loop.run(_malformed(bad))
+    for status, body in answers:
+        assert status == 400 and b'"error"' in body and b"invalid HTTP request" in body, body
+    assert good[0] == 200
