@@ -29,8 +29,8 @@ from services.engine.model_files import served_name
 from services.kvstore.config import KVStoreConfig
 from services.kvstore.main import READY_PREFIX as KVSTORE_READY
 from services.router.config import RouterConfig
+from services.worker.config import READY_PREFIX as WORKER_READY
 from services.worker.config import WorkerConfig
-from services.worker.main import READY_PREFIX as WORKER_READY
 
 ROUTER_READY = "EPDSERVE_ROUTER_READY"
 

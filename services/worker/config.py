@@ -12,6 +12,11 @@ from services.common.member_config import MemberConfig
 from services.common.tracing import OTLP_TRACES_HELP
 from services.kvstore.store_tier import StoreConfig
 
+# The line a worker prints on stdout once it serves; the launcher waits for it. NOTE: here, not in
+# worker/main.py: the launcher (`epdserve up`, which lives as long as the cluster) would import
+# torch and the whole engine through main.py for this one string.
+READY_PREFIX = "EPDSERVE_WORKER_READY"
+
 
 @dataclass
 class WorkerConfig(MemberConfig):

@@ -41,7 +41,7 @@ from services.prefill.kv_sender import KVSender
 from services.prefill.rank_push import RankPushes
 from services.prefill.role import PrefillRole
 from services.worker import lease_handover, model_load
-from services.worker.config import WorkerConfig
+from services.worker.config import READY_PREFIX, WorkerConfig
 from services.worker.health import add_health
 from services.worker.image_inputs import ImageLoader
 from services.worker.kv_events import KVEventPublisher, kv_layout_key
@@ -53,8 +53,6 @@ from services.worker.server import WorkerServicer
 from services.worker.state import WorkerState
 
 log = logging.getLogger("epdserve.worker")
-
-READY_PREFIX = "EPDSERVE_WORKER_READY"  # the launcher waits for this line on stdout
 
 
 def build_parser(prog: str = "epdserve worker") -> argparse.ArgumentParser:
