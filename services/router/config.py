@@ -205,6 +205,10 @@ class RouterConfig:
     wake_asleep_models: bool = field(default=False, metadata={
         "help": "a request for a model whose workers all sleep (epdserve models sleep) wakes "
         "one of them, and waits for it as long as it waits anyway; off: it only waits"})  # fmt: skip
+    max_awake_models: int = field(default=0, metadata={
+        "help": "with --wake-asleep-models: base models awake at most; waking another first "
+        "puts the idlest awake one to sleep (none in flight on its workers, least recently "
+        "asked for), and waits while every other awake model is busy; 0: no cap"})  # fmt: skip
     # Offline (service tier flex) admission: services/router/offline.py.
     offline_max_queued_tokens: int = field(default=1048576, metadata={
         "help": "prompt tokens of offline requests the router holds, waiting or running; "
@@ -293,6 +297,10 @@ class RouterConfig:
             raise ValueError("poison_max_deaths must be >= 1")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be > 0")
+        if self.max_awake_models < 0:
+            raise ValueError("max_awake_models must be >= 0 (0: no cap)")
+        if self.max_awake_models and not self.wake_asleep_models:
+            raise ValueError("max_awake_models needs wake_asleep_models (only a wake-up swaps)")
         if not self.etcd_endpoints:
             raise ValueError("--etcd needs at least one host:port")
         if self.tool_call_parser not in available_tool_parsers():

@@ -97,6 +97,7 @@ class Gateway:
         self.background: dict[str, asyncio.Task[None]] = {}
         # base model -> the wake-up of one of its workers a request asked for (wake_one)
         self._waking: dict[str, asyncio.Task[None]] = {}
+        self._last_asked: dict[str, float] = {}  # base model -> when a request last resolved
         # The LoRA adapters loaded through the API, for workers that start later.
         self.lora_registry = LoRARegistry(cfg.etcd_endpoints, cfg.cluster)
         self.rebalancer = Rebalancer(
@@ -169,7 +170,9 @@ class Gateway:
         deadline = time.monotonic() + ASLEEP_WAIT_S
         while True:
             try:
-                return self.resolve_model(name)
+                resolved = self.resolve_model(name)
+                self._last_asked[self.pool.base_model(name)] = time.monotonic()
+                return resolved
             except APIError as err:
                 if err.code != "model_asleep" or time.monotonic() >= deadline:
                     raise
@@ -179,17 +182,56 @@ class Gateway:
 
     def _wake(self, model: str) -> None:
         """Wake the sleeping workers that make a path for ``model`` (a mixed worker, or the
-        sleeping sides of a prefill + decode pair), one wake-up task per model at a time."""
+        sleeping sides of a prefill + decode pair), one wake-up task per model at a time.
+        With ``max_awake_models`` reached, the idlest other model goes to sleep first (one
+        such swap at a time); with none idle, nothing wakes."""
         picked = self.pool.to_wake(model)
         if model in self._waking or not picked:
             return
-        task = asyncio.create_task(self._wake_all(picked), name=f"wake-{model}")
+        cap = self.cfg.max_awake_models
+        victims: list[WorkerHandle] = []
+        if cap:
+            if self._waking:
+                return  # another swap may be freeing the room this one counts
+            victims = self._to_sleep(self.pool.base_model(model), cap)
+            if victims is None:
+                return
+        task = asyncio.create_task(self._swap(victims, picked), name=f"wake-{model}")
         self._waking[model] = task
         task.add_done_callback(lambda _: self._waking.pop(model, None))
 
+    def _to_sleep(self, model: str, cap: int) -> list[WorkerHandle] | None:
+        """The awake workers of the model to put to sleep before ``model`` wakes: none
+        under the cap; else the idlest other awake model's (nothing in flight or waiting on
+        any of its workers, the least recently asked for); None: every one is busy."""
+        awake: dict[str, list[WorkerHandle]] = {}
+        for h in self.pool.handles.values():
+            if h.info.model != model and h.info.state == "serving":
+                awake.setdefault(h.info.model, []).append(h)
+        if len(awake) < cap:
+            return []
+        idle = [m for m, hs in awake.items()
+                if all(h.load is not None and not h.load.num_inflight and not h.load.num_waiting
+                       for h in hs)]  # fmt: skip
+        if not idle:
+            log.info("model %s waits: %d models awake (the cap), none idle", model, len(awake))
+            return None
+        victim = min(idle, key=lambda m: (self._last_asked.get(m, 0.0), m))
+        log.info("model %s wakes: model %s, the idlest of %d awake, goes to sleep first",
+                 model, victim, len(awake))  # fmt: skip
+        return awake[victim]
+
     @classmethod
-    async def _wake_all(cls, handles: list[WorkerHandle]) -> None:
-        await asyncio.gather(*(cls._wake_one(h) for h in handles))
+    async def _swap(cls, asleep: list[WorkerHandle], awake: list[WorkerHandle]) -> None:
+        await asyncio.gather(*(cls._sleep_one(h) for h in asleep))
+        await asyncio.gather(*(cls._wake_one(h) for h in awake))
+
+    @staticmethod
+    async def _sleep_one(h: WorkerHandle) -> None:
+        try:
+            await h.stub.Sleep(pb.SleepRequest(sleep=True), timeout=WAKE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("putting worker %s to sleep failed: %s", h.id, exc.details())
 
     @staticmethod
     async def _wake_one(h: WorkerHandle) -> None:

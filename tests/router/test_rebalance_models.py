@@ -74,8 +74,8 @@ class SleepStub:
     async def Sleep(self, request, timeout):  # type: ignore[no-untyped-def]  # noqa: N802
         self.calls.append(request.sleep)
         await asyncio.sleep(0.3)
-        self.h.info.state = "serving"
-        return pb.SleepResponse(sleeping=False)
+        self.h.info.state = "sleeping" if request.sleep else "serving"
+        return pb.SleepResponse(sleeping=request.sleep)
 
 
 async def _wakes() -> None:
@@ -138,6 +138,54 @@ async def _pd_wakes() -> None:
             assert {k: h.stub.calls for k, h in pair.items()} == {
                 k: [False] if k in sleepers else [] for k in pair
             }
+        finally:
+            await gw.pool.close()
+
+
+def test_a_wake_up_past_max_awake_models_puts_the_idlest_model_to_sleep(monkeypatch) -> None:
+    """With --max-awake-models 2 and models b and c awake, a request for the sleeping model
+    a puts b (idle, asked for longest ago) to sleep, then wakes a; c is left alone. With b
+    and c both busy nothing sleeps nor wakes (the request gets the 503 with Retry-After).
+    The cap needs --wake-asleep-models."""
+    from services.router.config import RouterConfig
+
+    monkeypatch.setattr("services.router.gateway.ASLEEP_WAIT_S", 1.0)
+    with pytest.raises(ValueError, match="needs wake_asleep_models"):
+        RouterConfig(etcd="127.0.0.1:1", max_awake_models=2)
+    with pytest.raises(ValueError, match="max_awake_models must be >= 0"):
+        RouterConfig(etcd="127.0.0.1:1", wake_asleep_models=True, max_awake_models=-1)
+    asyncio.run(_swaps())
+
+
+async def _swaps() -> None:
+    from services.router.config import RouterConfig
+    from services.router.errors import APIError
+    from services.router.gateway import Gateway
+    from tests.router.router_fakes import FakeTokenizer
+
+    for busy in (False, True):
+        cfg = RouterConfig(etcd="127.0.0.1:1", wake_asleep_models=True, max_awake_models=2)
+        gw = Gateway(cfg, FakeTokenizer())
+        ws = {m: handle(f"{m}-0", m, "mixed") for m in "abc"}
+        ws["a"].info.state = "sleeping"
+        for h in ws.values():
+            h.stub = SleepStub(h)
+        gw.pool.handles = {h.id: h for h in ws.values()}
+        gw._last_asked.update(b=1.0, c=2.0)  # b was asked for longest ago
+        if busy:
+            ws["b"].load.num_inflight = 1
+            ws["c"].load.num_waiting = 1
+        try:
+            if busy:
+                with pytest.raises(APIError) as err:
+                    await gw.resolve_awake("a")
+                assert err.value.code == "model_asleep" and "Retry-After" in err.value.headers
+                assert [h.stub.calls for h in ws.values()] == [[], [], []]
+                continue
+            assert await gw.resolve_awake("a") == ("a", 4096)
+            assert {m: h.stub.calls for m, h in ws.items()} == {"a": [False], "b": [True], "c": []}
+            assert {m: h.info.state for m, h in ws.items()} == {
+                "a": "serving", "b": "sleeping", "c": "serving"}  # fmt: skip
         finally:
             await gw.pool.close()
 
