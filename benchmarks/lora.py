@@ -140,8 +140,15 @@ def main() -> None:
     prompts = [torch.randint(100, 40000, (args.prompt,), generator=gen).tolist()
                for _ in range(args.requests)]  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=args.output, ignore_eos=True)
+    # A KV cache for the run's tokens twice over, not the engine's default share of the
+    # machine's memory: three engines of the default size ran a shared 23 GB machine out of
+    # memory (the kernel killed the run).
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    per_token = 2 * cfg.num_hidden_layers * (cfg.num_key_value_heads or heads) * head_dim * 4
+    kv_bytes = 2 * args.requests * (args.prompt + args.output + 16) * per_token
     common = {"max_num_seqs": args.requests, "enable_prefix_caching": False,
-              "cpu_linear": args.cpu_linear}  # fmt: skip
+              "cpu_linear": args.cpu_linear, "kv_cache_bytes": kv_bytes}  # fmt: skip
     print(f"{args.requests} requests x {args.prompt} prompt / {args.output} output tokens, "
           f"greedy, torch threads {torch.get_num_threads()}, load average "
           f"{os.getloadavg()[0]:.1f}")  # fmt: skip
