@@ -110,6 +110,11 @@ class StepCost:
         cut = self.OUTLIER_MADS * 1.4826 * statistics.median(residuals)
         kept = [step for step, r in zip(steps, residuals, strict=True) if r <= cut]
         fixed, per_token = _line(kept) or first
+        if per_token <= 0.0 and self.per_token_s > 0.0:
+            # NOTE: a window of small decode steps whose slope the machine's noise made
+            # negative says nothing about tokens; taken at its word it opened the whole step
+            # budget to offline work (fixed cost infinite). The last real fit stays.
+            return
         self.fixed_s, self.per_token_s = fixed, per_token
         if per_token <= 0.0:
             self.fixed_tokens = math.inf  # tokens cost nothing measurable

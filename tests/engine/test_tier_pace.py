@@ -159,6 +159,12 @@ def test_step_cost_ignores_delayed_steps_and_follows_the_machine() -> None:
     assert abs(cost.predict(10) - 0.031) < 0.002
     run(0.030, 0.0027, StepCost.WINDOW)
     assert abs(cost.fixed_tokens - 0.030 / 0.0027) < 2  # 11.1
+    # A window of decode steps whose times fall as their rows grow (noise): no slope to
+    # believe, the last fit stays (it read tokens as free: the whole budget went offline).
+    for i in range(StepCost.WINDOW):
+        tokens = 1 + i % 8
+        cost.observe(tokens, 0.050 - 0.002 * tokens)
+    assert abs(cost.fixed_tokens - 0.030 / 0.0027) < 2
 
 
 def test_steps_the_machine_delayed_do_not_move_the_pace() -> None:
