@@ -23,6 +23,10 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# Liveness period and timeout bounds: a local probe takes milliseconds; a day is no probe.
+MIN_LIVENESS_S = 0.1
+MAX_LIVENESS_S = 86400.0
+
 
 @dataclass
 class RestartPolicy:
@@ -71,11 +75,18 @@ class RestartPolicy:
             raise ValueError("--restart-reset-s and --restart-window-s must be > 0")
         if self.max_restarts < 0:
             raise ValueError("--max-restarts must be >= 0")
-        # NOTE: 'not >=' also refuses NaN.
-        if not (self.liveness_period_s >= 0 and self.liveness_timeout_s > 0):
-            raise ValueError("need --liveness-period-s >= 0 and --liveness-timeout-s > 0")
-        if self.liveness_failures < 1:
-            raise ValueError("--liveness-failures must be >= 1")
+        # NOTE: 'not >=' also refuses NaN. A timeout nothing can answer within (1e-300 s) failed
+        # every probe: each router and worker was killed in turn until the crash loop
+        # stopped the cluster; a period of inf meant no probes but read as a setting.
+        period, timeout = self.liveness_period_s, self.liveness_timeout_s
+        if not (period == 0 or MIN_LIVENESS_S <= period <= MAX_LIVENESS_S):
+            raise ValueError(f"--liveness-period-s must be 0 (no probes) or in "
+                             f"[{MIN_LIVENESS_S:g}, {MAX_LIVENESS_S:g}]")  # fmt: skip
+        if not MIN_LIVENESS_S <= timeout <= MAX_LIVENESS_S:
+            raise ValueError(f"--liveness-timeout-s must be in [{MIN_LIVENESS_S:g}, "
+                             f"{MAX_LIVENESS_S:g}]")  # fmt: skip
+        if not 1 <= self.liveness_failures <= 1000:
+            raise ValueError("--liveness-failures must be in [1, 1000]")
 
 
 class RestartHistory:

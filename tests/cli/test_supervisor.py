@@ -61,7 +61,12 @@ def test_max_restarts_zero_gives_up_on_the_first_exit() -> None:
     [{"restart_backoff_s": 0}, {"restart_backoff_s": 5, "restart_backoff_max_s": 1},
      {"max_restarts": -1}, {"restart_window_s": 0}, {"restart_reset_s": -1},
      {"liveness_period_s": -1}, {"liveness_period_s": float("nan")},
-     {"liveness_timeout_s": 0}, {"liveness_failures": 0}],
+     {"liveness_timeout_s": 0}, {"liveness_failures": 0},
+     # Each of these passed: 1e-300 s failed every probe (every router and worker killed in
+     # turn, then the crash loop stopped the cluster), inf meant no probes at all.
+     {"liveness_timeout_s": 1e-300}, {"liveness_timeout_s": float("inf")},
+     {"liveness_period_s": float("inf")}, {"liveness_period_s": 1e-300},
+     {"liveness_failures": 10**20}],
 )  # fmt: skip
 def test_policy_refuses_nonsense(bad: dict) -> None:
     with pytest.raises(ValueError):
