@@ -16,8 +16,9 @@ import os
 import time
 from typing import Any
 
-from services.cli.admin import AdminCallError, answer, call, quoted, table
+from services.cli.admin import AdminCallError, answer, call, quoted
 from services.cli.admin_config import resolve_router
+from services.cli.admin_render import table
 
 ANTHROPIC_PREFIX = "msgbatch_"
 
