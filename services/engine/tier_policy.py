@@ -110,16 +110,15 @@ class StepCost:
         cut = self.OUTLIER_MADS * 1.4826 * statistics.median(residuals)
         kept = [step for step, r in zip(steps, residuals, strict=True) if r <= cut]
         fixed, per_token = _line(kept) or first
-        if per_token <= 0.0 and self.per_token_s > 0.0:
-            # NOTE: a window of small decode steps whose slope the machine's noise made
-            # negative says nothing about tokens; taken at its word it opened the whole step
-            # budget to offline work (fixed cost infinite). The last real fit stays.
+        if per_token <= 0.0:
+            # NOTE: a slope of zero or less here is the machine's noise (a window of small
+            # decode steps, or a cold first step longer than the next, larger one): taken at
+            # its word, tokens were free and offline work got the whole step budget. The last
+            # fit (or the prior) stays. A device whose steps hardly grow with their tokens
+            # fits a small positive slope: a large fixed cost, most of the budget.
             return
         self.fixed_s, self.per_token_s = fixed, per_token
-        if per_token <= 0.0:
-            self.fixed_tokens = math.inf  # tokens cost nothing measurable
-        else:
-            self.fixed_tokens = max(0.0, fixed / per_token)
+        self.fixed_tokens = max(0.0, fixed / per_token)
 
     def predict(self, tokens: int) -> float:
         """Seconds a step of ``tokens`` tokens takes by the fit (0 before a fit)."""

@@ -12,6 +12,7 @@ from services.engine.tier_policy import (
     PACE_MIN_REQUESTS,
     PACE_WINDOW,
     PACE_WINDOW_S,
+    PRIOR_FIXED_TOKENS,
     OnlinePace,
     StepCost,
 )
@@ -145,6 +146,9 @@ def test_step_cost_ignores_delayed_steps_and_follows_the_machine() -> None:
     3x, as under load), not a blend of the two."""
     rng = random.Random(1)
     cost = StepCost()
+    cost.observe(48, 0.83)  # a cold first step, then a larger, faster one (run 5's start)
+    cost.observe(145, 0.28)
+    assert cost.fixed_tokens == PRIOR_FIXED_TOKENS  # was infinite: tokens read as free
 
     def run(fixed_s: float, token_s: float, steps: int) -> None:
         for _ in range(steps):
