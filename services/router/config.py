@@ -14,7 +14,11 @@ from services.router.features.reasoning.factory import NONE as NO_REASONING
 from services.router.features.reasoning.factory import available_reasoning_parsers
 from services.router.features.tool_parsers.factory import available_tool_parsers
 from services.router.http_limits import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_CONNECTIONS, HttpLimits
-from services.router.rebalance.factory import available_rebalance_policies, create_rebalance_policy
+from services.router.rebalance.factory import (
+    available_rebalance_policies,
+    create_rebalance_policy,
+    parse_params,
+)
 from services.router.rebalance.governor import GovernorConfig
 from services.router.routing.policies.factory import available_policies
 
@@ -279,10 +283,7 @@ class RouterConfig:
         refuse_nan(self)  # a NaN timeout reaches asyncio.wait_for, which times out at once
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.policy not in available_policies():
-            raise ValueError(
-                f"unknown policy {self.policy!r}; choose from {', '.join(available_policies())}"
-            )
+        _one_of("policy", self.policy, available_policies())
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
         if self.load_report_interval_ms < 10:
@@ -303,16 +304,9 @@ class RouterConfig:
             raise ValueError("max_awake_models needs wake_asleep_models (only a wake-up swaps)")
         if not self.etcd_endpoints:
             raise ValueError("--etcd needs at least one host:port")
-        if self.tool_call_parser not in available_tool_parsers():
-            raise ValueError(
-                f"unknown tool_call_parser {self.tool_call_parser!r}; choose from "
-                f"{', '.join(available_tool_parsers())}"
-            )
-        if self.reasoning_parser not in (NO_REASONING, *available_reasoning_parsers()):
-            raise ValueError(
-                f"unknown reasoning_parser {self.reasoning_parser!r}; choose from "
-                f"{', '.join([NO_REASONING, *available_reasoning_parsers()])}"
-            )
+        _one_of("tool_call_parser", self.tool_call_parser, available_tool_parsers())
+        _one_of("reasoning_parser", self.reasoning_parser,
+                [NO_REASONING, *available_reasoning_parsers()])  # fmt: skip
         if self.rebalance_interval_s <= 0:
             raise ValueError("rebalance_interval_s must be > 0")
         if self.image_fetch_timeout_s <= 0:
@@ -397,12 +391,6 @@ class RouterConfig:
         )  # fmt: skip
 
 
-def parse_params(text: str) -> dict[str, str]:
-    """``"a=1,b=2"`` -> ``{"a": "1", "b": "2"}`` (ValueError on an item without ``=``)."""
-    out: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"policy parameter {item!r} is not key=value")
-        out[key.strip()] = value.strip()
-    return out
+def _one_of(name: str, value: str, choices: list[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(choices)}")

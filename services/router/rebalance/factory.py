@@ -34,3 +34,14 @@ def create_rebalance_policy(name: str, **params: Any) -> RebalancePolicy:
     if not isinstance(policy, RebalancePolicy):
         raise TypeError(f"{target} is not a RebalancePolicy")
     return policy
+
+
+def parse_params(text: str) -> dict[str, str]:
+    """``"a=1,b=2"`` -> ``{"a": "1", "b": "2"}`` (ValueError on an item without ``=``)."""
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"policy parameter {item!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return out
