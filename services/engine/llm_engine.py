@@ -187,6 +187,7 @@ class LLMEngine(PDHandoff):
         req = self.inputs.process(request_id, prompt, params, resume, lora)
         req.hold_kv = hold_kv
         for seq in req.queued:
+            seq.exports_draft_states = hold_kv
             self.scheduler.add(seq)
         self.outputs.add(req)
 

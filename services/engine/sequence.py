@@ -89,6 +89,9 @@ class Sequence:
         # speculator's record of its acceptance (speculative/); None until it speculates.
         self.draft_state: Any = None
         self.draft_adapt: Any = None
+        # PD's prefill side (a ``hold_kv`` request): an EAGLE-3 head keeps the target states
+        # for the decode worker rather than running on them (speculative/handoff.py).
+        self.exports_draft_states = False
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -27,13 +27,14 @@ def head(tiny_model_dir, tmp_path_factory) -> tuple[str, str]:
     return model, build_eagle3_head(model, tmp_path_factory.mktemp("eagle3"), draft_vocab)
 
 
-def eagle_engine(model: str, head: str):
+def eagle_engine(model: str, head: str, **kwargs):
     cfg = {"method": "eagle3", "model": head, "num_speculative_tokens": 3,
            "disable_by_batch_size": 0, "adaptive": False}  # fmt: skip
     # NOTE: no prefix caching: each prompt runs several times, each time from its first token
     # (a prefill-side hit sends the states of the computed positions only, as co-located).
     return LLM(model, dtype="float32", block_size=4, kv_cache_bytes=KV_BYTES,
-               enable_prefix_caching=False, speculative_config=json.dumps(cfg)).engine  # fmt: skip
+               enable_prefix_caching=False, speculative_config=json.dumps(cfg),
+               **kwargs).engine  # fmt: skip
 
 
 def spec_counts(engine) -> tuple:
@@ -123,6 +124,34 @@ def test_migrated_request_drafts_as_on_a_colocated_engine(head):
 def delta(after: tuple, before: tuple) -> tuple:
     return tuple(x - y if isinstance(x, int) else tuple(p - q for p, q in zip(x, y, strict=True))
                  for x, y in zip(after, before, strict=True))  # fmt: skip
+
+
+def test_imported_states_run_in_chunks_of_the_step_budget(head, monkeypatch):
+    """A prompt's states imported at once are run through the head at most the engine's step
+    budget (max_num_batched_tokens, here 16) of rows a step, as its prefill chunks were:
+    the first drafts come once they are all run; tokens as without speculation."""
+    from services.engine.speculative.eagle3 import Eagle3Proposer
+
+    model, head_dir = head
+    rows: list[int] = []
+    real = Eagle3Proposer._run
+
+    def spy(self, batch, hidden):
+        rows.extend(b.num_new_tokens for b in batch)
+        return real(self, batch, hidden)
+
+    monkeypatch.setattr(Eagle3Proposer, "_run", spy)
+    prefill, decode = (eagle_engine(model, head_dir, max_num_batched_tokens=16) for _ in range(2))
+    plain = LLM(model, dtype="float32", block_size=4, enable_prefix_caching=False).engine
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias=copy_bias())
+    prompt = repetitive_prompts()[0]  # 35 tokens
+    ref = run(plain, [prompt], params)[0][0][1]
+    rows.clear()
+    assert tuple(handoff_run(prefill, decode, prompt, params, True)) == ref
+    # The prompt's 35 states in passes of 16, 16, then 3 with the first decodes' own (before:
+    # one pass of 35; and the prefill engine had run its head on all but the last chunk's).
+    assert rows[:2] == [16, 16] and max(rows) == 16
+    assert decode.stats().spec.num_drafts > 0
 
 
 def test_malformed_states_are_refused_or_ignored(head):

@@ -70,8 +70,19 @@ class _EagleState(_DraftKV):
 
 
 class Eagle3Proposer(DraftModelProposer):
-    def __init__(self, runner: ModelRunner, target: ModelRunner, layer_ids: list[int], seed: int):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        target: ModelRunner,
+        layer_ids: list[int],
+        seed: int,
+        chunk: int = 2048,
+    ):
         super().__init__(runner, target.model.vocab_size, seed)
+        # Filed positions one sequence's first pass takes in a step (the engine's step token
+        # budget): an imported prompt's states (PD) are run over several steps, as the
+        # prompt's own prefill chunks were, not in one step that stalls every stream.
+        self.chunk = chunk
         self.head: Eagle3LlamaForCausalLM = runner.model  # type: ignore[assignment]
         self._aux: dict[int, torch.Tensor] = {}
         # The sequences holding filed states (weakly: a sequence dropped by the engine goes).
@@ -101,7 +112,7 @@ class Eagle3Proposer(DraftModelProposer):
         # NOTE: a replayed CUDA graph runs no forward hooks: the target's decode-only steps
         # would file no hidden states. Its decodes run eagerly instead (untested on a GPU).
         target.graphs = None
-        return cls(runner, target, ids, config.seed)
+        return cls(runner, target, ids, config.seed, config.max_num_batched_tokens)
 
     def _capture(self, slot: int, module: Any, args: tuple[Any, ...]) -> None:
         # NOTE: under tensor parallelism too the layers' inputs are whole on the driver (the
@@ -149,6 +160,9 @@ class Eagle3Proposer(DraftModelProposer):
             if 0 <= keep <= len(state.fed):  # contiguous: drop what the new states replace
                 state.hidden = torch.cat([state.hidden[:keep], hidden])
                 state.fed = state.fed[:keep] + fed
+                if seq.exports_draft_states:  # what is sent, and no more (a long prompt)
+                    cut = DraftStates(state.start, state.fed, state.hidden).last()
+                    state.start, state.fed, state.hidden = cut.start, cut.tokens, cut.hidden
                 return
         state.start, state.fed, state.hidden = start, fed, hidden
 
@@ -186,13 +200,14 @@ class Eagle3Proposer(DraftModelProposer):
 
     def can_draft(self, seq: Sequence) -> bool:
         """Whether the head's first pass for ``seq``, about to decode, reaches its last
-        computed position (filed target states whose tokens stand): else its drafts could
-        only be placeholders. Not yet on the decode side of PD (no states for the imported
+        computed position (filed target states whose tokens stand, at most ``chunk`` of
+        them): else its drafts could only be placeholders. Not yet on the decode side of PD (no states for the imported
         prompt) until its first decode files one, nor after the head failed."""
         state = seq.draft_state
-        return isinstance(state, _EagleState) and state.start + self._ready(seq) == (
-            seq.num_tokens - 1
-        )
+        if not isinstance(state, _EagleState):
+            return False
+        ready = self._ready(seq)
+        return ready <= self.chunk and state.start + ready == seq.num_tokens - 1
 
     def _ready(self, seq: Sequence) -> int:
         """How many filed positions the head can run now: their tokens stand, the token after
@@ -212,7 +227,9 @@ class Eagle3Proposer(DraftModelProposer):
         batch: list[ScheduledSeq] = []
         states: list[_EagleState] = []
         for s in scheduled:
-            m = self._ready(s.seq)
+            if s.seq.exports_draft_states:
+                continue  # its states go to the decode worker, which runs the head on them
+            m = min(self._ready(s.seq), self.chunk)
             if m:
                 state = self._state(s.seq)
                 batch.append(ScheduledSeq(_View(s.seq, state.start, state.start + m), m))  # type: ignore[arg-type]

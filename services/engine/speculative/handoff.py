@@ -11,7 +11,10 @@ position (a third of the raw states; for the default 135M model 2.3 KB a token i
 against 46 KB of the target's KV). With them the decode worker's first step runs the head over
 the prompt exactly as a co-located worker's first decode step does: the same drafts, the same
 acceptance. A request's states are at most ``MAX_BYTES``: a longer prompt sends its last rows
-(the head has no KV before them: drafts are worse there, tokens the same).
+(the head has no KV before them: drafts are worse there, tokens the same). The prefill worker
+does not run its head on a request it exports (``Sequence.exports_draft_states``: it keeps
+the states of every chunk instead, up to ``MAX_BYTES``); the decode worker runs them at most
+a step's token budget a step (``Eagle3Proposer.chunk``), and drafts once they are all run.
 
 NOTE: they travel in gRPC messages through the router, not in the Mooncake push: a decode
 worker's reservation has no place for them in its registered memory yet.
