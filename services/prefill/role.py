@@ -91,7 +91,9 @@ class PrefillRole(Role):
                 raise RuntimeError("prefill produced no token")
             prefill_computed()  # what follows is the push's tail (common/phases.py)
             # Read before the finally below releases the held request (and its states).
-            states = await self.engine.call(lambda e: e.held_draft_states(rid))
+            states = await handoff.export(
+                lambda: self.engine.call(lambda e: e.held_draft_states(rid)), pb.DraftStates()
+            )
             pushed = await asyncio.to_thread(self.sender.wait, rid, self.transfer_timeout_s)
             kv_bytes, kv_seconds = pushed.bytes, pushed.seconds
             if self.ranks is not None:
@@ -106,7 +108,7 @@ class PrefillRole(Role):
             if first.logprobs:
                 resp.first_logprobs.CopyFrom(logprobs_to_proto(first.logprobs)[0])
             if states is not None:
-                await asyncio.to_thread(handoff.to_proto, states.last(), resp.draft_states)
+                resp.draft_states.CopyFrom(states)
             return resp
         finally:
             self.sender.discard(rid)

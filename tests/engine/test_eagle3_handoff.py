@@ -189,3 +189,23 @@ def test_states_over_the_cap_keep_their_last_rows():
     cut = states.last(max_bytes=3 * 16 + 5)
     assert cut.start == 10 and cut.tokens == [7, 8, 9]
     assert torch.equal(cut.hidden, states.hidden[7:])
+
+
+def test_export_never_fails_the_request():
+    """The prefill side's export: a failing read or an unsendable dtype sends nothing (the
+    request goes on); states of a sendable dtype are sent, cut to the cap."""
+    import asyncio
+
+    async def fails():
+        raise RuntimeError("engine said no")
+
+    async def returns(states):
+        return states
+
+    assert asyncio.run(handoff.export(fails, pb.DraftStates())) is None
+    odd = DraftStates(0, [1, 2], torch.zeros(2, 4, dtype=torch.float64))
+    assert asyncio.run(handoff.export(lambda: returns(odd), pb.DraftStates())) is None
+    assert asyncio.run(handoff.export(lambda: returns(None), pb.DraftStates())) is None
+    good = DraftStates(0, [1, 2], torch.ones(2, 4))
+    msg = asyncio.run(handoff.export(lambda: returns(good), pb.DraftStates()))
+    assert msg is not None and list(msg.tokens) == [1, 2] and len(msg.hidden) == 32

@@ -22,6 +22,9 @@ worker's reservation has no place for them in its registered memory yet.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +32,8 @@ import torch
 
 if TYPE_CHECKING:
     from services.common.proto import worker_pb2 as pb
+
+logger = logging.getLogger(__name__)
 
 MAX_BYTES = 16 << 20  # per request: under gRPC's 64 MiB message limit with room to spare
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,9 +55,29 @@ class DraftStates:
         return DraftStates(self.start + cut, self.tokens[cut:], self.hidden[cut:])
 
 
+async def export(
+    get: Callable[[], Awaitable[DraftStates | None]], msg: pb.DraftStates
+) -> pb.DraftStates | None:
+    """``msg`` filled with what ``get`` returns (its last ``MAX_BYTES``), off the event loop;
+    None when there is nothing, or on any failure (logged): only the decode side's drafts
+    depend on it, never the request, which goes on without."""
+    try:
+        states = await get()
+        if states is None:
+            return None
+        await asyncio.to_thread(to_proto, states.last(), msg)
+        return msg
+    except Exception:  # noqa: BLE001 - drafts only: the request must not fail for them
+        logger.warning("EAGLE-3 draft states not sent", exc_info=True)
+        return None
+
+
 def to_proto(states: DraftStates, msg: pb.DraftStates) -> None:
+    """ValueError for a dtype the message cannot name."""
     hidden = states.hidden.detach().to("cpu").contiguous()
-    name = next(n for n, d in DTYPES.items() if d == hidden.dtype)
+    name = next((n for n, d in DTYPES.items() if d == hidden.dtype), None)
+    if name is None:
+        raise ValueError(f"draft states of dtype {hidden.dtype} cannot be sent")
     msg.start, msg.width, msg.dtype = states.start, hidden.shape[1], name
     msg.tokens[:] = states.tokens
     msg.hidden = hidden.view(torch.uint8).numpy().tobytes()
