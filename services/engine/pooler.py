@@ -100,8 +100,8 @@ class Pooler:
         # An encoder's learned positions may end before the engine's context length.
         self.max_model_len = min(max_model_len, getattr(model, "max_positions", max_model_len))
         self.max_batch_tokens = max_batch_tokens
-        # The engine's judgement of a failed request: its error text, or it raises when the
-        # engine itself is at fault (LLMEngine._failure).
+        # A failed request's error text (FaultJudge.failure: it never raises; whether the
+        # engine itself is at fault is end_step's call, after a self-check).
         self.failure = failure
         # Told after each batch whether any request of it succeeded (FaultJudge.end_step).
         self.end_step: Callable[[bool], None] | None = None
