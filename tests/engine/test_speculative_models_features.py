@@ -65,3 +65,43 @@ def test_seeded_n_under_a_grammar_is_reproducible(engine):
         for choice in outs:
             assert re.fullmatch(REGEX, choice[2]), choice[2]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_draft_model_catches_up_a_long_context_in_chunks(model, plain, monkeypatch):
+    """A context the draft's cache lacks (here a 35-token prompt against a step budget of 16,
+    co-located and through PD) is computed at most 16 positions a pass, with no drafts until
+    it is caught up: before, the first decode ran the draft over the whole prompt in one
+    pass. The target as its own draft still accepts nearly every draft (the KV is right)."""
+    from services.engine.model_runner import ModelRunner
+    from tests.engine.test_correctness import kv_handoff
+
+    real = ModelRunner.execute
+    sizes: list[int] = []
+
+    def spy(self, batch, *args, **kwargs):
+        if self.num_layers == 2 and getattr(self, "_is_draft", False):
+            sizes.extend(s.num_new_tokens for s in batch)
+        return real(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRunner, "execute", spy)
+    cfg = {"method": "draft_model", "model": model, "num_speculative_tokens": 3,
+           "disable_by_batch_size": 0, "adaptive": False}  # fmt: skip
+    engines = [LLM(model, dtype="float32", block_size=4, kv_cache_bytes=KV_BYTES,
+                   max_num_batched_tokens=16, speculative_config=json.dumps(cfg)).engine
+               for _ in range(2)]  # fmt: skip
+    for e in engines:
+        e.executor.drafter.runner._is_draft = True
+    prompt = repetitive_prompts()[0]  # 35 tokens
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    ref = run(plain, [prompt], params)[0][0][1]
+    sizes.clear()
+    assert run(engines[0], [prompt], params)[0][0][1] == ref
+    assert sizes[:2] == [16, 16] and max(sizes) == 16, sizes
+    sizes.clear()
+    first = SamplingParams(temperature=0, max_tokens=1)
+    assert tuple(kv_handoff(plain, engines[1], prompt, first, params)) == ref
+    assert sizes[:2] == [16, 16] and max(sizes) == 16, sizes
+    for e in engines:
+        stats = e.stats().spec
+        assert stats.num_draft_tokens > 5 and stats.acceptance_rate > 0.9, stats
+        assert e.block_manager.num_free_blocks == e.block_manager.num_blocks

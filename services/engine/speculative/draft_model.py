@@ -16,7 +16,8 @@ the tokens it was computed for and the blocks it was written to. Each proposal f
 is missing (the accepted drafts' successor, the target's bonus token; the whole context the
 first time, after a preemption, or on the decode side of PD, where only the target's KV arrived:
 the draft's is rebuilt there rather than pushed, as it is cheap and keeps PD's transfer and its
-KV layout fingerprint the target's alone).
+KV layout fingerprint the target's alone). A missing context longer than ``chunk`` (the step
+token budget) is caught up ``chunk`` positions a step before the sequence drafts again.
 
 NOTE: nothing here can change the output, only the acceptance: the draft's KV may be stale
 where a prefix-cache block was computed by a sequence that never ran the draft, or written by
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from services.engine.model_loader import load_hf_config, resolve_model
-from services.engine.model_runner import ModelRunner
+from services.engine.model_runner import ModelRunner, is_decode
 from services.engine.sampler import apply_logit_bias, draw, row_probs
 from services.engine.scheduler_output import ScheduledSeq
 
@@ -88,10 +89,14 @@ class DraftModelProposer:
 
     deferred = True  # proposes in the executor, for the whole batch (see Speculator)
 
-    def __init__(self, runner: ModelRunner, vocab_size: int, seed: int) -> None:
+    def __init__(self, runner: ModelRunner, vocab_size: int, seed: int, chunk: int = 2048) -> None:
         self.runner = runner
         self.vocab_size = vocab_size  # the target's: drafts and their distributions are in it
         self.generator = torch.Generator().manual_seed(seed ^ DRAFT_SEED_SALT)
+        # Positions of a sequence the draft computes in a step (the engine's step token
+        # budget): a context it lacks (a long prompt, PD's imported one, a preempted
+        # sequence's) is caught up over several steps, not in one that stalls every stream.
+        self.chunk = chunk
 
     @classmethod
     def load(
@@ -100,7 +105,7 @@ class DraftModelProposer:
         """The draft model of ``spec`` on the target's device, with a cache of the target's
         number of blocks."""
         runner = draft_runner(spec, config, max_model_len, target)
-        return cls(runner, target.model.vocab_size, config.seed)
+        return cls(runner, target.model.vocab_size, config.seed, config.max_num_batched_tokens)
 
     def propose(self, seq: Sequence, k: int) -> list[int]:
         return []  # NOTE: never called: deferred proposals are made by ``fill``
@@ -110,6 +115,11 @@ class DraftModelProposer:
 
     def after_target(self, scheduled: list[ScheduledSeq]) -> None:
         """The target ran ``scheduled`` (an EAGLE head keeps its hidden states)."""
+
+    def can_draft(self, seq: Sequence) -> bool:
+        """Whether the draft's first pass for ``seq`` (what its cache lacks, up to the last
+        token) fits in ``chunk`` positions; else ``fill`` catches it up first."""
+        return seq.num_tokens - self._valid(seq) <= self.chunk
 
     def fill(self, scheduled: list[ScheduledSeq]) -> None:
         """Replace the placeholder drafts of ``scheduled`` with the draft model's tokens (and
@@ -125,7 +135,32 @@ class DraftModelProposer:
             no_drafts(items)
 
     @torch.inference_mode()
+    def _catch_up(self, scheduled: list[ScheduledSeq]) -> None:
+        """One pass of at most ``chunk`` positions for each decoding sequence whose draft
+        cache lacks more than that (``can_draft`` false): positions the target computed."""
+        batch: list[ScheduledSeq] = []
+        done: list[tuple[Sequence, int]] = []
+        for s in scheduled:
+            seq = s.seq
+            if s.draft_token_ids or not is_decode(s):
+                continue
+            valid = self._valid(seq)
+            n = min(self.chunk, seq.num_computed_tokens - valid)
+            if n > 0 and seq.num_tokens - valid > self.chunk:
+                batch.append(ScheduledSeq(_View(seq, valid), n))  # type: ignore[arg-type]
+                done.append((seq, valid + n))
+        if not batch:
+            return
+        self.runner.execute(batch)
+        for seq, upto in done:
+            state = seq.draft_state
+            assert isinstance(state, _DraftKV)
+            state.tokens, state.known = seq.token_ids[:upto], upto
+            state.blocks = list(seq.block_table)
+
+    @torch.inference_mode()
     def _propose(self, scheduled: list[ScheduledSeq], items: list[ScheduledSeq]) -> None:
+        self._catch_up(scheduled)
         if not items:
             return
         views = [_View(s.seq, self._valid(s.seq)) for s in items]

@@ -78,11 +78,10 @@ class Eagle3Proposer(DraftModelProposer):
         seed: int,
         chunk: int = 2048,
     ):
-        super().__init__(runner, target.model.vocab_size, seed)
-        # Filed positions one sequence's first pass takes in a step (the engine's step token
-        # budget): an imported prompt's states (PD) are run over several steps, as the
-        # prompt's own prefill chunks were, not in one step that stalls every stream.
-        self.chunk = chunk
+        # ``chunk``: filed positions one sequence's first pass takes in a step (the engine's
+        # step token budget): an imported prompt's states (PD) are run over several steps,
+        # as the prompt's own prefill chunks were, not in one step that stalls every stream.
+        super().__init__(runner, target.model.vocab_size, seed, chunk)
         self.head: Eagle3LlamaForCausalLM = runner.model  # type: ignore[assignment]
         self._aux: dict[int, torch.Tensor] = {}
         # The sequences holding filed states (weakly: a sequence dropped by the engine goes).
