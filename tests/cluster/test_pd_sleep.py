@@ -11,7 +11,15 @@ import time
 
 import httpx
 import pytest
-from cluster_helpers import TINY_ENGINE, TINY_NAME, cli, load_report, start_cluster, workers
+from cluster_helpers import (
+    TINY_ENGINE,
+    TINY_NAME,
+    cli,
+    load_report,
+    start_cluster,
+    wait_for,
+    workers,
+)
 
 from services.engine import LLM, SamplingParams
 from tests.deps import MOONCAKE, require
@@ -76,8 +84,11 @@ def test_a_pd_pair_sleeps_and_wakes(pd, tiny_model_dir) -> None:
     for w in (decode, prefill):
         r = cli(pd, "models", "sleep", w)
         assert r.returncode == 0 and "asleep" in r.stdout, r.stderr
-    assert {w: row["state"] for w, row in workers(pd).items()} == {
-        prefill: "sleeping", decode: "sleeping"}  # fmt: skip
+    # NOTE: `models sleep` answers when the worker has slept; the router's view follows from
+    # the worker's etcd entry a moment later, so wait for it rather than read it once.
+    both_asleep = {prefill: "sleeping", decode: "sleeping"}
+    wait_for(lambda: {w: row["state"] for w, row in workers(pd).items()} == both_asleep,
+             timeout=30, what="the router to see both workers asleep")  # fmt: skip
     assert_waits_then_503(pd)
 
     # The prefill side awake, the decode side asleep: still no pair, the model still sleeps
