@@ -178,3 +178,42 @@ def test_trie_nodes_are_not_objects_the_garbage_collector_walks():
     trie.extend(tokens, len(tokens), 4096)
     assert trie.trie.nodes > 40_000
     assert len(gc.get_objects()) - before < 100
+
+
+def test_a_trie_dying_while_room_is_made_does_not_break_the_scan():
+    """A trie's weakref callback can run in the middle of ``_make_room``'s scan of the live
+    tries (the cyclic GC collecting a finished request at any allocation): the scan must not
+    fail (on the old code: 'dictionary changed size during iteration', raised in the step
+    thread, which ends the worker)."""
+    prop = SuffixProposer(DEPTH, 0, 0.1, max_request_tokens=100, max_worker_tokens=250)
+    seqs = [seq_of([i * 1000 + j for j in range(100)]) for i in range(4)]
+    for s in seqs[:3]:
+        prop.new_step()
+        prop.propose(s, 2)
+    assert [s.draft_state.tokens for s in seqs[:3]] == [0, 100, 100]  # the first emptied
+    # The scan reads the emptied first trie (no victim), the second dies under it.
+    dying = seqs[1].draft_state.serial
+
+    class Held(dict):
+        """``_held`` whose first read during the scan lets a trie die, as a GC pass would."""
+
+        fired = False
+
+        def _die(self) -> None:
+            if not Held.fired and dying in self:
+                Held.fired = True
+                prop._forget(dying)
+
+        def __getitem__(self, key):
+            self._die()
+            return super().__getitem__(key)
+
+        def get(self, key, default=None):
+            self._die()
+            return super().get(key, default)
+
+    prop._held = Held(prop._held)
+    prop.new_step()
+    prop.propose(seqs[3], 2)  # needs room: scans the live tries
+    assert Held.fired
+    assert seqs[3].draft_state.tokens == 100 and prop.tokens <= 250

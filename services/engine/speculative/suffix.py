@@ -342,7 +342,10 @@ class SuffixProposer:
             if self.recent:
                 self._drop_oldest_output()
                 continue
-            victim = next((s for s in self._tries if s != keep.serial and self._held[s]), None)
+            # NOTE: over a copy: a trie's weakref callback (_forget) may run during the scan
+            # (the cyclic GC collecting a finished request) and change _tries.
+            victim = next((s for s in list(self._tries) if s != keep.serial and self._held.get(s)),
+                          None)  # fmt: skip
             if victim is None:
                 return  # NOTE: cannot happen: keep alone holds at most max_request_tokens
             trie = self._tries[victim]()
