@@ -78,7 +78,7 @@ class EngineStats:
 
     num_waiting: int  # sequences queued, not yet running
     num_running: int  # sequences in the running batch
-    num_waiting_prompt_tokens: int  # prompt tokens still to compute for waiting sequences
+    num_waiting_prompt_tokens: int  # prompt tokens still to compute (waiting, or in prefill)
     kv_utilization: float  # fraction of KV blocks in use (0..1)
     num_free_blocks: int
     num_total_blocks: int

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from services.engine.block_manager import BlockManager, ComputedBlocks, chain_root
 from services.engine.scheduler_output import KVLoad, ScheduledSeq, SchedulerOutput, TierHit
-from services.engine.sequence import Sequence, SequenceStatus
+from services.engine.sequence import Sequence, SequenceStatus, prefill_tokens_left
 from services.engine.service_tiers import DEFAULT_OFFLINE_AGING_S, SERVICE_TIERS
 from services.engine.tier_policy import OFFLINE_RANK, TierPolicy
 
@@ -121,7 +121,8 @@ class Scheduler:
 
     @property
     def num_waiting_prompt_tokens(self) -> int:
-        return sum(s.num_uncomputed_tokens for s in self.waiting)
+        """Prompt tokens still to compute: waiting, or running a chunked prefill."""
+        return prefill_tokens_left(self.waiting, self.running)
 
     def schedule(self) -> SchedulerOutput:
         """One step's batch.

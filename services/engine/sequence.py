@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterable
 from enum import Enum, auto
 from typing import TYPE_CHECKING, Any
 
@@ -133,3 +134,13 @@ class Sequence:
             f"Sequence({self.request_id}#{self.index}, tokens={self.num_tokens}, "
             f"computed={self.num_computed_tokens}, blocks={self.block_table}, {self.status.name})"
         )
+
+
+def prefill_tokens_left(waiting: Iterable[Sequence], running: Iterable[Sequence]) -> int:
+    """The prompt tokens still to compute: all of the waiting sequences' and those of the
+    running ones still in a (chunked) prefill. A prompt admitted into the batch is still
+    queued prefill work: the load reports, routing and rebalancing read it (a running decode's
+    one uncomputed token, the last sampled, is not prefill)."""
+    return sum(s.num_uncomputed_tokens for s in waiting) + sum(
+        s.num_uncomputed_tokens for s in running if s.in_prefill
+    )

@@ -383,10 +383,11 @@ def offline_stats(
     running: Collection[Sequence],
     reserved: Collection[Sequence] = (),
 ) -> dict[str, int]:
-    """EngineStats' offline (flex) share of the queues and the KV cache, so that what reads
-    the load (the router's rebalancer and offline gate) can tell online load from the offline
-    work that only fills what online work leaves. ``reserved``: a decode worker's PD
-    reservations, whose blocks wait for the prompt's KV (they hold blocks, not queue places)."""
+    """EngineStats' offline (flex) share of the queues and the KV cache, so that the load's
+    readers (rebalancer, offline gate) can tell online load from the offline work that fills
+    what it leaves. ``reserved``: a decode worker's PD reservations (blocks, no queue place)."""
+    from services.engine.sequence import prefill_tokens_left  # NOTE: lazy: torch (router)
+
     off_waiting = [s for s in waiting if s.params.service_tier == FLEX]
     off_running = [s for s in running if s.params.service_tier == FLEX]
     off_reserved = [s for s in reserved if s.params.service_tier == FLEX]
@@ -394,6 +395,6 @@ def offline_stats(
     return {
         "num_offline_waiting": len(off_waiting),
         "num_offline_running": len(off_running),
-        "num_offline_waiting_prompt_tokens": sum(s.num_uncomputed_tokens for s in off_waiting),
+        "num_offline_waiting_prompt_tokens": prefill_tokens_left(off_waiting, off_running),
         "num_offline_blocks": sum(len(s.block_table) for s in holding),
     }

@@ -142,6 +142,10 @@ def test_token_budget_respected_and_prefill_chunked_across_steps() -> None:
         chunks.append((out.scheduled[0].num_new_tokens, out.scheduled[0].samples))
         assert seq.num_computed_tokens == sum(c for c, _ in chunks)
         assert len(seq.block_table) == sched.bm.blocks_needed(seq.num_computed_tokens)
+        # A prompt in a chunked prefill is still queued prefill work for the load report
+        # (routing, rebalancing): it read 0 once the prompt was admitted into the batch.
+        left = 21 - seq.num_computed_tokens if seq.in_prefill else 0
+        assert sched.num_waiting_prompt_tokens == left
     assert chunks == [(8, False), (8, False), (5, True)]
     assert seq.status == SequenceStatus.RUNNING
 
