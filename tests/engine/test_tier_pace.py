@@ -1,4 +1,4 @@
-"""The pace of offline work beside online work (tier_policy.py's ``OnlinePace``), without a
+"""The pace of offline work beside online work (step_pace.py's ``OnlinePace``), without a
 model: offline tokens fill a step up to the reference (the quantile of recent online requests'
 mean step cost), an online request already slower than the reference or in its prefill holds
 them to the share, and the reference is the window's quantile as it slides."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import random
 
-from services.engine.tier_policy import (
+from services.engine.step_pace import (
     PACE_MIN_REQUESTS,
     PACE_WINDOW,
     PACE_WINDOW_S,
