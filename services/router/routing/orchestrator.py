@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import time
@@ -11,17 +10,17 @@ from contextlib import aclosing
 from functools import partial
 
 from services.common.proto import worker_pb2 as pb
-from services.engine.service_tiers import DEFAULT, FLEX
 from services.router.errors import APIError
 from services.router.phases import RouterPhases
 from services.router.routing.encode_stage import EncodeStage
 from services.router.routing.kv_index import KVIndexClient
 from services.router.routing.migration import Migration, Progress
-from services.router.routing.pd import PDRequest, PDSteps, pair_of_one_size
+from services.router.routing.pd import PDRequest, PDSteps
 from services.router.routing.poison import PoisonTracker, fingerprint
-from services.router.routing.policies.base import RouteRequest, RoutingPolicy
+from services.router.routing.policies.base import RoutingPolicy
 from services.router.routing.retry import RETRYABLE, AttemptFailed, Attempts
 from services.router.routing.streams import child_params, merge_children
+from services.router.routing.worker_choice import WorkerChoice
 from services.router.routing.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -37,17 +36,13 @@ def measure_prefill(handle: WorkerHandle, sent_at: float) -> Callable[[pb.Genera
     return first
 
 
-class Orchestrator:
+class Orchestrator(WorkerChoice):
     """Runs requests: on a prefill/decode pair when the cluster has one (PD), else on a
     mixed worker (co-located). A request whose worker dies or hangs after tokens were
     streamed is continued on another worker from where it stopped (migration)."""
 
     # A PD request is tried on one pair and retried once on another (or a mixed worker).
     PD_ATTEMPTS = 2
-    # A request finding no usable worker while some serve (one out of routing only until its
-    # next load report after a failed call, or just registered) waits this long for one.
-    WORKER_WAIT_S = 5.0
-    WORKER_POLL_S = 0.05
 
     def __init__(
         self,
@@ -75,106 +70,6 @@ class Orchestrator:
         self.pd = PDSteps(pool, timeout_s, stall_timeout_s)
         # Whether a worker has headroom for offline (flex) work (offline.py); None: any has.
         self.has_room: Callable[[WorkerHandle], bool] | None = None
-
-    def _for_tier(self, candidates: list[WorkerHandle], tier: str) -> list[WorkerHandle]:
-        """The candidates an offline request may go to: those with headroom, when any has
-        (the admission gate found one; it may have filled since), else all of them."""
-        if tier != FLEX or self.has_room is None:
-            return candidates
-        return [h for h in candidates if self.has_room(h)] or candidates
-
-    async def _route(
-        self,
-        model: str,
-        request_id: str,
-        prompt: Sequence[int],
-        candidates: list[WorkerHandle],
-        images: Sequence[pb.ImageData] = (),
-    ) -> RouteRequest:
-        """The policy's view of the request; a cache-aware policy also gets each candidate's
-        cached prefix of the prompt from the global KV index."""
-        lora = self.pool.lora_of(model)
-        route = RouteRequest(request_id, len(prompt), prompt, [i.hash for i in images], lora)
-        if self.kv_index is not None and self.policy.uses_kv_index:
-            base = self.pool.adapters()[lora] if lora else model  # the index keys base models
-            await self.kv_index.annotate(route, base, candidates)
-        return route
-
-    def pd_available(self, model: str) -> bool:
-        return bool(self.pool.candidates("prefill", model)) and bool(
-            self.pool.candidates("decode", model)
-        )
-
-    async def _use_pd(self, model: str) -> bool:
-        """Whether to run on a PD pair (else on a mixed worker). While neither is usable but
-        workers that serve are known, wait for one (``_usable``)."""
-        deadline = time.monotonic() + self.WORKER_WAIT_S
-        while not self.pd_available(model) and not self.pool.candidates("mixed", model):
-            if not self.pool.may_serve(model) or time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(self.WORKER_POLL_S)
-        return self.pd_available(model)
-
-    async def _usable(self, role: str, model: str, exclude: set[str]) -> list[WorkerHandle]:
-        """The usable workers of ``role`` outside ``exclude``. NOTE: when there are none but
-        some of them serve, wait for one (up to WORKER_WAIT_S): a worker is out of routing
-        from a failed call until its next load report (a fraction of a second) and from
-        registering until its first, and a request arriving then, with the only other
-        worker just died, must not fail for that."""
-        deadline = time.monotonic() + self.WORKER_WAIT_S
-        waited = False
-        while True:
-            found = [h for h in self.pool.candidates(role, model) if h.id not in exclude]
-            serving = [h.id for h in self.pool.serving(role, model) if h.id not in exclude]
-            if found or not serving or time.monotonic() >= deadline:
-                return found
-            if not waited:
-                log.info("no %s worker usable now; waiting for one of %s", role, serving)
-                waited = True
-            await asyncio.sleep(self.WORKER_POLL_S)
-
-    async def _choose(
-        self,
-        model: str,
-        request_id: str,
-        prompt: Sequence[int],
-        images: Sequence[pb.ImageData],
-        attempts: Attempts,
-        tier: str = DEFAULT,
-    ) -> WorkerHandle | None:
-        """The policy's mixed worker for the request's next attempt (None: none is usable)."""
-        candidates = self._for_tier(await self._usable("mixed", model, attempts.tried), tier)
-        if not candidates:
-            return None
-        route = await self._route(model, request_id, prompt, candidates, images)
-        return self._listed(self.policy.select(candidates, route))
-
-    async def _choose_pair(
-        self, request_id: str, request: PDRequest, attempts: Attempts
-    ) -> tuple[WorkerHandle, WorkerHandle] | None:
-        """The policy's (prefill, decode) pair for the request's next attempt, suspects on
-        the decode side only if no other is usable (None: no pair is usable)."""
-        tier = request.params.service_tier
-        prefills = self._for_tier(
-            await self._usable("prefill", request.model, attempts.tried), tier
-        )
-        decodes = self._for_tier(await self._usable("decode", request.model, attempts.tried), tier)
-        decodes = [h for h in decodes if h.id not in attempts.suspects] or decodes
-        if not prefills or not decodes:
-            return None
-        route = await self._route(
-            request.model, request_id, request.prompt, [*prefills, *decodes], request.images
-        )
-        p, d = pair_of_one_size(self.policy, prefills, decodes, route)
-        self._listed(p)
-        return p, self._listed(d)
-
-    def _listed(self, handle: WorkerHandle) -> WorkerHandle:
-        """``handle``, or ``AttemptFailed`` when it left the cluster while the policy chose
-        (the KV index lookup awaits)."""
-        if self.pool.handles.get(handle.id) is not handle:
-            raise AttemptFailed()
-        return handle
 
     async def generate(
         self,
