@@ -28,8 +28,8 @@ def clusters(tiny_model_dir, tmp_path_factory):
     head = build_eagle3_head(str(model), tmp_path_factory.mktemp("eagle3"), draft_vocab)
     spec = json.dumps({"method": "eagle3", "model": head, "num_speculative_tokens": 3,
                        "disable_by_batch_size": 0, "adaptive": False})  # fmt: skip
-    # NOTE: no prefix caching: a prefill-side hit sends the states of its computed positions
-    # only (as a co-located hit runs the head from there); these prompts share prefixes.
+    # NOTE: no prefix caching: each request runs from its first token on both clusters (a
+    # prefill-side hit: test_eagle3_handoff's test_prefill_side_prefix_hit_...).
     engine = {"speculative_config": spec, "enable_prefix_caching": False}
     pd = start_cluster(model, workers=0, prefill=1, decode=1, engine_overrides=engine)
     try:

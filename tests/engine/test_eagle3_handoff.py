@@ -30,11 +30,11 @@ def head(tiny_model_dir, tmp_path_factory) -> tuple[str, str]:
 def eagle_engine(model: str, head: str, **kwargs):
     cfg = {"method": "eagle3", "model": head, "num_speculative_tokens": 3,
            "disable_by_batch_size": 0, "adaptive": False}  # fmt: skip
-    # NOTE: no prefix caching: each prompt runs several times, each time from its first token
-    # (a prefill-side hit sends the states of the computed positions only, as co-located).
+    # NOTE: no prefix caching unless asked: each prompt runs several times, each time from its
+    # first token (a prefill-side hit has a test of its own below).
+    kwargs.setdefault("enable_prefix_caching", False)
     return LLM(model, dtype="float32", block_size=4, kv_cache_bytes=KV_BYTES,
-               enable_prefix_caching=False, speculative_config=json.dumps(cfg),
-               **kwargs).engine  # fmt: skip
+               speculative_config=json.dumps(cfg), **kwargs).engine  # fmt: skip
 
 
 def spec_counts(engine) -> tuple:
@@ -152,6 +152,50 @@ def test_imported_states_run_in_chunks_of_the_step_budget(head, monkeypatch):
     # one pass of 35; and the prefill engine had run its head on all but the last chunk's).
     assert rows[:2] == [16, 16] and max(rows) == 16
     assert decode.stats().spec.num_drafts > 0
+
+
+def test_prefill_side_prefix_hit_sends_the_states_kept_with_its_blocks(head):
+    """A prompt whose first blocks hit the prefill worker's prefix cache (a prompt run
+    before, and one sharing its first 4 blocks) still sends the head's states from position
+    0, kept with the blocks (kept_states.py), and the decode worker drafts and accepts exactly
+    as after a miss (a co-located engine without caching). On the code before, the states
+    started at the hit (handoff_run's start == 0 fails: start 20) and the decode worker's
+    head ran over the rest only, its KV at the hit positions whatever its blocks held."""
+    model, head_dir = head
+    colocated, decode = eagle_engine(model, head_dir), eagle_engine(model, head_dir)
+    prefill = eagle_engine(model, head_dir, enable_prefix_caching=True)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logit_bias=copy_bias())
+    first = repetitive_prompts()[1]  # 24 tokens
+    shared = first[:16] + repetitive_prompts()[0][:12]
+    for prompt in (first, first, shared):
+        before = spec_counts(colocated)
+        ref = run(colocated, [prompt], params)[0][0][1]
+        want = delta(spec_counts(colocated), before)
+        hits, before = prefill.block_manager.hit_tokens, spec_counts(decode)
+        assert tuple(handoff_run(prefill, decode, prompt, params, True)) == ref
+        assert delta(spec_counts(decode), before) == want
+    assert prefill.block_manager.hit_tokens - hits == 16  # the last one hit its 4 blocks
+    assert prefill.block_manager.hit_tokens >= 16 + 20  # and the second run of the first
+
+
+def test_kept_states_end_at_a_missing_or_different_block():
+    """KeptStates: a hit's states go back block by block while the blocks are kept with the
+    same tokens; an evicted block (the budget holds two) or one with other tokens ends them."""
+    from services.engine.speculative.kept_states import KeptStates
+
+    kept = KeptStates(block_size=2, max_bytes=2 * 2 * 3 * 4)
+    tokens, hashes = [1, 2, 3, 4, 5, 6, 7], [11, 12, 13]
+    rows = torch.arange(21, dtype=torch.float32).view(7, 3)
+    whole = kept.complete(DraftStates(0, tokens, rows), tokens, hashes)
+    assert whole.start == 0 and torch.equal(whole.hidden, rows) and len(kept) == 2  # 11 evicted
+    hit = kept.complete(DraftStates(5, tokens[5:], rows[5:]), tokens, hashes)
+    assert hit.start == 2 and hit.tokens == tokens[2:] and torch.equal(hit.hidden, rows[2:])
+    other = [1, 2, 3, 9, 5, 6, 7]  # block 1 differs (a hash collision, as the manager checks)
+    miss = kept.complete(DraftStates(4, other[4:], rows[4:]), other, hashes)
+    assert miss.start == 4 and torch.equal(miss.hidden, rows[4:])
+    part = kept.complete(DraftStates(3, tokens[3:], rows[3:]), tokens, hashes)
+    assert part.start == 2 and torch.equal(part.hidden, rows[2:])  # block 1's first row
+    assert kept.nbytes <= kept.max_bytes
 
 
 def test_malformed_states_are_refused_or_ignored(head):

@@ -19,9 +19,10 @@ of up to a prompt chunk each; a running sequence left out of one step keeps its 
 
 PD: the prefill worker's states of the prompt go to the decode worker with the KV
 (``export_states``, ``import_states``; handoff.py says why and how), so its first decode runs
-the head over the prompt as a co-located worker's does. NOTE: where no target state is filed
-(a decode worker given none, or only the last rows of a long prompt; a prefix-cache hit
-computed by a sequence that did not run the head), the head has no KV or stale KV there: its
+the head over the prompt as a co-located worker's does; a prefill-side prefix-cache hit sends
+the states kept with the hit blocks (kept_states.py). NOTE: where no target state is filed
+(a decode worker given none, or only the last rows of a long prompt; a hit the prefill side
+kept no states for; a co-located hit computed by a sequence that did not run the head), the head has no KV or stale KV there: its
 drafts are worse, never the output, which the verification decides alone. A decode whose
 last position has no state drafts nothing (``can_draft``): its first decode files the state
 the next one drafts from.
@@ -51,6 +52,7 @@ from services.engine.speculative.draft_model import (
     no_drafts,
 )
 from services.engine.speculative.handoff import DraftStates
+from services.engine.speculative.kept_states import KeptStates
 
 if TYPE_CHECKING:
     from services.engine.config import EngineConfig
@@ -77,6 +79,7 @@ class Eagle3Proposer(DraftModelProposer):
         layer_ids: list[int],
         seed: int,
         chunk: int = 2048,
+        block_size: int = 16,
     ):
         # ``chunk``: filed positions one sequence's first pass takes in a step (the engine's
         # step token budget): an imported prompt's states (PD) are run over several steps,
@@ -86,6 +89,9 @@ class Eagle3Proposer(DraftModelProposer):
         self._aux: dict[int, torch.Tensor] = {}
         # The sequences holding filed states (weakly: a sequence dropped by the engine goes).
         self._holding: weakref.WeakValueDictionary[int, Sequence] = weakref.WeakValueDictionary()
+        # The exported prompts' states by prefix-cache block, for a later hit (PD's prefill
+        # side; kept_states.py says why).
+        self.kept = KeptStates(block_size)
         layers: Any = target.model.model.layers
         for slot, i in enumerate(layer_ids):
             layers[i].register_forward_pre_hook(functools.partial(self._capture, slot))
@@ -111,7 +117,9 @@ class Eagle3Proposer(DraftModelProposer):
         # NOTE: a replayed CUDA graph runs no forward hooks: the target's decode-only steps
         # would file no hidden states. Its decodes run eagerly instead (untested on a GPU).
         target.graphs = None
-        return cls(runner, target, ids, config.seed, config.max_num_batched_tokens)
+        return cls(
+            runner, target, ids, config.seed, config.max_num_batched_tokens, config.block_size
+        )
 
     def _capture(self, slot: int, module: Any, args: tuple[Any, ...]) -> None:
         # NOTE: under tensor parallelism too the layers' inputs are whole on the driver (the
@@ -176,11 +184,13 @@ class Eagle3Proposer(DraftModelProposer):
 
     def export_states(self, seq: Sequence) -> DraftStates | None:
         """The states filed for ``seq`` and not yet run through the head (PD's prefill side:
-        every computed prompt position, handed to the decode worker with the KV)."""
+        every computed prompt position, handed to the decode worker with the KV), and before
+        them those kept with the prefix-cache blocks a hit skipped (kept_states.py)."""
         state = seq.draft_state
         if not isinstance(state, _EagleState) or state.fed is None or state.hidden is None:
             return None
-        return DraftStates(state.start, list(state.fed), state.hidden)
+        states = DraftStates(state.start, list(state.fed), state.hidden)
+        return self.kept.complete(states, seq.token_ids, seq.block_hashes)
 
     def import_states(self, seq: Sequence, states: DraftStates) -> None:
         """File ``states`` for ``seq`` (PD's decode side, before its first decode), as the
