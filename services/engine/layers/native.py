@@ -13,17 +13,22 @@ where the CPU has it, AVX2 elsewhere), with OpenMP (the process shares torch's l
 loaded first). No torch headers: the build takes about a second. The library is cached under
 ``$EPDSERVE_KERNEL_CACHE`` (default ``~/.cache/epdserve/kernels``), keyed by the source, the
 flags and the CPU's feature flags; it is written to a temporary name and renamed, so processes
-building at once do not see a half-written file. Without a compiler, on a failed build, or
-with ``EPDSERVE_CPU_KERNELS=0``, ``paged_decode()`` is None and callers keep their torch path.
+building at once do not see a half-written file, and a digest beside it must match before a
+cached file is loaded (a corrupt one is rebuilt). An unwritable cache builds into a private
+folder. Without a compiler, on a failed or hung build (``BUILD_TIMEOUT_S``), or with
+``EPDSERVE_CPU_KERNELS=0``, ``paged_decode()`` is None and callers keep their torch path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -37,6 +42,8 @@ CSRC = Path(__file__).with_name("csrc")
 BUILD_TIMEOUT_S = 120.0
 _lock = threading.Lock()
 _cache: dict[str, ctypes.CDLL | None] = {}
+# The entry points each kernel library must export: a file lacking them is not that kernel.
+SYMBOLS = {"paged_decode": ("epd_paged_decode_f32",), "cpu_lora": ("lora_apply",)}
 
 
 def enabled() -> bool:
@@ -67,48 +74,128 @@ def _compile_flags(cpu_flags: str) -> list[str]:
 
 def _cache_dir() -> Path:
     root = os.environ.get("EPDSERVE_KERNEL_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "epdserve" / "kernels"
+    if root:
+        return Path(root)
+    try:
+        return Path.home() / ".cache" / "epdserve" / "kernels"
+    except RuntimeError:  # no HOME and no passwd entry (a bare container user)
+        return Path(tempfile.gettempdir()) / "epdserve-kernels"
+
+
+def _compiler() -> list[str] | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shlex.split(cc)  # $CC may carry flags ("gcc -m64"), as make reads it
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
+
+
+def _compile(cmd: list[str], source: Path, out: str, name: str) -> bool:
+    """Compile ``source`` into ``out``; False (logged) on a failure or past BUILD_TIMEOUT_S.
+    NOTE: the compiler runs in its own process group, killed whole on the timeout: cc runs
+    cc1, as and ld under it, and killing cc alone would leave a hung cc1 running for ever."""
+    try:
+        proc = subprocess.Popen([*cmd, "-o", out, str(source)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    except OSError as exc:
+        logger.warning("building the CPU kernel %s failed (torch path): %s", name, exc)
+        return False
+    try:
+        _, err = proc.communicate(timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        logger.warning("building the CPU kernel %s took over %.0f s: killed (torch path)",
+                       name, BUILD_TIMEOUT_S)  # fmt: skip
+        return False
+    if proc.returncode != 0:
+        logger.warning("building the CPU kernel %s failed (torch path):\n%s", name, err[-2000:])
+        return False
+    return True
+
+
+def _load(path: Path | str, name: str) -> ctypes.CDLL | None:
+    """The library at ``path`` when it loads and exports ``name``'s entry points, else None."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        logger.warning("loading the CPU kernel %s failed: %s", name, exc)
+        return None
+    missing = [s for s in SYMBOLS.get(name, ()) if not hasattr(lib, s)]
+    if missing:
+        logger.warning("the CPU kernel library %s lacks %s", path, ", ".join(missing))
+        return None
+    return lib
+
+
+def _digest_file(target: Path) -> Path:
+    return target.with_suffix(".sha256")
+
+
+def _cached(target: Path, name: str) -> ctypes.CDLL | None:
+    """The cached library, when its bytes are those its build recorded (a truncated or
+    corrupt file is never handed to dlopen, where it could crash the process), else None."""
+    try:
+        recorded = _digest_file(target).read_text().strip()
+        actual = hashlib.sha256(target.read_bytes()).hexdigest()
+    except OSError:
+        return None  # not built yet (or unreadable): build it
+    if actual != recorded:
+        logger.warning("the cached CPU kernel %s is corrupt: rebuilding it", target)
+        return None
+    return _load(target, name)
+
+
+def _build_into(target: Path, cmd: list[str], source: Path, name: str) -> ctypes.CDLL | None:
+    """Build into a temporary file beside ``target``, load that, then rename it (and its
+    digest) into place, so that processes building at once never see a half-written file.
+    NOTE: the temporary name is loaded, not ``target``: dlopen of a path it already loaded
+    (a bad file there before) would return the old library. OSError: ``target``'s folder
+    cannot be written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        if not _compile(cmd, source, tmp, name):
+            return None
+        lib = _load(tmp, name)
+        if lib is None:
+            return None
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        os.replace(tmp, target)
+        fd, tmp_digest = tempfile.mkstemp(prefix=".build-", dir=target.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(digest)
+        os.replace(tmp_digest, _digest_file(target))
+        return lib
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _build(name: str) -> ctypes.CDLL | None:
     source = CSRC / f"{name}.c"
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    cmd = _compiler()
+    if cmd is None:
         logger.info("no C compiler: the CPU kernel %s is not built (torch path)", name)
         return None
     cpu = _cpu_flags()
     flags = _compile_flags(cpu)
-    key = hashlib.sha256(
-        "\0".join([source.read_text(), compiler, *flags, cpu]).encode()
-    ).hexdigest()[:16]
+    text = "\0".join([source.read_text(), *cmd, *flags, cpu])
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            proc = subprocess.run(
-                [compiler, *flags, "-o", tmp, str(source)],
-                capture_output=True,
-                text=True,
-                timeout=BUILD_TIMEOUT_S,
-            )
-            if proc.returncode != 0:
-                logger.warning("building the CPU kernel %s failed (torch path):\n%s",
-                               name, proc.stderr[-2000:])  # fmt: skip
-                return None
-            os.replace(tmp, target)
-        except (OSError, subprocess.SubprocessError) as exc:
-            logger.warning("building the CPU kernel %s failed (torch path): %s", name, exc)
-            return None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    lib = _cached(target, name)
+    if lib is not None:
+        return lib
     try:
-        return ctypes.CDLL(str(target))
+        return _build_into(target, [*cmd, *flags], source, name)
     except OSError as exc:
-        logger.warning("loading the CPU kernel %s failed (torch path): %s", name, exc)
-        return None
+        logger.warning("the kernel cache %s cannot be written (%s): building %s in a private "
+                       "folder", target.parent, exc, name)  # fmt: skip
+    # The process keeps the library mapped after its file is removed.
+    with tempfile.TemporaryDirectory(prefix="epdserve-kernel-") as private:
+        return _build_into(Path(private) / target.name, [*cmd, *flags], source, name)
 
 
 def library(name: str) -> ctypes.CDLL | None:
@@ -118,7 +205,11 @@ def library(name: str) -> ctypes.CDLL | None:
         return None
     with _lock:
         if name not in _cache:
-            _cache[name] = _build(name)
+            try:
+                _cache[name] = _build(name)
+            except Exception:  # NOTE: an optional speed-up never ends the worker
+                logger.exception("the CPU kernel %s is unavailable (torch path)", name)
+                _cache[name] = None
         return _cache[name]
 
 
