@@ -9,23 +9,19 @@ from dataclasses import dataclass, field
 from services.common.dataclass_cli import refuse_nan
 from services.common.grpc_utils import GrpcTLS
 from services.common.tracing import OTLP_TRACES_HELP
+from services.router.config_parts import OfflineSettings, RebalanceSettings
 from services.router.features.images import ImageLimits
 from services.router.features.reasoning.factory import NONE as NO_REASONING
 from services.router.features.reasoning.factory import available_reasoning_parsers
 from services.router.features.tool_parsers.factory import available_tool_parsers
 from services.router.http_limits import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_CONNECTIONS, HttpLimits
-from services.router.rebalance.factory import (
-    available_rebalance_policies,
-    create_rebalance_policy,
-    parse_params,
-)
-from services.router.rebalance.governor import GovernorConfig
 from services.router.routing.policies.factory import available_policies
 
 
 @dataclass
-class RouterConfig:
-    """How the router listens, finds workers and routes requests."""
+class RouterConfig(RebalanceSettings, OfflineSettings):
+    """How the router listens, finds workers and routes requests (the role rebalancer's and the
+    offline work's settings: config_parts.py)."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "HTTP listen address"})
     port: int = field(default=8000, metadata={"help": "HTTP port"})
@@ -75,32 +71,6 @@ class RouterConfig:
             "worker still sends load reports (its first message may take longer: up to 4x "
             "the worker's queue and the request's own prefill at the measured rate)"
         },
-    )
-    rebalance_policy: str = field(
-        default="static",
-        metadata={
-            "help": "role rebalancing policy: " + ", ".join(available_rebalance_policies()),
-            "choices": tuple(available_rebalance_policies()),
-        },
-    )
-    rebalance_params: str = field(
-        default="",
-        metadata={"help": "parameters of the rebalancing policy, as k=v,k=v"},
-    )
-    rebalance_interval_s: float = field(
-        default=2.0, metadata={"help": "seconds between two rebalancing rounds"}
-    )
-    rebalance_hysteresis_rounds: int = field(
-        default=3, metadata={"help": "a flip must be proposed this many rounds in a row"}
-    )
-    rebalance_cooldown_s: float = field(
-        default=30.0, metadata={"help": "no role flip sooner than this after the previous one"}
-    )
-    rebalance_max_flips: int = field(
-        default=2, metadata={"help": "at most this many flips per --rebalance-flip-window-s"}
-    )
-    rebalance_flip_window_s: float = field(
-        default=300.0, metadata={"help": "the window of --rebalance-max-flips, in seconds"}
     )
     admin_token_file: str | None = field(
         default=None,
@@ -213,26 +183,6 @@ class RouterConfig:
         "help": "with --wake-asleep-models: base models awake at most; waking another first "
         "puts the idlest awake one to sleep (none in flight on its workers, least recently "
         "asked for), and waits while every other awake model is busy; 0: no cap"})  # fmt: skip
-    # Offline (service tier flex) admission: services/router/offline.py.
-    offline_max_queued_tokens: int = field(default=1048576, metadata={
-        "help": "prompt tokens of offline requests the router holds, waiting or running; "
-        "more: 429"})  # fmt: skip
-    offline_max_waiting: int = field(default=4096, metadata={
-        "help": "offline requests waiting for headroom at most; more: 429"})  # fmt: skip
-    offline_max_running: int = field(default=32, metadata={
-        "help": "offline requests the router runs at once at most"})  # fmt: skip
-    offline_queue_timeout_s: float = field(default=600.0, metadata={
-        "help": "an offline request waiting this long for headroom gets 503"})  # fmt: skip
-    offline_headroom_tokens: int = field(default=2048, metadata={
-        "help": "a worker with more queued prompt tokens takes no offline work"})  # fmt: skip
-    offline_headroom_kv: float = field(default=0.9, metadata={
-        "help": "a worker with a higher KV use (0-1) takes no offline work"})  # fmt: skip
-    slo_ttft_ms: float = field(default=2000.0, metadata={
-        "help": "online time-to-first-token SLO: a worker whose recent online mean is above "
-        "it takes no offline work (0: off)"})  # fmt: skip
-    slo_tpot_ms: float = field(default=200.0, metadata={
-        "help": "online time-per-output-token SLO: a worker whose recent online mean is "
-        "above it takes no offline work (0: off)"})  # fmt: skip
     ssl_certfile: str | None = field(
         default=None, metadata={"help": "serve the gateway over HTTPS with this certificate file"}
     )
@@ -257,27 +207,6 @@ class RouterConfig:
         },
     )
     otlp_traces_endpoint: str = field(default="", metadata={"help": OTLP_TRACES_HELP})
-    batch_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "folder of the Batch APIs' files and results, and of large stored "
-            "Responses API responses; every router of a cluster must see the same one "
-            "(default: <tmp>/epdserve-batches-<cluster>)"
-        },
-    )
-    batch_retention_s: float = field(default=30 * 86400.0, metadata={
-        "help": "ended batches (records, output files) and files no running batch reads are "
-        "deleted this long after they ended or were made (0: kept for ever)"})  # fmt: skip
-    batch_max_file_bytes: int = field(
-        default=64 * 1024 * 1024,
-        metadata={"help": "largest batch input file (or message batch body) accepted (else 400)"},
-    )
-    batch_max_lines: int = field(
-        default=50000, metadata={"help": "most requests in one batch (else 400)"}
-    )
-    batch_concurrency: int = field(
-        default=8, metadata={"help": "lines of one batch the leader router runs at a time"}
-    )
 
     def __post_init__(self) -> None:
         refuse_nan(self)  # a NaN timeout reaches asyncio.wait_for, which times out at once
@@ -307,8 +236,6 @@ class RouterConfig:
         _one_of("tool_call_parser", self.tool_call_parser, available_tool_parsers())
         _one_of("reasoning_parser", self.reasoning_parser,
                 [NO_REASONING, *available_reasoning_parsers()])  # fmt: skip
-        if self.rebalance_interval_s <= 0:
-            raise ValueError("rebalance_interval_s must be > 0")
         if self.image_fetch_timeout_s <= 0:
             raise ValueError("image_fetch_timeout_s must be > 0")
         if not (0 < self.http_head_timeout_s <= 86400 and 0 < self.http_body_timeout_s <= 86400):
@@ -318,21 +245,10 @@ class RouterConfig:
         for name in (
             "max_body_bytes", "max_n", "max_prompts", "max_queued_tokens", "max_images",
             "max_image_bytes", "max_image_pixels", "response_max_record_bytes",
-            "response_max_records", "response_local_bytes", "batch_max_file_bytes",
-            "batch_max_lines", "batch_concurrency", "offline_max_queued_tokens",
-            "offline_max_waiting", "offline_max_running", "http_max_connections",
+            "response_max_records", "response_local_bytes", "http_max_connections",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if not self.batch_retention_s >= 0:  # NOTE: also false for NaN
-            raise ValueError(f"batch_retention_s must be >= 0, got {self.batch_retention_s}")
-        if not (
-            self.offline_queue_timeout_s > 0
-            and 0 <= self.offline_headroom_kv <= 1
-            and min(self.offline_headroom_tokens, self.slo_ttft_ms, self.slo_tpot_ms) >= 0
-        ):
-            raise ValueError("offline_queue_timeout_s must be > 0, offline_headroom_kv in "
-                             "[0, 1], offline_headroom_tokens and the SLOs >= 0")  # fmt: skip
         if self.preprocess_threads < 1:
             raise ValueError("preprocess_threads must be >= 1")
         if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
@@ -340,26 +256,13 @@ class RouterConfig:
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
         _ = self.grpc_tls  # all three TLS files or none
-        _ = self.governor_config  # validates hysteresis, cooldown and cap
-        create_rebalance_policy(self.rebalance_policy, **self.rebalance_param_dict)
+        self._check_offline()
+        self._check_rebalance()
 
     @property
     def http_limits(self) -> HttpLimits:
         return HttpLimits(self.http_head_timeout_s, self.http_body_timeout_s,
                           self.http_max_connections)  # fmt: skip
-
-    @property
-    def rebalance_param_dict(self) -> dict[str, str]:
-        return parse_params(self.rebalance_params)
-
-    @property
-    def governor_config(self) -> GovernorConfig:
-        return GovernorConfig(
-            hysteresis_rounds=self.rebalance_hysteresis_rounds,
-            cooldown_s=self.rebalance_cooldown_s,
-            max_flips=self.rebalance_max_flips,
-            flip_window_s=self.rebalance_flip_window_s,
-        )
 
     @property
     def grpc_tls(self) -> GrpcTLS | None:
