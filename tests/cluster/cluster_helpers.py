@@ -54,7 +54,10 @@ def tool_model(model_dir: Path, tmp_path_factory) -> Path:
 
 
 def start_cluster(model_dir: Path | None, workers: int = 1, **spec: object) -> LocalCluster:
-    """A running cluster (raises with the children's output if it does not come up)."""
+    """A running cluster (raises with the children's output if it does not come up).
+    EPDSERVE_TEST_ECHO=1 copies every child's output, name-prefixed, to the test's stderr
+    (pytest shows it for a failed test): the lines a flake's diagnosis needs."""
+    spec.setdefault("echo", os.environ.get("EPDSERVE_TEST_ECHO") == "1")
     overrides = {**(TINY_ENGINE if model_dir else {}), **spec.pop("engine_overrides", {})}  # type: ignore[dict-item]
     cluster = LocalCluster(
         ClusterSpec(
