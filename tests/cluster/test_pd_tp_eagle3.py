@@ -1,0 +1,72 @@
+"""EAGLE-3 under PD and tensor parallelism together, with real processes: two workers, each
+driving two tensor-parallel ranks (gloo) of the tiny Llama with the same random EAGLE-3 head
+(the head runs whole on each driver: the layers' inputs are all-reduced there). Co-located
+first, then flipped to a prefill and a decode worker (each rank pushing its own KV heads with
+Mooncake, the head's states through the router): the decode worker's tokens and speculation
+counters grow exactly as the co-located workers' did on the same prompts."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+from cluster_helpers import start_cluster, wait_for, workers
+from test_pd_eagle3 import COUNTERS, complete, spec_counters
+
+from services.common.grpc_utils import role_to_pb
+from services.common.proto import worker_pb2 as pb
+from services.common.proto import worker_pb2_grpc as pb_grpc
+from tests.deps import MOONCAKE, require
+from tests.engine.test_speculative import copy_bias, repetitive_prompts
+from tests.engine.test_speculative_draft import build_eagle3_head
+
+require("mooncake.engine", MOONCAKE)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, tmp_path_factory):
+    model = tiny_model_dir("llama")
+    bias = copy_bias()
+    draft_vocab = sorted(set(range(100, 4100 - len(bias))) | set(bias))
+    head = build_eagle3_head(str(model), tmp_path_factory.mktemp("eagle3"), draft_vocab)
+    spec = json.dumps({"method": "eagle3", "model": head, "num_speculative_tokens": 3,
+                       "disable_by_batch_size": 0, "adaptive": False})  # fmt: skip
+    # NOTE: no prefix caching: each request runs from its first token in both phases.
+    engine = {"speculative_config": spec, "enable_prefix_caching": False,
+              "tensor_parallel_size": 2}  # fmt: skip
+    c = start_cluster(model, workers=2, engine_overrides=engine)
+    yield c
+    c.stop()
+
+
+def set_roles(cluster, roles: dict[str, str]) -> None:
+    for worker_id, role in roles.items():
+        with grpc.insecure_channel(workers(cluster)[worker_id]["address"]) as ch:
+            pb_grpc.WorkerServiceStub(ch).SetRole(pb.SetRoleRequest(role=role_to_pb(role)),
+                                                  timeout=30)  # fmt: skip
+    wait_for(lambda: all((w := workers(cluster)[i])["role"] == r and w["state"] == "serving"
+                         for i, r in roles.items()), 30, f"roles {roles}")  # fmt: skip
+
+
+def test_pd_tp2_drafts_and_accepts_as_colocated_tp2(cluster):
+    """Before this test nothing ran EAGLE-3 with PD and TP at once (test_pd_eagle3: TP 1;
+    test_tensor_parallel_cluster: n-gram)."""
+    prompts = repetitive_prompts()[:3]
+
+    def run() -> tuple[list, dict[str, float]]:
+        before = spec_counters(cluster)
+        tokens = [complete(cluster.base_url, p) for p in prompts]
+        after = spec_counters(cluster)
+        return tokens, {k: after[k] - before[k] for k in COUNTERS}
+
+    colocated, want = run()
+    assert want["num_drafts"] > 0 and want["num_accepted_tokens"] > 0
+    set_roles(cluster, {"worker-0": "prefill", "worker-1": "decode"})
+    try:
+        pd, got = run()  # no mixed worker left: every request went PD
+        assert pd == colocated
+        assert got == want
+    finally:
+        set_roles(cluster, {"worker-0": "mixed", "worker-1": "mixed"})
