@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 from services.cli.admin_config import config_dir
 from services.cli.launcher import ClusterSpec, LocalCluster, ModelGroup, served_name_of
@@ -116,6 +117,19 @@ def model_groups(args: argparse.Namespace, mixed: int) -> list[ModelGroup]:
     ]
 
 
+def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Every worker's engine settings from the flags; ValueError for a bad one (checked here,
+    before anything starts)."""
+    overrides = parse_assignments(EngineConfig, args.engine_arg)
+    if args.speculative_config is not None:
+        overrides["speculative_config"] = args.speculative_config
+    if args.tensor_parallel_size is not None:
+        overrides["tensor_parallel_size"] = args.tensor_parallel_size
+    overrides |= {k: getattr(args, k) for k in LORA_FIELDS if hasattr(args, k)}
+    EngineConfig(**overrides)
+    return overrides
+
+
 def run(args: argparse.Namespace) -> int:
     pd = bool(args.prefill or args.decode)
     mixed = (0 if pd else 1) if args.mixed is None else args.mixed
@@ -123,13 +137,7 @@ def run(args: argparse.Namespace) -> int:
     kvstore = wants_kvstore(args, models * (mixed + args.prefill + args.decode))
     policy = args.policy or ("cache_aware" if kvstore else "least_load")
     try:
-        engine_overrides = parse_assignments(EngineConfig, args.engine_arg)
-        if args.speculative_config is not None:
-            engine_overrides["speculative_config"] = args.speculative_config
-        if args.tensor_parallel_size is not None:
-            engine_overrides["tensor_parallel_size"] = args.tensor_parallel_size
-        engine_overrides |= {k: getattr(args, k) for k in LORA_FIELDS if hasattr(args, k)}
-        EngineConfig(**engine_overrides)  # a bad setting fails here, before anything starts
+        overrides = engine_overrides(args)
         restarts = from_args(RestartPolicy, args)
         first, *more = model_groups(args, mixed)
         spec = ClusterSpec(
@@ -140,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
             routers=args.routers, kvstore=kvstore,
             device=args.device, cluster=args.cluster, policy=policy, echo=args.verbose,
             router_overrides={"rebalance_policy": args.rebalance_policy},
-            engine_overrides=engine_overrides,
+            engine_overrides=overrides,
             admin_dir=str(config_dir()),
         )  # fmt: skip
     except ValueError as exc:
