@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import heapq
 import random
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.sim_step import end_step, quantile_ms, step_seconds  # noqa: E402
 from services.engine.block_manager import BlockManager  # noqa: E402
 from services.engine.config import EngineConfig  # noqa: E402
 from services.engine.sampling_params import SamplingParams  # noqa: E402
@@ -110,14 +110,8 @@ class Sim:
                     break
                 self.now = max(self.now, arrivals[0][0])
                 continue
-            tokens = out.num_batched_tokens
-            self.now += (a.fixed_ms + a.token_ms * tokens) / 1000.0
-            sched.postprocess(out)
-            for item in out.scheduled:
-                seq = item.seq
-                if not item.samples:
-                    continue
-                seq.append_token(5)
+            self.now += step_seconds(out, a.fixed_ms, a.token_ms)
+            for seq in end_step(sched, out):
                 if seq.num_output_tokens == 1:
                     seq.first_token_time = self.now
                 if seq.num_output_tokens < seq.goal:  # type: ignore[attr-defined]
@@ -135,10 +129,6 @@ class Sim:
                     heapq.heappush(arrivals, (self.now, n := n + 1, "offline"))
         res.preemptions = sched.num_preemptions
         return res
-
-
-def pct(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100)[q - 1] * 1000 if len(values) > 1 else 0.0
 
 
 def main() -> int:
@@ -175,8 +165,8 @@ def main() -> int:
         online_tok_s = r.online_tokens / a.seconds
         left = cap_tok - online_tok_s if left is None else left
         off = r.offline_tokens / a.seconds
-        print(f"| {name} | {pct(r.ttft, 50):.0f} / {pct(r.ttft, 99):.0f} | "
-              f"{pct(r.tpot, 50):.1f} / {pct(r.tpot, 99):.1f} | {off:.1f} ({off / left:.0%}) | "
+        print(f"| {name} | {quantile_ms(r.ttft, 50):.0f} / {quantile_ms(r.ttft, 99):.0f} | "
+              f"{quantile_ms(r.tpot, 50):.1f} / {quantile_ms(r.tpot, 99):.1f} | {off:.1f} ({off / left:.0%}) | "
               f"{r.preemptions} |")  # fmt: skip
     return 0
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import heapq
 import random
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.sim_step import end_step, quantile_ms, step_seconds  # noqa: E402
 from services.engine.block_manager import BlockManager  # noqa: E402
 from services.engine.config import EngineConfig  # noqa: E402
 from services.engine.sampling_params import SamplingParams  # noqa: E402
@@ -45,10 +45,6 @@ class Row:
     steps: int
     stalled_steps: int  # steps computing running decodes together with prompt tokens
     stalled_decodes: float  # share of all decode rows computed in such steps
-
-
-def q(values: list[float], p: int) -> float:
-    return statistics.quantiles(values, n=100)[p - 1] * 1000
 
 
 def run(a: argparse.Namespace, budget: int) -> Row:
@@ -85,13 +81,8 @@ def run(a: argparse.Namespace, budget: int) -> Row:
         if rows and prompt_tokens:
             stalled += 1
             stalled_rows += rows
-        now += (a.fixed_ms + a.token_ms * out.num_batched_tokens) / 1000
-        sched.postprocess(out)
-        for item in out.scheduled:
-            seq = item.seq
-            if not item.samples:
-                continue
-            seq.append_token(5)
+        now += step_seconds(out, a.fixed_ms, a.token_ms)
+        for seq in end_step(sched, out):
             if seq.num_output_tokens == 1:
                 ttft.append(now - seq.arrival_time)
                 first[seq.seq_id] = now
@@ -106,7 +97,8 @@ def run(a: argparse.Namespace, budget: int) -> Row:
             if sent < a.num_prompts:
                 heapq.heappush(arrivals, (now + turn + rng.uniform(0, turn), sent))
                 sent += 1
-    return Row(done * a.output_len / now, q(ttft, 50), q(tpot, 50), q(itl, 99), steps, stalled,
+    return Row(done * a.output_len / now, quantile_ms(ttft, 50), quantile_ms(tpot, 50),
+               quantile_ms(itl, 99), steps, stalled,
                stalled_rows / max(decodes, 1))  # fmt: skip
 
 

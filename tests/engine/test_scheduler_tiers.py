@@ -53,9 +53,12 @@ def make_seq(prompt: list[int] | int, tier: str, priority: int = 0, at: float = 
     return Sequence(f"req-{next(_ids)}", prompt, params, arrival_time=at)
 
 
-def step(sched: Scheduler, goals: dict[int, int]):
-    """One engine step without a model; sequences finish at ``goals[seq_id]`` outputs."""
+def step(sched: Scheduler, goals: dict[int, int], clock: Clock | None = None, delay: float = 0.0):
+    """One engine step without a model; sequences finish at ``goals[seq_id]`` outputs. With
+    ``clock``, the step takes 20 ms + 1 ms per token (and ``delay``: other processes) on it."""
     out = sched.schedule()
+    if clock is not None:
+        clock.now += 0.020 + 0.001 * out.num_batched_tokens + delay
     sched.postprocess(out)
     for item in out.scheduled:
         if item.samples:

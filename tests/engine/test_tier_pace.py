@@ -16,7 +16,7 @@ from services.engine.step_pace import (
     OnlinePace,
     StepCost,
 )
-from tests.engine.test_scheduler_tiers import Clock, fit_step_cost, make_sched, make_seq
+from tests.engine.test_scheduler_tiers import Clock, fit_step_cost, make_sched, make_seq, step
 
 SHARE = 0.05
 
@@ -39,19 +39,6 @@ def prime(pace: OnlinePace, reference: float) -> None:
         pace.finished(done)
 
 
-def timed_step(sched, clock: Clock, goals: dict[int, int], delay: float = 0.0):
-    """One step that takes 20 ms + 1 ms per token (and ``delay``: other processes)."""
-    out = sched.schedule()
-    clock.now += 0.020 + 0.001 * out.num_batched_tokens + delay
-    sched.postprocess(out)
-    for item in out.scheduled:
-        if item.samples:
-            item.seq.append_token(7)
-            if item.seq.num_output_tokens >= goals[item.seq.seq_id]:
-                sched.finish(item.seq, "length")
-    return out
-
-
 def offline_tokens(out) -> int:
     return sum(i.num_new_tokens for i in out.scheduled if i.seq.params.service_tier == "flex")
 
@@ -69,10 +56,10 @@ def test_offline_work_fills_online_decode_steps_up_to_the_reference() -> None:
         sched.add(s)
     fit_step_cost(sched, clock)
     sched.add(online)
-    out = timed_step(sched, clock, goals)  # its prefill: the share of 20 + 8
+    out = step(sched, goals, clock)  # its prefill: the share of 20 + 8
     assert offline_tokens(out) == 1
     for _ in range(10):
-        out = timed_step(sched, clock, goals)
+        out = step(sched, goals, clock)
         assert [i.num_new_tokens for i in out.scheduled if i.seq is online] == [1]
         assert offline_tokens(out) == 9
     assert online.paced_steps == 10
@@ -91,19 +78,19 @@ def test_a_slow_online_request_holds_offline_work_to_its_share() -> None:
     sched.add(offline)
     fit_step_cost(sched, clock)
     sched.add(slow)
-    timed_step(sched, clock, goals)  # its prefill
+    step(sched, goals, clock)  # its prefill
     slow.paced_steps, slow.paced_cost, slow.paced_offline = 10, 500.0, 25
     # 5 % of its 500 + 21 is 26.05 tokens' worth, 25 of them taken: 1 left
-    assert offline_tokens(timed_step(sched, clock, goals)) == 1
+    assert offline_tokens(step(sched, goals, clock)) == 1
     # 5 % of 521 + 21 = 27.1, 26 taken: 1 more; then it ends and the engine has no online work
-    assert offline_tokens(timed_step(sched, clock, goals)) == 1
+    assert offline_tokens(step(sched, goals, clock)) == 1
     assert slow.is_finished
-    assert offline_tokens(timed_step(sched, clock, goals)) == 40  # 2 fixed costs
+    assert offline_tokens(step(sched, goals, clock)) == 40  # 2 fixed costs
     fresh = make_seq(6, "default")
     goals[fresh.seq_id] = 100
     sched.add(fresh)
-    assert offline_tokens(timed_step(sched, clock, goals)) == 1  # its prefill: 5 % of 26
-    assert offline_tokens(timed_step(sched, clock, goals)) == 9  # its decodes: up to 30
+    assert offline_tokens(step(sched, goals, clock)) == 1  # its prefill: 5 % of 26
+    assert offline_tokens(step(sched, goals, clock)) == 9  # its decodes: up to 30
 
 
 def test_the_reference_is_the_quantile_of_the_last_window_of_requests() -> None:
@@ -185,14 +172,14 @@ def test_steps_the_machine_delayed_do_not_move_the_pace() -> None:
         sched.add(s)
     for tokens in [1, 2, 4] * 14:  # 42 exact steps: the fit's window
         sched.policy.max_offline_batched_tokens = tokens
-        timed_step(sched, clock, goals)
+        step(sched, goals, clock)
     sched.policy.max_offline_batched_tokens = None
     online = make_seq(8, "default")
     goals[online.seq_id] = 100
     sched.add(online)
-    timed_step(sched, clock, goals)  # its prefill
+    step(sched, goals, clock)  # its prefill
     for i in range(12):
-        out = timed_step(sched, clock, goals, delay=0.2 if i % 4 == 3 else 0.0)
+        out = step(sched, goals, clock, delay=0.2 if i % 4 == 3 else 0.0)
         assert offline_tokens(out) == 9, i
     assert abs(sched.policy.step_cost.fixed_tokens - 20.0) < 1e-6
 
@@ -211,7 +198,7 @@ def test_step_log_writes_a_line_per_step(tmp_path, monkeypatch) -> None:
     fit_step_cost(sched, clock)
     sched.add(online)
     for _ in range(3):
-        timed_step(sched, clock, goals)
+        step(sched, goals, clock)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(lines) == 6  # the fit's 3 steps, then 3
     last = lines[-1]
@@ -223,7 +210,7 @@ def test_step_log_writes_a_line_per_step(tmp_path, monkeypatch) -> None:
     sched = paced_sched(clock, reference=30.0)
     alone = make_seq(8, "flex")
     sched.add(alone)
-    assert offline_tokens(timed_step(sched, clock, {alone.seq_id: 2})) == 8
+    assert offline_tokens(step(sched, {alone.seq_id: 2}, clock)) == 8
 
 
 def test_offline_share_of_online_decode_time() -> None:
