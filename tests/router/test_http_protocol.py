@@ -7,6 +7,8 @@ never cut; connections past --http-max-connections get 503."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import uvicorn
 
@@ -48,21 +50,36 @@ async def _response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, await asyncio.wait_for(reader.readexactly(length), 10)
 
 
-async def _serve(**limits: object) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
-    """The gateway's uvicorn settings around ``_app``, started on a free port."""
+@contextlib.asynccontextmanager
+async def _serving(**limits: object) -> AsyncIterator[int]:
+    """The gateway's uvicorn settings around ``_app``, on a free port (yielded), stopped
+    after the block."""
     cfg = RouterConfig(host="127.0.0.1", port=0, **limits)  # type: ignore[arg-type]
     server = uvicorn.Server(server_config(_app, cfg, "error"))
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not task.done(), task
-        await asyncio.sleep(0.02)
-    return server, task, server.servers[0].sockets[0].getsockname()[1]
+    try:
+        while not server.started:
+            assert not task.done(), task
+            await asyncio.sleep(0.02)
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+async def _ask(port: int, raw: bytes) -> tuple[int, bytes]:
+    """The answer to ``raw`` sent on a connection of its own."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    try:
+        return await _response(reader)
+    finally:
+        writer.close()
 
 
 async def _scenario() -> dict[str, object]:
-    server, task, port = await _serve()
     out: dict[str, object] = {}
-    try:
+    async with _serving() as port:
         # Two requests on one connection: a 32 KiB header, then a 1 MiB body.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (32 << 10) + b"\r\n\r\n")
@@ -83,9 +100,6 @@ async def _scenario() -> dict[str, object]:
         await writer.drain()
         out["huge"] = await _response(reader)
         writer.close()
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
     return out
 
 
@@ -100,19 +114,12 @@ def test_request_head_is_bounded() -> None:
 
 
 async def _slow_heads() -> list[tuple[int, bytes]]:
-    server, task, port = await _serve(http_head_timeout_s=0.5)
     out = []
-    try:
+    async with _serving(http_head_timeout_s=0.5) as port:
         # A head that stops halfway, and a connection that sends nothing: each held its
         # connection for good (no answer within 10 s on the old protocol).
         for start in (b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: a", b""):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(start)
-            out.append(await _response(reader))
-            writer.close()
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+            out.append(await _ask(port, start))
     return out
 
 
@@ -122,9 +129,8 @@ def test_a_slow_request_head_times_out() -> None:
 
 
 async def _slow_body_and_long_stream() -> dict[str, object]:
-    server, task, port = await _serve(http_head_timeout_s=0.5, http_body_timeout_s=0.5)
     out: dict[str, object] = {}
-    try:
+    async with _serving(http_head_timeout_s=0.5, http_body_timeout_s=0.5) as port:
         # A body a byte every 0.1 s (slowloris): each read comes well within any idle timeout.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n")
@@ -147,9 +153,6 @@ async def _slow_body_and_long_stream() -> dict[str, object]:
         out["stream_bytes"] = chunks.count(b"x")
         out["pipelined"] = await _response(reader)
         writer.close()
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
     return out
 
 
@@ -164,25 +167,16 @@ def test_a_slow_request_body_times_out_and_a_long_response_does_not() -> None:
 
 
 async def _connection_limit() -> dict[str, object]:
-    server, task, port = await _serve(http_max_connections=3)
     out: dict[str, object] = {}
-    try:
+    async with _serving(http_max_connections=3) as port:
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        out["fourth"] = await _response(reader)
-        writer.close()
+        out["fourth"] = await _ask(port, b"")  # answered before it sends anything
         _, w0 = held.pop()
         w0.close()
         await asyncio.sleep(0.2)  # the server sees it gone
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        out["after_one_closed"] = await _response(reader)
-        writer.close()
+        out["after_one_closed"] = await _ask(port, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         for _, w in held:
             w.close()
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
     return out
 
 
@@ -195,22 +189,12 @@ def test_connections_past_the_limit_get_503() -> None:
 
 
 async def _malformed(requests: list[bytes]) -> list[tuple[int, bytes]]:
-    server, task, port = await _serve()
     out = []
-    try:
+    async with _serving() as port:
         for raw in requests:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(raw)
-            out.append(await _response(reader))
-            writer.close()
+            out.append(await _ask(port, raw))
         # The server still serves a good request after them.
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        out.append(await _response(reader))
-        writer.close()
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+        out.append(await _ask(port, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"))
     return out
 
 
