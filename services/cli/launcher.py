@@ -147,7 +147,16 @@ class LocalCluster:
         # `epdserve status --admin-token <token>` then reads it as an option.
         self.admin_token = secrets.token_hex(32)
         self._own_admin_dir = spec.admin_dir is None
-        self.admin_dir = Path(spec.admin_dir or tempfile.mkdtemp(prefix="epdserve-admin-"))
+        self._admin_dir = Path(spec.admin_dir) if spec.admin_dir else None
+
+    @property
+    def admin_dir(self) -> Path:
+        """Where the admin token and the router's URL are handed over (0600 files); a private
+        folder is made at first use (NOTE: not in ``__init__``: a cluster never started would
+        leave it behind)."""
+        if self._admin_dir is None:
+            self._admin_dir = Path(tempfile.mkdtemp(prefix="epdserve-admin-"))
+        return self._admin_dir
 
     @property
     def router(self) -> ManagedProcess | None:
@@ -335,7 +344,8 @@ class LocalCluster:
     def _forget_admin_files(self) -> None:
         """Remove the CLI's pointer to this cluster (only if it is still ours)."""
         if self._own_admin_dir:
-            shutil.rmtree(self.admin_dir, ignore_errors=True)
+            if self._admin_dir is not None:
+                shutil.rmtree(self._admin_dir, ignore_errors=True)
             return
         if read_first_line(self.admin_dir / TOKEN_FILE) == self.admin_token:
             for name in (TOKEN_FILE, ROUTER_FILE):

@@ -66,11 +66,24 @@ class EtcdServer:
         self._scheme = "https" if self.security.cert else "http"
         self._auth_enabled = False
         self._own_dir = data_dir is None
-        self.data_dir = data_dir or tempfile.mkdtemp(prefix="epdserve-etcd-")
+        self._data_dir = data_dir
         self.client_port = client_port or free_port()
         self.peer_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = os.path.join(self.data_dir, "etcd.log")
+
+    @property
+    def data_dir(self) -> str:
+        """The server's folder (data and log); a private one is made at first use.
+        NOTE: not in ``__init__``: a server built and never started (a LocalCluster that only
+        made its admin token: 200 of them per run of test_launcher_token) left an empty
+        folder in /tmp each (1,010 there at 11:38 today)."""
+        if self._data_dir is None:
+            self._data_dir = tempfile.mkdtemp(prefix="epdserve-etcd-")
+        return self._data_dir
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.data_dir, "etcd.log")
 
     @property
     def endpoint(self) -> str:
@@ -188,8 +201,8 @@ class EtcdServer:
 
     def cleanup(self) -> None:
         self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self._own_dir and self._data_dir is not None:
+            shutil.rmtree(self._data_dir, ignore_errors=True)
 
     def __enter__(self) -> EtcdServer:
         self.start()
