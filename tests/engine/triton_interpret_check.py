@@ -19,7 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from services.engine.layers import triton_ops  # noqa: E402
 from services.engine.layers.norm import RMSNorm  # noqa: E402
 from services.engine.layers.rotary import RotaryEmbedding  # noqa: E402
-from services.engine.layers.triton_attention import paged_decode, store_kv  # noqa: E402
+from services.engine.layers.triton_attention import (  # noqa: E402
+    TritonAttention,
+    paged_decode,
+    store_kv,
+)
 from tests.engine.test_cuda import reference_decode  # noqa: E402
 
 
@@ -80,19 +84,41 @@ def check_fused_ops() -> None:
 
 def check_engine(model_dir: str) -> None:
     """The engine with every attention layer on the Triton backend (paged decode metadata:
-    int32 tables, no mask) gives transformers' greedy tokens."""
-    from services.engine import LLM
-    from services.engine.layers.triton_attention import TritonAttention
+    int32 tables, no mask) gives transformers' greedy tokens; speculating (n-gram), its
+    verification passes of several query tokens per decoding sequence give the tokens and
+    logprobs of the Triton engine without speculation."""
+    from services.engine import LLM, SamplingParams
     from tests.engine.test_correctness import GREEDY, check, hf_greedy, prompts_of_mixed_lengths
+    from tests.engine.test_speculative import copy_bias, repetitive_prompts
 
-    llm = LLM(model_dir, dtype="float32", block_size=4)
+    prompts = prompts_of_mixed_lengths()
+    llm = triton_llm(LLM, model_dir)
+    check(llm.generate(prompts, GREEDY), hf_greedy(model_dir, prompts, GREEDY.max_tokens))
+    print("engine ok")
+    ngram = ('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, '
+             '"adaptive": false, "disable_by_batch_size": 0}')  # fmt: skip
+    spec = triton_llm(LLM, model_dir, speculative_config=ngram)
+    # A logit bias keeps the random model within the prompt's tokens: drafts get accepted.
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2,
+                            logit_bias=copy_bias())  # fmt: skip
+    repeats = repetitive_prompts()[:2]
+    want, got = llm.generate(repeats, params), spec.generate(repeats, params)
+    for w, g in zip(want, got, strict=True):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids, (g.outputs[0], w.outputs[0])
+        for a, b in zip(g.outputs[0].logprobs, w.outputs[0].logprobs, strict=True):
+            assert abs(a.logprob - b.logprob) < 1e-4, (a, b)
+    stats = spec.engine.scheduler.speculator.stats
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens, stats
+    print("engine speculating ok")
+
+
+def triton_llm(llm_class, model_dir: str, **kwargs):
+    llm = llm_class(model_dir, dtype="float32", block_size=4, **kwargs)
     runner = llm.engine.runner
     runner.backend = TritonAttention()
     for layer in runner.model.attention_layers:
         layer.backend = runner.backend
-    prompts = prompts_of_mixed_lengths()
-    check(llm.generate(prompts, GREEDY), hf_greedy(model_dir, prompts, GREEDY.max_tokens))
-    print("engine ok")
+    return llm
 
 
 if __name__ == "__main__":
