@@ -193,18 +193,38 @@ def test_draft_tokens_per_step_are_shared_by_the_batch():
 
 
 def test_drafts_pay_for_their_share_of_the_step():
-    """A sequence accepting 0.5 drafts per verification drafts 8 alone, 2 beside 7 others
-    (2 x 8 x 0.03 = 0.48 of a step for 0.5 tokens) and none beside 23 (a draft token of
-    each sequence would cost 0.72 of a step, more than it gains)."""
+    """Each draft must pay: after a rejection of all 16 the estimated acceptance of a draft
+    is 0.5 / (0.5 + 0.6) = 0.45 (averages from priors 1 and 0.2), so the j-th draft adds a
+    token with chance 0.45 ** j: 4 pay alone (0.45 ** 4 = 0.04 > 0.03), 1 beside 7 others
+    (0.45 > 8 x 0.03, 0.21 is not), none beside 23 (0.72 of a step for each draft). The rule
+    on the average it replaced drafted 8, 2 and 0: at batch 8 the second draft cost more
+    than it gained."""
     cfg = SpeculativeConfig(num_speculative_tokens=16, disable_by_batch_size=0,
                             max_draft_tokens_per_step=0, draft_token_cost=0.03)  # fmt: skip
     spec = Speculator(cfg, 1000, make_sched().bm)
     seq = Sequence("r", list(range(20)), SamplingParams(max_tokens=100))
     assert spec.length(seq, 100) == 16
-    spec.observe(seq, 16, 0)  # the average halves from its prior 1 to 0.5; the length is 8
-    assert [spec.length(seq, 100, b) for b in (1, 8, 24)] == [8, 2, 0]
+    spec.observe(seq, 16, 0)  # the length rule alone would draft 8 next
+    assert [spec.length(seq, 100, b) for b in (1, 8, 24)] == [4, 1, 0]
     spec.config.draft_token_cost = 0.0
     assert spec.length(seq, 100, 24) == 8
+
+
+def test_paying_drafts_is_the_marginal_rule():
+    """``paying_drafts``: the longest run of drafts whose chance of acceptance (``a ** j``,
+    ``a`` = accepted / (accepted + rejections)) beats the cost, checked against a brute count;
+    none when the first does not pay, no limit while nothing is rejected."""
+    from services.engine.speculative.speculator import NO_LIMIT, _Adapt, paying_drafts
+
+    for acc, rej, cost in [(0.5, 0.6, 0.03), (0.5, 0.6, 0.24), (2.0, 0.5, 0.03), (6.0, 0.1, 0.24),
+                           (0.27, 0.73, 0.24), (0.2, 0.8, 0.24), (1.0, 0.2, 0.03)]:  # fmt: skip
+        a = acc / (acc + rej)
+        want = 0
+        while a ** (want + 1) > cost:
+            want += 1
+        assert paying_drafts(_Adapt(16, acc, rej), cost) == want, (acc, rej, cost)
+    assert paying_drafts(_Adapt(16, 3.0, 0.0), 0.5) == NO_LIMIT
+    assert paying_drafts(_Adapt(16, 0.0, 0.5), 0.01) == 0
 
 
 def test_drafts_that_never_pay_stop_and_probe_ever_less_often():
@@ -218,7 +238,7 @@ def test_drafts_that_never_pay_stop_and_probe_ever_less_often():
     for _ in range(2):
         lengths.append(spec.length(seq, 100))
         spec.observe(seq, lengths[-1], 0)
-    assert lengths == [16, 8] and spec.length(seq, 100) == 0
+    assert lengths == [16, 4] and spec.length(seq, 100) == 0
     gaps, idle = [], 1
     while len(gaps) < 6:
         k = spec.length(seq, 100)

@@ -66,9 +66,10 @@ class SpeculativeConfig:
     # step ~1.5x a decode step; a GPU takes hundreds before a step costs more.
     max_draft_tokens_per_step: int = 32
     # What one draft token of each running sequence adds to a step, as a share of a decode
-    # step (the adaptive length drafts only what its acceptance pays for): ~0.03 on 2 CPU
-    # cores with a 135M model (16 drafts at batch 1: ~1.5x a decode step); far less on a GPU.
-    draft_token_cost: float = 0.03
+    # step (the adaptive length drafts only what its acceptance pays for): 0.034-0.038 on 2
+    # CPU cores with the 135M model at batch 8 (one draft each: +27-30 % of the step; 2026-12-03,
+    # RESULTS.md), 0.045-0.05 at batch 1 (16 drafts: 1.74x a decode step); far less on a GPU.
+    draft_token_cost: float = 0.04
     # Adapt each sequence's draft length to its measured acceptance.
     adaptive: bool = True
 

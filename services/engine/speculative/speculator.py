@@ -20,13 +20,18 @@ Adaptive length (NOTE: a heuristic, stated here because it decides speed, never 
   decode step), and after a rejection it is one more than the accepted run but at least half
   the length tried (one bad token inside a copied stretch does not end the stretch); it
   starts at ``num_speculative_tokens``, never passes it;
-- each sequence also keeps an exponential average of the drafts it had accepted (from a
-  prior of ``PRIOR_MEAN_ACCEPTED``: two verifications accepting nothing stop a sequence that
-  never had a draft accepted), and drafts no more than that average over
-  ``draft_token_cost * B`` (a draft token of each of ``B`` sequences adds about
-  ``draft_token_cost`` of a decode step to the step: verifying k drafts pays only while it
-  accepts more than that share of a token); when that allows none, or the average drops
-  below ``MIN_MEAN_ACCEPTED``, it stops proposing, except for a one-token probe every
+- each sequence also keeps exponential averages of the drafts it had accepted per
+  verification and of how often a verification ended in a rejection (from priors of
+  ``PRIOR_MEAN_ACCEPTED`` and ``PRIOR_MEAN_REJECTED``: two verifications accepting nothing
+  stop a sequence that never had a draft accepted); their ratio estimates ``a``, the chance
+  that a draft is accepted given that the ones before it were (accepted / (accepted +
+  rejections)), so the ``j``-th draft adds a token with chance ``a ** j``. A draft token of
+  each of ``B`` sequences adds about ``draft_token_cost`` of a decode step to the step, so
+  a draft pays only while ``a ** j > draft_token_cost * B``: the sequence drafts the longest
+  run of such drafts (the marginal draft must pay, not the average: with the average, chat
+  at batch 8 drafted two or three where the second already cost more than it gained, and
+  ran at 0.87-0.92x the CPU per token of no speculation); when that allows none, or the
+  average drops below ``MIN_MEAN_ACCEPTED``, it stops proposing, except for a one-token probe every
   ``PROBE_EVERY`` steps that lets a sequence entering a copy-heavy stretch start again; each
   time it stops again the probes come half as often (at most every ``MAX_PROBE_EVERY``
   steps), so that text whose probes hit but whose drafts do not (chat) costs next to nothing.
@@ -51,8 +56,12 @@ if TYPE_CHECKING:
 PLACEHOLDER = 0
 EMA_WEIGHT = 0.5  # of the newest verification in a sequence's average
 PRIOR_MEAN_ACCEPTED = 1.0  # a new sequence's average, before any verification
+# ... and its average of rejections: a prior acceptance of 1 / 1.2 lets a new sequence
+# draft the full 16 at batch 1 (0.833 ** 16 > 0.03), 4 or fewer at batch 8.
+PRIOR_MEAN_REJECTED = 0.2
 MIN_MEAN_ACCEPTED = 0.3
 PROBE_EVERY = 8  # steps between one-token probes after a sequence first stops drafting
+NO_LIMIT = 1 << 20  # drafts: as many as the other limits allow
 MAX_PROBE_EVERY = 64  # the interval doubles each time it stops again, up to this
 
 
@@ -87,8 +96,22 @@ class _Adapt:
 
     length: int  # drafts of the next verification, before the step's caps
     mean_accepted: float
+    mean_rejected: float = PRIOR_MEAN_REJECTED  # verifications that ended in a rejection
     idle_steps: int = 0  # steps since it stopped drafting (0: drafting)
     probe_every: int = PROBE_EVERY // 2  # doubled at each stop
+
+
+def paying_drafts(state: _Adapt, cost: float) -> int:
+    """The most drafts ``j`` with ``a ** j > cost`` (``cost`` > 0; the module's docstring),
+    ``a`` estimated from ``state``; no limit (``NO_LIMIT``) while none is rejected."""
+    if state.mean_accepted <= 0:
+        return 0
+    a = state.mean_accepted / (state.mean_accepted + state.mean_rejected)
+    if a <= cost:
+        return 0
+    if a >= 1.0:
+        return NO_LIMIT
+    return max(0, math.ceil(math.log(cost) / math.log(a)) - 1)
 
 
 class Speculator:
@@ -182,8 +205,8 @@ class Speculator:
             state = seq.draft_adapt = _Adapt(kmax, PRIOR_MEAN_ACCEPTED)
         k = min(kmax, state.length)
         cost = self.config.draft_token_cost * max(1, num_running)
-        if cost > 0:  # the drafts must pay for the share of the step they add
-            k = min(k, math.floor(state.mean_accepted / cost))
+        if cost > 0:  # each draft must pay for the share of the step it adds
+            k = min(k, paying_drafts(state, cost))
         if state.mean_accepted >= MIN_MEAN_ACCEPTED and k >= 1:
             state.idle_steps = 0
             return k
@@ -207,6 +230,8 @@ class Speculator:
         state = seq.draft_adapt
         if state is not None:
             state.mean_accepted += EMA_WEIGHT * (num_accepted - state.mean_accepted)
+            rejected = float(num_accepted < num_drafts)
+            state.mean_rejected += EMA_WEIGHT * (rejected - state.mean_rejected)
             if num_accepted == num_drafts:
                 state.length = max(state.length, 2 * num_drafts)
             else:
