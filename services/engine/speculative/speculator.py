@@ -57,7 +57,8 @@ PLACEHOLDER = 0
 EMA_WEIGHT = 0.5  # of the newest verification in a sequence's average
 PRIOR_MEAN_ACCEPTED = 1.0  # a new sequence's average, before any verification
 # ... and its average of rejections: a prior acceptance of 1 / 1.2 lets a new sequence
-# draft the full 16 at batch 1 (0.833 ** 16 > 0.03), 4 or fewer at batch 8.
+# draft the full 16 at batch 1 (0.833 ** 16 > 0.04), 6 at batch 8 (0.833 ** 6 > 0.32) and
+# none at batch 24 (paying_drafts, draft_token_cost 0.04).
 PRIOR_MEAN_REJECTED = 0.2
 MIN_MEAN_ACCEPTED = 0.3
 PROBE_EVERY = 8  # steps between one-token probes after a sequence first stops drafting
