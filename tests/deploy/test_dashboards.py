@@ -85,3 +85,27 @@ def test_dashboard_metrics_are_documented() -> None:
             for t in p["targets"]:
                 used |= {re.sub(r"_(bucket|sum|count)$", "", n) for n in NAME.findall(t["expr"])}
     assert used and not used - documented, used - documented
+
+
+def test_speculation_panel_reads_what_workers_export() -> None:
+    """Issue 20's dashboard panel: acceptance per worker and per draft position, from counters
+    a speculating worker exports under those names (a rename on either side fails here)."""
+    from types import SimpleNamespace
+
+    from services.engine.speculative.stats import SpecStats
+    from services.worker.metrics import WorkerMetrics
+    from services.worker.state import WorkerState
+
+    board = json.loads((DASHBOARDS / "epdserve-overview.json").read_text())
+    (panel,) = [p for p in _panels(board) if "Speculative" in p["title"]]
+    used = {n for t in panel["targets"] for n in NAME.findall(t["expr"])}
+    assert {"epdserve:spec_decode_num_accepted_tokens_total",
+            "epdserve:spec_decode_num_draft_tokens_total",
+            "epdserve:spec_decode_num_accepted_tokens_per_pos_total",
+            "epdserve:spec_decode_num_draft_tokens_per_pos_total"} <= used  # fmt: skip
+    engine = SimpleNamespace(model_name="m", stats=lambda: SimpleNamespace(
+        num_waiting=0, num_running=0, num_waiting_prompt_tokens=0, kv_utilization=0.0,
+        spec=SpecStats(1, 2, 1, [1, 1], [1, 0])))  # fmt: skip
+    registry = WorkerMetrics(engine, WorkerState("w", "inc", "mixed")).registry
+    exported = {f.name + ("_total" if f.type == "counter" else "") for f in registry.collect()}
+    assert used <= exported, used - exported
