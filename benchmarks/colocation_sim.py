@@ -8,9 +8,9 @@ costs are the embedded model's on this CPU (a 1-sequence decode step ~23 ms, a 1
 ~37 ms; a prefill token costs about what a decode token does). Deterministic for a seed.
 
     python benchmarks/colocation_sim.py [--seconds 120] [--fixed-ms 22] [--token-ms 0.9]
-        [--offline-clients 16] [--max-num-batched-tokens 1024] [--offline-step-share 0.05]
-        [--offline-tpot-quantile 0.8] [--max-offline-batched-tokens N] [--offline-aging-s 60]
-        [--seed 1]
+        [--offline-clients 16] [--max-num-batched-tokens 1024] [--offline-step-share 0.08]
+        [--offline-tpot-quantile Q (default off)] [--max-offline-batched-tokens N]
+        [--offline-aging-s 60] [--seed 1]
 """
 
 from __future__ import annotations
@@ -131,7 +131,26 @@ class Sim:
         return res
 
 
-def main() -> int:
+RUNS = (("online alone", "flex", False), ("FCFS", "default", True), ("tiers", "flex", True))
+
+
+def compare(a: argparse.Namespace, names: tuple[str, ...] = ("online alone", "FCFS", "tiers")
+            ) -> tuple[float, float, dict[str, Result]]:  # fmt: skip
+    """colocation.py's runs: the capacity first (``capacity_clients`` closed-loop online
+    clients for half of ``seconds``), then online Poisson arrivals at half its rate, alone
+    and beside ``offline_clients``: (capacity tok/s, online rate, each named run's Result)."""
+    cap = Sim(a).run(Load(a.seconds / 2, 0.0, online_clients=a.capacity_clients))
+    rate = len(cap.ttft) / (a.seconds / 2) / 2
+    out = {}
+    for name, tier, offline in RUNS:
+        if name in names:
+            load = Load(a.seconds, rate, offline_clients=a.offline_clients if offline else 0,
+                        offline_tier=tier, seed=a.seed)  # fmt: skip
+            out[name] = Sim(a).run(load)
+    return cap.online_tokens / (a.seconds / 2), rate, out
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=120.0)
     p.add_argument("--fixed-ms", type=float, default=22.0, help="cost of a step of no tokens")
@@ -146,24 +165,20 @@ def main() -> int:
                    help="the engine's offline share of a step with online work; 0: off")  # fmt: skip
     p.add_argument("--offline-tpot-quantile", type=float,
                    default=EngineConfig.offline_tpot_quantile,
-                   help="the engine's pace (with a share); 0: the share alone")  # fmt: skip
+                   help="the engine's pace (with a share); 0: off (the default)")  # fmt: skip
     p.add_argument("--offline-aging-s", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=1)
-    a = p.parse_args()
-    cap = Sim(a).run(Load(a.seconds / 2, 0.0, online_clients=a.capacity_clients))
-    cap_rps = len(cap.ttft) / (a.seconds / 2)
-    cap_tok = cap.online_tokens / (a.seconds / 2)
-    rate = cap_rps / 2
-    print(f"capacity {cap_rps:.2f} req/s, {cap_tok:.1f} tok/s; online at {rate:.2f} req/s")
+    return p
+
+
+def main() -> int:
+    a = parser().parse_args()
+    cap_tok, rate, runs = compare(a)
+    print(f"capacity {rate * 2:.2f} req/s, {cap_tok:.1f} tok/s; online at {rate:.2f} req/s")
     print("| run | TTFT P50 / P99 ms | TPOT P50 / P99 ms | offline tok/s (of left) | preempt |")
     print("|---|---:|---:|---:|---:|")
-    left = None
-    for name, clients, tier in (("online alone", 0, "flex"), ("FCFS", a.offline_clients,
-                                "default"), ("tiers", a.offline_clients, "flex")):  # fmt: skip
-        r = Sim(a).run(Load(a.seconds, rate, offline_clients=clients, offline_tier=tier,
-                            seed=a.seed))  # fmt: skip
-        online_tok_s = r.online_tokens / a.seconds
-        left = cap_tok - online_tok_s if left is None else left
+    left = cap_tok - runs["online alone"].online_tokens / a.seconds
+    for name, r in runs.items():
         off = r.offline_tokens / a.seconds
         print(f"| {name} | {quantile_ms(r.ttft, 50):.0f} / {quantile_ms(r.ttft, 99):.0f} | "
               f"{quantile_ms(r.tpot, 50):.1f} / {quantile_ms(r.tpot, 99):.1f} | {off:.1f} ({off / left:.0%}) | "

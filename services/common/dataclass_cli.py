@@ -1,8 +1,7 @@
 """Build argparse flags from a config dataclass, so flags and config fields never drift apart.
 
 Each field becomes ``--field-name``; its help text comes from ``field(metadata={"help": ...})``.
-Supported field types: str, int, float, bool, ``X | None`` of those (``none`` sets None where
-the default is not None), and ``list[str]``.
+Supported field types: str, int, float, bool, ``X | None`` of those (``none`` sets None), and ``list[str]``.
 """
 
 from __future__ import annotations
@@ -60,10 +59,11 @@ def add_dataclass_args(
             # --flag / --no-flag
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            # NOTE: "none" sets an optional field whose default is not None to None (its off
-            # switch, e.g. --offline-tpot-quantile none); one whose default is None is None
-            # while its flag is not given.
-            kwargs["type"] = _none_or(tp) if optional and default is not None else tp
+            # NOTE: "none" sets an optional field to None: the off switch of one whose default
+            # is not None (--offline-step-share none), and still accepted once a default
+            # becomes None (--offline-tpot-quantile none, which the Helm chart writes for
+            # "none", was the pace's off switch when it was on by default).
+            kwargs["type"] = _none_or(tp) if optional else tp
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
             kwargs["metavar"] = f.name.upper()

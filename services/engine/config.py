@@ -75,18 +75,18 @@ class EngineConfig:
     # the step is online work's or idle): bounds what offline prefills add to online TPOT.
     # None: all that online work leaves.
     max_offline_batched_tokens: int | None = None
-    # What offline (flex) tokens may add to the cost of a step that runs online work: 0.05 keeps
-    # such a step within 5 % of its cost without them (so online TPOT too), from a model of the
-    # step's cost the engine fits as it runs (services/engine/tier_policy.py). None: offline
-    # work takes all that online work leaves.
-    offline_step_share: float | None = 0.05
+    # What offline (flex) tokens may add to the cost of a step that runs online work: 0.08 keeps
+    # such a step within 8 % of its cost without them (so online TPOT too), from a model of the
+    # step's cost the engine fits as it runs; a step with an online prefill gets none (its
+    # TTFT, and the decodes beside it are the TPOT tail): services/engine/tier_policy.py. None:
+    # offline work takes all that online work leaves.
+    offline_step_share: float | None = 0.08
     # With offline_step_share: offline tokens may also raise each online request's time per
     # output token, and a step's cost, up to this quantile of recent online requests' own
-    # (without offline work): the TPOT tail stays where it was, the requests below it carry
-    # the offline work (their TPOT rises towards it). Requests slower than it, and those in
-    # their prefill (TTFT), get only the share (services/engine/tier_policy.py). None: the
-    # share alone.
-    offline_tpot_quantile: float | None = 0.8
+    # (without offline work). Requests slower than it, and those in their prefill (TTFT), get
+    # only the share (services/engine/tier_policy.py). More offline work, but on a quiet CPU
+    # it raised online TPOT P99 by up to 40 % (benchmarks/RESULTS.md). None: the share alone.
+    offline_tpot_quantile: float | None = None
     # LoRA adapters loaded at start-up, each "name=path" (a PEFT folder); a request names one
     # as its model. Giving any turns LoRA on.
     lora_modules: list[str] = field(default_factory=list)

@@ -3,17 +3,18 @@ to ``fixed + per_token * tokens`` from the steps the engine runs, and ``OnlinePa
 online requests' mean step costs that the pace holds offline work to. tier_policy.py decides
 with them.
 
-The pace (``offline_tpot_quantile``): on a CPU the share alone leaves offline work ~40 % of
-the capacity online work leaves (colocation_sim.py), because it charges every online request
-the same. But online requests' TPOTs differ without any offline work (those whose decodes
-shared steps with other requests' prefills are slower), and a latency goal is a tail's: the
-pace lets offline tokens raise each online request's mean step cost (its TPOT) to the
-``offline_tpot_quantile`` of recent online requests' mean step cost without offline work
-(``reference``), and never one step's cost past it, while a request already slower than that
-gets only the share. So the TPOT tail stays, and the requests below it (most) carry offline
-tokens. A request in its prefill (its TTFT) gets only the share. Costs are counted in tokens'
-worth (``StepCost``, a robust fit to the last steps' wall times), so the machine's timing
-noise does not move the pace (``OnlinePace`` says why).
+The pace (``offline_tpot_quantile``, off by default: tier_policy.py says why): on a CPU the
+share alone leaves offline work ~40 % of the capacity online work leaves (colocation_sim.py),
+because it charges every online request the same. But online requests' TPOTs differ without
+any offline work (those whose decodes shared steps with other requests' prefills are slower),
+and a latency goal is a tail's: the pace lets offline tokens raise each online request's mean
+step cost (its TPOT) to the ``offline_tpot_quantile`` of recent online requests' mean step
+cost without offline work (``reference``), and never one step's cost past it, while a request
+already slower than that gets only the share. So the TPOT tail stays (in the simulation, where
+a request's place in it is its tokens), and the requests below it (most) carry offline tokens.
+A request in its prefill (its TTFT) gets only the share. Costs are counted in tokens' worth
+(``StepCost``, a robust fit to the last steps' wall times), so the machine's timing noise does
+not move the pace (``OnlinePace`` says why).
 """
 
 from __future__ import annotations

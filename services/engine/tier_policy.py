@@ -7,15 +7,22 @@ every scheduled token in one forward pass, so offline tokens in a step that carr
 work make that step, and so the online requests' TPOT (and the TTFT of those in prefill),
 longer by what they cost. A step costs about ``fixed + per_token * tokens``; the share keeps
 offline tokens to ``offline_step_share`` of the step's cost without them, i.e. at most
-``share * (fixed / per_token + online tokens)`` tokens. ``StepCost`` learns the two numbers
-from the steps the engine runs. Where a step's cost hardly grows with its tokens (a GPU's
-memory-bound decode) that is most of the budget; where it grows in proportion (a CPU) it is a
-few tokens, and offline work runs mostly in the steps without online work. Those it may not
-fill either: an online request arriving during one waits for it, so they run offline tokens
-worth at most ``OFFLINE_STEP_FIXED_COSTS`` fixed costs.
+``share * (fixed / per_token + online tokens)`` tokens (the fraction a step cannot use carries
+to the next), and to none while an online request is in its prefill (``_shared`` says why).
+``StepCost`` learns the two numbers from the steps the engine runs. Where a step's cost hardly
+grows with its tokens (a GPU's memory-bound decode) that is most of the budget; where it grows
+in proportion (a CPU) it is a few tokens. A step without online work may not be filled
+either: an online request arriving during one waits for it, so it runs offline tokens worth
+at most ``OFFLINE_STEP_FIXED_COSTS`` fixed costs.
 
-The pace (``offline_tpot_quantile``) and the step cost fit are step_pace.py's;
-``EPDSERVE_STEP_LOG`` traces every step's decision (step_log.py).
+The pace (``offline_tpot_quantile``, step_pace.py; off by default) lets offline tokens raise
+each online request's TPOT to a quantile of recent online requests' own, which leaves the
+tail where it was only if each request's place in it is known while it runs. In the
+simulation it is (TPOT P99 +6 % at 81 % of the capacity online work leaves); on a quiet CPU it
+was not: its +24 % on the online TPOT P50 reached the P99 (tiers / alone 1.09-1.40 against a
+1.10 goal, benchmarks/RESULTS.md). The share holds every online step, so the P99 moves by
+less than the share. The step cost fit is step_pace.py's too; ``EPDSERVE_STEP_LOG`` traces
+every step's decision (step_log.py).
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ class TierPolicy:
         self.step_log = StepLog.from_env()  # EPDSERVE_STEP_LOG: one line a step
         self._decision: dict[str, float | None] = {}  # offline_budget's, for the step log
         self._cpu_started = 0.0
+        self._carry = 0.0  # the share's fraction of a token the last step left (0..1)
 
     def ranks(self, seqs: Collection[Sequence]) -> dict[int, int]:
         """The rank of each of ``seqs`` (by seq_id) now: its tier's, or for a flex one that
@@ -133,7 +141,7 @@ class TierPolicy:
         if not online:
             limit = max(1.0, OFFLINE_STEP_FIXED_COSTS * fixed)
         elif self.pace is None:
-            limit = max(1.0, share * (fixed + online_tokens))
+            limit = self._shared(share * (fixed + online_tokens), running)
         else:
             online_running = [s for s in running if self.rank(s) < OFFLINE_RANK]
             limit = self.pace.limit(fixed + online_tokens, share, online_running)
@@ -141,6 +149,25 @@ class TierPolicy:
             ref = self.pace.reference if self.pace is not None and online else None
             self._decision = {"limit": limit, "ref": ref}
         return min(budget, int(limit + 1e-6))
+
+    def _shared(self, tokens: float, running: Collection[Sequence]) -> float:
+        """The share's limit in a step with online work: ``tokens`` (the share of the step's
+        cost), or none while an online sequence is in its prefill.
+
+        NOTE: none beside an online prefill: such a step is the TTFT of the request in it and
+        the slowest step of the decodes beside it, and those decodes are the TPOT tail (on a
+        quiet CPU the slowest 10 % of online requests spent 23-26 % of their decode steps
+        beside a prefill, the fastest half 6 %: benchmarks/RESULTS.md, coloc5). Kept out of
+        those steps, offline work raises the tail by less than its share and TTFT not at all.
+        The fraction of a token a step could not use carries to the next (under one token):
+        8 % of a 33 tokens' worth CPU decode step is 2.6 tokens, and rounding each step down
+        gave 2 (the old floor of one token a step gave 5 % of 21 tokens' worth one too)."""
+        if any(s.in_prefill or not s.num_output_tokens for s in running
+               if self.rank(s) < OFFLINE_RANK):  # fmt: skip
+            return 0.0
+        limit = tokens + self._carry
+        self._carry = max(0.0, limit - math.floor(limit + 1e-6))
+        return limit
 
     def stats_fields(self) -> dict[str, float]:
         """EngineStats' fields of the tiers: the step cost fit, and the part of recent

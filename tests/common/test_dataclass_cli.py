@@ -21,6 +21,7 @@ from services.worker.config import WorkerConfig
         # None where the default is not: the off switches (a model load's restart rebuilds
         # its command line with to_argv; None was left out, so the pace came back on)
         EngineConfig(offline_step_share=None, offline_tpot_quantile=None),
+        EngineConfig(offline_tpot_quantile=0.8),  # the pace opted into (off by default)
     ],
 )
 def test_round_trip(cfg: object) -> None:
@@ -37,7 +38,8 @@ def test_none_turns_an_optional_setting_off() -> None:
     args = ["--offline-tpot-quantile", "none", "--offline-step-share", "None"]
     cfg = from_args(EngineConfig, parser.parse_args(args))
     assert cfg.offline_tpot_quantile is None and cfg.offline_step_share is None
-    assert from_args(EngineConfig, parser.parse_args([])).offline_tpot_quantile == 0.8
+    default = from_args(EngineConfig, parser.parse_args([]))
+    assert (default.offline_step_share, default.offline_tpot_quantile) == (0.08, None)
 
 
 def test_configs_validate() -> None:

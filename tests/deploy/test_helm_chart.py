@@ -215,8 +215,9 @@ def test_container_commands_parse(case: Any) -> None:
 
 @pytest.mark.parametrize("value,flag", [("none", ["none"]), (None, []), (0.5, ["0.5"])])
 def test_offline_off_switches(value: Any, flag: list[str]) -> None:
-    """The string "none" turns the pace and the share off (--offline-tpot-quantile none); a
-    null is dropped by Helm, so it leaves the code's default, and a number is written."""
+    """The string "none" turns the share off (--offline-step-share none) and leaves the pace
+    off (its default: no flag); a null is dropped by Helm, so it leaves the code's default,
+    and a number is written."""
     from services.common.dataclass_cli import from_args
     from services.engine.config import EngineConfig
     from services.worker.main import build_parser
@@ -226,7 +227,8 @@ def test_offline_off_switches(value: Any, flag: list[str]) -> None:
     argv = _container(_by(objects, "Deployment")[f"{ch.FULLNAME}-worker-mixed"])["command"]
     for name in ("--offline-step-share", "--offline-tpot-quantile"):
         got = argv[argv.index(name) + 1 : argv.index(name) + 2] if name in argv else []
-        assert got == flag, name
+        off_by_default = name == "--offline-tpot-quantile" and value == "none"
+        assert got == ([] if off_by_default else flag), name
     cfg = from_args(EngineConfig, build_parser().parse_args(argv[3:]))
     default = EngineConfig()
     want = {"none": (None, None), None: (default.offline_step_share,

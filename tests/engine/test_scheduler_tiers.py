@@ -176,7 +176,8 @@ def test_offline_share_of_a_step_is_capped() -> None:
 def test_offline_work_takes_its_share_of_a_step_with_online_work() -> None:
     """A step costs 20 ms + 1 ms per token (the clock moves while it runs, so the scheduler
     fits the model: 20 tokens' worth of fixed cost). With online work in the engine, offline
-    tokens are held to 10 % of the step's cost without them; without, to 2 fixed costs."""
+    tokens are held to 10 % of the step's cost without them (the fraction carried to the next
+    step), and to none beside an online prefill; without online work, to 2 fixed costs."""
     clock = Clock()
     sched = make_sched(clock, max_num_batched_tokens=256, share=0.1)
     offline = [make_seq(100, "flex") for _ in range(4)]
@@ -188,10 +189,12 @@ def test_offline_work_takes_its_share_of_a_step_with_online_work() -> None:
     online = make_seq(8, "default")
     goals[online.seq_id] = 100
     sched.add(online)
-    out = step(sched, goals)
-    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(online, 8), (offline[0], 2)]
+    out = step(sched, goals)  # its prefill (its TTFT): no offline tokens (2 on the old code)
+    assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(online, 8)]
     out = step(sched, goals)  # the online decode: 10 % of 20 + 1 tokens
     assert [(s.seq, s.num_new_tokens) for s in out.scheduled] == [(online, 1), (offline[0], 2)]
+    taken = [sum(i.num_new_tokens for i in step(sched, goals).scheduled) - 1 for _ in range(9)]
+    assert sum(taken) == 21 - 2 and set(taken) == {2, 3}  # 2.1 a step (old code: 2 each)
 
 
 def test_a_running_offline_request_does_not_age() -> None:
@@ -207,8 +210,10 @@ def test_a_running_offline_request_does_not_age() -> None:
     for t in range(20):
         clock.now = float(t)
         out = step(sched, goals)
-        # 10 % of (24 assumed fixed tokens + 1 online decode); 4 + 2 in the first step
-        assert [s.num_new_tokens for s in out.scheduled if s.seq is offline] == [2], t
+        # 10 % of (24 assumed fixed tokens + 1 online decode): 2.5 a step, none beside the
+        # online prefill of the first step
+        want = [] if t == 0 else [2 + (t % 2 == 0)]
+        assert [s.num_new_tokens for s in out.scheduled if s.seq is offline] == want, t
     assert not offline.aged
 
 
@@ -319,6 +324,7 @@ def test_tier_scheduling_property(w) -> None:
     pending = [(at, make_seq(p, tier, prio, at=at), out) for p, tier, prio, out, at in w["specs"]]
     goals = {s.seq_id: g for _, s, g in pending}
     last_arrival = max(at for at, _, _ in pending)
+    shares = taken = 0.0  # offline tokens the share allowed / took in steps with online decodes
     for t in range(3000):
         clock.now = float(t)
         for at, seq, _ in pending:
@@ -350,14 +356,25 @@ def test_tier_scheduling_property(w) -> None:
                 assert keys[r.seq_id][0] >= worst, (r, worst)
         assert out.num_batched_tokens <= sched.max_num_batched_tokens
         # -- the offline share: the clock stands still in a step, so the fixed cost is the prior --
+        # (the fraction of a token a step with online work cannot use carries to the next:
+        # over the steps with online decodes, offline work takes at most the sum of their
+        # shares, plus the fraction still carried; beside an online prefill, none)
         if w["share"] is not None and not out.preempted:
             online_tokens = sum(
                 i.num_new_tokens for i in out.scheduled if keys[i.seq.seq_id][0] < 3
             )
             offline_tokens = out.num_batched_tokens - online_tokens
             online = any(k[0] < 3 for k in keys.values())
-            limit = w["share"] * (24 + online_tokens) if online else 2 * 24
-            assert offline_tokens <= max(1, int(limit)), (offline_tokens, online_tokens)
+            prefill = any(keys[s.seq_id][0] < 3 and (s.in_prefill or not s.num_output_tokens)
+                          for s in sched.running if s.seq_id in keys)  # fmt: skip
+            if not online:
+                assert offline_tokens <= 2 * 24, offline_tokens
+            elif prefill:
+                assert offline_tokens == 0, (offline_tokens, online_tokens)
+            else:
+                shares += w["share"] * (24 + online_tokens)
+                taken += offline_tokens
+                assert taken < shares + 1.0, (taken, shares)  # + what a preempting step left
         assert len(sched.running) <= sched.max_num_seqs
         if out.is_empty:
             assert out.preempted or not sched.has_work

@@ -1,8 +1,9 @@
 """Service tiers on a real tiny model: online requests arriving into a full batch of offline
 (flex) sequences preempt them, run first, and every request of both classes ends with the
 greedy tokens of transformers (its undisturbed output), with and without the host KV pool
-that takes the preempted blocks (and a cap on the offline tokens of a step), with the pace of
-offline work on; chunked prefill and the prefix cache stay on."""
+that takes the preempted blocks (and a cap on the offline tokens of a step and the default
+share), and without it with the pace of offline work on (opt-in); chunked prefill and the
+prefix cache stay on."""
 
 from __future__ import annotations
 
@@ -35,12 +36,14 @@ def test_online_requests_preempt_a_full_offline_batch(model, host_pool) -> None:
         model=model, dtype="float32", block_size=4, max_num_seqs=3, max_num_batched_tokens=16,
         kv_cache_bytes=1 << 20, kv_host_pool_bytes=(1 << 20) if host_pool else 0,
         max_offline_batched_tokens=8 if host_pool else None,
+        offline_tpot_quantile=None if host_pool else 0.8,
     )  # fmt: skip
     engine = LLMEngine(config)
-    assert engine.scheduler.policy.pace is not None  # on by default
-    # A reference far above any step: offline work takes all the pace lets it (its chunks
-    # beside online work change, the tokens must not).
-    prime(engine.scheduler.policy.pace, reference=1000.0)
+    if not host_pool:
+        # A reference far above any step: offline work takes all the pace lets it (its
+        # chunks beside online work change, the tokens must not).
+        assert engine.scheduler.policy.pace is not None
+        prime(engine.scheduler.policy.pace, reference=1000.0)
     offline = {f"off{i}": tokens(14 + i, 100 + i) for i in range(3)}
     online = {"on0": tokens(11, 200), "on1": tokens(13, 201)}
     for rid, prompt in offline.items():
