@@ -16,6 +16,7 @@ from services.router.features.reasoning.factory import available_reasoning_parse
 from services.router.features.tool_parsers.factory import available_tool_parsers
 from services.router.http_limits import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_CONNECTIONS, HttpLimits
 from services.router.routing.policies.factory import available_policies
+from services.router.routing.restarts import RESTART_WAIT_S
 
 
 @dataclass
@@ -64,6 +65,11 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
             "a request whose worker died)"
         },
     )
+    worker_restart_wait_s: float = field(default=RESTART_WAIT_S, metadata={
+        "help": "a request finding no worker of a role where one died serving (its only "
+        "decode or mixed worker killed) waits up to this many seconds for it to be restarted "
+        "(epdserve up, Kubernetes) and goes on there; a stream continues from its tokens "
+        "(0: fail at once with no_workers)"})  # fmt: skip
     stall_timeout_s: float = field(
         default=60.0,
         metadata={
@@ -225,6 +231,8 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
             raise ValueError("max_migrations must be >= 0")
         if self.poison_max_deaths < 1:
             raise ValueError("poison_max_deaths must be >= 1")
+        if not 0 <= self.worker_restart_wait_s <= 86400:
+            raise ValueError("worker_restart_wait_s must be in [0, 86400]")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be > 0")
         if self.max_awake_models < 0:

@@ -71,6 +71,7 @@ class Gateway:
             cfg.max_attempts,
             max_migrations=cfg.max_migrations,
             stall_timeout_s=cfg.stall_timeout_s,
+            restart_wait_s=cfg.worker_restart_wait_s,
             on_migration=lambda reason: self.metrics.migrations.labels(reason).inc(),
             kv_index=self.kv_index,
             poison=PoisonTracker(cfg.poison_max_deaths),
@@ -135,7 +136,8 @@ class Gateway:
     def resolve_model(self, name: str, serving: bool = True) -> tuple[str, int]:
         """(served name, context length) for a requested model, or 404 / 503; ``serving``:
         some worker must be usable for it too (not needed only to tokenize)."""
-        models = self.pool.models()
+        # A model whose workers died lately is known while they may come back (restarts.py).
+        models = {**self.pool.lost.models(self.cfg.worker_restart_wait_s), **self.pool.models()}
         if not models:
             raise APIError(503, "no workers available", code="no_workers")
         parent = self.pool.adapters().get(name) if name not in models else None
@@ -148,7 +150,12 @@ class Gateway:
             )  # fmt: skip
         # NOTE: a worker out of routing only for a moment still counts (the orchestrator
         # waits a little for it): with the only other one just died, that is no 503.
-        if serving and not self.can_serve(name) and not self.pool.may_serve(name):
+        if (
+            serving
+            and not self.can_serve(name)
+            and not self.pool.may_serve(name)
+            and not self.orchestrator.path_coming(name, 0.0)
+        ):
             if self.pool.asleep(name):
                 raise APIError(
                     503, f"model '{name}' is asleep: the workers it needs sleep (`epdserve models "

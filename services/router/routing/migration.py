@@ -74,6 +74,7 @@ class Migration:
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """One completion's stream, ``start``-ed again from its tokens each time its worker
         dies or hangs mid-stream."""
+        reason = ""
         while True:
             progress.begin()
             # A migrated request gets a new id: its old worker may still hold the old one.
@@ -83,6 +84,14 @@ class Migration:
                 async for msg in gen:
                     yield progress.relay(msg)
                 return
+            except APIError as err:
+                if not reason or err.code != "no_workers" or len(progress.tokens) > progress.base:
+                    raise
+                # NOTE: say why a stream that was running fails: its worker died and no
+                # worker (not even that one restarted, within the wait) could continue it.
+                raise APIError(503, f"{reason} after {len(progress.tokens)} tokens, and no "
+                               f"worker could continue the request: {err.message}",
+                               code="no_workers") from None  # fmt: skip
             except Migrate as m:
                 if progress.migrations >= self.max_migrations:
                     raise APIError(
@@ -91,6 +100,7 @@ class Migration:
                         f"{m.reason}",
                     ) from None
                 progress.migrations += 1
+                reason = f"its worker {m.kind} ({m.reason})"
                 self.on_migration(m.kind)
                 log.warning("migrating %s after %d tokens (%s)", request_id,
                             len(progress.tokens), m.reason)  # fmt: skip

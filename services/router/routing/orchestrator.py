@@ -56,8 +56,10 @@ class Orchestrator(WorkerChoice):
         kv_index: KVIndexClient | None = None,
         poison: PoisonTracker | None = None,
         phases: RouterPhases | None = None,
+        restart_wait_s: float = 0.0,
     ) -> None:
         self.pool = pool
+        self.restart_wait_s = restart_wait_s  # worker_choice.py
         self.poison = poison or PoisonTracker()
         self.phases = phases or RouterPhases()  # phase histograms and traces (phases.py)
         self.policy = policy
@@ -225,7 +227,7 @@ class Orchestrator(WorkerChoice):
                 continue
             if handle is None:
                 break
-            attempts.tried.add(handle.id)
+            attempts.tried.add(handle.process)
             request.role_epoch = handle.info.role_epoch
             handle.inflight += 1
             try:
@@ -260,7 +262,7 @@ class Orchestrator(WorkerChoice):
                 continue
             if handle is None:
                 break
-            attempts.tried.add(handle.id)
+            attempts.tried.add(handle.process)
             req = pb.GenerateRequest(
                 request_id=request_id,
                 prompt_token_ids=list(prompt_token_ids),

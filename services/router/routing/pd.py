@@ -216,7 +216,7 @@ class PDSteps:
             decodes = [
                 h
                 for h in self.pool.candidates("decode", request.model)
-                if h.id not in attempts.tried
+                if h.process not in attempts.tried
             ]
             if not decodes:
                 attempts.last_error = APIError(503, "no decode worker left", code="no_workers")

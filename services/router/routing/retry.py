@@ -94,7 +94,9 @@ class Attempts:
     ) -> None:
         self.poison = poison
         self.retry = retry  # None: every failure that is not the request's own
-        self.tried: set[str] = set()  # workers this request does not go to again
+        # Worker processes (WorkerHandle.process) this request does not go to again; the
+        # same worker restarted is a new process, which it may try.
+        self.tried: set[str] = set()
         # Workers tried only when no other is usable (the decode side of a failed KV transfer).
         self.suspects: set[str] = set()
         self.last_error: APIError | None = None  # the client's error when no attempt is left
@@ -103,7 +105,7 @@ class Attempts:
         """``handle`` stopped answering mid-call: out of routing, and a death of the request's."""
         log.warning("worker %s stopped answering: %s", handle.id, exc)
         handle.mark_failed()
-        self.tried.add(handle.id)
+        self.tried.add(handle.process)
         self.last_error = APIError(503, f"worker unavailable: {exc}")
         self.poison.note_current_death(handle.id)
         return AttemptFailed()
@@ -122,7 +124,7 @@ class Attempts:
             raise api_error_from_grpc(exc) from None
         log.warning("call to %s failed: %s %s; trying another worker", handle.id, code.name,
                     exc.details())  # fmt: skip
-        self.tried.add(handle.id)
+        self.tried.add(handle.process)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             handle.mark_failed()
         note_refusal(exc, handle, epoch)

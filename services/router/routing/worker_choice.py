@@ -1,6 +1,7 @@
 """How the orchestrator picks workers for a request: the policy's choice among the usable
 workers of a role (a mixed worker, or a prefill/decode pair), offline work kept to workers with
-headroom, and a short wait when none is usable but some serve."""
+headroom, a short wait when none is usable but some serve, and a bounded one for a worker that
+died to be restarted."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ class WorkerChoice:
     # next load report after a failed call, or just registered) waits this long for one.
     WORKER_WAIT_S = 5.0
     WORKER_POLL_S = 0.05
+    # A request finding no worker of a role where one died serving waits this long for it to
+    # be restarted (RouterConfig.worker_restart_wait_s; 0: fail at once).
+    restart_wait_s = 0.0
 
     def _for_tier(self, candidates: list[WorkerHandle], tier: str) -> list[WorkerHandle]:
         """The candidates an offline request may go to: those with headroom, when any has
@@ -66,30 +70,68 @@ class WorkerChoice:
 
     async def _use_pd(self, model: str) -> bool:
         """Whether to run on a PD pair (else on a mixed worker). While neither is usable but
-        workers that serve are known, wait for one (``_usable``)."""
-        deadline = time.monotonic() + self.WORKER_WAIT_S
+        workers that serve are known, wait for one (``_usable``); while a path to ``model``
+        may come back from a restart (``_restarting``), wait for it too."""
+        start = time.monotonic()
         while not self.pd_available(model) and not self.pool.candidates("mixed", model):
-            if not self.pool.may_serve(model) or time.monotonic() >= deadline:
+            waited = time.monotonic() - start
+            if self.pool.may_serve(model) and waited < self.WORKER_WAIT_S:
+                pass
+            elif not self.path_coming(model, waited):
                 break
             await asyncio.sleep(self.WORKER_POLL_S)
         return self.pd_available(model)
 
+    def path_coming(self, model: str, waited: float) -> bool:
+        """A mixed worker, or both a prefill and a decode worker, of ``model`` are listed
+        or may come back from a restart (``_restarting``)."""
+
+        def coming(role: str) -> bool:
+            return self._restarting(role, model, waited, bool(self.pool.serving(role, model)))
+
+        return coming("mixed") or (coming("prefill") and coming("decode"))
+
+    def _restarting(self, role: str, model: str, waited: float, listed: bool = False) -> bool:
+        """A worker of ``role`` for ``model`` may come back within the restart wait, and a
+        request that ``waited`` that long may still wait for it: one died serving less than
+        ``restart_wait_s`` ago (its supervisor restarts it), or one is ``listed`` but out of
+        routing (its load stream broke: dead, and its etcd key not yet expired)."""
+        if waited >= self.restart_wait_s:
+            return False
+        return listed or self.pool.lost.since(role, model) < self.restart_wait_s
+
+    def _down(self, role: str, model: str) -> bool:
+        """A listed worker of ``role`` lost its load stream: it died (its etcd key not yet
+        expired) or hangs, and may be restarted."""
+        return any(not h.reachable() for h in self.pool.serving(role, model))
+
     async def _usable(self, role: str, model: str, exclude: set[str]) -> list[WorkerHandle]:
-        """The usable workers of ``role`` outside ``exclude``. NOTE: when there are none but
+        """The usable workers of ``role`` outside ``exclude`` (WorkerHandle.process). NOTE: when there are none but
         some of them serve, wait for one (up to WORKER_WAIT_S): a worker is out of routing
         from a failed call until its next load report (a fraction of a second) and from
         registering until its first, and a request arriving then, with the only other
-        worker just died, must not fail for that."""
-        deadline = time.monotonic() + self.WORKER_WAIT_S
-        waited = False
+        worker just died, must not fail for that. When one died, wait up to
+        ``restart_wait_s`` for it to be restarted (the request then goes on there: a stream
+        whose only decode worker was killed resumes on its restarted process)."""
+        start = time.monotonic()
+        waited_for: str | None = None
         while True:
-            found = [h for h in self.pool.candidates(role, model) if h.id not in exclude]
-            serving = [h.id for h in self.pool.serving(role, model) if h.id not in exclude]
-            if found or not serving or time.monotonic() >= deadline:
+            found = [h for h in self.pool.candidates(role, model) if h.process not in exclude]
+            serving = [h.id for h in self.pool.serving(role, model) if h.process not in exclude]
+            waited = time.monotonic() - start
+            if found:
                 return found
-            if not waited:
-                log.info("no %s worker usable now; waiting for one of %s", role, serving)
-                waited = True
+            if serving and waited < self.WORKER_WAIT_S:
+                why = f"one of {serving}"
+            elif self._restarting(role, model, waited, bool(serving) or self._down(role, model)):
+                why = f"a restarted one, up to {self.restart_wait_s:g} s"
+            else:
+                if waited_for:
+                    log.warning("no %s worker for %s after %.1f s", role, model, waited)
+                return found
+            if waited_for != why:
+                log.info("no %s worker usable now; waiting for %s", role, why)
+                waited_for = why
             await asyncio.sleep(self.WORKER_POLL_S)
 
     async def _choose(

@@ -16,6 +16,7 @@ from services.common.membership import InstanceInfo
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.router.phases import phase_interceptors
+from services.router.routing.restarts import LostWorkers
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,11 @@ class WorkerHandle:
     @property
     def id(self) -> str:
         return self.info.id
+
+    @property
+    def process(self) -> str:
+        """This process of the worker: a restart keeps the id and draws a new incarnation."""
+        return f"{self.info.id}@{self.info.incarnation}"
 
     def serves(self, model: str | None) -> bool:
         """It serves ``model``: its base model, or a LoRA adapter it holds (None: any)."""
@@ -222,6 +228,7 @@ class WorkerPool:
         self._interval_ms = load_interval_ms
         self._stale_s = stale_s
         self._closing: set[asyncio.Task[None]] = set()
+        self.lost = LostWorkers()  # workers that died serving, for a bounded wait (restarts.py)
 
     def on_membership(self, instances: dict[str, InstanceInfo]) -> None:
         """MembershipWatcher listener: create, update and drop handles."""
@@ -261,6 +268,9 @@ class WorkerPool:
             self._close_later(self.handles.pop(handle.id))
 
     def _close_later(self, handle: WorkerHandle) -> None:
+        if handle.state == "serving":  # not draining, asleep, flipping or loading: it died
+            models = (handle.info.model, *handle.lora_adapters)
+            self.lost.record(handle.info.role, models, handle.max_model_len)
         task = asyncio.get_running_loop().create_task(handle.close(self._drain_wait_s))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)

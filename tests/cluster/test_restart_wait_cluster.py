@@ -1,0 +1,132 @@
+"""The only worker of a role killed (-9) mid-request: the router waits for it to be restarted
+(--worker-restart-wait-s) and the request goes on there from its tokens, greedy output equal
+to an undisturbed run's, nothing lost or repeated. Through the cluster harness (the one mixed
+worker killed, restarted as a supervisor does) and through `epdserve up` (the one decode
+worker of a PD pair killed; `up` restarts it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+from cluster_helpers import TINY_NAME, epdserve_up, sse_data, start_cluster, worker_health
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+
+MAX_TOKENS = 200
+REQ = {"model": TINY_NAME, "prompt": "Once upon a time", "max_tokens": MAX_TOKENS,
+       "temperature": 0, "ignore_eos": True, "logprobs": 1}  # fmt: skip
+
+
+def tokens_of(body: dict) -> list[str]:
+    return body["choices"][0]["logprobs"]["tokens"]
+
+
+def restart_after_exit(proc, delay: float = 1.0) -> threading.Thread:
+    """What a supervisor does: once ``proc`` exited, start it again ``delay`` s later."""
+
+    def run() -> None:
+        deadline = time.monotonic() + 30
+        while proc.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.restart()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def busy(cluster) -> bool:
+    workers = worker_health(cluster.base_url, cluster.admin_token)[1]["workers"]
+    return any(v["inflight"] > 0 for v in workers.values())
+
+
+@pytest.fixture(scope="module")
+def one_mixed(tiny_model_dir):
+    c = start_cluster(tiny_model_dir("llama"), workers=1)  # the default wait: 60 s
+    yield c
+    c.stop()
+
+
+def test_the_one_mixed_worker_killed_mid_stream_resumes_on_its_restart(one_mixed) -> None:
+    c = one_mixed
+    ref = httpx.post(c.base_url + "/v1/completions", json=REQ, timeout=120)
+    assert ref.status_code == 200, ref.text
+    tokens: list[str] = []
+    restarter = None
+    body = {**REQ, "stream": True}
+    with httpx.stream("POST", c.base_url + "/v1/completions", json=body, timeout=180) as r:
+        assert r.status_code == 200
+        for event in sse_data(r):  # an error event (no_workers) fails the test
+            tokens += (event["choices"][0].get("logprobs") or {}).get("tokens", [])
+            if restarter is None and len(tokens) >= 8:
+                assert len(tokens) < MAX_TOKENS // 2, "the stream ended too soon to test"
+                c.workers[0].kill()
+                restarter = restart_after_exit(c.workers[0])
+    assert restarter is not None
+    restarter.join(timeout=60)
+    assert tokens == tokens_of(ref.json())
+
+
+def test_a_non_streaming_request_resumes_on_the_restart_too(one_mixed) -> None:
+    c = one_mixed
+    ref = httpx.post(c.base_url + "/v1/completions", json=REQ, timeout=120)
+    assert ref.status_code == 200, ref.text
+    result: dict = {}
+
+    def call() -> None:
+        result["r"] = httpx.post(c.base_url + "/v1/completions", json=REQ, timeout=180)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    deadline = time.monotonic() + 30
+    while not busy(c) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)  # a few tokens in (or still in its prefill: it goes to the restart too)
+    c.workers[0].kill()
+    restart_after_exit(c.workers[0]).join(timeout=60)
+    caller.join(timeout=180)
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    assert tokens_of(r.json()) == tokens_of(ref.json())
+
+
+def test_the_one_decode_worker_killed_under_up_resumes_on_its_restart(tiny_model_dir,
+                                                                     tmp_path) -> None:  # fmt: skip
+    model = str(tiny_model_dir("llama"))
+    engine = ["--engine-arg", "max_model_len=512", "--engine-arg",
+              f"kv_cache_bytes={32 * 1024 * 1024}", "--engine-arg", "max_num_seqs=16"]  # fmt: skip
+    args = ["--model", model, "--prefill", "1", "--decode", "1", "--no-kvstore",
+            "--cluster", "restartwait", *engine]  # fmt: skip
+    with epdserve_up(tmp_path, *args) as (_proc, base, env):
+        req = {**REQ, "model": os.path.basename(model)}
+        ref = httpx.post(base + "/v1/completions", json=req, timeout=120)
+        assert ref.status_code == 200, ref.text
+        token = (tmp_path / "cfg" / "admin-token").read_text().strip()
+        auth = {"Authorization": f"Bearer {token}"}
+
+        def decode_pid() -> int:
+            rows = httpx.get(base + "/admin/status", headers=auth, timeout=30).json()["workers"]
+            (row,) = [w for w in rows if w["role"] == "decode"]
+            return row["pid"]
+
+        old_pid = decode_pid()
+        tokens: list[str] = []
+        killed = False
+        body = {**req, "stream": True}
+        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=240) as r:
+            assert r.status_code == 200
+            for event in sse_data(r):
+                tokens += (event["choices"][0].get("logprobs") or {}).get("tokens", [])
+                if not killed and len(tokens) >= 8:
+                    assert len(tokens) < MAX_TOKENS // 2, "the stream ended too soon to test"
+                    os.kill(old_pid, signal.SIGKILL)
+                    killed = True
+        assert killed
+        assert tokens == tokens_of(ref.json())
+        assert decode_pid() != old_pid  # it went on on the restarted process
