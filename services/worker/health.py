@@ -10,10 +10,14 @@ Whether a worker should get new requests is the router's business (load reports,
 
 from __future__ import annotations
 
+import argparse
+import os
+import sys
 from typing import Any
 
 import grpc
 
+from services.common.grpc_utils import GrpcTLS
 from services.common.proto import health_pb2 as pb
 from services.common.proto import health_pb2_grpc as pb_grpc
 from services.common.proto import worker_pb2
@@ -40,13 +44,21 @@ def add_health(server: grpc.aio.Server, engine: Any) -> None:
     pb_grpc.add_HealthServicer_to_server(HealthServicer(engine), server)
 
 
-def check(address: str, timeout: float) -> bool | None:
+def check(address: str, timeout: float, tls: GrpcTLS | None = None) -> bool | None:
     """Probe a worker from a plain (non-asyncio) caller: True when it answered (any status: it
     is alive), False when it did not within ``timeout`` (stopped, its loop stuck), None when
     nothing listens or the call failed otherwise (starting, restarting in place for a model
-    load, or a TLS-only worker: not this probe's to judge; a dead process is seen exiting)."""
+    load, or a TLS-only worker: not this probe's to judge; a dead process is seen exiting).
+    ``tls``: the worker's mutual TLS, with a certificate its CA signed."""
     # NOTE: no proxy: gRPC, like urllib, sends even 127.0.0.1 to the one in http_proxy.
-    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+    options: list[tuple[str, int | str]] = [("grpc.enable_http_proxy", 0)]
+    if tls is None:
+        channel = grpc.insecure_channel(address, options=options)
+    else:
+        if tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+        channel = grpc.secure_channel(address, tls.channel_credentials(), options=options)
+    with channel:
         call = channel.unary_unary(
             "/grpc.health.v1.Health/Check",
             request_serializer=pb.HealthCheckRequest.SerializeToString,
@@ -61,3 +73,40 @@ def check(address: str, timeout: float) -> bool | None:
             answered = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED)
             return True if code in answered else None
         return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m services.worker.health``: Kubernetes' liveness probe (an exec probe) of a
+    worker on mutual TLS, which the kubelet's own gRPC probe cannot call (no client
+    certificate). Exit 0 when the worker answered within ``--timeout``, else 1 (the reason on
+    stderr, which the kubelet records)."""
+    ap = argparse.ArgumentParser(prog="python -m services.worker.health", description=main.__doc__)
+    ap.add_argument(
+        "--host",
+        default=os.environ.get("POD_IP") or "127.0.0.1",
+        help="the worker's address (default: $POD_IP, where a pod's worker binds)",
+    )
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    ap.add_argument("--tls-ca")
+    ap.add_argument("--tls-cert")
+    ap.add_argument("--tls-key")
+    ap.add_argument("--server-name", help="name in the worker's certificate (else the host)")
+    args = ap.parse_args(argv)
+    if not 0 < args.timeout <= 3600:  # NOTE: also refuses NaN
+        ap.error("--timeout must be in (0, 3600]")
+    try:
+        tls = GrpcTLS.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.server_name)
+        answered = check(f"{args.host}:{args.port}", args.timeout, tls)
+    except ValueError as exc:  # a missing or unreadable TLS file
+        print(f"health probe: {exc}", file=sys.stderr)
+        return 1
+    if answered:
+        return 0
+    why = "no answer within the timeout" if answered is False else "the call failed"
+    print(f"health probe of {args.host}:{args.port}: {why}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

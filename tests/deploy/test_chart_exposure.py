@@ -245,24 +245,3 @@ def test_routers_keep_batches_on_one_claim(router_values, claim, modes) -> None:
     else:
         assert claims[claim]["spec"]["accessModes"] == modes
         assert claims[claim]["spec"]["resources"]["requests"]["storage"] == "10Gi"
-
-
-def _worker_liveness(values: dict) -> dict[str, dict]:
-    return {
-        _component(o): o["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]
-        for o in ch.render_objects(values)
-        if o["kind"] == "Deployment" and _component(o).startswith("worker-")
-    }
-
-
-def test_worker_liveness_is_grpc_health_unless_mutual_tls() -> None:
-    """The kubelet's gRPC probe has no client certificate: workers on mutual TLS keep the
-    /metrics probe; on plain gRPC they are probed on their health service."""
-    plain = _worker_liveness({})
-    assert plain and all(p["grpc"] == {"port": 50051} and "httpGet" not in p
-                         for p in plain.values())  # fmt: skip
-    tls = {"grpcTlsCa": "/tls/ca.crt", "grpcTlsCert": "/tls/tls.crt", "grpcTlsKey": "/tls/tls.key"}
-    mutual = _worker_liveness({"workers": {"config": tls}})
-    assert mutual.keys() == plain.keys()
-    assert all(p["httpGet"] == {"path": "/metrics", "port": "metrics"} and "grpc" not in p
-               for p in mutual.values())  # fmt: skip

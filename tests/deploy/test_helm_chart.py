@@ -268,11 +268,11 @@ def test_worker_deployments_per_role(case: Any) -> None:
             "periodSeconds": w["probes"]["periodSeconds"],
         }
         # An answer, not a TCP connection (which a stopped process still accepts): the gRPC
-        # health service, or /metrics when the gRPC port needs a client certificate.
+        # health service, by an exec probe when the gRPC port needs a client certificate.
         live = _container(dep)["livenessProbe"]
         wcfg = {**w["config"], **(w[role].get("config") or {})}
         if wcfg.get("grpcTlsCa"):
-            assert live["httpGet"] == {"path": "/metrics", "port": "metrics"}
+            assert live["exec"]["command"][1:3] == ["-m", "services.worker.health"]
         else:
             assert live["grpc"] == {"port": w["port"]}
 
