@@ -24,12 +24,22 @@ PROMPTS = [
 ]
 # Long prompts (~440 tokens) with one-token answers, then short prompts with long answers.
 LONG_PROMPT = "the quick brown fox jumps over the lazy dog " * 44
+# NOTE: each long prompt differs from its first tokens on, and none is sent twice: with the
+# number at the end (as before), every prompt after the first was a prefix-cache hit of all
+# but its last block, its prefill computed ~16 tokens, the prefill worker's queue read 0 in
+# almost every load report, and the flip to prefill came only when a report caught a spike
+# (failed within 60 s in 1 of 3 runs at load 8-21, review4; 2 of 13, review3).
+LONG_PROMPTS = [f"{i} {LONG_PROMPT}" for i in range(12 * 400)]
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
     c = start_cluster(
         tiny_model_dir("llama"), workers=0, prefill=2, decode=1,
+        # NOTE: 32 prompt tokens a step: a ~440-token prompt takes 14 steps on the prefill
+        # worker, so the long-prompt phase keeps prompts waiting or part-computed (both count
+        # as queued: 65e65df), a prefill bottleneck by construction.
+        engine_overrides={"max_num_batched_tokens": 32},
         router_overrides={
             "rebalance_interval_s": 0.5, "rebalance_hysteresis_rounds": 2,
             "rebalance_cooldown_s": 3.0, "rebalance_max_flips": 10,
@@ -64,12 +74,13 @@ class Stream:
             t.start()
 
     def _run(self, url: str, prompts: list[str], max_tokens: int, i: int) -> None:
-        k = i
+        # Client i sends prompts i, i + n, i + 2n, ...: no two clients send the same one.
+        k, n = i, len(self._threads)
         while not self._stop.is_set():
             prompt = prompts[k % len(prompts)]
             code, text = complete(url, prompt, max_tokens)
             self.results.append((prompt, code, text))
-            k += 1
+            k += n
 
     def stop(self) -> list[tuple[str, int, str]]:
         self._stop.set()
@@ -133,7 +144,7 @@ def test_queue_policy_follows_a_shifting_workload(cluster) -> None:
     assert "queue" in r.stdout
 
     # Phase 1: long prompts, one-token answers. Prefill is the bottleneck.
-    stream = Stream(url, 12, [LONG_PROMPT + str(i) for i in range(50)], 1)
+    stream = Stream(url, 12, LONG_PROMPTS, 1)
     try:
         to_prefill = wait_for(lambda: flips(cluster, "flip_to_prefill"), 60,
                               "a flip to prefill in the long-prompt phase")  # fmt: skip
