@@ -20,14 +20,20 @@ pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
 
 
-@pytest.fixture(scope="module")
-def clusters(tiny_model_dir, tmp_path_factory):
-    model = tiny_model_dir("llama")
+def eagle3_spec(model, tmp_path_factory) -> str:
+    """--speculative-config of a random EAGLE-3 head for ``model`` (3 drafts, fixed length),
+    whose draft vocabulary holds the tokens copy_bias() favours."""
     bias = copy_bias()
     draft_vocab = sorted(set(range(100, 4100 - len(bias))) | set(bias))
     head = build_eagle3_head(str(model), tmp_path_factory.mktemp("eagle3"), draft_vocab)
-    spec = json.dumps({"method": "eagle3", "model": head, "num_speculative_tokens": 3,
+    return json.dumps({"method": "eagle3", "model": head, "num_speculative_tokens": 3,
                        "disable_by_batch_size": 0, "adaptive": False})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def clusters(tiny_model_dir, tmp_path_factory):
+    model = tiny_model_dir("llama")
+    spec = eagle3_spec(model, tmp_path_factory)
     # NOTE: no prefix caching: each request runs from its first token on both clusters (a
     # prefill-side hit: test_eagle3_handoff's test_prefill_side_prefix_hit_...).
     engine = {"speculative_config": spec, "enable_prefix_caching": False}

@@ -7,19 +7,16 @@ counters grow exactly as the co-located workers' did on the same prompts."""
 
 from __future__ import annotations
 
-import json
-
 import grpc
 import pytest
 from cluster_helpers import start_cluster, wait_for, workers
-from test_pd_eagle3 import COUNTERS, complete, spec_counters
+from test_pd_eagle3 import COUNTERS, complete, eagle3_spec, spec_counters
 
 from services.common.grpc_utils import role_to_pb
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from tests.deps import MOONCAKE, require
-from tests.engine.test_speculative import copy_bias, repetitive_prompts
-from tests.engine.test_speculative_draft import build_eagle3_head
+from tests.engine.test_speculative import repetitive_prompts
 
 require("mooncake.engine", MOONCAKE)
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
@@ -28,11 +25,7 @@ pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir, tmp_path_factory):
     model = tiny_model_dir("llama")
-    bias = copy_bias()
-    draft_vocab = sorted(set(range(100, 4100 - len(bias))) | set(bias))
-    head = build_eagle3_head(str(model), tmp_path_factory.mktemp("eagle3"), draft_vocab)
-    spec = json.dumps({"method": "eagle3", "model": head, "num_speculative_tokens": 3,
-                       "disable_by_batch_size": 0, "adaptive": False})  # fmt: skip
+    spec = eagle3_spec(model, tmp_path_factory)
     # NOTE: no prefix caching: each request runs from its first token in both phases.
     engine = {"speculative_config": spec, "enable_prefix_caching": False,
               "tensor_parallel_size": 2}  # fmt: skip
