@@ -50,7 +50,11 @@ class StepLog:
         self._lock = threading.Lock()
         self._file: Any = None
         try:
-            self._file = open(path, "a", buffering=1)  # noqa: SIM115 (lives with the engine)
+            # NOTE: O_NONBLOCK: a FIFO with no reader made open() block for ever (the worker
+            # never started); now that fails, and a reader too slow to keep up turns the log
+            # off (BlockingIOError) instead of stalling the step thread. No effect on files.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o644)
+            self._file = open(fd, "a", buffering=1)  # noqa: SIM115 (lives with the engine)
         except OSError as e:
             log.warning("%s=%s cannot be written (%s): no step log", ENV, path, e)
 
