@@ -82,12 +82,34 @@ def check_fused_ops() -> None:
     print("fused ops ok")
 
 
+def check_verify_chunks() -> None:
+    """Short chunks over a cached context (speculative verifications) through the paged decode
+    kernel, one decode row per query row, equal the reference backend's one call per chunk
+    (test_short_chunks' cases: groups of 5, 2 and a lone 1 over cached contexts crossing
+    blocks; a long chunk and a lone uncached one take the reference path)."""
+    from services.engine.layers.attention import AttentionMetadata
+    from tests.engine.test_short_chunks import _chunk_kv, _run, _step
+
+    chunks = [(5, 9), (2, 2), (5, 17), (40, 43), (1, 6), (5, 5), (2, 11), (3, 3)]
+    q, kc, vc, segs = _step(chunks)
+    want = _run(q, kc, vc, segs, grouped=False)
+    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), prefills=segs)
+    out = torch.full_like(q, float("nan"))
+    k, v = _chunk_kv(kc, segs), _chunk_kv(vc, segs)
+    TritonAttention.prefill(q, k, v, kc, vc, meta, 8**-0.5, out)
+    assert meta.chunk_plan is not None and all(g.paged is not None for g in meta.chunk_plan[0])
+    assert sorted(g.n for g in meta.chunk_plan[0]) == [1, 2, 5]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    print("verify chunks ok")
+
+
 def check_engine(model_dir: str) -> None:
     """The engine with every attention layer on the Triton backend (paged decode metadata:
     int32 tables, no mask) gives transformers' greedy tokens; speculating (n-gram), its
     verification passes of several query tokens per decoding sequence give the tokens and
     logprobs of the Triton engine without speculation."""
     from services.engine import LLM, SamplingParams
+    from services.engine.layers import triton_attention
     from tests.engine.test_correctness import GREEDY, check, hf_greedy, prompts_of_mixed_lengths
     from tests.engine.test_speculative import copy_bias, repetitive_prompts
 
@@ -102,7 +124,12 @@ def check_engine(model_dir: str) -> None:
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2,
                             logit_bias=copy_bias())  # fmt: skip
     repeats = repetitive_prompts()[:2]
+    calls = []
+    real = triton_attention.paged_chunks
+    triton_attention.paged_chunks = lambda *a: calls.append(1) or real(*a)
     want, got = llm.generate(repeats, params), spec.generate(repeats, params)
+    triton_attention.paged_chunks = real
+    assert calls  # the verifications ran in the paged kernel
     for w, g in zip(want, got, strict=True):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids, (g.outputs[0], w.outputs[0])
         for a, b in zip(g.outputs[0].logprobs, w.outputs[0].logprobs, strict=True):
@@ -125,5 +152,6 @@ if __name__ == "__main__":
     check_paged_decode()
     check_store_kv()
     check_fused_ops()
+    check_verify_chunks()
     if len(sys.argv) > 1:
         check_engine(sys.argv[1])

@@ -35,6 +35,9 @@ class ChunkGroup:
     tables: torch.Tensor  # [S, max_blocks] block ids, padded with 0
     limits: torch.Tensor  # [S, n] how many context tokens each query row attends to
     mask: torch.Tensor | None = None  # [S, 1, g * n, L] additive, built at first use
+    # Per query row: its sequence's block table and its limit, int32 (the Triton backend's
+    # paged kernel reads them; built at first use).
+    paged: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def plan(segments: list, block_size: int, device: torch.device) -> tuple[list[ChunkGroup], list]:

@@ -7,8 +7,12 @@ of a CUDA-graph batch write nothing. Both kernels take every length from device 
 decode step launches the same kernels whatever the context lengths, which is what lets a
 captured CUDA graph be replayed step after step.
 
-Prefill chunks use ``scaled_dot_product_attention`` (flash / memory-efficient kernels on
-CUDA), as in the reference backend.
+Speculative verifications (short chunks of 1 + k query tokens over a cached context, grouped
+by ``short_chunks.plan``) run in the same decode kernel: each query row is a decode row of its
+own, with its sequence's block table and its causal limit as the context length, so the
+kernel reads the paged cache in place as for decodes (the KV of the chunk itself is stored
+before attention). Longer prefill chunks use ``scaled_dot_product_attention`` (flash /
+memory-efficient kernels on CUDA), as in the reference backend.
 
 The kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors (the CPU tests do that when
 triton is installed).
@@ -20,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from services.engine.layers import short_chunks
 from services.engine.layers.attention import AttentionMetadata, TorchAttention
 
 # Context tokens one loop iteration of the decode kernel reads (several KV blocks when the
@@ -182,8 +187,21 @@ def paged_decode(
     )
 
 
+def paged_chunks(group: short_chunks.ChunkGroup, q, k_cache, v_cache, scale: float, out) -> None:
+    """A group of short chunks through ``paged_decode``, one decode row per query row."""
+    if group.paged is None:
+        tables = group.tables.repeat_interleave(group.n, dim=0).to(torch.int32)
+        group.paged = (tables, group.limits.reshape(-1).to(torch.int32))
+    tables, lens = group.paged
+    rows = q[group.rows]
+    o = torch.empty_like(rows)
+    paged_decode(o, rows, k_cache, v_cache, tables, lens, scale)
+    out[group.rows] = o
+
+
 class TritonAttention(TorchAttention):
-    """Paged decode in a Triton kernel; prefill chunks as in the reference backend."""
+    """Paged decode and verification chunks in a Triton kernel; longer prefill chunks as in
+    the reference backend."""
 
     paged_decode = True
 
@@ -203,3 +221,20 @@ class TritonAttention(TorchAttention):
             meta.decode_context_lens,
             scale,
         )
+
+    @staticmethod
+    def prefill(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:
+        if not meta.prefills or not meta.write_kv:
+            TorchAttention.prefill(q, k, v, k_cache, v_cache, meta, scale, out)
+            return
+        if meta.chunk_plan is None:
+            meta.chunk_plan = short_chunks.plan(meta.prefills, k_cache.shape[1], q.device)
+        groups, rest = meta.chunk_plan
+        for group in groups:
+            paged_chunks(group, q, k_cache, v_cache, scale, out)
+        if rest:  # the reference backend's path for them alone (the plan is every layer's)
+            meta.chunk_plan = ([], rest)
+            try:
+                TorchAttention.prefill(q, k, v, k_cache, v_cache, meta, scale, out)
+            finally:
+                meta.chunk_plan = (groups, rest)
