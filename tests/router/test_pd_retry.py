@@ -41,9 +41,10 @@ class PrefillStub:
 class DecodeStub:
     """Reserve refuses with ``full`` RESOURCE_EXHAUSTED answers first (None: always)."""
 
-    def __init__(self, full: int | None = 0, delay: float = 0.0) -> None:
+    def __init__(self, full: int | None = 0, delay: float = 0.0, reserve_s: float = 0.0) -> None:
         self.full = full
         self.delay = delay  # before Decode's first message
+        self.reserve_s = reserve_s  # Reserve's answer takes this long (a grammar to compile)
         self.reserved: list[str] = []
         self.writer_sizes: list[int] = []  # the prefill worker's TP size of each Reserve
         self.refused = 0
@@ -54,6 +55,7 @@ class DecodeStub:
         self.writer_sizes.append(req.writer_tensor_parallel_size)
 
         async def answer() -> pb.ReserveResponse:
+            await asyncio.sleep(self.reserve_s)
             if self.full is None or self.refused < self.full:
                 self.refused += 1
                 raise rpc_error(FULL, "decode worker full, retry later", "busy")
@@ -224,3 +226,17 @@ def test_reservation_is_released_when_the_client_leaves_during_prefill() -> None
             await h.channel.close()
 
     asyncio.run(main())
+
+
+def test_a_slow_reservation_is_waited_for_like_a_first_message(monkeypatch) -> None:
+    """Reserve compiles the request's grammar (the first builds llguidance's tokenizer: 13.5 s
+    at load 16); it was held to the 10 s of a control call and the request got 504 on a fresh
+    PD cluster (test_structured_outputs). Now it gets the stall timeout, like a mixed
+    worker's first message. Scaled down: control calls 0.2 s, Reserve 0.6 s, stall 5 s."""
+    from services.router.routing.pd import PDSteps
+
+    monkeypatch.setattr(PDSteps, "CONTROL_TIMEOUT_S", 0.2)
+    d = DecodeStub(reserve_s=0.6)
+    out = run(PrefillStub([]), [d], stall_s=5.0)
+    assert [m.outputs[0].token_ids for m in out] == [[5]]
+    assert d.reserved == ["r1"] and d.released == []

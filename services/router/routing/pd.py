@@ -204,10 +204,18 @@ class PDSteps:
         backoff = self.FULL_BACKOFF_S
         while True:
             ask.role_epoch = d.info.role_epoch
+            # NOTE: not a small control call: the decode worker compiles the request's
+            # structured-output grammar first (engine.prepare), and the first one builds
+            # llguidance's tokenizer: 1.5 s on a quiet 2-core CPU, 13.5 s at load 16. With
+            # CONTROL_TIMEOUT_S the first schema request on a fresh PD cluster got 504
+            # (test_structured_outputs, 2 of 3 runs at load 24-27). It gets what a mixed
+            # worker's first message gets (stall_timeout_s); a dead or hung decode worker is
+            # still caught sooner by its silent load stream (watch.py).
+            limit = max(self.CONTROL_TIMEOUT_S, self.stall_timeout_s)
             try:
                 reply = await attempts.unary(
-                    d, d.stub.Reserve(ask, timeout=self.CONTROL_TIMEOUT_S),
-                    self.CONTROL_TIMEOUT_S, ask.role_epoch, busy_until=request.deadline,
+                    d, d.stub.Reserve(ask, timeout=limit), limit, ask.role_epoch,
+                    busy_until=request.deadline,
                 )  # fmt: skip
                 return Reservation(d, ask.request_id, reply)
             except WorkerBusy as busy:
