@@ -208,7 +208,7 @@ class PDSteps:
             # structured-output grammar first (engine.prepare), and the first one builds
             # llguidance's tokenizer: 1.5 s on a quiet 2-core CPU, 13.5 s at load 16. With
             # CONTROL_TIMEOUT_S the first schema request on a fresh PD cluster got 504
-            # (test_structured_outputs, 2 of 3 runs at load 24-27). It gets what a mixed
+            # (test_structured_outputs: 2 of 4 runs, at load 24 and 27). It gets what a mixed
             # worker's first message gets (stall_timeout_s); a dead or hung decode worker is
             # still caught sooner by its silent load stream (watch.py).
             limit = max(self.CONTROL_TIMEOUT_S, self.stall_timeout_s)
