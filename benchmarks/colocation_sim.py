@@ -10,7 +10,13 @@ costs are the embedded model's on this CPU (a 1-sequence decode step ~23 ms, a 1
     python benchmarks/colocation_sim.py [--seconds 120] [--fixed-ms 22] [--token-ms 0.9]
         [--offline-clients 16] [--max-num-batched-tokens 1024] [--offline-step-share 0.08]
         [--offline-tpot-quantile Q (default off)] [--max-offline-batched-tokens N]
-        [--offline-aging-s 60] [--seed 1]
+        [--offline-aging-s 60] [--online-rate R] [--online-prompt 60] [--offline-prompt 110]
+        [--seed 1]
+
+``--fixed-ms 37 --token-ms 1.3 --online-rate 2.13 --online-prompt 20 --offline-prompt 20``
+is colocation.py on a quiet machine as its step log showed it (session 12's lead run: wall
+step costs, 2.13 online requests/s, ~20 prompt tokens computed per request after the prefix
+cache): compare its offline tok/s with that run's 64.5 the online work left.
 """
 
 from __future__ import annotations
@@ -138,14 +144,17 @@ def compare(a: argparse.Namespace, names: tuple[str, ...] = ("online alone", "FC
             ) -> tuple[float, float, dict[str, Result]]:  # fmt: skip
     """colocation.py's runs: the capacity first (``capacity_clients`` closed-loop online
     clients for half of ``seconds``), then online Poisson arrivals at half its rate, alone
-    and beside ``offline_clients``: (capacity tok/s, online rate, each named run's Result)."""
-    cap = Sim(a).run(Load(a.seconds / 2, 0.0, online_clients=a.capacity_clients))
-    rate = len(cap.ttft) / (a.seconds / 2) / 2
+    and beside ``offline_clients`` (``online_rate``, if given, instead of half the capacity):
+    (capacity tok/s, online rate, each named run's Result)."""
+    cap = Sim(a).run(Load(a.seconds / 2, 0.0, online_clients=a.capacity_clients,
+                          online_prompt=a.online_prompt))  # fmt: skip
+    rate = a.online_rate or len(cap.ttft) / (a.seconds / 2) / 2
     out = {}
     for name, tier, offline in RUNS:
         if name in names:
             load = Load(a.seconds, rate, offline_clients=a.offline_clients if offline else 0,
-                        offline_tier=tier, seed=a.seed)  # fmt: skip
+                        offline_tier=tier, seed=a.seed, online_prompt=a.online_prompt,
+                        offline_prompt=a.offline_prompt)  # fmt: skip
             out[name] = Sim(a).run(load)
     return cap.online_tokens / (a.seconds / 2), rate, out
 
@@ -156,6 +165,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-ms", type=float, default=22.0, help="cost of a step of no tokens")
     p.add_argument("--token-ms", type=float, default=0.9, help="cost of each token of a step")
     p.add_argument("--capacity-clients", type=int, default=8)
+    p.add_argument("--online-rate", type=float, default=0.0,
+                   help="online requests/s; 0: half the simulated capacity")  # fmt: skip
+    p.add_argument("--online-prompt", type=int, default=60, help="prompt tokens to compute")
+    p.add_argument("--offline-prompt", type=int, default=110)
     p.add_argument("--offline-clients", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
@@ -174,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
 def main() -> int:
     a = parser().parse_args()
     cap_tok, rate, runs = compare(a)
-    print(f"capacity {rate * 2:.2f} req/s, {cap_tok:.1f} tok/s; online at {rate:.2f} req/s")
+    print(f"capacity {cap_tok:.1f} tok/s; online at {rate:.2f} req/s")
     print("| run | TTFT P50 / P99 ms | TPOT P50 / P99 ms | offline tok/s (of left) | preempt |")
     print("|---|---:|---:|---:|---:|")
     left = cap_tok - runs["online alone"].online_tokens / a.seconds
