@@ -253,3 +253,36 @@ def test_export_never_fails_the_request():
     good = DraftStates(0, [1, 2], torch.ones(2, 4))
     msg = asyncio.run(handoff.export(lambda: returns(good), pb.DraftStates()))
     assert msg is not None and list(msg.tokens) == [1, 2] and len(msg.hidden) == 32
+
+
+def test_non_finite_or_huge_states_from_a_peer_change_no_token(head):
+    """A peer's states of the right shape but garbage values (NaN, inf, 1e30): only the drafts
+    suffer. Greedy tokens equal the run without states; a sampled request (whose draws
+    differ with other drafts: rejection sampling keeps the distribution, not the draws)
+    completes without an error."""
+    model, head_dir = head
+    prefill, decode = eagle_engine(model, head_dir), eagle_engine(model, head_dir)
+    prompt = repetitive_prompts()[0]
+    width = prefill.executor.drafter.head.model.fc.out_features
+    cases = [(value, params) for value in (float("nan"), float("inf"), 1e30) for params in (
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True))]  # fmt: skip
+    for value, params in cases:
+        ref = handoff_run(prefill, decode, prompt, params, send=False)
+        prefill.add_request("x", prompt, dataclasses.replace(params, max_tokens=1), hold_kv=True)
+        while prefill.has_unfinished_requests():
+            first = [o.outputs[0].token_ids[0] for o in prefill.step()][-1]
+        data = prefill.read_kv(prefill.held_blocks("x")[0])
+        prefill.release_held("x")
+        dst, _ = decode.reserve("x", prompt, params)
+        decode.write_kv(dst, data[:, :, : len(dst)])
+        bad = DraftStates(0, list(prompt), torch.full((len(prompt), width), value))
+        tokens = list(decode.start_reserved("x", first, None, bad).outputs[0].token_ids)
+        while decode.has_unfinished_requests():
+            for out in decode.step():
+                assert out.outputs[0].finish_reason != "error", out
+                tokens.extend(out.outputs[0].token_ids)
+        if params.temperature == 0:
+            assert tokens == ref
+        else:
+            assert len(tokens) == 8 and all(0 <= t < 49152 for t in tokens)
