@@ -60,6 +60,7 @@ class LoRAManager:
         # Per wrapped layer, this rank's cut of the factors: where each shard's rows of B
         # start, and where A's columns start (None: A whole).
         self.cuts: dict[tuple[int, str], tuple[dict[Any, int], int | None]] = {}
+        self._split_rows: set[tuple[int, str]] = set()  # layers whose B rows this rank cuts
         decoder = model.model.layers
         for i, layer in enumerate(decoder):
             for name in TARGET_MODULES:
@@ -76,6 +77,8 @@ class LoRAManager:
                 dim, start = getattr(module, "tp_slice", (0, 0))
                 rows = getattr(module, "sources", dict.fromkeys(offsets, 0))
                 self.cuts[(i, name)] = (rows, start if dim == 1 else None)
+                if hasattr(module, "sources"):
+                    self._split_rows.add((i, name))
         self.num_layers = len(decoder)
         self.batch.kernels = cuda_kernels(torch.device(device))  # None: the torch paths
         # On CPU: the C kernel for decode rows (None: no compiler, or not float32).
@@ -124,7 +127,39 @@ class LoRAManager:
         old = self.adapters.get(name)
         if old is not None and old.path == str(path):
             return None
-        return load_adapter(name, path, self.mapping, self.num_layers, self.max_rank)
+        adapter = load_adapter(name, path, self.mapping, self.num_layers, self.max_rank)
+        self._check_factors(adapter)
+        return adapter
+
+    def _check_factors(self, adapter: LoRAAdapter) -> None:
+        """ValueError, naming the adapter, for factors that are not this model's: an A whose
+        columns are not the layer's inputs or a B whose rows are not its outputs (a file that
+        lies about them was loaded: one column or row broadcast silently into garbage, others
+        failed every request using it), or values that are not finite."""
+        for key, factors in adapter.modules.items():
+            wrapped = self.layers[key]
+            rows, col = self.cuts[key]
+            width = wrapped.a.shape[2]  # this rank's inputs
+            for shard, (_, size) in zip(wrapped.shard_ids, wrapped.shards, strict=True):
+                a, b = factors.a.get(shard), factors.b.get(shard)
+                if a is None or b is None:
+                    continue
+                ins, outs = a.shape[1], b.shape[0]
+                ok_a = ins == width if col is None else ins % width == 0 and col + width <= ins
+                if key in self._split_rows:
+                    ok_b = outs % size == 0 and rows[shard] + size <= outs
+                else:
+                    ok_b = outs == size
+                if not (ok_a and ok_b):
+                    raise ValueError(
+                        f"LoRA adapter {adapter.path!r}: layer {key[0]} {key[1]}"
+                        f"{'' if shard is None else f' ({shard})'} has A {tuple(a.shape)} and "
+                        f"B {tuple(b.shape)}, which do not fit its {width} inputs and {size} "
+                        "outputs"
+                    )
+                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                    raise ValueError(f"LoRA adapter {adapter.path!r}: layer {key[0]} {key[1]} "
+                                     "has values that are not finite")  # fmt: skip
 
     def register(self, name: str, adapter: LoRAAdapter) -> None:
         """Make ``adapter`` the one requests naming ``name`` run with (it cannot fail)."""
