@@ -11,7 +11,8 @@ tok/s, TTFT p50, TPOT p50, ITL p99. Configurations, one at a time:
   (``cpu_threads=1``: vLLM's CPU default on a 2-core machine, the other core left to
   everything else), and OpenMP threads that spin between parallel regions
   (``OMP_WAIT_POLICY=ACTIVE``; `epdserve up` gives its workers PASSIVE unless the variable is
-  set).
+  set), and vLLM's CPU layout: the model's one thread pinned to CPU 1 (``cpu_cores=1``), the
+  routers to CPU 0 (``--frontend-cores 0``).
 
 ``--only c1``: the serving path's own cost. One request at a time (8 prompts, concurrency 1)
 through `epdserve up`, then the offline engine in this process on the same prompts one at a
@@ -49,6 +50,11 @@ PLACEMENTS = [
     ("threads: all cores, sleeping between ops (default)", [], {}),
     ("threads: 1 (cpu_threads=1)", ["cpu_threads=1"], {}),
     ("threads: all, spinning (OMP_WAIT_POLICY=ACTIVE)", [], {"OMP_WAIT_POLICY": "ACTIVE"}),
+    (
+        "threads: 1 pinned to CPU 1, routers on CPU 0 (vLLM's layout)",
+        ["cpu_cores=1", "--frontend-cores=0"],
+        {},
+    ),
 ]
 KEYS = [("output tok/s", "output_throughput", ""), ("TTFT p50", "median_ttft_ms", " ms"),
         ("TPOT p50", "median_tpot_ms", " ms"), ("ITL p99", "p99_itl_ms", " ms")]  # fmt: skip
@@ -78,8 +84,8 @@ def run_one(
 ) -> dict:
     port = free_port()
     up = [sys.executable, "-m", "services.cli.main", "up", "--port", str(port)]
-    for a in engine_args:
-        up += ["--engine-arg", a]
+    for a in engine_args:  # an EngineConfig field=value, or an `epdserve up` flag (--flag=value)
+        up += [a] if a.startswith("--") else ["--engine-arg", a]
     with tempfile.TemporaryDirectory() as tmp:
         log = open(Path(tmp) / "up.log", "w")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(up, cwd=REPO, env={**os.environ, **env}, stdout=log,

@@ -22,6 +22,8 @@ from pathlib import Path
 from services.cli.admin_config import ROUTER_FILE, TOKEN_FILE, read_first_line, write_private
 from services.cli.children import EtcdChild, ManagedProcess
 from services.cli.commands import kvstore_command, router_command, worker_command
+from services.common.cpus import ENV as CPUS_ENV
+from services.common.cpus import parse_cpu_list
 from services.common.etcd_server import EtcdSecurity, EtcdServer
 from services.common.net import free_port, open_direct
 from services.engine.config import EngineConfig
@@ -101,6 +103,10 @@ class ClusterSpec:
     gateway_ca: str | None = None
     # More base models, each with workers of its own (same engine, worker overrides).
     more_models: list[ModelGroup] = field(default_factory=list)
+    # CPUs (Linux list, "0") the routers run on, every thread (EPDSERVE_CPUS, cpus.py); with
+    # engine_overrides' cpu_cores on the others it keeps the gateway off the model's cores.
+    # "": not pinned.
+    frontend_cores: str = ""
 
     def __post_init__(self) -> None:
         self.first_model()  # checks the first model's worker counts
@@ -108,6 +114,7 @@ class ClusterSpec:
         if len(set(names)) != len(names):
             raise ValueError(f"two models share a served name: {', '.join(names)}; give "
                              "each its own --served-model-name")  # fmt: skip
+        parse_cpu_list(self.frontend_cores)  # a bad list fails here
         if self.routers < 1:
             raise ValueError("need at least one router (--routers N, N >= 1)")
         if not 0 <= self.port < 65536 or (self.port and self.port + self.routers > 65536):
@@ -231,11 +238,16 @@ class LocalCluster:
         i = len(self.routers)
         name = "router" if i == 0 else f"router-{i}"
         proc = ManagedProcess(
-            name, self.router_argv(i), ROUTER_READY, self.spec.echo, self.etcd.access.to_env(),
+            name, self.router_argv(i), ROUTER_READY, self.spec.echo,
+            {**self.etcd.access.to_env(), **self.router_env()},
             probe_path="/health", ssl_context=self.http_ssl_context(),
         )  # fmt: skip
         self.routers.append(proc)
         return proc
+
+    def router_env(self) -> dict[str, str]:
+        """The routers' own environment: their CPUs, when the spec pins them."""
+        return {CPUS_ENV: self.spec.frontend_cores} if self.spec.frontend_cores else {}
 
     def children(self) -> list[EtcdChild | ManagedProcess]:
         """Every process `up` keeps running: etcd, the kvstore, workers and routers."""

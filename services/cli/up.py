@@ -69,6 +69,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         '\'{"method": "ngram", "num_speculative_tokens": 4}\', \'{"method": "suffix"}\', '
         '\'{"method": "draft_model", "model": PATH}\' or \'{"method": "eagle3", "model": HEAD}\'',
     )  # fmt: skip
+    p.add_argument(
+        "--frontend-cores", default="", metavar="CPUS",
+        help="CPUs (Linux list: 0 or 0-1) the routers run on; with --engine-arg cpu_cores=... "
+        "on other CPUs it keeps the gateway off the model's cores (vLLM's CPU layout; see "
+        "docs/performance.md). Default: not pinned",
+    )  # fmt: skip
     p.add_argument("--cluster", default="local", help="cluster name in etcd (default local)")
     p.add_argument(
         "--policy",
@@ -149,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device, cluster=args.cluster, policy=policy, echo=args.verbose,
             router_overrides={"rebalance_policy": args.rebalance_policy},
             engine_overrides=overrides,
-            admin_dir=str(config_dir()),
+            admin_dir=str(config_dir()), frontend_cores=args.frontend_cores,
         )  # fmt: skip
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

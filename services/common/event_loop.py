@@ -13,6 +13,8 @@ import os
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from services.common.cpus import pin_from_env
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,10 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)`` on the chosen loop."""
+    """``asyncio.run(main)`` on the chosen loop (the process pinned to ``EPDSERVE_CPUS``
+    first, when that is set: cpus.py)."""
     try:
+        pin_from_env()
         factory = loop_factory()
     except ValueError:
         main.close()  # never started: no "never awaited" warning

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+from services.common.cpus import check_usable, pin_os_thread
 from services.engine.config import EngineConfig
 from services.engine.llm_engine import LLMEngine
 from services.engine.outputs import EngineStats, RequestFailedError, RequestOutput
@@ -58,6 +59,7 @@ class AsyncLLMEngine:
     async def start(self) -> None:
         """Load the model (off the event loop) and start the step thread."""
         self._loop = asyncio.get_running_loop()
+        check_usable(self.config.pinned_cpus, f"cpu_cores {self.config.cpu_cores!r}")
         self.engine = await asyncio.to_thread(LLMEngine, self.config)
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
@@ -236,6 +238,10 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         name_os_thread("engine-step")
+        if self.config.pinned_cpus:
+            # NOTE: before the first torch op of this thread: the OpenMP team it starts then
+            # inherits the mask, and the gRPC/asyncio threads keep the process's CPUs.
+            pin_os_thread(self.config.pinned_cpus)
         engine = self._require()
         try:
             while not self._stopping.is_set():

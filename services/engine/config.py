@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from services.common.cpus import parse_cpu_list
 from services.engine.service_tiers import DEFAULT_OFFLINE_AGING_S
 from services.engine.speculative.config import SpeculativeConfig
 
@@ -59,6 +60,12 @@ class EngineConfig:
     # core the process may run on (torch's default). Fewer leave cores to what shares the
     # machine (the worker's own I/O, a router, etcd): see docs/performance.md.
     cpu_threads: int = 0
+    # CPUs (Linux list: "1", "1-3") the step thread and the model's OpenMP threads run on;
+    # the worker's gRPC and asyncio threads stay on every CPU the process may use. "": not
+    # pinned. With cpu_threads 0 the model uses one thread per CPU listed. Pinning the model
+    # apart from the I/O (and `epdserve up --frontend-cores` for the router and etcd) is the
+    # layout vLLM's CPU backend uses; see docs/performance.md.
+    cpu_cores: str = ""
     # Serve a pooling model (embeddings, rerank, score) instead of generation: "embed" (the
     # last token's hidden state, normalised: Qwen3-Embedding), "classify" (a classification
     # head on the last token), "none" (generation), "auto" (*ForSequenceClassification:
@@ -126,6 +133,7 @@ class EngineConfig:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads must be >= 0 (0: every core), got {self.cpu_threads}")
+        parse_cpu_list(self.cpu_cores)  # a bad list fails here
         if self.cpu_linear not in CPU_LINEAR:
             raise ValueError(f"cpu_linear must be one of {CPU_LINEAR}, got {self.cpu_linear!r}")
         if self.pooling not in POOLING:
@@ -190,6 +198,17 @@ class EngineConfig:
         names = ("offline_aging_s", "max_offline_batched_tokens", "offline_step_share",
                  "offline_tpot_quantile")  # fmt: skip
         return {name: getattr(self, name) for name in names}
+
+    @property
+    def pinned_cpus(self) -> list[int]:
+        """``cpu_cores`` as CPU ids ([]: not pinned)."""
+        return parse_cpu_list(self.cpu_cores)
+
+    @property
+    def model_threads(self) -> int:
+        """The model's CPU threads: ``cpu_threads``, else one per pinned CPU; 0: torch's
+        default (every CPU the process may use)."""
+        return self.cpu_threads or len(self.pinned_cpus)
 
     @property
     def lora_enabled(self) -> bool:

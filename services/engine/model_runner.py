@@ -95,8 +95,8 @@ class ModelRunner:
         self.model_path = model_path  # read again when experts are re-placed (EPLB)
         self.device = get_device(config.device)
         self.dtype = DTYPES[config.torch_dtype_name]
-        if self.device.type == "cpu" and config.cpu_threads:
-            torch.set_num_threads(config.cpu_threads)
+        if self.device.type == "cpu" and config.model_threads:
+            torch.set_num_threads(config.model_threads)
         self.block_size = config.block_size
         cls: Any = model_class or resolve_model_class(hf_config)
         torch.manual_seed(config.seed)
