@@ -4,6 +4,7 @@ built from its config, started and stopped as one; the HTTP handlers receive it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -11,17 +12,15 @@ import time
 import uuid
 from typing import Any
 
-import grpc
-
 from services.common.lora_registry import LoRARegistry
 from services.common.membership import MembershipWatcher
-from services.common.proto import worker_pb2 as pb
 from services.common.tracing import Tracing
 from services.router.admission import AdmissionControl
 from services.router.auth import load_admin_token, load_api_keys
 from services.router.config import RouterConfig
 from services.router.errors import APIError
 from services.router.metrics import RouterMetrics
+from services.router.model_swap import ModelSwapper
 from services.router.offline import OfflineAdmission
 from services.router.offload import Offload
 from services.router.phases import RouterPhases
@@ -33,17 +32,21 @@ from services.router.routing.kv_index import KVIndexClient
 from services.router.routing.orchestrator import Orchestrator
 from services.router.routing.poison import PoisonTracker
 from services.router.routing.policies.factory import create_policy
-from services.router.routing.workers import WorkerHandle, WorkerPool
+from services.router.routing.unavailable import (
+    ASLEEP_RETRY_AFTER_S,
+    in_transition,
+    no_worker_error,
+)
+from services.router.routing.workers import WorkerPool
 from services.router.tokenization import Tokenizer
 from services.router.tokenizers import Tokenizers
+from services.router.waiting_board import WaitingBoard
 
 log = logging.getLogger(__name__)
 
 # A request for a model whose workers all sleep waits this long for one to wake up, then gets
-# a 503 with this Retry-After (seconds).
+# a 503 with Retry-After (ASLEEP_RETRY_AFTER_S, seconds).
 ASLEEP_WAIT_S = 5.0
-ASLEEP_RETRY_AFTER_S = 10
-WAKE_TIMEOUT_S = 600.0  # a wake-up reads the weights back
 # A router (re)started beside serving workers opens its port once it has read them from etcd
 # (a request in the moment between was a 503 "no workers available"); with etcd away it
 # starts after this long anyway, and learns the workers when etcd answers.
@@ -96,9 +99,6 @@ class Gateway:
             os.path.join(cfg.batch_root, "responses"),
         )  # fmt: skip
         self.background: dict[str, asyncio.Task[None]] = {}
-        # base model -> the wake-up of one of its workers a request asked for (wake_one)
-        self._waking: dict[str, asyncio.Task[None]] = {}
-        self._last_asked: dict[str, float] = {}  # base model -> when a request last resolved
         # The LoRA adapters loaded through the API, for workers that start later.
         self.lora_registry = LoRARegistry(cfg.etcd_endpoints, cfg.cluster)
         self.rebalancer = Rebalancer(
@@ -106,6 +106,13 @@ class Gateway:
             LeaderElection(cfg.etcd_endpoints, cfg.cluster, self.identity),
             cfg.rebalance_policy, cfg.rebalance_param_dict, cfg.governor_config,
             cfg.rebalance_interval_s,
+        )  # fmt: skip
+        # Wake-ups of sleeping models for waiting requests; with a cap, the leader's swaps.
+        self.swapper = ModelSwapper(
+            cfg, self.pool,
+            WaitingBoard(cfg.etcd_endpoints, cfg.cluster, self.identity,
+                         read=lambda: self.rebalancer.is_leader),
+            is_leader=lambda: self.rebalancer.is_leader,
         )  # fmt: skip
 
     async def start(self) -> None:
@@ -117,13 +124,15 @@ class Gateway:
                         FIRST_LISTING_WAIT_S)  # fmt: skip
         await self.kv_index.start()
         await self.rebalancer.start()
+        await self.swapper.start()
         self.responses.start()
 
     async def stop(self) -> None:
-        tasks = [*self.background.values(), *self._waking.values()]
+        tasks = list(self.background.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.swapper.stop()
         await self.responses.close()
         await self.lora_registry.close()
         await self.rebalancer.stop()
@@ -173,80 +182,32 @@ class Gateway:
 
     async def resolve_awake(self, name: str) -> tuple[str, int]:
         """``resolve_model`` for a request that generates: while the model is asleep, wait up
-        to ASLEEP_WAIT_S for a worker of it to wake up, then the 503 with Retry-After."""
+        to ASLEEP_WAIT_S for a worker of it to wake up, then the 503 with Retry-After. A
+        waiting request is counted on the waiting board (the leader swaps from every router's)."""
         deadline = time.monotonic() + ASLEEP_WAIT_S
-        while True:
-            try:
-                resolved = self.resolve_model(name)
-                self._last_asked[self.pool.base_model(name)] = time.monotonic()
-                return resolved
-            except APIError as err:
-                if err.code != "model_asleep" or time.monotonic() >= deadline:
-                    raise
-            if self.cfg.wake_asleep_models:
-                self._wake(self.pool.base_model(name))
-            await asyncio.sleep(0.2)
-
-    def _wake(self, model: str) -> None:
-        """Wake the sleeping workers that make a path for ``model`` (a mixed worker, or the
-        sleeping sides of a prefill + decode pair), one wake-up task per model at a time.
-        With ``max_awake_models`` reached, the idlest other model goes to sleep first (one
-        such swap at a time); with none idle, nothing wakes."""
-        picked = self.pool.to_wake(model)
-        if model in self._waking or not picked:
-            return
-        cap = self.cfg.max_awake_models
-        victims: list[WorkerHandle] = []
-        if cap:
-            if self._waking:
-                return  # another swap may be freeing the room this one counts
-            victims = self._to_sleep(self.pool.base_model(model), cap)
-            if victims is None:
-                return
-        task = asyncio.create_task(self._swap(victims, picked), name=f"wake-{model}")
-        self._waking[model] = task
-        task.add_done_callback(lambda _: self._waking.pop(model, None))
-
-    def _to_sleep(self, model: str, cap: int) -> list[WorkerHandle] | None:
-        """The awake workers of the model to put to sleep before ``model`` wakes: none
-        under the cap; else the idlest other awake model's (nothing in flight or waiting on
-        any of its workers, the least recently asked for); None: every one is busy."""
-        awake: dict[str, list[WorkerHandle]] = {}
-        for h in self.pool.handles.values():
-            if h.info.model != model and h.info.state == "serving":
-                awake.setdefault(h.info.model, []).append(h)
-        if len(awake) < cap:
-            return []
-        idle = [m for m, hs in awake.items()
-                if all(h.load is not None and not h.load.num_inflight and not h.load.num_waiting
-                       for h in hs)]  # fmt: skip
-        if not idle:
-            log.info("model %s waits: %d models awake (the cap), none idle", model, len(awake))
-            return None
-        victim = min(idle, key=lambda m: (self._last_asked.get(m, 0.0), m))
-        log.info("model %s wakes: model %s, the idlest of %d awake, goes to sleep first",
-                 model, victim, len(awake))  # fmt: skip
-        return awake[victim]
-
-    @classmethod
-    async def _swap(cls, asleep: list[WorkerHandle], awake: list[WorkerHandle]) -> None:
-        await asyncio.gather(*(cls._sleep_one(h) for h in asleep))
-        await asyncio.gather(*(cls._wake_one(h) for h in awake))
-
-    @staticmethod
-    async def _sleep_one(h: WorkerHandle) -> None:
-        try:
-            await h.stub.Sleep(pb.SleepRequest(sleep=True), timeout=WAKE_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("putting worker %s to sleep failed: %s", h.id, exc.details())
-
-    @staticmethod
-    async def _wake_one(h: WorkerHandle) -> None:
-        log.info("waking worker %s: a request for model %s arrived", h.id, h.info.model)
-        try:
-            await h.stub.Sleep(pb.SleepRequest(sleep=False), timeout=WAKE_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("waking worker %s failed: %s", h.id, exc.details())
+        with contextlib.ExitStack() as counted:
+            waits_for: str | None = None  # the base model it is counted as waiting for
+            while True:
+                try:
+                    resolved = self.resolve_model(name)
+                    self.swapper.asked(self.pool.base_model(name))
+                    return resolved
+                except APIError as err:
+                    # NOTE: a model whose workers are draining to sleep (or to another role)
+                    # is for a moment neither asleep nor serving: wait for either.
+                    passing = err.code == "no_workers" and in_transition(self.pool, name)
+                    if not (err.code == "model_asleep" or passing):
+                        raise
+                    if time.monotonic() >= deadline and passing:
+                        raise no_worker_error(self.pool, name, err.message) from None
+                    if time.monotonic() >= deadline:
+                        raise
+                base = self.pool.base_model(name)
+                if waits_for is None:
+                    waits_for = base
+                    counted.enter_context(self.swapper.board.waiting(base))
+                self.swapper.wanted(base)
+                await asyncio.sleep(0.2)
 
     async def tokenizer(self, model: str) -> Tokenizer:
         """The tokenizer of ``model``, a name ``resolve_model`` accepted."""

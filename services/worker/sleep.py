@@ -26,8 +26,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+class Busy(Exception):
+    """A sleep asked only if idle found requests in flight."""
+
+
 # A spill file that cannot be written (a full or missing --sleep-dir): the worker serves on.
 SLEEP: Rules = {
+    Busy: Status(grpc.StatusCode.FAILED_PRECONDITION, "busy, not going to sleep: "),
     ValueError: BAD_REQUEST,
     OSError: Status(grpc.StatusCode.FAILED_PRECONDITION, "cannot write the weights out: "),
 }
@@ -43,17 +49,21 @@ class WorkerSleep:
         self.roles = roles
         self.engine_sleep = EngineSleep()  # main.py sets its folder (--sleep-dir)
 
-    async def set(self, sleep: bool) -> SleepReport:
+    async def set(self, sleep: bool, if_idle: bool = False) -> SleepReport:
         """Sleep (``sleep``) or wake up; nothing to do when already so. ValueError: this
-        engine cannot sleep."""
+        engine cannot sleep; Busy: ``if_idle`` and a request is in flight."""
         async with self.roles.lock:
             if sleep == self.state.asleep:
                 return SleepReport(0, 0, 0.0)
-            return await (self._sleep() if sleep else self._wake())
+            return await (self._sleep(if_idle) if sleep else self._wake())
 
-    async def _sleep(self) -> SleepReport:
+    async def _sleep(self, if_idle: bool) -> SleepReport:
         st = self.state
         await self.engine.call(EngineSleep.supported)  # refuse before draining anything
+        # NOTE: no await between this check and the drain flag below: a request that comes
+        # after it is refused, one before it is seen here.
+        if if_idle and st.inflight:
+            raise Busy(f"{len(st.inflight)} requests in flight")
         log.info("going to sleep: draining")
         st.flipping = True
         st.on_change()
@@ -83,6 +93,6 @@ class SleepRPCs:
         self, request: pb.SleepRequest, context: grpc.aio.ServicerContext
     ) -> pb.SleepResponse:
         async with call_status(context, SLEEP):
-            r = await self.sleeper.set(request.sleep)
+            r = await self.sleeper.set(request.sleep, request.if_idle)
         return pb.SleepResponse(sleeping=self.sleeper.state.asleep, weight_bytes=r.weight_bytes,
                                 kv_bytes=r.kv_bytes, seconds=r.seconds)  # fmt: skip

@@ -4,7 +4,9 @@ model when the router is asked to (fake handles, no processes)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
+import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -68,12 +70,15 @@ def test_a_request_for_a_sleeping_model_wakes_one_worker_when_asked(monkeypatch)
 class SleepStub:
     """A sleeping worker's Sleep RPC: waking it up makes it advertise "serving"."""
 
-    def __init__(self, h) -> None:  # type: ignore[no-untyped-def]
-        self.h, self.calls = h, []
+    def __init__(self, h, busy: bool = False) -> None:  # type: ignore[no-untyped-def]
+        self.h, self.calls, self.busy = h, [], busy
 
     async def Sleep(self, request, timeout):  # type: ignore[no-untyped-def]  # noqa: N802
         self.calls.append(request.sleep)
         await asyncio.sleep(0.3)
+        if request.sleep and request.if_idle and self.busy:  # as worker/sleep.py refuses
+            raise grpc.aio.AioRpcError(grpc.StatusCode.FAILED_PRECONDITION, grpc.aio.Metadata(),
+                                       grpc.aio.Metadata(), "busy")  # fmt: skip
         self.h.info.state = "sleeping" if request.sleep else "serving"
         return pb.SleepResponse(sleeping=request.sleep)
 
@@ -163,19 +168,28 @@ async def _swaps() -> None:
     from services.router.gateway import Gateway
     from tests.router.router_fakes import FakeTokenizer
 
-    for busy in (False, True):
+    for busy in (False, True, "refuses"):
         cfg = RouterConfig(etcd="127.0.0.1:1", wake_asleep_models=True, max_awake_models=2)
         gw = Gateway(cfg, FakeTokenizer())
         ws = {m: handle(f"{m}-0", m, "mixed") for m in "abc"}
         ws["a"].info.state = "sleeping"
-        for h in ws.values():
-            h.stub = SleepStub(h)
+        for h in ws.values():  # "refuses": b looks idle, but a request reached it since
+            h.stub = SleepStub(h, busy=busy == "refuses")
         gw.pool.handles = {h.id: h for h in ws.values()}
-        gw._last_asked.update(b=1.0, c=2.0)  # b was asked for longest ago
-        if busy:
+        gw.swapper.is_leader = lambda: True  # the one router: it leads, so it swaps
+        gw.swapper._last_asked.update(b=1.0, c=2.0)  # b was asked for longest ago
+        if busy is True:
             ws["b"].load.num_inflight = 1
             ws["c"].load.num_waiting = 1
         try:
+            if busy == "refuses":  # b is asked, refuses; a stays asleep: the 503
+                with pytest.raises(APIError) as err:
+                    await gw.resolve_awake("a")
+                assert err.value.code == "model_asleep"
+                assert ws["b"].stub.calls[0] is True and not ws["a"].stub.calls
+                assert {m: h.info.state for m, h in ws.items()} == {
+                    "a": "sleeping", "b": "serving", "c": "serving"}  # fmt: skip
+                continue
             if busy:
                 with pytest.raises(APIError) as err:
                     await gw.resolve_awake("a")
@@ -212,5 +226,102 @@ async def _loading() -> None:
         # Not the rebalancer's to move either.
         rb = Rebalancer(gw.pool, Store(), RebalanceMetrics(CollectorRegistry()), None, "queue")  # type: ignore[arg-type]
         assert rb.serving_roles(model="a") == {} and rb.serving_roles(model="b") == {"b-0": "mixed"}
+    finally:
+        await gw.pool.close()
+
+
+def test_with_a_cap_only_the_leader_swaps_from_every_routers_waiting_requests(
+    monkeypatch,
+) -> None:
+    """Cap 1, model b awake and idle, a asleep. A router that does not lead never swaps
+    for its own waiting request (it gets the 503; the request was counted on its waiting
+    board meanwhile); the leader, seeing a request wait for a at another router (its
+    board's listing), puts b to sleep and wakes a. b, woken or asked for less than
+    MIN_AWAKE_S ago, is not put to sleep. Before, every router swapped on its own: two
+    routers each saw room under the cap and woke a model each."""
+    monkeypatch.setattr("services.router.gateway.ASLEEP_WAIT_S", 1.0)
+    asyncio.run(_leader_swaps(monkeypatch))
+
+
+async def _leader_swaps(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from services.router import model_swap
+    from services.router.config import RouterConfig
+    from services.router.errors import APIError
+    from services.router.gateway import Gateway
+    from tests.router.router_fakes import FakeTokenizer
+
+    monkeypatch.setattr(model_swap, "SWAP_TICK_S", 0.05)
+    cfg = RouterConfig(etcd="127.0.0.1:1", wake_asleep_models=True, max_awake_models=1)
+    gw = Gateway(cfg, FakeTokenizer())
+    ws = {m: handle(f"{m}-0", m, "mixed") for m in "ab"}
+    ws["a"].info.state = "sleeping"
+    for h in ws.values():
+        h.stub = SleepStub(h)
+    gw.pool.handles = {h.id: h for h in ws.values()}
+    leads = False
+    gw.swapper.is_leader = lambda: leads
+    counted: list[dict[str, int]] = []
+    real_wanted = gw.swapper.wanted
+    gw.swapper.wanted = lambda m: (counted.append(dict(gw.swapper.board.local)), real_wanted(m))
+    task = asyncio.create_task(gw.swapper._run())  # the leader's ticks (no etcd here)
+    try:
+        with pytest.raises(APIError) as err:  # not the leader: waits, counted, 503
+            await gw.resolve_awake("a")
+        assert err.value.code == "model_asleep" and "Retry-After" in err.value.headers
+        assert counted and all(c == {"a": 1} for c in counted) and not gw.swapper.board.local
+        assert [h.stub.calls for h in ws.values()] == [[], []]
+
+        # The leader: a request waits for a at another router (as its listing reads).
+        leads = True
+        gw.swapper.asked("b")  # b asked for just now: not put to sleep yet
+        gw.swapper.board._listed = {"a": 1}
+        gw.swapper.board._listed_at = time.monotonic() + 3600
+        await asyncio.sleep(0.5)
+        assert [h.stub.calls for h in ws.values()] == [[], []]
+        gw.swapper._last_asked["b"] -= model_swap.MIN_AWAKE_S
+        for _ in range(100):
+            if ws["a"].info.state == "serving":
+                break
+            await asyncio.sleep(0.05)
+        assert {m: h.stub.calls for m, h in ws.items()} == {"a": [False], "b": [True]}
+        assert {m: h.info.state for m, h in ws.items()} == {"a": "serving", "b": "sleeping"}
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await gw.pool.close()
+
+
+def test_a_model_draining_to_sleep_is_a_wait_then_a_503_with_retry_after(monkeypatch) -> None:
+    """The only worker of model a drains to go to sleep (advertised "flipping"): a request
+    waits for it and gets model_unavailable with Retry-After; one that sees it serve again
+    is served. A request the worker refused because its drain began after the request was
+    routed gets the same 503 from the orchestrator. Before, both were a no_workers 503 with
+    no Retry-After (found by test_model_swap_cluster on the code before)."""
+    monkeypatch.setattr("services.router.gateway.ASLEEP_WAIT_S", 1.0)
+    asyncio.run(_draining())
+
+
+async def _draining() -> None:
+    from services.router.config import RouterConfig
+    from services.router.errors import APIError
+    from services.router.gateway import Gateway
+    from services.router.routing.unavailable import no_worker_error
+    from tests.router.router_fakes import FakeTokenizer
+
+    gw = Gateway(RouterConfig(etcd="127.0.0.1:1"), FakeTokenizer())
+    a, b = handle("a-0", "a", "mixed"), handle("b-0", "b", "mixed")
+    a.info.state = "flipping"
+    gw.pool.handles = {h.id: h for h in (a, b)}
+    try:
+        with pytest.raises(APIError) as err:
+            await gw.resolve_awake("a")
+        assert (err.value.code, err.value.headers) == ("model_unavailable", {"Retry-After": "10"})
+        late = asyncio.create_task(gw.resolve_awake("a"))
+        await asyncio.sleep(0.3)
+        a.info.state = "serving"
+        assert await late == ("a", 4096)
+        a.info.state = "sleeping"
+        assert no_worker_error(gw.pool, "a", "x").code == "model_asleep"
+        assert no_worker_error(gw.pool, "b", "none for b").code == "no_workers"
     finally:
         await gw.pool.close()

@@ -69,3 +69,28 @@ def test_a_sleep_dir_that_is_not_a_folder_is_refused(tmp_path) -> None:
     assert WorkerConfig(sleep_dir=str(tmp_path), register=False).sleep_dir == str(tmp_path)
     with pytest.raises(ValueError, match="--sleep-dir"):
         WorkerConfig(sleep_dir=str(tmp_path / "missing"), register=False)
+
+
+async def test_a_sleep_asked_only_if_idle_refuses_while_a_request_is_in_flight(
+    monkeypatch,
+) -> None:
+    """A router's swap asks for sleep only if idle: with a request in flight the worker
+    refuses (Busy, nothing drained, still serving); idle, it sleeps. A plain sleep (the
+    operator's) drains as before. Before, a swap drained a worker whose request the load
+    report it judged from did not show yet."""
+    from services.worker.sleep import Busy
+
+    monkeypatch.setattr("services.worker.sleep.EngineSleep.supported", lambda engine: None)
+    state = WorkerState("w1", "inc", "mixed")
+    roles = RoleController(state, drain_timeout_s=5.0, held=lambda: 0, evict=_noop)
+    sleeper = WorkerSleep(state, _Engine(), roles)
+    fake = _EngineSleep()
+    fake.finish.set()
+    sleeper.engine_sleep = fake  # type: ignore[assignment]
+    state.inflight.add("r1")
+    with pytest.raises(Busy, match="1 requests in flight"):
+        await sleeper.set(True, if_idle=True)
+    assert state.phase == "serving" and not fake.entered.is_set()
+    state.inflight.clear()
+    await sleeper.set(True, if_idle=True)
+    assert state.asleep and state.phase == "sleeping"

@@ -342,10 +342,12 @@ class DrainResponse(_message.Message):
     def __init__(self, draining: _Optional[bool] = ..., num_inflight: _Optional[int] = ...) -> None: ...
 
 class SleepRequest(_message.Message):
-    __slots__ = ("sleep",)
+    __slots__ = ("sleep", "if_idle")
     SLEEP_FIELD_NUMBER: _ClassVar[int]
+    IF_IDLE_FIELD_NUMBER: _ClassVar[int]
     sleep: bool
-    def __init__(self, sleep: _Optional[bool] = ...) -> None: ...
+    if_idle: bool
+    def __init__(self, sleep: _Optional[bool] = ..., if_idle: _Optional[bool] = ...) -> None: ...
 
 class SleepResponse(_message.Message):
     __slots__ = ("sleeping", "weight_bytes", "kv_bytes", "seconds")

@@ -10,7 +10,6 @@ from contextlib import aclosing
 from functools import partial
 
 from services.common.proto import worker_pb2 as pb
-from services.router.errors import APIError
 from services.router.phases import RouterPhases
 from services.router.routing.encode_stage import EncodeStage
 from services.router.routing.kv_index import KVIndexClient
@@ -20,6 +19,7 @@ from services.router.routing.poison import PoisonTracker, fingerprint
 from services.router.routing.policies.base import RoutingPolicy
 from services.router.routing.retry import RETRYABLE, AttemptFailed, Attempts
 from services.router.routing.streams import child_params, merge_children
+from services.router.routing.unavailable import no_worker_error
 from services.router.routing.worker_choice import WorkerChoice
 from services.router.routing.workers import WorkerHandle, WorkerPool
 
@@ -210,8 +210,8 @@ class Orchestrator(WorkerChoice):
             return
         if attempts.last_error is not None:
             raise attempts.last_error
-        raise APIError(
-            503, f"no prefill/decode pair available for model {model!r}", code="no_workers"
+        raise no_worker_error(
+            self.pool, model, f"no prefill/decode pair available for model {model!r}"
         )
 
     async def run_pooling(self, model: str, request: pb.PoolRequest) -> pb.PoolResponse:
@@ -239,7 +239,7 @@ class Orchestrator(WorkerChoice):
                 handle.end_request(tokens)
         if attempts.last_error is not None and attempts.last_error.status != 503:
             raise attempts.last_error
-        raise APIError(503, f"no worker available for model {model!r}", code="no_workers")
+        raise no_worker_error(self.pool, model, f"no worker available for model {model!r}")
 
     async def _generate_mixed(
         self,
@@ -292,4 +292,4 @@ class Orchestrator(WorkerChoice):
                 call.cancel()
         if attempts.last_error is not None and attempts.last_error.status != 503:
             raise attempts.last_error
-        raise APIError(503, f"no worker available for model {model!r}", code="no_workers")
+        raise no_worker_error(self.pool, model, f"no worker available for model {model!r}")

@@ -1,0 +1,35 @@
+"""The 503 for a model none of whose workers can take a request now, and whether that is
+for a moment: its workers going to sleep (a swap, ``epdserve models sleep``) or changing
+role, or asleep, make a retry worth it, so the 503 says when (Retry-After)."""
+
+from __future__ import annotations
+
+from services.router.errors import APIError
+from services.router.routing.workers import WorkerPool
+
+# A request for a model whose workers sleep or are on their way there: retry after this long.
+ASLEEP_RETRY_AFTER_S = 10
+
+
+def in_transition(pool: WorkerPool, model: str) -> bool:
+    """No path to ``model`` is serving, and some worker of it is draining to sleep or to
+    another role (advertised "flipping") or asleep: one will likely serve again soon."""
+    base = pool.base_model(model)
+    workers = [h for h in pool.handles.values() if h.info.model == base]
+    return not pool.may_serve(model) and any(h.state in ("flipping", "sleeping") for h in workers)
+
+
+def no_worker_error(pool: WorkerPool, model: str, message: str) -> APIError:
+    """The 503 of a request for ``model`` with no worker left to try: ``model_asleep`` (its
+    workers sleep) or ``model_unavailable`` (going to sleep or changing role) with
+    Retry-After, else ``no_workers`` with ``message``. NOTE: a request routed just before its
+    model's worker began to drain for sleep is refused by it; that is this retry case."""
+    if not in_transition(pool, model):
+        return APIError(503, message, code="no_workers")
+    asleep = pool.asleep(model)
+    return APIError(
+        503, f"model '{model}' is {'asleep' if asleep else 'going to sleep or changing role'}; "
+        f"retry after {ASLEEP_RETRY_AFTER_S} s",
+        code="model_asleep" if asleep else "model_unavailable",
+        headers={"Retry-After": str(ASLEEP_RETRY_AFTER_S)},
+    )  # fmt: skip
