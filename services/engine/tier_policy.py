@@ -66,8 +66,12 @@ class TierPolicy:
         # None: all that online work leaves.
         self.offline_step_share = offline_step_share
         self.step_cost = StepCost()
+        # Each online request's decode steps with and without offline tokens, kept whether or
+        # not the pace is on: the load report's offline part of online TPOT (the rebalancer
+        # takes it out) is read from it.
+        self.online_costs = OnlinePace(offline_tpot_quantile or 1.0, clock)
         # The pace (with a share only); None: the share alone.
-        self.pace = OnlinePace(offline_tpot_quantile, clock) if offline_tpot_quantile else None
+        self.pace = self.online_costs if offline_tpot_quantile else None
         self.step_log = StepLog.from_env()  # EPDSERVE_STEP_LOG: one line a step
         self._decision: dict[str, float | None] = {}  # offline_budget's, for the step log
         self._cpu_started = 0.0
@@ -171,8 +175,8 @@ class TierPolicy:
 
     def stats_fields(self) -> dict[str, float]:
         """EngineStats' fields of the tiers: the step cost fit, and the part of recent
-        online requests' decode time their offline tokens took (0 without a pace)."""
-        share = self.pace.offline_share() if self.pace is not None else 0.0
+        online requests' decode time their offline tokens took."""
+        share = self.online_costs.offline_share()
         return {**self.step_cost.stats_fields(), "online_tpot_offline_share": share}
 
     def start_step(self) -> float:
@@ -187,12 +191,12 @@ class TierPolicy:
             self._log_step(scheduled, seconds)
         self.step_cost.observe(sum(item.num_new_tokens for item in scheduled), seconds)
         fixed = self.step_cost.fixed_tokens
-        if self.pace is not None and not math.isinf(fixed):
+        if not math.isinf(fixed):
             online = [item for item in scheduled if self.rank(item.seq) < OFFLINE_RANK]
             offline = sum(item.num_new_tokens for item in scheduled) - sum(
                 item.num_new_tokens for item in online
             )
-            self.pace.observe(online, offline, fixed)
+            self.online_costs.observe(online, offline, fixed)
 
     def _log_step(self, scheduled: list[ScheduledSeq], seconds: float) -> None:
         assert self.step_log is not None
@@ -209,8 +213,8 @@ class TierPolicy:
 
     def finished(self, seq: Sequence) -> None:
         """``seq`` left the engine (done, aborted, handed on)."""
-        if self.pace is not None and self.rank(seq) < OFFLINE_RANK:
-            self.pace.finished(seq)
+        if self.rank(seq) < OFFLINE_RANK:
+            self.online_costs.finished(seq)
 
 
 def offline_stats(

@@ -26,7 +26,7 @@ def paced_sched(clock: Clock, reference: float):
     cost, as the clock moves), with a share, a pace and ``PACE_MIN_REQUESTS`` online requests
     behind it whose mean step cost was ``reference`` (tokens' worth)."""
     sched = make_sched(clock, max_num_batched_tokens=256, share=SHARE)
-    sched.policy.pace = OnlinePace(0.8, clock)
+    sched.policy.pace = sched.policy.online_costs = OnlinePace(0.8, clock)
     prime(sched.policy.pace, reference)
     return sched
 

@@ -93,3 +93,25 @@ def test_the_pace_is_opt_in() -> None:
     cfg = EngineConfig()
     assert cfg.offline_tpot_quantile is None and cfg.offline_step_share == 0.08
     assert default_sched(Clock()).policy.pace is None
+
+
+def test_offline_part_of_online_tpot_is_reported_without_the_pace() -> None:
+    """The load report's offline part of online TPOT (the rebalancer's slo policy takes it out
+    of online TPOT) is counted with the share alone too: it read 0 whenever the pace was off,
+    so with the new default the rebalancer would read offline tokens as online load."""
+    clock = Clock()
+    sched = default_sched(clock)
+    offline = [make_seq(120, "flex") for _ in range(3)]
+    online = make_seq(8, "default")
+    goals = {s.seq_id: 1000 for s in offline} | {online.seq_id: 11}
+    for s in offline:
+        sched.add(s)
+    fit_step_cost(sched, clock)
+    sched.add(online)
+    while not online.is_finished:
+        step(sched, goals, clock)
+    # 10 decode steps of 21 tokens' worth beside 1.68 offline tokens a step (16 of them)
+    assert online.paced_steps == 10 and online.paced_offline == int(10 * 0.08 * 21)
+    share = sched.policy.stats_fields()["online_tpot_offline_share"]
+    primed = PACE_MIN_REQUESTS * 300.0  # default_sched's history, without offline tokens
+    assert abs(share - 16 / (primed + 10 * 21 + 16)) < 1e-9, share
