@@ -13,7 +13,7 @@ asserted.
 
     python benchmarks/colocation.py [--model PATH|GGUF] [--seconds 60] [--slo-ttft-ms 2000]
         [--slo-tpot-ms 200] [--offline-clients 16] [--max-offline-batched-tokens N]
-        [--offline-step-share 0.05] [--offline-tpot-quantile 0.8] [--workers 1]
+        [--offline-step-share 0.08] [--offline-tpot-quantile Q (off)] [--workers 1]
         [--cpu-threads N] [--rebalance-policy P] [--watch] [--rounds 1] [--no-fcfs]
         [--json out.json]
 """
