@@ -30,13 +30,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from services.engine.block_hash import hash_block
 from services.engine.block_manager import KVEvent
 from services.engine.kv_host_pool import HostBlockPool
+from services.engine.kv_store_format import BlockCodec, StoreTier
 from services.engine.scheduler_output import KVLoad, TierHit
 from services.engine.tp_host_pool import RankTiers
 
@@ -59,21 +60,6 @@ MAX_PENDING_FETCHES = 8
 CLOSE_WAIT_S = 5.0
 
 
-class StoreTier(Protocol):
-    """A shared block store. Implementations never raise for store trouble: a failure is
-    a miss (``get_blocks``) or a block not stored (``put_blocks``)."""
-
-    def put_blocks(self, hashes: list[int], values: list[bytes]) -> list[int]:
-        """Store the values under the hashes; returns the hashes actually stored."""
-        ...
-
-    def get_blocks(self, hashes: list[int]) -> list[bytes]:
-        """Values of the longest leading run of ``hashes`` present in the store."""
-        ...
-
-    def close(self) -> None: ...
-
-
 # Blocks read from the store for a queued prompt: hash -> (tokens, KV [*block_shape]).
 StagedBlocks = dict[int, tuple[tuple[int, ...], torch.Tensor]]
 
@@ -85,29 +71,6 @@ class TierStats:
     host_saved_blocks: int = 0  # device evictions copied into the host pool
     store_put_blocks: int = 0  # blocks the store accepted
     store_put_failed_blocks: int = 0  # blocks the store refused or that were dropped
-
-
-class BlockCodec:
-    """One block's KV ([2, layers, block_size, kv_heads, head_dim]) plus its tokens as
-    bytes, the store's value format; a value of the wrong size decodes to None."""
-
-    def __init__(self, block_shape: tuple[int, ...], dtype: torch.dtype, block_size: int):
-        self.block_shape = block_shape
-        self.dtype = dtype
-        self.kv_bytes = torch.Size(block_shape).numel() * torch.empty((), dtype=dtype).itemsize
-        self.nbytes = self.kv_bytes + 4 * block_size
-
-    def encode(self, kv: torch.Tensor, token_ids: tuple[int, ...]) -> bytes:
-        raw = kv.contiguous().view(torch.uint8).numpy().tobytes()
-        return raw + torch.tensor(token_ids, dtype=torch.int32).numpy().tobytes()
-
-    def decode(self, value: bytes) -> tuple[tuple[int, ...], torch.Tensor] | None:
-        if len(value) != self.nbytes:
-            return None
-        buf = bytearray(value)
-        kv = torch.frombuffer(buf, dtype=torch.uint8, count=self.kv_bytes)
-        tokens = torch.frombuffer(buf, dtype=torch.int32, offset=self.kv_bytes)
-        return tuple(tokens.tolist()), kv.view(self.dtype).view(self.block_shape)
 
 
 class KVTierManager:

@@ -26,7 +26,8 @@ from services.engine.executor import Executor
 from services.engine.fault_judge import FaultJudge
 from services.engine.input_processor import InputProcessor, eos_token_ids
 from services.engine.kv_connector import KVConnector
-from services.engine.kv_tiers import KVTierManager, StoreTier
+from services.engine.kv_store_format import StoreTier
+from services.engine.kv_tiers import KVTierManager
 from services.engine.model_files import served_name
 from services.engine.model_loader import load_hf_config, resolve_model
 from services.engine.models.registry import architecture

@@ -3,7 +3,7 @@
 Keys name the model and the KV layout (dtype, layers, kv heads, head dim, block size:
 the engine's layout fingerprint) before the engine's chained block hash, so workers whose
 blocks are not interchangeable never read each other's. Values are the engine's encoded
-blocks (``services/engine/kv_tiers.BlockCodec``); this module only moves bytes.
+blocks (``services/engine/kv_store_format.BlockCodec``); this module only moves bytes.
 
 The store is a cache, so nothing here raises for store trouble: an unreachable or
 restarted master makes reads miss and writes fail, and the engine recomputes. Mooncake's

@@ -15,7 +15,8 @@ from services.engine import LLM, SamplingParams, kv_tiers
 from services.engine.block_hash import hash_prompt_blocks
 from services.engine.block_manager import CachedBlock
 from services.engine.kv_host_pool import HostBlockPool
-from services.engine.kv_tiers import BlockCodec, KVTierManager
+from services.engine.kv_store_format import BlockCodec
+from services.engine.kv_tiers import KVTierManager
 from services.engine.sequence import Sequence
 from services.engine.tp_host_pool import whole_fingerprint
 from services.worker.kv_events import kv_layout_key
