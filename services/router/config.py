@@ -246,8 +246,11 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
                 [NO_REASONING, *available_reasoning_parsers()])  # fmt: skip
         if self.image_fetch_timeout_s <= 0:
             raise ValueError("image_fetch_timeout_s must be > 0")
-        if not (0 < self.http_head_timeout_s <= 86400 and 0 < self.http_body_timeout_s <= 86400):
-            raise ValueError("http_head_timeout_s and http_body_timeout_s must be in (0, 86400]")
+        # NOTE: 0.1 s at least: a head timeout of 1e-300 passed '> 0', and every request got a 408.
+        if not (
+            0.1 <= self.http_head_timeout_s <= 86400 and 0.1 <= self.http_body_timeout_s <= 86400
+        ):
+            raise ValueError("http_head_timeout_s and http_body_timeout_s must be in [0.1, 86400]")
         if self.response_ttl_s < 1:
             raise ValueError("response_ttl_s must be >= 1")
         for name in (

@@ -1,0 +1,27 @@
+"""RouterConfig refuses values that would make the router useless while looking valid."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.router.config import RouterConfig
+
+
+@pytest.mark.parametrize("field", ["http_head_timeout_s", "http_body_timeout_s"])
+@pytest.mark.parametrize("value", [1e-300, 0.05, 0.0, -1.0, float("nan"), 86401.0])
+def test_http_read_timeouts_are_bounded(field: str, value: float) -> None:
+    """A head timeout of 1e-300 s was accepted ('> 0'): every request then got a 408."""
+    with pytest.raises(ValueError):
+        RouterConfig(etcd="127.0.0.1:1", **{field: value})
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), 1e300])
+def test_worker_restart_wait_is_bounded(value: float) -> None:
+    with pytest.raises(ValueError):
+        RouterConfig(etcd="127.0.0.1:1", worker_restart_wait_s=value)
+
+
+def test_sane_values_are_accepted() -> None:
+    cfg = RouterConfig(etcd="127.0.0.1:1", http_head_timeout_s=0.1, http_body_timeout_s=86400.0,
+                       worker_restart_wait_s=0.0)  # fmt: skip
+    assert cfg.http_limits.head_timeout_s == 0.1 and cfg.worker_restart_wait_s == 0.0
