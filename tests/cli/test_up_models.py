@@ -44,3 +44,25 @@ def test_bad_model_lists_are_refused() -> None:
         model_groups(parse("--model", "/m/a", "--model", "/m/b", "--served-model-name", "a"), 1)
     with pytest.raises(ValueError, match="share a served name"):
         ClusterSpec(model="/x/m", more_models=[ModelGroup("/y/m")])
+
+
+def test_lora_flags_reach_every_worker(tmp_path) -> None:
+    """`epdserve up --lora-modules NAME=PATH --max-loras N --max-lora-rank R`: each worker of
+    each model is started with them (issue 21 asks for --lora-modules on `up`; untested)."""
+    from services.cli.up import engine_overrides
+
+    args = parse("--model", "/m/a", "--model", "/m/b", "--lora-modules", f"sql={tmp_path}",
+                 "--max-loras", "3", "--max-lora-rank", "32")  # fmt: skip
+    overrides = engine_overrides(args)
+    first, *more = model_groups(args, mixed=1)
+    cluster = LocalCluster(ClusterSpec(model=first.model, more_models=more, mixed=1,
+                                       engine_overrides=overrides))  # fmt: skip
+    try:
+        for i, group in enumerate((0, 1)):
+            argv = cluster.worker_argv(i, "mixed", group=group)
+            got = {flag: argv[argv.index(flag) + 1]
+                   for flag in ("--lora-modules", "--max-loras", "--max-lora-rank")}  # fmt: skip
+            assert got == {"--lora-modules": f"sql={tmp_path}", "--max-loras": "3",
+                           "--max-lora-rank": "32"}  # fmt: skip
+    finally:
+        cluster.stop()
