@@ -19,9 +19,10 @@ The pace (``offline_tpot_quantile``, step_pace.py; off by default) lets offline 
 each online request's TPOT to a quantile of recent online requests' own, which leaves the
 tail where it was only if each request's place in it is known while it runs. In the
 simulation it is (TPOT P99 +6 % at 81 % of the capacity online work leaves); on a quiet CPU it
-was not: its +24 % on the online TPOT P50 reached the P99 (tiers / alone 1.09-1.40 against a
-1.10 goal, benchmarks/RESULTS.md). The share holds every online step, so the P99 moves by
-less than the share. The step cost fit is step_pace.py's too; ``EPDSERVE_STEP_LOG`` traces
+was not: the fitted fixed cost swung 16-43 tokens' worth within a run, the pace's limit (the
+reference less a step's cost) jumped whenever it read low, and the requests running then
+became the tail (TPOT P99 tiers / alone 1.09-1.40 against a 1.10 goal, benchmarks/RESULTS.md).
+The share holds every online step, and reads fewer tokens when the fit reads low. The step cost fit is step_pace.py's too; ``EPDSERVE_STEP_LOG`` traces
 every step's decision (step_log.py).
 """
 
