@@ -221,3 +221,30 @@ def test_a_request_whose_worker_died_before_its_first_token_goes_to_the_restart(
         assert out == [[8]] and not stub.requests[0].HasField("resume")
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("wait_s", [30.0, 0.0])
+def test_the_gateway_accepts_a_model_whose_only_worker_is_restarting(wait_s: float) -> None:
+    """No worker of it is listed (its key expired): with the wait on, the gateway resolves
+    the model (its context length remembered) and the request waits in the orchestrator; off,
+    the old 503 at once."""
+    from router_fakes import FakeTokenizer
+
+    from services.router.config import RouterConfig
+    from services.router.gateway import Gateway
+
+    async def main() -> None:
+        cfg = RouterConfig(etcd="127.0.0.1:1", worker_restart_wait_s=wait_s)
+        gw = Gateway(cfg, FakeTokenizer())
+        gw.pool.lost.record("mixed", ["m"], 4096)
+        if wait_s:
+            assert gw.resolve_model("m") == ("m", 4096)
+        else:
+            with pytest.raises(APIError) as err:
+                gw.resolve_model("m")
+            assert err.value.code == "no_workers"
+        with pytest.raises(APIError) as err:
+            gw.resolve_model("other")  # never served: not waited for
+        assert err.value.status == (404 if wait_s else 503)
+
+    asyncio.run(main())
