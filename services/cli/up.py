@@ -14,6 +14,8 @@ from services.cli.launcher import ClusterSpec, LocalCluster, ModelGroup, served_
 from services.cli.supervisor import RestartPolicy, Supervisor
 from services.common.dataclass_cli import add_dataclass_args, from_args, parse_assignments
 from services.engine.config import EngineConfig
+from services.router.config import RouterConfig
+from services.router.routing.restarts import RESTART_WAIT_S
 
 LORA_FIELDS = ("lora_modules", "enable_lora", "max_loras", "max_lora_rank")
 
@@ -87,6 +89,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="role rebalancing policy: static | queue | slo (default static)",
     )
     p.add_argument(
+        "--worker-restart-wait-s",
+        type=float,
+        default=RESTART_WAIT_S,
+        help="a request whose only worker of a role died waits this long for `up` to restart "
+        f"it and goes on there (0: fail at once; default {RESTART_WAIT_S:g})",
+    )
+    p.add_argument(
         "--kvstore",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -123,6 +132,15 @@ def model_groups(args: argparse.Namespace, mixed: int) -> list[ModelGroup]:
     ]
 
 
+def router_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The routers' settings `up` takes from its own flags (ValueError for a bad one, before
+    anything starts)."""
+    overrides = {"rebalance_policy": args.rebalance_policy,
+                 "worker_restart_wait_s": args.worker_restart_wait_s}  # fmt: skip
+    RouterConfig(**overrides)  # type: ignore[arg-type]  # checks them
+    return overrides
+
+
 def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Every worker's engine settings from the flags; ValueError for a bad one (checked here,
     before anything starts)."""
@@ -153,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
             port=args.port,
             routers=args.routers, kvstore=kvstore,
             device=args.device, cluster=args.cluster, policy=policy, echo=args.verbose,
-            router_overrides={"rebalance_policy": args.rebalance_policy},
+            router_overrides=router_overrides(args),
             engine_overrides=overrides,
             admin_dir=str(config_dir()), frontend_cores=args.frontend_cores,
         )  # fmt: skip

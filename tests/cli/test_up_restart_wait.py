@@ -1,0 +1,33 @@
+"""`epdserve up --worker-restart-wait-s S` reaches every router's argv, and a bad value is
+refused before anything starts (no process is started here)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from services.cli.launcher import ClusterSpec, LocalCluster
+from services.cli.up import add_arguments, router_overrides
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_the_wait_reaches_the_routers() -> None:
+    overrides = router_overrides(parse("--worker-restart-wait-s", "5"))
+    cluster = LocalCluster(ClusterSpec(router_overrides=overrides))
+    try:
+        argv = cluster.router_argv()
+        assert argv[argv.index("--worker-restart-wait-s") + 1] == "5.0"
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "1e300"])
+def test_a_bad_wait_is_refused_before_anything_starts(value: str) -> None:
+    with pytest.raises(ValueError, match="worker_restart_wait_s"):
+        router_overrides(parse("--worker-restart-wait-s", value))
