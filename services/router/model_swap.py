@@ -128,9 +128,11 @@ class ModelSwapper:
 
         def idle(m: str) -> bool:
             last = max(self._last_asked.get(m, -float("inf")), self._woken_at.get(m, -float("inf")))
+            # NOTE: reachable: a stopped or hung worker's last report says idle, and a Sleep
+            # call to it waited WAKE_TIMEOUT_S (600 s), holding every other swap that long.
             return not waiting.get(m) and last < recent and all(
                 h.load is not None and not h.load.num_inflight and not h.load.num_waiting
-                for h in awake[m]
+                and h.reachable() for h in awake[m]
             )  # fmt: skip
 
         idle_models = [m for m in awake if idle(m)]
