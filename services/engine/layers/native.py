@@ -1,6 +1,7 @@
 """CPU kernels in C (``csrc/``), built on first use for this machine and called through ctypes.
 
-The kernels: ``csrc/paged_decode.c`` (below) and ``csrc/cpu_lora.c`` (``cpu_lora.py``).
+The kernels: ``csrc/paged_decode.c`` (below), ``csrc/cpu_lora.c`` (``cpu_lora.py``) and
+``csrc/fused_elementwise.c`` (``cpu_fused.py``: RMSNorm + residual add, silu * up, rotary).
 
 Why: torch has no paged attention on the CPU. The reference decode path gathers every
 sequence's K and V blocks into a padded copy and then runs SDPA over it: three passes over

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.engine.layers import fused
+from services.engine.layers import cpu_fused, fused
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:
@@ -76,6 +76,9 @@ class RotaryEmbedding(nn.Module):
         # q: [T, H, D], k: [T, Hkv, D]; the rotation runs in float32 like transformers.
         if fused.ops is not None and q.is_cuda and q.stride(2) == 1 and k.stride(2) == 1:
             return fused.ops.rotary_(positions, q, k, self.cos, self.sin)  # in place, one kernel
+        cpu = cpu_fused.ops()
+        if cpu is not None and cpu.rotary_usable(positions, q, k):
+            return cpu.rotary_(positions, q, k, self.cos, self.sin)  # in place, one C call
         if q.dtype == torch.float32 and k.dtype == torch.float32 and not q.is_cuda:
             cos, sin = self._halves(positions)
             return _rotate_halves(q, cos, sin), _rotate_halves(k, cos, sin)

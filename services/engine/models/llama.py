@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.engine.layers import fused
+from services.engine.layers import cpu_fused, fused
 from services.engine.layers.attention import AttentionBackend, AttentionMetadata
 from services.engine.layers.norm import RMSNorm
 from services.engine.layers.rotary import RotaryEmbedding, rope_parameters
@@ -108,6 +108,9 @@ class LlamaMLP(nn.Module):
         gate_up = self.gate_up_proj(x)
         if fused.on_cuda_rows(gate_up):
             return self.reduce(self.down_proj(fused.ops.silu_and_mul(gate_up)))
+        cpu = cpu_fused.ops()
+        if cpu is not None and cpu_fused.rows(gate_up) and gate_up.shape[1] % 2 == 0:
+            return self.reduce(self.down_proj(cpu.silu_mul(gate_up)))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.reduce(self.down_proj(F.silu(gate).mul_(up)))
 
@@ -125,7 +128,11 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions, x, rotary, meta):
         attn = self.self_attn(positions, self.input_layernorm(x), rotary, meta)
         x, h = self.post_attention_layernorm.add_forward(x, attn)
-        return x + self.mlp(h)
+        # NOTE: ``x`` is the new tensor add_forward made (the layer's input is left alone:
+        # EAGLE-3 keeps some layers' inputs), so the second residual add may be in place.
+        m = self.mlp(h)
+        cpu = cpu_fused.ops()
+        return cpu.add_(x, m) if cpu is not None and x.device.type == "cpu" else x.add_(m)
 
 
 class LlamaModel(nn.Module):

@@ -1,0 +1,159 @@
+"""Fused elementwise ops of a decoder layer on the CPU (``csrc/fused_elementwise.c``).
+
+RMSNorm with the residual add folded in, silu(gate) * up from the merged gate_up output, the
+rotary embedding of q and k in place, and the residual add after the MLP: each one C call (one pass over the rows, one OpenMP
+region at most, none for a decode batch) where torch runs two to six ops. Float32 CPU tensors
+only; callers keep their torch path for anything else, and ``ops()`` is None without a
+compiler, on a failed build, or with ``EPDSERVE_CPU_KERNELS=0`` (native.py) or
+``EPDSERVE_CPU_FUSED=0`` (this module alone, e.g. to compare).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from services.engine.layers import native
+
+_I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
+_F32 = ctypes.c_float
+
+
+def rows(x: torch.Tensor) -> bool:
+    """A float32 CPU matrix whose rows are contiguous (a column slice of a wider one too)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 2
+        and x.stride(1) == 1
+        and x.stride(0) >= x.shape[1]
+    )
+
+
+class CpuFused:
+    """The kernels of ``fused_elementwise.c`` (see there for the math)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._norm = lib.epd_rms_norm_f32
+        self._norm.restype = ctypes.c_int
+        self._norm.argtypes = [_PTR] * 5 + [_I64] * 3 + [_F32, ctypes.c_int]
+        self._silu = lib.epd_silu_mul_f32
+        self._silu.restype = ctypes.c_int
+        self._silu.argtypes = [_PTR, _PTR] + [_I64] * 3 + [ctypes.c_int]
+        self._add = lib.epd_add_f32
+        self._add.restype = ctypes.c_int
+        self._add.argtypes = [_PTR, _PTR, _I64, ctypes.c_int]
+        self._rotary = lib.epd_rotary_f32
+        self._rotary.restype = ctypes.c_int
+        self._rotary.argtypes = [_PTR] * 5 + [_I64] * 8 + [ctypes.c_int]
+
+    @staticmethod
+    def norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return (
+            rows(x)
+            and weight.dtype == torch.float32
+            and weight.device.type == "cpu"
+            and weight.is_contiguous()
+            and weight.shape == (x.shape[1],)
+        )
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s, norm(s))`` with ``s = x + delta`` (a new tensor; ``x`` itself without
+        ``delta``). ``x`` and ``delta`` are left unchanged: a layer's input may be held by
+        others (EAGLE-3 keeps some layers' inputs)."""
+        n, hidden = x.shape
+        out = torch.empty((n, hidden), dtype=torch.float32)
+        total = x
+        if delta is not None:
+            delta = delta.contiguous()
+            if delta.shape != x.shape or delta.dtype != torch.float32:
+                raise ValueError(f"residual {tuple(delta.shape)} does not match {tuple(x.shape)}")
+            total = torch.empty((n, hidden), dtype=torch.float32)
+        rc = self._norm(
+            x.data_ptr(), None if delta is None else delta.data_ptr(),
+            None if delta is None else total.data_ptr(), weight.data_ptr(), out.data_ptr(),
+            n, hidden, x.stride(0), eps, torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"rms_norm kernel failed ({rc})")
+        return total, out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of ``gate_up = [gate | up]`` (rows of 2 x inter)."""
+        n, width = gate_up.shape
+        inter = width // 2
+        out = torch.empty((n, inter), dtype=torch.float32)
+        rc = self._silu(gate_up.data_ptr(), out.data_ptr(), n, inter, gate_up.stride(0),
+                        torch.get_num_threads())  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"silu_mul kernel failed ({rc})")
+        return out
+
+    def add_(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``x += y`` (both contiguous float32 of one shape; else torch's ``add_``)."""
+        if not (x.is_contiguous() and y.is_contiguous() and x.shape == y.shape
+                and x.dtype == y.dtype == torch.float32 and y.device.type == "cpu"):  # fmt: skip
+            return x.add_(y)
+        rc = self._add(x.data_ptr(), y.data_ptr(), x.numel(), torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"add kernel failed ({rc})")
+        return x
+
+    @staticmethod
+    def rotary_usable(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """q [T, H, D] and k [T, Hkv, D] float32 on the CPU, heads contiguous within a token
+        (views into the fused qkv output qualify), positions int64."""
+        return (
+            q.device.type == "cpu"
+            and q.dtype == torch.float32
+            and k.dtype == torch.float32
+            and q.dim() == 3
+            and k.dim() == 3
+            and q.shape[0] == k.shape[0] == positions.numel()
+            and q.shape[2] == k.shape[2]
+            and q.stride(2) == 1
+            and k.stride(2) == 1
+            and q.stride(1) == q.shape[2]
+            and k.stride(1) == k.shape[2]
+            and positions.device.type == "cpu"
+        )
+
+    def rotary_(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+        cos: torch.Tensor, sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Rotate q and k in place by the tables ``cos``/``sin`` [max_positions, >= D/2]."""
+        pos = positions.to(torch.int64).contiguous()
+        t, h, d = q.shape
+        if not (cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape):
+            raise ValueError("rotary tables must be contiguous and of one shape")
+        rc = self._rotary(
+            pos.data_ptr(), q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            t, h, k.shape[1], d, q.stride(0), k.stride(0), cos.shape[1], cos.shape[0],
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if rc == -2:
+            raise ValueError(f"a position is outside the rotary tables (0..{cos.shape[0] - 1})")
+        if rc != 0:
+            raise RuntimeError(f"rotary kernel failed ({rc})")
+        return q, k
+
+
+_ops: CpuFused | None = None
+_tried = False
+
+
+def ops() -> CpuFused | None:
+    """The fused kernels, or None where they are not available or switched off."""
+    global _ops, _tried
+    if not _tried:
+        _tried = True
+        if os.environ.get("EPDSERVE_CPU_FUSED", "1") != "0":
+            lib = native.library("fused_elementwise")
+            _ops = CpuFused(lib) if lib is not None else None
+    return _ops

@@ -1,0 +1,121 @@
+"""The fused elementwise C kernels (``layers/cpu_fused.py``) against the torch paths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from services.engine.layers import cpu_fused, native
+from services.engine.layers.norm import RMSNorm
+from services.engine.layers.rotary import RotaryEmbedding
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EPDSERVE_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels")))
+    native._cache.pop("fused_elementwise", None)
+    mp.setattr(cpu_fused, "_tried", False)
+    mp.setattr(cpu_fused, "_ops", None)
+    k = cpu_fused.ops()
+    if k is None:
+        mp.undo()
+        pytest.skip("no C compiler here: the kernels are not built (the torch path runs)")
+    yield k
+    mp.undo()
+
+
+def _torch_norm(x, w, eps):
+    xf = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf
+
+
+# Row counts on both sides of the one-thread threshold (2^17 elements).
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_rms_norm_and_residual_add_match_torch(ops, rows):
+    gen = torch.Generator().manual_seed(rows)
+    wide = torch.randn(rows, 600, generator=gen) * 3
+    x = wide[:, :576]  # a column slice: rows 600 floats apart
+    delta = torch.randn(rows, 576, generator=gen)
+    w = torch.randn(576, generator=gen)
+    x_before, delta_before = x.clone(), delta.clone()
+    _, normed = ops.rms_norm(x, w, 1e-5)
+    torch.testing.assert_close(normed, _torch_norm(x, w, 1e-5), rtol=2e-6, atol=2e-6)
+    total, normed = ops.rms_norm(x, w, 1e-5, delta)
+    assert torch.equal(total, x + delta)  # the add is exact
+    torch.testing.assert_close(normed, _torch_norm(x + delta, w, 1e-5), rtol=2e-6, atol=2e-6)
+    assert torch.equal(x, x_before) and torch.equal(delta, delta_before)  # inputs untouched
+
+
+def test_rms_norm_module_takes_the_kernel_and_keeps_extremes_finite(ops, monkeypatch):
+    norm = RMSNorm(8, 1e-6)
+    calls = []
+    real = ops.rms_norm
+    monkeypatch.setattr(ops, "rms_norm", lambda *a: calls.append(1) or real(*a))
+    x = torch.tensor([[1e-38] * 8, [1e30] * 8, [0.0] * 8])
+    out = norm(x)
+    assert calls  # the module went through the kernel
+    torch.testing.assert_close(out, _torch_norm(x, norm.weight.detach(), 1e-6))
+    total, h = norm.add_forward(x, x)
+    assert torch.equal(total, x + x) and torch.isfinite(h).all()
+
+
+@pytest.mark.parametrize("rows", [1, 64, 200])
+def test_silu_mul_matches_torch(ops, rows):
+    gen = torch.Generator().manual_seed(rows)
+    gate_up = torch.randn(rows, 2 * 1536, generator=gen) * 8
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -87.5])  # the exp's clamps
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    got = ops.silu_mul(gate_up)
+    torch.testing.assert_close(got, ref, rtol=3e-6, atol=1e-6)
+    nan = torch.full((1, 4), math.nan)
+    assert torch.isnan(ops.silu_mul(nan)).all()
+
+
+@pytest.mark.parametrize("t", [1, 64, 400])
+def test_rotary_in_place_matches_torch_on_qkv_views(ops, t):
+    heads, kv_heads, d = 9, 3, 64
+    rope = RotaryEmbedding(d, 2048, {"rope_type": "default", "rope_theta": 100000.0})
+    gen = torch.Generator().manual_seed(t)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=gen)
+    positions = torch.randint(0, 2048, (t,), generator=gen)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k = q.view(t, heads, d), k.view(t, kv_heads, d)
+    cos = rope.cos[positions].unsqueeze(1)
+    sin = rope.sin[positions].unsqueeze(1)
+
+    def ref(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    q_ref, k_ref, v_before = ref(q), ref(k), v.clone()
+    q2, k2 = rope(positions, q, k)
+    assert q2.data_ptr() == q.data_ptr()  # in place, in the qkv buffer
+    torch.testing.assert_close(q2, q_ref, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(k2, k_ref, rtol=1e-5, atol=2e-6)
+    assert torch.equal(v, v_before)
+
+
+def test_rotary_position_outside_the_tables_is_an_error(ops):
+    rope = RotaryEmbedding(8, 16, {"rope_type": "default"})
+    q, k = torch.randn(2, 2, 8), torch.randn(2, 1, 8)
+    before = q.clone()
+    with pytest.raises(ValueError, match="outside the rotary tables"):
+        ops.rotary_(torch.tensor([3, 16]), q, k, rope.cos, rope.sin)
+    assert torch.equal(q, before)  # checked before anything is written
+
+
+@pytest.mark.parametrize("n", [1, 36_864, 300_001])  # a decode batch; past the threshold
+def test_add_in_place_is_exact(ops, n):
+    gen = torch.Generator().manual_seed(n)
+    x, y = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    ref = x + y
+    assert ops.add_(x, y) is x
+    assert torch.equal(x, ref)
+    strided = torch.randn(4, 6)[:, :3]  # not contiguous: torch's add_
+    ref = strided + 1
+    assert torch.equal(ops.add_(strided, torch.ones(4, 3)), ref)
