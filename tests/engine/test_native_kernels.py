@@ -110,3 +110,39 @@ def test_kernel_off_switch(monkeypatch):
     monkeypatch.setenv("EPDSERVE_CPU_KERNELS", "0")
     assert native.library("paged_decode") is None
     assert TorchAttention(torch.device("cpu")).native_decode is None
+
+
+def test_fresh_prompts_of_one_length_attend_in_one_call(monkeypatch):
+    """Prompts without a cached prefix, back to back, of one length: one SDPA call for them
+    all, with the values of one call per prompt; a different length and a chunk after a
+    cached prefix keep calls of their own."""
+    from services.engine.layers.attention import PrefillSegment
+
+    heads, kv_heads, d, bs = 6, 2, 16, 16
+    gen = torch.Generator().manual_seed(3)
+    # Three fresh prompts of 40, one of 36 (longer than short_chunks.MAX_TOKENS: shorter ones
+    # are batched there), then a chunk of 34 after a cached prefix of 6.
+    lens = [40, 40, 40, 36]
+    t = sum(lens) + 34
+    q, k, v = (torch.randn(t, h, d, generator=gen) for h in (heads, kv_heads, kv_heads))
+    k_cache = torch.randn(8, bs, kv_heads, d, generator=gen)
+    v_cache = torch.randn(8, bs, kv_heads, d, generator=gen)
+    segs, start = [], 0
+    for n in lens:
+        segs.append(PrefillSegment(start, n, n, torch.tensor([0, 1, 2])))
+        start += n
+    segs.append(PrefillSegment(start, 34, 40, torch.tensor([5, 6, 7])))
+    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), prefills=segs)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda qq, *a, **kw: calls.append(qq.shape[0]) or sdpa(qq, *a, **kw))  # fmt: skip
+    out = torch.empty_like(q)
+    TorchAttention.prefill(q, k, v, k_cache, v_cache, meta, 0.25, out)
+    assert sorted(calls) == [1, 1, 3]  # the three 40s together; the 36 and the cached one alone
+    for seg in segs[:4]:
+        s, n = seg.start, seg.num_tokens
+        ref = sdpa(q[s : s + n].transpose(0, 1)[None], k[s : s + n].transpose(0, 1)[None],
+                   v[s : s + n].transpose(0, 1)[None], is_causal=True, scale=0.25,
+                   enable_gqa=True)[0].transpose(0, 1)  # fmt: skip
+        torch.testing.assert_close(out[s : s + n], ref, rtol=0, atol=1e-6)
