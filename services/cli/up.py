@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import signal
 import sys
 import threading
@@ -26,6 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct); "
         "repeat it to serve several base models on one cluster: each model gets its own "
         "workers, as many of each role as --mixed/--prefill/--decode/--encode say",
+    )  # fmt: skip
+    p.add_argument(
+        "--models-file", default=None, metavar="JSON",
+        help="instead of --model: a JSON list of model groups, each with its own workers: "
+        '[{"model": PATH, "served_model_name": NAME, "mixed": N, "prefill": N, "decode": N, '
+        '"encode": N}, ...] (absent counts: 1 mixed worker, no others)',
     )  # fmt: skip
     p.add_argument(
         "--served-model-name", action="append", default=None,
@@ -119,7 +127,12 @@ def wants_kvstore(args: argparse.Namespace, num_workers: int) -> bool:
 
 
 def model_groups(args: argparse.Namespace, mixed: int) -> list[ModelGroup]:
-    """One group per --model (at least the default model), each with the role counts."""
+    """One group per --model (at least the default model), each with the role counts; or
+    the groups of --models-file, each with its own. ValueError for a bad file."""
+    if getattr(args, "models_file", None):
+        if args.model or args.served_model_name:
+            raise ValueError("give --models-file or --model/--served-model-name, not both")
+        return groups_from_file(args.models_file)
     models: list[str | None] = list(args.model or [None])
     names: list[str | None] = list(args.served_model_name or [])
     if len(names) > len(models) or (names and len(names) != len(models)):
@@ -141,6 +154,32 @@ def router_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def groups_from_file(path: str) -> list[ModelGroup]:
+    """The model groups a --models-file lists (ValueError: unreadable, empty, a bad entry)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--models-file {path}: {exc}") from exc
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"--models-file {path}: a non-empty JSON list of model groups")
+    fields = {f.name for f in dataclasses.fields(ModelGroup)}
+    groups = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "model" not in entry or set(entry) - fields:
+            raise ValueError(f"--models-file {path}: entry {i} must be an object with "
+                             f"\"model\" and only {sorted(fields)}")  # fmt: skip
+        if not all(
+            isinstance(entry.get(k, 0), int) for k in ("mixed", "prefill", "decode", "encode")
+        ):
+            raise ValueError(f"--models-file {path}: entry {i}: worker counts are integers")
+        try:
+            groups.append(ModelGroup(**entry))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--models-file {path}: entry {i}: {exc}") from exc
+    return groups
+
+
 def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Every worker's engine settings from the flags; ValueError for a bad one (checked here,
     before anything starts)."""
@@ -157,17 +196,17 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     pd = bool(args.prefill or args.decode)
     mixed = (0 if pd else 1) if args.mixed is None else args.mixed
-    models = len(args.model or [None])
-    kvstore = wants_kvstore(args, models * (mixed + args.prefill + args.decode))
-    policy = args.policy or ("cache_aware" if kvstore else "least_load")
     try:
+        groups = model_groups(args, mixed)
+        kvstore = wants_kvstore(args, sum(g.mixed + g.prefill + g.decode for g in groups))
+        policy = args.policy or ("cache_aware" if kvstore else "least_load")
         overrides = engine_overrides(args)
         restarts = from_args(RestartPolicy, args)
-        first, *more = model_groups(args, mixed)
+        first, *more = groups
         spec = ClusterSpec(
             model=first.model, served_model_name=first.served_model_name,
-            mixed=mixed, more_models=more,
-            prefill=args.prefill, decode=args.decode, encode=args.encode, host=args.host,
+            mixed=first.mixed, more_models=more,
+            prefill=first.prefill, decode=first.decode, encode=first.encode, host=args.host,
             port=args.port,
             routers=args.routers, kvstore=kvstore,
             device=args.device, cluster=args.cluster, policy=policy, echo=args.verbose,

@@ -66,3 +66,38 @@ def test_lora_flags_reach_every_worker(tmp_path) -> None:
                            "--max-lora-rank": "32"}  # fmt: skip
     finally:
         cluster.stop()
+
+
+def test_a_models_file_gives_each_model_its_own_workers(tmp_path) -> None:
+    """`epdserve up --models-file F`: each group its own role counts (the issue's "or a
+    models file"; none before); a bad file is a clear error before anything starts."""
+    import json
+
+    f = tmp_path / "models.json"
+    f.write_text(json.dumps([{"model": "/m/a", "served_model_name": "a", "mixed": 2},
+                             {"model": "/m/b", "prefill": 1, "decode": 1, "mixed": 0}]))  # fmt: skip
+    groups = model_groups(parse("--models-file", str(f)), mixed=1)
+    assert groups == [ModelGroup("/m/a", "a", 2), ModelGroup("/m/b", None, 0, 1, 1)]
+    first, *more = groups
+    cluster = LocalCluster(ClusterSpec(model=first.model, served_model_name="a", mixed=2,
+                                       more_models=more))  # fmt: skip
+    try:
+        assert cluster.worker_plan() == [(0, "mixed"), (0, "mixed"), (1, "prefill"), (1, "decode")]
+    finally:
+        cluster.stop()
+    bad = {
+        "[]": "non-empty JSON list",
+        '[{"served_model_name": "x"}]': 'entry 0 must be an object with "model"',
+        '[{"model": "/m/a", "gpus": 2}]': "only",
+        '[{"model": "/m/a", "mixed": "2"}]': "worker counts are integers",
+        '[{"model": "/m/a", "mixed": 0, "prefill": 1}]': "entry 0: PD mode needs both",
+        "{not json": "--models-file",
+    }
+    for text, message in bad.items():
+        f.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            model_groups(parse("--models-file", str(f)), mixed=1)
+    with pytest.raises(ValueError, match="not both"):
+        model_groups(parse("--models-file", str(f), "--model", "/m/a"), mixed=1)
+    with pytest.raises(ValueError, match="No such file"):
+        model_groups(parse("--models-file", str(tmp_path / "missing.json")), mixed=1)
