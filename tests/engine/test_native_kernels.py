@@ -146,3 +146,26 @@ def test_fresh_prompts_of_one_length_attend_in_one_call(monkeypatch):
                    v[s : s + n].transpose(0, 1)[None], is_causal=True, scale=0.25,
                    enable_gqa=True)[0].transpose(0, 1)  # fmt: skip
         torch.testing.assert_close(out[s : s + n], ref, rtol=0, atol=1e-6)
+
+
+def test_a_query_view_into_the_qkv_output_still_takes_the_kernel(kernel, monkeypatch):
+    """Rotary in place leaves q a view into the fused qkv output (rows wider than H x D): the
+    decode copies it and takes the kernel (it fell back to gather + SDPA before)."""
+    q, k_cache, v_cache, tables, lens = _paged_case(3, 6, 2, 64, 16, [5, 40, 17])
+    wide = torch.zeros(3, 10 * 64)
+    wide[:, : 6 * 64] = q.reshape(3, -1)
+    view = wide[:, : 6 * 64].view(3, 6, 64)
+    assert not view.is_contiguous()
+    calls = []
+    fn = kernel.fn
+    monkeypatch.setattr(kernel, "fn", lambda *a: calls.append(1) or fn(*a))
+    meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), num_decodes=3,
+                             decode_block_tables=tables, decode_context_lens=lens,
+                             decode_max_len=40)  # fmt: skip
+    backend = TorchAttention(torch.device("cpu"))
+    backend.native_decode = kernel
+    out = torch.empty(3, 6, 64)
+    backend.decode(view, k_cache, v_cache, meta, 0.125, out)
+    assert calls == [1]
+    torch.testing.assert_close(out, _reference(q, k_cache, v_cache, tables, lens, 0.125),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip

@@ -124,6 +124,10 @@ class TorchAttention:
         """
         assert meta.decode_block_tables is not None
         kernel = self.native_decode
+        if kernel is not None and not q.is_contiguous():
+            # NOTE: rotary in place (cpu_fused) leaves q a view into the qkv output; the
+            # kernel wants [B, H, D] rows (a copy of B x H x D floats, not of the context).
+            q = q.contiguous()
         if (
             kernel is not None
             and meta.decode_max_len
