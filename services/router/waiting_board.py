@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterator
 
 from etcd3aio import Etcd3Client, prefix_range_end
 
-from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
+from services.common.aio import cancel_and_wait
+from services.common.etcd_client import ETCD_OP_TIMEOUT_S
+from services.common.leased_loop import run_leased
 from services.common.membership import keep_alive_once
 
 log = logging.getLogger(__name__)
@@ -86,34 +88,11 @@ class WaitingBoard:
         self._task = asyncio.create_task(self._run(), name="waiting-board")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
-        while True:
-            client: Etcd3Client | None = None
-            lease_id = 0
-            try:
-                client = await asyncio.wait_for(connect_etcd(self.endpoints), ETCD_OP_TIMEOUT_S)
-                assert client.lease is not None
-                lease_id = (await client.lease.grant(self.ttl, timeout=ETCD_OP_TIMEOUT_S)).ID
-                await self._publish(client, lease_id)
-            except asyncio.CancelledError:
-                if lease_id and client is not None:
-                    with contextlib.suppress(Exception):  # the key goes with the lease
-                        await asyncio.shield(
-                            client.lease.revoke(lease_id, timeout=ETCD_OP_TIMEOUT_S)  # type: ignore[union-attr]
-                        )
-                raise
-            except Exception as exc:
-                log.debug("waiting board: %s; retrying", exc)
-            finally:
-                if client is not None:
-                    with contextlib.suppress(Exception):
-                        await client.close()
-            await asyncio.sleep(1.0)
+        await run_leased(self.endpoints, self.ttl, self._publish, "waiting board", logging.DEBUG)
 
     async def _publish(self, c: Etcd3Client, lease_id: int) -> None:
         """Each tick: write this router's counts if they changed, list every router's when

@@ -14,6 +14,7 @@ from services.common.membership import InstanceInfo, MembershipWatcher, Registra
 from services.router.rebalance.leader import LeaderElection
 from services.router.rebalance.role_store import RoleStore, RoleStoreError
 from tests.tls_certs import TestCA
+from tests.waits import until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,14 +47,6 @@ def _info(iid: str) -> InstanceInfo:
     )  # fmt: skip
 
 
-async def _until(pred, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not pred():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.05)
-
-
 def test_access_from_env_checks_itself() -> None:
     env = {"EPDSERVE_ETCD_CACERT": "ca", "EPDSERVE_ETCD_USER": "u", "EPDSERVE_ETCD_PASSWORD": "p"}
     access = EtcdAccess.from_env(env)
@@ -84,11 +77,11 @@ async def test_worker_registers_and_router_sees_it_over_tls_with_auth(etcd_env) 
     await watcher.start()
     await reg.start()
     try:
-        await _until(lambda: "w1" in watcher.instances)
+        await until(lambda: "w1" in watcher.instances, timeout=20)
         reg.update(role="prefill")
-        await _until(lambda: watcher.instances["w1"].role == "prefill")
+        await until(lambda: watcher.instances["w1"].role == "prefill", timeout=20)
         await reg.stop(deregister=True)
-        await _until(lambda: "w1" not in watcher.instances)
+        await until(lambda: "w1" not in watcher.instances, timeout=20)
     finally:
         await reg.stop()
         await watcher.stop()
@@ -104,10 +97,10 @@ async def test_clients_authenticate_again_after_an_etcd_restart(etcd_env) -> Non
     await watcher.start()
     await reg.start()
     try:
-        await _until(lambda: "w2" in watcher.instances)
+        await until(lambda: "w2" in watcher.instances, timeout=20)
         await asyncio.to_thread(etcd_env.restart)
         reg.update(role="decode")
-        await _until(lambda: watcher.instances.get("w2", _info("x")).role == "decode", 40)
+        await until(lambda: watcher.instances.get("w2", _info("x")).role == "decode", 40)
     finally:
         await reg.stop()
         await watcher.stop()
@@ -120,7 +113,7 @@ async def test_leader_and_roles_over_tls_with_auth_and_a_host_name(etcd_env) -> 
     leader = LeaderElection([ep], "sec", "router-a", ttl=2)
     await leader.start()
     try:
-        await _until(lambda: leader.is_leader)
+        await until(lambda: leader.is_leader, timeout=20)
         store = RoleStore([ep], "sec")
         await store.set("w1", "decode")
         assert await store.all() == {"w1": "decode"}

@@ -9,6 +9,7 @@ import pytest
 
 from services.common.etcd_server import EtcdServer
 from services.common.membership import InstanceInfo, MembershipWatcher, Registrar
+from tests.waits import until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,15 +27,6 @@ def _info(iid: str) -> InstanceInfo:
     )  # fmt: skip
 
 
-async def _until(pred, timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
-
-
 def test_instance_info_json_round_trip() -> None:
     info = _info("a")
     assert InstanceInfo.from_json(info.to_json()) == info
@@ -49,12 +41,12 @@ async def test_register_watch_update_deregister(etcd: EtcdServer) -> None:
     reg = Registrar([etcd.endpoint], "t1", _info("w1"), ttl=2)
     await reg.start()
     try:
-        await _until(lambda: "w1" in watcher.instances)
+        await until(lambda: "w1" in watcher.instances)
         assert watcher.instances["w1"].role == "mixed"
         reg.update(role="decode", role_epoch=2)
-        await _until(lambda: watcher.instances["w1"].role_epoch == 2)
+        await until(lambda: watcher.instances["w1"].role_epoch == 2)
         await reg.stop(deregister=True)
-        await _until(lambda: "w1" not in watcher.instances)
+        await until(lambda: "w1" not in watcher.instances)
     finally:
         await reg.stop()
         await watcher.stop()
@@ -67,9 +59,9 @@ async def test_lease_expiry_removes_dead_worker(etcd: EtcdServer) -> None:
     reg = Registrar([etcd.endpoint], "t2", _info("w1"), ttl=2)
     await reg.start()
     try:
-        await _until(lambda: "w1" in watcher.instances)
+        await until(lambda: "w1" in watcher.instances)
         await reg.stop(deregister=False)  # like kill -9: the keep-alive just stops
-        await _until(lambda: "w1" not in watcher.instances, timeout=10)
+        await until(lambda: "w1" not in watcher.instances, timeout=10)
     finally:
         await watcher.stop()
 
@@ -81,16 +73,16 @@ async def test_etcd_restart_keeps_view_and_reregisters(etcd: EtcdServer) -> None
     reg = Registrar([etcd.endpoint], "t3", _info("w1"), ttl=2)
     await reg.start()
     try:
-        await _until(lambda: "w1" in watcher.instances)
+        await until(lambda: "w1" in watcher.instances)
         await asyncio.to_thread(etcd.stop, True)
         await asyncio.sleep(3.0)  # longer than the TTL: the registrar gives the lease up
         assert "w1" in watcher.instances  # the last view stays while etcd is away
         await asyncio.to_thread(etcd.start)
-        await _until(lambda: reg.registered.is_set(), timeout=20)
+        await until(lambda: reg.registered.is_set(), timeout=20)
         # A new worker registered after the outage is seen through the resumed watch.
         reg2 = Registrar([etcd.endpoint], "t3", _info("w2"), ttl=2)
         await reg2.start()
-        await _until(lambda: "w2" in watcher.instances and "w1" in watcher.instances, timeout=20)
+        await until(lambda: "w2" in watcher.instances and "w1" in watcher.instances, timeout=20)
         await reg2.stop()
     finally:
         await reg.stop()

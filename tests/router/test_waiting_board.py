@@ -3,22 +3,13 @@ per model under its lease; the reading router (the leader) sums every router's."
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from services.common.etcd_server import EtcdServer
 from services.router.waiting_board import WaitingBoard, parse_counts
+from tests.waits import until
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
-
-
-async def _until(pred, timeout: float = 15.0) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 async def test_the_leader_reads_every_routers_waiting_requests() -> None:
@@ -31,17 +22,17 @@ async def test_the_leader_reads_every_routers_waiting_requests() -> None:
         await leader.start()
         try:
             with other.waiting("m1"), other.waiting("m1"), other.waiting("m2"):
-                await _until(lambda: leader.cluster_waiting() == {"m1": 2, "m2": 1})
+                await until(lambda: leader.cluster_waiting() == {"m1": 2, "m2": 1})
                 with leader.waiting("m2"):  # its own count is read from memory
                     assert leader.cluster_waiting() == {"m1": 2, "m2": 2}
                 assert leader.cluster_waiting() == {"m1": 2, "m2": 1}
                 assert other.cluster_waiting() == {"m1": 2, "m2": 1}  # its own only
-            await _until(lambda: leader.cluster_waiting() == {})
+            await until(lambda: leader.cluster_waiting() == {})
             # A router that stops with requests counted takes them away (its lease revoked).
             with other.waiting("m1"):
-                await _until(lambda: leader.cluster_waiting() == {"m1": 1})
+                await until(lambda: leader.cluster_waiting() == {"m1": 1})
                 await other.stop()
-                await _until(lambda: leader.cluster_waiting() == {})
+                await until(lambda: leader.cluster_waiting() == {})
         finally:
             await other.stop()
             await leader.stop()

@@ -10,14 +10,14 @@ routers never both believe they lead for longer than one TTL.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
 from etcd3aio import Etcd3Client
 
 from services.common.aio import cancel_and_wait
-from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
+from services.common.etcd_client import ETCD_OP_TIMEOUT_S
+from services.common.leased_loop import run_leased
 from services.common.membership import keep_alive_once
 
 log = logging.getLogger(__name__)
@@ -48,35 +48,18 @@ class LeaderElection:
         self.is_leader = False
 
     async def _run(self) -> None:
-        while True:
-            client: Etcd3Client | None = None
-            lease_id = 0
-            try:
-                client = await connect_etcd(self.endpoints)
-                assert client.kv is not None and client.lease is not None
-                grant = await client.lease.grant(self.ttl, timeout=ETCD_OP_TIMEOUT_S)
-                lease_id = grant.ID
-                await self._campaign(client, lease_id)
-            except asyncio.CancelledError:
-                if self.is_leader and lease_id and client is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(
-                            client.lease.revoke(lease_id, timeout=ETCD_OP_TIMEOUT_S)  # type: ignore[union-attr]
-                        )
-                raise
-            except Exception as exc:
-                log.warning("rebalancer election: %s; retrying", exc)
-            finally:
-                if self.is_leader:
-                    log.info("no longer the rebalancer leader")
-                self.is_leader = False
-                if client is not None:
-                    with contextlib.suppress(Exception):
-                        await client.close()
-            await asyncio.sleep(1.0)
+        await run_leased(self.endpoints, self.ttl, self._campaign, "rebalancer election")
 
     async def _campaign(self, c: Etcd3Client, lease_id: int) -> None:
         """Try to take the key; keep the lease alive; return (to start over) on any loss."""
+        try:
+            await self._hold(c, lease_id)
+        finally:
+            if self.is_leader:
+                log.info("no longer the rebalancer leader")
+            self.is_leader = False
+
+    async def _hold(self, c: Etcd3Client, lease_id: int) -> None:
         assert c.kv is not None and c.lease is not None
         interval = max(0.5, self.ttl / 3)
         last_ok = time.monotonic()
