@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
@@ -21,6 +19,7 @@ import pytest
 from services.common.grpc_utils import GrpcTLS, add_port
 from services.worker.health import add_health
 from tests.deps import HELM, require
+from tests.silent_socket import silent_listener
 from tests.tls_certs import TestCA
 
 require("helm_python", HELM)
@@ -105,28 +104,8 @@ def test_the_rendered_exec_probe_passes_on_an_answer_and_fails_on_silence(tmp_pa
     rc, err, _ = asyncio.run(serve_and_probe())
     assert rc == 0, err
 
-    # A socket that accepts (the kernel's backlog, as for a stopped worker) and never answers.
-    silent = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        silent.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(silent.accept()[0])
-            except TimeoutError:
-                continue
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    try:
-        rc, err, took = _run_probe(_rendered_command(files, silent.getsockname()[1]))
-    finally:
-        stop.set()
-        t.join(5)
-        for s in held:
-            s.close()
-        silent.close()
+    # A listener that accepts (the kernel's backlog, as for a stopped worker), never answers.
+    with silent_listener() as port:
+        rc, err, took = _run_probe(_rendered_command(files, port))
     assert rc == 1 and "no answer within the timeout" in err, err
     assert took < 1 + 10  # bounded by its own --timeout: 1 s, within timeoutSeconds 3

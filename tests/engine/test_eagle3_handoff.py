@@ -75,6 +75,24 @@ def handoff_run(a, b, prompt, params, send: bool, resume: Resume | None = None) 
     return tokens
 
 
+def decode_with_states(a, b, prompt, params, states: DraftStates | None) -> list[int]:
+    """PD in one process with ``states`` given to the decode engine as they are (a peer's,
+    not the prefill engine's); no output of the decode may end in an error."""
+    a.add_request("x", prompt, dataclasses.replace(params, max_tokens=1), hold_kv=True)
+    while a.has_unfinished_requests():
+        first = [o.outputs[0].token_ids[0] for o in a.step()][-1]
+    data = a.read_kv(a.held_blocks("x")[0])
+    a.release_held("x")
+    dst, _ = b.reserve("x", prompt, params)
+    b.write_kv(dst, data[:, :, : len(dst)])
+    tokens = list(b.start_reserved("x", first, None, states).outputs[0].token_ids)
+    while b.has_unfinished_requests():
+        for out in b.step():
+            assert out.outputs[0].finish_reason != "error", out
+            tokens.extend(out.outputs[0].token_ids)
+    return tokens
+
+
 def test_pd_decode_side_drafts_as_a_colocated_engine(head):
     """Per prompt: the co-located engine's tokens and speculation counters (drafts,
     accepted, per position) equal the decode engine's given the states; without them (the
@@ -214,18 +232,7 @@ def test_malformed_states_are_refused_or_ignored(head):
     hidden = prefill.executor.drafter.head.model.fc.out_features
     for bad in (DraftStates(0, [5] * 3, torch.zeros(3, hidden + 1)),
                 DraftStates(len(prompt) - 1, [5] * 3, torch.zeros(3, hidden))):  # fmt: skip
-        prefill.add_request("x", prompt, dataclasses.replace(params, max_tokens=1), hold_kv=True)
-        while prefill.has_unfinished_requests():
-            first = [o.outputs[0].token_ids[0] for o in prefill.step()][-1]
-        data = prefill.read_kv(prefill.held_blocks("x")[0])
-        prefill.release_held("x")
-        dst, _ = decode.reserve("x", prompt, params)
-        decode.write_kv(dst, data[:, :, : len(dst)])
-        tokens = list(decode.start_reserved("x", first, None, bad).outputs[0].token_ids)
-        while decode.has_unfinished_requests():
-            for out in decode.step():
-                tokens.extend(out.outputs[0].token_ids)
-        assert tokens == ref
+        assert decode_with_states(prefill, decode, prompt, params, bad) == ref
 
 
 def test_states_over_the_cap_keep_their_last_rows():
@@ -269,19 +276,8 @@ def test_non_finite_or_huge_states_from_a_peer_change_no_token(head):
         SamplingParams(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True))]  # fmt: skip
     for value, params in cases:
         ref = handoff_run(prefill, decode, prompt, params, send=False)
-        prefill.add_request("x", prompt, dataclasses.replace(params, max_tokens=1), hold_kv=True)
-        while prefill.has_unfinished_requests():
-            first = [o.outputs[0].token_ids[0] for o in prefill.step()][-1]
-        data = prefill.read_kv(prefill.held_blocks("x")[0])
-        prefill.release_held("x")
-        dst, _ = decode.reserve("x", prompt, params)
-        decode.write_kv(dst, data[:, :, : len(dst)])
         bad = DraftStates(0, list(prompt), torch.full((len(prompt), width), value))
-        tokens = list(decode.start_reserved("x", first, None, bad).outputs[0].token_ids)
-        while decode.has_unfinished_requests():
-            for out in decode.step():
-                assert out.outputs[0].finish_reason != "error", out
-                tokens.extend(out.outputs[0].token_ids)
+        tokens = decode_with_states(prefill, decode, prompt, params, bad)
         if params.temperature == 0:
             assert tokens == ref
         else:

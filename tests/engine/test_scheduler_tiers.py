@@ -80,6 +80,27 @@ def fit_step_cost(sched: Scheduler, clock: Clock) -> None:
     assert abs(sched.policy.step_cost.fixed_tokens - 20.0) < 1e-6
 
 
+def offline_then_online(
+    sched: Scheduler, clock: Clock, offline: list[int], online: int, online_goal: int
+) -> tuple[list[Sequence], Sequence, dict[int, int]]:
+    """Offline sequences of the prompt lengths ``offline`` queued (their goals never reached),
+    the step cost fitted on them (``fit_step_cost``), then one online sequence of ``online``
+    prompt tokens added that ends at ``online_goal`` outputs: (offline, online, goals)."""
+    queued = [make_seq(n, "flex") for n in offline]
+    seq = make_seq(online, "default")
+    goals = {s.seq_id: 1000 for s in queued} | {seq.seq_id: online_goal}
+    for s in queued:
+        sched.add(s)
+    fit_step_cost(sched, clock)
+    sched.add(seq)
+    return queued, seq, goals
+
+
+def offline_tokens(out) -> int:
+    """The offline (``flex``) tokens a step scheduled."""
+    return sum(i.num_new_tokens for i in out.scheduled if i.seq.params.service_tier == "flex")
+
+
 def rank(sched: Scheduler, seq: Sequence) -> tuple[int, int]:
     """(rank, priority) as tier_policy.py states it: priority 0, default 2, flex 4; a flex
     sequence without a step for ``aging`` 3 (2 without a share), for twice that 2."""

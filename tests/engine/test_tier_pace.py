@@ -16,7 +16,14 @@ from services.engine.step_pace import (
     OnlinePace,
     StepCost,
 )
-from tests.engine.test_scheduler_tiers import Clock, fit_step_cost, make_sched, make_seq, step
+from tests.engine.test_scheduler_tiers import (
+    Clock,
+    make_sched,
+    make_seq,
+    offline_then_online,
+    offline_tokens,
+    step,
+)
 
 SHARE = 0.05
 
@@ -39,23 +46,13 @@ def prime(pace: OnlinePace, reference: float) -> None:
         pace.finished(done)
 
 
-def offline_tokens(out) -> int:
-    return sum(i.num_new_tokens for i in out.scheduled if i.seq.params.service_tier == "flex")
-
-
 def test_offline_work_fills_online_decode_steps_up_to_the_reference() -> None:
     """One online decode costs 20 + 1 tokens' worth; the reference is 30: offline work gets
     the 9 tokens between (the share alone gave it 1: 5 % of 21), every step, and the online
     request's mean step cost with them is the reference."""
     clock = Clock()
     sched = paced_sched(clock, reference=30.0)
-    offline = [make_seq(400, "flex") for _ in range(2)]
-    online = make_seq(8, "default")
-    goals = {s.seq_id: 1000 for s in offline} | {online.seq_id: 12}
-    for s in offline:
-        sched.add(s)
-    fit_step_cost(sched, clock)
-    sched.add(online)
+    offline, online, goals = offline_then_online(sched, clock, [400] * 2, 8, 12)
     out = step(sched, goals, clock)  # its prefill: the share of 20 + 8
     assert offline_tokens(out) == 1
     for _ in range(10):
@@ -72,12 +69,7 @@ def test_a_slow_online_request_holds_offline_work_to_its_share() -> None:
     request in its prefill to the share of the step; without them the step fills again."""
     clock = Clock()
     sched = paced_sched(clock, reference=30.0)
-    offline = make_seq(400, "flex")
-    slow = make_seq(4, "default")
-    goals = {offline.seq_id: 1000, slow.seq_id: 3}
-    sched.add(offline)
-    fit_step_cost(sched, clock)
-    sched.add(slow)
+    [offline], slow, goals = offline_then_online(sched, clock, [400], 4, 3)
     step(sched, goals, clock)  # its prefill
     slow.paced_steps, slow.paced_cost, slow.paced_offline = 10, 500.0, 25
     # 5 % of its 500 + 21 is 26.05 tokens' worth, 25 of them taken: 1 left
@@ -192,11 +184,7 @@ def test_step_log_writes_a_line_per_step(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("EPDSERVE_STEP_LOG", str(path))
     clock = Clock()
     sched = paced_sched(clock, reference=30.0)
-    offline, online = make_seq(400, "flex"), make_seq(8, "default")
-    goals = {offline.seq_id: 1000, online.seq_id: 5}
-    sched.add(offline)
-    fit_step_cost(sched, clock)
-    sched.add(online)
+    [offline], online, goals = offline_then_online(sched, clock, [400], 8, 5)
     for _ in range(3):
         step(sched, goals, clock)
     lines = [json.loads(line) for line in path.read_text().splitlines()]

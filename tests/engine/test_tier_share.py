@@ -9,7 +9,14 @@ from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig
 from services.engine.scheduler import Scheduler
 from services.engine.step_pace import PACE_MIN_REQUESTS
-from tests.engine.test_scheduler_tiers import BS, Clock, fit_step_cost, make_seq, step
+from tests.engine.test_scheduler_tiers import (
+    BS,
+    Clock,
+    make_seq,
+    offline_then_online,
+    offline_tokens,
+    step,
+)
 
 
 def default_sched(clock: Clock) -> Scheduler:
@@ -28,10 +35,6 @@ def default_sched(clock: Clock) -> Scheduler:
     return sched
 
 
-def offline_tokens(out) -> int:
-    return sum(i.num_new_tokens for i in out.scheduled if i.seq.params.service_tier == "flex")
-
-
 def test_default_share_holds_online_decode_steps_to_eight_percent() -> None:
     """A step costs 20 ms + 1 ms per token (fitted: 20 tokens' worth of fixed cost). With one
     online decode, 8 % of its 21 tokens' worth is 1.68 offline tokens a step: 1 or 2, 42 in
@@ -40,13 +43,7 @@ def test_default_share_holds_online_decode_steps_to_eight_percent() -> None:
     quiet CPU online TPOT P99 went to 1.09-1.40x online alone's (benchmarks/RESULTS.md)."""
     clock = Clock()
     sched = default_sched(clock)
-    offline = [make_seq(120, "flex") for _ in range(3)]
-    online = make_seq(8, "default")
-    goals = {s.seq_id: 1000 for s in offline} | {online.seq_id: 1000}
-    for s in offline:
-        sched.add(s)
-    fit_step_cost(sched, clock)
-    sched.add(online)
+    offline, online, goals = offline_then_online(sched, clock, [120] * 3, 8, 1000)
     step(sched, goals)  # its prefill
     taken = []
     for _ in range(25):
@@ -69,13 +66,7 @@ def test_no_offline_tokens_beside_an_online_prefill() -> None:
     clock = Clock()
     sched = default_sched(clock)
     sched.max_num_batched_tokens = 64
-    offline = [make_seq(120, "flex") for _ in range(3)]
-    first = make_seq(8, "default")
-    goals = {s.seq_id: 1000 for s in (*offline, first)}
-    for s in offline:
-        sched.add(s)
-    fit_step_cost(sched, clock)
-    sched.add(first)
+    offline, first, goals = offline_then_online(sched, clock, [120] * 3, 8, 1000)
     assert offline_tokens(step(sched, goals)) == 0  # its prefill
     assert [offline_tokens(step(sched, goals)) for _ in range(4)] != [0] * 4
     long = make_seq(150, "default")  # chunked: 63 + 63 + 24 tokens beside the decode
@@ -101,13 +92,7 @@ def test_offline_part_of_online_tpot_is_reported_without_the_pace() -> None:
     so with the new default the rebalancer would read offline tokens as online load."""
     clock = Clock()
     sched = default_sched(clock)
-    offline = [make_seq(120, "flex") for _ in range(3)]
-    online = make_seq(8, "default")
-    goals = {s.seq_id: 1000 for s in offline} | {online.seq_id: 11}
-    for s in offline:
-        sched.add(s)
-    fit_step_cost(sched, clock)
-    sched.add(online)
+    offline, online, goals = offline_then_online(sched, clock, [120] * 3, 8, 11)
     while not online.is_finished:
         step(sched, goals, clock)
     # 10 decode steps of 21 tokens' worth beside 1.68 offline tokens a step (16 of them)

@@ -6,8 +6,6 @@ judged (a worker starting, or restarting in place for a model load)."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 
 import grpc
 
@@ -16,6 +14,7 @@ from services.common.net import free_port
 from services.common.proto import health_pb2 as pb
 from services.common.proto import health_pb2_grpc as pb_grpc
 from services.worker.health import add_health, check
+from tests.silent_socket import silent_listener
 
 
 class Engine:
@@ -58,27 +57,7 @@ def test_health_check_answers_from_the_worker_loop() -> None:
 
 
 def test_probe_fails_on_silence_and_says_nothing_when_nothing_listens() -> None:
-    # A socket that accepts (the kernel's backlog, as for a SIGSTOPped process) and never reads.
-    silent = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        silent.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(silent.accept()[0])
-            except TimeoutError:
-                continue
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    try:
-        assert check(f"127.0.0.1:{silent.getsockname()[1]}", 1.0) is False
-    finally:
-        stop.set()
-        t.join(5)
-        for s in held:
-            s.close()
-        silent.close()
+    # A listener that accepts (the kernel's backlog, as for a SIGSTOPped process), never reads.
+    with silent_listener() as port:
+        assert check(f"127.0.0.1:{port}", 1.0) is False
     assert check(f"127.0.0.1:{free_port()}", 1.0) is None
