@@ -1,7 +1,10 @@
 """Build argparse flags from a config dataclass, so flags and config fields never drift apart.
 
 Each field becomes ``--field-name``; its help text comes from ``field(metadata={"help": ...})``.
-Supported field types: str, int, float, bool, ``X | None`` of those (``none`` sets None), and ``list[str]``.
+Supported field types: str, int, float, bool, ``X | None`` of those, and ``list[str]``. ``none``
+sets an optional int or float to None; a ``str | None`` field takes "none" as its text (a path
+or a name may be "none"), so such a field must default to None (leaving the flag out is its
+off switch).
 """
 
 from __future__ import annotations
@@ -59,11 +62,12 @@ def add_dataclass_args(
             # --flag / --no-flag
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            # NOTE: "none" sets an optional field to None: the off switch of one whose default
-            # is not None (--offline-step-share none), and still accepted once a default
-            # becomes None (--offline-tpot-quantile none, which the Helm chart writes for
-            # "none", was the pace's off switch when it was on by default).
-            kwargs["type"] = _none_or(tp) if optional else tp
+            # NOTE: "none" sets an optional number to None: the off switch of one whose
+            # default is not None (--offline-step-share none), and still accepted once a
+            # default becomes None (--offline-tpot-quantile none, which the Helm chart writes
+            # for "none", was the pace's off switch when it was on by default). Text stays
+            # text: --model none names a path "none" (the chart writes str fields as given).
+            kwargs["type"] = _none_or(tp) if optional and tp is not str else tp
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
             kwargs["metavar"] = f.name.upper()
@@ -100,8 +104,8 @@ def parse_assignments(cls: type, items: list[str]) -> dict[str, Any]:
         if not sep or key not in fields_:
             raise ValueError(f"expected KEY=VALUE with KEY a field of {cls.__name__}, got {item!r}")
         tp, optional = _base_type(hints[key])
-        if optional and text.lower() in ("", "none"):
-            out[key] = None
+        if optional and (text == "" or (tp is not str and text.strip().lower() == "none")):
+            out[key] = None  # "none" is text for a str field, as on the command line
         elif tp is bool:
             try:
                 out[key] = _parse_bool(text)
@@ -120,6 +124,7 @@ def parse_assignments(cls: type, items: list[str]) -> dict[str, Any]:
 def to_argv(obj: Any, skip: frozenset[str] = frozenset()) -> list[str]:
     """The inverse of ``from_args``: flags that rebuild ``obj`` (non-default fields only)."""
     argv: list[str] = []
+    hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         if f.name in skip or not f.init:
             continue
@@ -137,6 +142,9 @@ def to_argv(obj: Any, skip: frozenset[str] = frozenset()) -> list[str]:
         elif isinstance(value, list):
             argv += [flag, *map(str, value)]
         elif value is None:  # the default is not None (else value == default)
+            if _base_type(hints[f.name])[0] is str:
+                raise ValueError(f"{f.name}: None cannot be written as a flag (\"none\" is text "
+                                 "for a str field); give the field the default None")  # fmt: skip
             argv += [flag, "none"]
         else:
             argv += [flag, str(value)]

@@ -97,3 +97,52 @@ def test_a_nan_setting_is_refused(cls, name: str) -> None:
     with pytest.raises(ValueError, match=f"{name} must be a number, got nan"):
         cls(**{name: float("nan")})
     cls(**{name: 1.0})
+
+
+def test_none_is_text_for_a_str_field() -> None:
+    """--model none names a path "none" (it was read as None for every optional field, so a
+    str field could never be set to "none"); optional numbers still take "none" as None, on
+    the command line and in KEY=VALUE alike."""
+    from services.common.dataclass_cli import parse_assignments
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, RouterConfig)
+    cfg = from_args(RouterConfig, parser.parse_args(["--model", "none", "--batch-dir", "None",
+                                                     "--max-tokens-limit", "none"]))  # fmt: skip
+    assert (cfg.model, cfg.batch_dir, cfg.max_tokens_limit) == ("none", "None", None)
+    items = ["model=none", "served_model_name=", "max_model_len=none"]
+    want = {"model": "none", "served_model_name": None, "max_model_len": None}
+    assert parse_assignments(EngineConfig, items) == want
+
+
+def test_every_optional_str_field_defaults_to_none() -> None:
+    """A str | None field has no "none" off switch, so only its default can be None: to_argv
+    refuses to write None for one whose default is not (it would come back as "none")."""
+    import dataclasses
+    import typing
+
+    from services.bench.config import BenchConfig
+    from services.cli.up import RestartPolicy
+    from services.common.dataclass_cli import _base_type
+    from services.kvstore.config import KVStoreConfig
+
+    for cls in (
+        EngineConfig,
+        RouterConfig,
+        WorkerConfig,
+        KVStoreConfig,
+        BenchConfig,
+        RestartPolicy,
+    ):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp, optional = _base_type(hints[f.name])
+            if optional and tp is str:
+                assert f.default is None, f"{cls.__name__}.{f.name}"
+
+    @dataclasses.dataclass
+    class Odd:
+        name: str | None = "x"
+
+    with pytest.raises(ValueError, match="name: None cannot be written"):
+        to_argv(Odd(name=None))
