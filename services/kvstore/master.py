@@ -1,9 +1,15 @@
-"""Runs `mooncake_master` as a child process and restarts it when it dies.
+"""Runs `mooncake_master` as a child process and restarts it when it dies or stops answering.
 
 The master holds Mooncake Store's metadata; its restart loses every stored object (the
 store is a cache). The supervisor keeps the same ports across restarts so that workers'
-store clients reconnect to the same address, and tells its owner about each restart so the
-global index drops the STORE tier it can no longer vouch for.
+store clients reconnect to the same address (Mooncake's client re-mounts its segment on a
+new master by itself), and tells its owner about each restart so the global index drops the
+STORE tier it can no longer vouch for.
+
+A master that is alive but does not answer (SIGSTOP, a deadlock) is found by an HTTP probe
+of its health endpoint, not by a TCP connect: the kernel completes the handshake for a
+stopped process. After ``PROBE_FAILURES`` unanswered probes in a row it is killed, and the
+restart path above takes over.
 """
 
 from __future__ import annotations
@@ -25,6 +31,13 @@ log = logging.getLogger(__name__)
 
 # How long a fresh master may take to accept connections before it counts as failed.
 START_TIMEOUT_S = 20.0
+# Liveness of a running master: a probe every PROBE_PERIOD_S, failed when not answered
+# within PROBE_TIMEOUT_S; PROBE_FAILURES in a row kill it. A local answer takes
+# milliseconds, so three 3 s misses are no slow master even at a load of 25; a false kill
+# would only empty the cache.
+PROBE_PERIOD_S = 2.0
+PROBE_TIMEOUT_S = 3.0
+PROBE_FAILURES = 3
 
 
 def find_master_binary(name: str = "mooncake_master") -> str:
@@ -97,6 +110,25 @@ async def _port_open(host: str, port: int, timeout: float = 1.0) -> bool:
     return True
 
 
+async def http_answers(host: str, port: int, path: str, timeout: float) -> bool:
+    """Whether an HTTP server answers ``GET path`` with a status line within ``timeout``
+    (any status passes: the process is serving). Raw HTTP/1.0 on a socket: no proxy, no
+    thread, and a stopped peer costs only the timeout."""
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            await writer.drain()
+            line = await reader.readline()
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+    return line.startswith(b"HTTP/")
+
+
 class MasterSupervisor:
     """Keeps one `mooncake_master` running. ``on_restart`` is called (on the event loop)
     each time a new master process replaces one that died."""
@@ -107,6 +139,9 @@ class MasterSupervisor:
         ports: MasterPorts,
         on_restart: Callable[[], None] | None = None,
         max_backoff_s: float = 5.0,
+        probe_period_s: float = PROBE_PERIOD_S,
+        probe_timeout_s: float = PROBE_TIMEOUT_S,
+        probe_failures: int = PROBE_FAILURES,
     ) -> None:
         self.argv = argv
         self.ports = ports
@@ -115,6 +150,8 @@ class MasterSupervisor:
         self.ready = asyncio.Event()  # set while a started master accepts connections
         self.proc: asyncio.subprocess.Process | None = None
         self._max_backoff_s = max_backoff_s
+        self._probe = (probe_period_s, probe_timeout_s, probe_failures)
+        self.probe_kills = 0  # masters killed for not answering (tests and logs read it)
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -168,8 +205,7 @@ class MasterSupervisor:
                             self.on_restart()
                     started_once = True
                     backoff = 0.2
-                    assert self.proc is not None
-                    code = await self.proc.wait()
+                    code = await self._watch()
                     self.ready.clear()
                     log.error("mooncake_master exited with %s; restarting", code)
                 else:
@@ -178,6 +214,35 @@ class MasterSupervisor:
                 backoff = min(backoff * 2, self._max_backoff_s)
         finally:
             await asyncio.shield(self._terminate())
+
+    async def _watch(self) -> int:
+        """Wait for the running master to exit, probing it meanwhile; one that stops
+        answering is killed (SIGKILL works on a stopped process too). Its exit code."""
+        proc = self.proc
+        assert proc is not None
+        period, timeout, limit = self._probe
+        exited = asyncio.ensure_future(proc.wait())
+        failed = 0
+        try:
+            while True:
+                done, _ = await asyncio.wait({exited}, timeout=period)
+                if done:
+                    return exited.result()
+                if await http_answers(self.ports.host, self.ports.metrics_port, "/health", timeout):
+                    failed = 0
+                    continue
+                failed += 1
+                if failed < limit or proc.returncode is not None:
+                    continue
+                log.error("mooncake_master (pid %s) did not answer %d health probes in a row "
+                          "(%.0f s apart, %.0f s each): killing it", proc.pid, failed,
+                          period, timeout)  # fmt: skip
+                self.probe_kills += 1
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                return await exited
+        finally:
+            exited.cancel()
 
     async def _start_one(self) -> bool:
         """Start a master and wait until its RPC port answers; False if it did not."""
