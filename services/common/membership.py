@@ -23,6 +23,7 @@ from etcd3aio import Etcd3Client, prefix_range_end
 
 from services.common.aio import cancel_and_wait
 from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
+from services.common.lease_keeper import LOST, RESUMED, LeaseKeeper
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class Registrar:
         info: InstanceInfo,
         ttl: int = 5,
         prefix: str | None = None,  # default: the workers' instances prefix
+        stall_limit_s: float | None = None,  # see LeaseKeeper; None: default_stall_limit
     ):
         if ttl < 2:
             raise ValueError("lease ttl must be >= 2 seconds")
@@ -118,6 +120,11 @@ class Registrar:
         self._client: Etcd3Client | None = None
         self._task: asyncio.Task[None] | None = None
         self._dirty = asyncio.Event()  # info changed: put again
+        # (lease, kind, detail): the lease keeper's news (LOST, RESUMED), or (0, "", "")
+        # from update() so that a change is put at once.
+        self._news: asyncio.Queue[tuple[int, str, str]] = asyncio.Queue()
+        self.stall_limit_s = stall_limit_s
+        self._tick = 0.0  # when this loop last ran the registration (the keeper reads it)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="etcd-registrar")
@@ -126,6 +133,7 @@ class Registrar:
         """Change advertised fields (role, epoch, draining); the new value is put shortly."""
         self.info = dataclasses.replace(self.info, **changes)
         self._dirty.set()
+        self._news.put_nowait((0, "", ""))
 
     async def stop(self, deregister: bool = True) -> None:
         await cancel_and_wait(self._task)
@@ -201,48 +209,40 @@ class Registrar:
         self.registrations += 1
         self.registered.set()
         log.info("registered %s (lease %x)", self.key, self._lease_id)
-        last_ok = time.monotonic()
-        interval = max(0.5, self.ttl / 3)
-        while True:
-            try:
-                await asyncio.wait_for(self._dirty.wait(), timeout=interval)
-            except TimeoutError:
-                pass
-            if self._dirty.is_set():
-                self._dirty.clear()
-                await c.kv.put(
-                    self.key, self.info.to_json(), lease=self._lease_id, timeout=ETCD_OP_TIMEOUT_S
-                )
-            try:
-                ttl = await asyncio.wait_for(self._keep_alive_once(c), timeout=ETCD_OP_TIMEOUT_S)
-            except Exception as exc:
-                if time.monotonic() - last_ok > self.ttl:
-                    raise RuntimeError(f"lease keep-alive failing for > ttl: {exc}") from exc
-                continue
-            if ttl <= 0:
-                raise RuntimeError("lease expired")
-            if time.monotonic() - last_ok > interval * 2:
-                # We came back from an outage with the lease alive: make sure the key is there
-                # too (etcd may have been restored or wiped meanwhile).
-                await c.kv.put(
-                    self.key, self.info.to_json(), lease=self._lease_id, timeout=ETCD_OP_TIMEOUT_S
-                )
-            last_ok = time.monotonic()
+        # The refreshes run in a thread of their own (lease_keeper.py): this loop may be
+        # busy for seconds. It reports here, and this loop shows it is alive by ticking.
+        loop, lease = asyncio.get_running_loop(), self._lease_id
 
-    async def _keep_alive_once(self, c: Etcd3Client) -> int:
-        return await keep_alive_once(c, self._lease_id)
+        def tell(kind: str, detail: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody to tell
+                loop.call_soon_threadsafe(self._news.put_nowait, (lease, kind, detail))
 
-
-async def keep_alive_once(c: Etcd3Client, lease_id: int) -> int:
-    """Refresh a lease once; returns its TTL (0 or less: it expired)."""
-    assert c.lease is not None
-    call = c.lease.keep_alive(lease_id)
-    try:
-        async for resp in call:
-            return int(resp.TTL)
-        raise RuntimeError("keep-alive stream closed")
-    finally:
-        call.cancel()
+        keeper = LeaseKeeper(self.endpoints, self._lease_id, self.ttl, lambda: self._tick, tell,
+                             self.stall_limit_s)  # fmt: skip
+        self._tick = time.monotonic()
+        keeper.start()
+        try:
+            while True:
+                self._tick = time.monotonic()
+                about, kind = 0, ""
+                with contextlib.suppress(TimeoutError):
+                    about, kind, detail = await asyncio.wait_for(self._news.get(),
+                                                                 timeout=keeper.interval)  # fmt: skip
+                self._tick = time.monotonic()
+                if about not in (0, lease):
+                    continue  # from the keeper of a lease given up before
+                if kind == LOST:
+                    raise RuntimeError(detail)
+                if kind == RESUMED or self._dirty.is_set():
+                    # RESUMED: back from an outage with the lease alive; the key may have gone
+                    # meanwhile (etcd restored or wiped), so put it again.
+                    self._dirty.clear()
+                    await c.kv.put(
+                        self.key, self.info.to_json(), lease=self._lease_id,
+                        timeout=ETCD_OP_TIMEOUT_S,
+                    )  # fmt: skip
+        finally:
+            keeper.stop()
 
 
 Listener = Callable[[dict[str, InstanceInfo]], None]

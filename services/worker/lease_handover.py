@@ -24,7 +24,7 @@ import time
 from etcd3aio import Etcd3Client
 
 from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
-from services.common.membership import keep_alive_once
+from services.common.lease_keeper import keep_alive_once
 
 log = logging.getLogger(__name__)
 

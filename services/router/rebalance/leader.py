@@ -17,8 +17,8 @@ from etcd3aio import Etcd3Client
 
 from services.common.aio import cancel_and_wait
 from services.common.etcd_client import ETCD_OP_TIMEOUT_S
+from services.common.lease_keeper import keep_alive_once
 from services.common.leased_loop import run_leased
-from services.common.membership import keep_alive_once
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,119 @@
+"""A worker's etcd lease is refreshed from a thread of its own (services/common/lease_keeper.py):
+an event loop blocked for longer than the TTL keeps its key in etcd, and one stuck past the
+keeper's bound lets it lapse and registers again once it runs. Real etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+
+from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
+from services.common.etcd_server import EtcdServer
+from services.common.membership import InstanceInfo, Registrar, instance_key
+
+pytestmark = pytest.mark.timeout(120)
+TTL = 2
+
+
+@pytest.fixture(scope="module")
+def etcd():
+    with EtcdServer() as server:
+        yield server
+
+
+def info(iid: str) -> InstanceInfo:
+    return InstanceInfo(iid, "127.0.0.1:1", "mixed", 1, "m", "inc", os.getpid(), "h")
+
+
+class KeyLog:
+    """Reads one key from etcd every 0.1 s in a thread (with a loop and client of its own,
+    so the blocked loop under test cannot hold it up): the times it was absent."""
+
+    def __init__(self, endpoint: str, key: str) -> None:
+        self.endpoint, self.key = endpoint, key
+        self.reads = 0
+        self.missing = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        client = await connect_etcd([self.endpoint])
+        try:
+            while not self._stop.is_set():
+                resp = await client.kv.get(self.key, timeout=ETCD_OP_TIMEOUT_S)  # type: ignore[union-attr]
+                self.reads += 1
+                self.missing += not resp.kvs
+                await asyncio.sleep(0.1)
+        finally:
+            await client.close()
+
+    def __enter__(self) -> KeyLog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+async def registered(reg: Registrar) -> None:
+    await asyncio.wait_for(reg.registered.wait(), 15)
+
+
+def test_a_loop_blocked_longer_than_the_ttl_keeps_its_key(etcd: EtcdServer) -> None:
+    async def scenario() -> None:
+        reg = Registrar([etcd.endpoint], "lk1", info("w1"), ttl=TTL)
+        await reg.start()
+        try:
+            await registered(reg)
+            with KeyLog(etcd.endpoint, instance_key("lk1", "w1")) as keys:
+                await asyncio.sleep(0.5)
+                time.sleep(3 * TTL)  # NOTE: blocks the loop, as a long synchronous call does
+                await asyncio.sleep(TTL)  # the old code noticed its lapsed lease here
+            assert keys.reads > 3 * TTL * 5  # the reader ran throughout
+            assert keys.missing == 0
+            assert reg.registrations == 1  # never lost, so never registered again
+        finally:
+            await reg.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_loop_stuck_past_the_bound_lets_the_lease_lapse(etcd: EtcdServer) -> None:
+    async def scenario() -> None:
+        reg = Registrar([etcd.endpoint], "lk2", info("w2"), ttl=TTL, stall_limit_s=1.0)
+        await reg.start()
+        try:
+            await registered(reg)
+            with KeyLog(etcd.endpoint, instance_key("lk2", "w2")) as keys:
+                time.sleep(3 * TTL + 1)  # past the 1 s bound, and the TTL after it
+                missing = keys.missing
+            assert missing > 0  # a process whose loop is stuck leaves membership
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 15
+            while reg.registrations < 2:  # running again: it registers again
+                assert loop.time() < deadline, "never registered again"
+                await asyncio.sleep(0.1)
+        finally:
+            await reg.stop()
+
+    asyncio.run(scenario())
+
+
+def test_stop_ends_the_refreshes(etcd: EtcdServer) -> None:
+    async def scenario() -> None:
+        reg = Registrar([etcd.endpoint], "lk3", info("w3"), ttl=TTL)
+        await reg.start()
+        await registered(reg)
+        await reg.stop(deregister=False)  # like kill -9 of the loop's owner: no revoke
+        with KeyLog(etcd.endpoint, instance_key("lk3", "w3")) as keys:
+            await asyncio.sleep(2 * TTL + ETCD_OP_TIMEOUT_S)
+        assert keys.missing > 0  # nobody refreshes the lease any more
+        threads = [t.name for t in threading.enumerate()]
+        assert "etcd-lease-keeper" not in threads
+
+    asyncio.run(scenario())
