@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 
 from services.cli.launcher import ClusterSpec, LocalCluster
+from services.common.grpc_utils import role_to_pb
 from services.common.proto import kvstore_pb2 as kpb
 from services.common.proto import kvstore_pb2_grpc as kpb_grpc
 from services.common.proto import worker_pb2 as pb
@@ -163,6 +164,17 @@ def wait_for(pred, timeout: float = 60.0, what: str = "condition", every: float 
             return got
         time.sleep(every)
     raise AssertionError(f"{what} not seen within {timeout:.0f}s")
+
+
+def set_roles(c: LocalCluster, roles: dict[str, str]) -> None:
+    """Flip workers by their SetRole call (the admin API refuses to leave no mixed worker),
+    then wait until each serves in its new role."""
+    for worker_id, role in roles.items():
+        with grpc.insecure_channel(workers(c)[worker_id]["address"]) as ch:
+            pb_grpc.WorkerServiceStub(ch).SetRole(pb.SetRoleRequest(role=role_to_pb(role)),
+                                                  timeout=30)  # fmt: skip
+    wait_for(lambda: all((w := workers(c)[i])["role"] == r and w["state"] == "serving"
+                         for i, r in roles.items()), 30, f"roles {roles}")  # fmt: skip
 
 
 def kvstore_stub(c: LocalCluster) -> tuple[grpc.Channel, kpb_grpc.KVIndexServiceStub]:

@@ -7,14 +7,10 @@ counters grow exactly as the co-located workers' did on the same prompts."""
 
 from __future__ import annotations
 
-import grpc
 import pytest
-from cluster_helpers import start_cluster, wait_for, workers
+from cluster_helpers import set_roles, start_cluster
 from test_pd_eagle3 import COUNTERS, complete, eagle3_spec, spec_counters
 
-from services.common.grpc_utils import role_to_pb
-from services.common.proto import worker_pb2 as pb
-from services.common.proto import worker_pb2_grpc as pb_grpc
 from tests.deps import MOONCAKE, require
 from tests.engine.test_speculative import repetitive_prompts
 
@@ -32,15 +28,6 @@ def cluster(tiny_model_dir, tmp_path_factory):
     c = start_cluster(model, workers=2, engine_overrides=engine)
     yield c
     c.stop()
-
-
-def set_roles(cluster, roles: dict[str, str]) -> None:
-    for worker_id, role in roles.items():
-        with grpc.insecure_channel(workers(cluster)[worker_id]["address"]) as ch:
-            pb_grpc.WorkerServiceStub(ch).SetRole(pb.SetRoleRequest(role=role_to_pb(role)),
-                                                  timeout=30)  # fmt: skip
-    wait_for(lambda: all((w := workers(cluster)[i])["role"] == r and w["state"] == "serving"
-                         for i, r in roles.items()), 30, f"roles {roles}")  # fmt: skip
 
 
 def test_pd_tp2_drafts_and_accepts_as_colocated_tp2(cluster):

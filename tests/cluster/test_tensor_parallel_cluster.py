@@ -26,13 +26,13 @@ from cluster_helpers import (
     children,
     cli,
     load_report,
+    set_roles,
     start_cluster,
     wait_for,
     workers,
 )
 from test_failover import Traffic
 
-from services.common.grpc_utils import role_to_pb
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.engine import LLM, SamplingParams
@@ -100,16 +100,6 @@ def test_tp2_workers_equal_one_device(cluster, tiny_model_dir) -> None:
                 r = c.post("/v1/completions", json=body)
                 assert r.status_code == 200, r.text
                 assert r.json()["choices"][0]["text"] == text
-
-
-def set_roles(cluster, roles: dict[str, str]) -> None:
-    """Flip workers by their SetRole call (the admin API refuses to leave no mixed worker)."""
-    for worker_id, role in roles.items():
-        with grpc.insecure_channel(workers(cluster)[worker_id]["address"]) as ch:
-            pb_grpc.WorkerServiceStub(ch).SetRole(pb.SetRoleRequest(role=role_to_pb(role)),
-                                                  timeout=30)  # fmt: skip
-    wait_for(lambda: all((w := workers(cluster)[i])["role"] == r and w["state"] == "serving"
-                         for i, r in roles.items()), 30, f"roles {roles}")  # fmt: skip
 
 
 def test_pd_with_tp2_equals_colocated_tp2(cluster) -> None:
