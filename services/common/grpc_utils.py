@@ -69,6 +69,7 @@ def failure_kind(exc: grpc.RpcError) -> str | None:
             return value if isinstance(value, str) else value.decode()
     return None
 
+
 ROLES = ("mixed", "prefill", "decode", "encode")
 _ROLE_TO_PB: dict[str, pb.Role] = {
     "mixed": pb.ROLE_MIXED, "prefill": pb.ROLE_PREFILL, "decode": pb.ROLE_DECODE,

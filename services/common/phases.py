@@ -151,4 +151,3 @@ class PhaseInterceptor(grpc.aio.ServerInterceptor):
                 call.span.end(error=error)
 
         return timed
-

@@ -76,7 +76,9 @@ class Span:
 
     def event(self, name: str, at: float | None = None) -> None:
         if self._otel is not None:
-            self._otel.add_event(name, timestamp=wall_ns(at if at is not None else time.monotonic()))
+            self._otel.add_event(
+                name, timestamp=wall_ns(at if at is not None else time.monotonic())
+            )
 
     def end(self, at: float | None = None, error: str | None = None) -> None:
         """End the span at ``at`` (default: now); ``error`` marks it failed."""

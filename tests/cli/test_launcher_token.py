@@ -13,4 +13,3 @@ def test_generated_admin_tokens_never_look_like_an_option(tmp_path):
     for _ in range(200):
         token = LocalCluster(ClusterSpec(admin_dir=str(tmp_path))).admin_token
         assert re.fullmatch(r"[0-9a-f]{64}", token), token
-

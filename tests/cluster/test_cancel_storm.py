@@ -69,7 +69,9 @@ def held_requests(cluster) -> list[tuple[list[str], list[str]]]:
 
     async def ask(address: str) -> tuple[list[str], list[str]]:
         async with grpc.aio.insecure_channel(address) as ch:
-            r = await pb_grpc.WorkerServiceStub(ch).ListRequests(pb.ListRequestsRequest(), timeout=5)
+            r = await pb_grpc.WorkerServiceStub(ch).ListRequests(
+                pb.ListRequestsRequest(), timeout=5
+            )
             return list(r.request_ids), list(r.reserved_ids)
 
     return [asyncio.run(ask(w.ready_field("address"))) for w in cluster.workers]

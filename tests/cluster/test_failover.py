@@ -103,7 +103,9 @@ def test_etcd_restart_keeps_serving_and_workers_reregister(cluster) -> None:
         )
         time.sleep(1.0)
     assert traffic.statuses and set(traffic.statuses) == {200}, (
-        traffic.statuses, traffic.failures, "\n".join(cluster.router.tail)
+        traffic.statuses,
+        traffic.failures,
+        "\n".join(cluster.router.tail),
     )
     assert during > 3, "requests should have been answered while etcd was down"
     status, health = worker_health(cluster.base_url, cluster.admin_token)
@@ -132,7 +134,9 @@ def test_kill_9_one_worker(cluster) -> None:
     # A request not yet started on the dead worker is retried on the other one; one already
     # streaming from it at the moment of the kill is continued there (migration).
     assert traffic.statuses and set(traffic.statuses) == {200}, (
-        traffic.statuses, traffic.failures, "\n".join(cluster.router.tail)
+        traffic.statuses,
+        traffic.failures,
+        "\n".join(cluster.router.tail),
     )
     assert traffic.statuses[-5:] == [200] * 5
     assert _etcd_instances(cluster.etcd.endpoint, "test") == {"worker-1"}

@@ -102,7 +102,9 @@ def test_one_trace_per_request_across_router_and_workers(requests_sent, collecto
             assert served.parent_id == call.span_id  # the context crossed in gRPC metadata
             assert served.attributes["epdserve.worker.id"] == wid
             assert served.attributes["epdserve.worker.role"] == role
-            assert served.attributes["epdserve.request.id"] in root.attributes["epdserve.request.id"]
+            assert (
+                served.attributes["epdserve.request.id"] in root.attributes["epdserve.request.id"]
+            )
         for phase, call in (("reserve", "Reserve"), ("prefill", "Prefill"),
                             ("kv_transfer", "Prefill"), ("decode_queue", "Decode")):  # fmt: skip
             assert worker[phase].parent_id == worker[call].span_id, phase

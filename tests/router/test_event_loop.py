@@ -243,4 +243,6 @@ def test_text_size_counts_the_text_the_template_renders() -> None:
     ]
     assert text_size(messages) == 5
     tools = [{"type": "function", "function": {"name": "f"}}]
-    assert text_size(messages, tools) == 5 + len('[{"type": "function", "function": {"name": "f"}}]')
+    assert text_size(messages, tools) == 5 + len(
+        '[{"type": "function", "function": {"name": "f"}}]'
+    )
