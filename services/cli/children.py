@@ -160,7 +160,7 @@ class EtcdChild:
     """The cluster's etcd as a supervised child: restarted on the same ports and data."""
 
     name = label = "etcd"
-    ready_line = None  # it prints none
+    ready_line: str | None = None  # it prints none (typed as Child says: mypy)
 
     def __init__(self, etcd: EtcdServer) -> None:
         self.etcd = etcd

@@ -31,15 +31,15 @@ def backend_decode(tokenizer: Any) -> Callable[[list[int], bool], str] | None:
         from transformers.tokenization_utils_tokenizers import TokenizersBackend
     except ImportError:
         return None
-    rust = getattr(tokenizer, "_tokenizer", None)
+    decode = getattr(getattr(tokenizer, "_tokenizer", None), "decode", None)
     if (
         not isinstance(tokenizer, TokenizersBackend)
         or type(tokenizer)._decode is not TokenizersBackend._decode
         or getattr(tokenizer, "clean_up_tokenization_spaces", False)
-        or not callable(getattr(rust, "decode", None))
+        or not callable(decode)
     ):
         return None
-    return rust.decode
+    return decode
 
 
 class IncrementalDetokenizer:

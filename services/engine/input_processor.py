@@ -17,6 +17,7 @@ Where the coming features plug in:
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from services.engine.block_hash import ROOT_HASH
@@ -89,7 +90,7 @@ class InputProcessor:
         """Size of the output vocabulary (the rows of the logits)."""
         return int(self.model.vocab_size)
 
-    def check_output_tokens(self, token_ids: list[int], what: str) -> None:
+    def check_output_tokens(self, token_ids: Iterable[int], what: str) -> None:
         """ValueError unless every id of ``token_ids`` (generated elsewhere: a migrated
         request's outputs, a PD decode's first token) is in the vocabulary."""
         vocab = self.vocab_size

@@ -323,7 +323,15 @@ class LLMEngine(PDHandoff):
             prompt_tokens_computed=self.num_prompt_tokens_computed
             + (pooled.num_tokens_computed if pooled else 0),
             spec=self.scheduler.speculator.stats if self.scheduler.speculator else None,
-            **(self.tiers.stats_fields() if self.tiers is not None else {}),
-            **offline_stats(self.scheduler.waiting, self.scheduler.running, self.reserved.values()),
-            **self.scheduler.policy.stats_fields(),
+            **self._stats_parts(),
         )
+
+    def _stats_parts(self) -> dict[str, Any]:
+        """EngineStats' fields from the KV tiers, the offline work and the tier policy (ints
+        and floats: typed Any, as mypy cannot match a ** dict to fields of both)."""
+        sched = self.scheduler
+        return {
+            **(self.tiers.stats_fields() if self.tiers is not None else {}),
+            **offline_stats(sched.waiting, sched.running, self.reserved.values()),
+            **sched.policy.stats_fields(),
+        }

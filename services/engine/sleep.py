@@ -16,13 +16,14 @@ the step thread (``AsyncLLMEngine.call``), with no request in the engine.
 from __future__ import annotations
 
 import ctypes
+import io
 import logging
 import mmap
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -113,7 +114,7 @@ class EngineSleep:
         # The weights' file: anonymous (unlinked, or O_TMPFILE), so that its space comes back
         # when the process ends however it ends. NOTE: a named file outlived a worker stopped
         # or restarted with another model (os.execv) while asleep: a model's weights, fp32.
-        self._file: IO[bytes] | None = None
+        self._file: io.BufferedRandom | None = None  # readinto: what tempfile gives
         self._storages: list[torch.UntypedStorage] = []
         # Packed weights to pack again on waking, with their dense shape and dtype.
         self._linears: list[tuple[OneDNNLinear, tuple[tuple[int, ...], torch.dtype]]] = []

@@ -336,6 +336,7 @@ def whole_embedding(target: ModelRunner) -> torch.nn.Embedding:
     tensor = read_tensor(str(target.model_path), EMBEDDING_NAMES)
     if tensor is None:
         raise ValueError(f"no {EMBEDDING_NAMES[0]} in the target checkpoint {target.model_path}")
-    embedding = torch.nn.Embedding(*tensor.shape, device=target.device, dtype=target.dtype)
+    rows, width = tensor.shape
+    embedding = torch.nn.Embedding(rows, width, device=target.device, dtype=target.dtype)
     embedding.weight.requires_grad_(False).copy_(tensor)
     return embedding
