@@ -118,7 +118,8 @@ class LeaseKeeper:
                         keep_alive_once(client, self.lease_id), ETCD_OP_TIMEOUT_S
                     )
                 except Exception as exc:  # noqa: BLE001 - any etcd trouble: a fresh client
-                    client = await _closed(client)
+                    await _closed(client)
+                    client = None
                     if time.monotonic() - last_ok > self.ttl:
                         self._tell(LOST, f"lease keep-alive failing for > ttl: {exc!r}")
                         return
@@ -139,7 +140,6 @@ async def _closed(client: Etcd3Client | None) -> None:
     if client is not None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.close(), ETCD_OP_TIMEOUT_S)
-    return None
 
 
 async def keep_alive_once(c: Etcd3Client, lease_id: int) -> int:
