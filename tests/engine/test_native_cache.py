@@ -149,3 +149,20 @@ def test_processes_building_at_once_all_load_a_whole_library(tmp_path):
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
     assert not list((tmp_path / "cache").glob(".build-*"))  # no temporary file left
+
+
+def test_a_changed_header_rebuilds_the_kernels_that_include_it(fresh, monkeypatch, tmp_path):
+    """csrc/epd_exp.h is shared by two kernels: a cache keyed on the .c file alone would keep
+    loading a library built from the old header (fails on the old code: one key, one build)."""
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "k.c").write_text('#include "k.h"\nint k(void) { return K; }\n')
+    (csrc / "k.h").write_text("#define K 1\n")
+    monkeypatch.setattr(native, "CSRC", csrc)
+    first = native.library("k")
+    assert first is not None and first.k() == 1
+    (csrc / "k.h").write_text("#define K 2\n")
+    native._cache.clear()  # a new process
+    second = native.library("k")
+    assert second is not None and second.k() == 2
+    assert len(list((tmp_path / "cache").glob("k-*.so"))) == 2

@@ -12,11 +12,11 @@ How: the C file is compiled with the host's C compiler (``$CC``, else ``cc``/``g
 ``-march=native``, so the instruction set is picked on the machine that runs it (AVX-512
 where the CPU has it, AVX2 elsewhere), with OpenMP (the process shares torch's libgomp: it is
 loaded first). No torch headers: the build takes about a second. The library is cached under
-``$EPDSERVE_KERNEL_CACHE`` (default ``~/.cache/epdserve/kernels``), keyed by the source, the
-flags and the CPU's feature flags; it is written to a temporary name and renamed, so processes
-building at once do not see a half-written file, and a digest beside it must match before a
-cached file is loaded (a corrupt one is rebuilt). An unwritable cache builds into a private
-folder. Without a compiler, on a failed or hung build (``BUILD_TIMEOUT_S``), or with
+``$EPDSERVE_KERNEL_CACHE`` (default ``~/.cache/epdserve/kernels``), keyed by the source (with
+csrc's headers: ``epd_exp.h``), the flags and the CPU's feature flags; it is written to a
+temporary name and renamed, so processes building at once do not see a half-written file, and
+a digest beside it must match before a cached file is loaded (a corrupt one is rebuilt). An
+unwritable cache builds into a private folder. Without a compiler, on a failed or hung build (``BUILD_TIMEOUT_S``), or with
 ``EPDSERVE_CPU_KERNELS=0``, ``paged_decode()`` is None and callers keep their torch path.
 """
 
@@ -183,7 +183,9 @@ def _build(name: str) -> ctypes.CDLL | None:
         return None
     cpu = _cpu_flags()
     flags = _compile_flags(cpu)
-    text = "\0".join([source.read_text(), *cmd, *flags, cpu])
+    # NOTE: the headers of csrc/ (epd_exp.h) are part of the key: a changed header rebuilds.
+    headers = [h.read_text() for h in sorted(CSRC.glob("*.h"))]
+    text = "\0".join([source.read_text(), *headers, *cmd, *flags, cpu])
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     target = _cache_dir() / f"{name}-{key}.so"
     lib = _cached(target, name)

@@ -18,38 +18,12 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "epd_exp.h"
+
 /* Below this many elements a call runs on the calling thread alone (no OpenMP region): a
  * decode batch of the default model is 64 x 576; waking a passive thread costs tens of
  * microseconds, the work a few. */
 #define PARALLEL_MIN_ELEMS (1 << 17)
-
-/* exp(x) in plain arithmetic that vectorizes (libm's expf does not, without fast-math):
- * exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by a degree-6
- * polynomial (Cephes' expf coefficients, about 1 ulp). Clamped to [-87.3, 88.3]: 0 and inf
- * are not reached, which silu does not need (g / (1 + e^88) is 0 to fp32 precision for the
- * g that reach it). NaN stays NaN. */
-static inline float exp_clamped(float x) {
-    x = x < -87.3f ? -87.3f : x;
-    x = x > 88.3f ? 88.3f : x;
-    /* Round to nearest even by adding and subtracting 1.5 * 2^23 (exact for |v| < 2^22;
-     * no fast-math here, so the compiler keeps both): __builtin_roundevenf does not
-     * vectorize inside this loop with GCC 12. */
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    /* n in [-126, 127]: a normal power of two. (A memcpy, not a union: GCC 12 does not
-     * vectorize a loop over a union kept in memory.) */
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    __builtin_memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
 
 /* out = w * (s * rsqrt(mean(s^2) + eps)) per row, s = x (+ delta, also written to sum_out).
  * Rows of ``hidden`` floats; x, delta, sum_out and out rows ``stride`` apart (x may be a view
@@ -91,7 +65,7 @@ int epd_rms_norm_f32(const float *x, const float *delta, float *sum_out, const f
 static __attribute__((noinline)) void silu_mul_row(const float *restrict g, const float *restrict u,
                                 float *restrict o, int64_t n) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; i++) o[i] = g[i] / (1.0f + exp_clamped(-g[i])) * u[i];
+    for (int64_t i = 0; i < n; i++) o[i] = g[i] / (1.0f + epd_exp(-g[i])) * u[i];
 }
 
 /* out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]; gate_up rows ``in_stride`` apart,

@@ -22,32 +22,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_GROUP 64
+#include "epd_exp.h"
 
-/* exp(x) for x <= 0 in plain arithmetic that vectorizes (libm's expf does not, without
- * fast-math): exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by a
- * degree-6 polynomial (Cephes' expf coefficients, about 1 ulp); below -87.3 it is 0. */
-static inline float exp_neg(float x) {
-    x = x < -87.3f ? -87.3f : x;
-    const float n = __builtin_roundevenf(x * 1.44269504088896341f);
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { float f; int32_t i; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
-}
+#define MAX_GROUP 64
 
 /* exp(x - m) in place (every x <= m), returning the sum. */
 static float exp_shift_sum(float *x, int64_t n, float m) {
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
     for (int64_t i = 0; i < n; i++) {
-        x[i] = exp_neg(x[i] - m);
+        x[i] = epd_exp(x[i] - m);
         s += x[i];
     }
     return s;
