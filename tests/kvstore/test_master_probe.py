@@ -22,17 +22,10 @@ from services.kvstore.master import (
 )
 from services.kvstore.store_tier import MooncakeStoreTier, StoreConfig
 from tests.deps import MOONCAKE, require
+from tests.waits import until
 
 require("mooncake.store", MOONCAKE)
 pytestmark = pytest.mark.timeout(120)
-
-
-async def until(pred, timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        assert loop.time() < deadline, f"{what} not seen within {timeout:.0f} s"
-        await asyncio.sleep(0.1)
 
 
 def test_a_stopped_master_is_killed_and_replaced() -> None:
