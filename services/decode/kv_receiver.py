@@ -50,6 +50,14 @@ from services.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# Added to a reservation's window when the request has a structured-output grammar: the
+# prefill worker compiles it before it computes and pushes, and a cold worker's first
+# compile builds llguidance's tokenizer and token trie inside the window (21.6 s at load
+# 14, review4; more under heavier load), which the 30 s default would not leave room for:
+# the push then stops at the deadline and the router retries into a second cold build.
+# The cost of a longer window is only that a dead writer's blocks come back later.
+GRAMMAR_BUILD_ALLOWANCE_S = 60.0
+
 
 @dataclass
 class Reservation:
@@ -171,8 +179,11 @@ class KVReceiver:
         blocks, cached = await self.engine.call(
             lambda e: e.reserve(request_id, prompt_token_ids, params, resume, images, lora or None)
         )
-        r = Reservation(request_id, blocks, cached, time.monotonic() + self.reserve_timeout_s)
-        r.deadline_unix = time.time() + self.reserve_timeout_s
+        window = self.reserve_timeout_s
+        if params.structured_outputs is not None:
+            window += GRAMMAR_BUILD_ALLOWANCE_S
+        r = Reservation(request_id, blocks, cached, time.monotonic() + window)
+        r.deadline_unix = time.time() + window
         r.writer = writer
         r.target_ids = blocks
         if self.staging is not None:

@@ -93,7 +93,8 @@ class WorkerConfig(MemberConfig):
         metadata={
             "help": "decode side: reserved KV blocks are freed after this long unclaimed; the "
             "prefill side writes nothing into them from then on (and the router's Prefill "
-            "call ends by then)"
+            "call ends by then); 60 s more for a structured-output request, whose grammar "
+            "the prefill worker may have to build first"
         },
     )
     kv_fence_timeout_s: float = field(

@@ -10,6 +10,7 @@ import anthropic
 import httpx
 import pytest
 from cluster_helpers import TINY_NAME, anthropic_client, start_cluster
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deps import MOONCAKE, require
 
@@ -62,9 +63,26 @@ def mixed(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def pd(tiny_model_dir):
-    c = start_cluster(tiny_model_dir("llama"), workers=0, prefill=1, decode=1)
+    # A 1 s reservation: less than a cold prefill worker's first grammar build (llguidance's
+    # tokenizer and trie, >= 1.5 s on a quiet CPU), which the decode worker's window for a
+    # constrained request must leave room for (kv_receiver.GRAMMAR_BUILD_ALLOWANCE_S). Every
+    # PD request of this module is constrained.
+    c = start_cluster(tiny_model_dir("llama"), workers=0, prefill=1, decode=1,
+                      worker_overrides={"reserve_timeout_s": 1.0})  # fmt: skip
     yield c
     c.stop()
+
+
+def failures(c) -> float:
+    """Requests that failed on any worker of ``c`` (a Prefill past its window counts)."""
+    total = 0.0
+    for w in c.workers:
+        url = f"http://127.0.0.1:{w.ready_field('metrics_port')}/metrics"
+        text = httpx.get(url, timeout=10, trust_env=False).text
+        for family in text_string_to_metric_families(text):
+            total += sum(s.value for s in family.samples
+                         if s.name == "epdserve:request_failures_total")  # fmt: skip
+    return total
 
 
 def test_pd_json_schema_equals_mixed(mixed, pd):
@@ -78,6 +96,9 @@ def test_pd_json_schema_equals_mixed(mixed, pd):
             t["token"] for t in want["logprobs"]["content"]
         ]
         assert got["finish_reason"] == "stop"
+    # The cold prefill worker built its grammar inside the first reservation: no attempt
+    # failed and was retried into a second build.
+    assert failures(pd) == 0
 
 
 def test_choice_and_bad_schema_in_pd(pd):

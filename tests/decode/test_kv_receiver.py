@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
 
-from services.decode.kv_receiver import KVReceiver, Reservation
+from services.decode.kv_receiver import GRAMMAR_BUILD_ALLOWANCE_S, KVReceiver, Reservation
 from services.engine.kv_staging import KVStaging
+from services.engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 pytestmark = pytest.mark.asyncio
 
@@ -120,7 +122,7 @@ async def test_a_reserve_whose_caller_is_cancelled_is_released_not_leaked() -> N
     the cancellation storm test)."""
     engine = SlowReserveEngine()
     receiver = KVReceiver(engine, layout=None, reserve_timeout_s=60, write_grace_s=0.01)  # type: ignore[arg-type]
-    call = asyncio.create_task(receiver.reserve("r", [1, 2, 3, 4], None))  # type: ignore[arg-type]
+    call = asyncio.create_task(receiver.reserve("r", [1, 2, 3, 4], SamplingParams()))
     await asyncio.sleep(0.05)
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -138,7 +140,7 @@ async def test_a_release_whose_caller_is_cancelled_still_quarantines_the_blocks(
     engine = SlowReserveEngine()
     engine.go.set()
     receiver = KVReceiver(engine, layout=None, reserve_timeout_s=60, write_grace_s=0.01)  # type: ignore[arg-type]
-    await receiver.reserve("r", [1, 2, 3, 4], None)  # type: ignore[arg-type]
+    await receiver.reserve("r", [1, 2, 3, 4], SamplingParams())
     engine.go.clear()
     release = asyncio.create_task(receiver.release("r"))
     await asyncio.sleep(0.05)
@@ -149,3 +151,25 @@ async def test_a_release_whose_caller_is_cancelled_still_quarantines_the_blocks(
     await until(lambda: receiver.quarantine, "the blocks reach the quarantine")
     await receiver.release_quarantined(float("inf"))
     assert engine.released == [1, 2, 3]
+
+
+async def test_a_constrained_request_s_window_leaves_room_for_the_writer_s_grammar_build() -> None:
+    """The prefill worker compiles a constrained request's grammar inside the reservation's
+    window (a cold worker's first one: 21.6 s at load 14), so such a reservation lasts
+    GRAMMAR_BUILD_ALLOWANCE_S longer; a plain one keeps reserve_timeout_s."""
+    engine = SlowReserveEngine()
+    engine.go.set()
+    receiver = KVReceiver(engine, layout=None, reserve_timeout_s=2)  # type: ignore[arg-type]
+    t0, u0 = time.monotonic(), time.time()
+    plain = await receiver.reserve("plain", [1, 2, 3], SamplingParams())
+    schema = StructuredOutputsParams(json='{"type": "object"}')
+    constrained = await receiver.reserve(
+        "json", [1, 2, 3], SamplingParams(structured_outputs=schema)
+    )
+    assert t0 + 2 <= plain.deadline < t0 + 3
+    assert (
+        t0 + 2 + GRAMMAR_BUILD_ALLOWANCE_S
+        <= constrained.deadline
+        < t0 + 3 + GRAMMAR_BUILD_ALLOWANCE_S
+    )
+    assert constrained.deadline_unix - u0 >= 2 + GRAMMAR_BUILD_ALLOWANCE_S
