@@ -46,6 +46,8 @@ class AttentionMetadata:
     write_kv: bool = True
     # The prefills grouped for batched attention (short_chunks.plan), made by the first layer.
     chunk_plan: tuple[list[short_chunks.ChunkGroup], list[PrefillSegment]] | None = None
+    # The decodes' and the groups' query rows for the CPU's paged kernel (short_chunks.paged_rows).
+    native_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
 
 
 class AttentionBackend(Protocol):
@@ -104,10 +106,50 @@ class TorchAttention:
         if meta.write_kv:
             self.store(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
+        if self.native_decode is not None and meta.prefills and meta.write_kv:
+            self.native_rows(q, k, v, k_cache, v_cache, meta, scale, out)
+            return out
         if meta.num_decodes:
             self.decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale, out)
         self.prefill(q, k, v, k_cache, v_cache, meta, scale, out)
         return out
+
+    def native_rows(self, q, k, v, k_cache, v_cache, meta, scale: float, out) -> None:
+        """The decodes and the short chunks (speculative verifications) in ONE call of the
+        paged C kernel, a decode row per query row, as the Triton backend does
+        (``paged_chunks``); longer chunks as ``prefill`` does.
+
+        NOTE: the grouped SDPA path gathers each verifying sequence's context and builds a
+        mask, per group and layer: at batch 8 on 2 cores one sequence verifying one draft made
+        the step 1.18x a decode step, which no acceptance repaid (chat ran at 0.88x the CPU
+        per token of no speculation). A kernel call per group still cost an OpenMP region a
+        layer each; in one call a query row costs what a decode row costs."""
+        if meta.chunk_plan is None:
+            meta.chunk_plan = short_chunks.plan(meta.prefills, k_cache.shape[1], q.device)
+        groups, rest = meta.chunk_plan
+        kernel = self.native_decode
+        assert kernel is not None
+        if meta.num_decodes or groups:
+            if meta.native_rows is None:
+                meta.native_rows = short_chunks.paged_rows(
+                    groups, meta.num_decodes, meta.decode_block_tables, meta.decode_context_lens
+                )
+            rows, tables, lens, max_len = meta.native_rows
+            qq = q.index_select(0, rows)  # [R, H, D], contiguous
+            o = torch.empty_like(qq)
+            if not kernel.usable(qq, k_cache, v_cache, o):  # not float32: the torch paths
+                if meta.num_decodes:
+                    self.decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale, out)
+                self.prefill(q, k, v, k_cache, v_cache, meta, scale, out)
+                return
+            kernel(qq, k_cache, v_cache, tables, lens, max_len, scale, o)
+            out.index_copy_(0, rows, o)
+        if rest:
+            meta.chunk_plan = ([], rest)
+            try:
+                self.prefill(q, k, v, k_cache, v_cache, meta, scale, out)
+            finally:
+                meta.chunk_plan = (groups, rest)
 
     @staticmethod
     def store(k, v, k_cache, v_cache, slots: torch.Tensor) -> None:

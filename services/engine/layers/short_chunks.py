@@ -75,6 +75,41 @@ def plan(segments: list, block_size: int, device: torch.device) -> tuple[list[Ch
     return groups, rest
 
 
+def paged_rows(
+    groups: list[ChunkGroup],
+    num_decodes: int,
+    decode_tables: torch.Tensor | None,
+    decode_lens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The decodes' rows (the first ``num_decodes`` of the batch) and every query row of
+    ``groups`` as decode rows of one paged kernel call: (rows in the flattened batch, each
+    row's block table padded with 0, how many context tokens it attends to, the most),
+    int64, built once a step for every layer."""
+    parts_rows, parts_lens, widths = [], [], []
+    if num_decodes:
+        assert decode_tables is not None and decode_lens is not None
+        device = decode_tables.device
+        parts_rows.append(torch.arange(num_decodes, device=device))
+        parts_lens.append(decode_lens.to(torch.long))
+        widths.append(decode_tables.shape[1])
+    for g in groups:
+        parts_rows.append(g.rows)
+        parts_lens.append(g.limits.reshape(-1))
+        widths.append(g.tables.shape[1])
+    rows, lens = torch.cat(parts_rows), torch.cat(parts_lens)
+    tables = torch.zeros(rows.shape[0], max(widths), dtype=torch.long, device=rows.device)
+    at = 0
+    if num_decodes:
+        assert decode_tables is not None
+        tables[:num_decodes, : decode_tables.shape[1]] = decode_tables
+        at = num_decodes
+    for g in groups:
+        m = g.rows.shape[0]
+        tables[at : at + m, : g.tables.shape[1]] = g.tables.repeat_interleave(g.n, dim=0)
+        at += m
+    return rows, tables, lens, int(lens.max())
+
+
 def attend(
     group: ChunkGroup,
     q: torch.Tensor,
