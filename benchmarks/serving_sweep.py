@@ -14,6 +14,11 @@ tok/s, TTFT p50, TPOT p50, ITL p99. Configurations, one at a time:
   set), and vLLM's CPU layout: the model's one thread pinned to CPU 1 (``cpu_cores=1``), the
   routers to CPU 0 (``--frontend-cores 0``).
 
+``--only wait``: libgomp's wait policy of the worker (PASSIVE, `epdserve up`'s default, against
+spinning ~0.1 ms and ~1 ms before sleeping), ``--rounds`` times in turn, so that the load
+falls on each alike (issue 17: the quiet run decides whether a machine of the model's own
+should spin).
+
 ``--only c1``: the serving path's own cost. One request at a time (8 prompts, concurrency 1)
 through `epdserve up`, then the offline engine in this process on the same prompts one at a
 time; prints served TPOT p50 against the offline decode step (issue 17's target: within 1.1x).
@@ -21,7 +26,8 @@ time; prints served TPOT p50 against the offline decode step (issue 17's target:
 Recorded, not asserted; not in CI. On a shared machine the rows compare only when the load
 average (printed before each) is alike.
 
-    .venv/bin/python benchmarks/serving_sweep.py [--num-prompts 64] [--only budget|placement]
+    .venv/bin/python benchmarks/serving_sweep.py [--num-prompts 64]
+        [--only budget|placement|wait|c1] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -55,6 +61,15 @@ PLACEMENTS = [
         ["cpu_cores=1", "--frontend-cores=0"],
         {},
     ),
+]
+# libgomp's wait between parallel regions for the worker's model threads, as `epdserve up` is
+# run: its workers get OMP_WAIT_POLICY=PASSIVE unless that is set; GOMP_SPINCOUNT wins over
+# the policy (libgomp env.c), ~100,000 spins a millisecond. Which wins depends on whether the
+# cores are the model's own (docs/performance.md, "Threads and cores").
+WAITS = [
+    ("OMP_WAIT_POLICY=PASSIVE (epdserve up's default)", [], {}),
+    ("GOMP_SPINCOUNT=10000 (spin ~0.1 ms, then sleep)", [], {"GOMP_SPINCOUNT": "10000"}),
+    ("GOMP_SPINCOUNT=100000 (~1 ms)", [], {"GOMP_SPINCOUNT": "100000"}),
 ]
 KEYS = [("output tok/s", "output_throughput", ""), ("TTFT p50", "median_ttft_ms", " ms"),
         ("TPOT p50", "median_tpot_ms", " ms"), ("ITL p99", "p99_itl_ms", " ms")]  # fmt: skip
@@ -141,7 +156,8 @@ def concurrency_one(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--only", choices=["budget", "placement", "c1"], default=None)
+    p.add_argument("--only", choices=["budget", "placement", "wait", "c1"], default=None)
+    p.add_argument("--rounds", type=int, default=1, help="run each list this often, in turn")
     p.add_argument("--budgets", default=None, metavar="N,N,...",
                    help="budgets to run instead of 256, 1024, the default and 4096")  # fmt: skip
     args = p.parse_args()
@@ -152,13 +168,15 @@ def main() -> None:
     if args.budgets:
         budgets = [(f"budget {n}", [f"max_num_batched_tokens={n}"], {})
                    for n in args.budgets.split(",")]  # fmt: skip
-    configs = {"budget": budgets, "placement": PLACEMENTS}
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    configs = {"budget": budgets, "placement": PLACEMENTS, "wait": WAITS}
     for name, rows in configs.items():
         if args.only not in (None, name):
             continue
         print(f"\n| {name} | " + " | ".join(k for k, _, _ in KEYS) + " | load avg before |")
         print("|---|" + "---:|" * (len(KEYS) + 1))
-        for label, engine_args, env in rows:
+        for label, engine_args, env in rows * args.rounds:
             load = os.getloadavg()[0]
             r = run_one(args, engine_args, env)
             cells = " | ".join(f"{r[key]:.1f}{unit}" for _, key, unit in KEYS)
