@@ -2,7 +2,7 @@
 (--worker-restart-wait-s) and the request goes on there from its tokens, greedy output equal
 to an undisturbed run's, nothing lost or repeated. Through the cluster harness (the one mixed
 worker killed, restarted as a supervisor does) and through `epdserve up` (the one decode
-worker of a PD pair killed; `up` restarts it)."""
+worker of a PD pair, and the one mixed worker, killed; `up` restarts it)."""
 
 from __future__ import annotations
 
@@ -96,37 +96,53 @@ def test_a_non_streaming_request_resumes_on_the_restart_too(one_mixed) -> None:
     assert tokens_of(r.json()) == tokens_of(ref.json())
 
 
-def test_the_one_decode_worker_killed_under_up_resumes_on_its_restart(tiny_model_dir,
-                                                                     tmp_path) -> None:  # fmt: skip
+UP_ENGINE = ["--engine-arg", "max_model_len=512", "--engine-arg",
+             f"kv_cache_bytes={32 * 1024 * 1024}", "--engine-arg", "max_num_seqs=16"]  # fmt: skip
+
+
+def killed_under_up(base: str, req: dict, pid_of) -> list[str]:
+    """Stream ``req`` and kill -9 the process ``pid_of()`` names after 8 tokens; the tokens
+    the client got. Checks the stream went on on a new process."""
+    old_pid = pid_of()
+    tokens: list[str] = []
+    killed = False
+    with httpx.stream("POST", base + "/v1/completions", json={**req, "stream": True},
+                      timeout=240) as r:  # fmt: skip
+        assert r.status_code == 200
+        for event in sse_data(r):  # an error event (no_workers) fails the test
+            tokens += (event["choices"][0].get("logprobs") or {}).get("tokens", [])
+            if not killed and len(tokens) >= 8:
+                assert len(tokens) < MAX_TOKENS // 2, "the stream ended too soon to test"
+                os.kill(old_pid, signal.SIGKILL)
+                killed = True
+    assert killed
+    assert pid_of() != old_pid  # it went on on the restarted process
+    return tokens
+
+
+def worker_pid(base: str, tmp_path, role: str):
+    token = (tmp_path / "cfg" / "admin-token").read_text().strip()
+    auth = {"Authorization": f"Bearer {token}"}
+
+    def pid() -> int:
+        rows = httpx.get(base + "/admin/status", headers=auth, timeout=30).json()["workers"]
+        (row,) = [w for w in rows if w["role"] == role]
+        return row["pid"]
+
+    return pid
+
+
+@pytest.mark.parametrize("role", ["decode", "mixed"])
+def test_the_one_worker_killed_under_up_resumes_on_its_restart(tiny_model_dir, tmp_path,
+                                                                role: str) -> None:  # fmt: skip
+    """decode: the one decode worker of a PD pair; mixed: the only worker of the cluster."""
     model = str(tiny_model_dir("llama"))
-    engine = ["--engine-arg", "max_model_len=512", "--engine-arg",
-              f"kv_cache_bytes={32 * 1024 * 1024}", "--engine-arg", "max_num_seqs=16"]  # fmt: skip
-    args = ["--model", model, "--prefill", "1", "--decode", "1", "--no-kvstore",
-            "--cluster", "restartwait", *engine]  # fmt: skip
-    with epdserve_up(tmp_path, *args) as (_proc, base, env):
+    workers = ["--prefill", "1", "--decode", "1"] if role == "decode" else ["--mixed", "1"]
+    args = ["--model", model, *workers, "--no-kvstore", "--cluster", f"restartwait-{role}",
+            *UP_ENGINE]  # fmt: skip
+    with epdserve_up(tmp_path, *args) as (_proc, base, _env):
         req = {**REQ, "model": os.path.basename(model)}
         ref = httpx.post(base + "/v1/completions", json=req, timeout=120)
         assert ref.status_code == 200, ref.text
-        token = (tmp_path / "cfg" / "admin-token").read_text().strip()
-        auth = {"Authorization": f"Bearer {token}"}
-
-        def decode_pid() -> int:
-            rows = httpx.get(base + "/admin/status", headers=auth, timeout=30).json()["workers"]
-            (row,) = [w for w in rows if w["role"] == "decode"]
-            return row["pid"]
-
-        old_pid = decode_pid()
-        tokens: list[str] = []
-        killed = False
-        body = {**req, "stream": True}
-        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=240) as r:
-            assert r.status_code == 200
-            for event in sse_data(r):
-                tokens += (event["choices"][0].get("logprobs") or {}).get("tokens", [])
-                if not killed and len(tokens) >= 8:
-                    assert len(tokens) < MAX_TOKENS // 2, "the stream ended too soon to test"
-                    os.kill(old_pid, signal.SIGKILL)
-                    killed = True
-        assert killed
+        tokens = killed_under_up(base, req, worker_pid(base, tmp_path, role))
         assert tokens == tokens_of(ref.json())
-        assert decode_pid() != old_pid  # it went on on the restarted process
