@@ -43,6 +43,13 @@ ROUTER_READY = "EPDSERVE_ROUTER_READY"
 WORKER_ENV_DEFAULTS = {} if "OMP_WAIT_POLICY" in os.environ else {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+# Most processes of one kind `up` starts on one machine. Far above what a machine runs
+# (each worker holds a model); the bound is there because the plan is built in memory
+# first: `--mixed 1000000000` was accepted, and `up` sat after starting etcd building a list
+# of 10^9 roles (8 GB of references) before any worker started.
+MAX_LOCAL_PROCESSES = 256
+
+
 @dataclass
 class ModelGroup:
     """One more base model of a cluster and its own workers (the spec's own fields describe
@@ -56,8 +63,19 @@ class ModelGroup:
     encode: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.mixed, self.prefill, self.decode, self.encode) < 0:
+        for name in ("model", "served_model_name"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.isprintable()
+                                      or not value.strip()):  # fmt: skip
+                raise ValueError(f"{name} must be a non-empty printable string, got {value!r}")
+        counts = (self.mixed, self.prefill, self.decode, self.encode)
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in counts):
+            raise ValueError("worker counts are integers")
+        if min(counts) < 0:
             raise ValueError("worker counts must be >= 0")
+        if max(counts) > MAX_LOCAL_PROCESSES:
+            raise ValueError(f"at most {MAX_LOCAL_PROCESSES} workers of a role per model on "
+                             f"one machine, got {max(counts)}")  # fmt: skip
         if bool(self.prefill) != bool(self.decode):
             raise ValueError("PD mode needs both --prefill N and --decode N (N >= 1)")
         if self.mixed + self.prefill == 0:
@@ -115,8 +133,8 @@ class ClusterSpec:
             raise ValueError(f"two models share a served name: {', '.join(names)}; give "
                              "each its own --served-model-name")  # fmt: skip
         parse_cpu_list(self.frontend_cores)  # a bad list fails here
-        if self.routers < 1:
-            raise ValueError("need at least one router (--routers N, N >= 1)")
+        if not 1 <= self.routers <= MAX_LOCAL_PROCESSES:
+            raise ValueError(f"need 1 to {MAX_LOCAL_PROCESSES} routers (--routers N)")
         if not 0 <= self.port < 65536 or (self.port and self.port + self.routers > 65536):
             raise ValueError(
                 f"router ports {self.port}..{self.port + self.routers - 1} must be in [0, 65535]"

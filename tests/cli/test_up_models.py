@@ -101,3 +101,27 @@ def test_a_models_file_gives_each_model_its_own_workers(tmp_path) -> None:
         model_groups(parse("--models-file", str(f), "--model", "/m/a"), mixed=1)
     with pytest.raises(ValueError, match="No such file"):
         model_groups(parse("--models-file", str(tmp_path / "missing.json")), mixed=1)
+
+
+def test_extreme_models_files_and_counts_are_clear_errors(tmp_path) -> None:
+    """chaos6's attack on --models-file and the counts: each was a traceback, or was
+    accepted (a count of 10^9 had `up` build a list of 10^9 roles after starting etcd)."""
+    import json
+
+    f = tmp_path / "models.json"
+    bad = {
+        "[" * 100_000 + "]" * 100_000: "recursion",  # was a RecursionError traceback
+        json.dumps([{"model": 5}]): "model must be a non-empty printable string",  # TypeError
+        json.dumps([{"model": "/m/a", "served_model_name": ""}]): "served_model_name",
+        json.dumps([{"model": "/m/a", "served_model_name": "a\u0000b"}]): "printable",
+        json.dumps([{"model": "/m/a", "mixed": True}]): "worker counts are integers",
+        json.dumps([{"model": "/m/a", "mixed": 10**9}]): "at most 256 workers",
+    }
+    for text, message in bad.items():
+        f.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            model_groups(parse("--models-file", str(f)), mixed=1)
+    with pytest.raises(ValueError, match="at most 256 workers"):
+        model_groups(parse("--prefill", str(10**9), "--decode", "1"), mixed=0)
+    with pytest.raises(ValueError, match="routers"):
+        ClusterSpec(routers=10**9)
