@@ -1,0 +1,194 @@
+"""The watchdog of a call to a worker (routing/watch.py): one timer per call, not a Task per
+message; a stall, a silent load stream and a channel closed under the call each end the wait
+with WorkerLost, while the caller's own cancel and its time with a message stay its own."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+import pytest
+from fake_handles import Stream, Unary, fake_handle
+
+from services.common.grpc_utils import SERVER_OPTIONS, insecure_channel
+from services.common.proto import worker_pb2 as pb
+from services.common.proto import worker_pb2_grpc as pb_grpc
+from services.router.routing import watch
+from services.router.routing.watch import WorkerLost, watched_stream, watched_unary
+
+
+class Forever:
+    """A stream whose next message never comes."""
+
+    def __aiter__(self) -> Forever:
+        return self
+
+    async def __anext__(self) -> Any:
+        await asyncio.Event().wait()
+
+    def cancel(self) -> None:
+        pass
+
+
+def alive() -> Any:
+    return fake_handle("w0", None, stale_s=5.0)
+
+
+def test_a_stream_starts_no_task_per_message() -> None:
+    """The old watch ran each message's read in a Task of its own under asyncio.wait (4x
+    the CPU of a plain read): 200 messages started 200 tasks."""
+
+    async def main() -> int:
+        started = 0
+        loop = asyncio.get_running_loop()
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+            nonlocal started
+            started += 1
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        loop.set_task_factory(factory)
+        got = [m async for m in watched_stream(alive(), Stream(list(range(200))), 5.0)]
+        assert got == list(range(200))
+        return started
+
+    assert asyncio.run(main()) == 0
+
+
+def test_a_stream_that_stalls_is_lost_after_its_limit() -> None:
+    async def main() -> None:
+        started = time.monotonic()
+        with pytest.raises(WorkerLost) as err:
+            async for _ in watched_stream(alive(), Forever(), 0.3, first_s=0.6):
+                pass
+        waited = time.monotonic() - started
+        assert err.value.kind == "hung" and "sent nothing for" in str(err.value)
+        # The first message's own limit (0.6 s) applies, checked every WATCH_INTERVAL_S.
+        assert 0.6 <= waited < 0.6 + 4 * watch.WATCH_INTERVAL_S
+
+    asyncio.run(main())
+
+
+def test_a_silent_load_stream_ends_the_wait_before_the_limit() -> None:
+    async def main() -> None:
+        h = alive()
+        h.load_at = time.monotonic() - 10.0  # its last load report: 10 s ago (stale at 5)
+        started = time.monotonic()
+        with pytest.raises(WorkerLost) as err:
+            async for _ in watched_stream(h, Forever(), 60.0):
+                pass
+        assert err.value.kind == "hung" and "no load report" in str(err.value)
+        assert time.monotonic() - started < 4 * watch.WATCH_INTERVAL_S
+
+    asyncio.run(main())
+
+
+def test_the_consumer_may_hold_a_message_past_the_stall_limit() -> None:
+    """Only the waits for the worker are watched: the consumer's own awaits in the same task
+    (a slow client) are never cancelled by the watchdog."""
+
+    async def main() -> None:
+        got = []
+        async for m in watched_stream(alive(), Stream([1, 2, 3]), 0.3):
+            await asyncio.sleep(0.5)
+            got.append(m)
+        assert got == [1, 2, 3]
+
+    asyncio.run(main())
+
+
+def test_the_callers_cancel_stays_a_cancel() -> None:
+    async def main() -> None:
+        async def consume() -> None:
+            async for _ in watched_stream(alive(), Forever(), 0.3):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+
+    asyncio.run(main())
+
+
+def test_a_cancel_during_the_watchdogs_own_stays_a_cancel() -> None:
+    """The caller is cancelled in the same instant the watchdog gives up: the caller's cancel
+    wins (asyncio.timeout's rule), so a client that left is not counted a worker death."""
+
+    async def main() -> None:
+        h = alive()
+        task: asyncio.Task[None] | None = None
+
+        def silent(now: float) -> bool:
+            assert task is not None
+            task.cancel()  # from outside, just before the watchdog's own cancel
+            return True
+
+        async def consume() -> None:
+            async for _ in watched_stream(h, Forever(), 60.0):
+                pass
+
+        h.silent = silent  # type: ignore[method-assign]
+        task = asyncio.create_task(consume())
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+
+    asyncio.run(main())
+
+
+def test_unary_calls_are_watched_too() -> None:
+    async def main() -> None:
+        h = alive()
+
+        async def reply() -> str:
+            await asyncio.sleep(0.01)
+            return "ok"
+
+        assert await watched_unary(h, Unary(reply), 1.0) == "ok"
+        with pytest.raises(WorkerLost):
+            await watched_unary(h, Unary(asyncio.Event().wait), 0.3)
+
+    asyncio.run(main())
+
+
+class Hanging(pb_grpc.WorkerServiceServicer):
+    """A worker whose Generate never answers."""
+
+    async def Generate(self, request: Any, context: Any) -> Any:  # noqa: N802
+        await asyncio.Event().wait()
+        yield pb.GenerateResponse()  # pragma: no cover
+
+
+def test_a_channel_closed_under_the_call_is_a_death() -> None:
+    """grpc.aio raises CancelledError in the reader when the channel closes under a call
+    (nobody cancelled the reading task): that is the worker leaving, not a cancel."""
+
+    async def main() -> None:
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        pb_grpc.add_WorkerServiceServicer_to_server(Hanging(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = insecure_channel(f"127.0.0.1:{port}")
+        try:
+            call = pb_grpc.WorkerServiceStub(channel).Generate(pb.GenerateRequest(), timeout=30)
+
+            async def consume() -> None:
+                async for _ in watched_stream(alive(), call, 60.0):
+                    pass
+
+            task = asyncio.create_task(consume())
+            await asyncio.sleep(0.3)
+            await channel.close()
+            with pytest.raises(WorkerLost) as err:
+                await task
+            assert err.value.kind == "died"
+        finally:
+            await channel.close()
+            await server.stop(None)
+
+    asyncio.run(main())
