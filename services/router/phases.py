@@ -8,8 +8,8 @@ Generate (spans only: their first output is the workers' ``decode_queue`` and TT
 
 ``RouterPhases.begin`` starts a request's ``RequestTrace`` (the orchestrator, once per
 request) and makes it the current one of the task (a context variable, like the request's
-worker deaths in poison.py); ``phase_interceptors``, on every channel to a worker, time
-each call of the current request and carry the trace's context to the worker in the
+worker deaths in poison.py); ``TracedStub``, the stub of every channel to a worker, times
+each call of the current request and carries the trace's context to the worker in the
 call's metadata (W3C ``traceparent``).
 """
 
@@ -131,14 +131,6 @@ class WorkerCall:
         self.span = span
         self.started = started
 
-    def metadata(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        """``details`` with the trace context added to the call's metadata."""
-        traceparent = self.span.traceparent()
-        if traceparent is None:
-            return details
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), (TRACEPARENT, traceparent))
-        return details._replace(metadata=metadata)
-
     def done(self, code: grpc.StatusCode) -> None:
         ended = time.monotonic()
         if code == grpc.StatusCode.OK and self.phase is not None:
@@ -147,35 +139,42 @@ class WorkerCall:
         self.span.end(at=ended, error=None if code == grpc.StatusCode.OK else code.name)
 
 
-class _PhaseInterceptor:
-    """Times the calls of the current request on the channel to one worker (``handle``: its
-    WorkerHandle, read at call time for the worker's id and current role) and carries the
-    request's trace context in their metadata. Calls outside a request (load streams,
-    health, admin) pass through untouched."""
+class TracedStub:
+    """The stub of the channel to one worker (``handle``: its WorkerHandle, read at call time
+    for the worker's id and current role): the calls of the current request are timed and
+    carry the request's trace context in their metadata. Calls outside a request (load
+    streams, health, admin) go to the plain stub untouched.
 
-    def __init__(self, handle: Any) -> None:
+    NOTE: not grpc.aio client interceptors: a channel with any runs every call's start in a
+    Task of its own and every streamed message through a wrapping async generator, for all
+    calls alike. The call itself goes back to the caller untouched (its cancel, its errors
+    and their trailing metadata are the orchestrator's); its status is read once it is done,
+    and only where something records it (a phase histogram or a recording span)."""
+
+    def __init__(self, stub: Any, handle: Any) -> None:
+        self._stub = stub
         self.handle = handle
         self._finishing: set[asyncio.Task[None]] = set()
 
-    async def _intercept(self, continuation: Any, details: Any, request: Any) -> Any:
-        worker_call = self._start(details)
-        if worker_call is None:
-            return await continuation(details, request)
-        call = await continuation(worker_call.metadata(details), request)
-        # NOTE: the call itself goes back to the caller untouched (its cancel, its errors and
-        # their trailing metadata are the orchestrator's); its status is read once it is done.
-        call.add_done_callback(lambda c: self._finish(call, worker_call))
-        return call
-
-    def _start(self, details: grpc.aio.ClientCallDetails) -> WorkerCall | None:
-        trace = _CURRENT.get()
-        if trace is None:
-            return None
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        method = method.rsplit("/", 1)[-1]
+    def __getattr__(self, method: str) -> Any:
+        plain = getattr(self._stub, method)
         if method not in PHASE_OF_METHOD:
-            return None
-        return trace.call(method, self.handle.id, self.handle.info.role)
+            return plain
+
+        def start(request: Any, *, metadata: Any = None, **kwargs: Any) -> Any:
+            trace = _CURRENT.get()
+            if trace is None:
+                return plain(request, metadata=metadata, **kwargs)
+            worker_call = trace.call(method, self.handle.id, self.handle.info.role)
+            traceparent = worker_call.span.traceparent()
+            if traceparent is not None:
+                metadata = (*(metadata or ()), (TRACEPARENT, traceparent))
+            call = plain(request, metadata=metadata, **kwargs)
+            if worker_call.phase is not None or worker_call.span:
+                call.add_done_callback(lambda c: self._finish(call, worker_call))
+            return call
+
+        return start
 
     def _finish(self, call: Any, worker_call: WorkerCall) -> None:
         async def status() -> None:
@@ -188,19 +187,3 @@ class _PhaseInterceptor:
         task = asyncio.get_running_loop().create_task(status())
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
-
-
-class _UnaryInterceptor(_PhaseInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
-        return await self._intercept(continuation, client_call_details, request)
-
-
-class _StreamInterceptor(_PhaseInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
-        return await self._intercept(continuation, client_call_details, request)
-
-
-def phase_interceptors(handle: Any) -> list[grpc.aio.ClientInterceptor]:
-    """The interceptors of the channel to the worker ``handle`` (a WorkerHandle).
-    NOTE: one per kind of call: a channel files an interceptor under its first kind only."""
-    return [_UnaryInterceptor(handle), _StreamInterceptor(handle)]

@@ -7,6 +7,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -15,7 +16,7 @@ from services.common.grpc_utils import GrpcTLS, channel
 from services.common.membership import InstanceInfo
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
-from services.router.phases import phase_interceptors
+from services.router.phases import TracedStub
 from services.router.routing.restarts import LostWorkers
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,9 @@ class WorkerHandle:
         self, info: InstanceInfo, load_interval_ms: int, stale_s: float, tls: GrpcTLS | None = None
     ) -> None:
         self.info = info
+        self.channel = channel(info.address, tls)
         # Times the calls of requests and carries their trace context (phases.py).
-        self.channel = channel(info.address, tls, phase_interceptors(self))
-        self.stub = pb_grpc.WorkerServiceStub(self.channel)
+        self.stub: Any = TracedStub(pb_grpc.WorkerServiceStub(self.channel), self)
         self.load: pb.LoadReport | None = None
         # LoRA adapters it holds: from its load reports, and from load / unload answers.
         self.lora_adapters: frozenset[str] = frozenset()
