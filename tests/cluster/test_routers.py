@@ -93,7 +93,7 @@ def test_router_replicas_take_consecutive_ports() -> None:
         assert ports == ["9000", "9001", "9002"]
     finally:
         local.stop()
-    with pytest.raises(ValueError, match="at least one router"):
+    with pytest.raises(ValueError, match="need 1 to 256 routers"):
         ClusterSpec(routers=0)
     with pytest.raises(ValueError, match="65535"):
         ClusterSpec(port=65535, routers=2)
