@@ -168,8 +168,7 @@ def speculator(engine, method: str | None, k: int):
     if method is None:
         return None
     cfg = SpeculativeConfig(method=method, num_speculative_tokens=k)
-    sched = engine.scheduler  # drafts priced by the engine's step-cost fit, as start_speculation
-    return Speculator(cfg, engine.max_model_len, sched.bm, step_cost=sched.policy.step_cost)
+    return Speculator(cfg, engine.max_model_len, engine.scheduler.bm)
 
 
 def row(engines, convs, max_tokens: int, repeats: int) -> dict[str, dict]:

@@ -161,8 +161,6 @@ def test_real_proposers_equal_no_speculation(model, plain, method):
     stats = llm.engine.stats().spec
     assert stats is not None
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
-    sched = llm.engine.scheduler  # drafts are priced by the engine's own step-cost fit
-    assert sched.speculator.step_cost is sched.policy.step_cost
     if method == "suffix_tiny_budget":
         proposer = llm.engine.scheduler.speculator.proposer
         assert proposer.evictions > 0 and proposer.tokens <= 24

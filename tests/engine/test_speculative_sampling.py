@@ -210,37 +210,6 @@ def test_drafts_pay_for_their_share_of_the_step():
     assert spec.length(seq, 100, 24) == 8
 
 
-def test_draft_cost_is_measured_by_the_step_cost_fit():
-    """By default a draft costs what the engine's step-cost fit says: 1 / (F + B) of a step of
-    B decodes (F its fixed cost in tokens' worth). A device whose steps hardly grow with their
-    tokens (F = 56) drafts 5, 2, 1 at batches 1, 8, 24 where the old constant (0.04 of a step
-    per draft at any batch) drafted 4, 1, 0; one whose steps are all tokens (F = 2) drafts
-    none at batch 8. After a rejection of all drafts the estimated acceptance is 0.5 / 1.1."""
-    from services.engine.step_pace import StepCost
-
-    def fitted(fixed: float) -> StepCost:
-        cost = StepCost()
-        for t in (8, 9, 12, 16, 24, 40) * 4:
-            cost.observe(t, 0.001 * (fixed + t))
-        assert cost.fixed_tokens == pytest.approx(fixed)
-        return cost
-
-    cfg = SpeculativeConfig(num_speculative_tokens=16, disable_by_batch_size=0,
-                            max_draft_tokens_per_step=0)  # fmt: skip
-    assert cfg.draft_token_cost is None  # measured
-    lengths = {}
-    for fixed in (56.0, 2.0):
-        spec = Speculator(cfg, 1000, make_sched().bm, step_cost=fitted(fixed))
-        seq = Sequence("r", list(range(20)), SamplingParams(max_tokens=100))
-        k = spec.length(seq, 100)  # at batch 1: 16 (F = 56), 6 (F = 2)
-        spec.observe(seq, k, 0)
-        lengths[fixed] = [k] + [spec.length(seq, 100, b) for b in (1, 8, 24)]
-        assert spec.draft_token_cost(8) == pytest.approx(1 / (fixed + 8))
-    assert lengths == {56.0: [16, 5, 2, 1], 2.0: [6, 1, 0, 0]}
-    # Without a fit: its prior fixed cost (24 tokens).
-    assert Speculator(cfg, 1000, make_sched().bm).draft_token_cost(8) == pytest.approx(1 / 32)
-
-
 def test_paying_drafts_is_the_marginal_rule():
     """``paying_drafts``: the longest run of drafts whose chance of acceptance (``a ** j``,
     ``a`` = accepted / (accepted + rejections)) beats the cost, checked against a brute count;

@@ -65,15 +65,11 @@ class SpeculativeConfig:
     # step's extra query tokens cost to compute: on 2 CPU cores 16 drafts at batch 1 made a
     # step ~1.5x a decode step; a GPU takes hundreds before a step costs more.
     max_draft_tokens_per_step: int = 32
-    # What one draft token adds to a step, as a share of a step of the running sequences'
-    # decodes (the adaptive length drafts only what its acceptance pays for). None (the
-    # default): measured, 1 / (F + B) at B running sequences, F the step's fixed cost in
-    # tokens' worth from the engine's step-cost fit (step_pace.StepCost, prior 24 on 2 CPU
-    # cores: 0.04 at batch 1, 0.031 at batch 8; a GPU step hardly grows with its tokens, a
-    # large F and cheap drafts). A number: that share at every batch size (the measured
-    # 0.016-0.03 at batch 8 on 2 CPU cores, 2026-12-03, once verifications ran in the decode
-    # kernel; 0.034-0.038 before).
-    draft_token_cost: float | None = None
+    # What one draft token of each running sequence adds to a step, as a share of a decode
+    # step (the adaptive length drafts only what its acceptance pays for): 0.034-0.038 on 2
+    # CPU cores with the 135M model at batch 8 (one draft each: +27-30 % of the step; 2026-12-03,
+    # RESULTS.md), 0.045-0.05 at batch 1 (16 drafts: 1.74x a decode step); far less on a GPU.
+    draft_token_cost: float = 0.04
     # Adapt each sequence's draft length to its measured acceptance.
     adaptive: bool = True
 
@@ -126,8 +122,8 @@ class SpeculativeConfig:
             raise ValueError("disable_by_batch_size must be >= 0")
         if self.max_draft_tokens_per_step < 0:
             raise ValueError("max_draft_tokens_per_step must be >= 0")
-        if self.draft_token_cost is not None and not 0.0 <= self.draft_token_cost < 1.0:
-            raise ValueError("draft_token_cost must be in [0, 1) or null (measured)")
+        if not 0.0 <= self.draft_token_cost < 1.0:
+            raise ValueError("draft_token_cost must be in [0, 1)")
 
     @classmethod
     def parse(cls, text: str | dict[str, Any]) -> SpeculativeConfig:

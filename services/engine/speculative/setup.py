@@ -26,6 +26,4 @@ def start_speculation(
         cls = Eagle3Proposer if spec.method == "eagle3" else DraftModelProposer
         drafter = cls.load(spec, config, max_model_len, executor.runner)
         executor.drafter = proposer = drafter
-    scheduler.speculator = Speculator(
-        spec, max_model_len, scheduler.bm, proposer, scheduler.policy.step_cost
-    )
+    scheduler.speculator = Speculator(spec, max_model_len, scheduler.bm, proposer)

@@ -25,12 +25,9 @@ Adaptive length (NOTE: a heuristic, stated here because it decides speed, never 
   ``PRIOR_MEAN_ACCEPTED`` and ``PRIOR_MEAN_REJECTED``: two verifications accepting nothing
   stop a sequence that never had a draft accepted); their ratio estimates ``a``, the chance
   that a draft is accepted given that the ones before it were (accepted / (accepted +
-  rejections)), so the ``j``-th draft adds a token with chance ``a ** j``. A draft token adds
-  ``c`` of a step of the ``B`` running sequences' decodes (``draft_token_cost``; by default
-  measured: ``1 / (F + B)``, ``F`` the step's fixed cost in tokens' worth from the engine's
-  step-cost fit, by which a step of ``B`` decodes and ``d`` drafts costs ``F + B + d``), and
-  each of the ``B`` tokens the step emits costs ``1 / B`` of it, so a draft pays only while
-  ``a ** j > c * B``: the sequence drafts the longest
+  rejections)), so the ``j``-th draft adds a token with chance ``a ** j``. A draft token of
+  each of ``B`` sequences adds about ``draft_token_cost`` of a decode step to the step, so
+  a draft pays only while ``a ** j > draft_token_cost * B``: the sequence drafts the longest
   run of such drafts (the marginal draft must pay, not the average: with the average, chat
   at batch 8 drafted two or three where the second already cost more than it gained, and
   ran at 0.87-0.92x the CPU per token of no speculation); when that allows none, or the
@@ -50,20 +47,18 @@ from services.engine.speculative.config import SpeculativeConfig
 from services.engine.speculative.ngram import NgramProposer
 from services.engine.speculative.stats import SpecStats
 from services.engine.speculative.suffix import SuffixProposer
-from services.engine.step_pace import PRIOR_FIXED_TOKENS
 
 if TYPE_CHECKING:
     from services.engine.block_manager import BlockManager
     from services.engine.sequence import Sequence
-    from services.engine.step_pace import StepCost
 
 # A deferred proposer's draft token before it is filled in (a valid id: never fed as is).
 PLACEHOLDER = 0
 EMA_WEIGHT = 0.5  # of the newest verification in a sequence's average
 PRIOR_MEAN_ACCEPTED = 1.0  # a new sequence's average, before any verification
 # ... and its average of rejections: a prior acceptance of 1 / 1.2 lets a new sequence
-# draft the full 16 at batch 1 (0.833 ** 16 > 1 / 25), 7 at batch 8 (0.833 ** 7 > 8 / 32) and
-# 3 at batch 24 (0.833 ** 3 > 24 / 48; paying_drafts, the prior fixed cost of 24 tokens).
+# draft the full 16 at batch 1 (0.833 ** 16 > 0.04), 6 at batch 8 (0.833 ** 6 > 0.32) and
+# none at batch 24 (paying_drafts, draft_token_cost 0.04).
 PRIOR_MEAN_REJECTED = 0.2
 MIN_MEAN_ACCEPTED = 0.3
 PROBE_EVERY = 8  # steps between one-token probes after a sequence first stops drafting
@@ -129,11 +124,8 @@ class Speculator:
         max_model_len: int,
         bm: BlockManager,
         proposer: Proposer | None = None,
-        step_cost: StepCost | None = None,
     ) -> None:
         self.config = config
-        # The engine's fit of a step's cost (the scheduler's); None: its prior fixed cost.
-        self.step_cost = step_cost
         self.bm = bm  # the scheduler's: lookahead slots are allocated and trimmed in it
         self.max_model_len = max_model_len
         # NOTE: a proposer with ``deferred`` set (a draft model) proposes for the whole batch
@@ -213,7 +205,7 @@ class Speculator:
         if state is None:
             state = seq.draft_adapt = _Adapt(kmax, PRIOR_MEAN_ACCEPTED)
         k = min(kmax, state.length)
-        cost = self.draft_token_cost(num_running) * max(1, num_running)
+        cost = self.config.draft_token_cost * max(1, num_running)
         if cost > 0:  # each draft must pay for the share of the step it adds
             k = min(k, paying_drafts(state, cost))
         if state.mean_accepted >= MIN_MEAN_ACCEPTED and k >= 1:
@@ -225,13 +217,6 @@ class Speculator:
         if state.idle_steps % state.probe_every == 0:
             return 1
         return 0
-
-    def draft_token_cost(self, num_running: int) -> float:
-        """What a draft token adds to a step of ``num_running`` decodes, as a share of it."""
-        if self.config.draft_token_cost is not None:
-            return self.config.draft_token_cost
-        fixed = self.step_cost.fixed_tokens if self.step_cost is not None else PRIOR_FIXED_TOKENS
-        return 1.0 / (max(0.0, fixed) + max(1, num_running))
 
     def observe(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
         """A verification of ``num_drafts`` tokens of ``seq`` accepted the first
