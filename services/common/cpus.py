@@ -4,7 +4,8 @@ On a small machine the model's OpenMP threads stall whenever an I/O thread (the 
 gRPC and asyncio threads, the router, etcd, a client) takes one of their cores in the middle
 of a parallel region. Pinning the model to some CPUs and the rest elsewhere keeps them apart,
 as vLLM's CPU backend does (its model on one core, its frontend on another):
-``EngineConfig.cpu_cores`` pins the engine's step thread and its OpenMP team,
+``EngineConfig.cpu_cores`` pins the engine's step thread and its OpenMP team (to a set, or
+one thread per CPU with ``each:``),
 ``EPDSERVE_CPUS`` a whole process from its start (`epdserve up --frontend-cores` sets it for
 the routers). See docs/performance.md.
 """
@@ -30,6 +31,26 @@ def parse_cpu_list(text: str) -> list[int]:
             raise ValueError(f"bad CPU range {part!r} in {text!r}")
         cpus.update(range(first, last + 1))
     return sorted(cpus)
+
+
+EACH = "each"
+
+
+def parse_cpu_cores(text: str) -> tuple[list[int], bool]:
+    """``EngineConfig.cpu_cores``: (CPU ids, one thread per CPU). "" is not pinned; a list
+    ("1", "0-3") pins the step thread's OpenMP team to that set (its threads float inside
+    it); "each:LIST" pins thread i of the team to the i-th CPU listed, as vLLM's CPU backend
+    binds; "each" alone does so on every CPU this process may use. ValueError otherwise."""
+    text = text.strip()
+    mode, colon, rest = text.partition(":")
+    if mode.strip().lower() != EACH:
+        return parse_cpu_list(text), False
+    if not colon:
+        return sorted(os.sched_getaffinity(0)), True
+    cpus = parse_cpu_list(rest)
+    if not cpus:
+        raise ValueError(f"bad CPU list {text!r}: 'each:' needs CPUs (each:0-1), or say 'each'")
+    return cpus, True
 
 
 def check_usable(cpus: list[int], what: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from services.common.cpus import check_usable, pin_os_thread
 from services.engine.config import EngineConfig
+from services.engine.layers.omp_bind import bind_team
 from services.engine.llm_engine import LLMEngine
 from services.engine.outputs import EngineStats, RequestFailedError, RequestOutput
 from services.engine.pooler import Pooler
@@ -243,6 +244,8 @@ class AsyncLLMEngine:
             # inherits the mask, and the gRPC/asyncio threads keep the process's CPUs.
             pin_os_thread(self.config.pinned_cpus)
         engine = self._require()
+        if engine.cpu_placement:  # the team now, before a pooling batch or the first step starts it
+            bind_team(*engine.cpu_placement)
         try:
             while not self._stopping.is_set():
                 self._pass_started = time.monotonic()

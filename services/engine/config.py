@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from services.common.cpus import parse_cpu_list
+from services.common.cpus import parse_cpu_cores
 from services.engine.service_tiers import DEFAULT_OFFLINE_AGING_S
 from services.engine.speculative.config import SpeculativeConfig
 
@@ -62,9 +62,11 @@ class EngineConfig:
     cpu_threads: int = 0
     # CPUs (Linux list: "1", "1-3") the step thread and the model's OpenMP threads run on;
     # the worker's gRPC and asyncio threads stay on every CPU the process may use. "": not
-    # pinned. With cpu_threads 0 the model uses one thread per CPU listed. Pinning the model
-    # apart from the I/O (and `epdserve up --frontend-cores` for the router and etcd) is the
-    # layout vLLM's CPU backend uses; see docs/performance.md.
+    # pinned. "each:1-3": one OpenMP thread per CPU listed (thread i on the i-th), as vLLM
+    # binds its threads; "each": so on every CPU the process may use. With cpu_threads 0 the
+    # model uses one thread per CPU listed. Pinning the model apart from the I/O (and
+    # `epdserve up --frontend-cores` for the router and etcd) is the layout vLLM's CPU
+    # backend uses; see docs/performance.md.
     cpu_cores: str = ""
     # Serve a pooling model (embeddings, rerank, score) instead of generation: "embed" (the
     # last token's hidden state, normalised: Qwen3-Embedding), "classify" (a classification
@@ -133,7 +135,10 @@ class EngineConfig:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads must be >= 0 (0: every core), got {self.cpu_threads}")
-        parse_cpu_list(self.cpu_cores)  # a bad list fails here
+        cpus, each = parse_cpu_cores(self.cpu_cores)  # a bad list fails here
+        if each and self.cpu_threads > len(cpus):
+            raise ValueError(f"cpu_cores {self.cpu_cores!r} pins one thread per CPU: "
+                             f"{len(cpus)} CPUs for cpu_threads {self.cpu_threads}")  # fmt: skip
         if self.cpu_linear not in CPU_LINEAR:
             raise ValueError(f"cpu_linear must be one of {CPU_LINEAR}, got {self.cpu_linear!r}")
         if self.pooling not in POOLING:
@@ -202,7 +207,12 @@ class EngineConfig:
     @property
     def pinned_cpus(self) -> list[int]:
         """``cpu_cores`` as CPU ids ([]: not pinned)."""
-        return parse_cpu_list(self.cpu_cores)
+        return parse_cpu_cores(self.cpu_cores)[0]
+
+    @property
+    def pin_each(self) -> bool:
+        """Whether ``cpu_cores`` pins one OpenMP thread per CPU ("each"), not to a set."""
+        return parse_cpu_cores(self.cpu_cores)[1]
 
     @property
     def model_threads(self) -> int:

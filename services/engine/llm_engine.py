@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from services.common.cpus import check_usable
 from services.engine.block_manager import BlockManager, KVEvent
 from services.engine.config import EngineConfig
 from services.engine.executor import Executor
@@ -28,6 +29,7 @@ from services.engine.input_processor import InputProcessor, eos_token_ids
 from services.engine.kv_connector import KVConnector
 from services.engine.kv_store_format import StoreTier
 from services.engine.kv_tiers import KVTierManager
+from services.engine.layers.omp_bind import bind_team
 from services.engine.model_files import served_name
 from services.engine.model_loader import load_hf_config, resolve_model
 from services.engine.models.registry import architecture
@@ -79,6 +81,11 @@ class LLMEngine(PDHandoff):
         self.max_model_len = config.max_model_len or min(model_max, MAX_DEFAULT_MODEL_LEN)
         hook = pooling_hook(self.pooling_task, self.tokenizer, config.classifier_from_tokens)
         self.runner = make_runner(config, self.hf_config, self.model_path, self.max_model_len, hook)
+        # cpu_cores as (CPU ids, one thread per CPU), resolved once; None: not pinned.
+        self.cpu_placement: tuple[list[int], bool] | None = None
+        if self.runner.device.type == "cpu" and config.pinned_cpus:
+            check_usable(config.pinned_cpus, f"cpu_cores {config.cpu_cores!r}")  # not in a step
+            self.cpu_placement = (config.pinned_cpus, config.pin_each)
         # Whose fault a failed request is; the engine's only when its own self-check fails.
         self.faults = FaultJudge(self._self_check)
         self.pooler = None if self.pooling_task is None else Pooler(
@@ -211,6 +218,10 @@ class LLMEngine(PDHandoff):
         """Schedule -> execute -> update: run the model once on the scheduler's batch, sample,
         check stops; returns a delta output for every request that produced tokens or
         finished in this step."""
+        if self.cpu_placement:
+            # NOTE: the thread that runs the steps (a worker's step thread, the offline LLM's
+            # caller) and its OpenMP team, pinned per cpu_cores once (then a dict lookup).
+            bind_team(*self.cpu_placement)
         sched = self.scheduler.schedule()
         self.scheduler.resolve_stall(sched)
         if self.tiers is not None:

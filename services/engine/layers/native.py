@@ -44,7 +44,11 @@ BUILD_TIMEOUT_S = 120.0
 _lock = threading.Lock()
 _cache: dict[str, ctypes.CDLL | None] = {}
 # The entry points each kernel library must export: a file lacking them is not that kernel.
-SYMBOLS = {"paged_decode": ("epd_paged_decode_f32",), "cpu_lora": ("lora_apply",)}
+SYMBOLS = {
+    "paged_decode": ("epd_paged_decode_f32",),
+    "cpu_lora": ("lora_apply",),
+    "omp_bind": ("epd_bind_omp_threads",),
+}
 
 
 def enabled() -> bool:
