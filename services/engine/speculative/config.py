@@ -69,6 +69,9 @@ class SpeculativeConfig:
     # step (the adaptive length drafts only what its acceptance pays for): 0.034-0.038 on 2
     # CPU cores with the 135M model at batch 8 (one draft each: +27-30 % of the step; 2026-12-03,
     # RESULTS.md), 0.045-0.05 at batch 1 (16 drafts: 1.74x a decode step); far less on a GPU.
+    # Since verifications run in the paged decode kernel (dcd0672): 0.016-0.03 at batch 8
+    # (benchmarks/spec_step_cost.py); 0.04 kept until a quiet run compares the two. NOTE: the
+    # scheduler's step-cost fit is not this cost on a CPU (its slope is a prefill token's).
     draft_token_cost: float = 0.04
     # Adapt each sequence's draft length to its measured acceptance.
     adaptive: bool = True
