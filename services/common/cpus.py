@@ -15,6 +15,10 @@ from __future__ import annotations
 import os
 
 ENV = "EPDSERVE_CPUS"
+# The largest CPU id a list may name: above any machine's (Linux builds for at most 8,192),
+# and small enough that a range up to it costs nothing to expand. "0-100000000" took minutes
+# and gigabytes to expand before the process could say it was wrong.
+MAX_CPU_ID = 65535
 
 
 def parse_cpu_list(text: str) -> list[int]:
@@ -29,6 +33,8 @@ def parse_cpu_list(text: str) -> list[int]:
             raise ValueError(f"bad CPU list {text!r}: want ids like 1 or 0-3,6") from None
         if first < 0 or last < first:
             raise ValueError(f"bad CPU range {part!r} in {text!r}")
+        if last > MAX_CPU_ID:
+            raise ValueError(f"CPU id {last} in {text!r} is above {MAX_CPU_ID}")
         cpus.update(range(first, last + 1))
     return sorted(cpus)
 

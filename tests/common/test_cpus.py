@@ -61,3 +61,19 @@ def test_frontend_cores_go_to_the_routers_environment_only():
     with pytest.raises(ValueError, match="CPU"):
         ClusterSpec(mixed=1, port=0, frontend_cores="1-0")
     assert parse_cpu_list("0,2-3") == [0, 2, 3]
+
+
+def test_a_huge_cpu_range_is_refused_at_once():
+    """A range like "0-100000000" (cpu_cores, EPDSERVE_CPUS) expanded 10^8 ids into a set
+    before anything could refuse it (over 20 s and gigabytes): now a clear error at once."""
+    from services.common.cpus import MAX_CPU_ID, parse_cpu_cores
+    from services.engine.config import EngineConfig
+
+    for text in ("0-100000000", f"{MAX_CPU_ID + 1}", "1,3-99999999999999999999"):
+        with pytest.raises(ValueError, match="above"):
+            parse_cpu_list(text)
+    with pytest.raises(ValueError, match="above"):
+        parse_cpu_cores("each:0-100000000")
+    with pytest.raises(ValueError, match="above"):
+        EngineConfig(cpu_cores="0-100000000")
+    assert parse_cpu_list(f"{MAX_CPU_ID - 1}-{MAX_CPU_ID}") == [MAX_CPU_ID - 1, MAX_CPU_ID]
