@@ -119,3 +119,32 @@ def test_add_in_place_is_exact(ops, n):
     strided = torch.randn(4, 6)[:, :3]  # not contiguous: torch's add_
     ref = strided + 1
     assert torch.equal(ops.add_(strided, torch.ones(4, 3)), ref)
+
+
+def test_the_mlp_keeps_torch_silu_where_the_kernel_does_not_vectorize(ops, monkeypatch):
+    """GCC 12 vectorizes the silu loop only with AVX-512: built for AVX2 it ran 5x slower than
+    torch, so the MLP takes torch's silu there, with the same values. Fails on the old code:
+    the MLP called the kernel on every CPU."""
+    from types import SimpleNamespace
+
+    from services.engine.models.llama import LlamaMLP
+
+    lib = native.library("fused_elementwise")
+    for flags, vectorized in (("fma avx2 avx512f", True), ("fma avx2", False)):
+        monkeypatch.setattr(native, "cpu_flags", lambda f=flags: f)
+        assert cpu_fused.CpuFused(lib).silu_vectorized is vectorized
+    torch.manual_seed(0)
+    mlp = LlamaMLP(SimpleNamespace(hidden_size=32, intermediate_size=64, hidden_act="silu"))
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(4, 32)
+    calls: list[int] = []
+    real = ops.silu_mul
+    monkeypatch.setattr(ops, "silu_mul", lambda g: calls.append(1) or real(g))
+    outs = []
+    for vectorized in (True, False):
+        monkeypatch.setattr(ops, "silu_vectorized", vectorized)
+        with torch.no_grad():
+            outs.append(mlp(x))
+    assert calls == [1]  # the kernel with AVX-512 only
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)

@@ -55,7 +55,7 @@ def enabled() -> bool:
     return os.environ.get("EPDSERVE_CPU_KERNELS", "1") != "0"
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -185,7 +185,7 @@ def _build(name: str) -> ctypes.CDLL | None:
     if cmd is None:
         logger.info("no C compiler: the CPU kernel %s is not built (torch path)", name)
         return None
-    cpu = _cpu_flags()
+    cpu = cpu_flags()
     flags = _compile_flags(cpu)
     # NOTE: the headers of csrc/ (epd_exp.h) are part of the key: a changed header rebuilds.
     headers = [h.read_text() for h in sorted(CSRC.glob("*.h"))]

@@ -109,7 +109,8 @@ class LlamaMLP(nn.Module):
         if fused.on_cuda_rows(gate_up):
             return self.reduce(self.down_proj(fused.ops.silu_and_mul(gate_up)))
         cpu = cpu_fused.ops()
-        if cpu is not None and cpu_fused.rows(gate_up) and gate_up.shape[1] % 2 == 0:
+        if (cpu is not None and cpu.silu_vectorized and cpu_fused.rows(gate_up)
+                and gate_up.shape[1] % 2 == 0):  # fmt: skip
             return self.reduce(self.down_proj(cpu.silu_mul(gate_up)))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.reduce(self.down_proj(F.silu(gate).mul_(up)))
