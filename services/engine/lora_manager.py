@@ -92,6 +92,9 @@ class LoRAManager:
         self._generation: dict[str, int] = {}
         self._retired: dict[str, LoRAAdapter] = {}  # removed, maybe still running
         self.slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
+        # The names in ``slots``, replaced whole on each change: read by the worker's load
+        # reports from another thread, which must not iterate ``slots`` while it changes.
+        self.resident: tuple[str, ...] = ()
         self.ranks: Any = None  # on a tensor-parallel driver: the other ranks (tp_ranks.py)
 
     @classmethod
@@ -193,7 +196,12 @@ class LoRAManager:
         self._retired[name] = self.adapters.pop(name)
 
     def _drop(self, name: str) -> None:
-        self.slots.pop(name, None)
+        if self.slots.pop(name, None) is not None:
+            self.resident = tuple(self.slots)
+
+    def resident_adapters(self) -> list[str]:
+        """Registered adapters in a slot now: a request for one runs without a copy."""
+        return sorted(n for n in self.resident if n in self.adapters)
 
     def hash_root(self, root: int, name: str) -> int:
         """The block-hash chain seed of a prompt run with adapter ``name``."""
@@ -283,6 +291,7 @@ class LoRAManager:
             slot = self.slots.pop(victim)
         self._fill(slot, adapter)
         self.slots[name] = slot
+        self.resident = tuple(self.slots)
         return slot
 
     def _fill(self, slot: int, adapter: LoRAAdapter) -> None:

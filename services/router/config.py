@@ -15,6 +15,7 @@ from services.router.features.reasoning.factory import NONE as NO_REASONING
 from services.router.features.reasoning.factory import available_reasoning_parsers
 from services.router.features.tool_parsers.factory import available_tool_parsers
 from services.router.http_limits import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_CONNECTIONS, HttpLimits
+from services.router.routing.lora_affinity import DEFAULT_SLACK
 from services.router.routing.policies.factory import available_policies
 from services.router.routing.restarts import RESTART_WAIT_S
 
@@ -37,6 +38,14 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
     policy: str = field(
         default="least_load",
         metadata={"help": f"routing policy: {', '.join(available_policies())}"},
+    )
+    lora_affinity_slack: float = field(
+        default=DEFAULT_SLACK,
+        metadata={
+            "help": "LoRA-aware routing: a worker holding a request's adapter in an engine "
+            "slot is preferred while its load (requests) is within this of the least-loaded "
+            "worker's"
+        },
     )
     request_timeout_s: float = field(
         default=600.0, metadata={"help": "deadline of one generation on a worker"}
@@ -219,6 +228,8 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         _one_of("policy", self.policy, available_policies())
+        if not 0 <= self.lora_affinity_slack <= 1e6:
+            raise ValueError("lora_affinity_slack must be in [0, 1e6]")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
         if self.load_report_interval_ms < 10:

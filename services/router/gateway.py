@@ -75,6 +75,7 @@ class Gateway:
             max_migrations=cfg.max_migrations,
             stall_timeout_s=cfg.stall_timeout_s,
             restart_wait_s=cfg.worker_restart_wait_s,
+            lora_slack=cfg.lora_affinity_slack,
             on_migration=lambda reason: self.metrics.migrations.labels(reason).inc(),
             kv_index=self.kv_index,
             poison=PoisonTracker(cfg.poison_max_deaths),

@@ -14,7 +14,7 @@ import grpc
 from services.common.grpc_utils import role_to_pb
 from services.common.latency import LatencyWindow
 from services.common.proto import worker_pb2 as pb
-from services.worker.lora import adapter_names
+from services.worker.lora import adapter_names, resident_adapters
 from services.worker.state import WorkerState
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class LoadRPCs:
         s = self.engine.stats()
         st = self.state
         enc = self.encoder
+        resident, slots = resident_adapters(self.engine)
         return pb.LoadReport(
             instance_id=st.instance_id,
             role=role_to_pb(st.role),
@@ -95,6 +96,8 @@ class LoadRPCs:
             images_encoding=enc.encoding if enc is not None else 0,
             recent_encode_ms=enc.tower_ms.mean() if enc is not None else 0.0,
             lora_adapters=adapter_names(self.engine),
+            lora_resident=resident,
+            lora_slots=slots,
             spec_num_drafts=s.spec.num_drafts if s.spec else 0,
             spec_draft_tokens=s.spec.num_draft_tokens if s.spec else 0,
             spec_accepted_tokens=s.spec.num_accepted_tokens if s.spec else 0,

@@ -30,6 +30,12 @@ def adapter_names(engine: AsyncLLMEngine) -> list[str]:
     return sorted(loras.adapters) if loras is not None else []
 
 
+def resident_adapters(engine: AsyncLLMEngine) -> tuple[list[str], int]:
+    """(adapters in an engine slot now, number of slots); ([], 0) when LoRA is off."""
+    loras = getattr(getattr(engine, "engine", None), "loras", None)
+    return (loras.resident_adapters(), loras.max_loras) if loras is not None else ([], 0)
+
+
 class LoRARPCs:
     """``LoadLoRA`` and ``UnloadLoRA`` of the WorkerService (mixed into its servicer)."""
 

@@ -92,6 +92,11 @@ def test_each_adapter_matches_peft(setups, family):
     for name in [*ADAPTERS, "all", None]:
         check(llm.generate(prompts(), GREEDY, lora=name), refs[name])
     assert len(llm.engine.loras.slots) == 2
+    # What the worker's load reports say is in a slot (LoRA-aware routing): the last two used;
+    # an adapter unloaded is no longer offered even while its slot is not yet reused.
+    assert llm.engine.loras.resident_adapters() == sorted([list(ADAPTERS)[-1], "all"])
+    llm.engine.loras.remove("all")
+    assert llm.engine.loras.resident_adapters() == [list(ADAPTERS)[-1]]
 
 
 @pytest.mark.parametrize("max_loras, tp", [(4, 1), (2, 1), (2, 2)])

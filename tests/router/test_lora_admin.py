@@ -35,6 +35,11 @@ class FakeLoRAs:
     def remove(self, name: str) -> None:
         del self.adapters[name]
 
+    max_loras = 2
+
+    def resident_adapters(self) -> list[str]:
+        return []  # nothing runs here: no slot is filled
+
 
 class LoRAEngine(FakeEngine):
     def __init__(self, refuse: set[str] = frozenset(), enabled: bool = True) -> None:  # type: ignore[assignment]

@@ -13,6 +13,7 @@ from services.common.proto import worker_pb2 as pb
 from services.router.phases import RouterPhases
 from services.router.routing.encode_stage import EncodeStage
 from services.router.routing.kv_index import KVIndexClient
+from services.router.routing.lora_affinity import DEFAULT_SLACK
 from services.router.routing.migration import Migration, Progress
 from services.router.routing.pd import PDRequest, PDSteps
 from services.router.routing.poison import PoisonTracker, fingerprint
@@ -57,9 +58,11 @@ class Orchestrator(WorkerChoice):
         poison: PoisonTracker | None = None,
         phases: RouterPhases | None = None,
         restart_wait_s: float = 0.0,
+        lora_slack: float = DEFAULT_SLACK,
     ) -> None:
         self.pool = pool
         self.restart_wait_s = restart_wait_s  # worker_choice.py
+        self.lora_slack = lora_slack  # worker_choice.py
         self.poison = poison or PoisonTracker()
         self.phases = phases or RouterPhases()  # phase histograms and traces (phases.py)
         self.policy = policy

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from services.common.proto import worker_pb2 as pb
 from services.engine.service_tiers import DEFAULT, FLEX
 from services.router.routing.kv_index import KVIndexClient
+from services.router.routing.lora_affinity import DEFAULT_SLACK, note_routed, prefer_resident
 from services.router.routing.pd import PDRequest, pair_of_one_size
 from services.router.routing.policies.base import RouteRequest, RoutingPolicy
 from services.router.routing.retry import AttemptFailed, Attempts
@@ -38,6 +39,9 @@ class WorkerChoice:
     # A request finding no worker of a role where one died serving waits this long for it to
     # be restarted (RouterConfig.worker_restart_wait_s; 0: fail at once).
     restart_wait_s = 0.0
+    # LoRA affinity (lora_affinity.py): how much busier, in requests, a worker holding a
+    # request's adapter in a slot may be than the least-loaded one and still be preferred.
+    lora_slack = DEFAULT_SLACK
 
     def _for_tier(self, candidates: list[WorkerHandle], tier: str) -> list[WorkerHandle]:
         """The candidates an offline request may go to: those with headroom, when any has
@@ -147,8 +151,12 @@ class WorkerChoice:
         candidates = self._for_tier(await self._usable("mixed", model, attempts.tried), tier)
         if not candidates:
             return None
+        lora = self.pool.lora_of(model)
+        candidates = prefer_resident(candidates, lora, self.lora_slack)
         route = await self._route(model, request_id, prompt, candidates, images)
-        return self._listed(self.policy.select(candidates, route))
+        chosen = self._listed(self.policy.select(candidates, route))
+        note_routed(chosen, lora)
+        return chosen
 
     async def _choose_pair(
         self, request_id: str, request: PDRequest, attempts: Attempts
@@ -163,12 +171,18 @@ class WorkerChoice:
         decodes = [h for h in decodes if h.id not in attempts.suspects] or decodes
         if not prefills or not decodes:
             return None
+        lora = self.pool.lora_of(request.model)
+        prefills = prefer_resident(prefills, lora, self.lora_slack)
+        decodes = prefer_resident(decodes, lora, self.lora_slack)
         route = await self._route(
             request.model, request_id, request.prompt, [*prefills, *decodes], request.images
         )
         p, d = pair_of_one_size(self.policy, prefills, decodes, route)
         self._listed(p)
-        return p, self._listed(d)
+        self._listed(d)
+        note_routed(p, lora)
+        note_routed(d, lora)
+        return p, d
 
     def _listed(self, handle: WorkerHandle) -> WorkerHandle:
         """``handle``, or ``AttemptFailed`` when it left the cluster while the policy chose

@@ -57,6 +57,9 @@ class WorkerHandle:
         self.load: pb.LoadReport | None = None
         # LoRA adapters it holds: from its load reports, and from load / unload answers.
         self.lora_adapters: frozenset[str] = frozenset()
+        # Of those, the ones in its engine slots, and its slot count (lora_affinity.py).
+        self.lora_resident: frozenset[str] = frozenset()
+        self.lora_slots = 0
         self.load_at = 0.0  # monotonic time of the latest report
         self.inflight = 0  # requests this router has running there
         # Requests of this router that ended there since the latest report, and their prompt
@@ -192,6 +195,8 @@ class WorkerHandle:
                         break
                     self.load = report
                     self.lora_adapters = frozenset(report.lora_adapters)
+                    self.lora_resident = frozenset(report.lora_resident)
+                    self.lora_slots = report.lora_slots
                     self.load_at = time.monotonic()
                     self.ended_since_report = self.prompt_tokens_ended_since_report = 0
                     backoff = 0.1
