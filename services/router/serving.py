@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.background import BackgroundTask
@@ -31,6 +32,7 @@ from services.router.features.reasoning.factory import reasoning_parser_class
 from services.router.features.tool_parsers.base import ToolParser, ToolStream
 from services.router.features.tool_parsers.factory import tool_parser_class
 from services.router.features.tools import ToolSetup
+from services.router.model_wait import until_served
 from services.router.offline import OfflineTicket
 from services.router.routing.streams import merge_streams
 
@@ -203,12 +205,13 @@ def _generate(
     gw: Gateway, req: ServeRequest
 ) -> AsyncGenerator[tuple[int, pb.GenerateResponse], None]:
     many = len(req.prompts) > 1
-    return merge_streams([
-        gw.orchestrator.generate(
-            req.model, f"{req.rid}-{i}" if many else req.rid, p, req.params, req.images
-        )
-        for i, p in enumerate(req.prompts)
-    ])  # fmt: skip
+
+    def one(i: int, p: list[int]) -> AsyncGenerator[pb.GenerateResponse, None]:
+        rid = f"{req.rid}-{i}" if many else req.rid
+        start = partial(gw.orchestrator.generate, req.model, rid, p, req.params, req.images)
+        return until_served(gw, req.model, start)  # a refusal in a model swap: again
+
+    return merge_streams([one(i, p) for i, p in enumerate(req.prompts)])
 
 
 class _Progress:
