@@ -61,6 +61,8 @@ class ModelGroup:
     prefill: int = 0
     decode: int = 0
     encode: int = 0
+    # LoRA adapters of this model only, "name=path" (up --lora-modules MODEL:name=path).
+    lora_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("model", "served_model_name"):
@@ -125,9 +127,15 @@ class ClusterSpec:
     # engine_overrides' cpu_cores on the others it keeps the gateway off the model's cores.
     # "": not pinned.
     frontend_cores: str = ""
+    # LoRA adapters of the first model, "name=path" (each of more_models has its own).
+    lora_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.first_model()  # checks the first model's worker counts
+        if self.more_models and self.engine_overrides.get("lora_modules"):
+            # NOTE: every model's workers would load them, trained for one model or not.
+            raise ValueError("with several models, give each model its own LoRA adapters "
+                             "(lora_modules of the spec and of each ModelGroup)")  # fmt: skip
         names = [served_name_of(g) for g in self.groups()]
         if len(set(names)) != len(names):
             raise ValueError(f"two models share a served name: {', '.join(names)}; give "
@@ -143,7 +151,7 @@ class ClusterSpec:
     def first_model(self) -> ModelGroup:
         """The spec's own model and its workers, as a group."""
         return ModelGroup(self.model, self.served_model_name, self.mixed, self.prefill,
-                          self.decode, self.encode)  # fmt: skip
+                          self.decode, self.encode, self.lora_modules)  # fmt: skip
 
     def groups(self) -> list[ModelGroup]:
         """Every base model of the cluster with its workers, the spec's own first."""
@@ -191,9 +199,12 @@ class LocalCluster:
     def engine_config(self, group: int = 0) -> EngineConfig:
         """The engine of the workers of model ``group`` (0: the spec's own model)."""
         g = self.spec.groups()[group]
+        overrides = dict(self.spec.engine_overrides)
+        if g.lora_modules:
+            overrides["lora_modules"] = list(g.lora_modules)
         return EngineConfig(
             model=g.model, served_model_name=g.served_model_name,
-            device=self.spec.device, **self.spec.engine_overrides,  # type: ignore[arg-type]
+            device=self.spec.device, **overrides,  # type: ignore[arg-type]
         )  # fmt: skip
 
     def worker_plan(self) -> list[tuple[int, str]]:

@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from services.cli import lora_groups
 from services.cli.admin_config import config_dir
 from services.cli.launcher import ClusterSpec, LocalCluster, ModelGroup, served_name_of
 from services.cli.supervisor import RestartPolicy, Supervisor
@@ -19,7 +20,8 @@ from services.engine.config import EngineConfig
 from services.router.config import RouterConfig
 from services.router.routing.restarts import RESTART_WAIT_S
 
-LORA_FIELDS = ("lora_modules", "enable_lora", "max_loras", "max_lora_rank")
+# The engine's LoRA flags `up` gives every worker; --lora-modules is its own (per model).
+LORA_FIELDS = ("enable_lora", "max_loras", "max_lora_rank")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,10 +114,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--verbose", action="store_true", help="show the children's logs")
     # LoRA: the engine's own flags, given to every worker (EngineConfig documents them).
-    add_dataclass_args(
-        p.add_argument_group("LoRA adapters"), EngineConfig,
-        skip=frozenset(EngineConfig.field_names()) - set(LORA_FIELDS),
+    lora = p.add_argument_group("LoRA adapters")
+    lora.add_argument(
+        "--lora-modules", nargs="*", default=[], metavar="[MODEL:]NAME=PATH",
+        help="LoRA adapters (PEFT folders) the workers of MODEL (its served name) load at "
+        "start; a request names NAME as its model. Without MODEL: the only model's (with "
+        "several, say which). An adapter whose adapter_config.json names another base model, "
+        "or whose shapes do not fit, is refused",
     )  # fmt: skip
+    add_dataclass_args(
+        lora, EngineConfig, skip=frozenset(EngineConfig.field_names()) - set(LORA_FIELDS)
+    )
     # A dead child (worker, router, kvstore, etcd) is restarted with backoff; a crash loop
     # stops the cluster.
     add_dataclass_args(p.add_argument_group("restarts"), RestartPolicy)
@@ -132,17 +141,28 @@ def model_groups(args: argparse.Namespace, mixed: int) -> list[ModelGroup]:
     if getattr(args, "models_file", None):
         if args.model or args.served_model_name:
             raise ValueError("give --models-file or --model/--served-model-name, not both")
-        return groups_from_file(args.models_file)
+        return with_adapters(groups_from_file(args.models_file), args.lora_modules or [])
     models: list[str | None] = list(args.model or [None])
     names: list[str | None] = list(args.served_model_name or [])
     if len(names) > len(models) or (names and len(names) != len(models)):
         raise ValueError(f"{len(names)} --served-model-name for {len(models)} --model: give "
                          "one per model, or none")  # fmt: skip
     names += [None] * (len(models) - len(names))
-    return [
+    groups = [
         ModelGroup(model, name, mixed, args.prefill, args.decode, args.encode)
         for model, name in zip(models, names, strict=True)
     ]
+    return with_adapters(groups, getattr(args, "lora_modules", None) or [])
+
+
+def with_adapters(groups: list[ModelGroup], entries: list[str]) -> list[ModelGroup]:
+    """``groups`` with the --lora-modules ``entries`` given to their models, every group's
+    adapters checked against its model (lora_groups.py); ValueError before anything starts."""
+    served = [served_name_of(g) for g in groups]
+    lora_groups.assign(groups, served, entries)  # type: ignore[arg-type]
+    for g, name in zip(groups, served, strict=True):
+        lora_groups.check_adapters(g, name)
+    return groups
 
 
 def router_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,6 +190,14 @@ def groups_from_file(path: str) -> list[ModelGroup]:
         if not isinstance(entry, dict) or "model" not in entry or set(entry) - fields:
             raise ValueError(f"--models-file {path}: entry {i} must be an object with "
                              f"\"model\" and only {sorted(fields)}")  # fmt: skip
+        loras = entry.get("lora_modules", [])
+        if not isinstance(loras, list) or not all(isinstance(m, str) for m in loras):
+            raise ValueError(f"--models-file {path}: entry {i}: lora_modules is a list of "
+                             "\"name=path\"")  # fmt: skip
+        for module in loras:
+            if lora_groups.split_entry(module)[0] is not None:
+                raise ValueError(f"--models-file {path}: entry {i}: lora_modules entries are "
+                                 f"name=path (the entry is the model), got {module!r}")  # fmt: skip
         try:
             groups.append(ModelGroup(**entry))
         except (TypeError, ValueError) as exc:
@@ -202,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         first, *more = groups
         spec = ClusterSpec(
             model=first.model, served_model_name=first.served_model_name,
-            mixed=first.mixed, more_models=more,
+            mixed=first.mixed, more_models=more, lora_modules=first.lora_modules,
             prefill=first.prefill, decode=first.decode, encode=first.encode, host=args.host,
             port=args.port,
             routers=args.routers, kvstore=kvstore,

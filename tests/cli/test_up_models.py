@@ -46,24 +46,28 @@ def test_bad_model_lists_are_refused() -> None:
         ClusterSpec(model="/x/m", more_models=[ModelGroup("/y/m")])
 
 
-def test_lora_flags_reach_every_worker(tmp_path) -> None:
-    """`epdserve up --lora-modules NAME=PATH --max-loras N --max-lora-rank R`: each worker of
-    each model is started with them (issue 21 asks for --lora-modules on `up`; untested)."""
+def test_lora_flags_reach_their_models_workers(tmp_path) -> None:
+    """`epdserve up --lora-modules MODEL:NAME=PATH --max-loras N --max-lora-rank R`: each
+    adapter reaches the workers of its own model only; the slot flags reach every worker.
+    Before, every adapter went to every model's workers (trained for that model or not)."""
     from services.cli.up import engine_overrides
 
-    args = parse("--model", "/m/a", "--model", "/m/b", "--lora-modules", f"sql={tmp_path}",
-                 "--max-loras", "3", "--max-lora-rank", "32")  # fmt: skip
+    args = parse("--model", "/m/a", "--model", "/m/b", "--lora-modules", f"a:sql={tmp_path}",
+                 f"b:chat={tmp_path}", "--max-loras", "3", "--max-lora-rank", "32")  # fmt: skip
     overrides = engine_overrides(args)
     first, *more = model_groups(args, mixed=1)
     cluster = LocalCluster(ClusterSpec(model=first.model, more_models=more, mixed=1,
+                                       lora_modules=first.lora_modules,
                                        engine_overrides=overrides))  # fmt: skip
     try:
-        for i, group in enumerate((0, 1)):
-            argv = cluster.worker_argv(i, "mixed", group=group)
+        for group, adapter in ((0, "sql"), (1, "chat")):
+            argv = cluster.worker_argv(group, "mixed", group=group)
             got = {flag: argv[argv.index(flag) + 1]
                    for flag in ("--lora-modules", "--max-loras", "--max-lora-rank")}  # fmt: skip
-            assert got == {"--lora-modules": f"sql={tmp_path}", "--max-loras": "3",
+            assert got == {"--lora-modules": f"{adapter}={tmp_path}", "--max-loras": "3",
                            "--max-lora-rank": "32"}  # fmt: skip
+            assert argv.count("--lora-modules") == 1
+            assert argv[argv.index("--lora-modules") + 2].startswith("--")  # one adapter
     finally:
         cluster.stop()
 

@@ -85,3 +85,21 @@ def test_bad_groups_fail_with_a_clear_message(groups: list[dict[str, Any]], mess
     with pytest.raises((helm.HelmValuesError, helm.HelmRenderError)) as err:
         ch.render({"modelGroups": groups})
     assert message in str(err.value)
+
+
+def test_each_group_gets_its_own_lora_adapters() -> None:
+    """An adapter fits the model it was trained for: each group's workers load the group's
+    own; a top-level list, which every group would inherit, is refused with several."""
+    groups = copy.deepcopy(GROUPS)
+    groups["modelGroups"][1]["workers"]["engine"]["loraModules"] = ["sql=/models/sql"]
+    objects = ch.render_objects(groups)
+    commands = {o["metadata"]["name"].rsplit("-worker-", 1)[-1]:
+                o["spec"]["template"]["spec"]["containers"][0]["command"]
+                for o in objects if o["kind"] == "Deployment" and "-worker-" in o["metadata"]["name"]}  # fmt: skip
+    assert "sql=/models/sql" in commands["code-mixed"]
+    assert not any("--lora-modules" in c for n, c in commands.items() if n != "code-mixed")
+    helm = ch.helm()
+    shared = {**copy.deepcopy(GROUPS), "workers": {"engine": {"loraModules": ["sql=/m/sql"]}}}
+    with pytest.raises((helm.HelmValuesError, helm.HelmRenderError)) as err:
+        ch.render(shared)
+    assert "give each group its own adapters" in str(err.value)

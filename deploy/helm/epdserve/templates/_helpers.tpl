@@ -399,6 +399,10 @@ etcd. Every TLS-dependent line of a client (env, volume, mount) follows from thi
 {{- if has $g.name $names }}{{ fail (printf "modelGroups: two groups are named %s" $g.name) }}{{ end }}
 {{- $names = append $names $g.name }}
 {{- end }}
+{{- /* NOTE: the top-level workers values reach every group: adapters there would be loaded into models they were not trained for. */}}
+{{- if and (gt (len .Values.modelGroups) 1) .Values.workers.engine.loraModules }}
+{{- fail "workers.engine.loraModules: with several modelGroups, give each group its own adapters (modelGroups[].workers.engine.loraModules): an adapter fits the model it was trained for only" }}
+{{- end }}
 {{- range $group := include "epdserve.modelGroups" . | fromJsonArray }}
 {{- $w := $group.workers }}
 {{- $where := ternary (printf "modelGroups[%s].workers" $group.name) "workers" (ne $group.name "") }}
