@@ -26,6 +26,7 @@ from services.engine.detokenizer import IncrementalDetokenizer
 from services.engine.image_processing import load_image_processor
 from services.engine.multimodal import ImageInputs, MultiModalState, build_state, parse_prompt
 from services.engine.output_processor import RequestState
+from services.engine.outputs import LoRANotLoaded
 from services.engine.resume import Resume
 from services.engine.sampler import Sampler
 from services.engine.sampling_params import SamplingParams
@@ -229,7 +230,7 @@ class InputProcessor:
         if self.loras is None:
             raise ValueError(f"LoRA adapter {lora!r} requested but LoRA is not enabled")
         if lora not in self.loras.adapters:
-            raise ValueError(f"LoRA adapter {lora!r} is not loaded")
+            raise LoRANotLoaded(f"LoRA adapter {lora!r} is not loaded")
         seq.lora = lora
         root = seq.mm.hash_root if seq.mm is not None else ROOT_HASH
         seq.lora_root = self.loras.hash_root(root, lora)

@@ -66,6 +66,12 @@ class RequestOutput:
     error: str | None = None
 
 
+class LoRANotLoaded(ValueError):
+    """A request names a LoRA adapter this engine does not hold: unloaded meanwhile, or
+    never loaded here. Not the request's fault (another worker may hold the adapter), so
+    the worker answers NOT_FOUND, not INVALID_ARGUMENT (worker/errors.py)."""
+
+
 class RequestFailedError(Exception):
     """One request failed inside the engine (``RequestOutput.error``); the engine, the
     worker and every other request are fine. NOTE: not a RuntimeError, which callers take

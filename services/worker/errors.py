@@ -20,7 +20,7 @@ from services.common.grpc_utils import (
 from services.common.mooncake_agent import TransferError
 from services.decode.role import TPSizeMismatch
 from services.engine.distributed import RankFailure
-from services.engine.outputs import RequestFailedError
+from services.engine.outputs import LoRANotLoaded, RequestFailedError
 from services.worker.role_controller import StaleEpochError
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,15 @@ class Status:
 # Which exceptions each call ends with which status (the first class that matches wins).
 Rules = dict[type[Exception] | tuple[type[Exception], ...], Status]
 BAD_REQUEST = Status(Code.INVALID_ARGUMENT)
-PARAMS: Rules = {(ValueError, TypeError): BAD_REQUEST}
-STREAM: Rules = {ValueError: BAD_REQUEST}
+# An adapter unloaded while the router still routed to it here: another worker may hold it
+# (the router tries one), else the client gets the 404 of an unknown model. Listed before
+# ValueError, its base class.
+NOT_HELD: Rules = {LoRANotLoaded: Status(Code.NOT_FOUND)}
+PARAMS: Rules = {**NOT_HELD, (ValueError, TypeError): BAD_REQUEST}
+STREAM: Rules = {**NOT_HELD, ValueError: BAD_REQUEST}
 IMAGES: Rules = {ValueError: BAD_REQUEST, TransferError: Status(Code.UNAVAILABLE)}
 RESERVE: Rules = {
+    **NOT_HELD,
     (ValueError, TypeError): BAD_REQUEST,
     # Not the request's fault: the pair cannot exchange KV; another pair may.
     TPSizeMismatch: Status(Code.FAILED_PRECONDITION),
@@ -51,6 +56,7 @@ RESERVE: Rules = {
     MemoryError: Status(Code.RESOURCE_EXHAUSTED, "decode worker full, retry later: ", FAILURE_BUSY),
 }
 PREFILL: Rules = {
+    **NOT_HELD,
     (ValueError, TypeError): BAD_REQUEST,
     TransferError: Status(Code.UNAVAILABLE, "KV transfer failed: ", FAILURE_TRANSFER),
 }

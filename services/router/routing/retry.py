@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 
 # What a mixed worker's failure before the first token must be for another worker to take
 # the request: it was unreachable or refused it (nothing was generated yet).
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION})
+# NOT_FOUND: the worker does not hold the request's LoRA adapter (unloaded meanwhile); another may.
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND}
+)
 # Prefix of a worker's refusal of a request stamped with an old role epoch (it changed role).
 STALE_EPOCH_PREFIX = "stale role epoch"
 
@@ -59,6 +62,8 @@ def api_error_from_grpc(exc: grpc.aio.AioRpcError) -> APIError:
         )  # fmt: skip
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return APIError(400, detail)
+    if code == grpc.StatusCode.NOT_FOUND:  # the worker does not hold the request's adapter
+        return APIError(404, detail, param="model", code="model_not_found")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return APIError(504, "generation timed out on the worker")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
