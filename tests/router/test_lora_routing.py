@@ -83,7 +83,7 @@ async def test_the_router_keeps_an_adapter_where_it_sent_it() -> None:
         h.inflight += 1  # the request runs there
         picks.append(h.id)
     assert len(set(picks)) == 1, picks
-    assert "sql" in orch.pool.handles[picks[0]].lora_resident
+    assert "sql" in orch.pool.handles[picks[0]].lora_routed
     # Base-model requests are not held to it: least load sends the next one elsewhere.
     h = await orch._choose("m", "r", [1, 2, 3], (), Attempts(orch.poison))
     assert h is not None and h.id != picks[0]

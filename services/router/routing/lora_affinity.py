@@ -11,13 +11,15 @@ cheapest to run.
   (loading it there evicts nothing); else every candidate, and the policy's least-loaded
   choice loads it into a slot (the engine does, from the adapter it registered).
 
-A worker the router sends an adapter's request to counts as holding it from then on
-(``note_routed``), until its next load report says otherwise: a burst of requests for one
-adapter otherwise spreads over every worker in the report interval before the first lands.
+A worker the router sent an adapter's request to counts as holding it for ROUTED_S
+(``note_routed``) whatever its reports say: a report taken before that request filled the
+slot can arrive after it, and requests faster than the report interval then rotated over
+every worker (seen by tests/cluster/test_lora_affinity_cluster.py on a quiet machine).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
@@ -27,6 +29,7 @@ from services.router.routing.policies.least_load import load_score
 # still be preferred: a swap costs a copy of the factors (and maybe a later one back), a
 # request queued behind this many others costs more. RouterConfig.lora_affinity_slack.
 DEFAULT_SLACK = 4.0
+ROUTED_S = 2.0  # a worker holds an adapter this long after a request for it was sent there
 
 
 class LoRAWorker(Protocol):
@@ -35,8 +38,9 @@ class LoRAWorker(Protocol):
     @property
     def id(self) -> str: ...
 
-    lora_resident: frozenset[str]  # adapters in its engine slots (its report, or routed since)
+    lora_resident: frozenset[str]  # adapters in its engine slots (its latest report)
     lora_slots: int  # its engine's adapter slots; 0: unknown or LoRA off
+    lora_routed: dict[str, float]  # adapter -> time.monotonic() a request for it went there
 
 
 W = TypeVar("W", bound=LoRAWorker)
@@ -47,19 +51,25 @@ def prefer_resident(candidates: Sequence[W], lora: str, slack: float = DEFAULT_S
     ("": the base model, every candidate): see the module's docstring. Order is kept."""
     if not lora or len(candidates) < 2:
         return list(candidates)
+    now = time.monotonic()
     loads = [load_score(w) for w in candidates]  # type: ignore[arg-type]
     bound = min(loads) + slack
     near = [w for w, load in zip(candidates, loads, strict=True) if load <= bound]
-    holders = [w for w in near if lora in w.lora_resident]
+    holders = [w for w in near if lora in _held(w, now)]
     if holders:
         return holders
-    if any(lora in w.lora_resident for w in candidates):
+    if any(lora in _held(w, now) for w in candidates):
         return list(candidates)  # its holders are too busy: open to all
-    free = [w for w in near if len(w.lora_resident) < w.lora_slots]
+    free = [w for w in near if len(_held(w, now)) < w.lora_slots]
     return free or list(candidates)
+
+
+def _held(w: LoRAWorker, now: float) -> set[str]:
+    """Adapters ``w`` holds in a slot: reported, or sent there in the last ROUTED_S."""
+    return set(w.lora_resident) | {a for a, t in w.lora_routed.items() if now - t < ROUTED_S}
 
 
 def note_routed(worker: LoRAWorker, lora: str) -> None:
     """``worker`` will hold ``lora`` in a slot once the request sent there runs."""
-    if lora and lora not in worker.lora_resident:
-        worker.lora_resident = worker.lora_resident | {lora}
+    if lora:
+        worker.lora_routed[lora] = time.monotonic()

@@ -60,6 +60,7 @@ class WorkerHandle:
         # Of those, the ones in its engine slots, and its slot count (lora_affinity.py).
         self.lora_resident: frozenset[str] = frozenset()
         self.lora_slots = 0
+        self.lora_routed: dict[str, float] = {}  # adapter -> when a request for it went here
         self.load_at = 0.0  # monotonic time of the latest report
         self.inflight = 0  # requests this router has running there
         # Requests of this router that ended there since the latest report, and their prompt
