@@ -6,6 +6,7 @@ The adapters are random PEFT folders (all seven target modules) written here for
 model (SmolLM2-135M) or ``--model``; nothing is downloaded.
 
     .venv/bin/python benchmarks/lora.py [--requests 32] [--prompt 128] [--output 64] [--layers]
+        [--warmup-rounds 1]
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ def main() -> None:
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup-rounds", type=int, default=1,
+                   help="untimed rounds of every engine on the whole work first: the "
+                   "mixed engine's first rounds pay one-time costs (each adapter's first "
+                   "slot copy, new GEMM shapes) that a served engine pays once")  # fmt: skip
     p.add_argument("--cpu-linear", default="onednn",
                    help="both engines' linear backend (auto probes each engine on its own: "
                    "on a loaded machine the two may differ)")  # fmt: skip
@@ -173,6 +178,11 @@ def main() -> None:
     runs: dict[str, list[tuple[float, float, float]]] = {
         "base": [], "mixed": [], "mixed_torch": [], "base_on_lora": []
     }  # fmt: skip
+    for _ in range(args.warmup_rounds):
+        throughput(base, prompts, params, none)
+        throughput(mixed, prompts, params, loras)
+        if mixed_torch is not None:
+            throughput(mixed_torch, prompts, params, loras)
     for _ in range(args.repeats):
         runs["base"].append(throughput(base, prompts, params, none))
         runs["mixed"].append(throughput(mixed, prompts, params, loras))
