@@ -8,6 +8,11 @@ its model as a new one does (``Gateway.resolve_awake``: counted on the waiting b
 leader wakes the model) and runs again, within RETRY_WINDOW_S. A refusal seen before the
 router learns of the drain is a ``no_workers`` 503 for a moment: it counts as passing when
 the drain shows within ``SETTLE_S``.
+
+A ``no_workers`` refusal for a name the router's view no longer knows at all (a LoRA adapter
+unloaded between the request's resolution and its routing: the reports that listed it are
+gone) is the 404 ``model_not_found`` a new request for it gets, not a 503 inviting a retry
+that can only be refused.
 """
 
 from __future__ import annotations
@@ -51,6 +56,15 @@ async def _passing(gw: Gateway, model: str, err: APIError) -> bool:
     return False
 
 
+def _raise_if_unknown(gw: Gateway, model: str) -> None:
+    """The 404 ``model_not_found`` when the router's view no longer knows ``model``."""
+    try:
+        gw.resolve_model(model, serving=False)
+    except APIError as err:
+        if err.status == 404:
+            raise err from None
+
+
 async def until_served(
     gw: Gateway, model: str, start: Callable[[], AsyncGenerator[pb.GenerateResponse, None]]
 ) -> AsyncGenerator[pb.GenerateResponse, None]:
@@ -67,6 +81,8 @@ async def until_served(
                     yield msg
             return
         except APIError as err:
+            if not started and err.status == 503 and err.code == "no_workers":
+                _raise_if_unknown(gw, model)
             if started or time.monotonic() >= deadline or not await _passing(gw, model, err):
                 raise
             log.info("request for %s refused by a worker going away (%s); waiting for the "
