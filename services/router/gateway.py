@@ -61,8 +61,9 @@ class Gateway:
         self.metrics = RouterMetrics()
         self.tracing = Tracing(cfg.otlp_traces_endpoint, "epdserve-router")
         self.pool = WorkerPool(
-            cfg.load_report_interval_ms, cfg.load_stale_s, cfg.request_timeout_s, cfg.grpc_tls
-        )
+            cfg.load_report_interval_ms, cfg.load_stale_s, cfg.request_timeout_s, cfg.grpc_tls,
+            cfg.worker_mux,
+        )  # fmt: skip
         # Each served model's tokenizer; ``tokenizer`` (the router's --model) is the default.
         self.tokenizers = Tokenizers(tokenizer, cfg.model, self.pool, Tokenizer.load)
         self.policy = create_policy(cfg.policy)

@@ -34,6 +34,7 @@ from services.worker.load import LoadRPCs
 from services.worker.lora import LoRARPCs
 from services.worker.metrics import WorkerMetrics
 from services.worker.model_load import LoadModelRPCs, WorkerModelLoad
+from services.worker.mux import MuxRPCs
 from services.worker.pd import PDRPCs
 from services.worker.pooling import PoolingCalls, check_role
 from services.worker.role_controller import RoleController
@@ -57,6 +58,7 @@ class WorkerServicer(
     ExpertRPCs,
     SleepRPCs,
     LoadModelRPCs,
+    MuxRPCs,
     pb_grpc.WorkerServiceServicer,
 ):
     """gRPC face of one engine. ``engine`` is an AsyncLLMEngine (or a test double)."""

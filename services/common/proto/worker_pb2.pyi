@@ -642,3 +642,37 @@ class RebalanceExpertsResponse(_message.Message):
     placement_json: str
     saved_to: str
     def __init__(self, imbalance_before: _Optional[_Iterable[float]] = ..., imbalance_after: _Optional[_Iterable[float]] = ..., placement_json: _Optional[str] = ..., saved_to: _Optional[str] = ...) -> None: ...
+
+class MuxRequest(_message.Message):
+    __slots__ = ("id", "start", "cancel", "timeout_s", "traceparent")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    start: GenerateRequest
+    cancel: bool
+    timeout_s: float
+    traceparent: str
+    def __init__(self, id: _Optional[int] = ..., start: _Optional[_Union[GenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., traceparent: _Optional[str] = ...) -> None: ...
+
+class MuxEnd(_message.Message):
+    __slots__ = ("code", "details", "failure_kind")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_KIND_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    details: str
+    failure_kind: str
+    def __init__(self, code: _Optional[int] = ..., details: _Optional[str] = ..., failure_kind: _Optional[str] = ...) -> None: ...
+
+class MuxResponse(_message.Message):
+    __slots__ = ("id", "message", "end")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    message: GenerateResponse
+    end: MuxEnd
+    def __init__(self, id: _Optional[int] = ..., message: _Optional[_Union[GenerateResponse, _Mapping]] = ..., end: _Optional[_Union[MuxEnd, _Mapping]] = ...) -> None: ...

@@ -39,6 +39,11 @@ class WorkerServiceStub:
                 request_serializer=epdserve_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=epdserve_dot_worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMux = channel.stream_stream(
+                '/epdserve.v1.WorkerService/GenerateMux',
+                request_serializer=epdserve_dot_worker__pb2.MuxRequest.SerializeToString,
+                response_deserializer=epdserve_dot_worker__pb2.MuxResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/epdserve.v1.WorkerService/Abort',
                 request_serializer=epdserve_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -136,6 +141,14 @@ class WorkerServiceServicer:
 
     def Generate(self, request, context):
         """Runs one request; streams one message per engine step with output for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateMux(self, request_iterator, context):
+        """Many Generate requests of one router on one stream (RouterConfig.worker_mux): the same
+        requests and answers, without a call's start per request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -266,6 +279,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     request_deserializer=epdserve_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=epdserve_dot_worker__pb2.GenerateResponse.SerializeToString,
             ),
+            'GenerateMux': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMux,
+                    request_deserializer=epdserve_dot_worker__pb2.MuxRequest.FromString,
+                    response_serializer=epdserve_dot_worker__pb2.MuxResponse.SerializeToString,
+            ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
                     request_deserializer=epdserve_dot_worker__pb2.AbortRequest.FromString,
@@ -384,6 +402,33 @@ class WorkerService:
             '/epdserve.v1.WorkerService/Generate',
             epdserve_dot_worker__pb2.GenerateRequest.SerializeToString,
             epdserve_dot_worker__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMux(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/epdserve.v1.WorkerService/GenerateMux',
+            epdserve_dot_worker__pb2.MuxRequest.SerializeToString,
+            epdserve_dot_worker__pb2.MuxResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,6 +17,7 @@ from services.common.membership import InstanceInfo
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.router.phases import TracedStub
+from services.router.routing.mux import MuxStub
 from services.router.routing.restarts import LostWorkers
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,15 @@ class WorkerHandle:
     """One worker as the router sees it: advertisement, channel, latest load, local count."""
 
     def __init__(
-        self, info: InstanceInfo, load_interval_ms: int, stale_s: float, tls: GrpcTLS | None = None
-    ) -> None:
+        self, info: InstanceInfo, load_interval_ms: int, stale_s: float,
+        tls: GrpcTLS | None = None, mux: bool = False,
+    ) -> None:  # fmt: skip
         self.info = info
         self.channel = channel(info.address, tls)
-        # Times the calls of requests and carries their trace context (phases.py).
-        self.stub: Any = TracedStub(pb_grpc.WorkerServiceStub(self.channel), self)
+        plain = pb_grpc.WorkerServiceStub(self.channel)
+        # ``mux``: its Generate calls share one stream (mux.py). Times the calls of requests
+        # and carries their trace context (phases.py).
+        self.stub: Any = TracedStub(MuxStub(plain) if mux else plain, self)
         self.load: pb.LoadReport | None = None
         # LoRA adapters it holds: from its load reports, and from load / unload answers.
         self.lora_adapters: frozenset[str] = frozenset()
@@ -228,9 +232,11 @@ class WorkerPool:
         stale_s: float = 5.0,
         drain_wait_s: float = 600.0,
         tls: GrpcTLS | None = None,
+        mux: bool = False,
     ) -> None:
         self.handles: dict[str, WorkerHandle] = {}
         self._tls = tls  # mutual TLS of every channel to a worker; None: plain gRPC
+        self._mux = mux  # RouterConfig.worker_mux
         self._drain_wait_s = drain_wait_s
         self._interval_ms = load_interval_ms
         self._stale_s = stale_s
@@ -263,7 +269,7 @@ class WorkerPool:
                 self.handles[iid].departed_at = 0.0
                 continue
             log.info("worker %s joined at %s (role %s)", iid, info.address, info.role)
-            handle = WorkerHandle(info, self._interval_ms, self._stale_s, self._tls)
+            handle = WorkerHandle(info, self._interval_ms, self._stale_s, self._tls, self._mux)
             handle.on_gone = self._gone
             handle.start()
             self.handles[iid] = handle

@@ -1,0 +1,137 @@
+"""GenerateMux: many Generate requests of one router on one bidirectional stream.
+
+A router with ``worker_mux`` on opens one such stream per worker and starts each request with
+a frame on it, not with a call of its own: a call's start costs both sides more CPU than a
+message on an open stream. Each request runs exactly as ``Generate`` runs it (the same
+handler, with a per-request context whose ``abort`` ends that request alone), and ends with
+a frame saying what the call's status would have said: code, details and failure kind.
+The router's side is services/router/routing/mux.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from services.common.grpc_utils import FAILURE_KEY
+from services.common.proto import worker_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+_END = object()  # the outbox's last item: the router closed its side, nothing runs
+
+
+class MuxAbort(grpc.aio.AbortError):
+    """``MuxContext.abort``: ends one request of the stream with this status. A subclass of
+    grpc.aio's AbortError, so that the handlers' status mapping (worker/errors.py) lets it
+    through as it lets a real abort through."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, metadata: Any) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.metadata = tuple(metadata or ())
+
+
+class MuxContext:
+    """What a Generate handler uses of its ServicerContext, for one request of a stream."""
+
+    def __init__(self, traceparent: str) -> None:
+        self._metadata = (("traceparent", traceparent),) if traceparent else ()
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> None:
+        raise MuxAbort(code, details, trailing_metadata)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def cancelled(self) -> bool:
+        return False
+
+
+def end_of(exc: BaseException | None) -> pb.MuxEnd:
+    """The end frame of a request whose handler ended with ``exc`` (None: it returned)."""
+    if exc is None:
+        return pb.MuxEnd(code=grpc.StatusCode.OK.value[0])
+    if isinstance(exc, MuxAbort):
+        kind = next((str(v) for k, v in exc.metadata if k == FAILURE_KEY), "")
+        return pb.MuxEnd(code=exc.code.value[0], details=exc.details, failure_kind=kind)
+    if isinstance(exc, TimeoutError):
+        return pb.MuxEnd(
+            code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], details="Deadline Exceeded"
+        )
+    # What grpc.aio says of a handler's unexpected exception.
+    details = f"Unexpected {type(exc)}: {exc}"
+    return pb.MuxEnd(code=grpc.StatusCode.UNKNOWN.value[0], details=details)
+
+
+class MuxRPCs:
+    """The GenerateMux RPC of WorkerServicer (which provides ``Generate``)."""
+
+    async def GenerateMux(  # noqa: N802 - gRPC method name
+        self, frames: AsyncIterator[pb.MuxRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.MuxResponse]:
+        outbox: asyncio.Queue[Any] = asyncio.Queue()
+        running: dict[int, asyncio.Task[None]] = {}
+
+        async def read() -> None:
+            try:
+                async for frame in frames:
+                    if frame.HasField("start"):
+                        if frame.id in running:  # a start sent twice: the first one runs
+                            continue
+                        task = asyncio.create_task(self._mux_one(frame, outbox))
+                        running[frame.id] = task
+                        task.add_done_callback(lambda _, i=frame.id: running.pop(i, None))
+                    elif frame.cancel and frame.id in running:
+                        running[frame.id].cancel()
+            finally:
+                # The router closed its side: end the stream once what runs has ended.
+                # NOTE: a task ends by putting its end frame first, so it comes before _END.
+                await asyncio.gather(*running.values(), return_exceptions=True)
+                outbox.put_nowait(_END)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await outbox.get()) is not _END:
+                yield item
+        finally:
+            # The router is gone (cancelled the stream, died, or closed it): nothing of this
+            # stream may run on. Each handler's own cleanup aborts its request in the engine.
+            reader.cancel()
+            tasks = [*running.values(), reader]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _mux_one(self, frame: pb.MuxRequest, outbox: asyncio.Queue[Any]) -> None:
+        """Run one request of a stream; its frames go to ``outbox``, the last with its end.
+        Cancelled (the router's cancel frame, or the stream ending): no end is sent."""
+        gen = self.Generate(frame.start, MuxContext(frame.traceparent))  # type: ignore[attr-defined]
+        last: pb.GenerateResponse | None = None
+        error: BaseException | None = None
+        try:
+            async with asyncio.timeout(frame.timeout_s if frame.timeout_s > 0 else None):
+                async for msg in gen:
+                    if msg.finished:
+                        last = msg  # goes with the end, one frame for both
+                    else:
+                        outbox.put_nowait(pb.MuxResponse(id=frame.id, message=msg))
+        except asyncio.CancelledError:
+            raise
+        except (MuxAbort, TimeoutError) as exc:
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - the router's error, as grpc.aio would say it
+            log.exception("GenerateMux request %s failed", frame.start.request_id)
+            error = exc
+        finally:
+            with contextlib.suppress(Exception):
+                await gen.aclose()
+        outbox.put_nowait(pb.MuxResponse(id=frame.id, message=last, end=end_of(error)))

@@ -1,0 +1,192 @@
+"""GenerateMux (RouterConfig.worker_mux): a worker's Generate calls as requests on one shared
+stream behave as the calls they replace: the same messages, statuses and failure kinds,
+cancel and deadline abort the request on the worker, and a broken stream fails its requests
+as a dead worker's (UNAVAILABLE, no failure kind). Real gRPC server and channel, fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import pytest_asyncio
+from router_fakes import FakeEngine, start_fake_worker, start_gateway
+
+from services.common.etcd_server import EtcdServer
+from services.common.grpc_utils import SERVER_OPTIONS, failure_kind
+from services.common.membership import InstanceInfo
+from services.common.proto import worker_pb2 as pb
+from services.common.proto import worker_pb2_grpc as pb_grpc
+from services.router.routing.mux import MuxCall
+from services.router.routing.retry import worker_died
+from services.router.routing.workers import WorkerHandle
+from services.worker.server import WorkerServicer
+from services.worker.state import WorkerState
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
+
+
+class Worker:
+    """A WorkerServicer on a FakeEngine behind a real gRPC server, and two handles to it:
+    one with per-request calls, one with the shared stream."""
+
+    def __init__(self, step_s: float = 0.002) -> None:
+        self.engine = FakeEngine(step_s=step_s)
+        self.state = WorkerState("w0", "inc-w0", "mixed")
+        self.servicer = WorkerServicer(self.engine, self.state, load_interval_ms=50)
+        self.streams = 0  # GenerateMux calls the server saw
+        mux = self.servicer.GenerateMux
+
+        async def counted(frames: Any, context: Any) -> Any:
+            self.streams += 1
+            async for frame in mux(frames, context):
+                yield frame
+
+        self.servicer.GenerateMux = counted  # type: ignore[method-assign]
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        pb_grpc.add_WorkerServiceServicer_to_server(self.servicer, self.server)
+
+    async def start(self) -> None:
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        info = InstanceInfo(
+            id="w0", address=f"127.0.0.1:{port}", role="mixed", role_epoch=1, model="m",
+            incarnation="i", pid=1, host="h", capacity={},
+        )  # fmt: skip
+        self.plain = WorkerHandle(info, load_interval_ms=50, stale_s=5.0)
+        self.muxed = WorkerHandle(info, load_interval_ms=50, stale_s=5.0, mux=True)
+
+    async def stop(self) -> None:
+        await self.server.stop(grace=None)
+        await self.plain.channel.close(grace=None)
+        await self.muxed.channel.close(grace=None)
+
+
+@pytest_asyncio.fixture
+async def worker():
+    w = Worker()
+    await w.start()
+    yield w
+    await w.stop()
+
+
+def _req(rid: str, max_tokens: int = 3, epoch: int = 0) -> pb.GenerateRequest:
+    params = pb.SamplingParams(temperature=0, max_tokens=max_tokens)
+    return pb.GenerateRequest(request_id=rid, prompt_token_ids=[1, 2], params=params,
+                              role_epoch=epoch)  # fmt: skip
+
+
+async def _outcome(call: Any) -> tuple[list[Any], Any]:
+    """The call's messages (ids and finish), and its error's code, details and failure kind."""
+    got = []
+    try:
+        async for m in call:
+            got.append([(list(o.token_ids), o.finish_reason) for o in m.outputs])
+        return got, None
+    except grpc.aio.AioRpcError as exc:
+        return got, (exc.code(), exc.details(), failure_kind(exc), worker_died(exc))
+
+
+async def test_same_messages_and_statuses_as_a_call_each(worker: Worker) -> None:
+    cases = [_req("ok", 3), _req("stale", 2, epoch=7), _req("", 0)]
+    for req in cases:
+        plain = await _outcome(worker.plain.stub.Generate(req, timeout=10))
+        muxed = worker.muxed.stub.Generate(req, timeout=10)
+        assert isinstance(muxed, MuxCall)
+        assert await _outcome(muxed) == plain
+        assert await muxed.code() == (grpc.StatusCode.OK if plain[1] is None else plain[1][0])
+    # the stale epoch is a refusal with its failure kind, as on a call of its own
+    stale = await _outcome(worker.muxed.stub.Generate(cases[1], timeout=10))
+    assert stale[1][0] == grpc.StatusCode.FAILED_PRECONDITION and stale[1][2] == "refused"
+
+
+async def test_many_requests_share_one_stream(worker: Worker) -> None:
+    calls = [worker.muxed.stub.Generate(_req(f"r{i}", 4), timeout=10) for i in range(20)]
+    outs = await asyncio.gather(*(_outcome(c) for c in calls))
+    assert all(err is None and len(msgs) == 4 for msgs, err in outs)
+    assert worker.streams == 1
+    assert not worker.state.inflight
+
+
+async def test_cancel_and_deadline_abort_on_the_worker(worker: Worker) -> None:
+    worker.engine.step_s = 0.05
+    call = worker.muxed.stub.Generate(_req("c", 100), timeout=10)
+    await call.__anext__()
+    assert call.cancel() and call.cancelled() and not call.cancel()
+    late = worker.muxed.stub.Generate(_req("d", 100), timeout=0.3)
+    msgs, err = await _outcome(late)
+    assert msgs and err is not None and err[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(100):
+        if {"c", "d"} <= set(worker.engine.aborted) and not worker.state.inflight:
+            break
+        await asyncio.sleep(0.05)
+    assert {"c", "d"} <= set(worker.engine.aborted)
+    assert not worker.state.inflight
+    # the stream itself lives on
+    assert (await _outcome(worker.muxed.stub.Generate(_req("e", 2), timeout=10)))[1] is None
+    assert worker.streams == 1
+
+
+async def test_a_broken_stream_fails_its_requests_as_died(worker: Worker) -> None:
+    worker.engine.step_s = 0.05
+    calls = [worker.muxed.stub.Generate(_req(f"b{i}", 100), timeout=10) for i in range(3)]
+    for c in calls:
+        await c.__anext__()
+    await worker.server.stop(grace=None)  # the worker dies under the stream
+    for c in calls:
+        msgs, err = await asyncio.wait_for(_outcome(c), 10)
+        assert err is not None and err[0] == grpc.StatusCode.UNAVAILABLE
+        assert err[2] is None and err[3], "a broken stream is a death, which migration takes"
+    # the next request tries a new stream (and fails as the worker is gone)
+    msgs, err = await asyncio.wait_for(
+        _outcome(worker.muxed.stub.Generate(_req("n"), timeout=5)), 10
+    )
+    assert err is not None and err[0] == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.fixture(scope="module")
+def etcd():
+    with EtcdServer() as server:
+        yield server
+
+
+async def test_gateway_with_mux_fails_over_and_aborts(etcd) -> None:
+    """Through the HTTP gateway: requests run, a client gone aborts on the worker, and a dead
+    worker's requests go to the other."""
+    w1 = await start_fake_worker(etcd.endpoint, "mux1", "w1", FakeEngine())
+    w2 = await start_fake_worker(etcd.endpoint, "mux1", "w2", FakeEngine())
+    gw = await start_gateway(etcd.endpoint, "mux1", policy="round_robin", worker_mux=True)
+    try:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
+            for _ in range(200):
+                if len(gw.gateway.pool.candidates()) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            req = {"model": "fake-model", "prompt": "a", "max_tokens": 2}
+            for _ in range(4):
+                r = await c.post("/v1/completions", json=req)
+                assert r.status_code == 200 and r.json()["choices"][0]["text"] == "w0 w1 "
+            assert w1.engine.started and w2.engine.started
+            w1.engine.step_s = w2.engine.step_s = 0.05
+            slow = {**req, "max_tokens": 100, "stream": True}
+            for _ in range(2):  # round robin: one stream on each worker
+                async with c.stream("POST", "/v1/completions", json=slow) as r:
+                    async for _line in r.aiter_lines():
+                        break
+            for _ in range(100):
+                if len(w1.engine.aborted) + len(w2.engine.aborted) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(w1.engine.aborted) + len(w2.engine.aborted) == 2
+            w1.engine.step_s = w2.engine.step_s = 0.002
+            await w1.server.stop(grace=None)  # dies without deregistering
+            n2 = len(w2.engine.started)
+            for _ in range(6):
+                assert (await c.post("/v1/completions", json=req)).status_code == 200
+            assert len(w2.engine.started) == n2 + 6
+    finally:
+        await gw.stop()
+        await w2.stop()
+        await w1.registrar.stop(deregister=False)
