@@ -21,6 +21,11 @@ REPETITION_PENALTY_RANGE = (0.01, 10.0)  # logits are divided / multiplied by it
 MAX_N = 256  # completions per request (each is a sequence in the batch)
 MAX_TOP_K = 2**31 - 1  # the wire's int32; larger values mean "no top-k" anyway
 MAX_STOP = 256  # stop strings, and stop token ids, per request (each is checked per token)
+# structured_outputs.choice strings per request. Why a bound: llguidance's compile time grows
+# faster than the list (measured at load 14: 4,096 x 900 characters 3 s, 60,000 short ones
+# 23 s, 100,000 52 s ending in a panic on its 65,525-symbol limit), each on one of the
+# router's few preparation threads, and again on the worker.
+MAX_CHOICES = 4096
 MAX_TOKEN_ID = 2**31 - 1  # the wire's int32 (the vocabulary check comes in LLMEngine.validate)
 MAX_TOKEN_COUNT = 2**31 - 1  # max_tokens / min_tokens (the context length bounds them anyway)
 MAX_SEED = 2**63 - 1  # the wire's int64
@@ -66,6 +71,11 @@ class StructuredOutputsParams:
             or not all(isinstance(c, str) and c for c in self.choice)
         ):
             raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+        if self.choice is not None and len(self.choice) > MAX_CHOICES:
+            raise ValueError(
+                f"structured_outputs.choice holds {len(self.choice)} strings; at most "
+                f"{MAX_CHOICES} are accepted"
+            )
 
     @property
     def key(self) -> tuple[str, str]:

@@ -11,7 +11,8 @@ import pytest
 
 from services.common.convert import params_from_proto, params_to_proto
 from services.common.proto import worker_pb2 as pb
-from services.engine.sampling_params import StructuredOutputsParams
+from services.engine import grammar
+from services.engine.sampling_params import MAX_CHOICES, StructuredOutputsParams
 from services.router.api.anthropic import sampling_from_anthropic
 from services.router.api.openai import sampling_from_openai
 from services.router.errors import APIError
@@ -74,6 +75,10 @@ def test_accepted_forms(extra, expected, chat):
         ({"structured_outputs": {"json": "{bad"}}, "structured_outputs"),
         ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs"),
         ({"guided_choice": []}, "guided_choice"),
+        # More strings than MAX_CHOICES: llguidance's compile time grows faster than the list.
+        ({"structured_outputs": {"choice": [f"c{i}" for i in range(MAX_CHOICES + 1)]}},
+         "structured_outputs"),
+        ({"guided_choice": [f"c{i}" for i in range(MAX_CHOICES + 1)]}, "guided_choice"),
         ({"guided_regex": 5}, "guided_regex"),
         ({"guided_json": [1]}, "guided_json"),
         ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
@@ -133,3 +138,21 @@ def test_anthropic_bad_output_formats_are_400s(extra: dict[str, Any], param: str
     with pytest.raises(APIError) as ei:
         sampling_from_anthropic({"model": "m", "max_tokens": 8, **extra})
     assert ei.value.status == 400 and ei.value.param == param and words in ei.value.message
+
+
+def test_a_compiler_panic_is_a_400_without_its_backtrace(monkeypatch) -> None:
+    """llguidance's panics (100,000 choices hit its symbol limit) carry a Rust backtrace of
+    tens of lines; the client gets the first line."""
+    import llguidance
+
+    first = "panic: assertion failed: grammar.symbols.len() < u16::MAX as usize - 10"
+    panic = first + "\n<backtrace>\n   0: <unknown>\n   1: <unknown>\n"
+    monkeypatch.setattr(llguidance.LLMatcher, "validate_grammar", lambda g: panic)
+    grammar.compile_grammar.cache_clear()
+    try:
+        with pytest.raises(APIError) as info:
+            parse({"structured_outputs": {"regex": "panics+"}})
+    finally:
+        grammar.compile_grammar.cache_clear()
+    message = info.value.openai_body()["error"]["message"]
+    assert info.value.status == 400 and message.endswith(first), message
