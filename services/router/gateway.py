@@ -38,6 +38,7 @@ from services.router.routing.unavailable import (
     no_worker_error,
 )
 from services.router.routing.workers import WorkerPool
+from services.router.shutdown import Shutdown
 from services.router.tokenization import Tokenizer
 from services.router.tokenizers import Tokenizers
 from services.router.waiting_board import WaitingBoard
@@ -85,6 +86,7 @@ class Gateway:
         self.watcher = MembershipWatcher(cfg.etcd_endpoints, cfg.cluster)
         self.watcher.add_listener(self.pool.on_membership)
         self.started_at = int(time.time())
+        self.shutdown = Shutdown()  # begun by main.GatewayServer on SIGTERM
         self.admin_token = load_admin_token(cfg.admin_token_file)
         self.api_keys = load_api_keys(cfg.api_keys_file)  # NOTE: never logged
         self.admission = AdmissionControl(cfg.max_queued_tokens)  # online requests

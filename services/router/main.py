@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 
 import uvicorn
@@ -16,6 +17,7 @@ from services.router.config import RouterConfig
 from services.router.gateway import Gateway
 from services.router.http_protocol import bounded_protocol
 from services.router.server import build_app
+from services.router.shutdown import SHUTDOWN_GRACE_S, SHUTDOWN_MARGIN_S
 from services.router.tokenization import Tokenizer, keep_torch_out
 
 log = logging.getLogger("epdserve.router")
@@ -30,12 +32,25 @@ def build_parser(prog: str = "epdserve router") -> argparse.ArgumentParser:
     return parser
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, telling the gateway when its shutdown starts: requests in flight then
+    get their grace period and a clean 503 after it (shutdown.py)."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.gateway.shutdown.begin()
+        await super().shutdown(sockets)
+
+
 def server_config(app: ASGIApp, cfg: RouterConfig, log_level: str = "info") -> uvicorn.Config:
     """uvicorn's settings for the gateway: httptools with bounds on reading a request and on
     the connections open (http_protocol.py)."""
     return uvicorn.Config(
         app, host=cfg.host, port=cfg.port, log_level=log_level.lower(), access_log=False,
-        timeout_graceful_shutdown=10, http=bounded_protocol(cfg.http_limits),
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S + SHUTDOWN_MARGIN_S, http=bounded_protocol(cfg.http_limits),
         ssl_certfile=cfg.ssl_certfile, ssl_keyfile=cfg.ssl_keyfile,
     )  # fmt: skip
 
@@ -58,7 +73,8 @@ def fit_open_files(max_connections: int) -> None:
 async def serve(cfg: RouterConfig, log_level: str = "info") -> None:
     fit_open_files(cfg.http_max_connections)
     tokenizer = await asyncio.to_thread(Tokenizer.load, cfg.model)
-    server = uvicorn.Server(server_config(build_app(Gateway(cfg, tokenizer)), cfg, log_level))
+    gateway = Gateway(cfg, tokenizer)
+    server = GatewayServer(server_config(build_app(gateway), cfg, log_level), gateway)
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)

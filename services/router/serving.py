@@ -130,7 +130,8 @@ async def serve(
     except APIError as err:
         gw.metrics.count_request(req.api, err.status)
         return out.error(err)
-    merged = _generate(gw, req)
+    # NOTE: guarded, so that after SIGTERM's grace it ends in a 503 (shutdown.py).
+    merged = gw.shutdown.guard(_generate(gw, req))
     if stream:
         try:
             # Wait for the first step before sending headers, so that errors up to then

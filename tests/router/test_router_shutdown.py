@@ -1,0 +1,99 @@
+"""A router told to stop (SIGTERM: uvicorn's shutdown) with requests in flight: short ones
+finish, the rest end after the grace period with a 503 in their API's format (an error event
+on a stream), and their generations are aborted on the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from router_fakes import FakeEngine, FakeTokenizer, sse_events, start_fake_worker
+
+from services.common.etcd_server import EtcdServer
+from services.common.net import free_port
+from services.router.config import RouterConfig
+from services.router.gateway import Gateway
+from services.router.main import GatewayServer, server_config
+from services.router.server import build_app
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
+
+GRACE_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def etcd():
+    with EtcdServer() as server:
+        yield server
+
+
+def _chat(max_tokens: int, stream: bool) -> tuple[str, dict]:
+    return "/v1/chat/completions", {
+        "model": "fake-model", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": max_tokens, "stream": stream,
+    }  # fmt: skip
+
+
+def _messages(max_tokens: int, stream: bool) -> tuple[str, dict]:
+    return "/v1/messages", {
+        "model": "fake-model", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": max_tokens, "stream": stream,
+    }  # fmt: skip
+
+
+async def test_sigterm_ends_requests_in_flight_cleanly(etcd) -> None:
+    engine = FakeEngine(max_model_len=100_000, step_s=0.02)  # 50 tokens a second
+    worker = await start_fake_worker(etcd.endpoint, "shutdown", "w1", engine)
+    port = free_port()
+    cfg = RouterConfig(port=port, cluster="shutdown", etcd=etcd.endpoint,
+                       load_report_interval_ms=50, request_timeout_s=30)  # fmt: skip
+    gw = Gateway(cfg, FakeTokenizer())
+    gw.shutdown.grace_s = GRACE_S
+    server = GatewayServer(server_config(build_app(gw), cfg, "warning"), gw)
+    task = asyncio.create_task(server.serve())
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            for _ in range(200):
+                if server.started and (await c.get("/health")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            long = [_chat(5000, False), _chat(5000, True), _messages(5000, False),
+                    _messages(5000, True)]  # fmt: skip
+            short = _chat(20, False)  # ~0.4 s: finishes within the grace
+            calls = [asyncio.create_task(c.post(path, json=body)) for path, body in long]
+            while len(engine.started) < len(long):
+                await asyncio.sleep(0.02)
+            calls.append(asyncio.create_task(c.post(*short[:1], json=short[1])))
+            await asyncio.sleep(0.1)
+            t0 = time.monotonic()
+            server.should_exit = True  # what uvicorn's SIGTERM handler does
+            chat, chat_stream, msg, msg_stream, done = await asyncio.gather(*calls)
+            waited = time.monotonic() - t0
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 20)
+        await worker.stop()
+
+    assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] == "length"
+    # Before: uvicorn cancelled them after its 10 s into a plain-text 500 and cut streams.
+    assert GRACE_S - 0.2 < waited < GRACE_S + 5
+    assert chat.status_code == 503, chat.text
+    assert chat.json()["error"]["code"] == "router_shutting_down"
+    assert chat.json()["error"]["type"] == "service_unavailable"
+    assert msg.status_code == 503, msg.text
+    assert msg.json() == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": msg.json()["error"]["message"]},
+    }
+    assert chat_stream.status_code == 200
+    events = sse_events(chat_stream.text)
+    assert events[-1][1]["error"]["code"] == "router_shutting_down"
+    assert len(events) > 10  # tokens were streamed before the end
+    assert msg_stream.status_code == 200
+    events = sse_events(msg_stream.text)
+    assert events[-1][0] == "error"
+    assert events[-1][1]["error"]["type"] == "overloaded_error"
+    # The generations were aborted on the worker, not left running.
+    assert len(engine.aborted) >= len(long)
