@@ -4,7 +4,6 @@ vLLM binds its threads; the CPU lists, and the team really pinned, for the offli
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -15,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from services.common.cpus import parse_cpu_cores
-from services.engine import AsyncLLMEngine, SamplingParams
 from services.engine.config import EngineConfig
+from services.engine.layers import native
+from tests.engine.engine_cpus import cpus_of, step_thread_cpus
 
 REPO = Path(__file__).resolve().parents[2]
 TWO = sorted(os.sched_getaffinity(0))[:2]
@@ -37,13 +37,6 @@ def test_cpu_core_settings_parse_and_bad_ones_fail_in_the_config():
     assert not EngineConfig(model="m", cpu_cores="0-1").pin_each
     with pytest.raises(ValueError, match="one thread per CPU"):
         EngineConfig(model="m", cpu_cores="each:0", cpu_threads=2)
-
-
-def _cpus_of(tid: int) -> set[int]:
-    for line in Path(f"/proc/self/task/{tid}/status").read_text().splitlines():
-        if line.startswith("Cpus_allowed_list:"):
-            return set(parse_cpu_cores(line.split(":", 1)[1])[0])
-    raise AssertionError("no Cpus_allowed_list")
 
 
 OFFLINE = """
@@ -87,27 +80,11 @@ def test_the_step_thread_and_its_team_one_thread_per_cpu_not_the_io_threads(tiny
     allowed = os.sched_getaffinity(0)
     cfg = EngineConfig(model=str(tiny_model_dir("llama")), block_size=4, cpu_cores=f"each:{a},{b}")
 
-    async def main() -> tuple[set[int], list[set[int]], bool]:
-        eng = AsyncLLMEngine(cfg)
-        await eng.start()
-        try:
-            params = SamplingParams(temperature=0, max_tokens=4)
-            async for _ in eng.generate("r", list(range(1, 40)), params):
-                pass
-            assert eng._thread is not None and eng._thread.native_id is not None
-            step = _cpus_of(eng._thread.native_id)
-            team = [_cpus_of(int(t)) for t in os.listdir("/proc/self/task")
-                    if Path(f"/proc/self/task/{t}/comm").read_text().strip() == "engine-step"
-                    and int(t) != eng._thread.native_id]  # fmt: skip
-            from services.engine.layers import native
-
-            return step, team, native.library("omp_bind") is not None
-        finally:
-            await eng.shutdown()
-
-    step, team, built = asyncio.run(main())
-    if not built:
+    step_id, named = step_thread_cpus(cfg)
+    step = named[step_id]
+    team = [cpus for tid, cpus in named.items() if tid != step_id]
+    if native.library("omp_bind") is None:
         pytest.skip("no C compiler here")
     assert step == {a}
     assert team == [{b}]
-    assert _cpus_of(threading.get_native_id()) == allowed
+    assert cpus_of(threading.get_native_id()) == allowed
