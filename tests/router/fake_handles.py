@@ -95,3 +95,15 @@ def finished(token: int = 7, prompt_tokens: int = 0) -> pb.GenerateResponse:
     """A one-token, finished response."""
     delta = pb.CompletionDelta(token_ids=[token], text="x", finish_reason="length")
     return pb.GenerateResponse(outputs=[delta], prompt_tokens=prompt_tokens, finished=True)
+
+
+class TaskCount:
+    """A task factory counting the tasks a loop starts (``loop.set_task_factory(count)``):
+    the router's per-message paths must start none of their own."""
+
+    def __init__(self) -> None:
+        self.started = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+        self.started += 1
+        return asyncio.Task(coro, loop=loop, **kw)

@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 import grpc
+from fake_handles import TaskCount
 
 from services.common.grpc_utils import SERVER_OPTIONS, insecure_channel
 from services.common.membership import InstanceInfo
@@ -25,14 +26,8 @@ class ThreeSteps(pb_grpc.WorkerServiceServicer):
 
 def test_a_request_call_starts_no_more_tasks_than_a_plain_stub() -> None:
     async def main() -> tuple[int, int]:
-        started = 0
+        count = TaskCount()
         loop = asyncio.get_running_loop()
-
-        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
-            nonlocal started
-            started += 1
-            return asyncio.Task(coro, loop=loop, **kw)
-
         server = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_WorkerServiceServicer_to_server(ThreeSteps(), server)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -47,16 +42,15 @@ def test_a_request_call_starts_no_more_tasks_than_a_plain_stub() -> None:
         try:
 
             async def tasks_of(stub: Any) -> int:
-                nonlocal started
                 RouterPhases().begin("r", "m")  # a request is current: the call is its own
-                started = 0
+                count.started = 0
                 got = [m async for m in stub.Generate(pb.GenerateRequest(), timeout=10)]
                 assert [m.prompt_tokens for m in got] == [0, 1, 2]
-                return started
+                return count.started
 
             await tasks_of(plain)  # both channels connected before counting
             await tasks_of(handle.stub)
-            loop.set_task_factory(factory)
+            loop.set_task_factory(count)
             return await tasks_of(plain), await tasks_of(handle.stub)
         finally:
             loop.set_task_factory(None)

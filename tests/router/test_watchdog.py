@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
-from fake_handles import Stream, Unary, fake_handle
+from fake_handles import Stream, TaskCount, Unary, fake_handle
 
 from services.common.grpc_utils import SERVER_OPTIONS, insecure_channel
 from services.common.proto import worker_pb2 as pb
@@ -41,18 +41,11 @@ def test_a_stream_starts_no_task_per_message() -> None:
     the CPU of a plain read): 200 messages started 200 tasks."""
 
     async def main() -> int:
-        started = 0
-        loop = asyncio.get_running_loop()
-
-        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
-            nonlocal started
-            started += 1
-            return asyncio.Task(coro, loop=loop, **kw)
-
-        loop.set_task_factory(factory)
+        count = TaskCount()
+        asyncio.get_running_loop().set_task_factory(count)
         got = [m async for m in watched_stream(alive(), Stream(list(range(200))), 5.0)]
         assert got == list(range(200))
-        return started
+        return count.started
 
     assert asyncio.run(main()) == 0
 
