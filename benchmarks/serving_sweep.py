@@ -36,13 +36,13 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from services.common.net import free_port, open_direct
 
 REPO = Path(__file__).resolve().parent.parent
 # (label, engine args, extra environment)
@@ -75,17 +75,11 @@ KEYS = [("output tok/s", "output_throughput", ""), ("TTFT p50", "median_ttft_ms"
         ("TPOT p50", "median_tpot_ms", " ms"), ("ITL p99", "p99_itl_ms", " ms")]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ready(port: int, timeout: float = 300.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
+            with open_direct(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
                 if json.load(r)["data"]:
                     return
         except OSError:
@@ -103,8 +97,11 @@ def run_one(
         up += [a] if a.startswith("--") else ["--engine-arg", a]
     with tempfile.TemporaryDirectory() as tmp:
         log = open(Path(tmp) / "up.log", "w")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen(up, cwd=REPO, env={**os.environ, **env}, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        # Its admin token and router URL go to a folder of its own, not the user's
+        # ~/.config/epdserve, where they would replace those of the user's own cluster.
+        env = {**os.environ, **env, "EPDSERVE_CONFIG_DIR": str(Path(tmp) / "epdserve-config")}
+        proc = subprocess.Popen(up, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
         try:
             ready(port)
             out = Path(tmp) / "bench.json"
