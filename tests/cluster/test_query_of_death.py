@@ -12,6 +12,7 @@ import httpx
 import pytest
 from cluster_helpers import TINY_NAME, start_cluster
 
+from services.cli.launcher import ModelGroup
 from tests.deps import MOONCAKE, require
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
@@ -51,28 +52,37 @@ REFUSED: list[dict] = [
 PROMPT = "The capital of France is"
 
 
+# One cluster serves both paths: the same tiny model as two served models, one on a PD pair
+# and one on two mixed workers. The router keeps a pool per model, so a request names its path.
+MIXED_NAME = TINY_NAME + "-mixed"
+MODEL_OF = {"pd": TINY_NAME, "mixed": MIXED_NAME}
+
+
 def pids(c) -> dict[str, int]:
     return {p.name: p.proc.pid for p in c.workers}
 
 
-@pytest.fixture(scope="module", params=["pd", "mixed"])
-def cluster(request, tiny_model_dir):
-    spec = {"prefill": 1, "decode": 1} if request.param == "pd" else {}
-    c = start_cluster(tiny_model_dir("llama"), workers=0 if spec else 2, **spec)
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir):
+    model = tiny_model_dir("llama")
+    c = start_cluster(model, workers=0, prefill=1, decode=1,
+                      more_models=[ModelGroup(str(model), MIXED_NAME, mixed=2)])  # fmt: skip
     yield c
     c.stop()
 
 
-def test_extreme_parameters_kill_no_worker(cluster) -> None:
+@pytest.mark.parametrize("path", ["pd", "mixed"])
+def test_extreme_parameters_kill_no_worker(cluster, path: str) -> None:
+    model = MODEL_OF[path]
     before = pids(cluster)
     with httpx.Client(base_url=cluster.base_url, timeout=120) as client:
         reference = client.post("/v1/completions", json={
-            "model": TINY_NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+            "model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
             "ignore_eos": True,
         })  # fmt: skip
         assert reference.status_code == 200, reference.text
         for extra in EXTREMES:
-            body = {"model": TINY_NAME, "prompt": PROMPT, "max_tokens": 8, **extra}
+            body = {"model": model, "prompt": PROMPT, "max_tokens": 8, **extra}
             r = client.post("/v1/completions", json=body)
             assert r.status_code == 200, (extra, r.text)
             for choice in r.json()["choices"]:
@@ -81,22 +91,22 @@ def test_extreme_parameters_kill_no_worker(cluster) -> None:
             if "logprobs" in chat:  # chat: a boolean plus top_logprobs
                 chat.update(logprobs=True, top_logprobs=chat["logprobs"])
             r = client.post("/v1/chat/completions", json={
-                "model": TINY_NAME, "messages": [{"role": "user", "content": PROMPT}],
+                "model": model, "messages": [{"role": "user", "content": PROMPT}],
                 "max_tokens": 4, "stream": True, **chat,
             })  # fmt: skip
             assert r.status_code == 200 and "data: [DONE]" in r.text, (extra, r.text)
         for extra in REFUSED:
-            body = {"model": TINY_NAME, "prompt": PROMPT, "max_tokens": 8, **extra}
+            body = {"model": model, "prompt": PROMPT, "max_tokens": 8, **extra}
             r = client.post("/v1/completions", json=body)
             assert r.status_code == 400, (extra, r.text)
             assert r.json()["error"]["type"] == "invalid_request_error", r.text
         r = client.post("/v1/messages", json={
-            "model": TINY_NAME, "max_tokens": 4, "temperature": 1e-38, "top_k": 2**31 - 1,
+            "model": model, "max_tokens": 4, "temperature": 1e-38, "top_k": 2**31 - 1,
             "messages": [{"role": "user", "content": PROMPT}],
         })  # fmt: skip
         assert r.status_code == 200, r.text
         again = client.post("/v1/completions", json={
-            "model": TINY_NAME, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+            "model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
             "ignore_eos": True,
         })  # fmt: skip
         assert again.status_code == 200, again.text

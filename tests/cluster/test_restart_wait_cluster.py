@@ -2,10 +2,12 @@
 (--worker-restart-wait-s) and the request goes on there from its tokens, greedy output equal
 to an undisturbed run's, nothing lost or repeated. Through the cluster harness (the one mixed
 worker killed, restarted as a supervisor does) and through `epdserve up` (the one decode
-worker of a PD pair, and the one mixed worker, killed; `up` restarts it)."""
+worker of a PD pair, and the only worker of another model, a mixed one, killed; `up` restarts
+them)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -120,8 +122,14 @@ def killed_under_up(base: str, req: dict, pid_of) -> list[str]:
     return tokens
 
 
-def worker_pid(base: str, tmp_path, role: str):
-    token = (tmp_path / "cfg" / "admin-token").read_text().strip()
+# One `up` serves both kills: the same tiny model as two served models, one on a PD pair
+# (the one decode worker is killed) and one on a mixed worker (the only worker of its model is
+# killed). The router keeps a pool per model: neither's request can go to the other's workers.
+MODEL_OF = {"decode": "tiny-pd", "mixed": "tiny-mixed"}
+
+
+def worker_pid(base: str, cfg_dir, role: str):
+    token = (cfg_dir / "admin-token").read_text().strip()
     auth = {"Authorization": f"Bearer {token}"}
 
     def pid() -> int:
@@ -132,17 +140,29 @@ def worker_pid(base: str, tmp_path, role: str):
     return pid
 
 
-@pytest.mark.parametrize("role", ["decode", "mixed"])
-def test_the_one_worker_killed_under_up_resumes_on_its_restart(tiny_model_dir, tmp_path,
-                                                                role: str) -> None:  # fmt: skip
-    """decode: the one decode worker of a PD pair; mixed: the only worker of the cluster."""
+@pytest.fixture(scope="module")
+def up_pd_and_mixed(tiny_model_dir, tmp_path_factory):
+    """`epdserve up` of a PD pair and a mixed worker, each its own model: (base URL, the
+    operator's config folder)."""
+    tmp = tmp_path_factory.mktemp("up")
     model = str(tiny_model_dir("llama"))
-    workers = ["--prefill", "1", "--decode", "1"] if role == "decode" else ["--mixed", "1"]
-    args = ["--model", model, *workers, "--no-kvstore", "--cluster", f"restartwait-{role}",
-            *UP_ENGINE]  # fmt: skip
-    with epdserve_up(tmp_path, *args) as (_proc, base, _env):
-        req = {**REQ, "model": os.path.basename(model)}
-        ref = httpx.post(base + "/v1/completions", json=req, timeout=120)
-        assert ref.status_code == 200, ref.text
-        tokens = killed_under_up(base, req, worker_pid(base, tmp_path, role))
-        assert tokens == tokens_of(ref.json())
+    groups = tmp / "models.json"
+    groups.write_text(json.dumps([
+        {"model": model, "served_model_name": MODEL_OF["decode"], "mixed": 0, "prefill": 1,
+         "decode": 1},
+        {"model": model, "served_model_name": MODEL_OF["mixed"], "mixed": 1},
+    ]))  # fmt: skip
+    args = ["--models-file", str(groups), "--no-kvstore", "--cluster", "restartwait", *UP_ENGINE]
+    with epdserve_up(tmp, *args) as (_proc, base, _env):
+        yield base, tmp / "cfg"
+
+
+@pytest.mark.parametrize("role", ["decode", "mixed"])
+def test_the_one_worker_killed_under_up_resumes_on_its_restart(up_pd_and_mixed, role: str) -> None:
+    """decode: the one decode worker of a PD pair; mixed: the only worker of its model."""
+    base, cfg_dir = up_pd_and_mixed
+    req = {**REQ, "model": MODEL_OF[role]}
+    ref = httpx.post(base + "/v1/completions", json=req, timeout=120)
+    assert ref.status_code == 200, ref.text
+    tokens = killed_under_up(base, req, worker_pid(base, cfg_dir, role))
+    assert tokens == tokens_of(ref.json())
