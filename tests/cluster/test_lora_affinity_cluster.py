@@ -12,27 +12,22 @@ import pytest
 from cluster_helpers import TINY_ENGINE, TINY_NAME, load_report, openai_client, start_cluster
 
 from services.engine import LLM, SamplingParams
-from tests.engine.lora_helpers import build_adapter, peft_greedy
+from tests.engine.lora_helpers import LORA_ENGINE, peft_greedy, sql_and_chat
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 PROMPT = [1, 45, 27, 310, 99, 12, 7, 250]
 TOKENS = 8
-# Two slots, two adapters registered on each worker (command line), none resident at start.
-LORA_ENGINE = {"enable_lora": True, "max_loras": 2, "max_lora_rank": 8}
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory):
-    base = tiny_model_dir("llama")
-    return {
-        "sql": build_adapter(base, tmp_path_factory.mktemp("sql"), seed=21, r=8),
-        "chat": build_adapter(base, tmp_path_factory.mktemp("chat"), seed=22, r=4),
-    }
+    return sql_and_chat(tiny_model_dir("llama"), tmp_path_factory, seeds=(21, 22))
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir, adapters):
+    # Two slots, two adapters registered on each worker (command line), none resident at start.
     modules = [f"{name}={path}" for name, path in adapters.items()]
     c = start_cluster(
         tiny_model_dir("llama"), workers=2, policy="least_load",

@@ -23,21 +23,16 @@ from cluster_helpers import (
 )
 
 from services.engine import LLM, SamplingParams
-from tests.engine.lora_helpers import build_adapter
+from tests.engine.lora_helpers import LORA_ENGINE, sql_and_chat
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 PROMPT = "The capital of France is"
-LORA_ENGINE = {"enable_lora": True, "max_loras": 2, "max_lora_rank": 8}
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory):
-    base = tiny_model_dir("llama")
-    return {
-        "sql": build_adapter(base, tmp_path_factory.mktemp("sql"), seed=11, r=8),
-        "chat": build_adapter(base, tmp_path_factory.mktemp("chat"), seed=12, r=4),
-    }
+    return sql_and_chat(tiny_model_dir("llama"), tmp_path_factory, seeds=(11, 12))
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,19 @@ def build_adapter(
     return out_dir
 
 
+# Two engine slots, rank up to 8: room for both of sql_and_chat's adapters.
+LORA_ENGINE = {"enable_lora": True, "max_loras": 2, "max_lora_rank": 8}
+
+
+def sql_and_chat(base_dir: Path, tmp_path_factory, seeds: tuple[int, int]) -> dict[str, Path]:
+    """Two adapters of the model at ``base_dir``: "sql" (rank 8) and "chat" (rank 4), made
+    with ``seeds``, each in a folder of its own."""
+    return {
+        "sql": build_adapter(base_dir, tmp_path_factory.mktemp("sql"), seed=seeds[0], r=8),
+        "chat": build_adapter(base_dir, tmp_path_factory.mktemp("chat"), seed=seeds[1], r=4),
+    }
+
+
 def peft_greedy(base_dir: Path, adapters: dict[str, Path], prompts, max_tokens: int):
     """Reference: transformers + peft, greedy with the adapter of each name and with none;
     {name or None: [(tokens, logprobs) per prompt]}."""
