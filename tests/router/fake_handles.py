@@ -12,6 +12,7 @@ import grpc
 
 from services.common.membership import InstanceInfo
 from services.common.proto import worker_pb2 as pb
+from services.router import serving
 from services.router.routing.workers import WorkerHandle, WorkerPool
 
 
@@ -107,3 +108,13 @@ class TaskCount:
     def __call__(self, loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
         self.started += 1
         return asyncio.Task(coro, loop=loop, **kw)
+
+
+def serve_request(model: str) -> serving.ServeRequest:
+    """A one-prompt, one-token completions request for ``model``, as the gateway hands it to
+    serving."""
+    return serving.ServeRequest(
+        api="completions", rid="r1", model=model, prompts=[[1, 2, 3]], images=[],
+        params=pb.SamplingParams(max_tokens=1), n=1, logprobs=False, tools=None,
+        tool_parser=None, reasoning=None, started=time.monotonic(),  # type: ignore[arg-type]
+    )  # fmt: skip

@@ -11,6 +11,7 @@ import pytest_asyncio
 from router_fakes import FakeEngine, start_fake_worker, start_gateway
 
 from services.common.etcd_server import EtcdServer
+from tests.waits import until
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
@@ -237,10 +238,7 @@ async def test_two_workers_failover(etcd) -> None:
     gw = await start_gateway(etcd.endpoint, cluster, policy="round_robin")
     try:
         async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
-            for _ in range(200):
-                if len(gw.gateway.pool.candidates()) == 2:
-                    break
-                await asyncio.sleep(0.05)
+            await until(lambda: len(gw.gateway.pool.candidates()) == 2, what="two usable workers")
             req = {"model": "fake-model", "prompt": "a", "max_tokens": 1}
             for _ in range(4):
                 assert (await c.post("/v1/completions", json=req)).status_code == 200

@@ -7,10 +7,9 @@ A 503 for a model the router still knows stays a 503."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
-from fake_handles import Stream, fake_handle, finished, keep_reporting
+from fake_handles import Stream, fake_handle, finished, keep_reporting, serve_request
 
 from services.common.proto import worker_pb2 as pb
 from services.router import serving
@@ -24,14 +23,6 @@ class Served:
     def Generate(self, req: pb.GenerateRequest, timeout: float) -> Stream:  # noqa: N802
         self.calls += 1
         return Stream([finished()])
-
-
-def request(model: str) -> serving.ServeRequest:
-    return serving.ServeRequest(
-        api="completions", rid="r1", model=model, prompts=[[1, 2, 3]], images=[],
-        params=pb.SamplingParams(max_tokens=1), n=1, logprobs=False, tools=None,
-        tool_parser=None, reasoning=None, started=time.monotonic(),  # type: ignore[arg-type]
-    )  # fmt: skip
 
 
 async def _serve(model: str, role: str, drop_adapter: bool) -> tuple[int, str | None, int]:
@@ -50,7 +41,7 @@ async def _serve(model: str, role: str, drop_adapter: bool) -> tuple[int, str | 
         if drop_adapter:  # the report without it lands before the request is routed
             h.lora_adapters = frozenset()
         with pytest.raises(APIError) as err:
-            [m async for _, m in serving._generate(gw, request(model))]
+            [m async for _, m in serving._generate(gw, serve_request(model))]
         return err.value.status, err.value.code, stub.calls
     finally:
         reports.cancel()

@@ -5,11 +5,10 @@ the model to serve again and is served, instead of getting a 503 model_unavailab
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import pytest
-from fake_handles import Stream, fake_handle, finished, keep_reporting, rpc_error
+from fake_handles import Stream, fake_handle, finished, keep_reporting, rpc_error, serve_request
 
 from services.common.proto import worker_pb2 as pb
 from services.router import serving
@@ -36,14 +35,6 @@ class DrainsOnce:
                 raise error
 
         return Refused([])
-
-
-def request(model: str) -> serving.ServeRequest:
-    return serving.ServeRequest(
-        api="completions", rid="r1", model=model, prompts=[[1, 2, 3]], images=[],
-        params=pb.SamplingParams(max_tokens=1), n=1, logprobs=False, tools=None,
-        tool_parser=None, reasoning=None, started=time.monotonic(),  # type: ignore[arg-type]
-    )  # fmt: skip
 
 
 def test_a_request_refused_by_a_worker_draining_for_sleep_is_served_after(monkeypatch):
@@ -73,13 +64,13 @@ async def _refused_then_served() -> None:
 
     waker = asyncio.create_task(wakes())
     try:
-        got = [m async for _, m in serving._generate(gw, request("a"))]
+        got = [m async for _, m in serving._generate(gw, serve_request("a"))]
         assert [m.outputs[0].token_ids for m in got] == [[7]] and stub.calls == 2
         # A model that does not come back still gets its 503 with Retry-After, bounded.
         a.stub = DrainsOnce(a)
         waker.cancel()
         with pytest.raises(APIError) as err:
-            [m async for _, m in serving._generate(gw, request("a"))]
+            [m async for _, m in serving._generate(gw, serve_request("a"))]
         assert err.value.code in ("model_unavailable", "model_asleep")
         assert err.value.headers == {"Retry-After": "10"}
     finally:

@@ -24,6 +24,7 @@ from services.router.routing.retry import worker_died
 from services.router.routing.workers import WorkerHandle
 from services.worker.server import WorkerServicer
 from services.worker.state import WorkerState
+from tests.waits import until
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
@@ -160,10 +161,7 @@ async def test_gateway_with_mux_fails_over_and_aborts(etcd) -> None:
     gw = await start_gateway(etcd.endpoint, "mux1", policy="round_robin", worker_mux=True)
     try:
         async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
-            for _ in range(200):
-                if len(gw.gateway.pool.candidates()) == 2:
-                    break
-                await asyncio.sleep(0.05)
+            await until(lambda: len(gw.gateway.pool.candidates()) == 2, what="two usable workers")
             req = {"model": "fake-model", "prompt": "a", "max_tokens": 2}
             for _ in range(4):
                 r = await c.post("/v1/completions", json=req)
