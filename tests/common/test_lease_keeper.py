@@ -117,3 +117,35 @@ def test_stop_ends_the_refreshes(etcd: EtcdServer) -> None:
         assert "etcd-lease-keeper" not in threads
 
     asyncio.run(scenario())
+
+
+def test_a_call_holding_the_gil_past_the_ttl_leaves_and_comes_back_at_once(
+    etcd: EtcdServer,
+) -> None:
+    """NOTE: what is right here: a C call that holds the GIL (no thread of the process runs,
+    so neither the keeper nor the gRPC servers can answer) for longer than the TTL makes the
+    process as unresponsive as a SIGSTOP: its lease lapses and the router migrates its
+    requests. Once the call returns, the keeper finds the lease gone and the Registrar
+    registers again within a moment, without waiting for the stall bound."""
+    import ctypes
+
+    async def scenario() -> None:
+        reg = Registrar([etcd.endpoint], "lk4", info("w4"), ttl=TTL)
+        await reg.start()
+        try:
+            await registered(reg)
+            ctypes.PyDLL(None).usleep(3 * TTL * 1_000_000)  # PyDLL: the GIL stays held
+            released = time.monotonic()
+            while reg.registrations < 2:
+                assert time.monotonic() - released < 3 * TTL, "never registered again"
+                await asyncio.sleep(0.05)
+            client = await connect_etcd([etcd.endpoint])
+            try:
+                resp = await client.kv.get(instance_key("lk4", "w4"), timeout=ETCD_OP_TIMEOUT_S)  # type: ignore[union-attr]
+            finally:
+                await client.close()
+            assert resp.kvs, "registered again, but the key is not in etcd"
+        finally:
+            await reg.stop()
+
+    asyncio.run(scenario())
