@@ -65,6 +65,9 @@ def _reference(q, k_cache, v_cache, tables, lens, scale):
         (9, 3, 64, 16, [130, 1, 16, 17, 191, 64]),  # the default model's shapes
         (4, 4, 128, 16, [5, 33]),  # no GQA, head_dim 128
         (8, 2, 40, 8, [1, 7, 8, 9, 100]),  # a head_dim with no specialised loop
+        (9, 3, 64, 4, [1, 2, 3, 5, 37, 64, 65, 100]),  # blocks shorter than a score vector
+        (9, 3, 64, 16, [150] * 12 + [3, 200]),  # whole sequences shared out by their tokens
+        (2, 1, 64, 1, [1000, 5]),  # one token a block; one long context beside a short one
     ],
 )
 def test_paged_decode_matches_sdpa(kernel, heads, kv_heads, head_dim, block_size, lens):

@@ -13,14 +13,18 @@
  *   context_lens  [B] int64
  * Query head h reads KV head h / (H / Hkv), as transformers' repeat_kv.
  *
- * Per (sequence, KV head) the query heads of its group are done together, two passes over
- * the context: scores (q . k * scale) into a scratch row, then softmax and the weighted sum
- * of values. Sums run in float32 like SDPA's CPU kernels; the order of additions differs, so
+ * Per sequence (all its KV heads: a token's row of the cache is read whole), or per (sequence,
+ * KV head) when the sequences are too few to share out, the query heads are done together,
+ * two passes over the context: scores (q . k * scale) into a scratch row, then softmax and
+ * the weighted sum of values. The blocks of a sequence lie anywhere in the cache, so the
+ * rows a few tokens ahead are prefetched. Sums run in float32 like SDPA's CPU kernels; the order of additions differs, so
  * results agree to fp32 rounding, not bit for bit.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <omp.h>
 
 #include "epd_exp.h"
 
@@ -46,8 +50,6 @@ static float exp_shift_sum(float *x, int64_t n, float m) {
 #define VW 8
 #endif
 typedef float vf __attribute__((vector_size(4 * VW)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
 
 static inline vf loadv(const float *p) {
     vf v;
@@ -57,75 +59,155 @@ static inline vf loadv(const float *p) {
 
 static inline void storev(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 
-/* The sum of the lanes as a tree (halves added): a plain loop would be dependent scalar
- * adds, as C's order of additions must be kept without fast-math. */
-static inline float hsum(vf v) {
+/* The lane sums of VW vectors as one vector: lane i holds the sum of d[i]'s lanes. A
+ * transposing tree (each level adds the halves of two vectors' lane groups side by side):
+ * VW - 1 shuffle pairs and adds for VW dot products, where summing each vector alone took
+ * four times as many. The tree leaves lane i with the input at bitrev(i), so the inputs are
+ * taken in bit-reversed order. Each sum adds the same lanes in the same order as a halving
+ * tree on one vector (halves, quarters, ...), so the scores are those of that order. */
 #if VW == 16
-    const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+static inline vf comb8(vf a, vf b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+static inline vf comb4(vf a, vf b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+static inline vf comb2(vf a, vf b) {
+    return __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+static inline vf comb1(vf a, vf b) {
+    return __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+           __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+static inline vf lane_sums(const vf *d) {
+    const vf a0 = comb8(d[0], d[8]), a1 = comb8(d[4], d[12]), a2 = comb8(d[2], d[10]),
+             a3 = comb8(d[6], d[14]), a4 = comb8(d[1], d[9]), a5 = comb8(d[5], d[13]),
+             a6 = comb8(d[3], d[11]), a7 = comb8(d[7], d[15]);
+    const vf b0 = comb4(a0, a1), b1 = comb4(a2, a3), b2 = comb4(a4, a5), b3 = comb4(a6, a7);
+    return comb1(comb2(b0, b1), comb2(b2, b3));
+}
 #else
-    const v8 a = v;
+static inline vf comb4(vf a, vf b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+static inline vf comb2(vf a, vf b) {
+    return __builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+}
+static inline vf comb1(vf a, vf b) {
+    return __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14) +
+           __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+}
+static inline vf lane_sums(const vf *d) {
+    const vf a0 = comb4(d[0], d[4]), a1 = comb4(d[2], d[6]), a2 = comb4(d[1], d[5]),
+             a3 = comb4(d[3], d[7]);
+    return comb1(comb2(a0, a1), comb2(a2, a3));
+}
 #endif
-    const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
+
+/* Tokens ahead whose K and V rows are prefetched: the blocks of a sequence lie anywhere in
+ * the cache, and the hardware prefetchers stop at each block's (and page's) start; the cache
+ * of a batch-64 step (15.7 MB a layer) is read once, from memory. */
+#define AHEAD (2 * VW)
+
+static inline void prefetch_rows(const float *k_row, const float *v_row, int64_t floats) {
+    for (int64_t f = 0; f < floats; f += 16) {
+        __builtin_prefetch(k_row + f, 0, 3);
+        __builtin_prefetch(v_row + f, 0, 2);
+    }
 }
 
-/* One (sequence, KV head): the ``group`` query heads at ``qb`` (consecutive rows of ``D``)
- * against the sequence's ``len`` cached tokens; results to ``ob``. ``scores``: group * len
- * floats, ``acc``: group * D floats of scratch. Inlined with D a constant (64, 128), a
- * multiple of VW: the dot products and sums are whole vectors, and in pass 2 each
- * query head's sums stay in registers over a block's tokens (stored once a block: a sum
- * kept in memory was stored and reloaded at every token). */
-static inline void attend_one(const float *qb, const float *k_cache, const float *v_cache,
-                              const int64_t *table, int64_t len, float *ob, int64_t group,
-                              const int64_t D, int64_t block_size, int64_t tok_stride,
-                              int64_t blk_stride, int64_t head_off, float scale, float *scores,
-                              float *acc) {
-    const int64_t nblocks = (len + block_size - 1) / block_size;
+/* rows[t]: where token t's row of the cache starts (head 0), for t < len: computed once a
+ * sequence (a division per token and pass cost more than the attention's arithmetic). */
+static inline void row_offsets(const int64_t *table, int64_t len, int64_t block_size,
+                               int64_t blk_stride, int64_t tok_stride, int64_t *rows) {
+    for (int64_t j = 0, t = 0; t < len; j++) {
+        const int64_t base = table[j] * blk_stride;
+        for (int64_t s = 0; s < block_size && t < len; s++, t++) rows[t] = base + s * tok_stride;
+    }
+}
+
+/* One sequence's KV heads [kh0, kh1): their ``group`` query heads each (rows of ``D`` at
+ * ``qb``, head kh0's first) against its ``len`` cached tokens; results to ``ob``.
+ * ``scores``: (kh1 - kh0) * group * lenp floats (lenp: len rounded up to VW), ``inv`` one a
+ * query head, ``rows`` len int64s of scratch. Inlined with
+ * D a constant (64, 128), a multiple of VW.
+ * Pass 1 takes VW tokens at a time: their dot products with one query head (held in
+ * registers) are summed across lanes into one vector of VW scores (lane_sums). The K and V
+ * rows AHEAD tokens on are prefetched, all heads of the range at once (a row's heads are
+ * contiguous), so pass 2 finds V in the cache. Pass 2 keeps up to 4 query heads' sums in
+ * registers over all tokens. */
+static inline void attend_seq(const float *qb, const float *k_cache, const float *v_cache,
+                              const int64_t *table, int64_t len, float *ob, int64_t kh0,
+                              int64_t kh1, int64_t group, const int64_t D, int64_t block_size,
+                              int64_t tok_stride, int64_t blk_stride, float scale,
+                              float *scores, float *inv, int64_t *rows) {
     const int64_t nv = D / VW;
-    /* Pass 1: scores of every query head of the group. */
-    for (int64_t j = 0; j < nblocks; j++) {
-        const float *kb = k_cache + table[j] * blk_stride + head_off;
-        const int64_t n = (j == nblocks - 1) ? len - j * block_size : block_size;
-        for (int64_t s = 0; s < n; s++) {
-            const float *kv = kb + s * tok_stride;
-            const int64_t t = j * block_size + s;
-            for (int64_t g = 0; g < group; g++) {
-                const float *qg = qb + g * D;
-                vf dot = loadv(qg) * loadv(kv);
-                for (int64_t c = 1; c < nv; c++) dot += loadv(qg + VW * c) * loadv(kv + VW * c);
-                scores[g * len + t] = hsum(dot) * scale;
+    const int64_t lenp = (len + VW - 1) / VW * VW;
+    const int64_t nh = (kh1 - kh0) * group;
+    const int64_t span = (kh1 - kh0) * D; /* floats of a row this call reads */
+    const int64_t off = kh0 * D;
+    row_offsets(table, len, block_size, blk_stride, tok_stride, rows);
+    for (int64_t t = 0; t < AHEAD && t < len; t++)
+        prefetch_rows(k_cache + rows[t] + off, v_cache + rows[t] + off, span);
+    /* Pass 1: scores. */
+    for (int64_t t0 = 0; t0 < len; t0 += VW) {
+        const int64_t n = len - t0 < VW ? len - t0 : VW;
+        for (int64_t s = 0; s < VW && t0 + AHEAD + s < len; s++) {
+            const int64_t r = rows[t0 + AHEAD + s] + off;
+            prefetch_rows(k_cache + r, v_cache + r, span);
+        }
+        for (int64_t h = 0; h < nh; h++) {
+            const float *qh = qb + h * D;
+            const int64_t koff = (h / group) * D;
+            vf qv[128 / VW];
+            for (int64_t c = 0; c < nv; c++) qv[c] = loadv(qh + VW * c);
+            vf d[VW];
+            for (int64_t s = 0; s < VW; s++) {
+                if (s < n) {
+                    const float *kv = k_cache + rows[t0 + s] + off + koff;
+                    vf dot = qv[0] * loadv(kv);
+                    for (int64_t c = 1; c < nv; c++) dot += qv[c] * loadv(kv + VW * c);
+                    d[s] = dot;
+                } else {
+                    d[s] = (vf){0};
+                }
             }
+            storev(scores + h * lenp + t0, lane_sums(d) * scale);
         }
     }
     /* Softmax per query head (normalised at the end). */
-    float inv[MAX_GROUP];
-    for (int64_t g = 0; g < group; g++) {
-        float *sc = scores + g * len;
+    for (int64_t h = 0; h < nh; h++) {
+        float *sc = scores + h * lenp;
         float m = sc[0];
         for (int64_t t = 1; t < len; t++) m = sc[t] > m ? sc[t] : m;
-        inv[g] = 1.0f / exp_shift_sum(sc, len, m);
+        inv[h] = 1.0f / exp_shift_sum(sc, len, m);
     }
-    /* Pass 2: weighted sum of the values, a block at a time per query head. */
-    memset(acc, 0, sizeof(float) * (size_t)(group * D));
-    for (int64_t j = 0; j < nblocks; j++) {
-        const float *vb = v_cache + table[j] * blk_stride + head_off;
-        const int64_t n = (j == nblocks - 1) ? len - j * block_size : block_size;
-        for (int64_t g = 0; g < group; g++) {
-            const float *p = scores + g * len + j * block_size;
-            float *a = acc + g * D;
-            for (int64_t c = 0; c < nv; c++) {
-                vf sum = loadv(a + VW * c);
-                for (int64_t s = 0; s < n; s++) sum += p[s] * loadv(vb + s * tok_stride + VW * c);
-                storev(a + VW * c, sum);
+    /* Pass 2: weighted sums of the values, up to 4 query heads (of one KV head) at a time. */
+    for (int64_t kh = kh0; kh < kh1; kh++) {
+        const int64_t voff = kh * D;
+        for (int64_t g0 = 0; g0 < group; g0 += 4) {
+            const int64_t ng = group - g0 < 4 ? group - g0 : 4;
+            const int64_t h0 = (kh - kh0) * group + g0;
+            vf acc[4][128 / VW];
+            for (int64_t g = 0; g < 4; g++)
+                for (int64_t c = 0; c < nv; c++) acc[g][c] = (vf){0};
+            for (int64_t t = 0; t < len; t++) {
+                const float *vv = v_cache + rows[t] + voff;
+                for (int64_t c = 0; c < nv; c++) {
+                    const vf x = loadv(vv + VW * c);
+                    for (int64_t g = 0; g < ng; g++) acc[g][c] += scores[(h0 + g) * lenp + t] * x;
+                }
+            }
+            for (int64_t g = 0; g < ng; g++) {
+                float *o = ob + (h0 + g) * D;
+                for (int64_t c = 0; c < nv; c++) storev(o + VW * c, acc[g][c] * inv[h0 + g]);
             }
         }
-    }
-    for (int64_t g = 0; g < group; g++) {
-        float *o = ob + g * D;
-        const float *a = acc + g * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; d++) o[d] = a[d] * inv[g];
     }
 }
 
@@ -181,55 +263,83 @@ static void attend_one_any(const float *qb, const float *k_cache, const float *v
     }
 }
 
+/* Work is split by (sequence, KV-head range): a whole sequence (all its KV heads, whose
+ * rows are contiguous in the cache) when there are enough sequences to share, else one KV
+ * head each. Each thread takes a contiguous run of items holding about its share of the
+ * tokens (contexts differ in length). */
 int epd_paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
                          const int64_t *block_tables, const int64_t *context_lens, float *out,
                          int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim,
                          int64_t block_size, int64_t max_blocks, float scale, int64_t max_len,
                          int64_t num_blocks, int threads) {
     const int64_t group = heads / kv_heads;
-    if (group < 1 || group > MAX_GROUP || heads % kv_heads || max_len < 1) return -1;
+    if (group < 1 || group > MAX_GROUP || heads % kv_heads || max_len < 1 || block_size < 1 ||
+        batch < 0)
+        return -1;
     const int64_t tok_stride = kv_heads * head_dim; /* one slot of a block */
     const int64_t blk_stride = block_size * tok_stride;
+    for (int64_t b = 0; b < batch; b++) {
+        const int64_t len = context_lens[b];
+        if (len < 1 || len > max_len || len > max_blocks * block_size) return -2;
+        const int64_t *table = block_tables + b * max_blocks;
+        for (int64_t j = 0; j < (len + block_size - 1) / block_size; j++)
+            if (table[j] < 0 || table[j] >= num_blocks) return -2;
+    }
+    if (threads < 1) threads = 1;
+    const int vec = head_dim == 64 || head_dim == 128;
+    const int64_t per_seq = vec && batch >= 2 * threads ? 1 : kv_heads; /* items a sequence */
+    const int64_t heads_per_item = kv_heads / per_seq;
+    const int64_t items = batch * per_seq;
+    int64_t total = 0;
+    for (int64_t b = 0; b < batch; b++) total += context_lens[b];
     int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
+#pragma omp parallel num_threads(threads) if (threads > 1 && items > 1) reduction(| : failed)
     {
-        float *scores = (float *)malloc(sizeof(float) * (size_t)(group * max_len));
-        float *acc = (float *)malloc(sizeof(float) * (size_t)(group * head_dim));
-        const int ok = scores != NULL && acc != NULL;
-        failed |= !ok;
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t b = 0; b < batch; b++) {
-            for (int64_t kh = 0; kh < kv_heads; kh++) {
-                const int64_t len = context_lens[b];
-                if (!ok || len < 1 || len > max_len || len > max_blocks * block_size) {
-                    failed = 1;
-                    continue;
-                }
-                const int64_t *table = block_tables + b * max_blocks;
-                int bad = 0;
-                for (int64_t j = 0; j < (len + block_size - 1) / block_size; j++)
-                    bad |= table[j] < 0 || table[j] >= num_blocks;
-                if (bad) {
-                    failed = 1;
-                    continue;
-                }
-                const int64_t row = b * heads + kh * group;
-                const float *qb = q + row * head_dim;
-                float *ob = out + row * head_dim;
-                const int64_t off = kh * head_dim;
-                if (head_dim == 64)
-                    attend_one(qb, k_cache, v_cache, table, len, ob, group, 64, block_size,
-                               tok_stride, blk_stride, off, scale, scores, acc);
-                else if (head_dim == 128)
-                    attend_one(qb, k_cache, v_cache, table, len, ob, group, 128, block_size,
-                               tok_stride, blk_stride, off, scale, scores, acc);
-                else
-                    attend_one_any(qb, k_cache, v_cache, table, len, ob, group, head_dim,
-                                   block_size, tok_stride, blk_stride, off, scale, scores, acc);
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        /* This thread's items: those whose first token (counted over items) falls in its
+         * share of the total. */
+        const int64_t lo_tok = total * per_seq * tid / nt, hi_tok = total * per_seq * (tid + 1) / nt;
+        int64_t lo = items, hi = items, acc_tok = 0;
+        for (int64_t it = 0; it < items; it++) {
+            if (lo == items && acc_tok >= lo_tok) lo = it;
+            if (acc_tok >= hi_tok) {
+                hi = it;
+                break;
             }
+            acc_tok += context_lens[it / per_seq];
+        }
+        if (tid == nt - 1) hi = items;
+        const int64_t lenp = (max_len + VW - 1) / VW * VW;
+        const int64_t nh = heads_per_item * group;
+        float *scores = (float *)malloc(sizeof(float) * (size_t)(nh * lenp + nh));
+        float *acc = (float *)malloc(sizeof(float) * (size_t)(group * head_dim));
+        int64_t *rows = (int64_t *)malloc(sizeof(int64_t) * (size_t)max_len);
+        const int ok = scores != NULL && acc != NULL && rows != NULL;
+        failed |= !ok;
+        for (int64_t it = lo; ok && it < hi; it++) {
+            const int64_t b = it / per_seq, kh0 = (it % per_seq) * heads_per_item;
+            const int64_t kh1 = kh0 + heads_per_item;
+            const int64_t len = context_lens[b];
+            const int64_t *table = block_tables + b * max_blocks;
+            const int64_t row = b * heads + kh0 * group;
+            const float *qb = q + row * head_dim;
+            float *ob = out + row * head_dim;
+            if (head_dim == 64)
+                attend_seq(qb, k_cache, v_cache, table, len, ob, kh0, kh1, group, 64,
+                           block_size, tok_stride, blk_stride, scale, scores, scores + nh * lenp, rows);
+            else if (head_dim == 128)
+                attend_seq(qb, k_cache, v_cache, table, len, ob, kh0, kh1, group, 128,
+                           block_size, tok_stride, blk_stride, scale, scores, scores + nh * lenp, rows);
+            else
+                for (int64_t kh = kh0; kh < kh1; kh++)
+                    attend_one_any(qb + (kh - kh0) * group * head_dim, k_cache, v_cache, table,
+                                   len, ob + (kh - kh0) * group * head_dim, group, head_dim,
+                                   block_size, tok_stride, blk_stride, kh * head_dim, scale,
+                                   scores, acc);
         }
         free(scores);
         free(acc);
+        free(rows);
     }
     return failed ? -2 : 0;
 }
