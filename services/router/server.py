@@ -18,6 +18,7 @@ from services.common.grpc_utils import ROLES
 from services.router.api import anthropic as anthropic_api
 from services.router.api import batches as batches_api
 from services.router.api import message_batches
+from services.router.api import models as models_api
 from services.router.api import openai as openai_api
 from services.router.api import pooling as pooling_api
 from services.router.api import responses as responses_api
@@ -38,14 +39,16 @@ log = logging.getLogger(__name__)
 
 def _guard(
     fn: Callable[[Gateway, Request], Awaitable[Response]],
-    anthropic: bool = False,
+    anthropic: bool | None = False,
     auth: bool = True,
 ) -> Callable[[Request], Awaitable[Response]]:
-    """Errors in the API's own format; with ``auth``, the API key is checked first."""
+    """Errors in the API's own format (``anthropic`` None: the caller's, from its headers);
+    with ``auth``, the API key is checked first."""
 
     async def endpoint(request: Request) -> Response:
         gw: Gateway = request.app.state.gateway
         mark_arrival()  # the request's queue phase starts (phases.py)
+        fmt = models_api.wants_anthropic(request) if anthropic is None else anthropic
         try:
             if auth:
                 request.state.api_key = check_api_key(gw.api_keys, request)
@@ -55,11 +58,11 @@ def _guard(
                 gw.metrics.count_request(API_OF_PATH[request.url.path], 499)
             return Response(status_code=499)  # nobody reads it; the request was aborted
         except APIError as err:
-            return err.anthropic_response() if anthropic else err.openai_response()
+            return err.anthropic_response() if fmt else err.openai_response()
         except Exception as exc:
             log.exception("unhandled error in %s", request.url.path)
             internal = APIError(500, f"internal error: {type(exc).__name__}: {exc}")
-            return internal.anthropic_response() if anthropic else internal.openai_response()
+            return internal.anthropic_response() if fmt else internal.openai_response()
 
     return endpoint
 
@@ -70,33 +73,6 @@ async def _chat(gw: Gateway, request: Request) -> Response:
 
 async def _completions(gw: Gateway, request: Request) -> Response:
     return await openai_api.handle(gw, request, chat=False)
-
-
-async def _models(gw: Gateway, request: Request) -> Response:
-    data = [
-        {
-            "id": name,
-            "object": "model",
-            "created": gw.started_at,
-            "owned_by": "epdserve",
-            "max_model_len": max_len,
-        }  # fmt: skip
-        for name, max_len in sorted(gw.pool.models().items())
-    ]
-    models = gw.pool.models()
-    data += [
-        {
-            "id": name,
-            "object": "model",
-            "created": gw.started_at,
-            "owned_by": "epdserve",
-            "max_model_len": models.get(parent, 0),
-            "parent": parent,
-        }  # fmt: skip
-        for name, parent in sorted(gw.pool.adapters().items())
-        if name not in models
-    ]
-    return JSONResponse({"object": "list", "data": data})
 
 
 async def _health(gw: Gateway, request: Request) -> Response:
@@ -193,7 +169,12 @@ def build_app(gateway: Gateway) -> Starlette:
         Route("/v1/score", _guard(pooling_api.score), methods=["POST"]),
         Route("/tokenize", _guard(tokenize_api.tokenize), methods=["POST"]),
         Route("/detokenize", _guard(tokenize_api.detokenize), methods=["POST"]),
-        Route("/v1/models", _guard(_models), methods=["GET"]),
+        Route("/v1/models", _guard(models_api.list_models, anthropic=None), methods=["GET"]),
+        Route(
+            "/v1/models/{model_id:path}",
+            _guard(models_api.retrieve_model, anthropic=None),
+            methods=["GET"],
+        ),
         # NOTE: probes and scrapers carry no API key; /admin checks its own token.
         Route("/health", _guard(_health, auth=False), methods=["GET"]),
         Route("/metrics", _guard(_metrics, auth=False), methods=["GET"]),
@@ -203,6 +184,9 @@ def build_app(gateway: Gateway) -> Starlette:
         *model_routes(),
         *lora_routes(),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(
+        routes=routes, lifespan=lifespan,
+        exception_handlers={404: models_api.no_route, 405: models_api.no_route},
+    )  # fmt: skip
     app.state.gateway = gateway
     return app

@@ -294,7 +294,9 @@ def test_openapi_document_matches_routes() -> None:
     app = build_app(object())  # type: ignore[arg-type]  # routes only; never started
     routes: dict[str, set[str]] = {}  # a path may have a route per method (/v1/files)
     for r in app.routes:
-        routes.setdefault(r.path, set()).update(r.methods)  # type: ignore[attr-defined]
+        # OpenAPI names a path parameter without Starlette's converter ({model_id:path})
+        path = r.path.replace(":path}", "}")  # type: ignore[attr-defined]
+        routes.setdefault(path, set()).update(r.methods)  # type: ignore[attr-defined]
     for path, ops in doc["paths"].items():
         assert path in routes, path
         assert {m.upper() for m in ops} <= routes[path], path

@@ -30,8 +30,10 @@ def stop_fields(ch: Choice, called: bool = False) -> tuple[str, str | None]:
 
 
 def _usage(u: Usage, tier: str) -> dict[str, Any]:
+    # NOTE: Anthropic's input_tokens leaves out the tokens read from the cache: the prompt is
+    # input_tokens + cache_read_input_tokens + cache_creation_input_tokens (its usage docs).
     return {
-        "input_tokens": u.prompt,
+        "input_tokens": u.prompt - u.cached,
         "output_tokens": u.completion,
         "cache_read_input_tokens": u.cached,
         "cache_creation_input_tokens": 0,

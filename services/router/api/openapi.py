@@ -34,6 +34,7 @@ from services.router.api.protocol.openai import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    ModelCard,
     ModelList,
 )
 from services.router.api.protocol.pooling import (
@@ -82,11 +83,12 @@ class _Schema(GenerateJsonSchema):
         return out
 
 
+_MODEL_ID = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _MODELS: list[type[BaseModel]] = [
     ChatCompletionRequest, CompletionRequest, MessagesRequest, CountTokensRequest,
     TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest,
     ChatCompletion, Completion, MessageResponse, CountTokensResponse, TokenizeResponse,
-    DetokenizeResponse, ModelList, OpenAIError, AnthropicError, ResponsesRequest,
+    DetokenizeResponse, ModelCard, ModelList, OpenAIError, AnthropicError, ResponsesRequest,
     ResponseObject, ResponseDeleted, EmbeddingRequest, EmbeddingResponse, RerankRequest,
     RerankResponse, ScoreRequest, ScoreResponse, BatchCreateRequest, MessageBatchCreateRequest,
     FileObject, FileList, FileDeleted, BatchObject, BatchList, MessageBatch, MessageBatchList,
@@ -354,6 +356,18 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _json(_ref(ModelList), "the model list"),
                         "401": _json(_ref(OpenAIError), "missing or wrong API key"),
+                    },
+                }
+            },
+            "/v1/models/{model_id}": {
+                "get": {
+                    "summary": "one model the cluster serves",
+                    "security": [{"bearer": []}, {"apiKey": []}],
+                    "parameters": [_MODEL_ID],
+                    "responses": {
+                        "200": _json(_ref(ModelCard), "the model"),
+                        "401": _json(_ref(OpenAIError), "missing or wrong API key"),
+                        "404": _json(_ref(OpenAIError), "no such model"),
                     },
                 }
             },

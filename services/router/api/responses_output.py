@@ -30,7 +30,9 @@ _ERROR_CODES = {429: "rate_limit_exceeded", 400: "invalid_prompt"}
 def response_usage(u: Usage) -> dict[str, Any]:
     return {
         "input_tokens": u.prompt,
-        "input_tokens_details": {"cached_tokens": u.cached},
+        # cache_write_tokens: required by the openai SDK's ResponseUsage (3.x); nothing is
+        # billed for writing the prefix cache here.
+        "input_tokens_details": {"cached_tokens": u.cached, "cache_write_tokens": 0},
         "output_tokens": u.completion,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": u.prompt + u.completion,

@@ -368,10 +368,20 @@ class ModelCard(ResponseModel):
     max_model_len: int
     # A LoRA adapter: the base model it adapts (vLLM's field); None for a base model.
     parent: str | None = None
+    # Anthropic's ModelInfo, so that one object answers both SDKs (api/models.py).
+    type: Literal["model"]
+    display_name: str
+    created_at: str  # RFC 3339
+    lifecycle: Literal["active"]
+    max_input_tokens: int
+    max_tokens: int
 
 
 class ModelList(ResponseModel):
-    """GET /v1/models."""
+    """GET /v1/models (with Anthropic's page fields: one page)."""
 
     object: Literal["list"]
     data: list[ModelCard]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None

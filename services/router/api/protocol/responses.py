@@ -196,6 +196,7 @@ class ReasoningOutput(ResponseModel):
 
 class InputTokensDetails(ResponseModel):
     cached_tokens: int
+    cache_write_tokens: int
 
 
 class OutputTokensDetails(ResponseModel):
