@@ -148,3 +148,84 @@ def test_the_mlp_keeps_torch_silu_where_the_kernel_does_not_vectorize(ops, monke
             outs.append(mlp(x))
     assert calls == [1]  # the kernel with AVX-512 only
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+def _qkv_views(t, heads, kv_heads, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=gen)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    return q.view(t, heads, d), k.view(t, kv_heads, d), v.view(t, kv_heads, d), gen
+
+
+@pytest.mark.parametrize("t", [1, 64, 400])  # a decode batch; past the threshold
+def test_rotary_store_equals_rotary_then_the_kv_write(ops, t):
+    """One C pass: q and k rotated in place and the rotated k and v in the cache at their
+    slots, exactly as ``rotary_`` then ``attention.store_kv``; other slots untouched. Fails on
+    the old code: no ``rotary_store_``."""
+    from services.engine.layers.attention import store_kv
+
+    heads, kv_heads, d, blocks, bs = 9, 3, 64, 40, 16
+    rope = RotaryEmbedding(d, 2048, {"rope_type": "default", "rope_theta": 100000.0})
+    q, k, v, gen = _qkv_views(t, heads, kv_heads, d, t)
+    positions = torch.randint(0, 2048, (t,), generator=gen)
+    slots = torch.randperm(blocks * bs, generator=gen)[:t]
+    kc, vc = (
+        torch.randn(blocks, bs, kv_heads, d, generator=gen),
+        torch.randn(blocks, bs, kv_heads, d),
+    )
+    q_ref, k_ref = ops.rotary_(positions, q.clone(), k.clone(), rope.cos, rope.sin)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    store_kv(k_ref, v, kc_ref, vc_ref, slots)
+    assert rope.rotate_and_store(positions, q, k, v, kc, vc, slots)
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+
+
+def test_rotary_store_refuses_a_slot_outside_the_cache(ops):
+    rope = RotaryEmbedding(8, 16, {"rope_type": "default"})
+    q, k, v, _ = _qkv_views(2, 2, 1, 8, 0)
+    kc, vc = torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)
+    before = q.clone()
+    with pytest.raises(IndexError, match="outside the cache"):
+        ops.rotary_store_(torch.tensor([1, 2]), q, k, v, rope.cos, rope.sin, kc, vc,
+                          torch.tensor([3, 8]))  # fmt: skip
+    assert torch.equal(q, before) and not kc.any() and not vc.any()  # checked first
+    # Not float32 caches: the caller keeps rotary + store_kv.
+    assert not rope.rotate_and_store(torch.tensor([1, 2]), q, k, v, kc.double(), vc.double(),
+                                     torch.tensor([0, 1]))  # fmt: skip
+
+
+def test_the_attention_layer_writes_its_kv_in_the_rotary_pass(ops, monkeypatch):
+    """A Llama attention layer on the CPU: the backend makes no KV write of its own, and the
+    output and caches are those of rotary + ``store_kv``. Fails on the old code: the backend
+    wrote the cache (2 writes)."""
+    from types import SimpleNamespace
+
+    from services.engine.layers import attention
+    from services.engine.layers.attention import AttentionMetadata, PrefillSegment, TorchAttention
+    from services.engine.models.llama import LlamaAttention
+
+    cfg = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
+    torch.manual_seed(0)
+    layer = LlamaAttention(cfg, TorchAttention(torch.device("cpu")), False, False)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    rope = RotaryEmbedding(16, 64, {"rope_type": "default"})
+    writes: list[int] = []
+    real = attention.store_kv
+    monkeypatch.setattr(attention, "store_kv", lambda *a: writes.append(1) or real(*a))
+    x, positions = torch.randn(5, 64), torch.arange(5)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(RotaryEmbedding, "rotate_and_store", lambda *a: False)
+        layer.k_cache, layer.v_cache = torch.zeros(4, 4, 2, 16), torch.zeros(4, 4, 2, 16)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor([4, 5, 6, 7, 8]),
+            prefills=[PrefillSegment(0, 5, 5, torch.tensor([1, 2]))],
+        )
+        with torch.no_grad():
+            results.append((layer(positions, x, rope, meta), layer.k_cache, layer.v_cache))
+        assert len(writes) == (0 if fused else 1)
+    for a, b in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -60,6 +60,7 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_stored: bool = False,  # the caller already wrote k and v into the caches
     ) -> torch.Tensor:  # [T, H, D]
         ...
 
@@ -102,8 +103,11 @@ class TorchAttention:
         self.native_decode = native.paged_decode() if cpu else None
         self.decode_mask_needed = self.native_decode is None
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        if meta.write_kv:
+    def forward(
+        self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+        kv_stored: bool = False,
+    ):  # fmt: skip
+        if meta.write_kv and not kv_stored:
             self.store(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         if self.native_decode is not None and meta.prefills and meta.write_kv:

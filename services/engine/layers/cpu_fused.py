@@ -1,7 +1,8 @@
 """Fused elementwise ops of a decoder layer on the CPU (``csrc/fused_elementwise.c``).
 
 RMSNorm with the residual add folded in, silu(gate) * up from the merged gate_up output, the
-rotary embedding of q and k in place, and the residual add after the MLP: each one C call (one pass over the rows, one OpenMP
+rotary embedding of q and k in place (with the KV cache write folded in, ``rotary_store_``),
+and the residual add after the MLP: each one C call (one pass over the rows, one OpenMP
 region at most, none for a decode batch) where torch runs two to six ops. Float32 CPU tensors
 only; callers keep their torch path for anything else, and ``ops()`` is None without a
 compiler, on a failed build, or with ``EPDSERVE_CPU_KERNELS=0`` (native.py) or
@@ -49,6 +50,9 @@ class CpuFused:
         self._rotary = lib.epd_rotary_f32
         self._rotary.restype = ctypes.c_int
         self._rotary.argtypes = [_PTR] * 5 + [_I64] * 8 + [ctypes.c_int]
+        self._rotary_store = lib.epd_rotary_store_f32
+        self._rotary_store.restype = ctypes.c_int
+        self._rotary_store.argtypes = [_PTR] * 9 + [_I64] * 10 + [ctypes.c_int]
         # NOTE: GCC 12 vectorizes the silu loop only with AVX-512 (epd_exp.h); built for AVX2
         # it ran scalar, 274 us against torch's 50 us at 64 x 1536 (one thread): callers keep
         # torch's silu there.
@@ -145,6 +149,58 @@ class CpuFused:
             raise ValueError(f"a position is outside the rotary tables (0..{cos.shape[0] - 1})")
         if rc != 0:
             raise RuntimeError(f"rotary kernel failed ({rc})")
+        return q, k
+
+    @staticmethod
+    def store_usable(
+        k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> bool:  # fmt: skip
+        """v like k (a view into the qkv output qualifies), float32 caches of contiguous rows
+        ``[..., Hkv, D]`` on the CPU, one int64 slot a token."""
+        return (
+            v.dtype == torch.float32
+            and v.device.type == "cpu"
+            and v.shape == k.shape
+            and v.stride(2) == 1
+            and v.stride(1) == v.shape[2]
+            and k_cache.dtype == v_cache.dtype == torch.float32
+            and k_cache.device.type == v_cache.device.type == "cpu"
+            and k_cache.shape == v_cache.shape
+            and k_cache.dim() >= 3
+            and tuple(k_cache.shape[-2:]) == tuple(k.shape[1:])
+            and k_cache.is_contiguous()
+            and v_cache.is_contiguous()
+            and slots.dtype == torch.int64
+            and slots.device.type == "cpu"
+            and slots.numel() == k.shape[0]
+        )
+
+    def rotary_store_(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        slots: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``rotary_`` and then the rotated k and v written into the caches at ``slots`` (what
+        ``attention.store_kv`` does), in one pass (``rotary_usable`` and ``store_usable``)."""
+        pos = positions.to(torch.int64).contiguous()
+        slots = slots.contiguous()
+        t, h, d = q.shape
+        if not (cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape):
+            raise ValueError("rotary tables must be contiguous and of one shape")
+        rows = k_cache.numel() // (k.shape[1] * d)
+        rc = self._rotary_store(
+            pos.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(),
+            sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+            t, h, k.shape[1], d, q.stride(0), k.stride(0), v.stride(0), cos.shape[1],
+            cos.shape[0], rows, torch.get_num_threads(),
+        )  # fmt: skip
+        if rc == -2:
+            raise ValueError(f"a position is outside the rotary tables (0..{cos.shape[0] - 1})")
+        if rc == -3:
+            raise IndexError(f"a KV slot is outside the cache (0..{rows - 1})")
+        if rc != 0:
+            raise RuntimeError(f"rotary + KV store kernel failed ({rc})")
         return q, k
 
 

@@ -86,6 +86,25 @@ class RotaryEmbedding(nn.Module):
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
+    def rotate_and_store(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+    ) -> bool:  # fmt: skip
+        """Rotate q and k in place and write k and v into the KV cache at ``slots``, in one C
+        call, where the fused CPU kernels take these tensors; False (nothing done) elsewhere.
+
+        NOTE: on the CPU the cache write was two ``index_copy_`` a layer, each a torch
+        dispatch (and on long prefills an OpenMP region); here it rides on the rotary pass."""
+        cpu = cpu_fused.ops()
+        if (
+            cpu is None
+            or not cpu.rotary_usable(positions, q, k)
+            or not cpu.store_usable(k, v, k_cache, v_cache, slots)
+        ):
+            return False
+        cpu.rotary_store_(positions, q, k, v, self.cos, self.sin, k_cache, v_cache, slots)
+        return True
+
     def _halves(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of ``positions``, first half of the head only ([T, 1, D/2]).
 

@@ -88,8 +88,18 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        o = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        stored = (
+            meta.write_kv
+            and isinstance(rotary, RotaryEmbedding)
+            and rotary.rotate_and_store(
+                positions, q, k, v, self.k_cache, self.v_cache, meta.slot_mapping
+            )
+        )
+        if not stored:
+            q, k = rotary(positions, q, k)
+        o = self.backend.forward(
+            q, k, v, self.k_cache, self.v_cache, meta, self.scale, kv_stored=stored
+        )
         return self.reduce(self.o_proj(o.reshape(t, self.q_size)))
 
 

@@ -17,6 +17,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "epd_exp.h"
 
@@ -115,6 +116,37 @@ int epd_rotary_f32(const int64_t *positions, float *q, float *k, const float *co
         const float *s = sin_t + positions[t] * table_stride;
         rotate_heads(q + t * q_stride, H, D, c, s);
         rotate_heads(k + t * k_stride, Hkv, D, c, s);
+    }
+    return 0;
+}
+
+/* The rotary embedding of q and k in place (as epd_rotary_f32), and the token's rotated k and
+ * its v written into the paged KV cache at ``slots`` [T] (cache rows of Hkv * D floats, slot
+ * s at row s): the KV write the attention backend would otherwise make (two index_copy_ a
+ * layer), in the same pass. v [T, Hkv, D] with tokens ``v_stride`` floats apart. A position
+ * outside the tables (-2) or a slot outside the cache (-3) is an error, checked before
+ * anything is written. */
+int epd_rotary_store_f32(const int64_t *positions, float *q, float *k, const float *v,
+                         const float *cos_t, const float *sin_t, float *k_cache, float *v_cache,
+                         const int64_t *slots, int64_t T, int64_t H, int64_t Hkv, int64_t D,
+                         int64_t q_stride, int64_t k_stride, int64_t v_stride,
+                         int64_t table_stride, int64_t max_pos, int64_t num_slots, int threads) {
+    if (T < 0 || D < 2 || D % 2 || table_stride < D / 2 || num_slots < 0) return -1;
+    for (int64_t t = 0; t < T; t++) {
+        if (positions[t] < 0 || positions[t] >= max_pos) return -2;
+        if (slots[t] < 0 || slots[t] >= num_slots) return -3;
+    }
+    const int64_t row = Hkv * D;
+    const int parallel = threads > 1 && T > 1 && T * (H + 2 * Hkv) * D >= PARALLEL_MIN_ELEMS;
+#pragma omp parallel for num_threads(threads) if (parallel) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_t + positions[t] * table_stride;
+        const float *s = sin_t + positions[t] * table_stride;
+        float *kt = k + t * k_stride;
+        rotate_heads(q + t * q_stride, H, D, c, s);
+        rotate_heads(kt, Hkv, D, c, s);
+        memcpy(k_cache + slots[t] * row, kt, sizeof(float) * (size_t)row);
+        memcpy(v_cache + slots[t] * row, v + t * v_stride, sizeof(float) * (size_t)row);
     }
     return 0;
 }
