@@ -19,7 +19,9 @@ from services.engine.speculative.suffix import (
     SuffixProposer,
     SuffixTrie,
     _RequestTrie,
+    min_worker_bytes,
 )
+from services.engine.speculative.suffix_trie import NODE_BYTES
 
 DEPTH = 6
 
@@ -97,6 +99,41 @@ def test_long_prompt_is_indexed_over_steps():
     assert prop.propose(seq, 4) == unit[5:9]
 
 
+def test_worker_tries_stay_in_their_byte_budget():
+    """Random text (every substring new: ``max_depth`` nodes a token) where the token budget
+    alone would let the tries hold 20,000 tokens (120,000 nodes, 31.8 MB): running requests'
+    tries and finished outputs together stay within the bytes given (5,000 nodes), counted
+    on the nodes the tries hold; the least recent request is emptied, the newest proposes
+    from its own window. On the old code there was no byte budget."""
+    rng = random.Random(5)
+    budget = min_worker_bytes(DEPTH, 300) + 400 * DEPTH * NODE_BYTES
+    prop = SuffixProposer(DEPTH, 64, 0.1, max_request_tokens=300, max_worker_tokens=20_000,
+                          max_worker_bytes=budget)  # fmt: skip
+    assert prop.max_worker_nodes == budget // NODE_BYTES < 20_000 * DEPTH
+    seqs = []
+    for i in range(12):
+        seq = seq_of([rng.randrange(49152) for _ in range(300)])
+        seqs.append(seq)
+        while not isinstance(seq.draft_state, _RequestTrie) or (
+            seq.draft_state.indexed < seq.num_tokens
+        ):
+            prop.new_step()
+            prop.propose(seq, 4)
+            held = prop.global_trie.reachable() + sum(
+                s.draft_state.trie.reachable() for s in seqs if s.draft_state is not None
+            )
+            assert prop.nodes == held <= prop.max_worker_nodes
+        if i % 3 == 2:
+            prop.finished(seqs[i - 1])  # an output goes to the worker's trie
+            assert prop.nodes <= prop.max_worker_nodes
+    assert prop.evictions > 0 and seqs[-1].draft_state.tokens == 300
+    unit = seqs[-1].token_ids[100:110]
+    for t in unit[:5]:  # the newest request copies itself: proposed from its window
+        seqs[-1].append_token(t)
+    prop.new_step()
+    assert prop.propose(seqs[-1], 4) == unit[5:9]
+
+
 def test_follow_tokens_need_no_budget():
     """A caught-up sequence indexes its new tokens after the step's budget is spent."""
     prop = SuffixProposer(DEPTH, 0, 0.1, max_request_tokens=5000, max_worker_tokens=5000)
@@ -142,9 +179,9 @@ def test_outputs_take_only_the_room_running_requests_leave():
     [
         ({"suffix_max_request_tokens": 4}, "suffix_max_depth <= suffix_max_request_tokens"),
         ({"suffix_max_request_tokens": 5000, "suffix_max_worker_tokens": 4096}, "<= suffix_max"),
-        ({"suffix_max_worker_tokens": 10**9}, "GiB of trie nodes"),
+        ({"suffix_max_worker_bytes": 3 << 30}, "suffix_max_worker_bytes must be in"),
         ({"suffix_max_worker_tokens": 1e5}, "suffix_max_worker_tokens must be int"),
-        ({"suffix_max_depth": 64, "suffix_max_worker_tokens": 200_000}, "the limit is 2 GiB"),
+        ({"suffix_max_depth": 64, "suffix_max_worker_bytes": 64 << 20}, "one request's trie"),
     ],
 )
 def test_budget_over_the_limits_is_refused(data, message):

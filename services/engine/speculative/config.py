@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from services.engine.speculative.suffix import NODE_BYTES
+from services.engine.speculative.suffix import min_worker_bytes
 
 METHODS = ("ngram", "suffix", "draft_model", "eagle3")
 # num_speculative_tokens when not given. Measured at batch 1 on 2 CPU cores with the default
@@ -15,8 +15,7 @@ METHODS = ("ngram", "suffix", "draft_model", "eagle3")
 # against 3.5x TPOT, chat the same; at batch 8 the step's cap (32 / 8) makes them equal.
 DEFAULT_TOKENS = {"ngram": 16, "suffix": 16, "draft_model": 4, "eagle3": 4}
 MAX_SUFFIX_DEPTH = 64
-# The most the suffix method's tries may take in the worst case (every substring new: depth
-# nodes of ~265 bytes a token, suffix.py): suffix_max_worker_tokens x suffix_max_depth x 265.
+# The largest byte budget of the suffix method's tries (suffix_max_worker_bytes).
 MAX_SUFFIX_BYTES = 2 << 30
 
 
@@ -47,9 +46,16 @@ class SpeculativeConfig:
     suffix_max_request_tokens: int = 4096
     # suffix: every trie of the worker together (the requests' and the recent outputs') holds
     # at most this many tokens: the oldest outputs go first, then the tries of the requests
-    # that proposed least recently (32768 at depth 24: 208 MB in the worst case, random text;
-    # disable_by_batch_size 8 requests at 4096 each). At most MAX_SUFFIX_BYTES worst case.
+    # that proposed least recently (disable_by_batch_size 8 requests at 4096 each).
     suffix_max_worker_tokens: int = 32768
+    # suffix: ... and at most this many bytes of trie nodes (counted at ~265 bytes a node,
+    # suffix_trie.NODE_BYTES; a token takes up to suffix_max_depth nodes, and its worst case
+    # is reserved before it is indexed), evicted in the same order: the memory bound, whatever
+    # the text (32768 tokens of random text at depth 24 took up to 208 MB under the token
+    # budget alone; chat text shares most of its nodes). At least one request's worst case,
+    # (suffix_max_request_tokens + 128) x suffix_max_depth x 265 (28 MB at the defaults, 72 MB
+    # at depth 64), at most 2 GiB.
+    suffix_max_worker_bytes: int = 128 << 20
     # suffix: a draft token is proposed while its share of the matched node's continuations
     # is at least this.
     suffix_min_token_prob: float = 0.1
@@ -110,13 +116,12 @@ class SpeculativeConfig:
                              f"suffix_max_worker_tokens, got {self.suffix_max_depth}, "
                              f"{self.suffix_max_request_tokens} and "
                              f"{self.suffix_max_worker_tokens}")  # fmt: skip
-        worst = self.suffix_max_worker_tokens * self.suffix_max_depth * NODE_BYTES
-        if worst > MAX_SUFFIX_BYTES:
-            raise ValueError(f"suffix_max_worker_tokens {self.suffix_max_worker_tokens} at "
-                             f"suffix_max_depth {self.suffix_max_depth} may take "
-                             f"{worst / 2**30:.1f} GiB of trie nodes (up to depth nodes of "
-                             f"~{NODE_BYTES} bytes a token); the limit is "
-                             f"{MAX_SUFFIX_BYTES / 2**30:.0f} GiB: lower either")  # fmt: skip
+        least = min_worker_bytes(self.suffix_max_depth, self.suffix_max_request_tokens)
+        if not least <= self.suffix_max_worker_bytes <= MAX_SUFFIX_BYTES:
+            raise ValueError(f"suffix_max_worker_bytes must be in [{least}, {MAX_SUFFIX_BYTES}] "
+                             "(at least one request's trie at its worst: "
+                             "(suffix_max_request_tokens + 128) x suffix_max_depth x "
+                             f"265 bytes), got {self.suffix_max_worker_bytes}")  # fmt: skip
         if not 0.0 <= self.suffix_min_token_prob <= 1.0:
             raise ValueError("suffix_min_token_prob must be in [0, 1]")
         if not 0.0 < self.suffix_max_spec_factor <= 32.0:

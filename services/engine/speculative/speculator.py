@@ -88,6 +88,7 @@ def make_proposer(config: SpeculativeConfig) -> Proposer:
         config.suffix_max_spec_factor,
         config.suffix_max_request_tokens,
         config.suffix_max_worker_tokens,
+        config.suffix_max_worker_bytes,
     )
 
 

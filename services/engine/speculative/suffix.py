@@ -13,10 +13,12 @@ is new). So:
 - a request's trie holds its last ``max_request_tokens`` tokens (a sliding window: the
   substrings starting at the token leaving it are uncounted as the next one comes);
 - all the tries of the worker together (every request's and the recent outputs') hold at
-  most ``max_worker_tokens`` tokens: to make room the oldest outputs go first, then the
-  tries of the requests that proposed least recently (emptied: such a request's trie starts
-  again from its newest tokens); a finished output is kept only in the room the running
-  requests leave (its last tokens);
+  most ``max_worker_tokens`` tokens and at most ``max_worker_bytes`` of nodes (``nodes`` x
+  ``NODE_BYTES``; a token's room is reserved for its worst case, ``max_depth`` nodes, before
+  it is counted): to make room the oldest outputs go first, then the tries of the requests
+  that proposed least recently (emptied: such a request's trie starts again from its newest
+  tokens); a finished output is kept only in the room the running requests leave (its last
+  tokens);
 - a step indexes at most ``INDEX_TOKENS_PER_STEP`` tokens in all (``new_step``), beyond each
   sequence's ``FOLLOW_TOKENS``: a long prompt's trie is built over several steps (proposing
   from what is indexed so far) instead of stalling every stream in one (an 8,000-token prompt
@@ -26,142 +28,28 @@ is new). So:
 from __future__ import annotations
 
 import itertools
+import sys
 import weakref
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
+from services.engine.speculative.suffix_trie import NODE_BYTES, ROOT, SuffixTrie
+
 if TYPE_CHECKING:
     from services.engine.sequence import Sequence
 
-# Bytes of one node (tracemalloc over a 4,000-token random text's trie at depth 24: 25.3 MB
-# for 95,576 nodes; mostly the dict of children of each inner node); config.py bounds the
-# worst case with it.
-NODE_BYTES = 265
 # Tokens the request tries index per step, all sequences together, beyond FOLLOW_TOKENS each:
 # ~10 us of CPU a token at depth 24, so a long prompt adds ~1.3 ms to each step it builds in.
 INDEX_TOKENS_PER_STEP = 128
 # What any sequence may always index in a step: one decode's growth (a token and at most 32
 # accepted drafts), so a sequence that is caught up never falls behind for want of budget.
 FOLLOW_TOKENS = 33
-ROOT = 0
 
 
-class SuffixTrie:
-    """Occurrence counts of every substring of at most ``max_depth`` tokens.
-
-    A node is an int: ``kids[node]`` maps a token to its child (None: no children) and
-    ``counts[node]`` is its count. NOTE: no Python object per node that the cyclic garbage
-    collector tracks (a dict holding only ints is never tracked): with an object and a dict
-    per node, each of the collector's full passes walked every node, ~100 ms of a step for
-    the ~100,000 nodes of one 4,000-token window (benchmarks/suffix_budget.py)."""
-
-    def __init__(self, max_depth: int) -> None:
-        self.max_depth = max_depth
-        self.kids: list[dict[int, int] | None] = [None]
-        self.counts: list[int] = [0]
-        self.free: list[int] = []  # ids of deleted nodes, reused first
-        self.nodes = 0  # below the root: what the trie's memory is counted in
-
-    def new_node(self) -> int:
-        self.nodes += 1
-        if self.free:
-            return self.free.pop()  # NOTE: freed with no children and a count of 0
-        self.kids.append(None)
-        self.counts.append(0)
-        return len(self.counts) - 1
-
-    def add(self, tokens: list[int], sign: int = 1) -> None:
-        """Count (``sign`` 1) or uncount (-1, an earlier ``add`` of the same tokens) every
-        substring of ``tokens``."""
-        kids, counts = self.kids, self.counts
-        for i in range(len(tokens)):
-            if sign < 0:
-                self.remove(tokens[i : i + self.max_depth])
-                continue
-            node = ROOT
-            for t in tokens[i : i + self.max_depth]:
-                k = kids[node]
-                if k is None:
-                    k = kids[node] = {}
-                child = k.get(t)
-                if child is None:
-                    child = k[t] = self.new_node()
-                counts[child] += 1
-                node = child
-
-    def remove(self, path: list[int]) -> None:
-        """Uncount one occurrence of each prefix of ``path`` (counted before); a node counted
-        no more goes with what is under it (NOTE: a substring occurs at most as often as its
-        prefix: what is under it is counted no more either)."""
-        kids, counts = self.kids, self.counts
-        node = ROOT
-        for t in path:
-            k = kids[node]
-            assert k is not None
-            child = k[t]
-            counts[child] -= 1
-            if counts[child] <= 0:
-                del k[t]
-                if not k:
-                    kids[node] = None
-                self._free(child)
-                return
-            node = child
-
-    def _free(self, top: int) -> None:
-        kids, counts, stack = self.kids, self.counts, [top]
-        while stack:
-            node = stack.pop()
-            k = kids[node]
-            if k is not None:
-                stack.extend(k.values())
-                kids[node] = None
-            counts[node] = 0
-            self.free.append(node)
-            self.nodes -= 1
-
-    def reachable(self) -> int:
-        """Nodes under the root, by walking them (``nodes`` counted independently)."""
-        total, stack = 0, [ROOT]
-        while stack:
-            k = self.kids[stack.pop()]
-            if k:
-                total += len(k)
-                stack.extend(k.values())
-        return total
-
-    def match(self, context: list[int], longest: int) -> tuple[int | None, int]:
-        """The node of the longest tail of ``context`` (at most ``longest`` tokens) that occurs
-        in the trie with a continuation, and that tail's length; (None, 0) when none does."""
-        kids = self.kids
-        for m in range(min(longest, len(context)), 0, -1):
-            node: int | None = ROOT
-            for t in context[len(context) - m :]:
-                k = kids[node]  # type: ignore[index]
-                node = k.get(t) if k else None
-                if node is None:
-                    break
-            if node is not None and kids[node]:
-                return node, m
-        return None, 0
-
-    def continuation(self, node: int, k: int, min_prob: float) -> list[int]:
-        """Follow the most frequent child from ``node`` while the path's estimated
-        probability (product of the children's shares) stays at least ``min_prob``."""
-        kids, counts = self.kids, self.counts
-        out: list[int] = []
-        prob = 1.0
-        while len(out) < k:
-            children = kids[node]
-            if not children:
-                break
-            token, child = max(children.items(), key=lambda kv: counts[kv[1]])
-            prob *= counts[child] / max(counts[node], sum(counts[c] for c in children.values()))
-            if prob < min_prob:
-                break
-            out.append(token)
-            node = child
-        return out
+def min_worker_bytes(max_depth: int, max_request_tokens: int) -> int:
+    """The smallest worker budget in bytes: one request's window and a step's indexing, at
+    their worst (``max_depth`` nodes a token)."""
+    return (max_request_tokens + INDEX_TOKENS_PER_STEP) * max_depth * NODE_BYTES
 
 
 class _RequestTrie:
@@ -223,9 +111,19 @@ class SuffixProposer:
         max_spec_factor: float = 2.0,
         max_request_tokens: int = 4096,
         max_worker_tokens: int = 32768,
+        max_worker_bytes: int | None = None,
     ) -> None:
         if not max_depth <= max_request_tokens <= max_worker_tokens:
             raise ValueError("need max_depth <= max_request_tokens <= max_worker_tokens")
+        # Nodes of every trie together (None: no limit but the tokens'). NOTE: at least one
+        # request's worst case (its window and a step's indexing), so that the request being
+        # extended always fits once the others are emptied.
+        self.max_worker_nodes = sys.maxsize
+        if max_worker_bytes is not None:
+            self.max_worker_nodes = max_worker_bytes // NODE_BYTES
+            if max_worker_bytes < min_worker_bytes(max_depth, max_request_tokens):
+                raise ValueError("max_worker_bytes must hold one request's trie: at least "
+                                 f"{min_worker_bytes(max_depth, max_request_tokens)}")  # fmt: skip
         self.max_depth = max_depth
         self.min_token_prob = min_token_prob
         self.max_spec_factor = max_spec_factor
@@ -241,6 +139,8 @@ class SuffixProposer:
         self._tries: OrderedDict[int, weakref.ref[_RequestTrie]] = OrderedDict()
         self._held: dict[int, int] = {}
         self.request_tokens = 0  # sum of ``_held``
+        self._held_nodes: dict[int, int] = {}  # ... and the nodes each held
+        self.request_nodes = 0  # sum of ``_held_nodes``
         self.evictions = 0  # running requests' tries emptied to make room
         self._step_left = INDEX_TOKENS_PER_STEP
 
@@ -248,6 +148,11 @@ class SuffixProposer:
     def tokens(self) -> int:
         """Tokens held by every trie of the worker (at most ``max_worker_tokens``)."""
         return self.cached_tokens + self.request_tokens
+
+    @property
+    def nodes(self) -> int:
+        """Nodes of every trie of the worker (at most ``max_worker_nodes``)."""
+        return self.global_trie.nodes + self.request_nodes
 
     def new_step(self) -> None:
         """A scheduler step begins: the indexing budget counts anew."""
@@ -262,7 +167,9 @@ class SuffixProposer:
             self._count(state)
         upto = min(n, state.indexed + max(self._step_left, FOLLOW_TOKENS))
         grow = min(state.tokens + upto - state.indexed, self.max_request_tokens) - state.tokens
-        self._make_room(grow, state)
+        # NOTE: each token indexed adds at most max_depth nodes (those of the token leaving
+        # the window are uncounted after it), whatever its net growth in tokens.
+        self._make_room(grow, state, (upto - state.indexed) * self.max_depth)
         self._step_left -= upto - state.indexed
         state.extend(tokens, upto, self.max_request_tokens)
         self._count(state)
@@ -292,12 +199,16 @@ class SuffixProposer:
         if not self.max_cached_requests or seq.num_output_tokens == 0:
             return
         out = seq.output_token_ids[-self.max_request_tokens :]
+        depth = self.max_depth
         while self.recent and (
             len(self.recent) >= self.max_cached_requests
             or self.tokens + len(out) > self.max_worker_tokens
+            or self.nodes + len(out) * depth > self.max_worker_nodes
         ):
             self._drop_oldest_output()
-        room = self.max_worker_tokens - self.tokens  # what the running requests leave
+        # What the running requests leave, in tokens and in nodes (a token's worst case).
+        room = min(self.max_worker_tokens - self.tokens,
+                   (self.max_worker_nodes - self.nodes) // depth)  # fmt: skip
         out = out[len(out) - room :] if room < len(out) else out
         if len(out) < 2:
             return
@@ -312,7 +223,7 @@ class SuffixProposer:
                 self._forget(state.serial)
             state = seq.draft_state = _RequestTrie(self.max_depth)
             self._tries[state.serial] = weakref.ref(state, self._died(state.serial))
-            self._held[state.serial] = 0
+            self._held[state.serial] = self._held_nodes[state.serial] = 0
         else:
             self._tries.move_to_end(state.serial)
         return state
@@ -330,24 +241,33 @@ class SuffixProposer:
     def _forget(self, serial: int) -> None:
         self._tries.pop(serial, None)
         self.request_tokens -= self._held.pop(serial, 0)
+        self.request_nodes -= self._held_nodes.pop(serial, 0)
 
     def _count(self, state: _RequestTrie) -> None:
         self.request_tokens += state.tokens - self._held[state.serial]
         self._held[state.serial] = state.tokens
+        self.request_nodes += state.trie.nodes - self._held_nodes[state.serial]
+        self._held_nodes[state.serial] = state.trie.nodes
 
-    def _make_room(self, need: int, keep: _RequestTrie) -> None:
-        """Free tokens until ``need`` more fit in the worker's budget: the oldest outputs
-        first, then the least recently proposing requests' tries (never ``keep``'s)."""
-        while self.tokens + need > self.max_worker_tokens:
+    def _make_room(self, need: int, keep: _RequestTrie, need_nodes: int = 0) -> None:
+        """Free tokens until ``need`` more (and ``need_nodes`` more nodes) fit in the
+        worker's budgets: the oldest outputs first, then the least recently proposing
+        requests' tries (never ``keep``'s)."""
+        while (
+            self.tokens + need > self.max_worker_tokens
+            or self.nodes + need_nodes > self.max_worker_nodes
+        ):
             if self.recent:
                 self._drop_oldest_output()
                 continue
             # NOTE: over a copy: a trie's weakref callback (_forget) may run during the scan
             # (the cyclic GC collecting a finished request) and change _tries.
-            victim = next((s for s in list(self._tries) if s != keep.serial and self._held.get(s)),
-                          None)  # fmt: skip
+            victim = next((s for s in list(self._tries) if s != keep.serial
+                           and (self._held.get(s) or self._held_nodes.get(s))), None)  # fmt: skip
             if victim is None:
-                return  # NOTE: cannot happen: keep alone holds at most max_request_tokens
+                # NOTE: cannot happen: keep alone holds at most max_request_tokens, and its
+                # nodes with a step's indexing fit in max_worker_nodes (checked at start).
+                return
             trie = self._tries[victim]()
             if trie is None:
                 self._forget(victim)
