@@ -126,7 +126,10 @@ async def serve(
 ) -> Response:
     """Run ``req``: admitted, generated and written by ``out``; counted in the metrics."""
     try:
-        ticket = await until_disconnect(request, _admit(gw, req))
+        if req.service_tier == FLEX:  # it may wait in its queue: the client may leave meanwhile
+            ticket = await until_disconnect(request, _admit(gw, req))
+        else:  # charged or refused at once: no wait to watch (2 tasks and a wait a request)
+            ticket = await _admit(gw, req)
     except APIError as err:
         gw.metrics.count_request(req.api, err.status)
         return out.error(err)
