@@ -77,7 +77,7 @@ class MuxRPCs:
 
     async def GenerateMux(  # noqa: N802 - gRPC method name
         self, frames: AsyncIterator[pb.MuxRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.MuxResponse]:
+    ) -> AsyncIterator[pb.MuxFrames]:
         outbox: asyncio.Queue[Any] = asyncio.Queue()
         running: dict[int, asyncio.Task[None]] = {}
 
@@ -100,8 +100,16 @@ class MuxRPCs:
 
         reader = asyncio.create_task(read())
         try:
-            while (item := await outbox.get()) is not _END:
-                yield item
+            ended = False
+            while not ended:
+                frames = [await outbox.get()]
+                while not outbox.empty():  # what else is ready goes in the same message
+                    frames.append(outbox.get_nowait())
+                if frames[-1] is _END:  # only ever the last item
+                    frames.pop()
+                    ended = True
+                if frames:
+                    yield pb.MuxFrames(frames=frames)
         finally:
             # The router is gone (cancelled the stream, died, or closed it): nothing of this
             # stream may run on. Each handler's own cleanup aborts its request in the engine.

@@ -38,12 +38,15 @@ class Worker:
         self.state = WorkerState("w0", "inc-w0", "mixed")
         self.servicer = WorkerServicer(self.engine, self.state, load_interval_ms=50)
         self.streams = 0  # GenerateMux calls the server saw
+        self.sends = self.frames = 0  # messages it sent on them, and the frames in those
         mux = self.servicer.GenerateMux
 
         async def counted(frames: Any, context: Any) -> Any:
             self.streams += 1
-            async for frame in mux(frames, context):
-                yield frame
+            async for batch in mux(frames, context):
+                self.sends += 1
+                self.frames += len(batch.frames)
+                yield batch
 
         self.servicer.GenerateMux = counted  # type: ignore[method-assign]
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -108,6 +111,8 @@ async def test_many_requests_share_one_stream(worker: Worker) -> None:
     outs = await asyncio.gather(*(_outcome(c) for c in calls))
     assert all(err is None and len(msgs) == 4 for msgs, err in outs)
     assert worker.streams == 1
+    # the frames of requests with output at the same time travel as one message
+    assert worker.frames == 20 * 4 and worker.sends < worker.frames
     assert not worker.state.inflight
 
 

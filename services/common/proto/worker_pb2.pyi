@@ -676,3 +676,9 @@ class MuxResponse(_message.Message):
     message: GenerateResponse
     end: MuxEnd
     def __init__(self, id: _Optional[int] = ..., message: _Optional[_Union[GenerateResponse, _Mapping]] = ..., end: _Optional[_Union[MuxEnd, _Mapping]] = ...) -> None: ...
+
+class MuxFrames(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[MuxResponse]
+    def __init__(self, frames: _Optional[_Iterable[_Union[MuxResponse, _Mapping]]] = ...) -> None: ...

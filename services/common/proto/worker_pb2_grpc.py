@@ -42,7 +42,7 @@ class WorkerServiceStub:
         self.GenerateMux = channel.stream_stream(
                 '/epdserve.v1.WorkerService/GenerateMux',
                 request_serializer=epdserve_dot_worker__pb2.MuxRequest.SerializeToString,
-                response_deserializer=epdserve_dot_worker__pb2.MuxResponse.FromString,
+                response_deserializer=epdserve_dot_worker__pb2.MuxFrames.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/epdserve.v1.WorkerService/Abort',
@@ -282,7 +282,7 @@ def add_WorkerServiceServicer_to_server(servicer, server):
             'GenerateMux': grpc.stream_stream_rpc_method_handler(
                     servicer.GenerateMux,
                     request_deserializer=epdserve_dot_worker__pb2.MuxRequest.FromString,
-                    response_serializer=epdserve_dot_worker__pb2.MuxResponse.SerializeToString,
+                    response_serializer=epdserve_dot_worker__pb2.MuxFrames.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -428,7 +428,7 @@ class WorkerService:
             target,
             '/epdserve.v1.WorkerService/GenerateMux',
             epdserve_dot_worker__pb2.MuxRequest.SerializeToString,
-            epdserve_dot_worker__pb2.MuxResponse.FromString,
+            epdserve_dot_worker__pb2.MuxFrames.FromString,
             options,
             channel_credentials,
             insecure,

@@ -211,10 +211,11 @@ class MuxChannel:
     async def _read(self, stream: _Stream, call: Any) -> None:
         why = "the worker ended the shared stream"
         try:
-            async for frame in call:
-                target = stream.calls.get(frame.id)
-                if target is not None:
-                    target.deliver(frame)
+            async for batch in call:
+                for frame in batch.frames:
+                    target = stream.calls.get(frame.id)
+                    if target is not None:
+                        target.deliver(frame)
         except grpc.aio.AioRpcError as exc:
             why = f"the shared stream to the worker broke: {exc.code().name} {exc.details()}"
         except asyncio.CancelledError:
