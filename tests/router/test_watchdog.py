@@ -185,3 +185,32 @@ def test_a_channel_closed_under_the_call_is_a_death() -> None:
             await server.stop(None)
 
     asyncio.run(main())
+
+
+def test_a_call_queued_behind_a_worker_that_progresses_is_not_lost() -> None:
+    """chaos7: one request of 64 prompts x n=16 x 400 tokens on a worker of max_num_seqs 16
+    left most sequences queued for over the stall limit while the worker streamed the
+    others' tokens; every queued stream was branded 'sent nothing for 60 s' and the request
+    failed with a 503. A call waits as long as the worker's other calls get messages; once
+    the worker sends nothing anywhere for the limit, it is lost as before."""
+
+    async def main() -> None:
+        h = alive()
+        ticking = asyncio.create_task(_stream_slowly(h, 0.1, 1.2))  # the worker's other call
+        started = time.monotonic()
+        with pytest.raises(WorkerLost) as err:
+            async for _ in watched_stream(h, Forever(), 0.4):
+                pass
+        waited = time.monotonic() - started
+        await ticking
+        # Kept while the other call got messages (1.2 s), lost one limit after its last.
+        assert err.value.kind == "hung" and "sent nothing for" in str(err.value)
+        assert 1.2 + 0.4 <= waited < 1.2 + 0.4 + 4 * watch.WATCH_INTERVAL_S, waited
+
+    asyncio.run(main())
+
+
+async def _stream_slowly(handle: Any, every_s: float, for_s: float) -> None:
+    n = int(for_s / every_s)
+    async for _ in watched_stream(handle, Stream(list(range(n)), delay=every_s), 5.0):
+        pass

@@ -89,9 +89,18 @@ class Watchdog:
                 "hung", f"{self.handle.id} sent no load report for {silence:.1f} s"
             )
         elif now > self._deadline:
-            self._lost = WorkerLost(
-                "hung", f"{self.handle.id} sent nothing for {self._limit_s:.0f} s"
-            )
+            # NOTE: a worker that sent a message on another call within the limit steps its
+            # engine: this call waits its turn in the queue (behind max_num_seqs sequences of
+            # long outputs, one request's n x prompts or many requests'), it is not lost.
+            # Branding it hung failed every queued stream at once and the worker with them.
+            # Its deadline follows the worker's progress; the call's own timeout still bounds it.
+            moved = self.handle.message_at + self._limit_s
+            if moved > now:
+                self._deadline = moved
+            else:
+                self._lost = WorkerLost(
+                    "hung", f"{self.handle.id} sent nothing for {self._limit_s:.0f} s"
+                )
         if self._lost is not None:
             task.cancel()
             return
@@ -132,6 +141,7 @@ async def watched_stream(
             except StopAsyncIteration:
                 return
             limit_s = stall_s
+            handle.message_at = time.monotonic()
             yield msg
     finally:
         dog.close()

@@ -66,6 +66,7 @@ class WorkerHandle:
         self.lora_slots = 0
         self.lora_routed: dict[str, float] = {}  # adapter -> when a request for it went here
         self.load_at = 0.0  # monotonic time of the latest report
+        self.message_at = 0.0  # ... and of the latest stream message of any call (watch.py)
         self.inflight = 0  # requests this router has running there
         # Requests of this router that ended there since the latest report, and their prompt
         # tokens: a report taken before they ended still counts them (policies/base.py).
