@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import signal
+import socket
 import sys
 import threading
 import time
@@ -218,6 +219,27 @@ def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+def ports_in_use(host: str, port: int, routers: int) -> list[int]:
+    """The routers' ports (``port``, ``port + 1``, ...) that something else holds: checked
+    before anything starts, instead of a router failing after the model loaded (with a
+    traceback in `up`'s message). Bound as uvicorn binds (SO_REUSEADDR)."""
+    if not port:
+        return []  # free ports are picked
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except OSError:
+        return []  # a name that does not resolve: the router says so
+    busy = []
+    for p in range(port, port + routers):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, p))
+            except OSError:
+                busy.append(p)
+    return busy
+
+
 def run(args: argparse.Namespace) -> int:
     pd = bool(args.prefill or args.decode)
     mixed = (0 if pd else 1) if args.mixed is None else args.mixed
@@ -241,6 +263,11 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    busy = ports_in_use(spec.host, spec.port, spec.routers)
+    if busy:
+        print(f"error: port {busy[0]} on {spec.host} is in use (another `epdserve up`?); "
+              "choose others with --port", file=sys.stderr)  # fmt: skip
         return 2
 
     stop = threading.Event()

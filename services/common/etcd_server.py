@@ -20,6 +20,7 @@ from pathlib import Path
 
 from services.common.etcd_client import EtcdAccess
 from services.common.net import free_port, open_direct
+from services.common.parent_death import die_with_parent
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,10 @@ class EtcdServer:
 
     def start(self, timeout: float = 20.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        # NOTE: ends with its parent (`epdserve up` or a test run killed outright).
+        self.proc = subprocess.Popen(
+            self.command(), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent()
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

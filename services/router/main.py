@@ -70,12 +70,22 @@ def fit_open_files(max_connections: int) -> None:
                         "new connections fail", new, max_connections)  # fmt: skip
 
 
+async def _serve_or_raise(server: uvicorn.Server, cfg: RouterConfig) -> None:
+    """uvicorn ends with SystemExit when it cannot listen (it logged why: a port in use); an
+    OSError instead, which main() reports in one line (SystemExit from a task escapes the
+    event loop with a traceback)."""
+    try:
+        await server.serve()
+    except SystemExit as exc:
+        raise OSError(f"cannot serve on {cfg.host}:{cfg.port} (uvicorn exit {exc.code})") from None
+
+
 async def serve(cfg: RouterConfig, log_level: str = "info") -> None:
     fit_open_files(cfg.http_max_connections)
     tokenizer = await asyncio.to_thread(Tokenizer.load, cfg.model)
     gateway = Gateway(cfg, tokenizer)
     server = GatewayServer(server_config(build_app(gateway), cfg, log_level), gateway)
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(_serve_or_raise(server, cfg))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
