@@ -23,9 +23,11 @@ DEVICES = [
 
 
 def on(device: str, **kwargs) -> dict:
-    """LLM arguments for a test device (on CUDA a small KV budget: several engines share it)."""
+    """LLM arguments for a test device, with a small KV budget: on CUDA several engines share
+    the device; on the CPU the default 1 GiB, zeroed at start, costs each engine ~2 s of CPU
+    (and ~10 s of wall time at load 16), where 16 MiB holds ~32k tokens of a tiny model."""
     if device == "cpu":
-        return {"device": "cpu", **kwargs}
+        return {"device": "cpu", "kv_cache_bytes": 16 << 20, **kwargs}
     return {
         "device": "cuda",
         "enforce_eager": device == "cuda-eager",
@@ -133,7 +135,7 @@ def test_preemption_matches(tiny_model_dir, references, family, device):
 
 
 def test_n_completions_share_prompt_blocks(tiny_model_dir):
-    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=4)
+    llm = LLM(str(tiny_model_dir("llama")), **on("cpu", dtype="float32", block_size=4))
     prompt = prompts_of_mixed_lengths()[4]  # 64 tokens
     out = llm.generate([prompt], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8))[0]
     assert [o.index for o in out.outputs] == [0, 1, 2]
@@ -191,11 +193,10 @@ def test_seeded_sampling_survives_kv_handoff(tiny_model_dir):
     model = str(tiny_model_dir("llama"))
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=11, max_tokens=10, ignore_eos=True)
     prompt = prompts_of_mixed_lengths()[3]
-    expected = LLM(model, block_size=4).generate([prompt], params)[0].outputs[0].token_ids
-    a = LLM(model, block_size=4).engine
-    b = LLM(model, block_size=4).engine
+    expected = LLM(model, **on("cpu", block_size=4)).generate([prompt], params)[0].outputs[0]
+    a, b = (LLM(model, **on("cpu", block_size=4)).engine for _ in range(2))
     first_params = SamplingParams(temperature=1.0, top_p=0.95, seed=11, max_tokens=1)
-    assert kv_handoff(a, b, prompt, first_params, params) == expected
+    assert kv_handoff(a, b, prompt, first_params, params) == expected.token_ids
 
 
 def kv_handoff(a, b, prompt, first_params: SamplingParams, params: SamplingParams) -> list[int]:

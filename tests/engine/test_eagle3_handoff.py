@@ -160,7 +160,8 @@ def test_imported_states_run_in_chunks_of_the_step_budget(head, monkeypatch):
 
     monkeypatch.setattr(Eagle3Proposer, "_run", spy)
     prefill, decode = (eagle_engine(model, head_dir, max_num_batched_tokens=16) for _ in range(2))
-    plain = LLM(model, dtype="float32", block_size=4, enable_prefix_caching=False).engine
+    plain = LLM(model, dtype="float32", block_size=4, kv_cache_bytes=KV_BYTES,
+                enable_prefix_caching=False).engine  # fmt: skip
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias=copy_bias())
     prompt = repetitive_prompts()[0]  # 35 tokens
     ref = run(plain, [prompt], params)[0][0][1]
