@@ -27,6 +27,8 @@ from services.engine.layers.cpu_linear import pack_linears
 from services.engine.layers.masks import additive_mask
 from services.engine.lora_manager import LoRAManager
 from services.engine.model_loader import iter_safetensors
+from services.engine.models.llama import LlamaModel
+from services.engine.models.llama_decode import DecodePath
 from services.engine.models.registry import resolve_model_class
 from services.engine.multimodal import decode_mrope_positions, prepare_batch
 from services.engine.platforms import DTYPES, free_device_memory, get_device
@@ -146,6 +148,10 @@ class ModelRunner:
         for i, layer in enumerate(model.attention_layers):
             layer.k_cache = self.kv_cache[0, i]
             layer.v_cache = self.kv_cache[1, i]
+        decoder = getattr(model, "model", None)
+        if isinstance(decoder, LlamaModel) and self.tp.size == 1 and not self.pooling:
+            # After packing, LoRA and the cache: the path holds the modules they set up.
+            decoder.decode_path = DecodePath.build(decoder)
         self.graphs: DecodeGraphs | None = None
         # NOTE: no CUDA graphs with tensor parallelism yet (collectives inside the capture).
         cuda = self.device.type == "cuda" and not self.pooling and self.tp.size == 1

@@ -166,12 +166,23 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(
             attn.head_dim, cfg.max_position_embeddings, rope_parameters(cfg)
         )
+        # The CPU's decode-step path (a llama_decode.DecodePath, which imports this module),
+        # set by the model runner once the weights are packed and the KV cache exists.
+        self.decode_path: Any = None
 
     def forward(self, input_ids, positions, meta):
         x = self.embed_tokens(input_ids)
+        path = self.decode_path
+        fast = path.layers if path is not None and path.usable(positions, x, meta) else None
+        if path is not None and fast is not None:
+            path.steps += 1
         try:
             for i, layer in enumerate(self.layers):
-                x = layer(positions, x, self.rotary, meta)
+                d = fast[i] if fast is not None else None
+                if d is not None and not d.hooked():
+                    x = d.forward(positions, x, self.rotary, meta)
+                else:
+                    x = layer(positions, x, self.rotary, meta)
                 if meta.on_layer_done is not None:
                     meta.on_layer_done(i)
         finally:

@@ -1,0 +1,152 @@
+"""A Llama decoder layer's decode step on the CPU: the same kernels, less Python around them.
+
+At decode batch 16 a layer's own Python (eight ``nn.Module`` calls, the fused kernels' shape
+checks, the CUDA/CPU dispatch tests) is serial time on the step thread, in which the OpenMP
+thread has nothing to do (under ``OMP_WAIT_POLICY=PASSIVE`` it sleeps and is woken again for
+the next linear). What holds for the whole step (a decode-only batch of float32 rows, int64
+positions, the paged C kernel usable on the cache) is checked once a step here; each layer
+then calls the very kernels ``LlamaDecoderLayer.forward`` calls, with the same arguments in
+the same order, so the hidden states are bit for bit the same
+(tests/engine/test_llama_decode.py). It took ~1.4 ms of step-thread CPU off a 30-layer decode
+step at batch 16 (benchmarks/decode_path_ab.py).
+
+Layers it does not cover keep their module call: a layer with forward pre-hooks (EAGLE-3
+reads some layers' inputs), a mixture-of-experts MLP, q/k norms (Qwen3), a rotary other than
+``RotaryEmbedding`` (M-RoPE). ``EPDSERVE_CPU_DECODE_PATH=0`` turns it off (to compare).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from services.engine.layers import cpu_fused
+from services.engine.layers.attention import AttentionMetadata, TorchAttention
+from services.engine.layers.rotary import RotaryEmbedding
+from services.engine.models.llama import LlamaMLP
+
+
+def _rows(x: torch.Tensor) -> bool:
+    return (
+        x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous()
+    )
+
+
+class DecodeLayer:
+    """One decoder layer's modules and tensors, held as plain attributes (no ``nn.Module``
+    attribute lookups in the step)."""
+
+    def __init__(self, layer: Any, ops: cpu_fused.CpuFused) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.layer = layer
+        self.attn = attn
+        self.ops = ops
+        self.qkv, self.o_proj = attn.qkv_proj, attn.o_proj
+        self.mlp = mlp
+        self.gate_up, self.down = mlp.gate_up_proj, mlp.down_proj
+        self.in_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.w_in, self.w_post = self.in_norm.weight, self.post_norm.weight
+        self.sizes = [attn.q_size, attn.kv_size, attn.kv_size]
+        self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.kernel = attn.backend.native_decode
+
+    def hooked(self) -> bool:
+        """A hook set on the layer since (EAGLE-3 sets one on some layers' inputs)."""
+        return bool(self.layer._forward_pre_hooks or self.layer._forward_hooks)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # fmt: skip
+        """``LlamaDecoderLayer.forward`` of a decode-only batch (``DecodePath.usable``)."""
+        ops, a, t = self.ops, self.attn, x.shape[0]
+        # LlamaAttention.forward, LlamaMLP.forward and the backend's decode, inlined.
+        h = ops.rms_norm(x, self.w_in, self.in_norm.eps)[1]
+        qkv = self.qkv.forward(h)
+        q, k, v = qkv.split(self.sizes, dim=-1)
+        q = q.view(t, self.heads, self.head_dim)
+        k = k.view(t, self.kv_heads, self.head_dim)
+        v = v.view(t, self.kv_heads, self.head_dim)
+        if qkv.is_contiguous():  # the heads' rows as rotary_usable wants them
+            ops.rotary_(positions, q, k, rotary.cos, rotary.sin)
+        else:
+            q, k = rotary(positions, q, k)
+        TorchAttention.store(k, v, a.k_cache, a.v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        assert self.kernel is not None and meta.decode_block_tables is not None
+        self.kernel(q.contiguous(), a.k_cache, a.v_cache, meta.decode_block_tables,
+                    meta.decode_context_lens, meta.decode_max_len, a.scale, out)  # fmt: skip
+        attn = a.reduce(self.o_proj.forward(out.reshape(t, a.q_size)))
+        x, h = ops.rms_norm(x, self.w_post, self.post_norm.eps, attn)
+        gate_up = self.gate_up.forward(h)
+        if ops.silu_vectorized and cpu_fused.rows(gate_up) and gate_up.shape[1] % 2 == 0:
+            act = ops.silu_mul(gate_up)
+        else:  # LlamaMLP's torch path (AVX2 builds: see cpu_fused)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate).mul_(up)
+        return ops.add_(x, self.mlp.reduce(self.down.forward(act)))
+
+
+class DecodePath:
+    """The decode-step path of a ``LlamaModel``'s eligible layers; ``None`` in ``layers`` for
+    a layer that keeps its module call."""
+
+    def __init__(self, layers: list[DecodeLayer | None], rotary: RotaryEmbedding) -> None:
+        self.layers = layers
+        self.rotary = rotary
+        self.steps = 0  # forward passes that took this path (tests, benchmarks)
+
+    @classmethod
+    def build(cls, model: Any) -> DecodePath | None:
+        """For ``model`` (a ``LlamaModel``) on the CPU in float32 with the fused kernels and
+        the paged decode kernel; None where no layer qualifies or it is switched off."""
+        ops = cpu_fused.ops()
+        rotary = getattr(model, "rotary", None)
+        if (
+            os.environ.get("EPDSERVE_CPU_DECODE_PATH", "1") == "0"
+            or ops is None
+            or type(rotary) is not RotaryEmbedding
+            or rotary.cos.device.type != "cpu"
+            or rotary.cos.dtype != torch.float32
+        ):
+            return None
+        layers: list[DecodeLayer | None] = []
+        for layer in model.layers:
+            attn = getattr(layer, "self_attn", None)
+            kernel = getattr(getattr(attn, "backend", None), "native_decode", None)
+            ok = (
+                type(getattr(layer, "mlp", None)) is LlamaMLP
+                and attn is not None
+                and not attn.qk_norm
+                and isinstance(attn.backend, TorchAttention)
+                and kernel is not None
+                and kernel.usable(attn.k_cache[:0], attn.k_cache, attn.v_cache, attn.k_cache[:0])
+                and all(ops.norm_usable(n.weight[None], n.weight)
+                        for n in (layer.input_layernorm, layer.post_attention_layernorm))
+            )  # fmt: skip
+            layers.append(DecodeLayer(layer, ops) if ok else None)
+        if not any(layers):
+            return None
+        return cls(layers, rotary)
+
+    def usable(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """Whether this forward pass is a decode-only batch the path covers (once a step)."""
+        t = x.shape[0]
+        tables, lens = meta.decode_block_tables, meta.decode_context_lens
+        return (
+            not meta.prefills
+            and meta.write_kv
+            and meta.num_decodes == t > 0
+            and meta.decode_max_len > 0
+            and tables is not None
+            and lens is not None
+            and _rows(x)
+            and positions.dim() == 1
+            and positions.numel() == t
+            and positions.dtype == torch.int64
+            and positions.device.type == "cpu"
+            and positions.is_contiguous()
+        )
