@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         "rebalance": "run one rebalancing round now",
         "policy": "choose the rebalancing policy (policy set NAME)",
         "experts": "re-place an MoE worker's experts from its load (experts rebalance ID)",
-        "models": "put a worker's model to sleep or wake it (models sleep|wake ID)",
+        "models": "put a worker's model to sleep, wake it, or load another (models sleep|wake|load ID)",
     }
     for name in admin.COMMANDS:
         sub.add_parser(name, help=admin_help[name], add_help=False)
