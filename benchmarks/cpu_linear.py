@@ -80,6 +80,8 @@ def shape_table(rows: list[int], threads: int, top: float) -> None:
     print("|---:|---:|---|" + "---:|" * (len(names) + 2))
     for m in rows:
         for k, n in SHAPES:
+            if n == SHAPES[-1][1] and m > 256:
+                continue  # the lm_head: the engines take logits of the sampled rows only
             w, x = torch.randn(n, k) * k**-0.5, torch.randn(m, k)
             ref = nn.functional.linear(x, w)
             rates = {}
