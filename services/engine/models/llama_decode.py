@@ -70,11 +70,12 @@ class DecodeLayer:
         q = q.view(t, self.heads, self.head_dim)
         k = k.view(t, self.kv_heads, self.head_dim)
         v = v.view(t, self.kv_heads, self.head_dim)
-        if qkv.is_contiguous():  # the heads' rows as rotary_usable wants them
-            ops.rotary_(positions, q, k, rotary.cos, rotary.sin)
+        if qkv.is_contiguous():  # the heads' rows as rotary_usable and store_usable want them
+            ops.rotary_store_(positions, q, k, v, rotary.cos, rotary.sin, a.k_cache, a.v_cache,
+                              meta.slot_mapping)  # fmt: skip
         else:
             q, k = rotary(positions, q, k)
-        TorchAttention.store(k, v, a.k_cache, a.v_cache, meta.slot_mapping)
+            TorchAttention.store(k, v, a.k_cache, a.v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         assert self.kernel is not None and meta.decode_block_tables is not None
         self.kernel(q.contiguous(), a.k_cache, a.v_cache, meta.decode_block_tables,
@@ -124,6 +125,8 @@ class DecodePath:
                 and isinstance(attn.backend, TorchAttention)
                 and kernel is not None
                 and kernel.usable(attn.k_cache[:0], attn.k_cache, attn.v_cache, attn.k_cache[:0])
+                and tuple(attn.k_cache.shape[-2:]) == (attn.num_kv_heads, attn.head_dim)
+                and attn.k_cache.shape == attn.v_cache.shape
                 and all(ops.norm_usable(n.weight[None], n.weight)
                         for n in (layer.input_layernorm, layer.post_attention_layernorm))
             )  # fmt: skip
@@ -144,6 +147,9 @@ class DecodePath:
             and tables is not None
             and lens is not None
             and _rows(x)
+            and meta.slot_mapping.dtype == torch.int64
+            and meta.slot_mapping.device.type == "cpu"
+            and meta.slot_mapping.numel() == t
             and positions.dim() == 1
             and positions.numel() == t
             and positions.dtype == torch.int64
