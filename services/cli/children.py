@@ -19,7 +19,7 @@ from pathlib import Path
 
 from services.common.etcd_server import EtcdServer
 from services.common.net import open_direct
-from services.common.parent_death import die_with_parent
+from services.common.parent_death import with_parent_death
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,9 +63,9 @@ class ManagedProcess:
 
     def _spawn(self) -> None:
         self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._env,
+            with_parent_death(self.argv),  # SIGTERM when `up` is killed outright
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._env,
             text=True, bufsize=1, start_new_session=True,  # Ctrl-C reaches the launcher only
-            preexec_fn=die_with_parent(),  # SIGTERM when `up` is killed outright
         )  # fmt: skip
         self._reader = threading.Thread(
             target=self._read, args=(self.proc,), daemon=True, name=f"read-{self.name}"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from services.common.etcd_client import EtcdAccess
 from services.common.net import free_port, open_direct
-from services.common.parent_death import die_with_parent
+from services.common.parent_death import with_parent_death
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class EtcdServer:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         # NOTE: ends with its parent (`epdserve up` or a test run killed outright).
         self.proc = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent()
+            with_parent_death(self.command()), stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.parent_death import die_with_parent
+from services.common.parent_death import with_parent_death
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,9 +76,32 @@ def test_children_end_when_up_is_killed() -> None:
 def test_only_the_main_thread_asks_for_it() -> None:
     # The kernel signals when the forking *thread* ends: a child forked from a short-lived
     # thread would be stopped as soon as that thread returned.
-    assert die_with_parent() is not None or not sys.platform.startswith("linux")
+    argv = ["true"]
+    assert with_parent_death(argv) != argv or not sys.platform.startswith("linux")
     got: list[object] = []
-    t = threading.Thread(target=lambda: got.append(die_with_parent()))
+    t = threading.Thread(target=lambda: got.append(with_parent_death(argv)))
     t.start()
     t.join()
-    assert got == [None]
+    assert got == [argv]
+
+
+def test_the_wrapped_command_runs_as_itself() -> None:
+    out = subprocess.run(with_parent_death([sys.executable, "-c", "import sys; print(sys.argv)",
+                                            "a b", "--c"]),
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == "['-c', 'a b', '--c']"
+
+
+def test_children_start_after_grpc_ran_in_the_parent() -> None:
+    # `up` speaks gRPC (liveness probes) before it restarts a child: a preexec_fn made Python
+    # fork() with gRPC's at-fork handlers, which aborted the child (SIGABRT) before its exec.
+    import grpc
+
+    from services.cli.children import ManagedProcess
+
+    with grpc.insecure_channel("127.0.0.1:1") as ch:
+        with contextlib.suppress(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(ch).result(timeout=0.2)
+        p = ManagedProcess("c", [sys.executable, "-c", "print('UP', flush=True)"], "UP")
+        assert p.ready.wait(30)
+        assert p.proc.wait(30) == 0
