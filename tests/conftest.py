@@ -17,6 +17,9 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 FAMILIES = ("llama", "llama3_rope", "qwen2", "qwen3")
+# KV budget for an engine of a tiny model in a test (~32k tokens): the CPU default, 1 GiB
+# zeroed at start, costs each engine ~2 s of CPU and a GiB of memory the test never uses.
+TINY_KV_BYTES = 16 << 20
 MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral")
 # The tiny models' shape (a transformers config's keyword arguments).
 TINY_CONFIG = dict(

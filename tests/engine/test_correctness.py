@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from services.engine import LLM, SamplingParams
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILIES, TINY_KV_BYTES
 
 MAX_TOKENS = 12
 
@@ -27,7 +27,7 @@ def on(device: str, **kwargs) -> dict:
     the device; on the CPU the default 1 GiB, zeroed at start, costs each engine ~2 s of CPU
     (and ~10 s of wall time at load 16), where 16 MiB holds ~32k tokens of a tiny model."""
     if device == "cpu":
-        return {"device": "cpu", "kv_cache_bytes": 16 << 20, **kwargs}
+        return {"device": "cpu", "kv_cache_bytes": TINY_KV_BYTES, **kwargs}
     return {
         "device": "cuda",
         "enforce_eager": device == "cuda-eager",

@@ -11,6 +11,7 @@ import torch
 from services.engine import LLM, SamplingParams
 from services.engine.sampler import Sampler, apply_logit_bias
 from services.engine.sequence import Sequence
+from tests.conftest import TINY_KV_BYTES
 
 EOS = 2
 MAX_TOKENS = 10
@@ -126,7 +127,8 @@ def test_logprobs_are_of_the_unbiased_distribution() -> None:
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir) -> LLM:
-    return LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=4)
+    return LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=4,
+               kv_cache_bytes=TINY_KV_BYTES)  # fmt: skip
 
 
 def greedy(**kwargs) -> SamplingParams:

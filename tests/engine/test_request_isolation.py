@@ -18,6 +18,7 @@ from services.engine.fault_judge import MAX_FAILED_STEPS, EngineFault
 from services.engine.llm_engine import LLMEngine
 from services.engine.output_processor import OutputProcessor
 from services.engine.outputs import RequestFailedError
+from tests.conftest import TINY_KV_BYTES
 
 PROMPTS = {"a": [5, 6, 7, 8, 9], "bad": [10, 11, 12], "c": [20, 21, 22, 23]}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -25,7 +26,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4))
+    return LLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4,
+                                 kv_cache_bytes=TINY_KV_BYTES))  # fmt: skip
 
 
 def run(engine: LLMEngine, ids: list[str]) -> dict[str, object]:
@@ -171,7 +173,8 @@ def test_bad_requests_one_at_a_time_do_not_end_the_engine(engine, monkeypatch):
 
 def test_async_engine_raises_request_failed_and_keeps_running(tiny_model_dir):
     async def main() -> None:
-        eng = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4))
+        eng = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4,
+                                          kv_cache_bytes=TINY_KV_BYTES))  # fmt: skip
         await eng.start()
         try:
             assert eng.engine is not None
@@ -204,7 +207,8 @@ def test_an_engine_stuck_in_a_step_says_for_how_long(tiny_model_dir):
     0 again once the step ends and the engine has no work."""
 
     async def main() -> None:
-        eng = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4))
+        eng = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4,
+                                          kv_cache_bytes=TINY_KV_BYTES))  # fmt: skip
         await eng.start()
         try:
             assert eng.engine is not None

@@ -17,6 +17,7 @@ from services.engine.resume import Resume
 from services.engine.sequence import Sequence
 from services.engine.speculative.config import SpeculativeConfig
 from services.engine.speculative.speculator import Speculator
+from tests.conftest import TINY_KV_BYTES
 from tests.engine.test_correctness import (
     MAX_TOKENS,
     hf_greedy,
@@ -98,12 +99,12 @@ def model(tiny_model_dir) -> str:
 
 @pytest.fixture(scope="module")
 def plain(model) -> LLMEngine:
-    return LLM(model, dtype="float32", block_size=4).engine
+    return LLM(model, dtype="float32", block_size=4, kv_cache_bytes=TINY_KV_BYTES).engine
 
 
 @pytest.fixture(scope="module")
 def spec(model) -> LLMEngine:
-    return LLM(model, dtype="float32", block_size=4).engine
+    return LLM(model, dtype="float32", block_size=4, kv_cache_bytes=TINY_KV_BYTES).engine
 
 
 def repetitive_prompts() -> list[list[int]]:
@@ -156,7 +157,8 @@ def test_real_proposers_equal_no_speculation(model, plain, method):
     cfg = {"method": method.split("_")[0], "num_speculative_tokens": 3, "disable_by_batch_size": 0}
     if method == "suffix_tiny_budget":
         cfg.update(TINY_SUFFIX)
-    llm = LLM(model, dtype="float32", block_size=4, speculative_config=json.dumps(cfg))
+    llm = LLM(model, dtype="float32", block_size=4, kv_cache_bytes=TINY_KV_BYTES,
+              speculative_config=json.dumps(cfg))  # fmt: skip
     same(run(llm.engine, prompts, params), run(plain, prompts, params))
     stats = llm.engine.stats().spec
     assert stats is not None

@@ -15,6 +15,7 @@ from services.engine.resume import Resume
 from services.engine.sampling_params import StructuredOutputsParams
 from services.engine.sequence import Sequence
 from services.engine.structured_output import StructuredOutputs, apply_masks
+from tests.conftest import TINY_KV_BYTES
 from tests.engine.test_correctness import DEVICES, on
 
 SCHEMA = {
@@ -56,7 +57,8 @@ def check_output(kind: str, text: str) -> None:
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir) -> LLM:
-    return LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=4)
+    return LLM(str(tiny_model_dir("llama")), dtype="float32", block_size=4,
+               kv_cache_bytes=TINY_KV_BYTES)  # fmt: skip
 
 
 def params(kind: str, **kwargs) -> SamplingParams:
