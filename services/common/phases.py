@@ -11,6 +11,7 @@
   output (KV copied in from staging, a place in the batch, the first step).
 - ``Encode`` (encode role): phase ``encode``.
 - ``Generate`` (mixed role): a span only; its TTFT is ``epdserve:time_to_first_token_seconds``.
+  A request on a GenerateMux stream (worker/mux.py) gets the same span.
 
 With tracing on, each call is a span under the router's (its ``traceparent`` metadata), with a
 child span per phase, all with the worker's id and role as attributes.
@@ -40,6 +41,22 @@ TRACED = ("Reserve", "Prefill", "Decode", "Encode", "Generate")
 
 # The Prefill call the current task serves, for ``prefill_computed``.
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("worker_call", default=None)
+# The interceptor of the GenerateMux stream the current task serves: worker/mux.py times
+# each request on it as a Generate call (``mux_request_span``).
+_MUX: contextvars.ContextVar[PhaseInterceptor | None] = contextvars.ContextVar(
+    "worker_mux", default=None
+)
+
+
+def mux_request_span(traceparent: str, request: Any) -> Span | None:
+    """The span of one Generate request on a GenerateMux stream (under the router's call,
+    ``traceparent``), as a Generate call of its own has; None where the worker does not time
+    its calls. The caller ends it."""
+    interceptor = _MUX.get()
+    if interceptor is None:
+        return None
+    metadata = (("traceparent", traceparent),) if traceparent else ()
+    return interceptor._begin("Generate", metadata, request).span
 
 
 def prefill_computed() -> None:
@@ -76,6 +93,8 @@ class PhaseInterceptor(grpc.aio.ServerInterceptor):
     ) -> Any:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method.rsplit("/", 1)[-1]
+        if method == "GenerateMux" and handler is not None and handler.stream_stream is not None:
+            return handler._replace(stream_stream=self._mux(handler.stream_stream))
         if handler is None or method not in TRACED:
             return handler
         metadata = handler_call_details.invocation_metadata
@@ -124,6 +143,16 @@ class PhaseInterceptor(grpc.aio.ServerInterceptor):
                 call.span.end(at=ended, error=error)
 
         return timed
+
+    def _mux(self, behavior: Callable[..., Any]) -> Any:
+        async def traced(frames: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            # NOTE: the stream's request tasks are created under this context: they see it.
+            _MUX.set(self)
+            async with contextlib.aclosing(behavior(frames, context)) as out:
+                async for batch in out:
+                    yield batch
+
+        return traced
 
     def _stream(self, method: str, metadata: Any, behavior: Callable[..., Any]) -> Any:
         async def timed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:

@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from services.common.grpc_utils import FAILURE_KEY
+from services.common.phases import mux_request_span
 from services.common.proto import worker_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -123,16 +124,23 @@ class MuxRPCs:
         """Run one request of a stream; its frames go to ``outbox``, the last with its end.
         Cancelled (the router's cancel frame, or the stream ending): no end is sent."""
         gen = self.Generate(frame.start, MuxContext(frame.traceparent))  # type: ignore[attr-defined]
+        span = mux_request_span(frame.traceparent, frame.start)
+        first = True
         last: pb.GenerateResponse | None = None
         error: BaseException | None = None
         try:
             async with asyncio.timeout(frame.timeout_s if frame.timeout_s > 0 else None):
                 async for msg in gen:
+                    if first and span is not None:
+                        span.event("first_token")
+                    first = False
                     if msg.finished:
                         last = msg  # goes with the end, one frame for both
                     else:
                         outbox.put_nowait(pb.MuxResponse(id=frame.id, message=msg))
         except asyncio.CancelledError:
+            if span is not None:
+                span.end(error="cancelled")
             raise
         except (MuxAbort, TimeoutError) as exc:
             error = exc
@@ -142,4 +150,6 @@ class MuxRPCs:
         finally:
             with contextlib.suppress(Exception):
                 await gen.aclose()
+        if span is not None:
+            span.end(error=None if error is None else f"{type(error).__name__}: {error}")
         outbox.put_nowait(pb.MuxResponse(id=frame.id, message=last, end=end_of(error)))

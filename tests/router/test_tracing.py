@@ -42,11 +42,12 @@ def collector(monkeypatch):
         yield c
 
 
-@pytest_asyncio.fixture
-async def traced(etcd, collector):
+@pytest_asyncio.fixture(params=[False, True], ids=["call", "worker_mux"])
+async def traced(etcd, collector, request):
     tracing = Tracing(collector.endpoint, "epdserve-worker", "w1")
     worker = await start_fake_worker(etcd.endpoint, "traced", "w1", FakeEngine(), tracing=tracing)
-    gw = await start_gateway(etcd.endpoint, "traced", otlp_traces_endpoint=collector.endpoint)
+    gw = await start_gateway(etcd.endpoint, "traced", otlp_traces_endpoint=collector.endpoint,
+                             worker_mux=request.param)  # fmt: skip
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
         for _ in range(200):
             if (await client.get("/health")).status_code == 200:
