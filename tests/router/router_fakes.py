@@ -248,3 +248,14 @@ def sse_events(text: str) -> list[tuple[str, dict]]:
         elif line.startswith("data: ") and line != "data: [DONE]":
             out.append((name, json.loads(line[6:])))
     return out
+
+
+async def until_healthy(client: Any, timeout: float = 15.0) -> None:
+    """Return once the gateway behind ``client`` (an httpx.AsyncClient) answers ``/health``
+    with 200 (a worker registered and reporting); fail ``timeout`` seconds on."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (await client.get("/health")).status_code != 200:
+        if loop.time() > deadline:
+            raise AssertionError(f"the gateway not healthy in {timeout:g} s")
+        await asyncio.sleep(0.05)

@@ -7,7 +7,7 @@ import contextlib
 
 import httpx
 import pytest
-from router_fakes import FakeEngine, start_fake_worker, start_gateway
+from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
 from starlette.requests import Request
 
 from services.common.etcd_server import EtcdServer
@@ -145,10 +145,7 @@ async def _cluster(etcd, engine: FakeEngine | None = None, **router):
     gw = await start_gateway(etcd.endpoint, cluster, **router)
     try:
         async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
-            for _ in range(200):
-                if (await client.get("/health")).status_code == 200:
-                    break
-                await asyncio.sleep(0.05)
+            await until_healthy(client)
             yield client, gw
     finally:
         await asyncio.wait_for(gw.stop(), 15)

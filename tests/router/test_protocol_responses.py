@@ -11,7 +11,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from pydantic import BaseModel
-from router_fakes import start_fake_worker, start_gateway
+from router_fakes import start_fake_worker, start_gateway, until_healthy
 
 from services.common.etcd_server import EtcdServer
 from services.router.api.protocol.anthropic import CountTokensResponse, MessageResponse
@@ -33,10 +33,7 @@ async def client():
         gw = await start_gateway(etcd.endpoint, "resp")
         try:
             async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
-                for _ in range(200):
-                    if (await c.get("/health")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.05)
+                await until_healthy(c)
                 yield c
         finally:
             await asyncio.wait_for(gw.stop(), 15)

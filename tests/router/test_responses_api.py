@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from router_fakes import FakeEngine, start_fake_worker, start_gateway
+from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
 
 from services.common.etcd_server import EtcdServer
 from services.common.proto import worker_pb2 as pb
@@ -31,13 +31,6 @@ pytestmark = [pytest.mark.timeout(120)]
 MODEL = "fake-model"
 
 
-async def _healthy(c: httpx.AsyncClient) -> None:
-    for _ in range(200):
-        if (await c.get("/health")).status_code == 200:
-            return
-        await asyncio.sleep(0.05)
-
-
 @pytest_asyncio.fixture
 async def routers(tmp_path):
     with EtcdServer() as etcd:
@@ -53,7 +46,7 @@ async def routers(tmp_path):
                 httpx.AsyncClient(base_url=b.url, timeout=10) as cb,
             ):
                 for c in (ca, cb):
-                    await _healthy(c)
+                    await until_healthy(c)
                 yield ca, cb, etcd
         finally:
             await asyncio.wait_for(a.stop(), 15)
@@ -313,7 +306,7 @@ async def test_reasoning_item_with_a_reasoning_parser() -> None:
         gw = await start_gateway(etcd.endpoint, "rr", reasoning_parser="deepseek_r1")
         try:
             async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
-                await _healthy(c)
+                await until_healthy(c)
                 body = await _create(c, input="think", store=False)
                 assert [i["type"] for i in body["output"]] == ["reasoning"]
                 assert body["output"][0]["content"][0]["text"] == "w0 w1 w2 "

@@ -16,7 +16,7 @@ import pytest_asyncio
 from anthropic import types as at
 from openai.types import Model
 from openai.types.responses import Response as OpenAIResponse
-from router_fakes import FakeEngine, start_fake_worker, start_gateway
+from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
 
 from services.common.etcd_server import EtcdServer
 
@@ -40,10 +40,7 @@ async def url():
         gw = await start_gateway(etcd.endpoint, "sdk")
         try:
             async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
-                for _ in range(200):
-                    if (await c.get("/health")).status_code == 200:
-                        break
-                    await asyncio.sleep(0.05)
+                await until_healthy(c)
             yield gw.url
         finally:
             await asyncio.wait_for(gw.stop(), 15)

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from router_fakes import ScriptedEngine, sse_events, start_fake_worker, start_gateway
+from router_fakes import ScriptedEngine, sse_events, start_fake_worker, start_gateway, until_healthy
 
 from services.common.etcd_server import EtcdServer
 from services.common.proto import worker_pb2 as pb
@@ -403,10 +403,7 @@ async def env(etcd):
     worker = await start_fake_worker(etcd.endpoint, "tools", "w1", engine=engine)
     gw = await start_gateway(etcd.endpoint, "tools")
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
-        for _ in range(200):
-            if (await client.get("/health")).status_code == 200:
-                break
-            await asyncio.sleep(0.05)
+        await until_healthy(client)
         yield client, engine
     await asyncio.wait_for(gw.stop(), 15)
     await asyncio.wait_for(worker.stop(), 15)
@@ -536,10 +533,7 @@ async def test_router_flag_picks_the_llama3_json_parser(etcd) -> None:
     gw = await start_gateway(etcd.endpoint, "tools-llama", tool_call_parser="llama3_json")
     try:
         async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
-            for _ in range(200):
-                if (await client.get("/health")).status_code == 200:
-                    break
-                await asyncio.sleep(0.05)
+            await until_healthy(client)
             r = await client.post("/v1/chat/completions", json={
                 "model": "fake-model", "messages": USER, "tools": [WEATHER, TIME]})  # fmt: skip
             choice = r.json()["choices"][0]
