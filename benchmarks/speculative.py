@@ -19,9 +19,19 @@ its first to its last token over the tokens after the first; medians over the re
 median of the repeats' TPOT off / on ratios (> 1: speculation is faster) with each repeat's,
 acceptance rate, mean accepted length (tokens a verification appends), and whether every
 output equals the run without speculation (greedy: it must). ``--show`` prints the first
-output of each workload.
+output of each workload. ``--requests N`` runs N requests per row with at most the batch at
+once, a finished one replaced by the next (as a served batch is refilled from its queue):
+without it the batch's requests start together and the row lasts as long as the slowest, so
+speculation saves CPU only where it shortens that one, while a replaced request's saved steps
+go to the next.
 
     .venv/bin/python benchmarks/speculative.py --max-tokens 64 --batches 1 --methods ngram,suffix
+
+``--fifo`` runs each timed run (a few seconds) with every thread of the process under
+SCHED_FIFO priority 10, then back to SCHED_OTHER and a 3 s pause before the next: on the shared
+2-core machine at load 20-60 one row of 9 runs then takes ~100 s instead of ~1 h, and the off
+run reads the quiet machine's tok/s (282-320 against the lead's quiet 275). It needs root (or
+CAP_SYS_NICE); keep it to short rows: other processes wait while a run holds both cores.
 
 With ``--draft-model PATH`` (a model with the target's tokenizer) or ``--draft-layers N`` (the
 target's own first N decoder layers with its final norm and lm_head, written to a temporary
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -62,6 +73,24 @@ QUESTIONS = [
     "Describe a day in the life of a farmer.",
     "What is the difference between weather and climate?",
     "Tell me a short story about a lost key.",
+    # More for --requests (a question asked twice would let the suffix method copy the
+    # earlier answer from the worker's recent outputs).
+    "How do bees make honey?",
+    "What should I pack for a weekend camping trip?",
+    "Explain why the sky is blue.",
+    "Write a short poem about autumn leaves.",
+    "What are the benefits of reading every day?",
+    "How does a bicycle stay upright?",
+    "Describe your ideal breakfast.",
+    "Why do we have seasons?",
+    "Give me advice for a job interview.",
+    "What is the water cycle?",
+    "Tell me a short story about a brave mouse.",
+    "How can I sleep better at night?",
+    "Why is exercise good for the brain?",
+    "Explain how plants grow from seeds.",
+    "What makes a good friend?",
+    "Describe a busy city street in the morning.",
 ]
 
 
@@ -83,30 +112,63 @@ def prompts(workload: str, n: int) -> list[list[dict[str, str]]]:
     return [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(n)]
 
 
-def run(engine, convs, max_tokens: int) -> tuple[float, float, list[list[int]], int, float]:
+def run(
+    engine, convs, max_tokens: int, concurrency: int = 0
+) -> tuple[float, float, list[list[int]], int, float]:
     """(output tok/s, mean TPOT s, outputs, output tokens, process CPU s per output token) of
-    ``convs`` run together. The CPU time (all the process's threads, OpenMP's included) is the
-    load-robust measure: on a shared machine the wall clock also counts time spent waiting."""
+    ``convs`` run together (``concurrency``: at most that many at once, the next one added as
+    one finishes; 0: all at once). The CPU time (all the process's threads, OpenMP's included)
+    is the load-robust measure: on a shared machine the wall clock also counts waiting."""
     from services.engine import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     times: dict[str, list[float]] = {}
     outs: dict[str, list[int]] = {}
-    start, cpu0 = time.perf_counter(), time.process_time()
-    for i, conv in enumerate(convs):
-        rid = f"r{i}-{time.monotonic_ns()}"
+    queue = list(enumerate(convs))[::-1]
+
+    def add() -> None:
+        i, conv = queue.pop()
+        rid = f"r{i:04d}-{time.monotonic_ns()}"
         engine.add_request(rid, engine.apply_chat_template(conv), params)
         times[rid], outs[rid] = [], []
+
+    start, cpu0 = time.perf_counter(), time.process_time()
+    for _ in range(min(concurrency or len(convs), len(convs))):
+        add()
     while engine.has_unfinished_requests():
         for out in engine.step():
             now = time.perf_counter()
             for _ in out.outputs[0].token_ids:
                 times[out.request_id].append(now)
             outs[out.request_id] += out.outputs[0].token_ids
+            if out.finished and queue:
+                add()
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
     tpots = [(t[-1] - t[0]) / (len(t) - 1) for t in times.values() if len(t) > 1]
     total = sum(len(o) for o in outs.values())
-    return total / elapsed, statistics.mean(tpots), list(outs.values()), total, cpu / total
+    outputs = [outs[rid] for rid in sorted(outs)]  # in the order of ``convs``
+    return total / elapsed, statistics.mean(tpots), outputs, total, cpu / total
+
+
+def _schedule_threads(policy: int, priority: int) -> None:
+    """Every thread of this process (OpenMP's too) under ``policy``; the calling thread's
+    failure (no root) is an error, another's (it ended meanwhile) is not."""
+    os.sched_setscheduler(0, policy, os.sched_param(priority))
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setscheduler(int(tid), policy, os.sched_param(priority))
+        except OSError:
+            pass
+
+
+def fifo_run(engine, convs, max_tokens: int, concurrency: int = 0):
+    """``run`` with every thread of the process under SCHED_FIFO 10 (``--fifo``)."""
+    _schedule_threads(os.SCHED_FIFO, 10)
+    try:
+        return run(engine, convs, max_tokens, concurrency)
+    finally:
+        _schedule_threads(os.SCHED_OTHER, 0)
+        time.sleep(3)  # the other processes' turn
 
 
 def truncated_copy(model: str | None, layers: int) -> str:
@@ -171,7 +233,9 @@ def speculator(engine, method: str | None, k: int):
     return Speculator(cfg, engine.max_model_len, engine.scheduler.bm)
 
 
-def row(engines, convs, max_tokens: int, repeats: int) -> dict[str, dict]:
+def row(
+    engines, convs, max_tokens: int, repeats: int, timed=run, concurrency: int = 0
+) -> dict[str, dict]:
     """Each method on ``convs`` (``engines``: name -> (engine, the speculator its scheduler
     gets for the run, or "own")), ``repeats`` times in a rotated order: per method its tok/s
     and TPOT per repeat, the TPOT ratios off/on per repeat, its speculation counters over all
@@ -188,7 +252,7 @@ def row(engines, convs, max_tokens: int, repeats: int) -> dict[str, dict]:
                 engine.scheduler.speculator = spec
             fresh_proposer(engine)
             before = spec_counts(engine)
-            tps, tpot, outs, _, cpu = run(engine, convs, max_tokens)
+            tps, tpot, outs, _, cpu = timed(engine, convs, max_tokens, concurrency)
             after = spec_counts(engine)
             r = res[name]
             r["tps"].append(tps)
@@ -215,6 +279,11 @@ def main() -> None:
     p.add_argument("--k", type=int, default=16, help="num_speculative_tokens (the adaptive max)")
     p.add_argument("--repeats", type=int, default=3, help="off/on runs of each row")
     p.add_argument("--show", action="store_true", help="print each workload's first output")
+    p.add_argument("--requests", type=int, default=0,
+                   help="N requests per row, at most the batch at once (a finished one is "
+                        "replaced, as in a served batch); 0: the batch's requests alone")  # fmt: skip
+    p.add_argument("--fifo", action="store_true",
+                   help="each timed run under SCHED_FIFO 10 (root; see above)")  # fmt: skip
     p.add_argument("--methods", default="ngram,suffix,draft", help="besides off")
     p.add_argument("--draft-model", default=None, help="the draft method's model")
     p.add_argument("--draft-layers", type=int, default=0,
@@ -255,7 +324,9 @@ def main() -> None:
             text = base.inputs.tokenizer.decode(outs[0])
             print(f"{workload}, first output:\n{text}\n", flush=True)
         for batch in (int(b) for b in args.batches.split(",")):
-            res = row(engines, prompts(workload, batch), args.max_tokens, args.repeats)
+            timed = fifo_run if args.fifo else run
+            convs = prompts(workload, max(batch, args.requests))
+            res = row(engines, convs, args.max_tokens, args.repeats, timed, batch)
             for name, r in res.items():
                 drafts, proposed, accepted = r["counts"]
                 acc = f"{accepted / proposed:.0%}" if proposed else "0 drafts"
