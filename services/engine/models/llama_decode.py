@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from services.engine.layers import cpu_fused
+from services.engine.layers import cpu_fused, short_chunks
 from services.engine.layers.attention import AttentionMetadata, TorchAttention
 from services.engine.layers.rotary import RotaryEmbedding
 from services.engine.models.llama import LlamaMLP
@@ -77,9 +77,20 @@ class DecodeLayer:
             q, k = rotary(positions, q, k)
             TorchAttention.store(k, v, a.k_cache, a.v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
-        assert self.kernel is not None and meta.decode_block_tables is not None
-        self.kernel(q.contiguous(), a.k_cache, a.v_cache, meta.decode_block_tables,
-                    meta.decode_context_lens, meta.decode_max_len, a.scale, out)  # fmt: skip
+        assert self.kernel is not None
+        if (
+            meta.prefills
+        ):  # verifications: every query row a decode row (TorchAttention.native_rows)
+            assert meta.native_rows is not None
+            rows, tables, lens, max_len = meta.native_rows
+            qq = q.index_select(0, rows)
+            o = torch.empty_like(qq)
+            self.kernel(qq, a.k_cache, a.v_cache, tables, lens, max_len, a.scale, o)
+            out.index_copy_(0, rows, o)
+        else:
+            assert meta.decode_block_tables is not None
+            self.kernel(q.contiguous(), a.k_cache, a.v_cache, meta.decode_block_tables,
+                        meta.decode_context_lens, meta.decode_max_len, a.scale, out)  # fmt: skip
         attn = a.reduce(self.o_proj.forward(out.reshape(t, a.q_size)))
         x, h = ops.rms_norm(x, self.w_post, self.post_norm.eps, attn)
         gate_up = self.gate_up.forward(h)
@@ -136,16 +147,24 @@ class DecodePath:
         return cls(layers, rotary)
 
     def usable(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        """Whether this forward pass is a decode-only batch the path covers (once a step)."""
+        """Whether this forward pass is a batch the path covers (once a step): decodes, and
+        speculative verifications whose query rows all run as decode rows of the paged kernel
+        (short chunks, ``TorchAttention.native_rows``: the same call, the same tables)."""
         t = x.shape[0]
         tables, lens = meta.decode_block_tables, meta.decode_context_lens
-        return (
-            not meta.prefills
-            and meta.write_kv
-            and meta.num_decodes == t > 0
+        if meta.prefills:
+            if not self._rows_cover(t, meta):
+                return False
+        elif not (
+            meta.num_decodes == t > 0
             and meta.decode_max_len > 0
             and tables is not None
             and lens is not None
+        ):
+            return False
+        return (
+            meta.write_kv
+            and t > 0
             and _rows(x)
             and meta.slot_mapping.dtype == torch.int64
             and meta.slot_mapping.device.type == "cpu"
@@ -156,3 +175,21 @@ class DecodePath:
             and positions.device.type == "cpu"
             and positions.is_contiguous()
         )
+
+    def _rows_cover(self, t: int, meta: AttentionMetadata) -> bool:
+        """Whether the step's chunks are all short (grouped, no chunk run on its own) so
+        that its ``t`` query rows are decode rows of one kernel call; builds the step's plan
+        and rows as ``TorchAttention.native_rows`` would (NOTE: once a step, for every layer
+        either path takes)."""
+        layer = next(d for d in self.layers if d is not None)
+        if meta.chunk_plan is None:
+            block_size = layer.attn.k_cache.shape[1]
+            meta.chunk_plan = short_chunks.plan(meta.prefills, block_size, torch.device("cpu"))
+        groups, rest = meta.chunk_plan
+        if rest or not groups:
+            return False
+        if meta.native_rows is None:
+            meta.native_rows = short_chunks.paged_rows(
+                groups, meta.num_decodes, meta.decode_block_tables, meta.decode_context_lens
+            )
+        return meta.native_rows[0].numel() == t
