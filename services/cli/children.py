@@ -17,6 +17,7 @@ import threading
 import urllib.error
 from pathlib import Path
 
+from services.cli.child_log import ChildLog
 from services.common.etcd_server import EtcdServer
 from services.common.net import open_direct
 from services.common.parent_death import with_parent_death
@@ -62,13 +63,18 @@ class ManagedProcess:
         self._spawn()
 
     def _spawn(self) -> None:
-        self.proc = subprocess.Popen(
-            with_parent_death(self.argv),  # SIGTERM when `up` is killed outright
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self._env,
-            text=True, bufsize=1, start_new_session=True,  # Ctrl-C reaches the launcher only
-        )  # fmt: skip
+        log = ChildLog()  # NOTE: not a pipe: a stopped `up` must not block its children
+        try:
+            self.proc = subprocess.Popen(
+                with_parent_death(self.argv),  # SIGTERM when `up` is killed outright
+                stdout=log.fd, stderr=subprocess.STDOUT, env=self._env,
+                start_new_session=True,  # Ctrl-C reaches the launcher only
+            )  # fmt: skip
+        except BaseException:
+            log.close()
+            raise
         self._reader = threading.Thread(
-            target=self._read, args=(self.proc,), daemon=True, name=f"read-{self.name}"
+            target=self._read, args=(self.proc, log), daemon=True, name=f"read-{self.name}"
         )
         self._reader.start()
 
@@ -83,18 +89,21 @@ class ManagedProcess:
         # Marks where the new run's output starts (a crash loop shows this tail).
         self.tail.append(f"[epdserve: {self.name} restarted as pid {self.proc.pid}]")
 
-    def _read(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            self.tail.append(line)
-            if self._echo:
-                print(f"[{self.name}] {line}", file=sys.stderr, flush=True)
-            # NOTE: the latest, not the first: a worker that restarts in place (a model load's
-            # os.execv, same pid) says it again, with its new ports.
-            if line.startswith(self.ready_prefix):
-                self.ready_line = line
-                self.ready.set()
+    def _read(self, proc: subprocess.Popen, log: ChildLog) -> None:
+        try:
+            log.follow(proc, self._on_line)
+        finally:
+            log.close()
+
+    def _on_line(self, line: str) -> None:
+        self.tail.append(line)
+        if self._echo:
+            print(f"[{self.name}] {line}", file=sys.stderr, flush=True)
+        # NOTE: the latest, not the first: a worker that restarts in place (a model load's
+        # os.execv, same pid) says it again, with its new ports.
+        if line.startswith(self.ready_prefix):
+            self.ready_line = line
+            self.ready.set()
 
     def ready_field(self, key: str) -> str:
         assert self.ready_line is not None
