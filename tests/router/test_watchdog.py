@@ -196,25 +196,27 @@ def test_a_call_queued_behind_a_worker_that_progresses_is_not_lost() -> None:
 
     async def main() -> None:
         h = alive()
-        ticking = asyncio.create_task(_stream_slowly(h, 0.1, 1.2))  # the worker's other call
+        ticks: list[float] = []  # when the worker's other call got its messages
+        ticking = asyncio.create_task(_stream_slowly(h, 0.1, 1.2, ticks))
         started = time.monotonic()
         with pytest.raises(WorkerLost) as err:
             async for _ in watched_stream(h, Forever(), 0.4):
                 pass
         lost = time.monotonic()
-        last = await ticking
-        # Kept while the other call got messages (the old code: lost 0.4 s after the start),
-        # lost one limit after the other call's last message (checked every interval).
+        await ticking
+        # Kept while the other call got messages (the old code: lost 0.4 s after the start,
+        # between two of them), lost only once the worker sent nothing anywhere for the
+        # limit. NOTE: judged from the messages' real times: on a loaded machine a 0.1 s
+        # pause can last longer than the limit, and then the loss is right.
+        before = [t for t in ticks if t <= lost]
         assert err.value.kind == "hung" and "sent nothing for" in str(err.value)
-        assert lost >= last + 0.4, (lost - started, last - started)
-        assert lost < last + 0.4 + 8 * watch.WATCH_INTERVAL_S
+        assert before and lost >= before[-1] + 0.4, (lost - started, [t - started for t in ticks])
+        assert lost < ticks[-1] + 0.4 + 8 * watch.WATCH_INTERVAL_S
 
     asyncio.run(main())
 
 
-async def _stream_slowly(handle: Any, every_s: float, for_s: float) -> float:
-    """Relays a message every ``every_s`` for ``for_s``; returns when the last one came."""
-    last = 0.0
+async def _stream_slowly(handle: Any, every_s: float, for_s: float, times: list[float]) -> None:
+    """Relays a message every ``every_s`` for ``for_s``; ``times`` gets when each came."""
     async for _ in watched_stream(handle, Stream(list(range(int(for_s / every_s))), every_s), 5.0):
-        last = time.monotonic()
-    return last
+        times.append(time.monotonic())
