@@ -188,7 +188,10 @@ async def test_gateway_with_mux_fails_over_and_aborts(etcd) -> None:
             n2 = len(w2.engine.started)
             for _ in range(6):
                 assert (await c.post("/v1/completions", json=req)).status_code == 200
-            assert len(w2.engine.started) == n2 + 6
+            # NOTE: at least, not exactly: on a loaded machine (load ~30) a request may be
+            # retried once more on w2 (user7 saw n2 + 7); what matters is that all six were
+            # served with w1 dead, so by w2.
+            assert len(w2.engine.started) >= n2 + 6
     finally:
         await gw.stop()
         await w2.stop()
