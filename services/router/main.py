@@ -50,7 +50,7 @@ def server_config(app: ASGIApp, cfg: RouterConfig, log_level: str = "info") -> u
     the connections open (http_protocol.py)."""
     return uvicorn.Config(
         app, host=cfg.host, port=cfg.port, log_level=log_level.lower(), access_log=False,
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S + SHUTDOWN_MARGIN_S, http=bounded_protocol(cfg.http_limits),
+        timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S + SHUTDOWN_MARGIN_S), http=bounded_protocol(cfg.http_limits),
         ssl_certfile=cfg.ssl_certfile, ssl_keyfile=cfg.ssl_keyfile,
     )  # fmt: skip
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +26,29 @@ from services.common.proto import worker_pb2 as pb
 log = logging.getLogger(__name__)
 
 _END = object()  # the outbox's last item: the router closed its side, nothing runs
+# A message of frames holds what is ready up to about this many bytes (at least one frame):
+# a router that read nothing for a while (stopped, starved) must not get one message over
+# gRPC's 64 MiB limit, which would fail the whole stream and migrate every request on it.
+MAX_BATCH_BYTES = 4 << 20
+
+
+def _forget(running: dict[int, asyncio.Task[None]], i: int, _task: object) -> None:
+    running.pop(i, None)
+
+
+def take_ready(outbox: asyncio.Queue[Any], first: Any, max_bytes: int = MAX_BATCH_BYTES):
+    """``first`` and what else is ready in ``outbox``, up to ``max_bytes`` of frames;
+    returns (frames, ended): ended when the outbox's ``_END`` was reached."""
+    frames: list[pb.MuxResponse] = []
+    item, size = first, 0
+    while True:
+        if item is _END:  # only ever the last item of the outbox
+            return frames, True
+        frames.append(item)
+        size += item.ByteSize()
+        if size >= max_bytes or outbox.empty():
+            return frames, False
+        item = outbox.get_nowait()
 
 
 class MuxAbort(grpc.aio.AbortError):
@@ -90,7 +114,7 @@ class MuxRPCs:
                             continue
                         task = asyncio.create_task(self._mux_one(frame, outbox))
                         running[frame.id] = task
-                        task.add_done_callback(lambda _, i=frame.id: running.pop(i, None))
+                        task.add_done_callback(functools.partial(_forget, running, frame.id))
                     elif frame.cancel and frame.id in running:
                         running[frame.id].cancel()
             finally:
@@ -103,14 +127,10 @@ class MuxRPCs:
         try:
             ended = False
             while not ended:
-                frames = [await outbox.get()]
-                while not outbox.empty():  # what else is ready goes in the same message
-                    frames.append(outbox.get_nowait())
-                if frames[-1] is _END:  # only ever the last item
-                    frames.pop()
-                    ended = True
-                if frames:
-                    yield pb.MuxFrames(frames=frames)
+                # What else is ready goes in the same message, within MAX_BATCH_BYTES.
+                batch, ended = take_ready(outbox, await outbox.get())
+                if batch:
+                    yield pb.MuxFrames(frames=batch)
         finally:
             # The router is gone (cancelled the stream, died, or closed it): nothing of this
             # stream may run on. Each handler's own cleanup aborts its request in the engine.

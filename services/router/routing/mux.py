@@ -143,7 +143,12 @@ class MuxCall:
     async def _ended(self) -> None:
         if self._status is None:
             done = self._loop.create_future()
-            self._callbacks.append(lambda _: done.done() or done.set_result(None))
+
+            def wake(_call: object) -> None:
+                if not done.done():
+                    done.set_result(None)
+
+            self._callbacks.append(wake)
             await done
 
     def _trailers(self) -> grpc.aio.Metadata:
