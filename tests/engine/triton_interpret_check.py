@@ -146,6 +146,14 @@ def triton_llm(llm_class, model_dir: str, **kwargs):
     runner.backend = TritonAttention()
     for layer in runner.model.attention_layers:
         layer.backend = runner.backend
+    # The CPU decode-step path was built for the torch backend's C kernel: built again, it
+    # leaves every layer to the Triton backend (else decodes would bypass the kernels).
+    decoder = getattr(runner.model, "model", None)
+    if getattr(decoder, "decode_path", None) is not None:
+        from services.engine.models.llama_decode import DecodePath
+
+        decoder.decode_path = DecodePath.build(decoder)
+        assert decoder.decode_path is None
     return llm
 
 

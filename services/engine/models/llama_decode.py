@@ -133,7 +133,7 @@ class DecodePath:
                 type(getattr(layer, "mlp", None)) is LlamaMLP
                 and attn is not None
                 and not attn.qk_norm
-                and isinstance(attn.backend, TorchAttention)
+                and type(attn.backend) is TorchAttention  # not a subclass (Triton)
                 and kernel is not None
                 and kernel.usable(attn.k_cache[:0], attn.k_cache, attn.v_cache, attn.k_cache[:0])
                 and tuple(attn.k_cache.shape[-2:]) == (attn.num_kv_heads, attn.head_dim)
