@@ -12,9 +12,10 @@ The variants alternate request by request (each round runs one request of each, 
 from a different variant), so that other load on a shared machine falls on all of them
 alike. Prints p50/p99 of each, the overhead over ``engine``, and the CPU time the router and
 the worker processes spent per request of each variant (all their threads, from
-/proc/PID/stat: less sensitive to other load than the latencies). Recorded, not asserted.
+/proc/PID/task/*/schedstat: less sensitive to other load than the latencies). Recorded, not asserted.
 
     python benchmarks/gateway_overhead.py [--model PATH|GGUF] [--requests 50] [--json out.json]
+        [--worker-mux default|on|off|ab]   (ab: adds http_raw_mux, a second router with it on)
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
 
+from benchmarks.http_client import Meter, RawClient, pct, start_router  # noqa: E402
 from services.cli.launcher import ClusterSpec, LocalCluster  # noqa: E402
 from services.common.grpc_utils import insecure_channel  # noqa: E402
 from services.common.proto import worker_pb2 as pb  # noqa: E402
@@ -41,58 +42,10 @@ from services.common.proto import worker_pb2_grpc as pb_grpc  # noqa: E402
 from services.engine import AsyncLLMEngine, SamplingParams  # noqa: E402
 
 VARIANTS = ("engine", "grpc", "http", "http_raw")
-TICK = os.sysconf("SC_CLK_TCK")
 
 
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of every thread of ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-class RawClient:
-    """POST /v1/completions over one keep-alive connection, written and read by hand."""
-
-    def __init__(self, url: str, model: str, prompt: str) -> None:
-        self.parts = urlsplit(url)
-        body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0})
-        head = (
-            f"POST /v1/completions HTTP/1.1\r\nHost: {self.parts.netloc}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        self.wire = head.encode() + body.encode()
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def open(self) -> None:
-        host, port = self.parts.hostname, self.parts.port
-        self.reader, self.writer = await asyncio.open_connection(host, port)
-
-    async def one(self) -> None:
-        assert self.reader is not None and self.writer is not None
-        self.writer.write(self.wire)
-        status = await self.reader.readline()
-        length = 0
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        await self.reader.readexactly(length)
-        if b" 200 " not in status:
-            raise RuntimeError(f"HTTP {status!r}")
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-async def run(args: argparse.Namespace, cluster: LocalCluster) -> dict[str, object]:
+async def run(args: argparse.Namespace, cluster: LocalCluster, mux_url: str | None = None,
+              mux_pid: int = 0) -> dict[str, object]:  # fmt: skip
     cfg = cluster.engine_config()
     engine = AsyncLLMEngine(cfg)
     await engine.start()
@@ -100,8 +53,16 @@ async def run(args: argparse.Namespace, cluster: LocalCluster) -> dict[str, obje
     address = cluster.workers[0].ready_field("address")
     body = {"model": engine.model_name, "prompt": args.prompt, "max_tokens": 1, "temperature": 0}
     pids = {"router": cluster.routers[0].proc.pid, "worker": cluster.workers[0].proc.pid}
-    raw = RawClient(cluster.base_url, engine.model_name, args.prompt)
+    raw = RawClient(cluster.base_url, body)
     await raw.open()
+    variants = list(VARIANTS)
+    timed = dict.fromkeys(variants, pids)
+    mux: RawClient | None = None
+    if mux_url is not None:  # --worker-mux ab: http_raw through a second router, mux on
+        mux = RawClient(mux_url, body)
+        await mux.open()
+        variants.append("http_raw_mux")
+        timed["http_raw_mux"] = {"router": mux_pid, "worker": pids["worker"]}  # type: ignore[dict-item]
     counter = iter(range(10**9))
 
     async def direct() -> None:
@@ -129,25 +90,22 @@ async def run(args: argparse.Namespace, cluster: LocalCluster) -> dict[str, obje
         calls: dict[str, Callable[[], Awaitable[None]]] = {
             "engine": direct, "grpc": grpc_call, "http": http, "http_raw": raw.one,
         }  # fmt: skip
-        lat: dict[str, list[float]] = {k: [] for k in VARIANTS}
-        cpu = {k: dict.fromkeys(pids, 0.0) for k in VARIANTS}
+        if mux is not None:
+            calls["http_raw_mux"] = mux.one
+        meter = Meter(timed)
         warm = max(3, args.requests // 10)
         for i in range(warm + args.requests):
-            for j in range(len(VARIANTS)):
-                name = VARIANTS[(i + j) % len(VARIANTS)]
-                before = {p: cpu_s(pid) for p, pid in pids.items()}
-                t = time.perf_counter()
-                await calls[name]()
-                elapsed = time.perf_counter() - t
-                if i >= warm:
-                    lat[name].append(elapsed)
-                    for p, pid in pids.items():
-                        cpu[name][p] += cpu_s(pid) - before[p]
+            for j in range(len(variants)):
+                name = variants[(i + j) % len(variants)]
+                await meter.run(name, calls[name], keep=i >= warm)
     raw.close()
+    if mux is not None:
+        mux.close()
     await engine.shutdown()
+    lat = meter.wall
     base50, base99 = pct(lat["engine"], 0.5), pct(lat["engine"], 0.99)
     report: dict[str, object] = {"model": engine.model_name, "prompt_tokens": len(ids),
-                                 "requests": args.requests,
+                                 "requests": args.requests, "worker_mux": args.worker_mux,
                                  "load_average": round(os.getloadavg()[0], 2)}  # fmt: skip
     for name, vals in lat.items():
         p50, p99 = pct(vals, 0.5), pct(vals, 0.99)
@@ -156,7 +114,7 @@ async def run(args: argparse.Namespace, cluster: LocalCluster) -> dict[str, obje
             "mean_ms": round(statistics.mean(vals) * 1000, 2),
             "added_p50_ms": round((p50 - base50) * 1000, 2),
             "added_p99_ms": round((p99 - base99) * 1000, 2),
-            **{f"{p}_cpu_ms": round(s * 1000 / len(vals), 3) for p, s in cpu[name].items()},
+            **meter.cpu_ms(name, len(vals)),
         }  # fmt: skip
     return report
 
@@ -168,13 +126,27 @@ def main() -> int:
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    p.add_argument("--worker-mux", choices=("default", "on", "off", "ab"), default="default",
+                   help="the router's RouterConfig.worker_mux; ab: the router with it off, "
+                   "and http_raw_mux through a second router with it on, alternated")  # fmt: skip
     args = p.parse_args()
+    overrides = {} if args.worker_mux in ("default",) else {"worker_mux": args.worker_mux == "on"}
     cluster = LocalCluster(ClusterSpec(model=args.model, mixed=1, port=0, device=args.device,
-                                       cluster="bench"))  # fmt: skip
+                                       cluster="bench", router_overrides=overrides))  # fmt: skip
+    second = None
     try:
         cluster.start(progress=lambda m: print(m, file=sys.stderr))
-        report = asyncio.run(run(args, cluster))
+        mux_url, mux_pid = None, 0
+        if args.worker_mux == "ab":
+            env = dict(os.environ, **cluster.etcd.access.to_env())
+            mux_url, second = start_router(cluster.router_argv(1), "--worker-mux", env)
+            mux_pid = second.pid
+            time.sleep(3)  # it sees the worker
+        report = asyncio.run(run(args, cluster, mux_url, mux_pid))
     finally:
+        if second is not None:
+            second.terminate()
+            second.wait(30)
         cluster.stop()
     text = json.dumps(report, indent=2)
     print(text)

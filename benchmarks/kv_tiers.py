@@ -28,11 +28,11 @@ from typing import Any
 import torch
 
 from services.common.net import free_port, wait_for_port
+from services.common.parent_death import with_parent_death
 from services.engine import LLM, SamplingParams
 from services.engine.llm_engine import LLMEngine
 from services.kvstore.master import (
     MasterPorts,
-    _die_with_parent,
     find_master_binary,
     master_argv,
 )
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ports = MasterPorts("127.0.0.1", free_port(), free_port(), free_port())
     master = subprocess.Popen(
-        master_argv(find_master_binary(), ports, 5000, []),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+        with_parent_death(master_argv(find_master_binary(), ports, 5000, [])),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     results: dict[str, Any] = {}
     try:

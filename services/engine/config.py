@@ -34,6 +34,16 @@ class EngineConfig:
     max_num_seqs: int = 64
     # Token budget of one engine step (decode tokens + prefill chunk tokens).
     max_num_batched_tokens: int = 2048
+    # Milliseconds the step thread waits for more arrivals before a step that would start
+    # new prompts while a wave is starting: at least as many waiting as running, and fewer
+    # here than produced output in the last step (a closed-loop client's successors of a
+    # batch that ended together). It steps once no request came for this long, at most 8
+    # windows after the first, or once as many are here as produced output. The wave's
+    # prompts then run in one step instead of the first alone ahead of the rest (its second
+    # token waiting a whole prefill step, the wave out of step from then on). A lone client
+    # is not awaited; the first of a burst waits up to this long. 0: step at once.
+    # See docs/performance.md and services/engine/async_engine.py (_gather_arrivals).
+    arrival_window_ms: float = 20.0
     # Context length limit; None: the model's max_position_embeddings capped at 8192.
     max_model_len: int | None = None
     # Bytes for the KV cache; None: derived from the device (see ModelRunner).
@@ -155,6 +165,8 @@ class EngineConfig:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
+        if not 0.0 <= self.arrival_window_ms <= 100.0:  # NOTE: also false for NaN
+            raise ValueError(f"arrival_window_ms must be in [0, 100], got {self.arrival_window_ms}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:

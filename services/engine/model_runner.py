@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,24 @@ logger = logging.getLogger(__name__)
 
 # KV budget on the CPU when the caller gives none.
 DEFAULT_CPU_KV_BYTES = 1 << 30
+# Environment variable that replaces that default (bytes). NOTE: the test suite sets it small
+# for itself and every process it starts (tests/conftest.py): each engine zeroes its whole
+# budget at start, and 1 GiB costs ~2 s of CPU and a GiB of memory no test uses.
+CPU_KV_BYTES_ENV = "EPDSERVE_CPU_KV_BYTES"
+
+
+def default_cpu_kv_bytes() -> int:
+    """The CPU KV budget of an engine given none: ``EPDSERVE_CPU_KV_BYTES`` or 1 GiB."""
+    raw = os.environ.get(CPU_KV_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_CPU_KV_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{CPU_KV_BYTES_ENV} must be a positive number of bytes, got {raw!r}")
+    return value
 
 
 def attention_backend(device: torch.device) -> TorchAttention:
@@ -178,7 +197,7 @@ class ModelRunner:
         budget = self.config.kv_cache_bytes
         if budget is None:
             if self.device.type == "cpu":
-                budget = DEFAULT_CPU_KV_BYTES
+                budget = default_cpu_kv_bytes()
             else:
                 budget = int(free_device_memory(self.device) * self.config.gpu_memory_utilization)
         elem = torch.tensor([], dtype=self.dtype).element_size()

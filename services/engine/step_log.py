@@ -30,9 +30,14 @@ def split(scheduled: list[ScheduledSeq], offline: set[int]) -> dict[str, Any]:
     out: dict[str, Any] = dict.fromkeys(("on_rows", "on_tokens", "on_decodes", "off_rows",
                                          "off_tokens", "off_decodes"), 0)  # fmt: skip
     out["on_ids"] = []
+    out["arr"] = []  # the prompt rows' arrival times (a wave's spread at the worker)
+    out["pre_ids"] = []  # their seq_ids (a request's first token: its last prompt step's end)
     for item in scheduled:
         side = "off" if item.seq.seq_id in offline else "on"
         decode = item.seq.num_output_tokens > 0
+        if not decode:
+            out["arr"].append(round(item.seq.arrival_time, 4))
+            out["pre_ids"].append(item.seq.seq_id)
         out[f"{side}_rows"] += 1
         out[f"{side}_tokens"] += item.num_new_tokens
         out[f"{side}_decodes"] += decode

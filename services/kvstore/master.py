@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import shutil
-import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.aio import cancel_and_wait
+from services.common.parent_death import with_parent_death
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +90,18 @@ def master_argv(
     ]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: the kernel sends SIGTERM when the supervisor dies, even
-    by SIGKILL, so a master never outlives its kvstore (Linux; elsewhere a no-op)."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+async def spawn(argv: list[str]) -> asyncio.subprocess.Process:
+    """Start ``argv`` (a master) so that it gets SIGTERM when this process dies, even by
+    SIGKILL: a master never outlives its kvstore (Linux; parent_death.py).
+
+    NOTE: not a ``preexec_fn`` setting PR_SET_PDEATHSIG: that makes Python fork() and run
+    gRPC's at-fork handlers in the child, which aborted 1 master start in 10-30 (SIGABRT,
+    "epoll_wait error: Bad file descriptor") once the kvstore's gRPC server and etcd client
+    ran, as it did `up`'s children (52960d9)."""
+    return await asyncio.create_subprocess_exec(
+        *with_parent_death(argv), stdin=asyncio.subprocess.DEVNULL, stdout=sys.stderr,
+        stderr=sys.stderr,
+    )  # fmt: skip
 
 
 async def _port_open(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -246,10 +251,7 @@ class MasterSupervisor:
 
     async def _start_one(self) -> bool:
         """Start a master and wait until its RPC port answers; False if it did not."""
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=sys.stderr, stderr=sys.stderr,
-            preexec_fn=_die_with_parent,
-        )  # fmt: skip
+        self.proc = await spawn(self.argv)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT_S
         while loop.time() < deadline:

@@ -18,6 +18,7 @@ from services.router.http_limits import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_CONN
 from services.router.routing.lora_affinity import DEFAULT_SLACK
 from services.router.routing.policies.factory import available_policies
 from services.router.routing.restarts import RESTART_WAIT_S
+from services.router.shutdown import SHUTDOWN_GRACE_S
 
 
 @dataclass
@@ -50,6 +51,10 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
     request_timeout_s: float = field(
         default=600.0, metadata={"help": "deadline of one generation on a worker"}
     )
+    shutdown_grace_s: float = field(default=SHUTDOWN_GRACE_S, metadata={
+        "help": "on SIGTERM, seconds the requests in flight get to finish; those still running "
+        "then end with a 503 in their API's format (the chart's router pods get this plus "
+        "router.terminationGraceExtraSeconds)"})  # fmt: skip
     load_report_interval_ms: int = field(
         default=200, metadata={"help": "period asked of the workers' load streams"}
     )
@@ -236,6 +241,8 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
             raise ValueError("lora_affinity_slack must be in [0, 1e6]")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
+        if not 0 <= self.shutdown_grace_s <= 86400:
+            raise ValueError("shutdown_grace_s must be in [0, 86400]")
         if self.load_report_interval_ms < 10:
             raise ValueError("load_report_interval_ms must be >= 10")
         if self.load_stale_s <= self.load_report_interval_ms / 1000.0:

@@ -86,7 +86,7 @@ class Gateway:
         self.watcher = MembershipWatcher(cfg.etcd_endpoints, cfg.cluster)
         self.watcher.add_listener(self.pool.on_membership)
         self.started_at = int(time.time())
-        self.shutdown = Shutdown()  # begun by main.GatewayServer on SIGTERM
+        self.shutdown = Shutdown(cfg.shutdown_grace_s)  # begun by main.GatewayServer on SIGTERM
         self.admin_token = load_admin_token(cfg.admin_token_file)
         self.api_keys = load_api_keys(cfg.api_keys_file)  # NOTE: never logged
         self.admission = AdmissionControl(cfg.max_queued_tokens)  # online requests

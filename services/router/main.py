@@ -17,7 +17,7 @@ from services.router.config import RouterConfig
 from services.router.gateway import Gateway
 from services.router.http_protocol import bounded_protocol
 from services.router.server import build_app
-from services.router.shutdown import SHUTDOWN_GRACE_S, SHUTDOWN_MARGIN_S
+from services.router.shutdown import uvicorn_limit_s
 from services.router.tokenization import Tokenizer, keep_torch_out
 
 log = logging.getLogger("epdserve.router")
@@ -50,7 +50,7 @@ def server_config(app: ASGIApp, cfg: RouterConfig, log_level: str = "info") -> u
     the connections open (http_protocol.py)."""
     return uvicorn.Config(
         app, host=cfg.host, port=cfg.port, log_level=log_level.lower(), access_log=False,
-        timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S + SHUTDOWN_MARGIN_S), http=bounded_protocol(cfg.http_limits),
+        timeout_graceful_shutdown=uvicorn_limit_s(cfg.shutdown_grace_s), http=bounded_protocol(cfg.http_limits),
         ssl_certfile=cfg.ssl_certfile, ssl_keyfile=cfg.ssl_keyfile,
     )  # fmt: skip
 

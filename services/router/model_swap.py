@@ -108,6 +108,12 @@ class ModelSwapper:
             if to_sleep is None:
                 return
             victims = to_sleep
+        # NOTE: the task is the router's, not the waiting request's: a request cancelled
+        # meanwhile (its client left) leaves the board at once, so no new swap starts for it,
+        # but a swap begun runs to its end. Stopped half-way it would leave the victim asleep
+        # and this model asleep too (neither serving); other requests, here or at other
+        # routers, or the client's retry, may want the model; and an unused woken model is
+        # the next idle victim (after MIN_AWAKE_S).
         task = asyncio.create_task(self._swap(model, victims, picked), name=f"wake-{model}")
         self._waking[model] = task
         task.add_done_callback(lambda _: self._waking.pop(model, None))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator
 from typing import TypeVar
@@ -16,11 +17,23 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Seconds the requests in flight get after SIGTERM. NOTE: uvicorn's own hard limit is
-# SHUTDOWN_GRACE_S + SHUTDOWN_MARGIN_S (time to write the 503s), which stays under
-# `epdserve up`'s 15 s wait for a router and the chart's router terminationGracePeriodSeconds.
+# Default seconds the requests in flight get after SIGTERM (RouterConfig.shutdown_grace_s).
+# NOTE: uvicorn's own hard limit is the grace + SHUTDOWN_MARGIN_S (time to write the 503s);
+# `epdserve up` waits stop_wait_s for a router, the chart's router pods get the grace plus
+# router.terminationGraceExtraSeconds: both outlast uvicorn's limit.
 SHUTDOWN_GRACE_S = 10.0
 SHUTDOWN_MARGIN_S = 3.0
+
+
+def uvicorn_limit_s(grace_s: float) -> int:
+    """uvicorn's timeout_graceful_shutdown (whole seconds) for a grace of ``grace_s``."""
+    return math.ceil(grace_s + SHUTDOWN_MARGIN_S)
+
+
+def stop_wait_s(grace_s: float) -> float:
+    """How long a parent waits for a SIGTERMed router before SIGKILL: past uvicorn's limit,
+    with 2 s to close its gRPC channels and etcd client."""
+    return uvicorn_limit_s(grace_s) + 2.0
 
 
 def shutting_down_error() -> APIError:

@@ -1,11 +1,18 @@
-"""GenerateMux: many Generate requests of one router on one bidirectional stream.
+"""GenerateMux: many Generate (and PD Decode) requests of one router on one bidirectional
+stream.
 
 A router with ``worker_mux`` on opens one such stream per worker and starts each request with
 a frame on it, not with a call of its own: a call's start costs both sides more CPU than a
-message on an open stream. Each request runs exactly as ``Generate`` runs it (the same
-handler, with a per-request context whose ``abort`` ends that request alone), and ends with
-a frame saying what the call's status would have said: code, details and failure kind.
-The router's side is services/router/routing/mux.py.
+message on an open stream. Each request runs exactly as ``Generate`` or ``Decode`` runs it
+(the same handler, with a per-request context whose ``abort`` ends that request alone), and
+ends with a frame saying what the call's status would have said: code, details and failure
+kind. The router's side is services/router/routing/mux.py.
+
+Flow control per request: HTTP/2's window is the whole stream's, so a request whose router
+side stopped reading (a slow HTTP client) would hold back every other request on it, or pile
+up in the router. Instead each request may run ``window`` messages ahead of the router's
+last credit; past that its handler waits (as a call's handler waits on a full HTTP/2 window)
+and the others go on.
 """
 
 from __future__ import annotations
@@ -32,8 +39,30 @@ _END = object()  # the outbox's last item: the router closed its side, nothing r
 MAX_BATCH_BYTES = 4 << 20
 
 
-def _forget(running: dict[int, asyncio.Task[None]], i: int, _task: object) -> None:
+def _forget(running: dict[int, _Run], i: int, _task: object) -> None:
     running.pop(i, None)
+
+
+class _Run:
+    """One running request of a stream: its task and how far it may run ahead of its reader."""
+
+    def __init__(self, window: int) -> None:
+        self.task: asyncio.Task[None] | None = None
+        self.window = window  # 0: no limit (a router that sends no credits)
+        self.sent = 0  # messages put out, not counting the last (it goes with the end)
+        self.credit = 0  # messages the router says it has taken
+        self._more = asyncio.Event()
+
+    def grant(self, credit: int) -> None:
+        if credit > self.credit:  # a running count: a late or repeated credit is old news
+            self.credit = credit
+            self._more.set()
+
+    async def room(self) -> None:
+        """Wait until the window has room for one more message."""
+        while self.window and self.sent - self.credit >= self.window:
+            self._more.clear()
+            await self._more.wait()
 
 
 def take_ready(outbox: asyncio.Queue[Any], first: Any, max_bytes: int = MAX_BATCH_BYTES):
@@ -98,29 +127,37 @@ def end_of(exc: BaseException | None) -> pb.MuxEnd:
 
 
 class MuxRPCs:
-    """The GenerateMux RPC of WorkerServicer (which provides ``Generate``)."""
+    """The GenerateMux RPC of WorkerServicer (which provides ``Generate`` and ``Decode``)."""
 
     async def GenerateMux(  # noqa: N802 - gRPC method name
         self, frames: AsyncIterator[pb.MuxRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.MuxFrames]:
         outbox: asyncio.Queue[Any] = asyncio.Queue()
-        running: dict[int, asyncio.Task[None]] = {}
+        running: dict[int, _Run] = {}
 
         async def read() -> None:
             try:
                 async for frame in frames:
-                    if frame.HasField("start"):
-                        if frame.id in running:  # a start sent twice: the first one runs
+                    run = running.get(frame.id)
+                    if frame.HasField("start") or frame.HasField("decode"):
+                        if run is not None:  # a start sent twice: the first one runs
                             continue
-                        task = asyncio.create_task(self._mux_one(frame, outbox))
-                        running[frame.id] = task
-                        task.add_done_callback(functools.partial(_forget, running, frame.id))
-                    elif frame.cancel and frame.id in running:
-                        running[frame.id].cancel()
+                        # NOTE: an id whose request has ended is not started again only
+                        # because the router never reuses an id on a stream.
+                        run = running[frame.id] = _Run(frame.window)
+                        run.task = asyncio.create_task(self._mux_one(frame, outbox, run))
+                        run.task.add_done_callback(functools.partial(_forget, running, frame.id))
+                    elif run is None or run.task is None:
+                        continue  # a credit or cancel for a request that has ended
+                    elif frame.cancel:
+                        run.task.cancel()
+                    elif frame.credit:
+                        run.grant(frame.credit)
             finally:
                 # The router closed its side: end the stream once what runs has ended.
                 # NOTE: a task ends by putting its end frame first, so it comes before _END.
-                await asyncio.gather(*running.values(), return_exceptions=True)
+                tasks = [run.task for run in running.values() if run.task is not None]
+                await asyncio.gather(*tasks, return_exceptions=True)
                 outbox.put_nowait(_END)
 
         reader = asyncio.create_task(read())
@@ -135,16 +172,22 @@ class MuxRPCs:
             # The router is gone (cancelled the stream, died, or closed it): nothing of this
             # stream may run on. Each handler's own cleanup aborts its request in the engine.
             reader.cancel()
-            tasks = [*running.values(), reader]
+            tasks = [*(run.task for run in running.values() if run.task is not None), reader]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _mux_one(self, frame: pb.MuxRequest, outbox: asyncio.Queue[Any]) -> None:
+    async def _mux_one(self, frame: pb.MuxRequest, outbox: asyncio.Queue[Any], run: _Run) -> None:
         """Run one request of a stream; its frames go to ``outbox``, the last with its end.
         Cancelled (the router's cancel frame, or the stream ending): no end is sent."""
-        gen = self.Generate(frame.start, MuxContext(frame.traceparent))  # type: ignore[attr-defined]
-        span = mux_request_span(frame.traceparent, frame.start)
+        context = MuxContext(frame.traceparent)
+        if frame.HasField("decode"):
+            request: Any = frame.decode
+            gen = self.Decode(request, context)  # type: ignore[attr-defined]
+        else:
+            request = frame.start
+            gen = self.Generate(request, context)  # type: ignore[attr-defined]
+        span = mux_request_span(frame.traceparent, request, frame.HasField("decode"))
         first = True
         last: pb.GenerateResponse | None = None
         error: BaseException | None = None
@@ -152,11 +195,13 @@ class MuxRPCs:
             async with asyncio.timeout(frame.timeout_s if frame.timeout_s > 0 else None):
                 async for msg in gen:
                     if first and span is not None:
-                        span.event("first_token")
+                        span.first_message()
                     first = False
                     if msg.finished:
                         last = msg  # goes with the end, one frame for both
                     else:
+                        await run.room()
+                        run.sent += 1
                         outbox.put_nowait(pb.MuxResponse(id=frame.id, message=msg))
         except asyncio.CancelledError:
             if span is not None:
@@ -165,7 +210,7 @@ class MuxRPCs:
         except (MuxAbort, TimeoutError) as exc:
             error = exc
         except Exception as exc:  # noqa: BLE001 - the router's error, as grpc.aio would say it
-            log.exception("GenerateMux request %s failed", frame.start.request_id)
+            log.exception("GenerateMux request %s failed", request.request_id)
             error = exc
         finally:
             with contextlib.suppress(Exception):

@@ -1,5 +1,5 @@
-"""`epdserve up --worker-restart-wait-s S` reaches every router's argv, and a bad value is
-refused before anything starts (no process is started here)."""
+"""`epdserve up --worker-restart-wait-s S` and `--worker-mux` reach every router's argv, and a
+bad wait is refused before anything starts (no process is started here)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 
 from services.cli.launcher import ClusterSpec, LocalCluster
 from services.cli.up import add_arguments, router_overrides
+from services.common.dataclass_cli import add_dataclass_args, from_args
+from services.router.config import RouterConfig
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -31,3 +33,20 @@ def test_the_wait_reaches_the_routers() -> None:
 def test_a_bad_wait_is_refused_before_anything_starts(value: str) -> None:
     with pytest.raises(ValueError, match="worker_restart_wait_s"):
         router_overrides(parse("--worker-restart-wait-s", value))
+
+
+@pytest.mark.parametrize(("flag", "want"), [("--worker-mux", True), ("--no-worker-mux", False)])
+def test_worker_mux_reaches_the_routers(flag: str, want: bool) -> None:
+    """`epdserve up --worker-mux` (and --no-worker-mux) is the routers' RouterConfig.worker_mux."""
+    cluster = LocalCluster(ClusterSpec(router_overrides=router_overrides(parse(flag))))
+    try:
+        argv = cluster.router_argv()
+    finally:
+        cluster.stop()
+    p = argparse.ArgumentParser()
+    add_dataclass_args(p, RouterConfig)
+    assert (
+        from_args(RouterConfig, p.parse_args(argv[argv.index("services.router") + 1 :])).worker_mux
+        is want
+    )
+    assert "worker_mux" not in router_overrides(parse())  # no flag: the router's default

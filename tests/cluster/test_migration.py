@@ -8,9 +8,13 @@ import json
 import signal
 import time
 
+import grpc
 import httpx
 import pytest
 from cluster_helpers import TINY_NAME, start_cluster, worker_health
+
+from services.common.proto import worker_pb2 as pb
+from services.common.proto import worker_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -22,6 +26,7 @@ REQ = {
 }  # fmt: skip
 # A worker whose load stream is silent this long is hung (the default is 5 s).
 ROUTER = {"load_stale_s": 2.0, "max_migrations": 2}
+ATTEMPTS = 3  # streams tried for one in which the fault lands while the worker generates
 
 
 def reference(base_url: str, req: dict = REQ) -> tuple[list[str], str]:
@@ -50,15 +55,26 @@ def serving_worker(cluster, role: str) -> str:
     raise AssertionError(f"no {role} worker is running the request: {workers}")
 
 
+def generating(address: str) -> bool:
+    """Whether the worker at ``address`` still runs a request (its own count, not a report)."""
+    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as ch:
+        return pb_grpc.WorkerServiceStub(ch).Health(pb.HealthRequest(), timeout=10).num_inflight > 0
+
+
 def stream_with_fault(
     cluster, role: str, sig: int, req: dict = REQ
 ) -> tuple[dict[int, list[str]], dict[int, str], dict, str]:
-    """Stream ``req``; after a few chunks, send ``sig`` to the worker of ``role`` running it.
-    Returns (tokens and text per completion index, usage, victim id)."""
+    """Stream ``req``; after a few chunks, send ``sig`` to the worker of ``role`` running it,
+    if it still generates. Returns (tokens and text per completion index, usage, victim id:
+    "" where the worker had finished before the fault could land).
+
+    NOTE: the client may read far behind the worker: on a loaded machine the tiny model made
+    all its tokens while this process was still reading the eighth, and a fault that lands on
+    a worker done with the request changes nothing (no migration to see)."""
     tokens: dict[int, list[str]] = {}
     text: dict[int, str] = {}
     usage: dict = {}
-    victim = ""
+    victim, tried = "", False
     body = {**req, "stream": True, "stream_options": {"include_usage": True}}
     with httpx.Client(base_url=cluster.base_url, timeout=120) as c:
         with c.stream("POST", "/v1/completions", json=body) as r:
@@ -75,12 +91,19 @@ def stream_with_fault(
                     text[i] = text.get(i, "") + choice["text"]
                     got = (choice.get("logprobs") or {}).get("tokens", [])
                     tokens[i] = tokens.get(i, []) + got
-                if not victim and len(tokens.get(0, [])) >= 8:
-                    victim = serving_worker(cluster, role)
-                    proc = next(w for w in cluster.workers if w.name == victim)
+                if not tried and len(tokens.get(0, [])) >= 8:
+                    tried = True
+                    name = serving_worker(cluster, role)
+                    proc = next(w for w in cluster.workers if w.name == name)
                     assert len(tokens[0]) < MAX_TOKENS // 2, "the stream ended too soon to test"
-                    proc.signal(sig)
+                    if generating(worker_address(cluster, name)):
+                        victim = name
+                        proc.signal(sig)
     return tokens, text, usage, victim
+
+
+def worker_address(cluster, name: str) -> str:
+    return worker_health(cluster.base_url, cluster.admin_token)[1]["workers"][name]["address"]
 
 
 def migrations(base_url: str, reason: str) -> float:
@@ -91,27 +114,58 @@ def migrations(base_url: str, reason: str) -> float:
     raise AssertionError("no migrations metric")
 
 
-def check_continued(cluster, role: str, sig: int, reason: str, req: dict = REQ) -> None:
+def verifications(cluster, skip: str = "") -> dict[str, float]:
+    """Each live worker's speculative verifications so far (its /metrics), ``skip``'s aside."""
+    out = {}
+    for w in cluster.workers:
+        if w.name == skip or not w.alive():
+            continue
+        url = f"http://127.0.0.1:{w.ready_field('metrics_port')}/metrics"
+        lines = httpx.get(url, timeout=10).text.splitlines()
+        out[w.name] = sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                          if line.startswith("epdserve:spec_decode_num_drafts_total"))  # fmt: skip
+    return out
+
+
+def check_continued(
+    cluster, role: str, sig: int, reason: str, req: dict = REQ, speculates: bool = False
+) -> None:
+    """``speculates``: the worker that takes the request over verifies drafts for it."""
     refs = reference_choices(cluster.base_url, req)
     n = req.get("n", 1)
     assert len(refs) == n and all(len(t) == MAX_TOKENS for t, _ in refs)
-    before = migrations(cluster.base_url, reason)
-    tokens, text, usage, victim = stream_with_fault(cluster, role, sig, req)
-    try:
-        for i, (ref_tokens, ref_text) in enumerate(refs):
-            assert tokens[i] == ref_tokens, f"completion {i}"
-            assert text[i] == ref_text, f"completion {i}"
-        assert usage["completion_tokens"] == n * MAX_TOKENS
-        assert usage["prompt_tokens"] > 0
-        assert migrations(cluster.base_url, reason) == before + 1
-    finally:
-        if sig == signal.SIGSTOP:
-            next(w for w in cluster.workers if w.name == victim).signal(signal.SIGCONT)
+    for _ in range(ATTEMPTS):
+        before = migrations(cluster.base_url, reason)
+        drafts = verifications(cluster) if speculates else {}
+        tokens, text, usage, victim = stream_with_fault(cluster, role, sig, req)
+        try:
+            for i, (ref_tokens, ref_text) in enumerate(refs):
+                assert tokens[i] == ref_tokens, f"completion {i}"
+                assert text[i] == ref_text, f"completion {i}"
+            assert usage["completion_tokens"] == n * MAX_TOKENS
+            assert usage["prompt_tokens"] > 0
+            if victim:
+                assert migrations(cluster.base_url, reason) == before + 1
+                if speculates:  # only the continuation ran since: it drafted on a survivor
+                    after = verifications(cluster, skip=victim)
+                    assert any(after[w] > drafts[w] for w in after), (drafts, after)
+                return
+            print("the worker finished the request before the fault: again", flush=True)
+        finally:
+            if victim and sig == signal.SIGSTOP:
+                next(w for w in cluster.workers if w.name == victim).signal(signal.SIGCONT)
+    raise AssertionError(f"the worker finished the request before the fault {ATTEMPTS} times")
+
+
+# The mixed workers speculate (n-gram from a 1-token match, so that the random model's output
+# drafts): a migrated request must speculate on the worker that continues it, tokens unchanged.
+SPEC = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "adaptive": false}'
 
 
 @pytest.fixture(scope="module")
 def mixed_cluster(tiny_model_dir):
-    c = start_cluster(tiny_model_dir("llama"), workers=3, router_overrides=ROUTER)
+    c = start_cluster(tiny_model_dir("llama"), workers=3, router_overrides=ROUTER,
+                      engine_overrides={"speculative_config": SPEC})  # fmt: skip
     yield c
     c.stop()
 
@@ -126,7 +180,7 @@ def pd_cluster(tiny_model_dir):
 
 
 def test_mixed_worker_killed_mid_stream(mixed_cluster) -> None:
-    check_continued(mixed_cluster, "mixed", signal.SIGKILL, "died")
+    check_continued(mixed_cluster, "mixed", signal.SIGKILL, "died", speculates=True)
 
 
 def test_mixed_worker_stopped_mid_stream(mixed_cluster) -> None:

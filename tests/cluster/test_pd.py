@@ -1,5 +1,5 @@
 """PD disaggregation with real processes: prefill and decode workers moving KV with the real
-Mooncake transfer engine, against a co-located cluster on the same model."""
+Mooncake transfer engine, against a co-located worker on the same model."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import httpx
 import pytest
 from cluster_helpers import TINY_NAME, load_report, start_cluster
 
+from services.cli.launcher import ModelGroup
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from tests.deps import MOONCAKE, require
@@ -43,11 +44,18 @@ def wait_all_blocks_free(addresses: list[str], timeout: float = 45.0) -> dict[st
         time.sleep(0.5)
 
 
-def complete(url: str, prompt: str, max_tokens: int = 12) -> dict:
+# The co-located reference: a mixed worker of the same model in pd_cluster, under its own
+# served name (the router keeps a pool per model, so the name fixes the path). Its requests
+# do not speculate (REFERENCE), as the co-located cluster it replaces did not.
+MIXED_NAME = "tiny-llama-mixed"
+REFERENCE = {"model": MIXED_NAME, "speculative": False}
+
+
+def complete(url: str, prompt: str, max_tokens: int = 12, **extra: object) -> dict:
     r = httpx.post(
         url + "/v1/completions",
         json={"model": TINY_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-              "ignore_eos": True, "logprobs": 2},
+              "ignore_eos": True, "logprobs": 2, **extra},
         timeout=120,
     )  # fmt: skip
     assert r.status_code == 200, r.text
@@ -61,11 +69,15 @@ def concurrently(fn, args_list):
 
 @pytest.fixture(scope="module")
 def pd_cluster(tiny_model_dir):
+    """A PD pair (workers[0], [1]) and the co-located reference, a mixed worker (workers[2])
+    serving the same model as MIXED_NAME."""
     # Its workers speculate (n-gram from a 1-token match, so that short outputs draft too):
     # the decode side's output must still equal the co-located worker's, which does not.
     spec = ('{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, '
             '"adaptive": false}')  # fmt: skip
-    c = start_cluster(tiny_model_dir("llama"), workers=0, prefill=1, decode=1,
+    model = tiny_model_dir("llama")
+    c = start_cluster(model, workers=0, prefill=1, decode=1,
+                      more_models=[ModelGroup(str(model), MIXED_NAME, mixed=1)],
                       engine_overrides={"speculative_config": spec})  # fmt: skip
     yield c
     c.stop()
@@ -102,21 +114,16 @@ def staging_slots(cluster) -> list[tuple[float, float]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def colocated_cluster(tiny_model_dir):
-    c = start_cluster(tiny_model_dir("llama"), workers=1)
-    yield c
-    c.stop()
-
-
 def worker_addresses(cluster) -> list[str]:
     return [w.ready_field("address") for w in cluster.workers]
 
 
 @pytest.mark.parametrize("pd", PD_CLUSTERS)
-def test_pd_equals_colocated(pd, colocated_cluster, request):
+def test_pd_equals_colocated(pd, request):
+    url = request.getfixturevalue("pd_cluster").base_url
+    mixed = request.getfixturevalue("pd_cluster").workers[2]
     pd_cluster = request.getfixturevalue(pd)
-    expected = concurrently(complete, [(colocated_cluster.base_url, p) for p in PROMPTS])
+    expected = concurrently(lambda p: complete(url, p, **REFERENCE), [(p,) for p in PROMPTS])
     for round_ in range(2):  # the second round hits the decode worker's prefix cache
         got = concurrently(complete, [(pd_cluster.base_url, p) for p in PROMPTS])
         for e, g, p in zip(expected, got, PROMPTS, strict=True):
@@ -134,15 +141,19 @@ def test_pd_equals_colocated(pd, colocated_cluster, request):
     assert decode.prefix_cache_hit_rate > 0  # repeated prompts: their blocks did not move again
     if pd == "pd_cluster":
         assert decode.spec_num_drafts > 0, decode
+    # The reference did not speculate (its worker can: same engine).
+    reference = load_report(mixed.ready_field("address"))
+    assert reference.role == pb.ROLE_MIXED and reference.spec_num_drafts == 0, reference
 
 
-def test_stream_and_chat_in_pd(pd_cluster, colocated_cluster):
+def test_stream_and_chat_in_pd(pd_cluster):
     body = {"model": TINY_NAME, "messages": [{"role": "user", "content": "Tell me a story"}],
             "max_tokens": 10, "temperature": 0, "stream": True, "stop": ["zzz"]}  # fmt: skip
 
-    def stream_text(url: str) -> str:
+    def stream_text(**extra: object) -> str:
         parts = []
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        with httpx.stream("POST", pd_cluster.base_url + "/v1/chat/completions",
+                          json={**body, **extra}, timeout=60) as r:  # fmt: skip
             assert r.status_code == 200
             for line in r.iter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
@@ -152,7 +163,7 @@ def test_stream_and_chat_in_pd(pd_cluster, colocated_cluster):
                         parts.append(ch["delta"].get("content") or "")
         return "".join(parts)
 
-    assert stream_text(pd_cluster.base_url) == stream_text(colocated_cluster.base_url)
+    assert stream_text() == stream_text(**REFERENCE)
 
 
 @pytest.mark.parametrize("pd", PD_CLUSTERS)

@@ -391,6 +391,14 @@ def test_grace_period_follows_the_drain_timeout(drain: float | None, grace: int)
     assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == grace
 
 
+@pytest.mark.parametrize("grace,period", [(0, 5), (None, 15), (30.5, 36)])
+def test_router_grace_period_follows_the_shutdown_grace(grace: float | None, period: int) -> None:
+    """It was a fixed 15 s, whatever grace the router gives its requests in flight."""
+    objects = ch.render_objects({"router": {"config": {"shutdownGraceS": grace}}})
+    dep = _by(objects, "Deployment")[f"{ch.FULLNAME}-router"]
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == period
+
+
 def test_bundled_etcd_members_know_each_other() -> None:
     objects = ch.render_objects({"etcd": {"bundled": {"replicas": 3}}})
     sts = _by(objects, "StatefulSet")[f"{ch.FULLNAME}-etcd"]

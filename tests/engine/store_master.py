@@ -6,9 +6,9 @@ from __future__ import annotations
 import subprocess
 
 from services.common.net import free_port, wait_for_port
+from services.common.parent_death import with_parent_death
 from services.kvstore.master import (
     MasterPorts,
-    _die_with_parent,
     find_master_binary,
     master_argv,
 )
@@ -22,11 +22,11 @@ class Master:
 
     def start(self) -> None:
         argv = master_argv(find_master_binary(), self.ports, 5000, [])
-        # Dies with the test process, even when that crashes.
+        # Dies with the test process, even when that crashes (an exec wrapper, not a
+        # preexec_fn: gRPC's at-fork handlers abort a forked child, d10eedf).
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-        )  # fmt: skip
+            with_parent_death(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         for port in (self.ports.rpc_port, self.ports.metadata_port):
             assert wait_for_port("127.0.0.1", port, 20), "mooncake_master did not start"
 

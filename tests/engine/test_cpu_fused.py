@@ -229,3 +229,34 @@ def test_the_attention_layer_writes_its_kv_in_the_rotary_pass(ops, monkeypatch):
         assert len(writes) == (0 if fused else 1)
     for a, b in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_argmax_gives_torchs_indices(ops):
+    """The first of equal maxima, the first NaN where a row has one, +-0 and infinities as
+    torch.argmax; rows of a wider matrix; both sides of the one-thread threshold."""
+    gen = torch.Generator().manual_seed(5)
+    cases = [torch.randn(64, 49152, generator=gen), torch.randn(3, 1, generator=gen)]
+    ties = torch.randn(40, 3000, generator=gen).round()
+    nans = torch.randn(40, 3000, generator=gen)
+    nans[torch.rand(40, 3000, generator=gen) < 0.01] = float("nan")
+    infs = torch.full((9, 700), float("-inf"))
+    infs[torch.rand(9, 700, generator=gen) < 0.1] = float("inf")
+    zeros = torch.zeros(5, 100)
+    zeros[:, ::3] = -0.0
+    wide = torch.randn(7, 1000, generator=gen)[:, :999]
+    for x in [*cases, ties, nans, infs, zeros, wide]:
+        assert ops.argmax(x) == x.argmax(dim=-1).tolist()
+
+
+def test_the_greedy_sampler_takes_the_kernel(ops, monkeypatch):
+    from services.engine.sampler import Sampler
+    from services.engine.sampling_params import SamplingParams
+    from services.engine.sequence import Sequence
+
+    calls = []
+    fn = ops._argmax
+    monkeypatch.setattr(ops, "_argmax", lambda *a: calls.append(a[1]) or fn(*a))
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(6))
+    seqs = [Sequence(f"r{i}", [1, 2], SamplingParams(temperature=0)) for i in range(3)]
+    out = Sampler(eos_token_ids={0})(logits, seqs)
+    assert calls == [3] and out.token_ids == logits.argmax(dim=-1).tolist()

@@ -224,6 +224,46 @@ def test_stops_inside_an_accepted_run(plain, spec):
         assert s.stats.num_accepted_tokens > 0
 
 
+class Exact(Oracle):
+    """Proposes the reference output itself: every draft right."""
+
+    def propose(self, seq: Sequence, k: int) -> list[int]:
+        ref = self.refs.get((tuple(seq.prompt_token_ids), seq.index), [])
+        return list(ref[seq.num_output_tokens : seq.num_output_tokens + k])
+
+
+def test_eos_inside_an_accepted_run(plain, spec):
+    """The model's EOS token ends the sequence where it is sampled, with right drafts after
+    it in the same verification (the drafts come from the run that ignored EOS), and does
+    not before ``min_tokens``: both as without speculation."""
+    prompts = repetitive_prompts()[2:5]
+    full = run(plain, prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    oracle = Exact()
+    for prompt, outs in zip(prompts, full, strict=True):
+        oracle.refs[(tuple(prompt), 0)] = list(outs[0][1])
+    tokens = full[0][0][1]
+    at = next(i for i in range(2, 6) if tokens[i] not in tokens[:i])  # its first occurrence
+    eos = tokens[at]
+    added = eos not in plain.eos_token_ids
+    for engine in (plain, spec):  # NOTE: the sampler and the output check share this set
+        engine.eos_token_ids.add(eos)
+    try:
+        for params in [SamplingParams(temperature=0, max_tokens=20),
+                       SamplingParams(temperature=0, max_tokens=20, min_tokens=at + 2)]:  # fmt: skip
+            want = run(plain, prompts, params)
+            s = speculating(spec, oracle, num_speculative_tokens=6)
+            same(run(spec, prompts, params), want)
+            assert s.stats.num_accepted_tokens > 0
+            if params.min_tokens == 0:  # the first output ends at the EOS, with "stop"
+                assert want[0][0][1] == tuple(tokens[: at + 1]) and want[0][0][3] == "stop"
+            else:
+                assert len(want[0][0][1]) > at + 1
+    finally:
+        if added:
+            for engine in (plain, spec):
+                engine.eos_token_ids.discard(eos)
+
+
 def test_preemption_chunked_prefill_and_prefix_cache(model, plain):
     """A cache too small for the batch (preemption by recompute), prompts chunked across
     steps and sharing cached prefixes, each with speculation on."""

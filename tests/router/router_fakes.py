@@ -9,13 +9,16 @@ import asyncio
 import contextlib
 import json
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import httpx
 import uvicorn
 
+from services.common.etcd_server import EtcdServer
 from services.common.grpc_utils import SERVER_OPTIONS
 from services.common.membership import InstanceInfo, Registrar
 from services.common.net import free_port
@@ -259,3 +262,21 @@ async def until_healthy(client: Any, timeout: float = 15.0) -> None:
         if loop.time() > deadline:
             raise AssertionError(f"the gateway not healthy in {timeout:g} s")
         await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def gateway_with_worker(
+    cluster: str, engine: FakeEngine | None = None, **router: object
+) -> AsyncIterator[RunningGateway]:
+    """A real etcd, one fake worker ``w1`` on ``engine`` and a gateway (``router``: its
+    settings), once healthy; all stopped afterwards."""
+    with EtcdServer() as etcd:
+        worker = await start_fake_worker(etcd.endpoint, cluster, "w1", engine)
+        gw = await start_gateway(etcd.endpoint, cluster, **router)
+        try:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
+                await until_healthy(c)
+            yield gw
+        finally:
+            await asyncio.wait_for(gw.stop(), 15)
+            await asyncio.wait_for(worker.stop(), 15)

@@ -87,7 +87,20 @@ BAD: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], str, str | 
      "'top_logprobs' needs 'logprobs': true", "top_logprobs"),
     ("chat", CHAT, {"stream": 1, "temperature": 9}, {}, "'stream' must be boolean, got int",
      "stream"),
-    ("completion", COMPLETION, {"echo": True}, {}, "'echo' is not supported", "echo"),
+    # best_of other than n, suffix, an empty stop string were accepted and ignored before.
+    ("completion", COMPLETION, {"best_of": 2}, {}, "'best_of' must equal 'n' (1), got 2: "
+     "choosing the best of more sequences than are returned is not supported", "best_of"),
+    ("completion", COMPLETION, {"best_of": 10**6}, {}, "'best_of' must be [1, 64], got 1000000",
+     "best_of"),
+    ("chat", CHAT, {"n": 3, "best_of": 2}, {}, "'best_of' must equal 'n' (3), got 2: choosing "
+     "the best of more sequences than are returned is not supported", "best_of"),
+    ("completion", COMPLETION, {"suffix": "}"}, {},
+     "'suffix' is not supported: no fill-in-the-middle template", "suffix"),
+    ("completion", COMPLETION, {"stop": [""]}, {}, "'stop' must not contain an empty string",
+     "stop"),
+    ("chat", CHAT, {"stop": ""}, {}, "'stop' must not contain an empty string", "stop"),
+    ("messages", ANTHROPIC, {"stop_sequences": ["x", ""]}, {},
+     "'stop_sequences' must not contain an empty string", "stop_sequences"),
     ("completion", COMPLETION, {"echo": 1}, {}, "'echo' must be boolean, got int", "echo"),
     ("completion", COMPLETION, {"logprobs": 21}, {}, "'logprobs' must be [0, 20], got 21",
      "logprobs"),
@@ -211,6 +224,13 @@ def test_completion_sampling_params() -> None:
     assert got == SamplingParams(n=3, temperature=0.0, max_tokens=16, logprobs=2)
     assert parse(CompletionRequest, COMPLETION).sampling_params(None, 4).max_tokens == 4
     assert req.model_extra == {} and req.prompt == "hi"
+
+
+def test_best_of_equal_to_n_suffix_null_and_echo_are_accepted() -> None:
+    req = parse(CompletionRequest, {**COMPLETION, "n": 2, "best_of": 2, "suffix": None,
+                                    "echo": True})  # fmt: skip
+    assert req.sampling_params(None).n == 2 and req.echo is True
+    assert parse(ChatCompletionRequest, {**CHAT, "best_of": 1}).sampling_params(None).n == 1
 
 
 def test_speculative_opt_out_reaches_the_worker() -> None:

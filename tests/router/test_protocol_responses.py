@@ -4,19 +4,17 @@ no field the models do not know."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import httpx
 import pytest
 import pytest_asyncio
 from pydantic import BaseModel
-from router_fakes import start_fake_worker, start_gateway, until_healthy
+from router_fakes import gateway_with_worker
 
-from services.common.etcd_server import EtcdServer
 from services.router.api.protocol.anthropic import CountTokensResponse, MessageResponse
 from services.router.api.protocol.common import AnthropicError, OpenAIError
-from services.router.api.protocol.openai import ChatCompletion, Completion, ModelList
+from services.router.api.protocol.openai_replies import ChatCompletion, Completion, ModelList
 from services.router.api.protocol.responses import ResponseObject
 from services.router.api.protocol.tokenize import DetokenizeResponse, TokenizeResponse
 
@@ -28,16 +26,11 @@ MSGS = [{"role": "user", "content": "hi"}]
 
 @pytest_asyncio.fixture
 async def client():
-    with EtcdServer() as etcd:
-        worker = await start_fake_worker(etcd.endpoint, "resp", "w1")
-        gw = await start_gateway(etcd.endpoint, "resp")
-        try:
-            async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
-                await until_healthy(c)
-                yield c
-        finally:
-            await asyncio.wait_for(gw.stop(), 15)
-            await asyncio.wait_for(worker.stop(), 15)
+    async with (
+        gateway_with_worker("resp") as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=10) as c,
+    ):
+        yield c
 
 
 CASES: list[tuple[str, dict[str, Any], int, type[BaseModel]]] = [

@@ -32,12 +32,14 @@ MODEL = "fake-model"
 
 
 @pytest_asyncio.fixture
-async def routers(tmp_path):
+async def routers(tmp_path, request):
     with EtcdServer() as etcd:
         worker = await start_fake_worker(etcd.endpoint, "rs", "w1", engine=FakeEngine(step_s=0.02))
         # Router b keeps records of at most 2000 bytes in etcd (larger ones: files of the
-        # shared batch directory); both expire them after 3 s.
-        shared = {"response_ttl_s": 3.0, "batch_dir": str(tmp_path)}
+        # shared batch directory); both expire them after 3 s, or after the TTL a test gives
+        # (indirect parametrization: {"response_ttl_s": S}).
+        shared = {"response_ttl_s": 3.0, "batch_dir": str(tmp_path),
+                  **getattr(request, "param", {})}  # fmt: skip
         a = await start_gateway(etcd.endpoint, "rs", **shared)
         b = await start_gateway(etcd.endpoint, "rs", response_max_record_bytes=2000, **shared)
         try:
@@ -60,9 +62,12 @@ async def _create(c: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
     return ResponseObject.model_validate(r.json()).model_dump()
 
 
+# NOTE: a TTL longer than the test (records made at its start are read at its end: at load
+# 45-50 that took over the fixture's 3 s, and DELETE found nothing). Expiry: the next test.
+@pytest.mark.parametrize("routers", [{"response_ttl_s": 120.0}], indirect=True, ids=["ttl120"])
 @pytest.mark.asyncio
-async def test_stored_responses_are_shared_and_expire(routers, tmp_path) -> None:
-    a, b, etcd = routers
+async def test_stored_responses_are_shared(routers, tmp_path) -> None:
+    a, b, _ = routers
     first = await _create(a, input="hi", instructions="be brief", metadata={"k": "v"})
     assert first["status"] == "incomplete" and first["output"][0]["content"][0]["text"]
     assert first["usage"]["output_tokens"] == 3 and first["metadata"] == {"k": "v"}
@@ -116,13 +121,31 @@ async def test_stored_responses_are_shared_and_expire(routers, tmp_path) -> None
     assert (await a.delete(f"/v1/responses/{doomed['id']}")).status_code == 200
     assert (await b.get(f"/v1/responses/{doomed['id']}")).status_code == 404
     assert not (files / f"{doomed['id']}.json").exists()
-    # All of them expire with the TTL; a sweep then deletes the files of the expired ones.
+    r = await a.post("/v1/responses", json={"model": MODEL, "input": "x",
+                                            "previous_response_id": first["id"]})  # fmt: skip
+    assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id"
+
+
+@pytest.mark.asyncio
+async def test_stored_responses_expire(routers, tmp_path) -> None:
+    """Records (in etcd, and a large one as a file with a pointer) expire with the TTL (3 s);
+    a sweep then deletes the files of the expired ones."""
+    a, b, etcd = routers
+    alone = await _create(a, input="x")
+    big = await _create(b, input="y", metadata={f"k{i}": "v" * 200 for i in range(16)})
+    files = tmp_path / "responses"
+    assert (files / f"{big['id']}.json").is_file()
     store = ResponseStore([etcd.endpoint], "rs", 3.0, 2000, 100, 1000, files)
     try:
-        assert await store.sweep(older_than_s=0) == 0
-        await asyncio.sleep(3.5)
-        for rid, c in ((alone["id"], a), (big["id"], b), (big["id"], a)):
-            assert (await c.get(f"/v1/responses/{rid}")).status_code == 404
+        assert await store.sweep(older_than_s=0) == 0  # its pointer lives
+        gone: set[int] = set()
+        for _ in range(300):  # 3 s, or longer on a loaded machine; at most 30 s
+            gone = {(await c.get(f"/v1/responses/{rid}")).status_code
+                    for rid, c in ((alone["id"], a), (big["id"], b), (big["id"], a))}  # fmt: skip
+            if gone == {404}:
+                break
+            await asyncio.sleep(0.1)
+        assert gone == {404}
         assert await store.sweep(older_than_s=0) == 1
         assert not any(files.iterdir())
     finally:
@@ -251,6 +274,9 @@ async def test_logprobs_streamed_and_not(routers) -> None:
     assert streamed == lps == events[-1]["response"]["output"][0]["content"][0]["logprobs"]
 
 
+# NOTE: a TTL longer than the test: at load 30-50 the outage and etcd's return took 5-10 s,
+# and router a's memory copy, 3 s old, had expired before the last GET (404 instead of 200).
+@pytest.mark.parametrize("routers", [{"response_ttl_s": 120.0}], indirect=True, ids=["ttl120"])
 @pytest.mark.asyncio
 async def test_etcd_away_keeps_responses_local(routers) -> None:
     a, b, etcd = routers

@@ -21,7 +21,15 @@ def test_worker_restart_wait_is_bounded(value: float) -> None:
         RouterConfig(etcd="127.0.0.1:1", worker_restart_wait_s=value)
 
 
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf"), 1e300])
+def test_shutdown_grace_is_bounded(value: float) -> None:
+    """1e300 s would reach uvicorn as a graceful-shutdown limit no parent waits out."""
+    with pytest.raises(ValueError):
+        RouterConfig(etcd="127.0.0.1:1", shutdown_grace_s=value)
+
+
 def test_sane_values_are_accepted() -> None:
     cfg = RouterConfig(etcd="127.0.0.1:1", http_head_timeout_s=0.1, http_body_timeout_s=86400.0,
-                       worker_restart_wait_s=0.0)  # fmt: skip
+                       worker_restart_wait_s=0.0, shutdown_grace_s=0.0)  # fmt: skip
     assert cfg.http_limits.head_timeout_s == 0.1 and cfg.worker_restart_wait_s == 0.0
+    assert cfg.shutdown_grace_s == 0.0

@@ -5,6 +5,7 @@ on a stream), and their generations are aborted on the worker."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import httpx
@@ -17,6 +18,7 @@ from services.router.config import RouterConfig
 from services.router.gateway import Gateway
 from services.router.main import GatewayServer, server_config
 from services.router.server import build_app
+from services.router.shutdown import SHUTDOWN_MARGIN_S
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
@@ -47,11 +49,13 @@ async def test_sigterm_ends_requests_in_flight_cleanly(etcd) -> None:
     engine = FakeEngine(max_model_len=100_000, step_s=0.02)  # 50 tokens a second
     worker = await start_fake_worker(etcd.endpoint, "shutdown", "w1", engine)
     port = free_port()
-    cfg = RouterConfig(port=port, cluster="shutdown", etcd=etcd.endpoint,
+    cfg = RouterConfig(port=port, cluster="shutdown", etcd=etcd.endpoint, shutdown_grace_s=GRACE_S,
                        load_report_interval_ms=50, request_timeout_s=30)  # fmt: skip
     gw = Gateway(cfg, FakeTokenizer())
-    gw.shutdown.grace_s = GRACE_S
-    server = GatewayServer(server_config(build_app(gw), cfg, "warning"), gw)
+    uvi = server_config(build_app(gw), cfg, "warning")
+    # The grace is the config's (it was a constant, 10 s), and uvicorn's own limit follows it.
+    assert uvi.timeout_graceful_shutdown == math.ceil(GRACE_S + SHUTDOWN_MARGIN_S)
+    server = GatewayServer(uvi, gw)
     task = asyncio.create_task(server.serve())
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:

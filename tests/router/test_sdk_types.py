@@ -5,7 +5,6 @@ methods the gateway lacks answer JSON errors the SDKs parse."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import anthropic
@@ -16,9 +15,7 @@ import pytest_asyncio
 from anthropic import types as at
 from openai.types import Model
 from openai.types.responses import Response as OpenAIResponse
-from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
-
-from services.common.etcd_server import EtcdServer
+from router_fakes import FakeEngine, gateway_with_worker
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
@@ -35,16 +32,8 @@ class CachingEngine(FakeEngine):
 
 @pytest_asyncio.fixture
 async def url():
-    with EtcdServer() as etcd:
-        worker = await start_fake_worker(etcd.endpoint, "sdk", "w1", CachingEngine())
-        gw = await start_gateway(etcd.endpoint, "sdk")
-        try:
-            async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
-                await until_healthy(c)
-            yield gw.url
-        finally:
-            await asyncio.wait_for(gw.stop(), 15)
-            await asyncio.wait_for(worker.stop(), 15)
+    async with gateway_with_worker("sdk", CachingEngine()) as gw:
+        yield gw.url
 
 
 def _clients(url: str) -> tuple[openai.AsyncOpenAI, anthropic.AsyncAnthropic]:

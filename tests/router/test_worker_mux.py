@@ -12,60 +12,17 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
+from mux_fakes import Worker
 from router_fakes import FakeEngine, start_fake_worker, start_gateway
 
 from services.common.etcd_server import EtcdServer
-from services.common.grpc_utils import SERVER_OPTIONS, failure_kind
-from services.common.membership import InstanceInfo
+from services.common.grpc_utils import failure_kind
 from services.common.proto import worker_pb2 as pb
-from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.router.routing.mux import MuxCall
 from services.router.routing.retry import worker_died
-from services.router.routing.workers import WorkerHandle
-from services.worker.server import WorkerServicer
-from services.worker.state import WorkerState
 from tests.waits import until
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
-
-
-class Worker:
-    """A WorkerServicer on a FakeEngine behind a real gRPC server, and two handles to it:
-    one with per-request calls, one with the shared stream."""
-
-    def __init__(self, step_s: float = 0.002) -> None:
-        self.engine = FakeEngine(step_s=step_s)
-        self.state = WorkerState("w0", "inc-w0", "mixed")
-        self.servicer = WorkerServicer(self.engine, self.state, load_interval_ms=50)
-        self.streams = 0  # GenerateMux calls the server saw
-        self.sends = self.frames = 0  # messages it sent on them, and the frames in those
-        mux = self.servicer.GenerateMux
-
-        async def counted(frames: Any, context: Any) -> Any:
-            self.streams += 1
-            async for batch in mux(frames, context):
-                self.sends += 1
-                self.frames += len(batch.frames)
-                yield batch
-
-        self.servicer.GenerateMux = counted  # type: ignore[method-assign]
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
-        pb_grpc.add_WorkerServiceServicer_to_server(self.servicer, self.server)
-
-    async def start(self) -> None:
-        port = self.server.add_insecure_port("127.0.0.1:0")
-        await self.server.start()
-        info = InstanceInfo(
-            id="w0", address=f"127.0.0.1:{port}", role="mixed", role_epoch=1, model="m",
-            incarnation="i", pid=1, host="h", capacity={},
-        )  # fmt: skip
-        self.plain = WorkerHandle(info, load_interval_ms=50, stale_s=5.0)
-        self.muxed = WorkerHandle(info, load_interval_ms=50, stale_s=5.0, mux=True)
-
-    async def stop(self) -> None:
-        await self.server.stop(grace=None)
-        await self.plain.channel.close(grace=None)
-        await self.muxed.channel.close(grace=None)
 
 
 @pytest_asyncio.fixture

@@ -223,6 +223,28 @@ def test_a_request_whose_worker_died_before_its_first_token_goes_to_the_restart(
     asyncio.run(main())
 
 
+def test_a_worker_that_stalled_and_came_back_by_itself_is_tried_again() -> None:
+    """Its only worker hung on the request (its etcd key expired too) and came back as the
+    same process: no restart will come for it, so the request goes there again instead of
+    waiting out the restart wait for a 503 (review8's loop of test_structured_outputs: a
+    prefill worker stalled 5.1 s, back 1 s later, the request failed after 60 s)."""
+
+    async def main() -> None:
+        old, stub = fake_handle("w0", DiesAtOnce()), Continues()
+        old.stub.handle = old
+        pool = fake_pool([old])
+        same = fake_handle("w0", stub)  # the same process, registered and reporting again
+        assert same.process == old.process
+        task = asyncio.create_task(restart_later(pool, old, same, True, 0.3))
+        try:
+            out = await run(orchestrator(pool, restart_wait_s=8.0))
+        finally:
+            task.cancel()
+        assert out == [[8]] and stub.requests[0].request_id == "r1"
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("wait_s", [30.0, 0.0])
 def test_the_gateway_accepts_a_model_whose_only_worker_is_restarting(wait_s: float) -> None:
     """No worker of it is listed (its key expired): with the wait on, the gateway resolves

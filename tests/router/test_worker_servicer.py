@@ -9,12 +9,12 @@ from types import SimpleNamespace
 import grpc
 import pytest
 import pytest_asyncio
+from mux_fakes import FakeDecode
 from router_fakes import FakeEngine
 
 from services.common.grpc_utils import SERVER_OPTIONS, insecure_channel
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
-from services.engine.sampling_params import SamplingParams
 from services.worker.server import WorkerServicer
 from services.worker.state import WorkerState
 
@@ -118,31 +118,12 @@ async def test_load_reports_keep_online_latencies_and_count_offline_work(stub) -
     assert r.recent_online_ttft_ms > 0 and r.recent_online_tpot_ms > 0
 
 
-class _FakeDecode:
-    """A decode role's reserve / claim over the fake engine (no KV transfer)."""
-
-    def __init__(self, engine: FakeEngine) -> None:
-        self.engine = engine
-        self.reserved: set[str] = set()
-
-    def held(self):
-        return self.reserved
-
-    async def reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
-        self.reserved.add(request.request_id)
-        return pb.ReserveResponse()
-
-    def decode(self, request: pb.DecodeRequest):
-        self.reserved.remove(request.request_id)
-        return self.engine.generate(request.request_id, [1], SamplingParams(max_tokens=3))
-
-
 async def test_a_pd_decode_worker_knows_a_flex_request_from_its_reservation() -> None:
     """The Decode call carries no sampling params: the tier comes from the Reserve, so an
     offline request decoded here stays out of the online means."""
     engine = FakeEngine()
     servicer = WorkerServicer(engine, WorkerState("w", "inc", "decode"), load_interval_ms=20,
-                              decode=_FakeDecode(engine))  # type: ignore[arg-type]  # fmt: skip
+                              decode=FakeDecode(engine))  # type: ignore[arg-type]  # fmt: skip
 
     async def decode(rid: str, tier: str) -> pb.LoadReport:
         await servicer.Reserve(pb.ReserveRequest(request_id=rid, params=pb.SamplingParams(

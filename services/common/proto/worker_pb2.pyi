@@ -644,18 +644,24 @@ class RebalanceExpertsResponse(_message.Message):
     def __init__(self, imbalance_before: _Optional[_Iterable[float]] = ..., imbalance_after: _Optional[_Iterable[float]] = ..., placement_json: _Optional[str] = ..., saved_to: _Optional[str] = ...) -> None: ...
 
 class MuxRequest(_message.Message):
-    __slots__ = ("id", "start", "cancel", "timeout_s", "traceparent")
+    __slots__ = ("id", "start", "cancel", "timeout_s", "traceparent", "decode", "window", "credit")
     ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
     id: int
     start: GenerateRequest
     cancel: bool
     timeout_s: float
     traceparent: str
-    def __init__(self, id: _Optional[int] = ..., start: _Optional[_Union[GenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    decode: DecodeRequest
+    window: int
+    credit: int
+    def __init__(self, id: _Optional[int] = ..., start: _Optional[_Union[GenerateRequest, _Mapping]] = ..., cancel: _Optional[bool] = ..., timeout_s: _Optional[float] = ..., traceparent: _Optional[str] = ..., decode: _Optional[_Union[DecodeRequest, _Mapping]] = ..., window: _Optional[int] = ..., credit: _Optional[int] = ...) -> None: ...
 
 class MuxEnd(_message.Message):
     __slots__ = ("code", "details", "failure_kind")

@@ -215,7 +215,14 @@ class TorchAttention:
             kk = gather_blocks(k_cache, group.tables)
             vv = gather_blocks(v_cache, group.tables)
             short_chunks.attend(group, q, kk, vv, scale, out)
-        for run in _fresh_runs(rest):
+        fresh = [(s.start, s.num_tokens) for s in rest if s.context_len == s.num_tokens]
+        kernel = native.prefill_attention() if fresh and q.device.type == "cpu" else None
+        if kernel is not None and kernel.usable(q, k, v, out):
+            # NOTE: all fresh prompts, of any lengths, in one call (csrc/prefill_attn.c: ~3x
+            # SDPA's flash kernel at the offline benchmark's 128-token prompts).
+            kernel(q, k, v, fresh, scale, out)
+            fresh = []
+        for run in _fresh_runs(rest) if fresh else []:
             # Whole prompts of one length side by side: one causal call over their new K/V.
             s, n, m = run[0].start, run[0].num_tokens, len(run)
             qq, kk, vv = (x[s : s + m * n].unflatten(0, (m, n)).transpose(1, 2) for x in (q, k, v))

@@ -2,7 +2,7 @@
 
 RMSNorm with the residual add folded in, silu(gate) * up from the merged gate_up output, the
 rotary embedding of q and k in place (with the KV cache write folded in, ``rotary_store_``),
-and the residual add after the MLP: each one C call (one pass over the rows, one OpenMP
+the residual add after the MLP, and the greedy sampler's argmax over the logits: each one C call (one pass over the rows, one OpenMP
 region at most, none for a decode batch) where torch runs two to six ops. Float32 CPU tensors
 only; callers keep their torch path for anything else, and ``ops()`` is None without a
 compiler, on a failed build, or with ``EPDSERVE_CPU_KERNELS=0`` (native.py) or
@@ -53,6 +53,9 @@ class CpuFused:
         self._rotary_store = lib.epd_rotary_store_f32
         self._rotary_store.restype = ctypes.c_int
         self._rotary_store.argtypes = [_PTR] * 9 + [_I64] * 10 + [ctypes.c_int]
+        self._argmax = lib.epd_argmax_f32
+        self._argmax.restype = ctypes.c_int
+        self._argmax.argtypes = [_PTR, _I64, _I64, _I64, _PTR, ctypes.c_int]
         # NOTE: GCC 12 vectorizes the silu loop only with AVX-512 (epd_exp.h); built for AVX2
         # it ran scalar, 274 us against torch's 50 us at 64 x 1536 (one thread): callers keep
         # torch's silu there.
@@ -202,6 +205,19 @@ class CpuFused:
         if rc != 0:
             raise RuntimeError(f"rotary + KV store kernel failed ({rc})")
         return q, k
+
+    def argmax(self, x: torch.Tensor) -> list[int]:
+        """``x.argmax(dim=-1).tolist()`` of a float32 CPU matrix of contiguous rows (``rows``),
+        the same indices: the first of equal maxima, the first NaN where a row has one."""
+        n, width = x.shape
+        if not rows(x) or width < 1:
+            return x.argmax(dim=-1).tolist()
+        out = torch.empty(n, dtype=torch.int64)
+        rc = self._argmax(x.data_ptr(), n, width, x.stride(0), out.data_ptr(),
+                          torch.get_num_threads())  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"argmax kernel failed ({rc})")
+        return out.tolist()
 
 
 _ops: CpuFused | None = None

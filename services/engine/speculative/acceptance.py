@@ -85,6 +85,9 @@ def append_sampled(
     spec = scheduler.speculator
     if spec is None:
         return touched
+    decodes_only = all(s.samples and s.num_known_tokens == 1 for s in sched.scheduled)
+    draft_rows = sum(len(s.draft_token_ids) for s in sched.scheduled)
+    spec.step_done(len(sched.scheduled), draft_rows, decodes_only)
     for i, item in enumerate(items):
         seq = item.seq
         if seq.is_finished:

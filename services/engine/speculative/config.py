@@ -78,7 +78,15 @@ class SpeculativeConfig:
     # Since verifications run in the paged decode kernel (dcd0672): 0.016-0.03 at batch 8
     # (benchmarks/spec_step_cost.py); 0.04 kept until a quiet run compares the two. NOTE: the
     # scheduler's step-cost fit is not this cost on a CPU (its slope is a prefill token's).
+    # With measure_draft_cost, the prior until a batch size has enough timed steps.
     draft_token_cost: float = 0.04
+    # Measure the draft cost per batch size on this worker's decode and verification steps
+    # (a least-squares fit of their wall time on their draft rows: draft_cost.py) and use it
+    # in place of draft_token_cost, which is right for one machine and model at best (~0 on a
+    # GPU). Off by default: on the shared CPU at load 44-60 it matched the constant on chat at
+    # batch 8 but its copy-heavy batch-1 A/B was unresolved (repeats of both arms at 0.17x
+    # from other processes' bursts), and a wall-time fit can read a burst as draft cost.
+    measure_draft_cost: bool = False
     # Adapt each sequence's draft length to its measured acceptance.
     adaptive: bool = True
 

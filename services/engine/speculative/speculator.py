@@ -26,8 +26,10 @@ Adaptive length (NOTE: a heuristic, stated here because it decides speed, never 
   stop a sequence that never had a draft accepted); their ratio estimates ``a``, the chance
   that a draft is accepted given that the ones before it were (accepted / (accepted +
   rejections)), so the ``j``-th draft adds a token with chance ``a ** j``. A draft token of
-  each of ``B`` sequences adds about ``draft_token_cost`` of a decode step to the step, so
-  a draft pays only while ``a ** j > draft_token_cost * B``: the sequence drafts the longest
+  each of ``B`` sequences adds about ``draft_cost(B)`` of a decode step to the step
+  (``draft_token_cost``, or with ``measure_draft_cost`` measured on this worker's decode and
+  verification steps, draft_cost.py), so
+  a draft pays only while ``a ** j > draft_cost(B) * B``: the sequence drafts the longest
   run of such drafts (the marginal draft must pay, not the average: with the average, chat
   at batch 8 drafted two or three where the second already cost more than it gained, and
   ran at 0.87-0.92x the CPU per token of no speculation); when that allows none, or the
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from services.engine.speculative.config import SpeculativeConfig
+from services.engine.speculative.draft_cost import DraftCostMeter
 from services.engine.speculative.ngram import NgramProposer
 from services.engine.speculative.stats import SpecStats
 from services.engine.speculative.suffix import SuffixProposer
@@ -137,10 +140,13 @@ class Speculator:
         k = self.kmax = config.num_speculative_tokens or 1  # set by the config's check
         self.stats = SpecStats(proposed_per_position=[0] * k, accepted_per_position=[0] * k)
         self._step_drafts = 0  # drafts given out in the step being scheduled
+        # A draft row's share of a decode step, measured on this worker (draft_cost.py).
+        self.meter = DraftCostMeter()
 
     def new_step(self) -> None:
         """The scheduler starts a step's batch (``max_draft_tokens_per_step`` counts anew)."""
         self._step_drafts = 0
+        self.meter.start()
         new_step = getattr(self.proposer, "new_step", None)
         if new_step is not None:  # the suffix proposer's indexing budget per step
             new_step()
@@ -206,7 +212,7 @@ class Speculator:
         if state is None:
             state = seq.draft_adapt = _Adapt(kmax, PRIOR_MEAN_ACCEPTED)
         k = min(kmax, state.length)
-        cost = self.config.draft_token_cost * max(1, num_running)
+        cost = self.draft_cost(num_running) * max(1, num_running)
         if cost > 0:  # each draft must pay for the share of the step it adds
             k = min(k, paying_drafts(state, cost))
         if state.mean_accepted >= MIN_MEAN_ACCEPTED and k >= 1:
@@ -218,6 +224,18 @@ class Speculator:
         if state.idle_steps % state.probe_every == 0:
             return 1
         return 0
+
+    def draft_cost(self, num_running: int) -> float:
+        """One draft row's share of a decode step of ``num_running`` sequences: measured
+        (``measure_draft_cost``) once this batch size has enough steps, else configured."""
+        if self.config.measure_draft_cost:
+            return self.meter.cost(num_running, self.config.draft_token_cost)
+        return self.config.draft_token_cost
+
+    def step_done(self, batch: int, drafts: int, decodes_only: bool) -> None:
+        """The step has sampled (``batch`` sequences, ``drafts`` draft rows; ``decodes_only``:
+        no prompt chunk in it): its time feeds the measured draft cost."""
+        self.meter.observe(batch, drafts, decodes_only)
 
     def observe(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
         """A verification of ``num_drafts`` tokens of ``seq`` accepted the first

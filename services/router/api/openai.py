@@ -33,6 +33,7 @@ from services.router.tiers import openai_params
 
 if TYPE_CHECKING:
     from services.router.gateway import Gateway
+    from services.router.tokenization import Tokenizer
 
 
 def sampling_from_openai(
@@ -108,6 +109,7 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
         typed, params, tool_setup = await gw.offload.run(size, read_request, gw, body, chat)
         params = openai_params(params, typed.service_tier, key_tiers(request))
         images: list[pb.ImageData] = []
+        echo: list[str] | None = None
         if isinstance(typed, ChatCompletionRequest):
             prompt, images = await chat_prompt(gw, tok, *chat_messages(typed.messages), tool_setup)
             prompts = [prompt]
@@ -115,6 +117,8 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
             prompts = await gw.offload.run(
                 prompt_size(gw, body), completion_prompts, tok, typed.prompt
             )
+            if typed.echo:
+                echo = await gw.offload.run(prompt_size(gw, body), echo_texts, tok, typed.prompt)
         for p in prompts:
             check_context(len(p), params.max_tokens, max_len)
     except APIError as err:
@@ -123,7 +127,17 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     req = ServeRequest.create(gw, api, rid, model, prompts, images, params, tool_setup, started)
     include_usage = bool((typed.stream_options or {}).get("include_usage", False))
-    return await serve(gw, request, req, OpenAIOutput(req, tok, chat, include_usage), typed.stream)
+    output = OpenAIOutput(req, tok, chat, include_usage, echo)
+    return await serve(gw, request, req, output, typed.stream)
+
+
+def echo_texts(tok: Tokenizer, prompt: str | list[Any]) -> list[str]:
+    """What ``echo`` puts before each prompt's choices: the prompt as sent, ids decoded."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(t, int) for t in prompt):
+        return [tok.decode(prompt)]
+    return [p if isinstance(p, str) else tok.decode(p) for p in prompt]
 
 
 def read_request(
@@ -137,6 +151,9 @@ def read_request(
                   max_prompts=cfg.max_prompts)  # fmt: skip
     params = typed.sampling_params(structured_from_openai(body), cfg.max_tokens_limit)
     tool_setup = openai_tools(body) if chat else None
+    if isinstance(typed, CompletionRequest) and typed.echo and params.logprobs is not None:
+        # vLLM answers the prompt's logprobs there; this engine computes none.
+        raise bad_request("'echo' with 'logprobs' is not supported", param="echo")
     if tool_setup is not None and tool_setup.schema is not None and params.structured_outputs:
         raise bad_request(
             "tool_choice 'required' or a named function cannot be combined with "

@@ -83,8 +83,10 @@ class OpenAIOutput:
 
     stream_headers = {"Cache-Control": "no-cache"}
 
-    def __init__(self, req: ServeRequest, tok: Tokenizer, chat: bool, include_usage: bool) -> None:
-        self.req, self.chat, self.include_usage = req, chat, include_usage
+    def __init__(self, req: ServeRequest, tok: Tokenizer, chat: bool, include_usage: bool,
+                 echo: list[str] | None = None) -> None:  # fmt: skip
+        """``echo``: completions, the text that goes before each prompt's choices."""
+        self.req, self.chat, self.include_usage, self.echo = req, chat, include_usage, echo
         self.token_str = tok.token_str  # the logprobs' token strings, the model's own
         obj = "chat.completion.chunk" if chat else "text_completion"
         self.base = {"id": req.rid, "object": obj, "created": req.created, "model": req.model,
@@ -127,7 +129,7 @@ class OpenAIOutput:
             if self.chat:
                 self._chat_choice(item, ch)
             else:
-                item["text"] = ch.full_text
+                item["text"] = self._echoed(idx) + ch.full_text
                 item["logprobs"] = (
                     self._completion_logprobs(ch.logprobs, 0) if req.logprobs else None
                 )
@@ -143,6 +145,9 @@ class OpenAIOutput:
             "system_fingerprint": None,
             "service_tier": req.service_tier,
         }
+
+    def _echoed(self, index: int) -> str:
+        return "" if self.echo is None else self.echo[index // self.req.n]
 
     def _chat_choice(self, item: dict[str, Any], ch: Choice) -> None:
         """The message (reasoning, content, tool calls) and logprobs of one chat choice."""
@@ -171,13 +176,15 @@ class OpenAIOutput:
             if self.chat:
                 yield from self._chat_delta(item, ch, d)
             else:
-                item["text"] = d.text
+                first = ch.index not in self.text_pos
+                item["text"] = (self._echoed(ch.index) if first else "") + d.text
                 pos = self.text_pos.get(ch.index, 0)
                 item["logprobs"] = (
                     self._completion_logprobs(list(d.logprobs), pos) if self.req.logprobs else None
                 )
                 self.text_pos[ch.index] = pos + len(d.text)
-            if (d.text and (not self.chat or item["delta"])) or d.finish_reason or d.logprobs:
+            text = item["delta"] and d.text if self.chat else item["text"]
+            if text or d.finish_reason or d.logprobs:
                 yield _sse({**self.base, "choices": [item], **self.extra})
 
     def _chat_delta(self, item: dict[str, Any], ch: Choice, d: pb.CompletionDelta) -> Iterator[str]:

@@ -29,11 +29,10 @@ from services.router.api.protocol.batches import (
     MessageBatchList,
 )
 from services.router.api.protocol.common import AnthropicError, OpenAIError
-from services.router.api.protocol.openai import (
+from services.router.api.protocol.openai import ChatCompletionRequest, CompletionRequest
+from services.router.api.protocol.openai_replies import (
     ChatCompletion,
-    ChatCompletionRequest,
     Completion,
-    CompletionRequest,
     ModelCard,
     ModelList,
 )

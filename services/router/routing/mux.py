@@ -1,7 +1,8 @@
-"""The router's side of GenerateMux: a worker's Generate calls as requests on one shared
-bidirectional stream (RouterConfig.worker_mux), the worker's side is worker/mux.py.
+"""The router's side of GenerateMux: a worker's Generate and PD Decode calls as requests on
+one shared bidirectional stream (RouterConfig.worker_mux), the worker's side is worker/mux.py.
 
-``MuxStub.Generate`` returns a ``MuxCall``, which behaves as the grpc.aio call it replaces
+``MuxStub.Generate`` and ``MuxStub.Decode`` return a ``MuxCall``, which behaves as the
+grpc.aio call it replaces
 for everything the router does with one: iterate its messages, ``cancel()`` it (a cancel
 frame: the worker aborts the request), its deadline, its status and the failure kind in its
 trailing metadata, its done callbacks. So the watchdog (watch.py), the judgement of failures
@@ -9,9 +10,12 @@ trailing metadata, its done callbacks. So the watchdog (watch.py), the judgement
 its channel closed, the stream failed) ends every request on it with UNAVAILABLE and no
 failure kind: "died", which migration takes; the next request opens a new stream.
 
-NOTE: one slow consumer does not hold back the others on the stream: each call buffers its
-messages (at most one request's output) where a call of its own would push back on the
-worker through gRPC flow control.
+Flow control per request: one slow consumer (a slow HTTP client) must neither hold back the
+others on the stream (HTTP/2's window is the whole stream's) nor pile its output up here.
+Each request runs at most ``WINDOW`` messages ahead of what its consumer took; the consumer
+grants more with a credit frame every ``WINDOW // 2`` messages, so a request of up to that
+many messages costs no credit frame at all. A paused request waits on the worker, as a call
+of its own waits on a full HTTP/2 window, and its deadline still runs.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ log = logging.getLogger(__name__)
 
 _CLOSE = object()  # the outbox's item that ends the frames of a stream
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+# Messages a request may run ahead of its consumer. A message is one engine step's output of
+# the request (its new tokens, logprobs): 256 of them is at most a few hundred KiB.
+WINDOW = 256
 
 
 class MuxCall:
@@ -46,6 +53,7 @@ class MuxCall:
         self._status: tuple[grpc.StatusCode, str, str] | None = None  # code, details, kind
         self._callbacks: list[Callable[[Any], None]] = []
         self._timer = None if timeout is None else self._loop.call_later(timeout, self._expire)
+        self._taken = self._credited = 0  # messages the consumer took / granted to the worker
 
     # -- what the router's code uses of a grpc.aio call --------------------------------
     def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]:
@@ -62,6 +70,10 @@ class MuxCall:
                 await self._waiter
             finally:
                 self._waiter = None
+        self._taken += 1
+        if self._taken - self._credited >= WINDOW // 2 and self._status is None:
+            self._credited = self._taken
+            self._stream.outbox.put_nowait(pb.MuxRequest(id=self.id, credit=self._taken))
         return self._messages.popleft()
 
     def cancel(self) -> bool:
@@ -191,13 +203,18 @@ class MuxChannel:
         self._stream: _Stream | None = None
 
     def start(
-        self, request: pb.GenerateRequest, timeout: float | None, traceparent: str
-    ) -> MuxCall:
+        self, request: pb.GenerateRequest | pb.DecodeRequest, timeout: float | None,
+        traceparent: str,
+    ) -> MuxCall:  # fmt: skip
         stream = self._stream or self._open()
         call = MuxCall(stream, next(self._ids), timeout)
         stream.calls[call.id] = call
-        frame = pb.MuxRequest(id=call.id, start=request, timeout_s=timeout or 0.0,
-                              traceparent=traceparent)  # fmt: skip
+        frame = pb.MuxRequest(id=call.id, timeout_s=timeout or 0.0, traceparent=traceparent,
+                              window=WINDOW)  # fmt: skip
+        if isinstance(request, pb.DecodeRequest):
+            frame.decode.CopyFrom(request)
+        else:
+            frame.start.CopyFrom(request)
         stream.outbox.put_nowait(frame)
         return call
 
@@ -241,8 +258,8 @@ class MuxChannel:
 
 
 class MuxStub:
-    """A worker's stub whose Generate calls go over the shared stream; the other methods are
-    the plain stub's."""
+    """A worker's stub whose Generate and Decode calls go over the shared stream; the other
+    methods are the plain stub's."""
 
     def __init__(self, stub: Any) -> None:
         self._stub = stub
@@ -253,6 +270,13 @@ class MuxStub:
 
     def Generate(  # noqa: N802 - gRPC method name
         self, request: pb.GenerateRequest, *, timeout: float | None = None,
+        metadata: Any = None, **_: Any,
+    ) -> MuxCall:  # fmt: skip
+        traceparent = next((str(v) for k, v in metadata or () if k == "traceparent"), "")
+        return self.mux.start(request, timeout, traceparent)
+
+    def Decode(  # noqa: N802 - gRPC method name
+        self, request: pb.DecodeRequest, *, timeout: float | None = None,
         metadata: Any = None, **_: Any,
     ) -> MuxCall:  # fmt: skip
         traceparent = next((str(v) for k, v in metadata or () if k == "traceparent"), "")

@@ -102,6 +102,11 @@ class Attempts:
         # Worker processes (WorkerHandle.process) this request does not go to again; the
         # same worker restarted is a new process, which it may try.
         self.tried: set[str] = set()
+        # Of those, the processes that died or hung on this request. NOTE: a process that
+        # died never reports again (a restart is a new process), so one of these reporting
+        # again stalled and recovered on its own: it may be tried again rather than waited
+        # for as a restart that will never come (worker_choice._usable).
+        self.down: set[str] = set()
         # Workers tried only when no other is usable (the decode side of a failed KV transfer).
         self.suspects: set[str] = set()
         self.last_error: APIError | None = None  # the client's error when no attempt is left
@@ -111,6 +116,7 @@ class Attempts:
         log.warning("worker %s stopped answering: %s", handle.id, exc)
         handle.mark_failed()
         self.tried.add(handle.process)
+        self.down.add(handle.process)
         self.last_error = APIError(503, f"worker unavailable: {exc}")
         self.poison.note_current_death(handle.id)
         return AttemptFailed()
@@ -135,6 +141,7 @@ class Attempts:
         note_refusal(exc, handle, epoch)
         self.last_error = api_error_from_grpc(exc)
         if worker_died(exc):
+            self.down.add(handle.process)
             self.poison.note_current_death(handle.id)
         return AttemptFailed(kind)
 

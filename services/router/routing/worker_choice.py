@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 
 from services.common.proto import worker_pb2 as pb
 from services.engine.service_tiers import DEFAULT, FLEX
@@ -109,14 +110,19 @@ class WorkerChoice:
         expired) or hangs, and may be restarted."""
         return any(not h.reachable() for h in self.pool.serving(role, model))
 
-    async def _usable(self, role: str, model: str, exclude: set[str]) -> list[WorkerHandle]:
+    async def _usable(
+        self, role: str, model: str, exclude: AbstractSet[str], down: AbstractSet[str] = frozenset()
+    ) -> list[WorkerHandle]:
         """The usable workers of ``role`` outside ``exclude`` (WorkerHandle.process). NOTE: when there are none but
         some of them serve, wait for one (up to WORKER_WAIT_S): a worker is out of routing
         from a failed call until its next load report (a fraction of a second) and from
         registering until its first, and a request arriving then, with the only other
         worker just died, must not fail for that. When one died, wait up to
         ``restart_wait_s`` for it to be restarted (the request then goes on there: a stream
-        whose only decode worker was killed resumes on its restarted process)."""
+        whose only decode worker was killed resumes on its restarted process). A process in
+        ``down`` (it died or hung on this request) that is usable again while the request
+        waits for a restart stalled and recovered: no restart will come, so it is tried again
+        (``max_attempts`` and the poison tracker still bound the request)."""
         start = time.monotonic()
         waited_for: str | None = None
         while True:
@@ -128,6 +134,10 @@ class WorkerChoice:
             if serving and waited < self.WORKER_WAIT_S:
                 why = f"one of {serving}"
             elif self._restarting(role, model, waited, bool(serving) or self._down(role, model)):
+                back = [h for h in self.pool.candidates(role, model) if h.process in down]
+                if back:
+                    log.info("%s worker %s is back by itself; trying it again", role, back[0].id)
+                    return back
                 why = f"a restarted one, up to {self.restart_wait_s:g} s"
             else:
                 if waited_for:
@@ -148,7 +158,9 @@ class WorkerChoice:
         tier: str = DEFAULT,
     ) -> WorkerHandle | None:
         """The policy's mixed worker for the request's next attempt (None: none is usable)."""
-        candidates = self._for_tier(await self._usable("mixed", model, attempts.tried), tier)
+        candidates = self._for_tier(
+            await self._usable("mixed", model, attempts.tried, attempts.down), tier
+        )
         if not candidates:
             return None
         lora = self.pool.lora_of(model)
@@ -165,9 +177,11 @@ class WorkerChoice:
         the decode side only if no other is usable (None: no pair is usable)."""
         tier = request.params.service_tier
         prefills = self._for_tier(
-            await self._usable("prefill", request.model, attempts.tried), tier
+            await self._usable("prefill", request.model, attempts.tried, attempts.down), tier
         )
-        decodes = self._for_tier(await self._usable("decode", request.model, attempts.tried), tier)
+        decodes = self._for_tier(
+            await self._usable("decode", request.model, attempts.tried, attempts.down), tier
+        )
         decodes = [h for h in decodes if h.id not in attempts.suspects] or decodes
         if not prefills or not decodes:
             return None

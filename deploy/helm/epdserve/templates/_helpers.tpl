@@ -299,6 +299,20 @@ binds and advertises the pod IP, on fixed ports, so workers reach it again after
 {{- end }}
 
 {{/*
+The router pods' terminationGracePeriodSeconds: router.config.shutdownGraceS (else the
+RouterConfig default from the flag table) plus router.terminationGraceExtraSeconds.
+*/}}
+{{- define "epdserve.routerGracePeriod" -}}
+{{- $grace := .Values.router.config.shutdownGraceS }}
+{{- if kindIs "invalid" $grace }}
+{{- range (include "epdserve.flags" . | fromJson).router }}
+{{- if eq .key "shutdownGraceS" }}{{ $grace = .default }}{{ end }}
+{{- end }}
+{{- end }}
+{{- add (int (ceil $grace)) (int .Values.router.terminationGraceExtraSeconds) }}
+{{- end }}
+
+{{/*
 The Secret with the etcd client's TLS files (ca.crt, tls.crt, tls.key) that every etcd client
 (router, workers, kvstore) mounts at /etc/epdserve/etcd-tls: the bundled etcd's client
 certificate with etcd.bundled.tls, the external etcd's with etcd.external.tls; empty: plain

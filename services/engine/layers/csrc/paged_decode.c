@@ -111,8 +111,9 @@ static inline vf lane_sums(const vf *d) {
 
 /* Tokens ahead whose K and V rows are prefetched: the blocks of a sequence lie anywhere in
  * the cache, and the hardware prefetchers stop at each block's (and page's) start; the cache
- * of a batch-64 step (15.7 MB a layer) is read once, from memory. */
-#define AHEAD (2 * VW)
+ * of a batch-64 step (15.7 MB a layer) is read once, from memory. 16 tokens (24 KB of rows):
+ * with the prefetches spread over the work, 16 ran faster than 32, 48 or 64 (two threads, AVX-512). */
+#define AHEAD 16
 
 static inline void prefetch_rows(const float *k_row, const float *v_row, int64_t floats) {
     for (int64_t f = 0; f < floats; f += 16) {
@@ -129,6 +130,26 @@ static inline void row_offsets(const int64_t *table, int64_t len, int64_t block_
         const int64_t base = table[j] * blk_stride;
         for (int64_t s = 0; s < block_size && t < len; s++, t++) rows[t] = base + s * tok_stride;
     }
+}
+
+/* Pass 2 for ``ng`` query heads of one KV head (a constant where inlined): out[g] = inv[g] *
+ * sum_t sc[g][t] * V[t], the ng x D / VW sums held in registers over all tokens. */
+static inline __attribute__((always_inline)) void weigh_values(
+    const float *v_cache, const int64_t *rows, int64_t voff, const float *sc, int64_t lenp,
+    int64_t len, float *o, const float *inv, const int64_t D, const int ng) {
+    const int64_t nv = D / VW;
+    vf acc[4][128 / VW];
+    for (int g = 0; g < ng; g++)
+        for (int64_t c = 0; c < nv; c++) acc[g][c] = (vf){0};
+    for (int64_t t = 0; t < len; t++) {
+        const float *vv = v_cache + rows[t] + voff;
+        for (int64_t c = 0; c < nv; c++) {
+            const vf x = loadv(vv + VW * c);
+            for (int g = 0; g < ng; g++) acc[g][c] += sc[g * lenp + t] * x;
+        }
+    }
+    for (int g = 0; g < ng; g++)
+        for (int64_t c = 0; c < nv; c++) storev(o + g * D + VW * c, acc[g][c] * inv[g]);
 }
 
 /* One sequence's KV heads [kh0, kh1): their ``group`` query heads each (rows of ``D`` at
@@ -157,24 +178,37 @@ static inline void attend_seq(const float *qb, const float *k_cache, const float
     /* Pass 1: scores. */
     for (int64_t t0 = 0; t0 < len; t0 += VW) {
         const int64_t n = len - t0 < VW ? len - t0 : VW;
-        for (int64_t s = 0; s < VW && t0 + AHEAD + s < len; s++) {
-            const int64_t r = rows[t0 + AHEAD + s] + off;
-            prefetch_rows(k_cache + r, v_cache + r, span);
-        }
         for (int64_t h = 0; h < nh; h++) {
+            /* NOTE: the next rows' prefetches spread over the heads' work, a few tokens each:
+             * issued all at once (24 lines a token, 384 for 16) they stalled the loads behind
+             * them (1.1-1.2x a call from memory, b2c4059 -> this; /tmp/perf8/pd_bench2.py). */
+            for (int64_t s = h; s < VW && t0 + AHEAD + s < len; s += nh) {
+                const int64_t r = rows[t0 + AHEAD + s] + off;
+                prefetch_rows(k_cache + r, v_cache + r, span);
+            }
             const float *qh = qb + h * D;
             const int64_t koff = (h / group) * D;
             vf qv[128 / VW];
             for (int64_t c = 0; c < nv; c++) qv[c] = loadv(qh + VW * c);
             vf d[VW];
-            for (int64_t s = 0; s < VW; s++) {
-                if (s < n) {
+            if (n == VW) { /* a whole vector of tokens: unrolled, the sums in registers */
+#pragma GCC unroll 16
+                for (int s = 0; s < VW; s++) {
                     const float *kv = k_cache + rows[t0 + s] + off + koff;
                     vf dot = qv[0] * loadv(kv);
                     for (int64_t c = 1; c < nv; c++) dot += qv[c] * loadv(kv + VW * c);
                     d[s] = dot;
-                } else {
-                    d[s] = (vf){0};
+                }
+            } else {
+                for (int64_t s = 0; s < VW; s++) {
+                    if (s < n) {
+                        const float *kv = k_cache + rows[t0 + s] + off + koff;
+                        vf dot = qv[0] * loadv(kv);
+                        for (int64_t c = 1; c < nv; c++) dot += qv[c] * loadv(kv + VW * c);
+                        d[s] = dot;
+                    } else {
+                        d[s] = (vf){0};
+                    }
                 }
             }
             storev(scores + h * lenp + t0, lane_sums(d) * scale);
@@ -193,19 +227,13 @@ static inline void attend_seq(const float *qb, const float *k_cache, const float
         for (int64_t g0 = 0; g0 < group; g0 += 4) {
             const int64_t ng = group - g0 < 4 ? group - g0 : 4;
             const int64_t h0 = (kh - kh0) * group + g0;
-            vf acc[4][128 / VW];
-            for (int64_t g = 0; g < 4; g++)
-                for (int64_t c = 0; c < nv; c++) acc[g][c] = (vf){0};
-            for (int64_t t = 0; t < len; t++) {
-                const float *vv = v_cache + rows[t] + voff;
-                for (int64_t c = 0; c < nv; c++) {
-                    const vf x = loadv(vv + VW * c);
-                    for (int64_t g = 0; g < ng; g++) acc[g][c] += scores[(h0 + g) * lenp + t] * x;
-                }
-            }
-            for (int64_t g = 0; g < ng; g++) {
-                float *o = ob + (h0 + g) * D;
-                for (int64_t c = 0; c < nv; c++) storev(o + VW * c, acc[g][c] * inv[h0 + g]);
+            const float *sc = scores + h0 * lenp;
+            float *o = ob + h0 * D;
+            switch (ng) { /* NOTE: a constant count keeps the sums in registers */
+            case 4: weigh_values(v_cache, rows, voff, sc, lenp, len, o, inv + h0, D, 4); break;
+            case 3: weigh_values(v_cache, rows, voff, sc, lenp, len, o, inv + h0, D, 3); break;
+            case 2: weigh_values(v_cache, rows, voff, sc, lenp, len, o, inv + h0, D, 2); break;
+            default: weigh_values(v_cache, rows, voff, sc, lenp, len, o, inv + h0, D, 1); break;
             }
         }
     }

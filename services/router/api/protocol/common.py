@@ -199,10 +199,11 @@ def Number(lo: float, hi: float) -> GroupedMetadata:  # noqa: N802
 def _stop(value: Any, info: ValidationInfo) -> list[str]:
     name = _name(info)
     value = json_type(value, name, (str, list))
-    if isinstance(value, str):
-        return [value]
+    value = [value] if isinstance(value, str) else value
     if not all(isinstance(s, str) for s in value):
         raise invalid(f"'{name}' must be a string or an array of strings", name)
+    if not all(value):  # NOTE: "" would match everywhere; vLLM refuses it too
+        raise invalid(f"'{name}' must not contain an empty string", name)
     return list(value)
 
 

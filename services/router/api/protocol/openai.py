@@ -32,10 +32,8 @@ from services.router.api.protocol.common import (
     Number,
     Object,
     OneOf,
-    ResponseModel,
     Stop,
     Turns,
-    Unsupported,
     invalid,
     json_type,
 )
@@ -157,6 +155,8 @@ class _Sampling(APIModel):
     guided_choice: Annotated[Any, Documented(Choices)] = None
     guided_grammar: Annotated[Any, Documented(str)] = None
     n: Annotated[int, Int(1, 64, limit="max_n")] = 1
+    # OpenAI's "generate best_of, return the n best": not done here, so only best_of == n.
+    best_of: Annotated[int | None, Int(1, 64, limit="max_n")] = None
     temperature: Annotated[float, Number(0.0, 2.0)] = 1.0
     top_p: Annotated[float, Number(0.0, 1.0)] = 1.0
     top_k: Annotated[int, Int(-1, MAX_TOP_K)] = -1  # 0 also means "no top-k"
@@ -175,6 +175,15 @@ class _Sampling(APIModel):
     service_tier: Annotated[str | None, OneOf(*OPENAI_REQUEST_TIERS)] = None
     priority: Annotated[int, Int(MIN_PRIORITY, MAX_PRIORITY)] = 0  # vLLM's: lower runs first
     speculative: Bool = True  # false: no speculative decoding for it (same output, its cost)
+
+    @field_validator("best_of", mode="after")
+    @classmethod
+    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if value is not None and value != n:
+            raise invalid(f"'best_of' must equal 'n' ({n}), got {value}: choosing the best "
+                          "of more sequences than are returned is not supported", "best_of")  # fmt: skip
+        return value
 
     def _params(self, max_tokens: int | None, logprobs: int | None,
                 structured: StructuredOutputsParams | None) -> SamplingParams:  # fmt: skip
@@ -266,7 +275,15 @@ class CompletionSampling(_Sampling, _CompletionLimits):
 
 
 class _CompletionStream(_Stream):
-    echo: Unsupported = False
+    echo: Bool = False  # the prompt's text before each choice's (not with logprobs)
+    # Fill-in-the-middle needs a model's FIM template, which no served model declares (vLLM
+    # refuses it likewise): only null is accepted.
+    suffix: Annotated[str | None, Documented(str)] = None
+
+    @field_validator("suffix", mode="before")
+    @classmethod
+    def _suffix(cls, value: Any) -> None:
+        raise invalid("'suffix' is not supported: no fill-in-the-middle template", "suffix")
 
 
 class CompletionRequest(CompletionSampling, _CompletionStream):
@@ -295,93 +312,3 @@ class CompletionRequest(CompletionSampling, _CompletionStream):
         ):
             return value  # fmt: skip
         raise invalid("'prompt' must be a string, an array of strings or of token ids", "prompt")
-
-
-# -- Responses --------------------------------------------------------------------------------
-
-
-class PromptTokensDetails(ResponseModel):
-    cached_tokens: int
-
-
-class Usage(ResponseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-
-
-class ResponseMessage(ResponseModel):
-    role: Literal["assistant"]
-    content: str | None
-    reasoning_content: str | None = None  # with a reasoning parser (also as ``reasoning``)
-    reasoning: str | None = None
-    tool_calls: list[ToolCall] | None = None
-
-
-class ChatChoice(ResponseModel):
-    index: int
-    message: ResponseMessage
-    finish_reason: str | None
-    logprobs: dict[str, Any] | None
-
-
-class ChatCompletion(ResponseModel):
-    """A whole chat completion (stream=false)."""
-
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: None
-    service_tier: Literal["default", "flex", "priority"]  # the tier that served it
-
-
-class CompletionChoice(ResponseModel):
-    index: int
-    text: str
-    finish_reason: str | None
-    logprobs: dict[str, Any] | None
-    stop_reason: str | None  # the stop string that ended it
-
-
-class Completion(ResponseModel):
-    """A whole completion (stream=false)."""
-
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-    system_fingerprint: None
-    service_tier: Literal["default", "flex", "priority"]  # the tier that served it
-
-
-class ModelCard(ResponseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    max_model_len: int
-    # A LoRA adapter: the base model it adapts (vLLM's field); None for a base model.
-    parent: str | None = None
-    # Anthropic's ModelInfo, so that one object answers both SDKs (api/models.py).
-    type: Literal["model"]
-    display_name: str
-    created_at: str  # RFC 3339
-    lifecycle: Literal["active"]
-    max_input_tokens: int
-    max_tokens: int
-
-
-class ModelList(ResponseModel):
-    """GET /v1/models (with Anthropic's page fields: one page)."""
-
-    object: Literal["list"]
-    data: list[ModelCard]
-    has_more: bool
-    first_id: str | None
-    last_id: str | None

@@ -1,0 +1,242 @@
+"""Which engine steps make the served ITL tail: client chunk times matched to the worker's steps.
+
+Each row starts its own `epdserve up` (the default model, one mixed worker) with
+``EPDSERVE_STEP_LOG`` set, runs the `epdserve bench` client in this process (random 128 in /
+64 out, ignore_eos, 64 prompts at concurrency 16, seed 0: ``benchmarks/peer_vllm.py``'s work),
+stops it, and prints the row's tok/s, TTFT p50, TPOT p50 and ITL p99. Then it puts every
+inter-chunk gap against the steps: a chunk received at ``b`` came from the last step that
+ended before ``b`` (the client, the router and the worker share CLOCK_MONOTONIC:
+``perf_counter`` and ``monotonic`` are the same clock on Linux), so a gap ``a -> b`` is the
+engine's time between those two steps plus the change in delivery delay. The gaps at or over
+the row's p99 are split into causes:
+
+- ``prefill``: a step between the two carried prompt tokens (a wave's prompts, or an
+  arrival beside running decodes);
+- ``slow decode``: only decode steps, but one took over 2x the row's median decode step
+  (GC, a pre-empted thread, the machine's other work);
+- ``idle``: the step thread waited between steps (nothing scheduled, or a wake-up late);
+- ``delivery``: the engine's interval was short and the chunk was late (router, gRPC, SSE,
+  client).
+
+Rows (``--variants``): ``name=ENV=V[,ENV=V...]`` or ``name=engine:FIELD=V``, in turn,
+``--rounds`` times, so that the machine's load falls on each alike. Recorded, not asserted;
+not in CI.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/itl_tail.py [--rounds 2]
+        [--variants "default=,coalesce=EPDSERVE_X=1"] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from bisect import bisect_right
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.served_vs_engine import set_policy  # noqa: E402
+from benchmarks.serving_sweep import ready, stop_up  # noqa: E402
+from services.common.net import free_port  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str], list[str]]:
+    """``name=K=V,K=V`` -> (name, env, engine args); ``engine:F=V`` items are engine args."""
+    name, _, rest = text.partition("=")
+    env: dict[str, str] = {}
+    engine: list[str] = []
+    for item in filter(None, rest.split(",")):
+        if item.startswith("engine:"):
+            engine.append(item[len("engine:") :])
+        else:
+            k, _, v = item.partition("=")
+            env[k] = v
+    return name, env, engine
+
+
+def group_pids(root: int) -> list[int]:
+    """``root`` and every process under it (`epdserve up`'s etcd, router, worker: each in a
+    session of its own, so not found by process group)."""
+    parents: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parents[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += [c for c, p in parents.items() if p == pid]
+    return out
+
+
+def run_row(args: argparse.Namespace, env: dict[str, str], engine: list[str]) -> dict:
+    """One `epdserve up` + bench: the metrics, each request's chunk times, the steps."""
+    from services.bench.config import BenchConfig
+    from services.bench.runner import run_benchmark
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "services.cli.main", "up", "--port", str(port)]
+    for a in engine:
+        cmd += ["--engine-arg", a]
+    with tempfile.TemporaryDirectory() as tmp:
+        steps = Path(tmp) / "steps.jsonl"
+        full = {**os.environ, **env, "EPDSERVE_STEP_LOG": str(steps),
+                "EPDSERVE_CONFIG_DIR": str(Path(tmp) / "cfg")}  # fmt: skip
+        with open(Path(tmp) / "up.log", "w") as log:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=full, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            pids: list[int] = []
+            try:
+                ready(port)
+                pids = [os.getpid(), *group_pids(proc.pid)] if args.rt else []
+                set_policy(pids, args.rt)
+                cfg = BenchConfig(base_url=f"http://127.0.0.1:{port}", num_prompts=args.num_prompts,
+                                  max_concurrency=args.concurrency, input_len=128, output_len=64,
+                                  ignore_eos=True, seed=0, progress=False)  # fmt: skip
+                run = asyncio.run(run_benchmark(cfg))
+            finally:
+                set_policy(pids, 0)
+                stop_up(proc)
+        lines = steps.read_text().splitlines() if steps.exists() else []
+    chunks = []
+    for r in run.results:
+        if not r.success:
+            continue
+        t = [r.start + r.ttft]
+        for gap in r.itl:
+            t.append(t[-1] + gap)
+        chunks.append(t)
+    return {"metrics": run.metrics.flat(), "chunks": chunks,
+            "steps": [json.loads(x) for x in lines]}  # fmt: skip
+
+
+def engine_side(steps: list[dict]) -> tuple[float, float]:
+    """ITL p99 and TPOT p50 (ms) as the engine produced the tokens, free of delivery: a
+    sequence's first token at the end of its last prompt step (``pre_ids``), each next one
+    at the end of a decode step that ran it (``on_ids``)."""
+    times: dict[int, list[float]] = {}
+    for s in steps:
+        for sid in s.get("pre_ids", []):
+            times[sid] = [s["t"]]  # a chunked prompt: its last chunk gives the first token
+        for sid in s["on_ids"]:
+            times.setdefault(sid, []).append(s["t"])
+    gaps = sorted(b - a for t in times.values() for a, b in zip(t, t[1:], strict=False))
+    tpots = [(t[-1] - t[0]) / (len(t) - 1) for t in times.values() if len(t) > 1]
+    if not gaps:
+        return 0.0, 0.0
+    return 1e3 * gaps[int(0.99 * (len(gaps) - 1))], 1e3 * statistics.median(tpots)
+
+
+def classify(row: dict) -> dict:
+    """The tail gaps (>= p99) by cause, and the steps' summary."""
+    steps = sorted(row["steps"], key=lambda s: s["t"])
+    ends = [s["t"] for s in steps]
+    prompt = [s["on_tokens"] - s["on_decodes"] for s in steps]
+    decode_s = [s["s"] for s, p in zip(steps, prompt, strict=True) if p == 0]
+    med = statistics.median(decode_s) if decode_s else 0.0
+    gaps = []  # (gap, cause, detail)
+    for t in row["chunks"]:
+        for a, b in zip(t, t[1:], strict=False):
+            gaps.append((b - a, a, b))
+    if not gaps or not steps:
+        return {}
+    p99 = sorted(g for g, _, _ in gaps)[int(0.99 * (len(gaps) - 1))]
+    causes: dict[str, list[float]] = {}
+    for gap, a, b in gaps:
+        if gap < p99:
+            continue
+        ia, ib = bisect_right(ends, a) - 1, bisect_right(ends, b) - 1
+        between = steps[ia + 1 : ib + 1]
+        engine_s = ends[ib] - ends[ia] if ia >= 0 else gap
+        if any(p for p in prompt[ia + 1 : ib + 1]):
+            cause = "prefill"
+        elif any(s["s"] > 2 * med for s in between):
+            cause = "slow decode"
+        elif between and engine_s - sum(s["s"] for s in between) > 0.5 * med:
+            cause = "idle"
+        else:
+            cause = "delivery"
+        causes.setdefault(cause, []).append(gap)
+    delays = []
+    for t in row["chunks"]:
+        for b in t[1:]:
+            ib = bisect_right(ends, b) - 1
+            if ib >= 0:
+                delays.append(b - ends[ib])
+    arrivals = sorted({a for s in steps for a in s.get("arr", [])})
+    within = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False) if b - a < 0.2]
+    mixed = [s for s, p in zip(steps, prompt, strict=True) if p and s["on_decodes"]]
+    itl99, tpot50 = engine_side(steps)
+    return {"p99_gap_ms": p99 * 1e3, "decode_step_ms": med * 1e3,
+            "engine_itl_p99_ms": itl99, "engine_tpot_p50_ms": tpot50,
+            "causes": {k: (len(v), 1e3 * statistics.median(v)) for k, v in causes.items()},
+            "delivery_p50_ms": 1e3 * statistics.median(delays),
+            "delivery_p99_ms": 1e3 * sorted(delays)[int(0.99 * (len(delays) - 1))],
+            "steps": len(steps), "prefill_steps": sum(1 for p in prompt if p),
+            "mixed_steps": len(mixed),
+            "arrival_gap_ms": (1e3 * statistics.median(within),
+                               1e3 * max(within)) if within else (0.0, 0.0),
+            "decode_rows_beside_prompts": sum(s["on_decodes"] for s in mixed)}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--variants", default="default=", help="comma-free list joined by ';'")
+    p.add_argument("--json", default=None, help="write every row's raw data here")
+    p.add_argument(
+        "--rt",
+        type=int,
+        default=0,
+        metavar="PRIORITY",
+        help="the timed run's threads (this process, every process of the `up`) in "
+        "SCHED_FIFO at PRIORITY, so that a loaded machine's other work does not "
+        "pre-empt them (keep --num-prompts small: they hold both cores)",
+    )
+    p.add_argument("--pause", type=float, default=0.0, help="seconds between rows")
+    args = p.parse_args()
+    variants = [parse_variant(v) for v in args.variants.split(";")]
+    print("| round | row | tok/s | TTFT p50 | TPOT p50 | ITL p99 | engine TPOT p50 / ITL p99 "
+          "| decode step | delivery "
+          "p50/p99 | tail causes (n, median ms) | steps (prefill, mixed) | arrival gap "
+          "p50/max | load |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|")
+    raw = []
+    for rnd in range(args.rounds):
+        for name, env, engine in variants:
+            load = os.getloadavg()[0]
+            row = run_row(args, env, engine)
+            m, c = row["metrics"], classify(row)
+            raw.append({"round": rnd, "name": name, "load": load, **row})
+            causes = ", ".join(f"{k} {n} ({ms:.0f})" for k, (n, ms) in
+                               sorted(c.get("causes", {}).items()))  # fmt: skip
+            print(f"| {rnd} | {name} | {m['output_throughput']:.1f} | {m['median_ttft_ms']:.0f} ms "
+                  f"| {m['median_tpot_ms']:.1f} ms | {m['p99_itl_ms']:.1f} ms "
+                  f"| {c.get('engine_tpot_p50_ms', 0):.1f} / {c.get('engine_itl_p99_ms', 0):.1f} ms "
+                  f"| {c.get('decode_step_ms', 0):.1f} ms "
+                  f"| {c.get('delivery_p50_ms', 0):.1f}/{c.get('delivery_p99_ms', 0):.1f} ms "
+                  f"| {causes} | {c.get('steps')} ({c.get('prefill_steps')}, "
+                  f"{c.get('mixed_steps')}: {c.get('decode_rows_beside_prompts')} rows) "
+                  f"| {c.get('arrival_gap_ms', (0, 0))[0]:.1f}/{c.get('arrival_gap_ms', (0, 0))[1]:.1f} ms "
+                  f"| {load:.2f} |", flush=True)  # fmt: skip
+            if args.json:  # after every row: a stopped run keeps what it measured
+                Path(args.json).write_text(json.dumps(raw))
+            time.sleep(args.pause)
+
+
+if __name__ == "__main__":
+    main()
