@@ -8,14 +8,38 @@ from typing import Any
 import grpc
 from router_fakes import FakeEngine
 
-from services.common.grpc_utils import SERVER_OPTIONS
+from services.common.grpc_utils import SERVER_OPTIONS, failure_kind
 from services.common.membership import InstanceInfo
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.engine.sampling_params import SamplingParams
+from services.router.routing.retry import worker_died
 from services.router.routing.workers import WorkerHandle
 from services.worker.server import WorkerServicer
 from services.worker.state import WorkerState
+
+
+def gen_request(
+    rid: str, max_tokens: int = 3, *, epoch: int = 0, logprobs: int = 0
+) -> pb.GenerateRequest:
+    """A greedy Generate request of a two-token prompt."""
+    params = pb.SamplingParams(temperature=0, max_tokens=max_tokens)
+    if logprobs:
+        params.logprobs = logprobs
+    return pb.GenerateRequest(request_id=rid, prompt_token_ids=[1, 2], params=params,
+                              role_epoch=epoch)  # fmt: skip
+
+
+async def outcome(call: Any) -> tuple[list[Any], Any]:
+    """A call's messages (token ids and finish of each output), and its error's code,
+    details, failure kind and whether it reads as the worker's death (None: it ended OK)."""
+    got = []
+    try:
+        async for m in call:
+            got.append([(list(o.token_ids), o.finish_reason) for o in m.outputs])
+        return got, None
+    except grpc.aio.AioRpcError as exc:
+        return got, (exc.code(), exc.details(), failure_kind(exc), worker_died(exc))
 
 
 class FakeDecode:

@@ -13,7 +13,13 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
+from router_fakes import (
+    FakeEngine,
+    gateway_with_worker,
+    start_fake_worker,
+    start_gateway,
+    until_healthy,
+)
 
 from services.common.etcd_server import EtcdServer
 from services.common.proto import worker_pb2 as pb
@@ -327,25 +333,20 @@ async def test_bad_input_is_400(routers) -> None:
 @pytest.mark.asyncio
 async def test_reasoning_item_with_a_reasoning_parser() -> None:
     # DeepSeek-R1's output is reasoning until </think>: here, all of the fake engine's text.
-    with EtcdServer() as etcd:
-        worker = await start_fake_worker(etcd.endpoint, "rr", "w1")
-        gw = await start_gateway(etcd.endpoint, "rr", reasoning_parser="deepseek_r1")
-        try:
-            async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
-                await until_healthy(c)
-                body = await _create(c, input="think", store=False)
-                assert [i["type"] for i in body["output"]] == ["reasoning"]
-                assert body["output"][0]["content"][0]["text"] == "w0 w1 w2 "
-                events = []
-                async with c.stream("POST", "/v1/responses", json={
-                    "model": MODEL, "input": "think", "max_output_tokens": 3, "stream": True,
-                }) as r:  # fmt: skip
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: "):
-                            events.append(json.loads(line[6:]))
-        finally:
-            await asyncio.wait_for(gw.stop(), 15)
-            await asyncio.wait_for(worker.stop(), 15)
+    async with (
+        gateway_with_worker("rr", reasoning_parser="deepseek_r1") as gw,
+        httpx.AsyncClient(base_url=gw.url, timeout=10) as c,
+    ):
+        body = await _create(c, input="think", store=False)
+        assert [i["type"] for i in body["output"]] == ["reasoning"]
+        assert body["output"][0]["content"][0]["text"] == "w0 w1 w2 "
+        events = []
+        async with c.stream("POST", "/v1/responses", json={
+            "model": MODEL, "input": "think", "max_output_tokens": 3, "stream": True,
+        }) as r:  # fmt: skip
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
     deltas = [e["delta"] for e in events if e["type"] == "response.reasoning_text.delta"]
     assert "".join(deltas) == "w0 w1 w2 "
     assert events[-1]["response"]["output"][0]["content"][0]["text"] == "w0 w1 w2 "

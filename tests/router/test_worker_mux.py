@@ -6,20 +6,16 @@ as a dead worker's (UNAVAILABLE, no failure kind). Real gRPC server and channel,
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import grpc
 import httpx
 import pytest
 import pytest_asyncio
-from mux_fakes import Worker
+from mux_fakes import Worker, gen_request, outcome
 from router_fakes import FakeEngine, start_fake_worker, start_gateway
 
 from services.common.etcd_server import EtcdServer
-from services.common.grpc_utils import failure_kind
-from services.common.proto import worker_pb2 as pb
 from services.router.routing.mux import MuxCall
-from services.router.routing.retry import worker_died
 from tests.waits import until
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
@@ -33,39 +29,22 @@ async def worker():
     await w.stop()
 
 
-def _req(rid: str, max_tokens: int = 3, epoch: int = 0) -> pb.GenerateRequest:
-    params = pb.SamplingParams(temperature=0, max_tokens=max_tokens)
-    return pb.GenerateRequest(request_id=rid, prompt_token_ids=[1, 2], params=params,
-                              role_epoch=epoch)  # fmt: skip
-
-
-async def _outcome(call: Any) -> tuple[list[Any], Any]:
-    """The call's messages (ids and finish), and its error's code, details and failure kind."""
-    got = []
-    try:
-        async for m in call:
-            got.append([(list(o.token_ids), o.finish_reason) for o in m.outputs])
-        return got, None
-    except grpc.aio.AioRpcError as exc:
-        return got, (exc.code(), exc.details(), failure_kind(exc), worker_died(exc))
-
-
 async def test_same_messages_and_statuses_as_a_call_each(worker: Worker) -> None:
-    cases = [_req("ok", 3), _req("stale", 2, epoch=7), _req("", 0)]
+    cases = [gen_request("ok", 3), gen_request("stale", 2, epoch=7), gen_request("", 0)]
     for req in cases:
-        plain = await _outcome(worker.plain.stub.Generate(req, timeout=10))
+        plain = await outcome(worker.plain.stub.Generate(req, timeout=10))
         muxed = worker.muxed.stub.Generate(req, timeout=10)
         assert isinstance(muxed, MuxCall)
-        assert await _outcome(muxed) == plain
+        assert await outcome(muxed) == plain
         assert await muxed.code() == (grpc.StatusCode.OK if plain[1] is None else plain[1][0])
     # the stale epoch is a refusal with its failure kind, as on a call of its own
-    stale = await _outcome(worker.muxed.stub.Generate(cases[1], timeout=10))
+    stale = await outcome(worker.muxed.stub.Generate(cases[1], timeout=10))
     assert stale[1][0] == grpc.StatusCode.FAILED_PRECONDITION and stale[1][2] == "refused"
 
 
 async def test_many_requests_share_one_stream(worker: Worker) -> None:
-    calls = [worker.muxed.stub.Generate(_req(f"r{i}", 4), timeout=10) for i in range(20)]
-    outs = await asyncio.gather(*(_outcome(c) for c in calls))
+    calls = [worker.muxed.stub.Generate(gen_request(f"r{i}", 4), timeout=10) for i in range(20)]
+    outs = await asyncio.gather(*(outcome(c) for c in calls))
     assert all(err is None and len(msgs) == 4 for msgs, err in outs)
     assert worker.streams == 1
     # the frames of requests with output at the same time travel as one message
@@ -75,11 +54,11 @@ async def test_many_requests_share_one_stream(worker: Worker) -> None:
 
 async def test_cancel_and_deadline_abort_on_the_worker(worker: Worker) -> None:
     worker.engine.step_s = 0.05
-    call = worker.muxed.stub.Generate(_req("c", 100), timeout=10)
+    call = worker.muxed.stub.Generate(gen_request("c", 100), timeout=10)
     await call.__anext__()
     assert call.cancel() and call.cancelled() and not call.cancel()
-    late = worker.muxed.stub.Generate(_req("d", 100), timeout=0.3)
-    msgs, err = await _outcome(late)
+    late = worker.muxed.stub.Generate(gen_request("d", 100), timeout=0.3)
+    msgs, err = await outcome(late)
     assert msgs and err is not None and err[0] == grpc.StatusCode.DEADLINE_EXCEEDED
     for _ in range(100):
         if {"c", "d"} <= set(worker.engine.aborted) and not worker.state.inflight:
@@ -88,23 +67,23 @@ async def test_cancel_and_deadline_abort_on_the_worker(worker: Worker) -> None:
     assert {"c", "d"} <= set(worker.engine.aborted)
     assert not worker.state.inflight
     # the stream itself lives on
-    assert (await _outcome(worker.muxed.stub.Generate(_req("e", 2), timeout=10)))[1] is None
+    assert (await outcome(worker.muxed.stub.Generate(gen_request("e", 2), timeout=10)))[1] is None
     assert worker.streams == 1
 
 
 async def test_a_broken_stream_fails_its_requests_as_died(worker: Worker) -> None:
     worker.engine.step_s = 0.05
-    calls = [worker.muxed.stub.Generate(_req(f"b{i}", 100), timeout=10) for i in range(3)]
+    calls = [worker.muxed.stub.Generate(gen_request(f"b{i}", 100), timeout=10) for i in range(3)]
     for c in calls:
         await c.__anext__()
     await worker.server.stop(grace=None)  # the worker dies under the stream
     for c in calls:
-        msgs, err = await asyncio.wait_for(_outcome(c), 10)
+        msgs, err = await asyncio.wait_for(outcome(c), 10)
         assert err is not None and err[0] == grpc.StatusCode.UNAVAILABLE
         assert err[2] is None and err[3], "a broken stream is a death, which migration takes"
     # the next request tries a new stream (and fails as the worker is gone)
     msgs, err = await asyncio.wait_for(
-        _outcome(worker.muxed.stub.Generate(_req("n"), timeout=5)), 10
+        outcome(worker.muxed.stub.Generate(gen_request("n"), timeout=5)), 10
     )
     assert err is not None and err[0] == grpc.StatusCode.UNAVAILABLE
 

@@ -12,9 +12,8 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
-from mux_fakes import Worker
+from mux_fakes import Worker, gen_request, outcome
 
-from services.common.grpc_utils import failure_kind
 from services.common.proto import worker_pb2 as pb
 from services.router.routing import mux
 from services.router.routing.mux import MuxCall
@@ -40,32 +39,15 @@ async def decode_worker():
     await w.stop()
 
 
-def _req(rid: str, max_tokens: int = 3, logprobs: int = 0) -> pb.GenerateRequest:
-    params = pb.SamplingParams(temperature=0, max_tokens=max_tokens)
-    if logprobs:
-        params.logprobs = logprobs
-    return pb.GenerateRequest(request_id=rid, prompt_token_ids=[1, 2], params=params)
-
-
-async def _outcome(call: Any) -> tuple[list[Any], Any]:
-    got = []
-    try:
-        async for m in call:
-            got.append([(list(o.token_ids), o.finish_reason) for o in m.outputs])
-        return got, None
-    except grpc.aio.AioRpcError as exc:
-        return got, (exc.code(), exc.details(), failure_kind(exc))
-
-
 async def test_pd_decode_goes_on_the_stream_as_its_call_would(decode_worker: Worker) -> None:
     w = decode_worker
     outcomes = []
     for stub in (w.plain.stub, w.muxed.stub):
         await stub.Reserve(pb.ReserveRequest(request_id="d1", role_epoch=1), timeout=5)
         call = stub.Decode(pb.DecodeRequest(request_id="d1", role_epoch=1), timeout=10)
-        ok = await _outcome(call)
+        ok = await outcome(call)
         # no reservation (never made, or already claimed): NOT_FOUND, not a death
-        gone = await _outcome(stub.Decode(pb.DecodeRequest(request_id="d1"), timeout=10))
+        gone = await outcome(stub.Decode(pb.DecodeRequest(request_id="d1"), timeout=10))
         outcomes.append((ok, gone, type(call)))
     (plain_ok, plain_gone, plain_type), (mux_ok, mux_gone, mux_type) = outcomes
     assert mux_type is MuxCall and plain_type is not MuxCall
@@ -78,16 +60,16 @@ async def test_a_reader_that_stops_pauses_its_own_request_only(worker: Worker) -
     """A slow HTTP client's request holds at most WINDOW messages in the router, the others on
     the stream run on, and once it reads again it gets every message, in order."""
     n = 3 * mux.WINDOW
-    slow = worker.muxed.stub.Generate(_req("slow", n), timeout=30)
+    slow = worker.muxed.stub.Generate(gen_request("slow", n), timeout=30)
     await slow.__anext__()
     # the worker stops at the window: it sent WINDOW messages the router has not granted
     await until(lambda: len(slow._messages) >= mux.WINDOW - 1, timeout=20, what="window full")
-    others = [worker.muxed.stub.Generate(_req(f"o{i}", 20), timeout=30) for i in range(4)]
-    outs = await asyncio.wait_for(asyncio.gather(*(_outcome(c) for c in others)), 20)
+    others = [worker.muxed.stub.Generate(gen_request(f"o{i}", 20), timeout=30) for i in range(4)]
+    outs = await asyncio.wait_for(asyncio.gather(*(outcome(c) for c in others)), 20)
     assert all(err is None and len(msgs) == 20 for msgs, err in outs)
     # meanwhile the slow one did not grow: bounded by the window, not by its output
     assert len(slow._messages) <= mux.WINDOW and not slow.done()
-    msgs, err = await asyncio.wait_for(_outcome(slow), 20)
+    msgs, err = await asyncio.wait_for(outcome(slow), 20)
     assert err is None
     tokens = [t for m in msgs for ids, _ in m for t in ids]
     assert tokens == list(range(101, 100 + n)), "nothing dropped, nothing out of order"
@@ -114,14 +96,14 @@ async def test_late_repeated_and_stray_frames_change_nothing(worker: Worker) -> 
                 return next(f.end for f in got[i] if f.HasField("end"))
         raise AssertionError("the stream ended")
 
-    start = pb.MuxRequest(id=1, start=_req("a", 2), window=4)
+    start = pb.MuxRequest(id=1, start=gen_request("a", 2), window=4)
     out.put_nowait(start)
     out.put_nowait(start)  # twice
     assert (await asyncio.wait_for(until_end(1), 10)).code == 0
     for stray in (pb.MuxRequest(id=1, cancel=True), pb.MuxRequest(id=1, credit=9),
                   pb.MuxRequest(id=77, cancel=True), pb.MuxRequest(id=78, credit=3)):  # fmt: skip
         out.put_nowait(stray)
-    out.put_nowait(pb.MuxRequest(id=2, start=_req("b", 3)))
+    out.put_nowait(pb.MuxRequest(id=2, start=gen_request("b", 3)))
     assert (await asyncio.wait_for(until_end(2), 10)).code == 0
     assert worker.engine.started.count("a") == 1 and len(got[1]) == 2 and len(got[2]) == 3
     out.put_nowait(None)
@@ -132,7 +114,7 @@ async def test_cancels_racing_the_ends_leave_no_request_behind(worker: Worker) -
     """Cancels at every moment of short requests, end included: each call ends once, the
     worker holds nothing afterwards, and the stream serves on."""
     rnd = random.Random(7)
-    calls = [worker.muxed.stub.Generate(_req(f"c{i}", rnd.randint(1, 4)), timeout=10)
+    calls = [worker.muxed.stub.Generate(gen_request(f"c{i}", rnd.randint(1, 4)), timeout=10)
              for i in range(60)]  # fmt: skip
 
     async def race(c: MuxCall) -> None:
@@ -143,7 +125,7 @@ async def test_cancels_racing_the_ends_leave_no_request_behind(worker: Worker) -
     await asyncio.wait_for(asyncio.gather(*(race(c) for c in calls)), 20)
     await until(lambda: not worker.state.inflight, timeout=10, what="no request left")
     assert all(c.done() for c in calls)
-    ok = await _outcome(worker.muxed.stub.Generate(_req("after", 2), timeout=10))
+    ok = await outcome(worker.muxed.stub.Generate(gen_request("after", 2), timeout=10))
     assert ok[1] is None and worker.streams == 1
 
 
@@ -160,7 +142,9 @@ async def test_a_stalled_router_holds_back_each_request_at_its_window(worker: Wo
 
     n, tokens, window = 256, 24, 8
     for i in range(1, n + 1):
-        out.put_nowait(pb.MuxRequest(id=i, start=_req(f"s{i}", tokens, 5), window=window))
+        out.put_nowait(
+            pb.MuxRequest(id=i, start=gen_request(f"s{i}", tokens, logprobs=5), window=window)
+        )
     call = worker.plain.stub.GenerateMux(frames())
     seen: dict[int, int] = {}
     ended: set[int] = set()
