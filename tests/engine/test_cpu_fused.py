@@ -17,9 +17,7 @@ from services.engine.layers.rotary import RotaryEmbedding
 def ops(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("EPDSERVE_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels")))
-    native._cache.pop("fused_elementwise", None)
-    mp.setattr(cpu_fused, "_tried", False)
-    mp.setattr(cpu_fused, "_ops", None)
+    native.forget("fused_elementwise")
     k = cpu_fused.ops()
     if k is None:
         mp.undo()

@@ -28,14 +28,12 @@ def fresh(monkeypatch, tmp_path):
 
     def reset(cache: Path) -> None:
         monkeypatch.setenv("EPDSERVE_KERNEL_CACHE", str(cache))
-        native._cache.clear()
-        native._paged = None
+        native.forget()
 
     monkeypatch.delenv("CC", raising=False)
     reset(tmp_path / "cache")
     yield reset
-    native._cache.clear()
-    native._paged = None
+    native.forget()
 
 
 def _built(cache: Path, name: str) -> Path:
@@ -162,7 +160,7 @@ def test_a_changed_header_rebuilds_the_kernels_that_include_it(fresh, monkeypatc
     first = native.library("k")
     assert first is not None and first.k() == 1
     (csrc / "k.h").write_text("#define K 2\n")
-    native._cache.clear()  # a new process
+    native.forget()  # a new process
     second = native.library("k")
     assert second is not None and second.k() == 2
     assert len(list((tmp_path / "cache").glob("k-*.so"))) == 2

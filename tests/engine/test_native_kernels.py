@@ -13,8 +13,7 @@ from services.engine.layers.masks import additive_mask
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("EPDSERVE_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels")))
-    native._cache.clear()
-    native._paged = None
+    native.forget()
     k = native.paged_decode()
     if k is None:
         pytest.skip("no C compiler here: the kernel is not built (the torch path runs)")

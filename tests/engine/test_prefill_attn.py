@@ -14,8 +14,7 @@ from services.engine.layers.attention import AttentionMetadata, PrefillSegment, 
 def kernel(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("EPDSERVE_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels")))
-    native._cache.pop("prefill_attn", None)
-    native._prefill = None
+    native.forget("prefill_attn")
     k = native.prefill_attention()
     yield k if k is not None else pytest.skip("no C compiler here: SDPA runs")
     mp.undo()

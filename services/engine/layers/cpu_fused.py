@@ -12,7 +12,6 @@ compiler, on a failed build, or with ``EPDSERVE_CPU_KERNELS=0`` (native.py) or
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
@@ -220,16 +219,6 @@ class CpuFused:
         return out.tolist()
 
 
-_ops: CpuFused | None = None
-_tried = False
-
-
 def ops() -> CpuFused | None:
     """The fused kernels, or None where they are not available or switched off."""
-    global _ops, _tried
-    if not _tried:
-        _tried = True
-        if os.environ.get("EPDSERVE_CPU_FUSED", "1") != "0":
-            lib = native.library("fused_elementwise")
-            _ops = CpuFused(lib) if lib is not None else None
-    return _ops
+    return native.kernel("fused_elementwise", CpuFused, "EPDSERVE_CPU_FUSED")

@@ -34,7 +34,9 @@ import signal
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -44,6 +46,8 @@ CSRC = Path(__file__).with_name("csrc")
 BUILD_TIMEOUT_S = 120.0
 _lock = threading.Lock()
 _cache: dict[str, ctypes.CDLL | None] = {}
+_kernels: dict[str, Any] = {}  # kernel(): the wrapper made over each library
+K = TypeVar("K")
 # The entry points each kernel library must export: a file lacking them is not that kernel.
 SYMBOLS = {
     "paged_decode": ("epd_paged_decode_f32",),
@@ -222,6 +226,30 @@ def library(name: str) -> ctypes.CDLL | None:
         return _cache[name]
 
 
+def kernel(name: str, make: Callable[[ctypes.CDLL], K], switch: str | None = None) -> K | None:
+    """``make(library(name))``, made once per process; None where the kernels are off
+    (``EPDSERVE_CPU_KERNELS=0``, or the environment variable ``switch`` set to 0; both read
+    on every call, so a benchmark can compare in one process) or the library is not there."""
+    if not enabled() or (switch is not None and os.environ.get(switch, "1") == "0"):
+        return None
+    if name not in _kernels:
+        lib = library(name)
+        _kernels[name] = None if lib is None else make(lib)
+    made: K | None = _kernels[name]
+    return made
+
+
+def forget(name: str | None = None) -> None:
+    """Drop the library ``name`` (every one without it) and its wrapper from this process, as
+    if it had not been loaded (tests: a fresh process over another cache folder)."""
+    with _lock:
+        for memo in (_cache, _kernels):
+            if name is None:
+                memo.clear()
+            else:
+                memo.pop(name, None)
+
+
 _I64 = ctypes.c_int64
 _PTR = ctypes.c_void_p
 
@@ -274,20 +302,9 @@ class PagedDecode:
             raise RuntimeError(f"paged decode kernel failed ({rc}): bad shapes or lengths")
 
 
-_paged: PagedDecode | None = None
-
-
 def paged_decode() -> PagedDecode | None:
     """The paged decode attention kernel, or None where it is not available."""
-    global _paged
-    if not enabled():
-        return None
-    if _paged is None:
-        lib = library("paged_decode")
-        if lib is None:
-            return None
-        _paged = PagedDecode(lib)
-    return _paged
+    return kernel("paged_decode", PagedDecode)
 
 
 class PrefillAttention:
@@ -351,18 +368,7 @@ class PrefillAttention:
             raise RuntimeError(f"prefill attention kernel failed ({rc})")
 
 
-_prefill: PrefillAttention | None = None
-
-
 def prefill_attention() -> PrefillAttention | None:
     """The causal prefill attention kernel, or None where it is not available (or
     ``EPDSERVE_CPU_PREFILL_ATTN=0``: SDPA, e.g. to compare)."""
-    global _prefill
-    if not enabled() or os.environ.get("EPDSERVE_CPU_PREFILL_ATTN", "1") == "0":
-        return None
-    if _prefill is None:
-        lib = library("prefill_attn")
-        if lib is None:
-            return None
-        _prefill = PrefillAttention(lib)
-    return _prefill
+    return kernel("prefill_attn", PrefillAttention, "EPDSERVE_CPU_PREFILL_ATTN")

@@ -19,20 +19,27 @@
 
 #include <stdint.h>
 
+/* The clamp bounds, and the reduction and polynomial of both forms: T is float here and a
+ * GCC vector of floats in prefill_attn.c's exp_v (the same steps lane by lane). Declares
+ * n = round(x / ln 2) and p = exp(x - n ln 2); x must be clamped already. */
+#define EPD_EXP_LO (-87.3f)
+#define EPD_EXP_HI (88.3f)
+/* Round to nearest even by adding and subtracting 1.5 * 2^23 (exact for |v| < 2^22; no
+ * fast-math here, so the compiler keeps both). */
+#define EPD_EXP_STEPS(T, x, n, p)                                               \
+    const T n = ((x) * 1.44269504088896341f + 12582912.0f) - 12582912.0f;     \
+    const T n##_r = ((x) - n * 0.693359375f) + n * 2.12194440e-4f;              \
+    T p = n##_r * 1.9875691500e-4f + 1.3981999507e-3f;                          \
+    p = p * n##_r + 8.3334519073e-3f;                                           \
+    p = p * n##_r + 4.1665795894e-2f;                                           \
+    p = p * n##_r + 1.6666665459e-1f;                                           \
+    p = p * n##_r + 5.0000001201e-1f;                                           \
+    p = p * n##_r * n##_r + n##_r + 1.0f
+
 static inline float epd_exp(float x) {
-    x = x < -87.3f ? -87.3f : x;
-    x = x > 88.3f ? 88.3f : x;
-    /* Round to nearest even by adding and subtracting 1.5 * 2^23 (exact for |v| < 2^22; no
-     * fast-math here, so the compiler keeps both). */
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    x = x < EPD_EXP_LO ? EPD_EXP_LO : x;
+    x = x > EPD_EXP_HI ? EPD_EXP_HI : x;
+    EPD_EXP_STEPS(float, x, n, p);
     /* n in [-126, 127]: a normal power of two. */
     const int32_t bits = ((int32_t)n + 127) << 23;
     float scale;

@@ -72,17 +72,9 @@ static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
 
 /* epd_exp (epd_exp.h) on a vector: the same steps, lane by lane. */
 static inline vf exp_v(vf x) {
-    x = vsel(x < -87.3f, bcast(-87.3f), x);
-    x = vsel(x > 88.3f, bcast(88.3f), x);
-    const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const vf r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    vf p = bcast(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    x = vsel(x < EPD_EXP_LO, bcast(EPD_EXP_LO), x);
+    x = vsel(x > EPD_EXP_HI, bcast(EPD_EXP_HI), x);
+    EPD_EXP_STEPS(vf, x, n, p);
     const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
     return p * (vf)bits;
 }
