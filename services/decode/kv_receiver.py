@@ -28,7 +28,10 @@ NOTE: only a reservation's owner writes its blocks. Who guarantees what:
   bounded leak instead of an unbounded one; the log says which worker). Without a writer
   address (an older router) the wait is ``write_grace_s`` past the deadline instead, which
   covers a running writer's last range, not a stopped one.
-- A claimed reservation is freed at once: Prefill returned only after every write landed."""
+- A claimed reservation is freed at once: Prefill returned only after every write landed.
+- The region an EAGLE-3 head's states are pushed into (``Reservation.states_region``,
+  services/engine/speculative/states_push.py) is written by the same push: it follows the
+  blocks, freed at once when claimed, quarantined with them when released unclaimed."""
 
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ from services.engine.kv_staging import KVStaging, StagingFull
 from services.engine.multimodal import ImageInputs
 from services.engine.resume import Resume
 from services.engine.sampling_params import SamplingParams
+from services.engine.speculative.states_push import Region, StatesArena
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +76,8 @@ class Reservation:
     slots: list[int] = field(default_factory=list)  # staging slots, from the first uncached
     deadline_unix: float = 0.0  # ``deadline`` on the wall clock (time.time()), for the peer
     writer: str = ""  # gRPC address of the prefill worker that writes it ("": unknown)
+    # Where the prefill worker pushes an EAGLE-3 head's states (None: no head, or no room).
+    states_region: Region | None = None
 
 
 @dataclass
@@ -84,6 +90,7 @@ class _Quarantine:
     blocks: list[int]  # quarantined in the engine
     slots: list[int]
     fence: asyncio.Task[None] | None = None  # asking the writer to fence its push
+    states_region: Region | None = None  # the reservation's, in the receiver's ``states``
 
 
 FENCE_RETRY_S = 1.0  # between two FenceKVPush calls to a writer that did not answer
@@ -100,11 +107,14 @@ class KVReceiver:
         fence: Fence | None = None,
         fence_timeout_s: float = 300.0,
         rank_stage_in: Callable[[list[int], list[int]], None] | None = None,
+        states: StatesArena | None = None,
     ) -> None:
         """``rank_stage_in``: with staging and tensor parallelism, copies the same slots into
         the same blocks on the other ranks (each holds staging slots of its own, which the
-        prefill worker's rank of the same index writes; services/prefill/rank_push.py)."""
+        prefill worker's rank of the same index writes; services/prefill/rank_push.py).
+        ``states``: with an EAGLE-3 head, where its states are pushed (a region a reservation)."""
         self.engine = engine
+        self.states = states
         self.staging = staging
         self.rank_stage_in = rank_stage_in
         # What prefill workers write into (advertised in every reservation).
@@ -194,6 +204,9 @@ class KVReceiver:
                 await self.engine.call(lambda e: e.free_reserved(request_id))
                 raise MemoryError(f"KV staging: {e}") from None
             r.target_ids = [0] * skip + r.slots
+        if self.states is not None:
+            done = len(resume.output_token_ids) if resume is not None else 0
+            r.states_region = self.states.allocate_rows(len(prompt_token_ids) + done)
         self.reservations[request_id] = r
         return r
 
@@ -237,6 +250,7 @@ class KVReceiver:
         q = _Quarantine(
             request_id, r.deadline_unix, max(r.deadline, time.monotonic()) + wait, [], []
         )
+        q.states_region, r.states_region = r.states_region, None
         if self.staging is not None:
             q.slots = r.slots
             await self.engine.call(lambda e: e.free_reserved(request_id))
@@ -280,6 +294,8 @@ class KVReceiver:
                 q.fence.cancel()
             if q.slots and self.staging is not None:
                 self.staging.free(q.slots)
+            if self.states is not None:
+                self.states.free(q.states_region)
         blocks = [b for q in due for b in q.blocks]
         if blocks:
             await self.engine.call(lambda e: e.release_quarantined(blocks))

@@ -24,6 +24,7 @@ from services.engine.kv_layout import KVLayout
 from services.engine.multimodal import ImageInputs
 from services.engine.outputs import RequestOutput
 from services.engine.speculative import handoff
+from services.engine.speculative.handoff import DraftStates
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class DecodeRole(Role):
             request.writer_address,
             request.lora,
         )
-        return pb.ReserveResponse(
+        resp = pb.ReserveResponse(
             session_id=self.session_id,
             layout=layout_to_proto(self.receiver.layout),
             block_ids=r.target_ids,
@@ -95,6 +96,9 @@ class DecodeRole(Role):
                 for session, layout in self.rank_caches
             ],
         )
+        if r.states_region is not None and self.receiver.states is not None:
+            self.receiver.states.target(r.states_region, resp.draft_target)
+        return resp
 
     def decode(self, request: pb.DecodeRequest) -> AsyncIterator[RequestOutput]:
         """Claim the reservation (KeyError if gone) and stream the request's outputs. A first
@@ -102,10 +106,37 @@ class DecodeRole(Role):
         (released or expired as any other), and no forward pass fails on it (nine such
         requests in a row ended the engine as one at fault)."""
         self.engine.check_output_tokens([request.first_token_id], "first_token_id")
-        return self._decode(self.receiver.claim(request.request_id), request)
+        r = self.receiver.claim(request.request_id)
+        return self._decode(r, request, self._draft_states(r, request))
+
+    def _draft_states(self, r: Reservation, request: pb.DecodeRequest) -> DraftStates | None:
+        """An EAGLE-3 head's inputs from the prefill side: read from the reservation's region
+        (pushed with the KV, landed since Prefill returned) or from the request (through the
+        router); None when there are none, or on a malformed one (only the drafts suffer).
+        The region is freed here, whatever comes: nothing writes it once claimed."""
+        arena, region, r.states_region = self.receiver.states, r.states_region, None
+        try:
+            if not request.HasField("draft_states"):
+                return None
+            msg = request.draft_states
+            if not msg.pushed:
+                states = handoff.from_proto(msg)
+            elif arena is None or region is None:
+                raise ValueError("draft states pushed, but no region was reserved for them")
+            else:
+                states = arena.take(region, int(msg.start), list(msg.tokens))
+            if arena is not None:
+                arena.handoffs["push" if msg.pushed else "grpc"] += 1
+            return states
+        except ValueError as exc:
+            logger.warning("request %s: %s", request.request_id, exc)
+            return None
+        finally:
+            if arena is not None:
+                arena.free(region)
 
     async def _decode(
-        self, r: Reservation, request: pb.DecodeRequest
+        self, r: Reservation, request: pb.DecodeRequest, states: DraftStates | None
     ) -> AsyncIterator[RequestOutput]:
         try:
             await self.receiver.copy_in(r)
@@ -118,12 +149,6 @@ class DecodeRole(Role):
             if request.HasField("first_logprobs")
             else None
         )
-        states = None
-        if request.HasField("draft_states"):
-            try:
-                states = handoff.from_proto(request.draft_states)
-            except ValueError as exc:  # only the drafts would suffer: the request goes on
-                logger.warning("request %s: %s", request.request_id, exc)
         async for out in self.engine.start_reserved(
             request.request_id, request.first_token_id, first_lp, states
         ):

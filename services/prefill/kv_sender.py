@@ -28,12 +28,18 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from services.common.mooncake_agent import MooncakeAgent, TransferError
 from services.engine.kv_layout import KVLayout, transfer_ranges
 from services.engine.kv_staging import KVStaging, StagingFull
 from services.engine.scheduler_output import ScheduledSeq
+
+if TYPE_CHECKING:
+    from services.engine.speculative.handoff import DraftStates
+    from services.engine.speculative.states_push import StatesArena
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +65,9 @@ class PushTarget:
     # read), given back once the request is over and its queued writes drained.
     slots: list[int] = field(default_factory=list)
     over: bool = False  # waited for or discarded
+    # Called once it is over and no queued write still reads its sources (the regions an
+    # EAGLE-3 head's states are written from, ``push_states``).
+    after: list[Callable[[], None]] = field(default_factory=list)
     request_id: str = ""  # set by KVSender.add
 
 
@@ -207,6 +216,31 @@ class KVSender:
         if last_layer:
             self._queue.put(_FLUSH)
 
+    def push_states(
+        self, request_id: str, arena: StatesArena, addr: int, states: DraftStates
+    ) -> bool:
+        """Queue the write of an EAGLE-3 head's states (the rows of ``states``, already in
+        the decode worker's form: states_push.py) to the decode worker's ``addr``, after the
+        request's KV, on its push: ``wait`` waits for it, and its deadline and ``fence`` stop
+        it as they stop the KV. Call after the request's last layer was queued, before
+        ``wait``. False (nothing queued) when ``arena`` has no room to write it from."""
+        t = self.targets[request_id]
+        region = arena.allocate_rows(len(states.tokens))
+        if region is None or region.nbytes < len(states.tokens) * arena.row_bytes:
+            arena.free(region)
+            return False
+        try:
+            n = arena.put(region, states.hidden)
+        except BaseException:
+            arena.free(region)
+            raise
+        with t.done:
+            t.after.append(lambda: arena.free(region))
+            t.pending += 1
+        self._queue.put((t, [arena.addr(region)], [addr], [n]))
+        self._queue.put(_FLUSH)
+        return True
+
     def _run(self) -> None:
         held: list[_Write] = []
         held_bytes = 0
@@ -262,6 +296,9 @@ class KVSender:
             if t.slots and self.staging is not None:
                 self.staging.free(t.slots)
                 t.slots = []
+            after, t.after = t.after, []
+            for fn in after:
+                fn()
 
     def wait(self, request_id: str, timeout: float) -> PushTarget:
         """Block until every queued write of the request is done (call after the request

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import math
 import time
 from typing import Any
@@ -21,9 +22,13 @@ from services.common.phases import prefill_computed
 from services.common.proto import worker_pb2 as pb
 from services.common.role import Role
 from services.engine.async_engine import AsyncLLMEngine
-from services.engine.speculative import handoff
+from services.engine.speculative import handoff, states_push
+from services.engine.speculative.handoff import DraftStates
+from services.engine.speculative.states_push import StatesArena
 from services.prefill.kv_sender import KVSender, PushTarget
 from services.prefill.rank_push import RankPushes
+
+logger = logging.getLogger(__name__)
 
 
 class PrefillRole(Role):
@@ -36,12 +41,15 @@ class PrefillRole(Role):
         block_size: int,
         transfer_timeout_s: float,
         ranks: RankPushes | None = None,
+        states: StatesArena | None = None,
     ) -> None:
         self.engine = engine
         self.sender = sender  # rank 0's push (the whole KV with one rank)
         self.block_size = block_size
         self.transfer_timeout_s = transfer_timeout_s
         self.ranks = ranks  # the other tensor-parallel ranks' pushes
+        # With an EAGLE-3 head: what its states are pushed from (states_push.py).
+        self.states = states
 
     def start(self) -> None:
         """Nothing to start: the sender's thread runs from its construction."""
@@ -91,9 +99,7 @@ class PrefillRole(Role):
                 raise RuntimeError("prefill produced no token")
             prefill_computed()  # what follows is the push's tail (common/phases.py)
             # Read before the finally below releases the held request (and its states).
-            states = await handoff.export(
-                lambda: self.engine.call(lambda e: e.held_draft_states(rid)), pb.DraftStates()
-            )
+            states = await self._draft_states(rid, request.target)
             pushed = await asyncio.to_thread(self.sender.wait, rid, self.transfer_timeout_s)
             kv_bytes, kv_seconds = pushed.bytes, pushed.seconds
             if self.ranks is not None:
@@ -119,6 +125,33 @@ class PrefillRole(Role):
                 # The KV is in the decode worker now (or the push failed): free our copy.
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.engine.call(lambda e: e.release_held(rid)))
+
+    async def _draft_states(self, rid: str, target: pb.ReserveResponse) -> pb.DraftStates | None:
+        """An EAGLE-3 head's states for the decode worker (before the caller releases the
+        held request): pushed into the region the reservation names, with the KV (the
+        message then carries their tokens only), or else in the message, through the router.
+        None without a head, or on any failure (logged): only the drafts depend on them."""
+        get = lambda: self.engine.call(lambda e: e.held_draft_states(rid))  # noqa: E731
+        if self.states is None or not target.HasField("draft_target"):
+            return await handoff.export(get, pb.DraftStates())
+        arena, dst = self.states, target.draft_target
+        try:
+            states = await get()
+            if states is None:
+                return None
+            cut = states_push.fits(dst, states)
+            if cut is not None and await asyncio.to_thread(
+                self.sender.push_states, rid, arena, dst.addr, cut
+            ):
+                return pb.DraftStates(start=cut.start, tokens=cut.tokens, width=dst.width,
+                                      dtype=dst.dtype, pushed=True)  # fmt: skip
+        except Exception:  # noqa: BLE001 - drafts only: the request must not fail for them
+            logger.warning("EAGLE-3 draft states not pushed", exc_info=True)
+            return None
+        logger.info("request %s: EAGLE-3 draft states go through the router (%s)", rid,
+                    "no room to push them from" if cut is not None else "the region does not "
+                    "fit them")  # fmt: skip
+        return await handoff.export(lambda: _ready(states), pb.DraftStates())
 
     async def fence(self, request: pb.FenceKVPushRequest, timeout: float) -> bool:
         """See ``KVSender.fence``: True once no write of the request's push can land."""
@@ -173,3 +206,7 @@ def write_deadline(target: pb.ReserveResponse) -> float:
     if target.deadline_unix_ms:
         deadline = min(deadline, now + target.deadline_unix_ms / 1000 - time.time())
     return deadline
+
+
+async def _ready(states: DraftStates) -> DraftStates:
+    return states

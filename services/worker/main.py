@@ -37,6 +37,7 @@ from services.engine.config import EngineConfig
 from services.engine.image_processing import load_image_processor
 from services.engine.kv_staging import KVStaging
 from services.engine.model_files import model_source
+from services.engine.speculative.states_push import StatesArena
 from services.prefill.kv_sender import KVSender
 from services.prefill.rank_push import RankPushes
 from services.prefill.role import PrefillRole
@@ -86,6 +87,8 @@ async def serve(
 
     if prefill_role is not None and prefill_role.sender.staging is not None:
         servicer.metrics.watch_staging(prefill_role.sender.staging, decode_role.receiver.staging)
+    if decode_role is not None and decode_role.receiver.states is not None:
+        servicer.metrics.watch_draft_states(decode_role.receiver.states)
     setup_images(wcfg, engine, servicer)
     servicer.loader.configs = (wcfg, ecfg)
     servicer.engine_stall_s = wcfg.engine_stall_s
@@ -278,18 +281,29 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
     if runner.ranks is not None:
         ranks = RankPushes(runner.ranks, mooncake, ecfg.block_size, wcfg.kv_push_min_write_bytes,
                            staging.num_slots if staging is not None else 0)  # fmt: skip
+    # An EAGLE-3 head's states go with the KV (services/engine/speculative/states_push.py).
+    form = getattr(llm_engine.executor.drafter, "states_form", None)
+    states = None
+    if form is not None:
+        width, dtype = form()
+        states = StatesArena(width, dtype, register=agent.register)
     receiver = KVReceiver(
         engine, layout, wcfg.reserve_timeout_s, staging=receive,
         write_grace_s=wcfg.kv_write_grace_s, fence=grpc_fence(wcfg.grpc_tls),
         fence_timeout_s=wcfg.kv_fence_timeout_s,
         rank_stage_in=ranks.stage_in if ranks is not None and staging is not None else None,
+        states=states,
     )  # fmt: skip
     log.info(
-        "KV transfer: Mooncake %s session %s%s%s", wcfg.mooncake_protocol, agent.session_id,
+        "KV transfer: Mooncake %s session %s%s%s%s", wcfg.mooncake_protocol, agent.session_id,
         f", through {staging.num_slots} host staging slots" if staging is not None else "",
         " each way" if receive is not staging else "",
+        f"; EAGLE-3 states pushed with it ({states.nbytes >> 20} MiB registered)"
+        if states is not None else "",
     )  # fmt: skip
-    prefill = PrefillRole(engine, sender, ecfg.block_size, wcfg.kv_transfer_timeout_s, ranks)
+    prefill = PrefillRole(
+        engine, sender, ecfg.block_size, wcfg.kv_transfer_timeout_s, ranks, states
+    )
     rank_caches = [(e.session_id, e.layout) for e in ranks.endpoints] if ranks else []
     return prefill, DecodeRole(engine, receiver, agent.session_id, rank_caches)
 

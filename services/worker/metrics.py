@@ -184,6 +184,11 @@ class WorkerMetrics(MetricsEndpoint):
         unique = list({id(s): s for s in stagings}.values())
         self.registry.register(_StagingCollector(unique, (self.model_name, self.instance)))
 
+    def watch_draft_states(self, arena: Any) -> None:
+        """Export how an EAGLE-3 head's states reached this decode worker (pushed with the
+        KV, or through the router) and the room left to push them into."""
+        self.registry.register(_DraftStatesCollector(arena, (self.model_name, self.instance)))
+
     def observe_prefill(self, seconds: float, prompt_tokens: int) -> None:
         """A PD prefill that ran here (``Prefill`` RPC: no output stream to track): its time
         to first token and its prompt tokens."""
@@ -206,6 +211,30 @@ class _StagingCollector:
             g = GaugeMetricFamily(name, doc, labels=LABELS)
             g.add_metric(self.ids, value)
             yield g
+
+
+class _DraftStatesCollector:
+    def __init__(self, arena: Any, ids: tuple[str, str]) -> None:
+        self.arena = arena
+        self.ids = list(ids)
+
+    def collect(self) -> Iterable[Metric]:
+        c = CounterMetricFamily(
+            "epdserve:spec_decode_draft_states_handoffs", "EAGLE-3 states a PD decode worker "
+            "took from the prefill worker, by path: push (Mooncake, with the KV) or grpc "
+            "(through the router: no region was free, or the prefill worker did not push).",
+            labels=[*LABELS, "path"],
+        )  # fmt: skip
+        for path, n in self.arena.handoffs.items():
+            c.add_metric([*self.ids, path], n)
+        yield c
+        g = GaugeMetricFamily(
+            "epdserve:spec_decode_draft_states_free_bytes",
+            "Room left in the registered buffer EAGLE-3 states are pushed into and from.",
+            labels=LABELS,
+        )
+        g.add_metric(self.ids, self.arena.free_bytes)
+        yield g
 
 
 class _EngineCollector:

@@ -1,6 +1,7 @@
 """EAGLE-3 under PD with real processes: a prefill and a decode worker (Mooncake KV push, the
-head's inputs in the PrefillResponse through the router) draft and accept exactly as a
-co-located worker with the same head, and give its tokens."""
+head's inputs pushed with it into a region of the reservation, the router carrying their
+tokens only) draft and accept exactly as a co-located worker with the same head, and give its
+tokens."""
 
 from __future__ import annotations
 
@@ -49,14 +50,18 @@ def clusters(tiny_model_dir, tmp_path_factory):
 
 
 def spec_counters(cluster) -> dict[str, float]:
-    """The speculation counters summed over the cluster's workers (their /metrics)."""
-    out = dict.fromkeys(COUNTERS, 0.0)
+    """The speculation counters summed over the cluster's workers (their /metrics), and how
+    the decode workers took the head's states (``push`` / ``grpc``)."""
+    out = dict.fromkeys([*COUNTERS, "push", "grpc"], 0.0)
     for w in cluster.workers:
         text = httpx.get(f"http://127.0.0.1:{w.ready_field('metrics_port')}/metrics").text
         for line in text.splitlines():
             for name in COUNTERS:
                 if line.startswith(f"epdserve:spec_decode_{name}_total"):
                     out[name] += float(line.rsplit(" ", 1)[1])
+            if line.startswith("epdserve:spec_decode_draft_states_handoffs_total"):
+                path = line.split('path="', 1)[1].split('"', 1)[0]
+                out[path] += float(line.rsplit(" ", 1)[1])
     return out
 
 
@@ -84,6 +89,8 @@ def test_pd_drafts_and_accepts_as_colocated(clusters):
         got = complete(pd.base_url, prompt)
         assert got == want
         after = spec_counters(colocated), spec_counters(pd)
-        grew = [{k: a[k] - b[k] for k in COUNTERS} for a, b in zip(after, before, strict=True)]
+        grew = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before, strict=True)]
         assert grew[0]["num_drafts"] > 0
+        paths = [(g.pop("push"), g.pop("grpc")) for g in grew]
+        assert paths == [(0, 0), (1, 0)], grew  # pushed with the KV, not through the router
         assert grew[1] == grew[0], (prompt[:4], grew)

@@ -17,6 +17,8 @@ from services.engine.kv_layout import KVLayout
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler_output import ScheduledSeq
 from services.engine.sequence import Sequence
+from services.engine.speculative.handoff import DraftStates
+from services.engine.speculative.states_push import StatesArena
 from services.prefill.kv_sender import KVSender, PushTarget
 from services.prefill.role import write_deadline
 from tests.deps import MOONCAKE, require
@@ -237,3 +239,39 @@ def test_a_source_cache_larger_than_its_registered_region_is_refused(agent) -> N
     agent.register(lay.base_addr, lay.total_bytes - SLAB)
     with pytest.raises(TransferError, match="outside the registered memory"):
         KVSender(agent, lay, BLOCK)
+
+
+def test_draft_states_go_with_the_push_its_fence_and_its_wait(sender) -> None:
+    """An EAGLE-3 head's states are written on the request's push (states_push.py): a fence
+    waits for that write as for the KV's (a write made beside the push would be fenced at
+    once and could land in a region the decode worker handed to another request), and the
+    region they are written from goes back once the push is over."""
+    agent: FakeAgent = sender.agent
+    arena = StatesArena(4, torch.float32, nbytes=1024)
+    sender.add("r", target(deadline=time.monotonic() + 30))
+    for layer in range(2):
+        sender.on_layer_done(layer, [scheduled(12)])
+    for _ in range(500):
+        if len(agent.writes) == 2:
+            break
+        time.sleep(0.01)
+    assert len(agent.writes) == 2
+    agent.hold, agent.entered = threading.Event(), threading.Event()
+    assert sender.push_states("r", arena, 1 << 40, DraftStates(5, [1, 2, 3], torch.ones(3, 4)))
+    assert agent.entered.wait(5)  # the states' write is under way (or the process stopped in it)
+    assert arena.free_bytes == 1024 - 48
+    assert not sender.fence("r", timeout=0.2)  # not yet: that write may still land
+    agent.hold.set()
+    assert sender.fence("r", timeout=5)
+    assert agent.writes[-1] == [1 << 40]
+    with pytest.raises(TransferError, match="fenced"):
+        sender.wait("r", timeout=5)
+    assert arena.free_bytes == 1024
+
+
+def test_draft_states_are_not_pushed_without_room_to_push_from(sender) -> None:
+    arena = StatesArena(4, torch.float32, nbytes=32)  # two rows
+    sender.add("r", target(deadline=time.monotonic() + 30))
+    assert not sender.push_states("r", arena, 1 << 40, DraftStates(0, [1, 2, 3], torch.ones(3, 4)))
+    assert arena.free_bytes == 32
+    assert sender.wait("r", timeout=5).error is None

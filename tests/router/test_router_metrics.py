@@ -148,6 +148,7 @@ def test_every_metric_is_documented() -> None:
     worker = WorkerMetrics(engine, WorkerState("w", "inc", "mixed"))
     ImageMetrics(worker.registry, "m", "w")  # encode / prefill / mixed workers with images
     worker.watch_staging(SimpleNamespace(num_slots=4, num_free=4))  # KV through staging slots
+    worker.watch_draft_states(SimpleNamespace(handoffs={"push": 1, "grpc": 0}, free_bytes=8))
     kvstore = KVStoreMetrics("k", KVIndex(), SimpleNamespace(restarts=0, alive=True))  # type: ignore[arg-type]
     documented = set(re.findall(r"`(epdserve:[a-z0-9_:]+)`", DOC.read_text()))
     exported = set()

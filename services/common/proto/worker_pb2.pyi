@@ -428,7 +428,7 @@ class RankKV(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("session_id", "layout", "block_ids", "cached_tokens", "deadline_ms", "role_epoch", "deadline_unix_ms", "tp_ranks")
+    __slots__ = ("session_id", "layout", "block_ids", "cached_tokens", "deadline_ms", "role_epoch", "deadline_unix_ms", "tp_ranks", "draft_target")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -437,6 +437,7 @@ class ReserveResponse(_message.Message):
     ROLE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     TP_RANKS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TARGET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     layout: KVLayout
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -445,7 +446,20 @@ class ReserveResponse(_message.Message):
     role_epoch: int
     deadline_unix_ms: int
     tp_ranks: _containers.RepeatedCompositeFieldContainer[RankKV]
-    def __init__(self, session_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., cached_tokens: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., role_epoch: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., tp_ranks: _Optional[_Iterable[_Union[RankKV, _Mapping]]] = ...) -> None: ...
+    draft_target: DraftStatesTarget
+    def __init__(self, session_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., cached_tokens: _Optional[int] = ..., deadline_ms: _Optional[int] = ..., role_epoch: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., tp_ranks: _Optional[_Iterable[_Union[RankKV, _Mapping]]] = ..., draft_target: _Optional[_Union[DraftStatesTarget, _Mapping]] = ...) -> None: ...
+
+class DraftStatesTarget(_message.Message):
+    __slots__ = ("addr", "capacity", "width", "dtype")
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    addr: int
+    capacity: int
+    width: int
+    dtype: str
+    def __init__(self, addr: _Optional[int] = ..., capacity: _Optional[int] = ..., width: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "params", "role_epoch", "target", "images", "resume", "lora")
@@ -468,18 +482,20 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., role_epoch: _Optional[int] = ..., target: _Optional[_Union[ReserveResponse, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageData, _Mapping]]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., lora: _Optional[str] = ...) -> None: ...
 
 class DraftStates(_message.Message):
-    __slots__ = ("start", "tokens", "hidden", "width", "dtype")
+    __slots__ = ("start", "tokens", "hidden", "width", "dtype", "pushed")
     START_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_FIELD_NUMBER: _ClassVar[int]
     start: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     hidden: bytes
     width: int
     dtype: str
-    def __init__(self, start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[bytes] = ..., width: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+    pushed: bool
+    def __init__(self, start: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., hidden: _Optional[bytes] = ..., width: _Optional[int] = ..., dtype: _Optional[str] = ..., pushed: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first_token_id", "first_logprobs", "cached_prompt_tokens", "kv_bytes", "kv_seconds", "draft_states")

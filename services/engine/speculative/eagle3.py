@@ -192,6 +192,10 @@ class Eagle3Proposer(DraftModelProposer):
         states = DraftStates(state.start, list(state.fed), state.hidden)
         return self.kept.complete(states, seq.token_ids, seq.block_hashes)
 
+    def states_form(self) -> tuple[int, torch.dtype]:
+        """The width and dtype of a row of ``export_states`` (what ``import_states`` takes)."""
+        return self.head.model.fc.out_features, self.runner.dtype
+
     def import_states(self, seq: Sequence, states: DraftStates) -> None:
         """File ``states`` for ``seq`` (PD's decode side, before its first decode), as the
         prefill worker's step filed them. ValueError if they do not fit ``seq`` or the head."""

@@ -16,13 +16,12 @@ does not run its head on a request it exports (``Sequence.exports_draft_states``
 the states of every chunk instead, up to ``MAX_BYTES``); the decode worker runs them at most
 a step's token budget a step (``Eagle3Proposer.chunk``), and drafts once they are all run.
 
-NOTE: they travel in gRPC messages through the router, not in the Mooncake push with the KV.
-The push is the better design and the one to build: through the router they cost its event
-loop ~7 ms of CPU per 2,048-token prompt (4.7 MB parsed and re-serialised; 0.03 ms for 128
-tokens; 2026-12-03, load ~22) and its memory while the request is between the two workers,
-and a hop. It needs what the KV push has: a registered region per reservation on the decode
-side (its address in the ReserveResponse), and the same quarantine after a failure, so that
-a late write never lands in another request's states.
+How they travel: pushed with the KV through Mooncake into a region the decode worker
+reserved for them (states_push.py), the PrefillResponse and DecodeRequest then carrying their
+tokens only (``pushed``); or, where the decode worker gave no region (no head, no room), in
+those messages through the router, which cost its event loop ~7 ms of CPU per 2,048-token
+prompt (4.7 MB parsed and re-serialised; 2026-12-03, load ~22), its memory while the request
+is between the two workers, and a hop.
 """
 
 from __future__ import annotations
