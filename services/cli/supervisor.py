@@ -26,6 +26,8 @@ from typing import Protocol
 # Liveness period and timeout bounds: a local probe takes milliseconds; a day is no probe.
 MIN_LIVENESS_S = 0.1
 MAX_LIVENESS_S = 86400.0
+# How late `up`'s loop may notice a finished probe (it polls every 0.5 s).
+POLL_SLACK_S = 0.5
 
 
 @dataclass
@@ -87,6 +89,17 @@ class RestartPolicy:
                              f"{MAX_LIVENESS_S:g}]")  # fmt: skip
         if not 1 <= self.liveness_failures <= 1000:
             raise ValueError("--liveness-failures must be in [1, 1000]")
+
+    @property
+    def detection_s(self) -> float:
+        """The longest a child that stops answering (SIGSTOP, a stuck loop) lives before its
+        probes kill it: ``liveness_failures`` probes, each started up to a period after the
+        last one ended and failing after the timeout, plus a poll of the caller's loop each
+        (0: no probes, such a child is never killed)."""
+        p = self.liveness_period_s
+        if not p:
+            return 0.0
+        return self.liveness_failures * (p + self.liveness_timeout_s + POLL_SLACK_S)
 
 
 class RestartHistory:

@@ -15,11 +15,11 @@ from typing import Any
 from services.cli import lora_groups
 from services.cli.admin_config import config_dir
 from services.cli.launcher import ClusterSpec, LocalCluster, ModelGroup, served_name_of
-from services.cli.supervisor import RestartPolicy, Supervisor
+from services.cli.supervisor import POLL_SLACK_S, RestartPolicy, Supervisor
 from services.common.dataclass_cli import add_dataclass_args, from_args, parse_assignments
 from services.engine.config import EngineConfig
 from services.router.config import RouterConfig
-from services.router.routing.restarts import RESTART_WAIT_S
+from services.router.routing.restarts import MAX_RESTART_WAIT_S, RESTART_WAIT_S
 
 # The engine's LoRA flags `up` gives every worker; --lora-modules is its own (per model).
 LORA_FIELDS = ("enable_lora", "max_loras", "max_lora_rank")
@@ -102,9 +102,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--worker-restart-wait-s",
         type=float,
-        default=RESTART_WAIT_S,
-        help="a request whose only worker of a role died waits this long for `up` to restart "
-        f"it and goes on there (0: fail at once; default {RESTART_WAIT_S:g})",
+        default=None,
+        help="a request whose only worker of a role died or hangs waits this long for `up` to "
+        f"restart it and goes on there (0: fail at once; default {RESTART_WAIT_S:g} s plus "
+        "the time the liveness probes take to kill a hung worker and the restart backoff: "
+        f"{default_restart_wait_s(RestartPolicy()):g} s with the default probes)",
     )
     p.add_argument(
         "--worker-mux",
@@ -177,11 +179,28 @@ def router_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The routers' settings `up` takes from its own flags (ValueError for a bad one, before
     anything starts)."""
     overrides = {"rebalance_policy": args.rebalance_policy,
-                 "worker_restart_wait_s": args.worker_restart_wait_s}  # fmt: skip
+                 "worker_restart_wait_s": restart_wait_s(args)}  # fmt: skip
     if getattr(args, "worker_mux", None) is not None:
         overrides["worker_mux"] = args.worker_mux
     RouterConfig(**overrides)  # type: ignore[arg-type]  # checks them
     return overrides
+
+
+def restart_wait_s(args: argparse.Namespace) -> float:
+    """--worker-restart-wait-s, else RESTART_WAIT_S counted from when `up` can see the worker
+    is gone: a hung worker (SIGSTOP, a stuck loop) lives until its liveness probes kill it,
+    then waits its restart backoff, and only then starts again. The router's wait starts when
+    the worker stops answering, so a bare RESTART_WAIT_S left a restart under load (a slow
+    start after ~40 s of probes) a few seconds short: 503 no_workers while it came back."""
+    if args.worker_restart_wait_s is not None:
+        return float(args.worker_restart_wait_s)
+    return default_restart_wait_s(from_args(RestartPolicy, args))
+
+
+def default_restart_wait_s(policy: RestartPolicy) -> float:
+    """RESTART_WAIT_S after ``policy``'s probes kill a hung worker and its backoff ends."""
+    wait = RESTART_WAIT_S + policy.detection_s + policy.restart_backoff_s
+    return min(wait, MAX_RESTART_WAIT_S)
 
 
 def groups_from_file(path: str) -> list[ModelGroup]:
@@ -317,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
                 if failure is not None:
                     say(failure)
                     return 1
-                time.sleep(0.5)
+                time.sleep(POLL_SLACK_S)
         finally:
             supervisor.close()
         return 0

@@ -17,7 +17,7 @@ from services.router.features.tool_parsers.factory import available_tool_parsers
 from services.router.http_limits import BODY_TIMEOUT_S, HEAD_TIMEOUT_S, MAX_CONNECTIONS, HttpLimits
 from services.router.routing.lora_affinity import DEFAULT_SLACK
 from services.router.routing.policies.factory import available_policies
-from services.router.routing.restarts import RESTART_WAIT_S
+from services.router.routing.restarts import MAX_RESTART_WAIT_S, RESTART_WAIT_S
 from services.router.shutdown import SHUTDOWN_GRACE_S
 
 
@@ -253,8 +253,8 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
             raise ValueError("max_migrations must be >= 0")
         if self.poison_max_deaths < 1:
             raise ValueError("poison_max_deaths must be >= 1")
-        if not 0 <= self.worker_restart_wait_s <= 86400:
-            raise ValueError("worker_restart_wait_s must be in [0, 86400]")
+        if not 0 <= self.worker_restart_wait_s <= MAX_RESTART_WAIT_S:
+            raise ValueError(f"worker_restart_wait_s must be in [0, {MAX_RESTART_WAIT_S:g}]")
         if self.stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be > 0")
         if self.max_awake_models < 0:

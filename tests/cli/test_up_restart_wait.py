@@ -8,9 +8,11 @@ import argparse
 import pytest
 
 from services.cli.launcher import ClusterSpec, LocalCluster
+from services.cli.supervisor import RestartPolicy
 from services.cli.up import add_arguments, router_overrides
 from services.common.dataclass_cli import add_dataclass_args, from_args
 from services.router.config import RouterConfig
+from services.router.routing.restarts import RESTART_WAIT_S
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -50,3 +52,22 @@ def test_worker_mux_reaches_the_routers(flag: str, want: bool) -> None:
         is want
     )
     assert "worker_mux" not in router_overrides(parse())  # no flag: the router's default
+
+
+def test_the_default_wait_counts_from_when_up_kills_a_hung_worker() -> None:
+    """A SIGSTOPped worker lives until its liveness probes kill it (6 probes, 5 s apart, 2 s
+    each), then waits its backoff before it starts again: the routers' wait covers that and
+    RESTART_WAIT_S more for the start. The bare 60 s ended under load (503 no_workers after
+    54.5 s at load 40) while the worker was on its way back."""
+    policy = RestartPolicy()
+    assert policy.detection_s >= policy.liveness_failures * (
+        policy.liveness_period_s + policy.liveness_timeout_s
+    )
+    want = RESTART_WAIT_S + policy.detection_s + policy.restart_backoff_s
+    assert router_overrides(parse())["worker_restart_wait_s"] == want > 100
+    slow = parse("--liveness-period-s", "10", "--liveness-failures", "3")
+    assert router_overrides(slow)["worker_restart_wait_s"] == RESTART_WAIT_S + 3 * 12.5 + 1
+    assert router_overrides(parse("--liveness-period-s", "0"))["worker_restart_wait_s"] == 61
+    huge = parse("--liveness-period-s", "86400", "--liveness-failures", "1000")
+    RouterConfig(worker_restart_wait_s=router_overrides(huge)["worker_restart_wait_s"])
+    assert router_overrides(parse("--worker-restart-wait-s", "0"))["worker_restart_wait_s"] == 0

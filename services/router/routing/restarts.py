@@ -11,6 +11,7 @@ from collections.abc import Iterable
 # restart (`epdserve up` restarts at once; a worker's start is ~5-20 s on a loaded 2-core
 # machine with the default model) plus margin. RouterConfig.worker_restart_wait_s.
 RESTART_WAIT_S = 60.0
+MAX_RESTART_WAIT_S = 86400.0  # RouterConfig refuses longer waits
 
 
 class LostWorkers:
