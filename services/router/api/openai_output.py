@@ -74,6 +74,20 @@ def token_logprobs(
              for c in t.top]} for t in items]  # fmt: skip
 
 
+def top_logprob_map(token_str: Callable[[int], str], top: Iterable[pb.Logprob]) -> dict[str, float]:
+    """The completions API's alternatives of one token: token string -> logprob, as many as
+    the worker sent. NOTE: two ids can decode to the same string (byte tokens of a partial
+    UTF-8 character all decode to U+FFFD; SentencePiece's <0x20> and its space): the later
+    one is keyed by its id as vLLM's --return-tokens-as-token-ids spells it
+    (``token_id:ID``); keyed by string alone it overwrote the first and the answer had one
+    entry fewer than asked."""
+    out: dict[str, float] = {}
+    for c in top:
+        key = token_str(c.token_id)
+        out[f"token_id:{c.token_id}" if key in out else key] = c.logprob
+    return out
+
+
 def _sse(obj: object) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -116,7 +130,7 @@ class OpenAIOutput:
         return {
             "tokens": tokens,
             "token_logprobs": [t.logprob for t in items],
-            "top_logprobs": [{token_str(c.token_id): c.logprob for c in t.top} for t in items],
+            "top_logprobs": [top_logprob_map(token_str, t.top) for t in items],
             "text_offset": offsets,
         }
 
