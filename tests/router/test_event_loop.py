@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from router_fakes import FakeEngine, FakeTokenizer, start_fake_worker, start_gateway
+from router_fakes import FakeEngine, FakeTokenizer, start_fake_worker, start_gateway, until_healthy
 
 from services.common.etcd_server import EtcdServer
 from services.router.config import RouterConfig
@@ -79,10 +79,7 @@ async def env(etcd):
     tokenizer = SlowTokenizer()
     gw = await start_gateway(etcd.endpoint, cluster, tokenizer=tokenizer)
     client = httpx.AsyncClient(base_url=gw.url, timeout=60)
-    for _ in range(200):
-        if (await client.get("/health")).status_code == 200:
-            break
-        await asyncio.sleep(0.05)
+    await until_healthy(client)
     yield client, tokenizer
     tokenizer.gate.release.set()
     await client.aclose()

@@ -13,12 +13,13 @@ import asyncio
 import httpx
 import pytest
 import pytest_asyncio
-from router_fakes import FakeEngine, start_fake_worker, start_gateway
+from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
 
 from services.common.etcd_server import EtcdServer
 from services.engine.async_engine import EngineDeadError
 from services.engine.outputs import RequestFailedError
 from services.router.routing.poison import PoisonTracker
+from tests.waits import until
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -104,11 +105,9 @@ async def env(etcd):
                for i, e in enumerate(engines)]  # fmt: skip
     gw = await start_gateway(etcd.endpoint, "poison")
     async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
-        for _ in range(200):
-            r = await client.get("/health")
-            if r.status_code == 200 and len(gw.gateway.pool.candidates("mixed", "fake-model")) == 2:
-                break
-            await asyncio.sleep(0.05)
+        await until_healthy(client)
+        await until(lambda: len(gw.gateway.pool.candidates("mixed", "fake-model")) == 2,
+                    what="both workers usable")  # fmt: skip
         yield client, engines
     await gw.stop()
     for w in workers:

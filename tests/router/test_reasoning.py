@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import TypeAdapter
-from router_fakes import ScriptedEngine, sse_events, start_fake_worker, start_gateway
+from router_fakes import ScriptedEngine, sse_events, start_fake_worker, start_gateway, until_healthy
 
 from services.common.etcd_server import EtcdServer
 from services.router.config import RouterConfig
@@ -170,10 +170,7 @@ async def env(etcd):
     worker = await start_fake_worker(etcd.endpoint, "reasoning", "w1", engine=engine)
     gw = await start_gateway(etcd.endpoint, "reasoning")
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
-        for _ in range(200):
-            if (await client.get("/health")).status_code == 200:
-                break
-            await asyncio.sleep(0.05)
+        await until_healthy(client)
         yield Parsers(gw, client), engine
     await asyncio.wait_for(gw.stop(), 15)
     await asyncio.wait_for(worker.stop(), 15)

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from router_fakes import FakeEngine, FakeTokenizer, sse_events, start_fake_worker
+from router_fakes import FakeEngine, FakeTokenizer, sse_events, start_fake_worker, until_healthy
 
 from services.common.etcd_server import EtcdServer
 from services.common.net import free_port
@@ -19,6 +19,7 @@ from services.router.gateway import Gateway
 from services.router.main import GatewayServer, server_config
 from services.router.server import build_app
 from services.router.shutdown import SHUTDOWN_MARGIN_S
+from tests.waits import until
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
@@ -59,10 +60,8 @@ async def test_sigterm_ends_requests_in_flight_cleanly(etcd) -> None:
     task = asyncio.create_task(server.serve())
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
-            for _ in range(200):
-                if server.started and (await c.get("/health")).status_code == 200:
-                    break
-                await asyncio.sleep(0.05)
+            await until(lambda: server.started, what="the gateway's server started")
+            await until_healthy(c)
             long = [_chat(5000, False), _chat(5000, True), _messages(5000, False),
                     _messages(5000, True)]  # fmt: skip
             short = _chat(20, False)  # ~0.4 s: finishes within the grace

@@ -3,14 +3,13 @@ tasks and an asyncio.wait a request); a flex one, which may wait in its queue, i
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 import pytest
 from router_fakes import start_fake_worker, start_gateway
 
 from services.common.etcd_server import EtcdServer
 from services.router import serving
+from tests.waits import until
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
@@ -34,10 +33,7 @@ async def test_only_a_flex_admission_watches_the_client(etcd, monkeypatch) -> No
     gw = await start_gateway(etcd.endpoint, "adm1")
     try:
         async with httpx.AsyncClient(base_url=gw.url, timeout=10) as c:
-            for _ in range(200):
-                if gw.gateway.pool.candidates():
-                    break
-                await asyncio.sleep(0.05)
+            await until(lambda: gw.gateway.pool.candidates(), what="a usable worker")
             req = {"model": "fake-model", "prompt": "a", "max_tokens": 2}
             for body in (req, {**req, "stream": True}):
                 watched.clear()

@@ -11,10 +11,11 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from router_fakes import FakeEngine, start_fake_worker, start_gateway
+from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
 
 from services.common.etcd_server import EtcdServer
 from tests.conftest import image_bytes
+from tests.waits import until
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
@@ -65,10 +66,7 @@ async def _env(etcd, tokenizer=None, **router):
     worker.servicer.images = PassImages()  # type: ignore[assignment]
     gw = await start_gateway(etcd.endpoint, cluster, tokenizer=tokenizer, **router)
     client = httpx.AsyncClient(base_url=gw.url, timeout=10)
-    for _ in range(200):
-        if (await client.get("/health")).status_code == 200:
-            break
-        await asyncio.sleep(0.05)
+    await until_healthy(client)
     return client, engine, gw, worker
 
 
@@ -347,10 +345,7 @@ async def test_model_may_be_left_out_only_with_one_model(etcd) -> None:
     other = await start_fake_worker(etcd.endpoint, gw.gateway.cfg.cluster, "w2",
                                     engine=FakeEngine(model_name="other", max_model_len=64))  # fmt: skip
     try:
-        for _ in range(200):
-            if len(gw.gateway.pool.models()) == 2:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: len(gw.gateway.pool.models()) == 2, what="both models listed")
         r = await client.post("/tokenize", json={"prompt": "x"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "model"
         r = await client.post("/tokenize", json={"model": "other", "prompt": "x"})

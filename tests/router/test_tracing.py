@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 import pytest_asyncio
-from router_fakes import FakeEngine, start_fake_worker, start_gateway
+from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
 
 from services.common.etcd_server import EtcdServer
 from services.common.tracing import Tracing
@@ -49,10 +49,7 @@ async def traced(etcd, collector, request):
     gw = await start_gateway(etcd.endpoint, "traced", otlp_traces_endpoint=collector.endpoint,
                              worker_mux=request.param)  # fmt: skip
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
-        for _ in range(200):
-            if (await client.get("/health")).status_code == 200:
-                break
-            await asyncio.sleep(0.05)
+        await until_healthy(client)
         yield client, gw
     await asyncio.wait_for(gw.stop(), 15)
     await asyncio.wait_for(worker.stop(), 15)
