@@ -10,6 +10,7 @@ import json
 import httpx
 import pytest
 from cluster_helpers import TINY_NAME, start_cluster
+from test_query_of_death import completions_battery
 
 from tests.deps import MOONCAKE, require
 from tests.engine.test_speculative import copy_bias, repetitive_prompts
@@ -94,3 +95,18 @@ def test_pd_drafts_and_accepts_as_colocated(clusters):
         paths = [(g.pop("push"), g.pop("grpc")) for g in grew]
         assert paths == [(0, 0), (1, 0)], grew  # pushed with the KV, not through the router
         assert grew[1] == grew[0], (prompt[:4], grew)
+
+
+def test_extreme_parameters_kill_no_speculating_worker(clusters):
+    """The queries of death (test_query_of_death's battery, and NaN / 1e300 temperatures) on
+    EAGLE-3 workers, PD and co-located: each answered (200, or 400 in the API's format for
+    what it refuses), no worker process replaced, and the tokens after as before."""
+    for cluster in clusters:
+        pids = {p.name: p.proc.pid for p in cluster.workers}
+        prompt = repetitive_prompts()[0]
+        reference = complete(cluster.base_url, prompt)
+        with httpx.Client(base_url=cluster.base_url, timeout=120) as client:
+            completions_battery(client, TINY_NAME, prompt)
+        assert complete(cluster.base_url, prompt) == reference
+        assert all(p.alive() for p in cluster.workers)
+        assert {p.name: p.proc.pid for p in cluster.workers} == pids

@@ -8,6 +8,9 @@ router sent the same request on to the next worker, which died too."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import httpx
 import pytest
 from cluster_helpers import TINY_NAME, start_cluster
@@ -62,6 +65,26 @@ def pids(c) -> dict[str, int]:
     return {p.name: p.proc.pid for p in c.workers}
 
 
+def completions_battery(client: httpx.Client, model: str, prompt: str | list[int]) -> None:
+    """Each of EXTREMES answered (200, every choice finished), each of REFUSED (and a NaN or
+    1e300 temperature) refused with a 400 in OpenAI's format."""
+    for extra in EXTREMES:
+        body = {"model": model, "prompt": prompt, "max_tokens": 8, **extra}
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, (extra, r.text)
+        for choice in r.json()["choices"]:
+            assert choice["finish_reason"] in ("stop", "length"), (extra, choice)
+    for extra in [*REFUSED, {"temperature": 1e300}]:
+        body = {"model": model, "prompt": prompt, "max_tokens": 8, **extra}
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 400, (extra, r.text)
+        assert r.json()["error"]["type"] == "invalid_request_error", r.text
+    # NaN is no JSON, but Python's json (and others) write it: the router must refuse it.
+    raw = json.dumps({"model": model, "prompt": "hi", "max_tokens": 4, "temperature": math.nan})
+    r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
     model = tiny_model_dir("llama")
@@ -81,12 +104,8 @@ def test_extreme_parameters_kill_no_worker(cluster, path: str) -> None:
             "ignore_eos": True,
         })  # fmt: skip
         assert reference.status_code == 200, reference.text
+        completions_battery(client, model, PROMPT)
         for extra in EXTREMES:
-            body = {"model": model, "prompt": PROMPT, "max_tokens": 8, **extra}
-            r = client.post("/v1/completions", json=body)
-            assert r.status_code == 200, (extra, r.text)
-            for choice in r.json()["choices"]:
-                assert choice["finish_reason"] in ("stop", "length"), (extra, choice)
             chat = dict(extra)
             if "logprobs" in chat:  # chat: a boolean plus top_logprobs
                 chat.update(logprobs=True, top_logprobs=chat["logprobs"])
@@ -95,11 +114,6 @@ def test_extreme_parameters_kill_no_worker(cluster, path: str) -> None:
                 "max_tokens": 4, "stream": True, **chat,
             })  # fmt: skip
             assert r.status_code == 200 and "data: [DONE]" in r.text, (extra, r.text)
-        for extra in REFUSED:
-            body = {"model": model, "prompt": PROMPT, "max_tokens": 8, **extra}
-            r = client.post("/v1/completions", json=body)
-            assert r.status_code == 400, (extra, r.text)
-            assert r.json()["error"]["type"] == "invalid_request_error", r.text
         r = client.post("/v1/messages", json={
             "model": model, "max_tokens": 4, "temperature": 1e-38, "top_k": 2**31 - 1,
             "messages": [{"role": "user", "content": PROMPT}],
