@@ -92,7 +92,9 @@ def run_row(args: argparse.Namespace, env: dict[str, str], engine: list[str]) ->
         cmd += ["--engine-arg", a]
     with tempfile.TemporaryDirectory() as tmp:
         steps = Path(tmp) / "steps.jsonl"
+        hops = Path(tmp) / "hops"
         full = {**os.environ, **env, "EPDSERVE_STEP_LOG": str(steps),
+                "EPDSERVE_DELIVERY_LOG": str(hops),
                 "EPDSERVE_CONFIG_DIR": str(Path(tmp) / "cfg")}  # fmt: skip
         with open(Path(tmp) / "up.log", "w") as log:
             proc = subprocess.Popen(cmd, cwd=REPO, env=full, stdout=log,
@@ -110,6 +112,7 @@ def run_row(args: argparse.Namespace, env: dict[str, str], engine: list[str]) ->
                 set_policy(pids, 0)
                 stop_up(proc)
         lines = steps.read_text().splitlines() if steps.exists() else []
+        marks = [ln.split() for f in Path(tmp).glob("hops.*") for ln in f.read_text().splitlines()]
     chunks = []
     for r in run.results:
         if not r.success:
@@ -119,7 +122,8 @@ def run_row(args: argparse.Namespace, env: dict[str, str], engine: list[str]) ->
             t.append(t[-1] + gap)
         chunks.append(t)
     return {"metrics": run.metrics.flat(), "chunks": chunks,
-            "steps": [json.loads(x) for x in lines]}  # fmt: skip
+            "steps": [json.loads(x) for x in lines],
+            "marks": [(h, rid, float(t)) for h, rid, t in marks]}  # fmt: skip
 
 
 def engine_side(steps: list[dict]) -> tuple[float, float]:
@@ -191,6 +195,43 @@ def classify(row: dict) -> dict:
             "decode_rows_beside_prompts": sum(s["on_decodes"] for s in mixed)}  # fmt: skip
 
 
+def pct(xs: list[float], q: float) -> float:
+    return sorted(xs)[int(q * (len(xs) - 1))] if xs else 0.0
+
+
+def hop_delays(row: dict) -> dict[str, tuple[float, float, float]]:
+    """Each hop's delay a message (ms: p50, p99, max) from the delivery log
+    (services/common/delivery_log.py): step end -> the worker's yield (``step>w``), the
+    yield -> gRPC took it (``w>wd``), -> the router read it (``wd>r``), -> its SSE events
+    sent (``r>s``), -> the client's chunk (``s>client``: the last send before the chunk)."""
+    marks = row.get("marks") or []
+    if not marks:
+        return {}
+    ends = sorted(s["t"] for s in row["steps"])
+    by: dict[str, dict[str, list[float]]] = {}
+    for hop, rid, t in sorted(marks, key=lambda m: m[2]):
+        by.setdefault(hop, {}).setdefault(rid, []).append(t)
+    out: dict[str, list[float]] = {}
+    for t in (t for ts in by.get("w", {}).values() for t in ts):
+        i = bisect_right(ends, t) - 1
+        if i >= 0:
+            out.setdefault("step>w", []).append(t - ends[i])
+    for a, b in (("w", "wd"), ("wd", "r"), ("r", "s")):
+        for rid, ta in by.get(a, {}).items():
+            tb = by.get(b, {}).get(rid) or next(
+                (v for k, v in by.get(b, {}).items() if k.startswith(rid) or rid.startswith(k)), []
+            )
+            for x, y in zip(ta, tb, strict=False):
+                out.setdefault(f"{a}>{b}", []).append(y - x)
+    sends = sorted(t for ts in by.get("s", {}).values() for t in ts)
+    for chunk in row["chunks"]:
+        for b in chunk:
+            i = bisect_right(sends, b) - 1
+            if i >= 0:
+                out.setdefault("s>client", []).append(b - sends[i])
+    return {k: (1e3 * pct(v, 0.5), 1e3 * pct(v, 0.99), 1e3 * max(v)) for k, v in out.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--num-prompts", type=int, default=64)
@@ -233,6 +274,14 @@ def main() -> None:
                   f"{c.get('mixed_steps')}: {c.get('decode_rows_beside_prompts')} rows) "
                   f"| {c.get('arrival_gap_ms', (0, 0))[0]:.1f}/{c.get('arrival_gap_ms', (0, 0))[1]:.1f} ms "
                   f"| {load:.2f} |", flush=True)  # fmt: skip
+            hops = hop_delays(row)
+            if hops:
+                print(
+                    "|  | hops (p50/p99/max ms): "
+                    + ", ".join(f"{k} {a:.1f}/{b:.1f}/{c:.1f}" for k, (a, b, c) in hops.items())
+                    + " |",
+                    flush=True,
+                )
             if args.json:  # after every row: a stopped run keeps what it measured
                 Path(args.json).write_text(json.dumps(raw))
             time.sleep(args.pause)

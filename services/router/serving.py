@@ -20,6 +20,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from services.common import delivery_log
 from services.common.convert import params_to_proto
 from services.common.proto import worker_pb2 as pb
 from services.engine.sampling_params import SamplingParams, StructuredOutputsParams
@@ -289,8 +290,10 @@ async def _stream(
     gw.metrics.inflight.inc()
     try:
         async for pi, msg in _prepend(first, merged):
+            delivery_log.mark("r", req.rid)
             for event in out.step(progress.apply(pi, msg), progress.usage):
                 yield event
+            delivery_log.mark("s", req.rid)
         progress.done()
         if req.finish is not None:
             await req.finish(progress.choices, progress.usage)

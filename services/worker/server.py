@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from services.common import delivery_log
 from services.common.convert import delta_to_proto, params_from_proto, resume_from_proto
 from services.common.grpc_utils import FAILURE_REFUSED, failure_metadata, role_from_pb, role_to_pb
 from services.common.latency import LatencyWindow
@@ -233,6 +234,7 @@ class WorkerServicer(
                             counts[c.index] = counts.get(c.index, 0) + len(c.token_ids)
                             deltas.append(delta_to_proto(c, counts[c.index]))
                         finished = out.finished
+                        delivery_log.mark("w", rid)
                         yield pb.GenerateResponse(
                             outputs=deltas,
                             prompt_tokens=len(out.prompt_token_ids),
@@ -241,6 +243,7 @@ class WorkerServicer(
                             else cached_prompt_tokens,
                             finished=out.finished,
                         )
+                        delivery_log.mark("wd", rid)
                 if first_at is not None and counts and (n_out := max(counts.values())) > 1:
                     tpot = (time.monotonic() - first_at) * 1000.0 / (n_out - 1)
                     self.observe_tpot(tpot, online)
