@@ -131,9 +131,15 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
     )
     max_prompts: int = field(
         default=64,
+        metadata={"help": "most prompts in one /v1/completions request"},
+    )
+    max_pooling_inputs: int = field(
+        default=2048,
         metadata={
-            "help": "most prompts in one /v1/completions request, and most inputs (texts, "
-            "documents, pairs) in one embeddings, rerank or score request"
+            "help": "most inputs (texts, token-id lists, documents, pairs) in one embeddings, "
+            "rerank or score request (OpenAI's embeddings limit: clients such as LangChain "
+            "send up to 1000-2048 texts at once); the request's tokens also count against "
+            "--max-queued-tokens"
         },
     )
     preprocess_threads: int = field(
@@ -276,7 +282,8 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
         if self.response_ttl_s < 1:
             raise ValueError("response_ttl_s must be >= 1")
         for name in (
-            "max_body_bytes", "max_n", "max_prompts", "max_queued_tokens", "max_images",
+            "max_body_bytes", "max_n", "max_prompts", "max_pooling_inputs", "max_queued_tokens",
+            "max_images",
             "max_image_bytes", "max_image_pixels", "response_max_record_bytes",
             "response_max_records", "response_local_bytes", "http_max_connections",
         ):  # fmt: skip

@@ -103,6 +103,22 @@ def test_openai_sdk_embeddings_equal_transformers(embed_cluster, embed_dir) -> N
         assert cut.usage.prompt_tokens == 3
 
 
+def test_a_langchain_sized_batch_is_served(embed_cluster) -> None:
+    """LangChain's OpenAIEmbeddings sends 1000 texts a request and OpenAI takes 2048; the
+    router refused more than 64 (--max-prompts, the completions bound) with a 400. Each
+    embedding of the batch equals the text's own."""
+    oai = openai_client(embed_cluster, timeout=120)
+    texts = [f"document {i}: {TEXTS[i % 3]}" for i in range(1000)]
+    got = oai.embeddings.create(model=TINY_NAME, input=texts, encoding_format="float")
+    assert [d.index for d in got.data] == list(range(1000))
+    for i in (0, 517, 999):
+        one = oai.embeddings.create(model=TINY_NAME, input=texts[i], encoding_format="float")
+        assert cosine(got.data[i].embedding, torch.tensor(one.data[0].embedding)) >= 1 - 1e-4
+    scores = post(embed_cluster, "/v1/rerank",
+                  {"model": TINY_NAME, "query": QUERY, "documents": texts}).json()  # fmt: skip
+    assert len(scores["results"]) == 1000, scores
+
+
 def test_rerank_and_score_of_an_embedding_model_are_cosines(embed_cluster, embed_dir) -> None:
     q, *docs = hf_embeddings(embed_dir, [QUERY, *TEXTS])
     ref = [float(q @ d) for d in docs]
@@ -134,7 +150,8 @@ def test_rerank_and_score_of_an_embedding_model_are_cosines(embed_cluster, embed
         # Past the wire's uint32: the protobuf ValueError was a 500 internal_error.
         ("/v1/embeddings", {"input": "x", "dimensions": 2**32}, "'dimensions' must be"),
         ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, "encoding_format"),
-        ("/v1/embeddings", {"input": ["a"] * 65}, "more than the limit of 64"),
+        ("/v1/embeddings", {"input": ["a"] * 2049}, "more than the limit of 2048"),
+        ("/v1/rerank", {"query": "q", "documents": ["a"] * 2049}, "more than the limit of 2048"),
         ("/v1/embeddings", {"input": "x", "truncate_prompt_tokens": 65}, "in [1, 64]"),
         ("/v1/embeddings", {"input": "x", "truncate_prompt_tokens": 0}, "in [1, 64]"),
         ("/v1/score", {"text_1": "a", "text_2": "b", "truncate_prompt_tokens": -2}, ">= -1"),

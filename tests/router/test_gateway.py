@@ -293,3 +293,5 @@ async def test_pooling_apis_refuse_a_generative_model(env) -> None:
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert "it is a generative model" in err["message"] and err["param"] == "model"
+        # How to serve one: `epdserve up` takes the worker's --pooling as an engine setting.
+        assert "--engine-arg pooling=embed" in err["message"], err

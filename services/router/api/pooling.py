@@ -59,7 +59,12 @@ def _task(gw: Gateway, model: str) -> tuple[str | None, str | None]:
 
 
 def _refuse(model: str, api: str, task: str | None) -> APIError:
-    what = "a generative model" if task is None else f"a pooling model for the {task!r} task"
+    what = (
+        "a generative model (serve an embedding or reranking model, or start a causal LM's "
+        "workers with --pooling embed: `epdserve up --engine-arg pooling=embed`)"
+        if task is None
+        else f"a pooling model for the {task!r} task"
+    )
     return bad_request(f"model {model!r} does not support the {api} API: it is {what}",
                        param="model", code="model_not_supported")  # fmt: skip
 
@@ -127,7 +132,7 @@ async def _encode(
 
 
 async def _embeddings(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
-    req = parse(proto.EmbeddingRequest, body, max_prompts=gw.cfg.max_prompts)
+    req = parse(proto.EmbeddingRequest, body, max_inputs=gw.cfg.max_pooling_inputs)
     task, _ = _task(gw, gw.resolve_model(req.model)[0])
     if task != "embed":
         raise _refuse(req.model, "embeddings", task)
@@ -184,7 +189,7 @@ def _cosine(a: list[float], b: list[float]) -> float:
 
 
 async def _rerank(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
-    req = parse(proto.RerankRequest, body, max_prompts=gw.cfg.max_prompts)
+    req = parse(proto.RerankRequest, body, max_inputs=gw.cfg.max_pooling_inputs)
     scores, tokens = await _scores(gw, req.model, "rerank", [(req.query, d) for d in req.documents],
                                    req.truncate_prompt_tokens)  # fmt: skip
     order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n or None]
@@ -201,7 +206,7 @@ async def _rerank(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _score(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
-    req = parse(proto.ScoreRequest, body, max_prompts=gw.cfg.max_prompts)
+    req = parse(proto.ScoreRequest, body, max_inputs=gw.cfg.max_pooling_inputs)
     first, second = req.text_1, req.text_2
     if len(first) == 1:
         first = first * len(second)

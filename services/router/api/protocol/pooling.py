@@ -26,7 +26,7 @@ MAX_DIMENSIONS = 2**32 - 1
 
 def _input(value: Any, info: ValidationInfo) -> list[str] | list[list[int]]:
     """OpenAI's embeddings ``input``: a string, strings, token ids or lists of token ids; as
-    a list of strings or of token-id lists, never empty, at most ``max_prompts`` items."""
+    a list of strings or of token-id lists, never empty, at most ``max_inputs`` items."""
     name = _name(info)
     value = json_type(value, name, (str, list))
     if isinstance(value, str):
@@ -47,9 +47,10 @@ def _input(value: Any, info: ValidationInfo) -> list[str] | list[list[int]]:
         )  # fmt: skip
     if any(len(v) == 0 for v in value):
         raise invalid(f"'{name}' must not contain an empty input", name)
-    limit = (info.context or {}).get("max_prompts")
+    limit = (info.context or {}).get("max_inputs")
     if limit is not None and len(value) > limit:
-        raise invalid(f"'{name}' has {len(value)} inputs, more than the limit of {limit}", name)
+        raise invalid(f"'{name}' has {len(value)} inputs, more than the limit of {limit} "
+                      "(the router's --max-pooling-inputs)", name)  # fmt: skip
     return value
 
 
@@ -68,9 +69,10 @@ def _texts(value: Any, info: ValidationInfo) -> list[str]:
         out.append(item)
     if not out:
         raise invalid(f"'{name}' must not be empty", name)
-    limit = (info.context or {}).get("max_prompts")
+    limit = (info.context or {}).get("max_inputs")
     if limit is not None and len(out) > limit:
-        raise invalid(f"'{name}' has {len(out)} items, more than the limit of {limit}", name)
+        raise invalid(f"'{name}' has {len(out)} items, more than the limit of {limit} "
+                      "(the router's --max-pooling-inputs)", name)  # fmt: skip
     return out
 
 
