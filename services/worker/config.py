@@ -68,6 +68,15 @@ class WorkerConfig(MemberConfig):
             "tensor parallelism each rank holds this much, half to send and half to receive"
         },
     )
+    draft_states_bytes: int = field(
+        default=64 << 20,
+        metadata={
+            "help": "host memory registered for an EAGLE-3 head's states pushed with the KV "
+            "(PD, workers with an EAGLE-3 head only): the regions of the reservations in flight "
+            "and of the pushes being sent; when it is full, or 0, the states go through the "
+            "router instead"
+        },
+    )
     mooncake_protocol: str = field(
         default="tcp",
         metadata={"help": "Mooncake transport: tcp | rdma", "choices": ("tcp", "rdma")},
@@ -162,6 +171,8 @@ class WorkerConfig(MemberConfig):
             raise ValueError(f"kv_staging must be auto, on or off, got {self.kv_staging!r}")
         if self.kv_staging_bytes <= 0:
             raise ValueError("kv_staging_bytes must be > 0")
+        if not 0 <= self.draft_states_bytes <= 1 << 40:
+            raise ValueError("draft_states_bytes must be in [0, 2**40]")
         if self.mooncake_protocol not in ("tcp", "rdma"):
             raise ValueError(
                 f"mooncake_protocol must be tcp or rdma, got {self.mooncake_protocol!r}"

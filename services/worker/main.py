@@ -284,9 +284,9 @@ def setup_kv_transfer(wcfg: WorkerConfig, ecfg: EngineConfig, engine: AsyncLLMEn
     # An EAGLE-3 head's states go with the KV (services/engine/speculative/states_push.py).
     form = getattr(llm_engine.executor.drafter, "states_form", None)
     states = None
-    if form is not None:
+    if form is not None and wcfg.draft_states_bytes > 0:
         width, dtype = form()
-        states = StatesArena(width, dtype, register=agent.register)
+        states = StatesArena(width, dtype, wcfg.draft_states_bytes, agent.register)
     receiver = KVReceiver(
         engine, layout, wcfg.reserve_timeout_s, staging=receive,
         write_grace_s=wcfg.kv_write_grace_s, fence=grpc_fence(wcfg.grpc_tls),

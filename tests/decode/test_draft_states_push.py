@@ -143,3 +143,13 @@ async def test_decode_takes_pushed_states_from_the_region_or_the_message() -> No
     assert role._draft_states(receiver.claim("c"), msg) is None
     assert arena.free_bytes == arena.nbytes
     await receiver.stop()
+
+
+def test_the_arena_size_is_a_checked_worker_flag() -> None:
+    from services.worker.config import WorkerConfig
+
+    assert WorkerConfig().draft_states_bytes == 64 << 20
+    assert WorkerConfig(draft_states_bytes=0).draft_states_bytes == 0  # off: through the router
+    for bad in (-1, 1 << 41):
+        with pytest.raises(ValueError, match="draft_states_bytes"):
+            WorkerConfig(draft_states_bytes=bad)

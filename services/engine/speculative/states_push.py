@@ -28,8 +28,6 @@ import torch
 
 from services.engine.speculative.handoff import DTYPES, MAX_BYTES, DraftStates
 
-ARENA_BYTES = 64 << 20  # per worker: four prompts at MAX_BYTES, ~28k positions of the 135M model
-
 
 @dataclass(frozen=True)
 class Region:
@@ -40,7 +38,7 @@ class Region:
 
 
 class StatesArena:
-    """A registered host buffer handed out in contiguous regions (first fit, freed regions
+    """A registered host buffer (one a worker) handed out in contiguous regions (first fit, freed regions
     merged with their free neighbours). Thread-safe: the decode side allocates on the event
     loop, the prefill side's regions are freed on the KV sender's thread."""
 
@@ -48,7 +46,7 @@ class StatesArena:
         self,
         width: int,
         dtype: torch.dtype,
-        nbytes: int = ARENA_BYTES,
+        nbytes: int,  # --draft-states-bytes: 64 MiB holds 4 prompts at MAX_BYTES
         register: Callable[[int, int], None] | None = None,
     ) -> None:
         name = next((n for n, d in DTYPES.items() if d == dtype), None)
