@@ -66,6 +66,16 @@ def spec_counters(cluster) -> dict[str, float]:
     return out
 
 
+def states_room_at_rest(cluster) -> None:
+    """Every worker's draft-states buffer is whole again: no region of a finished request
+    (the decode side's, freed when claimed; the prefill side's, once its push is over) kept."""
+    for w in cluster.workers:
+        text = httpx.get(f"http://127.0.0.1:{w.ready_field('metrics_port')}/metrics").text
+        free = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("epdserve:spec_decode_draft_states_free_bytes")]  # fmt: skip
+        assert free == [64 << 20], (w.name, free)
+
+
 def complete(url: str, prompt: list[int]) -> list[int]:
     r = httpx.post(
         url + "/v1/completions",
@@ -95,6 +105,7 @@ def test_pd_drafts_and_accepts_as_colocated(clusters):
         paths = [(g.pop("push"), g.pop("grpc")) for g in grew]
         assert paths == [(0, 0), (1, 0)], grew  # pushed with the KV, not through the router
         assert grew[1] == grew[0], (prompt[:4], grew)
+    states_room_at_rest(pd)
 
 
 def test_extreme_parameters_kill_no_speculating_worker(clusters):
@@ -108,5 +119,6 @@ def test_extreme_parameters_kill_no_speculating_worker(clusters):
         with httpx.Client(base_url=cluster.base_url, timeout=120) as client:
             completions_battery(client, TINY_NAME, prompt)
         assert complete(cluster.base_url, prompt) == reference
+        states_room_at_rest(cluster)
         assert all(p.alive() for p in cluster.workers)
         assert {p.name: p.proc.pid for p in cluster.workers} == pids
