@@ -17,35 +17,17 @@ import httpx
 import pytest
 
 from services.cli import bench
-from services.cli.launcher import ClusterSpec, LocalCluster
+from tests.cluster.cluster_helpers import TINY_NAME, start_cluster
 
 pytestmark = pytest.mark.timeout(600)
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "benchmarks" / "data" / "sharegpt_sample.json"
-TINY_NAME = "tiny-llama"
-# A small KV cache keeps the worker's start-up quick (the tiny model needs ~512 B per token).
-TINY_ENGINE = {"max_model_len": 512, "kv_cache_bytes": 32 * 1024 * 1024, "max_num_seqs": 16}
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
-    c = LocalCluster(
-        ClusterSpec(
-            model=str(tiny_model_dir("llama")),
-            served_model_name=TINY_NAME,
-            mixed=1,
-            port=0,
-            cluster="bench-test",
-            lease_ttl=3,
-            engine_overrides=dict(TINY_ENGINE),
-        )  # fmt: skip
-    )
-    try:
-        c.start(timeout=300, progress=lambda m: print(m, file=sys.stderr))
-    except BaseException:
-        c.stop()
-        raise
+    c = start_cluster(tiny_model_dir("llama"))
     yield c
     c.stop()
 
