@@ -199,11 +199,17 @@ def pct(xs: list[float], q: float) -> float:
     return sorted(xs)[int(q * (len(xs) - 1))] if xs else 0.0
 
 
-def hop_delays(row: dict) -> dict[str, tuple[float, float, float]]:
-    """Each hop's delay a message (ms: p50, p99, max) from the delivery log
-    (services/common/delivery_log.py): step end -> the worker's yield (``step>w``), the
-    yield -> gRPC took it (``w>wd``), -> the router read it (``wd>r``), -> its SSE events
-    sent (``r>s``), -> the client's chunk (``s>client``: the last send before the chunk)."""
+HOPS = ("step>w", "w>r", "r>s", "s>client")
+
+
+def hop_delays(row: dict) -> dict[str, tuple[float, ...]]:
+    """Where each message spent its time, from the delivery log (services/common/delivery_log.py):
+    step end -> the worker's yield (``step>w``), -> the router read it (``w>r``), -> its SSE
+    events sent (``r>s``), -> the client's chunk (``s>client``); ms p50 / p99 / max of each.
+    And the tail gaps (>= the client's p99) split the same way (``tail``: the mean change of
+    each hop's delay across the gap, and the engine's own interval): the hop that grew is
+    where a late chunk waited. A client request is matched to the router's request id whose
+    sends are nearest its chunk times (the client does not see the id)."""
     marks = row.get("marks") or []
     if not marks:
         return {}
@@ -211,25 +217,34 @@ def hop_delays(row: dict) -> dict[str, tuple[float, float, float]]:
     by: dict[str, dict[str, list[float]]] = {}
     for hop, rid, t in sorted(marks, key=lambda m: m[2]):
         by.setdefault(hop, {}).setdefault(rid, []).append(t)
-    out: dict[str, list[float]] = {}
-    for t in (t for ts in by.get("w", {}).values() for t in ts):
-        i = bisect_right(ends, t) - 1
-        if i >= 0:
-            out.setdefault("step>w", []).append(t - ends[i])
-    for a, b in (("w", "wd"), ("wd", "r"), ("r", "s")):
-        for rid, ta in by.get(a, {}).items():
-            tb = by.get(b, {}).get(rid) or next(
-                (v for k, v in by.get(b, {}).items() if k.startswith(rid) or rid.startswith(k)), []
-            )
-            for x, y in zip(ta, tb, strict=False):
-                out.setdefault(f"{a}>{b}", []).append(y - x)
-    sends = sorted(t for ts in by.get("s", {}).values() for t in ts)
+    sends = by.get("s", {})
+    delays: dict[str, list[float]] = {h: [] for h in HOPS}
+    gaps: list[tuple[float, ...]] = []
     for chunk in row["chunks"]:
-        for b in chunk:
-            i = bisect_right(sends, b) - 1
-            if i >= 0:
-                out.setdefault("s>client", []).append(b - sends[i])
-    return {k: (1e3 * pct(v, 0.5), 1e3 * pct(v, 0.99), 1e3 * max(v)) for k, v in out.items()}
+        near = [r for r in sends if len(sends[r]) >= len(chunk)]
+        if not near:
+            continue
+        rid = min(
+            near, key=lambda r: sum(abs(b - s) for b, s in zip(chunk, sends[r], strict=False))
+        )
+        w, r, s = by["w"][rid], by["r"][rid], by["s"][rid]
+        n = min(len(chunk), len(w), len(r), len(s))
+        step = [ends[max(0, bisect_right(ends, t) - 1)] for t in w[:n]]
+        hop = [(w[k] - step[k], r[k] - w[k], s[k] - r[k], chunk[k] - s[k]) for k in range(n)]
+        for k in range(n):
+            for name, d in zip(HOPS, hop[k], strict=True):
+                delays[name].append(d)
+        for k in range(1, n):
+            change = tuple(b - a for a, b in zip(hop[k - 1], hop[k], strict=True))
+            gaps.append((chunk[k] - chunk[k - 1], step[k] - step[k - 1], *change))
+    out: dict[str, tuple[float, ...]] = {
+        k: (1e3 * pct(v, 0.5), 1e3 * pct(v, 0.99), 1e3 * max(v)) for k, v in delays.items() if v
+    }
+    if gaps:
+        p99 = pct([g[0] for g in gaps], 0.99)
+        tail = [g for g in gaps if g[0] >= p99]
+        out["tail"] = tuple(1e3 * statistics.mean(g[i] for g in tail) for i in range(len(HOPS) + 2))
+    return out
 
 
 def main() -> None:
@@ -276,12 +291,12 @@ def main() -> None:
                   f"| {load:.2f} |", flush=True)  # fmt: skip
             hops = hop_delays(row)
             if hops:
-                print(
-                    "|  | hops (p50/p99/max ms): "
-                    + ", ".join(f"{k} {a:.1f}/{b:.1f}/{c:.1f}" for k, (a, b, c) in hops.items())
-                    + " |",
-                    flush=True,
-                )
+                tail = hops.pop("tail", ())
+                text = ", ".join(f"{k} {v[0]:.1f}/{v[1]:.1f}/{v[2]:.1f}" for k, v in hops.items())
+                if tail:
+                    text += "; tail gaps (mean ms): gap {:.1f} = engine {:.1f}".format(*tail[:2])
+                    text += "".join(f" + {k} {v:.1f}" for k, v in zip(HOPS, tail[2:], strict=True))
+                print(f"|  | hops p50/p99/max ms: {text} |", flush=True)
             if args.json:  # after every row: a stopped run keeps what it measured
                 Path(args.json).write_text(json.dumps(raw))
             time.sleep(args.pause)

@@ -2,9 +2,11 @@
 
 One line ``HOP REQUEST_ID TIME`` (``time.monotonic()``, shared by the processes of one machine)
 per message per hop, into ``PREFIX.<pid>`` of each process: the worker as it hands a step's
-message to gRPC (``w``) and when gRPC took it (``wd``), the router as its call reads it
-(``r``) and after its SSE events went to the client (``s``). benchmarks/itl_tail.py puts
-these against the steps and the client's chunk times: where a late chunk spent its time.
+message to gRPC (``w``) and when its generator is resumed after gRPC's write completed
+(``wd``: the router may have read the message before), the router as the message reaches
+its response (``r``) and after its SSE events went to the client (``s``).
+benchmarks/itl_tail.py puts these against the steps and the client's chunk times: where a
+late chunk spent its time.
 Off unless the variable is set (then one ``if`` a message); a file that cannot be written
 turns it off.
 """
