@@ -127,9 +127,19 @@ def test_structured_output(oai) -> None:
         {"input": "x", "tools": [{"type": "web_search"}]},
         {"input": [{"type": "function_call_output", "output": "no call id"}]},
         {"input": "x", "max_output_tokens": 100000},
+        # Not supported: once served without them (a conversation's turns silently missing).
+        {"input": "x", "conversation": "conv_1"},
+        {"prompt": {"id": "pmpt_1"}},
+        {"input": "x", "truncation": "auto"},
     ],
-    ids=["empty", "builtin-tool", "no-call-id", "context"],
+    ids=["empty", "builtin-tool", "no-call-id", "context", "conversation", "prompt", "truncation"],
 )
 def test_bad_input_is_400(oai, kw) -> None:
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError) as ei:
         oai.responses.create(model=TINY_NAME, **kw)
+    for field in ("conversation", "prompt", "truncation"):
+        if field in kw:
+            assert ei.value.param == field and "not supported" in ei.value.message, ei.value
+    if "truncation" in kw:
+        ok = oai.responses.create(model=TINY_NAME, input="x", truncation="disabled", **GREEDY)
+        assert ok.truncation == "disabled"

@@ -106,12 +106,26 @@ class ReasoningConfig(DocModel):
 
 # -- Requests ---------------------------------------------------------------------------------
 
+_UNSUPPORTED = {
+    "conversation": "'conversation' is not supported (no Conversations API): continue a "
+    "conversation with 'previous_response_id', or send its turns in 'input'",
+    "prompt": "'prompt' (a stored prompt template) is not supported: send 'input' and "
+    "'instructions'",
+    "truncation": "'truncation' must be 'disabled': 'auto' is not supported (a prompt over the "
+    "context is a 400, never cut)",
+}
+
 
 class ResponsesRequest(ModelTarget):
     """POST /v1/responses. vLLM's sampling extensions (``top_k``, ``seed``, ``stop``,
     ``ignore_eos``, ...: responses_input.EXTRA_SAMPLING) are accepted and checked as in a
     chat completion."""
 
+    # Sent by the SDK when asked for, not supported here: a 400 naming the field (served
+    # without it, a conversation's earlier turns or a stored prompt were silently missing).
+    conversation: Annotated[Any, Documented(str)] = None
+    prompt: Annotated[Any, Documented(dict[str, Any])] = None
+    truncation: Annotated[Any, Documented(Literal["disabled"])] = None
     stream: Bool = False
     background: Bool = False
     store: Bool = True
@@ -138,6 +152,14 @@ class ResponsesRequest(ModelTarget):
     def logprobs(self) -> bool:
         include = self.include if isinstance(self.include, list) else []
         return self.top_logprobs is not None or "message.output_text.logprobs" in include
+
+    @field_validator("conversation", "prompt", "truncation", mode="before")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        name = info.field_name or ""
+        if name == "truncation" and value == "disabled":
+            return value
+        raise invalid(_UNSUPPORTED[name], name)
 
     @field_validator("previous_response_id", "instructions", mode="before")
     @classmethod
