@@ -160,6 +160,18 @@ async def test_status_set_role_errors_and_convergence(two) -> None:
     assert idle.servicer.state.role == "mixed" and not idle.servicer.state.draining
 
 
+async def test_drain_of_a_worker_that_does_not_answer_is_a_one_line_503(two) -> None:
+    """`epdserve drain` of a worker killed a moment ago (still registered) printed the gRPC
+    error's whole repr: several lines of debug_error_string."""
+    c, _, w2, _ = two
+    await w2.server.stop(None)
+    r = await c.post("/admin/workers/w2/drain", json={}, headers=AUTH)
+    assert r.status_code == 503, r.text
+    message = r.json()["error"]["message"]
+    assert message.startswith("worker w2 did not answer: UNAVAILABLE "), message
+    assert "\n" not in message and "debug_error_string" not in message, message
+
+
 async def test_drain_timeout_aborts_with_a_clear_error(etcd) -> None:
     cluster = _cluster()
     w = await start_fake_worker(etcd.endpoint, cluster, "w1", FakeEngine(step_s=0.05),

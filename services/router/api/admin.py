@@ -289,8 +289,11 @@ async def _drain(gw: Gateway, request: Request) -> dict[str, Any]:
     try:
         resp = await h.stub.Drain(pb.DrainRequest(drain=drain), timeout=UNARY_TIMEOUT_S)
     except Exception as exc:
+        # NOTE: an AioRpcError's str() is its whole multi-line repr (debug_error_string and
+        # all), which `epdserve drain` printed as is: its code and details say it.
+        why = f"{exc.code().name} {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else exc
         raise AdminError(
-            503, f"worker {worker_id} did not answer: {exc}", "worker_unavailable"
+            503, f"worker {worker_id} did not answer: {why}", "worker_unavailable"
         ) from None
     log.info("admin: worker %s draining=%s", worker_id, resp.draining)
     return {"id": worker_id, "draining": resp.draining, "inflight": resp.num_inflight}
