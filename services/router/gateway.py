@@ -153,12 +153,15 @@ class Gateway:
         models = {**self.pool.lost.models(self.cfg.worker_restart_wait_s), **self.pool.models()}
         if not models:
             raise APIError(503, "no workers available", code="no_workers")
-        parent = self.pool.adapters().get(name) if name not in models else None
+        adapters = self.pool.adapters()
+        parent = adapters.get(name) if name not in models else None
         if parent is not None:  # a LoRA adapter: its base model's context length
             models = {**models, name: models[parent]}
         if name not in models:
+            # The adapters too: /v1/models lists them, a request may name one.
+            known = sorted(models) + sorted(f"{a} (LoRA of {p})" for a, p in adapters.items())
             raise APIError(
-                404, f"The model '{name}' does not exist; available: {', '.join(sorted(models))}",
+                404, f"The model '{name}' does not exist; available: {', '.join(known)}",
                 param="model", code="model_not_found",
             )  # fmt: skip
         # NOTE: a worker out of routing only for a moment still counts (the orchestrator

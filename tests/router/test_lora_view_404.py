@@ -55,3 +55,24 @@ def test_a_model_still_known_without_a_usable_path_stays_a_503() -> None:
     # A prefill worker alone makes no path: the base model and its adapter are still known.
     for model in ("base", "sql"):
         assert asyncio.run(_serve(model, "prefill", drop_adapter=False)) == (503, "no_workers", 0)
+
+
+def test_an_unknown_model_s_404_names_the_adapters_too() -> None:
+    """The 404's "available:" listed base models only: a client that misspelt an adapter's
+    name (served since `--lora-modules sql=...`) was not told it exists."""
+    from services.router.config import RouterConfig
+    from services.router.gateway import Gateway
+    from tests.router.router_fakes import FakeTokenizer
+
+    async def resolve() -> APIError:
+        gw = Gateway(RouterConfig(etcd="127.0.0.1:1"), FakeTokenizer())
+        h = fake_handle("w-0", Served())
+        h.info.model, h.lora_adapters = "base", frozenset({"sql"})
+        gw.pool.handles = {h.id: h}
+        with pytest.raises(APIError) as err:
+            gw.resolve_model("sq1", serving=False)
+        return err.value
+
+    err = asyncio.run(resolve())
+    assert err.status == 404 and err.code == "model_not_found"
+    assert err.message.endswith("available: base, sql (LoRA of base)"), err.message
