@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run = asyncio.run(run_benchmark(cfg))
+    except httpx.TransportError as exc:
+        # httpx says only "All connection attempts failed": name the server it tried.
+        print(f"error: cannot reach {cfg.base_url}: {exc}", file=sys.stderr)
+        return 1
     except (RuntimeError, ValueError, OSError, httpx.HTTPError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
