@@ -26,10 +26,10 @@ from services.common.metric_buckets import E2E_BUCKETS, TOKEN_BUCKETS, TTFT_BUCK
 from services.common.metrics_http import MetricsEndpoint
 from services.common.pd_metrics import KVTransferMetrics
 from services.engine.expert_balance import expert_tokens
+from services.worker.spec_metrics import LABELS, DraftStatesCollector, spec_metrics
 
 log = logging.getLogger(__name__)
 
-LABELS = ["model_name", "instance"]
 # Request-path histograms also carry the role the worker had when it served the request: a
 # decode worker's time to first token is its decode queue, a prefill worker's the prefill.
 ROLE_LABELS = [*LABELS, "role"]
@@ -187,7 +187,7 @@ class WorkerMetrics(MetricsEndpoint):
     def watch_draft_states(self, arena: Any) -> None:
         """Export how an EAGLE-3 head's states reached this decode worker (pushed with the
         KV, or through the router) and the room left to push them into."""
-        self.registry.register(_DraftStatesCollector(arena, (self.model_name, self.instance)))
+        self.registry.register(DraftStatesCollector(arena, [self.model_name, self.instance]))
 
     def observe_prefill(self, seconds: float, prompt_tokens: int) -> None:
         """A PD prefill that ran here (``Prefill`` RPC: no output stream to track): its time
@@ -211,30 +211,6 @@ class _StagingCollector:
             g = GaugeMetricFamily(name, doc, labels=LABELS)
             g.add_metric(self.ids, value)
             yield g
-
-
-class _DraftStatesCollector:
-    def __init__(self, arena: Any, ids: tuple[str, str]) -> None:
-        self.arena = arena
-        self.ids = list(ids)
-
-    def collect(self) -> Iterable[Metric]:
-        c = CounterMetricFamily(
-            "epdserve:spec_decode_draft_states_handoffs", "EAGLE-3 states a PD decode worker "
-            "took from the prefill worker, by path: push (Mooncake, with the KV) or grpc "
-            "(through the router: no region was free, or the prefill worker did not push).",
-            labels=[*LABELS, "path"],
-        )  # fmt: skip
-        for path, n in self.arena.handoffs.items():
-            c.add_metric([*self.ids, path], n)
-        yield c
-        g = GaugeMetricFamily(
-            "epdserve:spec_decode_draft_states_free_bytes",
-            "Room left in the registered buffer EAGLE-3 states are pushed into and from.",
-            labels=LABELS,
-        )
-        g.add_metric(self.ids, self.arena.free_bytes)
-        yield g
 
 
 class _EngineCollector:
@@ -358,7 +334,7 @@ class _EngineCollector:
             getattr(s, "kv_store_put_blocks", 0),
         )  # fmt: skip
         if getattr(s, "spec", None) is not None:
-            yield from _spec_metrics(self.ids, s.spec)
+            yield from spec_metrics(self.ids, s.spec)
         yield from _expert_metrics(self.ids, self.engine)
 
 
@@ -378,27 +354,3 @@ def _expert_metrics(ids: list[str], engine: Any) -> Iterable[Metric]:
         for expert, n in enumerate(row):
             c.add_metric([*ids, str(layer), str(expert)], n)
     yield c
-
-
-def _spec_metrics(ids: list[str], spec: Any) -> Iterable[Metric]:
-    """Speculative decoding counters (vLLM's spec_decode names), on workers that speculate."""
-    for name, doc, value in (
-        ("epdserve:spec_decode_num_drafts", "Verifications: sequence-steps with draft tokens.",
-         spec.num_drafts),
-        ("epdserve:spec_decode_num_draft_tokens", "Draft tokens verified.", spec.num_draft_tokens),
-        ("epdserve:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
-         spec.num_accepted_tokens),
-    ):  # fmt: skip
-        c = CounterMetricFamily(name, doc, labels=LABELS)
-        c.add_metric(ids, value)
-        yield c
-    for name, doc, values in (
-        ("epdserve:spec_decode_num_draft_tokens_per_pos", "Draft tokens verified at each draft "
-         "position (0: the first after the sequence's own token).", spec.proposed_per_position),
-        ("epdserve:spec_decode_num_accepted_tokens_per_pos", "Draft tokens accepted at each "
-         "draft position.", spec.accepted_per_position),
-    ):  # fmt: skip
-        c = CounterMetricFamily(name, doc, labels=[*LABELS, "position"])
-        for pos, n in enumerate(values):
-            c.add_metric([*ids, str(pos)], n)
-        yield c
