@@ -1,5 +1,7 @@
 """The engine's own CPU per decode step, with the CPU decode-step path (models/llama_decode.py)
 on and off, alternated in one process: the same engine, the same batch, the same cache.
+``--compare fused``: the path on both sides, its one C call a layer for the rotary, the KV
+write and the attention ("on") against the two calls it replaced ("off").
 
 ``--model tiny`` builds a 30-layer Llama of hidden size 128 with random weights (in a
 temporary folder, nothing downloaded): its kernels cost little, so a step is mostly the
@@ -10,7 +12,7 @@ the least disturbed by other processes), the process's CPU (the OpenMP threads t
 wall time, and the ratios off/on. Recorded, not asserted; not in CI.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/decode_path_ab.py [--model tiny]
-        [--batch 16] [--rounds 8] [--steps 8]
+        [--batch 16] [--rounds 8] [--steps 8] [--compare path|fused]
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per side a round")
+    p.add_argument("--compare", choices=["path", "fused"], default="path",
+                   help="path: the decode path on/off; fused: its one attention call on/off")  # fmt: skip
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="decode-path-ab-") as tmp:
         model = tiny_model(Path(tmp)) if args.model == "tiny" else args.model
@@ -85,7 +89,12 @@ def run(engine: LLMEngine, args: argparse.Namespace) -> None:
     load = os.getloadavg()[0]
     for r in range(args.rounds):
         for side in ("on", "off") if r % 2 == 0 else ("off", "on"):
-            decoder.decode_path = path if side == "on" else None
+            if args.compare == "path":
+                decoder.decode_path = path if side == "on" else None
+            else:
+                for layer in path.layers:
+                    if layer is not None:
+                        layer.fuse = side == "on"
             engine.step()  # untimed: the first step after a switch
             cpu, proc, wall = sides[side]
             for _ in range(args.steps):
@@ -95,12 +104,15 @@ def run(engine: LLMEngine, args: argparse.Namespace) -> None:
                 cpu.append(time.thread_time() - c)
                 proc.append(time.process_time() - pc)
     decoder.decode_path = path
+    for layer in path.layers:
+        if layer is not None:
+            layer.fuse = True
 
     def ms(values: list[float]) -> float:
         return 1e3 * statistics.median(values)
 
     for side, (cpu, proc, wall) in sides.items():
-        print(f"path {side:3s}: step-thread CPU {ms(cpu):.3f} ms, process CPU {ms(proc):.3f} ms, "
+        print(f"{args.compare} {side:3s}: step-thread CPU {ms(cpu):.3f} ms, process CPU {ms(proc):.3f} ms, "
               f"wall {ms(wall):.3f} ms (median of {len(cpu)} steps at batch {args.batch})")  # fmt: skip
     on, off = sides["on"], sides["off"]
     print(f"off/on: step-thread CPU {ms(off[0]) / ms(on[0]):.3f}x, process CPU "

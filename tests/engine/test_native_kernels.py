@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.engine.layers import native
+from services.engine.layers import cpu_fused, native
 from services.engine.layers.attention import AttentionMetadata, TorchAttention
 from services.engine.layers.masks import additive_mask
 
@@ -171,3 +171,105 @@ def test_a_query_view_into_the_qkv_output_still_takes_the_kernel(kernel, monkeyp
     assert calls == [1]
     torch.testing.assert_close(out, _reference(q, k_cache, v_cache, tables, lens, 0.125),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def builds(request, kernel, monkeypatch_module):
+    """The paged decode library as this CPU builds it, and built for AVX2 alone
+    (``-march=x86-64-v3``: CI machines may lack AVX-512); each with the fused kernels."""
+    if request.param == "native":
+        yield kernel, cpu_fused.ops()
+        return
+    flags = ["-O3", "-march=x86-64-v3", "-mprefer-vector-width=256", "-fopenmp", "-shared",
+             "-fPIC", "-std=gnu11"]  # fmt: skip
+    monkeypatch_module.setattr(native, "_compile_flags", lambda cpu: flags)
+    native.forget()
+    k, ops = native.paged_decode(), cpu_fused.ops()
+    monkeypatch_module.setattr(native, "_compile_flags", native._compile_flags)
+    native.forget()  # the next module gets this CPU's build again
+    assert k is not None and ops is not None
+    yield k, ops
+
+
+def _qkv_case(lens, heads, kv_heads, head_dim, block_size, seed=1):
+    q, kc, vc, tables, ctx = _paged_case(
+        len(lens), heads, kv_heads, head_dim, block_size, lens, seed
+    )
+    gen = torch.Generator().manual_seed(seed)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(len(lens), width, generator=gen)
+    positions = ctx - 1
+    # Each sequence's last slot: where its new token's K and V go.
+    slots = torch.tensor([int(tables[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+                          for b, n in enumerate(lens)])  # fmt: skip
+    return qkv, kc, vc, tables, ctx, positions, slots
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,block_size,lens",
+    [
+        (9, 3, 64, 16, [130, 1, 16, 17, 191, 64]),
+        (4, 4, 128, 16, [5, 33]),
+        (8, 2, 40, 8, [1, 7, 8, 9, 100]),
+        (9, 3, 64, 16, [150] * 12 + [3, 200]),
+    ],
+)
+def test_rotary_store_attend_equals_the_two_calls_bit_for_bit(
+    builds, heads, kv_heads, head_dim, block_size, lens
+):
+    """The decode step's one call a layer (rotary + KV write + paged attention) computes what
+    CpuFused.rotary_store_ and then the kernel compute: the same q, caches and output bits.
+    Fails on the old code: there was no such call."""
+    from services.engine.layers.rotary import RotaryEmbedding
+
+    kernel, ops = builds
+    rotary = RotaryEmbedding(head_dim, 512, {"rope_theta": 10000.0, "rope_type": "default"})
+    rotary.build()
+    qkv, kc, vc, tables, ctx, pos, slots = _qkv_case(lens, heads, kv_heads, head_dim, block_size)
+    scale = head_dim**-0.5
+    # The two calls, on copies.
+    qkv2, kc2, vc2 = qkv.clone(), kc.clone(), vc.clone()
+    q, k, v = qkv2.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.view(len(lens), heads, head_dim)
+    k = k.view(len(lens), kv_heads, head_dim)
+    v = v.view(len(lens), kv_heads, head_dim)
+    ops.rotary_store_(pos, q, k, v, rotary.cos, rotary.sin, kc2, vc2, slots)
+    ref = torch.empty(len(lens), heads, head_dim)
+    kernel(q.contiguous(), kc2, vc2, tables, ctx, max(lens), scale, ref)
+    out = torch.full((len(lens), heads * head_dim), float("nan"))
+    kernel.rotary_store_attend(pos, qkv, heads, rotary.cos, rotary.sin, kc, vc, slots, tables,
+                               ctx, max(lens), scale, out)  # fmt: skip
+    assert torch.equal(out.view_as(ref), ref)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert torch.equal(qkv[:, : heads * head_dim], qkv2[:, : heads * head_dim])
+
+
+def test_rotary_store_attend_refuses_bad_input_before_writing(kernel):
+    """A position past the tables, a slot past the cache, a block id or length out of range,
+    or qkv rows of the wrong width: an error, and nothing written (q and the caches)."""
+    from services.engine.layers.rotary import RotaryEmbedding
+
+    rotary = RotaryEmbedding(64, 64, {"rope_theta": 10000.0, "rope_type": "default"})
+    rotary.build()
+    qkv, kc, vc, tables, ctx, pos, slots = _qkv_case([20, 30], 9, 3, 64, 16)
+    before = [x.clone() for x in (qkv, kc, vc)]
+    out = torch.empty(2, 9 * 64)
+
+    def call(pos=pos, slots=slots, tables=tables, ctx=ctx, qkv=qkv, max_len=30):
+        kernel.rotary_store_attend(pos, qkv, 9, rotary.cos, rotary.sin, kc, vc, slots, tables,
+                                   ctx, max_len, 0.125, out)  # fmt: skip
+
+    with pytest.raises(ValueError, match="outside the rotary tables"):
+        call(pos=torch.tensor([19, 64]))
+    with pytest.raises(IndexError, match="outside the cache"):
+        call(slots=torch.tensor([0, kc.shape[0] * kc.shape[1]]))
+    bad = tables.clone()
+    bad[1, 0] = -1
+    with pytest.raises(RuntimeError, match="paged decode kernel failed"):
+        call(tables=bad)
+    with pytest.raises(RuntimeError, match="paged decode kernel failed"):
+        call(ctx=torch.tensor([20, 33]), max_len=33)
+    with pytest.raises(ValueError, match="qkv rows"):
+        call(qkv=qkv[:, :-64])
+    for x, y in zip((qkv, kc, vc), before, strict=True):
+        assert torch.equal(x, y)

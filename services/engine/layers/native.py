@@ -50,7 +50,7 @@ _kernels: dict[str, Any] = {}  # kernel(): the wrapper made over each library
 K = TypeVar("K")
 # The entry points each kernel library must export: a file lacking them is not that kernel.
 SYMBOLS = {
-    "paged_decode": ("epd_paged_decode_f32",),
+    "paged_decode": ("epd_paged_decode_f32", "epd_decode_attn_f32"),
     "prefill_attn": ("epd_prefill_attn_f32",),
     "cpu_lora": ("lora_apply",),
     "omp_bind": ("epd_bind_omp_threads",),
@@ -262,6 +262,10 @@ class PagedDecode:
         fn.restype = ctypes.c_int
         fn.argtypes = [_PTR] * 6 + [_I64] * 6 + [ctypes.c_float, _I64, _I64, ctypes.c_int]
         self.fn = fn
+        fused = lib.epd_decode_attn_f32
+        fused.restype = ctypes.c_int
+        fused.argtypes = [_PTR] * 12 + [_I64] * 11 + [ctypes.c_float, _I64, _I64, ctypes.c_int]
+        self.fused = fused
 
     @staticmethod
     def usable(
@@ -298,6 +302,43 @@ class PagedDecode:
             lens.data_ptr(), out.data_ptr(), b, h, k_cache.shape[2], d, k_cache.shape[1],
             tables.shape[1], scale, max_len, k_cache.shape[0], torch.get_num_threads(),
         )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"paged decode kernel failed ({rc}): bad shapes or lengths")
+
+    def rotary_store_attend(
+        self, positions: torch.Tensor, qkv: torch.Tensor, heads: int, cos: torch.Tensor,
+        sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+        block_tables: torch.Tensor, context_lens: torch.Tensor, max_len: int, scale: float,
+        out: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """A decode batch's attention in one call: ``CpuFused.rotary_store_`` (q and k rotated
+        in place, k and v written at ``slots``), then this kernel's attention of q into
+        ``out`` (contiguous [B, heads, D]); the same bits as the two calls. ``qkv`` is the
+        fused projection's output, rows [q | k | v] of (heads + 2 Hkv) x D floats (Hkv and D
+        from the cache [num_blocks, block_size, Hkv, D]).
+        NOTE: no conversions or shape checks in Python (the decode step's path calls it once a
+        layer): the caller passes a float32 ``qkv`` of contiguous rows, int64 contiguous
+        ``positions``, ``slots``, ``block_tables`` and ``context_lens``, contiguous tables
+        ``cos``/``sin`` [max_positions, >= D/2] and caches (``llama_decode.DecodePath``
+        checks them); the C side checks every index and length before it writes anything."""
+        kv_heads, d = k_cache.shape[2], k_cache.shape[3]
+        if qkv.shape[1] != (heads + 2 * kv_heads) * d:
+            raise ValueError(
+                f"qkv rows of {qkv.shape[1]} floats are not {heads}+2x{kv_heads} heads"
+            )
+        base, row = qkv.data_ptr(), qkv.stride(0)
+        rc = self.fused(
+            positions.data_ptr(), base, base + 4 * heads * d, base + 4 * (heads + kv_heads) * d,
+            cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            slots.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(),
+            qkv.shape[0], heads, kv_heads, d, row, row, row, cos.shape[1], cos.shape[0],
+            k_cache.shape[1], block_tables.shape[1], scale, max_len, k_cache.shape[0],
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if rc == -2:
+            raise ValueError(f"a position is outside the rotary tables (0..{cos.shape[0] - 1})")
+        if rc == -3:
+            raise IndexError("a KV slot is outside the cache")
         if rc != 0:
             raise RuntimeError(f"paged decode kernel failed ({rc}): bad shapes or lengths")
 

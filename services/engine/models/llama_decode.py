@@ -8,7 +8,9 @@ positions, the paged C kernel usable on the cache) is checked once a step here; 
 then calls the very kernels ``LlamaDecoderLayer.forward`` calls, with the same arguments in
 the same order, so the hidden states are bit for bit the same
 (tests/engine/test_llama_decode.py). It took ~1.4 ms of step-thread CPU off a 30-layer decode
-step at batch 16 (benchmarks/decode_path_ab.py).
+step at batch 16 (benchmarks/decode_path_ab.py). The rotary embedding, the KV write and the
+paged attention of a layer are one C call (``PagedDecode.rotary_store_attend``: the same
+arithmetic as ``CpuFused.rotary_store_`` and the kernel, read from the qkv output in place).
 
 Layers it does not cover keep their module call: a layer with forward pre-hooks (EAGLE-3
 reads some layers' inputs), a mixture-of-experts MLP, q/k norms (Qwen3), a rotary other than
@@ -52,6 +54,9 @@ class DecodeLayer:
         self.sizes = [attn.q_size, attn.kv_size, attn.kv_size]
         self.heads, self.kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.kernel = attn.backend.native_decode
+        # A decode batch's rotary, KV write and attention in one C call (False: the two calls,
+        # ``benchmarks/decode_path_ab.py --compare fused``).
+        self.fuse = True
 
     def hooked(self) -> bool:
         """A hook set on the layer since (EAGLE-3 sets one on some layers' inputs)."""
@@ -66,18 +71,27 @@ class DecodeLayer:
         # LlamaAttention.forward, LlamaMLP.forward and the backend's decode, inlined.
         h = ops.rms_norm(x, self.w_in, self.in_norm.eps)[1]
         qkv = self.qkv.forward(h)
+        assert self.kernel is not None
+        contiguous = qkv.is_contiguous()  # the heads' rows as the kernels want them
+        if contiguous and self.fuse and not meta.prefills:  # a decode batch: one C call
+            out = torch.empty((t, a.q_size), dtype=torch.float32)
+            self.kernel.rotary_store_attend(
+                positions, qkv, self.heads, rotary.cos, rotary.sin, a.k_cache, a.v_cache,
+                meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
+                meta.decode_max_len, a.scale, out,
+            )  # fmt: skip
+            return self._mlp(x, a.reduce(self.o_proj.forward(out)))
         q, k, v = qkv.split(self.sizes, dim=-1)
         q = q.view(t, self.heads, self.head_dim)
         k = k.view(t, self.kv_heads, self.head_dim)
         v = v.view(t, self.kv_heads, self.head_dim)
-        if qkv.is_contiguous():  # the heads' rows as rotary_usable and store_usable want them
+        if contiguous:
             ops.rotary_store_(positions, q, k, v, rotary.cos, rotary.sin, a.k_cache, a.v_cache,
                               meta.slot_mapping)  # fmt: skip
         else:
             q, k = rotary(positions, q, k)
             TorchAttention.store(k, v, a.k_cache, a.v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
-        assert self.kernel is not None
         if (
             meta.prefills
         ):  # verifications: every query row a decode row (TorchAttention.native_rows)
@@ -92,6 +106,11 @@ class DecodeLayer:
             self.kernel(q.contiguous(), a.k_cache, a.v_cache, meta.decode_block_tables,
                         meta.decode_context_lens, meta.decode_max_len, a.scale, out)  # fmt: skip
         attn = a.reduce(self.o_proj.forward(out.reshape(t, a.q_size)))
+        return self._mlp(x, attn)
+
+    def _mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The residual add, the post-attention norm, the MLP and its residual add."""
+        ops = self.ops
         x, h = ops.rms_norm(x, self.w_post, self.post_norm.eps, attn)
         gate_up = self.gate_up.forward(h)
         if ops.silu_vectorized and cpu_fused.rows(gate_up) and gate_up.shape[1] % 2 == 0:
@@ -160,6 +179,13 @@ class DecodePath:
             and meta.decode_max_len > 0
             and tables is not None
             and lens is not None
+            # what PagedDecode.rotary_store_attend takes as it is
+            and tables.dtype == lens.dtype == torch.int64
+            and tables.device.type == lens.device.type == "cpu"
+            and tables.is_contiguous()
+            and lens.is_contiguous()
+            and self.rotary.cos.is_contiguous()
+            and self.rotary.sin.is_contiguous()
         ):
             return False
         return (

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "epd_exp.h"
+#include "epd_rotary.h"
 
 /* Below this many elements a call runs on the calling thread alone (no OpenMP region): a
  * decode batch of the default model is 64 x 576; waking a passive thread costs tens of
@@ -82,22 +83,6 @@ int epd_silu_mul_f32(const float *gate_up, float *out, int64_t rows, int64_t int
     return 0;
 }
 
-/* [x1, x2] -> [x1 c - x2 s, x2 c + x1 s] on ``n`` heads of ``D`` floats at ``x`` (head h at
- * x + h * D), c and s the first D / 2 entries of the position's table rows. */
-static inline void rotate_heads(float *x, int64_t n, int64_t D, const float *c, const float *s) {
-    const int64_t half = D / 2;
-    for (int64_t h = 0; h < n; h++) {
-        float *a = x + h * D;
-        float *b = a + half;
-#pragma omp simd
-        for (int64_t i = 0; i < half; i++) {
-            const float x1 = a[i], x2 = b[i];
-            a[i] = x1 * c[i] - x2 * s[i];
-            b[i] = x2 * c[i] + x1 * s[i];
-        }
-    }
-}
-
 /* Rotary embedding of q [T, H, D] and k [T, Hkv, D] in place (heads contiguous within a
  * token, tokens ``q_stride`` / ``k_stride`` floats apart: views into the fused qkv output
  * work), by the cos / sin tables [max_pos, table_stride] at ``positions`` [T]. A position
@@ -132,22 +117,13 @@ int epd_rotary_store_f32(const int64_t *positions, float *q, float *k, const flo
                          int64_t q_stride, int64_t k_stride, int64_t v_stride,
                          int64_t table_stride, int64_t max_pos, int64_t num_slots, int threads) {
     if (T < 0 || D < 2 || D % 2 || table_stride < D / 2 || num_slots < 0) return -1;
-    for (int64_t t = 0; t < T; t++) {
-        if (positions[t] < 0 || positions[t] >= max_pos) return -2;
-        if (slots[t] < 0 || slots[t] >= num_slots) return -3;
-    }
-    const int64_t row = Hkv * D;
+    const int bad = check_positions_slots(positions, slots, T, max_pos, num_slots);
+    if (bad) return bad;
     const int parallel = threads > 1 && T > 1 && T * (H + 2 * Hkv) * D >= PARALLEL_MIN_ELEMS;
 #pragma omp parallel for num_threads(threads) if (parallel) schedule(static)
-    for (int64_t t = 0; t < T; t++) {
-        const float *c = cos_t + positions[t] * table_stride;
-        const float *s = sin_t + positions[t] * table_stride;
-        float *kt = k + t * k_stride;
-        rotate_heads(q + t * q_stride, H, D, c, s);
-        rotate_heads(kt, Hkv, D, c, s);
-        memcpy(k_cache + slots[t] * row, kt, sizeof(float) * (size_t)row);
-        memcpy(v_cache + slots[t] * row, v + t * v_stride, sizeof(float) * (size_t)row);
-    }
+    for (int64_t t = 0; t < T; t++)
+        rotate_store_token(q + t * q_stride, k + t * k_stride, v + t * v_stride, positions[t],
+                           slots[t], cos_t, sin_t, table_stride, k_cache, v_cache, H, Hkv, D);
     return 0;
 }
 

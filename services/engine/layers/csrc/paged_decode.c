@@ -27,6 +27,7 @@
 #include <omp.h>
 
 #include "epd_exp.h"
+#include "epd_rotary.h"
 
 #define MAX_GROUP 64
 
@@ -291,21 +292,13 @@ static void attend_one_any(const float *qb, const float *k_cache, const float *v
     }
 }
 
-/* Work is split by (sequence, KV-head range): a whole sequence (all its KV heads, whose
- * rows are contiguous in the cache) when there are enough sequences to share, else one KV
- * head each. Each thread takes a contiguous run of items holding about its share of the
- * tokens (contexts differ in length). */
-int epd_paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
-                         const int64_t *block_tables, const int64_t *context_lens, float *out,
-                         int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                         int64_t block_size, int64_t max_blocks, float scale, int64_t max_len,
-                         int64_t num_blocks, int threads) {
-    const int64_t group = heads / kv_heads;
-    if (group < 1 || group > MAX_GROUP || heads % kv_heads || max_len < 1 || block_size < 1 ||
-        batch < 0)
+/* -1: bad shapes; -2: a context length or block id out of range; 0: the batch is valid. */
+static int check_decode(const int64_t *block_tables, const int64_t *context_lens, int64_t batch,
+                        int64_t heads, int64_t kv_heads, int64_t block_size, int64_t max_blocks,
+                        int64_t max_len, int64_t num_blocks) {
+    if (kv_heads < 1 || heads < kv_heads || heads % kv_heads || heads / kv_heads > MAX_GROUP || max_len < 1 ||
+        block_size < 1 || batch < 0)
         return -1;
-    const int64_t tok_stride = kv_heads * head_dim; /* one slot of a block */
-    const int64_t blk_stride = block_size * tok_stride;
     for (int64_t b = 0; b < batch; b++) {
         const int64_t len = context_lens[b];
         if (len < 1 || len > max_len || len > max_blocks * block_size) return -2;
@@ -313,6 +306,26 @@ int epd_paged_decode_f32(const float *q, const float *k_cache, const float *v_ca
         for (int64_t j = 0; j < (len + block_size - 1) / block_size; j++)
             if (table[j] < 0 || table[j] >= num_blocks) return -2;
     }
+    return 0;
+}
+
+/* Work is split by (sequence, KV-head range): a whole sequence (all its KV heads, whose
+ * rows are contiguous in the cache) when there are enough sequences to share, else one KV
+ * head each. Each thread takes a contiguous run of items holding about its share of the
+ * tokens (contexts differ in length). q's tokens are ``q_stride`` floats apart (the heads of
+ * a token contiguous); out is contiguous. */
+static int paged_decode(const float *q, int64_t q_stride, const float *k_cache,
+                        const float *v_cache, const int64_t *block_tables,
+                        const int64_t *context_lens, float *out, int64_t batch, int64_t heads,
+                        int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                        int64_t max_blocks, float scale, int64_t max_len, int64_t num_blocks,
+                        int threads) {
+    const int bad = check_decode(block_tables, context_lens, batch, heads, kv_heads, block_size,
+                                 max_blocks, max_len, num_blocks);
+    if (bad) return bad;
+    const int64_t group = heads / kv_heads;
+    const int64_t tok_stride = kv_heads * head_dim; /* one slot of a block */
+    const int64_t blk_stride = block_size * tok_stride;
     if (threads < 1) threads = 1;
     const int vec = head_dim == 64 || head_dim == 128;
     const int64_t per_seq = vec && batch >= 2 * threads ? 1 : kv_heads; /* items a sequence */
@@ -350,7 +363,7 @@ int epd_paged_decode_f32(const float *q, const float *k_cache, const float *v_ca
             const int64_t len = context_lens[b];
             const int64_t *table = block_tables + b * max_blocks;
             const int64_t row = b * heads + kh0 * group;
-            const float *qb = q + row * head_dim;
+            const float *qb = q + b * q_stride + kh0 * group * head_dim;
             float *ob = out + row * head_dim;
             if (head_dim == 64)
                 attend_seq(qb, k_cache, v_cache, table, len, ob, kh0, kh1, group, 64,
@@ -370,4 +383,49 @@ int epd_paged_decode_f32(const float *q, const float *k_cache, const float *v_ca
         free(rows);
     }
     return failed ? -2 : 0;
+}
+
+int epd_paged_decode_f32(const float *q, const float *k_cache, const float *v_cache,
+                         const int64_t *block_tables, const int64_t *context_lens, float *out,
+                         int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                         int64_t block_size, int64_t max_blocks, float scale, int64_t max_len,
+                         int64_t num_blocks, int threads) {
+    return paged_decode(q, heads * head_dim, k_cache, v_cache, block_tables, context_lens, out,
+                        batch, heads, kv_heads, head_dim, block_size, max_blocks, scale,
+                        max_len, num_blocks, threads);
+}
+
+/* A decode batch's attention in one call: the rotary embedding of q and k in place, k and v
+ * written into the cache at ``slots`` (epd_rotary_store_f32), then the paged decode attention
+ * of q (epd_paged_decode_f32) into out [B, H, D]. q [B, H, D], k and v [B, Hkv, D] with their
+ * own token strides (views into the fused qkv output): no copy of q. The same arithmetic as
+ * the two calls, so the same bits. Everything is checked before anything is written: -1 bad
+ * shapes, -2 a position outside the tables, -3 a slot outside the cache, -4 a context length
+ * or block id out of range. */
+int epd_decode_attn_f32(const int64_t *positions, float *q, float *k, const float *v,
+                        const float *cos_t, const float *sin_t, float *k_cache, float *v_cache,
+                        const int64_t *slots, const int64_t *block_tables,
+                        const int64_t *context_lens, float *out, int64_t batch, int64_t heads,
+                        int64_t kv_heads, int64_t head_dim, int64_t q_stride, int64_t k_stride,
+                        int64_t v_stride, int64_t table_stride, int64_t max_pos,
+                        int64_t block_size, int64_t max_blocks, float scale, int64_t max_len,
+                        int64_t num_blocks, int threads) {
+    if (head_dim < 2 || head_dim % 2 || table_stride < head_dim / 2 ||
+        q_stride < heads * head_dim || k_stride < kv_heads * head_dim ||
+        v_stride < kv_heads * head_dim)
+        return -1;
+    int bad = check_positions_slots(positions, slots, batch, max_pos, num_blocks * block_size);
+    if (bad) return bad;
+    bad = check_decode(block_tables, context_lens, batch, heads, kv_heads, block_size,
+                       max_blocks, max_len, num_blocks);
+    if (bad) return bad == -2 ? -4 : bad;
+    /* NOTE: on the calling thread, as epd_rotary_store_f32 runs a decode batch (below its
+     * threshold): an OpenMP region here would cost more than the work. */
+    for (int64_t t = 0; t < batch; t++)
+        rotate_store_token(q + t * q_stride, k + t * k_stride, v + t * v_stride, positions[t],
+                           slots[t], cos_t, sin_t, table_stride, k_cache, v_cache, heads,
+                           kv_heads, head_dim);
+    return paged_decode(q, q_stride, k_cache, v_cache, block_tables, context_lens, out, batch,
+                        heads, kv_heads, head_dim, block_size, max_blocks, scale, max_len,
+                        num_blocks, threads);
 }
