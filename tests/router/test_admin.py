@@ -22,12 +22,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 _n = 0
 
 
-@pytest.fixture(scope="module")
-def etcd():
-    with EtcdServer() as server:
-        yield server
-
-
 def _cluster() -> str:
     global _n
     _n += 1

@@ -18,7 +18,6 @@ import pytest
 import pytest_asyncio
 from router_fakes import FakeEngine, FakeTokenizer, start_fake_worker, start_gateway, until_healthy
 
-from services.common.etcd_server import EtcdServer
 from services.router.config import RouterConfig
 from services.router.features import structured
 from services.router.offload import INLINE_BELOW, Offload, text_size
@@ -58,12 +57,6 @@ class SlowTokenizer(FakeTokenizer):
             self.gate.block()
             text = text[:16]  # the double's answer: a short prompt the fake engine takes
         return super().encode(text, add_special_tokens)
-
-
-@pytest.fixture(scope="module")
-def etcd():
-    with EtcdServer() as server:
-        yield server
 
 
 _n = 0

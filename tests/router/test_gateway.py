@@ -10,16 +10,9 @@ import pytest
 import pytest_asyncio
 from router_fakes import FakeEngine, start_fake_worker, start_gateway
 
-from services.common.etcd_server import EtcdServer
 from tests.waits import until
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
-
-
-@pytest.fixture(scope="module")
-def etcd():
-    with EtcdServer() as server:
-        yield server
 
 
 _n = 0

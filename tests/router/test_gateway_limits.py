@@ -10,7 +10,6 @@ import pytest
 from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
 from starlette.requests import Request
 
-from services.common.etcd_server import EtcdServer
 from services.router.admission import AdmissionControl
 from services.router.api.openapi import openapi_document
 from services.router.auth import APIKey, check_api_key, load_api_keys
@@ -128,12 +127,6 @@ def test_config_checks_limits() -> None:
 
 
 # -- over HTTP ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def etcd():
-    with EtcdServer() as server:
-        yield server
 
 
 @contextlib.asynccontextmanager

@@ -15,7 +15,6 @@ import pytest
 import pytest_asyncio
 from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
 
-from services.common.etcd_server import EtcdServer
 from services.engine.async_engine import EngineDeadError
 from services.engine.outputs import RequestFailedError
 from services.router.routing.poison import PoisonTracker
@@ -90,12 +89,6 @@ def test_entries_are_bounded() -> None:
 
 
 # ---- through a gateway and two workers ----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def etcd():
-    with EtcdServer() as server:
-        yield server
 
 
 @pytest_asyncio.fixture

@@ -17,7 +17,6 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import TypeAdapter
 from router_fakes import ScriptedEngine, sse_events, start_fake_worker, start_gateway, until_healthy
 
-from services.common.etcd_server import EtcdServer
 from services.router.config import RouterConfig
 from services.router.features.reasoning import base
 from services.router.features.reasoning.deepseek_r1 import DeepSeekR1ReasoningParser
@@ -141,12 +140,6 @@ def test_without_hold_back_a_split_tag_leaks(monkeypatch) -> None:
 
 
 # -- Through the gateway, over a worker whose engine writes a script ------------------------
-
-
-@pytest.fixture(scope="module")
-def etcd():
-    with EtcdServer() as server:
-        yield server
 
 
 class Parsers:

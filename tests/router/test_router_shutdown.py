@@ -12,7 +12,6 @@ import httpx
 import pytest
 from router_fakes import FakeEngine, FakeTokenizer, sse_events, start_fake_worker, until_healthy
 
-from services.common.etcd_server import EtcdServer
 from services.common.net import free_port
 from services.router.config import RouterConfig
 from services.router.gateway import Gateway
@@ -24,12 +23,6 @@ from tests.waits import until
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 
 GRACE_S = 1.5
-
-
-@pytest.fixture(scope="module")
-def etcd():
-    with EtcdServer() as server:
-        yield server
 
 
 def _chat(max_tokens: int, stream: bool) -> tuple[str, dict]:

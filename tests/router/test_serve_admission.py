@@ -7,17 +7,10 @@ import httpx
 import pytest
 from router_fakes import start_fake_worker, start_gateway
 
-from services.common.etcd_server import EtcdServer
 from services.router import serving
 from tests.waits import until
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
-
-
-@pytest.fixture(scope="module")
-def etcd():
-    with EtcdServer() as server:
-        yield server
 
 
 async def test_only_a_flex_admission_watches_the_client(etcd, monkeypatch) -> None:

@@ -13,7 +13,6 @@ import pytest
 import pytest_asyncio
 from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
 
-from services.common.etcd_server import EtcdServer
 from tests.conftest import image_bytes
 from tests.waits import until
 
@@ -46,12 +45,6 @@ class PassImages:
 
     async def prompt(self, ids, images):
         return ids
-
-
-@pytest.fixture(scope="module")
-def etcd():
-    with EtcdServer() as server:
-        yield server
 
 
 _n = 0

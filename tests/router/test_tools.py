@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from router_fakes import ScriptedEngine, sse_events, start_fake_worker, start_gateway, until_healthy
 
-from services.common.etcd_server import EtcdServer
 from services.common.proto import worker_pb2 as pb
 from services.router.api.openai_output import openai_deltas
 from services.router.errors import APIError
@@ -389,12 +388,6 @@ def test_template_uses_tools() -> None:
 
 
 # -- Through the gateway, over a worker whose engine writes a script ------------------------
-
-
-@pytest.fixture(scope="module")
-def etcd():
-    with EtcdServer() as server:
-        yield server
 
 
 @pytest_asyncio.fixture

@@ -15,7 +15,6 @@ import pytest
 import pytest_asyncio
 from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
 
-from services.common.etcd_server import EtcdServer
 from services.common.tracing import Tracing
 from tests.deps import OTEL, require
 
@@ -24,12 +23,6 @@ require("opentelemetry.sdk", OTEL)
 
 if TYPE_CHECKING:
     from tests.otlp_collector import SpanRecord
-
-
-@pytest.fixture(scope="module")
-def etcd():
-    with EtcdServer() as server:
-        yield server
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import pytest_asyncio
 from mux_fakes import Worker, gen_request, outcome
 from router_fakes import FakeEngine, start_fake_worker, start_gateway
 
-from services.common.etcd_server import EtcdServer
 from services.router.routing.mux import MuxCall
 from tests.waits import until
 
@@ -86,12 +85,6 @@ async def test_a_broken_stream_fails_its_requests_as_died(worker: Worker) -> Non
         outcome(worker.muxed.stub.Generate(gen_request("n"), timeout=5)), 10
     )
     assert err is not None and err[0] == grpc.StatusCode.UNAVAILABLE
-
-
-@pytest.fixture(scope="module")
-def etcd():
-    with EtcdServer() as server:
-        yield server
 
 
 async def test_gateway_with_mux_fails_over_and_aborts(etcd) -> None:
