@@ -330,7 +330,10 @@ class LocalCluster:
 
     def prepare_model(self, say: Callable[[str], None]) -> None:
         """Convert a GGUF (or the default model) once here, before the children start, so
-        that they do not race to fill the same cache folder; they then load the folder."""
+        that they do not race to fill the same cache folder; they then load the folder.
+        Its LoRA adapters' shapes are checked against the converted folder here (up.py
+        checks a folder model's before this): ValueError before any process starts."""
+        from services.cli import lora_groups
         from services.engine.model_loader import resolve_model
 
         groups: list[ModelGroup | ClusterSpec] = [self.spec, *self.spec.more_models]
@@ -340,6 +343,7 @@ class LocalCluster:
             say(f"preparing model {g.model or '(embedded default)'} ...")
             g.served_model_name = served_name_of(g)
             g.model = resolve_model(g.model)
+            lora_groups.check_adapters(g, g.served_model_name)
 
     def wait_healthy(
         self,

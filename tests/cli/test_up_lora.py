@@ -112,3 +112,23 @@ def test_a_spec_cannot_give_one_adapter_list_to_several_models() -> None:
     with pytest.raises(ValueError, match="give each model its own LoRA adapters"):
         ClusterSpec(model="/x/a", more_models=[ModelGroup("/y/b")],
                     engine_overrides={"lora_modules": ["sql=/p"]})  # fmt: skip
+
+
+@pytest.mark.parametrize("model", [None, "/models/m.gguf"], ids=["default", "gguf"])
+def test_a_gguf_or_default_model_s_adapter_shapes_are_checked_before_start(
+    tmp_path, monkeypatch, model
+) -> None:
+    """The embedded default model (and any GGUF) is a folder only once converted: its
+    adapters' shapes went unchecked and a misfit one failed the worker after the model
+    loaded (40 s into `epdserve up`), where the README promises a refusal before start."""
+    from services.cli.launcher import LocalCluster
+    from services.engine import model_loader
+
+    converted = model_dir(tmp_path, "converted")
+    monkeypatch.setattr(model_loader, "resolve_model", lambda _m: str(converted))
+    bad = adapter(tmp_path, "bad", None, H * 2)
+    spec = ClusterSpec(model=model, lora_modules=[f"bad={bad}"])
+    with pytest.raises(ValueError, match="does not fit the model"):
+        LocalCluster(spec).prepare_model(lambda _msg: None)
+    fits = ClusterSpec(model=model, lora_modules=[f"ok={adapter(tmp_path, 'ok', None)}"])
+    LocalCluster(fits).prepare_model(lambda _msg: None)
