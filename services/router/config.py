@@ -59,7 +59,12 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
         default=200, metadata={"help": "period asked of the workers' load streams"}
     )
     load_stale_s: float = field(
-        default=5.0, metadata={"help": "a worker silent this long is taken out of routing"}
+        default=5.0,
+        metadata={
+            "help": "a worker whose load reports stop this long and that "
+            "does not answer a health Check is taken out of routing (one "
+            "that answers ranks below those reporting)"
+        },
     )
     max_attempts: int = field(
         default=3, metadata={"help": "workers tried for a request that fails before any token"}

@@ -6,6 +6,10 @@ reservation waiting for KV runs on other threads or tasks and does not delay it;
 stopped (SIGSTOP) or whose loop is stuck does not answer, which is what a probe must catch.
 NOT_SERVING only once the engine is dead (the worker is on its way out and exits non-zero).
 Whether a worker should get new requests is the router's business (load reports, leases).
+Asked for the worker service by name (the routers ask so when its load reports are late:
+routing/workers.py), it is also NOT_SERVING while the engine is stuck in one step for over
+``engine_stall_s``, as its load reports then stop on purpose (load.py); the whole server ("",
+what `epdserve up` and the kubelet ask) stays SERVING: a stall is not a reason to kill.
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ from services.common.proto import health_pb2_grpc as pb_grpc
 from services.common.proto import worker_pb2
 
 # What Check answers for: the whole server ("") and the worker service by its full name.
-SERVICES = ("", worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name)
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+SERVICES = ("", WORKER_SERVICE)
 Status = pb.HealthCheckResponse.ServingStatus
 
 
 class HealthServicer(pb_grpc.HealthServicer):
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, engine_stall_s: float = float("inf")) -> None:
         self.engine = engine  # its ``is_running`` says whether the step thread still runs
+        self.engine_stall_s = engine_stall_s  # WorkerConfig.engine_stall_s
 
     async def Check(  # noqa: N802 - the gRPC method's name
         self, request: pb.HealthCheckRequest, context: grpc.aio.ServicerContext
@@ -37,11 +43,14 @@ class HealthServicer(pb_grpc.HealthServicer):
         if request.service not in SERVICES:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         running = getattr(self.engine, "is_running", True)
+        if running and request.service == WORKER_SERVICE:
+            stalled = getattr(self.engine, "stalled_s", None)  # test fakes have no step thread
+            running = stalled is None or stalled() <= self.engine_stall_s
         return pb.HealthCheckResponse(status=Status.SERVING if running else Status.NOT_SERVING)
 
 
-def add_health(server: grpc.aio.Server, engine: Any) -> None:
-    pb_grpc.add_HealthServicer_to_server(HealthServicer(engine), server)
+def add_health(server: grpc.aio.Server, engine: Any, engine_stall_s: float = float("inf")) -> None:
+    pb_grpc.add_HealthServicer_to_server(HealthServicer(engine, engine_stall_s), server)
 
 
 def check(address: str, timeout: float, tls: GrpcTLS | None = None) -> bool | None:

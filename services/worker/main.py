@@ -102,7 +102,9 @@ async def serve(
     phases = PhaseInterceptor(servicer.metrics, state, tracing)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[phases])
     pb_grpc.add_WorkerServiceServicer_to_server(servicer, server)
-    add_health(server, engine)  # grpc.health.v1: `epdserve up` and Kubernetes probe it
+    add_health(
+        server, engine, wcfg.engine_stall_s
+    )  # grpc.health.v1: `epdserve up` and Kubernetes probe it
     port = add_port(server, f"{wcfg.host}:{wcfg.port}", wcfg.grpc_tls)
     if port == 0:
         raise RuntimeError(f"could not bind {wcfg.host}:{wcfg.port}")

@@ -14,6 +14,7 @@ import grpc
 from services.common.aio import cancel_and_wait
 from services.common.grpc_utils import GrpcTLS, channel
 from services.common.membership import InstanceInfo
+from services.common.proto import health_pb2, health_pb2_grpc
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.router.phases import TracedStub
@@ -28,6 +29,9 @@ DEPARTED_GRACE_S = 30.0
 # A request's first message may take this many times its expected queueing + prefill time
 # (first_message_s) before its worker counts as hung.
 FIRST_MESSAGE_SAFETY = 4.0
+# The worker service's name in grpc.health.v1 (services/worker/health.py): asked by name, a
+# worker whose engine is stuck past its engine_stall_s answers NOT_SERVING.
+WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["WorkerService"].full_name
 
 
 class RateWindow:
@@ -55,6 +59,7 @@ class WorkerHandle:
         self.info = info
         self.channel = channel(info.address, tls)
         plain = pb_grpc.WorkerServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
         # ``mux``: its Generate calls share one stream (mux.py). Times the calls of requests
         # and carries their trace context (phases.py).
         self.stub: Any = TracedStub(MuxStub(plain) if mux else plain, self)
@@ -66,6 +71,9 @@ class WorkerHandle:
         self.lora_slots = 0
         self.lora_routed: dict[str, float] = {}  # adapter -> when a request for it went here
         self.load_at = 0.0  # monotonic time of the latest report
+        # ... and of the latest health Check answered SERVING while reports were late (a
+        # worker slowed down by a loaded host, not a hung one: ``_answers``).
+        self.answered_at = 0.0
         self.message_at = 0.0  # ... and of the latest stream message of any call (watch.py)
         self.inflight = 0  # requests this router has running there
         # Requests of this router that ended there since the latest report, and their prompt
@@ -101,18 +109,29 @@ class WorkerHandle:
         return int(self.info.capacity.get("max_model_len", 0) or 0)
 
     def reachable(self, now: float | None = None) -> bool:
-        """A load report arrived recently and no call failed since."""
+        """A load report arrived recently (or, reports late, a health Check was answered)
+        and no call failed since."""
         now = time.monotonic() if now is None else now
-        return self.load_at > self.failed_at and now - self.load_at < self._stale_s
+        return self.alive_at > self.failed_at and now - self.alive_at < self._stale_s
+
+    @property
+    def alive_at(self) -> float:
+        """Monotonic time of its latest sign of life: a load report or an answered Check."""
+        return max(self.load_at, self.answered_at)
+
+    def load_fresh(self, now: float) -> bool:
+        """Its latest load report is recent: routing by it is routing by its real load."""
+        return now - self.load_at < self._stale_s
 
     def silence(self, now: float) -> float:
-        """Seconds since its latest load report."""
-        return now - self.load_at
+        """Seconds since its latest sign of life (a load report, or an answered Check)."""
+        return now - self.alive_at
 
     def silent(self, now: float) -> bool:
-        """Its load stream went quiet: the process is stopped or hung, or its host is cut
-        off (a process that died closes its connections and fails the calls at once)."""
-        return self.load_at > 0 and self.silence(now) > self._stale_s
+        """Its load stream went quiet and it does not answer a health Check: the process is
+        stopped or hung (or its engine stalled), or its host is cut off (a process that
+        died closes its connections and fails the calls at once)."""
+        return self.alive_at > 0 and self.silence(now) > self._stale_s
 
     def first_message_s(self, prompt_tokens: int, stall_s: float) -> float:
         """How long a new request may wait here for its first message: its own prefill
@@ -168,6 +187,25 @@ class WorkerHandle:
         """The worker refused ``epoch`` as stale: skip it until etcd shows a newer one."""
         self.stale_epoch = max(self.stale_epoch, epoch)
 
+    async def _answers(self) -> bool:
+        """Whether the worker answers a health Check for its worker service SERVING within
+        half the stale bound (its reports are late: a host loaded to 100 delays them past
+        the bound while the worker serves): if so it is alive (``alive_at``). A stopped or
+        hung worker, or one whose engine is stuck (NOT_SERVING), does not."""
+        try:
+            answer = await self.health.Check(
+                health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=self._stale_s / 2
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        if answer.status != health_pb2.HealthCheckResponse.SERVING:
+            return False
+        if self.answered_at < self.load_at:  # said once per late spell
+            log.info("%s sends no load report for %.1f s but answers: slow, not hung",
+                     self.id, time.monotonic() - self.load_at)  # fmt: skip
+        self.answered_at = time.monotonic()
+        return True
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._load_loop(), name=f"load-{self.id}")
 
@@ -193,12 +231,20 @@ class WorkerHandle:
         backoff = 0.1
         while True:
             call = self.stub.StreamLoad(pb.LoadReportRequest(interval_ms=self._interval_ms))
+            read = asyncio.ensure_future(call.read())
             try:
                 while True:
-                    # A silent stream counts as a dead worker: bound each read.
-                    report = await asyncio.wait_for(call.read(), timeout=self._stale_s)
+                    # A silent stream counts as a dead worker, unless it answers a health
+                    # Check (slowed down, not hung): bound each wait.
+                    done, _ = await asyncio.wait({read}, timeout=self._stale_s / 2)
+                    if not done:
+                        if await self._answers():
+                            continue  # the same read goes on: the report is only late
+                        raise TimeoutError
+                    report = read.result()
                     if report is grpc.aio.EOF:
                         break
+                    read = asyncio.ensure_future(call.read())
                     self.load = report
                     self.lora_adapters = frozenset(report.lora_adapters)
                     self.lora_resident = frozenset(report.lora_resident)
@@ -216,6 +262,7 @@ class WorkerHandle:
                 log.info("load stream from %s broke: %s", self.id, reason)
             finally:
                 call.cancel()
+                read.cancel()
             # Take it out of routing now rather than waiting for the stale timeout.
             self.mark_failed()
             if self.departed_at and self.on_gone is not None:
@@ -290,11 +337,15 @@ class WorkerPool:
         task.add_done_callback(self._closing.discard)
 
     def candidates(self, role: str = "mixed", model: str | None = None) -> list[WorkerHandle]:
+        """The usable workers of ``role`` serving ``model``. NOTE: one whose load report is
+        late but who answers (``WorkerHandle.reachable``) ranks below every worker with a
+        fresh report: it is chosen only when no such worker is left, rather than refused."""
         now = time.monotonic()
-        return sorted(
+        usable = sorted(
             (h for h in self.handles.values() if h.usable_for(role, now) and h.serves(model)),
             key=lambda h: h.id,
         )
+        return [h for h in usable if h.load_fresh(now)] or usable
 
     def serving(self, role: str, model: str | None = None) -> list[WorkerHandle]:
         """Workers of ``role`` that serve (not draining nor mid-flip), usable or not: one
