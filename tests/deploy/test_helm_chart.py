@@ -412,6 +412,27 @@ def test_bundled_etcd_members_know_each_other() -> None:
 BAD_VALUES = [
     ("negative router replicas", {"router": {"replicas": -1}}, "/router/replicas"),
     ("negative worker replicas", {"workers": {"decode": {"replicas": -2}}}, "minimum"),
+    # Odd values that rendered a manifest serving nothing, or one the API server refuses.
+    ("no router", {"router": {"replicas": 0}}, "/router/replicas"),
+    (
+        "no workers",
+        {"workers": {"mixed": {"replicas": 0}}},
+        "workers: no worker would serve: give workers.mixed.replicas >= 1",
+    ),
+    (
+        "PD decode of 0 workers",
+        {
+            "workers": {
+                "mixed": {"enabled": False},
+                "prefill": {"enabled": True, "replicas": 1},
+                "decode": {"enabled": True, "replicas": 0},
+            }
+        },
+        "(mixed 0, prefill 1, decode 0)",
+    ),
+    ("replicas past int32", {"workers": {"mixed": {"replicas": 10**12}}}, "maximum"),
+    ("router replicas past int32", {"router": {"replicas": 2**31}}, "/router/replicas"),
+    ("blank model", {"model": {"path": "   "}}, "/model/path"),
     ("unknown role", {"workers": {"verifier": {"enabled": True, "replicas": 1}}}, "verifier"),
     ("missing model", {"model": {"path": None}}, "missing property 'path'"),
     ("empty model", {"model": {"path": ""}}, "/model/path"),

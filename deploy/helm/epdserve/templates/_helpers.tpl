@@ -424,6 +424,7 @@ etcd. Every TLS-dependent line of a client (env, volume, mount) follows from thi
 {{- range $role := list "mixed" "prefill" "decode" "encode" }}
 {{- if (get $w $role).enabled }}
 {{- $enabled = append $enabled $role }}
+
 {{- if not (has $role $flags.roles) }}
 {{- fail (printf "%s.%s.enabled: this epdserve version's workers take the roles %s only" $where $role (join ", " $flags.roles)) }}
 {{- end }}
@@ -434,6 +435,15 @@ etcd. Every TLS-dependent line of a client (env, volume, mount) follows from thi
 {{- end }}
 {{- if ne (has "prefill" $enabled) (has "decode" $enabled) }}
 {{- fail (printf "%s: PD mode needs both %s.prefill.enabled and %s.decode.enabled" $where $where $where) }}
+{{- end }}
+{{- /* An enabled role may have 0 replicas beside another path (roles flip at run time), but
+     some path must have workers: 0 everywhere rendered a cluster that answers only 503. */}}
+{{- $n := dict }}
+{{- range $role := list "mixed" "prefill" "decode" }}
+{{- $_ := set $n $role (ternary (int (get $w $role).replicas) 0 (has $role $enabled)) }}
+{{- end }}
+{{- if and (lt $n.mixed 1) (or (lt $n.prefill 1) (lt $n.decode 1)) }}
+{{- fail (printf "%s: no worker would serve: give %s.mixed.replicas >= 1, or %s.prefill.replicas and %s.decode.replicas >= 1 each (mixed %d, prefill %d, decode %d)" $where $where $where $where $n.mixed $n.prefill $n.decode) }}
 {{- end }}
 {{- end }}
 {{- if and .Values.kvstore.enabled .Values.kvstore.config.master .Values.mooncake.master.enabled }}
