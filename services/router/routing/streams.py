@@ -7,6 +7,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from services.common.proto import worker_pb2 as pb
 
+QUEUED_PER_STREAM = 2
+
 
 def child_params(params: pb.SamplingParams, i: int) -> pb.SamplingParams:
     """Completion ``i`` of an n > 1 request as a request of its own, seeded like the
@@ -47,7 +49,13 @@ async def merge_streams(
             # Close the inner generator now (not at GC): that cancels its RPC on the worker.
             await streams[0].aclose()
         return
-    queue: asyncio.Queue[tuple[int, pb.GenerateResponse | None | BaseException]] = asyncio.Queue()
+    # Bounded: a stream is read at most QUEUED_PER_STREAM messages ahead of the consumer (the
+    # client's HTTP writes), so a slow client slows the workers' streams through their flow
+    # control (gRPC's window, the mux's credits) instead of the router queueing every
+    # message of every choice.
+    queue: asyncio.Queue[tuple[int, pb.GenerateResponse | None | BaseException]] = asyncio.Queue(
+        QUEUED_PER_STREAM * len(streams)
+    )
 
     async def pump(i: int, it: AsyncIterator[pb.GenerateResponse]) -> None:
         try:
@@ -55,6 +63,10 @@ async def merge_streams(
                 await queue.put((i, msg))
             await queue.put((i, None))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                raise  # the consumer left: nobody reads the queue, a put could wait forever
+            # NOTE: a stream's own CancelledError (its call cancelled elsewhere) is handed on too.
             await queue.put((i, exc))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
