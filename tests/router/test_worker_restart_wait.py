@@ -270,3 +270,34 @@ def test_the_gateway_accepts_a_model_whose_only_worker_is_restarting(wait_s: flo
         assert err.value.status == (404 if wait_s else 503)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("wait_s", [30.0, 0.0])
+def test_models_lists_a_model_whose_only_worker_is_restarting(wait_s: float) -> None:
+    """/v1/models lists what the gateway serves: with the wait on, a model whose only worker
+    is restarting (requests wait for it) is listed, so `epdserve bench` and SDK clients that
+    read the list first do not fail with an empty list; off, it is gone as before."""
+    import json
+
+    from router_fakes import FakeTokenizer
+
+    from services.router.api.models import list_models, retrieve_model
+    from services.router.config import RouterConfig
+    from services.router.gateway import Gateway
+
+    async def main() -> None:
+        cfg = RouterConfig(etcd="127.0.0.1:1", worker_restart_wait_s=wait_s)
+        gw = Gateway(cfg, FakeTokenizer())
+        gw.pool.lost.record("mixed", ["m"], 4096)
+        listed = json.loads((await list_models(gw, None)).body)  # type: ignore[arg-type]
+        assert [c["id"] for c in listed["data"]] == (["m"] if wait_s else [])
+        if wait_s:
+            assert listed["data"][0]["max_model_len"] == 4096
+
+            class Req:
+                path_params = {"model_id": "m"}
+
+            card = json.loads((await retrieve_model(gw, Req())).body)  # type: ignore[arg-type]
+            assert card["id"] == "m"
+
+    asyncio.run(main())
