@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from services.engine.layers import native
+from services.engine.layers import prefill_kernel
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
-    kernel = native.prefill_attention()
+    kernel = prefill_kernel.prefill_attention()
     if kernel is None:
         raise SystemExit("the prefill attention kernel is not built here (no compiler, or off)")
     h, hkv, d, m = args.heads, args.kv_heads, args.head_dim, args.prompts

@@ -44,10 +44,9 @@ ROUTER_READY = "EPDSERVE_ROUTER_READY"
 WORKER_ENV_DEFAULTS = {} if "OMP_WAIT_POLICY" in os.environ else {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-# Most processes of one kind `up` starts on one machine. Far above what a machine runs
-# (each worker holds a model); the bound is there because the plan is built in memory
-# first: `--mixed 1000000000` was accepted, and `up` sat after starting etcd building a list
-# of 10^9 roles (8 GB of references) before any worker started.
+# Most processes of one kind `up` starts on one machine, far above what a machine runs: the
+# plan is built in memory first (`--mixed 1000000000` was accepted, and `up` sat after
+# starting etcd building a list of 10^9 roles, 8 GB of references, before any worker started).
 MAX_LOCAL_PROCESSES = 256
 
 
@@ -329,10 +328,9 @@ class LocalCluster:
         return self.base_url
 
     def prepare_model(self, say: Callable[[str], None]) -> None:
-        """Convert a GGUF (or the default model) once here, before the children start, so
-        that they do not race to fill the same cache folder; they then load the folder.
-        Its LoRA adapters' shapes are checked against the converted folder here (up.py
-        checks a folder model's before this): ValueError before any process starts."""
+        """Convert a GGUF (or the default model) once here, before the children start (they
+        would race to fill one cache folder), and check its LoRA adapters' shapes against the
+        folder (up.py checks a folder model's earlier): ValueError before any process starts."""
         from services.cli import lora_groups
         from services.engine.model_loader import resolve_model
 

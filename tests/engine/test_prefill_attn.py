@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.engine.layers import native
+from services.engine.layers import native, prefill_kernel
 from services.engine.layers.attention import AttentionMetadata, PrefillSegment, TorchAttention
 
 
@@ -15,7 +15,7 @@ def kernel(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("EPDSERVE_KERNEL_CACHE", str(tmp_path_factory.mktemp("kernels")))
     native.forget("prefill_attn")
-    k = native.prefill_attention()
+    k = prefill_kernel.prefill_attention()
     yield k if k is not None else pytest.skip("no C compiler here: SDPA runs")
     mp.undo()
 
@@ -95,4 +95,4 @@ def test_bad_segments_and_the_off_switch(kernel, monkeypatch):
         kernel(q, k, v, [(0, 0)], 0.125, out)
     assert not kernel.usable(q[:, :, :32], k[:, :, :32], v[:, :, :32], out[:, :, :32])
     monkeypatch.setenv("EPDSERVE_CPU_PREFILL_ATTN", "0")
-    assert native.prefill_attention() is None
+    assert prefill_kernel.prefill_attention() is None

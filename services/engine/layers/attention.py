@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from services.engine.layers import native, short_chunks
+from services.engine.layers import native, prefill_kernel, short_chunks
 from services.engine.layers.masks import additive_mask
 
 
@@ -216,7 +216,7 @@ class TorchAttention:
             vv = gather_blocks(v_cache, group.tables)
             short_chunks.attend(group, q, kk, vv, scale, out)
         fresh = [(s.start, s.num_tokens) for s in rest if s.context_len == s.num_tokens]
-        kernel = native.prefill_attention() if fresh and q.device.type == "cpu" else None
+        kernel = prefill_kernel.prefill_attention() if fresh and q.device.type == "cpu" else None
         if kernel is not None and kernel.usable(q, k, v, out):
             # NOTE: all fresh prompts, of any lengths, in one call (csrc/prefill_attn.c: ~3x
             # SDPA's flash kernel at the offline benchmark's 128-token prompts).

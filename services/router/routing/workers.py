@@ -9,15 +9,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import grpc
-
 from services.common.aio import cancel_and_wait
 from services.common.grpc_utils import GrpcTLS, channel
 from services.common.membership import InstanceInfo
-from services.common.proto import health_pb2, health_pb2_grpc
+from services.common.proto import health_pb2_grpc
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.router.phases import TracedStub
+from services.router.routing.load_stream import follow_load
 from services.router.routing.mux import MuxStub
 from services.router.routing.restarts import LostWorkers
 
@@ -29,9 +28,6 @@ DEPARTED_GRACE_S = 30.0
 # A request's first message may take this many times its expected queueing + prefill time
 # (first_message_s) before its worker counts as hung.
 FIRST_MESSAGE_SAFETY = 4.0
-# The worker service's name in grpc.health.v1 (services/worker/health.py): asked by name, a
-# worker whose engine is stuck past its engine_stall_s answers NOT_SERVING.
-WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["WorkerService"].full_name
 
 
 class RateWindow:
@@ -87,8 +83,8 @@ class WorkerHandle:
         self.on_gone: Callable[[WorkerHandle], None] | None = None
         # prompt tokens/s of its Prefill calls (and Generate calls to their first message) from here
         self.prefill_rate = RateWindow()
-        self._interval_ms = load_interval_ms
-        self._stale_s = stale_s
+        self.interval_ms = load_interval_ms
+        self.stale_s = stale_s
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -112,7 +108,7 @@ class WorkerHandle:
         """A load report arrived recently (or, reports late, a health Check was answered)
         and no call failed since."""
         now = time.monotonic() if now is None else now
-        return self.alive_at > self.failed_at and now - self.alive_at < self._stale_s
+        return self.alive_at > self.failed_at and now - self.alive_at < self.stale_s
 
     @property
     def alive_at(self) -> float:
@@ -121,7 +117,7 @@ class WorkerHandle:
 
     def load_fresh(self, now: float) -> bool:
         """Its latest load report is recent: routing by it is routing by its real load."""
-        return now - self.load_at < self._stale_s
+        return now - self.load_at < self.stale_s
 
     def silence(self, now: float) -> float:
         """Seconds since its latest sign of life (a load report, or an answered Check)."""
@@ -131,7 +127,7 @@ class WorkerHandle:
         """Its load stream went quiet and it does not answer a health Check: the process is
         stopped or hung (or its engine stalled), or its host is cut off (a process that
         died closes its connections and fails the calls at once)."""
-        return self.alive_at > 0 and self.silence(now) > self._stale_s
+        return self.alive_at > 0 and self.silence(now) > self.stale_s
 
     def first_message_s(self, prompt_tokens: int, stall_s: float) -> float:
         """How long a new request may wait here for its first message: its own prefill
@@ -187,27 +183,8 @@ class WorkerHandle:
         """The worker refused ``epoch`` as stale: skip it until etcd shows a newer one."""
         self.stale_epoch = max(self.stale_epoch, epoch)
 
-    async def _answers(self) -> bool:
-        """Whether the worker answers a health Check for its worker service SERVING within
-        half the stale bound (its reports are late: a host loaded to 100 delays them past
-        the bound while the worker serves): if so it is alive (``alive_at``). A stopped or
-        hung worker, or one whose engine is stuck (NOT_SERVING), does not."""
-        try:
-            answer = await self.health.Check(
-                health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=self._stale_s / 2
-            )
-        except grpc.aio.AioRpcError:
-            return False
-        if answer.status != health_pb2.HealthCheckResponse.SERVING:
-            return False
-        if self.answered_at < self.load_at:  # said once per late spell
-            log.info("%s sends no load report for %.1f s but answers: slow, not hung",
-                     self.id, time.monotonic() - self.load_at)  # fmt: skip
-        self.answered_at = time.monotonic()
-        return True
-
     def start(self) -> None:
-        self._task = asyncio.create_task(self._load_loop(), name=f"load-{self.id}")
+        self._task = asyncio.create_task(follow_load(self), name=f"load-{self.id}")
 
     def end_request(self, prompt_tokens: int) -> None:
         """One of this router's requests there ended (``prompt_tokens``: what it asked the
@@ -226,49 +203,6 @@ class WorkerHandle:
                 await asyncio.sleep(0.1)
         finally:
             await self.channel.close(grace=None)
-
-    async def _load_loop(self) -> None:
-        backoff = 0.1
-        while True:
-            call = self.stub.StreamLoad(pb.LoadReportRequest(interval_ms=self._interval_ms))
-            read = asyncio.ensure_future(call.read())
-            try:
-                while True:
-                    # A silent stream counts as a dead worker, unless it answers a health
-                    # Check (slowed down, not hung): bound each wait.
-                    done, _ = await asyncio.wait({read}, timeout=self._stale_s / 2)
-                    if not done:
-                        if await self._answers():
-                            continue  # the same read goes on: the report is only late
-                        raise TimeoutError
-                    report = read.result()
-                    if report is grpc.aio.EOF:
-                        break
-                    read = asyncio.ensure_future(call.read())
-                    self.load = report
-                    self.lora_adapters = frozenset(report.lora_adapters)
-                    self.lora_resident = frozenset(report.lora_resident)
-                    self.lora_slots = report.lora_slots
-                    self.load_at = time.monotonic()
-                    self.ended_since_report = self.prompt_tokens_ended_since_report = 0
-                    backoff = 0.1
-                    if self.departed_for_good(self.load_at) and self.on_gone is not None:
-                        self.on_gone(self)
-            except asyncio.CancelledError:
-                call.cancel()
-                raise
-            except (grpc.aio.AioRpcError, TimeoutError) as exc:
-                reason = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "silent"
-                log.info("load stream from %s broke: %s", self.id, reason)
-            finally:
-                call.cancel()
-                read.cancel()
-            # Take it out of routing now rather than waiting for the stale timeout.
-            self.mark_failed()
-            if self.departed_at and self.on_gone is not None:
-                self.on_gone(self)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
 
 
 class WorkerPool:
