@@ -146,11 +146,15 @@ class Gateway:
         await asyncio.to_thread(self.tracing.shutdown)
         self.offload.close()
 
+    def served_models(self) -> dict[str, int]:
+        """Served model -> context length: the workers' in the pool, and those of workers lost
+        lately, while they may come back (restarts.py): requests for them wait."""
+        return {**self.pool.lost.models(self.cfg.worker_restart_wait_s), **self.pool.models()}
+
     def resolve_model(self, name: str, serving: bool = True) -> tuple[str, int]:
         """(served name, context length) for a requested model, or 404 / 503; ``serving``:
         some worker must be usable for it too (not needed only to tokenize)."""
-        # A model whose workers died lately is known while they may come back (restarts.py).
-        models = {**self.pool.lost.models(self.cfg.worker_restart_wait_s), **self.pool.models()}
+        models = self.served_models()
         if not models:
             raise APIError(503, "no workers available", code="no_workers")
         adapters = self.pool.adapters()

@@ -41,9 +41,9 @@ def _card(gw: Gateway, name: str, max_len: int, parent: str | None = None) -> di
 
 
 def _cards(gw: Gateway) -> list[dict[str, Any]]:
-    # A model whose only workers are restarting is still served (requests wait for them:
-    # Gateway.resolve_model); listing it keeps clients that check /v1/models first working.
-    models = {**gw.pool.lost.models(gw.cfg.worker_restart_wait_s), **gw.pool.models()}
+    # A model whose only workers are restarting is listed: requests for it wait for them,
+    # and clients that check /v1/models first would fail on an empty list.
+    models = gw.served_models()
     data = [_card(gw, name, max_len) for name, max_len in sorted(models.items())]
     data += [
         _card(gw, name, models.get(parent, 0), parent)
