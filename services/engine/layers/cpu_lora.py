@@ -23,7 +23,6 @@ Results equal the torch plans to fp32 rounding (sums in another order), not bit 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 
@@ -60,18 +59,19 @@ class Batch(ctypes.Structure):
     ]
 
 
+def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` with ``lora_apply``'s signature set (once: ``native.kernel`` memoises it)."""
+    lib.lora_apply.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                               ctypes.c_int]  # fmt: skip
+    lib.lora_apply.restype = None
+    return lib
+
+
 def library() -> ctypes.CDLL | None:
     """The built kernel library (``csrc/cpu_lora.c``, built by ``native.library``), or None (no
     compiler, a failed build, or switched off)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
-    lib = native.library("cpu_lora")
-    if lib is not None:
-        lib.lora_apply.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                   ctypes.c_int]  # fmt: skip
-        lib.lora_apply.restype = None
-    return lib
+    return native.kernel("cpu_lora", _typed, ENV_SWITCH)
 
 
 class CPUSegments:

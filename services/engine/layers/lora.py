@@ -24,6 +24,7 @@ that reads each slot's factors once and adds into ``y`` in place (2x faster on a
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,8 +55,8 @@ class LoRABatch:
     segments: Any = None
     kernels: Any = None  # the triton_lora module that runs ``segments`` (cuda_kernels)
     # Or, on CPU with the C kernel built (cpu_lora.py): the rows of each slot for it.
-    cpu: Any = None  # a cpu_lora.CPUSegments
-    cpu_lib: Any = None  # the kernel's library (None: the torch plans)
+    cpu: cpu_lora.CPUSegments | None = None
+    cpu_lib: ctypes.CDLL | None = None  # the kernel's library (None: the torch plans)
 
 
 def cuda_kernels(device: torch.device) -> Any:
@@ -161,12 +162,13 @@ class LoRALinear:
         y = self.base(x)
         for lo, hi, slot in self.batch.runs:
             self._add_delta(y[lo:hi], x[lo:hi], slot)
-        if (cpu := self.batch.cpu) is not None and self.kernel_layer is not None:
+        cpu, lib = self.batch.cpu, self.batch.cpu_lib  # cpu is set only where cpu_lib is
+        if cpu is not None and lib is not None and self.kernel_layer is not None:
             if x.stride(-1) != 1:  # the kernel takes any row stride, elements contiguous
                 x = x.contiguous()
             if y.stride(-1) != 1:
                 y = y.contiguous()
-            cpu_lora.apply(self.batch.cpu_lib, self.kernel_layer, cpu, x, y)
+            cpu_lora.apply(lib, self.kernel_layer, cpu, x, y)
             return y
         if (seg := self.batch.segments) is not None:
             ops = self.batch.kernels

@@ -7,22 +7,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import grpc
 
 from services.common.proto import health_pb2
 from services.common.proto import worker_pb2 as pb
 
+if TYPE_CHECKING:  # workers.py imports this module: the type only, for mypy
+    from services.router.routing.workers import WorkerHandle
+
 log = logging.getLogger(__name__)
-# NOTE: ``handle`` below is a routing.workers.WorkerHandle (not imported: that module
-# imports this one).
 # The worker service's name in grpc.health.v1 (services/worker/health.py): asked by name, a
 # worker whose engine is stuck past its engine_stall_s answers NOT_SERVING.
 WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["WorkerService"].full_name
 
 
-async def answers(handle: Any) -> bool:
+async def answers(handle: WorkerHandle) -> bool:
     """Whether the worker answers a health Check for its worker service SERVING within
     half the stale bound (its reports are late: a host loaded to 100 delays them past
     the bound while the worker serves): if so it is alive (``alive_at``). A stopped or
@@ -42,7 +43,7 @@ async def answers(handle: Any) -> bool:
     return True
 
 
-async def follow_load(handle: Any) -> None:
+async def follow_load(handle: WorkerHandle) -> None:
     backoff = 0.1
     while True:
         call = handle.stub.StreamLoad(pb.LoadReportRequest(interval_ms=handle.interval_ms))

@@ -68,7 +68,7 @@ class WorkerHandle:
         self.lora_routed: dict[str, float] = {}  # adapter -> when a request for it went here
         self.load_at = 0.0  # monotonic time of the latest report
         # ... and of the latest health Check answered SERVING while reports were late (a
-        # worker slowed down by a loaded host, not a hung one: ``_answers``).
+        # worker slowed down by a loaded host, not a hung one: load_stream.answers).
         self.answered_at = 0.0
         self.message_at = 0.0  # ... and of the latest stream message of any call (watch.py)
         self.inflight = 0  # requests this router has running there
