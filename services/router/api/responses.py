@@ -10,12 +10,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from services.router.api.event_relay import EventRelay
 from services.router.api.openai import chat_messages, read_request
 from services.router.api.protocol.body import read_json_object
 from services.router.api.protocol.common import ModelTarget, parse
@@ -94,28 +94,23 @@ async def create(gw: Gateway, request: Request) -> Response:
         return await serve(gw, request, req, out, typed.stream)
     queued = out.skeleton("queued")
     await gw.responses.put(rid, out.record(queued))
-    # Streamed: the client reads the run's events while it stays; the run goes on without it.
-    events: asyncio.Queue[str | None] | None = asyncio.Queue() if typed.stream else None
+    # Streamed: the client reads the run's events while it stays (and keeps up, within
+    # MAX_EVENTS_BEHIND: event_relay.py); the run goes on without it.
+    events = EventRelay(out.cut_event) if typed.stream else None
     gw.background[rid] = asyncio.create_task(_background(gw, req, out, events))
     if events is None:
         return JSONResponse(queued)
-    return StreamingResponse(_relay(events), media_type="text/event-stream",
+    return StreamingResponse(events.events(), media_type="text/event-stream",
                              headers=out.stream_headers)  # fmt: skip
 
 
-async def _relay(events: asyncio.Queue[str | None]) -> AsyncIterator[str]:
-    while (event := await events.get()) is not None:
-        yield event
-
-
 async def _background(
-    gw: Gateway, req: ServeRequest, out: ResponsesOutput,
-    events: asyncio.Queue[str | None] | None = None,
-) -> None:  # fmt: skip
-    """Run a background response to its end, storing what became of it (and putting its
-    stream's events in ``events``, then None); cancelled from this router (its task) or
+    gw: Gateway, req: ServeRequest, out: ResponsesOutput, events: EventRelay | None = None
+) -> None:
+    """Run a background response to its end, storing what became of it (and relaying its
+    stream's events to ``events``, then its end); cancelled from this router (its task) or
     another one (the stored status, looked at every CANCEL_POLL_S)."""
-    sink = events.put_nowait if events is not None else None
+    sink = events.put if events is not None else None
     work = asyncio.ensure_future(run_detached(gw, req, out, sink))
     watch = asyncio.ensure_future(_cancelled_elsewhere(gw, req.rid))
     try:
@@ -144,7 +139,7 @@ async def _background(
         work.cancel()
         gw.background.pop(req.rid, None)
         if events is not None:
-            events.put_nowait(None)  # the stream's end
+            events.end()
 
 
 async def _cancelled_elsewhere(gw: Gateway, rid: str) -> str:

@@ -104,6 +104,16 @@ class ResponsesOutput:
             self._event("response.failed", response=failed)
         )
 
+    def cut_event(self, behind: int) -> str:
+        """The ``error`` event that ends the stream of a background response whose client
+        fell ``behind`` events behind (api/event_relay.py): the response itself goes on."""
+        return self._event(
+            "error", code="stream_cut", param=None,
+            message=f"the client fell {behind} events behind this background response's "
+            f"stream, which ends here; the response goes on: GET /v1/responses/{self.req.rid} "
+            "gives its end",
+        )  # fmt: skip
+
     def step(self, step: Step, usage: Usage) -> Iterator[str]:
         if not self.started:
             self.started = True
