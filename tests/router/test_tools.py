@@ -515,6 +515,23 @@ async def test_bad_tool_requests_are_400_in_each_format(env) -> None:
         "model": "fake-model", "max_tokens": 5, "messages": [
             {"role": "user", "content": [{"type": "tool_use", "id": "x", "name": "f"}]}]})  # fmt: skip
     assert r.status_code == 400 and "tool_use" in r.json()["error"]["message"]
+    # A tool_result must answer a tool_use of the turn just before it (Anthropic 400s it).
+    use = {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]}  # fmt: skip
+    for turns in ([*USER, use, answer("toolu_2")], [answer("toolu_1")],
+                  [*USER, use, answer("toolu_1"), {"role": "assistant", "content": "ok"},
+                   answer("toolu_1")]):  # fmt: skip
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            r = await client.post(path, json={"model": "fake-model", "max_tokens": 5,
+                                              "messages": turns})  # fmt: skip
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["type"] == "invalid_request_error", r.text
+            assert "unexpected `tool_use_id`" in err["message"] and "toolu_" in err["message"]
+
+
+def answer(tool_use_id: str) -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use_id,
+                                         "content": "22 C"}]}  # fmt: skip
 
 
 @pytest.mark.asyncio

@@ -93,11 +93,14 @@ def parse_messages(system: Any, msgs: list[Any]) -> tuple[list[dict[str, Any]], 
     images: list[str | bytes] = []
     if system is not None:
         out.append({"role": "system", "content": _content_of(system, "system", None)})
+    called: set[str] = set()  # ids of the tool_use blocks of the previous turn
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise bad_request(f"messages.{i}.role must be 'user' or 'assistant'")
         where = f"messages.{i}.content"
         rest, calls, results = split_tool_blocks(m.get("content"), m["role"], where)
+        _check_answers(results, called, where)
+        called = {c["id"] for c in calls}
         out += results  # NOTE: tool results come first in a user turn, as the API requires
         content = _content_of(rest, where, images)
         if calls:
@@ -105,6 +108,19 @@ def parse_messages(system: Any, msgs: list[Any]) -> tuple[list[dict[str, Any]], 
         elif content or not results:
             out.append({"role": m["role"], "content": content})
     return out, images
+
+
+def _check_answers(results: list[dict[str, Any]], called: set[str], where: str) -> None:
+    """A 400 (Anthropic's words) for a tool_result that answers no tool_use of the turn
+    before: the API refuses it, and the prompt would hold an answer to no call."""
+    stray = [r["tool_call_id"] for r in results if r["tool_call_id"] not in called]
+    if stray:
+        raise bad_request(
+            f"{where}: unexpected `tool_use_id` found in `tool_result` blocks: "
+            f"{', '.join(stray)}. Each `tool_result` block must have a corresponding "
+            "`tool_use` block in the previous message.",
+            param="messages",
+        )
 
 
 def sampling_from_anthropic(
