@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import sys
 import threading
 from functools import lru_cache
@@ -14,6 +15,22 @@ from services.router.errors import bad_request
 from services.router.features.images import VisionSpec
 
 log = logging.getLogger(__name__)
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback pieces
+
+
+@lru_cache(maxsize=1)
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: the vocabulary's character -> the byte it
+    stands for (printable bytes stand for themselves, the others were moved up by 256)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    out = {chr(b): b for b in kept}
+    moved = 0
+    for b in range(256):
+        if b not in kept:
+            out[chr(256 + moved)] = b
+            moved += 1
+    return out
 
 
 def keep_torch_out() -> None:
@@ -68,6 +85,7 @@ class Tokenizer:
         # Image placeholders of a vision-language model; None: the model takes no images.
         self.vision = vision
         self._token_str = lru_cache(maxsize=65536)(self._decode_one)
+        self._token_bytes = lru_cache(maxsize=65536)(self._bytes_of)
         # NOTE: a truncating encode sets the fast tokenizer's truncation state, which the
         # other preparation threads' encodes reset: it runs on a copy of its own, one at a time.
         self._truncating: Any = None
@@ -148,3 +166,24 @@ class Tokenizer:
 
     def token_str(self, token_id: int) -> str:
         return self._token_str(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._token_bytes(token_id)
+
+    def _bytes_of(self, token_id: int) -> bytes:
+        """The bytes a token stands for (the logprobs' ``bytes``). NOTE: a token holding part
+        of a UTF-8 character decodes to U+FFFD, whose UTF-8 is not its bytes: those are read
+        from its vocabulary entry (a byte-level BPE's characters, or SentencePiece's
+        ``<0xAB>``)."""
+        text = self.token_str(token_id)
+        if "\ufffd" not in text:
+            return text.encode()
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        table = _byte_of_char()
+        if not isinstance(piece, str):
+            return text.encode()
+        if m := _BYTE_PIECE.fullmatch(piece):
+            return bytes([int(m.group(1), 16)])
+        if piece and all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        return text.encode()

@@ -152,6 +152,9 @@ class FakeTokenizer:
     def token_str(self, token_id: int) -> str:
         return f"w{token_id - 100} "
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.token_str(token_id).encode()
+
 
 @dataclass
 class FakeWorker:

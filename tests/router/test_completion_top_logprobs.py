@@ -1,6 +1,7 @@
-"""The completions API's ``top_logprobs`` (token string -> logprob) has as many entries as
-asked even where two ids decode to the same string, with the default model's real tokenizer
-(its byte tokens 111-116 all decode to U+FFFD)."""
+"""Logprobs of byte tokens with the default model's real tokenizer (its byte tokens 111-116
+all decode to U+FFFD): the completions API's ``top_logprobs`` (token string -> logprob) has
+as many entries as asked even where two ids decode to the same string, and the chat API's
+``bytes`` are each token's own."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 import pytest
 
 from services.common.proto import worker_pb2 as pb
-from services.router.api.openai_output import OpenAIOutput
+from services.router.api.openai_output import OpenAIOutput, token_logprobs
 from services.router.features.tool_parsers.base import ToolParser
 from services.router.serving import ServeRequest
 from services.router.tokenization import Tokenizer
@@ -55,3 +56,17 @@ def test_distinct_strings_keep_their_plain_keys() -> None:
 
     top = [pb.Logprob(token_id=i, logprob=-float(i)) for i in (1, 2, 3)]
     assert top_logprob_map(lambda i: f"t{i}", top) == {"t1": -1.0, "t2": -2.0, "t3": -3.0}
+
+
+def test_chat_logprobs_bytes_are_the_tokens_own(tok: Tokenizer) -> None:
+    # OpenAI gives a token's bytes, so that a client can join those of the tokens that split
+    # a character; the UTF-8 of the decoded string gave EF BF BD for each of them.
+    text = "caf\u00e9 \u65e5\u672c\u8a9e\U0001f642\u20ac"  # "日本語🙂": split characters
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tok.token_str(i) for i in ids)  # some tokens split a character
+    items = [pb.TokenLogprobs(token_id=i, logprob=-1.0, top=[pb.Logprob(token_id=i, logprob=-1.0)])
+             for i in ids]  # fmt: skip
+    got = token_logprobs(tok, items)
+    assert b"".join(bytes(e["bytes"]) for e in got) == text.encode()
+    assert [e["top_logprobs"][0]["bytes"] for e in got] == [e["bytes"] for e in got]
+    assert tok.token_bytes(111) == bytes([0xA1])  # a byte token alone: its byte, not U+FFFD

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.responses import Response
 
@@ -60,15 +60,21 @@ def reasoning_fields(text: str) -> dict[str, str]:
     return {"reasoning_content": text, "reasoning": text}
 
 
-def token_logprobs(
-    token_str: Callable[[int], str], items: Iterable[pb.TokenLogprobs]
-) -> list[dict[str, Any]]:
+class TokenNames(Protocol):
+    """What the logprobs say of a token (services/router/tokenization.py Tokenizer)."""
+
+    def token_str(self, token_id: int) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+
+def token_logprobs(tok: TokenNames, items: Iterable[pb.TokenLogprobs]) -> list[dict[str, Any]]:
     """Logprobs of tokens as chat completions (and the Responses API) give them: token,
-    logprob, bytes and the top alternatives."""
+    logprob, the token's own bytes (those of part of a character too, as OpenAI gives them;
+    its string then holds U+FFFD) and the top alternatives."""
 
     def entry(tid: int, lp: float) -> dict[str, Any]:
-        s = token_str(tid)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        return {"token": tok.token_str(tid), "logprob": lp, "bytes": list(tok.token_bytes(tid))}
 
     return [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(c.token_id, c.logprob)
              for c in t.top]} for t in items]  # fmt: skip
@@ -101,7 +107,8 @@ class OpenAIOutput:
                  echo: list[str] | None = None) -> None:  # fmt: skip
         """``echo``: completions, the text that goes before each prompt's choices."""
         self.req, self.chat, self.include_usage, self.echo = req, chat, include_usage, echo
-        self.token_str = tok.token_str  # the logprobs' token strings, the model's own
+        self.tok = tok  # the logprobs' token strings and bytes, the model's own
+        self.token_str = tok.token_str
         obj = "chat.completion.chunk" if chat else "text_completion"
         self.base = {"id": req.rid, "object": obj, "created": req.created, "model": req.model,
                      "service_tier": req.service_tier}  # fmt: skip
@@ -118,7 +125,7 @@ class OpenAIOutput:
         return _sse(err.openai_body())
 
     def _chat_logprobs(self, items: list[pb.TokenLogprobs]) -> dict[str, Any]:
-        return {"content": token_logprobs(self.token_str, items)}
+        return {"content": token_logprobs(self.tok, items)}
 
     def _completion_logprobs(self, items: list[pb.TokenLogprobs], offset: int) -> dict[str, Any]:
         token_str = self.token_str

@@ -88,7 +88,7 @@ async def create(gw: Gateway, request: Request) -> Response:
     conversation = chat["messages"][1:] if typed.instructions else chat["messages"]
     out = ResponsesOutput(req, echo_fields(typed), conversation,
                           gw.responses if typed.store else None, input_items(typed.input),
-                          tok.token_str if typed.logprobs else None)  # fmt: skip
+                          tok if typed.logprobs else None)  # fmt: skip
     req.finish = out.finish
     if not typed.background:
         return await serve(gw, request, req, out, typed.stream)

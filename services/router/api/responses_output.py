@@ -8,14 +8,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
 
 from services.common.proto import worker_pb2 as pb
 from services.router.accumulate import Choice, Usage
-from services.router.api.openai_output import token_logprobs
+from services.router.api.openai_output import TokenNames, token_logprobs
 from services.router.api.responses_input import assistant_turn
 from services.router.errors import APIError
 from services.router.features.tool_parsers.base import ParsedCall
@@ -54,10 +54,10 @@ class ResponsesOutput:
 
     def __init__(self, req: ServeRequest, echo: dict[str, Any], conversation: list[dict[str, Any]],
                  store: ResponseStore | None, inputs: list[dict[str, Any]] | None = None,
-                 token_str: Callable[[int], str] | None = None) -> None:  # fmt: skip
+                 tok: TokenNames | None = None) -> None:  # fmt: skip
         self.req, self.echo, self.conversation, self.store = req, echo, conversation, store
         self.inputs = inputs or []  # this request's input items, as stored
-        self.token_str = token_str  # None: no logprobs asked for
+        self.tok = tok  # the logprobs' tokens; None: no logprobs asked for
         # NOTE: a step's logprobs go with the next message text; with a reasoning parser
         # that includes the reasoning tokens' (the split is made on text, not tokens).
         self.pending_lp: list[dict[str, Any]] = []
@@ -176,8 +176,8 @@ class ResponsesOutput:
                 yield from self._text("message", ev)
 
     def _logprobs(self, items: Iterable[pb.TokenLogprobs]) -> None:
-        if self.token_str is not None:
-            self.pending_lp += token_logprobs(self.token_str, items)
+        if self.tok is not None:
+            self.pending_lp += token_logprobs(self.tok, items)
 
     def _where(self) -> dict[str, Any]:
         assert self.open is not None
