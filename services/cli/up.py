@@ -18,8 +18,11 @@ from services.cli.launcher import ClusterSpec, LocalCluster, ModelGroup, served_
 from services.cli.supervisor import POLL_SLACK_S, RestartPolicy, Supervisor
 from services.common.dataclass_cli import add_dataclass_args, from_args, parse_assignments
 from services.engine.config import EngineConfig
+from services.engine.model_files import check_model
 from services.router.config import RouterConfig
 from services.router.routing.restarts import MAX_RESTART_WAIT_S, RESTART_WAIT_S
+
+EMBEDDED = "embedded"  # a --models-file entry's model: the embedded default (Helm's spelling)
 
 # The engine's LoRA flags `up` gives every worker; --lora-modules is its own (per model).
 LORA_FIELDS = ("enable_lora", "max_loras", "max_lora_rank")
@@ -36,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--models-file", default=None, metavar="JSON",
         help="instead of --model: a JSON list of model groups, each with its own workers: "
         '[{"model": PATH, "served_model_name": NAME, "mixed": N, "prefill": N, "decode": N, '
-        '"encode": N}, ...] (absent counts: 1 mixed worker, no others)',
+        '"encode": N}, ...] (absent counts: 1 mixed worker, no others; model "embedded": '
+        "the default model)",
     )  # fmt: skip
     p.add_argument(
         "--served-model-name", action="append", default=None,
@@ -203,6 +207,15 @@ def default_restart_wait_s(policy: RestartPolicy) -> float:
     return min(wait, MAX_RESTART_WAIT_S)
 
 
+def check_models(groups: list[ModelGroup]) -> None:
+    """ValueError for a model that is not there (neither a folder with config.json nor a
+    .gguf file): said before any process starts, not by the router once etcd and the
+    workers had started."""
+    for g in groups:
+        if g.model is not None:
+            check_model(g.model)
+
+
 def groups_from_file(path: str) -> list[ModelGroup]:
     """The model groups a --models-file lists (ValueError: unreadable, empty, a bad entry)."""
     try:
@@ -219,6 +232,14 @@ def groups_from_file(path: str) -> list[ModelGroup]:
         if not isinstance(entry, dict) or "model" not in entry or set(entry) - fields:
             raise ValueError(f"--models-file {path}: entry {i} must be an object with "
                              f"\"model\" and only {sorted(fields)}")  # fmt: skip
+        if entry["model"] is None or entry["model"] == EMBEDDED:
+            # NOTE: null was taken silently for the embedded default; a mistyped or empty
+            # value (a template's unset variable) must not serve another model.
+            if entry["model"] is None:
+                raise ValueError(f"--models-file {path}: entry {i}: \"model\" is null; give an "
+                                 f"HF folder, a .gguf file or \"{EMBEDDED}\" (the default "
+                                 "model)")  # fmt: skip
+            entry = {**entry, "model": None}
         loras = entry.get("lora_modules", [])
         if not isinstance(loras, list) or not all(isinstance(m, str) for m in loras):
             raise ValueError(f"--models-file {path}: entry {i}: lora_modules is a list of "
@@ -273,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
     mixed = (0 if pd else 1) if args.mixed is None else args.mixed
     try:
         groups = model_groups(args, mixed)
+        check_models(groups)
         kvstore = wants_kvstore(args, sum(g.mixed + g.prefill + g.decode for g in groups))
         policy = args.policy or ("cache_aware" if kvstore else "least_load")
         overrides = engine_overrides(args)

@@ -64,13 +64,20 @@ def resolve_model(model: str | None, convert: Callable[[Path], Path] = convert_i
     the embedded default) converted once into a cached safetensors folder by ``convert``."""
     if model is None:
         return str(_converted(default_gguf_path(), convert))
+    path = check_model(model)
+    return str(_converted(path, convert)) if path.suffix == ".gguf" else str(path)
+
+
+def check_model(model: str) -> Path:
+    """The path of ``model`` if it is a folder with config.json or a .gguf file; ValueError
+    otherwise (nothing is converted or loaded)."""
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return str(_converted(path, convert))
+        return path
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ValueError(f"model folder {path} has no config.json")
-        return str(path)
+        return path
     raise ValueError(f"model {model!r} is neither a folder with config.json nor a .gguf file")
 
 

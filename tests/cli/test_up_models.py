@@ -129,3 +129,37 @@ def test_extreme_models_files_and_counts_are_clear_errors(tmp_path) -> None:
         model_groups(parse("--prefill", str(10**9), "--decode", "1"), mixed=0)
     with pytest.raises(ValueError, match="routers"):
         ClusterSpec(routers=10**9)
+
+
+def test_a_missing_or_null_model_is_refused_before_anything_starts(tmp_path, monkeypatch,
+                                                                    capsys) -> None:  # fmt: skip
+    """A model that is not there was found by the router after etcd and the workers had
+    started; a models file's ``"model": null`` silently served the embedded default."""
+    import json
+
+    from services.cli import up
+
+    class NoStart:
+        def __init__(self, *args, **kwargs) -> None:
+            raise AssertionError("a process would start")
+
+    monkeypatch.setattr(up, "LocalCluster", NoStart)
+    monkeypatch.setenv("EPDSERVE_CONFIG_DIR", str(tmp_path / "config"))
+    (tmp_path / "empty").mkdir()
+    f = tmp_path / "models.json"
+    cases = {
+        ("--model", str(tmp_path / "nope")): "is neither a folder with config.json nor a .gguf",
+        ("--model", str(tmp_path / "empty")): "has no config.json",
+        ("--models-file", str(f)): '"model" is null; give an HF folder, a .gguf file or "embedded"',
+    }
+    f.write_text(json.dumps([{"model": "embedded", "mixed": 1}, {"model": None, "mixed": 1}]))
+    for argv, message in cases.items():
+        assert up.run(parse(*argv, "--port", "0")) == 2
+        assert message in capsys.readouterr().err
+    f.write_text(json.dumps([{"model": "embedded", "served_model_name": "a"},
+                             {"model": str(tmp_path / "nope"), "mixed": 2}]))  # fmt: skip
+    assert up.run(parse("--models-file", str(f), "--port", "0")) == 2
+    assert "nope' is neither" in capsys.readouterr().err
+    # "embedded" is the default model, as in the Helm chart's model.path
+    f.write_text(json.dumps([{"model": "embedded", "served_model_name": "a"}]))
+    assert model_groups(parse("--models-file", str(f)), mixed=1) == [ModelGroup(None, "a", 1)]
