@@ -112,12 +112,13 @@ class FakeEngine:
 
 
 class ScriptedEngine(FakeEngine):
-    """Writes ``script`` (pieces of text, one per step) whatever the prompt; records the
-    sampling params it was given."""
+    """Writes ``script`` (pieces of text, one per step) whatever the prompt, ending with
+    ``finish``; records the sampling params it was given."""
 
     def __init__(self) -> None:
         super().__init__(max_model_len=8192)  # the fake tokenizer makes a token per character
         self.script: list[str] = []
+        self.finish = "stop"  # "length": as if max_tokens cut the script
         self.params: list[Any] = []
 
     async def generate(self, request_id, prompt_token_ids, params, resume=None, lora=None):
@@ -125,7 +126,7 @@ class ScriptedEngine(FakeEngine):
         for i, piece in enumerate(self.script):
             await asyncio.sleep(0)
             last = i == len(self.script) - 1
-            out = CompletionOutput(0, piece, [100 + i], None, "stop" if last else None)
+            out = CompletionOutput(0, piece, [100 + i], None, self.finish if last else None)
             yield RequestOutput(request_id, prompt_token_ids, [out], last, num_cached_tokens=0)
 
 

@@ -496,6 +496,44 @@ async def test_anthropic_tool_use_whole_and_streamed(env) -> None:
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(60)
+async def test_anthropic_forced_call_cut_by_max_tokens_is_an_incomplete_tool_use(env) -> None:
+    # As Anthropic answers: stop_reason max_tokens, the call being written last, its input
+    # what the partial JSON holds (the streamed partial_json, as the SDK reads it). Before,
+    # the JSON written so far came back as a text block.
+    client, engine = env
+    engine.finish = "length"
+    tools = [{"name": "get_weather", "input_schema": WEATHER["function"]["parameters"]},
+             {"name": "get_time", "input_schema": {"type": "object"}}]  # fmt: skip
+    cases = [
+        ({"type": "any"}, ['[{"name": "get_time", "parameters": {}}, {"name": "get_weather", ',
+                           '"parameters": {"city": "Pa', 'ris", "unit": "c'],
+         [("get_time", {}, "{}"), ("get_weather", {"city": "Paris"}, '{"city": "Paris", "unit": "c')]),
+        ({"type": "tool", "name": "get_weather"}, ['{"ci', 'ty": ["Oslo", {"a": 1'],
+         [("get_weather", {"city": ["Oslo", {"a": 1}]}, '{"city": ["Oslo", {"a": 1')]),
+        ({"type": "any"}, ['[{"name": "get_time", "parameters": {}}', ", "], [("get_time", {}, "{}")]),
+    ]  # fmt: skip
+    for choice, script, want in cases:
+        engine.script = script
+        body = {"model": "fake-model", "max_tokens": 9, "messages": USER, "tools": tools,
+                "tool_choice": choice}  # fmt: skip
+        m = (await client.post("/v1/messages", json=body)).json()
+        assert m["stop_reason"] == "max_tokens", m
+        assert [(b["type"], b["name"], b["input"]) for b in m["content"]] == [
+            ("tool_use", name, args) for name, args, _ in want]  # fmt: skip
+        r = await client.post("/v1/messages", json={**body, "stream": True})
+        events = sse_events(r.text)
+        blocks = [d["content_block"] for n, d in events if n == "content_block_start"]
+        assert [(b["type"], b["name"]) for b in blocks] == [("tool_use", n) for n, _, _ in want]
+        partial = ["".join(d["delta"]["partial_json"] for n, d in events
+                           if n == "content_block_delta" and d["index"] == i)
+                   for i in range(len(blocks))]  # fmt: skip
+        assert partial == [text for _, _, text in want]
+        assert [d["delta"]["stop_reason"] for n, d in events if n == "message_delta"] == [
+            "max_tokens"]  # fmt: skip
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
 async def test_bad_tool_requests_are_400_in_each_format(env) -> None:
     client, _ = env
     r = await client.post("/v1/chat/completions", json={

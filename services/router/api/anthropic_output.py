@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from starlette.responses import Response
@@ -13,17 +14,20 @@ from starlette.responses import Response
 from services.router.accumulate import Choice, Usage
 from services.router.errors import APIError
 from services.router.features.reasoning.base import ReasoningParser, extract_reasoning
-from services.router.features.tool_parsers.base import ParsedCall, ToolStream
+from services.router.features.tool_parsers.base import Event, ParsedCall, ToolStream
+from services.router.features.tool_parsers.partial import CutCall, partial_object, with_cut_call
+from services.router.features.tools import FORCED, ToolSetup
 from services.router.serving import ServeRequest, Step
 from services.router.tiers import ANTHROPIC_SERVED
 
 
 def stop_fields(ch: Choice, called: bool = False) -> tuple[str, str | None]:
-    """(stop_reason, stop_sequence) in Anthropic's terms; ``called``: tools were called."""
-    if called:
-        return "tool_use", None
+    """(stop_reason, stop_sequence) in Anthropic's terms; ``called``: tools were called.
+    NOTE: an output cut by max_tokens says so, calls or not (its last call may be cut)."""
     if ch.finish_reason == "length":
         return "max_tokens", None
+    if called:
+        return "tool_use", None
     if ch.stop_reason:
         return "stop_sequence", ch.stop_reason
     return "end_turn", None
@@ -46,7 +50,10 @@ def anthropic_call_id() -> str:
 
 
 def anthropic_input(call: ParsedCall) -> dict[str, Any]:
-    """A call's arguments as the ``input`` object of a tool_use block."""
+    """A call's arguments as the ``input`` object of a tool_use block (a cut call's: what
+    its partial JSON holds, as a streaming client reads it)."""
+    if isinstance(call, CutCall):
+        return partial_object(call.arguments)
     value = json.loads(call.arguments)
     if not isinstance(value, dict):  # parsers only make objects; a bug if not
         raise APIError(500, "a parsed tool call has arguments that are not an object")
@@ -109,16 +116,18 @@ class _Blocks:
 
     def output(
         self, tool_stream: ToolStream | None, reasoning: ReasoningParser | None, text: str,
-        final: bool,
+        final: bool, cut: Callable[[list[Event]], list[Event]] | None = None,
     ) -> list[str]:  # fmt: skip
-        """Events of the next piece of output."""
+        """Events of the next piece of output; ``cut``: it was cut short by max_tokens, and
+        this mends the last events (a forced call being written)."""
         out = []
         if reasoning is not None:
             thought, text = reasoning.feed(text, final)
             out += self.thinking(thought) if thought else []
         if tool_stream is None:
             return out + (self.text(text) if text else [])
-        for ev in tool_stream.feed(text, final):
+        events = tool_stream.feed(text, final)
+        for ev in cut(events) if cut is not None and final else events:
             out += self.text(ev) if isinstance(ev, str) else self.tool_use(ev)
         return out
 
@@ -151,7 +160,9 @@ class AnthropicOutput:
         thought, text = (
             extract_reasoning(reasoning, ch.full_text) if reasoning else ("", ch.full_text)
         )
-        events = tool_stream.feed(text, final=True) if tool_stream else [text]
+        events: list[Event] = tool_stream.feed(text, final=True) if tool_stream else [text]
+        if (cut := self._cut(ch.finish_reason)) is not None:
+            events = cut(events)
         if thought and events == [""]:
             events = []  # all thinking: no empty text block after it
         content: list[dict[str, Any]] = (
@@ -184,8 +195,18 @@ class AnthropicOutput:
             }})  # fmt: skip
         for _, d in step:
             yield from self.blocks.output(
-                self.tool_stream, self.reasoning, d.text, bool(d.finish_reason)
-            )
+                self.tool_stream, self.reasoning, d.text, bool(d.finish_reason),
+                self._cut(d.finish_reason),
+            )  # fmt: skip
+
+    def _cut(self, finish_reason: str | None) -> Callable[[list[Event]], list[Event]] | None:
+        """How the events of an output cut by max_tokens while a tool_choice ``any`` or
+        ``tool`` forced a call end: with that call, cut (Anthropic's incomplete tool_use
+        block); before, the JSON written so far came back as a text block."""
+        tools: ToolSetup | None = self.req.tools
+        if finish_reason != "length" or tools is None or tools.choice not in FORCED:
+            return None
+        return partial(with_cut_call, function=tools.function)
 
     def end(self, choices: dict[int, Choice], usage: Usage) -> Iterator[str]:
         blocks = self.blocks

@@ -23,6 +23,7 @@ from services.router.features.tool_parsers.base import ToolParser, ToolStream
 from services.router.features.tool_parsers.forced import JsonArrayParser, NamedFunctionParser
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+FORCED = ("required", "function")  # the choices whose output a JSON schema constrains
 
 
 @dataclass(frozen=True)
