@@ -3,12 +3,19 @@
 `epdserve up` writes both into one folder, readable by the user only: ``$EPDSERVE_CONFIG_DIR``,
 else ``$XDG_CONFIG_HOME/epdserve``, else ``~/.config/epdserve``. The CLI reads them when no
 ``--router`` / ``--admin-token`` flag or ``EPDSERVE_ROUTER`` / ``EPDSERVE_ADMIN_TOKEN`` is set.
+Every `up` of a user shares that folder: the latest cluster to be ready is the one it names
+(AdminFiles).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import urllib.request
 from pathlib import Path
+
+from services.common.net import open_direct
 
 TOKEN_FILE = "admin-token"
 ROUTER_FILE = "router-url"
@@ -53,3 +60,74 @@ def resolve_token(flag: str | None) -> str | None:
     return (
         flag or os.environ.get("EPDSERVE_ADMIN_TOKEN") or read_first_line(config_dir() / TOKEN_FILE)
     )
+
+
+class AdminFiles:
+    """A local cluster's admin token and router URL on disk: the token file its routers read,
+    in a private folder of the cluster's own, and the CLI's pointer to it in ``folder``.
+
+    NOTE: two `epdserve up` of one user share ``folder``. The routers read the token there,
+    so a router restarted after another `up` started took that cluster's token, and found
+    none once that one stopped (the restart failed). The pointer is written once the routers
+    are ready (token and URL together); the cluster stopping puts back the pointer it
+    replaced, if that cluster still answers to its token, rather than leave none.
+    """
+
+    def __init__(self, folder: str | None, token: str) -> None:
+        self.token = token
+        self._folder = Path(folder) if folder else None  # None: the private folder
+        self._private: Path | None = None  # made at first use (a cluster never started
+        # would leave it behind), removed by forget()
+        self._replaced: tuple[str, str] | None = None  # the pointer before ours: URL, token
+
+    @property
+    def private(self) -> Path:
+        if self._private is None:
+            self._private = Path(tempfile.mkdtemp(prefix="epdserve-admin-"))
+        return self._private
+
+    @property
+    def folder(self) -> Path:
+        """Where the CLI is pointed at this cluster."""
+        return self._folder or self.private
+
+    @property
+    def token_file(self) -> Path:
+        """The file the routers read their admin token from."""
+        return self.private / TOKEN_FILE
+
+    def write_token(self) -> None:
+        write_private(self.token_file, self.token)
+
+    def point_cli(self, url: str) -> None:
+        """Point the CLI at this cluster's router ``url``; the pointer it replaces is kept."""
+        old = read_first_line(self.folder / ROUTER_FILE), read_first_line(self.folder / TOKEN_FILE)
+        self._replaced = (old[0], old[1]) if old[0] and old[1] and old[1] != self.token else None
+        write_private(self.folder / TOKEN_FILE, self.token)
+        write_private(self.folder / ROUTER_FILE, url)
+
+    def forget(self) -> None:
+        """Take the CLI's pointer off this cluster (if it is still ours) and remove the
+        private folder. Safe to call twice."""
+        if self._folder is not None and read_first_line(self._folder / TOKEN_FILE) == self.token:
+            if self._replaced is not None and answers(*self._replaced):
+                write_private(self._folder / TOKEN_FILE, self._replaced[1])
+                write_private(self._folder / ROUTER_FILE, self._replaced[0])
+            else:
+                for name in (TOKEN_FILE, ROUTER_FILE):
+                    (self._folder / name).unlink(missing_ok=True)
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+            self._private = None
+
+
+def answers(url: str, token: str, timeout: float = 2.0) -> bool:
+    """Whether the router at ``url`` is up and takes ``token`` as its admin token."""
+    request = urllib.request.Request(
+        url.rstrip("/") + "/admin/status", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with open_direct(request, timeout=timeout) as resp:
+            return bool(resp.status == 200)
+    except (OSError, ValueError):
+        return False

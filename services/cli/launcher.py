@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
 import ssl
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.cli.admin_config import ROUTER_FILE, TOKEN_FILE, read_first_line, write_private
+from services.cli.admin_config import AdminFiles
 from services.cli.children import EtcdChild, ManagedProcess
 from services.cli.commands import kvstore_command, router_command, worker_command
 from services.common.cpus import ENV as CPUS_ENV
@@ -179,17 +177,13 @@ class LocalCluster:
         # NOTE: hex, not token_urlsafe: one of those in 64 starts with "-", and
         # `epdserve status --admin-token <token>` then reads it as an option.
         self.admin_token = secrets.token_hex(32)
-        self._own_admin_dir = spec.admin_dir is None
-        self._admin_dir = Path(spec.admin_dir) if spec.admin_dir else None
+        self.admin_files = AdminFiles(spec.admin_dir, self.admin_token)
 
     @property
     def admin_dir(self) -> Path:
-        """Where the admin token and the router's URL are handed over (0600 files); a private
-        folder is made at first use (NOTE: not in ``__init__``: a cluster never started would
-        leave it behind)."""
-        if self._admin_dir is None:
-            self._admin_dir = Path(tempfile.mkdtemp(prefix="epdserve-admin-"))
-        return self._admin_dir
+        """Where the CLI finds the router's URL and admin token (0600 files); a private folder
+        when the spec names none."""
+        return self.admin_files.folder
 
     @property
     def router(self) -> ManagedProcess | None:
@@ -231,7 +225,7 @@ class LocalCluster:
         rcfg = RouterConfig(
             host=self.spec.host, port=port,
             cluster=self.spec.cluster, etcd=self.etcd.endpoint, model=self.spec.model,
-            policy=self.spec.policy, admin_token_file=str(self.admin_dir / TOKEN_FILE),
+            policy=self.spec.policy, admin_token_file=str(self.admin_files.token_file),
             **self.spec.router_overrides,  # type: ignore[arg-type]
         )  # fmt: skip
         return router_command(rcfg)
@@ -295,7 +289,7 @@ class LocalCluster:
             self.start_kvstore()
         for group, role in self.worker_plan():
             self.start_worker(role, group)
-        write_private(self.admin_dir / TOKEN_FILE, self.admin_token)
+        self.admin_files.write_token()
         for _ in range(self.spec.routers):
             self.start_router()
         started = time.monotonic()
@@ -319,7 +313,7 @@ class LocalCluster:
             time.sleep(0.1)
         self.base_urls = [r.ready_field("url") for r in self.routers]
         self.base_url = self.base_urls[0]
-        write_private(self.admin_dir / ROUTER_FILE, self.base_url)
+        self.admin_files.point_cli(self.base_url)
         for router, url in zip(self.routers, self.base_urls, strict=True):
             self.wait_healthy(
                 timeout=max(30.0, timeout - (time.monotonic() - started)), router=router, url=url
@@ -387,14 +381,4 @@ class LocalCluster:
         if self.kvstore is not None:
             self.kvstore.stop(timeout=15)
         self.etcd.cleanup()
-        self._forget_admin_files()
-
-    def _forget_admin_files(self) -> None:
-        """Remove the CLI's pointer to this cluster (only if it is still ours)."""
-        if self._own_admin_dir:
-            if self._admin_dir is not None:
-                shutil.rmtree(self._admin_dir, ignore_errors=True)
-            return
-        if read_first_line(self.admin_dir / TOKEN_FILE) == self.admin_token:
-            for name in (TOKEN_FILE, ROUTER_FILE):
-                (self.admin_dir / name).unlink(missing_ok=True)
+        self.admin_files.forget()
