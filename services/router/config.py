@@ -250,14 +250,18 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
         _one_of("policy", self.policy, available_policies())
         if not 0 <= self.lora_affinity_slack <= 1e6:
             raise ValueError("lora_affinity_slack must be in [0, 1e6]")
-        if self.request_timeout_s <= 0:
-            raise ValueError("request_timeout_s must be > 0")
+        # NOTE: the upper bounds: a value of 1e300 looked valid and switched the check off
+        # (a hung worker never left routing, a hung stream or generation never ended).
+        if not 0 < self.request_timeout_s <= 86400:
+            raise ValueError("request_timeout_s must be in (0, 86400]")
         if not 0 <= self.shutdown_grace_s <= 86400:
             raise ValueError("shutdown_grace_s must be in [0, 86400]")
         if self.load_report_interval_ms < 10:
             raise ValueError("load_report_interval_ms must be >= 10")
         if self.load_stale_s <= self.load_report_interval_ms / 1000.0:
             raise ValueError("load_stale_s must exceed the load report interval")
+        if self.load_stale_s > 3600:
+            raise ValueError("load_stale_s must be <= 3600")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         if self.max_migrations < 0:
@@ -266,8 +270,8 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
             raise ValueError("poison_max_deaths must be >= 1")
         if not 0 <= self.worker_restart_wait_s <= MAX_RESTART_WAIT_S:
             raise ValueError(f"worker_restart_wait_s must be in [0, {MAX_RESTART_WAIT_S:g}]")
-        if self.stall_timeout_s <= 0:
-            raise ValueError("stall_timeout_s must be > 0")
+        if not 0 < self.stall_timeout_s <= 86400:
+            raise ValueError("stall_timeout_s must be in (0, 86400]")
         if self.max_awake_models < 0:
             raise ValueError("max_awake_models must be >= 0 (0: no cap)")
         if self.max_awake_models and not self.wake_asleep_models:

@@ -138,11 +138,25 @@ def model_path(values: dict[str, Any]) -> str | None:
     return None if path == "embedded" else path
 
 
+def restart_wait_s(values: dict[str, Any]) -> float:
+    """The chart's router.config.workerRestartWaitS when unset: a worker's start (70 s with
+    the kubelet's first back-off) after its liveness probes kill it."""
+    probes = [values["workers"]["probes"]] + [
+        {**values["workers"]["probes"], **g.get("workers", {}).get("probes", {})}
+        for g in values.get("modelGroups") or []
+    ]  # fmt: skip
+    detect = max(int(p["livenessFailureThreshold"])
+                 * (int(p["periodSeconds"]) + int(p["livenessTimeoutSeconds"])) for p in probes)  # fmt: skip
+    return float(min(86400, 70 + detect))
+
+
 def expected_router_argv(values: dict[str, Any]) -> list[str]:
     from services.cli.commands import router_command
     from services.router.config import RouterConfig
 
     given = _coerce(RouterConfig, values["router"]["config"])
+    if values["router"]["config"].get("workerRestartWaitS") is None:
+        given["worker_restart_wait_s"] = restart_wait_s(values)
     volume = values["router"]["batchVolume"]
     if volume["enabled"]:  # the routers keep their batches on the chart's volume
         given["batch_dir"] = volume["mountPath"]

@@ -433,6 +433,30 @@ BAD_VALUES = [
     ("replicas past int32", {"workers": {"mixed": {"replicas": 10**12}}}, "maximum"),
     ("router replicas past int32", {"router": {"replicas": 2**31}}, "/router/replicas"),
     ("blank model", {"model": {"path": "   "}}, "/model/path"),
+    # Values that rendered a router that never takes a hung worker out (1e300 s), or names
+    # Kubernetes refuses (DNS labels of at most 63 characters).
+    ("load stale past an hour", {"router": {"config": {"loadStaleS": 1e300}}}, "loadStaleS"),
+    ("stall timeout 1e300", {"router": {"config": {"stallTimeoutS": 1e300}}}, "stallTimeoutS"),
+    (
+        "request timeout 1e300",
+        {"router": {"config": {"requestTimeoutS": 1e300}}},
+        "requestTimeoutS",
+    ),
+    ("nameOverride of 300", {"nameOverride": "a" * 300}, "/nameOverride"),
+    ("nameOverride not a DNS label", {"nameOverride": "My App"}, "/nameOverride"),
+    (
+        "fullname too long for its suffixes",
+        {"fullnameOverride": "a" * 50},
+        f"the name {'a' * 50}-mooncake-master has 66 characters, past Kubernetes' 63",
+    ),
+    (
+        "group name too long for the prefix",
+        {
+            "fullnameOverride": "b" * 30,
+            "modelGroups": [{"name": "g" * 24, "model": {"path": "/m"}}],
+        },
+        f"the name {'b' * 30}-worker-{'g' * 24}-prefill has 70 characters",
+    ),
     ("unknown role", {"workers": {"verifier": {"enabled": True, "replicas": 1}}}, "verifier"),
     ("missing model", {"model": {"path": None}}, "missing property 'path'"),
     ("empty model", {"model": {"path": ""}}, "/model/path"),
@@ -582,6 +606,9 @@ def test_value_defaults_are_the_codes() -> None:
             for f in dataclasses.fields(cls)
         }
         for key, value in given.items():
+            if (cls.__name__, key) == ("RouterConfig", "workerRestartWaitS"):
+                assert value is None  # derived from the workers' probes by the chart
+                continue
             assert value == defaults[key], f"{cls.__name__}.{key}: values.yaml {value!r}"
 
 
@@ -632,3 +659,23 @@ def test_every_value_is_documented() -> None:
     assert undocumented_keys((ch.CHART_DIR / "values.yaml").read_text()) == []
     sample = "a:\n  # -- doc\n  b: 1\n  c: 2\n# -- doc\nd:\n  e: 1\nf: 3\n"
     assert undocumented_keys(sample) == ["a", "f"]
+
+
+@pytest.mark.parametrize(
+    "config,probes,wait",
+    [
+        ({}, {}, "190.0"),  # 70 + 6 x (10 + 10): the probes kill a hung worker in 120 s
+        ({}, {"periodSeconds": 20, "livenessFailureThreshold": 3, "livenessTimeoutSeconds": 5},
+         "145.0"),
+        ({"workerRestartWaitS": 30}, {}, "30.0"),  # given: as it is
+        ({"workerRestartWaitS": 0}, {}, "0.0"),  # 0: fail at once
+    ],
+)  # fmt: skip
+def test_the_restart_wait_covers_the_workers_liveness_probes(config, probes, wait) -> None:
+    """The router's wait for a worker to come back was a flat 60 s, while the kubelet kills
+    a hung worker only after livenessFailureThreshold x periodSeconds (60 s by default), then
+    restarts it: requests got 503 no_workers while it came back."""
+    objects = ch.render_objects({"router": {"config": config}, "workers": {"probes": probes}})
+    router = _container(_by(objects, "Deployment")[f"{ch.FULLNAME}-router"])
+    argv = router["command"]
+    assert argv[argv.index("--worker-restart-wait-s") + 1] == wait

@@ -33,3 +33,12 @@ def test_sane_values_are_accepted() -> None:
                        worker_restart_wait_s=0.0, shutdown_grace_s=0.0)  # fmt: skip
     assert cfg.http_limits.head_timeout_s == 0.1 and cfg.worker_restart_wait_s == 0.0
     assert cfg.shutdown_grace_s == 0.0
+
+
+@pytest.mark.parametrize("field", ["load_stale_s", "stall_timeout_s", "request_timeout_s"])
+@pytest.mark.parametrize("value", [float("inf"), 1e300, 86401.0])
+def test_liveness_timeouts_are_bounded(field: str, value: float) -> None:
+    """1e300 s was accepted ('> 0'): a hung worker never left routing (load_stale_s), a hung
+    stream (stall_timeout_s) or generation (request_timeout_s) never ended."""
+    with pytest.raises(ValueError, match=field):
+        RouterConfig(etcd="127.0.0.1:1", **{field: value})

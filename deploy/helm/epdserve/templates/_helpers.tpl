@@ -210,11 +210,31 @@ Call with (dict "spec" (list of flags.json entries) "values" (dict key -> value)
 {{- .Files.Get "files/flags.json" | fromJson | toJson }}
 {{- end }}
 
+{{/*
+router.config.workerRestartWaitS when unset: how long a request waits for a worker that died
+or hung to come back. The kubelet kills a hung worker after livenessFailureThreshold probes
+(each up to periodSeconds + livenessTimeoutSeconds; the longest of any model group's
+workers), restarts it after its first back-off (10 s), and the worker starts (60 s, the
+router's own default, as `epdserve up` counts it). A flat 60 s gave up before the probes had
+even killed the worker (6 x 10 s by default): 503 no_workers while it came back.
+*/}}
+{{- define "epdserve.restartWaitS" -}}
+{{- $detect := 0 }}
+{{- range $group := include "epdserve.modelGroups" . | fromJsonArray }}
+{{- $p := $group.workers.probes }}
+{{- $detect = max $detect (mul (int $p.livenessFailureThreshold) (add (int $p.periodSeconds) (int $p.livenessTimeoutSeconds))) }}
+{{- end }}
+{{- min 86400 (add 70 $detect) }}
+{{- end }}
+
 {{/* argv of the router: services.cli.commands.router_command(RouterConfig(...)). */}}
 {{- define "epdserve.routerCommand" -}}
 {{- $flags := include "epdserve.flags" . | fromJson }}
 {{- $values := deepCopy .Values.router.config }}
 {{- $_ := set $values "host" "0.0.0.0" }}
+{{- if kindIs "invalid" (index $values "workerRestartWaitS") }}
+{{- $_ = set $values "workerRestartWaitS" (include "epdserve.restartWaitS" . | float64) }}
+{{- end }}
 {{- $_ = set $values "port" .Values.router.port }}
 {{- $_ = set $values "cluster" .Values.clusterName }}
 {{- $_ = set $values "etcd" (include "epdserve.etcdEndpoints" .) }}
@@ -408,6 +428,17 @@ etcd. Every TLS-dependent line of a client (env, volume, mount) follows from thi
 {{/* Render-time checks the schema cannot state. */}}
 {{- define "epdserve.validate" -}}
 {{- $flags := include "epdserve.flags" . | fromJson }}
+{{- /* NOTE: Services and the etcd pods' hostnames are DNS labels (63 characters at most), and
+       the etcd StatefulSet's revision label adds 11 to its name; fullname alone is cut to 63. */}}
+{{- $full := include "epdserve.fullname" . }}
+{{- $longest := printf "%s-mooncake-master" $full }}
+{{- range $g := .Values.modelGroups }}
+{{- $n := printf "%s-worker-%s-prefill" $full $g.name }}
+{{- if gt (len $n) (len $longest) }}{{ $longest = $n }}{{ end }}
+{{- end }}
+{{- if gt (len $longest) 63 }}
+{{- fail (printf "the name %s has %d characters, past Kubernetes' 63: shorten the release name, nameOverride or fullnameOverride (the prefix %s has %d)" $longest (len $longest) $full (len $full)) }}
+{{- end }}
 {{- $names := list }}
 {{- range $g := .Values.modelGroups }}
 {{- if has $g.name $names }}{{ fail (printf "modelGroups: two groups are named %s" $g.name) }}{{ end }}
