@@ -15,6 +15,11 @@ Deterministic for a seed; recorded, not asserted; not in CI.
 
     python benchmarks/serving_sim.py [--budgets 256,512,1024,2048] [--concurrency 16]
         [--num-prompts 640] [--fixed-ms 45] [--token-ms 0.9] [--turnaround-ms 10]
+        [--caps 0,32,64] [--jitter-ms 0]
+
+``--caps``: ``max_prefill_tokens_while_decoding`` values (a row per budget and cap);
+``--jitter-ms``: each successor reaches the engine up to this much later again, at random
+(a loaded router or client: the waves fall out of step).
 """
 
 from __future__ import annotations
@@ -47,13 +52,13 @@ class Row:
     stalled_decodes: float  # share of all decode rows computed in such steps
 
 
-def run(a: argparse.Namespace, budget: int) -> Row:
+def run(a: argparse.Namespace, budget: int, cap: int = 0) -> Row:
     """Play ``a.num_prompts`` requests, ``a.concurrency`` in flight, through one scheduler.
     A finished request's successor reaches the engine ``turnaround_ms`` (+ up to as much
     again at random) later: the client, gateway and router between them."""
     now = 0.0
     sched = Scheduler(BlockManager(a.num_blocks, 16, True), a.max_num_seqs, budget, 8192,
-                      clock=lambda: now)  # fmt: skip
+                      clock=lambda: now, max_prefill_tokens_while_decoding=cap)  # fmt: skip
     rng = random.Random(a.seed)
     turn = a.turnaround_ms / 1000
     arrivals: list[tuple[float, int]] = [(rng.uniform(0, turn), i) for i in range(a.concurrency)]
@@ -95,7 +100,8 @@ def run(a: argparse.Namespace, budget: int) -> Row:
             done += 1
             tpot.append((now - first[seq.seq_id]) / (a.output_len - 1))
             if sent < a.num_prompts:
-                heapq.heappush(arrivals, (now + turn + rng.uniform(0, turn), sent))
+                late = turn + rng.uniform(0, turn) + rng.uniform(0, a.jitter_ms / 1000)
+                heapq.heappush(arrivals, (now + late, sent))
                 sent += 1
     return Row(done * a.output_len / now, quantile_ms(ttft, 50), quantile_ms(tpot, 50),
                quantile_ms(itl, 99), steps, stalled,
@@ -113,17 +119,21 @@ def main() -> int:
     p.add_argument("--token-ms", type=float, default=0.9, help="cost of each token of a step")
     p.add_argument("--turnaround-ms", type=float, default=10.0,
                    help="a finished request's successor reaches the engine this much later")  # fmt: skip
+    p.add_argument("--caps", default="0", help="max_prefill_tokens_while_decoding values")
+    p.add_argument("--jitter-ms", type=float, default=0.0,
+                   help="a successor comes up to this much later again, at random")  # fmt: skip
     p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
     p.add_argument("--num-blocks", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    print("| budget | output tok/s | TTFT p50 | TPOT p50 | ITL p99 | steps | steps with "
-          "decodes and prompt tokens | decode rows in them |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for budget in (int(b) for b in a.budgets.split(",")):
-        r = run(a, budget)
-        print(f"| {budget} | {r.tok_s:.1f} | {r.ttft_p50_ms:.0f} ms | {r.tpot_p50_ms:.1f} ms | "
-              f"{r.itl_p99_ms:.0f} ms | {r.steps} | {r.stalled_steps} | "
+    print("| budget | prefill cap | output tok/s | TTFT p50 | TPOT p50 | ITL p99 | steps | "
+          "steps with decodes and prompt tokens | decode rows in them |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    caps = [int(c) for c in a.caps.split(",")]
+    for budget, cap in ((int(b), c) for b in a.budgets.split(",") for c in caps):
+        r = run(a, budget, cap)
+        print(f"| {budget} | {cap} | {r.tok_s:.1f} | {r.ttft_p50_ms:.0f} ms | "
+              f"{r.tpot_p50_ms:.1f} ms | {r.itl_p99_ms:.0f} ms | {r.steps} | {r.stalled_steps} | "
               f"{r.stalled_decodes:.1%} |")  # fmt: skip
     return 0
 

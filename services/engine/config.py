@@ -44,6 +44,14 @@ class EngineConfig:
     # is not awaited; the first of a burst waits up to this long. 0: step at once.
     # See docs/performance.md and services/engine/async_engine.py (_gather_arrivals).
     arrival_window_ms: float = 20.0
+    # Prompt tokens (new prompts and chunks of longer ones) one step may compute while at
+    # least 8 running sequences decode per prompt waiting or in its prefill: each decode in a
+    # step waits for its prompt tokens, so a lone prompt arriving beside a full batch of
+    # decodes (a closed loop's wave out of step: the served ITL tail) is chunked over short
+    # steps instead of one long one. A wave at an idle engine, or beside a few stragglers,
+    # still runs in one step. 0: no cap (max_num_batched_tokens bounds the step).
+    # See docs/performance.md and Scheduler._prefill_cap.
+    max_prefill_tokens_while_decoding: int = 0
     # Context length limit; None: the model's max_position_embeddings capped at 8192.
     max_model_len: int | None = None
     # Bytes for the KV cache; None: derived from the device (see ModelRunner).
@@ -165,6 +173,9 @@ class EngineConfig:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
+        if self.max_prefill_tokens_while_decoding < 0:
+            raise ValueError("max_prefill_tokens_while_decoding must be >= 0 (0: no cap), got "
+                             f"{self.max_prefill_tokens_while_decoding}")  # fmt: skip
         if not 0.0 <= self.arrival_window_ms <= 100.0:  # NOTE: also false for NaN
             raise ValueError(f"arrival_window_ms must be in [0, 100], got {self.arrival_window_ms}")
         if self.max_model_len is not None and self.max_model_len < 2:

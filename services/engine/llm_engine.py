@@ -101,6 +101,7 @@ class LLMEngine(PDHandoff):
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
             self.max_model_len, **config.tier_settings,
+            max_prefill_tokens_while_decoding=config.max_prefill_tokens_while_decoding,
         )  # fmt: skip
         if config.kv_host_pool_bytes:
             host_blocks = config.kv_host_pool_bytes // self.runner.bytes_per_block

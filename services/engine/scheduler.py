@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from services.engine.kv_tiers import KVTierManager
     from services.engine.speculative.speculator import Speculator
 
+# With max_prefill_tokens_while_decoding, the running decodes per prompt from which a step's
+# prompt tokens are capped (Scheduler._prefill_cap says why so many).
+DECODES_PER_CAPPED_PROMPT = 8
+
 
 class Scheduler(ImportedKV):
     def __init__(
@@ -47,12 +51,15 @@ class Scheduler(ImportedKV):
         clock: Callable[[], float] = time.monotonic,
         offline_step_share: float | None = None,
         offline_tpot_quantile: float | None = None,
+        max_prefill_tokens_while_decoding: int = 0,
     ) -> None:
         self.bm = block_manager
         self.speculator: Speculator | None = None  # drafts for decodes (speculative/)
         self.tiers = tiers  # host pool / store below the device cache, if any
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # Prompt tokens a step may compute beside many decodes (0: no cap; _prefill_cap).
+        self.max_prefill_tokens_while_decoding = max_prefill_tokens_while_decoding
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -139,6 +146,10 @@ class Scheduler(ImportedKV):
            it preempts running sequences of a worse rank; when none is left, admission stops
            for every rank (the head of the line waits). A sequence whose blocks are still
            being read from the store is passed over until they arrive.
+        Prompt tokens (new prompts, chunked prefills, recomputes) take at most
+        ``max_prefill_tokens_while_decoding`` of the budget while many running sequences
+        decode per prompt (``_prefill_cap``): a prompt beside a full batch of decodes is
+        chunked over several short steps, not one long one that every decode waits for.
         3. When this runs nothing, ``resolve_stall`` (the engine calls it next) decides
            whether the queue's head waits for blocks, frees a queued sequence's or ends.
         """
@@ -148,6 +159,7 @@ class Scheduler(ImportedKV):
         self.waiting = deque(sorted(self.waiting, key=lambda s: (
             ranks[s.seq_id], not s.block_table, s.params.priority, s.arrival_time)))  # fmt: skip
         self._budget = self.max_num_batched_tokens
+        self._prefill_left = self._prefill_cap()
         if self.speculator is not None:
             self.speculator.new_step()
         admit_below = math.inf  # ranks admitted from the queue in this step
@@ -168,6 +180,28 @@ class Scheduler(ImportedKV):
     def _ranks(self) -> dict[int, int]:
         return self.policy.ranks((*self.running, *self.waiting))
 
+    def _prefill_cap(self) -> int:
+        """Prompt tokens this step may compute: ``max_prefill_tokens_while_decoding`` while
+        at least ``DECODES_PER_CAPPED_PROMPT`` running sequences decode per prompt (waiting,
+        or running a chunked prefill), else the whole budget.
+
+        NOTE: every decode in a step waits for its prompt tokens, so a 128-token prompt
+        beside 15 decodes lengthens 15 inter-token gaps by its whole cost (the served ITL
+        tail: benchmarks/RESULTS.md, itl10); chunked, it lengthens them by a chunk's a step.
+        Only a few prompts beside many decodes are capped: capping whenever decodes
+        outnumbered prompts chunked half-waves too, which then ended, and came back, one by
+        one: every step carried prompt tokens, TPOT p50 rose by a third and throughput fell
+        4-6 % in benchmarks/serving_sim.py (and the step CPU of a served row by 21 %). A wave
+        at an idle engine, or beside a few stragglers, runs in one step."""
+        cap = self.max_prefill_tokens_while_decoding
+        if not cap:
+            return self.max_num_batched_tokens
+        decodes = sum(1 for s in self.running if not s.in_prefill)
+        prompts = len(self.waiting) + len(self.running) - decodes
+        if decodes >= DECODES_PER_CAPPED_PROMPT * max(prompts, 1):
+            return cap
+        return self.max_num_batched_tokens
+
     def _schedule_running(self, rank: int, ranks: dict[int, int], out: SchedulerOutput) -> bool:
         """Step 1 of ``schedule`` for the running sequences of ``rank``; True if it preempted."""
         preempted = False
@@ -177,6 +211,10 @@ class Scheduler(ImportedKV):
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted for an earlier one in this loop
             spec, n = self.speculator, min(seq.num_uncomputed_tokens, self._budget)
+            if seq.in_prefill:
+                n = min(n, self._prefill_left)
+                if n <= 0:
+                    continue
             drafts = spec.lookahead(seq, n, self._budget, len(self.running)) if spec else []
             while not drafts and not self.bm.allocate_slots(seq, n):
                 victim = self.policy.worst(self.running, ranks)
@@ -188,6 +226,8 @@ class Scheduler(ImportedKV):
             else:
                 out.scheduled.append(ScheduledSeq(seq, n + len(drafts), drafts))
                 self._budget -= n + len(drafts)
+                if seq.in_prefill:
+                    self._prefill_left -= n
         return preempted
 
     def _schedule_waiting(self, rank: int, ranks: dict[int, int], out: SchedulerOutput) -> float:
@@ -195,7 +235,7 @@ class Scheduler(ImportedKV):
         nothing more is admitted: ``rank`` if the head waits, else the best it preempted."""
         limit = math.inf
         for seq in [s for s in self.waiting if ranks[s.seq_id] == rank]:
-            if self._budget <= 0:
+            if self._budget <= 0 or (self._prefill_left <= 0 and seq.in_prefill):
                 return rank
             if any(p is seq for p in out.preempted):
                 continue  # preempted in this step: it waits at least one step
@@ -222,8 +262,13 @@ class Scheduler(ImportedKV):
         cached = (computed.num_blocks + len(hits)) * bs if computed else 0
         start = max(seq.num_computed_tokens, cached)
         n = min(seq.num_tokens - start, self._budget)
+        prompt = n > 1  # (a decode whose KV was imported computes its last token only)
+        if prompt:
+            n = min(n, self._prefill_left)  # >= 1: the caller checked
         if not self.bm.allocate_slots(seq, len(hits) * bs + n, computed):
             return False
+        if prompt:
+            self._prefill_left -= n
         if computed is not None and self.tiers is not None:
             self._load(seq, computed.num_blocks, hits, out)
         if seq.seq_id in self._recomputing:

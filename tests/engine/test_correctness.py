@@ -219,3 +219,26 @@ def kv_handoff(a, b, prompt, first_params: SamplingParams, params: SamplingParam
         for out in b.step():
             tokens.extend(out.outputs[0].token_ids)
     return tokens
+
+
+def test_prefill_capped_beside_decodes_matches(tiny_model_dir, family="llama"):
+    """max_prefill_tokens_while_decoding: a 64-token prompt chunked 4 tokens a step beside 8
+    running decodes (issue 17's ITL tail) gives the reference's tokens and logprobs, and so
+    do the decodes beside it."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(10, 49000, (n,), generator=g).tolist() for n in [3] * 8 + [64]]
+    llm = LLM(str(tiny_model_dir(family)), **on("cpu", dtype="float32", max_num_batched_tokens=40,
+                                               max_prefill_tokens_while_decoding=4))  # fmt: skip
+    sched, beside = llm.engine.scheduler, []
+    schedule = sched.schedule
+
+    def recording():
+        out = schedule()
+        decodes = sum(1 for s in out.scheduled if s.seq.num_output_tokens)
+        if decodes:
+            beside.append(out.num_batched_tokens - decodes)
+        return out
+
+    sched.schedule = recording
+    check(llm.generate(prompts, GREEDY), hf_greedy(tiny_model_dir(family), prompts, MAX_TOKENS))
+    assert beside[:3] == [4, 4, 4]  # the long prompt's chunks beside the 8 decodes
