@@ -32,7 +32,7 @@ takes minutes (torch.compile warm-up, cached afterwards); `vllm bench serve` sen
 temperature (as in the issue's command), so each server samples with its own default.
 
     .venv/bin/python benchmarks/peer_vllm.py [--only serve|offline] [--num-prompts 64]
-        [--max-concurrency 16] [--json out.json]
+        [--max-concurrency 16] [--json out.json] [--engine-arg KEY=VALUE ...]
     # smoke run (~7 min, most of it vLLM's three starts):
     .venv/bin/python benchmarks/peer_vllm.py --num-prompts 8 --max-concurrency 4
 """
@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write every number here")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="serving: passed to `epdserve up` (e.g. max_prefill_tokens_while_"
+                   "decoding=64); vLLM runs its defaults")  # fmt: skip
     # Internal: one offline engine in this process (run by the script itself).
     p.add_argument("--child", choices=["epdserve", "vllm"], help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -198,7 +201,8 @@ def run_serving(args: argparse.Namespace, python: Path, tmp: Path) -> dict[str, 
     servers = {
         "epdserve up": (
             [sys.executable, "-m", "services.cli.main", "up", "--model", args.folder,
-             "--served-model-name", args.served_model_name],
+             "--served-model-name", args.served_model_name,
+             *(x for a in args.engine_arg for x in ("--engine-arg", a))],
             {"EPDSERVE_CONFIG_DIR": str(tmp / "epdserve-config")},  # not the user's cluster
             "--port",
         ),
