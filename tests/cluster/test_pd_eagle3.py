@@ -14,7 +14,7 @@ from test_query_of_death import completions_battery
 
 from tests.deps import MOONCAKE, require
 from tests.engine.test_speculative import copy_bias, repetitive_prompts
-from tests.engine.test_speculative_draft import build_eagle3_head
+from tests.engine.test_speculative_draft import biased_eagle3_head
 
 require("mooncake.engine", MOONCAKE)
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
@@ -25,9 +25,7 @@ COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens")
 def eagle3_spec(model, tmp_path_factory) -> str:
     """--speculative-config of a random EAGLE-3 head for ``model`` (3 drafts, fixed length),
     whose draft vocabulary holds the tokens copy_bias() favours."""
-    bias = copy_bias()
-    draft_vocab = sorted(set(range(100, 4100 - len(bias))) | set(bias))
-    head = build_eagle3_head(str(model), tmp_path_factory.mktemp("eagle3"), draft_vocab)
+    head = biased_eagle3_head(str(model), tmp_path_factory.mktemp("eagle3"))
     return json.dumps({"method": "eagle3", "model": head, "num_speculative_tokens": 3,
                        "disable_by_batch_size": 0, "adaptive": False})  # fmt: skip
 

@@ -15,16 +15,15 @@ from services.engine import LLM, SamplingParams
 from services.engine.resume import Resume
 from services.engine.speculative import handoff
 from services.engine.speculative.handoff import DraftStates
+from tests.engine.conftest import KV_BYTES
 from tests.engine.test_speculative import copy_bias, repetitive_prompts, run
-from tests.engine.test_speculative_draft import KV_BYTES, build_eagle3_head
+from tests.engine.test_speculative_draft import biased_eagle3_head
 
 
 @pytest.fixture(scope="module")
 def head(tiny_model_dir, tmp_path_factory) -> tuple[str, str]:
     model = str(tiny_model_dir("llama"))
-    bias = copy_bias()
-    draft_vocab = sorted(set(range(100, 4100 - len(bias))) | set(bias))
-    return model, build_eagle3_head(model, tmp_path_factory.mktemp("eagle3"), draft_vocab)
+    return model, biased_eagle3_head(model, tmp_path_factory.mktemp("eagle3"))
 
 
 def eagle_engine(model: str, head: str, **kwargs):

@@ -23,11 +23,6 @@ def text_of(out: str) -> str:
     return "\n".join(lines[1:end])
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return tiny_model_dir("llama")
-
-
 def test_plain_run_prints_text_and_counts(capsys, model) -> None:
     code, out, err = run(capsys, model)
     assert code == 0 and out.startswith("> Hi\n")

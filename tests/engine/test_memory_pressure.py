@@ -30,11 +30,6 @@ def tokens(n: int, seed: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir) -> str:
-    return str(tiny_model_dir("llama"))
-
-
-@pytest.fixture(scope="module")
 def config(model):
     """``config(**overrides)``: an engine config whose KV cache has ``NUM_BLOCKS`` blocks."""
     probe = LLMEngine(

@@ -19,11 +19,6 @@ from tests.engine.test_tier_pace import prime
 MAX_TOKENS = 8
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir) -> str:
-    return str(tiny_model_dir("llama"))
-
-
 def greedy(tier: str, priority: int = 0) -> SamplingParams:
     return SamplingParams(
         temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, service_tier=tier, priority=priority

@@ -93,16 +93,6 @@ def same(got, want) -> None:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir) -> str:
-    return str(tiny_model_dir("llama"))
-
-
-@pytest.fixture(scope="module")
-def plain(model) -> LLMEngine:
-    return LLM(model, dtype="float32", block_size=4, kv_cache_bytes=TINY_KV_BYTES).engine
-
-
-@pytest.fixture(scope="module")
 def spec(model) -> LLMEngine:
     return LLM(model, dtype="float32", block_size=4, kv_cache_bytes=TINY_KV_BYTES).engine
 

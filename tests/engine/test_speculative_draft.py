@@ -13,10 +13,9 @@ import pytest
 
 from services.engine import LLM, SamplingParams
 from services.engine.config import EngineConfig
+from tests.engine.conftest import KV_BYTES
 from tests.engine.test_correctness import kv_handoff, prompts_of_mixed_lengths
 from tests.engine.test_speculative import CASES, copy_bias, repetitive_prompts, run, same
-
-KV_BYTES = 4 << 20  # each engine's target cache (and its draft's, of as many blocks)
 
 
 def draft_engine(target: str, draft: str, k: int = 3, **kwargs):
@@ -33,19 +32,9 @@ def _budget_blocks(ctx) -> int:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir) -> str:
-    return str(tiny_model_dir("llama"))
-
-
-@pytest.fixture(scope="module")
 def draft(tiny_model_dir) -> str:
     """Another random model of another family, with the same tokenizer."""
     return str(tiny_model_dir("qwen2"))
-
-
-@pytest.fixture(scope="module")
-def plain(model):
-    return LLM(model, dtype="float32", block_size=4, kv_cache_bytes=KV_BYTES).engine
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -181,6 +170,13 @@ def test_draft_model_config_errors(tmp_path):
         EngineConfig(speculative_config='{"method": "ngram", "model": "x"}')
 
 
+def biased_eagle3_head(target: str, out) -> str:
+    """``build_eagle3_head`` over a 4,096-token draft vocabulary that holds the tokens
+    ``copy_bias()`` favours (so some drafts are accepted)."""
+    bias = copy_bias()
+    return build_eagle3_head(target, out, sorted(set(range(100, 4100 - len(bias))) | set(bias)))
+
+
 def build_eagle3_head(target: str, out, draft_vocab: list[int], seed: int = 0) -> str:
     """A random EAGLE-3 head for ``target`` in the public checkpoint format: config.json as
     vLLM's ``LlamaForCausalLMEagle3`` reads it and ``pytorch_model.bin`` with the EAGLE-3
@@ -235,8 +231,7 @@ def test_eagle3_head_greedy_equals_no_speculation(model, plain, tmp_path):
     """A random head over a 4,096-token draft vocabulary that holds the biased tokens: its
     drafts are verified exactly whatever they are (some accepted, most not)."""
     bias = copy_bias()
-    draft_vocab = sorted(set(range(100, 4100 - len(bias))) | set(bias))
-    head = build_eagle3_head(model, tmp_path / "eagle3", draft_vocab)
+    head = biased_eagle3_head(model, tmp_path / "eagle3")
     cfg = {"method": "eagle3", "model": head, "num_speculative_tokens": 3,
            "disable_by_batch_size": 0, "adaptive": False}  # fmt: skip
     engine = LLM(model, dtype="float32", block_size=4, kv_cache_bytes=KV_BYTES,

@@ -14,20 +14,11 @@ import math
 import pytest
 
 from services.engine import LLM, SamplingParams, StructuredOutputsParams
+from tests.engine.conftest import KV_BYTES
 from tests.engine.test_speculative import copy_bias, repetitive_prompts, run, same
-from tests.engine.test_speculative_draft import KV_BYTES, build_eagle3_head
+from tests.engine.test_speculative_draft import biased_eagle3_head
 
 METHODS = ["suffix", "draft_model", "eagle3"]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir) -> str:
-    return str(tiny_model_dir("llama"))
-
-
-@pytest.fixture(scope="module")
-def plain(model):
-    return LLM(model, dtype="float32", block_size=4, kv_cache_bytes=KV_BYTES).engine
 
 
 @pytest.fixture(scope="module", params=METHODS)
@@ -35,9 +26,7 @@ def engine(request, model, tiny_model_dir, tmp_path_factory):
     cfg: dict = {"method": request.param, "num_speculative_tokens": 3, "adaptive": False,
                  "disable_by_batch_size": 0}  # fmt: skip
     if request.param == "eagle3":
-        bias = copy_bias()
-        vocab = sorted(set(range(100, 4100 - len(bias))) | set(bias))
-        cfg["model"] = build_eagle3_head(model, tmp_path_factory.mktemp("eagle3"), vocab)
+        cfg["model"] = biased_eagle3_head(model, tmp_path_factory.mktemp("eagle3"))
     elif request.param == "draft_model":
         cfg["model"] = str(tiny_model_dir("qwen2"))
     return LLM(model, dtype="float32", block_size=4, kv_cache_bytes=KV_BYTES,

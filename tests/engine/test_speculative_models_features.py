@@ -11,28 +11,17 @@ import re
 import pytest
 
 from services.engine import LLM, SamplingParams, StructuredOutputsParams
+from tests.engine.conftest import KV_BYTES
 from tests.engine.test_speculative import copy_bias, repetitive_prompts, run, same
-from tests.engine.test_speculative_draft import KV_BYTES, build_eagle3_head
+from tests.engine.test_speculative_draft import biased_eagle3_head
 
 REGEX = r"(ab|cd)[a-z ]{3,12}x"
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir) -> str:
-    return str(tiny_model_dir("llama"))
-
-
-@pytest.fixture(scope="module")
-def plain(model):
-    return LLM(model, dtype="float32", block_size=4, kv_cache_bytes=KV_BYTES).engine
 
 
 @pytest.fixture(scope="module", params=["draft_model", "eagle3"])
 def engine(request, model, tiny_model_dir, tmp_path_factory):
     if request.param == "eagle3":
-        bias = copy_bias()
-        vocab = sorted(set(range(100, 4100 - len(bias))) | set(bias))
-        draft = build_eagle3_head(model, tmp_path_factory.mktemp("eagle3"), vocab)
+        draft = biased_eagle3_head(model, tmp_path_factory.mktemp("eagle3"))
     else:
         draft = str(tiny_model_dir("qwen2"))
     cfg = {"method": request.param, "model": draft, "num_speculative_tokens": 3,
