@@ -16,6 +16,8 @@ the worker processes spent per request of each variant (all their threads, from
 
     python benchmarks/gateway_overhead.py [--model PATH|GGUF] [--requests 50] [--json out.json]
         [--worker-mux default|on|off|ab]   (ab: adds http_raw_mux, a second router with it on)
+        [--ab-tree DIR]   (adds http_raw_tree: a second router running DIR's code, e.g. a git
+                           worktree of the commit before a router change, same worker)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -44,8 +47,9 @@ from services.engine import AsyncLLMEngine, SamplingParams  # noqa: E402
 VARIANTS = ("engine", "grpc", "http", "http_raw")
 
 
-async def run(args: argparse.Namespace, cluster: LocalCluster, mux_url: str | None = None,
-              mux_pid: int = 0) -> dict[str, object]:  # fmt: skip
+async def run(args: argparse.Namespace, cluster: LocalCluster,
+              extra: dict[str, tuple[str, int]]) -> dict[str, object]:  # fmt: skip
+    """``extra``: more http_raw variants, each through a router of its own (URL, pid)."""
     cfg = cluster.engine_config()
     engine = AsyncLLMEngine(cfg)
     await engine.start()
@@ -57,12 +61,12 @@ async def run(args: argparse.Namespace, cluster: LocalCluster, mux_url: str | No
     await raw.open()
     variants = list(VARIANTS)
     timed = dict.fromkeys(variants, pids)
-    mux: RawClient | None = None
-    if mux_url is not None:  # --worker-mux ab: http_raw through a second router, mux on
-        mux = RawClient(mux_url, body)
-        await mux.open()
-        variants.append("http_raw_mux")
-        timed["http_raw_mux"] = {"router": mux_pid, "worker": pids["worker"]}  # type: ignore[dict-item]
+    others: dict[str, RawClient] = {}
+    for name, (url, pid) in extra.items():  # http_raw through another router
+        others[name] = RawClient(url, body)
+        await others[name].open()
+        variants.append(name)
+        timed[name] = {"router": pid, "worker": pids["worker"]}
     counter = iter(range(10**9))
 
     async def direct() -> None:
@@ -90,17 +94,15 @@ async def run(args: argparse.Namespace, cluster: LocalCluster, mux_url: str | No
         calls: dict[str, Callable[[], Awaitable[None]]] = {
             "engine": direct, "grpc": grpc_call, "http": http, "http_raw": raw.one,
         }  # fmt: skip
-        if mux is not None:
-            calls["http_raw_mux"] = mux.one
+        calls.update({name: other.one for name, other in others.items()})
         meter = Meter(timed)
         warm = max(3, args.requests // 10)
         for i in range(warm + args.requests):
             for j in range(len(variants)):
                 name = variants[(i + j) % len(variants)]
                 await meter.run(name, calls[name], keep=i >= warm)
-    raw.close()
-    if mux is not None:
-        mux.close()
+    for client in (raw, *others.values()):
+        client.close()
     await engine.shutdown()
     lat = meter.wall
     base50, base99 = pct(lat["engine"], 0.5), pct(lat["engine"], 0.99)
@@ -129,24 +131,34 @@ def main() -> int:
     p.add_argument("--worker-mux", choices=("default", "on", "off", "ab"), default="default",
                    help="the router's RouterConfig.worker_mux; ab: the router with it off, "
                    "and http_raw_mux through a second router with it on, alternated")  # fmt: skip
+    p.add_argument("--ab-tree", default=None, help="a checkout (git worktree) whose router "
+                   "code http_raw_tree runs, alternated with this tree's (http_raw)")  # fmt: skip
     args = p.parse_args()
     overrides = {} if args.worker_mux in ("default",) else {"worker_mux": args.worker_mux == "on"}
     cluster = LocalCluster(ClusterSpec(model=args.model, mixed=1, port=0, device=args.device,
                                        cluster="bench", router_overrides=overrides))  # fmt: skip
-    second = None
+    routers: dict[str, subprocess.Popen] = {}
     try:
         cluster.start(progress=lambda m: print(m, file=sys.stderr))
-        mux_url, mux_pid = None, 0
+        env = dict(os.environ, **cluster.etcd.access.to_env())
+        urls: dict[str, str] = {}
         if args.worker_mux == "ab":
-            env = dict(os.environ, **cluster.etcd.access.to_env())
-            mux_url, second = start_router(cluster.router_argv(1), "--worker-mux", env)
-            mux_pid = second.pid
-            time.sleep(3)  # it sees the worker
-        report = asyncio.run(run(args, cluster, mux_url, mux_pid))
+            urls["http_raw_mux"], routers["http_raw_mux"] = start_router(
+                cluster.router_argv(1), "--worker-mux", env
+            )
+        if args.ab_tree:
+            flag = {"on": "--worker-mux", "off": "--no-worker-mux"}.get(args.worker_mux, "")
+            urls["http_raw_tree"], routers["http_raw_tree"] = start_router(
+                cluster.router_argv(2), flag, env, tree=str(Path(args.ab_tree).resolve())
+            )
+        if routers:
+            time.sleep(3)  # they see the worker
+        extra = {name: (urls[name], proc.pid) for name, proc in routers.items()}
+        report = asyncio.run(run(args, cluster, extra))
     finally:
-        if second is not None:
-            second.terminate()
-            second.wait(30)
+        for proc in routers.values():
+            proc.terminate()
+            proc.wait(30)
         cluster.stop()
     text = json.dumps(report, indent=2)
     print(text)

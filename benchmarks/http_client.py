@@ -104,14 +104,19 @@ class Meter:
         return {f"{k}_cpu_ms": round(v * 1e3 / per, 3) for k, v in self.cpu[variant].items()}
 
 
-def start_router(argv: list[str], flag: str, env: dict[str, str]) -> tuple[str, subprocess.Popen]:
+def start_router(
+    argv: list[str], flag: str, env: dict[str, str], tree: str | None = None
+) -> tuple[str, subprocess.Popen]:
     """One more router as ``argv`` (a cluster's router_argv) starts one, on a free port, with
-    ``flag`` added (e.g. --worker-mux); returns its URL and process."""
+    ``flag`` added (e.g. --worker-mux; "" adds none); returns its URL and process. ``tree``:
+    the router runs the code of that checkout (a git worktree of another commit) instead."""
     mux_flags = ("--worker-mux", "--no-worker-mux")
     args = [a for a in argv[argv.index("-m") :] if a not in mux_flags]
     args[args.index("--port") + 1] = "0"
-    proc = subprocess.Popen([sys.executable, *args, flag], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)  # fmt: skip
+    if tree is not None:  # ``-m`` imports from the working directory first
+        env = {**env, "PYTHONPATH": tree + os.pathsep + env.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, *args, *filter(None, [flag])], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env, cwd=tree)  # fmt: skip
     assert proc.stdout is not None
     while "READY" not in (line := proc.stdout.readline()):
         if not line:
