@@ -13,6 +13,7 @@ from typing import Any
 
 from services.router.errors import bad_request
 from services.router.features.images import VisionSpec
+from services.router.offload import INLINE_BELOW
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,42 @@ def check_token_ids(ids: list[Any], vocab_size: int, param: str) -> list[int]:
     return ids
 
 
+def rust_backend(hf: Any) -> Any:
+    """The ``tokenizers.Tokenizer`` under a transformers fast tokenizer ``hf`` when encoding
+    with it gives the ids ``hf.encode`` gives, else None.
+
+    NOTE: ``hf.encode`` of a short prompt costs ~170 us here, ~120 of them transformers'
+    Python around the Rust call (argument checks, truncation/padding state, a BatchEncoding):
+    on the gateway's event loop for every request (benchmarks/RESULTS.md, "gateway's added
+    latency"). That call is the Rust ``encode_batch`` of the text with the backend's
+    truncation and padding off and ``encode_special_tokens`` set to ``split_special_tokens``:
+    so the backend is used only while the class overrides neither ``encode`` nor
+    ``_encode_plus`` and its state is that one (``Tokenizer.load`` settles it; truncating
+    encodes run on a copy)."""
+    from transformers import PreTrainedTokenizerBase, TokenizersBackend
+
+    backend = getattr(hf, "_tokenizer", None)
+    cls = type(hf)
+    if (
+        not isinstance(hf, TokenizersBackend)
+        or cls.encode is not PreTrainedTokenizerBase.encode
+        or cls._encode_plus is not TokenizersBackend._encode_plus
+        or backend is None
+        or backend.truncation is not None
+        or backend.padding is not None
+        or backend.encode_special_tokens != bool(getattr(hf, "split_special_tokens", False))
+    ):
+        return None
+    return backend
+
+
 class Tokenizer:
     """Wraps a transformers tokenizer with what the gateway needs."""
 
     def __init__(self, hf_tokenizer: Any, vision: VisionSpec | None = None) -> None:
         self.hf = hf_tokenizer
+        # Encodes without transformers' Python around it when that gives the same ids.
+        self._rust = rust_backend(hf_tokenizer)
         # Image placeholders of a vision-language model; None: the model takes no images.
         self.vision = vision
         self._token_str = lru_cache(maxsize=65536)(self._decode_one)
@@ -110,7 +142,13 @@ class Tokenizer:
         return len(self.hf)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        if self._rust is None:
+            return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+        if len(text) < INLINE_BELOW:
+            return list(self._rust.encode(text, add_special_tokens=add_special_tokens).ids)
+        # NOTE: the batch call releases the GIL while it encodes (the single one does not): a
+        # long prompt encodes in a preparation thread while the loop runs (offload.py).
+        return list(self._rust.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
     def encode_pair(self, first: str, second: str) -> list[int]:
         """A cross-encoder's input: the tokenizer's own encoding of a text pair."""
@@ -159,7 +197,7 @@ class Tokenizer:
                 f"could not apply the chat template: {exc}", param="messages"
             ) from None
         # The template already holds BOS/role markers: do not add special tokens again.
-        return list(self.hf.encode(text, add_special_tokens=False))
+        return self.encode(text, add_special_tokens=False)
 
     def _decode_one(self, token_id: int) -> str:
         return str(self.hf.decode([token_id]))
