@@ -280,19 +280,23 @@ class Orchestrator(WorkerChoice):
             todo = len(prompt_token_ids) + (len(resume.output_token_ids) if resume else 0)
             first_s = handle.first_message_s(todo, self.stall_timeout_s)
             measure = measure_prefill(handle, time.monotonic())
+            finished = False
             try:
                 async for resp in attempts.relay(
                     handle, call, self.stall_timeout_s, first_s, req.role_epoch, measure
                 ):
+                    finished = resp.finished
                     yield resp
                 return
             except AttemptFailed:
                 continue
             finally:
                 handle.end_request(todo)
-                # No-op when the call completed; otherwise (client gone, consumer closed us)
-                # it cancels the RPC, and the worker aborts the request and frees its KV.
-                call.cancel()
+                # Unless the request finished (its call then ends on its own: Attempts.relay),
+                # the client left or the consumer closed us: cancel the RPC, and the worker
+                # aborts the request and frees its KV.
+                if not finished:
+                    call.cancel()
         if attempts.last_error is not None and attempts.last_error.status != 503:
             raise attempts.last_error
         raise no_worker_error(self.pool, model, f"no worker available for model {model!r}")

@@ -184,15 +184,18 @@ class PDSteps:
         def claim(_: pb.GenerateResponse) -> None:
             held.claimed = True
 
+        finished = False
         try:
             # Its first message may wait for a slot in a busy decode worker's batch.
             first_s = d.first_message_s(0, self.stall_timeout_s)
             async for resp in attempts.relay(
                 d, call, self.stall_timeout_s, first_s, held.reply.role_epoch, claim
             ):
+                finished = resp.finished
                 yield resp
         finally:
-            call.cancel()
+            if not finished:  # a finished request's call ends on its own (Attempts.relay)
+                call.cancel()
 
     async def _reserve(
         self, d: WorkerHandle, ask: pb.ReserveRequest, request: PDRequest, attempts: Attempts
