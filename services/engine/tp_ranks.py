@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from services.common.fast_exit import exit_now
 from services.engine.config import EngineConfig
 from services.engine.distributed import RankFailure, TPGroup, create_store, join_group
 from services.engine.eplb import ExpertPlacement, load_placements
@@ -155,7 +156,7 @@ class RankProcesses:
         for rank in range(1, n):
             parent, child = ctx.Pipe()
             args = (rank, n, store.port, config, hf_config, model_path, max_len, placements, child)
-            proc = ctx.Process(target=rank_main, args=args, daemon=True,
+            proc = ctx.Process(target=_rank_process, args=args, daemon=True,
                                name=f"epdserve-tp-rank{rank}")  # fmt: skip
             proc.start()
             child.close()
@@ -307,6 +308,13 @@ def make_runner(
     if runner.lora is not None:
         runner.lora.ranks = ranks  # adapters added or removed later go to every rank
     return runner
+
+
+def _rank_process(*args: Any) -> None:
+    """A rank process: ``rank_main``, then the end without the interpreter's teardown, which
+    ``close()`` would wait for (services/common/fast_exit.py)."""
+    rank_main(*args)
+    exit_now(0)
 
 
 def rank_main(rank: int, size: int, port: int, config: EngineConfig, hf_config: Any,
