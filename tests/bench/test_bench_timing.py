@@ -1,9 +1,13 @@
-"""Measurement accuracy: `epdserve bench` against a real server with known timings.
+"""Measurement: `epdserve bench` against a real server with known timings.
 
-services/bench/paced_server.py sends the first token after TTFT and one more every ITL, so
-the right answers are known: TTFT ~ 100 ms, TPOT = ITL ~ 10 ms, E2EL ~ 100 + 19 * 10 ms, and
-a closed loop of C requests completes C / E2EL requests per second. Bounds are loose on the
-slow side only (a busy CI machine adds delay, it never removes it).
+services/bench/paced_server.py sends the first token TTFT after a request arrives and one more
+every ITL after that, so nothing can arrive sooner: every TTFT >= 100 ms, every E2EL >= 100 +
+19 * 10 ms, and a closed loop of C requests at a time completes at most C / E2EL requests per
+second. A busy machine only adds delay, so the checks here are those lower bounds, the upper
+bound of the test's own wall clock (seconds, not milliseconds), and the relations between
+the per-request records and the summaries (medians, TPOT, throughput, goodput), which hold
+at any load. (How close the numbers come to the server's timings on a quiet machine is a
+benchmark's question, not a test's: a load of 20 added 65 ms to every E2EL.)
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from services.bench.paced_server import READY_PREFIX
@@ -26,7 +31,7 @@ pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[2]
 TTFT_MS, ITL_MS, OUT = 100.0, 10.0, 20
 E2EL_MS = TTFT_MS + (OUT - 1) * ITL_MS
-SLACK_MS = 60.0  # scheduling delay allowed on a loaded machine
+GOODPUT_TTFT_MS = 160.0  # an SLO some requests may miss on a loaded machine
 
 
 @pytest.fixture(scope="module")
@@ -53,40 +58,64 @@ def paced_url():
         proc.wait(timeout=10)
 
 
-def run(tmp_path: Path, url: str, *flags: str) -> dict:
+def run(tmp_path: Path, url: str, *flags: str) -> tuple[dict, float]:
+    """The result JSON of one benchmark run, and the run's wall time (s) seen from here."""
     out = tmp_path / "r.json"
+    started = time.perf_counter()
     # --tokenizer: the default model's; prompts are random text, the server only counts words.
     rc = bench.main(["--base-url", url, "--input-len", "16", "--output-len", str(OUT),
                      "--no-progress", "--result-json", str(out), *flags])  # fmt: skip
+    wall = time.perf_counter() - started
     assert rc == 0
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), wall
+
+
+def median_ms(seconds: list[float]) -> float:
+    return float(np.percentile(np.asarray(seconds) * 1000.0, 50))
+
+
+def check_requests(d: dict, wall: float) -> None:
+    """Every request's record: the server's floors, the run's wall time, TPOT and ITL from
+    its own times; the summaries are those of the records."""
+    reqs = d["requests"]
+    for r in reqs:
+        assert r["chunks"] == r["output_tokens"] == OUT and len(r["itl"]) == OUT - 1
+        assert TTFT_MS / 1000 <= r["ttft"] <= r["latency"] <= wall
+        assert r["latency"] >= E2EL_MS / 1000
+        # The gaps between chunks fit between the first chunk and the stream's end.
+        assert r["ttft"] + sum(r["itl"]) <= r["latency"] + 1e-6
+    assert d["median_ttft_ms"] == pytest.approx(median_ms([r["ttft"] for r in reqs]))
+    assert d["median_e2el_ms"] == pytest.approx(median_ms([r["latency"] for r in reqs]))
+    tpots = [(r["latency"] - r["ttft"]) / (OUT - 1) for r in reqs]
+    assert d["median_tpot_ms"] == pytest.approx(median_ms(tpots))
+    assert d["median_itl_ms"] == pytest.approx(median_ms([x for r in reqs for x in r["itl"]]))
+    assert E2EL_MS / 1000 <= d["duration_s"] <= wall
+    assert d["request_throughput"] == pytest.approx(d["completed"] / d["duration_s"])
+    assert d["output_throughput"] == pytest.approx(d["request_throughput"] * OUT)
 
 
 def test_closed_loop_timings(paced_url, tmp_path) -> None:
-    d = run(tmp_path, paced_url, "--num-prompts", "24", "--request-rate", "inf",
-            "--max-concurrency", "4", "--goodput", f"ttft:{TTFT_MS + SLACK_MS}")  # fmt: skip
+    d, wall = run(tmp_path, paced_url, "--num-prompts", "24", "--request-rate", "inf",
+                  "--max-concurrency", "4", "--goodput", f"ttft:{GOODPUT_TTFT_MS}")  # fmt: skip
     assert d["completed"] == 24 and d["failed"] == 0
-    assert TTFT_MS <= d["median_ttft_ms"] <= TTFT_MS + SLACK_MS
-    assert ITL_MS <= d["median_tpot_ms"] <= ITL_MS + 5.0
-    assert ITL_MS - 3.0 <= d["median_itl_ms"] <= ITL_MS + 5.0
-    assert E2EL_MS <= d["median_e2el_ms"] <= E2EL_MS + SLACK_MS
+    check_requests(d, wall)
     assert d["max_concurrent"] == 4
-    ideal = 4 / (E2EL_MS / 1000.0)  # 13.8 req/s
-    assert 0.7 * ideal <= d["request_throughput"] <= ideal * 1.02
-    assert d["output_throughput"] == pytest.approx(d["request_throughput"] * OUT)
-    assert d["request_goodput"] <= d["request_throughput"]
-    for r in d["requests"]:
-        assert r["chunks"] == r["output_tokens"] == OUT and len(r["itl"]) == OUT - 1
+    # Six rounds of four requests, each at least one E2EL long: at most 13.8 req/s.
+    assert d["duration_s"] >= 6 * E2EL_MS / 1000
+    assert d["request_throughput"] <= 4 / (E2EL_MS / 1000.0) * 1.02
+    good = sum(r["ttft"] * 1000 <= GOODPUT_TTFT_MS for r in d["requests"])
+    assert d["request_goodput"] == pytest.approx(good / d["duration_s"])
 
 
 def test_open_loop_rate_sets_the_pace(paced_url, tmp_path) -> None:
-    # Near-constant gaps of 50 ms: 16 requests span 15 gaps, then the last one runs.
-    d = run(tmp_path, paced_url, "--num-prompts", "16", "--request-rate", "20",
-            "--burstiness", "1000")  # fmt: skip
-    assert d["completed"] == 16
-    expected_s = 15 * 0.05 + E2EL_MS / 1000.0
-    assert expected_s * 0.9 <= d["duration_s"] <= expected_s + 0.5
+    # Near-constant gaps of 50 ms (each measured from the previous send: a late send delays
+    # the later ones, never hurries them): 16 requests span 15 gaps, then the last one runs.
+    d, wall = run(tmp_path, paced_url, "--num-prompts", "16", "--request-rate", "20",
+                  "--burstiness", "1000")  # fmt: skip
+    assert d["completed"] == 16 and d["failed"] == 0
+    check_requests(d, wall)
     starts = sorted(r["start"] for r in d["requests"])
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-    assert sum(gaps) / len(gaps) == pytest.approx(0.05, rel=0.15)
-    assert TTFT_MS <= d["median_ttft_ms"] <= TTFT_MS + SLACK_MS
+    assert starts[-1] - starts[0] >= 0.9 * 15 * 0.05
+    assert d["duration_s"] >= 0.9 * 15 * 0.05 + E2EL_MS / 1000.0
+    # Sent on the schedule, not one after another's end: E2EL (>= 290 ms) spans several gaps.
+    assert d["max_concurrent"] >= 2
