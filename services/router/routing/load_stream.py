@@ -7,23 +7,51 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import grpc
 
 from services.common.proto import health_pb2
 from services.common.proto import worker_pb2 as pb
 
-if TYPE_CHECKING:  # workers.py imports this module: the type only, for mypy
-    from services.router.routing.workers import WorkerHandle
-
 log = logging.getLogger(__name__)
+
+
+class Followed(Protocol):
+    """What the load stream reads and sets of a worker: a routing.workers.WorkerHandle (not
+    imported: that module imports this one, and tests/test_structure.py counts a
+    TYPE_CHECKING import as a cycle)."""
+
+    @property
+    def id(self) -> str: ...
+
+    stub: Any  # the worker's stub (TracedStub): StreamLoad
+    health: Any  # its grpc.health.v1 HealthStub
+    interval_ms: int
+    stale_s: float
+    load: pb.LoadReport | None
+    load_at: float
+    answered_at: float
+    lora_adapters: frozenset[str]
+    lora_resident: frozenset[str]
+    lora_slots: int
+    ended_since_report: int
+    prompt_tokens_ended_since_report: int
+    departed_at: float
+    on_gone: Callable[[Any], None] | None
+
+    def departed_for_good(self, now: float) -> bool: ...
+
+    def mark_failed(self) -> None: ...
+
+
 # The worker service's name in grpc.health.v1 (services/worker/health.py): asked by name, a
 # worker whose engine is stuck past its engine_stall_s answers NOT_SERVING.
 WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["WorkerService"].full_name
 
 
-async def answers(handle: WorkerHandle) -> bool:
+async def answers(handle: Followed) -> bool:
     """Whether the worker answers a health Check for its worker service SERVING within
     half the stale bound (its reports are late: a host loaded to 100 delays them past
     the bound while the worker serves): if so it is alive (``alive_at``). A stopped or
@@ -43,7 +71,7 @@ async def answers(handle: WorkerHandle) -> bool:
     return True
 
 
-async def follow_load(handle: WorkerHandle) -> None:
+async def follow_load(handle: Followed) -> None:
     backoff = 0.1
     while True:
         call = handle.stub.StreamLoad(pb.LoadReportRequest(interval_ms=handle.interval_ms))
