@@ -71,6 +71,10 @@ def apply_step(
     for d in msg.outputs:
         idx = prompt_index * n + d.index
         ch = choices.setdefault(idx, Choice(index=idx))
+        if ch.finish_reason is not None:
+            # NOTE: with n > 1 the worker's later messages repeat a finished choice (no text,
+            # its finish_reason): streamed, each repeat was one more finish chunk for it.
+            continue
         ch.text.append(d.text)
         ch.token_ids.extend(d.token_ids)
         ch.num_tokens = d.completion_tokens
