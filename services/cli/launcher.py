@@ -21,7 +21,7 @@ from services.cli.admin_config import AdminFiles
 from services.cli.children import EtcdChild, ManagedProcess
 from services.cli.commands import kvstore_command, router_command, worker_command
 from services.common.cpus import ENV as CPUS_ENV
-from services.common.cpus import parse_cpu_list
+from services.common.cpus import check_usable, parse_cpu_list
 from services.common.etcd_server import EtcdSecurity, EtcdServer
 from services.common.net import free_port, open_direct
 from services.engine.config import EngineConfig
@@ -138,7 +138,11 @@ class ClusterSpec:
         if len(set(names)) != len(names):
             raise ValueError(f"two models share a served name: {', '.join(names)}; give "
                              "each its own --served-model-name")  # fmt: skip
-        parse_cpu_list(self.frontend_cores)  # a bad list fails here
+        # NOTE: checked here, before anything starts; the router found them after the model
+        # loaded (an empty host: the worker failed, the router listened on every interface).
+        check_usable(parse_cpu_list(self.frontend_cores), "--frontend-cores")
+        if not self.host.strip():
+            raise ValueError("--host must name an address (0.0.0.0: every interface)")
         if not 1 <= self.routers <= MAX_LOCAL_PROCESSES:
             raise ValueError(f"need 1 to {MAX_LOCAL_PROCESSES} routers (--routers N)")
         if not 0 <= self.port < 65536 or (self.port and self.port + self.routers > 65536):

@@ -247,6 +247,8 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
         refuse_nan(self)  # a NaN timeout reaches asyncio.wait_for, which times out at once
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not self.host.strip():  # uvicorn took "" for every interface
+            raise ValueError("host must name an address (0.0.0.0: every interface)")
         _one_of("policy", self.policy, available_policies())
         if not 0 <= self.lora_affinity_slack <= 1e6:
             raise ValueError("lora_affinity_slack must be in [0, 1e6]")

@@ -163,3 +163,22 @@ def test_a_missing_or_null_model_is_refused_before_anything_starts(tmp_path, mon
     # "embedded" is the default model, as in the Helm chart's model.path
     f.write_text(json.dumps([{"model": "embedded", "served_model_name": "a"}]))
     assert model_groups(parse("--models-file", str(f)), mixed=1) == [ModelGroup(None, "a", 1)]
+
+
+def test_a_blank_host_or_unusable_frontend_cores_are_refused_before_start() -> None:
+    """`up --host ""` started etcd and a router listening on every interface, and failed
+    when the worker could not bind (~30 s in); `--frontend-cores 99-100` failed when the
+    router started. Both are now refused by ClusterSpec, before anything starts."""
+    import os
+
+    from services.router.config import RouterConfig
+
+    for host in ("", "  "):
+        with pytest.raises(ValueError, match="--host must name an address"):
+            ClusterSpec(host=host)
+        with pytest.raises(ValueError, match="host must name an address"):
+            RouterConfig(etcd="127.0.0.1:1", host=host)
+    beyond = max(os.sched_getaffinity(0)) + 1
+    with pytest.raises(ValueError, match="--frontend-cores names CPUs this process may not use"):
+        ClusterSpec(frontend_cores=f"{beyond}")
+    ClusterSpec(frontend_cores=str(min(os.sched_getaffinity(0))))  # a CPU it may use: fine
