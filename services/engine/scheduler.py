@@ -190,9 +190,9 @@ class Scheduler(ImportedKV):
         tail: benchmarks/RESULTS.md, itl10); chunked, it lengthens them by a chunk's a step.
         Only a few prompts beside many decodes are capped: capping whenever decodes
         outnumbered prompts chunked half-waves too, which then ended, and came back, one by
-        one: every step carried prompt tokens, TPOT p50 rose by a third and throughput fell
-        4-6 % in benchmarks/serving_sim.py (and the step CPU of a served row by 21 %). A wave
-        at an idle engine, or beside a few stragglers, runs in one step."""
+        one: most steps carried prompt tokens (half of a served row's), and TPOT p50 rose by a
+        third and throughput fell 4-6 % in benchmarks/serving_sim.py. A wave at an idle
+        engine, or beside a few stragglers, runs in one step."""
         cap = self.max_prefill_tokens_while_decoding
         if not cap:
             return self.max_num_batched_tokens
