@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from services.engine.config import EngineConfig
+from services.engine.cpu_malloc import keep_freed_memory
 from services.engine.decode_graphs import DecodeGraphs, capture_blocker
 from services.engine.distributed import TPGroup
 from services.engine.eplb import ExpertPlacement
@@ -180,6 +181,10 @@ class ModelRunner:
                 logger.warning("no CUDA graphs: %s", blocker)
             else:
                 self.graphs = DecodeGraphs(self, config.max_num_seqs)
+        if self.device.type == "cpu":
+            # Weights packed, cache made: from here on a step's freed activations stay mapped
+            # for the next step (cpu_malloc.py; the unpacked weights go back to the kernel).
+            keep_freed_memory()
 
     @property
     def block_shape(self) -> tuple[int, int, int, int, int]:
