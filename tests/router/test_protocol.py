@@ -126,6 +126,17 @@ BAD: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], str, str | 
     ("messages", ANTHROPIC, {"max_tokens": 9}, {"max_tokens_limit": 8},
      "'max_tokens' must be [1, 8], got 9", "max_tokens"),
     ("messages", ANTHROPIC, {"model": None}, {}, "missing required field 'model'", "model"),
+    # thinking and metadata as Anthropic checks them (they were taken silently)
+    ("messages", ANTHROPIC, {"thinking": {"type": "bogus"}}, {},
+     "thinking.type: must be 'enabled', 'disabled' or 'adaptive'", "thinking"),
+    ("messages", ANTHROPIC, {"thinking": {"type": "enabled", "budget_tokens": 100}}, {},
+     "thinking.enabled.budget_tokens: must be an integer >= 1024", "thinking"),
+    ("messages", ANTHROPIC, {"thinking": {"type": "enabled", "budget_tokens": 1024}}, {},
+     "`max_tokens` must be greater than `thinking.budget_tokens`", "max_tokens"),
+    ("messages", ANTHROPIC, {"metadata": {"user_id": 5}}, {},
+     "metadata: an object whose only field is 'user_id', a string", "metadata"),
+    ("messages", ANTHROPIC, {"metadata": {"user": "x"}}, {},
+     "metadata: an object whose only field is 'user_id', a string", "metadata"),
     ("messages", ANTHROPIC, {"stream": "no"}, {}, "'stream' must be boolean, got str", "stream"),
     ("messages", ANTHROPIC, {"temperature": 1.5}, {},
      "'temperature' must be in [0.0, 1.0], got 1.5", "temperature"),
@@ -257,6 +268,10 @@ def test_messages_sampling_params() -> None:
     assert req.sampling_params(None) == SamplingParams(max_tokens=8, temperature=0.5, top_k=5,
                                                        stop=["x"])  # fmt: skip
     assert req.model_extra == {"extra": 1}
+    for ok in ({"thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2048},
+               {"thinking": {"type": "disabled"}, "metadata": {"user_id": "u-1"}},
+               {"thinking": {"type": "adaptive"}, "metadata": {"user_id": None}}):  # fmt: skip
+        parse(MessagesRequest, {**ANTHROPIC, **ok})  # as Anthropic takes them
 
 
 def _resolve(doc: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:

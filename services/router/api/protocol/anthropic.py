@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.engine.sampling_params import MAX_TOP_K, SamplingParams, StructuredOutputsParams
 from services.router.api.protocol.common import (
@@ -21,6 +21,7 @@ from services.router.api.protocol.common import (
     Stop,
     Str,
     Turns,
+    invalid,
 )
 from services.router.api.protocol.openai import TextPart, ToolName
 from services.router.errors import bad_request
@@ -106,6 +107,18 @@ class OutputConfig(DocModel):
     format: OutputFormat | None = None
 
 
+class ThinkingConfig(DocModel):
+    """Extended thinking, checked as Anthropic checks it. The model's reasoning comes back as
+    thinking blocks where the router has a --reasoning-parser, whatever this says."""
+
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = None  # "enabled": >= 1024 and below max_tokens
+
+
+class RequestMetadata(DocModel):
+    user_id: str | None = None
+
+
 # -- Requests ---------------------------------------------------------------------------------
 
 
@@ -165,6 +178,32 @@ class MessagesRequest(_Prompt, MessagesSampling, _Head):
     """POST /v1/messages."""
 
     max_tokens: Annotated[int, Int(1, limit="max_tokens_limit")]  # required here
+    thinking: Annotated[Any, Documented(ThinkingConfig)] = None
+    metadata: Annotated[Any, Documented(RequestMetadata)] = None
+
+    @model_validator(mode="after")
+    def _thinking_and_metadata(self) -> MessagesRequest:
+        """Anthropic's 400s for a malformed ``thinking`` or ``metadata`` (they were taken
+        silently)."""
+        t = self.thinking
+        if t is not None:
+            if not isinstance(t, dict) or t.get("type") not in ("enabled", "disabled", "adaptive"):
+                raise invalid("thinking.type: must be 'enabled', 'disabled' or 'adaptive'",
+                              "thinking")  # fmt: skip
+            budget = t.get("budget_tokens")
+            if t["type"] == "enabled":
+                if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1024:
+                    raise invalid("thinking.enabled.budget_tokens: must be an integer >= 1024",
+                                  "thinking")  # fmt: skip
+                if budget >= self.max_tokens:
+                    raise invalid("`max_tokens` must be greater than `thinking.budget_tokens`",
+                                  "max_tokens")  # fmt: skip
+        m = self.metadata
+        if m is not None and (not isinstance(m, dict) or set(m) - {"user_id"}
+                              or not isinstance(m.get("user_id"), str | None)):  # fmt: skip
+            raise invalid("metadata: an object whose only field is 'user_id', a string",
+                          "metadata")  # fmt: skip
+        return self
 
 
 class CountTokensRequest(_Prompt, ModelTarget):
