@@ -117,7 +117,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="the routers send their requests to a worker over one shared gRPC stream per "
-        "worker instead of a call each (RouterConfig.worker_mux; default: the router's)",
+        "worker instead of a call each (RouterConfig.worker_mux; default: the router's, on); "
+        "--no-worker-mux: a call per request",
     )
     p.add_argument(
         "--kvstore",

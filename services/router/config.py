@@ -97,10 +97,11 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
             "the worker's queue and the request's own prefill at the measured rate)"
         },
     )
-    worker_mux: bool = field(default=False, metadata={
+    worker_mux: bool = field(default=True, metadata={
         "help": "send the Generate requests of this router to a worker over one shared gRPC "
         "stream per worker instead of a call each (less CPU a request on both sides); a "
-        "broken stream fails its requests as a dead worker's, which migrate"})  # fmt: skip
+        "broken stream fails its requests as a dead worker's, which migrate. "
+        "--no-worker-mux: a call per request"})  # fmt: skip
     admin_token_file: str | None = field(
         default=None,
         metadata={

@@ -21,7 +21,10 @@ REQ = {"model": TINY_NAME, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
-    c = start_cluster(tiny_model_dir("llama"), workers=2, policy="round_robin")
+    # A gRPC call per request (--no-worker-mux): the path the default (one shared stream a
+    # worker) replaced stays under a kill -9 and a drain here; the other cluster modules mux.
+    c = start_cluster(tiny_model_dir("llama"), workers=2, policy="round_robin",
+                      router_overrides={"worker_mux": False})  # fmt: skip
     yield c
     c.stop()
 
