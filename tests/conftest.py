@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# Clusters several test modules share (llama_cluster, tool_cluster).
+pytest_plugins = ["tests.shared_clusters"]
+
 # NOTE: the suite runs many processes (in-process engines, cluster workers, routers) on a few
 # cores. OpenMP threads that spin while they wait (libgomp's default) then burn the cores the
 # other processes need and stall each parallel region behind a pre-empted thread (RESULTS.md,

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from services.cli import bench
-from tests.cluster.cluster_helpers import TINY_NAME, start_cluster
+from tests.cluster.cluster_helpers import TINY_NAME
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -26,10 +26,8 @@ SAMPLE = REPO / "benchmarks" / "data" / "sharegpt_sample.json"
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model_dir):
-    c = start_cluster(tiny_model_dir("llama"))
-    yield c
-    c.stop()
+def cluster(llama_cluster):
+    return llama_cluster  # shared with other modules (tests/conftest.py)
 
 
 PROMPT_COUNTER = "epdserve:router_prompt_tokens_total"  # docs/metrics.md

@@ -9,7 +9,7 @@ import json
 
 import openai
 import pytest
-from cluster_helpers import TINY_NAME, openai_client, start_cluster, tool_model
+from cluster_helpers import TINY_NAME, openai_client
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -23,10 +23,9 @@ GREEDY = {"temperature": 0, "max_output_tokens": 10}
 
 
 @pytest.fixture(scope="module")
-def oai(tiny_model_dir, tmp_path_factory):
-    c = start_cluster(tool_model(tiny_model_dir("llama"), tmp_path_factory), workers=1)
-    yield openai_client(c, timeout=120)
-    c.stop()
+def oai(tool_cluster):
+    # The cluster is shared with test_tool_calling.py (tests/conftest.py).
+    return openai_client(tool_cluster, timeout=120)
 
 
 def chat_text(oai, messages: list[dict], **kw) -> str:

@@ -11,7 +11,6 @@ from cluster_helpers import (
     anthropic_client,
     get_json,
     openai_client,
-    start_cluster,
     worker_health,
 )
 
@@ -27,10 +26,8 @@ GREEDY = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model_dir):
-    c = start_cluster(tiny_model_dir("llama"), workers=1)
-    yield c
-    c.stop()
+def cluster(llama_cluster):
+    return llama_cluster  # shared with other modules (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -55,10 +55,8 @@ def check_valid(text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def mixed(tiny_model_dir):
-    c = start_cluster(tiny_model_dir("llama"), workers=1)
-    yield c
-    c.stop()
+def mixed(llama_cluster):
+    return llama_cluster  # shared with other modules (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

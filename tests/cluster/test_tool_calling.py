@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from cluster_helpers import TINY_NAME, anthropic_client, openai_client, start_cluster, tool_model
+from cluster_helpers import TINY_NAME, anthropic_client, openai_client
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -42,10 +42,8 @@ def check_args(name: str, arguments: str | dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model_dir, tmp_path_factory):
-    c = start_cluster(tool_model(tiny_model_dir("llama"), tmp_path_factory), workers=1)
-    yield c
-    c.stop()
+def cluster(tool_cluster):
+    return tool_cluster  # shared with test_responses.py (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
