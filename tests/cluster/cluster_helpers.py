@@ -136,14 +136,17 @@ def cli(c: LocalCluster, *args: str) -> subprocess.CompletedProcess:
 
 
 def status(c: LocalCluster) -> dict:
-    """`epdserve status --json`."""
-    r = cli(c, "status", "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    """The router's ``/admin/status``: what `epdserve status --json` prints (test_up_cli,
+    test_routers and test_secure_cluster run that command), read without a CLI process per
+    call: tests poll this, and each process costs 1-2 s of CPU on a loaded machine."""
+    code, body = get_json(c.base_url + "/admin/status", timeout=10,
+                          headers={"Authorization": f"Bearer {c.admin_token}"})  # fmt: skip
+    assert code == 200, body
+    return body
 
 
 def workers(c: LocalCluster) -> dict[str, dict]:
-    """Worker id -> its row of `epdserve status --json`."""
+    """Worker id -> its row of the router's status (``status``)."""
     return {w["id"]: w for w in status(c)["workers"]}
 
 

@@ -265,9 +265,13 @@ def _leader(cluster) -> int | None:
     return leads.index(True) if leads.count(True) == 1 else None
 
 
+LINE_TOKENS = 100
+
+
 def test_cancel_then_kill_9_of_the_router_running_a_batch(cluster, oai) -> None:
-    # NOTE: 40 x 200 tokens, 2 at a time: several seconds of work on the tiny model.
-    body = {"model": TINY_NAME, "max_tokens": 200, "ignore_eos": True, **GREEDY}
+    # NOTE: 40 x 100 tokens, 2 at a time: several seconds of work on the tiny model (the kill
+    # comes after 3 lines, with 37 to go; each line costs the survivor time, not the check).
+    body = {"model": TINY_NAME, "max_tokens": LINE_TOKENS, "ignore_eos": True, **GREEDY}
     rows = [_line(f"k{i}", "/v1/completions", {**body, "prompt": f"Count {i}:"})
             for i in range(MAX_LINES)]  # fmt: skip
     # Cancel: the batch ends cancelled, with what finished before in its output.
@@ -303,7 +307,7 @@ def test_cancel_then_kill_9_of_the_router_running_a_batch(cluster, oai) -> None:
     assert (done.request_counts.completed, done.request_counts.failed) == (MAX_LINES, 0)
     out = [json.loads(x) for x in oai2.files.content(done.output_file_id).text.splitlines()]
     assert sorted(o["custom_id"] for o in out) == sorted(r["custom_id"] for r in rows)
-    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 200 for o in out)
+    assert all(o["response"]["body"]["usage"]["completion_tokens"] == LINE_TOKENS for o in out)
     # Lines counted before the kill were on disk then: the survivor never ran them again.
     ran = _completions_served(cluster.base_urls[survivor]) - ran_before
     assert 0 < ran <= MAX_LINES - counts_at_kill.completed
