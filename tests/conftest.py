@@ -31,6 +31,7 @@ FAMILIES = ("llama", "llama3_rope", "qwen2", "qwen3")
 # zeroed at start, costs each engine ~2 s of CPU and a GiB of memory the test never uses.
 TINY_KV_BYTES = 16 << 20
 MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral")
+VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")  # build_tiny_vl_model's (cached like the others)
 # The tiny models' shape (a transformers config's keyword arguments).
 TINY_CONFIG = dict(
     vocab_size=49152,
@@ -146,7 +147,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
 
 
 def cached_tiny_model(family: str, out_dir: Path) -> Path:
-    """``build_tiny_model(family, out_dir)``, copied from a build kept across test sessions
+    """``build_tiny_model(family, out_dir)`` (a VL family: ``build_tiny_vl_model``), copied
+    from a build kept across test sessions
     (``$EPDSERVE_TEST_MODEL_CACHE``, default ~/.cache/epdserve/tiny-models; ``0``: off).
 
     NOTE: a build imports transformers' modeling code (torch._dynamo with it): 8 s of CPU,
@@ -156,7 +158,7 @@ def cached_tiny_model(family: str, out_dir: Path) -> Path:
     its own copy (tests may write into it)."""
     root_env = os.environ.get("EPDSERVE_TEST_MODEL_CACHE", "")
     if root_env == "0":
-        return build_tiny_model(family, out_dir)
+        return _build(family, out_dir)
     root = Path(root_env) if root_env else Path.home() / ".cache" / "epdserve" / "tiny-models"
     stored = root / f"{family}-{_tiny_model_key(family)}"
     if not stored.is_dir():  # a present folder is whole: it is renamed into place
@@ -164,14 +166,20 @@ def cached_tiny_model(family: str, out_dir: Path) -> Path:
             root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=root))
         except OSError:  # an unwritable cache: build in place
-            return build_tiny_model(family, out_dir)
-        build_tiny_model(family, tmp)
+            return _build(family, out_dir)
+        _build(family, tmp)
         try:
             tmp.rename(stored)
         except OSError:  # another session stored it first
             shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(stored, out_dir, dirs_exist_ok=True)
     return out_dir
+
+
+def _build(family: str, out_dir: Path) -> Path:
+    if family in VL_FAMILIES:
+        return build_tiny_vl_model(out_dir, family=family)
+    return build_tiny_model(family, out_dir)
 
 
 def _tiny_model_key(family: str) -> str:
@@ -315,14 +323,14 @@ def build_tiny_vl_model(
 
 @pytest.fixture(scope="session")
 def tiny_vl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder of a tiny random Qwen2-VL (built once per session)."""
-    return build_tiny_vl_model(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+    """Folder of a tiny random Qwen2-VL (built once per machine: ``cached_tiny_model``)."""
+    return cached_tiny_model("qwen2_vl", tmp_path_factory.mktemp("tiny-qwen2-vl"))
 
 
 @pytest.fixture(scope="session")
 def tiny_vl25_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder of a tiny random Qwen2.5-VL (built once per session)."""
-    return build_tiny_vl_model(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), family="qwen2_5_vl")
+    """Folder of a tiny random Qwen2.5-VL (built once per machine: ``cached_tiny_model``)."""
+    return cached_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
 
 
 def image_bytes(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:

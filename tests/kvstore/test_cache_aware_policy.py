@@ -52,7 +52,7 @@ def test_device_beats_host_beats_store() -> None:
 def test_a_report_from_before_the_last_prefill_ended_does_not_push_a_repeat_away() -> None:
     # The holder reported while this router's previous request (300 prompt tokens) was still
     # queued there; that prefill has since ended. Counting it sent 1 in 5 repeats of an
-    # image prompt to the other prefill worker (tests/cluster/test_epd.py, loaded machine).
+    # image prompt to the other prefill worker (tests/cluster/test_epd_qwen25.py, loaded machine).
     p = CacheAwarePolicy()
     stale = pb.LoadReport(num_inflight=1, num_waiting_prompt_tokens=300)
     holder, other = W("a", load=stale), W("b", load=pb.LoadReport())
