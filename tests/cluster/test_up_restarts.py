@@ -86,9 +86,10 @@ def worker_pid(up: Up, instance_id: str) -> int | None:
     return None
 
 
-def serving_decode_worker(up: Up, request_id: str) -> tuple[str, int]:
+def serving_decode_worker(up: Up, request_id: str) -> tuple[str, int] | None:
     """(id, pid) of the decode worker holding request ``request_id`` now (its ListRequests
-    answer in the router's status: live, where a load report's count may be stale)."""
+    answer in the router's status: live, where a load report's count may be stale); None
+    when no worker is seen holding it within 10 s (it may have finished first)."""
 
     def holder() -> dict | None:
         rows = up.workers().values()
@@ -96,7 +97,11 @@ def serving_decode_worker(up: Up, request_id: str) -> tuple[str, int]:
             (w for w in rows if w["role"] == "decode" and request_id in (w["requests"] or [])), None
         )
 
-    row = wait_for(holder, timeout=10, what=f"the decode worker running {request_id}", every=0.05)
+    try:
+        row = wait_for(holder, timeout=10, what=f"the decode worker running {request_id}",
+                       every=0.05)  # fmt: skip
+    except AssertionError:
+        return None
     return row["id"], row["pid"]
 
 
@@ -110,10 +115,11 @@ def migrations(up: Up) -> float:
 
 def stream_and_kill_decode(up: Up) -> tuple[list[str], dict, str, int]:
     """Stream a completion; after its first token kill -9 the decode worker running it.
-    Returns (tokens, usage, victim id, victim pid)."""
+    Returns (tokens, usage, victim id, victim pid); victim "" when the request finished
+    before a decode worker was seen holding it (then nothing was killed)."""
     tokens: list[str] = []
     usage: dict = {}
-    victim, victim_pid = "", 0
+    victim, victim_pid, looked = "", 0, False
     req = up.request(stream=True, stream_options={"include_usage": True})
     with httpx.stream("POST", f"{up.base}/v1/completions", json=req, timeout=120) as r:
         assert r.status_code == 200
@@ -121,8 +127,11 @@ def stream_and_kill_decode(up: Up) -> tuple[list[str], dict, str, int]:
             usage = event.get("usage") or usage
             for choice in event["choices"]:
                 tokens += (choice.get("logprobs") or {}).get("tokens", [])
-            if not victim and tokens:
-                victim, victim_pid = serving_decode_worker(up, event["id"])
+            if not looked and tokens:
+                looked = True
+                if (holder := serving_decode_worker(up, event["id"])) is None:
+                    continue  # it finished first: read it to its end, the caller tries again
+                victim, victim_pid = holder
                 assert worker_pid(up, victim) == victim_pid  # a child of `up`, not a stray
                 os.kill(victim_pid, signal.SIGKILL)
                 print(f"killed {victim} after {len(tokens)} tokens streamed", flush=True)
@@ -135,8 +144,17 @@ def test_killed_decode_worker_restarts_while_its_stream_migrates(up: Up) -> None
     ref_tokens = ref.json()["choices"][0]["logprobs"]["tokens"]
     assert len(ref_tokens) == MAX_TOKENS
 
-    before = migrations(up)
-    tokens, usage, victim, old_pid = stream_and_kill_decode(up)
+    # The 480 tokens take ~2 s, and the router's status (a ListRequests to every worker) may
+    # take longer on a loaded machine: a request that finished before its worker was seen
+    # is not a fault (session 17, load 18, mux on: 'not seen within 10s'); try again.
+    for _ in range(3):
+        before = migrations(up)
+        tokens, usage, victim, old_pid = stream_and_kill_decode(up)
+        if victim:
+            break
+        print("the request finished before its decode worker was seen: again", flush=True)
+    else:
+        raise AssertionError("3 requests finished before their decode worker was seen")
     assert tokens == ref_tokens  # the stream went on elsewhere: nothing lost or repeated
     assert usage["completion_tokens"] == MAX_TOKENS
     assert migrations(up) == before + 1  # it was killed mid-stream, not after the end
