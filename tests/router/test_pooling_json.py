@@ -20,7 +20,12 @@ def embeddings(n: int, dim: int) -> dict:
     rng = random.Random(0)
     data = [{"object": "embedding", "index": i, "embedding": [rng.uniform(-1, 1) for _ in range(dim)]}
             for i in range(n)]  # fmt: skip
-    return {"object": "list", "data": data, "model": "m-é", "usage": {"prompt_tokens": 3, "total_tokens": 3}}
+    return {
+        "object": "list",
+        "data": data,
+        "model": "m-é",
+        "usage": {"prompt_tokens": 3, "total_tokens": 3},
+    }
 
 
 @pytest.mark.parametrize("result", [

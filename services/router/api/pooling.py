@@ -260,7 +260,9 @@ def json_body(result: dict[str, Any]) -> bytes:
     waited, long enough for workers to be taken for hung."""
     parts = []
     for key, value in result.items():
-        text = "[" + ",".join(map(_dumps, value)) + "]" if isinstance(value, list) else _dumps(value)
+        text = (
+            "[" + ",".join(map(_dumps, value)) + "]" if isinstance(value, list) else _dumps(value)
+        )
         parts.append(f"{_dumps(key)}:{text}")
     return ("{" + ",".join(parts) + "}").encode()
 
