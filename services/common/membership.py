@@ -3,8 +3,9 @@
 Key: ``/epdserve/<cluster>/instances/<id>``; value: ``InstanceInfo`` as JSON. The lease has a
 short TTL and is kept alive by the worker; when the worker dies the key disappears within the
 TTL. ``Registrar`` re-creates lease and key by itself after a lease loss or an etcd outage.
-``MembershipWatcher`` lists the prefix, then watches from the next revision; etcd3aio resumes
-the watch by revision after an outage, and while etcd is away the last view stays in place.
+``MembershipWatcher`` lists the prefix, then watches from the next revision (etcd_watch.py);
+etcd3aio resumes the watch by revision after an outage, and while etcd is away the last view
+stays in place.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from etcd3aio import Etcd3Client, prefix_range_end
+from etcd3aio import Etcd3Client
 
 from services.common.aio import cancel_and_wait
 from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
+from services.common.etcd_watch import follow_key
 from services.common.lease_keeper import LOST, RESUMED, LeaseKeeper
 
 log = logging.getLogger(__name__)
@@ -263,7 +265,9 @@ class MembershipWatcher:
         self._listeners.append(fn)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="etcd-watcher")
+        follows = follow_key(self.endpoints, self.prefix, self._listed, self._changed,
+                             "etcd watch", prefix=True)  # fmt: skip
+        self._task = asyncio.create_task(follows, name="etcd-watcher")
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
@@ -275,61 +279,29 @@ class MembershipWatcher:
             except Exception:
                 log.exception("membership listener failed")
 
-    async def _run(self) -> None:
-        backoff = 0.2
-        while True:
-            client: Etcd3Client | None = None
-            try:
-                client = await connect_etcd(self.endpoints)
-                await self._list_and_watch(client)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # Keep serving from the last view; try again.
-                log.warning("etcd watch failed (%s); retrying in %.1fs", exc, backoff)
-            finally:
-                if client is not None:
-                    with contextlib.suppress(Exception):
-                        await client.close()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
-
-    async def _list_and_watch(self, client: Etcd3Client) -> None:
-        prefix = self.prefix.encode()
-        assert client.kv is not None and client.watch is not None
-        resp = await client.kv.get(
-            prefix, range_end=prefix_range_end(prefix), timeout=ETCD_OP_TIMEOUT_S
-        )
+    def _listed(self, kvs: Sequence[Any]) -> None:
         fresh: dict[str, InstanceInfo] = {}
-        for kv in resp.kvs:
+        for kv in kvs:
             info = self._decode(kv.value)
             if info is not None:
                 fresh[kv.key.decode()[len(self.prefix) :]] = info
         self.instances = fresh
         self.synced.set()
         self._notify()
-        # etcd3aio reconnects this watch by itself on UNAVAILABLE, resuming from the last
-        # revision it saw, so an etcd restart loses no events.
-        async for wresp in client.watch.watch(
-            prefix, range_end=prefix_range_end(prefix), start_revision=resp.header.revision + 1
-        ):
-            if wresp.compact_revision:
-                raise RuntimeError("watch compacted; re-listing")
-            if wresp.canceled:
-                # e.g. "invalid auth token" after an etcd restart: a new client logs in again.
-                raise RuntimeError(f"watch canceled by etcd ({wresp.cancel_reason}); re-listing")
-            changed = False
-            for ev in wresp.events:
-                iid = ev.kv.key.decode()[len(self.prefix) :]
-                if ev.type == 0:  # PUT
-                    info = self._decode(ev.kv.value)
-                    if info is not None:
-                        self.instances[iid] = info
-                        changed = True
-                elif self.instances.pop(iid, None) is not None:  # DELETE
+
+    def _changed(self, events: Sequence[Any]) -> None:
+        changed = False
+        for ev in events:
+            iid = ev.kv.key.decode()[len(self.prefix) :]
+            if ev.type == 0:  # PUT
+                info = self._decode(ev.kv.value)
+                if info is not None:
+                    self.instances[iid] = info
                     changed = True
-            if changed:
-                self._notify()
+            elif self.instances.pop(iid, None) is not None:  # DELETE
+                changed = True
+        if changed:
+            self._notify()
 
     @staticmethod
     def _decode(value: bytes) -> InstanceInfo | None:

@@ -12,15 +12,13 @@ what remains after that is aborted with a clear error (request migration is a la
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-
-from etcd3aio import Etcd3Client
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from services.common.aio import cancel_and_wait
-from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
+from services.common.etcd_watch import follow_key
 from services.common.grpc_utils import ROLES
 from services.common.membership import role_key
 
@@ -106,8 +104,8 @@ class DesiredRoleWatcher:
     """Watches ``/epdserve/<cluster>/roles/<id>`` and converges the worker to its value.
 
     Lists the key, then watches from the next revision; on any failure (etcd restart) it lists
-    again, so a change made during an outage is still seen. Only the latest desired role
-    counts: a change that arrives during a flip is applied after it.
+    again, so a change made during an outage is still seen (etcd_watch.py). Only the latest
+    desired role counts: a change that arrives during a flip is applied after it.
     """
 
     def __init__(
@@ -121,8 +119,10 @@ class DesiredRoleWatcher:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        follows = follow_key(self.endpoints, self.key, self._listed, self._changed,
+                             "desired-role watch")  # fmt: skip
         self._tasks = [
-            asyncio.create_task(self._watch_loop(), name="desired-role-watch"),
+            asyncio.create_task(follows, name="desired-role-watch"),
             asyncio.create_task(self._converge_loop(), name="desired-role-converge"),
         ]
 
@@ -140,36 +140,12 @@ class DesiredRoleWatcher:
         self.desired = role
         self._wake.set()
 
-    async def _watch_loop(self) -> None:
-        backoff = 0.2
-        while True:
-            client: Etcd3Client | None = None
-            try:
-                client = await connect_etcd(self.endpoints)
-                assert client.kv is not None and client.watch is not None
-                resp = await client.kv.get(self.key, timeout=ETCD_OP_TIMEOUT_S)
-                self._set(resp.kvs[0].value if resp.kvs else None)
-                backoff = 0.2
-                # etcd3aio resumes this watch by revision after an etcd restart.
-                async for wresp in client.watch.watch(
-                    self.key, start_revision=resp.header.revision + 1
-                ):
-                    if wresp.compact_revision:
-                        raise RuntimeError("watch compacted; re-reading")
-                    if wresp.canceled:  # e.g. an auth token etcd forgot when it restarted
-                        raise RuntimeError(f"watch canceled by etcd ({wresp.cancel_reason})")
-                    for ev in wresp.events:
-                        self._set(ev.kv.value if ev.type == 0 else None)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("desired-role watch failed (%s); retrying in %.1fs", exc, backoff)
-            finally:
-                if client is not None:
-                    with contextlib.suppress(Exception):
-                        await client.close()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+    def _listed(self, kvs: Sequence[Any]) -> None:
+        self._set(kvs[0].value if kvs else None)
+
+    def _changed(self, events: Sequence[Any]) -> None:
+        for ev in events:
+            self._set(ev.kv.value if ev.type == 0 else None)
 
     async def _converge_loop(self) -> None:
         while True:
