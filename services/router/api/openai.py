@@ -50,9 +50,12 @@ def chat_messages(msgs: list[Any]) -> tuple[list[dict[str, Any]], list[str | byt
     order. A message without images keeps string content (what text-only templates expect)."""
     out: list[dict[str, Any]] = []
     images: list[str | bytes] = []
+    called: set[str] | None = None  # ids of the tool calls the tool messages now answer
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad_request(f"messages[{i}] must be an object with a 'role'", param="messages")
+        if m["role"] != "tool":
+            called = None
         content = m.get("content")
         if content is None:
             content = ""
@@ -81,10 +84,28 @@ def chat_messages(msgs: list[Any]) -> tuple[list[dict[str, Any]], list[str | byt
         msg: dict[str, Any] = {"role": m["role"], "content": content}
         if m["role"] == "assistant" and (calls := openai_tool_calls(m, i)):
             msg["tool_calls"] = calls
-        elif m["role"] == "tool" and isinstance(m.get("tool_call_id"), str):
-            msg["tool_call_id"] = m["tool_call_id"]
+            called = {c["id"] for c in calls if "id" in c}
+        elif m["role"] == "tool":
+            msg["tool_call_id"] = _answered_call(m, i, called)
         out.append(msg)
     return out, images
+
+
+def _answered_call(m: dict[str, Any], i: int, called: set[str] | None) -> str:
+    """The ``tool_call_id`` of tool message ``i``; a 400 (OpenAI's words) unless it answers a
+    call of the assistant message before its run of tool messages: the API refuses it, and the
+    prompt would hold an answer to no call."""
+    if called is None:
+        raise bad_request(f"Invalid parameter: messages[{i}]: messages with role 'tool' must "
+                          "be a response to a preceeding message with 'tool_calls'.",
+                          param="messages")  # fmt: skip
+    call_id = m.get("tool_call_id")
+    if not isinstance(call_id, str):
+        raise bad_request(f"messages[{i}].tool_call_id must be a string", param="messages")
+    if call_id not in called:
+        raise bad_request(f"Invalid parameter: messages[{i}]: 'tool_call_id' of '{call_id}' "
+                          "not found in 'tool_calls' of previous message.", param="messages")  # fmt: skip
+    return call_id
 
 
 def _image_url(value: Any, i: int) -> str:

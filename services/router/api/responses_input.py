@@ -151,7 +151,7 @@ def chat_body(
     system = [{"role": "system", "content": typed.instructions}] if typed.instructions else []
     chat: dict[str, Any] = {
         "model": typed.model,
-        "messages": system + history + input_messages(typed.input),
+        "messages": check_call_outputs(system + history + input_messages(typed.input)),
         "temperature": typed.temperature,
         "top_p": typed.top_p,
         "parallel_tool_calls": typed.parallel_tool_calls,
@@ -167,6 +167,19 @@ def chat_body(
     optional.update({k: body.get(k) for k in EXTRA_SAMPLING})
     chat.update({k: v for k, v in optional.items() if v is not None})
     return chat
+
+
+def check_call_outputs(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages``, or OpenAI's 400 for a function_call_output whose call is in neither the
+    input nor the previous_response_id chain before it (the prompt would hold an answer to no
+    call)."""
+    known: set[str] = set()
+    for m in messages:
+        known.update(c["id"] for c in m.get("tool_calls") or () if "id" in c)
+        if m["role"] == "tool" and m["tool_call_id"] not in known:
+            raise bad_request("No tool call found for function call output with call_id "
+                              f"{m['tool_call_id']}.", param="input")  # fmt: skip
+    return messages
 
 
 def input_items(value: str | list[Any]) -> list[dict[str, Any]]:

@@ -1,0 +1,69 @@
+"""OpenAI chat messages as the gateway reads them (services/router/api/openai.py
+chat_messages): a 400 in OpenAI's words for a conversation the API refuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.router.api.openai import chat_messages
+from services.router.api.responses_input import check_call_outputs, input_messages
+from services.router.errors import APIError
+
+USER = {"role": "user", "content": "Weather in Paris?"}
+
+
+def calls(*ids: str) -> dict[str, Any]:
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": i, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        for i in ids]}  # fmt: skip
+
+
+def result(call_id: Any) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": "22 C"}
+
+
+def test_tool_results_answering_the_previous_calls_are_kept() -> None:
+    msgs, _ = chat_messages([USER, calls("c1", "c2"), result("c1"), result("c2"),
+                             {"role": "assistant", "content": "Sunny."}, USER])  # fmt: skip
+    assert [m.get("tool_call_id") for m in msgs] == [None, None, "c1", "c2", None, None]
+
+
+@pytest.mark.parametrize(
+    ("turns", "words"),
+    [
+        # a tool message with no assistant tool_calls before it
+        ([USER, result("c1")], "must be a response to a preceeding message with 'tool_calls'"),
+        ([result("c1")], "must be a response to a preceeding message with 'tool_calls'"),
+        # after the calls' turn ended (a user message between)
+        ([USER, calls("c1"), result("c1"), USER, result("c1")], "preceeding message"),
+        # an id the previous calls do not hold
+        ([USER, calls("c1"), result("c2")], "'tool_call_id' of 'c2' not found"),
+        # no tool_call_id at all, or not a string
+        ([USER, calls("c1"), result(None)], "tool_call_id"),
+        ([USER, calls("c1"), result(7)], "tool_call_id"),
+    ],
+)
+def test_stray_tool_messages_are_400(turns: list[dict[str, Any]], words: str) -> None:
+    """OpenAI refuses these with a 400; they were accepted, and the prompt held an answer to
+    no call."""
+    with pytest.raises(APIError) as err:
+        chat_messages(turns)
+    assert err.value.status == 400 and words in err.value.message, err.value.message
+    assert err.value.param == "messages"
+
+
+def test_responses_function_call_output_needs_its_call() -> None:
+    """Responses API: a function_call_output whose call is neither in ``input`` nor in the
+    previous_response_id chain is OpenAI's 400 on 'input' (it was accepted)."""
+    output = {"type": "function_call_output", "call_id": "call_9", "output": "22 C"}
+    call = {"type": "function_call", "call_id": "call_9", "name": "f", "arguments": "{}"}
+    history = [USER, calls("call_1")]
+    check_call_outputs(history + input_messages([call, output]))  # in the input: fine
+    check_call_outputs([USER, calls("call_9")] + input_messages([output]))  # in the chain
+    for turns in (input_messages([output]), history + input_messages([output])):
+        with pytest.raises(APIError) as err:
+            check_call_outputs(turns)
+        assert err.value.status == 400 and err.value.param == "input"
+        assert "No tool call found for function call output with call_id call_9" in str(err.value)
