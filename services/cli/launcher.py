@@ -23,6 +23,7 @@ from services.cli.commands import kvstore_command, router_command, worker_comman
 from services.common.cpus import ENV as CPUS_ENV
 from services.common.cpus import check_usable, parse_cpu_list
 from services.common.etcd_server import EtcdSecurity, EtcdServer
+from services.common.member_config import check_cluster_name
 from services.common.net import free_port, open_direct
 from services.engine.config import EngineConfig
 from services.engine.model_files import served_name
@@ -130,6 +131,7 @@ class ClusterSpec:
 
     def __post_init__(self) -> None:
         self.first_model()  # checks the first model's worker counts
+        check_cluster_name(self.cluster)
         if self.more_models and self.engine_overrides.get("lora_modules"):
             # NOTE: every model's workers would load them, trained for one model or not.
             raise ValueError("with several models, give each model its own LoRA adapters "

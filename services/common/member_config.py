@@ -4,6 +4,7 @@ listens, its name, and its etcd registration; mutual TLS from ``GrpcTLSFiles``."
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -42,6 +43,7 @@ class MemberConfig(GrpcTLSFiles):
             check_port(name, getattr(self, name))
         if self.lease_ttl < 2:
             raise ValueError(f"lease_ttl must be >= 2 seconds, got {self.lease_ttl}")
+        check_cluster_name(self.cluster)
         if self.register and not self.etcd_endpoints:
             raise ValueError("--etcd needs at least one host:port (or pass --no-register)")
         if self.instance_id is None:
@@ -55,6 +57,18 @@ class MemberConfig(GrpcTLSFiles):
 
 
 MAX_INSTANCE_ID_CHARS = 256
+# The chart's values.schema.json checks clusterName with the same pattern and length.
+CLUSTER_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+MAX_CLUSTER_NAME_CHARS = 128
+
+
+def check_cluster_name(cluster: str) -> None:
+    """A cluster name is one segment of every etcd key of the cluster (``/epdserve/<cluster>/``)
+    and part of folder names (the default batch folder): a '/' would nest its keys under
+    another cluster's, a '../' would leave the folder."""
+    if len(cluster) > MAX_CLUSTER_NAME_CHARS or not re.fullmatch(CLUSTER_NAME_PATTERN, cluster):
+        raise ValueError(f"cluster must be 1 to {MAX_CLUSTER_NAME_CHARS} letters, digits, '_', "
+                         f"'.' or '-', starting with a letter or digit, got {cluster!r}")  # fmt: skip
 
 
 def check_instance_id(instance_id: str) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from services.common.dataclass_cli import refuse_nan
 from services.common.grpc_utils import GrpcTLS
+from services.common.member_config import check_cluster_name
 from services.common.tracing import OTLP_TRACES_HELP
 from services.router.config_parts import OfflineSettings, RebalanceSettings
 from services.router.features.images import ImageLimits
@@ -250,6 +251,7 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not self.host.strip():  # uvicorn took "" for every interface
             raise ValueError("host must name an address (0.0.0.0: every interface)")
+        check_cluster_name(self.cluster)
         _one_of("policy", self.policy, available_policies())
         if not 0 <= self.lora_affinity_slack <= 1e6:
             raise ValueError("lora_affinity_slack must be in [0, 1e6]")
