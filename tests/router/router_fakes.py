@@ -112,8 +112,10 @@ class FakeEngine:
 
 
 class ScriptedEngine(FakeEngine):
-    """Writes ``script`` (pieces of text, one per step) whatever the prompt, ending with
-    ``finish``; records the sampling params it was given."""
+    """Writes ``script`` (pieces of text, one per step, token 100 + i for piece i) whatever the
+    prompt, ending with ``finish``; records the sampling params it was given. A resumed
+    request (migrated here) goes on after its resumed tokens, and its first output carries the
+    text of theirs the client has not received, as the real engine's detokenizer does."""
 
     def __init__(self) -> None:
         super().__init__(max_model_len=8192)  # the fake tokenizer makes a token per character
@@ -123,10 +125,15 @@ class ScriptedEngine(FakeEngine):
 
     async def generate(self, request_id, prompt_token_ids, params, resume=None, lora=None):
         self.params.append(params)
-        for i, piece in enumerate(self.script):
+        done = len(resume.output_token_ids) if resume is not None else 0
+        if resume is not None and done >= len(self.script):
+            raise ValueError(f"resume has {done} tokens; the script has {len(self.script)}")
+        held = "".join(self.script[:done])[resume.emitted_chars :] if resume is not None else ""
+        for i in range(done, len(self.script)):
             await asyncio.sleep(0)
             last = i == len(self.script) - 1
-            out = CompletionOutput(0, piece, [100 + i], None, self.finish if last else None)
+            text, held = held + self.script[i], ""
+            out = CompletionOutput(0, text, [100 + i], None, self.finish if last else None)
             yield RequestOutput(request_id, prompt_token_ids, [out], last, num_cached_tokens=0)
 
 

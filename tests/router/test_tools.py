@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from router_fakes import ScriptedEngine, sse_events, start_fake_worker, start_gateway, until_healthy
 
 from services.common.proto import worker_pb2 as pb
+from services.engine.resume import Resume
+from services.engine.sampling_params import SamplingParams
 from services.router.api.openai_output import openai_deltas
 from services.router.errors import APIError
 from services.router.features.tool_parsers.base import ParsedCall, ToolStream, extract
@@ -400,6 +402,24 @@ async def env(etcd):
         yield client, engine
     await asyncio.wait_for(gw.stop(), 15)
     await asyncio.wait_for(worker.stop(), 15)
+
+
+def test_the_scripted_engine_goes_on_after_a_resume() -> None:
+    # A late fake load report can migrate a stream (resume on the same worker): the script
+    # must go on from the resumed tokens, not be written twice.
+    engine = ScriptedEngine()
+    engine.script = ["ab", "cd", "ef"]
+
+    async def outputs(resume: Resume | None) -> list[tuple[str, list[int], str | None]]:
+        gen = engine.generate("r1", [1], SamplingParams(), resume=resume)
+        return [(o.outputs[0].text, o.outputs[0].token_ids, o.outputs[0].finish_reason)
+                async for o in gen]  # fmt: skip
+
+    assert asyncio.run(outputs(None)) == [
+        ("ab", [100], None), ("cd", [101], None), ("ef", [102], "stop"),
+    ]  # fmt: skip
+    # Two tokens done, "abc" sent: "d" was held back and comes first.
+    assert asyncio.run(outputs(Resume((100, 101), emitted_chars=3))) == [("def", [102], "stop")]
 
 
 HERMES_SCRIPT = ["Sure", ".\n<tool", '_call>\n{"name": "get_weather", ',
