@@ -75,6 +75,17 @@ def _role(w: dict) -> str:
     return w["role"] if w["desired_role"] == w["role"] else f"{w['role']}->{w['desired_role']}"
 
 
+def _state(w: dict) -> str:
+    """Its state, with how long it has been so where the router knows ("unreachable 12s")."""
+    return w["state"] if w.get("for_s") is None else f"{w['state']} {w['for_s']:.0f}s"
+
+
+def render_gone(gone: list[dict]) -> list[str]:
+    """Lines on the workers that left the router's view, with how long ago."""
+    return [f"  {g['id']} ({g['role']}, {g['model']}, {g['address']}, pid {g['pid']} on "
+            f"{g['host']}): gone for {g['for_s']:.0f}s" for g in gone]  # fmt: skip
+
+
 def flipped(d: dict) -> str:
     """The worker a rebalancing decision names and the role it goes to, as " ID -> ROLE"."""
     if not d["worker_id"]:
@@ -102,7 +113,7 @@ def render_status(st: dict) -> str:
         rows = tables.setdefault(w.get("model") or "?", [head])
         role = _role(w)
         kv = None if w["kv_utilization"] is None else w["kv_utilization"] * 100
-        rows.append([w["id"], role, str(w["epoch"]), w["state"], w["address"],
+        rows.append([w["id"], role, str(w["epoch"]), _state(w), w["address"],
                      _fmt(w["waiting"]), _fmt(w["running"]), _count(w.get("requests")),
                      _fmt(w["waiting_prompt_tokens"]), _fmt(kv), _images(w), _fmt(w["ttft_ms"]),
                      _fmt(w["tpot_ms"]), _fmt(w.get("online_ttft_ms")),
@@ -118,6 +129,8 @@ def render_status(st: dict) -> str:
     out = [f"cluster {st['cluster']}: {len(st['workers'])} workers"]
     for model, rows in sorted(tables.items()):
         out += [f"model {model}: {len(rows) - 1} workers", table(rows), ""]
+    if st.get("gone"):
+        out += ["workers gone:", *render_gone(st["gone"]), ""]
     if held:
         out += ["requests held:", *held, ""]
     if failed:

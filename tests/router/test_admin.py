@@ -10,6 +10,7 @@ import pytest
 import pytest_asyncio
 from router_fakes import FakeEngine, start_fake_worker, start_gateway
 
+from services.cli import admin
 from services.common.etcd_server import EtcdServer
 from services.common.grpc_utils import insecure_channel
 from services.common.proto import worker_pb2 as pb
@@ -265,3 +266,70 @@ async def test_a_worker_call_cancelled_under_the_handler_is_a_503() -> None:
         r = await client.post("/admin/x", headers=AUTH)
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "worker_unavailable"
+
+
+@pytest_asyncio.fixture
+async def lone(etcd, tmp_path):
+    """One fake worker and a router with a token, for tests that stop the worker."""
+    cluster = _cluster()
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    w1 = await start_fake_worker(etcd.endpoint, cluster, "w1")
+    gw = await start_gateway(etcd.endpoint, cluster, admin_token_file=str(tmp_path / "token"))
+    await _until(lambda: len(gw.gateway.pool.candidates()) == 1, what="the worker routed")
+    async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
+        yield client, w1, gw
+    await asyncio.wait_for(gw.stop(), 15)
+    await asyncio.wait_for(w1.stop(), 15)
+
+
+def _rows(st: dict) -> dict[str, dict]:
+    return {w["id"]: w for w in st["workers"]}
+
+
+async def test_status_shows_the_only_worker_unreachable_then_gone(lone, capsys) -> None:
+    """Kill the only worker: /admin/status and `epdserve status` answer, and show it
+    unreachable while its key lasts, then gone, each with how long."""
+    c, w1, gw = lone
+    pool = gw.gateway.pool
+    await w1.stop(deregister=False)  # killed: its key stays until its lease runs out
+    await _until(lambda: not pool.handles["w1"].reachable(), what="w1 unreachable")
+    r = await c.get("/admin/status", headers=AUTH)
+    assert r.status_code == 200, r.text
+    row = _rows(r.json())["w1"]
+    assert row["state"] == "unreachable" and row["for_s"] > 0, row
+    await _until(lambda: "w1" not in pool.handles, what="w1's key expired")
+    r = await c.get("/admin/status", headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["workers"] == []
+    gone = {g["id"]: g for g in r.json()["gone"]}["w1"]
+    assert gone["role"] == "mixed" and gone["address"] == w1.address and gone["for_s"] >= 0
+    argv = ["status", "--router", gw.url, "--admin-token", TOKEN]
+    assert await asyncio.to_thread(admin.main, argv) == 0
+    out = capsys.readouterr().out
+    assert "w1 (mixed" in out and "gone for " in out, out
+
+
+async def test_status_is_no_503_when_a_worker_leaves_during_the_call(lone, monkeypatch) -> None:
+    """A worker that stops answering and leaves while /admin/status asks it for its requests
+    (its channel closes under the call) is shown gone; the status was a 503."""
+    c, w1, gw = lone
+    asked = asyncio.Event()
+
+    async def hang(self, request, context):
+        asked.set()
+        await asyncio.sleep(30)
+
+    # gRPC binds the servicer's methods when the server starts: a second worker, on the patch.
+    monkeypatch.setattr(type(w1.servicer), "ListRequests", hang)
+    w2 = await start_fake_worker(gw.gateway.cfg.etcd, gw.gateway.cfg.cluster, "w2")
+    try:
+        await _until(lambda: len(gw.gateway.pool.candidates()) == 2, what="w2 routed")
+        status = asyncio.create_task(c.get("/admin/status", headers=AUTH))
+        await asyncio.wait_for(asked.wait(), 10)
+        gw.gateway.pool.handles["w2"].mark_failed()  # a call to it failed meanwhile
+        await w2.registrar.stop(deregister=True)  # and its key went
+        r = await asyncio.wait_for(status, 15)
+    finally:
+        await asyncio.wait_for(w2.stop(), 15)
+    assert r.status_code == 200, r.text
+    assert list(_rows(r.json())) == ["w1"] and [g["id"] for g in r.json()["gone"]] == ["w2"]

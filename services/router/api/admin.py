@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +128,13 @@ async def _list_requests(h) -> pb.ListRequestsResponse | None:
     except Exception as exc:  # an old worker without the RPC, a dead one: status still answers
         log.debug("ListRequests on %s failed: %s", h.id, exc)
         return None
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the status call itself was cancelled
+        # NOTE: the worker left during the call and its channel closed under it (see
+        # _guard): the whole status answered 503 while a worker was missing.
+        return None
 
 
 def allowed_roles(h) -> list[str]:
@@ -144,6 +152,7 @@ def worker_status(
     h, desired: str | None, held: pb.ListRequestsResponse | None = None
 ) -> dict[str, Any]:
     r = h.load
+    unreachable = not h.reachable() and h.info.state != "loading"
     return {
         "id": h.id,
         "address": h.info.address,
@@ -151,7 +160,9 @@ def worker_status(
         "desired_role": desired or h.info.role,
         "epoch": h.info.role_epoch,
         # A worker loading another model is unreachable while it restarts: it says "loading".
-        "state": h.state if h.reachable() or h.info.state == "loading" else "unreachable",
+        "state": "unreachable" if unreachable else h.state,
+        # Seconds since its latest sign of life, while unreachable (None: never heard from).
+        "for_s": round(h.silence(time.monotonic()), 1) if unreachable and h.alive_at else None,
         "model": h.info.model,
         # Why its last model load failed (it serves its old model again: worker/model_load.py).
         "load_error": h.info.capacity.get("load_error"),
@@ -207,11 +218,14 @@ async def _status(gw: Gateway, request: Request) -> dict[str, Any]:
         desired = {}  # status still answers while etcd is away
     handles = sorted(gw.pool.handles.values(), key=lambda h: h.id)
     held = await asyncio.gather(*(_list_requests(h) for h in handles))
-    workers = [worker_status(h, desired.get(h.id), x) for h, x in zip(handles, held, strict=True)]
+    # A worker that left while it was asked is shown under "gone", not as a worker.
+    workers = [worker_status(h, desired.get(h.id), x) for h, x in zip(handles, held, strict=True)
+               if gw.pool.handles.get(h.id) is h]  # fmt: skip
     return {
         "cluster": gw.cfg.cluster,
         "router": {"id": gw.identity, "pid": os.getpid(), "host": socket.gethostname()},
         "workers": workers,
+        "gone": gw.pool.gone.rows(),  # workers that left, with how long ago (routing/gone.py)
         "tiers": {
             "online": {
                 "queued_prompt_tokens": gw.admission.queued_tokens,

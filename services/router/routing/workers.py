@@ -16,6 +16,7 @@ from services.common.proto import health_pb2_grpc
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.router.phases import TracedStub
+from services.router.routing.gone import GoneWorkers
 from services.router.routing.load_stream import follow_load
 from services.router.routing.mux import MuxStub
 from services.router.routing.restarts import LostWorkers
@@ -224,6 +225,7 @@ class WorkerPool:
         self._stale_s = stale_s
         self._closing: set[asyncio.Task[None]] = set()
         self.lost = LostWorkers()  # workers that died serving, for a bounded wait (restarts.py)
+        self.gone = GoneWorkers()  # workers that left, for `epdserve status` (gone.py)
 
     def on_membership(self, instances: dict[str, InstanceInfo]) -> None:
         """MembershipWatcher listener: create, update and drop handles."""
@@ -251,6 +253,7 @@ class WorkerPool:
                 self.handles[iid].departed_at = 0.0
                 continue
             log.info("worker %s joined at %s (role %s)", iid, info.address, info.role)
+            self.gone.forget(iid)
             handle = WorkerHandle(info, self._interval_ms, self._stale_s, self._tls, self._mux)
             handle.on_gone = self._gone
             handle.start()
@@ -263,6 +266,7 @@ class WorkerPool:
             self._close_later(self.handles.pop(handle.id))
 
     def _close_later(self, handle: WorkerHandle) -> None:
+        self.gone.record(handle.info)
         if handle.state == "serving":  # not draining, asleep, flipping or loading: it died
             models = (handle.info.model, *handle.lora_adapters)
             self.lost.record(handle.info.role, models, handle.max_model_len)
