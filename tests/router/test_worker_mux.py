@@ -87,6 +87,20 @@ async def test_a_broken_stream_fails_its_requests_as_died(worker: Worker) -> Non
     assert err is not None and err[0] == grpc.StatusCode.UNAVAILABLE
 
 
+async def test_closing_the_handle_ends_its_stream(worker: Worker) -> None:
+    # What the pool does when a worker leaves membership (or the router stops): the channel's
+    # close ends the shared stream, its requests fail as died and the worker aborts them.
+    worker.engine.step_s = 0.05
+    call = worker.muxed.stub.Generate(gen_request("x", 100), timeout=10)
+    await call.__anext__()
+    await worker.muxed.close()
+    msgs, err = await asyncio.wait_for(outcome(call), 10)
+    assert err is not None and err[0] == grpc.StatusCode.UNAVAILABLE and err[3]
+    await until(lambda: "x" in worker.engine.aborted and not worker.state.inflight,
+                what="the worker aborted the request")  # fmt: skip
+    assert worker.streams == 1
+
+
 async def test_gateway_with_mux_fails_over_and_aborts(etcd) -> None:
     """Through the HTTP gateway: requests run, a client gone aborts on the worker, and a dead
     worker's requests go to the other."""

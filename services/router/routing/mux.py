@@ -195,7 +195,8 @@ class _Stream:
 
 class MuxChannel:
     """The shared GenerateMux stream to one worker, opened at the first request and again
-    after it breaks."""
+    after it breaks. NOTE: it has no close of its own: closing the worker's channel
+    (WorkerHandle.close) cancels the stream, whose reader then fails its requests as died."""
 
     def __init__(self, stub: Any) -> None:
         self._stub = stub  # the worker's plain WorkerServiceStub
@@ -218,11 +219,6 @@ class MuxChannel:
         stream.outbox.put_nowait(frame)
         return call
 
-    def close(self) -> None:
-        """End the stream (the worker's channel is closing): its requests fail as "died"."""
-        if self._stream is not None and self._stream.reader is not None:
-            self._stream.reader.cancel()
-
     def _open(self) -> _Stream:
         stream = _Stream()
         call = self._stub.GenerateMux(stream.frames())
@@ -241,7 +237,7 @@ class MuxChannel:
         except grpc.aio.AioRpcError as exc:
             why = f"the shared stream to the worker broke: {exc.code().name} {exc.details()}"
         except asyncio.CancelledError:
-            # grpc.aio's, when the channel closes under the stream, or close()'s.
+            # grpc.aio's, when the channel closes under the stream.
             why = "the shared stream to the worker was cancelled (its channel closed)"
         except Exception as exc:  # noqa: BLE001 - whatever broke it, its requests are lost
             why = f"the shared stream to the worker failed: {exc!r}"

@@ -196,7 +196,8 @@ class WorkerHandle:
 
     async def close(self, wait_inflight_s: float = 0.0) -> None:
         """Stop the load stream; close the channel once our requests there are done (a
-        draining worker that left etcd still finishes them), or after ``wait_inflight_s``."""
+        draining worker that left etcd still finishes them), or after ``wait_inflight_s``.
+        The close cancels every call on the channel, the shared mux stream's too (mux.py)."""
         await cancel_and_wait(self._task)
         deadline = time.monotonic() + wait_inflight_s
         try:
