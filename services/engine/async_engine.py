@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from services.common.cpus import check_usable, pin_os_thread
+from services.engine import heartbeat
 from services.engine.config import EngineConfig
 from services.engine.layers.omp_bind import bind_team
 from services.engine.llm_engine import LLMEngine
@@ -214,13 +215,18 @@ class AsyncLLMEngine:
                 await self.call(lambda e: e.abort_request(request_id))
 
     def stalled_s(self, now: float | None = None) -> float:
-        """Seconds the step thread has spent in its current pass while it had requests, else
-        0. Long for an engine stuck in a step: a tensor-parallel rank stopped or hung (rank 0
-        waits in a collective), a kernel that does not return."""
+        """Seconds the step thread has gone without progress while it had requests, else 0:
+        since it began its current pass or last finished a model layer (heartbeat.py), which
+        ever is later. Long for an engine stuck in a step: a tensor-parallel rank stopped or
+        hung (rank 0 waits in a collective), a kernel that does not return. A step that is
+        only slow (a loaded host: 50 s for a wave's prompts at load 20) moves a layer at a
+        time and is not stalled."""
         stats = self._stats
         if stats is None or not (stats.num_running or stats.num_waiting):
             return 0.0
-        return (time.monotonic() if now is None else now) - self._pass_started
+        thread = self._thread
+        moved = max(self._pass_started, heartbeat.last_beat(thread.ident if thread else None))
+        return (time.monotonic() if now is None else now) - moved
 
     def stats(self) -> EngineStats:
         """Load snapshot taken by the step thread after its last step (never torn)."""

@@ -34,10 +34,11 @@ class WorkerConfig(MemberConfig):
     engine_stall_s: float = field(
         default=30.0,
         metadata={
-            "help": "an engine stuck this long in one step while it has requests (a stopped "
-            "or hung tensor-parallel rank, a kernel that does not return) stops the load "
-            "reports: routers route around the worker and move its streams until it steps "
-            "again; raise it for models whose one step takes longer"
+            "help": "an engine that finishes no model layer for this long while it has "
+            "requests (a stopped or hung tensor-parallel rank, a kernel that does not return) "
+            "stops the load reports: routers route around the worker and move its streams "
+            "until it moves again. A step that is only slow (a loaded host) finishes layers "
+            "and is not stuck; raise it for models whose one layer takes longer"
         },
     )
     role_drain_timeout_s: float = field(

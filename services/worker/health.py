@@ -7,7 +7,7 @@ stopped (SIGSTOP) or whose loop is stuck does not answer, which is what a probe 
 NOT_SERVING only once the engine is dead (the worker is on its way out and exits non-zero).
 Whether a worker should get new requests is the router's business (load reports, leases).
 Asked for the worker service by name (the routers ask so when its load reports are late:
-routing/workers.py), it is also NOT_SERVING while the engine is stuck in one step for over
+routing/workers.py), it is also NOT_SERVING while the engine has finished no model layer for over
 ``engine_stall_s``, as its load reports then stop on purpose (load.py); the whole server ("",
 what `epdserve up` and the kubelet ask) stays SERVING: a stall is not a reason to kill.
 """

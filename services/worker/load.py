@@ -33,8 +33,9 @@ class LoadRPCs:
     online_tpot_ms: LatencyWindow
     closing: asyncio.Event  # ends StreamLoad streams at shutdown
     load_interval_ms: int
-    # An engine stuck in one step this long while it has requests sends no load reports, so
-    # routers take the worker out of routing and move its streams (WorkerConfig).
+    # An engine that finishes no model layer this long while it has requests (stuck, not slow:
+    # services/engine/heartbeat.py) sends no load reports, so routers take the worker out of
+    # routing and move its streams (WorkerConfig).
     engine_stall_s: float = 30.0
 
     async def Health(  # noqa: N802
@@ -67,7 +68,8 @@ class LoadRPCs:
             self.online_tpot_ms.add(ms)
 
     def engine_stalled_s(self) -> float:
-        """How long the engine has been stuck in one step with requests waiting on it."""
+        """How long the engine has made no progress (no pass begun, no layer finished) with
+        requests waiting on it."""
         stalled = getattr(self.engine, "stalled_s", None)  # test fakes have no step thread
         return stalled() if stalled is not None else 0.0
 

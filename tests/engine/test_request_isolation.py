@@ -173,9 +173,7 @@ def test_bad_requests_one_at_a_time_do_not_end_the_engine(engine, monkeypatch):
 
 def test_async_engine_raises_request_failed_and_keeps_running(tiny_model_dir):
     async def main() -> None:
-        eng = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4,
-                                          kv_cache_bytes=TINY_KV_BYTES))  # fmt: skip
-        await eng.start()
+        eng = await started_engine(tiny_model_dir)
         try:
             assert eng.engine is not None
             sampler = eng.engine.sampler
@@ -207,9 +205,7 @@ def test_an_engine_stuck_in_a_step_says_for_how_long(tiny_model_dir):
     0 again once the step ends and the engine has no work."""
 
     async def main() -> None:
-        eng = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4,
-                                          kv_cache_bytes=TINY_KV_BYTES))  # fmt: skip
-        await eng.start()
+        eng = await started_engine(tiny_model_dir)
         try:
             assert eng.engine is not None
             step, release = eng.engine.step, threading.Event()
@@ -231,6 +227,50 @@ def test_an_engine_stuck_in_a_step_says_for_how_long(tiny_model_dir):
             await eng.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_slow_step_that_moves_layer_by_layer_is_not_stalled(tiny_model_dir):
+    """On a loaded host one step may take longer than ``engine_stall_s`` while every layer
+    moves (50 s at load ~20 on 2 cores for a wave's prompts): ``stalled_s`` counts from the
+    last finished layer, not from the start of the pass. Measured by the old rule (the pass's
+    wall time) this step is stalled for 2 s; by progress, never much over one layer's 1 s.
+    Fails on the pass-length rule (the stall reached ~2 s there, and workers left routing)."""
+    layer_s = 1.0
+
+    async def main() -> None:
+        eng = await started_engine(tiny_model_dir)
+        try:
+            assert eng.engine is not None
+            layers = eng.engine.executor.runner.model.model.layers
+            for layer in layers:
+                plain = layer.forward
+
+                def slow(*args, _plain=plain, **kwargs):
+                    time.sleep(layer_s)
+                    return _plain(*args, **kwargs)
+
+                layer.forward = slow
+            params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+            run = asyncio.ensure_future(collect(eng.generate("a", PROMPTS["a"], params)))
+            stalled = pass_s = 0.0
+            while not run.done():
+                stalled = max(stalled, eng.stalled_s())
+                pass_s = max(pass_s, time.monotonic() - eng._pass_started)
+                await asyncio.sleep(0.02)
+            assert (await run)[-1].finished
+            assert pass_s >= len(layers) * layer_s  # one pass held every layer's sleep
+            assert stalled < layer_s + 0.6, (stalled, pass_s)
+        finally:
+            await eng.shutdown()
+
+    asyncio.run(main())
+
+
+async def started_engine(tiny_model_dir) -> AsyncLLMEngine:
+    eng = AsyncLLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), block_size=4,
+                                      kv_cache_bytes=TINY_KV_BYTES))  # fmt: skip
+    await eng.start()
+    return eng
 
 
 async def collect(stream) -> list:

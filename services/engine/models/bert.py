@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.engine import heartbeat
 from services.engine.layers.attention import AttentionBackend, AttentionMetadata
 
 _ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -154,6 +155,7 @@ class BertModel(nn.Module):
         x = self.embeddings(input_ids, positions + self.position_offset)
         for layer in self.layers:
             x = layer(x, meta)
+            heartbeat.beat()  # a slow step is not a stuck one (heartbeat.py)
         return x
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

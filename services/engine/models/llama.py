@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.engine import heartbeat
 from services.engine.layers import cpu_fused, fused
 from services.engine.layers.attention import AttentionBackend, AttentionMetadata
 from services.engine.layers.norm import RMSNorm
@@ -183,6 +184,7 @@ class LlamaModel(nn.Module):
                     x = d.forward(positions, x, self.rotary, meta)
                 else:
                     x = layer(positions, x, self.rotary, meta)
+                heartbeat.beat()  # a slow step is not a stuck one (heartbeat.py)
                 if meta.on_layer_done is not None:
                     meta.on_layer_done(i)
         finally:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.engine import heartbeat
 from services.engine.layers.norm import RMSNorm
 from services.engine.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from services.engine.models.qwen2_vl_vision import (
@@ -126,6 +127,7 @@ class Qwen2_5_VisionTransformer(Qwen2VisionTransformer):
         x = permute(self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.device)))
         for i, blk in enumerate(self.blocks):
             x = blk(x, cu_full if i in self.fullatt_block_indexes else cu_window, cos, sin)
+            heartbeat.beat()  # a big image's tower is slow, not stuck (heartbeat.py)
         return self.merger(x)[torch.argsort(order)]
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from services.engine import heartbeat
 from services.engine.layers.attention import AttentionBackend, AttentionMetadata
 from services.engine.layers.mrope import MRotaryEmbedding
 from services.engine.models.llama import LlamaForCausalLM
@@ -56,6 +57,7 @@ class Qwen2VLForConditionalGeneration(LlamaForCausalLM):
         x = m.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         for i, layer in enumerate(m.layers):
             x = layer(positions, x, m.rotary, meta)
+            heartbeat.beat()  # a slow step is not a stuck one (heartbeat.py)
             if meta.on_layer_done is not None:
                 meta.on_layer_done(i)
         return m.norm(x)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.engine import heartbeat
+
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
@@ -150,6 +152,7 @@ class Qwen2VisionTransformer(nn.Module):
         x = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.device))
         for blk in self.blocks:
             x = blk(x, cu_seqlens, cos, sin)
+            heartbeat.beat()  # a big image's tower is slow, not stuck (heartbeat.py)
         return self.merger(x)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
