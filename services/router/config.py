@@ -89,7 +89,8 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
         "help": "a request finding no worker of a role where one died serving (its only "
         "decode or mixed worker killed) waits up to this many seconds for it to be restarted "
         "(epdserve up, Kubernetes) and goes on there; a stream continues from its tokens "
-        "(0: fail at once with no_workers)"})  # fmt: skip
+        "(0: fail at once with no_workers). The wait ends at request_timeout_s too; that 503's "
+        "Retry-After is what is left of this wait"})  # fmt: skip
     stall_timeout_s: float = field(
         default=60.0,
         metadata={

@@ -189,6 +189,28 @@ def test_a_request_arriving_while_the_worker_restarts_waits_for_it() -> None:
     asyncio.run(main())
 
 
+def test_a_request_timeout_shorter_than_the_wait_ends_it_with_the_wait_left() -> None:
+    """The wait for a restart is bounded by the request's timeout too, and its 503 says in
+    Retry-After when the restart wait runs out (it waited the whole restart wait, with a
+    constant Retry-After of 1 s)."""
+
+    async def main() -> None:
+        old = fake_handle("w0", DiesMidStream())
+        pool = fake_pool([old])
+        old.mark_failed()  # the process died: its load stream broke
+        pool.on_membership({})
+        orch = orchestrator(pool, restart_wait_s=30.0)
+        orch.timeout_s = 1.0
+        started = time.monotonic()
+        with pytest.raises(APIError) as err:
+            await run(orch)
+        assert time.monotonic() - started < 10.0
+        assert err.value.status == 503 and err.value.code == "no_workers"
+        assert 20 <= int(err.value.headers["Retry-After"]) <= 29, err.value.headers
+
+    asyncio.run(main())
+
+
 class DiesAtOnce:
     """Generate: the process dies before its first message (UNAVAILABLE), and its load
     stream breaks (``handle`` out of routing)."""

@@ -214,8 +214,9 @@ class Orchestrator(WorkerChoice):
         if attempts.last_error is not None:
             raise attempts.last_error
         raise no_worker_error(
-            self.pool, model, f"no prefill/decode pair available for model {model!r}"
-        )
+            self.pool, model, f"no prefill/decode pair available for model {model!r}",
+            self.restart_wait_s,
+        )  # fmt: skip
 
     async def run_pooling(self, model: str, request: pb.PoolRequest) -> pb.PoolResponse:
         """A pooling request (embeddings, rerank, score) on a mixed worker, retried on
@@ -242,7 +243,8 @@ class Orchestrator(WorkerChoice):
                 handle.end_request(tokens)
         if attempts.last_error is not None and attempts.last_error.status != 503:
             raise attempts.last_error
-        raise no_worker_error(self.pool, model, f"no worker available for model {model!r}")
+        raise no_worker_error(self.pool, model, f"no worker available for model {model!r}",
+                              self.restart_wait_s)  # fmt: skip
 
     async def _generate_mixed(
         self,
@@ -299,4 +301,5 @@ class Orchestrator(WorkerChoice):
                     call.cancel()
         if attempts.last_error is not None and attempts.last_error.status != 503:
             raise attempts.last_error
-        raise no_worker_error(self.pool, model, f"no worker available for model {model!r}")
+        raise no_worker_error(self.pool, model, f"no worker available for model {model!r}",
+                              self.restart_wait_s)  # fmt: skip

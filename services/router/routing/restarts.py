@@ -4,6 +4,7 @@ than failing at once (worker_choice.py)."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 
@@ -41,3 +42,12 @@ class LostWorkers:
         request for one of them waits for its restart even while no worker of it is left."""
         now = time.monotonic()
         return {m: self._context[m] for (_, m), at in self._at.items() if now - at < within_s}
+
+    def wait_left(self, model: str, within_s: float) -> int | None:
+        """Whole seconds (rounded up) until the newest loss of a worker serving ``model`` is
+        ``within_s`` old, where the router stops waiting for its restart: the Retry-After of a
+        503 that ended a wait early (None: no such wait is under way)."""
+        now = time.monotonic()
+        left = max((within_s - (now - at) for (_, m), at in self._at.items() if m == model),
+                   default=0.0)  # fmt: skip
+        return math.ceil(left) if left > 0 else None

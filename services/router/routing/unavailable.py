@@ -19,13 +19,19 @@ def in_transition(pool: WorkerPool, model: str) -> bool:
     return not pool.may_serve(model) and any(h.state in ("flipping", "sleeping") for h in workers)
 
 
-def no_worker_error(pool: WorkerPool, model: str, message: str) -> APIError:
+def no_worker_error(
+    pool: WorkerPool, model: str, message: str, restart_wait_s: float = 0.0
+) -> APIError:
     """The 503 of a request for ``model`` with no worker left to try: ``model_asleep`` (its
     workers sleep) or ``model_unavailable`` (going to sleep or changing role) with
-    Retry-After, else ``no_workers`` with ``message``. NOTE: a request routed just before its
-    model's worker began to drain for sleep is refused by it; that is this retry case."""
+    Retry-After, else ``no_workers`` with ``message``, its Retry-After what is left of the
+    ``restart_wait_s`` of a worker of it that died (restarts.py; the request's timeout ended
+    its wait first), or the default. NOTE: a request routed just before its model's worker
+    began to drain for sleep is refused by it; that is this retry case."""
     if not in_transition(pool, model):
-        return APIError(503, message, code="no_workers")
+        left = pool.lost.wait_left(model, restart_wait_s)
+        headers = {"Retry-After": str(left)} if left else None
+        return APIError(503, message, code="no_workers", headers=headers)
     asleep = pool.asleep(model)
     return APIError(
         503, f"model '{model}' is {'asleep' if asleep else 'going to sleep or changing role'}; "

@@ -40,6 +40,9 @@ class WorkerChoice:
     # A request finding no worker of a role where one died serving waits this long for it to
     # be restarted (RouterConfig.worker_restart_wait_s; 0: fail at once).
     restart_wait_s = 0.0
+    # The deadline of a request's generation (RouterConfig.request_timeout_s): a wait for a
+    # restart ends at it too, whichever comes first.
+    timeout_s = float("inf")
     # LoRA affinity (lora_affinity.py): how much busier, in requests, a worker holding a
     # request's adapter in a slot may be than the least-loaded one and still be preferred.
     lora_slack = DEFAULT_SLACK
@@ -100,8 +103,9 @@ class WorkerChoice:
         """A worker of ``role`` for ``model`` may come back within the restart wait, and a
         request that ``waited`` that long may still wait for it: one died serving less than
         ``restart_wait_s`` ago (its supervisor restarts it), or one is ``listed`` but out of
-        routing (its load stream broke: dead, and its etcd key not yet expired)."""
-        if waited >= self.restart_wait_s:
+        routing (its load stream broke: dead, and its etcd key not yet expired). The wait
+        ends at the request's ``timeout_s`` too."""
+        if waited >= min(self.restart_wait_s, self.timeout_s):
             return False
         return listed or self.pool.lost.since(role, model) < self.restart_wait_s
 
