@@ -151,11 +151,38 @@ def to_argv(obj: Any, skip: frozenset[str] = frozenset()) -> list[str]:
     return argv
 
 
-def refuse_nan(obj: Any) -> None:
-    """ValueError when a float field of the config ``obj`` is NaN ("--x nan" parses): NaN
-    passes every bound check (each comparison with it is false), and so does everything it
-    bounds later, a timeout included. Call from ``__post_init__``."""
+_WANTED = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+_ITEMS = {int: "integers", float: "finite numbers", str: "strings", bool: "booleans"}
+
+
+def check_types(obj: Any) -> None:
+    """ValueError naming the first field of the config ``obj`` whose value is not of its type
+    (the types ``add_dataclass_args`` supports): a float where an int is wanted, text for a
+    number or a flag, a non-finite float (NaN passes every bound check, inf every upper one).
+    A float field takes an int too. Call first in ``__post_init__``: flags parse to the right
+    types, Python callers and configs built from JSON need not."""
+    hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if isinstance(value, float) and math.isnan(value):
-            raise ValueError(f"{f.name} must be a number, got nan")
+        tp, optional = _base_type(hints[f.name])
+        if value is None and optional:
+            continue
+        if typing.get_origin(tp) is list:
+            (item,) = typing.get_args(tp)
+            ok = isinstance(value, list) and all(_is_a(v, item) for v in value)
+            wanted = f"a list of {_ITEMS.get(item, item)}"
+        else:
+            ok, wanted = _is_a(value, tp), _WANTED.get(tp, "")
+        if not ok:
+            raise ValueError(f"{f.name} must be {wanted}{' or None' if optional else ''}, "
+                             f"got {value!r}")  # fmt: skip
+
+
+def _is_a(value: Any, tp: Any) -> bool:
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)  # fmt: skip
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp in (bool, str):
+        return isinstance(value, tp)
+    return True  # a type no flag is built for: its own checks

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from services.common.cpus import parse_cpu_cores
+from services.common.dataclass_cli import check_types
 from services.engine.service_tiers import DEFAULT_OFFLINE_AGING_S
 from services.engine.speculative.config import SpeculativeConfig
 
@@ -141,6 +142,7 @@ class EngineConfig:
     eplb_placement: str | None = None
 
     def __post_init__(self) -> None:
+        check_types(self)  # NOTE: first: the bounds below let NaN and wrong types through
         if self.speculative_config is not None:
             self.speculative  # noqa: B018 - a bad JSON or setting fails here, not later
         if self.dtype not in DTYPES:

@@ -6,11 +6,11 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-from services.common.dataclass_cli import refuse_nan
+from services.common.dataclass_cli import check_types
 from services.common.grpc_utils import GrpcTLS
 from services.common.member_config import check_cluster_name
 from services.common.tracing import OTLP_TRACES_HELP
-from services.router.config_parts import OfflineSettings, RebalanceSettings
+from services.router.config_parts import YEAR_S, OfflineSettings, RebalanceSettings
 from services.router.features.images import ImageLimits
 from services.router.features.reasoning.factory import NONE as NO_REASONING
 from services.router.features.reasoning.factory import available_reasoning_parsers
@@ -247,7 +247,9 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
     otlp_traces_endpoint: str = field(default="", metadata={"help": OTLP_TRACES_HELP})
 
     def __post_init__(self) -> None:
-        refuse_nan(self)  # a NaN timeout reaches asyncio.wait_for, which times out at once
+        # NOTE: first: a NaN timeout passes the bounds below and reaches asyncio.wait_for,
+        # which times out at once; inf and the wrong types fail here too.
+        check_types(self)
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not self.host.strip():  # uvicorn took "" for every interface
@@ -287,15 +289,15 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
         _one_of("tool_call_parser", self.tool_call_parser, available_tool_parsers())
         _one_of("reasoning_parser", self.reasoning_parser,
                 [NO_REASONING, *available_reasoning_parsers()])  # fmt: skip
-        if self.image_fetch_timeout_s <= 0:
-            raise ValueError("image_fetch_timeout_s must be > 0")
+        if not 0 < self.image_fetch_timeout_s <= 3600:
+            raise ValueError("image_fetch_timeout_s must be in (0, 3600]")
         # NOTE: 0.1 s at least: a head timeout of 1e-300 passed '> 0', and every request got a 408.
         if not (
             0.1 <= self.http_head_timeout_s <= 86400 and 0.1 <= self.http_body_timeout_s <= 86400
         ):
             raise ValueError("http_head_timeout_s and http_body_timeout_s must be in [0.1, 86400]")
-        if self.response_ttl_s < 1:
-            raise ValueError("response_ttl_s must be >= 1")
+        if not 1 <= self.response_ttl_s <= YEAR_S:  # 1e300 overflowed the etcd lease's TTL
+            raise ValueError(f"response_ttl_s must be in [1, {YEAR_S}] (a year)")
         for name in (
             "max_body_bytes", "max_n", "max_prompts", "max_pooling_inputs", "max_queued_tokens",
             "max_images",

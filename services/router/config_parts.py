@@ -13,6 +13,12 @@ from services.router.rebalance.factory import (
 )
 from services.router.rebalance.governor import GovernorConfig
 
+# Upper bounds of durations: a value of 1e300 passed the lower bounds and switched a check off
+# or overflowed where it was used (int(), an etcd lease TTL, a date).
+DAY_S = 86400
+WEEK_S = 7 * DAY_S
+YEAR_S = 365 * DAY_S
+
 
 @dataclass
 class RebalanceSettings:
@@ -46,8 +52,11 @@ class RebalanceSettings:
     )
 
     def _check_rebalance(self) -> None:
-        if self.rebalance_interval_s <= 0:
-            raise ValueError("rebalance_interval_s must be > 0")
+        if not 0 < self.rebalance_interval_s <= DAY_S:
+            raise ValueError(f"rebalance_interval_s must be in (0, {DAY_S}]")
+        if max(self.rebalance_cooldown_s, self.rebalance_flip_window_s) > WEEK_S:
+            raise ValueError(f"rebalance_cooldown_s and rebalance_flip_window_s must be <= "
+                             f"{WEEK_S} (a week)")  # fmt: skip
         _ = self.governor_config  # validates hysteresis, cooldown and cap
         create_rebalance_policy(self.rebalance_policy, **self.rebalance_param_dict)
 
@@ -118,12 +127,16 @@ class OfflineSettings:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if not self.batch_retention_s >= 0:  # NOTE: also false for NaN
-            raise ValueError(f"batch_retention_s must be >= 0, got {self.batch_retention_s}")
+        if not 0 <= self.batch_retention_s <= 10 * YEAR_S:  # NOTE: also false for NaN
+            raise ValueError(f"batch_retention_s must be in [0, {10 * YEAR_S}] (ten years), "
+                             f"got {self.batch_retention_s}")  # fmt: skip
         if not (
-            self.offline_queue_timeout_s > 0
+            0 < self.offline_queue_timeout_s <= DAY_S
             and 0 <= self.offline_headroom_kv <= 1
-            and min(self.offline_headroom_tokens, self.slo_ttft_ms, self.slo_tpot_ms) >= 0
+            and self.offline_headroom_tokens >= 0
         ):
-            raise ValueError("offline_queue_timeout_s must be > 0, offline_headroom_kv in "
-                             "[0, 1], offline_headroom_tokens and the SLOs >= 0")  # fmt: skip
+            raise ValueError(f"offline_queue_timeout_s must be in (0, {DAY_S}], "
+                             "offline_headroom_kv in [0, 1], offline_headroom_tokens >= 0")  # fmt: skip
+        for slo in ("slo_ttft_ms", "slo_tpot_ms"):
+            if not 0 <= getattr(self, slo) <= DAY_S * 1000:
+                raise ValueError(f"{slo} must be in [0, {DAY_S * 1000}] (0: off)")

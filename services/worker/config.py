@@ -6,7 +6,7 @@ import os
 import uuid
 from dataclasses import dataclass, field
 
-from services.common.dataclass_cli import refuse_nan
+from services.common.dataclass_cli import check_types
 from services.common.grpc_utils import ROLES
 from services.common.member_config import MemberConfig
 from services.common.tracing import OTLP_TRACES_HELP
@@ -152,12 +152,12 @@ class WorkerConfig(MemberConfig):
     otlp_traces_endpoint: str = field(default="", metadata={"help": OTLP_TRACES_HELP})
 
     def __post_init__(self) -> None:
+        # NaN passes every bound below: a NaN --engine-stall-s silenced the load reports for
+        # good, a NaN --kv-write-grace-s dropped released blocks from the quarantine unfreed.
+        check_types(self)
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         self.check_member()
-        # NaN passes every bound below: a NaN --engine-stall-s silenced the load reports for
-        # good, a NaN --kv-write-grace-s dropped released blocks from the quarantine unfreed.
-        refuse_nan(self)
         if self.load_report_interval_ms < 10:
             raise ValueError("load_report_interval_ms must be >= 10")
         if self.engine_stall_s <= 0:

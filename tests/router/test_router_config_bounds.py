@@ -42,3 +42,27 @@ def test_liveness_timeouts_are_bounded(field: str, value: float) -> None:
     stream (stall_timeout_s) or generation (request_timeout_s) never ended."""
     with pytest.raises(ValueError, match=field):
         RouterConfig(etcd="127.0.0.1:1", **{field: value})
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "image_fetch_timeout_s", "response_ttl_s", "rebalance_interval_s", "rebalance_cooldown_s",
+        "rebalance_flip_window_s", "offline_queue_timeout_s", "batch_retention_s", "slo_ttft_ms",
+        "slo_tpot_ms", "lora_affinity_slack",
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("value", [float("inf"), 1e300])
+def test_every_other_float_setting_is_bounded(field: str, value: float) -> None:
+    """These took 1e300 and inf: a response's etcd lease TTL (response_ttl_s) or a batch's
+    expiry (batch_retention_s) overflowed where it was used, a rebalancing round or an image
+    fetch never came or never ended."""
+    with pytest.raises(ValueError, match=field):
+        RouterConfig(etcd="127.0.0.1:1", **{field: value})
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_n", 2.5), ("port", "8000"),
+                                              ("worker_mux", "no"), ("cluster", None)])  # fmt: skip
+def test_a_setting_of_the_wrong_type_is_refused(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        RouterConfig(etcd="127.0.0.1:1", **{field: value})
