@@ -302,6 +302,20 @@ async def test_count_tokens_with_an_image_counts_its_placeholders(vl_env) -> Non
     assert engine.prompts[-1].count(tok.vision.image_token_id) == 6
     plain = {**body, "messages": [{"role": "user", "content": [text]}]}
     assert (await _count_and_generate(client, engine, plain))[0] == counted - 6 - 2  # +start/end
+    # An image a tool returned (a tool_result block's content): a 400 before; now in the
+    # prompt where the result is, like a user's image.
+    use = {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "screenshot", "input": {}}]}  # fmt: skip
+    for content in ([text, image], [text]):
+        result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": content}
+        turns = [{"role": "user", "content": [text]}, use, {"role": "user", "content": [result]}]
+        counted, received, usage = await _count_and_generate(client, engine,
+                                                             {**body, "messages": turns})  # fmt: skip
+        assert counted == received == usage
+        assert engine.prompts[-1].count(tok.vision.image_token_id) == 6 * (image in content)
+        if image in content:
+            with_image = counted
+    assert counted == with_image - 6 - 2
 
 
 async def test_real_tokenizer_tokenize_round_trip_and_vocab_bound(vl_env) -> None:

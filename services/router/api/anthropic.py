@@ -41,9 +41,9 @@ if TYPE_CHECKING:
 def _content_of(
     content: Any, where: str, images: list[str | bytes] | None
 ) -> str | list[dict[str, Any]]:
-    """Text of a string or a list of text blocks; with ``images`` (user and assistant turns)
-    also ``image`` blocks, whose sources are appended to ``images`` and which make the
-    content a list of template parts. Other block types are refused."""
+    """Text of a string or a list of text blocks; with ``images`` (user and assistant turns,
+    tool results) also ``image`` blocks, whose sources are appended to ``images`` and which
+    make the content a list of template parts. Other block types are refused."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -98,7 +98,10 @@ def parse_messages(system: Any, msgs: list[Any]) -> tuple[list[dict[str, Any]], 
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise bad_request(f"messages.{i}.role must be 'user' or 'assistant'")
         where = f"messages.{i}.content"
-        rest, calls, results = split_tool_blocks(m.get("content"), m["role"], where)
+        # NOTE: a tool_result's images go to ``images`` before the turn's own: the results
+        # come first in the prompt
+        rest, calls, results = split_tool_blocks(m.get("content"), m["role"], where,
+                                                 lambda c, w: _content_of(c, w, images))  # fmt: skip
         _check_answers(results, called, where)
         called = {c["id"] for c in calls}
         out += results  # NOTE: tool results come first in a user turn, as the API requires

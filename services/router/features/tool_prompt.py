@@ -11,6 +11,7 @@ written as that parser's format expects.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from services.router.errors import bad_request
@@ -61,21 +62,19 @@ def anthropic_tool_use(block: dict[str, Any], where: str) -> dict[str, Any]:
     }}  # fmt: skip
 
 
-def anthropic_tool_result(block: dict[str, Any], where: str) -> dict[str, Any]:
-    """A ``tool_result`` block of a user turn, as a template ``tool`` message."""
+def anthropic_tool_result(
+    block: dict[str, Any], where: str, content_of: Callable[[Any, str], Any]
+) -> dict[str, Any]:
+    """A ``tool_result`` block of a user turn, as a template ``tool`` message; ``content_of``
+    reads its content (text, or template parts when it holds images)."""
     if not isinstance(block.get("tool_use_id"), str):
         raise bad_request(f"{where}: a tool_result block needs 'tool_use_id'", param="messages")
-    content = block.get("content", "")
-    if isinstance(content, list):
-        if not all(isinstance(b, dict) and b.get("type") == "text" for b in content):
-            raise bad_request(f"{where}: tool_result content blocks must be 'text'",
-                              param="messages")  # fmt: skip
-        content = "".join(str(b.get("text", "")) for b in content)
-    elif not isinstance(content, str):
-        raise bad_request(f"{where}: tool_result content must be a string or text blocks",
-                          param="messages")  # fmt: skip
+    content = content_of(block.get("content", ""), f"{where}.content")
     if block.get("is_error"):
-        content = f"Error: {content}"
+        if isinstance(content, str):
+            content = f"Error: {content}"
+        else:
+            content = [{"type": "text", "text": "Error: "}, *content]
     return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": content}
 
 
@@ -107,14 +106,16 @@ def prepare(
                      for c in m["tool_calls"]]  # fmt: skip
             out.append({"role": "assistant", "content": "\n".join(text)})
         elif m["role"] == "tool":
-            result = parser.render_result(_text(m["content"]))
+            # NOTE: a result's images (a tool that returned one) follow its text
+            parts = [{"type": "text", "text": parser.render_result(_text(m["content"]))},
+                     *_images(m["content"])]  # fmt: skip
             if out and out[-1].get("tool_results"):
-                out[-1]["content"] += "\n" + result
+                out[-1]["content"] += [{"type": "text", "text": "\n"}, *parts]
             else:
-                out.append({"role": "user", "content": result, "tool_results": True})
+                out.append({"role": "user", "content": parts, "tool_results": True})
         else:
             out.append(m)
-    out = [{k: v for k, v in m.items() if k != "tool_results"} for m in out]
+    out = [_results_turn(m) if m.get("tool_results") else m for m in out]
     if tools:
         prompt = parser.system_prompt(tools)
         if out and out[0]["role"] == "system" and isinstance(out[0]["content"], str):
@@ -124,6 +125,19 @@ def prepare(
     return out, None
 
 
+def _images(content: Any) -> list[dict[str, Any]]:
+    """The image parts of a message's content."""
+    if not isinstance(content, list):
+        return []
+    return [p for p in content if isinstance(p, dict) and p.get("type") == "image"]
+
+
+def _results_turn(m: dict[str, Any]) -> dict[str, Any]:
+    """The user turn of a run of tool results: its parts, or their text without images."""
+    parts = m["content"]
+    return {"role": "user", "content": parts if _images(parts) else _text(parts)}
+
+
 def _text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict))
@@ -131,11 +145,11 @@ def _text(content: Any) -> str:
 
 
 def split_tool_blocks(
-    content: Any, role: str, where: str
+    content: Any, role: str, where: str, content_of: Callable[[Any, str], Any]
 ) -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
     """An Anthropic turn's content without its tool blocks; the template tool calls of its
     ``tool_use`` blocks (assistant); the ``tool`` messages of its ``tool_result`` blocks
-    (user)."""
+    (user), whose content ``content_of`` reads."""
     if not isinstance(content, list):
         return content, [], []
     rest: list[Any] = []
@@ -146,7 +160,7 @@ def split_tool_blocks(
         if kind == "tool_use" and role == "assistant":
             calls.append(anthropic_tool_use(b, f"{where}.{j}"))
         elif kind == "tool_result" and role == "user":
-            results.append(anthropic_tool_result(b, f"{where}.{j}"))
+            results.append(anthropic_tool_result(b, f"{where}.{j}", content_of))
         elif kind in ("tool_use", "tool_result"):
             raise bad_request(f"{where}.{j}: a {kind} block cannot be in a {role} turn",
                               param="messages")  # fmt: skip
