@@ -24,12 +24,28 @@ MAX_STOP = 256  # stop strings, and stop token ids, per request (each is checked
 # structured_outputs.choice strings per request. Why a bound: llguidance's compile time grows
 # faster than the list (measured at load 14: 4,096 x 900 characters 3 s, 60,000 short ones
 # 23 s, 100,000 52 s ending in a panic on its 65,525-symbol limit), each on one of the
-# router's few preparation threads, and again on the worker.
+# router's few preparation threads, and again on the worker. The values of all the ``enum``s
+# of a JSON schema count against it too (200,000 short ones: 16 s, then "too big").
 MAX_CHOICES = 4096
 MAX_TOKEN_ID = 2**31 - 1  # the wire's int32 (the vocabulary check comes in LLMEngine.validate)
 MAX_TOKEN_COUNT = 2**31 - 1  # max_tokens / min_tokens (the context length bounds them anyway)
 MAX_SEED = 2**63 - 1  # the wire's int64
 MIN_SEED = -(2**63)
+
+
+def _enum_values(schema: Any) -> int:
+    """The values of every ``enum`` list in a JSON schema (a loop: a schema nested 10,000
+    deep must not exhaust the stack; the compiler refuses it)."""
+    count, todo = 0, [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("enum"), list):
+                count += len(node["enum"])
+            todo += node.values()
+        elif isinstance(node, list):
+            todo += node
+    return count
 
 
 @dataclass
@@ -76,6 +92,10 @@ class StructuredOutputsParams:
                 f"structured_outputs.choice holds {len(self.choice)} strings; at most "
                 f"{MAX_CHOICES} are accepted"
             )
+
+        if self.json is not None and (n := _enum_values(self.json)) > MAX_CHOICES:
+            raise ValueError(f"structured_outputs.json: its enums hold {n} values; at most "
+                             f"{MAX_CHOICES} are accepted")  # fmt: skip
 
     @property
     def key(self) -> tuple[str, str]:

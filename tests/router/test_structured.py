@@ -79,6 +79,11 @@ def test_accepted_forms(extra, expected, chat):
         ({"structured_outputs": {"choice": [f"c{i}" for i in range(MAX_CHOICES + 1)]}},
          "structured_outputs"),
         ({"guided_choice": [f"c{i}" for i in range(MAX_CHOICES + 1)]}, "guided_choice"),
+        # So do a schema's enums (200,000 strings: 16 s, then "too big"), counted in all.
+        ({"guided_json": {"enum": [f"c{i}" for i in range(MAX_CHOICES + 1)]}}, "guided_json"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "properties": {k: {"enum": [f"c{i}" for i in range(MAX_CHOICES // 2 + 1)]}
+                                             for k in "ab"}}}}}, "response_format"),
         ({"guided_regex": 5}, "guided_regex"),
         ({"guided_json": [1]}, "guided_json"),
         ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
