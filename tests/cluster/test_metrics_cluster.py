@@ -174,6 +174,7 @@ def test_speculation_through_the_router(cluster, tiny_model_dir) -> None:
     the workers accepted drafts and ``epdserve status`` shows it per worker. NOTE: last in the
     module: it sends requests that the counters above do not expect."""
     from cluster_helpers import cli, status
+    from test_migration import verifications
 
     from services.engine import LLM, SamplingParams
 
@@ -194,9 +195,13 @@ def test_speculation_through_the_router(cluster, tiny_model_dir) -> None:
             "ignore_eos": True, "logit_bias": bias}  # fmt: skip
     with httpx.Client(base_url=cluster.base_url, timeout=60) as http:
         for extra in ({}, {"speculative": False}, {}):
+            drafts = sum(verifications(cluster).values())
             r = http.post("/v1/completions", json={**body, **extra})
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == want
+            # The opted-out request drafts nothing, the others do (the workers' counters).
+            grew = sum(verifications(cluster).values()) - drafts
+            assert (grew > 0) == (extra == {}), (extra, grew)
     deadline = time.monotonic() + 10  # load reports carry the counters, every second or so
     while accepted() <= before and time.monotonic() < deadline:
         time.sleep(0.2)
