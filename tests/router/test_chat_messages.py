@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from services.router.api.anthropic import parse_messages
 from services.router.api.openai import chat_messages
 from services.router.api.responses_input import check_call_outputs, input_messages
 from services.router.errors import APIError
@@ -67,3 +68,29 @@ def test_responses_function_call_output_needs_its_call() -> None:
             check_call_outputs(turns)
         assert err.value.status == 400 and err.value.param == "input"
         assert "No tool call found for function call output with call_id call_9" in str(err.value)
+
+
+@pytest.mark.parametrize("role", ["system", "developer", "user", "tool"])
+def test_a_message_without_content_is_400(role: str) -> None:
+    """OpenAI requires 'content' of every role but an assistant's (which may hold only
+    tool_calls); a user turn without it was read as an empty one."""
+    turns = [USER, calls("c1"), {"role": role, "tool_call_id": "c1"}]
+    with pytest.raises(APIError) as err:
+        chat_messages(turns)
+    assert err.value.status == 400 and "messages[2].content" in err.value.message
+    assert chat_messages([USER, {"role": "assistant", "content": None}])[0][1]["content"] == ""
+
+
+@pytest.mark.parametrize("content", ["", []])
+def test_anthropic_empty_content_is_400_but_for_a_final_assistant_turn(content: object) -> None:
+    """Anthropic's 400; an empty user turn was sent to the template."""
+    with pytest.raises(APIError) as err:
+        parse_messages(None, [{"role": "user", "content": content}])
+    assert err.value.status == 400 and "non-empty content" in err.value.message
+    with pytest.raises(APIError):
+        parse_messages(None, [{"role": "user", "content": "a"},
+                              {"role": "assistant", "content": content},
+                              {"role": "user", "content": "b"}])  # fmt: skip
+    out, _ = parse_messages(None, [{"role": "user", "content": "a"},
+                                   {"role": "assistant", "content": content}])  # fmt: skip
+    assert out[-1] == {"role": "assistant", "content": ""}

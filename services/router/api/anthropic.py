@@ -98,6 +98,9 @@ def parse_messages(system: Any, msgs: list[Any]) -> tuple[list[dict[str, Any]], 
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise bad_request(f"messages.{i}.role must be 'user' or 'assistant'")
         where = f"messages.{i}.content"
+        if m.get("content") in ("", []) and not (m["role"] == "assistant" and i == len(msgs) - 1):
+            raise bad_request(f"messages.{i}: all messages must have non-empty content except "
+                              "for the optional final assistant message")  # fmt: skip
         # NOTE: a tool_result's images go to ``images`` before the turn's own: the results
         # come first in the prompt
         rest, calls, results = split_tool_blocks(m.get("content"), m["role"], where,

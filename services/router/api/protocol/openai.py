@@ -73,7 +73,7 @@ class ChatMessage(DocModel):
     """A chat turn (services/router/api/openai.py chat_messages checks it)."""
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart | ImageURLPart] | None = None
+    content: str | list[TextPart | ImageURLPart] | None = None  # required but of an assistant
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
