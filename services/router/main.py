@@ -13,6 +13,7 @@ from starlette.types import ASGIApp
 
 from services.common import event_loop
 from services.common.dataclass_cli import add_dataclass_args, from_args
+from services.common.heap import freeze_startup_objects
 from services.router.config import RouterConfig
 from services.router.gateway import Gateway
 from services.router.http_protocol import bounded_protocol
@@ -90,6 +91,7 @@ async def serve(cfg: RouterConfig, log_level: str = "info") -> None:
         await asyncio.sleep(0.05)
     if server.started:
         port = server.servers[0].sockets[0].getsockname()[1]
+        freeze_startup_objects()
         print(f"{READY_PREFIX} url={cfg.scheme}://{cfg.host}:{port}", flush=True)
     await task
 

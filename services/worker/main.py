@@ -19,6 +19,7 @@ from services.common import event_loop
 from services.common.aio import cancel_and_wait
 from services.common.dataclass_cli import add_dataclass_args, from_args
 from services.common.grpc_utils import SERVER_OPTIONS, add_port
+from services.common.heap import freeze_startup_objects
 from services.common.lora_registry import LoRARegistry
 from services.common.membership import InstanceInfo, Registrar
 from services.common.mooncake_agent import MooncakeAgent, MooncakeConfig
@@ -187,6 +188,7 @@ async def serve(
     servicer.loader.stop = stop.set
     metrics_port = servicer.metrics.serve(wcfg.host, wcfg.metrics_port)
     model_load.started()
+    freeze_startup_objects()
     print(
         f"{READY_PREFIX} id={wcfg.instance_id} address={address} role={state.role} "
         f"model={engine.model_name} metrics_port={metrics_port}",
