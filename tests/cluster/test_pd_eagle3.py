@@ -48,11 +48,11 @@ def clusters(tiny_model_dir, tmp_path_factory):
     pd.stop()
 
 
-def spec_counters(cluster) -> dict[str, float]:
-    """The speculation counters summed over the cluster's workers (their /metrics), and how
-    the decode workers took the head's states (``push`` / ``grpc``)."""
+def spec_counters(cluster, workers=None) -> dict[str, float]:
+    """The speculation counters summed over the cluster's workers (or ``workers``; their
+    /metrics), and how the decode workers took the head's states (``push`` / ``grpc``)."""
     out = dict.fromkeys([*COUNTERS, "push", "grpc"], 0.0)
-    for w in cluster.workers:
+    for w in cluster.workers if workers is None else workers:
         text = httpx.get(f"http://127.0.0.1:{w.ready_field('metrics_port')}/metrics").text
         for line in text.splitlines():
             for name in COUNTERS:
