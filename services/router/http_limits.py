@@ -13,6 +13,12 @@ HEAD_TIMEOUT_S = 30.0  # from a head's first byte (or the connection) to its end
 # which a byte every few seconds never trips; 300 s reads a 64 MiB batch file at 220 KB/s.
 BODY_TIMEOUT_S = 300.0
 MAX_CONNECTIONS = 4096  # open connections at once (uvicorn and the router had no bound)
+# How long an idle keep-alive connection stays open (nginx's default; uvicorn's is 5 s). NOTE:
+# longer than clients keep a pooled connection (httpx and Node 5 s, aiohttp 15 s): a server that
+# closes first races a client reusing it, which reads a reset. A router stopped for 5 s (SIGSTOP,
+# a stalled host) closed every such connection on resume, under requests already sent on them:
+# tests/chaos/test_chaos.py test_stop_router_replica. Idle ones count in MAX_CONNECTIONS.
+KEEP_ALIVE_S = 75.0
 
 
 @dataclass(frozen=True)

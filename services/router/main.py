@@ -16,6 +16,7 @@ from services.common.dataclass_cli import add_dataclass_args, from_args
 from services.common.heap import freeze_startup_objects
 from services.router.config import RouterConfig
 from services.router.gateway import Gateway
+from services.router.http_limits import KEEP_ALIVE_S
 from services.router.http_protocol import bounded_protocol
 from services.router.server import build_app
 from services.router.shutdown import uvicorn_limit_s
@@ -48,10 +49,11 @@ class GatewayServer(uvicorn.Server):
 
 def server_config(app: ASGIApp, cfg: RouterConfig, log_level: str = "info") -> uvicorn.Config:
     """uvicorn's settings for the gateway: httptools with bounds on reading a request and on
-    the connections open (http_protocol.py)."""
+    the connections open (http_protocol.py), idle connections kept KEEP_ALIVE_S."""
     return uvicorn.Config(
         app, host=cfg.host, port=cfg.port, log_level=log_level.lower(), access_log=False,
         timeout_graceful_shutdown=uvicorn_limit_s(cfg.shutdown_grace_s), http=bounded_protocol(cfg.http_limits),
+        timeout_keep_alive=KEEP_ALIVE_S,
         ssl_certfile=cfg.ssl_certfile, ssl_keyfile=cfg.ssl_keyfile,
     )  # fmt: skip
 

@@ -5,7 +5,10 @@ Per fault it reports requests sent, failed, migrated and the longest stall a cli
 (printed, and written as JSON to ``$EPDSERVE_CHAOS_REPORT`` when set). Every answer is
 checked against the undisturbed greedy output of its prompt, so a duplicated or missing
 token is a failure too. Targets: zero failed requests for worker faults and for etcd and
-mooncake_master faults; a killed router replica loses only the requests it was serving.
+mooncake_master faults; a killed router replica loses only the requests it was serving; one
+stopped fails none or fails them in the API's format. Every stop outlasts the cluster's etcd
+lease (3 s), its etcd call timeout and the routers' load_stale_s. After the faults no worker
+died and none holds a request or a KV reservation.
 
 Run alone: ``.venv/bin/python -m pytest tests/chaos -s``.
 """
@@ -271,9 +274,13 @@ def stop_then_continue(proc) -> None:
     proc.signal(signal.SIGCONT)
 
 
+KILLED: set[str] = set()  # the workers killed on purpose (test_kill_worker)
+
+
 @pytest.mark.parametrize("role", ["prefill", "decode"])
 def test_kill_worker(cluster, load, role):
     victim = worker_of(cluster, role)
+    KILLED.add(victim.name)
     row = run_fault(
         cluster, load, f"kill -9 {role}", lambda: victim.signal(signal.SIGKILL),
         lambda: replace_worker(cluster, victim, role),
@@ -378,3 +385,53 @@ def test_kill_router_replica(cluster, load):
     # Only the requests the dead replica was serving are lost (at most one per client).
     assert row["failed"] == 0, row["errors"]
     assert row["lost_with_router"] <= CLIENTS, row
+
+
+def clean(o: Outcome) -> bool:
+    """A request that finished, or failed in the API's format: an HTTP error whose body is
+    the OpenAI error JSON, or an error event in the stream (not a dropped connection, not a
+    wrong or repeated token)."""
+    if o.ok or o.error.startswith("{"):  # the stream's error event
+        return True
+    status, _, text = o.error.partition(" ")
+    try:
+        return status.isdigit() and "error" in json.loads(text)
+    except ValueError:
+        return False  # NOTE: Outcome keeps 200 chars of a body: a longer one reads as unclean
+
+
+def test_stop_router_replica(cluster, load):
+    victim = cluster.routers[0]
+    begin = time.monotonic() - 1.0  # as run_fault counts
+    row = run_fault(
+        cluster, load, "SIGSTOP router replica", lambda: victim.signal(signal.SIGSTOP),
+        lambda: stop_then_continue(victim),
+    )  # fmt: skip
+    unclean = [o.error for o in load.since(begin) if not clean(o)]
+    assert not unclean, unclean[:5]
+    assert row["failed"] == 0, row["errors"]
+
+
+def test_nothing_leaked_and_no_worker_died(cluster, load):
+    """Last: with the load stopped, every worker is alive and holds no request and no KV
+    reservation (a request that failed in a fault freed its blocks)."""
+    load.stop()
+    died = [w.describe_failure() for w in cluster.workers if not w.alive() and w.name not in KILLED]
+    assert not died, died
+
+    def idle() -> bool:
+        rows = status(cluster)["workers"]
+        return bool(rows) and all(
+            w["state"] == "serving" and w["requests"] == [] and w["reserved"] == []
+            and w["running"] == 0 and w["waiting"] == 0
+            for w in rows
+        )  # fmt: skip
+
+    wait_for(idle, 60, "every worker serving, holding no request or KV reservation")
+
+
+def status(cluster) -> dict:
+    r = httpx.get(cluster.base_url + "/admin/status", timeout=30,
+                  headers={"Authorization": f"Bearer {cluster.admin_token}"})  # fmt: skip
+    assert r.status_code == 200, r.text
+    return r.json()
