@@ -9,6 +9,8 @@ import pytest
 
 from services.router.api.anthropic import parse_messages
 from services.router.api.openai import chat_messages
+from services.router.api.protocol.common import parse
+from services.router.api.protocol.openai import ChatCompletionRequest, CompletionRequest
 from services.router.api.responses_input import check_call_outputs, input_messages
 from services.router.errors import APIError
 
@@ -94,3 +96,16 @@ def test_anthropic_empty_content_is_400_but_for_a_final_assistant_turn(content: 
     out, _ = parse_messages(None, [{"role": "user", "content": "a"},
                                    {"role": "assistant", "content": content}])  # fmt: skip
     assert out[-1] == {"role": "assistant", "content": ""}
+
+
+def test_fields_of_the_wrong_type_are_400_naming_them() -> None:
+    """OpenAI's 400 ('Invalid type'); a number as a message's 'name' or as 'user' was taken."""
+    with pytest.raises(APIError) as err:
+        chat_messages([{"role": "user", "content": "hi", "name": 5}])
+    assert err.value.status == 400 and "messages[0].name" in err.value.message
+    body = {"model": "m", "messages": [USER], "user": 5}
+    for model in (ChatCompletionRequest, CompletionRequest):
+        with pytest.raises(APIError) as err:
+            parse(model, {**body, "prompt": "hi"})
+        assert err.value.status == 400 and err.value.param == "user"
+    assert parse(ChatCompletionRequest, {**body, "user": "u-1"}).user == "u-1"

@@ -57,6 +57,9 @@ def chat_messages(msgs: list[Any]) -> tuple[list[dict[str, Any]], list[str | byt
         if m["role"] != "tool":
             called = None
         content = m.get("content")
+        if "name" in m and not isinstance(m["name"], str | None):
+            raise bad_request(f"Invalid type for 'messages[{i}].name': expected a string.",
+                              param="messages")  # fmt: skip
         if content is None and m["role"] != "assistant":  # (which may hold only tool_calls)
             raise bad_request(f"Missing required parameter: 'messages[{i}].content'.",
                               param="messages")  # fmt: skip

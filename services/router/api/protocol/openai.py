@@ -33,6 +33,7 @@ from services.router.api.protocol.common import (
     Object,
     OneOf,
     Stop,
+    Str,
     Turns,
     invalid,
     json_type,
@@ -175,6 +176,7 @@ class _Sampling(APIModel):
     service_tier: Annotated[str | None, OneOf(*OPENAI_REQUEST_TIERS)] = None
     priority: Annotated[int, Int(MIN_PRIORITY, MAX_PRIORITY)] = 0  # vLLM's: lower runs first
     speculative: Bool = True  # false: no speculative decoding for it (same output, its cost)
+    user: Str | None = None  # OpenAI's end-user id: checked, not used
 
     @field_validator("best_of", mode="after")
     @classmethod
