@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 
 log = logging.getLogger(__name__)
 
 
 def freeze_startup_objects() -> None:
-    """Collect once (start-up's garbage is freed, not kept), then freeze what is alive: called
-    when a process is ready, before it serves. NOTE: a frozen object that becomes cyclic
-    garbage later is never freed; what start-up made lives as long as the process (a model
-    load restarts the process: worker/model_load.py)."""
-    began = time.perf_counter()
-    gc.collect()
+    """Freeze what is alive: called when a process is ready, before it serves. NOTE: no
+    collection first: start-up leaves little cyclic garbage (87 objects in a worker, 12 in a
+    router, no RSS freed), and a full pass over a worker's ~490k objects cost 2.2 s of its start
+    at load 30. A frozen object that becomes cyclic garbage later is never freed; what start-up
+    made lives as long as the process (a model load restarts the process: worker/model_load.py)."""
     gc.freeze()
-    log.debug("froze %d start-up objects in %.0f ms", gc.get_freeze_count(),
-              (time.perf_counter() - began) * 1000)  # fmt: skip
+    log.debug("froze %d start-up objects", gc.get_freeze_count())
