@@ -27,7 +27,10 @@ REQ = {
 }  # fmt: skip
 # A worker whose load stream is silent this long is hung (the default is 5 s).
 ROUTER = {"load_stale_s": 2.0, "max_migrations": 2}
-ATTEMPTS = 3  # streams tried for one in which the fault lands while the worker generates
+ATTEMPTS = 5  # streams tried for one in which the fault lands while the worker generates
+# The router holds a streaming request this long after its client read 8 tokens, or it has
+# finished it (session 18, load ~20: all 200 tokens were out before the client read 8).
+FINISHED_S = 2.0
 
 
 def reference(base_url: str, req: dict = REQ) -> tuple[list[str], str]:
@@ -45,15 +48,19 @@ def reference_choices(base_url: str, req: dict) -> list[tuple[list[str], str]]:
 
 
 def serving_worker(cluster, role: str) -> str:
-    """The worker of ``role`` that this router is running our (only) request on."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    """The worker of ``role`` that this router is running our (only) request on; "" when
+    none is seen running it for ``FINISHED_S``: the router has finished the request (its
+    output waits in the client's socket for this loaded process to read it)."""
+    deadline = time.monotonic() + FINISHED_S
+    while True:
         workers = worker_health(cluster.base_url, cluster.admin_token)[1]["workers"]
         busy = [w for w, v in workers.items() if v["role"] == role and v["inflight"] > 0]
         if len(busy) == 1:
             return busy[0]
+        if time.monotonic() > deadline:
+            assert not busy, f"our one request runs on several {role} workers: {workers}"
+            return ""
         time.sleep(0.01)
-    raise AssertionError(f"no {role} worker is running the request: {workers}")
 
 
 def generating(address: str) -> bool:
@@ -95,9 +102,9 @@ def stream_with_fault(
                 if not tried and len(tokens.get(0, [])) >= 8:
                     tried = True
                     name = serving_worker(cluster, role)
-                    proc = next(w for w in cluster.workers if w.name == name)
                     assert len(tokens[0]) < MAX_TOKENS // 2, "the stream ended too soon to test"
-                    if generating(worker_address(cluster, name)):
+                    if name and generating(worker_address(cluster, name)):
+                        proc = next(w for w in cluster.workers if w.name == name)
                         victim = name
                         proc.signal(sig)
     return tokens, text, usage, victim
@@ -145,6 +152,17 @@ def check_continued(
                 assert text[i] == ref_text, f"completion {i}"
             assert usage["completion_tokens"] == n * MAX_TOKENS
             assert usage["prompt_tokens"] > 0
+            if victim and migrations(cluster.base_url, reason) == before:
+                # NOTE: the router relays at the client's pace and this loaded process reads
+                # slowly: the worker may have sent all its output before the fault (up to the
+                # mux window), and nothing was left to migrate (session 18, load ~25: PD
+                # decode killed with the router's count still holding the request, output
+                # whole, no migration). Again, with the victim back. A migration that happens
+                # but is not counted still fails: every attempt ends here.
+                print("the fault landed after the worker's last output: again", flush=True)
+                if sig == signal.SIGKILL:
+                    restart_killed(cluster, victim)
+                continue
             if victim:
                 assert migrations(cluster.base_url, reason) == before + 1
                 if speculates:  # only the continuation ran since: it drafted on a survivor
@@ -155,7 +173,25 @@ def check_continued(
         finally:
             if victim and sig == signal.SIGSTOP:
                 next(w for w in cluster.workers if w.name == victim).signal(signal.SIGCONT)
-    raise AssertionError(f"the worker finished the request before the fault {ATTEMPTS} times")
+    raise AssertionError(f"no fault landed on a running request in {ATTEMPTS} attempts")
+
+
+def restart_killed(cluster, name: str) -> None:
+    """Start the killed worker ``name`` again (same instance id) and wait until the router
+    routes to it."""
+    proc = next(w for w in cluster.workers if w.name == name)
+    deadline = time.monotonic() + 30
+    while proc.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.restart()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.returncode() is None, proc.describe_failure()
+        row = worker_health(cluster.base_url, cluster.admin_token)[1]["workers"].get(name)
+        if proc.is_ready() and row is not None and row["reachable"]:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{name} restarted but not routed to within 180 s")
 
 
 # The mixed workers speculate (n-gram from a 1-token match, so that the random model's output
@@ -163,7 +199,9 @@ def check_continued(
 SPEC = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "adaptive": false}'
 
 
-@pytest.fixture(scope="module")
+# NOTE: one cluster at a time (the CI machine's memory): each class's cluster is stopped
+# after the class's last test, before the next class starts its own.
+@pytest.fixture(scope="class")
 def mixed_cluster(tiny_model_dir):
     c = start_cluster(tiny_model_dir("llama"), workers=3, router_overrides=ROUTER,
                       engine_overrides={"speculative_config": SPEC})  # fmt: skip
@@ -171,7 +209,7 @@ def mixed_cluster(tiny_model_dir):
     c.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def pd_cluster(tiny_model_dir, tmp_path_factory):
     # The decode workers speculate with an EAGLE-3 head, its states pushed with the KV: a
     # migrated request's are pushed again with its resumed prompt, and it speculates on the
@@ -188,26 +226,25 @@ def pd_cluster(tiny_model_dir, tmp_path_factory):
     c.stop()
 
 
-def test_mixed_worker_killed_mid_stream(mixed_cluster) -> None:
-    check_continued(mixed_cluster, "mixed", signal.SIGKILL, "died", speculates=True)
+class TestMixedWorkers:
+    def test_killed_mid_stream(self, mixed_cluster) -> None:
+        check_continued(mixed_cluster, "mixed", signal.SIGKILL, "died", speculates=True)
+
+    def test_stopped_mid_stream(self, mixed_cluster) -> None:
+        check_continued(mixed_cluster, "mixed", signal.SIGSTOP, "hung")
+
+    def test_killed_mid_stream_with_n_seeded_completions(self, mixed_cluster) -> None:
+        # Two sampled completions on one worker: each goes on elsewhere from its own tokens,
+        # with its own seeded draws, and keeps its index.
+        req = {**REQ, "n": 2, "temperature": 1.0, "seed": 1234}
+        refs = reference_choices(mixed_cluster.base_url, req)
+        assert refs[0][0] != refs[1][0], "the two completions must differ to tell them apart"
+        check_continued(mixed_cluster, "mixed", signal.SIGKILL, "died", req)
 
 
-def test_mixed_worker_stopped_mid_stream(mixed_cluster) -> None:
-    check_continued(mixed_cluster, "mixed", signal.SIGSTOP, "hung")
+class TestDecodeWorkers:
+    def test_killed_mid_stream(self, pd_cluster) -> None:
+        check_continued(pd_cluster, "decode", signal.SIGKILL, "died", speculates=True)
 
-
-def test_mixed_worker_killed_mid_stream_with_n_seeded_completions(mixed_cluster) -> None:
-    # Two sampled completions on one worker: each goes on elsewhere from its own tokens,
-    # with its own seeded draws, and keeps its index.
-    req = {**REQ, "n": 2, "temperature": 1.0, "seed": 1234}
-    refs = reference_choices(mixed_cluster.base_url, req)
-    assert refs[0][0] != refs[1][0], "the two completions must differ to tell them apart"
-    check_continued(mixed_cluster, "mixed", signal.SIGKILL, "died", req)
-
-
-def test_decode_worker_killed_mid_stream(pd_cluster) -> None:
-    check_continued(pd_cluster, "decode", signal.SIGKILL, "died", speculates=True)
-
-
-def test_decode_worker_stopped_mid_stream(pd_cluster) -> None:
-    check_continued(pd_cluster, "decode", signal.SIGSTOP, "hung", speculates=True)
+    def test_stopped_mid_stream(self, pd_cluster) -> None:
+        check_continued(pd_cluster, "decode", signal.SIGSTOP, "hung", speculates=True)
