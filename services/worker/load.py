@@ -112,6 +112,7 @@ class LoadRPCs:
             step_fixed_ms=s.step_fixed_ms,
             step_token_ms=s.step_token_ms,
             recent_online_tpot_offline_share=s.online_tpot_offline_share,
+            engine_stalled_ms=self.engine_stalled_s() * 1000.0,
         )
 
     async def StreamLoad(  # noqa: N802

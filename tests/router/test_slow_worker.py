@@ -42,6 +42,7 @@ class SlowWorker(pb_grpc.WorkerServiceServicer):
     (a stopped process: its port accepts, nothing answers)."""
 
     def __init__(self) -> None:
+        self.report = pb.LoadReport(role_epoch=1)  # what each load report says
         self.reporting = asyncio.Event()
         self.reporting.set()
         self.frozen = False
@@ -59,7 +60,7 @@ class SlowWorker(pb_grpc.WorkerServiceServicer):
     async def StreamLoad(self, request, context):  # noqa: N802
         while True:
             await self.reporting.wait()
-            yield pb.LoadReport(role_epoch=1)
+            yield self.report
             await asyncio.sleep(request.interval_ms / 1000)
 
 
@@ -147,3 +148,22 @@ async def test_a_stuck_engine_answers_not_serving_and_leaves_routing(two) -> Non
     named = await stub.Check(health_pb2.HealthCheckRequest(service=WORKER_SERVICE), timeout=5)
     assert whole.status == health_pb2.HealthCheckResponse.SERVING
     assert named.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_reports_of_a_busy_engine_say_when_it_last_moved(two) -> None:
+    """A worker in one long step sends no stream message for its length; its load reports say
+    how long its engine has not moved (engine_stalled_ms), and the router keeps the time of
+    that progress (progress_at), which keeps the worker's calls waiting (routing/watch.py).
+    An idle engine's reports leave it as it was."""
+    pool, a, _ = two
+    h = pool.handles["w-a"]
+    a.report = pb.LoadReport(role_epoch=1, num_running=3, engine_stalled_ms=400.0)
+    deadline = time.monotonic() + 10
+    while h.progress_at == 0.0:
+        assert time.monotonic() < deadline, "no report of a busy engine arrived"
+        await asyncio.sleep(0.02)
+    assert abs(h.load_at - 0.4 - h.progress_at) < 1e-6
+    a.report = pb.LoadReport(role_epoch=1)  # idle: the last progress stays where it was
+    seen = h.progress_at
+    await asyncio.sleep(10 * INTERVAL_MS / 1000)
+    assert h.progress_at <= seen

@@ -225,6 +225,39 @@ def test_a_call_queued_behind_a_worker_that_progresses_is_not_lost() -> None:
     asyncio.run(main())
 
 
+def test_a_call_to_a_worker_whose_engine_moves_is_not_lost() -> None:
+    """Session 18: at load 30-50 one step of a wave's prompts outlasted stall_timeout_s (60 s)
+    with no message on any stream while every layer moved; each waiting stream was branded
+    'sent nothing for 60 s' and 14 of 64 requests failed with a 503. A call waits while the
+    worker's load reports say its engine moves (progress_at); once they stop saying so, it
+    is lost after the limit as before. Fails on the old code (lost 0.4 s after the start)."""
+
+    async def main() -> None:
+        h = alive()
+        stop_moving = time.monotonic() + 1.2
+
+        async def moving() -> None:  # what follow_load sets from the reports of a busy engine
+            while time.monotonic() < stop_moving:
+                h.load_at = h.progress_at = time.monotonic()
+                await asyncio.sleep(0.05)
+            while True:  # reports go on, saying the engine no longer moves
+                h.load_at = time.monotonic()
+                await asyncio.sleep(0.05)
+
+        reporting = asyncio.create_task(moving())
+        try:
+            with pytest.raises(WorkerLost) as err:
+                async for _ in watched_stream(h, Forever(), 0.4):
+                    pass
+            lost = time.monotonic()
+        finally:
+            reporting.cancel()
+        assert err.value.kind == "hung" and "sent nothing for" in str(err.value)
+        assert lost >= h.progress_at + 0.4 and h.progress_at >= stop_moving - 0.2
+
+    asyncio.run(main())
+
+
 async def _wake_often(every_s: float, wakes: list[float]) -> None:
     while True:
         wakes.append(time.monotonic())

@@ -246,7 +246,7 @@ class LoadReportRequest(_message.Message):
     def __init__(self, interval_ms: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("instance_id", "role", "role_epoch", "draining", "num_waiting", "num_waiting_prompt_tokens", "num_running", "num_inflight", "kv_utilization", "num_free_blocks", "num_total_blocks", "prefix_cache_hit_rate", "recent_ttft_ms", "recent_tpot_ms", "timestamp_ms", "images_waiting", "images_encoding", "recent_encode_ms", "lora_adapters", "lora_resident", "lora_slots", "spec_num_drafts", "spec_draft_tokens", "spec_accepted_tokens", "recent_online_ttft_ms", "recent_online_tpot_ms", "num_offline_waiting", "num_offline_waiting_prompt_tokens", "num_offline_running", "num_offline_blocks", "step_fixed_ms", "step_token_ms", "recent_online_tpot_offline_share")
+    __slots__ = ("instance_id", "role", "role_epoch", "draining", "num_waiting", "num_waiting_prompt_tokens", "num_running", "num_inflight", "kv_utilization", "num_free_blocks", "num_total_blocks", "prefix_cache_hit_rate", "recent_ttft_ms", "recent_tpot_ms", "timestamp_ms", "images_waiting", "images_encoding", "recent_encode_ms", "lora_adapters", "lora_resident", "lora_slots", "spec_num_drafts", "spec_draft_tokens", "spec_accepted_tokens", "recent_online_ttft_ms", "recent_online_tpot_ms", "num_offline_waiting", "num_offline_waiting_prompt_tokens", "num_offline_running", "num_offline_blocks", "step_fixed_ms", "step_token_ms", "recent_online_tpot_offline_share", "engine_stalled_ms")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ROLE_EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +280,7 @@ class LoadReport(_message.Message):
     STEP_FIXED_MS_FIELD_NUMBER: _ClassVar[int]
     STEP_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     RECENT_ONLINE_TPOT_OFFLINE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_STALLED_MS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: Role
     role_epoch: int
@@ -313,7 +314,8 @@ class LoadReport(_message.Message):
     step_fixed_ms: float
     step_token_ms: float
     recent_online_tpot_offline_share: float
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., role_epoch: _Optional[int] = ..., draining: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_waiting_prompt_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_inflight: _Optional[int] = ..., kv_utilization: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., recent_ttft_ms: _Optional[float] = ..., recent_tpot_ms: _Optional[float] = ..., timestamp_ms: _Optional[int] = ..., images_waiting: _Optional[int] = ..., images_encoding: _Optional[int] = ..., recent_encode_ms: _Optional[float] = ..., lora_adapters: _Optional[_Iterable[str]] = ..., lora_resident: _Optional[_Iterable[str]] = ..., lora_slots: _Optional[int] = ..., spec_num_drafts: _Optional[int] = ..., spec_draft_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ..., recent_online_ttft_ms: _Optional[float] = ..., recent_online_tpot_ms: _Optional[float] = ..., num_offline_waiting: _Optional[int] = ..., num_offline_waiting_prompt_tokens: _Optional[int] = ..., num_offline_running: _Optional[int] = ..., num_offline_blocks: _Optional[int] = ..., step_fixed_ms: _Optional[float] = ..., step_token_ms: _Optional[float] = ..., recent_online_tpot_offline_share: _Optional[float] = ...) -> None: ...
+    engine_stalled_ms: float
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., role_epoch: _Optional[int] = ..., draining: _Optional[bool] = ..., num_waiting: _Optional[int] = ..., num_waiting_prompt_tokens: _Optional[int] = ..., num_running: _Optional[int] = ..., num_inflight: _Optional[int] = ..., kv_utilization: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., recent_ttft_ms: _Optional[float] = ..., recent_tpot_ms: _Optional[float] = ..., timestamp_ms: _Optional[int] = ..., images_waiting: _Optional[int] = ..., images_encoding: _Optional[int] = ..., recent_encode_ms: _Optional[float] = ..., lora_adapters: _Optional[_Iterable[str]] = ..., lora_resident: _Optional[_Iterable[str]] = ..., lora_slots: _Optional[int] = ..., spec_num_drafts: _Optional[int] = ..., spec_draft_tokens: _Optional[int] = ..., spec_accepted_tokens: _Optional[int] = ..., recent_online_ttft_ms: _Optional[float] = ..., recent_online_tpot_ms: _Optional[float] = ..., num_offline_waiting: _Optional[int] = ..., num_offline_waiting_prompt_tokens: _Optional[int] = ..., num_offline_running: _Optional[int] = ..., num_offline_blocks: _Optional[int] = ..., step_fixed_ms: _Optional[float] = ..., step_token_ms: _Optional[float] = ..., recent_online_tpot_offline_share: _Optional[float] = ..., engine_stalled_ms: _Optional[float] = ...) -> None: ...
 
 class SetRoleRequest(_message.Message):
     __slots__ = ("role", "expected_epoch")

@@ -39,6 +39,7 @@ class Followed(Protocol):
     ended_since_report: int
     prompt_tokens_ended_since_report: int
     departed_at: float
+    progress_at: float
     on_gone: Callable[[Any], None] | None
 
     def departed_for_good(self, now: float) -> bool: ...
@@ -94,6 +95,8 @@ async def follow_load(handle: Followed) -> None:
                 handle.lora_resident = frozenset(report.lora_resident)
                 handle.lora_slots = report.lora_slots
                 handle.load_at = time.monotonic()
+                if report.num_running or report.num_waiting:  # its engine's last progress
+                    handle.progress_at = handle.load_at - report.engine_stalled_ms / 1000.0
                 handle.ended_since_report = handle.prompt_tokens_ended_since_report = 0
                 backoff = 0.1
                 if handle.departed_for_good(handle.load_at) and handle.on_gone is not None:

@@ -94,7 +94,10 @@ class Watchdog:
             # long outputs, one request's n x prompts or many requests'), it is not lost.
             # Branding it hung failed every queued stream at once and the worker with them.
             # Its deadline follows the worker's progress; the call's own timeout still bounds it.
-            moved = self.handle.message_at + self._limit_s
+            # Progress is a message on any call, or a load report saying its engine moved: on
+            # a loaded host one step (a wave's prompts) can outlast the limit with no message
+            # anywhere while every layer moves (session 18: 503s at load 30-50).
+            moved = max(self.handle.message_at, self.handle.progress_at) + self._limit_s
             if moved > now:
                 self._deadline = moved
             else:

@@ -72,6 +72,7 @@ class WorkerHandle:
         # worker slowed down by a loaded host, not a hung one: load_stream.answers).
         self.answered_at = 0.0
         self.message_at = 0.0  # ... and of the latest stream message of any call (watch.py)
+        self.progress_at = 0.0  # ... and of its engine's progress, as its load reports say
         self.inflight = 0  # requests this router has running there
         # Requests of this router that ended there since the latest report, and their prompt
         # tokens: a report taken before they ended still counts them (policies/base.py).
