@@ -29,7 +29,6 @@ from services.cli.admin_config import resolve_router, resolve_token
 from services.cli.admin_render import flipped, render_roles, render_status
 from services.common.grpc_utils import ROLES
 
-COMMANDS = ("status", "roles", "drain", "rebalance", "policy", "experts", "models")
 HTTP_TIMEOUT_S = 30.0  # a role change answers at once; the worker converges afterwards
 EXPERTS_TIMEOUT_S = 660.0  # a re-placement reads the experts again (the router waits 600 s)
 # A sleep answers once the worker drained and gave its memory back (the router waits up to

@@ -10,11 +10,13 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from services.cli import admin
+    from services.cli.admin_config import COMMANDS
 
-    if argv and argv[0] in admin.COMMANDS:
+    if argv and argv[0] in COMMANDS:
         # NOTE: before importing `up` (which pulls in torch): operator commands answer in
         # a fraction of a second, scripts and tests poll them.
+        from services.cli import admin
+
         return admin.main(argv)
     if argv and argv[0] == "batches":
         from services.cli import batches
@@ -22,9 +24,12 @@ def main(argv: list[str] | None = None) -> int:
         return batches.main(argv[1:])
     parser = argparse.ArgumentParser(prog="epdserve", description="epdserve LLM serving cluster")
     sub = parser.add_subparsers(dest="command", required=True)
-    from services.cli import up
+    up_parser = sub.add_parser("up", help="run a whole local cluster")
+    if argv and argv[0] == "up":
+        # Only then: `epdserve --help` and the other commands skip up's imports (~1 s).
+        from services.cli import up
 
-    up.add_arguments(sub.add_parser("up", help="run a whole local cluster"))
+        up.add_arguments(up_parser)
     # worker/router own their parsers (built from their config dataclasses): pass through.
     sub.add_parser("worker", help="run one worker process", add_help=False)
     sub.add_parser("router", help="run the router / HTTP gateway", add_help=False)
@@ -44,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         "experts": "re-place an MoE worker's experts from its load (experts rebalance ID)",
         "models": "put a worker's model to sleep, wake it, or load another (models sleep|wake|load ID)",
     }
-    for name in admin.COMMANDS:
+    for name in COMMANDS:
         sub.add_parser(name, help=admin_help[name], add_help=False)
     sub.add_parser("batches", help="list, show or cancel batch jobs", add_help=False)
 
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "up":
+        from services.cli import up
+
         return up.run(args)
     parser.print_help()
     return 2
