@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,9 @@ import torch
 from services.engine import model_files
 
 logger = logging.getLogger(__name__)
+# The modules the torch-less import of transformers' config validators brought in (see
+# ``_import_config_validators``): that module alone, else another saw torch absent.
+LIGHT_IMPORTS: set[str] = set()
 
 
 def resolve_model(model: str | None) -> str:
@@ -62,6 +66,7 @@ def convert_gguf(gguf_path: Path) -> Path:
 
 
 def load_hf_config(folder: str) -> Any:
+    _import_config_validators()
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(folder)
@@ -136,3 +141,38 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _import_config_validators() -> None:
+    """Import transformers' config field validators without its activation functions.
+
+    NOTE: transformers 5 model configs (``configuration_llama``...) import
+    ``utils.type_validators``, which imports ``transformers.activations`` wherever torch is
+    installed, only to check a config's ``hidden_act`` name; that module pulls in the hub
+    kernels, the checkpoint conversions and ``torch.distributed.tensor`` (sympy with it): ~1 s
+    of CPU at each worker start, which the engine never uses (its models map ``hidden_act``
+    themselves). With torch reported absent for that one import, the validators skip the name
+    check (``ACT2FN`` empty, as transformers does without torch); the module then sees torch
+    as it is for every other check. A process that already imported it keeps it as it is.
+    """
+    if "transformers.utils.type_validators" in sys.modules:
+        return
+    # Its other imports first, as they are: only its own body may see torch absent.
+    import huggingface_hub.dataclasses  # noqa: F401
+    import transformers.image_utils
+    import transformers.tokenization_utils_base
+    import transformers.utils.generic
+    import transformers.utils.import_utils as import_utils
+    import transformers.video_utils  # noqa: F401
+
+    before = set(sys.modules)
+    real = import_utils.is_torch_available
+    import_utils.is_torch_available = lambda: False  # type: ignore[assignment]
+    try:
+        import transformers.utils.type_validators as validators
+    finally:
+        import_utils.is_torch_available = real
+    # NOTE: tests/engine/test_model_loader.py checks that nothing else was imported here.
+    LIGHT_IMPORTS.update(set(sys.modules) - before)
+    validators.is_torch_available = real  # type: ignore[attr-defined]
+    validators.torch = torch  # type: ignore[attr-defined]

@@ -28,6 +28,7 @@ from services.engine.layers.attention import AttentionMetadata, PrefillSegment, 
 from services.engine.layers.cpu_linear import pack_linears
 from services.engine.layers.masks import additive_mask
 from services.engine.lora_manager import LoRAManager
+from services.engine.meta_init import meta_build, to_device
 from services.engine.model_loader import iter_safetensors
 from services.engine.models.llama import LlamaModel
 from services.engine.models.llama_decode import DecodePath
@@ -125,11 +126,11 @@ class ModelRunner:
         self.backend = attention_backend(self.device)
         self.tp = tp or TPGroup()
         self.ranks: Any = None  # on the driver: the other ranks' processes (tp_ranks.py)
-        with torch.device("meta"):
+        with meta_build():
             model = cls(hf_config, self.backend)
             if self.tp.size > 1:
                 shard_model(model, self.tp, config.enable_expert_parallel, placements)
-        model = model.to_empty(device=self.device).to(self.dtype)
+        model = to_device(model, self.device).to(self.dtype)
         if model.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         # Buffers (rotary cos/sin) were created on meta: rebuild them on the device.

@@ -1,5 +1,5 @@
 """The fused Triton kernels of ``triton_ops`` (and ``triton_moe``, the routed experts of an MoE
-layer) when triton is installed, or None: every caller
+layer) when triton is installed beside a GPU build of torch, or None: every caller
 keeps its torch path, which CPU (and NPU) runs take. ``EPDSERVE_FUSED_KERNELS=0`` turns them
 off (the torch path on CUDA too, e.g. to compare).
 
@@ -17,7 +17,11 @@ import torch
 
 ops: Any = None  # the triton_ops module when on
 moe: Any = None  # the triton_moe module (fused mixture-of-experts) when on
-if os.environ.get("EPDSERVE_FUSED_KERNELS", "1") != "0":
+# NOTE: only a CUDA (or ROCm) build of torch can run them: a CPU build's worker would import
+# triton (~0.2 s of CPU at each start, benchmarks/RESULTS.md) for nothing. The interpreter
+# checks (tests/engine/triton_interpret_check.py) import the modules themselves.
+_gpu_build = torch.version.cuda is not None or torch.version.hip is not None
+if _gpu_build and os.environ.get("EPDSERVE_FUSED_KERNELS", "1") != "0":
     try:
         import services.engine.layers.triton_moe
         import services.engine.layers.triton_ops

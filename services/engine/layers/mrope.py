@@ -91,7 +91,8 @@ class MRotaryEmbedding(nn.Module):
         self.section = [int(s) for s in section]
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
-        self.build()
+        if torch.get_default_device().type != "meta":  # as RotaryEmbedding (rotary.py)
+            self.build()
 
     def build(self, device: torch.device | None = None) -> None:
         inv_freq = inv_frequencies(self.head_dim, self.params)

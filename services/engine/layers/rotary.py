@@ -59,7 +59,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", torch.empty(0), persistent=False)
         # The half tables of the last ``positions`` seen on the CPU (see ``_halves``).
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.build()
+        # NOTE: built on meta (engine/meta_init.py), the tables wait for ``build(device)``:
+        # computing them there goes through torch's decompositions, which import torch._dynamo.
+        if torch.get_default_device().type != "meta":
+            self.build()
 
     def build(self, device: torch.device | None = None) -> None:
         """(Re)compute the tables, e.g. after the module was created on the meta device."""
