@@ -24,7 +24,9 @@ _INITIALIZERS = (
     "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
     "sparse_",
 )  # fmt: skip
-_lock = threading.Lock()  # two builds at once (TP ranks in threads): one patch at a time
+# NOTE: the patch is process-wide: a module built on a real device by another thread during a
+# build would keep uninitialized weights. Engines build one model at a time, under this lock.
+_lock = threading.Lock()
 
 
 def _keep(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
