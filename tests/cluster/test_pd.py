@@ -67,7 +67,7 @@ def concurrently(fn, args_list):
         return list(pool.map(lambda a: fn(*a), args_list))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def pd_cluster(tiny_model_dir):
     """A PD pair (workers[0], [1]) and the co-located reference, a mixed worker (workers[2])
     serving the same model as MIXED_NAME."""
@@ -83,7 +83,7 @@ def pd_cluster(tiny_model_dir):
     c.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def staged_pd_cluster(tiny_model_dir):
     """PD through pinned host staging slots on both sides (what a GPU worker with the
     non-CUDA Mooncake wheel does), forced on the CPU, with two tensor-parallel ranks per
@@ -118,84 +118,85 @@ def worker_addresses(cluster) -> list[str]:
     return [w.ready_field("address") for w in cluster.workers]
 
 
-@pytest.mark.parametrize("pd", PD_CLUSTERS)
-def test_pd_equals_colocated(pd, request):
-    url = request.getfixturevalue("pd_cluster").base_url
-    mixed = request.getfixturevalue("pd_cluster").workers[2]
-    pd_cluster = request.getfixturevalue(pd)
-    expected = concurrently(lambda p: complete(url, p, **REFERENCE), [(p,) for p in PROMPTS])
-    for round_ in range(2):  # the second round hits the decode worker's prefix cache
-        got = concurrently(complete, [(pd_cluster.base_url, p) for p in PROMPTS])
-        for e, g, p in zip(expected, got, PROMPTS, strict=True):
-            ge, gg = e["choices"][0], g["choices"][0]
-            assert gg["text"] == ge["text"], (round_, p)
-            assert gg["logprobs"]["tokens"] == ge["logprobs"]["tokens"]
-            for a, b in zip(
-                gg["logprobs"]["token_logprobs"], ge["logprobs"]["token_logprobs"], strict=True
-            ):
-                assert abs(a - b) < 1e-4
-            assert g["usage"]["prompt_tokens"] == e["usage"]["prompt_tokens"]
-            assert g["usage"]["completion_tokens"] == 12
-    decode = load_report(pd_cluster.workers[1].ready_field("address"))
-    assert decode.role == pb.ROLE_DECODE
-    assert decode.prefix_cache_hit_rate > 0  # repeated prompts: their blocks did not move again
-    if pd == "pd_cluster":
-        assert decode.spec_num_drafts > 0, decode
-    # The reference did not speculate (its worker can: same engine).
-    reference = load_report(mixed.ready_field("address"))
-    assert reference.role == pb.ROLE_MIXED and reference.spec_num_drafts == 0, reference
+# NOTE: one cluster at a time, or two where a test compares them (the CI machine's memory):
+# each class's clusters stop after its last test, before the next class starts its own.
+class TestPDPairs:
+    @pytest.mark.parametrize("pd", PD_CLUSTERS)
+    def test_pd_equals_colocated(self, pd, request):
+        url = request.getfixturevalue("pd_cluster").base_url
+        mixed = request.getfixturevalue("pd_cluster").workers[2]
+        pd_cluster = request.getfixturevalue(pd)
+        expected = concurrently(lambda p: complete(url, p, **REFERENCE), [(p,) for p in PROMPTS])
+        for round_ in range(2):  # the second round hits the decode worker's prefix cache
+            got = concurrently(complete, [(pd_cluster.base_url, p) for p in PROMPTS])
+            for e, g, p in zip(expected, got, PROMPTS, strict=True):
+                ge, gg = e["choices"][0], g["choices"][0]
+                assert gg["text"] == ge["text"], (round_, p)
+                assert gg["logprobs"]["tokens"] == ge["logprobs"]["tokens"]
+                for a, b in zip(
+                    gg["logprobs"]["token_logprobs"], ge["logprobs"]["token_logprobs"], strict=True
+                ):
+                    assert abs(a - b) < 1e-4
+                assert g["usage"]["prompt_tokens"] == e["usage"]["prompt_tokens"]
+                assert g["usage"]["completion_tokens"] == 12
+        decode = load_report(pd_cluster.workers[1].ready_field("address"))
+        assert decode.role == pb.ROLE_DECODE
+        assert decode.prefix_cache_hit_rate > 0  # repeated prompts: their blocks did not move again
+        if pd == "pd_cluster":
+            assert decode.spec_num_drafts > 0, decode
+        # The reference did not speculate (its worker can: same engine).
+        reference = load_report(mixed.ready_field("address"))
+        assert reference.role == pb.ROLE_MIXED and reference.spec_num_drafts == 0, reference
 
+    def test_stream_and_chat_in_pd(self, pd_cluster):
+        body = {"model": TINY_NAME, "messages": [{"role": "user", "content": "Tell me a story"}],
+                "max_tokens": 10, "temperature": 0, "stream": True, "stop": ["zzz"]}  # fmt: skip
 
-def test_stream_and_chat_in_pd(pd_cluster):
-    body = {"model": TINY_NAME, "messages": [{"role": "user", "content": "Tell me a story"}],
-            "max_tokens": 10, "temperature": 0, "stream": True, "stop": ["zzz"]}  # fmt: skip
+        def stream_text(**extra: object) -> str:
+            parts = []
+            with httpx.stream("POST", pd_cluster.base_url + "/v1/chat/completions",
+                              json={**body, **extra}, timeout=60) as r:  # fmt: skip
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        import json
 
-    def stream_text(**extra: object) -> str:
-        parts = []
-        with httpx.stream("POST", pd_cluster.base_url + "/v1/chat/completions",
-                          json={**body, **extra}, timeout=60) as r:  # fmt: skip
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    import json
+                        for ch in json.loads(line[6:])["choices"]:
+                            parts.append(ch["delta"].get("content") or "")
+            return "".join(parts)
 
-                    for ch in json.loads(line[6:])["choices"]:
-                        parts.append(ch["delta"].get("content") or "")
-        return "".join(parts)
+        assert stream_text() == stream_text(**REFERENCE)
 
-    assert stream_text() == stream_text(**REFERENCE)
+    @pytest.mark.parametrize("pd", PD_CLUSTERS)
+    def test_no_block_leaks_after_aborts(self, pd, request):
+        """100 requests, every third one abandoned by its client mid-stream (with staging: no
+        staging slot is left held either)."""
+        pd_cluster = request.getfixturevalue(pd)
+        url = pd_cluster.base_url
+        addresses = worker_addresses(pd_cluster)
+        before = wait_all_blocks_free(addresses)
+        assert all(f == t for f, t in before.values()), before
 
+        def one(i: int) -> str:
+            body = {"model": TINY_NAME, "prompt": PROMPTS[i % len(PROMPTS)] + f" {i}",
+                    "max_tokens": 40 if i % 3 == 0 else 6, "temperature": 0, "ignore_eos": True,
+                    "stream": True}  # fmt: skip
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                if r.status_code != 200:
+                    return f"status {r.status_code}"
+                for n, _ in enumerate(r.iter_lines()):
+                    if i % 3 == 0 and n >= 2:
+                        return "abandoned"  # leaving the block closes the connection
+            return "done"
 
-@pytest.mark.parametrize("pd", PD_CLUSTERS)
-def test_no_block_leaks_after_aborts(pd, request):
-    """100 requests, every third one abandoned by its client mid-stream (with staging: no
-    staging slot is left held either)."""
-    pd_cluster = request.getfixturevalue(pd)
-    url = pd_cluster.base_url
-    addresses = worker_addresses(pd_cluster)
-    before = wait_all_blocks_free(addresses)
-    assert all(f == t for f, t in before.values()), before
-
-    def one(i: int) -> str:
-        body = {"model": TINY_NAME, "prompt": PROMPTS[i % len(PROMPTS)] + f" {i}",
-                "max_tokens": 40 if i % 3 == 0 else 6, "temperature": 0, "ignore_eos": True,
-                "stream": True}  # fmt: skip
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-            if r.status_code != 200:
-                return f"status {r.status_code}"
-            for n, _ in enumerate(r.iter_lines()):
-                if i % 3 == 0 and n >= 2:
-                    return "abandoned"  # leaving the block closes the connection
-        return "done"
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(one, range(100)))
-    assert results.count("done") == 66 and results.count("abandoned") == 34, results
-    after = wait_all_blocks_free(addresses)
-    assert after == before, (before, after)
-    if pd == "staged_pd_cluster":
-        slots = staging_slots(pd_cluster)
-        assert all(free == total > 0 for free, total in slots), slots
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = list(pool.map(one, range(100)))
+        assert results.count("done") == 66 and results.count("abandoned") == 34, results
+        after = wait_all_blocks_free(addresses)
+        assert after == before, (before, after)
+        if pd == "staged_pd_cluster":
+            slots = staging_slots(pd_cluster)
+            assert all(free == total > 0 for free, total in slots), slots
 
 
 def kill_when_busy(
@@ -222,7 +223,7 @@ def kill_when_busy(
     return asyncio.run(watch())
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def two_prefill_cluster(tiny_model_dir):
     """2 prefill + 1 decode, prompts prefilled in chunks of 16 tokens (a long prefill to kill
     a worker in), shared by the kill tests (each restarts what one before it killed)."""
@@ -256,52 +257,53 @@ def every_worker_routed(c) -> None:
     raise AssertionError(f"not every worker routed in 120 s: {health}")
 
 
-# NOTE: stopped first: the stopped worker goes on after SIGCONT, so the killed case that
-# follows needs no restart (a restart costs about what a fresh cluster does: a model load).
-@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["stopped", "killed"])
-def test_kill_prefill_worker_in_flight(two_prefill_cluster, sig):
-    """2 prefill + 1 decode; kill -9 (or stop: a hung worker) one prefill worker with
-    requests in flight."""
-    c = two_prefill_cluster
-    every_worker_routed(c)
-    victim = c.workers[0]
-    try:
-        decode_addr = c.workers[2].ready_field("address")
-        long_prompt = "word " * 450
-        victim_addr = victim.ready_field("address")
+class TestPrefillKilled:
+    # NOTE: stopped first: the stopped worker goes on after SIGCONT, so the killed case that
+    # follows needs no restart (a restart costs about what a fresh cluster does: a model load).
+    @pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["stopped", "killed"])
+    def test_kill_prefill_worker_in_flight(self, two_prefill_cluster, sig):
+        """2 prefill + 1 decode; kill -9 (or stop: a hung worker) one prefill worker with
+        requests in flight."""
+        c = two_prefill_cluster
+        every_worker_routed(c)
+        victim = c.workers[0]
+        try:
+            decode_addr = c.workers[2].ready_field("address")
+            long_prompt = "word " * 450
+            victim_addr = victim.ready_field("address")
 
-        def one(i: int) -> tuple[int, dict]:
-            r = httpx.post(
-                c.base_url + "/v1/completions",
-                json={"model": TINY_NAME, "prompt": long_prompt + str(i), "max_tokens": 8,
-                      "temperature": 0, "ignore_eos": True},
-                timeout=120,
-            )  # fmt: skip
-            return r.status_code, r.json()
+            def one(i: int) -> tuple[int, dict]:
+                r = httpx.post(
+                    c.base_url + "/v1/completions",
+                    json={"model": TINY_NAME, "prompt": long_prompt + str(i), "max_tokens": 8,
+                          "temperature": 0, "ignore_eos": True},
+                    timeout=120,
+                )  # fmt: skip
+                return r.status_code, r.json()
 
-        with ThreadPoolExecutor(max_workers=13) as pool:
-            # Kill it while it holds requests (prefill of a long prompt in small chunks): the
-            # whole batch takes well under a second here, so watch its load stream.
-            watching = threading.Event()
-            watcher = pool.submit(kill_when_busy, victim_addr, victim, watching, 60.0, sig)
-            assert watching.wait(30), "no load report from the victim"
-            futures = [pool.submit(one, i) for i in range(12)]
-            inflight_at_kill = watcher.result()
-            results = [f.result() for f in futures]
-        victim.signal(signal.SIGCONT)  # a stopped one goes on (its late writes are fenced)
-        # Every request hit by the kill is retried on the surviving prefill worker with the
-        # same (healthy) decode worker: the client sees no error (README, PD retry).
-        assert [status for status, _ in results] == [200] * 12, results
-        for _, body in results:
-            assert body["choices"][0]["finish_reason"] == "length"
-            assert body["usage"]["completion_tokens"] == 8
-        # The kill did hit requests in flight (the victim reported them just before).
-        assert inflight_at_kill > 0
-        # Released reservations stay quarantined until their write deadline has passed.
-        counts = wait_all_blocks_free([decode_addr], timeout=120.0)
-        free, total = counts[decode_addr]
-        assert free == total, counts
-        # The cluster keeps serving on the remaining pair.
-        assert one(99)[0] == 200
-    finally:
-        victim.signal(signal.SIGCONT)
+            with ThreadPoolExecutor(max_workers=13) as pool:
+                # Kill it while it holds requests (prefill of a long prompt in small chunks): the
+                # whole batch takes well under a second here, so watch its load stream.
+                watching = threading.Event()
+                watcher = pool.submit(kill_when_busy, victim_addr, victim, watching, 60.0, sig)
+                assert watching.wait(30), "no load report from the victim"
+                futures = [pool.submit(one, i) for i in range(12)]
+                inflight_at_kill = watcher.result()
+                results = [f.result() for f in futures]
+            victim.signal(signal.SIGCONT)  # a stopped one goes on (its late writes are fenced)
+            # Every request hit by the kill is retried on the surviving prefill worker with the
+            # same (healthy) decode worker: the client sees no error (README, PD retry).
+            assert [status for status, _ in results] == [200] * 12, results
+            for _, body in results:
+                assert body["choices"][0]["finish_reason"] == "length"
+                assert body["usage"]["completion_tokens"] == 8
+            # The kill did hit requests in flight (the victim reported them just before).
+            assert inflight_at_kill > 0
+            # Released reservations stay quarantined until their write deadline has passed.
+            counts = wait_all_blocks_free([decode_addr], timeout=120.0)
+            free, total = counts[decode_addr]
+            assert free == total, counts
+            # The cluster keeps serving on the remaining pair.
+            assert one(99)[0] == 200
+        finally:
+            victim.signal(signal.SIGCONT)
