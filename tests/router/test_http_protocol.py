@@ -214,3 +214,19 @@ def test_malformed_requests_get_400_in_the_apis_format() -> None:
     for status, body in answers:
         assert status == 400 and b'"error"' in body and b"invalid HTTP request" in body, body
     assert good[0] == 200
+
+
+def test_idle_connections_outlast_the_clients_expiry() -> None:
+    """uvicorn's default 5 s equals the idle expiry of httpx and of the OpenAI and Anthropic
+    SDKs: a client reusing its connection as the gateway closed it got 'Connection reset by
+    peer' (1 of 150 requests ~5 s apart; a POST is not retried). The gateway keeps idle
+    connections well past every common client's expiry (aiohttp's: 15 s)."""
+    import anthropic._constants
+    import httpx
+    import openai._constants
+
+    expiries = [httpx.Limits().keepalive_expiry, 15.0,
+                openai._constants.DEFAULT_CONNECTION_LIMITS.keepalive_expiry,
+                anthropic._constants.DEFAULT_CONNECTION_LIMITS.keepalive_expiry]  # fmt: skip
+    config = server_config(_app, RouterConfig(host="127.0.0.1", port=0), "error")
+    assert config.timeout_keep_alive >= 2 * max(e or 0.0 for e in expiries), expiries
