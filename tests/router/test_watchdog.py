@@ -258,6 +258,44 @@ def test_a_call_to_a_worker_whose_engine_moves_is_not_lost() -> None:
     asyncio.run(main())
 
 
+def test_a_router_stopped_for_longer_than_the_stale_bound_loses_no_worker() -> None:
+    """chaos11 (session 18): a router SIGSTOPped for 5 s branded every worker hung on SIGCONT
+    and moved their streams, though each had kept reporting into its socket. Here the loop
+    itself stands still for 2x the stale bound (the router stopped); the worker's reports
+    resume with it. Fails on the old code (the first check after the stop judged 1 s of
+    silence its worker's)."""
+
+    async def main() -> None:
+        h = fake_handle("w0", None, stale_s=0.5)
+
+        async def reporting() -> None:  # follow_load reading the worker's reports
+            for _ in range(6):
+                h.load_at = time.monotonic()
+                await asyncio.sleep(0.05)
+            time.sleep(1.0)  # the router's loop stopped: nothing runs, nothing is read
+            # The reports sent meanwhile reach the loop a little after it resumes (grpc's
+            # poller hands them over), after the watchdog's overdue timer has run.
+            await asyncio.sleep(0.1)
+            while True:
+                h.load_at = time.monotonic()
+                await asyncio.sleep(0.05)
+
+        async def watched() -> None:
+            async for _ in watched_stream(h, Forever(), 30.0):
+                pass
+
+        reports = asyncio.create_task(reporting())
+        call = asyncio.create_task(watched())
+        await asyncio.sleep(0.3 + 1.0 + 4 * watch.WATCH_INTERVAL_S)
+        reports.cancel()
+        assert not call.done(), call.exception()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    asyncio.run(main())
+
+
 async def _wake_often(every_s: float, wakes: list[float]) -> None:
     while True:
         wakes.append(time.monotonic())

@@ -50,6 +50,7 @@ class Watchdog:
         self._limit_s = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._lost: WorkerLost | None = None  # set when the watchdog cancelled a wait
+        self._due = 0.0  # monotonic time the next check is due (it may run later)
 
     async def wait(self, step: Awaitable[T], limit_s: float) -> T:
         """The result of ``step`` (a call to the worker, or its next message), or WorkerLost
@@ -60,7 +61,7 @@ class Watchdog:
         self._task, self._limit_s = task, limit_s
         self._deadline = time.monotonic() + limit_s
         if self._timer is None:
-            self._timer = self._loop.call_later(WATCH_INTERVAL_S, self._check)
+            self._arm()
         try:
             return await step
         except asyncio.CancelledError:
@@ -77,12 +78,22 @@ class Watchdog:
         finally:
             self._task = None
 
+    def _arm(self) -> None:
+        self._due = time.monotonic() + WATCH_INTERVAL_S
+        self._timer = self._loop.call_later(WATCH_INTERVAL_S, self._check)
+
     def _check(self) -> None:
         self._timer = None
         task = self._task
         if task is None:
             return  # nobody waits: the next wait starts the timer again
-        now = time.monotonic()
+        # NOTE: judged as of when this check was due, not when it ran: a router stopped
+        # (SIGSTOP) or starved for seconds heard nothing from anyone meanwhile, while its
+        # workers' reports of that time wait unread in its sockets. Judged at its resume,
+        # every worker looked silent and every stream was moved (chaos11, session 18); the
+        # next check, one interval on, sees the reports read by then. A loop that is only
+        # late shifts each judgement by its lateness, never by more than one check's.
+        now = self._due
         if self.handle.silent(now):
             silence = self.handle.silence(now)
             self._lost = WorkerLost(
@@ -107,7 +118,7 @@ class Watchdog:
         if self._lost is not None:
             task.cancel()
             return
-        self._timer = self._loop.call_later(WATCH_INTERVAL_S, self._check)
+        self._arm()
 
     def close(self) -> None:
         if self._timer is not None:
