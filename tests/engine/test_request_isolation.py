@@ -258,8 +258,9 @@ def test_a_slow_step_that_moves_layer_by_layer_is_not_stalled(tiny_model_dir):
                 pass_s = max(pass_s, time.monotonic() - eng._pass_started)
                 await asyncio.sleep(0.02)
             assert (await run)[-1].finished
-            assert pass_s >= len(layers) * layer_s  # one pass held every layer's sleep
-            assert stalled < layer_s + 0.6, (stalled, pass_s)
+            # The old rule (the pass's wall time, ~2 s, sampled every 20 ms) would have judged
+            # it stuck past the bound that progress stays under.
+            assert stalled < layer_s + 0.6 < pass_s, (stalled, pass_s)
         finally:
             await eng.shutdown()
 

@@ -49,11 +49,17 @@ async def traced(etcd, collector, request):
     await asyncio.to_thread(tracing.shutdown)
 
 
+# The spans a request's trace holds once all are exported. NOTE: the router's Generate span can
+# end after its root: the router answers at the worker's finished message (9f86567) and ends
+# the call when its status comes; waiting for the root and any worker span alone saw that span
+# missing once in CI (KeyError ('epdserve-router', 'Generate'), session 18).
+SPANS = {("epdserve-router", "request"), ("epdserve-router", "queue"),
+         ("epdserve-router", "Generate"), ("epdserve-worker", "Generate")}  # fmt: skip
+
+
 def complete(traces: dict[str, list[SpanRecord]], n: int) -> bool:
-    """``n`` traces, each with its router root and a worker span."""
-    done = [t for t in traces.values()
-            if {"epdserve-router", "epdserve-worker"} <= {s.service for s in t}
-            and any(s.name == "request" for s in t)]  # fmt: skip
+    """``n`` traces, each with every span of ``SPANS``."""
+    done = [t for t in traces.values() if SPANS <= {(s.service, s.name) for s in t}]
     return len(done) >= n
 
 
