@@ -70,6 +70,34 @@ def test_a_popular_request_is_not_blocked_by_unrelated_deaths() -> None:
     t.admit("popular")
 
 
+def test_one_death_under_many_identical_requests_is_one_death() -> None:
+    """A load generator's fixed prompt in flight five times on the worker that is killed,
+    then on another killed worker: victims, never judged (session 18's CI: these deaths were
+    summed over the requests and the prompt was refused on the router for good)."""
+    t = PoisonTracker(max_deaths=2)
+    for victim in ("w1", "w2"):
+        running = [t.admit("load") for _ in range(5)]
+        for r in running:
+            t.note_placement(r, victim)
+            t.note_death(r, victim)
+    t.admit("load")
+
+
+def test_workers_that_die_together_are_one_death() -> None:
+    """A PD pair lost with its node (or a decode worker failing after its prefill died) is
+    one death of the request's; a worker it goes to after that and that dies is the second."""
+    t = PoisonTracker(max_deaths=2)
+    r = t.admit("fp")
+    t.note_placement(r, "decode-1")
+    t.note_placement(r, "prefill-1")
+    t.note_death(r, "prefill-1")
+    t.note_death(r, "decode-1")  # placed before the first death: died with it
+    t.note_placement(r, "decode-1")  # placed again: still its first placement counts
+    t.note_placement(r, "prefill-2")
+    with pytest.raises(Exception, match="running on 2 workers"):
+        t.note_death(r, "prefill-2")
+
+
 def test_memory_of_deaths_expires() -> None:
     now = [0.0]
     t = PoisonTracker(max_deaths=1, ttl_s=10, clock=lambda: now[0])

@@ -7,13 +7,19 @@ vanished (killed, crashed, hung) while running it: the router cannot tell whethe
 or another one, or nothing at all (an OOM kill, a node lost), was the cause. Migration exists
 for exactly that case, so a first death is retried elsewhere; but
 
-- a request that was running on ``max_deaths`` workers that died is taken to be their cause
-  and fails with a clear error instead of crashing the next worker, and the next;
+- a request that killed ``max_deaths`` workers in turn is taken to be their cause and fails
+  with a clear error instead of crashing the next worker, and the next. In turn: a death
+  counts only on a worker the request was placed on after its previous counted death. The
+  workers it ran on together when one died (a PD pair on a lost node, a decode worker whose
+  prefill died) are one death, not two;
 - an identical request (same model, prompt, sampling parameters, images: a client's retry)
-  is refused up front while its fingerprint's deaths reach ``max_deaths`` and at least half
-  the requests with it seen within ``ttl_s``. NOTE: the share matters: a popular prompt
-  (a health probe, a shared system prompt with temperature 0) is in flight on every worker
-  that an operator restarts, and must not be blocked for that.
+  is refused for ``ttl_s`` after one with its fingerprint was judged poison, while such
+  judgements are at least half of the requests with it. NOTE: the share matters: a popular
+  prompt (a health probe, a shared system prompt with temperature 0) is in flight on every
+  worker that an operator restarts, and must not be blocked for that. NOTE: deaths of
+  different requests are never summed: one worker killed under five identical requests in
+  flight (a load generator's fixed prompts) is five victims of one death, not five deaths
+  (the chaos suite's failure in session 18's CI).
 """
 
 from __future__ import annotations
@@ -48,10 +54,13 @@ def fingerprint(
 
 @dataclass
 class RequestDeaths:
-    """One request's own count of the workers that died while running it."""
+    """One request's count of the workers that died while running it."""
 
     fp: str
-    workers: set[str] = field(default_factory=set)
+    workers: set[str] = field(default_factory=set)  # every worker that died running it
+    deaths: int = 0  # of those, the deaths in turn (module docstring)
+    # Worker id -> ``deaths`` when the request was first placed on it.
+    placed: dict[str, int] = field(default_factory=dict)
 
 
 # The worker deaths of the request the current task runs: set by PoisonTracker.track (once
@@ -63,9 +72,10 @@ _DEATHS: contextvars.ContextVar[RequestDeaths | None] = contextvars.ContextVar(
 
 @dataclass
 class _Seen:
-    requests: int = 0  # requests with this fingerprint (within ttl_s of the last change)
-    deaths: int = 0  # worker deaths while one of them ran
-    last: float = 0.0
+    requests: int = 0  # requests with this fingerprint admitted
+    poisoned: int = 0  # of those, the ones judged poison (``max_deaths`` deaths in turn)
+    judged_at: float = float("-inf")  # when one last was
+    last: float = 0.0  # last use of the entry (admitted, refused or judged)
 
 
 class PoisonTracker:
@@ -90,9 +100,13 @@ class PoisonTracker:
     def admit(self, fp: str) -> RequestDeaths:
         """Start tracking a request; raises the poison APIError if ``fp`` is poison."""
         seen = self._entry(fp)
-        if seen.deaths >= self.max_deaths and 2 * seen.deaths >= seen.requests:
+        if (
+            seen.poisoned
+            and self.clock() - seen.judged_at <= self.ttl_s
+            and 2 * seen.poisoned >= seen.requests
+        ):
             self.refused += 1
-            raise self._error(seen.deaths, "requests identical to this one were")
+            raise self._error(self.max_deaths, "requests identical to this one were")
         seen.requests += 1
         return RequestDeaths(fp)
 
@@ -101,27 +115,44 @@ class PoisonTracker:
         then counts; raises the poison APIError if ``fp`` is poison."""
         _DEATHS.set(self.admit(fp))
 
+    def note_current_placement(self, worker_id: str) -> None:
+        """``note_placement`` for the current task's request (if ``track`` started one)."""
+        deaths = _DEATHS.get()
+        if deaths is not None:
+            self.note_placement(deaths, worker_id)
+
     def note_current_death(self, worker_id: str) -> None:
         """``note_death`` for the current task's request (if ``track`` started one)."""
         deaths = _DEATHS.get()
         if deaths is not None:
             self.note_death(deaths, worker_id)
 
+    @staticmethod
+    def note_placement(request: RequestDeaths, worker_id: str) -> None:
+        """``request`` is sent to ``worker_id`` (a call starts): the first time only counts."""
+        request.placed.setdefault(worker_id, request.deaths)
+
     def note_death(self, request: RequestDeaths, worker_id: str) -> None:
         """The worker ``worker_id`` died or hung while running ``request``; raises the poison
-        APIError if that makes the request poison (do not send it elsewhere)."""
+        APIError if that makes the request poison (do not send it elsewhere). A worker it
+        was placed on before its previous death died with that one (not in turn)."""
         if worker_id in request.workers:
             return
         request.workers.add(worker_id)
-        self._entry(request.fp).deaths += 1
-        if len(request.workers) >= self.max_deaths:
+        if request.placed.get(worker_id, request.deaths) < request.deaths:
+            return
+        request.deaths += 1
+        if request.deaths >= self.max_deaths:
+            seen = self._entry(request.fp)
+            seen.poisoned += 1
+            seen.judged_at = self.clock()
             self.refused += 1
-            raise self._error(len(request.workers), "this request was")
+            raise self._error(request.deaths, "this request was")
 
     def _entry(self, fp: str) -> _Seen:
         now = self.clock()
         seen = self._seen.get(fp)
-        if seen is None or now - seen.last > self.ttl_s:
+        if seen is None or (now - seen.last > self.ttl_s and now - seen.judged_at > self.ttl_s):
             seen = self._seen[fp] = _Seen()
         seen.last = now
         self._seen.move_to_end(fp)

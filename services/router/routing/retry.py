@@ -170,6 +170,7 @@ class Attempts:
     ) -> Any:
         """The reply of a unary ``call`` to ``handle``, or ``AttemptFailed``. A refusal for lack
         of room before the monotonic time ``busy_until`` raises ``WorkerBusy`` instead."""
+        self.poison.note_current_placement(handle.id)
         try:
             return await watched_unary(handle, call, limit_s)
         except WorkerLost as exc:
@@ -200,6 +201,7 @@ class Attempts:
         that message), and the call ends on its own. NOTE: it holds nothing to clean up; the
         caller cancels ``call`` unless it saw that message (a cancel then would cut the
         worker's end of a finished request short)."""
+        self.poison.note_current_placement(handle.id)
         got_any = False
         try:
             async with aclosing(watched_stream(handle, call, stall_s, first_s)) as stream:
