@@ -2,9 +2,16 @@
 is killed (-9) or stopped (SIGSTOP) in turn, then restarted or continued.
 
 Per fault it reports requests sent, failed, migrated and the longest stall a client saw
-(printed, and written as JSON to ``$EPDSERVE_CHAOS_REPORT`` when set). Every answer is
-checked against the undisturbed greedy output of its prompt, so a duplicated or missing
-token is a failure too. Targets: zero failed requests for worker faults and for etcd and
+(printed, and written as JSON to ``$EPDSERVE_CHAOS_REPORT`` when set); for a worker fault
+also "hit": the calls the worker ran when the signal landed (its own count: the fault waits
+up to 10 s for one). "migrated" counts streams continued elsewhere after their first token.
+A prefill worker's part of a request ends with that token (its Prefill call returns it once
+the KV is pushed), so a prefill fault cuts only attempts before the first token, which the
+router retries on another pair: the prefill rows migrate nothing by design, and their "hit"
+is the number of prefills retried. A decode row may migrate fewer than it hit: the router
+relays at its client's pace, and a worker that had sent all of a request's tokens leaves
+nothing to migrate. Every answer is checked against the undisturbed greedy output of its
+prompt, so a duplicated or missing token is a failure too. Targets: zero failed requests for worker faults and for etcd and
 mooncake_master faults; a killed router replica loses only the requests it was serving; one
 stopped fails none or fails them in the API's format. Every stop outlasts the cluster's etcd
 lease (3 s), its etcd call timeout and the routers' load_stale_s. After the faults no worker
@@ -24,9 +31,12 @@ import signal
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
+from services.common.proto import worker_pb2 as pb
+from services.common.proto import worker_pb2_grpc as pb_grpc
 from tests.chaos.chaos_load import CLIENTS, PROMPTS, Load, body
 from tests.cluster.cluster_helpers import load_report, start_cluster, worker_health
 
@@ -118,10 +128,11 @@ REPORT: list[dict] = []
 @pytest.fixture(scope="module", autouse=True)
 def report():
     yield
-    lines = [f"{'fault':<28}{'sent':>6}{'failed':>8}{'migrated':>10}{'max stall s':>13}"]
+    lines = [f"{'fault':<28}{'sent':>6}{'failed':>8}{'hit':>5}{'migrated':>10}{'max stall s':>13}"]
     for r in REPORT:
+        hit = "-" if r["hit"] is None else r["hit"]
         lines.append(
-            f"{r['fault']:<28}{r['sent']:>6}{r['failed']:>8}{r['migrated']:>10}"
+            f"{r['fault']:<28}{r['sent']:>6}{r['failed']:>8}{hit:>5}{r['migrated']:>10}"
             f"{r['max_stall_s']:>13.2f}"
         )
     print("\nchaos report\n" + "\n".join(lines))
@@ -131,10 +142,11 @@ def report():
 
 def run_fault(cluster, load: Load, name: str, inject, recover, lost_router: str = "") -> dict:
     """Inject a fault under load, recover, wait until the cluster serves again; record and
-    return the outcome of every request that started from just before the fault on."""
+    return the outcome of every request that started from just before the fault on.
+    ``inject`` may return what it hit (``signal_when_busy``)."""
     begin = time.monotonic() - 1.0  # requests already running when the fault lands count
     before = migrations(load.urls)
-    inject()
+    hit = inject()
     recover()
     load.completed_after(time.monotonic(), 2 * CLIENTS, 120)
     outcomes = load.since(begin)
@@ -142,6 +154,7 @@ def run_fault(cluster, load: Load, name: str, inject, recover, lost_router: str 
     lost = [o for o in outcomes if not o.ok and o.router == lost_router]
     row = {
         "fault": name, "sent": len(outcomes), "failed": len(failed), "lost_with_router": len(lost),
+        "hit": hit if isinstance(hit, int) else None,
         "unclean": len([o for o in failed if not o.clean]),
         "migrated": migrated_since(before, migrations(load.urls)),
         "max_stall_s": max((o.stall_s for o in outcomes), default=0.0),
@@ -163,6 +176,22 @@ def worker_of(cluster, role: str):
                 return busy[0]
         time.sleep(0.02)
     return live[0]
+
+
+def signal_when_busy(proc, sig: int) -> int:
+    """Send ``sig`` to the worker ``proc`` once it runs a call (or after 10 s); the calls it
+    ran then, by its own count (a router's count also holds streams it is still relaying
+    after the worker finished them)."""
+    address = proc.ready_field("address")
+    deadline = time.monotonic() + 10
+    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as ch:
+        stub = pb_grpc.WorkerServiceStub(ch)
+        while True:
+            n = stub.Health(pb.HealthRequest(), timeout=10).num_inflight
+            if n or time.monotonic() > deadline:
+                proc.signal(sig)
+                return n
+            time.sleep(0.005)
 
 
 def role_of(cluster, name: str) -> str | None:
@@ -199,7 +228,7 @@ def test_kill_worker(cluster, load, role):
     victim = worker_of(cluster, role)
     KILLED.add(victim.name)
     row = run_fault(
-        cluster, load, f"kill -9 {role}", lambda: victim.signal(signal.SIGKILL),
+        cluster, load, f"kill -9 {role}", lambda: signal_when_busy(victim, signal.SIGKILL),
         lambda: replace_worker(cluster, victim, role),
     )  # fmt: skip
     assert row["failed"] == 0, row["errors"]
@@ -209,7 +238,7 @@ def test_kill_worker(cluster, load, role):
 def test_stop_worker(cluster, load, role):
     victim = worker_of(cluster, role)
     row = run_fault(
-        cluster, load, f"SIGSTOP {role}", lambda: victim.signal(signal.SIGSTOP),
+        cluster, load, f"SIGSTOP {role}", lambda: signal_when_busy(victim, signal.SIGSTOP),
         lambda: stop_then_continue(victim),
     )  # fmt: skip
     assert row["failed"] == 0, row["errors"]
