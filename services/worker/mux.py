@@ -134,16 +134,20 @@ class MuxRPCs:
     ) -> AsyncIterator[pb.MuxFrames]:
         outbox: asyncio.Queue[Any] = asyncio.Queue()
         running: dict[int, _Run] = {}
+        started = 0  # the highest id started on this stream
 
         async def read() -> None:
+            nonlocal started
             try:
                 async for frame in frames:
                     run = running.get(frame.id)
                     if frame.HasField("start") or frame.HasField("decode"):
-                        if run is not None:  # a start sent twice: the first one runs
+                        # The router's ids only grow on a stream (and gRPC keeps their order):
+                        # a start at or below the highest is repeated or late, running or
+                        # ended, and must not run the request again.
+                        if frame.id <= started:
                             continue
-                        # NOTE: an id whose request has ended is not started again only
-                        # because the router never reuses an id on a stream.
+                        started = frame.id
                         run = running[frame.id] = _Run(frame.window)
                         run.task = asyncio.create_task(self._mux_one(frame, outbox, run))
                         run.task.add_done_callback(functools.partial(_forget, running, frame.id))

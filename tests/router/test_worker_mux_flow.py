@@ -77,8 +77,9 @@ async def test_a_reader_that_stops_pauses_its_own_request_only(worker: Worker) -
 
 
 async def test_late_repeated_and_stray_frames_change_nothing(worker: Worker) -> None:
-    """On one raw stream: a start sent twice runs once; a cancel or credit for an ended
-    request, or for one that never was, is ignored; the stream goes on."""
+    """On one raw stream: a start sent twice runs once, also when the second comes after
+    the request ended; a cancel or credit for an ended request, or for one that never was,
+    is ignored; the stream goes on."""
     out: asyncio.Queue[Any] = asyncio.Queue()
 
     async def frames() -> Any:
@@ -100,7 +101,7 @@ async def test_late_repeated_and_stray_frames_change_nothing(worker: Worker) -> 
     out.put_nowait(start)
     out.put_nowait(start)  # twice
     assert (await asyncio.wait_for(until_end(1), 10)).code == 0
-    for stray in (pb.MuxRequest(id=1, cancel=True), pb.MuxRequest(id=1, credit=9),
+    for stray in (start, pb.MuxRequest(id=1, cancel=True), pb.MuxRequest(id=1, credit=9),
                   pb.MuxRequest(id=77, cancel=True), pb.MuxRequest(id=78, credit=3)):  # fmt: skip
         out.put_nowait(stray)
     out.put_nowait(pb.MuxRequest(id=2, start=gen_request("b", 3)))
