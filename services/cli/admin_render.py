@@ -86,6 +86,12 @@ def render_gone(gone: list[dict]) -> list[str]:
             f"{g['host']}): gone for {g['for_s']:.0f}s" for g in gone]  # fmt: skip
 
 
+def render_starting(starting: list[dict]) -> list[str]:
+    """Lines on the workers that are starting (loading their model, not serving yet)."""
+    return [f"  {s['id']} ({s['role']}, {s['model']}, pid {s['pid']} on {s['host']}): "
+            f"starting for {s['for_s']:.0f}s" for s in starting]  # fmt: skip
+
+
 def flipped(d: dict) -> str:
     """The worker a rebalancing decision names and the role it goes to, as " ID -> ROLE"."""
     if not d["worker_id"]:
@@ -129,6 +135,8 @@ def render_status(st: dict) -> str:
     out = [f"cluster {st['cluster']}: {len(st['workers'])} workers"]
     for model, rows in sorted(tables.items()):
         out += [f"model {model}: {len(rows) - 1} workers", table(rows), ""]
+    if st.get("starting"):
+        out += ["workers starting:", *render_starting(st["starting"]), ""]
     if st.get("gone"):
         out += ["workers gone:", *render_gone(st["gone"]), ""]
     if held:

@@ -54,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("batches", help="list, show or cancel batch jobs", add_help=False)
 
     if argv and argv[0] == "worker":
+        from services.worker import starting  # before the heavy imports: worker/starting.py
+
+        announced = starting.announce(argv[1:])
         from services.worker.main import main as worker_main
 
-        return worker_main(argv[1:])
+        return worker_main(argv[1:], handover=announced)
     if argv and argv[0] == "router":
         from services.router.main import main as router_main
 

@@ -68,8 +68,9 @@ def election_name(cluster: str) -> str:
 # Advertised worker states: taking work | refusing new work (operator drain) | converging
 # to a new role or going to sleep (refusing new work, finishing what it holds) | asleep (its
 # weights and KV memory given back: services/engine/sleep.py) or waking up | draining for a
-# restart with another model (services/worker/model_load.py).
-WORKER_STATES = ("serving", "draining", "flipping", "sleeping", "loading")
+# restart with another model (services/worker/model_load.py) | started, its model not loaded
+# yet (no address: services/worker/starting.py, router/routing/starting.py).
+WORKER_STATES = ("serving", "draining", "flipping", "sleeping", "loading", "starting")
 
 
 @dataclass

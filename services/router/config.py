@@ -90,7 +90,9 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
         "decode or mixed worker killed) waits up to this many seconds for it to be restarted "
         "(epdserve up, Kubernetes) and goes on there; a stream continues from its tokens "
         "(0: fail at once with no_workers). The wait ends at request_timeout_s too; that 503's "
-        "Retry-After is what is left of this wait"})  # fmt: skip
+        "Retry-After is what is left of this wait. A request for a model whose only workers are "
+        "starting (their model not loaded yet) waits the same way, up to this long from their "
+        "start"})  # fmt: skip
     stall_timeout_s: float = field(
         default=60.0,
         metadata={

@@ -52,6 +52,7 @@ ASLEEP_WAIT_S = 5.0
 # (a request in the moment between was a 503 "no workers available"); with etcd away it
 # starts after this long anyway, and learns the workers when etcd answers.
 FIRST_LISTING_WAIT_S = 5.0
+STARTING_POLL_S = 0.1  # how often a request waiting for a starting worker looks again
 
 
 class Gateway:
@@ -148,12 +149,15 @@ class Gateway:
 
     def served_models(self) -> dict[str, int]:
         """Served model -> context length: the workers' in the pool, and those of workers lost
-        lately, while they may come back (restarts.py): requests for them wait."""
-        return {**self.pool.lost.models(self.cfg.worker_restart_wait_s), **self.pool.models()}
+        lately, while they may come back (restarts.py), or starting (routing/starting.py):
+        requests for them wait. A context length known wins over a starting worker's 0."""
+        return {**self.pool.starting.models(), **self.pool.lost.models(self.cfg.worker_restart_wait_s),
+                **self.pool.models()}  # fmt: skip
 
     def resolve_model(self, name: str, serving: bool = True) -> tuple[str, int]:
         """(served name, context length) for a requested model, or 404 / 503; ``serving``:
         some worker must be usable for it too (not needed only to tokenize)."""
+        wait_s = self.cfg.worker_restart_wait_s
         models = self.served_models()
         if not models:
             raise APIError(503, "no workers available", code="no_workers")
@@ -168,6 +172,11 @@ class Gateway:
                 404, f"The model '{name}' does not exist; available: {', '.join(known)}",
                 param="model", code="model_not_found",
             )  # fmt: skip
+        if self.only_starting(name) and name not in self.pool.lost.models(wait_s):
+            # Its context length and tokenizer are known once a worker of it serves:
+            # ``resolve_awake`` waits for that, other callers get the 503 with Retry-After.
+            raise no_worker_error(self.pool, name, f"model '{name}' is starting: no worker of "
+                                  "it serves yet", wait_s)  # fmt: skip
         # NOTE: a worker out of routing only for a moment still counts (the orchestrator
         # waits a little for it): with the only other one just died, that is no 503.
         if (
@@ -194,7 +203,9 @@ class Gateway:
     async def resolve_awake(self, name: str) -> tuple[str, int]:
         """``resolve_model`` for a request that generates: while the model is asleep, wait up
         to ASLEEP_WAIT_S for a worker of it to wake up, then the 503 with Retry-After. A
-        waiting request is counted on the waiting board (the leader swaps from every router's)."""
+        waiting request is counted on the waiting board (the leader swaps from every router's).
+        While the model's only workers are starting, wait for one to serve first."""
+        await self.wait_started(name)
         deadline = time.monotonic() + ASLEEP_WAIT_S
         with contextlib.ExitStack() as counted:
             waits_for: str | None = None  # the base model it is counted as waiting for
@@ -219,6 +230,26 @@ class Gateway:
                     counted.enter_context(self.swapper.board.waiting(base))
                 self.swapper.wanted(base)
                 await asyncio.sleep(0.2)
+
+    def only_starting(self, name: str) -> bool:
+        """Workers of ``name`` are starting and none of it has a handle: its tokenizer and
+        context length are not known yet (routing/starting.py)."""
+        pool = self.pool
+        return pool.starting.has(name) and not any(h.info.model == name
+                                                   for h in pool.handles.values())  # fmt: skip
+
+    async def wait_started(self, name: str) -> None:
+        """While ``only_starting(name)``, wait for one of its workers to serve, up to the start
+        budget (``worker_restart_wait_s`` from the worker's start: ``path_coming`` then says
+        no) and the request's deadline; then the no_workers 503, its Retry-After what is left
+        of the budget."""
+        cfg = self.cfg
+        deadline = time.monotonic() + min(cfg.worker_restart_wait_s, cfg.request_timeout_s)
+        while self.only_starting(name):
+            if time.monotonic() >= deadline or not self.orchestrator.path_coming(name, 0.0):
+                raise no_worker_error(self.pool, name, f"no usable worker for model '{name}': "
+                                      "its workers are starting", cfg.worker_restart_wait_s)  # fmt: skip
+            await asyncio.sleep(STARTING_POLL_S)
 
     async def tokenizer(self, model: str) -> Tokenizer:
         """The tokenizer of ``model``, a name ``resolve_model`` accepted."""

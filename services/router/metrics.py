@@ -29,7 +29,7 @@ API_OF_PATH = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
 # Values of router_requests_total's outcome label.
 OUTCOMES = ("success", "invalid", "unavailable", "timeout", "cancelled", "error")
 # Values of epdserve:workers' state label.
-WORKER_STATES = ("serving", "draining", "sleeping", "loading", "unreachable")
+WORKER_STATES = ("serving", "draining", "sleeping", "loading", "unreachable", "starting")
 # Phases of a request the router times (router_request_phase_seconds), with the role of the
 # worker each one runs on ("router": the router itself). See services/router/phases.py.
 ROUTER_PHASES = {"queue": "router", "encode": "encode", "reserve": "decode", "prefill": "prefill"}
@@ -103,7 +103,7 @@ class RouterMetrics:
         )  # fmt: skip
         self.workers = Gauge(
             "epdserve:workers", "Workers the router knows, by base model, role and state "
-            "(serving, draining, unreachable).",
+            "(serving, draining, sleeping, loading, unreachable, starting: not serving yet).",
             ["model_name", "role", "state"], registry=r,
         )  # fmt: skip
         self.worker_waiting = Gauge(
@@ -198,9 +198,10 @@ class RouterMetrics:
     def update_pool(self, pool: Any) -> None:
         """Refresh the membership and per-worker gauges from a WorkerPool (before a scrape)."""
         handles = list(pool.handles.values()) if pool is not None else []
+        starting = pool.starting.rows() if pool is not None else []  # routing/starting.py
         # NOTE: every (role, state) of each model is exported, zeros included; with no
         # worker known, of model "" (a dashboard shows zeros rather than no data).
-        models = {h.info.model for h in handles} or {""}
+        models = {h.info.model for h in handles} | {s["model"] for s in starting} or {""}
         counts = {(model, role, state): 0 for model in models for role in ROLES
                   for state in WORKER_STATES}  # fmt: skip
         gauges = (self.workers, self.worker_waiting, self.worker_waiting_tokens, self.worker_kv,
@@ -224,5 +225,7 @@ class RouterMetrics:
                 self.worker_images.labels(*labels).set(
                     h.load.images_waiting + h.load.images_encoding
                 )
+        for s in starting:
+            counts[(s["model"], s["role"], "starting")] += 1
         for (model, role, state), n in counts.items():
             self.workers.labels(model, role, state).set(n)

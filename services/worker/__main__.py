@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from services.worker import lease_handover
+import sys
 
-# Restarted by a model load: keep the key's lease alive before the heavy imports below.
-handover = lease_handover.keep_from_env()
+from services.worker import lease_handover, starting
+
+# Before the heavy imports below: keep the key a model load's restart handed over alive, or
+# advertise this worker as starting (worker/starting.py).
+handover = lease_handover.keep_from_env() or starting.announce(sys.argv[1:])
 
 from services.common.fast_exit import exit_now  # noqa: E402
 from services.worker.main import main  # noqa: E402

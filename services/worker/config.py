@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import uuid
 from dataclasses import dataclass, field
 
-from services.common.dataclass_cli import check_types
+from services.common.dataclass_cli import add_dataclass_args, check_types
 from services.common.grpc_utils import ROLES
 from services.common.member_config import MemberConfig
 from services.common.tracing import OTLP_TRACES_HELP
+from services.engine.config import EngineConfig
 from services.kvstore.store_tier import StoreConfig
 
 # The line a worker prints on stdout once it serves; the launcher waits for it. NOTE: here, not in
@@ -200,3 +202,13 @@ class WorkerConfig(MemberConfig):
     @staticmethod
     def new_incarnation() -> str:
         return uuid.uuid4().hex[:12]
+
+
+def build_parser(prog: str = "epdserve worker") -> argparse.ArgumentParser:
+    """The worker's command line: its settings and the engine's. NOTE: here, not in main.py:
+    a starting worker parses it before the heavy imports (worker/starting.py)."""
+    parser = argparse.ArgumentParser(prog=prog, description="Run one epdserve worker process.")
+    add_dataclass_args(parser.add_argument_group("worker"), WorkerConfig)
+    add_dataclass_args(parser.add_argument_group("engine"), EngineConfig)
+    parser.add_argument("--log-level", default="INFO")
+    return parser

@@ -17,7 +17,7 @@ import grpc
 
 from services.common import event_loop
 from services.common.aio import cancel_and_wait
-from services.common.dataclass_cli import add_dataclass_args, from_args
+from services.common.dataclass_cli import from_args
 from services.common.grpc_utils import SERVER_OPTIONS, add_port
 from services.common.heap import freeze_startup_objects
 from services.common.lora_registry import LoRARegistry
@@ -43,7 +43,7 @@ from services.prefill.kv_sender import KVSender
 from services.prefill.rank_push import RankPushes
 from services.prefill.role import PrefillRole
 from services.worker import lease_handover, model_load
-from services.worker.config import READY_PREFIX, WorkerConfig
+from services.worker.config import READY_PREFIX, WorkerConfig, build_parser
 from services.worker.health import add_health
 from services.worker.image_inputs import ImageLoader
 from services.worker.kv_events import KVEventPublisher, kv_layout_key
@@ -55,14 +55,6 @@ from services.worker.server import WorkerServicer
 from services.worker.state import WorkerState
 
 log = logging.getLogger("epdserve.worker")
-
-
-def build_parser(prog: str = "epdserve worker") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Run one epdserve worker process.")
-    add_dataclass_args(parser.add_argument_group("worker"), WorkerConfig)
-    add_dataclass_args(parser.add_argument_group("engine"), EngineConfig)
-    parser.add_argument("--log-level", default="INFO")
-    return parser
 
 
 async def serve(
@@ -382,6 +374,8 @@ def main(
         code = event_loop.run(serve(wcfg, ecfg, reload, handover))
     except Exception as exc:
         model_load.fall_back(exc)  # started by a model load: the old model again
+        if handover is not None:  # leave the cluster now, not when the lease runs out
+            handover.release(revoke=True)
         if not isinstance(exc, ValueError | OSError):
             raise
         # A bad model path, a port in use: say it in one line.

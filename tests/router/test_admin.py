@@ -15,6 +15,7 @@ from services.common.etcd_server import EtcdServer
 from services.common.grpc_utils import insecure_channel
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
+from services.worker import starting
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.asyncio]
 
@@ -288,7 +289,8 @@ def _rows(st: dict) -> dict[str, dict]:
 
 async def test_status_shows_the_only_worker_unreachable_then_gone(lone, capsys) -> None:
     """Kill the only worker: /admin/status and `epdserve status` answer, and show it
-    unreachable while its key lasts, then gone, each with how long."""
+    unreachable while its key lasts, then gone, each with how long; and a worker starting
+    (its key put by worker/starting.py: no address yet) under "starting"."""
     c, w1, gw = lone
     pool = gw.gateway.pool
     await w1.stop(deregister=False)  # killed: its key stays until its lease runs out
@@ -303,10 +305,20 @@ async def test_status_shows_the_only_worker_unreachable_then_gone(lone, capsys) 
     assert r.json()["workers"] == []
     gone = {g["id"]: g for g in r.json()["gone"]}["w1"]
     assert gone["role"] == "mixed" and gone["address"] == w1.address and gone["for_s"] >= 0
-    argv = ["status", "--router", gw.url, "--admin-token", TOKEN]
-    assert await asyncio.to_thread(admin.main, argv) == 0
+    cfg = gw.gateway.cfg
+    key = starting.announce(["--etcd", cfg.etcd, "--cluster", cfg.cluster, "--instance-id", "w9",
+                             "--served-model-name", "big", "--role", "decode"])  # fmt: skip
+    assert key is not None
+    try:
+        await _until(lambda: pool.starting.has("big"), what="w9 starting")
+        argv = ["status", "--router", gw.url, "--admin-token", TOKEN]
+        assert await asyncio.to_thread(admin.main, argv) == 0
+    finally:
+        await asyncio.to_thread(key.release, True)
     out = capsys.readouterr().out
     assert "w1 (mixed" in out and "gone for " in out, out
+    assert "workers starting:" in out and "w9 (decode, big, pid" in out, out
+    assert pool.handles == {}  # a starting worker has no handle
 
 
 async def test_status_is_no_503_when_a_worker_leaves_during_the_call(lone, monkeypatch) -> None:

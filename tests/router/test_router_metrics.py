@@ -10,12 +10,14 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.common.membership import InstanceInfo
 from services.common.pd_metrics import REBALANCE_ACTIONS, REBALANCE_POLICIES
 from services.encoder.metrics import ImageMetrics
 from services.engine.speculative.stats import SpecStats
 from services.kvstore.index import KVIndex
 from services.kvstore.metrics import KVStoreMetrics
 from services.router.metrics import OUTCOMES, RouterMetrics, outcome_of
+from services.router.routing.starting import StartingWorkers
 from services.worker.metrics import WorkerMetrics
 from services.worker.state import WorkerState
 
@@ -88,7 +90,7 @@ def _handle(iid: str, role: str, reachable: bool = True, draining: bool = False,
 
 def test_update_pool_counts_workers_by_role_and_state() -> None:
     m = RouterMetrics()
-    pool = SimpleNamespace(handles={
+    pool = SimpleNamespace(starting=StartingWorkers(), handles={
         "a": _handle("a", "prefill"), "b": _handle("b", "decode"),
         "c": _handle("c", "decode", draining=True), "d": _handle("d", "decode", reachable=False),
         "e": _handle("e", "mixed", load=False),
@@ -103,12 +105,14 @@ def test_update_pool_counts_workers_by_role_and_state() -> None:
     assert value(m, "epdserve:router_worker_kv_cache_usage_perc", instance="b") == 0.5
     assert value(m, "epdserve:router_worker_images_pending", instance="b") == 4
     # A worker that left disappears from the per-worker gauges; the counts go back to zero.
-    m.update_pool(SimpleNamespace(handles={"a": _handle("a", "prefill")}))
+    m.update_pool(
+        SimpleNamespace(starting=StartingWorkers(), handles={"a": _handle("a", "prefill")})
+    )
     assert value(m, "epdserve:router_worker_kv_cache_usage_perc", instance="b") == 0
     assert value(m, "epdserve:workers", role="decode", state="serving") == 0
     assert value(m, "epdserve:workers", role="prefill", state="serving") == 1
     # Each base model's workers are counted apart; per-worker gauges name the model.
-    m.update_pool(SimpleNamespace(handles={
+    m.update_pool(SimpleNamespace(starting=StartingWorkers(), handles={
         "a": _handle("a", "mixed", model="m"), "x": _handle("x", "mixed", model="other"),
     }))  # fmt: skip
     assert value(m, "epdserve:workers", model_name="other", role="mixed", state="serving") == 1
@@ -116,7 +120,7 @@ def test_update_pool_counts_workers_by_role_and_state() -> None:
     assert value(m, "epdserve:workers", role="mixed", state="serving") == 2
     assert value(m, "epdserve:router_worker_num_requests_waiting", model_name="other") == 2
     # Asleep; loading another model: draining (reachable) or restarting (unreachable).
-    m.update_pool(SimpleNamespace(handles={
+    m.update_pool(SimpleNamespace(starting=StartingWorkers(), handles={
         "s": _handle("s", "mixed", state="sleeping"),
         "l": _handle("l", "mixed", state="loading", draining=True),
         "r": _handle("r", "mixed", state="loading", reachable=False),
@@ -124,6 +128,12 @@ def test_update_pool_counts_workers_by_role_and_state() -> None:
     assert value(m, "epdserve:workers", role="mixed", state="sleeping") == 1
     assert value(m, "epdserve:workers", role="mixed", state="loading") == 2
     assert value(m, "epdserve:workers", role="mixed", state="unreachable") == 0
+    # Starting: listed in etcd, its model not loaded yet (no handle).
+    starting = StartingWorkers()
+    starting.update({"w": InstanceInfo("w", "", "decode", 0, "new", "i", 1, "h", state="starting")})
+    m.update_pool(SimpleNamespace(starting=starting, handles={}))
+    assert value(m, "epdserve:workers", model_name="new", role="decode", state="starting") == 1
+    assert value(m, "epdserve:workers", model_name="new", role="mixed", state="starting") == 0
 
 
 def test_rebalance_decisions() -> None:

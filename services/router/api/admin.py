@@ -226,6 +226,7 @@ async def _status(gw: Gateway, request: Request) -> dict[str, Any]:
         "router": {"id": gw.identity, "pid": os.getpid(), "host": socket.gethostname()},
         "workers": workers,
         "gone": gw.pool.gone.rows(),  # workers that left, with how long ago (routing/gone.py)
+        "starting": gw.pool.starting.rows(),  # not serving yet, for how long (routing/starting.py)
         "tiers": {
             "online": {
                 "queued_prompt_tokens": gw.admission.queued_tokens,

@@ -26,10 +26,14 @@ def no_worker_error(
     workers sleep) or ``model_unavailable`` (going to sleep or changing role) with
     Retry-After, else ``no_workers`` with ``message``, its Retry-After what is left of the
     ``restart_wait_s`` of a worker of it that died (restarts.py; the request's timeout ended
-    its wait first), or the default. NOTE: a request routed just before its model's worker
+    its wait first) or of the start budget of one that is starting (starting.py), or the
+    default. NOTE: a request routed just before its model's worker
     began to drain for sleep is refused by it; that is this retry case."""
     if not in_transition(pool, model):
-        left = pool.lost.wait_left(model, restart_wait_s)
+        base = pool.base_model(model)
+        left = pool.lost.wait_left(model, restart_wait_s) or pool.starting.wait_left(
+            base, restart_wait_s
+        )
         headers = {"Retry-After": str(left)} if left else None
         return APIError(503, message, code="no_workers", headers=headers)
     asleep = pool.asleep(model)

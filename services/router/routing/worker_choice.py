@@ -102,12 +102,17 @@ class WorkerChoice:
     def _restarting(self, role: str, model: str, waited: float, listed: bool = False) -> bool:
         """A worker of ``role`` for ``model`` may come back within the restart wait, and a
         request that ``waited`` that long may still wait for it: one died serving less than
-        ``restart_wait_s`` ago (its supervisor restarts it), or one is ``listed`` but out of
-        routing (its load stream broke: dead, and its etcd key not yet expired). The wait
-        ends at the request's ``timeout_s`` too."""
+        ``restart_wait_s`` ago (its supervisor restarts it), one is ``listed`` but out of
+        routing (its load stream broke: dead, and its etcd key not yet expired), or one is
+        starting, for less than ``restart_wait_s`` (routing/starting.py). The wait ends at
+        the request's ``timeout_s`` too."""
         if waited >= min(self.restart_wait_s, self.timeout_s):
             return False
-        return listed or self.pool.lost.since(role, model) < self.restart_wait_s
+        return (
+            listed
+            or self.pool.lost.since(role, model) < self.restart_wait_s
+            or self.pool.starting.coming(role, model, self.restart_wait_s)
+        )
 
     def _down(self, role: str, model: str) -> bool:
         """A listed worker of ``role`` lost its load stream: it died (its etcd key not yet

@@ -20,6 +20,7 @@ from services.router.routing.gone import GoneWorkers
 from services.router.routing.load_stream import follow_load
 from services.router.routing.mux import MuxStub
 from services.router.routing.restarts import LostWorkers
+from services.router.routing.starting import STARTING, StartingWorkers
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +229,7 @@ class WorkerPool:
         self._closing: set[asyncio.Task[None]] = set()
         self.lost = LostWorkers()  # workers that died serving, for a bounded wait (restarts.py)
         self.gone = GoneWorkers()  # workers that left, for `epdserve status` (gone.py)
+        self.starting = StartingWorkers()  # listed, not yet serving: no handle (starting.py)
 
     def on_membership(self, instances: dict[str, InstanceInfo]) -> None:
         """MembershipWatcher listener: create, update and drop handles."""
@@ -250,6 +252,8 @@ class WorkerPool:
                 log.info("worker %s left (or restarted)", iid)
                 self._close_later(self.handles.pop(iid))
         for iid, info in instances.items():
+            if info.state == STARTING:  # no address yet; a restarted one's old handle is closed
+                continue
             if iid in self.handles:
                 self.handles[iid].info = info  # role, epoch, draining updates
                 self.handles[iid].departed_at = 0.0
@@ -260,6 +264,7 @@ class WorkerPool:
             handle.on_gone = self._gone
             handle.start()
             self.handles[iid] = handle
+        self.starting.update(instances)
 
     def _gone(self, handle: WorkerHandle) -> None:
         """A worker that left etcd stopped answering or stayed away too long: drop it."""
