@@ -21,6 +21,11 @@ REPETITION_PENALTY_RANGE = (0.01, 10.0)  # logits are divided / multiplied by it
 MAX_N = 256  # completions per request (each is a sequence in the batch)
 MAX_TOP_K = 2**31 - 1  # the wire's int32; larger values mean "no top-k" anyway
 MAX_STOP = 256  # stop strings, and stop token ids, per request (each is checked per token)
+# Characters of all of a request's stop strings together. Why a bound: a stream holds back the
+# longest stop string's length of text (it may be the start of one), so a 1 MB stop string
+# held a whole answer back to its end, and the router and worker each kept a copy of it per
+# sequence. vLLM has no bound (0.32: only "" is refused); real stop strings are short.
+MAX_STOP_CHARS = 16384
 # structured_outputs.choice strings per request. Why a bound: llguidance's compile time grows
 # faster than the list (measured at load 14: 4,096 x 900 characters 3 s, 60,000 short ones
 # 23 s, 100,000 52 s ending in a panic on its 65,525-symbol limit), each on one of the
@@ -182,6 +187,9 @@ class SamplingParams:
         self.stop = [s for s in self.stop if s]
         if len(self.stop) > MAX_STOP or len(self.stop_token_ids) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop strings and {MAX_STOP} stop token ids")
+        if sum(map(len, self.stop)) > MAX_STOP_CHARS:
+            raise ValueError(f"stop strings hold {sum(map(len, self.stop))} characters in all; "
+                             f"at most {MAX_STOP_CHARS} are accepted")  # fmt: skip
         if not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be in [1, {MAX_N}], got {self.n!r}")
         if not 0.0 <= self.temperature <= MAX_TEMPERATURE:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from services.common.proto import worker_pb2 as pb
-from services.router.errors import APIError
+from services.router.errors import APIError, bad_request
 from services.router.features.images import chat_prompt as render_chat
 from services.router.features.tool_parsers.factory import tool_parser_class
 from services.router.features.tool_prompt import prepare
@@ -72,12 +72,19 @@ def prompt_size(gw: Gateway, body: dict[str, Any]) -> int:
 def completion_prompts(tok: Tokenizer, prompt: str | list[Any]) -> list[list[int]]:
     """Token ids of each prompt of a /v1/completions request, whose shape CompletionRequest
     checked: text encoded with the model's tokenizer ``tok``, ids checked against its
-    vocabulary."""
+    vocabulary; a prompt of no tokens ("", [], a text the tokenizer gives no ids for) is a
+    400 here, as vLLM refuses it, and never reaches a worker."""
     if isinstance(prompt, str):
-        return [tok.encode(prompt)]
-    vocab = tok.vocab_size
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return [check_token_ids(list(prompt), vocab, "prompt")]
-    if all(isinstance(p, str) for p in prompt):
-        return [tok.encode(p) for p in prompt]
-    return [check_token_ids(list(p), vocab, "prompt") for p in prompt]
+        out = [tok.encode(prompt)]
+    elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        out = [check_token_ids(list(prompt), tok.vocab_size, "prompt")]
+    elif all(isinstance(p, str) for p in prompt):
+        out = [tok.encode(p) for p in prompt]
+    else:
+        out = [check_token_ids(list(p), tok.vocab_size, "prompt") for p in prompt]
+    for i, ids in enumerate(out):
+        if not ids:
+            where = "prompt" if len(out) == 1 else f"prompt[{i}]"
+            raise bad_request(f"{where} is empty: a prompt needs at least one token",
+                              param="prompt")  # fmt: skip
+    return out

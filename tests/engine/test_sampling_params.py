@@ -49,6 +49,7 @@ INVALID = [
     ({"seed": "42"}, r"seed must be an integer or None, got '42'"),
     ({"seed": 2**63}, r"seed must be in"),
     ({"stop": ["x"] * 257}, r"at most 256 stop strings"),
+    ({"stop": ["x" * 16384, "y"]}, r"stop strings hold 16385 characters in all; at most 16384"),
     ({"stop_token_ids": [-1]}, r"stop_token_ids must be token ids in \[0, 2147483647\]"),
     ({"stop_token_ids": [2**31]}, r"stop_token_ids must be token ids in"),
 ]

@@ -29,6 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from services.engine.sampling_params import MAX_STOP, MAX_STOP_CHARS
 from services.router.errors import APIError, bad_request
 
 M = TypeVar("M", bound="APIModel")
@@ -204,6 +205,11 @@ def _stop(value: Any, info: ValidationInfo) -> list[str]:
         raise invalid(f"'{name}' must be a string or an array of strings", name)
     if not all(value):  # NOTE: "" would match everywhere; vLLM refuses it too
         raise invalid(f"'{name}' must not contain an empty string", name)
+    if len(value) > MAX_STOP:
+        raise invalid(f"'{name}' holds {len(value)} strings; at most {MAX_STOP} are accepted", name)
+    if (chars := sum(map(len, value))) > MAX_STOP_CHARS:
+        raise invalid(f"'{name}' holds {chars} characters in all; at most {MAX_STOP_CHARS} are "
+                      "accepted", name)  # fmt: skip
     return list(value)
 
 
