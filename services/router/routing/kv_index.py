@@ -11,6 +11,7 @@ policy then weighs load alone) and skips lookups for a moment.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -43,6 +44,14 @@ def layout_group(h: WorkerHandle) -> tuple[str, int] | None:
     if not layout or not block_size:
         return None
     return str(layout), int(block_size)
+
+
+def channel_closed_under() -> bool:
+    """A CancelledError out of a call on the kvstore's channel is the channel closed under it
+    (another caller's ``stub()`` replaced it: the kvstore moved or restarted) unless the
+    calling task itself is being cancelled (then it must go on up)."""
+    task = asyncio.current_task()
+    return task is None or not task.cancelling()
 
 
 def prompt_hash_root(route: RouteRequest) -> int:
@@ -108,11 +117,16 @@ class KVIndexClient:
             return None
         try:
             resp: kpb.LookupResponse = await stub.Lookup(req, timeout=LOOKUP_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
+        except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+            # NOTE: a CancelledError here failed the request being routed (a 500) when the
+            # kvstore restarted under its lookup.
+            if isinstance(exc, asyncio.CancelledError) and not channel_closed_under():
+                raise
             self.failures += 1
             self._paused_until = time.monotonic() + PAUSE_AFTER_FAILURE_S
+            why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "channel closed"
             log.info("KV index lookup failed (%s); routing on load alone for %.0fs",
-                     exc.code().name, PAUSE_AFTER_FAILURE_S)  # fmt: skip
+                     why, PAUSE_AFTER_FAILURE_S)  # fmt: skip
             return None
         self.lookups += 1
         return resp
@@ -128,11 +142,19 @@ class KVIndexClient:
             "router_lookups": self.lookups, "router_lookup_failures": self.failures,
         }  # fmt: skip
         stub, _ = await self.locator.stub()
+        if stub is None:  # it left etcd meanwhile
+            return {"present": False}
         try:
-            assert stub is not None
             stats = await stub.Stats(kpb.KVStoreStatsRequest(), timeout=STATS_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             out.update(healthy=False, error=f"{exc.code().name}: {exc.details()}")
+            return out
+        except asyncio.CancelledError:
+            # NOTE: /admin/status answered 503 while the kvstore restarted under this call.
+            if not channel_closed_under():
+                raise
+            out.update(healthy=False, error="the connection closed during the call (the "
+                       "kvstore moved or restarted); retry")  # fmt: skip
             return out
         out.update(
             healthy=True, master_alive=stats.master_alive, blocks=stats.num_blocks,
