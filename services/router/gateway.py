@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from services.common.lora_registry import LoRARegistry
@@ -133,19 +135,38 @@ class Gateway:
         self.responses.start()
 
     async def stop(self) -> None:
+        """Stop every part, in order. A step that fails is logged and the rest still run (an
+        early failure left the worker pool's channels and the threads open); the first
+        failure is raised at the end."""
+        steps: list[tuple[str, Callable[[], Awaitable[object] | None]]] = [
+            ("background responses", self._stop_background),
+            ("model swapper", self.swapper.stop),
+            ("response store", self.responses.close),
+            ("LoRA registry", self.lora_registry.close),
+            ("rebalancer", self.rebalancer.stop),
+            ("membership watcher", self.watcher.stop),
+            ("KV index client", self.kv_index.stop),
+            ("worker pool", self.pool.close),
+            ("tracing", lambda: asyncio.to_thread(self.tracing.shutdown)),
+            ("preprocess threads", self.offload.close),
+        ]
+        failed: Exception | None = None
+        for name, step in steps:
+            try:
+                result = step()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                log.exception("stopping the router: %s failed; stopping the rest", name)
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+    async def _stop_background(self) -> None:
         tasks = list(self.background.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.swapper.stop()
-        await self.responses.close()
-        await self.lora_registry.close()
-        await self.rebalancer.stop()
-        await self.watcher.stop()
-        await self.kv_index.stop()
-        await self.pool.close()
-        await asyncio.to_thread(self.tracing.shutdown)
-        self.offload.close()
 
     def served_models(self) -> dict[str, int]:
         """Served model -> context length: the workers' in the pool, and those of workers lost

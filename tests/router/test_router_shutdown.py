@@ -93,3 +93,31 @@ async def test_sigterm_ends_requests_in_flight_cleanly(etcd) -> None:
     assert events[-1][1]["error"]["type"] == "overloaded_error"
     # The generations were aborted on the worker, not left running.
     assert len(engine.aborted) >= len(long)
+
+
+async def test_a_failing_step_of_stop_skips_none_of_the_rest(etcd) -> None:
+    """Gateway.stop(): a step that raises (here the first, the model swapper's) is reported
+    after every later step ran; the worker pool's channels and the threads were left open."""
+    gw = Gateway(RouterConfig(port=free_port(), cluster="stop-steps", etcd=etcd.endpoint),
+                 FakeTokenizer())  # fmt: skip
+    await gw.start()
+    ran: list[str] = []
+
+    async def broken() -> None:
+        raise RuntimeError("swapper broke")
+
+    def recorded(name: str, step):
+        def call(*args, **kwargs):
+            ran.append(name)
+            return step(*args, **kwargs)
+
+        return call
+
+    gw.swapper.stop = broken  # type: ignore[method-assign]
+    for obj, name in [(gw.watcher, "stop"), (gw.kv_index, "stop"), (gw.pool, "close"),
+                      (gw.tracing, "shutdown"), (gw.offload, "close")]:  # fmt: skip
+        setattr(obj, name, recorded(f"{type(obj).__name__}.{name}", getattr(obj, name)))
+    with pytest.raises(RuntimeError, match="swapper broke"):
+        await asyncio.wait_for(gw.stop(), 15)
+    assert ran == ["MembershipWatcher.stop", "KVIndexClient.stop", "WorkerPool.close",
+                   "Tracing.shutdown", "Offload.close"]  # fmt: skip
