@@ -108,4 +108,7 @@ def test_chat_prompt_expands_placeholders_and_counts_images(tiny_vl_model_dir):
     assert list(images[0].grid_thw) == [1, 6, 4] and len(images[0].hash) == 64
     assert ids.count(tok.vision.image_token_id) == 6
     bad(chat_prompt, tok, msgs, [img] * 3, LIMITS, match="at most 2")
+    # NOTE: within the pixel limit, but past the processor's aspect ratio (200): its
+    # ValueError was a 500 internal_error
+    bad(chat_prompt, tok, msgs, [image_bytes(1, 300, 8)], LIMITS, match="aspect ratio")
     bad(chat_prompt, TextTokenizer(), msgs, [img], LIMITS, match="does not accept images")

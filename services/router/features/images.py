@@ -192,7 +192,10 @@ async def load_image(
     else:
         data = await fetch_url(source, limits, param)
     width, height = await asyncio.to_thread(check_image, data, limits, param)
-    grid = image_grid(spec.processor, width, height)
+    try:
+        grid = image_grid(spec.processor, width, height)
+    except ValueError as exc:  # the processor's own bounds (an aspect ratio past 200): was a 500
+        raise _bad(f"image of {width}x{height} pixels cannot be processed: {exc}", param) from None
     return pb.ImageData(hash=hashlib.sha256(data).hexdigest(), data=data, grid_thw=grid)
 
 
