@@ -11,6 +11,7 @@ from starlette.requests import Request
 
 from services.common.proto import worker_pb2 as pb
 from services.router.errors import ClientDisconnected
+from services.router.http_protocol import CLIENT_GONE
 
 T = TypeVar("T")
 
@@ -95,8 +96,40 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it (aborting the generation)."""
+async def until_disconnect(request: Request, work: Awaitable[T], own_task: bool = False) -> T:
+    """Await ``work``; if the client disconnects first, cancel it (aborting the generation).
+
+    Where the server tells of a lost connection (http_protocol.CLIENT_GONE), ``work`` runs in
+    the caller's task, which that cancels: no task of its own, no watcher task, no
+    asyncio.wait. ``own_task`` (or another server): a task for ``work`` and one reading
+    ``receive()``. NOTE: context variables ``work`` sets (the request's trace, its poison
+    deaths) are then not seen by the caller."""
+    gone = request.scope.get("extensions", {}).get(CLIENT_GONE)
+    if gone is None or own_task:
+        return await _in_own_task(request, work)
+    task = asyncio.current_task()
+    assert task is not None
+    left = False
+
+    def cancel() -> None:
+        nonlocal left
+        left = True
+        task.cancel()
+
+    gone.add(cancel)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not left:
+            raise
+        raise ClientDisconnected() from None
+    finally:
+        gone.discard(cancel)
+        if left:
+            task.uncancel()  # the cancel was this wait's own, not the task's
+
+
+async def _in_own_task(request: Request, work: Awaitable[T]) -> T:
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:

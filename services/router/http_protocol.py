@@ -14,12 +14,17 @@ sending a body a byte every few seconds held its connection and buffer for good)
 number of connections (``max_connections``: past it a new connection gets 503 and is closed; the
 router had no bound, so idle connections took file descriptors until accept() failed for all).
 Only *reading a request* is timed: a response (a stream of minutes) is never cut.
+
+A request's scope carries ``CLIENT_GONE``: callbacks called when its connection is lost, so
+that a request waiting for its output notices a client gone with no task of its own watching
+``receive()`` (accumulate.until_disconnect).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -27,6 +32,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from services.router.http_limits import MAX_HEAD_BYTES, HttpLimits
 
 LINGER_S = 2.0  # a refused connection's input is read and dropped this long at most
+# The ASGI scope extension of a request served here: a set of callables (no argument), each
+# called once when the connection is lost. The app adds one while it waits, and discards it.
+CLIENT_GONE = "epdserve.client_gone"
 
 
 def bounded_protocol(limits: HttpLimits) -> type[BoundedHttpToolsProtocol]:
@@ -55,6 +63,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._linger: asyncio.TimerHandle | None = None
         self._head_timer: asyncio.TimerHandle | None = None  # while a head is awaited
         self._body_timer: asyncio.TimerHandle | None = None  # while a body is awaited
+        self._gone: set[Callable[[], None]] = set()  # CLIENT_GONE of this connection's requests
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -144,8 +153,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if timer is not None:
                 timer.cancel()
         super().connection_lost(exc)
+        gone, self._gone = self._gone, set()
+        for callback in gone:
+            callback()
 
     def on_headers_complete(self) -> None:
+        self.scope.setdefault("extensions", {})[CLIENT_GONE] = self._gone
         self._in_head = False
         if self._head_timer is not None:
             self._head_timer.cancel()

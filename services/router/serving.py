@@ -140,7 +140,10 @@ async def serve(
         try:
             # Wait for the first step before sending headers, so that errors up to then
             # (no worker, rejected by the engine) still get their HTTP status.
-            first = await until_disconnect(request, anext(merged))
+            # NOTE: in a task of its own, as before CLIENT_GONE: the first step sets the
+            # request's poison deaths and trace (contextvars) that the later steps, in this
+            # task, do not see; running it here would count deaths during a stream anew.
+            first = await until_disconnect(request, anext(merged), own_task=True)
         except StopAsyncIteration:
             ticket.release()
             gw.metrics.count_request(req.api, 500)

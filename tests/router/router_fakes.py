@@ -29,6 +29,7 @@ from services.engine.outputs import CompletionOutput, Logprob, RequestOutput, To
 from services.engine.sampling_params import SamplingParams
 from services.router.config import RouterConfig
 from services.router.gateway import Gateway
+from services.router.http_protocol import bounded_protocol
 from services.router.server import build_app
 from services.worker.role_controller import DesiredRoleWatcher
 from services.worker.server import WorkerServicer
@@ -242,8 +243,11 @@ async def start_gateway(
     cfg = RouterConfig(port=port, cluster=cluster, etcd=etcd, policy=policy,
                        **settings)  # type: ignore[arg-type]  # fmt: skip
     gw = Gateway(cfg, tokenizer or FakeTokenizer())
+    # NOTE: the gateway's own HTTP protocol (main.server_config): a client gone is noticed
+    # through it (http_protocol.CLIENT_GONE).
     server = uvicorn.Server(uvicorn.Config(build_app(gw), host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))  # fmt: skip
+                                           log_level="warning", lifespan="on",
+                                           http=bounded_protocol(cfg.http_limits)))  # fmt: skip
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():

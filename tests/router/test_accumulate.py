@@ -1,9 +1,17 @@
-"""Worker messages folded into a response's choices (services/router/accumulate.py)."""
+"""Worker messages folded into a response's choices, and the wait for them that a client gone
+cancels (services/router/accumulate.py)."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
 from services.common.proto import worker_pb2 as pb
-from services.router.accumulate import Choice, Usage, apply_step
+from services.router.accumulate import Choice, Usage, apply_step, until_disconnect
+from services.router.errors import ClientDisconnected
+from services.router.http_protocol import CLIENT_GONE
 
 
 def message(*deltas: pb.CompletionDelta) -> pb.GenerateResponse:
@@ -27,3 +35,44 @@ def test_a_finished_choice_is_touched_once() -> None:
     assert [(c.index, d.finish_reason) for c, d in later] == [(1, "length")]
     assert [choices[i].full_text for i in (0, 1)] == [" How", "! What"]
     assert usage.completion == 6
+
+
+async def _waits(gone: set, client_leaves: bool) -> dict[str, object]:
+    """``until_disconnect`` of a request whose server tells of a lost connection (``gone``)."""
+    request = SimpleNamespace(scope={"extensions": {CLIENT_GONE: gone}})
+    out: dict[str, object] = {}
+
+    async def work() -> str:
+        out["task"] = asyncio.current_task()
+        await asyncio.sleep(0 if not client_leaves else 30)
+        return "done"
+
+    async def request_task() -> None:
+        me = asyncio.current_task()
+        try:
+            out["result"] = await until_disconnect(request, work())
+        except ClientDisconnected:
+            out["result"] = "disconnected"
+        out["same_task"] = out["task"] is me
+        out["cancelling"] = me.cancelling()
+        await asyncio.sleep(0)  # not cancelled again: the cancel was the wait's own
+
+    task = asyncio.create_task(request_task())
+    while "task" not in out:
+        await asyncio.sleep(0)
+    out["watched"] = len(gone)
+    if client_leaves:
+        for callback in list(gone):
+            callback()
+    await asyncio.wait_for(task, 10)
+    out["left_watched"] = len(gone)
+    return out
+
+
+@pytest.mark.parametrize("client_leaves", [False, True])
+def test_the_wait_runs_in_the_request_task_and_a_lost_client_cancels_it(client_leaves) -> None:
+    # No task for the work nor a watcher (two tasks and an asyncio.wait a request before).
+    out = asyncio.run(_waits(set(), client_leaves))
+    assert out["result"] == ("disconnected" if client_leaves else "done")
+    assert out["same_task"] and out["watched"] == 1 and out["left_watched"] == 0
+    assert out["cancelling"] == 0

@@ -14,13 +14,24 @@ import uvicorn
 
 from services.common import event_loop
 from services.router.config import RouterConfig
-from services.router.http_protocol import MAX_HEAD_BYTES
+from services.router.http_protocol import CLIENT_GONE, MAX_HEAD_BYTES
 from services.router.main import server_config
+from tests.waits import until
+
+GONE: list[str] = []  # requests of ``_app`` that saw their client leave
 
 
 async def _app(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
     """Answers each request with the size of its headers and its body."""
     if scope["type"] != "http":
+        return
+    if scope["path"] == "/gone":  # starts a response, then waits for the client to leave
+        left = asyncio.Event()
+        scope["extensions"][CLIENT_GONE].add(left.set)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        await asyncio.wait_for(left.wait(), 10)
+        GONE.append(scope["path"])
         return
     if scope["path"] == "/stream":  # a response of 1.5 s, longer than the tests' read timeouts
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -100,6 +111,13 @@ async def _scenario() -> dict[str, object]:
         await writer.drain()
         out["huge"] = await _response(reader)
         writer.close()
+        # A client that leaves while its request waits: the request is told (CLIENT_GONE).
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /gone HTTP/1.1\r\nhost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.close()
+        await until(lambda: GONE, timeout=10, what="the request told of its client gone")
+        out["gone"] = list(GONE)
     return out
 
 
@@ -111,6 +129,7 @@ def test_request_head_is_bounded() -> None:
     status, body = out["huge"]
     assert status == 431, (status, body)
     assert str(MAX_HEAD_BYTES).encode() in body and b'"error"' in body
+    assert out["gone"] == ["/gone"]
 
 
 async def _slow_heads() -> list[tuple[int, bytes]]:

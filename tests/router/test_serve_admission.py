@@ -17,9 +17,9 @@ async def test_only_a_flex_admission_watches_the_client(etcd, monkeypatch) -> No
     watched: list[str] = []
     plain = serving.until_disconnect
 
-    async def spy(request, work):  # noqa: ANN001, ANN202
+    async def spy(request, work, **kw):  # noqa: ANN001, ANN003, ANN202
         watched.append(getattr(getattr(work, "cr_code", None), "co_name", type(work).__name__))
-        return await plain(request, work)
+        return await plain(request, work, **kw)
 
     monkeypatch.setattr(serving, "until_disconnect", spy)
     worker = await start_fake_worker(etcd.endpoint, "adm1", "w1")
