@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from services.common.grpc_utils import ROLES
 from services.router.api import anthropic as anthropic_api
@@ -130,7 +131,34 @@ def _batch_routes() -> list[Route]:
     ]
 
 
-def build_app(gateway: Gateway) -> Starlette:
+class HotRoutes:
+    """The gateway's ASGI app: a POST to one of ``hot`` (the generation endpoints) runs its
+    endpoint directly, everything else goes through ``app``, the Starlette app with all routes.
+    Starlette's error and exception middlewares, its router's matching and its request wrapper
+    are about 60 Python calls a request; the endpoints answer their own errors (``_guard``),
+    which is all those layers did for them. Attributes (``state``, ``routes``) are the app's."""
+
+    def __init__(
+        self, app: Starlette, hot: dict[str, Callable[[Request], Awaitable[Response]]]
+    ) -> None:
+        self.app = app
+        self.hot = hot
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+            endpoint = self.hot.get(scope["path"])
+            if endpoint is not None:
+                scope["app"] = self.app  # what Starlette sets (request.app.state.gateway)
+                response = await endpoint(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(gateway: Gateway) -> HotRoutes:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.start()
@@ -142,10 +170,13 @@ def build_app(gateway: Gateway) -> Starlette:
             await batches.stop()
             await gateway.stop()
 
+    hot = {
+        "/v1/chat/completions": _guard(_chat),
+        "/v1/completions": _guard(_completions),
+        "/v1/messages": _guard(anthropic_api.handle, anthropic=True),
+    }
     routes = [
-        Route("/v1/chat/completions", _guard(_chat), methods=["POST"]),
-        Route("/v1/completions", _guard(_completions), methods=["POST"]),
-        Route("/v1/messages", _guard(anthropic_api.handle, anthropic=True), methods=["POST"]),
+        *(Route(path, endpoint, methods=["POST"]) for path, endpoint in hot.items()),
         Route(
             "/v1/messages/count_tokens",
             _guard(anthropic_api.count_tokens, anthropic=True),
@@ -189,4 +220,4 @@ def build_app(gateway: Gateway) -> Starlette:
         exception_handlers={404: models_api.no_route, 405: models_api.no_route},
     )  # fmt: skip
     app.state.gateway = gateway
-    return app
+    return HotRoutes(app, hot)

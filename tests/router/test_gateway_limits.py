@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from services.router.admission import AdmissionControl
 from services.router.api.openapi import openapi_document
 from services.router.auth import APIKey, check_api_key, load_api_keys
 from services.router.config import RouterConfig
 from services.router.errors import APIError
-from services.router.server import build_app
+from services.router.server import HotRoutes, build_app
 from services.router.tiers import KeyTiers
 
 pytestmark = [pytest.mark.timeout(60)]
@@ -291,3 +293,35 @@ def test_openapi_document_matches_routes() -> None:
         assert path in routes, path
         assert {m.upper() for m in ops} <= routes[path], path
     assert "/v1/messages/batches/{batch_id}/results" in doc["paths"]
+
+
+def test_hot_routes_skip_starlette_and_the_rest_go_through_it() -> None:
+    """A POST to a generation endpoint runs it directly (HotRoutes); another method or path
+    goes through the Starlette app (its 405s and 404s in the API's format)."""
+    app = build_app(object())  # type: ignore[arg-type]  # routes only; never started
+    assert set(app.hot) == {"/v1/chat/completions", "/v1/completions", "/v1/messages"}
+    routed = {r.path: r.endpoint for r in app.routes if "POST" in r.methods}  # type: ignore[attr-defined]
+    assert all(routed[path] is endpoint for path, endpoint in app.hot.items())
+    seen: list[str] = []
+
+    async def endpoint(request: Request) -> JSONResponse:
+        seen.append(f"hot {request.method} {request.url.path} {request.app.state.name}")
+        return JSONResponse({"ok": 1})
+
+    async def starlette(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+        seen.append(f"app {scope['method']} {scope['path']}")
+        await JSONResponse({"app": 1})(scope, receive, send)
+
+    starlette.state = SimpleNamespace(name="the app")  # type: ignore[attr-defined]
+    hot = HotRoutes(starlette, {"/v1/completions": endpoint})  # type: ignore[arg-type]
+
+    async def calls() -> list[int]:
+        transport = httpx.ASGITransport(app=hot)
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as c:
+            return [(await c.post("/v1/completions", json={})).status_code,
+                    (await c.get("/v1/completions")).status_code,
+                    (await c.post("/v1/other", json={})).status_code]  # fmt: skip
+
+    assert asyncio.run(calls()) == [200, 200, 200]
+    assert seen == ["hot POST /v1/completions the app", "app GET /v1/completions",
+                    "app POST /v1/other"]  # fmt: skip
