@@ -48,54 +48,56 @@ def busy(cluster) -> bool:
     return any(v["inflight"] > 0 for v in workers.values())
 
 
-@pytest.fixture(scope="module")
+# NOTE: one cluster at a time (the CI machine's memory): each class's cluster stops after
+# its last test, before the next class starts its own.
+@pytest.fixture(scope="class")
 def one_mixed(tiny_model_dir):
     c = start_cluster(tiny_model_dir("llama"), workers=1)  # the default wait: 60 s
     yield c
     c.stop()
 
 
-def test_the_one_mixed_worker_killed_mid_stream_resumes_on_its_restart(one_mixed) -> None:
-    c = one_mixed
-    ref = httpx.post(c.base_url + "/v1/completions", json=REQ, timeout=120)
-    assert ref.status_code == 200, ref.text
-    tokens: list[str] = []
-    restarter = None
-    body = {**REQ, "stream": True}
-    with httpx.stream("POST", c.base_url + "/v1/completions", json=body, timeout=180) as r:
-        assert r.status_code == 200
-        for event in sse_data(r):  # an error event (no_workers) fails the test
-            tokens += (event["choices"][0].get("logprobs") or {}).get("tokens", [])
-            if restarter is None and len(tokens) >= 8:
-                assert len(tokens) < MAX_TOKENS // 2, "the stream ended too soon to test"
-                c.workers[0].kill()
-                restarter = restart_after_exit(c.workers[0])
-    assert restarter is not None
-    restarter.join(timeout=60)
-    assert tokens == tokens_of(ref.json())
+class TestOneMixedWorker:
+    def test_the_one_mixed_worker_killed_mid_stream_resumes_on_its_restart(self, one_mixed) -> None:
+        c = one_mixed
+        ref = httpx.post(c.base_url + "/v1/completions", json=REQ, timeout=120)
+        assert ref.status_code == 200, ref.text
+        tokens: list[str] = []
+        restarter = None
+        body = {**REQ, "stream": True}
+        with httpx.stream("POST", c.base_url + "/v1/completions", json=body, timeout=180) as r:
+            assert r.status_code == 200
+            for event in sse_data(r):  # an error event (no_workers) fails the test
+                tokens += (event["choices"][0].get("logprobs") or {}).get("tokens", [])
+                if restarter is None and len(tokens) >= 8:
+                    assert len(tokens) < MAX_TOKENS // 2, "the stream ended too soon to test"
+                    c.workers[0].kill()
+                    restarter = restart_after_exit(c.workers[0])
+        assert restarter is not None
+        restarter.join(timeout=60)
+        assert tokens == tokens_of(ref.json())
 
+    def test_a_non_streaming_request_resumes_on_the_restart_too(self, one_mixed) -> None:
+        c = one_mixed
+        ref = httpx.post(c.base_url + "/v1/completions", json=REQ, timeout=120)
+        assert ref.status_code == 200, ref.text
+        result: dict = {}
 
-def test_a_non_streaming_request_resumes_on_the_restart_too(one_mixed) -> None:
-    c = one_mixed
-    ref = httpx.post(c.base_url + "/v1/completions", json=REQ, timeout=120)
-    assert ref.status_code == 200, ref.text
-    result: dict = {}
+        def call() -> None:
+            result["r"] = httpx.post(c.base_url + "/v1/completions", json=REQ, timeout=180)
 
-    def call() -> None:
-        result["r"] = httpx.post(c.base_url + "/v1/completions", json=REQ, timeout=180)
-
-    caller = threading.Thread(target=call, daemon=True)
-    caller.start()
-    deadline = time.monotonic() + 30
-    while not busy(c) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.2)  # a few tokens in (or still in its prefill: it goes to the restart too)
-    c.workers[0].kill()
-    restart_after_exit(c.workers[0]).join(timeout=60)
-    caller.join(timeout=180)
-    r = result["r"]
-    assert r.status_code == 200, r.text
-    assert tokens_of(r.json()) == tokens_of(ref.json())
+        caller = threading.Thread(target=call, daemon=True)
+        caller.start()
+        deadline = time.monotonic() + 30
+        while not busy(c) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)  # a few tokens in (or still in its prefill: it goes to the restart too)
+        c.workers[0].kill()
+        restart_after_exit(c.workers[0]).join(timeout=60)
+        caller.join(timeout=180)
+        r = result["r"]
+        assert r.status_code == 200, r.text
+        assert tokens_of(r.json()) == tokens_of(ref.json())
 
 
 UP_ENGINE = ["--engine-arg", "max_model_len=512", "--engine-arg",
@@ -140,7 +142,7 @@ def worker_pid(base: str, cfg_dir, role: str):
     return pid
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def up_pd_and_mixed(tiny_model_dir, tmp_path_factory):
     """`epdserve up` of a PD pair and a mixed worker, each its own model: (base URL, the
     operator's config folder)."""
@@ -157,12 +159,15 @@ def up_pd_and_mixed(tiny_model_dir, tmp_path_factory):
         yield base, tmp / "cfg"
 
 
-@pytest.mark.parametrize("role", ["decode", "mixed"])
-def test_the_one_worker_killed_under_up_resumes_on_its_restart(up_pd_and_mixed, role: str) -> None:
-    """decode: the one decode worker of a PD pair; mixed: the only worker of its model."""
-    base, cfg_dir = up_pd_and_mixed
-    req = {**REQ, "model": MODEL_OF[role]}
-    ref = httpx.post(base + "/v1/completions", json=req, timeout=120)
-    assert ref.status_code == 200, ref.text
-    tokens = killed_under_up(base, req, worker_pid(base, cfg_dir, role))
-    assert tokens == tokens_of(ref.json())
+class TestUp:
+    @pytest.mark.parametrize("role", ["decode", "mixed"])
+    def test_the_one_worker_killed_under_up_resumes_on_its_restart(
+        self, up_pd_and_mixed, role: str
+    ) -> None:
+        """decode: the one decode worker of a PD pair; mixed: the only worker of its model."""
+        base, cfg_dir = up_pd_and_mixed
+        req = {**REQ, "model": MODEL_OF[role]}
+        ref = httpx.post(base + "/v1/completions", json=req, timeout=120)
+        assert ref.status_code == 200, ref.text
+        tokens = killed_under_up(base, req, worker_pid(base, cfg_dir, role))
+        assert tokens == tokens_of(ref.json())
