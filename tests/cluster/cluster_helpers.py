@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -224,6 +224,49 @@ def load_report(address: str) -> pb.LoadReport:
             return report
 
     return asyncio.run(read())
+
+
+def generated(proc) -> float:
+    """The tokens the worker ``proc`` generated so far (its /metrics counts each step's)."""
+    url = f"http://127.0.0.1:{proc.ready_field('metrics_port')}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith("epdserve:generation_tokens_total"))  # fmt: skip
+
+
+def signal_mid_request(
+    proc, sig: int, start: float, total: int, running: Callable[[], bool] = lambda: True
+) -> bool:
+    """Send ``sig`` to the worker ``proc`` once it made 8 tokens of the one request it runs
+    (``generated`` said ``start`` before it; ``total`` tokens in all); whether it was sent:
+    not where the worker had made them all, or the request stopped ``running()`` first.
+
+    NOTE: the tiny model makes its tokens in a few ms each: a check between the count and the
+    signal (a gRPC Health call, ~10-50 ms at load) let whole requests finish first, and a
+    client's read of its 8th token came after the worker's 200th (sessions 18-19, load 12-25)."""
+    deadline = time.monotonic() + 60
+    while True:
+        made = generated(proc) - start
+        if made >= total - 1:  # done (a PD decode worker counts no prefill token)
+            return False
+        if made >= 8:
+            proc.signal(sig)
+            return True
+        if not running():
+            return False
+        assert time.monotonic() < deadline, f"{proc.name} made no 8 tokens in 60 s"
+        time.sleep(0.01)
+
+
+def migrations(base_url: str, reason: str) -> float:
+    """The router's count of requests it migrated for ``reason`` ("died", "hung")."""
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
+        lines = r.read().decode().splitlines()
+    for line in lines:
+        if line.startswith(f'epdserve:router_migrations_total{{reason="{reason}"}}'):
+            return float(line.split()[-1])
+    raise AssertionError("no migrations metric")
 
 
 def process_parents() -> dict[int, int]:

@@ -9,7 +9,14 @@ import time
 
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, get_json, start_cluster, worker_health
+from cluster_helpers import (
+    TINY_NAME,
+    generated,
+    get_json,
+    signal_mid_request,
+    start_cluster,
+    worker_health,
+)
 
 from services.common.membership import instances_prefix
 
@@ -87,6 +94,11 @@ def _wait(pred, timeout: float, step: float = 0.2) -> float:
     return time.monotonic() - start
 
 
+def post(url: str, req: dict, result: dict) -> None:
+    with httpx.Client(base_url=url, timeout=60) as c:
+        result["r"] = c.post("/v1/completions", json=req)
+
+
 def test_both_workers_serve(cluster) -> None:
     _wait(lambda: get_json(cluster.base_url + "/health")[1]["workers"] == 2, 20)
     with httpx.Client(base_url=cluster.base_url, timeout=30) as c:
@@ -150,16 +162,23 @@ def test_kill_9_one_worker(cluster) -> None:
 
 def test_sigterm_drains_then_exits(cluster) -> None:
     worker = cluster.workers[1]
-    with httpx.Client(base_url=cluster.base_url, timeout=60) as c:
-        long_req = {**REQ, "max_tokens": 200, "ignore_eos": True}
+    long_req = {**REQ, "max_tokens": 200, "ignore_eos": True}
+    # NOTE: the SIGTERM lands once the worker made 8 of the 200 tokens. After a fixed 0.5 s
+    # it could land before the request arrived (a loaded machine) or after it finished (a
+    # quiet one, where the tiny model makes 200 tokens in well under a second): no drain.
+    for _ in range(3):
+        start = generated(worker)
         result: dict[str, httpx.Response] = {}
-        t = threading.Thread(target=lambda: result.setdefault(
-            "r", c.post("/v1/completions", json=long_req)))  # fmt: skip
+        t = threading.Thread(target=post, args=(cluster.base_url, long_req, result))
         t.start()
-        time.sleep(0.5)
-        worker.signal(signal.SIGTERM)
+        sent = signal_mid_request(worker, signal.SIGTERM, start, 200, t.is_alive)
         t.join(timeout=60)
-    assert result["r"].status_code == 200
+        assert result["r"].status_code == 200, result["r"].text
+        if sent:
+            break
+        print("the request finished before the SIGTERM: again", flush=True)
+    else:
+        raise AssertionError("3 requests finished before their worker made 8 tokens")
     assert result["r"].json()["usage"]["completion_tokens"] == 200  # finished, not cut
     assert worker.proc.wait(timeout=30) == 0
     assert _etcd_instances(cluster.etcd.endpoint, "test") == set()

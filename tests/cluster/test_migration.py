@@ -9,13 +9,16 @@ import json
 import signal
 import time
 
-import grpc
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, start_cluster, worker_health
-
-from services.common.proto import worker_pb2 as pb
-from services.common.proto import worker_pb2_grpc as pb_grpc
+from cluster_helpers import (
+    TINY_NAME,
+    generated,
+    migrations,
+    signal_mid_request,
+    start_cluster,
+    worker_health,
+)
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -28,8 +31,8 @@ REQ = {
 # A worker whose load stream is silent this long is hung (the default is 5 s).
 ROUTER = {"load_stale_s": 2.0, "max_migrations": 2}
 ATTEMPTS = 5  # streams tried for one in which the fault lands while the worker generates
-# The router holds a streaming request this long after its client read 8 tokens, or it has
-# finished it (session 18, load ~20: all 200 tokens were out before the client read 8).
+# A request that no worker of its role is seen running for this long was finished before the
+# fault could land (its output waits in the client's socket for this loaded process to read).
 FINISHED_S = 2.0
 
 
@@ -63,30 +66,26 @@ def serving_worker(cluster, role: str) -> str:
         time.sleep(0.01)
 
 
-def generating(address: str) -> bool:
-    """Whether the worker at ``address`` still runs a request (its own count, not a report)."""
-    with grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]) as ch:
-        return pb_grpc.WorkerServiceStub(ch).Health(pb.HealthRequest(), timeout=10).num_inflight > 0
-
-
 def stream_with_fault(
     cluster, role: str, sig: int, req: dict = REQ
 ) -> tuple[dict[int, list[str]], dict[int, str], dict, str]:
-    """Stream ``req``; after a few chunks, send ``sig`` to the worker of ``role`` running it,
-    if it still generates. Returns (tokens and text per completion index, usage, victim id:
-    "" where the worker had finished before the fault could land).
+    """Stream ``req``; once the worker of ``role`` running it generated 8 tokens of it, send
+    it ``sig`` if it still generates. Returns (tokens and text per completion index, usage,
+    victim id: "" where the worker had finished before the fault could land).
 
-    NOTE: the client may read far behind the worker: on a loaded machine the tiny model made
-    all its tokens while this process was still reading the eighth, and a fault that lands on
-    a worker done with the request changes nothing (no migration to see)."""
+    NOTE: the fault is timed by the worker's tokens, not by what this client read: on a
+    loaded machine the tiny model made all its tokens while this process was still reading
+    the eighth (session 18), and a fault on the last tokens leaves a continuation too short
+    to speculate in (the draft check failed once at load ~47, session 18)."""
     tokens: dict[int, list[str]] = {}
     text: dict[int, str] = {}
     usage: dict = {}
-    victim, tried = "", False
+    made = {w.name: generated(w) for w in cluster.workers if w.alive()}
     body = {**req, "stream": True, "stream_options": {"include_usage": True}}
     with httpx.Client(base_url=cluster.base_url, timeout=120) as c:
         with c.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
+            victim = fault_after_tokens(cluster, role, sig, made, MAX_TOKENS * req.get("n", 1))
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -99,27 +98,18 @@ def stream_with_fault(
                     text[i] = text.get(i, "") + choice["text"]
                     got = (choice.get("logprobs") or {}).get("tokens", [])
                     tokens[i] = tokens.get(i, []) + got
-                if not tried and len(tokens.get(0, [])) >= 8:
-                    tried = True
-                    name = serving_worker(cluster, role)
-                    assert len(tokens[0]) < MAX_TOKENS // 2, "the stream ended too soon to test"
-                    if name and generating(worker_address(cluster, name)):
-                        proc = next(w for w in cluster.workers if w.name == name)
-                        victim = name
-                        proc.signal(sig)
     return tokens, text, usage, victim
 
 
-def worker_address(cluster, name: str) -> str:
-    return worker_health(cluster.base_url, cluster.admin_token)[1]["workers"][name]["address"]
-
-
-def migrations(base_url: str, reason: str) -> float:
-    metrics = httpx.get(base_url + "/metrics", timeout=10).text
-    for line in metrics.splitlines():
-        if line.startswith(f'epdserve:router_migrations_total{{reason="{reason}"}}'):
-            return float(line.split()[-1])
-    raise AssertionError("no migrations metric")
+def fault_after_tokens(cluster, role: str, sig: int, made: dict[str, float], total: int) -> str:
+    """Send ``sig`` to the worker of ``role`` running our request once it made 8 tokens of it
+    (``made``: each worker's count before it; ``total`` tokens in all); its id, or "" where
+    it finished the request first."""
+    name = serving_worker(cluster, role)
+    if not name:
+        return ""
+    proc = next(w for w in cluster.workers if w.name == name)
+    return name if signal_mid_request(proc, sig, made[name], total) else ""
 
 
 def verifications(cluster, skip: str = "") -> dict[str, float]:
