@@ -61,6 +61,20 @@ def _counter(
     return counter
 
 
+class _Children(dict):
+    """A labelled metric's children by their label values (``children[values]``): the metric's
+    ``labels`` checks and converts its arguments and takes a lock on every call (~1 us, nine
+    calls a request); a child once made is looked up here."""
+
+    def __init__(self, metric: Any) -> None:
+        super().__init__()
+        self.metric = metric
+
+    def __missing__(self, values: tuple[str, ...]) -> Any:
+        child = self[values] = self.metric.labels(*values)
+        return child
+
+
 class RouterMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -165,30 +179,35 @@ class RouterMetrics:
                                     "this router answered (both Batch APIs), by outcome",
                                     "outcome", ("completed", "failed"))  # fmt: skip
         self.rebalance = RebalanceMetrics(r)
+        per_request = (self.requests, self.ttft, self.e2e, self.phase, self.prompt_tokens,
+                       self.completion_tokens, self.tier_requests, self.tier_tokens)  # fmt: skip
+        self._children = {id(m): _Children(m) for m in per_request}
         self.update_pool(None)
 
     def count_request(self, api: str, status: int | str) -> None:
-        self.requests.labels(api, outcome_of(status)).inc()
+        self._children[id(self.requests)][api, outcome_of(status)].inc()
 
     def first_token(self, api: str, model: str, started: float) -> None:
         """A request's first output arrived; ``started``: its time.monotonic() on arrival."""
-        self.ttft.labels(api, model).observe(time.monotonic() - started)
+        self._children[id(self.ttft)][api, model].observe(time.monotonic() - started)
 
     def observe_phase(self, model: str, phase: str, seconds: float) -> None:
         """One request's time in one of ``ROUTER_PHASES``."""
-        self.phase.labels(model, phase, ROUTER_PHASES[phase]).observe(seconds)
+        self._children[id(self.phase)][model, phase, ROUTER_PHASES[phase]].observe(seconds)
 
     def done(self, api: str, model: str, started: float, prompt: int, completion: int) -> None:
         """A request's last output arrived, with its usage counts."""
-        self.e2e.labels(api, model).observe(time.monotonic() - started)
-        self.prompt_tokens.labels(model).inc(prompt)
-        self.completion_tokens.labels(model).inc(completion)
+        children = self._children
+        children[id(self.e2e)][api, model].observe(time.monotonic() - started)
+        children[id(self.prompt_tokens)][(model,)].inc(prompt)
+        children[id(self.completion_tokens)][(model,)].inc(completion)
 
     def tier_done(self, tier: str, prompt: int, completion: int) -> None:
         """A request of service tier ``tier`` completed with these usage counts."""
-        self.tier_requests.labels(tier).inc()
-        self.tier_tokens.labels(tier, "prompt").inc(prompt)
-        self.tier_tokens.labels(tier, "generation").inc(completion)
+        children = self._children
+        children[id(self.tier_requests)][(tier,)].inc()
+        children[id(self.tier_tokens)][tier, "prompt"].inc(prompt)
+        children[id(self.tier_tokens)][tier, "generation"].inc(completion)
 
     def update_offline(self, offline: Any) -> None:
         """Refresh the offline-queue gauges from an OfflineAdmission (before a scrape)."""
