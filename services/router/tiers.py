@@ -115,12 +115,13 @@ def openai_params(
     params: SamplingParams, asked: str | None, key: KeyTiers | None
 ) -> SamplingParams:
     """``params`` with the engine tier of an OpenAI ``service_tier`` and the integer priority
-    checked against the key (403s)."""
-    return replace(
-        params,
-        service_tier=openai_tier(asked, key),
-        priority=(key or OPEN).allow_priority(params.priority),
-    )
+    checked against the key (403s). NOTE: ``params`` itself when neither changes: a new one is
+    checked again in its ``__post_init__`` (~10 us a request)."""
+    tier = openai_tier(asked, key)
+    priority = (key or OPEN).allow_priority(params.priority)
+    if tier == params.service_tier and priority == params.priority:
+        return params
+    return replace(params, service_tier=tier, priority=priority)
 
 
 def anthropic_tier(asked: str | None, key: KeyTiers | None) -> str:

@@ -82,6 +82,11 @@ def test_key_tiers_bound_the_integer_priority_and_anthropic_tiers() -> None:
         assert e.value.status == (400 if key is None else 403)
         assert e.value.param == ("service_tier" if tier else "priority")
     assert openai_params(SamplingParams(priority=-9), None, None).priority == -9  # no keys
+    # Nothing to change: the same params (a new one is checked again, ~10 us a request).
+    same = SamplingParams(priority=2)
+    assert openai_params(same, None, None) is same
+    flex = openai_params(same, None, batch)
+    assert flex is not same and (flex.service_tier, same.service_tier) == ("flex", "default")
     # Anthropic: "priority" (an extension) up to the key's highest tier; "auto" the default.
     assert anthropic_tier("priority", None) == "priority"
     assert anthropic_tier("auto", KeyTiers("priority")) == "priority"
