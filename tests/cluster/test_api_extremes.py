@@ -5,13 +5,12 @@ A request may fail, a worker may not: each case gets its expected status (a 400 
 own error format, naming the parameter where the router knows it), and after each one the
 worker and router processes are the same live ones and a normal greedy request answers with
 the tokens it gave before the sweep. Non-finite numbers (which Python's json writes and the
-SDKs refuse to send) go out as raw HTTP.
+SDKs refuse to send) and lone UTF-16 surrogates (which they cannot encode) go out as raw HTTP.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import anthropic
@@ -98,6 +97,8 @@ CASES: list[tuple[str, dict[str, Any], int, str | None]] = [
     ("completions", {"prompt": [""]}, 400, "prompt"),
     ("completions", {"prompt": []}, 400, "prompt"),
     ("completions", {"prompt": [2**63]}, 400, "prompt"),
+    ("completions", {"prompt": "a\ud800"}, 400, "lone UTF-16 surrogate"),  # was a 500
+    ("messages", {"messages": [{"role": "user", "content": "\udfff"}]}, 400, "lone UTF-16"),
     ("completions", {"prompt": [[1] * 100_000]}, 400, "maximum context length"),
     ("chat", {"messages": []}, 400, "messages"),
     ("chat", {"messages": [[]]}, 400, "messages"),
@@ -117,13 +118,13 @@ CASES: list[tuple[str, dict[str, Any], int, str | None]] = [
 ]
 
 
-def _finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    if isinstance(value, list):
-        return all(_finite(v) for v in value)
+def _sdk_writes(body: dict[str, Any]) -> bool:
+    """Whether the SDKs can send ``body``: they refuse NaN / Infinity, and text that UTF-8
+    cannot encode (a lone surrogate, which JSON can carry as an escape)."""
+    try:
+        json.dumps(body, allow_nan=False, ensure_ascii=False).encode()
+    except (ValueError, UnicodeEncodeError):
+        return False
     return True
 
 
@@ -137,7 +138,7 @@ def _send(cluster, oai, claude, api: str, fields: dict[str, Any]) -> tuple[int, 
     body holds a number the SDKs refuse to write."""
     path, base = BASE[api]
     body = {**base, **fields}
-    if not _finite(body):
+    if not _sdk_writes(body):
         r = httpx.post(cluster.base_url + path, content=json.dumps(body, allow_nan=True),
                        headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
         return r.status_code, r.json()

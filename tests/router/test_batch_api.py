@@ -53,6 +53,11 @@ OPENAI = [
      "-Infinity is not a JSON value"),
     ("POST", "/v1/files", {"files": {"file": ("a", LINE + b',"temperature":NaN}}')},
                            "data": {"purpose": "batch"}}, 400, "NaN is not a JSON value"),
+    # A lone UTF-16 surrogate is JSON but not Unicode: the tokenizer's TypeError was a 500.
+    ("POST", "/v1/completions", {"content": b'{"model":"m","prompt":"a\\ud800"}'}, 400,
+     "lone UTF-16 surrogate (\\ud800)"),
+    ("POST", "/v1/files", {"files": {"file": ("a", LINE + b',"user":"\\udfff"}}')},
+                           "data": {"purpose": "batch"}}, 400, "lone UTF-16 surrogate"),
 ]  # fmt: skip
 ANTHROPIC = [
     ("POST", "/v1/messages/batches", {"content": b"{"}, 400, "not valid JSON"),
@@ -64,6 +69,8 @@ ANTHROPIC = [
     ("POST", "/v1/messages/batches/msgbatch_x/cancel", {}, 404, "No batch"),
     ("POST", "/v1/messages", {"content": DEEP}, 400, "nested too deeply"),
     ("POST", "/v1/messages/batches", {"content": DEEP}, 400, "nested too deeply"),
+    ("POST", "/v1/messages", {"content": b'{"model":"m","messages":[{"role":"user","content":'
+                              b'"\\udc00"}]}'}, 400, "lone UTF-16 surrogate"),
 ]  # fmt: skip
 
 

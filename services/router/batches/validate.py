@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from services.router.api.protocol.body import refuse_constant
+from services.router.api.protocol.body import loads
 from services.router.errors import APIError
 
 OPENAI_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
@@ -47,7 +47,7 @@ def check_openai_file(lines: Iterable[bytes], max_lines: int) -> int:
         if count >= max_lines:
             raise _invalid(f"the batch file has more than {max_lines} requests", "too_many_lines")
         try:
-            obj = json.loads(raw, parse_constant=refuse_constant)
+            obj = loads(raw)
         except ValueError as exc:
             raise _invalid(f"line {n} is not valid JSON: {exc}", "invalid_json_line") from None
         except RecursionError:
