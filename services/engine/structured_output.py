@@ -65,17 +65,17 @@ class StructuredOutputs:
         self._lock = threading.Lock()  # the step thread and ``prepare`` callers
 
     def prepare(self, params: StructuredOutputsParams) -> None:
-        """Build the tokenizer (and its token trie) and the grammar's initial matcher now;
-        ValueError as ``new_matcher``. Thread-safe; meant for a worker thread."""
-        template = self._template(params.key)
-        if not getattr(self, "_warm", False):
-            # The first mask builds llguidance's token trie: most of the first-use cost.
-            from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+        """Build the tokenizer (and its token trie), the grammar's initial matcher and its
+        first mask now; ValueError as ``new_matcher``. Thread-safe; meant for a worker thread.
 
-            fill_next_token_bitmask(
-                template.deep_copy(), allocate_token_bitmask(1, self.vocab_size)
-            )
-            self._warm = True
+        NOTE: every grammar's first mask, not only the first grammar's: its lexer states are
+        built by the first mask and shared by the template's copies, and a regex such as
+        a{1000000} took 4.7 s there, on the step thread, stalling every request of the
+        worker (measured: 3.5 s here instead, then 0.0 s for the step thread's mask)."""
+        from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+
+        template = self._template(params.key)
+        fill_next_token_bitmask(template.deep_copy(), allocate_token_bitmask(1, self.vocab_size))
 
     @functools.cached_property
     def tokenizer(self) -> llguidance.LLTokenizer:

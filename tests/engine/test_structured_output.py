@@ -159,6 +159,21 @@ def test_a_bad_constraint_is_a_value_error(llm, so):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_prepare_computes_each_grammars_first_mask(llm, monkeypatch):
+    """prepare() (a worker thread) computes the first mask of every grammar it is given, so
+    that the step thread never builds a new grammar's lexer states (seconds for a regex like
+    a{1000000}, every request of the worker waiting); it did so for the first grammar only."""
+    import llguidance.torch
+
+    masks = []
+    fill = llguidance.torch.fill_next_token_bitmask
+    monkeypatch.setattr(llguidance.torch, "fill_next_token_bitmask",
+                        lambda *a: masks.append(a) or fill(*a))  # fmt: skip
+    for regex in ("[0-9]{3}", "[a-f]{5}"):
+        llm.engine.structured.prepare(StructuredOutputsParams(regex=regex))
+    assert len(masks) == 2
+
+
 @pytest.mark.parametrize(
     "kwargs", [{}, {"regex": "a", "choice": ["a"]}, {"choice": []}, {"json": "{not json"}]
 )
