@@ -30,6 +30,8 @@ from cluster_helpers import (
     worker_health,
 )
 
+from services.cli.children import ManagedProcess
+from services.cli.launcher import WORKER_ENV_DEFAULTS, WORKER_READY
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 
@@ -101,9 +103,27 @@ def reachable(c) -> bool:
 # its last test, before the next class starts its own.
 @pytest.fixture(scope="class")
 def one_mixed(tiny_model_dir):
-    c = start_cluster(tiny_model_dir("llama"), workers=1)  # the default wait: 60 s
+    # The restart wait, which also bounds a worker's start (120 s; the default is 60 s): a
+    # worker start took up to 47 s at load 20-25 here.
+    c = start_cluster(tiny_model_dir("llama"), workers=1,
+                      router_overrides={"worker_restart_wait_s": 120.0})  # fmt: skip
     yield c
     c.stop()
+
+
+def late_worker(c, index: int, served: str) -> ManagedProcess:
+    """A worker of the tiny model started now beside the cluster's, serving it as ``served``
+    (a model no other worker serves: the router has no record of it)."""
+    argv = c.worker_argv(index)
+    argv[argv.index("--served-model-name") + 1] = served
+    return ManagedProcess(f"worker-{index}", argv, WORKER_READY, False,
+                          {**c.etcd.access.to_env(), **WORKER_ENV_DEFAULTS})  # fmt: skip
+
+
+def starting_rows(c) -> dict[str, dict]:
+    auth = {"Authorization": f"Bearer {c.admin_token}"}
+    st = httpx.get(c.base_url + "/admin/status", headers=auth, timeout=30).json()
+    return {s["id"]: s for s in st["starting"]}
 
 
 class TestOneMixedWorker:
@@ -143,6 +163,34 @@ class TestOneMixedWorker:
             if resumed(c, restarter, before):
                 return
         raise AssertionError(f"no kill landed on a running request in {ATTEMPTS} attempts")
+
+    def test_a_request_sent_while_its_only_worker_starts_waits_for_it(self, one_mixed) -> None:
+        """While a worker starts (imports, model load) the router lists it as starting, and
+        a request for its model waits for it and succeeds, greedy tokens those of the same
+        model served under the cluster's name (before: 404, the router knew nothing of the
+        worker). A worker killed while starting leaves etcd when its lease runs out."""
+        c = one_mixed
+        body = {"model": "tiny-late", "prompt": "Once upon a time", "max_tokens": 8,
+                "temperature": 0, "ignore_eos": True, "logprobs": 1}  # fmt: skip
+        ref = httpx.post(c.base_url + "/v1/completions", json={**body, "model": TINY_NAME},
+                         timeout=120)  # fmt: skip
+        assert ref.status_code == 200, ref.text
+        # Both at once: the killed one's lease (15 s) runs out while the other starts.
+        dies, late = late_worker(c, 91, "tiny-dies"), late_worker(c, 90, "tiny-late")
+        try:
+            seen: dict[str, dict] = {}
+            wait_for(lambda: {"worker-90", "worker-91"} <= seen.keys()
+                     or bool(seen.update(starting_rows(c))), 120, "both starting", 0.1)  # fmt: skip
+            dies.kill()
+            assert seen["worker-90"]["model"] == "tiny-late"
+            assert not late.is_ready()  # the request goes while the worker starts
+            r = httpx.post(c.base_url + "/v1/completions", json=body, timeout=180)
+            assert r.status_code == 200, (r.text, late.last_output())
+            assert tokens_of(r.json()) == tokens_of(ref.json())
+            wait_for(lambda: "worker-91" not in starting_rows(c), 30, "worker-91 gone")
+        finally:
+            dies.stop(timeout=10)
+            late.stop(timeout=30)
 
 
 UP_ENGINE = ["--engine-arg", "max_model_len=512", "--engine-arg",
