@@ -40,14 +40,14 @@ def compile_grammar(kind: str, text: str) -> str:
         else:
             raise ValueError(f"unknown structured output kind {kind!r}")
     except ValueError as exc:
-        raise ValueError(f"invalid structured_outputs.{kind}: {_message(str(exc))}") from None
+        raise ValueError(f"invalid structured_outputs.{kind}: {error_message(str(exc))}") from None
     error = LLMatcher.validate_grammar(grammar)
     if error:
-        raise ValueError(f"invalid structured_outputs.{kind}: {_message(error)}")
+        raise ValueError(f"invalid structured_outputs.{kind}: {error_message(error)}")
     return grammar
 
 
-def _message(error: str) -> str:
+def error_message(error: str) -> str:
     """The compiler's message without the Rust backtrace a panic appends (tens of lines of
     ``<unknown>`` frames that would go to the client)."""
     return error.split("<backtrace>", 1)[0].strip()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from services.engine.grammar import GRAMMAR_CACHE_SIZE, compile_grammar
+from services.engine.grammar import GRAMMAR_CACHE_SIZE, compile_grammar, error_message
 from services.engine.sampling_params import StructuredOutputsParams
 
 if TYPE_CHECKING:
@@ -114,7 +114,11 @@ class StructuredOutputs:
 
                 template = llguidance.LLMatcher(self.tokenizer, compile_grammar(*key))
                 if template.is_error():
-                    raise ValueError(f"invalid structured_outputs.{key[0]}: {template.get_error()}")
+                    # NOTE: a panic of llguidance's with this tokenizer (100,000 grammar symbols)
+                    # sent its Rust backtrace to the client.
+                    raise ValueError(
+                        f"invalid structured_outputs.{key[0]}: {error_message(template.get_error())}"
+                    )
                 if len(self._templates) >= GRAMMAR_CACHE_SIZE:
                     self._templates.pop(next(iter(self._templates)))
             self._templates[key] = template  # most recently used last

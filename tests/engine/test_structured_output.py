@@ -159,6 +159,31 @@ def test_a_bad_constraint_is_a_value_error(llm, so):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_a_panic_of_the_matcher_reaches_the_client_without_its_backtrace(llm, monkeypatch):
+    """llguidance's matcher panics on some grammars only with the tokenizer (a grammar of
+    100,000 symbols, 8 s to reach: faked here); its message went out with the Rust backtrace."""
+    import llguidance
+
+    class Panicked:
+        def __init__(self, *args) -> None:
+            pass
+
+        def is_error(self) -> bool:
+            return True
+
+        def get_error(self) -> str:
+            return "panic: assertion failed: symbols\n<backtrace>\n   0: <unknown>\n   1: <unknown>"
+
+    real = llguidance.LLMatcher
+    for name in dir(real):  # the grammar compiler's class methods stay the real ones
+        if not name.startswith("_") and not hasattr(Panicked, name):
+            setattr(Panicked, name, getattr(real, name))
+    monkeypatch.setattr(llguidance, "LLMatcher", Panicked)
+    with pytest.raises(ValueError) as info:
+        llm.engine.structured.new_matcher(StructuredOutputsParams(regex="[0-9]{7}"))
+    assert str(info.value) == "invalid structured_outputs.regex: panic: assertion failed: symbols"
+
+
 def test_prepare_computes_each_grammars_first_mask(llm, monkeypatch):
     """prepare() (a worker thread) computes the first mask of every grammar it is given, so
     that the step thread never builds a new grammar's lexer states (seconds for a regex like
