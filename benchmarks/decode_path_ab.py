@@ -1,7 +1,9 @@
 """The engine's own CPU per decode step, with the CPU decode-step path (models/llama_decode.py)
 on and off, alternated in one process: the same engine, the same batch, the same cache.
 ``--compare fused``: the path on both sides, its one C call a layer for the rotary, the KV
-write and the attention ("on") against the two calls it replaced ("off").
+write and the attention ("on") against the two calls it replaced ("off"). ``--compare
+scratch``: the path on both sides, its layers' shared scratch tensors ("on") against a new
+``torch.empty`` for each use ("off", what the path did before).
 
 ``--model tiny`` builds a 30-layer Llama of hidden size 128 with random weights (in a
 temporary folder, nothing downloaded): its kernels cost little, so a step is mostly the
@@ -12,7 +14,7 @@ the least disturbed by other processes), the process's CPU (the OpenMP threads t
 wall time, and the ratios off/on. Recorded, not asserted; not in CI.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/decode_path_ab.py [--model tiny]
-        [--batch 16] [--rounds 8] [--steps 8] [--compare path|fused]
+        [--batch 16] [--rounds 8] [--steps 8] [--compare path|fused|scratch]
 """
 
 from __future__ import annotations
@@ -28,15 +30,17 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as the workers run
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
 from benchmarks.offline import make_prompts  # noqa: E402
 from services.engine.config import EngineConfig  # noqa: E402
 from services.engine.llm_engine import LLMEngine  # noqa: E402
+from services.engine.models.llama_decode import Scratch  # noqa: E402
 from services.engine.sampling_params import SamplingParams  # noqa: E402
 
 
 def tiny_model(folder: Path) -> str:
     """A 30-layer, 128-wide Llama with random weights and the default model's tokenizer."""
-    import torch
     import transformers
 
     from tests.conftest import TINY_CONFIG, tokenizer_source
@@ -52,14 +56,22 @@ def tiny_model(folder: Path) -> str:
     return str(folder)
 
 
+class FreshScratch(Scratch):
+    """A new tensor for every use: the path's allocations before its shared scratch."""
+
+    def get(self, what: str, rows: int, width: int) -> torch.Tensor:
+        return torch.empty((rows, width), dtype=torch.float32)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default=None, help="'tiny', a HF folder, or the default model")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per side a round")
-    p.add_argument("--compare", choices=["path", "fused"], default="path",
-                   help="path: the decode path on/off; fused: its one attention call on/off")  # fmt: skip
+    p.add_argument("--compare", choices=["path", "fused", "scratch"], default="path",
+                   help="path: the decode path on/off; fused: its one attention call on/off; "
+                        "scratch: its shared scratch tensors on/off")  # fmt: skip
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="decode-path-ab-") as tmp:
         model = tiny_model(Path(tmp)) if args.model == "tiny" else args.model
@@ -86,11 +98,18 @@ def run(engine: LLMEngine, args: argparse.Namespace) -> None:
         raise SystemExit("this engine has no CPU decode-step path (not a float32 CPU Llama?)")
     sides: dict[str, tuple[list[float], list[float], list[float]]] = {"on": ([], [], []),
                                                                       "off": ([], [], [])}  # fmt: skip
+    shared = next(layer.scratch for layer in path.layers if layer is not None)
+    fresh = FreshScratch()
     load = os.getloadavg()[0]
     for r in range(args.rounds):
         for side in ("on", "off") if r % 2 == 0 else ("off", "on"):
             if args.compare == "path":
                 decoder.decode_path = path if side == "on" else None
+            elif args.compare == "scratch":
+                scratch = shared if side == "on" else fresh
+                for layer in path.layers:
+                    if layer is not None:
+                        layer.scratch = scratch
             else:
                 for layer in path.layers:
                     if layer is not None:
@@ -107,6 +126,7 @@ def run(engine: LLMEngine, args: argparse.Namespace) -> None:
     for layer in path.layers:
         if layer is not None:
             layer.fuse = True
+            layer.scratch = shared
 
     def ms(values: list[float]) -> float:
         return 1e3 * statistics.median(values)

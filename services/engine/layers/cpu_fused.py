@@ -71,13 +71,20 @@ class CpuFused:
         )
 
     def rms_norm(
-        self, x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        delta: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s, norm(s))`` with ``s = x + delta`` (a new tensor; ``x`` itself without
         ``delta``). ``x`` and ``delta`` are left unchanged: a layer's input may be held by
-        others (EAGLE-3 keeps some layers' inputs)."""
+        others (EAGLE-3 keeps some layers' inputs). ``out``: where ``norm(s)`` goes (a
+        contiguous float32 tensor of ``x``'s shape; a new one when None)."""
         n, hidden = x.shape
-        out = torch.empty((n, hidden), dtype=torch.float32)
+        if out is None:
+            out = torch.empty((n, hidden), dtype=torch.float32)
         total = x
         if delta is not None:
             delta = delta.contiguous()
@@ -93,11 +100,13 @@ class CpuFused:
             raise RuntimeError(f"rms_norm kernel failed ({rc})")
         return total, out
 
-    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """``silu(gate) * up`` of ``gate_up = [gate | up]`` (rows of 2 x inter)."""
+    def silu_mul(self, gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``silu(gate) * up`` of ``gate_up = [gate | up]`` (rows of 2 x inter), into ``out``
+        (contiguous float32 [rows, inter]; a new tensor when None)."""
         n, width = gate_up.shape
         inter = width // 2
-        out = torch.empty((n, inter), dtype=torch.float32)
+        if out is None:
+            out = torch.empty((n, inter), dtype=torch.float32)
         rc = self._silu(gate_up.data_ptr(), out.data_ptr(), n, inter, gate_up.stride(0),
                         torch.get_num_threads())  # fmt: skip
         if rc != 0:

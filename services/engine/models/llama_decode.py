@@ -37,13 +37,39 @@ def _rows(x: torch.Tensor) -> bool:
     )
 
 
+class Scratch:
+    """The tensors a layer writes and reads back within itself (its normed inputs to the qkv
+    and gate_up projections, its attention's output, its activation), one set of a step's
+    row count for every layer of a path: each layer overwrites the last one's.
+
+    NOTE: a fresh ``torch.empty`` for each was 4 of the 5 allocations a layer made, 120 a
+    30-layer step (~1.5 us of step-thread CPU each at load ~20, in which the OpenMP thread
+    has nothing to do: benchmarks/step_overhead.py --python). Nothing outside the layer sees
+    these: its output (the residual sum) and its projections' outputs stay new tensors."""
+
+    def __init__(self) -> None:
+        self.rows = -1
+        self._bufs: dict[tuple[str, int], torch.Tensor] = {}
+
+    def get(self, what: str, rows: int, width: int) -> torch.Tensor:
+        """A contiguous float32 [rows, width] for ``what``; its contents are stale."""
+        if rows != self.rows:  # a new batch size: the old tensors go
+            self._bufs.clear()
+            self.rows = rows
+        buf = self._bufs.get((what, width))
+        if buf is None:
+            buf = self._bufs[what, width] = torch.empty((rows, width), dtype=torch.float32)
+        return buf
+
+
 class DecodeLayer:
     """One decoder layer's modules and tensors, held as plain attributes (no ``nn.Module``
     attribute lookups in the step)."""
 
-    def __init__(self, layer: Any, ops: cpu_fused.CpuFused) -> None:
+    def __init__(self, layer: Any, ops: cpu_fused.CpuFused, scratch: Scratch | None = None) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.layer = layer
+        self.scratch = scratch or Scratch()
         self.attn = attn
         self.ops = ops
         self.qkv, self.o_proj = attn.qkv_proj, attn.o_proj
@@ -67,14 +93,14 @@ class DecodeLayer:
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # fmt: skip
         """``LlamaDecoderLayer.forward`` of a decode-only batch (``DecodePath.usable``)."""
-        ops, a, t = self.ops, self.attn, x.shape[0]
+        ops, a, t, scratch = self.ops, self.attn, x.shape[0], self.scratch
         # LlamaAttention.forward, LlamaMLP.forward and the backend's decode, inlined.
-        h = ops.rms_norm(x, self.w_in, self.in_norm.eps)[1]
+        h = ops.rms_norm(x, self.w_in, self.in_norm.eps, out=scratch.get("norm", *x.shape))[1]
         qkv = self.qkv.forward(h)
         assert self.kernel is not None
         contiguous = qkv.is_contiguous()  # the heads' rows as the kernels want them
         if contiguous and self.fuse and not meta.prefills:  # a decode batch: one C call
-            out = torch.empty((t, a.q_size), dtype=torch.float32)
+            out = scratch.get("attn", t, a.q_size)
             self.kernel.rotary_store_attend(
                 positions, qkv, self.heads, rotary.cos, rotary.sin, a.k_cache, a.v_cache,
                 meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
@@ -110,11 +136,11 @@ class DecodeLayer:
 
     def _mlp(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """The residual add, the post-attention norm, the MLP and its residual add."""
-        ops = self.ops
-        x, h = ops.rms_norm(x, self.w_post, self.post_norm.eps, attn)
+        ops, scratch = self.ops, self.scratch
+        x, h = ops.rms_norm(x, self.w_post, self.post_norm.eps, attn, scratch.get("norm", *x.shape))
         gate_up = self.gate_up.forward(h)
         if ops.silu_vectorized and cpu_fused.rows(gate_up) and gate_up.shape[1] % 2 == 0:
-            act = ops.silu_mul(gate_up)
+            act = ops.silu_mul(gate_up, scratch.get("act", gate_up.shape[0], gate_up.shape[1] // 2))
         else:  # LlamaMLP's torch path (AVX2 builds: see cpu_fused)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate).mul_(up)
@@ -145,6 +171,7 @@ class DecodePath:
         ):
             return None
         layers: list[DecodeLayer | None] = []
+        scratch = Scratch()  # shared by the layers
         for layer in model.layers:
             attn = getattr(layer, "self_attn", None)
             kernel = getattr(getattr(attn, "backend", None), "native_decode", None)
@@ -160,7 +187,7 @@ class DecodePath:
                 and all(ops.norm_usable(n.weight[None], n.weight)
                         for n in (layer.input_layernorm, layer.post_attention_layernorm))
             )  # fmt: skip
-            layers.append(DecodeLayer(layer, ops) if ok else None)
+            layers.append(DecodeLayer(layer, ops, scratch) if ok else None)
         if not any(layers):
             return None
         return cls(layers, rotary)
