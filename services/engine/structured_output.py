@@ -106,23 +106,31 @@ class StructuredOutputs:
 
     def _template(self, key: tuple[str, str]) -> llguidance.LLMatcher:
         """The initial matcher of a grammar (a small LRU; copies are cheap, building the
-        parser is not)."""
+        parser is not).
+
+        NOTE: built outside the lock: the step thread takes it for every constrained request
+        it adds, and waited (every request of the worker with it) for whatever grammar a
+        ``prepare`` thread was building; two threads may build one grammar at once."""
         with self._lock:
             template = self._templates.pop(key, None)
-            if template is None:
-                import llguidance
+            if template is not None:
+                self._templates[key] = template  # most recently used last
+                return template
+        import llguidance
 
-                template = llguidance.LLMatcher(self.tokenizer, compile_grammar(*key))
-                if template.is_error():
-                    # NOTE: a panic of llguidance's with this tokenizer (100,000 grammar symbols)
-                    # sent its Rust backtrace to the client.
-                    raise ValueError(
-                        f"invalid structured_outputs.{key[0]}: {error_message(template.get_error())}"
-                    )
-                if len(self._templates) >= GRAMMAR_CACHE_SIZE:
-                    self._templates.pop(next(iter(self._templates)))
-            self._templates[key] = template  # most recently used last
-            return template
+        template = llguidance.LLMatcher(self.tokenizer, compile_grammar(*key))
+        if template.is_error():
+            # NOTE: a panic of llguidance's with this tokenizer (100,000 grammar symbols)
+            # sent its Rust backtrace to the client.
+            raise ValueError(
+                f"invalid structured_outputs.{key[0]}: {error_message(template.get_error())}"
+            )
+        with self._lock:
+            self._templates.pop(key, None)
+            if len(self._templates) >= GRAMMAR_CACHE_SIZE:
+                self._templates.pop(next(iter(self._templates)))
+            self._templates[key] = template
+        return template
 
 
 class Constrained(Protocol):

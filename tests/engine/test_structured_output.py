@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import pytest
 import torch
@@ -182,6 +183,41 @@ def test_a_panic_of_the_matcher_reaches_the_client_without_its_backtrace(llm, mo
     with pytest.raises(ValueError) as info:
         llm.engine.structured.new_matcher(StructuredOutputsParams(regex="[0-9]{7}"))
     assert str(info.value) == "invalid structured_outputs.regex: panic: assertion failed: symbols"
+
+
+def test_a_grammar_being_built_holds_no_other_request_back(llm, monkeypatch):
+    """The step thread's ``new_matcher`` for a grammar already built does not wait for a
+    ``prepare`` thread building another (faked: a build that waits to be released); it
+    waited under the templates' lock, and every request of the worker with it."""
+    import llguidance
+
+    so = llm.engine.structured
+    ready = StructuredOutputsParams(regex="[a-c]{4}")
+    so.prepare(ready)
+    building, release = threading.Event(), threading.Event()
+    real = llguidance.LLMatcher
+
+    def slow_build(*args):
+        building.set()
+        release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(llguidance, "LLMatcher", slow_build)
+    for name in dir(real):  # the grammar compiler's class methods stay the real ones
+        if not name.startswith("_"):
+            setattr(slow_build, name, getattr(real, name))
+    other = threading.Thread(target=so.prepare, args=(StructuredOutputsParams(regex="[d-f]{4}"),))
+    other.start()
+    try:
+        assert building.wait(30)
+        done = threading.Event()
+        step = threading.Thread(target=lambda: (so.new_matcher(ready), done.set()))
+        step.start()
+        assert done.wait(10), "new_matcher waited for another grammar's build"
+    finally:
+        release.set()
+        other.join(30)
+        step.join(30)
 
 
 def test_prepare_computes_each_grammars_first_mask(llm, monkeypatch):
