@@ -141,8 +141,8 @@ async def serve(
             # Wait for the first step before sending headers, so that errors up to then
             # (no worker, rejected by the engine) still get their HTTP status.
             # NOTE: in a task of its own, as before CLIENT_GONE: the first step sets the
-            # request's poison deaths and trace (contextvars) that the later steps, in this
-            # task, do not see; running it here would count deaths during a stream anew.
+            # request's trace (a contextvar) that the later steps, in this task, do not see.
+            # Its poison deaths follow every step (Orchestrator.generate resumes them).
             first = await until_disconnect(request, anext(merged), own_task=True)
         except StopAsyncIteration:
             ticket.release()

@@ -23,6 +23,7 @@ from tests.waits import until
 pytestmark = [pytest.mark.timeout(60)]
 
 FAILS, DIES = 1001, 1002  # seeds that make the fake engine fail the request / die of it
+DIES_LATER = 1003  # a seed that kills the engine after the request's first output
 
 
 class PoisonableEngine(FakeEngine):
@@ -41,6 +42,8 @@ class PoisonableEngine(FakeEngine):
             raise EngineDeadError("engine died: boom")
         async for out in super().generate(request_id, prompt_token_ids, params, resume):
             yield out
+            if params.seed == DIES_LATER:
+                raise EngineDeadError("engine died mid-stream: boom")
 
 
 # ---- the tracker alone ------------------------------------------------------------------------
@@ -119,15 +122,15 @@ def test_entries_are_bounded() -> None:
 # ---- through a gateway and two workers ----------------------------------------------------------
 
 
-@pytest_asyncio.fixture
-async def env(etcd):
-    engines = [PoisonableEngine(), PoisonableEngine()]
+@pytest_asyncio.fixture(params=[2])
+async def env(etcd, request):
+    engines = [PoisonableEngine() for _ in range(request.param)]
     workers = [await start_fake_worker(etcd.endpoint, "poison", f"w{i}", e)
                for i, e in enumerate(engines)]  # fmt: skip
     gw = await start_gateway(etcd.endpoint, "poison")
     async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
         await until_healthy(client)
-        await until(lambda: len(gw.gateway.pool.candidates("mixed", "fake-model")) == 2,
+        await until(lambda: len(gw.gateway.pool.candidates("mixed", "fake-model")) == len(engines),
                     what="both workers usable")  # fmt: skip
         yield client, engines
     await gw.stop()
@@ -172,3 +175,19 @@ async def test_request_that_workers_die_of_is_stopped_and_its_retries_refused(en
     r = await client.post("/v1/completions", json=_body(DIES))
     assert r.status_code == 500 and r.json()["error"]["code"] == "poison_request"
     assert sum(e.seen.count(DIES) for e in engines) == 2  # refused before any worker
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("env", [3], indirect=True)
+async def test_a_stream_whose_workers_die_after_its_first_token_is_stopped_too(env) -> None:
+    """Deaths during a stream count as well: its later steps run in other tasks than the
+    first (the gateway waits for the first step in a task of its own, Starlette streams the
+    body from another), and the poison counter followed only the first task's context, so
+    the stream was migrated to every worker there was."""
+    client, engines = env
+    async with client.stream(
+        "POST", "/v1/completions", json={**_body(DIES_LATER), "max_tokens": 8, "stream": True}
+    ) as r:
+        body = (await r.aread()).decode()
+    assert "poison_request" in body, body
+    assert sum(e.seen.count(DIES_LATER) for e in engines) == 2

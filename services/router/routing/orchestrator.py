@@ -87,7 +87,7 @@ class Orchestrator(WorkerChoice):
         """Stream the engine steps of one request. Closing the iterator aborts it on the worker.
         ``images`` (of a vision-language prompt) go through the encode stage first. A request
         that workers kept dying on is refused (poison.py)."""
-        self.poison.track(fingerprint(model, prompt_token_ids, params, images))
+        deaths = self.poison.track(fingerprint(model, prompt_token_ids, params, images))
         trace = self.phases.begin(request_id, model)
         images = await trace.end_if_raises(self.encode_stage.run(model, request_id, images))
         if params.HasField("n") and params.n > 1:
@@ -98,7 +98,13 @@ class Orchestrator(WorkerChoice):
         else:
             gen = self._generate_single(model, request_id, prompt_token_ids, params, images)
         try:
-            async for msg in gen:
+            while True:
+                # NOTE: each step may run in another task than the last (poison.track).
+                self.poison.resume(deaths)
+                try:
+                    msg = await anext(gen)
+                except StopAsyncIteration:
+                    break
                 yield msg
         finally:
             await gen.aclose()

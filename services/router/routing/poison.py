@@ -110,10 +110,20 @@ class PoisonTracker:
         seen.requests += 1
         return RequestDeaths(fp)
 
-    def track(self, fp: str) -> None:
+    def track(self, fp: str) -> RequestDeaths:
         """``admit`` the current task's request, whose worker deaths ``note_current_death``
-        then counts; raises the poison APIError if ``fp`` is poison."""
-        _DEATHS.set(self.admit(fp))
+        then counts; raises the poison APIError if ``fp`` is poison. NOTE: a request whose
+        steps run in several tasks (a stream: gateway's first step, then Starlette's body)
+        must ``resume`` the returned deaths before each step: a context variable set in
+        one task is not seen in another."""
+        deaths = self.admit(fp)
+        _DEATHS.set(deaths)
+        return deaths
+
+    @staticmethod
+    def resume(deaths: RequestDeaths) -> None:
+        """Count the current task's worker deaths as ``deaths``' (see ``track``)."""
+        _DEATHS.set(deaths)
 
     def note_current_placement(self, worker_id: str) -> None:
         """``note_placement`` for the current task's request (if ``track`` started one)."""
