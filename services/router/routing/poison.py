@@ -117,7 +117,7 @@ class PoisonTracker:
         must ``resume`` the returned deaths before each step: a context variable set in
         one task is not seen in another."""
         deaths = self.admit(fp)
-        _DEATHS.set(deaths)
+        self.resume(deaths)
         return deaths
 
     @staticmethod
@@ -155,14 +155,15 @@ class PoisonTracker:
         if request.deaths >= self.max_deaths:
             seen = self._entry(request.fp)
             seen.poisoned += 1
-            seen.judged_at = self.clock()
+            seen.judged_at = seen.last  # _entry's clock reading: now
             self.refused += 1
             raise self._error(request.deaths, "this request was")
 
     def _entry(self, fp: str) -> _Seen:
         now = self.clock()
         seen = self._seen.get(fp)
-        if seen is None or (now - seen.last > self.ttl_s and now - seen.judged_at > self.ttl_s):
+        # NOTE: judged_at <= last (a judgement uses the entry), so this is past both.
+        if seen is None or now - seen.last > self.ttl_s:
             seen = self._seen[fp] = _Seen()
         seen.last = now
         self._seen.move_to_end(fp)
