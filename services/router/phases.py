@@ -71,7 +71,7 @@ class RouterPhases:
     def begin(self, request_id: str, model: str) -> RequestTrace:
         """Start timing one request (its queue from its arrival, if the endpoint marked it)."""
         trace = RequestTrace(self, request_id, model, _ARRIVED.get() or time.monotonic())
-        _CURRENT.set(trace)
+        trace.resume()
         return trace
 
 
@@ -86,6 +86,11 @@ class RequestTrace:
         self.root: Span = phases.tracing.span(
             "request", start=arrived, **{ATTR_REQUEST_ID: request_id, ATTR_MODEL: model}
         )
+
+    def resume(self) -> None:
+        """The current task runs this request: its worker calls are traced (a stream's steps
+        run in more than one task)."""
+        _CURRENT.set(self)
 
     def call(self, method: str, worker_id: str, role: str) -> WorkerCall:
         """A call to a worker starts now."""

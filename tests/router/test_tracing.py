@@ -16,7 +16,9 @@ import pytest_asyncio
 from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
 
 from services.common.tracing import Tracing
+from services.engine.async_engine import EngineDeadError
 from tests.deps import OTEL, require
+from tests.waits import until
 
 pytestmark = [pytest.mark.timeout(60)]
 require("opentelemetry.sdk", OTEL)
@@ -138,3 +140,55 @@ def test_tracing_is_off_and_unimported_by_default() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+class DiesOnceMidStream(FakeEngine):
+    """The first request any of these engines runs dies after its first output (``died``
+    is shared); every other request runs as on a FakeEngine."""
+
+    died: list[str] = []
+
+    async def generate(self, request_id, prompt_token_ids, params, resume=None, lora=None):
+        async for out in super().generate(request_id, prompt_token_ids, params, resume):
+            yield out
+            if not self.died:
+                self.died.append(request_id)
+                raise EngineDeadError("engine died mid-stream")
+
+
+@pytest.mark.asyncio
+async def test_a_streams_migration_is_traced(etcd, collector, monkeypatch) -> None:
+    """A stream's steps after its first run in another task than the first (the gateway
+    awaits the first step in a task of its own): the worker call that a migration makes
+    there belongs to the request's trace as well (it was untraced)."""
+    monkeypatch.setattr(DiesOnceMidStream, "died", [])
+    tracing = Tracing(collector.endpoint, "epdserve-worker", "w")
+    workers = [await start_fake_worker(etcd.endpoint, "migrated", f"w{i}", DiesOnceMidStream(),
+                                       tracing=tracing) for i in range(2)]  # fmt: skip
+    gw = await start_gateway(etcd.endpoint, "migrated", otlp_traces_endpoint=collector.endpoint)
+    try:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
+            await until_healthy(client)
+            await until(lambda: len(gw.gateway.pool.candidates("mixed", "fake-model")) == 2,
+                        what="both workers usable")  # fmt: skip
+            body = {"model": "fake-model", "prompt": "hi", "max_tokens": 6, "stream": True}
+            async with client.stream("POST", "/v1/completions", json=body) as s:
+                assert s.status_code == 200
+                text = (await s.aread()).decode()
+        assert "[DONE]" in text and '"error"' not in text, text
+        assert DiesOnceMidStream.died
+
+        def calls(traces: dict[str, list[SpanRecord]]) -> list[SpanRecord]:
+            return [s for t in traces.values() for s in t
+                    if (s.service, s.name) == ("epdserve-router", "Generate")]  # fmt: skip
+
+        traces = await asyncio.to_thread(collector.wait_for, lambda t: len(calls(t)) >= 2)
+        assert len(traces) == 1, {k: [s.name for s in v] for k, v in traces.items()}
+        first, second = sorted(calls(traces), key=lambda s: s.start_ns)
+        assert first.attributes["epdserve.worker.id"] != second.attributes["epdserve.worker.id"]
+        assert first.error and not second.error
+    finally:
+        await asyncio.wait_for(gw.stop(), 15)
+        for w in workers:
+            await asyncio.wait_for(w.stop(), 15)
+        await asyncio.to_thread(tracing.shutdown)

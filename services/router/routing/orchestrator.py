@@ -99,8 +99,10 @@ class Orchestrator(WorkerChoice):
             gen = self._generate_single(model, request_id, prompt_token_ids, params, images)
         try:
             while True:
-                # NOTE: each step may run in another task than the last (poison.track).
+                # NOTE: each step may run in another task than the last (the gateway awaits a
+                # stream's first step in a task of its own): the request's context goes along.
                 self.poison.resume(deaths)
+                trace.resume()
                 try:
                     msg = await anext(gen)
                 except StopAsyncIteration:
