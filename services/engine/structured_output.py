@@ -71,11 +71,16 @@ class StructuredOutputs:
         NOTE: every grammar's first mask, not only the first grammar's: its lexer states are
         built by the first mask and shared by the template's copies, and a regex such as
         a{1000000} took 4.7 s there, on the step thread, stalling every request of the
-        worker (measured: 3.5 s here instead, then 0.0 s for the step thread's mask)."""
+        worker (measured: 3.5 s here instead, then 0.0 s for the step thread's mask).
+        NOTE: the grammar is kept on ``params`` (not a field: not sent, not compared), which
+        ``new_matcher`` copies: the cache may have evicted it by then (more grammars than
+        it holds prepared while this request waited for the step thread), and the step
+        thread built it again."""
         from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 
         template = self._template(params.key)
         fill_next_token_bitmask(template.deep_copy(), allocate_token_bitmask(1, self.vocab_size))
+        params.__dict__["_prepared"] = (self, template)
 
     @functools.cached_property
     def tokenizer(self) -> llguidance.LLTokenizer:
@@ -95,8 +100,12 @@ class StructuredOutputs:
         self, params: StructuredOutputsParams, output_token_ids: Sequence[int] = ()
     ) -> GrammarMatcher:
         """A matcher at the start of the grammar, advanced through ``output_token_ids``
-        (outputs generated elsewhere); ValueError for a bad grammar or tokens it rejects."""
-        matcher = self._template(params.key).deep_copy()
+        (outputs generated elsewhere); ValueError for a bad grammar or tokens it rejects.
+        The grammar ``prepare`` built for ``params`` if it did, else the cache's."""
+        owner, template = params.__dict__.get("_prepared", (None, None))
+        if owner is not self:
+            template = self._template(params.key)
+        matcher = template.deep_copy()
         if output_token_ids and not matcher.consume_tokens(list(output_token_ids)):
             raise ValueError(
                 "the resumed output tokens do not follow the structured output constraint: "

@@ -185,6 +185,18 @@ def test_a_panic_of_the_matcher_reaches_the_client_without_its_backtrace(llm, mo
     assert str(info.value) == "invalid structured_outputs.regex: panic: assertion failed: symbols"
 
 
+def replace_matcher_class(monkeypatch, build) -> None:
+    """``llguidance.LLMatcher(...)`` calls ``build``; the grammar compiler's class methods
+    stay the real ones."""
+    import llguidance
+
+    real = llguidance.LLMatcher
+    monkeypatch.setattr(llguidance, "LLMatcher", build)
+    for name in dir(real):
+        if not name.startswith("_"):
+            setattr(build, name, getattr(real, name))
+
+
 def test_a_grammar_being_built_holds_no_other_request_back(llm, monkeypatch):
     """The step thread's ``new_matcher`` for a grammar already built does not wait for a
     ``prepare`` thread building another (faked: a build that waits to be released); it
@@ -202,10 +214,7 @@ def test_a_grammar_being_built_holds_no_other_request_back(llm, monkeypatch):
         release.wait(30)
         return real(*args)
 
-    monkeypatch.setattr(llguidance, "LLMatcher", slow_build)
-    for name in dir(real):  # the grammar compiler's class methods stay the real ones
-        if not name.startswith("_"):
-            setattr(slow_build, name, getattr(real, name))
+    replace_matcher_class(monkeypatch, slow_build)
     other = threading.Thread(target=so.prepare, args=(StructuredOutputsParams(regex="[d-f]{4}"),))
     other.start()
     try:
@@ -233,6 +242,34 @@ def test_prepare_computes_each_grammars_first_mask(llm, monkeypatch):
     for regex in ("[0-9]{3}", "[a-f]{5}"):
         llm.engine.structured.prepare(StructuredOutputsParams(regex=regex))
     assert len(masks) == 2
+
+
+def test_a_prepared_grammar_is_not_built_again_on_the_step_thread(llm, monkeypatch):
+    """The grammar ``prepare`` built (a worker thread) is the one the step thread's
+    ``new_matcher`` copies, even after more grammars than the cache holds were prepared
+    meanwhile (other requests' prepares run while this one waits for the step thread): the
+    evicted grammar was built again on the step thread, every request of the worker waiting
+    (seconds for a regex like a{1000000})."""
+    import llguidance
+
+    from services.engine.grammar import GRAMMAR_CACHE_SIZE
+
+    so = llm.engine.structured
+    mine = StructuredOutputsParams(regex="[g-k]{6}")
+    so.prepare(mine)
+    for i in range(GRAMMAR_CACHE_SIZE):
+        so.prepare(StructuredOutputsParams(regex=f"z{i}[0-9]"))
+    builds = []
+    real = llguidance.LLMatcher
+
+    def counted(*args):
+        builds.append(args)
+        return real(*args)
+
+    replace_matcher_class(monkeypatch, counted)
+    matcher = so.new_matcher(mine)
+    assert builds == [], "the step thread built a grammar prepare had built"
+    assert not matcher.advance(llm.engine.tokenizer.encode("g", add_special_tokens=False)[0])
 
 
 @pytest.mark.parametrize(
