@@ -83,6 +83,18 @@ def test_a_message_without_content_is_400(role: str) -> None:
     assert chat_messages([USER, {"role": "assistant", "content": None}])[0][1]["content"] == ""
 
 
+@pytest.mark.parametrize("role", ["system", "user", "assistant"])
+def test_an_empty_content_array_is_400_naming_it(role: str) -> None:
+    """OpenAI's schema gives a content array minItems 1 (its 400: 'empty_array', naming
+    messages[i].content); [] was read as "" (as vLLM 0.32 does). An empty string stays valid."""
+    with pytest.raises(APIError) as err:
+        chat_messages([USER, {"role": role, "content": []}, USER])
+    e = err.value
+    assert (e.status, e.param, e.code) == (400, "messages[1].content", "empty_array")
+    assert "Invalid 'messages[1].content': empty array." in e.message
+    assert chat_messages([{"role": role, "content": ""}, USER])[0][0]["content"] == ""
+
+
 @pytest.mark.parametrize("content", ["", []])
 def test_anthropic_empty_content_is_400_but_for_a_final_assistant_turn(content: object) -> None:
     """Anthropic's 400; an empty user turn was sent to the template."""

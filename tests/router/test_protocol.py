@@ -21,6 +21,7 @@ CHAT = {"model": "m", "messages": MSGS}
 COMPLETION = {"model": "m", "prompt": "hi"}
 ANTHROPIC = {"model": "m", "max_tokens": 8, "messages": MSGS}
 MAX_I64 = 2**63 - 1
+MAX_COUNT = 2**31 - 1  # max_tokens' bound without a configured limit
 
 # (request, base body, changes (None: remove the field), limits, message, param)
 BAD: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], str, str | None]] = [
@@ -32,9 +33,15 @@ BAD: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], str, str | 
      "stream_options"),
     ("chat", CHAT, {"max_completion_tokens": "5"}, {},
      "'max_completion_tokens' must be integer, got str", "max_completion_tokens"),
-    ("chat", CHAT, {"max_tokens": 0}, {}, "'max_tokens' must be >= 1, got 0", "max_tokens"),
+    ("chat", CHAT, {"max_tokens": 0}, {}, f"'max_tokens' must be [1, {MAX_COUNT}], got 0", "max_tokens"),
     ("chat", CHAT, {"max_tokens": 65}, {"max_tokens_limit": 64},
      "'max_tokens' must be [1, 64], got 65", "max_tokens"),
+    # Past the wire's int32 with no limit configured (was the engine's paramless 400).
+    ("chat", CHAT, {"max_tokens": MAX_I64 + 1}, {"max_tokens_limit": None},
+     f"'max_tokens' must be [1, {MAX_COUNT}], got {MAX_I64 + 1}", "max_tokens"),
+    ("chat", CHAT, {"max_completion_tokens": MAX_COUNT + 1}, {},
+     f"'max_completion_tokens' must be [1, {MAX_COUNT}], got {MAX_COUNT + 1}",
+     "max_completion_tokens"),
     ("chat", CHAT, {"logprobs": 1}, {}, "'logprobs' must be boolean, got int", "logprobs"),
     ("chat", CHAT, {"top_logprobs": 3}, {}, "'top_logprobs' needs 'logprobs': true",
      "top_logprobs"),
@@ -113,6 +120,8 @@ BAD: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], str, str | 
      "logprobs"),
     ("completion", COMPLETION, {"max_tokens": 9}, {"max_tokens_limit": 8},
      "'max_tokens' must be [1, 8], got 9", "max_tokens"),
+    ("completion", COMPLETION, {"max_tokens": 2**64}, {"max_tokens_limit": None},
+     f"'max_tokens' must be [1, {MAX_COUNT}], got {2**64}", "max_tokens"),
     ("completion", COMPLETION, {"prompt": None}, {}, "missing required field 'prompt'",
      "prompt"),
     ("completion", COMPLETION, {"prompt": 5}, {}, "'prompt' must be string or array, got int",
@@ -126,10 +135,12 @@ BAD: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], str, str | 
      "max_tokens"),
     ("messages", ANTHROPIC, {"max_tokens": "8"}, {}, "'max_tokens' must be integer, got str",
      "max_tokens"),
-    ("messages", ANTHROPIC, {"max_tokens": 0}, {}, "'max_tokens' must be >= 1, got 0",
+    ("messages", ANTHROPIC, {"max_tokens": 0}, {}, f"'max_tokens' must be [1, {MAX_COUNT}], got 0",
      "max_tokens"),
     ("messages", ANTHROPIC, {"max_tokens": 9}, {"max_tokens_limit": 8},
      "'max_tokens' must be [1, 8], got 9", "max_tokens"),
+    ("messages", ANTHROPIC, {"max_tokens": MAX_I64 + 1}, {"max_tokens_limit": None},
+     f"'max_tokens' must be [1, {MAX_COUNT}], got {MAX_I64 + 1}", "max_tokens"),
     ("messages", ANTHROPIC, {"model": None}, {}, "missing required field 'model'", "model"),
     # thinking and metadata as Anthropic checks them (they were taken silently)
     ("messages", ANTHROPIC, {"thinking": {"type": "bogus"}}, {},

@@ -66,6 +66,10 @@ def chat_messages(msgs: list[Any]) -> tuple[list[dict[str, Any]], list[str | byt
         if content is None:
             content = ""
         elif isinstance(content, list):
+            if not content:  # OpenAI's schema: minItems 1 (vLLM reads it as "")
+                raise bad_request(f"Invalid 'messages[{i}].content': empty array. Expected an "
+                                  "array with minimum length 1, but got an empty array instead.",
+                                  param=f"messages[{i}].content", code="empty_array")  # fmt: skip
             parts: list[dict[str, Any]] = []
             for p in content:
                 if not isinstance(p, dict):

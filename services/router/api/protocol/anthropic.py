@@ -14,12 +14,14 @@ from services.router.api.protocol.common import (
     Documented,
     Int,
     Integer,
+    MaybeTokenCount,
     ModelTarget,
     Number,
     OneOf,
     ResponseModel,
     Stop,
     Str,
+    TokenCount,
     Turns,
     invalid,
 )
@@ -143,7 +145,7 @@ class MessagesTarget(APIModel):
 class MessagesSampling(APIModel):
     """The sampling fields of a Messages request."""
 
-    max_tokens: Annotated[int | None, Int(1, limit="max_tokens_limit")] = None
+    max_tokens: MaybeTokenCount = None
     temperature: Annotated[float, Number(0.0, 1.0)] = 1.0
     top_p: Annotated[float, Number(0.0, 1.0)] = 1.0
     top_k: Annotated[int, Int(-1, MAX_TOP_K)] = -1
@@ -177,7 +179,7 @@ class _Head(MessagesTarget):
 class MessagesRequest(_Prompt, MessagesSampling, _Head):
     """POST /v1/messages."""
 
-    max_tokens: Annotated[int, Int(1, limit="max_tokens_limit")]  # required here
+    max_tokens: TokenCount  # required here
     thinking: Annotated[Any, Documented(ThinkingConfig)] = None
     metadata: Annotated[Any, Documented(RequestMetadata)] = None
 

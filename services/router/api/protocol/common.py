@@ -29,7 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from services.engine.sampling_params import MAX_STOP, MAX_STOP_CHARS
+from services.engine.sampling_params import MAX_STOP, MAX_STOP_CHARS, MAX_TOKEN_COUNT
 from services.router.errors import APIError, bad_request
 
 M = TypeVar("M", bound="APIModel")
@@ -157,12 +157,13 @@ class _Checks(GroupedMetadata):
 
 def Int(lo: int, hi: int | None = None, *, limit: str | None = None) -> GroupedMetadata:  # noqa: N802
     """An integer in [lo, hi]; ``limit``: the context key of a bound the router's
-    configuration sets (``hi`` without it), left out of the document."""
+    configuration sets in place of ``hi`` (None or absent: ``hi``), left out of the document."""
 
     def check(value: Any, info: ValidationInfo) -> int:
         name = _name(info)
         value = json_type(value, name, (int,))
-        top = hi if limit is None else (info.context or {}).get(limit, hi)
+        top = (info.context or {}).get(limit) if limit is not None else None
+        top = hi if top is None else top
         if value < lo or (top is not None and value > top):
             bound = f"[{lo}, {top}]" if top is not None else f">= {lo}"
             raise invalid(f"'{name}' must be {bound}, got {value}", name)
@@ -170,6 +171,12 @@ def Int(lo: int, hi: int | None = None, *, limit: str | None = None) -> GroupedM
 
     top = None if limit is not None else hi
     return _Checks(*([Ge(lo)] + ([Le(top)] if top is not None else [])), BeforeValidator(check))
+
+
+# A count of tokens to generate: at most the router's ``max_tokens_limit``, else the wire's
+# int32 (a larger one was the engine's 400, which names no parameter).
+TokenCount = Annotated[int, Int(1, MAX_TOKEN_COUNT, limit="max_tokens_limit")]
+MaybeTokenCount = Annotated[int | None, Int(1, MAX_TOKEN_COUNT, limit="max_tokens_limit")]
 
 
 def OneOf(*values: str) -> GroupedMetadata:  # noqa: N802

@@ -28,6 +28,7 @@ from services.router.api.protocol.common import (
     Int,
     IntList,
     LogitBias,
+    MaybeTokenCount,
     ModelTarget,
     Number,
     Object,
@@ -207,8 +208,8 @@ class _Sampling(APIModel):
 
 
 class _ChatLimits(APIModel):
-    max_completion_tokens: Annotated[int | None, Int(1, limit="max_tokens_limit")] = None
-    max_tokens: Annotated[int | None, Int(1, limit="max_tokens_limit")] = None
+    max_completion_tokens: MaybeTokenCount = None
+    max_tokens: MaybeTokenCount = None
     logprobs: Bool = False
     top_logprobs: Annotated[int | None, Int(0, 20)] = None
 
@@ -251,7 +252,7 @@ class ChatCompletionRequest(ChatPrompt, ChatSampling, _Stream):
 
 
 class _CompletionLimits(APIModel):
-    max_tokens: Annotated[int | None, Int(1, limit="max_tokens_limit")] = None
+    max_tokens: MaybeTokenCount = None
     logprobs: Annotated[int | None, Int(0, 20)] = None
 
 

@@ -12,6 +12,7 @@ from services.router.api.protocol.common import (
     DocModel,
     Documented,
     Int,
+    MaybeTokenCount,
     ModelTarget,
     Number,
     ResponseModel,
@@ -132,7 +133,7 @@ class ResponsesRequest(ModelTarget):
     previous_response_id: Annotated[str | None, Documented(str)] = None
     instructions: Annotated[str | None, Documented(str)] = None
     input: Annotated[Any, Documented(str | Annotated[list[InputItem], Field(min_length=1)])]
-    max_output_tokens: Annotated[int | None, Int(1, limit="max_tokens_limit")] = None
+    max_output_tokens: MaybeTokenCount = None
     temperature: Annotated[float, Number(0.0, 2.0)] = 1.0
     top_p: Annotated[float, Number(0.0, 1.0)] = 1.0
     tools: Annotated[Any, Documented(list[FunctionTool])] = None
