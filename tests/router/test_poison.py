@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import httpx
 import pytest
 import pytest_asyncio
+from fake_handles import Unary, fake_handle, fake_pool, rpc_error
 from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
 
+from services.common.proto import worker_pb2 as pb
 from services.engine.async_engine import EngineDeadError
 from services.engine.outputs import RequestFailedError
+from services.router.errors import APIError
+from services.router.routing.orchestrator import Orchestrator
 from services.router.routing.poison import PoisonTracker
+from services.router.routing.policies.factory import create_policy
 from tests.waits import until
 
 pytestmark = [pytest.mark.timeout(60)]
@@ -117,6 +123,63 @@ def test_entries_are_bounded() -> None:
     for i in range(1000):
         t.admit(f"fp{i}")
     assert len(t._seen) == 100
+
+
+class DyingStub:
+    """A worker that dies (UNAVAILABLE, no failure kind) of whatever it is sent; ``killed``
+    counts the deaths of all the stubs sharing it."""
+
+    def __init__(self, killed: list[str], name: str) -> None:
+        self.killed, self.name = killed, name
+
+    def _dies(self) -> grpc.aio.AioRpcError:
+        self.killed.append(self.name)
+        return rpc_error(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+
+    def Encode(self, req: pb.EncodeRequest, timeout: float) -> Unary:  # noqa: N802
+        async def answer() -> pb.EncodeResponse:
+            raise self._dies()
+
+        return Unary(answer)
+
+    def Generate(self, req: pb.GenerateRequest, timeout: float) -> DyingStub:  # noqa: N802
+        return self
+
+    def __aiter__(self) -> DyingStub:
+        return self
+
+    async def __anext__(self) -> pb.GenerateResponse:
+        raise self._dies()
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_an_image_that_kills_encoders_kills_two_workers_in_all() -> None:
+    """EPD: the encoders a request's image is sent to and the workers it then goes to
+    count together: the request stops at the second worker it killed. The encode stage
+    counted no death: two encoders died of the image, then two mixed workers encoding it
+    themselves (four workers)."""
+    killed: list[str] = []
+
+    async def main() -> None:
+        handles = [fake_handle(f"e{i}", DyingStub(killed, f"e{i}"), role="encode")
+                   for i in range(3)]  # fmt: skip
+        handles += [fake_handle(f"m{i}", DyingStub(killed, f"m{i}")) for i in range(3)]
+        orch = Orchestrator(fake_pool(handles), create_policy("round_robin"), timeout_s=30,
+                            max_attempts=3, stall_timeout_s=5)  # fmt: skip
+        image = pb.ImageData(data=b"png", hash="img", grid_thw=[1, 2, 2])
+        try:
+            with pytest.raises(APIError) as err:
+                params = pb.SamplingParams(max_tokens=1)
+                _ = [m async for m in orch.generate("m", "r1", [1, 2], params, [image])]
+            assert err.value.code == "poison_request", err.value.message
+        finally:
+            for h in handles:
+                await h.channel.close()
+
+    asyncio.run(main())
+    assert len(killed) == 2, killed
 
 
 # ---- through a gateway and two workers ----------------------------------------------------------

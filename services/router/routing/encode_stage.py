@@ -13,6 +13,9 @@ A failed encoder call is retried on another encoder; when none is left the image
 without a reference and the worker encodes it (so an encoder dying under load costs time,
 not the request). The images' bytes always travel with the request for the same reason:
 the prefill worker falls back to them if an encoder vanished before its embeddings were read.
+An encoder that died or hung on the request counts towards making it poison as any worker
+does (poison.py): an image that kills what encodes it stops at the second worker it killed,
+encoder or not.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import grpc
 
 from services.common.proto import worker_pb2 as pb
 from services.router.errors import APIError
+from services.router.routing.poison import PoisonTracker
+from services.router.routing.retry import worker_died
 from services.router.routing.watch import WorkerLost, watched_unary
 from services.router.routing.workers import WorkerHandle, WorkerPool
 
@@ -41,9 +46,10 @@ class EncodeStage:
     # Encoders tried for one image before the worker is left to encode it.
     ATTEMPTS = 2
 
-    def __init__(self, pool: WorkerPool, timeout_s: float) -> None:
+    def __init__(self, pool: WorkerPool, timeout_s: float, poison: PoisonTracker) -> None:
         self.pool = pool
         self.timeout_s = timeout_s
+        self.poison = poison
 
     async def run(
         self, model: str, request_id: str, images: Sequence[pb.ImageData]
@@ -81,8 +87,10 @@ class EncodeStage:
         self, handle: WorkerHandle, rid: str, image: pb.ImageData
     ) -> pb.EmbeddingRef | None:
         """The encoder's reference, or None when the encoder failed (it is then taken out of
-        routing if unreachable); a bad image is the client's fault: 400."""
+        routing if unreachable); a bad image is the client's fault: 400; the poison APIError
+        when the encoder's death makes the request poison."""
         handle.inflight += 1
+        self.poison.note_current_placement(handle.id)
         try:
             resp = await watched_unary(
                 handle,
@@ -97,6 +105,7 @@ class EncodeStage:
         except WorkerLost as exc:
             log.warning("encoder %s stopped answering for %s: %s", handle.id, rid, exc)
             handle.mark_failed()
+            self.poison.note_current_death(handle.id)
             return None
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -105,6 +114,8 @@ class EncodeStage:
                         exc.details())  # fmt: skip
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 handle.mark_failed()
+            if worker_died(exc):
+                self.poison.note_current_death(handle.id)
             return None
         finally:
             handle.end_request(0)  # an image, not a prompt

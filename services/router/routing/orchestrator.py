@@ -71,7 +71,7 @@ class Orchestrator(WorkerChoice):
         self.max_attempts = max_attempts  # mixed workers tried for one request
         self.stall_timeout_s = stall_timeout_s
         self.migration = Migration(max_migrations, on_migration or (lambda reason: None))
-        self.encode_stage = EncodeStage(pool, timeout_s)
+        self.encode_stage = EncodeStage(pool, timeout_s, self.poison)
         self.pd = PDSteps(pool, timeout_s, stall_timeout_s)
         # Whether a worker has headroom for offline (flex) work (offline.py); None: any has.
         self.has_room: Callable[[WorkerHandle], bool] | None = None
