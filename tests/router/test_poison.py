@@ -9,6 +9,7 @@ a request that failed on a worker with INTERNAL was retried on another PD pair."
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import grpc
 import httpx
@@ -24,6 +25,7 @@ from services.router.errors import APIError
 from services.router.routing.orchestrator import Orchestrator
 from services.router.routing.poison import PoisonTracker
 from services.router.routing.policies.factory import create_policy
+from services.router.routing.workers import WorkerHandle
 from tests.waits import until
 
 pytestmark = [pytest.mark.timeout(60)]
@@ -129,11 +131,14 @@ class DyingStub:
     """A worker that dies (UNAVAILABLE, no failure kind) of whatever it is sent; ``killed``
     counts the deaths of all the stubs sharing it."""
 
-    def __init__(self, killed: list[str], name: str) -> None:
-        self.killed, self.name = killed, name
+    def __init__(
+        self, killed: list[str], name: str, on_death: Callable[[], None] = lambda: None
+    ) -> None:
+        self.killed, self.name, self.on_death = killed, name, on_death
 
     def _dies(self) -> grpc.aio.AioRpcError:
         self.killed.append(self.name)
+        self.on_death()
         return rpc_error(grpc.StatusCode.UNAVAILABLE, "Socket closed")
 
     def Encode(self, req: pb.EncodeRequest, timeout: float) -> Unary:  # noqa: N802
@@ -180,6 +185,38 @@ def test_an_image_that_kills_encoders_kills_two_workers_in_all() -> None:
 
     asyncio.run(main())
     assert len(killed) == 2, killed
+
+
+def test_a_worker_restarted_under_its_id_that_dies_again_is_a_second_death() -> None:
+    """The one worker of a model, restarted by its supervisor (the same id, a new process)
+    each time the request kills it: the request stops at the second death. Deaths were
+    known by worker id, so the restarted process's death was the first one again and the
+    request killed the worker once per attempt (3)."""
+    killed: list[str] = []
+    handles: list[WorkerHandle] = []
+    pool = fake_pool([])
+
+    def start(n: int) -> None:
+        h = fake_handle("m0", DyingStub(killed, f"m0@{n}", lambda: start(n + 1)))
+        h.info.incarnation = f"i{n}"
+        handles.append(h)
+        pool.handles[h.id] = h
+
+    async def main() -> None:
+        start(0)
+        orch = Orchestrator(pool, create_policy("round_robin"), timeout_s=30, max_attempts=3,
+                            stall_timeout_s=5)  # fmt: skip
+        try:
+            with pytest.raises(APIError) as err:
+                params = pb.SamplingParams(max_tokens=1)
+                _ = [m async for m in orch.generate("m", "r1", [1, 2], params)]
+            assert err.value.code == "poison_request", err.value.message
+        finally:
+            for h in handles:
+                await h.channel.close()
+
+    asyncio.run(main())
+    assert killed == ["m0@0", "m0@1"]
 
 
 # ---- through a gateway and two workers ----------------------------------------------------------

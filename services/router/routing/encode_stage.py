@@ -90,7 +90,7 @@ class EncodeStage:
         routing if unreachable); a bad image is the client's fault: 400; the poison APIError
         when the encoder's death makes the request poison."""
         handle.inflight += 1
-        self.poison.note_current_placement(handle.id)
+        self.poison.note_current_placement(handle.process)
         try:
             resp = await watched_unary(
                 handle,
@@ -105,7 +105,7 @@ class EncodeStage:
         except WorkerLost as exc:
             log.warning("encoder %s stopped answering for %s: %s", handle.id, rid, exc)
             handle.mark_failed()
-            self.poison.note_current_death(handle.id)
+            self.poison.note_current_death(handle.process)
             return None
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -115,7 +115,7 @@ class EncodeStage:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 handle.mark_failed()
             if worker_died(exc):
-                self.poison.note_current_death(handle.id)
+                self.poison.note_current_death(handle.process)
             return None
         finally:
             handle.end_request(0)  # an image, not a prompt

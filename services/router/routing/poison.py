@@ -11,7 +11,9 @@ for exactly that case, so a first death is retried elsewhere; but
   with a clear error instead of crashing the next worker, and the next. In turn: a death
   counts only on a worker the request was placed on after its previous counted death. The
   workers it ran on together when one died (a PD pair on a lost node, a decode worker whose
-  prefill died) are one death, not two;
+  prefill died) are one death, not two. NOTE: a worker here is a process
+  (``WorkerHandle.process``): a worker restarted by its supervisor keeps its id, and the
+  restarted process dying of the request again is another death;
 - an identical request (same model, prompt, sampling parameters, images: a client's retry)
   is refused for ``ttl_s`` after one with its fingerprint was judged poison, while such
   judgements are at least half of the requests with it. NOTE: the share matters: a popular
@@ -57,9 +59,9 @@ class RequestDeaths:
     """One request's count of the workers that died while running it."""
 
     fp: str
-    workers: set[str] = field(default_factory=set)  # every worker that died running it
+    workers: set[str] = field(default_factory=set)  # every worker process that died running it
     deaths: int = 0  # of those, the deaths in turn (module docstring)
-    # Worker id -> ``deaths`` when the request was first placed on it.
+    # Worker process -> ``deaths`` when the request was first placed on it.
     placed: dict[str, int] = field(default_factory=dict)
 
 

@@ -119,7 +119,7 @@ class Attempts:
         self.tried.add(handle.process)
         self.down.add(handle.process)
         self.last_error = APIError(503, f"worker unavailable: {exc}")
-        self.poison.note_current_death(handle.id)
+        self.poison.note_current_death(handle.process)
         return AttemptFailed()
 
     def failed(self, exc: grpc.aio.AioRpcError, handle: WorkerHandle, epoch: int) -> AttemptFailed:
@@ -143,7 +143,7 @@ class Attempts:
         self.last_error = api_error_from_grpc(exc)
         if worker_died(exc):
             self.down.add(handle.process)
-            self.poison.note_current_death(handle.id)
+            self.poison.note_current_death(handle.process)
         return AttemptFailed(kind)
 
     def mid_stream(self, exc: grpc.aio.AioRpcError, handle: WorkerHandle, epoch: int) -> Exception:
@@ -157,7 +157,7 @@ class Attempts:
             return api_error_from_grpc(exc)
         note_refusal(exc, handle, epoch)
         if worker_died(exc):
-            self.poison.note_current_death(handle.id)
+            self.poison.note_current_death(handle.process)
         return Migrate("died", f"{handle.id}: {exc.code().name} {exc.details()}")
 
     async def unary(
@@ -170,7 +170,7 @@ class Attempts:
     ) -> Any:
         """The reply of a unary ``call`` to ``handle``, or ``AttemptFailed``. A refusal for lack
         of room before the monotonic time ``busy_until`` raises ``WorkerBusy`` instead."""
-        self.poison.note_current_placement(handle.id)
+        self.poison.note_current_placement(handle.process)
         try:
             return await watched_unary(handle, call, limit_s)
         except WorkerLost as exc:
@@ -201,7 +201,7 @@ class Attempts:
         that message), and the call ends on its own. NOTE: it holds nothing to clean up; the
         caller cancels ``call`` unless it saw that message (a cancel then would cut the
         worker's end of a finished request short)."""
-        self.poison.note_current_placement(handle.id)
+        self.poison.note_current_placement(handle.process)
         got_any = False
         try:
             async with aclosing(watched_stream(handle, call, stall_s, first_s)) as stream:
