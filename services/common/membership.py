@@ -88,6 +88,9 @@ class InstanceInfo:
     capacity: dict[str, Any] = field(default_factory=dict)  # max_model_len, max_num_seqs, ...
     draining: bool = False
     state: str = "serving"  # one of WORKER_STATES; routers use only "serving" workers
+    # process_id.identity() of a starting worker: a router on its machine sees it exit
+    # before its key's lease runs out (routing/starting.py); "" when not known.
+    proc: str = ""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -172,7 +172,8 @@ class Gateway:
         """Served model -> context length: the workers' in the pool, and those of workers lost
         lately, while they may come back (restarts.py), or starting (routing/starting.py):
         requests for them wait. A context length known wins over a starting worker's 0."""
-        return {**self.pool.starting.models(), **self.pool.lost.models(self.cfg.worker_restart_wait_s),
+        wait_s = self.cfg.worker_restart_wait_s
+        return {**self.pool.starting.models(wait_s), **self.pool.lost.models(wait_s),
                 **self.pool.models()}  # fmt: skip
 
     def resolve_model(self, name: str, serving: bool = True) -> tuple[str, int]:
@@ -218,7 +219,10 @@ class Gateway:
                     f"retry after {ASLEEP_RETRY_AFTER_S} s", code="model_unavailable",
                     headers={"Retry-After": str(ASLEEP_RETRY_AFTER_S)},
                 )  # fmt: skip
-            raise APIError(503, f"no usable worker for model '{name}'", code="no_workers")
+            # A worker of it that died starting is due back (routing/starting.py).
+            left = self.pool.starting.wait_left(name, wait_s)
+            raise APIError(503, f"no usable worker for model '{name}'", code="no_workers",
+                           headers={"Retry-After": str(left)} if left else None)  # fmt: skip
         return name, models[name]
 
     async def resolve_awake(self, name: str) -> tuple[str, int]:

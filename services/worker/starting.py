@@ -24,6 +24,7 @@ import uuid
 
 from etcd3aio import Etcd3Client
 
+from services.common import process_id
 from services.common.dataclass_cli import from_args
 from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
 from services.common.membership import InstanceInfo, instance_key
@@ -70,7 +71,7 @@ def announce(argv: list[str]) -> lease_handover.LeaseKeeper | None:
         model=ecfg.served_model_name or served_name(ecfg.model),
         incarnation=uuid.uuid4().hex[:12], pid=os.getpid(), host=socket.gethostname(),
         capacity={"max_model_len": ecfg.max_model_len} if ecfg.max_model_len else {},
-        state=STARTING,
+        state=STARTING, proc=process_id.identity(),
     )  # fmt: skip
     key = instance_key(wcfg.cluster, wcfg.instance_id)
     keeper = StartingKey(key, info, max(wcfg.lease_ttl, START_LEASE_TTL_S), wcfg.etcd_endpoints)

@@ -168,7 +168,9 @@ class TestOneMixedWorker:
         """While a worker starts (imports, model load) the router lists it as starting, and
         a request for its model waits for it and succeeds, greedy tokens those of the same
         model served under the cluster's name (before: 404, the router knew nothing of the
-        worker). A worker killed while starting leaves etcd when its lease runs out."""
+        worker). A worker killed while starting is seen gone at once (its process, not its
+        lease's end): a request for its model gets a 503 with Retry-After, not a wait and then
+        a 404 model_not_found once its lease ran out (session 19)."""
         c = one_mixed
         body = {"model": "tiny-late", "prompt": "Once upon a time", "max_tokens": 8,
                 "temperature": 0, "ignore_eos": True, "logprobs": 1}  # fmt: skip
@@ -182,12 +184,16 @@ class TestOneMixedWorker:
             wait_for(lambda: {"worker-90", "worker-91"} <= seen.keys()
                      or bool(seen.update(starting_rows(c))), 120, "both starting", 0.1)  # fmt: skip
             dies.kill()
+            wait_for(lambda: "worker-91" not in starting_rows(c), 10, "worker-91 gone", 0.1)
+            gone = httpx.post(c.base_url + "/v1/completions", json={**body, "model": "tiny-dies"},
+                              timeout=60)  # fmt: skip
+            assert gone.status_code == 503 and gone.json()["error"]["code"] == "no_workers"
+            assert 1 <= int(gone.headers["Retry-After"]) <= 5, gone.headers
             assert seen["worker-90"]["model"] == "tiny-late"
             assert not late.is_ready()  # the request goes while the worker starts
             r = httpx.post(c.base_url + "/v1/completions", json=body, timeout=180)
             assert r.status_code == 200, (r.text, late.last_output())
             assert tokens_of(r.json()) == tokens_of(ref.json())
-            wait_for(lambda: "worker-91" not in starting_rows(c), 30, "worker-91 gone")
         finally:
             dies.stop(timeout=10)
             late.stop(timeout=30)

@@ -9,6 +9,7 @@ import socket
 
 import pytest
 
+from services.common import process_id
 from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
 from services.common.etcd_server import EtcdServer
 from services.common.membership import InstanceInfo, Registrar, instance_key
@@ -53,7 +54,8 @@ def test_the_key_says_starting_until_the_registration_replaces_it(etcd) -> None:
         keeper = starting.announce(argv(etcd, "w1", "--max-model-len", "64"))
         assert keeper is not None and keeper.ttl == starting.START_LEASE_TTL_S > 2
         info = await until_read(etcd.endpoint, key, lambda i: i is not None)
-        assert info is not None and (info.state, info.role, info.model) == (
+        assert info is not None and info.proc == process_id.identity()  # this process
+        assert (info.state, info.role, info.model) == (
             "starting",
             "decode",
             "big",
