@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -107,6 +108,10 @@ async def until_disconnect(request: Request, work: Awaitable[T], own_task: bool 
     gone = request.scope.get("extensions", {}).get(CLIENT_GONE)
     if gone is None or own_task:
         return await _in_own_task(request, work)
+    if gone.lost:  # it left before the wait: while its request was read, tokenized, ...
+        if inspect.iscoroutine(work):
+            work.close()  # never started
+        raise ClientDisconnected()
     task = asyncio.current_task()
     assert task is not None
     left = False

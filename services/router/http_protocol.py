@@ -32,9 +32,38 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from services.router.http_limits import MAX_HEAD_BYTES, HttpLimits
 
 LINGER_S = 2.0  # a refused connection's input is read and dropped this long at most
-# The ASGI scope extension of a request served here: a set of callables (no argument), each
-# called once when the connection is lost. The app adds one while it waits, and discards it.
+# The ASGI scope extension of a request served here: a ClientGone, whose callables (no
+# argument) are called once when the connection is lost. The app adds one while it waits, and
+# discards it.
 CLIENT_GONE = "epdserve.client_gone"
+
+
+class ClientGone:
+    """The callbacks of a connection's requests, called once when it is lost. NOTE: one added
+    after that is called at once: a request may start waiting after its client left (while
+    it read its body, was tokenized, waited for its model), and would wait for nobody."""
+
+    def __init__(self) -> None:
+        self.lost = False
+        self._callbacks: set[Callable[[], None]] = set()
+
+    def add(self, callback: Callable[[], None]) -> None:
+        if self.lost:
+            callback()
+        else:
+            self._callbacks.add(callback)
+
+    def discard(self, callback: Callable[[], None]) -> None:
+        self._callbacks.discard(callback)
+
+    def __len__(self) -> int:
+        return len(self._callbacks)
+
+    def connection_lost(self) -> None:
+        self.lost = True
+        callbacks, self._callbacks = self._callbacks, set()
+        for callback in callbacks:
+            callback()
 
 
 def bounded_protocol(limits: HttpLimits) -> type[BoundedHttpToolsProtocol]:
@@ -63,7 +92,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._linger: asyncio.TimerHandle | None = None
         self._head_timer: asyncio.TimerHandle | None = None  # while a head is awaited
         self._body_timer: asyncio.TimerHandle | None = None  # while a body is awaited
-        self._gone: set[Callable[[], None]] = set()  # CLIENT_GONE of this connection's requests
+        self._gone = ClientGone()  # CLIENT_GONE of this connection's requests
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -153,9 +182,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if timer is not None:
                 timer.cancel()
         super().connection_lost(exc)
-        gone, self._gone = self._gone, set()
-        for callback in gone:
-            callback()
+        self._gone.connection_lost()
 
     def on_headers_complete(self) -> None:
         self.scope.setdefault("extensions", {})[CLIENT_GONE] = self._gone

@@ -11,7 +11,7 @@ import pytest
 from services.common.proto import worker_pb2 as pb
 from services.router.accumulate import Choice, Usage, apply_step, until_disconnect
 from services.router.errors import ClientDisconnected
-from services.router.http_protocol import CLIENT_GONE
+from services.router.http_protocol import CLIENT_GONE, ClientGone
 
 
 def message(*deltas: pb.CompletionDelta) -> pb.GenerateResponse:
@@ -37,7 +37,7 @@ def test_a_finished_choice_is_touched_once() -> None:
     assert usage.completion == 6
 
 
-async def _waits(gone: set, client_leaves: bool) -> dict[str, object]:
+async def _waits(gone: ClientGone, client_leaves: bool) -> dict[str, object]:
     """``until_disconnect`` of a request whose server tells of a lost connection (``gone``)."""
     request = SimpleNamespace(scope={"extensions": {CLIENT_GONE: gone}})
     out: dict[str, object] = {}
@@ -62,8 +62,7 @@ async def _waits(gone: set, client_leaves: bool) -> dict[str, object]:
         await asyncio.sleep(0)
     out["watched"] = len(gone)
     if client_leaves:
-        for callback in list(gone):
-            callback()
+        gone.connection_lost()
     await asyncio.wait_for(task, 10)
     out["left_watched"] = len(gone)
     return out
@@ -72,7 +71,30 @@ async def _waits(gone: set, client_leaves: bool) -> dict[str, object]:
 @pytest.mark.parametrize("client_leaves", [False, True])
 def test_the_wait_runs_in_the_request_task_and_a_lost_client_cancels_it(client_leaves) -> None:
     # No task for the work nor a watcher (two tasks and an asyncio.wait a request before).
-    out = asyncio.run(_waits(set(), client_leaves))
+    out = asyncio.run(_waits(ClientGone(), client_leaves))
     assert out["result"] == ("disconnected" if client_leaves else "done")
     assert out["same_task"] and out["watched"] == 1 and out["left_watched"] == 0
     assert out["cancelling"] == 0
+
+
+def test_a_client_gone_before_the_wait_starts_no_work() -> None:
+    """A client that left while its request was read, tokenized or waited for its model:
+    the wait ends at once and the work (the generation) never starts. The callbacks were
+    called only for requests waiting when the connection was lost: the generation ran to
+    its end for nobody."""
+    gone = ClientGone()
+    gone.connection_lost()
+    request = SimpleNamespace(scope={"extensions": {CLIENT_GONE: gone}})
+    started = []
+
+    async def work() -> str:
+        started.append(True)
+        return "done"
+
+    async def request_task() -> int:
+        with pytest.raises(ClientDisconnected):
+            await until_disconnect(request, work())
+        return asyncio.current_task().cancelling()
+
+    assert asyncio.run(request_task()) == 0
+    assert started == [] and len(gone) == 0

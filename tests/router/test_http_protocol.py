@@ -33,6 +33,13 @@ async def _app(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
         await asyncio.wait_for(left.wait(), 10)
         GONE.append(scope["path"])
         return
+    if scope["path"] == "/gone-before":  # starts waiting only once the client has left
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        told: list[bool] = []
+        scope["extensions"][CLIENT_GONE].add(lambda: told.append(True))
+        GONE.append(scope["path"] if told else "/gone-before: not told")
+        return
     if scope["path"] == "/stream":  # a response of 1.5 s, longer than the tests' read timeouts
         await send({"type": "http.response.start", "status": 200, "headers": []})
         for _ in range(6):
@@ -117,6 +124,13 @@ async def _scenario() -> dict[str, object]:
         await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         writer.close()
         await until(lambda: GONE, timeout=10, what="the request told of its client gone")
+        # A client that left before its request started waiting (a request still reading,
+        # tokenizing, waiting for its model): it is told when it starts.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /gone-before HTTP/1.1\r\nhost: x\r\n\r\n")
+        await writer.drain()
+        writer.close()
+        await until(lambda: len(GONE) > 1, timeout=10, what="the request that started late")
         out["gone"] = list(GONE)
     return out
 
@@ -129,7 +143,7 @@ def test_request_head_is_bounded() -> None:
     status, body = out["huge"]
     assert status == 431, (status, body)
     assert str(MAX_HEAD_BYTES).encode() in body and b'"error"' in body
-    assert out["gone"] == ["/gone"]
+    assert out["gone"] == ["/gone", "/gone-before"]
 
 
 async def _slow_heads() -> list[tuple[int, bytes]]:
