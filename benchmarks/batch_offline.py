@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
 
-from services.cli.launcher import ClusterSpec, LocalCluster  # noqa: E402
+from services.cli.cluster_spec import ClusterSpec  # noqa: E402
+from services.cli.launcher import LocalCluster  # noqa: E402
 
 
 def bodies(model: str, n: int, max_tokens: int) -> list[dict]:

@@ -26,7 +26,8 @@ from rebalance_shift import ROOT, epdserve
 
 sys.path.insert(0, str(ROOT))
 
-from services.cli.launcher import ClusterSpec, LocalCluster  # noqa: E402
+from services.cli.cluster_spec import ClusterSpec  # noqa: E402
+from services.cli.launcher import LocalCluster  # noqa: E402
 
 KEYS = ("completed", "failed", "duration_s", "request_throughput", "total_input_tokens",
         "total_cached_tokens", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",

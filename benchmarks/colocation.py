@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
 
-from services.cli.launcher import ClusterSpec, LocalCluster  # noqa: E402
+from services.cli.cluster_spec import ClusterSpec  # noqa: E402
+from services.cli.launcher import LocalCluster  # noqa: E402
 from services.engine.config import EngineConfig  # noqa: E402
 from services.router.config import RouterConfig  # noqa: E402
 

@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 
 from benchmarks.random_model import save_random  # noqa: E402
-from services.cli.launcher import ClusterSpec, LocalCluster  # noqa: E402
+from services.cli.cluster_spec import ClusterSpec  # noqa: E402
+from services.cli.launcher import LocalCluster  # noqa: E402
 
 
 def scrape(port: int) -> dict[str, float]:

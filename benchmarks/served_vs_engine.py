@@ -40,7 +40,8 @@ from urllib.parse import urlsplit
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: as the workers run
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.cli.launcher import ClusterSpec, LocalCluster  # noqa: E402
+from services.cli.cluster_spec import ClusterSpec  # noqa: E402
+from services.cli.launcher import LocalCluster  # noqa: E402
 from services.engine import AsyncLLMEngine, SamplingParams  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")

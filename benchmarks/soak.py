@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.bench.config import BenchConfig  # noqa: E402
 from services.bench.runner import load_tokenizer, run_benchmark  # noqa: E402
-from services.cli.launcher import ClusterSpec, LocalCluster  # noqa: E402
+from services.cli.cluster_spec import ClusterSpec  # noqa: E402
+from services.cli.launcher import LocalCluster  # noqa: E402
 
 
 def rss_bytes(pid: int) -> int:

@@ -36,7 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.http_client import Meter, RawClient, pct, start_router  # noqa: E402
-from services.cli.launcher import ClusterSpec, LocalCluster, served_name_of  # noqa: E402
+from services.cli.cluster_spec import ClusterSpec, served_name_of  # noqa: E402
+from services.cli.launcher import LocalCluster  # noqa: E402
 from services.common.grpc_utils import insecure_channel  # noqa: E402
 from services.common.proto import worker_pb2 as pb  # noqa: E402
 from services.common.proto import worker_pb2_grpc as pb_grpc  # noqa: E402

@@ -14,7 +14,8 @@ from typing import Any
 
 from services.cli import lora_groups
 from services.cli.admin_config import config_dir
-from services.cli.launcher import ClusterSpec, LocalCluster, ModelGroup, served_name_of
+from services.cli.cluster_spec import ClusterSpec, ModelGroup, served_name_of
+from services.cli.launcher import LocalCluster
 from services.cli.supervisor import POLL_SLACK_S, RestartPolicy, Supervisor
 from services.common.dataclass_cli import add_dataclass_args, from_args, parse_assignments
 from services.engine.config import EngineConfig

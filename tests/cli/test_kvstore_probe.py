@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from services.cli import launcher
-from services.cli.launcher import ClusterSpec, LocalCluster
+from services.cli.cluster_spec import ClusterSpec
+from services.cli.launcher import LocalCluster
 
 
 class Recorded:

@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from services.cli.launcher import ClusterSpec, LocalCluster
+from services.cli.cluster_spec import ClusterSpec
+from services.cli.launcher import LocalCluster
 
 
 def test_generated_admin_tokens_never_look_like_an_option(tmp_path):

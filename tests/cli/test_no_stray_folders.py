@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import tempfile
 
-from services.cli.launcher import ClusterSpec, LocalCluster
+from services.cli.cluster_spec import ClusterSpec
+from services.cli.launcher import LocalCluster
 from services.common.etcd_server import EtcdServer
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from services.cli.launcher import ClusterSpec, ModelGroup
+from services.cli.cluster_spec import ClusterSpec, ModelGroup
 from services.cli.up import add_arguments, model_groups
 
 H, INTER, LAYERS = 8, 16, 2

@@ -7,7 +7,8 @@ import argparse
 
 import pytest
 
-from services.cli.launcher import ClusterSpec, LocalCluster, ModelGroup
+from services.cli.cluster_spec import ClusterSpec, ModelGroup
+from services.cli.launcher import LocalCluster
 from services.cli.up import add_arguments, model_groups
 
 

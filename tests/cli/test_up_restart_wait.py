@@ -7,7 +7,8 @@ import argparse
 
 import pytest
 
-from services.cli.launcher import ClusterSpec, LocalCluster
+from services.cli.cluster_spec import ClusterSpec
+from services.cli.launcher import LocalCluster
 from services.cli.supervisor import RestartPolicy
 from services.cli.up import add_arguments, router_overrides
 from services.common.dataclass_cli import add_dataclass_args, from_args

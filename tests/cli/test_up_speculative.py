@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from services.cli.launcher import ClusterSpec, LocalCluster
+from services.cli.cluster_spec import ClusterSpec
+from services.cli.launcher import LocalCluster
 from services.cli.up import add_arguments, engine_overrides
 from services.common.dataclass_cli import from_args
 from services.engine.config import EngineConfig

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import grpc
 
-from services.cli.launcher import ClusterSpec, LocalCluster
+from services.cli.cluster_spec import ClusterSpec
+from services.cli.launcher import LocalCluster
 from services.common.grpc_utils import role_to_pb
 from services.common.proto import kvstore_pb2 as kpb
 from services.common.proto import kvstore_pb2_grpc as kpb_grpc

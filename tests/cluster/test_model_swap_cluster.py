@@ -17,7 +17,7 @@ import pytest
 from cluster_helpers import TINY_ENGINE, TINY_NAME, cli, start_cluster, wait_for
 from model_groups import build_other_model
 
-from services.cli.launcher import ModelGroup
+from services.cli.cluster_spec import ModelGroup
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from services.engine import LLM, SamplingParams

@@ -33,7 +33,7 @@ from cluster_helpers import (
 )
 from model_groups import build_other_model
 
-from services.cli.launcher import ModelGroup
+from services.cli.cluster_spec import ModelGroup
 from services.engine import LLM, SamplingParams
 
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from cluster_helpers import TINY_NAME, load_report, start_cluster
 
-from services.cli.launcher import ModelGroup
+from services.cli.cluster_spec import ModelGroup
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from tests.deps import MOONCAKE, require

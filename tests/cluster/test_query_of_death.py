@@ -15,7 +15,7 @@ import httpx
 import pytest
 from cluster_helpers import TINY_NAME, start_cluster
 
-from services.cli.launcher import ModelGroup
+from services.cli.cluster_spec import ModelGroup
 from tests.deps import MOONCAKE, require
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]

@@ -18,7 +18,8 @@ import pytest
 from cluster_helpers import TINY_NAME, start_cluster
 
 from services.cli import up
-from services.cli.launcher import ClusterSpec, LocalCluster
+from services.cli.cluster_spec import ClusterSpec
+from services.cli.launcher import LocalCluster
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 

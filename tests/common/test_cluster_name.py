@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.launcher import ClusterSpec
+from services.cli.cluster_spec import ClusterSpec
 from services.common.member_config import CLUSTER_NAME_PATTERN, check_cluster_name
 from services.kvstore.config import KVStoreConfig
 from services.router.config import RouterConfig

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from services.cli.launcher import ClusterSpec, LocalCluster
+from services.cli.cluster_spec import ClusterSpec
+from services.cli.launcher import LocalCluster
 from services.common.cpus import ENV, parse_cpu_list
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux affinity")

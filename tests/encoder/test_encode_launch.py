@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from services.cli.launcher import ClusterSpec, LocalCluster
+from services.cli.cluster_spec import ClusterSpec
+from services.cli.launcher import LocalCluster
 from services.cli.up import add_arguments
 
 
