@@ -310,8 +310,8 @@ class LoRAManager:
 
 
 # ---- run on ranks 1..N-1 of a tensor-parallel engine (RankProcesses.call) -------------------
-# NOTE: ``ctx`` is the rank's tp_ranks.RankContext (not imported: tp_ranks imports the runner,
-# which imports this module).
+# NOTE: ``ctx`` is the rank's tp_rank_process.RankContext (not imported: tp_rank_process imports
+# the runner, which imports this module).
 
 
 def _read_on_rank(ctx: Any, name: str, path: str) -> None:

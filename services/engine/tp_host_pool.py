@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from services.engine.block_manager import CachedBlock
     from services.engine.kv_host_pool import HostBlockPool
     from services.engine.scheduler_output import KVLoad
-    from services.engine.tp_ranks import RankContext, RankProcesses
+    from services.engine.tp_rank_process import RankContext
+    from services.engine.tp_ranks import RankProcesses
 
 # A rank answers its moves after finishing the batch before them.
 MOVES_TIMEOUT_S = 120.0

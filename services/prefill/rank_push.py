@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from services.common.mooncake_agent import MooncakeAgent, MooncakeConfig, TransferError
 from services.engine.kv_layout import KVLayout
 from services.engine.kv_staging import KVStaging
-from services.engine.tp_ranks import RankContext, RankProcesses
+from services.engine.tp_rank_process import RankContext
+from services.engine.tp_ranks import RankProcesses
 from services.prefill.kv_sender import KVSender, PushTarget
 
 # Setting up a rank's transfer engine, and the answer of a wait beyond its own timeout.
