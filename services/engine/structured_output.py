@@ -46,6 +46,16 @@ class GrammarMatcher:
         fill_next_token_bitmask(self.matcher, bitmask, row)
 
 
+class _Build:
+    """A grammar one thread builds; the others asking for it meanwhile wait for it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.template: llguidance.LLMatcher | None = None
+        self.error: BaseException | None = None  # the build's, raised to every waiter
+        self.waiters = 0
+
+
 class StructuredOutputs:
     """An engine's grammar compiler and matcher factory. The llguidance tokenizer is made on
     first use (with the token trie of the first mask, ~1.5 s of CPU for a 49k vocabulary),
@@ -62,6 +72,7 @@ class StructuredOutputs:
         # tokenizer's own eos, e.g. a chat model's end-of-turn token).
         self.eos_token_ids = sorted(eos_token_ids)
         self._templates: dict[tuple[str, str], llguidance.LLMatcher] = {}
+        self._building: dict[tuple[str, str], _Build] = {}  # grammars being built, by key
         self._lock = threading.Lock()  # the step thread and ``prepare`` callers
 
     def prepare(self, params: StructuredOutputsParams) -> None:
@@ -119,12 +130,42 @@ class StructuredOutputs:
 
         NOTE: built outside the lock: the step thread takes it for every constrained request
         it adds, and waited (every request of the worker with it) for whatever grammar a
-        ``prepare`` thread was building; two threads may build one grammar at once."""
+        ``prepare`` thread was building. A grammar being built is built once: a thread
+        asking for it meanwhile waits for that build (requests of one schema arriving
+        together each built it, seconds of CPU apiece for a large one)."""
         with self._lock:
             template = self._templates.pop(key, None)
             if template is not None:
                 self._templates[key] = template  # most recently used last
                 return template
+            build = self._building.get(key)
+            mine = build is None
+            if build is None:
+                build = self._building[key] = _Build()
+            else:
+                build.waiters += 1
+        if not mine:
+            build.done.wait()
+            if build.template is None:
+                raise build.error or RuntimeError("the grammar's build failed")
+            return build.template
+        try:
+            build.template = self._build(key)
+        except BaseException as exc:
+            build.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._building[key]
+                if build.template is not None:
+                    self._templates.pop(key, None)
+                    if len(self._templates) >= GRAMMAR_CACHE_SIZE:
+                        self._templates.pop(next(iter(self._templates)))
+                    self._templates[key] = build.template
+            build.done.set()
+        return build.template
+
+    def _build(self, key: tuple[str, str]) -> llguidance.LLMatcher:
         import llguidance
 
         template = llguidance.LLMatcher(self.tokenizer, compile_grammar(*key))
@@ -134,11 +175,6 @@ class StructuredOutputs:
             raise ValueError(
                 f"invalid structured_outputs.{key[0]}: {error_message(template.get_error())}"
             )
-        with self._lock:
-            self._templates.pop(key, None)
-            if len(self._templates) >= GRAMMAR_CACHE_SIZE:
-                self._templates.pop(next(iter(self._templates)))
-            self._templates[key] = template
         return template
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 
 import pytest
 import torch
@@ -227,6 +228,39 @@ def test_a_grammar_being_built_holds_no_other_request_back(llm, monkeypatch):
         release.set()
         other.join(30)
         step.join(30)
+
+
+def test_one_grammar_asked_for_by_many_threads_at_once_is_built_once(llm, monkeypatch):
+    """Requests with the same new grammar prepared at once (a client's fan-out of one
+    schema) build it once: the others wait for that build. Since the build left the lock,
+    each prepare thread built it again (seconds of CPU each for a large schema, and every
+    executor thread busy with it)."""
+    import llguidance
+
+    so = llm.engine.structured
+    same = [StructuredOutputsParams(regex="[l-p]{7}") for _ in range(3)]
+    builds, release = [], threading.Event()
+    real = llguidance.LLMatcher
+
+    def slow_build(*args):
+        builds.append(args)
+        release.wait(30)
+        return real(*args)
+
+    replace_matcher_class(monkeypatch, slow_build)
+    threads = [threading.Thread(target=so.prepare, args=(p,)) for p in same]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    # Each thread builds or waits for a build before the builds are let go.
+    while len(builds) + sum(b.waiters for b in getattr(so, "_building", {}).values()) < 3:
+        assert time.monotonic() < deadline, "the threads did not all ask for the grammar"
+        time.sleep(0.01)
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert len(builds) == 1
+    assert all(p.__dict__.get("_prepared") for p in same)
 
 
 def test_prepare_computes_each_grammars_first_mask(llm, monkeypatch):
