@@ -126,6 +126,27 @@ CASES: list[tuple[str, dict[str, Any], int, str | None]] = [
     ("completions", {"stop": "x" * 1_000_000}, 400, "stop"),
     ("chat", {"stop": ["x" * 1_000_000]}, 400, "stop"),
     ("messages", {"stop_sequences": ["x" * 1_000_000]}, 400, "stop"),
+    # Session 20's sweep: whitespace-only stops and a 1 MB user id are fine; 10^3 tools are a
+    # prompt past the context; the rest were answered silently without what they asked for.
+    ("completions", {"stop": " "}, 200, None),
+    ("chat", {"stop": [" ", "\n", "\t"]}, 200, None),
+    ("completions", {"user": "u" * 1_000_000}, 200, None),
+    (
+        "chat",
+        {"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(1000)]},
+        400,
+        "maximum context length",
+    ),
+    ("completions", {"min_tokens": 5, "max_tokens": 2}, 400, "min_tokens"),
+    ("chat", {"min_tokens": 2**31 - 1}, 400, "min_tokens"),
+    ("completions", {"prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    ("responses", {"input": [{"role": "user", "content": []}]}, 400, "input[0].content"),
+    (
+        "messages",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]},
+        400,
+        "text content blocks must be non-empty",
+    ),
 ]
 
 

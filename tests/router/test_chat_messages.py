@@ -110,6 +110,35 @@ def test_anthropic_empty_content_is_400_but_for_a_final_assistant_turn(content: 
     assert out[-1] == {"role": "assistant", "content": ""}
 
 
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("", "text content blocks must be non-empty"),
+        (" \n", "text content blocks must contain non-whitespace text"),
+    ],
+)
+def test_anthropic_blank_text_blocks_are_400(text: str, words: str) -> None:
+    """Anthropic's 400s ("messages: ..."); a blank text block was sent to the template."""
+    block = [{"type": "text", "text": text}]
+    for system, turns in ((None, [{"role": "user", "content": block}]),
+                          (None, [{"role": "user", "content": [block[0], {"type": "text",
+                                                                          "text": "a"}]}]),
+                          (block, [{"role": "user", "content": "a"}])):  # fmt: skip
+        with pytest.raises(APIError) as err:
+            parse_messages(system, turns)
+        where = "system" if system else "messages"
+        assert err.value.status == 400 and err.value.message == f"{where}: {words}"
+
+
+def test_responses_empty_content_array_is_400_naming_the_input_item() -> None:
+    """As chat's (OpenAI's empty_array), but named as the Responses API has it: input[i]."""
+    with pytest.raises(APIError) as err:
+        input_messages([{"role": "user", "content": "a"}, {"role": "user", "content": []}])
+    e = err.value
+    assert (e.status, e.param, e.code) == (400, "input[1].content", "empty_array")
+    assert e.message.startswith("Invalid 'input[1].content': empty array.")
+
+
 def test_fields_of_the_wrong_type_are_400_naming_them() -> None:
     """OpenAI's 400 ('Invalid type'); a number as a message's 'name' or as 'user' was taken."""
     with pytest.raises(APIError) as err:

@@ -53,6 +53,9 @@ def _content_of(
         if not isinstance(b, dict):
             raise bad_request(f"{where}: content blocks must be objects")
         if b.get("type") == "text" and isinstance(b.get("text"), str):
+            if not b["text"].strip():  # Anthropic's 400s
+                blank = "be non-empty" if not b["text"] else "contain non-whitespace text"
+                raise bad_request(f"{where.split('.')[0]}: text content blocks must {blank}")
             parts.append({"type": "text", "text": b["text"]})
         elif b.get("type") in ("thinking", "redacted_thinking") and images is not None:
             continue  # earlier reasoning, sent back by clients: templates drop it anyway

@@ -30,6 +30,10 @@ def _parts(content: Any, where: str) -> str | list[dict[str, Any]]:
         return content
     if not isinstance(content, list):
         raise bad_request(f"{where}.content must be a string or an array", param="input")
+    if not content:  # as chat's content (api/openai.py chat_messages)
+        raise bad_request(f"Invalid '{where}.content': empty array. Expected an array with "
+                          "minimum length 1, but got an empty array instead.",
+                          param=f"{where}.content", code="empty_array")  # fmt: skip
     parts: list[dict[str, Any]] = []
     for j, p in enumerate(content):
         kind = p.get("type") if isinstance(p, dict) else None

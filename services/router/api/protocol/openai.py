@@ -178,6 +178,15 @@ class _Sampling(APIModel):
     priority: Annotated[int, Int(MIN_PRIORITY, MAX_PRIORITY)] = 0  # vLLM's: lower runs first
     speculative: Bool = True  # false: no speculative decoding for it (same output, its cost)
     user: Str | None = None  # OpenAI's end-user id: checked, not used
+    # vLLM's log-probabilities of the prompt's tokens: not computed here, so only null is
+    # accepted (an answer without them, silently, was the alternative).
+    prompt_logprobs: Annotated[int | None, Documented(int)] = None
+
+    @field_validator("prompt_logprobs", mode="before")
+    @classmethod
+    def _prompt_logprobs(cls, value: Any) -> None:
+        raise invalid("'prompt_logprobs' is not supported: the prompt's log-probabilities are "
+                      "not computed", "prompt_logprobs")  # fmt: skip
 
     @field_validator("best_of", mode="after")
     @classmethod
@@ -191,6 +200,9 @@ class _Sampling(APIModel):
     def _params(self, max_tokens: int | None, logprobs: int | None,
                 structured: StructuredOutputsParams | None) -> SamplingParams:  # fmt: skip
         """The engine's SamplingParams; its own checks (counts, ranges) are 400s too."""
+        if max_tokens is not None and self.min_tokens > max_tokens:
+            raise bad_request(f"'min_tokens' must be <= the most tokens to generate "
+                              f"({max_tokens}), got {self.min_tokens}", param="min_tokens")  # fmt: skip
         try:
             return SamplingParams(
                 n=self.n, temperature=self.temperature, top_p=self.top_p,
