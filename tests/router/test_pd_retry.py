@@ -179,6 +179,18 @@ def test_busy_decode_worker_keeps_the_request_past_the_stall_timeout() -> None:
     assert len(out) == 1 and d.decoded == ["r1"] and d.released == []
 
 
+def test_prefill_workers_past_the_call_deadline_are_slow_not_dead() -> None:
+    """A Prefill call that ends at its deadline (the reservation's, the worker's own error not
+    in by then: a long prompt, a deep queue) on both prefill workers is a 504, not a poison
+    request: a worker that hangs is caught by its load stream (watch.py), one past a call's
+    deadline is only slow. Both counted as deaths, and the prompt (and a client's retry of
+    it, for ttl_s) was refused as poison_request."""
+    late = lambda: rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")  # noqa: E731
+    with pytest.raises(APIError) as err:
+        run(PrefillStub([late(), late()]), [DecodeStub()], prefills=2)
+    assert (err.value.status, err.value.code) == (504, None), err.value.message
+
+
 class FailingDecodeStub(DecodeStub):
     """Decode fails before its first message, as a worker that died then does."""
 

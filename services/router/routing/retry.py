@@ -36,12 +36,17 @@ STALE_EPOCH_PREFIX = "stale role epoch"
 
 
 def worker_died(exc: grpc.aio.AioRpcError) -> bool:
-    """Whether a failed call means its worker died, crashed its engine or hung while running
-    the request (as opposed to refusing it, the request's own failure or a KV transfer)."""
+    """Whether a failed call means its worker died or crashed its engine while running the
+    request (as opposed to refusing it, the request's own failure or a KV transfer). NOTE:
+    not a call past its deadline: a worker that hangs (its engine stalled too) is caught by
+    its load stream (watch.WorkerLost); one past a call's deadline is slow (a long prompt, a
+    deep queue: a PD Prefill call ends 2 s past its reservation's deadline), and two such
+    made an honest request poison."""
     kind = failure_kind(exc)
-    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-        return kind not in (FAILURE_REFUSED, FAILURE_TRANSFER)
-    return exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and kind not in (
+        FAILURE_REFUSED,
+        FAILURE_TRANSFER,
+    )
 
 
 def note_refusal(exc: grpc.aio.AioRpcError, handle: WorkerHandle, epoch: int) -> None:
