@@ -195,9 +195,14 @@ async def test_stale_epoch_is_refused_and_rerouted(two) -> None:
     pool = gw.gateway.pool
     # Freeze the router's view of w1 (no more load reports), then move w1 to epoch 2 without
     # telling etcd: the router still stamps epoch 1.
-    task = pool.handles["w1"]._task
-    assert task is not None
-    task.cancel()
+    handle = pool.handles["w1"]
+    assert handle._task is not None
+    handle._task.cancel()
+    # NOTE: with its reports stopped, the handle counts as unreachable load_stale_s (1 s) after
+    # the last one, and as departed if w1's 2 s lease lapses meanwhile (the registrar then puts
+    # the same key again): on a loaded host either came first, no request went to w1 and
+    # nothing was refused. The frozen view must stay reachable for this test's whole length.
+    handle.stale_s = 3600.0
     w1.servicer.state.on_change = lambda: None
     w1.servicer.state.role_epoch = 2
     async with insecure_channel(w1.address) as ch:
@@ -215,7 +220,8 @@ async def test_stale_epoch_is_refused_and_rerouted(two) -> None:
     for _ in range(4):  # round robin: w1 refuses (stale), the router re-routes to w2
         assert (await c.post("/v1/completions", json=req)).status_code == 200
     assert len(w1.engine.started) == n1 and len(w2.engine.started) == n2 + 4
-    assert pool.handles["w1"].stale_epoch == 1 and not pool.handles["w1"].usable_for("mixed")
+    assert pool.handles["w1"] is handle, "w1's handle was replaced"
+    assert handle.stale_epoch == 1 and not handle.usable_for("mixed")
 
 
 async def test_desired_role_followed_across_an_etcd_restart() -> None:
