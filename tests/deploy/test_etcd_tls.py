@@ -269,9 +269,10 @@ class RenderedEtcd:
             time.sleep(0.2)
 
     def stop(self) -> None:
+        # NOTE: one member at a time: terminated together, each one's graceful stop waited
+        # on peers that were leaving too (7 s in all, 2 s like this).
         for proc in self.procs:
             proc.terminate()
-        for proc in self.procs:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
