@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from services.common.cpus import check_usable, pin_os_thread
@@ -31,6 +32,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # The longest wait for a wave's arrivals, in arrival windows (EngineConfig.arrival_window_ms).
 ARRIVAL_WINDOWS = 8
+# Threads that build structured-output grammars (``prepare``): their own, not the event loop's
+# default executor, where KV pushes and fences, KV staging and image preprocessing wait. NOTE:
+# a client's slow grammars (seconds each) held every thread of that executor.
+GRAMMAR_THREADS = 2
 
 
 class EngineDeadError(RuntimeError):
@@ -60,6 +65,7 @@ class AsyncLLMEngine:
         self._last_outputs = 0
         # Called on the step thread with each step's outputs (e.g. for KV events); optional.
         self.on_step: Callable[[LLMEngine, list[RequestOutput]], None] | None = None
+        self._grammars = ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="grammar")
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -78,6 +84,7 @@ class AsyncLLMEngine:
             await asyncio.to_thread(self._thread.join, 10)
         # Commands queued after the thread's last drain would never be answered.
         self._fail_commands(EngineDeadError("engine shut down"))
+        self._grammars.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
             await asyncio.to_thread(self.engine.close)
 
@@ -176,9 +183,11 @@ class AsyncLLMEngine:
         """Work a request needs before it can be scheduled, done in a worker thread instead
         of the step thread: compiling its structured-output grammar (the first one also
         builds llguidance's tokenizer, ~1.5 s). ValueError for a grammar that does not
-        compile."""
+        compile. In threads of its own (GRAMMAR_THREADS)."""
         if params.structured_outputs is not None:
-            await asyncio.to_thread(self._require().structured.prepare, params.structured_outputs)
+            prepare = self._require().structured.prepare
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._grammars, prepare, params.structured_outputs)
 
     async def abort(self, request_id: str) -> None:
         out = await self.call(lambda e: e.abort_request(request_id))

@@ -4,6 +4,7 @@ mixed batches and resumed requests keep their constraints."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -261,6 +262,31 @@ def test_one_grammar_asked_for_by_many_threads_at_once_is_built_once(llm, monkey
         t.join(30)
     assert len(builds) == 1
     assert all(p.__dict__.get("_prepared") for p in same)
+
+
+def test_grammars_being_built_leave_the_default_executor_to_the_rest() -> None:
+    """Many slow grammars being prepared at once (a client's) take threads of their own, not
+    the event loop's default executor, which the worker's KV pushes and fences, KV staging
+    and image preprocessing wait in: every thread of it was held by the builds."""
+    from types import SimpleNamespace
+
+    from services.engine import AsyncLLMEngine
+    from services.engine.config import EngineConfig
+
+    eng = AsyncLLMEngine(EngineConfig(model="m"))
+    release = threading.Event()
+    eng.engine = SimpleNamespace(structured=SimpleNamespace(prepare=lambda so: release.wait(30)))
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(regex="a"))
+
+    async def main() -> None:
+        builds = [asyncio.ensure_future(eng.prepare(params)) for _ in range(40)]
+        try:  # more than the default executor's threads (at most 32)
+            await asyncio.wait_for(asyncio.to_thread(lambda: None), 5)
+        finally:
+            release.set()
+            await asyncio.gather(*builds)
+
+    asyncio.run(main())
 
 
 def test_prepare_computes_each_grammars_first_mask(llm, monkeypatch):
