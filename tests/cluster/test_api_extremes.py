@@ -140,6 +140,9 @@ CASES: list[tuple[str, dict[str, Any], int, str | None]] = [
     ("completions", {"min_tokens": 5, "max_tokens": 2}, 400, "min_tokens"),
     ("chat", {"min_tokens": 2**31 - 1}, 400, "min_tokens"),
     ("completions", {"prompt_logprobs": 1}, 400, "prompt_logprobs"),
+    ("chat", {"chat_template": "{{ raise_exception('x') }}"}, 400, "chat_template"),
+    ("chat", {"continue_final_message": True}, 400, "continue_final_message"),
+    ("chat", {"add_generation_prompt": False}, 200, None),
     ("responses", {"input": [{"role": "user", "content": []}]}, 400, "input[0].content"),
     (
         "messages",

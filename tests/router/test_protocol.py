@@ -103,6 +103,13 @@ BAD: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], str, str | 
      "the best of more sequences than are returned is not supported", "best_of"),
     ("completion", COMPLETION, {"suffix": "}"}, {},
      "'suffix' is not supported: no fill-in-the-middle template", "suffix"),
+    # vLLM's chat fields that were ignored: a request template (vLLM refuses an untrusted
+    # one), continuing the final message (as /tokenize: not supported).
+    ("chat", CHAT, {"chat_template": "{{ 1 }}"}, {},
+     "'chat_template' is not supported: the model's own chat template renders every chat (a "
+     "template passed with a request is not trusted)", "chat_template"),
+    ("chat", CHAT, {"continue_final_message": True}, {},
+     "'continue_final_message' is not supported", "continue_final_message"),
     # vLLM's prompt_logprobs: answered without them, silently, before.
     ("completion", COMPLETION, {"prompt_logprobs": 1}, {},
      "'prompt_logprobs' is not supported: the prompt's log-probabilities are not computed",

@@ -228,6 +228,10 @@ async def test_tokenize_messages_equals_chat_prompt_tokens(env) -> None:
     r = await client.post("/tokenize", json={"model": MODEL, "messages": msgs,
                                              "add_generation_prompt": False})  # fmt: skip
     assert r.json()["count"] == counts[0] - len("<assistant>")
+    # The chat API renders it as /tokenize does (vLLM's extension; it was ignored).
+    r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs,
+                          "max_tokens": 2, "add_generation_prompt": False})  # fmt: skip
+    assert r.status_code == 200 and len(engine.prompts[-1]) == counts[0] - len("<assistant>")
 
 
 @pytest.mark.parametrize(
@@ -241,6 +245,8 @@ async def test_tokenize_messages_equals_chat_prompt_tokens(env) -> None:
         ("/tokenize", {"model": MODEL, "messages": USER, "continue_final_message": True}, 400,
          "continue_final_message"),
         ("/tokenize", {"model": MODEL, "messages": USER, "tools": "x"}, 400, "tools"),
+        ("/tokenize", {"model": MODEL, "messages": USER, "chat_template": "{{ 1 }}"}, 400,
+         "chat_template"),
         ("/tokenize", {"model": MODEL, "prompt": "x", "return_token_strs": "yes"}, 400,
          "return_token_strs"),
         ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),

@@ -142,7 +142,8 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
         images: list[pb.ImageData] = []
         echo: list[str] | None = None
         if isinstance(typed, ChatCompletionRequest):
-            prompt, images = await chat_prompt(gw, tok, *chat_messages(typed.messages), tool_setup)
+            prompt, images = await chat_prompt(gw, tok, *chat_messages(typed.messages), tool_setup,
+                                               typed.add_generation_prompt)  # fmt: skip
             prompts = [prompt]
         else:
             prompts = await gw.offload.run(

@@ -36,6 +36,7 @@ from services.router.api.protocol.common import (
     Stop,
     Str,
     Turns,
+    Unsupported,
     invalid,
     json_type,
 )
@@ -242,6 +243,17 @@ class _ChatLimits(APIModel):
 class ChatPrompt(APIModel):
     """What makes a chat's prompt: tools and the turns (also /tokenize's)."""
 
+    # vLLM's request-supplied template, which it refuses unless its server trusts request
+    # templates: the model's own template always renders here (the field was ignored).
+    chat_template: Annotated[str | None, Documented(str)] = None
+
+    @field_validator("chat_template", mode="before")
+    @classmethod
+    def _chat_template(cls, value: Any) -> None:
+        raise invalid("'chat_template' is not supported: the model's own chat template renders "
+                      "every chat (a template passed with a request is not trusted)",
+                      "chat_template")  # fmt: skip
+
     tools: Annotated[Any, Documented(list[Tool])] = None
     tool_choice: Annotated[Any, Documented(ToolChoice)] = None
     parallel_tool_calls: Annotated[Any, Documented(bool)] = None
@@ -261,6 +273,10 @@ class ChatSampling(_Sampling, _ChatLimits):
 
 class ChatCompletionRequest(ChatPrompt, ChatSampling, _Stream):
     """POST /v1/chat/completions."""
+
+    # vLLM's: false renders no assistant header after the last turn (as /tokenize's).
+    add_generation_prompt: Bool = True
+    continue_final_message: Unsupported = False  # as /tokenize's
 
 
 class _CompletionLimits(APIModel):
