@@ -27,7 +27,6 @@ engine: on uvloop, with the workers' OpenMP wait policy. Recorded, not asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
 
-from benchmarks.http_client import Meter, RawClient, pct, start_router  # noqa: E402
+from benchmarks.http_client import Meter, RawClient, emit, pct, start_router  # noqa: E402
 from services.cli.cluster_spec import ClusterSpec  # noqa: E402
 from services.cli.launcher import WORKER_ENV_DEFAULTS, LocalCluster  # noqa: E402
 from services.common import event_loop  # noqa: E402
@@ -181,10 +180,7 @@ def main() -> int:
             proc.terminate()
             proc.wait(30)
         cluster.stop()
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(report, args.json)
     return 0
 
 

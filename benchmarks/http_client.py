@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,6 +19,14 @@ from urllib.parse import urlsplit
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def emit(report: dict[str, Any], path: Path | None) -> None:
+    """Print ``report`` as JSON, and write it to ``path`` too when one is given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if path is not None:
+        path.write_text(text + "\n")
 
 
 def cpu_s(pid: int) -> float:
