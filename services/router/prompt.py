@@ -20,16 +20,17 @@ if TYPE_CHECKING:
 async def chat_prompt(
     gw: Gateway, tok: Tokenizer, messages: list[dict[str, Any]], sources: list[str | bytes],
     tool_setup: ToolSetup | None, add_generation_prompt: bool = True,
+    variables: dict[str, Any] | None = None,
 ) -> tuple[list[int], list[pb.ImageData]]:  # fmt: skip
     """Token ids of a chat's prompt with the model's tokenizer ``tok`` (``messages`` in the template's format and the tools
     through the chat template, image placeholders expanded) and its images (``sources``, in
     the order of their parts): what both APIs generate from and /tokenize and
-    /v1/messages/count_tokens count."""
+    /v1/messages/count_tokens count; ``variables``: the request's own template variables."""
     parser = tool_parser_class(gw.cfg.tool_call_parser)
     messages, tools = prepare(tok, messages, tool_setup, parser)
     return await render_chat(
         tok, messages, sources, gw.cfg.image_limits, tools=tools,
-        add_generation_prompt=add_generation_prompt, offload=gw.offload,
+        add_generation_prompt=add_generation_prompt, offload=gw.offload, variables=variables,
     )  # fmt: skip
 
 

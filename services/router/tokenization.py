@@ -178,19 +178,21 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        **variables: Any,
     ) -> list[int]:
         """Token ids of the chat prompt, ending with the assistant turn's opening when
         ``add_generation_prompt``. A message's content is a string, or (with images) a list of
         ``{"type": "text", "text": ...}`` and ``{"type": "image"}`` parts, which a
         vision-language template turns into one image placeholder each (expanded later, see
         ``images.expand_placeholders``). ``tools`` (OpenAI format) go to the template as its
-        ``tools`` variable (see router/tool_prompt.py)."""
+        ``tools`` variable (see router/tool_prompt.py); ``variables`` are the request's own
+        (``chat_template_kwargs``)."""
         if getattr(self.hf, "chat_template", None) is None:
             raise bad_request("this model has no chat template; use /v1/completions")
         try:
             text = self.hf.apply_chat_template(
                 messages, tools=tools, tokenize=False,
-                add_generation_prompt=add_generation_prompt,
+                add_generation_prompt=add_generation_prompt, **variables,
             )  # fmt: skip
         except Exception as exc:  # jinja errors: e.g. roles the template does not allow
             raise bad_request(

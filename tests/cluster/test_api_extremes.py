@@ -143,6 +143,14 @@ CASES: list[tuple[str, dict[str, Any], int, str | None]] = [
     ("chat", {"chat_template": "{{ raise_exception('x') }}"}, 400, "chat_template"),
     ("chat", {"continue_final_message": True}, 400, "continue_final_message"),
     ("chat", {"add_generation_prompt": False}, 200, None),
+    ("chat", {"chat_template_kwargs": "x"}, 400, "chat_template_kwargs"),
+    (
+        "chat",
+        {"chat_template_kwargs": {"add_generation_prompt": False}},
+        400,
+        "chat_template_kwargs",
+    ),
+    ("chat", {"chat_template_kwargs": {"enable_thinking": False, "x": [1] * 10_000}}, 200, None),
     ("responses", {"input": [{"role": "user", "content": []}]}, 400, "input[0].content"),
     (
         "messages",

@@ -154,8 +154,9 @@ class FakeTokenizer:
         return [chr(t) for t in ids]
 
     def apply_chat_template(self, messages: list[dict[str, str]], tools=None,
-                            add_generation_prompt: bool = True) -> list[int]:  # fmt: skip
+                            add_generation_prompt: bool = True, **variables) -> list[int]:  # fmt: skip
         text = "".join(f"<{m['role']}>{m['content']}" for m in messages)
+        text += "".join(f"<{k}={v}>" for k, v in sorted(variables.items()))  # template variables
         return self.encode(text + ("<assistant>" if add_generation_prompt else ""))
 
     def token_str(self, token_id: int) -> str:

@@ -228,6 +228,14 @@ async def test_tokenize_messages_equals_chat_prompt_tokens(env) -> None:
     r = await client.post("/tokenize", json={"model": MODEL, "messages": msgs,
                                              "add_generation_prompt": False})  # fmt: skip
     assert r.json()["count"] == counts[0] - len("<assistant>")
+    # vLLM's chat_template_kwargs: template variables, in both (they were ignored).
+    kwargs = {"model": MODEL, "messages": msgs, "chat_template_kwargs": {"enable_thinking": False}}
+    r = await client.post("/tokenize", json=kwargs)
+    assert r.status_code == 200 and r.json()["count"] == counts[0] + len("<enable_thinking=False>")
+    r = await client.post("/v1/chat/completions", json={**kwargs, "max_tokens": 2})
+    assert r.status_code == 200 and len(engine.prompts[-1]) == counts[0] + len(
+        "<enable_thinking=False>"
+    )
     # The chat API renders it as /tokenize does (vLLM's extension; it was ignored).
     r = await client.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs,
                           "max_tokens": 2, "add_generation_prompt": False})  # fmt: skip
@@ -247,6 +255,10 @@ async def test_tokenize_messages_equals_chat_prompt_tokens(env) -> None:
         ("/tokenize", {"model": MODEL, "messages": USER, "tools": "x"}, 400, "tools"),
         ("/tokenize", {"model": MODEL, "messages": USER, "chat_template": "{{ 1 }}"}, 400,
          "chat_template"),
+        ("/tokenize", {"model": MODEL, "messages": USER, "chat_template_kwargs": "x"}, 400,
+         "chat_template_kwargs"),
+        ("/tokenize", {"model": MODEL, "messages": USER,
+                       "chat_template_kwargs": {"tools": []}}, 400, "chat_template_kwargs"),
         ("/tokenize", {"model": MODEL, "prompt": "x", "return_token_strs": "yes"}, 400,
          "return_token_strs"),
         ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),

@@ -366,6 +366,21 @@ def test_tool_aware_template_gets_tools_calls_and_results(hf_tokenizer) -> None:
     assert "# Tools" not in plain and "<tool_response>\n22 C" in plain
 
 
+def test_chat_template_kwargs_reach_the_template(hf_tokenizer) -> None:
+    """vLLM's chat_template_kwargs (Qwen3's enable_thinking, ...): variables of the template;
+    they were ignored."""
+    from services.router.tokenization import Tokenizer
+
+    hf_tokenizer.chat_template = (
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %}<no-think>{% endif %}"
+    )
+    tok, msgs = Tokenizer(hf_tokenizer), [{"role": "user", "content": "hi"}]
+    off = hf_tokenizer.decode(tok.apply_chat_template(msgs, enable_thinking=False))
+    assert off == "hi<no-think>" and hf_tokenizer.decode(tok.apply_chat_template(msgs)) == "hi"
+    hf_tokenizer.chat_template = hf_tokenizer.original_template
+
+
 def test_template_without_tools_gets_a_hermes_system_prompt(hf_tokenizer) -> None:
     chatml = hf_tokenizer.original_template  # SmolLM2's: no tools
     if isinstance(chatml, str) and "tools" in chatml:

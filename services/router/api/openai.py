@@ -143,7 +143,8 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
         echo: list[str] | None = None
         if isinstance(typed, ChatCompletionRequest):
             prompt, images = await chat_prompt(gw, tok, *chat_messages(typed.messages), tool_setup,
-                                               typed.add_generation_prompt)  # fmt: skip
+                                               typed.add_generation_prompt,
+                                               typed.chat_template_kwargs)  # fmt: skip
             prompts = [prompt]
         else:
             prompts = await gw.offload.run(

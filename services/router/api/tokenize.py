@@ -54,7 +54,7 @@ async def _tokenize_body(gw: Gateway, body: dict[str, Any]) -> dict[str, Any]:
     if isinstance(typed, TokenizeChatRequest):
         tools = await gw.offload.run(None if may_compile(body) else 0, openai_tools, body)
         ids, _ = await chat_prompt(gw, tok, *chat_messages(typed.messages), tools,
-                                   typed.add_generation_prompt)  # fmt: skip
+                                   typed.add_generation_prompt, typed.chat_template_kwargs)  # fmt: skip
     else:
         ids = await gw.offload.run(len(typed.prompt), tok.encode, typed.prompt,
                                    typed.add_special_tokens)  # fmt: skip

@@ -219,15 +219,20 @@ async def chat_prompt(
     tools: list[dict[str, Any]] | None = None,
     add_generation_prompt: bool = True,
     offload: Offload | None = None,
+    variables: dict[str, Any] | None = None,
 ) -> tuple[list[int], list[pb.ImageData]]:
     """Token ids of a chat (placeholders expanded) and its images, fetched and checked in
     parallel; ``sources`` are the images in the order their parts appear in ``messages``;
-    ``tools`` and ``add_generation_prompt`` go to the chat template, which runs on
-    ``offload``'s threads when given (else inline)."""
+    ``tools``, ``add_generation_prompt`` and the request's ``variables`` go to the chat
+    template, which runs on ``offload``'s threads when given (else inline)."""
 
     async def render() -> list[int]:
         template = tokenizer.apply_chat_template
-        kwargs = {"tools": tools, "add_generation_prompt": add_generation_prompt}
+        kwargs = {
+            **(variables or {}),
+            "tools": tools,
+            "add_generation_prompt": add_generation_prompt,
+        }
         if offload is None:
             return template(messages, **kwargs)  # type: ignore[no-any-return]
         return await offload.run(text_size(messages, tools), template, messages, **kwargs)

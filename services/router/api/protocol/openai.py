@@ -240,6 +240,15 @@ class _ChatLimits(APIModel):
         return value
 
 
+# The arguments of the templates' rendering that the gateway sets (transformers'
+# apply_chat_template): a request's chat_template_kwargs may not set them.
+TEMPLATE_ARGUMENTS = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+})  # fmt: skip
+
+
 class ChatPrompt(APIModel):
     """What makes a chat's prompt: tools and the turns (also /tokenize's)."""
 
@@ -253,6 +262,19 @@ class ChatPrompt(APIModel):
         raise invalid("'chat_template' is not supported: the model's own chat template renders "
                       "every chat (a template passed with a request is not trusted)",
                       "chat_template")  # fmt: skip
+
+    # vLLM's: variables for the chat template (Qwen3's enable_thinking, ...), beside the ones
+    # the gateway sets.
+    chat_template_kwargs: Object | None = None
+
+    @field_validator("chat_template_kwargs", mode="after")
+    @classmethod
+    def _template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        taken = sorted(set(value or {}) & TEMPLATE_ARGUMENTS)
+        if taken:
+            raise invalid(f"'chat_template_kwargs' may not set {', '.join(taken)}: the gateway "
+                          "sets them", "chat_template_kwargs")  # fmt: skip
+        return value
 
     tools: Annotated[Any, Documented(list[Tool])] = None
     tool_choice: Annotated[Any, Documented(ToolChoice)] = None
