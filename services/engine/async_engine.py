@@ -288,6 +288,8 @@ class AsyncLLMEngine:
                     self.on_step(engine, outputs)
                 if outputs:
                     self._deliver(outputs)
+                    if not engine.scheduler.has_work:  # idle: the GIL to the loop, which relays
+                        time.sleep(0)  # them before this thread's next pass (RESULTS.md, gw13)
                 if engine.blocked_on_memory:  # nothing ran: sleep until a command (a release)
                     self._wake.wait(0.05)
                     self._wake.clear()
