@@ -9,9 +9,11 @@ Every `up` of a user shares that folder: the latest cluster to be ready is the o
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +25,8 @@ COMMANDS = ("status", "roles", "drain", "rebalance", "policy", "experts", "model
 TOKEN_FILE = "admin-token"
 ROUTER_FILE = "router-url"
 DEFAULT_ROUTER = "http://127.0.0.1:8000"
+# How long the CLI waits for one router's /health when `up` named several.
+ROUTER_PROBE_TIMEOUT_S = 2.0
 
 
 def config_dir() -> Path:
@@ -50,13 +54,25 @@ def read_first_line(path: Path) -> str | None:
         return None
 
 
+def read_lines(path: Path) -> list[str]:
+    try:
+        return [
+            line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
+    except OSError:
+        return []
+
+
 def resolve_router(flag: str | None) -> str:
-    return (
-        flag
-        or os.environ.get("EPDSERVE_ROUTER")
-        or read_first_line(config_dir() / ROUTER_FILE)
-        or DEFAULT_ROUTER
-    ).rstrip("/")
+    """The flag's, ``EPDSERVE_ROUTER``'s, else the local cluster's router: with several
+    (`up --routers N`), the first whose ``/health`` answers, so that one dead or stopped
+    router does not take the CLI with it; none answering: the first."""
+    chosen = flag or os.environ.get("EPDSERVE_ROUTER")
+    urls = [chosen] if chosen else read_lines(config_dir() / ROUTER_FILE)
+    if len(urls) > 1:
+        answering = (u for u in urls if health_answers(u, ROUTER_PROBE_TIMEOUT_S))
+        urls = [next(answering, urls[0])]
+    return (urls[0] if urls else DEFAULT_ROUTER).rstrip("/")
 
 
 def resolve_token(flag: str | None) -> str | None:
@@ -81,7 +97,7 @@ class AdminFiles:
         self._folder = Path(folder) if folder else None  # None: the private folder
         self._private: Path | None = None  # made at first use (a cluster never started
         # would leave it behind), removed by forget()
-        self._replaced: tuple[str, str] | None = None  # the pointer before ours: URL, token
+        self._replaced: tuple[list[str], str] | None = None  # the pointer before ours: URLs, token
 
     @property
     def private(self) -> Path:
@@ -102,26 +118,39 @@ class AdminFiles:
     def write_token(self) -> None:
         write_private(self.token_file, self.token)
 
-    def point_cli(self, url: str) -> None:
-        """Point the CLI at this cluster's router ``url``; the pointer it replaces is kept."""
-        old = read_first_line(self.folder / ROUTER_FILE), read_first_line(self.folder / TOKEN_FILE)
+    def point_cli(self, urls: list[str]) -> None:
+        """Point the CLI at this cluster's router ``urls`` (every router's, in order); the
+        pointer it replaces is kept."""
+        old = read_lines(self.folder / ROUTER_FILE), read_first_line(self.folder / TOKEN_FILE)
         self._replaced = (old[0], old[1]) if old[0] and old[1] and old[1] != self.token else None
         write_private(self.folder / TOKEN_FILE, self.token)
-        write_private(self.folder / ROUTER_FILE, url)
+        write_private(self.folder / ROUTER_FILE, "\n".join(urls))
 
     def forget(self) -> None:
         """Take the CLI's pointer off this cluster (if it is still ours) and remove the
         private folder. Safe to call twice."""
         if self._folder is not None and read_first_line(self._folder / TOKEN_FILE) == self.token:
-            if self._replaced is not None and answers(*self._replaced):
-                write_private(self._folder / TOKEN_FILE, self._replaced[1])
-                write_private(self._folder / ROUTER_FILE, self._replaced[0])
+            urls, token = self._replaced or ([], "")
+            if any(answers(url, token) for url in urls):
+                write_private(self._folder / TOKEN_FILE, token)
+                write_private(self._folder / ROUTER_FILE, "\n".join(urls))
             else:
                 for name in (TOKEN_FILE, ROUTER_FILE):
                     (self._folder / name).unlink(missing_ok=True)
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
             self._private = None
+
+
+def health_answers(url: str, timeout: float = 2.0) -> bool:
+    """Whether the router at ``url`` answers ``GET /health`` at all (a 503 too: it is up)."""
+    try:
+        with open_direct(url.rstrip("/") + "/health", timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
 
 
 def answers(url: str, token: str, timeout: float = 2.0) -> bool:

@@ -192,7 +192,7 @@ class LocalCluster:
             time.sleep(0.1)
         self.base_urls = [r.ready_field("url") for r in self.routers]
         self.base_url = self.base_urls[0]
-        self.admin_files.point_cli(self.base_url)
+        self.admin_files.point_cli(self.base_urls)
         for router, url in zip(self.routers, self.base_urls, strict=True):
             self.wait_healthy(
                 timeout=max(30.0, timeout - (time.monotonic() - started)), router=router, url=url

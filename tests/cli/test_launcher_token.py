@@ -53,8 +53,8 @@ def test_two_clusters_sharing_the_cli_folder_keep_their_own_tokens(tmp_path) -> 
             files.append(argv[argv.index("--admin-token-file") + 1])
             c.admin_files.write_token()
         assert files[0] != files[1] and not files[0].startswith(str(cfg))
-        a.admin_files.point_cli(url_a)
-        b.admin_files.point_cli("http://127.0.0.1:9")
+        a.admin_files.point_cli([url_a])
+        b.admin_files.point_cli(["http://127.0.0.1:9"])
         assert [open(f).read().strip() for f in files] == [a.admin_token, b.admin_token]
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("EPDSERVE_CONFIG_DIR", str(cfg))
@@ -70,8 +70,8 @@ def test_two_clusters_sharing_the_cli_folder_keep_their_own_tokens(tmp_path) -> 
             assert sorted(p.name for p in cfg.iterdir()) == []
         # B stopping after A: A no longer answers, so the pointer is removed, not put back.
         a, b = (LocalCluster(ClusterSpec(admin_dir=str(cfg))) for _ in range(2))
-        a.admin_files.point_cli(url_a)
-        b.admin_files.point_cli("http://127.0.0.1:9")
+        a.admin_files.point_cli([url_a])
+        b.admin_files.point_cli(["http://127.0.0.1:9"])
         server.shutdown()
         b.stop()
         assert sorted(p.name for p in cfg.iterdir()) == []
@@ -80,3 +80,48 @@ def test_two_clusters_sharing_the_cli_folder_keep_their_own_tokens(tmp_path) -> 
         a.stop()
         b.stop()
     assert not any(os.path.exists(f) for f in files)
+
+
+def test_the_cli_goes_to_a_router_that_answers(tmp_path, monkeypatch) -> None:
+    """`epdserve up --routers 2` with its first router stopped (or dead): `epdserve status`
+    waited 30 s for it and failed, while the second answered (user13, session 20). The
+    pointer now names every router, and the CLI takes the first whose /health answers."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from services.cli import admin_config
+    from services.cli.admin_config import resolve_router
+    from services.common.net import free_port
+    from tests.silent_socket import silent_listener
+
+    class Router(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(503)  # a router without workers is still one to ask
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Router)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    live = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("EPDSERVE_CONFIG_DIR", str(tmp_path))
+    monkeypatch.delenv("EPDSERVE_ROUTER", raising=False)
+    monkeypatch.setattr(admin_config, "ROUTER_PROBE_TIMEOUT_S", 0.5)
+    cluster = LocalCluster(ClusterSpec(admin_dir=str(tmp_path)))
+    try:
+        with silent_listener() as port:
+            stopped, dead = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{free_port()}"
+            cluster.admin_files.point_cli([stopped, dead, live])
+            start = time.monotonic()
+            assert resolve_router(None) == live
+            assert time.monotonic() - start < 10  # the probe's timeout for the stopped one
+            cluster.admin_files.point_cli([dead, stopped])  # none answers: the first
+            assert resolve_router(None) == dead
+        cluster.admin_files.point_cli([dead])  # one router: named without a probe
+        assert resolve_router(None) == dead
+        assert resolve_router("http://x:1/") == "http://x:1"  # a flag wins
+    finally:
+        server.shutdown()
+        cluster.stop()
