@@ -85,5 +85,12 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def empty_array(name: str) -> APIError:
+    """OpenAI's 400 for an array its schema gives minItems 1 (``name``: where it is, such as
+    ``messages[0].content``)."""
+    return bad_request(f"Invalid '{name}': empty array. Expected an array with minimum length "
+                       "1, but got an empty array instead.", param=name, code="empty_array")  # fmt: skip
+
+
 class ClientDisconnected(Exception):
     """The HTTP client went away before the response was complete."""

@@ -113,6 +113,12 @@ CASES: list[tuple[str, dict[str, Any], int, str | None]] = [
     ("chat", {"messages": []}, 400, "messages"),
     ("chat", {"messages": [[]]}, 400, "messages"),
     ("chat", {"messages": [{"role": "user", "content": []}]}, 400, "messages[0].content"),
+    (
+        "chat",
+        {"messages": [*USER, {"role": "assistant", "content": "a", "tool_calls": []}, *USER]},
+        400,
+        "messages[1].tool_calls",
+    ),
     ("responses", {"input": [[]]}, 400, "input"),
     ("embeddings", {"input": [[]]}, 400, "input"),
     ("embeddings", {"input": ["x"] * 100_000}, 400, "input"),

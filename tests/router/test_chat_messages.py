@@ -95,6 +95,17 @@ def test_an_empty_content_array_is_400_naming_it(role: str) -> None:
     assert chat_messages([{"role": role, "content": ""}, USER])[0][0]["content"] == ""
 
 
+def test_an_empty_tool_calls_array_is_400_naming_it() -> None:
+    """OpenAI's 400 (empty_array) for an assistant turn's tool_calls: []; it was read as no
+    calls. null (no calls) stays valid."""
+    with pytest.raises(APIError) as err:
+        chat_messages([USER, {"role": "assistant", "content": "a", "tool_calls": []}, USER])
+    e = err.value
+    assert (e.status, e.param, e.code) == (400, "messages[1].tool_calls", "empty_array")
+    assert e.message.startswith("Invalid 'messages[1].tool_calls': empty array.")
+    assert chat_messages([USER, {"role": "assistant", "content": "a", "tool_calls": None}])
+
+
 @pytest.mark.parametrize("content", ["", []])
 def test_anthropic_empty_content_is_400_but_for_a_final_assistant_turn(content: object) -> None:
     """Anthropic's 400; an empty user turn was sent to the template."""

@@ -23,7 +23,7 @@ from services.router.api.protocol.openai import (
     CompletionSampling,
 )
 from services.router.auth import key_tiers
-from services.router.errors import APIError, bad_request
+from services.router.errors import APIError, bad_request, empty_array
 from services.router.features.structured import may_compile, structured_from_openai
 from services.router.features.tool_prompt import openai_tool_calls
 from services.router.features.tools import ToolSetup, openai_tools
@@ -67,9 +67,7 @@ def chat_messages(msgs: list[Any]) -> tuple[list[dict[str, Any]], list[str | byt
             content = ""
         elif isinstance(content, list):
             if not content:  # OpenAI's schema: minItems 1 (vLLM reads it as "")
-                raise bad_request(f"Invalid 'messages[{i}].content': empty array. Expected an "
-                                  "array with minimum length 1, but got an empty array instead.",
-                                  param=f"messages[{i}].content", code="empty_array")  # fmt: skip
+                raise empty_array(f"messages[{i}].content")
             parts: list[dict[str, Any]] = []
             for p in content:
                 if not isinstance(p, dict):

@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 from services.router.api.protocol.responses import ResponsesRequest
-from services.router.errors import bad_request
+from services.router.errors import bad_request, empty_array
 
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 _ITEM_IDS = {"message": "msg", "function_call": "fc", "function_call_output": "fco",
@@ -31,9 +31,7 @@ def _parts(content: Any, where: str) -> str | list[dict[str, Any]]:
     if not isinstance(content, list):
         raise bad_request(f"{where}.content must be a string or an array", param="input")
     if not content:  # as chat's content (api/openai.py chat_messages)
-        raise bad_request(f"Invalid '{where}.content': empty array. Expected an array with "
-                          "minimum length 1, but got an empty array instead.",
-                          param=f"{where}.content", code="empty_array")  # fmt: skip
+        raise empty_array(f"{where}.content")
     parts: list[dict[str, Any]] = []
     for j, p in enumerate(content):
         kind = p.get("type") if isinstance(p, dict) else None

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from services.router.errors import bad_request
+from services.router.errors import bad_request, empty_array
 from services.router.features.tool_parsers.base import ToolParser
 from services.router.features.tools import ToolSetup
 
@@ -38,6 +38,8 @@ def openai_tool_calls(m: dict[str, Any], i: int) -> list[dict[str, Any]]:
         return []
     if not isinstance(raw, list):
         raise bad_request(f"messages[{i}].tool_calls must be an array", param="messages")
+    if not raw:  # OpenAI's schema: minItems 1
+        raise empty_array(f"messages[{i}].tool_calls")
     out = []
     for j, c in enumerate(raw):
         where = f"messages[{i}].tool_calls[{j}]"
