@@ -35,6 +35,7 @@ from services.router.features.tool_parsers.factory import tool_parser_class
 from services.router.features.tools import ToolSetup
 from services.router.model_wait import until_served
 from services.router.offline import OfflineTicket
+from services.router.routing.poison import Placements
 from services.router.routing.streams import merge_streams
 
 if TYPE_CHECKING:
@@ -213,10 +214,12 @@ def _generate(
     gw: Gateway, req: ServeRequest
 ) -> AsyncGenerator[tuple[int, pb.GenerateResponse], None]:
     many = len(req.prompts) > 1
+    placements = Placements()  # the prompts' (poison.py)
 
     def one(i: int, p: list[int]) -> AsyncGenerator[pb.GenerateResponse, None]:
         rid = f"{req.rid}-{i}" if many else req.rid
-        start = partial(gw.orchestrator.generate, req.model, rid, p, req.params, req.images)
+        start = partial(gw.orchestrator.generate, req.model, rid, p, req.params, req.images,
+                        placements)  # fmt: skip
         return until_served(gw, req.model, start)  # a refusal in a model swap: again
 
     return merge_streams([one(i, p) for i, p in enumerate(req.prompts)])

@@ -23,8 +23,9 @@ from services.engine.async_engine import EngineDeadError
 from services.engine.outputs import RequestFailedError
 from services.router.errors import APIError
 from services.router.routing.orchestrator import Orchestrator
-from services.router.routing.poison import PoisonTracker
+from services.router.routing.poison import Placements, PoisonTracker
 from services.router.routing.policies.factory import create_policy
+from services.router.routing.streams import merge_streams
 from services.router.routing.workers import WorkerHandle
 from tests.waits import until
 
@@ -217,6 +218,107 @@ def test_a_worker_restarted_under_its_id_that_dies_again_is_a_second_death() -> 
 
     asyncio.run(main())
     assert killed == ["m0@0", "m0@1"]
+
+
+class DiesAfterFirst(DyingStub):
+    """A worker that streams one token of each of a request's ``n`` completions, then dies."""
+
+    def Generate(self, req: pb.GenerateRequest, timeout: float) -> _ThenDies:  # noqa: N802
+        outs = [pb.CompletionDelta(index=i, token_ids=[5], text="a") for i in range(req.params.n)]
+        return _ThenDies(self, pb.GenerateResponse(outputs=outs))
+
+
+class _ThenDies:
+    def __init__(self, stub: DyingStub, first: pb.GenerateResponse) -> None:
+        self.stub, self.first = stub, first
+
+    def __aiter__(self) -> _ThenDies:
+        return self
+
+    async def __anext__(self) -> pb.GenerateResponse:
+        first, self.first = self.first, None
+        if first is None:
+            raise self.stub._dies()
+        return first
+
+    def cancel(self) -> None:
+        pass
+
+
+class DiesWithOthers(DyingStub):
+    """A worker that dies of what it is sent (``killed`` names it when it is sent), once
+    ``placed`` is set: those placed at once are all running when the first dies."""
+
+    def __init__(self, killed: list[str], name: str, wave: int, placed: asyncio.Event) -> None:
+        super().__init__(killed, name)
+        self.wave, self.placed = wave, placed
+
+    def Generate(self, req: pb.GenerateRequest, timeout: float) -> DyingStub:  # noqa: N802
+        self.killed.append(self.name)
+        if len(self.killed) >= self.wave:
+            self.placed.set()
+        return self
+
+    async def __anext__(self) -> pb.GenerateResponse:
+        await self.placed.wait()
+        await asyncio.sleep(0)  # the first wave's deaths are all seen before a retry's
+        raise rpc_error(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+
+
+def _kill_all(
+    workers: Callable[[], list[WorkerHandle]], *requests: tuple[list[int], pb.SamplingParams]
+) -> None:
+    """Runs ``requests`` (prompt, params) together as one client request's prompts, on an
+    Orchestrator over the handles ``workers()`` makes; they must end poison_request."""
+
+    async def main() -> None:
+        handles = workers()
+        orch = Orchestrator(fake_pool(handles), create_policy("round_robin"), timeout_s=30,
+                            max_attempts=3, stall_timeout_s=5)  # fmt: skip
+        placements = Placements()
+        streams = [orch.generate("m", f"r-{i}", prompt, params, placements=placements)
+                   for i, (prompt, params) in enumerate(requests)]  # fmt: skip
+        try:
+            with pytest.raises(APIError) as err:
+                _ = [m async for m in merge_streams(streams)]
+            assert err.value.code == "poison_request", err.value.message
+        finally:
+            for h in handles:
+                await h.channel.close()
+
+    asyncio.run(main())
+
+
+def test_n_completions_that_kill_their_workers_kill_two_in_all() -> None:
+    """n = 4 on one mixed worker that dies after the first token: the four completions then
+    go on elsewhere, but one at a time until one got its first token, so the request stops
+    at the second worker it killed. They were placed on four workers at once, which all
+    died of it (five workers)."""
+    killed: list[str] = []
+
+    def workers() -> list[WorkerHandle]:
+        return [fake_handle("m0", DiesAfterFirst(killed, "m0"))] + [
+            fake_handle(f"m{i}", DyingStub(killed, f"m{i}")) for i in range(1, 6)
+        ]
+
+    _kill_all(workers, ([1, 2], pb.SamplingParams(max_tokens=4, n=4)))
+    assert len(killed) == 2, killed
+
+
+def test_the_prompts_of_one_request_that_kill_their_workers_kill_one_more() -> None:
+    """A completions request of three prompts, each killing the worker it runs on: the
+    three placed at once die together, then their retries go one at a time, and the first
+    of them to die stops the request (four workers). Each prompt was retried at once on
+    its own (six workers)."""
+    killed: list[str] = []
+
+    def workers() -> list[WorkerHandle]:
+        placed = asyncio.Event()
+        return [fake_handle(f"m{i}", DiesWithOthers(killed, f"m{i}", 3, placed)) for i in range(7)]
+
+    params = pb.SamplingParams(max_tokens=1)
+    _kill_all(workers, ([1, 2], params), ([3, 4], params), ([5, 6], params))
+    assert len(killed) == 4, killed
 
 
 # ---- through a gateway and two workers ----------------------------------------------------------

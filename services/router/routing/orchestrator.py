@@ -16,7 +16,7 @@ from services.router.routing.kv_index import KVIndexClient
 from services.router.routing.lora_affinity import DEFAULT_SLACK
 from services.router.routing.migration import Migration, Progress
 from services.router.routing.pd import PDRequest, PDSteps
-from services.router.routing.poison import PoisonTracker, fingerprint
+from services.router.routing.poison import Placements, PoisonTracker, fingerprint
 from services.router.routing.policies.base import RoutingPolicy
 from services.router.routing.retry import RETRYABLE, AttemptFailed, Attempts
 from services.router.routing.streams import child_params, merge_children
@@ -83,11 +83,14 @@ class Orchestrator(WorkerChoice):
         prompt_token_ids: Sequence[int],
         params: pb.SamplingParams,
         images: Sequence[pb.ImageData] = (),
+        placements: Placements | None = None,
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """Stream the engine steps of one request. Closing the iterator aborts it on the worker.
         ``images`` (of a vision-language prompt) go through the encode stage first. A request
-        that workers kept dying on is refused (poison.py)."""
-        deaths = self.poison.track(fingerprint(model, prompt_token_ids, params, images))
+        that workers kept dying on is refused (poison.py); ``placements``: those of the
+        other prompts of the client's request (poison.py: shared turns after a death)."""
+        fp = fingerprint(model, prompt_token_ids, params, images)
+        deaths = self.poison.track(fp, placements)
         trace = self.phases.begin(request_id, model)
         images = await trace.end_if_raises(self.encode_stage.run(model, request_id, images))
         if params.HasField("n") and params.n > 1:
@@ -199,19 +202,23 @@ class Orchestrator(WorkerChoice):
         deadline = time.monotonic() + self.timeout_s
         request = PDRequest(model, prompt, params, progress.resume(), images, deadline)
         for attempt in range(self.PD_ATTEMPTS):
-            # A retry reserves afresh under a new id: the failed attempt's reservation was
-            # released, and a late write or fence of the old push must not meet the new one.
-            rid = f"{request_id}-a{attempt}" if attempt else request_id
-            try:
-                pair = await self._choose_pair(request_id, request, attempts)
-                if pair is None:
-                    break
-                async with aclosing(self.pd.run(*pair, rid, request, attempts)) as steps:
-                    async for msg in steps:
-                        yield msg
-                return
-            except AttemptFailed:
-                continue
+            # After a death of the request, one attempt at a time (poison.py).
+            async with self.poison.turn() as turn:
+                # A retry reserves afresh under a new id: the failed attempt's reservation
+                # was released, and a late write or fence of the old push must not meet the
+                # new one.
+                rid = f"{request_id}-a{attempt}" if attempt else request_id
+                try:
+                    pair = await self._choose_pair(request_id, request, attempts)
+                    if pair is None:
+                        break
+                    async with aclosing(self.pd.run(*pair, rid, request, attempts)) as steps:
+                        async for msg in steps:
+                            turn.end()  # placed and answering: the next may be placed
+                            yield msg
+                    return
+                except AttemptFailed:
+                    continue
         if self.pool.candidates("mixed", model):
             log.warning("PD path failed for %s; falling back to a mixed worker", request_id)
             mixed = self._generate_mixed(model, request_id, prompt, params, request.resume, images)
@@ -267,46 +274,49 @@ class Orchestrator(WorkerChoice):
         tokens); a death or hang after the first token raises ``Migrate``."""
         attempts = Attempts(self.poison, RETRYABLE)
         for _ in range(self.max_attempts):
-            try:
-                handle = await self._choose(
-                    model, request_id, prompt_token_ids, images, attempts, params.service_tier
+            # After a death of the request, one attempt at a time (poison.py).
+            async with self.poison.turn() as turn:
+                try:
+                    handle = await self._choose(
+                        model, request_id, prompt_token_ids, images, attempts, params.service_tier
+                    )
+                except AttemptFailed:
+                    continue
+                if handle is None:
+                    break
+                attempts.tried.add(handle.process)
+                req = pb.GenerateRequest(
+                    request_id=request_id,
+                    prompt_token_ids=list(prompt_token_ids),
+                    params=params,
+                    role_epoch=handle.info.role_epoch,
+                    resume=resume,
+                    images=images,
+                    lora=self.pool.lora_of(model),
                 )
-            except AttemptFailed:
-                continue
-            if handle is None:
-                break
-            attempts.tried.add(handle.process)
-            req = pb.GenerateRequest(
-                request_id=request_id,
-                prompt_token_ids=list(prompt_token_ids),
-                params=params,
-                role_epoch=handle.info.role_epoch,
-                resume=resume,
-                images=images,
-                lora=self.pool.lora_of(model),
-            )
-            call = handle.stub.Generate(req, timeout=self.timeout_s)
-            handle.inflight += 1
-            todo = len(prompt_token_ids) + (len(resume.output_token_ids) if resume else 0)
-            first_s = handle.first_message_s(todo, self.stall_timeout_s)
-            measure = measure_prefill(handle, time.monotonic())
-            finished = False
-            try:
-                async for resp in attempts.relay(
-                    handle, call, self.stall_timeout_s, first_s, req.role_epoch, measure
-                ):
-                    finished = resp.finished
-                    yield resp
-                return
-            except AttemptFailed:
-                continue
-            finally:
-                handle.end_request(todo)
-                # Unless the request finished (its call then ends on its own: Attempts.relay),
-                # the client left or the consumer closed us: cancel the RPC, and the worker
-                # aborts the request and frees its KV.
-                if not finished:
-                    call.cancel()
+                call = handle.stub.Generate(req, timeout=self.timeout_s)
+                handle.inflight += 1
+                todo = len(prompt_token_ids) + (len(resume.output_token_ids) if resume else 0)
+                first_s = handle.first_message_s(todo, self.stall_timeout_s)
+                measure = measure_prefill(handle, time.monotonic())
+                finished = False
+                try:
+                    async for resp in attempts.relay(
+                        handle, call, self.stall_timeout_s, first_s, req.role_epoch, measure
+                    ):
+                        turn.end()  # placed and answering: the next may be placed
+                        finished = resp.finished
+                        yield resp
+                    return
+                except AttemptFailed:
+                    continue
+                finally:
+                    handle.end_request(todo)
+                    # Unless the request finished (its call then ends on its own:
+                    # Attempts.relay), the client left or the consumer closed us: cancel the
+                    # RPC, and the worker aborts the request and frees its KV.
+                    if not finished:
+                        call.cancel()
         if attempts.last_error is not None and attempts.last_error.status != 503:
             raise attempts.last_error
         raise no_worker_error(self.pool, model, f"no worker available for model {model!r}",

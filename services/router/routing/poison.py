@@ -21,12 +21,20 @@ for exactly that case, so a first death is retried elsewhere; but
   worker that an operator restarts, and must not be blocked for that. NOTE: deaths of
   different requests are never summed: one worker killed under five identical requests in
   flight (a load generator's fixed prompts) is five victims of one death, not five deaths
-  (the chaos suite's failure in session 18's CI).
+  (the chaos suite's failure in session 18's CI);
+- the streams of one client request (its ``n`` completions, a completions request's
+  prompts) share their placements on workers (``Placements``): once one of them had a counted
+  death, they are placed one at a time, each when the one before got its first message from
+  its worker. Those placed at once before any death die together (up to one worker each),
+  then one worker per death in turn: a poison request with n completions kills at most
+  n + 1 workers (2 where the n run together on one), not 2n. Honest requests (no death)
+  are placed as before, at once.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import contextvars
 import hashlib
 import time
@@ -54,11 +62,52 @@ def fingerprint(
     return h.hexdigest()
 
 
+class Placements:
+    """The placements on workers of one client request's streams (module docstring): at
+    once until one of them had a counted death, then one at a time (``Turn``)."""
+
+    def __init__(self) -> None:
+        self.after_death = False
+        self.poisoned = 0  # once one stream was judged poison: its deaths
+        self._one = asyncio.Lock()
+
+
+class Turn:
+    """One attempt's turn to be placed (PoisonTracker.turn): ``async with`` it around the
+    attempt and ``end`` it at the attempt's first message from its worker. Entering it
+    raises the poison error where a stream of the request was judged poison meanwhile (do
+    not place it: the request has failed)."""
+
+    def __init__(self, placements: Placements | None) -> None:
+        self._placements = placements
+        self._held = False
+
+    async def __aenter__(self) -> Turn:
+        p = self._placements
+        if p is not None and p.after_death:
+            await p._one.acquire()
+            self._held = True
+            if p.poisoned:
+                self.end()
+                raise _error(p.poisoned, "this request was")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.end()
+
+    def end(self) -> None:
+        """The attempt got its first message (or ended): the next one may be placed."""
+        if self._held and self._placements is not None:
+            self._held = False
+            self._placements._one.release()
+
+
 @dataclass
 class RequestDeaths:
     """One request's count of the workers that died while running it."""
 
     fp: str
+    placements: Placements = field(default_factory=Placements)  # shared with its siblings
     workers: set[str] = field(default_factory=set)  # every worker process that died running it
     deaths: int = 0  # of those, the deaths in turn (module docstring)
     # Worker process -> ``deaths`` when the request was first placed on it.
@@ -99,8 +148,10 @@ class PoisonTracker:
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
         self.refused = 0  # requests failed or refused as poison (a metric)
 
-    def admit(self, fp: str) -> RequestDeaths:
-        """Start tracking a request; raises the poison APIError if ``fp`` is poison."""
+    def admit(self, fp: str, placements: Placements | None = None) -> RequestDeaths:
+        """Start tracking a request (whose streams' ``placements`` may be shared with those
+        of other requests: a client request's prompts); raises the poison APIError if
+        ``fp`` is poison."""
         seen = self._entry(fp)
         if (
             seen.poisoned
@@ -108,17 +159,17 @@ class PoisonTracker:
             and 2 * seen.poisoned >= seen.requests
         ):
             self.refused += 1
-            raise self._error(self.max_deaths, "requests identical to this one were")
+            raise _error(self.max_deaths, "requests identical to this one were")
         seen.requests += 1
-        return RequestDeaths(fp)
+        return RequestDeaths(fp, placements or Placements())
 
-    def track(self, fp: str) -> RequestDeaths:
+    def track(self, fp: str, placements: Placements | None = None) -> RequestDeaths:
         """``admit`` the current task's request, whose worker deaths ``note_current_death``
         then counts; raises the poison APIError if ``fp`` is poison. NOTE: a request whose
         steps run in several tasks (a stream: gateway's first step, then Starlette's body)
         must ``resume`` the returned deaths before each step: a context variable set in
         one task is not seen in another."""
-        deaths = self.admit(fp)
+        deaths = self.admit(fp, placements)
         self.resume(deaths)
         return deaths
 
@@ -126,6 +177,12 @@ class PoisonTracker:
     def resume(deaths: RequestDeaths) -> None:
         """Count the current task's worker deaths as ``deaths``' (see ``track``)."""
         _DEATHS.set(deaths)
+
+    @staticmethod
+    def turn() -> Turn:
+        """The turn of the current task's request's next attempt (``Turn``)."""
+        deaths = _DEATHS.get()
+        return Turn(None if deaths is None else deaths.placements)
 
     def note_current_placement(self, worker_id: str) -> None:
         """``note_placement`` for the current task's request (if ``track`` started one)."""
@@ -154,12 +211,14 @@ class PoisonTracker:
         if request.placed.get(worker_id, request.deaths) < request.deaths:
             return
         request.deaths += 1
+        request.placements.after_death = True
         if request.deaths >= self.max_deaths:
             seen = self._entry(request.fp)
             seen.poisoned += 1
             seen.judged_at = seen.last  # _entry's clock reading: now
             self.refused += 1
-            raise self._error(request.deaths, "this request was")
+            request.placements.poisoned = request.deaths
+            raise _error(request.deaths, "this request was")
 
     def _entry(self, fp: str) -> _Seen:
         now = self.clock()
@@ -173,12 +232,12 @@ class PoisonTracker:
             self._seen.popitem(last=False)
         return seen
 
-    @staticmethod
-    def _error(deaths: int, who: str) -> APIError:
-        return APIError(
-            500,
-            f"{who} running on {deaths} workers that died or stopped answering; it is not "
-            "sent to another one. Change the request (prompt or sampling parameters) or ask "
-            "the operator to look at the workers' logs.",
-            code="poison_request",
-        )
+
+def _error(deaths: int, who: str) -> APIError:
+    return APIError(
+        500,
+        f"{who} running on {deaths} workers that died or stopped answering; it is not "
+        "sent to another one. Change the request (prompt or sampling parameters) or ask "
+        "the operator to look at the workers' logs.",
+        code="poison_request",
+    )
