@@ -44,11 +44,19 @@ def events_of(plan: list[tuple[list[str], bool]], monkeypatch) -> list[object]:
     eng = AsyncLLMEngine(EngineConfig(model="m"))
     eng.engine = PlannedEngine(plan, eng._stopping)  # type: ignore[assignment]
     eng._deliver = lambda outputs: events.append(list(outputs))  # type: ignore[method-assign]
-    fake_time = SimpleNamespace(monotonic=time.monotonic, sleep=lambda s: events.append(("gil", s)))
-    monkeypatch.setattr(async_engine, "time", fake_time)
+    thread = threading.Thread(target=eng._run, name="test-step")
+
+    def sleep(seconds: float) -> None:  # another engine's thread left by a test sleeps as ever
+        if threading.current_thread() is thread:
+            events.append(("gil", seconds))
+        else:
+            time.sleep(seconds)
+
+    monkeypatch.setattr(
+        async_engine, "time", SimpleNamespace(monotonic=time.monotonic, sleep=sleep)
+    )
     eng._loop = asyncio.new_event_loop()
     try:
-        thread = threading.Thread(target=eng._run, name="test-step")
         thread.start()
         thread.join(10)
         assert not thread.is_alive() and eng._dead is None, eng._dead
