@@ -194,7 +194,7 @@ class Gateway:
                 404, f"The model '{name}' does not exist; available: {', '.join(known)}",
                 param="model", code="model_not_found",
             )  # fmt: skip
-        if self.only_starting(name) and name not in self.pool.lost.models(wait_s):
+        if self.not_served_yet(name, wait_s) and name not in self.pool.lost.models(wait_s):
             # Its context length and tokenizer are known once a worker of it serves:
             # ``resolve_awake`` waits for that, other callers get the 503 with Retry-After.
             raise no_worker_error(self.pool, name, f"model '{name}' is starting: no worker of "
@@ -262,6 +262,15 @@ class Gateway:
         pool = self.pool
         return pool.starting.has(name) and not any(h.info.model == name
                                                    for h in pool.handles.values())  # fmt: skip
+
+    def not_served_yet(self, name: str, wait_s: float) -> bool:
+        """``only_starting(name)``, or its workers died starting less than ``wait_s`` ago (a
+        restart is due): no tokenizer nor context length of it is known (the default
+        tokenizer is another model's)."""
+        pool = self.pool
+        return name in pool.starting.models(wait_s) and not any(
+            h.info.model == name for h in pool.handles.values()
+        )
 
     async def wait_started(self, name: str) -> None:
         """While ``only_starting(name)``, wait for one of its workers to serve, up to the start

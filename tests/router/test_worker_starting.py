@@ -142,6 +142,12 @@ def test_a_worker_that_dies_starting_ends_the_wait_with_a_503() -> None:
                 await asyncio.wait_for(request, 2.0)
             assert (err.value.status, err.value.code) == (503, "no_workers")
             assert 1 <= int(err.value.headers["Retry-After"]) <= RESTART_RETRY_AFTER_S
+        # A caller that does not wait (/tokenize): its tokenizer is still not known (it was
+        # (m, 0), tokenized with the router's default tokenizer).
+        with pytest.raises(APIError) as err:
+            gw.resolve_model("m", serving=False)
+        assert (err.value.status, err.value.code) == (503, "no_workers")
+        assert 1 <= int(err.value.headers["Retry-After"]) <= RESTART_RETRY_AFTER_S
         gw.pool.starting._seen["w1"].died -= 31.0  # the restart window is over: forgotten
         with pytest.raises(APIError) as err:
             await gw.resolve_awake("m")
