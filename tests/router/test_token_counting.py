@@ -261,6 +261,8 @@ async def test_tokenize_messages_equals_chat_prompt_tokens(env) -> None:
                        "chat_template_kwargs": {"tools": []}}, 400, "chat_template_kwargs"),
         ("/tokenize", {"model": MODEL, "messages": USER,
                        "chat_template_kwargs": {"self": 1}}, 400, "chat_template_kwargs"),
+        ("/tokenize", {"model": MODEL, "messages": USER,
+                       "chat_template_kwargs": {"conversations": 1}}, 400, "chat_template_kwargs"),
         ("/tokenize", {"model": MODEL, "prompt": "x", "return_token_strs": "yes"}, 400,
          "return_token_strs"),
         ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model"),

@@ -241,10 +241,11 @@ class _ChatLimits(APIModel):
 
 
 # The arguments of the templates' rendering that the gateway sets (transformers'
-# apply_chat_template, and "self", which the methods that pass them on take: a TypeError, a
-# 500): a request's chat_template_kwargs may not set them.
+# apply_chat_template and render_jinja_template, and "self", which the methods that pass them
+# on take: a TypeError, a 500 or a 400 naming messages): a request's chat_template_kwargs may
+# not set them.
 TEMPLATE_ARGUMENTS = frozenset({
-    "self", "messages", "conversation", "tools", "documents", "chat_template",
+    "self", "messages", "conversation", "conversations", "tools", "documents", "chat_template",
     "add_generation_prompt", "continue_final_message", "tokenize", "sanitize_control_tokens",
     "padding", "truncation", "max_length", "return_tensors", "return_dict",
     "return_assistant_tokens_mask", "tokenizer_kwargs",
