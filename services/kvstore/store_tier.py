@@ -9,20 +9,24 @@ The store is a cache, so nothing here raises for store trouble: an unreachable o
 restarted master makes reads miss and writes fail, and the engine recomputes. Mooncake's
 own client reconnects after a short master outage; when it stays cut off while the
 master answers again (a long outage), or never connected, a fresh client is set up, at
-most once every ``retry_s``. NOTE: ``setup`` blocks for minutes when the master is down,
-so a connection is only tried when the master's port accepts, and only from the engine's
-background store threads.
+most once every ``retry_s``. NOTE: ``setup`` blocks for minutes, holding the GIL, when the
+master is down or stopped, so a connection is only tried when the master answers
+(``_master_answers``), and only from the engine's background store threads.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
 import socket
 import threading
 import time
+import urllib.error
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from services.common.net import open_direct
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,27 @@ def _port_open(address: str, timeout: float = 1.0) -> bool:
     except OSError:
         return False
     return True
+
+
+def _master_answers(c: StoreConfig, timeout: float = 1.0) -> bool:
+    """Whether the master is there to set a client up with: its RPC port accepts and, with
+    an HTTP metadata server (``mooncake_master``'s own), that server answers at all.
+
+    NOTE: a stopped master's port still accepts (the kernel completes the handshake), and
+    Mooncake's ``setup`` then retries for minutes holding the GIL: the whole worker froze
+    (its event loop, etcd lease and gRPC health with it). A master that stops between this
+    check and ``setup`` can still do that; the kvstore kills a master that stops answering."""
+    if not _port_open(c.master, timeout):
+        return False
+    if not c.metadata_url.startswith("http://"):
+        return True  # etcd:// or P2PHANDSHAKE: nothing of the master's own to ask
+    try:
+        with open_direct(c.metadata_url, timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True  # an answer ("metadata not found" is a 404)
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
 
 
 class MooncakeStoreTier:
@@ -112,7 +137,7 @@ class MooncakeStoreTier:
             if now < self._next_try:
                 return None
             self._next_try = now + c.retry_s
-            if not _port_open(c.master):
+            if not _master_answers(c):
                 return None
             from mooncake.store import MooncakeDistributedStore
 

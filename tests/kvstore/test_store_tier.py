@@ -18,10 +18,34 @@ from tests.engine.store_master import Master
 require("mooncake.store", MOONCAKE)
 
 
-def test_blocks_round_trip_and_a_lookup_stops_at_the_first_miss(master):
+def test_blocks_round_trip_once_a_stopped_master_answers(master):
+    """A master that accepts connections but does not answer (SIGSTOP, stuck): Mooncake's
+    ``setup`` retries for minutes holding the GIL, so a worker whose first store call came
+    then froze whole (its event loop, lease and gRPC health with it) and the router took it
+    for dead: `epdserve up --prefill 1 --decode 1 --mixed 1` with the master stopped 20 s
+    failed all 8 streams in flight (user13, session 20). The master's HTTP metadata server
+    must answer first; once it does, the client is set up and blocks round-trip."""
+    import os
+    import signal
+    import threading
+
+    assert master.proc is not None
     store = master.store("m", "L2-H2-D16-B16-float32")
+    os.kill(master.proc.pid, signal.SIGSTOP)
     try:
-        assert store.put_blocks([1, 2], [b"one", b"two"]) == [1, 2]
+        got: list[list[bytes]] = []
+        t = threading.Thread(target=lambda: got.append(store.get_blocks([1])), daemon=True)
+        t.start()
+        t.join(10)
+        assert got == [[]] and store.num_setups == 0  # a miss, and no setup tried
+    finally:
+        os.kill(master.proc.pid, signal.SIGCONT)
+    try:
+        deadline = time.monotonic() + 15
+        while store.put_blocks([1, 2], [b"one", b"two"]) != [1, 2]:  # at its next try
+            assert time.monotonic() < deadline, "no store client once the master answered"
+            time.sleep(0.05)
+        assert store.num_setups == 1
         assert store.put_blocks([2, 3], [b"two", b"three"]) == [2, 3]  # 2: already there
         assert store.get_blocks([1, 2, 3]) == [b"one", b"two", b"three"]
         assert store.get_blocks([1, 9, 3]) == [b"one"]
