@@ -122,8 +122,11 @@ class ManagedProcess:
         return self.ready.is_set()
 
     def signal(self, sig: int) -> None:
-        if self.alive():
-            os.kill(self.proc.pid, sig)
+        """Signal the process if it still runs. NOTE: not ``alive()`` then ``os.kill``: the
+        log thread's ``poll()`` may reap the process in between (a ``poll()`` that finds the
+        wait lock taken answers "running"), and the kill then raised ProcessLookupError out
+        of ``up``'s stop; ``send_signal`` ignores a process gone meanwhile."""
+        self.proc.send_signal(sig)
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)

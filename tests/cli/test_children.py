@@ -3,6 +3,7 @@ ready again) and the etcd adapter (same ports and data). Real, small processes."
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -97,3 +98,21 @@ def test_a_routers_liveness_probe_never_goes_through_a_proxy(monkeypatch) -> Non
         assert p.probe(timeout=5) is True
     finally:
         p.stop(timeout=5)
+
+
+def test_a_signal_to_a_process_reaped_meanwhile_is_a_no_op() -> None:
+    """`up`'s stop signals each child, and the child's log thread polls it meanwhile: a poll
+    that finds the wait lock taken answers "running" though the process was just reaped. The
+    signal then raised ProcessLookupError (a CI teardown error, session 20) out of the stop,
+    leaving the other children running."""
+    script = "import time; print('READY', flush=True); time.sleep(60)"
+    p = ManagedProcess("worker-8", [sys.executable, "-c", script], "READY")
+    assert p.ready.wait(20)
+    with p.proc._waitpid_lock:  # another thread is inside poll() (the log thread) ...
+        os.kill(p.proc.pid, signal.SIGKILL)
+        os.waitpid(p.proc.pid, 0)  # ... and reaps the process there
+        assert p.alive()  # what poll() answers meanwhile
+        p.signal(signal.SIGTERM)
+        p.kill()
+    wait(lambda: not p.alive())
+    p.stop(timeout=5)
