@@ -5,19 +5,18 @@ a bad --router URL, a router that is not there, an answer that is not JSON."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from services.cli import admin, batches
 from services.common.member_config import check_instance_id
+from tests.local_http import QuietHandler, base_url, local_http
 
 ODD_ID = "w 1?#%&é"
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     paths: list[str] = []
     answer: bytes = b"{}"
 
@@ -35,19 +34,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(self.answer)
 
-    def log_message(self, *args: object) -> None:
-        pass
-
 
 @pytest.fixture
 def server() -> Iterator[tuple[str, type[_Handler]]]:
     handler = type("Handler", (_Handler,), {"paths": [], "answer": b"{}"})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_port}", handler
-    httpd.shutdown()
-    httpd.server_close()
+    with local_http(handler) as httpd:
+        yield base_url(httpd), handler
 
 
 def test_ids_are_quoted_in_every_path(server, capsys) -> None:

@@ -6,8 +6,6 @@ and the worker keeps serving."""
 from __future__ import annotations
 
 import base64
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -25,6 +23,7 @@ from epd_helpers import (
 
 from tests.conftest import image_bytes as png
 from tests.deps import MOONCAKE, PIL, require
+from tests.local_http import QuietHandler, base_url, local_http
 
 require("mooncake.engine", MOONCAKE)
 require("PIL", PIL)
@@ -60,20 +59,15 @@ def test_responses_input_image_equals_offline_engine(mixed_cluster, reference):
 def test_http_image_url(mixed_cluster, reference):
     """An http URL on 127.0.0.1 (allowed by this router's --allow-private-image-urls)."""
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self):  # noqa: N802
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
             self.end_headers()
             self.wfile.write(IMAGES[0])
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/cat.png"
+    with local_http(Handler) as server:
+        url = base_url(server) + "/cat.png"
         body = {"model": TINY_NAME, "max_tokens": MAX_TOKENS, "temperature": 0,
                 "ignore_eos": True, "messages": [{"role": "user", "content": [
                     {"type": "text", "text": "Describe"},
@@ -81,8 +75,6 @@ def test_http_image_url(mixed_cluster, reference):
         r = httpx.post(mixed_cluster.base_url + "/v1/chat/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == reference[0]
-    finally:
-        server.shutdown()
 
 
 BAD = [

@@ -3,20 +3,19 @@ W3C context carried from one process's span to another's, and tracing off doing 
 
 from __future__ import annotations
 
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
 from services.common.tracing import NO_SPAN, TRACEPARENT, Tracing
 from tests.deps import OTEL, require
+from tests.local_http import QuietHandler, base_url, local_http
 
 require("opentelemetry.sdk", OTEL)
 pytestmark = [pytest.mark.timeout(60)]
 
 
-class _Receiver(BaseHTTPRequestHandler):
+class _Receiver(QuietHandler):
     bodies: list[bytes] = []
 
     def do_POST(self) -> None:  # noqa: N802
@@ -26,18 +25,12 @@ class _Receiver(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/x-protobuf")
         self.end_headers()
 
-    def log_message(self, *args: object) -> None:
-        pass
-
 
 @pytest.fixture
 def http_collector():
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
 
     _Receiver.bodies = []
-    server = HTTPServer(("127.0.0.1", 0), _Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
 
     def spans() -> list:
         out = []
@@ -49,8 +42,8 @@ def http_collector():
                 out += [(service, s) for ss in rs.scope_spans for s in ss.spans]
         return out
 
-    yield f"http://127.0.0.1:{server.server_port}/v1/traces", spans
-    server.shutdown()
+    with local_http(_Receiver) as server:
+        yield base_url(server) + "/v1/traces", spans
 
 
 def test_spans_over_otlp_http_and_context_across_processes(http_collector, monkeypatch) -> None:

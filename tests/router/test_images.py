@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -21,6 +19,7 @@ from services.router.features.images import (
 )
 from tests.conftest import image_bytes
 from tests.deps import PIL, require
+from tests.local_http import QuietHandler, base_url, local_http
 
 require("PIL", PIL)
 
@@ -59,7 +58,7 @@ def test_check_image_limits_and_corruption():
 def http_server():
     body = image_bytes(16, 16, 6)
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self):  # noqa: N802
             if self.path == "/missing":
                 self.send_error(404)
@@ -69,13 +68,8 @@ def http_server():
             self.end_headers()
             self.wfile.write(payload)
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", body
-    server.shutdown()
+    with local_http(Handler) as server:
+        yield base_url(server), body
 
 
 def test_fetch_guards(http_server):
