@@ -22,6 +22,7 @@ COMPLETION = {"model": "m", "prompt": "hi"}
 ANTHROPIC = {"model": "m", "max_tokens": 8, "messages": MSGS}
 MAX_I64 = 2**63 - 1
 MAX_COUNT = 2**31 - 1  # max_tokens' bound without a configured limit
+BEYOND_FLOAT = "'{}' must be a number, got an integer past a float's range (about 1.8e308)"
 
 # (request, base body, changes (None: remove the field), limits, message, param)
 BAD: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], str, str | None]] = [
@@ -58,6 +59,12 @@ BAD: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], str, str | 
      "temperature"),
     ("chat", CHAT, {"temperature": "hot"}, {}, "'temperature' must be number, got str",
      "temperature"),
+    # An integer past a float's range (JSON sets no bound on digits): was an OverflowError, a 500.
+    ("chat", CHAT, {"temperature": 10**400}, {}, BEYOND_FLOAT.format("temperature"),
+     "temperature"),
+    ("completion", COMPLETION, {"presence_penalty": -(10**309)}, {},
+     BEYOND_FLOAT.format("presence_penalty"), "presence_penalty"),
+    ("messages", ANTHROPIC, {"top_p": 10**309}, {}, BEYOND_FLOAT.format("top_p"), "top_p"),
     ("chat", CHAT, {"temperature": True}, {}, "'temperature' must be number, got bool",
      "temperature"),
     ("chat", CHAT, {"top_p": -0.1}, {}, "'top_p' must be in [0.0, 1.0], got -0.1", "top_p"),

@@ -110,7 +110,11 @@ def json_type(value: Any, name: str, types: tuple[type, ...]) -> Any:
     if isinstance(value, bool) and bool not in types:
         ok = False  # JSON true is not a number here
     elif not ok and float in types and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
+        try:
+            value, ok = float(value), True
+        except OverflowError:  # NOTE: JSON bounds no integer's digits (a 500 before)
+            raise invalid(f"'{name}' must be a number, got an integer past a float's range "
+                          "(about 1.8e308)", name) from None  # fmt: skip
     if not ok:
         got = type(value).__name__ if value is not None else "null"
         wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
