@@ -325,3 +325,36 @@ async def _draining() -> None:
         assert no_worker_error(gw.pool, "b", "none for b").code == "no_workers"
     finally:
         await gw.pool.close()
+
+
+def test_a_policy_stored_by_another_router_is_adopted_within_a_round() -> None:
+    """`epdserve policy set` through one router reached the others up to 7 s later (each read
+    etcd's policy every 5 s): `status` through them told the old policy meanwhile. Now every
+    round reads it."""
+    asyncio.run(_adopts_stored_policy())
+
+
+async def _adopts_stored_policy() -> None:
+    class PolicyStore(Store):
+        document: str | None = None
+
+        async def get_policy(self) -> str | None:
+            return self.document
+
+        async def close(self) -> None:
+            pass
+
+    store = PolicyStore()
+    rb = Rebalancer(fake_pool([]), store, RebalanceMetrics(CollectorRegistry()), None,  # type: ignore[arg-type]
+                    "static", interval_s=0.02)  # fmt: skip
+    await rb.start()
+    try:
+        for name in ("queue", "static", "queue"):
+            store.document = f'{{"name": "{name}", "params": {{}}}}'
+            for _ in range(100):  # 2 s: up to 5 s before
+                await asyncio.sleep(0.02)
+                if rb.policy.name == name:
+                    break
+            assert rb.policy.name == name
+    finally:
+        await rb.stop()
