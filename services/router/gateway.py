@@ -83,7 +83,7 @@ class Gateway:
             lora_slack=cfg.lora_affinity_slack,
             on_migration=lambda reason: self.metrics.migrations.labels(reason).inc(),
             kv_index=self.kv_index,
-            poison=PoisonTracker(cfg.poison_max_deaths),
+            poison=PoisonTracker(cfg.poison_max_deaths, frozen_s=cfg.load_stale_s / 2),
             phases=RouterPhases(self.metrics, self.tracing),
         )
         self.watcher = MembershipWatcher(cfg.etcd_endpoints, cfg.cluster)

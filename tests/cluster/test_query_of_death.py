@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
+import time
 
 import httpx
 import pytest
-from cluster_helpers import TINY_NAME, start_cluster
+from cluster_helpers import (
+    TINY_NAME,
+    generated,
+    signal_mid_request,
+    start_cluster,
+    worker_health,
+)
 
 from services.cli.cluster_spec import ModelGroup
 from tests.deps import MOONCAKE, require
@@ -127,3 +136,79 @@ def test_extreme_parameters_kill_no_worker(cluster, path: str) -> None:
         assert again.json()["choices"][0]["text"] == reference.json()["choices"][0]["text"]
     assert all(p.alive() for p in cluster.workers)
     assert pids(cluster) == before
+
+
+def _stream(base_url: str, body: dict, out: list[dict]) -> None:
+    """Stream ``body``; ``out`` gets each event (an error body too) and, last, the status."""
+    with httpx.Client(base_url=base_url, timeout=180) as client:
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    out.append(json.loads(line[6:]))
+                elif line.startswith("{"):
+                    out.append(json.loads(line))
+            out.append({"status": r.status_code})
+
+
+def test_workers_stopped_together_make_no_poison_request(cluster) -> None:
+    """A freeze is no query of death: the two mixed workers stopped one second apart (a
+    node's SIGSTOP, a host that stalls, a store that froze them: session 20) while greedy
+    streams run on them. Each stream moved off the first one goes to the second (still
+    listed: its silence is under load_stale_s), which was already silent when it got there,
+    so that is no death of the request's: every stream finishes once the workers resume,
+    and the same request is served again. Before: those streams counted two deaths and
+    failed as poison_request, and their identical retries were refused for 10 minutes."""
+    health = worker_health(cluster.base_url, cluster.admin_token)[1]["workers"]
+    mixed = [w for w in cluster.workers if health[w.name]["role"] == "mixed"]
+    assert len(mixed) == 2, health
+    body = {"model": MIXED_NAME, "prompt": PROMPT, "max_tokens": 480, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    made = {w.name: generated(w) for w in mixed}
+    outs: list[list[dict]] = [[] for _ in range(4)]
+    threads = [threading.Thread(target=_stream, args=(cluster.base_url, body, out), daemon=True)
+               for out in outs]  # fmt: skip
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the first worker to run streams is stopped first
+            rows = worker_health(cluster.base_url, cluster.admin_token)[1]["workers"]
+            busy = [w for w in mixed if rows[w.name]["inflight"] > 0]
+            if busy:
+                break
+            assert time.monotonic() < deadline, "no stream reached a mixed worker in 60 s"
+            time.sleep(0.02)
+        first = busy[0]
+        second = next(w for w in mixed if w is not first)
+        assert signal_mid_request(first, signal.SIGSTOP, made[first.name], 4 * 480), (
+            "the streams finished before the fault"
+        )
+        # NOTE: a fault's timing, not a wait for a condition: the second worker freezes
+        # while the first one's silence is still far under load_stale_s (5 s).
+        time.sleep(1.0)
+        second.signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while True:  # both out of routing (or dropped, their leases expired)
+            rows = worker_health(cluster.base_url, cluster.admin_token)[1]["workers"]
+            if not any(rows.get(w.name, {}).get("reachable") for w in mixed):
+                break
+            assert time.monotonic() < deadline, f"stopped workers still reachable: {rows}"
+            time.sleep(0.05)
+    finally:
+        for w in mixed:
+            w.signal(signal.SIGCONT)
+    for t in threads:
+        t.join(timeout=180)
+        assert not t.is_alive(), "a stream did not end within 180 s"
+    texts = set()
+    for out in outs:
+        assert out[-1] == {"status": 200}, out[-3:]
+        errors = [e for e in out if "error" in e]
+        assert not errors, errors
+        assert out[-2]["usage"]["completion_tokens"] == 480, out[-2]
+        texts.add("".join(c["text"] for e in out[:-1] for c in e["choices"]))
+    assert len(texts) == 1, texts  # greedy: the moved streams' text is the others'
+    r = httpx.post(cluster.base_url + "/v1/completions", json={**body, "stream": False},
+                   timeout=120)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert all(p.alive() for p in cluster.workers)

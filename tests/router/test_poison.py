@@ -26,7 +26,7 @@ from services.router.routing.orchestrator import Orchestrator
 from services.router.routing.poison import Placements, PoisonTracker
 from services.router.routing.policies.factory import create_policy
 from services.router.routing.streams import merge_streams
-from services.router.routing.workers import WorkerHandle
+from services.router.routing.workers import WorkerHandle, WorkerPool
 from tests.waits import until
 
 pytestmark = [pytest.mark.timeout(60)]
@@ -110,6 +110,41 @@ def test_workers_that_die_together_are_one_death() -> None:
         t.note_death(r, "prefill-2")
 
 
+def test_a_worker_silent_when_the_request_got_there_is_no_death_of_its() -> None:
+    """Two workers frozen together (session 20: a stopped mooncake_master froze the mixed and
+    the decode worker; a node's SIGSTOP does the same): a request moved off the first one goes
+    to the second while the router still lists it, seconds into its silence. That death is not
+    the request's: it is not poison, nor are its retries refused. The old tracker counted
+    two deaths and refused the prompt for 10 minutes."""
+    now = [100.0]
+    t = PoisonTracker(max_deaths=2, frozen_s=2.5, clock=lambda: now[0])
+    r = t.admit("probe")
+    t.note_placement(r, "w1")  # both answer at 100.0, then freeze
+    now[0] = 105.3  # w1's load stream is 5 s silent: hung, the request moves to w2
+    t.note_death(r, "w1", alive_at=100.0)
+    t.note_placement(r, "w2")
+    now[0] = 105.5
+    t.note_death(r, "w2", alive_at=100.1)  # silent for 5.2 s when the request got there
+    assert r.deaths == 1
+    t.admit("probe")  # a retry is served
+    t.note_placement(r, "w3")  # a worker that answers when it gets the request: a death
+    with pytest.raises(APIError, match="running on 2 workers"):
+        t.note_death(r, "w3", alive_at=105.4)
+
+
+def test_a_silent_worker_that_answered_again_and_died_of_the_request_counts() -> None:
+    """A worker that was silent when the request got there but answered since (its stall
+    passed), then died with the request on it: that death may be the request's."""
+    now = [100.0]
+    t = PoisonTracker(max_deaths=1, frozen_s=2.5, clock=lambda: now[0])
+    r = t.admit("fp")
+    t.note_placement(r, "w1")  # silent since 96.0
+    now[0] = 104.0
+    t.note_death(r, "w1", alive_at=96.0)  # still silent: not counted
+    with pytest.raises(APIError, match="running on 1 workers"):
+        t.note_death(r, "w1", alive_at=102.0)  # it reported at 102.0, then died
+
+
 def test_memory_of_deaths_expires() -> None:
     now = [0.0]
     t = PoisonTracker(max_deaths=1, ttl_s=10, clock=lambda: now[0])
@@ -188,24 +223,29 @@ def test_an_image_that_kills_encoders_kills_two_workers_in_all() -> None:
     assert len(killed) == 2, killed
 
 
-def test_a_worker_restarted_under_its_id_that_dies_again_is_a_second_death() -> None:
-    """The one worker of a model, restarted by its supervisor (the same id, a new process)
-    each time the request kills it: the request stops at the second death. Deaths were
-    known by worker id, so the restarted process's death was the first one again and the
-    request killed the worker once per attempt (3)."""
+def test_a_worker_that_was_silent_when_the_request_came_is_not_counted() -> None:
+    """Through the orchestrator: the second worker tried has sent no load report for 3 s
+    (frozen, not yet out of routing) when the request gets there. Its failure is not the
+    request's death: the request stops at the second live worker it killed (3 tried). It
+    stopped at the frozen one (2 tried)."""
     killed: list[str] = []
     handles: list[WorkerHandle] = []
-    pool = fake_pool([])
 
-    def start(n: int) -> None:
-        h = fake_handle("m0", DyingStub(killed, f"m0@{n}", lambda: start(n + 1)))
-        h.info.incarnation = f"i{n}"
-        handles.append(h)
-        pool.handles[h.id] = h
+    def pool() -> WorkerPool:
+        handles.extend(fake_handle(f"m{i}", DyingStub(killed, f"m{i}")) for i in range(3))
+        handles[2].load_at -= 3.0  # round robin tries m0, m2, m1
+        return fake_pool(handles)
+
+    _ends_poison(pool, handles)
+    assert sorted(killed) == ["m0", "m1", "m2"], killed
+
+
+def _ends_poison(pool: Callable[[], WorkerPool], handles: list[WorkerHandle]) -> None:
+    """One request on an Orchestrator over ``pool()`` (made in the event loop) must end
+    poison_request; ``handles`` (those made by then) are closed after."""
 
     async def main() -> None:
-        start(0)
-        orch = Orchestrator(pool, create_policy("round_robin"), timeout_s=30, max_attempts=3,
+        orch = Orchestrator(pool(), create_policy("round_robin"), timeout_s=30, max_attempts=3,
                             stall_timeout_s=5)  # fmt: skip
         try:
             with pytest.raises(APIError) as err:
@@ -217,6 +257,28 @@ def test_a_worker_restarted_under_its_id_that_dies_again_is_a_second_death() -> 
                 await h.channel.close()
 
     asyncio.run(main())
+
+
+def test_a_worker_restarted_under_its_id_that_dies_again_is_a_second_death() -> None:
+    """The one worker of a model, restarted by its supervisor (the same id, a new process)
+    each time the request kills it: the request stops at the second death. Deaths were
+    known by worker id, so the restarted process's death was the first one again and the
+    request killed the worker once per attempt (3)."""
+    killed: list[str] = []
+    handles: list[WorkerHandle] = []
+    workers = fake_pool([])
+
+    def start(n: int) -> None:
+        h = fake_handle("m0", DyingStub(killed, f"m0@{n}", lambda: start(n + 1)))
+        h.info.incarnation = f"i{n}"
+        handles.append(h)
+        workers.handles[h.id] = h
+
+    def pool() -> WorkerPool:
+        start(0)
+        return workers
+
+    _ends_poison(pool, handles)
     assert killed == ["m0@0", "m0@1"]
 
 

@@ -105,7 +105,7 @@ class EncodeStage:
         except WorkerLost as exc:
             log.warning("encoder %s stopped answering for %s: %s", handle.id, rid, exc)
             handle.mark_failed()
-            self.poison.note_current_death(handle.process)
+            self.poison.note_current_death(handle.process, handle.alive_at)
             return None
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -115,7 +115,7 @@ class EncodeStage:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 handle.mark_failed()
             if worker_died(exc):
-                self.poison.note_current_death(handle.process)
+                self.poison.note_current_death(handle.process, handle.alive_at)
             return None
         finally:
             handle.end_request(0)  # an image, not a prompt

@@ -28,7 +28,18 @@ for exactly that case, so a first death is retried elsewhere; but
   its worker. Those placed at once before any death die together (up to one worker each),
   then one worker per death in turn: a poison request with n completions kills at most
   n + 1 workers (2 where the n run together on one), not 2n. Honest requests (no death)
-  are placed as before, at once.
+  are placed as before, at once;
+- a worker that was already silent when the request got to it froze or died of something
+  else: its death is not the request's. Silent: the router had had no sign of life from it
+  (``WorkerHandle.alive_at``: a load report or an answered health Check) for ``frozen_s``
+  (half the router's ``load_stale_s``, past which its load stream asks it a health Check)
+  before the request was placed there, and none since. NOTE: not a call's message: the
+  router reads those at its clients' pace, seconds after a worker sent them (a frozen
+  worker's streams were still read 4 s into its freeze, and it looked alive). Workers frozen together (a
+  node's SIGSTOP, a host that stalls, a store that froze them: session 20's 8 streams
+  failed as poison after a mooncake_master stop) are silent for seconds before the router
+  takes them out of routing, and a request moved off one of them went to the next: two
+  deaths. A query of death kills a worker that was answering when it got there.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import array
 import asyncio
 import contextvars
 import hashlib
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -44,6 +56,12 @@ from dataclasses import dataclass, field
 
 from services.common.proto import worker_pb2 as pb
 from services.router.errors import APIError
+
+log = logging.getLogger(__name__)
+
+# A worker silent this long when a request was placed on it had frozen or died already: half
+# the router's default load_stale_s (RouterConfig sets it from its own).
+FROZEN_S = 2.5
 
 
 def fingerprint(
@@ -112,6 +130,8 @@ class RequestDeaths:
     deaths: int = 0  # of those, the deaths in turn (module docstring)
     # Worker process -> ``deaths`` when the request was first placed on it.
     placed: dict[str, int] = field(default_factory=dict)
+    # Worker process -> when (tracker's clock) the request was first placed on it.
+    placed_at: dict[str, float] = field(default_factory=dict)
 
 
 # The worker deaths of the request the current task runs: set by PoisonTracker.track (once
@@ -138,10 +158,14 @@ class PoisonTracker:
         ttl_s: float = 600.0,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        frozen_s: float = FROZEN_S,
     ) -> None:
         if max_deaths < 1:
             raise ValueError(f"max_deaths must be >= 1, got {max_deaths}")
         self.max_deaths = max_deaths
+        # A worker silent this long when a request was placed on it was frozen or dying
+        # already (module docstring); ``clock`` must be that of ``alive_at``.
+        self.frozen_s = frozen_s
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.clock = clock
@@ -190,22 +214,31 @@ class PoisonTracker:
         if deaths is not None:
             self.note_placement(deaths, worker_id)
 
-    def note_current_death(self, worker_id: str) -> None:
+    def note_current_death(self, worker_id: str, alive_at: float = 0.0) -> None:
         """``note_death`` for the current task's request (if ``track`` started one)."""
         deaths = _DEATHS.get()
         if deaths is not None:
-            self.note_death(deaths, worker_id)
+            self.note_death(deaths, worker_id, alive_at)
 
-    @staticmethod
-    def note_placement(request: RequestDeaths, worker_id: str) -> None:
+    def note_placement(self, request: RequestDeaths, worker_id: str) -> None:
         """``request`` is sent to ``worker_id`` (a call starts): the first time only counts."""
-        request.placed.setdefault(worker_id, request.deaths)
+        if worker_id not in request.placed:
+            request.placed[worker_id] = request.deaths
+            request.placed_at[worker_id] = self.clock()
 
-    def note_death(self, request: RequestDeaths, worker_id: str) -> None:
+    def note_death(self, request: RequestDeaths, worker_id: str, alive_at: float = 0.0) -> None:
         """The worker ``worker_id`` died or hung while running ``request``; raises the poison
         APIError if that makes the request poison (do not send it elsewhere). A worker it
-        was placed on before its previous death died with that one (not in turn)."""
+        was placed on before its previous death died with that one (not in turn).
+        ``alive_at``: the worker's latest sign of life (0: unknown); one silent since
+        ``frozen_s`` before the request got there was frozen already: not counted."""
         if worker_id in request.workers:
+            return
+        placed_at = request.placed_at.get(worker_id)
+        if alive_at and placed_at is not None and alive_at < placed_at - self.frozen_s:
+            log.info("worker %s was silent for %.1f s when a request (fingerprint %s) got "
+                     "there: its death is not the request's", worker_id, placed_at - alive_at,
+                     request.fp)  # fmt: skip
             return
         request.workers.add(worker_id)
         if request.placed.get(worker_id, request.deaths) < request.deaths:

@@ -124,7 +124,7 @@ class Attempts:
         self.tried.add(handle.process)
         self.down.add(handle.process)
         self.last_error = APIError(503, f"worker unavailable: {exc}")
-        self.poison.note_current_death(handle.process)
+        self.poison.note_current_death(handle.process, handle.alive_at)
         return AttemptFailed()
 
     def failed(self, exc: grpc.aio.AioRpcError, handle: WorkerHandle, epoch: int) -> AttemptFailed:
@@ -148,7 +148,7 @@ class Attempts:
         self.last_error = api_error_from_grpc(exc)
         if worker_died(exc):
             self.down.add(handle.process)
-            self.poison.note_current_death(handle.process)
+            self.poison.note_current_death(handle.process, handle.alive_at)
         return AttemptFailed(kind)
 
     def mid_stream(self, exc: grpc.aio.AioRpcError, handle: WorkerHandle, epoch: int) -> Exception:
@@ -162,7 +162,7 @@ class Attempts:
             return api_error_from_grpc(exc)
         note_refusal(exc, handle, epoch)
         if worker_died(exc):
-            self.poison.note_current_death(handle.process)
+            self.poison.note_current_death(handle.process, handle.alive_at)
         return Migrate("died", f"{handle.id}: {exc.code().name} {exc.details()}")
 
     async def unary(
