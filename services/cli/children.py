@@ -39,10 +39,13 @@ class ManagedProcess:
         probe_path: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         probe_grpc: bool = False,
+        probe_stall: bool = False,
     ) -> None:
         """``probe_path``: the liveness probe, an HTTP path under the ``url`` of the ready
         line (a router's); ``ssl_context``: how to trust it over HTTPS. ``probe_grpc``: probe
-        the gRPC health service at the ready line's ``address`` (a worker's)."""
+        the gRPC health service at the ready line's ``address`` (a worker's); ``probe_stall``: ask
+        it for the worker service, which fails the probe while the worker's engine is stuck too
+        (services/worker/health.py)."""
         self.name = name
         self.label = f"{name} ({role})" if role else name  # how `up`'s messages name it
         self.argv = argv
@@ -60,6 +63,7 @@ class ManagedProcess:
         self.probe_path = probe_path
         self.ssl_context = ssl_context
         self.probe_grpc = probe_grpc
+        self.probe_stall = probe_stall
         self._spawn()
 
     def _spawn(self) -> None:
@@ -138,9 +142,10 @@ class ManagedProcess:
         if not self.ready.is_set() or not self.alive():
             return None
         if self.probe_grpc:
-            from services.worker.health import check  # grpc: only `up` needs it here
+            from services.worker.health import WORKER_SERVICE, check  # grpc: only `up` needs it
 
-            return check(self.ready_field("address"), timeout)
+            service = WORKER_SERVICE if self.probe_stall else ""
+            return check(self.ready_field("address"), timeout, service=service)
         if self.probe_path is None:
             return None
         url = self.ready_field("url") + self.probe_path

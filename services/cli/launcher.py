@@ -133,8 +133,11 @@ class LocalCluster:
         proc = ManagedProcess(
             f"worker-{i}", self.worker_argv(i, role, group), WORKER_READY, self.spec.echo,
             {**self.etcd.access.to_env(), **WORKER_ENV_DEFAULTS}, role=role,
-            # NOTE: the probe speaks plain gRPC; a worker on mutual TLS is not probed.
+            # NOTE: the probe speaks plain gRPC; a worker on mutual TLS is not probed. It
+            # asks for the worker service: an engine stuck past engine_stall_s (a rank
+            # stopped or hung for good) fails it, as a stopped process does.
             probe_grpc=not self.spec.worker_overrides.get("grpc_tls_ca"),
+            probe_stall=True,
         )  # fmt: skip
         self.workers.append(proc)
         return proc

@@ -7,9 +7,12 @@ stopped (SIGSTOP) or whose loop is stuck does not answer, which is what a probe 
 NOT_SERVING only once the engine is dead (the worker is on its way out and exits non-zero).
 Whether a worker should get new requests is the router's business (load reports, leases).
 Asked for the worker service by name (the routers ask so when its load reports are late:
-routing/workers.py), it is also NOT_SERVING while the engine has finished no model layer for over
-``engine_stall_s``, as its load reports then stop on purpose (load.py); the whole server ("",
-what `epdserve up` and the kubelet ask) stays SERVING: a stall is not a reason to kill.
+routing/workers.py; `epdserve up` asks so too), it is also NOT_SERVING while the engine has
+finished no model layer for over ``engine_stall_s``, as its load reports then stop on purpose
+(load.py); the whole server ("", what the kubelet asks) stays SERVING. `up` counts a stall as a
+failed probe: a tensor-parallel rank stopped or hung for good would otherwise leave its worker
+out of routing, never restarted, for ever (its requests moved, or failed after the restart
+wait). A stall that ends within the probes' window (``liveness_failures`` probes) kills nothing.
 """
 
 from __future__ import annotations
@@ -53,9 +56,13 @@ def add_health(server: grpc.aio.Server, engine: Any, engine_stall_s: float = flo
     pb_grpc.add_HealthServicer_to_server(HealthServicer(engine, engine_stall_s), server)
 
 
-def check(address: str, timeout: float, tls: GrpcTLS | None = None) -> bool | None:
+def check(
+    address: str, timeout: float, tls: GrpcTLS | None = None, service: str = ""
+) -> bool | None:
     """Probe a worker from a plain (non-asyncio) caller: True when it answered (any status: it
-    is alive), False when it did not within ``timeout`` (stopped, its loop stuck), None when
+    is alive; for a named ``service``, SERVING), False when it did not within ``timeout``
+    (stopped, its loop stuck) or ``service`` answered NOT_SERVING (WORKER_SERVICE: its engine
+    stalled past ``engine_stall_s``, or dead), None when
     nothing listens or the call failed otherwise (starting, restarting in place for a model
     load, or a TLS-only worker: not this probe's to judge; a dead process is seen exiting).
     ``tls``: the worker's mutual TLS, with a certificate its CA signed."""
@@ -74,14 +81,14 @@ def check(address: str, timeout: float, tls: GrpcTLS | None = None) -> bool | No
             response_deserializer=pb.HealthCheckResponse.FromString,
         )
         try:
-            call(pb.HealthCheckRequest(), timeout=timeout)
+            answer = call(pb.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as exc:
             code = exc.code()  # type: ignore[attr-defined]
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return False
             answered = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED)
             return True if code in answered else None
-        return True
+        return not service or answer.status == Status.SERVING
 
 
 def main(argv: list[str] | None = None) -> int:

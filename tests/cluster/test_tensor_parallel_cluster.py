@@ -181,7 +181,10 @@ def test_sigstop_of_a_rank_takes_its_worker_out_of_routing_until_sigcont(cluster
     """A stopped rank leaves its worker's driver waiting in a collective while the process
     answers: past --engine-stall-s its load reports stop, the router routes around it and
     moves what it held, and after SIGCONT it serves again. Before, it kept reporting (and
-    stayed in routing) until gloo's 300 s collective timeout ended the worker."""
+    stayed in routing) until gloo's 300 s collective timeout ended the worker. Meanwhile the
+    liveness probe `epdserve up` runs of it fails (up kills and restarts it after
+    --liveness-failures such probes): before, it passed, and a rank stopped for good left its
+    worker out of routing, never restarted, for ever."""
     victim = cluster.workers[1]
     pid = victim.proc.pid
     (rank,) = rank_processes(pid)
@@ -190,9 +193,11 @@ def test_sigstop_of_a_rank_takes_its_worker_out_of_routing_until_sigcont(cluster
         os.kill(rank, signal.SIGSTOP)
         try:
             wait_for(lambda: ready_workers(cluster) == 1, 90, "the stuck worker out of routing")
+            wait_for(lambda: victim.probe(3.0) is False, 30, "up's liveness probe failing")
         finally:
             os.kill(rank, signal.SIGCONT)
         wait_for(lambda: ready_workers(cluster) == 2, 60, "the worker back in routing")
+        assert victim.probe(3.0) is True
         done = len(traffic.statuses)
         wait_for(lambda: len(traffic.statuses) >= done + 4, 60, "traffic after SIGCONT")
     assert victim.alive() and victim.proc.pid == pid  # the same process serves again
