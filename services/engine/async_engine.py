@@ -183,11 +183,12 @@ class AsyncLLMEngine:
         """Work a request needs before it can be scheduled, done in a worker thread instead
         of the step thread: compiling its structured-output grammar (the first one also
         builds llguidance's tokenizer, ~1.5 s). ValueError for a grammar that does not
-        compile. In threads of its own (GRAMMAR_THREADS)."""
-        if params.structured_outputs is not None:
-            prepare = self._require().structured.prepare
+        compile. In threads of its own (GRAMMAR_THREADS), unless the grammar is cached: then
+        nothing is left to build, and it must not queue behind grammars being built."""
+        so = params.structured_outputs
+        if so is not None and not (structured := self._require().structured).prepare_cached(so):
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._grammars, prepare, params.structured_outputs)
+            await loop.run_in_executor(self._grammars, structured.prepare, so)
 
     async def abort(self, request_id: str) -> None:
         out = await self.call(lambda e: e.abort_request(request_id))

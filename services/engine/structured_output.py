@@ -77,21 +77,25 @@ class StructuredOutputs:
 
     def prepare(self, params: StructuredOutputsParams) -> None:
         """Build the tokenizer (and its token trie), the grammar's initial matcher and its
-        first mask now; ValueError as ``new_matcher``. Thread-safe; meant for a worker thread.
+        first mask now (``_build``); ValueError as ``new_matcher``. Thread-safe; meant for a
+        worker thread.
 
-        NOTE: every grammar's first mask, not only the first grammar's: its lexer states are
-        built by the first mask and shared by the template's copies, and a regex such as
-        a{1000000} took 4.7 s there, on the step thread, stalling every request of the
-        worker (measured: 3.5 s here instead, then 0.0 s for the step thread's mask).
         NOTE: the grammar is kept on ``params`` (not a field: not sent, not compared), which
         ``new_matcher`` copies: the cache may have evicted it by then (more grammars than
         it holds prepared while this request waited for the step thread), and the step
         thread built it again."""
-        from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+        params.__dict__["_prepared"] = (self, self._template(params.key))
 
-        template = self._template(params.key)
-        fill_next_token_bitmask(template.deep_copy(), allocate_token_bitmask(1, self.vocab_size))
+    def prepare_cached(self, params: StructuredOutputsParams) -> bool:
+        """``prepare`` when the grammar is cached (built, with its first mask: nothing left
+        to do, so no thread is needed); False, doing nothing, when it is not."""
+        with self._lock:
+            template = self._templates.pop(params.key, None)
+            if template is None:
+                return False
+            self._templates[params.key] = template  # most recently used last
         params.__dict__["_prepared"] = (self, template)
+        return True
 
     @functools.cached_property
     def tokenizer(self) -> llguidance.LLTokenizer:
@@ -166,7 +170,15 @@ class StructuredOutputs:
         return build.template
 
     def _build(self, key: tuple[str, str]) -> llguidance.LLMatcher:
+        """A grammar's initial matcher, its first mask computed (before it is cached).
+
+        NOTE: every grammar's first mask, not only the first grammar's: its lexer states are
+        built by the first mask and shared by the template's copies, and a regex such as
+        a{1000000} took 4.7 s there, on the step thread, stalling every request of the
+        worker (measured: 3.5 s in ``prepare`` instead, then 0.0 s for the step thread's
+        mask). Here, so that a cached grammar needs no more work (``prepare_cached``)."""
         import llguidance
+        from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 
         template = llguidance.LLMatcher(self.tokenizer, compile_grammar(*key))
         if template.is_error():
@@ -175,6 +187,7 @@ class StructuredOutputs:
             raise ValueError(
                 f"invalid structured_outputs.{key[0]}: {error_message(template.get_error())}"
             )
+        fill_next_token_bitmask(template.deep_copy(), allocate_token_bitmask(1, self.vocab_size))
         return template
 
 

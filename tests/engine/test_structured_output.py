@@ -275,7 +275,8 @@ def test_grammars_being_built_leave_the_default_executor_to_the_rest() -> None:
 
     eng = AsyncLLMEngine(EngineConfig(model="m"))
     release = threading.Event()
-    eng.engine = SimpleNamespace(structured=SimpleNamespace(prepare=lambda so: release.wait(30)))
+    eng.engine = SimpleNamespace(structured=SimpleNamespace(
+        prepare=lambda so: release.wait(30), prepare_cached=lambda so: False))  # fmt: skip
     params = SamplingParams(structured_outputs=StructuredOutputsParams(regex="a"))
 
     async def main() -> None:
@@ -287,6 +288,48 @@ def test_grammars_being_built_leave_the_default_executor_to_the_rest() -> None:
             await asyncio.gather(*builds)
 
     asyncio.run(main())
+
+
+def test_a_grammar_built_already_does_not_queue_behind_grammars_being_built(llm, monkeypatch):
+    """A request whose grammar is cached (a popular schema, json_object) is prepared at once:
+    it waited for a grammar thread behind other grammars being built (a client's slow regexes,
+    seconds each: every constrained request of the worker with it, a PD decode side's past its
+    reservation's deadline). Cached means built with its first mask (prepare's NOTE)."""
+    import llguidance
+
+    from services.engine import AsyncLLMEngine
+    from services.engine.async_engine import GRAMMAR_THREADS
+    from services.engine.config import EngineConfig
+
+    so = llm.engine.structured
+    so.prepare(StructuredOutputsParams(regex="[q-u]{5}"))  # built and cached
+    release = threading.Event()
+    real = llguidance.LLMatcher
+
+    def slow_build(*args):
+        release.wait(30)
+        return real(*args)
+
+    replace_matcher_class(monkeypatch, slow_build)
+    eng = AsyncLLMEngine(EngineConfig(model="m"))
+    eng.engine = llm.engine
+    again = StructuredOutputsParams(regex="[q-u]{5}")  # another request of the cached grammar
+
+    async def main() -> None:
+        slow = [asyncio.ensure_future(eng.prepare(SamplingParams(
+            structured_outputs=StructuredOutputsParams(regex=f"v{i}[0-9]"))))
+            for i in range(GRAMMAR_THREADS + 1)]  # fmt: skip
+        try:
+            await asyncio.wait_for(eng.prepare(SamplingParams(structured_outputs=again)), 5)
+        finally:
+            release.set()
+            await asyncio.gather(*slow)
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng._grammars.shutdown(wait=False)
+    assert again.__dict__["_prepared"][0] is so
 
 
 def test_prepare_computes_each_grammars_first_mask(llm, monkeypatch):
