@@ -47,11 +47,23 @@ def identity(pid: int | None = None) -> str:
 def gone(ident: str) -> bool | None:
     """True: the process ``ident`` names has exited (its pid runs no more, or runs another
     process); False: it runs; None: not checkable from here (another boot or pid namespace,
-    no /proc, an empty or malformed identity)."""
+    no /proc, another user's process hidden by hidepid, an empty or malformed identity)."""
     parts = ident.split("/")
     if len(parts) != 4 or not parts[2].isdigit() or not all(parts):
         return None
     boot, namespace, pid, start = parts
     if boot != _boot() or namespace != _pid_namespace():
         return None
-    return _start_ticks(int(pid)) != start
+    now = _start_ticks(int(pid))
+    if now:
+        return now != start
+    # NOTE: another user's /proc/<pid> is unreadable or invisible where /proc is mounted with
+    # hidepid (systemd's ProtectProc=): that read as exited. The kernel still says whether
+    # the pid runs; then its start time cannot be compared.
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return None
+    return True  # runs, readable: a zombie (exited, not yet reaped)

@@ -30,3 +30,25 @@ def test_a_reused_pid_or_another_machine_is_told_apart() -> None:
     assert process_id.gone(f"other-boot/{ns}/{pid}/{start}") is None  # not checkable here
     assert process_id.gone(f"{boot}/pid:[1]/{pid}/{start}") is None  # another container
     assert process_id.gone("") is None and process_id.gone("a/b") is None
+
+
+def test_a_process_whose_proc_entry_is_hidden_is_not_taken_for_gone(monkeypatch) -> None:
+    """Another user's process under a /proc mounted with hidepid (systemd's ProtectProc=,
+    hardened hosts): its /proc/<pid> is unreadable or invisible, which read as "exited", and
+    a router took every starting worker on its machine for dead (a 503 instead of a wait).
+    The kernel still tells whether the pid runs (kill 0: EPERM); then it cannot be checked."""
+    ident = process_id.identity()
+    monkeypatch.setattr(process_id, "_start_ticks", lambda pid: "")  # /proc/<pid> hidden
+
+    def kill(pid: int, sig: int) -> None:
+        assert sig == 0
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(process_id.os, "kill", kill)
+    assert process_id.gone(ident) is None
+
+    def kill_gone(pid: int, sig: int) -> None:
+        raise ProcessLookupError(3, "No such process")
+
+    monkeypatch.setattr(process_id.os, "kill", kill_gone)
+    assert process_id.gone(ident) is True
