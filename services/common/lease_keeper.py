@@ -65,6 +65,7 @@ class LeaseKeeper:
         self._owner_tick = owner_tick
         self._on_event = on_event
         self._stopped = threading.Event()
+        self._client: Etcd3Client | None = None  # the thread's, made on its first refresh
         self._thread = threading.Thread(target=self._main, name="etcd-lease-keeper", daemon=True)
 
     def start(self) -> None:
@@ -79,8 +80,18 @@ class LeaseKeeper:
         return not self._thread.is_alive()
 
     def _main(self) -> None:
+        # NOTE: the thread's event loop runs only while it refreshes; in between the thread
+        # waits on ``_stopped``. grpc.aio (1.85) wakes every running loop of the process that
+        # has made a channel on each completion of any of them (one shared wake-up socket;
+        # the loop that reads the byte hands the others' events over): a keeper loop idling
+        # between refreshes was woken by every message of the owner's own RPCs, 1-2.4 times a
+        # request of a worker (benchmarks/RESULTS.md, gw14).
         try:
-            asyncio.run(self._run())
+            with asyncio.Runner() as runner:
+                try:
+                    self._keep(runner)
+                finally:
+                    runner.run(_closed(self._client))
         except Exception:  # noqa: BLE001 - a thread's exception would only be printed
             log.exception("lease keeper failed")
             self._tell(LOST, "the lease keeper failed")
@@ -89,51 +100,41 @@ class LeaseKeeper:
         if not self._stopped.is_set():
             self._on_event(kind, detail)
 
-    async def _sleep(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while not self._stopped.is_set() and (left := end - time.monotonic()) > 0:
-            await asyncio.sleep(min(left, 0.1))  # polls the stop flag: no cross-thread wakeup
+    async def _refresh(self) -> int:
+        """One keep-alive on the thread's client (connected first if it has none): the TTL."""
+        if self._client is None:
+            self._client = await asyncio.wait_for(connect_etcd(self.endpoints), ETCD_OP_TIMEOUT_S)
+        return await asyncio.wait_for(
+            keep_alive_once(self._client, self.lease_id), ETCD_OP_TIMEOUT_S
+        )
 
-    async def _run(self) -> None:
-        client: Etcd3Client | None = None
+    def _keep(self, runner: asyncio.Runner) -> None:
         last_ok = time.monotonic()
-        try:
-            while not self._stopped.is_set():
-                await self._sleep(self.interval)
-                if self._stopped.is_set():
+        while not self._stopped.wait(self.interval):
+            now = time.monotonic()
+            silent = now - self._owner_tick()
+            if silent > self.stall_limit_s:
+                log.error("event loop silent for %.0f s: letting lease %x lapse", silent,
+                          self.lease_id)  # fmt: skip
+                self._tell(LOST, f"event loop silent for {silent:.0f} s")
+                return
+            try:
+                ttl = runner.run(self._refresh())
+            except Exception as exc:  # noqa: BLE001 - any etcd trouble: a fresh client
+                runner.run(_closed(self._client))
+                self._client = None
+                if time.monotonic() - last_ok > self.ttl:
+                    self._tell(LOST, f"lease keep-alive failing for > ttl: {exc!r}")
                     return
-                now = time.monotonic()
-                silent = now - self._owner_tick()
-                if silent > self.stall_limit_s:
-                    log.error("event loop silent for %.0f s: letting lease %x lapse", silent,
-                              self.lease_id)  # fmt: skip
-                    self._tell(LOST, f"event loop silent for {silent:.0f} s")
-                    return
-                try:
-                    if client is None:
-                        client = await asyncio.wait_for(
-                            connect_etcd(self.endpoints), ETCD_OP_TIMEOUT_S
-                        )
-                    ttl = await asyncio.wait_for(
-                        keep_alive_once(client, self.lease_id), ETCD_OP_TIMEOUT_S
-                    )
-                except Exception as exc:  # noqa: BLE001 - any etcd trouble: a fresh client
-                    await _closed(client)
-                    client = None
-                    if time.monotonic() - last_ok > self.ttl:
-                        self._tell(LOST, f"lease keep-alive failing for > ttl: {exc!r}")
-                        return
-                    continue
-                if ttl <= 0:
-                    self._tell(LOST, "lease expired")
-                    return
-                self.refreshes += 1
-                now = time.monotonic()
-                if now - last_ok > self.interval * 2:
-                    self._tell(RESUMED, f"no refresh for {now - last_ok:.1f} s")
-                last_ok = now
-        finally:
-            await _closed(client)
+                continue
+            if ttl <= 0:
+                self._tell(LOST, "lease expired")
+                return
+            self.refreshes += 1
+            now = time.monotonic()
+            if now - last_ok > self.interval * 2:
+                self._tell(RESUMED, f"no refresh for {now - last_ok:.1f} s")
+            last_ok = now
 
 
 async def _closed(client: Etcd3Client | None) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from services.common.etcd_client import ETCD_OP_TIMEOUT_S, connect_etcd
 from services.common.etcd_server import EtcdServer
+from services.common.lease_keeper import LeaseKeeper
 from services.common.membership import InstanceInfo, Registrar, instance_key
 from tests.waits import until
 
@@ -152,5 +153,43 @@ def test_a_call_holding_the_gil_past_the_ttl_leaves_and_comes_back_at_once(
             assert resp.kvs, "registered again, but the key is not in etcd"
         finally:
             await reg.stop()
+
+    asyncio.run(scenario())
+
+
+def _switches(tid: int) -> int:
+    """Times thread ``tid`` of this process went to sleep (voluntary context switches)."""
+    with open(f"/proc/self/task/{tid}/status") as f:
+        line = next(x for x in f if x.startswith("voluntary_ctxt_switches:"))
+    return int(line.split()[1])
+
+
+def test_the_keeper_sleeps_through_the_owner_loops_grpc_calls(etcd: EtcdServer) -> None:
+    """grpc.aio (1.85) wakes every event loop of the process that has made a channel on each
+    completion of any of them (one shared wake-up socket). A keeper whose loop idled between
+    refreshes was woken by every message of the worker's own RPCs (1-2.4 times a request in
+    the gateway benchmark, RESULTS.md): its loop now runs only while it refreshes."""
+    calls = 1000
+
+    async def scenario() -> None:
+        client = await connect_etcd([etcd.endpoint])
+        assert client.lease is not None and client.kv is not None
+        lease = await client.lease.grant(TTL, timeout=ETCD_OP_TIMEOUT_S)
+        keeper = LeaseKeeper([etcd.endpoint], lease.ID, TTL, time.monotonic, lambda *a: None)
+        keeper.start()
+        try:
+            await until(lambda: keeper.refreshes >= 1, 5 * TTL, "the keeper's first refresh")
+            tid = keeper._thread.native_id
+            assert tid is not None
+            before = _switches(tid)
+            for _ in range(calls):  # the owner's loop: gRPC calls of its own
+                await client.kv.get("lk5", timeout=ETCD_OP_TIMEOUT_S)
+            woken = _switches(tid) - before
+        finally:
+            keeper.stop()
+            await client.close()
+        # NOTE: a refresh every TTL/3 s still wakes it a few times; the old keeper was woken
+        # about once a call (>= 1,000 here).
+        assert woken < calls // 5, f"the keeper's thread woke {woken} times in {calls} calls"
 
     asyncio.run(scenario())
