@@ -1,5 +1,5 @@
 """Operator commands over the router's admin API: status, roles set, drain, rebalance, policy,
-experts.
+experts, models, poison.
 
     epdserve status [--json]
     epdserve roles [list]
@@ -8,6 +8,8 @@ experts.
     epdserve rebalance [--dry-run]
     epdserve policy set NAME [--param k=v ...]
     epdserve experts rebalance ID [--slots N] [--placement FILE]
+    epdserve poison [list]
+    epdserve poison clear [FINGERPRINT]
 
 Common flags: ``--router URL`` (or EPDSERVE_ROUTER), ``--admin-token`` (or EPDSERVE_ADMIN_TOKEN);
 a cluster started by `epdserve up` needs neither (see admin_config.py).
@@ -134,6 +136,14 @@ def build_parser(prog: str = "epdserve") -> argparse.ArgumentParser:
                     "hottest); default: as many as now")  # fmt: skip
     er.add_argument("--placement", metavar="FILE", default=None,
                     help="apply this placement (an --eplb-placement file) instead")  # fmt: skip
+    poison = sub.add_parser("poison", help="the requests this router refuses as poison "
+                            "(poison [list]), or serve them again (poison clear [FP])")  # fmt: skip
+    poison.set_defaults(router=None, admin_token=None, json=False)  # see `roles`
+    poison_sub = poison.add_subparsers(dest="action")
+    poison_sub.add_parser("list", parents=[common], help="request fingerprints refused, how long")
+    pc = poison_sub.add_parser("clear", parents=[common], help="serve refused requests again")
+    pc.add_argument("fingerprint", nargs="?", default=None,
+                    help="as the poison_request error names it (default: every one)")  # fmt: skip
     models = sub.add_parser("models", help="sleep or wake a worker's model, or load another")
     models_sub = models.add_subparsers(dest="action", required=True)
     for action, text in (
@@ -192,6 +202,19 @@ def _experts(router: str, token: str | None, args: argparse.Namespace) -> tuple[
                f"{layers}{saved}")  # fmt: skip
 
 
+def _poison(router: str, token: str | None, args: argparse.Namespace) -> tuple[dict, str]:
+    if args.action == "clear":
+        fp = [args.fingerprint] if args.fingerprint else []
+        r = call(router, token, "DELETE", quoted("admin", "poison", *fp))
+        return r, f"{r['forgotten']} refused request fingerprint(s) forgotten: served again"
+    r = call(router, token, "GET", "/admin/poison")
+    rows = [f"{fp}  refused for {left:.0f} s more" for fp, left in sorted(r["refused"].items())]
+    return r, "\n".join(rows) or (
+        f"no request refused (a request is poison once {r['max_deaths']} workers died running "
+        f"it; its identical requests are then refused for {r['ttl_s']:g} s)"
+    )
+
+
 def run(args: argparse.Namespace) -> tuple[dict, str]:
     """(JSON answer, human text) of one command."""
     router, token = resolve_router(args.router), resolve_token(args.admin_token)
@@ -231,6 +254,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         return _experts(router, token, args)
     if args.command == "models":
         return _models(router, token, args)
+    if args.command == "poison":
+        return _poison(router, token, args)
     raise AdminCallError(f"unknown command {args.command}")
 
 

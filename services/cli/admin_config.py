@@ -21,7 +21,7 @@ from services.common.net import open_direct
 
 # The operator commands (admin.py runs them): here, so that `epdserve` tells one from another
 # command without importing admin.py's gRPC modules.
-COMMANDS = ("status", "roles", "drain", "rebalance", "policy", "experts", "models")
+COMMANDS = ("status", "roles", "drain", "rebalance", "policy", "experts", "models", "poison")
 TOKEN_FILE = "admin-token"
 ROUTER_FILE = "router-url"
 DEFAULT_ROUTER = "http://127.0.0.1:8000"

@@ -1,5 +1,5 @@
 """The `epdserve` command: up | worker | router | kvstore | generate | bench | status | roles |
-drain | rebalance | policy | experts | batches."""
+drain | rebalance | policy | experts | models | poison | batches."""
 
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         "policy": "choose the rebalancing policy (policy set NAME)",
         "experts": "re-place an MoE worker's experts from its load (experts rebalance ID)",
         "models": "put a worker's model to sleep, wake it, or load another (models sleep|wake|load ID)",
+        "poison": "list the requests refused as poison, or serve them again (poison clear [FP])",
     }
     for name in COMMANDS:
         sub.add_parser(name, help=admin_help[name], add_help=False)

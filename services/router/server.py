@@ -26,6 +26,7 @@ from services.router.api import responses as responses_api
 from services.router.api import tokenize as tokenize_api
 from services.router.api.admin import admin_routes
 from services.router.api.admin_models import model_routes
+from services.router.api.admin_poison import poison_routes
 from services.router.api.lora import lora_routes
 from services.router.api.openapi import openapi_document
 from services.router.auth import check_api_key
@@ -213,6 +214,7 @@ def build_app(gateway: Gateway) -> HotRoutes:
         *_batch_routes(),
         *admin_routes(),
         *model_routes(),
+        *poison_routes(),
         *lora_routes(),
     ]
     app = Starlette(

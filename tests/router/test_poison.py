@@ -9,6 +9,8 @@ a request that failed on a worker with INTERNAL was retried on another PD pair."
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import Callable
 
 import grpc
@@ -18,6 +20,7 @@ import pytest_asyncio
 from fake_handles import Unary, fake_handle, fake_pool, rpc_error
 from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
 
+from services.cli import admin
 from services.common.proto import worker_pb2 as pb
 from services.engine.async_engine import EngineDeadError
 from services.engine.outputs import RequestFailedError
@@ -154,6 +157,30 @@ def test_memory_of_deaths_expires() -> None:
         t.admit("fp")
     now[0] = 11.0
     t.admit("fp")
+
+
+def test_a_refusal_says_until_when_and_an_operator_lifts_it() -> None:
+    """The poison error's Retry-After is when identical requests are served again (none when
+    they are not refused: a popular prompt); ``forget`` serves them at once."""
+    now = [0.0]
+    t = PoisonTracker(max_deaths=1, ttl_s=600, clock=lambda: now[0])
+    with pytest.raises(APIError) as err:
+        t.note_death(t.admit("fp"), "w1")
+    assert err.value.headers == {"x-should-retry": "false", "Retry-After": "600"}
+    now[0] = 100.5
+    with pytest.raises(APIError, match="retry it in 500 s") as err:
+        t.admit("fp")
+    assert err.value.headers["Retry-After"] == "500"
+    assert t.refusals() == {"fp": 499.5}
+    assert t.forget("other") == 0 and t.forget("fp") == 1
+    t.admit("fp")
+    for _ in range(3):
+        t.admit("popular")
+    with pytest.raises(APIError) as err:
+        t.note_death(t.admit("popular"), "w1")  # 1 of 4 judged: not refused
+    assert err.value.headers == {"x-should-retry": "false"}, err.value.headers
+    assert t.forget() == 0
+    t.admit("popular")
 
 
 def test_entries_are_bounded() -> None:
@@ -386,12 +413,21 @@ def test_the_prompts_of_one_request_that_kill_their_workers_kill_one_more() -> N
 # ---- through a gateway and two workers ----------------------------------------------------------
 
 
+TOKEN = "poison-admin"
+
+
 @pytest_asyncio.fixture(params=[2])
-async def env(etcd, request):
+async def env(etcd, request, tmp_path):
     engines = [PoisonableEngine() for _ in range(request.param)]
     workers = [await start_fake_worker(etcd.endpoint, "poison", f"w{i}", e)
                for i, e in enumerate(engines)]  # fmt: skip
-    gw = await start_gateway(etcd.endpoint, "poison")
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    # NOTE: the router's default load_stale_s (5 s), not router_fakes' 1 s: a worker silent
+    # for half of it when a request gets there was frozen already (its death is not counted),
+    # and this process stalls for 0.5 s at a load of 25 (the fake workers with it).
+    gw = await start_gateway(etcd.endpoint, "poison", admin_token_file=str(token),
+                             load_stale_s=5.0)  # fmt: skip
     async with httpx.AsyncClient(base_url=gw.url, timeout=20) as client:
         await until_healthy(client)
         await until(lambda: len(gw.gateway.pool.candidates("mixed", "fake-model")) == len(engines),
@@ -422,11 +458,13 @@ async def test_request_failure_is_not_retried_elsewhere(env) -> None:
 
 
 @pytest.mark.asyncio
-async def test_request_that_workers_die_of_is_stopped_and_its_retries_refused(env) -> None:
+async def test_request_that_workers_die_of_is_stopped_and_its_retries_refused(env, capsys) -> None:
     client, engines = env
     r = await client.post("/v1/completions", json=_body(DIES))
     assert r.status_code == 500, r.text
     assert r.json()["error"]["code"] == "poison_request"
+    # Not resent by the SDKs at once; identical requests are served again in 600 s.
+    assert r.headers["x-should-retry"] == "false" and r.headers["retry-after"] == "600"
     # The first death was retried (it might not have been this request's fault), the
     # second was not sent to a third worker.
     assert sum(e.seen.count(DIES) for e in engines) == 2
@@ -439,6 +477,21 @@ async def test_request_that_workers_die_of_is_stopped_and_its_retries_refused(en
     r = await client.post("/v1/completions", json=_body(DIES))
     assert r.status_code == 500 and r.json()["error"]["code"] == "poison_request"
     assert sum(e.seen.count(DIES) for e in engines) == 2  # refused before any worker
+    assert 0 < int(r.headers["retry-after"]) <= 600
+    # The error names the request's fingerprint; an operator serves it again.
+    found = re.search(r"epdserve poison clear ([0-9a-f]{32})", r.json()["error"]["message"])
+    assert found, r.text
+    common = ["--router", str(client.base_url).rstrip("/"), "--admin-token", TOKEN, "--json"]
+    assert await asyncio.to_thread(admin.main, ["poison", "list", *common]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert list(listed["refused"]) == [found[1]], listed
+    assert await asyncio.to_thread(admin.main, ["poison", "clear", found[1], *common]) == 0
+    assert json.loads(capsys.readouterr().out) == {"forgotten": 1}
+    bad = await client.delete("/admin/poison/x", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert bad.status_code == 400, bad.text
+    r = await client.post("/v1/completions", json=_body(DIES))
+    assert r.status_code == 500, r.text
+    assert sum(e.seen.count(DIES) for e in engines) > 2  # sent to a worker again
 
 
 @pytest.mark.asyncio

@@ -49,6 +49,7 @@ import asyncio
 import contextvars
 import hashlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -86,7 +87,7 @@ class Placements:
 
     def __init__(self) -> None:
         self.after_death = False
-        self.poisoned = 0  # once one stream was judged poison: its deaths
+        self.error: APIError | None = None  # once one stream was judged poison: its error
         self._one = asyncio.Lock()
 
 
@@ -105,9 +106,9 @@ class Turn:
         if p is not None and p.after_death:
             await p._one.acquire()
             self._held = True
-            if p.poisoned:
+            if p.error is not None:
                 self.end()
-                raise _error(p.poisoned, "this request was")
+                raise p.error
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -177,13 +178,10 @@ class PoisonTracker:
         of other requests: a client request's prompts); raises the poison APIError if
         ``fp`` is poison."""
         seen = self._entry(fp)
-        if (
-            seen.poisoned
-            and self.clock() - seen.judged_at <= self.ttl_s
-            and 2 * seen.poisoned >= seen.requests
-        ):
+        left = self._refused_for(seen)
+        if left > 0:
             self.refused += 1
-            raise _error(self.max_deaths, "requests identical to this one were")
+            raise _error(self.max_deaths, "requests identical to this one were", fp, left)
         seen.requests += 1
         return RequestDeaths(fp, placements or Placements())
 
@@ -250,8 +248,32 @@ class PoisonTracker:
             seen.poisoned += 1
             seen.judged_at = seen.last  # _entry's clock reading: now
             self.refused += 1
-            request.placements.poisoned = request.deaths
-            raise _error(request.deaths, "this request was")
+            err = _error(request.deaths, "this request was", request.fp, self._refused_for(seen))
+            request.placements.error = err
+            raise err
+
+    def refusals(self) -> dict[str, float]:
+        """The fingerprints refused now -> for how many more seconds (``admin_poison``)."""
+        left = {fp: self._refused_for(seen) for fp, seen in self._seen.items()}
+        return {fp: s for fp, s in left.items() if s > 0}
+
+    def forget(self, fp: str | None = None) -> int:
+        """Forget what was judged of ``fp`` (None: of every fingerprint): its requests are
+        served again (an operator's call, once the workers' logs are read). Returns how many
+        fingerprints were refused then."""
+        refused = self.refusals()
+        if fp is None:
+            self._seen.clear()
+            return len(refused)
+        self._seen.pop(fp, None)
+        return int(fp in refused)
+
+    def _refused_for(self, seen: _Seen) -> float:
+        """Seconds requests with ``seen``'s fingerprint are still refused (0: not refused):
+        ``ttl_s`` from its latest judgement, while judgements are at least half its requests."""
+        if not seen.poisoned or 2 * seen.poisoned < seen.requests:
+            return 0.0
+        return max(0.0, self.ttl_s - (self.clock() - seen.judged_at))
 
     def _entry(self, fp: str) -> _Seen:
         now = self.clock()
@@ -266,11 +288,23 @@ class PoisonTracker:
         return seen
 
 
-def _error(deaths: int, who: str) -> APIError:
-    return APIError(
-        500,
-        f"{who} running on {deaths} workers that died or stopped answering; it is not "
-        "sent to another one. Change the request (prompt or sampling parameters) or ask "
-        "the operator to look at the workers' logs.",
-        code="poison_request",
+def _error(deaths: int, who: str, fp: str, refused_s: float) -> APIError:
+    """The poison error; ``refused_s``: how long identical requests are refused (0: not).
+    Retry-After says when they are served again; ``x-should-retry: false`` keeps the OpenAI
+    and Anthropic SDKs from resending it at once (they retry a 500 twice by default)."""
+    message = (
+        f"{who} running on {deaths} workers that died or stopped answering; it is not sent "
+        "to another one. Change the request (prompt or sampling parameters)"
     )
+    headers = {"x-should-retry": "false"}
+    if refused_s > 0:
+        wait = math.ceil(refused_s)
+        headers["Retry-After"] = str(wait)
+        message += (
+            f" or retry it in {wait} s (identical requests are refused until then), and ask "
+            "the operator to look at the workers' logs; `epdserve poison clear "
+            f"{fp}` serves it again."
+        )
+    else:
+        message += " or ask the operator to look at the workers' logs."
+    return APIError(500, message, code="poison_request", headers=headers)
