@@ -121,6 +121,12 @@ class LoadRPCs:
         interval = (request.interval_ms or self.load_interval_ms) / 1000.0
         interval = max(interval, 0.01)
         while not self.closing.is_set():
+            if not getattr(self.engine, "is_running", True):
+                # NOTE: a dead engine ends the stream before the worker's shutdown sets
+                # ``draining`` (worker/main.py; same event loop, no await in between): a
+                # router takes a draining worker for one leaving on purpose and would not
+                # wait for its restart, so the requests it ran failed with no_workers.
+                return
             # NOTE: a stalled engine goes silent rather than reporting: silence is what the
             # routers already treat as a hung worker (routing/watch.py), and the reports
             # come back by themselves once the step ends.

@@ -11,6 +11,7 @@ to the other worker)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -224,3 +225,28 @@ def test_kill_9_of_a_rank_fails_no_request(cluster) -> None:
         "\n".join(cluster.router.tail),
     )
     assert traffic.statuses[-5:] == [200] * 5
+
+
+def test_a_worker_whose_rank_exits_never_reports_draining(cluster) -> None:
+    """SIGTERM of a rank: its group is down, the engine dies and the worker exits 1 (`up`
+    restarts it). Its load reports must not say draining on the way out: a router takes a
+    draining worker for one leaving on purpose and does not wait for its restart, so on
+    `epdserve up` with one TP worker 8 of 8 and then 2 of 8 streams failed with
+    `no_workers` at once after a rank's SIGTERM (a rank's kill -9, racing the other way, lost
+    none). The last test of the module: the worker is not restarted."""
+    victim = cluster.workers[1]
+    (rank,) = rank_processes(victim.proc.pid)
+    address = workers(cluster)[victim.name]["address"]
+    with grpc.insecure_channel(address) as ch:
+        reports = pb_grpc.WorkerServiceStub(ch).StreamLoad(
+            pb.LoadReportRequest(interval_ms=20), timeout=60
+        )
+        assert not next(reports).draining
+        os.kill(rank, signal.SIGTERM)
+        draining = 0
+        with contextlib.suppress(grpc.RpcError):  # the worker went away (or the 60 s bound)
+            for report in reports:
+                draining += report.draining
+    assert draining == 0
+    wait_for(lambda: not victim.alive(), 30, "the worker to exit")
+    assert victim.returncode() == 1
