@@ -267,6 +267,38 @@ def test_a_worker_that_was_silent_when_the_request_came_is_not_counted() -> None
     assert sorted(killed) == ["m0", "m1", "m2"], killed
 
 
+class GoneStub(DyingStub):
+    """A worker gone before the call got there: it fails to connect (the details as a shared
+    stream's failure relays them, mux.py: seen with two workers SIGKILLed at once)."""
+
+    def _dies(self) -> grpc.aio.AioRpcError:
+        self.killed.append(self.name)
+        return rpc_error(
+            grpc.StatusCode.UNAVAILABLE,
+            "the shared stream to the worker broke: UNAVAILABLE failed to connect to all "
+            "addresses; last error: UNKNOWN: ipv4:127.0.0.1:38357: Failed to connect to remote "
+            "host: Connection refused",
+        )
+
+
+def test_a_worker_the_call_could_not_connect_to_is_not_counted() -> None:
+    """Two workers killed at once (a host's OOM killer, an etcd outage that ends workers): a
+    request moved off the first reaches the second before the router read that one's load
+    stream break, and the call fails to connect. The request never got there: not its death.
+    It was the second death (poison_request in 3 of 3 rounds of a real 3-worker cluster with
+    two workers killed at once under 6 streams)."""
+    killed: list[str] = []
+    handles: list[WorkerHandle] = []
+
+    def pool() -> WorkerPool:
+        stubs = [DyingStub(killed, "m0"), DyingStub(killed, "m1"), GoneStub(killed, "m2")]
+        handles.extend(fake_handle(f"m{i}", stub) for i, stub in enumerate(stubs))
+        return fake_pool(handles)  # round robin tries m0, m2, m1
+
+    _ends_poison(pool, handles)
+    assert killed == ["m0", "m2", "m1"], killed
+
+
 def _ends_poison(pool: Callable[[], WorkerPool], handles: list[WorkerHandle]) -> None:
     """One request on an Orchestrator over ``pool()`` (made in the event loop) must end
     poison_request; ``handles`` (those made by then) are closed after."""

@@ -29,7 +29,7 @@ import grpc
 from services.common.proto import worker_pb2 as pb
 from services.router.errors import APIError
 from services.router.routing.poison import PoisonTracker
-from services.router.routing.retry import worker_died
+from services.router.routing.retry import never_connected, worker_died
 from services.router.routing.watch import WorkerLost, watched_unary
 from services.router.routing.workers import WorkerHandle, WorkerPool
 
@@ -114,7 +114,7 @@ class EncodeStage:
                         exc.details())  # fmt: skip
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 handle.mark_failed()
-            if worker_died(exc):
+            if worker_died(exc) and not never_connected(exc):
                 self.poison.note_current_death(handle.process, handle.alive_at)
             return None
         finally:

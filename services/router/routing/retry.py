@@ -33,6 +33,9 @@ RETRYABLE = frozenset(
 )
 # Prefix of a worker's refusal of a request stamped with an old role epoch (it changed role).
 STALE_EPOCH_PREFIX = "stale role epoch"
+# What grpc says of a call that could not connect (pick_first; round_robin), also inside the
+# details of a shared stream's failure (mux.py): the request never got to the worker.
+NOT_CONNECTED = ("failed to connect to all addresses", "connections to all backends failing")
 
 
 def worker_died(exc: grpc.aio.AioRpcError) -> bool:
@@ -47,6 +50,14 @@ def worker_died(exc: grpc.aio.AioRpcError) -> bool:
         FAILURE_REFUSED,
         FAILURE_TRANSFER,
     )
+
+
+def never_connected(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether the call failed to connect: the worker was gone before the request got there
+    (two workers killed at once: a request moved off the first one reached the second before
+    the router had read that one's load stream break), so its death is not the request's."""
+    details = exc.details() or ""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and any(m in details for m in NOT_CONNECTED)
 
 
 def note_refusal(exc: grpc.aio.AioRpcError, handle: WorkerHandle, epoch: int) -> None:
@@ -124,8 +135,16 @@ class Attempts:
         self.tried.add(handle.process)
         self.down.add(handle.process)
         self.last_error = APIError(503, f"worker unavailable: {exc}")
-        self.poison.note_current_death(handle.process, handle.alive_at)
+        self._death(handle)
         return AttemptFailed()
+
+    def _death(self, handle: WorkerHandle, exc: grpc.aio.AioRpcError | None = None) -> None:
+        """``handle`` died or hung running the request (``exc``: its failed call): a death of
+        the request's (poison.py) unless the call never got to it (``never_connected``)."""
+        if exc is not None and never_connected(exc):
+            log.info("%s was gone before the request got there: not its death", handle.id)
+            return
+        self.poison.note_current_death(handle.process, handle.alive_at)
 
     def failed(self, exc: grpc.aio.AioRpcError, handle: WorkerHandle, epoch: int) -> AttemptFailed:
         """A call to ``handle`` (stamped with role ``epoch``) failed before the first token:
@@ -148,7 +167,7 @@ class Attempts:
         self.last_error = api_error_from_grpc(exc)
         if worker_died(exc):
             self.down.add(handle.process)
-            self.poison.note_current_death(handle.process, handle.alive_at)
+            self._death(handle, exc)
         return AttemptFailed(kind)
 
     def mid_stream(self, exc: grpc.aio.AioRpcError, handle: WorkerHandle, epoch: int) -> Exception:
@@ -162,7 +181,7 @@ class Attempts:
             return api_error_from_grpc(exc)
         note_refusal(exc, handle, epoch)
         if worker_died(exc):
-            self.poison.note_current_death(handle.process, handle.alive_at)
+            self._death(handle, exc)
         return Migrate("died", f"{handle.id}: {exc.code().name} {exc.details()}")
 
     async def unary(
