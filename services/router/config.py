@@ -10,6 +10,7 @@ from services.common.dataclass_cli import check_types
 from services.common.grpc_utils import GrpcTLS
 from services.common.member_config import check_cluster_name
 from services.common.tracing import OTLP_TRACES_HELP
+from services.engine.sampling_params import MAX_TOKEN_COUNT
 from services.router.config_parts import YEAR_S, OfflineSettings, RebalanceSettings
 from services.router.features.images import ImageLimits
 from services.router.features.reasoning.factory import NONE as NO_REASONING
@@ -310,8 +311,10 @@ class RouterConfig(RebalanceSettings, OfflineSettings):
                 raise ValueError(f"{name} must be >= 1")
         if self.preprocess_threads < 1:
             raise ValueError("preprocess_threads must be >= 1")
-        if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
-            raise ValueError("max_tokens_limit must be >= 1 when set")
+        # NOTE: at most the wire's int32: a larger one reached the engine as the max_tokens of
+        # every chat request that gives none (a 400 naming no parameter).
+        if self.max_tokens_limit is not None and not 1 <= self.max_tokens_limit <= MAX_TOKEN_COUNT:
+            raise ValueError(f"max_tokens_limit must be in [1, {MAX_TOKEN_COUNT}] when set")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
         _ = self.grpc_tls  # all three TLS files or none

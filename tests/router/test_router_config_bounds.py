@@ -28,6 +28,16 @@ def test_shutdown_grace_is_bounded(value: float) -> None:
         RouterConfig(etcd="127.0.0.1:1", shutdown_grace_s=value)
 
 
+@pytest.mark.parametrize("value", [0, 2**31, 2**32])
+def test_max_tokens_limit_is_bounded_by_the_wire(value: int) -> None:
+    """A limit past the wire's int32 (an operator's 'unlimited', 2**32) was accepted: every
+    chat request without max_tokens then takes it as its max_tokens, and got a 400 about
+    'max_tokens and min_tokens' it never sent."""
+    with pytest.raises(ValueError):
+        RouterConfig(etcd="127.0.0.1:1", max_tokens_limit=value)
+    assert RouterConfig(etcd="127.0.0.1:1", max_tokens_limit=2**31 - 1).max_tokens_limit
+
+
 def test_sane_values_are_accepted() -> None:
     cfg = RouterConfig(etcd="127.0.0.1:1", http_head_timeout_s=0.1, http_body_timeout_s=86400.0,
                        worker_restart_wait_s=0.0, shutdown_grace_s=0.0)  # fmt: skip
