@@ -30,7 +30,11 @@ def _pid_namespace() -> str:
 def _start_ticks(pid: int) -> str:
     """When ``pid`` started (clock ticks since boot); "" if it does not run (an exited child
     not yet reaped, a zombie, does not)."""
-    stat = _read(f"/proc/{pid}/stat")
+    return _ticks_of(_read(f"/proc/{pid}/stat"))
+
+
+def _ticks_of(stat: str) -> str:
+    """``_start_ticks`` of a process's /proc/<pid>/stat text."""
     fields = stat.rpartition(")")[2].split()  # NOTE: the name in (...) may hold spaces
     if len(fields) < 20 or fields[0] == "Z":
         return ""
@@ -54,9 +58,9 @@ def gone(ident: str) -> bool | None:
     boot, namespace, pid, start = parts
     if boot != _boot() or namespace != _pid_namespace():
         return None
-    now = _start_ticks(int(pid))
-    if now:
-        return now != start
+    stat = _read(f"/proc/{pid}/stat")
+    if stat:
+        return _ticks_of(stat) != start
     # NOTE: another user's /proc/<pid> is unreadable or invisible where /proc is mounted with
     # hidepid (systemd's ProtectProc=): that read as exited. The kernel still says whether
     # the pid runs; then its start time cannot be compared.
@@ -65,5 +69,5 @@ def gone(ident: str) -> bool | None:
     except ProcessLookupError:
         return True
     except PermissionError:
-        return None
-    return True  # runs, readable: a zombie (exited, not yet reaped)
+        pass
+    return None

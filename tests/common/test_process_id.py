@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 from services.common import process_id
 
@@ -38,7 +39,9 @@ def test_a_process_whose_proc_entry_is_hidden_is_not_taken_for_gone(monkeypatch)
     a router took every starting worker on its machine for dead (a 503 instead of a wait).
     The kernel still tells whether the pid runs (kill 0: EPERM); then it cannot be checked."""
     ident = process_id.identity()
-    monkeypatch.setattr(process_id, "_start_ticks", lambda pid: "")  # /proc/<pid> hidden
+    read = process_id._read
+    monkeypatch.setattr(process_id, "_read",  # /proc/<pid> hidden
+                        lambda path: "" if path.endswith("/stat") else read(path))  # fmt: skip
 
     def kill(pid: int, sig: int) -> None:
         assert sig == 0
@@ -52,3 +55,25 @@ def test_a_process_whose_proc_entry_is_hidden_is_not_taken_for_gone(monkeypatch)
 
     monkeypatch.setattr(process_id.os, "kill", kill_gone)
     assert process_id.gone(ident) is True
+
+
+def test_a_zombie_of_another_user_is_gone(monkeypatch) -> None:
+    """Exited, not yet reaped by its parent: its /proc/<pid>/stat says so (state Z) even where
+    the kernel refuses to signal it (another user's)."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ident = process_id.identity(child.pid)
+        child.kill()
+        deadline = time.monotonic() + 10
+        while process_id._start_ticks(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the signal's delivery; nobody reaps it
+
+        def kill(pid: int, sig: int) -> None:
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(process_id.os, "kill", kill)
+        assert process_id.gone(ident) is True
+    finally:
+        monkeypatch.undo()
+        child.kill()
+        child.wait(timeout=10)
