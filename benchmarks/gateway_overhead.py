@@ -38,6 +38,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from services.common.grpc_io import use_poller_io  # noqa: E402
+
+# The grpc arm's client runs gRPC's I/O as the router does (common/grpc_io.py).
+use_poller_io()
+
 import httpx  # noqa: E402
 
 from benchmarks.http_client import Meter, RawClient, emit, pct, start_router  # noqa: E402

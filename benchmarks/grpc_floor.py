@@ -31,6 +31,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from services.common.grpc_io import use_poller_io  # noqa: E402
+
+# Both sides run gRPC's I/O as the services do (common/grpc_io.py); `GRPC_EXPERIMENTS=` (set,
+# empty) measures gRPC's default EventEngine instead.
+use_poller_io()
+
 import grpc  # noqa: E402
 
 from benchmarks.http_client import emit, pct  # noqa: E402

@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, help=admin_help[name], add_help=False)
     sub.add_parser("batches", help="list, show or cancel batch jobs", add_help=False)
 
+    if argv and argv[0] in ("worker", "router", "kvstore"):
+        from services.common.grpc_io import use_poller_io
+
+        use_poller_io()  # before their imports bring grpc in (common/grpc_io.py)
     if argv and argv[0] == "worker":
         from services.worker import starting  # before the heavy imports: worker/starting.py
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import sys
 
-from services.worker import lease_handover, starting
+from services.common.grpc_io import use_poller_io
+
+use_poller_io()  # before anything imports grpc (common/grpc_io.py)
+
+from services.worker import lease_handover, starting  # noqa: E402
 
 # Before the heavy imports below: keep the key a model load's restart handed over alive, or
 # advertise this worker as starting (worker/starting.py).
