@@ -16,6 +16,11 @@ seconds). A record over that bound, or one written while etcd is away (for ETCD_
 a failed write, etcd is not tried), is kept in this router's memory instead (an LRU of
 ``local_bytes``, same TTL): only this router then finds it, and it is gone when the router
 restarts or the LRU needs the room.
+
+A background run also keeps a mark, ``/epdserve/<cluster>/responses-running/<id>``, on a lease
+of RUN_TTL_S that the router running it renews (``mark_running``): a record still ``queued`` or
+``in_progress`` whose mark is gone was left by a router that died, and readers settle it as
+failed (api/responses.py) rather than let clients poll a run nobody runs until the TTL.
 """
 
 from __future__ import annotations
@@ -44,12 +49,19 @@ SWEEP_EVERY_S = 60.0  # how often a router deletes the files of expired records
 # NOTE: a file is written before its pointer, so a sweep spares younger files than this (a
 # pointer put takes at most two bounded etcd calls, ~8 s).
 SWEEP_GRACE_S = 30.0
+# A background run's mark outlives its router by at most this; the router renews it every
+# third of it (the run's cancel watch looks every second: api/responses.py).
+RUN_TTL_S = 10.0
 POINTER = "$file"  # the key of a pointer record: {"$file": "<id>.json"}
 _FILE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # NOTE: ids name files: nothing else passes
 
 
 def responses_prefix(cluster: str) -> str:
     return f"/epdserve/{cluster}/responses/"
+
+
+def running_prefix(cluster: str) -> str:
+    return f"/epdserve/{cluster}/responses-running/"
 
 
 class _Local:
@@ -143,6 +155,8 @@ class ResponseStore:
                  max_records: int, local_bytes: int, files_dir: str | Path) -> None:  # fmt: skip
         self.session = EtcdSession(endpoints)
         self.prefix = responses_prefix(cluster)
+        self.running = running_prefix(cluster)
+        self._run_lease: tuple[int, float] | None = None  # the marks' (id, monotonic grant)
         self.ttl_s = ttl_s
         self.max_record_bytes = max_record_bytes
         self.max_records = max_records
@@ -213,6 +227,42 @@ class ResponseStore:
             value = await asyncio.to_thread(self.files.read, record[POINTER])
             record = json.loads(value) if value is not None else None
         return record
+
+    async def mark_running(self, rid: str) -> None:
+        """(Re)new the mark of this router's background run ``rid`` for RUN_TTL_S; raises when
+        etcd is away (the run goes on; its readers cannot judge it then)."""
+
+        async def put(c: Etcd3Client) -> None:
+            assert c.kv is not None and c.lease is not None
+            now = time.monotonic()
+            if self._run_lease is None or now - self._run_lease[1] > RUN_TTL_S / 3:
+                grant = await c.lease.grant(int(RUN_TTL_S), timeout=ETCD_OP_TIMEOUT_S)
+                self._run_lease = (grant.ID, now)
+            await c.kv.put(self.running + rid, b"", lease=self._run_lease[0],
+                           timeout=ETCD_OP_TIMEOUT_S)  # fmt: skip
+
+        try:
+            await self.session.call(put)
+        except Exception:
+            self._run_lease = None  # granted on a client that failed: may be gone
+            raise
+
+    async def unmark_running(self, rid: str) -> None:
+        async def delete(c: Etcd3Client) -> None:
+            assert c.kv is not None
+            await c.kv.delete(self.running + rid, timeout=ETCD_OP_TIMEOUT_S)
+
+        await self.session.call(delete)
+
+    async def is_marked_running(self, rid: str) -> bool:
+        """Whether some router runs ``rid`` (its mark is there); raises when etcd is away."""
+
+        async def get(c: Etcd3Client) -> bool:
+            assert c.kv is not None
+            resp = await c.kv.get(self.running + rid, keys_only=True, timeout=ETCD_OP_TIMEOUT_S)
+            return bool(resp.kvs)
+
+        return await self.session.call(get)
 
     async def delete(self, rid: str) -> bool:
         """Whether a record of ``rid`` was there."""

@@ -206,6 +206,33 @@ async def test_background_runs_and_cancels_from_either_router(routers) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_background_run_whose_router_died_fails_with_the_reason(routers, tmp_path) -> None:
+    """A router killed (-9) leaves its background runs' records unfinished; their running
+    marks (on a lease that router renewed) run out, and the first reader then stores the run
+    as failed, with the reason. Before, the record stayed `queued` for its TTL (1 h by
+    default): through `epdserve up`, a client polled a killed router's run for 2 min. Here the
+    dead router's leftover is written by hand: its record as stored, and no mark."""
+    a, b, etcd = routers
+    ran = await _finished(b, (await _create(a, input="go", background=True))["id"])
+    store = ResponseStore([etcd.endpoint], "rs", 30.0, 2000, 100, 1000, tmp_path / "responses")
+    try:
+        record = await store.get(ran["id"])
+        assert record is not None
+        left = {**record["response"], "id": "resp_left", "status": "in_progress", "output": []}
+        await store.put("resp_left", {**record, "response": left})
+    finally:
+        await store.close()
+    for c in (b, a):
+        got = (await c.get("/v1/responses/resp_left")).json()
+        assert got["status"] == "failed", got
+        assert "stopped before it finished" in got["error"]["message"]
+    # A live run, asked through the router that does not run it, is left alone.
+    long = await _create(a, input="go", background=True, max_output_tokens=100)
+    assert (await b.get(f"/v1/responses/{long['id']}")).json()["status"] == "queued"
+    assert (await b.post(f"/v1/responses/{long['id']}/cancel")).json()["status"] == "cancelled"
+
+
+@pytest.mark.asyncio
 async def test_stream_events_in_order(routers) -> None:
     a, _, _ = routers
     body = {"model": MODEL, "input": "hi", "max_output_tokens": 3, "stream": True}

@@ -7,6 +7,7 @@ router answers for them. Errors are in OpenAI's format."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -31,6 +32,7 @@ from services.router.auth import key_tiers
 from services.router.errors import APIError, bad_request
 from services.router.features.structured import may_compile
 from services.router.prompt import checked_chat_prompt
+from services.router.response_store import RUN_TTL_S
 from services.router.serving import ServeRequest, run_detached, serve
 from services.router.tiers import openai_params
 
@@ -40,6 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_S = 1.0  # how often a background run looks for a cancel made on another router
+UNFINISHED = ("queued", "in_progress")
+ORPHANED = ("the router running this background response stopped before it finished; "
+            "create it again")  # fmt: skip
 
 
 async def _record(gw: Gateway, rid: str, param: str = "response_id") -> dict[str, Any]:
@@ -51,7 +56,31 @@ async def _record(gw: Gateway, rid: str, param: str = "response_id") -> dict[str
     if record is None:
         raise APIError(404, f"Response with id '{rid}' not found.", param=param,
                        code="not_found")  # fmt: skip
-    return record
+    return await _settled(gw, rid, record)
+
+
+async def _settled(gw: Gateway, rid: str, record: dict[str, Any]) -> dict[str, Any]:
+    """``record``, or, for a background run left unfinished by a router that died (its
+    running mark is gone: response_store.py), the record failed, and stored so. Before, such
+    a run stayed ``queued`` for the record's whole TTL (1 h) and clients polled it on."""
+    response = record["response"]
+    if not response.get("background") or response["status"] not in UNFINISHED:
+        return record
+    if rid in gw.background:
+        return record
+    try:
+        if await gw.responses.is_marked_running(rid):
+            return record
+        # NOTE: read again: a run that ended stored its record before removing its mark.
+        again = await gw.responses.get(rid)
+    except Exception:  # noqa: BLE001 - etcd away: nothing to judge by
+        return record
+    if again is None or again["response"]["status"] not in UNFINISHED:
+        return again or record
+    error = {"code": "server_error", "message": ORPHANED}
+    failed = {**again, "response": {**again["response"], "status": "failed", "error": error}}
+    await gw.responses.put(rid, failed)
+    return failed
 
 
 async def create(gw: Gateway, request: Request) -> Response:
@@ -68,7 +97,7 @@ async def create(gw: Gateway, request: Request) -> Response:
         history: list[dict[str, Any]] = []
         if typed.previous_response_id:
             previous = await _record(gw, typed.previous_response_id, "previous_response_id")
-            if previous["response"]["status"] in ("queued", "in_progress"):
+            if previous["response"]["status"] in UNFINISHED:
                 raise bad_request(f"previous response '{typed.previous_response_id}' has not "
                                   "finished", param="previous_response_id")  # fmt: skip
             history = previous["messages"]
@@ -93,6 +122,8 @@ async def create(gw: Gateway, request: Request) -> Response:
     if not typed.background:
         return await serve(gw, request, req, out, typed.stream)
     queued = out.skeleton("queued")
+    with contextlib.suppress(Exception):  # etcd away: the run goes on, unjudged
+        await gw.responses.mark_running(rid)  # NOTE: before the record: never one unmarked
     await gw.responses.put(rid, out.record(queued))
     # Streamed: the client reads the run's events while it stays (and keeps up, within
     # MAX_EVENTS_BEHIND: event_relay.py); the run goes on without it.
@@ -140,12 +171,20 @@ async def _background(
         gw.background.pop(req.rid, None)
         if events is not None:
             events.end()
+        with contextlib.suppress(Exception):  # etcd away: the mark runs out by itself
+            await gw.responses.unmark_running(req.rid)
 
 
 async def _cancelled_elsewhere(gw: Gateway, rid: str) -> str:
-    """Returns ("cancelled" or "deleted") once the stored response is."""
+    """Returns ("cancelled" or "deleted") once the stored response is; renews the run's
+    running mark meanwhile."""
+    marked = time.monotonic()
     while True:
         await asyncio.sleep(CANCEL_POLL_S)
+        if time.monotonic() - marked >= RUN_TTL_S / 3:
+            with contextlib.suppress(Exception):  # etcd away: look again later
+                await gw.responses.mark_running(rid)
+                marked = time.monotonic()
         try:
             record = await gw.responses.get(rid)
         except Exception:  # noqa: BLE001 - etcd away: look again later
@@ -214,7 +253,7 @@ async def cancel(gw: Gateway, request: Request) -> Response:
     response = record["response"]
     if not response.get("background"):
         raise bad_request("only background responses can be cancelled", param="response_id")
-    if response["status"] in ("queued", "in_progress"):
+    if response["status"] in UNFINISHED:
         response["status"] = "cancelled"
         await gw.responses.put(rid, record)
         if (task := gw.background.get(rid)) is not None:
