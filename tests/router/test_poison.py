@@ -17,7 +17,15 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
-from fake_handles import Unary, fake_handle, fake_pool, rpc_error
+from fake_handles import (
+    Stream,
+    Unary,
+    fake_handle,
+    fake_pool,
+    finished,
+    keep_reporting,
+    rpc_error,
+)
 from router_fakes import FakeEngine, start_fake_worker, start_gateway, until_healthy
 
 from services.cli import admin
@@ -297,6 +305,40 @@ def test_a_worker_the_call_could_not_connect_to_is_not_counted() -> None:
 
     _ends_poison(pool, handles)
     assert killed == ["m0", "m2", "m1"], killed
+
+
+class Answers:
+    """A live worker: it answers a request with one finished token."""
+
+    def Generate(self, req: pb.GenerateRequest, timeout: float) -> Stream:  # noqa: N802
+        return Stream([finished()])
+
+
+def test_after_a_death_the_request_goes_to_a_worker_that_reported_since() -> None:
+    """Two workers SIGKILLed at once: the request moved off the first one must not go to the
+    second before the router saw it close (80 ms later in a real cluster: a second death,
+    poison_request, in 1 of 1 such rounds). It waits a report interval or two for a worker
+    that reported since the death, and goes there. The old choice (round robin: m2, silent
+    since before the death) made it poison."""
+    killed: list[str] = []
+
+    async def main() -> None:
+        handles = [fake_handle("m0", DyingStub(killed, "m0")), fake_handle("m1", Answers()),
+                   fake_handle("m2", DyingStub(killed, "m2"))]  # fmt: skip
+        reporting = asyncio.create_task(keep_reporting(handles[1:2]))  # m1 only
+        orch = Orchestrator(fake_pool(handles), create_policy("round_robin"), timeout_s=30,
+                            max_attempts=3, stall_timeout_s=5)  # fmt: skip
+        try:
+            params = pb.SamplingParams(max_tokens=1)
+            out = [m async for m in orch.generate("m", "r1", [1, 2], params)]
+            assert out[-1].finished
+        finally:
+            reporting.cancel()
+            for h in handles:
+                await h.channel.close()
+
+    asyncio.run(main())
+    assert killed == ["m0"], killed
 
 
 def _ends_poison(pool: Callable[[], WorkerPool], handles: list[WorkerHandle]) -> None:

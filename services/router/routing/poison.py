@@ -133,6 +133,7 @@ class RequestDeaths:
     placed: dict[str, int] = field(default_factory=dict)
     # Worker process -> when (tracker's clock) the request was first placed on it.
     placed_at: dict[str, float] = field(default_factory=dict)
+    died_at: float = 0.0  # when a worker last died or hung running it, counted or not (0: never)
 
 
 # The worker deaths of the request the current task runs: set by PoisonTracker.track (once
@@ -201,6 +202,13 @@ class PoisonTracker:
         _DEATHS.set(deaths)
 
     @staticmethod
+    def died_at() -> float:
+        """When a worker last died or hung running the current task's request (0: never, or
+        no request tracked): worker_choice then prefers workers that reported since."""
+        deaths = _DEATHS.get()
+        return 0.0 if deaths is None else deaths.died_at
+
+    @staticmethod
     def turn() -> Turn:
         """The turn of the current task's request's next attempt (``Turn``)."""
         deaths = _DEATHS.get()
@@ -230,6 +238,7 @@ class PoisonTracker:
         was placed on before its previous death died with that one (not in turn).
         ``alive_at``: the worker's latest sign of life (0: unknown); one silent since
         ``frozen_s`` before the request got there was frozen already: not counted."""
+        request.died_at = self.clock()
         if worker_id in request.workers:
             return
         placed_at = request.placed_at.get(worker_id)

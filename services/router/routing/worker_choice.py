@@ -16,6 +16,7 @@ from services.engine.service_tiers import DEFAULT, FLEX
 from services.router.routing.kv_index import KVIndexClient
 from services.router.routing.lora_affinity import DEFAULT_SLACK, note_routed, prefer_resident
 from services.router.routing.pd import PDRequest, pair_of_one_size
+from services.router.routing.poison import PoisonTracker
 from services.router.routing.policies.base import RouteRequest, RoutingPolicy
 from services.router.routing.retry import AttemptFailed, Attempts
 from services.router.routing.workers import WorkerHandle, WorkerPool
@@ -37,6 +38,12 @@ class WorkerChoice:
     # next load report after a failed call, or just registered) waits this long for one.
     WORKER_WAIT_S = 5.0
     WORKER_POLL_S = 0.05
+    # After a worker died running the request, a worker that sent a load report since is
+    # preferred, for up to this many report intervals: one killed together with it (a host's
+    # OOM killer, two workers SIGKILLed at once) may not be seen closing yet, and the request
+    # placed there died again before it could run: a second death, poison (80 ms apart in
+    # session 21's trial, a connection reset still in flight).
+    FRESH_AFTER_DEATH_REPORTS = 2
     # A request finding no worker of a role where one died serving waits this long for it to
     # be restarted (RouterConfig.worker_restart_wait_s; 0: fail at once).
     restart_wait_s = 0.0
@@ -134,10 +141,18 @@ class WorkerChoice:
         (``max_attempts`` and the poison tracker still bound the request)."""
         start = time.monotonic()
         waited_for: str | None = None
+        died_at = PoisonTracker.died_at()
         while True:
             found = [h for h in self.pool.candidates(role, model) if h.process not in exclude]
             serving = [h.id for h in self.pool.serving(role, model) if h.process not in exclude]
             waited = time.monotonic() - start
+            if found and died_at:
+                fresh = [h for h in found if h.alive_at > died_at]
+                hold_s = max(h.interval_ms for h in found) * self.FRESH_AFTER_DEATH_REPORTS / 1e3
+                if fresh or waited >= hold_s:
+                    return fresh or found
+                await asyncio.sleep(self.WORKER_POLL_S)  # for a report (a fraction of a second)
+                continue
             if found:
                 return found
             if serving and waited < self.WORKER_WAIT_S:
