@@ -9,15 +9,16 @@ The store is a cache, so nothing here raises for store trouble: an unreachable o
 restarted master makes reads miss and writes fail, and the engine recomputes. Mooncake's
 own client reconnects after a short master outage; when it stays cut off while the
 master answers again (a long outage), or never connected, a fresh client is set up, at
-most once every ``retry_s``. NOTE: ``setup`` blocks for minutes, holding the GIL, when the
-master is down or stopped, so a connection is only tried when the master answers
-(``_master_answers``), and only from the engine's background store threads.
+most once every ``retry_s``. NOTE: ``setup`` holds the GIL while it waits for the master, so
+a connection is only tried when the master answers (``_master_answers``), only from the
+engine's background store threads, and with Mooncake's master RPCs bounded (``MASTER_RPC_ENV``).
 """
 
 from __future__ import annotations
 
 import http.client
 import logging
+import os
 import socket
 import threading
 import time
@@ -31,6 +32,14 @@ from services.common.net import open_direct
 log = logging.getLogger(__name__)
 
 HEALTHY, NOT_INITIALIZED, MASTER_UNREACHABLE = 0, 1, 2  # MooncakeDistributedStore.health_check
+# Mooncake's defaults wait for a master that does not answer 30 s per RPC, and its setup tries 20
+# times (~10 min), holding the GIL: a master stopped just after ``_master_answers`` froze the
+# worker whole until the kvstore killed the master (a decode worker was 'gone' 5-12 s). Its RPCs
+# answer in milliseconds: after 1 s, one try, a call is a miss and a setup fails (1.3 s, GIL
+# held) and is tried again ``retry_s`` later. Read by Mooncake's store client (not the KV
+# transfer engine) when a client is created; an operator's own values win.
+MASTER_RPC_ENV = {"MC_RPC_TIMEOUT_MS": "1000", "MC_STORE_CLIENT_SETUP_RETRIES": "1"}
+_LEFT_OPEN: list[Any] = []  # clients not closed: their master did not answer (close())
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,8 @@ class MooncakeStoreTier:
         self._lock = threading.Lock()  # one (re)connection at a time
         self._next_try = 0.0
         self.num_setups = 0  # clients set up so far (tests and logs read it)
+        for name, value in MASTER_RPC_ENV.items():  # NOTE: before any store thread runs
+            os.environ.setdefault(name, value)
 
     def key(self, block_hash: int) -> str:
         return block_key(self.model, self.layout_key, block_hash)
@@ -214,10 +225,22 @@ class MooncakeStoreTier:
         return list(hashes)
 
     def close(self) -> None:
-        """Close every client; call once no store call is running any more."""
+        """Close every client; call once no store call is running any more.
+
+        NOTE: Mooncake's ``close`` against a master that does not answer holds the GIL for
+        45-99 s (so does the client's destructor): a worker told to stop froze that long. With
+        such a master the clients are left open, and kept referenced so that no destructor
+        runs: the worker's process ends with ``os._exit`` (services/common/fast_exit.py)."""
         with self._lock:
             clients = [*self._retired, self._client] if self._client else self._retired
             self._client, self._retired = None, []
             self._next_try = float("inf")
+            config = self.config
+        if not clients:
+            return
+        if config is None or not _master_answers(config):
+            log.warning("KV store: master does not answer; %d client(s) left open", len(clients))
+            _LEFT_OPEN.extend(clients)
+            return
         for client in clients:
             client.close()

@@ -3,6 +3,8 @@ on the same ports (a restart empties the store, as in production)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 
 from services.common.net import free_port, wait_for_port
@@ -13,6 +15,7 @@ from services.kvstore.master import (
     master_argv,
 )
 from services.kvstore.store_tier import MooncakeStoreTier, StoreConfig
+from tests.waits import sigstop
 
 
 class Master:
@@ -29,6 +32,15 @@ class Master:
         )
         for port in (self.ports.rpc_port, self.ports.metadata_port):
             assert wait_for_port("127.0.0.1", port, 20), "mooncake_master did not start"
+
+    def pause(self) -> None:
+        """Stop the master (SIGSTOP): it accepts connections and answers nothing."""
+        assert self.proc is not None
+        sigstop(self.proc.pid)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         if self.proc is not None:

@@ -4,11 +4,13 @@ computed on one worker is fetched from the store by the other instead of recompu
 
 from __future__ import annotations
 
+import os
+import signal
 import urllib.request
 
 import grpc
 import pytest
-from cluster_helpers import start_cluster
+from cluster_helpers import descendants, start_cluster
 from cluster_helpers import wait_for as poll
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -16,6 +18,7 @@ from services.cli.children import ManagedProcess
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
 from tests.deps import MOONCAKE, require
+from tests.waits import sigstop
 
 require("mooncake.store", MOONCAKE)
 pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
@@ -26,6 +29,9 @@ def wait_for(pred, timeout: float = 60.0, what: str = "condition"):
 
 
 BS = 16
+# A worker told to stop exits within this (1.6 s at a load of 4; the stopped master held
+# Mooncake's close() 45-99 s).
+EXIT_BOUND_S = 30
 SHARED = [(7 * i + 11) % 3000 + 100 for i in range(12 * BS)]  # 12 blocks
 
 
@@ -71,5 +77,17 @@ def test_a_prefix_computed_on_one_worker_is_reused_by_another(tiny_model_dir):
         assert tokens == ref
         assert cached_b == 12 * BS  # every shared block came from the store
         assert metric(b, "epdserve:kv_tier_hit_blocks_total", tier="store") >= 12
+        # A stopped master (and a kvstore that cannot kill it) holds up no worker's exit:
+        # Mooncake's close() against it held the GIL 45-99 s (user13, session 20).
+        assert cluster.kvstore is not None
+        stopped = [cluster.kvstore.proc.pid, *descendants(cluster.kvstore.proc.pid)]
+        for pid in stopped:
+            sigstop(pid)
+        try:
+            b.signal(signal.SIGTERM)
+            assert b.proc.wait(timeout=EXIT_BOUND_S) == 0
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
     finally:
         cluster.stop()
