@@ -50,8 +50,12 @@ SWEEP_EVERY_S = 60.0  # how often a router deletes the files of expired records
 # pointer put takes at most two bounded etcd calls, ~8 s).
 SWEEP_GRACE_S = 30.0
 # A background run's mark outlives its router by at most this; the router renews it every
-# third of it (the run's cancel watch looks every second: api/responses.py).
-RUN_TTL_S = 10.0
+# RUN_RENEW_S (the run's cancel watch looks every second: api/responses.py), on a lease of at
+# most that age. NOTE: so a mark outlives a stall of its router's renewals (a busy loop, etcd
+# slow or stopped a while) of RUN_TTL_S - RUN_RENEW_S: with a 10 s lease renewed every 3.3 s
+# that was 6.7 s, and a stall of ~3 s let another router store a live run as failed.
+RUN_TTL_S = 30.0
+RUN_RENEW_S = 3.0
 POINTER = "$file"  # the key of a pointer record: {"$file": "<id>.json"}
 _FILE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")  # NOTE: ids name files: nothing else passes
 
@@ -235,7 +239,7 @@ class ResponseStore:
         async def put(c: Etcd3Client) -> None:
             assert c.kv is not None and c.lease is not None
             now = time.monotonic()
-            if self._run_lease is None or now - self._run_lease[1] > RUN_TTL_S / 3:
+            if self._run_lease is None or now - self._run_lease[1] > RUN_RENEW_S:
                 grant = await c.lease.grant(int(RUN_TTL_S), timeout=ETCD_OP_TIMEOUT_S)
                 self._run_lease = (grant.ID, now)
             await c.kv.put(self.running + rid, b"", lease=self._run_lease[0],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import httpx
@@ -21,8 +22,10 @@ from router_fakes import (
     until_healthy,
 )
 
+from services.common.etcd_client import ETCD_OP_TIMEOUT_S
 from services.common.etcd_server import EtcdServer
 from services.common.proto import worker_pb2 as pb
+from services.router import response_store
 from services.router.accumulate import Choice, Usage
 from services.router.api.protocol.common import OpenAIError
 from services.router.api.protocol.responses import ResponseDeleted, ResponseObject
@@ -35,6 +38,9 @@ from services.router.serving import ServeRequest
 pytestmark = [pytest.mark.timeout(120)]
 
 MODEL = "fake-model"
+# How long a background run's running mark must outlive a stall of its router's renewals (an
+# etcd stopped 20 s, docs/faults.md; a loaded router's loop).
+MARK_STALL_S = 20.0
 
 
 @pytest_asyncio.fixture
@@ -230,6 +236,51 @@ async def test_a_background_run_whose_router_died_fails_with_the_reason(routers,
     long = await _create(a, input="go", background=True, max_output_tokens=100)
     assert (await b.get(f"/v1/responses/{long['id']}")).json()["status"] == "queued"
     assert (await b.post(f"/v1/responses/{long['id']}/cancel")).json()["status"] == "cancelled"
+
+
+class _Clock:
+    """``time`` as response_store.py sees it, its monotonic clock set by the test."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.mark.asyncio
+async def test_a_running_mark_outlives_a_stall_of_its_router(tmp_path, monkeypatch) -> None:
+    """A live run must not be judged failed because its router's renewals stalled a while (its
+    loop busy, etcd slow or stopped 20 s: docs/faults.md). Each renewal may put the mark on a
+    lease granted a little earlier (one lease for all the router's marks); after the oldest
+    such renewal the mark must still live MARK_STALL_S. It lived 6.7 s (a 10 s lease reused up
+    to 3.3 s old) while renewals come ~4 s apart: a stall of ~3 s let another router store a
+    live run as failed (and the run later overwrote that with its result)."""
+    clock = _Clock()
+    monkeypatch.setattr(response_store, "time", clock)
+    with EtcdServer() as etcd:
+        store = ResponseStore([etcd.endpoint], "rs", 30.0, 2000, 100, 1000, tmp_path / "r")
+        try:
+            await store.mark_running("resp_first")
+            assert store._run_lease is not None
+            lease, oldest = store._run_lease[0], 0.0
+            for step in range(1, 200):  # the oldest age at which a renewal reuses the lease
+                clock.now += 0.1
+                await store.mark_running(f"resp_{step}")
+                if store._run_lease[0] != lease:
+                    break
+                oldest = 0.1 * step
+
+            async def ttl(c: Any) -> int:
+                return (await c.lease.time_to_live(lease, timeout=ETCD_OP_TIMEOUT_S)).grantedTTL
+
+            granted = await store.session.call(ttl)
+        finally:
+            await store.close()
+    assert granted - oldest >= MARK_STALL_S, (granted, oldest)
 
 
 @pytest.mark.asyncio

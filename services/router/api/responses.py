@@ -32,7 +32,7 @@ from services.router.auth import key_tiers
 from services.router.errors import APIError, bad_request
 from services.router.features.structured import may_compile
 from services.router.prompt import checked_chat_prompt
-from services.router.response_store import RUN_TTL_S
+from services.router.response_store import RUN_RENEW_S
 from services.router.serving import ServeRequest, run_detached, serve
 from services.router.tiers import openai_params
 
@@ -181,7 +181,7 @@ async def _cancelled_elsewhere(gw: Gateway, rid: str) -> str:
     marked = time.monotonic()
     while True:
         await asyncio.sleep(CANCEL_POLL_S)
-        if time.monotonic() - marked >= RUN_TTL_S / 3:
+        if time.monotonic() - marked >= RUN_RENEW_S:
             with contextlib.suppress(Exception):  # etcd away: look again later
                 await gw.responses.mark_running(rid)
                 marked = time.monotonic()
