@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Iterable, Sequence
+from time import thread_time
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -22,6 +23,17 @@ from services.engine.sampling_params import StructuredOutputsParams
 
 if TYPE_CHECKING:
     import llguidance
+
+# The build CPU (a grammar's build and first mask, seconds of its thread) that the costly
+# cached grammars may add up to; the one built last is kept whatever its cost. A grammar built
+# in at most GRAMMAR_CACHE_CPU_S / GRAMMAR_CACHE_SIZE is cheap: only the count bounds those.
+# NOTE: a stand-in for their memory, which llguidance does not tell: a grammar's lexer states
+# hold it (~1-2 kB each), and building them takes the CPU. Measured (49k vocabulary):
+# json_object, tool schemas, short regexes 2-4 ms and ~0 MB each; 12-byte regexes such as
+# a{3000000} or (ab){500000} 0.45-0.7 s and 64-103 MB each, of which the count alone let a
+# client pin 4-7 GB in a worker (now ~0.25 GB and the last one).
+GRAMMAR_CACHE_CPU_S = 1.0
+CHEAP_GRAMMAR_S = GRAMMAR_CACHE_CPU_S / GRAMMAR_CACHE_SIZE
 
 
 class GrammarMatcher:
@@ -71,7 +83,9 @@ class StructuredOutputs:
         # Every end-of-sequence id of the engine ends a complete output (not only the
         # tokenizer's own eos, e.g. a chat model's end-of-turn token).
         self.eos_token_ids = sorted(eos_token_ids)
-        self._templates: dict[tuple[str, str], llguidance.LLMatcher] = {}
+        # key -> (template, its build CPU in seconds), least recently used first
+        self._templates: dict[tuple[str, str], tuple[llguidance.LLMatcher, float]] = {}
+        self._costly_s = 0.0  # the build CPU of those not cheap (CHEAP_GRAMMAR_S)
         self._building: dict[tuple[str, str], _Build] = {}  # grammars being built, by key
         self._lock = threading.Lock()  # the step thread and ``prepare`` callers
 
@@ -90,11 +104,11 @@ class StructuredOutputs:
         """``prepare`` when the grammar is cached (built, with its first mask: nothing left
         to do, so no thread is needed); False, doing nothing, when it is not."""
         with self._lock:
-            template = self._templates.pop(params.key, None)
-            if template is None:
+            entry = self._templates.pop(params.key, None)
+            if entry is None:
                 return False
-            self._templates[params.key] = template  # most recently used last
-        params.__dict__["_prepared"] = (self, template)
+            self._templates[params.key] = entry  # most recently used last
+        params.__dict__["_prepared"] = (self, entry[0])
         return True
 
     @functools.cached_property
@@ -138,10 +152,10 @@ class StructuredOutputs:
         asking for it meanwhile waits for that build (requests of one schema arriving
         together each built it, seconds of CPU apiece for a large one)."""
         with self._lock:
-            template = self._templates.pop(key, None)
-            if template is not None:
-                self._templates[key] = template  # most recently used last
-                return template
+            entry = self._templates.pop(key, None)
+            if entry is not None:
+                self._templates[key] = entry  # most recently used last
+                return entry[0]
             build = self._building.get(key)
             mine = build is None
             if build is None:
@@ -153,7 +167,10 @@ class StructuredOutputs:
             if build.template is None:
                 raise build.error or RuntimeError("the grammar's build failed")
             return build.template
+        started = thread_time()
         try:
+            _ = self.tokenizer  # NOTE: built once per engine (~1.5 s): not this grammar's cost
+            started = thread_time()
             build.template = self._build(key)
         except BaseException as exc:
             build.error = exc
@@ -162,12 +179,31 @@ class StructuredOutputs:
             with self._lock:
                 del self._building[key]
                 if build.template is not None:
-                    self._templates.pop(key, None)
-                    if len(self._templates) >= GRAMMAR_CACHE_SIZE:
-                        self._templates.pop(next(iter(self._templates)))
-                    self._templates[key] = build.template
+                    self._cache(key, build.template, thread_time() - started)
             build.done.set()
         return build.template
+
+    def _cache(self, key: tuple[str, str], template: llguidance.LLMatcher, cpu_s: float) -> None:
+        """Keep ``template`` (built in ``cpu_s``), evicting the least recently used grammars
+        past GRAMMAR_CACHE_SIZE, and costly ones past GRAMMAR_CACHE_CPU_S (cheap ones stay:
+        a popular schema is not built again, nor queued, for a client's costly ones). The
+        caller holds the lock."""
+        self._evict(key)
+        while len(self._templates) >= GRAMMAR_CACHE_SIZE:
+            self._evict(next(iter(self._templates)))
+        if cpu_s > CHEAP_GRAMMAR_S:
+            costly = [k for k, (_, c) in self._templates.items() if c > CHEAP_GRAMMAR_S]
+            for old in costly:  # least recently used first
+                if self._costly_s + cpu_s <= GRAMMAR_CACHE_CPU_S:
+                    break
+                self._evict(old)
+            self._costly_s += cpu_s
+        self._templates[key] = (template, cpu_s)
+
+    def _evict(self, key: tuple[str, str]) -> None:
+        entry = self._templates.pop(key, None)
+        if entry is not None and entry[1] > CHEAP_GRAMMAR_S:
+            self._costly_s = max(self._costly_s - entry[1], 0.0)  # NOTE: float drift
 
     def _build(self, key: tuple[str, str]) -> llguidance.LLMatcher:
         """A grammar's initial matcher, its first mask computed (before it is cached).

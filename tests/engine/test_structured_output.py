@@ -332,6 +332,36 @@ def test_a_grammar_built_already_does_not_queue_behind_grammars_being_built(llm,
     assert again.__dict__["_prepared"][0] is so
 
 
+def test_the_cached_grammars_are_bounded_by_their_build_cost_too(llm, monkeypatch):
+    """A 12-byte regex such as (ab){500000} holds ~100 MB of lexer states (0.45-0.7 s of CPU to
+    build, 49k vocabulary), and the cache kept GRAMMAR_CACHE_SIZE (64) of them whatever their
+    size: 4-7 GB a client could pin in a worker with 64 small requests. Costly grammars (build
+    CPU, faked here) now share a budget; the one used last is kept whatever its cost, and
+    ordinary ones (a few ms) stay cached as before."""
+    from services.engine import structured_output
+
+    budget = getattr(structured_output, "GRAMMAR_CACHE_CPU_S", 1.0)
+    so = StructuredOutputs(llm.engine.tokenizer, llm.engine.structured.vocab_size, [2])
+    so.__dict__["tokenizer"] = llm.engine.structured.tokenizer  # built once per module
+    clock = [0.0]
+    monkeypatch.setattr(structured_output, "thread_time", lambda: clock[0], raising=False)
+    real = so._build
+
+    def build(key):
+        clock[0] += budget * 0.6 if key[1].startswith("costly") else 0.001
+        return real(key)
+
+    monkeypatch.setattr(so, "_build", build)
+    ordinary = [StructuredOutputsParams(regex=f"ordinary{i}[0-9]") for i in range(8)]
+    for p in ordinary:
+        so.prepare(p)
+    for i in range(6):
+        so.prepare(StructuredOutputsParams(regex=f"costly{i}[0-9]"))
+    costly = [k for k in so._templates if k[1].startswith("costly")]
+    assert costly == [("regex", "costly5[0-9]")]  # the last one only: 2 x 0.6 is over
+    assert all(so.prepare_cached(p) for p in ordinary)
+
+
 def test_prepare_computes_each_grammars_first_mask(llm, monkeypatch):
     """prepare() (a worker thread) computes the first mask of every grammar it is given, so
     that the step thread never builds a new grammar's lexer states (seconds for a regex like
