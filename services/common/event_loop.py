@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from services.common.cpus import pin_from_env
+from services.common.sched_slice import set_slice_ns, short_slice, slice_ns
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -39,12 +40,19 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)`` on the chosen loop (the process pinned to ``EPDSERVE_CPUS``
-    first, when that is set: cpus.py)."""
+    first, when that is set: cpus.py), its thread on a short scheduler slice while it runs
+    (sched_slice.py: the threads it starts meanwhile keep it)."""
     try:
         pin_from_env()
         factory = loop_factory()
     except ValueError:
         main.close()  # never started: no "never awaited" warning
         raise
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
+    before = slice_ns()
+    short_slice()
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(main)
+    finally:
+        if before is not None:
+            set_slice_ns(before)

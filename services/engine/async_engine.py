@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from services.common.cpus import check_usable, pin_os_thread
+from services.common.sched_slice import default_slice
 from services.engine import heartbeat
 from services.engine.config import EngineConfig
 from services.engine.layers.omp_bind import bind_team
@@ -260,6 +261,7 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         name_os_thread("engine-step")
+        default_slice()  # long passes: not the loop's short slice (common/sched_slice.py)
         if self.config.pinned_cpus:
             # NOTE: before the first torch op of this thread: the OpenMP team it starts then
             # inherits the mask, and the gRPC/asyncio threads keep the process's CPUs.

@@ -1,0 +1,54 @@
+"""services/common/sched_slice.py: a service's event loop runs on a short scheduler slice (the
+threads it starts keep it), the engine's step thread on the kernel's default, and the
+setting can be turned off. Skipped where the kernel reports no slice (before Linux 6.12)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from services.common import event_loop, sched_slice
+
+pytestmark = pytest.mark.skipif(
+    sched_slice.slice_ns() is None, reason="the kernel reports no scheduler slice"
+)
+
+
+async def _slices() -> tuple[int | None, int | None]:
+    """The loop thread's slice, and a thread's it starts."""
+    seen: list[int | None] = []
+    thread = threading.Thread(target=lambda: seen.append(sched_slice.slice_ns()))
+    thread.start()
+    await asyncio.to_thread(thread.join, 10)
+    return sched_slice.slice_ns(), seen[0]
+
+
+def test_the_loop_runs_on_a_short_slice_and_gives_it_back(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv(sched_slice.ENV, raising=False)
+    before = sched_slice.slice_ns()
+    loop_slice, started = event_loop.run(_slices())
+    assert loop_slice == started == sched_slice.DEFAULT_US * 1000
+    assert sched_slice.slice_ns() == before  # the caller's thread as it was
+
+
+def test_zero_leaves_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(sched_slice.ENV, "0")
+    before = sched_slice.slice_ns()
+    assert event_loop.run(_slices()) == (before, before)
+
+
+def test_a_long_running_thread_takes_the_default_back() -> None:
+    def run() -> None:
+        default = sched_slice.slice_ns()
+        assert sched_slice.short_slice(200)
+        seen.append(sched_slice.slice_ns())
+        assert sched_slice.default_slice()
+        seen.append(sched_slice.slice_ns() == default)
+
+    seen: list[object] = []
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(10)
+    assert seen == [200_000, True]
