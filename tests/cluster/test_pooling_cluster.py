@@ -5,7 +5,9 @@ reference on a tiny random model; bad inputs are 400s in OpenAI's format."""
 from __future__ import annotations
 
 import base64
+import signal
 import struct
+import time
 
 import grpc
 import httpx
@@ -45,7 +47,9 @@ def embed_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def embed_cluster(embed_dir):
-    c = start_cluster(embed_dir, workers=1, engine_overrides={"max_model_len": 64})
+    # A request finding its worker gone waits 1 s for a restart (none comes here), not 60.
+    c = start_cluster(embed_dir, workers=1, engine_overrides={"max_model_len": 64},
+                      router_overrides={"worker_restart_wait_s": 1.0})  # fmt: skip
     yield c
     c.stop()
 
@@ -178,6 +182,23 @@ def test_pooling_worker_refuses_prefill_and_decode_roles(embed_cluster) -> None:
             assert "serves role 'mixed' only" in err.value.details()
     text = httpx.get(embed_cluster.base_url + "/metrics", timeout=5).text
     assert 'epdserve:router_requests_total{api="embeddings",outcome="success"}' in text
+
+
+def test_embeddings_while_the_only_worker_stops_are_never_a_400(embed_cluster) -> None:
+    """SIGTERM of the only worker (it drains, leaves and exits; `up` restarts it): embeddings
+    requests meanwhile wait or get a 503, never the 400 "it is a generative model" they got
+    once the router listed no worker of the pooling model (through `epdserve up --engine-arg
+    pooling=embed`: 61 such 400s in one drain). The module's last test on this cluster."""
+    worker = embed_cluster.workers[0]
+    worker.signal(signal.SIGTERM)
+    codes: list[tuple[int, str | None]] = []
+    deadline, after_exit = time.monotonic() + 90, 0
+    while time.monotonic() < deadline and after_exit < 2:
+        r = post(embed_cluster, "/v1/embeddings", {"model": TINY_NAME, "input": "hi"})
+        codes.append((r.status_code, r.json().get("error", {}).get("code")))
+        after_exit += not worker.alive()
+    assert not worker.alive() and codes[-1][0] == 503, codes
+    assert {code for code, _ in codes} <= {200, 503}, codes
 
 
 def test_qwen3_reranker_rerank_and_score_equal_transformers(tiny_model_dir) -> None:

@@ -51,8 +51,12 @@ def qwen3_reranker_prompt(query: str, document: str, instruction: str = RERANK_I
 
 
 def _task(gw: Gateway, model: str) -> tuple[str | None, str | None]:
-    """(pooling task, score template) the model's workers advertise; task None: generative."""
+    """(pooling task, score template) the model's workers advertise; task None: generative.
+    NOTE: with none of them listed now (its only worker drains, or restarts), what the ones
+    that left advertised: the request then waits for one or gets a 503, where it got a 400
+    saying the pooling model is a generative one."""
     caps = [h.info.capacity for h in gw.pool.handles.values() if h.info.model == model]
+    caps = caps or [info.capacity for info in gw.pool.gone.infos(model)]
     pooling = [c for c in caps if c.get("pooling")]
     if not pooling:
         return None, None

@@ -27,6 +27,11 @@ class GoneWorkers:
     def forget(self, worker_id: str) -> None:
         self._left.pop(worker_id, None)
 
+    def infos(self, model: str) -> list[InstanceInfo]:
+        """The last advertisements of the workers of ``model`` that left, newest first."""
+        left = sorted(self._left.values(), key=lambda v: -v[1])
+        return [info for info, _ in left if info.model == model]
+
     def rows(self) -> list[dict[str, Any]]:
         """What ``/admin/status`` shows of each: who it was and ``for_s``, seconds gone."""
         now = time.monotonic()
