@@ -16,10 +16,12 @@ sets the slice in microseconds (the kernel takes 100-100,000); 0 leaves the defa
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import platform
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,21 @@ def short_slice(us: int | None = None) -> bool:
 def default_slice() -> bool:
     """Give the calling thread the kernel's default slice back (a long-running thread)."""
     return set_slice_ns(0)
+
+
+@contextlib.contextmanager
+def default_slice_meanwhile() -> Iterator[None]:
+    """The calling thread on the kernel's default slice for the block, its own back after.
+    NOTE: a process or thread started meanwhile inherits the default: a process inherits the
+    slice of the thread that starts it (tensor-parallel ranks spawned from a loop executor
+    computed on the loop's 100 us)."""
+    before = slice_ns()
+    default_slice()
+    try:
+        yield
+    finally:
+        if before is not None:
+            set_slice_ns(before)
 
 
 def set_slice_ns(runtime_ns: int) -> bool:

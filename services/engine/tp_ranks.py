@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from services.common.sched_slice import default_slice_meanwhile
 from services.engine.config import EngineConfig
 from services.engine.distributed import RankFailure, TPGroup, create_store, join_group
 from services.engine.eplb import ExpertPlacement, load_placements
@@ -93,7 +94,8 @@ class RankProcesses:
             args = (rank, n, store.port, config, hf_config, model_path, max_len, placements, child)
             proc = ctx.Process(target=rank_process, args=args, daemon=True,
                                name=f"epdserve-tp-rank{rank}")  # fmt: skip
-            proc.start()
+            with default_slice_meanwhile():  # a rank computes as the step thread does
+                proc.start()
             child.close()
             self.conns.append(parent)
             self.procs.append(proc)

@@ -36,6 +36,7 @@ from test_failover import Traffic
 
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
+from services.common.sched_slice import DEFAULT_US
 from services.engine import LLM, SamplingParams
 from services.engine.eplb import load_placements, placements_from_json
 
@@ -88,8 +89,29 @@ def rank_processes(pid: int) -> list[int]:
     return out
 
 
+def short_sliced_threads(pid: int) -> list[str]:
+    """The threads of process ``pid`` on the event loops' short scheduler slice
+    (services/common/sched_slice.py), as /proc/PID/task/TID/sched says (empty where the kernel
+    has no per-task slice)."""
+    short = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            lines = (task / "sched").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if line.startswith("se.slice") and int(line.split(":")[1]) == DEFAULT_US * 1000:
+                short.append(task.name)
+    return short
+
+
 def test_tp2_workers_equal_one_device(cluster, tiny_model_dir) -> None:
     assert all(len(rank_processes(w.proc.pid)) == 1 for w in cluster.workers)
+    # A rank computes its shard as the step thread does: on the kernel's default slice, not
+    # the 100 us of the event loop's thread, whose executor spawned it (inherited: 1813f75).
+    for w in cluster.workers:
+        (rank,) = rank_processes(w.proc.pid)
+        assert not short_sliced_threads(rank), (rank, short_sliced_threads(rank))
     llm = LLM(str(tiny_model_dir("qwen2_moe")), device="cpu", dtype="float32")
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     want = [o.outputs[0].text for o in llm.generate(PROMPTS, params)]

@@ -5,11 +5,16 @@ setting can be turned off. Skipped where the kernel reports no slice (before Lin
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from services.common import event_loop, sched_slice
+
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(
     sched_slice.slice_ns() is None, reason="the kernel reports no scheduler slice"
@@ -52,3 +57,24 @@ def test_a_long_running_thread_takes_the_default_back() -> None:
     thread.start()
     thread.join(10)
     assert seen == [200_000, True]
+
+
+def test_a_process_started_meanwhile_gets_the_default() -> None:
+    """A process inherits the slice of the thread that starts it: tensor-parallel ranks
+    spawned from a loop's executor computed on 100 us (tp_ranks.py starts them inside
+    ``default_slice_meanwhile``). The thread's own slice comes back after."""
+    code = "from services.common import sched_slice; print(sched_slice.slice_ns())"
+
+    def run() -> None:
+        default = sched_slice.slice_ns()
+        assert sched_slice.short_slice(200)
+        with sched_slice.default_slice_meanwhile():
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 timeout=60, check=True, env={"PYTHONPATH": str(ROOT)})  # fmt: skip
+        seen.extend([int(out.stdout), default, sched_slice.slice_ns()])
+
+    seen: list[int | None] = []
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    assert seen[0] == seen[1] and seen[2] == 200_000, seen
