@@ -189,7 +189,9 @@ class Gateway:
             models = {**models, name: models[parent]}
         if name not in models:
             # The adapters too: /v1/models lists them, a request may name one.
-            known = sorted(models) + sorted(f"{a} (LoRA of {p})" for a, p in adapters.items())
+            # NOTE: a lost worker's adapters are among ``models`` too (restarts.py): once.
+            known = sorted(m for m in models if m not in adapters)
+            known += sorted(f"{a} (LoRA of {p})" for a, p in adapters.items())
             raise APIError(
                 404, f"The model '{name}' does not exist; available: {', '.join(known)}",
                 param="model", code="model_not_found",

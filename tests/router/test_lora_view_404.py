@@ -59,7 +59,9 @@ def test_a_model_still_known_without_a_usable_path_stays_a_503() -> None:
 
 def test_an_unknown_model_s_404_names_the_adapters_too() -> None:
     """The 404's "available:" listed base models only: a client that misspelt an adapter's
-    name (served since `--lora-modules sql=...`) was not told it exists."""
+    name (served since `--lora-modules sql=...`) was not told it exists. With a worker of the
+    model lost lately (restarting: its models are still served) the adapter was listed twice,
+    "base, sql, sql (LoRA of base)" (seen through `epdserve up` after a worker's kill -9)."""
     from services.router.config import RouterConfig
     from services.router.gateway import Gateway
     from tests.router.router_fakes import FakeTokenizer
@@ -69,6 +71,7 @@ def test_an_unknown_model_s_404_names_the_adapters_too() -> None:
         h = fake_handle("w-0", Served())
         h.info.model, h.lora_adapters = "base", frozenset({"sql"})
         gw.pool.handles = {h.id: h}
+        gw.pool.lost.record("mixed", ("base", "sql"), 512)  # the other worker, restarting
         with pytest.raises(APIError) as err:
             gw.resolve_model("sq1", serving=False)
         return err.value
