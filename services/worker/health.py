@@ -104,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    ap.add_argument(
+        "--service",
+        default="",
+        choices=SERVICES,
+        help=f"'' (the default): any answer passes; {WORKER_SERVICE}: fails while the engine "
+        "is stuck (no progress for the worker's --engine-stall-s) or dead",
+    )
     ap.add_argument("--tls-ca")
     ap.add_argument("--tls-cert")
     ap.add_argument("--tls-key")
@@ -113,13 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--timeout must be in (0, 3600]")
     try:
         tls = GrpcTLS.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.server_name)
-        answered = check(f"{args.host}:{args.port}", args.timeout, tls)
+        answered = check(f"{args.host}:{args.port}", args.timeout, tls, args.service)
     except ValueError as exc:  # a missing or unreadable TLS file
         print(f"health probe: {exc}", file=sys.stderr)
         return 1
     if answered:
         return 0
     why = "no answer within the timeout" if answered is False else "the call failed"
+    if answered is False and args.service:
+        why += f", or {args.service} is NOT_SERVING (its engine stuck or dead)"
     print(f"health probe of {args.host}:{args.port}: {why}", file=sys.stderr)
     return 1
 

@@ -43,8 +43,9 @@ def _worker_liveness(values: dict) -> dict[str, dict]:
 
 def test_plain_grpc_workers_get_the_kubelets_grpc_probe() -> None:
     plain = _worker_liveness({})
-    assert plain and all(p["grpc"] == {"port": 50051} and "exec" not in p
-                         for p in plain.values())  # fmt: skip
+    # The worker service: NOT_SERVING while the engine is stuck (a rank stopped for good).
+    want = {"port": 50051, "service": "epdserve.v1.WorkerService"}
+    assert plain and all(p["grpc"] == want and "exec" not in p for p in plain.values())
     assert all(p["timeoutSeconds"] == 10 for p in plain.values())
 
 
@@ -56,7 +57,8 @@ def test_mutual_tls_workers_get_an_exec_probe_of_their_health_service() -> None:
         assert "httpGet" not in p and "grpc" not in p  # /metrics passed for a stuck loop
         assert p["timeoutSeconds"] == 7
         assert p["exec"]["command"] == [
-            "python", "-m", "services.worker.health", "--port", "50051", "--timeout", "5",
+            "python", "-m", "services.worker.health", "--port", "50051",
+            "--service", "epdserve.v1.WorkerService", "--timeout", "5",
             "--tls-ca", "/tls/ca.crt", "--tls-cert", "/tls/tls.crt", "--tls-key", "/tls/tls.key",
             "--server-name", "epdserve-worker",
         ]  # fmt: skip
@@ -78,6 +80,10 @@ def _rendered_command(files: Any, port: int) -> list[str]:
 
 class _Engine:
     is_running = True
+    stall = 0.0  # seconds without progress while it has requests
+
+    def stalled_s(self) -> float:
+        return self.stall
 
 
 def _run_probe(cmd: list[str]) -> tuple[int, str, float]:
@@ -91,9 +97,9 @@ def test_the_rendered_exec_probe_passes_on_an_answer_and_fails_on_silence(tmp_pa
     ca = TestCA(tmp_path)
     files = ca.issue("worker", "epdserve-worker")
 
-    async def serve_and_probe() -> tuple[int, str, float]:
+    async def serve_and_probe(engine: _Engine) -> tuple[int, str, float]:
         server = grpc.aio.server()
-        add_health(server, _Engine())
+        add_health(server, engine, engine_stall_s=30)
         port = add_port(server, "127.0.0.1:0", GrpcTLS(files.ca, files.cert, files.key))
         await server.start()
         try:
@@ -101,8 +107,14 @@ def test_the_rendered_exec_probe_passes_on_an_answer_and_fails_on_silence(tmp_pa
         finally:
             await server.stop(0)
 
-    rc, err, _ = asyncio.run(serve_and_probe())
+    rc, err, _ = asyncio.run(serve_and_probe(_Engine()))
     assert rc == 0, err
+
+    # An engine stuck in a step (a rank stopped): the process answers, the probe fails.
+    stuck = _Engine()
+    stuck.stall = 31.0
+    rc, err, _ = asyncio.run(serve_and_probe(stuck))
+    assert rc == 1 and "NOT_SERVING" in err, err
 
     # A listener that accepts (the kernel's backlog, as for a stopped worker), never answers.
     with silent_listener() as port:

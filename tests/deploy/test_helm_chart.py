@@ -274,7 +274,7 @@ def test_worker_deployments_per_role(case: Any) -> None:
         if wcfg.get("grpcTlsCa"):
             assert live["exec"]["command"][1:3] == ["-m", "services.worker.health"]
         else:
-            assert live["grpc"] == {"port": w["port"]}
+            assert live["grpc"] == {"port": w["port"], "service": "epdserve.v1.WorkerService"}
 
 
 def test_internal_services_are_cluster_ip(case: Any) -> None:
