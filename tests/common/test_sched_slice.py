@@ -1,6 +1,6 @@
-"""services/common/sched_slice.py: a service's event loop runs on a short scheduler slice (the
-threads it starts keep it), the engine's step thread on the kernel's default, and the
-setting can be turned off. Skipped where the kernel reports no slice (before Linux 6.12)."""
+"""services/common/sched_slice.py: a service's event loop runs on the scheduler slice that
+EPDSERVE_SCHED_SLICE_US asks for (the threads it starts keep it), on the kernel's default when
+it is unset or 0, and a thread can take the default back. Skipped where the kernel reports no slice (before Linux 6.12)."""
 
 from __future__ import annotations
 
@@ -30,16 +30,20 @@ async def _slices() -> tuple[int | None, int | None]:
     return sched_slice.slice_ns(), seen[0]
 
 
-def test_the_loop_runs_on_a_short_slice_and_gives_it_back(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv(sched_slice.ENV, raising=False)
+def test_the_loop_runs_on_the_asked_slice_and_gives_it_back(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(sched_slice.ENV, "100")
     before = sched_slice.slice_ns()
     loop_slice, started = event_loop.run(_slices())
-    assert loop_slice == started == sched_slice.DEFAULT_US * 1000
+    assert loop_slice == started == 100_000
     assert sched_slice.slice_ns() == before  # the caller's thread as it was
 
 
-def test_zero_leaves_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(sched_slice.ENV, "0")
+@pytest.mark.parametrize("value", [None, "0"])
+def test_unset_or_zero_leaves_the_default(monkeypatch: pytest.MonkeyPatch, value: str | None):
+    if value is None:
+        monkeypatch.delenv(sched_slice.ENV, raising=False)
+    else:
+        monkeypatch.setenv(sched_slice.ENV, value)
     before = sched_slice.slice_ns()
     assert event_loop.run(_slices()) == (before, before)
 
