@@ -36,7 +36,7 @@ from test_failover import Traffic
 
 from services.common.proto import worker_pb2 as pb
 from services.common.proto import worker_pb2_grpc as pb_grpc
-from services.common.sched_slice import DEFAULT_US
+from services.common.sched_slice import ENV as SLICE_ENV
 from services.engine import LLM, SamplingParams
 from services.engine.eplb import load_placements, placements_from_json
 
@@ -49,6 +49,7 @@ NGRAM = (
 )
 # A worker whose engine is stuck this long in one step (a stopped rank) stops its load reports.
 ENGINE_STALL_S = 5.0
+SLICE_US = 100  # EPDSERVE_SCHED_SLICE_US of this module's processes
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +60,16 @@ def placement_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir, placement_file):
-    c = start_cluster(
-        tiny_model_dir("qwen2_moe"), workers=2, policy="round_robin",
-        engine_overrides={"tensor_parallel_size": 2, "enable_expert_parallel": True,
-                          "eplb_placement": str(placement_file), "speculative_config": NGRAM},
-        worker_overrides={"engine_stall_s": ENGINE_STALL_S},
-    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        # The event loops on a short slice (off by default), so that the test of the ranks'
+        # slice below can fail: ranks spawned from a loop's executor must not inherit it.
+        mp.setenv(SLICE_ENV, str(SLICE_US))
+        c = start_cluster(
+            tiny_model_dir("qwen2_moe"), workers=2, policy="round_robin",
+            engine_overrides={"tensor_parallel_size": 2, "enable_expert_parallel": True,
+                              "eplb_placement": str(placement_file), "speculative_config": NGRAM},
+            worker_overrides={"engine_stall_s": ENGINE_STALL_S},
+        )  # fmt: skip
     yield c
     c.stop()
 
@@ -100,7 +105,7 @@ def short_sliced_threads(pid: int) -> list[str]:
         except OSError:
             continue
         for line in lines:
-            if line.startswith("se.slice") and int(line.split(":")[1]) == DEFAULT_US * 1000:
+            if line.startswith("se.slice") and int(line.split(":")[1]) == SLICE_US * 1000:
                 short.append(task.name)
     return short
 
@@ -109,6 +114,10 @@ def test_tp2_workers_equal_one_device(cluster, tiny_model_dir) -> None:
     assert all(len(rank_processes(w.proc.pid)) == 1 for w in cluster.workers)
     # A rank computes its shard as the step thread does: on the kernel's default slice, not
     # the 100 us of the event loop's thread, whose executor spawned it (inherited: 1813f75).
+    # The loop asked for it (else the check below could not fail):
+    assert any(short_sliced_threads(w.proc.pid) for w in cluster.workers) or not any(
+        Path(f"/proc/{w.proc.pid}/sched").read_text().count("se.slice") for w in cluster.workers
+    )
     for w in cluster.workers:
         (rank,) = rank_processes(w.proc.pid)
         assert not short_sliced_threads(rank), (rank, short_sliced_threads(rank))
