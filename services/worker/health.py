@@ -7,10 +7,10 @@ stopped (SIGSTOP) or whose loop is stuck does not answer, which is what a probe 
 NOT_SERVING only once the engine is dead (the worker is on its way out and exits non-zero).
 Whether a worker should get new requests is the router's business (load reports, leases).
 Asked for the worker service by name (the routers ask so when its load reports are late:
-routing/workers.py; `epdserve up` asks so too), it is also NOT_SERVING while the engine has
-finished no model layer for over ``engine_stall_s``, as its load reports then stop on purpose
-(load.py); the whole server ("", what the kubelet asks) stays SERVING. `up` counts a stall as a
-failed probe: a tensor-parallel rank stopped or hung for good would otherwise leave its worker
+routing/workers.py; `epdserve up` and the Helm chart's liveness probe ask so too), it is also
+NOT_SERVING while the engine has finished no model layer for over ``engine_stall_s``, as its load
+reports then stop on purpose (load.py); the whole server ("") stays SERVING. A liveness probe
+counts a stall as a failure: a tensor-parallel rank stopped or hung for good would otherwise leave its worker
 out of routing, never restarted, for ever (its requests moved, or failed after the restart
 wait). A stall that ends within the probes' window (``liveness_failures`` probes) kills nothing.
 """
