@@ -5,6 +5,8 @@ API's format, and a key's highest tier is enforced (403)."""
 
 from __future__ import annotations
 
+import time
+
 import anthropic
 import httpx
 import openai
@@ -136,7 +138,15 @@ def test_status_and_metrics_show_both_classes(cluster) -> None:
     assert out.returncode == 0, out.stderr
     assert "offline (flex): 0 waiting, 0 running" in out.stdout and "SLOs met" in out.stdout
     assert "ONLINE_TTFT" in out.stdout and "OFFLINE_W/R" in out.stdout and "STEP_MS" in out.stdout
-    (worker,) = status(cluster)["workers"]  # per worker: its online means, its offline work
+    # Per worker: its online means, its offline work. Those come from the worker's load
+    # reports, so the last one may still count the flex request that just ended: wait for one
+    # sent after it (a report interval, bounded).
+    deadline = time.monotonic() + 10
+    while True:
+        (worker,) = status(cluster)["workers"]
+        if worker["offline_running"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert worker["online_ttft_ms"] > 0 and worker["online_tpot_ms"] > 0
     # The step cost the share and the pace count in, fitted on the steps it ran (a tiny
     # model's slope may be any sign: its steps are mostly fixed cost).
