@@ -385,6 +385,9 @@ BAD = [
     ({"input": []}, "input"),
     ({"input": 5}, "input"),
     ({"input": [{"role": "robot", "content": "x"}]}, "input"),
+    # Not a string: a dict or list role was looked up in a dict (TypeError, a 500).
+    ({"input": [{"role": ["user"], "content": "x"}]}, "input"),
+    ({"input": [{"role": {"a": 1}, "content": "x"}]}, "input"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_file"}]}]}, "input"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),

@@ -75,7 +75,8 @@ def input_messages(value: str | list[Any]) -> list[dict[str, Any]]:
             raise bad_request(f"{where} must be an object", param="input")
         kind = item.get("type", "message")
         if kind == "message":
-            role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+            role = item.get("role")
+            role = _ROLES.get(role) if isinstance(role, str) else None
             if role is None:
                 raise bad_request(f"{where}.role must be 'user', 'assistant', 'system' or "
                                   "'developer'", param="input")  # fmt: skip
