@@ -1,5 +1,6 @@
 """The durable part of batches without a cluster: per-line records survive a torn write and
-a second run, the first record of a line wins; the API views of a record; paging."""
+a second run, the first record of a line wins; the API views of a record; paging; an input
+file read back line for line as its upload was checked."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 from services.router.batches.records import CANCELLED, BatchRecord, LineResult
 from services.router.batches.results import Results
 from services.router.batches.service import paginate
+from services.router.batches.upload import lines_of
+from services.router.batches.validate import BatchLine, check_openai_file, parse_stored
 
 
 def _result(cid: str, status: int = 200, text: str = "x") -> LineResult:
@@ -81,3 +84,19 @@ def test_pages_after_and_before_an_id() -> None:
     assert paginate(items, str, 2, "b3") == (["b4"], False)
     assert paginate(items, str, 2, None, "b3") == (["b1", "b2"], True)
     assert paginate(items, str, 2, None, "b1") == (["b0"], False)
+
+
+def test_a_line_holding_a_unicode_line_separator_is_read_as_one_line(tmp_path) -> None:
+    # JSON strings may hold U+2028, U+2029 and U+0085 raw: the upload's check (lines_of) took
+    # such a file, and reading it back cut the line there (a 500 from POST /v1/batches).
+    texts = ["a\u2028b", "c\u2029d", "e\x85f"]
+    lines = [BatchLine(f"l{i}", "/v1/completions", {"model": "m", "prompt": t})
+             for i, t in enumerate(texts)]  # fmt: skip
+    content = "".join(
+        json.dumps({"custom_id": ln.custom_id, "method": "POST", "url": ln.url, "body": ln.body},
+                   ensure_ascii=False) + "\n"
+        for ln in lines
+    ).encode()  # fmt: skip
+    (path := tmp_path / "in.jsonl").write_bytes(content)
+    assert check_openai_file(lines_of(path), 10) == 3
+    assert parse_stored(content) == lines

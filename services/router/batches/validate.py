@@ -143,7 +143,9 @@ def lines_to_jsonl(lines: list[BatchLine]) -> bytes:
 def parse_stored(content: bytes) -> list[BatchLine]:
     """The lines of an input file checked when it was stored (no limits, any endpoint)."""
     out = []
-    for raw in content.decode("utf-8").splitlines():
+    # NOTE: cut at "\n" only, as the upload's check read them (upload.lines_of): splitlines
+    # also cuts at U+2028, U+2029 and U+0085, which a JSON string may hold raw.
+    for raw in content.decode("utf-8").split("\n"):
         if raw.strip():
             obj = json.loads(raw)
             out.append(BatchLine(obj["custom_id"], obj["url"], obj["body"]))
