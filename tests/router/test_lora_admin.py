@@ -42,8 +42,9 @@ class FakeLoRAs:
 
 
 class LoRAEngine(FakeEngine):
-    def __init__(self, refuse: set[str] = frozenset(), enabled: bool = True) -> None:  # type: ignore[assignment]
-        super().__init__(step_s=0.01)
+    def __init__(self, refuse: set[str] = frozenset(), enabled: bool = True,  # type: ignore[assignment]
+                 model_name: str = "fake-model") -> None:  # fmt: skip
+        super().__init__(model_name, step_s=0.01)
         self.loras = FakeLoRAs(set(refuse)) if enabled else None
         self.engine = self  # where adapter_names looks for ``loras``
 
@@ -116,6 +117,39 @@ async def test_partial_load_rolls_back_and_loads_are_recorded(tmp_path) -> None:
                 assert await registry.get("a") is None
                 r = await c.post("/v1/unload_lora_adapter", json={"lora_name": "a"})
                 assert r.status_code == 404
+        finally:
+            await registry.close()
+            await asyncio.wait_for(gw.stop(), 15)
+            for w in workers:
+                await asyncio.wait_for(w.stop(), 15)
+
+
+async def test_an_adapter_name_of_one_base_model_is_refused_for_another(tmp_path) -> None:
+    """A name names one adapter: loaded for a second base model, both models' workers held it
+    and a request for it went to either (tokenized for one base model, run on the other)."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    with EtcdServer() as etcd:
+        one, two = LoRAEngine(model_name="model-1"), LoRAEngine(model_name="model-2")
+        workers = [await start_fake_worker(etcd.endpoint, "lr2", "w1", one),
+                   await start_fake_worker(etcd.endpoint, "lr2", "w2", two)]  # fmt: skip
+        gw = await start_gateway(etcd.endpoint, "lr2", admin_token_file=str(token_file))
+        registry = LoRARegistry([etcd.endpoint], "lr2")
+        try:
+            await _until(lambda: len(gw.gateway.pool.candidates()) == 2, "two usable workers")
+            async with httpx.AsyncClient(base_url=gw.url, headers=AUTH, timeout=20) as c:
+                load = {"lora_name": "x", "lora_path": "/x", "base_model": "model-1"}
+                r = await c.post("/v1/load_lora_adapter", json=load)
+                assert r.status_code == 200 and r.json()["workers"] == ["w1"], r.text
+                r = await c.post("/v1/load_lora_adapter", json={**load, "base_model": "model-2"})
+                assert r.status_code == 400 and "model-1" in r.json()["error"]["message"], r.text
+                assert one.loras.adapters == {"x": "/x"} and two.loras.adapters == {}
+                assert await registry.get("x") == AdapterRecord("/x", "model-1")
+                # Unloaded, the name is free for the other base model.
+                r = await c.post("/v1/unload_lora_adapter", json={"lora_name": "x"})
+                assert r.status_code == 200, r.text
+                r = await c.post("/v1/load_lora_adapter", json={**load, "base_model": "model-2"})
+                assert r.status_code == 200 and r.json()["workers"] == ["w2"], r.text
         finally:
             await registry.close()
             await asyncio.wait_for(gw.stop(), 15)

@@ -110,6 +110,20 @@ async def _roll_back(
             log.error("rolling back LoRA adapter %s on %s failed: %r", name, h.id, result)
 
 
+def _check_one_base(gw: Gateway, name: str, base: str, previous: AdapterRecord | None) -> None:
+    """A 400 when ``name`` is an adapter of another base model (recorded, or held by one of
+    its workers). NOTE: a name names one adapter: held by two base models' workers, a request
+    for it went to either, tokenized for one model and run on the other."""
+    others = {h.info.model for h in gw.pool.handles.values() if name in h.lora_adapters}
+    if previous is not None:
+        others.add(previous.base_model)
+    others.discard(base)
+    if others:
+        raise AdminError(400, f"LoRA adapter {name!r} is loaded for the base model "
+                         f"{sorted(others)[0]!r}: unload it first, or load this one under "
+                         "another name", "bad_request")  # fmt: skip
+
+
 async def _load(gw: Gateway, request: Request) -> dict[str, Any]:
     body = await _body(request)
     name, path = _name(body, "lora_name"), _name(body, "lora_path")
@@ -122,6 +136,7 @@ async def _load(gw: Gateway, request: Request) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - etcd away: nothing done yet
         raise AdminError(503, f"the adapter registry (etcd) is unavailable: {exc}",
                          "etcd_unavailable") from None  # fmt: skip
+    _check_one_base(gw, name, base, previous)
     held = {h.id for h in handles if name in h.lora_adapters}
     ask = pb.LoadLoRARequest(name=name, path=path)
 
