@@ -108,6 +108,8 @@ class Gateway:
         self.background: dict[str, asyncio.Task[None]] = {}
         # The LoRA adapters loaded through the API, for workers that start later.
         self.lora_registry = LoRARegistry(cfg.etcd_endpoints, cfg.cluster)
+        # Held by each LoRA load and unload of this router (api/lora.py): one at a time.
+        self.lora_admin = asyncio.Lock()
         self.rebalancer = Rebalancer(
             self.pool, RoleStore(cfg.etcd_endpoints, cfg.cluster), self.metrics.rebalance,
             LeaderElection(cfg.etcd_endpoints, cfg.cluster, self.identity),

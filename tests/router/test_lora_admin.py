@@ -43,12 +43,14 @@ class FakeLoRAs:
 
 class LoRAEngine(FakeEngine):
     def __init__(self, refuse: set[str] = frozenset(), enabled: bool = True,  # type: ignore[assignment]
-                 model_name: str = "fake-model") -> None:  # fmt: skip
+                 model_name: str = "fake-model", delay_s: float = 0.0) -> None:  # fmt: skip
         super().__init__(model_name, step_s=0.01)
         self.loras = FakeLoRAs(set(refuse)) if enabled else None
         self.engine = self  # where adapter_names looks for ``loras``
+        self.delay_s = delay_s  # before each load or unload (reading a folder)
 
     async def call(self, fn):
+        await asyncio.sleep(self.delay_s)
         return fn(self)
 
 
@@ -150,6 +152,35 @@ async def test_an_adapter_name_of_one_base_model_is_refused_for_another(tmp_path
                 assert r.status_code == 200, r.text
                 r = await c.post("/v1/load_lora_adapter", json={**load, "base_model": "model-2"})
                 assert r.status_code == 200 and r.json()["workers"] == ["w2"], r.text
+        finally:
+            await registry.close()
+            await asyncio.wait_for(gw.stop(), 15)
+            for w in workers:
+                await asyncio.wait_for(w.stop(), 15)
+
+
+async def test_concurrent_loads_of_one_name_leave_the_workers_as_recorded(tmp_path) -> None:
+    """Two loads of "x" at once, one of a folder w2 refuses: its roll back unloaded "x" from
+    w1, which the other load had put there (and recorded in etcd). Before, w1 held nothing
+    while the record said "/a"."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    with EtcdServer() as etcd:
+        slow, picky = LoRAEngine(delay_s=1.0), LoRAEngine(refuse={"/b"})
+        workers = [await start_fake_worker(etcd.endpoint, "lr3", "w1", slow),
+                   await start_fake_worker(etcd.endpoint, "lr3", "w2", picky)]  # fmt: skip
+        gw = await start_gateway(etcd.endpoint, "lr3", admin_token_file=str(token_file))
+        registry = LoRARegistry([etcd.endpoint], "lr3")
+        try:
+            await _until(lambda: len(gw.gateway.pool.candidates()) == 2, "two usable workers")
+            async with httpx.AsyncClient(base_url=gw.url, headers=AUTH, timeout=20) as c:
+                a, b = await asyncio.gather(*(
+                    c.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+                    for path in ("/a", "/b")
+                ))  # fmt: skip
+            assert (a.status_code, b.status_code) == (200, 400), (a.text, b.text)
+            assert await registry.get("x") == AdapterRecord("/a", "fake-model")
+            assert slow.loras.adapters == picky.loras.adapters == {"x": "/a"}
         finally:
             await registry.close()
             await asyncio.wait_for(gw.stop(), 15)

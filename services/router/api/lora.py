@@ -191,8 +191,21 @@ async def _unload(gw: Gateway, request: Request) -> dict[str, Any]:
     return {"lora_name": name, "workers": sorted(held)}
 
 
+def _one_at_a_time(fn):
+    """``fn`` under the router's LoRA admin lock. NOTE: a load's roll back (and an unload)
+    acts on what it saw when it started: two at once undid each other's work, and workers
+    were left without an adapter etcd records as loaded. Routers do not share the lock:
+    send a cluster's LoRA admin calls to one router."""
+
+    async def locked(gw: Gateway, request: Request) -> dict[str, Any]:
+        async with gw.lora_admin:
+            return await fn(gw, request)
+
+    return locked
+
+
 def lora_routes() -> list[Route]:
     return [
-        Route("/v1/load_lora_adapter", _guard(_load), methods=["POST"]),
-        Route("/v1/unload_lora_adapter", _guard(_unload), methods=["POST"]),
+        Route("/v1/load_lora_adapter", _guard(_one_at_a_time(_load)), methods=["POST"]),
+        Route("/v1/unload_lora_adapter", _guard(_one_at_a_time(_unload)), methods=["POST"]),
     ]
