@@ -388,6 +388,13 @@ BAD = [
     # Not a string: a dict or list role was looked up in a dict (TypeError, a 500).
     ({"input": [{"role": ["user"], "content": "x"}]}, "input"),
     ({"input": [{"role": {"a": 1}, "content": "x"}]}, "input"),
+    # Item ids page GET .../input_items ('after'): a repeated one sent an SDK's auto-paging
+    # round the same items for ever, a non-string one was listed as it came.
+    (
+        {"input": [{"role": "user", "content": "a", "id": "m"}, {"type": "reasoning", "id": "m"}]},
+        "input",
+    ),
+    ({"input": [{"role": "user", "content": "a", "id": 5}]}, "input"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),
     ({"input": [{"role": "user", "content": [{"type": "input_file"}]}]}, "input"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),

@@ -64,15 +64,31 @@ def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
             "function": {"name": name, "arguments": args}}  # fmt: skip
 
 
+def _check_id(item_id: Any, where: str, seen: set[str]) -> None:
+    """An item's ``id`` (optional) is a string no earlier item has (OpenAI's 400): ids page
+    GET /v1/responses/{id}/input_items, where a repeated one sends a client's ``after``
+    back to its first use, round the same items for ever."""
+    if item_id is None:
+        return
+    if not isinstance(item_id, str) or not item_id:
+        raise bad_request(f"{where}.id must be a non-empty string", param="input")
+    if item_id in seen:
+        raise bad_request(f"Duplicate item found with id {item_id}. Remove duplicate items "
+                          "from your input and try again.", param="input")  # fmt: skip
+    seen.add(item_id)
+
+
 def input_messages(value: str | list[Any]) -> list[dict[str, Any]]:
     """Chat turns of ``input``; consecutive function calls form one assistant turn."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     out: list[dict[str, Any]] = []
+    ids: set[str] = set()
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise bad_request(f"{where} must be an object", param="input")
+        _check_id(item.get("id"), where, ids)
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
