@@ -11,7 +11,7 @@ import pytest
 from services.engine.sampling_params import SamplingParams
 from services.router.api.openapi import openapi_document
 from services.router.api.protocol.anthropic import CountTokensRequest, MessagesRequest
-from services.router.api.protocol.common import APIModel, parse
+from services.router.api.protocol.common import APIModel, ModelTarget, model_name, parse
 from services.router.api.protocol.openai import ChatCompletionRequest, CompletionRequest
 from services.router.api.protocol.tokenize import DetokenizeRequest, tokenize_request
 from services.router.errors import APIError
@@ -250,6 +250,21 @@ def test_bad_body_is_the_400_it_always_was(
 def test_each_base_body_is_valid(request_: str) -> None:
     base = {"chat": CHAT, "completion": COMPLETION}.get(request_, ANTHROPIC)
     parse_as(request_, base, {})
+
+
+@pytest.mark.parametrize("value", ["m", "", " m ", None, 5, 1.5, True, ["m"], {"m": 1}, "absent"])
+def test_model_name_is_what_the_model_target_parse_gives(value: Any) -> None:
+    """``model_name`` (the gateways' read of the model, without a ModelTarget for a string)
+    gives the parse's name or its 400, whatever the value."""
+    body = {**COMPLETION, "model": value} if value != "absent" else {"prompt": "hi"}
+
+    def outcome(read: Any) -> Any:
+        try:
+            return read(body)
+        except APIError as err:
+            return err.status, err.message, err.param
+
+    assert outcome(model_name) == outcome(lambda b: parse(ModelTarget, b).model)
 
 
 def test_engine_check_is_a_400_without_param() -> None:

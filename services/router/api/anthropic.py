@@ -23,7 +23,7 @@ from services.router.api.protocol.anthropic import (
     MessagesTarget,
 )
 from services.router.api.protocol.body import read_json_object
-from services.router.api.protocol.common import ModelTarget, parse
+from services.router.api.protocol.common import model_name, parse
 from services.router.auth import key_tiers
 from services.router.errors import APIError, bad_request
 from services.router.features.images import MEDIA_TYPES, decode_base64
@@ -156,7 +156,7 @@ async def count_tokens(gw: Gateway, request: Request) -> Response:
     would have for the same body (no ``max_tokens`` needed, no context-length check)."""
     try:
         body = await read_json_object(request, gw.cfg.max_body_bytes)
-        model = gw.resolve_model(parse(ModelTarget, body).model, serving=False)[0]
+        model = gw.resolve_model(model_name(body), serving=False)[0]
         tok = await gw.tokenizer(model)
         typed = parse(CountTokensRequest, body)
         tool_setup = await gw.offload.run(None if may_compile(body) else 0, anthropic_tools, body)

@@ -15,7 +15,7 @@ from services.common.proto import worker_pb2 as pb
 from services.engine.sampling_params import SamplingParams
 from services.router.api.openai_output import OpenAIOutput
 from services.router.api.protocol.body import read_json_object
-from services.router.api.protocol.common import ModelTarget, parse
+from services.router.api.protocol.common import model_name, parse
 from services.router.api.protocol.openai import (
     ChatCompletionRequest,
     ChatSampling,
@@ -130,7 +130,7 @@ async def handle(gw: Gateway, request: Request, *, chat: bool) -> Response:
     started = time.monotonic()
     try:
         body = await read_json_object(request, gw.cfg.max_body_bytes)
-        model, max_len = await gw.resolve_awake(parse(ModelTarget, body).model)
+        model, max_len = await gw.resolve_awake(model_name(body))
         tok = await gw.tokenizer(model)
         # NOTE: off the loop: a constraint's grammar compiles while the body is read, and a
         # long completions prompt is checked.

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from services.router.api.event_relay import EventRelay
 from services.router.api.openai import chat_messages, read_request
 from services.router.api.protocol.body import read_json_object
-from services.router.api.protocol.common import ModelTarget, parse
+from services.router.api.protocol.common import model_name, parse
 from services.router.api.protocol.responses import ResponsesRequest
 from services.router.api.responses_input import (
     chat_body,
@@ -88,7 +88,7 @@ async def create(gw: Gateway, request: Request) -> Response:
     started, rid = time.monotonic(), "resp_" + uuid.uuid4().hex
     try:
         body = await read_json_object(request, gw.cfg.max_body_bytes)
-        model, max_len = await gw.resolve_awake(parse(ModelTarget, body).model)
+        model, max_len = await gw.resolve_awake(model_name(body))
         tok = await gw.tokenizer(model)
         typed = parse(ResponsesRequest, body, max_tokens_limit=gw.cfg.max_tokens_limit)
         checked_metadata(typed.metadata)

@@ -97,6 +97,16 @@ def parse(model: type[M], body: dict[str, Any], **limits: Any) -> M:
         raise api_error(exc) from None
 
 
+def model_name(body: dict[str, Any]) -> str:
+    """``parse(ModelTarget, body).model``: the model a request names. NOTE: a string name, the
+    common case, is read without validating a ModelTarget (which copies every field of the
+    body into it, ~10-15 us a request in the router); any other value gets the parse's 400."""
+    name = body.get("model")
+    if type(name) is str:
+        return name
+    return parse(ModelTarget, body).model
+
+
 # -- JSON-typed fields ---------------------------------------------------------------------
 
 _TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
