@@ -181,6 +181,12 @@ class Gateway:
     def resolve_model(self, name: str, serving: bool = True) -> tuple[str, int]:
         """(served name, context length) for a requested model, or 404 / 503; ``serving``:
         some worker must be usable for it too (not needed only to tokenize)."""
+        # The common case first: a base model of the pool's workers (its context length the
+        # pool's: served_models' own precedence), one of them usable: what the checks below
+        # return for it, without building the views they need for the other cases.
+        listed = self.pool.models()
+        if name in listed and (not serving or self.can_serve(name)):
+            return name, listed[name]
         wait_s = self.cfg.worker_restart_wait_s
         models = self.served_models()
         if not models:

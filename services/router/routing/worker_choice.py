@@ -88,14 +88,14 @@ class WorkerChoice:
         workers that serve are known, wait for one (``_usable``); while a path to ``model``
         may come back from a restart (``_restarting``), wait for it too."""
         start = time.monotonic()
-        while not self.pd_available(model) and not self.pool.candidates("mixed", model):
+        while not (pd := self.pd_available(model)) and not self.pool.candidates("mixed", model):
             waited = time.monotonic() - start
             if self.pool.may_serve(model) and waited < self.WORKER_WAIT_S:
                 pass
             elif not self.path_coming(model, waited):
                 break
             await asyncio.sleep(self.WORKER_POLL_S)
-        return self.pd_available(model)
+        return pd  # NOTE: as of the last check (no await since)
 
     def path_coming(self, model: str, waited: float) -> bool:
         """A mixed worker, or both a prefill and a decode worker, of ``model`` are listed
@@ -144,7 +144,6 @@ class WorkerChoice:
         died_at = PoisonTracker.died_at()
         while True:
             found = [h for h in self.pool.candidates(role, model) if h.process not in exclude]
-            serving = [h.id for h in self.pool.serving(role, model) if h.process not in exclude]
             waited = time.monotonic() - start
             if found and died_at:
                 fresh = [h for h in found if h.alive_at > died_at]
@@ -155,6 +154,7 @@ class WorkerChoice:
                 continue
             if found:
                 return found
+            serving = [h.id for h in self.pool.serving(role, model) if h.process not in exclude]
             if serving and waited < self.WORKER_WAIT_S:
                 why = f"one of {serving}"
             elif self._restarting(role, model, waited, bool(serving) or self._down(role, model)):

@@ -287,7 +287,11 @@ class WorkerPool:
         fresh report: it is chosen only when no such worker is left, rather than refused."""
         now = time.monotonic()
         usable = sorted(
-            (h for h in self.handles.values() if h.usable_for(role, now) and h.serves(model)),
+            (
+                h
+                for h in self.handles.values()
+                if h.info.role == role and h.usable_for(role, now) and h.serves(model)
+            ),
             key=lambda h: h.id,
         )
         return [h for h in usable if h.load_fresh(now)] or usable
