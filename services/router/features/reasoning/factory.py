@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 from services.router.features.reasoning.base import ReasoningParser
@@ -19,6 +20,8 @@ def available_reasoning_parsers() -> list[str]:
     return sorted(_PARSERS)
 
 
+# NOTE: cached: every request asks (serving.ServeRequest.create).
+@functools.cache
 def reasoning_parser_class(name: str) -> type[ReasoningParser] | None:
     """The parser of ``name``; None for ``none`` (the output is all content)."""
     if name == NONE:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 from services.router.features.tool_parsers.base import ToolParser
@@ -17,6 +18,8 @@ def available_tool_parsers() -> list[str]:
     return sorted(_PARSERS)
 
 
+# NOTE: cached: every request asks (serving.ServeRequest.create).
+@functools.cache
 def tool_parser_class(name: str) -> type[ToolParser]:
     try:
         target = _PARSERS[name]
