@@ -129,10 +129,13 @@ def _check_schema(schema: Any, where: str, param: str) -> dict[str, Any]:
 
 
 def _unique(tools: list[dict[str, Any]], param: str) -> None:
-    names = [t["function"]["name"] for t in tools]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup is not None:
-        raise bad_request(f"tool names must be unique; {dup!r} is repeated", param=param)
+    # NOTE: a set, not list.count per name: a 4 MiB body holds ~84,000 tools.
+    seen: set[str] = set()
+    for t in tools:
+        name = t["function"]["name"]
+        if name in seen:
+            raise bad_request(f"tool names must be unique; {name!r} is repeated", param=param)
+        seen.add(name)
 
 
 def openai_tools(body: dict[str, Any]) -> ToolSetup:
