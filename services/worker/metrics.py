@@ -120,6 +120,10 @@ class WorkerMetrics(MetricsEndpoint):
         )  # fmt: skip
         for h in (self.ttft, self.tpot, self.itl, self.e2e):
             h.labels(*ids, state.role)
+        # The request path's children, made once: ``labels`` checks, converts and locks on
+        # every call, and ``track`` made four before a request reached its engine.
+        self._by_role: dict[str, tuple[Any, Any, Any, Any]] = {}  # role -> ttft, itl, tpot, e2e
+        self._by_reason = {reason: self.success.labels(*ids, reason) for reason in FINISHED_REASONS}
         self.kv_transfer = KVTransferMetrics(r, *ids)
         r.register(_EngineCollector(engine, state, ids))
 
@@ -143,8 +147,7 @@ class WorkerMetrics(MetricsEndpoint):
     ) -> AsyncIterator[Any]:
         """Relay one request's engine outputs (RequestOutput), timing and counting them.
         ``count_prompt`` is False on a PD decode worker: the prefill worker counted it."""
-        ids = (self.model_name, self.instance, str(self.state.role))
-        ttft, itl, tpot, e2e = (h.labels(*ids) for h in (self.ttft, self.itl, self.tpot, self.e2e))
+        ttft, itl, tpot, e2e = self._role_series(str(self.state.role))
         arrived = last_at = time.monotonic()
         first_at: float | None = None
         per_completion: dict[int, int] = {}
@@ -176,7 +179,21 @@ class WorkerMetrics(MetricsEndpoint):
             reason = "error"
             raise
         finally:
-            self.success.labels(self.model_name, self.instance, reason).inc()
+            success = self._by_reason.get(reason)
+            if success is None:  # a finish reason outside FINISHED_REASONS
+                success = self.success.labels(self.model_name, self.instance, reason)
+            success.inc()
+
+    def _role_series(self, role: str) -> tuple[Any, Any, Any, Any]:
+        """The ttft, itl, tpot and e2e children of the requests served in ``role``."""
+        series = self._by_role.get(role)
+        if series is None:
+            ids = (self.model_name, self.instance, role)
+            series = self._by_role[role] = (
+                self.ttft.labels(*ids), self.itl.labels(*ids), self.tpot.labels(*ids),
+                self.e2e.labels(*ids),
+            )  # fmt: skip
+        return series
 
     def watch_staging(self, *stagings: Any) -> None:
         """Export the KV staging slots' use (a worker that transfers KV through them): the

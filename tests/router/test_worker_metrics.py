@@ -105,6 +105,24 @@ async def test_track_counts_an_abandoned_stream_as_abort_and_a_failure_as_error(
 
 
 @pytest.mark.asyncio
+async def test_track_labels_each_request_with_the_role_it_ran_in() -> None:
+    """The request path's series are made once per role (WorkerMetrics._role_series): a
+    request after a role flip counts under the new role, one before under the old."""
+    m, _, state = _metrics()
+    done = [_out([[5]]), _out([[6]], finished=True, reason="stop")]
+    [o async for o in m.track(_stream(*done))]
+    state.role = "decode"
+    [o async for o in m.track(_stream(*done))]
+    [o async for o in m.track(_stream(_out([[7]], finished=True, reason="abort")))]
+    for role in ("mixed", "decode"):
+        for name in ("time_to_first_token", "inter_token_latency", "e2e_request_latency"):
+            n = 2 if role == "decode" and name != "inter_token_latency" else 1
+            assert value(m, f"epdserve:{name}_seconds_count", role=role) == n, (name, role)
+    assert value(m, "epdserve:request_success_total", finished_reason="stop") == 2
+    assert value(m, "epdserve:request_success_total", finished_reason="abort") == 1
+
+
+@pytest.mark.asyncio
 async def test_single_token_request_has_no_tpot() -> None:
     m, _, _ = _metrics()
     [o async for o in m.track(_stream(_out([[5]], finished=True, reason="length")))]
