@@ -9,6 +9,12 @@ until its own registration has replaced the key. If the process dies, the key is
 the TTL and the admin call ends at once (router/api/admin_models.py). An image that falls back
 to the old model (model_load.fall_back) inherits the environment and keeps the lease the same
 way.
+
+etcd away longer than the TTL ends the lease by itself while the process lives: the keeper
+then puts the handed-over key back on a new lease (only where the key is gone: the process's
+own registration is never overwritten), so that a router's wait can still tell a live process
+from a dead one once etcd answers again. An image that falls back with the first lease's id
+in its environment finds the key put back and keeps the lease it is on.
 """
 
 from __future__ import annotations
@@ -36,19 +42,26 @@ ENV = "EPDSERVE_WORKER_HANDOVER"
 HANDOVER_TTL_S = 15
 
 
-def handover_env(lease: int, endpoints: list[str]) -> str:
-    """The value of ENV that hands ``lease`` over to the next image."""
-    return json.dumps({"lease": lease, "ttl": HANDOVER_TTL_S, "endpoints": endpoints})
+def handover_env(lease: int, endpoints: list[str], key: str, value: str) -> str:
+    """The value of ENV that hands ``lease``, holding ``key`` = ``value``, over to the next
+    image."""
+    return json.dumps({"lease": lease, "ttl": HANDOVER_TTL_S, "endpoints": endpoints,
+                       "key": key, "value": value})  # fmt: skip
 
 
 class LeaseKeeper:
     """Keeps a handed-over lease alive from a thread of its own (the event loop does not run
-    yet, and the engine's start blocks a while) until ``release``."""
+    yet, and the engine's start blocks a while) until ``release``; with ``value``, puts
+    ``key`` back on a new lease where the lease ran out (etcd was away) and the key is gone."""
 
-    def __init__(self, lease: int, ttl: float, endpoints: list[str]) -> None:
+    def __init__(
+        self, lease: int, ttl: float, endpoints: list[str], key: str = "", value: str = ""
+    ) -> None:
         self.lease = lease
         self.ttl = ttl
         self.endpoints = endpoints
+        self.key = key
+        self.value = value  # "": nothing to put back (the key ends with the lease)
         self._stop = threading.Event()
         self._revoke = False
         self._thread = threading.Thread(target=self._run, name="lease-handover", daemon=True)
@@ -79,8 +92,11 @@ class LeaseKeeper:
                     client = client or await connect_etcd(self.endpoints)
                     ttl = await asyncio.wait_for(keep_alive_once(client, self.lease),
                                                  timeout=ETCD_OP_TIMEOUT_S)  # fmt: skip
+                    if ttl <= 0 and self.value:
+                        ttl = await asyncio.wait_for(self._put_back(client),
+                                                     timeout=ETCD_OP_TIMEOUT_S)  # fmt: skip
                 except Exception as exc:  # try again on a fresh client while it may live
-                    if time.monotonic() - last_ok > self.ttl:
+                    if time.monotonic() - last_ok > self.ttl and not self.value:
                         raise
                     log.info("keeping the handed-over lease alive failed (%s); retrying", exc)
                     await _closed(client)
@@ -99,6 +115,30 @@ class LeaseKeeper:
         finally:
             await _closed(client)
 
+    async def _put_back(self, client: Etcd3Client) -> int:
+        """The lease ran out: keep the key on another lease; returns its TTL, 0 where the
+        key is someone else's now (this process's registration replaced it)."""
+        assert client.kv is not None and client.lease is not None
+        got = await client.kv.get(self.key, timeout=ETCD_OP_TIMEOUT_S)
+        if got.kvs and got.kvs[0].value == self.value.encode():  # put back by an earlier image
+            self.lease = int(got.kvs[0].lease)
+            log.info("keeping %s on lease %x, where it was put back", self.key, self.lease)
+            return int(self.ttl)
+        if got.kvs:
+            log.info("the handed-over lease %x ran out; %s is registered", self.lease, self.key)
+            return 0
+        grant = await client.lease.grant(int(self.ttl), timeout=ETCD_OP_TIMEOUT_S)
+        put = client.kv.txn_op_put(self.key, self.value, lease=grant.ID)
+        absent = client.kv.txn_compare_create_revision(self.key, 0)
+        resp = await client.kv.txn(compare=[absent], success=[put], timeout=ETCD_OP_TIMEOUT_S)
+        if not resp.succeeded:  # registered meanwhile: looked at again next round
+            await client.lease.revoke(grant.ID, timeout=ETCD_OP_TIMEOUT_S)
+            raise RuntimeError(f"{self.key} was put meanwhile")
+        log.warning("the handed-over lease %x ran out (etcd away); %s put back on lease %x",
+                    self.lease, self.key, grant.ID)  # fmt: skip
+        self.lease = int(grant.ID)
+        return int(self.ttl)
+
 
 async def _closed(client: Etcd3Client | None) -> None:
     if client is not None:
@@ -113,7 +153,8 @@ def keep_from_env() -> LeaseKeeper | None:
         return None
     try:
         spec = json.loads(raw)
-        keeper = LeaseKeeper(int(spec["lease"]), float(spec["ttl"]), list(spec["endpoints"]))
+        keeper = LeaseKeeper(int(spec["lease"]), float(spec["ttl"]), list(spec["endpoints"]),
+                             str(spec.get("key", "")), str(spec.get("value", "")))  # fmt: skip
     except (ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring a malformed %s: %s", ENV, exc)
         return None

@@ -222,7 +222,9 @@ async def serve(
         # The key stays, "loading", for the restarted image to keep (worker/lease_handover.py).
         lease = await registrar.hand_over(lease_handover.HANDOVER_TTL_S)
         if lease is not None:
-            os.environ[lease_handover.ENV] = lease_handover.handover_env(lease, wcfg.etcd_endpoints)
+            os.environ[lease_handover.ENV] = lease_handover.handover_env(
+                lease, wcfg.etcd_endpoints, registrar.key, registrar.info.to_json()
+            )
     log.info("worker %s stopped", wcfg.instance_id)
     return exit_code
 

@@ -83,8 +83,7 @@ class StartingKey(lease_handover.LeaseKeeper):
     """Puts the "starting" key on a new lease, then keeps that lease alive until ``release``."""
 
     def __init__(self, key: str, info: InstanceInfo, ttl: int, endpoints: list[str]) -> None:
-        super().__init__(0, ttl, endpoints)
-        self.key = key
+        super().__init__(0, ttl, endpoints, key)
         self.info = info
 
     async def _keep(self) -> None:

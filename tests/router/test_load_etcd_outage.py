@@ -1,7 +1,9 @@
 """A model load whose wait sees etcd go away (router/api/admin_models.py): the restarting
 worker's key runs out by itself when etcd is away longer than its lease, so a key gone then is
-no sign that the process died. The load waits for it to register again and says etcd was away;
-only with etcd answering does a key gone for GONE_FOR_S end the load as worker_lost.
+no sign that the process died. The load waits for it to put its key back (or register) once
+etcd answers again and says etcd was away; a key gone for GONE_FOR_S with etcd answering (after
+an outage: from BACK_GRACE_S after etcd is back) ends the load as worker_lost. A key that says
+"starting" (the hand-over failed: the new image announced itself) is a worker still there.
 
 Real etcd (stopped with SIGSTOP, continued), a fake pool (the key's coming and going)."""
 
@@ -16,9 +18,11 @@ import pytest
 
 from services.common import event_loop
 from services.common.etcd_server import EtcdServer
+from services.common.membership import InstanceInfo
 from services.router.api import admin_models
 from services.router.api.admin import AdminError
 from services.router.api.admin_models import EtcdOutages, _restarted
+from services.router.routing.starting import StartingWorkers
 
 
 class Handle:
@@ -30,10 +34,14 @@ class Handle:
         return True
 
 
-async def _load(etcd: EtcdServer, stop_etcd: bool) -> object:
+async def _load(etcd: EtcdServer, stop_etcd: bool, comes_back: bool = True,
+                starts: bool = False) -> object:  # fmt: skip
     """The worker's key is gone from 0.2 s (lease ran out), and a new incarnation serves at
-    4.5 s; with ``stop_etcd``, etcd is stopped from 0 to 3.5 s."""
-    gw = SimpleNamespace(pool=SimpleNamespace(handles={"w0": Handle("old", "loading")}))
+    4.5 s (``comes_back``; else never); with ``stop_etcd``, etcd is stopped from 0 to 3.5 s;
+    ``starts``: from 0.2 s the key says "starting" (no handle) instead of being gone."""
+    starting = StartingWorkers()
+    gw = SimpleNamespace(pool=SimpleNamespace(handles={"w0": Handle("old", "loading")},
+                                              starting=starting))  # fmt: skip
     outages = EtcdOutages([etcd.endpoint]).start()
     assert etcd.proc is not None
     pid = etcd.proc.pid
@@ -43,11 +51,15 @@ async def _load(etcd: EtcdServer, stop_etcd: bool) -> object:
             os.kill(pid, signal.SIGSTOP)
         await asyncio.sleep(0.2)
         gw.pool.handles.pop("w0")
+        if starts:
+            starting.update({"w0": InstanceInfo("w0", "", "mixed", 0, "m", "s", 1, "h",
+                                                state="starting")})  # fmt: skip
         await asyncio.sleep(3.3)
         if stop_etcd:
             os.kill(pid, signal.SIGCONT)
         await asyncio.sleep(1.0)
-        gw.pool.handles["w0"] = Handle("new")
+        if comes_back:
+            gw.pool.handles["w0"] = Handle("new")
 
     task = asyncio.create_task(script())
     try:
@@ -72,6 +84,33 @@ def test_a_worker_back_after_an_etcd_outage_is_not_reported_dead(monkeypatch) ->
         # etcd answering all along: the key gone for GONE_FOR_S means the process died.
         lost = event_loop.run(_load(etcd, stop_etcd=False))
     assert isinstance(lost, AdminError) and lost.code == "worker_lost", lost
+
+
+def test_a_worker_dead_during_an_etcd_outage_is_lost_once_etcd_answers(monkeypatch) -> None:
+    """Its key went while etcd was stopped and never came back: the old wait went on for
+    the whole LOAD_WAIT_S (600 s; here 30 s) once any ping had been slow, with nothing
+    logged. Now a key still gone BACK_GRACE_S + GONE_FOR_S after etcd answers again (a live
+    restarting worker puts its key back: worker/lease_handover.py) is worker_lost."""
+    monkeypatch.setattr(admin_models, "GONE_FOR_S", 2.5)
+    monkeypatch.setattr(admin_models, "ETCD_PING_S", 0.2)
+    monkeypatch.setattr(admin_models, "ETCD_SLOW_S", 1.0)
+    monkeypatch.setattr(admin_models, "LOAD_WAIT_S", 30.0)
+    monkeypatch.setattr(admin_models, "BACK_GRACE_S", 2.0)
+    with EtcdServer() as etcd:
+        lost = event_loop.run(_load(etcd, stop_etcd=True, comes_back=False))
+    assert isinstance(lost, AdminError) and lost.code == "worker_lost", lost
+    assert "etcd" in lost.message, lost.message
+
+
+def test_a_key_that_says_starting_is_a_worker_still_there(monkeypatch) -> None:
+    """The hand-over failed (etcd slow at that moment), so the new image announced itself
+    "starting": the router keeps no handle for it, and the old wait took it for gone and
+    answered worker_lost after GONE_FOR_S though the worker came back."""
+    monkeypatch.setattr(admin_models, "GONE_FOR_S", 2.5)
+    monkeypatch.setattr(admin_models, "ETCD_PING_S", 0.2)
+    with EtcdServer() as etcd:
+        got = event_loop.run(_load(etcd, stop_etcd=False, starts=True))
+    assert isinstance(got, Handle) and got.info.incarnation == "new", got
 
 
 @pytest.mark.parametrize("stopped", [True, False])

@@ -97,5 +97,7 @@ def test_nothing_is_announced_where_there_is_nothing_to_announce(etcd, monkeypat
     assert starting.announce(argv(etcd, "w3", "--no-register")) is None
     assert starting.announce(argv(etcd, "w3", "--role", "nonsense")) is None  # main says why
     assert starting.announce(["--help"]) is None
-    monkeypatch.setenv(lease_handover.ENV, lease_handover.handover_env(1, [etcd.endpoint]))
+    monkeypatch.setenv(
+        lease_handover.ENV, lease_handover.handover_env(1, [etcd.endpoint], "k", "v")
+    )
     assert starting.announce(argv(etcd, "w3")) is None  # a model load's restart: "loading"

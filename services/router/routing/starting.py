@@ -113,6 +113,10 @@ class StartingWorkers:
         return any(info.role == role and info.model == model
                    and now - self._seen[info.id].since < budget_s for info in self._alive())  # fmt: skip
 
+    def is_starting(self, worker_id: str) -> bool:
+        """Worker ``worker_id`` is starting (its key says so, and it was not seen dead)."""
+        return any(info.id == worker_id for info in self._alive())
+
     def has(self, model: str) -> bool:
         """Some worker serving ``model`` is starting."""
         return any(info.model == model for info in self._alive())
