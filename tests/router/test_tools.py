@@ -159,6 +159,7 @@ def test_anthropic_tools_are_converted_and_checked() -> None:
         {"tools": [tool], "tool_choice": {"type": "tool", "name": "other"}},
         {"tools": [tool], "tool_choice": "auto"},
         {"tool_choice": {"type": "any"}},
+        {"tools": [tool], "tool_choice": {"type": ["any"]}},  # was a TypeError: a 500
     ):
         with pytest.raises(APIError) as ei:
             anthropic_tools(body)

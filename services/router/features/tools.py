@@ -228,7 +228,8 @@ def anthropic_tools(body: dict[str, Any]) -> ToolSetup:
     if choice is None:
         return ToolSetup(tools, "auto" if tools else "none")
     kinds = {"auto": "auto", "any": "required", "tool": "function", "none": "none"}
-    if not isinstance(choice, dict) or choice.get("type") not in kinds:
+    given = choice.get("type") if isinstance(choice, dict) else None
+    if not isinstance(given, str) or given not in kinds:  # NOTE: a list or object is no key
         raise bad_request("tool_choice.type: must be 'auto', 'any', 'tool' or 'none'",
                           param="tool_choice")  # fmt: skip
     disable = choice.get("disable_parallel_tool_use", False)
