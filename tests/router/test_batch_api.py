@@ -31,6 +31,8 @@ OPENAI = [
     ("POST", "/v1/files", {"files": {"file": ("a", LINE + b',"stream":true}}')},
                            "data": {"purpose": "batch"}}, 400, "invalid_body"),
     ("GET", "/v1/files?limit=abc", {}, 400, "limit"),
+    # "²" (%C2%B2) is a digit to str.isdigit, not to int(): a 500.
+    ("GET", "/v1/files?limit=%C2%B2", {}, 400, "limit"),
     ("GET", "/v1/files/%00/content", {}, 404, "not_found"),
     ("DELETE", "/v1/files/file-nope", {}, 404, "not_found"),
     ("POST", "/v1/batches", {"content": b"not json"}, 400, "not valid JSON"),
@@ -65,6 +67,7 @@ ANTHROPIC = [
     ("POST", "/v1/messages/batches", {"json": {"requests": [{"custom_id": "a", "params": {
         "model": "m", "max_tokens": "x"}}]}}, 400, "valid integer"),
     ("GET", "/v1/messages/batches?limit=-1", {}, 400, "limit"),
+    ("GET", "/v1/messages/batches?limit=%C2%B2", {}, 400, "limit"),
     ("GET", "/v1/messages/batches/msgbatch_x/results", {}, 404, "No batch"),
     ("POST", "/v1/messages/batches/msgbatch_x/cancel", {}, 404, "No batch"),
     ("POST", "/v1/messages", {"content": DEEP}, 400, "nested too deeply"),

@@ -111,7 +111,8 @@ async def test_stored_responses_are_shared(routers, tmp_path) -> None:
     assert [i["content"][0]["text"] for i in rest["data"]] == ["c"] and not rest["has_more"]
     newest = (await b.get(url)).json()  # desc by default, as OpenAI's
     assert [i["content"][0]["text"] for i in newest["data"]] == ["c", "b", "a"]
-    assert (await b.get(url, params={"limit": 0})).status_code == 400
+    for limit in (0, "\u00b2"):  # "²" is a digit to str.isdigit, not to int(): was a 500
+        assert (await b.get(url, params={"limit": limit})).status_code == 400
     assert first["service_tier"] == "default"
     assert (await _create(a, input="x", store=False, service_tier="flex"))["service_tier"] == "flex"
     unstored = await _create(a, input="x", store=False, stop=["w1"])  # vLLM's extension

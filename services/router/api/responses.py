@@ -229,7 +229,7 @@ async def list_input_items(gw: Gateway, request: Request) -> Response:
     order, limit = q.get("order", "desc"), q.get("limit", "20")
     if order not in ("asc", "desc"):
         raise bad_request("'order' must be 'asc' or 'desc'", param="order")
-    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 100:
         raise bad_request("'limit' must be an integer in [1, 100]", param="limit")
     items = items[::-1] if order == "desc" else items
     if (after := q.get("after")) is not None:

@@ -144,6 +144,7 @@ def paginate(
 def page_limit(raw: str | None, default: int, most: int) -> int:
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= most:
+    # NOTE: str.isdigit takes "²" too, which int() refuses.
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= most:
         raise bad_request(f"limit must be an integer in [1, {most}]", param="limit")
     return int(raw)
