@@ -153,7 +153,8 @@ def test_one_model_sleeps_and_wakes_under_the_others_traffic(cluster, offline) -
 
 # A model load answers within seconds here (20-30 s at a load of 20); the router waits up to
 # its LOAD_WAIT_S (600 s) for the worker: a call still unanswered after this fails the test
-# with what the router knows of the workers, well before the module's 400 s timeout kills it.
+# with what the router knows of the workers and the processes' last lines (the router's say
+# what the load waits on), well before the module's 400 s timeout kills it.
 LOAD_CALL_S = 150.0
 
 
@@ -162,8 +163,12 @@ def admin_post(cluster, path: str, body: dict, timeout: float = LOAD_CALL_S) -> 
         return httpx.post(cluster.base_url + path, json=body, timeout=timeout,
                           headers={"Authorization": f"Bearer {cluster.admin_token}"})  # fmt: skip
     except httpx.TimeoutException:
-        pytest.fail(f"POST {path} {body}: no answer in {timeout:.0f} s; the router's workers: "
-                    f"{workers(cluster)}")  # fmt: skip
+        rows = {w: (r["state"], r["model"], r["for_s"], r["load_error"])
+                for w, r in workers(cluster).items()}  # fmt: skip
+        said = "\n".join(f"--- {p.name}:\n{p.last_output(30)}"
+                         for p in (*cluster.routers, *cluster.workers))  # fmt: skip
+        pytest.fail(f"POST {path} {body}: no answer in {timeout:.0f} s; the router's workers "
+                    f"(state, model, for_s, load_error): {rows}\n{said}")  # fmt: skip
 
 
 def test_a_worker_loads_the_other_model_and_back(cluster, offline, tiny_model_dir, other_model,
