@@ -175,11 +175,16 @@ async def serve(
 
 
 async def run_detached(
-    gw: Gateway, req: ServeRequest, out: Output, sink: Callable[[str], None] | None = None
+    gw: Gateway,
+    req: ServeRequest,
+    out: Output,
+    sink: Callable[[str], None] | None = None,
+    admitted: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     """Run ``req`` with no client attached (a background response) to its body; an APIError
     when it fails. Cancelling the caller aborts the generation. ``sink``: takes its stream's
-    events as they come (a background response streamed while its client stays)."""
+    events as they come (a background response streamed while its client stays);
+    ``admitted``: awaited once the request is admitted, before it goes to a worker."""
     try:
         ticket = await _admit(gw, req)
     except APIError as err:
@@ -188,6 +193,8 @@ async def run_detached(
     merged = _generate(gw, req)
     status: int | str = 200
     try:
+        if admitted is not None:
+            await admitted()
         return await _collect(gw, req, out, merged, sink)
     except APIError as err:
         status = err.status

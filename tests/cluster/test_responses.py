@@ -1,11 +1,13 @@
 """The OpenAI Responses API through the official SDK against a real cluster (etcd, worker,
 router; a tiny random model whose template renders tools): greedy output equal to the same
 conversation through chat completions, the typed event stream, a function tool round trip,
-previous_response_id, structured output, retrieve / delete and bad inputs."""
+previous_response_id, structured output, retrieve / delete, a background run's statuses and bad
+inputs."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
@@ -106,6 +108,30 @@ def test_conversation_retrieve_delete(oai) -> None:
         oai.responses.retrieve(second.id)
     with pytest.raises(openai.NotFoundError):
         oai.responses.create(model=TINY_NAME, input="x", previous_response_id=second.id)
+
+
+def test_a_background_run_is_queued_then_in_progress_then_done(oai) -> None:
+    """A background response, polled as OpenAI's clients poll it: ``queued``, ``in_progress``
+    while it runs, then its end. Its stored record said ``queued`` until it had finished
+    (session 21's operator). NOTE: a run of 400 tokens lasts ~1.5 s here, and at a load of 36
+    one poll took longer than that: up to 3 runs, for one whose ``in_progress`` a poll saw."""
+    for _ in range(3):
+        run = oai.responses.create(model=TINY_NAME, input=ASK, background=True, store=True,
+                                   max_output_tokens=400, temperature=0,
+                                   extra_body={"ignore_eos": True})  # fmt: skip
+        seen = [run.status]
+        deadline = time.monotonic() + 120
+        while seen[-1] in ("queued", "in_progress"):
+            assert time.monotonic() < deadline, seen
+            got = oai.responses.retrieve(run.id)
+            if got.status != seen[-1]:
+                seen.append(got.status)
+        assert seen in (["queued", "in_progress", "incomplete"], ["queued", "incomplete"]), seen
+        assert got.usage.output_tokens == 400 and got.output_text
+        if "in_progress" in seen:
+            return
+        print("no poll saw the run in progress: again", flush=True)
+    raise AssertionError("3 background runs went from queued to incomplete, none in_progress")
 
 
 def test_structured_output(oai) -> None:

@@ -91,7 +91,7 @@ async def test_a_background_run_goes_on_past_a_client_it_cut_off(monkeypatch) ->
     none leave at most the bound queued, and the run reaches its end."""
     ran: list[int] = []
 
-    async def run_detached(gw, req, out, sink):
+    async def run_detached(gw, req, out, sink, admitted):
         for i in range(10_000):
             sink(f"data: {json.dumps({'i': i})}\n\n")
         ran.append(1)

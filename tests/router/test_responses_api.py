@@ -41,6 +41,7 @@ MODEL = "fake-model"
 # How long a background run's running mark must outlive a stall of its router's renewals (an
 # etcd stopped 20 s, docs/faults.md; a loaded router's loop).
 MARK_STALL_S = 20.0
+UNFINISHED = ("queued", "in_progress")
 
 
 @pytest_asyncio.fixture
@@ -168,11 +169,21 @@ async def test_stored_responses_expire(routers, tmp_path) -> None:
     assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id"
 
 
+async def _status(c: httpx.AsyncClient, rid: str, want: str) -> str:
+    """The stored status of ``rid`` once it is ``want`` (or its last after 10 s)."""
+    for _ in range(100):
+        status = (await c.get(f"/v1/responses/{rid}")).json()["status"]
+        if status == want:
+            break
+        await asyncio.sleep(0.1)
+    return status
+
+
 async def _finished(c: httpx.AsyncClient, rid: str) -> dict[str, Any]:
-    """The stored response ``rid`` once it is no longer queued (or after 10 s)."""
+    """The stored response ``rid`` once it is no longer queued or in progress (or after 10 s)."""
     for _ in range(100):
         done = (await c.get(f"/v1/responses/{rid}")).json()
-        if done["status"] != "queued":
+        if done["status"] not in ("queued", "in_progress"):
             break
         await asyncio.sleep(0.1)
     return done
@@ -189,14 +200,17 @@ async def test_background_runs_and_cancels_from_either_router(routers) -> None:
     # router finds that, not a stale "queued" copy.
     grown = await _create(b, input="go", background=True, max_output_tokens=4,
                           metadata={f"k{i}": "v" * 200 for i in range(6)})  # fmt: skip
-    assert (await a.get(f"/v1/responses/{grown['id']}")).json()["status"] == "queued"
+    assert (await a.get(f"/v1/responses/{grown['id']}")).json()["status"] in UNFINISHED
     for _ in range(100):
         if (await b.get(f"/v1/responses/{grown['id']}")).json()["status"] == "incomplete":
             break
         await asyncio.sleep(0.1)
     assert (await a.get(f"/v1/responses/{grown['id']}")).json()["status"] == "incomplete"
-    # A long run cancelled through the router that does not run it.
+    # A long run (100 steps of 20 ms) is in progress once admitted, as both routers say, and
+    # is cancelled through the router that does not run it.
     long = await _create(a, input="go", background=True, max_output_tokens=100)
+    assert await _status(b, long["id"], "in_progress") == "in_progress"
+    assert (await a.get(f"/v1/responses/{long['id']}")).json()["status"] == "in_progress"
     r = await b.post("/v1/responses", json={"model": MODEL, "input": "x",
                                             "previous_response_id": long["id"]})  # fmt: skip
     assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
@@ -235,7 +249,7 @@ async def test_a_background_run_whose_router_died_fails_with_the_reason(routers,
         assert "stopped before it finished" in got["error"]["message"]
     # A live run, asked through the router that does not run it, is left alone.
     long = await _create(a, input="go", background=True, max_output_tokens=100)
-    assert (await b.get(f"/v1/responses/{long['id']}")).json()["status"] == "queued"
+    assert (await b.get(f"/v1/responses/{long['id']}")).json()["status"] in UNFINISHED
     assert (await b.post(f"/v1/responses/{long['id']}/cancel")).json()["status"] == "cancelled"
 
 

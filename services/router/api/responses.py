@@ -142,7 +142,7 @@ async def _background(
     stream's events to ``events``, then its end); cancelled from this router (its task) or
     another one (the stored status, looked at every CANCEL_POLL_S)."""
     sink = events.put if events is not None else None
-    work = asyncio.ensure_future(run_detached(gw, req, out, sink))
+    work = asyncio.ensure_future(run_detached(gw, req, out, sink, lambda: _started(gw, out)))
     watch = asyncio.ensure_future(_cancelled_elsewhere(gw, req.rid))
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -173,6 +173,19 @@ async def _background(
             events.end()
         with contextlib.suppress(Exception):  # etcd away: the mark runs out by itself
             await gw.responses.unmark_running(req.rid)
+
+
+async def _started(gw: Gateway, out: ResponsesOutput) -> None:
+    """A background run is admitted (a flex one waited for headroom, offline.py): its record
+    says ``in_progress`` until it ends, as OpenAI's does. NOTE: not over a record cancelled
+    or deleted meanwhile. A cancel stored by another router between this read and this write
+    (one etcd round trip) is overwritten and the run goes on: the store has no
+    compare-and-put, and the run's final write has the same window."""
+    rid = out.req.rid
+    with contextlib.suppress(Exception):  # etcd away: it stays queued until it ends
+        record = await gw.responses.get(rid)
+        if record is not None and record["response"]["status"] == "queued":
+            await gw.responses.put(rid, out.record(out.skeleton("in_progress")))
 
 
 async def _cancelled_elsewhere(gw: Gateway, rid: str) -> str:
