@@ -31,7 +31,7 @@ from services.engine.distributed import RankFailure
 from services.engine.layers import cpu_lora
 from services.engine.layers.lora import LoRABatch, LoRALinear, cuda_kernels
 from services.engine.lora_adapter import LoRAAdapter, load_adapter
-from services.engine.model_files import MAX_NAME_CHARS
+from services.engine.model_files import name_problem
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +125,9 @@ class LoRAManager:
     def read(self, name: str, path: str) -> LoRAAdapter | None:
         """The adapter at ``path``, read but not registered; None if ``name`` already is
         the adapter at ``path``."""
-        if not name or len(name) > MAX_NAME_CHARS:
-            raise ValueError(f"a LoRA adapter needs a name of 1 to {MAX_NAME_CHARS} characters")
+        problem = name_problem(name)
+        if problem is not None:
+            raise ValueError(f"bad LoRA adapter name: {problem}")
         old = self.adapters.get(name)
         if old is not None and old.path == str(path):
             return None

@@ -98,6 +98,17 @@ def model_source(model: str | None) -> str:
 MAX_NAME_CHARS = 256
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a served model or a LoRA adapter, None if it can: empty,
+    longer than MAX_NAME_CHARS, or holding a character that is not printable (a newline, NUL
+    or escape would forge lines in logs and /v1/models listings and break argv)."""
+    if not name or len(name) > MAX_NAME_CHARS:
+        return f"a name of 1 to {MAX_NAME_CHARS} characters is needed"
+    if not name.isprintable():
+        return f"{name!r} holds a character that is not printable"
+    return None
+
+
 def served_name(model: str | None) -> str:
     if model is None:
         return DEFAULT_MODEL_NAME

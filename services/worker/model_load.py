@@ -190,8 +190,9 @@ class WorkerModelLoad:
         # with no fall-back. The name also travels in every registration and /v1/models.
         if len(name) > MAX_NAME_CHARS:
             raise ValueError(f"served_model_name is longer than {MAX_NAME_CHARS} characters")
-        if name.startswith("-") or "\x00" in name:
-            raise ValueError(f"served_model_name {name!r} must not start with '-' or hold NUL")
+        if name.startswith("-") or not name.isprintable():
+            raise ValueError(f"served_model_name {name!r} must not start with '-' or hold NUL "
+                             "or another character that is not printable")  # fmt: skip
         async with self.roles.lock:
             if self.reload.argv is not None:
                 raise LoadInProgress(f"worker {self.state.instance_id} is loading a model")

@@ -173,6 +173,9 @@ def test_bad_adapters_are_clear_errors(setup, tmp_path):
     for bad in (broken, tmp_path / ("x" * 300)):  # SafetensorError, ENAMETOOLONG before
         with pytest.raises(ValueError, match="cannot be read"):
             llm.engine.loras.add("bad", str(bad))
+    for bad_name in ("a\nb", "x\x00", "\x1b[31mred"):  # log lines, argv, terminals
+        with pytest.raises(ValueError, match="not printable"):
+            llm.engine.loras.add(bad_name, str(folders["all"]))
     with pytest.raises(ValueError, match="1 to 256 characters"):
         llm.engine.loras.add("x" * 257, str(folders["all"]))
     plain = LLM(str(base), dtype="float32", kv_cache_bytes=8 << 20)

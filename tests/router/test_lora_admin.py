@@ -147,6 +147,10 @@ async def test_an_adapter_name_of_one_base_model_is_refused_for_another(tmp_path
                 assert r.status_code == 400 and "model-1" in r.json()["error"]["message"], r.text
                 assert one.loras.adapters == {"x": "/x"} and two.loras.adapters == {}
                 assert await registry.get("x") == AdapterRecord("/x", "model-1")
+                for bad in ("a\nb", "x\x00", "\x1b[2J"):  # forged log lines, argv, terminals
+                    r = await c.post("/v1/load_lora_adapter", json={**load, "lora_name": bad})
+                    assert r.status_code == 400 and "not printable" in r.text, r.text
+                assert one.loras.adapters == {"x": "/x"}
                 # Unloaded, the name is free for the other base model.
                 r = await c.post("/v1/unload_lora_adapter", json={"lora_name": "x"})
                 assert r.status_code == 200, r.text

@@ -107,7 +107,7 @@ def test_a_load_whose_caller_goes_away_mid_drain_leaves_the_worker_serving(tiny_
         roles = RoleController(state, drain_timeout_s=60.0, held=count, evict=evict)
         loader = WorkerModelLoad(state, roles, "old")
         loader.configs = (WorkerConfig(instance_id="w1"), EngineConfig(model="/m/old"))
-        for bad in ("--port", "a\x00b"):
+        for bad in ("--port", "a\x00b", "a\nb", "\x1b[2J"):
             with pytest.raises(ValueError, match="must not start with '-' or hold NUL"):
                 await loader.load(str(tiny_model_dir("llama")), bad)
         with pytest.raises(ValueError, match="longer than 256"):  # execv: E2BIG past 128 KiB

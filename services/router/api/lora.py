@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from services.common.lora_registry import AdapterRecord
 from services.common.proto import worker_pb2 as pb
-from services.engine.model_files import MAX_NAME_CHARS
+from services.engine.model_files import name_problem
 from services.router.api.admin import AdminError, _body, _guard
 
 if TYPE_CHECKING:
@@ -38,9 +38,9 @@ def _name(body: dict[str, Any], key: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not value:
         raise AdminError(400, f"'{key}' must be a non-empty string", "bad_request")
-    if key == "lora_name" and len(value) > MAX_NAME_CHARS:
-        raise AdminError(400, f"'lora_name' is longer than {MAX_NAME_CHARS} characters",
-                         "bad_request")  # fmt: skip
+    problem = name_problem(value) if key == "lora_name" else None
+    if problem is not None:
+        raise AdminError(400, f"'lora_name': {problem}", "bad_request")
     return value
 
 
