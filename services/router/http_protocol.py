@@ -93,6 +93,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None  # while a head is awaited
         self._body_timer: asyncio.TimerHandle | None = None  # while a body is awaited
         self._gone = ClientGone()  # CLIENT_GONE of this connection's requests
+        # Inside ``data_received``'s parse: a head's end or a body's wait is noted here and
+        # its timer armed after the chunk, so a request whose chunk holds all of it (the
+        # common case) arms and cancels no timer (four a request, each a libuv timer).
+        self._parsing = False
+        self._head_ended = False  # a head ended inside the chunk
+        self._body_due = False  # a body is awaited past the chunk
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -105,11 +111,22 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # dropped: the connection is closing
-        if self._in_head and self._head_timer is None:
-            self._head_timer = self.loop.call_later(self.limits.head_timeout_s,
-                                                    self._head_timed_out)  # fmt: skip
-        self._head_began = False
-        super().data_received(data)
+        # NOTE: the timers run from this chunk's arrival (a head) and from its head's end (a
+        # body), as if armed then: the parse between takes microseconds.
+        head_wait = self._in_head and self._head_timer is None
+        self._head_began = self._head_ended = self._body_due = False
+        self._parsing = True
+        try:
+            super().data_received(data)
+        finally:
+            self._parsing = False
+        if not self._refused:
+            if head_wait and not self._head_ended:
+                self._head_timer = self.loop.call_later(self.limits.head_timeout_s,
+                                                        self._head_timed_out)  # fmt: skip
+            if self._body_due:
+                self._body_timer = self.loop.call_later(self.limits.body_timeout_s,
+                                                        self._body_timed_out)  # fmt: skip
         # NOTE: a chunk in which the previous request ended is not counted (it may be mostly
         # that request's body), so a head is refused within one read (<= 256 KiB) of the bound.
         if not self._in_head or self._head_began or self.transport.is_closing():
@@ -191,10 +208,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
         super().on_headers_complete()
-        self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_timed_out)
+        self._head_ended = True
+        if self._parsing:
+            self._body_due = True  # armed after the chunk unless the body ends in it
+        else:
+            self._body_timer = self.loop.call_later(self.limits.body_timeout_s,
+                                                    self._body_timed_out)  # fmt: skip
 
     def on_message_complete(self) -> None:
         self._in_head, self._head_bytes, self._head_began = True, 0, True
+        self._body_due = False
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None

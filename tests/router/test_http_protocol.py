@@ -263,3 +263,48 @@ def test_idle_connections_outlast_the_clients_expiry() -> None:
                 anthropic._constants.DEFAULT_CONNECTION_LIMITS.keepalive_expiry]  # fmt: skip
     config = server_config(_app, RouterConfig(host="127.0.0.1", port=0), "error")
     assert config.timeout_keep_alive >= 2 * max(e or 0.0 for e in expiries), expiries
+
+
+async def _timers_of_whole_requests() -> list[float]:
+    """The timers the gateway's protocol arms over three requests, each sent whole in one
+    write on one kept-alive connection."""
+    from services.router import http_protocol
+
+    armed: list[float] = []
+
+    class Counting:  # the protocol's loop, counting its call_later
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            self._loop = loop
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._loop, name)
+
+        def call_later(self, delay: float, *args: object) -> asyncio.TimerHandle:
+            armed.append(delay)
+            return self._loop.call_later(delay, *args)
+
+    init = http_protocol.BoundedHttpToolsProtocol.__init__
+
+    def counting_init(self, *args: object, **kwargs: object) -> None:  # noqa: ANN001
+        init(self, *args, **kwargs)
+        self.loop = Counting(self.loop)
+
+    http_protocol.BoundedHttpToolsProtocol.__init__ = counting_init  # type: ignore[method-assign]
+    try:
+        async with _serving(http_head_timeout_s=7.0, http_body_timeout_s=9.0) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(3):
+                writer.write(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
+                assert (await _response(reader))[0] == 200
+            writer.close()
+    finally:
+        http_protocol.BoundedHttpToolsProtocol.__init__ = init  # type: ignore[method-assign]
+    return armed
+
+
+def test_a_request_sent_whole_arms_no_timer() -> None:
+    """A request whose head and body come in one read arms no head or body timer (each was
+    armed and cancelled within that read: four libuv timers a request): only the new
+    connection's wait for its first head is armed (uvicorn's keep-alive timer, 75 s, is its own)."""
+    armed = event_loop.run(_timers_of_whole_requests())
+    assert [d for d in armed if d in (7.0, 9.0)] == [7.0], armed
