@@ -6,6 +6,7 @@ to the other worker. Residency is read from each worker's own load report."""
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -18,6 +19,7 @@ pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]
 
 PROMPT = [1, 45, 27, 310, 99, 12, 7, 250]
 TOKENS = 8
+BURST_TOKENS = 128  # the burst's requests: long enough to be in flight together
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +59,8 @@ def want(tiny_model_dir, adapters) -> dict[str, str]:
     return out
 
 
-def complete(cluster, model: str, tokens: int = TOKENS) -> str:
-    got = openai_client(cluster).completions.create(
+def complete(cluster, model: str, tokens: int = TOKENS, client=None) -> str:
+    got = (client or openai_client(cluster)).completions.create(
         model=model, prompt=PROMPT, max_tokens=tokens, temperature=0,
         extra_body={"ignore_eos": True},
     )  # fmt: skip
@@ -84,8 +86,20 @@ def test_requests_follow_the_slot_that_holds_their_adapter(cluster, want) -> Non
     assert "sql" not in resident(cluster)[other], "a request went to the worker without it"
     # A burst: the router counts its requests in flight at the holder, and past the slack
     # sends the next to the other worker, which loads the adapter.
+    # NOTE: the six leave together (clients made first, then a barrier). Each thread made its
+    # own client inside the burst (~45 ms of CPU each, one at a time under the GIL: the last
+    # ready 1.1-1.7 s after the first at load ~20), so at load the burst came as a trickle of
+    # requests each done before the next two arrived, and all six went to the holder
+    # (flakeB's soak, session 22, load ~30: [set(), {'sql'}]).
+    clients = [openai_client(cluster) for _ in range(6)]
+    start = threading.Barrier(6)
+
+    def burst(client) -> str:
+        start.wait(timeout=60)
+        return complete(cluster, "sql", BURST_TOKENS, client)
+
     with ThreadPoolExecutor(6) as pool:
-        texts = list(pool.map(lambda _: complete(cluster, "sql", 48), range(6)))
+        texts = list(pool.map(burst, clients))
     assert all(t.startswith(want["sql"]) for t in texts)
     assert "sql" in resident(cluster)[other], resident(cluster)
     # The second adapter goes on as well.
