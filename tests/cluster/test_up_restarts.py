@@ -5,6 +5,7 @@ loop stops the cluster with a clear message. Tested through the `epdserve up` pr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -12,10 +13,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from cluster_helpers import children, descendants, epdserve_up, running, sse_data, wait_for
 
+from services.common.proto import worker_pb2 as pb
+from services.common.proto import worker_pb2_grpc as pb_grpc
 from tests.deps import MOONCAKE, require
 
 require("mooncake.engine", MOONCAKE)  # PD moves the KV with Mooncake
@@ -86,23 +90,31 @@ def worker_pid(up: Up, instance_id: str) -> int | None:
     return None
 
 
-def serving_decode_worker(up: Up, request_id: str) -> tuple[str, int] | None:
-    """(id, pid) of the decode worker holding request ``request_id`` now (its ListRequests
-    answer in the router's status: live, where a load report's count may be stale); None
-    when no worker is seen holding it within 10 s (it may have finished first)."""
+def serving_decode_worker(
+    stubs: dict[str, tuple[pb_grpc.WorkerServiceStub, int]], request_id: str
+) -> tuple[str, int] | None:
+    """(id, pid) of the decode worker holding request ``request_id`` now, asked of each one
+    (``stubs``: id -> (its stub, its pid)) by its ListRequests: live, where a load report's
+    count may be stale. Not through the router's status (one HTTP call that asks every
+    worker, each capped at 2 s): at load 25 three 480-token requests in a row (~2 s each
+    when quiet) ended unseen by 10 s of polling it. None when no worker is seen holding it
+    within 10 s (it may have finished first)."""
 
-    def holder() -> dict | None:
-        rows = up.workers().values()
-        return next(
-            (w for w in rows if w["role"] == "decode" and request_id in (w["requests"] or [])), None
-        )
+    def holder() -> tuple[str, int] | None:
+        for worker_id, (stub, pid) in stubs.items():
+            try:
+                held = stub.ListRequests(pb.ListRequestsRequest(), timeout=10)
+            except grpc.RpcError:
+                continue  # the other worker may know it
+            if request_id in held.request_ids:
+                return worker_id, pid
+        return None
 
     try:
-        row = wait_for(holder, timeout=10, what=f"the decode worker running {request_id}",
-                       every=0.05)  # fmt: skip
+        return wait_for(holder, timeout=10, what=f"the decode worker running {request_id}",
+                        every=0.02)  # fmt: skip
     except AssertionError:
         return None
-    return row["id"], row["pid"]
 
 
 def migrations(up: Up) -> float:
@@ -117,10 +129,23 @@ def stream_and_kill_decode(up: Up) -> tuple[list[str], dict, str, int]:
     """Stream a completion; after its first token kill -9 the decode worker running it.
     Returns (tokens, usage, victim id, victim pid); victim "" when the request finished
     before a decode worker was seen holding it (then nothing was killed)."""
+    req = up.request(stream=True, stream_options={"include_usage": True})
+    decode = {w: row for w, row in up.workers().items() if row["role"] == "decode"}
+    with contextlib.ExitStack() as stack:
+        stubs = {}
+        for w, row in decode.items():
+            channel = grpc.insecure_channel(row["address"], options=[("grpc.enable_http_proxy", 0)])
+            stubs[w] = (pb_grpc.WorkerServiceStub(stack.enter_context(channel)), row["pid"])
+        return stream_and_kill(up, req, stubs)
+
+
+def stream_and_kill(
+    up: Up, req: dict, stubs: dict[str, tuple[pb_grpc.WorkerServiceStub, int]]
+) -> tuple[list[str], dict, str, int]:
+    """stream_and_kill_decode's stream and kill, with a stub for each decode worker."""
     tokens: list[str] = []
     usage: dict = {}
     victim, victim_pid, looked = "", 0, False
-    req = up.request(stream=True, stream_options={"include_usage": True})
     with httpx.stream("POST", f"{up.base}/v1/completions", json=req, timeout=120) as r:
         assert r.status_code == 200
         for event in sse_data(r):
@@ -129,7 +154,7 @@ def stream_and_kill_decode(up: Up) -> tuple[list[str], dict, str, int]:
                 tokens += (choice.get("logprobs") or {}).get("tokens", [])
             if not looked and tokens:
                 looked = True
-                if (holder := serving_decode_worker(up, event["id"])) is None:
+                if (holder := serving_decode_worker(stubs, event["id"])) is None:
                     continue  # it finished first: read it to its end, the caller tries again
                 victim, victim_pid = holder
                 assert worker_pid(up, victim) == victim_pid  # a child of `up`, not a stray
