@@ -226,6 +226,20 @@ async def test_background_runs_and_cancels_from_either_router(routers) -> None:
     assert r.status_code == 404
 
 
+@pytest.mark.parametrize("routers", [{"max_queued_tokens": 1}], indirect=True, ids=["tiny"])
+@pytest.mark.asyncio
+async def test_a_background_run_refused_by_admission_fails_as_rate_limited(routers) -> None:
+    """A background run the router's admission refuses (429) ends ``failed`` with OpenAI's
+    ``rate_limit_exceeded``: a client can tell it from a crash (``server_error``) and retry."""
+    a, _, _ = routers
+    long = await _create(a, input="go", background=True, max_output_tokens=100)
+    assert await _status(a, long["id"], "in_progress") == "in_progress"  # holds the admission
+    refused = await _finished(a, (await _create(a, input="go too", background=True))["id"])
+    assert refused["status"] == "failed", refused
+    assert refused["error"]["code"] == "rate_limit_exceeded", refused["error"]
+    await a.post(f"/v1/responses/{long['id']}/cancel")
+
+
 @pytest.mark.asyncio
 async def test_a_background_run_whose_router_died_fails_with_the_reason(routers, tmp_path) -> None:
     """A router killed (-9) leaves its background runs' records unfinished; their running

@@ -27,7 +27,7 @@ from services.router.api.responses_input import (
     echo_fields,
     input_items,
 )
-from services.router.api.responses_output import ResponsesOutput
+from services.router.api.responses_output import ResponsesOutput, error_code
 from services.router.auth import key_tiers
 from services.router.errors import APIError, bad_request
 from services.router.features.structured import may_compile
@@ -155,7 +155,7 @@ async def _background(
         if req.rid in gw.background and not gone:
             await gw.responses.put(req.rid, out.record(out.skeleton("cancelled")))
     except APIError as err:
-        failed = out.skeleton("failed", {"code": "server_error", "message": err.message})
+        failed = out.skeleton("failed", {"code": error_code(err), "message": err.message})
         await gw.responses.put(req.rid, out.record(failed))
         if sink is not None:
             sink(out.error_event(err))

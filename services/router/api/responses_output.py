@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 _ERROR_CODES = {429: "rate_limit_exceeded", 400: "invalid_prompt"}
 
 
+def error_code(err: APIError) -> str:
+    """The code of a failed response's ``error`` (OpenAI's ResponseError codes) for ``err``."""
+    return _ERROR_CODES.get(err.status, "server_error")
+
+
 def response_usage(u: Usage) -> dict[str, Any]:
     return {
         "input_tokens": u.prompt,
@@ -97,7 +102,7 @@ class ResponsesOutput:
 
     def error_event(self, err: APIError) -> str:
         """An ``error`` event, then ``response.failed`` carrying the response so far."""
-        code = _ERROR_CODES.get(err.status, "server_error")
+        code = error_code(err)
         failed = self.skeleton("failed", {"code": code, "message": err.message})
         failed["output"] = self.items
         return self._event("error", code=code, message=err.message, param=err.param) + (
