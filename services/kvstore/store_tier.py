@@ -7,13 +7,11 @@ blocks (``services/engine/kv_store_format.BlockCodec``); this module only moves 
 
 The store is a cache, so nothing here raises for store trouble: an unreachable or
 restarted master makes reads miss and writes fail, and the engine recomputes. Mooncake's
-own client reconnects to a master that answers again (restarted on the same address, after
-any outage measured, 1-40 s) within about a second, re-mounting its segment; only when it
-stays cut off ``REJOIN_GRACE_S`` while the master answers, or never connected, is a fresh
-client set up, at most once every ``retry_s``. NOTE: ``setup`` holds the GIL while it waits
-for the master, so a connection is only tried when the master answers (``_master_answers``),
-only from the engine's background store threads, and with Mooncake's master RPCs bounded
-(``MASTER_RPC_ENV``).
+own client reconnects after a short master outage; when it stays cut off while the
+master answers again (a long outage), or never connected, a fresh client is set up, at
+most once every ``retry_s``. NOTE: ``setup`` holds the GIL while it waits for the master, so
+a connection is only tried when the master answers (``_master_answers``), only from the
+engine's background store threads, and with Mooncake's master RPCs bounded (``MASTER_RPC_ENV``).
 """
 
 from __future__ import annotations
@@ -42,11 +40,6 @@ HEALTHY, NOT_INITIALIZED, MASTER_UNREACHABLE = 0, 1, 2  # MooncakeDistributedSto
 # transfer engine) when a client is created; an operator's own values win.
 MASTER_RPC_ENV = {"MC_RPC_TIMEOUT_MS": "1000", "MC_STORE_CLIENT_SETUP_RETRIES": "1"}
 _LEFT_OPEN: list[Any] = []  # clients not closed: their master did not answer (close())
-# How long a client may stay cut off from a master that answers before it is replaced. NOTE: a
-# replaced client stays open until close() (closing it holds the GIL 1-6 s: its threads are
-# joined), ~600 MB of address space, 21 threads and 8 fds each; Mooncake's own client pings
-# the master every second and was back within 1.0 s of every restart measured.
-REJOIN_GRACE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -129,9 +122,6 @@ class MooncakeStoreTier:
         self._retired: list[Any] = []
         self._lock = threading.Lock()  # one (re)connection at a time
         self._next_try = 0.0
-        # When the client was first found cut off from a master that answers (None: it was not,
-        # or it answered since).
-        self._cut_off_since: float | None = None
         self.num_setups = 0  # clients set up so far (tests and logs read it)
         for name, value in MASTER_RPC_ENV.items():  # NOTE: before any store thread runs
             os.environ.setdefault(name, value)
@@ -172,7 +162,6 @@ class MooncakeStoreTier:
                 self._retired.append(client)  # closed with the others, never mid-call
                 return None
             self.num_setups += 1
-            self._cut_off_since = None
             log.info("KV store: connected to master %s", c.master)
             self._client, self.config = client, c
             return client
@@ -183,24 +172,12 @@ class MooncakeStoreTier:
         health = client.health_check()
         log.debug("KV store: %s failed (%d), health %d", what, rc, health)
         if health == HEALTHY:
-            self._cut_off_since = None
             return
-        config = self.config
-        master = config.master if config else ""
-        if health == MASTER_UNREACHABLE:
-            if config is None or not _master_answers(config):
-                # Away, or stopped (until the kvstore kills it): Mooncake's client reconnects
-                # to it, or to the master restarted in its place, by itself.
-                self._cut_off_since = None
-                return
-            now = time.monotonic()
-            if self._cut_off_since is None:
-                self._cut_off_since = now
-            if now - self._cut_off_since < REJOIN_GRACE_S:
-                return  # back, or restarted: the client's next ping reconnects it
+        master = self.config.master if self.config else ""
+        if health == MASTER_UNREACHABLE and not _port_open(master):
+            return  # the master is away; Mooncake's client reconnects when it is back
         with self._lock:
             if self._client is client:
-                self._cut_off_since = None
                 log.warning("KV store: client cut off from master %s; reconnecting", master)
                 self._retired.append(client)
                 self._client = None
@@ -219,8 +196,6 @@ class MooncakeStoreTier:
             n += 1
         if n < len(keys) and exists[n] < 0:
             self._on_error(client, "lookup", exists[n])
-        else:
-            self._cut_off_since = None
         if n == 0:
             return []
         values = client.get_batch(keys[:n])
@@ -240,7 +215,6 @@ class MooncakeStoreTier:
         if any(e < 0 for e in exists):
             self._on_error(client, "lookup", min(exists))
             return []
-        self._cut_off_since = None
         todo = [i for i, e in enumerate(exists) if e != 1]
         if todo:
             rc = client.put_batch([keys[i] for i in todo], [values[i] for i in todo])
